@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks [--quick]`` (see docs/benchmarks.md)."""

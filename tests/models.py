@@ -1,0 +1,115 @@
+"""ONNX models built on the spot with ``onnx.helper`` for the tests.
+
+Example::
+
+    from tests.models import classifier_pipeline
+    pre, model, post = classifier_pipeline()
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _model(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def preprocess(n_features: int = 8) -> onnx.ModelProto:
+    """uint8 ``image`` [N, F] -> float ``x`` scaled to [0, 1] and centred."""
+    x = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", n_features])
+    y = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])
+    scale = numpy_helper.from_array(np.array(1 / 255, np.float32), "pre_scale")
+    mean = numpy_helper.from_array(np.array(0.5, np.float32), "pre_mean")
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT, name="pre_cast"),
+        helper.make_node("Mul", ["xf", "pre_scale"], ["xs"], name="pre_scale_node"),
+        helper.make_node("Sub", ["xs", "pre_mean"], ["x"], name="pre_centre"),
+    ]
+    return _model(helper.make_graph(nodes, "pre", [x], [y], [scale, mean]))
+
+
+def mlp(
+    n_features: int = 8,
+    hidden: int = 64,
+    n_classes: int = 5,
+    *,
+    seed: int = 0,
+    sentinel: bytes | None = None,
+    input_name: str = "x",
+) -> onnx.ModelProto:
+    """``x`` [N, F] -> ``logits`` [N, C]: MatMul, Add, Relu, MatMul, Add.
+
+    With ``sentinel``, those bytes are planted at the start of the first
+    weight matrix (to prove they never reach the disk in the clear).
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((n_features, hidden)).astype(np.float32)
+    if sentinel is not None:
+        flat = w1.reshape(-1).view(np.uint8)
+        flat[: len(sentinel)] = np.frombuffer(sentinel, np.uint8)
+    b1 = rng.standard_normal(hidden).astype(np.float32)
+    w2 = rng.standard_normal((hidden, n_classes)).astype(np.float32)
+    b2 = rng.standard_normal(n_classes).astype(np.float32)
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", n_features])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])
+    inits = [
+        numpy_helper.from_array(w1, "secret_dense1_weight"),
+        numpy_helper.from_array(b1, "secret_dense1_bias"),
+        numpy_helper.from_array(w2, "secret_dense2_weight"),
+        numpy_helper.from_array(b2, "secret_dense2_bias"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", [input_name, "secret_dense1_weight"], ["h0"], name="secret_dense1"),
+        helper.make_node("Add", ["h0", "secret_dense1_bias"], ["h1"], name="secret_bias1"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="secret_relu"),
+        helper.make_node("MatMul", ["h2", "secret_dense2_weight"], ["h3"], name="secret_dense2"),
+        helper.make_node("Add", ["h3", "secret_dense2_bias"], ["logits"], name="secret_bias2"),
+    ]
+    return _model(helper.make_graph(nodes, "model", [x], [y], inits))
+
+
+def postprocess(n_classes: int = 5, k: int = 3) -> onnx.ModelProto:
+    """``logits`` -> ``probs`` (softmax) and ``top_values``/``top_indices`` (top-k)."""
+    x = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])
+    probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", n_classes])
+    tv = helper.make_tensor_value_info("top_values", TensorProto.FLOAT, ["N", k])
+    ti = helper.make_tensor_value_info("top_indices", TensorProto.INT64, ["N", k])
+    kk = numpy_helper.from_array(np.array([k], np.int64), "post_k")
+    nodes = [
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="post_softmax"),
+        helper.make_node("TopK", ["probs", "post_k"], ["top_values", "top_indices"], axis=-1),
+    ]
+    return _model(helper.make_graph(nodes, "post", [x], [probs, tv, ti], [kk]))
+
+
+def classifier_pipeline(
+    n_features: int = 8, n_classes: int = 5, **kw: object
+) -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
+    return (
+        preprocess(n_features),
+        mlp(n_features, n_classes=n_classes, **kw),  # type: ignore[arg-type]
+        postprocess(n_classes),
+    )
+
+
+def reference_pipeline(
+    stages: list[onnx.ModelProto], feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Run the stages one after another with plain in-process onnxruntime."""
+    import onnxruntime as ort
+
+    values = dict(feeds)
+    for m in stages:
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [i.name for i in s.get_inputs()]
+        outs = s.run(None, {n: values[n] for n in names})
+        values.update({o.name: v for o, v in zip(s.get_outputs(), outs)})
+    last = stages[-1]
+    return {o.name: values[o.name] for o in last.graph.output}

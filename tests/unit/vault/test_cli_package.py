@@ -1,0 +1,98 @@
+"""``vault seal`` (air-gapped, with --key-out), ``vault inspect``, ``vault verify``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tests.models import classifier_pipeline
+from vault import _crypto
+
+
+def vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vault", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    pre, model, post = classifier_pipeline()
+    onnx.save(pre, d / "pre.onnx")
+    onnx.save(model, d / "model.onnx")
+    onnx.save(post, d / "post.onnx")
+    _crypto.PublisherKey.generate().save(d / "publisher.key", d / "publisher.pub")
+    r = vault("seal", "model.onnx", "--pre", "pre.onnx", "--post", "post.onnx", "--model-id", "clf",
+              "--signing-key", "publisher.key", "--key-out", "clf.key", "-o", "clf.vault", cwd=d)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "sealed clf -> clf.vault" in r.stdout
+    return d
+
+
+def test_key_out_is_private(workdir: Path) -> None:
+    assert (workdir / "clf.key").stat().st_mode & 0o777 == 0o600
+    assert len(bytes.fromhex((workdir / "clf.key").read_text().strip())) == 32
+
+
+def test_seal_without_key_destination_refuses(workdir: Path) -> None:
+    r = vault("seal", "model.onnx", "--model-id", "x", "--signing-key", "publisher.key",
+              "-o", "x.vault", cwd=workdir)  # fmt: skip
+    assert r.returncode == 2
+    assert "package key would be lost" in r.stderr
+    assert not (workdir / "x.vault").exists()
+
+
+def test_inspect_shows_signature_not_graph(workdir: Path) -> None:
+    r = vault("inspect", "clf.vault", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for needle in ("clf", "image", "uint8", "[N, 8]", "probs", "top_indices", "int64", "pre -> model -> post"):
+        assert needle in out
+    for secret in ("secret", "MatMul", "Relu", "pre_scale", "h2", "logits"):
+        assert secret not in out
+    j = vault("inspect", "clf.vault", "--json", cwd=workdir)
+    manifest = json.loads(j.stdout)
+    assert manifest["model_id"] == "clf"
+    assert [i["name"] for i in manifest["inputs"]] == ["image"]
+    assert "secret" not in j.stdout
+
+
+def test_verify_ok_and_bad(workdir: Path) -> None:
+    r = vault("verify", "clf.vault", "--publisher", "publisher.pub", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("OK:")
+    _crypto.PublisherKey.generate().save(workdir / "other.key", workdir / "other.pub")
+    r = vault("verify", "clf.vault", "--publisher", "other.pub", cwd=workdir)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("vault: error[integrity]")
+    assert "Traceback" not in r.stderr
+
+
+def test_errors_are_one_line(workdir: Path) -> None:
+    (workdir / "junk.vault").write_bytes(b"junk" * 10)
+    r = vault("inspect", "junk.vault", cwd=workdir)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "error[format]" in r.stderr
+    r = vault("seal", "model.onnx", "--model-id", "bad id!", "--signing-key", "publisher.key",
+              "--key-out", "k", "-o", "y.vault", cwd=workdir)  # fmt: skip
+    assert r.returncode == 2 and "error[seal]" in r.stderr
+
+
+def test_public_api_names() -> None:
+    import vault as v
+
+    for name in ("open", "connect", "seal", "inspect", "Package", "Licence", "VaultError", "IntegrityError"):
+        assert name in v.__all__
+    assert callable(v.seal) and callable(v.inspect)
+    env = dict(os.environ)
+    # importing vault must not pull onnx in (callers that only compute stay light)
+    code = "import sys, vault; print('onnx' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.strip() == "False"

@@ -1,0 +1,169 @@
+"""Sealing: wiring, seal-time refusals, external data, composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.models import classifier_pipeline, mlp, postprocess, preprocess, reference_pipeline
+from tests.unit.vault.test_package import run_plaintext
+from vault import _crypto
+from vault._seal import seal
+from vault.errors import SealError
+from vault.package import Package
+
+
+@pytest.fixture(scope="module")
+def publisher() -> _crypto.PublisherKey:
+    return _crypto.PublisherKey.generate()
+
+
+def test_model_only_package_runs(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    model = mlp()
+    r = seal(model, model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+    pkg = Package.load(r.path)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    got = run_plaintext(pkg, r.key, feeds)
+    np.testing.assert_allclose(got["logits"], reference_pipeline([model], feeds)["logits"], rtol=1e-5)
+
+
+def test_explicit_io_map_wires_different_names(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    pre, model, post = preprocess(), mlp(input_name="features"), postprocess()
+    with pytest.raises(SealError, match="share no name"):
+        seal(model, pre=pre, model_id="m", signing_key=publisher, output=tmp_path / "a.vault")
+    r = seal(model, pre=pre, post=post, model_id="m", signing_key=publisher,
+             output=tmp_path / "b.vault", io_map={"pre": {"x": "features"}})  # fmt: skip
+    feeds = {"image": np.arange(16, dtype=np.uint8).reshape(2, 8)}
+    got = run_plaintext(Package.load(r.path), r.key, feeds)
+    # reference: rename by hand
+    ref_pre = reference_pipeline([pre], feeds)["x"]
+    want = reference_pipeline([model, post], {"features": ref_pre})
+    np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-5)
+
+
+def test_type_mismatch_names_both_ends(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    pre = preprocess()
+    model = mlp()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    # keep the model valid: cast the double input back to float first
+    model.graph.node[0].input[0] = "x_f"
+    model.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x_f"], to=TensorProto.FLOAT))
+    with pytest.raises(SealError) as info:
+        seal(model, pre=pre, model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+    msg = str(info.value)
+    assert "pre output 'x' (float32" in msg and "model input 'x' (float64" in msg
+
+
+def test_shape_mismatch_names_both_ends(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    with pytest.raises(SealError, match=r"pre output 'x' .*\['N', 4\].*model input 'x'"):
+        seal(mlp(n_features=8), pre=preprocess(n_features=4), model_id="m",
+             signing_key=publisher, output=tmp_path / "m.vault")  # fmt: skip
+
+
+def test_custom_domain_is_refused(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    node = helper.make_node("EvilOp", ["x"], ["y"], domain="com.evil.customops")
+    model = helper.make_model(
+        helper.make_graph([node], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.evil.customops", 1)],
+    )
+    with pytest.raises(SealError, match="custom domain 'com.evil.customops'"):
+        seal(model, model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+    assert not (tmp_path / "m.vault").exists()
+
+
+def test_non_tensor_input_and_output_are_refused(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    seq_in = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    pos = numpy_helper.from_array(np.array(0, np.int64), "pos")
+    m = helper.make_model(
+        helper.make_graph([helper.make_node("SequenceAt", ["s", "pos"], ["y"])], "g", [seq_in], [y], [pos]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    with pytest.raises(SealError, match="graph input 's' is not a tensor"):
+        seal(m, model_id="m", signing_key=publisher, output=tmp_path / "a.vault")
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    seq_out = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)
+    m2 = helper.make_model(
+        helper.make_graph([helper.make_node("SequenceConstruct", ["x"], ["s"])], "g", [x], [seq_out]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    with pytest.raises(SealError, match="graph output 's' is a sequence_type, not a tensor"):
+        seal(m2, model_id="m", signing_key=publisher, output=tmp_path / "b.vault")
+
+
+def test_invalid_graph_fails_checker(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    model = mlp()
+    model.graph.node[0].input[1] = "no_such_tensor"
+    with pytest.raises(SealError, match="model: "):
+        seal(model, model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+
+
+def test_bad_model_id_and_missing_file(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    with pytest.raises(SealError, match="model id"):
+        seal(mlp(), model_id="../etc", signing_key=publisher, output=tmp_path / "m.vault")
+    with pytest.raises(SealError, match="no such file"):
+        seal(tmp_path / "absent.onnx", model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+
+
+def test_external_data_weights_are_sealed_inside(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    model = mlp(n_features=32, hidden=256)
+    want_model = onnx.ModelProto()
+    want_model.CopyFrom(model)
+    onnx.save(model, src / "model.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)  # fmt: skip
+    assert (src / "weights.bin").stat().st_size > 32 * 256 * 4
+    r = seal(src / "model.onnx", model_id="ext", signing_key=publisher, output=tmp_path / "ext.vault")
+    blob = Path(r.path).read_bytes()
+    raw = numpy_helper.to_array(want_model.graph.initializer[0]).tobytes()
+    assert raw[:32] not in blob and raw[1000:1032] not in blob
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)}
+    got = run_plaintext(Package.load(r.path), r.key, feeds)
+    np.testing.assert_allclose(got["logits"], reference_pipeline([want_model], feeds)["logits"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "sub/../../outside.bin"])
+def test_external_data_outside_folder_is_refused(
+    tmp_path: Path, publisher: _crypto.PublisherKey, location: str
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    model = mlp()
+    onnx.save(model, src / "model.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="w.bin", size_threshold=0)  # fmt: skip
+    m = onnx.load(src / "model.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, src / "evil.onnx")
+    with pytest.raises(SealError, match="external data"):
+        seal(src / "evil.onnx", model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+
+
+def test_conflicting_opsets_fall_back_to_chained_stages(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    pre, model, post = classifier_pipeline()
+    pre.opset_import[0].version = 13  # Cast/Mul/Sub exist in 13: valid, but not mergeable as is
+    r = seal(model, pre=pre, post=post, model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+    pkg = Package.load(r.path)
+    assert pkg.manifest["composed"] is False
+    feeds = {"image": np.arange(24, dtype=np.uint8).reshape(3, 8)}
+    got = run_plaintext(pkg, r.key, feeds)
+    want = reference_pipeline([pre, model, post], feeds)
+    np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-5)
+    np.testing.assert_array_equal(got["top_indices"], want["top_indices"])
+
+
+def test_split_points_are_checked(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+    r = seal(mlp(), model_id="m", signing_key=publisher, output=tmp_path / "m.vault", split_points=["h2"])
+    assert Package.load(r.path).manifest["split_points"] == ["h2"]
+    with pytest.raises(SealError, match="split point 'nope'"):
+        seal(mlp(), model_id="m", signing_key=publisher, output=tmp_path / "n.vault", split_points=["nope"])

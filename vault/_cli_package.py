@@ -1,0 +1,198 @@
+"""Publisher commands: ``vault seal``, ``vault inspect``, ``vault verify``.
+
+Example::
+
+    $ vault seal model.onnx --pre pre.onnx --model-id resnet --licence admin.licence -o resnet.vault
+    $ vault inspect resnet.vault
+    $ vault verify resnet.vault --publisher ks/publisher.pub
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import ConfigError, VaultError
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("seal", help="seal an ONNX pipeline into a .vault package")
+    p.add_argument("model", help="the model graph (.onnx)")
+    p.add_argument("--pre", help="pre-process graph (.onnx)")
+    p.add_argument("--post", help="post-process graph (.onnx)")
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--licence", "--license", dest="licence",
+                   help="admin licence: the key is registered with its key server")
+    p.add_argument("--signing-key", help="Ed25519 key (default: publisher.key beside the licence)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--map", action="append", default=[], metavar="STAGE:OUT=IN",
+                   help="wire a differently named tensor, e.g. pre:pixels=input or post:logits=x")
+    p.add_argument("--split-point", action="append", default=[], metavar="TENSOR",
+                   help="a model tensor the hybrid may cut at (repeatable)")
+    p.add_argument("--key-out", help="without a key server: write the package key here (0600)")
+    p.set_defaults(func=_seal)
+
+    p = sub.add_parser("inspect", help="show a package's public manifest (no key needed)")
+    p.add_argument("package")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("verify", help="check a package's publisher signature (no key needed)")
+    p.add_argument("package")
+    p.add_argument("--publisher", required=True, help="publisher public key (publisher.pub)")
+    p.set_defaults(func=_verify)
+
+
+def _parse_maps(items: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        stage, sep, rest = item.partition(":")
+        src, eq, dst = rest.partition("=")
+        if not sep or not eq or stage not in ("pre", "post") or not src or not dst:
+            raise ConfigError(f"--map {item!r}: expected pre:OUT=IN or post:OUT=IN")
+        out.setdefault(stage, {})[src] = dst
+    return out
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < (64 << 20):
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        rate = done / max(now - self.start, 1e-9) / 1e6
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {rate:8.0f} MB/s")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _seal(args: argparse.Namespace) -> int:
+    from ._crypto import PublisherKey, zeroize
+    from ._seal import seal
+    from .licence import Licence, write_private_file
+
+    licence = Licence.load(args.licence) if args.licence else None
+    if licence is None and not args.key_out:
+        raise ConfigError(
+            "name a key server (--licence admin.licence) or --key-out FILE: otherwise the "
+            "package key would be lost"
+        )
+    if licence is not None and not licence.is_admin:
+        raise ConfigError(f"{args.licence}: sealing needs an admin licence")
+    signing = args.signing_key
+    if signing is None:
+        if args.licence is None:
+            raise ConfigError("--signing-key is required without --licence")
+        signing = os.path.join(os.path.dirname(os.path.abspath(args.licence)), "publisher.key")
+    if not os.path.exists(signing):
+        raise ConfigError(f"signing key {signing} not found (pass --signing-key)")
+    result = seal(
+        args.model,
+        pre=args.pre,
+        post=args.post,
+        model_id=args.model_id,
+        signing_key=PublisherKey.load(signing),
+        output=args.output,
+        io_map=_parse_maps(args.map),
+        split_points=args.split_point,
+        progress=_Progress("sealing"),
+    )
+    try:
+        if licence is not None:
+            from .keyclient import KeyServerClient
+
+            try:
+                with KeyServerClient(licence) as ks:
+                    ks.register_key(
+                        model_id=result.model_id,
+                        key_id=result.key_id,
+                        key=result.key,
+                        package_digest=result.digest,
+                    )
+            except VaultError:
+                os.unlink(result.path)  # a package whose key is nowhere is useless
+                raise
+            where = f"key registered with {licence.keyserver_address}"
+        else:
+            write_private_file(args.key_out, bytes(result.key).hex().encode() + b"\n")
+            where = f"key written to {args.key_out} (mode 0600): keep it secret"
+    finally:
+        zeroize(result.key)
+    size = os.path.getsize(result.path)
+    print(f"sealed {result.model_id} -> {result.path} ({size:,} bytes)")
+    print(f"  key id   {result.key_id}")
+    print(f"  digest   {result.digest}")
+    print(f"  {where}")
+    return 0
+
+
+def _fmt_shape(shape: Any) -> str:
+    if shape is None:
+        return "(unknown rank)"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def format_manifest(m: dict[str, Any]) -> str:
+    lines = [
+        f"model id      {m['model_id']}",
+        f"key id        {m['key_id']}",
+        f"publisher     {m['publisher']['fingerprint']}",
+        f"created       {m['created']}",
+        f"stages        {' -> '.join(m['stages'])}"
+        + (" (composed into one graph)" if m.get("composed") and len(m["stages"]) > 1 else ""),
+        f"payload       {m['payload']['plaintext_size']:,} bytes, {m['payload']['cipher']}",
+        "inputs",
+    ]
+    for t in m["inputs"]:
+        lines.append(f"  {t['name']:<24} {t['dtype']:<10} {_fmt_shape(t['shape'])}")
+    lines.append("outputs")
+    for t in m["outputs"]:
+        lines.append(f"  {t['name']:<24} {t['dtype']:<10} {_fmt_shape(t['shape'])}")
+    if m.get("split_points"):
+        lines.append("split points  " + ", ".join(m["split_points"]))
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .package import inspect
+
+    manifest = inspect(args.package)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    else:
+        print(format_manifest(manifest))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .package import Package
+
+    try:
+        with open(args.publisher, "rb") as fh:
+            pub = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{args.publisher}: {exc.strerror}") from exc
+    with Package.load(args.package) as pkg:
+        pkg.verify(pub)
+        print(f"OK: {args.package} is signed by {pkg.publisher_fingerprint}")
+        print(f"    package digest {pkg.digest}")
+    return 0

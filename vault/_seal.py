@@ -1,0 +1,535 @@
+"""Seal an ONNX pipeline (pre → model → post) into one ``.vault`` package.
+
+What sealing does, in order:
+
+1. Load each stage. External-data weights are read from the model's own
+   folder only: an absolute path or one that escapes the folder is refused
+   (a path in a model is a file read on someone else's machine).
+2. Check each stage: ``onnx.checker`` with full shape inference; operators
+   only from the standard ONNX domains and onnxruntime's ``com.microsoft``
+   (no custom-op libraries, so a package can hold no code); tensor inputs
+   and outputs only.
+3. Wire the stages: pre outputs feed model inputs and model outputs feed post
+   inputs by name (or by an explicit ``io_map``); element types and shapes
+   are checked and a mismatch names both ends.
+4. Move every weight larger than 1 KiB out of the graph into an in-memory
+   "file" (onnxruntime later takes it from memory with
+   ``add_external_initializers_from_files_in_memory``), so graphs stay small
+   and models past protobuf's 2 GB limit work.
+5. Compose the stages into one graph (one session runs the whole pipeline;
+   on a GPU intermediates never leave the device). Stage-internal names get a
+   stage prefix; the public inputs and outputs keep their names. When the
+   stages cannot be composed (conflicting opsets) they are stored in order
+   and the worker chains them.
+6. Encrypt (STREAM AES-256-GCM), sign (Ed25519), write atomically.
+
+Example::
+
+    from vault import seal
+    from vault._crypto import PublisherKey
+    result = seal("model.onnx", pre="pre.onnx", model_id="resnet", signing_key=PublisherKey.load("publisher.key"),
+                  output="resnet.vault")
+    result.key   # the package key, in memory: register it or keep it safe
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import _crypto
+from .errors import SealError, VaultError
+from .package import (
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    SIG_CONTEXT,
+    build_plaintext,
+    canonical_json,
+    chunk_hashes_digest,
+    payload_aad,
+)
+
+__all__ = ["SealResult", "seal", "ALLOWED_DOMAINS"]
+
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
+EXTERNALISE_THRESHOLD = 1024
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_PROTOBUF_LIMIT = 2**31 - 1
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto | bytes
+
+
+@dataclass
+class SealResult:
+    """What :func:`seal` made. ``key`` is secret: register it, then drop it."""
+
+    path: str
+    model_id: str
+    key_id: str
+    key: bytearray = field(repr=False)
+    digest: str
+    manifest: dict[str, Any]
+
+    def wipe_key(self) -> None:
+        _crypto.zeroize(self.key)
+
+
+# --- loading and checking ----------------------------------------------------
+
+
+def _load_stage(src: ModelLike, stage: str) -> onnx.ModelProto:
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+        if _has_external(model):
+            raise SealError(
+                f"{stage}: an in-memory model with external-data references has no folder to "
+                "read them from; pass the model's path instead"
+            )
+        return model
+    if isinstance(src, (bytes, bytearray)):
+        try:
+            return onnx.load_from_string(bytes(src))
+        except Exception as exc:
+            raise SealError(f"{stage}: not an ONNX model ({exc.__class__.__name__})") from exc
+    path = os.fspath(src)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except FileNotFoundError as exc:
+        raise SealError(f"{stage}: {path}: no such file") from exc
+    except Exception as exc:
+        raise SealError(f"{stage}: {path}: not an ONNX model ({exc.__class__.__name__})") from exc
+    base = os.path.dirname(os.path.abspath(path))
+    _check_external_paths(model, base, stage)
+    if _has_external(model):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, base)
+        except (OSError, ValueError) as exc:
+            raise SealError(f"{stage}: cannot read external data: {exc}") from exc
+    return model
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterable[TensorProto]:
+    return onnx.external_data_helper._get_all_tensors(model)
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(model))
+
+
+def _check_external_paths(model: onnx.ModelProto, base: str, stage: str) -> None:
+    real_base = os.path.realpath(base)
+    for t in _all_tensors(model):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ":" in loc:
+            raise SealError(
+                f"{stage}: tensor {t.name!r} names external data at {loc!r}: only relative paths "
+                "inside the model's folder are accepted"
+            )
+        target = os.path.realpath(os.path.join(real_base, loc))
+        if os.path.commonpath([target, real_base]) != real_base:
+            raise SealError(
+                f"{stage}: tensor {t.name!r} names external data {loc!r} outside the model's "
+                "folder; refused (a path in a model is a file read)"
+            )
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _check_stage(model: onnx.ModelProto, stage: str) -> None:
+    local_funcs = {(f.domain, f.name) for f in model.functions}
+    nodes = [n for g in _graphs(model.graph) for n in g.node]
+    nodes += [n for f in model.functions for n in f.node]
+    for node in nodes:
+        if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in local_funcs:
+            raise SealError(
+                f"{stage}: operator {node.op_type!r} from custom domain {node.domain!r} is refused: "
+                "a package may hold only standard ONNX and onnxruntime operators, no custom-op code"
+            )
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        if not vi.type.HasField("tensor_type"):
+            raise SealError(
+                f"{stage}: graph input {vi.name!r} is not a tensor ({vi.type.WhichOneof('value')}); "
+                "only tensor inputs can cross the worker channel"
+            )
+    for vi in model.graph.output:
+        if not vi.type.HasField("tensor_type"):
+            raise SealError(
+                f"{stage}: graph output {vi.name!r} is a {vi.type.WhichOneof('value')}, not a "
+                "tensor; only tensor outputs can cross the worker channel (add a post-process "
+                "step that turns it into tensors)"
+            )
+    try:
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:  # too big to serialise: check the graph with its weights moved out
+            light = onnx.ModelProto()
+            light.CopyFrom(model)
+            _strip_weights(light)
+            onnx.checker.check_model(light, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SealError(f"{stage}: ONNX check failed: {_first_line(exc)}") from exc
+    except onnx.shape_inference.InferenceError as exc:
+        raise SealError(f"{stage}: shape inference failed: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def _strip_weights(model: onnx.ModelProto) -> None:
+    for t in model.graph.initializer:
+        if t.data_type != TensorProto.STRING and _tensor_nbytes(t) >= EXTERNALISE_THRESHOLD:
+            _set_external(t, "checker-placeholder.bin", 0, _tensor_nbytes(t))
+
+
+# --- public signature ----------------------------------------------------------
+
+
+def _dtype_name(elem_type: int) -> str:
+    if elem_type == TensorProto.STRING:
+        return "string"
+    if elem_type == TensorProto.BFLOAT16:
+        return "bfloat16"
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name)
+    except Exception:
+        return TensorProto.DataType.Name(elem_type).lower()
+
+
+def _shape(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(str(d.dim_param))
+        else:
+            dims.append(None)
+    return dims
+
+
+def _describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+    return {
+        "name": vi.name,
+        "dtype": _dtype_name(vi.type.tensor_type.elem_type),
+        "shape": _shape(vi),
+    }
+
+
+def _public_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def _shapes_compatible(a: list[Any] | None, b: list[Any] | None) -> bool:
+    if a is None or b is None:
+        return True
+    if len(a) != len(b):
+        return False
+    return all(not (isinstance(x, int) and isinstance(y, int) and x != y) for x, y in zip(a, b))
+
+
+def _wire(
+    up: onnx.ModelProto,
+    down: onnx.ModelProto,
+    up_name: str,
+    down_name: str,
+    io_map: Mapping[str, str] | None,
+) -> list[tuple[str, str]]:
+    """Pairs (upstream output, downstream input), type- and shape-checked."""
+    outs = {vi.name: vi for vi in up.graph.output}
+    ins = {vi.name: vi for vi in _public_inputs(down)}
+    if io_map:
+        pairs = list(io_map.items())
+        for o, i in pairs:
+            if o not in outs:
+                raise SealError(f"io map: {up_name} has no output {o!r} (outputs: {sorted(outs)})")
+            if i not in ins:
+                raise SealError(f"io map: {down_name} has no input {i!r} (inputs: {sorted(ins)})")
+    else:
+        pairs = [(n, n) for n in ins if n in outs]
+        if not pairs:
+            raise SealError(
+                f"{up_name} outputs {sorted(outs)} share no name with {down_name} inputs "
+                f"{sorted(ins)}; pass an explicit mapping (--map OUT=IN)"
+            )
+    fed = {i for _, i in pairs}
+    missing = [n for n in ins if n not in fed]
+    if missing:
+        raise SealError(
+            f"{down_name} inputs {missing} are not fed by any {up_name} output; map them explicitly"
+        )
+    for o, i in pairs:
+        a, b = _describe(outs[o]), _describe(ins[i])
+        if a["dtype"] != b["dtype"] or not _shapes_compatible(a["shape"], b["shape"]):
+            raise SealError(
+                f"{up_name} output {o!r} ({a['dtype']}, shape {a['shape']}) does not match "
+                f"{down_name} input {i!r} ({b['dtype']}, shape {b['shape']})"
+            )
+    return pairs
+
+
+# --- weights out of the graph ---------------------------------------------------
+
+
+def _tensor_nbytes(t: TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        return int(info.get("length", 0))
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return 0
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(f)  # type: ignore[arg-type]
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def _externalise(model: onnx.ModelProto, location: str) -> bytearray:
+    """Move each large top-level initializer into one in-memory 'file'."""
+    chosen: list[tuple[TensorProto, bytes]] = []
+    for t in model.graph.initializer:
+        if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue
+        if _tensor_nbytes(t) < EXTERNALISE_THRESHOLD:
+            continue
+        raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+        chosen.append((t, raw))
+    total = 0
+    for _, raw in chosen:
+        total = (total + len(raw) + 63) // 64 * 64
+    blob = bytearray(total)
+    off = 0
+    for t, raw in chosen:
+        blob[off : off + len(raw)] = raw
+        _set_external(t, location, off, len(raw))
+        off = (off + len(raw) + 63) // 64 * 64
+    return blob
+
+
+# --- composition -------------------------------------------------------------------
+
+
+def _compose(
+    stages: list[tuple[str, onnx.ModelProto]],
+    links: list[list[tuple[str, str]]],
+) -> onnx.ModelProto:
+    """One graph from the stages; public names unchanged, internals prefixed."""
+    if len(stages) == 1:
+        return stages[0][1]
+    first_inputs = [vi.name for vi in _public_inputs(stages[0][1])]
+    last_outputs = [vi.name for vi in stages[-1][1].graph.output]
+    prefixed = [(name, onnx.compose.add_prefix(m, f"{name}/")) for name, m in stages]
+    merged = prefixed[0][1]
+    for (name, m), link in zip(prefixed[1:], links):
+        prev = [s for s, _ in stages][[s for s, _ in prefixed].index(name) - 1]
+        io = [(f"{prev}/{o}", f"{name}/{i}") for o, i in link]
+        merged = onnx.compose.merge_models(merged, m, io_map=io, producer_name="vault")
+    # restore public names with Identity nodes (renaming in place would have to
+    # chase outer-scope references inside If/Loop bodies)
+    first, last = stages[0][0], stages[-1][0]
+    g = merged.graph
+    for vi in list(g.input):
+        if vi.name.startswith(f"{first}/") and vi.name[len(first) + 1 :] in first_inputs:
+            public = vi.name[len(first) + 1 :]
+            g.node.insert(0, helper.make_node("Identity", [public], [vi.name], name=f"in/{public}"))
+            vi.name = public
+    for vi in list(g.output):
+        if vi.name.startswith(f"{last}/") and vi.name[len(last) + 1 :] in last_outputs:
+            public = vi.name[len(last) + 1 :]
+            g.node.append(helper.make_node("Identity", [vi.name], [public], name=f"out/{public}"))
+            vi.name = public
+    return merged
+
+
+# --- seal ----------------------------------------------------------------------------
+
+
+def seal(
+    model: ModelLike,
+    *,
+    model_id: str,
+    signing_key: _crypto.PublisherKey,
+    output: str | os.PathLike[str],
+    pre: ModelLike | None = None,
+    post: ModelLike | None = None,
+    io_map: Mapping[str, Mapping[str, str]] | None = None,
+    split_points: Iterable[str] = (),
+    key: bytes | bytearray | None = None,
+    chunk_size: int = _crypto.DEFAULT_CHUNK_SIZE,
+    compose: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    now: _dt.datetime | None = None,
+) -> SealResult:
+    """Seal a pipeline into ``output``; returns the package key in memory.
+
+    ``io_map`` may hold ``{"pre": {pre_out: model_in}, "post": {model_out: post_in}}``
+    when names differ between stages.
+    """
+    if not _MODEL_ID.match(model_id):
+        raise SealError(
+            f"model id {model_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'"
+        )
+    if key is not None and len(key) != _crypto.KEY_SIZE:
+        raise SealError("package key must be 32 bytes")
+    io_map = io_map or {}
+    stages: list[tuple[str, onnx.ModelProto]] = []
+    if pre is not None:
+        stages.append(("pre", _load_stage(pre, "pre")))
+    stages.append(("model", _load_stage(model, "model")))
+    if post is not None:
+        stages.append(("post", _load_stage(post, "post")))
+    for name, m in stages:
+        _check_stage(m, name)
+    links: list[list[tuple[str, str]]] = []
+    for (un, um), (dn, dm) in zip(stages, stages[1:]):
+        links.append(_wire(um, dm, un, dn, io_map.get(un if un != "model" else dn)))
+
+    model_graph = dict(stages)["model"]
+    known = {n for node in model_graph.graph.node for n in node.output} | {
+        vi.name for vi in model_graph.graph.input
+    }
+    splits = list(split_points)
+    for s in splits:
+        if s not in known:
+            raise SealError(f"split point {s!r} is not a tensor of the model graph")
+
+    # compose first (while weights are still inline, so the checker sees a
+    # complete model), then move weights out of whatever graphs remain
+    parts: list[tuple[str, onnx.ModelProto]] = stages
+    composed = len(stages) == 1
+    if compose and len(stages) > 1:
+        try:
+            merged = _compose(stages, links)
+            if merged.ByteSize() < _PROTOBUF_LIMIT:
+                onnx.checker.check_model(merged)
+            parts = [("pipeline", merged)]
+            composed = True
+        except (ValueError, onnx.checker.ValidationError):
+            parts = stages  # e.g. conflicting opsets: the worker chains them
+    files: list[tuple[str, Any]] = []
+    graphs: list[tuple[str, bytes]] = []
+    for name, m in parts:
+        blob = _externalise(m, f"{name}.weights")
+        if blob:
+            files.append((f"{name}.weights", blob))
+        graphs.append((name, m.SerializeToString()))
+
+    first, last = stages[0][1], stages[-1][1]
+    manifest: dict[str, Any] = {
+        "format": f"vault-package/{FORMAT_VERSION}",
+        "model_id": model_id,
+        "key_id": "k-" + secrets.token_hex(16),
+        "publisher": {"alg": "ed25519", "fingerprint": signing_key.fingerprint},
+        "created": (now or _dt.datetime.now(_dt.timezone.utc))
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z"),
+        "stages": [n for n, _ in stages],
+        "composed": composed,
+        "inputs": [_describe(vi) for vi in _public_inputs(first)],
+        "outputs": [_describe(vi) for vi in last.graph.output],
+        "split_points": splits,
+    }
+
+    plaintext = build_plaintext(graphs, files)
+    for _, blob in files:
+        _crypto.zeroize(blob)
+    pkey = bytearray(key) if key is not None else _crypto.generate_key()
+    prefix = _crypto.random_bytes(_crypto.NONCE_PREFIX_SIZE)
+    manifest["payload"] = {
+        "cipher": "AES-256-GCM-STREAM/1",
+        "chunk_size": chunk_size,
+        "nonce_prefix": prefix.hex(),
+        "plaintext_size": len(plaintext),
+        "ciphertext_size": _crypto.ciphertext_size(len(plaintext), chunk_size),
+        "signature": "ed25519(chunked-sha256)",
+    }
+    manifest_bytes = canonical_json(manifest)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest_bytes))
+
+    total = len(plaintext)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        ciphertext = _crypto.stream_encrypt(
+            pkey, prefix, payload_aad(header, manifest_bytes), plaintext,
+            chunk_size=chunk_size, progress=tick,
+        )  # fmt: skip
+    finally:
+        _crypto.zeroize(plaintext)
+    digest_d = chunk_hashes_digest(ciphertext, chunk_size)
+    signed = SIG_CONTEXT + header + manifest_bytes + digest_d
+    signature = signing_key.sign(signed)
+    digest = "sha256:" + _crypto.sha256(signed, signature).hex()
+
+    out = os.fspath(output)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header)
+            fh.write(manifest_bytes)
+            fh.write(ciphertext)
+            fh.write(signature)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise VaultError(f"cannot write {out}: {exc}") from exc
+    return SealResult(
+        path=out,
+        model_id=model_id,
+        key_id=manifest["key_id"],
+        key=pkey,
+        digest=digest,
+        manifest=manifest,
+    )

@@ -1,0 +1,234 @@
+"""Every error the vault raises, in one tree.
+
+Each class has a stable ``code`` that crosses the wire: a worker or key server
+answers ``{"code": ..., "message": ...}`` and the caller's side raises the same
+class again with :func:`from_wire`. The CLI catches :class:`VaultError` only and
+prints one line; anything else is a bug and shows its traceback.
+
+::
+
+    VaultError                       vault_error
+    ├── IntegrityError               integrity        (any failure to authenticate/decrypt; opaque)
+    ├── FormatError                  format           (not a package, damaged framing)
+    │   └── UnsupportedVersionError  unsupported_version
+    ├── SealError                    seal             (a model refused at seal time)
+    ├── LicenceError                 licence
+    │   ├── UnknownLicenceError      licence_unknown
+    │   ├── LicenceRevokedError      licence_revoked
+    │   ├── LicenceExpiredError      licence_expired
+    │   ├── QuotaExhaustedError      quota_exhausted
+    │   ├── RateLimitedError         rate_limited
+    │   ├── WrongModelError          wrong_model
+    │   ├── DigestMismatchError      digest_mismatch
+    │   └── PermissionDeniedError    permission_denied
+    ├── KeyServerError               keyserver
+    │   └── KeyServerUnavailableError keyserver_unavailable
+    ├── AuditError                   audit            (audit record not written: fail closed)
+    ├── InputError                   bad_input        (unknown/missing name, wrong dtype or shape)
+    ├── ProtocolError                protocol         (malformed frame, wrong version, too big)
+    ├── ComputeError                 compute          (inference failed; text sanitised)
+    ├── ConfigError                  config           (refused option, missing provider)
+    └── WorkerError                  worker
+        ├── WorkerCrashedError       worker_crashed
+        └── WorkerTimeoutError       timeout
+
+Example::
+
+    try:
+        model.compute({"x": arr})
+    except vault.InputError as exc:
+        print(exc.code, exc)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuditError",
+    "ComputeError",
+    "ConfigError",
+    "DigestMismatchError",
+    "FormatError",
+    "InputError",
+    "IntegrityError",
+    "KeyServerError",
+    "KeyServerUnavailableError",
+    "LicenceError",
+    "LicenceExpiredError",
+    "LicenceRevokedError",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "QuotaExhaustedError",
+    "RateLimitedError",
+    "SealError",
+    "UnknownLicenceError",
+    "UnsupportedVersionError",
+    "VaultError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerTimeoutError",
+    "WrongModelError",
+    "from_wire",
+]
+
+
+class VaultError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    code = "vault_error"
+    default_message = "vault error"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.default_message
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    def diagnostics(self) -> str:
+        return f"error[{self.code}]: {self.message}"
+
+
+class IntegrityError(VaultError):
+    """The package (or a sealed message) failed to authenticate or decrypt.
+
+    One opaque error for every cause, so an attacker learns nothing about
+    which check failed (as ``cryptography``'s ``InvalidToken``).
+    """
+
+    code = "integrity"
+    default_message = "package failed to authenticate or decrypt"
+
+
+class FormatError(VaultError):
+    code = "format"
+    default_message = "not a vault package"
+
+
+class UnsupportedVersionError(FormatError):
+    code = "unsupported_version"
+    default_message = "unsupported package or protocol version"
+
+
+class SealError(VaultError):
+    code = "seal"
+    default_message = "model refused at seal time"
+
+
+class LicenceError(VaultError):
+    code = "licence"
+    default_message = "licence does not allow this"
+
+
+class UnknownLicenceError(LicenceError):
+    code = "licence_unknown"
+    default_message = "unknown licence"
+
+
+class LicenceRevokedError(LicenceError):
+    code = "licence_revoked"
+    default_message = "licence revoked"
+
+
+class LicenceExpiredError(LicenceError):
+    code = "licence_expired"
+    default_message = "licence expired"
+
+
+class QuotaExhaustedError(LicenceError):
+    code = "quota_exhausted"
+    default_message = "licence call quota exhausted"
+
+
+class RateLimitedError(LicenceError):
+    code = "rate_limited"
+    default_message = "licence rate limit exceeded"
+
+
+class WrongModelError(LicenceError):
+    code = "wrong_model"
+    default_message = "licence is not for this model"
+
+
+class DigestMismatchError(LicenceError):
+    code = "digest_mismatch"
+    default_message = "package digest does not match the registered package"
+
+
+class PermissionDeniedError(LicenceError):
+    code = "permission_denied"
+    default_message = "operation needs an admin licence"
+
+
+class KeyServerError(VaultError):
+    code = "keyserver"
+    default_message = "key server error"
+
+
+class KeyServerUnavailableError(KeyServerError):
+    code = "keyserver_unavailable"
+    default_message = "key server unreachable"
+
+
+class AuditError(VaultError):
+    code = "audit"
+    default_message = "audit record could not be written"
+
+
+class InputError(VaultError):
+    code = "bad_input"
+    default_message = "bad input"
+
+
+class ProtocolError(VaultError):
+    code = "protocol"
+    default_message = "malformed message"
+
+
+class ComputeError(VaultError):
+    code = "compute"
+    default_message = "inference failed"
+
+
+class ConfigError(VaultError):
+    code = "config"
+    default_message = "invalid configuration"
+
+
+class WorkerError(VaultError):
+    code = "worker"
+    default_message = "worker error"
+
+
+class WorkerCrashedError(WorkerError):
+    code = "worker_crashed"
+    default_message = "worker process died"
+
+
+class WorkerTimeoutError(WorkerError):
+    code = "timeout"
+    default_message = "worker did not answer in time"
+
+
+def _all_subclasses(cls: type[VaultError]) -> list[type[VaultError]]:
+    out: list[type[VaultError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[VaultError]] = {c.code: c for c in _all_subclasses(VaultError)}
+
+
+def from_wire(payload: Any) -> VaultError:
+    """Rebuild the typed error a peer sent as ``{"code", "message"}``."""
+    if not isinstance(payload, dict):
+        return ProtocolError("peer sent a malformed error")
+    code = payload.get("code")
+    message = payload.get("message")
+    cls = _BY_CODE.get(code if isinstance(code, str) else "", VaultError)
+    return cls(str(message) if message is not None else None)

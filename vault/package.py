@@ -1,0 +1,406 @@
+"""The sealed package format (``.vault``): read, verify, decrypt.
+
+Layout (all integers big-endian)::
+
+    0   magic     8  b"\\x89VAULT\\r\\n"  (PNG-style: catches text-mode mangling)
+    8   version   2  FORMAT_VERSION
+    10  reserved  2  0
+    12  mlen      4  manifest length
+    16  manifest  mlen  canonical JSON, public (model id, key id, signature of
+                        the pipeline, payload layout; nothing of the graph)
+    ..  payload   manifest.payload.ciphertext_size  (STREAM AES-256-GCM chunks)
+    ..  signature 64  Ed25519 over SIG_CONTEXT || header || manifest || D
+
+where ``D = SHA-256(SHA-256(chunk_0) || ... || SHA-256(chunk_n))`` over the
+ciphertext chunks: the chunk hashes run on every core (hashlib drops the GIL),
+so verifying a 500 MB package costs a fraction of a second, and it binds every
+ciphertext byte as a flat hash would.
+
+Failure rules: a file that does not start with the magic is a
+:class:`~vault.errors.FormatError`; a newer version is an
+:class:`~vault.errors.UnsupportedVersionError`; anything after that (damaged
+manifest, wrong length, bad signature, wrong key, reordered or truncated
+chunks) is one opaque :class:`~vault.errors.IntegrityError`.
+
+Decrypted payload (lives only in the worker's memory)::
+
+    u32 index length | index JSON | blobs (64-byte aligned)
+
+The index lists the stage graphs (ONNX ``ModelProto`` bytes, weights
+externalised) and the weight "files" their external-data references name, so
+onnxruntime takes the weights straight from memory.
+
+Example::
+
+    pkg = Package.load("model.vault")
+    pkg.verify(publisher_raw_key)
+    plain = pkg.decrypt(key)        # in memory only
+    try:
+        graphs, files = plain.graphs, plain.files
+    finally:
+        plain.wipe()
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import _crypto
+from .errors import FormatError, IntegrityError, UnsupportedVersionError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "Package",
+    "Plaintext",
+    "canonical_json",
+    "inspect",
+]
+
+MAGIC = b"\x89VAULT\r\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">8sHHI")
+SIG_SIZE = 64
+SIG_CONTEXT = b"vault-package-signature/v1\x00"
+MAX_MANIFEST = 1 << 20
+ALIGN = 64
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte form of a manifest: sorted keys, no spaces, ASCII."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def payload_aad(header: bytes, manifest: bytes) -> bytes:
+    """Associated data bound into every chunk: header and manifest."""
+    return _crypto.sha256(b"vault-payload-aad/v1\x00", header, manifest)
+
+
+def chunk_hashes_digest(ciphertext: Any, chunk_size: int, *, threads: int | None = None) -> bytes:
+    """D: SHA-256 over the per-chunk SHA-256s of the ciphertext (each chunk is
+    ``chunk_size + 16`` bytes with its tag). Runs in parallel threads."""
+    view = memoryview(ciphertext).cast("B")
+    step = chunk_size + _crypto.TAG_SIZE
+    # group chunks into ~16 MiB slices so thread overhead stays negligible
+    per_job = max(1, (16 << 20) // step)
+    starts = list(range(0, max(len(view), 1), step))
+
+    def job(i: int) -> list[bytes]:
+        return [_crypto.sha256(view[s : s + step]) for s in starts[i : i + per_job]]
+
+    jobs = range(0, len(starts), per_job)
+    workers = threads or min(4, os.cpu_count() or 1)
+    if len(jobs) <= 1 or workers <= 1:
+        parts = [h for i in jobs for h in job(i)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = [h for hs in pool.map(job, jobs) for h in hs]
+    return _crypto.sha256(b"".join(parts))
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Plaintext:
+    """The decrypted payload: one buffer, views into it, and ``wipe()``."""
+
+    def __init__(self, buf: bytearray, index: dict[str, Any]) -> None:
+        self._buf = buf
+        self._view = memoryview(buf)
+        self.index = index
+        self.graphs: list[memoryview] = [
+            self._view[g["offset"] : g["offset"] + g["length"]] for g in index["graphs"]
+        ]
+        self.stages: list[str] = [str(g.get("stage", "pipeline")) for g in index["graphs"]]
+        self.files: dict[str, memoryview] = {
+            f["location"]: self._view[f["offset"] : f["offset"] + f["length"]]
+            for f in index["files"]
+        }
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._buf)
+
+    def wipe(self) -> None:
+        """Overwrite the plaintext; views stay valid but read zeros."""
+        if self._buf is not None:
+            _crypto.zeroize(self._buf)
+
+    def release(self) -> None:
+        """Wipe, then drop every view so the buffer can be freed."""
+        self.wipe()
+        for v in self.graphs:
+            v.release()
+        for v in self.files.values():
+            v.release()
+        self.graphs = []
+        self.files = {}
+        self._view.release()
+
+    def __enter__(self) -> Plaintext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Plaintext({len(self.graphs)} graphs, {len(self.files)} files)"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Plaintext cannot be pickled")
+
+
+def build_plaintext(graphs: list[tuple[str, bytes]], files: list[tuple[str, Any]]) -> bytearray:
+    """Lay out stage graphs and weight files into one buffer (seal side)."""
+    entries_g = []
+    entries_f = []
+    # index size depends on offsets: compute with a fixed-width placeholder pass
+    sizes = [len(b) for _, b in graphs] + [len(memoryview(b).cast("B")) for _, b in files]
+    names = [("g", s) for s, _ in graphs] + [("f", loc) for loc, _ in files]
+    guess = 4096 + 128 * len(names)
+    while True:
+        off = _align(4 + guess)
+        entries_g, entries_f = [], []
+        for (kind, name), size in zip(names, sizes):
+            entry = {"offset": off, "length": size}
+            if kind == "g":
+                entries_g.append({"stage": name, **entry})
+            else:
+                entries_f.append({"location": name, **entry})
+            off = _align(off + size)
+        index = canonical_json({"graphs": entries_g, "files": entries_f})
+        if len(index) <= guess:
+            break
+        guess = len(index) * 2
+    total = off
+    buf = bytearray(total)
+    struct.pack_into(">I", buf, 0, guess)
+    buf[4 : 4 + len(index)] = index
+    buf[4 + len(index) : 4 + guess] = b" " * (guess - len(index))
+    view = memoryview(buf)
+    for entry, (_, data) in zip(entries_g + entries_f, list(graphs) + list(files)):
+        src = memoryview(data).cast("B")
+        view[entry["offset"] : entry["offset"] + entry["length"]] = src
+    return buf
+
+
+def _parse_index(buf: bytearray) -> dict[str, Any]:
+    try:
+        (n,) = struct.unpack_from(">I", buf, 0)
+        index = json.loads(bytes(buf[4 : 4 + n]))
+        for g in index["graphs"]:
+            if g["offset"] + g["length"] > len(buf):
+                raise ValueError
+        for f in index["files"]:
+            if f["offset"] + f["length"] > len(buf):
+                raise ValueError
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        # authenticated but unparseable: still reported opaquely
+        raise IntegrityError() from exc
+    return index  # type: ignore[no-any-return]
+
+
+def _validate_manifest(m: Any) -> None:
+    """Every field a reader relies on, with its type (ValueError otherwise)."""
+    if not isinstance(m, dict):
+        raise ValueError("manifest is not an object")
+    for key in ("format", "model_id", "key_id", "created"):
+        if not isinstance(m.get(key), str):
+            raise ValueError(key)
+    pub = m.get("publisher")
+    if not isinstance(pub, dict) or not isinstance(pub.get("fingerprint"), str):
+        raise ValueError("publisher")
+    for key in ("inputs", "outputs", "stages", "split_points"):
+        if not isinstance(m.get(key), list):
+            raise ValueError(key)
+    for t in m["inputs"] + m["outputs"]:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise ValueError("tensor")
+        if not isinstance(t.get("dtype"), str) or not isinstance(t.get("shape"), (list, type(None))):
+            raise ValueError("tensor")
+    p = m.get("payload")
+    if not isinstance(p, dict) or not isinstance(p.get("nonce_prefix"), str):
+        raise ValueError("payload")
+    for key in ("chunk_size", "plaintext_size", "ciphertext_size"):
+        if not isinstance(p.get(key), int) or isinstance(p.get(key), bool):
+            raise ValueError(key)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    header: bytes
+    manifest_bytes: bytes
+    payload_start: int
+    payload_end: int
+
+
+class Package:
+    """A sealed package read from disk (memory-mapped, read-only)."""
+
+    def __init__(self, data: Any, *, source: str = "<memory>") -> None:
+        self.source = source
+        self._data = data
+        self._view = memoryview(data).cast("B") if not isinstance(data, mmap.mmap) else memoryview(data)
+        self._layout = self._parse()
+        self._digest: str | None = None
+        self._chunk_digest: bytes | None = None
+
+    # -- loading -------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Package:
+        p = os.fspath(path)
+        try:
+            with open(p, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < HEADER.size:
+                    data: Any = fh.read()
+                else:
+                    data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError as exc:
+            raise FormatError(f"{p}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise FormatError(f"{p}: is a directory, not a vault package") from exc
+        return cls(data, source=p)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray) -> Package:
+        return cls(bytes(data))
+
+    def _parse(self) -> _Layout:
+        v = self._view
+        if len(v) < HEADER.size or bytes(v[:8]) != MAGIC:
+            raise FormatError(f"{self.source}: not a vault package (bad magic)")
+        magic, version, reserved, mlen = HEADER.unpack_from(v, 0)
+        if version != FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"{self.source}: package format version {version} is not supported "
+                f"(this vault reads version {FORMAT_VERSION}); upgrade vault"
+            )
+        if reserved != 0 or mlen > MAX_MANIFEST or HEADER.size + mlen > len(v):
+            raise IntegrityError()
+        header = bytes(v[: HEADER.size])
+        manifest_bytes = bytes(v[HEADER.size : HEADER.size + mlen])
+        try:
+            manifest = json.loads(manifest_bytes)
+            if canonical_json(manifest) != manifest_bytes:
+                raise ValueError("manifest is not canonical")
+            _validate_manifest(manifest)
+            payload = manifest["payload"]
+            ct_size = int(payload["ciphertext_size"])
+            pt_size = int(payload["plaintext_size"])
+            chunk = int(payload["chunk_size"])
+            prefix = bytes.fromhex(payload["nonce_prefix"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError() from exc
+        if (
+            chunk <= 0
+            or len(prefix) != _crypto.NONCE_PREFIX_SIZE
+            or _crypto.ciphertext_size(pt_size, chunk) != ct_size
+        ):
+            raise IntegrityError()
+        start = HEADER.size + mlen
+        end = start + ct_size
+        if end + SIG_SIZE != len(v):  # truncated or extended
+            raise IntegrityError()
+        self.manifest: dict[str, Any] = manifest
+        return _Layout(header, manifest_bytes, start, end)
+
+    # -- public facts ----------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    @property
+    def key_id(self) -> str:
+        return str(self.manifest["key_id"])
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return list(self.manifest["inputs"])
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return list(self.manifest["outputs"])
+
+    @property
+    def publisher_fingerprint(self) -> str:
+        return str(self.manifest["publisher"]["fingerprint"])
+
+    @property
+    def ciphertext(self) -> memoryview:
+        return self._view[self._layout.payload_start : self._layout.payload_end]
+
+    @property
+    def signature(self) -> bytes:
+        return bytes(self._view[self._layout.payload_end :])
+
+    def _signed_message(self) -> bytes:
+        if self._chunk_digest is None:
+            self._chunk_digest = chunk_hashes_digest(
+                self.ciphertext, int(self.manifest["payload"]["chunk_size"])
+            )
+        return SIG_CONTEXT + self._layout.header + self._layout.manifest_bytes + self._chunk_digest
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` naming this exact package (what the key server binds)."""
+        if self._digest is None:
+            self._digest = "sha256:" + _crypto.sha256(self._signed_message(), self.signature).hex()
+        return self._digest
+
+    # -- checks ----------------------------------------------------------------
+
+    def verify(self, publisher_key: bytes | str) -> None:
+        """Check the Ed25519 signature; needs no secret. IntegrityError if bad."""
+        raw = _crypto.load_public_key(publisher_key)
+        if _crypto.fingerprint(raw) != self.publisher_fingerprint:
+            raise IntegrityError()
+        _crypto.verify_signature(raw, self.signature, self._signed_message())
+
+    def decrypt(self, key: bytes | bytearray) -> Plaintext:
+        """Decrypt the payload into one fresh buffer (the only plaintext copy)."""
+        p = self.manifest["payload"]
+        size = int(p["plaintext_size"])
+        buf = bytearray(size)
+        _crypto.stream_decrypt_into(
+            key,
+            bytes.fromhex(p["nonce_prefix"]),
+            payload_aad(self._layout.header, self._layout.manifest_bytes),
+            self.ciphertext,
+            buf,
+            plaintext_size=size,
+            chunk_size=int(p["chunk_size"]),
+        )
+        return Plaintext(buf, _parse_index(buf))
+
+    def close(self) -> None:
+        try:
+            self._view.release()
+            if isinstance(self._data, mmap.mmap):
+                self._data.close()
+        except BufferError:  # a caller still holds a view: the GC closes it later
+            pass
+
+    def __enter__(self) -> Package:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Package({self.source!r}, model_id={self.manifest.get('model_id')!r})"
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The public manifest of a package; needs no key."""
+    with Package.load(path) as pkg:
+        return dict(pkg.manifest)

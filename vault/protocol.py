@@ -1,0 +1,205 @@
+"""The wire protocol shared by clients, workers and the key server.
+
+A message is ZeroMQ multipart: one small msgpack **header** frame and, for
+tensors, one raw C-contiguous frame per tensor. Headers always carry the
+protocol version ``v``; a reply is ``{"v", "id", "ok": true, ...}`` or
+``{"v", "id", "ok": false, "error": {"code", "message"}}``.
+
+Worker ops: ``info``, ``compute``, ``health``, ``stats``.
+Key server ops: ``release``, ``renew``, ``register_key``, ``issue``,
+``revoke``, ``list``, ``ping``.
+
+Example::
+
+    descs, frames = encode_tensors({"x": np.ones((2, 3), np.float32)})
+    header = pack_header({"v": PROTOCOL_VERSION, "op": "compute", "id": 1, "tensors": descs})
+    sock.send_multipart([header, *frames], copy=False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError, UnsupportedVersionError, VaultError, from_wire
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_DTYPES",
+    "decode_tensor",
+    "dtype_from_name",
+    "dtype_name",
+    "encode_tensors",
+    "error_reply",
+    "ok_reply",
+    "pack_header",
+    "raise_for_reply",
+    "unpack_header",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE = 1 << 30  # 1 GiB per message; ZMQ_MAXMSGSIZE is set from this
+MAX_HEADER = 1 << 20
+MAX_RANK = 32
+
+try:  # onnx depends on ml_dtypes, so bfloat16 is normally available
+    import ml_dtypes
+
+    _BF16: Any = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    _BF16 = None
+
+_NUMERIC = (
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128",
+)  # fmt: skip
+SUPPORTED_DTYPES = frozenset((*_NUMERIC, "string", *(("bfloat16",) if _BF16 is not None else ())))
+
+
+def dtype_name(dtype: Any) -> str:
+    dt = np.dtype(dtype)
+    if _BF16 is not None and dt == _BF16:
+        return "bfloat16"
+    if dt.kind in ("U", "S", "O"):
+        return "string"
+    if dt.name not in SUPPORTED_DTYPES:
+        raise ProtocolError(f"unsupported dtype {dt}")
+    return dt.name
+
+
+def dtype_from_name(name: Any) -> np.dtype[Any]:
+    if not isinstance(name, str) or name not in SUPPORTED_DTYPES:
+        raise ProtocolError(f"unsupported dtype {name!r}")
+    if name == "string":
+        return np.dtype(object)
+    if name == "bfloat16":
+        return np.dtype(_BF16)
+    return np.dtype(name)
+
+
+def pack_header(header: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_header(frame: Any) -> dict[str, Any]:
+    """Parse and version-check a header frame; ProtocolError on anything odd."""
+    data = frame.buffer if hasattr(frame, "buffer") else frame
+    if len(data) > MAX_HEADER:
+        raise ProtocolError("header frame too large")
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=1 << 16)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ProtocolError("header is not valid msgpack") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    v = header.get("v")
+    if v != PROTOCOL_VERSION:
+        raise UnsupportedVersionError(f"protocol version {v!r} not supported (want {PROTOCOL_VERSION})")
+    return header
+
+
+def ok_reply(req_id: Any, **fields: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, **fields}
+
+
+def error_reply(req_id: Any, exc: VaultError) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": exc.to_wire()}
+
+
+def raise_for_reply(header: Mapping[str, Any]) -> None:
+    if not header.get("ok"):
+        raise from_wire(header.get("error"))
+
+
+# --- tensors ----------------------------------------------------------------
+
+
+def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
+    """One tensor's descriptor and its frame (a buffer, not a copy, where the
+    array is already C-contiguous)."""
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    kind = dtype_name(arr.dtype)
+    desc = {"name": name, "dtype": kind, "shape": list(arr.shape)}
+    if kind == "string":
+        items = [x.decode() if isinstance(x, bytes) else str(x) for x in arr.reshape(-1).tolist()]
+        return desc, msgpack.packb(items, use_bin_type=True)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return desc, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""
+
+
+def encode_tensors(arrays: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    descs: list[dict[str, Any]] = []
+    frames: list[Any] = []
+    for name, value in arrays.items():
+        d, f = encode_tensor(name, value)
+        descs.append(d)
+        frames.append(f)
+    return descs, frames
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
+        raise ProtocolError("tensor shape must be a list of at most 32 dims")
+    out = []
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 1 << 40:
+            raise ProtocolError(f"bad dimension {d!r} in tensor shape")
+        out.append(d)
+    return tuple(out)
+
+
+def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
+    """Rebuild one tensor from its descriptor and frame, without a copy for
+    numeric types. Every inconsistency is a ProtocolError."""
+    if not isinstance(desc, dict):
+        raise ProtocolError("tensor descriptor must be a map")
+    name = desc.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError("tensor descriptor needs a string name")
+    dt = dtype_from_name(desc.get("dtype"))
+    shape = _check_shape(desc.get("shape"))
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    count = 1
+    for d in shape:
+        count *= d
+    if desc.get("dtype") == "string":
+        try:
+            items = msgpack.unpackb(buf, raw=False, max_array_len=1 << 28)
+        except Exception as exc:
+            raise ProtocolError(f"tensor {name!r}: malformed string frame") from exc
+        if not isinstance(items, list) or len(items) != count or not all(
+            isinstance(x, str) for x in items
+        ):
+            raise ProtocolError(f"tensor {name!r}: string frame does not match its shape")
+        arr = np.empty(count, dtype=object)
+        arr[:] = items
+        return name, arr.reshape(shape)
+    expected = count * dt.itemsize
+    if len(buf) != expected:
+        raise ProtocolError(
+            f"tensor {name!r}: frame has {len(buf)} bytes, shape {list(shape)} of {dt.name} "
+            f"needs {expected}"
+        )
+    arr = np.frombuffer(buf, dtype=dt, count=count) if count else np.empty(0, dtype=dt)
+    return name, arr.reshape(shape)
+
+
+def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray[Any, Any]]:
+    if not isinstance(descs, list):
+        raise ProtocolError("tensors must be a list")
+    if len(descs) != len(frames):
+        raise ProtocolError(f"header names {len(descs)} tensors but {len(frames)} frames came")
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for d, f in zip(descs, frames):
+        name, arr = decode_tensor(d, f)
+        if name in out:
+            raise ProtocolError(f"tensor {name!r} sent twice")
+        out[name] = arr
+    return out
