@@ -67,9 +67,15 @@ def main() -> None:
     args = ap.parse_args()
     r = run(args.quick, args.size_mb)
     print(f"payload {r['size_bytes'] / 2**20:.0f} MiB, median of {r['repeats']}")
-    print(f"  decrypt into fresh buffer  {r['decrypt_gbps']:6.2f} GB/s  ({r['decrypt_s'] * 1e3:.0f} ms)")
-    print(f"  signature chunk hashing    {r['verify_hash_gbps']:6.2f} GB/s  ({r['verify_hash_s'] * 1e3:.0f} ms)")
-    print(f"  memcpy into fresh buffer   {r['memcpy_fresh_gbps']:6.2f} GB/s  ({r['memcpy_fresh_s'] * 1e3:.0f} ms)")
+    print(
+        f"  decrypt into fresh buffer  {r['decrypt_gbps']:6.2f} GB/s  ({r['decrypt_s'] * 1e3:.0f} ms)"
+    )
+    print(
+        f"  signature chunk hashing    {r['verify_hash_gbps']:6.2f} GB/s  ({r['verify_hash_s'] * 1e3:.0f} ms)"
+    )
+    print(
+        f"  memcpy into fresh buffer   {r['memcpy_fresh_gbps']:6.2f} GB/s  ({r['memcpy_fresh_s'] * 1e3:.0f} ms)"
+    )
     print(f"  decrypt / memcpy           {r['decrypt_over_memcpy']:6.2f}x")
 
 

@@ -66,7 +66,9 @@ def mlp(
         numpy_helper.from_array(b2, "secret_dense2_bias"),
     ]
     nodes = [
-        helper.make_node("MatMul", [input_name, "secret_dense1_weight"], ["h0"], name="secret_dense1"),
+        helper.make_node(
+            "MatMul", [input_name, "secret_dense1_weight"], ["h0"], name="secret_dense1"
+        ),
         helper.make_node("Add", ["h0", "secret_dense1_bias"], ["h1"], name="secret_bias1"),
         helper.make_node("Relu", ["h1"], ["h2"], name="secret_relu"),
         helper.make_node("MatMul", ["h2", "secret_dense2_weight"], ["h3"], name="secret_dense2"),

@@ -27,14 +27,28 @@ def register(sub: Any) -> None:
     p.add_argument("--pre", help="pre-process graph (.onnx)")
     p.add_argument("--post", help="post-process graph (.onnx)")
     p.add_argument("--model-id", required=True)
-    p.add_argument("--licence", "--license", dest="licence",
-                   help="admin licence: the key is registered with its key server")
+    p.add_argument(
+        "--licence",
+        "--license",
+        dest="licence",
+        help="admin licence: the key is registered with its key server",
+    )
     p.add_argument("--signing-key", help="Ed25519 key (default: publisher.key beside the licence)")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--map", action="append", default=[], metavar="STAGE:OUT=IN",
-                   help="wire a differently named tensor, e.g. pre:pixels=input or post:logits=x")
-    p.add_argument("--split-point", action="append", default=[], metavar="TENSOR",
-                   help="a model tensor the hybrid may cut at (repeatable)")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="STAGE:OUT=IN",
+        help="wire a differently named tensor, e.g. pre:pixels=input or post:logits=x",
+    )
+    p.add_argument(
+        "--split-point",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="a model tensor the hybrid may cut at (repeatable)",
+    )
     p.add_argument("--key-out", help="without a key server: write the package key here (0600)")
     p.set_defaults(func=_seal)
 

@@ -355,7 +355,9 @@ class EphemeralKey:
         return f"EphemeralKey({self.suite})"
 
 
-def hpke_seal(suite: str, recipient_public: bytes, plaintext: bytes | bytearray, info: bytes) -> bytes:
+def hpke_seal(
+    suite: str, recipient_public: bytes, plaintext: bytes | bytearray, info: bytes
+) -> bytes:
     """Seal ``plaintext`` to a recipient's public key (base mode, RFC 9180)."""
     s = _suite(suite)
     try:
@@ -389,12 +391,16 @@ def _wrap_aad(key_id: str, model_id: str) -> bytes:
     return b"vault-key-wrap/v1\x00" + key_id.encode() + b"\x00" + model_id.encode()
 
 
-def wrap_key(master: bytes | bytearray, key: bytes | bytearray, *, key_id: str, model_id: str) -> bytes:
+def wrap_key(
+    master: bytes | bytearray, key: bytes | bytearray, *, key_id: str, model_id: str
+) -> bytes:
     nonce = os.urandom(12)
     return nonce + AESGCM(bytes(master)).encrypt(nonce, bytes(key), _wrap_aad(key_id, model_id))
 
 
-def unwrap_key(master: bytes | bytearray, wrapped: bytes, *, key_id: str, model_id: str) -> bytearray:
+def unwrap_key(
+    master: bytes | bytearray, wrapped: bytes, *, key_id: str, model_id: str
+) -> bytearray:
     try:
         return bytearray(
             AESGCM(bytes(master)).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(key_id, model_id))

@@ -61,7 +61,9 @@ from .package import (
 
 __all__ = ["SealResult", "seal", "ALLOWED_DOMAINS"]
 
-ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
+ALLOWED_DOMAINS = frozenset(
+    {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+)
 EXTERNALISE_THRESHOLD = 1024
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -220,7 +222,7 @@ def _dtype_name(elem_type: int) -> str:
     try:
         return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name)
     except Exception:
-        return TensorProto.DataType.Name(elem_type).lower()
+        return str(TensorProto.DataType.Name(elem_type)).lower()
 
 
 def _shape(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
@@ -319,8 +321,15 @@ def _tensor_nbytes(t: TensorProto) -> int:
 
 def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
     t.ClearField("raw_data")
-    for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-        t.ClearField(f)  # type: ignore[arg-type]
+    for f in (
+        "float_data",
+        "int32_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "string_data",
+    ):
+        t.ClearField(f)
     del t.external_data[:]
     t.data_location = TensorProto.EXTERNAL
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -410,9 +419,7 @@ def seal(
     when names differ between stages.
     """
     if not _MODEL_ID.match(model_id):
-        raise SealError(
-            f"model id {model_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'"
-        )
+        raise SealError(f"model id {model_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'")
     if key is not None and len(key) != _crypto.KEY_SIZE:
         raise SealError("package key must be 32 bytes")
     io_map = io_map or {}

@@ -159,8 +159,8 @@ class Plaintext:
 
 def build_plaintext(graphs: list[tuple[str, bytes]], files: list[tuple[str, Any]]) -> bytearray:
     """Lay out stage graphs and weight files into one buffer (seal side)."""
-    entries_g = []
-    entries_f = []
+    entries_g: list[dict[str, Any]] = []
+    entries_f: list[dict[str, Any]] = []
     # index size depends on offsets: compute with a fixed-width placeholder pass
     sizes = [len(b) for _, b in graphs] + [len(memoryview(b).cast("B")) for _, b in files]
     names = [("g", s) for s, _ in graphs] + [("f", loc) for loc, _ in files]
@@ -169,7 +169,7 @@ def build_plaintext(graphs: list[tuple[str, bytes]], files: list[tuple[str, Any]
         off = _align(4 + guess)
         entries_g, entries_f = [], []
         for (kind, name), size in zip(names, sizes):
-            entry = {"offset": off, "length": size}
+            entry: dict[str, Any] = {"offset": off, "length": size}
             if kind == "g":
                 entries_g.append({"stage": name, **entry})
             else:
@@ -223,7 +223,9 @@ def _validate_manifest(m: Any) -> None:
     for t in m["inputs"] + m["outputs"]:
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise ValueError("tensor")
-        if not isinstance(t.get("dtype"), str) or not isinstance(t.get("shape"), (list, type(None))):
+        if not isinstance(t.get("dtype"), str) or not isinstance(
+            t.get("shape"), (list, type(None))
+        ):
             raise ValueError("tensor")
     p = m.get("payload")
     if not isinstance(p, dict) or not isinstance(p.get("nonce_prefix"), str):
@@ -247,7 +249,9 @@ class Package:
     def __init__(self, data: Any, *, source: str = "<memory>") -> None:
         self.source = source
         self._data = data
-        self._view = memoryview(data).cast("B") if not isinstance(data, mmap.mmap) else memoryview(data)
+        self._view = (
+            memoryview(data).cast("B") if not isinstance(data, mmap.mmap) else memoryview(data)
+        )
         self._layout = self._parse()
         self._digest: str | None = None
         self._chunk_digest: bytes | None = None

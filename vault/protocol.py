@@ -68,7 +68,7 @@ def dtype_name(dtype: Any) -> str:
         return "string"
     if dt.name not in SUPPORTED_DTYPES:
         raise ProtocolError(f"unsupported dtype {dt}")
-    return dt.name
+    return str(dt.name)
 
 
 def dtype_from_name(name: Any) -> np.dtype[Any]:
@@ -77,7 +77,7 @@ def dtype_from_name(name: Any) -> np.dtype[Any]:
     if name == "string":
         return np.dtype(object)
     if name == "bfloat16":
-        return np.dtype(_BF16)
+        return _BF16  # type: ignore[no-any-return]
     return np.dtype(name)
 
 
@@ -98,7 +98,9 @@ def unpack_header(frame: Any) -> dict[str, Any]:
         raise ProtocolError("header must be a map")
     v = header.get("v")
     if v != PROTOCOL_VERSION:
-        raise UnsupportedVersionError(f"protocol version {v!r} not supported (want {PROTOCOL_VERSION})")
+        raise UnsupportedVersionError(
+            f"protocol version {v!r} not supported (want {PROTOCOL_VERSION})"
+        )
     return header
 
 
@@ -131,7 +133,8 @@ def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
         arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return desc, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""
+    flat: Any = arr.reshape(-1).view(np.uint8)
+    return desc, memoryview(flat) if arr.size else b""
 
 
 def encode_tensors(arrays: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -174,8 +177,10 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
             items = msgpack.unpackb(buf, raw=False, max_array_len=1 << 28)
         except Exception as exc:
             raise ProtocolError(f"tensor {name!r}: malformed string frame") from exc
-        if not isinstance(items, list) or len(items) != count or not all(
-            isinstance(x, str) for x in items
+        if (
+            not isinstance(items, list)
+            or len(items) != count
+            or not all(isinstance(x, str) for x in items)
         ):
             raise ProtocolError(f"tensor {name!r}: string frame does not match its shape")
         arr = np.empty(count, dtype=object)

@@ -53,7 +53,16 @@ def test_inspect_shows_signature_not_graph(workdir: Path) -> None:
     r = vault("inspect", "clf.vault", cwd=workdir)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for needle in ("clf", "image", "uint8", "[N, 8]", "probs", "top_indices", "int64", "pre -> model -> post"):
+    for needle in (
+        "clf",
+        "image",
+        "uint8",
+        "[N, 8]",
+        "probs",
+        "top_indices",
+        "int64",
+        "pre -> model -> post",
+    ):
         assert needle in out
     for secret in ("secret", "MatMul", "Relu", "pre_scale", "h2", "logits"):
         assert secret not in out
@@ -88,11 +97,22 @@ def test_errors_are_one_line(workdir: Path) -> None:
 def test_public_api_names() -> None:
     import vault as v
 
-    for name in ("open", "connect", "seal", "inspect", "Package", "Licence", "VaultError", "IntegrityError"):
+    for name in (
+        "open",
+        "connect",
+        "seal",
+        "inspect",
+        "Package",
+        "Licence",
+        "VaultError",
+        "IntegrityError",
+    ):
         assert name in v.__all__
     assert callable(v.seal) and callable(v.inspect)
     env = dict(os.environ)
     # importing vault must not pull onnx in (callers that only compute stay light)
     code = "import sys, vault; print('onnx' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert r.stdout.strip() == "False"

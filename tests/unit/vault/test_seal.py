@@ -28,10 +28,14 @@ def test_model_only_package_runs(tmp_path: Path, publisher: _crypto.PublisherKey
     pkg = Package.load(r.path)
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
     got = run_plaintext(pkg, r.key, feeds)
-    np.testing.assert_allclose(got["logits"], reference_pipeline([model], feeds)["logits"], rtol=1e-5)
+    np.testing.assert_allclose(
+        got["logits"], reference_pipeline([model], feeds)["logits"], rtol=1e-5
+    )
 
 
-def test_explicit_io_map_wires_different_names(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+def test_explicit_io_map_wires_different_names(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
     pre, model, post = preprocess(), mlp(input_name="features"), postprocess()
     with pytest.raises(SealError, match="share no name"):
         seal(model, pre=pre, model_id="m", signing_key=publisher, output=tmp_path / "a.vault")
@@ -77,12 +81,16 @@ def test_custom_domain_is_refused(tmp_path: Path, publisher: _crypto.PublisherKe
     assert not (tmp_path / "m.vault").exists()
 
 
-def test_non_tensor_input_and_output_are_refused(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+def test_non_tensor_input_and_output_are_refused(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
     seq_in = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     pos = numpy_helper.from_array(np.array(0, np.int64), "pos")
     m = helper.make_model(
-        helper.make_graph([helper.make_node("SequenceAt", ["s", "pos"], ["y"])], "g", [seq_in], [y], [pos]),
+        helper.make_graph(
+            [helper.make_node("SequenceAt", ["s", "pos"], ["y"])], "g", [seq_in], [y], [pos]
+        ),
         opset_imports=[helper.make_opsetid("", 17)],
     )
     with pytest.raises(SealError, match="graph input 's' is not a tensor"):
@@ -91,7 +99,9 @@ def test_non_tensor_input_and_output_are_refused(tmp_path: Path, publisher: _cry
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     seq_out = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)
     m2 = helper.make_model(
-        helper.make_graph([helper.make_node("SequenceConstruct", ["x"], ["s"])], "g", [x], [seq_out]),
+        helper.make_graph(
+            [helper.make_node("SequenceConstruct", ["x"], ["s"])], "g", [x], [seq_out]
+        ),
         opset_imports=[helper.make_opsetid("", 17)],
     )
     with pytest.raises(SealError, match="graph output 's' is a sequence_type, not a tensor"):
@@ -109,10 +119,17 @@ def test_bad_model_id_and_missing_file(tmp_path: Path, publisher: _crypto.Publis
     with pytest.raises(SealError, match="model id"):
         seal(mlp(), model_id="../etc", signing_key=publisher, output=tmp_path / "m.vault")
     with pytest.raises(SealError, match="no such file"):
-        seal(tmp_path / "absent.onnx", model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+        seal(
+            tmp_path / "absent.onnx",
+            model_id="m",
+            signing_key=publisher,
+            output=tmp_path / "m.vault",
+        )
 
 
-def test_external_data_weights_are_sealed_inside(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+def test_external_data_weights_are_sealed_inside(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     model = mlp(n_features=32, hidden=256)
@@ -121,13 +138,17 @@ def test_external_data_weights_are_sealed_inside(tmp_path: Path, publisher: _cry
     onnx.save(model, src / "model.onnx", save_as_external_data=True,
               all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)  # fmt: skip
     assert (src / "weights.bin").stat().st_size > 32 * 256 * 4
-    r = seal(src / "model.onnx", model_id="ext", signing_key=publisher, output=tmp_path / "ext.vault")
+    r = seal(
+        src / "model.onnx", model_id="ext", signing_key=publisher, output=tmp_path / "ext.vault"
+    )
     blob = Path(r.path).read_bytes()
     raw = numpy_helper.to_array(want_model.graph.initializer[0]).tobytes()
     assert raw[:32] not in blob and raw[1000:1032] not in blob
     feeds = {"x": np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)}
     got = run_plaintext(Package.load(r.path), r.key, feeds)
-    np.testing.assert_allclose(got["logits"], reference_pipeline([want_model], feeds)["logits"], rtol=1e-5)
+    np.testing.assert_allclose(
+        got["logits"], reference_pipeline([want_model], feeds)["logits"], rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "sub/../../outside.bin"])
@@ -149,10 +170,14 @@ def test_external_data_outside_folder_is_refused(
         seal(src / "evil.onnx", model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
 
 
-def test_conflicting_opsets_fall_back_to_chained_stages(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
+def test_conflicting_opsets_fall_back_to_chained_stages(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
     pre, model, post = classifier_pipeline()
     pre.opset_import[0].version = 13  # Cast/Mul/Sub exist in 13: valid, but not mergeable as is
-    r = seal(model, pre=pre, post=post, model_id="m", signing_key=publisher, output=tmp_path / "m.vault")
+    r = seal(
+        model, pre=pre, post=post, model_id="m", signing_key=publisher, output=tmp_path / "m.vault"
+    )
     pkg = Package.load(r.path)
     assert pkg.manifest["composed"] is False
     feeds = {"image": np.arange(24, dtype=np.uint8).reshape(3, 8)}
@@ -163,7 +188,15 @@ def test_conflicting_opsets_fall_back_to_chained_stages(tmp_path: Path, publishe
 
 
 def test_split_points_are_checked(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
-    r = seal(mlp(), model_id="m", signing_key=publisher, output=tmp_path / "m.vault", split_points=["h2"])
+    r = seal(
+        mlp(), model_id="m", signing_key=publisher, output=tmp_path / "m.vault", split_points=["h2"]
+    )
     assert Package.load(r.path).manifest["split_points"] == ["h2"]
     with pytest.raises(SealError, match="split point 'nope'"):
-        seal(mlp(), model_id="m", signing_key=publisher, output=tmp_path / "n.vault", split_points=["nope"])
+        seal(
+            mlp(),
+            model_id="m",
+            signing_key=publisher,
+            output=tmp_path / "n.vault",
+            split_points=["nope"],
+        )
