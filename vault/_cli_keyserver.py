@@ -1,9 +1,150 @@
-"""CLI commands (placeholder: filled in by its owner)."""
+"""``vault keyserver ...`` and ``vault licence ...`` (alias ``license``).
+
+The key server itself is imported lazily, inside the commands that run it:
+the CLI is the application layer, ``vault``'s library never imports it.
+
+Example::
+
+    $ vault keyserver init ks --address tcp://127.0.0.1:7700
+    $ vault keyserver serve ks
+    $ vault licence issue resnet --to alice --expires 30d --max-calls 1000 \\
+          --licence ks/admin.licence -o alice.licence
+    $ vault keyserver audit ks --verify
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
+import re
 from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["parse_duration", "register"]
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"1.5"`` (seconds) -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*", text)
+    if not m:
+        raise ConfigError(f"bad duration {text!r} (use e.g. 45s, 90m, 12h, 30d)")
+    value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if value <= 0:
+        raise ConfigError(f"duration {text!r} must be positive")
+    return value
+
+
+def _ks_dispatch(args: argparse.Namespace) -> int:
+    from keyserver import commands
+
+    if args.ks_command == "init":
+        return commands.cmd_init(args.dir, address=args.address)
+    if args.ks_command == "serve":
+        return commands.cmd_serve(
+            args.dir, bind=args.bind, lease_ttl=args.lease_ttl, advertise=args.advertise
+        )
+    if args.ks_command == "audit":
+        return commands.cmd_audit(args.dir, verify_chain=args.verify, quiet=args.quiet)
+    return commands.cmd_rotate(args.dir)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .keyclient import KeyServerClient
+
+    return KeyServerClient(args.licence, timeout=args.timeout)
+
+
+def _issue(args: argparse.Namespace) -> int:
+    expires = None if args.expires is None else parse_duration(args.expires)
+    with _client(args) as ks:
+        lic = ks.issue(
+            args.model_id,
+            holder=args.to,
+            expires=expires,
+            max_calls=args.max_calls,
+            rate_limit=args.rate_limit,
+            grace=args.grace,
+        )
+    out = args.output or f"{args.to}.licence"
+    lic.save(out)
+    print(f"issued licence {lic.licence_id} to {lic.holder} for model {lic.model_id} -> {out}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _client(args) as ks:
+        res = ks.revoke(args.licence_id)
+    note = " (was already revoked)" if res.get("already") else ""
+    print(f"revoked licence {args.licence_id}{note}")
+    return 0
+
+
+def _fmt_time(ts: Any) -> str:
+    if ts is None:
+        return "never"
+    return _dt.datetime.fromtimestamp(float(ts), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _client(args) as ks:
+        rows = ks.list()
+    print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'MODEL':<16} {'EXPIRES':<17} "
+          f"{'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
+    for r in rows:
+        calls = f"{r['used_calls']}/{r['max_calls'] if r['max_calls'] is not None else '-'}"
+        rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
+        state = "revoked" if r.get("revoked") else "active"
+        print(
+            f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {r['model_id'] or '-':<16} "
+            f"{_fmt_time(r['expires_at']):<17} {calls:<14} {rate:<7} {state}"
+        )
+    return 0
 
 
 def register(sub: Any) -> None:
-    del sub
+    ks = sub.add_parser("keyserver", help="run and administer the licensing key server")
+    ks_sub = ks.add_subparsers(dest="ks_command", metavar="COMMAND", required=True)
+    p = ks_sub.add_parser("init", help="create database, master key, server keys, admin.licence")
+    p.add_argument("dir")
+    p.add_argument("--address", default="tcp://127.0.0.1:7700", help="address clients will use")
+    p = ks_sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
+    p.add_argument("dir")
+    p.add_argument("--bind", default="tcp://127.0.0.1:7700")
+    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
+    p.add_argument("--advertise", default=None, help="address written into issued licences")
+    p = ks_sub.add_parser("audit", help="print the audit log; --verify checks the hash chain")
+    p.add_argument("dir")
+    p.add_argument("--verify", action="store_true", help="verify the chain (exit 1 if broken)")
+    p.add_argument("--quiet", action="store_true", help="print only the verdict")
+    p = ks_sub.add_parser("rotate-master", help="re-wrap every package key under a new master")
+    p.add_argument("dir")
+    ks.set_defaults(func=_ks_dispatch)
+
+    lic = sub.add_parser("licence", aliases=["license"], help="issue, revoke and list licences")
+    lic_sub = lic.add_subparsers(dest="licence_command", metavar="COMMAND", required=True)
+
+    def admin_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--licence", "--license", dest="licence", required=True,
+                       help="the admin licence file")  # fmt: skip
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+
+    p = lic_sub.add_parser("issue", help="issue a licence for a model")
+    p.add_argument("model_id")
+    p.add_argument("--to", required=True, help="holder name")
+    p.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
+    p.add_argument("--max-calls", type=int, default=None, help="call quota")
+    p.add_argument("--rate-limit", type=float, default=None, help="key requests per second")
+    p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
+    p.add_argument("-o", "--output", default=None, help="licence file to write (NAME.licence)")
+    admin_opts(p)
+    p.set_defaults(func=_issue)
+    p = lic_sub.add_parser("revoke", help="revoke a licence")
+    p.add_argument("licence_id")
+    admin_opts(p)
+    p.set_defaults(func=_revoke)
+    p = lic_sub.add_parser("list", help="list licences")
+    admin_opts(p)
+    p.set_defaults(func=_list)

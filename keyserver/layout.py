@@ -1,0 +1,313 @@
+"""A key server directory: what ``init`` creates, loading the master key,
+and master-key rotation.
+
+::
+
+    DIR/keyserver.db      SQLite (WAL): licences, wrapped keys, leases, audit
+    DIR/master.key        32-byte master key, 0600 (wraps every package key)
+    DIR/server.secret     the server's CURVE key pair (JSON, 0600)
+    DIR/server.pub        the server's CURVE public key (Z85 text)
+    DIR/publisher.key     the publisher's Ed25519 signing key, 0600
+    DIR/publisher.pub     its public half
+    DIR/admin.licence     the admin licence (issue, revoke, list, register keys)
+    DIR/keyserver.lock    flock held by a running server (and by rotate-master)
+
+Example::
+
+    created = init_dir("ks", address="tcp://127.0.0.1:7700")
+    with exclusive_lock("ks"):
+        rotate_master("ks")
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import zmq
+
+from vault import _crypto
+from vault.errors import ConfigError, IntegrityError, KeyServerError
+from vault.licence import Licence, write_private_file
+
+from . import audit, store
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "Paths",
+    "exclusive_lock",
+    "init_dir",
+    "load_master",
+    "master_id",
+    "new_licence_id",
+    "rotate_master",
+]
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: str
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    @property
+    def db(self) -> str:
+        return self._p("keyserver.db")
+
+    @property
+    def master(self) -> str:
+        return self._p("master.key")
+
+    @property
+    def master_new(self) -> str:
+        return self._p("master.key.new")
+
+    @property
+    def server_secret(self) -> str:
+        return self._p("server.secret")
+
+    @property
+    def server_public(self) -> str:
+        return self._p("server.pub")
+
+    @property
+    def publisher_key(self) -> str:
+        return self._p("publisher.key")
+
+    @property
+    def publisher_pub(self) -> str:
+        return self._p("publisher.pub")
+
+    @property
+    def admin_licence(self) -> str:
+        return self._p("admin.licence")
+
+    @property
+    def lock(self) -> str:
+        return self._p("keyserver.lock")
+
+
+def master_id(master: bytes | bytearray) -> str:
+    """A public fingerprint of the master key (a hash of a 256-bit secret),
+    stored in the DB so a mismatched master file is caught at start-up."""
+    return hashlib.sha256(b"vault-master-id/v1\x00" + bytes(master)).hexdigest()[:32]
+
+
+def new_licence_id() -> str:
+    return "lic-" + os.urandom(8).hex()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def exclusive_lock(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``DIR/keyserver.lock``: one server per directory, and no
+    rotation under a running server (which holds the old master in memory)."""
+    path = Paths(os.fspath(root)).lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise KeyServerError(
+                f"{root}: a key server (or another rotate-master) is running on this directory"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) -> dict[str, str]:
+    """Create a fresh key server directory; returns {what: path or value}.
+
+    Refuses a directory that already holds a database (no silent overwrite
+    of a master key).
+    """
+    paths = Paths(os.fspath(root))
+    os.makedirs(paths.root, mode=0o700, exist_ok=True)
+    if os.path.exists(paths.db):
+        raise ConfigError(f"{paths.db} already exists; refusing to overwrite a key server")
+    master = _crypto.generate_key()
+    server_public, server_secret = zmq.curve_keypair()
+    admin_public, admin_secret = zmq.curve_keypair()
+    publisher = _crypto.PublisherKey.generate()
+    publisher_b64 = base64.b64encode(publisher.public_raw).decode()
+    now = time.time()
+    licence_id = new_licence_id()
+    try:
+        # Secrets first, DB last: a DB present means a complete directory.
+        write_private_file(paths.master, bytes(master))
+        write_private_file(
+            paths.server_secret,
+            json.dumps(
+                {"public": server_public.decode(), "secret": server_secret.decode()}
+            ).encode(),
+        )
+        with open(paths.server_public, "w") as fh:
+            fh.write(server_public.decode() + "\n")
+        publisher.save(paths.publisher_key, paths.publisher_pub)
+        admin = Licence(
+            licence_id=licence_id,
+            holder="admin",
+            keyserver_address=address,
+            keyserver_public_key=server_public.decode(),
+            client_public_key=admin_public.decode(),
+            client_secret_key=admin_secret.decode(),
+            publisher_key=publisher_b64,
+            model_id=None,
+            role="admin",
+        )
+        admin.save(paths.admin_licence)
+        tmp_db = paths.db + ".init"
+        for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        conn = store.connect(tmp_db, create=True)
+        try:
+            with store.transaction(conn):
+                for k, v in {
+                    "address": address,
+                    "server_public_key": server_public.decode(),
+                    "publisher_key": publisher_b64,
+                    "master_id": master_id(master),
+                    "created_at": repr(now),
+                }.items():
+                    store.set_meta(conn, k, v)
+                conn.execute(
+                    "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
+                    " issued_at) VALUES (?, 'admin', 'admin', NULL, ?, ?)",
+                    (licence_id, admin_public.decode(), now),
+                )
+                audit.append(
+                    conn, ts=now, event="initialised", actor="init", licence_id=licence_id,
+                    detail={"role": "admin", "address": address},
+                )  # fmt: skip
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        os.replace(tmp_db, paths.db)
+        _fsync_dir(paths.root)
+    finally:
+        _crypto.zeroize(master)
+    return {
+        "server public key": server_public.decode(),
+        "address": address,
+        "database": paths.db,
+        "master key": paths.master,
+        "server keys": paths.server_secret,
+        "publisher key": paths.publisher_key,
+        "publisher public key": paths.publisher_pub,
+        "admin licence": paths.admin_licence,
+        "admin licence id": licence_id,
+    }
+
+
+def load_server_keys(root: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 CURVE keys of the server."""
+    with open(Paths(os.fspath(root)).server_secret, "rb") as fh:
+        data = json.loads(fh.read())
+    return data["public"].encode(), data["secret"].encode()
+
+
+def _read_master(path: str) -> bytearray:
+    with open(path, "rb") as fh:
+        data = bytearray(fh.read())
+    if len(data) != _crypto.KEY_SIZE:
+        raise ConfigError(f"{path}: not a master key file")
+    return data
+
+
+def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
+    """Read the master key and check it against the DB's ``master_id``.
+
+    Finishes an interrupted rotation: if the DB already names the key in
+    ``master.key.new`` (the crash came after the DB commit, before the
+    rename), the rename is completed here; a stale ``master.key.new`` from a
+    rotation that never committed is removed.
+    """
+    import sqlite3
+
+    assert isinstance(conn, sqlite3.Connection)
+    paths = Paths(os.fspath(root))
+    want = store.get_meta(conn, "master_id")
+    master = _read_master(paths.master)
+    if master_id(master) == want:
+        if os.path.exists(paths.master_new):
+            os.unlink(paths.master_new)  # rotation that never committed
+        return master
+    if os.path.exists(paths.master_new):
+        new = _read_master(paths.master_new)
+        if master_id(new) == want:
+            os.replace(paths.master_new, paths.master)
+            _fsync_dir(paths.root)
+            _crypto.zeroize(master)
+            return new
+        _crypto.zeroize(new)
+    _crypto.zeroize(master)
+    raise IntegrityError(f"{paths.master} does not match the key server database")
+
+
+def rotate_master(root: str | os.PathLike[str]) -> int:
+    """Re-wrap every package key under a fresh master key; returns how many.
+
+    Crash order (each step leaves a loadable directory):
+
+    1. write ``master.key.new`` (fsync). Crash here: the DB still names the
+       old key; :func:`load_master` deletes the stale file.
+    2. one transaction: re-wrap every key, set ``master_id``, audit record.
+       Crash before COMMIT: SQLite rolls it back, as in 1. Crash after
+       COMMIT: the DB names the new key; :func:`load_master` finds it in
+       ``master.key.new`` and completes step 3.
+    3. rename ``master.key.new`` over ``master.key`` (atomic), fsync the dir.
+
+    Call it with the server stopped (``exclusive_lock`` enforces this).
+    """
+    paths = Paths(os.fspath(root))
+    conn = store.connect(paths.db)
+    try:
+        old = load_master(paths.root, conn)
+        new = _crypto.generate_key()
+        try:
+            write_private_file(paths.master_new, bytes(new))
+            _fsync_dir(paths.root)
+            with store.transaction(conn):
+                rows = conn.execute("SELECT model_id, key_id, wrapped FROM keys").fetchall()
+                for model_id, key_id, wrapped in rows:
+                    key = _crypto.unwrap_key(old, bytes(wrapped), key_id=key_id, model_id=model_id)
+                    try:
+                        rewrapped = _crypto.wrap_key(new, key, key_id=key_id, model_id=model_id)
+                    finally:
+                        _crypto.zeroize(key)
+                    conn.execute(
+                        "UPDATE keys SET wrapped = ? WHERE model_id = ? AND key_id = ?",
+                        (rewrapped, model_id, key_id),
+                    )
+                store.set_meta(conn, "master_id", master_id(new))
+                audit.append(
+                    conn, ts=time.time(), event="master_rotated", actor="rotate-master",
+                    detail={"keys": len(rows), "master_id": master_id(new)},
+                )  # fmt: skip
+            os.replace(paths.master_new, paths.master)
+            _fsync_dir(paths.root)
+            return len(rows)
+        finally:
+            _crypto.zeroize(old)
+            _crypto.zeroize(new)
+    finally:
+        conn.close()

@@ -1,0 +1,185 @@
+"""Licence policy: small composable checks, each one method.
+
+A policy is anything with ``check(ctx) -> None`` that raises a typed
+:class:`vault.errors.LicenceError` to deny. The server runs
+:func:`default_release_policy` on every key release and
+:func:`default_renew_policy` on every lease renewal; a vendor adds a rule
+(business hours, an IP allow-list, ...) by composing, without touching the
+server loop.
+
+Time is ``ctx.now`` (a parameter), so every rule is testable without sleeping.
+
+Example::
+
+    class BusinessHours:
+        def check(self, ctx: Context) -> None:
+            if not 9 <= time.gmtime(ctx.now).tm_hour < 17:
+                raise LicenceError("keys are released 09:00-17:00 UTC only")
+
+    policy = AllOf(default_release_policy(), BusinessHours())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from vault.errors import (
+    DigestMismatchError,
+    LicenceExpiredError,
+    LicenceRevokedError,
+    QuotaExhaustedError,
+    RateLimitedError,
+    WrongModelError,
+)
+
+__all__ = [
+    "AllOf",
+    "BoundToModel",
+    "Context",
+    "DigestMatches",
+    "KeyRecord",
+    "LicenceRecord",
+    "NotExpired",
+    "NotRevoked",
+    "Policy",
+    "QuotaLeft",
+    "WithinRateLimit",
+    "default_release_policy",
+    "default_renew_policy",
+]
+
+
+@dataclass(frozen=True)
+class LicenceRecord:
+    """A licence as the server stores it (no secret: the server never keeps
+    the holder's CURVE secret key)."""
+
+    licence_id: str
+    holder: str
+    role: str
+    model_id: str | None
+    client_public_key: str
+    issued_at: float
+    expires_at: float | None
+    max_calls: int | None
+    rate_limit: float | None
+    grace: float
+    revoked_at: float | None
+    used_calls: int
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    model_id: str
+    key_id: str
+    package_digest: str
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a policy may look at. ``key`` is None for renewals."""
+
+    op: str
+    licence: LicenceRecord
+    now: float
+    model_id: str
+    package_digest: str | None = None
+    key: KeyRecord | None = None
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def check(self, ctx: Context) -> None: ...
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """Every policy must pass; the first denial wins (order them cheap first,
+    stateful ones such as rate limits last, so a denied request costs no token)."""
+
+    policies: tuple[Policy, ...]
+
+    def __init__(self, *policies: Policy) -> None:
+        object.__setattr__(self, "policies", tuple(policies))
+
+    def check(self, ctx: Context) -> None:
+        for p in self.policies:
+            p.check(ctx)
+
+
+class NotRevoked:
+    def check(self, ctx: Context) -> None:
+        if ctx.licence.revoked_at is not None:
+            raise LicenceRevokedError(f"licence {ctx.licence.licence_id} was revoked")
+
+
+class NotExpired:
+    def check(self, ctx: Context) -> None:
+        exp = ctx.licence.expires_at
+        if exp is not None and ctx.now >= exp:
+            raise LicenceExpiredError(f"licence {ctx.licence.licence_id} has expired")
+
+
+class BoundToModel:
+    def check(self, ctx: Context) -> None:
+        if ctx.licence.model_id != ctx.model_id:
+            raise WrongModelError(
+                f"licence {ctx.licence.licence_id} is not for model {ctx.model_id!r}"
+            )
+
+
+class DigestMatches:
+    """The package the caller holds is the one whose key was registered."""
+
+    def check(self, ctx: Context) -> None:
+        if ctx.key is not None and ctx.package_digest != ctx.key.package_digest:
+            raise DigestMismatchError()
+
+
+class QuotaLeft:
+    def check(self, ctx: Context) -> None:
+        cap = ctx.licence.max_calls
+        if cap is not None and ctx.licence.used_calls >= cap:
+            raise QuotaExhaustedError(f"licence {ctx.licence.licence_id} has used its {cap} calls")
+
+
+@dataclass
+class WithinRateLimit:
+    """Token bucket per licence on key requests: ``rate_limit`` per second,
+    burst of ``max(1, rate_limit)``. Slows extraction sweeps that would
+    re-request keys or leases in a tight loop. (Compute calls are paced by the
+    lease's ``call_budget``, see :mod:`keyserver.service`.) The state is in
+    memory: a restart refills the buckets, which only ever errs towards one
+    extra burst."""
+
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def check(self, ctx: Context) -> None:
+        rate = ctx.licence.rate_limit
+        if rate is None or rate <= 0:
+            return
+        burst = max(1.0, rate)
+        tokens, last = self._buckets.get(ctx.licence.licence_id, (burst, ctx.now))
+        tokens = min(burst, tokens + max(0.0, ctx.now - last) * rate)
+        if tokens < 1.0:
+            self._buckets[ctx.licence.licence_id] = (tokens, ctx.now)
+            raise RateLimitedError(
+                f"licence {ctx.licence.licence_id} is limited to {rate:g} requests/s"
+            )
+        self._buckets[ctx.licence.licence_id] = (tokens - 1.0, ctx.now)
+
+
+def default_release_policy() -> AllOf:
+    return AllOf(
+        NotRevoked(), NotExpired(), BoundToModel(), DigestMatches(), QuotaLeft(), WithinRateLimit()
+    )
+
+
+def default_renew_policy() -> AllOf:
+    # No rate limit on renewals: they are the worker's heartbeat.
+    return AllOf(NotRevoked(), NotExpired(), QuotaLeft())

@@ -1,0 +1,248 @@
+"""The key server process: a ZeroMQ ROUTER with CURVE and a ZAP allow-list.
+
+One thread does everything, on purpose: the ZAP handler and the request
+loop share one SQLite connection, so a licence issued in one batch admits
+its holder's very next handshake, and there are no locks to get wrong.
+Requests that arrive together are processed as one batch (one transaction,
+one fsync: group commit) and answered after the commit.
+
+Example::
+
+    $ python -m keyserver serve ks --bind tcp://127.0.0.1:0 --lease-ttl 2
+    keyserver listening on tcp://127.0.0.1:41234
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import zmq
+from zmq.utils import z85
+
+from vault.errors import ProtocolError, VaultError
+from vault.protocol import pack_header, unpack_header
+
+from . import store
+from .layout import Paths, exclusive_lock, load_master, load_server_keys
+from .policy import Policy
+from .service import DEFAULT_LEASE_TTL, KeyService, Request
+
+__all__ = ["MAX_MESSAGE", "MAX_HEADER", "serve"]
+
+# libzmq drops a peer that sends more than this (no reply is possible);
+# between MAX_HEADER and MAX_MESSAGE the peer gets a typed ProtocolError.
+MAX_MESSAGE = 256 * 1024
+MAX_HEADER = 64 * 1024
+MAX_BATCH = 256
+ZAP_DOMAIN = b"vault-keyserver"
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP RFC (27/ZAP)
+
+
+def _zap_reply(zap: zmq.Socket[Any], service: KeyService) -> None:
+    """Answer one ZAP request (RFC 27): 200 for a known CURVE key, 400 else."""
+    msg = zap.recv_multipart()
+    version, request_id = (msg[0], msg[1]) if len(msg) >= 2 else (b"1.0", b"")
+    status, text, user = b"400", b"denied", b""
+    if len(msg) >= 7 and msg[0] == b"1.0" and msg[5] == b"CURVE" and len(msg[6]) == 32:
+        key = z85.encode(msg[6]).decode()
+        try:
+            ok = service.admits(key)
+        except Exception:  # a DB hiccup must not admit anyone
+            ok = False
+        if ok:
+            status, text, user = b"200", b"OK", key.encode()
+    zap.send_multipart([version, request_id, status, text, user, b""])
+
+
+def _parse(frames: list[zmq.Frame]) -> tuple[list[bytes], Request]:
+    """Split a ROUTER message into its envelope and a Request (never raises)."""
+    rid = frames[0].bytes
+    rest = frames[1:]
+    envelope = [rid]
+    if len(rest) >= 2 and len(rest[0]) == 0:  # a REQ client's empty delimiter
+        envelope.append(b"")
+        rest = rest[1:]
+    identity: str | None = None
+    if rest:
+        try:
+            user = rest[-1].get("User-Id")
+            identity = user if isinstance(user, str) and user else None
+        except zmq.ZMQError:
+            identity = None
+    if len(rest) != 1:
+        err = ProtocolError(f"expected exactly one header frame, got {len(rest)}")
+        return envelope, Request(identity, None, err)
+    if len(rest[0]) > MAX_HEADER:
+        return envelope, Request(identity, None, ProtocolError("message too large"))
+    try:
+        header = unpack_header(rest[0])
+    except VaultError as exc:
+        return envelope, Request(identity, None, exc)
+    return envelope, Request(identity, header)
+
+
+class _Checkpointer(threading.Thread):
+    """Moves WAL pages into the main DB file off the request path.
+
+    SQLite's automatic checkpoint runs inside whichever commit crosses the
+    threshold, fsyncing the main file there: a latency spike of tens of ms
+    for that batch. A PASSIVE checkpoint from its own connection never blocks
+    the writer (WAL allows it), and sqlite releases the GIL while it works.
+    """
+
+    def __init__(self, db: str, every: float = 0.5) -> None:
+        super().__init__(name="wal-checkpoint", daemon=True)
+        self._db, self._every = db, every
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        conn = store.connect(self._db)
+        try:
+            while not self._stop_event.wait(self._every):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # busy or I/O trouble: the next round retries
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def serve(
+    root: str | os.PathLike[str],
+    *,
+    bind: str = "tcp://127.0.0.1:7700",
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+    advertise: str | None = None,
+    clock: Callable[[], float] = time.time,
+    release_policy: Policy | None = None,
+    renew_policy: Policy | None = None,
+    out: Any = None,
+) -> None:
+    """Run the key server until SIGTERM or Ctrl-C.
+
+    ``advertise`` is the address written into licences it issues; by default
+    the address recorded at ``init``, or the real bound endpoint when
+    ``bind`` asks for a random port (``:0``).
+    """
+    out = out or sys.stdout
+    paths = Paths(os.fspath(root))
+    with exclusive_lock(paths.root):
+        conn = store.connect(paths.db)
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
+        master = load_master(paths.root, conn)
+        checkpointer = _Checkpointer(paths.db)
+        public, secret = load_server_keys(paths.root)
+        ctx = zmq.Context()
+        stop = _Stop()
+        old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        zap = ctx.socket(zmq.REP)
+        router = ctx.socket(zmq.ROUTER)
+        try:
+            zap.linger = 0
+            zap.bind(_ZAP_ENDPOINT)  # before the ROUTER binds: no unauthenticated window
+            router.linger = 0
+            router.curve_server = True
+            router.curve_secretkey = secret
+            router.curve_publickey = public
+            router.zap_domain = ZAP_DOMAIN
+            router.maxmsgsize = MAX_MESSAGE
+            router.sndhwm = 10_000
+            router.rcvhwm = 10_000
+            router.router_mandatory = False  # a vanished client's reply is dropped, not an error
+            try:
+                router.bind(bind)
+            except zmq.ZMQError as exc:
+                from vault.errors import ConfigError
+
+                raise ConfigError(f"cannot bind {bind}: {exc}") from exc
+            endpoint = router.get_string(zmq.LAST_ENDPOINT)
+            if advertise is None:
+                advertise = endpoint if bind.endswith(":0") else store.get_meta(conn, "address")
+            service = KeyService(
+                conn,
+                master,
+                server_public_key=public.decode(),
+                publisher_key=store.get_meta(conn, "publisher_key") or "",
+                address=advertise or endpoint,
+                lease_ttl=lease_ttl,
+                clock=clock,
+                release_policy=release_policy,
+                renew_policy=renew_policy,
+            )
+            checkpointer.start()
+            print(f"keyserver listening on {endpoint}", file=out, flush=True)
+            _loop(router, zap, service, stop)
+        finally:
+            if checkpointer.is_alive():
+                checkpointer.stop()
+            router.close(0)
+            zap.close(0)
+            ctx.term()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            from vault import _crypto
+
+            _crypto.zeroize(master)
+            conn.close()
+        print("keyserver stopped", file=out, flush=True)
+
+
+def _loop(router: zmq.Socket[Any], zap: zmq.Socket[Any], service: KeyService, stop: _Stop) -> None:
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(zap, zmq.POLLIN)
+    while not stop.requested:
+        try:
+            events = dict(poller.poll(200))  # wake up now and then to see a stop
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if zap in events:
+            while zap.poll(0, zmq.POLLIN):
+                try:
+                    _zap_reply(zap, service)
+                except zmq.ZMQError:
+                    pass  # REP socket state is reset by the next recv
+        if router not in events:
+            continue
+        envelopes: list[list[bytes]] = []
+        batch: list[Request] = []
+        while len(batch) < MAX_BATCH:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            env, req = _parse(frames)
+            envelopes.append(env)
+            batch.append(req)
+        if not batch:
+            continue
+        replies = service.process_batch(batch)
+        for env, reply in zip(envelopes, replies):
+            try:
+                router.send_multipart([*env, pack_header(reply)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # peer gone or its queue full: it will time out and retry
+        del replies

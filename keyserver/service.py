@@ -1,0 +1,573 @@
+"""The key server's decisions, independent of the transport.
+
+:class:`KeyService` takes a batch of parsed requests, runs them in **one**
+SQLite transaction (one savepoint each), commits, and only then hands back
+the replies. That order is the fail-closed rule: a sealed key leaves the
+server only after its audit record is durable; if the commit fails every
+reply in the batch becomes an :class:`~vault.errors.AuditError`. Batching is
+also group commit: one fsync covers every request that arrived together.
+
+Example::
+
+    svc = KeyService(conn, master, server_public_key=pub, publisher_key=pk,
+                     address="tcp://127.0.0.1:7700", lease_ttl=60.0)
+    [reply] = svc.process_batch([Request(identity=client_key, header=header)])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from vault import _crypto
+from vault.errors import (
+    AuditError,
+    KeyServerError,
+    LicenceError,
+    PermissionDeniedError,
+    ProtocolError,
+    UnknownLicenceError,
+    VaultError,
+)
+from vault.licence import Licence
+from vault.protocol import error_reply, ok_reply
+
+from . import audit
+from .layout import new_licence_id
+from .policy import (
+    Context,
+    KeyRecord,
+    LicenceRecord,
+    Policy,
+    default_release_policy,
+    default_renew_policy,
+)
+
+__all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
+
+DEFAULT_LEASE_TTL = 60.0
+MAX_SKEW = 60.0  # seconds a request's timestamp may differ from the server clock
+_MAX_STR = 512
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: the caller's CURVE public key (Z85, from ZAP) and either
+    its header or the error met while parsing it."""
+
+    identity: str | None
+    header: Mapping[str, Any] | None
+    error: VaultError | None = None
+
+
+class _Denied(Exception):
+    """A decision to refuse, already audited: the savepoint is kept."""
+
+    def __init__(self, error: VaultError) -> None:
+        super().__init__(error.code)
+        self.error = error
+
+
+# --- field validation: every malformed field is a ProtocolError ---------------
+
+
+def _str(h: Mapping[str, Any], name: str, *, optional: bool = False) -> Any:
+    v = h.get(name)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v or len(v) > _MAX_STR:
+        raise ProtocolError(f"field {name!r} must be a non-empty string")
+    return v
+
+
+def _bytes(h: Mapping[str, Any], name: str, *, max_len: int) -> bytes:
+    v = h.get(name)
+    if not isinstance(v, bytes) or not v or len(v) > max_len:
+        raise ProtocolError(f"field {name!r} must be bytes (at most {max_len})")
+    return v
+
+
+def _num(h: Mapping[str, Any], name: str, *, optional: bool, default: float | None = None) -> Any:
+    v = h.get(name)
+    if v is None and optional:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ProtocolError(f"field {name!r} must be a non-negative number")
+    return float(v)
+
+
+def _int(h: Mapping[str, Any], name: str, *, optional: bool) -> Any:
+    v = h.get(name)
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 48:
+        raise ProtocolError(f"field {name!r} must be a non-negative integer")
+    return v
+
+
+_LICENCE_COLS = (
+    "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
+    " max_calls, rate_limit, grace, revoked_at, used_calls"
+)
+
+
+def _record(row: Sequence[Any]) -> LicenceRecord:
+    return LicenceRecord(*row)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class KeyService:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        master: bytearray,
+        *,
+        server_public_key: str,
+        publisher_key: str,
+        address: str,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        clock: Callable[[], float] = time.time,
+        release_policy: Policy | None = None,
+        renew_policy: Policy | None = None,
+        log: Callable[[str], None] = _stderr,
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive")
+        self.conn = conn
+        self._master = master
+        self.server_public_key = server_public_key
+        self.publisher_key = publisher_key
+        self.address = address
+        self.lease_ttl = lease_ttl
+        self.clock = clock
+        self.release_policy = release_policy or default_release_policy()
+        self.renew_policy = renew_policy or default_renew_policy()
+        self.log = log
+        self._nonces: set[bytes] = set()
+        self._nonce_expiry: deque[tuple[float, bytes]] = deque()
+        self._ops: dict[str, Callable[[LicenceRecord, Mapping[str, Any], float], dict[str, Any]]]
+        self._ops = {
+            "release": self._release,
+            "renew": self._renew,
+            "register_key": self._register_key,
+            "issue": self._issue,
+            "revoke": self._revoke,
+            "list": self._list,
+        }
+
+    # --- admission (ZAP) -------------------------------------------------------
+
+    def admits(self, client_public_key: str) -> bool:
+        """Whether a CURVE key may connect: any licence holder or admin, looked
+        up live (a licence issued a second ago connects). Revoked holders are
+        admitted so they hear the typed 'revoked' denial instead of silence."""
+        row = self.conn.execute(
+            "SELECT 1 FROM licences WHERE client_public_key = ?", (client_public_key,)
+        ).fetchone()
+        return row is not None
+
+    # --- batches ---------------------------------------------------------------
+
+    def process_batch(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
+        now = self.clock()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self.log(f"keyserver: cannot open a transaction ({type(exc).__name__}); refusing batch")
+            return [self._audit_failed(r) for r in requests]
+        self._batch_broken = False
+        replies = [self._one(r, now) for r in requests]
+        try:
+            if self._batch_broken:
+                raise sqlite3.OperationalError("transaction was lost mid-batch")
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return [
+                rep if self._is_ping(req) else self._audit_failed(req)
+                for req, rep in zip(requests, replies)
+            ]
+        return replies
+
+    @staticmethod
+    def _is_ping(req: Request) -> bool:
+        return req.header is not None and req.header.get("op") == "ping"
+
+    @staticmethod
+    def _audit_failed(req: Request) -> dict[str, Any]:
+        rid = req.header.get("id") if req.header is not None else None
+        return error_reply(rid, AuditError("audit record could not be written; nothing released"))
+
+    def _one(self, req: Request, now: float) -> dict[str, Any]:
+        rid = req.header.get("id") if req.header is not None else None
+        if req.error is not None or req.header is None:
+            return error_reply(rid, req.error or ProtocolError())
+        h = req.header
+        op = h.get("op")
+        if op == "ping":
+            return ok_reply(rid, pong=True, time=now)
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return error_reply(rid, ProtocolError(f"unknown op {op!r}"))
+        self.conn.execute("SAVEPOINT req")
+        try:
+            self._check_fresh(h, now)
+            caller = self._caller(req.identity)
+            fields = handler(caller, h, now)
+            self.conn.execute("RELEASE req")
+            return ok_reply(rid, **fields)
+        except _Denied as d:
+            self.conn.execute("RELEASE req")  # keep the audit record of the denial
+            return error_reply(rid, d.error)
+        except VaultError as exc:
+            self._rollback_savepoint()
+            return error_reply(rid, exc)
+        except sqlite3.Error as exc:
+            self.log(f"keyserver: {op} failed to write ({type(exc).__name__}); fail closed")
+            self._rollback_savepoint()
+            return error_reply(
+                rid, AuditError("audit record could not be written; nothing released")
+            )
+        except Exception as exc:  # a bug; never let it kill the server
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            # type and place only: an exception's text could quote request bytes
+            self.log(f"keyserver: internal error in {op}: {type(exc).__name__} at {where}")
+            self._rollback_savepoint()
+            return error_reply(rid, KeyServerError("internal key server error"))
+
+    def _rollback_savepoint(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK TO req")
+            self.conn.execute("RELEASE req")
+        except sqlite3.Error:
+            # SQLite rolled back the whole transaction (e.g. disk full): every
+            # earlier reply of this batch is void too.
+            self._batch_broken = True
+            if not self.conn.in_transaction:
+                self.conn.execute("BEGIN IMMEDIATE")
+
+    def _check_fresh(self, h: Mapping[str, Any], now: float) -> None:
+        """Replay defence: each request carries a random nonce and its send
+        time. A time more than MAX_SKEW away is refused, so a nonce need only
+        be remembered until its own time + MAX_SKEW (<= 2 x MAX_SKEW): memory
+        is bounded by the request rate. Kept in memory, not the DB: a restart
+        forgets them, which is safe because an application-level replay needs
+        the CURVE session (the holder's secret key) in the first place; this
+        check stops a buggy or malicious *holder* re-sending a request."""
+        nonce = h.get("nonce")
+        if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
+            raise ProtocolError("request needs a random 'nonce' (8-64 bytes)")
+        ts = _num(h, "ts", optional=False)
+        if abs(now - ts) > MAX_SKEW:
+            raise ProtocolError("request timestamp outside the accepted window (clock skew?)")
+        expiry = self._nonce_expiry
+        while expiry and expiry[0][0] < now:
+            self._nonces.discard(expiry.popleft()[1])
+        if nonce in self._nonces:
+            raise ProtocolError("replayed request (nonce seen before)")
+        self._nonces.add(nonce)
+        # ts + MAX_SKEW is when the timestamp check alone starts refusing it;
+        # entries arrive nearly in order, so the deque front expires first.
+        expiry.append((max(now, ts) + MAX_SKEW, nonce))
+
+    def _caller(self, identity: str | None) -> LicenceRecord:
+        if identity is None:
+            raise PermissionDeniedError("connection is not CURVE-authenticated")
+        row = self.conn.execute(
+            f"SELECT {_LICENCE_COLS} FROM licences WHERE client_public_key = ?", (identity,)
+        ).fetchone()
+        if row is None:
+            raise UnknownLicenceError("no licence holds this client key")
+        return _record(row)
+
+    def _licence(self, licence_id: str) -> LicenceRecord | None:
+        row = self.conn.execute(
+            f"SELECT {_LICENCE_COLS} FROM licences WHERE licence_id = ?", (licence_id,)
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def _deny(
+        self, caller: LicenceRecord, op: str, error: VaultError, now: float, **detail: Any
+    ) -> _Denied:
+        audit.append(
+            self.conn, ts=now, event="denied", actor=caller.licence_id,
+            licence_id=detail.pop("licence_id", caller.licence_id),
+            model_id=detail.pop("model_id", None),
+            detail={"op": op, "reason": error.code, "message": error.message, **detail},
+        )  # fmt: skip
+        if op not in ("release", "renew"):
+            self.log(f"keyserver: denied {op} for {caller.licence_id}: {error.code}")
+        return _Denied(error)
+
+    def _require_admin(self, caller: LicenceRecord, op: str, now: float) -> None:
+        if not caller.is_admin:
+            raise self._deny(caller, op, PermissionDeniedError(f"{op} needs an admin licence"), now)
+
+    # --- leases ------------------------------------------------------------------
+
+    def _budget(self, lic: LicenceRecord) -> int | None:
+        """Calls the worker may serve on this lease before it must renew:
+        what is left of the quota, and at most rate_limit x ttl."""
+        caps = []
+        if lic.max_calls is not None:
+            caps.append(max(0, lic.max_calls - lic.used_calls))
+        if lic.rate_limit is not None and lic.rate_limit > 0:
+            caps.append(max(1, math.ceil(lic.rate_limit * self.lease_ttl)))
+        return min(caps) if caps else None
+
+    def _lease_fields(self, lease_id: str, lic: LicenceRecord, now: float) -> dict[str, Any]:
+        expires = now + self.lease_ttl
+        return {
+            "lease_id": lease_id,
+            "ttl": self.lease_ttl,
+            "grace": lic.grace,
+            "expires_at": expires,
+            "hard_end": expires + lic.grace,
+            "call_budget": self._budget(lic),
+        }
+
+    # --- ops -----------------------------------------------------------------------
+
+    def _release(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        model_id = _str(h, "model_id")
+        key_id = _str(h, "key_id")
+        digest = _str(h, "package_digest")
+        licence_id = _str(h, "licence_id")
+        suite = h.get("suite", "x25519")
+        if suite not in _crypto.HPKE_SUITES:
+            raise ProtocolError(f"unknown HPKE suite {suite!r}")
+        ephemeral = _bytes(h, "ephemeral_key", max_len=4096)
+        ids = {"model_id": model_id, "key_id": key_id}
+        if licence_id != caller.licence_id:
+            err: VaultError = (
+                UnknownLicenceError(f"no licence {licence_id}")
+                if self._licence(licence_id) is None
+                else PermissionDeniedError("this licence id does not belong to the connecting key")
+            )
+            raise self._deny(caller, "release", err, now, **ids)
+        row = self.conn.execute(
+            "SELECT package_digest, wrapped FROM keys WHERE model_id = ? AND key_id = ?",
+            (model_id, key_id),
+        ).fetchone()
+        key = None if row is None else KeyRecord(model_id, key_id, str(row[0]))
+        ctx = Context("release", caller, now, model_id, digest, key)
+        try:
+            self.release_policy.check(ctx)
+        except LicenceError as exc:
+            raise self._deny(caller, "release", exc, now, **ids) from None
+        if row is None:
+            err = KeyServerError(f"no key {key_id!r} is registered for model {model_id!r}")
+            raise self._deny(caller, "release", err, now, **ids)
+        lease_id = os.urandom(12).hex()
+        lease = self._lease_fields(lease_id, caller, now)
+        self.conn.execute(
+            "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
+            " hard_end, call_budget) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
+             lease["hard_end"], lease["call_budget"]),
+        )  # fmt: skip
+        # Audit first; the reply leaves only after COMMIT (see process_batch).
+        audit.append(
+            self.conn, ts=now, event="released", actor=caller.licence_id,
+            licence_id=caller.licence_id, model_id=model_id,
+            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite, "package_digest": digest},
+        )  # fmt: skip
+        plain = _crypto.unwrap_key(self._master, bytes(row[1]), key_id=key_id, model_id=model_id)
+        try:
+            info = _crypto.key_release_info(model_id, digest, caller.licence_id)
+            try:
+                sealed = _crypto.hpke_seal(suite, ephemeral, plain, info)
+            except VaultError as exc:  # a malformed ephemeral key
+                raise ProtocolError("malformed ephemeral public key") from exc
+        finally:
+            _crypto.zeroize(plain)
+        return {"sealed_key": sealed, "suite": suite, "lease": lease}
+
+    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        lease_id = _str(h, "lease_id")
+        calls = _int(h, "calls", optional=True) or 0
+        row = self.conn.execute(
+            "SELECT model_id, ended, hard_end FROM leases WHERE lease_id = ? AND licence_id = ?",
+            (lease_id, caller.licence_id),
+        ).fetchone()
+        if row is None:
+            raise LicenceError("unknown lease")
+        model_id, ended, hard_end = str(row[0]), bool(row[1]), float(row[2])
+        lic = caller
+        if calls:
+            self.conn.execute(
+                "UPDATE licences SET used_calls = used_calls + ? WHERE licence_id = ?",
+                (calls, caller.licence_id),
+            )
+            audit.append(
+                self.conn, ts=now, event="usage", actor=caller.licence_id,
+                licence_id=caller.licence_id, model_id=model_id,
+                detail={"lease_id": lease_id, "calls": calls},
+            )  # fmt: skip
+            lic = self._licence(caller.licence_id) or caller
+        try:
+            self.renew_policy.check(Context("renew", lic, now, model_id))
+            if ended:
+                raise LicenceError("lease already ended")
+        except LicenceError as exc:
+            self.conn.execute("UPDATE leases SET ended = 1 WHERE lease_id = ?", (lease_id,))
+            raise self._deny(lic, "renew", exc, now, model_id=model_id, lease_id=lease_id) from None
+        lease = self._lease_fields(lease_id, lic, now)
+        self.conn.execute(
+            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ? WHERE lease_id = ?",
+            (lease["expires_at"], lease["hard_end"], lease["call_budget"], lease_id),
+        )
+        audit.append(
+            self.conn, ts=now, event="renewed", actor=caller.licence_id,
+            licence_id=caller.licence_id, model_id=model_id,
+            detail={"lease_id": lease_id, "late": now > hard_end},
+        )  # fmt: skip
+        return {"lease": lease}
+
+    def _register_key(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "register_key", now)
+        model_id = _str(h, "model_id")
+        key_id = _str(h, "key_id")
+        digest = _str(h, "package_digest")
+        key = bytearray(_bytes(h, "key", max_len=_crypto.KEY_SIZE))
+        try:
+            if len(key) != _crypto.KEY_SIZE:
+                raise ProtocolError(f"field 'key' must be {_crypto.KEY_SIZE} bytes")
+            row = self.conn.execute(
+                "SELECT package_digest, wrapped FROM keys WHERE model_id = ? AND key_id = ?",
+                (model_id, key_id),
+            ).fetchone()
+            if row is not None:
+                old = _crypto.unwrap_key(
+                    self._master, bytes(row[1]), key_id=key_id, model_id=model_id
+                )
+                same = old == key and str(row[0]) == digest
+                _crypto.zeroize(old)
+                if not same:
+                    raise KeyServerError(
+                        f"key {key_id!r} of model {model_id!r} is already registered differently"
+                    )
+                return {"created": False}
+            wrapped = _crypto.wrap_key(self._master, key, key_id=key_id, model_id=model_id)
+        finally:
+            _crypto.zeroize(key)
+        self.conn.execute(
+            "INSERT INTO keys (model_id, key_id, package_digest, wrapped, registered_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (model_id, key_id, digest, wrapped, now),
+        )
+        audit.append(
+            self.conn, ts=now, event="key_registered", actor=caller.licence_id,
+            model_id=model_id, detail={"key_id": key_id, "package_digest": digest},
+        )  # fmt: skip
+        self.log(f"keyserver: registered key {key_id} for model {model_id}")
+        return {"created": True}
+
+    def _issue(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        self._require_admin(caller, "issue", now)
+        model_id = _str(h, "model_id")
+        holder = _str(h, "holder")
+        expires = _num(h, "expires", optional=True)
+        max_calls = _int(h, "max_calls", optional=True)
+        rate_limit = _num(h, "rate_limit", optional=True)
+        grace = _num(h, "grace", optional=True, default=0.0)
+        if rate_limit is not None and rate_limit <= 0:
+            raise ProtocolError("field 'rate_limit' must be positive")
+        public, secret = zmq.curve_keypair()
+        licence_id = new_licence_id()
+        expires_at = None if expires is None else now + expires
+        self.conn.execute(
+            "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
+            " issued_at, expires_at, max_calls, rate_limit, grace)"
+            " VALUES (?, ?, 'caller', ?, ?, ?, ?, ?, ?, ?)",
+            (licence_id, holder, model_id, public.decode(), now, expires_at, max_calls,
+             rate_limit, grace),
+        )  # fmt: skip
+        audit.append(
+            self.conn, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
+            model_id=model_id,
+            detail={"holder": holder, "expires_at": expires_at, "max_calls": max_calls,
+                    "rate_limit": rate_limit, "grace": grace},
+        )  # fmt: skip
+        self.log(f"keyserver: issued {licence_id} to {holder} for {model_id}")
+        lic = Licence(
+            licence_id=licence_id,
+            holder=holder,
+            keyserver_address=self.address,
+            keyserver_public_key=self.server_public_key,
+            client_public_key=public.decode(),
+            client_secret_key=secret.decode(),
+            publisher_key=self.publisher_key,
+            model_id=model_id,
+            role="caller",
+        )
+        return {"licence": lic.to_json()}
+
+    def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        self._require_admin(caller, "revoke", now)
+        licence_id = _str(h, "licence_id")
+        target = self._licence(licence_id)
+        if target is None:
+            raise UnknownLicenceError(f"no licence {licence_id}")
+        if target.licence_id == caller.licence_id:
+            raise PermissionDeniedError("refusing to revoke the licence making the request")
+        if target.revoked_at is not None:
+            return {"licence_id": licence_id, "revoked_at": target.revoked_at, "already": True}
+        self.conn.execute(
+            "UPDATE licences SET revoked_at = ? WHERE licence_id = ?", (now, licence_id)
+        )
+        self.conn.execute("UPDATE leases SET ended = 1 WHERE licence_id = ?", (licence_id,))
+        audit.append(
+            self.conn, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
+            model_id=target.model_id, detail={"holder": target.holder},
+        )  # fmt: skip
+        self.log(f"keyserver: revoked {licence_id}")
+        return {"licence_id": licence_id, "revoked_at": now, "already": False}
+
+    def _list(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        self._require_admin(caller, "list", now)
+        rows = self.conn.execute(
+            f"SELECT {_LICENCE_COLS} FROM licences ORDER BY issued_at, licence_id"
+        ).fetchall()
+        out = []
+        for r in rows:
+            rec = _record(r)
+            out.append(
+                {
+                    "licence_id": rec.licence_id,
+                    "holder": rec.holder,
+                    "role": rec.role,
+                    "model_id": rec.model_id,
+                    "issued_at": rec.issued_at,
+                    "expires_at": rec.expires_at,
+                    "max_calls": rec.max_calls,
+                    "used_calls": rec.used_calls,
+                    "rate_limit": rec.rate_limit,
+                    "grace": rec.grace,
+                    "revoked": rec.revoked_at is not None,
+                    "revoked_at": rec.revoked_at,
+                }
+            )
+        return {"licences": out}

@@ -1,0 +1,165 @@
+"""Shared fixtures: a real key server in a real process.
+
+Fixtures (names are stable; other test packages rely on them):
+
+``keyserver_dir`` -> ``pathlib.Path``
+    A freshly initialised key server directory (``keyserver.init_dir``) in a
+    private tmp dir: ``keyserver.db``, ``master.key``, ``server.secret``,
+    ``server.pub``, ``publisher.key``, ``publisher.pub``, ``admin.licence``.
+
+``keyserver`` -> :class:`KeyServerProcess`
+    ``python -m keyserver serve DIR --bind tcp://127.0.0.1:0 --lease-ttl 2``
+    started on ``keyserver_dir`` and ready (its "listening on" line seen).
+    Attributes: ``.dir``, ``.address`` (the real ``tcp://127.0.0.1:PORT``),
+    ``.admin_licence`` (path; the file is rewritten to hold ``.address``),
+    ``.publisher_key_path`` (``publisher.key``), ``.proc`` (``Popen``),
+    ``.log_path``, ``.lease_ttl``. Methods: ``admin()`` (a ``KeyServerClient``
+    for the admin licence), ``issue(model_id, **limits) -> Licence``,
+    ``register(model_id, key_id, key, package_digest)``, ``stop()``
+    (SIGTERM, returns the exit code), ``kill()`` (SIGKILL), ``start()``
+    (same port), ``restart()``, ``output() -> bytes`` (stdout+stderr so far).
+    Always killed at teardown, even when the test fails.
+
+Example::
+
+    def test_x(keyserver):
+        lic = keyserver.issue("m", max_calls=10)
+        with KeyServerClient(lic) as ks:
+            ks.ping()
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vault.keyclient import KeyServerClient
+from vault.licence import Licence
+
+READY = re.compile(rb"keyserver listening on (\S+)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class KeyServerProcess:
+    def __init__(self, directory: Path, *, lease_ttl: float = 2.0) -> None:
+        self.dir = directory
+        self.admin_licence = directory / "admin.licence"
+        self.publisher_key_path = directory / "publisher.key"
+        self.log_path = directory / "server.log"
+        self.lease_ttl = lease_ttl
+        self.address = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def start(self, *, timeout: float = 20.0) -> None:
+        """Start (or restart on the same port) and wait for the ready line."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self._close_log()
+        bind = self.address or "tcp://127.0.0.1:0"
+        cmd = [sys.executable, "-u", "-m", "keyserver", "serve", str(self.dir),
+               "--bind", bind, "--lease-ttl", str(self.lease_ttl)]  # fmt: skip
+        if self.address:
+            cmd += ["--advertise", self.address]
+        start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(start_at)
+                m = READY.search(fh.read())
+            if m:
+                if not self.address:
+                    self.address = m.group(1).decode()
+                    lic = Licence.load(self.admin_licence)
+                    lic.keyserver_address = self.address
+                    lic.save(self.admin_licence)
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        out = self.output().decode(errors="replace")
+        self.kill()
+        raise RuntimeError(f"key server did not start:\n{out}")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit code (0 on a clean stop)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_log()
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up (crash simulation)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+        self._close_log()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def output(self) -> bytes:
+        return self.log_path.read_bytes() if self.log_path.exists() else b""
+
+    # --- conveniences ------------------------------------------------------------
+
+    def admin(self, timeout: float = 10.0) -> KeyServerClient:
+        return KeyServerClient(Licence.load(self.admin_licence), timeout=timeout)
+
+    def issue(self, model_id: str, *, holder: str = "alice", **limits: Any) -> Licence:
+        with self.admin() as ks:
+            return ks.issue(model_id, holder=holder, **limits)
+
+    def register(
+        self, model_id: str, key_id: str, key: bytes | bytearray, package_digest: str
+    ) -> None:
+        with self.admin() as ks:
+            ks.register_key(
+                model_id=model_id, key_id=key_id, key=key, package_digest=package_digest
+            )
+
+
+@pytest.fixture
+def keyserver_dir(tmp_path: Path) -> Path:
+    from keyserver import init_dir
+
+    d = tmp_path / "ks"
+    init_dir(d, address="tcp://127.0.0.1:7700")
+    return d
+
+
+@pytest.fixture
+def keyserver(keyserver_dir: Path) -> Iterator[KeyServerProcess]:
+    ks = KeyServerProcess(keyserver_dir, lease_ttl=2.0)
+    try:
+        ks.start()
+        yield ks
+    finally:
+        ks.kill()

@@ -1,0 +1,353 @@
+"""End to end against a real key server process over real CURVE sockets."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from vault import _crypto
+from vault.errors import (
+    AuditError,
+    DigestMismatchError,
+    KeyServerError,
+    KeyServerUnavailableError,
+    LicenceError,
+    LicenceExpiredError,
+    LicenceRevokedError,
+    PermissionDeniedError,
+    QuotaExhaustedError,
+    RateLimitedError,
+    UnknownLicenceError,
+    WrongModelError,
+)
+from vault.keyclient import KeyServerClient
+from vault.licence import Licence
+from vault.protocol import PROTOCOL_VERSION, pack_header, unpack_header
+
+MODEL, KEY_ID, DIGEST = "resnet", "k1", "sha256:" + "ab" * 32
+
+
+@pytest.fixture
+def model_key(keyserver: Any) -> bytearray:
+    key = _crypto.generate_key()
+    keyserver.register(MODEL, KEY_ID, key, DIGEST)
+    return key
+
+
+def _release(lic: Licence, **kw: Any) -> Any:
+    args = {"model_id": MODEL, "key_id": KEY_ID, "package_digest": DIGEST, **kw}
+    with KeyServerClient(lic, timeout=5) as ks:
+        return ks.release(**args)
+
+
+def _audit_events(keyserver: Any) -> list[tuple[str, str | None, str]]:
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+    try:
+        return [
+            (r[0], r[1], r[2])
+            for r in conn.execute("SELECT event, licence_id, detail FROM audit ORDER BY seq")
+        ]
+    finally:
+        conn.close()
+
+
+# --- the happy path ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suite", ["x25519", "mlkem768-x25519"])
+def test_release_returns_the_registered_key_and_a_lease(keyserver, model_key, suite):
+    lic = keyserver.issue(MODEL, max_calls=100)
+    assert lic.keyserver_address == keyserver.address
+    before = time.time()
+    rel = _release(lic, suite=suite)
+    assert rel.key == model_key and len(rel.key) == 32
+    assert rel.lease.ttl == 2.0
+    assert before + 1.5 < rel.lease.expires_at <= time.time() + 2.0
+    assert rel.lease.hard_end == rel.lease.expires_at  # grace 0
+    assert rel.lease.call_budget == 100
+    assert "hidden" in repr(rel) and model_key.hex() not in repr(rel)
+    rel.wipe()
+    assert rel.key == bytearray(32)
+
+
+def test_renew_reports_usage_and_extends_the_lease(keyserver, model_key):
+    lic = keyserver.issue(MODEL, max_calls=10, grace=5.0)
+    rel = _release(lic)
+    assert rel.lease.hard_end == pytest.approx(rel.lease.expires_at + 5.0)
+    with KeyServerClient(lic) as ks:
+        lease = ks.renew(lease_id=rel.lease.lease_id, calls=4)
+    assert lease.lease_id == rel.lease.lease_id and lease.call_budget == 6
+    with keyserver.admin() as admin:
+        [row] = [r for r in admin.list() if r["licence_id"] == lic.licence_id]
+    assert row["used_calls"] == 4
+    events = [e for e, lid, _ in _audit_events(keyserver) if lid == lic.licence_id]
+    assert events == ["issued", "released", "usage", "renewed"]
+
+
+def test_newly_issued_licence_connects_without_restart_and_list_revoke(keyserver, model_key):
+    with keyserver.admin() as admin:
+        lic = admin.issue(MODEL, holder="bob", expires=3600, rate_limit=50)
+        rows = {r["licence_id"]: r for r in admin.list()}
+        assert rows[lic.licence_id]["holder"] == "bob"
+        assert rows[lic.licence_id]["expires_at"] > time.time() + 3500
+        assert any(r["role"] == "admin" for r in rows.values())
+    assert _release(lic).key == model_key
+    with keyserver.admin() as admin:
+        assert admin.revoke(lic.licence_id)["already"] is False
+        assert admin.revoke(lic.licence_id)["already"] is True
+
+
+# --- every denial, end to end ----------------------------------------------------
+
+
+def test_revoked_licence_is_denied_on_release_and_ends_the_lease(keyserver, model_key):
+    lic = keyserver.issue(MODEL)
+    rel = _release(lic)
+    with keyserver.admin() as admin:
+        admin.revoke(lic.licence_id)
+    with pytest.raises(LicenceRevokedError):
+        _release(lic)  # still admitted by ZAP: it hears *why*
+    with KeyServerClient(lic) as ks, pytest.raises(LicenceRevokedError):
+        ks.renew(lease_id=rel.lease.lease_id, calls=1)
+
+
+def test_expired_licence_is_denied(keyserver, model_key):
+    lic = keyserver.issue(MODEL, expires=0.4)
+    rel = _release(lic)
+    time.sleep(0.5)
+    with pytest.raises(LicenceExpiredError):
+        _release(lic)
+    with KeyServerClient(lic) as ks, pytest.raises(LicenceExpiredError):
+        ks.renew(lease_id=rel.lease.lease_id, calls=0)
+
+
+def test_quota_is_enforced_through_renewals(keyserver, model_key):
+    lic = keyserver.issue(MODEL, max_calls=3)
+    rel = _release(lic)
+    assert rel.lease.call_budget == 3
+    with KeyServerClient(lic) as ks:
+        with pytest.raises(QuotaExhaustedError):
+            ks.renew(lease_id=rel.lease.lease_id, calls=3)
+        with pytest.raises(QuotaExhaustedError):  # the lease stays ended, for the same reason
+            ks.renew(lease_id=rel.lease.lease_id, calls=0)
+    with pytest.raises(QuotaExhaustedError):
+        _release(lic)
+
+
+def test_rate_limit_slows_key_request_sweeps(keyserver, model_key):
+    lic = keyserver.issue(MODEL, rate_limit=2)  # burst 2, then 2 per second
+    with KeyServerClient(lic) as ks:
+        args = {"model_id": MODEL, "key_id": KEY_ID, "package_digest": DIGEST}
+        ks.release(**args)
+        ks.release(**args)
+        with pytest.raises(RateLimitedError):
+            ks.release(**args)
+        time.sleep(0.6)
+        assert ks.release(**args).key == model_key
+
+
+def test_wrong_model_wrong_digest_unknown_key_unknown_licence(keyserver, model_key):
+    keyserver.register("other", KEY_ID, _crypto.generate_key(), DIGEST)
+    lic = keyserver.issue(MODEL)
+    with pytest.raises(WrongModelError):
+        _release(lic, model_id="other")
+    with pytest.raises(DigestMismatchError):
+        _release(lic, package_digest="sha256:" + "00" * 32)
+    with pytest.raises(KeyServerError, match="no key"):
+        _release(lic, key_id="nope")
+    with KeyServerClient(lic) as ks:
+        with pytest.raises(LicenceError, match="unknown lease"):
+            ks.renew(lease_id="0" * 24, calls=1)
+    forged = Licence.from_json({**lic.to_json(), "licence_id": "lic-doesnotexist"})
+    with pytest.raises(UnknownLicenceError):
+        _release(forged)
+    other = keyserver.issue(MODEL, holder="mallory")
+    stolen_id = Licence.from_json({**lic.to_json(), "licence_id": other.licence_id})
+    with pytest.raises(PermissionDeniedError):
+        _release(stolen_id)  # bob's key cannot use mallory's licence id
+    reasons = [d for e, lid, d in _audit_events(keyserver) if e == "denied"]
+    for code in ("wrong_model", "digest_mismatch", "keyserver", "licence_unknown",
+                 "permission_denied"):  # fmt: skip
+        assert any(f'"reason":"{code}"' in d for d in reasons), code
+
+
+def test_admin_operations_need_an_admin_licence(keyserver, model_key):
+    lic = keyserver.issue(MODEL)
+    with KeyServerClient(lic) as ks:
+        with pytest.raises(PermissionDeniedError):
+            ks.issue(MODEL, holder="me-again")
+        with pytest.raises(PermissionDeniedError):
+            ks.revoke(lic.licence_id)
+        with pytest.raises(PermissionDeniedError):
+            ks.list()
+        with pytest.raises(PermissionDeniedError):
+            ks.register_key(model_id=MODEL, key_id="k9", key=bytes(32), package_digest=DIGEST)
+    with keyserver.admin() as admin:
+        with pytest.raises(WrongModelError):  # an admin licence is for no model
+            admin.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
+        with pytest.raises(KeyServerError, match="already registered"):
+            admin.register_key(model_id=MODEL, key_id=KEY_ID, key=bytes(32), package_digest=DIGEST)
+        assert (
+            admin.register_key(model_id=MODEL, key_id=KEY_ID, key=model_key, package_digest=DIGEST)
+            is False
+        )  # idempotent
+
+
+# --- the handshake ------------------------------------------------------------------
+
+
+def _raw_socket(ctx: zmq.Context[Any], address: str, lic: Licence | None) -> zmq.Socket[Any]:
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    if lic is not None:
+        s.curve_serverkey = lic.keyserver_public_key.encode()
+        s.curve_publickey = lic.client_public_key.encode()
+        s.curve_secretkey = lic.client_secret_key.encode()
+    s.connect(address)
+    return s
+
+
+def _ping_header(**extra: Any) -> bytes:
+    return pack_header({"v": PROTOCOL_VERSION, "op": "ping", "id": 1, **extra})
+
+
+def test_unknown_curve_key_and_null_client_are_refused_at_the_handshake(keyserver):
+    admin = Licence.load(keyserver.admin_licence)
+    public, secret = zmq.curve_keypair()
+    stranger = Licence.from_json(
+        {
+            **admin.to_json(),
+            "client": {"public_key": public.decode(), "secret_key": secret.decode()},
+        }
+    )
+    with KeyServerClient(stranger, timeout=1.0) as ks, pytest.raises(KeyServerUnavailableError):
+        ks.ping()
+    ctx = zmq.Context()
+    try:
+        null = _raw_socket(ctx, keyserver.address, None)
+        null.send(_ping_header())
+        assert null.poll(1000) == 0  # no reply: NULL never completes a CURVE handshake
+        null.close(0)
+        good = _raw_socket(ctx, keyserver.address, admin)
+        good.send(_ping_header())
+        assert good.poll(5000)
+        assert unpack_header(good.recv())["ok"] is True
+        good.close(0)
+    finally:
+        ctx.term()
+
+
+# --- bad input never kills the server ------------------------------------------------
+
+
+def test_malformed_oversized_unknown_and_replayed_requests_get_errors(keyserver, model_key):
+    lic = keyserver.issue(MODEL)
+    ctx = zmq.Context()
+    try:
+        s = _raw_socket(ctx, keyserver.address, lic)
+
+        def ask(*frames: bytes) -> dict[str, Any]:
+            s.send_multipart(list(frames))
+            assert s.poll(5000), "no reply"
+            return unpack_header(s.recv())
+
+        def base(op: str = "release", **kw: Any) -> dict[str, Any]:
+            return {"v": PROTOCOL_VERSION, "op": op, "id": 7, "nonce": os.urandom(16),
+                    "ts": time.time(), **kw}  # fmt: skip
+
+        assert ask(b"\xc1garbage")["error"]["code"] == "protocol"
+        assert ask(msgpack.packb([1, 2, 3]))["error"]["code"] == "protocol"
+        assert ask(b"a", b"b")["error"]["code"] == "protocol"
+        assert ask(pack_header({**base(), "v": 99}))["error"]["code"] == "unsupported_version"
+        assert ask(pack_header(base("steal_keys")))["error"]["code"] == "protocol"
+        assert ask(pack_header(base("release", model_id=5)))["error"]["code"] == "protocol"
+        no_nonce = {"v": PROTOCOL_VERSION, "op": "list", "id": 1}
+        assert ask(pack_header(no_nonce))["error"]["code"] == "protocol"
+        stale = base("release", ts=time.time() - 3600)
+        assert "window" in ask(pack_header(stale))["error"]["message"]
+        bad_eph = base("release", model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST,
+                       licence_id=lic.licence_id, ephemeral_key=b"short")  # fmt: skip
+        assert ask(pack_header(bad_eph))["error"]["code"] == "protocol"
+        big = pack_header(base("ping", pad=b"x" * (100 * 1024)))
+        assert "too large" in ask(big)["error"]["message"]
+
+        eph = _crypto.EphemeralKey()
+        good = pack_header(
+            base("release", model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST,
+                 licence_id=lic.licence_id, ephemeral_key=eph.public_bytes)
+        )  # fmt: skip
+        assert ask(good)["ok"] is True
+        replay = ask(good)
+        assert replay["ok"] is False and "replayed" in replay["error"]["message"]
+
+        # Over ZMQ_MAXMSGSIZE: libzmq drops the connection, no reply is possible.
+        s.send(b"x" * (512 * 1024))
+        assert s.poll(500) == 0
+        s.close(0)
+    finally:
+        ctx.term()
+    assert keyserver.proc.poll() is None
+    assert _release(lic).key == model_key  # still serving
+
+
+# --- fail closed and secrets -----------------------------------------------------------
+
+
+def test_audit_write_failure_releases_nothing(keyserver, model_key):
+    lic = keyserver.issue(MODEL)
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+    try:
+        conn.execute(
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+        conn.commit()
+        with pytest.raises(AuditError):
+            _release(lic)
+        with pytest.raises(AuditError):  # a denial that cannot be audited is an audit error
+            _release(lic, model_id="other")
+        with keyserver.admin() as admin, pytest.raises(AuditError):
+            admin.issue(MODEL, holder="nobody")
+        n_leases = conn.execute("SELECT count(*) FROM leases").fetchone()[0]
+        assert n_leases == 0  # the lease was rolled back with its audit record
+        conn.execute("DROP TRIGGER audit_down")
+        conn.commit()
+    finally:
+        conn.close()
+    assert _release(lic).key == model_key
+    assert keyserver.proc.poll() is None
+
+
+def test_package_key_never_in_clear_in_db_logs_or_errors(keyserver, model_key):
+    lic = keyserver.issue(MODEL, max_calls=2)
+    errors = []
+    for suite in ("x25519", "mlkem768-x25519"):
+        rel = _release(lic, suite=suite)
+        assert rel.key == model_key
+        errors.append(repr(rel))
+    for kw in ({"model_id": "nope"}, {"package_digest": "x"}, {"key_id": "k0"}):
+        with pytest.raises(LicenceError if "key_id" not in kw else KeyServerError) as ei:
+            _release(lic, **kw)
+        errors.append(str(ei.value) + repr(ei.value))
+    with keyserver.admin() as admin, pytest.raises(KeyServerError) as ei:
+        admin.register_key(model_id=MODEL, key_id=KEY_ID, key=bytes(32), package_digest=DIGEST)
+    errors.append(str(ei.value))
+    keyserver.stop()
+    needles = [bytes(model_key), model_key.hex().encode(), model_key.hex().upper().encode()]
+    import base64
+
+    needles.append(base64.b64encode(bytes(model_key))[:40])
+    haystacks = {"log": keyserver.output(), "errors": "\n".join(errors).encode()}
+    for name in os.listdir(keyserver.dir):
+        if name.startswith("keyserver.db"):
+            haystacks[name] = (keyserver.dir / name).read_bytes()
+    assert haystacks["keyserver.db"]
+    for where, data in haystacks.items():
+        for needle in needles:
+            assert needle not in data, f"package key in the clear in {where}"

@@ -1,0 +1,194 @@
+"""Restarts, SIGKILL under load, audit tampering, master-key rotation."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vault import _crypto
+from vault.errors import IntegrityError, KeyServerUnavailableError, VaultError
+from vault.keyclient import KeyServerClient
+
+MODEL, KEY_ID, DIGEST = "m", "k1", "d1"
+
+
+def _vault(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vault", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def _release(lic: Any) -> Any:
+    with KeyServerClient(lic, timeout=5) as ks:
+        return ks.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
+
+
+def test_state_survives_a_clean_restart(keyserver):
+    key = _crypto.generate_key()
+    keyserver.register(MODEL, KEY_ID, key, DIGEST)
+    lic = keyserver.issue(MODEL, max_calls=10)
+    revoked = keyserver.issue(MODEL, holder="eve")
+    with keyserver.admin() as admin:
+        admin.revoke(revoked.licence_id)
+    rel = _release(lic)
+    with KeyServerClient(lic) as ks:
+        ks.renew(lease_id=rel.lease.lease_id, calls=4)
+    assert keyserver.stop() == 0  # SIGTERM: a clean exit
+    assert b"keyserver stopped" in keyserver.output()
+    keyserver.start()
+    assert _release(lic).key == key
+    with KeyServerClient(lic) as ks:  # the lease and the usage survived
+        assert ks.renew(lease_id=rel.lease.lease_id, calls=0).call_budget == 6
+    with pytest.raises(VaultError, match="revoked"):
+        _release(revoked)
+    out = _vault("keyserver", "audit", str(keyserver.dir), "--verify")
+    assert out.returncode == 0 and "audit chain OK" in out.stdout
+
+
+def test_second_server_on_same_dir_and_rotation_under_running_server_refused(keyserver):
+    out = _vault("keyserver", "rotate-master", str(keyserver.dir))
+    assert out.returncode == 2 and "running" in out.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
+    key = _crypto.generate_key()
+    keyserver.register(MODEL, KEY_ID, key, DIGEST)
+    lic = keyserver.issue(MODEL)
+    issued: list[str] = []
+    leases: list[str] = []
+    rng = random.Random(7)
+    for _round in range(4):
+        stop = threading.Event()
+
+        def issuer(stop: threading.Event = stop) -> None:
+            with keyserver.admin(timeout=0.5) as admin:
+                while not stop.is_set():
+                    try:
+                        issued.append(admin.issue(MODEL, holder="load").licence_id)
+                    except VaultError:
+                        return  # the server died under us: expected
+
+        def releaser(stop: threading.Event = stop) -> None:
+            with KeyServerClient(lic, timeout=0.5) as ks:
+                while not stop.is_set():
+                    try:
+                        rel = ks.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
+                    except VaultError:
+                        return
+                    assert rel.key == key
+                    leases.append(rel.lease.lease_id)
+
+        threads = [threading.Thread(target=f) for f in (issuer, releaser, releaser)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.3, 0.8))
+        keyserver.kill()  # SIGKILL mid-load
+        stop.set()
+        for t in threads:
+            t.join(10)
+        conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            have = {r[0] for r in conn.execute("SELECT licence_id FROM licences")}
+            assert set(issued) <= have
+            released = {r[0] for r in conn.execute("SELECT lease_id FROM leases")}
+            assert set(leases) <= released
+            audited = conn.execute("SELECT count(*) FROM audit WHERE event = 'released'")
+            assert audited.fetchone()[0] >= len(leases)
+        finally:
+            conn.close()
+        keyserver.start()
+    assert len(issued) > 10 and len(leases) > 10
+    from keyserver import audit
+
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+    try:
+        assert audit.verify(conn) == []
+    finally:
+        conn.close()
+
+
+def _tamper(db: Path, sql: str) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("DROP TRIGGER audit_no_update")
+        conn.execute("DROP TRIGGER audit_no_delete")
+        conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_audit_tampering_is_reported_with_its_position(keyserver, tmp_path):
+    for i in range(5):
+        keyserver.issue(MODEL, holder=f"h{i}")
+    keyserver.stop()
+    clean = _vault("keyserver", "audit", str(keyserver.dir), "--verify")
+    assert clean.returncode == 0, clean.stderr
+    assert "issued" in clean.stdout and "audit chain OK: 6 records" in clean.stdout
+
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")  # the append-only triggers hold
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("DELETE FROM audit WHERE seq = 2")
+    conn.close()
+
+    edited, deleted, tail = (tmp_path / n for n in ("edited", "deleted", "tail"))
+    for d in (edited, deleted, tail):
+        shutil.copytree(keyserver.dir, d)
+    _tamper(edited / "keyserver.db", 'UPDATE audit SET detail = \'{"holder":"x"}\' WHERE seq = 3')
+    _tamper(deleted / "keyserver.db", "DELETE FROM audit WHERE seq = 4")
+    _tamper(tail / "keyserver.db", "DELETE FROM audit WHERE seq = 6")
+    for d, pos, what in ((edited, 3, "edited"), (deleted, 4, "deleted"), (tail, 6, "deleted")):
+        out = _vault("keyserver", "audit", str(d), "--verify", "--quiet")
+        assert out.returncode == 1, out
+        assert f"record {pos}" in out.stderr and what in out.stderr
+
+
+def test_master_rotation_rewraps_and_old_master_is_useless(keyserver):
+    key = _crypto.generate_key()
+    keyserver.register(MODEL, KEY_ID, key, DIGEST)
+    keyserver.register(MODEL, "k2", _crypto.generate_key(), DIGEST)
+    lic = keyserver.issue(MODEL)
+    old_master = (keyserver.dir / "master.key").read_bytes()
+    keyserver.stop()
+    out = _vault("keyserver", "rotate-master", str(keyserver.dir))
+    assert out.returncode == 0, out.stderr
+    assert "2 package key(s) re-wrapped" in out.stdout
+    new_master = (keyserver.dir / "master.key").read_bytes()
+    assert new_master != old_master and len(new_master) == 32
+    assert (keyserver.dir / "master.key").stat().st_mode & 0o777 == 0o600
+    assert not (keyserver.dir / "master.key.new").exists()
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+    try:
+        [wrapped] = conn.execute("SELECT wrapped FROM keys WHERE key_id = ?", (KEY_ID,)).fetchone()
+    finally:
+        conn.close()
+    with pytest.raises(IntegrityError):
+        _crypto.unwrap_key(old_master, wrapped, key_id=KEY_ID, model_id=MODEL)
+    assert _crypto.unwrap_key(new_master, wrapped, key_id=KEY_ID, model_id=MODEL) == key
+    keyserver.start()
+    assert _release(lic).key == key
+    keyserver.stop()
+    (keyserver.dir / "master.key").write_bytes(old_master)  # a wrong master file
+    keyserver.proc = None
+    with pytest.raises(RuntimeError, match="does not match"):
+        keyserver.start(timeout=10)
+
+
+def test_client_reports_an_unreachable_server(keyserver):
+    lic = keyserver.issue(MODEL)
+    keyserver.kill()
+    t0 = time.monotonic()
+    with KeyServerClient(lic, timeout=0.5) as ks, pytest.raises(KeyServerUnavailableError):
+        ks.ping()
+    assert time.monotonic() - t0 < 2

@@ -1,0 +1,50 @@
+"""``vault run`` and ``vault demo`` as a user runs them."""
+
+from __future__ import annotations
+
+import glob
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.models import mlp
+from vault._crypto import PublisherKey
+from vault._seal import seal
+
+
+def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> None:
+    res = seal(mlp(), model_id="cli-model", signing_key=PublisherKey.load(keyserver.publisher_key_path),
+               output=tmp_path / "m.vault")  # fmt: skip
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    keyserver.issue(res.model_id).save(tmp_path / "alice.licence")
+    np.save(tmp_path / "x.npy", np.ones((3, 8), np.float32))
+    out = subprocess.run(
+        [sys.executable, "-m", "vault", "run", str(tmp_path / "m.vault"), "--licence", str(tmp_path / "alice.licence"),
+         "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "logits: float32 [3, 5]" in out.stdout
+    assert np.load(tmp_path / "out" / "logits.npy").shape == (3, 5)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vault", "run", str(tmp_path / "m.vault"), "--licence", str(tmp_path / "alice.licence"),
+         "--input", f"nope={tmp_path / 'x.npy'}", "--no-save"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("vault: error[bad_input]")
+
+
+def test_vault_demo_runs_and_leaves_nothing_behind() -> None:
+    before = set(glob.glob(f"{tempfile.gettempdir()}/vault-demo-*"))
+    out = subprocess.run(
+        [sys.executable, "-m", "vault", "demo"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "next call refused: LicenceRevokedError" in out.stdout
+    assert "seccomp" in out.stdout and "audit chain OK" in out.stdout
+    assert set(glob.glob(f"{tempfile.gettempdir()}/vault-demo-*")) <= before

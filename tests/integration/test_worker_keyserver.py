@@ -1,0 +1,111 @@
+"""The worker with a real key server: licensed open, revocation within a lease
+period, and the remote (tcp + CURVE + allow-list) worker service."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import vault
+from tests.models import mlp
+from vault._crypto import PublisherKey
+from vault._seal import seal
+
+
+@pytest.fixture
+def licensed(keyserver: Any, tmp_path: Path) -> tuple[str, vault.Licence]:
+    res = seal(mlp(), model_id="ks-model", signing_key=PublisherKey.load(keyserver.publisher_key_path),
+               output=tmp_path / "m.vault")  # fmt: skip
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    lic = keyserver.issue(res.model_id, holder="alice")
+    path = tmp_path / "alice.licence"
+    lic.save(path)
+    return str(res.path), lic
+
+
+def test_open_compute_then_revocation_refuses_within_the_lease(
+    keyserver: Any, licensed: tuple
+) -> None:
+    path, lic = licensed
+    x = np.ones((2, 8), np.float32)
+    with vault.open(path, licence=lic) as model:
+        assert model.compute({"x": x})["logits"].shape == (2, 5)
+        lease = model.health()["lease"]
+        assert lease["state"] == "active" and lease["lease_id"]
+        with keyserver.admin() as ks:
+            ks.revoke(lic.licence_id)
+        t0 = time.monotonic()
+        with pytest.raises(vault.LicenceRevokedError):
+            while time.monotonic() - t0 < 3 * keyserver.lease_ttl:
+                model.compute({"x": x})
+                time.sleep(0.05)
+        assert time.monotonic() - t0 <= keyserver.lease_ttl + 1.0  # within one lease period
+        with pytest.raises(vault.LicenceRevokedError):
+            model.compute({"x": x})  # and it stays refused
+        assert model.health()["serving"] is False  # sessions dropped
+
+
+def test_revoked_licence_cannot_open(keyserver: Any, licensed: tuple) -> None:
+    path, lic = licensed
+    with keyserver.admin() as ks:
+        ks.revoke(lic.licence_id)
+    with pytest.raises(vault.LicenceRevokedError):
+        vault.open(path, licence=lic)
+
+
+def test_remote_worker_over_curve_with_allow_list(
+    keyserver: Any, licensed: tuple, tmp_path: Path
+) -> None:
+    path, lic = licensed
+    allow = tmp_path / "clients"
+    allow.mkdir()
+    (allow / "alice.key").write_text(lic.client_public_key + "\n")
+    out = tmp_path / "worker.pub"
+    lic_path = tmp_path / "alice.licence"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vault", "worker", "serve", path, "--licence", str(lic_path),
+         "--bind", "tcp://127.0.0.1:0", "--allow", str(allow), "--server-key-out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        endpoint = None
+        deadline = time.monotonic() + 30
+        buf = b""
+        while endpoint is None and time.monotonic() < deadline:
+            r, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if r:
+                chunk = os.read(proc.stdout.fileno(), 4096)  # type: ignore[union-attr]
+                if not chunk:
+                    break
+                buf += chunk
+                for line in buf.decode().splitlines():
+                    if line.startswith("endpoint: "):
+                        endpoint = line.split(": ", 1)[1].strip()
+        assert endpoint, (
+            buf.decode() + proc.stderr.read().decode()[-500:] if proc.poll() is not None else buf
+        )
+        server_key = out.read_text().strip()
+        with vault.connect(endpoint, licence=lic, server_key=server_key, timeout=10) as remote:
+            assert remote.inputs["x"][0] == "float32"
+            assert remote.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+        # a caller whose key is not on the allow-list gets no service
+        stranger = keyserver.issue("ks-model", holder="mallory")
+        with pytest.raises(vault.WorkerTimeoutError):
+            vault.connect(endpoint, licence=stranger, server_key=server_key, timeout=1.5)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

@@ -1,0 +1,73 @@
+"""Seal test models and open them with a worker, for the worker and client tests.
+
+The key-server-free path (:func:`vault.client.open_with_unsafe_test_key`) keeps
+most worker tests to a fraction of a second each; the key-server path has its
+own integration tests.
+
+Example::
+
+    with sealed_model(tmp_path, mlp()) as (model, pkg):
+        model.compute({"x": arr})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from vault._crypto import PublisherKey
+from vault._seal import seal
+from vault.client import Model, open_with_unsafe_test_key
+
+
+@dataclass
+class Sealed:
+    path: str
+    key: bytes
+    publisher_pub: str
+    manifest: dict[str, Any]
+
+
+def seal_for_test(
+    directory: str | os.PathLike[str],
+    model: onnx.ModelProto,
+    *,
+    name: str = "model",
+    pre: onnx.ModelProto | None = None,
+    post: onnx.ModelProto | None = None,
+    **kw: Any,
+) -> Sealed:
+    d = os.fspath(directory)
+    pub = os.path.join(d, "publisher.pub")
+    key_path = os.path.join(d, "publisher.key")
+    if os.path.exists(key_path):
+        pk = PublisherKey.load(key_path)
+    else:
+        pk = PublisherKey.generate()
+        pk.save(key_path, pub)
+    out = os.path.join(d, f"{name}.vault")
+    res = seal(
+        model, pre=pre, post=post, model_id=name.replace("/", "_"), signing_key=pk, output=out, **kw
+    )
+    return Sealed(out, bytes(res.key), pub, res.manifest)
+
+
+def open_sealed(s: Sealed, **kw: Any) -> Model:
+    return open_with_unsafe_test_key(s.path, key=s.key, publisher=s.publisher_pub, **kw)
+
+
+@contextlib.contextmanager
+def sealed_model(
+    directory: str | os.PathLike[str], model: onnx.ModelProto, **kw: Any
+) -> Iterator[tuple[Model, Sealed]]:
+    s = seal_for_test(directory, model, **kw)
+    m = open_sealed(s)
+    try:
+        yield m, s
+    finally:
+        m.close()

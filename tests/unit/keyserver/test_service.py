@@ -1,0 +1,107 @@
+"""KeyService without a network: batches, fail-closed commit, replay."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+import pytest
+
+from keyserver import init_dir, layout, store
+from keyserver.service import KeyService, Request
+from vault import _crypto
+from vault.licence import Licence
+from vault.protocol import PROTOCOL_VERSION
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def svc(tmp_path):
+    d = tmp_path / "ks"
+    init_dir(d)
+    conn = store.connect(d / "keyserver.db")
+    clock = Clock()
+    s = KeyService(
+        conn, layout.load_master(d, conn), server_public_key="S" * 40, publisher_key="",
+        address="tcp://x:1", lease_ttl=5.0, clock=clock, log=lambda line: None,
+    )  # fmt: skip
+    s.admin = Licence.load(d / "admin.licence").client_public_key  # type: ignore[attr-defined]
+    s.test_clock = clock  # type: ignore[attr-defined]
+    yield s
+    conn.close()
+
+
+def req(identity: str, op: str, **fields: object) -> Request:
+    h = {"v": PROTOCOL_VERSION, "op": op, "id": 1, "nonce": os.urandom(16), "ts": time.time()}
+    return Request(identity, {**h, **fields})
+
+
+def _setup_caller(svc: KeyService) -> tuple[str, str, bytearray]:
+    key = _crypto.generate_key()
+    [r1, r2] = svc.process_batch([
+        req(svc.admin, "register_key", model_id="m", key_id="k", key=bytes(key),
+            package_digest="d"),
+        req(svc.admin, "issue", model_id="m", holder="a", max_calls=None, rate_limit=None),
+    ])  # fmt: skip
+    assert r1["ok"] and r2["ok"], (r1, r2)
+    lic = r2["licence"]
+    return lic["client"]["public_key"], lic["licence_id"], key
+
+
+def test_a_batch_is_one_transaction_and_keys_come_sealed(svc):
+    ident, licence_id, key = _setup_caller(svc)
+    eph = _crypto.EphemeralKey()
+    [rep] = svc.process_batch([
+        req(ident, "release", model_id="m", key_id="k", package_digest="d",
+            licence_id=licence_id, ephemeral_key=eph.public_bytes),
+    ])  # fmt: skip
+    assert rep["ok"] and bytes(key) not in rep["sealed_key"]
+    assert eph.open(rep["sealed_key"], _crypto.key_release_info("m", "d", licence_id)) == key
+    assert rep["lease"]["expires_at"] == svc.test_clock.now + 5.0
+
+
+def test_commit_failure_turns_every_reply_into_an_audit_error(svc):
+    ident, licence_id, _ = _setup_caller(svc)
+
+    class FailingCommit:
+        def __init__(self, inner: sqlite3.Connection) -> None:
+            self.inner = inner
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.inner.execute(sql, *args)
+
+        @property
+        def in_transaction(self) -> bool:
+            return self.inner.in_transaction
+
+    real = svc.conn
+    svc.conn = FailingCommit(real)  # type: ignore[assignment]
+    eph = _crypto.EphemeralKey()
+    replies = svc.process_batch([
+        req(ident, "release", model_id="m", key_id="k", package_digest="d",
+            licence_id=licence_id, ephemeral_key=eph.public_bytes),
+        req(ident, "ping"),
+    ])  # fmt: skip
+    svc.conn = real
+    assert replies[0]["ok"] is False and replies[0]["error"]["code"] == "audit"
+    assert "sealed_key" not in replies[0]
+    assert replies[1]["ok"] is True  # ping needs no durable write
+    assert real.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+
+
+def test_replay_is_refused_even_within_one_batch(svc):
+    r = req(svc.admin, "list")
+    first, second = svc.process_batch([r, r])
+    assert first["ok"] and not second["ok"] and "replayed" in second["error"]["message"]
+    [third] = svc.process_batch([r])
+    assert "replayed" in third["error"]["message"]

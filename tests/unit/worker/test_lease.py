@@ -1,0 +1,119 @@
+"""worker.lease: renewal, revocation, the offline grace period (fake clock)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from vault.errors import KeyServerUnavailableError, LicenceRevokedError, QuotaExhaustedError
+from worker.lease import LeaseKeeper
+
+
+@dataclass
+class FakeLease:
+    lease_id: str = "L1"
+    ttl: float = 10.0
+    expires_at: float = 10.0
+    hard_end: float = 20.0
+    call_budget: int | None = None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_renewal_reports_calls_and_extends() -> None:
+    clock = Clock()
+    seen: list[tuple[str, int]] = []
+
+    def renew(lease_id: str, calls: int) -> FakeLease:
+        seen.append((lease_id, calls))
+        return FakeLease("L2", expires_at=clock.t + 10, hard_end=clock.t + 20)
+
+    keeper = LeaseKeeper(FakeLease(), renew=renew, on_end=lambda: None, clock=clock)
+    for _ in range(3):
+        keeper.check()
+        keeper.record_call()
+    keeper._renew_once()
+    assert seen == [("L1", 3)]
+    assert keeper.snapshot()["lease_id"] == "L2"
+    assert keeper.snapshot()["state"] == "active"
+
+
+def test_revocation_ends_the_lease_and_drops_sessions() -> None:
+    dropped: list[bool] = []
+
+    def renew(lease_id: str, calls: int) -> FakeLease:
+        raise LicenceRevokedError()
+
+    keeper = LeaseKeeper(
+        FakeLease(), renew=renew, on_end=lambda: dropped.append(True), clock=Clock()
+    )
+    keeper._renew_once()
+    assert dropped == [True]
+    with pytest.raises(LicenceRevokedError):
+        keeper.check()
+    assert keeper.snapshot()["state"] == "ended"
+
+
+def test_unreachable_key_server_is_tolerated_until_hard_end() -> None:
+    clock = Clock()
+
+    def renew(lease_id: str, calls: int) -> FakeLease:
+        raise KeyServerUnavailableError()
+
+    keeper = LeaseKeeper(FakeLease(), renew=renew, on_end=lambda: None, clock=clock)
+    keeper.record_call()
+    keeper._renew_once()
+    clock.t = 15.0  # past expires_at, before hard_end: still serving
+    keeper.check()
+    assert keeper.snapshot()["state"] == "grace"
+    clock.t = 20.0
+    with pytest.raises(KeyServerUnavailableError):
+        keeper.check()
+    assert keeper._calls_unreported == 1  # the count is kept to report later
+
+
+def test_spent_call_budget_renews_before_serving() -> None:
+    calls: list[int] = []
+
+    def renew(lease_id: str, n: int) -> FakeLease:
+        calls.append(n)
+        if len(calls) > 1:
+            raise QuotaExhaustedError()
+        return FakeLease(call_budget=2)
+
+    keeper = LeaseKeeper(FakeLease(call_budget=2), renew=renew, on_end=lambda: None, clock=Clock())
+    for _ in range(4):
+        keeper.check()
+        keeper.record_call()
+    assert calls == [2]
+    with pytest.raises(QuotaExhaustedError):
+        keeper.check()
+
+
+def test_background_thread_renews() -> None:
+    import threading
+
+    done = threading.Event()
+
+    def renew(lease_id: str, calls: int) -> FakeLease:
+        done.set()
+        return FakeLease(ttl=0.2)
+
+    import time
+
+    now = time.time()
+    keeper = LeaseKeeper(
+        FakeLease(ttl=0.2, expires_at=now + 0.2, hard_end=now + 5), renew=renew, on_end=lambda: None
+    )
+    keeper.start()
+    try:
+        assert done.wait(2)
+    finally:
+        keeper.stop()

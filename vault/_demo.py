@@ -1,0 +1,229 @@
+"""``vault demo``: the whole flow in a temp dir, in a few seconds.
+
+Key server (a subprocess on a free local port, 1 s leases) → an image
+classifier pipeline built with ``onnx.helper`` (pre: resize + normalise; model:
+a small CNN; post: softmax + top-k) → seal → register its key → issue a
+licence → open (an isolated worker) → compute → the worker's hardening report
+→ the audit trail → revoke → the next call refused. Everything it started is
+stopped and the temp dir removed, whatever happens.
+
+Example::
+
+    $ vault demo
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from .errors import LicenceError, VaultError
+
+__all__ = ["build_classifier", "run_demo"]
+
+_READY = re.compile(rb"keyserver listening on (\S+)")
+_OPSET = 18  # Resize with ``axes`` (so the batch dimension stays free)
+
+
+def build_classifier(size: int = 16, classes: int = 10, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(pre, model, post) ONNX models: uint8 images of any size -> top-3 classes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def model(
+        nodes: list[Any], ins: list[Any], outs: list[Any], inits: list[Any], name: str
+    ) -> Any:
+        m = helper.make_model(helper.make_graph(nodes, name, ins, outs, inits),
+                              opset_imports=[helper.make_opsetid("", _OPSET)])  # fmt: skip
+        m.ir_version = 8
+        return m
+
+    def t(name: str, arr: np.ndarray) -> Any:
+        return numpy_helper.from_array(arr, name)
+
+    vi = helper.make_tensor_value_info
+    pre = model(
+        [helper.make_node("Cast", ["image"], ["imgf"], to=TensorProto.FLOAT),
+         helper.make_node("Resize", ["imgf", "", "", "size"], ["resized"], axes=[2, 3], mode="linear"),
+         helper.make_node("Div", ["resized", "c255"], ["unit"]),
+         helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+         helper.make_node("Div", ["centred", "std"], ["x"])],
+        [vi("image", TensorProto.UINT8, ["N", 3, "H", "W"])],
+        [vi("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [t("size", np.array([size, size], np.int64)), t("c255", np.array(255, np.float32)),
+         t("mean", np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)),
+         t("std", np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1))],
+        "preprocess",
+    )  # fmt: skip
+
+    def w(*shape: int) -> np.ndarray[Any, Any]:
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    net = model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c2"], ["r2"]),
+         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+         helper.make_node("Flatten", ["g"], ["f"]),
+         helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"])],
+        [vi("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [vi("logits", TensorProto.FLOAT, ["N", classes])],
+        [t("w1", w(8, 3, 3, 3)), t("b1", w(8)), t("w2", w(16, 8, 3, 3)), t("b2", w(16)),
+         t("w3", w(16, classes)), t("b3", w(classes))],
+        "cnn",
+    )  # fmt: skip
+    post = model(
+        [helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+         helper.make_node("TopK", ["probs", "k"], ["top_scores", "top_classes"], axis=-1)],
+        [vi("logits", TensorProto.FLOAT, ["N", classes])],
+        [vi("probs", TensorProto.FLOAT, ["N", classes]), vi("top_scores", TensorProto.FLOAT, ["N", 3]),
+         vi("top_classes", TensorProto.INT64, ["N", 3])],
+        [t("k", np.array([3], np.int64))],
+        "postprocess",
+    )  # fmt: skip
+    return pre, net, post
+
+
+def _step(n: int, text: str) -> None:
+    print(f"\n[{n}] {text}", flush=True)
+
+
+def _start_keyserver(
+    root: str, log_path: str, lease_ttl: float
+) -> tuple[subprocess.Popen[bytes], str]:
+    log = open(log_path, "wb")
+    cmd = [sys.executable, "-u", "-m", "keyserver", "serve", root, "--bind", "tcp://127.0.0.1:0",
+           "--lease-ttl", str(lease_ttl)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as fh:
+            m = _READY.search(fh.read())
+        if m:
+            return proc, m.group(1).decode()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    raise VaultError("the demo key server did not start")
+
+
+def run_demo(lease_ttl: float = 1.0) -> int:
+    from keyserver import commands  # the CLI is the app layer: lazy
+    from keyserver.layout import init_dir
+
+    from ._crypto import PublisherKey
+    from ._seal import seal
+    from .client import open as vault_open
+    from .keyclient import KeyServerClient
+    from .licence import Licence
+
+    ks_proc: subprocess.Popen[bytes] | None = None
+    model: Any = None
+    with tempfile.TemporaryDirectory(prefix="vault-demo-") as tmp:
+        try:
+            root = os.path.join(tmp, "ks")
+            _step(
+                1, f"key server: init {root}, start on a free local port (lease ttl {lease_ttl:g}s)"
+            )
+            init_dir(root, address="tcp://127.0.0.1:0")
+            ks_proc, address = _start_keyserver(root, os.path.join(tmp, "keyserver.log"), lease_ttl)
+            admin_path = os.path.join(root, "admin.licence")
+            admin = Licence.load(admin_path)
+            admin.keyserver_address = address
+            admin.save(admin_path)
+            print(f"    listening on {address}")
+
+            _step(
+                2,
+                "build an image classifier: pre (resize 16x16 + normalise) -> CNN -> post (softmax, top-3)",
+            )
+            pre, net, post = build_classifier()
+            _step(3, "seal it (encrypted, signed) and register its key with the key server")
+            pkg = os.path.join(tmp, "classifier.vault")
+            res = seal(net, pre=pre, post=post, model_id="demo-classifier",
+                       signing_key=PublisherKey.load(os.path.join(root, "publisher.key")), output=pkg)  # fmt: skip
+            with KeyServerClient(admin) as ks:
+                ks.register_key(
+                    model_id=res.model_id, key_id=res.key_id, key=res.key, package_digest=res.digest
+                )
+                res.wipe_key()
+                _step(4, "issue a licence to alice")
+                lic = ks.issue(res.model_id, holder="alice", max_calls=100)
+            lic_path = os.path.join(tmp, "alice.licence")
+            lic.save(lic_path)
+            print(
+                f"    {os.path.basename(pkg)}: {os.path.getsize(pkg)} bytes, digest {res.digest[:23]}..."
+            )
+            print(f"    licence {lic.licence_id} for {lic.model_id}, max 100 calls")
+
+            _step(
+                5,
+                "open the model: an isolated worker verifies, fetches the key, decrypts in memory",
+            )
+            t0 = time.perf_counter()
+            model = vault_open(pkg, licence=lic_path)
+            print(f"    ready in {time.perf_counter() - t0:.2f}s; inputs {model.inputs}")
+            print(f"    outputs {model.outputs}")
+
+            _step(6, "compute on two random 40x30 images")
+            images = np.random.default_rng(1).integers(0, 256, (2, 3, 40, 30), dtype=np.uint8)
+            out = model.compute({"image": images})
+            for i in range(2):
+                pairs = ", ".join(
+                    f"class {c}: {s:.3f}"
+                    for c, s in zip(out["top_classes"][i], out["top_scores"][i])
+                )
+                print(f"    image {i}: {pairs}")
+
+            _step(7, "the worker's hardening report")
+            health = model.health()
+            for name, step in health["hardening"].items():
+                print(f"    {name:<13} {step['status']:<8} {step['detail']}")
+            print(f"    provider {health['provider']}; lease {health['lease']['state']}")
+
+            _step(8, "the key server's audit trail")
+            commands.cmd_audit(root, verify_chain=True)
+
+            _step(
+                9,
+                f"revoke alice's licence; the worker learns at its next renewal (< {lease_ttl:g}s)",
+            )
+            with KeyServerClient(admin) as ks:
+                ks.revoke(lic.licence_id)
+            deadline = time.monotonic() + 4 * lease_ttl + 2
+            refused: VaultError | None = None
+            while time.monotonic() < deadline and refused is None:
+                try:
+                    model.compute({"image": images})
+                    time.sleep(0.1)
+                except LicenceError as exc:
+                    refused = exc
+            if refused is None:
+                print("    the call was NOT refused (unexpected)")
+                return 1
+            print(f"    next call refused: {type(refused).__name__}: {refused}")
+            _step(10, "clean up: stop the worker and the key server, remove the temp dir")
+            return 0
+        finally:
+            if model is not None:
+                model.close()
+            if ks_proc is not None:
+                ks_proc.terminate()
+                try:
+                    ks_proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    ks_proc.kill()
+                    ks_proc.wait()

@@ -1,0 +1,524 @@
+"""The caller's side: open a sealed model and compute with it.
+
+:func:`open` spawns an isolated worker (``python -m worker``) that alone
+decrypts and runs the pipeline; it listens on an ``ipc://`` socket inside a
+fresh 0700 directory and reports ready only once the key server released the
+key and the sessions exist. :func:`connect` reaches a remote worker over
+``tcp://`` with CURVE (client keys from the licence). Both return a
+:class:`Model`.
+
+A :class:`Model` is safe to use from many threads at once: each thread gets
+its own DEALER socket, so calls never wait on a lock. Errors arrive as the
+worker's typed exceptions. If a local worker dies, the call in flight raises
+:class:`~vault.errors.WorkerCrashedError` and the next call starts a fresh
+worker; a call with no answer in time raises
+:class:`~vault.errors.WorkerTimeoutError`. ``close()`` (and ``atexit``) stop
+the worker and remove its directory.
+
+Example::
+
+    import vault
+    with vault.open("model.vault", licence="alice.licence") as model:
+        model.inputs                              # {"image": ("uint8", ("N", 8))}
+        out = model.compute({"image": arr})       # {"probs": ndarray, ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import builtins
+import functools
+import itertools
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .errors import (
+    ConfigError,
+    ProtocolError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+    from_wire,
+)
+from .licence import Licence
+from .protocol import (
+    DEFAULT_MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    decode_tensors,
+    encode_tensors,
+    pack_header,
+    raise_for_reply,
+    unpack_header,
+)
+
+__all__ = ["Model", "connect", "open", "open_with_unsafe_test_key"]
+
+DEFAULT_TIMEOUT = 60.0
+START_TIMEOUT = 60.0
+_POLL_SLICE_MS = 100  # how often a waiting call checks that a local worker still lives
+
+
+# --- connectors: how a Model reaches its worker ----------------------------------------
+
+
+class _LocalWorker:
+    """A spawned worker process, its private directory and its lifeline pipe."""
+
+    def __init__(
+        self,
+        package: str,
+        licence: Licence | None,
+        *,
+        providers: Sequence[str] | None,
+        device: str | None,
+        start_timeout: float,
+        unsafe_key: bytes | None = None,
+        publisher: str | None = None,
+        worker_args: Sequence[str] = (),
+        python: str | None = None,
+    ) -> None:
+        self.package = os.path.abspath(package)
+        self.licence = licence
+        self.providers = providers
+        self.device = device
+        self.start_timeout = start_timeout
+        self.unsafe_key = unsafe_key
+        self.publisher = os.path.abspath(publisher) if publisher else None
+        self.worker_args = list(worker_args)
+        self.python = python or sys.executable
+        self.dir = tempfile.mkdtemp(prefix="vault-")  # mode 0700
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None
+        self._count = itertools.count()
+        self.ready: dict[str, Any] = {}
+
+    def start(self) -> str:
+        endpoint = f"ipc://{self.dir}/w{next(self._count)}.sock"
+        pipes: list[int] = []
+        status_r, status_w = os.pipe()
+        life_r, life_w = os.pipe()
+        cmd = [self.python, "-I", "-B", "-m", "worker", self.package, "--endpoint", endpoint,
+               "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
+        pass_fds = [status_w, life_r]
+        secrets_out: list[tuple[int, bytes]] = []
+        if self.licence is not None:
+            lr, lw = os.pipe()
+            cmd += ["--licence-fd", str(lr)]
+            pass_fds.append(lr)
+            secrets_out.append((lw, self.licence.dumps()))
+            pipes.append(lr)
+        if self.unsafe_key is not None:
+            kr, kw = os.pipe()
+            cmd += ["--unsafe-test-key-fd", str(kr)]
+            pass_fds.append(kr)
+            secrets_out.append((kw, bytes(self.unsafe_key)))
+            pipes.append(kr)
+        if self.publisher:
+            cmd += ["--publisher", self.publisher]
+        if self.providers:
+            cmd += ["--providers", ",".join(self.providers)]
+        if self.device:
+            cmd += ["--device", self.device]
+        cmd += self.worker_args
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/proc/self/vault-no-home"}
+        debug = os.environ.get("VAULT_DEBUG_WORKER") == "1"
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                pass_fds=pass_fds,
+                env=env,
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # onnxruntime prints a telemetry warning at import; tracebacks only when debugging
+                stderr=None if debug else subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C for the caller is not the worker's to handle
+            )
+        finally:
+            for fd in (status_w, life_r, *pipes):
+                os.close(fd)
+        for fd, data in secrets_out:  # small: fits the pipe buffer, never touches disk
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        self._lifeline = life_w
+        try:
+            self.ready = self._wait_ready(status_r)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            os.close(status_r)
+        return str(self.ready.get("endpoint") or endpoint)
+
+    def _wait_ready(self, fd: int) -> dict[str, Any]:
+        deadline = time.monotonic() + self.start_timeout
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerTimeoutError(f"worker not ready after {self.start_timeout:.0f}s")
+            r, _, _ = select.select([fd], [], [], min(left, 0.2))
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+        if b"\n" not in buf:
+            assert self.proc is not None
+            try:
+                rc = self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                rc = None
+            raise WorkerCrashedError(f"worker exited during startup (status {rc})")
+        try:
+            msg = json.loads(buf.split(b"\n", 1)[0])
+        except ValueError as exc:
+            raise ProtocolError("worker sent a malformed ready line") from exc
+        if not msg.get("ready"):
+            raise from_wire(msg.get("error"))
+        return dict(msg)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if self._lifeline is not None:
+            os.close(self._lifeline)  # EOF on the lifeline: the worker stops by itself
+            self._lifeline = None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Remote:
+    """A worker service reached over tcp:// with CURVE."""
+
+    def __init__(self, address: str, licence: Licence, server_key: str) -> None:
+        self.address = address
+        self.licence = licence
+        self.server_key = server_key
+
+    def configure(self, sock: zmq.Socket[Any]) -> None:
+        sock.curve_serverkey = self.server_key.encode()
+        sock.curve_publickey = self.licence.client_public_key.encode()
+        sock.curve_secretkey = self.licence.client_secret_key.encode()
+
+
+# --- the model ----------------------------------------------------------------------------
+
+_LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for m in list(_LIVE):
+        try:
+            m.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
+    return {str(d["name"]): (str(d["dtype"]), tuple(d.get("shape") or ())) for d in items or []}
+
+
+class Model:
+    """A sealed model served by a worker; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        local: _LocalWorker | None = None,
+        remote: _Remote | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self._localw = local
+        self._remote = remote
+        self.timeout = timeout
+        self._max_message = max_message
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self._sockets: list[zmq.Socket[Any]] = []
+        self._ids = itertools.count(1)
+        self._generation = 0
+        self._endpoint: str | None = None
+        self._dead = False
+        self._closed = False
+        _LIVE.add(self)
+        try:
+            self._start()
+            info = self._request({"op": "info"})[0]
+        except BaseException:
+            self.close()
+            raise
+        self.info = {k: v for k, v in info.items() if k not in ("v", "id", "ok")}
+        self.inputs = _signature(info.get("inputs"))
+        self.outputs = _signature(info.get("outputs"))
+        self.model_id = info.get("model_id")
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._localw is not None:
+            self._endpoint = self._localw.start()
+        else:
+            assert self._remote is not None
+            self._endpoint = self._remote.address
+        self._generation += 1
+        self._dead = False
+
+    def _socket(self) -> tuple[int, zmq.Socket[Any]]:
+        if self._closed:
+            raise ConfigError("model is closed")
+        if self._dead:
+            with self._lock:  # one thread restarts; the others then use the new worker
+                if self._closed:
+                    raise ConfigError("model is closed")
+                if self._dead:
+                    assert self._localw is not None
+                    self._localw.kill()
+                    self._start()
+        gen = self._generation
+        cached = getattr(self._tls, "sock", None)
+        if cached is not None and cached[0] == gen and not cached[1].closed:
+            return int(cached[0]), cached[1]
+        if cached is not None:
+            self._discard(cached[1])
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = self._max_message
+        sock.sndhwm = sock.rcvhwm = 1000
+        if self._remote is not None:
+            self._remote.configure(sock)
+        assert self._endpoint is not None
+        sock.connect(self._endpoint)
+        with self._lock:
+            self._sockets.append(sock)
+        self._tls.sock = (gen, sock)
+        return gen, sock
+
+    def _discard(self, sock: zmq.Socket[Any]) -> None:
+        sock.close(linger=0)  # a late reply must never reach the next call
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+        if getattr(self._tls, "sock", (0, None))[1] is sock:
+            self._tls.sock = None
+
+    def _request(
+        self, header: dict[str, Any], frames: Sequence[Any] = (), timeout: float | None = None
+    ) -> tuple[dict[str, Any], list[Any]]:
+        gen, sock = self._socket()
+        rid = next(self._ids)
+        header["v"] = PROTOCOL_VERSION
+        header["id"] = rid
+        sock.send_multipart([pack_header(header), *frames], copy=False)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms > 0 and sock.poll(min(left_ms, _POLL_SLICE_MS)):
+                reply = sock.recv_multipart(copy=False)
+                hdr = unpack_header(reply[0])
+                if hdr.get("id") != rid:
+                    continue  # a stale reply to an abandoned call
+                raise_for_reply(hdr)
+                return hdr, reply[1:]
+            if self._localw is not None and not self._localw.alive():
+                self._discard(sock)
+                with self._lock:
+                    if gen == self._generation:
+                        self._dead = True
+                raise WorkerCrashedError("the worker process died; the next call starts a new one")
+            if left_ms <= 0:
+                self._discard(sock)
+                raise WorkerTimeoutError(f"no answer from the worker within {limit:g}s")
+
+    # -- public API ---------------------------------------------------------------
+
+    def compute(
+        self,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Run the pipeline; returns the chosen (default: all) outputs by name."""
+        descs, frames = encode_tensors(inputs)
+        header: dict[str, Any] = {"op": "compute", "tensors": descs}
+        if outputs is not None:
+            header["outputs"] = list(outputs)
+        hdr, out_frames = self._request(header, frames, timeout)
+        return decode_tensors(hdr.get("tensors"), out_frames)
+
+    async def compute_async(
+        self,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """:meth:`compute` for asyncio code (runs in the loop's executor)."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.compute, inputs, outputs, timeout=timeout)
+        return await loop.run_in_executor(None, call)
+
+    def _op(self, op: str) -> dict[str, Any]:
+        hdr, _ = self._request({"op": op})
+        return {k: v for k, v in hdr.items() if k not in ("v", "id", "ok")}
+
+    def health(self) -> dict[str, Any]:
+        """Hardening report, provider and lease state of the worker."""
+        return self._op("health")
+
+    def stats(self) -> dict[str, Any]:
+        """Calls served and latency percentiles (milliseconds)."""
+        return self._op("stats")
+
+    @property
+    def pid(self) -> int | None:
+        w = self._localw
+        return w.proc.pid if w is not None and w.proc is not None else None
+
+    def close(self) -> None:
+        """Stop the worker (local), close every socket, remove the private directory."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            socks, self._sockets = self._sockets, []
+        for s in socks:
+            s.close(linger=0)
+        if self._localw is not None:
+            self._localw.close()
+        self._ctx.term()
+        _LIVE.discard(self)
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "local" if self._localw is not None else self._endpoint
+        return f"Model({self.model_id!r}, {where}, inputs={list(self.inputs)}, outputs={list(self.outputs)})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Model is a live connection and cannot be pickled")
+
+
+def open(  # noqa: A001 - the public contract is vault.open()
+    path: str | os.PathLike[str],
+    licence: str | os.PathLike[str] | Licence | None = None,
+    *,
+    license: str | os.PathLike[str] | Licence | None = None,  # noqa: A002 - US spelling
+    providers: Sequence[str] | None = None,
+    device: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    start_timeout: float = START_TIMEOUT,
+    worker_args: Sequence[str] = (),
+) -> Model:
+    """Spawn a local worker for the package at ``path`` and return its Model."""
+    lic = licence if licence is not None else license
+    if lic is None:
+        raise ConfigError("vault.open needs licence=...")
+    w = _LocalWorker(
+        os.fspath(path),
+        Licence.load(lic),
+        providers=providers,
+        device=device,
+        start_timeout=start_timeout,
+        worker_args=worker_args,
+    )
+    try:
+        return Model(local=w, timeout=timeout)
+    except BaseException:
+        w.close()
+        raise
+
+
+def open_with_unsafe_test_key(
+    path: str | os.PathLike[str],
+    *,
+    key: bytes | bytearray,
+    publisher: str | os.PathLike[str],
+    timeout: float = DEFAULT_TIMEOUT,
+    worker_args: Sequence[str] = (),
+    python: str | None = None,
+) -> Model:
+    """UNSAFE, for tests and air-gapped debugging only: hand the raw package
+    key to the worker over a pipe, bypassing the key server (no licence check,
+    no lease, no audit). ``publisher`` is the publisher's public key file."""
+    w = _LocalWorker(
+        os.fspath(path),
+        None,
+        providers=None,
+        device=None,
+        start_timeout=START_TIMEOUT,
+        unsafe_key=bytes(key),
+        publisher=os.fspath(publisher),
+        worker_args=worker_args,
+        python=python,
+    )
+    try:
+        return Model(local=w, timeout=timeout)
+    except BaseException:
+        w.close()
+        raise
+
+
+def connect(
+    address: str,
+    licence: str | os.PathLike[str] | Licence | None = None,
+    *,
+    server_key: str | os.PathLike[str],
+    license: str | os.PathLike[str] | Licence | None = None,  # noqa: A002
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Model:
+    """Use a remote worker (``vault worker serve``) over tcp:// with CURVE.
+
+    ``server_key`` is the worker's Z85 CURVE public key, or a file holding it
+    (``vault worker serve`` prints it and writes it next to its allow-list).
+    """
+    lic = licence if licence is not None else license
+    if lic is None:
+        raise ConfigError("vault.connect needs licence=...")
+    key = os.fspath(server_key)
+    if len(key) != 40 and os.path.exists(key):
+        with builtins.open(key, encoding="ascii") as fh:
+            key = fh.read().strip()
+    if len(key) != 40:
+        raise ConfigError("server_key must be the worker's 40-character Z85 CURVE public key")
+    return Model(remote=_Remote(address, Licence.load(lic), key), timeout=timeout)
+
+
+if os.name != "posix":  # pragma: no cover
+    raise ImportError("vault.client needs a POSIX system")

@@ -1,0 +1,302 @@
+"""Client of the licensing key server (used by the worker and the CLI).
+
+A DEALER socket with CURVE: the licence file supplies the client's key pair
+and the server's public key, so the connection itself proves who is asking.
+Each request carries a fresh random nonce and a timestamp (the server refuses
+replays) and an id; replies are matched by id. On a timeout the socket is
+thrown away (``linger=0``), so a late request is never delivered later.
+
+Thread safety: one client may be shared by threads; requests are serialised
+by a lock (ZeroMQ sockets are not thread-safe). For parallel requests give
+each thread its own client.
+
+Example::
+
+    with KeyServerClient(Licence.load("alice.licence")) as ks:
+        rel = ks.release(model_id="resnet", key_id="k1", package_digest=digest)
+        try:
+            decrypt_with(rel.key)
+        finally:
+            rel.wipe()
+        lease = ks.renew(lease_id=rel.lease.lease_id, calls=10)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from . import _crypto
+from .errors import ConfigError, KeyServerUnavailableError, ProtocolError, VaultError
+from .licence import Licence
+from .protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
+
+__all__ = ["KeyServerClient", "Lease", "Release"]
+
+_MAX_REPLY = 1 << 20
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A key lease. ``expires_at``/``hard_end`` are wall-clock epoch seconds on
+    *this* machine (computed from the TTL at the moment the request was sent,
+    so clock skew with the server cannot lengthen a lease). ``hard_end`` is
+    ``expires_at`` plus the licence's offline grace period: the last moment a
+    worker may keep serving without a successful renewal. ``call_budget`` is
+    how many calls may be served before the next renewal (None: unlimited)."""
+
+    lease_id: str
+    ttl: float
+    expires_at: float
+    hard_end: float
+    call_budget: int | None
+
+    @classmethod
+    def _from_wire(cls, data: Any, sent_at: float) -> Lease:
+        try:
+            ttl = float(data["ttl"])
+            grace = float(data.get("grace") or 0.0)
+            budget = data.get("call_budget")
+            return cls(
+                lease_id=str(data["lease_id"]),
+                ttl=ttl,
+                expires_at=sent_at + ttl,
+                hard_end=sent_at + ttl + grace,
+                call_budget=None if budget is None else int(budget),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError("key server sent a malformed lease") from exc
+
+
+class Release:
+    """A released package key (32 bytes, a mutable buffer) and its lease.
+    Call :meth:`wipe` (or use ``with``) once the key has done its work."""
+
+    def __init__(self, key: bytearray, lease: Lease) -> None:
+        self.key = key
+        self.lease = lease
+
+    def wipe(self) -> None:
+        _crypto.zeroize(self.key)
+
+    def __enter__(self) -> Release:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()
+
+    def __repr__(self) -> str:
+        return f"Release(key=<{len(self.key)} bytes hidden>, lease={self.lease!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Release holds a package key and cannot be pickled")
+
+
+class KeyServerClient:
+    """Talks to the key server named in ``licence``.
+
+    ``timeout`` (seconds) bounds each request; no answer in time raises
+    :class:`~vault.errors.KeyServerUnavailableError`. Denials come back as the
+    server's typed error (``LicenceRevokedError``, ``QuotaExhaustedError``...).
+    ``address`` overrides the licence's key-server address.
+    """
+
+    def __init__(
+        self,
+        licence: Licence | str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        address: str | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.licence = Licence.load(licence)
+        self.address = address or self.licence.keyserver_address
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket[Any] | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- plumbing -----------------------------------------------------------
+
+    def _socket(self) -> zmq.Socket[Any]:
+        if self._closed:
+            raise ConfigError("key server client is closed")
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            try:
+                s.linger = 0
+                s.maxmsgsize = _MAX_REPLY
+                s.curve_serverkey = self.licence.keyserver_public_key.encode()
+                s.curve_publickey = self.licence.client_public_key.encode()
+                s.curve_secretkey = self.licence.client_secret_key.encode()
+                s.connect(self.address)
+            except (zmq.ZMQError, ValueError) as exc:
+                s.close(0)
+                raise ConfigError(f"cannot connect to key server {self.address!r}: {exc}") from exc
+            self._sock = s
+        return self._sock
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def _request(self, op: str, **fields: Any) -> tuple[dict[str, Any], float]:
+        with self._lock:
+            sock = self._socket()
+            rid = next(self._ids)
+            sent_at = time.time()
+            header = {
+                "v": PROTOCOL_VERSION, "op": op, "id": rid,
+                "nonce": os.urandom(16), "ts": sent_at, **fields,
+            }  # fmt: skip
+            deadline = time.monotonic() + self.timeout
+            try:
+                sock.send(pack_header(header), zmq.NOBLOCK)
+            except zmq.Again:
+                self._drop_socket()
+                raise KeyServerUnavailableError(
+                    f"key server {self.address} is not accepting requests"
+                ) from None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                    self._drop_socket()  # discard the queued request with the socket
+                    raise KeyServerUnavailableError(
+                        f"no answer from key server {self.address} within {self.timeout:g}s"
+                    )
+                frames = sock.recv_multipart()
+                if len(frames) != 1:
+                    continue
+                try:
+                    reply = unpack_header(frames[0])
+                except VaultError:
+                    continue
+                if reply.get("id") == rid:
+                    break  # anything else is a stale reply to an earlier request
+            raise_for_reply(reply)
+            return reply, sent_at
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_socket()
+            self._closed = True
+
+    def __enter__(self) -> KeyServerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A forgotten close() must not leave a socket for the GC to warn about.
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close(0)
+
+    def __repr__(self) -> str:
+        return f"KeyServerClient({self.address!r}, licence={self.licence.licence_id!r})"
+
+    # --- operations -----------------------------------------------------------
+
+    def ping(self) -> float:
+        """Round trip to the server; returns the server's clock."""
+        reply, _ = self._request("ping")
+        return float(reply.get("time", 0.0))
+
+    def release(
+        self, *, model_id: str, key_id: str, package_digest: str, suite: str = "x25519"
+    ) -> Release:
+        """Ask for a package key under this licence. The key comes sealed
+        (HPKE) to a fresh ephemeral key made here, bound to model id, package
+        digest and licence id; any tampering is an IntegrityError."""
+        eph = _crypto.EphemeralKey(suite)
+        reply, sent_at = self._request(
+            "release",
+            model_id=model_id,
+            key_id=key_id,
+            package_digest=package_digest,
+            licence_id=self.licence.licence_id,
+            suite=suite,
+            ephemeral_key=eph.public_bytes,
+        )
+        sealed = reply.get("sealed_key")
+        if not isinstance(sealed, bytes):
+            raise ProtocolError("key server reply lacks the sealed key")
+        lease = Lease._from_wire(reply.get("lease"), sent_at)
+        info = _crypto.key_release_info(model_id, package_digest, self.licence.licence_id)
+        key = eph.open(sealed, info)
+        if len(key) != _crypto.KEY_SIZE:
+            _crypto.zeroize(key)
+            raise ProtocolError("key server released a key of the wrong size")
+        return Release(key, lease)
+
+    def renew(self, *, lease_id: str, calls: int) -> Lease:
+        """Report ``calls`` served since the last report and extend the lease;
+        a revoked/expired/exhausted licence raises its typed error instead."""
+        reply, sent_at = self._request("renew", lease_id=lease_id, calls=int(calls))
+        return Lease._from_wire(reply.get("lease"), sent_at)
+
+    def register_key(
+        self, *, model_id: str, key_id: str, key: bytes | bytearray, package_digest: str
+    ) -> bool:
+        """(admin) Store a package key, wrapped under the master key. Returns
+        False when this exact key was already registered."""
+        reply, _ = self._request(
+            "register_key",
+            model_id=model_id,
+            key_id=key_id,
+            key=bytes(key),
+            package_digest=package_digest,
+        )
+        return bool(reply.get("created"))
+
+    def issue(
+        self,
+        model_id: str,
+        *,
+        holder: str,
+        expires: float | None = None,
+        max_calls: int | None = None,
+        rate_limit: float | None = None,
+        grace: float = 0.0,
+    ) -> Licence:
+        """(admin) Issue a licence; ``expires`` is seconds from now (None: never),
+        ``rate_limit`` key requests per second, ``grace`` offline seconds."""
+        reply, _ = self._request(
+            "issue",
+            model_id=model_id,
+            holder=holder,
+            expires=expires,
+            max_calls=max_calls,
+            rate_limit=rate_limit,
+            grace=grace,
+        )
+        return Licence.from_json(reply.get("licence"), source="key server reply")
+
+    def revoke(self, licence_id: str) -> dict[str, Any]:
+        """(admin) Revoke a licence; its leases end at their next renewal."""
+        reply, _ = self._request("revoke", licence_id=licence_id)
+        return {k: reply.get(k) for k in ("licence_id", "revoked_at", "already")}
+
+    def list(self) -> list[dict[str, Any]]:
+        """(admin) Every licence with its limits and usage."""
+        reply, _ = self._request("list")
+        out = reply.get("licences")
+        if not isinstance(out, list):
+            raise ProtocolError("key server sent a malformed licence list")
+        return out

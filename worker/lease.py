@@ -1,0 +1,189 @@
+"""The key lease: renew it in the background, refuse calls when it ends.
+
+The key server hands the worker a lease with the package key. A
+:class:`LeaseKeeper` renews it before it runs out, reporting the calls served
+since the last renewal. A licence denial (revoked, expired, quota) ends it at
+once: the worker drops its sessions and every later compute gets that same
+licence error. An unreachable key server is tolerated until the lease's
+``hard_end``; after that the worker refuses too.
+
+Time and the renew call are parameters, so tests need no clock or server.
+
+Example::
+
+    keeper = LeaseKeeper(lease, renew=lambda lease_id, calls: ks.renew(lease_id=lease_id, calls=calls),
+                         on_end=pipeline.close)
+    keeper.start()
+    keeper.check()          # before each compute: raises the licence error once ended
+    keeper.record_call()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vault.errors import (
+    KeyServerError,
+    KeyServerUnavailableError,
+    LicenceError,
+    LicenceExpiredError,
+    QuotaExhaustedError,
+    VaultError,
+)
+
+__all__ = ["LeaseKeeper"]
+
+
+def _get(lease: Any, name: str, default: Any = None) -> Any:
+    return getattr(lease, name, default) if lease is not None else default
+
+
+class LeaseKeeper:
+    """Owns the current lease, its renewal thread and the refusal state."""
+
+    def __init__(
+        self,
+        lease: Any,
+        *,
+        renew: Callable[[str, int], Any] | None,
+        on_end: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+        unsafe_no_lease: bool = False,
+    ) -> None:
+        self._lease = lease
+        self._renew = renew
+        self._on_end = on_end
+        self._clock = clock
+        self._unsafe = unsafe_no_lease
+        self._lock = threading.Lock()
+        self._error: VaultError | None = None
+        self._calls_unreported = 0
+        self._calls_in_lease = 0
+        self._renewals = 0
+        self._last_problem: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- serving side ------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise the error that ended the lease, or end it now if its time is up."""
+        err = self._error
+        if err is not None:
+            raise err
+        if self._unsafe or self._lease is None:
+            return
+        hard_end = _get(self._lease, "hard_end")
+        if hard_end is not None and self._clock() >= float(hard_end):
+            self._end(self._expired_error())
+            raise self._error  # type: ignore[misc]
+        budget = _get(self._lease, "call_budget")
+        if budget is not None and self._calls_in_lease >= int(budget):
+            # The lease's call budget is spent: renew now, in the caller's thread,
+            # so the quota is enforced by the key server and not by our timing.
+            self._renew_once()
+            if self._error is not None:
+                raise self._error
+            budget = _get(self._lease, "call_budget")
+            if budget is not None and self._calls_in_lease >= int(budget):
+                raise QuotaExhaustedError("lease call budget spent")
+
+    def record_call(self) -> None:
+        with self._lock:
+            self._calls_unreported += 1
+            self._calls_in_lease += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        if self._unsafe:
+            return {"state": "none", "detail": "UNSAFE test key: no lease, no key server"}
+        state = (
+            "ended" if self._error is not None else ("grace" if self._last_problem else "active")
+        )
+        return {
+            "state": state,
+            "error": self._error.to_wire() if self._error is not None else None,
+            "lease_id": _get(self._lease, "lease_id"),
+            "expires_at": _get(self._lease, "expires_at"),
+            "hard_end": _get(self._lease, "hard_end"),
+            "call_budget": _get(self._lease, "call_budget"),
+            "renewals": self._renewals,
+            "last_problem": self._last_problem,
+        }
+
+    # -- renewal -------------------------------------------------------------------
+
+    def _end(self, err: VaultError) -> None:
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = err
+        self._stop.set()
+        try:
+            self._on_end()
+        except Exception:  # pragma: no cover - dropping sessions must not kill serving
+            pass
+
+    def _expired_error(self) -> VaultError:
+        if self._last_problem:
+            return KeyServerUnavailableError(
+                "the lease ended while the key server was unreachable; calls are refused"
+            )
+        return LicenceExpiredError("the lease ended and was not renewed")
+
+    def _renew_once(self) -> None:
+        if self._renew is None or self._error is not None:
+            return
+        with self._lock:
+            calls = self._calls_unreported
+            self._calls_unreported = 0
+        try:
+            lease = self._renew(str(_get(self._lease, "lease_id")), calls)
+        except LicenceError as exc:
+            self._end(exc)
+            return
+        except (KeyServerError, OSError) as exc:
+            # Unreachable: keep serving until hard_end, keep the count to report.
+            with self._lock:
+                self._calls_unreported += calls
+            self._last_problem = f"{getattr(exc, 'code', 'error')}: {exc}"
+            return
+        except VaultError as exc:
+            with self._lock:
+                self._calls_unreported += calls
+            self._last_problem = f"{exc.code}: {exc}"
+            return
+        with self._lock:
+            self._lease = lease
+            self._calls_in_lease = 0
+        self._renewals += 1
+        self._last_problem = None
+
+    def _delay(self) -> float:
+        now = self._clock()
+        ttl = float(_get(self._lease, "ttl", 10.0) or 10.0)
+        expires = float(_get(self._lease, "expires_at", now + ttl) or now + ttl)
+        if self._last_problem:
+            return max(0.05, min(1.0, ttl / 4))  # retry soon while the server is away
+        # renew halfway through the lease: one lost round trip still leaves time
+        return max(0.05, min(expires - now - ttl / 2, ttl / 2))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._delay()):
+            self._renew_once()
+            hard_end = _get(self._lease, "hard_end")
+            if hard_end is not None and self._clock() >= float(hard_end):
+                self._end(self._expired_error())
+
+    def start(self) -> None:
+        if self._unsafe or self._renew is None or self._lease is None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="vault-lease", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)

@@ -1,0 +1,156 @@
+"""The worker's operations: ``info``, ``compute``, ``health``, ``stats``.
+
+:meth:`Service.handle` takes one request (header frame plus tensor frames)
+and returns the reply frames. It never raises: every failure, from a
+malformed header to an onnxruntime error, becomes a typed error reply, so one
+bad caller cannot stop the worker. Input tensors are numpy views over the
+received zmq frames and output tensors are sent as views over onnxruntime's
+arrays: no copies on either side.
+
+Example::
+
+    svc = Service(pipeline, keeper, info={"model_id": "m"}, hardening=report)
+    reply = svc.handle([pack_header({"v": 1, "op": "info", "id": 1})])
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from vault.errors import ComputeError, ProtocolError, VaultError
+from vault.protocol import (
+    decode_tensors,
+    encode_tensors,
+    error_reply,
+    ok_reply,
+    pack_header,
+    unpack_header,
+)
+
+from . import hardening as _hardening
+from .lease import LeaseKeeper
+from .runtime import Pipeline
+
+__all__ = ["Service"]
+
+
+def _frame_len(f: Any) -> int:
+    return len(f.buffer) if hasattr(f, "buffer") else len(f)
+
+
+def _request_id(header: dict[str, Any]) -> Any:
+    rid = header.get("id")
+    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+
+
+class Service:
+    """Dispatches requests to the pipeline; keeps call statistics."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        lease: LeaseKeeper,
+        *,
+        info: dict[str, Any],
+        hardening: dict[str, Any],
+        max_request: int = 1 << 30,
+    ) -> None:
+        self.pipeline = pipeline
+        self.lease = lease
+        self.info = info
+        self.hardening = hardening
+        self.max_request = max_request
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._errors = 0
+        self._latencies: deque[float] = deque(maxlen=4096)
+        self._started = time.time()
+
+    def handle(self, frames: list[Any]) -> list[Any]:
+        req_id = None
+        try:
+            if not frames:
+                raise ProtocolError("empty request")
+            header = unpack_header(frames[0])
+            req_id = _request_id(header)
+            op = header.get("op")
+            if op == "compute":
+                return self._compute(req_id, header, frames[1:])
+            if len(frames) != 1:
+                raise ProtocolError(f"op {op!r} takes no tensor frames, got {len(frames) - 1}")
+            if op == "info":
+                body = ok_reply(req_id, **self.info, provider=self.pipeline.provider)
+            elif op == "health":
+                body = ok_reply(req_id, **self._health())
+            elif op == "stats":
+                body = ok_reply(req_id, **self._stats())
+            else:
+                raise ProtocolError(f"unknown op {op!r}; ops are compute, info, health, stats")
+            return [pack_header(body)]
+        except VaultError as exc:
+            return self._error(req_id, exc)
+        except Exception as exc:  # a bug: say which class, never the text (it may name nodes)
+            print(f"vault-worker: internal error {type(exc).__name__}", file=sys.stderr)
+            return self._error(
+                req_id, ComputeError(f"internal worker error ({type(exc).__name__})")
+            )
+
+    def _error(self, req_id: Any, exc: VaultError) -> list[Any]:
+        with self._lock:
+            self._errors += 1
+        return [pack_header(error_reply(req_id, exc))]
+
+    def _compute(self, req_id: Any, header: dict[str, Any], frames: list[Any]) -> list[Any]:
+        t0 = time.perf_counter()
+        total = sum(_frame_len(f) for f in frames)
+        if total > self.max_request:
+            raise ProtocolError(f"request of {total} bytes exceeds the limit of {self.max_request}")
+        outputs = header.get("outputs")
+        if outputs is not None and (
+            not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
+        ):
+            raise ProtocolError("outputs must be a list of names")
+        feeds = decode_tensors(header.get("tensors"), frames)
+        self.lease.check()
+        result = self.pipeline.run(feeds, outputs)
+        self.lease.record_call()
+        descs, out_frames = encode_tensors(result)
+        reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._calls += 1
+            self._latencies.append(dt)
+        return reply
+
+    def _health(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "model_id": self.info.get("model_id"),
+            "provider": self.pipeline.provider,
+            "serving": not self.pipeline.closed,
+            "hardening": self.hardening,
+            # read back from the kernel in this handler thread: proves the
+            # per-thread protections (seccomp, no_new_privs) reached it
+            "kernel": _hardening.verify(),
+            "lease": self.lease.snapshot(),
+        }
+
+    def _stats(self) -> dict[str, Any]:
+        with self._lock:
+            lat = sorted(self._latencies)
+            calls, errors = self._calls, self._errors
+
+        def q(p: float) -> float | None:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else None
+
+        return {
+            "calls": calls,
+            "errors": errors,
+            "uptime_s": time.time() - self._started,
+            "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)},
+        }

@@ -1,0 +1,339 @@
+"""onnxruntime sessions for a decrypted pipeline, built from memory only.
+
+A :class:`Pipeline` owns one session per stage graph (normally one: the
+composed pre → model → post graph) and exposes only the *declared* pipeline
+inputs and outputs. Every request is checked against that public signature
+before onnxruntime sees it, so an internal tensor name gets exactly the same
+:class:`~vault.errors.InputError` as a name that does not exist; onnxruntime's
+own error text (which names internal nodes) never leaves this module.
+
+Session options that would leak the model are refused: an optimised-model
+dump (``optimized_model_filepath``), profiling files and verbose logs.
+
+Example::
+
+    pipe = Pipeline([graph_bytes], {}, inputs=sig_in, outputs=sig_out)
+    pipe.run({"x": np.ones((1, 3), np.float32)}, ["y"])
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from vault.errors import ComputeError, ConfigError, InputError
+from vault.protocol import dtype_name
+
+__all__ = ["Pipeline", "choose_providers", "session_options", "signature_of"]
+
+_ALLOWED_OPTIONS = {
+    "intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "execution_mode",
+}  # fmt: skip
+_LEAKY_OPTIONS = {
+    "optimized_model_filepath": "would write the optimised model (the architecture) to disk",
+    "enable_profiling": "would write a profile naming every node",
+    "profile_file_prefix": "would write a profile naming every node",
+    "log_severity_level": "verbose logs name every node",
+    "log_verbosity_level": "verbose logs name every node",
+}
+_ONNX_TO_NAME = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16", "tensor(int8)": "int8", "tensor(int16)": "int16",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16", "tensor(uint32)": "uint32", "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool", "tensor(string)": "string", "tensor(complex64)": "complex64",
+    "tensor(complex128)": "complex128",
+}  # fmt: skip
+
+
+ort.set_default_logger_severity(4)
+_RUN_OPTIONS = ort.RunOptions()
+_RUN_OPTIONS.log_severity_level = 4
+
+
+def session_options(options: Mapping[str, Any] | None = None) -> ort.SessionOptions:
+    """SessionOptions with every leaky knob off; ConfigError for a refused option."""
+    so = ort.SessionOptions()
+    # fatal only: onnxruntime's warnings *and* error lines name graph nodes
+    so.log_severity_level = 4
+    so.log_verbosity_level = 0
+    so.enable_profiling = False
+    so.optimized_model_filepath = ""
+    # No spin-waiting in onnxruntime's thread pools: idle spinners steal the
+    # cores the zmq I/O threads need, which tripled the round trip of a small
+    # model on a 2-core machine. Opt back in with {"allow_spinning": 1}.
+    spin = "1" if (options or {}).get("allow_spinning") else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    for key, value in (options or {}).items():
+        if key == "allow_spinning":
+            continue
+        if key in _LEAKY_OPTIONS:
+            raise ConfigError(f"session option {key!r} is refused: it {_LEAKY_OPTIONS[key]}")
+        if key not in _ALLOWED_OPTIONS:
+            raise ConfigError(
+                f"unknown session option {key!r}; allowed: {sorted(_ALLOWED_OPTIONS)}"
+            )
+        if key == "graph_optimization_level":
+            value = ort.GraphOptimizationLevel(int(value))
+        elif key == "execution_mode":
+            value = ort.ExecutionMode(int(value))
+        setattr(so, key, value)
+    return so
+
+
+def choose_providers(
+    providers: Sequence[str] | None = None, device: str | None = None
+) -> list[Any]:
+    """CPU by default; CUDA when asked for and present (ConfigError when absent)."""
+    wanted = list(providers or [])
+    dev = (device or "").lower()
+    want_cuda = dev.startswith("cuda") or dev == "gpu" or "CUDAExecutionProvider" in wanted
+    for p in wanted:
+        if p not in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+            raise ConfigError(
+                f"provider {p!r} is not allowed (CPUExecutionProvider, CUDAExecutionProvider)"
+            )
+    if dev and not (want_cuda or dev == "cpu"):
+        raise ConfigError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'")
+    if not want_cuda:
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ConfigError(
+            "CUDA was asked for but onnxruntime-gpu with a CUDA device is not available"
+        )
+    device_id = int(dev.split(":", 1)[1]) if ":" in dev else 0
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+
+def _wipe_bytes(b: bytes) -> None:
+    """Overwrite an immutable ``bytes`` in place (CPython layout: the data
+    starts at ``bytes.__basicsize__ - 1``). onnxruntime's binding only takes
+    ``bytes`` for a model, so this is how that one extra copy gets cleared."""
+    if type(b) is bytes and len(b) > 1:
+        ctypes.memset(id(b) + bytes.__basicsize__ - 1, 0, len(b))
+
+
+def _session(
+    graph: Any, files: Mapping[str, Any], so: ort.SessionOptions, providers: list[Any]
+) -> Any:
+    if files:
+        names = list(files)
+        bufs = [files[n] for n in names]
+        so.add_external_initializers_from_files_in_memory(names, bufs, [len(b) for b in bufs])
+    model = bytes(graph)
+    failed = ""
+    try:
+        return ort.InferenceSession(model, so, providers=providers)
+    except Exception as exc:  # onnxruntime's text names nodes: keep only the class
+        failed = type(exc).__name__
+    finally:
+        _wipe_bytes(model)
+        del model
+    # raised outside the handler so no __context__ carries onnxruntime's text
+    raise ComputeError(f"the pipeline could not be loaded ({failed})")
+
+
+def signature_of(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The public signature of a session, as a manifest would list it."""
+
+    def conv(args: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": a.name, "dtype": _ONNX_TO_NAME.get(a.type, a.type), "shape": list(a.shape)}
+            for a in args
+        ]
+
+    return conv(session.get_inputs()), conv(session.get_outputs())
+
+
+_BF16_ONNX = 16  # TensorProto.BFLOAT16
+
+
+def _np_dtype(name: str) -> np.dtype[Any] | None:
+    """The numpy dtype a declared input must have (None: check by name)."""
+    from vault.protocol import dtype_from_name
+
+    try:
+        dt = dtype_from_name(name)
+    except Exception:  # an odd manifest dtype: fall back to the slow path
+        return None
+    return None if dt == np.dtype(object) else dt
+
+
+def _to_ortvalue(arr: np.ndarray[Any, Any]) -> Any:
+    if dtype_name(arr.dtype) == "bfloat16":
+        raw = np.ascontiguousarray(arr).view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, _BF16_ONNX)
+    return ort.OrtValue.ortvalue_from_numpy(arr)
+
+
+def _from_ortvalue(v: Any) -> np.ndarray[Any, Any]:
+    if v.data_type() != "tensor(bfloat16)":
+        return v.numpy()  # type: ignore[no-any-return]
+    from vault.protocol import dtype_from_name
+
+    shape = tuple(v.shape())
+    n = int(np.prod(shape, dtype=np.int64))
+    out = np.empty(n, np.uint16)
+    if n:
+        ctypes.memmove(out.ctypes.data, v.data_ptr(), n * 2)
+    return out.view(dtype_from_name("bfloat16")).reshape(shape)
+
+
+def _run_ortvalues(
+    sess: Any, feeds: Mapping[str, np.ndarray[Any, Any]], want: list[str]
+) -> dict[str, np.ndarray[Any, Any]]:
+    vals = sess.run_with_ort_values(
+        want, {k: _to_ortvalue(v) for k, v in feeds.items()}, _RUN_OPTIONS
+    )
+    return {n: _from_ortvalue(v) for n, v in zip(want, vals)}
+
+
+class Pipeline:
+    """The decrypted pipeline's sessions and its public signature."""
+
+    def __init__(
+        self,
+        graphs: Sequence[Any],
+        files: Mapping[str, Any] | None = None,
+        *,
+        inputs: Sequence[Mapping[str, Any]] | None = None,
+        outputs: Sequence[Mapping[str, Any]] | None = None,
+        providers: Sequence[str] | None = None,
+        device: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not graphs:
+            raise ConfigError("the package holds no graph")
+        chosen = choose_providers(providers, device)
+        self._stages: list[tuple[Any, list[str], list[str]]] | None = []
+        for g in graphs:
+            sess = _session(g, files or {}, session_options(options), chosen)
+            self._stages.append(
+                (sess, [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+            )
+        first = self._stages[0][0]
+        self.provider: str = first.get_providers()[0]
+        self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        if inputs is None or outputs is None:
+            sig_in, sig_out = signature_of(first)
+            if len(self._stages) > 1:
+                sig_out = signature_of(self._stages[-1][0])[1]
+            inputs = inputs if inputs is not None else sig_in
+            outputs = outputs if outputs is not None else sig_out
+        self.inputs = [dict(s) for s in inputs]
+        self.outputs = [dict(s) for s in outputs]
+        self._in = {s["name"]: (str(s["dtype"]), list(s.get("shape") or [])) for s in self.inputs}
+        self._np_dtypes = {n: _np_dtype(d) for n, (d, _) in self._in.items()}
+        self._out_names = [str(s["name"]) for s in self.outputs]
+        self._out_set = frozenset(self._out_names)
+        # onnxruntime's numpy bridge has no bfloat16: such pipelines go through OrtValues
+        self._bf16 = any(str(s["dtype"]) == "bfloat16" for s in (*self.inputs, *self.outputs))
+
+    @property
+    def closed(self) -> bool:
+        return self._stages is None
+
+    def close(self) -> None:
+        """Drop the sessions (the weights go with them); in-flight runs finish."""
+        self._stages = None
+
+    # -- checks ---------------------------------------------------------------
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        for name in feeds:
+            if name not in self._in:
+                raise InputError(f"no input named {name!r}; inputs are {sorted(self._in)}")
+        dims: dict[str, int] = {}
+        for name, (dtype, shape) in self._in.items():
+            arr = feeds.get(name)
+            if arr is None:
+                raise InputError(f"missing input {name!r}")
+            want_dt = self._np_dtypes.get(name)
+            if want_dt is None or arr.dtype != want_dt:  # fast path: one dtype compare
+                got = dtype_name(arr.dtype)
+                if got != dtype:
+                    raise InputError(f"input {name!r} must be {dtype}, got {got}")
+            if shape and len(arr.shape) != len(shape):
+                raise InputError(
+                    f"input {name!r} must have rank {len(shape)}, got shape {list(arr.shape)}"
+                )
+            for i, (want, have) in enumerate(zip(shape, arr.shape)):
+                if isinstance(want, int) and want >= 0 and want != have:
+                    raise InputError(
+                        f"input {name!r} dimension {i} must be {want}, got shape {list(arr.shape)}"
+                    )
+                if isinstance(want, str) and want:
+                    # one symbolic dim must take one value across all inputs
+                    if dims.setdefault(want, have) != have:
+                        raise InputError(
+                            f"input {name!r} dimension {i} ({want}) is {have}, "
+                            f"but another input has {want}={dims[want]}"
+                        )
+
+    def check_outputs(self, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return self._out_names
+        for n in names:
+            # the same words for an internal tensor as for a missing one
+            if not isinstance(n, str) or n not in self._out_set:
+                raise InputError(f"no output named {n!r}; outputs are {self._out_names}")
+        return list(dict.fromkeys(names))
+
+    # -- run ------------------------------------------------------------------
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        stages = self._stages
+        if stages is None:
+            raise ComputeError("the pipeline was unloaded")
+        self.check_inputs(feeds)
+        want = self.check_outputs(outputs)
+        failed = ""
+        try:
+            if len(stages) == 1 and self._bf16:
+                return _run_ortvalues(stages[0][0], feeds, want)
+            if len(stages) == 1:
+                res = stages[0][0].run(want, dict(feeds), _RUN_OPTIONS)
+                return dict(zip(want, res))
+            return self._run_chain(stages, feeds, want)
+        except Exception as exc:  # onnxruntime's text names nodes: keep only the class
+            failed = type(exc).__name__
+        # raised outside the handler so no __context__ carries onnxruntime's text
+        raise ComputeError(f"inference failed ({failed})")
+
+    def _run_chain(
+        self,
+        stages: list[tuple[Any, list[str], list[str]]],
+        feeds: Mapping[str, np.ndarray[Any, Any]],
+        want: list[str],
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        values: dict[str, Any] = dict(feeds)
+        if self._device == "cpu":
+            # On CPU every value already lives in host memory: plain run() is
+            # the cheapest way to hand one stage's outputs to the next.
+            for sess, ins, outs in stages:
+                res = sess.run(outs, {n: values[n] for n in ins}, _RUN_OPTIONS)
+                values.update(zip(outs, res))
+            return {n: values[n] for n in want}
+        # On a GPU, IO binding keeps intermediates on the device between stages.
+        for sess, ins, outs in stages:
+            binding = sess.io_binding()
+            for n in ins:
+                v = values[n]
+                if isinstance(v, np.ndarray):
+                    binding.bind_cpu_input(n, v)
+                else:
+                    binding.bind_ortvalue_input(n, v)
+            for n in outs:
+                binding.bind_output(n, self._device)
+            sess.run_with_iobinding(binding, _RUN_OPTIONS)
+            values.update(zip(outs, binding.get_outputs()))
+        return {
+            n: (values[n] if isinstance(values[n], np.ndarray) else values[n].numpy()) for n in want
+        }

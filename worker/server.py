@@ -1,0 +1,211 @@
+"""The worker's ZeroMQ loop: a ROUTER front, inline fast calls, a compute pool.
+
+Requests arrive on a ROUTER socket (``ipc://`` in a private directory, or
+``tcp://`` with CURVE and a ZAP allow-list). Fast calls are answered by the
+router thread itself (no thread hop); slow ones go to a pool of ``threads``
+threads, so several callers' computes run at once. The handler turns every
+malformed request into a typed error reply, so the worker goes on serving.
+
+Example::
+
+    server = Server(ctx, "ipc:///tmp/vault-x/w.sock", handler=handler, threads=2)
+    server.bind()
+    server.start()          # returns at once; server.stop() ends it
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from vault.errors import ConfigError
+
+__all__ = ["Server", "load_allowed_keys"]
+
+Handler = Callable[[list[Any]], list[Any]]
+
+
+def load_allowed_keys(directory: str) -> set[bytes]:
+    """Client CURVE public keys from ``directory``: ``*.key``/``*.pub`` files,
+    each either a zmq certificate (``public-key = "..."``) or one bare Z85 key."""
+    import os
+
+    import zmq.auth
+
+    keys: set[bytes] = set()
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise ConfigError(
+            f"{directory}: cannot read the allow-list directory ({exc.strerror})"
+        ) from exc
+    for name in names:
+        if not name.endswith((".key", ".pub")) or name.endswith("_secret"):
+            continue
+        path = os.path.join(directory, name)
+        with open(path, "rb") as fh:
+            text = fh.read().strip()
+        if len(text) == 40 and b"\n" not in text:
+            keys.add(text)
+            continue
+        try:
+            public, _secret = zmq.auth.load_certificate(path)
+        except (ValueError, OSError):
+            raise ConfigError(f"{path}: neither a Z85 public key nor a zmq certificate") from None
+        if public:
+            keys.add(public)
+    return keys
+
+
+class _AllowList:
+    """ZAP credentials provider for pyzmq's authenticator: one membership test."""
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        del domain
+        return key in self.keys
+
+
+class Server:
+    """ROUTER front end; cheap calls answered inline, slow ones on a thread pool.
+
+    Why not a ``zmq.proxy`` to handler threads: every hop between threads costs
+    a wake-up, and for a small model the hops cost more than the inference. So
+    the router thread answers a request itself while nothing else is running
+    and calls have been fast (an EWMA under ``inline_below`` seconds);
+    otherwise it hands the request to a pool thread, which returns the reply
+    over an ``inproc://`` PUSH socket (ZeroMQ sockets are single-threaded, so
+    only the router thread touches the front socket). onnxruntime's ``run``
+    drops the GIL, so pooled computes of several callers run at once.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        *,
+        handler: Handler,
+        threads: int = 2,
+        max_message: int = 1 << 30,
+        hwm: int = 1000,
+        curve_secret: bytes | None = None,
+        curve_public: bytes | None = None,
+        allowed: Iterable[bytes] | None = None,
+        inline_below: float = 0.002,
+    ) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.handler = handler
+        self.threads = max(1, threads)
+        self.inline_below = inline_below
+        self._results_addr = f"inproc://vault-results-{id(self)}"
+        self._auth: Any = None
+        self.front = ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.MAXMSGSIZE, max_message)  # per frame; larger drops the peer
+        self.front.setsockopt(zmq.SNDHWM, hwm)
+        self.front.setsockopt(zmq.RCVHWM, hwm)
+        if endpoint.startswith("tcp://"):
+            if curve_secret is None or curve_public is None or allowed is None:
+                raise ConfigError("a tcp:// worker needs CURVE keys and an allow-list")
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(
+                domain="vault", credentials_provider=_AllowList(allowed)
+            )
+            self.front.curve_server = True
+            self.front.curve_secretkey = curve_secret
+            self.front.curve_publickey = curve_public
+            self.front.zap_domain = b"vault"
+        self._stop = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._pool: Any = None
+        self._tls = threading.local()
+        self._ewma = 0.0
+        self.bound_endpoint = endpoint
+
+    def bind(self) -> str:
+        self.front.bind(self.endpoint)
+        self.bound_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.bound_endpoint
+
+    def _pooled(self, msg: list[Any]) -> None:
+        push = getattr(self._tls, "push", None)
+        if push is None:
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDHWM, 0)
+            push.connect(self._results_addr)
+            self._tls.push = push
+        t0 = time.perf_counter()
+        reply = self.handler(msg[1:])
+        dt = time.perf_counter() - t0
+        try:
+            push.send_multipart([msg[0], struct.pack("d", dt), *reply], copy=False)
+        except zmq.ContextTerminated:  # pragma: no cover - shutting down
+            pass
+
+    def _loop(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        results = self.ctx.socket(zmq.PULL)
+        results.setsockopt(zmq.LINGER, 0)
+        results.setsockopt(zmq.RCVHWM, 0)
+        results.bind(self._results_addr)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vault-compute")
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        front, handler = self.front, self.handler
+        inflight = 0
+        try:
+            while not self._stop.is_set():
+                for sock, _ in poller.poll(200):
+                    if sock is results:
+                        msg = results.recv_multipart(copy=False)
+                        inflight -= 1
+                        self._note(struct.unpack("d", msg[1].bytes)[0])
+                        front.send_multipart([msg[0], *msg[2:]], copy=False)
+                        continue
+                    msg = front.recv_multipart(copy=False)
+                    if inflight == 0 and self._ewma < self.inline_below:
+                        t0 = time.perf_counter()
+                        reply = handler(msg[1:])
+                        self._note(time.perf_counter() - t0)
+                        front.send_multipart([msg[0], *reply], copy=False)
+                    else:
+                        inflight += 1
+                        self._pool.submit(self._pooled, msg)
+        finally:
+            results.close(linger=0)
+            front.close(linger=0)
+
+    def _note(self, dt: float) -> None:
+        # a fast estimate: one slow call moves it a lot, so long computes
+        # leave the router thread quickly; fast ones bring it back
+        self._ewma = 0.7 * self._ewma + 0.3 * dt
+
+    def start(self) -> None:
+        """Start the router thread; returns at once."""
+        self._loop_thread = threading.Thread(target=self._loop, name="vault-router", daemon=True)
+        self._loop_thread.start()
+
+    def stop(self) -> None:
+        """Stop the router thread (the front socket closes with it) and the authenticator."""
+        self._stop.set()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
