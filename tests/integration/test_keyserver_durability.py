@@ -192,3 +192,11 @@ def test_client_reports_an_unreachable_server(keyserver):
     with KeyServerClient(lic, timeout=0.5) as ks, pytest.raises(KeyServerUnavailableError):
         ks.ping()
     assert time.monotonic() - t0 < 2
+
+
+def test_ctrl_c_stops_cleanly(keyserver):
+    import signal
+
+    keyserver.proc.send_signal(signal.SIGINT)
+    assert keyserver.proc.wait(10) == 0
+    assert keyserver.output().rstrip().endswith(b"keyserver stopped")
