@@ -48,8 +48,32 @@ def _as_nobody(cmd: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={nb.pw_uid}", f"--regid={nb.pw_gid}", "--clear-groups", *cmd]
 
 
+_SOURCE_COPY: list[str] = []
+
+
+def _readable_source() -> str:
+    """A world-readable copy of ``vault``/``worker`` (the checkout may sit under
+    a 0700 home, as CI's clone can), made once and removed at exit."""
+    if not _SOURCE_COPY:
+        import atexit
+
+        d = tempfile.mkdtemp(prefix="vault-src-")
+        os.chmod(d, 0o755)
+        for pkg in ("vault", "worker"):
+            shutil.copytree(ROOT / pkg, Path(d) / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, dirnames, filenames in os.walk(d):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        atexit.register(shutil.rmtree, d, True)
+        _SOURCE_COPY.append(d)
+    return _SOURCE_COPY[0]
+
+
 def _nobody_env() -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": f"{ROOT}:{_site_packages()}"}
+    path = f"{_readable_source()}:{_site_packages()}"
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": path}
 
 
 @pytest.fixture(scope="module")
