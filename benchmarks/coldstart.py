@@ -1,0 +1,229 @@
+"""Section 3 (cold start) and section 6 (peak memory).
+
+Cold start, per model size (about 16, 100 and 500 MB of weights; quick: 16
+and 100), interleaved round by round in one run:
+
+* ``plain_load``: ``onnxruntime.InferenceSession(path)`` in this (warm) process;
+* ``vault_open``: ``vault.open(pkg, licence=...)`` until it returns a ready
+  Model (spawn, imports, hardening, verify, key release, decrypt, session,
+  the first ``info`` round trip); its ``close()`` is not timed;
+* ``plain_fresh_process`` (context): a new Python that imports onnxruntime and
+  loads the same file - the cost of *any* separate process.
+
+The worker reports no phase timings, so the parts are measured by replaying
+the worker's own steps in this process on the same package, three times,
+medians (``Package.load``
++ ``verify``; ``KeyServerClient.release``; ``Package.decrypt``; the worker's
+``runtime.Pipeline``); spawn + imports + hardening = total - parts.
+
+Peak memory: VmHWM of the worker after one compute versus VmHWM of a fresh
+process that loads the plain model with onnxruntime and computes once.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import models as M
+from .harness import Timed, interleave, summary, vm_hwm
+
+_PLAIN_CHILD = """
+import sys, time, numpy as np
+t = time.perf_counter()
+import onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+t_load = time.perf_counter() - t
+if sys.argv[2] == "compute":
+    x = np.zeros([d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape], np.float32)
+    s.run(None, {s.get_inputs()[0].name: x})
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(t_load, int(hwm) * 1024)
+"""
+
+
+_MEM_PARTS_CHILD = """
+import json, sys
+def rss():
+    d = {}
+    for l in open("/proc/self/status"):
+        if l.startswith(("VmRSS", "VmHWM")):
+            d[l.split(":")[0]] = int(l.split()[1]) * 1024
+    return d
+out = {}
+import numpy, zmq, onnxruntime
+out["imports"] = rss()
+from vault import _crypto
+from vault.keyclient import KeyServerClient
+from vault.licence import Licence
+from vault.package import Package
+from worker.runtime import Pipeline
+lic = Licence.load(sys.argv[2])
+pkg = Package.load(sys.argv[1]); pkg.verify(_crypto.load_public_key(lic.publisher_key)); out["load_verify"] = rss()
+with KeyServerClient(lic) as ks:
+    rel = ks.release(model_id=pkg.model_id, key_id=pkg.key_id, package_digest=pkg.digest)
+plain = pkg.decrypt(rel.key); out["decrypt"] = rss()
+pipe = Pipeline(plain.graphs, plain.files, inputs=pkg.inputs, outputs=pkg.outputs); out["session"] = rss()
+plain.release(); pkg.close(); out["release_plaintext_close_package"] = rss()
+print(json.dumps(out))
+"""
+
+
+def _mem_parts(pkg: Path, lic: Path) -> dict[str, Any]:
+    """RSS/HWM after each of the worker's steps, replayed in a fresh process."""
+    import json
+
+    r = subprocess.run(
+        [sys.executable, "-c", _MEM_PARTS_CHILD, str(pkg), str(lic)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    if r.returncode:
+        return {"unavailable": r.stderr[-300:]}
+    return json.loads(r.stdout)
+
+
+def _plain_child(path: Path, compute: bool) -> tuple[float, int]:
+    t = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAIN_CHILD, str(path), "compute" if compute else "load"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return time.perf_counter() - t, int(out[1])
+
+
+def _parts(pkg_path: Path, lic_path: Path) -> dict[str, float]:
+    """Replay the worker's steps here, timing each."""
+    from vault import _crypto
+    from vault.keyclient import KeyServerClient
+    from vault.licence import Licence
+    from vault.package import Package
+    from worker.runtime import Pipeline
+
+    lic = Licence.load(lic_path)
+    t0 = time.perf_counter()
+    pkg = Package.load(pkg_path)
+    pkg.verify(_crypto.load_public_key(lic.publisher_key))
+    t1 = time.perf_counter()
+    with KeyServerClient(lic) as ks:
+        rel = ks.release(model_id=pkg.model_id, key_id=pkg.key_id, package_digest=pkg.digest)
+    t2 = time.perf_counter()
+    plain = pkg.decrypt(rel.key)
+    t3 = time.perf_counter()
+    size = plain.nbytes
+    _crypto.zeroize(rel.key)
+    pipe = Pipeline(plain.graphs, plain.files, inputs=pkg.inputs, outputs=pkg.outputs)
+    t4 = time.perf_counter()
+    plain.release()
+    pkg.close()
+    pipe.close()
+    return {
+        "load_verify_s": t1 - t0,
+        "key_release_s": t2 - t1,
+        "decrypt_s": t3 - t2,
+        "session_s": t4 - t3,
+        "plaintext_bytes": size,
+        "decrypt_gbps": size / (t3 - t2) / 1e9,
+    }
+
+
+def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    sizes = (16, 100) if quick else (16, 100, 500)
+    mem_size = 100 if quick else 500
+    out: dict[str, Any] = {"sizes_mb": list(sizes), "rows": {}, "memory": {}, "unavailable": {}}
+    for mb in sizes:
+        model = M.sized(mb)
+        path = workdir / f"sized{mb}.onnx"
+        onnx.save(model, path)
+        row: dict[str, Any] = {
+            "weights_bytes": M.weight_bytes(model),
+            "file_bytes": path.stat().st_size,
+        }
+        fns: dict[str, Callable[[], Any]] = {
+            "plain_load": lambda p=path: ort.InferenceSession(
+                str(p), providers=["CPUExecutionProvider"]
+            ),
+        }
+        pkg = lic = None
+        if env is not None:
+            try:
+                pkg, lic = env.seal(model, f"cold-{mb}")
+
+                def vopen(p: Path = pkg, lc: Path = lic) -> Timed:
+                    t = time.perf_counter()
+                    m = env.open_local(p, lc)
+                    dt = time.perf_counter() - t  # close (stopping the worker) is not timed
+                    m.close()
+                    env._models.remove(m)  # noqa: SLF001
+                    return Timed(dt)
+
+                fns["vault_open"] = vopen
+            except Exception as exc:  # noqa: BLE001
+                row["unavailable"] = f"{type(exc).__name__}: {exc}"
+                out["unavailable"][f"{mb}MB"] = row["unavailable"]
+        del model
+        rounds = 3 if (quick or mb >= 500) else 5
+        log(f"  cold start {mb} MB: {rounds} interleaved rounds")
+        res = interleave(fns, rounds=rounds, warmup=1)
+        fresh = [_plain_child(path, compute=False)[0] for _ in range(2 if quick else 3)]
+        res["plain_fresh_process"] = summary(fresh)
+        row["rows"] = res
+        if "vault_open" in res:
+            v, p = res["vault_open"]["median_s"], res["plain_load"]["median_s"]
+            row["vault_minus_plain_s"] = v - p
+            row["vault_over_plain"] = v / p
+            try:
+                reps = [_parts(pkg, lic) for _ in range(3)]  # type: ignore[arg-type]
+                parts = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+                parts["spawn_imports_hardening_s"] = v - sum(
+                    parts[k] for k in ("load_verify_s", "key_release_s", "decrypt_s", "session_s")
+                )
+                row["parts"] = parts
+            except Exception as exc:  # noqa: BLE001
+                row["parts_unavailable"] = f"{type(exc).__name__}: {exc}"
+        out["rows"][f"{mb}MB"] = row
+        if mb == mem_size:
+            out["memory"] = _memory(env, path, pkg, lic, mb)
+        path.unlink()
+        if pkg is not None:
+            pkg.unlink()
+    return out
+
+
+def _memory(env: Any, path: Path, pkg: Path | None, lic: Path | None, mb: int) -> dict[str, Any]:
+    _, plain_hwm = _plain_child(path, compute=True)
+    mem: dict[str, Any] = {"size_mb": mb, "plain_onnxruntime_vmhwm_bytes": plain_hwm}
+    if env is None or pkg is None:
+        mem["unavailable"] = "vault environment unavailable"
+        return mem
+    m = env.open_local(pkg, lic)
+    try:
+        name, (dtype, shape) = next(iter(m.inputs.items()))
+        m.compute({name: np.zeros([d if isinstance(d, int) else 1 for d in shape], dtype)})
+        pid = m.health()["pid"]
+        mem["worker_vmhwm_bytes"] = vm_hwm(pid)
+        mem["worker_over_plain"] = (
+            mem["worker_vmhwm_bytes"] / plain_hwm if mem["worker_vmhwm_bytes"] else None
+        )
+    finally:
+        m.close()
+        env._models.remove(m)  # noqa: SLF001
+    mem["worker_steps_replayed"] = _mem_parts(pkg, lic)  # type: ignore[arg-type]
+    return mem
+
+
+if os.name != "posix":  # pragma: no cover
+    raise ImportError("POSIX only")

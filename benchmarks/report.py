@@ -1,0 +1,281 @@
+"""The printed table and the PNG plot of one run's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:9.3f}"
+
+
+def table(res: dict[str, Any]) -> str:
+    L: list[str] = []
+    m = res["machine"]
+    L.append(
+        f"vault benchmarks ({'quick' if res['quick'] else 'full'}) on {m['cpu']}, {m['cores']} cores, "
+        f"load {m['loadavg_at_start']}, onnxruntime {res['versions'].get('onnxruntime')}, "
+        f"libzmq {res['versions'].get('libzmq')}, took {res.get('elapsed_s', 0):.0f}s"
+    )
+    L.append(f"GPU rows: {res['gpu']}")
+    lat = res.get("latency") or {}
+    if isinstance(lat, dict) and lat.get("unavailable_all"):
+        L.append(f"\n1. latency: unavailable: {lat['unavailable_all']}")
+    elif lat:
+        L.append("\n1. per-call latency, ms: median (p99); same run, interleaved")
+        modes = [
+            "in_process",
+            "vault_ipc",
+            "vault_tcp_curve",
+            "zmq_echo_ipc",
+            "zmq_echo_tcp_curve",
+            "unix_echo",
+            "memcpy",
+        ]
+        L.append(f"{'model':<14}" + "".join(f"{x:>20}" for x in modes))
+        for name, row in lat.items():
+            cells = []
+            for x in modes:
+                r = row["rows"].get(x)
+                cells.append(
+                    f"{r['median_s'] * 1e3:9.3f} ({r['p99_s'] * 1e3:7.2f})"
+                    if r
+                    else f"{'unavailable':>20}"
+                )
+            L.append(f"{name:<14}" + "".join(f"{c:>20}" for c in cells))
+        L.append(
+            f"{'model':<14}{'batch':>6}{'in MB':>8}{'out MB':>8}{'ipc ovh ms':>12}{'ovh/echo':>10}"
+            f"{'ipc/inproc':>11}{'tcp ovh ms':>12}{'ovh/echo':>10}{'tcp/inproc':>11}"
+        )
+        for name, row in lat.items():
+
+            def g(k: str, fmt: str, scale: float = 1, row: dict[str, Any] = row) -> str:
+                v = row.get(k)
+                return "-" if v is None else format(v * scale, fmt)
+
+            L.append(
+                f"{name:<14}{row['batch']:>6}{row['in_bytes'] / 1e6:>8.2f}{row['out_bytes'] / 1e6:>8.2f}"
+                f"{g('vault_ipc_overhead_s', '.3f', 1e3):>12}{g('vault_ipc_overhead_over_echo', '.2f'):>10}"
+                f"{g('vault_ipc_over_in_process', '.3f'):>11}{g('vault_tcp_curve_overhead_s', '.3f', 1e3):>12}"
+                f"{g('vault_tcp_curve_overhead_over_echo', '.2f'):>10}{g('vault_tcp_curve_over_in_process', '.3f'):>11}"
+            )
+        notes = {row.get("tcp_note") for row in lat.values() if row.get("tcp_note")}
+        for n in notes:
+            L.append(f"   tcp worker: {n}")
+        for name, row in lat.items():
+            for k, why in row.get("unavailable", {}).items():
+                L.append(f"   {name} {k}: unavailable: {why}")
+    bd = res.get("breakdown")
+    if bd and "rows" in bd:
+        r = {k: v["median_s"] * 1e6 for k, v in bd["rows"].items()}
+        L.append(
+            "   where a small call's time goes (mlp, us, medians): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r.items())
+        )
+        if "transport_and_handoffs_s" in bd:
+            L.append(
+                f"   -> worker Python {bd['worker_python_s'] * 1e6:.0f} us, "
+                f"client Python {bd['client_python_s'] * 1e6:.0f} us, "
+                f"transport + thread hand-offs {bd['transport_and_handoffs_s'] * 1e6:.0f} us "
+                f"(raw zmq echo {r['zmq_echo_ipc']:.0f} us)"
+            )
+    tp = res.get("throughput")
+    if tp and "calls_per_s" in tp:
+        L.append(
+            f"\n2. throughput, {tp['model']} batch {tp['batch']}, calls/s "
+            f"(median of {tp['rounds']} windows of {tp['window_s']}s)"
+        )
+        L.append(
+            f"{'callers':<10}"
+            + "".join(f"{k:>14}" for k in tp["calls_per_s"])
+            + f"{'vault/inproc':>14}"
+        )
+        for n in tp["calls_per_s"]["in_process"]:
+            ratio = (tp.get("vault_over_in_process") or {}).get(n)
+            L.append(
+                f"{n:<10}"
+                + "".join(f"{tp['calls_per_s'][k][n]:>14.1f}" for k in tp["calls_per_s"])
+                + f"{'-' if ratio is None else format(ratio, '.3f'):>14}"
+            )
+        for k, why in tp.get("unavailable", {}).items():
+            L.append(f"   {k}: unavailable: {why}")
+    cold = res.get("coldstart")
+    if cold and cold.get("rows"):
+        L.append("\n3. cold start, ms (median; p99 = max of few)")
+        L.append(
+            f"{'size':<8}{'plain_load':>12}{'vault_open':>12}{'diff':>9}{'ratio':>8}{'fresh proc':>12}"
+            f"{'verify':>9}{'release':>9}{'decrypt':>9}{'GB/s':>7}{'session':>9}{'spawn+imp':>11}"
+        )
+        for size, row in cold["rows"].items():
+            r = row["rows"]
+            p = row.get("parts") or {}
+
+            def ms(k: str, p: dict[str, Any] = p) -> str:
+                return f"{p[k] * 1e3:.0f}" if k in p else "-"
+
+            L.append(
+                f"{size:<8}{r['plain_load']['median_s'] * 1e3:>12.0f}"
+                f"{(r['vault_open']['median_s'] * 1e3 if 'vault_open' in r else float('nan')):>12.0f}"
+                f"{row.get('vault_minus_plain_s', float('nan')) * 1e3:>9.0f}"
+                f"{row.get('vault_over_plain', float('nan')):>8.2f}"
+                f"{r['plain_fresh_process']['median_s'] * 1e3:>12.0f}{ms('load_verify_s'):>9}{ms('key_release_s'):>9}"
+                f"{ms('decrypt_s'):>9}{p.get('decrypt_gbps', float('nan')):>7.1f}{ms('session_s'):>9}"
+                f"{ms('spawn_imports_hardening_s'):>11}"
+            )
+    dec = res.get("decrypt")
+    if dec and "decrypt_gbps" in dec:
+        L.append(
+            f"   decrypt_bench {dec['size_bytes'] >> 20} MiB: decrypt {dec['decrypt_gbps']:.2f} GB/s, "
+            f"signature hashing {dec['verify_hash_gbps']:.2f} GB/s, fresh memcpy {dec['memcpy_fresh_gbps']:.2f} GB/s"
+        )
+    ov = res.get("overhead")
+    if ov and "small" in ov:
+        L.append("\n   overhead_bench.py (its own interleaved run, synthetic MatMul models):")
+        for k in ("small", "1MiB"):
+            r = ov[k]
+            L.append(
+                f"   {k:>6} ({r['payload_bytes']} B): in-process {r['onnxruntime_inprocess']['median_us']:.0f} us, "
+                f"echo {r['pyzmq_echo']['median_us']:.0f} us, vault {r['vault_worker']['median_us']:.0f} us "
+                f"-> overhead/echo {r['vault_overhead_vs_echo']:.2f}x"
+            )
+    elif ov:
+        L.append(f"\n   overhead_bench.py: {ov.get('unavailable', 'not run')}")
+    ks = res.get("keyserver")
+    L.append("\n4. key server (benchmarks/keyserver_bench.py)")
+    if ks and "1" in ks:
+        for k in ("1", "10", "50", "50@1000"):
+            if k in ks:
+                r = ks[k]
+                L.append(
+                    f"   {k:>8} clients: {r['releases_per_s']:8.1f} releases/s  p50 {r['p50_ms']:.2f} ms  "
+                    f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}"
+                )
+    else:
+        L.append(f"   unavailable: {(ks or {}).get('unavailable', 'not run')}")
+    xf = res.get("transfer")
+    if xf and "rows" in xf:
+        L.append(
+            f"\n5. large tensors, {xf['bytes_per_direction'] / 2**20:.0f} MiB each way, ms median (p99)"
+        )
+        for k, r in xf["rows"].items():
+            L.append(f"   {k:<20}{r['median_s'] * 1e3:9.3f} ({r['p99_s'] * 1e3:.2f})")
+        if "vault_per_direction_s" in xf:
+            L.append(
+                f"   vault per direction {xf['vault_per_direction_s'] * 1e3:.3f} ms = "
+                f"{xf['vault_per_direction_over_memcpy']:.2f}x memcpy (>3 calls for shared memory: "
+                f"{xf['shm_prototype_needed']}); "
+                f"raw zmq per direction {xf['zmq_per_direction_over_memcpy']:.2f}x memcpy"
+            )
+            L.append(
+                f"   shm prototype saves {xf['shm_copy_gain_s'] * 1e3:.2f} ms (copy in/out) / "
+                f"{xf['shm_zero_copy_gain_s'] * 1e3:.2f} ms (zero-copy) per call; "
+                f"vs in-process {xf['shm_copy_over_in_process']:.2f}x / {xf['shm_zero_copy_over_in_process']:.2f}x"
+            )
+    mem = (cold or {}).get("memory") or {}
+    if mem:
+        L.append(
+            f"\n6. peak memory (VmHWM) {mem['size_mb']} MB model: plain onnxruntime "
+            f"{mem['plain_onnxruntime_vmhwm_bytes'] / 2**20:.0f} MiB, worker "
+            + (
+                f"{mem['worker_vmhwm_bytes'] / 2**20:.0f} MiB ({mem['worker_over_plain']:.2f}x)"
+                if mem.get("worker_vmhwm_bytes")
+                else f"unavailable: {mem.get('unavailable')}"
+            )
+        )
+        steps = mem.get("worker_steps_replayed") or {}
+        if steps and "unavailable" not in steps:
+            L.append(
+                "   worker steps replayed in a fresh process, RSS/peak MiB after each: "
+                + ", ".join(f"{k} {v['VmRSS'] / 2**20:.0f}/{v['VmHWM'] / 2**20:.0f}" for k, v in steps.items())
+            )
+    acc = res.get("accounting") or {}
+    if "median_s" in acc:
+        L.append(f"\nlicence accounting: {acc['median_s'] * 1e9:.0f} ns per call ({acc['method']})")
+    L.append("\nTARGETS")
+    for t in res.get("targets", []):
+        L.append(
+            f"  {t['status']:<5} {t['target']}: {t['value'] if t['value'] is not None else '-'} (goal {t['goal']})"
+            + (f"  [{t['note']}]" if t["note"] and t["status"] == "N/A" else "")
+        )
+    for s, why in (res.get("errors") or {}).items():
+        L.append(f"  section {s} failed: {why}")
+    return "\n".join(L)
+
+
+def plot(res: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    lat = res.get("latency") or {}
+    ax = axes[0][0]
+    modes = [
+        "in_process",
+        "vault_ipc",
+        "vault_tcp_curve",
+        "zmq_echo_ipc",
+        "zmq_echo_tcp_curve",
+        "unix_echo",
+        "memcpy",
+    ]
+    if lat and not lat.get("unavailable_all"):
+        names = list(lat)
+        w = 0.8 / len(modes)
+        for i, mname in enumerate(modes):
+            vals = [
+                lat[n]["rows"][mname]["median_s"] * 1e3 if mname in lat[n]["rows"] else 0
+                for n in names
+            ]
+            ax.bar([j + i * w for j in range(len(names))], vals, w, label=mname)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], names)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per call (median)")
+        ax.set_title("1. per-call latency")
+        ax.legend(fontsize=7)
+    ax = axes[0][1]
+    tp = res.get("throughput") or {}
+    for k, d in (tp.get("calls_per_s") or {}).items():
+        ns = list(d)
+        ax.plot(ns, [d[n] for n in ns], marker="o", label=k)
+    ax.set_xlabel("concurrent callers")
+    ax.set_ylabel("calls/s")
+    ax.set_title(f"2. throughput ({tp.get('model', '-')})")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    cold = (res.get("coldstart") or {}).get("rows") or {}
+    if cold:
+        sizes = list(cold)
+        for i, k in enumerate(["plain_load", "plain_fresh_process", "vault_open"]):
+            ax.bar(
+                [j + i * 0.27 for j in range(len(sizes))],
+                [
+                    cold[s]["rows"][k]["median_s"] * 1e3 if k in cold[s]["rows"] else 0
+                    for s in sizes
+                ],
+                0.27,
+                label=k,
+            )
+        ax.set_xticks([j + 0.27 for j in range(len(sizes))], sizes)
+        ax.set_ylabel("ms")
+        ax.set_title("3. cold start")
+        ax.legend(fontsize=8)
+    ax = axes[1][1]
+    xf = res.get("transfer") or {}
+    if xf.get("rows"):
+        ks = list(xf["rows"])
+        ax.barh(ks, [xf["rows"][k]["median_s"] * 1e3 for k in ks])
+        ax.set_xlabel("ms (median)")
+        ax.set_title("5. 6 MiB in + 6 MiB out")
+    fig.suptitle(
+        f"vault benchmarks ({'quick' if res['quick'] else 'full'}), {res['machine']['cpu']}, "
+        f"{res['machine']['cores']} cores"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

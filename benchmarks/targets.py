@@ -1,0 +1,203 @@
+"""The targets, evaluated from one run's results: PASS, MISS or N/A (with why)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _t(name: str, value: Any, target: str, ok: bool | None, note: str = "") -> dict[str, Any]:
+    return {
+        "target": name,
+        "value": value,
+        "goal": target,
+        "status": "N/A" if ok is None else ("PASS" if ok else "MISS"),
+        "note": note,
+    }
+
+
+def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    lat = res.get("latency") or {}
+    for model, row in lat.items():
+        if not isinstance(row, dict) or "rows" not in row:
+            continue
+        med = {k: v["median_s"] for k, v in row["rows"].items()}
+        for mode, echo in (
+            ("vault_ipc", "zmq_echo_ipc"),
+            ("vault_tcp_curve", "zmq_echo_tcp_curve"),
+        ):
+            if mode not in med:
+                out.append(
+                    _t(
+                        f"overhead {model} {mode} <= 1.3x {echo}",
+                        None,
+                        "<= 1.3",
+                        None,
+                        row["unavailable"].get(mode, "not measured"),
+                    )
+                )
+                continue
+            ov = med[mode] - med["in_process"]
+            ratio = ov / med[echo]
+            out.append(
+                _t(
+                    f"overhead {model} {mode} <= 1.3x {echo}",
+                    f"{ov * 1e3:.3f} ms / {med[echo] * 1e3:.3f} ms = {ratio:.2f}x",
+                    "<= 1.3x",
+                    ratio <= 1.3,
+                )
+            )
+    for model, lim in (("resnet50", 1.05), ("mobilenet_v2", 1.10)):
+        row = lat.get(model)
+        if isinstance(row, dict) and "vault_ipc_over_in_process" in row:
+            r = row["vault_ipc_over_in_process"]
+            out.append(
+                _t(f"whole call {model} vault_ipc / in-process", f"{r:.3f}", f"<= {lim}", r <= lim)
+            )
+        else:
+            out.append(
+                _t(
+                    f"whole call {model} vault_ipc / in-process",
+                    None,
+                    f"<= {lim}",
+                    None,
+                    "not measured",
+                )
+            )
+    acc = res.get("accounting") or {}
+    if "median_s" in acc:
+        v = acc["median_s"]
+        out.append(
+            _t(
+                "licence accounting per call",
+                f"{v * 1e9:.0f} ns",
+                "< 1 us",
+                v < 1e-6,
+                acc["method"],
+            )
+        )
+    else:
+        out.append(
+            _t(
+                "licence accounting per call",
+                None,
+                "< 1 us",
+                None,
+                acc.get("unavailable", "not measured"),
+            )
+        )
+    tp = res.get("throughput") or {}
+    for n in (2, 4):
+        r = (tp.get("vault_over_in_process") or {}).get(n)
+        out.append(
+            _t(
+                f"throughput {n} callers vault / in-process",
+                None if r is None else f"{r:.3f}",
+                ">= 0.9",
+                None if r is None else r >= 0.9,
+                "" if r is not None else "not measured",
+            )
+        )
+    cold = res.get("coldstart") or {}
+    for size, row in (cold.get("rows") or {}).items():
+        d = row.get("vault_minus_plain_s")
+        out.append(
+            _t(
+                f"cold start {size} vault.open - plain load",
+                None if d is None else f"{d * 1e3:.0f} ms",
+                "<= 400 ms",
+                None if d is None else d <= 0.4,
+                row.get("unavailable", ""),
+            )
+        )
+    row500 = (cold.get("rows") or {}).get("500MB")
+    if row500 and "vault_over_plain" in row500:
+        r = row500["vault_over_plain"]
+        out.append(
+            _t("cold start 500MB vault.open / plain load", f"{r:.2f}x", "<= 1.15x", r <= 1.15)
+        )
+    else:
+        out.append(
+            _t(
+                "cold start 500MB vault.open / plain load",
+                None,
+                "<= 1.15x",
+                None,
+                "500 MB not run in --quick" if res.get("quick") else "not measured",
+            )
+        )
+    dec = res.get("decrypt") or {}
+    if "decrypt_gbps" in dec:
+        out.append(
+            _t(
+                "decrypt rate (fresh buffer, decrypt_bench)",
+                f"{dec['decrypt_gbps']:.2f} GB/s",
+                ">= 2 GB/s",
+                dec["decrypt_gbps"] >= 2,
+            )
+        )
+    for size, row in (cold.get("rows") or {}).items():
+        p = row.get("parts")
+        if p:
+            out.append(
+                _t(
+                    f"decrypt rate in open path ({size})",
+                    f"{p['decrypt_gbps']:.2f} GB/s",
+                    ">= 2 GB/s",
+                    p["decrypt_gbps"] >= 2,
+                )
+            )
+    mem = cold.get("memory") or {}
+    if mem.get("worker_over_plain"):
+        r = mem["worker_over_plain"]
+        out.append(
+            _t(
+                f"worker peak memory / plain onnxruntime ({mem['size_mb']} MB)",
+                f"{mem['worker_vmhwm_bytes'] / 2**20:.0f} / {mem['plain_onnxruntime_vmhwm_bytes'] / 2**20:.0f} MiB"
+                f" = {r:.2f}x",
+                "<= 1.1x",
+                r <= 1.1,
+            )
+        )
+    else:
+        out.append(
+            _t(
+                "worker peak memory / plain onnxruntime",
+                None,
+                "<= 1.1x",
+                None,
+                mem.get("unavailable", "not measured"),
+            )
+        )
+    ks = res.get("keyserver") or {}
+    if "50" in ks:
+        rate = ks["50"]["releases_per_s"]
+        out.append(
+            _t(
+                "key server releases/s at 50 clients (saturated)",
+                f"{rate:.0f}/s",
+                ">= 1000/s",
+                rate >= 1000,
+            )
+        )
+        at = ks.get("50@1000") or ks["50"]
+        label = "1000/s offered" if "50@1000" in ks else "saturated"
+        out.append(
+            _t(
+                f"key server p99 at 50 clients ({label})",
+                f"{at['p99_ms']:.1f} ms",
+                "< 20 ms",
+                at["p99_ms"] < 20,
+            )
+        )
+    else:
+        out.append(
+            _t(
+                "key server 1000 releases/s, p99 < 20 ms at 50 clients",
+                None,
+                "",
+                None,
+                ks.get("unavailable", "not measured"),
+            )
+        )
+    return out

@@ -1,0 +1,93 @@
+"""Section 2: throughput with 1, 2, 4 and 8 concurrent callers on one model.
+
+In-process: N threads share one ``InferenceSession`` (``run`` drops the GIL).
+Vault: N threads share one ``vault.open`` Model (each thread gets its own
+socket; the worker serves with its default handler threads). Each point
+counts completed calls in a fixed window after a warm-up; the two sides
+alternate window by window, over several rounds, and the median rate wins.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import models as M
+from .harness import ort_session
+
+CALLERS = (1, 2, 4, 8)
+
+
+def _rate(fn: Callable[[], Any], n: int, window: float) -> float:
+    stop = time.perf_counter() + window
+    counts = [0] * n
+    start = threading.Barrier(n + 1)
+
+    def worker(i: int) -> None:
+        fn()  # warm this thread's socket / arena
+        start.wait()
+        c = 0
+        while time.perf_counter() < stop_at[0]:
+            fn()
+            c += 1
+        counts[i] = c
+
+    stop_at = [stop]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + window
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def run(
+    quick: bool, env: Any, log: Callable[[str], None], model_name: str = "mobilenet_v2"
+) -> dict[str, Any]:
+    model = M.mobilenet_v2(batch=1) if model_name == "mobilenet_v2" else M.mlp(batch=1)
+    feeds = M.example_feeds(model)
+    sess = ort_session(model.SerializeToString())
+    fns: dict[str, Callable[[], Any]] = {"in_process": lambda: sess.run(None, feeds)}
+    out: dict[str, Any] = {"model": model_name, "batch": 1, "unavailable": {}}
+    if env is not None:
+        try:
+            pkg, lic = env.seal(model, f"tp-{model_name}")
+            vm = env.open_local(pkg, lic)
+            fns["vault_ipc"] = lambda: vm.compute(feeds)
+            # the same worker with as many handler threads as the most callers
+            # (the default is max(2, min(8, cores)) = 2 here): shows the cap's cost
+            vm8 = env.open_local(pkg, lic, worker_args=["--threads", "8"])
+            fns["vault_ipc_threads8"] = lambda: vm8.compute(feeds)
+        except Exception as exc:  # noqa: BLE001
+            out["unavailable"]["vault_ipc"] = f"{type(exc).__name__}: {exc}"
+    else:
+        out["unavailable"]["vault_ipc"] = "vault environment unavailable"
+    window = 0.6 if quick else 2.0
+    rounds = 2 if quick else 5
+    points: dict[str, dict[int, list[float]]] = {k: {n: [] for n in CALLERS} for k in fns}
+    for r in range(rounds):
+        for n in CALLERS:
+            order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+            for k in order:
+                points[k][n].append(_rate(fns[k], n, window))
+    log(
+        f"  throughput {model_name}: {rounds} rounds x {len(CALLERS)} caller counts, {window}s windows"
+    )
+    out["window_s"] = window
+    out["rounds"] = rounds
+    out["calls_per_s"] = {
+        k: {n: statistics.median(v) for n, v in d.items()} for k, d in points.items()
+    }
+    out["samples"] = points
+    if "vault_ipc" in fns:
+        out["vault_over_in_process"] = {
+            n: out["calls_per_s"]["vault_ipc"][n] / out["calls_per_s"]["in_process"][n]
+            for n in CALLERS
+        }
+    return out

@@ -1,0 +1,203 @@
+"""A real key server, sealed packages and licences for the vault rows.
+
+:class:`VaultEnv` starts ``python -m keyserver serve`` on a fresh directory
+(port chosen by the OS), seals models with the publisher key, registers
+their keys and issues one licence per model. :meth:`VaultEnv.open_local`
+is ``vault.open``; :meth:`VaultEnv.serve_tcp` starts a ``python -m worker``
+on ``tcp://`` with CURVE and returns ``vault.connect`` to it.
+
+Everything it starts is stopped by :meth:`VaultEnv.close` (also a context
+manager). When a piece is missing (the worker or client not there yet) the
+constructor or the call raises :class:`~benchmarks.harness.Unavailable`.
+
+Example::
+
+    with VaultEnv(tmpdir) as env:
+        pkg, lic = env.seal(models.mlp(), "mlp")
+        with env.open_local(pkg, lic) as m:
+            m.compute(feeds)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .harness import Unavailable, die_with_parent
+
+READY = re.compile(rb"listening on (tcp://\S+)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+class VaultEnv:
+    def __init__(self, workdir: str | os.PathLike[str], *, lease_ttl: float = 60.0) -> None:
+        self.dir = Path(workdir)
+        self.ks_dir = self.dir / "ks"
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._models: list[Any] = []
+        self.tcp_note = ""
+        try:
+            import vault.client  # noqa: F401
+            from keyserver import init_dir
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(
+                f"vault client or key server not importable ({type(exc).__name__}: {exc})"
+            ) from None
+        init_dir(self.ks_dir, address="tcp://127.0.0.1:7700")
+        self.log = open(self.dir / "keyserver.log", "wb")
+        cmd = [sys.executable, "-u", "-m", "keyserver", "serve", str(self.ks_dir),
+               "--bind", "tcp://127.0.0.1:0", "--lease-ttl", str(lease_ttl)]  # fmt: skip
+        self.ks = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env(), preexec_fn=die_with_parent
+        )
+        self._procs.append(self.ks)
+        deadline = time.monotonic() + 30
+        while True:
+            m = READY.search((self.dir / "keyserver.log").read_bytes())
+            if m:
+                self.address = m.group(1).decode()
+                break
+            if self.ks.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise Unavailable(
+                    "key server did not start: "
+                    + (self.dir / "keyserver.log").read_text(errors="replace")[-500:]
+                )
+            time.sleep(0.02)
+        from vault.licence import Licence
+
+        self.admin_path = self.ks_dir / "admin.licence"
+        lic = Licence.load(self.admin_path)
+        lic.keyserver_address = self.address
+        lic.save(self.admin_path)
+
+    # -- packages ---------------------------------------------------------------------
+
+    def seal(self, model: Any, model_id: str) -> tuple[Path, Path]:
+        """Seal ``model`` (ModelProto or path), register its key, issue a licence."""
+        from vault._crypto import PublisherKey
+        from vault._seal import seal
+        from vault.keyclient import KeyServerClient
+        from vault.licence import Licence
+
+        out = self.dir / f"{model_id}.vault"
+        r = seal(
+            model,
+            model_id=model_id,
+            signing_key=PublisherKey.load(self.ks_dir / "publisher.key"),
+            output=out,
+        )
+        lic_path = self.dir / f"{model_id}.licence"
+        with KeyServerClient(Licence.load(self.admin_path)) as ks:
+            ks.register_key(
+                model_id=r.model_id, key_id=r.key_id, key=r.key, package_digest=r.digest
+            )
+            lic = ks.issue(r.model_id, holder="bench")
+        lic.save(lic_path)
+        r.wipe_key()
+        return out, lic_path
+
+    # -- workers ----------------------------------------------------------------------
+
+    def open_local(self, package: Path, licence: Path, **kw: Any) -> Any:
+        import vault
+
+        m = vault.open(package, licence=licence, **kw)
+        self._models.append(m)
+        return m
+
+    def serve_tcp(self, package: Path, licence: Path, *, threads: int | None = None) -> Any:
+        """Start ``python -m worker`` on tcp://127.0.0.1 with CURVE and an
+        allow-list holding the licence's client key; return ``vault.connect`` to it."""
+        m = self._serve_tcp(package, licence, threads, "worker", probe=True)
+        self.tcp_note = "stock worker"
+        return m
+
+    def _serve_tcp(
+        self, package: Path, licence: Path, threads: int | None, module: str, probe: bool
+    ) -> Any:
+        import vault
+        from vault.licence import Licence
+
+        lic = Licence.load(licence)
+        allow = self.dir / f"allow-{package.stem}"
+        allow.mkdir(exist_ok=True)
+        (allow / "bench.pub").write_text(lic.client_public_key + "\n")
+        cmd = [sys.executable, "-m", module, str(package), "--endpoint", "tcp://127.0.0.1:*",
+               "--licence", str(licence), "--allow", str(allow)]  # fmt: skip
+        if threads:
+            cmd += ["--threads", str(threads)]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), cwd=self.dir
+        )
+        self._procs.append(proc)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        line = b""
+        while b"\n" not in line:
+            r, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if r:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                line += chunk
+            if time.monotonic() > deadline:
+                break
+        try:
+            msg = json.loads(line.split(b"\n", 1)[0])
+        except ValueError:
+            raise Unavailable(f"tcp worker gave no ready line (exit {proc.poll()})") from None
+        if not msg.get("ready"):
+            raise Unavailable(f"tcp worker failed: {msg.get('error')}")
+        try:
+            m = vault.connect(
+                msg["endpoint"],
+                licence=licence,
+                server_key=msg["server_key"],
+                timeout=5 if probe else 60,
+            )
+        except Exception as exc:  # noqa: BLE001
+            proc.terminate()
+            proc.wait()
+            raise Unavailable(f"no CURVE handshake ({type(exc).__name__}: {exc})") from None
+        m.timeout = 120
+        m._bench_pid = msg.get("pid")  # noqa: SLF001 - for VmHWM
+        self._models.append(m)
+        return m
+
+    def close(self) -> None:
+        for m in self._models:
+            try:
+                m.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._models.clear()
+        for p in reversed(self._procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self._procs.clear()
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
+
+    def __enter__(self) -> VaultEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
