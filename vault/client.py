@@ -344,8 +344,16 @@ class Model:
         deadline = time.monotonic() + limit
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms > 0 and sock.poll(min(left_ms, _POLL_SLICE_MS)):
-                reply = sock.recv_multipart(copy=False)
+            reply = None
+            if left_ms > 0:
+                # a receive timeout, not Socket.poll(): poll() builds a Poller per
+                # call, a measurable part of a small call's round trip
+                sock.rcvtimeo = min(left_ms, _POLL_SLICE_MS)
+                try:
+                    reply = sock.recv_multipart(copy=False)
+                except zmq.Again:
+                    reply = None
+            if reply is not None:
                 hdr = unpack_header(reply[0])
                 if hdr.get("id") != rid:
                     continue  # a stale reply to an abandoned call

@@ -386,6 +386,26 @@ class Package:
         )
         return Plaintext(buf, _parse_index(buf))
 
+    def drop_resident_pages(self) -> None:
+        """Tell the kernel this process no longer needs the mapped file's pages:
+        they stay in the page cache but leave our resident set, so ciphertext
+        does not add to the worker's peak memory. A worker under ``mlockall``
+        unlocks the range first (``MADV_DONTNEED`` refuses locked pages; the
+        ciphertext is not secret, so it need not be locked)."""
+        if not isinstance(self._data, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            import ctypes
+
+            import numpy as np
+
+            addr = np.frombuffer(self._data, np.uint8).ctypes.data
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(self._data)))
+            self._data.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError, AttributeError):  # advice only: never fatal
+            pass
+
     def close(self) -> None:
         try:
             self._view.release()
