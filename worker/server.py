@@ -167,8 +167,26 @@ class Server:
         poller.register(results, zmq.POLLIN)
         front, handler = self.front, self.handler
         inflight = 0
+        front.rcvtimeo = 200  # wake up to notice stop()
         try:
             while not self._stop.is_set():
+                if inflight == 0:
+                    # Nothing pooled is pending: wait on the front socket alone.
+                    # A plain receive is cheaper than a Poller over two sockets,
+                    # and this is the path every small call takes.
+                    try:
+                        msg = front.recv_multipart(copy=False)
+                    except zmq.Again:
+                        continue
+                    if self._ewma < self.inline_below:
+                        t0 = time.perf_counter()
+                        reply = handler(msg[1:])
+                        self._note(time.perf_counter() - t0)
+                        front.send_multipart([msg[0], *reply], copy=False)
+                    else:
+                        inflight += 1
+                        self._pool.submit(self._pooled, msg)
+                    continue
                 for sock, _ in poller.poll(200):
                     if sock is results:
                         msg = results.recv_multipart(copy=False)
