@@ -420,6 +420,14 @@ class Model:
         return self._op("stats")
 
     @property
+    def startup_ms(self) -> dict[str, float]:
+        """The local worker's own startup phases, in milliseconds (``imports``,
+        ``verify``, ``key_release``, ``decrypt``, ``import_wait``, ``session``);
+        empty for a remote worker."""
+        w = self._localw
+        return dict(w.ready.get("timings_ms") or {}) if w is not None else {}
+
+    @property
     def pid(self) -> int | None:
         w = self._localw
         return w.proc.pid if w is not None and w.proc is not None else None
