@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vault._process import stop_process
+
 from .harness import Unavailable, die_with_parent
 
 READY = re.compile(rb"listening on (tcp://\S+)")
@@ -185,12 +187,7 @@ class VaultEnv:
         self._models.clear()
         for p in reversed(self._procs):
             if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                stop_process(p, 5)
         self._procs.clear()
         log = getattr(self, "log", None)
         if log is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ._process import stop_process
 from .errors import LicenceError, VaultError
 
 __all__ = ["build_classifier", "run_demo"]
@@ -221,9 +222,4 @@ def run_demo(lease_ttl: float = 1.0) -> int:
             if model is not None:
                 model.close()
             if ks_proc is not None:
-                ks_proc.terminate()
-                try:
-                    ks_proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    ks_proc.kill()
-                    ks_proc.wait()
+                stop_process(ks_proc, 5)

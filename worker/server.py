@@ -165,7 +165,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
-        front, handler = self.front, self.handler
+        front = self.front
         inflight = 0
         front.rcvtimeo = 200  # wake up to notice stop()
         try:
@@ -178,14 +178,7 @@ class Server:
                         msg = front.recv_multipart(copy=False)
                     except zmq.Again:
                         continue
-                    if self._ewma < self.inline_below:
-                        t0 = time.perf_counter()
-                        reply = handler(msg[1:])
-                        self._note(time.perf_counter() - t0)
-                        front.send_multipart([msg[0], *reply], copy=False)
-                    else:
-                        inflight += 1
-                        self._pool.submit(self._pooled, msg)
+                    inflight += self._dispatch(msg, inline=True)
                     continue
                 for sock, _ in poller.poll(200):
                     if sock is results:
@@ -195,17 +188,22 @@ class Server:
                         front.send_multipart([msg[0], *msg[2:]], copy=False)
                         continue
                     msg = front.recv_multipart(copy=False)
-                    if inflight == 0 and self._ewma < self.inline_below:
-                        t0 = time.perf_counter()
-                        reply = handler(msg[1:])
-                        self._note(time.perf_counter() - t0)
-                        front.send_multipart([msg[0], *reply], copy=False)
-                    else:
-                        inflight += 1
-                        self._pool.submit(self._pooled, msg)
+                    inflight += self._dispatch(msg, inline=inflight == 0)
         finally:
             results.close(linger=0)
             front.close(linger=0)
+
+    def _dispatch(self, msg: list[Any], *, inline: bool) -> int:
+        """Answer ``msg`` here when allowed and calls have been fast; else hand
+        it to the pool. Returns how many pooled calls it added (0 or 1)."""
+        if inline and self._ewma < self.inline_below:
+            t0 = time.perf_counter()
+            reply = self.handler(msg[1:])
+            self._note(time.perf_counter() - t0)
+            self.front.send_multipart([msg[0], *reply], copy=False)
+            return 0
+        self._pool.submit(self._pooled, msg)
+        return 1
 
     def _note(self, dt: float) -> None:
         # a fast estimate: one slow call moves it a lot, so long computes

@@ -29,6 +29,7 @@ import zmq
 import vault
 from tests.models import mlp
 from tests.sealed import Sealed, open_sealed, seal_for_test
+from vault._process import stop_process
 from vault.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -141,12 +142,7 @@ def nobody_worker(
         assert ready["ready"], ready
         yield proc.pid, endpoint, ready
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         proc.stderr.close()  # type: ignore[union-attr]
         shutil.rmtree(sock_dir, ignore_errors=True)
 

@@ -17,6 +17,7 @@ import pytest
 import vault
 from tests.models import mlp
 from vault._crypto import PublisherKey
+from vault._process import stop_process
 from vault._seal import seal
 
 
@@ -101,11 +102,6 @@ def test_remote_worker_over_curve_with_allow_list(
         with pytest.raises(vault.WorkerTimeoutError):
             vault.connect(endpoint, licence=stranger, server_key=server_key, timeout=1.5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
