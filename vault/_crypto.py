@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import os
 import struct
@@ -89,12 +90,19 @@ def sha256(*parts: bytes | bytearray | memoryview) -> bytes:
 
 
 def zeroize(buf: bytearray | memoryview | None) -> None:
-    """Overwrite a mutable buffer in place (best effort: Python may hold copies
-    of immutable ``bytes`` we never see; we keep secrets in bytearrays)."""
+    """Overwrite a mutable buffer in place with ``memset`` (best effort: Python
+    may hold copies of immutable ``bytes`` we never see; we keep secrets in
+    bytearrays). No temporary: wiping a 500 MB plaintext must not allocate
+    another 500 MB of zeros, which would raise the worker's peak memory."""
     if buf is None:
         return
     mv = memoryview(buf).cast("B")
-    mv[:] = b"\x00" * len(mv) if len(mv) < 4096 else bytes(len(mv))
+    n = len(mv)
+    if n == 0:
+        return
+    if mv.readonly:
+        raise TypeError("cannot wipe a read-only buffer")
+    ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(mv)), 0, n)
 
 
 # --- STREAM ----------------------------------------------------------------
