@@ -187,7 +187,10 @@ def table(res: dict[str, Any]) -> str:
         if steps and "unavailable" not in steps:
             L.append(
                 "   worker steps replayed in a fresh process, RSS/peak MiB after each: "
-                + ", ".join(f"{k} {v['VmRSS'] / 2**20:.0f}/{v['VmHWM'] / 2**20:.0f}" for k, v in steps.items())
+                + ", ".join(
+                    f"{k} {v['VmRSS'] / 2**20:.0f}/{v['VmHWM'] / 2**20:.0f}"
+                    for k, v in steps.items()
+                )
             )
     acc = res.get("accounting") or {}
     if "median_s" in acc:

@@ -31,7 +31,13 @@ def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "key registered with" in r.stdout
 
-    r = _vault("verify", "clf.vault", "--publisher", str(Path(admin).parent / "publisher.pub"), cwd=tmp_path)
+    r = _vault(
+        "verify",
+        "clf.vault",
+        "--publisher",
+        str(Path(admin).parent / "publisher.pub"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
 
     r = _vault("licence", "issue", "clf", "--to", "carol", "--max-calls", "10",
@@ -45,7 +51,9 @@ def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     want = reference_pipeline([pre, model, post], {"image": image})
     np.testing.assert_allclose(np.load(tmp_path / "out" / "probs.npy"), want["probs"], rtol=1e-5)
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "top_indices.npy"), want["top_indices"])
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out" / "top_indices.npy"), want["top_indices"]
+    )
 
     # a licence for another model cannot open this one
     r = _vault("licence", "issue", "other-model", "--to", "dave", "--licence", admin,
@@ -55,4 +63,3 @@ def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
                "--no-save", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2
     assert "error[wrong_model]" in r.stderr
-
