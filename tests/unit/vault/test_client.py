@@ -238,3 +238,39 @@ def test_cuda_worker_reports_its_provider(sealed: Sealed) -> None:
     with open_sealed(sealed, worker_args=["--device", "cuda"]) as m:
         assert m.health()["provider"] == "CUDAExecutionProvider"
         assert m.compute({"image": _image(2)})["probs"].shape == (2, 5)
+
+
+def test_model_left_open_is_cleaned_up_at_interpreter_exit(sealed: Sealed) -> None:
+    """A caller that forgets close(): at exit the worker stops and its private
+    directory goes, so nothing keeps plaintext alive after the caller."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from tests.sealed import Sealed, open_sealed\n"
+        "s = Sealed(**json.loads(sys.argv[1]))\n"
+        "m = open_sealed(s)\n"
+        "print(json.dumps({'pid': m.pid, 'dir': m._localw.dir}), flush=True)\n"
+        "m.compute({'image': np.ones((1, 8), np.uint8)})\n"
+        # no close(): leave it to the interpreter's exit
+    )
+    arg = json.dumps({"path": sealed.path, "key": None, "publisher_pub": sealed.publisher_pub,
+                      "manifest": {}})  # fmt: skip
+    arg = arg.replace('"key": null', f'"key": {json.dumps(list(sealed.key))}')
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True,
+                         timeout=60, cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[0])
+    assert not os.path.exists(info["dir"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail("worker outlived its caller")
