@@ -187,7 +187,7 @@ def _check_stage(model: onnx.ModelProto, stage: str) -> None:
                 "step that turns it into tensors)"
             )
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        if not _too_big(model):
             onnx.checker.check_model(model, full_check=True)
         else:  # too big to serialise: check the graph with its weights moved out
             light = onnx.ModelProto()
@@ -200,15 +200,34 @@ def _check_stage(model: onnx.ModelProto, stage: str) -> None:
         raise SealError(f"{stage}: shape inference failed: {_first_line(exc)}") from exc
 
 
+def _too_big(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is past what protobuf can serialise (2 GiB). Counted
+    from the weights, with a margin: ``ByteSize()`` is not reliable past 2 GiB."""
+    weights = sum(_tensor_nbytes(t) for t in model.graph.initializer)
+    return weights > _PROTOBUF_LIMIT - (64 << 20)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
 
 
 def _strip_weights(model: onnx.ModelProto) -> None:
+    """Turn each large initializer into a graph input of the same type and
+    shape: the checker and shape inference need no weight bytes then (small
+    shape-defining constants stay), so a model past 2 GiB can be checked."""
+    inputs = {vi.name for vi in model.graph.input}
+    keep = []
     for t in model.graph.initializer:
         if t.data_type != TensorProto.STRING and _tensor_nbytes(t) >= EXTERNALISE_THRESHOLD:
-            _set_external(t, "checker-placeholder.bin", 0, _tensor_nbytes(t))
+            if t.name not in inputs:
+                model.graph.input.append(
+                    helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                )
+        else:
+            keep.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 # --- public signature ----------------------------------------------------------
@@ -451,7 +470,7 @@ def seal(
     if compose and len(stages) > 1:
         try:
             merged = _compose(stages, links)
-            if merged.ByteSize() < _PROTOBUF_LIMIT:
+            if not _too_big(merged):
                 onnx.checker.check_model(merged)
             parts = [("pipeline", merged)]
             composed = True

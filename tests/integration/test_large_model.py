@@ -1,0 +1,54 @@
+"""A model past protobuf's 2 GB limit, sealed from external data and run.
+
+Opt-in (``VAULT_TEST_LARGE=1``): it needs ~12 GB of memory and a minute, too
+much for every CI run on a 2-core machine. Run it before a release.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.sealed import open_sealed, seal_for_test
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("VAULT_TEST_LARGE") != "1",
+        reason="set VAULT_TEST_LARGE=1 to run the >2 GB model test (~12 GB RAM, ~1 min)",
+    ),
+]
+
+
+def test_model_past_2gb_is_sealed_and_runs(tmp_path: Path) -> None:
+    n_tensors, rows, cols = 5, 16384, 8192  # 5 x 512 MiB = 2.5 GiB of float32 weights
+    src = tmp_path / "src"
+    src.mkdir()
+    inits, nodes, outs = [], [], []
+    for i in range(n_tensors):
+        w = np.full((rows, cols), 0.25 * (i + 1), np.float32)
+        w[-1, -1] = 100.0 + i  # the very last bytes of each tensor must arrive intact
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        del w
+        # ReduceMax reads every byte and is exact (a float32 sum of 134M terms is not)
+        nodes.append(helper.make_node("ReduceMax", [f"w{i}"], [f"s{i}"], keepdims=0))
+        outs.append(f"s{i}")
+    nodes.append(helper.make_node("Sum", outs, ["total"]))
+    nodes.append(helper.make_node("Add", ["x", "total"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, src / "big.onnx", save_as_external_data=True, location="big.bin",
+              all_tensors_to_one_file=True)  # fmt: skip
+    del model, graph, inits
+    s = seal_for_test(tmp_path, str(src / "big.onnx"), name="big")  # type: ignore[arg-type]
+    with open_sealed(s, timeout=300) as m:
+        y = m.compute({"x": np.zeros(1, np.float32)})["y"]
+    np.testing.assert_array_equal(y, [sum(100.0 + i for i in range(n_tensors))])
