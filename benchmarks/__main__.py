@@ -8,12 +8,14 @@ See docs/benchmarks.md for what each figure means.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,27 +121,20 @@ def main(argv: list[str] | None = None) -> int:
             env.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    def overhead() -> dict[str, Any]:
-        try:
-            from . import overhead_bench
-        except ImportError as exc:
-            raise harness.Unavailable(
-                f"benchmarks/overhead_bench.py not importable ({exc})"
-            ) from None
-        return overhead_bench.run(quick=args.quick)
+    def reused(name: str) -> Callable[[], dict[str, Any]]:
+        """A section run by another benchmark module's ``run(quick=...)``."""
 
-    section("overhead", overhead)
+        def run() -> dict[str, Any]:
+            try:
+                module = importlib.import_module(f"{__package__}.{name}")
+            except ImportError as exc:
+                raise harness.Unavailable(f"benchmarks/{name}.py not importable ({exc})") from None
+            return module.run(quick=args.quick)  # type: ignore[no-any-return]
 
-    def keyserver() -> dict[str, Any]:
-        try:
-            from . import keyserver_bench
-        except ImportError as exc:
-            raise harness.Unavailable(
-                f"benchmarks/keyserver_bench.py not importable ({exc})"
-            ) from None
-        return keyserver_bench.run(quick=args.quick)
+        return run
 
-    section("keyserver", keyserver)
+    section("overhead", reused("overhead_bench"))
+    section("keyserver", reused("keyserver_bench"))
     save()
     png = report.plot(res, out / "benchmarks.png")
     print(report.table(res))
