@@ -72,7 +72,7 @@ lic = Licence.load(sys.argv[2])
 pkg = Package.load(sys.argv[1]); pkg.verify(_crypto.load_public_key(lic.publisher_key)); out["load_verify"] = rss()
 with KeyServerClient(lic) as ks:
     rel = ks.release(model_id=pkg.model_id, key_id=pkg.key_id, package_digest=pkg.digest)
-plain = pkg.decrypt(rel.key); out["decrypt"] = rss()
+plain = pkg.decrypt(rel.key); pkg.drop_resident_pages(); out["decrypt"] = rss()
 pipe = Pipeline(plain.graphs, plain.files, inputs=pkg.inputs, outputs=pkg.outputs); out["session"] = rss()
 plain.release(); pkg.close(); out["release_plaintext_close_package"] = rss()
 print(json.dumps(out))
@@ -80,14 +80,20 @@ print(json.dumps(out))
 
 
 def _mem_parts(pkg: Path, lic: Path) -> dict[str, Any]:
-    """RSS/HWM after each of the worker's steps, replayed in a fresh process."""
+    """RSS/HWM after each of the worker's steps (as ``worker/__main__.py`` runs
+    them), replayed in a fresh process; keep the two in step."""
     import json
 
     r = subprocess.run(
         [sys.executable, "-c", _MEM_PARTS_CHILD, str(pkg), str(lic)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        # the same malloc tunable the client gives a worker
+        env={
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+        },
     )
     if r.returncode:
         return {"unavailable": r.stderr[-300:]}
