@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ._shm import SHM_MIN_BYTES, ShmArena
 from .errors import (
     ConfigError,
     ProtocolError,
@@ -59,7 +60,9 @@ from .protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
     decode_tensors,
+    decode_tensors_shared,
     encode_tensors,
+    encode_tensors_shared,
     pack_header,
     raise_for_reply,
     unpack_header,
@@ -69,6 +72,10 @@ __all__ = ["Model", "connect", "open", "open_with_unsafe_test_key"]
 
 DEFAULT_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
+# Shared memory with a local worker, for tensors of 256 KiB or more: four
+# slots of 16 MiB (inputs and the outputs that fit share one slot per call).
+DEFAULT_SHM_BYTES = 64 << 20
+SHM_SLOTS = 4
 _POLL_SLICE_MS = 100  # how often a waiting call checks that a local worker still lives
 
 
@@ -90,6 +97,7 @@ class _LocalWorker:
         publisher: str | None = None,
         worker_args: Sequence[str] = (),
         python: str | None = None,
+        shm_bytes: int = DEFAULT_SHM_BYTES,
     ) -> None:
         self.package = os.path.abspath(package)
         self.licence = licence
@@ -105,6 +113,8 @@ class _LocalWorker:
         self._lifeline: int | None = None
         self._count = itertools.count()
         self.ready: dict[str, Any] = {}
+        self.shm_bytes = shm_bytes
+        self.arena: ShmArena | None = None
 
     def start(self) -> str:
         endpoint = f"ipc://{self.dir}/w{next(self._count)}.sock"
@@ -133,6 +143,17 @@ class _LocalWorker:
             cmd += ["--providers", ",".join(self.providers)]
         if self.device:
             cmd += ["--device", self.device]
+        if self.arena is not None:  # a restart: the new worker gets a new arena
+            self.arena.close(unmap=False)
+            self.arena = None
+        if self.shm_bytes > 0:
+            try:
+                self.arena = ShmArena(self.shm_bytes, slots=SHM_SLOTS)
+            except OSError:
+                self.arena = None  # no memfd here: every tensor travels as frames
+        if self.arena is not None:
+            cmd += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
+            pass_fds.append(self.arena.fd)
         cmd += self.worker_args
         env = {
             "PATH": "/usr/bin:/bin",
@@ -221,6 +242,9 @@ class _LocalWorker:
 
     def close(self) -> None:
         self.kill()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -250,6 +274,13 @@ def _close_all() -> None:
             m.close()
         except Exception:  # pragma: no cover - best effort at exit
             pass
+
+
+def _has_large(inputs: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(v, np.ndarray) and v.dtype.kind not in "OUS" and v.nbytes >= SHM_MIN_BYTES
+        for v in inputs.values()
+    )
 
 
 def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
@@ -388,12 +419,40 @@ class Model:
         timeout: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Run the pipeline; returns the chosen (default: all) outputs by name."""
-        descs, frames = encode_tensors(inputs)
-        header: dict[str, Any] = {"op": "compute", "tensors": descs}
-        if outputs is not None:
-            header["outputs"] = list(outputs)
-        hdr, out_frames = self._request(header, frames, timeout)
-        return decode_tensors(hdr.get("tensors"), out_frames)
+        arena = self._localw.arena if self._localw is not None else None
+        slot = None
+        if arena is not None and _has_large(inputs):
+            slot = arena.acquire()  # None when every slot is busy: frames it is
+        if slot is None:
+            descs, frames = encode_tensors(inputs)
+            header: dict[str, Any] = {"op": "compute", "tensors": descs}
+            if outputs is not None:
+                header["outputs"] = list(outputs)
+            hdr, out_frames = self._request(header, frames, timeout)
+            return decode_tensors(hdr.get("tensors"), out_frames)
+        assert arena is not None
+        start, size = arena.region(slot)
+        release = True
+        try:
+            descs, frames, _ = encode_tensors_shared(
+                inputs, arena.map, start, start + size, min_bytes=SHM_MIN_BYTES
+            )
+            header = {"op": "compute", "tensors": descs, "shm": {"offset": start, "size": size}}
+            if outputs is not None:
+                header["outputs"] = list(outputs)
+            try:
+                hdr, out_frames = self._request(header, frames, timeout)
+            except WorkerTimeoutError:
+                release = False  # the worker may still write into this slot: never reuse it
+                raise
+            # copies: the slot is reused by the next call
+            result, _ = decode_tensors_shared(
+                hdr.get("tensors"), out_frames, arena.map, start, start + size, copy=True
+            )
+            return result
+        finally:
+            if release:
+                arena.release(slot)
 
     async def compute_async(
         self,
@@ -470,8 +529,11 @@ def open(  # noqa: A001 - the public contract is vault.open()
     timeout: float = DEFAULT_TIMEOUT,
     start_timeout: float = START_TIMEOUT,
     worker_args: Sequence[str] = (),
+    shm_bytes: int = DEFAULT_SHM_BYTES,
 ) -> Model:
-    """Spawn a local worker for the package at ``path`` and return its Model."""
+    """Spawn a local worker for the package at ``path`` and return its Model.
+
+    ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only)."""
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.open needs licence=...")
@@ -482,6 +544,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
         device=device,
         start_timeout=start_timeout,
         worker_args=worker_args,
+        shm_bytes=shm_bytes,
     )
     try:
         return Model(local=w, timeout=timeout)
@@ -498,6 +561,7 @@ def open_with_unsafe_test_key(
     timeout: float = DEFAULT_TIMEOUT,
     worker_args: Sequence[str] = (),
     python: str | None = None,
+    shm_bytes: int = DEFAULT_SHM_BYTES,
 ) -> Model:
     """UNSAFE, for tests and air-gapped debugging only: hand the raw package
     key to the worker over a pipe, bypassing the key server (no licence check,
@@ -512,6 +576,7 @@ def open_with_unsafe_test_key(
         publisher=os.fspath(publisher),
         worker_args=worker_args,
         python=python,
+        shm_bytes=shm_bytes,
     )
     try:
         return Model(local=w, timeout=timeout)

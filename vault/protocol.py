@@ -232,3 +232,81 @@ def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray[An
             raise ProtocolError(f"tensor {name!r} sent twice")
         out[name] = arr
     return out
+
+
+# --- large tensors through shared memory (local workers) ---------------------------
+
+
+def check_region(region: Any, arena_size: int) -> tuple[int, int]:
+    """The ``{"offset", "size"}`` slot a header names, checked against the arena."""
+    if not isinstance(region, dict):
+        raise ProtocolError("shm region must be a map")
+    off, size = region.get("offset"), region.get("size")
+    if not isinstance(off, int) or not isinstance(size, int) or isinstance(off, bool):
+        raise ProtocolError("shm region needs integer offset and size")
+    if off < 0 or size <= 0 or off + size > arena_size:
+        raise ProtocolError("shm region lies outside the shared arena")
+    return off, off + size
+
+
+def encode_tensors_shared(
+    arrays: Mapping[str, Any], shm: Any, start: int, end: int, *, min_bytes: int
+) -> tuple[list[dict[str, Any]], list[Any], int]:
+    """Like :func:`encode_tensors`, but numeric tensors of ``min_bytes`` or
+    more that fit in ``shm[start:end]`` are copied there and named by
+    ``"shm": [offset, nbytes]`` instead of a frame. Returns the cursor too."""
+    descs: list[dict[str, Any]] = []
+    frames: list[Any] = []
+    cursor = start
+    for name, value in arrays.items():
+        d, f = encode_tensor(name, value)
+        n = len(f) if isinstance(f, (bytes, bytearray)) else f.nbytes
+        if d["dtype"] != "string" and n >= min_bytes and cursor + n <= end:
+            np.frombuffer(shm, np.uint8, n, cursor)[:] = np.frombuffer(f, np.uint8)
+            d["shm"] = [cursor, n]
+            cursor = (cursor + n + 63) // 64 * 64
+        else:
+            frames.append(f)
+        descs.append(d)
+    return descs, frames, cursor
+
+
+def decode_tensors_shared(
+    descs: Any, frames: Sequence[Any], shm: Any, start: int, end: int, *, copy: bool
+) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+    """Like :func:`decode_tensors`, also reading ``"shm"`` descriptors from
+    ``shm[start:end]`` (views, or copies with ``copy=True``, for a caller
+    whose slot is about to be reused). Returns the end of the shared data."""
+    if not isinstance(descs, list):
+        raise ProtocolError("tensors must be a list")
+    framed = [d for d in descs if not (isinstance(d, dict) and "shm" in d)]
+    if len(framed) != len(frames):
+        raise ProtocolError(
+            f"header names {len(framed)} framed tensors but {len(frames)} frames came"
+        )
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    it = iter(frames)
+    used = start
+    for d in descs:
+        if isinstance(d, dict) and "shm" in d:
+            loc = d["shm"]
+            if (
+                not isinstance(loc, list)
+                or len(loc) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in loc)
+                or loc[0] < start
+                or loc[1] < 0
+                or loc[0] + loc[1] > end
+            ):
+                raise ProtocolError("shm tensor lies outside its region")
+            if d.get("dtype") == "string":
+                raise ProtocolError("string tensors cannot travel through shared memory")
+            view = memoryview(shm)[loc[0] : loc[0] + loc[1]]
+            name, arr = decode_tensor(d, view.tobytes() if copy else view)
+            used = max(used, loc[0] + loc[1])
+        else:
+            name, arr = decode_tensor(d, next(it))
+        if name in out:
+            raise ProtocolError(f"tensor {name!r} sent twice")
+        out[name] = arr
+    return out, (used + 63) // 64 * 64

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--server-secret", help="zmq certificate file with the worker's CURVE secret key"
     )
     p.add_argument("--max-message", type=int, default=1 << 30)
+    p.add_argument("--shm-fd", type=int, help="inherited memfd shared with a local caller")
+    p.add_argument("--shm-size", type=int, default=0, help="size of the --shm-fd arena")
     p.add_argument("--suite", default="x25519", help="HPKE suite for key release")
     p.add_argument("--user", help="drop to this user when started as root")
     p.add_argument(
@@ -228,7 +230,15 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
         "outputs": pipeline.outputs,
     }
     pkg.close()
-    service = Service(pipeline, keeper, info=info, hardening=report, max_request=args.max_message)
+    shm = None
+    if args.shm_fd is not None and args.shm_size > 0:
+        from vault._shm import map_arena
+
+        shm = map_arena(args.shm_fd, args.shm_size)
+        os.close(args.shm_fd)  # the mapping keeps the memory; the fd is no longer needed
+    service = Service(
+        pipeline, keeper, info=info, hardening=report, max_request=args.max_message, shm=shm
+    )
 
     ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
     server_public: bytes | None = None

@@ -22,10 +22,14 @@ import time
 from collections import deque
 from typing import Any
 
+from vault._shm import SHM_MIN_BYTES
 from vault.errors import ComputeError, ProtocolError, VaultError
 from vault.protocol import (
+    check_region,
     decode_tensors,
+    decode_tensors_shared,
     encode_tensors,
+    encode_tensors_shared,
     error_reply,
     ok_reply,
     pack_header,
@@ -59,12 +63,14 @@ class Service:
         info: dict[str, Any],
         hardening: dict[str, Any],
         max_request: int = 1 << 30,
+        shm: Any = None,
     ) -> None:
         self.pipeline = pipeline
         self.lease = lease
         self.info = info
         self.hardening = hardening
         self.max_request = max_request
+        self.shm = shm  # the caller's shared arena (local workers only), or None
         self._lock = threading.Lock()
         self._calls = 0
         self._errors = 0
@@ -115,11 +121,26 @@ class Service:
             not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
         ):
             raise ProtocolError("outputs must be a list of names")
-        feeds = decode_tensors(header.get("tensors"), frames)
+        region = header.get("shm")
+        if region is not None and self.shm is None:
+            raise ProtocolError("this worker has no shared memory (remote callers send frames)")
+        if region is None:
+            feeds = decode_tensors(header.get("tensors"), frames)
+        else:
+            start, end = check_region(region, len(self.shm))
+            feeds, cursor = decode_tensors_shared(
+                header.get("tensors"), frames, self.shm, start, end, copy=False
+            )
         self.lease.check()
         result = self.pipeline.run(feeds, outputs)
         self.lease.record_call()
-        descs, out_frames = encode_tensors(result)
+        if region is None:
+            descs, out_frames = encode_tensors(result)
+        else:
+            # outputs that fit go into the rest of the caller's slot
+            descs, out_frames, _ = encode_tensors_shared(
+                result, self.shm, cursor, end, min_bytes=SHM_MIN_BYTES
+            )
         reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]
         dt = time.perf_counter() - t0
         with self._lock:

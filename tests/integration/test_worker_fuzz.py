@@ -107,8 +107,8 @@ def test_oversized_request_is_refused_and_the_worker_goes_on(
     import vault
 
     with pytest.raises(vault.ProtocolError, match="exceeds"):
-        # two frames, each under the per-frame transport limit, together over the request limit
-        model.compute(
-            {"x": np.zeros((20_000, 8), np.float32), "y": np.zeros((20_000, 8), np.float32)}
-        )
+        # five frames, each under the per-frame transport limit and under the
+        # shared-memory threshold (so they travel as frames), together over the
+        # request limit
+        model.compute({f"t{i}": np.zeros((7_900, 8), np.float32) for i in range(5)})
     assert model.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
