@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ._files import write_private_file
 from .errors import ConfigError, IntegrityError
 
 KEY_SIZE = 32
@@ -246,10 +247,7 @@ class PublisherKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        os.chmod(path, 0o600)
+        write_private_file(path, pem)
         with open(public_path, "wb") as fh:
             fh.write(self.public_pem())
 

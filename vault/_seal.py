@@ -190,10 +190,7 @@ def _check_stage(model: onnx.ModelProto, stage: str) -> None:
         if not _too_big(model):
             onnx.checker.check_model(model, full_check=True)
         else:  # too big to serialise: check the graph with its weights moved out
-            light = onnx.ModelProto()
-            light.CopyFrom(model)
-            _strip_weights(light)
-            onnx.checker.check_model(light, full_check=True)
+            onnx.checker.check_model(_without_weights(model), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise SealError(f"{stage}: ONNX check failed: {_first_line(exc)}") from exc
     except onnx.shape_inference.InferenceError as exc:
@@ -212,22 +209,43 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else exc.__class__.__name__
 
 
-def _strip_weights(model: onnx.ModelProto) -> None:
-    """Turn each large initializer into a graph input of the same type and
-    shape: the checker and shape inference need no weight bytes then (small
-    shape-defining constants stay), so a model past 2 GiB can be checked."""
-    inputs = {vi.name for vi in model.graph.input}
-    keep = []
-    for t in model.graph.initializer:
+def _copy_fields(dst: Any, src: Any, *, skip: str) -> None:
+    """Copy every set field of one protobuf message into another, but ``skip``."""
+    for desc, value in src.ListFields():
+        if desc.name == skip:
+            continue
+        # protobuf 5+ has is_repeated; older releases only the label
+        repeated = getattr(desc, "is_repeated", None)
+        if repeated is None:
+            repeated = desc.label == desc.LABEL_REPEATED
+        if repeated:
+            getattr(dst, desc.name).extend(value)
+        elif desc.type == desc.TYPE_MESSAGE:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are graph inputs of the
+    same type and shape: the checker and shape inference need no weight bytes
+    (small shape-defining constants stay), so a model past 2 GiB can be
+    checked. Built field by field: a whole-model copy would duplicate every
+    weight first."""
+    light = onnx.ModelProto()
+    graph = model.graph
+    _copy_fields(light, model, skip="graph")
+    _copy_fields(light.graph, graph, skip="initializer")
+    inputs = {vi.name for vi in graph.input}
+    for t in graph.initializer:
         if t.data_type != TensorProto.STRING and _tensor_nbytes(t) >= EXTERNALISE_THRESHOLD:
             if t.name not in inputs:
-                model.graph.input.append(
+                light.graph.input.append(
                     helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                 )
         else:
-            keep.append(t)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+            light.graph.initializer.append(t)
+    return light
 
 
 # --- public signature ----------------------------------------------------------

@@ -17,6 +17,7 @@ Example::
 
     arena = ShmArena(64 << 20, slots=4)
     slot = arena.acquire()          # None when all are busy: use frames
+    descs, frames = encode_tensors(inputs, arena.region(slot))
     ...
     arena.release(slot)
 """
@@ -28,14 +29,9 @@ import os
 import threading
 from typing import Any
 
+from .protocol import SHM_MIN_BYTES, SharedRegion
+
 __all__ = ["SHM_MIN_BYTES", "ShmArena", "map_arena"]
-
-SHM_MIN_BYTES = 256 << 10  # below this, a frame is as cheap as a copy
-ALIGN = 64
-
-
-def align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 class ShmArena:
@@ -64,8 +60,9 @@ class ShmArena:
         with self._lock:
             self._free.append(slot)
 
-    def region(self, slot: int) -> tuple[int, int]:
-        return slot * self.slot_size, self.slot_size
+    def region(self, slot: int) -> SharedRegion:
+        start = slot * self.slot_size
+        return SharedRegion(self.map, start, start + self.slot_size)
 
     def close(self, *, unmap: bool = True) -> None:
         """Close the fd and, with ``unmap``, the mapping. A restart keeps the

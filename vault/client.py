@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ._shm import SHM_MIN_BYTES, ShmArena
+from ._shm import ShmArena
 from .errors import (
     ConfigError,
     ProtocolError,
@@ -59,10 +59,9 @@ from .licence import Licence
 from .protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
+    SHM_MIN_BYTES,
     decode_tensors,
-    decode_tensors_shared,
     encode_tensors,
-    encode_tensors_shared,
     pack_header,
     raise_for_reply,
     unpack_header,
@@ -161,8 +160,10 @@ class _LocalWorker:
             "HOME": "/proc/self/vault-no-home",
             # glibc >= 2.35: malloc asks for transparent huge pages on its large
             # mmap'd chunks. A fresh worker faults in every byte of plaintext and
-            # of onnxruntime's weights; 2 MiB pages cut a 100 MB model's
-            # session build from ~180 to ~110 ms here. Older glibc ignores it.
+            # of onnxruntime's weights; measured by hand here (a fresh process,
+            # a 100 MB model), 2 MiB pages took its session build from 165-190 ms
+            # to 102-144 ms (Model.startup_ms shows the phases). Older glibc
+            # ignores it.
             "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
         }
         debug = os.environ.get("VAULT_DEBUG_WORKER") == "1"
@@ -420,38 +421,25 @@ class Model:
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Run the pipeline; returns the chosen (default: all) outputs by name."""
         arena = self._localw.arena if self._localw is not None else None
-        slot = None
-        if arena is not None and _has_large(inputs):
-            slot = arena.acquire()  # None when every slot is busy: frames it is
-        if slot is None:
-            descs, frames = encode_tensors(inputs)
-            header: dict[str, Any] = {"op": "compute", "tensors": descs}
-            if outputs is not None:
-                header["outputs"] = list(outputs)
-            hdr, out_frames = self._request(header, frames, timeout)
-            return decode_tensors(hdr.get("tensors"), out_frames)
-        assert arena is not None
-        start, size = arena.region(slot)
-        release = True
+        slot = arena.acquire() if arena is not None and _has_large(inputs) else None
+        region = arena.region(slot) if arena is not None and slot is not None else None
+        reusable = True
         try:
-            descs, frames, _ = encode_tensors_shared(
-                inputs, arena.map, start, start + size, min_bytes=SHM_MIN_BYTES
-            )
-            header = {"op": "compute", "tensors": descs, "shm": {"offset": start, "size": size}}
+            descs, frames = encode_tensors(inputs, region)
+            header: dict[str, Any] = {"op": "compute", "tensors": descs}
+            if region is not None:
+                header["shm"] = region.to_wire()
             if outputs is not None:
                 header["outputs"] = list(outputs)
             try:
                 hdr, out_frames = self._request(header, frames, timeout)
             except WorkerTimeoutError:
-                release = False  # the worker may still write into this slot: never reuse it
+                reusable = False  # the worker may still write into this slot: never reuse it
                 raise
-            # copies: the slot is reused by the next call
-            result, _ = decode_tensors_shared(
-                hdr.get("tensors"), out_frames, arena.map, start, start + size, copy=True
-            )
-            return result
+            # outputs in the slot are copied out: the next call reuses it
+            return decode_tensors(hdr.get("tensors"), out_frames, region, copy=True)
         finally:
-            if release:
+            if arena is not None and slot is not None and reusable:
                 arena.release(slot)
 
     async def compute_async(
@@ -519,6 +507,15 @@ class Model:
         raise TypeError("Model is a live connection and cannot be pickled")
 
 
+def _model_of(w: _LocalWorker, timeout: float) -> Model:
+    """A Model over a freshly made local worker; the worker goes if that fails."""
+    try:
+        return Model(local=w, timeout=timeout)
+    except BaseException:
+        w.close()
+        raise
+
+
 def open(  # noqa: A001 - the public contract is vault.open()
     path: str | os.PathLike[str],
     licence: str | os.PathLike[str] | Licence | None = None,
@@ -546,11 +543,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
         worker_args=worker_args,
         shm_bytes=shm_bytes,
     )
-    try:
-        return Model(local=w, timeout=timeout)
-    except BaseException:
-        w.close()
-        raise
+    return _model_of(w, timeout)
 
 
 def open_with_unsafe_test_key(
@@ -578,11 +571,7 @@ def open_with_unsafe_test_key(
         python=python,
         shm_bytes=shm_bytes,
     )
-    try:
-        return Model(local=w, timeout=timeout)
-    except BaseException:
-        w.close()
-        raise
+    return _model_of(w, timeout)
 
 
 def connect(

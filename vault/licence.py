@@ -19,29 +19,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._files import write_private_file
 from .errors import ConfigError
 
 __all__ = ["Licence", "write_private_file"]
 
 LICENCE_FORMAT = "vault-licence/1"
-
-
-def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(repr=False)

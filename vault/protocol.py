@@ -28,7 +28,9 @@ from .errors import ProtocolError, UnsupportedVersionError, VaultError, from_wir
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
+    "SharedRegion",
     "PROTOCOL_VERSION",
+    "SHM_MIN_BYTES",
     "SUPPORTED_DTYPES",
     "decode_tensor",
     "dtype_from_name",
@@ -45,6 +47,7 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE = 1 << 30  # 1 GiB per message; ZMQ_MAXMSGSIZE is set from this
 MAX_HEADER = 1 << 20
 MAX_RANK = 32
+SHM_MIN_BYTES = 256 << 10  # below this a frame is as cheap as a copy into shared memory
 
 try:  # onnx depends on ml_dtypes, so bfloat16 is normally available
     import ml_dtypes
@@ -161,16 +164,6 @@ def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
     return desc, memoryview(flat) if arr.size else b""
 
 
-def encode_tensors(arrays: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
-    descs: list[dict[str, Any]] = []
-    frames: list[Any] = []
-    for name, value in arrays.items():
-        d, f = encode_tensor(name, value)
-        descs.append(d)
-        frames.append(f)
-    return descs, frames
-
-
 def _check_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
         raise ProtocolError("tensor shape must be a list of at most 32 dims")
@@ -220,93 +213,108 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
     return name, arr.reshape(shape)
 
 
-def decode_tensors(descs: Any, frames: Sequence[Any]) -> dict[str, np.ndarray[Any, Any]]:
-    if not isinstance(descs, list):
-        raise ProtocolError("tensors must be a list")
-    if len(descs) != len(frames):
-        raise ProtocolError(f"header names {len(descs)} tensors but {len(frames)} frames came")
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    for d, f in zip(descs, frames):
-        name, arr = decode_tensor(d, f)
-        if name in out:
-            raise ProtocolError(f"tensor {name!r} sent twice")
-        out[name] = arr
-    return out
+class SharedRegion:
+    """One caller's slot of the shared-memory arena a local worker and its
+    caller both map (``vault/_shm.py``). Large tensors are placed from
+    ``cursor`` on; ``cursor`` moves past what is placed or read, so a worker
+    writes its outputs after the inputs it read."""
+
+    __slots__ = ("buf", "start", "end", "cursor")
+
+    def __init__(self, buf: Any, start: int, end: int) -> None:
+        self.buf, self.start, self.end, self.cursor = buf, start, end, start
+
+    @classmethod
+    def from_wire(cls, buf: Any, region: Any) -> SharedRegion:
+        """The ``{"offset", "size"}`` slot a header names, checked against the arena."""
+        if not isinstance(region, dict):
+            raise ProtocolError("shm region must be a map")
+        off, size = region.get("offset"), region.get("size")
+        if not isinstance(off, int) or not isinstance(size, int) or isinstance(off, bool):
+            raise ProtocolError("shm region needs integer offset and size")
+        if off < 0 or size <= 0 or off + size > len(buf):
+            raise ProtocolError("shm region lies outside the shared arena")
+        return cls(buf, off, off + size)
+
+    def to_wire(self) -> dict[str, int]:
+        return {"offset": self.start, "size": self.end - self.start}
+
+    def place(self, frame: Any) -> list[int] | None:
+        """Copy ``frame`` in at the cursor if it fits; its ``[offset, nbytes]``."""
+        n = memoryview(frame).nbytes
+        if self.cursor + n > self.end:
+            return None
+        np.frombuffer(self.buf, np.uint8, n, self.cursor)[:] = np.frombuffer(frame, np.uint8)
+        loc = [self.cursor, n]
+        self._advance(self.cursor + n)
+        return loc
+
+    def view(self, loc: Any) -> memoryview:
+        """The bytes a ``"shm": [offset, nbytes]`` descriptor names, bounds-checked."""
+        if (
+            not isinstance(loc, list)
+            or len(loc) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in loc)
+            or loc[0] < self.start
+            or loc[1] < 0
+            or loc[0] + loc[1] > self.end
+        ):
+            raise ProtocolError("shm tensor lies outside its region")
+        self._advance(max(self.cursor, loc[0] + loc[1]))
+        return memoryview(self.buf)[loc[0] : loc[0] + loc[1]]
+
+    def _advance(self, to: int) -> None:
+        self.cursor = min(self.end, (to + 63) // 64 * 64)
 
 
-# --- large tensors through shared memory (local workers) ---------------------------
-
-
-def check_region(region: Any, arena_size: int) -> tuple[int, int]:
-    """The ``{"offset", "size"}`` slot a header names, checked against the arena."""
-    if not isinstance(region, dict):
-        raise ProtocolError("shm region must be a map")
-    off, size = region.get("offset"), region.get("size")
-    if not isinstance(off, int) or not isinstance(size, int) or isinstance(off, bool):
-        raise ProtocolError("shm region needs integer offset and size")
-    if off < 0 or size <= 0 or off + size > arena_size:
-        raise ProtocolError("shm region lies outside the shared arena")
-    return off, off + size
-
-
-def encode_tensors_shared(
-    arrays: Mapping[str, Any], shm: Any, start: int, end: int, *, min_bytes: int
-) -> tuple[list[dict[str, Any]], list[Any], int]:
-    """Like :func:`encode_tensors`, but numeric tensors of ``min_bytes`` or
-    more that fit in ``shm[start:end]`` are copied there and named by
-    ``"shm": [offset, nbytes]`` instead of a frame. Returns the cursor too."""
+def encode_tensors(
+    arrays: Mapping[str, Any], region: SharedRegion | None = None, *, min_bytes: int = SHM_MIN_BYTES
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Descriptors and frames for ``arrays``. With a ``region``, numeric
+    tensors of ``min_bytes`` or more that fit are copied into it and named by
+    ``"shm": [offset, nbytes]`` instead of travelling as a frame."""
     descs: list[dict[str, Any]] = []
     frames: list[Any] = []
-    cursor = start
     for name, value in arrays.items():
         d, f = encode_tensor(name, value)
-        n = len(f) if isinstance(f, (bytes, bytearray)) else f.nbytes
-        if d["dtype"] != "string" and n >= min_bytes and cursor + n <= end:
-            np.frombuffer(shm, np.uint8, n, cursor)[:] = np.frombuffer(f, np.uint8)
-            d["shm"] = [cursor, n]
-            cursor = (cursor + n + 63) // 64 * 64
-        else:
+        loc = None
+        if region is not None and d["dtype"] != "string" and memoryview(f).nbytes >= min_bytes:
+            loc = region.place(f)
+        if loc is None:
             frames.append(f)
+        else:
+            d["shm"] = loc
         descs.append(d)
-    return descs, frames, cursor
+    return descs, frames
 
 
-def decode_tensors_shared(
-    descs: Any, frames: Sequence[Any], shm: Any, start: int, end: int, *, copy: bool
-) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
-    """Like :func:`decode_tensors`, also reading ``"shm"`` descriptors from
-    ``shm[start:end]`` (views, or copies with ``copy=True``, for a caller
-    whose slot is about to be reused). Returns the end of the shared data."""
+def decode_tensors(
+    descs: Any, frames: Sequence[Any], region: SharedRegion | None = None, *, copy: bool = False
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Rebuild the tensors of a message. ``"shm"`` descriptors are read from
+    ``region`` (as views, or copies with ``copy=True`` for a caller whose slot
+    is about to be reused); without a region they are a ProtocolError."""
     if not isinstance(descs, list):
         raise ProtocolError("tensors must be a list")
-    framed = [d for d in descs if not (isinstance(d, dict) and "shm" in d)]
-    if len(framed) != len(frames):
+    shared = [isinstance(d, dict) and "shm" in d for d in descs]
+    if any(shared) and region is None:
+        raise ProtocolError("shared-memory tensors need a shm region (local workers only)")
+    if len(descs) - sum(shared) != len(frames):
         raise ProtocolError(
-            f"header names {len(framed)} framed tensors but {len(frames)} frames came"
+            f"header names {len(descs) - sum(shared)} framed tensors but {len(frames)} frames came"
         )
     out: dict[str, np.ndarray[Any, Any]] = {}
     it = iter(frames)
-    used = start
-    for d in descs:
-        if isinstance(d, dict) and "shm" in d:
-            loc = d["shm"]
-            if (
-                not isinstance(loc, list)
-                or len(loc) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in loc)
-                or loc[0] < start
-                or loc[1] < 0
-                or loc[0] + loc[1] > end
-            ):
-                raise ProtocolError("shm tensor lies outside its region")
+    for d, in_shm in zip(descs, shared):
+        if in_shm:
+            assert region is not None
             if d.get("dtype") == "string":
                 raise ProtocolError("string tensors cannot travel through shared memory")
-            view = memoryview(shm)[loc[0] : loc[0] + loc[1]]
+            view = region.view(d["shm"])
             name, arr = decode_tensor(d, view.tobytes() if copy else view)
-            used = max(used, loc[0] + loc[1])
         else:
             name, arr = decode_tensor(d, next(it))
         if name in out:
             raise ProtocolError(f"tensor {name!r} sent twice")
         out[name] = arr
-    return out, (used + 63) // 64 * 64
+    return out

@@ -22,14 +22,11 @@ import time
 from collections import deque
 from typing import Any
 
-from vault._shm import SHM_MIN_BYTES
 from vault.errors import ComputeError, ProtocolError, VaultError
 from vault.protocol import (
-    check_region,
+    SharedRegion,
     decode_tensors,
-    decode_tensors_shared,
     encode_tensors,
-    encode_tensors_shared,
     error_reply,
     ok_reply,
     pack_header,
@@ -121,26 +118,17 @@ class Service:
             not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
         ):
             raise ProtocolError("outputs must be a list of names")
-        region = header.get("shm")
-        if region is not None and self.shm is None:
-            raise ProtocolError("this worker has no shared memory (remote callers send frames)")
-        if region is None:
-            feeds = decode_tensors(header.get("tensors"), frames)
-        else:
-            start, end = check_region(region, len(self.shm))
-            feeds, cursor = decode_tensors_shared(
-                header.get("tensors"), frames, self.shm, start, end, copy=False
-            )
+        region = None
+        if header.get("shm") is not None:
+            if self.shm is None:
+                raise ProtocolError("this worker has no shared memory (remote callers send frames)")
+            region = SharedRegion.from_wire(self.shm, header["shm"])
+        # inputs in the slot are read in place; outputs that fit go after them
+        feeds = decode_tensors(header.get("tensors"), frames, region)
         self.lease.check()
         result = self.pipeline.run(feeds, outputs)
         self.lease.record_call()
-        if region is None:
-            descs, out_frames = encode_tensors(result)
-        else:
-            # outputs that fit go into the rest of the caller's slot
-            descs, out_frames, _ = encode_tensors_shared(
-                result, self.shm, cursor, end, min_bytes=SHM_MIN_BYTES
-            )
+        descs, out_frames = encode_tensors(result, region)
         reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]
         dt = time.perf_counter() - t0
         with self._lock:

@@ -144,3 +144,27 @@ def test_arena_is_not_a_file(model: Model, tmp_path: Path) -> None:
     assert w is not None and w.arena is not None
     assert os.readlink(f"/proc/self/fd/{w.arena.fd}").startswith("/memfd:vault-tensors")
     assert all(name.endswith(".sock") for name in os.listdir(w.dir))
+
+
+def test_a_timed_out_call_never_gives_its_slot_back(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker may still write a late answer into that slot: reusing it
+    could hand one call's outputs to another."""
+    import vault
+
+    arena = model._localw.arena  # type: ignore[union-attr]
+    assert arena is not None
+    free_before = list(arena._free)
+
+    def late(*args: object, **kw: object) -> object:
+        raise vault.WorkerTimeoutError("no answer")
+
+    monkeypatch.setattr(model, "_request", late)
+    with pytest.raises(vault.WorkerTimeoutError):
+        model.compute(_feeds(256, 256))
+    (lost,) = set(free_before) - set(arena._free)
+    with pytest.raises(vault.WorkerTimeoutError):
+        model.compute(_feeds(8, 8))  # small: no slot taken, none lost
+    assert sorted(arena._free) == sorted(set(free_before) - {lost})
+    arena.release(lost)  # hand it back by hand: the other tests share this model
