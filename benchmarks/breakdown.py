@@ -8,7 +8,7 @@ For a model with tiny tensors (the MLP), interleaved in one run:
   check, pipeline run, reply encode) called directly in this process on
   ready-made frames - no sockets;
 * ``client_codec``: the client library's encode of the request and decode
-  of a reply (``vault.protocol``), no sockets;
+  of a reply (``vault.core.protocol``), no sockets;
 * ``zmq_echo_ipc``: a raw pyzmq round trip of the same bytes;
 * ``vault_ipc``: the real ``vault.open`` call.
 
@@ -27,7 +27,13 @@ from .harness import interleave, ort_session
 
 
 def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> dict[str, Any]:
-    from vault.protocol import decode_tensors, encode_tensors, ok_reply, pack_header, unpack_header
+    from vault.core.protocol import (
+        decode_tensors,
+        encode_tensors,
+        ok_reply,
+        pack_header,
+        unpack_header,
+    )
     from worker.lease import LeaseKeeper
     from worker.ops import Service
     from worker.runtime import Pipeline

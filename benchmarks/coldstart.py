@@ -63,10 +63,10 @@ def rss():
 out = {}
 import numpy, zmq, onnxruntime
 out["imports"] = rss()
-from vault import _crypto
-from vault.keyclient import KeyServerClient
-from vault.licence import Licence
-from vault.package import Package
+from vault.core import crypto as _crypto
+from vault.core.keyclient import KeyServerClient
+from vault.core.licence import Licence
+from vault.core.package import Package
 from worker.runtime import Pipeline
 lic = Licence.load(sys.argv[2])
 pkg = Package.load(sys.argv[1]); pkg.verify(_crypto.load_public_key(lic.publisher_key)); out["load_verify"] = rss()
@@ -113,10 +113,10 @@ def _plain_child(path: Path, compute: bool) -> tuple[float, int]:
 
 def _parts(pkg_path: Path, lic_path: Path) -> dict[str, float]:
     """Replay the worker's steps here, timing each."""
-    from vault import _crypto
-    from vault.keyclient import KeyServerClient
-    from vault.licence import Licence
-    from vault.package import Package
+    from vault.core import crypto as _crypto
+    from vault.core.keyclient import KeyServerClient
+    from vault.core.licence import Licence
+    from vault.core.package import Package
     from worker.runtime import Pipeline
 
     lic = Licence.load(lic_path)

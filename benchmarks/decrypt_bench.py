@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from vault import _crypto
-from vault.package import chunk_hashes_digest
+from vault.core import crypto as _crypto
+from vault.core.package import chunk_hashes_digest
 
 
 def run(quick: bool = False, size_mb: int = 200, repeats: int | None = None) -> dict[str, Any]:

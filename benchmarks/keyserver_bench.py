@@ -53,9 +53,9 @@ def _client_loop(
 
     if nice:
         os.nice(nice)  # load generators yield the CPU to the server they measure
-    from vault import _crypto
-    from vault.licence import Licence
-    from vault.protocol import PROTOCOL_VERSION, pack_header, unpack_header
+    from vault.core import crypto as _crypto
+    from vault.core.licence import Licence
+    from vault.core.protocol import PROTOCOL_VERSION, pack_header, unpack_header
 
     ctx = zmq.Context()
     socks = []
@@ -197,9 +197,9 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
     and CURVE work competes with it. ``nice`` > 0 lowers the clients'
     priority, approximating clients on other machines."""
     from keyserver import init_dir
-    from vault import _crypto
-    from vault.keyclient import KeyServerClient
-    from vault.licence import Licence
+    from vault.core import crypto as _crypto
+    from vault.core.keyclient import KeyServerClient
+    from vault.core.licence import Licence
 
     duration = 2.0 if quick else 5.0
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,7 +73,7 @@ def _case(width: int, iters: int, tmp: str) -> dict[str, Any]:
     try:
         assert echo.stdout is not None and echo.stdout.readline().startswith(b"ready")
         sock.connect(ep)
-        from vault.protocol import encode_tensors, pack_header
+        from vault.core.protocol import encode_tensors, pack_header
 
         descs, frames = encode_tensors({"x": x})
         header = pack_header({"v": 1, "op": "compute", "id": 1, "tensors": descs})

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vault._process import stop_process
+from vault.core.process import stop_process
 
 from .harness import Unavailable, die_with_parent
 
@@ -77,7 +77,7 @@ class VaultEnv:
                     + (self.dir / "keyserver.log").read_text(errors="replace")[-500:]
                 )
             time.sleep(0.02)
-        from vault.licence import Licence
+        from vault.core.licence import Licence
 
         self.admin_path = self.ks_dir / "admin.licence"
         lic = Licence.load(self.admin_path)
@@ -88,10 +88,10 @@ class VaultEnv:
 
     def seal(self, model: Any, model_id: str) -> tuple[Path, Path]:
         """Seal ``model`` (ModelProto or path), register its key, issue a licence."""
-        from vault._crypto import PublisherKey
-        from vault._seal import seal
-        from vault.keyclient import KeyServerClient
-        from vault.licence import Licence
+        from vault.core.crypto import PublisherKey
+        from vault.core.keyclient import KeyServerClient
+        from vault.core.licence import Licence
+        from vault.sealing import seal
 
         out = self.dir / f"{model_id}.vault"
         r = seal(
@@ -130,7 +130,7 @@ class VaultEnv:
         self, package: Path, licence: Path, threads: int | None, module: str, probe: bool
     ) -> Any:
         import vault
-        from vault.licence import Licence
+        from vault.core.licence import Licence
 
         lic = Licence.load(licence)
         allow = self.dir / f"allow-{package.stem}"

@@ -99,7 +99,7 @@ def add_arguments(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vault.errors import VaultError
+    from vault.core.errors import VaultError
 
     parser = argparse.ArgumentParser(prog="python -m keyserver")
     add_arguments(parser.add_subparsers(dest="command", required=True))

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from vault import _crypto
-from vault.errors import ConfigError, IntegrityError, KeyServerError
-from vault.licence import Licence, write_private_file
+from vault.core import crypto as _crypto
+from vault.core.errors import ConfigError, IntegrityError, KeyServerError
+from vault.core.licence import Licence, write_private_file
 
 from . import audit, store
 

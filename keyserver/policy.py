@@ -1,7 +1,7 @@
 """Licence policy: small composable checks, each one method.
 
 A policy is anything with ``check(ctx) -> None`` that raises a typed
-:class:`vault.errors.LicenceError` to deny. The server runs
+:class:`vault.core.errors.LicenceError` to deny. The server runs
 :func:`default_release_policy` on every key release and
 :func:`default_renew_policy` on every lease renewal; a vendor adds a rule
 (business hours, an IP allow-list, ...) by composing, without touching the
@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vault.errors import (
+from vault.core.errors import (
     DigestMismatchError,
     LicenceExpiredError,
     LicenceRevokedError,

@@ -28,8 +28,8 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
-from vault.errors import ProtocolError, VaultError
-from vault.protocol import pack_header, unpack_header
+from vault.core.errors import ProtocolError, VaultError
+from vault.core.protocol import pack_header, unpack_header
 
 from . import store
 from .layout import Paths, exclusive_lock, load_master, load_server_keys
@@ -173,7 +173,7 @@ def serve(
             try:
                 router.bind(bind)
             except zmq.ZMQError as exc:
-                from vault.errors import ConfigError
+                from vault.core.errors import ConfigError
 
                 raise ConfigError(f"cannot bind {bind}: {exc}") from exc
             endpoint = router.get_string(zmq.LAST_ENDPOINT)
@@ -201,7 +201,7 @@ def serve(
             ctx.term()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-            from vault import _crypto
+            from vault.core import crypto as _crypto
 
             _crypto.zeroize(master)
             conn.close()

@@ -4,7 +4,7 @@
 SQLite transaction (one savepoint each), commits, and only then hands back
 the replies. That order is the fail-closed rule: a sealed key leaves the
 server only after its audit record is durable; if the commit fails every
-reply in the batch becomes an :class:`~vault.errors.AuditError`. Batching is
+reply in the batch becomes an :class:`~vault.core.errors.AuditError`. Batching is
 also group commit: one fsync covers every request that arrived together.
 
 Example::
@@ -28,8 +28,8 @@ from typing import Any
 
 import zmq
 
-from vault import _crypto
-from vault.errors import (
+from vault.core import crypto as _crypto
+from vault.core.errors import (
     AuditError,
     KeyServerError,
     LicenceError,
@@ -38,8 +38,8 @@ from vault.errors import (
     UnknownLicenceError,
     VaultError,
 )
-from vault.licence import Licence
-from vault.protocol import error_reply, ok_reply
+from vault.core.licence import Licence
+from vault.core.protocol import error_reply, ok_reply
 
 from . import audit
 from .layout import new_licence_id

@@ -92,7 +92,7 @@ def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Co
     """
     p = os.fspath(path)
     if not create and not os.path.exists(p):
-        from vault.errors import ConfigError
+        from vault.core.errors import ConfigError
 
         raise ConfigError(f"{p}: no key server database (run `vault keyserver init`)")
     conn = sqlite3.connect(p, isolation_level=None, check_same_thread=True)

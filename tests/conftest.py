@@ -42,8 +42,8 @@ from typing import Any
 
 import pytest
 
-from vault.keyclient import KeyServerClient
-from vault.licence import Licence
+from vault.core.keyclient import KeyServerClient
+from vault.core.licence import Licence
 
 READY = re.compile(rb"keyserver listening on (\S+)")
 ROOT = Path(__file__).resolve().parents[1]

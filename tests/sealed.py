@@ -20,9 +20,9 @@ from typing import Any
 
 import onnx
 
-from vault._crypto import PublisherKey
-from vault._seal import seal
 from vault.client import Model, open_with_unsafe_test_key
+from vault.core.crypto import PublisherKey
+from vault.sealing import seal
 
 
 @dataclass

@@ -16,12 +16,12 @@ Names are imported lazily, so ``import vault`` stays cheap for a caller that
 only computes (sealing pulls in ``onnx``; computing does not).
 """
 
-from __future__ import annotations
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-from .errors import (
+from .core.errors import (
+    AuditError,
     ComputeError,
     ConfigError,
     DigestMismatchError,
@@ -47,11 +47,12 @@ from .errors import (
     WrongModelError,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._seal import SealResult, seal
+if _TYPE_CHECKING:  # pragma: no cover
     from .client import Model, connect, open
-    from .licence import Licence
-    from .package import Package, inspect
+    from .core.crypto import PublisherKey
+    from .core.licence import Licence
+    from .core.package import Package, inspect
+    from .sealing import SealResult, seal
 
 __version__ = "0.1.0"
 
@@ -59,14 +60,16 @@ _LAZY = {
     "open": "client",
     "connect": "client",
     "Model": "client",
-    "seal": "_seal",
-    "SealResult": "_seal",
-    "Package": "package",
-    "inspect": "package",
-    "Licence": "licence",
+    "seal": "sealing",
+    "SealResult": "sealing",
+    "Package": "core.package",
+    "inspect": "core.package",
+    "Licence": "core.licence",
+    "PublisherKey": "core.crypto",
 }
 
 __all__ = [
+    "AuditError",
     "ComputeError",
     "ConfigError",
     "DigestMismatchError",
@@ -83,6 +86,7 @@ __all__ = [
     "Package",
     "PermissionDeniedError",
     "ProtocolError",
+    "PublisherKey",
     "QuotaExhaustedError",
     "RateLimitedError",
     "SealError",
@@ -102,11 +106,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vault' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 

@@ -10,9 +10,9 @@ key and the sessions exist. :func:`connect` reaches a remote worker over
 A :class:`Model` is safe to use from many threads at once: each thread gets
 its own DEALER socket, so calls never wait on a lock. Errors arrive as the
 worker's typed exceptions. If a local worker dies, the call in flight raises
-:class:`~vault.errors.WorkerCrashedError` and the next call starts a fresh
+:class:`~vault.core.errors.WorkerCrashedError` and the next call starts a fresh
 worker; a call with no answer in time raises
-:class:`~vault.errors.WorkerTimeoutError`. ``close()`` (and ``atexit``) stop
+:class:`~vault.core.errors.WorkerTimeoutError`. ``close()`` (and ``atexit``) stop
 the worker and remove its directory.
 
 Example::
@@ -47,16 +47,15 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ._shm import ShmArena
-from .errors import (
+from .core.errors import (
     ConfigError,
     ProtocolError,
     WorkerCrashedError,
     WorkerTimeoutError,
     from_wire,
 )
-from .licence import Licence
-from .protocol import (
+from .core.licence import Licence
+from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
     SHM_MIN_BYTES,
@@ -66,6 +65,7 @@ from .protocol import (
     raise_for_reply,
     unpack_header,
 )
+from .core.shm import ShmArena
 
 __all__ = ["Model", "connect", "open", "open_with_unsafe_test_key"]
 

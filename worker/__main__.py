@@ -137,10 +137,10 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
 
     import zmq
 
-    from vault import _crypto
-    from vault.errors import ConfigError
-    from vault.licence import Licence
-    from vault.package import Package
+    from vault.core import crypto as _crypto
+    from vault.core.errors import ConfigError
+    from vault.core.licence import Licence
+    from vault.core.package import Package
 
     from .lease import LeaseKeeper
     from .server import Server, load_allowed_keys
@@ -170,7 +170,7 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
     else:
         if lic is None:
             raise ConfigError("a licence is needed to ask the key server for the package key")
-        from vault.keyclient import KeyServerClient
+        from vault.core.keyclient import KeyServerClient
 
         with KeyServerClient(lic) as ks:
             rel = ks.release(
@@ -211,7 +211,7 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
     mark("session")
 
     def renew(lease_id: str, calls: int) -> Any:
-        from vault.keyclient import KeyServerClient
+        from vault.core.keyclient import KeyServerClient
 
         assert lic is not None
         with KeyServerClient(lic) as ks:
@@ -232,7 +232,7 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
     pkg.close()
     shm = None
     if args.shm_fd is not None and args.shm_size > 0:
-        from vault._shm import map_arena
+        from vault.core.shm import map_arena
 
         shm = map_arena(args.shm_fd, args.shm_size)
         os.close(args.shm_fd)  # the mapping keeps the memory; the fd is no longer needed
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
         threading.Thread(target=watch, name="vault-lifeline", daemon=True).start()
 
-    from vault.errors import VaultError
+    from vault.core.errors import VaultError
 
     try:
         (server, keeper, ctx), ready = _start(args, rep)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vault.errors import (
+from vault.core.errors import (
     KeyServerError,
     KeyServerUnavailableError,
     LicenceError,

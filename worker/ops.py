@@ -22,8 +22,8 @@ import time
 from collections import deque
 from typing import Any
 
-from vault.errors import ComputeError, ProtocolError, VaultError
-from vault.protocol import (
+from vault.core.errors import ComputeError, ProtocolError, VaultError
+from vault.core.protocol import (
     SharedRegion,
     decode_tensors,
     encode_tensors,

@@ -4,7 +4,7 @@ A :class:`Pipeline` owns one session per stage graph (normally one: the
 composed pre → model → post graph) and exposes only the *declared* pipeline
 inputs and outputs. Every request is checked against that public signature
 before onnxruntime sees it, so an internal tensor name gets exactly the same
-:class:`~vault.errors.InputError` as a name that does not exist; onnxruntime's
+:class:`~vault.core.errors.InputError` as a name that does not exist; onnxruntime's
 own error text (which names internal nodes) never leaves this module.
 
 Session options that would leak the model are refused: an optimised-model
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vault.errors import ComputeError, ConfigError, InputError
-from vault.protocol import dtype_name
+from vault.core.errors import ComputeError, ConfigError, InputError
+from vault.core.protocol import dtype_name
 
 __all__ = ["Pipeline", "choose_providers", "session_options", "signature_of"]
 
@@ -155,7 +155,7 @@ _BF16_ONNX = 16  # TensorProto.BFLOAT16
 
 def _np_dtype(name: str) -> np.dtype[Any] | None:
     """The numpy dtype a declared input must have (None: check by name)."""
-    from vault.protocol import dtype_from_name
+    from vault.core.protocol import dtype_from_name
 
     try:
         dt = dtype_from_name(name)
@@ -174,7 +174,7 @@ def _to_ortvalue(arr: np.ndarray[Any, Any]) -> Any:
 def _from_ortvalue(v: Any) -> np.ndarray[Any, Any]:
     if v.data_type() != "tensor(bfloat16)":
         return v.numpy()  # type: ignore[no-any-return]
-    from vault.protocol import dtype_from_name
+    from vault.core.protocol import dtype_from_name
 
     shape = tuple(v.shape())
     n = int(np.prod(shape, dtype=np.int64))

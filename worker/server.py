@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from vault.errors import ConfigError
+from vault.core.errors import ConfigError
 
 __all__ = ["Server", "load_allowed_keys"]
 

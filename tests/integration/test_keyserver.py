@@ -11,8 +11,8 @@ import msgpack
 import pytest
 import zmq
 
-from vault import _crypto
-from vault.errors import (
+from vault.core import crypto as _crypto
+from vault.core.errors import (
     AuditError,
     DigestMismatchError,
     KeyServerError,
@@ -26,9 +26,9 @@ from vault.errors import (
     UnknownLicenceError,
     WrongModelError,
 )
-from vault.keyclient import KeyServerClient
-from vault.licence import Licence
-from vault.protocol import PROTOCOL_VERSION, pack_header, unpack_header
+from vault.core.keyclient import KeyServerClient
+from vault.core.licence import Licence
+from vault.core.protocol import PROTOCOL_VERSION, pack_header, unpack_header
 
 MODEL, KEY_ID, DIGEST = "resnet", "k1", "sha256:" + "ab" * 32
 

@@ -6,7 +6,7 @@ import stat
 import subprocess
 import sys
 
-from vault.licence import Licence
+from vault.core.licence import Licence
 
 
 def _vault(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from vault import _crypto
-from vault.errors import IntegrityError, KeyServerUnavailableError, VaultError
-from vault.keyclient import KeyServerClient
+from vault.core import crypto as _crypto
+from vault.core.errors import IntegrityError, KeyServerUnavailableError, VaultError
+from vault.core.keyclient import KeyServerClient
 
 MODEL, KEY_ID, DIGEST = "m", "k1", "d1"
 

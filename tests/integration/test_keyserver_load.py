@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from vault import _crypto
-from vault.keyclient import KeyServerClient
+from vault.core import crypto as _crypto
+from vault.core.keyclient import KeyServerClient
 
 
 def test_200_simultaneous_clients_all_get_the_right_key(keyserver):

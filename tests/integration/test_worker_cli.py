@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from tests.models import mlp
-from vault._crypto import PublisherKey
-from vault._seal import seal
+from vault.core.crypto import PublisherKey
+from vault.sealing import seal
 
 
 def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tests.models import mlp, reference_pipeline
 from tests.sealed import open_sealed, seal_for_test
 from vault.client import Model
-from vault.protocol import PROTOCOL_VERSION, unpack_header
+from vault.core.protocol import PROTOCOL_VERSION, unpack_header
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ import zmq
 import vault
 from tests.models import mlp
 from tests.sealed import Sealed, open_sealed, seal_for_test
-from vault._process import stop_process
-from vault.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
+from vault.core.process import stop_process
+from vault.core.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def nobody_python() -> None:
     if not os.path.exists(SYSTEM_PYTHON) or shutil.which("setpriv") is None:
         pytest.skip(f"LOUD SKIP: needs {SYSTEM_PYTHON} and setpriv to run as nobody")
     probe = subprocess.run(
-        _as_nobody([SYSTEM_PYTHON, "-B", "-c", "import numpy, onnxruntime, zmq, vault.package, worker.runtime"]),
+        _as_nobody([SYSTEM_PYTHON, "-B", "-c", "import numpy, onnxruntime, zmq, vault.core.package, worker.runtime"]),
         env=_nobody_env(), capture_output=True, cwd="/", timeout=60,
     )  # fmt: skip
     if probe.returncode != 0:

@@ -16,9 +16,9 @@ import pytest
 
 import vault
 from tests.models import mlp
-from vault._crypto import PublisherKey
-from vault._process import stop_process
-from vault._seal import seal
+from vault.core.crypto import PublisherKey
+from vault.core.process import stop_process
+from vault.sealing import seal
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.sealed import open_sealed, seal_for_test
-from vault.errors import SealError
+from vault.core.errors import SealError
 
 
 def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any] | None = None,

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from vault._cli_keyserver import parse_duration
-from vault.cli import build_parser
-from vault.errors import ConfigError
+from vault.app.cli import build_parser
+from vault.app.cli_keyserver import parse_duration
+from vault.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import stat
 import pytest
 
 from keyserver import init_dir, layout, rotate_master, store
-from vault import _crypto
-from vault.errors import ConfigError, IntegrityError, KeyServerError
-from vault.licence import Licence
+from vault.core import crypto as _crypto
+from vault.core.errors import ConfigError, IntegrityError, KeyServerError
+from vault.core.licence import Licence
 
 
 def _mode(p) -> int:

@@ -18,7 +18,7 @@ from keyserver.policy import (
     WithinRateLimit,
     default_release_policy,
 )
-from vault.errors import (
+from vault.core.errors import (
     DigestMismatchError,
     LicenceError,
     LicenceExpiredError,

@@ -10,9 +10,9 @@ import pytest
 
 from keyserver import init_dir, layout, store
 from keyserver.service import KeyService, Request
-from vault import _crypto
-from vault.licence import Licence
-from vault.protocol import PROTOCOL_VERSION
+from vault.core import crypto as _crypto
+from vault.core.licence import Licence
+from vault.core.protocol import PROTOCOL_VERSION
 
 
 class Clock:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from tests.models import classifier_pipeline
-from vault import _crypto
+from vault.core import crypto as _crypto
 
 
 def vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import vault
 from tests.models import classifier_pipeline, reference_pipeline
 from tests.sealed import Sealed, open_sealed, seal_for_test
 from vault.client import Model
-from vault.protocol import PROTOCOL_VERSION, pack_header
+from vault.core.protocol import PROTOCOL_VERSION, pack_header
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_malformed_messages_get_typed_errors(model: Model) -> None:
         [pack_header({"v": PROTOCOL_VERSION, "op": "compute", "id": 5, "tensors": []}), b"a", b"b"],
         [pack_header({"v": PROTOCOL_VERSION, "op": "nope", "id": 6})],
     ]  # fmt: skip
-    from vault.protocol import unpack_header
+    from vault.core.protocol import unpack_header
 
     codes = []
     for frames in cases:

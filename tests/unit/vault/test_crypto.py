@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vault import _crypto
-from vault.errors import ConfigError, IntegrityError
+from vault.core import crypto as _crypto
+from vault.core.errors import ConfigError, IntegrityError
 
 
 @pytest.mark.parametrize("suite", _crypto.HPKE_SUITES)

@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from tests.models import classifier_pipeline, mlp, reference_pipeline
-from vault import _crypto
-from vault._seal import seal
-from vault.errors import FormatError, IntegrityError, UnsupportedVersionError
-from vault.package import HEADER, SIG_SIZE, Package
+from vault.core import crypto as _crypto
+from vault.core.errors import FormatError, IntegrityError, UnsupportedVersionError
+from vault.core.package import HEADER, SIG_SIZE, Package
+from vault.sealing import seal
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_dropping_the_last_chunk_is_detected(sealed: Any) -> None:
     n_full = p["plaintext_size"] // 1024
     ct = bytes(pkg.ciphertext)[: n_full * 1040]
     out = bytearray(n_full * 1024)
-    from vault.package import payload_aad
+    from vault.core.package import payload_aad
 
     aad = payload_aad(bytes(Path(result.path).read_bytes()[: HEADER.size]), b"")
     with pytest.raises(IntegrityError):

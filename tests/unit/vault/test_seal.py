@@ -11,10 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.models import classifier_pipeline, mlp, postprocess, preprocess, reference_pipeline
 from tests.unit.vault.test_package import run_plaintext
-from vault import _crypto
-from vault._seal import seal
-from vault.errors import SealError
-from vault.package import Package
+from vault.core import crypto as _crypto
+from vault.core.errors import SealError
+from vault.core.package import Package
+from vault.sealing import seal
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_models_too_big_to_serialise_are_checked_without_their_weights(
     """Past 2 GiB the checker gets the graph with weights as typed inputs (the
     opt-in VAULT_TEST_LARGE test runs a real 2.5 GiB model); here the same path
     is forced on a small model, and a broken one is still caught."""
-    from vault import _seal
+    from vault import sealing as _seal
 
     monkeypatch.setattr(_seal, "_too_big", lambda model: True)
     pre, model, post = classifier_pipeline()

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from tests.sealed import Sealed, open_sealed, seal_for_test
 from vault.client import Model
-from vault.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
+from vault.core.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
 
 
 def _model() -> object:

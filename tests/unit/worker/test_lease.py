@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vault.errors import KeyServerUnavailableError, LicenceRevokedError, QuotaExhaustedError
+from vault.core.errors import KeyServerUnavailableError, LicenceRevokedError, QuotaExhaustedError
 from worker.lease import LeaseKeeper
 
 

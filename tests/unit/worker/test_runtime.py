@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests.models import classifier_pipeline, mlp, reference_pipeline
-from vault.errors import ComputeError, ConfigError, InputError
+from vault.core.errors import ComputeError, ConfigError, InputError
 from worker.runtime import Pipeline, choose_providers, session_options
 
 

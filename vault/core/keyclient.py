@@ -33,7 +33,7 @@ from typing import Any
 
 import zmq
 
-from . import _crypto
+from . import crypto as _crypto
 from .errors import ConfigError, KeyServerUnavailableError, ProtocolError, VaultError
 from .licence import Licence
 from .protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
@@ -103,7 +103,7 @@ class KeyServerClient:
     """Talks to the key server named in ``licence``.
 
     ``timeout`` (seconds) bounds each request; no answer in time raises
-    :class:`~vault.errors.KeyServerUnavailableError`. Denials come back as the
+    :class:`~vault.core.errors.KeyServerUnavailableError`. Denials come back as the
     server's typed error (``LicenceRevokedError``, ``QuotaExhaustedError``...).
     ``address`` overrides the licence's key-server address.
     """

@@ -26,7 +26,7 @@ What sealing does, in order:
 Example::
 
     from vault import seal
-    from vault._crypto import PublisherKey
+    from vault import PublisherKey
     result = seal("model.onnx", pre="pre.onnx", model_id="resnet", signing_key=PublisherKey.load("publisher.key"),
                   output="resnet.vault")
     result.key   # the package key, in memory: register it or keep it safe
@@ -46,9 +46,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import _crypto
-from .errors import SealError, VaultError
-from .package import (
+from .core import crypto as _crypto
+from .core.errors import SealError, VaultError
+from .core.package import (
     FORMAT_VERSION,
     HEADER,
     MAGIC,

@@ -14,7 +14,7 @@
 - Key wrapping under the key server's master key (AES-256-GCM, the key id and
   model id bound as associated data).
 
-Every failure to authenticate raises :class:`vault.errors.IntegrityError`,
+Every failure to authenticate raises :class:`vault.core.errors.IntegrityError`,
 with no detail of which check failed.
 
 Example::
@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._files import write_private_file
 from .errors import ConfigError, IntegrityError
+from .files import write_private_file
 
 KEY_SIZE = 32
 TAG_SIZE = 16

@@ -33,7 +33,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .errors import ConfigError, VaultError, WorkerCrashedError, from_wire
+from ..core.errors import ConfigError, VaultError, WorkerCrashedError, from_wire
 
 __all__ = ["register"]
 
@@ -92,7 +92,7 @@ def _summary(arr: Any) -> str:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .client import open as vault_open
+    from ..client import open as vault_open
 
     feeds: dict[str, Any] = {}
     for item in args.input:
@@ -181,7 +181,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _client_key(args: argparse.Namespace) -> int:
-    from .licence import Licence
+    from ..core.licence import Licence
 
     lic = Licence.load(args.licence)
     with open(args.output, "w", encoding="ascii") as fh:
@@ -194,7 +194,7 @@ def _client_key(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+    from .demo import run_demo
 
     try:
         return run_demo()

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._files import write_private_file
 from .errors import ConfigError
+from .files import write_private_file
 
 __all__ = ["Licence", "write_private_file"]
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ._process import stop_process
-from .errors import LicenceError, VaultError
+from ..core.errors import LicenceError, VaultError
+from ..core.process import stop_process
 
 __all__ = ["build_classifier", "run_demo"]
 
@@ -125,11 +125,11 @@ def run_demo(lease_ttl: float = 1.0) -> int:
     from keyserver import commands  # the CLI is the app layer: lazy
     from keyserver.layout import init_dir
 
-    from ._crypto import PublisherKey
-    from ._seal import seal
-    from .client import open as vault_open
-    from .keyclient import KeyServerClient
-    from .licence import Licence
+    from ..client import open as vault_open
+    from ..core.crypto import PublisherKey
+    from ..core.keyclient import KeyServerClient
+    from ..core.licence import Licence
+    from ..sealing import seal
 
     ks_proc: subprocess.Popen[bytes] | None = None
     model: Any = None

@@ -17,10 +17,10 @@ so verifying a 500 MB package costs a fraction of a second, and it binds every
 ciphertext byte as a flat hash would.
 
 Failure rules: a file that does not start with the magic is a
-:class:`~vault.errors.FormatError`; a newer version is an
-:class:`~vault.errors.UnsupportedVersionError`; anything after that (damaged
+:class:`~vault.core.errors.FormatError`; a newer version is an
+:class:`~vault.core.errors.UnsupportedVersionError`; anything after that (damaged
 manifest, wrong length, bad signature, wrong key, reordered or truncated
-chunks) is one opaque :class:`~vault.errors.IntegrityError`.
+chunks) is one opaque :class:`~vault.core.errors.IntegrityError`.
 
 Decrypted payload (lives only in the worker's memory)::
 
@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import _crypto
+from . import crypto as _crypto
 from .errors import FormatError, IntegrityError, UnsupportedVersionError
 
 __all__ = [

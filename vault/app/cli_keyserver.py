@@ -19,7 +19,7 @@ import datetime as _dt
 import re
 from typing import Any
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["parse_duration", "register"]
 
@@ -52,7 +52,7 @@ def _ks_dispatch(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .keyclient import KeyServerClient
+    from ..core.keyclient import KeyServerClient
 
     return KeyServerClient(args.licence, timeout=args.timeout)
 

@@ -215,7 +215,7 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
 
 class SharedRegion:
     """One caller's slot of the shared-memory arena a local worker and its
-    caller both map (``vault/_shm.py``). Large tensors are placed from
+    caller both map (``vault/core/shm.py``). Large tensors are placed from
     ``cursor`` on; ``cursor`` moves past what is placed or read, so a worker
     writes its outputs after the inputs it read."""
 

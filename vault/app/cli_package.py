@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import ConfigError, VaultError
+from ..core.errors import ConfigError, VaultError
 
 __all__ = ["register"]
 
@@ -100,9 +100,9 @@ class _Progress:
 
 
 def _seal(args: argparse.Namespace) -> int:
-    from ._crypto import PublisherKey, zeroize
-    from ._seal import seal
-    from .licence import Licence, write_private_file
+    from ..core.crypto import PublisherKey, zeroize
+    from ..core.licence import Licence, write_private_file
+    from ..sealing import seal
 
     licence = Licence.load(args.licence) if args.licence else None
     if licence is None and not args.key_out:
@@ -132,7 +132,7 @@ def _seal(args: argparse.Namespace) -> int:
     )
     try:
         if licence is not None:
-            from .keyclient import KeyServerClient
+            from ..core.keyclient import KeyServerClient
 
             try:
                 with KeyServerClient(licence) as ks:
@@ -187,7 +187,7 @@ def format_manifest(m: dict[str, Any]) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .package import inspect
+    from ..core.package import inspect
 
     manifest = inspect(args.package)
     if args.json:
@@ -198,7 +198,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .package import Package
+    from ..core.package import Package
 
     try:
         with open(args.publisher, "rb") as fh:

@@ -2,7 +2,7 @@
 
 Each command group lives in its own module and registers its sub-parsers
 here; this module only builds the parser, runs the chosen command, and turns
-a :class:`vault.errors.VaultError` into one clear line on stderr and exit
+a :class:`vault.core.errors.VaultError` into one clear line on stderr and exit
 code 2. Anything else is a bug and shows its traceback.
 
 The CLI is the application layer: it may import ``keyserver`` and ``worker``
@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import VaultError
+from ..core.errors import VaultError
 
 __all__ = ["main", "build_parser"]
 
@@ -31,11 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Seal, license and run protected ONNX models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import _cli_keyserver, _cli_package, _cli_worker
+    from . import cli_keyserver, cli_package, cli_worker
 
-    _cli_package.register(sub)
-    _cli_keyserver.register(sub)
-    _cli_worker.register(sub)
+    cli_package.register(sub)
+    cli_keyserver.register(sub)
+    cli_worker.register(sub)
     return parser
 
 
