@@ -113,8 +113,11 @@ class Startup:
         elif args.licence:
             self.licence = Licence.load(args.licence)
         if args.publisher:
-            with open(args.publisher, "rb") as fh:
-                self.publisher = crypto.load_public_key(fh.read())
+            try:
+                with open(args.publisher, "rb") as fh:
+                    self.publisher = crypto.load_public_key(fh.read())
+            except OSError as exc:
+                raise ConfigError(f"publisher key {args.publisher}: {exc.strerror}") from None
         elif self.licence is not None and self.licence.publisher_key:
             self.publisher = crypto.load_public_key(self.licence.publisher_key)
         else:
