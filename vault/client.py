@@ -30,11 +30,8 @@ import atexit
 import builtins
 import functools
 import itertools
-import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,12 +46,12 @@ import zmq
 
 from .core.errors import (
     ConfigError,
-    ProtocolError,
     WorkerCrashedError,
     WorkerTimeoutError,
-    from_wire,
 )
+from .core.launch import read_ready_line, spawn_worker
 from .core.licence import Licence
+from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -120,28 +117,28 @@ class _LocalWorker:
         pipes: list[int] = []
         status_r, status_w = os.pipe()
         life_r, life_w = os.pipe()
-        cmd = [self.python, "-I", "-B", "-m", "worker", self.package, "--endpoint", endpoint,
-               "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
+        args = [self.package, "--endpoint", endpoint,
+                "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
         pass_fds = [status_w, life_r]
         secrets_out: list[tuple[int, bytes]] = []
         if self.licence is not None:
             lr, lw = os.pipe()
-            cmd += ["--licence-fd", str(lr)]
+            args += ["--licence-fd", str(lr)]
             pass_fds.append(lr)
             secrets_out.append((lw, self.licence.dumps()))
             pipes.append(lr)
         if self.unsafe_key is not None:
             kr, kw = os.pipe()
-            cmd += ["--unsafe-test-key-fd", str(kr)]
+            args += ["--unsafe-test-key-fd", str(kr)]
             pass_fds.append(kr)
             secrets_out.append((kw, bytes(self.unsafe_key)))
             pipes.append(kr)
         if self.publisher:
-            cmd += ["--publisher", self.publisher]
+            args += ["--publisher", self.publisher]
         if self.providers:
-            cmd += ["--providers", ",".join(self.providers)]
+            args += ["--providers", ",".join(self.providers)]
         if self.device:
-            cmd += ["--device", self.device]
+            args += ["--device", self.device]
         if self.arena is not None:  # a restart: the new worker gets a new arena
             self.arena.close(unmap=False)
             self.arena = None
@@ -151,34 +148,11 @@ class _LocalWorker:
             except OSError:
                 self.arena = None  # no memfd here: every tensor travels as frames
         if self.arena is not None:
-            cmd += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
+            args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
-        cmd += self.worker_args
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-            "HOME": "/proc/self/vault-no-home",
-            # glibc >= 2.35: malloc asks for transparent huge pages on its large
-            # mmap'd chunks. A fresh worker faults in every byte of plaintext and
-            # of onnxruntime's weights; measured by hand here (a fresh process,
-            # a 100 MB model), 2 MiB pages took its session build from 165-190 ms
-            # to 102-144 ms (Model.startup_ms shows the phases). Older glibc
-            # ignores it.
-            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-        }
-        debug = os.environ.get("VAULT_DEBUG_WORKER") == "1"
+        args += self.worker_args
         try:
-            self.proc = subprocess.Popen(
-                cmd,
-                pass_fds=pass_fds,
-                env=env,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                # onnxruntime prints a telemetry warning at import; tracebacks only when debugging
-                stderr=None if debug else subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C for the caller is not the worker's to handle
-            )
+            self.proc = spawn_worker(args, pass_fds=pass_fds, cwd=self.dir, python=self.python)
         finally:
             for fd in (status_w, life_r, *pipes):
                 os.close(fd)
@@ -189,41 +163,13 @@ class _LocalWorker:
                 os.close(fd)
         self._lifeline = life_w
         try:
-            self.ready = self._wait_ready(status_r)
+            self.ready = read_ready_line(status_r, timeout=self.start_timeout, proc=self.proc)
         except BaseException:
             self.kill()
             raise
         finally:
             os.close(status_r)
         return str(self.ready.get("endpoint") or endpoint)
-
-    def _wait_ready(self, fd: int) -> dict[str, Any]:
-        deadline = time.monotonic() + self.start_timeout
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerTimeoutError(f"worker not ready after {self.start_timeout:.0f}s")
-            r, _, _ = select.select([fd], [], [], min(left, 0.2))
-            if r:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                buf += chunk
-        if b"\n" not in buf:
-            assert self.proc is not None
-            try:
-                rc = self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                rc = None
-            raise WorkerCrashedError(f"worker exited during startup (status {rc})")
-        try:
-            msg = json.loads(buf.split(b"\n", 1)[0])
-        except ValueError as exc:
-            raise ProtocolError("worker sent a malformed ready line") from exc
-        if not msg.get("ready"):
-            raise from_wire(msg.get("error"))
-        return dict(msg)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -233,13 +179,8 @@ class _LocalWorker:
         if self._lifeline is not None:
             os.close(self._lifeline)  # EOF on the lifeline: the worker stops by itself
             self._lifeline = None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, 5)
 
     def close(self) -> None:
         self.kill()
