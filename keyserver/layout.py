@@ -191,7 +191,7 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
                     store.set_meta(conn, k, v)
                 conn.execute(
                     "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
-                    " issued_at) VALUES (?, 'admin', 'admin', NULL, ?, ?)",
+                    " issued_at, kind) VALUES (?, 'admin', 'admin', NULL, ?, ?, 'admin')",
                     (licence_id, admin_public.decode(), now),
                 )
                 audit.append(

@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 import sqlite3
@@ -23,7 +25,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
@@ -31,6 +33,7 @@ import zmq
 from vault.core import crypto as _crypto
 from vault.core.errors import (
     AuditError,
+    IntegrityError,
     KeyServerError,
     LicenceError,
     PermissionDeniedError,
@@ -41,10 +44,11 @@ from vault.core.errors import (
 from vault.core.licence import Licence
 from vault.core.protocol import error_reply, ok_reply
 
-from . import audit
+from . import audit, store
 from .layout import new_licence_id
 from .policy import (
     Context,
+    DeviceRecord,
     KeyRecord,
     LicenceRecord,
     Policy,
@@ -116,12 +120,18 @@ def _int(h: Mapping[str, Any], name: str, *, optional: bool) -> Any:
 
 _LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
-    " max_calls, rate_limit, grace, revoked_at, used_calls"
+    " max_calls, rate_limit, grace, revoked_at, used_calls, kind, same_user, devices,"
+    " proof_public_key"
 )
 
 
 def _record(row: Sequence[Any]) -> LicenceRecord:
-    return LicenceRecord(*row)
+    base = LicenceRecord(*row[:12])
+    devices = tuple(json.loads(row[14])) if row[14] else ()
+    return replace(
+        base, kind=str(row[12]), same_user=bool(row[13]), devices=devices,
+        proof_public_key=row[15],
+    )  # fmt: skip
 
 
 def _stderr(line: str) -> None:
@@ -165,18 +175,25 @@ class KeyService:
             "issue": self._issue,
             "revoke": self._revoke,
             "list": self._list,
+            "enroll_device": self._enroll_device,
+            "revoke_device": self._revoke_device,
+            "list_devices": self._list_devices,
         }
 
     # --- admission (ZAP) -------------------------------------------------------
 
     def admits(self, client_public_key: str) -> bool:
-        """Whether a CURVE key may connect: any licence holder or admin, looked
-        up live (a licence issued a second ago connects). Revoked holders are
-        admitted so they hear the typed 'revoked' denial instead of silence."""
+        """Whether a CURVE key may connect: any licence holder or admin, or an
+        enrolled device that is not revoked, looked up live (a licence issued
+        a second ago connects). Revoked holders are admitted so they hear the
+        typed 'revoked' denial instead of silence; a revoked device is not."""
         row = self.conn.execute(
             "SELECT 1 FROM licences WHERE client_public_key = ?", (client_public_key,)
         ).fetchone()
-        return row is not None
+        if row is not None:
+            return True
+        dev = store.device_by_key(self.conn, client_public_key)
+        return dev is not None and dev[5] is None
 
     # --- batches ---------------------------------------------------------------
 
@@ -229,8 +246,11 @@ class KeyService:
         self.conn.execute("SAVEPOINT req")
         try:
             self._check_fresh(h, now)
-            caller = self._caller(req.identity)
-            fields = handler(caller, h, now)
+            device = self._device(req.identity)
+            if device is not None:
+                fields = self._device_op(device, str(op), h, now)
+            else:
+                fields = handler(self._caller(req.identity), h, now)
             self.conn.execute("RELEASE req")
             return ok_reply(rid, **fields)
         except _Denied as d:
@@ -280,6 +300,9 @@ class KeyService:
         ts = _num(h, "ts", optional=False)
         if abs(now - ts) > MAX_SKEW:
             raise ProtocolError("request timestamp outside the accepted window (clock skew?)")
+        self._remember_nonce(nonce, ts, now)
+
+    def _remember_nonce(self, nonce: bytes, ts: float, now: float) -> None:
         expiry = self._nonce_expiry
         while expiry and expiry[0][0] < now:
             self._nonces.discard(expiry.popleft()[1])
@@ -349,66 +372,228 @@ class KeyService:
     # --- ops -----------------------------------------------------------------------
 
     def _release(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
-        model_id = _str(h, "model_id")
-        key_id = _str(h, "key_id")
-        digest = _str(h, "package_digest")
-        licence_id = _str(h, "licence_id")
-        suite = h.get("suite", "x25519")
-        if suite not in _crypto.HPKE_SUITES:
-            raise ProtocolError(f"unknown HPKE suite {suite!r}")
-        ephemeral = _bytes(h, "ephemeral_key", max_len=4096)
-        ids = {"model_id": model_id, "key_id": key_id}
-        if licence_id != caller.licence_id:
+        """A key request made with a licence's own key (not a device's): only a
+        licence issued ``--same-user`` (tier 0) is answered."""
+        req = self._release_fields(h)
+        ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
+        if req["licence_id"] != caller.licence_id:
             err: VaultError = (
-                UnknownLicenceError(f"no licence {licence_id}")
-                if self._licence(licence_id) is None
+                UnknownLicenceError(f"no licence {req['licence_id']}")
+                if self._licence(req["licence_id"]) is None
                 else PermissionDeniedError("this licence id does not belong to the connecting key")
             )
             raise self._deny(caller, "release", err, now, **ids)
+        self._check_kind(caller, now, ids, actor=caller.licence_id)
+        if not caller.same_user:
+            err = PermissionDeniedError(
+                "a key is released only to an enrolled device: this licence is not --same-user "
+                "(use it through `vault daemon`)"
+            )
+            raise self._deny(caller, "release", err, now, reason_detail="no_device", **ids)
+        return self._grant(caller, req, now, device_id="", actor=caller.licence_id)
+
+    @staticmethod
+    def _release_fields(h: Mapping[str, Any]) -> dict[str, Any]:
+        suite = h.get("suite", "x25519")
+        if suite not in _crypto.HPKE_SUITES:
+            raise ProtocolError(f"unknown HPKE suite {suite!r}")
+        return {
+            "model_id": _str(h, "model_id"),
+            "key_id": _str(h, "key_id"),
+            "digest": _str(h, "package_digest"),
+            "licence_id": _str(h, "licence_id"),
+            "suite": suite,
+            "ephemeral": _bytes(h, "ephemeral_key", max_len=4096),
+        }
+
+    def _check_kind(
+        self, lic: LicenceRecord, now: float, ids: dict[str, Any], *, actor: str
+    ) -> None:
+        if lic.kind == "runtime" and not lic.is_admin:
+            return
+        why = (
+            "a call licence gives no key (it is checked by the vendor's service)"
+            if lic.kind == "call"
+            else f"a {lic.kind} licence gives no key"
+        )
+        raise self._deny_as(actor, "release", PermissionDeniedError(why), now,
+                            licence_id=lic.licence_id, **ids)  # fmt: skip
+
+    def _grant(
+        self, lic: LicenceRecord, req: dict[str, Any], now: float, *, device_id: str, actor: str
+    ) -> dict[str, Any]:
+        """The policy, the lease, the audit record and the sealed key."""
+        model_id, key_id, digest = req["model_id"], req["key_id"], req["digest"]
+        suite = req["suite"]
+        ids = {"model_id": model_id, "key_id": key_id}
         row = self.conn.execute(
             "SELECT package_digest, wrapped FROM keys WHERE model_id = ? AND key_id = ?",
             (model_id, key_id),
         ).fetchone()
         key = None if row is None else KeyRecord(model_id, key_id, str(row[0]))
-        ctx = Context("release", caller, now, model_id, digest, key)
+        ctx = Context("release", lic, now, model_id, digest, key)
         try:
             self.release_policy.check(ctx)
         except LicenceError as exc:
-            raise self._deny(caller, "release", exc, now, **ids) from None
+            raise self._deny_as(actor, "release", exc, now, licence_id=lic.licence_id,
+                                **ids) from None  # fmt: skip
         if row is None:
             err = KeyServerError(f"no key {key_id!r} is registered for model {model_id!r}")
-            raise self._deny(caller, "release", err, now, **ids)
+            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
         lease_id = os.urandom(12).hex()
-        lease = self._lease_fields(lease_id, caller, now)
+        lease = self._lease_fields(lease_id, lic, now)
         self.conn.execute(
             "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
-            " hard_end, call_budget) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
-             lease["hard_end"], lease["call_budget"]),
+            " hard_end, call_budget, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (lease_id, lic.licence_id, model_id, key_id, now, lease["expires_at"],
+             lease["hard_end"], lease["call_budget"], device_id or None),
         )  # fmt: skip
         # Audit first; the reply leaves only after COMMIT (see process_batch).
         audit.append(
-            self.conn, ts=now, event="released", actor=caller.licence_id,
-            licence_id=caller.licence_id, model_id=model_id,
-            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite, "package_digest": digest},
+            self.conn, ts=now, event="released", actor=actor,
+            licence_id=lic.licence_id, model_id=model_id,
+            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite,
+                    "package_digest": digest, "device_id": device_id or None},
         )  # fmt: skip
         plain = _crypto.unwrap_key(self._master, bytes(row[1]), key_id=key_id, model_id=model_id)
         try:
-            info = _crypto.key_release_info(model_id, digest, caller.licence_id)
+            info = _crypto.key_release_info(model_id, digest, lic.licence_id, device_id)
             try:
-                sealed = _crypto.hpke_seal(suite, ephemeral, plain, info)
+                sealed = _crypto.hpke_seal(suite, req["ephemeral"], plain, info)
             except VaultError as exc:  # a malformed ephemeral key
                 raise ProtocolError("malformed ephemeral public key") from exc
         finally:
             _crypto.zeroize(plain)
         return {"sealed_key": sealed, "suite": suite, "lease": lease}
 
-    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+    # --- devices -------------------------------------------------------------------
+
+    def _device(self, identity: str | None) -> DeviceRecord | None:
+        if identity is None:
+            return None
+        row = store.device_by_key(self.conn, identity)
+        return None if row is None else DeviceRecord(*row)
+
+    def _deny_as(
+        self, actor: str, op: str, error: VaultError, now: float, **detail: Any
+    ) -> _Denied:
+        """Audit a denial whose actor may be a device, then refuse."""
+        audit.append(
+            self.conn, ts=now, event="denied", actor=actor,
+            licence_id=detail.pop("licence_id", None), model_id=detail.pop("model_id", None),
+            detail={"op": op, "reason": error.code, "message": error.message, **detail},
+        )  # fmt: skip
+        if op not in ("release", "renew"):
+            self.log(f"keyserver: denied {op} for {actor}: {error.code}")
+        return _Denied(error)
+
+    def _device_op(
+        self, device: DeviceRecord, op: str, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        """A request made as an enrolled device: key release (with the
+        caller's licence proof) and lease renewal, nothing else."""
+        actor = device.device_id
+        if device.revoked_at is not None:
+            err: VaultError = PermissionDeniedError(f"device {device.device_id} was revoked")
+            raise self._deny_as(actor, op, err, now)
+        if op == "renew":
+            lease_id = _str(h, "lease_id")
+            row = self.conn.execute(
+                "SELECT licence_id FROM leases WHERE lease_id = ? AND device_id = ?",
+                (lease_id, device.device_id),
+            ).fetchone()
+            lic = None if row is None else self._licence(str(row[0]))
+            if lic is None:
+                raise LicenceError("unknown lease")
+            return self._renew(lic, h, now, device_id=device.device_id)
+        if op != "release":
+            err = PermissionDeniedError(
+                f"a device may only ask for keys and renew leases, not {op}"
+            )
+            raise self._deny_as(actor, op, err, now)
+        req = self._release_fields(h)
+        ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
+        claimed = h.get("device_id")
+        if claimed not in (None, device.device_id):
+            err = PermissionDeniedError("device id does not match the connecting device")
+            raise self._deny_as(actor, "release", err, now, licence_id=req["licence_id"], **ids)
+        lic = self._licence(req["licence_id"])
+        if lic is None:
+            err = UnknownLicenceError(f"no licence {req['licence_id']}")
+            raise self._deny_as(actor, "release", err, now, **ids)
+        self._check_kind(lic, now, ids, actor=actor)
+        if lic.devices and device.device_id not in lic.devices:
+            err = PermissionDeniedError(
+                f"licence {lic.licence_id} is not valid on device {device.device_id}"
+            )
+            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
+        self._check_proof(lic, device, req, h, now, actor=actor)
+        return self._grant(lic, req, now, device_id=device.device_id, actor=actor)
+
+    def _check_proof(
+        self,
+        lic: LicenceRecord,
+        device: DeviceRecord,
+        req: dict[str, Any],
+        h: Mapping[str, Any],
+        now: float,
+        *,
+        actor: str,
+    ) -> None:
+        """The caller's signature with the licence's proof key over this very
+        request (licence, device, model, key, package, a fresh nonce and time)."""
+        ids = {"model_id": req["model_id"], "key_id": req["key_id"], "licence_id": lic.licence_id}
+        sig = h.get("proof")
+        nonce = h.get("proof_nonce")
+        ts = h.get("proof_ts")
+        if (
+            not isinstance(sig, bytes)
+            or not isinstance(nonce, bytes)
+            or not 8 <= len(nonce) <= 64
+            or isinstance(ts, bool)
+            or not isinstance(ts, (int, float))
+            or not math.isfinite(ts)
+        ):
+            err: VaultError = PermissionDeniedError(
+                "a key request needs the caller's proof of the licence"
+            )
+            raise self._deny_as(actor, "release", err, now, **ids)
+        if abs(now - float(ts)) > MAX_SKEW:
+            err = PermissionDeniedError("licence proof is stale (clock skew?)")
+            raise self._deny_as(actor, "release", err, now, **ids)
+        msg = _crypto.licence_proof_message(
+            licence_id=lic.licence_id, device_id=device.device_id, model_id=req["model_id"],
+            key_id=req["key_id"], package_digest=req["digest"], nonce=nonce, ts=float(ts),
+        )  # fmt: skip
+        try:
+            if not lic.proof_public_key:
+                raise IntegrityError()
+            public = base64.b64decode(lic.proof_public_key)
+            _crypto.verify_signature(public, sig, msg)
+        except VaultError:
+            err = PermissionDeniedError("licence proof does not verify")
+            raise self._deny_as(actor, "release", err, now, **ids) from None
+        try:
+            self._remember_nonce(b"proof:" + nonce, float(ts), now)
+        except ProtocolError:
+            err = PermissionDeniedError("licence proof was used before")
+            raise self._deny_as(actor, "release", err, now, **ids) from None
+
+    def _renew(
+        self,
+        caller: LicenceRecord,
+        h: Mapping[str, Any],
+        now: float,
+        *,
+        device_id: str | None = None,
+    ) -> dict[str, Any]:
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
+        # a lease granted to a device is renewed by that device only
         row = self.conn.execute(
-            "SELECT model_id, ended, hard_end FROM leases WHERE lease_id = ? AND licence_id = ?",
-            (lease_id, caller.licence_id),
+            "SELECT model_id, ended, hard_end FROM leases WHERE lease_id = ? AND licence_id = ?"
+            " AND device_id IS ?",
+            (lease_id, caller.licence_id, device_id),
         ).fetchone()
         if row is None:
             raise LicenceError("unknown lease")
@@ -495,21 +680,26 @@ class KeyService:
         grace = _num(h, "grace", optional=True, default=0.0)
         if rate_limit is not None and rate_limit <= 0:
             raise ProtocolError("field 'rate_limit' must be positive")
+        kind, same_user, devices = self._issue_kind(h)
         public, secret = zmq.curve_keypair()
+        proof_key = _crypto.PublisherKey.generate()
+        proof_public = base64.b64encode(proof_key.public_raw).decode()
         licence_id = new_licence_id()
         expires_at = None if expires is None else now + expires
         self.conn.execute(
             "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
-            " issued_at, expires_at, max_calls, rate_limit, grace)"
-            " VALUES (?, ?, 'caller', ?, ?, ?, ?, ?, ?, ?)",
+            " issued_at, expires_at, max_calls, rate_limit, grace, kind, same_user, devices,"
+            " proof_public_key) VALUES (?, ?, 'caller', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (licence_id, holder, model_id, public.decode(), now, expires_at, max_calls,
-             rate_limit, grace),
+             rate_limit, grace, kind, int(same_user), json.dumps(devices) if devices else None,
+             proof_public),
         )  # fmt: skip
         audit.append(
             self.conn, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
             model_id=model_id,
             detail={"holder": holder, "expires_at": expires_at, "max_calls": max_calls,
-                    "rate_limit": rate_limit, "grace": grace},
+                    "rate_limit": rate_limit, "grace": grace, "kind": kind,
+                    "same_user": same_user, "devices": devices},
         )  # fmt: skip
         self.log(f"keyserver: issued {licence_id} to {holder} for {model_id}")
         lic = Licence(
@@ -522,8 +712,31 @@ class KeyService:
             publisher_key=self.publisher_key,
             model_id=model_id,
             role="caller",
+            kind=kind,
+            same_user=same_user,
+            devices=tuple(devices),
+            proof_key=base64.b64encode(proof_key.export_private_raw()).decode(),
         )
         return {"licence": lic.to_json()}
+
+    def _issue_kind(self, h: Mapping[str, Any]) -> tuple[str, bool, list[str]]:
+        kind = h.get("kind", "runtime")
+        if kind not in ("runtime", "call"):
+            raise ProtocolError("field 'kind' must be 'runtime' or 'call'")
+        same_user = h.get("same_user", False)
+        if not isinstance(same_user, bool):
+            raise ProtocolError("field 'same_user' must be a boolean")
+        if same_user and kind != "runtime":
+            raise ProtocolError("only a runtime licence can be --same-user")
+        devices = h.get("devices") or []
+        if not isinstance(devices, list) or len(devices) > 256:
+            raise ProtocolError("field 'devices' must be a list of device ids")
+        for d in devices:
+            if not isinstance(d, str) or store.get_device(self.conn, d) is None:
+                raise KeyServerError(f"no enrolled device {d!r}")
+        if devices and kind != "runtime":
+            raise ProtocolError("only a runtime licence names devices")
+        return kind, same_user, sorted(set(devices))
 
     def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "revoke", now)
@@ -568,6 +781,71 @@ class KeyService:
                     "grace": rec.grace,
                     "revoked": rec.revoked_at is not None,
                     "revoked_at": rec.revoked_at,
+                    "kind": rec.kind,
+                    "same_user": rec.same_user,
+                    "devices": list(rec.devices),
                 }
             )
         return {"licences": out}
+
+    # --- devices (admin) ---------------------------------------------------------------
+
+    def _enroll_device(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "enroll_device", now)
+        from vault.core.device import device_id_for
+
+        device_id = _str(h, "device_id")
+        public_key = _str(h, "public_key")
+        name = _str(h, "name", optional=True) or device_id
+        if len(public_key) != 40 or device_id_for(public_key) != device_id:
+            raise ProtocolError("device id and public key do not belong together")
+        old = store.get_device(self.conn, device_id)
+        if old is not None:
+            if old[5] is not None:
+                raise PermissionDeniedError(f"device {device_id} was revoked; make a new one")
+            return {"device_id": device_id, "created": False}
+        if self.conn.execute(
+            "SELECT 1 FROM licences WHERE client_public_key = ?", (public_key,)
+        ).fetchone():
+            raise ProtocolError("that key already belongs to a licence")
+        store.insert_device(
+            self.conn, device_id=device_id, public_key=public_key, name=name,
+            enrolled_at=now, enrolled_by=caller.licence_id,
+        )  # fmt: skip
+        audit.append(
+            self.conn, ts=now, event="device_enrolled", actor=caller.licence_id,
+            detail={"device_id": device_id, "name": name, "public_key": public_key},
+        )  # fmt: skip
+        self.log(f"keyserver: enrolled device {device_id} ({name})")
+        return {"device_id": device_id, "created": True}
+
+    def _revoke_device(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "revoke_device", now)
+        device_id = _str(h, "device_id")
+        row = store.get_device(self.conn, device_id)
+        if row is None:
+            raise KeyServerError(f"no enrolled device {device_id}")
+        if row[5] is not None:
+            return {"device_id": device_id, "revoked_at": row[5], "already": True}
+        store.revoke_device(self.conn, device_id, now)
+        audit.append(
+            self.conn, ts=now, event="device_revoked", actor=caller.licence_id,
+            detail={"device_id": device_id},
+        )  # fmt: skip
+        self.log(f"keyserver: revoked device {device_id}")
+        return {"device_id": device_id, "revoked_at": now, "already": False}
+
+    def _list_devices(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "list_devices", now)
+        out = [
+            {"device_id": r[0], "public_key": r[1], "name": r[2], "enrolled_at": r[3],
+             "enrolled_by": r[4], "revoked": r[5] is not None, "revoked_at": r[5]}
+            for r in store.list_devices(self.conn)
+        ]  # fmt: skip
+        return {"devices": out}

@@ -26,8 +26,20 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "connect", "get_meta", "set_meta", "transaction"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "connect",
+    "device_by_key",
+    "get_device",
+    "get_meta",
+    "insert_device",
+    "list_devices",
+    "revoke_device",
+    "set_meta",
+    "transaction",
+]
 
 SCHEMA_VERSION = "1"
 
@@ -45,7 +57,19 @@ CREATE TABLE IF NOT EXISTS licences (
     rate_limit REAL,
     grace REAL NOT NULL DEFAULT 0,
     revoked_at REAL,
-    used_calls INTEGER NOT NULL DEFAULT 0
+    used_calls INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
+    same_user INTEGER NOT NULL DEFAULT 0,   -- tier 0: the holder's user runs the worker
+    devices TEXT,                           -- JSON list of device ids; NULL: any enrolled
+    proof_public_key TEXT                   -- base64 Ed25519: verifies proofs of possession
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,        -- Z85 CURVE key: the device's transport identity
+    name TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    enrolled_by TEXT NOT NULL,
+    revoked_at REAL
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -64,7 +88,8 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL,
     hard_end REAL NOT NULL,
     call_budget INTEGER,
-    ended INTEGER NOT NULL DEFAULT 0
+    ended INTEGER NOT NULL DEFAULT 0,
+    device_id TEXT                          -- the device it was granted to (NULL: tier 0)
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT keeps the high-water mark
@@ -134,3 +159,49 @@ def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
         "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
         (key, value),
     )
+
+
+# --- devices -------------------------------------------------------------------------
+
+_DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at"
+
+
+def device_by_key(conn: sqlite3.Connection, public_key: str) -> tuple[Any, ...] | None:
+    row = conn.execute(
+        f"SELECT {_DEVICE_COLS} FROM devices WHERE public_key = ?", (public_key,)
+    ).fetchone()
+    return None if row is None else tuple(row)
+
+
+def get_device(conn: sqlite3.Connection, device_id: str) -> tuple[Any, ...] | None:
+    row = conn.execute(
+        f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,)
+    ).fetchone()
+    return None if row is None else tuple(row)
+
+
+def insert_device(
+    conn: sqlite3.Connection,
+    *,
+    device_id: str,
+    public_key: str,
+    name: str,
+    enrolled_at: float,
+    enrolled_by: str,
+) -> None:
+    conn.execute(
+        f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, NULL)",
+        (device_id, public_key, name, enrolled_at, enrolled_by),
+    )
+
+
+def revoke_device(conn: sqlite3.Connection, device_id: str, now: float) -> None:
+    conn.execute("UPDATE devices SET revoked_at = ? WHERE device_id = ?", (now, device_id))
+    conn.execute("UPDATE leases SET ended = 1 WHERE device_id = ?", (device_id,))
+
+
+def list_devices(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    rows = conn.execute(
+        f"SELECT {_DEVICE_COLS} FROM devices ORDER BY enrolled_at, device_id"
+    ).fetchall()
+    return [tuple(r) for r in rows]

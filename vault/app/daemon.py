@@ -222,9 +222,19 @@ class Daemon:
             "--proof-fd": json.dumps(proof.to_wire()).encode(),
             "--device-key-fd": self.device.dumps(),
         }
-        args = ["--package-fd", str(package_fd), "--endpoint", endpoint,
-                "--status-fd", str(status_w), "--lifeline-fd", str(life_r),
-                "--allow-key", client_key, "--tier", str(TIER)]  # fmt: skip
+        args = [
+            "--package-fd",
+            str(package_fd),
+            "--endpoint",
+            endpoint,
+            "--status-fd",
+            str(status_w),
+            "--lifeline-fd",
+            str(life_r),
+            f"--allow-key={client_key}",
+            "--tier",
+            str(TIER),
+        ]  # fmt: skip (a Z85 key may start with "-")
         pass_fds = [package_fd, status_w, life_r]
         writers: list[tuple[int, bytes]] = []
         for flag, data in secrets.items():
