@@ -22,7 +22,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -200,6 +199,7 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
     from vault.core import crypto as _crypto
     from vault.core.keyclient import KeyServerClient
     from vault.core.licence import Licence
+    from vault.core.readyline import read_ready_line
 
     duration = 2.0 if quick else 5.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,15 +212,7 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         try:
-            address = ""
-            for _ in range(500):
-                m = re.search(rb"listening on (\S+)", open(log.name, "rb").read())
-                if m:
-                    address = m.group(1).decode()
-                    break
-                time.sleep(0.02)
-            if not address:
-                raise RuntimeError("key server did not start")
+            address = str(read_ready_line(log.name, proc=proc, timeout=10)["address"])
             admin = Licence.load(os.path.join(d, "admin.licence"))
             with KeyServerClient(admin, address=address) as ks:
                 ks.register_key(

@@ -110,11 +110,11 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
             conn.close()
         keyserver.start()
     assert len(issued) > 10 and len(leases) > 10
-    from keyserver import audit
+    from keyserver import audit, store
 
     conn = sqlite3.connect(keyserver.dir / "keyserver.db")
     try:
-        assert audit.verify(conn) == []
+        assert audit.verify(store.SqliteStore(conn)) == []
     finally:
         conn.close()
 

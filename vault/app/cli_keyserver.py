@@ -42,20 +42,6 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def _ks_dispatch(args: argparse.Namespace) -> int:
-    from keyserver import commands
-
-    if args.ks_command == "init":
-        return commands.cmd_init(args.dir, address=args.address)
-    if args.ks_command == "serve":
-        return commands.cmd_serve(
-            args.dir, bind=args.bind, lease_ttl=args.lease_ttl, advertise=args.advertise
-        )
-    if args.ks_command == "audit":
-        return commands.cmd_audit(args.dir, verify_chain=args.verify, quiet=args.quiet)
-    return commands.cmd_rotate(args.dir)
-
-
 def _client(args: argparse.Namespace) -> Any:
     from ..core.keyclient import KeyServerClient
 
@@ -128,21 +114,11 @@ def _list(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     ks = sub.add_parser("keyserver", help="run and administer the licensing key server")
     ks_sub = ks.add_subparsers(dest="ks_command", metavar="COMMAND", required=True)
-    p = ks_sub.add_parser("init", help="create database, master key, server keys, admin.licence")
-    p.add_argument("dir")
-    p.add_argument("--address", default="tcp://127.0.0.1:7700", help="address clients will use")
-    p = ks_sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
-    p.add_argument("dir")
-    p.add_argument("--bind", default="tcp://127.0.0.1:7700")
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
-    p.add_argument("--advertise", default=None, help="address written into issued licences")
-    p = ks_sub.add_parser("audit", help="print the audit log; --verify checks the hash chain")
-    p.add_argument("dir")
-    p.add_argument("--verify", action="store_true", help="verify the chain (exit 1 if broken)")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict")
-    p = ks_sub.add_parser("rotate-master", help="re-wrap every package key under a new master")
-    p.add_argument("dir")
-    ks.set_defaults(func=_ks_dispatch)
+    # One definition of the key server's commands, shared with `python -m keyserver`
+    # (keyserver.commands imports only argparse until a command runs).
+    from keyserver.commands import add_arguments
+
+    add_arguments(ks_sub)
 
     lic = sub.add_parser("licence", aliases=["license"], help="issue, revoke and list licences")
     lic_sub = lic.add_subparsers(dest="licence_command", metavar="COMMAND", required=True)

@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,10 +25,10 @@ import numpy as np
 
 from ..core.errors import LicenceError, VaultError
 from ..core.process import stop_process
+from ..core.readyline import read_ready_line
 
 __all__ = ["build_classifier", "run_demo"]
 
-_READY = re.compile(rb"keyserver listening on (\S+)")
 _OPSET = 18  # Resize with ``axes`` (so the batch dimension stays free)
 
 
@@ -107,18 +106,13 @@ def _start_keyserver(
            "--lease-ttl", str(lease_ttl)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with open(log_path, "rb") as fh:
-            m = _READY.search(fh.read())
-        if m:
-            return proc, m.group(1).decode()
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    raise VaultError("the demo key server did not start")
+    try:
+        ready = read_ready_line(log_path, proc=proc, timeout=20)
+    except VaultError as exc:
+        proc.kill()
+        proc.wait()
+        raise VaultError(f"the demo key server did not start: {exc}") from None
+    return proc, str(ready["address"])
 
 
 def run_demo(lease_ttl: float = 1.0) -> int:
