@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             seccomp=not args.no_seccomp,
         ).as_dict()
         rep["tier"] = {"status": str(args.tier), "detail": TIERS[args.tier]}
+        if args.tier == 1 and os.getuid() != 0 and rep["user"]["status"] == "off":
+            # the daemon set our uid before exec: we never ran as the caller
+            rep["user"] = {"status": "on", "detail": f"uid {os.getuid()} from the first "
+                           "instruction (set by the daemon before exec)"}  # fmt: skip
     except OSError as exc:
         parent.send(
             {"ready": False, "error": {"code": "config", "message": f"hardening failed: {exc}"}}
