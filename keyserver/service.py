@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -34,13 +35,14 @@ from vault.core.errors import (
     LicenceError,
     PermissionDeniedError,
     ProtocolError,
+    RateLimitedError,
     UnknownLicenceError,
     VaultError,
 )
 from vault.core.licence import Licence
 from vault.core.protocol import error_reply, ok_reply
 
-from . import audit
+from . import audit, metering
 from .layout import new_licence_id
 from .policy import (
     Context,
@@ -55,6 +57,7 @@ from .store import KeyRow, LeaseRow, Store
 __all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
 
 DEFAULT_LEASE_TTL = 60.0
+NOT_YOURS = "no such licence for this client key"
 MAX_SKEW = 60.0  # seconds a request's timestamp may differ from the server clock
 _MAX_STR = 512
 
@@ -155,6 +158,7 @@ class KeyService:
         self._ops = {
             "release": self._release,
             "renew": self._renew,
+            "close": self._close,
             "register_key": self._register_key,
             "issue": self._issue,
             "revoke": self._revoke,
@@ -309,19 +313,38 @@ class KeyService:
         if not caller.is_admin:
             raise self._deny(caller, op, PermissionDeniedError(f"{op} needs an admin licence"), now)
 
-    # --- leases ------------------------------------------------------------------
+    # --- leases and metering (rules in keyserver.metering) -------------------------
 
-    def _budget(self, lic: LicenceRecord) -> int | None:
-        """Calls the worker may serve on this lease before it must renew:
-        what is left of the quota, and at most rate_limit x ttl."""
-        caps = []
-        if lic.max_calls is not None:
-            caps.append(max(0, lic.max_calls - lic.used_calls))
-        if lic.rate_limit is not None and lic.rate_limit > 0:
-            caps.append(max(1, math.ceil(lic.rate_limit * self.lease_ttl)))
-        return min(caps) if caps else None
+    def _meter(self, lic: LicenceRecord, *, used: int, reserved: int,
+               bucket: tuple[float, float] | None = None) -> LicenceRecord:  # fmt: skip
+        """Store the licence's new counters (and call bucket: tokens at a
+        time; None keeps it); returns the record as it now is."""
+        tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
+        self.store.set_meter(lic.licence_id, used_calls=used, reserved_calls=reserved,
+                             rate_tokens=tokens, rate_at=at)  # fmt: skip
+        return dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
+                                   rate_tokens=tokens, rate_at=at)  # fmt: skip
 
-    def _lease_fields(self, lease_id: str, lic: LicenceRecord, now: float) -> dict[str, Any]:
+    def _lapse(self, lic: LicenceRecord, now: float) -> LicenceRecord:
+        """Leases past their hard end that never closed (a dead worker): their
+        reservation stays spent, as used calls. Audited once each."""
+        for lease in self.store.open_leases_of(lic.licence_id):
+            if lease.hard_end >= now:
+                continue
+            forfeited = lease.call_budget or 0
+            used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=forfeited)
+            lic = self._meter(lic, used=used, reserved=reserved) if forfeited else lic
+            self.store.end_lease(lease.lease_id)
+            audit.append(
+                self.store, ts=now, event="lapsed", actor=lic.licence_id,
+                licence_id=lic.licence_id, model_id=lease.model_id,
+                detail={"lease_id": lease.lease_id, "forfeited_calls": forfeited},
+            )  # fmt: skip
+        return lic
+
+    def _lease_fields(
+        self, lease_id: str, lic: LicenceRecord, now: float, budget: metering.Budget
+    ) -> dict[str, Any]:
         expires = now + self.lease_ttl
         return {
             "lease_id": lease_id,
@@ -329,8 +352,19 @@ class KeyService:
             "grace": lic.grace,
             "expires_at": expires,
             "hard_end": expires + lic.grace,
-            "call_budget": self._budget(lic),
+            "call_budget": budget.budget,
+            "retry_after": budget.retry_after,
         }
+
+    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
+               ) -> tuple[LicenceRecord, metering.Budget]:  # fmt: skip
+        """Size a budget from the licence as settled (``used``/``reserved``)
+        and reserve it; returns the licence as stored and the budget."""
+        settled = dataclasses.replace(lic, used_calls=used, reserved_calls=reserved)
+        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl)
+        bucket = None if b.tokens is None else (b.tokens, now)
+        return self._meter(settled, used=used, reserved=reserved + (b.budget or 0),
+                           bucket=bucket), b  # fmt: skip
 
     # --- ops -----------------------------------------------------------------------
 
@@ -345,33 +379,41 @@ class KeyService:
         ephemeral = _bytes(h, "ephemeral_key", max_len=4096)
         ids = {"model_id": model_id, "key_id": key_id}
         if licence_id != caller.licence_id:
-            err: VaultError = (
-                UnknownLicenceError(f"no licence {licence_id}")
-                if self._licence(licence_id) is None
-                else PermissionDeniedError("this licence id does not belong to the connecting key")
-            )
-            raise self._deny(caller, "release", err, now, **ids)
+            # One answer whether the id exists or is somebody else's: the
+            # reply must not tell a holder which licence ids exist.
+            err: VaultError = UnknownLicenceError(NOT_YOURS)
+            raise self._deny(caller, "release", err, now, **ids, asked_for=licence_id)
         row = self.store.key(model_id, key_id)
         key = None if row is None else KeyRecord(model_id, key_id, row.package_digest)
-        ctx = Context("release", caller, now, model_id, digest, key)
+        lic = self._lapse(caller, now)
+        ctx = Context("release", lic, now, model_id, digest, key)
         try:
             self.release_policy.check(ctx)
         except LicenceError as exc:
-            raise self._deny(caller, "release", exc, now, **ids) from None
+            raise self._deny(lic, "release", exc, now, **ids) from None
         if row is None:
             err = KeyServerError(f"no key {key_id!r} is registered for model {model_id!r}")
-            raise self._deny(caller, "release", err, now, **ids)
+            raise self._deny(lic, "release", err, now, **ids)
+        lic, budget = self._grant(lic, lic.reserved_calls, lic.used_calls, now)
+        if budget.budget == 0:
+            # Only the rate can do this (QuotaLeft passed): a grant counts against it.
+            assert lic.rate_limit is not None
+            rl = RateLimitedError(
+                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
+            )
+            raise self._deny(lic, "release", rl, now, **ids)
         lease_id = os.urandom(12).hex()
-        lease = self._lease_fields(lease_id, caller, now)
+        lease = self._lease_fields(lease_id, lic, now, budget)
         self.store.insert_lease(
             LeaseRow(lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
-                     lease["hard_end"], lease["call_budget"], False)
+                     lease["hard_end"], budget.budget, False)
         )  # fmt: skip
         # Audit first; the reply leaves only after COMMIT (see process_batch).
         audit.append(
             self.store, ts=now, event="released", actor=caller.licence_id,
             licence_id=caller.licence_id, model_id=model_id,
-            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite, "package_digest": digest},
+            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite,
+                    "package_digest": digest, "reserved_calls": budget.budget},
         )  # fmt: skip
         plain = _crypto.unwrap_key(self._master, row.wrapped, key_id=key_id, model_id=model_id)
         try:
@@ -384,42 +426,67 @@ class KeyService:
             _crypto.zeroize(plain)
         return {"sealed_key": sealed, "suite": suite, "lease": lease}
 
-    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+    def _report(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, op: str
+                ) -> tuple[LicenceRecord, LeaseRow, int, int, int]:  # fmt: skip
+        """The lease named in ``h`` and the licence with its ``calls`` settled:
+        (licence, lease, used, reserved-without-this-lease, calls)."""
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
-        row = self.store.lease(lease_id, caller.licence_id)
-        if row is None:
+        lease = self.store.lease(lease_id, caller.licence_id)
+        if lease is None:
             raise LicenceError("unknown lease")
-        model_id, ended, hard_end = row.model_id, row.ended, row.hard_end
         lic = caller
+        if lease.ended:
+            used, reserved = lic.used_calls + calls, lic.reserved_calls
+        else:
+            used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=calls)
         if calls:
-            self.store.add_usage(caller.licence_id, calls)
             audit.append(
                 self.store, ts=now, event="usage", actor=caller.licence_id,
-                licence_id=caller.licence_id, model_id=model_id,
-                detail={"lease_id": lease_id, "calls": calls},
+                licence_id=caller.licence_id, model_id=lease.model_id,
+                detail={"lease_id": lease_id, "calls": calls, "op": op},
             )  # fmt: skip
-            lic = self._licence(caller.licence_id) or caller
+        return lic, lease, used, reserved, calls
+
+    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        lic, row, used, reserved, calls = self._report(caller, h, now, "renew")
+        lease_id = row.lease_id
+        settled = self._meter(lic, used=used, reserved=reserved)
         try:
-            self.renew_policy.check(Context("renew", lic, now, model_id))
-            if ended:
+            self.renew_policy.check(Context("renew", settled, now, row.model_id))
+            if row.ended:
                 raise LicenceError("lease already ended")
         except LicenceError as exc:
-            self.store.end_lease(lease_id)
-            raise self._deny(lic, "renew", exc, now, model_id=model_id, lease_id=lease_id) from None
-        lease = self._lease_fields(lease_id, lic, now)
-        self.store.extend_lease(
-            lease_id,
-            expires_at=lease["expires_at"],
-            hard_end=lease["hard_end"],
-            call_budget=lease["call_budget"],
-        )
+            self.store.end_lease(lease_id, calls=calls)
+            raise self._deny(settled, "renew", exc, now, model_id=row.model_id,
+                             lease_id=lease_id) from None  # fmt: skip
+        lic, budget = self._grant(settled, reserved, used, now)
+        lease = self._lease_fields(lease_id, lic, now, budget)
+        self.store.extend_lease(lease_id, expires_at=lease["expires_at"],
+                                hard_end=lease["hard_end"], call_budget=budget.budget,
+                                calls=calls)  # fmt: skip
         audit.append(
             self.store, ts=now, event="renewed", actor=caller.licence_id,
-            licence_id=caller.licence_id, model_id=model_id,
-            detail={"lease_id": lease_id, "late": now > hard_end},
+            licence_id=caller.licence_id, model_id=row.model_id,
+            detail={"lease_id": lease_id, "late": now > row.hard_end,
+                    "reserved_calls": budget.budget},
         )  # fmt: skip
         return {"lease": lease}
+
+    def _close(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """The worker is done with the lease: its last calls are used, the rest
+        of its reservation is refunded to the quota."""
+        lic, row, used, reserved, calls = self._report(caller, h, now, "close")
+        refunded = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
+        self._meter(lic, used=used, reserved=reserved)
+        self.store.end_lease(row.lease_id, calls=calls)
+        if not row.ended:
+            audit.append(
+                self.store, ts=now, event="closed", actor=caller.licence_id,
+                licence_id=caller.licence_id, model_id=row.model_id,
+                detail={"lease_id": row.lease_id, "calls": calls, "refunded_calls": refunded},
+            )  # fmt: skip
+        return {"lease_id": row.lease_id, "refunded_calls": refunded, "used_calls": used}
 
     def _register_key(
         self, caller: LicenceRecord, h: Mapping[str, Any], now: float
@@ -502,8 +569,9 @@ class KeyService:
             raise PermissionDeniedError("refusing to revoke the licence making the request")
         if target.revoked_at is not None:
             return {"licence_id": licence_id, "revoked_at": target.revoked_at, "already": True}
+        # Its open leases end at their next renewal (NotRevoked), which also
+        # settles what they reserved.
         self.store.set_revoked(licence_id, now)
-        self.store.end_leases_of(licence_id)
         audit.append(
             self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
@@ -525,6 +593,7 @@ class KeyService:
                     "expires_at": rec.expires_at,
                     "max_calls": rec.max_calls,
                     "used_calls": rec.used_calls,
+                    "reserved_calls": rec.reserved_calls,
                     "rate_limit": rec.rate_limit,
                     "grace": rec.grace,
                     "revoked": rec.revoked_at is not None,

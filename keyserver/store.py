@@ -52,7 +52,7 @@ __all__ = [
     "transaction",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -68,7 +68,10 @@ CREATE TABLE IF NOT EXISTS licences (
     rate_limit REAL,
     grace REAL NOT NULL DEFAULT 0,
     revoked_at REAL,
-    used_calls INTEGER NOT NULL DEFAULT 0
+    used_calls INTEGER NOT NULL DEFAULT 0,      -- reported, or forfeited by a dead worker
+    reserved_calls INTEGER NOT NULL DEFAULT 0,  -- held by open leases
+    rate_tokens REAL,                           -- the call bucket (keyserver.metering)
+    rate_at REAL
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -86,9 +89,11 @@ CREATE TABLE IF NOT EXISTS leases (
     issued_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     hard_end REAL NOT NULL,
-    call_budget INTEGER,
-    ended INTEGER NOT NULL DEFAULT 0
+    call_budget INTEGER,                  -- calls reserved for this lease (NULL: unlimited)
+    ended INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0      -- calls the worker reported on it
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT keeps the high-water mark
     ts REAL NOT NULL,                        -- in sqlite_sequence: a deleted tail shows
@@ -108,7 +113,11 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
-    " max_calls, rate_limit, grace, revoked_at, used_calls"
+    " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at"
+)
+_LEASE_COLS = (
+    "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
+    " ended, calls"
 )
 _AUDIT_COLS = "seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash"
 
@@ -132,6 +141,7 @@ class LeaseRow:
     hard_end: float
     call_budget: int | None
     ended: bool
+    calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,11 @@ class AuditRow:
 
 def _licence(row: Sequence[Any]) -> LicenceRecord:
     return LicenceRecord(*row)
+
+
+def _lease(r: Sequence[Any]) -> LeaseRow:
+    return LeaseRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]),
+                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]), int(r[9]))  # fmt: skip
 
 
 class Store:
@@ -257,16 +272,26 @@ class Store:
 
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
-            f"INSERT INTO licences ({LICENCE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO licences ({LICENCE_COLS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
-             rec.revoked_at, rec.used_calls),
+             rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at),
         )  # fmt: skip
 
-    def add_usage(self, licence_id: str, calls: int) -> None:
+    def set_meter(
+        self,
+        licence_id: str,
+        *,
+        used_calls: int,
+        reserved_calls: int,
+        rate_tokens: float | None,
+        rate_at: float | None,
+    ) -> None:
         self._q(
-            "UPDATE licences SET used_calls = used_calls + ? WHERE licence_id = ?",
-            (calls, licence_id),
+            "UPDATE licences SET used_calls = ?, reserved_calls = ?, rate_tokens = ?, rate_at = ?"
+            " WHERE licence_id = ?",
+            (used_calls, reserved_calls, rate_tokens, rate_at, licence_id),
         )
 
     def set_revoked(self, licence_id: str, when: float) -> None:
@@ -311,28 +336,39 @@ class Store:
     def lease(self, lease_id: str, licence_id: str) -> LeaseRow | None:
         """The lease, only if it belongs to ``licence_id``."""
         r = self._one(
-            "SELECT lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end,"
-            " call_budget, ended FROM leases WHERE lease_id = ? AND licence_id = ?",
+            f"SELECT {_LEASE_COLS} FROM leases WHERE lease_id = ? AND licence_id = ?",
             (lease_id, licence_id),
         )
-        if r is None:
-            return None
-        return LeaseRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]),
-                        float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]))  # fmt: skip
+        return None if r is None else _lease(r)
+
+    def open_leases_of(self, licence_id: str) -> list[LeaseRow]:
+        rows = self._q(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE licence_id = ? AND ended = 0", (licence_id,)
+        )
+        return [_lease(r) for r in rows.fetchall()]
 
     def extend_lease(
-        self, lease_id: str, *, expires_at: float, hard_end: float, call_budget: int | None
+        self,
+        lease_id: str,
+        *,
+        expires_at: float,
+        hard_end: float,
+        call_budget: int | None,
+        calls: int,
     ) -> None:
+        """New expiry and budget; ``calls`` more were reported on it."""
         self._q(
-            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ? WHERE lease_id = ?",
-            (expires_at, hard_end, call_budget, lease_id),
+            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ?, calls = calls + ?"
+            " WHERE lease_id = ?",
+            (expires_at, hard_end, call_budget, calls, lease_id),
         )
 
-    def end_lease(self, lease_id: str) -> None:
-        self._q("UPDATE leases SET ended = 1 WHERE lease_id = ?", (lease_id,))
-
-    def end_leases_of(self, licence_id: str) -> None:
-        self._q("UPDATE leases SET ended = 1 WHERE licence_id = ?", (licence_id,))
+    def end_lease(self, lease_id: str, *, calls: int = 0) -> None:
+        """Mark it ended (nothing reserved any more); ``calls`` more were reported."""
+        self._q(
+            "UPDATE leases SET ended = 1, call_budget = 0, calls = calls + ? WHERE lease_id = ?",
+            (calls, lease_id),
+        )
 
     def count_leases(self) -> int:
         return int(self._one("SELECT count(*) FROM leases")[0])

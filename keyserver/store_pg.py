@@ -53,7 +53,10 @@ CREATE TABLE IF NOT EXISTS licences (
     rate_limit DOUBLE PRECISION,
     grace DOUBLE PRECISION NOT NULL DEFAULT 0,
     revoked_at DOUBLE PRECISION,
-    used_calls BIGINT NOT NULL DEFAULT 0
+    used_calls BIGINT NOT NULL DEFAULT 0,
+    reserved_calls BIGINT NOT NULL DEFAULT 0,
+    rate_tokens DOUBLE PRECISION,
+    rate_at DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -72,8 +75,10 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at DOUBLE PRECISION NOT NULL,
     hard_end DOUBLE PRECISION NOT NULL,
     call_budget BIGINT,
-    ended INTEGER NOT NULL DEFAULT 0
+    ended INTEGER NOT NULL DEFAULT 0,
+    calls BIGINT NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,
     ts DOUBLE PRECISION NOT NULL,

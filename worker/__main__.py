@@ -217,11 +217,19 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
         with KeyServerClient(lic) as ks:
             return ks.renew(lease_id=lease_id, calls=calls)
 
+    def close(lease_id: str, calls: int) -> Any:
+        from vault.core.keyclient import KeyServerClient
+
+        assert lic is not None
+        with KeyServerClient(lic, timeout=2.0) as ks:  # at shutdown: do not linger
+            return ks.close_lease(lease_id=lease_id, calls=calls)
+
     keeper = LeaseKeeper(
         lease,
         renew=renew if lease is not None else None,
         on_end=pipeline.close,
         unsafe_no_lease=args.unsafe_test_key_fd is not None,
+        close=close if lease is not None else None,
     )
     info = {
         "model_id": pkg.model_id,
