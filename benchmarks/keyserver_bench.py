@@ -203,8 +203,8 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
     from keyserver import init_dir
     from vault.core import crypto as _crypto
     from vault.core.keyclient import KeyServerClient
+    from vault.core.launch import read_ready_line
     from vault.core.licence import Licence
-    from vault.core.readyline import read_ready_line
 
     duration = 2.0 if quick else 5.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,10 +214,13 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
         env = {**os.environ, "PYTHONPATH": ROOT}
         proc = subprocess.Popen(
             [sys.executable, "-u", "-m", "keyserver", "serve", d, "--bind", "tcp://127.0.0.1:0"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=subprocess.PIPE, stderr=log, env=env,
         )  # fmt: skip
         try:
-            address = str(read_ready_line(log.name, proc=proc, timeout=10)["address"])
+            assert proc.stdout is not None
+            with proc.stdout:
+                ready = read_ready_line(proc.stdout, timeout=10, proc=proc, what="key server")
+            address = str(ready["address"])
             admin = Licence.load(os.path.join(d, "admin.licence"))
             with KeyServerClient(admin, address=address) as ks:
                 ks.register_key(

@@ -50,8 +50,12 @@ def cmd_serve(
     try:
         serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database)
     except VaultError as exc:
-        # the launcher waits for a ready line: tell it why there is none
-        print(json.dumps({"ready": False, "error": exc.to_wire()}), flush=True)
+        # a launcher waiting for the ready line hears why there is none
+        # (one that already read it may have closed the pipe)
+        try:
+            print(json.dumps({"ready": False, "error": exc.to_wire()}), flush=True)
+        except OSError:
+            pass
         raise
     return 0
 

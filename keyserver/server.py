@@ -11,8 +11,8 @@ Example::
     $ python -m keyserver serve ks --bind tcp://127.0.0.1:0 --lease-ttl 2
     {"ready": true, "address": "tcp://127.0.0.1:41234", "pid": 4242, ...}
 
-The first line on stdout is that ready line (JSON, read by
-:func:`vault.core.readyline.read_ready_line`); log lines follow on stderr.
+That ready line (JSON, read by :func:`vault.core.launch.read_ready_line`)
+is all the server writes on stdout; its log lines go to stderr.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ __all__ = [
     "transaction",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -69,7 +69,10 @@ CREATE TABLE IF NOT EXISTS licences (
     rate_limit REAL,
     grace REAL NOT NULL DEFAULT 0,
     revoked_at REAL,
-    used_calls INTEGER NOT NULL DEFAULT 0,
+    used_calls INTEGER NOT NULL DEFAULT 0,      -- reported, or forfeited by a dead worker
+    reserved_calls INTEGER NOT NULL DEFAULT 0,  -- held by open leases
+    rate_tokens REAL,                           -- the call bucket (keyserver.metering)
+    rate_at REAL,
     kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
     same_user INTEGER NOT NULL DEFAULT 0,   -- tier 0: the holder's user runs the worker
     devices TEXT,                           -- JSON list of device ids; NULL: any enrolled
@@ -99,10 +102,12 @@ CREATE TABLE IF NOT EXISTS leases (
     issued_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     hard_end REAL NOT NULL,
-    call_budget INTEGER,
+    call_budget INTEGER,                  -- calls reserved for this lease (NULL: unlimited)
     ended INTEGER NOT NULL DEFAULT 0,
-    device_id TEXT                          -- the device it was granted to (NULL: tier 0)
+    calls INTEGER NOT NULL DEFAULT 0,     -- calls the worker reported on it
+    device_id TEXT                        -- the device it was granted to (NULL: tier 0)
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT keeps the high-water mark
     ts REAL NOT NULL,                        -- in sqlite_sequence: a deleted tail shows
@@ -122,13 +127,13 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
-    " max_calls, rate_limit, grace, revoked_at, used_calls, kind, same_user, devices,"
-    " proof_public_key"
+    " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
+    " kind, same_user, devices, proof_public_key"
 )
 _DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at"
 _LEASE_COLS = (
     "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
-    " ended, device_id"
+    " ended, calls, device_id"
 )
 _AUDIT_COLS = "seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash"
 
@@ -152,6 +157,7 @@ class LeaseRow:
     hard_end: float
     call_budget: int | None
     ended: bool
+    calls: int = 0
     device_id: str | None = None  # the device it was granted to (None: tier 0)
 
 
@@ -169,18 +175,18 @@ class AuditRow:
 
 
 def _licence(row: Sequence[Any]) -> LicenceRecord:
-    base = LicenceRecord(*row[:12])
-    devices = tuple(json.loads(row[14])) if row[14] else ()
+    base = LicenceRecord(*row[:15])
+    devices = tuple(json.loads(row[17])) if row[17] else ()
     return replace(
-        base, kind=str(row[12]), same_user=bool(row[13]), devices=devices,
-        proof_public_key=row[15],
+        base, kind=str(row[15]), same_user=bool(row[16]), devices=devices,
+        proof_public_key=row[18],
     )  # fmt: skip
 
 
 def _lease(r: Sequence[Any]) -> LeaseRow:
     return LeaseRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]),
-                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]),
-                    None if r[9] is None else str(r[9]))  # fmt: skip
+                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]), int(r[9]),
+                    None if r[10] is None else str(r[10]))  # fmt: skip
 
 
 class Store:
@@ -290,17 +296,27 @@ class Store:
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
             f"INSERT INTO licences ({LICENCE_COLS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
-             rec.revoked_at, rec.used_calls, rec.kind, int(rec.same_user),
+             rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.kind, int(rec.same_user),
              json.dumps(list(rec.devices)) if rec.devices else None, rec.proof_public_key),
         )  # fmt: skip
 
-    def add_usage(self, licence_id: str, calls: int) -> None:
+    def set_meter(
+        self,
+        licence_id: str,
+        *,
+        used_calls: int,
+        reserved_calls: int,
+        rate_tokens: float | None,
+        rate_at: float | None,
+    ) -> None:
         self._q(
-            "UPDATE licences SET used_calls = used_calls + ? WHERE licence_id = ?",
-            (calls, licence_id),
+            "UPDATE licences SET used_calls = ?, reserved_calls = ?, rate_tokens = ?, rate_at = ?"
+            " WHERE licence_id = ?",
+            (used_calls, reserved_calls, rate_tokens, rate_at, licence_id),
         )
 
     def set_revoked(self, licence_id: str, when: float) -> None:
@@ -336,7 +352,8 @@ class Store:
 
     def insert_lease(self, row: LeaseRow) -> None:
         self._q(
-            f"INSERT INTO leases ({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
+            " hard_end, call_budget, ended, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row.lease_id, row.licence_id, row.model_id, row.key_id, row.issued_at,
              row.expires_at, row.hard_end, row.call_budget, int(row.ended), row.device_id),
         )  # fmt: skip
@@ -381,23 +398,39 @@ class Store:
         )  # fmt: skip
 
     def revoke_device(self, device_id: str, when: float) -> None:
-        """Revoke the device and end every lease granted to it."""
+        """Revoke the device and end every lease granted to it (what they
+        reserved stays spent: fail closed, as for a worker that died)."""
         self._q("UPDATE devices SET revoked_at = ? WHERE device_id = ?", (when, device_id))
-        self._q("UPDATE leases SET ended = 1 WHERE device_id = ?", (device_id,))
+        self._q("UPDATE leases SET ended = 1, call_budget = 0 WHERE device_id = ?", (device_id,))
+
+    def open_leases_of(self, licence_id: str) -> list[LeaseRow]:
+        rows = self._q(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE licence_id = ? AND ended = 0", (licence_id,)
+        )
+        return [_lease(r) for r in rows.fetchall()]
 
     def extend_lease(
-        self, lease_id: str, *, expires_at: float, hard_end: float, call_budget: int | None
+        self,
+        lease_id: str,
+        *,
+        expires_at: float,
+        hard_end: float,
+        call_budget: int | None,
+        calls: int,
     ) -> None:
+        """New expiry and budget; ``calls`` more were reported on it."""
         self._q(
-            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ? WHERE lease_id = ?",
-            (expires_at, hard_end, call_budget, lease_id),
+            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ?, calls = calls + ?"
+            " WHERE lease_id = ?",
+            (expires_at, hard_end, call_budget, calls, lease_id),
         )
 
-    def end_lease(self, lease_id: str) -> None:
-        self._q("UPDATE leases SET ended = 1 WHERE lease_id = ?", (lease_id,))
-
-    def end_leases_of(self, licence_id: str) -> None:
-        self._q("UPDATE leases SET ended = 1 WHERE licence_id = ?", (licence_id,))
+    def end_lease(self, lease_id: str, *, calls: int = 0) -> None:
+        """Mark it ended (nothing reserved any more); ``calls`` more were reported."""
+        self._q(
+            "UPDATE leases SET ended = 1, call_budget = 0, calls = calls + ? WHERE lease_id = ?",
+            (calls, lease_id),
+        )
 
     def count_leases(self) -> int:
         return int(self._one("SELECT count(*) FROM leases")[0])

@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS licences (
     grace DOUBLE PRECISION NOT NULL DEFAULT 0,
     revoked_at DOUBLE PRECISION,
     used_calls BIGINT NOT NULL DEFAULT 0,
+    reserved_calls BIGINT NOT NULL DEFAULT 0,
+    rate_tokens DOUBLE PRECISION,
+    rate_at DOUBLE PRECISION,
     kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
     same_user INTEGER NOT NULL DEFAULT 0,
     devices TEXT,
@@ -85,8 +88,10 @@ CREATE TABLE IF NOT EXISTS leases (
     hard_end DOUBLE PRECISION NOT NULL,
     call_budget BIGINT,
     ended INTEGER NOT NULL DEFAULT 0,
+    calls BIGINT NOT NULL DEFAULT 0,
     device_id TEXT
 );
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,
     ts DOUBLE PRECISION NOT NULL,
