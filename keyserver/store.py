@@ -295,8 +295,7 @@ class Store:
 
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
-            f"INSERT INTO licences ({LICENCE_COLS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO licences ({LICENCE_COLS}) VALUES ({', '.join(['?'] * 19)})",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
              rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
