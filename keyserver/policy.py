@@ -71,6 +71,7 @@ class LicenceRecord:
     reserved_calls: int = 0  # calls reserved by open leases (debited, not yet reported)
     rate_tokens: float | None = None  # the call bucket (see keyserver.metering)
     rate_at: float | None = None
+    mac: bytes | None = None  # the row's tag (keyserver.rowauth); not part of the decision
 
     @property
     def debited_calls(self) -> int:

@@ -52,6 +52,7 @@ from .policy import (
     default_release_policy,
     default_renew_policy,
 )
+from .rowauth import RowAuth
 from .store import KeyRow, LeaseRow, Store
 
 __all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
@@ -139,11 +140,15 @@ class KeyService:
         release_policy: Policy | None = None,
         renew_policy: Policy | None = None,
         log: Callable[[str], None] = _stderr,
+        checkpoint: Callable[[int, bytes, float], None] | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         self.store = store
         self._master = master
+        self.rows = RowAuth(master)
+        self.checkpoint = checkpoint
+        self._checkpointed: tuple[int, bytes] | None = None
         self.server_public_key = server_public_key
         self.publisher_key = publisher_key
         self.address = address
@@ -185,9 +190,12 @@ class KeyService:
         self._batch_broken = False
         replies = [self._one(r, now) for r in requests]
         failures: tuple[type[BaseException], ...] = (_LostTransaction, *self.store.errors)
+        head: tuple[int, bytes] | None = None
         try:
             if self._batch_broken:
                 raise _LostTransaction("transaction was lost mid-batch")
+            if self.checkpoint is not None:
+                head = audit.head(self.store)  # the head this batch leaves
             self.store.commit()
         except failures as exc:
             self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
@@ -200,6 +208,22 @@ class KeyService:
                 rep if self._is_ping(req) else self._audit_failed(req)
                 for req, rep in zip(requests, replies)
             ]
+        if head is not None and head != self._checkpointed:
+            # The head leaves the database (signed, to the anchor) before any
+            # reply does: a record that let a key out is covered by a
+            # checkpoint a database writer cannot rewrite.
+            try:
+                assert self.checkpoint is not None
+                self.checkpoint(head[0], head[1], now)
+                self._checkpointed = head
+            except Exception as exc:  # noqa: BLE001 - any failure: release nothing
+                self.log(
+                    f"keyserver: audit checkpoint failed ({type(exc).__name__}); nothing released"
+                )
+                return [
+                    rep if self._is_ping(req) else self._audit_failed(req)
+                    for req, rep in zip(requests, replies)
+                ]
         return replies
 
     @staticmethod
@@ -225,7 +249,7 @@ class KeyService:
         self.store.savepoint()
         try:
             self._check_fresh(h, now)
-            caller = self._caller(req.identity)
+            caller = self._caller(req.identity, now)
             fields = handler(caller, h, now)
             self.store.release_savepoint()
             return ok_reply(rid, **fields)
@@ -285,16 +309,37 @@ class KeyService:
         # entries arrive nearly in order, so the deque front expires first.
         expiry.append((max(now, ts) + MAX_SKEW, nonce))
 
-    def _caller(self, identity: str | None) -> LicenceRecord:
+    def _caller(self, identity: str | None, now: float) -> LicenceRecord:
         if identity is None:
             raise PermissionDeniedError("connection is not CURVE-authenticated")
-        rec = self.store.licence_by_key(identity)
+        rec = self._authentic(self.store.licence_by_key(identity), now)
         if rec is None:
-            raise UnknownLicenceError("no licence holds this client key")
+            raise _Denied(UnknownLicenceError("no licence holds this client key"))
         return rec
 
-    def _licence(self, licence_id: str) -> LicenceRecord | None:
-        return self.store.licence(licence_id)
+    def _licence(self, licence_id: str, now: float) -> LicenceRecord | None:
+        return self._authentic(self.store.licence(licence_id), now)
+
+    def _authentic(self, rec: LicenceRecord | None, now: float) -> LicenceRecord | None:
+        """The row if the key server wrote it; a row with a wrong or missing
+        tag (written by someone else into the database) is refused as if
+        absent, and reported: a log line and an audit record."""
+        if rec is None or self.rows.authentic(rec):
+            return rec
+        self._report_row(rec, now)
+        return None
+
+    def _report_row(self, rec: LicenceRecord, now: float) -> None:
+        self.log(
+            f"keyserver: REFUSED licence row {rec.licence_id} ({rec.role}, holder {rec.holder!r}):"
+            " its tag does not match; it was not written by this key server"
+        )
+        audit.append(
+            self.store, ts=now, event="row_refused", licence_id=rec.licence_id,
+            detail={"table": "licences", "role": rec.role, "holder": rec.holder,
+                    "client_public_key": rec.client_public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
 
     def _deny(
         self, caller: LicenceRecord, op: str, error: VaultError, now: float, **detail: Any
@@ -320,10 +365,10 @@ class KeyService:
         """Store the licence's new counters (and call bucket: tokens at a
         time; None keeps it); returns the record as it now is."""
         tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
-        self.store.set_meter(lic.licence_id, used_calls=used, reserved_calls=reserved,
-                             rate_tokens=tokens, rate_at=at)  # fmt: skip
-        return dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
-                                   rate_tokens=tokens, rate_at=at)  # fmt: skip
+        new = self.rows.seal(dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
+                                                 rate_tokens=tokens, rate_at=at))  # fmt: skip
+        self.store.update_licence(new)
+        return new
 
     def _lapse(self, lic: LicenceRecord, now: float) -> LicenceRecord:
         """Leases past their hard end that never closed (a dead worker): their
@@ -535,10 +580,10 @@ class KeyService:
         public, secret = zmq.curve_keypair()
         licence_id = new_licence_id()
         expires_at = None if expires is None else now + expires
-        self.store.insert_licence(
+        self.store.insert_licence(self.rows.seal(
             LicenceRecord(licence_id, holder, "caller", model_id, public.decode(), now,
                           expires_at, max_calls, rate_limit, grace, None, 0)
-        )  # fmt: skip
+        ))  # fmt: skip
         audit.append(
             self.store, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
             model_id=model_id,
@@ -562,7 +607,7 @@ class KeyService:
     def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "revoke", now)
         licence_id = _str(h, "licence_id")
-        target = self._licence(licence_id)
+        target = self._licence(licence_id, now)
         if target is None:
             raise UnknownLicenceError(f"no licence {licence_id}")
         if target.licence_id == caller.licence_id:
@@ -571,7 +616,7 @@ class KeyService:
             return {"licence_id": licence_id, "revoked_at": target.revoked_at, "already": True}
         # Its open leases end at their next renewal (NotRevoked), which also
         # settles what they reserved.
-        self.store.set_revoked(licence_id, now)
+        self.store.update_licence(self.rows.seal(dataclasses.replace(target, revoked_at=now)))
         audit.append(
             self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
@@ -583,6 +628,7 @@ class KeyService:
         self._require_admin(caller, "list", now)
         out = []
         for rec in self.store.licences():
+            authentic = self._authentic(rec, now) is not None
             out.append(
                 {
                     "licence_id": rec.licence_id,
@@ -598,6 +644,7 @@ class KeyService:
                     "grace": rec.grace,
                     "revoked": rec.revoked_at is not None,
                     "revoked_at": rec.revoked_at,
+                    "authentic": authentic,  # False: a row the key server refuses
                 }
             )
         return {"licences": out}

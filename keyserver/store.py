@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -71,7 +72,8 @@ CREATE TABLE IF NOT EXISTS licences (
     used_calls INTEGER NOT NULL DEFAULT 0,      -- reported, or forfeited by a dead worker
     reserved_calls INTEGER NOT NULL DEFAULT 0,  -- held by open leases
     rate_tokens REAL,                           -- the call bucket (keyserver.metering)
-    rate_at REAL
+    rate_at REAL,
+    mac BLOB                                    -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -113,7 +115,8 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
-    " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at"
+    " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
+    " mac"
 )
 _LEASE_COLS = (
     "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
@@ -158,7 +161,9 @@ class AuditRow:
 
 
 def _licence(row: Sequence[Any]) -> LicenceRecord:
-    return LicenceRecord(*row)
+    *cols, mac = row
+    rec = LicenceRecord(*cols)
+    return dataclasses.replace(rec, mac=None if mac is None else bytes(mac))
 
 
 def _lease(r: Sequence[Any]) -> LeaseRow:
@@ -273,29 +278,21 @@ class Store:
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
             f"INSERT INTO licences ({LICENCE_COLS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
-             rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at),
+             rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.mac),
         )  # fmt: skip
 
-    def set_meter(
-        self,
-        licence_id: str,
-        *,
-        used_calls: int,
-        reserved_calls: int,
-        rate_tokens: float | None,
-        rate_at: float | None,
-    ) -> None:
+    def update_licence(self, rec: LicenceRecord) -> None:
+        """Write the licence's changing columns (revocation, meters) and its tag."""
         self._q(
-            "UPDATE licences SET used_calls = ?, reserved_calls = ?, rate_tokens = ?, rate_at = ?"
-            " WHERE licence_id = ?",
-            (used_calls, reserved_calls, rate_tokens, rate_at, licence_id),
-        )
-
-    def set_revoked(self, licence_id: str, when: float) -> None:
-        self._q("UPDATE licences SET revoked_at = ? WHERE licence_id = ?", (when, licence_id))
+            "UPDATE licences SET revoked_at = ?, used_calls = ?, reserved_calls = ?,"
+            " rate_tokens = ?, rate_at = ?, mac = ? WHERE licence_id = ?",
+            (rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.mac, rec.licence_id),
+        )  # fmt: skip
 
     # --- package keys ------------------------------------------------------------------
 

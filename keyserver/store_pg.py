@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS licences (
     used_calls BIGINT NOT NULL DEFAULT 0,
     reserved_calls BIGINT NOT NULL DEFAULT 0,
     rate_tokens DOUBLE PRECISION,
-    rate_at DOUBLE PRECISION
+    rate_at DOUBLE PRECISION,
+    mac BYTEA
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
