@@ -23,10 +23,10 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 __all__ = ["add_arguments", "cmd_audit", "cmd_init", "cmd_rotate", "cmd_serve"]
 
 
-def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS) -> int:
+def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS, database: str | None = None) -> int:
     from .layout import init_dir
 
-    created = init_dir(root, address=address)
+    created = init_dir(root, address=address, database=database)
     print(f"key server initialised in {root}")
     for what, value in created.items():
         print(f"  {what}: {value}")
@@ -139,7 +139,11 @@ def add_arguments(sub: Any) -> None:
     p = sub.add_parser("init", help="create database, master key, server keys, admin.licence")
     p.add_argument("dir")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="address clients will use")
-    p.set_defaults(ks_command="init", func=lambda a: cmd_init(a.dir, address=a.address))
+    _database_option(p)
+    p.set_defaults(
+        ks_command="init",
+        func=lambda a: cmd_init(a.dir, address=a.address, database=a.database),
+    )
 
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")

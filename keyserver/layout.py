@@ -148,16 +148,20 @@ def exclusive_lock(root: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) -> dict[str, str]:
+def init_dir(
+    root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS, database: str | None = None
+) -> dict[str, str]:
     """Create a fresh key server directory; returns {what: path or value}.
 
-    Refuses a directory that already holds a database (no silent overwrite
-    of a master key).
+    ``database``: a PostgreSQL URL whose schema, meta and admin row are
+    created here (the replicas' shared store); by default ``DIR/keyserver.db``.
+    Refuses a directory or database that already holds a key server (no
+    silent overwrite of a master key).
     """
     paths = Paths(os.fspath(root))
     os.makedirs(paths.root, mode=0o700, exist_ok=True)
-    if os.path.exists(paths.db):
-        raise ConfigError(f"{paths.db} already exists; refusing to overwrite a key server")
+    if os.path.exists(paths.db) or (database is not None and os.path.exists(paths.master)):
+        raise ConfigError(f"{paths.root} already holds a key server; refusing to overwrite it")
     master = _crypto.generate_key()
     server_public, server_secret = zmq.curve_keypair()
     admin_public, admin_secret = zmq.curve_keypair()
@@ -191,12 +195,20 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
         )
         admin.save(paths.admin_licence)
         tmp_db = paths.db + ".init"
-        for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        st = SqliteStore.open(tmp_db, create=True)
+        st: Store
+        if database is not None:
+            from .store_pg import PostgresStore
+
+            st = PostgresStore.open(database, create=True)
+        else:
+            for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            st = SqliteStore.open(tmp_db, create=True)
         try:
             with st.transaction():
+                if st.get_meta("master_id") is not None:
+                    raise ConfigError("the database already holds a key server; refusing it")
                 for k, v in {
                     "address": address,
                     "server_public_key": server_public.decode(),
@@ -215,17 +227,19 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
                     st, ts=now, event="initialised", actor="init", licence_id=licence_id,
                     detail={"role": "admin", "address": address},
                 )  # fmt: skip
-            st.checkpoint("TRUNCATE")
+            if isinstance(st, SqliteStore):
+                st.checkpoint("TRUNCATE")
         finally:
             st.close()
-        os.replace(tmp_db, paths.db)
+        if database is None:
+            os.replace(tmp_db, paths.db)
         _fsync_dir(paths.root)
     finally:
         _crypto.zeroize(master)
     return {
         "server public key": server_public.decode(),
         "address": address,
-        "database": paths.db,
+        "database": "postgresql" if database is not None else paths.db,
         "master key": paths.master,
         "server keys": paths.server_secret,
         "publisher key": paths.publisher_key,
