@@ -76,6 +76,7 @@ class LicenceRecord:
     same_user: bool = False  # tier 0: the holder's own user may run the worker
     devices: tuple[str, ...] = ()  # the only devices it works on (empty: any enrolled)
     proof_public_key: str | None = None  # verifies the holder's proofs of possession
+    mac: bytes | None = None  # the row's tag (keyserver.rowauth); not part of the decision
 
     @property
     def debited_calls(self) -> int:
@@ -97,6 +98,7 @@ class DeviceRecord:
     enrolled_at: float
     enrolled_by: str
     revoked_at: float | None
+    mac: bytes | None = None  # the row's tag (keyserver.rowauth)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from .policy import (
     default_release_policy,
     default_renew_policy,
 )
+from .rowauth import RowAuth
 from .store import KeyRow, LeaseRow, Store
 
 __all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
@@ -141,11 +142,15 @@ class KeyService:
         release_policy: Policy | None = None,
         renew_policy: Policy | None = None,
         log: Callable[[str], None] = _stderr,
+        checkpoint: Callable[[int, bytes, float], None] | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         self.store = store
         self._master = master
+        self.rows = RowAuth(master)
+        self.checkpoint = checkpoint
+        self._checkpointed: tuple[int, bytes] | None = None
         self.server_public_key = server_public_key
         self.publisher_key = publisher_key
         self.address = address
@@ -180,7 +185,8 @@ class KeyService:
         if self.store.has_client_key(client_public_key):
             return True
         dev = self.store.device_by_key(client_public_key)
-        return dev is not None and dev.revoked_at is None
+        # a row nobody but this key server could have written, and not revoked
+        return dev is not None and dev.revoked_at is None and self.rows.device_authentic(dev)
 
     # --- batches ---------------------------------------------------------------
 
@@ -194,9 +200,12 @@ class KeyService:
         self._batch_broken = False
         replies = [self._one(r, now) for r in requests]
         failures: tuple[type[BaseException], ...] = (_LostTransaction, *self.store.errors)
+        head: tuple[int, bytes] | None = None
         try:
             if self._batch_broken:
                 raise _LostTransaction("transaction was lost mid-batch")
+            if self.checkpoint is not None:
+                head = audit.head(self.store)  # the head this batch leaves
             self.store.commit()
         except failures as exc:
             self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
@@ -209,6 +218,22 @@ class KeyService:
                 rep if self._is_ping(req) else self._audit_failed(req)
                 for req, rep in zip(requests, replies)
             ]
+        if head is not None and head != self._checkpointed:
+            # The head leaves the database (signed, to the anchor) before any
+            # reply does: a record that let a key out is covered by a
+            # checkpoint a database writer cannot rewrite.
+            try:
+                assert self.checkpoint is not None
+                self.checkpoint(head[0], head[1], now)
+                self._checkpointed = head
+            except Exception as exc:  # noqa: BLE001 - any failure: release nothing
+                self.log(
+                    f"keyserver: audit checkpoint failed ({type(exc).__name__}); nothing released"
+                )
+                return [
+                    rep if self._is_ping(req) else self._audit_failed(req)
+                    for req, rep in zip(requests, replies)
+                ]
         return replies
 
     @staticmethod
@@ -234,11 +259,11 @@ class KeyService:
         self.store.savepoint()
         try:
             self._check_fresh(h, now)
-            device = self._device(req.identity)
+            device = self._device(req.identity, now)
             if device is not None:
                 fields = self._device_op(device, str(op), h, now)
             else:
-                fields = handler(self._caller(req.identity), h, now)
+                fields = handler(self._caller(req.identity, now), h, now)
             self.store.release_savepoint()
             return ok_reply(rid, **fields)
         except _Denied as d:
@@ -300,16 +325,37 @@ class KeyService:
         # entries arrive nearly in order, so the deque front expires first.
         expiry.append((max(now, ts) + MAX_SKEW, nonce))
 
-    def _caller(self, identity: str | None) -> LicenceRecord:
+    def _caller(self, identity: str | None, now: float) -> LicenceRecord:
         if identity is None:
             raise PermissionDeniedError("connection is not CURVE-authenticated")
-        rec = self.store.licence_by_key(identity)
+        rec = self._authentic(self.store.licence_by_key(identity), now)
         if rec is None:
-            raise UnknownLicenceError("no licence holds this client key")
+            raise _Denied(UnknownLicenceError("no licence holds this client key"))
         return rec
 
-    def _licence(self, licence_id: str) -> LicenceRecord | None:
-        return self.store.licence(licence_id)
+    def _licence(self, licence_id: str, now: float) -> LicenceRecord | None:
+        return self._authentic(self.store.licence(licence_id), now)
+
+    def _authentic(self, rec: LicenceRecord | None, now: float) -> LicenceRecord | None:
+        """The row if the key server wrote it; a row with a wrong or missing
+        tag (written by someone else into the database) is refused as if
+        absent, and reported: a log line and an audit record."""
+        if rec is None or self.rows.authentic(rec):
+            return rec
+        self._report_row(rec, now)
+        return None
+
+    def _report_row(self, rec: LicenceRecord, now: float) -> None:
+        self.log(
+            f"keyserver: REFUSED licence row {rec.licence_id} ({rec.role}, holder {rec.holder!r}):"
+            " its tag does not match; it was not written by this key server"
+        )
+        audit.append(
+            self.store, ts=now, event="row_refused", licence_id=rec.licence_id,
+            detail={"table": "licences", "role": rec.role, "holder": rec.holder,
+                    "client_public_key": rec.client_public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
 
     def _deny(
         self, caller: LicenceRecord, op: str, error: VaultError, now: float, **detail: Any
@@ -335,10 +381,10 @@ class KeyService:
         """Store the licence's new counters (and call bucket: tokens at a
         time; None keeps it); returns the record as it now is."""
         tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
-        self.store.set_meter(lic.licence_id, used_calls=used, reserved_calls=reserved,
-                             rate_tokens=tokens, rate_at=at)  # fmt: skip
-        return dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
-                                   rate_tokens=tokens, rate_at=at)  # fmt: skip
+        new = self.rows.seal(dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
+                                                 rate_tokens=tokens, rate_at=at))  # fmt: skip
+        self.store.update_licence(new)
+        return new
 
     def _lapse(self, lic: LicenceRecord, now: float) -> LicenceRecord:
         """Leases past their hard end that never closed (a dead worker): their
@@ -484,8 +530,24 @@ class KeyService:
 
     # --- devices -------------------------------------------------------------------
 
-    def _device(self, identity: str | None) -> DeviceRecord | None:
-        return None if identity is None else self.store.device_by_key(identity)
+    def _device(self, identity: str | None, now: float) -> DeviceRecord | None:
+        return (
+            None if identity is None else self._device_row(self.store.device_by_key(identity), now)
+        )
+
+    def _device_row(self, rec: DeviceRecord | None, now: float) -> DeviceRecord | None:
+        """The device row if the key server wrote it; one written into the
+        database by anyone else is refused as if absent, and reported."""
+        if rec is None or self.rows.device_authentic(rec):
+            return rec
+        self.log(f"keyserver: REFUSED device row {rec.device_id}: its tag does not match")
+        audit.append(
+            self.store, ts=now, event="row_refused",
+            detail={"table": "devices", "device_id": rec.device_id,
+                    "public_key": rec.public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
+        return None
 
     def _deny_as(
         self, actor: str, op: str, error: VaultError, now: float, **detail: Any
@@ -511,7 +573,7 @@ class KeyService:
             raise self._deny_as(actor, op, err, now)
         if op in ("renew", "close"):
             lease = self.store.device_lease(_str(h, "lease_id"), device.device_id)
-            lic = None if lease is None else self._licence(lease.licence_id)
+            lic = None if lease is None else self._licence(lease.licence_id, now)
             if lic is None:
                 raise LicenceError("unknown lease")
             handler = self._renew if op == "renew" else self._close
@@ -526,7 +588,7 @@ class KeyService:
         if h.get("device_id") not in (None, device.device_id):
             err = PermissionDeniedError("device id does not match the connecting device")
             raise self._deny_as(actor, "release", err, now, **ids)
-        lic = self._licence(req["licence_id"])
+        lic = self._licence(req["licence_id"], now)
         if lic is None or not self._proof_verifies(lic, device, req, h):
             # one answer for an unknown licence and for a proof that fails:
             # the reply does not tell which licence ids exist (the audit does)
@@ -705,12 +767,12 @@ class KeyService:
         proof_public = base64.b64encode(proof_key.public_raw).decode()
         licence_id = new_licence_id()
         expires_at = None if expires is None else now + expires
-        self.store.insert_licence(
+        self.store.insert_licence(self.rows.seal(
             LicenceRecord(licence_id, holder, "caller", model_id, public.decode(), now,
                           expires_at, max_calls, rate_limit, grace, None, 0, kind=kind,
                           same_user=same_user, devices=tuple(devices),
                           proof_public_key=proof_public)
-        )  # fmt: skip
+        ))  # fmt: skip
         audit.append(
             self.store, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
             model_id=model_id,
@@ -749,7 +811,10 @@ class KeyService:
         if not isinstance(devices, list) or len(devices) > 256:
             raise ProtocolError("field 'devices' must be a list of device ids")
         for d in devices:
-            if not isinstance(d, str) or self.store.device(d) is None:
+            if (
+                not isinstance(d, str)
+                or self._device_row(self.store.device(d), self.clock()) is None
+            ):
                 raise KeyServerError(f"no enrolled device {d!r}")
         if devices and kind != "runtime":
             raise ProtocolError("only a runtime licence names devices")
@@ -758,7 +823,7 @@ class KeyService:
     def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "revoke", now)
         licence_id = _str(h, "licence_id")
-        target = self._licence(licence_id)
+        target = self._licence(licence_id, now)
         if target is None:
             raise UnknownLicenceError(f"no licence {licence_id}")
         if target.licence_id == caller.licence_id:
@@ -767,7 +832,7 @@ class KeyService:
             return {"licence_id": licence_id, "revoked_at": target.revoked_at, "already": True}
         # Its open leases end at their next renewal (NotRevoked), which also
         # settles what they reserved.
-        self.store.set_revoked(licence_id, now)
+        self.store.update_licence(self.rows.seal(dataclasses.replace(target, revoked_at=now)))
         audit.append(
             self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
@@ -779,6 +844,7 @@ class KeyService:
         self._require_admin(caller, "list", now)
         out = []
         for rec in self.store.licences():
+            authentic = self._authentic(rec, now) is not None
             out.append(
                 {
                     "licence_id": rec.licence_id,
@@ -797,6 +863,7 @@ class KeyService:
                     "kind": rec.kind,
                     "same_user": rec.same_user,
                     "devices": list(rec.devices),
+                    "authentic": authentic,  # False: a row the key server refuses
                 }
             )
         return {"licences": out}
@@ -814,7 +881,7 @@ class KeyService:
         name = _str(h, "name", optional=True) or device_id
         if len(public_key) != 40 or device_id_for(public_key) != device_id:
             raise ProtocolError("device id and public key do not belong together")
-        old = self.store.device(device_id)
+        old = self._device_row(self.store.device(device_id), now)
         if old is not None:
             if old.revoked_at is not None:
                 raise PermissionDeniedError(f"device {device_id} was revoked; make a new one")
@@ -822,8 +889,9 @@ class KeyService:
         if self.store.has_client_key(public_key):
             raise ProtocolError("that key already belongs to a licence")
         self.store.insert_device(
-            DeviceRecord(device_id, public_key, name, now, caller.licence_id, None)
-        )
+            self.rows.seal_device(DeviceRecord(device_id, public_key, name, now,
+                                               caller.licence_id, None))
+        )  # fmt: skip
         audit.append(
             self.store, ts=now, event="device_enrolled", actor=caller.licence_id,
             detail={"device_id": device_id, "name": name, "public_key": public_key},
@@ -836,12 +904,13 @@ class KeyService:
     ) -> dict[str, Any]:
         self._require_admin(caller, "revoke_device", now)
         device_id = _str(h, "device_id")
-        dev = self.store.device(device_id)
+        dev = self._device_row(self.store.device(device_id), now)
         if dev is None:
             raise KeyServerError(f"no enrolled device {device_id}")
         if dev.revoked_at is not None:
             return {"device_id": device_id, "revoked_at": dev.revoked_at, "already": True}
-        self.store.revoke_device(device_id, now)
+        self.store.update_device(self.rows.seal_device(dataclasses.replace(dev, revoked_at=now)))
+        self.store.end_device_leases(device_id)
         audit.append(
             self.store, ts=now, event="device_revoked", actor=caller.licence_id,
             detail={"device_id": device_id},
@@ -856,7 +925,8 @@ class KeyService:
         out = [
             {"device_id": d.device_id, "public_key": d.public_key, "name": d.name,
              "enrolled_at": d.enrolled_at, "enrolled_by": d.enrolled_by,
-             "revoked": d.revoked_at is not None, "revoked_at": d.revoked_at}
+             "revoked": d.revoked_at is not None, "revoked_at": d.revoked_at,
+             "authentic": self.rows.device_authentic(d)}
             for d in self.store.devices()
         ]  # fmt: skip
         return {"devices": out}

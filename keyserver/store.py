@@ -29,12 +29,13 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .policy import DeviceRecord, LicenceRecord
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS licences (
     kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
     same_user INTEGER NOT NULL DEFAULT 0,   -- tier 0: the holder's user runs the worker
     devices TEXT,                           -- JSON list of device ids; NULL: any enrolled
-    proof_public_key TEXT                   -- base64 Ed25519: verifies proofs of possession
+    proof_public_key TEXT,                  -- base64 Ed25519: verifies proofs of possession
+    mac BLOB                                -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
@@ -84,7 +86,8 @@ CREATE TABLE IF NOT EXISTS devices (
     name TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
     enrolled_by TEXT NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    mac BLOB                                -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -128,9 +131,9 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
     " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
-    " kind, same_user, devices, proof_public_key"
+    " kind, same_user, devices, proof_public_key, mac"
 )
-_DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at"
+_DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at, mac"
 _LEASE_COLS = (
     "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
     " ended, calls, device_id"
@@ -175,12 +178,17 @@ class AuditRow:
 
 
 def _licence(row: Sequence[Any]) -> LicenceRecord:
-    base = LicenceRecord(*row[:15])
-    devices = tuple(json.loads(row[17])) if row[17] else ()
-    return replace(
-        base, kind=str(row[15]), same_user=bool(row[16]), devices=devices,
-        proof_public_key=row[18],
+    kind, same_user, devices, proof_public_key, mac = row[15:20]
+    return dataclasses.replace(
+        LicenceRecord(*row[:15]), kind=str(kind), same_user=bool(same_user),
+        devices=tuple(json.loads(devices)) if devices else (), proof_public_key=proof_public_key,
+        mac=None if mac is None else bytes(mac),
     )  # fmt: skip
+
+
+def _device(r: Sequence[Any]) -> DeviceRecord:
+    mac = r[6]
+    return dataclasses.replace(DeviceRecord(*r[:6]), mac=None if mac is None else bytes(mac))
 
 
 def _lease(r: Sequence[Any]) -> LeaseRow:
@@ -295,31 +303,23 @@ class Store:
 
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
-            f"INSERT INTO licences ({LICENCE_COLS}) VALUES ({', '.join(['?'] * 19)})",
+            f"INSERT INTO licences ({LICENCE_COLS}) VALUES ({', '.join(['?'] * 20)})",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
              rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
              rec.kind, int(rec.same_user),
-             json.dumps(list(rec.devices)) if rec.devices else None, rec.proof_public_key),
+             json.dumps(list(rec.devices)) if rec.devices else None, rec.proof_public_key,
+             rec.mac),
         )  # fmt: skip
 
-    def set_meter(
-        self,
-        licence_id: str,
-        *,
-        used_calls: int,
-        reserved_calls: int,
-        rate_tokens: float | None,
-        rate_at: float | None,
-    ) -> None:
+    def update_licence(self, rec: LicenceRecord) -> None:
+        """Write the licence's changing columns (revocation, meters) and its tag."""
         self._q(
-            "UPDATE licences SET used_calls = ?, reserved_calls = ?, rate_tokens = ?, rate_at = ?"
-            " WHERE licence_id = ?",
-            (used_calls, reserved_calls, rate_tokens, rate_at, licence_id),
-        )
-
-    def set_revoked(self, licence_id: str, when: float) -> None:
-        self._q("UPDATE licences SET revoked_at = ? WHERE licence_id = ?", (when, licence_id))
+            "UPDATE licences SET revoked_at = ?, used_calls = ?, reserved_calls = ?,"
+            " rate_tokens = ?, rate_at = ?, mac = ? WHERE licence_id = ?",
+            (rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.mac, rec.licence_id),
+        )  # fmt: skip
 
     # --- package keys ------------------------------------------------------------------
 
@@ -379,27 +379,31 @@ class Store:
 
     def device_by_key(self, public_key: str) -> DeviceRecord | None:
         r = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE public_key = ?", (public_key,))
-        return None if r is None else DeviceRecord(*r)
+        return None if r is None else _device(r)
 
     def device(self, device_id: str) -> DeviceRecord | None:
         r = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,))
-        return None if r is None else DeviceRecord(*r)
+        return None if r is None else _device(r)
 
     def devices(self) -> list[DeviceRecord]:
         rows = self._q(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY enrolled_at, device_id")
-        return [DeviceRecord(*r) for r in rows.fetchall()]
+        return [_device(r) for r in rows.fetchall()]
 
     def insert_device(self, rec: DeviceRecord) -> None:
         self._q(
-            f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (rec.device_id, rec.public_key, rec.name, rec.enrolled_at, rec.enrolled_by,
-             rec.revoked_at),
+             rec.revoked_at, rec.mac),
         )  # fmt: skip
 
-    def revoke_device(self, device_id: str, when: float) -> None:
-        """Revoke the device and end every lease granted to it (what they
-        reserved stays spent: fail closed, as for a worker that died)."""
-        self._q("UPDATE devices SET revoked_at = ? WHERE device_id = ?", (when, device_id))
+    def update_device(self, rec: DeviceRecord) -> None:
+        """Write the device's changing column (revocation) and its tag."""
+        self._q("UPDATE devices SET revoked_at = ?, mac = ? WHERE device_id = ?",
+                (rec.revoked_at, rec.mac, rec.device_id))  # fmt: skip
+
+    def end_device_leases(self, device_id: str) -> None:
+        """End every lease granted to a (revoked) device; what they reserved
+        stays spent: fail closed, as for a worker that died."""
         self._q("UPDATE leases SET ended = 1, call_budget = 0 WHERE device_id = ?", (device_id,))
 
     def open_leases_of(self, licence_id: str) -> list[LeaseRow]:
