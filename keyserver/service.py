@@ -185,8 +185,12 @@ class KeyService:
         if self.store.has_client_key(client_public_key):
             return True
         dev = self.store.device_by_key(client_public_key)
-        # a row nobody but this key server could have written, and not revoked
-        return dev is not None and dev.revoked_at is None and self.rows.device_authentic(dev)
+        if dev is None or dev.revoked_at is not None:
+            return False
+        if not self.rows.device_authentic(dev):  # written into the database by someone else
+            self.log(f"keyserver: REFUSED device row {dev.device_id}: its tag does not match")
+            return False
+        return True
 
     # --- batches ---------------------------------------------------------------
 

@@ -247,3 +247,31 @@ def test_vault_open_without_a_daemon_says_what_to_do(keyserver, tmp_path: Path) 
     finally:
         if old is not None:
             os.environ["VAULT_DAEMON"] = old
+
+
+def test_a_device_row_written_into_the_database_is_refused(keyserver, model_key, tmp_path):
+    """An insider with write access to the database inserts a device of their
+    own: its row has no valid tag, so it gets no handshake and no key."""
+    lic = keyserver.issue(MODEL)
+    forged = init_device(tmp_path / "forged")
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+    try:
+        conn.execute(
+            "INSERT INTO devices (device_id, public_key, name, enrolled_at, enrolled_by,"
+            " revoked_at, mac) VALUES (?, ?, 'insider', ?, 'me', NULL, ?)",
+            (forged.device_id, forged.public_key, time.time(), b"\0" * 32),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    with KeyServerClient(lic, device=forged, timeout=1.5) as ks:
+        with pytest.raises(KeyServerUnavailableError):
+            ks.release(**ARGS)
+    with keyserver.admin() as admin:
+        rows = {r["device_id"]: r for r in admin.list_devices()}
+    assert rows[forged.device_id]["authentic"] is False
+    assert f"REFUSED device row {forged.device_id}".encode() in keyserver.output()
+    # control: the same kind of device, enrolled by the admin, gets its key
+    with keyserver.client(lic) as ks:
+        assert ks.release(**ARGS).key == model_key
+    assert rows.get(keyserver.device().device_id, {"authentic": True})["authentic"] is True
