@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS leases (
     ended INTEGER NOT NULL DEFAULT 0,
     calls BIGINT NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,
     ts DOUBLE PRECISION NOT NULL,
