@@ -95,6 +95,8 @@ def _list(args: argparse.Namespace) -> int:
         calls = f"{r['used_calls']}{f'+{held}' if held else ''}/{quota}"
         rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
         state = "revoked" if r.get("revoked") else "active"
+        if r.get("authentic") is False:
+            state = "REFUSED (row not written by the key server)"
         print(
             f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {r['model_id'] or '-':<16} "
             f"{_fmt_time(r['expires_at']):<17} {calls:<14} {rate:<7} {state}"
