@@ -385,6 +385,9 @@ class KeyService:
         """Store the licence's new counters (and call bucket: tokens at a
         time; None keeps it); returns the record as it now is."""
         tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
+        if (used, reserved, tokens, at) == (lic.used_calls, lic.reserved_calls, lic.rate_tokens,
+                                            lic.rate_at):  # fmt: skip
+            return lic  # nothing metered (an unlimited licence): no write
         new = self.rows.seal(dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
                                                  rate_tokens=tokens, rate_at=at))  # fmt: skip
         self.store.update_licence(new)
@@ -393,9 +396,7 @@ class KeyService:
     def _lapse(self, lic: LicenceRecord, now: float) -> LicenceRecord:
         """Leases past their hard end that never closed (a dead worker): their
         reservation stays spent, as used calls. Audited once each."""
-        for lease in self.store.open_leases_of(lic.licence_id):
-            if lease.hard_end >= now:
-                continue
+        for lease in self.store.lapsed_leases_of(lic.licence_id, now):
             forfeited = lease.call_budget or 0
             used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=forfeited)
             lic = self._meter(lic, used=used, reserved=reserved) if forfeited else lic

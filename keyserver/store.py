@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS leases (
     calls INTEGER NOT NULL DEFAULT 0,     -- calls the worker reported on it
     device_id TEXT                        -- the device it was granted to (NULL: tier 0)
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
-CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT keeps the high-water mark
     ts REAL NOT NULL,                        -- in sqlite_sequence: a deleted tail shows
@@ -406,9 +406,12 @@ class Store:
         stays spent: fail closed, as for a worker that died."""
         self._q("UPDATE leases SET ended = 1, call_budget = 0 WHERE device_id = ?", (device_id,))
 
-    def open_leases_of(self, licence_id: str) -> list[LeaseRow]:
+    def lapsed_leases_of(self, licence_id: str, now: float) -> list[LeaseRow]:
+        """Open leases of the licence whose hard end has passed (an index
+        range: the cost does not grow with the live leases)."""
         rows = self._q(
-            f"SELECT {_LEASE_COLS} FROM leases WHERE licence_id = ? AND ended = 0", (licence_id,)
+            f"SELECT {_LEASE_COLS} FROM leases WHERE licence_id = ? AND ended = 0 AND hard_end < ?",
+            (licence_id, now),
         )
         return [_lease(r) for r in rows.fetchall()]
 

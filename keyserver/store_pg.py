@@ -93,7 +93,7 @@ CREATE TABLE IF NOT EXISTS leases (
     calls BIGINT NOT NULL DEFAULT 0,
     device_id TEXT
 );
-CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id) WHERE ended = 0;
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,
     ts DOUBLE PRECISION NOT NULL,

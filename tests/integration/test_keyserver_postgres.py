@@ -134,7 +134,7 @@ def test_two_replicas_under_load_and_a_kill_9(tmp_path, pg_url):
                 n += 1
                 after = killed.is_set()
                 try:
-                    with KeyServerClient(lic, timeout=2.0, address=addr[name]) as c:
+                    with KeyServerClient(lic, timeout=1.0, address=addr[name]) as c:
                         rel = c.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
                         with lock:
                             got.append((name, rel.lease.lease_id, after))
@@ -150,16 +150,16 @@ def test_two_replicas_under_load_and_a_kill_9(tmp_path, pg_url):
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(licences))]
         for t in threads:
             t.start()
-        time.sleep(2.0)
+        time.sleep(1.5)
         ks_a.kill()  # SIGKILL mid-load: possibly inside a transaction holding the lock
         killed.set()
-        time.sleep(2.0)
+        time.sleep(1.5)
         stop.set()
         for t in threads:
             t.join(30)
         by = {name: sum(1 for n, _, _ in got if n == name) for name in "ab"}
         print(f"releases per replica: {by}, unreachable: {len(failed)}")
-        assert by["a"] > 5 and by["b"] > 5, by
+        assert by["a"] >= 5 and by["b"] >= 5, by
         assert any(n == "b" and after for n, _, after in got)  # b went on serving
         assert all(f in ("a", "b") for f in failed), failed  # only unreachability
         assert replicas["b"].proc is not None and replicas["b"].proc.poll() is None
@@ -211,7 +211,7 @@ def test_the_advisory_lock_serialises_appends_across_replicas(tmp_path, pg_url):
             audit.append(a, ts=1.0, event="released", licence_id="a")
             t = threading.Thread(target=second)
             t.start()
-            time.sleep(0.5)  # b is now waiting (on the lock, or on a's row)
+            time.sleep(0.3)  # b is now waiting (on the lock, or on a's row)
             a.commit()
             t.join(10)
             problems = audit.verify(a)

@@ -113,6 +113,8 @@ def _list(args: argparse.Namespace) -> int:
         same_user = same_user or bool(r.get("same_user"))
         devices = r.get("devices") or []
         where = f" devices={','.join(devices)}" if devices else ""
+        if r.get("authentic") is False:
+            state = "REFUSED (row not written by the key server)"
         print(
             f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {kind:<10} "
             f"{r['model_id'] or '-':<16} {_fmt_time(r['expires_at']):<17} {calls:<14} "
