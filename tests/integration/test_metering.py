@@ -117,10 +117,13 @@ def test_one_call_per_second_for_5_seconds(keyserver, package):
                 time.sleep(0.005)
         elapsed = time.monotonic() - t0
         assert model.health()["lease"]["state"] != "ended"  # rate-limited, not revoked
-    assert served <= 1.0 * elapsed + capacity + 1
-    assert served >= 3  # it does serve, at about the rate
-    assert refused > 100  # the caller hammered it
-    # the refusals cost the key server nothing: renewals stay at the lease's pace
+    counts = {"served": served, "refused": refused, "elapsed": elapsed}
+    assert served <= 1.0 * elapsed + capacity + 1, counts
+    assert served >= 3, counts  # it does serve, at about the rate
+    assert refused > 10 * served, counts  # the caller hammered it
+    # the refusals cost the key server nothing: renewals stay at the lease's
+    # pace (one in the background per half TTL; when the budget is spent, one
+    # that finds the bucket empty and one after its retry_after: about 3/s)
     with keyserver.admin() as admin:
         assert admin.list()  # still serving
     from keyserver import audit, store
@@ -130,4 +133,4 @@ def test_one_call_per_second_for_5_seconds(keyserver, package):
         events = [r.event for r in audit.records(st) if r.licence_id == lic.licence_id]
     finally:
         st.close()
-    assert 0 < events.count("renewed") <= 15, events
+    assert 0 < events.count("renewed") <= 3 * elapsed + 3, (events, counts)
