@@ -134,3 +134,26 @@ def test_one_call_per_second_for_5_seconds(keyserver, package):
     finally:
         st.close()
     assert 0 < events.count("renewed") <= 3 * elapsed + 3, (events, counts)
+
+
+def test_a_dead_workers_reserve_stays_spent(keyserver, package):
+    """Fail closed: a worker killed with SIGKILL never reports; once its lease
+    has passed its hard end, its whole reservation counts as used."""
+    import os
+    import signal
+
+    lic = keyserver.issue("metered", max_calls=5)
+    model = vault.open(package, licence=lic)
+    try:
+        model.compute({"x": X})
+        proc = model._localw.proc  # the local worker's process
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        model.close()
+    assert _row(keyserver, lic.licence_id)["reserved_calls"] == 5  # nobody refunded it
+    time.sleep(keyserver.lease_ttl + 0.3)  # past the lease's hard end (no grace)
+    with pytest.raises(vault.QuotaExhaustedError):
+        vault.open(package, licence=lic)
+    row = _row(keyserver, lic.licence_id)
+    assert (row["used_calls"], row["reserved_calls"]) == (5, 0)  # settled as used
