@@ -43,7 +43,7 @@ def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> 
 def test_vault_demo_runs_and_leaves_nothing_behind() -> None:
     before = set(glob.glob(f"{tempfile.gettempdir()}/vault-demo-*"))
     out = subprocess.run(
-        [sys.executable, "-m", "vault", "demo"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "vault", "demo"], capture_output=True, text=True, timeout=180
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "next call refused: LicenceRevokedError" in out.stdout
