@@ -527,13 +527,23 @@ def open(  # noqa: A001 - the public contract is vault.open()
     start_timeout: float = START_TIMEOUT,
     worker_args: Sequence[str] = (),
     shm_bytes: int = DEFAULT_SHM_BYTES,
-) -> Model:
+    server: str | Mapping[str, str] | None = None,
+    **hybrid: Any,
+) -> Any:
     """Spawn a local worker for the package at ``path`` and return its Model.
 
-    ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only)."""
+    ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only).
+    A directory made by ``vault split`` opens as a hybrid: the head here, the
+    tail on ``server`` (see :mod:`vault.hybrid.client`; ``hybrid`` keywords go there)."""
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.open needs licence=...")
+    if os.path.isdir(path):
+        from .hybrid.client import open_split
+
+        return open_split(path, Licence.load(lic), server=server, timeout=timeout, **hybrid)
+    if server is not None or hybrid:
+        raise ConfigError("server=... is for a split model directory (vault split)")
     w = _LocalWorker(
         os.fspath(path),
         Licence.load(lic),
