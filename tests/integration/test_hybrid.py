@@ -177,9 +177,9 @@ def test_the_caller_never_receives_the_tail_key(keyserver: Any, deployed: Any) -
 
 
 def test_vault_split_and_profile_cli(keyserver: Any, tmp_path: Path) -> None:
-    from tests.models import mlp
-
     import onnx
+
+    from tests.models import mlp
 
     onnx.save(mlp(), tmp_path / "m.onnx")
     prof = subprocess.run(

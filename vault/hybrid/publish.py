@@ -314,8 +314,8 @@ def split(
                 g, cut, k, out=out, model_id=model_id, signing_key=signing_key,
                 seal_head=seal_head, encoding=encoding, calibration=calibration or [],
                 reference=reference, max_error=max_error, min_agreement=min_agreement,
-                cost=_cost(g, cut, client_nodes, server_nodes), register=register, big=big,
-                log=log,
+                cost=_cost(g, cut, client_nodes, server_nodes, dict.fromkeys(cut.crossing, encoding)),
+                register=register, big=big, log=log,
             )
         )  # fmt: skip
     desc: dict[str, Any] = {
