@@ -31,6 +31,7 @@ SECTIONS = (
     "coldstart",
     "overhead",
     "keyserver",
+    "hybrid",
 )
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vault-bench-"))
     env: Any = None
     try:
-        if set(wanted) & {"latency", "breakdown", "throughput", "transfer", "coldstart"}:
+        if set(wanted) & {"latency", "breakdown", "throughput", "transfer", "coldstart", "hybrid"}:
             from .vaultenv import VaultEnv
 
             try:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             except harness.Unavailable as exc:
                 res["vault_unavailable"] = str(exc)
                 _log(f"vault rows unavailable: {exc}")
-            from . import breakdown, coldstart, latency, throughput, transfer
+            from . import breakdown, coldstart, hybrid, latency, throughput, transfer
             from .floors import EchoServer
 
             with EchoServer() as echo:
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 section("transfer", lambda: transfer.run(args.quick, env, echo, _log))
             section("throughput", lambda: throughput.run(args.quick, env, _log))
             section("coldstart", lambda: coldstart.run(args.quick, env, work, _log))
+            section("hybrid", lambda: hybrid.run(args.quick, env, work, _log))
     finally:
         if env is not None:
             env.close()
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     section("keyserver", reused("keyserver_bench"))
     save()
     png = report.plot(res, out / "benchmarks.png")
+    if isinstance(res.get("hybrid"), dict):
+        from .hybrid import plot as hybrid_plot
+
+        hybrid_plot(res["hybrid"], out / "hybrid.png")
     print(report.table(res))
     print(
         f"\nwrote {out / 'results.json'}"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import vault
+from tests.conftest import KeyServerProcess
 from tests.models import classifier_pipeline, reference_pipeline
 from vault.core.crypto import PublisherKey
 from vault.core.keyclient import KeyServerClient
@@ -59,6 +60,8 @@ class Deployment:
         self.procs: list[Any] = []
         self.server: dict[str, str] = {}
         self.keys: dict[str, str] = {}
+        self.key_ids: dict[str, str] = {}
+        self.alice = Path()
 
     def close(self) -> None:
         for p in self.procs:
@@ -68,38 +71,60 @@ class Deployment:
                     f.close()
 
 
-@pytest.fixture
-def deployed(keyserver: Any, tmp_path: Path) -> Iterator[tuple[Path, Path, Deployment, dict]]:
-    """The classifier pipeline split twice (cuts c0 at h2, c1 at h0), each tail served."""
-    pre, model, post = classifier_pipeline()
-    registered: dict[str, str] = {}
+@pytest.fixture(scope="module")
+def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyServerProcess]:
+    from keyserver import init_dir
+
+    d = tmp_path_factory.mktemp("hybrid-ks") / "ks"
+    init_dir(d, address="tcp://127.0.0.1:7700")
+    proc = KeyServerProcess(d, lease_ttl=2.0)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.kill()
+
+
+def deploy(ks: KeyServerProcess, tmp: Path, model_id: str, dep: Deployment, **kw: Any) -> Path:
+    """Split the classifier pipeline, serve each tail; returns the split directory."""
+    pre, model, post = kw.pop("stages", classifier_pipeline())
 
     def register(res: Any) -> None:
-        keyserver.register(res.model_id, res.key_id, res.key, res.digest)
-        registered[res.model_id] = res.key_id
+        ks.register(res.model_id, res.key_id, res.key, res.digest)
+        dep.key_ids[res.model_id] = res.key_id
 
-    out = tmp_path / "clf.split"
-    split(model, pre=pre, post=post, model_id="clf", output_dir=out,
-          signing_key=PublisherKey.load(keyserver.publisher_key_path),
-          at=[["h2"], ["h0"]], split_points=["h0", "h2"], register=register)  # fmt: skip
-    alice = keyserver.issue("clf.head", holder="alice")
-    alice_path = tmp_path / "alice.licence"
-    alice.save(alice_path)
-    allow = tmp_path / "clients"
+    out = tmp / f"{model_id}.split"
+    split(model, pre=pre, post=post, model_id=model_id, output_dir=out,
+          signing_key=PublisherKey.load(ks.publisher_key_path), register=register,
+          profile_repeats=2, **kw)  # fmt: skip
+    alice = ks.issue(f"{model_id}.head", holder="alice")
+    dep.alice = tmp / f"{model_id}-alice.licence"
+    alice.save(dep.alice)
+    allow = tmp / f"{model_id}-clients"
     allow.mkdir()
     (allow / "alice.key").write_text(alice.client_public_key + "\n")
+    desc = json.loads((out / "split.json").read_text())
+    for c in desc["cuts"]:
+        srv = ks.issue(c["tail_model_id"], holder=f"server-{c['name']}")
+        srv_path = tmp / f"{model_id}-server-{c['name']}.licence"
+        srv.save(srv_path)
+        proc, endpoint, key = serve_tail(out / c["tail"], srv_path, allow, tmp)
+        dep.procs.append(proc)
+        dep.server[c["tail_model_id"]] = endpoint
+        dep.keys[c["tail_model_id"]] = key
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    ks: KeyServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path, Deployment, dict]]:
+    """The classifier pipeline split twice (cuts c0 at h2, c1 at h0), each tail served."""
     dep = Deployment()
     try:
-        desc = json.loads((out / "split.json").read_text())
-        for c in desc["cuts"]:
-            srv = keyserver.issue(c["tail_model_id"], holder=f"server-{c['name']}")
-            srv_path = tmp_path / f"server-{c['name']}.licence"
-            srv.save(srv_path)
-            proc, endpoint, key = serve_tail(out / c["tail"], srv_path, allow, tmp_path)
-            dep.procs.append(proc)
-            dep.server[c["tail_model_id"]] = endpoint
-            dep.keys[c["tail_model_id"]] = key
-        yield out, alice_path, dep, registered
+        out = deploy(ks, tmp_path_factory.mktemp("hybrid"), "clf", dep, at=[["h2"], ["h0"]],
+                     split_points=["h0", "h2"])  # fmt: skip
+        yield out, dep.alice, dep, dep.key_ids
     finally:
         dep.close()
 
@@ -147,7 +172,7 @@ def test_pipelined_calls_return_each_calls_own_result(deployed: Any) -> None:
         assert link is not None and link.rtt_ms > 0 and link.mbit > 0
 
 
-def _audit(keyserver: Any) -> list[tuple[str, str | None, str]]:
+def _audit(keyserver: KeyServerProcess) -> list[tuple[str, str | None, str]]:
     conn = sqlite3.connect(keyserver.dir / "keyserver.db")
     try:
         rows = conn.execute("SELECT event, licence_id, detail FROM audit ORDER BY seq")
@@ -156,14 +181,14 @@ def _audit(keyserver: Any) -> list[tuple[str, str | None, str]]:
         conn.close()
 
 
-def test_the_caller_never_receives_the_tail_key(keyserver: Any, deployed: Any) -> None:
+def test_the_caller_never_receives_the_tail_key(ks: KeyServerProcess, deployed: Any) -> None:
     out, alice_path, dep, registered = deployed
     alice = vault.Licence.load(alice_path)
-    before = len(_audit(keyserver))
+    before = len(_audit(ks))
     with vault.open(out, licence=alice, server=dep.server, server_key=dep.keys) as m:
         m.compute({"image": _image(1)})
     # the hybrid asked the key server for nothing under the caller's licence
-    assert [e for e in _audit(keyserver)[before:] if e[1] == alice.licence_id] == []
+    assert [e for e in _audit(ks)[before:] if e[1] == alice.licence_id] == []
     # and asking for the tail's key with the caller's licence is refused
     desc = json.loads((out / "split.json").read_text())
     tail = desc["cuts"][0]
@@ -176,7 +201,7 @@ def test_the_caller_never_receives_the_tail_key(keyserver: Any, deployed: Any) -
     assert "key" not in json.dumps(desc).replace("server_key", "").replace("key_id", "")
 
 
-def test_vault_split_and_profile_cli(keyserver: Any, tmp_path: Path) -> None:
+def test_vault_split_and_profile_cli(ks: KeyServerProcess, tmp_path: Path) -> None:
     import onnx
 
     from tests.models import mlp
@@ -194,7 +219,7 @@ def test_vault_split_and_profile_cli(keyserver: Any, tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "vault", "split", str(tmp_path / "m.onnx"), "--auto", "--rtt", "20",
          "--bandwidth", "100", "--client-costs", str(tmp_path / "phone.json"),
-         "--protect-from", "h2", "--model-id", "m", "--licence", str(keyserver.admin_licence),
+         "--protect-from", "h2", "--model-id", "m", "--licence", str(ks.admin_licence),
          "-o", str(tmp_path / "m.split")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -207,9 +232,113 @@ def test_vault_split_and_profile_cli(keyserver: Any, tmp_path: Path) -> None:
     # refusal: a cut at a protected tensor names the path
     bad = subprocess.run(
         [sys.executable, "-m", "vault", "split", str(tmp_path / "m.onnx"), "--at", "h3",
-         "--protect-from", "h2", "--model-id", "m2", "--licence", str(keyserver.admin_licence),
+         "--protect-from", "h2", "--model-id", "m2", "--licence", str(ks.admin_licence),
          "-o", str(tmp_path / "bad.split")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2
     assert "protected node 'secret_dense2'" in bad.stderr and "h2 -> h3" in bad.stderr
+
+
+def test_sealed_head_runs_in_a_local_worker_and_gets_only_the_head_key(
+    ks: KeyServerProcess, tmp_path: Path
+) -> None:
+    dep = Deployment()
+    try:
+        out = deploy(ks, tmp_path, "sh", dep, at=[["h2"]], split_points=["h2"], seal_head=True)
+        alice = vault.Licence.load(dep.alice)
+        assert sorted(p.name for p in out.iterdir()) == [
+            "head-c0.vault",
+            "split.json",
+            "tail-c0.vault",
+        ]
+        before = len(_audit(ks))
+        x = _image(3, seed=5)
+        with vault.open(out, licence=alice, server=dep.server, server_key=dep.keys) as m:
+            got = m.compute({"image": x})
+        for k, v in reference_pipeline(list(classifier_pipeline()), {"image": x}).items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
+        mine = [e for e in _audit(ks)[before:] if e[1] == alice.licence_id]
+        released = [json.loads(e[2])["key_id"] for e in mine if e[0] == "released"]
+        assert released == [dep.key_ids["sh.head"]], mine  # the head's key, for the local worker
+        assert dep.key_ids["sh.tail"] not in json.dumps(mine)
+    finally:
+        dep.close()
+
+
+def test_client_moves_to_the_cheaper_cut_when_the_link_slows(
+    ks: KeyServerProcess, tmp_path: Path
+) -> None:
+    """Two cuts shipped: c0 sends a wide tensor (cheap head), c1 a narrow one (the
+    vendor's profile says its head costs 15 ms more). Behind a fast emulated link the
+    client stays on c0; after the link drops to 40 ms / 2 Mbit/s it moves to c1 and
+    the answers stay right. With replan=False it never moves."""
+    from benchmarks.linkproxy import LinkProxy
+
+    wide = _wide_model()
+    nodes = {n.name: 0.01 for n in wide.graph.node}
+    client = {"format": "vault-profile/1", "nodes": {**nodes, "narrow": 15.0}}
+    dep = Deployment()
+    proxies: list[LinkProxy] = []
+    try:
+        out = deploy(ks, tmp_path, "w", dep, stages=(None, wide, None), at=[["wide"], ["thin"]],
+                     split_points=["wide", "thin"], client_costs=client,
+                     server_costs={"nodes": nodes})  # fmt: skip
+        server = {}
+        for tail, address in dep.server.items():
+            host, port = address.removeprefix("tcp://").rsplit(":", 1)
+            proxies.append(LinkProxy(host, int(port), rtt_ms=2, mbit=1000))
+            server[tail] = proxies[-1].address
+        x = {"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}
+        want = _run_whole(wide, x)
+        with vault.open(out, licence=dep.alice, server=server, server_key=dep.keys) as m:
+            for _ in range(4):
+                np.testing.assert_allclose(m.compute(x)["y"], want, rtol=1e-5)
+            assert m.cut == "c0"
+            for p in proxies:
+                p.set(rtt_ms=40, mbit=2)
+            seen = []
+            for _ in range(8):
+                np.testing.assert_allclose(m.compute(x)["y"], want, rtol=1e-5)
+                seen.append(m.cut)
+            assert seen[-1] == "c1", seen
+            assert seen.count("c0") >= 2  # not on the first slow call: hysteresis
+        with vault.open(out, licence=dep.alice, server=server, server_key=dep.keys,
+                        replan=False) as m:  # fmt: skip
+            for _ in range(4):
+                m.compute(x)
+            assert m.cut == "c0"
+    finally:
+        for p in proxies:
+            p.close()
+        dep.close()
+
+
+def _wide_model() -> Any:
+    """x [1, 8] -> wide [1, 10000] -> narrow: thin [1, 8] -> y [1, 4]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    w = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((8, 10000), (10000, 8), (8, 4))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["wide"], name="widen"),
+        helper.make_node("MatMul", ["wide", "w1"], ["thin"], name="narrow"),
+        helper.make_node("MatMul", ["thin", "w2"], ["y"], name="classify"),
+    ]
+    g = helper.make_graph(
+        nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run_whole(m: Any, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)[0]

@@ -175,6 +175,7 @@ class HybridModel:
             raise ConfigError(f"no cut {first!r} in {path} (have {sorted(self._cuts)})")
         self._current = first
         self._lock = threading.Lock()
+        self._plan_lock = threading.Lock()
         self._closed = False
         self.link = LinkEstimator()
         self._last_ping = 0.0
@@ -202,16 +203,20 @@ class HybridModel:
             if c.tail is None:
                 address = str(_per_tail(self._server, c.tail_id, "server"))
                 key = _per_tail(self._server_key, c.tail_id, "server_key")
-                t0 = time.perf_counter()
                 c.tail = connect(address, licence=self._licence, server_key=key,
                                  timeout=self.timeout)  # fmt: skip
-                self.link.observe_rtt((time.perf_counter() - t0) * 1e3)  # connect asks `info` once
-                self._last_ping = time.monotonic()
+                self._ping(c.tail)  # the connection exists now: one `info` is one round trip
                 if c.tail.model_id not in (None, c.tail_id):
                     got = c.tail.model_id
                     c.tail.close()
                     c.tail = None
                     raise ConfigError(f"{address} serves {got!r}, not the tail {c.tail_id!r}")
+
+    def _ping(self, tail: Model) -> None:
+        t0 = time.perf_counter()
+        tail._request({"op": "info"})  # noqa: SLF001 - one small round trip
+        self.link.observe_rtt((time.perf_counter() - t0) * 1e3)
+        self._last_ping = time.monotonic()
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
         unknown = [k for k in inputs if k not in self.inputs]
@@ -241,10 +246,7 @@ class HybridModel:
             alone = self._in_flight == 1
         try:
             if alone and time.monotonic() - self._last_ping > PING_EVERY_S:
-                t0 = time.perf_counter()
-                c.tail._request({"op": "info"})  # noqa: SLF001 - one small round trip
-                self.link.observe_rtt((time.perf_counter() - t0) * 1e3)
-                self._last_ping = time.monotonic()
+                self._ping(c.tail)
             t0 = time.perf_counter()
             out = c.tail.compute(mid, outputs, timeout=timeout)
             wall = (time.perf_counter() - t0) * 1e3
@@ -262,8 +264,19 @@ class HybridModel:
         link = self.link.link
         if self._replanner is None or link is None or c.name != self._current:
             return
+        if not self._plan_lock.acquire(blocking=False):
+            return  # another call is re-planning right now
+        try:
+            self._replan(c, link)
+        finally:
+            self._plan_lock.release()
+
+    def _replan(self, c: _Cut, link: Link) -> None:
+        assert self._replanner is not None
+        # how much slower (or faster) this device is than the profile the cuts were
+        # planned with, from the head in use; a head under 1 ms says nothing
         scale = 1.0
-        if c.head_ms is not None and c.cost is not None and c.cost.head_ms > 0:
+        if c.head_ms is not None and c.cost is not None and c.cost.head_ms >= 1.0:
             scale = c.head_ms / c.cost.head_ms
         choice = self._replanner.choose(link, head_scale=scale)
         if choice != self._current:

@@ -106,12 +106,17 @@ def format_table(rows: Sequence[Planned], link: Link, *, limit: int = 40) -> str
 
 
 class LinkEstimator:
-    """A running (EWMA) estimate of RTT and bandwidth from the client's own calls."""
+    """A running (EWMA) estimate of RTT and bandwidth from the client's own calls.
+
+    Bandwidth is averaged as time per bit, not bits per second: one slow call
+    then moves the estimate at once (what a latency planner must see), while
+    one fast call after many slow ones does not.
+    """
 
     def __init__(self, *, alpha: float = 0.3, initial: Link | None = None) -> None:
         self.alpha = alpha
         self.rtt_ms: float | None = initial.rtt_ms if initial else None
-        self.mbit: float | None = initial.mbit if initial else None
+        self._ms_per_bit: float | None = 1 / (initial.mbit * 1e3) if initial else None
         self.samples = 0
 
     def _mix(self, old: float | None, new: float) -> float:
@@ -126,15 +131,19 @@ class LinkEstimator:
             return
         transfer = wall_ms - self.rtt_ms - server_ms
         # below ~0.2 ms the estimate is noise: treat the link as fast, not infinite
-        mbit = nbytes * 8.0 / (max(transfer, 0.2) * 1e3)
-        self.mbit = self._mix(self.mbit, mbit)
+        self._ms_per_bit = self._mix(self._ms_per_bit, max(transfer, 0.2) / (nbytes * 8.0))
         self.samples += 1
 
     @property
+    def mbit(self) -> float | None:
+        return None if self._ms_per_bit is None else 1 / (self._ms_per_bit * 1e3)
+
+    @property
     def link(self) -> Link | None:
-        if self.rtt_ms is None or self.mbit is None:
+        mbit = self.mbit
+        if self.rtt_ms is None or mbit is None:
             return None
-        return Link(self.rtt_ms, self.mbit)
+        return Link(self.rtt_ms, mbit)
 
 
 class Replanner:

@@ -191,7 +191,12 @@ def _compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, 
         for k, v in r.items():
             a, b = np.asarray(v), np.asarray(o[k])
             if a.dtype.kind in "fc" and a.size:
-                err = max(err, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                same_nan = np.isnan(a) & np.isnan(b)
+                err = max(
+                    err, float(np.max(np.where(same_nan, 0.0, np.nan_to_num(diff, nan=np.inf))))
+                )
                 if a.ndim >= 2 and a.shape[-1] > 1:
                     agree.append(float(np.mean(a.argmax(-1) == b.argmax(-1))))
             elif not np.array_equal(a, b):
