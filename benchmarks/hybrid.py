@@ -34,6 +34,7 @@ import numpy as np
 from vault.core.process import stop_process
 
 from . import models
+from .context import Context
 from .harness import Unavailable
 from .linkproxy import LinkProxy
 
@@ -170,7 +171,7 @@ def _one_model(
         allow = env.dir / f"allow-{Path(c['tail']).stem}"  # VaultEnv's allow-list for it
         allow.mkdir(exist_ok=True)
         (allow / "caller.pub").write_text(caller.client_public_key + "\n")
-        tail = env._serve_tcp(out / c["tail"], srv_path, None, "worker", probe=False)  # noqa: SLF001
+        tail = env._serve_tcp(out / c["tail"], srv_path, None, probe=False)  # noqa: SLF001
         tail_proc = env._procs[-1]  # noqa: SLF001
         host, port = tail._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
         key = tail._remote.server_key  # noqa: SLF001
@@ -235,6 +236,10 @@ def _one_model(
         "cap_ms": cap_ms,
         "rows": rows,
     }
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(ctx.quick, ctx.env, ctx.workdir, ctx.log)
 
 
 def run(quick: bool, env: Any, work: Path, log: Callable[[str], None]) -> dict[str, Any]:

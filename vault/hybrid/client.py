@@ -214,7 +214,7 @@ class HybridModel:
 
     def _ping(self, tail: Model) -> None:
         t0 = time.perf_counter()
-        tail._request({"op": "info"})  # noqa: SLF001 - one small round trip
+        tail._op("info")  # noqa: SLF001 - one small round trip
         self.link.observe_rtt((time.perf_counter() - t0) * 1e3)
         self._last_ping = time.monotonic()
 
