@@ -8,7 +8,9 @@ onnxruntime thread, in-process head); the server worker uses every core. The
 link is :class:`benchmarks.linkproxy.LinkProxy` between the client and each
 worker: a user-space proxy that delays (RTT/2 each way) and rate-limits.
 
-Per link and cut: median latency of sequential calls. A cut whose predicted
+Every row (all-local, all-server, each cut) is up at once, each worker behind its
+own emulated link; per link, one warm-up call per row, then rounds of one call
+per row, interleaved, and each row's median. A cut whose predicted
 time is above a cap (a few seconds per call at 2 Mbit/s) is not measured; its
 prediction is reported instead, and the oracle is the best *measured* cut.
 The planner uses ``vault profile``-style per-node costs of both sides (the
@@ -62,14 +64,26 @@ def _stage_ends(m: Any) -> list[str]:
     return [t for _, t in best.values()]
 
 
-def _median_ms(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm-up (and the first call's connection)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+def _profiles(m: Any, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Client (1 thread) and server (all cores) profiles, taken in alternating rounds of
+    3 runs so that a burst of load from other jobs hits both sides alike; per node,
+    the median over rounds."""
+    from vault.hybrid.profile import profile_model
+
+    runs: dict[str, list[dict[str, Any]]] = {"client": [], "server": []}
+    for _ in range(rounds):
+        runs["client"].append(profile_model(m, repeats=3, threads=1))
+        runs["server"].append(profile_model(m, repeats=3))
+    out = []
+    for side in ("client", "server"):
+        profs = runs[side]
+        merged = dict(profs[0])
+        merged["nodes"] = {k: statistics.median(p["nodes"][k] for p in profs)
+                           for k in profs[0]["nodes"]}  # fmt: skip
+        merged["run_ms"] = statistics.median(p["run_ms"] for p in profs)
+        merged["repeats"] = 3 * rounds
+        out.append(merged)
+    return out[0], out[1]
 
 
 def _one_model(
@@ -83,17 +97,15 @@ def _one_model(
     from vault.core.licence import Licence
     from vault.hybrid.client import HybridModel
     from vault.hybrid.plan import CutCost, Link, plan
-    from vault.hybrid.profile import profile_model
 
-    reps = 2 if quick else 4
+    reps = 3 if quick else 5
     cap_ms = 1500.0 if quick else 4000.0
     feeds = models.example_feeds(m)
     points = _stage_ends(m)
     if quick:  # the three deepest stage ends
         points = points[-3:]
     log(f"  {name}: profiling client (1 thread) and server (all cores)")
-    client_prof = profile_model(m, repeats=3 if quick else 10, threads=1)
-    server_prof = profile_model(m, repeats=3 if quick else 10)
+    client_prof, server_prof = _profiles(m, rounds=3 if quick else 5)
 
     admin = Licence.load(env.admin_path)
     ks = KeyServerClient(admin)
@@ -115,12 +127,6 @@ def _one_model(
     caller.save(caller_path)
     cuts = res.description["cuts"]
 
-    # the extremes
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    local = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    all_local_ms = _median_ms(lambda: local.run(None, feeds), reps)
     in_bytes = sum(v.nbytes for v in feeds.values())
     out_bytes = 1000 * 4
     costs = {
@@ -129,92 +135,104 @@ def _one_model(
         ),  # fmt: skip
         **{c["name"]: CutCost.from_json(c["cost"]) for c in cuts},
     }
-    label = {"all-server": "all-server", **{c["name"]: c["at"][0] for c in cuts}}
-    measured: dict[str, dict[str, float | None]] = {k: {} for k in costs}
+    label = {"all-local": "all-local", "all-server": "all-server",
+             **{c["name"]: c["at"][0] for c in cuts}}  # fmt: skip
     predicted = {k: {f"{r:g}/{b:g}": c.total_ms(Link(r, b)) for r, b in LINKS}
                  for k, c in costs.items()}  # fmt: skip
-
-    def measure_cut(key: str, open_model: Callable[[str], Any], proxy: LinkProxy) -> None:
-        model = None
-        try:
-            for rtt, mbit in LINKS:
-                lk = f"{rtt:g}/{mbit:g}"
-                if predicted[key][lk] > cap_ms:
-                    measured[key][lk] = None
-                    continue
-                proxy.set(rtt_ms=rtt, mbit=mbit)
-                if model is None:
-                    model = open_model(proxy.address)
-                measured[key][lk] = _median_ms(lambda m=model: m.compute(feeds), reps)
-        finally:
-            if model is not None:
-                model.close()
-
-    log(f"  {name}: all-server")
-    pkg, lic = env.seal(m, f"{name}-whole")
-    srv = env.serve_tcp(pkg, lic)
-    host, port = srv._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
-    server_key = srv._remote.server_key  # noqa: SLF001
-    with LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1]) as proxy:
-        measure_cut("all-server", lambda a: vault.connect(a, licence=lic, server_key=server_key,
-                                                          timeout=120), proxy)  # fmt: skip
-    srv.close()
-    stop_process(env._procs[-1], 10)  # noqa: SLF001
-
-    pipelining: dict[str, Any] = {}
     chosen = {f"{r:g}/{b:g}": plan(list(costs.values()), Link(r, b))[0].cut for r, b in LINKS}
-    for c in cuts:
-        log(f"  {name}: cut {c['name']} at {c['at'][0]}")
-        srv_lic = ks.issue(c["tail_model_id"], holder=f"server-{c['name']}")
-        srv_path = work / f"{name}-{c['name']}-server.licence"
-        srv_lic.save(srv_path)
-        allow = env.dir / f"allow-{Path(c['tail']).stem}"  # VaultEnv's allow-list for it
-        allow.mkdir(exist_ok=True)
-        (allow / "caller.pub").write_text(caller.client_public_key + "\n")
-        tail = env._serve_tcp(out / c["tail"], srv_path, None, probe=False)  # noqa: SLF001
-        tail_proc = env._procs[-1]  # noqa: SLF001
-        host, port = tail._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
-        key = tail._remote.server_key  # noqa: SLF001
 
-        def open_hybrid(address: str, cut: str = c["name"], key: str = key) -> Any:
-            return HybridModel(out, caller_path, server=address, server_key=key, cut=cut,
-                               replan=False, head_threads=1, timeout=120)  # fmt: skip
+    # every row side by side: one worker and one emulated link per row, all up at once,
+    # so that a row and its rivals are measured interleaved, round by round
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    local = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    callers: dict[str, Callable[[], Any]] = {"all-local": lambda: local.run(None, feeds)}
+    proxies: dict[str, LinkProxy] = {}
+    models_open: list[Any] = []
+    started: list[Any] = []
+    try:
+        log(f"  {name}: all-server worker")
+        pkg, lic = env.seal(m, f"{name}-whole")
+        srv = env.serve_tcp(pkg, lic)
+        started.append((srv, env._procs[-1]))  # noqa: SLF001
+        host, port = srv._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
+        proxies["all-server"] = LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1])
+        whole = vault.connect(proxies["all-server"].address, licence=lic,
+                              server_key=srv._remote.server_key, timeout=120)  # noqa: SLF001  # fmt: skip
+        models_open.append(whole)
+        callers["all-server"] = lambda: whole.compute(feeds)
+        for c in cuts:
+            log(f"  {name}: tail worker for cut {c['name']} at {c['at'][0]}")
+            srv_lic = ks.issue(c["tail_model_id"], holder=f"server-{c['name']}")
+            srv_path = work / f"{name}-{c['name']}-server.licence"
+            srv_lic.save(srv_path)
+            allow = env.dir / f"allow-{Path(c['tail']).stem}"  # VaultEnv's allow-list for it
+            allow.mkdir(exist_ok=True)
+            (allow / "caller.pub").write_text(caller.client_public_key + "\n")
+            tail = env._serve_tcp(out / c["tail"], srv_path, None, probe=False)  # noqa: SLF001
+            started.append((tail, env._procs[-1]))  # noqa: SLF001
+            host, port = tail._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
+            proxies[c["name"]] = LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1])
+            hm = HybridModel(out, caller_path, server=proxies[c["name"]].address,
+                             server_key=tail._remote.server_key, cut=c["name"],  # noqa: SLF001
+                             replan=False, head_threads=1, timeout=120)  # fmt: skip
+            models_open.append(hm)
+            callers[c["name"]] = lambda hm=hm: hm.compute(feeds)
 
-        with LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1]) as proxy:
-            measure_cut(c["name"], open_hybrid, proxy)
-            for lk, best in chosen.items():
-                if best != c["name"] or measured[best].get(lk) is None:
-                    continue
-                rtt, mbit = (float(x) for x in lk.split("/"))
-                proxy.set(rtt_ms=rtt, mbit=mbit)
-                k = 4 if quick else 8
-                with open_hybrid(proxy.address) as hm:
+        measured: dict[str, dict[str, float | None]] = {k: {} for k in callers}
+        pipelining: dict[str, Any] = {}
+        for rtt, mbit in LINKS:
+            lk = f"{rtt:g}/{mbit:g}"
+            log(f"  {name}: link {rtt:g} ms / {mbit:g} Mbit/s")
+            for p in proxies.values():
+                p.set(rtt_ms=rtt, mbit=mbit)
+            rows = [k for k in callers if k == "all-local" or predicted[k][lk] <= cap_ms]
+            samples: dict[str, list[float]] = {k: [] for k in rows}
+            for k in rows:
+                callers[k]()  # warm-up on this link
+            for _ in range(reps):
+                for k in rows:
+                    t0 = time.perf_counter()
+                    callers[k]()
+                    samples[k].append((time.perf_counter() - t0) * 1e3)
+            for k in callers:
+                measured[k][lk] = statistics.median(samples[k]) if k in samples else None
+            best = chosen[lk]
+            if best != "all-server" and measured[best][lk] is not None:
+                hm = next(x for x in models_open if getattr(x, "cut", None) == best)
+                n = 4 if quick else 8
+                hm.compute_many([feeds] * 2)  # each in-flight slot opens its connection
+                t0 = time.perf_counter()
+                for _ in range(n):
                     hm.compute(feeds)
-                    hm.compute_many([feeds] * 2)  # each in-flight slot opens its connection
-                    t0 = time.perf_counter()
-                    for _ in range(k):
-                        hm.compute(feeds)
-                    seq = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    hm.compute_many([feeds] * k)
-                    pipe = time.perf_counter() - t0
-                pipelining[lk] = {"calls": k, "sequential_per_s": k / seq,
-                                  "pipelined_per_s": k / pipe, "gain": seq / pipe}  # fmt: skip
-        tail.close()
-        stop_process(tail_proc, 10)
-    ks.close()
+                seq = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                hm.compute_many([feeds] * n)
+                pipe = time.perf_counter() - t0
+                pipelining[lk] = {"calls": n, "sequential_per_s": n / seq,
+                                  "pipelined_per_s": n / pipe, "gain": seq / pipe}  # fmt: skip
+    finally:
+        for x in models_open:
+            x.close()
+        for p in proxies.values():
+            p.close()
+        for handle, proc in started:
+            handle.close()
+            stop_process(proc, 10)
+        ks.close()
 
     rows = []
     for rtt, mbit in LINKS:
         lk = f"{rtt:g}/{mbit:g}"
-        meas = {k: v[lk] for k, v in measured.items() if v.get(lk) is not None}
+        meas = {k: v[lk] for k, v in measured.items() if v.get(lk) is not None and k != "all-local"}
         oracle = min(meas, key=lambda k: meas[k]) if meas else None
         hybrid = {k: v for k, v in meas.items() if k != "all-server"}
         best_hybrid = min(hybrid, key=lambda k: hybrid[k]) if hybrid else None
         pick = chosen[lk]
         rows.append({
             "link": lk,
-            "all_local_ms": all_local_ms,
+            "all_local_ms": measured["all-local"][lk],
             "all_server_ms": measured["all-server"].get(lk),
             "all_server_predicted_ms": predicted["all-server"][lk],
             "planner_cut": label[pick],

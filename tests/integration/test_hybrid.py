@@ -170,6 +170,8 @@ def test_pipelined_calls_return_each_calls_own_result(deployed: Any) -> None:
             np.testing.assert_allclose(g["probs"], w, rtol=1e-5)
         link = m.link_estimate()
         assert link is not None and link.rtt_ms > 0 and link.mbit > 0
+        h = m.health()
+        assert h["cut"] == "c0" and h["link"]["rtt_ms"] == link.rtt_ms and h["tail"]["serving"]
 
 
 def _audit(keyserver: KeyServerProcess) -> list[tuple[str, str | None, str]]:

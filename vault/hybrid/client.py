@@ -87,6 +87,9 @@ class _Head:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # no spin-waiting pools: they steal the cores the tail's I/O threads need
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
@@ -328,6 +331,24 @@ class HybridModel:
         c = self._cuts[self._current]
         mid = await loop.run_in_executor(self._head_pool, self._run_head, c, inputs)
         return await loop.run_in_executor(self._tail_pool, self._run_tail, c, mid, outputs, timeout)
+
+    def health(self) -> dict[str, Any]:
+        """The tail worker's health report, with the cut in use and the measured link."""
+        c = self._cuts[self._current]
+        assert c.tail is not None
+        link = self.link.link
+        return {
+            "cut": self._current,
+            "link": None if link is None else {"rtt_ms": link.rtt_ms, "mbit": link.mbit},
+            "head_ms": c.head_ms,
+            "tail": c.tail.health(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The tail worker's call statistics."""
+        c = self._cuts[self._current]
+        assert c.tail is not None
+        return c.tail.stats()
 
     def link_estimate(self) -> Link | None:
         """The measured link (RTT ms, Mbit/s), once there is a sample of each."""
