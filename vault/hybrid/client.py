@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -52,6 +53,8 @@ __all__ = ["HybridModel", "open_split"]
 
 SPLIT_FORMAT = "vault-split/1"
 PING_EVERY_S = 2.0
+# vault.connect routes by model id once the worker service serves several models
+_CONNECT_ROUTES = "model" in inspect.signature(connect).parameters
 
 
 def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
@@ -189,11 +192,14 @@ class HybridModel:
         self._head_pool = ThreadPoolExecutor(1, thread_name_prefix="vault-head")
         self._tail_pool = ThreadPoolExecutor(max(1, window), thread_name_prefix="vault-tail")
         self._in_flight = 0
+        self._stop = threading.Event()
         try:
             self._ready(self._cuts[first])
         except BaseException:
             self.close()
             raise
+        self._pinger = threading.Thread(target=self._ping_loop, name="vault-rtt", daemon=True)
+        self._pinger.start()
 
     # -- the two sides ------------------------------------------------------------------------
 
@@ -206,14 +212,28 @@ class HybridModel:
             if c.tail is None:
                 address = str(_per_tail(self._server, c.tail_id, "server"))
                 key = _per_tail(self._server_key, c.tail_id, "server_key")
+                route = {"model": c.tail_id} if _CONNECT_ROUTES else {}  # a multi-model service
                 c.tail = connect(address, licence=self._licence, server_key=key,
-                                 timeout=self.timeout)  # fmt: skip
+                                 timeout=self.timeout, **route)  # fmt: skip
                 self._ping(c.tail)  # the connection exists now: one `info` is one round trip
                 if c.tail.model_id not in (None, c.tail_id):
                     got = c.tail.model_id
                     c.tail.close()
                     c.tail = None
                     raise ConfigError(f"{address} serves {got!r}, not the tail {c.tail_id!r}")
+
+    def _ping_loop(self) -> None:
+        """RTT samples off the call path: an `info` round trip every PING_EVERY_S while
+        no call is in flight (a ping inside a call would add a round trip to it)."""
+        while not self._stop.wait(PING_EVERY_S):
+            with self._lock:
+                idle = self._in_flight == 0 and not self._closed
+            tail = self._cuts[self._current].tail
+            if idle and tail is not None:
+                try:
+                    self._ping(tail)
+                except Exception:  # noqa: BLE001 - the next call reports a broken link
+                    pass
 
     def _ping(self, tail: Model) -> None:
         t0 = time.perf_counter()
@@ -248,8 +268,6 @@ class HybridModel:
             self._in_flight += 1
             alone = self._in_flight == 1
         try:
-            if alone and time.monotonic() - self._last_ping > PING_EVERY_S:
-                self._ping(c.tail)
             t0 = time.perf_counter()
             out = c.tail.compute(mid, outputs, timeout=timeout)
             wall = (time.perf_counter() - t0) * 1e3
@@ -359,6 +377,10 @@ class HybridModel:
             if self._closed:
                 return
             self._closed = True
+        self._stop.set()
+        pinger = getattr(self, "_pinger", None)
+        if pinger is not None:
+            pinger.join()
         self._head_pool.shutdown(wait=True)
         self._tail_pool.shutdown(wait=True)
         for c in self._cuts.values():

@@ -337,3 +337,24 @@ def test_the_tail_package_reveals_no_weights_and_external_data_stays_sealed(tmp_
         assert tail_s not in f.read_bytes(), f.name
     assert head_s in (out / desc["cuts"][0]["head"]).read_bytes()  # control: the head is plain
     assert "secret_dense2" not in json.dumps(desc)  # the description names no tail node
+
+
+def test_planner_may_choose_all_server_and_the_tail_is_then_the_whole_model(tmp_path: Path) -> None:
+    """A caller device 1000x slower than the server: the planner ships the input."""
+    m = mlp()
+    server = {"format": "vault-profile/1", "nodes": {n.name: 0.01 for n in m.graph.node}}
+    client = {"format": "vault-profile/1", "nodes": {n.name: 10.0 for n in m.graph.node}}
+    pk = PublisherKey.generate()
+    pk.save(tmp_path / "publisher.key", tmp_path / "publisher.pub")
+    keys = _Keys()
+    res = split(m, model_id="m", signing_key=pk, output_dir=tmp_path / "m.split", register=keys,
+                link=Link(rtt_ms=5, mbit=100), protect_from=["h3"], client_costs=client,
+                server_costs=server)  # fmt: skip
+    assert res.table is not None and res.table.splitlines()[2].startswith("* (inputs)")
+    cut = res.description["cuts"][0]
+    assert cut["all_server"] and cut["head"] is None
+    assert [c["name"] for c in cut["crossing"]] == ["x"]
+    tail = Sealed(str(tmp_path / "m.split" / cut["tail"]), keys.keys["m.tail"],
+                  str(tmp_path / "publisher.pub"), {})  # fmt: skip
+    with open_sealed(tail) as t:
+        np.testing.assert_allclose(t.compute(X)["logits"], _run(m, X)["logits"], rtol=1e-6)
