@@ -102,8 +102,8 @@ def _one_model(
     cap_ms = 1500.0 if quick else 4000.0
     feeds = models.example_feeds(m)
     points = _stage_ends(m)
-    if quick:  # the three deepest stage ends
-        points = points[-3:]
+    if quick:  # the two deepest stage ends
+        points = points[-2:]
     log(f"  {name}: profiling client (1 thread) and server (all cores)")
     client_prof, server_prof = _profiles(m, rounds=3 if quick else 5)
 

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -59,6 +59,9 @@ from .core.protocol import (
     encode_tensors,
 )
 from .core.shm import ShmArena
+
+if TYPE_CHECKING:  # pragma: no cover - the hybrid client is imported when a split is opened
+    from .hybrid.client import HybridModel
 
 __all__ = ["Model", "connect", "open", "open_with_unsafe_test_key"]
 
@@ -437,7 +440,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
     shm_bytes: int = DEFAULT_SHM_BYTES,
     server: str | Mapping[str, str] | None = None,
     **hybrid: Any,
-) -> Any:
+) -> Model | HybridModel:
     """Spawn a local worker for the package at ``path`` and return its Model.
 
     ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only).

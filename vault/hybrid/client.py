@@ -79,7 +79,9 @@ class _Head:
         self.model: Model | None = None
         path = os.path.join(directory, str(entry["head"]))
         if path.endswith(".vault"):
-            self.model = open_package(path, licence=licence)
+            head = open_package(path, licence=licence)  # a file: a local worker's Model
+            assert isinstance(head, Model)
+            self.model = head
             return
         with builtins.open(path, "rb") as fh:
             data = fh.read()
