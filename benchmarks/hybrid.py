@@ -105,7 +105,7 @@ def _one_model(
     if quick:  # the two deepest stage ends
         points = points[-2:]
     log(f"  {name}: profiling client (1 thread) and server (all cores)")
-    client_prof, server_prof = _profiles(m, rounds=3 if quick else 5)
+    client_prof, server_prof = _profiles(m, rounds=2 if quick else 5)
 
     admin = Licence.load(env.admin_path)
     ks = KeyServerClient(admin)
