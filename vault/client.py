@@ -191,12 +191,16 @@ class _LocalWorker:
 
 
 class _Remote:
-    """A worker service reached over tcp:// with CURVE."""
+    """A worker service reached over tcp:// with CURVE; ``model`` picks one of
+    the service's models (sent in every request header)."""
 
-    def __init__(self, address: str, licence: Licence, server_key: str) -> None:
+    def __init__(
+        self, address: str, licence: Licence, server_key: str, model: str | None = None
+    ) -> None:
         self.address = address
         self.licence = licence
         self.server_key = server_key
+        self.model = model
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_serverkey = self.server_key.encode()
@@ -321,8 +325,12 @@ class Model:
         rid = next(self._ids)
         header["v"] = PROTOCOL_VERSION
         header["id"] = rid
-        sock.send_multipart([pack_header(header), *frames], copy=False)
         limit = self.timeout if timeout is None else timeout
+        if self._remote is not None:
+            if self._remote.model is not None:
+                header["model"] = self._remote.model
+            header["timeout"] = limit  # a service frees the call's slot when we give up
+        sock.send_multipart([pack_header(header), *frames], copy=False)
         deadline = time.monotonic() + limit
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -521,12 +529,14 @@ def connect(
     *,
     server_key: str | os.PathLike[str],
     license: str | os.PathLike[str] | Licence | None = None,  # noqa: A002
+    model: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Model:
-    """Use a remote worker (``vault worker serve``) over tcp:// with CURVE.
+    """Use a remote worker service (``vault worker serve``) over tcp:// with CURVE.
 
-    ``server_key`` is the worker's Z85 CURVE public key, or a file holding it
+    ``server_key`` is the service's Z85 CURVE public key, or a file holding it
     (``vault worker serve`` prints it and writes it next to its allow-list).
+    ``model`` names the model when the service serves several (its model id).
     """
     lic = licence if licence is not None else license
     if lic is None:
@@ -537,7 +547,7 @@ def connect(
             key = fh.read().strip()
     if len(key) != 40:
         raise ConfigError("server_key must be the worker's 40-character Z85 CURVE public key")
-    return Model(remote=_Remote(address, Licence.load(lic), key), timeout=timeout)
+    return Model(remote=_Remote(address, Licence.load(lic), key, model), timeout=timeout)
 
 
 if os.name != "posix":  # pragma: no cover
