@@ -166,6 +166,7 @@ class WorkerService:
         self._ids = itertools.count(1)
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # for threads only; signals use set_wakeup_fd
         self._poller = zmq.Poller()
         self._by_sock: dict[Any, Instance] = {}
         self._by_pidfd: dict[int, Instance] = {}
@@ -322,10 +323,13 @@ class WorkerService:
 
     def _post(self, *event: Any) -> None:
         self._events.put(event)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full: the loop is awake anyway
-            pass
+        with self._wake_lock:  # never write to the fd number after close() reused it
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:  # the pipe is full: the loop is awake anyway
+                pass
 
     def request_stop(self) -> None:
         """Start a drain (thread-safe; what SIGTERM does)."""
@@ -600,7 +604,7 @@ class WorkerService:
         assert inst.sock is not None
         inst.sock.send_multipart([pack_header(hdr), *frames], copy=False)
         inst.inflight += 1
-        rows = sum(c.rows or 1 for c in calls) if joined else (calls[0].rows or 1)
+        rows = sum(c.rows or _header_rows(c.header) for c in calls)
         self.metrics.batch_size.labels(m.model_id).observe(rows)
         for c in calls:
             self.metrics.queue_seconds.labels(m.model_id).observe(now - c.arrived)
@@ -840,8 +844,10 @@ class WorkerService:
             self._auth = None
         self.front.close(linger=0)
         self.ctx.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = -1
         self.log("service_stopped")
 
     # -- ops answered by the service itself ---------------------------------------------------
@@ -865,6 +871,15 @@ class WorkerService:
 def _wake_only(signum: int, frame: Any) -> None:
     """Python-level handler: the wakeup fd already carries the signal number."""
     del signum, frame
+
+
+def _header_rows(header: dict[str, Any]) -> int:
+    """Rows of a call not decoded here: dim 0 of its first tensor (1 if none)."""
+    try:
+        d0 = header["tensors"][0]["shape"][0]
+    except (KeyError, IndexError, TypeError):
+        return 1
+    return d0 if isinstance(d0, int) and not isinstance(d0, bool) and d0 >= 0 else 1
 
 
 def _user_id(frame: Any) -> str | None:
