@@ -117,7 +117,9 @@ def reference_pipeline(
     return {o.name: values[o.name] for o in last.graph.output}
 
 
-def slow_matmul(width: int = 512, depth: int = 16, *, fixed_batch: int | None = None) -> onnx.ModelProto:
+def slow_matmul(
+    width: int = 512, depth: int = 16, *, fixed_batch: int | None = None
+) -> onnx.ModelProto:
     """``x`` [N, W] -> ``y`` [N, W]: ``depth`` MatMuls by one shared weight.
 
     Its cost grows with N (about 1 ms per row-block of 1 at W=512 on one thread,

@@ -250,7 +250,9 @@ def test_probes_metrics_and_logs(service: Running) -> None:
     with service.connect("b") as m:
         for _ in range(3):
             m.compute({"x": np.full((1, 8), 0.123456, np.float32)})
-    assert service.metric("vault_requests_total", model="b", licence="alice", outcome="success") >= 3
+    assert (
+        service.metric("vault_requests_total", model="b", licence="alice", outcome="success") >= 3
+    )
     assert service.metric("vault_compute_seconds_count", model="b") >= 3
     assert service.metric("vault_queue_seconds_count", model="b") >= 3
     assert service.metric("vault_instances", model="b", state="ready") == 2

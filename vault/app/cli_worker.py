@@ -56,8 +56,9 @@ def register(sub: Any) -> None:
     s.add_argument("--repository", metavar="DIR",
                    help="serve every *.vault in DIR; rescanned on SIGHUP and --poll-interval")  # fmt: skip
     s.add_argument("--poll-interval", type=float, default=None, metavar="S")
-    s.add_argument("--licence", "--license", dest="licence", required=True,
-                   help="the service's own licence: its workers ask for package keys with it")  # fmt: skip
+    s.add_argument("--licence", "--license", dest="licence", required=True, action="append",
+                   help="the service's own licence (repeat: one per model); its workers ask "
+                        "the key server for package keys with it")  # fmt: skip
     s.add_argument("--bind", default="tcp://127.0.0.1:7701")
     s.add_argument("--allow", metavar="CLIENTS_DIR",
                    help="directory of client public keys (*.key / *.pub); needed for tcp://")  # fmt: skip
@@ -160,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
     launch = LaunchSpec(
-        licence=Licence.load(args.licence),
+        licence=[Licence.load(p) for p in args.licence],
         threads=args.threads or 2,
         intra_op_threads=max(1, cores // instances),
         user=args.user,

@@ -48,7 +48,7 @@ class LaunchSpec:
     for tests only, as :func:`vault.client.open_with_unsafe_test_key` does.
     """
 
-    licence: Licence | None = None
+    licence: Licence | Sequence[Licence] | None = None
     threads: int = 2
     intra_op_threads: int | None = 1
     user: str | None = None
@@ -59,6 +59,18 @@ class LaunchSpec:
     extra_args: Sequence[str] = ()
     publisher: str | None = None
     unsafe_test_keys: Mapping[str, bytes] = field(default_factory=dict)
+
+    def licence_for(self, model_id: str) -> Licence | None:
+        """The licence a worker of ``model_id`` asks for its key with: the one
+        bound to that model, else one bound to none, else the only one."""
+        lics = [self.licence] if isinstance(self.licence, Licence) else list(self.licence or ())
+        for lic in lics:
+            if lic.model_id == model_id:
+                return lic
+        for lic in lics:
+            if lic.model_id is None:
+                return lic
+        return lics[0] if len(lics) == 1 else None
 
 
 class Instance:
@@ -161,12 +173,12 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
         pass_fds.append(kr)
         child_ends.append(kr)
         secrets.append((kw, bytes(key)))
-    elif spec.licence is not None:
+    elif (lic := spec.licence_for(model_id)) is not None:
         lr, lw = os.pipe()
         args += ["--licence-fd", str(lr)]
         pass_fds.append(lr)
         child_ends.append(lr)
-        secrets.append((lw, spec.licence.dumps()))
+        secrets.append((lw, lic.dumps()))
     if spec.publisher:
         args += ["--publisher", os.path.abspath(spec.publisher)]
     for flag, value in (("--user", spec.user), ("--device", spec.device)):
