@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .core.channel import Channel, ZmqChannel, check_endpoint
 from .core.errors import (
     ConfigError,
     WorkerCrashedError,
@@ -54,13 +54,9 @@ from .core.licence import Licence
 from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
-    PROTOCOL_VERSION,
     SHM_MIN_BYTES,
     decode_tensors,
     encode_tensors,
-    pack_header,
-    raise_for_reply,
-    unpack_header,
 )
 from .core.shm import ShmArena
 
@@ -72,7 +68,6 @@ START_TIMEOUT = 60.0
 # slots of 16 MiB (inputs and the outputs that fit share one slot per call).
 DEFAULT_SHM_BYTES = 64 << 20
 SHM_SLOTS = 4
-_POLL_SLICE_MS = 100  # how often a waiting call checks that a local worker still lives
 
 
 # --- connectors: how a Model reaches its worker ----------------------------------------
@@ -234,13 +229,18 @@ def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
 
 
 class Model:
-    """A sealed model served by a worker; see the module docstring."""
+    """A sealed model served by a worker; see the module docstring.
+
+    It talks to its worker through a :class:`~vault.core.channel.Channel`
+    (ZeroMQ for real workers; :class:`~vault.core.channel.InProcessChannel`
+    in unit tests, passed as ``channel=``)."""
 
     def __init__(
         self,
         *,
         local: _LocalWorker | None = None,
         remote: _Remote | None = None,
+        channel: Channel | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
@@ -248,18 +248,19 @@ class Model:
         self._remote = remote
         self.timeout = timeout
         self._max_message = max_message
-        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._ctx: zmq.Context[Any] | None = None
         self._lock = threading.Lock()
-        self._tls = threading.local()
-        self._sockets: list[zmq.Socket[Any]] = []
-        self._ids = itertools.count(1)
+        self._channel: Channel | None = channel
+        self._fixed_channel = channel is not None
         self._generation = 0
         self._endpoint: str | None = None
         self._dead = False
         self._closed = False
         _LIVE.add(self)
         try:
-            self._start()
+            if not self._fixed_channel:
+                self._ctx = zmq.Context()
+                self._start()
             info = self._request({"op": "info"})[0]
         except BaseException:
             self.close()
@@ -272,15 +273,27 @@ class Model:
     # -- plumbing ---------------------------------------------------------------
 
     def _start(self) -> None:
+        assert self._ctx is not None
+        if self._channel is not None:
+            self._channel.close()
         if self._localw is not None:
             self._endpoint = self._localw.start()
+            self._channel = ZmqChannel(
+                self._ctx, self._endpoint, alive=self._localw.alive, max_message=self._max_message
+            )
         else:
             assert self._remote is not None
             self._endpoint = self._remote.address
+            self._channel = ZmqChannel(
+                self._ctx,
+                self._endpoint,
+                configure=self._remote.configure,
+                max_message=self._max_message,
+            )
         self._generation += 1
         self._dead = False
 
-    def _socket(self) -> tuple[int, zmq.Socket[Any]]:
+    def _current(self) -> tuple[int, Channel]:
         if self._closed:
             raise ConfigError("model is closed")
         if self._dead:
@@ -291,73 +304,28 @@ class Model:
                     assert self._localw is not None
                     self._localw.kill()
                     self._start()
-        gen = self._generation
-        cached = getattr(self._tls, "sock", None)
-        if cached is not None and cached[0] == gen and not cached[1].closed:
-            return int(cached[0]), cached[1]
-        if cached is not None:
-            self._discard(cached[1])
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.maxmsgsize = self._max_message
-        sock.sndhwm = sock.rcvhwm = 1000
-        if self._remote is not None:
-            self._remote.configure(sock)
-        assert self._endpoint is not None
-        sock.connect(self._endpoint)
-        with self._lock:
-            self._sockets.append(sock)
-        self._tls.sock = (gen, sock)
-        return gen, sock
-
-    def _discard(self, sock: zmq.Socket[Any]) -> None:
-        sock.close(linger=0)  # a late reply must never reach the next call
-        with self._lock:
-            if sock in self._sockets:
-                self._sockets.remove(sock)
-        if getattr(self._tls, "sock", (0, None))[1] is sock:
-            self._tls.sock = None
+        assert self._channel is not None
+        return self._generation, self._channel
 
     def _request(
-        self, header: dict[str, Any], frames: Sequence[Any] = (), timeout: float | None = None
+        self, header: Mapping[str, Any], frames: Sequence[Any] = (), timeout: float | None = None
     ) -> tuple[dict[str, Any], list[Any]]:
-        gen, sock = self._socket()
-        rid = next(self._ids)
-        header["v"] = PROTOCOL_VERSION
-        header["id"] = rid
+        gen, channel = self._current()
         limit = self.timeout if timeout is None else timeout
         if self._remote is not None:
+            # a service routes by model id, and frees the call's slot when we give up
+            extra: dict[str, Any] = {"timeout": limit}
             if self._remote.model is not None:
-                header["model"] = self._remote.model
-            header["timeout"] = limit  # a service frees the call's slot when we give up
-        sock.send_multipart([pack_header(header), *frames], copy=False)
-        deadline = time.monotonic() + limit
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            reply = None
-            if left_ms > 0:
-                # a receive timeout, not Socket.poll(): poll() builds a Poller per
-                # call, a measurable part of a small call's round trip
-                sock.rcvtimeo = min(left_ms, _POLL_SLICE_MS)
-                try:
-                    reply = sock.recv_multipart(copy=False)
-                except zmq.Again:
-                    reply = None
-            if reply is not None:
-                hdr = unpack_header(reply[0])
-                if hdr.get("id") != rid:
-                    continue  # a stale reply to an abandoned call
-                raise_for_reply(hdr)
-                return hdr, reply[1:]
-            if self._localw is not None and not self._localw.alive():
-                self._discard(sock)
+                extra["model"] = self._remote.model
+            header = {**header, **extra}
+        try:
+            return channel.request(header, frames, timeout=limit)
+        except WorkerCrashedError:
+            if self._localw is not None:
                 with self._lock:
                     if gen == self._generation:
                         self._dead = True
-                raise WorkerCrashedError("the worker process died; the next call starts a new one")
-            if left_ms <= 0:
-                self._discard(sock)
-                raise WorkerTimeoutError(f"no answer from the worker within {limit:g}s")
+            raise
 
     # -- public API ---------------------------------------------------------------
 
@@ -434,12 +402,12 @@ class Model:
             if self._closed:
                 return
             self._closed = True
-            socks, self._sockets = self._sockets, []
-        for s in socks:
-            s.close(linger=0)
+        if self._channel is not None:
+            self._channel.close()
         if self._localw is not None:
             self._localw.close()
-        self._ctx.term()
+        if self._ctx is not None:
+            self._ctx.term()
         _LIVE.discard(self)
 
     def __enter__(self) -> Model:
@@ -538,6 +506,7 @@ def connect(
     (``vault worker serve`` prints it and writes it next to its allow-list).
     ``model`` names the model when the service serves several (its model id).
     """
+    check_endpoint(address)  # a malformed address fails here, at once
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")
