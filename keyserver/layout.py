@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,9 @@ from vault.core import crypto as _crypto
 from vault.core.errors import ConfigError, IntegrityError, KeyServerError
 from vault.core.licence import Licence, write_private_file
 
-from . import audit, store
+from . import audit
+from .policy import LicenceRecord
+from .store import SqliteStore, Store
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -50,7 +53,7 @@ __all__ = [
     "rotate_master",
 ]
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
+from .commands import DEFAULT_ADDRESS  # one default, where the CLI parser is
 
 
 @dataclass(frozen=True)
@@ -178,9 +181,9 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
         for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
-        conn = store.connect(tmp_db, create=True)
+        st = SqliteStore.open(tmp_db, create=True)
         try:
-            with store.transaction(conn):
+            with st.transaction():
                 for k, v in {
                     "address": address,
                     "server_public_key": server_public.decode(),
@@ -188,19 +191,18 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
                     "master_id": master_id(master),
                     "created_at": repr(now),
                 }.items():
-                    store.set_meta(conn, k, v)
-                conn.execute(
-                    "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
-                    " issued_at) VALUES (?, 'admin', 'admin', NULL, ?, ?)",
-                    (licence_id, admin_public.decode(), now),
-                )
+                    st.set_meta(k, v)
+                st.insert_licence(
+                    LicenceRecord(licence_id, "admin", "admin", None, admin_public.decode(), now,
+                                  None, None, None, 0.0, None, 0, kind="admin")
+                )  # fmt: skip
                 audit.append(
-                    conn, ts=now, event="initialised", actor="init", licence_id=licence_id,
+                    st, ts=now, event="initialised", actor="init", licence_id=licence_id,
                     detail={"role": "admin", "address": address},
                 )  # fmt: skip
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            st.checkpoint("TRUNCATE")
         finally:
-            conn.close()
+            st.close()
         os.replace(tmp_db, paths.db)
         _fsync_dir(paths.root)
     finally:
@@ -233,7 +235,7 @@ def _read_master(path: str) -> bytearray:
     return data
 
 
-def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
+def load_master(root: str | os.PathLike[str], st: Store | sqlite3.Connection) -> bytearray:
     """Read the master key and check it against the DB's ``master_id``.
 
     Finishes an interrupted rotation: if the DB already names the key in
@@ -241,11 +243,10 @@ def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
     rename), the rename is completed here; a stale ``master.key.new`` from a
     rotation that never committed is removed.
     """
-    import sqlite3
-
-    assert isinstance(conn, sqlite3.Connection)
+    if isinstance(st, sqlite3.Connection):
+        st = SqliteStore(st)
     paths = Paths(os.fspath(root))
-    want = store.get_meta(conn, "master_id")
+    want = st.get_meta("master_id")
     master = _read_master(paths.master)
     if master_id(master) == want:
         if os.path.exists(paths.master_new):
@@ -263,7 +264,7 @@ def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
     raise IntegrityError(f"{paths.master} does not match the key server database")
 
 
-def rotate_master(root: str | os.PathLike[str]) -> int:
+def rotate_master(root: str | os.PathLike[str], *, database: str | None = None) -> int:
     """Re-wrap every package key under a fresh master key; returns how many.
 
     Crash order (each step leaves a loadable directory):
@@ -277,30 +278,30 @@ def rotate_master(root: str | os.PathLike[str]) -> int:
     3. rename ``master.key.new`` over ``master.key`` (atomic), fsync the dir.
 
     Call it with the server stopped (``exclusive_lock`` enforces this).
+    ``database`` names the store (a PostgreSQL URL); by default ``DIR/keyserver.db``.
     """
+    from .store import open_store
+
     paths = Paths(os.fspath(root))
-    conn = store.connect(paths.db)
+    st = open_store(database or paths.db)
     try:
-        old = load_master(paths.root, conn)
+        old = load_master(paths.root, st)
         new = _crypto.generate_key()
         try:
             write_private_file(paths.master_new, bytes(new))
             _fsync_dir(paths.root)
-            with store.transaction(conn):
-                rows = conn.execute("SELECT model_id, key_id, wrapped FROM keys").fetchall()
-                for model_id, key_id, wrapped in rows:
-                    key = _crypto.unwrap_key(old, bytes(wrapped), key_id=key_id, model_id=model_id)
+            with st.transaction():
+                rows = st.keys()
+                for row in rows:
+                    ids = {"key_id": row.key_id, "model_id": row.model_id}
+                    key = _crypto.unwrap_key(old, row.wrapped, **ids)
                     try:
-                        rewrapped = _crypto.wrap_key(new, key, key_id=key_id, model_id=model_id)
+                        st.set_wrapped(row.model_id, row.key_id, _crypto.wrap_key(new, key, **ids))
                     finally:
                         _crypto.zeroize(key)
-                    conn.execute(
-                        "UPDATE keys SET wrapped = ? WHERE model_id = ? AND key_id = ?",
-                        (rewrapped, model_id, key_id),
-                    )
-                store.set_meta(conn, "master_id", master_id(new))
+                st.set_meta("master_id", master_id(new))
                 audit.append(
-                    conn, ts=time.time(), event="master_rotated", actor="rotate-master",
+                    st, ts=time.time(), event="master_rotated", actor="rotate-master",
                     detail={"keys": len(rows), "master_id": master_id(new)},
                 )  # fmt: skip
             os.replace(paths.master_new, paths.master)
@@ -310,4 +311,4 @@ def rotate_master(root: str | os.PathLike[str]) -> int:
             _crypto.zeroize(old)
             _crypto.zeroize(new)
     finally:
-        conn.close()
+        st.close()

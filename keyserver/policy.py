@@ -37,6 +37,7 @@ __all__ = [
     "AllOf",
     "BoundToModel",
     "Context",
+    "DeviceRecord",
     "DigestMatches",
     "KeyRecord",
     "LicenceRecord",
@@ -67,10 +68,26 @@ class LicenceRecord:
     grace: float
     revoked_at: float | None
     used_calls: int
+    kind: str = "runtime"
+    same_user: bool = False
+    devices: tuple[str, ...] = ()  # the only devices it works on (empty: any enrolled)
+    proof_public_key: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """An enrolled device: its CURVE public key is its transport identity."""
+
+    device_id: str
+    public_key: str
+    name: str
+    enrolled_at: float
+    enrolled_by: str
+    revoked_at: float | None
 
 
 @dataclass(frozen=True)

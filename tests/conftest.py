@@ -2,6 +2,9 @@
 
 Fixtures (names are stable; other test packages rely on them):
 
+``enrolled_device`` -> :class:`vault.core.device.Device`
+    ``keyserver.device()``: an enrolled device for the ``keyserver`` fixture.
+
 ``keyserver_dir`` -> ``pathlib.Path``
     A freshly initialised key server directory (``keyserver.init_dir``) in a
     private tmp dir: ``keyserver.db``, ``master.key``, ``server.secret``,
@@ -9,12 +12,16 @@ Fixtures (names are stable; other test packages rely on them):
 
 ``keyserver`` -> :class:`KeyServerProcess`
     ``python -m keyserver serve DIR --bind tcp://127.0.0.1:0 --lease-ttl 2``
-    started on ``keyserver_dir`` and ready (its "listening on" line seen).
+    started on ``keyserver_dir`` and ready (its JSON ready line read with
+    ``vault.core.readyline.read_ready_line``; ``.ready`` holds it).
     Attributes: ``.dir``, ``.address`` (the real ``tcp://127.0.0.1:PORT``),
     ``.admin_licence`` (path; the file is rewritten to hold ``.address``),
     ``.publisher_key_path`` (``publisher.key``), ``.proc`` (``Popen``),
     ``.log_path``, ``.lease_ttl``. Methods: ``admin()`` (a ``KeyServerClient``
     for the admin licence), ``issue(model_id, **limits) -> Licence``,
+    ``device() -> Device`` (a device made in the key server's tmp dir and
+    enrolled, once per server: key releases are made as it),
+    ``client(licence) -> KeyServerClient`` (talking as that device),
     ``register(model_id, key_id, key, package_digest)``, ``stop()``
     (SIGTERM, returns the exit code), ``kill()`` (SIGKILL), ``start()``
     (same port), ``restart()``, ``output() -> bytes`` (stdout+stderr so far).
@@ -31,21 +38,21 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from vault.core.device import Device, init_device
 from vault.core.keyclient import KeyServerClient
 from vault.core.licence import Licence
+from vault.core.readyline import read_ready_line
 
-READY = re.compile(rb"keyserver listening on (\S+)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +65,11 @@ class KeyServerProcess:
         self.lease_ttl = lease_ttl
         self.address = ""
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] = {}
+        self.extra_args: list[str] = []
         self._log: Any = None
+        self._device: Device | None = None
+        self._device_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -71,28 +82,23 @@ class KeyServerProcess:
                "--bind", bind, "--lease-ttl", str(self.lease_ttl)]  # fmt: skip
         if self.address:
             cmd += ["--advertise", self.address]
+        cmd += self.extra_args
         start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(start_at)
-                m = READY.search(fh.read())
-            if m:
-                if not self.address:
-                    self.address = m.group(1).decode()
-                    lic = Licence.load(self.admin_licence)
-                    lic.keyserver_address = self.address
-                    lic.save(self.admin_licence)
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        out = self.output().decode(errors="replace")
-        self.kill()
-        raise RuntimeError(f"key server did not start:\n{out}")
+        try:
+            self.ready = read_ready_line(
+                self.log_path, proc=self.proc, timeout=timeout, start=start_at
+            )
+        except Exception as exc:
+            self.kill()
+            raise RuntimeError(f"key server did not start: {exc}") from exc
+        if not self.address:
+            self.address = str(self.ready["address"])
+            lic = Licence.load(self.admin_licence)
+            lic.keyserver_address = self.address
+            lic.save(self.admin_licence)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; returns the exit code (0 on a clean stop)."""
@@ -137,6 +143,24 @@ class KeyServerProcess:
         with self.admin() as ks:
             return ks.issue(model_id, holder=holder, **limits)
 
+    def enroll(self, directory: Path) -> Device:
+        """Make a device in ``directory`` and enroll it."""
+        dev = init_device(directory)
+        with self.admin() as ks:
+            ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+        return dev
+
+    def device(self) -> Device:
+        """This server's test device (made and enrolled on first use)."""
+        with self._device_lock:  # tests share one server between threads
+            if self._device is None:
+                self._device = self.enroll(self.dir.parent / "device")
+            return self._device
+
+    def client(self, licence: Licence, **kw: Any) -> KeyServerClient:
+        """A key client that asks as :meth:`device`, with ``licence``'s proof."""
+        return KeyServerClient(licence, device=self.device(), **kw)
+
     def register(
         self, model_id: str, key_id: str, key: bytes | bytearray, package_digest: str
     ) -> None:
@@ -153,6 +177,11 @@ def keyserver_dir(tmp_path: Path) -> Path:
     d = tmp_path / "ks"
     init_dir(d, address="tcp://127.0.0.1:7700")
     return d
+
+
+@pytest.fixture
+def enrolled_device(keyserver: KeyServerProcess) -> Device:
+    return keyserver.device()
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ def _vault(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _release(lic: Any) -> Any:
-    with KeyServerClient(lic, timeout=5) as ks:
+def _release(keyserver: Any, lic: Any) -> Any:
+    with keyserver.client(lic, timeout=5) as ks:
         return ks.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
 
 
@@ -39,17 +39,17 @@ def test_state_survives_a_clean_restart(keyserver):
     revoked = keyserver.issue(MODEL, holder="eve")
     with keyserver.admin() as admin:
         admin.revoke(revoked.licence_id)
-    rel = _release(lic)
-    with KeyServerClient(lic) as ks:
+    rel = _release(keyserver, lic)
+    with keyserver.client(lic) as ks:
         ks.renew(lease_id=rel.lease.lease_id, calls=4)
     assert keyserver.stop() == 0  # SIGTERM: a clean exit
     assert b"keyserver stopped" in keyserver.output()
     keyserver.start()
-    assert _release(lic).key == key
-    with KeyServerClient(lic) as ks:  # the lease and the usage survived
+    assert _release(keyserver, lic).key == key
+    with keyserver.client(lic) as ks:  # the lease and the usage survived
         assert ks.renew(lease_id=rel.lease.lease_id, calls=0).call_budget == 6
     with pytest.raises(VaultError, match="revoked"):
-        _release(revoked)
+        _release(keyserver, revoked)
     out = _vault("keyserver", "audit", str(keyserver.dir), "--verify")
     assert out.returncode == 0 and "audit chain OK" in out.stdout
 
@@ -64,6 +64,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
     key = _crypto.generate_key()
     keyserver.register(MODEL, KEY_ID, key, DIGEST)
     lic = keyserver.issue(MODEL)
+    keyserver.device()  # enrolled before the first kill
     issued: list[str] = []
     leases: list[str] = []
     rng = random.Random(7)
@@ -79,7 +80,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
                         return  # the server died under us: expected
 
         def releaser(stop: threading.Event = stop) -> None:
-            with KeyServerClient(lic, timeout=0.5) as ks:
+            with keyserver.client(lic, timeout=0.5) as ks:
                 while not stop.is_set():
                     try:
                         rel = ks.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
@@ -109,11 +110,11 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
             conn.close()
         keyserver.start()
     assert len(issued) > 10 and len(leases) > 10
-    from keyserver import audit
+    from keyserver import audit, store
 
     conn = sqlite3.connect(keyserver.dir / "keyserver.db")
     try:
-        assert audit.verify(conn) == []
+        assert audit.verify(store.SqliteStore(conn)) == []
     finally:
         conn.close()
 
@@ -177,7 +178,7 @@ def test_master_rotation_rewraps_and_old_master_is_useless(keyserver):
         _crypto.unwrap_key(old_master, wrapped, key_id=KEY_ID, model_id=MODEL)
     assert _crypto.unwrap_key(new_master, wrapped, key_id=KEY_ID, model_id=MODEL) == key
     keyserver.start()
-    assert _release(lic).key == key
+    assert _release(keyserver, lic).key == key
     keyserver.stop()
     (keyserver.dir / "master.key").write_bytes(old_master)  # a wrong master file
     keyserver.proc = None

@@ -20,7 +20,7 @@ def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> 
     res = seal(mlp(), model_id="cli-model", signing_key=PublisherKey.load(keyserver.publisher_key_path),
                output=tmp_path / "m.vault")  # fmt: skip
     keyserver.register(res.model_id, res.key_id, res.key, res.digest)
-    keyserver.issue(res.model_id).save(tmp_path / "alice.licence")
+    keyserver.issue(res.model_id, same_user=True).save(tmp_path / "alice.licence")  # tier 0
     np.save(tmp_path / "x.npy", np.ones((3, 8), np.float32))
     out = subprocess.run(
         [sys.executable, "-m", "vault", "run", str(tmp_path / "m.vault"), "--licence", str(tmp_path / "alice.licence"),

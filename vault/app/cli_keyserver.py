@@ -23,6 +23,11 @@ from ..core.errors import ConfigError
 
 __all__ = ["parse_duration", "register"]
 
+SAME_USER_WARNING = (
+    "a --same-user licence lets the holder's own user run the worker (tier 0): "
+    "that user can extract the model"
+)
+
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
 
 
@@ -35,20 +40,6 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ConfigError(f"duration {text!r} must be positive")
     return value
-
-
-def _ks_dispatch(args: argparse.Namespace) -> int:
-    from keyserver import commands
-
-    if args.ks_command == "init":
-        return commands.cmd_init(args.dir, address=args.address)
-    if args.ks_command == "serve":
-        return commands.cmd_serve(
-            args.dir, bind=args.bind, lease_ttl=args.lease_ttl, advertise=args.advertise
-        )
-    if args.ks_command == "audit":
-        return commands.cmd_audit(args.dir, verify_chain=args.verify, quiet=args.quiet)
-    return commands.cmd_rotate(args.dir)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -67,10 +58,18 @@ def _issue(args: argparse.Namespace) -> int:
             max_calls=args.max_calls,
             rate_limit=args.rate_limit,
             grace=args.grace,
+            kind=args.kind,
+            same_user=args.same_user,
+            devices=args.device,
         )
     out = args.output or f"{args.to}.licence"
     lic.save(out)
-    print(f"issued licence {lic.licence_id} to {lic.holder} for model {lic.model_id} -> {out}")
+    print(
+        f"issued {lic.kind} licence {lic.licence_id} to {lic.holder} for model {lic.model_id} "
+        f"-> {out}"
+    )
+    if lic.same_user:
+        print(f"warning: {SAME_USER_WARNING}")
     return 0
 
 
@@ -91,37 +90,35 @@ def _fmt_time(ts: Any) -> str:
 def _list(args: argparse.Namespace) -> int:
     with _client(args) as ks:
         rows = ks.list()
-    print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'MODEL':<16} {'EXPIRES':<17} "
-          f"{'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
+    print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'KIND':<10} {'MODEL':<16} "
+          f"{'EXPIRES':<17} {'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
+    same_user = False
     for r in rows:
         calls = f"{r['used_calls']}/{r['max_calls'] if r['max_calls'] is not None else '-'}"
         rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
         state = "revoked" if r.get("revoked") else "active"
+        kind = str(r.get("kind") or "runtime") + ("*" if r.get("same_user") else "")
+        same_user = same_user or bool(r.get("same_user"))
+        devices = r.get("devices") or []
+        where = f" devices={','.join(devices)}" if devices else ""
         print(
-            f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {r['model_id'] or '-':<16} "
-            f"{_fmt_time(r['expires_at']):<17} {calls:<14} {rate:<7} {state}"
+            f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {kind:<10} "
+            f"{r['model_id'] or '-':<16} {_fmt_time(r['expires_at']):<17} {calls:<14} "
+            f"{rate:<7} {state}{where}"
         )
+    if same_user:
+        print(f"* same-user: {SAME_USER_WARNING}")
     return 0
 
 
 def register(sub: Any) -> None:
     ks = sub.add_parser("keyserver", help="run and administer the licensing key server")
     ks_sub = ks.add_subparsers(dest="ks_command", metavar="COMMAND", required=True)
-    p = ks_sub.add_parser("init", help="create database, master key, server keys, admin.licence")
-    p.add_argument("dir")
-    p.add_argument("--address", default="tcp://127.0.0.1:7700", help="address clients will use")
-    p = ks_sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
-    p.add_argument("dir")
-    p.add_argument("--bind", default="tcp://127.0.0.1:7700")
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
-    p.add_argument("--advertise", default=None, help="address written into issued licences")
-    p = ks_sub.add_parser("audit", help="print the audit log; --verify checks the hash chain")
-    p.add_argument("dir")
-    p.add_argument("--verify", action="store_true", help="verify the chain (exit 1 if broken)")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict")
-    p = ks_sub.add_parser("rotate-master", help="re-wrap every package key under a new master")
-    p.add_argument("dir")
-    ks.set_defaults(func=_ks_dispatch)
+    # One definition of the key server's commands, shared with `python -m keyserver`
+    # (keyserver.commands imports only argparse until a command runs).
+    from keyserver.commands import add_arguments
+
+    add_arguments(ks_sub)
 
     lic = sub.add_parser("licence", aliases=["license"], help="issue, revoke and list licences")
     lic_sub = lic.add_subparsers(dest="licence_command", metavar="COMMAND", required=True)
@@ -138,6 +135,14 @@ def register(sub: Any) -> None:
     p.add_argument("--max-calls", type=int, default=None, help="call quota")
     p.add_argument("--rate-limit", type=float, default=None, help="key requests per second")
     p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
+    p.add_argument("--kind", choices=("runtime", "call"), default="runtime",
+                   help="runtime: use the model through an enrolled device (default); "
+                        "call: call a vendor-hosted service, gives no key")  # fmt: skip
+    p.add_argument("--device", action="append", default=[], metavar="ID",
+                   help="only on this enrolled device (repeatable; default: any)")  # fmt: skip
+    p.add_argument("--same-user", action="store_true",
+                   help="tier 0: the holder's own user may run the worker, and can therefore "
+                        "EXTRACT THE MODEL; for development or vendors who accept it")  # fmt: skip
     p.add_argument("-o", "--output", default=None, help="licence file to write (NAME.licence)")
     admin_opts(p)
     p.set_defaults(func=_issue)
