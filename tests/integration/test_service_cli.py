@@ -132,15 +132,17 @@ def repository(keyserver: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     clients = tmp_path / "clients"
     clients.mkdir()
     (clients / "alice.key").write_text(alice.client_public_key + "\n")
+    keyserver.enroll(tmp_path / "device")  # the service runs as an enrolled device
     yield {"staged": staged, "repo": repo, "licences": licences, "alice": alice,
-           "clients": clients}  # fmt: skip
+           "clients": clients, "device": tmp_path / "device"}  # fmt: skip
 
 
 def test_a_repository_is_rescanned_on_sighup(repository: dict[str, Any], tmp_path: Path) -> None:
     r = repository
     shutil.copy(r["staged"] / "m1.vault", r["repo"] / "m1.vault")
     proc = _serve(["--repository", str(r["repo"]), *r["licences"], "--bind", "tcp://127.0.0.1:0",
-                   "--allow", str(r["clients"]), "--instances", "1", "--metrics-port", "0"])  # fmt: skip
+                   "--allow", str(r["clients"]), "--instances", "1", "--metrics-port", "0",
+                   "--device", str(r["device"])])  # fmt: skip
     try:
         lines = _wait_for_lines(proc)
         endpoint, key = lines["endpoint"], lines["server key"]

@@ -64,7 +64,8 @@ def register(sub: Any) -> None:
                    help="directory of client public keys (*.key / *.pub); needed for tcp://")  # fmt: skip
     s.add_argument("--server-key-out", metavar="FILE", help="write the service's public key here")
     s.add_argument("--server-secret", metavar="CERT", help="zmq secret certificate (stable key)")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, metavar="DIR",
+                   help="the enrolled device this service runs as (`vault device init`)")  # fmt: skip
     s.add_argument("--instances", type=int, default=None, metavar="N",
                    help="worker processes per model (default: half the cores, at least 1)")  # fmt: skip
     s.add_argument("--max-batch", type=int, default=1, metavar="N",
@@ -147,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         WorkerService,
     )
 
+    from ..core.device import Device
     from ..core.licence import Licence
 
     if not args.packages and not args.repository:
@@ -165,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads or 2,
         intra_op_threads=max(1, cores // instances),
         user=args.user,
-        device=args.device,
+        device=Device.load(args.device) if args.device else None,
     )
     cfg = ServiceConfig(
         bind=args.bind,

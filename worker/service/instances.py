@@ -32,6 +32,7 @@ import zmq
 
 from vault.core.errors import ProtocolError, WorkerTimeoutError
 from vault.core.launch import read_ready_line, spawn_worker
+from vault.core.device import Device
 from vault.core.licence import Licence
 from vault.core.protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 
@@ -42,8 +43,10 @@ __all__ = ["Backoff", "Instance", "LaunchSpec", "start_instance"]
 class LaunchSpec:
     """How the service starts its workers (the same for every model).
 
-    ``licence`` is the service's own runtime licence: each worker asks the
-    key server for its package key with it. ``unsafe_test_keys`` (package
+    ``licence`` is the service's own runtime licence (one per model, or one
+    for all) and ``device`` the enrolled device the service runs as: each
+    worker asks the key server for its package key as that device, with the
+    licence's proof. ``unsafe_test_keys`` (package
     path -> raw key, with ``publisher``) bypasses the key server and exists
     for tests only, as :func:`vault.client.open_with_unsafe_test_key` does.
     """
@@ -52,7 +55,7 @@ class LaunchSpec:
     threads: int = 2
     intra_op_threads: int | None = 1
     user: str | None = None
-    device: str | None = None
+    device: Device | None = None  # the enrolled device this service runs as (tier 2)
     providers: Sequence[str] | None = None
     start_timeout: float = 120.0
     python: str | None = None
@@ -179,11 +182,16 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
         pass_fds.append(lr)
         child_ends.append(lr)
         secrets.append((lw, lic.dumps()))
+    if spec.device is not None:
+        dr, dw = os.pipe()
+        args += ["--device-key-fd", str(dr), "--tier", "2"]
+        pass_fds.append(dr)
+        child_ends.append(dr)
+        secrets.append((dw, spec.device.dumps()))
     if spec.publisher:
         args += ["--publisher", os.path.abspath(spec.publisher)]
-    for flag, value in (("--user", spec.user), ("--device", spec.device)):
-        if value:
-            args += [flag, value]
+    if spec.user:
+        args += ["--user", spec.user]
     if spec.providers:
         args += ["--providers", ",".join(spec.providers)]
     args += list(spec.extra_args)
