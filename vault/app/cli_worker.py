@@ -62,6 +62,10 @@ def register(sub: Any) -> None:
     s.add_argument("--bind", default="tcp://127.0.0.1:7701")
     s.add_argument("--allow", metavar="CLIENTS_DIR",
                    help="directory of client public keys (*.key / *.pub); needed for tcp://")  # fmt: skip
+    s.add_argument("--call-licences", "--call-licenses", dest="call_licences",
+                   action="store_true",
+                   help="check each caller's call licence at the key server (needs --device); "
+                        "instead of --allow")  # fmt: skip
     s.add_argument("--server-key-out", metavar="FILE", help="write the service's public key here")
     s.add_argument("--server-secret", metavar="CERT", help="zmq secret certificate (stable key)")
     s.add_argument("--device", default=None, metavar="DIR",
@@ -155,19 +159,37 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("give packages to serve, or --repository DIR")
     curve = None
     policy: Any = OpenPolicy()
+    licences = [Licence.load(p) for p in args.licence]
+    device = Device.load(args.device) if args.device else None
+    ks_client = None
+    if args.call_licences:
+        if device is None:
+            raise ConfigError("--call-licences needs --device DIR: the service asks as a device")
+        from worker.service import CallLicencePolicy
+
+        from ..core.keyclient import KeyServerClient
+
+        ks_client = KeyServerClient(licences[0], device=device)
+        ks = ks_client
+        policy = CallLicencePolicy(
+            lambda model, keys, usage: ks.call_decisions(model_id=model, keys=keys, usage=usage)  # type: ignore[arg-type]
+        )
     if args.bind.startswith("tcp://"):
-        if not args.allow or not os.path.isdir(args.allow):
-            raise ConfigError("a tcp:// service needs --allow CLIENTS_DIR (a directory)")
-        policy = AllowListPolicy.from_dir(args.allow)
+        if not args.call_licences:
+            if not args.allow or not os.path.isdir(args.allow):
+                raise ConfigError(
+                    "a tcp:// service needs --allow CLIENTS_DIR (a directory) or --call-licences"
+                )
+            policy = AllowListPolicy.from_dir(args.allow)
         curve = _server_keys(args.server_secret)
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
     launch = LaunchSpec(
-        licence=[Licence.load(p) for p in args.licence],
+        licence=licences,
         threads=args.threads or 2,
         intra_op_threads=max(1, cores // instances),
         user=args.user,
-        device=Device.load(args.device) if args.device else None,
+        device=device,
     )
     cfg = ServiceConfig(
         bind=args.bind,
@@ -203,7 +225,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.server_key_out:
         print(f"server key written to {args.server_key_out}")
     sys.stdout.flush()
-    return svc.run()
+    try:
+        return svc.run()
+    finally:
+        if ks_client is not None:
+            ks_client.close()
 
 
 def _server_keys(secret_cert: str | None) -> tuple[bytes, bytes]:

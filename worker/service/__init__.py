@@ -8,7 +8,7 @@ metrics and probes over HTTP, structured JSON logs, graceful drain. See
 
 from __future__ import annotations
 
-from .calls import Admission, AllowListPolicy, CallPolicy, OpenPolicy
+from .calls import Admission, AllowListPolicy, CallLicencePolicy, CallPolicy, OpenPolicy
 from .instances import LaunchSpec
 from .logs import JsonLog
 from .service import ServiceConfig, WorkerService
@@ -16,6 +16,7 @@ from .service import ServiceConfig, WorkerService
 __all__ = [
     "Admission",
     "AllowListPolicy",
+    "CallLicencePolicy",
     "CallPolicy",
     "JsonLog",
     "LaunchSpec",

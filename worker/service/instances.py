@@ -30,9 +30,9 @@ from typing import Any
 
 import zmq
 
+from vault.core.device import Device
 from vault.core.errors import ProtocolError, WorkerTimeoutError
 from vault.core.launch import read_ready_line, spawn_worker
-from vault.core.device import Device
 from vault.core.licence import Licence
 from vault.core.protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 

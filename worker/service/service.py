@@ -67,7 +67,7 @@ from vault.core.protocol import (
 )
 
 from . import batching
-from .calls import Admission, CallPolicy, OpenPolicy
+from .calls import Admission, AdmissionPending, CallPolicy, OpenPolicy
 from .instances import Backoff, Instance, LaunchSpec, start_instance
 from .logs import JsonLog
 from .metrics import HttpEndpoints, Metrics
@@ -180,7 +180,8 @@ class WorkerService:
         self.endpoint = cfg.bind
         self.repo = Repository(cfg.repository) if cfg.repository else None
         self._next_poll = 0.0
-        self._loop_thread: int | None = None
+        self._parked: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        cfg.policy.bind(lambda key, model: self._post("decided", key, model))
 
     # -- start ----------------------------------------------------------------------
 
@@ -398,7 +399,9 @@ class WorkerService:
         return [*self.models.values(), *self.retiring]
 
     def _pending(self) -> bool:
-        return bool(self.dispatches) or any(m.queue for m in self._all_models())
+        return (
+            bool(self.dispatches) or bool(self._parked) or any(m.queue for m in self._all_models())
+        )
 
     def _wake(self) -> None:
         try:
@@ -424,6 +427,8 @@ class WorkerService:
             self._start_drain("request")
         elif kind == "rescan":
             self._rescan()
+        elif kind == "decided":
+            self._unpark(ev[1], ev[2])
         elif kind == "started":
             _, m, index, inst = ev
             m.starting.discard(index)
@@ -516,19 +521,31 @@ class WorkerService:
 
     def _admit_compute(
         self, ident: Any, rid: Any, header: dict[str, Any], frames: list[Any], m: _Model,
-        caller_key: str | None,
+        caller_key: str | None, arrived: float | None = None,
     ) -> None:  # fmt: skip
         now = time.monotonic()
         if self.draining:
             raise ServiceUnavailableError("the service is draining; use another endpoint")
         if header.get("shm") is not None:
             raise ProtocolError("a service takes tensors as frames, not shared memory")
-        admission = self.cfg.policy.admit(caller_key, m.model_id)
         timeout = self.cfg.request_timeout
         asked = header.get("timeout")
         if isinstance(asked, (int, float)) and not isinstance(asked, bool) and asked > 0:
             timeout = min(timeout, float(asked))
-        call = _Call(ident, rid, m.model_id, admission, header, frames, now, now + timeout)
+        deadline = now + timeout if arrived is None else arrived + timeout
+        try:
+            admission = self.cfg.policy.admit(caller_key, m.model_id)
+        except AdmissionPending:
+            # the caller's licence decision is being fetched: park the call
+            parked = (ident, rid, header, frames, m.model_id, caller_key,
+                      now if arrived is None else arrived, deadline)  # fmt: skip
+            self._parked.setdefault((caller_key or "", m.model_id), []).append(parked)
+            return
+        except VaultError as exc:
+            self.metrics.answered(m.model_id, "refused", exc.code)
+            raise
+        call = _Call(ident, rid, m.model_id, admission, header, frames,
+                     now if arrived is None else arrived, deadline)  # fmt: skip
         if self.cfg.max_batch > 1 and m.batchable:
             try:
                 call.feeds = decode_tensors(header.get("tensors"), frames)
@@ -542,6 +559,36 @@ class WorkerService:
                 call.feeds = None
         m.queue.append(call)
         self.metrics.inflight.labels(m.model_id).inc()
+
+    def _unpark(self, key: str, model_id: str) -> None:
+        for ident, rid, header, frames, mid, caller_key, arrived, deadline in self._parked.pop(
+            (key, model_id), []
+        ):
+            try:
+                if time.monotonic() >= deadline:
+                    raise WorkerTimeoutError("no licence decision for this call in time")
+                m = self._model_for(mid)
+                self._admit_compute(ident, rid, header, frames, m, caller_key, arrived)
+            except VaultError as exc:
+                self._reply(ident, error_reply(rid, exc))
+
+    def _expire_parked(self, now: float, *, all_of_them: bool = False) -> None:
+        for pair, calls in list(self._parked.items()):
+            keep = []
+            for item in calls:
+                if all_of_them or now >= item[7]:
+                    err: VaultError = (
+                        ServiceUnavailableError("the service stopped before this call ran")
+                        if all_of_them
+                        else WorkerTimeoutError("no licence decision for this call in time")
+                    )
+                    self._reply(item[0], error_reply(item[1], err))
+                else:
+                    keep.append(item)
+            if keep:
+                self._parked[pair] = keep
+            else:
+                del self._parked[pair]
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -736,6 +783,8 @@ class WorkerService:
     # -- time ------------------------------------------------------------------------------
 
     def _housekeeping(self, now: float) -> None:
+        if self._parked:
+            self._expire_parked(now)
         for m in self._all_models():
             if m.queue and any(c.deadline <= now or c.done for c in m.queue):
                 keep: deque[_Call] = deque()
@@ -810,6 +859,7 @@ class WorkerService:
         self.log("drain_started", reason=why, pending=n, timeout_s=self.cfg.drain_timeout)
 
     def _finish_drain(self) -> None:
+        self._expire_parked(time.monotonic(), all_of_them=True)
         left = 0
         for m in self._all_models():
             for c in m.queue:
@@ -839,6 +889,7 @@ class WorkerService:
             t.join(10)
         if self._http is not None:
             self._http.stop()
+        self.cfg.policy.close()  # reports usage, gives unused reserves back
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
