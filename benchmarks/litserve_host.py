@@ -44,8 +44,15 @@ class OnnxAPI(ls.LitAPI):  # type: ignore[misc]
 
 
 def main() -> int:
-    path, port, workers, max_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    kw: dict[str, Any] = {"max_batch_size": max_batch, "batch_timeout": 0.0005} if max_batch > 1 else {}
+    path, port, workers, max_batch = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+    )
+    kw: dict[str, Any] = (
+        {"max_batch_size": max_batch, "batch_timeout": 0.0005} if max_batch > 1 else {}
+    )
     server = ls.LitServer(OnnxAPI(path, **kw), accelerator="cpu", workers_per_device=workers)
     server.run(port=port, host="127.0.0.1", generate_client_file=False, log_level="warning")
     return 0

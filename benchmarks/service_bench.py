@@ -214,16 +214,20 @@ def run(work: Path, *, window: float, log: Callable[[str], None]) -> dict[str, A
     for name, m in _models().items():
         path = work / f"{name}.onnx"
         path.write_bytes(m.SerializeToString())
-        x = np.random.default_rng(0).standard_normal((1, m.graph.input[0].type.tensor_type.shape.dim[1].dim_value)).astype(np.float32)  # noqa: E501
+        x = (
+            np.random.default_rng(0)
+            .standard_normal((1, m.graph.input[0].type.tensor_type.shape.dim[1].dim_value))
+            .astype(np.float32)
+        )  # noqa: E501
         sess = ort_session(m.SerializeToString())
         systems: dict[str, Callable[[], Any]] = {}
         closers: list[Callable[[], None]] = []
         try:
-            systems["onnxruntime"] = lambda s=sess: s.run(None, {"x": x})
+            systems["onnxruntime"] = lambda s=sess, x=x: s.run(None, {"x": x})
             for label, mb in (("vault", 1), ("vault+batch", 32)):
                 v = _Vault(work, m, f"{name}{mb}", max_batch=mb, instances=instances)
                 closers.append(v.close)
-                systems[label] = lambda v=v: v.call(x)
+                systems[label] = lambda v=v, x=x: v.call(x)
             for label, mb in (("litserve", 1), ("litserve+batch", 32)):
                 try:
                     ls_ = _LitServe(path, max_batch=mb, workers=instances)
@@ -231,7 +235,7 @@ def run(work: Path, *, window: float, log: Callable[[str], None]) -> dict[str, A
                     log(f"{label}: {exc}")
                     continue
                 closers.append(ls_.close)
-                systems[label] = lambda s=ls_: s.call(x)
+                systems[label] = lambda s=ls_, x=x: s.call(x)
             for n in CALLERS:
                 for label, fn in systems.items():
                     r = _load(fn, n, window)
@@ -273,7 +277,10 @@ def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(res: dict[str, Any]) -> str:
     """The README's markdown table."""
-    lines = ["| model | system | callers | calls/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | system | callers | calls/s | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in res["rows"]:
         lines.append(f"| {r['model']} | {r['system']} | {r['callers']} | {r['calls_per_s']:.0f} | "
                      f"{r.get('p50_ms', float('nan')):.3f} | {r.get('p99_ms', float('nan')):.3f} |")  # fmt: skip

@@ -55,15 +55,18 @@ class VaultEnv:
         self.log = open(self.dir / "keyserver.log", "wb")
         cmd = [sys.executable, "-u", "-m", "keyserver", "serve", str(self.ks_dir),
                "--bind", "tcp://127.0.0.1:0", "--lease-ttl", str(lease_ttl)]  # fmt: skip
+        # stdout carries the one JSON ready line; the log lines go to stderr
         self.ks = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env(), preexec_fn=die_with_parent
+            cmd, stdout=subprocess.PIPE, stderr=self.log, env=_env(), preexec_fn=die_with_parent
         )
         self._procs.append(self.ks)
         from vault.core.errors import VaultError
-        from vault.core.readyline import read_ready_line
+        from vault.core.launch import read_ready_line
 
+        assert self.ks.stdout is not None
         try:
-            ready = read_ready_line(self.dir / "keyserver.log", proc=self.ks, timeout=30)
+            with self.ks.stdout:
+                ready = read_ready_line(self.ks.stdout, timeout=30, proc=self.ks, what="key server")
         except VaultError as exc:
             self.close()
             raise Unavailable(f"key server did not start: {exc}") from None

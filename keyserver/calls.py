@@ -5,12 +5,13 @@ vendor-hosted service (``vault worker serve``). The service, an enrolled
 device, asks here (op ``call_decisions``) what each caller's CURVE key may
 do with a model for the next lease: the licence it belongs to and either a
 typed refusal (revoked, expired, quota spent, wrong model, not a call
-licence) or a grant with a call budget. The budget is *reserved* from the
-quota when it is granted and the unused part refunded when the service
-reports what it served (at its next ask), so no number of services or
-leases can serve more calls than the quota; a service that dies leaves its
-reserve spent (fail closed). Budgets are sized from the rate limit (rate x
-lease), and the service also enforces the rate between asks. Every grant,
+licence) or a grant with a call budget. Budgets follow the key server's
+metering rules (:mod:`keyserver.metering`, the same as for a worker's lease):
+reserved from the quota when granted, the unused part refunded when the
+service reports what it served (at its next ask), so no number of services
+or leases can serve more calls than the quota; a service that dies leaves
+its reserve spent (fail closed); budgets are drawn from the licence's call
+bucket (the rate limit), and the service also enforces the rate per call. Every grant,
 refusal and usage report is audited; an unknown key and somebody else's
 runtime licence get the same answer.
 
@@ -28,7 +29,6 @@ Example (the service's side, through :class:`vault.core.keyclient.KeyServerClien
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ from vault.core.errors import (
     WrongModelError,
 )
 
-from . import audit
+from . import audit, metering
 from .policy import DeviceRecord, LicenceRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,19 +62,9 @@ def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> Vau
         return LicenceExpiredError(f"licence {lic.licence_id} has expired")
     if model_id is not None and lic.model_id is not None and lic.model_id != model_id:
         return WrongModelError(f"licence {lic.licence_id} is not for model {model_id!r}")
-    if lic.max_calls is not None and lic.used_calls >= lic.max_calls:
+    if lic.max_calls is not None and lic.debited_calls >= lic.max_calls:
         return QuotaExhaustedError(f"licence {lic.licence_id} has used its {lic.max_calls} calls")
     return None
-
-
-def _budget(lic: LicenceRecord, ttl: float) -> int | None:
-    """Calls this service may serve under ``lic`` for one lease (None: no limit)."""
-    caps = []
-    if lic.max_calls is not None:
-        caps.append(lic.max_calls - lic.used_calls)
-    if lic.rate_limit is not None:
-        caps.append(max(1, math.ceil(lic.rate_limit * ttl)))
-    return max(0, min(caps)) if caps else None
 
 
 def _usage(h: Mapping[str, Any]) -> list[tuple[str, int, int]]:
@@ -112,22 +102,29 @@ def call_decisions(
     store = svc.store
     actor = device.device_id
     for lid, used, reserved in _usage(h):
-        lic = store.licence(lid)
+        lic = svc._licence(lid, now)
         if lic is None or lic.kind != "call":
             continue
-        # the reserve was debited when granted: refund what was not served; a
-        # service that served more than it reserved (it never should) pays in full
-        store.add_usage(lid, used - reserved)
+        # the calls served become used; the reservation is released (its unused
+        # part refunded); more calls than reserved are charged in full
+        u, r = metering.settle(lic, reserved=reserved, calls=used)
+        svc._meter(lic, used=u, reserved=r)
         audit.append(
             store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=model_id,
             detail={"calls": used, "reserved": reserved, "via": "service"},
         )  # fmt: skip
     decisions: dict[str, Any] = {}
     for key in dict.fromkeys(keys):
-        lic = store.licence_by_key(key)
+        lic = svc._authentic(store.licence_by_key(key), now)
         err = _refusal(lic, model_id if not probe else None, now)
         if lic is not None and lic.devices and device.device_id not in lic.devices and err is None:
             err = UnknownLicenceError("no call licence for this key")
+        budget: metering.Budget | None = None
+        if err is None and not probe:
+            assert lic is not None
+            lic, budget = svc._grant(lic, lic.reserved_calls, lic.used_calls, now)
+            if budget.budget == 0 and budget.retry_after is None:
+                err = QuotaExhaustedError(f"licence {lic.licence_id} has no calls left")
         if err is not None:
             audit.append(
                 store, ts=now, event="denied", actor=actor,
@@ -137,21 +134,19 @@ def call_decisions(
             decisions[key] = {"ok": False, "error": err.to_wire()}
             continue
         assert lic is not None
-        if probe:
+        if budget is None:  # a probe: is this a live call licence at all
             decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder}
             continue
-        budget = _budget(lic, svc.lease_ttl)
-        if budget:
-            store.add_usage(lic.licence_id, budget)  # reserved now, refunded on report
         audit.append(
             store, ts=now, event="call_lease", actor=actor, licence_id=lic.licence_id,
-            model_id=model_id, detail={"budget": budget, "ttl": svc.lease_ttl},
+            model_id=model_id, detail={"budget": budget.budget, "ttl": svc.lease_ttl},
         )  # fmt: skip
         decisions[key] = {
             "ok": True,
             "licence_id": lic.licence_id,
             "holder": lic.holder,
-            "budget": budget,
+            "budget": budget.budget,
+            "retry_after": budget.retry_after,
             "rate": lic.rate_limit,
             "expires_at": lic.expires_at,
         }

@@ -23,10 +23,10 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 __all__ = ["add_arguments", "cmd_audit", "cmd_init", "cmd_rotate", "cmd_serve"]
 
 
-def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS) -> int:
+def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS, database: str | None = None) -> int:
     from .layout import init_dir
 
-    created = init_dir(root, address=address)
+    created = init_dir(root, address=address, database=database)
     print(f"key server initialised in {root}")
     for what, value in created.items():
         print(f"  {what}: {value}")
@@ -40,6 +40,7 @@ def cmd_serve(
     lease_ttl: float,
     advertise: str | None = None,
     database: str | None = None,
+    anchor: str | None = None,
 ) -> int:
     import json
 
@@ -48,10 +49,15 @@ def cmd_serve(
     from .server import serve
 
     try:
-        serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database)
+        serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database,
+              anchor=anchor)  # fmt: skip
     except VaultError as exc:
-        # the launcher waits for a ready line: tell it why there is none
-        print(json.dumps({"ready": False, "error": exc.to_wire()}), flush=True)
+        # a launcher waiting for the ready line hears why there is none
+        # (one that already read it may have closed the pipe)
+        try:
+            print(json.dumps({"ready": False, "error": exc.to_wire()}), flush=True)
+        except OSError:
+            pass
         raise
     return 0
 
@@ -61,13 +67,22 @@ def _when(ts: float) -> str:
 
 
 def cmd_audit(
-    root: str, *, verify_chain: bool, quiet: bool = False, database: str | None = None
+    root: str,
+    *,
+    verify_chain: bool,
+    quiet: bool = False,
+    database: str | None = None,
+    anchor: str | None = None,
 ) -> int:
+    from vault.core import crypto as _crypto
+
     from . import audit
+    from .anchor import verify_anchor
     from .layout import Paths
     from .store import open_store
 
-    st = open_store(database or Paths(os.fspath(root)).db)
+    paths = Paths(os.fspath(root))
+    st = open_store(database or paths.db)
     try:
         if not quiet:
             for r in audit.records(st):
@@ -79,13 +94,24 @@ def cmd_audit(
             return 0
         problems = audit.verify(st)
         seq, digest = audit.head(st)
+        last = None
+        if anchor is not None:
+            with open(paths.audit_pub, "rb") as fh:
+                public = _crypto.load_public_key(fh.read())
+            found, last = verify_anchor(st, anchor, public)
+            problems += found
     finally:
         st.close()
     if problems:
-        for p in problems:
+        for p in problems[:20]:
             print(f"audit: TAMPERED {p}", file=sys.stderr)
+        if len(problems) > 20:
+            print(f"audit: ... and {len(problems) - 20} more", file=sys.stderr)
         return 1
     print(f"audit chain OK: {seq} records, head {digest.hex()}")
+    if last is not None:
+        print(f"anchor OK: the log matches every signed checkpoint (last: record {last.seq}, "
+              f"{last.when()})")  # fmt: skip
     return 0
 
 
@@ -113,7 +139,11 @@ def add_arguments(sub: Any) -> None:
     p = sub.add_parser("init", help="create database, master key, server keys, admin.licence")
     p.add_argument("dir")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="address clients will use")
-    p.set_defaults(ks_command="init", func=lambda a: cmd_init(a.dir, address=a.address))
+    _database_option(p)
+    p.set_defaults(
+        ks_command="init",
+        func=lambda a: cmd_init(a.dir, address=a.address, database=a.database),
+    )
 
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")
@@ -121,22 +151,30 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
     p.add_argument("--advertise", default=None, help="address written into issued licences")
     _database_option(p)
+    p.add_argument("--anchor", default=None, metavar="PATH",
+                   help="append signed audit checkpoints to PATH (outside the database)")  # fmt: skip
     p.set_defaults(
         ks_command="serve",
         func=lambda a: cmd_serve(
-            a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise, database=a.database
+            a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
+            database=a.database, anchor=a.anchor,
         ),
-    )
+    )  # fmt: skip
 
     p = sub.add_parser("audit", help="print the audit log; --verify checks the hash chain")
     p.add_argument("dir")
     p.add_argument("--verify", action="store_true", help="verify the chain (exit 1 if broken)")
     p.add_argument("--quiet", action="store_true", help="with --verify: only the verdict")
+    p.add_argument("--anchor", default=None, metavar="PATH",
+                   help="check the log against the signed checkpoints in PATH too")  # fmt: skip
     _database_option(p)
     p.set_defaults(
         ks_command="audit",
-        func=lambda a: cmd_audit(a.dir, verify_chain=a.verify, quiet=a.quiet, database=a.database),
-    )
+        func=lambda a: cmd_audit(
+            a.dir, verify_chain=a.verify or a.anchor is not None, quiet=a.quiet,
+            database=a.database, anchor=a.anchor,
+        ),
+    )  # fmt: skip
 
     p = sub.add_parser("rotate-master", help="re-wrap every package key under a new master")
     p.add_argument("dir")

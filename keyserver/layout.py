@@ -9,6 +9,8 @@ and master-key rotation.
     DIR/server.pub        the server's CURVE public key (Z85 text)
     DIR/publisher.key     the publisher's Ed25519 signing key, 0600
     DIR/publisher.pub     its public half
+    DIR/audit.key         the key server's Ed25519 key for audit checkpoints, 0600
+    DIR/audit.pub         its public half (``audit --verify --anchor`` checks with it)
     DIR/admin.licence     the admin licence (issue, revoke, list, register keys)
     DIR/keyserver.lock    flock held by a running server (and by rotate-master)
 
@@ -40,6 +42,7 @@ from vault.core.licence import Licence, write_private_file
 
 from . import audit
 from .policy import LicenceRecord
+from .rowauth import RowAuth
 from .store import SqliteStore, Store
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "Paths",
     "exclusive_lock",
     "init_dir",
+    "load_audit_key",
     "load_master",
     "master_id",
     "new_licence_id",
@@ -90,6 +94,14 @@ class Paths:
     @property
     def publisher_pub(self) -> str:
         return self._p("publisher.pub")
+
+    @property
+    def audit_key(self) -> str:
+        return self._p("audit.key")
+
+    @property
+    def audit_pub(self) -> str:
+        return self._p("audit.pub")
 
     @property
     def admin_licence(self) -> str:
@@ -136,16 +148,20 @@ def exclusive_lock(root: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) -> dict[str, str]:
+def init_dir(
+    root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS, database: str | None = None
+) -> dict[str, str]:
     """Create a fresh key server directory; returns {what: path or value}.
 
-    Refuses a directory that already holds a database (no silent overwrite
-    of a master key).
+    ``database``: a PostgreSQL URL whose schema, meta and admin row are
+    created here (the replicas' shared store); by default ``DIR/keyserver.db``.
+    Refuses a directory or database that already holds a key server (no
+    silent overwrite of a master key).
     """
     paths = Paths(os.fspath(root))
     os.makedirs(paths.root, mode=0o700, exist_ok=True)
-    if os.path.exists(paths.db):
-        raise ConfigError(f"{paths.db} already exists; refusing to overwrite a key server")
+    if os.path.exists(paths.db) or (database is not None and os.path.exists(paths.master)):
+        raise ConfigError(f"{paths.root} already holds a key server; refusing to overwrite it")
     master = _crypto.generate_key()
     server_public, server_secret = zmq.curve_keypair()
     admin_public, admin_secret = zmq.curve_keypair()
@@ -165,6 +181,7 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
         with open(paths.server_public, "w") as fh:
             fh.write(server_public.decode() + "\n")
         publisher.save(paths.publisher_key, paths.publisher_pub)
+        _crypto.PublisherKey.generate().save(paths.audit_key, paths.audit_pub)
         admin = Licence(
             licence_id=licence_id,
             holder="admin",
@@ -178,12 +195,20 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
         )
         admin.save(paths.admin_licence)
         tmp_db = paths.db + ".init"
-        for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        st = SqliteStore.open(tmp_db, create=True)
+        st: Store
+        if database is not None:
+            from .store_pg import PostgresStore
+
+            st = PostgresStore.open(database, create=True)
+        else:
+            for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            st = SqliteStore.open(tmp_db, create=True)
         try:
             with st.transaction():
+                if st.get_meta("master_id") is not None:
+                    raise ConfigError("the database already holds a key server; refusing it")
                 for k, v in {
                     "address": address,
                     "server_public_key": server_public.decode(),
@@ -192,32 +217,46 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
                     "created_at": repr(now),
                 }.items():
                     st.set_meta(k, v)
-                st.insert_licence(
+                rows = RowAuth(master)
+                st.insert_licence(rows.seal(
                     LicenceRecord(licence_id, "admin", "admin", None, admin_public.decode(), now,
                                   None, None, None, 0.0, None, 0, kind="admin")
-                )  # fmt: skip
+                ))  # fmt: skip
+                rows.wipe()
                 audit.append(
                     st, ts=now, event="initialised", actor="init", licence_id=licence_id,
                     detail={"role": "admin", "address": address},
                 )  # fmt: skip
-            st.checkpoint("TRUNCATE")
+            if isinstance(st, SqliteStore):
+                st.checkpoint("TRUNCATE")
         finally:
             st.close()
-        os.replace(tmp_db, paths.db)
+        if database is None:
+            os.replace(tmp_db, paths.db)
         _fsync_dir(paths.root)
     finally:
         _crypto.zeroize(master)
     return {
         "server public key": server_public.decode(),
         "address": address,
-        "database": paths.db,
+        "database": "postgresql" if database is not None else paths.db,
         "master key": paths.master,
         "server keys": paths.server_secret,
         "publisher key": paths.publisher_key,
         "publisher public key": paths.publisher_pub,
+        "audit checkpoint key": paths.audit_key,
         "admin licence": paths.admin_licence,
         "admin licence id": licence_id,
     }
+
+
+def load_audit_key(root: str | os.PathLike[str]) -> _crypto.PublisherKey:
+    """The key server's checkpoint signing key; made on first use for a
+    directory initialised before it existed."""
+    paths = Paths(os.fspath(root))
+    if not os.path.exists(paths.audit_key):
+        _crypto.PublisherKey.generate().save(paths.audit_key, paths.audit_pub)
+    return _crypto.PublisherKey.load(paths.audit_key)
 
 
 def load_server_keys(root: str | os.PathLike[str]) -> tuple[bytes, bytes]:
@@ -272,7 +311,9 @@ def rotate_master(root: str | os.PathLike[str], *, database: str | None = None) 
     1. write ``master.key.new`` (fsync). Crash here: the DB still names the
        old key; :func:`load_master` deletes the stale file.
     2. one transaction: re-wrap every key, set ``master_id``, audit record.
-       Crash before COMMIT: SQLite rolls it back, as in 1. Crash after
+       Licence rows are re-tagged under the new master's row key (a row
+       that fails its old tag stays refused: rotation launders nothing).
+       Crash before COMMIT: the store rolls it back, as in 1. Crash after
        COMMIT: the DB names the new key; :func:`load_master` finds it in
        ``master.key.new`` and completes step 3.
     3. rename ``master.key.new`` over ``master.key`` (atomic), fsync the dir.
@@ -299,10 +340,25 @@ def rotate_master(root: str | os.PathLike[str], *, database: str | None = None) 
                         st.set_wrapped(row.model_id, row.key_id, _crypto.wrap_key(new, key, **ids))
                     finally:
                         _crypto.zeroize(key)
+                old_rows, new_rows = RowAuth(old), RowAuth(new)
+                refused = []
+                for lic in st.licences():
+                    if old_rows.authentic(lic):
+                        st.update_licence(new_rows.seal(lic))
+                    else:
+                        refused.append(lic.licence_id)
+                for dev in st.devices():
+                    if old_rows.device_authentic(dev):
+                        st.update_device(new_rows.seal_device(dev))
+                    else:
+                        refused.append(dev.device_id)
+                old_rows.wipe()
+                new_rows.wipe()
                 st.set_meta("master_id", master_id(new))
                 audit.append(
                     st, ts=time.time(), event="master_rotated", actor="rotate-master",
-                    detail={"keys": len(rows), "master_id": master_id(new)},
+                    detail={"keys": len(rows), "master_id": master_id(new),
+                            "refused_rows": refused},
                 )  # fmt: skip
             os.replace(paths.master_new, paths.master)
             _fsync_dir(paths.root)

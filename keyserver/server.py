@@ -11,8 +11,8 @@ Example::
     $ python -m keyserver serve ks --bind tcp://127.0.0.1:0 --lease-ttl 2
     {"ready": true, "address": "tcp://127.0.0.1:41234", "pid": 4242, ...}
 
-The first line on stdout is that ready line (JSON, read by
-:func:`vault.core.readyline.read_ready_line`); log lines follow on stderr.
+That ready line (JSON, read by :func:`vault.core.launch.read_ready_line`)
+is all the server writes on stdout; its log lines go to stderr.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from zmq.utils import z85
 from vault.core.errors import ProtocolError, VaultError
 from vault.core.protocol import pack_header, unpack_header
 
-from .layout import Paths, exclusive_lock, load_master, load_server_keys
+from . import audit
+from .anchor import AnchorWriter
+from .layout import Paths, exclusive_lock, load_audit_key, load_master, load_server_keys
 from .policy import Policy
 from .service import DEFAULT_LEASE_TTL, KeyService, Request
 from .store import SqliteStore, Store, open_store
@@ -142,6 +144,7 @@ def serve(
     release_policy: Policy | None = None,
     renew_policy: Policy | None = None,
     database: str | None = None,
+    anchor: str | os.PathLike[str] | None = None,
     out: Any = None,
 ) -> None:
     """Run the key server until SIGTERM or Ctrl-C.
@@ -150,7 +153,8 @@ def serve(
     the address recorded at ``init``, or the real bound endpoint when
     ``bind`` asks for a random port (``:0``). ``database`` is a PostgreSQL
     URL (several replicas may serve one database); by default the SQLite
-    file ``DIR/keyserver.db``, one server per directory.
+    file ``DIR/keyserver.db``, one server per directory. ``anchor`` is the
+    file that receives the signed audit checkpoints (:mod:`keyserver.anchor`).
     """
     out = out or sys.stdout
     paths = Paths(os.fspath(root))
@@ -163,6 +167,7 @@ def serve(
             st.disable_autocheckpoint()  # see _Checkpointer
             checkpointer = _Checkpointer(paths.db)
         master = load_master(paths.root, st)
+        writer = AnchorWriter(anchor, load_audit_key(paths.root)) if anchor is not None else None
         public, secret = load_server_keys(paths.root)
         ctx = zmq.Context()
         stop = _Stop()
@@ -200,7 +205,11 @@ def serve(
                 clock=clock,
                 release_policy=release_policy,
                 renew_policy=renew_policy,
+                checkpoint=writer,
             )
+            if writer is not None:  # everything so far, rotations included
+                seq, head = audit.head(st)
+                writer(seq, head, clock())
             if checkpointer is not None:
                 checkpointer.start()
             ready = {
@@ -225,6 +234,8 @@ def serve(
 
             _crypto.zeroize(master)
             st.close()
+            if writer is not None:
+                writer.close()
         print("keyserver stopped", file=sys.stderr, flush=True)
 
 

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import os
 import sys
@@ -31,18 +32,18 @@ import zmq
 from vault.core import crypto as _crypto
 from vault.core.errors import (
     AuditError,
-    IntegrityError,
     KeyServerError,
     LicenceError,
     PermissionDeniedError,
     ProtocolError,
+    RateLimitedError,
     UnknownLicenceError,
     VaultError,
 )
 from vault.core.licence import Licence
 from vault.core.protocol import error_reply, ok_reply
 
-from . import audit
+from . import audit, metering
 from .layout import new_licence_id
 from .policy import (
     Context,
@@ -53,11 +54,13 @@ from .policy import (
     default_release_policy,
     default_renew_policy,
 )
+from .rowauth import RowAuth
 from .store import KeyRow, LeaseRow, Store
 
 __all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
 
 DEFAULT_LEASE_TTL = 60.0
+NOT_YOURS = "no such licence for this client key"
 MAX_SKEW = 60.0  # seconds a request's timestamp may differ from the server clock
 _MAX_STR = 512
 
@@ -145,11 +148,15 @@ class KeyService:
         release_policy: Policy | None = None,
         renew_policy: Policy | None = None,
         log: Callable[[str], None] = _stderr,
+        checkpoint: Callable[[int, bytes, float], None] | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         self.store = store
         self._master = master
+        self.rows = RowAuth(master)
+        self.checkpoint = checkpoint
+        self._checkpointed: tuple[int, bytes] | None = None
         self.server_public_key = server_public_key
         self.publisher_key = publisher_key
         self.address = address
@@ -164,6 +171,7 @@ class KeyService:
         self._ops = {
             "release": self._release,
             "renew": self._renew,
+            "close": self._close,
             "register_key": self._register_key,
             "issue": self._issue,
             "revoke": self._revoke,
@@ -184,7 +192,12 @@ class KeyService:
         if self.store.has_client_key(client_public_key):
             return True
         dev = self.store.device_by_key(client_public_key)
-        return dev is not None and dev.revoked_at is None
+        if dev is None or dev.revoked_at is not None:
+            return False
+        if not self.rows.device_authentic(dev):  # written into the database by someone else
+            self.log(f"keyserver: REFUSED device row {dev.device_id}: its tag does not match")
+            return False
+        return True
 
     # --- batches ---------------------------------------------------------------
 
@@ -198,9 +211,12 @@ class KeyService:
         self._batch_broken = False
         replies = [self._one(r, now) for r in requests]
         failures: tuple[type[BaseException], ...] = (_LostTransaction, *self.store.errors)
+        head: tuple[int, bytes] | None = None
         try:
             if self._batch_broken:
                 raise _LostTransaction("transaction was lost mid-batch")
+            if self.checkpoint is not None:
+                head = audit.head(self.store)  # the head this batch leaves
             self.store.commit()
         except failures as exc:
             self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
@@ -213,6 +229,22 @@ class KeyService:
                 rep if self._is_ping(req) else self._audit_failed(req)
                 for req, rep in zip(requests, replies)
             ]
+        if head is not None and head != self._checkpointed:
+            # The head leaves the database (signed, to the anchor) before any
+            # reply does: a record that let a key out is covered by a
+            # checkpoint a database writer cannot rewrite.
+            try:
+                assert self.checkpoint is not None
+                self.checkpoint(head[0], head[1], now)
+                self._checkpointed = head
+            except Exception as exc:  # noqa: BLE001 - any failure: release nothing
+                self.log(
+                    f"keyserver: audit checkpoint failed ({type(exc).__name__}); nothing released"
+                )
+                return [
+                    rep if self._is_ping(req) else self._audit_failed(req)
+                    for req, rep in zip(requests, replies)
+                ]
         return replies
 
     @staticmethod
@@ -238,11 +270,11 @@ class KeyService:
         self.store.savepoint()
         try:
             self._check_fresh(h, now)
-            device = self._device(req.identity)
+            device = self._device(req.identity, now)
             if device is not None:
                 fields = self._device_op(device, str(op), h, now)
             else:
-                fields = handler(self._caller(req.identity), h, now)
+                fields = handler(self._caller(req.identity, now), h, now)
             self.store.release_savepoint()
             return ok_reply(rid, **fields)
         except _Denied as d:
@@ -304,16 +336,37 @@ class KeyService:
         # entries arrive nearly in order, so the deque front expires first.
         expiry.append((max(now, ts) + MAX_SKEW, nonce))
 
-    def _caller(self, identity: str | None) -> LicenceRecord:
+    def _caller(self, identity: str | None, now: float) -> LicenceRecord:
         if identity is None:
             raise PermissionDeniedError("connection is not CURVE-authenticated")
-        rec = self.store.licence_by_key(identity)
+        rec = self._authentic(self.store.licence_by_key(identity), now)
         if rec is None:
-            raise UnknownLicenceError("no licence holds this client key")
+            raise _Denied(UnknownLicenceError("no licence holds this client key"))
         return rec
 
-    def _licence(self, licence_id: str) -> LicenceRecord | None:
-        return self.store.licence(licence_id)
+    def _licence(self, licence_id: str, now: float) -> LicenceRecord | None:
+        return self._authentic(self.store.licence(licence_id), now)
+
+    def _authentic(self, rec: LicenceRecord | None, now: float) -> LicenceRecord | None:
+        """The row if the key server wrote it; a row with a wrong or missing
+        tag (written by someone else into the database) is refused as if
+        absent, and reported: a log line and an audit record."""
+        if rec is None or self.rows.authentic(rec):
+            return rec
+        self._report_row(rec, now)
+        return None
+
+    def _report_row(self, rec: LicenceRecord, now: float) -> None:
+        self.log(
+            f"keyserver: REFUSED licence row {rec.licence_id} ({rec.role}, holder {rec.holder!r}):"
+            " its tag does not match; it was not written by this key server"
+        )
+        audit.append(
+            self.store, ts=now, event="row_refused", licence_id=rec.licence_id,
+            detail={"table": "licences", "role": rec.role, "holder": rec.holder,
+                    "client_public_key": rec.client_public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
 
     def _deny(
         self, caller: LicenceRecord, op: str, error: VaultError, now: float, **detail: Any
@@ -332,19 +385,39 @@ class KeyService:
         if not caller.is_admin:
             raise self._deny(caller, op, PermissionDeniedError(f"{op} needs an admin licence"), now)
 
-    # --- leases ------------------------------------------------------------------
+    # --- leases and metering (rules in keyserver.metering) -------------------------
 
-    def _budget(self, lic: LicenceRecord) -> int | None:
-        """Calls the worker may serve on this lease before it must renew:
-        what is left of the quota, and at most rate_limit x ttl."""
-        caps = []
-        if lic.max_calls is not None:
-            caps.append(max(0, lic.max_calls - lic.used_calls))
-        if lic.rate_limit is not None and lic.rate_limit > 0:
-            caps.append(max(1, math.ceil(lic.rate_limit * self.lease_ttl)))
-        return min(caps) if caps else None
+    def _meter(self, lic: LicenceRecord, *, used: int, reserved: int,
+               bucket: tuple[float, float] | None = None) -> LicenceRecord:  # fmt: skip
+        """Store the licence's new counters (and call bucket: tokens at a
+        time; None keeps it); returns the record as it now is."""
+        tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
+        if (used, reserved, tokens, at) == (lic.used_calls, lic.reserved_calls, lic.rate_tokens,
+                                            lic.rate_at):  # fmt: skip
+            return lic  # nothing metered (an unlimited licence): no write
+        new = self.rows.seal(dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
+                                                 rate_tokens=tokens, rate_at=at))  # fmt: skip
+        self.store.update_licence(new)
+        return new
 
-    def _lease_fields(self, lease_id: str, lic: LicenceRecord, now: float) -> dict[str, Any]:
+    def _lapse(self, lic: LicenceRecord, now: float) -> LicenceRecord:
+        """Leases past their hard end that never closed (a dead worker): their
+        reservation stays spent, as used calls. Audited once each."""
+        for lease in self.store.lapsed_leases_of(lic.licence_id, now):
+            forfeited = lease.call_budget or 0
+            used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=forfeited)
+            lic = self._meter(lic, used=used, reserved=reserved) if forfeited else lic
+            self.store.end_lease(lease.lease_id)
+            audit.append(
+                self.store, ts=now, event="lapsed", actor=lic.licence_id,
+                licence_id=lic.licence_id, model_id=lease.model_id,
+                detail={"lease_id": lease.lease_id, "forfeited_calls": forfeited},
+            )  # fmt: skip
+        return lic
+
+    def _lease_fields(
+        self, lease_id: str, lic: LicenceRecord, now: float, budget: metering.Budget
+    ) -> dict[str, Any]:
         expires = now + self.lease_ttl
         return {
             "lease_id": lease_id,
@@ -352,8 +425,19 @@ class KeyService:
             "grace": lic.grace,
             "expires_at": expires,
             "hard_end": expires + lic.grace,
-            "call_budget": self._budget(lic),
+            "call_budget": budget.budget,
+            "retry_after": budget.retry_after,
         }
+
+    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
+               ) -> tuple[LicenceRecord, metering.Budget]:  # fmt: skip
+        """Size a budget from the licence as settled (``used``/``reserved``)
+        and reserve it; returns the licence as stored and the budget."""
+        settled = dataclasses.replace(lic, used_calls=used, reserved_calls=reserved)
+        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl)
+        bucket = None if b.tokens is None else (b.tokens, now)
+        return self._meter(settled, used=used, reserved=reserved + (b.budget or 0),
+                           bucket=bucket), b  # fmt: skip
 
     # --- ops -----------------------------------------------------------------------
 
@@ -363,20 +447,18 @@ class KeyService:
         req = self._release_fields(h)
         ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
         if req["licence_id"] != caller.licence_id:
-            err: VaultError = (
-                UnknownLicenceError(f"no licence {req['licence_id']}")
-                if self._licence(req["licence_id"]) is None
-                else PermissionDeniedError("this licence id does not belong to the connecting key")
-            )
-            raise self._deny(caller, "release", err, now, **ids)
+            # One answer whether the id exists or is somebody else's: the
+            # reply must not tell a holder which licence ids exist.
+            err: VaultError = UnknownLicenceError(NOT_YOURS)
+            raise self._deny(caller, "release", err, now, **ids, asked_for=req["licence_id"])
         self._check_kind(caller, now, ids, actor=caller.licence_id)
         if not caller.same_user:
             err = PermissionDeniedError(
                 "a key is released only to an enrolled device: this licence is not --same-user "
                 "(use it through `vault daemon`)"
             )
-            raise self._deny(caller, "release", err, now, reason_detail="no_device", **ids)
-        return self._grant(caller, req, now, device_id="", actor=caller.licence_id)
+            raise self._deny(caller, "release", err, now, **ids)
+        return self._release_key(caller, req, now, device_id="", actor=caller.licence_id)
 
     @staticmethod
     def _release_fields(h: Mapping[str, Any]) -> dict[str, Any]:
@@ -400,45 +482,56 @@ class KeyService:
         why = (
             "a call licence gives no key (it is checked by the vendor's service)"
             if lic.kind == "call"
-            else f"a {lic.kind} licence gives no key"
+            else f"an {lic.kind} licence gives no key"
         )
         raise self._deny_as(actor, "release", PermissionDeniedError(why), now,
                             licence_id=lic.licence_id, **ids)  # fmt: skip
 
-    def _grant(
-        self, lic: LicenceRecord, req: dict[str, Any], now: float, *, device_id: str, actor: str
-    ) -> dict[str, Any]:
-        """The policy, the lease, the audit record and the sealed key."""
-        model_id, key_id, digest = req["model_id"], req["key_id"], req["digest"]
-        suite = req["suite"]
-        ids = {"model_id": model_id, "key_id": key_id}
+    def _release_key(
+        self, caller: LicenceRecord, req: dict[str, Any], now: float, *, device_id: str,
+        actor: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The policy, the reserved budget, the lease, the audit record and the
+        sealed key (bound to the device that asked; "" for tier 0)."""
+        model_id, key_id, digest, suite = (req["model_id"], req["key_id"], req["digest"],
+                                           req["suite"])  # fmt: skip
+        ids = {"model_id": model_id, "key_id": key_id, "licence_id": caller.licence_id}
         row = self.store.key(model_id, key_id)
         key = None if row is None else KeyRecord(model_id, key_id, row.package_digest)
+        lic = self._lapse(caller, now)
         ctx = Context("release", lic, now, model_id, digest, key)
         try:
             self.release_policy.check(ctx)
         except LicenceError as exc:
-            raise self._deny_as(actor, "release", exc, now, licence_id=lic.licence_id,
-                                **ids) from None  # fmt: skip
+            raise self._deny_as(actor, "release", exc, now, **ids) from None
         if row is None:
             err = KeyServerError(f"no key {key_id!r} is registered for model {model_id!r}")
-            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
+            raise self._deny_as(actor, "release", err, now, **ids)
+        lic, budget = self._grant(lic, lic.reserved_calls, lic.used_calls, now)
+        if budget.budget == 0:
+            # Only the rate can do this (QuotaLeft passed): a grant counts against it.
+            assert lic.rate_limit is not None
+            rl = RateLimitedError(
+                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
+            )
+            raise self._deny_as(actor, "release", rl, now, **ids)
         lease_id = os.urandom(12).hex()
-        lease = self._lease_fields(lease_id, lic, now)
+        lease = self._lease_fields(lease_id, lic, now, budget)
         self.store.insert_lease(
-            LeaseRow(lease_id, lic.licence_id, model_id, key_id, now, lease["expires_at"],
-                     lease["hard_end"], lease["call_budget"], False, device_id or None)
+            LeaseRow(lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
+                     lease["hard_end"], budget.budget, False, 0, device_id or None)
         )  # fmt: skip
         # Audit first; the reply leaves only after COMMIT (see process_batch).
         audit.append(
             self.store, ts=now, event="released", actor=actor,
-            licence_id=lic.licence_id, model_id=model_id,
+            licence_id=caller.licence_id, model_id=model_id,
             detail={"key_id": key_id, "lease_id": lease_id, "suite": suite,
-                    "package_digest": digest, "device_id": device_id or None},
+                    "package_digest": digest, "reserved_calls": budget.budget,
+                    "device_id": device_id or None},
         )  # fmt: skip
         plain = _crypto.unwrap_key(self._master, row.wrapped, key_id=key_id, model_id=model_id)
         try:
-            info = _crypto.key_release_info(model_id, digest, lic.licence_id, device_id)
+            info = _crypto.key_release_info(model_id, digest, caller.licence_id, device_id)
             try:
                 sealed = _crypto.hpke_seal(suite, req["ephemeral"], plain, info)
             except VaultError as exc:  # a malformed ephemeral key
@@ -449,10 +542,24 @@ class KeyService:
 
     # --- devices -------------------------------------------------------------------
 
-    def _device(self, identity: str | None) -> DeviceRecord | None:
-        if identity is None:
-            return None
-        return self.store.device_by_key(identity)
+    def _device(self, identity: str | None, now: float) -> DeviceRecord | None:
+        return (
+            None if identity is None else self._device_row(self.store.device_by_key(identity), now)
+        )
+
+    def _device_row(self, rec: DeviceRecord | None, now: float) -> DeviceRecord | None:
+        """The device row if the key server wrote it; one written into the
+        database by anyone else is refused as if absent, and reported."""
+        if rec is None or self.rows.device_authentic(rec):
+            return rec
+        self.log(f"keyserver: REFUSED device row {rec.device_id}: its tag does not match")
+        audit.append(
+            self.store, ts=now, event="row_refused",
+            detail={"table": "devices", "device_id": rec.device_id,
+                    "public_key": rec.public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
+        return None
 
     def _deny_as(
         self, actor: str, op: str, error: VaultError, now: float, **detail: Any
@@ -463,151 +570,168 @@ class KeyService:
             licence_id=detail.pop("licence_id", None), model_id=detail.pop("model_id", None),
             detail={"op": op, "reason": error.code, "message": error.message, **detail},
         )  # fmt: skip
-        if op not in ("release", "renew"):
+        if op not in ("release", "renew", "close"):
             self.log(f"keyserver: denied {op} for {actor}: {error.code}")
         return _Denied(error)
 
     def _device_op(
         self, device: DeviceRecord, op: str, h: Mapping[str, Any], now: float
     ) -> dict[str, Any]:
-        """A request made as an enrolled device: key release (with the
-        caller's licence proof) and lease renewal, nothing else."""
+        """A request made as an enrolled device: a key release (with the
+        caller's licence proof), and renewing or closing its own leases."""
         actor = device.device_id
         if device.revoked_at is not None:
             err: VaultError = PermissionDeniedError(f"device {device.device_id} was revoked")
             raise self._deny_as(actor, op, err, now)
-        if op == "renew":
-            lease_id = _str(h, "lease_id")
-            lease_row = self.store.device_lease(lease_id, device.device_id)
-            lic = None if lease_row is None else self._licence(lease_row.licence_id)
+        if op in ("renew", "close"):
+            lease = self.store.device_lease(_str(h, "lease_id"), device.device_id)
+            lic = None if lease is None else self._licence(lease.licence_id, now)
             if lic is None:
                 raise LicenceError("unknown lease")
-            return self._renew(lic, h, now, device_id=device.device_id)
+            handler = self._renew if op == "renew" else self._close
+            return handler(lic, h, now, device_id=device.device_id)
         if op == "call_decisions":  # a worker service checking its callers' call licences
             from .calls import call_decisions
 
             return call_decisions(self, device, h, now)
         if op != "release":
             err = PermissionDeniedError(
-                f"a device may only ask for keys and renew leases, not {op}"
+                f"a device may only ask for keys and renew or close its leases, not {op}"
             )
             raise self._deny_as(actor, op, err, now)
         req = self._release_fields(h)
         ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
-        claimed = h.get("device_id")
-        if claimed not in (None, device.device_id):
+        if h.get("device_id") not in (None, device.device_id):
             err = PermissionDeniedError("device id does not match the connecting device")
-            raise self._deny_as(actor, "release", err, now, licence_id=req["licence_id"], **ids)
-        lic = self._licence(req["licence_id"])
-        if lic is None:
-            err = UnknownLicenceError(f"no licence {req['licence_id']}")
             raise self._deny_as(actor, "release", err, now, **ids)
+        lic = self._licence(req["licence_id"], now)
+        if lic is None or not self._proof_verifies(lic, device, req, h):
+            # one answer for an unknown licence and for a proof that fails:
+            # the reply does not tell which licence ids exist (the audit does)
+            raise self._deny_as(actor, "release", UnknownLicenceError(NOT_YOURS), now,
+                                asked_for=req["licence_id"], proof="bad", **ids)  # fmt: skip
         self._check_kind(lic, now, ids, actor=actor)
         if lic.devices and device.device_id not in lic.devices:
             err = PermissionDeniedError(
                 f"licence {lic.licence_id} is not valid on device {device.device_id}"
             )
             raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
-        self._check_proof(lic, device, req, h, now, actor=actor)
-        return self._grant(lic, req, now, device_id=device.device_id, actor=actor)
+        self._check_proof_fresh(lic, h, now, actor=actor, ids=ids)
+        return self._release_key(lic, req, now, device_id=device.device_id, actor=actor)
 
-    def _check_proof(
-        self,
-        lic: LicenceRecord,
-        device: DeviceRecord,
-        req: dict[str, Any],
-        h: Mapping[str, Any],
-        now: float,
-        *,
-        actor: str,
-    ) -> None:
+    @staticmethod
+    def _proof_verifies(
+        lic: LicenceRecord, device: DeviceRecord, req: dict[str, Any], h: Mapping[str, Any]
+    ) -> bool:
         """The caller's signature with the licence's proof key over this very
-        request (licence, device, model, key, package, a fresh nonce and time)."""
-        ids = {"model_id": req["model_id"], "key_id": req["key_id"], "licence_id": lic.licence_id}
-        sig = h.get("proof")
-        nonce = h.get("proof_nonce")
-        ts = h.get("proof_ts")
+        request: licence, device, model, key, package, a nonce and a time."""
+        sig, nonce, ts = h.get("proof"), h.get("proof_nonce"), h.get("proof_ts")
         if (
-            not isinstance(sig, bytes)
+            not lic.proof_public_key
+            or not isinstance(sig, bytes)
             or not isinstance(nonce, bytes)
             or not 8 <= len(nonce) <= 64
             or isinstance(ts, bool)
             or not isinstance(ts, (int, float))
             or not math.isfinite(ts)
         ):
-            err: VaultError = PermissionDeniedError(
-                "a key request needs the caller's proof of the licence"
-            )
-            raise self._deny_as(actor, "release", err, now, **ids)
-        if abs(now - float(ts)) > MAX_SKEW:
-            err = PermissionDeniedError("licence proof is stale (clock skew?)")
-            raise self._deny_as(actor, "release", err, now, **ids)
+            return False
         msg = _crypto.licence_proof_message(
             licence_id=lic.licence_id, device_id=device.device_id, model_id=req["model_id"],
             key_id=req["key_id"], package_digest=req["digest"], nonce=nonce, ts=float(ts),
         )  # fmt: skip
         try:
-            if not lic.proof_public_key:
-                raise IntegrityError()
-            public = base64.b64decode(lic.proof_public_key)
-            _crypto.verify_signature(public, sig, msg)
-        except VaultError:
-            err = PermissionDeniedError("licence proof does not verify")
-            raise self._deny_as(actor, "release", err, now, **ids) from None
-        try:
-            self._remember_nonce(b"proof:" + nonce, float(ts), now)
-        except ProtocolError:
-            err = PermissionDeniedError("licence proof was used before")
-            raise self._deny_as(actor, "release", err, now, **ids) from None
+            _crypto.verify_signature(base64.b64decode(lic.proof_public_key), sig, msg)
+        except (VaultError, ValueError):
+            return False
+        return True
 
-    def _renew(
-        self,
-        caller: LicenceRecord,
-        h: Mapping[str, Any],
-        now: float,
-        *,
-        device_id: str | None = None,
-    ) -> dict[str, Any]:
+    def _check_proof_fresh(
+        self, lic: LicenceRecord, h: Mapping[str, Any], now: float, *, actor: str,
+        ids: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """A valid proof is good once, within the clock-skew window."""
+        ts, nonce = float(h["proof_ts"]), bytes(h["proof_nonce"])
+        err: VaultError | None = None
+        if abs(now - ts) > MAX_SKEW:
+            err = PermissionDeniedError("licence proof is stale (clock skew?)")
+        else:
+            try:
+                self._remember_nonce(b"proof:" + nonce, ts, now)
+            except ProtocolError:
+                err = PermissionDeniedError("licence proof was used before")
+        if err is not None:
+            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
+
+    def _report(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, op: str,
+                device_id: str | None = None
+                ) -> tuple[LicenceRecord, LeaseRow, int, int, int]:  # fmt: skip
+        """The lease named in ``h`` and the licence with its ``calls`` settled:
+        (licence, lease, used, reserved-without-this-lease, calls)."""
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
-        # a lease granted to a device is renewed by that device only
-        row = (
+        # a lease granted to a device is renewed and closed by that device only
+        lease = (
             self.store.lease(lease_id, caller.licence_id)
             if device_id is None
             else self.store.device_lease(lease_id, device_id)
         )
-        if row is None:
+        if lease is None:
             raise LicenceError("unknown lease")
-        model_id, ended, hard_end = row.model_id, row.ended, row.hard_end
         lic = caller
+        if lease.ended:
+            used, reserved = lic.used_calls + calls, lic.reserved_calls
+        else:
+            used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=calls)
         if calls:
-            self.store.add_usage(caller.licence_id, calls)
             audit.append(
                 self.store, ts=now, event="usage", actor=caller.licence_id,
-                licence_id=caller.licence_id, model_id=model_id,
-                detail={"lease_id": lease_id, "calls": calls},
+                licence_id=caller.licence_id, model_id=lease.model_id,
+                detail={"lease_id": lease_id, "calls": calls, "op": op},
             )  # fmt: skip
-            lic = self._licence(caller.licence_id) or caller
+        return lic, lease, used, reserved, calls
+
+    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, *,
+               device_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+        lic, row, used, reserved, calls = self._report(caller, h, now, "renew", device_id)
+        lease_id = row.lease_id
+        settled = self._meter(lic, used=used, reserved=reserved)
         try:
-            self.renew_policy.check(Context("renew", lic, now, model_id))
-            if ended:
+            self.renew_policy.check(Context("renew", settled, now, row.model_id))
+            if row.ended:
                 raise LicenceError("lease already ended")
         except LicenceError as exc:
-            self.store.end_lease(lease_id)
-            raise self._deny(lic, "renew", exc, now, model_id=model_id, lease_id=lease_id) from None
-        lease = self._lease_fields(lease_id, lic, now)
-        self.store.extend_lease(
-            lease_id,
-            expires_at=lease["expires_at"],
-            hard_end=lease["hard_end"],
-            call_budget=lease["call_budget"],
-        )
+            self.store.end_lease(lease_id, calls=calls)
+            raise self._deny(settled, "renew", exc, now, model_id=row.model_id,
+                             lease_id=lease_id) from None  # fmt: skip
+        lic, budget = self._grant(settled, reserved, used, now)
+        lease = self._lease_fields(lease_id, lic, now, budget)
+        self.store.extend_lease(lease_id, expires_at=lease["expires_at"],
+                                hard_end=lease["hard_end"], call_budget=budget.budget,
+                                calls=calls)  # fmt: skip
         audit.append(
             self.store, ts=now, event="renewed", actor=caller.licence_id,
-            licence_id=caller.licence_id, model_id=model_id,
-            detail={"lease_id": lease_id, "late": now > hard_end},
+            licence_id=caller.licence_id, model_id=row.model_id,
+            detail={"lease_id": lease_id, "late": now > row.hard_end,
+                    "reserved_calls": budget.budget},
         )  # fmt: skip
         return {"lease": lease}
+
+    def _close(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, *,
+               device_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """The worker is done with the lease: its last calls are used, the rest
+        of its reservation is refunded to the quota."""
+        lic, row, used, reserved, calls = self._report(caller, h, now, "close", device_id)
+        refunded = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
+        self._meter(lic, used=used, reserved=reserved)
+        self.store.end_lease(row.lease_id, calls=calls)
+        if not row.ended:
+            audit.append(
+                self.store, ts=now, event="closed", actor=caller.licence_id,
+                licence_id=caller.licence_id, model_id=row.model_id,
+                detail={"lease_id": row.lease_id, "calls": calls, "refunded_calls": refunded},
+            )  # fmt: skip
+        return {"lease_id": row.lease_id, "refunded_calls": refunded, "used_calls": used}
 
     def _register_key(
         self, caller: LicenceRecord, h: Mapping[str, Any], now: float
@@ -659,12 +783,12 @@ class KeyService:
         proof_public = base64.b64encode(proof_key.public_raw).decode()
         licence_id = new_licence_id()
         expires_at = None if expires is None else now + expires
-        self.store.insert_licence(
+        self.store.insert_licence(self.rows.seal(
             LicenceRecord(licence_id, holder, "caller", model_id, public.decode(), now,
                           expires_at, max_calls, rate_limit, grace, None, 0, kind=kind,
                           same_user=same_user, devices=tuple(devices),
                           proof_public_key=proof_public)
-        )  # fmt: skip
+        ))  # fmt: skip
         audit.append(
             self.store, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
             model_id=model_id,
@@ -703,7 +827,10 @@ class KeyService:
         if not isinstance(devices, list) or len(devices) > 256:
             raise ProtocolError("field 'devices' must be a list of device ids")
         for d in devices:
-            if not isinstance(d, str) or self.store.device(d) is None:
+            if (
+                not isinstance(d, str)
+                or self._device_row(self.store.device(d), self.clock()) is None
+            ):
                 raise KeyServerError(f"no enrolled device {d!r}")
         if devices and kind != "runtime":
             raise ProtocolError("only a runtime licence names devices")
@@ -712,15 +839,16 @@ class KeyService:
     def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "revoke", now)
         licence_id = _str(h, "licence_id")
-        target = self._licence(licence_id)
+        target = self._licence(licence_id, now)
         if target is None:
             raise UnknownLicenceError(f"no licence {licence_id}")
         if target.licence_id == caller.licence_id:
             raise PermissionDeniedError("refusing to revoke the licence making the request")
         if target.revoked_at is not None:
             return {"licence_id": licence_id, "revoked_at": target.revoked_at, "already": True}
-        self.store.set_revoked(licence_id, now)
-        self.store.end_leases_of(licence_id)
+        # Its open leases end at their next renewal (NotRevoked), which also
+        # settles what they reserved.
+        self.store.update_licence(self.rows.seal(dataclasses.replace(target, revoked_at=now)))
         audit.append(
             self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
@@ -732,6 +860,7 @@ class KeyService:
         self._require_admin(caller, "list", now)
         out = []
         for rec in self.store.licences():
+            authentic = self._authentic(rec, now) is not None
             out.append(
                 {
                     "licence_id": rec.licence_id,
@@ -742,6 +871,7 @@ class KeyService:
                     "expires_at": rec.expires_at,
                     "max_calls": rec.max_calls,
                     "used_calls": rec.used_calls,
+                    "reserved_calls": rec.reserved_calls,
                     "rate_limit": rec.rate_limit,
                     "grace": rec.grace,
                     "revoked": rec.revoked_at is not None,
@@ -749,6 +879,7 @@ class KeyService:
                     "kind": rec.kind,
                     "same_user": rec.same_user,
                     "devices": list(rec.devices),
+                    "authentic": authentic,  # False: a row the key server refuses
                 }
             )
         return {"licences": out}
@@ -766,7 +897,7 @@ class KeyService:
         name = _str(h, "name", optional=True) or device_id
         if len(public_key) != 40 or device_id_for(public_key) != device_id:
             raise ProtocolError("device id and public key do not belong together")
-        old = self.store.device(device_id)
+        old = self._device_row(self.store.device(device_id), now)
         if old is not None:
             if old.revoked_at is not None:
                 raise PermissionDeniedError(f"device {device_id} was revoked; make a new one")
@@ -774,8 +905,9 @@ class KeyService:
         if self.store.has_client_key(public_key):
             raise ProtocolError("that key already belongs to a licence")
         self.store.insert_device(
-            DeviceRecord(device_id, public_key, name, now, caller.licence_id, None)
-        )
+            self.rows.seal_device(DeviceRecord(device_id, public_key, name, now,
+                                               caller.licence_id, None))
+        )  # fmt: skip
         audit.append(
             self.store, ts=now, event="device_enrolled", actor=caller.licence_id,
             detail={"device_id": device_id, "name": name, "public_key": public_key},
@@ -788,12 +920,13 @@ class KeyService:
     ) -> dict[str, Any]:
         self._require_admin(caller, "revoke_device", now)
         device_id = _str(h, "device_id")
-        dev = self.store.device(device_id)
+        dev = self._device_row(self.store.device(device_id), now)
         if dev is None:
             raise KeyServerError(f"no enrolled device {device_id}")
         if dev.revoked_at is not None:
             return {"device_id": device_id, "revoked_at": dev.revoked_at, "already": True}
-        self.store.revoke_device(device_id, now)
+        self.store.update_device(self.rows.seal_device(dataclasses.replace(dev, revoked_at=now)))
+        self.store.end_device_leases(device_id)
         audit.append(
             self.store, ts=now, event="device_revoked", actor=caller.licence_id,
             detail={"device_id": device_id},
@@ -808,7 +941,8 @@ class KeyService:
         out = [
             {"device_id": d.device_id, "public_key": d.public_key, "name": d.name,
              "enrolled_at": d.enrolled_at, "enrolled_by": d.enrolled_by,
-             "revoked": d.revoked_at is not None, "revoked_at": d.revoked_at}
+             "revoked": d.revoked_at is not None, "revoked_at": d.revoked_at,
+             "authentic": self.rows.device_authentic(d)}
             for d in self.store.devices()
         ]  # fmt: skip
         return {"devices": out}

@@ -29,12 +29,13 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .policy import DeviceRecord, LicenceRecord
@@ -53,7 +54,7 @@ __all__ = [
     "transaction",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -69,11 +70,15 @@ CREATE TABLE IF NOT EXISTS licences (
     rate_limit REAL,
     grace REAL NOT NULL DEFAULT 0,
     revoked_at REAL,
-    used_calls INTEGER NOT NULL DEFAULT 0,
+    used_calls INTEGER NOT NULL DEFAULT 0,      -- reported, or forfeited by a dead worker
+    reserved_calls INTEGER NOT NULL DEFAULT 0,  -- held by open leases
+    rate_tokens REAL,                           -- the call bucket (keyserver.metering)
+    rate_at REAL,
     kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
     same_user INTEGER NOT NULL DEFAULT 0,   -- tier 0: the holder's user runs the worker
     devices TEXT,                           -- JSON list of device ids; NULL: any enrolled
-    proof_public_key TEXT                   -- base64 Ed25519: verifies proofs of possession
+    proof_public_key TEXT,                  -- base64 Ed25519: verifies proofs of possession
+    mac BLOB                                -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
@@ -81,7 +86,8 @@ CREATE TABLE IF NOT EXISTS devices (
     name TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
     enrolled_by TEXT NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    mac BLOB                                -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -99,10 +105,12 @@ CREATE TABLE IF NOT EXISTS leases (
     issued_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     hard_end REAL NOT NULL,
-    call_budget INTEGER,
+    call_budget INTEGER,                  -- calls reserved for this lease (NULL: unlimited)
     ended INTEGER NOT NULL DEFAULT 0,
-    device_id TEXT                          -- the device it was granted to (NULL: tier 0)
+    calls INTEGER NOT NULL DEFAULT 0,     -- calls the worker reported on it
+    device_id TEXT                        -- the device it was granted to (NULL: tier 0)
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT keeps the high-water mark
     ts REAL NOT NULL,                        -- in sqlite_sequence: a deleted tail shows
@@ -122,13 +130,13 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
-    " max_calls, rate_limit, grace, revoked_at, used_calls, kind, same_user, devices,"
-    " proof_public_key"
+    " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
+    " kind, same_user, devices, proof_public_key, mac"
 )
-_DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at"
+_DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at, mac"
 _LEASE_COLS = (
     "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
-    " ended, device_id"
+    " ended, calls, device_id"
 )
 _AUDIT_COLS = "seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash"
 
@@ -152,6 +160,7 @@ class LeaseRow:
     hard_end: float
     call_budget: int | None
     ended: bool
+    calls: int = 0
     device_id: str | None = None  # the device it was granted to (None: tier 0)
 
 
@@ -169,18 +178,23 @@ class AuditRow:
 
 
 def _licence(row: Sequence[Any]) -> LicenceRecord:
-    base = LicenceRecord(*row[:12])
-    devices = tuple(json.loads(row[14])) if row[14] else ()
-    return replace(
-        base, kind=str(row[12]), same_user=bool(row[13]), devices=devices,
-        proof_public_key=row[15],
+    kind, same_user, devices, proof_public_key, mac = row[15:20]
+    return dataclasses.replace(
+        LicenceRecord(*row[:15]), kind=str(kind), same_user=bool(same_user),
+        devices=tuple(json.loads(devices)) if devices else (), proof_public_key=proof_public_key,
+        mac=None if mac is None else bytes(mac),
     )  # fmt: skip
+
+
+def _device(r: Sequence[Any]) -> DeviceRecord:
+    mac = r[6]
+    return dataclasses.replace(DeviceRecord(*r[:6]), mac=None if mac is None else bytes(mac))
 
 
 def _lease(r: Sequence[Any]) -> LeaseRow:
     return LeaseRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]),
-                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]),
-                    None if r[9] is None else str(r[9]))  # fmt: skip
+                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]), int(r[9]),
+                    None if r[10] is None else str(r[10]))  # fmt: skip
 
 
 class Store:
@@ -289,22 +303,23 @@ class Store:
 
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
-            f"INSERT INTO licences ({LICENCE_COLS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO licences ({LICENCE_COLS}) VALUES ({', '.join(['?'] * 20)})",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
-             rec.revoked_at, rec.used_calls, rec.kind, int(rec.same_user),
-             json.dumps(list(rec.devices)) if rec.devices else None, rec.proof_public_key),
+             rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.kind, int(rec.same_user),
+             json.dumps(list(rec.devices)) if rec.devices else None, rec.proof_public_key,
+             rec.mac),
         )  # fmt: skip
 
-    def add_usage(self, licence_id: str, calls: int) -> None:
+    def update_licence(self, rec: LicenceRecord) -> None:
+        """Write the licence's changing columns (revocation, meters) and its tag."""
         self._q(
-            "UPDATE licences SET used_calls = used_calls + ? WHERE licence_id = ?",
-            (calls, licence_id),
-        )
-
-    def set_revoked(self, licence_id: str, when: float) -> None:
-        self._q("UPDATE licences SET revoked_at = ? WHERE licence_id = ?", (when, licence_id))
+            "UPDATE licences SET revoked_at = ?, used_calls = ?, reserved_calls = ?,"
+            " rate_tokens = ?, rate_at = ?, mac = ? WHERE licence_id = ?",
+            (rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.mac, rec.licence_id),
+        )  # fmt: skip
 
     # --- package keys ------------------------------------------------------------------
 
@@ -336,7 +351,8 @@ class Store:
 
     def insert_lease(self, row: LeaseRow) -> None:
         self._q(
-            f"INSERT INTO leases ({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
+            " hard_end, call_budget, ended, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row.lease_id, row.licence_id, row.model_id, row.key_id, row.issued_at,
              row.expires_at, row.hard_end, row.call_budget, int(row.ended), row.device_id),
         )  # fmt: skip
@@ -363,41 +379,64 @@ class Store:
 
     def device_by_key(self, public_key: str) -> DeviceRecord | None:
         r = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE public_key = ?", (public_key,))
-        return None if r is None else DeviceRecord(*r)
+        return None if r is None else _device(r)
 
     def device(self, device_id: str) -> DeviceRecord | None:
         r = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,))
-        return None if r is None else DeviceRecord(*r)
+        return None if r is None else _device(r)
 
     def devices(self) -> list[DeviceRecord]:
         rows = self._q(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY enrolled_at, device_id")
-        return [DeviceRecord(*r) for r in rows.fetchall()]
+        return [_device(r) for r in rows.fetchall()]
 
     def insert_device(self, rec: DeviceRecord) -> None:
         self._q(
-            f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (rec.device_id, rec.public_key, rec.name, rec.enrolled_at, rec.enrolled_by,
-             rec.revoked_at),
+             rec.revoked_at, rec.mac),
         )  # fmt: skip
 
-    def revoke_device(self, device_id: str, when: float) -> None:
-        """Revoke the device and end every lease granted to it."""
-        self._q("UPDATE devices SET revoked_at = ? WHERE device_id = ?", (when, device_id))
-        self._q("UPDATE leases SET ended = 1 WHERE device_id = ?", (device_id,))
+    def update_device(self, rec: DeviceRecord) -> None:
+        """Write the device's changing column (revocation) and its tag."""
+        self._q("UPDATE devices SET revoked_at = ?, mac = ? WHERE device_id = ?",
+                (rec.revoked_at, rec.mac, rec.device_id))  # fmt: skip
+
+    def end_device_leases(self, device_id: str) -> None:
+        """End every lease granted to a (revoked) device; what they reserved
+        stays spent: fail closed, as for a worker that died."""
+        self._q("UPDATE leases SET ended = 1, call_budget = 0 WHERE device_id = ?", (device_id,))
+
+    def lapsed_leases_of(self, licence_id: str, now: float) -> list[LeaseRow]:
+        """Open leases of the licence whose hard end has passed (an index
+        range: the cost does not grow with the live leases)."""
+        rows = self._q(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE licence_id = ? AND ended = 0 AND hard_end < ?",
+            (licence_id, now),
+        )
+        return [_lease(r) for r in rows.fetchall()]
 
     def extend_lease(
-        self, lease_id: str, *, expires_at: float, hard_end: float, call_budget: int | None
+        self,
+        lease_id: str,
+        *,
+        expires_at: float,
+        hard_end: float,
+        call_budget: int | None,
+        calls: int,
     ) -> None:
+        """New expiry and budget; ``calls`` more were reported on it."""
         self._q(
-            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ? WHERE lease_id = ?",
-            (expires_at, hard_end, call_budget, lease_id),
+            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ?, calls = calls + ?"
+            " WHERE lease_id = ?",
+            (expires_at, hard_end, call_budget, calls, lease_id),
         )
 
-    def end_lease(self, lease_id: str) -> None:
-        self._q("UPDATE leases SET ended = 1 WHERE lease_id = ?", (lease_id,))
-
-    def end_leases_of(self, licence_id: str) -> None:
-        self._q("UPDATE leases SET ended = 1 WHERE licence_id = ?", (licence_id,))
+    def end_lease(self, lease_id: str, *, calls: int = 0) -> None:
+        """Mark it ended (nothing reserved any more); ``calls`` more were reported."""
+        self._q(
+            "UPDATE leases SET ended = 1, call_budget = 0, calls = calls + ? WHERE lease_id = ?",
+            (calls, lease_id),
+        )
 
     def count_leases(self) -> int:
         return int(self._one("SELECT count(*) FROM leases")[0])

@@ -54,10 +54,14 @@ CREATE TABLE IF NOT EXISTS licences (
     grace DOUBLE PRECISION NOT NULL DEFAULT 0,
     revoked_at DOUBLE PRECISION,
     used_calls BIGINT NOT NULL DEFAULT 0,
+    reserved_calls BIGINT NOT NULL DEFAULT 0,
+    rate_tokens DOUBLE PRECISION,
+    rate_at DOUBLE PRECISION,
     kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
     same_user INTEGER NOT NULL DEFAULT 0,
     devices TEXT,
-    proof_public_key TEXT
+    proof_public_key TEXT,
+    mac BYTEA
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
@@ -65,7 +69,8 @@ CREATE TABLE IF NOT EXISTS devices (
     name TEXT NOT NULL,
     enrolled_at DOUBLE PRECISION NOT NULL,
     enrolled_by TEXT NOT NULL,
-    revoked_at DOUBLE PRECISION
+    revoked_at DOUBLE PRECISION,
+    mac BYTEA
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -85,8 +90,10 @@ CREATE TABLE IF NOT EXISTS leases (
     hard_end DOUBLE PRECISION NOT NULL,
     call_budget BIGINT,
     ended INTEGER NOT NULL DEFAULT 0,
+    calls BIGINT NOT NULL DEFAULT 0,
     device_id TEXT
 );
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,
     ts DOUBLE PRECISION NOT NULL,
@@ -118,19 +125,24 @@ class PostgresStore(Store):
     errors = (psycopg.Error,)
     _param = "%s"
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], url: str) -> None:
         self.conn = conn
+        self._url = url
 
-    @classmethod
-    def open(cls, url: str, *, create: bool = False) -> PostgresStore:
+    @staticmethod
+    def _connect(url: str) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            return psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             # the class only: a connection error may quote the URL (a password)
             raise ConfigError(
                 f"cannot connect to the PostgreSQL store ({type(exc).__name__})"
             ) from None
-        st = cls(conn)
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = False) -> PostgresStore:
+        conn = cls._connect(url)
+        st = cls(conn, url)
         if create:
             with st.transaction():
                 conn.execute(_SCHEMA)
@@ -144,6 +156,10 @@ class PostgresStore(Store):
         return self.conn.execute(sql, params or None)
 
     def begin(self) -> None:
+        if self.conn.closed or self.conn.broken:
+            # the server restarted or the connection dropped: a fresh one
+            # (a failure here is this batch's failure; the next one retries)
+            self.conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
         self.conn.execute("BEGIN")
         # Serialise every writer on every replica (see the module docstring).
         self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))

@@ -13,7 +13,7 @@ Fixtures (names are stable; other test packages rely on them):
 ``keyserver`` -> :class:`KeyServerProcess`
     ``python -m keyserver serve DIR --bind tcp://127.0.0.1:0 --lease-ttl 2``
     started on ``keyserver_dir`` and ready (its JSON ready line read with
-    ``vault.core.readyline.read_ready_line``; ``.ready`` holds it).
+    ``vault.core.launch.read_ready_line`` from its stdout; ``.ready`` holds it).
     Attributes: ``.dir``, ``.address`` (the real ``tcp://127.0.0.1:PORT``),
     ``.admin_licence`` (path; the file is rewritten to hold ``.address``),
     ``.publisher_key_path`` (``publisher.key``), ``.proc`` (``Popen``),
@@ -50,8 +50,8 @@ import pytest
 
 from vault.core.device import Device, init_device
 from vault.core.keyclient import KeyServerClient
+from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
-from vault.core.readyline import read_ready_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,17 +83,20 @@ class KeyServerProcess:
         if self.address:
             cmd += ["--advertise", self.address]
         cmd += self.extra_args
-        start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # stdout carries the one JSON ready line; the log lines go to stderr
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        assert self.proc.stdout is not None
         try:
-            self.ready = read_ready_line(
-                self.log_path, proc=self.proc, timeout=timeout, start=start_at
-            )
+            with self.proc.stdout:
+                self.ready = read_ready_line(
+                    self.proc.stdout, timeout=timeout, proc=self.proc, what="key server"
+                )
         except Exception as exc:
             self.kill()
-            raise RuntimeError(f"key server did not start: {exc}") from exc
+            out = self.output().decode(errors="replace")
+            raise RuntimeError(f"key server did not start: {exc}\n{out}") from exc
         if not self.address:
             self.address = str(self.ready["address"])
             lic = Licence.load(self.admin_licence)

@@ -24,6 +24,7 @@ from vault.core.errors import (
     KeyServerUnavailableError,
     PermissionDeniedError,
     ProtocolError,
+    UnknownLicenceError,
 )
 from vault.core.keyclient import KeyServerClient
 from vault.core.licence import Licence, LicenceProof
@@ -71,16 +72,16 @@ def test_the_proof_must_be_the_holders_and_fresh(keyserver, model_key):
         # another holder's proof key signing for this licence id
         forged = Licence.from_json({**other.to_json(), "licence_id": lic.licence_id})
         proof = forged.prove(device_id=dev.device_id, **ARGS)
-        with pytest.raises(PermissionDeniedError, match="does not verify"):
+        with pytest.raises(UnknownLicenceError, match="no such licence"):
             ks.release(**ARGS, proof=proof)
         # a proof for another device
         proof = lic.prove(device_id="dev-0000000000000000", **ARGS)
-        with pytest.raises(PermissionDeniedError, match="does not verify"):
+        with pytest.raises(UnknownLicenceError, match="no such licence"):
             ks.release(**ARGS, proof=proof)
         # a proof for another package
         proof = lic.prove(device_id=dev.device_id, model_id=MODEL, key_id=KEY_ID,
                           package_digest="sha256:" + "00" * 32)  # fmt: skip
-        with pytest.raises(PermissionDeniedError, match="does not verify"):
+        with pytest.raises(UnknownLicenceError, match="no such licence"):
             ks.release(**ARGS, proof=proof)
         # a stale one, and one used twice
         with pytest.raises(PermissionDeniedError, match="stale"):
@@ -94,10 +95,12 @@ def test_the_proof_must_be_the_holders_and_fresh(keyserver, model_key):
         # and none at all
         bare = Licence.from_json({**lic.to_json(), "proof_key": ""})
     with KeyServerClient(bare, device=dev) as ks:
-        with pytest.raises(PermissionDeniedError, match="proof"):
+        with pytest.raises(UnknownLicenceError, match="no such licence"):
             ks.release(**ARGS)
-    denied = [d["message"] for e, a, lid, d in _audit(keyserver) if e == "denied"]
-    assert sum("proof" in m for m in denied) == 6, denied
+    # one answer for a bad proof and an unknown licence; the audit tells them apart
+    denied = [d for e, a, lid, d in _audit(keyserver) if e == "denied"]
+    assert sum(d.get("proof") == "bad" for d in denied) == 4, denied
+    assert sum("proof" in d["message"] for d in denied) == 2, denied  # stale, used before
 
 
 def test_licence_kinds_and_device_binding(keyserver, model_key, tmp_path):
@@ -203,7 +206,7 @@ def test_raw_release_with_a_devices_key_still_needs_the_proof(keyserver, model_k
                             "licence_id": lic.licence_id, "ephemeral_key": eph.public_bytes}))  # fmt: skip
         assert s.poll(5000)
         rep = unpack_header(s.recv())
-        assert rep["ok"] is False and rep["error"]["code"] == "permission_denied", rep
+        assert rep["ok"] is False and rep["error"]["code"] == "licence_unknown", rep
     finally:
         s.close(0)
         ctx.term()
@@ -244,3 +247,31 @@ def test_vault_open_without_a_daemon_says_what_to_do(keyserver, tmp_path: Path) 
     finally:
         if old is not None:
             os.environ["VAULT_DAEMON"] = old
+
+
+def test_a_device_row_written_into_the_database_is_refused(keyserver, model_key, tmp_path):
+    """An insider with write access to the database inserts a device of their
+    own: its row has no valid tag, so it gets no handshake and no key."""
+    lic = keyserver.issue(MODEL)
+    forged = init_device(tmp_path / "forged")
+    conn = sqlite3.connect(keyserver.dir / "keyserver.db")
+    try:
+        conn.execute(
+            "INSERT INTO devices (device_id, public_key, name, enrolled_at, enrolled_by,"
+            " revoked_at, mac) VALUES (?, ?, 'insider', ?, 'me', NULL, ?)",
+            (forged.device_id, forged.public_key, time.time(), b"\0" * 32),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    with KeyServerClient(lic, device=forged, timeout=1.5) as ks:
+        with pytest.raises(KeyServerUnavailableError):
+            ks.release(**ARGS)
+    with keyserver.admin() as admin:
+        rows = {r["device_id"]: r for r in admin.list_devices()}
+    assert rows[forged.device_id]["authentic"] is False
+    assert f"REFUSED device row {forged.device_id}".encode() in keyserver.output()
+    # control: the same kind of device, enrolled by the admin, gets its key
+    with keyserver.client(lic) as ks:
+        assert ks.release(**ARGS).key == model_key
+    assert rows.get(keyserver.device().device_id, {"authentic": True})["authentic"] is True

@@ -39,15 +39,20 @@ def test_state_survives_a_clean_restart(keyserver):
     revoked = keyserver.issue(MODEL, holder="eve")
     with keyserver.admin() as admin:
         admin.revoke(revoked.licence_id)
+    other = keyserver.issue(MODEL, holder="bob")
     rel = _release(keyserver, lic)
     with keyserver.client(lic) as ks:
         ks.renew(lease_id=rel.lease.lease_id, calls=4)
     assert keyserver.stop() == 0  # SIGTERM: a clean exit
     assert b"keyserver stopped" in keyserver.output()
     keyserver.start()
-    assert _release(keyserver, lic).key == key
-    with keyserver.client(lic) as ks:  # the lease and the usage survived
+    assert _release(keyserver, other).key == key
+    with keyserver.client(lic) as ks:  # the lease, its reservation and the usage survived
         assert ks.renew(lease_id=rel.lease.lease_id, calls=0).call_budget == 6
+        assert ks.close_lease(lease_id=rel.lease.lease_id, calls=1) == 5  # refunded
+    with keyserver.admin() as admin:
+        [row] = [r for r in admin.list() if r["licence_id"] == lic.licence_id]
+    assert (row["used_calls"], row["reserved_calls"]) == (5, 0)
     with pytest.raises(VaultError, match="revoked"):
         _release(keyserver, revoked)
     out = _vault("keyserver", "audit", str(keyserver.dir), "--verify")

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq.auth
+from vault.core.readyline import read_ready_line
 
 from tests.models import mlp, reference_pipeline
 from vault.core.crypto import PublisherKey
 from vault.core.licence import Licence
-from vault.core.readyline import read_ready_line
 from vault.sealing import seal
 
 pytestmark = pytest.mark.skipif(

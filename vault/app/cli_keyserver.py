@@ -21,7 +21,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 
-__all__ = ["parse_duration", "register"]
+__all__ = ["parse_duration", "parse_rate", "register"]
 
 SAME_USER_WARNING = (
     "a --same-user licence lets the holder's own user run the worker (tier 0): "
@@ -40,6 +40,14 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ConfigError(f"duration {text!r} must be positive")
     return value
+
+
+def parse_rate(text: str) -> float:
+    """``"5/s"``, ``"300/m"``, ``"2.5"`` (per second) -> calls per second."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r} (use e.g. 5/s, 300/m)")
+    return float(m.group(1)) / _UNITS[m.group(2) or "s"]
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -90,17 +98,23 @@ def _fmt_time(ts: Any) -> str:
 def _list(args: argparse.Namespace) -> int:
     with _client(args) as ks:
         rows = ks.list()
+    # CALLS: used (reported, or reserved by a worker that died) + reserved by
+    # open leases, out of the quota: the quota is spent by both.
     print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'KIND':<10} {'MODEL':<16} "
           f"{'EXPIRES':<17} {'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
     same_user = False
     for r in rows:
-        calls = f"{r['used_calls']}/{r['max_calls'] if r['max_calls'] is not None else '-'}"
+        quota = r["max_calls"] if r["max_calls"] is not None else "-"
+        held = int(r.get("reserved_calls") or 0)
+        calls = f"{r['used_calls']}{f'+{held}' if held else ''}/{quota}"
         rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
         state = "revoked" if r.get("revoked") else "active"
         kind = str(r.get("kind") or "runtime") + ("*" if r.get("same_user") else "")
         same_user = same_user or bool(r.get("same_user"))
         devices = r.get("devices") or []
         where = f" devices={','.join(devices)}" if devices else ""
+        if r.get("authentic") is False:
+            state = "REFUSED (row not written by the key server)"
         print(
             f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {kind:<10} "
             f"{r['model_id'] or '-':<16} {_fmt_time(r['expires_at']):<17} {calls:<14} "
@@ -133,7 +147,8 @@ def register(sub: Any) -> None:
     p.add_argument("--to", required=True, help="holder name")
     p.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
     p.add_argument("--max-calls", type=int, default=None, help="call quota")
-    p.add_argument("--rate-limit", type=float, default=None, help="key requests per second")
+    p.add_argument("--rate", "--rate-limit", dest="rate_limit", type=parse_rate, default=None,
+                   metavar="R/s", help="calls per second (e.g. 5/s); sizes every lease's budget")  # fmt: skip
     p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
     p.add_argument("--kind", choices=("runtime", "call"), default="runtime",
                    help="runtime: use the model through an enrolled device (default); "

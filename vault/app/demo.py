@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LicenceError, VaultError
+from ..core.launch import read_ready_line
 from ..core.process import stop_process
-from ..core.readyline import read_ready_line
 
 __all__ = ["build_classifier", "run_demo"]
 
@@ -111,14 +111,18 @@ def _start_keyserver(
     log = open(log_path, "wb")
     cmd = [sys.executable, "-u", "-m", "keyserver", "serve", root, "--bind", "tcp://127.0.0.1:0",
            "--lease-ttl", str(lease_ttl)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # stdout carries the one JSON ready line; the log lines go to stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
     log.close()
+    assert proc.stdout is not None
     try:
-        ready = read_ready_line(log_path, proc=proc, timeout=20)
+        ready = read_ready_line(proc.stdout, timeout=20, proc=proc, what="key server")
     except VaultError as exc:
         proc.kill()
         proc.wait()
         raise VaultError(f"the demo key server did not start: {exc}") from None
+    finally:
+        proc.stdout.close()
     return proc, str(ready["address"])
 
 

@@ -173,6 +173,7 @@ class _Decision:
     error: dict[str, Any] | None = None
     licence: str = ""
     budget: int | None = None
+    retry_after: float | None = None  # budget 0 because of the rate: ask again after this
     rate: float | None = None
     expires_at: float | None = None
     admitted: int = 0  # calls let in under this grant (served and in flight)
@@ -272,6 +273,8 @@ class CallLicencePolicy(_Usage):
             if d.expires_at is not None and self._wall() >= d.expires_at:
                 raise LicenceExpiredError(f"licence {d.licence} has expired")
             if d.budget is not None and d.admitted >= d.budget:
+                if d.retry_after is not None and now < d.fetched + d.retry_after:
+                    raise RateLimitedError(f"licence {d.licence}: call rate exceeded")
                 # this lease's reserve is spent: ask for the next one (or the refusal)
                 if not d.refreshing:
                     d.refreshing = True
@@ -345,6 +348,7 @@ class CallLicencePolicy(_Usage):
             return
         d = _Decision(key, model_id, now, ttl, bool(raw.get("ok")), error=raw.get("error"),
                       licence=str(raw.get("licence_id") or ""), budget=raw.get("budget"),
+                      retry_after=raw.get("retry_after"),
                       rate=raw.get("rate"), expires_at=raw.get("expires_at"), last_used=now)  # fmt: skip
         with self._lock:
             self._decisions[(key, model_id)] = d
