@@ -222,7 +222,11 @@ def test_a_timed_out_call_frees_its_slot(service: Running) -> None:
     with service.connect("slow", timeout=60) as m, ThreadPoolExecutor(2) as pool:
         # both workers busy with long calls; a third call waits in the queue
         longs = [pool.submit(m.compute, {"x": big}) for _ in range(2)]
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            i.inflight for i in service.svc.models["slow"].instances
+        ):
+            time.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(vault.WorkerTimeoutError):
             m.compute({"x": np.ones((1, 512), np.float32)}, timeout=0.3)

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq.auth
-from vault.core.readyline import read_ready_line
 
 from tests.models import mlp, reference_pipeline
 from vault.core.crypto import PublisherKey
+from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
 from vault.sealing import seal
 
@@ -186,13 +186,13 @@ def test_killing_a_worker_host_mid_load_loses_no_call(
 
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        log = tmp_path / "ks.log"
-        with open(log, "wb") as fh:
+        with open(tmp_path / "ks.log", "wb") as fh:  # stdout: the one JSON ready line
             ks = net.popen("ks", ["-u", "-m", "keyserver", "serve", str(keyserver.dir),
                                   "--bind", ks_addr, "--lease-ttl", "2", "--advertise", ks_addr],
-                           stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+                           stdout=subprocess.PIPE, stderr=fh)  # fmt: skip
         procs.append(ks)
-        read_ready_line(log, proc=ks, timeout=30)
+        assert ks.stdout is not None
+        read_ready_line(ks.stdout, proc=ks, timeout=30, what="key server")
         endpoints = []
         for h in ("w1", "w2"):
             ep = f"tcp://{net.addr[h]}:7701"
