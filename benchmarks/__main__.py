@@ -30,6 +30,7 @@ SECTIONS = {
     "throughput": "throughput",
     "coldstart": "coldstart",
     "keyserver": "keyserver_bench",
+    "service": "service_bench",
 }
 
 
