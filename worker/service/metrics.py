@@ -69,10 +69,28 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.inflight = Gauge("vault_inflight", "Calls queued or running", ["model"], registry=r)
+        self._answered: dict[tuple[str, str, str], Any] = {}
+        self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
 
     def answered(self, model: str, licence: str, code: str) -> None:
-        outcome = "success" if code == "ok" else "failure"
-        self.requests.labels(model, licence, outcome, code).inc()
+        key = (model, licence, code)
+        child = self._answered.get(key)
+        if child is None:  # a labels() lookup takes a lock and builds a tuple: once per key
+            outcome = "success" if code == "ok" else "failure"
+            child = self._answered[key] = self.requests.labels(model, licence, outcome, code)
+        child.inc()
+
+    def per_model(self, model: str) -> tuple[Any, Any, Any, Any]:
+        """(queue_seconds, compute_seconds, batch_size, inflight) children of ``model``."""
+        got = self._per_model.get(model)
+        if got is None:
+            got = self._per_model[model] = (
+                self.queue_seconds.labels(model),
+                self.compute_seconds.labels(model),
+                self.batch_size.labels(model),
+                self.inflight.labels(model),
+            )
+        return got
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

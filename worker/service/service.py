@@ -465,12 +465,11 @@ class WorkerService:
     # -- callers ----------------------------------------------------------------------
 
     def _from_callers(self) -> None:
-        for _ in range(1024):
-            try:
-                msg = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        front = self.front
+        for _ in range(1024):  # EVENTS, not NOBLOCK + Again: no exception per wake-up
+            if not _readable(front):
                 return
-            self._request(msg)
+            self._request(front.recv_multipart(copy=False))
 
     def _reply(self, ident: Any, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         try:
@@ -558,7 +557,7 @@ class WorkerService:
             if call.rows is None:
                 call.feeds = None
         m.queue.append(call)
-        self.metrics.inflight.labels(m.model_id).inc()
+        self.metrics.per_model(m.model_id)[3].inc()
 
     def _unpark(self, key: str, model_id: str) -> None:
         for ident, rid, header, frames, mid, caller_key, arrived, deadline in self._parked.pop(
@@ -652,9 +651,10 @@ class WorkerService:
         inst.sock.send_multipart([pack_header(hdr), *frames], copy=False)
         inst.inflight += 1
         rows = sum(c.rows or _header_rows(c.header) for c in calls)
-        self.metrics.batch_size.labels(m.model_id).observe(rows)
+        queue_h, _, batch_h, _ = self.metrics.per_model(m.model_id)
+        batch_h.observe(rows)
         for c in calls:
-            self.metrics.queue_seconds.labels(m.model_id).observe(now - c.arrived)
+            queue_h.observe(now - c.arrived)
         stuck = max(c.deadline for c in calls) + self.cfg.request_timeout
         self.dispatches[did] = _Dispatch(did, inst, calls, now, joined, stuck)
         if joined:
@@ -664,11 +664,11 @@ class WorkerService:
 
     def _from_worker(self, inst: Instance) -> None:
         assert inst.sock is not None
+        sock = inst.sock
         for _ in range(1024):
-            try:
-                frames = inst.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if sock.closed or not _readable(sock):
                 return
+            frames = sock.recv_multipart(copy=False)
             try:
                 hdr = unpack_header(frames[0])
             except VaultError:
@@ -680,7 +680,7 @@ class WorkerService:
             now = time.monotonic()
             m = self._model_of(inst)
             if m is not None:
-                self.metrics.compute_seconds.labels(m.model_id).observe(now - d.sent)
+                self.metrics.per_model(m.model_id)[1].observe(now - d.sent)
             self._answered(d, hdr, frames[1:], m)
 
     def _answered(self, d: _Dispatch, hdr: dict[str, Any], frames: list[Any],
@@ -724,7 +724,7 @@ class WorkerService:
         code = "ok" if hdr.get("ok") else str((hdr.get("error") or {}).get("code", "error"))
         dt = time.monotonic() - c.arrived
         self.metrics.answered(c.model, c.admission.licence, code)
-        self.metrics.inflight.labels(c.model).dec()
+        self.metrics.per_model(c.model)[3].dec()
         self.cfg.policy.record(c.admission, ok=code == "ok")
         m = self.models.get(c.model)
         if m is not None:
@@ -917,6 +917,10 @@ class WorkerService:
         return {"calls": m.calls, "errors": m.errors, "batches": m.batches,
                 "instances": len(m.instances),
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)}}  # fmt: skip
+
+
+def _readable(sock: zmq.Socket[Any]) -> bool:
+    return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _wake_only(signum: int, frame: Any) -> None:
