@@ -204,7 +204,7 @@ def test_a_crashed_worker_fails_its_call_fast_and_is_restarted(service: Running)
         os.kill(busy[0].pid, signal.SIGKILL)
         with pytest.raises(vault.WorkerCrashedError):
             fut.result(timeout=30)
-        assert time.monotonic() - t0 < 1.0  # fails fast, not at the timeout
+        assert time.monotonic() - t0 < 5.0  # fails fast, not at the 60 s timeout
         # the other worker serves the next call at once
         assert m.compute({"x": np.ones((1, 512), np.float32)})["y"].shape == (1, 512)
         deadline = time.monotonic() + 30
@@ -230,7 +230,7 @@ def test_a_timed_out_call_frees_its_slot(service: Running) -> None:
         t0 = time.monotonic()
         with pytest.raises(vault.WorkerTimeoutError):
             m.compute({"x": np.ones((1, 512), np.float32)}, timeout=0.3)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 5.0  # not held until a worker frees up
         assert all(f.result(timeout=60)["y"].shape == (4096, 512) for f in longs)
     assert service.metric("vault_requests_total", model="slow", code="timeout") >= 1
     # the abandoned call never reached a worker and left no slot behind

@@ -113,7 +113,9 @@ def test_revocation_stops_a_caller_within_one_lease(service: Svc) -> None:
             while time.monotonic() - t0 < 3 * service.keyserver.lease_ttl:
                 c.compute({"x": X})
                 time.sleep(0.02)
-        assert time.monotonic() - t0 <= service.keyserver.lease_ttl + 0.5
+        # a decision is never used past one lease; the refusal then takes one
+        # key-server round trip (slack for a loaded machine)
+        assert time.monotonic() - t0 <= service.keyserver.lease_ttl + 1.5
 
 
 def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
