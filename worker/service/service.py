@@ -323,14 +323,16 @@ class WorkerService:
     # -- control from other threads ------------------------------------------------------
 
     def _post(self, *event: Any) -> None:
-        self._events.put(event)
         with self._wake_lock:  # never write to the fd number after close() reused it
-            if self._wake_w < 0:
-                return
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:  # the pipe is full: the loop is awake anyway
-                pass
+            closed = self._wake_w < 0
+            if not closed:
+                self._events.put(event)
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:  # the pipe is full: the loop is awake anyway
+                    pass
+        if closed and event[0] == "started":  # finished starting after the service stopped
+            event[3].stop()
 
     def request_stop(self) -> None:
         """Start a drain (thread-safe; what SIGTERM does)."""
