@@ -901,6 +901,13 @@ class WorkerService:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_w = -1
+        while True:  # a worker that became ready while we stopped
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if ev[0] == "started":
+                ev[3].stop()
         self.log("service_stopped")
 
     # -- ops answered by the service itself ---------------------------------------------------
