@@ -177,6 +177,13 @@ def test_device_files_and_the_cli(keyserver, tmp_path):
         [*run, "device", "list", "--licence", admin], capture_output=True, text=True
     )
     assert dev.device_id in out.stdout and "active" in out.stdout
+    # an admin elsewhere enrolls from a copy of device.pub alone
+    other = init_device(tmp_path / "other")
+    copy = tmp_path / "other.pub"
+    copy.write_bytes((tmp_path / "other" / "device.pub").read_bytes())
+    out = subprocess.run([*run, "device", "enroll", str(copy), "--licence", admin],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and f"device {other.device_id} enrolled" in out.stdout, out.stderr
     out = subprocess.run([*run, "device", "revoke", dev.device_id, "--licence", admin],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "revoked" in out.stdout

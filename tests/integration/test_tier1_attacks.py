@@ -548,6 +548,25 @@ def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
                 f.close()
 
 
+def test_a_caller_of_the_workers_uid_is_turned_away(tier1: Tier1) -> None:
+    """A process of the workers' own uid could ptrace them: the daemon will not serve it."""
+    code = (
+        "import json, socket, sys\n"
+        "from vault.core.daemonwire import send_message, recv_message\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "send_message(s, {'op': 'hello'}); rep, _ = recv_message(s)\n"
+        "print(json.dumps(rep))\n"
+    )
+    w = tier1.worker
+    as_worker = ["setpriv", f"--reuid={w.pw_uid}", f"--regid={w.pw_gid}", "--clear-groups"]
+    out = subprocess.run([*as_worker, SYSTEM_PYTHON, "-B", "-c", code, tier1.socket],
+                         env=_nobody_env(), capture_output=True, timeout=60, cwd="/")  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    rep = json.loads(out.stdout)
+    assert rep["ok"] is False and rep["error"]["code"] == "permission_denied", rep
+    assert _as_nobody_py(code, tier1.socket)["ok"] is True  # control: another uid is served
+
+
 # --- the device, revoked ------------------------------------------------------------------
 
 

@@ -37,15 +37,22 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from ..core.device import Device
+    from ..core.device import Device, device_id_for
 
-    dev = Device.load(args.dir)  # proves this user holds the key it enrolls
+    # DIR (on the device) or a copy of its device.pub (on the admin's machine):
+    # enrolment needs the public key only; the key server checks id and key agree
+    if os.path.isdir(args.dir):
+        pub = Device.load_public(args.dir)
+    else:
+        pub = Device.load_public(os.path.dirname(args.dir) or ".", name=os.path.basename(args.dir))
+    if device_id_for(pub["public_key"]) != pub["device_id"]:
+        raise ConfigError(f"{args.dir}: device id and public key do not belong together")
     with _client(args) as ks:
         created = ks.enroll_device(
-            device_id=dev.device_id, public_key=dev.public_key, name=args.name or ""
+            device_id=pub["device_id"], public_key=pub["public_key"], name=args.name or ""
         )
     note = "enrolled" if created else "was already enrolled"
-    print(f"device {dev.device_id} {note}")
+    print(f"device {pub['device_id']} {note}")
     return 0
 
 
@@ -108,7 +115,10 @@ def register(sub: Any) -> None:
     p = dsub.add_parser("init", help="create a device key pair in DIR (0700, key 0600)")
     p.add_argument("dir")
     p.set_defaults(func=_init)
-    p = dsub.add_parser("enroll", help="register the device in DIR with the key server (admin)")
+    p = dsub.add_parser(
+        "enroll",
+        help="register a device (its DIR, or a copy of its device.pub) with the key server",
+    )
     p.add_argument("dir")
     p.add_argument("--name", default=None, help="a label for the device list")
     admin_opts(p)

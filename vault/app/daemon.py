@@ -346,7 +346,7 @@ class Daemon:
         with self._lock:
             self._conns.add(conn)
         try:
-            if os.geteuid() == 0 and uid == self.config.worker_uid:
+            if uid == self.config.worker_uid:
                 # a caller of the workers' own uid could ptrace them: tier 1 void
                 send_message(sock, {"ok": False, "error": PermissionDeniedError(
                     "callers may not share the workers' uid").to_wire()})  # fmt: skip

@@ -87,9 +87,9 @@ class Device:
         return cls.loads(data, source=path)
 
     @staticmethod
-    def load_public(directory: str | os.PathLike[str]) -> dict[str, str]:
+    def load_public(directory: str | os.PathLike[str], *, name: str = PUB_FILE) -> dict[str, str]:
         """``{"device_id", "public_key"}`` from ``DIR/device.pub`` (no secret)."""
-        path = os.path.join(os.fspath(directory), PUB_FILE)
+        path = os.path.join(os.fspath(directory), name)
         try:
             with open(path, "rb") as fh:
                 obj = json.loads(fh.read())
