@@ -5,10 +5,16 @@ For each model, in one interleaved run: in-process ``InferenceSession.run``;
 raw pyzmq echo over ipc and over tcp+CURVE, a raw Unix-socket echo, each of
 the same request and reply bytes; and a plain memory copy of those bytes.
 Overhead = vault - in-process (medians); the target compares it with the
-raw pyzmq echo of the same transport. ``in_process`` uses the worker's own
-SessionOptions (spinning off). A session with onnxruntime's defaults
-(spinning on) is deliberately not among the rows: its spinning pool slows
-whichever row runs next on a 2-core machine.
+raw pyzmq echo of the same transport.
+
+Two in-process rows: ``in_process`` uses the worker's own SessionOptions
+(spinning off), so vault - in_process is the channel's cost alone;
+``in_process_default`` uses onnxruntime's defaults (spinning on), as a
+user's plain session would, so in_process - in_process_default is the cost
+of the worker's thread policy. Rows are timed in alternating BLOCKS of
+several back-to-back calls (not call by call), with a pause before each
+block: a spinning pool only competes with its own next call, never with the
+other side's.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from . import models as M
 from .floors import EchoServer, memcpy_fn
 from .harness import interleave, ort_session
 
-# name -> (builder, batch quick, batch full, rounds quick, rounds full)
-MODELS: dict[str, tuple[Callable[..., Any], int, int, int, int]] = {
-    "mlp": (M.mlp, 1, 32, 40, 200),
-    "mobilenet_v2": (M.mobilenet_v2, 1, 4, 20, 60),
-    "resnet50": (M.resnet50, 1, 4, 12, 40),
-    "big_tensor": (lambda batch: M.big_tensor(), 1, 1, 40, 200),
+# name -> (builder, batch quick, batch full, calls quick, calls full, block)
+MODELS: dict[str, tuple[Callable[..., Any], int, int, int, int, int]] = {
+    "mlp": (M.mlp, 1, 32, 40, 200, 10),
+    "mobilenet_v2": (M.mobilenet_v2, 1, 4, 20, 60, 5),
+    "resnet50": (M.resnet50, 1, 4, 12, 40, 4),
+    "big_tensor": (lambda batch: M.big_tensor(), 1, 1, 40, 200, 10),
 }
+# pause before each block: long enough for a spinning pool to go idle
+BLOCK_GAP_S = 0.02
 
 
 def _nbytes(arrs: Any) -> int:
@@ -40,16 +48,18 @@ def _nbytes(arrs: Any) -> int:
 
 def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, (build, bq, bf, rq, rf) in MODELS.items():
+    for name, (build, bq, bf, rq, rf, block) in MODELS.items():
         batch = bq if quick else bf
         model = build(batch=batch) if name != "big_tensor" else build(1)
         feeds = M.example_feeds(model, batch=batch)
         mbytes = model.SerializeToString()
         sess = ort_session(mbytes)
+        sess_default = ort_session(mbytes, default_options=True)
         ref = sess.run(None, feeds)
         n_in, n_out = _nbytes(feeds), _nbytes(ref)
         fns: dict[str, Callable[[], Any]] = {
             "in_process": lambda s=sess, f=feeds: s.run(None, f),
+            "in_process_default": lambda s=sess_default, f=feeds: s.run(None, f),
         }
         row: dict[str, Any] = {
             "batch": batch,
@@ -87,9 +97,17 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
         fns["memcpy"] = memcpy_fn(n_in, n_out)
         log(
             f"  latency {name} (batch {batch}, {n_in / 1e6:.2f} MB in, {n_out / 1e6:.2f} MB out): "
-            f"{len(fns)} rows interleaved"
+            f"{len(fns)} rows in alternating blocks of {block}"
         )
-        res = interleave(fns, rounds=rq if quick else rf, warmup=3, budget_s=15 if quick else 90)
+        calls = rq if quick else rf
+        res = interleave(
+            fns,
+            rounds=max(3, -(-calls // block)),
+            per_round=block,
+            warmup=3,
+            budget_s=15 if quick else 90,
+            gap_s=BLOCK_GAP_S,
+        )
         row["rows"] = res
         med = {k: v["median_s"] for k, v in res.items()}
         for mode, echo_name in (
@@ -101,8 +119,11 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
                 row[f"{mode}_overhead_s"] = ov
                 row[f"{mode}_overhead_over_echo"] = ov / med[echo_name]
                 row[f"{mode}_over_in_process"] = med[mode] / med["in_process"]
+                row[f"{mode}_over_in_process_default"] = med[mode] / med["in_process_default"]
+        # what the worker's thread policy (spinning off) costs in-process
+        row["thread_policy_s"] = med["in_process"] - med["in_process_default"]
         out[name] = row
-        del sess
+        del sess, sess_default
     return out
 
 

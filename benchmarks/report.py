@@ -23,9 +23,13 @@ def table(res: dict[str, Any]) -> str:
     if isinstance(lat, dict) and lat.get("unavailable_all"):
         L.append(f"\n1. latency: unavailable: {lat['unavailable_all']}")
     elif lat:
-        L.append("\n1. per-call latency, ms: median (p99); same run, interleaved")
+        L.append(
+            "\n1. per-call latency, ms: median (p99); same run, alternating blocks; "
+            "in_process = worker's options (spinning off), in_process_default = onnxruntime's"
+        )
         modes = [
             "in_process",
+            "in_process_default",
             "vault_ipc",
             "vault_tcp_curve",
             "zmq_echo_ipc",
@@ -60,6 +64,16 @@ def table(res: dict[str, Any]) -> str:
                 f"{g('vault_ipc_over_in_process', '.3f'):>11}{g('vault_tcp_curve_overhead_s', '.3f', 1e3):>12}"
                 f"{g('vault_tcp_curve_overhead_over_echo', '.2f'):>10}{g('vault_tcp_curve_over_in_process', '.3f'):>11}"
             )
+        L.append(
+            "   thread policy (in_process - in_process_default, ms) / vault_ipc over the "
+            "default session: "
+            + ", ".join(
+                f"{name} {row['thread_policy_s'] * 1e3:+.3f} / "
+                f"{row.get('vault_ipc_over_in_process_default', float('nan')):.3f}"
+                for name, row in lat.items()
+                if "thread_policy_s" in row
+            )
+        )
         notes = {row.get("tcp_note") for row in lat.values() if row.get("tcp_note")}
         for n in notes:
             L.append(f"   tcp worker: {n}")
@@ -207,6 +221,7 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     ax = axes[0][0]
     modes = [
         "in_process",
+        "in_process_default",
         "vault_ipc",
         "vault_tcp_curve",
         "zmq_echo_ipc",

@@ -1,10 +1,14 @@
 """Section 2: throughput with 1, 2, 4 and 8 concurrent callers on one model.
 
-In-process: N threads share one ``InferenceSession`` (``run`` drops the GIL).
+In-process: N threads share one ``InferenceSession`` (``run`` drops the GIL),
+configured like the worker's (``in_process``, spinning off) and with
+onnxruntime's defaults (``in_process_default``, spinning on).
 Vault: N threads share one ``vault.open`` Model (each thread gets its own
 socket; the worker serves with its default handler threads). Each point
-counts completed calls in a fixed window after a warm-up; the two sides
-alternate window by window, over several rounds, and the median rate wins.
+counts completed calls in a fixed window after a warm-up; the sides
+alternate window by window (blocks, never call by call, with a pause before
+each window so a spinning pool goes idle), over several rounds, and the
+median rate wins.
 """
 
 from __future__ import annotations
@@ -58,7 +62,11 @@ def run(
     model = M.mobilenet_v2(batch=1) if model_name == "mobilenet_v2" else M.mlp(batch=1)
     feeds = M.example_feeds(model)
     sess = ort_session(model.SerializeToString())
-    fns: dict[str, Callable[[], Any]] = {"in_process": lambda: sess.run(None, feeds)}
+    sess_default = ort_session(model.SerializeToString(), default_options=True)
+    fns: dict[str, Callable[[], Any]] = {
+        "in_process": lambda: sess.run(None, feeds),
+        "in_process_default": lambda: sess_default.run(None, feeds),
+    }
     out: dict[str, Any] = {"model": model_name, "batch": 1, "unavailable": {}}
     if env is not None:
         try:
@@ -80,6 +88,7 @@ def run(
         for n in CALLERS:
             order = list(fns) if r % 2 == 0 else list(fns)[::-1]
             for k in order:
+                time.sleep(0.02)  # the previous window's pools go idle first
                 points[k][n].append(_rate(fns[k], n, window))
     log(
         f"  throughput {model_name}: {rounds} rounds x {len(CALLERS)} caller counts, {window}s windows"
@@ -93,6 +102,10 @@ def run(
     if "vault_ipc" in fns:
         out["vault_over_in_process"] = {
             n: out["calls_per_s"]["vault_ipc"][n] / out["calls_per_s"]["in_process"][n]
+            for n in CALLERS
+        }
+        out["vault_over_in_process_default"] = {
+            n: out["calls_per_s"]["vault_ipc"][n] / out["calls_per_s"]["in_process_default"][n]
             for n in CALLERS
         }
     return out
