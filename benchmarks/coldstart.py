@@ -52,8 +52,9 @@ t_load = time.perf_counter() - t
 if sys.argv[2] == "compute":
     x = np.zeros([d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape], np.float32)
     s.run(None, {s.get_inputs()[0].name: x})
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-print(t_load, int(hwm) * 1024)
+st = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+      if l.startswith(("VmHWM:", "VmRSS:"))}
+print(t_load, st["VmHWM"], st["VmRSS"])
 """
 
 
@@ -78,8 +79,10 @@ pkg = Package.load(sys.argv[1]); pkg.verify(_crypto.load_public_key(lic.publishe
 with KeyServerClient(lic) as ks:
     rel = ks.release(model_id=pkg.model_id, key_id=pkg.key_id, package_digest=pkg.digest)
 plain = pkg.decrypt(rel.key); pkg.drop_resident_pages(); out["decrypt"] = rss()
-pipe = Pipeline(plain.graphs, plain.files, inputs=pkg.inputs, outputs=pkg.outputs); out["session"] = rss()
-plain.release(); pkg.close(); out["release_plaintext_close_package"] = rss()
+pipe = Pipeline(plain.graphs, plain.files, inputs=pkg.inputs, outputs=pkg.outputs, owner=plain)
+out["session"] = rss()
+plain.wipe_graphs(); pkg.close(); out["wipe_graphs_close_package"] = rss()
+pipe.close(); out["session_closed_plaintext_wiped"] = rss()
 print(json.dumps(out))
 """
 
@@ -105,7 +108,7 @@ def _mem_parts(pkg: Path, lic: Path) -> dict[str, Any]:
     return json.loads(r.stdout)
 
 
-def _plain_child(path: Path, compute: bool) -> tuple[float, int]:
+def _plain_child(path: Path, compute: bool) -> tuple[float, int, int]:
     t = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", _PLAIN_CHILD, str(path), "compute" if compute else "load"],
@@ -113,7 +116,7 @@ def _plain_child(path: Path, compute: bool) -> tuple[float, int]:
         text=True,
         check=True,
     ).stdout.split()
-    return time.perf_counter() - t, int(out[1])
+    return time.perf_counter() - t, int(out[1]), int(out[2])
 
 
 def _parts(pkg_path: Path, lic_path: Path) -> dict[str, float]:
@@ -236,9 +239,25 @@ def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dic
     return out
 
 
+def vm_rss(pid: int) -> int | None:
+    """Resident set (VmRSS) of a live process now, in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _memory(env: Any, path: Path, pkg: Path | None, lic: Path | None, mb: int) -> dict[str, Any]:
-    _, plain_hwm = _plain_child(path, compute=True)
-    mem: dict[str, Any] = {"size_mb": mb, "plain_onnxruntime_vmhwm_bytes": plain_hwm}
+    _, plain_hwm, plain_rss = _plain_child(path, compute=True)
+    mem: dict[str, Any] = {
+        "size_mb": mb,
+        "plain_onnxruntime_vmhwm_bytes": plain_hwm,
+        "plain_onnxruntime_vmrss_bytes": plain_rss,
+    }
     if env is None or pkg is None:
         mem["unavailable"] = "vault environment unavailable"
         return mem
@@ -248,6 +267,7 @@ def _memory(env: Any, path: Path, pkg: Path | None, lic: Path | None, mb: int) -
         m.compute({name: np.zeros([d if isinstance(d, int) else 1 for d in shape], dtype)})
         pid = m.health()["pid"]
         mem["worker_vmhwm_bytes"] = vm_hwm(pid)
+        mem["worker_vmrss_bytes"] = vm_rss(pid)
         mem["worker_over_plain"] = (
             mem["worker_vmhwm_bytes"] / plain_hwm if mem["worker_vmhwm_bytes"] else None
         )

@@ -179,6 +179,12 @@ def table(res: dict[str, Any]) -> str:
                 else f"unavailable: {mem.get('unavailable')}"
             )
         )
+        if mem.get("worker_vmrss_bytes") and mem.get("plain_onnxruntime_vmrss_bytes"):
+            L.append(
+                f"   resident after the compute (VmRSS): plain "
+                f"{mem['plain_onnxruntime_vmrss_bytes'] / 2**20:.0f} MiB, worker "
+                f"{mem['worker_vmrss_bytes'] / 2**20:.0f} MiB"
+            )
         steps = mem.get("worker_steps_replayed") or {}
         if steps and "unavailable" not in steps:
             L.append(

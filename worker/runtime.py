@@ -19,7 +19,8 @@ Example::
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ import onnxruntime as ort
 
 from vault.core.errors import ComputeError, ConfigError, InputError
 from vault.core.protocol import dtype_name
+
+from .initializers import add_to_options, zero_copy_graph
 
 __all__ = ["Pipeline", "choose_providers", "session_options", "signature_of"]
 
@@ -119,23 +122,53 @@ def _wipe_bytes(b: bytes) -> None:
 
 
 def _session(
-    graph: Any, files: Mapping[str, Any], so: ort.SessionOptions, providers: list[Any]
-) -> Any:
+    graph: Any, files: Mapping[str, Any], make_so: Callable[[], ort.SessionOptions],
+    providers: list[Any], keep: list[Any],
+) -> Any:  # fmt: skip
+    """A session; what it needs kept alive (OrtValues over ``files``) goes into ``keep``.
+
+    First with the weights in place (no copy). onnxruntime's graph
+    optimisers that fold weights into other weights (a Conv followed by an
+    Add or Mul, constant folding) read initializers from the graph, not from
+    the supplied values, so such a graph fails to load that way (it never
+    reads anything else: the placeholder is a directory); it is then loaded
+    through the in-memory-files route, which copies the weights."""
+    zero_copy = zero_copy_graph(graph, files) if files else None
+    if zero_copy is not None:
+        so = make_so()
+        graph_in_place, views = zero_copy
+        vals = add_to_options(so, views)
+        sess = _try_session(graph_in_place, so, providers)
+        if sess is not None:
+            keep += [views, vals]
+            return sess
+        del vals, views, so
+    so = make_so()
     if files:
         names = list(files)
         bufs = [files[n] for n in names]
         so.add_external_initializers_from_files_in_memory(names, bufs, [len(b) for b in bufs])
+    failed: list[str] = []
+    sess = _try_session(graph, so, providers, failed)
+    if sess is not None:
+        return sess
+    # raised outside any handler so no __context__ carries onnxruntime's text
+    raise ComputeError(f"the pipeline could not be loaded ({failed[0]})")
+
+
+def _try_session(
+    graph: Any, so: ort.SessionOptions, providers: list[Any], failed: list[str] | None = None
+) -> Any:
     model = bytes(graph)
-    failed = ""
     try:
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:  # onnxruntime's text names nodes: keep only the class
-        failed = type(exc).__name__
+        if failed is not None:
+            failed.append(type(exc).__name__)
+        return None
     finally:
         _wipe_bytes(model)
         del model
-    # raised outside the handler so no __context__ carries onnxruntime's text
-    raise ComputeError(f"the pipeline could not be loaded ({failed})")
 
 
 def signature_of(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -206,13 +239,21 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         device: str | None = None,
         options: Mapping[str, Any] | None = None,
+        owner: Any = None,
     ) -> None:
+        """``owner`` (optional) holds the memory ``files`` views: the sessions
+        use it in place, and :meth:`close` calls ``owner.release()`` (wipe,
+        free) once they are dropped and no run is in flight."""
         if not graphs:
             raise ConfigError("the package holds no graph")
         chosen = choose_providers(providers, device)
         self._stages: list[tuple[Any, list[str], list[str]]] | None = []
+        self._keep: list[Any] = []
+        self._owner = owner
+        self._lock = threading.Lock()
+        self._in_flight = 0
         for g in graphs:
-            sess = _session(g, files or {}, session_options(options), chosen)
+            sess = _session(g, files or {}, lambda: session_options(options), chosen, self._keep)
             self._stages.append(
                 (sess, [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
             )
@@ -239,8 +280,21 @@ class Pipeline:
         return self._stages is None
 
     def close(self) -> None:
-        """Drop the sessions (the weights go with them); in-flight runs finish."""
-        self._stages = None
+        """Drop the sessions (the weights go with them); in-flight runs finish,
+        then the owner's buffer is wiped and freed."""
+        with self._lock:
+            self._stages = None
+            idle = self._in_flight == 0
+        if idle:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        with self._lock:
+            keep, self._keep = self._keep, []
+            owner, self._owner = self._owner, None
+        del keep  # the OrtValues and views over the owner's memory
+        if owner is not None:
+            owner.release()
 
     # -- checks ---------------------------------------------------------------
 
@@ -289,9 +343,26 @@ class Pipeline:
     def run(
         self, feeds: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray[Any, Any]]:
-        stages = self._stages
-        if stages is None:
-            raise ComputeError("the pipeline was unloaded")
+        with self._lock:
+            stages = self._stages
+            if stages is None:
+                raise ComputeError("the pipeline was unloaded")
+            self._in_flight += 1
+        try:
+            return self._run(stages, feeds, outputs)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                last = self._in_flight == 0 and self._stages is None
+            if last:
+                self._teardown()
+
+    def _run(
+        self,
+        stages: list[tuple[Any, list[str], list[str]]],
+        feeds: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] | None,
+    ) -> dict[str, np.ndarray[Any, Any]]:
         self.check_inputs(feeds)
         want = self.check_outputs(outputs)
         failed = ""

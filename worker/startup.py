@@ -12,8 +12,9 @@ line, ``Model.startup_ms`` on the caller's side):
                     fresh ephemeral key), or, for tests only, from a pipe
 4. ``decrypt``      one pass into one buffer; the key is overwritten at once
 5. ``import_wait``  the onnxruntime import started in step 1
-6. ``session``      onnxruntime sessions from bytes; the plaintext is
-                    overwritten as soon as they exist
+6. ``session``      onnxruntime sessions from bytes, using the weights in
+                    the plaintext buffer in place (no copy); the pipeline
+                    owns the buffer and overwrites it when the sessions end
 7. the lease keeper, the request service, the bound endpoint, the ready line
 
 Hardening is already in place when this runs (the import thread inherits
@@ -180,10 +181,11 @@ class Startup:
         from .runtime import Pipeline
 
         args, pkg = self.args, self.package
+        plain, self.plain = self.plain, None
         try:
             self.pipeline = Pipeline(
-                self.plain.graphs,
-                self.plain.files,
+                plain.graphs,
+                plain.files,
                 inputs=pkg.inputs,
                 outputs=pkg.outputs,
                 providers=args.providers.split(",") if args.providers else None,
@@ -191,10 +193,12 @@ class Startup:
                 options={"intra_op_num_threads": args.intra_op_threads}
                 if args.intra_op_threads
                 else None,
+                owner=plain,  # the only copy of the weights: wiped when the sessions end
             )
-        finally:
-            self.plain.release()  # the only plaintext copy: the sessions hold the weights now
-            self.plain = None
+        except BaseException:
+            plain.release()
+            raise
+        plain.wipe_graphs()  # parsed into the sessions: only the weights stay
 
     def _renew(self, lease_id: str, calls: int) -> Any:
         from vault.core.keyclient import KeyServerClient

@@ -209,6 +209,18 @@ class Plaintext:
         if self._buf is not None:
             _crypto.zeroize(self._buf)
 
+    def wipe_graphs(self) -> None:
+        """Overwrite the index and the graphs (the architecture), keeping the
+        weight files: for a reader that uses the weights in place."""
+        if self._buf is None:
+            return
+        first = min([f["offset"] for f in self.index["files"]], default=len(self._buf))
+        _crypto.zeroize(self._view[:first])  # the index header and alignment padding
+        for g in self.graphs:
+            _crypto.zeroize(g)
+            g.release()
+        self.graphs = []
+
     def release(self) -> None:
         """Wipe, then drop every view so the buffer can be freed."""
         self.wipe()
