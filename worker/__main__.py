@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     t = threading.Thread(target=server.stop, daemon=True)
     t.start()
     t.join(0.5)
+    keeper.drop_sessions()  # the plaintext weights are wiped unless a call is still running
     # Handler threads may sit inside onnxruntime; tearing the zmq context down
     # under them is unsafe, and there is nothing to flush: leave at once.
     os._exit(0)

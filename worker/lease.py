@@ -223,6 +223,13 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._loop, name="vault-lease", daemon=True)
         self._thread.start()
 
+    def drop_sessions(self) -> None:
+        """At exit: drop the sessions (and wipe the weights once no call is in flight)."""
+        try:
+            self._on_end()
+        except Exception:  # pragma: no cover - best effort on the way out
+            pass
+
     def stop(self) -> None:
         """Stop renewing and close the lease, reporting the calls not yet
         reported (the key server refunds the rest of the budget). Best
