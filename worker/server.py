@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from vault.core.errors import ConfigError
+from vault.core.protocol import SHM_MIN_BYTES
 
 __all__ = ["Server", "load_allowed_keys"]
 
@@ -112,6 +113,9 @@ class Server:
         self.front.setsockopt(zmq.MAXMSGSIZE, max_message)  # per frame; larger drops the peer
         self.front.setsockopt(zmq.SNDHWM, hwm)
         self.front.setsockopt(zmq.RCVHWM, hwm)
+        # small reply frames are copied: a zero-copy frame wakes pyzmq's
+        # garbage-collector thread (and takes the GIL) when libzmq frees it
+        self.front.copy_threshold = SHM_MIN_BYTES
         if endpoint.startswith("tcp://") or allowed is not None:
             if curve_secret is None or curve_public is None or allowed is None:
                 raise ConfigError("a tcp:// worker needs CURVE keys and an allow-list")
@@ -144,6 +148,7 @@ class Server:
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
             push.setsockopt(zmq.SNDHWM, 0)
+            push.copy_threshold = SHM_MIN_BYTES
             push.connect(self._results_addr)
             self._tls.push = push
         t0 = time.perf_counter()
