@@ -321,6 +321,7 @@ class Model:
             raise
         self.info = {k: v for k, v in info.items() if k not in ("v", "id", "ok")}
         self.inputs = _signature(info.get("inputs"))
+        self._input_types = {n: t for n, (t, _) in self.inputs.items()}
         self.outputs = _signature(info.get("outputs"))
         self.model_id = info.get("model_id")
 
@@ -378,8 +379,7 @@ class Model:
     ) -> tuple[dict[str, Any], list[Any]]:
         gen, sock = self._socket()
         rid = next(self._ids)
-        header["v"] = PROTOCOL_VERSION
-        header["id"] = rid
+        header = {**header, "v": PROTOCOL_VERSION, "id": rid}  # never the caller's dict
         sock.send_multipart([pack_header(header), *frames], copy=False)
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -425,7 +425,7 @@ class Model:
         region = arena.region(slot) if arena is not None and slot is not None else None
         reusable = True
         try:
-            descs, frames = encode_tensors(inputs, region)
+            descs, frames = encode_tensors(inputs, region, types=self._input_types)
             header: dict[str, Any] = {"op": "compute", "tensors": descs}
             if region is not None:
                 header["shm"] = region.to_wire()

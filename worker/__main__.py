@@ -237,8 +237,9 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
         shm = map_arena(args.shm_fd, args.shm_size)
         os.close(args.shm_fd)  # the mapping keeps the memory; the fd is no longer needed
     service = Service(
-        pipeline, keeper, info=info, hardening=report, max_request=args.max_message, shm=shm
-    )
+        pipeline, keeper, info=info, hardening=report, max_request=args.max_message, shm=shm,
+        remote=args.endpoint.startswith("tcp://"),
+    )  # fmt: skip
 
     ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
     server_public: bytes | None = None
