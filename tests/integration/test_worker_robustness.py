@@ -97,7 +97,9 @@ def test_worker_refuses_custom_domains_and_outside_weights_at_load(tmp_path: Pat
         e.key, e.value = k, v
     past = _model([helper.make_node("Add", ["x", "w"], ["y"])], [x], [y], [w])
     with pytest.raises(UnsafeModelError, match="outside its weight file"):
-        open_sealed(seal_unchecked(tmp_path / "c", past, files=[("pipeline.weights", bytearray(64))]))
+        open_sealed(
+            seal_unchecked(tmp_path / "c", past, files=[("pipeline.weights", bytearray(64))])
+        )
 
 
 # --- denial of service ------------------------------------------------------------------------
