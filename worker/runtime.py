@@ -144,8 +144,7 @@ def signature_of(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
     def conv(args: Any) -> list[dict[str, Any]]:
         return [
-            {"name": a.name, "dtype": _ort_type_name(a.type), "shape": list(a.shape)}
-            for a in args
+            {"name": a.name, "dtype": _ort_type_name(a.type), "shape": list(a.shape)} for a in args
         ]
 
     return conv(session.get_inputs()), conv(session.get_outputs())
@@ -358,9 +357,7 @@ class Pipeline:
 
     # -- run ------------------------------------------------------------------
 
-    def run(
-        self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None
-    ) -> dict[str, Any]:
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
         stages = self._stages
         if stages is None:
             raise ComputeError("the pipeline was unloaded")

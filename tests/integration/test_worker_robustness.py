@@ -74,6 +74,43 @@ def test_worker_refuses_external_data_by_path_at_load(
         open_sealed(evil)
 
 
+_LANDLOCK_PROBE = """
+import sys
+from worker import hardening
+on = sys.argv[1] == "on"
+rep = hardening.harden(home=None, mlock=False, seccomp=False, landlock=on,
+                       reads=hardening.startup_reads([]) if on else None)
+import numpy as np, onnxruntime as ort
+try:
+    sess = ort.InferenceSession(GRAPH)
+    print(sess.run(["leak"], {"x": np.zeros(1, np.float32)})[0].tobytes().decode())
+except Exception as exc:
+    print("refused", type(exc).__name__)
+"""
+
+
+def test_landlock_stops_reads_outside_the_startup_paths(tmp_path: Path) -> None:
+    """Second layer, with the purity check out of the way: onnxruntime in a
+    hardened process cannot read a file from its working directory."""
+    import subprocess
+    import sys
+
+    secret = b"licence-secret-123"
+    (tmp_path / "licence.json").write_bytes(secret)
+    graph = _licence_leaker(len(secret)).SerializeToString()
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"GRAPH = {graph!r}\n" + _LANDLOCK_PROBE)
+    results = {}
+    for mode in ("off", "on"):
+        out = subprocess.run(
+            [sys.executable, "-I", str(probe), mode], cwd=tmp_path, capture_output=True,
+            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        results[mode] = out.stdout.strip() or out.stderr[-300:]
+    assert results["off"] == secret.decode()  # control: the file is read
+    assert results["on"].startswith("refused"), results["on"]
+
+
 def test_worker_refuses_custom_domains_and_outside_weights_at_load(tmp_path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
