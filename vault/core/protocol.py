@@ -251,6 +251,12 @@ def _as_tensor(name: str, value: Any, dtype: str) -> np.ndarray[Any, Any]:
     return np.asarray(value, dtype=None if dtype == "string" else dtype_from_name(dtype))
 
 
+def _array(items: list[Any], dtype: str) -> np.ndarray[Any, Any]:
+    if dtype == "string":
+        return np.array([str(x) for x in items], dtype=object)
+    return np.asarray(items, dtype=dtype_from_name(dtype))
+
+
 def encode_value(name: str, value: Any, vtype: str) -> tuple[dict[str, Any], list[Any]]:
     """A value of declared type ``vtype`` (a tensor, or a sequence, map or
     optional) as a descriptor and its frames, in order."""
@@ -285,8 +291,8 @@ def encode_value(name: str, value: Any, vtype: str) -> tuple[dict[str, Any], lis
     inner = vtype[len("map<") + len(t[1]) + 1 : -1]
     if t[2][0] != "tensor":
         raise InputError(f"{name!r}: map values of type {inner} are not supported")
-    keys = _as_tensor(name, list(value.keys()), t[1])
-    vals = _as_tensor(name, list(value.values()), t[2][1])
+    keys = _array(list(value.keys()), t[1])
+    vals = _array(list(value.values()), t[2][1])
     kd, kf = encode_tensor("", keys.reshape(-1))
     vd, vf = encode_tensor("", vals.reshape(-1))
     desc["keys"], desc["values"] = kd, vd
