@@ -10,28 +10,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import harness, report, targets
+from .context import Context
 
-SECTIONS = (
-    "decrypt",
-    "accounting",
-    "latency",
-    "breakdown",
-    "throughput",
-    "transfer",
-    "coldstart",
-    "overhead",
-    "keyserver",
-)
+# Each name is a module in this package with ``section(ctx) -> dict``
+# (see benchmarks/context.py), run in this order.
+SECTIONS = {
+    "decrypt": "decrypt_bench",
+    "accounting": "accounting",
+    "latency": "latency",
+    "breakdown": "breakdown",
+    "transfer": "transfer",
+    "throughput": "throughput",
+    "coldstart": "coldstart",
+    "keyserver": "keyserver_bench",
+}
 
 
 def _log(msg: str) -> None:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output directory")
     ap.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}"
     )
     args = ap.parse_args(argv)
     import signal
@@ -76,66 +75,25 @@ def main(argv: list[str] | None = None) -> int:
         res["targets"] = targets.evaluate(res)
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
 
-    def section(name: str, fn: Any) -> None:
-        if name not in wanted:
-            return
-        _log(f"[{time.perf_counter() - t0:6.1f}s] {name}")
-        try:
-            res[name] = fn()
-        except harness.Unavailable as exc:
-            res[name] = {"unavailable": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
-            res["errors"][name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        save()
-
-    from . import accounting, decrypt_bench
-
-    section(
-        "decrypt", lambda: decrypt_bench.run(quick=args.quick, size_mb=100 if args.quick else 500)
-    )
-    section("accounting", lambda: accounting.run(args.quick))
-
-    work = Path(tempfile.mkdtemp(prefix="vault-bench-"))
-    env: Any = None
+    ctx = Context(quick=args.quick, log=_log)
     try:
-        if set(wanted) & {"latency", "breakdown", "throughput", "transfer", "coldstart"}:
-            from .vaultenv import VaultEnv
-
+        for name, module_name in SECTIONS.items():
+            if name not in wanted:
+                continue
+            _log(f"[{time.perf_counter() - t0:6.1f}s] {name}")
             try:
-                env = VaultEnv(work)
+                module = importlib.import_module(f"{__package__}.{module_name}")
+                res[name] = module.section(ctx)
             except harness.Unavailable as exc:
-                res["vault_unavailable"] = str(exc)
-                _log(f"vault rows unavailable: {exc}")
-            from . import breakdown, coldstart, latency, throughput, transfer
-            from .floors import EchoServer
-
-            with EchoServer() as echo:
-                section("latency", lambda: latency.run(args.quick, env, echo, _log))
-                section("breakdown", lambda: breakdown.run(args.quick, env, echo, _log))
-                section("transfer", lambda: transfer.run(args.quick, env, echo, _log))
-            section("throughput", lambda: throughput.run(args.quick, env, _log))
-            section("coldstart", lambda: coldstart.run(args.quick, env, work, _log))
+                res[name] = {"unavailable": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
+                res["errors"][name] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            if ctx.env_error:
+                res["vault_unavailable"] = ctx.env_error
+            save()
     finally:
-        if env is not None:
-            env.close()
-        shutil.rmtree(work, ignore_errors=True)
-
-    def reused(name: str) -> Callable[[], dict[str, Any]]:
-        """A section run by another benchmark module's ``run(quick=...)``."""
-
-        def run() -> dict[str, Any]:
-            try:
-                module = importlib.import_module(f"{__package__}.{name}")
-            except ImportError as exc:
-                raise harness.Unavailable(f"benchmarks/{name}.py not importable ({exc})") from None
-            return module.run(quick=args.quick)  # type: ignore[no-any-return]
-
-        return run
-
-    section("overhead", reused("overhead_bench"))
-    section("keyserver", reused("keyserver_bench"))
-    save()
+        ctx.close()
     png = report.plot(res, out / "benchmarks.png")
     print(report.table(res))
     print(

@@ -11,6 +11,11 @@ own cost (an empty loop of the same length) is subtracted.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 import statistics
 import time
 from types import SimpleNamespace
@@ -51,3 +56,7 @@ def run(quick: bool) -> dict[str, Any]:
         "min_s": min(per_call),
         "samples_s": per_call,
     }
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(ctx.quick)

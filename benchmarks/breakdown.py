@@ -18,6 +18,11 @@ hand-offs = vault_ipc - worker_handle - client_codec.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 from collections.abc import Callable
 from typing import Any
 
@@ -86,3 +91,7 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
     del ok_reply
     pipe.close()
     return out
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(ctx.quick, ctx.env, ctx.echo, ctx.log)

@@ -22,6 +22,11 @@ process that loads the plain model with onnxruntime and computes once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 import os
 import statistics
 import subprocess
@@ -255,3 +260,7 @@ def _memory(env: Any, path: Path, pkg: Path | None, lic: Path | None, mb: int) -
 
 if os.name != "posix":  # pragma: no cover
     raise ImportError("POSIX only")
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(ctx.quick, ctx.env, ctx.workdir, ctx.log)

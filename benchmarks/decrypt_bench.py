@@ -11,6 +11,11 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 import argparse
 import os
 import statistics
@@ -86,3 +91,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(quick=ctx.quick, size_mb=100 if ctx.quick else 500)

@@ -17,6 +17,11 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 import argparse
 import json
 import math
@@ -269,3 +274,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(quick=ctx.quick)

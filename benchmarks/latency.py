@@ -13,6 +13,11 @@ whichever row runs next on a 2-core machine.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 from collections.abc import Callable
 from typing import Any
 
@@ -99,3 +104,7 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
         out[name] = row
         del sess
     return out
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(ctx.quick, ctx.env, ctx.echo, ctx.log)

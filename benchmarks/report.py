@@ -129,18 +129,6 @@ def table(res: dict[str, Any]) -> str:
             f"   decrypt_bench {dec['size_bytes'] >> 20} MiB: decrypt {dec['decrypt_gbps']:.2f} GB/s, "
             f"signature hashing {dec['verify_hash_gbps']:.2f} GB/s, fresh memcpy {dec['memcpy_fresh_gbps']:.2f} GB/s"
         )
-    ov = res.get("overhead")
-    if ov and "small" in ov:
-        L.append("\n   overhead_bench.py (its own interleaved run, synthetic MatMul models):")
-        for k in ("small", "1MiB"):
-            r = ov[k]
-            L.append(
-                f"   {k:>6} ({r['payload_bytes']} B): in-process {r['onnxruntime_inprocess']['median_us']:.0f} us, "
-                f"echo {r['pyzmq_echo']['median_us']:.0f} us, vault {r['vault_worker']['median_us']:.0f} us "
-                f"-> overhead/echo {r['vault_overhead_vs_echo']:.2f}x"
-            )
-    elif ov:
-        L.append(f"\n   overhead_bench.py: {ov.get('unavailable', 'not run')}")
     ks = res.get("keyserver")
     L.append("\n4. key server (benchmarks/keyserver_bench.py)")
     if ks and "1" in ks:
@@ -163,14 +151,8 @@ def table(res: dict[str, Any]) -> str:
         if "vault_per_direction_s" in xf:
             L.append(
                 f"   vault per direction {xf['vault_per_direction_s'] * 1e3:.3f} ms = "
-                f"{xf['vault_per_direction_over_memcpy']:.2f}x memcpy (>3 calls for shared memory: "
-                f"{xf['shm_prototype_needed']}); "
+                f"{xf['vault_per_direction_over_memcpy']:.2f}x memcpy; "
                 f"raw zmq per direction {xf['zmq_per_direction_over_memcpy']:.2f}x memcpy"
-            )
-            L.append(
-                f"   shm prototype saves {xf['shm_copy_gain_s'] * 1e3:.2f} ms (copy in/out) / "
-                f"{xf['shm_zero_copy_gain_s'] * 1e3:.2f} ms (zero-copy) per call; "
-                f"vs in-process {xf['shm_copy_over_in_process']:.2f}x / {xf['shm_zero_copy_over_in_process']:.2f}x"
             )
     mem = (cold or {}).get("memory") or {}
     if mem:

@@ -9,6 +9,11 @@ alternate window by window, over several rounds, and the median rate wins.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .context import Context
+
 import statistics
 import threading
 import time
@@ -91,3 +96,7 @@ def run(
             for n in CALLERS
         }
     return out
+
+
+def section(ctx: Context) -> dict[str, Any]:
+    return run(ctx.quick, ctx.env, ctx.log)

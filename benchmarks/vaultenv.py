@@ -20,10 +20,8 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import select
 import subprocess
 import sys
 import time
@@ -122,13 +120,11 @@ class VaultEnv:
     def serve_tcp(self, package: Path, licence: Path, *, threads: int | None = None) -> Any:
         """Start ``python -m worker`` on tcp://127.0.0.1 with CURVE and an
         allow-list holding the licence's client key; return ``vault.connect`` to it."""
-        m = self._serve_tcp(package, licence, threads, "worker", probe=True)
+        m = self._serve_tcp(package, licence, threads, probe=True)
         self.tcp_note = "stock worker"
         return m
 
-    def _serve_tcp(
-        self, package: Path, licence: Path, threads: int | None, module: str, probe: bool
-    ) -> Any:
+    def _serve_tcp(self, package: Path, licence: Path, threads: int | None, probe: bool) -> Any:
         import vault
         from vault.core.licence import Licence
 
@@ -136,32 +132,24 @@ class VaultEnv:
         allow = self.dir / f"allow-{package.stem}"
         allow.mkdir(exist_ok=True)
         (allow / "bench.pub").write_text(lic.client_public_key + "\n")
-        cmd = [sys.executable, "-m", module, str(package), "--endpoint", "tcp://127.0.0.1:*",
-               "--licence", str(licence), "--allow", str(allow)]  # fmt: skip
+        from vault.core.launch import read_ready_line, spawn_worker
+
+        status_r, status_w = os.pipe()
+        args = [str(package), "--endpoint", "tcp://127.0.0.1:*", "--licence", str(licence),
+                "--allow", str(allow), "--status-fd", str(status_w)]  # fmt: skip
         if threads:
-            cmd += ["--threads", str(threads)]
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), cwd=self.dir
-        )
-        self._procs.append(proc)
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        line = b""
-        while b"\n" not in line:
-            r, _, _ = select.select([proc.stdout], [], [], 0.5)
-            if r:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                line += chunk
-            if time.monotonic() > deadline:
-                break
+            args += ["--threads", str(threads)]
         try:
-            msg = json.loads(line.split(b"\n", 1)[0])
-        except ValueError:
-            raise Unavailable(f"tcp worker gave no ready line (exit {proc.poll()})") from None
-        if not msg.get("ready"):
-            raise Unavailable(f"tcp worker failed: {msg.get('error')}")
+            proc = spawn_worker(args, pass_fds=[status_w], cwd=str(self.dir))
+        finally:
+            os.close(status_w)
+        self._procs.append(proc)
+        try:
+            msg = read_ready_line(status_r, timeout=120, proc=proc)
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(f"tcp worker failed ({type(exc).__name__}: {exc})") from None
+        finally:
+            os.close(status_r)
         try:
             m = vault.connect(
                 msg["endpoint"],

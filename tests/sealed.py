@@ -86,7 +86,8 @@ def seal_unchecked(
     import secrets
 
     from vault.core.crypto import generate_key
-    from vault.sealing import _describe, _public_inputs, _write_package
+    from vault.core.package import build_plaintext, write_package
+    from vault.sealing import _describe, _public_inputs
 
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
@@ -107,8 +108,6 @@ def seal_unchecked(
     }
     key = generate_key()
     out = os.path.join(d, f"{name}.vault")
-    _write_package(
-        out, [("pipeline", model.SerializeToString())], list(files or []), manifest,
-        key=key, signing_key=pk, chunk_size=1 << 16,
-    )  # fmt: skip
+    plaintext = build_plaintext([("pipeline", model.SerializeToString())], list(files or []))
+    write_package(out, manifest, plaintext, key, pk.sign, chunk_size=1 << 16)
     return Sealed(out, bytes(key), pub, manifest)

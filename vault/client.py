@@ -30,16 +30,12 @@ import atexit
 import builtins
 import functools
 import itertools
-import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,23 +43,20 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .core.channel import Channel, ZmqChannel, check_endpoint
 from .core.errors import (
     ConfigError,
-    ProtocolError,
     WorkerCrashedError,
     WorkerTimeoutError,
-    from_wire,
 )
+from .core.launch import read_ready_line, spawn_worker
 from .core.licence import Licence
+from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
-    PROTOCOL_VERSION,
     SHM_MIN_BYTES,
     decode_tensors,
     encode_tensors,
-    pack_header,
-    raise_for_reply,
-    unpack_header,
 )
 from .core.shm import ShmArena
 
@@ -75,7 +68,6 @@ START_TIMEOUT = 60.0
 # slots of 16 MiB (inputs and the outputs that fit share one slot per call).
 DEFAULT_SHM_BYTES = 64 << 20
 SHM_SLOTS = 4
-_POLL_SLICE_MS = 100  # how often a waiting call checks that a local worker still lives
 
 
 # --- connectors: how a Model reaches its worker ----------------------------------------
@@ -120,28 +112,28 @@ class _LocalWorker:
         pipes: list[int] = []
         status_r, status_w = os.pipe()
         life_r, life_w = os.pipe()
-        cmd = [self.python, "-I", "-B", "-m", "worker", self.package, "--endpoint", endpoint,
-               "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
+        args = [self.package, "--endpoint", endpoint,
+                "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
         pass_fds = [status_w, life_r]
         secrets_out: list[tuple[int, bytes]] = []
         if self.licence is not None:
             lr, lw = os.pipe()
-            cmd += ["--licence-fd", str(lr)]
+            args += ["--licence-fd", str(lr)]
             pass_fds.append(lr)
             secrets_out.append((lw, self.licence.dumps()))
             pipes.append(lr)
         if self.unsafe_key is not None:
             kr, kw = os.pipe()
-            cmd += ["--unsafe-test-key-fd", str(kr)]
+            args += ["--unsafe-test-key-fd", str(kr)]
             pass_fds.append(kr)
             secrets_out.append((kw, bytes(self.unsafe_key)))
             pipes.append(kr)
         if self.publisher:
-            cmd += ["--publisher", self.publisher]
+            args += ["--publisher", self.publisher]
         if self.providers:
-            cmd += ["--providers", ",".join(self.providers)]
+            args += ["--providers", ",".join(self.providers)]
         if self.device:
-            cmd += ["--device", self.device]
+            args += ["--device", self.device]
         if self.arena is not None:  # a restart: the new worker gets a new arena
             self.arena.close(unmap=False)
             self.arena = None
@@ -151,34 +143,11 @@ class _LocalWorker:
             except OSError:
                 self.arena = None  # no memfd here: every tensor travels as frames
         if self.arena is not None:
-            cmd += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
+            args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
-        cmd += self.worker_args
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-            "HOME": "/proc/self/vault-no-home",
-            # glibc >= 2.35: malloc asks for transparent huge pages on its large
-            # mmap'd chunks. A fresh worker faults in every byte of plaintext and
-            # of onnxruntime's weights; measured by hand here (a fresh process,
-            # a 100 MB model), 2 MiB pages took its session build from 165-190 ms
-            # to 102-144 ms (Model.startup_ms shows the phases). Older glibc
-            # ignores it.
-            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-        }
-        debug = os.environ.get("VAULT_DEBUG_WORKER") == "1"
+        args += self.worker_args
         try:
-            self.proc = subprocess.Popen(
-                cmd,
-                pass_fds=pass_fds,
-                env=env,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                # onnxruntime prints a telemetry warning at import; tracebacks only when debugging
-                stderr=None if debug else subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C for the caller is not the worker's to handle
-            )
+            self.proc = spawn_worker(args, pass_fds=pass_fds, cwd=self.dir, python=self.python)
         finally:
             for fd in (status_w, life_r, *pipes):
                 os.close(fd)
@@ -189,41 +158,13 @@ class _LocalWorker:
                 os.close(fd)
         self._lifeline = life_w
         try:
-            self.ready = self._wait_ready(status_r)
+            self.ready = read_ready_line(status_r, timeout=self.start_timeout, proc=self.proc)
         except BaseException:
             self.kill()
             raise
         finally:
             os.close(status_r)
         return str(self.ready.get("endpoint") or endpoint)
-
-    def _wait_ready(self, fd: int) -> dict[str, Any]:
-        deadline = time.monotonic() + self.start_timeout
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerTimeoutError(f"worker not ready after {self.start_timeout:.0f}s")
-            r, _, _ = select.select([fd], [], [], min(left, 0.2))
-            if r:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                buf += chunk
-        if b"\n" not in buf:
-            assert self.proc is not None
-            try:
-                rc = self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                rc = None
-            raise WorkerCrashedError(f"worker exited during startup (status {rc})")
-        try:
-            msg = json.loads(buf.split(b"\n", 1)[0])
-        except ValueError as exc:
-            raise ProtocolError("worker sent a malformed ready line") from exc
-        if not msg.get("ready"):
-            raise from_wire(msg.get("error"))
-        return dict(msg)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -233,13 +174,8 @@ class _LocalWorker:
         if self._lifeline is not None:
             os.close(self._lifeline)  # EOF on the lifeline: the worker stops by itself
             self._lifeline = None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, 5)
 
     def close(self) -> None:
         self.kill()
@@ -289,13 +225,18 @@ def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
 
 
 class Model:
-    """A sealed model served by a worker; see the module docstring."""
+    """A sealed model served by a worker; see the module docstring.
+
+    It talks to its worker through a :class:`~vault.core.channel.Channel`
+    (ZeroMQ for real workers; :class:`~vault.core.channel.InProcessChannel`
+    in unit tests, passed as ``channel=``)."""
 
     def __init__(
         self,
         *,
         local: _LocalWorker | None = None,
         remote: _Remote | None = None,
+        channel: Channel | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
@@ -303,18 +244,19 @@ class Model:
         self._remote = remote
         self.timeout = timeout
         self._max_message = max_message
-        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._ctx: zmq.Context[Any] | None = None
         self._lock = threading.Lock()
-        self._tls = threading.local()
-        self._sockets: list[zmq.Socket[Any]] = []
-        self._ids = itertools.count(1)
+        self._channel: Channel | None = channel
+        self._fixed_channel = channel is not None
         self._generation = 0
         self._endpoint: str | None = None
         self._dead = False
         self._closed = False
         _LIVE.add(self)
         try:
-            self._start()
+            if not self._fixed_channel:
+                self._ctx = zmq.Context()
+                self._start()
             info = self._request({"op": "info"})[0]
         except BaseException:
             self.close()
@@ -328,15 +270,27 @@ class Model:
     # -- plumbing ---------------------------------------------------------------
 
     def _start(self) -> None:
+        assert self._ctx is not None
+        if self._channel is not None:
+            self._channel.close()
         if self._localw is not None:
             self._endpoint = self._localw.start()
+            self._channel = ZmqChannel(
+                self._ctx, self._endpoint, alive=self._localw.alive, max_message=self._max_message
+            )
         else:
             assert self._remote is not None
             self._endpoint = self._remote.address
+            self._channel = ZmqChannel(
+                self._ctx,
+                self._endpoint,
+                configure=self._remote.configure,
+                max_message=self._max_message,
+            )
         self._generation += 1
         self._dead = False
 
-    def _socket(self) -> tuple[int, zmq.Socket[Any]]:
+    def _current(self) -> tuple[int, Channel]:
         if self._closed:
             raise ConfigError("model is closed")
         if self._dead:
@@ -347,68 +301,23 @@ class Model:
                     assert self._localw is not None
                     self._localw.kill()
                     self._start()
-        gen = self._generation
-        cached = getattr(self._tls, "sock", None)
-        if cached is not None and cached[0] == gen and not cached[1].closed:
-            return int(cached[0]), cached[1]
-        if cached is not None:
-            self._discard(cached[1])
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.maxmsgsize = self._max_message
-        sock.sndhwm = sock.rcvhwm = 1000
-        if self._remote is not None:
-            self._remote.configure(sock)
-        assert self._endpoint is not None
-        sock.connect(self._endpoint)
-        with self._lock:
-            self._sockets.append(sock)
-        self._tls.sock = (gen, sock)
-        return gen, sock
-
-    def _discard(self, sock: zmq.Socket[Any]) -> None:
-        sock.close(linger=0)  # a late reply must never reach the next call
-        with self._lock:
-            if sock in self._sockets:
-                self._sockets.remove(sock)
-        if getattr(self._tls, "sock", (0, None))[1] is sock:
-            self._tls.sock = None
+        assert self._channel is not None
+        return self._generation, self._channel
 
     def _request(
-        self, header: dict[str, Any], frames: Sequence[Any] = (), timeout: float | None = None
+        self, header: Mapping[str, Any], frames: Sequence[Any] = (), timeout: float | None = None
     ) -> tuple[dict[str, Any], list[Any]]:
-        gen, sock = self._socket()
-        rid = next(self._ids)
-        header = {**header, "v": PROTOCOL_VERSION, "id": rid}  # never the caller's dict
-        sock.send_multipart([pack_header(header), *frames], copy=False)
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            reply = None
-            if left_ms > 0:
-                # a receive timeout, not Socket.poll(): poll() builds a Poller per
-                # call, a measurable part of a small call's round trip
-                sock.rcvtimeo = min(left_ms, _POLL_SLICE_MS)
-                try:
-                    reply = sock.recv_multipart(copy=False)
-                except zmq.Again:
-                    reply = None
-            if reply is not None:
-                hdr = unpack_header(reply[0])
-                if hdr.get("id") != rid:
-                    continue  # a stale reply to an abandoned call
-                raise_for_reply(hdr)
-                return hdr, reply[1:]
-            if self._localw is not None and not self._localw.alive():
-                self._discard(sock)
+        gen, channel = self._current()
+        try:
+            return channel.request(
+                header, frames, timeout=self.timeout if timeout is None else timeout
+            )
+        except WorkerCrashedError:
+            if self._localw is not None:
                 with self._lock:
                     if gen == self._generation:
                         self._dead = True
-                raise WorkerCrashedError("the worker process died; the next call starts a new one")
-            if left_ms <= 0:
-                self._discard(sock)
-                raise WorkerTimeoutError(f"no answer from the worker within {limit:g}s")
+            raise
 
     # -- public API ---------------------------------------------------------------
 
@@ -485,12 +394,12 @@ class Model:
             if self._closed:
                 return
             self._closed = True
-            socks, self._sockets = self._sockets, []
-        for s in socks:
-            s.close(linger=0)
+        if self._channel is not None:
+            self._channel.close()
         if self._localw is not None:
             self._localw.close()
-        self._ctx.term()
+        if self._ctx is not None:
+            self._ctx.term()
         _LIVE.discard(self)
 
     def __enter__(self) -> Model:
@@ -587,6 +496,7 @@ def connect(
     ``server_key`` is the worker's Z85 CURVE public key, or a file holding it
     (``vault worker serve`` prints it and writes it next to its allow-list).
     """
+    check_endpoint(address)  # a malformed address fails here, at once
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")

@@ -54,16 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .core import crypto as _crypto
 from .core.errors import SealError, UnsafeModelError, VaultError
 from .core.graphs import ALLOWED_DOMAINS, check_graph
-from .core.package import (
-    FORMAT_VERSION,
-    HEADER,
-    MAGIC,
-    SIG_CONTEXT,
-    build_plaintext,
-    canonical_json,
-    chunk_hashes_digest,
-    payload_aad,
-)
+from .core.package import FORMAT_VERSION, build_plaintext, write_package
 
 __all__ = ["SealResult", "seal", "ALLOWED_DOMAINS"]
 
@@ -537,73 +528,6 @@ def _compose(
     return merged
 
 
-def _write_package(
-    output: str | os.PathLike[str],
-    graphs: list[tuple[str, bytes]],
-    files: list[tuple[str, Any]],
-    manifest: dict[str, Any],
-    *,
-    key: bytearray,
-    signing_key: _crypto.PublisherKey,
-    chunk_size: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[str, str]:
-    """Lay out, encrypt, sign and atomically write a package; (path, digest).
-    Checks nothing: :func:`seal` checks first (tests use this to build the
-    hand-made packages an attacker could)."""
-    pkey = key
-    plaintext = build_plaintext(graphs, files)
-    for _, blob in files:
-        _crypto.zeroize(blob)
-    prefix = _crypto.random_bytes(_crypto.NONCE_PREFIX_SIZE)
-    manifest["payload"] = {
-        "cipher": "AES-256-GCM-STREAM/1",
-        "chunk_size": chunk_size,
-        "nonce_prefix": prefix.hex(),
-        "plaintext_size": len(plaintext),
-        "ciphertext_size": _crypto.ciphertext_size(len(plaintext), chunk_size),
-        "signature": "ed25519(chunked-sha256)",
-    }
-    manifest_bytes = canonical_json(manifest)
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest_bytes))
-
-    total = len(plaintext)
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
-    try:
-        ciphertext = _crypto.stream_encrypt(
-            pkey, prefix, payload_aad(header, manifest_bytes), plaintext,
-            chunk_size=chunk_size, progress=tick,
-        )  # fmt: skip
-    finally:
-        _crypto.zeroize(plaintext)
-    digest_d = chunk_hashes_digest(ciphertext, chunk_size)
-    signed = SIG_CONTEXT + header + manifest_bytes + digest_d
-    signature = signing_key.sign(signed)
-    digest = "sha256:" + _crypto.sha256(signed, signature).hex()
-
-    out = os.fspath(output)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header)
-            fh.write(manifest_bytes)
-            fh.write(ciphertext)
-            fh.write(signature)
-        os.replace(tmp, out)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise VaultError(f"cannot write {out}: {exc}") from exc
-    return out, digest
-
-
 # --- seal ----------------------------------------------------------------------------
 
 
@@ -704,11 +628,18 @@ def seal(
         "split_points": splits,
     }
 
+    plaintext = build_plaintext(graphs, files)
+    for _, blob in files:
+        _crypto.zeroize(blob)
     pkey = bytearray(key) if key is not None else _crypto.generate_key()
-    out, digest = _write_package(
-        output, graphs, files, manifest, key=pkey, signing_key=signing_key,
-        chunk_size=chunk_size, progress=progress,
-    )  # fmt: skip
+    out = os.fspath(output)
+    try:
+        digest = write_package(
+            out, manifest, plaintext, pkey, signing_key.sign,
+            chunk_size=chunk_size, progress=progress,
+        )  # fmt: skip
+    except OSError as exc:
+        raise VaultError(f"cannot write {out}: {exc}") from exc
     return SealResult(
         path=out,
         model_id=model_id,

@@ -179,9 +179,8 @@ def startup_reads(files: list[str | None]) -> list[str]:
     happen after hardening), the interpreter's own prefix, system files
     (``_SYSTEM_READS``) and ``files`` (package, licence, keys). Not the
     working directory, not the home directory."""
-    import sys
-
     import importlib.util
+    import sys
 
     paths = [p for p in sys.path if p and os.path.isabs(p)]
     # the packages themselves: an editable install maps them from elsewhere

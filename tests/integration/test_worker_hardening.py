@@ -10,10 +10,8 @@ user, so a pass means something.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pwd
-import select
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +27,7 @@ import zmq
 import vault
 from tests.models import mlp
 from tests.sealed import Sealed, open_sealed, seal_for_test
+from vault.core.launch import read_ready_line, spawn_worker
 from vault.core.process import stop_process
 from vault.core.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
 
@@ -122,24 +121,20 @@ def nobody_worker(
     endpoint = f"ipc://{sock_dir}/w.sock"
     status_r, status_w = os.pipe()
     key_r, key_w = os.pipe()
-    cmd = _as_nobody([SYSTEM_PYTHON, "-B", "-m", "worker", sealed.path, "--endpoint", endpoint,
-                      "--status-fd", str(status_w), "--unsafe-test-key-fd", str(key_r),
-                      "--publisher", sealed.publisher_pub, *extra])  # fmt: skip
-    proc = subprocess.Popen(cmd, pass_fds=[status_w, key_r], env=_nobody_env(), cwd=str(sock_dir),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    args = [sealed.path, "--endpoint", endpoint, "--status-fd", str(status_w),
+            "--unsafe-test-key-fd", str(key_r), "--publisher", sealed.publisher_pub, *extra]  # fmt: skip
+    proc = spawn_worker(args, pass_fds=[status_w, key_r], cwd=str(sock_dir), python=SYSTEM_PYTHON,
+                        prefix=_as_nobody([]), sys_path=[_readable_source(), _site_packages()],
+                        stderr=subprocess.PIPE)  # fmt: skip
     os.close(status_w)
     os.close(key_r)
     os.write(key_w, sealed.key)
     os.close(key_w)
     try:
-        r, _, _ = select.select([status_r], [], [], 60)
-        line = os.read(status_r, 65536) if r else b""
-        os.close(status_r)
-        assert line, (
-            f"worker did not report: {proc.stderr.read().decode()[-500:] if proc.poll() is not None else ''}"
-        )  # type: ignore[union-attr]
-        ready = json.loads(line)
-        assert ready["ready"], ready
+        try:
+            ready = read_ready_line(status_r, timeout=60, proc=proc)
+        finally:
+            os.close(status_r)
         yield proc.pid, endpoint, ready
     finally:
         stop_process(proc, 10)

@@ -25,16 +25,14 @@ How the two ends of a remote worker learn each other's keys (CURVE):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import select
 import signal
-import subprocess
 import sys
 from typing import Any
 
-from ..core.errors import ConfigError, VaultError, WorkerCrashedError, from_wire
+from ..core.errors import ConfigError, VaultError
+from ..core.process import stop_process
 
 __all__ = ["register"]
 
@@ -144,38 +142,30 @@ def _file_name(name: str, used: set[str]) -> str:
 def _serve(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.allow):
         raise ConfigError(f"--allow {args.allow}: not a directory")
+    from ..core.launch import read_ready_line, spawn_worker
+
     status_r, status_w = os.pipe()
-    cmd = [sys.executable, "-B", "-m", "worker", os.path.abspath(args.package),
-           "--endpoint", args.bind, "--licence", os.path.abspath(args.licence),
-           "--allow", os.path.abspath(args.allow), "--status-fd", str(status_w)]  # fmt: skip
+    wargs = [os.path.abspath(args.package), "--endpoint", args.bind,
+             "--licence", os.path.abspath(args.licence), "--allow", os.path.abspath(args.allow),
+             "--status-fd", str(status_w)]  # fmt: skip
     for flag, value in (("--server-secret", args.server_secret), ("--device", args.device),
                         ("--threads", args.threads), ("--user", args.user)):  # fmt: skip
         if value is not None:
-            cmd += [flag, os.path.abspath(value) if flag == "--server-secret" else str(value)]
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/proc/self/vault-no-home"}
-    proc = subprocess.Popen(cmd, pass_fds=[status_w], env=env, stdin=subprocess.DEVNULL)
-    os.close(status_w)
+            wargs += [flag, os.path.abspath(value) if flag == "--server-secret" else str(value)]
+    try:
+        proc = spawn_worker(wargs, pass_fds=[status_w], stderr=None, new_session=False)
+    finally:
+        os.close(status_w)
     forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    line = b""
-    while b"\n" not in line:
-        r, _, _ = select.select([status_r], [], [], 0.5)
-        if r:
-            chunk = os.read(status_r, 65536)
-            if not chunk:
-                break
-            line += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(status_r)
-    if b"\n" not in line:
-        proc.wait()
-        raise WorkerCrashedError(f"worker exited during startup (status {proc.returncode})")
-    msg = json.loads(line)
-    if not msg.get("ready"):
-        proc.wait()
-        raise from_wire(msg.get("error"))
+    try:
+        msg = read_ready_line(status_r, timeout=600, proc=proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    finally:
+        os.close(status_r)
     key = msg.get("server_key") or ""
     if args.server_key_out:
         with open(args.server_key_out, "w", encoding="ascii") as fh:

@@ -1,4 +1,5 @@
-"""The sealed package format (``.vault``): read, verify, decrypt.
+"""The sealed package format (``.vault``): the one module that writes it
+(:func:`write_package`) and reads, verifies and decrypts it (:class:`Package`).
 
 Layout (all integers big-endian)::
 
@@ -61,6 +62,9 @@ __all__ = [
     "Plaintext",
     "canonical_json",
     "inspect",
+    "package_digest",
+    "signed_message",
+    "write_package",
 ]
 
 MAGIC = b"\x89VAULT\r\n"
@@ -102,6 +106,78 @@ def chunk_hashes_digest(ciphertext: Any, chunk_size: int, *, threads: int | None
         with ThreadPoolExecutor(max_workers=workers) as pool:
             parts = [h for hs in pool.map(job, jobs) for h in hs]
     return _crypto.sha256(b"".join(parts))
+
+
+def signed_message(header: bytes, manifest: bytes, chunk_digest: bytes) -> bytes:
+    """What the publisher signs: context, header, manifest and the chunk-hash digest D."""
+    return SIG_CONTEXT + header + manifest + chunk_digest
+
+
+def package_digest(signed: bytes, signature: bytes) -> str:
+    """``sha256:<hex>`` naming one exact package (what the key server binds)."""
+    return "sha256:" + _crypto.sha256(signed, signature).hex()
+
+
+def write_package(
+    output: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    plaintext: bytearray,
+    key: bytes | bytearray,
+    sign: Any,
+    *,
+    chunk_size: int,
+    progress: Any = None,
+) -> str:
+    """Encrypt ``plaintext`` (overwritten afterwards) under ``key``, sign with
+    ``sign(message) -> signature`` and write the package atomically.
+
+    Fills ``manifest["payload"]`` (cipher, chunking, nonce prefix, sizes) and
+    returns the package digest. The only writer of the format; :class:`Package`
+    is its only reader.
+    """
+    prefix = _crypto.random_bytes(_crypto.NONCE_PREFIX_SIZE)
+    manifest["payload"] = {
+        "cipher": "AES-256-GCM-STREAM/1",
+        "chunk_size": chunk_size,
+        "nonce_prefix": prefix.hex(),
+        "plaintext_size": len(plaintext),
+        "ciphertext_size": _crypto.ciphertext_size(len(plaintext), chunk_size),
+        "signature": "ed25519(chunked-sha256)",
+    }
+    manifest_bytes = canonical_json(manifest)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest_bytes))
+    total = len(plaintext)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        ciphertext = _crypto.stream_encrypt(
+            key, prefix, payload_aad(header, manifest_bytes), plaintext,
+            chunk_size=chunk_size, progress=tick,
+        )  # fmt: skip
+    finally:
+        _crypto.zeroize(plaintext)
+    signed = signed_message(header, manifest_bytes, chunk_hashes_digest(ciphertext, chunk_size))
+    signature = sign(signed)
+    out = os.fspath(output)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header)
+            fh.write(manifest_bytes)
+            fh.write(ciphertext)
+            fh.write(signature)
+        os.replace(tmp, out)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return package_digest(signed, signature)
 
 
 def _align(n: int) -> int:
@@ -353,13 +429,13 @@ class Package:
             self._chunk_digest = chunk_hashes_digest(
                 self.ciphertext, int(self.manifest["payload"]["chunk_size"])
             )
-        return SIG_CONTEXT + self._layout.header + self._layout.manifest_bytes + self._chunk_digest
+        return signed_message(self._layout.header, self._layout.manifest_bytes, self._chunk_digest)
 
     @property
     def digest(self) -> str:
         """``sha256:<hex>`` naming this exact package (what the key server binds)."""
         if self._digest is None:
-            self._digest = "sha256:" + _crypto.sha256(self._signed_message(), self.signature).hex()
+            self._digest = package_digest(self._signed_message(), self.signature)
         return self._digest
 
     # -- checks ----------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_internal_tensor_is_refused_like_an_unknown_name(model: Model) -> None:
 
 
 def test_malformed_messages_get_typed_errors(model: Model) -> None:
-    gen, sock = model._socket()
+    sock = model._channel._socket()  # the raw socket: send frames the client would never build
     cases = [
         [b"\xc1garbage"],
         [pack_header({"v": PROTOCOL_VERSION + 7, "op": "info", "id": 1})],

@@ -112,7 +112,7 @@ def test_many_threads_more_than_slots(model: Model) -> None:
 def test_out_of_bounds_shared_tensors_are_refused(model: Model) -> None:
     arena = model._localw.arena  # type: ignore[union-attr]
     assert arena is not None
-    gen, sock = model._socket()
+    sock = model._channel._socket()  # the raw socket: send frames the client would never build
     small_desc, small_frames = encode_tensors({"small": np.ones(2, np.float32)})
     big = {"name": "big", "dtype": "float32", "shape": [1, 3, 8, 8]}
     n = 3 * 8 * 8 * 4

@@ -1,0 +1,139 @@
+"""The one launch module: every worker starts isolated (``-I``, a minimal
+environment), and its ready line is read one way."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vault.core.errors import (
+    ConfigError,
+    ProtocolError,
+    VaultError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
+from vault.core.launch import read_ready_line, spawn_worker, worker_command
+from vault.core.process import stop_process
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HOOK = """\
+import os, sys
+with open({marker!r}, "a") as fh:
+    fh.write(" ".join(sys.argv) + "\\n")
+"""
+
+
+def _plant(where: Path, marker: Path) -> None:
+    """Modules a hostile working directory or PYTHONPATH would inject."""
+    for name in ("json.py", "sitecustomize.py", "usercustomize.py", "argparse.py"):
+        (where / name).write_text(HOOK.format(marker=str(marker)))
+
+
+def _start(cwd: Path, env_extra: dict[str, str], cmd: list[str] | None = None) -> dict[str, object]:
+    status_r, status_w = os.pipe()
+    args = [str(cwd / "missing.vault"), "--endpoint", f"ipc://{cwd}/w.sock",
+            "--status-fd", str(status_w), "--publisher", "/nonexistent"]  # fmt: skip
+    old = dict(os.environ)
+    os.environ.update(env_extra)  # the launcher's own environment is hostile
+    try:
+        if cmd is None:
+            proc = spawn_worker(args, pass_fds=[status_w], cwd=str(cwd))
+        else:  # the control: the same launch without -I and the clean environment
+            proc = subprocess.Popen([*cmd, *args], pass_fds=[status_w], cwd=str(cwd),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        os.close(status_w)
+    try:
+        return read_ready_line(status_r, timeout=60, proc=proc)
+    except VaultError as exc:
+        return {"error": type(exc).__name__}
+    finally:
+        os.close(status_r)
+        stop_process(proc)
+
+
+def test_hostile_cwd_and_pythonpath_never_reach_the_worker(tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+    _plant(tmp_path, marker)
+    res = _start(
+        tmp_path, {"PYTHONPATH": str(tmp_path), "PYTHONSTARTUP": str(tmp_path / "json.py")}
+    )
+    assert res == {"error": "ConfigError"}  # it ran our worker, which refused the missing files
+    assert not marker.exists(), marker.read_text()
+
+
+def test_control_without_isolation_the_hook_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+    _plant(tmp_path, marker)
+    _start(tmp_path, {"PYTHONPATH": str(tmp_path)}, cmd=[sys.executable, "-B", "-m", "worker"])
+    assert marker.exists() and "worker" in marker.read_text()
+
+
+def test_command_is_isolated_and_environment_minimal() -> None:
+    cmd = worker_command(["pkg.vault"], python="/usr/bin/python3")
+    assert cmd[:5] == ["/usr/bin/python3", "-I", "-B", "-m", "worker"]
+    boot = worker_command(
+        ["pkg.vault"], python="py", sys_path=["/src", "/site"], prefix=["setpriv"]
+    )
+    assert boot[:4] == ["setpriv", "py", "-I", "-B"] and "/src:/site" in boot
+
+
+def _pipe_with(data: bytes) -> int:
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"not json\n", ProtocolError),
+        (b"[1, 2]\n", ProtocolError),
+        (b'{"ready": false, "error": {"code": "config", "message": "no"}}\n', ConfigError),
+        (b'{"ready": false}\n', WorkerCrashedError),
+        (b"", WorkerCrashedError),  # closed before a line
+    ],
+)
+def test_ready_line_failures_are_typed(data: bytes, error: type[Exception]) -> None:
+    fd = _pipe_with(data)
+    try:
+        with pytest.raises(error):
+            read_ready_line(fd, timeout=5)
+    finally:
+        os.close(fd)
+
+
+def test_ready_line_timeout_and_success() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(WorkerTimeoutError):
+            read_ready_line(r, timeout=0.3)
+        os.write(w, b'{"ready": true, "endpoint": "ipc://x"}\nrest')
+        assert read_ready_line(r, timeout=5)["endpoint"] == "ipc://x"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_one_place_builds_a_worker_command_line() -> None:
+    pattern = re.compile(r"""["']-m["']\s*,\s*["']worker["']""")
+    offenders = []
+    for top in ("vault", "worker", "keyserver", "tests", "benchmarks"):
+        for path in (ROOT / top).rglob("*.py"):
+            if path.name == "launch.py" and path.parent.name == "core":
+                continue
+            if path == Path(__file__).resolve():
+                continue
+            if pattern.search(path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == [], f"worker command lines built outside vault/core/launch.py: {offenders}"

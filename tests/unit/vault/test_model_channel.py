@@ -1,0 +1,131 @@
+"""Model's own logic (signature, compute, typed errors, timeouts, the
+caller's header and arrays left alone) over an in-process channel wrapping
+the worker's real request service: no process, no socket, milliseconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.models import mlp
+from vault.client import Model
+from vault.core.channel import InProcessChannel, ZmqChannel, check_endpoint
+from vault.core.errors import ConfigError, InputError, WorkerTimeoutError
+from vault.core.protocol import pack_header, unpack_header
+from worker.lease import LeaseKeeper
+from worker.ops import Service
+from worker.runtime import Pipeline
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    graph = mlp().SerializeToString()
+    pipe = Pipeline([graph])
+    keeper = LeaseKeeper(None, renew=None, on_end=lambda: None, unsafe_no_lease=True)
+    info = {"model_id": "inproc", "inputs": pipe.inputs, "outputs": pipe.outputs}
+    yield Service(pipe, keeper, info=info, hardening={})
+    pipe.close()
+
+
+def test_compute_matches_onnxruntime_without_a_process(service: Service) -> None:
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    ref = ort.InferenceSession(mlp().SerializeToString()).run(None, {"x": x})[0]
+    with Model(channel=InProcessChannel(service.handle)) as m:
+        assert m.model_id == "inproc"
+        assert m.inputs["x"][0] == "float32"
+        out = m.compute({"x": x})["logits"]
+    np.testing.assert_array_equal(out, ref)
+    assert out.flags.writeable
+
+
+def test_typed_errors_cross_the_channel(service: Service) -> None:
+    with Model(channel=InProcessChannel(service.handle)) as m:
+        with pytest.raises(InputError):
+            m.compute({"nope": np.zeros((1, 8), np.float32)})
+        with pytest.raises(InputError):
+            m.compute({"x": np.zeros((1, 8), np.float64)})
+        assert m.compute({"x": np.zeros((1, 8), np.float32)})["logits"].shape == (1, 5)
+
+
+def test_timeout_is_a_typed_error_and_the_model_goes_on(service: Service) -> None:
+    slow = threading.Event()
+
+    def handler(frames: list[Any]) -> list[Any]:
+        if unpack_header(frames[0]).get("op") == "stats" and not slow.is_set():
+            slow.set()
+            time.sleep(0.5)
+        return service.handle(frames)
+
+    with Model(channel=InProcessChannel(handler), timeout=0.1) as m:
+        with pytest.raises(WorkerTimeoutError):
+            m.stats()
+        m.timeout = 5
+        assert m.compute({"x": np.ones((2, 8), np.float32)})["logits"].shape == (2, 5)
+
+
+def test_the_callers_header_and_inputs_are_not_modified(service: Service) -> None:
+    ch = InProcessChannel(service.handle)
+    header = {"op": "info"}
+    reply, _ = ch.request(header, timeout=5)
+    assert header == {"op": "info"} and reply["model_id"] == "inproc"
+    x = np.ones((2, 8), np.float32)
+    before = x.copy()
+    with Model(channel=InProcessChannel(service.handle)) as m:
+        m.compute({"x": x})
+    np.testing.assert_array_equal(x, before)
+
+
+def test_closed_model_and_channel_refuse_with_config_error(service: Service) -> None:
+    m = Model(channel=InProcessChannel(service.handle))
+    m.close()
+    with pytest.raises(ConfigError):
+        m.compute({"x": np.ones((1, 8), np.float32)})
+    m.close()  # twice is fine
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not-an-endpoint",
+        "tcp://",
+        "tcp://host",
+        "tcp://host:0",
+        "tcp://h:99999",
+        "ipc://",
+        "http://x:1",
+    ],
+)
+def test_malformed_endpoints_are_config_errors(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        check_endpoint(bad)
+
+
+def test_connect_to_a_malformed_endpoint_fails_at_once(tmp_path: Any) -> None:
+    import vault
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError):
+        vault.connect(
+            "not-an-endpoint", licence=str(tmp_path / "none.licence"), server_key="x" * 40
+        )
+    assert time.monotonic() - t0 < 2
+
+
+def test_zmq_channel_refusal_closes_its_socket() -> None:
+    import zmq
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    ch = ZmqChannel(ctx, "tcp://no-such-host.invalid:1")
+    with pytest.raises((ConfigError, WorkerTimeoutError)):
+        ch.request({"op": "info"}, timeout=0.2)
+    ch.close()
+    done = threading.Event()
+    threading.Thread(target=lambda: (ctx.term(), done.set()), daemon=True).start()
+    assert done.wait(5), "a socket was left open: the context cannot terminate"
+    assert pack_header({"op": "x"})  # the codec is the same one the channel uses

@@ -1,0 +1,190 @@
+"""The one place that starts a worker process and reads its ready line.
+
+Every launcher (the client's local worker, ``vault worker serve``, the demo,
+the tests and the benchmarks) builds the worker's command line and
+environment here, so the rules hold everywhere at once:
+
+* the interpreter runs with ``-I`` (isolated: no ``PYTHON*`` variables, no
+  script directory or user site on ``sys.path``) and ``-B`` (no bytecode
+  written);
+* the environment is a fixed, minimal one (:func:`worker_env`): nothing of the
+  caller's environment reaches the worker;
+* the worker says it is ready (or why it is not) as one JSON line on a status
+  pipe; :func:`read_ready_line` reads it, for the worker and for the key
+  server alike (``{"ready": true, ...}`` or ``{"ready": false, "error": ...}``).
+
+Example::
+
+    status_r, status_w = os.pipe()
+    proc = spawn_worker(["model.vault", "--endpoint", ep, "--status-fd", str(status_w)],
+                        pass_fds=[status_w], cwd=private_dir)
+    os.close(status_w)
+    ready = read_ready_line(status_r, timeout=60, proc=proc)   # {"ready": True, "endpoint": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from .errors import ProtocolError, VaultError, WorkerCrashedError, WorkerTimeoutError, from_wire
+
+__all__ = [
+    "MAX_READY_LINE",
+    "WORKER_ENV",
+    "read_ready_line",
+    "spawn_worker",
+    "worker_command",
+    "worker_env",
+]
+
+MAX_READY_LINE = 1 << 20
+
+# The whole environment a worker gets. HOME points nowhere, so nothing the
+# worker's libraries would write under it (onnxruntime's telemetry store) can
+# be written.
+WORKER_ENV: Mapping[str, str] = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/proc/self/vault-no-home",
+    # glibc >= 2.35: malloc asks for transparent huge pages on its large
+    # mmap'd chunks. A fresh worker faults in every byte of plaintext and of
+    # onnxruntime's weights; measured by hand here (a fresh process, a 100 MB
+    # model), 2 MiB pages took its session build from 165-190 ms to 102-144 ms
+    # (Model.startup_ms shows the phases). Older glibc ignores it.
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+}
+
+
+def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: :data:`WORKER_ENV`, plus ``extra`` (for a
+    launcher that runs the worker from a copied source tree, ``PYTHONPATH`` is
+    ignored under ``-I``: such launchers pass ``sys_path`` to
+    :func:`worker_command` instead)."""
+    env = dict(WORKER_ENV)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def worker_command(
+    args: Sequence[str],
+    *,
+    python: str | None = None,
+    prefix: Sequence[str] = (),
+    sys_path: Sequence[str] = (),
+) -> list[str]:
+    """``[*prefix, python, -I, -B, -m, worker, *args]``.
+
+    ``prefix`` wraps the interpreter (``setpriv --reuid ...`` to drop to
+    another user); ``sys_path`` names directories the worker imports from when
+    the install is not on the interpreter's own path (a world-readable copy of
+    the source, for a worker run as another user): they are put on
+    ``sys.path`` by a ``-c`` bootstrap, since ``-I`` ignores ``PYTHONPATH``.
+    """
+    py = python or sys.executable
+    if not sys_path:
+        return [*prefix, py, "-I", "-B", "-m", "worker", *args]
+    boot = (
+        "import sys, runpy; sys.path[:0] = sys.argv[1].split(':'); del sys.argv[1]; "
+        "sys.argv[0] = 'worker'; runpy.run_module('worker', run_name='__main__', alter_sys=True)"
+    )
+    return [*prefix, py, "-I", "-B", "-c", boot, ":".join(sys_path), *args]
+
+
+def spawn_worker(
+    args: Sequence[str],
+    *,
+    pass_fds: Sequence[int] = (),
+    cwd: str | None = None,
+    python: str | None = None,
+    prefix: Sequence[str] = (),
+    sys_path: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    stderr: int | IO[Any] | None = subprocess.DEVNULL,
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -I -B -m worker ARGS`` with the minimal environment.
+
+    ``stderr`` is discarded by default (onnxruntime prints a telemetry warning
+    at import); ``VAULT_DEBUG_WORKER=1`` in the launcher's environment keeps it.
+    ``new_session``: a Ctrl-C meant for the launcher is not the worker's to
+    handle (a service that forwards signals itself passes ``False``).
+    """
+    if os.environ.get("VAULT_DEBUG_WORKER") == "1":
+        stderr = None
+    return subprocess.Popen(
+        worker_command(args, python=python, prefix=prefix, sys_path=sys_path),
+        pass_fds=list(pass_fds),
+        env=worker_env(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=new_session,
+    )
+
+
+def _parse(line: bytes, what: str) -> dict[str, Any]:
+    try:
+        msg = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"{what} sent a malformed ready line") from exc
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"{what} sent a malformed ready line")
+    if not msg.get("ready"):
+        err = msg.get("error")
+        failure = from_wire(err) if err is not None else None
+        if isinstance(failure, VaultError):
+            raise failure
+        raise WorkerCrashedError(f"{what} failed to start")
+    return msg
+
+
+def read_ready_line(
+    source: int | IO[bytes],
+    *,
+    timeout: float,
+    proc: subprocess.Popen[Any] | None = None,
+    what: str = "worker",
+) -> dict[str, Any]:
+    """Read one JSON status line from a pipe fd or a binary stream.
+
+    Returns the message when it says ``"ready": true``; raises the typed error
+    it carries when it says ``"ready": false``; :class:`WorkerCrashedError` if
+    the process exits (or the pipe closes) first; :class:`WorkerTimeoutError`
+    after ``timeout`` seconds. Bytes after the line are left unread only for a
+    stream; for an fd they are dropped (the status pipe carries one line).
+    """
+    fd = source if isinstance(source, int) else source.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WorkerTimeoutError(f"{what} not ready after {timeout:g}s")
+        r, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if r:
+            chunk = os.read(fd, 65536) if isinstance(source, int) else source.readline()
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_READY_LINE:
+                raise ProtocolError(f"{what} sent an oversized ready line")
+        elif proc is not None and proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+            break
+    if b"\n" not in buf:
+        rc = None
+        if proc is not None:
+            try:
+                rc = proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                rc = None
+        raise WorkerCrashedError(f"{what} exited during startup (status {rc})")
+    return _parse(buf.split(b"\n", 1)[0], what)

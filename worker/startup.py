@@ -1,0 +1,271 @@
+"""The worker's start-up after hardening, as named steps in their order.
+
+:meth:`Startup.run` runs them and times each (``timings_ms`` in the ready
+line, ``Model.startup_ms`` on the caller's side):
+
+1. ``imports``      numpy, zmq and the foundation; onnxruntime is imported in a
+                    thread meanwhile (the slowest import, ~75 ms)
+2. ``verify``       the licence (from an inherited fd or a file), the
+                    publisher key, the package's signature: before any key is
+                    asked for
+3. ``key_release``  the package key from the key server (HPKE-sealed to a
+                    fresh ephemeral key), or, for tests only, from a pipe
+4. ``decrypt``      one pass into one buffer; the key is overwritten at once
+5. ``import_wait``  the onnxruntime import started in step 1
+6. ``session``      onnxruntime sessions from bytes; the plaintext is
+                    overwritten as soon as they exist
+7. the lease keeper, the request service, the bound endpoint, the ready line
+
+Hardening is already in place when this runs (the import thread inherits
+seccomp, Landlock and no_new_privs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from typing import Any
+
+__all__ = ["Startup", "read_fd"]
+
+
+def read_fd(fd: int, limit: int) -> bytearray:
+    """Read an inherited pipe to EOF (at most ``limit`` bytes) and close it."""
+    buf = bytearray()
+    while len(buf) < limit:
+        chunk = os.read(fd, limit - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    os.close(fd)
+    return buf
+
+
+class Startup:
+    """One worker's start-up; each step is a method, called in order by :meth:`run`."""
+
+    def __init__(self, args: argparse.Namespace, report: dict[str, Any]) -> None:
+        self.args = args
+        self.report = report
+        self.timings: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+        self._runtime_ready = threading.Event()
+        self._runtime_failed: list[BaseException] = []
+        self.licence: Any = None
+        self.publisher: bytes = b""
+        self.package: Any = None
+        self.key: Any = None
+        self.lease: Any = None
+        self.plain: Any = None
+        self.pipeline: Any = None
+
+    def _mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round((now - self._t0) * 1e3, 2)
+        self._t0 = now
+
+    def run(self) -> tuple[Any, dict[str, Any]]:
+        self.start_runtime_import()
+        self._mark("imports")
+        self.verify()
+        self._mark("verify")
+        self.release_key()
+        self._mark("key_release")
+        self.decrypt()
+        self._mark("decrypt")
+        self.wait_runtime()
+        self._mark("import_wait")
+        self.build_sessions()
+        self._mark("session")
+        return self.serve()
+
+    # -- steps ------------------------------------------------------------------
+
+    def start_runtime_import(self) -> None:
+        def import_runtime() -> None:
+            try:
+                import onnxruntime  # noqa: F401
+
+                from . import runtime  # noqa: F401
+            except BaseException as exc:  # re-raised in the main thread by wait_runtime
+                self._runtime_failed.append(exc)
+            finally:
+                self._runtime_ready.set()
+
+        threading.Thread(target=import_runtime, name="vault-import", daemon=True).start()
+        import zmq  # noqa: F401
+
+        from vault.core import package  # noqa: F401
+
+    def verify(self) -> None:
+        from vault.core import crypto
+        from vault.core.errors import ConfigError
+        from vault.core.licence import Licence
+        from vault.core.package import Package
+
+        args = self.args
+        if args.licence_fd is not None:
+            raw = bytes(read_fd(args.licence_fd, 1 << 20))
+            self.licence = Licence.from_json(json.loads(raw), source="fd")
+        elif args.licence:
+            self.licence = Licence.load(args.licence)
+        if args.publisher:
+            try:
+                with open(args.publisher, "rb") as fh:
+                    self.publisher = crypto.load_public_key(fh.read())
+            except OSError as exc:
+                raise ConfigError(f"publisher key {args.publisher}: {exc.strerror}") from None
+        elif self.licence is not None and self.licence.publisher_key:
+            self.publisher = crypto.load_public_key(self.licence.publisher_key)
+        else:
+            raise ConfigError("no publisher key: give a licence that names one, or --publisher")
+        self.package = Package.load(args.package)
+        self.package.verify(self.publisher)  # before any key is asked for
+
+    def release_key(self) -> None:
+        from vault.core import crypto
+        from vault.core.errors import ConfigError
+
+        args, pkg = self.args, self.package
+        if args.unsafe_test_key_fd is not None:
+            self.key = read_fd(args.unsafe_test_key_fd, crypto.KEY_SIZE)
+            return
+        if self.licence is None:
+            raise ConfigError("a licence is needed to ask the key server for the package key")
+        from vault.core.keyclient import KeyServerClient
+
+        with KeyServerClient(self.licence) as ks:
+            rel = ks.release(
+                model_id=pkg.model_id,
+                key_id=pkg.key_id,
+                package_digest=pkg.digest,
+                suite=args.suite,
+            )
+        self.key, self.lease = rel.key, rel.lease
+
+    def decrypt(self) -> None:
+        from vault.core import crypto
+
+        try:
+            self.plain = self.package.decrypt(self.key)
+        finally:
+            crypto.zeroize(self.key)
+            self.key = None
+        self.package.drop_resident_pages()
+
+    def wait_runtime(self) -> None:
+        self._runtime_ready.wait()
+        if self._runtime_failed:
+            raise self._runtime_failed[0]
+
+    def build_sessions(self) -> None:
+        from .runtime import Pipeline
+
+        args, pkg = self.args, self.package
+        try:
+            self.pipeline = Pipeline(
+                self.plain.graphs,
+                self.plain.files,
+                inputs=pkg.inputs,
+                outputs=pkg.outputs,
+                providers=args.providers.split(",") if args.providers else None,
+                device=args.device,
+                options={"intra_op_num_threads": args.intra_op_threads}
+                if args.intra_op_threads
+                else None,
+            )
+        finally:
+            self.plain.release()  # the only plaintext copy: the sessions hold the weights now
+            self.plain = None
+
+    def _renew(self, lease_id: str, calls: int) -> Any:
+        from vault.core.keyclient import KeyServerClient
+
+        assert self.licence is not None
+        with KeyServerClient(self.licence) as ks:
+            return ks.renew(lease_id=lease_id, calls=calls)
+
+    def serve(self) -> tuple[Any, dict[str, Any]]:
+        """Lease keeper, request service, bound endpoint; returns the ready line."""
+        import zmq
+
+        from vault.core.errors import ConfigError
+
+        from .lease import LeaseKeeper
+        from .ops import Service
+        from .server import Server, load_allowed_keys
+
+        args, pkg, pipeline = self.args, self.package, self.pipeline
+        keeper = LeaseKeeper(
+            self.lease,
+            renew=self._renew if self.lease is not None else None,
+            on_end=pipeline.close,
+            unsafe_no_lease=args.unsafe_test_key_fd is not None,
+        )
+        info = {
+            "model_id": pkg.model_id,
+            "digest": pkg.digest,
+            "inputs": pipeline.inputs,
+            "outputs": pipeline.outputs,
+        }
+        pkg.close()
+        shm = None
+        if args.shm_fd is not None and args.shm_size > 0:
+            from vault.core.shm import map_arena
+
+            shm = map_arena(args.shm_fd, args.shm_size)
+            os.close(args.shm_fd)  # the mapping keeps the memory; the fd is no longer needed
+        service = Service(
+            pipeline,
+            keeper,
+            info=info,
+            hardening=self.report,
+            max_request=args.max_message,
+            shm=shm,
+            remote=args.endpoint.startswith("tcp://"),  # remote health: liveness and tier
+        )
+        ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
+        server_public: bytes | None = None
+        server_secret: bytes | None = None
+        allowed = None
+        if args.endpoint.startswith("tcp://"):
+            if not args.allow:
+                raise ConfigError(
+                    "a tcp:// worker needs --allow CLIENTS_DIR (client CURVE public keys)"
+                )
+            allowed = load_allowed_keys(args.allow)
+            if args.server_secret:
+                import zmq.auth
+
+                server_public, server_secret = zmq.auth.load_certificate(args.server_secret)
+                if not server_secret:
+                    raise ConfigError(f"{args.server_secret}: holds no secret key")
+            else:
+                server_public, server_secret = zmq.curve_keypair()
+        server = Server(
+            ctx,
+            args.endpoint,
+            handler=service.handle,
+            threads=args.threads,
+            max_message=args.max_message,
+            curve_secret=server_secret,
+            curve_public=server_public,
+            allowed=allowed,
+        )
+        bound = server.bind()
+        server.start()
+        keeper.start()
+        ready = {
+            "ready": True,
+            "pid": os.getpid(),
+            "endpoint": bound,
+            "server_key": server_public.decode() if server_public else None,
+            "provider": pipeline.provider,
+            "model_id": pkg.model_id,
+            "allowed_clients": len(allowed) if allowed is not None else None,
+            "timings_ms": self.timings,
+        }
+        return (server, keeper, ctx), ready
