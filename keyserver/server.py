@@ -29,7 +29,7 @@ import zmq
 from zmq.utils import z85
 
 from vault.core.errors import ProtocolError, VaultError
-from vault.core.protocol import pack_header, unpack_header
+from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
 from . import store
 from .layout import Paths, exclusive_lock, load_master, load_server_keys
@@ -38,10 +38,10 @@ from .service import DEFAULT_LEASE_TTL, KeyService, Request
 
 __all__ = ["MAX_MESSAGE", "MAX_HEADER", "serve"]
 
-# libzmq drops a peer that sends more than this (no reply is possible);
-# between MAX_HEADER and MAX_MESSAGE the peer gets a typed ProtocolError.
+# libzmq drops a peer that sends more than this (no reply is possible). A
+# request is one header frame, so this is also the key server's header limit;
+# the protocol's one MAX_HEADER (vault.core.protocol) is checked by unpack_header.
 MAX_MESSAGE = 256 * 1024
-MAX_HEADER = 64 * 1024
 MAX_BATCH = 256
 ZAP_DOMAIN = b"vault-keyserver"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP RFC (27/ZAP)
@@ -81,8 +81,6 @@ def _parse(frames: list[zmq.Frame]) -> tuple[list[bytes], Request]:
     if len(rest) != 1:
         err = ProtocolError(f"expected exactly one header frame, got {len(rest)}")
         return envelope, Request(identity, None, err)
-    if len(rest[0]) > MAX_HEADER:
-        return envelope, Request(identity, None, ProtocolError("message too large"))
     try:
         header = unpack_header(rest[0])
     except VaultError as exc:

@@ -28,6 +28,7 @@ from .errors import InputError, ProtocolError, UnsupportedVersionError, VaultErr
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
+    "MAX_HEADER",
     "SharedRegion",
     "PROTOCOL_VERSION",
     "SHM_MIN_BYTES",
@@ -505,7 +506,12 @@ def _decode_value(
             view = region.view(desc["shm"])
             # a caller gets an owned, writable copy (its slot is about to be reused)
             return decode_tensor(desc, bytearray(view) if copy else view)[1]
-        return decode_tensor(desc, next(frames))[1]
+        frame = next(frames)
+        if copy and t[1] != "string":
+            buf = frame.buffer if hasattr(frame, "buffer") else frame
+            if memoryview(buf).readonly:  # a caller's result is always writable
+                frame = bytearray(buf)
+        return decode_tensor(desc, frame)[1]
     if t[0] == "optional":
         v = desc.get("value")
         return None if v is None else _decode_value(v, frames, region, copy)
