@@ -447,3 +447,41 @@ def test_a_composition_fallback_is_announced(tmp_path: Path) -> None:
     assert r.manifest["composed"] is False
     assert len(r.warnings) == 1 and "could not be composed" in r.warnings[0]
     assert "opset" in r.warnings[0]
+
+
+# --- real published models shipped in the installed wheels -------------------------------------
+
+_LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+_REAL = {
+    # scikit-learn's LogisticRegression on iris, converted by skl2onnx, in
+    # onnxruntime's wheel: IR 3, ai.onnx.ml, a ZipMap (sequence of maps) output
+    "logreg_iris": Path(ort.__file__).parent / "datasets" / "logreg_iris.onnx",
+    # published CNN architectures (IR 3, initializers not graph inputs) in onnx's wheel
+    "squeezenet": _LIGHT / "light_squeezenet.onnx",
+    "shufflenet": _LIGHT / "light_shufflenet.onnx",
+    "resnet50": _LIGHT / "light_resnet50.onnx",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REAL))
+def test_real_models_from_the_installed_wheels(tmp_path: Path, name: str) -> None:
+    m = onnx.load(str(_REAL[name]))
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    plain = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    inp = plain.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    names = [o.name for o in plain.get_outputs()]
+    want = dict(zip(names, plain.run(names, {inp.name: x})))
+    s = seal_for_test(tmp_path, m, name=name)
+    with open_sealed(s) as model:
+        got = model.compute({inp.name: x})
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, list):  # ZipMap: a list of {label: probability}
+            assert [sorted(d) for d in got[k]] == [sorted(d) for d in v]
+            for gd, wd in zip(got[k], v):
+                assert gd == pytest.approx(wd, rel=1e-5)
+        else:
+            np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-5)

@@ -459,8 +459,8 @@ def encode_tensors(
 
 
 def _plan(desc: Any, want: ValueType | None, depth: int) -> tuple[int, int]:
-    """Check one descriptor from the header alone: (frames it needs, string
-    elements it holds). Nothing is decoded here."""
+    """Check one descriptor from the header alone: (frames it needs, Python
+    objects decoding it makes: strings and map entries). Nothing is decoded here."""
     if not isinstance(desc, dict):
         raise ProtocolError("tensor descriptor must be a map")
     if depth > MAX_NESTING:
@@ -491,7 +491,8 @@ def _plan(desc: Any, want: ValueType | None, depth: int) -> tuple[int, int]:
         raise ProtocolError("map keys and values travel as frames")
     if desc["keys"].get("shape") != desc["values"].get("shape") or len(desc["keys"]["shape"]) != 1:
         raise ProtocolError("a map needs as many keys as values, as 1-D tensors")
-    return 2, kn + vn
+    # a decoded map entry is two Python objects and a dict slot: count it as strings are
+    return 2, kn + vn + 2 * int(desc["keys"]["shape"][0])
 
 
 def _decode_value(
@@ -573,7 +574,7 @@ def decode_tensors(
     cost = wire + strings * STRING_ELEMENT_COST
     if cost > max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
         raise ProtocolError(
-            f"request refused: decoding its {strings} strings would take about "
+            f"request refused: decoding its {strings} strings and map entries would take about "
             f"{cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
         )
     it = iter(frames)
