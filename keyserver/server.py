@@ -36,12 +36,15 @@ from .layout import Paths, exclusive_lock, load_master, load_server_keys
 from .policy import Policy
 from .service import DEFAULT_LEASE_TTL, KeyService, Request
 
-__all__ = ["MAX_MESSAGE", "MAX_HEADER", "serve"]
+__all__ = ["MAX_HEADER", "MAX_MESSAGE", "REQUEST_HEADER_LIMIT", "serve"]
 
-# libzmq drops a peer that sends more than this (no reply is possible). A
-# request is one header frame, so this is also the key server's header limit;
-# the protocol's one MAX_HEADER (vault.core.protocol) is checked by unpack_header.
+# libzmq drops a peer that sends more than this (no reply is possible);
+# between REQUEST_HEADER_LIMIT and MAX_MESSAGE the peer gets a typed
+# ProtocolError from unpack_header, the one place header sizes are checked
+# (its MAX_HEADER, 1 MiB, is the ceiling for every process; key server
+# requests are small, so they get less).
 MAX_MESSAGE = 256 * 1024
+REQUEST_HEADER_LIMIT = 64 * 1024
 MAX_BATCH = 256
 ZAP_DOMAIN = b"vault-keyserver"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP RFC (27/ZAP)
@@ -82,7 +85,7 @@ def _parse(frames: list[zmq.Frame]) -> tuple[list[bytes], Request]:
         err = ProtocolError(f"expected exactly one header frame, got {len(rest)}")
         return envelope, Request(identity, None, err)
     try:
-        header = unpack_header(rest[0])
+        header = unpack_header(rest[0], limit=REQUEST_HEADER_LIMIT)
     except VaultError as exc:
         return envelope, Request(identity, None, exc)
     return envelope, Request(identity, header)

@@ -192,10 +192,12 @@ def pack_header(header: Mapping[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack_header(frame: Any) -> dict[str, Any]:
-    """Parse and version-check a header frame; ProtocolError on anything odd."""
+def unpack_header(frame: Any, *, limit: int = MAX_HEADER) -> dict[str, Any]:
+    """Parse and version-check a header frame; ProtocolError on anything odd.
+    ``limit`` may only be lower than :data:`MAX_HEADER` (the key server's
+    requests are small, so it takes less)."""
     data = frame.buffer if hasattr(frame, "buffer") else frame
-    if len(data) > MAX_HEADER:
+    if len(data) > min(limit, MAX_HEADER):
         raise ProtocolError("header frame too large")
     try:
         header = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=1 << 16)

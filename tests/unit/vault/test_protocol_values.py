@@ -74,8 +74,14 @@ def test_string_memory_is_bounded_by_the_request_size() -> None:
 
 
 def test_one_header_limit_for_worker_and_key_server() -> None:
+    """One constant and one check (unpack_header); the key server only lowers it."""
     from keyserver import server
 
     assert server.MAX_HEADER is protocol.MAX_HEADER
+    assert server.REQUEST_HEADER_LIMIT < protocol.MAX_HEADER
     with pytest.raises(ProtocolError, match="too large"):
         protocol.unpack_header(b"\x00" * (protocol.MAX_HEADER + 1))
+    with pytest.raises(ProtocolError, match="too large"):
+        protocol.unpack_header(b"\x00" * 100, limit=50)
+    with pytest.raises(ProtocolError, match="too large"):  # a limit cannot raise the ceiling
+        protocol.unpack_header(b"\x00" * (protocol.MAX_HEADER + 1), limit=protocol.MAX_HEADER * 2)
