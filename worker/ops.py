@@ -127,8 +127,9 @@ class Service:
                 raise ProtocolError("this worker has no shared memory (remote callers send frames)")
             region = SharedRegion.from_wire(self.shm, header["shm"])
         # inputs in the slot are read in place; outputs that fit go after them
-        # names, dtypes, sizes and the memory decoding would cost are checked
-        # from the header before a single frame is decoded
+        # names, dtypes, declared sizes and the memory decoding would cost are
+        # checked from the header before a single frame is decoded
+        self.pipeline.check_declared_shapes(header.get("tensors"))
         feeds = decode_tensors(
             header.get("tensors"), frames, region, expect=self.pipeline.input_types
         )

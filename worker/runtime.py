@@ -234,6 +234,16 @@ def _run_ortvalues(sess: Any, feeds: Mapping[str, Any], want: list[str]) -> dict
     return {n: _from_ortvalue(v) for n, v in zip(want, vals)}
 
 
+def _check_dims(name: str, declared: Sequence[Any], shape: Sequence[Any]) -> None:
+    if declared and len(shape) != len(declared):
+        raise InputError(f"input {name!r} must have rank {len(declared)}, got shape {list(shape)}")
+    for i, (want, have) in enumerate(zip(declared, shape)):
+        if isinstance(want, int) and want >= 0 and want != have:
+            raise InputError(
+                f"input {name!r} dimension {i} must be {want}, got shape {list(shape)}"
+            )
+
+
 _KIND = {"sequence": (list, tuple), "map": (dict,)}
 
 
@@ -336,15 +346,21 @@ class Pipeline:
                 got = dtype_name(arr.dtype)
                 if got != dtype:
                     raise InputError(f"input {name!r} must be {dtype}, got {got}")
-            if shape and len(arr.shape) != len(shape):
-                raise InputError(
-                    f"input {name!r} must have rank {len(shape)}, got shape {list(arr.shape)}"
-                )
-            for i, (want, have) in enumerate(zip(shape, arr.shape)):
-                if isinstance(want, int) and want >= 0 and want != have:
-                    raise InputError(
-                        f"input {name!r} dimension {i} must be {want}, got shape {list(arr.shape)}"
-                    )
+            _check_dims(name, shape, arr.shape)
+
+    def check_declared_shapes(self, descs: Any) -> None:
+        """Rank and fixed sizes of the tensors a request header announces,
+        before any frame is decoded (a string input declared ``[3]`` is
+        refused at once when the header says ``[30000000]``)."""
+        if not isinstance(descs, list):
+            return  # the decoder reports the malformed header
+        for d in descs:
+            if not isinstance(d, dict) or d.get("name") not in self._in:
+                continue
+            dtype, shape = self._in[d["name"]]
+            have = d.get("shape")
+            if is_tensor_type(dtype) and isinstance(have, list):
+                _check_dims(d["name"], shape, have)
 
     def check_outputs(self, names: Sequence[str] | None) -> list[str]:
         if names is None:
