@@ -359,7 +359,8 @@ class Pipeline:
                 continue
             dtype, shape = self._in[d["name"]]
             have = d.get("shape")
-            if is_tensor_type(dtype) and isinstance(have, list):
+            # another dtype, or an unknown one, is the decoder's to report
+            if d.get("dtype") == dtype and is_tensor_type(dtype) and isinstance(have, list):
                 _check_dims(d["name"], shape, have)
 
     def check_outputs(self, names: Sequence[str] | None) -> list[str]:
