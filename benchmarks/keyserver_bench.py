@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -195,7 +194,15 @@ def _measure(
     }
 
 
-def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    procs: int = 2,
+    nice: int = 0,
+    *,
+    database: str | None = None,
+    anchor: bool = False,
+    replicas: int = 1,
+) -> dict[str, Any]:
     """Start a key server, measure 1/10/50 clients; returns the numbers.
 
     The clients share the machine with the server (2 cores here): their HPKE
@@ -204,36 +211,45 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
     from keyserver import init_dir
     from vault.core import crypto as _crypto
     from vault.core.keyclient import KeyServerClient
+    from vault.core.launch import read_ready_line
     from vault.core.licence import Licence
 
     duration = 2.0 if quick else 5.0
     with tempfile.TemporaryDirectory() as tmp:
         d = os.path.join(tmp, "ks")
-        init_dir(d)
+        init_dir(d, database=database)
         log = open(os.path.join(tmp, "server.log"), "wb")
         env = {**os.environ, "PYTHONPATH": ROOT}
-        proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "keyserver", "serve", d, "--bind", "tcp://127.0.0.1:0"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+        extra = ["--database", database] if database else []
+        addresses: list[str] = []
+        servers: list[subprocess.Popen[bytes]] = []
+        for i in range(replicas if database else 1):
+            anchor_args = ["--anchor", os.path.join(tmp, f"audit{i}.anchor")] if anchor else []
+            servers.append(subprocess.Popen(
+                [sys.executable, "-u", "-m", "keyserver", "serve", d, "--bind", "tcp://127.0.0.1:0",
+                 *extra, *anchor_args],
+                stdout=subprocess.PIPE, stderr=log, env=env,
+            ))  # fmt: skip
+        proc = servers[0]
         try:
-            address = ""
-            for _ in range(500):
-                m = re.search(rb"listening on (\S+)", open(log.name, "rb").read())
-                if m:
-                    address = m.group(1).decode()
-                    break
-                time.sleep(0.02)
-            if not address:
-                raise RuntimeError("key server did not start")
+            for p in servers:
+                assert p.stdout is not None
+                with p.stdout:
+                    ready = read_ready_line(p.stdout, timeout=10, proc=p, what="key server")
+                addresses.append(str(ready["address"]))
+            address = addresses[0]
             admin = Licence.load(os.path.join(d, "admin.licence"))
             with KeyServerClient(admin, address=address) as ks:
                 ks.register_key(
                     model_id=MODEL, key_id=KEY_ID, key=_crypto.generate_key(), package_digest=DIGEST
                 )
                 licences = [ks.issue(MODEL, holder=f"bench{i}").to_json() for i in range(50)]
+            for i, lic in enumerate(licences):  # clients spread over the replicas
+                lic["keyserver"]["address"] = addresses[i % len(addresses)]
             results: dict[str, Any] = {"duration_s": duration, "procs": procs,
-                                       "nice": nice, "cpus": os.cpu_count()}  # fmt: skip
+                                       "nice": nice, "cpus": os.cpu_count(),
+                                       "store": "postgresql" if database else "sqlite",
+                                       "replicas": len(servers), "anchor": anchor}  # fmt: skip
             for clients in (1, 10, 50):
                 results[str(clients)] = _measure(
                     licences, clients, duration, procs, server_pid=proc.pid, nice=nice
@@ -244,8 +260,9 @@ def run(quick: bool = False, procs: int = 2, nice: int = 0) -> dict[str, Any]:
             )
             return results
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for p in servers:
+                p.terminate()
+                p.wait(10)
             log.close()
 
 
@@ -255,13 +272,18 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=2, help="client processes")
     ap.add_argument("--nice", type=int, default=0, help="client processes' niceness")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--database", default=None, help="postgresql://... (an empty database)")
+    ap.add_argument("--replicas", type=int, default=1, help="key servers on --database")
+    ap.add_argument("--anchor", action="store_true", help="serve with --anchor (checkpoints)")
     a = ap.parse_args()
-    res = run(quick=a.quick, procs=a.procs, nice=a.nice)
+    res = run(quick=a.quick, procs=a.procs, nice=a.nice, database=a.database,
+              anchor=a.anchor, replicas=a.replicas)  # fmt: skip
     if a.json:
         print(json.dumps(res, indent=2))
         return
     print(f"key server releases ({res['cpus']} CPUs, {res['duration_s']}s per point, "
-          f"{res['procs']} client processes, nice {res['nice']})")  # fmt: skip
+          f"{res['procs']} client processes, nice {res['nice']}; store {res['store']}, "
+          f"{res['replicas']} replica(s), anchor {'on' if res['anchor'] else 'off'})")  # fmt: skip
     print(f"{'clients':>8} {'offered':>8} {'rel/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'max ms':>8} {'errors':>7} {'srv cpu ms/rel':>15}")  # fmt: skip
     for c in ("1", "10", "50", "50@1000"):

@@ -21,10 +21,8 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,6 @@ from vault.core.process import stop_process
 
 from .harness import Unavailable, die_with_parent
 
-READY = re.compile(rb"listening on (tcp://\S+)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,23 +55,22 @@ class VaultEnv:
         self.log = open(self.dir / "keyserver.log", "wb")
         cmd = [sys.executable, "-u", "-m", "keyserver", "serve", str(self.ks_dir),
                "--bind", "tcp://127.0.0.1:0", "--lease-ttl", str(lease_ttl)]  # fmt: skip
+        # stdout carries the one JSON ready line; the log lines go to stderr
         self.ks = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env(), preexec_fn=die_with_parent
+            cmd, stdout=subprocess.PIPE, stderr=self.log, env=_env(), preexec_fn=die_with_parent
         )
         self._procs.append(self.ks)
-        deadline = time.monotonic() + 30
-        while True:
-            m = READY.search((self.dir / "keyserver.log").read_bytes())
-            if m:
-                self.address = m.group(1).decode()
-                break
-            if self.ks.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise Unavailable(
-                    "key server did not start: "
-                    + (self.dir / "keyserver.log").read_text(errors="replace")[-500:]
-                )
-            time.sleep(0.02)
+        from vault.core.errors import VaultError
+        from vault.core.launch import read_ready_line
+
+        assert self.ks.stdout is not None
+        try:
+            with self.ks.stdout:
+                ready = read_ready_line(self.ks.stdout, timeout=30, proc=self.ks, what="key server")
+        except VaultError as exc:
+            self.close()
+            raise Unavailable(f"key server did not start: {exc}") from None
+        self.address = str(ready["address"])
         from vault.core.licence import Licence
 
         self.admin_path = self.ks_dir / "admin.licence"

@@ -7,8 +7,10 @@ decision is an append-only, hash-chained audit record, written before any
 key leaves (fail closed).
 
 Modules: :mod:`.layout` (the directory, init, master rotation),
-:mod:`.store` (SQLite), :mod:`.audit` (the chain), :mod:`.policy` (licence
-rules), :mod:`.service` (decisions), :mod:`.server` (ZeroMQ loop, ZAP).
+:mod:`.store` (every SQL statement: SQLite; PostgreSQL in :mod:`.store_pg`),
+:mod:`.audit` (the chain), :mod:`.policy` (licence rules), :mod:`.service`
+(decisions only), :mod:`.server` (ZeroMQ loop, ZAP), :mod:`.commands` (the
+command line, shared by ``python -m keyserver`` and ``vault keyserver``).
 
 Example::
 
@@ -19,11 +21,40 @@ Example::
 
 from __future__ import annotations
 
-from .audit import AuditProblem, verify
-from .layout import DEFAULT_ADDRESS, Paths, init_dir, load_master, rotate_master
-from .policy import AllOf, Context, Policy, default_release_policy, default_renew_policy
-from .server import serve
-from .service import DEFAULT_LEASE_TTL, KeyService
+import importlib
+from typing import Any
+
+# Lazy names (PEP 562): `vault keyserver --help` builds its parser from
+# keyserver.commands without importing ZeroMQ, the store or the crypto.
+_LAZY = {
+    "AuditProblem": "audit",
+    "verify": "audit",
+    "DEFAULT_ADDRESS": "layout",
+    "Paths": "layout",
+    "init_dir": "layout",
+    "load_master": "layout",
+    "rotate_master": "layout",
+    "AllOf": "policy",
+    "Context": "policy",
+    "Policy": "policy",
+    "default_release_policy": "policy",
+    "default_renew_policy": "policy",
+    "serve": "server",
+    "DEFAULT_LEASE_TTL": "service",
+    "KeyService": "service",
+    "open_store": "store",
+    "Store": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'keyserver' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -34,10 +65,12 @@ __all__ = [
     "KeyService",
     "Paths",
     "Policy",
+    "Store",
     "default_release_policy",
     "default_renew_policy",
     "init_dir",
     "load_master",
+    "open_store",
     "rotate_master",
     "serve",
     "verify",

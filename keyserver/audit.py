@@ -14,18 +14,20 @@ by an external anchor: export :func:`head` somewhere else now and then.
 
 Example::
 
-    append(conn, ts=time.time(), event="released", licence_id="lic-1", detail={"key_id": "k1"})
-    problems = verify(conn)   # [] when intact
+    append(store, ts=time.time(), event="released", licence_id="lic-1", detail={"key_id": "k1"})
+    problems = verify(store)   # [] when intact
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["GENESIS", "AuditProblem", "AuditRecord", "append", "head", "records", "verify"]
 
@@ -79,7 +81,7 @@ def _hash(prev: bytes, canonical: bytes) -> bytes:
 
 
 def append(
-    conn: sqlite3.Connection,
+    store: Store,
     *,
     ts: float,
     event: str,
@@ -90,51 +92,37 @@ def append(
 ) -> int:
     """Append one record inside the caller's transaction; returns its seq.
 
-    Raises ``sqlite3.Error`` when the write fails: callers must then release
-    nothing (fail closed).
+    Raises one of ``store.errors`` when the write fails: callers must then
+    release nothing (fail closed).
     """
-    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    seq, prev = (1, GENESIS) if last is None else (int(last[0]) + 1, bytes(last[1]))
+    from .store import AuditRow
+
+    last = store.audit_head()
+    seq, prev = (1, GENESIS) if last is None else (last[0] + 1, last[1])
     text = json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":"))
     digest = _hash(prev, _canonical(seq, ts, event, actor, licence_id, model_id, text))
-    conn.execute(
-        "INSERT INTO audit (seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (seq, ts, event, actor, licence_id, model_id, text, prev, digest),
-    )
+    store.insert_audit(AuditRow(seq, ts, event, actor, licence_id, model_id, text, prev, digest))
     return seq
 
 
-def records(conn: sqlite3.Connection) -> Iterator[AuditRecord]:
-    cur = conn.execute(
-        "SELECT seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash"
-        " FROM audit ORDER BY seq"
-    )
-    for r in cur:
+def records(store: Store) -> Iterator[AuditRecord]:
+    for r in store.audit_rows():
         yield AuditRecord(
-            int(r[0]), float(r[1]), str(r[2]), r[3], r[4], r[5], str(r[6]), bytes(r[7]), bytes(r[8])
+            r.seq, r.ts, r.event, r.actor, r.licence_id, r.model_id, r.detail, r.prev_hash, r.hash
         )
 
 
-def head(conn: sqlite3.Connection) -> tuple[int, bytes]:
+def head(store: Store) -> tuple[int, bytes]:
     """(seq, hash) of the last record: the value to anchor externally."""
-    row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    return (0, GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+    last = store.audit_head()
+    return (0, GENESIS) if last is None else last
 
 
-def _high_water(conn: sqlite3.Connection) -> int:
-    try:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    return 0 if row is None else int(row[0])
-
-
-def verify(conn: sqlite3.Connection) -> list[AuditProblem]:
+def verify(store: Store) -> list[AuditProblem]:
     """Walk the chain; one problem per break, each with its position."""
     problems: list[AuditProblem] = []
     expected, prev = 1, GENESIS
-    for rec in records(conn):
+    for rec in records(store):
         gap = rec.seq != expected
         if gap:
             missing = (
@@ -148,7 +136,7 @@ def verify(conn: sqlite3.Connection) -> list[AuditProblem]:
         if _hash(rec.prev_hash, rec.canonical()) != rec.hash:
             problems.append(AuditProblem(rec.seq, "record edited: hash does not match contents"))
         expected, prev = rec.seq + 1, rec.hash
-    high = _high_water(conn)
+    high = store.audit_high_water()
     if high >= expected:
         what = f"record {expected}" if high == expected else f"records {expected}..{high}"
         problems.append(AuditProblem(expected, f"{what} deleted from the end of the log"))

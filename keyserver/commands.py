@@ -1,11 +1,13 @@
-"""Command bodies shared by ``python -m keyserver`` and ``vault keyserver``.
+"""The key server's command line, defined once: ``python -m keyserver`` and
+``vault keyserver`` both build their sub-commands with :func:`add_arguments`.
 
-Each returns an exit code and prints plainly; typed errors propagate to the
-caller's CLI, which prints one line.
+Each command returns an exit code and prints plainly; typed errors propagate
+to the caller's CLI, which prints one line. Only ``argparse`` is imported at
+module level, so building the ``vault`` parser stays cheap.
 
 Example::
 
-    cmd_audit("ks", verify_only=False, verify_chain=True)
+    cmd_audit("ks", verify_chain=True)
 """
 
 from __future__ import annotations
@@ -16,24 +18,47 @@ import os
 import sys
 from typing import Any
 
-from . import audit, store
-from .layout import DEFAULT_ADDRESS, Paths, exclusive_lock, init_dir, rotate_master
+DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 
 __all__ = ["add_arguments", "cmd_audit", "cmd_init", "cmd_rotate", "cmd_serve"]
 
 
-def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS) -> int:
-    created = init_dir(root, address=address)
+def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS, database: str | None = None) -> int:
+    from .layout import init_dir
+
+    created = init_dir(root, address=address, database=database)
     print(f"key server initialised in {root}")
     for what, value in created.items():
         print(f"  {what}: {value}")
     return 0
 
 
-def cmd_serve(root: str, *, bind: str, lease_ttl: float, advertise: str | None = None) -> int:
+def cmd_serve(
+    root: str,
+    *,
+    bind: str,
+    lease_ttl: float,
+    advertise: str | None = None,
+    database: str | None = None,
+    anchor: str | None = None,
+) -> int:
+    import json
+
+    from vault.core.errors import VaultError
+
     from .server import serve
 
-    serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise)
+    try:
+        serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database,
+              anchor=anchor)  # fmt: skip
+    except VaultError as exc:
+        # a launcher waiting for the ready line hears why there is none
+        # (one that already read it may have closed the pipe)
+        try:
+            print(json.dumps({"ready": False, "error": exc.to_wire()}), flush=True)
+        except OSError:
+            pass
+        raise
     return 0
 
 
@@ -41,61 +66,122 @@ def _when(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def cmd_audit(root: str, *, verify_chain: bool, quiet: bool = False) -> int:
-    conn = store.connect(Paths(os.fspath(root)).db)
+def cmd_audit(
+    root: str,
+    *,
+    verify_chain: bool,
+    quiet: bool = False,
+    database: str | None = None,
+    anchor: str | None = None,
+) -> int:
+    from vault.core import crypto as _crypto
+
+    from . import audit
+    from .anchor import verify_anchor
+    from .layout import Paths
+    from .store import open_store
+
+    paths = Paths(os.fspath(root))
+    st = open_store(database or paths.db)
     try:
         if not quiet:
-            for r in audit.records(conn):
+            for r in audit.records(st):
                 print(
                     f"{r.seq:>6} {_when(r.ts)} {r.event:<14} licence={r.licence_id or '-'} "
                     f"model={r.model_id or '-'} {r.detail}"
                 )
         if not verify_chain:
             return 0
-        problems = audit.verify(conn)
-        seq, digest = audit.head(conn)
+        problems = audit.verify(st)
+        seq, digest = audit.head(st)
+        last = None
+        if anchor is not None:
+            with open(paths.audit_pub, "rb") as fh:
+                public = _crypto.load_public_key(fh.read())
+            found, last = verify_anchor(st, anchor, public)
+            problems += found
     finally:
-        conn.close()
+        st.close()
     if problems:
-        for p in problems:
+        for p in problems[:20]:
             print(f"audit: TAMPERED {p}", file=sys.stderr)
+        if len(problems) > 20:
+            print(f"audit: ... and {len(problems) - 20} more", file=sys.stderr)
         return 1
     print(f"audit chain OK: {seq} records, head {digest.hex()}")
+    if last is not None:
+        print(f"anchor OK: the log matches every signed checkpoint (last: record {last.seq}, "
+              f"{last.when()})")  # fmt: skip
     return 0
 
 
-def cmd_rotate(root: str) -> int:
+def cmd_rotate(root: str, *, database: str | None = None) -> int:
+    from .layout import exclusive_lock, rotate_master
+
     with exclusive_lock(root):
-        n = rotate_master(root)
+        n = rotate_master(root, database=database)
     print(f"master key rotated; {n} package key(s) re-wrapped")
     return 0
 
 
+def _database_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help="postgresql://... store shared by replicas (default: DIR/keyserver.db, SQLite)",
+    )
+
+
 def add_arguments(sub: Any) -> None:
-    """Sub-commands init/serve/audit/rotate-master on an argparse sub-parser set."""
+    """Sub-commands init/serve/audit/rotate-master on an argparse sub-parser
+    set; each sets ``func`` (args -> exit code) and ``ks_command``."""
     p = sub.add_parser("init", help="create database, master key, server keys, admin.licence")
     p.add_argument("dir")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="address clients will use")
-    p.set_defaults(func=lambda a: cmd_init(a.dir, address=a.address))
+    _database_option(p)
+    p.set_defaults(
+        ks_command="init",
+        func=lambda a: cmd_init(a.dir, address=a.address, database=a.database),
+    )
 
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")
     p.add_argument("--bind", default=DEFAULT_ADDRESS)
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S")
+    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
     p.add_argument("--advertise", default=None, help="address written into issued licences")
+    _database_option(p)
+    p.add_argument("--anchor", default=None, metavar="PATH",
+                   help="append signed audit checkpoints to PATH (outside the database)")  # fmt: skip
     p.set_defaults(
-        func=lambda a: cmd_serve(a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise)
-    )
+        ks_command="serve",
+        func=lambda a: cmd_serve(
+            a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
+            database=a.database, anchor=a.anchor,
+        ),
+    )  # fmt: skip
 
     p = sub.add_parser("audit", help="print the audit log; --verify checks the hash chain")
     p.add_argument("dir")
-    p.add_argument("--verify", action="store_true")
+    p.add_argument("--verify", action="store_true", help="verify the chain (exit 1 if broken)")
     p.add_argument("--quiet", action="store_true", help="with --verify: only the verdict")
-    p.set_defaults(func=lambda a: cmd_audit(a.dir, verify_chain=a.verify, quiet=a.quiet))
+    p.add_argument("--anchor", default=None, metavar="PATH",
+                   help="check the log against the signed checkpoints in PATH too")  # fmt: skip
+    _database_option(p)
+    p.set_defaults(
+        ks_command="audit",
+        func=lambda a: cmd_audit(
+            a.dir, verify_chain=a.verify or a.anchor is not None, quiet=a.quiet,
+            database=a.database, anchor=a.anchor,
+        ),
+    )  # fmt: skip
 
-    p = sub.add_parser("rotate-master", help="re-wrap every key under a new master key")
+    p = sub.add_parser("rotate-master", help="re-wrap every package key under a new master")
     p.add_argument("dir")
-    p.set_defaults(func=lambda a: cmd_rotate(a.dir))
+    _database_option(p)
+    p.set_defaults(
+        ks_command="rotate-master", func=lambda a: cmd_rotate(a.dir, database=a.database)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

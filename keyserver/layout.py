@@ -9,6 +9,8 @@ and master-key rotation.
     DIR/server.pub        the server's CURVE public key (Z85 text)
     DIR/publisher.key     the publisher's Ed25519 signing key, 0600
     DIR/publisher.pub     its public half
+    DIR/audit.key         the key server's Ed25519 key for audit checkpoints, 0600
+    DIR/audit.pub         its public half (``audit --verify --anchor`` checks with it)
     DIR/admin.licence     the admin licence (issue, revoke, list, register keys)
     DIR/keyserver.lock    flock held by a running server (and by rotate-master)
 
@@ -26,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,20 +40,24 @@ from vault.core import crypto as _crypto
 from vault.core.errors import ConfigError, IntegrityError, KeyServerError
 from vault.core.licence import Licence, write_private_file
 
-from . import audit, store
+from . import audit
+from .policy import LicenceRecord
+from .rowauth import RowAuth
+from .store import SqliteStore, Store
 
 __all__ = [
     "DEFAULT_ADDRESS",
     "Paths",
     "exclusive_lock",
     "init_dir",
+    "load_audit_key",
     "load_master",
     "master_id",
     "new_licence_id",
     "rotate_master",
 ]
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
+from .commands import DEFAULT_ADDRESS  # one default, where the CLI parser is
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,14 @@ class Paths:
     @property
     def publisher_pub(self) -> str:
         return self._p("publisher.pub")
+
+    @property
+    def audit_key(self) -> str:
+        return self._p("audit.key")
+
+    @property
+    def audit_pub(self) -> str:
+        return self._p("audit.pub")
 
     @property
     def admin_licence(self) -> str:
@@ -133,16 +148,20 @@ def exclusive_lock(root: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) -> dict[str, str]:
+def init_dir(
+    root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS, database: str | None = None
+) -> dict[str, str]:
     """Create a fresh key server directory; returns {what: path or value}.
 
-    Refuses a directory that already holds a database (no silent overwrite
-    of a master key).
+    ``database``: a PostgreSQL URL whose schema, meta and admin row are
+    created here (the replicas' shared store); by default ``DIR/keyserver.db``.
+    Refuses a directory or database that already holds a key server (no
+    silent overwrite of a master key).
     """
     paths = Paths(os.fspath(root))
     os.makedirs(paths.root, mode=0o700, exist_ok=True)
-    if os.path.exists(paths.db):
-        raise ConfigError(f"{paths.db} already exists; refusing to overwrite a key server")
+    if os.path.exists(paths.db) or (database is not None and os.path.exists(paths.master)):
+        raise ConfigError(f"{paths.root} already holds a key server; refusing to overwrite it")
     master = _crypto.generate_key()
     server_public, server_secret = zmq.curve_keypair()
     admin_public, admin_secret = zmq.curve_keypair()
@@ -162,6 +181,7 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
         with open(paths.server_public, "w") as fh:
             fh.write(server_public.decode() + "\n")
         publisher.save(paths.publisher_key, paths.publisher_pub)
+        _crypto.PublisherKey.generate().save(paths.audit_key, paths.audit_pub)
         admin = Licence(
             licence_id=licence_id,
             holder="admin",
@@ -175,12 +195,20 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
         )
         admin.save(paths.admin_licence)
         tmp_db = paths.db + ".init"
-        for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        conn = store.connect(tmp_db, create=True)
+        st: Store
+        if database is not None:
+            from .store_pg import PostgresStore
+
+            st = PostgresStore.open(database, create=True)
+        else:
+            for leftover in (tmp_db, tmp_db + "-wal", tmp_db + "-shm"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            st = SqliteStore.open(tmp_db, create=True)
         try:
-            with store.transaction(conn):
+            with st.transaction():
+                if st.get_meta("master_id") is not None:
+                    raise ConfigError("the database already holds a key server; refusing it")
                 for k, v in {
                     "address": address,
                     "server_public_key": server_public.decode(),
@@ -188,34 +216,47 @@ def init_dir(root: str | os.PathLike[str], *, address: str = DEFAULT_ADDRESS) ->
                     "master_id": master_id(master),
                     "created_at": repr(now),
                 }.items():
-                    store.set_meta(conn, k, v)
-                conn.execute(
-                    "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
-                    " issued_at) VALUES (?, 'admin', 'admin', NULL, ?, ?)",
-                    (licence_id, admin_public.decode(), now),
-                )
+                    st.set_meta(k, v)
+                rows = RowAuth(master)
+                st.insert_licence(rows.seal(
+                    LicenceRecord(licence_id, "admin", "admin", None, admin_public.decode(), now,
+                                  None, None, None, 0.0, None, 0)
+                ))  # fmt: skip
+                rows.wipe()
                 audit.append(
-                    conn, ts=now, event="initialised", actor="init", licence_id=licence_id,
+                    st, ts=now, event="initialised", actor="init", licence_id=licence_id,
                     detail={"role": "admin", "address": address},
                 )  # fmt: skip
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if isinstance(st, SqliteStore):
+                st.checkpoint("TRUNCATE")
         finally:
-            conn.close()
-        os.replace(tmp_db, paths.db)
+            st.close()
+        if database is None:
+            os.replace(tmp_db, paths.db)
         _fsync_dir(paths.root)
     finally:
         _crypto.zeroize(master)
     return {
         "server public key": server_public.decode(),
         "address": address,
-        "database": paths.db,
+        "database": "postgresql" if database is not None else paths.db,
         "master key": paths.master,
         "server keys": paths.server_secret,
         "publisher key": paths.publisher_key,
         "publisher public key": paths.publisher_pub,
+        "audit checkpoint key": paths.audit_key,
         "admin licence": paths.admin_licence,
         "admin licence id": licence_id,
     }
+
+
+def load_audit_key(root: str | os.PathLike[str]) -> _crypto.PublisherKey:
+    """The key server's checkpoint signing key; made on first use for a
+    directory initialised before it existed."""
+    paths = Paths(os.fspath(root))
+    if not os.path.exists(paths.audit_key):
+        _crypto.PublisherKey.generate().save(paths.audit_key, paths.audit_pub)
+    return _crypto.PublisherKey.load(paths.audit_key)
 
 
 def load_server_keys(root: str | os.PathLike[str]) -> tuple[bytes, bytes]:
@@ -233,7 +274,7 @@ def _read_master(path: str) -> bytearray:
     return data
 
 
-def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
+def load_master(root: str | os.PathLike[str], st: Store | sqlite3.Connection) -> bytearray:
     """Read the master key and check it against the DB's ``master_id``.
 
     Finishes an interrupted rotation: if the DB already names the key in
@@ -241,11 +282,10 @@ def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
     rename), the rename is completed here; a stale ``master.key.new`` from a
     rotation that never committed is removed.
     """
-    import sqlite3
-
-    assert isinstance(conn, sqlite3.Connection)
+    if isinstance(st, sqlite3.Connection):
+        st = SqliteStore(st)
     paths = Paths(os.fspath(root))
-    want = store.get_meta(conn, "master_id")
+    want = st.get_meta("master_id")
     master = _read_master(paths.master)
     if master_id(master) == want:
         if os.path.exists(paths.master_new):
@@ -263,7 +303,7 @@ def load_master(root: str | os.PathLike[str], conn: object) -> bytearray:
     raise IntegrityError(f"{paths.master} does not match the key server database")
 
 
-def rotate_master(root: str | os.PathLike[str]) -> int:
+def rotate_master(root: str | os.PathLike[str], *, database: str | None = None) -> int:
     """Re-wrap every package key under a fresh master key; returns how many.
 
     Crash order (each step leaves a loadable directory):
@@ -271,37 +311,49 @@ def rotate_master(root: str | os.PathLike[str]) -> int:
     1. write ``master.key.new`` (fsync). Crash here: the DB still names the
        old key; :func:`load_master` deletes the stale file.
     2. one transaction: re-wrap every key, set ``master_id``, audit record.
-       Crash before COMMIT: SQLite rolls it back, as in 1. Crash after
+       Licence rows are re-tagged under the new master's row key (a row
+       that fails its old tag stays refused: rotation launders nothing).
+       Crash before COMMIT: the store rolls it back, as in 1. Crash after
        COMMIT: the DB names the new key; :func:`load_master` finds it in
        ``master.key.new`` and completes step 3.
     3. rename ``master.key.new`` over ``master.key`` (atomic), fsync the dir.
 
     Call it with the server stopped (``exclusive_lock`` enforces this).
+    ``database`` names the store (a PostgreSQL URL); by default ``DIR/keyserver.db``.
     """
+    from .store import open_store
+
     paths = Paths(os.fspath(root))
-    conn = store.connect(paths.db)
+    st = open_store(database or paths.db)
     try:
-        old = load_master(paths.root, conn)
+        old = load_master(paths.root, st)
         new = _crypto.generate_key()
         try:
             write_private_file(paths.master_new, bytes(new))
             _fsync_dir(paths.root)
-            with store.transaction(conn):
-                rows = conn.execute("SELECT model_id, key_id, wrapped FROM keys").fetchall()
-                for model_id, key_id, wrapped in rows:
-                    key = _crypto.unwrap_key(old, bytes(wrapped), key_id=key_id, model_id=model_id)
+            with st.transaction():
+                rows = st.keys()
+                for row in rows:
+                    ids = {"key_id": row.key_id, "model_id": row.model_id}
+                    key = _crypto.unwrap_key(old, row.wrapped, **ids)
                     try:
-                        rewrapped = _crypto.wrap_key(new, key, key_id=key_id, model_id=model_id)
+                        st.set_wrapped(row.model_id, row.key_id, _crypto.wrap_key(new, key, **ids))
                     finally:
                         _crypto.zeroize(key)
-                    conn.execute(
-                        "UPDATE keys SET wrapped = ? WHERE model_id = ? AND key_id = ?",
-                        (rewrapped, model_id, key_id),
-                    )
-                store.set_meta(conn, "master_id", master_id(new))
+                old_rows, new_rows = RowAuth(old), RowAuth(new)
+                refused = []
+                for lic in st.licences():
+                    if old_rows.authentic(lic):
+                        st.update_licence(new_rows.seal(lic))
+                    else:
+                        refused.append(lic.licence_id)
+                old_rows.wipe()
+                new_rows.wipe()
+                st.set_meta("master_id", master_id(new))
                 audit.append(
-                    conn, ts=time.time(), event="master_rotated", actor="rotate-master",
-                    detail={"keys": len(rows), "master_id": master_id(new)},
+                    st, ts=time.time(), event="master_rotated", actor="rotate-master",
+                    detail={"keys": len(rows), "master_id": master_id(new),
+                            "refused_rows": refused},
                 )  # fmt: skip
             os.replace(paths.master_new, paths.master)
             _fsync_dir(paths.root)
@@ -310,4 +362,4 @@ def rotate_master(root: str | os.PathLike[str]) -> int:
             _crypto.zeroize(old)
             _crypto.zeroize(new)
     finally:
-        conn.close()
+        st.close()

@@ -17,11 +17,14 @@ Example::
                 raise LicenceError("keys are released 09:00-17:00 UTC only")
 
     policy = AllOf(default_release_policy(), BusinessHours())
+
+The quota (``max_calls``) is checked here; the rate limit sizes lease budgets
+in :mod:`keyserver.metering`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from vault.core.errors import (
@@ -29,7 +32,6 @@ from vault.core.errors import (
     LicenceExpiredError,
     LicenceRevokedError,
     QuotaExhaustedError,
-    RateLimitedError,
     WrongModelError,
 )
 
@@ -44,7 +46,6 @@ __all__ = [
     "NotRevoked",
     "Policy",
     "QuotaLeft",
-    "WithinRateLimit",
     "default_release_policy",
     "default_renew_policy",
 ]
@@ -66,7 +67,16 @@ class LicenceRecord:
     rate_limit: float | None
     grace: float
     revoked_at: float | None
-    used_calls: int
+    used_calls: int  # calls reported by workers, and reserves forfeited by dead ones
+    reserved_calls: int = 0  # calls reserved by open leases (debited, not yet reported)
+    rate_tokens: float | None = None  # the call bucket (see keyserver.metering)
+    rate_at: float | None = None
+    mac: bytes | None = None  # the row's tag (keyserver.rowauth); not part of the decision
+
+    @property
+    def debited_calls(self) -> int:
+        """What the quota has given out: used plus reserved."""
+        return self.used_calls + self.reserved_calls
 
     @property
     def is_admin(self) -> bool:
@@ -142,44 +152,23 @@ class DigestMatches:
 
 
 class QuotaLeft:
+    """Calls reserved by open leases count as spent: the quota cannot be
+    exceeded by any number of concurrent or successive leases."""
+
     def check(self, ctx: Context) -> None:
         cap = ctx.licence.max_calls
-        if cap is not None and ctx.licence.used_calls >= cap:
-            raise QuotaExhaustedError(f"licence {ctx.licence.licence_id} has used its {cap} calls")
-
-
-@dataclass
-class WithinRateLimit:
-    """Token bucket per licence on key requests: ``rate_limit`` per second,
-    burst of ``max(1, rate_limit)``. Slows extraction sweeps that would
-    re-request keys or leases in a tight loop. (Compute calls are paced by the
-    lease's ``call_budget``, see :mod:`keyserver.service`.) The state is in
-    memory: a restart refills the buckets, which only ever errs towards one
-    extra burst."""
-
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def check(self, ctx: Context) -> None:
-        rate = ctx.licence.rate_limit
-        if rate is None or rate <= 0:
-            return
-        burst = max(1.0, rate)
-        tokens, last = self._buckets.get(ctx.licence.licence_id, (burst, ctx.now))
-        tokens = min(burst, tokens + max(0.0, ctx.now - last) * rate)
-        if tokens < 1.0:
-            self._buckets[ctx.licence.licence_id] = (tokens, ctx.now)
-            raise RateLimitedError(
-                f"licence {ctx.licence.licence_id} is limited to {rate:g} requests/s"
+        if cap is not None and ctx.licence.debited_calls >= cap:
+            raise QuotaExhaustedError(
+                f"licence {ctx.licence.licence_id} has used or reserved its {cap} calls"
             )
-        self._buckets[ctx.licence.licence_id] = (tokens - 1.0, ctx.now)
 
 
 def default_release_policy() -> AllOf:
-    return AllOf(
-        NotRevoked(), NotExpired(), BoundToModel(), DigestMatches(), QuotaLeft(), WithinRateLimit()
-    )
+    # The rate limit is not a policy here: it sizes each lease's call budget
+    # from a bucket kept with the licence (keyserver.metering), for grants and
+    # renewals alike.
+    return AllOf(NotRevoked(), NotExpired(), BoundToModel(), DigestMatches(), QuotaLeft())
 
 
 def default_renew_policy() -> AllOf:
-    # No rate limit on renewals: they are the worker's heartbeat.
     return AllOf(NotRevoked(), NotExpired(), QuotaLeft())

@@ -1,7 +1,7 @@
 """The key server process: a ZeroMQ ROUTER with CURVE and a ZAP allow-list.
 
 One thread does everything, on purpose: the ZAP handler and the request
-loop share one SQLite connection, so a licence issued in one batch admits
+loop share one store connection, so a licence issued in one batch admits
 its holder's very next handshake, and there are no locks to get wrong.
 Requests that arrive together are processed as one batch (one transaction,
 one fsync: group commit) and answered after the commit.
@@ -9,19 +9,23 @@ one fsync: group commit) and answered after the commit.
 Example::
 
     $ python -m keyserver serve ks --bind tcp://127.0.0.1:0 --lease-ttl 2
-    keyserver listening on tcp://127.0.0.1:41234
+    {"ready": true, "address": "tcp://127.0.0.1:41234", "pid": 4242, ...}
+
+That ready line (JSON, read by :func:`vault.core.launch.read_ready_line`)
+is all the server writes on stdout; its log lines go to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -31,10 +35,12 @@ from zmq.utils import z85
 from vault.core.errors import ProtocolError, VaultError
 from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
-from . import store
-from .layout import Paths, exclusive_lock, load_master, load_server_keys
+from . import audit
+from .anchor import AnchorWriter
+from .layout import Paths, exclusive_lock, load_audit_key, load_master, load_server_keys
 from .policy import Policy
 from .service import DEFAULT_LEASE_TTL, KeyService, Request
+from .store import SqliteStore, Store, open_store
 
 __all__ = ["MAX_HEADER", "MAX_MESSAGE", "REQUEST_HEADER_LIMIT", "serve"]
 
@@ -106,15 +112,15 @@ class _Checkpointer(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        conn = store.connect(self._db)
+        st = SqliteStore.open(self._db)
         try:
             while not self._stop_event.wait(self._every):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
+                    st.checkpoint("PASSIVE")
+                except st.errors:
                     pass  # busy or I/O trouble: the next round retries
         finally:
-            conn.close()
+            st.close()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -138,21 +144,31 @@ def serve(
     clock: Callable[[], float] = time.time,
     release_policy: Policy | None = None,
     renew_policy: Policy | None = None,
+    database: str | None = None,
+    anchor: str | os.PathLike[str] | None = None,
     out: Any = None,
 ) -> None:
     """Run the key server until SIGTERM or Ctrl-C.
 
     ``advertise`` is the address written into licences it issues; by default
     the address recorded at ``init``, or the real bound endpoint when
-    ``bind`` asks for a random port (``:0``).
+    ``bind`` asks for a random port (``:0``). ``database`` is a PostgreSQL
+    URL (several replicas may serve one database); by default the SQLite
+    file ``DIR/keyserver.db``, one server per directory. ``anchor`` is the
+    file that receives the signed audit checkpoints (:mod:`keyserver.anchor`).
     """
     out = out or sys.stdout
     paths = Paths(os.fspath(root))
-    with exclusive_lock(paths.root):
-        conn = store.connect(paths.db)
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
-        master = load_master(paths.root, conn)
-        checkpointer = _Checkpointer(paths.db)
+    # A SQLite file has one writer: the directory lock says so early. Replicas
+    # of a PostgreSQL store share one directory of keys, so no lock there.
+    with exclusive_lock(paths.root) if database is None else _no_lock():
+        st: Store = open_store(database or paths.db)
+        checkpointer: _Checkpointer | None = None
+        if isinstance(st, SqliteStore):
+            st.disable_autocheckpoint()  # see _Checkpointer
+            checkpointer = _Checkpointer(paths.db)
+        master = load_master(paths.root, st)
+        writer = AnchorWriter(anchor, load_audit_key(paths.root)) if anchor is not None else None
         public, secret = load_server_keys(paths.root)
         ctx = zmq.Context()
         stop = _Stop()
@@ -179,23 +195,36 @@ def serve(
                 raise ConfigError(f"cannot bind {bind}: {exc}") from exc
             endpoint = router.get_string(zmq.LAST_ENDPOINT)
             if advertise is None:
-                advertise = endpoint if bind.endswith(":0") else store.get_meta(conn, "address")
+                advertise = endpoint if bind.endswith(":0") else st.get_meta("address")
             service = KeyService(
-                conn,
+                st,
                 master,
                 server_public_key=public.decode(),
-                publisher_key=store.get_meta(conn, "publisher_key") or "",
+                publisher_key=st.get_meta("publisher_key") or "",
                 address=advertise or endpoint,
                 lease_ttl=lease_ttl,
                 clock=clock,
                 release_policy=release_policy,
                 renew_policy=renew_policy,
+                checkpoint=writer,
             )
-            checkpointer.start()
-            print(f"keyserver listening on {endpoint}", file=out, flush=True)
+            if writer is not None:  # everything so far, rotations included
+                seq, head = audit.head(st)
+                writer(seq, head, clock())
+            if checkpointer is not None:
+                checkpointer.start()
+            ready = {
+                "ready": True,
+                "address": endpoint,
+                "advertised": advertise or endpoint,
+                "pid": os.getpid(),
+                "server_key": public.decode(),
+                "database": st.kind,
+            }
+            print(json.dumps(ready, sort_keys=True), file=out, flush=True)
             _loop(router, zap, service, stop)
         finally:
-            if checkpointer.is_alive():
+            if checkpointer is not None and checkpointer.is_alive():
                 checkpointer.stop()
             router.close(0)
             zap.close(0)
@@ -205,8 +234,15 @@ def serve(
             from vault.core import crypto as _crypto
 
             _crypto.zeroize(master)
-            conn.close()
-        print("keyserver stopped", file=out, flush=True)
+            st.close()
+            if writer is not None:
+                writer.close()
+        print("keyserver stopped", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
 
 
 def _loop(router: zmq.Socket[Any], zap: zmq.Socket[Any], service: KeyService, stop: _Stop) -> None:

@@ -1,7 +1,7 @@
 """The key server's decisions, independent of the transport.
 
 :class:`KeyService` takes a batch of parsed requests, runs them in **one**
-SQLite transaction (one savepoint each), commits, and only then hands back
+store transaction (one savepoint each), commits, and only then hands back
 the replies. That order is the fail-closed rule: a sealed key leaves the
 server only after its audit record is durable; if the commit fails every
 reply in the batch becomes an :class:`~vault.core.errors.AuditError`. Batching is
@@ -9,16 +9,16 @@ also group commit: one fsync covers every request that arrived together.
 
 Example::
 
-    svc = KeyService(conn, master, server_public_key=pub, publisher_key=pk,
+    svc = KeyService(open_store("ks/keyserver.db"), master, server_public_key=pub, publisher_key=pk,
                      address="tcp://127.0.0.1:7700", lease_ttl=60.0)
     [reply] = svc.process_batch([Request(identity=client_key, header=header)])
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import sqlite3
 import sys
 import time
 from collections import deque
@@ -35,13 +35,14 @@ from vault.core.errors import (
     LicenceError,
     PermissionDeniedError,
     ProtocolError,
+    RateLimitedError,
     UnknownLicenceError,
     VaultError,
 )
 from vault.core.licence import Licence
 from vault.core.protocol import error_reply, ok_reply
 
-from . import audit
+from . import audit, metering
 from .layout import new_licence_id
 from .policy import (
     Context,
@@ -51,10 +52,13 @@ from .policy import (
     default_release_policy,
     default_renew_policy,
 )
+from .rowauth import RowAuth
+from .store import KeyRow, LeaseRow, Store
 
 __all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
 
 DEFAULT_LEASE_TTL = 60.0
+NOT_YOURS = "no such licence for this client key"
 MAX_SKEW = 60.0  # seconds a request's timestamp may differ from the server clock
 _MAX_STR = 512
 
@@ -67,6 +71,10 @@ class Request:
     identity: str | None
     header: Mapping[str, Any] | None
     error: VaultError | None = None
+
+
+class _LostTransaction(Exception):
+    """The engine dropped the batch's transaction under us (see _rollback_savepoint)."""
 
 
 class _Denied(Exception):
@@ -114,16 +122,6 @@ def _int(h: Mapping[str, Any], name: str, *, optional: bool) -> Any:
     return v
 
 
-_LICENCE_COLS = (
-    "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
-    " max_calls, rate_limit, grace, revoked_at, used_calls"
-)
-
-
-def _record(row: Sequence[Any]) -> LicenceRecord:
-    return LicenceRecord(*row)
-
-
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -131,7 +129,7 @@ def _stderr(line: str) -> None:
 class KeyService:
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        store: Store,
         master: bytearray,
         *,
         server_public_key: str,
@@ -142,11 +140,15 @@ class KeyService:
         release_policy: Policy | None = None,
         renew_policy: Policy | None = None,
         log: Callable[[str], None] = _stderr,
+        checkpoint: Callable[[int, bytes, float], None] | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
-        self.conn = conn
+        self.store = store
         self._master = master
+        self.rows = RowAuth(master)
+        self.checkpoint = checkpoint
+        self._checkpointed: tuple[int, bytes] | None = None
         self.server_public_key = server_public_key
         self.publisher_key = publisher_key
         self.address = address
@@ -161,6 +163,7 @@ class KeyService:
         self._ops = {
             "release": self._release,
             "renew": self._renew,
+            "close": self._close,
             "register_key": self._register_key,
             "issue": self._issue,
             "revoke": self._revoke,
@@ -173,37 +176,54 @@ class KeyService:
         """Whether a CURVE key may connect: any licence holder or admin, looked
         up live (a licence issued a second ago connects). Revoked holders are
         admitted so they hear the typed 'revoked' denial instead of silence."""
-        row = self.conn.execute(
-            "SELECT 1 FROM licences WHERE client_public_key = ?", (client_public_key,)
-        ).fetchone()
-        return row is not None
+        return self.store.has_client_key(client_public_key)
 
     # --- batches ---------------------------------------------------------------
 
     def process_batch(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
         now = self.clock()
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+            self.store.begin()
+        except self.store.errors as exc:
             self.log(f"keyserver: cannot open a transaction ({type(exc).__name__}); refusing batch")
             return [self._audit_failed(r) for r in requests]
         self._batch_broken = False
         replies = [self._one(r, now) for r in requests]
+        failures: tuple[type[BaseException], ...] = (_LostTransaction, *self.store.errors)
+        head: tuple[int, bytes] | None = None
         try:
             if self._batch_broken:
-                raise sqlite3.OperationalError("transaction was lost mid-batch")
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+                raise _LostTransaction("transaction was lost mid-batch")
+            if self.checkpoint is not None:
+                head = audit.head(self.store)  # the head this batch leaves
+            self.store.commit()
+        except failures as exc:
             self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
-            if self.conn.in_transaction:
+            if self.store.in_transaction:
                 try:
-                    self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
+                    self.store.rollback()
+                except self.store.errors:
                     pass
             return [
                 rep if self._is_ping(req) else self._audit_failed(req)
                 for req, rep in zip(requests, replies)
             ]
+        if head is not None and head != self._checkpointed:
+            # The head leaves the database (signed, to the anchor) before any
+            # reply does: a record that let a key out is covered by a
+            # checkpoint a database writer cannot rewrite.
+            try:
+                assert self.checkpoint is not None
+                self.checkpoint(head[0], head[1], now)
+                self._checkpointed = head
+            except Exception as exc:  # noqa: BLE001 - any failure: release nothing
+                self.log(
+                    f"keyserver: audit checkpoint failed ({type(exc).__name__}); nothing released"
+                )
+                return [
+                    rep if self._is_ping(req) else self._audit_failed(req)
+                    for req, rep in zip(requests, replies)
+                ]
         return replies
 
     @staticmethod
@@ -226,20 +246,20 @@ class KeyService:
         handler = self._ops.get(op) if isinstance(op, str) else None
         if handler is None:
             return error_reply(rid, ProtocolError(f"unknown op {op!r}"))
-        self.conn.execute("SAVEPOINT req")
+        self.store.savepoint()
         try:
             self._check_fresh(h, now)
-            caller = self._caller(req.identity)
+            caller = self._caller(req.identity, now)
             fields = handler(caller, h, now)
-            self.conn.execute("RELEASE req")
+            self.store.release_savepoint()
             return ok_reply(rid, **fields)
         except _Denied as d:
-            self.conn.execute("RELEASE req")  # keep the audit record of the denial
+            self.store.release_savepoint()  # keep the audit record of the denial
             return error_reply(rid, d.error)
         except VaultError as exc:
             self._rollback_savepoint()
             return error_reply(rid, exc)
-        except sqlite3.Error as exc:
+        except self.store.errors as exc:
             self.log(f"keyserver: {op} failed to write ({type(exc).__name__}); fail closed")
             self._rollback_savepoint()
             return error_reply(
@@ -257,14 +277,13 @@ class KeyService:
 
     def _rollback_savepoint(self) -> None:
         try:
-            self.conn.execute("ROLLBACK TO req")
-            self.conn.execute("RELEASE req")
-        except sqlite3.Error:
-            # SQLite rolled back the whole transaction (e.g. disk full): every
-            # earlier reply of this batch is void too.
+            self.store.rollback_savepoint()
+        except self.store.errors:
+            # The engine rolled back the whole transaction (e.g. disk full):
+            # every earlier reply of this batch is void too.
             self._batch_broken = True
-            if not self.conn.in_transaction:
-                self.conn.execute("BEGIN IMMEDIATE")
+            if not self.store.in_transaction:
+                self.store.begin()
 
     def _check_fresh(self, h: Mapping[str, Any], now: float) -> None:
         """Replay defence: each request carries a random nonce and its send
@@ -290,27 +309,43 @@ class KeyService:
         # entries arrive nearly in order, so the deque front expires first.
         expiry.append((max(now, ts) + MAX_SKEW, nonce))
 
-    def _caller(self, identity: str | None) -> LicenceRecord:
+    def _caller(self, identity: str | None, now: float) -> LicenceRecord:
         if identity is None:
             raise PermissionDeniedError("connection is not CURVE-authenticated")
-        row = self.conn.execute(
-            f"SELECT {_LICENCE_COLS} FROM licences WHERE client_public_key = ?", (identity,)
-        ).fetchone()
-        if row is None:
-            raise UnknownLicenceError("no licence holds this client key")
-        return _record(row)
+        rec = self._authentic(self.store.licence_by_key(identity), now)
+        if rec is None:
+            raise _Denied(UnknownLicenceError("no licence holds this client key"))
+        return rec
 
-    def _licence(self, licence_id: str) -> LicenceRecord | None:
-        row = self.conn.execute(
-            f"SELECT {_LICENCE_COLS} FROM licences WHERE licence_id = ?", (licence_id,)
-        ).fetchone()
-        return None if row is None else _record(row)
+    def _licence(self, licence_id: str, now: float) -> LicenceRecord | None:
+        return self._authentic(self.store.licence(licence_id), now)
+
+    def _authentic(self, rec: LicenceRecord | None, now: float) -> LicenceRecord | None:
+        """The row if the key server wrote it; a row with a wrong or missing
+        tag (written by someone else into the database) is refused as if
+        absent, and reported: a log line and an audit record."""
+        if rec is None or self.rows.authentic(rec):
+            return rec
+        self._report_row(rec, now)
+        return None
+
+    def _report_row(self, rec: LicenceRecord, now: float) -> None:
+        self.log(
+            f"keyserver: REFUSED licence row {rec.licence_id} ({rec.role}, holder {rec.holder!r}):"
+            " its tag does not match; it was not written by this key server"
+        )
+        audit.append(
+            self.store, ts=now, event="row_refused", licence_id=rec.licence_id,
+            detail={"table": "licences", "role": rec.role, "holder": rec.holder,
+                    "client_public_key": rec.client_public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
 
     def _deny(
         self, caller: LicenceRecord, op: str, error: VaultError, now: float, **detail: Any
     ) -> _Denied:
         audit.append(
-            self.conn, ts=now, event="denied", actor=caller.licence_id,
+            self.store, ts=now, event="denied", actor=caller.licence_id,
             licence_id=detail.pop("licence_id", caller.licence_id),
             model_id=detail.pop("model_id", None),
             detail={"op": op, "reason": error.code, "message": error.message, **detail},
@@ -323,19 +358,39 @@ class KeyService:
         if not caller.is_admin:
             raise self._deny(caller, op, PermissionDeniedError(f"{op} needs an admin licence"), now)
 
-    # --- leases ------------------------------------------------------------------
+    # --- leases and metering (rules in keyserver.metering) -------------------------
 
-    def _budget(self, lic: LicenceRecord) -> int | None:
-        """Calls the worker may serve on this lease before it must renew:
-        what is left of the quota, and at most rate_limit x ttl."""
-        caps = []
-        if lic.max_calls is not None:
-            caps.append(max(0, lic.max_calls - lic.used_calls))
-        if lic.rate_limit is not None and lic.rate_limit > 0:
-            caps.append(max(1, math.ceil(lic.rate_limit * self.lease_ttl)))
-        return min(caps) if caps else None
+    def _meter(self, lic: LicenceRecord, *, used: int, reserved: int,
+               bucket: tuple[float, float] | None = None) -> LicenceRecord:  # fmt: skip
+        """Store the licence's new counters (and call bucket: tokens at a
+        time; None keeps it); returns the record as it now is."""
+        tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
+        if (used, reserved, tokens, at) == (lic.used_calls, lic.reserved_calls, lic.rate_tokens,
+                                            lic.rate_at):  # fmt: skip
+            return lic  # nothing metered (an unlimited licence): no write
+        new = self.rows.seal(dataclasses.replace(lic, used_calls=used, reserved_calls=reserved,
+                                                 rate_tokens=tokens, rate_at=at))  # fmt: skip
+        self.store.update_licence(new)
+        return new
 
-    def _lease_fields(self, lease_id: str, lic: LicenceRecord, now: float) -> dict[str, Any]:
+    def _lapse(self, lic: LicenceRecord, now: float) -> LicenceRecord:
+        """Leases past their hard end that never closed (a dead worker): their
+        reservation stays spent, as used calls. Audited once each."""
+        for lease in self.store.lapsed_leases_of(lic.licence_id, now):
+            forfeited = lease.call_budget or 0
+            used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=forfeited)
+            lic = self._meter(lic, used=used, reserved=reserved) if forfeited else lic
+            self.store.end_lease(lease.lease_id)
+            audit.append(
+                self.store, ts=now, event="lapsed", actor=lic.licence_id,
+                licence_id=lic.licence_id, model_id=lease.model_id,
+                detail={"lease_id": lease.lease_id, "forfeited_calls": forfeited},
+            )  # fmt: skip
+        return lic
+
+    def _lease_fields(
+        self, lease_id: str, lic: LicenceRecord, now: float, budget: metering.Budget
+    ) -> dict[str, Any]:
         expires = now + self.lease_ttl
         return {
             "lease_id": lease_id,
@@ -343,8 +398,19 @@ class KeyService:
             "grace": lic.grace,
             "expires_at": expires,
             "hard_end": expires + lic.grace,
-            "call_budget": self._budget(lic),
+            "call_budget": budget.budget,
+            "retry_after": budget.retry_after,
         }
+
+    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
+               ) -> tuple[LicenceRecord, metering.Budget]:  # fmt: skip
+        """Size a budget from the licence as settled (``used``/``reserved``)
+        and reserve it; returns the licence as stored and the budget."""
+        settled = dataclasses.replace(lic, used_calls=used, reserved_calls=reserved)
+        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl)
+        bucket = None if b.tokens is None else (b.tokens, now)
+        return self._meter(settled, used=used, reserved=reserved + (b.budget or 0),
+                           bucket=bucket), b  # fmt: skip
 
     # --- ops -----------------------------------------------------------------------
 
@@ -359,40 +425,43 @@ class KeyService:
         ephemeral = _bytes(h, "ephemeral_key", max_len=4096)
         ids = {"model_id": model_id, "key_id": key_id}
         if licence_id != caller.licence_id:
-            err: VaultError = (
-                UnknownLicenceError(f"no licence {licence_id}")
-                if self._licence(licence_id) is None
-                else PermissionDeniedError("this licence id does not belong to the connecting key")
-            )
-            raise self._deny(caller, "release", err, now, **ids)
-        row = self.conn.execute(
-            "SELECT package_digest, wrapped FROM keys WHERE model_id = ? AND key_id = ?",
-            (model_id, key_id),
-        ).fetchone()
-        key = None if row is None else KeyRecord(model_id, key_id, str(row[0]))
-        ctx = Context("release", caller, now, model_id, digest, key)
+            # One answer whether the id exists or is somebody else's: the
+            # reply must not tell a holder which licence ids exist.
+            err: VaultError = UnknownLicenceError(NOT_YOURS)
+            raise self._deny(caller, "release", err, now, **ids, asked_for=licence_id)
+        row = self.store.key(model_id, key_id)
+        key = None if row is None else KeyRecord(model_id, key_id, row.package_digest)
+        lic = self._lapse(caller, now)
+        ctx = Context("release", lic, now, model_id, digest, key)
         try:
             self.release_policy.check(ctx)
         except LicenceError as exc:
-            raise self._deny(caller, "release", exc, now, **ids) from None
+            raise self._deny(lic, "release", exc, now, **ids) from None
         if row is None:
             err = KeyServerError(f"no key {key_id!r} is registered for model {model_id!r}")
-            raise self._deny(caller, "release", err, now, **ids)
+            raise self._deny(lic, "release", err, now, **ids)
+        lic, budget = self._grant(lic, lic.reserved_calls, lic.used_calls, now)
+        if budget.budget == 0:
+            # Only the rate can do this (QuotaLeft passed): a grant counts against it.
+            assert lic.rate_limit is not None
+            rl = RateLimitedError(
+                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
+            )
+            raise self._deny(lic, "release", rl, now, **ids)
         lease_id = os.urandom(12).hex()
-        lease = self._lease_fields(lease_id, caller, now)
-        self.conn.execute(
-            "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
-            " hard_end, call_budget) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
-             lease["hard_end"], lease["call_budget"]),
+        lease = self._lease_fields(lease_id, lic, now, budget)
+        self.store.insert_lease(
+            LeaseRow(lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
+                     lease["hard_end"], budget.budget, False)
         )  # fmt: skip
         # Audit first; the reply leaves only after COMMIT (see process_batch).
         audit.append(
-            self.conn, ts=now, event="released", actor=caller.licence_id,
+            self.store, ts=now, event="released", actor=caller.licence_id,
             licence_id=caller.licence_id, model_id=model_id,
-            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite, "package_digest": digest},
+            detail={"key_id": key_id, "lease_id": lease_id, "suite": suite,
+                    "package_digest": digest, "reserved_calls": budget.budget},
         )  # fmt: skip
-        plain = _crypto.unwrap_key(self._master, bytes(row[1]), key_id=key_id, model_id=model_id)
+        plain = _crypto.unwrap_key(self._master, row.wrapped, key_id=key_id, model_id=model_id)
         try:
             info = _crypto.key_release_info(model_id, digest, caller.licence_id)
             try:
@@ -403,46 +472,67 @@ class KeyService:
             _crypto.zeroize(plain)
         return {"sealed_key": sealed, "suite": suite, "lease": lease}
 
-    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+    def _report(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, op: str
+                ) -> tuple[LicenceRecord, LeaseRow, int, int, int]:  # fmt: skip
+        """The lease named in ``h`` and the licence with its ``calls`` settled:
+        (licence, lease, used, reserved-without-this-lease, calls)."""
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
-        row = self.conn.execute(
-            "SELECT model_id, ended, hard_end FROM leases WHERE lease_id = ? AND licence_id = ?",
-            (lease_id, caller.licence_id),
-        ).fetchone()
-        if row is None:
+        lease = self.store.lease(lease_id, caller.licence_id)
+        if lease is None:
             raise LicenceError("unknown lease")
-        model_id, ended, hard_end = str(row[0]), bool(row[1]), float(row[2])
         lic = caller
+        if lease.ended:
+            used, reserved = lic.used_calls + calls, lic.reserved_calls
+        else:
+            used, reserved = metering.settle(lic, reserved=lease.call_budget, calls=calls)
         if calls:
-            self.conn.execute(
-                "UPDATE licences SET used_calls = used_calls + ? WHERE licence_id = ?",
-                (calls, caller.licence_id),
-            )
             audit.append(
-                self.conn, ts=now, event="usage", actor=caller.licence_id,
-                licence_id=caller.licence_id, model_id=model_id,
-                detail={"lease_id": lease_id, "calls": calls},
+                self.store, ts=now, event="usage", actor=caller.licence_id,
+                licence_id=caller.licence_id, model_id=lease.model_id,
+                detail={"lease_id": lease_id, "calls": calls, "op": op},
             )  # fmt: skip
-            lic = self._licence(caller.licence_id) or caller
+        return lic, lease, used, reserved, calls
+
+    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        lic, row, used, reserved, calls = self._report(caller, h, now, "renew")
+        lease_id = row.lease_id
+        settled = self._meter(lic, used=used, reserved=reserved)
         try:
-            self.renew_policy.check(Context("renew", lic, now, model_id))
-            if ended:
+            self.renew_policy.check(Context("renew", settled, now, row.model_id))
+            if row.ended:
                 raise LicenceError("lease already ended")
         except LicenceError as exc:
-            self.conn.execute("UPDATE leases SET ended = 1 WHERE lease_id = ?", (lease_id,))
-            raise self._deny(lic, "renew", exc, now, model_id=model_id, lease_id=lease_id) from None
-        lease = self._lease_fields(lease_id, lic, now)
-        self.conn.execute(
-            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ? WHERE lease_id = ?",
-            (lease["expires_at"], lease["hard_end"], lease["call_budget"], lease_id),
-        )
+            self.store.end_lease(lease_id, calls=calls)
+            raise self._deny(settled, "renew", exc, now, model_id=row.model_id,
+                             lease_id=lease_id) from None  # fmt: skip
+        lic, budget = self._grant(settled, reserved, used, now)
+        lease = self._lease_fields(lease_id, lic, now, budget)
+        self.store.extend_lease(lease_id, expires_at=lease["expires_at"],
+                                hard_end=lease["hard_end"], call_budget=budget.budget,
+                                calls=calls)  # fmt: skip
         audit.append(
-            self.conn, ts=now, event="renewed", actor=caller.licence_id,
-            licence_id=caller.licence_id, model_id=model_id,
-            detail={"lease_id": lease_id, "late": now > hard_end},
+            self.store, ts=now, event="renewed", actor=caller.licence_id,
+            licence_id=caller.licence_id, model_id=row.model_id,
+            detail={"lease_id": lease_id, "late": now > row.hard_end,
+                    "reserved_calls": budget.budget},
         )  # fmt: skip
         return {"lease": lease}
+
+    def _close(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """The worker is done with the lease: its last calls are used, the rest
+        of its reservation is refunded to the quota."""
+        lic, row, used, reserved, calls = self._report(caller, h, now, "close")
+        refunded = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
+        self._meter(lic, used=used, reserved=reserved)
+        self.store.end_lease(row.lease_id, calls=calls)
+        if not row.ended:
+            audit.append(
+                self.store, ts=now, event="closed", actor=caller.licence_id,
+                licence_id=caller.licence_id, model_id=row.model_id,
+                detail={"lease_id": row.lease_id, "calls": calls, "refunded_calls": refunded},
+            )  # fmt: skip
+        return {"lease_id": row.lease_id, "refunded_calls": refunded, "used_calls": used}
 
     def _register_key(
         self, caller: LicenceRecord, h: Mapping[str, Any], now: float
@@ -455,15 +545,12 @@ class KeyService:
         try:
             if len(key) != _crypto.KEY_SIZE:
                 raise ProtocolError(f"field 'key' must be {_crypto.KEY_SIZE} bytes")
-            row = self.conn.execute(
-                "SELECT package_digest, wrapped FROM keys WHERE model_id = ? AND key_id = ?",
-                (model_id, key_id),
-            ).fetchone()
+            row = self.store.key(model_id, key_id)
             if row is not None:
                 old = _crypto.unwrap_key(
-                    self._master, bytes(row[1]), key_id=key_id, model_id=model_id
+                    self._master, row.wrapped, key_id=key_id, model_id=model_id
                 )
-                same = old == key and str(row[0]) == digest
+                same = old == key and row.package_digest == digest
                 _crypto.zeroize(old)
                 if not same:
                     raise KeyServerError(
@@ -473,13 +560,9 @@ class KeyService:
             wrapped = _crypto.wrap_key(self._master, key, key_id=key_id, model_id=model_id)
         finally:
             _crypto.zeroize(key)
-        self.conn.execute(
-            "INSERT INTO keys (model_id, key_id, package_digest, wrapped, registered_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (model_id, key_id, digest, wrapped, now),
-        )
+        self.store.insert_key(KeyRow(model_id, key_id, digest, wrapped), registered_at=now)
         audit.append(
-            self.conn, ts=now, event="key_registered", actor=caller.licence_id,
+            self.store, ts=now, event="key_registered", actor=caller.licence_id,
             model_id=model_id, detail={"key_id": key_id, "package_digest": digest},
         )  # fmt: skip
         self.log(f"keyserver: registered key {key_id} for model {model_id}")
@@ -498,15 +581,12 @@ class KeyService:
         public, secret = zmq.curve_keypair()
         licence_id = new_licence_id()
         expires_at = None if expires is None else now + expires
-        self.conn.execute(
-            "INSERT INTO licences (licence_id, holder, role, model_id, client_public_key,"
-            " issued_at, expires_at, max_calls, rate_limit, grace)"
-            " VALUES (?, ?, 'caller', ?, ?, ?, ?, ?, ?, ?)",
-            (licence_id, holder, model_id, public.decode(), now, expires_at, max_calls,
-             rate_limit, grace),
-        )  # fmt: skip
+        self.store.insert_licence(self.rows.seal(
+            LicenceRecord(licence_id, holder, "caller", model_id, public.decode(), now,
+                          expires_at, max_calls, rate_limit, grace, None, 0)
+        ))  # fmt: skip
         audit.append(
-            self.conn, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
+            self.store, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
             model_id=model_id,
             detail={"holder": holder, "expires_at": expires_at, "max_calls": max_calls,
                     "rate_limit": rate_limit, "grace": grace},
@@ -528,19 +608,18 @@ class KeyService:
     def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "revoke", now)
         licence_id = _str(h, "licence_id")
-        target = self._licence(licence_id)
+        target = self._licence(licence_id, now)
         if target is None:
             raise UnknownLicenceError(f"no licence {licence_id}")
         if target.licence_id == caller.licence_id:
             raise PermissionDeniedError("refusing to revoke the licence making the request")
         if target.revoked_at is not None:
             return {"licence_id": licence_id, "revoked_at": target.revoked_at, "already": True}
-        self.conn.execute(
-            "UPDATE licences SET revoked_at = ? WHERE licence_id = ?", (now, licence_id)
-        )
-        self.conn.execute("UPDATE leases SET ended = 1 WHERE licence_id = ?", (licence_id,))
+        # Its open leases end at their next renewal (NotRevoked), which also
+        # settles what they reserved.
+        self.store.update_licence(self.rows.seal(dataclasses.replace(target, revoked_at=now)))
         audit.append(
-            self.conn, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
+            self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
         )  # fmt: skip
         self.log(f"keyserver: revoked {licence_id}")
@@ -548,12 +627,9 @@ class KeyService:
 
     def _list(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "list", now)
-        rows = self.conn.execute(
-            f"SELECT {_LICENCE_COLS} FROM licences ORDER BY issued_at, licence_id"
-        ).fetchall()
         out = []
-        for r in rows:
-            rec = _record(r)
+        for rec in self.store.licences():
+            authentic = self._authentic(rec, now) is not None
             out.append(
                 {
                     "licence_id": rec.licence_id,
@@ -564,10 +640,12 @@ class KeyService:
                     "expires_at": rec.expires_at,
                     "max_calls": rec.max_calls,
                     "used_calls": rec.used_calls,
+                    "reserved_calls": rec.reserved_calls,
                     "rate_limit": rec.rate_limit,
                     "grace": rec.grace,
                     "revoked": rec.revoked_at is not None,
                     "revoked_at": rec.revoked_at,
+                    "authentic": authentic,  # False: a row the key server refuses
                 }
             )
         return {"licences": out}

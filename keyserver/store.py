@@ -1,35 +1,59 @@
-"""The key server's SQLite database: schema, connection settings, transactions.
+"""The key server's storage: every SQL statement it runs, behind one interface.
 
-Durability choices (why):
+:class:`Store` is what the rest of the key server sees: transactions and
+savepoints, and typed reads and writes of licences, wrapped keys, leases,
+meta values and audit records. :mod:`keyserver.service` makes decisions and
+never writes SQL. Two engines implement it: :class:`SqliteStore` here (one
+host) and :class:`keyserver.store_pg.PostgresStore` (several replicas on one
+PostgreSQL database). :func:`open_store` picks by the database argument.
+
+SQLite durability choices (why):
 
 - ``journal_mode=WAL``: readers (``vault keyserver audit``) never block the
   server, and a commit is one append to the WAL file.
 - ``synchronous=FULL``: in WAL mode this fsyncs the WAL on every commit, so a
   release, issue or audit record that was *acknowledged* survives power loss,
-  not only a process crash (``NORMAL`` would survive SIGKILL but could lose the
-  last commits on power loss). The cost is amortised: the server commits a
-  whole batch of requests at once (group commit), see :mod:`keyserver.service`.
+  not only a process crash. The cost is amortised: the server commits a whole
+  batch of requests at once (group commit), see :mod:`keyserver.service`.
 - The audit table refuses UPDATE and DELETE with triggers (defence in depth;
-  the hash chain in :mod:`keyserver.audit` is what detects a tamperer who
-  drops the triggers).
+  the hash chain in :mod:`keyserver.audit` and the signed checkpoints are what
+  detect a tamperer who drops the triggers).
 
 Example::
 
-    conn = connect("ks/keyserver.db")
-    with transaction(conn):
-        set_meta(conn, "address", "tcp://127.0.0.1:7700")
+    st = open_store("ks/keyserver.db")
+    with st.transaction():
+        st.set_meta("address", "tcp://127.0.0.1:7700")
+    st.close()
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "connect", "get_meta", "set_meta", "transaction"]
+from .policy import LicenceRecord
 
-SCHEMA_VERSION = "1"
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuditRow",
+    "KeyRow",
+    "LeaseRow",
+    "SqliteStore",
+    "Store",
+    "connect",
+    "get_meta",
+    "open_store",
+    "set_meta",
+    "transaction",
+]
+
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -45,7 +69,11 @@ CREATE TABLE IF NOT EXISTS licences (
     rate_limit REAL,
     grace REAL NOT NULL DEFAULT 0,
     revoked_at REAL,
-    used_calls INTEGER NOT NULL DEFAULT 0
+    used_calls INTEGER NOT NULL DEFAULT 0,      -- reported, or forfeited by a dead worker
+    reserved_calls INTEGER NOT NULL DEFAULT 0,  -- held by open leases
+    rate_tokens REAL,                           -- the call bucket (keyserver.metering)
+    rate_at REAL,
+    mac BLOB                                    -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -63,9 +91,11 @@ CREATE TABLE IF NOT EXISTS leases (
     issued_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     hard_end REAL NOT NULL,
-    call_budget INTEGER,
-    ended INTEGER NOT NULL DEFAULT 0
+    call_budget INTEGER,                  -- calls reserved for this lease (NULL: unlimited)
+    ended INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0      -- calls the worker reported on it
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
+CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT keeps the high-water mark
     ts REAL NOT NULL,                        -- in sqlite_sequence: a deleted tail shows
@@ -82,6 +112,359 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 """
+
+LICENCE_COLS = (
+    "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
+    " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
+    " mac"
+)
+_LEASE_COLS = (
+    "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
+    " ended, calls"
+)
+_AUDIT_COLS = "seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash"
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    model_id: str
+    key_id: str
+    package_digest: str
+    wrapped: bytes
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    lease_id: str
+    licence_id: str
+    model_id: str
+    key_id: str
+    issued_at: float
+    expires_at: float
+    hard_end: float
+    call_budget: int | None
+    ended: bool
+    calls: int = 0
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    ts: float
+    event: str
+    actor: str | None
+    licence_id: str | None
+    model_id: str | None
+    detail: str
+    prev_hash: bytes
+    hash: bytes
+
+
+def _licence(row: Sequence[Any]) -> LicenceRecord:
+    *cols, mac = row
+    rec = LicenceRecord(*cols)
+    return dataclasses.replace(rec, mac=None if mac is None else bytes(mac))
+
+
+def _lease(r: Sequence[Any]) -> LeaseRow:
+    return LeaseRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]),
+                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]), int(r[9]))  # fmt: skip
+
+
+class Store:
+    """The storage interface. Reads and writes run inside the transaction the
+    caller opened with :meth:`begin` (or :meth:`transaction`); a batch of
+    requests is one transaction, each request one savepoint.
+
+    ``errors`` is the tuple of the engine's exception types: a caller that
+    catches them knows the write did not happen (fail closed).
+    """
+
+    kind = "abstract"
+    errors: tuple[type[BaseException], ...] = ()
+    _param = "?"
+
+    # --- engine hooks ---------------------------------------------------------
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        """Open a write transaction (the engine's writer lock taken up front)."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def rollback(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def in_transaction(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def audit_high_water(self) -> int:
+        """The highest audit seq ever handed out (a deleted tail shows)."""
+        raise NotImplementedError
+
+    # --- shared plumbing ---------------------------------------------------------
+
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self._param != "?":
+            sql = sql.replace("?", self._param)
+        return self._execute(sql, params)
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._q(sql, params).fetchone()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """``begin`` ... ``commit``; ``rollback`` on any exception."""
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            if self.in_transaction:
+                self.rollback()
+            raise
+        self.commit()
+
+    def savepoint(self) -> None:
+        self._execute("SAVEPOINT req")
+
+    def release_savepoint(self) -> None:
+        self._execute("RELEASE SAVEPOINT req")
+
+    def rollback_savepoint(self) -> None:
+        self._execute("ROLLBACK TO SAVEPOINT req")
+        self._execute("RELEASE SAVEPOINT req")
+
+    # --- meta ----------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT v FROM meta WHERE k = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._q(
+            "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            (key, value),
+        )
+
+    # --- licences --------------------------------------------------------------------
+
+    def has_client_key(self, client_public_key: str) -> bool:
+        return self._one("SELECT 1 FROM licences WHERE client_public_key = ?",
+                         (client_public_key,)) is not None  # fmt: skip
+
+    def licence_by_key(self, client_public_key: str) -> LicenceRecord | None:
+        row = self._one(
+            f"SELECT {LICENCE_COLS} FROM licences WHERE client_public_key = ?",
+            (client_public_key,),
+        )
+        return None if row is None else _licence(row)
+
+    def licence(self, licence_id: str) -> LicenceRecord | None:
+        row = self._one(f"SELECT {LICENCE_COLS} FROM licences WHERE licence_id = ?", (licence_id,))
+        return None if row is None else _licence(row)
+
+    def licences(self) -> list[LicenceRecord]:
+        rows = self._q(f"SELECT {LICENCE_COLS} FROM licences ORDER BY issued_at, licence_id")
+        return [_licence(r) for r in rows.fetchall()]
+
+    def insert_licence(self, rec: LicenceRecord) -> None:
+        self._q(
+            f"INSERT INTO licences ({LICENCE_COLS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
+             rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
+             rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.mac),
+        )  # fmt: skip
+
+    def update_licence(self, rec: LicenceRecord) -> None:
+        """Write the licence's changing columns (revocation, meters) and its tag."""
+        self._q(
+            "UPDATE licences SET revoked_at = ?, used_calls = ?, reserved_calls = ?,"
+            " rate_tokens = ?, rate_at = ?, mac = ? WHERE licence_id = ?",
+            (rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.mac, rec.licence_id),
+        )  # fmt: skip
+
+    # --- package keys ------------------------------------------------------------------
+
+    def key(self, model_id: str, key_id: str) -> KeyRow | None:
+        row = self._one(
+            "SELECT package_digest, wrapped FROM keys WHERE model_id = ? AND key_id = ?",
+            (model_id, key_id),
+        )
+        return None if row is None else KeyRow(model_id, key_id, str(row[0]), bytes(row[1]))
+
+    def keys(self) -> list[KeyRow]:
+        rows = self._q("SELECT model_id, key_id, package_digest, wrapped FROM keys").fetchall()
+        return [KeyRow(str(r[0]), str(r[1]), str(r[2]), bytes(r[3])) for r in rows]
+
+    def insert_key(self, row: KeyRow, *, registered_at: float) -> None:
+        self._q(
+            "INSERT INTO keys (model_id, key_id, package_digest, wrapped, registered_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (row.model_id, row.key_id, row.package_digest, row.wrapped, registered_at),
+        )
+
+    def set_wrapped(self, model_id: str, key_id: str, wrapped: bytes) -> None:
+        self._q(
+            "UPDATE keys SET wrapped = ? WHERE model_id = ? AND key_id = ?",
+            (wrapped, model_id, key_id),
+        )
+
+    # --- leases ----------------------------------------------------------------------------
+
+    def insert_lease(self, row: LeaseRow) -> None:
+        self._q(
+            "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
+            " hard_end, call_budget, ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.lease_id, row.licence_id, row.model_id, row.key_id, row.issued_at,
+             row.expires_at, row.hard_end, row.call_budget, int(row.ended)),
+        )  # fmt: skip
+
+    def lease(self, lease_id: str, licence_id: str) -> LeaseRow | None:
+        """The lease, only if it belongs to ``licence_id``."""
+        r = self._one(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE lease_id = ? AND licence_id = ?",
+            (lease_id, licence_id),
+        )
+        return None if r is None else _lease(r)
+
+    def lapsed_leases_of(self, licence_id: str, now: float) -> list[LeaseRow]:
+        """Open leases of the licence whose hard end has passed (an index
+        range: the cost does not grow with the live leases)."""
+        rows = self._q(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE licence_id = ? AND ended = 0 AND hard_end < ?",
+            (licence_id, now),
+        )
+        return [_lease(r) for r in rows.fetchall()]
+
+    def extend_lease(
+        self,
+        lease_id: str,
+        *,
+        expires_at: float,
+        hard_end: float,
+        call_budget: int | None,
+        calls: int,
+    ) -> None:
+        """New expiry and budget; ``calls`` more were reported on it."""
+        self._q(
+            "UPDATE leases SET expires_at = ?, hard_end = ?, call_budget = ?, calls = calls + ?"
+            " WHERE lease_id = ?",
+            (expires_at, hard_end, call_budget, calls, lease_id),
+        )
+
+    def end_lease(self, lease_id: str, *, calls: int = 0) -> None:
+        """Mark it ended (nothing reserved any more); ``calls`` more were reported."""
+        self._q(
+            "UPDATE leases SET ended = 1, call_budget = 0, calls = calls + ? WHERE lease_id = ?",
+            (calls, lease_id),
+        )
+
+    def count_leases(self) -> int:
+        return int(self._one("SELECT count(*) FROM leases")[0])
+
+    # --- audit ---------------------------------------------------------------------------------
+
+    def audit_head(self) -> tuple[int, bytes] | None:
+        row = self._one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def insert_audit(self, row: AuditRow) -> None:
+        self._q(
+            f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.seq, row.ts, row.event, row.actor, row.licence_id, row.model_id, row.detail,
+             row.prev_hash, row.hash),
+        )  # fmt: skip
+
+    def audit_rows(self) -> Iterator[AuditRow]:
+        for r in self._q(f"SELECT {_AUDIT_COLS} FROM audit ORDER BY seq"):
+            yield AuditRow(int(r[0]), float(r[1]), str(r[2]), r[3], r[4], r[5], str(r[6]),
+                           bytes(r[7]), bytes(r[8]))  # fmt: skip
+
+    def audit_row(self, seq: int) -> AuditRow | None:
+        r = self._one(f"SELECT {_AUDIT_COLS} FROM audit WHERE seq = ?", (seq,))
+        if r is None:
+            return None
+        return AuditRow(int(r[0]), float(r[1]), str(r[2]), r[3], r[4], r[5], str(r[6]),
+                        bytes(r[7]), bytes(r[8]))  # fmt: skip
+
+
+class SqliteStore(Store):
+    """:class:`Store` on one SQLite file (WAL, ``synchronous=FULL``)."""
+
+    kind = "sqlite"
+    errors = (sqlite3.Error,)
+
+    def __init__(self, conn: sqlite3.Connection, *, path: str | None = None) -> None:
+        self.conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> SqliteStore:
+        return cls(connect(path, create=create), path=os.fspath(path))
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    def begin(self) -> None:
+        # IMMEDIATE takes the write lock up front, so a concurrent writer (e.g.
+        # rotate-master while a stray process holds the DB) fails here, not halfway.
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.conn.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def audit_high_water(self) -> int:
+        try:
+            row = self.conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'audit'"
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return 0
+        return 0 if row is None else int(row[0])
+
+    # --- SQLite housekeeping (the server's checkpointer thread) ---------------------
+
+    def disable_autocheckpoint(self) -> None:
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        assert mode in ("PASSIVE", "TRUNCATE")
+        self.conn.execute(f"PRAGMA wal_checkpoint({mode})")
+
+
+def open_store(database: str | os.PathLike[str], *, create: bool = False) -> Store:
+    """A :class:`Store` for ``database``: a ``postgresql://`` URL or a SQLite path."""
+    db = os.fspath(database)
+    if db.startswith(("postgresql://", "postgres://")):
+        from .store_pg import PostgresStore
+
+        pg: Store = PostgresStore.open(db, create=create)
+        return pg
+    return SqliteStore.open(db, create=create)
+
+
+# --- the SQLite connection itself ------------------------------------------------------
 
 
 def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Connection:
@@ -109,28 +492,14 @@ def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Co
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception.
-
-    IMMEDIATE takes the write lock up front, so a concurrent writer (e.g.
-    rotate-master while a stray process holds the DB) fails here, not halfway.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    """BEGIN IMMEDIATE ... COMMIT on a raw SQLite connection (tests, tools)."""
+    with SqliteStore(conn).transaction():
         yield conn
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
-    row = conn.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
-    return None if row is None else str(row[0])
+    return SqliteStore(conn).get_meta(key)
 
 
 def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute(
-        "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
-        (key, value),
-    )
+    SqliteStore(conn).set_meta(key, value)

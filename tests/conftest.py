@@ -9,7 +9,8 @@ Fixtures (names are stable; other test packages rely on them):
 
 ``keyserver`` -> :class:`KeyServerProcess`
     ``python -m keyserver serve DIR --bind tcp://127.0.0.1:0 --lease-ttl 2``
-    started on ``keyserver_dir`` and ready (its "listening on" line seen).
+    started on ``keyserver_dir`` and ready (its JSON ready line read with
+    ``vault.core.launch.read_ready_line`` from its stdout; ``.ready`` holds it).
     Attributes: ``.dir``, ``.address`` (the real ``tcp://127.0.0.1:PORT``),
     ``.admin_licence`` (path; the file is rewritten to hold ``.address``),
     ``.publisher_key_path`` (``publisher.key``), ``.proc`` (``Popen``),
@@ -31,11 +32,9 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,9 @@ from typing import Any
 import pytest
 
 from vault.core.keyclient import KeyServerClient
+from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
 
-READY = re.compile(rb"keyserver listening on (\S+)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +57,8 @@ class KeyServerProcess:
         self.lease_ttl = lease_ttl
         self.address = ""
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] = {}
+        self.extra_args: list[str] = []
         self._log: Any = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -71,28 +72,26 @@ class KeyServerProcess:
                "--bind", bind, "--lease-ttl", str(self.lease_ttl)]  # fmt: skip
         if self.address:
             cmd += ["--advertise", self.address]
-        start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
+        cmd += self.extra_args
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(start_at)
-                m = READY.search(fh.read())
-            if m:
-                if not self.address:
-                    self.address = m.group(1).decode()
-                    lic = Licence.load(self.admin_licence)
-                    lic.keyserver_address = self.address
-                    lic.save(self.admin_licence)
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        out = self.output().decode(errors="replace")
-        self.kill()
-        raise RuntimeError(f"key server did not start:\n{out}")
+        # stdout carries the one JSON ready line; the log lines go to stderr
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        assert self.proc.stdout is not None
+        try:
+            with self.proc.stdout:
+                self.ready = read_ready_line(
+                    self.proc.stdout, timeout=timeout, proc=self.proc, what="key server"
+                )
+        except Exception as exc:
+            self.kill()
+            out = self.output().decode(errors="replace")
+            raise RuntimeError(f"key server did not start: {exc}\n{out}") from exc
+        if not self.address:
+            self.address = str(self.ready["address"])
+            lic = Licence.load(self.admin_licence)
+            lic.keyserver_address = self.address
+            lic.save(self.admin_licence)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; returns the exit code (0 on a clean stop)."""

@@ -1,21 +1,28 @@
 """The key lease: renew it in the background, refuse calls when it ends.
 
-The key server hands the worker a lease with the package key. A
-:class:`LeaseKeeper` renews it before it runs out, reporting the calls served
-since the last renewal. A licence denial (revoked, expired, quota) ends it at
-once: the worker drops its sessions and every later compute gets that same
-licence error. An unreachable key server is tolerated until the lease's
-``hard_end``; after that the worker refuses too.
+The key server hands the worker a lease with the package key and a call
+budget it reserved from the licence's quota. A :class:`LeaseKeeper` renews it
+before it runs out (or as soon as the budget is spent), reporting the calls
+served since the last renewal, and reports the last ones when the worker
+stops (``close``), so the unused budget goes back to the quota. A budget of
+0 with ``retry_after`` (the licence's rate limit) refuses calls with
+``RateLimitedError`` until then, without asking the key server again.
+A licence denial (revoked, expired, quota) ends it at once: the worker
+drops its sessions and every later compute gets that same licence error.
+An unreachable key server is tolerated until the lease's ``hard_end``;
+after that the worker refuses too.
 
 Time and the renew call are parameters, so tests need no clock or server.
 
 Example::
 
     keeper = LeaseKeeper(lease, renew=lambda lease_id, calls: ks.renew(lease_id=lease_id, calls=calls),
-                         on_end=pipeline.close)
+                         on_end=pipeline.close,
+                         close=lambda lease_id, calls: ks.close_lease(lease_id=lease_id, calls=calls))
     keeper.start()
-    keeper.check()          # before each compute: raises the licence error once ended
-    keeper.record_call()
+    keeper.check()          # before each compute: takes one call of the budget, or raises
+    keeper.record_call()    # after it was served
+    keeper.stop()           # reports the last calls (close)
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from vault.core.errors import (
     LicenceError,
     LicenceExpiredError,
     QuotaExhaustedError,
+    RateLimitedError,
     VaultError,
 )
 
@@ -52,9 +60,13 @@ class LeaseKeeper:
         on_end: Callable[[], None],
         clock: Callable[[], float] = time.time,
         unsafe_no_lease: bool = False,
+        close: Callable[[str, int], Any] | None = None,
     ) -> None:
         self._lease = lease
         self._renew = renew
+        self._close = close
+        self._renew_lock = threading.Lock()  # one synchronous renewal at a time
+        self._retry_at = 0.0
         self._on_end = on_end
         self._clock = clock
         self._unsafe = unsafe_no_lease
@@ -62,6 +74,7 @@ class LeaseKeeper:
         self._error: VaultError | None = None
         self._calls_unreported = 0
         self._calls_in_lease = 0
+        self._served = 0
         self._renewals = 0
         self._last_problem: str | None = None
         self._stop = threading.Event()
@@ -80,21 +93,44 @@ class LeaseKeeper:
         if hard_end is not None and self._clock() >= float(hard_end):
             self._end(self._expired_error())
             raise self._error  # type: ignore[misc]
-        budget = _get(self._lease, "call_budget")
-        if budget is not None and self._calls_in_lease >= int(budget):
-            # The lease's call budget is spent: renew now, in the caller's thread,
-            # so the quota is enforced by the key server and not by our timing.
+        if self._take():
+            return
+        # The lease's call budget is spent: renew now, in the caller's thread,
+        # so the quota and the rate are enforced by the key server and not by
+        # our timing; while the rate allows nothing, refuse without asking.
+        with self._renew_lock:
+            if self._take():
+                return
+            if self._clock() < self._retry_at:
+                raise RateLimitedError("the licence's rate limit allows no call yet")
             self._renew_once()
             if self._error is not None:
                 raise self._error
+            if self._take():
+                return
+            retry = _get(self._lease, "retry_after")
+            if retry is not None:
+                self._retry_at = self._clock() + float(retry)
+                raise RateLimitedError("the licence's rate limit allows no call yet")
+            raise QuotaExhaustedError("lease call budget spent")
+
+    def _take(self) -> bool:
+        """Count one call against the lease's budget if it has one left
+        (atomic: concurrent handler threads never overrun the budget). A call
+        is reported from the moment it is let through, served or not, so
+        every call the budget allowed is reported exactly once."""
+        with self._lock:
             budget = _get(self._lease, "call_budget")
             if budget is not None and self._calls_in_lease >= int(budget):
-                raise QuotaExhaustedError("lease call budget spent")
+                return False
+            self._calls_in_lease += 1
+            self._calls_unreported += 1
+            return True
 
     def record_call(self) -> None:
+        """A call was served (statistics; the budget was counted by check)."""
         with self._lock:
-            self._calls_unreported += 1
-            self._calls_in_lease += 1
+            self._served += 1
 
     def snapshot(self) -> dict[str, Any]:
         if self._unsafe:
@@ -110,6 +146,7 @@ class LeaseKeeper:
             "hard_end": _get(self._lease, "hard_end"),
             "call_budget": _get(self._lease, "call_budget"),
             "renewals": self._renewals,
+            "served": self._served,
             "last_problem": self._last_problem,
         }
 
@@ -139,6 +176,7 @@ class LeaseKeeper:
         with self._lock:
             calls = self._calls_unreported
             self._calls_unreported = 0
+            taken = self._calls_in_lease
         try:
             lease = self._renew(str(_get(self._lease, "lease_id")), calls)
         except LicenceError as exc:
@@ -157,7 +195,8 @@ class LeaseKeeper:
             return
         with self._lock:
             self._lease = lease
-            self._calls_in_lease = 0
+            # calls let through during the round trip count against the new budget
+            self._calls_in_lease -= taken
         self._renewals += 1
         self._last_problem = None
 
@@ -172,7 +211,8 @@ class LeaseKeeper:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._delay()):
-            self._renew_once()
+            with self._renew_lock:
+                self._renew_once()
             hard_end = _get(self._lease, "hard_end")
             if hard_end is not None and self._clock() >= float(hard_end):
                 self._end(self._expired_error())
@@ -184,6 +224,18 @@ class LeaseKeeper:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop renewing and close the lease, reporting the calls not yet
+        reported (the key server refunds the rest of the budget). Best
+        effort: an unreachable server leaves the reservation spent."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if self._unsafe or self._close is None or self._lease is None:
+            return
+        with self._lock:
+            calls, self._calls_unreported = self._calls_unreported, 0
+            lease_id = str(_get(self._lease, "lease_id"))
+        try:
+            self._close(lease_id, calls)
+        except (VaultError, OSError) as exc:
+            self._last_problem = f"close: {getattr(exc, 'code', 'error')}"

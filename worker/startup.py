@@ -188,6 +188,13 @@ class Startup:
         with KeyServerClient(self.licence) as ks:
             return ks.renew(lease_id=lease_id, calls=calls)
 
+    def _close_lease(self, lease_id: str, calls: int) -> Any:
+        from vault.core.keyclient import KeyServerClient
+
+        assert self.licence is not None
+        with KeyServerClient(self.licence, timeout=2.0) as ks:  # at shutdown: do not linger
+            return ks.close_lease(lease_id=lease_id, calls=calls)
+
     def serve(self) -> tuple[Any, dict[str, Any]]:
         """Lease keeper, request service, bound endpoint; returns the ready line."""
         import zmq
@@ -204,6 +211,7 @@ class Startup:
             renew=self._renew if self.lease is not None else None,
             on_end=pipeline.close,
             unsafe_no_lease=args.unsafe_test_key_fd is not None,
+            close=self._close_lease if self.lease is not None else None,
         )
         info = {
             "model_id": pkg.model_id,

@@ -39,15 +39,20 @@ def test_state_survives_a_clean_restart(keyserver):
     revoked = keyserver.issue(MODEL, holder="eve")
     with keyserver.admin() as admin:
         admin.revoke(revoked.licence_id)
+    other = keyserver.issue(MODEL, holder="bob")
     rel = _release(lic)
     with KeyServerClient(lic) as ks:
         ks.renew(lease_id=rel.lease.lease_id, calls=4)
     assert keyserver.stop() == 0  # SIGTERM: a clean exit
     assert b"keyserver stopped" in keyserver.output()
     keyserver.start()
-    assert _release(lic).key == key
-    with KeyServerClient(lic) as ks:  # the lease and the usage survived
+    assert _release(other).key == key
+    with KeyServerClient(lic) as ks:  # the lease, its reservation and the usage survived
         assert ks.renew(lease_id=rel.lease.lease_id, calls=0).call_budget == 6
+        assert ks.close_lease(lease_id=rel.lease.lease_id, calls=1) == 5  # refunded
+    with keyserver.admin() as admin:
+        [row] = [r for r in admin.list() if r["licence_id"] == lic.licence_id]
+    assert (row["used_calls"], row["reserved_calls"]) == (5, 0)
     with pytest.raises(VaultError, match="revoked"):
         _release(revoked)
     out = _vault("keyserver", "audit", str(keyserver.dir), "--verify")
@@ -109,11 +114,11 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
             conn.close()
         keyserver.start()
     assert len(issued) > 10 and len(leases) > 10
-    from keyserver import audit
+    from keyserver import audit, store
 
     conn = sqlite3.connect(keyserver.dir / "keyserver.db")
     try:
-        assert audit.verify(conn) == []
+        assert audit.verify(store.SqliteStore(conn)) == []
     finally:
         conn.close()
 

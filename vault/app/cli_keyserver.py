@@ -21,7 +21,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 
-__all__ = ["parse_duration", "register"]
+__all__ = ["parse_duration", "parse_rate", "register"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
 
@@ -37,18 +37,12 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def _ks_dispatch(args: argparse.Namespace) -> int:
-    from keyserver import commands
-
-    if args.ks_command == "init":
-        return commands.cmd_init(args.dir, address=args.address)
-    if args.ks_command == "serve":
-        return commands.cmd_serve(
-            args.dir, bind=args.bind, lease_ttl=args.lease_ttl, advertise=args.advertise
-        )
-    if args.ks_command == "audit":
-        return commands.cmd_audit(args.dir, verify_chain=args.verify, quiet=args.quiet)
-    return commands.cmd_rotate(args.dir)
+def parse_rate(text: str) -> float:
+    """``"5/s"``, ``"300/m"``, ``"2.5"`` (per second) -> calls per second."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r} (use e.g. 5/s, 300/m)")
+    return float(m.group(1)) / _UNITS[m.group(2) or "s"]
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -91,12 +85,18 @@ def _fmt_time(ts: Any) -> str:
 def _list(args: argparse.Namespace) -> int:
     with _client(args) as ks:
         rows = ks.list()
+    # CALLS: used (reported, or reserved by a worker that died) + reserved by
+    # open leases, out of the quota: the quota is spent by both.
     print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'MODEL':<16} {'EXPIRES':<17} "
           f"{'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
     for r in rows:
-        calls = f"{r['used_calls']}/{r['max_calls'] if r['max_calls'] is not None else '-'}"
+        quota = r["max_calls"] if r["max_calls"] is not None else "-"
+        held = int(r.get("reserved_calls") or 0)
+        calls = f"{r['used_calls']}{f'+{held}' if held else ''}/{quota}"
         rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
         state = "revoked" if r.get("revoked") else "active"
+        if r.get("authentic") is False:
+            state = "REFUSED (row not written by the key server)"
         print(
             f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {r['model_id'] or '-':<16} "
             f"{_fmt_time(r['expires_at']):<17} {calls:<14} {rate:<7} {state}"
@@ -107,21 +107,11 @@ def _list(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     ks = sub.add_parser("keyserver", help="run and administer the licensing key server")
     ks_sub = ks.add_subparsers(dest="ks_command", metavar="COMMAND", required=True)
-    p = ks_sub.add_parser("init", help="create database, master key, server keys, admin.licence")
-    p.add_argument("dir")
-    p.add_argument("--address", default="tcp://127.0.0.1:7700", help="address clients will use")
-    p = ks_sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
-    p.add_argument("dir")
-    p.add_argument("--bind", default="tcp://127.0.0.1:7700")
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
-    p.add_argument("--advertise", default=None, help="address written into issued licences")
-    p = ks_sub.add_parser("audit", help="print the audit log; --verify checks the hash chain")
-    p.add_argument("dir")
-    p.add_argument("--verify", action="store_true", help="verify the chain (exit 1 if broken)")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict")
-    p = ks_sub.add_parser("rotate-master", help="re-wrap every package key under a new master")
-    p.add_argument("dir")
-    ks.set_defaults(func=_ks_dispatch)
+    # One definition of the key server's commands, shared with `python -m keyserver`
+    # (keyserver.commands imports only argparse until a command runs).
+    from keyserver.commands import add_arguments
+
+    add_arguments(ks_sub)
 
     lic = sub.add_parser("licence", aliases=["license"], help="issue, revoke and list licences")
     lic_sub = lic.add_subparsers(dest="licence_command", metavar="COMMAND", required=True)
@@ -136,7 +126,8 @@ def register(sub: Any) -> None:
     p.add_argument("--to", required=True, help="holder name")
     p.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
     p.add_argument("--max-calls", type=int, default=None, help="call quota")
-    p.add_argument("--rate-limit", type=float, default=None, help="key requests per second")
+    p.add_argument("--rate", "--rate-limit", dest="rate_limit", type=parse_rate, default=None,
+                   metavar="R/s", help="calls per second (e.g. 5/s); sizes every lease's budget")  # fmt: skip
     p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
     p.add_argument("-o", "--output", default=None, help="licence file to write (NAME.licence)")
     admin_opts(p)

@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import LicenceError, VaultError
+from ..core.launch import read_ready_line
 from ..core.process import stop_process
 
 __all__ = ["build_classifier", "run_demo"]
 
-_READY = re.compile(rb"keyserver listening on (\S+)")
 _OPSET = 18  # Resize with ``axes`` (so the batch dimension stays free)
 
 
@@ -105,20 +104,19 @@ def _start_keyserver(
     log = open(log_path, "wb")
     cmd = [sys.executable, "-u", "-m", "keyserver", "serve", root, "--bind", "tcp://127.0.0.1:0",
            "--lease-ttl", str(lease_ttl)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # stdout carries the one JSON ready line; the log lines go to stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
     log.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with open(log_path, "rb") as fh:
-            m = _READY.search(fh.read())
-        if m:
-            return proc, m.group(1).decode()
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    raise VaultError("the demo key server did not start")
+    assert proc.stdout is not None
+    try:
+        ready = read_ready_line(proc.stdout, timeout=20, proc=proc, what="key server")
+    except VaultError as exc:
+        proc.kill()
+        proc.wait()
+        raise VaultError(f"the demo key server did not start: {exc}") from None
+    finally:
+        proc.stdout.close()
+    return proc, str(ready["address"])
 
 
 def run_demo(lease_ttl: float = 1.0) -> int:

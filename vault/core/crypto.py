@@ -12,7 +12,8 @@
 - HPKE (RFC 9180) key release: X25519 by default, ML-KEM-768 + X25519 hybrid
   as an option.
 - Key wrapping under the key server's master key (AES-256-GCM, the key id and
-  model id bound as associated data).
+  model id bound as associated data); sub-keys derived from it (HKDF-SHA256)
+  and HMAC-SHA256 tags (the key server's authenticated rows).
 
 Every failure to authenticate raises :class:`vault.core.errors.IntegrityError`,
 with no detail of which check failed.
@@ -30,13 +31,14 @@ from __future__ import annotations
 import base64
 import ctypes
 import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -44,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigError, IntegrityError
 from .files import write_private_file
@@ -60,10 +63,13 @@ __all__ = [
     "KEY_SIZE",
     "PublisherKey",
     "ciphertext_size",
+    "derive_key",
     "fingerprint",
     "generate_key",
     "hpke_seal",
     "load_public_key",
+    "mac",
+    "mac_ok",
     "sha256",
     "stream_decrypt_into",
     "stream_encrypt",
@@ -88,6 +94,24 @@ def sha256(*parts: bytes | bytearray | memoryview) -> bytes:
     for p in parts:
         h.update(p)
     return h.digest()
+
+
+def derive_key(master: bytes | bytearray, label: bytes) -> bytearray:
+    """A 256-bit sub-key of ``master`` for one purpose (HKDF-SHA256, ``label``
+    as info): knowing the sub-key tells nothing of the master or of another
+    label's sub-key."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=label)
+    return bytearray(hkdf.derive(bytes(master)))
+
+
+def mac(key: bytes | bytearray, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message``."""
+    return hmac.new(bytes(key), message, hashlib.sha256).digest()
+
+
+def mac_ok(key: bytes | bytearray, message: bytes, tag: bytes | None) -> bool:
+    """Whether ``tag`` is the HMAC of ``message`` (constant-time compare)."""
+    return tag is not None and hmac.compare_digest(mac(key, message), bytes(tag))
 
 
 def zeroize(buf: bytearray | memoryview | None) -> None:

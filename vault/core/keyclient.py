@@ -19,6 +19,7 @@ Example::
         finally:
             rel.wipe()
         lease = ks.renew(lease_id=rel.lease.lease_id, calls=10)
+        ks.close_lease(lease_id=lease.lease_id, calls=3)   # refunds the unused budget
 """
 
 from __future__ import annotations
@@ -50,13 +51,17 @@ class Lease:
     so clock skew with the server cannot lengthen a lease). ``hard_end`` is
     ``expires_at`` plus the licence's offline grace period: the last moment a
     worker may keep serving without a successful renewal. ``call_budget`` is
-    how many calls may be served before the next renewal (None: unlimited)."""
+    how many calls may be served before the next renewal (None: unlimited);
+    the key server reserved them from the quota. A budget of 0 with
+    ``retry_after`` means the licence's rate limit allows no call for that
+    many seconds."""
 
     lease_id: str
     ttl: float
     expires_at: float
     hard_end: float
     call_budget: int | None
+    retry_after: float | None = None
 
     @classmethod
     def _from_wire(cls, data: Any, sent_at: float) -> Lease:
@@ -64,12 +69,14 @@ class Lease:
             ttl = float(data["ttl"])
             grace = float(data.get("grace") or 0.0)
             budget = data.get("call_budget")
+            retry = data.get("retry_after")
             return cls(
                 lease_id=str(data["lease_id"]),
                 ttl=ttl,
                 expires_at=sent_at + ttl,
                 hard_end=sent_at + ttl + grace,
                 call_budget=None if budget is None else int(budget),
+                retry_after=None if retry is None else float(retry),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError("key server sent a malformed lease") from exc
@@ -250,6 +257,12 @@ class KeyServerClient:
         a revoked/expired/exhausted licence raises its typed error instead."""
         reply, sent_at = self._request("renew", lease_id=lease_id, calls=int(calls))
         return Lease._from_wire(reply.get("lease"), sent_at)
+
+    def close_lease(self, *, lease_id: str, calls: int) -> int:
+        """Report the last ``calls`` and end the lease; the unused part of its
+        reserved budget goes back to the quota. Returns the calls refunded."""
+        reply, _ = self._request("close", lease_id=lease_id, calls=int(calls))
+        return int(reply.get("refunded_calls") or 0)
 
     def register_key(
         self, *, model_id: str, key_id: str, key: bytes | bytearray, package_digest: str

@@ -9,8 +9,8 @@ from keyserver import audit, store
 
 @pytest.fixture
 def conn(tmp_path):
-    c = store.connect(tmp_path / "a.db", create=True)
-    with store.transaction(c):
+    c = store.SqliteStore.open(tmp_path / "a.db", create=True)
+    with c.transaction():
         for i in range(6):
             audit.append(c, ts=1000.0 + i / 3, event="issued", licence_id=f"l{i}",
                          detail={"n": i, "f": 0.1 * i})  # fmt: skip
@@ -18,10 +18,10 @@ def conn(tmp_path):
     c.close()
 
 
-def _force(c: sqlite3.Connection, sql: str) -> None:
-    c.execute("DROP TRIGGER IF EXISTS audit_no_update")
-    c.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-    c.execute(sql)
+def _force(c: store.SqliteStore, sql: str) -> None:
+    c.conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
+    c.conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    c.conn.execute(sql)
 
 
 def test_intact_chain_verifies_and_is_linked(conn):
@@ -35,9 +35,9 @@ def test_intact_chain_verifies_and_is_linked(conn):
 
 def test_append_only_triggers(conn):
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        conn.execute("UPDATE audit SET event = 'x' WHERE seq = 1")
+        conn.conn.execute("UPDATE audit SET event = 'x' WHERE seq = 1")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        conn.execute("DELETE FROM audit")
+        conn.conn.execute("DELETE FROM audit")
 
 
 def test_edited_record_is_reported_at_its_position(conn):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from vault.app.cli import build_parser
-from vault.app.cli_keyserver import parse_duration
+from vault.app.cli_keyserver import parse_duration, parse_rate
 from vault.core.errors import ConfigError
 
 
@@ -22,6 +22,16 @@ def test_parse_duration_refuses(bad):
         parse_duration(bad)
 
 
+@pytest.mark.parametrize(("text", "per_s"), [("5/s", 5.0), ("300/m", 5.0), ("2.5", 2.5),
+                                             ("7200/h", 2.0)])  # fmt: skip
+def test_parse_rate(text, per_s):
+    assert parse_rate(text) == per_s
+    args = build_parser().parse_args(
+        ["licence", "issue", "m", "--to", "b", "--rate", text, "--licence", "a.licence"]
+    )
+    assert args.rate_limit == per_s
+
+
 @pytest.mark.parametrize("group", ["licence", "license"])
 def test_both_spellings_parse(group):
     args = build_parser().parse_args(
@@ -37,3 +47,9 @@ def test_keyserver_commands_parse():
     assert p.parse_args(["keyserver", "audit", "d", "--verify"]).verify is True
     assert p.parse_args(["keyserver", "rotate-master", "d"]).ks_command == "rotate-master"
     assert p.parse_args(["keyserver", "init", "d"]).address == "tcp://127.0.0.1:7700"
+    a = p.parse_args(
+        ["keyserver", "serve", "d", "--database", "postgresql://h/db", "--anchor", "x"]
+    )
+    assert (a.database, a.anchor) == ("postgresql://h/db", "x")
+    a = p.parse_args(["keyserver", "audit", "d", "--anchor", "x"])
+    assert a.anchor == "x"

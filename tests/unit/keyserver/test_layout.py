@@ -20,7 +20,7 @@ def _mode(p) -> int:
 def test_init_creates_every_file_with_private_modes(tmp_path, capsys):
     d = tmp_path / "ks"
     created = init_dir(d, address="tcp://10.0.0.1:7700")
-    for name in ("master.key", "server.secret", "publisher.key", "admin.licence"):
+    for name in ("master.key", "server.secret", "publisher.key", "audit.key", "admin.licence"):
         assert _mode(d / name) == 0o600, name
     assert _mode(d) == 0o700
     assert (d / "publisher.pub").exists() and (d / "keyserver.db").exists()
@@ -39,7 +39,7 @@ def test_init_creates_every_file_with_private_modes(tmp_path, capsys):
         assert len(master) == 32
     finally:
         conn.close()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds a key server"):
         init_dir(d)
 
 

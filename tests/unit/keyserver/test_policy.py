@@ -15,7 +15,6 @@ from keyserver.policy import (
     NotRevoked,
     Policy,
     QuotaLeft,
-    WithinRateLimit,
     default_release_policy,
 )
 from vault.core.errors import (
@@ -24,7 +23,6 @@ from vault.core.errors import (
     LicenceExpiredError,
     LicenceRevokedError,
     QuotaExhaustedError,
-    RateLimitedError,
     WrongModelError,
 )
 
@@ -67,14 +65,10 @@ def test_boundaries_pass():
     QuotaLeft().check(ctx(max_calls=5, used_calls=4))
 
 
-def test_rate_limit_is_a_token_bucket_on_the_given_clock():
-    rl = WithinRateLimit()
-    for _ in range(2):
-        rl.check(ctx(now=10.0, rate_limit=2.0))
-    with pytest.raises(RateLimitedError):
-        rl.check(ctx(now=10.1, rate_limit=2.0))
-    rl.check(ctx(now=10.6, rate_limit=2.0))  # refilled by 0.5 s x 2/s
-    rl.check(ctx(now=0.0, rate_limit=None))  # no limit: nothing to count
+def test_reserved_calls_count_against_the_quota():
+    with pytest.raises(QuotaExhaustedError):
+        QuotaLeft().check(ctx(max_calls=10, used_calls=3, reserved_calls=7))
+    QuotaLeft().check(ctx(max_calls=10, used_calls=3, reserved_calls=6))
 
 
 def test_all_of_stops_at_the_first_denial_and_vendors_can_add_rules():

@@ -27,16 +27,16 @@ class Clock:
 def svc(tmp_path):
     d = tmp_path / "ks"
     init_dir(d)
-    conn = store.connect(d / "keyserver.db")
+    st = store.SqliteStore.open(d / "keyserver.db")
     clock = Clock()
     s = KeyService(
-        conn, layout.load_master(d, conn), server_public_key="S" * 40, publisher_key="",
+        st, layout.load_master(d, st), server_public_key="S" * 40, publisher_key="",
         address="tcp://x:1", lease_ttl=5.0, clock=clock, log=lambda line: None,
     )  # fmt: skip
     s.admin = Licence.load(d / "admin.licence").client_public_key  # type: ignore[attr-defined]
     s.test_clock = clock  # type: ignore[attr-defined]
     yield s
-    conn.close()
+    st.close()
 
 
 def req(identity: str, op: str, **fields: object) -> Request:
@@ -71,32 +71,23 @@ def test_a_batch_is_one_transaction_and_keys_come_sealed(svc):
 def test_commit_failure_turns_every_reply_into_an_audit_error(svc):
     ident, licence_id, _ = _setup_caller(svc)
 
-    class FailingCommit:
-        def __init__(self, inner: sqlite3.Connection) -> None:
-            self.inner = inner
+    class FailingCommit(store.SqliteStore):
+        def commit(self) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
 
-        def execute(self, sql: str, *args: object) -> object:
-            if sql == "COMMIT":
-                raise sqlite3.OperationalError("disk I/O error")
-            return self.inner.execute(sql, *args)
-
-        @property
-        def in_transaction(self) -> bool:
-            return self.inner.in_transaction
-
-    real = svc.conn
-    svc.conn = FailingCommit(real)  # type: ignore[assignment]
+    real = svc.store
+    svc.store = FailingCommit(real.conn)
     eph = _crypto.EphemeralKey()
     replies = svc.process_batch([
         req(ident, "release", model_id="m", key_id="k", package_digest="d",
             licence_id=licence_id, ephemeral_key=eph.public_bytes),
         req(ident, "ping"),
     ])  # fmt: skip
-    svc.conn = real
+    svc.store = real
     assert replies[0]["ok"] is False and replies[0]["error"]["code"] == "audit"
     assert "sealed_key" not in replies[0]
     assert replies[1]["ok"] is True  # ping needs no durable write
-    assert real.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+    assert real.count_leases() == 0
 
 
 def test_replay_is_refused_even_within_one_batch(svc):

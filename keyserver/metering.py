@@ -1,0 +1,84 @@
+"""Call metering: what a lease may serve, from the quota and the rate limit.
+
+Pure functions over a :class:`~keyserver.policy.LicenceRecord` and the time;
+:mod:`keyserver.service` stores what they return. The rules (issue 10):
+
+- **Reserve on grant.** A lease's call budget is debited from the quota when
+  the lease is granted or renewed (``reserved_calls``); the worker reports
+  what it served at each renewal and at close, and the unused part of the
+  reservation is refunded then. A worker that dies never reports: its
+  reservation stays spent (fail closed: once the lease's hard end has
+  passed, the service settles it as if every reserved call had been served). So the quota cannot
+  be exceeded by any number of concurrent or successive leases.
+- **The rate limit sizes budgets.** ``rate_limit`` is calls per second. A
+  bucket of call tokens, kept with the licence in the database (so replicas
+  share it), fills at ``rate_limit`` up to ``rate_limit x lease_ttl`` (at
+  least one call); every grant and every renewal draws its whole budget from
+  it, and unused calls are not returned to it. A grant that finds less than
+  one call is refused (``RateLimitedError``); a renewal then gets a budget of
+  0 and ``retry_after`` seconds. Over any T seconds a licence serves at most
+  ``rate_limit x (T + lease_ttl)`` calls, however often it asks.
+
+Example::
+
+    g = size_budget(lic, now=time.time(), lease_ttl=60.0)
+    g.budget, g.tokens, g.retry_after
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .policy import LicenceRecord
+
+__all__ = ["Budget", "bucket_capacity", "refill", "size_budget", "settle"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    budget: int | None  # calls the lease may serve before renewing; None: unlimited
+    tokens: float | None  # the bucket after this grant (None: no rate limit)
+    retry_after: float | None  # budget 0 because of the rate: seconds until one call
+
+
+def bucket_capacity(rate: float, lease_ttl: float) -> float:
+    return max(1.0, rate * lease_ttl)
+
+
+def refill(lic: LicenceRecord, *, now: float, lease_ttl: float) -> float | None:
+    """Tokens in the licence's call bucket at ``now`` (None: no rate limit)."""
+    rate = lic.rate_limit
+    if rate is None or rate <= 0:
+        return None
+    cap = bucket_capacity(rate, lease_ttl)
+    if lic.rate_tokens is None or lic.rate_at is None:
+        return cap  # a fresh licence starts full
+    return min(cap, lic.rate_tokens + max(0.0, now - lic.rate_at) * rate)
+
+
+def size_budget(lic: LicenceRecord, *, now: float, lease_ttl: float) -> Budget:
+    """The budget of a lease granted or renewed at ``now``: the quota left
+    (after every open reservation) and the whole calls in the bucket."""
+    caps: list[int] = []
+    if lic.max_calls is not None:
+        caps.append(max(0, lic.max_calls - lic.debited_calls))
+    tokens = refill(lic, now=now, lease_ttl=lease_ttl)
+    if tokens is not None:
+        caps.append(math.floor(tokens + 1e-9))
+    budget = min(caps) if caps else None
+    retry = None
+    if tokens is not None and tokens + 1e-9 < 1.0:
+        assert lic.rate_limit is not None
+        retry = (1.0 - tokens) / lic.rate_limit
+    left = None if tokens is None else tokens - (budget or 0)
+    return Budget(budget, left, retry)
+
+
+def settle(lic: LicenceRecord, *, reserved: int | None, calls: int) -> tuple[int, int]:
+    """(used_calls, reserved_calls) once a lease holding ``reserved`` reports
+    ``calls``: the calls become used, the reservation is released (its unused
+    part refunded). More calls than reserved are charged in full."""
+    used = lic.used_calls + calls
+    held = lic.reserved_calls - (reserved or 0)
+    return used, max(0, held)
