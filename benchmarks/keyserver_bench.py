@@ -243,7 +243,9 @@ def run(
                 ks.register_key(
                     model_id=MODEL, key_id=KEY_ID, key=_crypto.generate_key(), package_digest=DIGEST
                 )
-                licences = [ks.issue(MODEL, holder=f"bench{i}").to_json() for i in range(50)]
+                licences = [  # tier 0 licences: raw requests with the licence's own key
+                    ks.issue(MODEL, holder=f"bench{i}", same_user=True).to_json() for i in range(50)
+                ]
             for i, lic in enumerate(licences):  # clients spread over the replicas
                 lic["keyserver"]["address"] = addresses[i % len(addresses)]
             results: dict[str, Any] = {"duration_s": duration, "procs": procs,

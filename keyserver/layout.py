@@ -220,7 +220,7 @@ def init_dir(
                 rows = RowAuth(master)
                 st.insert_licence(rows.seal(
                     LicenceRecord(licence_id, "admin", "admin", None, admin_public.decode(), now,
-                                  None, None, None, 0.0, None, 0)
+                                  None, None, None, 0.0, None, 0, kind="admin")
                 ))  # fmt: skip
                 rows.wipe()
                 audit.append(
@@ -347,6 +347,11 @@ def rotate_master(root: str | os.PathLike[str], *, database: str | None = None) 
                         st.update_licence(new_rows.seal(lic))
                     else:
                         refused.append(lic.licence_id)
+                for dev in st.devices():
+                    if old_rows.device_authentic(dev):
+                        st.update_device(new_rows.seal_device(dev))
+                    else:
+                        refused.append(dev.device_id)
                 old_rows.wipe()
                 new_rows.wipe()
                 st.set_meta("master_id", master_id(new))

@@ -39,6 +39,7 @@ __all__ = [
     "AllOf",
     "BoundToModel",
     "Context",
+    "DeviceRecord",
     "DigestMatches",
     "KeyRecord",
     "LicenceRecord",
@@ -71,6 +72,10 @@ class LicenceRecord:
     reserved_calls: int = 0  # calls reserved by open leases (debited, not yet reported)
     rate_tokens: float | None = None  # the call bucket (see keyserver.metering)
     rate_at: float | None = None
+    kind: str = "runtime"  # runtime, call or admin
+    same_user: bool = False  # tier 0: the holder's own user may run the worker
+    devices: tuple[str, ...] = ()  # the only devices it works on (empty: any enrolled)
+    proof_public_key: str | None = None  # verifies the holder's proofs of possession
     mac: bytes | None = None  # the row's tag (keyserver.rowauth); not part of the decision
 
     @property
@@ -81,6 +86,19 @@ class LicenceRecord:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """An enrolled device: its CURVE public key is its transport identity."""
+
+    device_id: str
+    public_key: str
+    name: str
+    enrolled_at: float
+    enrolled_by: str
+    revoked_at: float | None
+    mac: bytes | None = None  # the row's tag (keyserver.rowauth)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 from vault.core import crypto as _crypto
 
-from .policy import LicenceRecord
+from .policy import DeviceRecord, LicenceRecord
 
 __all__ = ["LABEL", "RowAuth"]
 
@@ -47,6 +47,8 @@ def _norm(v: Any) -> Any:
         return repr(float(v))
     if isinstance(v, (bytes, bytearray, memoryview)):
         return bytes(v).hex()
+    if isinstance(v, (tuple, list)):  # a licence's device ids
+        return [_norm(x) for x in v]
     raise TypeError(f"cannot authenticate a {type(v).__name__} column")
 
 
@@ -54,7 +56,7 @@ def _message(table: str, values: Sequence[Any]) -> bytes:
     return json.dumps([table, *(_norm(v) for v in values)], separators=(",", ":")).encode()
 
 
-def _licence_values(rec: LicenceRecord) -> list[Any]:
+def _licence_values(rec: LicenceRecord | DeviceRecord) -> list[Any]:
     return [getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name != "mac"]
 
 
@@ -76,6 +78,13 @@ class RowAuth:
 
     def authentic(self, rec: LicenceRecord) -> bool:
         return self.ok("licences", _licence_values(rec), rec.mac)
+
+    def seal_device(self, rec: DeviceRecord) -> DeviceRecord:
+        """The device record with its tag set (call after every change)."""
+        return dataclasses.replace(rec, mac=self.tag("devices", _licence_values(rec)))
+
+    def device_authentic(self, rec: DeviceRecord) -> bool:
+        return self.ok("devices", _licence_values(rec), rec.mac)
 
     def wipe(self) -> None:
         _crypto.zeroize(self._key)

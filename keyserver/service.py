@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import os
@@ -46,6 +47,7 @@ from . import audit, metering
 from .layout import new_licence_id
 from .policy import (
     Context,
+    DeviceRecord,
     KeyRecord,
     LicenceRecord,
     Policy,
@@ -168,15 +170,27 @@ class KeyService:
             "issue": self._issue,
             "revoke": self._revoke,
             "list": self._list,
+            "enroll_device": self._enroll_device,
+            "revoke_device": self._revoke_device,
+            "list_devices": self._list_devices,
         }
 
     # --- admission (ZAP) -------------------------------------------------------
 
     def admits(self, client_public_key: str) -> bool:
-        """Whether a CURVE key may connect: any licence holder or admin, looked
-        up live (a licence issued a second ago connects). Revoked holders are
-        admitted so they hear the typed 'revoked' denial instead of silence."""
-        return self.store.has_client_key(client_public_key)
+        """Whether a CURVE key may connect: any licence holder or admin, or an
+        enrolled device that is not revoked, looked up live (a licence issued
+        a second ago connects). Revoked holders are admitted so they hear the
+        typed 'revoked' denial instead of silence; a revoked device is not."""
+        if self.store.has_client_key(client_public_key):
+            return True
+        dev = self.store.device_by_key(client_public_key)
+        if dev is None or dev.revoked_at is not None:
+            return False
+        if not self.rows.device_authentic(dev):  # written into the database by someone else
+            self.log(f"keyserver: REFUSED device row {dev.device_id}: its tag does not match")
+            return False
+        return True
 
     # --- batches ---------------------------------------------------------------
 
@@ -249,8 +263,11 @@ class KeyService:
         self.store.savepoint()
         try:
             self._check_fresh(h, now)
-            caller = self._caller(req.identity, now)
-            fields = handler(caller, h, now)
+            device = self._device(req.identity, now)
+            if device is not None:
+                fields = self._device_op(device, str(op), h, now)
+            else:
+                fields = handler(self._caller(req.identity, now), h, now)
             self.store.release_savepoint()
             return ok_reply(rid, **fields)
         except _Denied as d:
@@ -299,6 +316,9 @@ class KeyService:
         ts = _num(h, "ts", optional=False)
         if abs(now - ts) > MAX_SKEW:
             raise ProtocolError("request timestamp outside the accepted window (clock skew?)")
+        self._remember_nonce(nonce, ts, now)
+
+    def _remember_nonce(self, nonce: bytes, ts: float, now: float) -> None:
         expiry = self._nonce_expiry
         while expiry and expiry[0][0] < now:
             self._nonces.discard(expiry.popleft()[1])
@@ -415,20 +435,60 @@ class KeyService:
     # --- ops -----------------------------------------------------------------------
 
     def _release(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
-        model_id = _str(h, "model_id")
-        key_id = _str(h, "key_id")
-        digest = _str(h, "package_digest")
-        licence_id = _str(h, "licence_id")
-        suite = h.get("suite", "x25519")
-        if suite not in _crypto.HPKE_SUITES:
-            raise ProtocolError(f"unknown HPKE suite {suite!r}")
-        ephemeral = _bytes(h, "ephemeral_key", max_len=4096)
-        ids = {"model_id": model_id, "key_id": key_id}
-        if licence_id != caller.licence_id:
+        """A key request made with a licence's own key (not a device's): only a
+        licence issued ``--same-user`` (tier 0) is answered."""
+        req = self._release_fields(h)
+        ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
+        if req["licence_id"] != caller.licence_id:
             # One answer whether the id exists or is somebody else's: the
             # reply must not tell a holder which licence ids exist.
             err: VaultError = UnknownLicenceError(NOT_YOURS)
-            raise self._deny(caller, "release", err, now, **ids, asked_for=licence_id)
+            raise self._deny(caller, "release", err, now, **ids, asked_for=req["licence_id"])
+        self._check_kind(caller, now, ids, actor=caller.licence_id)
+        if not caller.same_user:
+            err = PermissionDeniedError(
+                "a key is released only to an enrolled device: this licence is not --same-user "
+                "(use it through `vault daemon`)"
+            )
+            raise self._deny(caller, "release", err, now, **ids)
+        return self._release_key(caller, req, now, device_id="", actor=caller.licence_id)
+
+    @staticmethod
+    def _release_fields(h: Mapping[str, Any]) -> dict[str, Any]:
+        suite = h.get("suite", "x25519")
+        if suite not in _crypto.HPKE_SUITES:
+            raise ProtocolError(f"unknown HPKE suite {suite!r}")
+        return {
+            "model_id": _str(h, "model_id"),
+            "key_id": _str(h, "key_id"),
+            "digest": _str(h, "package_digest"),
+            "licence_id": _str(h, "licence_id"),
+            "suite": suite,
+            "ephemeral": _bytes(h, "ephemeral_key", max_len=4096),
+        }
+
+    def _check_kind(
+        self, lic: LicenceRecord, now: float, ids: dict[str, Any], *, actor: str
+    ) -> None:
+        if lic.kind == "runtime" and not lic.is_admin:
+            return
+        why = (
+            "a call licence gives no key (it is checked by the vendor's service)"
+            if lic.kind == "call"
+            else f"an {lic.kind} licence gives no key"
+        )
+        raise self._deny_as(actor, "release", PermissionDeniedError(why), now,
+                            licence_id=lic.licence_id, **ids)  # fmt: skip
+
+    def _release_key(
+        self, caller: LicenceRecord, req: dict[str, Any], now: float, *, device_id: str,
+        actor: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The policy, the reserved budget, the lease, the audit record and the
+        sealed key (bound to the device that asked; "" for tier 0)."""
+        model_id, key_id, digest, suite = (req["model_id"], req["key_id"], req["digest"],
+                                           req["suite"])  # fmt: skip
+        ids = {"model_id": model_id, "key_id": key_id, "licence_id": caller.licence_id}
         row = self.store.key(model_id, key_id)
         key = None if row is None else KeyRecord(model_id, key_id, row.package_digest)
         lic = self._lapse(caller, now)
@@ -436,10 +496,10 @@ class KeyService:
         try:
             self.release_policy.check(ctx)
         except LicenceError as exc:
-            raise self._deny(lic, "release", exc, now, **ids) from None
+            raise self._deny_as(actor, "release", exc, now, **ids) from None
         if row is None:
             err = KeyServerError(f"no key {key_id!r} is registered for model {model_id!r}")
-            raise self._deny(lic, "release", err, now, **ids)
+            raise self._deny_as(actor, "release", err, now, **ids)
         lic, budget = self._grant(lic, lic.reserved_calls, lic.used_calls, now)
         if budget.budget == 0:
             # Only the rate can do this (QuotaLeft passed): a grant counts against it.
@@ -447,38 +507,164 @@ class KeyService:
             rl = RateLimitedError(
                 f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
             )
-            raise self._deny(lic, "release", rl, now, **ids)
+            raise self._deny_as(actor, "release", rl, now, **ids)
         lease_id = os.urandom(12).hex()
         lease = self._lease_fields(lease_id, lic, now, budget)
         self.store.insert_lease(
             LeaseRow(lease_id, caller.licence_id, model_id, key_id, now, lease["expires_at"],
-                     lease["hard_end"], budget.budget, False)
+                     lease["hard_end"], budget.budget, False, 0, device_id or None)
         )  # fmt: skip
         # Audit first; the reply leaves only after COMMIT (see process_batch).
         audit.append(
-            self.store, ts=now, event="released", actor=caller.licence_id,
+            self.store, ts=now, event="released", actor=actor,
             licence_id=caller.licence_id, model_id=model_id,
             detail={"key_id": key_id, "lease_id": lease_id, "suite": suite,
-                    "package_digest": digest, "reserved_calls": budget.budget},
+                    "package_digest": digest, "reserved_calls": budget.budget,
+                    "device_id": device_id or None},
         )  # fmt: skip
         plain = _crypto.unwrap_key(self._master, row.wrapped, key_id=key_id, model_id=model_id)
         try:
-            info = _crypto.key_release_info(model_id, digest, caller.licence_id)
+            info = _crypto.key_release_info(model_id, digest, caller.licence_id, device_id)
             try:
-                sealed = _crypto.hpke_seal(suite, ephemeral, plain, info)
+                sealed = _crypto.hpke_seal(suite, req["ephemeral"], plain, info)
             except VaultError as exc:  # a malformed ephemeral key
                 raise ProtocolError("malformed ephemeral public key") from exc
         finally:
             _crypto.zeroize(plain)
         return {"sealed_key": sealed, "suite": suite, "lease": lease}
 
-    def _report(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, op: str
+    # --- devices -------------------------------------------------------------------
+
+    def _device(self, identity: str | None, now: float) -> DeviceRecord | None:
+        return (
+            None if identity is None else self._device_row(self.store.device_by_key(identity), now)
+        )
+
+    def _device_row(self, rec: DeviceRecord | None, now: float) -> DeviceRecord | None:
+        """The device row if the key server wrote it; one written into the
+        database by anyone else is refused as if absent, and reported."""
+        if rec is None or self.rows.device_authentic(rec):
+            return rec
+        self.log(f"keyserver: REFUSED device row {rec.device_id}: its tag does not match")
+        audit.append(
+            self.store, ts=now, event="row_refused",
+            detail={"table": "devices", "device_id": rec.device_id,
+                    "public_key": rec.public_key,
+                    "reason": "row not authenticated under the master key"},
+        )  # fmt: skip
+        return None
+
+    def _deny_as(
+        self, actor: str, op: str, error: VaultError, now: float, **detail: Any
+    ) -> _Denied:
+        """Audit a denial whose actor may be a device, then refuse."""
+        audit.append(
+            self.store, ts=now, event="denied", actor=actor,
+            licence_id=detail.pop("licence_id", None), model_id=detail.pop("model_id", None),
+            detail={"op": op, "reason": error.code, "message": error.message, **detail},
+        )  # fmt: skip
+        if op not in ("release", "renew", "close"):
+            self.log(f"keyserver: denied {op} for {actor}: {error.code}")
+        return _Denied(error)
+
+    def _device_op(
+        self, device: DeviceRecord, op: str, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        """A request made as an enrolled device: a key release (with the
+        caller's licence proof), and renewing or closing its own leases."""
+        actor = device.device_id
+        if device.revoked_at is not None:
+            err: VaultError = PermissionDeniedError(f"device {device.device_id} was revoked")
+            raise self._deny_as(actor, op, err, now)
+        if op in ("renew", "close"):
+            lease = self.store.device_lease(_str(h, "lease_id"), device.device_id)
+            lic = None if lease is None else self._licence(lease.licence_id, now)
+            if lic is None:
+                raise LicenceError("unknown lease")
+            handler = self._renew if op == "renew" else self._close
+            return handler(lic, h, now, device_id=device.device_id)
+        if op != "release":
+            err = PermissionDeniedError(
+                f"a device may only ask for keys and renew or close its leases, not {op}"
+            )
+            raise self._deny_as(actor, op, err, now)
+        req = self._release_fields(h)
+        ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
+        if h.get("device_id") not in (None, device.device_id):
+            err = PermissionDeniedError("device id does not match the connecting device")
+            raise self._deny_as(actor, "release", err, now, **ids)
+        lic = self._licence(req["licence_id"], now)
+        if lic is None or not self._proof_verifies(lic, device, req, h):
+            # one answer for an unknown licence and for a proof that fails:
+            # the reply does not tell which licence ids exist (the audit does)
+            raise self._deny_as(actor, "release", UnknownLicenceError(NOT_YOURS), now,
+                                asked_for=req["licence_id"], proof="bad", **ids)  # fmt: skip
+        self._check_kind(lic, now, ids, actor=actor)
+        if lic.devices and device.device_id not in lic.devices:
+            err = PermissionDeniedError(
+                f"licence {lic.licence_id} is not valid on device {device.device_id}"
+            )
+            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
+        self._check_proof_fresh(lic, h, now, actor=actor, ids=ids)
+        return self._release_key(lic, req, now, device_id=device.device_id, actor=actor)
+
+    @staticmethod
+    def _proof_verifies(
+        lic: LicenceRecord, device: DeviceRecord, req: dict[str, Any], h: Mapping[str, Any]
+    ) -> bool:
+        """The caller's signature with the licence's proof key over this very
+        request: licence, device, model, key, package, a nonce and a time."""
+        sig, nonce, ts = h.get("proof"), h.get("proof_nonce"), h.get("proof_ts")
+        if (
+            not lic.proof_public_key
+            or not isinstance(sig, bytes)
+            or not isinstance(nonce, bytes)
+            or not 8 <= len(nonce) <= 64
+            or isinstance(ts, bool)
+            or not isinstance(ts, (int, float))
+            or not math.isfinite(ts)
+        ):
+            return False
+        msg = _crypto.licence_proof_message(
+            licence_id=lic.licence_id, device_id=device.device_id, model_id=req["model_id"],
+            key_id=req["key_id"], package_digest=req["digest"], nonce=nonce, ts=float(ts),
+        )  # fmt: skip
+        try:
+            _crypto.verify_signature(base64.b64decode(lic.proof_public_key), sig, msg)
+        except (VaultError, ValueError):
+            return False
+        return True
+
+    def _check_proof_fresh(
+        self, lic: LicenceRecord, h: Mapping[str, Any], now: float, *, actor: str,
+        ids: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """A valid proof is good once, within the clock-skew window."""
+        ts, nonce = float(h["proof_ts"]), bytes(h["proof_nonce"])
+        err: VaultError | None = None
+        if abs(now - ts) > MAX_SKEW:
+            err = PermissionDeniedError("licence proof is stale (clock skew?)")
+        else:
+            try:
+                self._remember_nonce(b"proof:" + nonce, ts, now)
+            except ProtocolError:
+                err = PermissionDeniedError("licence proof was used before")
+        if err is not None:
+            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
+
+    def _report(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, op: str,
+                device_id: str | None = None
                 ) -> tuple[LicenceRecord, LeaseRow, int, int, int]:  # fmt: skip
         """The lease named in ``h`` and the licence with its ``calls`` settled:
         (licence, lease, used, reserved-without-this-lease, calls)."""
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
-        lease = self.store.lease(lease_id, caller.licence_id)
+        # a lease granted to a device is renewed and closed by that device only
+        lease = (
+            self.store.lease(lease_id, caller.licence_id)
+            if device_id is None
+            else self.store.device_lease(lease_id, device_id)
+        )
         if lease is None:
             raise LicenceError("unknown lease")
         lic = caller
@@ -494,8 +680,9 @@ class KeyService:
             )  # fmt: skip
         return lic, lease, used, reserved, calls
 
-    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
-        lic, row, used, reserved, calls = self._report(caller, h, now, "renew")
+    def _renew(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, *,
+               device_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+        lic, row, used, reserved, calls = self._report(caller, h, now, "renew", device_id)
         lease_id = row.lease_id
         settled = self._meter(lic, used=used, reserved=reserved)
         try:
@@ -519,10 +706,11 @@ class KeyService:
         )  # fmt: skip
         return {"lease": lease}
 
-    def _close(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+    def _close(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, *,
+               device_id: str | None = None) -> dict[str, Any]:  # fmt: skip
         """The worker is done with the lease: its last calls are used, the rest
         of its reservation is refunded to the quota."""
-        lic, row, used, reserved, calls = self._report(caller, h, now, "close")
+        lic, row, used, reserved, calls = self._report(caller, h, now, "close", device_id)
         refunded = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
         self._meter(lic, used=used, reserved=reserved)
         self.store.end_lease(row.lease_id, calls=calls)
@@ -578,18 +766,24 @@ class KeyService:
         grace = _num(h, "grace", optional=True, default=0.0)
         if rate_limit is not None and rate_limit <= 0:
             raise ProtocolError("field 'rate_limit' must be positive")
+        kind, same_user, devices = self._issue_kind(h)
         public, secret = zmq.curve_keypair()
+        proof_key = _crypto.PublisherKey.generate()
+        proof_public = base64.b64encode(proof_key.public_raw).decode()
         licence_id = new_licence_id()
         expires_at = None if expires is None else now + expires
         self.store.insert_licence(self.rows.seal(
             LicenceRecord(licence_id, holder, "caller", model_id, public.decode(), now,
-                          expires_at, max_calls, rate_limit, grace, None, 0)
+                          expires_at, max_calls, rate_limit, grace, None, 0, kind=kind,
+                          same_user=same_user, devices=tuple(devices),
+                          proof_public_key=proof_public)
         ))  # fmt: skip
         audit.append(
             self.store, ts=now, event="issued", actor=caller.licence_id, licence_id=licence_id,
             model_id=model_id,
             detail={"holder": holder, "expires_at": expires_at, "max_calls": max_calls,
-                    "rate_limit": rate_limit, "grace": grace},
+                    "rate_limit": rate_limit, "grace": grace, "kind": kind,
+                    "same_user": same_user, "devices": devices},
         )  # fmt: skip
         self.log(f"keyserver: issued {licence_id} to {holder} for {model_id}")
         lic = Licence(
@@ -602,8 +796,34 @@ class KeyService:
             publisher_key=self.publisher_key,
             model_id=model_id,
             role="caller",
+            kind=kind,
+            same_user=same_user,
+            devices=tuple(devices),
+            proof_key=base64.b64encode(proof_key.export_private_raw()).decode(),
         )
         return {"licence": lic.to_json()}
+
+    def _issue_kind(self, h: Mapping[str, Any]) -> tuple[str, bool, list[str]]:
+        kind = h.get("kind", "runtime")
+        if kind not in ("runtime", "call"):
+            raise ProtocolError("field 'kind' must be 'runtime' or 'call'")
+        same_user = h.get("same_user", False)
+        if not isinstance(same_user, bool):
+            raise ProtocolError("field 'same_user' must be a boolean")
+        if same_user and kind != "runtime":
+            raise ProtocolError("only a runtime licence can be --same-user")
+        devices = h.get("devices") or []
+        if not isinstance(devices, list) or len(devices) > 256:
+            raise ProtocolError("field 'devices' must be a list of device ids")
+        for d in devices:
+            if (
+                not isinstance(d, str)
+                or self._device_row(self.store.device(d), self.clock()) is None
+            ):
+                raise KeyServerError(f"no enrolled device {d!r}")
+        if devices and kind != "runtime":
+            raise ProtocolError("only a runtime licence names devices")
+        return kind, same_user, sorted(set(devices))
 
     def _revoke(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "revoke", now)
@@ -645,7 +865,73 @@ class KeyService:
                     "grace": rec.grace,
                     "revoked": rec.revoked_at is not None,
                     "revoked_at": rec.revoked_at,
+                    "kind": rec.kind,
+                    "same_user": rec.same_user,
+                    "devices": list(rec.devices),
                     "authentic": authentic,  # False: a row the key server refuses
                 }
             )
         return {"licences": out}
+
+    # --- devices (admin) ---------------------------------------------------------------
+
+    def _enroll_device(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "enroll_device", now)
+        from vault.core.device import device_id_for
+
+        device_id = _str(h, "device_id")
+        public_key = _str(h, "public_key")
+        name = _str(h, "name", optional=True) or device_id
+        if len(public_key) != 40 or device_id_for(public_key) != device_id:
+            raise ProtocolError("device id and public key do not belong together")
+        old = self._device_row(self.store.device(device_id), now)
+        if old is not None:
+            if old.revoked_at is not None:
+                raise PermissionDeniedError(f"device {device_id} was revoked; make a new one")
+            return {"device_id": device_id, "created": False}
+        if self.store.has_client_key(public_key):
+            raise ProtocolError("that key already belongs to a licence")
+        self.store.insert_device(
+            self.rows.seal_device(DeviceRecord(device_id, public_key, name, now,
+                                               caller.licence_id, None))
+        )  # fmt: skip
+        audit.append(
+            self.store, ts=now, event="device_enrolled", actor=caller.licence_id,
+            detail={"device_id": device_id, "name": name, "public_key": public_key},
+        )  # fmt: skip
+        self.log(f"keyserver: enrolled device {device_id} ({name})")
+        return {"device_id": device_id, "created": True}
+
+    def _revoke_device(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "revoke_device", now)
+        device_id = _str(h, "device_id")
+        dev = self._device_row(self.store.device(device_id), now)
+        if dev is None:
+            raise KeyServerError(f"no enrolled device {device_id}")
+        if dev.revoked_at is not None:
+            return {"device_id": device_id, "revoked_at": dev.revoked_at, "already": True}
+        self.store.update_device(self.rows.seal_device(dataclasses.replace(dev, revoked_at=now)))
+        self.store.end_device_leases(device_id)
+        audit.append(
+            self.store, ts=now, event="device_revoked", actor=caller.licence_id,
+            detail={"device_id": device_id},
+        )  # fmt: skip
+        self.log(f"keyserver: revoked device {device_id}")
+        return {"device_id": device_id, "revoked_at": now, "already": False}
+
+    def _list_devices(
+        self, caller: LicenceRecord, h: Mapping[str, Any], now: float
+    ) -> dict[str, Any]:
+        self._require_admin(caller, "list_devices", now)
+        out = [
+            {"device_id": d.device_id, "public_key": d.public_key, "name": d.name,
+             "enrolled_at": d.enrolled_at, "enrolled_by": d.enrolled_by,
+             "revoked": d.revoked_at is not None, "revoked_at": d.revoked_at,
+             "authentic": self.rows.device_authentic(d)}
+            for d in self.store.devices()
+        ]  # fmt: skip
+        return {"devices": out}

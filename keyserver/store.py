@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .policy import LicenceRecord
+from .policy import DeviceRecord, LicenceRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -73,7 +74,20 @@ CREATE TABLE IF NOT EXISTS licences (
     reserved_calls INTEGER NOT NULL DEFAULT 0,  -- held by open leases
     rate_tokens REAL,                           -- the call bucket (keyserver.metering)
     rate_at REAL,
-    mac BLOB                                    -- HMAC of the row (keyserver.rowauth)
+    kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
+    same_user INTEGER NOT NULL DEFAULT 0,   -- tier 0: the holder's user runs the worker
+    devices TEXT,                           -- JSON list of device ids; NULL: any enrolled
+    proof_public_key TEXT,                  -- base64 Ed25519: verifies proofs of possession
+    mac BLOB                                -- HMAC of the row (keyserver.rowauth)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,        -- Z85 CURVE key: the device's transport identity
+    name TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    enrolled_by TEXT NOT NULL,
+    revoked_at REAL,
+    mac BLOB                                -- HMAC of the row (keyserver.rowauth)
 );
 CREATE TABLE IF NOT EXISTS keys (
     model_id TEXT NOT NULL,
@@ -93,7 +107,8 @@ CREATE TABLE IF NOT EXISTS leases (
     hard_end REAL NOT NULL,
     call_budget INTEGER,                  -- calls reserved for this lease (NULL: unlimited)
     ended INTEGER NOT NULL DEFAULT 0,
-    calls INTEGER NOT NULL DEFAULT 0      -- calls the worker reported on it
+    calls INTEGER NOT NULL DEFAULT 0,     -- calls the worker reported on it
+    device_id TEXT                        -- the device it was granted to (NULL: tier 0)
 ) WITHOUT ROWID;  -- one B-tree, not two: fewer pages written per release
 CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (
@@ -116,11 +131,12 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
     " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
-    " mac"
+    " kind, same_user, devices, proof_public_key, mac"
 )
+_DEVICE_COLS = "device_id, public_key, name, enrolled_at, enrolled_by, revoked_at, mac"
 _LEASE_COLS = (
     "lease_id, licence_id, model_id, key_id, issued_at, expires_at, hard_end, call_budget,"
-    " ended, calls"
+    " ended, calls, device_id"
 )
 _AUDIT_COLS = "seq, ts, event, actor, licence_id, model_id, detail, prev_hash, hash"
 
@@ -145,6 +161,7 @@ class LeaseRow:
     call_budget: int | None
     ended: bool
     calls: int = 0
+    device_id: str | None = None  # the device it was granted to (None: tier 0)
 
 
 @dataclass(frozen=True)
@@ -161,14 +178,23 @@ class AuditRow:
 
 
 def _licence(row: Sequence[Any]) -> LicenceRecord:
-    *cols, mac = row
-    rec = LicenceRecord(*cols)
-    return dataclasses.replace(rec, mac=None if mac is None else bytes(mac))
+    kind, same_user, devices, proof_public_key, mac = row[15:20]
+    return dataclasses.replace(
+        LicenceRecord(*row[:15]), kind=str(kind), same_user=bool(same_user),
+        devices=tuple(json.loads(devices)) if devices else (), proof_public_key=proof_public_key,
+        mac=None if mac is None else bytes(mac),
+    )  # fmt: skip
+
+
+def _device(r: Sequence[Any]) -> DeviceRecord:
+    mac = r[6]
+    return dataclasses.replace(DeviceRecord(*r[:6]), mac=None if mac is None else bytes(mac))
 
 
 def _lease(r: Sequence[Any]) -> LeaseRow:
     return LeaseRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]),
-                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]), int(r[9]))  # fmt: skip
+                    float(r[6]), None if r[7] is None else int(r[7]), bool(r[8]), int(r[9]),
+                    None if r[10] is None else str(r[10]))  # fmt: skip
 
 
 class Store:
@@ -277,11 +303,12 @@ class Store:
 
     def insert_licence(self, rec: LicenceRecord) -> None:
         self._q(
-            f"INSERT INTO licences ({LICENCE_COLS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO licences ({LICENCE_COLS}) VALUES ({', '.join(['?'] * 20)})",
             (rec.licence_id, rec.holder, rec.role, rec.model_id, rec.client_public_key,
              rec.issued_at, rec.expires_at, rec.max_calls, rec.rate_limit, rec.grace,
              rec.revoked_at, rec.used_calls, rec.reserved_calls, rec.rate_tokens, rec.rate_at,
+             rec.kind, int(rec.same_user),
+             json.dumps(list(rec.devices)) if rec.devices else None, rec.proof_public_key,
              rec.mac),
         )  # fmt: skip
 
@@ -325,18 +352,59 @@ class Store:
     def insert_lease(self, row: LeaseRow) -> None:
         self._q(
             "INSERT INTO leases (lease_id, licence_id, model_id, key_id, issued_at, expires_at,"
-            " hard_end, call_budget, ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " hard_end, call_budget, ended, device_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row.lease_id, row.licence_id, row.model_id, row.key_id, row.issued_at,
-             row.expires_at, row.hard_end, row.call_budget, int(row.ended)),
+             row.expires_at, row.hard_end, row.call_budget, int(row.ended), row.device_id),
         )  # fmt: skip
 
     def lease(self, lease_id: str, licence_id: str) -> LeaseRow | None:
-        """The lease, only if it belongs to ``licence_id``."""
+        """The lease, only if it belongs to ``licence_id`` and was granted to
+        no device (a device's lease is renewed by that device only)."""
         r = self._one(
-            f"SELECT {_LEASE_COLS} FROM leases WHERE lease_id = ? AND licence_id = ?",
+            f"SELECT {_LEASE_COLS} FROM leases WHERE lease_id = ? AND licence_id = ?"
+            " AND device_id IS NULL",
             (lease_id, licence_id),
         )
         return None if r is None else _lease(r)
+
+    def device_lease(self, lease_id: str, device_id: str) -> LeaseRow | None:
+        """The lease, only if it was granted to ``device_id``."""
+        r = self._one(
+            f"SELECT {_LEASE_COLS} FROM leases WHERE lease_id = ? AND device_id = ?",
+            (lease_id, device_id),
+        )
+        return None if r is None else _lease(r)
+
+    # --- devices -------------------------------------------------------------------------
+
+    def device_by_key(self, public_key: str) -> DeviceRecord | None:
+        r = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE public_key = ?", (public_key,))
+        return None if r is None else _device(r)
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        r = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,))
+        return None if r is None else _device(r)
+
+    def devices(self) -> list[DeviceRecord]:
+        rows = self._q(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY enrolled_at, device_id")
+        return [_device(r) for r in rows.fetchall()]
+
+    def insert_device(self, rec: DeviceRecord) -> None:
+        self._q(
+            f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.device_id, rec.public_key, rec.name, rec.enrolled_at, rec.enrolled_by,
+             rec.revoked_at, rec.mac),
+        )  # fmt: skip
+
+    def update_device(self, rec: DeviceRecord) -> None:
+        """Write the device's changing column (revocation) and its tag."""
+        self._q("UPDATE devices SET revoked_at = ?, mac = ? WHERE device_id = ?",
+                (rec.revoked_at, rec.mac, rec.device_id))  # fmt: skip
+
+    def end_device_leases(self, device_id: str) -> None:
+        """End every lease granted to a (revoked) device; what they reserved
+        stays spent: fail closed, as for a worker that died."""
+        self._q("UPDATE leases SET ended = 1, call_budget = 0 WHERE device_id = ?", (device_id,))
 
     def lapsed_leases_of(self, licence_id: str, now: float) -> list[LeaseRow]:
         """Open leases of the licence whose hard end has passed (an index

@@ -57,6 +57,19 @@ CREATE TABLE IF NOT EXISTS licences (
     reserved_calls BIGINT NOT NULL DEFAULT 0,
     rate_tokens DOUBLE PRECISION,
     rate_at DOUBLE PRECISION,
+    kind TEXT NOT NULL DEFAULT 'runtime' CHECK (kind IN ('runtime', 'call', 'admin')),
+    same_user INTEGER NOT NULL DEFAULT 0,
+    devices TEXT,
+    proof_public_key TEXT,
+    mac BYTEA
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    enrolled_at DOUBLE PRECISION NOT NULL,
+    enrolled_by TEXT NOT NULL,
+    revoked_at DOUBLE PRECISION,
     mac BYTEA
 );
 CREATE TABLE IF NOT EXISTS keys (
@@ -77,7 +90,8 @@ CREATE TABLE IF NOT EXISTS leases (
     hard_end DOUBLE PRECISION NOT NULL,
     call_budget BIGINT,
     ended INTEGER NOT NULL DEFAULT 0,
-    calls BIGINT NOT NULL DEFAULT 0
+    calls BIGINT NOT NULL DEFAULT 0,
+    device_id TEXT
 );
 CREATE INDEX IF NOT EXISTS leases_open ON leases (licence_id, hard_end) WHERE ended = 0;
 CREATE TABLE IF NOT EXISTS audit (

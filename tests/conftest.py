@@ -2,6 +2,9 @@
 
 Fixtures (names are stable; other test packages rely on them):
 
+``enrolled_device`` -> :class:`vault.core.device.Device`
+    ``keyserver.device()``: an enrolled device for the ``keyserver`` fixture.
+
 ``keyserver_dir`` -> ``pathlib.Path``
     A freshly initialised key server directory (``keyserver.init_dir``) in a
     private tmp dir: ``keyserver.db``, ``master.key``, ``server.secret``,
@@ -16,6 +19,9 @@ Fixtures (names are stable; other test packages rely on them):
     ``.publisher_key_path`` (``publisher.key``), ``.proc`` (``Popen``),
     ``.log_path``, ``.lease_ttl``. Methods: ``admin()`` (a ``KeyServerClient``
     for the admin licence), ``issue(model_id, **limits) -> Licence``,
+    ``device() -> Device`` (a device made in the key server's tmp dir and
+    enrolled, once per server: key releases are made as it),
+    ``client(licence) -> KeyServerClient`` (talking as that device),
     ``register(model_id, key_id, key, package_digest)``, ``stop()``
     (SIGTERM, returns the exit code), ``kill()`` (SIGKILL), ``start()``
     (same port), ``restart()``, ``output() -> bytes`` (stdout+stderr so far).
@@ -35,12 +41,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from vault.core.device import Device, init_device
 from vault.core.keyclient import KeyServerClient
 from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
@@ -60,6 +68,8 @@ class KeyServerProcess:
         self.ready: dict[str, Any] = {}
         self.extra_args: list[str] = []
         self._log: Any = None
+        self._device: Device | None = None
+        self._device_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -136,6 +146,24 @@ class KeyServerProcess:
         with self.admin() as ks:
             return ks.issue(model_id, holder=holder, **limits)
 
+    def enroll(self, directory: Path) -> Device:
+        """Make a device in ``directory`` and enroll it."""
+        dev = init_device(directory)
+        with self.admin() as ks:
+            ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+        return dev
+
+    def device(self) -> Device:
+        """This server's test device (made and enrolled on first use)."""
+        with self._device_lock:  # tests share one server between threads
+            if self._device is None:
+                self._device = self.enroll(self.dir.parent / "device")
+            return self._device
+
+    def client(self, licence: Licence, **kw: Any) -> KeyServerClient:
+        """A key client that asks as :meth:`device`, with ``licence``'s proof."""
+        return KeyServerClient(licence, device=self.device(), **kw)
+
     def register(
         self, model_id: str, key_id: str, key: bytes | bytearray, package_digest: str
     ) -> None:
@@ -152,6 +180,11 @@ def keyserver_dir(tmp_path: Path) -> Path:
     d = tmp_path / "ks"
     init_dir(d, address="tcp://127.0.0.1:7700")
     return d
+
+
+@pytest.fixture
+def enrolled_device(keyserver: KeyServerProcess) -> Device:
+    return keyserver.device()
 
 
 @pytest.fixture

@@ -1,9 +1,15 @@
 """The caller's side: open a sealed model and compute with it.
 
-:func:`open` spawns an isolated worker (``python -m worker``) that alone
-decrypts and runs the pipeline; it listens on an ``ipc://`` socket inside a
-fresh 0700 directory and reports ready only once the key server released the
-key and the sessions exist. :func:`connect` reaches a remote worker over
+:func:`open` gets an isolated worker (``python -m worker``) that alone
+decrypts and runs the pipeline, and reports ready only once the key server
+released the key and the sessions exist. By default it asks the local daemon
+(tier 1: ``vault daemon`` at ``daemon=PATH``, ``$VAULT_DAEMON`` or
+``/run/vault/daemon.sock``), which spawns the worker under its own dedicated
+uid and releases the key as its enrolled device, with this process's proof of
+the licence; the worker listens on ``ipc://`` with CURVE and accepts only the
+key this Model made. Without a daemon, only a licence issued ``--same-user``
+spawns the worker as the caller's own user (tier 0: that user can extract
+the model), in a fresh 0700 directory. :func:`connect` reaches a remote worker over
 ``tcp://`` with CURVE (client keys from the licence). Both return a
 :class:`Model`.
 
@@ -32,6 +38,7 @@ import functools
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,10 +51,13 @@ import numpy as np
 import zmq
 
 from .core.channel import Channel, ZmqChannel, check_endpoint
+from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR, recv_message, send_message
 from .core.errors import (
     ConfigError,
+    PermissionDeniedError,
     WorkerCrashedError,
     WorkerTimeoutError,
+    from_wire,
 )
 from .core.launch import read_ready_line, spawn_worker
 from .core.licence import Licence
@@ -169,6 +179,12 @@ class _LocalWorker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    configure = None  # a same-user worker's socket sits in a 0700 directory: no CURVE
+
     def kill(self) -> None:
         proc, self.proc = self.proc, None
         if self._lifeline is not None:
@@ -183,6 +199,152 @@ class _LocalWorker:
             self.arena.close()
             self.arena = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _DaemonWorker:
+    """A worker spawned by the local daemon (tier 1) for this Model.
+
+    One Unix connection to the daemon lives as long as the Model: the daemon
+    ties the worker to it (a caller that goes away takes its workers with
+    it). The package travels as an open descriptor and so does the
+    shared-memory arena; the licence's secrets stay here: the daemon gets the
+    licence's public part and a proof signed for its device.
+    """
+
+    def __init__(
+        self,
+        package: str,
+        licence: Licence,
+        *,
+        socket_path: str,
+        providers: Sequence[str] | None,
+        device: str | None,
+        start_timeout: float,
+        shm_bytes: int = DEFAULT_SHM_BYTES,
+    ) -> None:
+        self.package = os.path.abspath(package)
+        self.licence = licence
+        self.socket_path = socket_path
+        self.providers = providers
+        self.device = device
+        self.start_timeout = start_timeout
+        self.shm_bytes = shm_bytes
+        self.arena: ShmArena | None = None
+        self.ready: dict[str, Any] = {}
+        self.hello: dict[str, Any] = {}
+        self.wid: str | None = None
+        self.worker_pid: int | None = None
+        self.server_key = ""
+        public, secret = zmq.curve_keypair()
+        self._client_public, self._client_secret = public, secret
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def _call(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(self.start_timeout + 5)
+                try:
+                    s.connect(self.socket_path)
+                except OSError as exc:
+                    s.close()
+                    raise ConfigError(
+                        f"cannot reach the vault daemon at {self.socket_path} ({exc.strerror})"
+                    ) from None
+                self._sock = s
+            try:
+                send_message(self._sock, msg, fds)
+                reply, extra = recv_message(self._sock, max_fds=0)
+            except (OSError, ConnectionError) as exc:
+                self._sock.close()
+                self._sock = None
+                raise WorkerCrashedError(f"lost the vault daemon ({exc})") from None
+        if not reply.get("ok"):
+            raise from_wire(reply.get("error"))
+        return reply
+
+    def start(self) -> str:
+        from .core.package import Package
+
+        if not self.hello:
+            self.hello = self._call({"op": "hello"})
+        pkg = Package.load(self.package)
+        try:
+            proof = self.licence.prove(
+                device_id=str(self.hello.get("device_id")), model_id=pkg.model_id,
+                key_id=pkg.key_id, package_digest=pkg.digest,
+            )  # fmt: skip
+        finally:
+            pkg.close()
+        if self.arena is not None:  # a restart: the new worker gets a new arena
+            self.arena.close(unmap=False)
+            self.arena = None
+        if self.shm_bytes > 0:
+            try:
+                self.arena = ShmArena(self.shm_bytes, slots=SHM_SLOTS)
+            except OSError:
+                self.arena = None
+        msg: dict[str, Any] = {
+            "op": "open",
+            "licence": self.licence.public_copy().to_json(),
+            "proof": proof.to_wire(),
+            "client_key": self._client_public.decode(),
+            "shm_size": self.arena.size if self.arena is not None else 0,
+        }
+        if self.providers:
+            msg["providers"] = list(self.providers)
+        if self.device:
+            msg["device"] = self.device
+        fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fds = [fd] if self.arena is None else [fd, self.arena.fd]
+            reply = self._call(msg, fds)
+        finally:
+            os.close(fd)
+        self.wid = str(reply["worker"])
+        self.worker_pid = int(reply["pid"])
+        self.server_key = str(reply["server_key"])
+        self.ready = dict(reply.get("ready") or {})
+        return str(reply["endpoint"])
+
+    def configure(self, sock: zmq.Socket[Any]) -> None:
+        sock.curve_serverkey = self.server_key.encode()
+        sock.curve_publickey = self._client_public
+        sock.curve_secretkey = self._client_secret
+
+    def alive(self) -> bool:
+        if self.wid is None:
+            return False
+        try:
+            return bool(self._call({"op": "status", "worker": self.wid}).get("alive"))
+        except (PermissionDeniedError, WorkerCrashedError):
+            return False
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker_pid if self.wid is not None else None
+
+    def daemon_health(self) -> dict[str, Any]:
+        return {k: v for k, v in self._call({"op": "health"}).items() if k not in ("ok", "id")}
+
+    def kill(self) -> None:
+        wid, self.wid = self.wid, None
+        if wid is not None:
+            try:
+                self._call({"op": "close", "worker": wid})
+            except (ConfigError, PermissionDeniedError, WorkerCrashedError):
+                pass  # already gone: the daemon drops a dead worker with its connection
+
+    def close(self) -> None:
+        self.kill()
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()  # the daemon stops anything left of ours
+                self._sock = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
 
 
 class _Remote:
@@ -234,7 +396,7 @@ class Model:
     def __init__(
         self,
         *,
-        local: _LocalWorker | None = None,
+        local: _LocalWorker | _DaemonWorker | None = None,
         remote: _Remote | None = None,
         channel: Channel | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -276,7 +438,11 @@ class Model:
         if self._localw is not None:
             self._endpoint = self._localw.start()
             self._channel = ZmqChannel(
-                self._ctx, self._endpoint, alive=self._localw.alive, max_message=self._max_message
+                self._ctx,
+                self._endpoint,
+                alive=self._localw.alive,
+                configure=self._localw.configure,
+                max_message=self._max_message,
             )
         else:
             assert self._remote is not None
@@ -385,8 +551,16 @@ class Model:
 
     @property
     def pid(self) -> int | None:
+        """The local worker's process id (None for a remote worker)."""
         w = self._localw
-        return w.proc.pid if w is not None and w.proc is not None else None
+        return w.pid if w is not None else None
+
+    @property
+    def tier(self) -> int | None:
+        """The protection tier the worker reports (0 same user, 1 local daemon,
+        2 vendor-hosted), as read from its health; None if it does not say."""
+        status = self.health().get("hardening", {}).get("tier", {}).get("status")
+        return int(status) if isinstance(status, str) and status.isdigit() else None
 
     def close(self) -> None:
         """Stop the worker (local), close every socket, remove the private directory."""
@@ -416,7 +590,7 @@ class Model:
         raise TypeError("Model is a live connection and cannot be pickled")
 
 
-def _model_of(w: _LocalWorker, timeout: float) -> Model:
+def _model_of(w: _LocalWorker | _DaemonWorker, timeout: float) -> Model:
     """A Model over a freshly made local worker; the worker goes if that fails."""
     try:
         return Model(local=w, timeout=timeout)
@@ -436,23 +610,71 @@ def open(  # noqa: A001 - the public contract is vault.open()
     start_timeout: float = START_TIMEOUT,
     worker_args: Sequence[str] = (),
     shm_bytes: int = DEFAULT_SHM_BYTES,
+    daemon: str | os.PathLike[str] | None = None,
 ) -> Model:
-    """Spawn a local worker for the package at ``path`` and return its Model.
+    """Open the package at ``path`` with a worker and return its Model.
 
+    The worker comes from the local daemon (tier 1) at ``daemon``, else
+    ``$VAULT_DAEMON``, else ``/run/vault/daemon.sock`` when it exists. With no
+    daemon, only a licence issued ``--same-user`` spawns the worker as this
+    user (tier 0); any other licence fails with one line saying what to do.
+    ``worker_args`` (tier 0 only) are passed to the worker; through the daemon
+    its hardening is the daemon's configuration and such a request is refused.
     ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only)."""
-    lic = licence if licence is not None else license
-    if lic is None:
+    lic_arg = licence if licence is not None else license
+    if lic_arg is None:
         raise ConfigError("vault.open needs licence=...")
-    w = _LocalWorker(
-        os.fspath(path),
-        Licence.load(lic),
-        providers=providers,
-        device=device,
-        start_timeout=start_timeout,
-        worker_args=worker_args,
-        shm_bytes=shm_bytes,
-    )
+    lic = Licence.load(lic_arg)
+    if lic.kind != "runtime":
+        raise ConfigError(
+            f"licence {lic.licence_id} is a {lic.kind} licence: it gives no key "
+            "(a call licence is for vault.connect to a vendor's service)"
+        )
+    sock_path = _daemon_socket(daemon)
+    w: _LocalWorker | _DaemonWorker
+    if sock_path is not None:
+        if worker_args:
+            raise ConfigError(
+                "worker_args cannot be passed through the daemon: the worker's hardening "
+                "is the daemon's configuration, not the caller's"
+            )
+        w = _DaemonWorker(
+            os.fspath(path),
+            lic,
+            socket_path=sock_path,
+            providers=providers,
+            device=device,
+            start_timeout=start_timeout,
+            shm_bytes=shm_bytes,
+        )
+    elif lic.same_user:
+        w = _LocalWorker(
+            os.fspath(path),
+            lic,
+            providers=providers,
+            device=device,
+            start_timeout=start_timeout,
+            worker_args=worker_args,
+            shm_bytes=shm_bytes,
+        )
+    else:
+        raise ConfigError(
+            f"licence {lic.licence_id} needs the local daemon: start `vault daemon` "
+            f"(or set ${ENV_VAR} / daemon=PATH to its socket), or ask the vendor for a "
+            "--same-user licence (tier 0: your user could then extract the model)"
+        )
     return _model_of(w, timeout)
+
+
+def _daemon_socket(daemon: str | os.PathLike[str] | None) -> str | None:
+    """The daemon's socket: the argument, ``$VAULT_DAEMON``, or the default
+    path when something is there; None when no daemon is named or present."""
+    if daemon is not None:
+        return os.fspath(daemon)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    return DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None
 
 
 def open_with_unsafe_test_key(

@@ -32,13 +32,41 @@ from . import hardening
 NO_HOME = "/proc/self/vault-no-home"  # procfs refuses mkdir, even for root: nothing can be created
 
 
+TIERS = {
+    0: "same user: the caller's own uid runs this worker and can extract the model",
+    1: "local daemon: a dedicated uid, a root-owned install, a device key callers cannot read",
+    2: "vendor-hosted: only inputs and outputs cross to callers",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker", description="vault isolated worker")
-    p.add_argument("package")
+    p.add_argument("package", nargs="?", default=None, help="package file (or --package-fd)")
+    p.add_argument("--package-fd", type=int, help="read the package from this inherited fd")
     p.add_argument("--endpoint", required=True, help="ipc://DIR/NAME or tcp://HOST:PORT to bind")
     p.add_argument("--licence", "--license", dest="licence", help="licence file")
     p.add_argument("--licence-fd", type=int, help="read the licence JSON from this inherited fd")
     p.add_argument("--publisher", help="publisher public key file (default: from the licence)")
+    p.add_argument(
+        "--device-key-fd", type=int, help="the device's key pair (JSON) on this inherited fd"
+    )
+    p.add_argument(
+        "--proof-fd", type=int, help="the caller's licence proof (JSON) on this inherited fd"
+    )
+    p.add_argument(
+        "--allow-key",
+        action="append",
+        default=None,
+        metavar="Z85",
+        help="accept only this client CURVE key (ipc:// too); repeatable",
+    )
+    p.add_argument(
+        "--tier",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="protection tier the launcher provides (reported by health)",
+    )
     p.add_argument(
         "--unsafe-test-key-fd",
         type=int,
@@ -68,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mlock", action="store_true")
     p.add_argument("--no-landlock", action="store_true")
     p.add_argument("--no-seccomp", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.package is None) == (args.package_fd is None):
+        p.error("give exactly one of PACKAGE and --package-fd")
+    return args
 
 
 class _Parent:
@@ -124,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             seccomp=not args.no_seccomp,
         ).as_dict()
+        rep["tier"] = {"status": str(args.tier), "detail": TIERS[args.tier]}
+        if args.tier == 1 and os.getuid() != 0 and rep["user"]["status"] == "off":
+            # the daemon set our uid before exec: we never ran as the caller
+            rep["user"] = {"status": "on", "detail": f"uid {os.getuid()} from the first "
+                           "instruction (set by the daemon before exec)"}  # fmt: skip
     except OSError as exc:
         parent.send(
             {"ready": False, "error": {"code": "config", "message": f"hardening failed: {exc}"}}

@@ -40,7 +40,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Report", "harden", "startup_reads", "verify"]
+__all__ = ["Report", "harden", "read_back", "startup_reads", "verify"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -312,6 +312,47 @@ def _seccomp(report: Report) -> None:
     report.record("seccomp", "on", "EPERM for " + ", ".join(_DENIED_SYSCALLS))
 
 
+def _kernel_status() -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                out[key] = value.strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return out
+
+
+def read_back(report: Report) -> None:
+    """Replace what each step *meant* to set with what the kernel says is set:
+    ``PR_GET_DUMPABLE``, ``/proc/self/status`` (``NoNewPrivs``, ``Seccomp``),
+    ``RLIMIT_CORE``. A step that reported ``on`` but is not in force becomes
+    ``failed``; one that is in force whatever was asked reads ``on``."""
+    status = _kernel_status()
+    dumpable = _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    facts = {
+        "dumpable": (dumpable == 0, f"PR_GET_DUMPABLE={dumpable}"),
+        "no_new_privs": (
+            status.get("NoNewPrivs") == "1",
+            f"NoNewPrivs: {status.get('NoNewPrivs', '?')}",
+        ),
+        "seccomp": (status.get("Seccomp") == "2", f"Seccomp: {status.get('Seccomp', '?')}"),
+        "core_dumps": (core == (0, 0), f"RLIMIT_CORE={core[0]}"),
+    }
+    for name, (in_force, seen) in facts.items():
+        old = report.steps.get(name, {"status": "off", "detail": ""})
+        if in_force:
+            new = "on"
+        elif old["status"] in ("off", "absent", "skipped"):
+            new = old["status"]
+        else:
+            new = "failed"
+        detail = f"{old['detail']}; kernel: {seen}" if old["detail"] else f"kernel: {seen}"
+        report.record(name, new, detail)
+
+
 def harden(
     *,
     home: str | None,
@@ -363,6 +404,7 @@ def harden(
         _seccomp(report)
     else:
         report.record("seccomp", "off", "disabled by option")
+    read_back(report)
     return report
 
 

@@ -112,7 +112,7 @@ class Server:
         self.front.setsockopt(zmq.MAXMSGSIZE, max_message)  # per frame; larger drops the peer
         self.front.setsockopt(zmq.SNDHWM, hwm)
         self.front.setsockopt(zmq.RCVHWM, hwm)
-        if endpoint.startswith("tcp://"):
+        if endpoint.startswith("tcp://") or allowed is not None:
             if curve_secret is None or curve_public is None or allowed is None:
                 raise ConfigError("a tcp:// worker needs CURVE keys and an allow-list")
             from zmq.auth.thread import ThreadAuthenticator

@@ -61,6 +61,7 @@ class Startup:
         self.lease: Any = None
         self.plain: Any = None
         self.pipeline: Any = None
+        self.device: Any = None
 
     def _mark(self, name: str) -> None:
         now = time.perf_counter()
@@ -122,7 +123,10 @@ class Startup:
             self.publisher = crypto.load_public_key(self.licence.publisher_key)
         else:
             raise ConfigError("no publisher key: give a licence that names one, or --publisher")
-        self.package = Package.load(args.package)
+        if args.package_fd is not None:
+            self.package = Package.from_fd(args.package_fd)
+        else:
+            self.package = Package.load(args.package)
         self.package.verify(self.publisher)  # before any key is asked for
 
     def release_key(self) -> None:
@@ -135,14 +139,25 @@ class Startup:
             return
         if self.licence is None:
             raise ConfigError("a licence is needed to ask the key server for the package key")
+        from vault.core.device import Device
         from vault.core.keyclient import KeyServerClient
+        from vault.core.licence import LicenceProof
 
-        with KeyServerClient(self.licence) as ks:
+        # As a device (tier 1, 2): the device's key at the transport, the
+        # caller's proof passed through. Without one (tier 0) the licence
+        # itself connects and signs: only a same-user licence is answered.
+        proof = None
+        if args.device_key_fd is not None:
+            self.device = Device.loads(bytes(read_fd(args.device_key_fd, 1 << 16)), source="fd")
+        if args.proof_fd is not None:
+            proof = LicenceProof.from_wire(json.loads(bytes(read_fd(args.proof_fd, 1 << 16))))
+        with KeyServerClient(self.licence, device=self.device) as ks:
             rel = ks.release(
                 model_id=pkg.model_id,
                 key_id=pkg.key_id,
                 package_digest=pkg.digest,
                 suite=args.suite,
+                proof=proof,
             )
         self.key, self.lease = rel.key, rel.lease
 
@@ -185,14 +200,14 @@ class Startup:
         from vault.core.keyclient import KeyServerClient
 
         assert self.licence is not None
-        with KeyServerClient(self.licence) as ks:
+        with KeyServerClient(self.licence, device=self.device) as ks:
             return ks.renew(lease_id=lease_id, calls=calls)
 
     def _close_lease(self, lease_id: str, calls: int) -> Any:
         from vault.core.keyclient import KeyServerClient
 
         assert self.licence is not None
-        with KeyServerClient(self.licence, timeout=2.0) as ks:  # at shutdown: do not linger
+        with KeyServerClient(self.licence, device=self.device, timeout=2.0) as ks:  # no lingering
             return ks.close_lease(lease_id=lease_id, calls=calls)
 
     def serve(self) -> tuple[Any, dict[str, Any]]:
@@ -239,7 +254,13 @@ class Startup:
         server_public: bytes | None = None
         server_secret: bytes | None = None
         allowed = None
-        if args.endpoint.startswith("tcp://"):
+        if args.allow_key:
+            # A daemon's worker: CURVE on its ipc:// socket too, and only the
+            # key of the caller that opened it (the socket file is reachable
+            # by the caller's uid; the key keeps every other caller out).
+            allowed = {k.encode() for k in args.allow_key}
+            server_public, server_secret = zmq.curve_keypair()
+        elif args.endpoint.startswith("tcp://"):
             if not args.allow:
                 raise ConfigError(
                     "a tcp:// worker needs --allow CLIENTS_DIR (client CURVE public keys)"

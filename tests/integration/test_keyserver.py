@@ -40,9 +40,10 @@ def model_key(keyserver: Any) -> bytearray:
     return key
 
 
-def _release(lic: Licence, **kw: Any) -> Any:
+def _release(keyserver: Any, lic: Licence, **kw: Any) -> Any:
+    """A key release as the key server's enrolled test device, with ``lic``'s proof."""
     args = {"model_id": MODEL, "key_id": KEY_ID, "package_digest": DIGEST, **kw}
-    with KeyServerClient(lic, timeout=5) as ks:
+    with keyserver.client(lic, timeout=5) as ks:
         return ks.release(**args)
 
 
@@ -65,7 +66,7 @@ def test_release_returns_the_registered_key_and_a_lease(keyserver, model_key, su
     lic = keyserver.issue(MODEL, max_calls=100)
     assert lic.keyserver_address == keyserver.address
     before = time.time()
-    rel = _release(lic, suite=suite)
+    rel = _release(keyserver, lic, suite=suite)
     assert rel.key == model_key and len(rel.key) == 32
     assert rel.lease.ttl == 2.0
     assert before + 1.5 < rel.lease.expires_at <= time.time() + 2.0
@@ -78,9 +79,9 @@ def test_release_returns_the_registered_key_and_a_lease(keyserver, model_key, su
 
 def test_renew_reports_usage_and_extends_the_lease(keyserver, model_key):
     lic = keyserver.issue(MODEL, max_calls=10, grace=5.0)
-    rel = _release(lic)
+    rel = _release(keyserver, lic)
     assert rel.lease.hard_end == pytest.approx(rel.lease.expires_at + 5.0)
-    with KeyServerClient(lic) as ks:
+    with keyserver.client(lic) as ks:
         lease = ks.renew(lease_id=rel.lease.lease_id, calls=4)
     assert lease.lease_id == rel.lease.lease_id and lease.call_budget == 6
     with keyserver.admin() as admin:
@@ -97,7 +98,7 @@ def test_newly_issued_licence_connects_without_restart_and_list_revoke(keyserver
         assert rows[lic.licence_id]["holder"] == "bob"
         assert rows[lic.licence_id]["expires_at"] > time.time() + 3500
         assert any(r["role"] == "admin" for r in rows.values())
-    assert _release(lic).key == model_key
+    assert _release(keyserver, lic).key == model_key
     with keyserver.admin() as admin:
         assert admin.revoke(lic.licence_id)["already"] is False
         assert admin.revoke(lic.licence_id)["already"] is True
@@ -108,41 +109,41 @@ def test_newly_issued_licence_connects_without_restart_and_list_revoke(keyserver
 
 def test_revoked_licence_is_denied_on_release_and_ends_the_lease(keyserver, model_key):
     lic = keyserver.issue(MODEL)
-    rel = _release(lic)
+    rel = _release(keyserver, lic)
     with keyserver.admin() as admin:
         admin.revoke(lic.licence_id)
     with pytest.raises(LicenceRevokedError):
-        _release(lic)  # still admitted by ZAP: it hears *why*
-    with KeyServerClient(lic) as ks, pytest.raises(LicenceRevokedError):
+        _release(keyserver, lic)  # still admitted by ZAP: it hears *why*
+    with keyserver.client(lic) as ks, pytest.raises(LicenceRevokedError):
         ks.renew(lease_id=rel.lease.lease_id, calls=1)
 
 
 def test_expired_licence_is_denied(keyserver, model_key):
     lic = keyserver.issue(MODEL, expires=0.4)
-    rel = _release(lic)
+    rel = _release(keyserver, lic)
     time.sleep(0.5)
     with pytest.raises(LicenceExpiredError):
-        _release(lic)
-    with KeyServerClient(lic) as ks, pytest.raises(LicenceExpiredError):
+        _release(keyserver, lic)
+    with keyserver.client(lic) as ks, pytest.raises(LicenceExpiredError):
         ks.renew(lease_id=rel.lease.lease_id, calls=0)
 
 
 def test_quota_is_enforced_through_renewals(keyserver, model_key):
     lic = keyserver.issue(MODEL, max_calls=3)
-    rel = _release(lic)
+    rel = _release(keyserver, lic)
     assert rel.lease.call_budget == 3
-    with KeyServerClient(lic) as ks:
+    with keyserver.client(lic) as ks:
         with pytest.raises(QuotaExhaustedError):
             ks.renew(lease_id=rel.lease.lease_id, calls=3)
         with pytest.raises(QuotaExhaustedError):  # the lease stays ended, for the same reason
             ks.renew(lease_id=rel.lease.lease_id, calls=0)
     with pytest.raises(QuotaExhaustedError):
-        _release(lic)
+        _release(keyserver, lic)
 
 
 def test_rate_limit_slows_key_request_sweeps(keyserver, model_key):
     lic = keyserver.issue(MODEL, rate_limit=2)  # 2 calls/s; bucket 2/s x 2 s lease = 4 calls
-    with KeyServerClient(lic) as ks:
+    with keyserver.client(lic) as ks:
         args = {"model_id": MODEL, "key_id": KEY_ID, "package_digest": DIGEST}
         assert ks.release(**args).lease.call_budget == 4  # the whole bucket
         with pytest.raises(RateLimitedError):
@@ -159,21 +160,21 @@ def test_wrong_model_wrong_digest_unknown_key_unknown_licence(keyserver, model_k
     keyserver.register("other", KEY_ID, _crypto.generate_key(), DIGEST)
     lic = keyserver.issue(MODEL)
     with pytest.raises(WrongModelError):
-        _release(lic, model_id="other")
+        _release(keyserver, lic, model_id="other")
     with pytest.raises(DigestMismatchError):
-        _release(lic, package_digest="sha256:" + "00" * 32)
+        _release(keyserver, lic, package_digest="sha256:" + "00" * 32)
     with pytest.raises(KeyServerError, match="no key"):
-        _release(lic, key_id="nope")
-    with KeyServerClient(lic) as ks:
+        _release(keyserver, lic, key_id="nope")
+    with keyserver.client(lic) as ks:
         with pytest.raises(LicenceError, match="unknown lease"):
             ks.renew(lease_id="0" * 24, calls=1)
     forged = Licence.from_json({**lic.to_json(), "licence_id": "lic-doesnotexist"})
     with pytest.raises(UnknownLicenceError) as unknown:
-        _release(forged)
+        _release(keyserver, forged)
     other = keyserver.issue(MODEL, holder="mallory")
     stolen_id = Licence.from_json({**lic.to_json(), "licence_id": other.licence_id})
     with pytest.raises(UnknownLicenceError) as somebody_elses:
-        _release(stolen_id)  # bob's key cannot use mallory's licence id
+        _release(keyserver, stolen_id)  # bob's key cannot use mallory's licence id
     # one answer for both: the reply does not tell which licence ids exist
     assert unknown.value.to_wire() == somebody_elses.value.to_wire()
     assert "lic-" not in str(unknown.value)
@@ -196,7 +197,8 @@ def test_admin_operations_need_an_admin_licence(keyserver, model_key):
         with pytest.raises(PermissionDeniedError):
             ks.register_key(model_id=MODEL, key_id="k9", key=bytes(32), package_digest=DIGEST)
     with keyserver.admin() as admin:
-        with pytest.raises(WrongModelError):  # an admin licence is for no model
+        # an admin licence is for no model, and gives no key
+        with pytest.raises(PermissionDeniedError, match="admin licence gives no key"):
             admin.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
         with pytest.raises(KeyServerError, match="already registered"):
             admin.register_key(model_id=MODEL, key_id=KEY_ID, key=bytes(32), package_digest=DIGEST)
@@ -254,7 +256,7 @@ def test_unknown_curve_key_and_null_client_are_refused_at_the_handshake(keyserve
 
 
 def test_malformed_oversized_unknown_and_replayed_requests_get_errors(keyserver, model_key):
-    lic = keyserver.issue(MODEL)
+    lic = keyserver.issue(MODEL, same_user=True)  # tier 0: its own key may ask (raw requests)
     ctx = zmq.Context()
     try:
         s = _raw_socket(ctx, keyserver.address, lic)
@@ -300,7 +302,7 @@ def test_malformed_oversized_unknown_and_replayed_requests_get_errors(keyserver,
     finally:
         ctx.term()
     assert keyserver.proc.poll() is None
-    assert _release(lic).key == model_key  # still serving
+    assert _release(keyserver, lic).key == model_key  # still serving
 
 
 # --- fail closed and secrets -----------------------------------------------------------
@@ -308,6 +310,7 @@ def test_malformed_oversized_unknown_and_replayed_requests_get_errors(keyserver,
 
 def test_audit_write_failure_releases_nothing(keyserver, model_key):
     lic = keyserver.issue(MODEL)
+    keyserver.device()  # enrolled while the audit log still takes records
     conn = sqlite3.connect(keyserver.dir / "keyserver.db")
     try:
         conn.execute(
@@ -316,9 +319,9 @@ def test_audit_write_failure_releases_nothing(keyserver, model_key):
         )
         conn.commit()
         with pytest.raises(AuditError):
-            _release(lic)
+            _release(keyserver, lic)
         with pytest.raises(AuditError):  # a denial that cannot be audited is an audit error
-            _release(lic, model_id="other")
+            _release(keyserver, lic, model_id="other")
         with keyserver.admin() as admin, pytest.raises(AuditError):
             admin.issue(MODEL, holder="nobody")
         n_leases = conn.execute("SELECT count(*) FROM leases").fetchone()[0]
@@ -327,7 +330,7 @@ def test_audit_write_failure_releases_nothing(keyserver, model_key):
         conn.commit()
     finally:
         conn.close()
-    assert _release(lic).key == model_key
+    assert _release(keyserver, lic).key == model_key
     assert keyserver.proc.poll() is None
 
 
@@ -335,12 +338,12 @@ def test_package_key_never_in_clear_in_db_logs_or_errors(keyserver, model_key):
     lic = keyserver.issue(MODEL)
     errors = []
     for suite in ("x25519", "mlkem768-x25519"):
-        rel = _release(lic, suite=suite)
+        rel = _release(keyserver, lic, suite=suite)
         assert rel.key == model_key
         errors.append(repr(rel))
     for kw in ({"model_id": "nope"}, {"package_digest": "x"}, {"key_id": "k0"}):
         with pytest.raises(LicenceError if "key_id" not in kw else KeyServerError) as ei:
-            _release(lic, **kw)
+            _release(keyserver, lic, **kw)
         errors.append(str(ei.value) + repr(ei.value))
     with keyserver.admin() as admin, pytest.raises(KeyServerError) as ei:
         admin.register_key(model_id=MODEL, key_id=KEY_ID, key=bytes(32), package_digest=DIGEST)

@@ -27,8 +27,8 @@ def _vault(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _release(lic: Any) -> Any:
-    with KeyServerClient(lic, timeout=5) as ks:
+def _release(keyserver: Any, lic: Any) -> Any:
+    with keyserver.client(lic, timeout=5) as ks:
         return ks.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
 
 
@@ -40,21 +40,21 @@ def test_state_survives_a_clean_restart(keyserver):
     with keyserver.admin() as admin:
         admin.revoke(revoked.licence_id)
     other = keyserver.issue(MODEL, holder="bob")
-    rel = _release(lic)
-    with KeyServerClient(lic) as ks:
+    rel = _release(keyserver, lic)
+    with keyserver.client(lic) as ks:
         ks.renew(lease_id=rel.lease.lease_id, calls=4)
     assert keyserver.stop() == 0  # SIGTERM: a clean exit
     assert b"keyserver stopped" in keyserver.output()
     keyserver.start()
-    assert _release(other).key == key
-    with KeyServerClient(lic) as ks:  # the lease, its reservation and the usage survived
+    assert _release(keyserver, other).key == key
+    with keyserver.client(lic) as ks:  # the lease, its reservation and the usage survived
         assert ks.renew(lease_id=rel.lease.lease_id, calls=0).call_budget == 6
         assert ks.close_lease(lease_id=rel.lease.lease_id, calls=1) == 5  # refunded
     with keyserver.admin() as admin:
         [row] = [r for r in admin.list() if r["licence_id"] == lic.licence_id]
     assert (row["used_calls"], row["reserved_calls"]) == (5, 0)
     with pytest.raises(VaultError, match="revoked"):
-        _release(revoked)
+        _release(keyserver, revoked)
     out = _vault("keyserver", "audit", str(keyserver.dir), "--verify")
     assert out.returncode == 0 and "audit chain OK" in out.stdout
 
@@ -69,6 +69,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
     key = _crypto.generate_key()
     keyserver.register(MODEL, KEY_ID, key, DIGEST)
     lic = keyserver.issue(MODEL)
+    keyserver.device()  # enrolled before the first kill
     issued: list[str] = []
     leases: list[str] = []
     rng = random.Random(7)
@@ -84,7 +85,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(keyserver):
                         return  # the server died under us: expected
 
         def releaser(stop: threading.Event = stop) -> None:
-            with KeyServerClient(lic, timeout=0.5) as ks:
+            with keyserver.client(lic, timeout=0.5) as ks:
                 while not stop.is_set():
                     try:
                         rel = ks.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
@@ -182,7 +183,7 @@ def test_master_rotation_rewraps_and_old_master_is_useless(keyserver):
         _crypto.unwrap_key(old_master, wrapped, key_id=KEY_ID, model_id=MODEL)
     assert _crypto.unwrap_key(new_master, wrapped, key_id=KEY_ID, model_id=MODEL) == key
     keyserver.start()
-    assert _release(lic).key == key
+    assert _release(keyserver, lic).key == key
     keyserver.stop()
     (keyserver.dir / "master.key").write_bytes(old_master)  # a wrong master file
     keyserver.proc = None

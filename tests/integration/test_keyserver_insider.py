@@ -159,7 +159,7 @@ def _release(lic: Licence) -> Any:
 
 def test_insider_rows_are_refused_and_a_rewritten_log_fails_against_the_anchor(insider_setup):
     ks, d, anchor = insider_setup["ks"], insider_setup["dir"], insider_setup["anchor"]
-    bob = ks.issue(MODEL, holder="bob", max_calls=3)
+    bob = ks.issue(MODEL, holder="bob", max_calls=3, same_user=True)  # tier 0: its own key asks
     assert _release(bob).key  # bob's genuine licence works (and its release is audited)
     admin = Licence.load(ks.admin_licence)
     evil_pub, evil_sec = zmq.curve_keypair()
@@ -209,7 +209,7 @@ def test_insider_rows_are_refused_and_a_rewritten_log_fails_against_the_anchor(i
 
 def test_master_rotation_keeps_rows_authentic_and_forged_rows_refused(insider_setup):
     ks, d, anchor = insider_setup["ks"], insider_setup["dir"], insider_setup["anchor"]
-    alice = ks.issue(MODEL, holder="alice")
+    alice = ks.issue(MODEL, holder="alice", same_user=True)  # tier 0
     evil_pub, evil_sec = zmq.curve_keypair()
     _run_as_nobody(INSERT_ROWS, str(d / "keyserver.db"), evil_pub.decode(),
                    zmq.curve_keypair()[0].decode(), alice.licence_id + "-none", MODEL)  # fmt: skip

@@ -6,7 +6,6 @@ import threading
 import time
 
 from vault.core import crypto as _crypto
-from vault.core.keyclient import KeyServerClient
 
 
 def test_200_simultaneous_clients_all_get_the_right_key(keyserver):
@@ -24,7 +23,7 @@ def test_200_simultaneous_clients_all_get_the_right_key(keyserver):
         lic = licences[i % len(licences)]
         good = bad = 0
         try:
-            with KeyServerClient(lic, timeout=10) as ks:
+            with keyserver.client(lic, timeout=10) as ks:
                 ks.ping()  # connect and handshake before the stampede
                 barrier.wait(30)
                 while True:

@@ -73,7 +73,7 @@ def test_key_server_on_postgresql_meters_authenticates_and_anchors(tmp_path, pg_
         assert ks.ready["database"] == "postgresql"
         key = _crypto.generate_key()
         ks.register(MODEL, KEY_ID, key, DIGEST)
-        lic = ks.issue(MODEL, max_calls=5)
+        lic = ks.issue(MODEL, max_calls=5, same_user=True)  # tier 0: its own key asks
         with KeyServerClient(lic) as c:
             rel = c.release(model_id=MODEL, key_id=KEY_ID, package_digest=DIGEST)
             assert rel.key == key and rel.lease.call_budget == 5  # reserved at grant
@@ -118,7 +118,7 @@ def test_two_replicas_under_load_and_a_kill_9(tmp_path, pg_url):
         addr = {n: r.address for n, r in replicas.items()}
         ks_a = replicas["a"]
         ks_a.register(MODEL, KEY_ID, _crypto.generate_key(), DIGEST)
-        licences = [ks_a.issue(MODEL, holder=f"c{i}") for i in range(6)]
+        licences = [ks_a.issue(MODEL, holder=f"c{i}", same_user=True) for i in range(6)]  # tier 0
 
         stop = threading.Event()
         killed = threading.Event()

@@ -51,7 +51,7 @@ def _compute_until_refused(model: Any, limit: int = 1000) -> int:
 
 
 def test_quota_of_5_holds_over_10_rounds_of_open_compute_close(keyserver, package):
-    lic = keyserver.issue("metered", max_calls=5)
+    lic = keyserver.issue("metered", max_calls=5, same_user=True)  # tier 0: no daemon here
     # round 1 stops early: closing reports 2 calls and refunds the other 3
     with vault.open(package, licence=lic) as model:
         assert model.health()["lease"]["call_budget"] == 5  # reserved at grant
@@ -78,7 +78,7 @@ def test_quota_of_5_holds_over_10_rounds_of_open_compute_close(keyserver, packag
 
 
 def test_four_concurrent_leases_share_a_10_call_quota(keyserver, package):
-    lic = keyserver.issue("metered", max_calls=10)
+    lic = keyserver.issue("metered", max_calls=10, same_user=True)  # tier 0
     served: list[int] = []
     refused: list[str] = []
     barrier = threading.Barrier(4)
@@ -105,7 +105,7 @@ def test_four_concurrent_leases_share_a_10_call_quota(keyserver, package):
 
 
 def test_one_call_per_second_for_5_seconds(keyserver, package):
-    lic = keyserver.issue("metered", rate_limit=1.0)
+    lic = keyserver.issue("metered", rate_limit=1.0, same_user=True)  # tier 0
     capacity = max(1.0, 1.0 * keyserver.lease_ttl)  # one lease's worth of calls
     served = refused = 0
     with vault.open(package, licence=lic) as model:
@@ -144,7 +144,7 @@ def test_a_dead_workers_reserve_stays_spent(keyserver, package):
     import os
     import signal
 
-    lic = keyserver.issue("metered", max_calls=5)
+    lic = keyserver.issue("metered", max_calls=5, same_user=True)  # tier 0
     model = vault.open(package, licence=lic)
     try:
         model.compute({"x": X})

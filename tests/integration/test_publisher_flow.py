@@ -4,6 +4,7 @@ issue`` hands out a licence, ``vault run`` computes with it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,13 @@ import onnx
 from tests.models import classifier_pipeline, reference_pipeline
 
 
-def _vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _vault(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vault", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-m", "vault", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
@@ -40,12 +44,25 @@ def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
 
-    r = _vault("licence", "issue", "clf", "--to", "carol", "--max-calls", "10",
+    # tier 0 (no daemon on this machine): a --same-user licence, and the CLI says what it gives away
+    r = _vault("licence", "issue", "clf", "--to", "carol", "--max-calls", "10", "--same-user",
                "--licence", admin, "-o", "carol.licence", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert "can extract the model" in r.stdout
+    r = _vault("inspect", "carol.licence", cwd=tmp_path)
+    assert r.returncode == 0 and "can extract the model" in r.stdout, r.stdout + r.stderr
+    assert "secret" not in r.stdout.lower()
 
     image = np.random.default_rng(5).integers(0, 255, (2, 8), dtype=np.uint8)
     np.save(tmp_path / "image.npy", image)
+    # a runtime licence with no daemon: one clear line that says what to do
+    r = _vault("licence", "issue", "clf", "--to", "erin", "--licence", admin,
+               "-o", "erin.licence", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = _vault("run", "clf.vault", "--licence", "erin.licence", "--input", "image=image.npy",
+               "--no-save", cwd=tmp_path, env={"VAULT_DAEMON": ""})  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "vault daemon" in r.stderr and "--same-user" in r.stderr
     r = _vault("run", "clf.vault", "--licence", "carol.licence", "--input", "image=image.npy",
                "--output-dir", "out", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -56,8 +73,8 @@ def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
     )
 
     # a licence for another model cannot open this one
-    r = _vault("licence", "issue", "other-model", "--to", "dave", "--licence", admin,
-               "-o", "dave.licence", cwd=tmp_path)  # fmt: skip
+    r = _vault("licence", "issue", "other-model", "--to", "dave", "--same-user", "--licence",
+               admin, "-o", "dave.licence", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = _vault("run", "clf.vault", "--licence", "dave.licence", "--input", "image=image.npy",
                "--no-save", cwd=tmp_path)  # fmt: skip

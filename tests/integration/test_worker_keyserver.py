@@ -26,7 +26,7 @@ def licensed(keyserver: Any, tmp_path: Path) -> tuple[str, vault.Licence]:
     res = seal(mlp(), model_id="ks-model", signing_key=PublisherKey.load(keyserver.publisher_key_path),
                output=tmp_path / "m.vault")  # fmt: skip
     keyserver.register(res.model_id, res.key_id, res.key, res.digest)
-    lic = keyserver.issue(res.model_id, holder="alice")
+    lic = keyserver.issue(res.model_id, holder="alice", same_user=True)  # tier 0: no daemon here
     path = tmp_path / "alice.licence"
     lic.save(path)
     return str(res.path), lic

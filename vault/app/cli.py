@@ -31,10 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Seal, license and run protected ONNX models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import cli_keyserver, cli_package, cli_worker
+    from . import cli_device, cli_keyserver, cli_package, cli_worker
 
     cli_package.register(sub)
     cli_keyserver.register(sub)
+    cli_device.register(sub)
     cli_worker.register(sub)
     return parser
 

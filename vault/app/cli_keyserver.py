@@ -23,6 +23,11 @@ from ..core.errors import ConfigError
 
 __all__ = ["parse_duration", "parse_rate", "register"]
 
+SAME_USER_WARNING = (
+    "a --same-user licence lets the holder's own user run the worker (tier 0): "
+    "that user can extract the model"
+)
+
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
 
 
@@ -61,10 +66,18 @@ def _issue(args: argparse.Namespace) -> int:
             max_calls=args.max_calls,
             rate_limit=args.rate_limit,
             grace=args.grace,
+            kind=args.kind,
+            same_user=args.same_user,
+            devices=args.device,
         )
     out = args.output or f"{args.to}.licence"
     lic.save(out)
-    print(f"issued licence {lic.licence_id} to {lic.holder} for model {lic.model_id} -> {out}")
+    print(
+        f"issued {lic.kind} licence {lic.licence_id} to {lic.holder} for model {lic.model_id} "
+        f"-> {out}"
+    )
+    if lic.same_user:
+        print(f"warning: {SAME_USER_WARNING}")
     return 0
 
 
@@ -87,20 +100,28 @@ def _list(args: argparse.Namespace) -> int:
         rows = ks.list()
     # CALLS: used (reported, or reserved by a worker that died) + reserved by
     # open leases, out of the quota: the quota is spent by both.
-    print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'MODEL':<16} {'EXPIRES':<17} "
-          f"{'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
+    print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'KIND':<10} {'MODEL':<16} "
+          f"{'EXPIRES':<17} {'CALLS':<14} {'RATE/S':<7} STATE")  # fmt: skip
+    same_user = False
     for r in rows:
         quota = r["max_calls"] if r["max_calls"] is not None else "-"
         held = int(r.get("reserved_calls") or 0)
         calls = f"{r['used_calls']}{f'+{held}' if held else ''}/{quota}"
         rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
         state = "revoked" if r.get("revoked") else "active"
+        kind = str(r.get("kind") or "runtime") + ("*" if r.get("same_user") else "")
+        same_user = same_user or bool(r.get("same_user"))
+        devices = r.get("devices") or []
+        where = f" devices={','.join(devices)}" if devices else ""
         if r.get("authentic") is False:
             state = "REFUSED (row not written by the key server)"
         print(
-            f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {r['model_id'] or '-':<16} "
-            f"{_fmt_time(r['expires_at']):<17} {calls:<14} {rate:<7} {state}"
+            f"{r['licence_id']:<22} {r['holder']:<16} {r['role']:<7} {kind:<10} "
+            f"{r['model_id'] or '-':<16} {_fmt_time(r['expires_at']):<17} {calls:<14} "
+            f"{rate:<7} {state}{where}"
         )
+    if same_user:
+        print(f"* same-user: {SAME_USER_WARNING}")
     return 0
 
 
@@ -129,6 +150,14 @@ def register(sub: Any) -> None:
     p.add_argument("--rate", "--rate-limit", dest="rate_limit", type=parse_rate, default=None,
                    metavar="R/s", help="calls per second (e.g. 5/s); sizes every lease's budget")  # fmt: skip
     p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
+    p.add_argument("--kind", choices=("runtime", "call"), default="runtime",
+                   help="runtime: use the model through an enrolled device (default); "
+                        "call: call a vendor-hosted service, gives no key")  # fmt: skip
+    p.add_argument("--device", action="append", default=[], metavar="ID",
+                   help="only on this enrolled device (repeatable; default: any)")  # fmt: skip
+    p.add_argument("--same-user", action="store_true",
+                   help="tier 0: the holder's own user may run the worker, and can therefore "
+                        "EXTRACT THE MODEL; for development or vendors who accept it")  # fmt: skip
     p.add_argument("-o", "--output", default=None, help="licence file to write (NAME.licence)")
     admin_opts(p)
     p.set_defaults(func=_issue)

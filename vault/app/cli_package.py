@@ -52,7 +52,9 @@ def register(sub: Any) -> None:
     p.add_argument("--key-out", help="without a key server: write the package key here (0600)")
     p.set_defaults(func=_seal)
 
-    p = sub.add_parser("inspect", help="show a package's public manifest (no key needed)")
+    p = sub.add_parser(
+        "inspect", help="show a package's public manifest (no key needed), or what a licence allows"
+    )
     p.add_argument("package")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_inspect)
@@ -188,9 +190,40 @@ def format_manifest(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _licence_summary(path: str, as_json: bool) -> bool:
+    """``vault inspect NAME.licence``: what a licence allows, without its secrets.
+    Returns False when ``path`` is not a licence file."""
+    from ..core.licence import Licence
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(1) != b"{":
+                return False
+    except OSError:
+        return False
+    lic = Licence.load(path)
+    pub = lic.public_copy().to_json()
+    for secret in ("client", "proof_key"):
+        pub.pop(secret, None)
+    if as_json:
+        print(json.dumps(pub, indent=2, sort_keys=True))
+        return True
+    print(f"licence {lic.licence_id} ({lic.kind}) held by {lic.holder}")
+    print(f"  model:      {lic.model_id or '-'}")
+    print(f"  key server: {lic.keyserver_address}")
+    print(f"  devices:    {', '.join(lic.devices) if lic.devices else 'any enrolled device'}")
+    if lic.same_user:
+        from .cli_keyserver import SAME_USER_WARNING
+
+        print(f"  SAME-USER:  {SAME_USER_WARNING}")
+    return True
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from ..core.package import inspect
 
+    if _licence_summary(args.package, args.json):
+        return 0
     manifest = inspect(args.package)
     if args.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))

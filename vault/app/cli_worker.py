@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
     p.add_argument("--output-dir", default=".", help="where NAME.npy files go (default: .)")
     p.add_argument("--no-save", action="store_true", help="print only, write no .npy")
     p.add_argument("--device", default=None)
+    p.add_argument("--daemon", default=None, metavar="SOCKET",
+                   help="the local daemon's socket (default: $VAULT_DAEMON, "
+                        "/run/vault/daemon.sock)")  # fmt: skip
     p.set_defaults(func=_run)
 
     w = sub.add_parser("worker", help="the isolated worker as a network service")
@@ -102,7 +105,9 @@ def _run(args: argparse.Namespace) -> int:
             feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: cannot read a .npy array ({exc})") from exc
-    with vault_open(args.package, licence=args.licence, device=args.device) as model:
+    with vault_open(
+        args.package, licence=args.licence, device=args.device, daemon=args.daemon
+    ) as model:
         out = model.compute(feeds, args.output)
     if not args.no_save:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -2,10 +2,17 @@
 
 Key server (a subprocess on a free local port, 1 s leases) → an image
 classifier pipeline built with ``onnx.helper`` (pre: resize + normalise; model:
-a small CNN; post: softmax + top-k) → seal → register its key → issue a
-licence → open (an isolated worker) → compute → the worker's hardening report
-→ the audit trail → revoke → the next call refused. Everything it started is
-stopped and the temp dir removed, whatever happens.
+a small CNN; post: softmax + top-k) → seal → register its key → a device made
+and enrolled, and ``vault daemon`` started on it (tier 1) → issue a licence →
+open through the daemon (a worker under its own uid) → compute → the worker's
+hardening report and tier, read back from the kernel → the audit trail →
+revoke → the next call refused. Everything it started is stopped and the temp
+dir removed, whatever happens.
+
+Tier 1 needs the daemon to start workers under another uid, so the demo needs
+root for it (it uses ``vault-worker`` if that user exists, else ``nobody``)
+and an interpreter and install that user can read. Without them it says why
+and shows tier 0 (a ``--same-user`` licence) instead.
 
 Example::
 
@@ -119,6 +126,72 @@ def _start_keyserver(
     return proc, str(ready["address"])
 
 
+def _tier1_setup() -> tuple[dict[str, Any] | None, str]:
+    """How to run the daemon here: ``({"user", "python", "sys_path"}, "")``,
+    or ``(None, why not)``."""
+    import importlib.util
+    import pwd
+
+    if os.geteuid() != 0:
+        return None, (
+            f"tier 1 needs a daemon that starts workers under their own uid (root or a "
+            f"service user); this demo runs as uid {os.geteuid()}"
+        )
+    try:
+        pw = pwd.getpwnam("vault-worker")
+    except KeyError:
+        pw = pwd.getpwnam("nobody")
+    sys_path: list[str] = []
+    for mod in ("vault", "numpy", "onnxruntime", "zmq", "cryptography", "msgpack"):
+        spec = importlib.util.find_spec(mod)
+        if spec is None or spec.origin is None:
+            return None, f"cannot locate {mod}"
+        where = os.path.dirname(os.path.dirname(os.path.realpath(spec.origin)))
+        if where not in sys_path:
+            sys_path.append(where)
+    probe = ("import sys; sys.path[:0] = sys.argv[1].split(':'); "
+             "import numpy, onnxruntime, zmq, worker.startup, vault.core.package")  # fmt: skip
+    from .daemon import check_install
+
+    for python in dict.fromkeys((os.path.realpath(sys.executable), "/usr/bin/python3")):
+        if not os.path.exists(python):
+            continue
+        try:
+            check_install(python, sys_path)
+            ok = subprocess.run(
+                [python, "-I", "-B", "-c", probe, ":".join(sys_path)], user=pw.pw_uid,
+                group=pw.pw_gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+            ).returncode == 0  # fmt: skip
+        except (VaultError, OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            return {"user": pw.pw_name, "python": python, "sys_path": sys_path}, ""
+    return None, f"no interpreter and install here that user {pw.pw_name!r} can run"
+
+
+def _start_daemon(
+    tmp: str, device_dir: str, setup: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], str]:
+    from ..core.launch import read_ready_line as read_line
+
+    sock = os.path.join(tmp, "daemon.sock")
+    cmd = [sys.executable, "-m", "vault", "daemon", "--socket", sock, "--device", device_dir,
+           "--worker-user", setup["user"], "--python", setup["python"]]  # fmt: skip
+    for p in setup["sys_path"]:
+        cmd += ["--worker-path", p]
+    log = open(os.path.join(tmp, "daemon.log"), "wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    try:
+        assert proc.stdout is not None
+        read_line(proc.stdout, timeout=20, proc=proc, what="daemon")
+    except BaseException:
+        stop_process(proc, 5)
+        raise
+    return proc, sock
+
+
 def run_demo(lease_ttl: float = 1.0) -> int:
     from keyserver import commands  # the CLI is the app layer: lazy
     from keyserver.layout import init_dir
@@ -130,9 +203,11 @@ def run_demo(lease_ttl: float = 1.0) -> int:
     from ..sealing import seal
 
     ks_proc: subprocess.Popen[bytes] | None = None
+    daemon: subprocess.Popen[bytes] | None = None
     model: Any = None
     with tempfile.TemporaryDirectory(prefix="vault-demo-") as tmp:
         try:
+            os.chmod(tmp, 0o711)  # the workers' uid passes through to its socket dir; lists nothing
             root = os.path.join(tmp, "ks")
             _step(
                 1, f"key server: init {root}, start on a free local port (lease ttl {lease_ttl:g}s)"
@@ -159,25 +234,45 @@ def run_demo(lease_ttl: float = 1.0) -> int:
                     model_id=res.model_id, key_id=res.key_id, key=res.key, package_digest=res.digest
                 )
                 res.wipe_key()
-                _step(4, "issue a licence to alice")
-                lic = ks.issue(res.model_id, holder="alice", max_calls=100)
+                print(
+                    f"    {os.path.basename(pkg)}: {os.path.getsize(pkg)} bytes, "
+                    f"digest {res.digest[:23]}..."
+                )
+                _step(4, "the runtime host: a device key only root can read, enrolled; "
+                         "`vault daemon` on it (tier 1)")  # fmt: skip
+                setup, why_not = _tier1_setup()
+                sock = None
+                if setup is not None:
+                    from ..core.device import init_device
+
+                    dev = init_device(os.path.join(tmp, "device"))
+                    ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+                    print(f"    device {dev.device_id} enrolled")
+                    daemon, sock = _start_daemon(tmp, os.path.join(tmp, "device"), setup)
+                    print(f"    daemon on {sock}; workers run as {setup['user']!r} "
+                          f"from {setup['python']} with -I and a clean environment")  # fmt: skip
+                else:
+                    print(f"    no tier 1 here: {why_not}")
+                    print("    falling back to tier 0: a --same-user licence (your user could "
+                          "extract the model)")  # fmt: skip
+                _step(5, "issue a licence to alice")
+                lic = ks.issue(res.model_id, holder="alice", max_calls=100,
+                               same_user=setup is None)  # fmt: skip
             lic_path = os.path.join(tmp, "alice.licence")
             lic.save(lic_path)
-            print(
-                f"    {os.path.basename(pkg)}: {os.path.getsize(pkg)} bytes, digest {res.digest[:23]}..."
-            )
-            print(f"    licence {lic.licence_id} for {lic.model_id}, max 100 calls")
+            print(f"    {lic.kind} licence {lic.licence_id} for {lic.model_id}, max 100 calls")
 
             _step(
-                5,
-                "open the model: an isolated worker verifies, fetches the key, decrypts in memory",
+                6,
+                "open the model: the daemon's worker verifies, gets the key as the device "
+                "(with alice's proof), decrypts in memory",
             )
             t0 = time.perf_counter()
-            model = vault_open(pkg, licence=lic_path)
+            model = vault_open(pkg, licence=lic_path, daemon=sock)
             print(f"    ready in {time.perf_counter() - t0:.2f}s; inputs {model.inputs}")
             print(f"    outputs {model.outputs}")
 
-            _step(6, "compute on two random 40x30 images")
+            _step(7, "compute on two random 40x30 images")
             images = np.random.default_rng(1).integers(0, 256, (2, 3, 40, 30), dtype=np.uint8)
             out = model.compute({"image": images})
             for i in range(2):
@@ -187,17 +282,19 @@ def run_demo(lease_ttl: float = 1.0) -> int:
                 )
                 print(f"    image {i}: {pairs}")
 
-            _step(7, "the worker's hardening report")
+            _step(8, "the worker's hardening report, read back from the kernel")
             health = model.health()
             for name, step in health["hardening"].items():
                 print(f"    {name:<13} {step['status']:<8} {step['detail']}")
             print(f"    provider {health['provider']}; lease {health['lease']['state']}")
+            tier = model.tier
+            print(f"    TIER {tier}: {health['hardening'].get('tier', {}).get('detail', '')}")
 
-            _step(8, "the key server's audit trail")
+            _step(9, "the key server's audit trail")
             commands.cmd_audit(root, verify_chain=True)
 
             _step(
-                9,
+                10,
                 f"revoke alice's licence; the worker learns at its next renewal (< {lease_ttl:g}s)",
             )
             with KeyServerClient(admin) as ks:
@@ -214,10 +311,14 @@ def run_demo(lease_ttl: float = 1.0) -> int:
                 print("    the call was NOT refused (unexpected)")
                 return 1
             print(f"    next call refused: {type(refused).__name__}: {refused}")
-            _step(10, "clean up: stop the worker and the key server, remove the temp dir")
+            _step(
+                11, "clean up: stop the worker, the daemon and the key server, remove the temp dir"
+            )
             return 0
         finally:
             if model is not None:
                 model.close()
+            if daemon is not None:
+                stop_process(daemon, 5)
             if ks_proc is not None:
                 stop_process(ks_proc, 5)

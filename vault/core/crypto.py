@@ -67,6 +67,8 @@ __all__ = [
     "fingerprint",
     "generate_key",
     "hpke_seal",
+    "key_release_info",
+    "licence_proof_message",
     "load_public_key",
     "mac",
     "mac_ok",
@@ -293,6 +295,23 @@ class PublisherKey:
     def sign(self, *parts: bytes | bytearray | memoryview) -> bytes:
         return self._key.sign(b"".join(bytes(p) for p in parts))
 
+    @classmethod
+    def from_private_raw(cls, raw: bytes | bytearray) -> PublisherKey:
+        """The key from its raw 32-byte seed (a licence file keeps its
+        proof-of-possession key this way)."""
+        try:
+            return cls(Ed25519PrivateKey.from_private_bytes(bytes(raw)))
+        except ValueError as exc:
+            raise ConfigError("not a raw Ed25519 private key") from exc
+
+    def export_private_raw(self) -> bytes:
+        """The raw 32-byte seed: secret material, for writing a licence file only."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
     def __repr__(self) -> str:
         return f"PublisherKey({self.fingerprint})"
 
@@ -407,11 +426,32 @@ def hpke_seal(
     return bytes(s.encrypt(bytes(plaintext), pub, info=info))
 
 
-def key_release_info(model_id: str, package_digest: str, licence_id: str) -> bytes:
-    """The HPKE ``info`` string binding a released key to its context."""
-    return b"vault-key-release/v1\x00" + b"\x00".join(
-        s.encode() for s in (model_id, package_digest, licence_id)
+def key_release_info(
+    model_id: str, package_digest: str, licence_id: str, device_id: str = ""
+) -> bytes:
+    """The HPKE ``info`` string binding a released key to its context: the
+    model, the package, the licence and the device that asked ("" for a
+    same-user licence, which has no device)."""
+    return b"vault-key-release/v2\x00" + b"\x00".join(
+        s.encode() for s in (model_id, package_digest, licence_id, device_id)
     )
+
+
+def licence_proof_message(
+    *,
+    licence_id: str,
+    device_id: str,
+    model_id: str,
+    key_id: str,
+    package_digest: str,
+    nonce: bytes,
+    ts: float,
+) -> bytes:
+    """What a licence holder signs to prove, at this moment, that it holds the
+    licence's secret key: the request it authorises, for one device, with a
+    fresh nonce and time (the key server refuses a replay)."""
+    parts = (licence_id, device_id, model_id, key_id, package_digest, nonce.hex(), repr(float(ts)))
+    return b"vault-licence-proof/v1\x00" + b"\x00".join(p.encode() for p in parts)
 
 
 # --- master-key wrapping ------------------------------------------------------

@@ -1,7 +1,11 @@
 """Client of the licensing key server (used by the worker and the CLI).
 
-A DEALER socket with CURVE: the licence file supplies the client's key pair
-and the server's public key, so the connection itself proves who is asking.
+A DEALER socket with CURVE: the licence file supplies the server's public key
+and, for admin work, the client's key pair, so the connection itself proves
+who is asking. A key release is made *as a device* (``device=``: the
+connection uses the device's key pair, which only the trusted runtime can
+read) and carries the caller's proof of the licence (a signature with the
+licence's proof key, made by the caller's side and passed through).
 Each request carries a fresh random nonce and a timestamp (the server refuses
 replays) and an id; replies are matched by id. On a timeout the socket is
 thrown away (``linger=0``), so a late request is never delivered later.
@@ -12,8 +16,8 @@ each thread its own client.
 
 Example::
 
-    with KeyServerClient(Licence.load("alice.licence")) as ks:
-        rel = ks.release(model_id="resnet", key_id="k1", package_digest=digest)
+    with KeyServerClient(licence, device=Device.load("/var/lib/vault/device")) as ks:
+        rel = ks.release(model_id="resnet", key_id="k1", package_digest=digest, proof=proof)
         try:
             decrypt_with(rel.key)
         finally:
@@ -35,8 +39,9 @@ from typing import Any
 import zmq
 
 from . import crypto as _crypto
+from .device import Device
 from .errors import ConfigError, KeyServerUnavailableError, ProtocolError, VaultError
-from .licence import Licence
+from .licence import Licence, LicenceProof
 from .protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 
 __all__ = ["KeyServerClient", "Lease", "Release"]
@@ -112,7 +117,8 @@ class KeyServerClient:
     ``timeout`` (seconds) bounds each request; no answer in time raises
     :class:`~vault.core.errors.KeyServerUnavailableError`. Denials come back as the
     server's typed error (``LicenceRevokedError``, ``QuotaExhaustedError``...).
-    ``address`` overrides the licence's key-server address.
+    ``address`` overrides the licence's key-server address. ``device``: talk
+    as that enrolled device (its CURVE key pair) instead of as the licence.
     """
 
     def __init__(
@@ -122,8 +128,10 @@ class KeyServerClient:
         timeout: float = 10.0,
         address: str | None = None,
         context: zmq.Context[Any] | None = None,
+        device: Device | None = None,
     ) -> None:
         self.licence = Licence.load(licence)
+        self.device = device
         self.address = address or self.licence.keyserver_address
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
@@ -143,8 +151,12 @@ class KeyServerClient:
                 s.linger = 0
                 s.maxmsgsize = _MAX_REPLY
                 s.curve_serverkey = self.licence.keyserver_public_key.encode()
-                s.curve_publickey = self.licence.client_public_key.encode()
-                s.curve_secretkey = self.licence.client_secret_key.encode()
+                if self.device is not None:
+                    s.curve_publickey = self.device.public_key.encode()
+                    s.curve_secretkey = self.device.secret_key.encode()
+                else:
+                    s.curve_publickey = self.licence.client_public_key.encode()
+                    s.curve_secretkey = self.licence.client_secret_key.encode()
                 s.connect(self.address)
             except (zmq.ZMQError, ValueError) as exc:
                 s.close(0)
@@ -226,11 +238,32 @@ class KeyServerClient:
         return float(reply.get("time", 0.0))
 
     def release(
-        self, *, model_id: str, key_id: str, package_digest: str, suite: str = "x25519"
+        self,
+        *,
+        model_id: str,
+        key_id: str,
+        package_digest: str,
+        suite: str = "x25519",
+        proof: LicenceProof | None = None,
     ) -> Release:
-        """Ask for a package key under this licence. The key comes sealed
-        (HPKE) to a fresh ephemeral key made here, bound to model id, package
-        digest and licence id; any tampering is an IntegrityError."""
+        """Ask for a package key under this licence. ``proof`` is the caller's
+        signature over this request (made here from the licence's proof key
+        when the licence holds one). The key comes sealed (HPKE) to a fresh
+        ephemeral key made here, bound to model id, package digest, licence id
+        and device id; any tampering is an IntegrityError."""
+        device_id = self.device.device_id if self.device is not None else ""
+        if proof is None and self.licence.proof_key:
+            proof = self.licence.prove(
+                device_id=device_id, model_id=model_id, key_id=key_id,
+                package_digest=package_digest,
+            )  # fmt: skip
+        fields: dict[str, Any] = {}
+        if proof is not None:
+            fields = {
+                "proof_nonce": proof.nonce,
+                "proof_ts": proof.ts,
+                "proof": proof.signature,
+            }
         eph = _crypto.EphemeralKey(suite)
         reply, sent_at = self._request(
             "release",
@@ -238,14 +271,18 @@ class KeyServerClient:
             key_id=key_id,
             package_digest=package_digest,
             licence_id=self.licence.licence_id,
+            device_id=device_id,
             suite=suite,
             ephemeral_key=eph.public_bytes,
+            **fields,
         )
         sealed = reply.get("sealed_key")
         if not isinstance(sealed, bytes):
             raise ProtocolError("key server reply lacks the sealed key")
         lease = Lease._from_wire(reply.get("lease"), sent_at)
-        info = _crypto.key_release_info(model_id, package_digest, self.licence.licence_id)
+        info = _crypto.key_release_info(
+            model_id, package_digest, self.licence.licence_id, device_id
+        )
         key = eph.open(sealed, info)
         if len(key) != _crypto.KEY_SIZE:
             _crypto.zeroize(key)
@@ -287,9 +324,15 @@ class KeyServerClient:
         max_calls: int | None = None,
         rate_limit: float | None = None,
         grace: float = 0.0,
+        kind: str = "runtime",
+        same_user: bool = False,
+        devices: tuple[str, ...] | list[str] = (),
     ) -> Licence:
         """(admin) Issue a licence; ``expires`` is seconds from now (None: never),
-        ``rate_limit`` key requests per second, ``grace`` offline seconds."""
+        ``rate_limit`` key requests per second, ``grace`` offline seconds.
+        ``kind`` is ``runtime`` or ``call``; ``devices`` the only enrolled
+        devices it may be used on; ``same_user`` allows tier 0 (the holder's
+        own user runs the worker, and can therefore extract the model)."""
         reply, _ = self._request(
             "issue",
             model_id=model_id,
@@ -298,8 +341,31 @@ class KeyServerClient:
             max_calls=max_calls,
             rate_limit=rate_limit,
             grace=grace,
+            kind=kind,
+            same_user=bool(same_user),
+            devices=list(devices),
         )
         return Licence.from_json(reply.get("licence"), source="key server reply")
+
+    def enroll_device(self, *, device_id: str, public_key: str, name: str = "") -> bool:
+        """(admin) Enroll a device by its CURVE public key; False if it already was."""
+        reply, _ = self._request(
+            "enroll_device", device_id=device_id, public_key=public_key, name=name or device_id
+        )
+        return bool(reply.get("created"))
+
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        """(admin) Revoke a device: it can no longer connect or obtain keys."""
+        reply, _ = self._request("revoke_device", device_id=device_id)
+        return {k: reply.get(k) for k in ("device_id", "revoked_at", "already")}
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """(admin) Every enrolled device."""
+        reply, _ = self._request("list_devices")
+        out = reply.get("devices")
+        if not isinstance(out, list):
+            raise ProtocolError("key server sent a malformed device list")
+        return out
 
     def revoke(self, licence_id: str) -> dict[str, Any]:
         """(admin) Revoke a licence; its leases end at their next renewal."""

@@ -109,8 +109,17 @@ def spawn_worker(
     env: Mapping[str, str] | None = None,
     stderr: int | IO[Any] | None = subprocess.DEVNULL,
     new_session: bool = True,
+    uid: int | None = None,
+    gid: int | None = None,
+    umask: int = -1,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -I -B -m worker ARGS`` with the minimal environment.
+
+    ``uid``/``gid`` (a launcher running as root: the local daemon) make the
+    worker that user *from its first instruction*: the uid changes in the
+    child before ``exec``, so no process of the caller's uid ever exists that
+    a caller could ptrace, however early it tries. Supplementary groups are
+    cleared with them.
 
     ``stderr`` is discarded by default (onnxruntime prints a telemetry warning
     at import); ``VAULT_DEBUG_WORKER=1`` in the launcher's environment keeps it.
@@ -128,6 +137,10 @@ def spawn_worker(
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         start_new_session=new_session,
+        user=uid,
+        group=gid,
+        extra_groups=[] if uid is not None else None,
+        umask=umask,
     )
 
 

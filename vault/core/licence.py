@@ -1,30 +1,82 @@
 """Licence files: one self-contained file a caller is handed (like a kubeconfig).
 
 A licence file holds the key server's address and CURVE public key, the
-holder's own CURVE key pair, the licence id, and the publisher's Ed25519
-public key (so a worker checks a package's signature before it asks for any
-key). It is JSON, written with mode 0600.
+holder's own CURVE key pair, the licence id, its kind, an Ed25519 key pair for
+proofs of possession, and the publisher's Ed25519 public key (so a worker
+checks a package's signature before it asks for any key). It is JSON, written
+with mode 0600.
+
+A licence authorises a holder; it is never enough to obtain a key. Kinds:
+
+- ``runtime``: use the model through an enrolled device (the local daemon, or
+  a vendor's service). The holder signs each key request
+  (:meth:`Licence.prove`); the device passes the proof on, and the key server
+  checks both. ``devices`` may name the only devices it works on.
+  ``same_user=True`` (issued with ``--same-user``) also lets the holder's own
+  user run the worker (tier 0): that user can then extract the model.
+- ``call``: call a vendor-hosted ``vault worker serve``; gives no key at all.
+- ``admin``: issue, revoke and list licences, register keys, enroll devices.
 
 Example::
 
     lic = Licence.load("alice.licence")
     lic.keyserver_address      # "tcp://127.0.0.1:7700"
+    proof = lic.prove(device_id="dev-1a2b", model_id="m", key_id="k", package_digest="sha256:..")
     lic.save("copy.licence")   # mode 0600
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import crypto as _crypto
 from .errors import ConfigError
 from .files import write_private_file
 
-__all__ = ["Licence", "write_private_file"]
+__all__ = ["KINDS", "Licence", "LicenceProof", "write_private_file"]
 
 LICENCE_FORMAT = "vault-licence/1"
+KINDS = ("runtime", "call", "admin")
+
+
+@dataclass(frozen=True)
+class LicenceProof:
+    """A licence holder's signature over one key request (see
+    :func:`vault.core.crypto.licence_proof_message`). It holds no secret: it
+    travels from the caller through the daemon to the key server."""
+
+    licence_id: str
+    device_id: str
+    nonce: bytes
+    ts: float
+    signature: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "licence_id": self.licence_id,
+            "device_id": self.device_id,
+            "nonce": base64.b64encode(self.nonce).decode(),
+            "ts": self.ts,
+            "signature": base64.b64encode(self.signature).decode(),
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> LicenceProof:
+        try:
+            return cls(
+                licence_id=str(data["licence_id"]),
+                device_id=str(data["device_id"]),
+                nonce=base64.b64decode(data["nonce"], validate=True),
+                ts=float(data["ts"]),
+                signature=base64.b64decode(data["signature"], validate=True),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError("malformed licence proof") from exc
 
 
 @dataclass(repr=False)
@@ -41,10 +93,64 @@ class Licence:
     model_id: str | None = None  # None for an admin licence
     role: str = "caller"  # "caller" or "admin"
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""  # "runtime", "call" or "admin" ("" : from the role)
+    same_user: bool = False  # tier 0 allowed: the holder's user can extract the model
+    devices: tuple[str, ...] = ()  # the only devices it works on (empty: any enrolled)
+    proof_key: str = ""  # base64 raw Ed25519 seed: signs proofs of possession (secret)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "admin" if self.role == "admin" else "runtime"
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown licence kind {self.kind!r} (one of {', '.join(KINDS)})")
+        self.devices = tuple(self.devices)
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def proof_public_key(self) -> str:
+        """base64 raw Ed25519 public key of :attr:`proof_key` ("" if none)."""
+        if not self.proof_key:
+            return ""
+        key = _crypto.PublisherKey.from_private_raw(base64.b64decode(self.proof_key))
+        return base64.b64encode(key.public_raw).decode()
+
+    def prove(
+        self,
+        *,
+        device_id: str,
+        model_id: str,
+        key_id: str,
+        package_digest: str,
+        now: float | None = None,
+    ) -> LicenceProof:
+        """Sign a key request for ``device_id`` with the licence's proof key."""
+        if not self.proof_key:
+            raise ConfigError(
+                f"licence {self.licence_id} has no proof key (issued by an older key server?)"
+            )
+        nonce = os.urandom(16)
+        ts = time.time() if now is None else now
+        msg = _crypto.licence_proof_message(
+            licence_id=self.licence_id, device_id=device_id, model_id=model_id, key_id=key_id,
+            package_digest=package_digest, nonce=nonce, ts=ts,
+        )  # fmt: skip
+        key = _crypto.PublisherKey.from_private_raw(base64.b64decode(self.proof_key))
+        return LicenceProof(self.licence_id, device_id, nonce, ts, key.sign(msg))
+
+    def public_copy(self) -> Licence:
+        """The licence without its secrets (no CURVE secret, no proof key): what
+        a caller hands the daemon so a worker can find the key server."""
+        return Licence(
+            licence_id=self.licence_id, holder=self.holder,
+            keyserver_address=self.keyserver_address,
+            keyserver_public_key=self.keyserver_public_key,
+            client_public_key=self.client_public_key, client_secret_key="",
+            publisher_key=self.publisher_key, model_id=self.model_id, role=self.role,
+            kind=self.kind, same_user=self.same_user, devices=self.devices,
+        )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +168,10 @@ class Licence:
                 "secret_key": self.client_secret_key,
             },
             "publisher_key": self.publisher_key,
+            "kind": self.kind,
+            "same_user": self.same_user,
+            "devices": list(self.devices),
+            "proof_key": self.proof_key,
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -89,6 +199,10 @@ class Licence:
                 model_id=data.get("model_id"),
                 role=str(data.get("role", "caller")),
                 extra=dict(data.get("extra") or {}),
+                kind=str(data.get("kind") or ""),
+                same_user=bool(data.get("same_user", False)),
+                devices=tuple(str(d) for d in data.get("devices") or ()),
+                proof_key=str(data.get("proof_key") or ""),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{source}: malformed licence file (missing {exc})") from exc
@@ -109,8 +223,9 @@ class Licence:
 
     def __repr__(self) -> str:
         return (
-            f"Licence(id={self.licence_id!r}, holder={self.holder!r}, role={self.role!r}, "
-            f"model_id={self.model_id!r}, keyserver={self.keyserver_address!r})"
+            f"Licence(id={self.licence_id!r}, holder={self.holder!r}, kind={self.kind!r}, "
+            f"same_user={self.same_user}, model_id={self.model_id!r}, "
+            f"keyserver={self.keyserver_address!r})"
         )
 
     def __reduce__(self) -> Any:

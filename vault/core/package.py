@@ -351,6 +351,23 @@ class Package:
         return cls(data, source=p)
 
     @classmethod
+    def from_fd(cls, fd: int) -> Package:
+        """Map the package from an open file descriptor (one the local daemon
+        received from its caller: the caller's right to read the file is what
+        opened it), then close the descriptor."""
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER.size:
+                data: Any = os.read(fd, HEADER.size)
+            else:
+                data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise FormatError("package descriptor is not a readable file") from exc
+        finally:
+            os.close(fd)
+        return cls(data, source="<fd>")
+
+    @classmethod
     def from_bytes(cls, data: bytes | bytearray) -> Package:
         return cls(bytes(data))
 

@@ -1,0 +1,586 @@
+"""Tier 1, attacked as an unprivileged caller would attack it (issue 9).
+
+The daemon runs as root (as its systemd unit does), its workers under a user
+this module creates with ``useradd``, and every caller and attacker runs as
+``nobody`` with Debian's ``/usr/bin/python3`` and a world-readable copy of the
+source. Each attack has a control: the same attack where the protection is
+absent (a same-user licence, a same-user worker, a caller's own interpreter),
+which must succeed, so each refusal means something.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import KeyServerProcess
+from tests.integration.test_worker_hardening import (
+    SYSTEM_PYTHON,
+    _as_nobody,
+    _nobody_env,
+    _readable_source,
+    _site_packages,
+    nobody_python,  # noqa: F401 - a fixture
+)
+from tests.models import mlp
+from vault.core.crypto import PublisherKey
+from vault.core.launch import read_ready_line
+from vault.core.process import stop_process
+from vault.sealing import seal
+
+pytestmark = pytest.mark.usefixtures("nobody_python")
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@dataclass
+class Tier1:
+    dir: Path  # 0711, root's
+    keyserver: KeyServerProcess
+    socket: str
+    package: str  # world-readable
+    key_hex: str  # the package key (for the tier-0 controls only)
+    publisher_pub: str
+    device_dir: Path
+    worker: pwd.struct_passwd
+    runtime: Path  # nobody's 0700 dir: licences, scripts' files
+
+
+def _nobody_file(path: Path, data: bytes, mode: int = 0o600) -> str:
+    path.write_bytes(data)
+    os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+    os.chmod(path, mode)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def worker_user() -> Iterator[pwd.struct_passwd]:
+    """A dedicated, unprivileged uid for the daemon's workers (not nobody:
+    nobody is the attacker here)."""
+    if shutil.which("useradd") is None:
+        pytest.skip("LOUD SKIP: needs useradd to make the workers' user")
+    name = "vw" + os.urandom(4).hex()
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    name], check=True, capture_output=True)  # fmt: skip
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tier1(worker_user: pwd.struct_passwd) -> Iterator[Tier1]:
+    from keyserver import init_dir
+
+    base = Path(tempfile.mkdtemp(prefix="vault-tier1-"))
+    os.chmod(base, 0o711)
+    ks = KeyServerProcess(base / "ks", lease_ttl=5.0)
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        init_dir(ks.dir, address="tcp://127.0.0.1:7700")
+        ks.start()
+        pk = PublisherKey.load(ks.publisher_key_path)
+        pkg_dir = base / "pkg"
+        pkg_dir.mkdir(mode=0o755)
+        res = seal(mlp(), model_id="t1", signing_key=pk, output=pkg_dir / "m.vault")
+        os.chmod(res.path, 0o644)
+        pub = pkg_dir / "publisher.pub"
+        pub.write_bytes(pk.public_pem())
+        os.chmod(pub, 0o644)
+        ks.register(res.model_id, res.key_id, res.key, res.digest)
+        device_dir = base / "device"
+        ks.enroll(device_dir)
+        runtime = base / "nobody"
+        runtime.mkdir(mode=0o700)
+        os.chown(runtime, NOBODY.pw_uid, NOBODY.pw_gid)
+        sock = str(base / "daemon.sock")
+        cmd = [sys.executable, "-m", "vault", "daemon", "--socket", sock, "--device",
+               str(device_dir), "--worker-user", worker_user.pw_name, "--python", SYSTEM_PYTHON,
+               "--worker-path", _readable_source(), "--worker-path", _site_packages()]  # fmt: skip
+        log = open(base / "daemon.log", "wb")
+        daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        assert daemon.stdout is not None
+        ready = read_ready_line(daemon.stdout, timeout=30, proc=daemon, what="daemon")
+        assert ready["tier"] == 1 and ready["worker_uid"] == worker_user.pw_uid
+        yield Tier1(base, ks, sock, str(res.path), bytes(res.key).hex(), str(pub), device_dir,
+                    worker_user, runtime)  # fmt: skip
+    finally:
+        if daemon is not None:
+            stop_process(daemon, 10)
+            daemon.stdout.close()  # type: ignore[union-attr]
+        ks.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _licence(t: Tier1, name: str, **kw: Any) -> str:
+    lic = t.keyserver.issue("t1", holder=name, **kw)
+    return _nobody_file(t.runtime / f"{name}.licence", lic.dumps())
+
+
+def _as_nobody_py(
+    code: str, *args: str, env: dict[str, str] | None = None, python: str = SYSTEM_PYTHON,
+    timeout: float = 90,
+) -> dict[str, Any]:  # fmt: skip
+    """Run ``code`` as nobody; it prints one JSON object as its last line."""
+    out = subprocess.run(
+        _as_nobody([python, "-B", "-c", code, *args]), env={**_nobody_env(), **(env or {})},
+        capture_output=True, timeout=timeout, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+
+
+def _audit(t: Tier1) -> list[tuple[str, str | None, dict[str, Any]]]:
+    import sqlite3
+
+    conn = sqlite3.connect(t.keyserver.dir / "keyserver.db")
+    try:
+        rows = conn.execute("SELECT event, licence_id, detail FROM audit ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+
+# --- 1. a key with the licence file alone ---------------------------------------------
+
+KEY_WITH_LICENCE_ALONE = r"""
+import json, os, sys, time
+import zmq
+from vault.core.keyclient import KeyServerClient
+from vault.core.licence import Licence
+from vault.core.package import Package
+from vault.core.errors import VaultError
+from vault.core import crypto
+from vault.core.protocol import PROTOCOL_VERSION, pack_header, unpack_header
+lic = Licence.load(sys.argv[1]); pkg = Package.load(sys.argv[2]); out = {}
+# (a) the project's own key client, as the issue's attacker used it
+try:
+    with KeyServerClient(lic, timeout=10) as ks:
+        rel = ks.release(model_id=pkg.model_id, key_id=pkg.key_id, package_digest=pkg.digest)
+    plain = pkg.decrypt(rel.key)
+    out["client"] = "decrypted %d graph bytes" % sum(len(g) for g in plain.graphs)
+except VaultError as e:
+    out["client"] = "refused " + e.code + ": " + e.message
+# (b) raw ZeroMQ with the licence's keys, a hand-made request (proof included)
+ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.linger = 0
+s.curve_serverkey = lic.keyserver_public_key.encode()
+s.curve_publickey = lic.client_public_key.encode(); s.curve_secretkey = lic.client_secret_key.encode()
+s.connect(lic.keyserver_address)
+proof = lic.prove(device_id="", model_id=pkg.model_id, key_id=pkg.key_id, package_digest=pkg.digest)
+eph = crypto.EphemeralKey()
+s.send(pack_header({"v": PROTOCOL_VERSION, "op": "release", "id": 1, "nonce": os.urandom(16),
+    "ts": time.time(), "model_id": pkg.model_id, "key_id": pkg.key_id, "package_digest": pkg.digest,
+    "licence_id": lic.licence_id, "device_id": "", "ephemeral_key": eph.public_bytes,
+    "proof": proof.signature, "proof_nonce": proof.nonce, "proof_ts": proof.ts}))
+rep = unpack_header(s.recv()) if s.poll(10000) else {"ok": None}
+out["raw"] = "released" if rep.get("ok") else "refused " + str(rep.get("error", {}).get("code"))
+# (c) posing as a device with a key pair of one's own: not enrolled, no handshake
+pub, sec = zmq.curve_keypair(); d = ctx.socket(zmq.DEALER); d.linger = 0
+d.curve_serverkey = lic.keyserver_public_key.encode(); d.curve_publickey = pub; d.curve_secretkey = sec
+d.connect(lic.keyserver_address); d.send(b"x")
+out["fake_device"] = "answered" if d.poll(1500) else "no handshake"
+s.close(); d.close(); ctx.term()
+print(json.dumps(out))
+"""
+
+
+def test_a_licence_alone_gets_no_key(tier1: Tier1) -> None:
+    runtime = _licence(tier1, "mallory")
+    res = _as_nobody_py(KEY_WITH_LICENCE_ALONE, runtime, tier1.package)
+    assert res["client"].startswith("refused permission_denied"), res
+    assert "enrolled device" in res["client"]
+    assert res["raw"] == "refused permission_denied", res
+    assert res["fake_device"] == "no handshake", res
+    lic_id = json.loads(Path(runtime).read_bytes())["licence_id"]
+    denials = [d for e, lid, d in _audit(tier1) if e == "denied" and lid == lic_id]
+    assert len(denials) == 2 and all(d["op"] == "release" for d in denials), denials
+    assert not [e for e, lid, _ in _audit(tier1) if e == "released" and lid == lic_id]
+    # control: a --same-user licence (tier 0) is exactly what the issue's attacker had
+    control = _as_nobody_py(KEY_WITH_LICENCE_ALONE, _licence(tier1, "sam", same_user=True),
+                            tier1.package)  # fmt: skip
+    assert control["client"].startswith("decrypted"), control
+    assert control["raw"] == "released", control
+
+
+# --- 2. the device key ---------------------------------------------------------------
+
+READ_FILE = r"""
+import json, sys
+try:
+    data = open(sys.argv[1], "rb").read(); print(json.dumps({"read": len(data)}))
+except OSError as e:
+    print(json.dumps({"read": "denied errno %d" % e.errno}))
+"""
+
+
+def test_the_device_key_cannot_be_read(tier1: Tier1) -> None:
+    key = tier1.device_dir / "device.key"
+    assert _as_nobody_py(READ_FILE, str(key))["read"] == "denied errno 13"
+    st = key.stat()
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o600
+    assert tier1.device_dir.stat().st_mode & 0o777 == 0o700
+    # control: the same bytes where nobody may read them
+    copy = tier1.runtime / "device.key.copy"
+    shutil.copy(key, copy)
+    os.chmod(copy, 0o644)
+    try:
+        assert _as_nobody_py(READ_FILE, str(copy))["read"] == len(key.read_bytes())
+    finally:
+        copy.unlink()
+
+
+# --- 3. ptrace and /proc/PID/mem, from the first instant --------------------------------
+
+RACE = r"""
+import ctypes, json, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+target_uid = int(sys.argv[1]); seen = {}; stop = threading.Event()
+
+def attack(pid):
+    res = {}
+    if libc.ptrace(16, pid, None, None) == 0:  # PTRACE_ATTACH
+        res["ptrace"] = "attached"; os.waitpid(pid, 0); libc.ptrace(17, pid, None, None)
+    else:
+        res["ptrace"] = "denied errno %d" % ctypes.get_errno()
+    try:
+        with open(f"/proc/{pid}/mem", "rb") as fh:
+            res["mem"] = "opened"
+    except OSError as e:
+        res["mem"] = "denied errno %d" % e.errno
+    return res
+
+def owner(pid):  # the real uid (status stays readable when the process is non-dumpable)
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+
+def age_ms(pid):  # how long the process had existed when it was attacked
+    try:
+        start = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+        return round(float(open("/proc/uptime").read().split()[0]) * 1000 - start * 1000 / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+def watch():  # attack every new process of the workers' uid the moment it shows up
+    before = set(os.listdir("/proc"))
+    while not stop.is_set():
+        for name in set(os.listdir("/proc")) - before:
+            if name.isdigit() and name not in seen and owner(int(name)) == target_uid:
+                age = age_ms(int(name))
+                seen[name] = {**attack(int(name)), "age_ms": age}
+        time.sleep(0.0005)
+
+mode = sys.argv[2]
+if mode == "daemon":
+    t = threading.Thread(target=watch); t.start()
+    import vault, numpy as np
+    with vault.open(sys.argv[3], licence=sys.argv[4], daemon=sys.argv[5]) as m:
+        m.compute({"x": np.ones((1, 8), np.float32)})
+        later = attack(m.pid); pid = m.pid; tier = m.tier
+    stop.set(); t.join()
+    print(json.dumps({"early": seen, "later": later, "pid": pid, "tier": tier}))
+else:  # control: a tier-0 worker the caller spawns itself, attacked as soon as it exists
+    from vault.core.launch import spawn_worker
+    proc = spawn_worker([sys.argv[3], "--endpoint", "ipc:///nonexistent/w.sock"],
+                        python=sys.executable, sys_path=sys.argv[4].split(":"))
+    early = attack(proc.pid); proc.kill(); proc.wait()
+    print(json.dumps({"early": {str(proc.pid): early}}))
+"""
+
+
+def test_no_ptrace_or_memory_read_of_a_daemon_worker_even_at_spawn(tier1: Tier1) -> None:
+    lic = _licence(tier1, "eve")
+    res = _as_nobody_py(RACE, str(tier1.worker.pw_uid), "daemon", tier1.package, lic,
+                        tier1.socket)  # fmt: skip
+    assert res["tier"] == 1
+    assert str(res["pid"]) in res["early"], res  # caught while it was starting
+    print(f"first attack on the daemon's worker {res['early'][str(res['pid'])]}")
+    for pid, r in res["early"].items():
+        assert r["ptrace"].startswith("denied") and r["mem"].startswith("denied"), (pid, r)
+    assert res["later"]["ptrace"].startswith("denied"), res
+    assert res["later"]["mem"].startswith("denied"), res
+    # control: a worker of the caller's own uid is attachable before it hardens itself
+    control = _as_nobody_py(RACE, str(NOBODY.pw_uid), "tier0", tier1.package,
+                            f"{_readable_source()}:{_site_packages()}")  # fmt: skip
+    [early] = control["early"].values()
+    assert early["ptrace"] == "attached", control
+
+
+# --- 4. the caller's environment and venv ------------------------------------------------
+
+INJECT = r"""
+import json, os, sys
+import numpy as np
+import vault
+with vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3]) as m:
+    out = m.compute({"x": np.ones((1, 8), np.float32)})
+    print(json.dumps({"pid": m.pid, "tier": m.tier, "ok": out["logits"].shape == (1, 5)}))
+"""
+
+
+def _evil_venv(t: Tier1, marker: Path) -> tuple[str, Path]:
+    """A caller's venv (nobody's) whose .pth and sitecustomize record every
+    interpreter that starts from it, or with it on its path."""
+    venv = t.runtime / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
+    [site] = list((venv / "lib").glob("python3*/site-packages"))
+    hook = f"import os; open({str(marker)!r}, 'a').write('%d %d\\n' % (os.getpid(), os.getuid()))"
+    (site / "evil.pth").write_text(hook + "\n")
+    (site / "paths.pth").write_text(f"{_readable_source()}\n{_site_packages()}\n")
+    evil = t.runtime / "evil"
+    evil.mkdir(exist_ok=True)
+    (evil / "sitecustomize.py").write_text(hook + "\n")
+    for p in [venv, *venv.rglob("*"), evil, *evil.rglob("*")]:
+        # never through a link: venv/bin/python points at the system's interpreter
+        os.chown(p, NOBODY.pw_uid, NOBODY.pw_gid, follow_symlinks=False)
+    return str(venv / "bin" / "python"), evil
+
+
+def test_the_callers_environment_and_venv_never_reach_a_worker(tier1: Tier1) -> None:
+    drop = tier1.dir / "drop"  # anyone may write here: a worker's hook would leave its mark
+    drop.mkdir(mode=0o777, exist_ok=True)
+    os.chmod(drop, 0o777)
+    marker = drop / "marker"
+    _nobody_file(marker, b"", 0o666)
+    python, evil = _evil_venv(tier1, marker)
+    env = {"PYTHONPATH": f"{evil}:{_readable_source()}:{_site_packages()}",
+           "LD_PRELOAD": str(evil / "libevil.so"), "PYTHONSTARTUP": str(evil / "x.py"),
+           "VAULT_DAEMON": tier1.socket}  # fmt: skip
+    lic = _licence(tier1, "trent")
+    res = _as_nobody_py(INJECT, tier1.package, lic, tier1.socket, env=env, python=python)
+    assert res["ok"] and res["tier"] == 1
+    lines = [tuple(int(v) for v in line.split()) for line in marker.read_text().splitlines()]
+    assert lines, "the hooks never ran even in the caller: the test proves nothing"
+    assert {uid for _, uid in lines} == {NOBODY.pw_uid}, lines  # the caller's own process only
+    assert res["pid"] not in {pid for pid, _ in lines}
+    # control: an interpreter started from that venv, even with -I, runs the .pth hook
+    marker.write_text("")
+    subprocess.run(_as_nobody([python, "-I", "-c", "pass"]), env=_nobody_env(), check=True)
+    assert marker.read_text().strip(), "-I did not stop the .pth hook"
+
+
+def test_the_daemons_worker_environment_is_the_fixed_minimal_one(tier1: Tier1) -> None:
+    import vault
+
+    lic = tier1.keyserver.issue("t1", holder="root-caller")
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", "LD_PRELOAD")}
+    os.environ["PYTHONPATH"] = "/nonexistent/evil"
+    os.environ["LD_PRELOAD"] = "/nonexistent/libevil.so"
+    try:
+        with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as m:
+            env = dict(
+                kv.split(b"=", 1)
+                for kv in Path(f"/proc/{m.pid}/environ").read_bytes().split(b"\0")
+                if b"=" in kv
+            )
+            assert set(env) <= {b"HOME", b"XDG_CACHE_HOME", b"XDG_CONFIG_HOME", b"TMPDIR",
+                                b"PATH", b"LANG", b"GLIBC_TUNABLES"}, env  # fmt: skip
+            cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes().split(b"\0")
+            assert cmdline[0] == SYSTEM_PYTHON.encode() and cmdline[1] == b"-I", cmdline
+            assert os.stat(f"/proc/{m.pid}").st_uid == tier1.worker.pw_uid
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- 5. asking for hardening to be switched off ---------------------------------------
+
+NO_HARDENING = r"""
+import json, os, socket, sys
+import numpy as np
+import vault
+from vault.core.daemonwire import send_message, recv_message
+from vault.core.errors import VaultError
+out = {}
+try:
+    vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3], worker_args=["--no-seccomp"])
+    out["api"] = "opened"
+except VaultError as e:
+    out["api"] = "refused " + e.code + ": " + e.message
+from vault.core.licence import Licence
+from vault.core.package import Package
+import zmq
+lic = Licence.load(sys.argv[2]); pkg = Package.load(sys.argv[1])
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[3])
+send_message(s, {"op": "hello"}); hello, _ = recv_message(s)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+for name, extra in (("worker_args", {"worker_args": ["--no-seccomp"]}),
+                    ("providers", {"providers": ["--no-seccomp"]}),
+                    ("no_landlock", {"no_landlock": True})):
+    proof = lic.prove(device_id=hello["device_id"], model_id=pkg.model_id, key_id=pkg.key_id,
+                      package_digest=pkg.digest)
+    msg = {"op": "open", "licence": lic.public_copy().to_json(), "proof": proof.to_wire(),
+           "client_key": zmq.curve_keypair()[0].decode(), **extra}
+    send_message(s, msg, [fd])
+    rep, _ = recv_message(s)
+    out[name] = "opened" if rep.get("ok") else "refused %s: %s" % (rep["error"]["code"], rep["error"]["message"])
+with vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3]) as m:
+    out["seccomp"] = m.health()["hardening"]["seccomp"]["status"]
+    out["status"] = open(f"/proc/{m.pid}/status").read()
+print(json.dumps(out))
+"""
+
+TIER0_NO_SECCOMP = r"""
+import json, os, sys
+from vault.core.launch import spawn_worker, read_ready_line
+key = bytes.fromhex(sys.argv[3]); d = sys.argv[4]
+sr, sw = os.pipe(); kr, kw = os.pipe()
+proc = spawn_worker([sys.argv[1], "--endpoint", f"ipc://{d}/w.sock", "--status-fd", str(sw),
+                     "--unsafe-test-key-fd", str(kr), "--publisher", sys.argv[2], "--no-seccomp"],
+                    pass_fds=[sw, kr], cwd=d, python=sys.executable, sys_path=sys.argv[5].split(":"))
+os.close(sw); os.close(kr); os.write(kw, key); os.close(kw)
+ready = read_ready_line(sr, timeout=60, proc=proc)
+status = open(f"/proc/{proc.pid}/status").read()
+proc.kill(); proc.wait()
+print(json.dumps({"seccomp": [l for l in status.splitlines() if l.startswith("Seccomp:")][0]}))
+"""
+
+
+def test_a_caller_cannot_switch_hardening_off(tier1: Tier1) -> None:
+    lic = _licence(tier1, "oscar")
+    res = _as_nobody_py(NO_HARDENING, tier1.package, lic, tier1.socket)
+    assert res["api"].startswith("refused config") and "daemon" in res["api"], res
+    assert res["worker_args"].startswith("refused config") and "daemon's configuration" in res[
+        "worker_args"], res  # fmt: skip
+    assert res["no_landlock"].startswith("refused config") and "no_landlock" in res["no_landlock"]
+    assert res["providers"].startswith("refused config: providers must be"), res
+    assert res["seccomp"] == "on"
+    assert "Seccomp:\t2" in res["status"] and "NoNewPrivs:\t1" in res["status"]
+    # control: a worker the caller starts itself does what the caller asks
+    d = tier1.runtime / "t0"
+    d.mkdir(exist_ok=True)
+    os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
+    control = _as_nobody_py(TIER0_NO_SECCOMP, tier1.package, tier1.publisher_pub, tier1.key_hex,
+                            str(d), f"{_readable_source()}:{_site_packages()}")  # fmt: skip
+    assert control["seccomp"].split() == ["Seccomp:", "0"], control
+
+
+# --- 6. another caller's worker ---------------------------------------------------------
+
+OWNER = r"""
+import json, sys
+import numpy as np
+import vault
+m = vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3])
+w = m._localw
+print(json.dumps({"worker": w.wid, "endpoint": m._endpoint, "server_key": w.server_key,
+                  "client_public": w._client_public.decode(), "client_secret": w._client_secret.decode(),
+                  "tier": m.tier, "daemon_tier": w.daemon_health()["tier"]}), flush=True)
+sys.stdin.readline()  # hold the worker until told
+print(json.dumps({"still": m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)}))
+m.close()
+"""
+
+INTRUDER = r"""
+import json, socket, sys, time
+import zmq
+from vault.core.daemonwire import send_message, recv_message
+from vault.core.protocol import PROTOCOL_VERSION, pack_header, unpack_header
+info = json.loads(sys.argv[1]); out = {}
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[2])
+for op in ("status", "close"):
+    send_message(s, {"op": op, "worker": info["worker"]}); rep, _ = recv_message(s)
+    out[op] = "ok" if rep.get("ok") else "refused " + rep["error"]["code"]
+
+def ask(pub, sec):
+    ctx = zmq.Context(); d = ctx.socket(zmq.DEALER); d.linger = 0
+    d.curve_serverkey = info["server_key"].encode(); d.curve_publickey = pub; d.curve_secretkey = sec
+    d.connect(info["endpoint"]); d.send(pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 1}))
+    got = unpack_header(d.recv()).get("ok") if d.poll(2000) else None
+    d.close(); ctx.term()
+    return "answered" if got else "no answer"
+
+pub, sec = zmq.curve_keypair()
+out["own_key"] = ask(pub, sec)
+plain = zmq.Context(); p = plain.socket(zmq.DEALER); p.linger = 0; p.connect(info["endpoint"])
+p.send(pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 1}))
+out["no_curve"] = "answered" if p.poll(1500) else "no answer"; p.close(); plain.term()
+# control: the owner's key (which only the owner holds) is answered
+out["owners_key"] = ask(info["client_public"].encode(), info["client_secret"].encode())
+print(json.dumps(out))
+"""
+
+
+def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
+    lic = _licence(tier1, "alice")
+    owner = subprocess.Popen(
+        _as_nobody([SYSTEM_PYTHON, "-B", "-c", OWNER, tier1.package, lic, tier1.socket]),
+        env=_nobody_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd="/",
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdin is not None
+        line = owner.stdout.readline()
+        assert line, owner.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        info = json.loads(line)
+        assert info["tier"] == 1 and info["daemon_tier"] == 1
+        res = _as_nobody_py(INTRUDER, json.dumps(info), tier1.socket)
+        assert res["status"] == "refused permission_denied", res
+        assert res["close"] == "refused permission_denied", res
+        assert res["own_key"] == "no answer" and res["no_curve"] == "no answer", res
+        assert res["owners_key"] == "answered", res  # control: CURVE is what kept them out
+        owner.stdin.write(b"go\n")
+        owner.stdin.flush()
+        assert json.loads(owner.stdout.readline())["still"] is True  # untouched by the intruder
+        assert owner.wait(30) == 0
+    finally:
+        stop_process(owner, 5)
+        for f in (owner.stdin, owner.stdout, owner.stderr):
+            if f is not None:
+                f.close()
+
+
+def test_a_caller_of_the_workers_uid_is_turned_away(tier1: Tier1) -> None:
+    """A process of the workers' own uid could ptrace them: the daemon will not serve it."""
+    code = (
+        "import json, socket, sys\n"
+        "from vault.core.daemonwire import send_message, recv_message\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "send_message(s, {'op': 'hello'}); rep, _ = recv_message(s)\n"
+        "print(json.dumps(rep))\n"
+    )
+    w = tier1.worker
+    as_worker = ["setpriv", f"--reuid={w.pw_uid}", f"--regid={w.pw_gid}", "--clear-groups"]
+    out = subprocess.run([*as_worker, SYSTEM_PYTHON, "-B", "-c", code, tier1.socket],
+                         env=_nobody_env(), capture_output=True, timeout=60, cwd="/")  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    rep = json.loads(out.stdout)
+    assert rep["ok"] is False and rep["error"]["code"] == "permission_denied", rep
+    assert _as_nobody_py(code, tier1.socket)["ok"] is True  # control: another uid is served
+
+
+# --- the device, revoked ------------------------------------------------------------------
+
+
+def test_health_reports_tier_one_read_back_from_the_kernel(tier1: Tier1) -> None:
+    import vault
+
+    lic = tier1.keyserver.issue("t1", holder="health")
+    with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as m:
+        hard = m.health()["hardening"]
+        assert m.tier == 1
+        assert hard["tier"]["status"] == "1"
+        assert hard["user"]["status"] == "on"
+        assert "kernel: PR_GET_DUMPABLE=0" in hard["dumpable"]["detail"]
+        assert "kernel: NoNewPrivs: 1" in hard["no_new_privs"]["detail"]
+        assert "kernel: Seccomp: 2" in hard["seccomp"]["detail"]
+        status = Path(f"/proc/{m.pid}/status").read_text()
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status

@@ -1,0 +1,105 @@
+"""Licence proofs, device identities and the daemon's wire format, in process."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+import socket
+import struct
+
+import pytest
+import zmq
+
+from vault.core import crypto as _crypto
+from vault.core.daemonwire import MAX_MESSAGE, recv_message, send_message
+from vault.core.device import Device, device_id_for, init_device
+from vault.core.errors import ConfigError, IntegrityError, ProtocolError
+from vault.core.licence import Licence, LicenceProof
+
+
+def _licence(**kw: object) -> Licence:
+    pub, sec = zmq.curve_keypair()
+    proof = _crypto.PublisherKey.generate()
+    return Licence(
+        licence_id="lic-1", holder="alice", keyserver_address="tcp://127.0.0.1:1",
+        keyserver_public_key="S" * 40, client_public_key=pub.decode(),
+        client_secret_key=sec.decode(), model_id="m",
+        proof_key=base64.b64encode(proof.export_private_raw()).decode(), **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_a_proof_verifies_only_for_its_request() -> None:
+    lic = _licence()
+    ctx = {"model_id": "m", "key_id": "k", "package_digest": "d"}
+    proof = LicenceProof.from_wire(lic.prove(device_id="dev-1", **ctx).to_wire())
+    public = base64.b64decode(lic.proof_public_key)
+
+    def msg(**over: object) -> bytes:
+        fields = {"licence_id": "lic-1", "device_id": "dev-1", **ctx, "nonce": proof.nonce,
+                  "ts": proof.ts, **over}  # fmt: skip
+        return _crypto.licence_proof_message(**fields)  # type: ignore[arg-type]
+
+    _crypto.verify_signature(public, proof.signature, msg())
+    for over in ({"device_id": "dev-2"}, {"licence_id": "lic-2"}, {"package_digest": "e"},
+                 {"nonce": b"x" * 16}, {"ts": proof.ts + 1}):  # fmt: skip
+        with pytest.raises(IntegrityError):
+            _crypto.verify_signature(public, proof.signature, msg(**over))
+
+
+def test_the_public_copy_holds_no_secret_and_kinds_are_checked() -> None:
+    lic = _licence(same_user=True, devices=("dev-1",))
+    pub = lic.public_copy()
+    data = pub.dumps()
+    assert lic.client_secret_key.encode() not in data and lic.proof_key.encode() not in data
+    assert pub.same_user and pub.devices == ("dev-1",) and pub.kind == "runtime"
+    with pytest.raises(ConfigError, match="no proof key"):
+        pub.prove(device_id="d", model_id="m", key_id="k", package_digest="d")
+    assert lic.client_secret_key not in repr(lic) and lic.proof_key not in repr(lic)
+    with pytest.raises(TypeError):
+        pickle.dumps(lic)
+    with pytest.raises(ConfigError, match="unknown licence kind"):
+        _licence(kind="god")
+    admin = Licence.from_json({**lic.to_json(), "role": "admin", "kind": ""})
+    assert admin.kind == "admin"  # older files: the kind follows the role
+
+
+def test_device_files(tmp_path) -> None:
+    dev = init_device(tmp_path / "d")
+    assert dev.device_id == device_id_for(dev.public_key)
+    assert Device.load(tmp_path / "d").secret_key == dev.secret_key
+    assert Device.load_public(tmp_path / "d") == {"device_id": dev.device_id,
+                                                  "public_key": dev.public_key}  # fmt: skip
+    assert dev.secret_key not in repr(dev)
+    with pytest.raises(TypeError):
+        pickle.dumps(dev)
+    wrong = dev.dumps().replace(dev.device_id.encode(), b"dev-0000000000000000")
+    with pytest.raises(ConfigError, match="does not match"):
+        Device.loads(wrong)
+    with pytest.raises(ConfigError, match="no device key"):
+        Device.load(tmp_path / "missing")
+
+
+def test_daemon_messages_carry_descriptors_and_refuse_garbage(tmp_path) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    f = tmp_path / "pkg"
+    f.write_bytes(b"package bytes")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        send_message(a, {"op": "open", "n": 1}, [fd])
+        msg, fds = recv_message(b)
+        assert msg == {"op": "open", "n": 1} and len(fds) == 1
+        assert os.read(fds[0], 100) == b"package bytes"  # the same open file
+        os.close(fds[0])
+        a.sendall(struct.pack(">I", 5) + b"[1,2]")
+        with pytest.raises(ProtocolError, match="malformed"):
+            recv_message(b)
+        a.sendall(struct.pack(">I", MAX_MESSAGE + 1))
+        with pytest.raises(ProtocolError, match="too large"):
+            recv_message(b)
+        a.close()
+        with pytest.raises(ConnectionError):
+            recv_message(b)
+    finally:
+        os.close(fd)
+        b.close()

@@ -1,0 +1,146 @@
+"""``vault device ...`` and ``vault daemon``: the trusted runtime host (tier 1).
+
+Example::
+
+    # as root (or the daemon's service user), once per machine
+    $ vault device init /var/lib/vault/device
+    $ vault device enroll /var/lib/vault/device --licence admin.licence
+    $ vault device list --licence admin.licence
+    $ vault device revoke dev-3f9c0a1b2c4d5e6f --licence admin.licence
+    $ vault daemon --device /var/lib/vault/device --worker-user vault-worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..core.errors import ConfigError
+
+__all__ = ["register"]
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from ..core.keyclient import KeyServerClient
+
+    return KeyServerClient(args.licence, timeout=args.timeout)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from ..core.device import init_device
+
+    dev = init_device(args.dir)
+    print(f"device {dev.device_id} created in {args.dir} (key readable only by uid {os.getuid()})")
+    print(f"enroll it: vault device enroll {args.dir} --licence admin.licence")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from ..core.device import Device, device_id_for
+
+    # DIR (on the device) or a copy of its device.pub (on the admin's machine):
+    # enrolment needs the public key only; the key server checks id and key agree
+    if os.path.isdir(args.dir):
+        pub = Device.load_public(args.dir)
+    else:
+        pub = Device.load_public(os.path.dirname(args.dir) or ".", name=os.path.basename(args.dir))
+    if device_id_for(pub["public_key"]) != pub["device_id"]:
+        raise ConfigError(f"{args.dir}: device id and public key do not belong together")
+    with _client(args) as ks:
+        created = ks.enroll_device(
+            device_id=pub["device_id"], public_key=pub["public_key"], name=args.name or ""
+        )
+    note = "enrolled" if created else "was already enrolled"
+    print(f"device {pub['device_id']} {note}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .cli_keyserver import _fmt_time
+
+    with _client(args) as ks:
+        rows = ks.list_devices()
+    print(f"{'DEVICE':<22} {'NAME':<20} {'ENROLLED':<17} STATE")
+    for r in rows:
+        state = "revoked" if r.get("revoked") else "active"
+        print(f"{r['device_id']:<22} {str(r.get('name') or '-'):<20} "
+              f"{_fmt_time(r.get('enrolled_at')):<17} {state}")  # fmt: skip
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _client(args) as ks:
+        res = ks.revoke_device(args.device_id)
+    note = " (was already revoked)" if res.get("already") else ""
+    print(f"revoked device {args.device_id}{note}")
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from .daemon import DaemonConfig, resolve_worker_user, run_daemon
+
+    uid, gid, name = resolve_worker_user(args.worker_user)
+    sys_path = tuple(os.path.abspath(p) for p in args.worker_path)
+    if any(not p for p in sys_path):
+        raise ConfigError("--worker-path must name directories")
+    cfg = DaemonConfig(
+        socket_path=os.path.abspath(args.socket),
+        device_dir=args.device,
+        worker_uid=uid,
+        worker_gid=gid,
+        worker_user=name,
+        python=args.python,
+        sys_path=sys_path,
+        runtime_dir=os.path.abspath(args.runtime_dir) if args.runtime_dir else "",
+        start_timeout=args.start_timeout,
+    )
+    return run_daemon(cfg)
+
+
+def register(sub: Any) -> None:
+    import sys
+
+    from ..core.daemonwire import DEFAULT_SOCKET
+    from .daemon import DEFAULT_DEVICE_DIR
+
+    d = sub.add_parser("device", help="this machine's device identity (tier 1 runtime host)")
+    dsub = d.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
+
+    def admin_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--licence", "--license", dest="licence", required=True,
+                       help="the admin licence file")  # fmt: skip
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+
+    p = dsub.add_parser("init", help="create a device key pair in DIR (0700, key 0600)")
+    p.add_argument("dir")
+    p.set_defaults(func=_init)
+    p = dsub.add_parser(
+        "enroll",
+        help="register a device (its DIR, or a copy of its device.pub) with the key server",
+    )
+    p.add_argument("dir")
+    p.add_argument("--name", default=None, help="a label for the device list")
+    admin_opts(p)
+    p.set_defaults(func=_enroll)
+    p = dsub.add_parser("list", help="list enrolled devices (admin)")
+    admin_opts(p)
+    p.set_defaults(func=_list)
+    p = dsub.add_parser("revoke", help="revoke a device (admin)")
+    p.add_argument("device_id")
+    admin_opts(p)
+    p.set_defaults(func=_revoke)
+
+    p = sub.add_parser("daemon", help="the local runtime (tier 1): workers under a dedicated uid")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
+    p.add_argument("--device", default=DEFAULT_DEVICE_DIR, help="the device directory")
+    p.add_argument("--worker-user", default=None,
+                   help="user the workers run as (root daemon; default vault-worker)")  # fmt: skip
+    p.add_argument("--python", default=sys.executable,
+                   help="the workers' interpreter (root-owned; default: this one)")  # fmt: skip
+    p.add_argument("--worker-path", action="append", default=[], metavar="DIR",
+                   help="directories the workers import from, when the install is not on "
+                        "the interpreter's own path (root-owned; repeatable)")  # fmt: skip
+    p.add_argument("--runtime-dir", default=None, help="where worker sockets go")
+    p.add_argument("--start-timeout", type=float, default=60.0)
+    p.set_defaults(func=_daemon)

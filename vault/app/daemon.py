@@ -1,0 +1,472 @@
+"""``vault daemon``: the local runtime of tier 1.
+
+It runs as root (or as a dedicated service user), holds the device key that
+callers cannot read, and listens on a local Unix socket
+(``/run/vault/daemon.sock`` by default). Each caller is identified by
+``SO_PEERCRED``. For each ``open`` it spawns a hardened worker:
+
+- under the dedicated worker uid *from its first instruction* (the uid is set
+  in the child before ``exec``), so a caller cannot ptrace it or read its
+  memory at any moment, start-up included;
+- from the daemon's own interpreter and install (checked at start: owned by
+  root or the daemon's user, writable by nobody else), with ``-I`` and the
+  fixed minimal environment: nothing of the caller's environment, venv,
+  ``.pth`` files or ``PYTHONPATH`` reaches it;
+- with hardening fixed by the daemon (a caller's request that names any other
+  option is refused);
+- from the package descriptor the caller passed (``SCM_RIGHTS``): the daemon
+  never opens a path for a caller;
+- releasing the key as the enrolled device, with the caller's licence proof;
+- listening on ``ipc://`` with CURVE, accepting only the client key of the
+  connection that opened it: a caller reaches only its own workers.
+
+A worker lives as long as the connection that opened it (or until ``close``).
+
+Example::
+
+    $ vault device init /var/lib/vault/device
+    $ vault device enroll /var/lib/vault/device --licence admin.licence
+    $ vault daemon --device /var/lib/vault/device --worker-user vault-worker
+    {"ready": true, "socket": "/run/vault/daemon.sock", "tier": 1, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ..core import launch
+from ..core.daemonwire import DEFAULT_SOCKET, recv_message, send_message
+from ..core.device import Device
+from ..core.errors import ConfigError, PermissionDeniedError, ProtocolError, VaultError
+from ..core.licence import Licence, LicenceProof
+from ..core.process import stop_process
+
+__all__ = ["DaemonConfig", "check_install", "run_daemon"]
+
+TIER = 1
+DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
+DEFAULT_WORKER_USER = "vault-worker"
+_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "shm_size", "providers", "device"}
+_PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider"}
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,2})?")
+_MAX_SHM = 1 << 34
+
+
+@dataclass
+class DaemonConfig:
+    socket_path: str = DEFAULT_SOCKET
+    device_dir: str = DEFAULT_DEVICE_DIR
+    worker_uid: int = 0
+    worker_gid: int = 0
+    python: str = sys.executable
+    sys_path: tuple[str, ...] = ()
+    runtime_dir: str = ""
+    start_timeout: float = 60.0
+    max_workers: int = 16  # per connection
+    worker_user: str = ""
+
+
+def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
+    """The worker's interpreter and code must be owned by root or by the
+    daemon's user and writable by nobody else: otherwise whoever can write
+    them runs code inside every worker."""
+    owners = {0, os.geteuid()}
+    for path in (os.path.realpath(python), *sys_path):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: worker install not found ({exc.strerror})") from None
+        if st.st_uid not in owners or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(
+                f"{path}: the worker's install must be owned by root (or the daemon's user) "
+                "and writable by no one else"
+            )
+
+
+@dataclass
+class _Worker:
+    wid: str
+    proc: subprocess.Popen[bytes]
+    lifeline: int
+    directory: str
+
+    def stop(self) -> None:
+        try:
+            os.close(self.lifeline)  # EOF: the worker stops by itself
+        except OSError:
+            pass
+        stop_process(self.proc, 5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass(eq=False)
+class _Connection:
+    uid: int
+    pid: int
+    workers: dict[str, _Worker] = field(default_factory=dict)
+
+
+def _peer(sock: socket.socket) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, device: Device, *, log: IO[str] | None = None) -> None:
+        self.config = config
+        self.device = device
+        self.log_stream = log or sys.stderr
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[_Connection] = set()
+        self._count = 0
+
+    def log(self, line: str) -> None:
+        print(f"vault-daemon: {line}", file=self.log_stream, flush=True)
+
+    # -- requests -----------------------------------------------------------------
+
+    def _hello(self, conn: _Connection) -> dict[str, Any]:
+        return {"device_id": self.device.device_id, "tier": TIER, "caller_uid": conn.uid}
+
+    def _health(self, conn: _Connection) -> dict[str, Any]:
+        return {
+            "tier": TIER,
+            "device_id": self.device.device_id,
+            "worker_uid": self.config.worker_uid,
+            "caller_uid": conn.uid,
+            "workers": sorted(conn.workers),
+            "hardening": "fixed by the daemon; callers cannot change it",
+        }
+
+    def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        extra = set(msg) - _OPEN_FIELDS
+        if extra:
+            raise ConfigError(
+                f"unknown field(s) {', '.join(sorted(extra))}: the worker's hardening and "
+                "options are the daemon's configuration, not the caller's"
+            )
+        if len(conn.workers) >= self.config.max_workers:
+            raise ConfigError(f"at most {self.config.max_workers} workers per connection")
+        if not fds:
+            raise ProtocolError("open needs the package's file descriptor")
+        package_fd = fds[0]
+        if not stat.S_ISREG(os.fstat(package_fd).st_mode):
+            raise ConfigError("the package descriptor is not a regular file")
+        lic = Licence.from_json(msg.get("licence"), source="caller's licence").public_copy()
+        proof = LicenceProof.from_wire(msg.get("proof"))
+        if proof.licence_id != lic.licence_id or proof.device_id != self.device.device_id:
+            raise PermissionDeniedError("the licence proof is not for this licence and device")
+        client_key = msg.get("client_key")
+        if not isinstance(client_key, str) or len(client_key) != 40:
+            raise ConfigError("client_key must be a Z85 CURVE public key")
+        args: list[str] = []
+        providers = msg.get("providers")
+        if providers is not None:
+            if not isinstance(providers, list) or not set(providers) <= _PROVIDERS:
+                raise ConfigError(f"providers must be among {sorted(_PROVIDERS)}")
+            args += ["--providers", ",".join(providers)]
+        device = msg.get("device")
+        if device is not None:
+            if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
+                raise ConfigError("device must be cpu or cuda[:N]")
+            args += ["--device", device]
+        shm_size = msg.get("shm_size") or 0
+        if isinstance(shm_size, bool) or not isinstance(shm_size, int):
+            raise ConfigError("shm_size must be an integer")
+        if not 0 <= shm_size <= _MAX_SHM or (shm_size and len(fds) < 2):
+            raise ConfigError("shm_size needs a memfd and at most 16 GiB")
+        return self._spawn(conn, package_fd, fds[1] if shm_size else None, shm_size, lic,
+                           proof, client_key, args)  # fmt: skip
+
+    def _spawn(
+        self,
+        conn: _Connection,
+        package_fd: int,
+        shm_fd: int | None,
+        shm_size: int,
+        lic: Licence,
+        proof: LicenceProof,
+        client_key: str,
+        extra_args: list[str],
+    ) -> dict[str, Any]:
+        cfg = self.config
+        with self._lock:
+            self._count += 1
+            wid = f"w{self._count}-{os.urandom(4).hex()}"
+        wdir = tempfile.mkdtemp(prefix=f"{wid}-", dir=cfg.runtime_dir)
+        os.chmod(wdir, 0o711)  # callers may reach the socket by name; CURVE decides who talks
+        if os.geteuid() == 0:
+            os.chown(wdir, cfg.worker_uid, cfg.worker_gid)
+        endpoint = f"ipc://{wdir}/w.sock"
+        status_r, status_w = os.pipe()
+        life_r, life_w = os.pipe()
+        secrets = {
+            "--licence-fd": lic.dumps(),
+            "--proof-fd": json.dumps(proof.to_wire()).encode(),
+            "--device-key-fd": self.device.dumps(),
+        }
+        args = [
+            "--package-fd",
+            str(package_fd),
+            "--endpoint",
+            endpoint,
+            "--status-fd",
+            str(status_w),
+            "--lifeline-fd",
+            str(life_r),
+            f"--allow-key={client_key}",
+            "--tier",
+            str(TIER),
+        ]  # fmt: skip (a Z85 key may start with "-")
+        pass_fds = [package_fd, status_w, life_r]
+        writers: list[tuple[int, bytes]] = []
+        for flag, data in secrets.items():
+            r, w = os.pipe()
+            args += [flag, str(r)]
+            pass_fds.append(r)
+            writers.append((w, data))
+        if shm_fd is not None:
+            args += ["--shm-fd", str(shm_fd), "--shm-size", str(shm_size)]
+            pass_fds.append(shm_fd)
+        args += extra_args
+        root = os.geteuid() == 0
+        try:
+            proc = launch.spawn_worker(
+                args,
+                pass_fds=pass_fds,
+                cwd=wdir,
+                python=cfg.python,
+                sys_path=cfg.sys_path,
+                uid=cfg.worker_uid if root else None,
+                gid=cfg.worker_gid if root else None,
+                umask=0o000,  # the socket file is connectable; the worker's CURVE key decides
+            )
+        except BaseException:
+            for fd in (status_r, life_w, *(w for w, _ in writers)):
+                os.close(fd)
+            shutil.rmtree(wdir, ignore_errors=True)
+            raise
+        finally:
+            for fd in (status_w, life_r, *(p for p in pass_fds[3:] if p != shm_fd)):
+                os.close(fd)
+        for w, data in writers:  # small: fits the pipe buffer, never touches disk
+            try:
+                os.write(w, data)
+            finally:
+                os.close(w)
+        worker = _Worker(wid, proc, life_w, wdir)
+        try:
+            ready = launch.read_ready_line(status_r, timeout=cfg.start_timeout, proc=proc)
+        except BaseException:
+            worker.stop()
+            raise
+        finally:
+            os.close(status_r)
+        conn.workers[wid] = worker
+        self.log(f"worker {wid} (pid {proc.pid}) for uid {conn.uid} pid {conn.pid}: "
+                 f"model {ready.get('model_id')}, licence {lic.licence_id}")  # fmt: skip
+        return {
+            "worker": wid,
+            "pid": proc.pid,
+            "endpoint": ready.get("endpoint"),
+            "server_key": ready.get("server_key"),
+            "ready": {k: v for k, v in ready.items() if k != "ready"},
+        }
+
+    def _close(self, conn: _Connection, msg: dict[str, Any]) -> dict[str, Any]:
+        wid = msg.get("worker")
+        worker = conn.workers.pop(wid, None) if isinstance(wid, str) else None
+        if worker is None:
+            # the same answer for another caller's worker and for none at all
+            raise PermissionDeniedError("no such worker on this connection")
+        worker.stop()
+        return {"worker": wid, "closed": True}
+
+    def _status(self, conn: _Connection, msg: dict[str, Any]) -> dict[str, Any]:
+        wid = msg.get("worker")
+        worker = conn.workers.get(wid) if isinstance(wid, str) else None
+        if worker is None:
+            raise PermissionDeniedError("no such worker on this connection")
+        return {"worker": wid, "alive": worker.proc.poll() is None}
+
+    def handle(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        op = msg.get("op")
+        rid = msg.get("id")
+        try:
+            if op == "open":
+                body = self._open(conn, msg, fds)
+            elif op == "hello":
+                body = self._hello(conn)
+            elif op == "health":
+                body = self._health(conn)
+            elif op == "close":
+                body = self._close(conn, msg)
+            elif op == "status":
+                body = self._status(conn, msg)
+            else:
+                raise ProtocolError(f"unknown op {op!r}")
+        except VaultError as exc:
+            if op == "open":
+                self.log(f"open refused for uid {conn.uid}: {exc.code}: {exc.message}")
+            return {"ok": False, "id": rid, "error": exc.to_wire()}
+        finally:
+            for fd in fds:  # the worker got its own copies
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        return {"ok": True, "id": rid, **body}
+
+    # -- connections --------------------------------------------------------------
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        try:
+            pid, uid, _gid = _peer(sock)
+        except OSError:
+            sock.close()
+            return
+        conn = _Connection(uid, pid)
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            if uid == self.config.worker_uid:
+                # a caller of the workers' own uid could ptrace them: tier 1 void
+                send_message(sock, {"ok": False, "error": PermissionDeniedError(
+                    "callers may not share the workers' uid").to_wire()})  # fmt: skip
+                return
+            while not self._stop.is_set():
+                try:
+                    msg, fds = recv_message(sock)
+                except (ConnectionError, OSError):
+                    return
+                except ProtocolError as exc:
+                    send_message(sock, {"ok": False, "error": exc.to_wire()})
+                    return  # the stream may be out of step: drop the connection
+                send_message(sock, self.handle(conn, msg, fds))
+        except OSError:
+            pass
+        finally:
+            for worker in list(conn.workers.values()):
+                worker.stop()
+            conn.workers.clear()
+            with self._lock:
+                self._conns.discard(conn)
+            sock.close()
+
+    def serve(self, listener: socket.socket) -> None:
+        listener.settimeout(0.2)
+        threads: list[threading.Thread] = []
+        while not self._stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            sock.settimeout(None)
+            t = threading.Thread(target=self._serve_connection, args=(sock,), daemon=True)
+            t.start()
+            threads = [x for x in threads if x.is_alive()] + [t]
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            for worker in list(conn.workers.values()):
+                worker.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _bind(path: str) -> socket.socket:
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # a stale socket from a daemon that died
+        else:
+            probe.close()
+            raise ConfigError(f"{path}: a daemon is already listening there")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        os.chmod(path, 0o666)  # every local user may ask; SO_PEERCRED says who asks
+        s.listen(64)
+    except OSError as exc:
+        s.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
+    return s
+
+
+def resolve_worker_user(name: str | None) -> tuple[int, int, str]:
+    """(uid, gid, name) the workers run as: ``name`` when the daemon is root,
+    else the daemon's own user (a service-user daemon)."""
+    if os.geteuid() != 0:
+        pw = pwd.getpwuid(os.geteuid())
+        return pw.pw_uid, pw.pw_gid, pw.pw_name
+    want = name or DEFAULT_WORKER_USER
+    try:
+        pw = pwd.getpwnam(want)
+    except KeyError:
+        raise ConfigError(
+            f"no user {want!r} for the workers: create it (see deploy/README.md) "
+            "or pass --worker-user"
+        ) from None
+    if pw.pw_uid == 0:
+        raise ConfigError("workers must not run as root: name an unprivileged --worker-user")
+    return pw.pw_uid, pw.pw_gid, pw.pw_name
+
+
+def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
+    """Run until SIGTERM or Ctrl-C; prints one JSON ready line on ``out``."""
+    out = out or sys.stdout
+    device = Device.load(config.device_dir)
+    check_install(config.python, config.sys_path)
+    own_runtime = not config.runtime_dir
+    if own_runtime:
+        base = os.path.dirname(config.socket_path) or "."
+        os.makedirs(base, mode=0o755, exist_ok=True)
+        config.runtime_dir = tempfile.mkdtemp(prefix="workers-", dir=base)
+    os.chmod(config.runtime_dir, 0o711)
+    listener = _bind(config.socket_path)
+    daemon = Daemon(config, device)
+    old = {s: signal.signal(s, lambda *_: daemon.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        print(json.dumps({"ready": True, "socket": config.socket_path, "tier": TIER,
+                          "device_id": device.device_id, "worker_uid": config.worker_uid,
+                          "pid": os.getpid()}), file=out, flush=True)  # fmt: skip
+        daemon.serve(listener)
+    finally:
+        listener.close()
+        try:
+            os.unlink(config.socket_path)
+        except OSError:
+            pass
+        if own_runtime:
+            shutil.rmtree(config.runtime_dir, ignore_errors=True)
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
