@@ -147,6 +147,9 @@ class Service:
     def _tier(self) -> int:
         if self.remote:
             return 2  # vendor-hosted: only inputs and outputs cross
+        declared = self.hardening.get("tier", {})  # what the launcher said (--tier)
+        if isinstance(declared, dict) and str(declared.get("status", "")).isdigit():
+            return int(declared["status"])
         user = self.hardening.get("user", {})
         return 1 if isinstance(user, dict) and user.get("status") == "on" else 0
 
