@@ -30,6 +30,7 @@ SECTIONS = {
     "throughput": "throughput",
     "coldstart": "coldstart",
     "keyserver": "keyserver_bench",
+    "hybrid": "hybrid",
 }
 
 
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ctx.close()
     png = report.plot(res, out / "benchmarks.png")
+    if isinstance(res.get("hybrid"), dict):
+        from .hybrid import plot as hybrid_plot
+
+        hybrid_plot(res["hybrid"], out / "hybrid.png")
     print(report.table(res))
     print(
         f"\nwrote {out / 'results.json'}"

@@ -177,6 +177,12 @@ def table(res: dict[str, Any]) -> str:
     acc = res.get("accounting") or {}
     if "median_s" in acc:
         L.append(f"\nlicence accounting: {acc['median_s'] * 1e9:.0f} ns per call ({acc['method']})")
+    hyb = res.get("hybrid") or {}
+    if isinstance(hyb, dict) and any(k in hyb for k in ("mobilenet_v2", "resnet50")):
+        from .hybrid import table as hybrid_table
+
+        L.append("")
+        L.extend(hybrid_table(hyb))
     L.append("\nTARGETS")
     for t in res.get("targets", []):
         L.append(

@@ -200,4 +200,35 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
                 ks.get("unavailable", "not measured"),
             )
         )
+    out.extend(_hybrid(res.get("hybrid") or {}))
+    return out
+
+
+def _hybrid(hyb: dict[str, Any]) -> list[dict[str, Any]]:
+    """Planner within 10 % of the oracle; the planner's cut faster than both extremes
+    wherever some measured cut is."""
+    out: list[dict[str, Any]] = []
+    for model in ("mobilenet_v2", "resnet50"):
+        r = hyb.get(model)
+        if not isinstance(r, dict) or "rows" not in r:
+            why = hyb.get("unavailable", "not measured") if isinstance(hyb, dict) else ""
+            out.append(_t(f"hybrid {model}: planner within 10% of oracle", None, "<= 1.10x",
+                          None, why))  # fmt: skip
+            continue
+        for row in r["rows"]:
+            link = row["link"]
+            p, o = row.get("planner_ms"), row.get("oracle_ms")
+            if p is None or o is None:
+                out.append(_t(f"hybrid {model} {link}: planner / oracle", None, "<= 1.10x", None,
+                              "planner's cut not measured (predicted above the cap)"))  # fmt: skip
+            else:
+                out.append(_t(f"hybrid {model} {link}: planner / oracle",
+                              f"{p:.1f} / {o:.1f} ms = {p / o:.2f}x", "<= 1.10x", p / o <= 1.10))  # fmt: skip
+            ext = [v for v in (row.get("all_local_ms"), row.get("all_server_ms")) if v is not None]
+            best = row.get("best_hybrid_ms")
+            if best is not None and ext and best < min(ext):
+                ok = p is not None and p < min(ext)
+                out.append(_t(f"hybrid {model} {link}: planner beats both extremes",
+                              f"{p if p is not None else float('nan'):.1f} ms vs {min(ext):.1f} ms",
+                              "< best extreme (a cut does)", ok))  # fmt: skip
     return out

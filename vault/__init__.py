@@ -49,16 +49,16 @@ from .core.errors import (
 )
 
 if _TYPE_CHECKING:  # pragma: no cover
-    from .client import Model, connect, open
+    from .client import Model, connect
     from .core.crypto import PublisherKey
     from .core.licence import Licence
     from .core.package import Package, inspect
+    from .hybrid.client import HybridModel
     from .sealing import SealResult, seal
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "open": "client",
     "connect": "client",
     "Model": "client",
     "seal": "sealing",
@@ -106,6 +106,34 @@ __all__ = [
     "open",
     "seal",
 ]
+
+
+def open(  # noqa: A001 - the public contract is vault.open()
+    path: _Any, licence: _Any = None, *, server: _Any = None, **kwargs: _Any
+) -> "Model | HybridModel":
+    """Open a sealed model and return a Model (``inputs``, ``outputs``,
+    ``compute``, ``close``; a context manager).
+
+    A ``*.vault`` package runs in a worker from the local daemon (tier 1; see
+    :func:`vault.client.open` for ``daemon=``, ``providers=``, ``timeout=`` and
+    the tier-0 rule). A directory written by ``vault split`` opens as a
+    hybrid with the same interface: its head runs here and its sealed tail on
+    ``server`` (see :func:`vault.hybrid.client.open_split` for its keywords).
+    """
+    import os as _os
+
+    if _os.path.isdir(path):
+        from .hybrid.client import open_split
+
+        lic = licence if licence is not None else kwargs.pop("license", None)
+        if lic is None:
+            raise ConfigError("vault.open needs licence=...")
+        return open_split(path, lic, server=server, **kwargs)
+    if server is not None:
+        raise ConfigError("server=... is for a split model directory (vault split)")
+    from .client import open as _open_package
+
+    return _open_package(path, licence, **kwargs)
 
 
 def __getattr__(name: str) -> _Any:

@@ -620,7 +620,9 @@ def open(  # noqa: A001 - the public contract is vault.open()
     user (tier 0); any other licence fails with one line saying what to do.
     ``worker_args`` (tier 0 only) are passed to the worker; through the daemon
     its hardening is the daemon's configuration and such a request is refused.
-    ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only)."""
+    ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only).
+    (``vault.open`` also opens a ``vault split`` directory as a hybrid: see
+    :func:`vault.open`.)"""
     lic_arg = licence if licence is not None else license
     if lic_arg is None:
         raise ConfigError("vault.open needs licence=...")

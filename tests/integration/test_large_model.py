@@ -52,3 +52,58 @@ def test_model_past_2gb_is_sealed_and_runs(tmp_path: Path) -> None:
     with open_sealed(s, timeout=300) as m:
         y = m.compute({"x": np.zeros(1, np.float32)})["y"]
     np.testing.assert_array_equal(y, [sum(100.0 + i for i in range(n_tensors))])
+
+
+def test_model_past_2gb_splits_without_the_tail_weights_in_the_clear(tmp_path: Path) -> None:
+    """x -> h = x + 1 (the head) -> y = h + sum(max(w_i)) with 2.5 GiB of w_i (the tail).
+    ``vault split`` reads the external data, seals the tail, and no file it writes holds
+    a window of the weights in the clear; head then sealed tail give the exact answer."""
+    from tests.sealed import Sealed
+    from vault.core.crypto import PublisherKey
+    from vault.hybrid.publish import split
+
+    n_tensors, rows, cols = 5, 16384, 8192
+    src = tmp_path / "src"
+    src.mkdir()
+    inits, nodes, outs = [numpy_helper.from_array(np.ones(1, np.float32), "one")], [], []
+    nodes.append(helper.make_node("Add", ["x", "one"], ["h"], name="head_add"))
+    for i in range(n_tensors):
+        w = np.full((rows, cols), 0.25 * (i + 1), np.float32)
+        w[-1, -1] = 100.0 + i
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        del w
+        nodes.append(helper.make_node("ReduceMax", [f"w{i}"], [f"s{i}"], keepdims=0))
+        outs.append(f"s{i}")
+    nodes.append(helper.make_node("Sum", outs, ["total"]))
+    nodes.append(helper.make_node("Add", ["h", "total"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, src / "big.onnx", save_as_external_data=True, location="big.bin",
+              all_tensors_to_one_file=True)  # fmt: skip
+    del model, graph, inits
+    pk = PublisherKey.generate()
+    pk.save(tmp_path / "publisher.key", tmp_path / "publisher.pub")
+    keys: dict[str, bytes] = {}
+    res = split(str(src / "big.onnx"), model_id="big", signing_key=pk, output_dir=tmp_path / "out",
+                at=[["h"]], split_points=["h"],
+                register=lambda r: keys.__setitem__(r.model_id, bytes(r.key)))  # fmt: skip
+    cut = res.description["cuts"][0]
+    assert cut["accuracy"] == {"checked": False, "why": "model past 2 GiB"}
+    window = np.full(16, 0.25 * 3, np.float32).tobytes()  # 64 bytes of w2 in the clear
+    for f in (tmp_path / "out").iterdir():
+        with open(f, "rb") as fh:
+            while block := fh.read(64 << 20):
+                assert window not in block, f.name
+    x = np.array([2.0], np.float32)
+    head = onnx.load(str(tmp_path / "out" / cut["head"]))
+    import onnxruntime as ort
+
+    mid = ort.InferenceSession(head.SerializeToString()).run(None, {"x": x})[0]
+    tail = Sealed(str(tmp_path / "out" / cut["tail"]), keys["big.tail"],
+                  str(tmp_path / "publisher.pub"), {})  # fmt: skip
+    with open_sealed(tail, timeout=300) as m:
+        y = m.compute({"h": mid})["y"]
+    np.testing.assert_array_equal(y, [3.0 + sum(100.0 + i for i in range(n_tensors))])

@@ -40,7 +40,7 @@ def test_worker_importing_the_application_breaks_the_layers(tmp_path: Path) -> N
         fh.write("\nfrom vault.app import cli as _upward  # noqa: E402,F401\n")
     res = _lint(tmp_path)
     assert res.returncode != 0
-    assert "layers: vault.app > (worker | keyserver" in res.stdout
+    assert "layers: vault.app > vault.hybrid > (worker | keyserver" in res.stdout
     assert "BROKEN" in res.stdout
     assert "worker.ops -> vault.app.cli" in res.stdout
 

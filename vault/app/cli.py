@@ -31,12 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Seal, license and run protected ONNX models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import cli_device, cli_keyserver, cli_package, cli_worker
+    from . import cli_device, cli_hybrid, cli_keyserver, cli_package, cli_worker
 
     cli_package.register(sub)
     cli_keyserver.register(sub)
     cli_device.register(sub)
     cli_worker.register(sub)
+    cli_hybrid.register(sub)
     return parser
 
 

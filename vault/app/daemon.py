@@ -347,7 +347,16 @@ class Daemon:
             self._conns.add(conn)
         try:
             if uid == self.config.worker_uid:
-                # a caller of the workers' own uid could ptrace them: tier 1 void
+                # a caller of the workers' own uid could ptrace them: tier 1 void.
+                # Its first request is read (and ignored) before the refusal, so
+                # the refusal is what it sees, not a broken pipe on its send.
+                sock.settimeout(5.0)
+                try:
+                    _msg, fds = recv_message(sock)
+                    for fd in fds:
+                        os.close(fd)
+                except (ConnectionError, OSError, ProtocolError):
+                    return
                 send_message(sock, {"ok": False, "error": PermissionDeniedError(
                     "callers may not share the workers' uid").to_wire()})  # fmt: skip
                 return

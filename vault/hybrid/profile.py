@@ -1,0 +1,160 @@
+"""Per-node latency on this device, from onnxruntime's own profiler.
+
+``vault profile MODEL.onnx -o device.json`` runs the model ``repeats`` times
+(after a warm-up) with profiling on and records, per node, the median of its
+kernel times. onnxruntime fuses nodes (a Conv and its activation, MatMul and
+Add) and renames them (``conv5_nchwc``, ``matmul9/MatMulAddFusion``): a fused
+kernel's time goes to the node whose name it carries, and the time of
+kernels that belong to no node (layout reorders) is spread over all nodes in
+proportion, so the per-node costs add up to the median of whole runs.
+
+Example::
+
+    costs = profile_model(onnx.load("model.onnx"), repeats=10, threads=1)
+    costs["nodes"]["conv5"]   # milliseconds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..core.errors import ConfigError
+from .cut import node_key
+
+__all__ = ["PROFILE_FORMAT", "example_inputs", "load_profile", "profile_model"]
+
+PROFILE_FORMAT = "vault-profile/1"
+
+
+def example_inputs(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Random inputs for the model's graph inputs (symbolic dims -> ``batch``)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds: dict[str, Any] = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[vi.name] = rng.integers(0, 255 if dtype.kind == "u" else 16, shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            raise ConfigError(f"input {vi.name!r}: cannot make example data of type {dtype}")
+    return feeds
+
+
+def _session(model_bytes: bytes, threads: int | None, prefix: str | None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # as the worker runs (worker/runtime.py): no spin-waiting thread pools, which on
+    # a busy machine made a 2-thread profile three times slower than the real worker
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = prefix
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def _kernel_name(name: str, known: set[str]) -> str | None:
+    base = name[: -len("_kernel_time")]
+    for cand in (base, base.split("/", 1)[0], base.removesuffix("_nchwc")):
+        if cand in known:
+            return cand
+        cand = cand.removesuffix("_nchwc")
+        if cand in known:
+            return cand
+    return None
+
+
+def profile_model(
+    model: onnx.ModelProto,
+    *,
+    repeats: int = 10,
+    threads: int | None = None,
+    feeds: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Per-node median latencies (ms) of ``model`` on this CPU; see the module docstring."""
+    if repeats < 1:
+        raise ConfigError("repeats must be at least 1")
+    data = model.SerializeToString()
+    inputs = dict(feeds) if feeds is not None else example_inputs(model)
+    # whole runs, without the profiler's own overhead
+    plain = _session(data, threads, None)
+    for _ in range(2):
+        plain.run(None, inputs)
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain.run(None, inputs)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    del plain
+    tmp = tempfile.mkdtemp(prefix="vault-profile-")
+    try:
+        sess = _session(data, threads, os.path.join(tmp, "p"))
+        sess.run(None, inputs)  # warm-up: its events are dropped below
+        for _ in range(repeats):
+            sess.run(None, inputs)
+        path = sess.end_profiling()
+        with open(path, encoding="utf-8") as fh:
+            events = json.load(fh)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    keys = [node_key(n, i) for i, n in enumerate(model.graph.node)]
+    known = set(keys)
+    runs: list[dict[str, float]] = []
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            runs.append({})
+        elif e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and runs:
+            k = _kernel_name(str(e["name"]), known) or "(other)"
+            runs[-1][k] = runs[-1].get(k, 0.0) + float(e.get("dur", 0)) / 1e3
+    runs = runs[1:] if len(runs) > repeats else runs  # the warm-up run
+    per_node = {k: statistics.median([r.get(k, 0.0) for r in runs]) for k in keys}
+    other = statistics.median([r.get("(other)", 0.0) for r in runs]) if runs else 0.0
+    wall = statistics.median(walls)
+    matched = sum(per_node.values())
+    scale = wall / matched if matched > 0 else 1.0
+    return {
+        "format": PROFILE_FORMAT,
+        "device": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads},
+        "repeats": repeats,
+        "run_ms": round(wall, 4),
+        "kernel_ms": round(matched + other, 4),
+        "nodes": {k: round(v * scale, 5) for k, v in per_node.items()},
+    }
+
+
+def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = os.fspath(path)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: cannot read a profile ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise ConfigError(
+            f"{p}: not a vault profile ({PROFILE_FORMAT}); make one with vault profile"
+        )
+    return data

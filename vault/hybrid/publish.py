@@ -1,0 +1,462 @@
+"""``vault split``: cut a model into a head for the caller and a sealed tail.
+
+What :func:`split` writes into ``output_dir`` for each shipped cut ``cK``:
+
+- ``head-cK.onnx`` (plain ONNX; the caller runs it in-process) or, with
+  ``seal_head``, ``head-cK.vault`` (model id ``ID.head``, for a local worker);
+  no head at all for the all-server cut;
+- ``tail-cK.vault``, sealed (model id ``ID.tail`` for the first cut,
+  ``ID.tail.cK`` for the others); its key goes to ``register`` and is then
+  overwritten, never written anywhere;
+- ``split.json``, the public description: the model's signature, which
+  tensors cross each cut (names, dtypes, shapes, wire encoding), which tail
+  serves which head, and each cut's measured costs (the server's profile of
+  the tail, not its graph).
+
+Steps: load and check the stages (as :func:`vault.sealing.seal` does: no
+external-data path outside the model's folder, no custom ops), compose
+pre → model → post into one graph, validate each cut against the vendor's
+policy (:mod:`vault.hybrid.cut`), profile, plan (``link``), choose wire
+encodings and check their accuracy on calibration inputs, then seal. The
+tail's weights only ever exist in memory and in the sealed package.
+
+Example::
+
+    res = split("model.onnx", model_id="clf", signing_key=pk, output_dir="clf.split",
+                at=[["h2"]], split_points=["h2"], register=register_with_keyserver)
+    res.description["cuts"][0]["crossing"]   # [{"name": "h2", ...}]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .. import sealing as _sealing
+from ..core import crypto as _crypto
+from ..core.errors import ConfigError, SealError
+from ..core.files import write_private_file
+from .cut import Cut, CutGraph, Policy, node_key, wire_name
+from .plan import CutCost, Link, format_table, plan
+from .profile import example_inputs, profile_model
+
+__all__ = ["SPLIT_FORMAT", "SplitResult", "split", "split_graphs"]
+
+SPLIT_FORMAT = "vault-split/1"
+ENCODINGS = ("float32", "float16", "int8")
+_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+
+
+@dataclass
+class SplitResult:
+    directory: str
+    description: dict[str, Any]
+    table: str | None  # the planner's table, when it chose
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _load_pipeline(
+    model: _sealing.ModelLike,
+    pre: _sealing.ModelLike | None,
+    post: _sealing.ModelLike | None,
+    io_map: Mapping[str, Mapping[str, str]] | None,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """One graph from pre → model → post (names inside stages get a prefix)."""
+    stages: list[tuple[str, onnx.ModelProto]] = []
+    if pre is not None:
+        stages.append(("pre", _sealing._load_stage(pre, "pre")))
+    stages.append(("model", _sealing._load_stage(model, "model")))
+    if post is not None:
+        stages.append(("post", _sealing._load_stage(post, "post")))
+    for name, m in stages:
+        _sealing._check_stage(m, name)
+    io_map = io_map or {}
+    links = [
+        _sealing._wire(um, dm, un, dn, io_map.get(un if un != "model" else dn))
+        for (un, um), (dn, dm) in zip(stages, stages[1:])
+    ]
+    try:
+        merged = _sealing._compose(stages, links)
+    except ValueError as exc:
+        raise SealError(f"cannot compose the stages into one graph to cut: {exc}") from exc
+    return merged, [n for n, _ in stages]
+
+
+def _resolver(g: CutGraph, stages: list[str]) -> Callable[[str], str]:
+    def resolve(name: str) -> str:
+        if g.known_tensor(name) or len(stages) == 1:
+            return name
+        for s in ("model", *stages):
+            if g.known_tensor(f"{s}/{name}"):
+                return f"{s}/{name}"
+        return name
+
+    return resolve
+
+
+def split_graphs(
+    model: onnx.ModelProto, at: Sequence[str], *, policy: Policy
+) -> tuple[onnx.ModelProto, onnx.ModelProto, Cut]:
+    """The plain head and tail models of one cut (no sealing, no encoding)."""
+    g = CutGraph(model)
+    cut = g.cut(list(at), policy=policy)
+    return g.head_model(cut), g.tail_model(cut), cut
+
+
+# --- costs ---------------------------------------------------------------------------------------
+
+
+def _nbytes(g: CutGraph, name: str, itemsize: int | None = None) -> int:
+    vi = g.value_info(name)
+    tt = vi.type.tensor_type
+    n = 1
+    for d in tt.shape.dim:
+        n *= d.dim_value if d.HasField("dim_value") else 1
+    if itemsize is None:
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except Exception:  # noqa: BLE001 - strings: counted as nothing
+            itemsize = 0
+    return n * itemsize
+
+
+def _cost(
+    g: CutGraph,
+    cut: Cut,
+    client: Mapping[str, float],
+    server: Mapping[str, float],
+    encoding: Mapping[str, str] | None = None,
+) -> CutCost:
+    keys = [node_key(n, i) for i, n in enumerate(g.nodes)]
+    enc = encoding or {}
+    up = 0
+    for t in cut.crossing:
+        e = enc.get(t, "float32")
+        float_t = g.elem_type(t) == onnx.TensorProto.FLOAT
+        up += _nbytes(g, t, _ITEMSIZE[e] if float_t else None)
+    down = sum(_nbytes(g, o) for o in g.outputs)
+    return CutCost(
+        cut=cut.name,
+        head_ms=sum(float(client.get(keys[i], 0.0)) for i in cut.head_nodes),
+        tail_ms=sum(float(server.get(keys[i], 0.0)) for i in cut.tail_nodes),
+        bytes_up=up,
+        bytes_down=down,
+    )
+
+
+# --- accuracy of a wire encoding -----------------------------------------------------------------------
+
+
+def _session(m: onnx.ModelProto) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _with_outputs(g: CutGraph, names: Iterable[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(g.model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(g.value_info(n) for n in names if n not in have)
+    return m
+
+
+def _run_split(head: Any, tail: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    if head is None:
+        mid = dict(feeds)
+    else:
+        mid = dict(zip([o.name for o in head.get_outputs()], head.run(None, dict(feeds))))
+    names = [i.name for i in tail.get_inputs()]
+    outs = tail.run(None, {n: mid[n] for n in names})
+    return dict(zip([o.name for o in tail.get_outputs()], outs))
+
+
+def _compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, Any]:
+    err = 0.0
+    agree: list[float] = []
+    for r, o in zip(ref, got):
+        for k, v in r.items():
+            a, b = np.asarray(v), np.asarray(o[k])
+            if a.dtype.kind in "fc" and a.size:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                same_nan = np.isnan(a) & np.isnan(b)
+                err = max(
+                    err, float(np.max(np.where(same_nan, 0.0, np.nan_to_num(diff, nan=np.inf))))
+                )
+                if a.ndim >= 2 and a.shape[-1] > 1:
+                    agree.append(float(np.mean(a.argmax(-1) == b.argmax(-1))))
+            elif not np.array_equal(a, b):
+                err = max(err, float("inf") if a.dtype.kind not in "iub" else 1.0)
+    return {"max_abs_error": err, "top1_agreement": min(agree) if agree else None}
+
+
+def _calibrate(
+    g: CutGraph, cut: Cut, encoding: str, calibration: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Wire settings for ``cut`` under ``encoding`` (int8: per-tensor scale from the data)."""
+    floats = [t for t in cut.crossing if g.elem_type(t) == onnx.TensorProto.FLOAT]
+    if encoding == "float32" or not floats or cut.all_server:
+        return {}
+    if encoding == "float16":
+        return {t: {"encoding": "float16"} for t in floats}
+    sess = _session(_with_outputs(g, floats))
+    peak = dict.fromkeys(floats, 0.0)
+    for feeds in calibration:
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dict(feeds))))
+        for t in floats:
+            peak[t] = max(peak[t], float(np.max(np.abs(outs[t]))) if outs[t].size else 0.0)
+    return {t: {"encoding": "int8", "scale": (peak[t] / 127.0) or 1.0} for t in floats}
+
+
+# --- split ----------------------------------------------------------------------------------------
+
+
+def split(
+    model: _sealing.ModelLike,
+    *,
+    model_id: str,
+    signing_key: _crypto.PublisherKey,
+    output_dir: str | os.PathLike[str],
+    at: Sequence[Sequence[str]] = (),
+    link: Link | None = None,
+    split_points: Iterable[str] = (),
+    protect_from: Iterable[str] = (),
+    pre: _sealing.ModelLike | None = None,
+    post: _sealing.ModelLike | None = None,
+    io_map: Mapping[str, Mapping[str, str]] | None = None,
+    seal_head: bool = False,
+    encoding: str = "float32",
+    max_error: float = 0.05,
+    min_agreement: float = 0.99,
+    calibration: Sequence[Mapping[str, Any]] | None = None,
+    client_costs: Mapping[str, Any] | None = None,
+    server_costs: Mapping[str, Any] | None = None,
+    alternatives: int = 0,
+    register: Callable[[_sealing.SealResult], None] | None = None,
+    server_key: str | None = None,
+    profile_repeats: int = 5,
+    log: Callable[[str], None] = lambda _msg: None,
+    now: _dt.datetime | None = None,
+) -> SplitResult:
+    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``)."""
+    if bool(at) == (link is not None):
+        raise ConfigError(
+            "name the cut (at=[[TENSOR, ...]]) or ask the planner (link=...), not both"
+        )
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,100}$", model_id):
+        raise SealError(f"model id {model_id!r}: use 1-100 letters, digits, '.', '_', ':' or '-'")
+    merged, stages = _load_pipeline(model, pre, post, io_map)
+    g = CutGraph(merged)
+    resolve = _resolver(g, stages)
+    policy = Policy(
+        split_points=frozenset(resolve(t) for t in split_points),
+        protect_from=frozenset(resolve(t) for t in protect_from),
+    )
+    for t in (*policy.split_points, *policy.protect_from):
+        if not g.known_tensor(t):
+            raise SealError(f"policy names {t!r}, which is not a tensor of the top-level graph")
+    big = _sealing._too_big(merged)
+    if big and encoding != "float32":
+        raise SealError("a model past 2 GiB cannot be checked for a wire encoding; use float32")
+
+    # costs: the server's from here (or a file), the client's from its own profile
+    if big:
+        server_nodes: Mapping[str, float] = (server_costs or {}).get("nodes", {})
+    else:
+        if server_costs is None:
+            log("profiling the model on this machine (the server side)")
+            server_costs = profile_model(merged, repeats=profile_repeats)
+        server_nodes = server_costs["nodes"]
+    client_nodes = (client_costs or {}).get("nodes", server_nodes)
+    if link is not None and client_costs is None:
+        log("no client profile: assuming the caller's device is as fast as this one")
+
+    table = None
+    if link is not None:
+        if not policy.allows_anything:
+            g.cut(["-"], policy=policy)  # raises: nothing may leave
+        cuts = g.candidates(policy)
+        options = [g.all_server(), *cuts]
+        enc = {t: encoding for c in cuts for t in c.crossing}
+        costs = {c.name: _cost(g, c, client_nodes, server_nodes, enc) for c in options}
+        rows = plan(list(costs.values()), link)
+        table = format_table(rows, link)
+        by_name = {c.name: c for c in options}
+        chosen = [by_name[r.cut] for r in rows[: 1 + max(0, alternatives)]]
+    else:
+        chosen = [g.cut([resolve(t) for t in tensors], policy=policy) for tensors in at]
+
+    if calibration is None and not big:
+        calibration = [example_inputs(merged, seed=s) for s in range(8)]
+    reference: list[dict[str, Any]] = []
+    if not big:
+        whole = _session(merged)
+        names = [o.name for o in whole.get_outputs()]
+        reference = [dict(zip(names, whole.run(None, dict(f)))) for f in calibration or []]
+
+    out = os.fspath(output_dir)
+    os.makedirs(out, exist_ok=True)
+    entries = []
+    for k, cut in enumerate(chosen):
+        entries.append(
+            _write_cut(
+                g, cut, k, out=out, model_id=model_id, signing_key=signing_key,
+                seal_head=seal_head, encoding=encoding, calibration=calibration or [],
+                reference=reference, max_error=max_error, min_agreement=min_agreement,
+                cost=_cost(g, cut, client_nodes, server_nodes, dict.fromkeys(cut.crossing, encoding)),
+                register=register, big=big, log=log,
+            )
+        )  # fmt: skip
+    desc: dict[str, Any] = {
+        "format": SPLIT_FORMAT,
+        "model_id": model_id,
+        "created": (now or _dt.datetime.now(_dt.timezone.utc))
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z"),
+        "stages": stages,
+        "inputs": [_sealing._describe(vi) for vi in merged.graph.input if vi.name in g.inputs],
+        "outputs": [_sealing._describe(vi) for vi in merged.graph.output],
+        "policy": {
+            "split_points": sorted(policy.split_points),
+            "protect_from": sorted(policy.protect_from),
+        },
+        "cuts": entries,
+        "default": entries[0]["name"],
+    }
+    if link is not None:
+        desc["planned_for"] = {"rtt_ms": link.rtt_ms, "mbit": link.mbit}
+    if server_key:
+        desc["server_key"] = server_key
+    data = (json.dumps(desc, indent=2, sort_keys=True) + "\n").encode()
+    tmp = os.path.join(out, f".split.json.{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, os.path.join(out, "split.json"))
+    return SplitResult(out, desc, table)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _write_cut(
+    g: CutGraph,
+    cut: Cut,
+    k: int,
+    *,
+    out: str,
+    model_id: str,
+    signing_key: _crypto.PublisherKey,
+    seal_head: bool,
+    encoding: str,
+    calibration: Sequence[Mapping[str, Any]],
+    reference: list[dict[str, Any]],
+    max_error: float,
+    min_agreement: float,
+    cost: CutCost,
+    register: Callable[[_sealing.SealResult], None] | None,
+    big: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    name = f"c{k}"
+    wire = {} if big else _calibrate(g, cut, encoding, calibration)
+    head = None if cut.all_server else g.head_model(cut, wire)
+    tail = g.tail_model(cut, wire)
+    if head is not None and not big:
+        try:
+            onnx.checker.check_model(head, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise SealError(f"cut {cut.name}: the head is not a valid model: {exc}") from exc
+    accuracy: dict[str, Any] = {"checked": False, "why": "model past 2 GiB"}
+    if not big:
+        hs = _session(head) if head is not None else None
+        got = [_run_split(hs, _session(tail), f) for f in calibration]
+        accuracy = {"checked": True, "inputs": len(calibration), **_compare(reference, got)}
+        agree = accuracy["top1_agreement"]
+        if encoding != "float32" and (
+            accuracy["max_abs_error"] > max_error or (agree is not None and agree < min_agreement)
+        ):
+            raise SealError(
+                f"cut {cut.name}: {encoding} on the wire is off by up to "
+                f"{accuracy['max_abs_error']:.4g} (top-1 agreement {agree}) on "
+                f"{len(calibration)} calibration inputs; the tolerance is {max_error:g} "
+                f"(agreement {min_agreement:g}): refused, use float32"
+            )
+        log(f"cut {cut.name}: head∘tail vs whole model: max abs error "
+            f"{accuracy['max_abs_error']:.3g}, top-1 agreement {agree}")  # fmt: skip
+    entry: dict[str, Any] = {"name": name, "at": list(cut.tensors), "all_server": cut.all_server}
+    crossing = []
+    for t in cut.crossing:
+        vi = g.value_info(t)
+        w = wire.get(t, {})
+        enc = w.get("encoding", "float32") if vi.type.tensor_type.elem_type == 1 else None
+        d = {**_sealing._describe(vi), "wire_name": wire_name(t, enc or "float32")}
+        d["encoding"] = enc or d["dtype"]
+        if "scale" in w:
+            d["scale"] = w["scale"]
+        crossing.append(d)
+    entry["crossing"] = crossing
+    # the head: public (plain ONNX) or sealed for a local worker
+    if head is None:
+        entry["head"] = None
+    elif seal_head:
+        res = _sealing.seal(head, model_id=f"{model_id}.head" + ("" if k == 0 else f".{name}"),
+                            signing_key=signing_key, output=os.path.join(out, f"head-{name}.vault"))  # fmt: skip
+        _hand_over(res, register)
+        entry.update(head=f"head-{name}.vault", head_model_id=res.model_id, head_digest=res.digest)
+    else:
+        path = os.path.join(out, f"head-{name}.onnx")
+        if big:
+            onnx.save(head, path, save_as_external_data=True, location=f"head-{name}.onnx.data")
+        else:
+            onnx.save(head, path)
+        entry.update(head=f"head-{name}.onnx", head_sha256=_sha256_file(path))
+    tail_id = f"{model_id}.tail" + ("" if k == 0 else f".{name}")
+    res = _sealing.seal(tail, model_id=tail_id, signing_key=signing_key,
+                        output=os.path.join(out, f"tail-{name}.vault"))  # fmt: skip
+    _hand_over(res, register)
+    entry.update(tail=f"tail-{name}.vault", tail_model_id=tail_id, tail_digest=res.digest)
+    entry["cost"] = {**cost.to_json(), "cut": name}
+    entry["accuracy"] = accuracy
+    return entry
+
+
+def _hand_over(
+    res: _sealing.SealResult, register: Callable[[_sealing.SealResult], None] | None
+) -> None:
+    """Give the key to ``register`` (the key server), then overwrite it."""
+    try:
+        if register is None:
+            raise ConfigError("split needs somewhere to register the package keys (register=...)")
+        register(res)
+    except BaseException:
+        os.unlink(res.path)  # a package whose key is nowhere is useless
+        raise
+    finally:
+        res.wipe_key()
+
+
+def write_key_file(path: str, res: _sealing.SealResult) -> None:
+    """For air-gapped use: the key in a 0600 file (what ``vault seal --key-out`` does)."""
+    write_private_file(path, bytes(res.key).hex().encode() + b"\n")
