@@ -317,7 +317,7 @@ def _wire(
     up_name: str,
     down_name: str,
     io_map: Mapping[str, str] | None,
-    warnings: list[str],
+    warnings: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """Pairs (upstream output, downstream input). Element types must agree;
     declared shapes are advisory (onnxruntime does not enforce an output's
@@ -351,7 +351,7 @@ def _wire(
                 f"{up_name} output {o!r} ({a['dtype']}, shape {a['shape']}) does not match "
                 f"{down_name} input {i!r} ({b['dtype']}, shape {b['shape']})"
             )
-        if not _shapes_compatible(a["shape"], b["shape"]):
+        if not _shapes_compatible(a["shape"], b["shape"]) and warnings is not None:
             warnings.append(
                 f"{up_name} output {o!r} declares shape {a['shape']} but {down_name} input "
                 f"{i!r} declares {b['shape']}; declared shapes are advisory, sealed as is"
