@@ -31,6 +31,7 @@ SECTIONS = {
     "coldstart": "coldstart",
     "keyserver": "keyserver_bench",
     "hybrid": "hybrid",
+    "service": "service_bench",
 }
 
 

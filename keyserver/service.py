@@ -128,6 +128,12 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _device_only(caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
+    raise PermissionDeniedError(
+        "only an enrolled device (a worker service) asks for call decisions"
+    )
+
+
 class KeyService:
     def __init__(
         self,
@@ -173,6 +179,7 @@ class KeyService:
             "enroll_device": self._enroll_device,
             "revoke_device": self._revoke_device,
             "list_devices": self._list_devices,
+            "call_decisions": _device_only,  # answered in _device_op (keyserver/calls.py)
         }
 
     # --- admission (ZAP) -------------------------------------------------------
@@ -583,6 +590,10 @@ class KeyService:
                 raise LicenceError("unknown lease")
             handler = self._renew if op == "renew" else self._close
             return handler(lic, h, now, device_id=device.device_id)
+        if op == "call_decisions":  # a worker service checking its callers' call licences
+            from .calls import call_decisions
+
+            return call_decisions(self, device, h, now)
         if op != "release":
             err = PermissionDeniedError(
                 f"a device may only ask for keys and renew or close its leases, not {op}"

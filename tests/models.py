@@ -115,3 +115,26 @@ def reference_pipeline(
         values.update({o.name: v for o, v in zip(s.get_outputs(), outs)})
     last = stages[-1]
     return {o.name: values[o.name] for o in last.graph.output}
+
+
+def slow_matmul(
+    width: int = 512, depth: int = 16, *, fixed_batch: int | None = None
+) -> onnx.ModelProto:
+    """``x`` [N, W] -> ``y`` [N, W]: ``depth`` MatMuls by one shared weight.
+
+    Its cost grows with N (about 1 ms per row-block of 1 at W=512 on one thread,
+    ~0.5 s at N=1024): a call as slow as a test needs, from a small package.
+    With ``fixed_batch`` the first dim is that fixed size (not batchable)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    d0: int | str = fixed_batch if fixed_batch is not None else "N"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [d0, width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [d0, width])
+    nodes = []
+    prev = "x"
+    for i in range(depth):
+        out = "y" if i == depth - 1 else f"secret_h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "secret_w"], [out], name=f"secret_mm{i}"))
+        prev = out
+    w_init = numpy_helper.from_array(w, "secret_w")
+    return _model(helper.make_graph(nodes, "slow", [x], [y], [w_init]))

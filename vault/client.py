@@ -43,8 +43,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,8 @@ from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR, recv_message, send_message
 from .core.errors import (
     ConfigError,
     PermissionDeniedError,
+    ServiceUnavailableError,
+    VaultError,
     WorkerCrashedError,
     WorkerTimeoutError,
     from_wire,
@@ -348,17 +351,127 @@ class _DaemonWorker:
 
 
 class _Remote:
-    """A worker service reached over tcp:// with CURVE."""
+    """A worker service reached over tcp:// with CURVE; ``model`` picks one of
+    the service's models (sent in every request header). With several
+    addresses (replicas of one service), calls take turns among them and a
+    call whose service went away is sent to another."""
 
-    def __init__(self, address: str, licence: Licence, server_key: str) -> None:
-        self.address = address
+    def __init__(
+        self, addresses: Sequence[str], licence: Licence, server_key: str, model: str | None = None
+    ) -> None:
+        self.addresses = list(addresses)
+        self.address = ",".join(self.addresses)
         self.licence = licence
         self.server_key = server_key
+        self.model = model
+
+    def channel(self, ctx: zmq.Context[Any], max_message: int) -> Channel:
+        if len(self.addresses) == 1:
+            return ZmqChannel(ctx, self.addresses[0], configure=self.configure,
+                              max_message=max_message)  # fmt: skip
+        return _FailoverChannel([_WatchedChannel(ctx, a, configure=self.configure,
+                                                 max_message=max_message)
+                                 for a in self.addresses])  # fmt: skip
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_serverkey = self.server_key.encode()
         sock.curve_publickey = self.licence.client_public_key.encode()
         sock.curve_secretkey = self.licence.client_secret_key.encode()
+
+
+class _WatchedChannel(ZmqChannel):
+    """One replica of a service: a call waiting on a connection that drops
+    (the host or its service died) ends at once with WorkerCrashedError,
+    instead of at its timeout, so it can go to another replica."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        *,
+        configure: Callable[[zmq.Socket[Any]], None],
+        max_message: int,
+    ) -> None:
+        self._mon = threading.local()
+        self._monitors: list[zmq.Socket[Any]] = []
+        self._mon_lock = threading.Lock()
+
+        def setup(sock: zmq.Socket[Any]) -> None:
+            configure(sock)
+            # queue nothing for a replica that is not connected (a message
+            # queued for a dead one would wait for its return): the send
+            # fails instead, and the call goes to another replica
+            sock.immediate = True
+            sock.sndtimeo = 1000
+            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            with self._mon_lock:
+                self._monitors.append(mon)
+            self._mon.sock = mon
+
+        super().__init__(ctx, endpoint, alive=self._connected, configure=setup,
+                         max_message=max_message)  # fmt: skip
+
+    def _lost(self) -> bool:
+        mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
+        lost = False
+        while mon is not None and mon.poll(0):
+            from zmq.utils.monitor import recv_monitor_message
+
+            lost |= recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED
+        return lost
+
+    def _connected(self) -> bool:
+        return not self._lost()
+
+    def request(
+        self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float
+    ) -> tuple[dict[str, Any], list[Any]]:
+        self._lost()  # a drop before this call says nothing about it
+        return super().request(header, frames, timeout=timeout)
+
+    def close(self) -> None:
+        super().close()
+        with self._mon_lock:
+            mons, self._monitors = self._monitors, []
+        for m in mons:
+            m.close(linger=0)
+
+
+class _FailoverChannel(Channel):
+    """Replicas of one service: calls take turns; a call that a replica could
+    not complete (its connection dropped, its worker crashed, it is draining)
+    goes to the next one. Such a call was not counted by the replica that
+    failed it, so it is never counted twice; errors about the call itself
+    (licence, input) are not retried."""
+
+    _RETRY = (WorkerCrashedError, ServiceUnavailableError)
+
+    def __init__(self, channels: Sequence[Channel], *, down_for: float = 2.0) -> None:
+        self.channels = list(channels)
+        self._turn = itertools.count()
+        self._down_until = [0.0] * len(self.channels)
+        self._down_for = down_for
+
+    def request(
+        self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float
+    ) -> tuple[dict[str, Any], list[Any]]:
+        n = len(self.channels)
+        first = next(self._turn) % n
+        now = time.monotonic()
+        order = sorted(range(n), key=lambda i: (self._down_until[i] > now, (i - first) % n))
+        last: VaultError | None = None
+        for i in order:
+            try:
+                return self.channels[i].request(header, frames, timeout=timeout)
+            except self._RETRY as exc:
+                self._down_until[i] = time.monotonic() + self._down_for
+                last = exc
+        assert last is not None
+        raise last
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -447,12 +560,7 @@ class Model:
         else:
             assert self._remote is not None
             self._endpoint = self._remote.address
-            self._channel = ZmqChannel(
-                self._ctx,
-                self._endpoint,
-                configure=self._remote.configure,
-                max_message=self._max_message,
-            )
+            self._channel = self._remote.channel(self._ctx, self._max_message)
         self._generation += 1
         self._dead = False
 
@@ -474,10 +582,15 @@ class Model:
         self, header: Mapping[str, Any], frames: Sequence[Any] = (), timeout: float | None = None
     ) -> tuple[dict[str, Any], list[Any]]:
         gen, channel = self._current()
+        limit = self.timeout if timeout is None else timeout
+        if self._remote is not None:
+            # a service routes by model id, and frees the call's slot when we give up
+            extra: dict[str, Any] = {"timeout": limit}
+            if self._remote.model is not None:
+                extra["model"] = self._remote.model
+            header = {**header, **extra}
         try:
-            return channel.request(
-                header, frames, timeout=self.timeout if timeout is None else timeout
-            )
+            return channel.request(header, frames, timeout=limit)
         except WorkerCrashedError:
             if self._localw is not None:
                 with self._lock:
@@ -708,19 +821,30 @@ def open_with_unsafe_test_key(
 
 
 def connect(
-    address: str,
+    address: str | Sequence[str],
     licence: str | os.PathLike[str] | Licence | None = None,
     *,
     server_key: str | os.PathLike[str],
     license: str | os.PathLike[str] | Licence | None = None,  # noqa: A002
+    model: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Model:
-    """Use a remote worker (``vault worker serve``) over tcp:// with CURVE.
+    """Use a remote worker service (``vault worker serve``) over tcp:// with CURVE.
 
-    ``server_key`` is the worker's Z85 CURVE public key, or a file holding it
+    ``server_key`` is the service's Z85 CURVE public key, or a file holding it
     (``vault worker serve`` prints it and writes it next to its allow-list).
+    ``model`` names the model when the service serves several (its model id).
+    ``address`` may name several replicas of one service (a list, or
+    ``"tcp://a:7701,tcp://b:7701"``, same server key): calls take turns, and
+    a call whose replica went away is sent to another.
     """
-    check_endpoint(address)  # a malformed address fails here, at once
+    addresses = (
+        [a.strip() for a in address.split(",")] if isinstance(address, str) else list(address)
+    )
+    if not addresses:
+        raise ConfigError("vault.connect needs an address")
+    for a in addresses:
+        check_endpoint(a)  # a malformed address fails here, at once
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")
@@ -730,7 +854,7 @@ def connect(
             key = fh.read().strip()
     if len(key) != 40:
         raise ConfigError("server_key must be the worker's 40-character Z85 CURVE public key")
-    return Model(remote=_Remote(address, Licence.load(lic), key), timeout=timeout)
+    return Model(remote=_Remote(addresses, Licence.load(lic), key, model), timeout=timeout)
 
 
 if os.name != "posix":  # pragma: no cover

@@ -137,6 +137,21 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
     return Startup(args, report).run()
 
 
+def _wake_only(signum: int, frame: Any) -> None:
+    """The Python-level handler: the wakeup fd already carries the signal."""
+    del signum, frame
+
+
+def _wait_readable(fd: int) -> None:
+    """Block until ``fd`` has a byte (a signal or the lifeline), retrying on EINTR."""
+    import select
+
+    while True:
+        r, _, _ = select.select([fd], [], [])
+        if r:
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = _Parent(args.status_fd)
@@ -166,9 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # A signal handler only wakes the main loop: the C-level handler writes the
+    # signal number to this pipe (signal.set_wakeup_fd) and the Python-level
+    # one does nothing. Taking a lock in a handler (threading.Event.set) can
+    # deadlock against the main thread holding it, which is how a SIGTERM used
+    # to hang about one stop in five.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _wake_only)
+    signal.signal(signal.SIGINT, _wake_only)
     if args.lifeline_fd is not None:
         fd = args.lifeline_fd
 
@@ -178,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             except OSError:
                 pass
-            stop.set()  # the parent is gone: nobody will ever call us again
+            try:  # the parent is gone: nobody will ever call us again
+                os.write(wake_w, b"L")
+            except OSError:
+                pass
 
         threading.Thread(target=watch, name="vault-lifeline", daemon=True).start()
 
@@ -202,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vault-worker: startup failed: {type(exc).__name__}", file=sys.stderr)
         return 3
     parent.send(ready)
-    while not stop.wait(0.5):
-        pass
+    _wait_readable(wake_r)
     keeper.stop()
     # the proxy closes the front socket (an ipc:// socket file goes with it);
     # bounded, because nothing here is worth a slow exit

@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 from typing import Any
 
 from ..core.errors import ConfigError, VaultError
-from ..core.process import stop_process
 
 __all__ = ["register"]
 
@@ -55,17 +53,42 @@ def register(sub: Any) -> None:
 
     w = sub.add_parser("worker", help="the isolated worker as a network service")
     wsub = w.add_subparsers(dest="worker_command", metavar="COMMAND", required=True)
-    s = wsub.add_parser("serve", help="serve a sealed model over tcp:// with CURVE")
-    s.add_argument("package")
-    s.add_argument("--licence", "--license", dest="licence", required=True)
+    s = wsub.add_parser(
+        "serve", help="serve sealed models over tcp:// with CURVE (a supervised worker service)"
+    )
+    s.add_argument("packages", nargs="*", metavar="PKG", help="*.vault packages to serve")
+    s.add_argument("--repository", metavar="DIR",
+                   help="serve every *.vault in DIR; rescanned on SIGHUP and --poll-interval")  # fmt: skip
+    s.add_argument("--poll-interval", type=float, default=None, metavar="S")
+    s.add_argument("--licence", "--license", dest="licence", required=True, action="append",
+                   help="the service's own licence (repeat: one per model); its workers ask "
+                        "the key server for package keys with it")  # fmt: skip
     s.add_argument("--bind", default="tcp://127.0.0.1:7701")
-    s.add_argument("--allow", required=True, metavar="CLIENTS_DIR",
-                   help="directory of client public keys (*.key / *.pub)")  # fmt: skip
-    s.add_argument("--server-key-out", metavar="FILE", help="write the worker's public key here")
+    s.add_argument("--allow", metavar="CLIENTS_DIR",
+                   help="directory of client public keys (*.key / *.pub); needed for tcp://")  # fmt: skip
+    s.add_argument("--call-licences", "--call-licenses", dest="call_licences",
+                   action="store_true",
+                   help="check each caller's call licence at the key server (needs --device); "
+                        "instead of --allow")  # fmt: skip
+    s.add_argument("--server-key-out", metavar="FILE", help="write the service's public key here")
     s.add_argument("--server-secret", metavar="CERT", help="zmq secret certificate (stable key)")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, metavar="DIR",
+                   help="the enrolled device this service runs as (`vault device init`)")  # fmt: skip
+    s.add_argument("--instances", type=int, default=None, metavar="N",
+                   help="worker processes per model (default: half the cores, at least 1)")  # fmt: skip
+    s.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="rows per batched call; 1 turns batching off (default)")  # fmt: skip
+    s.add_argument("--max-queue-delay-us", type=int, default=0, metavar="US",
+                   help="how long a call may wait for others to fill a batch")  # fmt: skip
+    s.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve /metrics, /healthz and /readyz over HTTP on this port")  # fmt: skip
+    s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST")
+    s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S")
+    s.add_argument("--request-timeout", type=float, default=60.0, metavar="S")
     s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--user", default=None, help="drop to this user (when started as root)")
+    s.add_argument("--user", default=None, help="workers drop to this user (when started as root)")
+    s.add_argument("--log-level", choices=("info", "debug"), default="info",
+                   help="debug also logs every successful call")  # fmt: skip
     s.set_defaults(func=_serve)
     k = wsub.add_parser("keygen", help="make a stable CURVE key pair for a worker")
     k.add_argument("dir")
@@ -145,44 +168,110 @@ def _file_name(name: str, used: set[str]) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.allow):
-        raise ConfigError(f"--allow {args.allow}: not a directory")
-    from ..core.launch import read_ready_line, spawn_worker
+    """The service runs in this process (worker.service); its workers are
+    hardened child processes started through vault.core.launch."""
+    from worker.service import (
+        AllowListPolicy,
+        JsonLog,
+        LaunchSpec,
+        OpenPolicy,
+        ServiceConfig,
+        WorkerService,
+    )
 
-    status_r, status_w = os.pipe()
-    wargs = [os.path.abspath(args.package), "--endpoint", args.bind,
-             "--licence", os.path.abspath(args.licence), "--allow", os.path.abspath(args.allow),
-             "--status-fd", str(status_w)]  # fmt: skip
-    for flag, value in (("--server-secret", args.server_secret), ("--device", args.device),
-                        ("--threads", args.threads), ("--user", args.user)):  # fmt: skip
-        if value is not None:
-            wargs += [flag, os.path.abspath(value) if flag == "--server-secret" else str(value)]
-    try:
-        proc = spawn_worker(wargs, pass_fds=[status_w], stderr=None, new_session=False)
-    finally:
-        os.close(status_w)
-    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    try:
-        msg = read_ready_line(status_r, timeout=600, proc=proc)
-    except BaseException:
-        stop_process(proc)
-        raise
-    finally:
-        os.close(status_r)
-    key = msg.get("server_key") or ""
+    from ..core.device import Device
+    from ..core.licence import Licence
+
+    if not args.packages and not args.repository:
+        raise ConfigError("give packages to serve, or --repository DIR")
+    curve = None
+    policy: Any = OpenPolicy()
+    licences = [Licence.load(p) for p in args.licence]
+    device = Device.load(args.device) if args.device else None
+    ks_client = None
+    if args.call_licences:
+        if device is None:
+            raise ConfigError("--call-licences needs --device DIR: the service asks as a device")
+        from worker.service import CallLicencePolicy
+
+        from ..core.keyclient import KeyServerClient
+
+        ks_client = KeyServerClient(licences[0], device=device)
+        ks = ks_client
+        policy = CallLicencePolicy(
+            lambda model, keys, usage: ks.call_decisions(model_id=model, keys=keys, usage=usage)  # type: ignore[arg-type]
+        )
+    if args.bind.startswith("tcp://"):
+        if not args.call_licences:
+            if not args.allow or not os.path.isdir(args.allow):
+                raise ConfigError(
+                    "a tcp:// service needs --allow CLIENTS_DIR (a directory) or --call-licences"
+                )
+            policy = AllowListPolicy.from_dir(args.allow)
+        curve = _server_keys(args.server_secret)
+    cores = os.cpu_count() or 2
+    instances = args.instances or max(1, cores // 2)
+    launch = LaunchSpec(
+        licence=licences,
+        threads=args.threads or 2,
+        intra_op_threads=max(1, cores // instances),
+        user=args.user,
+        device=device,
+    )
+    cfg = ServiceConfig(
+        bind=args.bind,
+        packages=args.packages,
+        repository=args.repository,
+        poll_interval=args.poll_interval,
+        instances=instances,
+        max_batch=max(1, args.max_batch),
+        max_queue_delay_us=max(0, args.max_queue_delay_us),
+        request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        curve=curve,
+        policy=policy,
+        launch=launch,
+    )
+    svc = WorkerService(cfg, log=JsonLog(sys.stderr, level=args.log_level))
+    ready = svc.start()
+    key = ready.get("server_key") or ""
     if args.server_key_out:
         with open(args.server_key_out, "w", encoding="ascii") as fh:
             fh.write(key + "\n")
-    print(f"worker ready: model {msg.get('model_id')} on {msg.get('provider')}")
-    print(f"endpoint: {msg.get('endpoint')}")
+    for model_id, m in ready["models"].items():
+        print(f"worker ready: model {model_id} on {m['provider']} ({m['instances']} workers, "
+              f"batching {'on' if m['batching'] else 'off'})")  # fmt: skip
+    print(f"endpoint: {ready['endpoint']}")
     print(f"server key: {key}")
-    print(f"allowed clients: {msg.get('allowed_clients')} (from {args.allow})")
+    if args.allow:
+        print(f"allowed clients: {len(getattr(policy, 'by_key', {}))} (from {args.allow})")
+    if ready.get("metrics_port") is not None:
+        print(f"metrics: http://{args.metrics_host}:{ready['metrics_port']}/metrics")
     if args.server_key_out:
         print(f"server key written to {args.server_key_out}")
     sys.stdout.flush()
-    return proc.wait()
+    try:
+        return svc.run()
+    finally:
+        if ks_client is not None:
+            ks_client.close()
+
+
+def _server_keys(secret_cert: str | None) -> tuple[bytes, bytes]:
+    import zmq
+    import zmq.auth
+
+    if not secret_cert:
+        return zmq.curve_keypair()
+    try:
+        public, secret = zmq.auth.load_certificate(secret_cert)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{secret_cert}: not a zmq certificate ({exc})") from exc
+    if not secret:
+        raise ConfigError(f"{secret_cert}: holds no secret key")
+    return public, secret
 
 
 def _keygen(args: argparse.Namespace) -> int:

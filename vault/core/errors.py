@@ -29,9 +29,11 @@ prints one line; anything else is a bug and shows its traceback.
     ├── ProtocolError                protocol         (malformed frame, wrong version, too big)
     ├── ComputeError                 compute          (inference failed; text sanitised)
     ├── ConfigError                  config           (refused option, missing provider)
+    │   └── UnknownModelError        unknown_model    (a service serves no such model)
     └── WorkerError                  worker
         ├── WorkerCrashedError       worker_crashed
-        └── WorkerTimeoutError       timeout
+        ├── WorkerTimeoutError       timeout
+        └── ServiceUnavailableError  unavailable      (a service draining or stopping)
 
 Example::
 
@@ -63,7 +65,9 @@ __all__ = [
     "QuotaExhaustedError",
     "RateLimitedError",
     "SealError",
+    "ServiceUnavailableError",
     "UnknownLicenceError",
+    "UnknownModelError",
     "UnsafeModelError",
     "UnsupportedVersionError",
     "VaultError",
@@ -210,6 +214,11 @@ class ConfigError(VaultError):
     default_message = "invalid configuration"
 
 
+class UnknownModelError(ConfigError):
+    code = "unknown_model"
+    default_message = "no such model is served here"
+
+
 class WorkerError(VaultError):
     code = "worker"
     default_message = "worker error"
@@ -223,6 +232,11 @@ class WorkerCrashedError(WorkerError):
 class WorkerTimeoutError(WorkerError):
     code = "timeout"
     default_message = "worker did not answer in time"
+
+
+class ServiceUnavailableError(WorkerError):
+    code = "unavailable"
+    default_message = "the service is not taking calls"
 
 
 def _all_subclasses(cls: type[VaultError]) -> list[type[VaultError]]:

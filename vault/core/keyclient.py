@@ -315,6 +315,15 @@ class KeyServerClient:
         )
         return bool(reply.get("created"))
 
+    def call_decisions(
+        self, *, model_id: str, keys: list[str], usage: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """(as an enrolled device: a worker service) What each caller key may
+        do with ``model_id`` for one lease, reporting ``usage`` (calls served
+        under each licence's last reserve); see ``keyserver/calls.py``."""
+        reply, _ = self._request("call_decisions", model_id=model_id, keys=keys, usage=usage)
+        return {"ttl": reply.get("ttl"), "decisions": reply.get("decisions") or {}}
+
     def issue(
         self,
         model_id: str,

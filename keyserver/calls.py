@@ -1,0 +1,153 @@
+"""Call licences: the decisions a vendor's worker service checks each call against.
+
+A *call* licence gives its holder no key at all: it lets the holder call a
+vendor-hosted service (``vault worker serve``). The service, an enrolled
+device, asks here (op ``call_decisions``) what each caller's CURVE key may
+do with a model for the next lease: the licence it belongs to and either a
+typed refusal (revoked, expired, quota spent, wrong model, not a call
+licence) or a grant with a call budget. Budgets follow the key server's
+metering rules (:mod:`keyserver.metering`, the same as for a worker's lease):
+reserved from the quota when granted, the unused part refunded when the
+service reports what it served (at its next ask), so no number of services
+or leases can serve more calls than the quota; a service that dies leaves
+its reserve spent (fail closed); budgets are drawn from the licence's call
+bucket (the rate limit), and the service also enforces the rate per call. Every grant,
+refusal and usage report is audited; an unknown key and somebody else's
+runtime licence get the same answer.
+
+Request ``{"model_id", "keys": [Z85...], "usage": [{"licence_id", "used",
+"reserved"}...]}`` (without ``model_id``: a probe, whether each key holds a
+live call licence at all, reserving nothing: the service's ZAP check); reply ``{"ttl", "decisions": {key: {"ok": true,
+"licence_id", "holder", "budget", "rate", "expires_at"} | {"ok": false,
+"error": {...}}}}``.
+
+Example (the service's side, through :class:`vault.core.keyclient.KeyServerClient`)::
+
+    with KeyServerClient(service_licence, device=device) as ks:
+        out = ks.call_decisions(model_id="m", keys=[alice_key], usage=[])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from vault.core.errors import (
+    LicenceExpiredError,
+    LicenceRevokedError,
+    ProtocolError,
+    QuotaExhaustedError,
+    UnknownLicenceError,
+    VaultError,
+    WrongModelError,
+)
+
+from . import audit, metering
+from .policy import DeviceRecord, LicenceRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .service import KeyService
+
+__all__ = ["MAX_KEYS", "call_decisions"]
+
+MAX_KEYS = 1024
+
+
+def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> VaultError | None:
+    if lic is None or lic.kind != "call" or lic.is_admin:
+        return UnknownLicenceError("no call licence for this key")  # one answer for both
+    if lic.revoked_at is not None:
+        return LicenceRevokedError(f"licence {lic.licence_id} was revoked")
+    if lic.expires_at is not None and now >= lic.expires_at:
+        return LicenceExpiredError(f"licence {lic.licence_id} has expired")
+    if model_id is not None and lic.model_id is not None and lic.model_id != model_id:
+        return WrongModelError(f"licence {lic.licence_id} is not for model {model_id!r}")
+    if lic.max_calls is not None and lic.debited_calls >= lic.max_calls:
+        return QuotaExhaustedError(f"licence {lic.licence_id} has used its {lic.max_calls} calls")
+    return None
+
+
+def _usage(h: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    items = h.get("usage") or []
+    if not isinstance(items, list) or len(items) > MAX_KEYS:
+        raise ProtocolError("usage must be a list")
+    out = []
+    for it in items:
+        if not isinstance(it, dict):
+            raise ProtocolError("usage entries are maps")
+        lid, used, reserved = it.get("licence_id"), it.get("used"), it.get("reserved")
+        if (not isinstance(lid, str) or not isinstance(used, int) or isinstance(used, bool)
+                or used < 0 or not (reserved is None or (isinstance(reserved, int)
+                                                          and reserved >= 0))):  # fmt: skip
+            raise ProtocolError("usage entries need licence_id, used >= 0 and reserved")
+        out.append((lid, used, reserved or 0))
+    return out
+
+
+def call_decisions(
+    svc: KeyService, device: DeviceRecord, h: Mapping[str, Any], now: float
+) -> dict[str, Any]:
+    """The ``call_decisions`` op, asked by an enrolled device (the service)."""
+    model_id = h.get("model_id")
+    keys = h.get("keys") or []
+    probe = model_id is None  # only "does this key hold a live call licence" (the ZAP check)
+    if not probe and (not isinstance(model_id, str) or not model_id):
+        raise ProtocolError("model_id must be a model id, or absent for a probe")
+    if (
+        not isinstance(keys, list)
+        or len(keys) > MAX_KEYS
+        or not all(isinstance(k, str) and len(k) == 40 for k in keys)
+    ):
+        raise ProtocolError(f"keys must be a list of at most {MAX_KEYS} Z85 keys")
+    store = svc.store
+    actor = device.device_id
+    for lid, used, reserved in _usage(h):
+        lic = svc._licence(lid, now)
+        if lic is None or lic.kind != "call":
+            continue
+        # the calls served become used; the reservation is released (its unused
+        # part refunded); more calls than reserved are charged in full
+        u, r = metering.settle(lic, reserved=reserved, calls=used)
+        svc._meter(lic, used=u, reserved=r)
+        audit.append(
+            store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=model_id,
+            detail={"calls": used, "reserved": reserved, "via": "service"},
+        )  # fmt: skip
+    decisions: dict[str, Any] = {}
+    for key in dict.fromkeys(keys):
+        lic = svc._authentic(store.licence_by_key(key), now)
+        err = _refusal(lic, model_id if not probe else None, now)
+        if lic is not None and lic.devices and device.device_id not in lic.devices and err is None:
+            err = UnknownLicenceError("no call licence for this key")
+        budget: metering.Budget | None = None
+        if err is None and not probe:
+            assert lic is not None
+            lic, budget = svc._grant(lic, lic.reserved_calls, lic.used_calls, now)
+            if budget.budget == 0 and budget.retry_after is None:
+                err = QuotaExhaustedError(f"licence {lic.licence_id} has no calls left")
+        if err is not None:
+            audit.append(
+                store, ts=now, event="denied", actor=actor,
+                licence_id=lic.licence_id if lic is not None and lic.kind == "call" else None,
+                model_id=model_id, detail={"op": "call_decisions", "reason": err.code},
+            )  # fmt: skip
+            decisions[key] = {"ok": False, "error": err.to_wire()}
+            continue
+        assert lic is not None
+        if budget is None:  # a probe: is this a live call licence at all
+            decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder}
+            continue
+        audit.append(
+            store, ts=now, event="call_lease", actor=actor, licence_id=lic.licence_id,
+            model_id=model_id, detail={"budget": budget.budget, "ttl": svc.lease_ttl},
+        )  # fmt: skip
+        decisions[key] = {
+            "ok": True,
+            "licence_id": lic.licence_id,
+            "holder": lic.holder,
+            "budget": budget.budget,
+            "retry_after": budget.retry_after,
+            "rate": lic.rate_limit,
+            "expires_at": lic.expires_at,
+        }
+    return {"ttl": svc.lease_ttl, "decisions": decisions}

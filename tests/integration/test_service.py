@@ -1,0 +1,292 @@
+"""The worker service as its callers and operators see it: real worker
+processes, real ZeroMQ with CURVE, real onnxruntime, real HTTP.
+
+The service runs in this process (a thread runs its loop); its workers get
+their package keys over the test-only pipe (no key server), so each test
+costs what the calls cost. ``test_service_cli.py`` runs the real command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+import vault
+from tests.models import mlp, reference_pipeline, slow_matmul
+from tests.sealed import Sealed, seal_for_test
+from vault.core.licence import Licence
+from worker.service import AllowListPolicy, JsonLog, LaunchSpec, ServiceConfig, WorkerService
+
+
+def caller_licence(holder: str) -> Licence:
+    """A call licence's CURVE identity (no key server is involved here)."""
+    pub, sec = zmq.curve_keypair()
+    ks_pub, _ = zmq.curve_keypair()
+    return Licence(f"lic-{holder}", holder, "tcp://127.0.0.1:9", ks_pub.decode(), pub.decode(),
+                   sec.decode())  # fmt: skip
+
+
+@dataclass
+class Running:
+    svc: WorkerService
+    thread: threading.Thread
+    endpoint: str
+    server_key: str
+    metrics_port: int
+    alice: Licence
+    log_path: Path
+    sealed: dict[str, Sealed]
+    log_stream: Any
+
+    def connect(self, model: str | None, *, licence: Licence | None = None,
+                timeout: float = 20.0) -> vault.Model:  # fmt: skip
+        return vault.connect(self.endpoint, licence=licence or self.alice,
+                             server_key=self.server_key, model=model, timeout=timeout)  # fmt: skip
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}") as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        _, text = self.http("/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            if all(got.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.svc.request_stop()
+        self.thread.join(30)
+        self.log_stream.close()
+        assert not self.thread.is_alive()
+
+
+def start_service(tmp: Path, models: dict[str, Any], **cfg: Any) -> Running:
+    sealed = {name: seal_for_test(tmp, m, name=name) for name, m in models.items()}
+    alice = caller_licence("alice")
+    spub, ssec = zmq.curve_keypair()
+    keys = {s.path: s.key for s in sealed.values()}
+    any_sealed = next(iter(sealed.values()))
+    log_path = tmp / "service.log"
+    log_stream = open(log_path, "w")  # noqa: SIM115 - closed by the fixture's finaliser
+    config = ServiceConfig(
+        bind="tcp://127.0.0.1:0",
+        packages=[s.path for s in sealed.values()],
+        curve=(spub, ssec),
+        policy=AllowListPolicy({"alice": alice.client_public_key}),
+        metrics_port=0,
+        launch=LaunchSpec(publisher=any_sealed.publisher_pub, unsafe_test_keys=keys),
+        **cfg,
+    )
+    svc = WorkerService(config, log=JsonLog(log_stream, level="debug"))
+    ready = svc.start()
+    t = threading.Thread(target=svc.run, name="service-loop", daemon=True)
+    t.start()
+    return Running(svc, t, ready["endpoint"], ready["server_key"], ready["metrics_port"], alice,
+                   log_path, sealed, log_stream)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    tmp = tmp_path_factory.mktemp("service")
+    models = {"a": mlp(seed=0), "b": mlp(seed=1), "slow": slow_matmul(),
+              "fixed": slow_matmul(depth=1, fixed_batch=2)}  # fmt: skip
+    run = start_service(tmp, models, instances=2, max_batch=16, max_queue_delay_us=2000,
+                        instance_inflight=1)  # fmt: skip
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
+def test_models_are_routed_by_id_and_agree_with_onnxruntime(service: Running) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    for name, seed in (("a", 0), ("b", 1)):
+        with service.connect(name) as m:
+            assert m.model_id == name
+            assert m.inputs == {"x": ("float32", ("N", 8))}
+            got = m.compute({"x": x})["logits"]
+            want = reference_pipeline([mlp(seed=seed)], {"x": x})["logits"]
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            health = m.health()
+            assert health["serving"] is True and health["tier"] == 2
+            assert "pid" not in health and "kernel" not in health  # nothing about the host
+    with pytest.raises(vault.UnknownModelError):
+        service.connect(None)  # four models: the caller must name one
+    with pytest.raises(vault.UnknownModelError):
+        service.connect("nope")
+
+
+def test_a_stranger_key_is_not_served(service: Running) -> None:
+    with pytest.raises(vault.WorkerTimeoutError):  # CURVE handshake refused by the ZAP check
+        service.connect("a", licence=caller_licence("mallory"), timeout=1.0)
+
+
+def test_batching_joins_callers_and_splits_results_exactly(service: Running) -> None:
+    rng = np.random.default_rng(2)
+    inputs = [rng.standard_normal((1 + i % 3, 512)).astype(np.float32) for i in range(24)]
+    before = service.metric("vault_batch_size_count", model="slow")
+    rows_before = service.metric("vault_batch_size_sum", model="slow")
+    with service.connect("slow") as m:
+        with ThreadPoolExecutor(12) as pool:
+            outs = list(pool.map(lambda x: m.compute({"x": x})["y"], inputs))
+        stats = m.stats()
+    for x, y in zip(inputs, outs):
+        assert y.shape == x.shape
+        np.testing.assert_allclose(y, reference_pipeline([slow_matmul()], {"x": x})["y"],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    calls = service.metric("vault_batch_size_count", model="slow") - before
+    rows = service.metric("vault_batch_size_sum", model="slow") - rows_before
+    assert rows == sum(len(x) for x in inputs)  # every row went to a worker exactly once
+    assert calls < len(inputs)  # and some calls shared a worker call
+    assert stats["batches"] >= 1
+
+
+def test_a_callers_own_batch_is_never_split(service: Running) -> None:
+    x = np.random.default_rng(3).standard_normal((40, 512)).astype(np.float32)  # > max_batch 16
+    before = service.metric("vault_batch_size_bucket", model="slow", le="64.0")
+    small = service.metric("vault_batch_size_bucket", model="slow", le="32.0")
+    with service.connect("slow") as m:
+        y = m.compute({"x": x})["y"]
+    np.testing.assert_allclose(y, reference_pipeline([slow_matmul()], {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    # one worker call of 40 rows: the <=64 bucket grew, the <=32 one did not
+    assert service.metric("vault_batch_size_bucket", model="slow", le="64.0") == before + 1
+    assert service.metric("vault_batch_size_bucket", model="slow", le="32.0") == small
+
+
+def test_a_model_whose_first_dim_is_fixed_is_not_batched(service: Running) -> None:
+    assert service.svc.models["fixed"].batchable is False
+    assert service.svc.models["slow"].batchable is True
+    x = np.ones((2, 512), np.float32)
+    with service.connect("fixed") as m, ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: m.compute({"x": x})["y"], range(12)))
+    assert all(o.shape == (2, 512) for o in outs)
+    assert service.metric("vault_batch_size_sum", model="fixed") == 2 * 12
+
+
+def test_a_crashed_worker_fails_its_call_fast_and_is_restarted(service: Running) -> None:
+    m_state = service.svc.models["slow"]
+    restarts = service.metric("vault_worker_restarts_total", model="slow")
+    ok_before = service.metric("vault_requests_total", model="slow", outcome="success")
+    big = np.ones((4096, 512), np.float32)  # ~1.5 s of compute on one thread
+    with service.connect("slow", timeout=60) as m, ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(m.compute, {"x": big})
+        deadline = time.monotonic() + 10
+        busy = []
+        while not busy and time.monotonic() < deadline:
+            busy = [i for i in m_state.instances if i.inflight]
+            time.sleep(0.01)
+        assert busy, "the call never reached a worker"
+        t0 = time.monotonic()
+        os.kill(busy[0].pid, signal.SIGKILL)
+        with pytest.raises(vault.WorkerCrashedError):
+            fut.result(timeout=30)
+        assert time.monotonic() - t0 < 5.0  # fails fast, not at the 60 s timeout
+        # the other worker serves the next call at once
+        assert m.compute({"x": np.ones((1, 512), np.float32)})["y"].shape == (1, 512)
+        deadline = time.monotonic() + 30
+        while len(m_state.instances) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(m_state.instances) == 2  # restarted
+    assert service.metric("vault_worker_restarts_total", model="slow") == restarts + 1
+    # the crashed call counted once, as a failure; only the completed call as a success
+    assert service.metric("vault_requests_total", model="slow", code="worker_crashed") >= 1
+    assert service.metric("vault_requests_total", model="slow", outcome="success") == ok_before + 1
+
+
+def test_a_timed_out_call_frees_its_slot(service: Running) -> None:
+    big = np.ones((4096, 512), np.float32)
+    with service.connect("slow", timeout=60) as m, ThreadPoolExecutor(2) as pool:
+        # both workers busy with long calls; a third call waits in the queue
+        longs = [pool.submit(m.compute, {"x": big}) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            i.inflight for i in service.svc.models["slow"].instances
+        ):
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(vault.WorkerTimeoutError):
+            m.compute({"x": np.ones((1, 512), np.float32)}, timeout=0.3)
+        assert time.monotonic() - t0 < 5.0  # not held until a worker frees up
+        assert all(f.result(timeout=60)["y"].shape == (4096, 512) for f in longs)
+    assert service.metric("vault_requests_total", model="slow", code="timeout") >= 1
+    # the abandoned call never reached a worker and left no slot behind
+    assert all(i.inflight == 0 for i in service.svc.models["slow"].instances)
+    assert service.metric("vault_inflight", model="slow") == 0
+
+
+def test_bad_input_gets_a_typed_error_and_the_service_goes_on(service: Running) -> None:
+    with service.connect("a") as m:
+        with pytest.raises(vault.InputError):
+            m.compute({"x": np.ones((2, 3), np.float32)})
+        with pytest.raises(vault.InputError):
+            m.compute({"nope": np.ones((2, 8), np.float32)})
+        assert m.compute({"x": np.ones((2, 8), np.float32)})["logits"].shape == (2, 5)
+
+
+def test_probes_metrics_and_logs(service: Running) -> None:
+    assert service.http("/healthz") == (200, "ok\n")
+    assert service.http("/readyz") == (200, "ready\n")
+    assert service.http("/nope")[0] == 404
+    with service.connect("b") as m:
+        for _ in range(3):
+            m.compute({"x": np.full((1, 8), 0.123456, np.float32)})
+    assert (
+        service.metric("vault_requests_total", model="b", licence="alice", outcome="success") >= 3
+    )
+    assert service.metric("vault_compute_seconds_count", model="b") >= 3
+    assert service.metric("vault_queue_seconds_count", model="b") >= 3
+    assert service.metric("vault_instances", model="b", state="ready") == 2
+    lines = service.log_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert any(r["event"] == "call" and r.get("model") == "b" for r in records)
+    text = service.log_path.read_text()
+    assert "secret_" not in text  # no node or weight names
+    assert "0.123456" not in text and "0.12345" not in text  # no tensor values
+
+
+def test_drain_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
+    run = start_service(tmp_path, {"slow": slow_matmul()}, instances=1, drain_timeout=30)
+    try:
+        big = np.ones((2048, 512), np.float32)
+        with run.connect("slow", timeout=60) as m, ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(m.compute, {"x": big})
+            time.sleep(0.2)
+            run.svc.request_stop()
+            deadline = time.monotonic() + 5
+            while run.http("/readyz")[0] == 200 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert run.http("/readyz")[0] == 503
+            with pytest.raises(vault.ServiceUnavailableError):
+                m.compute({"x": np.ones((1, 512), np.float32)})
+            assert fut.result(timeout=60)["y"].shape == (2048, 512)  # finished, not dropped
+        run.thread.join(30)
+        assert not run.thread.is_alive()
+    finally:
+        run.stop()
+    events = [json.loads(x)["event"] for x in run.log_path.read_text().splitlines()]
+    assert events.index("drain_started") < events.index("drain_finished")
+    assert json.loads(run.log_path.read_text().splitlines()[-2])["unfinished"] == 0

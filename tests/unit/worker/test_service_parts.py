@@ -1,0 +1,184 @@
+"""The service's pure parts: which models batch and how rows split back; the
+call-licence cache with a fake key server and clocks (no waiting)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from vault.core.errors import (
+    KeyServerUnavailableError,
+    LicenceRevokedError,
+    RateLimitedError,
+)
+from worker.service import batching
+from worker.service.calls import AdmissionPending, CallLicencePolicy
+from worker.service.instances import Backoff
+
+
+def _sig(*shapes: list[Any]) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": shapes[0]}],
+        "outputs": [
+            {"name": f"y{i}", "dtype": "float32", "shape": s} for i, s in enumerate(shapes[1:])
+        ],
+    }
+
+
+def test_only_a_shared_symbolic_first_dim_is_batchable() -> None:
+    assert batching.batchable(_sig(["N", 8], ["N", 5]))
+    assert batching.batchable(_sig(["N", 8], ["N", 5], ["N"]))
+    assert not batching.batchable(_sig([1, 8], [1, 5]))  # fixed
+    assert not batching.batchable(_sig(["N", 8], ["M", 5]))  # not the same dim
+    assert not batching.batchable(_sig(["N", 8], [5]))  # an output without it
+    assert not batching.batchable(_sig(["?", 8], ["?", 5]))  # unnamed: says nothing
+    assert not batching.batchable(_sig([], ["N"]))  # a scalar input
+
+
+def test_rows_join_and_split_back_exactly() -> None:
+    a = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    b = {"x": np.arange(3, dtype=np.float32).reshape(1, 3) + 100}
+    assert batching.rows_of(a) == 2 and batching.rows_of(b) == 1
+    assert batching.compat_key(a, None) == batching.compat_key(b, None)
+    assert batching.compat_key(a, None) != batching.compat_key(a, ["y"])
+    assert batching.compat_key(a, None) != batching.compat_key(
+        {"x": a["x"].astype(np.float64)}, None
+    )
+    joined = batching.join([a, b])
+    assert joined["x"].shape == (3, 3)
+    parts = batching.split({"y": joined["x"] * 2}, [2, 1])
+    assert parts is not None
+    np.testing.assert_array_equal(parts[0]["y"], a["x"] * 2)
+    np.testing.assert_array_equal(parts[1]["y"], b["x"] * 2)
+    # an output that did not keep the rows apart: no split, the calls run alone
+    assert batching.split({"y": np.zeros((1, 3), np.float32)}, [2, 1]) is None
+    assert batching.rows_of({"x": np.zeros((2, 3)), "z": np.zeros((3, 3))}) is None
+
+
+def test_backoff_doubles_and_resets() -> None:
+    b = Backoff(first=0.5, cap=4.0, reset_after=60.0)
+    assert [b.next_delay(1.0) for _ in range(6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
+    assert b.next_delay(61.0) == 0.0  # served a minute: a fresh start
+
+
+class FakeKeyServer:
+    def __init__(self) -> None:
+        self.revoked = False
+        self.budget: int | None = None
+        self.rate: float | None = None
+        self.down = False
+        self.reports: list[dict[str, Any]] = []
+        self.asks = 0
+
+    def __call__(self, model: str | None, keys: list[str], usage: list[dict[str, Any]]) -> Any:
+        self.asks += 1
+        if self.down:
+            raise KeyServerUnavailableError("down")
+        self.reports.extend(usage)
+        out = {}
+        for k in keys:
+            if self.revoked:
+                out[k] = {"ok": False, "error": LicenceRevokedError("revoked").to_wire()}
+            else:
+                out[k] = {"ok": True, "licence_id": "lic-a", "budget": self.budget,
+                          "rate": self.rate, "expires_at": None}  # fmt: skip
+        return {"ttl": 10.0, "decisions": out}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _policy(ks: FakeKeyServer, clock: Clock) -> tuple[CallLicencePolicy, threading.Event]:
+    decided = threading.Event()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)  # refresher idle
+    p.bind(lambda key, model: decided.set())
+    return p, decided
+
+
+def _admit(p: CallLicencePolicy, decided: threading.Event) -> Any:
+    """Admit, waiting once for a decision being fetched (as the service does)."""
+    try:
+        return p.admit("K" * 40, "m")
+    except AdmissionPending:
+        assert decided.wait(5)
+        decided.clear()
+        return p.admit("K" * 40, "m")
+
+
+def test_a_decision_is_never_used_past_one_lease() -> None:
+    ks, clock = FakeKeyServer(), Clock()
+    p, decided = _policy(ks, clock)
+    try:
+        assert _admit(p, decided).licence == "lic-a"
+        ks.revoked = True
+        clock.t += 9.9  # still within the lease: the cached grant holds
+        assert p.admit("K" * 40, "m").licence == "lic-a"
+        clock.t += 0.2  # past it: a new decision is fetched, and it refuses
+        with pytest.raises(LicenceRevokedError):
+            _admit(p, decided)
+    finally:
+        p.close()
+
+
+def test_budget_is_reserved_per_lease_and_usage_reported() -> None:
+    ks, clock = FakeKeyServer(), Clock()
+    ks.budget = 2
+    p, decided = _policy(ks, clock)
+    try:
+        a1 = _admit(p, decided)
+        a2 = p.admit("K" * 40, "m")
+        p.record(a1, ok=True)
+        p.record(a2, ok=False)  # a failed call is not billed: its slot is free again
+        a3 = p.admit("K" * 40, "m")
+        p.record(a3, ok=True)
+        with pytest.raises(AdmissionPending):  # the budget of 2 is spent: ask again
+            p.admit("K" * 40, "m")
+        assert decided.wait(5)
+        assert ks.reports == [{"licence_id": "lic-a", "used": 2, "reserved": 2}]
+    finally:
+        p.close()
+
+
+def test_rate_is_enforced_per_call() -> None:
+    ks, clock = FakeKeyServer(), Clock()
+    ks.rate = 2.0
+    p, decided = _policy(ks, clock)
+    try:
+        _admit(p, decided)
+        p.admit("K" * 40, "m")  # a burst of 2
+        with pytest.raises(RateLimitedError):
+            p.admit("K" * 40, "m")
+        clock.t += 0.5  # one token back
+        p.admit("K" * 40, "m")
+    finally:
+        p.close()
+
+
+def test_a_key_server_away_fails_closed() -> None:
+    ks, clock = FakeKeyServer(), Clock()
+    ks.down = True
+    p, decided = _policy(ks, clock)
+    try:
+        with pytest.raises(KeyServerUnavailableError):
+            _admit(p, decided)
+        assert p.callback("vault", b"K" * 40) is False  # nobody new gets in either
+    finally:
+        p.close()
+
+
+def test_usage_is_reported_at_close() -> None:
+    ks, clock = FakeKeyServer(), Clock()
+    ks.budget = 10
+    p, decided = _policy(ks, clock)
+    a = _admit(p, decided)
+    p.record(a, ok=True)
+    p.close()
+    assert {"licence_id": "lic-a", "used": 1, "reserved": 10} in ks.reports

@@ -1,0 +1,404 @@
+"""Who may call the service, and under which licence: the call policy.
+
+A policy is asked three things: by the ZAP handler, whether a CURVE client
+key may connect at all (:meth:`CallPolicy.callback`); for each call, which
+licence it runs under, or the typed licence error that refuses it
+(:meth:`CallPolicy.admit`); and, when it is answered, to count it
+(:meth:`CallPolicy.record`).
+
+- :class:`OpenPolicy`: every caller, one label ``local``: for an ``ipc://``
+  service that only processes of this host reach.
+- :class:`AllowListPolicy`: the client keys in a directory (``NAME.key``);
+  the file name is the caller's label in metrics and logs.
+- :class:`CallLicencePolicy`: each caller's CURVE key maps to its *call
+  licence* at the key server, which decides (revoked, expired, quota, wrong
+  model) and grants a call budget for one lease, reserved from the quota;
+  decisions are cached for at most one lease and renewed from half-way with
+  the usage served, so a revocation stops a caller within one lease. The
+  rate limit is enforced here per call (a token bucket per licence).
+
+Example::
+
+    policy = AllowListPolicy.from_dir("clients/")
+    adm = policy.admit(caller_key, "model-id")   # raises a LicenceError to refuse
+    policy.record(adm, ok=True)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vault.core.errors import (
+    ConfigError,
+    KeyServerError,
+    KeyServerUnavailableError,
+    LicenceExpiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    VaultError,
+    from_wire,
+)
+
+__all__ = [
+    "Admission",
+    "AdmissionPending",
+    "AllowListPolicy",
+    "CallLicencePolicy",
+    "CallPolicy",
+    "OpenPolicy",
+]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A call let in: the licence (or caller label) it is counted against."""
+
+    licence: str
+    caller_key: str | None = None
+    decision: Any = field(default=None, compare=False)
+
+
+class AdmissionPending(Exception):
+    """No decision for this caller and model yet: one is being fetched; the
+    service parks the call and asks again when :meth:`CallPolicy.bind`'s
+    callback names the pair."""
+
+
+class CallPolicy(Protocol):
+    def bind(self, notify: Callable[[str, str], None]) -> None: ...
+
+    def callback(self, domain: str, key: bytes) -> bool: ...
+
+    def admit(self, caller_key: str | None, model_id: str) -> Admission: ...
+
+    def record(self, admission: Admission, *, ok: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Usage:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+
+    def bind(self, notify: Callable[[str, str], None]) -> None:
+        del notify  # decisions are local: nothing is ever pending
+
+    def record(self, admission: Admission, *, ok: bool) -> None:
+        with self._lock:
+            (self.calls if ok else self.failures)[admission.licence] += 1
+
+    def close(self) -> None:
+        pass
+
+
+class OpenPolicy(_Usage):
+    """Everyone who can reach the socket (an ``ipc://`` service only)."""
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        del domain, key
+        return False  # never used on tcp://: a CURVE service needs a real policy
+
+    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+        del model_id
+        return Admission("local", caller_key)
+
+
+class AllowListPolicy(_Usage):
+    """Client keys from files; the file's stem names the caller."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        super().__init__()
+        self.by_key = {k: name for name, k in keys.items()}
+
+    @classmethod
+    def from_dir(cls, directory: str) -> AllowListPolicy:
+        import zmq.auth
+
+        keys: dict[str, str] = {}
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            raise ConfigError(f"{directory}: cannot read the allow-list ({exc.strerror})") from exc
+        for name in names:
+            if not name.endswith((".key", ".pub")) or name.endswith("_secret"):
+                continue
+            path = os.path.join(directory, name)
+            with open(path, "rb") as fh:
+                text = fh.read().strip()
+            if len(text) != 40 or b"\n" in text:
+                try:
+                    public, _secret = zmq.auth.load_certificate(path)
+                except (ValueError, OSError):
+                    raise ConfigError(
+                        f"{path}: neither a Z85 public key nor a zmq certificate"
+                    ) from None
+                if not public:
+                    continue
+                text = public
+            keys[name.rsplit(".", 1)[0]] = text.decode("ascii")
+        return cls(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        del domain  # pyzmq passes the client key Z85-encoded
+        return key.decode("ascii", "replace") in self.by_key
+
+    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+        del model_id
+        name = self.by_key.get(caller_key or "")
+        if name is None:
+            raise PermissionDeniedError("this caller is not on the service's allow-list")
+        return Admission(name, caller_key)
+
+
+# --- call licences, decided by the key server ----------------------------------------
+
+Ask = Callable[[str | None, list[str], list[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass(eq=False)
+class _Decision:
+    key: str
+    model_id: str
+    fetched: float
+    ttl: float
+    ok: bool
+    error: dict[str, Any] | None = None
+    licence: str = ""
+    budget: int | None = None
+    retry_after: float | None = None  # budget 0 because of the rate: ask again after this
+    rate: float | None = None
+    expires_at: float | None = None
+    admitted: int = 0  # calls let in under this grant (served and in flight)
+    last_used: float = 0.0
+    refreshing: bool = False
+
+
+class _Bucket:
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class CallLicencePolicy(_Usage):
+    """Decisions from the key server, cached for at most one lease.
+
+    ``ask(model_id, keys, usage)`` is the key server's ``call_decisions`` op
+    (:meth:`vault.core.keyclient.KeyServerClient.call_decisions`); the clocks
+    are parameters so tests need no waiting.
+    """
+
+    def __init__(
+        self,
+        ask: Ask,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        refresh_every: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self._ask = ask
+        self._clock = clock
+        self._wall = wall
+        self._notify: Callable[[str, str], None] = lambda key, model: None
+        self._decisions: dict[tuple[str, str], _Decision] = {}
+        self._probes: dict[str, tuple[bool, float]] = {}
+        self._unreported: Counter[str] = Counter()
+        self._reserved: dict[str, int] = {}  # licence -> reserve not yet reported
+        self._buckets: dict[str, _Bucket] = {}
+        self._ask_lock = threading.Lock()  # one key-server request at a time
+        self._stop = threading.Event()
+        self._every = refresh_every
+        self._thread = threading.Thread(target=self._refresher, name="vault-calls", daemon=True)
+        self._thread.start()
+
+    def bind(self, notify: Callable[[str, str], None]) -> None:
+        self._notify = notify
+
+    # -- ZAP: is this a live call licence at all (no model, nothing reserved) --
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        del domain
+        z = key.decode("ascii", "replace")
+        now = self._clock()
+        with self._lock:
+            hit = self._probes.get(z)
+        if hit is not None and now - hit[1] < 5.0:
+            return hit[0]
+        try:
+            out = self._call(None, [z], [])
+        except VaultError:
+            return False  # key server away: nobody new gets in (fail closed)
+        d = (out.get("decisions") or {}).get(z) or {}
+        ok = bool(d.get("ok"))
+        with self._lock:
+            self._probes[z] = (ok, now)
+        return ok
+
+    # -- per call ----------------------------------------------------------------
+
+    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+        if caller_key is None:
+            raise PermissionDeniedError("a call licence is needed (connect over CURVE)")
+        now = self._clock()
+        with self._lock:
+            d = self._decisions.get((caller_key, model_id))
+            if d is None or now >= d.fetched + d.ttl:
+                # none yet, or older than one lease: never used past that
+                if d is None or not d.refreshing:
+                    if d is not None:
+                        d.refreshing = True
+                    self._fetch_async(caller_key, model_id)
+                raise AdmissionPending()
+            d.last_used = now
+            if not d.ok:
+                raise from_wire(d.error)
+            if d.expires_at is not None and self._wall() >= d.expires_at:
+                raise LicenceExpiredError(f"licence {d.licence} has expired")
+            if d.budget is not None and d.admitted >= d.budget:
+                if d.retry_after is not None and now < d.fetched + d.retry_after:
+                    raise RateLimitedError(f"licence {d.licence}: call rate exceeded")
+                # this lease's reserve is spent: ask for the next one (or the refusal)
+                if not d.refreshing:
+                    d.refreshing = True
+                    self._fetch_async(caller_key, model_id)
+                raise AdmissionPending()
+            if d.rate is not None:
+                bucket = self._buckets.get(d.licence)
+                if bucket is None or bucket.rate != d.rate:
+                    bucket = self._buckets[d.licence] = _Bucket(d.rate, now)
+                if not bucket.take(now):
+                    raise RateLimitedError(f"licence {d.licence}: more than {d.rate:g} calls/s")
+            d.admitted += 1
+            return Admission(d.licence, caller_key, d)
+
+    def record(self, admission: Admission, *, ok: bool) -> None:
+        super().record(admission, ok=ok)
+        d = admission.decision
+        with self._lock:
+            if ok:
+                self._unreported[admission.licence] += 1
+            elif isinstance(d, _Decision):
+                d.admitted -= 1  # a failed call is not billed: its slot is free again
+
+    def usage(self) -> dict[str, int]:
+        """Calls served per licence since this service started."""
+        with self._lock:
+            return dict(self.calls)
+
+    # -- talking to the key server ---------------------------------------------------
+
+    def _call(self, model_id: str | None, keys: list[str], usage: list[dict[str, Any]]) -> Any:
+        with self._ask_lock:
+            return self._ask(model_id, keys, usage)
+
+    def _usage_report(self, licences: set[str]) -> list[dict[str, Any]]:
+        with self._lock:
+            out = []
+            for lic in licences:
+                used = self._unreported.pop(lic, 0)
+                reserved = self._reserved.pop(lic, 0)
+                if used or reserved:
+                    out.append({"licence_id": lic, "used": used, "reserved": reserved})
+            return out
+
+    def _fetch(self, key: str, model_id: str) -> None:
+        with self._lock:
+            old = self._decisions.get((key, model_id))
+        licences = {old.licence} if old is not None and old.ok else set()
+        usage = self._usage_report(licences)
+        now = self._clock()
+        try:
+            out = self._call(model_id, [key], usage)
+            raw = (out.get("decisions") or {}).get(key)
+            ttl = float(out.get("ttl") or 10.0)
+            if not isinstance(raw, dict):
+                raise KeyServerError("the key server gave no decision for this caller")
+        except VaultError as exc:
+            with self._lock:
+                for u in usage:  # not reported: report again next time
+                    self._unreported[u["licence_id"]] += u["used"]
+                    self._reserved[u["licence_id"]] = (
+                        self._reserved.get(u["licence_id"], 0) + u["reserved"]
+                    )
+                # a short-lived refusal, so the next call tries again
+                self._decisions[(key, model_id)] = _Decision(
+                    key, model_id, now, min(1.0, (old.ttl if old else 1.0)), False,
+                    error=(exc if isinstance(exc, KeyServerError)
+                           else KeyServerUnavailableError(str(exc))).to_wire(),
+                )  # fmt: skip
+            self._notify(key, model_id)
+            return
+        d = _Decision(key, model_id, now, ttl, bool(raw.get("ok")), error=raw.get("error"),
+                      licence=str(raw.get("licence_id") or ""), budget=raw.get("budget"),
+                      retry_after=raw.get("retry_after"),
+                      rate=raw.get("rate"), expires_at=raw.get("expires_at"), last_used=now)  # fmt: skip
+        with self._lock:
+            self._decisions[(key, model_id)] = d
+            if d.ok and d.budget:
+                self._reserved[d.licence] = self._reserved.get(d.licence, 0) + int(d.budget)
+        self._notify(key, model_id)
+
+    def _fetch_async(self, key: str, model_id: str) -> None:
+        threading.Thread(target=self._fetch, args=(key, model_id), daemon=True).start()
+
+    def _refresher(self) -> None:
+        """Renew decisions from half-way through their lease while they are
+        used; report and forget those left unused for a whole lease."""
+        while not self._stop.wait(self._every):
+            now = self._clock()
+            due: list[tuple[str, str]] = []
+            idle: list[_Decision] = []
+            with self._lock:
+                for k, d in list(self._decisions.items()):
+                    if d.refreshing:
+                        continue
+                    if now - d.last_used >= d.ttl:
+                        idle.append(self._decisions.pop(k))
+                    elif now >= d.fetched + d.ttl / 2:
+                        d.refreshing = True
+                        due.append(k)
+            for key, model_id in due:
+                self._fetch(key, model_id)
+            for d in idle:
+                if d.ok:  # give the unused reserve back
+                    usage = self._usage_report({d.licence})
+                    if usage:
+                        try:
+                            self._call(d.model_id, [], usage)
+                        except VaultError:
+                            pass
+
+    def close(self) -> None:
+        """Report what was served and give back unused reserves (best effort)."""
+        self._stop.set()
+        self._thread.join(2)
+        with self._lock:
+            by_model: dict[str, set[str]] = {}
+            for d in self._decisions.values():
+                if d.ok:
+                    by_model.setdefault(d.model_id, set()).add(d.licence)
+        for model_id, lics in by_model.items():
+            usage = self._usage_report(lics)
+            if usage:
+                try:
+                    self._call(model_id, [], usage)
+                except VaultError:
+                    pass

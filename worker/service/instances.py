@@ -1,0 +1,252 @@
+"""Worker processes of the service: starting one, and the restart backoff.
+
+Each instance is an ordinary hardened worker (``python -I -B -m worker``,
+started through :mod:`vault.core.launch`, the one place that builds a
+worker's command line and environment) bound to an ``ipc://`` socket in a
+private 0700 directory, with a lifeline pipe: if the service dies, its
+workers see EOF and exit by themselves. Starting one blocks (key release,
+decrypt, session build), so the service does it on a thread and hands the
+ready :class:`Instance` to its loop.
+
+Example::
+
+    spec = LaunchSpec(licence=lic)
+    inst = start_instance(spec, "/srv/models/m.vault", model_id="m", index=0)
+    ...                          # the loop connects a DEALER to inst.endpoint
+    inst.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from vault.core.device import Device
+from vault.core.errors import ProtocolError, WorkerTimeoutError
+from vault.core.launch import read_ready_line, spawn_worker
+from vault.core.licence import Licence
+from vault.core.protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
+
+__all__ = ["Backoff", "Instance", "LaunchSpec", "start_instance"]
+
+
+@dataclass
+class LaunchSpec:
+    """How the service starts its workers (the same for every model).
+
+    ``licence`` is the service's own runtime licence (one per model, or one
+    for all) and ``device`` the enrolled device the service runs as: each
+    worker asks the key server for its package key as that device, with the
+    licence's proof. ``unsafe_test_keys`` (package
+    path -> raw key, with ``publisher``) bypasses the key server and exists
+    for tests only, as :func:`vault.client.open_with_unsafe_test_key` does.
+    """
+
+    licence: Licence | Sequence[Licence] | None = None
+    threads: int = 2
+    intra_op_threads: int | None = 1
+    user: str | None = None
+    device: Device | None = None  # the enrolled device this service runs as (tier 2)
+    providers: Sequence[str] | None = None
+    start_timeout: float = 120.0
+    python: str | None = None
+    extra_args: Sequence[str] = ()
+    publisher: str | None = None
+    unsafe_test_keys: Mapping[str, bytes] = field(default_factory=dict)
+
+    def licence_for(self, model_id: str) -> Licence | None:
+        """The licence a worker of ``model_id`` asks for its key with: the one
+        bound to that model, else one bound to none, else the only one."""
+        lics = [self.licence] if isinstance(self.licence, Licence) else list(self.licence or ())
+        for lic in lics:
+            if lic.model_id == model_id:
+                return lic
+        for lic in lics:
+            if lic.model_id is None:
+                return lic
+        return lics[0] if len(lics) == 1 else None
+
+
+class Instance:
+    """One running worker process of a model's pool."""
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        index: int,
+        proc: subprocess.Popen[bytes],
+        directory: str,
+        endpoint: str,
+        lifeline: int,
+        info: dict[str, Any],
+    ) -> None:
+        self.model_id = model_id
+        self.index = index
+        self.proc = proc
+        self.dir = directory
+        self.endpoint = endpoint
+        self.lifeline: int | None = lifeline
+        self.info = info
+        self.started = time.monotonic()
+        self.sock: zmq.Socket[Any] | None = None  # owned by the service loop
+        self.inflight = 0
+        self.pidfd: int | None = None
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # pragma: no cover - kernels before 5.3
+            self.pidfd = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the lifeline (the worker exits on EOF), SIGTERM, then SIGKILL."""
+        if self.lifeline is not None:
+            os.close(self.lifeline)
+            self.lifeline = None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL at once (a worker stuck past its calls' timeouts)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:
+    """The worker's public signature (one ``info`` round trip on a private socket)."""
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(endpoint)
+        sock.send(pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 0}))
+        if not sock.poll(int(timeout * 1000)):
+            raise WorkerTimeoutError("worker did not answer info")
+        frames = sock.recv_multipart()
+        hdr = unpack_header(frames[0])
+        raise_for_reply(hdr)
+        if not isinstance(hdr.get("inputs"), list) or not isinstance(hdr.get("outputs"), list):
+            raise ProtocolError("worker info has no signature")
+        return {k: v for k, v in hdr.items() if k not in ("v", "id", "ok")}
+    finally:
+        sock.close(linger=0)
+
+
+def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int) -> Instance:
+    """Start one worker for ``package`` and wait until it serves (blocking)."""
+    directory = tempfile.mkdtemp(prefix="vault-svc-")  # 0700
+    endpoint = f"ipc://{directory}/w.sock"
+    status_r, status_w = os.pipe()
+    life_r, life_w = os.pipe()
+    args = [os.path.abspath(package), "--endpoint", endpoint, "--status-fd", str(status_w),
+            "--lifeline-fd", str(life_r), "--threads", str(spec.threads)]  # fmt: skip
+    if spec.intra_op_threads:
+        args += ["--intra-op-threads", str(spec.intra_op_threads)]
+    pass_fds = [status_w, life_r]
+    child_ends = [status_w, life_r]
+    secrets: list[tuple[int, bytes]] = []
+    key = spec.unsafe_test_keys.get(os.path.abspath(package))
+    if key is not None:
+        kr, kw = os.pipe()
+        args += ["--unsafe-test-key-fd", str(kr)]
+        pass_fds.append(kr)
+        child_ends.append(kr)
+        secrets.append((kw, bytes(key)))
+    elif (lic := spec.licence_for(model_id)) is not None:
+        lr, lw = os.pipe()
+        args += ["--licence-fd", str(lr)]
+        pass_fds.append(lr)
+        child_ends.append(lr)
+        secrets.append((lw, lic.dumps()))
+    if spec.device is not None:
+        dr, dw = os.pipe()
+        args += ["--device-key-fd", str(dr), "--tier", "2"]
+        pass_fds.append(dr)
+        child_ends.append(dr)
+        secrets.append((dw, spec.device.dumps()))
+    if spec.publisher:
+        args += ["--publisher", os.path.abspath(spec.publisher)]
+    if spec.user:
+        args += ["--user", spec.user]
+    if spec.providers:
+        args += ["--providers", ",".join(spec.providers)]
+    args += list(spec.extra_args)
+    if spec.user:  # the dropped worker must still reach its socket directory
+        import pwd
+
+        pw = pwd.getpwnam(spec.user)
+        os.chown(directory, pw.pw_uid, pw.pw_gid)
+    try:
+        proc = spawn_worker(args, pass_fds=pass_fds, cwd=directory, python=spec.python)
+    except BaseException:
+        for fd in (*child_ends, status_r, life_w, *(w for w, _ in secrets)):
+            os.close(fd)
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    for fd in child_ends:
+        os.close(fd)
+    for fd, data in secrets:  # small: fits the pipe buffer, never touches disk
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    inst: Instance | None = None
+    try:
+        ready = read_ready_line(status_r, timeout=spec.start_timeout, proc=proc)
+        bound = str(ready.get("endpoint") or endpoint)
+        info = _ask_info(bound, timeout=30.0)
+        inst = Instance(model_id=model_id, index=index, proc=proc, directory=directory,
+                        endpoint=bound, lifeline=life_w, info=info)  # fmt: skip
+        return inst
+    except BaseException:
+        if inst is None:
+            os.close(life_w)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    finally:
+        os.close(status_r)
+
+
+class Backoff:
+    """Restart delays for one pool slot: 0.5 s, doubling to ``cap``; an
+    instance that served for ``reset_after`` seconds resets it."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0, reset_after: float = 60.0) -> None:
+        self.first = first
+        self.cap = cap
+        self.reset_after = reset_after
+        self.failures = 0
+
+    def next_delay(self, lived: float) -> float:
+        if lived >= self.reset_after:
+            self.failures = 0
+        delay = 0.0 if self.failures == 0 else min(self.cap, self.first * 2 ** (self.failures - 1))
+        self.failures += 1
+        return delay

@@ -1,0 +1,157 @@
+"""The service's Prometheus metrics and its HTTP endpoints.
+
+``/metrics`` (Prometheus text format, from ``prometheus_client``),
+``/healthz`` (200 while the service loop turns) and ``/readyz`` (200 when not
+draining and every model has a ready worker; 503 otherwise). Metric names
+follow Triton's in spirit, per model and per licence:
+
+- ``vault_requests_total{model,licence,outcome,code}``: calls answered
+  (``outcome`` is ``success`` or ``failure``; ``code`` the error code or ``ok``)
+- ``vault_queue_seconds{model}``: time from arrival to dispatch to a worker
+- ``vault_compute_seconds{model}``: time from dispatch to the worker's answer
+- ``vault_batch_size{model}``: rows per call sent to a worker
+- ``vault_instances{model,state}``: worker processes by state
+- ``vault_worker_restarts_total{model}``, ``vault_inflight{model}``
+
+Example::
+
+    metrics = Metrics()
+    http = HttpEndpoints(metrics, state, host="127.0.0.1", port=0).start()
+    http.port      # the bound port; http.stop() ends it
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["HttpEndpoints", "Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric of one service, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vault_requests", "Calls answered, by outcome", ["model", "licence", "outcome", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "vault_queue_seconds", "Time a call waited in the service before a worker got it",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "vault_compute_seconds", "Time from dispatch to the worker's answer",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "vault_batch_size", "Rows per call sent to a worker", ["model"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.instances = Gauge(
+            "vault_instances", "Worker processes by state", ["model", "state"], registry=r
+        )
+        self.restarts = Counter(
+            "vault_worker_restarts", "Worker processes restarted after a crash", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge("vault_inflight", "Calls queued or running", ["model"], registry=r)
+        self._answered: dict[tuple[str, str, str], Any] = {}
+        self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    def answered(self, model: str, licence: str, code: str) -> None:
+        key = (model, licence, code)
+        child = self._answered.get(key)
+        if child is None:  # a labels() lookup takes a lock and builds a tuple: once per key
+            outcome = "success" if code == "ok" else "failure"
+            child = self._answered[key] = self.requests.labels(model, licence, outcome, code)
+        child.inc()
+
+    def per_model(self, model: str) -> tuple[Any, Any, Any, Any]:
+        """(queue_seconds, compute_seconds, batch_size, inflight) children of ``model``."""
+        got = self._per_model.get(model)
+        if got is None:
+            got = self._per_model[model] = (
+                self.queue_seconds.labels(model),
+                self.compute_seconds.labels(model),
+                self.batch_size.labels(model),
+                self.inflight.labels(model),
+            )
+        return got
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HttpEndpoints:
+    """A small threaded HTTP server for probes and scraping."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, owner.metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = owner.healthy()
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
+                elif path == "/readyz":
+                    ok = owner.ready()
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # probes every few seconds would drown the JSON log
+
+        self.metrics = metrics
+        self.healthy = healthy
+        self.ready = ready
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> HttpEndpoints:
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+            name="vault-http", daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(2)

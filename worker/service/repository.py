@@ -1,0 +1,60 @@
+"""A model repository: every ``*.vault`` in one directory, rescanned on demand.
+
+A scan reads each package's public manifest (no key, no decryption) for its
+model id; a file's ``(inode, size, mtime)`` stamp tells a replaced package
+from an unchanged one. A package that cannot be read is logged and left
+out; the rest are served.
+
+Example::
+
+    repo = Repository("/srv/models")
+    for model_id, path, stamp in repo.scan(log):
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vault.core.errors import ConfigError, VaultError
+from vault.core.package import Package
+
+__all__ = ["Repository"]
+
+
+class Repository:
+    def __init__(self, directory: str) -> None:
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--repository {directory}: not a directory")
+        self.directory = os.path.abspath(directory)
+
+    @staticmethod
+    def describe(path: str) -> tuple[str, str, Any]:
+        """``(model_id, absolute path, stamp)`` of one package; typed errors."""
+        path = os.path.abspath(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the package ({exc.strerror})") from exc
+        with Package.load(path) as pkg:
+            model_id = pkg.model_id
+        return model_id, path, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def scan(self, log: Any) -> list[tuple[str, str, Any]]:
+        out: list[tuple[str, str, Any]] = []
+        seen: set[str] = set()
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(".vault") or name.startswith("."):
+                continue
+            try:
+                model_id, path, stamp = self.describe(os.path.join(self.directory, name))
+            except VaultError as exc:
+                log("package_skipped", level="error", file=name, code=exc.code)
+                continue
+            if model_id in seen:
+                log("package_skipped", level="error", file=name, code="duplicate_model_id")
+                continue
+            seen.add(model_id)
+            out.append((model_id, path, stamp))
+        return out

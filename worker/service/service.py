@@ -1,0 +1,955 @@
+"""The worker service: many models, a supervised pool each, batching, drain.
+
+One thread, the *loop*, owns every ZeroMQ socket: the front ROUTER callers
+reach (``tcp://`` with CURVE and a ZAP check, or ``ipc://``), and one DEALER
+per worker process. A call is admitted (the caller's licence, see
+:mod:`.calls`), queued on its model, and sent to the least-loaded ready
+worker of that model's pool, alone or joined with other callers' rows into
+one batch (:mod:`.batching`). Replies are matched by a service-side request
+id, split back, and answered to the caller with the caller's own id.
+
+- A worker that dies is seen at once (a ``pidfd`` in the poll set): each call
+  it held is answered :class:`~vault.core.errors.WorkerCrashedError`, never
+  retried by the service (so never run or counted twice), and the worker is
+  restarted with backoff.
+- A call past its timeout is answered :class:`WorkerTimeoutError` and its
+  slot freed; a worker still busy with only abandoned calls a full timeout
+  later is killed and restarted.
+- Signals only wake the loop (``signal.set_wakeup_fd``); SIGTERM starts a
+  drain: readiness goes false, new calls are refused with
+  :class:`ServiceUnavailableError`, the calls already admitted finish within
+  ``drain_timeout``, the workers stop, and :meth:`WorkerService.run` returns 0.
+  SIGHUP rescans the repository.
+
+Example::
+
+    cfg = ServiceConfig(bind="tcp://0.0.0.0:7701", packages=["m.vault"],
+                        launch=LaunchSpec(licence=lic), curve=(public, secret),
+                        policy=AllowListPolicy.from_dir("clients/"))
+    svc = WorkerService(cfg)
+    ready = svc.start()          # every model has a ready worker
+    svc.run()                    # until SIGTERM (or svc.request_stop())
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from vault.core.errors import (
+    ConfigError,
+    ProtocolError,
+    ServiceUnavailableError,
+    UnknownModelError,
+    VaultError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
+from vault.core.protocol import (
+    PROTOCOL_VERSION,
+    decode_tensors,
+    encode_tensors,
+    error_reply,
+    ok_reply,
+    pack_header,
+    unpack_header,
+)
+
+from . import batching
+from .calls import Admission, AdmissionPending, CallPolicy, OpenPolicy
+from .instances import Backoff, Instance, LaunchSpec, start_instance
+from .logs import JsonLog
+from .metrics import HttpEndpoints, Metrics
+from .repository import Repository
+
+__all__ = ["ServiceConfig", "WorkerService"]
+
+_HOUSEKEEPING_S = 0.02
+_MAX_SCAN = 256  # queue entries looked at when forming one batch
+
+
+@dataclass
+class ServiceConfig:
+    bind: str
+    packages: Sequence[str] = ()
+    repository: str | None = None
+    poll_interval: float | None = None
+    instances: int = 1
+    max_batch: int = 1
+    max_queue_delay_us: int = 0
+    instance_inflight: int = 2
+    request_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    max_message: int = 1 << 30
+    curve: tuple[bytes, bytes] | None = None  # (public, secret) for tcp://
+    policy: CallPolicy = field(default_factory=OpenPolicy)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+
+
+@dataclass(eq=False)
+class _Call:
+    ident: Any
+    rid: Any
+    model: str
+    admission: Admission
+    header: dict[str, Any]
+    frames: list[Any]
+    arrived: float
+    deadline: float
+    feeds: dict[str, np.ndarray[Any, Any]] | None = None
+    rows: int | None = None
+    key: Any = None
+    solo: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Dispatch:
+    did: int
+    inst: Instance
+    calls: list[_Call]
+    sent: float
+    joined: bool
+    stuck_at: float
+
+
+class _Model:
+    def __init__(self, model_id: str, path: str, stamp: Any) -> None:
+        self.model_id = model_id
+        self.path = path
+        self.stamp = stamp
+        self.info: dict[str, Any] | None = None
+        self.batchable = False
+        self.instances: list[Instance] = []
+        self.starting: set[int] = set()
+        self.backoff: dict[int, Backoff] = {}
+        self.restart_at: dict[int, float] = {}
+        self.queue: deque[_Call] = deque()
+        self.removing = False
+        self.batch_timer: float | None = None
+        self.calls = 0
+        self.errors = 0
+        self.batches = 0
+        self.latencies: deque[float] = deque(maxlen=4096)
+
+    def busy(self, dispatches: dict[int, _Dispatch]) -> bool:
+        return bool(self.queue) or any(d.inst.model_id == self.model_id and d.inst in
+                                       self.instances for d in dispatches.values())  # fmt: skip
+
+
+class WorkerService:
+    """See the module docstring."""
+
+    def __init__(self, cfg: ServiceConfig, *, log: JsonLog | None = None) -> None:
+        if not cfg.packages and not cfg.repository:
+            raise ConfigError("give packages to serve, or --repository DIR")
+        self.cfg = cfg
+        self.log = log or JsonLog(None)
+        self.metrics = Metrics()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.models: dict[str, _Model] = {}
+        self.retiring: list[_Model] = []
+        self.dispatches: dict[int, _Dispatch] = {}
+        self._ids = itertools.count(1)
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # for threads only; signals use set_wakeup_fd
+        self._poller = zmq.Poller()
+        self._by_sock: dict[Any, Instance] = {}
+        self._by_pidfd: dict[int, Instance] = {}
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._stopped = False
+        self._heartbeat = time.monotonic()
+        self._auth: Any = None
+        self._http: HttpEndpoints | None = None
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.endpoint = cfg.bind
+        self.repo = Repository(cfg.repository) if cfg.repository else None
+        self._next_poll = 0.0
+        self._parked: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        cfg.policy.bind(lambda key, model: self._post("decided", key, model))
+
+    # -- start ----------------------------------------------------------------------
+
+    def _configure_front(self) -> None:
+        f = self.front
+        f.linger = 0
+        f.maxmsgsize = self.cfg.max_message
+        f.sndhwm = f.rcvhwm = 10000
+        f.router_mandatory = False
+        if self.cfg.bind.startswith("tcp://"):
+            if self.cfg.curve is None:
+                raise ConfigError("a tcp:// service needs CURVE keys and an allow-list")
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(
+                domain="vault", credentials_provider=self.cfg.policy
+            )
+            public, secret = self.cfg.curve
+            f.curve_server = True
+            f.curve_secretkey = secret
+            f.curve_publickey = public
+            f.zap_domain = b"vault"
+
+    def _initial_sources(self) -> list[tuple[str, str, Any]]:
+        out: list[tuple[str, str, Any]] = []
+        if self.repo is not None:
+            out.extend(self.repo.scan(self.log))
+        for p in self.cfg.packages:
+            out.append(Repository.describe(p))
+        seen: dict[str, str] = {}
+        for model_id, path, _ in out:
+            if model_id in seen and seen[model_id] != path:
+                raise ConfigError(f"model id {model_id!r} is in both {seen[model_id]} and {path}")
+            seen[model_id] = path
+        return out
+
+    def start(self) -> dict[str, Any]:
+        """Bind, start every model's pool and the HTTP endpoints; returns when
+        each model has all its workers (a model that cannot start at all raises
+        its typed error: a wrong licence, a bad package)."""
+        sources = self._initial_sources()
+        self._configure_front()
+        for model_id, path, stamp in sources:
+            self.models[model_id] = _Model(model_id, path, stamp)
+        results: dict[tuple[str, int], Any] = {}
+
+        def boot(m: _Model, i: int) -> None:
+            try:
+                results[(m.model_id, i)] = start_instance(
+                    self.cfg.launch, m.path, model_id=m.model_id, index=i
+                )
+            except BaseException as exc:  # reported below, in this thread
+                results[(m.model_id, i)] = exc
+
+        threads = [threading.Thread(target=boot, args=(m, i), daemon=True)
+                   for m in self.models.values() for i in range(self.cfg.instances)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failure: BaseException | None = None
+        for (model_id, i), res in sorted(results.items(), key=lambda kv: kv[0]):
+            m = self.models[model_id]
+            if isinstance(res, Instance):
+                self._attach(m, res)
+            else:
+                failure = failure or res
+                self.log("worker_failed", level="error", model=model_id, index=i,
+                         code=getattr(res, "code", type(res).__name__))  # fmt: skip
+        if failure is not None:
+            self.close()
+            raise failure
+        self.front.bind(self.cfg.bind)
+        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller.register(self.front, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        if self.cfg.metrics_port is not None:
+            self._http = HttpEndpoints(self.metrics, healthy=self.healthy, ready=self.ready,
+                                       host=self.cfg.metrics_host, port=self.cfg.metrics_port)  # fmt: skip
+            self._http.start()
+        if self.repo is not None and self.cfg.poll_interval:
+            self._next_poll = time.monotonic() + self.cfg.poll_interval
+        self.log("service_ready", endpoint=self.endpoint, models=len(self.models),
+                 instances=self.cfg.instances, max_batch=self.cfg.max_batch,
+                 metrics_port=self.metrics_port)  # fmt: skip
+        return {
+            "endpoint": self.endpoint,
+            "server_key": self.cfg.curve[0].decode() if self.cfg.curve else None,
+            "models": {k: self._describe(m) for k, m in self.models.items()},
+            "metrics_port": self.metrics_port,
+        }
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    def _describe(self, m: _Model) -> dict[str, Any]:
+        return {"instances": len(m.instances), "batching": m.batchable and self.cfg.max_batch > 1,
+                "provider": (m.info or {}).get("provider")}  # fmt: skip
+
+    def _attach(self, m: _Model, inst: Instance) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = sock.rcvhwm = 0
+        sock.maxmsgsize = -1
+        sock.connect(inst.endpoint)
+        inst.sock = sock
+        self._poller.register(sock, zmq.POLLIN)
+        self._by_sock[sock] = inst
+        if inst.pidfd is not None:
+            self._poller.register(inst.pidfd, zmq.POLLIN)
+            self._by_pidfd[inst.pidfd] = inst
+        m.instances.append(inst)
+        if m.info is None:
+            m.info = inst.info
+            m.batchable = batching.batchable(inst.info)
+        self._gauge(m)
+        self.log("worker_ready", model=m.model_id, index=inst.index, pid=inst.pid)
+
+    def _gauge(self, m: _Model) -> None:
+        self.metrics.instances.labels(m.model_id, "ready").set(len(m.instances))
+        self.metrics.instances.labels(m.model_id, "starting").set(len(m.starting))
+
+    # -- probes -----------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return not self._stopped and time.monotonic() - self._heartbeat < 10.0
+
+    def ready(self) -> bool:
+        return (
+            self.healthy()
+            and not self.draining
+            and bool(self.models)
+            and all(m.instances for m in self.models.values())
+        )
+
+    # -- control from other threads ------------------------------------------------------
+
+    def _post(self, *event: Any) -> None:
+        with self._wake_lock:  # never write to the fd number after close() reused it
+            closed = self._wake_w < 0
+            if not closed:
+                self._events.put(event)
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:  # the pipe is full: the loop is awake anyway
+                    pass
+        if closed and event[0] == "started":  # finished starting after the service stopped
+            event[3].stop()
+
+    def request_stop(self) -> None:
+        """Start a drain (thread-safe; what SIGTERM does)."""
+        self._post("drain")
+
+    def request_rescan(self) -> None:
+        """Rescan the repository (thread-safe; what SIGHUP does)."""
+        self._post("rescan")
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a drain completes; returns the exit code (0)."""
+        old_wakeup = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, _wake_only)
+        try:
+            self._loop()
+        finally:
+            if in_main:
+                signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
+            self.close()
+        return 0
+
+    def _loop(self) -> None:
+        next_house = 0.0
+        while True:
+            now = time.monotonic()
+            self._heartbeat = now
+            timeout = self._poll_timeout(now)
+            events = dict(self._poller.poll(timeout))
+            for key in events:
+                if key == self._wake_r:
+                    self._wake()
+                elif key is self.front:
+                    self._from_callers()
+                elif isinstance(key, int):
+                    inst = self._by_pidfd.get(key)
+                    if inst is not None:
+                        self._crashed(inst)
+                else:
+                    inst = self._by_sock.get(key)
+                    if inst is not None:
+                        self._from_worker(inst)
+            now = time.monotonic()
+            if now >= next_house:
+                next_house = now + _HOUSEKEEPING_S
+                self._housekeeping(now)
+            for m in self._all_models():
+                self._pump(m, now)
+            if self.draining and (not self._pending() or now >= self._drain_deadline):
+                self._finish_drain()
+                return
+
+    def _poll_timeout(self, now: float) -> int:
+        t = _HOUSEKEEPING_S
+        for m in self.models.values():
+            if m.batch_timer is not None:
+                t = min(t, max(0.0, m.batch_timer - now))
+        return max(0, int(t * 1000))
+
+    def _all_models(self) -> list[_Model]:
+        return [*self.models.values(), *self.retiring]
+
+    def _pending(self) -> bool:
+        return (
+            bool(self.dispatches) or bool(self._parked) or any(m.queue for m in self._all_models())
+        )
+
+    def _wake(self) -> None:
+        try:
+            data = os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            data = b""
+        for b in data:
+            if b in (signal.SIGTERM, signal.SIGINT):
+                self._start_drain("signal")
+            elif b == signal.SIGHUP:
+                self._rescan()
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self._event(ev)
+
+    def _event(self, ev: tuple[Any, ...]) -> None:
+        kind = ev[0]
+        m: _Model
+        if kind == "drain":
+            self._start_drain("request")
+        elif kind == "rescan":
+            self._rescan()
+        elif kind == "decided":
+            self._unpark(ev[1], ev[2])
+        elif kind == "started":
+            _, m, index, inst = ev
+            m.starting.discard(index)
+            if self.draining or m.removing or self.models.get(m.model_id) is not m:
+                threading.Thread(target=inst.stop, daemon=True).start()
+            else:
+                self._attach(m, inst)
+            self._gauge(m)
+        elif kind == "start_failed":
+            _, m, index, exc = ev
+            m.starting.discard(index)
+            code = getattr(exc, "code", type(exc).__name__)
+            self.log("worker_failed", level="error", model=m.model_id, index=index, code=code)
+            if not self.draining and not m.removing:
+                delay = m.backoff.setdefault(index, Backoff()).next_delay(0.0)
+                m.restart_at[index] = time.monotonic() + max(delay, 0.5)
+            self._gauge(m)
+
+    def _launch(self, m: _Model, index: int) -> None:
+        m.starting.add(index)
+        spec = self.cfg.launch
+
+        def run() -> None:
+            try:
+                inst = start_instance(spec, m.path, model_id=m.model_id, index=index)
+            except BaseException as exc:
+                self._post("start_failed", m, index, exc)
+                return
+            self._post("started", m, index, inst)
+
+        threading.Thread(target=run, name=f"vault-start-{m.model_id}-{index}", daemon=True).start()
+        self._gauge(m)
+
+    # -- callers ----------------------------------------------------------------------
+
+    def _from_callers(self) -> None:
+        front = self.front
+        for _ in range(1024):  # EVENTS, not NOBLOCK + Again: no exception per wake-up
+            if not _readable(front):
+                return
+            self._request(front.recv_multipart(copy=False))
+
+    def _reply(self, ident: Any, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
+        try:
+            self.front.send_multipart([ident, pack_header(header), *frames], copy=False)
+        except zmq.ZMQError:  # the caller is gone
+            pass
+
+    def _request(self, msg: list[Any]) -> None:
+        ident = msg[0]
+        rid: Any = None
+        try:
+            if len(msg) < 2:
+                raise ProtocolError("empty request")
+            header = unpack_header(msg[1])
+            rid = header.get("id")
+            if not isinstance(rid, (int, str)) or isinstance(rid, bool):
+                rid = None
+            op = header.get("op")
+            m = self._model_for(header.get("model"))
+            if op == "compute":
+                self._admit_compute(ident, rid, header, msg[2:], m, _user_id(msg[1]))
+                return
+            if len(msg) != 2:
+                raise ProtocolError(f"op {op!r} takes no tensor frames")
+            if op == "info":
+                assert m.info is not None
+                self._reply(ident, ok_reply(rid, **m.info))
+            elif op == "health":
+                self._reply(ident, ok_reply(rid, **self._health(m)))
+            elif op == "stats":
+                self._reply(ident, ok_reply(rid, **self._stats(m)))
+            else:
+                raise ProtocolError(f"unknown op {op!r}; ops are compute, info, health, stats")
+        except VaultError as exc:
+            self._reply(ident, error_reply(rid, exc))
+
+    def _model_for(self, name: Any) -> _Model:
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise UnknownModelError(
+                f"this service serves {len(self.models)} models: name one (model=...)"
+            )
+        m = self.models.get(name) if isinstance(name, str) else None
+        if m is None or m.removing or m.info is None:
+            raise UnknownModelError(f"no model {name!r} is served here")
+        return m
+
+    def _admit_compute(
+        self, ident: Any, rid: Any, header: dict[str, Any], frames: list[Any], m: _Model,
+        caller_key: str | None, arrived: float | None = None,
+    ) -> None:  # fmt: skip
+        now = time.monotonic()
+        if self.draining:
+            raise ServiceUnavailableError("the service is draining; use another endpoint")
+        if header.get("shm") is not None:
+            raise ProtocolError("a service takes tensors as frames, not shared memory")
+        timeout = self.cfg.request_timeout
+        asked = header.get("timeout")
+        if isinstance(asked, (int, float)) and not isinstance(asked, bool) and asked > 0:
+            timeout = min(timeout, float(asked))
+        deadline = now + timeout if arrived is None else arrived + timeout
+        try:
+            admission = self.cfg.policy.admit(caller_key, m.model_id)
+        except AdmissionPending:
+            # the caller's licence decision is being fetched: park the call
+            parked = (ident, rid, header, frames, m.model_id, caller_key,
+                      now if arrived is None else arrived, deadline)  # fmt: skip
+            self._parked.setdefault((caller_key or "", m.model_id), []).append(parked)
+            return
+        except VaultError as exc:
+            self.metrics.answered(m.model_id, "refused", exc.code)
+            raise
+        call = _Call(ident, rid, m.model_id, admission, header, frames,
+                     now if arrived is None else arrived, deadline)  # fmt: skip
+        if self.cfg.max_batch > 1 and m.batchable:
+            try:
+                call.feeds = decode_tensors(header.get("tensors"), frames)
+            except ProtocolError:
+                call.feeds = None  # the worker answers it with the exact error
+            if call.feeds:
+                call.rows = batching.rows_of(call.feeds)
+                if call.rows is not None:
+                    call.key = batching.compat_key(call.feeds, header.get("outputs"))
+            if call.rows is None:
+                call.feeds = None
+        m.queue.append(call)
+        self.metrics.per_model(m.model_id)[3].inc()
+
+    def _unpark(self, key: str, model_id: str) -> None:
+        for ident, rid, header, frames, mid, caller_key, arrived, deadline in self._parked.pop(
+            (key, model_id), []
+        ):
+            try:
+                if time.monotonic() >= deadline:
+                    raise WorkerTimeoutError("no licence decision for this call in time")
+                m = self._model_for(mid)
+                self._admit_compute(ident, rid, header, frames, m, caller_key, arrived)
+            except VaultError as exc:
+                self._reply(ident, error_reply(rid, exc))
+
+    def _expire_parked(self, now: float, *, all_of_them: bool = False) -> None:
+        for pair, calls in list(self._parked.items()):
+            keep = []
+            for item in calls:
+                if all_of_them or now >= item[7]:
+                    err: VaultError = (
+                        ServiceUnavailableError("the service stopped before this call ran")
+                        if all_of_them
+                        else WorkerTimeoutError("no licence decision for this call in time")
+                    )
+                    self._reply(item[0], error_reply(item[1], err))
+                else:
+                    keep.append(item)
+            if keep:
+                self._parked[pair] = keep
+            else:
+                del self._parked[pair]
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def _pick(self, m: _Model) -> Instance | None:
+        best: Instance | None = None
+        for inst in m.instances:
+            if inst.inflight < self.cfg.instance_inflight and (
+                best is None or inst.inflight < best.inflight
+            ):
+                best = inst
+        return best
+
+    def _pump(self, m: _Model, now: float) -> None:
+        while m.queue:
+            head = m.queue[0]
+            if head.done:
+                m.queue.popleft()
+                continue
+            inst = self._pick(m)
+            if inst is None:
+                return
+            if head.feeds is None or head.solo or self.cfg.max_batch <= 1:
+                m.queue.popleft()
+                self._send(m, inst, [head], joined=False, now=now)
+                continue
+            batch = [head]
+            rows = head.rows or 0
+            for c in itertools.islice(m.queue, 1, _MAX_SCAN):
+                if rows >= self.cfg.max_batch:
+                    break
+                if (not c.done and not c.solo and c.feeds is not None and c.key == head.key
+                        and rows + (c.rows or 0) <= self.cfg.max_batch):  # fmt: skip
+                    batch.append(c)
+                    rows += c.rows or 0
+            delay = self.cfg.max_queue_delay_us / 1e6
+            if rows < self.cfg.max_batch and delay > 0 and now < head.arrived + delay:
+                m.batch_timer = head.arrived + delay
+                return
+            m.batch_timer = None
+            taken = set(map(id, batch))
+            m.queue = deque(c for c in m.queue if id(c) not in taken)
+            self._send(m, inst, batch, joined=len(batch) > 1, now=now)
+
+    def _send(self, m: _Model, inst: Instance, calls: list[_Call], *, joined: bool,
+              now: float) -> None:  # fmt: skip
+        did = next(self._ids)
+        if joined:
+            feeds = batching.join([c.feeds for c in calls if c.feeds is not None])
+            descs, frames = encode_tensors(feeds)
+            hdr: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": "compute", "id": did,
+                                   "tensors": descs}  # fmt: skip
+            outputs = calls[0].header.get("outputs")
+            if outputs is not None:
+                hdr["outputs"] = outputs
+        else:
+            c = calls[0]
+            hdr = {k: v for k, v in c.header.items() if k not in ("model", "timeout")}
+            hdr["id"] = did
+            frames = c.frames
+        assert inst.sock is not None
+        inst.sock.send_multipart([pack_header(hdr), *frames], copy=False)
+        inst.inflight += 1
+        rows = sum(c.rows or _header_rows(c.header) for c in calls)
+        queue_h, _, batch_h, _ = self.metrics.per_model(m.model_id)
+        batch_h.observe(rows)
+        for c in calls:
+            queue_h.observe(now - c.arrived)
+        stuck = max(c.deadline for c in calls) + self.cfg.request_timeout
+        self.dispatches[did] = _Dispatch(did, inst, calls, now, joined, stuck)
+        if joined:
+            m.batches += 1
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _from_worker(self, inst: Instance) -> None:
+        assert inst.sock is not None
+        sock = inst.sock
+        for _ in range(1024):
+            if sock.closed or not _readable(sock):
+                return
+            frames = sock.recv_multipart(copy=False)
+            try:
+                hdr = unpack_header(frames[0])
+            except VaultError:
+                continue  # not from our worker's protocol: nothing to match it to
+            d = self.dispatches.pop(hdr.get("id"), None)  # type: ignore[arg-type]
+            if d is None or d.inst is not inst:
+                continue  # a late answer to a call already abandoned
+            inst.inflight -= 1
+            now = time.monotonic()
+            m = self._model_of(inst)
+            if m is not None:
+                self.metrics.per_model(m.model_id)[1].observe(now - d.sent)
+            self._answered(d, hdr, frames[1:], m)
+
+    def _answered(self, d: _Dispatch, hdr: dict[str, Any], frames: list[Any],
+                  m: _Model | None) -> None:  # fmt: skip
+        if not d.joined:
+            c = d.calls[0]
+            hdr["id"] = c.rid
+            self._finish(c, hdr, frames)
+            return
+        code = (hdr.get("error") or {}).get("code") if not hdr.get("ok") else "ok"
+        parts = None
+        if code == "ok":
+            try:
+                parts = batching.split(decode_tensors(hdr.get("tensors"), frames),
+                                       [c.rows or 0 for c in d.calls])  # fmt: skip
+            except VaultError:
+                parts = None
+        if parts is None and code in ("ok", "compute", "bad_input") and m is not None:
+            # the batch did not split back, or one caller's rows failed it: each
+            # call runs alone, so nobody gets an error that another caller caused
+            for c in reversed(d.calls):
+                if not c.done:
+                    c.solo = True
+                    m.queue.appendleft(c)
+            return
+        for i, c in enumerate(d.calls):
+            if parts is None and code == "ok":
+                self._fail(c, WorkerCrashedError("the batch's answer was lost"))
+            elif parts is None:
+                self._finish(c, {**hdr, "id": c.rid}, [])
+            else:
+                descs, out = encode_tensors(parts[i])
+                self._finish(c, ok_reply(c.rid, tensors=descs), out)
+
+    def _finish(self, c: _Call, hdr: dict[str, Any], frames: Sequence[Any] = ()) -> None:
+        """Answer one caller (once) and account for it."""
+        if c.done:
+            return
+        c.done = True
+        self._reply(c.ident, hdr, frames)
+        code = "ok" if hdr.get("ok") else str((hdr.get("error") or {}).get("code", "error"))
+        dt = time.monotonic() - c.arrived
+        self.metrics.answered(c.model, c.admission.licence, code)
+        self.metrics.per_model(c.model)[3].dec()
+        self.cfg.policy.record(c.admission, ok=code == "ok")
+        m = self.models.get(c.model)
+        if m is not None:
+            m.calls += 1
+            m.errors += code != "ok"
+            m.latencies.append(dt)
+        self.log("call", level="debug" if code == "ok" else "info", model=c.model,
+                 licence=c.admission.licence, code=code, ms=round(dt * 1e3, 3))  # fmt: skip
+
+    def _fail(self, c: _Call, exc: VaultError) -> None:
+        self._finish(c, error_reply(c.rid, exc), ())
+
+    def _model_of(self, inst: Instance) -> _Model | None:
+        for m in self._all_models():
+            if inst in m.instances:
+                return m
+        return None
+
+    def _crashed(self, inst: Instance) -> None:
+        if inst.sock is not None:
+            self._from_worker(inst)  # answers it sent before it died still count
+        m = self._model_of(inst)
+        self._detach(inst)
+        lived = time.monotonic() - inst.started
+        rc = inst.proc.poll()
+        lost = [d for d in self.dispatches.values() if d.inst is inst]
+        for d in lost:
+            del self.dispatches[d.did]
+            for c in d.calls:
+                self._fail(c, WorkerCrashedError(
+                    "the worker running this call died; the call was not completed"))  # fmt: skip
+        threading.Thread(target=inst.stop, daemon=True).start()
+        if m is None:
+            return
+        self.log("worker_died", level="error", model=m.model_id, index=inst.index, pid=inst.pid,
+                 status=rc, calls_failed=sum(len(d.calls) for d in lost))  # fmt: skip
+        if not self.draining and not m.removing:
+            self.metrics.restarts.labels(m.model_id).inc()
+            delay = m.backoff.setdefault(inst.index, Backoff()).next_delay(lived)
+            m.restart_at[inst.index] = time.monotonic() + delay
+        self._gauge(m)
+
+    def _detach(self, inst: Instance) -> None:
+        if inst.sock is not None:
+            self._poller.unregister(inst.sock)
+            self._by_sock.pop(inst.sock, None)
+            inst.sock.close(linger=0)
+            inst.sock = None
+        if inst.pidfd is not None and inst.pidfd in self._by_pidfd:
+            self._poller.unregister(inst.pidfd)
+            del self._by_pidfd[inst.pidfd]
+        for m in self._all_models():
+            if inst in m.instances:
+                m.instances.remove(inst)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def _housekeeping(self, now: float) -> None:
+        if self._parked:
+            self._expire_parked(now)
+        for m in self._all_models():
+            if m.queue and any(c.deadline <= now or c.done for c in m.queue):
+                keep: deque[_Call] = deque()
+                for c in m.queue:
+                    if c.done:
+                        continue
+                    if c.deadline <= now:
+                        self._fail(c, WorkerTimeoutError("no worker answered this call in time"))
+                    else:
+                        keep.append(c)
+                m.queue = keep
+            for index, when in list(m.restart_at.items()):
+                if now >= when and not self.draining and not m.removing:
+                    del m.restart_at[index]
+                    self._launch(m, index)
+        for d in list(self.dispatches.values()):
+            for c in d.calls:
+                if not c.done and c.deadline <= now:
+                    self._fail(c, WorkerTimeoutError("no worker answered this call in time"))
+            if now >= d.stuck_at and d.inst.alive():
+                # only abandoned calls left on it and still busy: take it down,
+                # the crash path frees its slots and restarts it
+                self.log("worker_stuck", level="error", model=d.inst.model_id, pid=d.inst.pid)
+                d.inst.kill()
+        for m in list(self.retiring):
+            if not m.busy(self.dispatches):
+                self._retire(m)
+        if self.repo is not None and self.cfg.poll_interval and now >= self._next_poll:
+            self._next_poll = now + self.cfg.poll_interval
+            self._rescan()
+
+    # -- repository ------------------------------------------------------------------------
+
+    def _rescan(self) -> None:
+        if self.repo is None or self.draining:
+            return
+        found = {model_id: (path, stamp) for model_id, path, stamp in self.repo.scan(self.log)}
+        for model_id, m in list(self.models.items()):
+            now_at = found.get(model_id)
+            if now_at is None or now_at[0] != m.path or now_at[1] != m.stamp:
+                del self.models[model_id]
+                m.removing = True
+                self.retiring.append(m)
+                self.log("model_removed", model=model_id)
+        for model_id, (path, stamp) in found.items():
+            if model_id not in self.models:
+                m = _Model(model_id, path, stamp)
+                self.models[model_id] = m
+                self.log("model_added", model=model_id)
+                for i in range(self.cfg.instances):
+                    self._launch(m, i)
+
+    def _retire(self, m: _Model) -> None:
+        self.retiring.remove(m)
+        for c in m.queue:
+            self._fail(c, UnknownModelError(f"model {m.model_id!r} was removed"))
+        for inst in list(m.instances):
+            self._detach(inst)
+            threading.Thread(target=inst.stop, daemon=True).start()
+        m.instances.clear()
+        self.metrics.instances.labels(m.model_id, "ready").set(0)
+        self.log("model_retired", model=m.model_id)
+
+    # -- drain and close -----------------------------------------------------------------
+
+    def _start_drain(self, why: str) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.cfg.drain_timeout
+        n = len(self.dispatches) + sum(len(m.queue) for m in self._all_models())
+        self.log("drain_started", reason=why, pending=n, timeout_s=self.cfg.drain_timeout)
+
+    def _finish_drain(self) -> None:
+        self._expire_parked(time.monotonic(), all_of_them=True)
+        left = 0
+        for m in self._all_models():
+            for c in m.queue:
+                left += not c.done
+                self._fail(c, ServiceUnavailableError("the service stopped before this call ran"))
+            m.queue.clear()
+        for d in list(self.dispatches.values()):
+            for c in d.calls:
+                left += not c.done
+                self._fail(c, ServiceUnavailableError("the service stopped during this call"))
+        self.dispatches.clear()
+        self.log("drain_finished", unfinished=left)
+
+    def close(self) -> None:
+        """Stop every worker and close every socket (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        stoppers = []
+        for m in self._all_models():
+            for inst in list(m.instances):
+                self._detach(inst)
+                t = threading.Thread(target=inst.stop, daemon=True)
+                t.start()
+                stoppers.append(t)
+        for t in stoppers:
+            t.join(10)
+        if self._http is not None:
+            self._http.stop()
+        self.cfg.policy.close()  # reports usage, gives unused reserves back
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.front.close(linger=0)
+        self.ctx.term()
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = -1
+        while True:  # a worker that became ready while we stopped
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if ev[0] == "started":
+                ev[3].stop()
+        self.log("service_stopped")
+
+    # -- ops answered by the service itself ---------------------------------------------------
+
+    def _health(self, m: _Model) -> dict[str, Any]:
+        # a remote caller learns liveness and the tier, nothing about the host
+        return {"serving": bool(m.instances) and not self.draining, "model_id": m.model_id,
+                "tier": 2, "provider": (m.info or {}).get("provider")}  # fmt: skip
+
+    def _stats(self, m: _Model) -> dict[str, Any]:
+        lat = sorted(m.latencies)
+
+        def q(p: float) -> float | None:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else None
+
+        return {"calls": m.calls, "errors": m.errors, "batches": m.batches,
+                "instances": len(m.instances),
+                "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)}}  # fmt: skip
+
+
+def _readable(sock: zmq.Socket[Any]) -> bool:
+    return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _wake_only(signum: int, frame: Any) -> None:
+    """Python-level handler: the wakeup fd already carries the signal number."""
+    del signum, frame
+
+
+def _header_rows(header: dict[str, Any]) -> int:
+    """Rows of a call not decoded here: dim 0 of its first tensor (1 if none)."""
+    try:
+        d0 = header["tensors"][0]["shape"][0]
+    except (KeyError, IndexError, TypeError):
+        return 1
+    return d0 if isinstance(d0, int) and not isinstance(d0, bool) and d0 >= 0 else 1
+
+
+def _user_id(frame: Any) -> str | None:
+    """The caller's CURVE public key (Z85), as the ZAP handler authenticated it."""
+    try:
+        uid = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, KeyError):
+        return None
+    return str(uid) if uid else None
