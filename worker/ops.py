@@ -159,6 +159,7 @@ class Service:
                 "model_id": self.info.get("model_id"),
                 "serving": not self.pipeline.closed,
                 "tier": self._tier(),
+                "provider": self.pipeline.provider,  # as the service answers (docs/service.md)
             }
         return {
             "tier": self._tier(),

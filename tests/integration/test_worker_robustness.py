@@ -262,3 +262,46 @@ def test_deeply_nested_values_are_refused_unread(strings_model: Model) -> None:
     finally:
         sock.close()
         ctx.term()
+
+
+def test_a_remote_caller_learns_no_host_details_from_health(tmp_path: Path) -> None:
+    """A worker bound to tcp:// (the hybrid tail, a hand-run worker) answers a
+    remote caller's ``health`` with liveness, tier and provider: no pid, uid,
+    environment or hardening detail. A local caller sees those (control)."""
+    from vault.core.launch import read_ready_line, spawn_worker
+    from vault.core.process import stop_process
+
+    s = seal_for_test(tmp_path, mlp(), name="remote")
+    with open_sealed(s) as local:  # control: the local view has the host details
+        assert {"pid", "kernel", "hardening"} <= set(local.health())
+    client_public, client_secret = zmq.curve_keypair()
+    status_r, status_w = os.pipe()
+    key_r, key_w = os.pipe()
+    os.write(key_w, s.key)
+    os.close(key_w)
+    proc = spawn_worker(
+        [s.path, "--endpoint", "tcp://127.0.0.1:0", "--allow-key", client_public.decode(),
+         "--publisher", s.publisher_pub, "--unsafe-test-key-fd", str(key_r),
+         "--status-fd", str(status_w)],
+        pass_fds=[status_w, key_r],
+    )  # fmt: skip
+    os.close(status_w)
+    os.close(key_r)
+    ctx = zmq.Context()
+    try:
+        ready = read_ready_line(status_r, timeout=60, proc=proc)
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.curve_serverkey = ready["server_key"].encode()
+        sock.curve_publickey, sock.curve_secretkey = client_public, client_secret
+        sock.connect(ready["endpoint"])
+        sock.send_multipart([pack_header({"v": PROTOCOL_VERSION, "op": "health", "id": 1})])
+        assert sock.poll(20_000), "no answer"
+        health = unpack_header(sock.recv_multipart()[0])
+        sock.close()
+        assert health["ok"] is True and health["serving"] is True and health["tier"] == 2
+        assert set(health) - {"v", "id", "ok"} <= {"model_id", "serving", "tier", "provider"}
+    finally:
+        os.close(status_r)
+        stop_process(proc, 5)
+        ctx.term()
