@@ -33,7 +33,7 @@ import zmq
 from zmq.utils import z85
 
 from vault.core.errors import ProtocolError, VaultError
-from vault.core.protocol import pack_header, unpack_header
+from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
 from . import audit
 from .anchor import AnchorWriter
@@ -42,12 +42,15 @@ from .policy import Policy
 from .service import DEFAULT_LEASE_TTL, KeyService, Request
 from .store import SqliteStore, Store, open_store
 
-__all__ = ["MAX_MESSAGE", "MAX_HEADER", "serve"]
+__all__ = ["MAX_HEADER", "MAX_MESSAGE", "REQUEST_HEADER_LIMIT", "serve"]
 
 # libzmq drops a peer that sends more than this (no reply is possible);
-# between MAX_HEADER and MAX_MESSAGE the peer gets a typed ProtocolError.
+# between REQUEST_HEADER_LIMIT and MAX_MESSAGE the peer gets a typed
+# ProtocolError from unpack_header, the one place header sizes are checked
+# (its MAX_HEADER, 1 MiB, is the ceiling for every process; key server
+# requests are small, so they get less).
 MAX_MESSAGE = 256 * 1024
-MAX_HEADER = 64 * 1024
+REQUEST_HEADER_LIMIT = 64 * 1024
 MAX_BATCH = 256
 ZAP_DOMAIN = b"vault-keyserver"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP RFC (27/ZAP)
@@ -87,10 +90,8 @@ def _parse(frames: list[zmq.Frame]) -> tuple[list[bytes], Request]:
     if len(rest) != 1:
         err = ProtocolError(f"expected exactly one header frame, got {len(rest)}")
         return envelope, Request(identity, None, err)
-    if len(rest[0]) > MAX_HEADER:
-        return envelope, Request(identity, None, ProtocolError("message too large"))
     try:
-        header = unpack_header(rest[0])
+        header = unpack_header(rest[0], limit=REQUEST_HEADER_LIMIT)
     except VaultError as exc:
         return envelope, Request(identity, None, exc)
     return envelope, Request(identity, header)

@@ -71,3 +71,43 @@ def sealed_model(
         yield m, s
     finally:
         m.close()
+
+
+def seal_unchecked(
+    directory: str | os.PathLike[str],
+    model: onnx.ModelProto,
+    *,
+    name: str = "evil",
+    files: list[tuple[str, bytearray]] | None = None,
+) -> Sealed:
+    """A validly signed package built by hand, as an attacker with a signing
+    key (or a careless publisher's own tool) could: none of ``seal``'s checks
+    run. The worker must refuse what ``seal`` would have refused."""
+    import secrets
+
+    from vault.core.crypto import generate_key
+    from vault.core.package import build_plaintext, write_package
+    from vault.sealing import _describe, _public_inputs
+
+    d = os.fspath(directory)
+    os.makedirs(d, exist_ok=True)
+    pk = PublisherKey.generate()
+    pub = os.path.join(d, "publisher.pub")
+    pk.save(os.path.join(d, "publisher.key"), pub)
+    manifest: dict[str, Any] = {
+        "format": "vault-package/1",
+        "model_id": name,
+        "key_id": "k-" + secrets.token_hex(16),
+        "publisher": {"alg": "ed25519", "fingerprint": pk.fingerprint},
+        "created": "2026-01-01T00:00:00Z",
+        "stages": ["model"],
+        "composed": True,
+        "inputs": [_describe(vi) for vi in _public_inputs(model)],
+        "outputs": [_describe(vi) for vi in model.graph.output],
+        "split_points": [],
+    }
+    key = generate_key()
+    out = os.path.join(d, f"{name}.vault")
+    plaintext = build_plaintext([("pipeline", model.SerializeToString())], list(files or []))
+    write_package(out, manifest, plaintext, key, pk.sign, chunk_size=1 << 16)
+    return Sealed(out, bytes(key), pub, manifest)

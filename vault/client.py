@@ -538,6 +538,7 @@ class Model:
             raise
         self.info = {k: v for k, v in info.items() if k not in ("v", "id", "ok")}
         self.inputs = _signature(info.get("inputs"))
+        self._input_types = {n: t for n, (t, _) in self.inputs.items()}
         self.outputs = _signature(info.get("outputs"))
         self.model_id = info.get("model_id")
 
@@ -612,7 +613,7 @@ class Model:
         region = arena.region(slot) if arena is not None and slot is not None else None
         reusable = True
         try:
-            descs, frames = encode_tensors(inputs, region)
+            descs, frames = encode_tensors(inputs, region, types=self._input_types)
             header: dict[str, Any] = {"op": "compute", "tensors": descs}
             if region is not None:
                 header["shm"] = region.to_wire()

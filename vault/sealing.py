@@ -5,22 +5,27 @@ What sealing does, in order:
 1. Load each stage. External-data weights are read from the model's own
    folder only: an absolute path or one that escapes the folder is refused
    (a path in a model is a file read on someone else's machine).
-2. Check each stage: ``onnx.checker`` with full shape inference; operators
-   only from the standard ONNX domains and onnxruntime's ``com.microsoft``
-   (no custom-op libraries, so a package can hold no code); tensor inputs
-   and outputs only.
+2. Check each stage: the purity check the worker runs again at load
+   (:func:`vault.core.graphs.check_graph`: no external data by path, no
+   custom-op domain, only values the channel carries: tensors and sequences,
+   maps and optionals of them), then well-formedness no stricter than
+   onnxruntime: ``onnx.checker`` (without strict shape inference), and where
+   it objects, onnxruntime itself decides (an IR 3 model whose initializers
+   are not graph inputs, a function body the checker cannot infer).
 3. Wire the stages: pre outputs feed model inputs and model outputs feed post
-   inputs by name (or by an explicit ``io_map``); element types and shapes
-   are checked and a mismatch names both ends.
+   inputs by name (or by an explicit ``io_map``); an element-type mismatch
+   is refused, a shape disagreement is a warning naming both ends (declared
+   shapes are advisory, as in onnxruntime).
 4. Move every weight larger than 1 KiB out of the graph into an in-memory
    "file" (onnxruntime later takes it from memory with
    ``add_external_initializers_from_files_in_memory``), so graphs stay small
    and models past protobuf's 2 GB limit work.
 5. Compose the stages into one graph (one session runs the whole pipeline;
    on a GPU intermediates never leave the device). Stage-internal names get a
-   stage prefix; the public inputs and outputs keep their names. When the
-   stages cannot be composed (conflicting opsets) they are stored in order
-   and the worker chains them.
+   stage prefix (in If/Loop/Scan bodies too); the public inputs and outputs
+   keep their names. When the stages cannot be composed (conflicting opsets)
+   they are stored in order, the worker chains them, and the result's
+   ``warnings`` say so.
 6. Encrypt (STREAM AES-256-GCM), sign (Ed25519), write atomically.
 
 Example::
@@ -47,14 +52,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .core import crypto as _crypto
-from .core.errors import SealError, VaultError
+from .core.errors import SealError, UnsafeModelError, VaultError
+from .core.graphs import ALLOWED_DOMAINS, check_graph
 from .core.package import FORMAT_VERSION, build_plaintext, write_package
 
 __all__ = ["SealResult", "seal", "ALLOWED_DOMAINS"]
 
-ALLOWED_DOMAINS = frozenset(
-    {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
-)
 EXTERNALISE_THRESHOLD = 1024
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -72,6 +75,7 @@ class SealResult:
     key: bytearray = field(repr=False)
     digest: str
     manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
     def wipe_key(self) -> None:
         _crypto.zeroize(self.key)
@@ -152,40 +156,38 @@ def _graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
 
 
 def _check_stage(model: onnx.ModelProto, stage: str) -> None:
-    local_funcs = {(f.domain, f.name) for f in model.functions}
-    nodes = [n for g in _graphs(model.graph) for n in g.node]
-    nodes += [n for f in model.functions for n in f.node]
-    for node in nodes:
-        if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in local_funcs:
-            raise SealError(
-                f"{stage}: operator {node.op_type!r} from custom domain {node.domain!r} is refused: "
-                "a package may hold only standard ONNX and onnxruntime operators, no custom-op code"
-            )
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        if not vi.type.HasField("tensor_type"):
-            raise SealError(
-                f"{stage}: graph input {vi.name!r} is not a tensor ({vi.type.WhichOneof('value')}); "
-                "only tensor inputs can cross the worker channel"
-            )
-    for vi in model.graph.output:
-        if not vi.type.HasField("tensor_type"):
-            raise SealError(
-                f"{stage}: graph output {vi.name!r} is a {vi.type.WhichOneof('value')}, not a "
-                "tensor; only tensor outputs can cross the worker channel (add a post-process "
-                "step that turns it into tensors)"
-            )
+    # pure computation first (the worker's own check), on the graph without
+    # its large weights: they were read from the model's folder already
+    light = _without_weights(model) if _has_large_weights(model) else model
+    check_graph(light.SerializeToString(), where=stage)
     try:
         if not _too_big(model):
-            onnx.checker.check_model(model, full_check=True)
+            onnx.checker.check_model(model)
         else:  # too big to serialise: check the graph with its weights moved out
-            onnx.checker.check_model(_without_weights(model), full_check=True)
+            onnx.checker.check_model(light)
     except onnx.checker.ValidationError as exc:
-        raise SealError(f"{stage}: ONNX check failed: {_first_line(exc)}") from exc
-    except onnx.shape_inference.InferenceError as exc:
-        raise SealError(f"{stage}: shape inference failed: {_first_line(exc)}") from exc
+        # the checker is stricter than onnxruntime (an IR 3 model whose
+        # initializers are not graph inputs, ...): onnxruntime decides
+        if _too_big(model) or not _onnxruntime_loads(model):
+            raise SealError(f"{stage}: ONNX check failed: {_first_line(exc)}") from exc
+
+
+def _has_large_weights(model: onnx.ModelProto) -> bool:
+    return any(_tensor_nbytes(t) >= EXTERNALISE_THRESHOLD for t in model.graph.initializer)
+
+
+def _onnxruntime_loads(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime builds a session for ``model`` (its weights are
+    inline and it passed the purity check: nothing is read from disk)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # any failure to load: the checker's message stands
+        return False
+    return True
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
@@ -268,11 +270,31 @@ def _shape(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
     return dims
 
 
+def _type_name(tp: onnx.TypeProto, where: str) -> str:
+    """A value type as the wire names it (see vault.core.protocol)."""
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        return _dtype_name(tp.tensor_type.elem_type)
+    if kind == "sequence_type":
+        return f"sequence<{_type_name(tp.sequence_type.elem_type, where)}>"
+    if kind == "optional_type":
+        return f"optional<{_type_name(tp.optional_type.elem_type, where)}>"
+    if kind == "map_type":
+        key = _dtype_name(tp.map_type.key_type)
+        return f"map<{key},{_type_name(tp.map_type.value_type, where)}>"
+    raise UnsafeModelError(f"{where}: a {kind} value cannot cross the worker channel")
+
+
 def _describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+    tp = vi.type
+    if tp.HasField("optional_type") and tp.optional_type.elem_type.HasField("tensor_type"):
+        shape_of: Any = onnx.ValueInfoProto(name=vi.name, type=tp.optional_type.elem_type)
+    else:
+        shape_of = vi if tp.HasField("tensor_type") else None
     return {
         "name": vi.name,
-        "dtype": _dtype_name(vi.type.tensor_type.elem_type),
-        "shape": _shape(vi),
+        "dtype": _type_name(tp, vi.name),
+        "shape": _shape(shape_of) if shape_of is not None else None,
     }
 
 
@@ -295,8 +317,11 @@ def _wire(
     up_name: str,
     down_name: str,
     io_map: Mapping[str, str] | None,
+    warnings: list[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """Pairs (upstream output, downstream input), type- and shape-checked."""
+    """Pairs (upstream output, downstream input). Element types must agree;
+    declared shapes are advisory (onnxruntime does not enforce an output's
+    declared shape either): a disagreement is a warning naming both ends."""
     outs = {vi.name: vi for vi in up.graph.output}
     ins = {vi.name: vi for vi in _public_inputs(down)}
     if io_map:
@@ -321,10 +346,15 @@ def _wire(
         )
     for o, i in pairs:
         a, b = _describe(outs[o]), _describe(ins[i])
-        if a["dtype"] != b["dtype"] or not _shapes_compatible(a["shape"], b["shape"]):
+        if a["dtype"] != b["dtype"]:
             raise SealError(
                 f"{up_name} output {o!r} ({a['dtype']}, shape {a['shape']}) does not match "
                 f"{down_name} input {i!r} ({b['dtype']}, shape {b['shape']})"
+            )
+        if not _shapes_compatible(a["shape"], b["shape"]) and warnings is not None:
+            warnings.append(
+                f"{up_name} output {o!r} declares shape {a['shape']} but {down_name} input "
+                f"{i!r} declares {b['shape']}; declared shapes are advisory, sealed as is"
             )
     return pairs
 
@@ -390,35 +420,111 @@ def _externalise(model: onnx.ModelProto, location: str) -> bytearray:
 # --- composition -------------------------------------------------------------------
 
 
+def _prefix_graph(g: onnx.GraphProto, p: str) -> None:
+    """Prefix every value and node name of ``g`` and of every graph nested in
+    it (If/Loop/Scan bodies), so references to outer-scope names (a weight
+    used inside a branch) follow the rename. Function bodies keep their own
+    scope and are left alone."""
+
+    def ren(n: str) -> str:
+        return p + n if n else n
+
+    for vi in (*g.input, *g.output, *g.value_info):
+        vi.name = ren(vi.name)
+    for t in g.initializer:
+        t.name = ren(t.name)
+    for st in g.sparse_initializer:
+        st.values.name = ren(st.values.name)
+        if st.indices.name:
+            st.indices.name = ren(st.indices.name)
+    for ann in g.quantization_annotation:
+        ann.tensor_name = ren(ann.tensor_name)
+        for e in ann.quant_parameter_tensor_names:
+            e.value = ren(e.value)
+    for node in g.node:
+        node.name = ren(node.name)
+        node.input[:] = [ren(n) for n in node.input]
+        node.output[:] = [ren(n) for n in node.output]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _prefix_graph(attr.g, p)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _prefix_graph(sub, p)
+
+
+def _merge_opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
+    versions: dict[str, int] = {}
+    for m in models:
+        for op in m.opset_import:
+            dom = "" if op.domain == "ai.onnx" else op.domain
+            if versions.setdefault(dom, op.version) != op.version:
+                raise ValueError(
+                    f"the stages import different versions of opset {dom or 'ai.onnx'!r} "
+                    f"({versions[dom]} and {op.version})"
+                )
+    return [helper.make_opsetid(d, v) for d, v in sorted(versions.items())]
+
+
 def _compose(
     stages: list[tuple[str, onnx.ModelProto]],
     links: list[list[tuple[str, str]]],
 ) -> onnx.ModelProto:
-    """One graph from the stages; public names unchanged, internals prefixed."""
+    """One graph from the stages; public names unchanged, internals prefixed.
+    ValueError when the stages cannot share one graph (conflicting opsets or
+    model-local functions)."""
     if len(stages) == 1:
         return stages[0][1]
-    first_inputs = [vi.name for vi in _public_inputs(stages[0][1])]
-    last_outputs = [vi.name for vi in stages[-1][1].graph.output]
-    prefixed = [(name, onnx.compose.add_prefix(m, f"{name}/")) for name, m in stages]
-    merged = prefixed[0][1]
-    for (name, m), link in zip(prefixed[1:], links):
-        prev = [s for s, _ in stages][[s for s, _ in prefixed].index(name) - 1]
-        io = [(f"{prev}/{o}", f"{name}/{i}") for o, i in link]
-        merged = onnx.compose.merge_models(merged, m, io_map=io, producer_name="vault")
-    # restore public names with Identity nodes (renaming in place would have to
-    # chase outer-scope references inside If/Loop bodies)
-    first, last = stages[0][0], stages[-1][0]
+    models = [m for _, m in stages]
+    opsets = _merge_opsets(models)
+    functions: dict[tuple[str, str, str], onnx.FunctionProto] = {}
+    for m in models:
+        for f in m.functions:
+            key = (f.domain, f.name, getattr(f, "overload", ""))
+            if key in functions and functions[key] != f:
+                raise ValueError(f"two stages define different functions {f.domain}:{f.name}")
+            functions[key] = f
+    ir = max(m.ir_version for m in models)
+    merged = helper.make_model(
+        helper.make_graph([], "vault-pipeline", [], []),
+        opset_imports=opsets,
+        producer_name="vault",
+    )
+    merged.ir_version = ir
+    merged.functions.extend(functions.values())
     g = merged.graph
-    for vi in list(g.input):
-        if vi.name.startswith(f"{first}/") and vi.name[len(first) + 1 :] in first_inputs:
-            public = vi.name[len(first) + 1 :]
-            g.node.insert(0, helper.make_node("Identity", [public], [vi.name], name=f"in/{public}"))
-            vi.name = public
-    for vi in list(g.output):
-        if vi.name.startswith(f"{last}/") and vi.name[len(last) + 1 :] in last_outputs:
-            public = vi.name[len(last) + 1 :]
-            g.node.append(helper.make_node("Identity", [vi.name], [public], name=f"out/{public}"))
-            vi.name = public
+    first, last = stages[0][0], stages[-1][0]
+    first_inputs = _public_inputs(models[0])
+    for vi in first_inputs:
+        g.input.append(vi)
+        g.node.append(
+            helper.make_node("Identity", [vi.name], [f"{first}/{vi.name}"], name=f"in/{vi.name}")
+        )
+    for k, (name, m) in enumerate(stages):
+        gm = onnx.GraphProto()
+        gm.CopyFrom(m.graph)
+        inits = {t.name for t in gm.initializer}
+        _prefix_graph(gm, f"{name}/")
+        if k > 0:
+            prev = stages[k - 1][0]
+            for o, i in links[k - 1]:
+                g.node.append(
+                    helper.make_node(
+                        "Identity", [f"{prev}/{o}"], [f"{name}/{i}"], name=f"link/{name}/{i}"
+                    )
+                )
+        g.node.extend(gm.node)
+        g.initializer.extend(gm.initializer)
+        g.sparse_initializer.extend(gm.sparse_initializer)
+        g.value_info.extend(gm.value_info)
+        g.quantization_annotation.extend(gm.quantization_annotation)
+        if ir < 4:  # IR 3: initializers are graph inputs too
+            g.input.extend(vi for vi in gm.input if vi.name[len(name) + 1 :] in inits)
+    for vi in models[-1].graph.output:
+        g.node.append(
+            helper.make_node("Identity", [f"{last}/{vi.name}"], [vi.name], name=f"out/{vi.name}")
+        )
+        g.output.append(vi)
     return merged
 
 
@@ -459,9 +565,10 @@ def seal(
         stages.append(("post", _load_stage(post, "post")))
     for name, m in stages:
         _check_stage(m, name)
+    warnings: list[str] = []
     links: list[list[tuple[str, str]]] = []
     for (un, um), (dn, dm) in zip(stages, stages[1:]):
-        links.append(_wire(um, dm, un, dn, io_map.get(un if un != "model" else dn)))
+        links.append(_wire(um, dm, un, dn, io_map.get(un if un != "model" else dn), warnings))
 
     model_graph = dict(stages)["model"]
     known = {n for node in model_graph.graph.node for n in node.output} | {
@@ -480,11 +587,19 @@ def seal(
         try:
             merged = _compose(stages, links)
             if not _too_big(merged):
-                onnx.checker.check_model(merged)
+                try:
+                    onnx.checker.check_model(merged)
+                except onnx.checker.ValidationError:
+                    if not _onnxruntime_loads(merged):
+                        raise
             parts = [("pipeline", merged)]
             composed = True
-        except (ValueError, onnx.checker.ValidationError):
+        except (ValueError, onnx.checker.ValidationError) as exc:
             parts = stages  # e.g. conflicting opsets: the worker chains them
+            warnings.append(
+                f"the stages could not be composed into one graph ({_first_line(exc)}); "
+                "they are stored separately and the worker runs them in turn"
+            )
     files: list[tuple[str, Any]] = []
     graphs: list[tuple[str, bytes]] = []
     for name, m in parts:
@@ -492,6 +607,9 @@ def seal(
         if blob:
             files.append((f"{name}.weights", blob))
         graphs.append((name, m.SerializeToString()))
+    sizes = {loc: len(blob) for loc, blob in files}
+    for name, data in graphs:
+        check_graph(data, sizes, where=name)  # exactly what the worker checks at load
 
     first, last = stages[0][1], stages[-1][1]
     manifest: dict[str, Any] = {
@@ -529,4 +647,5 @@ def seal(
         key=pkey,
         digest=digest,
         manifest=manifest,
+        warnings=warnings,
     )

@@ -118,6 +118,11 @@ class _Parent:
             pass
 
 
+def _wants_cuda(args: argparse.Namespace) -> bool:
+    device = (args.device or "").lower()
+    return device.startswith("cuda") or device == "gpu" or "CUDA" in (args.providers or "")
+
+
 def _endpoint_dir(endpoint: str) -> str | None:
     if endpoint.startswith("ipc://"):
         return os.path.dirname(endpoint[len("ipc://") :]) or "."
@@ -157,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             user=args.user,
             mlock=not args.no_mlock,
             landlock=not args.no_landlock,
+            # CUDA needs driver files under /dev, /proc and /sys: reads stay open there
+            reads=None
+            if _wants_cuda(args)
+            else hardening.startup_reads(
+                [args.package, args.licence, args.publisher, args.allow, args.server_secret]
+            ),
             seccomp=not args.no_seccomp,
         ).as_dict()
         rep["tier"] = {"status": str(args.tier), "detail": TIERS[args.tier]}

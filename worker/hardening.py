@@ -17,7 +17,11 @@ Steps, in order (why each one):
 - ``PR_SET_DUMPABLE 0``: no ptrace and no ``/proc/PID/mem`` by the same user;
 - ``PR_SET_NO_NEW_PRIVS``: no privilege gain through exec (and Landlock needs it);
 - ``mlockall``: plaintext never reaches swap, where ``RLIMIT_MEMLOCK`` allows;
-- Landlock: no file writes anywhere (a socket may be made in the endpoint dir);
+- Landlock: no file writes anywhere (a socket may be made in the endpoint dir),
+  and no file reads beyond what the worker needs (:func:`startup_reads`: its
+  Python path, system libraries, a few files in ``/proc``, ``/sys`` and
+  ``/etc``, and the package, licence and key files it was given), so even an
+  onnxruntime bug or a missed path in a model cannot read the operator's files;
 - seccomp: ``ptrace``, ``process_vm_readv/writev`` and ``execve`` fail with EPERM.
 
 Example::
@@ -36,7 +40,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Report", "harden", "read_back", "verify"]
+__all__ = ["Report", "harden", "read_back", "startup_reads", "verify"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -78,6 +82,8 @@ _DENIED_SYSCALLS = (
 # Landlock filesystem rights (include/uapi/linux/landlock.h).
 LL_EXECUTE = 1 << 0
 LL_WRITE_FILE = 1 << 1
+LL_READ_FILE = 1 << 2
+LL_READ_DIR = 1 << 3
 LL_REMOVE_DIR = 1 << 4
 LL_REMOVE_FILE = 1 << 5
 LL_MAKE_ALL = sum(1 << b for b in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
@@ -155,12 +161,67 @@ def _mlock(report: Report) -> None:
         report.record("mlock", "failed", _errno_text())
 
 
-def _landlock(report: Report, endpoint_dir: str | None) -> None:
+# What a worker reads after hardening, besides its Python path and the files
+# it was given: shared libraries, name resolution (a key server by host
+# name), the time zone, CPU topology (onnxruntime sizes its thread pools from
+# it), its own /proc entries and random numbers.
+_SYSTEM_READS = (
+    "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+    "/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+    "/etc/localtime", "/usr/share/zoneinfo", "/proc/self", "/proc/cpuinfo", "/proc/meminfo",
+    "/proc/stat", "/sys/devices/system/cpu", "/sys/fs/cgroup", "/dev/urandom", "/dev/random",
+    "/dev/null", "/dev/zero",
+)  # fmt: skip
+
+
+def startup_reads(files: list[str | None]) -> list[str]:
+    """Everything a worker may read once hardened: the Python path (imports
+    happen after hardening), the interpreter's own prefix, system files
+    (``_SYSTEM_READS``) and ``files`` (package, licence, keys). Not the
+    working directory, not the home directory."""
+    import importlib.util
+    import sys
+
+    paths = [p for p in sys.path if p and os.path.isabs(p)]
+    # the packages themselves: an editable install maps them from elsewhere
+    for pkg in ("worker", "vault"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.submodule_search_locations:
+            paths += [str(p) for p in spec.submodule_search_locations]
+    paths += [os.path.join(sys.base_prefix, "lib"), os.path.join(sys.prefix, "lib")]
+    paths += list(_SYSTEM_READS)
+    paths += [os.path.abspath(f) for f in files if f]
+    return list(dict.fromkeys(paths))
+
+
+def _allow_reads(fd: int, paths: list[str]) -> int:
+    """Add a read rule per existing path; returns how many were added."""
+    added = 0
+    for path in paths:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # absent here: nothing to allow
+        try:
+            is_dir = os.path.isdir(f"/proc/self/fd/{pfd}")
+            rights = LL_READ_FILE | (LL_READ_DIR if is_dir else 0)
+            rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, pfd))
+            if _libc.syscall(_LANDLOCK_ADD_RULE, fd, 1, rule, 0) != 0:
+                raise OSError(ctypes.get_errno(), f"landlock add_rule for {path}")
+            added += 1
+        finally:
+            os.close(pfd)
+    return added
+
+
+def _landlock(report: Report, endpoint_dir: str | None, reads: list[str] | None = None) -> None:
     abi = _libc.syscall(_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     if abi < 0:
         report.record("landlock", "absent", f"kernel has no Landlock: {_errno_text()}")
         return
     handled = LL_EXECUTE | LL_WRITE_FILE | LL_REMOVE_DIR | LL_REMOVE_FILE | LL_MAKE_ALL
+    if reads is not None:
+        handled |= LL_READ_FILE | LL_READ_DIR
     if abi >= 2:
         handled |= LL_REFER
     if abi >= 3:
@@ -186,6 +247,13 @@ def _landlock(report: Report, endpoint_dir: str | None) -> None:
             finally:
                 os.close(dfd)
             detail += "; sockets only in the endpoint directory"
+        if reads is not None:
+            try:
+                n = _allow_reads(fd, reads)
+            except OSError as exc:
+                report.record("landlock", "failed", str(exc))
+                return
+            detail += f"; reads only beneath {n} start-up paths"
         if _libc.syscall(_LANDLOCK_RESTRICT, fd, 0) != 0:
             report.record("landlock", "failed", f"restrict_self: {_errno_text()}")
             return
@@ -294,8 +362,10 @@ def harden(
     landlock: bool = True,
     seccomp: bool = True,
     keep_env: dict[str, str] | None = None,
+    reads: list[str] | None = None,
 ) -> Report:
-    """Apply every step in order and return what happened."""
+    """Apply every step in order and return what happened. ``reads`` (see
+    :func:`startup_reads`) limits file reads too; None leaves reads open."""
     report = Report()
     if home is not None:
         clean_environment(home, keep_env)
@@ -327,7 +397,7 @@ def harden(
     else:
         report.record("mlock", "off", "disabled by option")
     if landlock:
-        _landlock(report, endpoint_dir)
+        _landlock(report, endpoint_dir, reads)
     else:
         report.record("landlock", "off", "disabled by option")
     if seccomp:

@@ -218,8 +218,18 @@ class LeaseKeeper:
                 self._end(self._expired_error())
 
     def start(self) -> None:
+        """Start renewing in the background. A start-up that used half the
+        lease or more (a slow session build on a loaded machine) renews once
+        first, in this thread, so the first call never meets a lease that
+        ended while the sessions were being built."""
         if self._unsafe or self._renew is None or self._lease is None:
             return
+        now = self._clock()
+        ttl = float(_get(self._lease, "ttl", 10.0) or 10.0)
+        expires = float(_get(self._lease, "expires_at", now + ttl) or now + ttl)
+        if expires - now < ttl / 2:
+            with self._renew_lock:
+                self._renew_once()
         self._thread = threading.Thread(target=self._loop, name="vault-lease", daemon=True)
         self._thread.start()
 

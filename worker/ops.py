@@ -61,6 +61,7 @@ class Service:
         hardening: dict[str, Any],
         max_request: int = 1 << 30,
         shm: Any = None,
+        remote: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.lease = lease
@@ -68,6 +69,8 @@ class Service:
         self.hardening = hardening
         self.max_request = max_request
         self.shm = shm  # the caller's shared arena (local workers only), or None
+        # remote callers (tcp://) learn liveness and the tier, nothing about the host
+        self.remote = remote
         self._lock = threading.Lock()
         self._calls = 0
         self._errors = 0
@@ -124,11 +127,16 @@ class Service:
                 raise ProtocolError("this worker has no shared memory (remote callers send frames)")
             region = SharedRegion.from_wire(self.shm, header["shm"])
         # inputs in the slot are read in place; outputs that fit go after them
-        feeds = decode_tensors(header.get("tensors"), frames, region)
+        # names, dtypes, declared sizes and the memory decoding would cost are
+        # checked from the header before a single frame is decoded
+        self.pipeline.check_declared_shapes(header.get("tensors"))
+        feeds = decode_tensors(
+            header.get("tensors"), frames, region, expect=self.pipeline.input_types
+        )
         self.lease.check()
         result = self.pipeline.run(feeds, outputs)
         self.lease.record_call()
-        descs, out_frames = encode_tensors(result, region)
+        descs, out_frames = encode_tensors(result, region, types=self.pipeline.output_types)
         reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]
         dt = time.perf_counter() - t0
         with self._lock:
@@ -136,8 +144,25 @@ class Service:
             self._latencies.append(dt)
         return reply
 
+    def _tier(self) -> int:
+        if self.remote:
+            return 2  # vendor-hosted: only inputs and outputs cross
+        declared = self.hardening.get("tier", {})  # what the launcher said (--tier)
+        if isinstance(declared, dict) and str(declared.get("status", "")).isdigit():
+            return int(declared["status"])
+        user = self.hardening.get("user", {})
+        return 1 if isinstance(user, dict) and user.get("status") == "on" else 0
+
     def _health(self) -> dict[str, Any]:
+        if self.remote:
+            return {
+                "model_id": self.info.get("model_id"),
+                "serving": not self.pipeline.closed,
+                "tier": self._tier(),
+                "provider": self.pipeline.provider,  # as the service answers (docs/service.md)
+            }
         return {
+            "tier": self._tier(),
             "pid": os.getpid(),
             "model_id": self.info.get("model_id"),
             "provider": self.pipeline.provider,

@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 
 from vault.core.errors import ComputeError, ConfigError, InputError
-from vault.core.protocol import dtype_name
+from vault.core.graphs import check_graph
+from vault.core.protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name, is_tensor_type
 
 from .initializers import add_to_options, zero_copy_graph
 
@@ -176,54 +177,123 @@ def signature_of(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
     def conv(args: Any) -> list[dict[str, Any]]:
         return [
-            {"name": a.name, "dtype": _ONNX_TO_NAME.get(a.type, a.type), "shape": list(a.shape)}
-            for a in args
+            {"name": a.name, "dtype": _ort_type_name(a.type), "shape": list(a.shape)} for a in args
         ]
 
     return conv(session.get_inputs()), conv(session.get_outputs())
 
 
-_BF16_ONNX = 16  # TensorProto.BFLOAT16
+def _ort_type_name(t: str) -> str:
+    """onnxruntime's type text (``seq(map(int64,tensor(float)))``) as a wire
+    value type (``sequence<map<int64,float32>>``)."""
+    if t in _ONNX_TO_NAME:
+        return _ONNX_TO_NAME[t]
+    if t.startswith("tensor(") and t.endswith(")"):
+        inner = t[7:-1]
+        return _ORT_SPECIAL.get(inner, inner)
+    for ort_kind, kind in (("seq(", "sequence"), ("optional(", "optional")):
+        if t.startswith(ort_kind) and t.endswith(")"):
+            return f"{kind}<{_ort_type_name(t[len(ort_kind) : -1])}>"
+    if t.startswith("map(") and t.endswith(")"):
+        key, _, value = t[4:-1].partition(",")
+        return f"map<{_ort_type_name(f'tensor({key})')},{_ort_type_name(value)}>"
+    return t
+
+
+# dtypes onnxruntime's numpy bridge lacks: their ONNX codes, and onnxruntime's names
+_ONNX_CODE = {
+    "bfloat16": 16, "float8_e4m3fn": 17, "float8_e4m3fnuz": 18, "float8_e5m2": 19,
+    "float8_e5m2fnuz": 20, "uint4": 21, "int4": 22,
+}  # fmt: skip
+_ORT_SPECIAL = {n.replace("_", ""): n for n in _ONNX_CODE}  # "float8e4m3fn" -> "float8_e4m3fn"
 
 
 def _np_dtype(name: str) -> np.dtype[Any] | None:
     """The numpy dtype a declared input must have (None: check by name)."""
-    from vault.core.protocol import dtype_from_name
-
     try:
         dt = dtype_from_name(name)
-    except Exception:  # an odd manifest dtype: fall back to the slow path
+    except Exception:  # an odd manifest dtype (or a sequence/map): check by name
         return None
     return None if dt == np.dtype(object) else dt
 
 
-def _to_ortvalue(arr: np.ndarray[Any, Any]) -> Any:
-    if dtype_name(arr.dtype) == "bfloat16":
-        raw = np.ascontiguousarray(arr).view(np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, _BF16_ONNX)
-    return ort.OrtValue.ortvalue_from_numpy(arr)
+def _to_ortvalue(arr: Any) -> Any:
+    if not isinstance(arr, np.ndarray):
+        raise InputError("sequence, map and optional values cannot be mixed with this dtype")
+    name = dtype_name(arr.dtype)
+    code = _ONNX_CODE.get(name)
+    if code is None:
+        return ort.OrtValue.ortvalue_from_numpy(arr)
+    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
+    if name not in ("int4", "uint4"):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, code)
+    # onnxruntime holds 4-bit values two to a byte, the first in the low nibble
+    nib = (raw.reshape(-1) & 0x0F).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+    packed = np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
+    v = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), code)
+    if packed.size:
+        ctypes.memmove(v.data_ptr(), packed.ctypes.data, packed.size)
+    return v
 
 
-def _from_ortvalue(v: Any) -> np.ndarray[Any, Any]:
-    if v.data_type() != "tensor(bfloat16)":
-        return v.numpy()  # type: ignore[no-any-return]
-    from vault.core.protocol import dtype_from_name
-
+def _from_ortvalue(v: Any) -> Any:
+    t = v.data_type()
+    name = _ORT_SPECIAL.get(t[7:-1]) if t.startswith("tensor(") else None
+    if name is None:
+        return v.numpy()
     shape = tuple(v.shape())
     n = int(np.prod(shape, dtype=np.int64))
-    out = np.empty(n, np.uint16)
-    if n:
-        ctypes.memmove(out.ctypes.data, v.data_ptr(), n * 2)
-    return out.view(dtype_from_name("bfloat16")).reshape(shape)
+    four_bit = name in ("int4", "uint4")
+    nbytes = (n + 1) // 2 if four_bit else n * (2 if name == "bfloat16" else 1)
+    raw = np.empty(nbytes, np.uint8)
+    if nbytes:
+        ctypes.memmove(raw.ctypes.data, v.data_ptr(), nbytes)
+    if four_bit:
+        nib = np.empty(nbytes * 2, np.uint8)
+        nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
+        vals = nib[:n].astype(np.int8)
+        if name == "int4":
+            vals = np.where(vals >= 8, vals - 16, vals).astype(np.int8)
+        return vals.astype(dtype_from_name(name)).reshape(shape)
+    return raw.view(dtype_from_name(name)).reshape(shape)
 
 
-def _run_ortvalues(
-    sess: Any, feeds: Mapping[str, np.ndarray[Any, Any]], want: list[str]
-) -> dict[str, np.ndarray[Any, Any]]:
+def _run_ortvalues(sess: Any, feeds: Mapping[str, Any], want: list[str]) -> dict[str, Any]:
     vals = sess.run_with_ort_values(
         want, {k: _to_ortvalue(v) for k, v in feeds.items()}, _RUN_OPTIONS
     )
     return {n: _from_ortvalue(v) for n, v in zip(want, vals)}
+
+
+def _check_dims(name: str, declared: Sequence[Any], shape: Sequence[Any]) -> None:
+    if declared and len(shape) != len(declared):
+        raise InputError(f"input {name!r} must have rank {len(declared)}, got shape {list(shape)}")
+    for i, (want, have) in enumerate(zip(declared, shape)):
+        if isinstance(want, int) and want >= 0 and want != have:
+            raise InputError(
+                f"input {name!r} dimension {i} must be {want}, got shape {list(shape)}"
+            )
+
+
+_KIND = {"sequence": (list, tuple), "map": (dict,)}
+
+
+def _check_value(name: str, dtype: str, value: Any) -> None:
+    """A sequence, map or optional input has the right Python shape."""
+    kind = dtype.partition("<")[0]
+    if kind == "optional":
+        if value is not None:
+            inner = dtype[len("optional<") : -1]
+            if is_tensor_type(inner):
+                if not isinstance(value, np.ndarray) or dtype_name(value.dtype) != inner:
+                    raise InputError(f"input {name!r} must be {dtype}")
+            else:
+                _check_value(name, inner, value)
+        return
+    if not isinstance(value, _KIND.get(kind, ())):
+        raise InputError(f"input {name!r} must be a {dtype}, got {type(value).__name__}")
 
 
 class Pipeline:
@@ -247,6 +317,10 @@ class Pipeline:
         if not graphs:
             raise ConfigError("the package holds no graph")
         chosen = choose_providers(providers, device)
+        sizes = {name: memoryview(buf).nbytes for name, buf in (files or {}).items()}
+        for i, g in enumerate(graphs):
+            # whoever built the package: pure computation only (no path, no custom op)
+            check_graph(g, sizes, where=f"stage {i}")
         self._stages: list[tuple[Any, list[str], list[str]]] | None = []
         self._keep: list[Any] = []
         self._owner = owner
@@ -270,10 +344,15 @@ class Pipeline:
         self.outputs = [dict(s) for s in outputs]
         self._in = {s["name"]: (str(s["dtype"]), list(s.get("shape") or [])) for s in self.inputs}
         self._np_dtypes = {n: _np_dtype(d) for n, (d, _) in self._in.items()}
+        self.input_types = {n: d for n, (d, _) in self._in.items()}
+        self.output_types = {str(s["name"]): str(s["dtype"]) for s in self.outputs}
         self._out_names = [str(s["name"]) for s in self.outputs]
         self._out_set = frozenset(self._out_names)
-        # onnxruntime's numpy bridge has no bfloat16: such pipelines go through OrtValues
-        self._bf16 = any(str(s["dtype"]) == "bfloat16" for s in (*self.inputs, *self.outputs))
+        # onnxruntime's numpy bridge has no bfloat16, float8 or int4: such
+        # pipelines go through OrtValues
+        self._ortvalues = any(
+            str(s["dtype"]) in ORTVALUE_DTYPES for s in (*self.inputs, *self.outputs)
+        )
 
     @property
     def closed(self) -> bool:
@@ -298,36 +377,45 @@ class Pipeline:
 
     # -- checks ---------------------------------------------------------------
 
-    def check_inputs(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> None:
+    def check_inputs(self, feeds: Mapping[str, Any]) -> None:
+        """Names, dtypes, ranks and fixed sizes, as onnxruntime checks them.
+        Symbolic dims are not tied across inputs (onnxruntime does not tie
+        them either: a broadcastable mask may have another batch size)."""
         for name in feeds:
             if name not in self._in:
                 raise InputError(f"no input named {name!r}; inputs are {sorted(self._in)}")
-        dims: dict[str, int] = {}
         for name, (dtype, shape) in self._in.items():
-            arr = feeds.get(name)
-            if arr is None:
+            if name not in feeds:
+                if dtype.startswith("optional<"):
+                    continue
                 raise InputError(f"missing input {name!r}")
+            arr = feeds[name]
+            if not is_tensor_type(dtype):
+                _check_value(name, dtype, arr)
+                continue
+            if not isinstance(arr, np.ndarray):
+                raise InputError(f"input {name!r} must be a {dtype} tensor")
             want_dt = self._np_dtypes.get(name)
             if want_dt is None or arr.dtype != want_dt:  # fast path: one dtype compare
                 got = dtype_name(arr.dtype)
                 if got != dtype:
                     raise InputError(f"input {name!r} must be {dtype}, got {got}")
-            if shape and len(arr.shape) != len(shape):
-                raise InputError(
-                    f"input {name!r} must have rank {len(shape)}, got shape {list(arr.shape)}"
-                )
-            for i, (want, have) in enumerate(zip(shape, arr.shape)):
-                if isinstance(want, int) and want >= 0 and want != have:
-                    raise InputError(
-                        f"input {name!r} dimension {i} must be {want}, got shape {list(arr.shape)}"
-                    )
-                if isinstance(want, str) and want:
-                    # one symbolic dim must take one value across all inputs
-                    if dims.setdefault(want, have) != have:
-                        raise InputError(
-                            f"input {name!r} dimension {i} ({want}) is {have}, "
-                            f"but another input has {want}={dims[want]}"
-                        )
+            _check_dims(name, shape, arr.shape)
+
+    def check_declared_shapes(self, descs: Any) -> None:
+        """Rank and fixed sizes of the tensors a request header announces,
+        before any frame is decoded (a string input declared ``[3]`` is
+        refused at once when the header says ``[30000000]``)."""
+        if not isinstance(descs, list):
+            return  # the decoder reports the malformed header
+        for d in descs:
+            if not isinstance(d, dict) or d.get("name") not in self._in:
+                continue
+            dtype, shape = self._in[d["name"]]
+            have = d.get("shape")
+            # another dtype, or an unknown one, is the decoder's to report
+            if d.get("dtype") == dtype and is_tensor_type(dtype) and isinstance(have, list):
+                _check_dims(d["name"], shape, have)
 
     def check_outputs(self, names: Sequence[str] | None) -> list[str]:
         if names is None:
@@ -340,9 +428,7 @@ class Pipeline:
 
     # -- run ------------------------------------------------------------------
 
-    def run(
-        self, feeds: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray[Any, Any]]:
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
         with self._lock:
             stages = self._stages
             if stages is None:
@@ -360,14 +446,14 @@ class Pipeline:
     def _run(
         self,
         stages: list[tuple[Any, list[str], list[str]]],
-        feeds: Mapping[str, np.ndarray[Any, Any]],
+        feeds: Mapping[str, Any],
         outputs: Sequence[str] | None,
-    ) -> dict[str, np.ndarray[Any, Any]]:
+    ) -> dict[str, Any]:
         self.check_inputs(feeds)
         want = self.check_outputs(outputs)
         failed = ""
         try:
-            if len(stages) == 1 and self._bf16:
+            if len(stages) == 1 and self._ortvalues:
                 return _run_ortvalues(stages[0][0], feeds, want)
             if len(stages) == 1:
                 res = stages[0][0].run(want, dict(feeds), _RUN_OPTIONS)

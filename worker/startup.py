@@ -252,6 +252,7 @@ class Startup:
             hardening=self.report,
             max_request=args.max_message,
             shm=shm,
+            remote=args.endpoint.startswith("tcp://"),  # remote health: liveness and tier
         )
         ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
         server_public: bytes | None = None

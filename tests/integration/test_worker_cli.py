@@ -40,6 +40,46 @@ def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> 
     assert bad.stderr.startswith("vault: error[bad_input]")
 
 
+def test_vault_run_never_uses_an_output_name_as_a_path(keyserver: Any, tmp_path: Path) -> None:
+    """Output names come from the package; ``../../../../tmp/x`` is a valid
+    ONNX name. It must land inside --output-dir, under a sanitised name."""
+    import secrets
+
+    from onnx import TensorProto, helper
+
+    escape = f"../../../../tmp/vault-escape-{secrets.token_hex(4)}"
+    m = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], [escape]), helper.make_node("Neg", ["x"], ["a/b:0"])],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info(escape, TensorProto.FLOAT, [2]),
+             helper.make_tensor_value_info("a/b:0", TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    m.ir_version = 8
+    res = seal(m, model_id="escape", signing_key=PublisherKey.load(keyserver.publisher_key_path),
+               output=tmp_path / "e.vault")  # fmt: skip
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    keyserver.issue(res.model_id, same_user=True).save(tmp_path / "alice.licence")  # tier 0
+    np.save(tmp_path / "x.npy", np.ones(2, np.float32))
+    target = Path(escape.replace("../../../..", "")).with_suffix(".npy")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "vault", "run", str(tmp_path / "e.vault"), "--licence",
+             str(tmp_path / "alice.licence"), "--input", f"x={tmp_path / 'x.npy'}",
+             "--output-dir", str(tmp_path / "out" / "deep")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert not target.exists()
+        written = sorted(p.name for p in (tmp_path / "out" / "deep").iterdir())
+        assert written == sorted([f"{escape.replace('/', '_').lstrip('.')}.npy", "a_b_0.npy"])
+        assert not list((tmp_path / "out").glob("*.npy"))
+    finally:
+        target.unlink(missing_ok=True)
+
+
 def test_vault_demo_runs_and_leaves_nothing_behind() -> None:
     before = set(glob.glob(f"{tempfile.gettempdir()}/vault-demo-*"))
     out = subprocess.run(

@@ -97,6 +97,10 @@ def test_remote_worker_over_curve_with_allow_list(
         with vault.connect(endpoint, licence=lic, server_key=server_key, timeout=10) as remote:
             assert remote.inputs["x"][0] == "float32"
             assert remote.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+            # a remote caller learns liveness and the tier, nothing about the host
+            health = remote.health()
+            assert health["serving"] is True and health["tier"] == 2
+            assert set(health) <= {"model_id", "serving", "tier", "provider"}, health
         # a caller whose key is not on the allow-list gets no service
         stranger = keyserver.issue("ks-model", holder="mallory")
         with pytest.raises(vault.WorkerTimeoutError):

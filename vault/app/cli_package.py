@@ -153,6 +153,8 @@ def _seal(args: argparse.Namespace) -> int:
             where = f"key written to {args.key_out} (mode 0600): keep it secret"
     finally:
         zeroize(result.key)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     size = os.path.getsize(result.path)
     print(f"sealed {result.model_id} -> {result.path} ({size:,} bytes)")
     print(f"  key id   {result.key_id}")

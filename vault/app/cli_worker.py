@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -133,13 +134,34 @@ def _run(args: argparse.Namespace) -> int:
         out = model.compute(feeds, args.output)
     if not args.no_save:
         os.makedirs(args.output_dir, exist_ok=True)
+    used: set[str] = set()
     for name, arr in out.items():
+        if not isinstance(arr, np.ndarray):  # a sequence, map or optional output
+            print(f"{name}: {type(arr).__name__} {arr!r}"[:400])
+            continue
         print(f"{name}: {arr.dtype} {list(arr.shape)}  {_summary(arr)}".rstrip())
         if not args.no_save:
-            dest = os.path.join(args.output_dir, f"{name}.npy")
+            dest = os.path.join(args.output_dir, _file_name(name, used) + ".npy")
             np.save(dest, arr, allow_pickle=False)
             print(f"  -> {dest}")
     return 0
+
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _file_name(name: str, used: set[str]) -> str:
+    """A file name for an output, never a path: output names come from the
+    package (``../../x`` and ``resnet/Softmax:0`` are both valid ONNX names),
+    so every character outside ``[A-Za-z0-9._-]`` becomes ``_``, leading dots
+    go, and a clash gets a numeric suffix."""
+    base = _UNSAFE_CHARS.sub("_", name).lstrip(".")[:200] or "output"
+    candidate, n = base, 1
+    while candidate.lower() in used:
+        n += 1
+        candidate = f"{base}_{n}"
+    used.add(candidate.lower())
+    return candidate
 
 
 # --- worker serve ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ prints one line; anything else is a bug and shows its traceback.
     ├── FormatError                  format           (not a package, damaged framing)
     │   └── UnsupportedVersionError  unsupported_version
     ├── SealError                    seal             (a model refused at seal time)
+    │   └── UnsafeModelError         unsafe_model     (not pure computation: at seal and at load)
     ├── LicenceError                 licence
     │   ├── UnknownLicenceError      licence_unknown
     │   ├── LicenceRevokedError      licence_revoked
@@ -67,6 +68,7 @@ __all__ = [
     "ServiceUnavailableError",
     "UnknownLicenceError",
     "UnknownModelError",
+    "UnsafeModelError",
     "UnsupportedVersionError",
     "VaultError",
     "WorkerCrashedError",
@@ -121,6 +123,15 @@ class UnsupportedVersionError(FormatError):
 class SealError(VaultError):
     code = "seal"
     default_message = "model refused at seal time"
+
+
+class UnsafeModelError(SealError):
+    """A graph that is not pure computation (external data by path, a
+    custom-op domain, a value the channel cannot carry, malformed bytes):
+    refused by ``seal`` and again by the worker when it loads a package."""
+
+    code = "unsafe_model"
+    default_message = "the model is not pure computation"
 
 
 class LicenceError(VaultError):

@@ -407,8 +407,9 @@ class Package:
             pt_size = int(payload["plaintext_size"])
             chunk = int(payload["chunk_size"])
             prefix = bytes.fromhex(payload["nonce_prefix"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError() from exc
+        except (ValueError, KeyError, TypeError, RecursionError):
+            # a deeply nested manifest included: one opaque error, no traceback
+            raise IntegrityError() from None
         if (
             chunk <= 0
             or len(prefix) != _crypto.NONCE_PREFIX_SIZE

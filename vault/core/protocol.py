@@ -24,15 +24,20 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError, UnsupportedVersionError, VaultError, from_wire
+from .errors import InputError, ProtocolError, UnsupportedVersionError, VaultError, from_wire
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
+    "MAX_HEADER",
     "SharedRegion",
     "PROTOCOL_VERSION",
     "SHM_MIN_BYTES",
     "SUPPORTED_DTYPES",
     "decode_tensor",
+    "decode_tensors",
+    "encode_value",
+    "is_tensor_type",
+    "parse_type",
     "dtype_from_name",
     "dtype_name",
     "encode_tensors",
@@ -45,33 +50,53 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE = 1 << 30  # 1 GiB per message; ZMQ_MAXMSGSIZE is set from this
+# One limit for every header frame, worker and key server alike. A header
+# names tensors (about 60 bytes each); 1 MiB is ~16k descriptors.
 MAX_HEADER = 1 << 20
 MAX_RANK = 32
+MAX_NESTING = 8  # sequence<map<...>> and the like; deeper is refused unread
 SHM_MIN_BYTES = 256 << 10  # below this a frame is as cheap as a copy into shared memory
-
-try:  # onnx depends on ml_dtypes, so bfloat16 is normally available
-    import ml_dtypes
-
-    _BF16: Any = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    _BF16 = None
+# What decoding a request may cost in memory: each string element becomes a
+# Python str, an object pointer and, inside onnxruntime, a std::string (about
+# 96 bytes together, however short the string is on the wire), and the total
+# may be at most MEMORY_FACTOR times the bytes that came in, or MEMORY_FLOOR,
+# whichever is larger. Checked from the header alone, before any frame is decoded.
+STRING_ELEMENT_COST = 96
+MEMORY_FACTOR = 8
+MEMORY_FLOOR = 64 << 20
 
 _NUMERIC = (
     "float16", "float32", "float64", "int8", "int16", "int32", "int64",
     "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128",
 )  # fmt: skip
-SUPPORTED_DTYPES = frozenset((*_NUMERIC, "string", *(("bfloat16",) if _BF16 is not None else ())))
+# dtypes numpy knows only through ml_dtypes (which onnx depends on); onnxruntime
+# takes them only as OrtValues, one byte per element here (int4/uint4 too:
+# the worker packs two to a byte for onnxruntime)
+_ML_DTYPES = (
+    "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+    "int4", "uint4",
+)  # fmt: skip
+_EXTRA: dict[str, Any] = {}
+try:
+    import ml_dtypes
+
+    for _n in _ML_DTYPES:
+        if hasattr(ml_dtypes, _n):
+            _EXTRA[_n] = np.dtype(getattr(ml_dtypes, _n))
+except ImportError:  # pragma: no cover
+    pass
+_BF16: Any = _EXTRA.get("bfloat16")
+ORTVALUE_DTYPES = frozenset(_EXTRA)
+SUPPORTED_DTYPES = frozenset((*_NUMERIC, "string", *_EXTRA))
 
 
 _NAME_CACHE: dict[Any, str] = {}
 
 
 def _dtype_name_slow(dt: np.dtype[Any]) -> str:
-    if _BF16 is not None and dt == _BF16:
-        return "bfloat16"
     if dt.kind in ("U", "S", "O"):
         return "string"
-    if dt.name not in SUPPORTED_DTYPES:
+    if dt.name not in SUPPORTED_DTYPES or (dt.name in _EXTRA and dt != _EXTRA[dt.name]):
         raise ProtocolError(f"unsupported dtype {dt}")
     return str(dt.name)
 
@@ -93,8 +118,8 @@ def dtype_name(dtype: Any) -> str:
 def _dtype_from_name_slow(name: str) -> np.dtype[Any]:
     if name == "string":
         return np.dtype(object)
-    if name == "bfloat16":
-        return _BF16  # type: ignore[no-any-return]
+    if name in _EXTRA:
+        return _EXTRA[name]  # type: ignore[no-any-return]
     return np.dtype(name)
 
 
@@ -108,14 +133,71 @@ def dtype_from_name(name: Any) -> np.dtype[Any]:
         raise ProtocolError(f"unsupported dtype {name!r}") from None
 
 
+# --- value types -----------------------------------------------------------------
+# A value's type is a string: a dtype name for a tensor ("float32"), or
+# "sequence<T>", "map<K,V>" (K a dtype name, V a type) and "optional<T>",
+# which is how onnxruntime's seq(...), map(...) and optional(...) cross the wire.
+
+ValueType = tuple[Any, ...]  # ("tensor", dtype) | ("sequence", T) | ("map", K, T) | ("optional", T)
+_TYPE_CACHE: dict[str, ValueType] = {}
+
+
+def _split_args(body: str) -> list[str]:
+    depth, parts, cur = 0, [], ""
+    for ch in body:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += (ch == "<") - (ch == ">")
+        cur += ch
+    parts.append(cur)
+    return parts
+
+
+def parse_type(text: Any, _depth: int = 0) -> ValueType:
+    """Parse a value type string; ProtocolError for anything else."""
+    if not isinstance(text, str):
+        raise ProtocolError(f"unsupported dtype {text!r}")
+    hit = _TYPE_CACHE.get(text)
+    if hit is not None:
+        return hit
+    if _depth > MAX_NESTING or len(text) > 256:
+        raise ProtocolError("value type nested too deeply")
+    out: ValueType
+    if "<" not in text:
+        dtype_from_name(text)
+        out = ("tensor", text)
+    else:
+        kind, _, rest = text.partition("<")
+        if not rest.endswith(">"):
+            raise ProtocolError(f"malformed value type {text!r}")
+        args = _split_args(rest[:-1])
+        if kind in ("sequence", "optional") and len(args) == 1:
+            out = (kind, parse_type(args[0], _depth + 1))
+        elif kind == "map" and len(args) == 2 and args[0] in SUPPORTED_DTYPES:
+            out = ("map", args[0], parse_type(args[1], _depth + 1))
+        else:
+            raise ProtocolError(f"malformed value type {text!r}")
+    if len(_TYPE_CACHE) < 4096:
+        _TYPE_CACHE[text] = out
+    return out
+
+
+def is_tensor_type(text: Any) -> bool:
+    return isinstance(text, str) and "<" not in text
+
+
 def pack_header(header: Mapping[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack_header(frame: Any) -> dict[str, Any]:
-    """Parse and version-check a header frame; ProtocolError on anything odd."""
+def unpack_header(frame: Any, *, limit: int = MAX_HEADER) -> dict[str, Any]:
+    """Parse and version-check a header frame; ProtocolError on anything odd.
+    ``limit`` may only be lower than :data:`MAX_HEADER` (the key server's
+    requests are small, so it takes less)."""
     data = frame.buffer if hasattr(frame, "buffer") else frame
-    if len(data) > MAX_HEADER:
+    if len(data) > min(limit, MAX_HEADER):
         raise ProtocolError("header frame too large")
     try:
         header = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=1 << 16)
@@ -164,6 +246,62 @@ def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
     return desc, memoryview(flat) if arr.size else b""
 
 
+def _as_tensor(name: str, value: Any, dtype: str) -> np.ndarray[Any, Any]:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        raise InputError(f"{name!r} must be a {dtype} tensor, got {type(value).__name__}")
+    return np.asarray(value, dtype=None if dtype == "string" else dtype_from_name(dtype))
+
+
+def _array(items: list[Any], dtype: str) -> np.ndarray[Any, Any]:
+    if dtype == "string":
+        return np.array([str(x) for x in items], dtype=object)
+    return np.asarray(items, dtype=dtype_from_name(dtype))
+
+
+def encode_value(name: str, value: Any, vtype: str) -> tuple[dict[str, Any], list[Any]]:
+    """A value of declared type ``vtype`` (a tensor, or a sequence, map or
+    optional) as a descriptor and its frames, in order."""
+    t = parse_type(vtype)
+    if t[0] == "tensor":
+        d, f = encode_tensor(name, _as_tensor(name, value, t[1]))
+        return d, [f]
+    desc: dict[str, Any] = {"name": name, "dtype": vtype}
+    frames: list[Any] = []
+    if t[0] == "optional":
+        inner = vtype[len("optional<") : -1]
+        if value is None:
+            desc["value"] = None
+        else:
+            d, frames = encode_value("", value, inner)
+            desc["value"] = d
+        return desc, frames
+    if t[0] == "sequence":
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{name!r} is a {vtype}: pass a list, got {type(value).__name__}")
+        inner = vtype[len("sequence<") : -1]
+        items = []
+        for v in value:
+            d, fs = encode_value("", v, inner)
+            items.append(d)
+            frames += fs
+        desc["items"] = items
+        return desc, frames
+    # map<K,V>: the keys and the values as two 1-D tensors
+    if not isinstance(value, Mapping):
+        raise InputError(f"{name!r} is a {vtype}: pass a dict, got {type(value).__name__}")
+    inner = vtype[len("map<") + len(t[1]) + 1 : -1]
+    if t[2][0] != "tensor":
+        raise InputError(f"{name!r}: map values of type {inner} are not supported")
+    keys = _array(list(value.keys()), t[1])
+    vals = _array(list(value.values()), t[2][1])
+    kd, kf = encode_tensor("", keys.reshape(-1))
+    vd, vf = encode_tensor("", vals.reshape(-1))
+    desc["keys"], desc["values"] = kd, vd
+    return desc, [kf, vf]
+
+
 def _check_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
         raise ProtocolError("tensor shape must be a list of at most 32 dims")
@@ -173,6 +311,13 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
             raise ProtocolError(f"bad dimension {d!r} in tensor shape")
         out.append(d)
     return tuple(out)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
@@ -186,23 +331,9 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
     dt = dtype_from_name(desc.get("dtype"))
     shape = _check_shape(desc.get("shape"))
     buf = frame.buffer if hasattr(frame, "buffer") else frame
-    count = 1
-    for d in shape:
-        count *= d
+    count = _count(shape)
     if desc.get("dtype") == "string":
-        try:
-            items = msgpack.unpackb(buf, raw=False, max_array_len=1 << 28)
-        except Exception as exc:
-            raise ProtocolError(f"tensor {name!r}: malformed string frame") from exc
-        if (
-            not isinstance(items, list)
-            or len(items) != count
-            or not all(isinstance(x, str) for x in items)
-        ):
-            raise ProtocolError(f"tensor {name!r}: string frame does not match its shape")
-        arr = np.empty(count, dtype=object)
-        arr[:] = items
-        return name, arr.reshape(shape)
+        return name, _decode_strings(name, buf, count).reshape(shape)
     expected = count * dt.itemsize
     if len(buf) != expected:
         raise ProtocolError(
@@ -211,6 +342,36 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
         )
     arr = np.frombuffer(buf, dtype=dt, count=count) if count else np.empty(0, dtype=dt)
     return name, arr.reshape(shape)
+
+
+def _decode_strings(name: str, buf: Any, count: int) -> np.ndarray[Any, Any]:
+    # the element count is read first: a frame whose count does not match
+    # its shape is refused before a single string is built
+    unpacker = msgpack.Unpacker(
+        raw=False, max_buffer_size=max(len(buf), 1), max_array_len=count,
+        max_map_len=0, max_bin_len=0, max_ext_len=0,
+    )  # fmt: skip
+    arr = np.empty(count, dtype=object)
+    try:
+        unpacker.feed(buf)
+        if unpacker.read_array_header() != count:
+            raise ProtocolError(f"tensor {name!r}: string frame does not match its shape")
+        for i in range(count):
+            x = unpacker.unpack()
+            if not isinstance(x, str):
+                raise ProtocolError(f"tensor {name!r}: string frame holds a non-string")
+            arr[i] = x
+    except ProtocolError:
+        raise
+    except Exception:
+        raise ProtocolError(f"tensor {name!r}: malformed string frame") from None
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return arr
+    except Exception:
+        pass
+    raise ProtocolError(f"tensor {name!r}: string frame has trailing data")
 
 
 class SharedRegion:
@@ -268,14 +429,25 @@ class SharedRegion:
 
 
 def encode_tensors(
-    arrays: Mapping[str, Any], region: SharedRegion | None = None, *, min_bytes: int = SHM_MIN_BYTES
+    arrays: Mapping[str, Any],
+    region: SharedRegion | None = None,
+    *,
+    min_bytes: int = SHM_MIN_BYTES,
+    types: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Descriptors and frames for ``arrays``. With a ``region``, numeric
     tensors of ``min_bytes`` or more that fit are copied into it and named by
-    ``"shm": [offset, nbytes]`` instead of travelling as a frame."""
+    ``"shm": [offset, nbytes]`` instead of travelling as a frame. ``types``
+    (name -> value type) says which values are sequences, maps or optionals."""
     descs: list[dict[str, Any]] = []
     frames: list[Any] = []
     for name, value in arrays.items():
+        vtype = types.get(name) if types else None
+        if vtype is not None and not is_tensor_type(vtype):
+            d, fs = encode_value(name, value, vtype)
+            descs.append(d)
+            frames += fs
+            continue
         d, f = encode_tensor(name, value)
         loc = None
         if region is not None and d["dtype"] != "string" and memoryview(f).nbytes >= min_bytes:
@@ -288,33 +460,138 @@ def encode_tensors(
     return descs, frames
 
 
+def _plan(desc: Any, want: ValueType | None, depth: int) -> tuple[int, int]:
+    """Check one descriptor from the header alone: (frames it needs, Python
+    objects decoding it makes: strings and map entries). Nothing is decoded here."""
+    if not isinstance(desc, dict):
+        raise ProtocolError("tensor descriptor must be a map")
+    if depth > MAX_NESTING:
+        raise ProtocolError("value nested too deeply")
+    t = parse_type(desc.get("dtype"))
+    if want is not None and t != want:
+        raise ProtocolError("a nested value does not have its container's type")
+    if t[0] == "tensor":
+        count = _count(_check_shape(desc.get("shape")))
+        return (0 if "shm" in desc else 1), (count if t[1] == "string" else 0)
+    if "shm" in desc:
+        raise ProtocolError("only tensors travel through shared memory")
+    if t[0] == "optional":
+        v = desc.get("value")
+        return (0, 0) if v is None else _plan(v, t[1], depth + 1)
+    if t[0] == "sequence":
+        items = desc.get("items")
+        if not isinstance(items, list):
+            raise ProtocolError("a sequence descriptor needs a list of items")
+        frames = strings = 0
+        for item in items:
+            f, n = _plan(item, t[1], depth + 1)
+            frames, strings = frames + f, strings + n
+        return frames, strings
+    kf, kn = _plan(desc.get("keys"), ("tensor", t[1]), depth + 1)
+    vf, vn = _plan(desc.get("values"), t[2], depth + 1)
+    if "shm" in desc["keys"] or "shm" in desc["values"] or kf + vf != 2:
+        raise ProtocolError("map keys and values travel as frames")
+    if desc["keys"].get("shape") != desc["values"].get("shape") or len(desc["keys"]["shape"]) != 1:
+        raise ProtocolError("a map needs as many keys as values, as 1-D tensors")
+    # a decoded map entry is two Python objects and a dict slot: count it as strings are
+    return 2, kn + vn + 2 * int(desc["keys"]["shape"][0])
+
+
+def _decode_value(
+    desc: dict[str, Any], frames: Any, region: SharedRegion | None, copy: bool
+) -> Any:
+    t = parse_type(desc["dtype"])
+    if t[0] == "tensor":
+        if "shm" in desc:
+            assert region is not None
+            if t[1] == "string":
+                raise ProtocolError("string tensors cannot travel through shared memory")
+            view = region.view(desc["shm"])
+            # a caller gets an owned, writable copy (its slot is about to be reused)
+            return decode_tensor(desc, bytearray(view) if copy else view)[1]
+        frame = next(frames)
+        if copy and t[1] != "string":
+            buf = frame.buffer if hasattr(frame, "buffer") else frame
+            if memoryview(buf).readonly:  # a caller's result is always writable
+                frame = bytearray(buf)
+        return decode_tensor(desc, frame)[1]
+    if t[0] == "optional":
+        v = desc.get("value")
+        return None if v is None else _decode_value(v, frames, region, copy)
+    if t[0] == "sequence":
+        return [_decode_value(d, frames, region, copy) for d in desc["items"]]
+    keys = decode_tensor(desc["keys"], next(frames))[1].tolist()
+    values = decode_tensor(desc["values"], next(frames))[1].tolist()
+    if len(set(keys)) != len(keys):
+        raise ProtocolError("a map holds the same key twice")
+    return dict(zip(keys, values))
+
+
 def decode_tensors(
-    descs: Any, frames: Sequence[Any], region: SharedRegion | None = None, *, copy: bool = False
-) -> dict[str, np.ndarray[Any, Any]]:
-    """Rebuild the tensors of a message. ``"shm"`` descriptors are read from
-    ``region`` (as views, or copies with ``copy=True`` for a caller whose slot
-    is about to be reused); without a region they are a ProtocolError."""
+    descs: Any,
+    frames: Sequence[Any],
+    region: SharedRegion | None = None,
+    *,
+    copy: bool = False,
+    expect: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Rebuild the values of a message (tensors, and sequences, maps and
+    optionals of them). ``"shm"`` descriptors are read from ``region`` (as
+    views, or owned copies with ``copy=True`` for a caller whose slot is about
+    to be reused); without a region they are a ProtocolError.
+
+    Everything is checked from the header before any frame is decoded: names
+    against ``expect`` (name -> declared value type; an unknown name or another
+    type is an InputError), shapes against frame counts, and the memory that
+    decoding would cost (strings!) against the bytes that came in."""
     if not isinstance(descs, list):
         raise ProtocolError("tensors must be a list")
-    shared = [isinstance(d, dict) and "shm" in d for d in descs]
-    if any(shared) and region is None:
-        raise ProtocolError("shared-memory tensors need a shm region (local workers only)")
-    if len(descs) - sum(shared) != len(frames):
-        raise ProtocolError(
-            f"header names {len(descs) - sum(shared)} framed tensors but {len(frames)} frames came"
-        )
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    it = iter(frames)
-    for d, in_shm in zip(descs, shared):
-        if in_shm:
-            assert region is not None
-            if d.get("dtype") == "string":
-                raise ProtocolError("string tensors cannot travel through shared memory")
-            view = region.view(d["shm"])
-            name, arr = decode_tensor(d, view.tobytes() if copy else view)
-        else:
-            name, arr = decode_tensor(d, next(it))
-        if name in out:
+    seen: set[str] = set()
+    need = strings = wire = 0
+    numeric_only = True
+    for d in descs:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise ProtocolError("tensor descriptor needs a string name")
+        name = d["name"]
+        if name in seen:
             raise ProtocolError(f"tensor {name!r} sent twice")
-        out[name] = arr
-    return out
+        seen.add(name)
+        dtype = d.get("dtype")
+        t = parse_type(dtype)  # an unknown dtype is a protocol error, whatever the name
+        if expect is not None:
+            if name not in expect:
+                raise InputError(f"no input named {name!r}; inputs are {sorted(expect)}")
+            if dtype != expect[name]:
+                raise InputError(f"input {name!r} must be {expect[name]}, got {dtype}")
+        if "shm" in d:
+            if region is None:
+                raise ProtocolError("shared-memory tensors need a shm region (local workers only)")
+            loc = d["shm"]
+            if isinstance(loc, list) and len(loc) == 2 and isinstance(loc[1], int):
+                wire += max(0, loc[1])
+        if t[0] == "tensor" and t[1] != "string":
+            # the common case: a numeric tensor decodes as a view, no memory to bound
+            # (its shape is checked against its frame when it is decoded)
+            need += "shm" not in d
+            continue
+        numeric_only = False
+        f, n = _plan(d, None, 0)
+        need, strings = need + f, strings + n
+    if need != len(frames):
+        raise ProtocolError(f"header names {need} framed tensors but {len(frames)} frames came")
+    if not numeric_only:
+        wire += sum(_frame_len(f) for f in frames)
+        cost = wire + strings * STRING_ELEMENT_COST
+        if cost > max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
+            raise ProtocolError(
+                f"request refused: decoding its {strings} strings and map entries would take "
+                f"about {cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
+            )
+    it = iter(frames)
+    if numeric_only and region is None and not copy:
+        return {d["name"]: decode_tensor(d, next(it))[1] for d in descs}
+    return {d["name"]: _decode_value(d, it, region, copy) for d in descs}
+
+
+def _frame_len(f: Any) -> int:
+    return len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes

@@ -24,14 +24,19 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import threading
 from typing import Any
 
+from .errors import ConfigError
 from .protocol import SHM_MIN_BYTES, SharedRegion
 
 __all__ = ["SHM_MIN_BYTES", "ShmArena", "map_arena"]
+
+# no shrinking, no growing, and no removing these seals (F_SEAL_SEAL)
+F_SEAL_SEAL_SET = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class ShmArena:
@@ -42,9 +47,12 @@ class ShmArena:
             raise OSError("memfd_create is not available on this platform")
         self.slot_size = (size // max(1, slots)) // mmap.PAGESIZE * mmap.PAGESIZE
         self.size = self.slot_size * max(1, slots)
-        self.fd = os.memfd_create("vault-tensors", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vault-tensors", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.size)
+            # sealed before it is shared: neither side can shrink the arena
+            # under the other's mapping (a SIGBUS) or grow it
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_SEAL_SET)
             self.map = mmap.mmap(self.fd, self.size)
         except BaseException:
             os.close(self.fd)
@@ -85,5 +93,12 @@ class ShmArena:
 
 
 def map_arena(fd: int, size: int) -> Any:
-    """The worker's side: map the inherited memfd."""
+    """The worker's side: map the inherited memfd, only if it is sealed
+    against shrinking and growing and holds exactly ``size`` bytes (otherwise
+    the caller could truncate it under the mapping: a SIGBUS in the worker)."""
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
+        raise ConfigError("the shared-memory arena is not sealed against shrinking and growing")
+    if os.fstat(fd).st_size != size:
+        raise ConfigError("the shared-memory arena has another size than announced")
     return mmap.mmap(fd, size)

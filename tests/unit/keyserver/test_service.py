@@ -44,14 +44,16 @@ def req(identity: str, op: str, **fields: object) -> Request:
     return Request(identity, {**h, **fields})
 
 
-def _setup_caller(svc: KeyService) -> tuple[str, str, bytearray]:
+def _setup_caller(
+    svc: KeyService, *, expires: float | None = None, rate_limit: float | None = None
+) -> tuple[str, str, bytearray]:
     key = _crypto.generate_key()
     [r1, r2] = svc.process_batch([
         req(svc.admin, "register_key", model_id="m", key_id="k", key=bytes(key),
             package_digest="d"),
         # tier 0 (same user): the licence's own key may ask, so no device is needed here
-        req(svc.admin, "issue", model_id="m", holder="a", max_calls=None, rate_limit=None,
-            same_user=True),
+        req(svc.admin, "issue", model_id="m", holder="a", max_calls=None, rate_limit=rate_limit,
+            expires=expires, same_user=True),
     ])  # fmt: skip
     assert r1["ok"] and r2["ok"], (r1, r2)
     lic = r2["licence"]
@@ -98,3 +100,40 @@ def test_replay_is_refused_even_within_one_batch(svc):
     assert first["ok"] and not second["ok"] and "replayed" in second["error"]["message"]
     [third] = svc.process_batch([r])
     assert "replayed" in third["error"]["message"]
+
+
+def _release(svc: KeyService, ident: str, licence_id: str) -> dict[str, object]:
+    [rep] = svc.process_batch([
+        req(ident, "release", model_id="m", key_id="k", package_digest="d",
+            licence_id=licence_id, ephemeral_key=_crypto.EphemeralKey().public_bytes),
+    ])  # fmt: skip
+    return rep
+
+
+def test_expired_licence_is_denied_on_release_and_renewal(svc):
+    """Expiry on the service's clock: no test sleeps against a real expiry time."""
+    ident, licence_id, _ = _setup_caller(svc, expires=30.0)
+    rep = _release(svc, ident, licence_id)
+    assert rep["ok"], rep
+    svc.test_clock.now += 29.0
+    assert _release(svc, ident, licence_id)["ok"]  # still valid one second before
+    svc.test_clock.now += 2.0
+    denied = _release(svc, ident, licence_id)
+    assert denied["ok"] is False and denied["error"]["code"] == "licence_expired", denied
+    [renew] = svc.process_batch(
+        [req(ident, "renew", lease_id=rep["lease"]["lease_id"], calls=0)]  # type: ignore[index]
+    )
+    assert renew["ok"] is False and renew["error"]["code"] == "licence_expired", renew
+
+
+def test_rate_limit_refills_with_the_services_clock(svc):
+    """2 calls/s over a 5 s lease: the first grant takes the whole bucket (10
+    calls), the next is refused, and 0.6 s later one call's worth is back."""
+    ident, licence_id, _ = _setup_caller(svc, rate_limit=2.0)
+    first = _release(svc, ident, licence_id)
+    assert first["ok"] and first["lease"]["call_budget"] == 10, first  # type: ignore[index]
+    refused = _release(svc, ident, licence_id)
+    assert refused["ok"] is False and refused["error"]["code"] == "rate_limited", refused
+    svc.test_clock.now += 0.6
+    again = _release(svc, ident, licence_id)
+    assert again["ok"] and again["lease"]["call_budget"] == 1, again  # type: ignore[index]

@@ -116,3 +116,17 @@ def test_public_api_names() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     assert r.stdout.strip() == "False"
+
+
+def test_deeply_nested_manifest_is_the_opaque_integrity_error(workdir: Path) -> None:
+    import struct
+
+    from vault.core.package import FORMAT_VERSION, MAGIC
+
+    manifest = b"[" * 200_000 + b"]" * 200_000
+    header = MAGIC + struct.pack(">HHI", FORMAT_VERSION, 0, len(manifest))
+    (workdir / "deep.vault").write_bytes(header + manifest + b"\0" * 64)
+    r = vault("inspect", "deep.vault", cwd=workdir)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "RecursionError" not in r.stderr
+    assert r.stderr.startswith("vault: error[integrity]") and r.stderr.count("\n") == 1

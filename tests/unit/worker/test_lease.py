@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,53 @@ def test_background_thread_renews() -> None:
         assert done.wait(2)
     finally:
         keeper.stop()
+
+
+def test_a_slow_start_renews_before_serving() -> None:
+    """Start-up took most of the lease: start() renews at once, in the calling
+    thread, so the first call meets a fresh lease."""
+    now = [1000.0]
+    renewed: list[tuple[str, int]] = []
+
+    class L:
+        lease_id = "l1"
+        ttl = 2.0
+        expires_at = 1000.5  # 0.5 s left of a 2 s lease
+        hard_end = 1000.5
+        call_budget = 5
+        retry_after = None
+
+    class Fresh(L):
+        expires_at = 1002.0
+        hard_end = 1002.0
+
+    def renew(lease_id: str, calls: int) -> Any:
+        renewed.append((lease_id, calls))
+        return Fresh()
+
+    k = LeaseKeeper(L(), renew=renew, on_end=lambda: None, clock=lambda: now[0])
+    k.start()
+    try:
+        assert renewed == [("l1", 0)]
+        now[0] = 1001.0  # past the old lease's hard end: the fresh one serves
+        k.check()
+    finally:
+        k._stop.set()  # noqa: SLF001 - no close callback here
+
+
+def test_a_prompt_start_does_not_renew_at_once() -> None:
+    renewed: list[str] = []
+
+    class L:
+        lease_id = "l1"
+        ttl = 2.0
+        expires_at = 1001.9
+        hard_end = 1001.9
+        call_budget = 5
+        retry_after = None
+
+    k = LeaseKeeper(L(), renew=lambda i, c: renewed.append(i), on_end=lambda: None,
+                    clock=lambda: 1000.0)  # fmt: skip
+    k.start()
+    k._stop.set()  # noqa: SLF001
+    assert renewed == []

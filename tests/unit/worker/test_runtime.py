@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -149,3 +151,36 @@ def test_closed_pipeline_refuses() -> None:
     pipe.close()
     with pytest.raises(ComputeError):
         pipe.run({"x": np.ones((1, 8), np.float32)})
+
+
+def test_declared_sizes_are_checked_from_the_header_alone() -> None:
+    s = helper.make_tensor_value_info("s", TensorProto.STRING, [3])
+    t = helper.make_tensor_value_info("t", TensorProto.STRING, [3])
+    m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["s"], ["t"])], "g", [s], [t]),
+                          opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    pipe = Pipeline([m.SerializeToString()])
+    with pytest.raises(InputError, match="dimension 0 must be 3"):
+        pipe.check_declared_shapes([{"name": "s", "dtype": "string", "shape": [30_000_000]}])
+    with pytest.raises(InputError, match="rank 1"):
+        pipe.check_declared_shapes([{"name": "s", "dtype": "string", "shape": [3, 1]}])
+    pipe.check_declared_shapes([{"name": "s", "dtype": "string", "shape": [3]}])
+
+
+def test_a_graph_naming_a_file_is_refused_before_onnxruntime_sees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vault.core.errors import UnsafeModelError
+
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2])
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", "8")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    m = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w]),
+                          opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    (tmp_path / "weights.bin").write_bytes(np.ones(2, np.float32).tobytes())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnsafeModelError, match="weights.bin"):
+        Pipeline([m.SerializeToString()])

@@ -1,0 +1,87 @@
+"""The wire encoding of values: sequences, maps, optionals and low-bit
+dtypes round-trip; everything is checked from the header before decoding."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+
+from vault.core import protocol
+from vault.core.errors import InputError, ProtocolError
+from vault.core.protocol import decode_tensors, encode_tensors, parse_type
+
+
+def _roundtrip(values: dict, types: dict, expect: dict | None = None) -> dict:
+    descs, frames = encode_tensors(values, types=types)
+    return decode_tensors(descs, [bytes(memoryview(f)) for f in frames], copy=True, expect=expect)
+
+
+def test_containers_round_trip() -> None:
+    types = {"s": "sequence<float32>", "m": "map<string,float32>", "z": "sequence<map<int64,float32>>",
+             "o": "optional<int64>", "none": "optional<float32>"}  # fmt: skip
+    values = {"s": [np.arange(3, dtype=np.float32), np.ones((2, 2), np.float32)],
+              "m": {"a": 1.5, "b": -2.0}, "z": [{0: 0.25, 1: 0.75}, {0: 1.0, 1: 0.0}],
+              "o": np.array([7], np.int64), "none": None}  # fmt: skip
+    got = _roundtrip(values, types, expect=types)
+    assert [a.tolist() for a in got["s"]] == [a.tolist() for a in values["s"]]
+    assert got["m"] == values["m"] and got["z"] == values["z"]
+    assert got["o"].tolist() == [7] and got["none"] is None
+
+
+def test_low_bit_dtypes_round_trip() -> None:
+    for name in (
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "int4",
+        "uint4",
+    ):
+        arr = np.array([0, 1, 2, 3, 4], np.float32).astype(getattr(ml_dtypes, name))
+        got = _roundtrip({"x": arr}, {})["x"]
+        assert got.dtype == arr.dtype and got.tobytes() == arr.tobytes()
+        assert got.flags.writeable
+
+
+def test_names_and_types_are_checked_before_decoding() -> None:
+    frame = msgpack.packb(["a"])
+    with pytest.raises(InputError, match="no input named 'x'"):
+        decode_tensors(
+            [{"name": "x", "dtype": "string", "shape": [1]}], [frame], expect={"s": "string"}
+        )
+    with pytest.raises(InputError, match="must be sequence<float32>, got string"):
+        decode_tensors([{"name": "s", "dtype": "string", "shape": [1]}], [frame],
+                       expect={"s": "sequence<float32>"})  # fmt: skip
+    with pytest.raises(ProtocolError, match="nested"):
+        parse_type("sequence<" * 20 + "float32" + ">" * 20)
+    with pytest.raises(ProtocolError):
+        parse_type("map<sequence<int64>,float32>")
+
+
+def test_string_memory_is_bounded_by_the_request_size() -> None:
+    n = (protocol.MEMORY_FLOOR // protocol.STRING_ELEMENT_COST) + 1
+    frame = b"\xdd" + n.to_bytes(4, "big") + b"\xa1a" * n  # ~1.4 MiB of 1-char strings
+    with pytest.raises(ProtocolError, match="strings"):
+        decode_tensors([{"name": "s", "dtype": "string", "shape": [n]}], [frame])
+    # under the floor, the same strings decode
+    small = b"\x93" + b"\xa1a" * 3
+    assert (
+        decode_tensors([{"name": "s", "dtype": "string", "shape": [3]}], [small])["s"].tolist()
+        == ["a"] * 3
+    )
+
+
+def test_one_header_limit_for_worker_and_key_server() -> None:
+    """One constant and one check (unpack_header); the key server only lowers it."""
+    from keyserver import server
+
+    assert server.MAX_HEADER is protocol.MAX_HEADER
+    assert server.REQUEST_HEADER_LIMIT < protocol.MAX_HEADER
+    with pytest.raises(ProtocolError, match="too large"):
+        protocol.unpack_header(b"\x00" * (protocol.MAX_HEADER + 1))
+    with pytest.raises(ProtocolError, match="too large"):
+        protocol.unpack_header(b"\x00" * 100, limit=50)
+    with pytest.raises(ProtocolError, match="too large"):  # a limit cannot raise the ceiling
+        protocol.unpack_header(b"\x00" * (protocol.MAX_HEADER + 1), limit=protocol.MAX_HEADER * 2)
