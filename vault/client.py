@@ -62,7 +62,7 @@ from .core.errors import (
     WorkerTimeoutError,
     from_wire,
 )
-from .core.launch import read_ready_line, spawn_worker
+from .core.launch import WorkerPipes, read_ready_line, spawn_worker
 from .core.licence import Licence
 from .core.process import stop_process
 from .core.protocol import (
@@ -122,25 +122,13 @@ class _LocalWorker:
 
     def start(self) -> str:
         endpoint = f"ipc://{self.dir}/w{next(self._count)}.sock"
-        pipes: list[int] = []
-        status_r, status_w = os.pipe()
-        life_r, life_w = os.pipe()
-        args = [self.package, "--endpoint", endpoint,
-                "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
-        pass_fds = [status_w, life_r]
-        secrets_out: list[tuple[int, bytes]] = []
+        pipes = WorkerPipes()
+        args = [self.package, "--endpoint", endpoint]
+        pass_fds: list[int] = []
         if self.licence is not None:
-            lr, lw = os.pipe()
-            args += ["--licence-fd", str(lr)]
-            pass_fds.append(lr)
-            secrets_out.append((lw, self.licence.dumps()))
-            pipes.append(lr)
+            pipes.secret("--licence-fd", self.licence.dumps())
         if self.unsafe_key is not None:
-            kr, kw = os.pipe()
-            args += ["--unsafe-test-key-fd", str(kr)]
-            pass_fds.append(kr)
-            secrets_out.append((kw, bytes(self.unsafe_key)))
-            pipes.append(kr)
+            pipes.secret("--unsafe-test-key-fd", bytes(self.unsafe_key))
         if self.publisher:
             args += ["--publisher", self.publisher]
         if self.providers:
@@ -158,25 +146,23 @@ class _LocalWorker:
         if self.arena is not None:
             args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
-        args += self.worker_args
+        args += [*pipes.args, *self.worker_args]
         try:
-            self.proc = spawn_worker(args, pass_fds=pass_fds, cwd=self.dir, python=self.python)
-        finally:
-            for fd in (status_w, life_r, *pipes):
-                os.close(fd)
-        for fd, data in secrets_out:  # small: fits the pipe buffer, never touches disk
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-        self._lifeline = life_w
+            self.proc = spawn_worker(
+                args, pass_fds=[*pass_fds, *pipes.pass_fds], cwd=self.dir, python=self.python
+            )
+        except BaseException:
+            pipes.failed()
+            raise
+        pipes.spawned()
+        self._lifeline = pipes.lifeline_w
         try:
-            self.ready = read_ready_line(status_r, timeout=self.start_timeout, proc=self.proc)
+            self.ready = read_ready_line(pipes.status_r, timeout=self.start_timeout, proc=self.proc)
         except BaseException:
             self.kill()
             raise
         finally:
-            os.close(status_r)
+            pipes.close_status()
         return str(self.ready.get("endpoint") or endpoint)
 
     def alive(self) -> bool:

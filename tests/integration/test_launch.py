@@ -137,3 +137,33 @@ def test_one_place_builds_a_worker_command_line() -> None:
             if pattern.search(path.read_text()):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == [], f"worker command lines built outside vault/core/launch.py: {offenders}"
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_worker_pipes_hand_secrets_over_pipes_and_leak_no_fd() -> None:
+    from vault.core.launch import WorkerPipes
+
+    before = _open_fds()
+    pipes = WorkerPipes()
+    pipes.secret("--licence-fd", b"s3cret-licence")
+    fd = pipes.args[pipes.args.index("--licence-fd") + 1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import os, sys; sys.stdout.write(os.read({fd}, 100).decode())"],
+        pass_fds=pipes.pass_fds, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    pipes.spawned()
+    out, _ = child.communicate(timeout=30)
+    assert out == b"s3cret-licence"
+    assert not any("s3cret" in a for a in child.args)  # never on the command line
+    pipes.close_status()
+    assert pipes.lifeline_w is not None
+    os.close(pipes.lifeline_w)
+    assert _open_fds() == before
+
+    failing = WorkerPipes()
+    failing.secret("--device-key-fd", b"k")
+    failing.failed()  # a spawn that failed: every fd of the launch is closed
+    assert _open_fds() == before

@@ -104,23 +104,12 @@ def _calibration(path: str) -> list[dict[str, Any]]:
 
 def _split(args: argparse.Namespace) -> int:
     from ..core.crypto import PublisherKey
-    from ..core.licence import Licence
     from ..hybrid.plan import Link
     from ..hybrid.profile import load_profile
     from ..hybrid.publish import split, write_key_file
+    from .cli_package import publisher_credentials
 
-    licence = Licence.load(args.licence) if args.licence else None
-    if licence is None and not args.key_out:
-        raise ConfigError("name a key server (--licence admin.licence) or --key-out DIR")
-    if licence is not None and not licence.is_admin:
-        raise ConfigError(f"{args.licence}: splitting needs an admin licence")
-    signing = args.signing_key
-    if signing is None:
-        if args.licence is None:
-            raise ConfigError("--signing-key is required without --licence")
-        signing = os.path.join(os.path.dirname(os.path.abspath(args.licence)), "publisher.key")
-    if not os.path.exists(signing):
-        raise ConfigError(f"signing key {signing} not found (pass --signing-key)")
+    licence, signing = publisher_credentials(args, "splitting")
     link = None
     if args.auto:
         if args.rtt is None or args.bandwidth is None:

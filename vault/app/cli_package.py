@@ -101,19 +101,20 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _seal(args: argparse.Namespace) -> int:
-    from ..core.crypto import PublisherKey, zeroize
-    from ..core.licence import Licence, write_private_file
-    from ..sealing import seal
+def publisher_credentials(args: argparse.Namespace, what: str) -> tuple[Any, str]:
+    """The admin licence (or None with ``--key-out``) and the signing key path
+    of a publisher command (``vault seal``, ``vault split``): the signing key
+    defaults to the ``publisher.key`` beside the admin licence."""
+    from ..core.licence import Licence
 
     licence = Licence.load(args.licence) if args.licence else None
     if licence is None and not args.key_out:
         raise ConfigError(
-            "name a key server (--licence admin.licence) or --key-out FILE: otherwise the "
+            "name a key server (--licence admin.licence) or --key-out: otherwise the "
             "package key would be lost"
         )
     if licence is not None and not licence.is_admin:
-        raise ConfigError(f"{args.licence}: sealing needs an admin licence")
+        raise ConfigError(f"{args.licence}: {what} needs an admin licence")
     signing = args.signing_key
     if signing is None:
         if args.licence is None:
@@ -121,6 +122,15 @@ def _seal(args: argparse.Namespace) -> int:
         signing = os.path.join(os.path.dirname(os.path.abspath(args.licence)), "publisher.key")
     if not os.path.exists(signing):
         raise ConfigError(f"signing key {signing} not found (pass --signing-key)")
+    return licence, str(signing)
+
+
+def _seal(args: argparse.Namespace) -> int:
+    from ..core.crypto import PublisherKey, zeroize
+    from ..core.licence import write_private_file
+    from ..sealing import seal
+
+    licence, signing = publisher_credentials(args, "sealing")
     result = seal(
         args.model,
         pre=args.pre,

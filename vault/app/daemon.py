@@ -215,33 +215,14 @@ class Daemon:
         if os.geteuid() == 0:
             os.chown(wdir, cfg.worker_uid, cfg.worker_gid)
         endpoint = f"ipc://{wdir}/w.sock"
-        status_r, status_w = os.pipe()
-        life_r, life_w = os.pipe()
-        secrets = {
-            "--licence-fd": lic.dumps(),
-            "--proof-fd": json.dumps(proof.to_wire()).encode(),
-            "--device-key-fd": self.device.dumps(),
-        }
-        args = [
-            "--package-fd",
-            str(package_fd),
-            "--endpoint",
-            endpoint,
-            "--status-fd",
-            str(status_w),
-            "--lifeline-fd",
-            str(life_r),
-            f"--allow-key={client_key}",
-            "--tier",
-            str(TIER),
-        ]  # fmt: skip (a Z85 key may start with "-")
-        pass_fds = [package_fd, status_w, life_r]
-        writers: list[tuple[int, bytes]] = []
-        for flag, data in secrets.items():
-            r, w = os.pipe()
-            args += [flag, str(r)]
-            pass_fds.append(r)
-            writers.append((w, data))
+        pipes = launch.WorkerPipes()
+        pipes.secret("--licence-fd", lic.dumps())
+        pipes.secret("--proof-fd", json.dumps(proof.to_wire()).encode())
+        pipes.secret("--device-key-fd", self.device.dumps())
+        # "--allow-key=KEY": a Z85 key may start with "-"
+        args = ["--package-fd", str(package_fd), "--endpoint", endpoint,
+                f"--allow-key={client_key}", "--tier", str(TIER), *pipes.args]  # fmt: skip
+        pass_fds = [package_fd]
         if shm_fd is not None:
             args += ["--shm-fd", str(shm_fd), "--shm-size", str(shm_size)]
             pass_fds.append(shm_fd)
@@ -250,7 +231,7 @@ class Daemon:
         try:
             proc = launch.spawn_worker(
                 args,
-                pass_fds=pass_fds,
+                pass_fds=[*pass_fds, *pipes.pass_fds],
                 cwd=wdir,
                 python=cfg.python,
                 sys_path=cfg.sys_path,
@@ -259,26 +240,19 @@ class Daemon:
                 umask=0o000,  # the socket file is connectable; the worker's CURVE key decides
             )
         except BaseException:
-            for fd in (status_r, life_w, *(w for w, _ in writers)):
-                os.close(fd)
+            pipes.failed()
             shutil.rmtree(wdir, ignore_errors=True)
             raise
-        finally:
-            for fd in (status_w, life_r, *(p for p in pass_fds[3:] if p != shm_fd)):
-                os.close(fd)
-        for w, data in writers:  # small: fits the pipe buffer, never touches disk
-            try:
-                os.write(w, data)
-            finally:
-                os.close(w)
-        worker = _Worker(wid, proc, life_w, wdir)
+        pipes.spawned()
+        assert pipes.lifeline_w is not None
+        worker = _Worker(wid, proc, pipes.lifeline_w, wdir)
         try:
-            ready = launch.read_ready_line(status_r, timeout=cfg.start_timeout, proc=proc)
+            ready = launch.read_ready_line(pipes.status_r, timeout=cfg.start_timeout, proc=proc)
         except BaseException:
             worker.stop()
             raise
         finally:
-            os.close(status_r)
+            pipes.close_status()
         conn.workers[wid] = worker
         self.log(f"worker {wid} (pid {proc.pid}) for uid {conn.uid} pid {conn.pid}: "
                  f"model {ready.get('model_id')}, licence {lic.licence_id}")  # fmt: skip

@@ -37,6 +37,7 @@ from .errors import ProtocolError, VaultError, WorkerCrashedError, WorkerTimeout
 
 __all__ = [
     "MAX_READY_LINE",
+    "WorkerPipes",
     "WORKER_ENV",
     "read_ready_line",
     "spawn_worker",
@@ -142,6 +143,72 @@ def spawn_worker(
         extra_groups=[] if uid is not None else None,
         umask=umask,
     )
+
+
+class WorkerPipes:
+    """The inherited pipes of one worker launch, in one place: the status pipe
+    its ready line comes back on, the lifeline (EOF: the launcher is gone, the
+    worker stops), and secrets (licence, keys, proofs) that travel on pipes and
+    never in argv, the environment or a file.
+
+    Usage: build, add ``secret(flag, data)`` for each, spawn with
+    ``args=[..., *pipes.args]`` and ``pass_fds=[..., *pipes.pass_fds]``, then
+    ``spawned()`` (closes the child's ends, writes and closes the secrets) or,
+    if the spawn failed, ``failed()`` (closes everything).
+    """
+
+    def __init__(self, *, lifeline: bool = True) -> None:
+        self.status_r, status_w = os.pipe()
+        self._child = [status_w]
+        self.args = ["--status-fd", str(status_w)]
+        self.lifeline_w: int | None = None
+        if lifeline:
+            life_r, self.lifeline_w = os.pipe()
+            self._child.append(life_r)
+            self.args += ["--lifeline-fd", str(life_r)]
+        self._secrets: list[tuple[int, bytes]] = []
+
+    def secret(self, flag: str, data: bytes | bytearray) -> None:
+        r, w = os.pipe()
+        self._child.append(r)
+        self.args += [flag, str(r)]
+        self._secrets.append((w, bytes(data)))
+
+    @property
+    def pass_fds(self) -> list[int]:
+        return list(self._child)
+
+    def _close_child_ends(self) -> None:
+        for fd in self._child:
+            os.close(fd)
+        self._child = []
+
+    def spawned(self) -> None:
+        """The child holds its ends now: close ours, then hand over the secrets
+        (each small: it fits the pipe buffer)."""
+        self._close_child_ends()
+        secrets, self._secrets = self._secrets, []
+        for fd, data in secrets:
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
+    def failed(self) -> None:
+        """The spawn failed: close every fd of this launch."""
+        self._close_child_ends()
+        for fd, _ in self._secrets:
+            os.close(fd)
+        self._secrets = []
+        self.close_status()
+        if self.lifeline_w is not None:
+            os.close(self.lifeline_w)
+            self.lifeline_w = None
+
+    def close_status(self) -> None:
+        if self.status_r >= 0:
+            os.close(self.status_r)
+            self.status_r = -1
 
 
 def _parse(line: bytes, what: str) -> dict[str, Any]:

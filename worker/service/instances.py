@@ -32,7 +32,7 @@ import zmq
 
 from vault.core.device import Device
 from vault.core.errors import ProtocolError, WorkerTimeoutError
-from vault.core.launch import read_ready_line, spawn_worker
+from vault.core.launch import WorkerPipes, read_ready_line, spawn_worker
 from vault.core.licence import Licence
 from vault.core.protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 
@@ -160,63 +160,42 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
     """Start one worker for ``package`` and wait until it serves (blocking)."""
     directory = tempfile.mkdtemp(prefix="vault-svc-")  # 0700
     endpoint = f"ipc://{directory}/w.sock"
-    status_r, status_w = os.pipe()
-    life_r, life_w = os.pipe()
-    args = [os.path.abspath(package), "--endpoint", endpoint, "--status-fd", str(status_w),
-            "--lifeline-fd", str(life_r), "--threads", str(spec.threads)]  # fmt: skip
+    pipes = WorkerPipes()
+    args = [os.path.abspath(package), "--endpoint", endpoint, "--threads", str(spec.threads)]
     if spec.intra_op_threads:
         args += ["--intra-op-threads", str(spec.intra_op_threads)]
-    pass_fds = [status_w, life_r]
-    child_ends = [status_w, life_r]
-    secrets: list[tuple[int, bytes]] = []
     key = spec.unsafe_test_keys.get(os.path.abspath(package))
     if key is not None:
-        kr, kw = os.pipe()
-        args += ["--unsafe-test-key-fd", str(kr)]
-        pass_fds.append(kr)
-        child_ends.append(kr)
-        secrets.append((kw, bytes(key)))
+        pipes.secret("--unsafe-test-key-fd", bytes(key))
     elif (lic := spec.licence_for(model_id)) is not None:
-        lr, lw = os.pipe()
-        args += ["--licence-fd", str(lr)]
-        pass_fds.append(lr)
-        child_ends.append(lr)
-        secrets.append((lw, lic.dumps()))
+        pipes.secret("--licence-fd", lic.dumps())
     if spec.device is not None:
-        dr, dw = os.pipe()
-        args += ["--device-key-fd", str(dr), "--tier", "2"]
-        pass_fds.append(dr)
-        child_ends.append(dr)
-        secrets.append((dw, spec.device.dumps()))
+        pipes.secret("--device-key-fd", spec.device.dumps())
+        args += ["--tier", "2"]
     if spec.publisher:
         args += ["--publisher", os.path.abspath(spec.publisher)]
     if spec.user:
         args += ["--user", spec.user]
     if spec.providers:
         args += ["--providers", ",".join(spec.providers)]
-    args += list(spec.extra_args)
+    args += [*pipes.args, *spec.extra_args]
     if spec.user:  # the dropped worker must still reach its socket directory
         import pwd
 
         pw = pwd.getpwnam(spec.user)
         os.chown(directory, pw.pw_uid, pw.pw_gid)
     try:
-        proc = spawn_worker(args, pass_fds=pass_fds, cwd=directory, python=spec.python)
+        proc = spawn_worker(args, pass_fds=pipes.pass_fds, cwd=directory, python=spec.python)
     except BaseException:
-        for fd in (*child_ends, status_r, life_w, *(w for w, _ in secrets)):
-            os.close(fd)
+        pipes.failed()
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    for fd in child_ends:
-        os.close(fd)
-    for fd, data in secrets:  # small: fits the pipe buffer, never touches disk
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+    pipes.spawned()
+    life_w = pipes.lifeline_w
+    assert life_w is not None
     inst: Instance | None = None
     try:
-        ready = read_ready_line(status_r, timeout=spec.start_timeout, proc=proc)
+        ready = read_ready_line(pipes.status_r, timeout=spec.start_timeout, proc=proc)
         bound = str(ready.get("endpoint") or endpoint)
         info = _ask_info(bound, timeout=30.0)
         inst = Instance(model_id=model_id, index=index, proc=proc, directory=directory,
@@ -231,7 +210,7 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
             shutil.rmtree(directory, ignore_errors=True)
         raise
     finally:
-        os.close(status_r)
+        pipes.close_status()
 
 
 class Backoff:
