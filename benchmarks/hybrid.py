@@ -164,7 +164,9 @@ def _one_model(
         callers["all-server"] = lambda: whole.compute(feeds)
         for c in cuts:
             log(f"  {name}: tail worker for cut {c['name']} at {c['at'][0]}")
-            srv_lic = ks.issue(c["tail_model_id"], holder=f"server-{c['name']}")
+            srv_lic = ks.issue(
+                c["tail_model_id"], holder=f"server-{c['name']}", same_user=True
+            )  # the vendor's own server: no device here
             srv_path = work / f"{name}-{c['name']}-server.licence"
             srv_lic.save(srv_path)
             allow = env.dir / f"allow-{Path(c['tail']).stem}"  # VaultEnv's allow-list for it

@@ -172,6 +172,7 @@ class _LitServe:
             [sys.executable, "-m", "benchmarks.litserve_host", str(path), str(self.port),
              str(workers), str(max_batch)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            start_new_session=True,  # its own group: LitServe's worker processes go with it
         )  # fmt: skip
         self._tls = threading.local()
         deadline = time.monotonic() + 120
@@ -203,9 +204,15 @@ class _LitServe:
         return json.loads(data)
 
     def close(self) -> None:
+        import signal
+
         from vault.core.process import stop_process
 
         stop_process(self.proc, 10)
+        try:  # LitServe's spawned workers outlive their parent otherwise
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run(work: Path, *, window: float, log: Callable[[str], None]) -> dict[str, Any]:
