@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.prereq import require
 
 __all__ = ["find_bindir", "postgres_server"]
 
@@ -65,10 +65,10 @@ def _run(cmd: list[str], timeout: float = 120) -> None:
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("LOUD SKIP: no PostgreSQL server binaries (apt-get install postgresql)")
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("LOUD SKIP: needs root and setpriv to run PostgreSQL as an unprivileged user")
+    require(bindir is not None, "PostgreSQL server binaries (apt-get install postgresql)")
+    assert bindir is not None
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+            "root and setpriv, to run PostgreSQL as an unprivileged user")  # fmt: skip
     pw = pwd.getpwnam(RUN_AS)
     base = Path(tempfile.mkdtemp(prefix="vault-pg-"))
     data, sock = base / "data", base / "sock"

@@ -29,6 +29,7 @@ import pytest
 import zmq
 
 from tests.conftest import ROOT, KeyServerProcess
+from tests.prereq import require
 from vault.core import crypto as _crypto
 from vault.core.errors import UnknownLicenceError
 from vault.core.keyclient import KeyServerClient
@@ -119,8 +120,8 @@ def _vault(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def insider_setup() -> Iterator[dict[str, Any]]:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists(SYSTEM_PYTHON):
-        pytest.skip("LOUD SKIP: needs root, setpriv and /usr/bin/python3 to act as nobody")
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None
+            and os.path.exists(SYSTEM_PYTHON), "root, setpriv and /usr/bin/python3 to act as nobody")  # fmt: skip
     from keyserver import init_dir
 
     base = Path(tempfile.mkdtemp(prefix="vault-insider-"))

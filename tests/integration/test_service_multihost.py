@@ -28,15 +28,18 @@ import pytest
 import zmq.auth
 
 from tests.models import mlp, reference_pipeline
+from tests.prereq import require
 from vault.core.crypto import PublisherKey
 from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
 from vault.sealing import seal
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None,
-    reason="network namespaces need root and iproute2",
-)
+
+@pytest.fixture(autouse=True)
+def _namespaces_possible() -> None:
+    require(os.geteuid() == 0 and shutil.which("ip") is not None,
+            "root and iproute2, for network namespaces")  # fmt: skip
+
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBNET = "10.231.77"  # addresses that exist only inside this test's namespaces

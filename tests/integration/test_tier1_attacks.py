@@ -34,6 +34,7 @@ from tests.integration.test_worker_hardening import (
     nobody_python,  # noqa: F401 - a fixture
 )
 from tests.models import mlp
+from tests.prereq import require
 from vault.core.crypto import PublisherKey
 from vault.core.launch import read_ready_line
 from vault.core.process import stop_process
@@ -68,8 +69,7 @@ def _nobody_file(path: Path, data: bytes, mode: int = 0o600) -> str:
 def worker_user() -> Iterator[pwd.struct_passwd]:
     """A dedicated, unprivileged uid for the daemon's workers (not nobody:
     nobody is the attacker here)."""
-    if shutil.which("useradd") is None:
-        pytest.skip("LOUD SKIP: needs useradd to make the workers' user")
+    require(shutil.which("useradd") is not None, "useradd, to make the workers' user")
     name = "vw" + os.urandom(4).hex()
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
                     name], check=True, capture_output=True)  # fmt: skip
