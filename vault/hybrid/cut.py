@@ -407,14 +407,14 @@ class CutGraph:
         """The head: the graph inputs in, the crossing tensors (wire-encoded) out."""
         g = self.model.graph
         inputs = [vi for vi in g.input if vi.name in self.inputs]
-        epilogue, outputs, inits = _encode_nodes(self, cut.crossing, wire or {})
+        epilogue, outputs, inits = _wire_nodes(self, cut.crossing, wire or {}, encode=True)
         return self._sub_model(cut.head_nodes, list(inputs), outputs, "head", epilogue=epilogue,
                                extra_inits=inits)  # fmt: skip
 
     def tail_model(self, cut: Cut, wire: dict[str, Any] | None = None) -> onnx.ModelProto:
         """The tail: the crossing tensors (wire-encoded) in, the model outputs out."""
         g = self.model.graph
-        prologue, inputs, inits = _decode_nodes(self, cut.crossing, wire or {})
+        prologue, inputs, inits = _wire_nodes(self, cut.crossing, wire or {}, encode=False)
         if cut.all_server:
             inputs = [vi for vi in g.input if vi.name in self.inputs]
         return self._sub_model(cut.tail_nodes, inputs, list(g.output), "tail", prologue=prologue,
@@ -430,59 +430,34 @@ def wire_name(tensor: str, encoding: str) -> str:
     return tensor + WIRE_SUFFIX.get(encoding, "")
 
 
-def _encode_nodes(
-    g: CutGraph, crossing: Sequence[str], wire: dict[str, Any]
+def _wire_nodes(
+    g: CutGraph, crossing: Sequence[str], wire: dict[str, Any], *, encode: bool
 ) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto], list[TensorProto]]:
+    """The nodes that put each crossing tensor into its wire encoding at the
+    end of the head (``encode``), or take it back out at the start of the
+    tail, with the wire value infos and the scale/zero-point initializers."""
+    prefix = "wire" if encode else "unwire"
     nodes: list[onnx.NodeProto] = []
-    outs: list[onnx.ValueInfoProto] = []
+    infos: list[onnx.ValueInfoProto] = []
     inits: list[TensorProto] = []
     for t in crossing:
         enc = wire.get(t, {}).get("encoding", "float32")
         if enc == "float32" or g.elem_type(t) != TensorProto.FLOAT:
-            outs.append(g.value_info(t))
+            infos.append(g.value_info(t))
             continue
         w = wire_name(t, enc)
+        src, dst = (t, w) if encode else (w, t)
         vi = g.value_info(t, w)
         if enc == "float16":
-            nodes.append(
-                helper.make_node("Cast", [t], [w], to=TensorProto.FLOAT16, name=f"wire/{w}")
-            )
+            to = TensorProto.FLOAT16 if encode else TensorProto.FLOAT
+            nodes.append(helper.make_node("Cast", [src], [dst], to=to, name=f"{prefix}/{w}"))
             vi.type.tensor_type.elem_type = TensorProto.FLOAT16
         else:
-            s = f"wire/{t}/scale"
+            s, z = f"{prefix}/{t}/scale", f"{prefix}/{t}/zero"
             inits.append(helper.make_tensor(s, TensorProto.FLOAT, [], [float(wire[t]["scale"])]))
-            z = f"wire/{t}/zero"
             inits.append(helper.make_tensor(z, TensorProto.INT8, [], [0]))
-            nodes.append(helper.make_node("QuantizeLinear", [t, s, z], [w], name=f"wire/{w}"))
+            op = "QuantizeLinear" if encode else "DequantizeLinear"
+            nodes.append(helper.make_node(op, [src, s, z], [dst], name=f"{prefix}/{w}"))
             vi.type.tensor_type.elem_type = TensorProto.INT8
-        outs.append(vi)
-    return nodes, outs, inits
-
-
-def _decode_nodes(
-    g: CutGraph, crossing: Sequence[str], wire: dict[str, Any]
-) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto], list[TensorProto]]:
-    nodes: list[onnx.NodeProto] = []
-    ins: list[onnx.ValueInfoProto] = []
-    inits: list[TensorProto] = []
-    for t in crossing:
-        enc = wire.get(t, {}).get("encoding", "float32")
-        if enc == "float32" or g.elem_type(t) != TensorProto.FLOAT:
-            ins.append(g.value_info(t))
-            continue
-        w = wire_name(t, enc)
-        vi = g.value_info(t, w)
-        if enc == "float16":
-            nodes.append(
-                helper.make_node("Cast", [w], [t], to=TensorProto.FLOAT, name=f"unwire/{w}")
-            )
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-        else:
-            s = f"unwire/{t}/scale"
-            inits.append(helper.make_tensor(s, TensorProto.FLOAT, [], [float(wire[t]["scale"])]))
-            z = f"unwire/{t}/zero"
-            inits.append(helper.make_tensor(z, TensorProto.INT8, [], [0]))
-            nodes.append(helper.make_node("DequantizeLinear", [w, s, z], [t], name=f"unwire/{w}"))
-            vi.type.tensor_type.elem_type = TensorProto.INT8
-        ins.append(vi)
-    return nodes, ins, inits
+        infos.append(vi)
+    return nodes, infos, inits
