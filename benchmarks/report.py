@@ -120,6 +120,7 @@ def table(res: dict[str, Any]) -> str:
         L.append(
             f"{'size':<8}{'plain_load':>12}{'vault_open':>12}{'diff':>9}{'ratio':>8}{'fresh proc':>12}"
             f"{'verify':>9}{'release':>9}{'decrypt':>9}{'GB/s':>7}{'session':>9}{'spawn+imp':>11}"
+            f"{'daemon':>9}{'diff':>7}{'ratio':>7}"
         )
         for size, row in cold["rows"].items():
             r = row["rows"]
@@ -136,7 +137,23 @@ def table(res: dict[str, Any]) -> str:
                 f"{r['plain_fresh_process']['median_s'] * 1e3:>12.0f}{ms('load_verify_s'):>9}{ms('key_release_s'):>9}"
                 f"{ms('decrypt_s'):>9}{p.get('decrypt_gbps', float('nan')):>7.1f}{ms('session_s'):>9}"
                 f"{ms('spawn_imports_hardening_s'):>11}"
+                + (
+                    f"{r['vault_open_daemon']['median_s'] * 1e3:>9.0f}"
+                    f"{row['daemon_minus_plain_s'] * 1e3:>7.0f}{row['daemon_over_plain']:>7.2f}"
+                    if "vault_open_daemon" in r
+                    else f"{'-':>9}{'-':>7}{'-':>7}"
+                )
             )
+            dp = row.get("daemon_parts")
+            if dp:
+                L.append(
+                    f"{'':<8}daemon (pre-started worker): verify {dp['load_verify_s'] * 1e3:.0f}, "
+                    f"release {dp['key_release_s'] * 1e3:.0f}, decrypt {dp['decrypt_s'] * 1e3:.0f} "
+                    f"({dp['decrypt_gbps']:.1f} GB/s), session {dp['session_s'] * 1e3:.0f}, outside "
+                    f"the worker (daemon, client, first info) {dp['outside_worker_s'] * 1e3:.0f} ms"
+                )
+        if cold.get("unavailable", {}).get("daemon"):
+            L.append(f"   daemon rows unavailable: {cold['unavailable']['daemon']}")
     dec = res.get("decrypt")
     if dec and "decrypt_gbps" in dec:
         L.append(
@@ -262,17 +279,19 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     cold = (res.get("coldstart") or {}).get("rows") or {}
     if cold:
         sizes = list(cold)
-        for i, k in enumerate(["plain_load", "plain_fresh_process", "vault_open"]):
+        for i, k in enumerate(
+            ["plain_load", "plain_fresh_process", "vault_open", "vault_open_daemon"]
+        ):
             ax.bar(
-                [j + i * 0.27 for j in range(len(sizes))],
+                [j + i * 0.2 for j in range(len(sizes))],
                 [
                     cold[s]["rows"][k]["median_s"] * 1e3 if k in cold[s]["rows"] else 0
                     for s in sizes
                 ],
-                0.27,
+                0.2,
                 label=k,
             )
-        ax.set_xticks([j + 0.27 for j in range(len(sizes))], sizes)
+        ax.set_xticks([j + 0.3 for j in range(len(sizes))], sizes)
         ax.set_ylabel("ms")
         ax.set_title("3. cold start")
         ax.legend(fontsize=8)

@@ -110,7 +110,23 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
                 row.get("unavailable", ""),
             )
         )
+    for size, row in (cold.get("rows") or {}).items():
+        d = row.get("daemon_minus_plain_s")
+        if d is not None:
+            out.append(
+                _t(
+                    f"cold start {size} daemon open (pre-started worker) - plain load",
+                    f"{d * 1e3:.0f} ms",
+                    "<= 400 ms",
+                    d <= 0.4,
+                )  # fmt: skip
+            )
     row500 = (cold.get("rows") or {}).get("500MB")
+    if row500 and "daemon_over_plain" in row500:
+        r = row500["daemon_over_plain"]
+        out.append(
+            _t("cold start 500MB daemon open / plain load", f"{r:.2f}x", "<= 1.15x", r <= 1.15)
+        )
     if row500 and "vault_over_plain" in row500:
         r = row500["vault_over_plain"]
         out.append(

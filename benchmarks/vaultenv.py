@@ -44,6 +44,7 @@ class VaultEnv:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._models: list[Any] = []
         self.tcp_note = ""
+        self._daemon_sock: str | None = None
         try:
             import vault.client  # noqa: F401
             from keyserver import init_dir
@@ -103,6 +104,38 @@ class VaultEnv:
         lic.save(lic_path)
         r.wipe_key()
         return out, lic_path
+
+    def device_licence(self, model_id: str) -> Path:
+        """A licence for the local daemon's enrolled device (tier 1)."""
+        from vault.core.keyclient import KeyServerClient
+        from vault.core.licence import Licence
+
+        path = self.dir / f"{model_id}.t1.licence"
+        with KeyServerClient(Licence.load(self.admin_path)) as ks:
+            ks.issue(model_id, holder="bench-t1").save(path)
+        return path
+
+    def daemon(self) -> str:
+        """``vault daemon`` (tier 1) on this key server, started on first use:
+        its socket. Unavailable where workers cannot get their own uid."""
+        if self._daemon_sock:
+            return self._daemon_sock
+        from vault.app.demo import _start_daemon, _tier1_setup
+        from vault.core.device import init_device
+        from vault.core.keyclient import KeyServerClient
+        from vault.core.licence import Licence
+
+        setup, why = _tier1_setup()
+        if setup is None:
+            raise Unavailable(why)
+        os.chmod(self.dir, 0o711)  # the workers' uid reaches its socket directory below
+        dev = init_device(self.dir / "device")
+        with KeyServerClient(Licence.load(self.admin_path)) as ks:
+            ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+        proc, sock = _start_daemon(str(self.dir), str(self.dir / "device"), setup)
+        self._procs.append(proc)
+        self._daemon_sock = sock
+        return sock
 
     # -- workers ----------------------------------------------------------------------
 

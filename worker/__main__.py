@@ -93,11 +93,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--home", default=NO_HOME, help="HOME for the worker (default: one that cannot exist)"
     )
+    p.add_argument(
+        "--standby-fd",
+        type=int,
+        help="a pre-started worker: harden, import onnxruntime, then wait on this inherited "
+        "Unix socket for its package, licence and caller (the local daemon's assignment)",
+    )
     p.add_argument("--no-mlock", action="store_true")
     p.add_argument("--no-landlock", action="store_true")
     p.add_argument("--no-seccomp", action="store_true")
     args = p.parse_args(argv)
-    if (args.package is None) == (args.package_fd is None):
+    if args.standby_fd is not None:
+        if args.package is not None or args.package_fd is not None:
+            p.error("a --standby-fd worker gets its package from the assignment")
+    elif (args.package is None) == (args.package_fd is None):
         p.error("give exactly one of PACKAGE and --package-fd")
     return args
 
@@ -135,6 +144,68 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
     from .startup import Startup
 
     return Startup(args, report).run()
+
+
+# What an assignment may set: the package, the caller and its licence. The
+# hardening is done by then and nothing in an assignment can change it.
+_ASSIGNABLE_FDS = ("package_fd", "licence_fd", "proof_fd", "shm_fd")
+_ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "intra_op_threads"}
+
+
+def _preload() -> None:
+    """Everything a start-up imports, before the assignment: what is left to an
+    open is verify, key release, decrypt and the session build."""
+    import numpy  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import zmq  # noqa: F401
+
+    from vault.core import device, keyclient, licence, package, shm  # noqa: F401
+
+    from . import lease, ops, runtime, server, startup  # noqa: F401
+
+
+def _await_assignment(args: argparse.Namespace, wake_fd: int) -> bool:
+    """A pre-started worker's wait: imports first, then one message on the
+    standby socket, ``{"op": "assign", ...}`` with its descriptors
+    (``package_fd``, ``licence_fd``, ``proof_fd``, ``shm_fd`` name indexes
+    into them). False when told to stop (signal, lifeline) before one came."""
+    import select
+    import socket
+
+    from vault.core.daemonwire import recv_message
+    from vault.core.errors import ProtocolError
+
+    _preload()
+    sock = socket.socket(fileno=args.standby_fd)
+    try:
+        while True:
+            ready, _, _ = select.select([sock.fileno(), wake_fd], [], [])
+            if sock.fileno() in ready:
+                break
+            if wake_fd in ready:
+                return False
+        try:
+            msg, fds = recv_message(sock)
+            sock.sendall(b"T")  # taken: from here a failure is this assignment's
+        except (ConnectionError, OSError):
+            return False  # the daemon went away before assigning us
+    finally:
+        sock.close()
+    extra = set(msg) - _ASSIGNABLE - {"op"}
+    if msg.get("op") != "assign" or extra:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(f"not an assignment: {sorted(extra) or msg.get('op')!r}")
+    for name in _ASSIGNABLE_FDS:
+        index = msg.pop(name, None)
+        if index is not None:
+            setattr(args, name, fds[index])
+    for name in ("shm_size", "allow_key", "providers", "intra_op_threads"):
+        if name in msg:
+            setattr(args, name, msg[name])
+    if args.package_fd is None:
+        raise ProtocolError("an assignment without a package")
+    return True
 
 
 def _wake_only(signum: int, frame: Any) -> None:
@@ -209,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     from vault.core.errors import VaultError
 
     try:
+        if args.standby_fd is not None and not _await_assignment(args, wake_r):
+            os._exit(0)
         (server, keeper, ctx), ready = _start(args, rep)
+        if args.standby_fd is not None:
+            ready["standby"] = True  # hardened and imported before its package came
     except VaultError as exc:
         parent.send({"ready": False, "error": exc.to_wire()})
         return 3

@@ -14,14 +14,17 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import KeyServerProcess
@@ -276,18 +279,23 @@ def age_ms(pid):  # how long the process had existed when it was attacked
     except (OSError, ValueError, IndexError):
         return None
 
-def watch():  # attack every new process of the workers' uid the moment it shows up
-    before = set(os.listdir("/proc"))
+def watch():  # attack every process of the workers' uid: those waiting pre-started
+    # now, and every new one the moment it shows up
+    before = {n for n in os.listdir("/proc") if n.isdigit() and owner(int(n)) != target_uid}
+    first = True
     while not stop.is_set():
         for name in set(os.listdir("/proc")) - before:
             if name.isdigit() and name not in seen and owner(int(name)) == target_uid:
                 age = age_ms(int(name))
-                seen[name] = {**attack(int(name)), "age_ms": age}
+                seen[name] = {**attack(int(name)), "age_ms": age, "new": not first}
+        first = False
+        ready.set()
         time.sleep(0.0005)
 
 mode = sys.argv[2]
+ready = threading.Event()
 if mode == "daemon":
-    t = threading.Thread(target=watch); t.start()
+    t = threading.Thread(target=watch); t.start(); ready.wait()
     import vault, numpy as np
     with vault.open(sys.argv[3], licence=sys.argv[4], daemon=sys.argv[5]) as m:
         m.compute({"x": np.ones((1, 8), np.float32)})
@@ -308,8 +316,11 @@ def test_no_ptrace_or_memory_read_of_a_daemon_worker_even_at_spawn(tier1: Tier1)
     res = _as_nobody_py(RACE, str(tier1.worker.pw_uid), "daemon", tier1.package, lic,
                         tier1.socket)  # fmt: skip
     assert res["tier"] == 1
-    assert str(res["pid"]) in res["early"], res  # caught while it was starting
-    print(f"first attack on the daemon's worker {res['early'][str(res['pid'])]}")
+    # our worker was attacked before it had its package (pre-started, or at spawn),
+    # and the worker started behind it was caught the moment it appeared
+    assert str(res["pid"]) in res["early"], res
+    assert any(r["new"] for r in res["early"].values()), res
+    print(f"attacks on the daemon's workers before their package came: {res['early']}")
     for pid, r in res["early"].items():
         assert r["ptrace"].startswith("denied") and r["mem"].startswith("denied"), (pid, r)
     assert res["later"]["ptrace"].startswith("denied"), res
@@ -584,3 +595,69 @@ def test_health_reports_tier_one_read_back_from_the_kernel(tier1: Tier1) -> None
         assert "kernel: Seccomp: 2" in hard["seccomp"]["detail"]
         status = Path(f"/proc/{m.pid}/status").read_text()
         assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+
+
+# --- pre-started workers ------------------------------------------------------------------
+
+
+def _waiting(t: Tier1, exclude: set[int] | None = None, timeout: float = 60) -> set[int]:
+    """Pids of the daemon's pre-started workers (the workers' uid, started with
+    ``--standby-fd``), once at least one is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in (exclude or set()):
+                continue
+            try:
+                if os.stat(f"/proc/{name}").st_uid != t.worker.pw_uid:
+                    continue
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--standby-fd" in cmd:
+                found.add(int(name))
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_an_open_takes_a_pre_started_hardened_worker_and_one_more_waits_behind(
+    tier1: Tier1,
+) -> None:
+    import vault
+
+    lic = tier1.keyserver.issue("t1", holder="standby")
+    x = {"x": np.ones((1, 8), np.float32)}
+    waiting = _waiting(tier1)
+    assert waiting, "the daemon keeps a worker pre-started"
+    for pid in waiting:  # hardened while it waits, before any package reached it
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status, status
+        assert f"Uid:\t{tier1.worker.pw_uid}" in status
+    with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as m:
+        assert m.pid in waiting  # it existed before this open
+        assert m.compute(x)["logits"].shape == (1, 5)
+        behind = _waiting(tier1, exclude={m.pid})
+        assert behind and not behind & {m.pid}
+        with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as m2:
+            assert m2.pid in behind and m2.pid != m.pid  # never reused
+            assert m2.compute(x)["logits"].shape == (1, 5)
+        first = m.pid
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{first}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{first}").exists(), "a closed worker is gone, not returned to standby"
+
+
+def test_an_open_survives_a_pre_started_worker_that_died_waiting(tier1: Tier1) -> None:
+    import vault
+
+    lic = tier1.keyserver.issue("t1", holder="standby-killed")
+    waiting = _waiting(tier1)
+    for pid in waiting:
+        os.kill(pid, signal.SIGKILL)
+    with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as m:
+        assert m.pid not in waiting
+        assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+    assert _waiting(tier1, exclude=waiting), "a new one is started behind it"

@@ -94,6 +94,7 @@ def _daemon(args: argparse.Namespace) -> int:
         sys_path=sys_path,
         runtime_dir=os.path.abspath(args.runtime_dir) if args.runtime_dir else "",
         start_timeout=args.start_timeout,
+        standby=args.standby,
     )
     return run_daemon(cfg)
 
@@ -143,4 +144,7 @@ def register(sub: Any) -> None:
                         "the interpreter's own path (root-owned; repeatable)")  # fmt: skip
     p.add_argument("--runtime-dir", default=None, help="where worker sockets go")
     p.add_argument("--start-timeout", type=float, default=60.0)
+    p.add_argument("--standby", type=int, default=1, metavar="N",
+                   help="workers kept pre-started (hardened, onnxruntime imported) so an "
+                        "open skips spawn and imports; 0: none (default 1)")  # fmt: skip
     p.set_defaults(func=_daemon)

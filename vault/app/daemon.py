@@ -22,6 +22,15 @@ callers cannot read, and listens on a local Unix socket
 
 A worker lives as long as the connection that opened it (or until ``close``).
 
+Pre-started workers (``--standby N``, default 1): the daemon keeps N workers
+already spawned under the worker uid, hardened and with onnxruntime imported,
+each waiting on its own socket pair for an assignment (the package and shm
+descriptors, the licence and proof on pipes, the caller's client key). An
+``open`` on the CPU takes one, so it costs verify, key release, decrypt and
+the session build only; a new one is started behind it. A standby worker
+belongs to no caller until assigned, serves exactly one, and is never reused.
+An open that asks for CUDA (whose hardening reads driver files) spawns cold.
+
 Example::
 
     $ vault device init /var/lib/vault/device
@@ -79,6 +88,7 @@ class DaemonConfig:
     start_timeout: float = 60.0
     max_workers: int = 16  # per connection
     worker_user: str = ""
+    standby: int = 1  # workers kept pre-started; 0: every open spawns
 
 
 def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
@@ -115,6 +125,27 @@ class _Worker:
 
 
 @dataclass(eq=False)
+class _Standby:
+    """A pre-started worker and the daemon's ends of its pipes and socket."""
+
+    worker: _Worker
+    status_r: int
+    sock: socket.socket
+
+    def discard(self) -> None:
+        self.sock.close()
+        try:
+            os.close(self.status_r)
+        except OSError:
+            pass
+        self.worker.stop()
+
+
+class _StandbyGone(Exception):
+    """The standby worker died before it took its assignment: spawn cold."""
+
+
+@dataclass(eq=False)
 class _Connection:
     uid: int
     pid: int
@@ -136,6 +167,8 @@ class Daemon:
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
         self._count = 0
+        self._standby: list[_Standby] = []
+        self._refilling = False
 
     def log(self, line: str) -> None:
         print(f"vault-daemon: {line}", file=self.log_stream, flush=True)
@@ -192,8 +225,171 @@ class Daemon:
             raise ConfigError("shm_size must be an integer")
         if not 0 <= shm_size <= _MAX_SHM or (shm_size and len(fds) < 2):
             raise ConfigError("shm_size needs a memfd and at most 16 GiB")
-        return self._spawn(conn, package_fd, fds[1] if shm_size else None, shm_size, lic,
-                           proof, client_key, args)  # fmt: skip
+        shm_fd = fds[1] if shm_size else None
+        cuda = "CUDAExecutionProvider" in (providers or []) or str(device).startswith("cuda")
+        if not cuda:
+            while (standby := self._take_standby()) is not None:
+                try:
+                    return self._assign(conn, standby, package_fd, shm_fd, shm_size, lic, proof,
+                                        client_key, providers)  # fmt: skip
+                except _StandbyGone:
+                    continue
+        return self._spawn(conn, package_fd, shm_fd, shm_size, lic, proof, client_key, args)
+
+    # -- pre-started workers ----------------------------------------------------------
+
+    def _new_worker_dir(self) -> tuple[str, str]:
+        cfg = self.config
+        with self._lock:
+            self._count += 1
+            wid = f"w{self._count}-{os.urandom(4).hex()}"
+        wdir = tempfile.mkdtemp(prefix=f"{wid}-", dir=cfg.runtime_dir)
+        os.chmod(wdir, 0o711)  # callers may reach the socket by name; CURVE decides who talks
+        if os.geteuid() == 0:
+            os.chown(wdir, cfg.worker_uid, cfg.worker_gid)
+        return wid, wdir
+
+    def _start_standby(self) -> _Standby:
+        """Spawn one worker that hardens, imports and waits for its assignment."""
+        cfg = self.config
+        wid, wdir = self._new_worker_dir()
+        pipes = launch.WorkerPipes()
+        pipes.secret("--device-key-fd", self.device.dumps())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = ["--standby-fd", str(theirs.fileno()), "--endpoint", f"ipc://{wdir}/w.sock",
+                "--tier", str(TIER), *pipes.args]  # fmt: skip
+        root = os.geteuid() == 0
+        try:
+            proc = launch.spawn_worker(
+                args,
+                pass_fds=[theirs.fileno(), *pipes.pass_fds],
+                cwd=wdir,
+                python=cfg.python,
+                sys_path=cfg.sys_path,
+                uid=cfg.worker_uid if root else None,
+                gid=cfg.worker_gid if root else None,
+                umask=0o000,
+            )
+        except BaseException:
+            pipes.failed()
+            ours.close()
+            shutil.rmtree(wdir, ignore_errors=True)
+            raise
+        finally:
+            theirs.close()
+        pipes.spawned()
+        assert pipes.lifeline_w is not None
+        return _Standby(_Worker(wid, proc, pipes.lifeline_w, wdir), pipes.status_r, ours)
+
+    def _take_standby(self) -> _Standby | None:
+        with self._lock:
+            standby = self._standby.pop(0) if self._standby else None
+        self._refill()
+        if standby is not None and standby.worker.proc.poll() is not None:
+            standby.discard()  # died waiting (killed, out of memory): try the next
+            return self._take_standby()
+        return standby
+
+    def _refill(self) -> None:
+        """Start standby workers in the background until there are ``standby``."""
+        with self._lock:
+            if self._refilling or self._stop.is_set() or len(self._standby) >= self.config.standby:
+                return
+            self._refilling = True
+
+        def fill() -> None:
+            try:
+                while not self._stop.is_set():
+                    with self._lock:
+                        if len(self._standby) >= self.config.standby:
+                            return
+                    try:
+                        standby = self._start_standby()
+                    except (OSError, VaultError) as exc:
+                        self.log(f"cannot pre-start a worker: {exc}")
+                        return
+                    with self._lock:
+                        kept = not self._stop.is_set()
+                        if kept:
+                            self._standby.append(standby)
+                    if not kept:
+                        standby.discard()
+            finally:
+                with self._lock:
+                    self._refilling = False
+
+        threading.Thread(target=fill, name="vault-standby", daemon=True).start()
+
+    def _assign(
+        self,
+        conn: _Connection,
+        standby: _Standby,
+        package_fd: int,
+        shm_fd: int | None,
+        shm_size: int,
+        lic: Licence,
+        proof: LicenceProof,
+        client_key: str,
+        providers: list[str] | None,
+    ) -> dict[str, Any]:
+        """Hand a standby worker its package, licence and caller; wait for ready."""
+        cfg = self.config
+        secrets: list[int] = []
+        try:
+            for data in (lic.dumps(), json.dumps(proof.to_wire()).encode()):
+                r, w = os.pipe()
+                secrets.append(r)
+                try:
+                    os.write(w, data)  # small: fits the pipe buffer
+                finally:
+                    os.close(w)
+            fds = [package_fd, *secrets]
+            msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1,
+                                   "proof_fd": 2, "allow_key": [client_key]}  # fmt: skip
+            if shm_fd is not None:
+                msg.update(shm_fd=len(fds), shm_size=shm_size)
+                fds.append(shm_fd)
+            if providers is not None:
+                msg["providers"] = ",".join(providers)
+            try:
+                send_message(standby.sock, msg, fds)
+                # its "taken" byte: a worker that died waiting (killed, out of
+                # memory) closes the socket instead, and the next one is tried
+                standby.sock.settimeout(cfg.start_timeout)
+                if standby.sock.recv(1) != b"T":
+                    raise ConnectionError("the pre-started worker closed its socket")
+            except OSError as exc:
+                standby.discard()
+                raise _StandbyGone() from exc
+        finally:
+            for fd in secrets:
+                os.close(fd)
+        standby.sock.close()
+        worker = standby.worker
+        try:
+            ready = launch.read_ready_line(standby.status_r, timeout=cfg.start_timeout,
+                                           proc=worker.proc)  # fmt: skip
+        except BaseException:
+            worker.stop()
+            raise
+        finally:
+            os.close(standby.status_r)
+        return self._admit(conn, worker, ready, lic)
+
+    def _admit(
+        self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence
+    ) -> dict[str, Any]:
+        conn.workers[worker.wid] = worker
+        self.log(f"worker {worker.wid} (pid {worker.proc.pid}) for uid {conn.uid} pid {conn.pid}: "
+                 f"model {ready.get('model_id')}, licence {lic.licence_id}"
+                 f"{' (pre-started)' if ready.get('standby') else ''}")  # fmt: skip
+        return {
+            "worker": worker.wid,
+            "pid": worker.proc.pid,
+            "endpoint": ready.get("endpoint"),
+            "server_key": ready.get("server_key"),
+            "ready": {k: v for k, v in ready.items() if k != "ready"},
+        }
 
     def _spawn(
         self,
@@ -207,13 +403,7 @@ class Daemon:
         extra_args: list[str],
     ) -> dict[str, Any]:
         cfg = self.config
-        with self._lock:
-            self._count += 1
-            wid = f"w{self._count}-{os.urandom(4).hex()}"
-        wdir = tempfile.mkdtemp(prefix=f"{wid}-", dir=cfg.runtime_dir)
-        os.chmod(wdir, 0o711)  # callers may reach the socket by name; CURVE decides who talks
-        if os.geteuid() == 0:
-            os.chown(wdir, cfg.worker_uid, cfg.worker_gid)
+        wid, wdir = self._new_worker_dir()
         endpoint = f"ipc://{wdir}/w.sock"
         pipes = launch.WorkerPipes()
         pipes.secret("--licence-fd", lic.dumps())
@@ -253,16 +443,7 @@ class Daemon:
             raise
         finally:
             pipes.close_status()
-        conn.workers[wid] = worker
-        self.log(f"worker {wid} (pid {proc.pid}) for uid {conn.uid} pid {conn.pid}: "
-                 f"model {ready.get('model_id')}, licence {lic.licence_id}")  # fmt: skip
-        return {
-            "worker": wid,
-            "pid": proc.pid,
-            "endpoint": ready.get("endpoint"),
-            "server_key": ready.get("server_key"),
-            "ready": {k: v for k, v in ready.items() if k != "ready"},
-        }
+        return self._admit(conn, worker, ready, lic)
 
     def _close(self, conn: _Connection, msg: dict[str, Any]) -> dict[str, Any]:
         wid = msg.get("worker")
@@ -354,6 +535,7 @@ class Daemon:
             sock.close()
 
     def serve(self, listener: socket.socket) -> None:
+        self._refill()
         listener.settimeout(0.2)
         threads: list[threading.Thread] = []
         while not self._stop.is_set():
@@ -371,9 +553,12 @@ class Daemon:
             threads = [x for x in threads if x.is_alive()] + [t]
         with self._lock:
             conns = list(self._conns)
+            standby, self._standby = self._standby, []
         for conn in conns:
             for worker in list(conn.workers.values()):
                 worker.stop()
+        for s in standby:
+            s.discard()
 
     def stop(self) -> None:
         self._stop.set()

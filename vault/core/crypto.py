@@ -72,6 +72,8 @@ __all__ = [
     "load_public_key",
     "mac",
     "mac_ok",
+    "release_buffer",
+    "secret_buffer",
     "sha256",
     "stream_decrypt_into",
     "stream_encrypt",
@@ -185,18 +187,63 @@ def stream_encrypt(
     return buf
 
 
+def secret_buffer(size: int) -> Any:
+    """A zeroed, writable buffer for secret plaintext, faster to fill than a
+    ``bytearray``: an anonymous private mapping that asks for transparent huge
+    pages (``MADV_HUGEPAGE``: ~500 page faults for 1 GB instead of ~260,000,
+    which under ``mlockall`` were most of the decrypt time) and stays out of
+    core dumps (``MADV_DONTDUMP``). Advice the kernel refuses is ignored; the
+    result behaves like a ``bytearray`` of ``size`` bytes (buffer protocol,
+    slicing) and :func:`release_buffer` unmaps it."""
+    import mmap
+
+    if size < (2 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return bytearray(size)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for advice in ("MADV_HUGEPAGE", "MADV_DONTDUMP"):
+        try:
+            buf.madvise(getattr(mmap, advice))
+        except (OSError, AttributeError):  # advice only
+            pass
+    return buf
+
+
+def release_buffer(buf: Any) -> None:
+    """Unmap a :func:`secret_buffer` now (after wiping it): its memory goes
+    back at once. A buffer something still views is left to the collector."""
+    close = getattr(buf, "close", None)
+    if close is not None:
+        try:
+            close()
+        except BufferError:
+            pass
+
+
+def _decrypt_threads(n_chunks: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    # AES-GCM in OpenSSL runs without the GIL; below ~8 chunks a thread costs more than it saves
+    return max(1, min(cores, 8, n_chunks // 8))
+
+
 def stream_decrypt_into(
     key: bytes | bytearray,
     prefix: bytes,
     aad: bytes,
     ciphertext: bytes | bytearray | memoryview,
-    out: bytearray | memoryview,
+    out: Any,
     *,
     plaintext_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int | None = None,
 ) -> None:
     """Decrypt into ``out`` (exactly the plaintext size, plus 15 spare bytes
-    allowed). On any failure the buffer is wiped and IntegrityError raised."""
+    allowed). Chunks are independent (each its own nonce and tag), so
+    contiguous runs of them decrypt in parallel threads (``threads``; default:
+    one per core, at most 8). On any failure the whole buffer is wiped and one
+    IntegrityError raised: nothing decrypted is left behind."""
     ct = memoryview(ciphertext).cast("B")
     dst = memoryview(out).cast("B")
     if len(prefix) != NONCE_PREFIX_SIZE or len(key) != KEY_SIZE:
@@ -208,33 +255,55 @@ def stream_decrypt_into(
     if len(dst) < plain_size:
         raise ConfigError("output buffer too small")
     k = bytes(key)
-    pos_in = 0
-    pos_out = 0
-    # update_into wants 15 spare bytes past each piece; the final chunk gets a
-    # small scratch buffer instead so ``out`` can be exactly plaintext-sized.
-    try:
-        for i in range(n):
-            size = min(chunk_size, plain_size - pos_out)
-            body = ct[pos_in : pos_in + size]
-            tag = bytes(ct[pos_in + size : pos_in + size + TAG_SIZE])
-            dec = Cipher(
-                algorithms.AES(k), modes.GCM(_nonce(prefix, i, i == n - 1), tag)
-            ).decryptor()
-            dec.authenticate_additional_data(aad)
-            if size:
-                if pos_out + size + 15 <= len(dst):
-                    dec.update_into(body, dst[pos_out : pos_out + size + 15])
-                else:
-                    scratch = bytearray(size + 15)
-                    dec.update_into(body, scratch)
-                    dst[pos_out : pos_out + size] = memoryview(scratch)[:size]
-                    zeroize(scratch)
-            dec.finalize()
-            pos_in += size + TAG_SIZE
-            pos_out += size
-    except (InvalidTag, ValueError) as exc:
+    failed: list[BaseException] = []
+
+    def run(first: int, last: int) -> None:
+        # update_into wants 15 spare bytes past each piece; where the next
+        # piece (or the buffer's end) leaves none, a small scratch buffer does.
+        try:
+            for i in range(first, last):
+                if failed:
+                    return
+                pos_out = i * chunk_size
+                pos_in = i * (chunk_size + TAG_SIZE)
+                size = min(chunk_size, plain_size - pos_out)
+                body = ct[pos_in : pos_in + size]
+                tag = bytes(ct[pos_in + size : pos_in + size + TAG_SIZE])
+                dec = Cipher(
+                    algorithms.AES(k), modes.GCM(_nonce(prefix, i, i == n - 1), tag)
+                ).decryptor()
+                dec.authenticate_additional_data(aad)
+                if size:
+                    if i < last - 1 or pos_out + size + 15 <= len(dst) and last == n:
+                        dec.update_into(body, dst[pos_out : pos_out + size + 15])
+                    else:  # the run's last chunk: its spare bytes are the next run's
+                        scratch = bytearray(size + 15)
+                        dec.update_into(body, scratch)
+                        dst[pos_out : pos_out + size] = memoryview(scratch)[:size]
+                        zeroize(scratch)
+                dec.finalize()
+        except (InvalidTag, ValueError) as exc:
+            failed.append(exc)
+
+    workers = threads if threads is not None else _decrypt_threads(n)
+    workers = max(1, min(workers, n))
+    bounds = [n * j // workers for j in range(workers + 1)]
+    if workers == 1:
+        run(0, n)
+    else:
+        import threading
+
+        pool = [
+            threading.Thread(target=run, args=(bounds[j], bounds[j + 1]), name="vault-decrypt")
+            for j in range(workers)
+        ]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    if failed:
         zeroize(dst)
-        raise IntegrityError() from exc
+        raise IntegrityError() from failed[0]
 
 
 # --- Ed25519 publisher keys --------------------------------------------------

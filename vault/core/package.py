@@ -187,8 +187,9 @@ def _align(n: int) -> int:
 class Plaintext:
     """The decrypted payload: one buffer, views into it, and ``wipe()``."""
 
-    def __init__(self, buf: bytearray, index: dict[str, Any]) -> None:
+    def __init__(self, buf: Any, index: dict[str, Any]) -> None:
         self._buf = buf
+        self._size = len(buf)
         self._view = memoryview(buf)
         self.index = index
         self.graphs: list[memoryview] = [
@@ -202,7 +203,7 @@ class Plaintext:
 
     @property
     def nbytes(self) -> int:
-        return len(self._buf)
+        return self._size
 
     def wipe(self) -> None:
         """Overwrite the plaintext; views stay valid but read zeros."""
@@ -231,6 +232,8 @@ class Plaintext:
         self.graphs = []
         self.files = {}
         self._view.release()
+        buf, self._buf = self._buf, None
+        _crypto.release_buffer(buf)  # an mmap'd buffer is unmapped now
 
     def __enter__(self) -> Plaintext:
         return self
@@ -480,7 +483,7 @@ class Package:
         """Decrypt the payload into one fresh buffer (the only plaintext copy)."""
         p = self.manifest["payload"]
         size = int(p["plaintext_size"])
-        buf = bytearray(size)
+        buf = _crypto.secret_buffer(size)
         _crypto.stream_decrypt_into(
             key,
             bytes.fromhex(p["nonce_prefix"]),
@@ -490,7 +493,13 @@ class Package:
             plaintext_size=size,
             chunk_size=int(p["chunk_size"]),
         )
-        return Plaintext(buf, _parse_index(buf))
+        try:
+            index = _parse_index(buf)
+        except BaseException:
+            _crypto.zeroize(buf)
+            _crypto.release_buffer(buf)
+            raise
+        return Plaintext(buf, index)
 
     def drop_resident_pages(self) -> None:
         """Tell the kernel this process no longer needs the mapped file's pages:

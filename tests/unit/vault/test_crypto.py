@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vault.core import crypto as _crypto
@@ -60,3 +62,55 @@ def test_zeroize_overwrites() -> None:
     buf = bytearray(b"secret" * 1000)
     _crypto.zeroize(buf)
     assert buf == bytearray(len(buf))
+
+
+def _sealed(size: int, chunk: int) -> tuple[bytearray, bytes, bytes, bytearray, bytes]:
+    key = _crypto.generate_key()
+    prefix, aad = os.urandom(_crypto.NONCE_PREFIX_SIZE), b"aad"
+    plain = os.urandom(size)
+    ct = _crypto.stream_encrypt(key, prefix, aad, plain, chunk_size=chunk)
+    return key, prefix, aad, ct, plain
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("size", [0, 1, 4096 * 5 + 17, 4096 * 40])
+def test_parallel_decrypt_equals_the_plaintext(threads: int, size: int) -> None:
+    key, prefix, aad, ct, plain = _sealed(size, 4096)
+    for out in (bytearray(size), _crypto.secret_buffer(size)):
+        _crypto.stream_decrypt_into(
+            key, prefix, aad, ct, out, plaintext_size=size, chunk_size=4096, threads=threads
+        )
+        assert bytes(out[:size]) == plain
+        _crypto.release_buffer(out)
+
+
+@pytest.mark.parametrize("where", ["first", "boundary", "last"])
+def test_a_tampered_chunk_wipes_everything_decrypted_in_any_thread(where: str) -> None:
+    size, chunk = 4096 * 40, 4096
+    key, prefix, aad, ct, _ = _sealed(size, chunk)
+    step = chunk + _crypto.TAG_SIZE
+    # chunk 20 is where the second of two threads starts
+    index = {"first": 0, "boundary": 20, "last": 39}[where]
+    ct[index * step + 5] ^= 1
+    out = bytearray(b"\xaa" * size)
+    with pytest.raises(IntegrityError):
+        _crypto.stream_decrypt_into(
+            key, prefix, aad, ct, out, plaintext_size=size, chunk_size=chunk, threads=2
+        )
+    assert out == bytearray(size)  # chunks other threads had decrypted are zeros too
+
+
+def test_secret_buffer_is_a_private_zeroed_mapping_that_release_unmaps() -> None:
+    import mmap
+
+    buf = _crypto.secret_buffer(8 << 20)
+    assert isinstance(buf, mmap.mmap) and len(buf) == 8 << 20
+    assert buf[:16] == bytes(16) and buf[-16:] == bytes(16)
+    buf[100:104] = b"abcd"
+    view = memoryview(buf)
+    _crypto.release_buffer(buf)  # still viewed: left to the collector, not unmapped under us
+    assert bytes(view[100:104]) == b"abcd"
+    view.release()
+    _crypto.release_buffer(buf)
+    assert buf.closed
+    assert isinstance(_crypto.secret_buffer(1000), bytearray)  # small: no mapping
