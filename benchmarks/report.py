@@ -202,6 +202,14 @@ def table(res: dict[str, Any]) -> str:
                 f"{mem['plain_onnxruntime_vmrss_bytes'] / 2**20:.0f} MiB, worker "
                 f"{mem['worker_vmrss_bytes'] / 2**20:.0f} MiB"
             )
+        if mem.get("worker_no_prepack_vmhwm_bytes"):
+            L.append(
+                f"   worker --no-prepack (no packed weight copy): peak "
+                f"{mem['worker_no_prepack_vmhwm_bytes'] / 2**20:.0f} MiB "
+                f"({mem['worker_no_prepack_over_plain']:.2f}x); one compute "
+                f"{mem['worker_no_prepack_compute_ms']:.2f} ms vs {mem['worker_compute_ms']:.2f} ms "
+                f"with prepacking ({mem['worker_no_prepack_compute_ms'] / mem['worker_compute_ms']:.2f}x)"
+            )
         steps = mem.get("worker_steps_replayed") or {}
         if steps and "unavailable" not in steps:
             L.append(

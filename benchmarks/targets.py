@@ -185,6 +185,16 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
                 mem.get("unavailable", "not measured"),
             )
         )
+    if mem.get("worker_no_prepack_over_plain"):
+        r = mem["worker_no_prepack_over_plain"]
+        out.append(
+            _t(
+                f"worker --no-prepack peak memory / plain onnxruntime ({mem['size_mb']} MB)",
+                f"{r:.2f}x",
+                "<= 1.1x",
+                r <= 1.1,
+            )  # fmt: skip
+        )
     ks = res.get("keyserver") or {}
     if "50" in ks:
         rate = ks["50"]["releases_per_s"]

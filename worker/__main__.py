@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--intra-op-threads", type=int, help="onnxruntime threads per compute (default: all cores)"
     )
+    p.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="no prepacked weight copies: the decrypted weights are the only copy "
+        "(lower peak memory; MatMul/Conv run slower)",
+    )
     p.add_argument("--allow", help="directory of client CURVE public keys (tcp:// only)")
     p.add_argument(
         "--server-secret", help="zmq certificate file with the worker's CURVE secret key"

@@ -73,8 +73,14 @@ def session_options(options: Mapping[str, Any] | None = None) -> ort.SessionOpti
     spin = "1" if (options or {}).get("allow_spinning") else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    # Prepacking copies MatMul/Conv weights into the kernels' layout. Over
+    # weights the worker lends in place (the decrypted buffer) that copy is a
+    # second one onnxruntime cannot free: {"prepack": 0} trades it for speed
+    # (docs/benchmarks.md, section 6, has both figures).
+    if not (options or {}).get("prepack", True):
+        so.add_session_config_entry("session.disable_prepacking", "1")
     for key, value in (options or {}).items():
-        if key == "allow_spinning":
+        if key in ("allow_spinning", "prepack"):
             continue
         if key in _LEAKY_OPTIONS:
             raise ConfigError(f"session option {key!r} is refused: it {_LEAKY_OPTIONS[key]}")

@@ -190,9 +190,15 @@ class Startup:
                 outputs=pkg.outputs,
                 providers=args.providers.split(",") if args.providers else None,
                 device=args.device,
-                options={"intra_op_num_threads": args.intra_op_threads}
-                if args.intra_op_threads
-                else None,
+                options={
+                    **(
+                        {"intra_op_num_threads": args.intra_op_threads}
+                        if args.intra_op_threads
+                        else {}
+                    ),
+                    **({"prepack": 0} if args.no_prepack else {}),
+                }
+                or None,  # fmt: skip
                 owner=plain,  # the only copy of the weights: wiped when the sessions end
             )
         except BaseException:

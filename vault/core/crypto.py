@@ -238,12 +238,15 @@ def stream_decrypt_into(
     plaintext_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     threads: int | None = None,
+    consumed: Callable[[int, int], None] | None = None,
 ) -> None:
     """Decrypt into ``out`` (exactly the plaintext size, plus 15 spare bytes
     allowed). Chunks are independent (each its own nonce and tag), so
     contiguous runs of them decrypt in parallel threads (``threads``; default:
     one per core, at most 8). On any failure the whole buffer is wiped and one
-    IntegrityError raised: nothing decrypted is left behind."""
+    IntegrityError raised: nothing decrypted is left behind. ``consumed(lo,
+    hi)`` is told of ciphertext byte ranges as each thread finishes them (every
+    4 chunks), so a mapped file's pages can leave the resident set."""
     ct = memoryview(ciphertext).cast("B")
     dst = memoryview(out).cast("B")
     if len(prefix) != NONCE_PREFIX_SIZE or len(key) != KEY_SIZE:
@@ -260,10 +263,15 @@ def stream_decrypt_into(
     def run(first: int, last: int) -> None:
         # update_into wants 15 spare bytes past each piece; where the next
         # piece (or the buffer's end) leaves none, a small scratch buffer does.
+        step = chunk_size + TAG_SIZE
+        done = first
         try:
             for i in range(first, last):
                 if failed:
                     return
+                if consumed is not None and i - done >= 4:
+                    consumed(done * step, i * step)
+                    done = i
                 pos_out = i * chunk_size
                 pos_in = i * (chunk_size + TAG_SIZE)
                 size = min(chunk_size, plain_size - pos_out)
@@ -282,6 +290,8 @@ def stream_decrypt_into(
                         dst[pos_out : pos_out + size] = memoryview(scratch)[:size]
                         zeroize(scratch)
                 dec.finalize()
+            if consumed is not None:
+                consumed(done * step, min(last * step, len(ct)))
         except (InvalidTag, ValueError) as exc:
             failed.append(exc)
 

@@ -48,6 +48,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -86,9 +87,16 @@ def payload_aad(header: bytes, manifest: bytes) -> bytes:
     return _crypto.sha256(b"vault-payload-aad/v1\x00", header, manifest)
 
 
-def chunk_hashes_digest(ciphertext: Any, chunk_size: int, *, threads: int | None = None) -> bytes:
+def chunk_hashes_digest(
+    ciphertext: Any,
+    chunk_size: int,
+    *,
+    threads: int | None = None,
+    consumed: Callable[[int, int], None] | None = None,
+) -> bytes:
     """D: SHA-256 over the per-chunk SHA-256s of the ciphertext (each chunk is
-    ``chunk_size + 16`` bytes with its tag). Runs in parallel threads."""
+    ``chunk_size + 16`` bytes with its tag). Runs in parallel threads;
+    ``consumed(lo, hi)`` is told of each ~16 MiB byte range once hashed."""
     view = memoryview(ciphertext).cast("B")
     step = chunk_size + _crypto.TAG_SIZE
     # group chunks into ~16 MiB slices so thread overhead stays negligible
@@ -96,7 +104,14 @@ def chunk_hashes_digest(ciphertext: Any, chunk_size: int, *, threads: int | None
     starts = list(range(0, max(len(view), 1), step))
 
     def job(i: int) -> list[bytes]:
-        return [_crypto.sha256(view[s : s + step]) for s in starts[i : i + per_job]]
+        out = []
+        for n, s in enumerate(starts[i : i + per_job]):
+            out.append(_crypto.sha256(view[s : s + step]))
+            if consumed is not None and n % 4 == 3:  # a few MiB resident at a time
+                consumed(s - 3 * step, min(len(view), s + step))
+        if consumed is not None:
+            consumed(starts[i], min(len(view), starts[i] + per_job * step))
+        return out
 
     jobs = range(0, len(starts), per_job)
     workers = threads or min(4, os.cpu_count() or 1)
@@ -344,6 +359,7 @@ class Package:
             memoryview(data).cast("B") if not isinstance(data, mmap.mmap) else memoryview(data)
         )
         self._layout = self._parse()
+        self._unlock()  # before any ciphertext page faults in
         self._digest: str | None = None
         self._chunk_digest: bytes | None = None
 
@@ -459,7 +475,9 @@ class Package:
     def _signed_message(self) -> bytes:
         if self._chunk_digest is None:
             self._chunk_digest = chunk_hashes_digest(
-                self.ciphertext, int(self.manifest["payload"]["chunk_size"])
+                self.ciphertext,
+                int(self.manifest["payload"]["chunk_size"]),
+                consumed=self._drop_ciphertext,
             )
         return signed_message(self._layout.header, self._layout.manifest_bytes, self._chunk_digest)
 
@@ -492,6 +510,7 @@ class Package:
             buf,
             plaintext_size=size,
             chunk_size=int(p["chunk_size"]),
+            consumed=self._drop_ciphertext,
         )
         try:
             index = _parse_index(buf)
@@ -501,13 +520,11 @@ class Package:
             raise
         return Plaintext(buf, index)
 
-    def drop_resident_pages(self) -> None:
-        """Tell the kernel this process no longer needs the mapped file's pages:
-        they stay in the page cache but leave our resident set, so ciphertext
-        does not add to the worker's peak memory. A worker under ``mlockall``
-        unlocks the range first (``MADV_DONTNEED`` refuses locked pages; the
-        ciphertext is not secret, so it need not be locked)."""
-        if not isinstance(self._data, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+    def _unlock(self) -> None:
+        """``munlock`` the mapping: under a worker's ``mlockall`` its pages
+        would be locked as they fault in, and locked pages cannot be dropped.
+        The ciphertext is not secret; only the plaintext needs locking."""
+        if not isinstance(self._data, mmap.mmap):
             return
         try:
             import ctypes
@@ -517,8 +534,38 @@ class Package:
             addr = np.frombuffer(self._data, np.uint8).ctypes.data
             libc = ctypes.CDLL(None, use_errno=True)
             libc.munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(self._data)))
+        except (OSError, ValueError, AttributeError, ImportError):  # advice only
+            pass
+
+    def _drop_ciphertext(self, lo: int, hi: int) -> None:
+        """Ciphertext bytes ``[lo, hi)`` are read: let their pages leave this
+        process's resident set (they stay in the page cache), so hashing and
+        decrypting a 500 MB package never holds it and the plaintext at once."""
+        if not isinstance(self._data, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = self._layout.payload_start + lo
+        end = self._layout.payload_start + hi
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the range
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last <= first:
+            return
+        try:
+            self._data.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError):  # advice only; a locked page refuses it
+            pass
+
+    def drop_resident_pages(self) -> None:
+        """Tell the kernel this process no longer needs the mapped file's pages:
+        they stay in the page cache but leave our resident set, so ciphertext
+        does not add to the worker's peak memory. A worker under ``mlockall``
+        unlocks the range first (``MADV_DONTNEED`` refuses locked pages; the
+        ciphertext is not secret, so it need not be locked)."""
+        if not isinstance(self._data, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        self._unlock()
+        try:
             self._data.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError, AttributeError):  # advice only: never fatal
+        except (OSError, ValueError):  # advice only: never fatal
             pass
 
     def close(self) -> None:

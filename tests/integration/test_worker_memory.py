@@ -1,0 +1,67 @@
+"""What a worker holds in memory: the decrypted weights, and nothing twice.
+
+Measured on the live worker process (``/proc/PID/status``), against a worker
+serving a tiny model as the baseline for the interpreter and onnxruntime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.models import mlp
+from tests.sealed import open_sealed, seal_for_test
+
+D, LAYERS = 1024, 16  # 16 MatMul weights of 4 MiB: 64 MiB
+
+
+def _chain() -> onnx.ModelProto:
+    rng = np.random.default_rng(7)
+    inits, nodes, prev = [], [], "x"
+    for i in range(LAYERS):
+        w = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == LAYERS - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
+        prev = out
+    g = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) << 10
+    return out
+
+
+def test_no_prepack_leaves_the_decrypted_weights_the_only_copy(tmp_path: Path) -> None:
+    weights = LAYERS * D * D * 4
+    x = {"x": np.random.default_rng(0).standard_normal((4, D)).astype(np.float32)}
+    small = seal_for_test(tmp_path, mlp(), name="small")
+    with open_sealed(small) as m:
+        m.compute({"x": np.ones((1, 8), np.float32)})
+        base = _status(m.pid)  # type: ignore[arg-type]
+    s = seal_for_test(tmp_path, _chain(), name="chain")
+    mem, outs = {}, {}
+    for label, args in (("prepack", []), ("no_prepack", ["--no-prepack"])):
+        with open_sealed(s, worker_args=args) as m:
+            outs[label] = m.compute(x)["y"]
+            mem[label] = _status(m.pid)  # type: ignore[arg-type]
+    np.testing.assert_allclose(outs["prepack"], outs["no_prepack"], rtol=1e-4, atol=1e-4)
+    # with prepacking onnxruntime keeps its own packed copy beside the decrypted buffer
+    assert mem["prepack"]["VmRSS"] - mem["no_prepack"]["VmRSS"] > 0.7 * weights, (mem, base)
+    # without it, the peak is the weights once: the ciphertext's pages left the
+    # resident set while it was hashed and decrypted, so they never add to it
+    extra = mem["no_prepack"]["VmHWM"] - base["VmHWM"]
+    print(f"peak beyond a tiny model's worker: {extra / weights:.2f}x the weights")
+    assert extra < 1.3 * weights, (extra / weights, mem, base)
