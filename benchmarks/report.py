@@ -94,8 +94,10 @@ def table(res: dict[str, Any]) -> str:
                 f"transport + thread hand-offs {bd['transport_and_handoffs_s'] * 1e6:.0f} us "
                 f"(raw zmq echo {r['zmq_echo_ipc']:.0f} us)"
             )
-    tp = res.get("throughput")
-    if tp and "calls_per_s" in tp:
+    tp0 = res.get("throughput") or {}
+    for tp in (tp0, tp0.get("mlp") or {}):
+        if "calls_per_s" not in tp:
+            continue
         L.append(
             f"\n2. throughput, {tp['model']} batch {tp['batch']}, calls/s "
             f"(median of {tp['rounds']} windows of {tp['window_s']}s)"

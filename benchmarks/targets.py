@@ -86,12 +86,12 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
                 acc.get("unavailable", "not measured"),
             )
         )
-    tp = res.get("throughput") or {}
-    for n in (2, 4):
+    tp0 = res.get("throughput") or {}
+    for tp, n in [(tp0, 2), (tp0, 4), (tp0, 8), (tp0.get("mlp") or {}, 8)]:
         r = (tp.get("vault_over_in_process") or {}).get(n)
         out.append(
             _t(
-                f"throughput {n} callers vault / in-process",
+                f"throughput {n} callers vault / in-process ({tp.get('model', '-')})",
                 None if r is None else f"{r:.3f}",
                 ">= 0.9",
                 None if r is None else r >= 0.9,
