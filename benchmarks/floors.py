@@ -5,7 +5,8 @@ replying with exactly ``reply_size`` bytes to a request of any size:
 
 * a raw pyzmq ROUTER on ``ipc://`` (what a local worker uses),
 * a raw pyzmq ROUTER on ``tcp://127.0.0.1`` with CURVE (what a remote
-  worker uses; the handshake is not timed, only the encrypted frames),
+  worker uses; the handshake is not timed, only the encrypted frames), and
+  one without (the difference is what CURVE's encryption costs),
 * a raw ``AF_UNIX`` stream socket (length-prefixed, ``recv_into``
   preallocated buffers: the cheapest local round trip Python can do).
 
@@ -54,6 +55,9 @@ def _serve(
     b.curve_publickey = public
     b.bind(tcp)
     socks.append(b)
+    c = ctx.socket(zmq.ROUTER)  # tcp without CURVE: what the encryption costs, by difference
+    c.bind(tcp)
+    socks.append(c)
     replies: dict[int, bytes] = {}
 
     def reply(n: int) -> bytes:
@@ -95,7 +99,8 @@ def _serve(
 
     threading.Thread(target=unix_loop, daemon=True).start()
     sys.stdout.write(
-        f"{a.getsockopt_string(zmq.LAST_ENDPOINT)} {b.getsockopt_string(zmq.LAST_ENDPOINT)}\n"
+        f"{a.getsockopt_string(zmq.LAST_ENDPOINT)} {b.getsockopt_string(zmq.LAST_ENDPOINT)} "
+        f"{c.getsockopt_string(zmq.LAST_ENDPOINT)}\n"
     )
     sys.stdout.flush()
     poller = zmq.Poller()
@@ -124,7 +129,7 @@ class EchoServer:
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": root}, text=True,
             preexec_fn=die_with_parent)  # fmt: skip
         assert self.proc.stdout is not None
-        self.ipc, self.tcp = self.proc.stdout.readline().split()
+        self.ipc, self.tcp, self.tcp_plain = self.proc.stdout.readline().split()
         self.pid = self.proc.pid
         self.ctx: zmq.Context[Any] = zmq.Context()
         self._closers: list[Callable[[], None]] = []
@@ -153,6 +158,11 @@ class EchoServer:
 
     def zmq_tcp_curve_fn(self, n_in: int, n_out: int) -> Callable[[], Any]:
         return self._zmq_fn(self.tcp, n_in, n_out, curve=True)
+
+    def zmq_tcp_fn(self, n_in: int, n_out: int) -> Callable[[], Any]:
+        """tcp without CURVE (never a vault path: the CURVE row minus this one
+        is what encrypting the frames costs)."""
+        return self._zmq_fn(self.tcp_plain, n_in, n_out, curve=False)
 
     def unix_fn(self, n_in: int, n_out: int) -> Callable[[], Any]:
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -2,8 +2,11 @@
 
 For each model, in one interleaved run: in-process ``InferenceSession.run``;
 ``vault.open`` (local worker over ipc); ``vault.connect`` (tcp + CURVE);
-raw pyzmq echo over ipc and over tcp+CURVE, a raw Unix-socket echo, each of
-the same request and reply bytes; and a plain memory copy of those bytes.
+raw pyzmq echo over ipc, over tcp+CURVE and over plain tcp (their
+difference is CURVE's cost), a raw Unix-socket echo, each of the same request
+and reply bytes; a plain memory copy of those bytes; and, for the models, a
+bare FastAPI + uvicorn endpoint serving the same model with raw bytes and no
+TLS (``fastapi_host.py``: the peer the remote path is held against).
 Overhead = vault - in-process (medians); the target compares it with the
 raw pyzmq echo of the same transport.
 
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .context import Context
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -91,8 +95,26 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
             row["unavailable"]["vault_ipc"] = row["unavailable"]["vault_tcp_curve"] = (
                 "vault environment unavailable"
             )
+        peer_closes: list[Callable[[], None]] = []
+        if name != "big_tensor":
+            # the bare HTTP peer: FastAPI + uvicorn, raw bytes, no TLS, same model
+            import tempfile
+
+            from . import fastapi_host
+
+            with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as fh:
+                fh.write(mbytes)
+            try:
+                for key, tls in (("fastapi_raw", False), ("fastapi_tls", True)):
+                    fns[key], close = fastapi_host.start(fh.name, feeds, tls=tls)
+                    peer_closes.append(close)
+            except Exception as exc:  # noqa: BLE001 - the rows are context, not a gate
+                row["unavailable"]["fastapi"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                os.unlink(fh.name)  # the peers have loaded it
         fns["zmq_echo_ipc"] = echo.zmq_ipc_fn(n_in, n_out)
         fns["zmq_echo_tcp_curve"] = echo.zmq_tcp_curve_fn(n_in, n_out)
+        fns["zmq_echo_tcp"] = echo.zmq_tcp_fn(n_in, n_out)
         fns["unix_echo"] = echo.unix_fn(n_in, n_out)
         fns["memcpy"] = memcpy_fn(n_in, n_out)
         log(
@@ -108,8 +130,15 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
             budget_s=15 if quick else 90,
             gap_s=BLOCK_GAP_S,
         )
+        for close in peer_closes:
+            close()
         row["rows"] = res
         med = {k: v["median_s"] for k, v in res.items()}
+        for peer in ("fastapi_raw", "fastapi_tls"):
+            if peer in med and "vault_tcp_curve" in med:
+                row[f"vault_tcp_curve_over_{peer}"] = med["vault_tcp_curve"] / med[peer]
+        if "zmq_echo_tcp" in med:
+            row["curve_cost_s"] = med["zmq_echo_tcp_curve"] - med["zmq_echo_tcp"]
         for mode, echo_name in (
             ("vault_ipc", "zmq_echo_ipc"),
             ("vault_tcp_curve", "zmq_echo_tcp_curve"),

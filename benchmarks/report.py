@@ -32,8 +32,11 @@ def table(res: dict[str, Any]) -> str:
             "in_process_default",
             "vault_ipc",
             "vault_tcp_curve",
+            "fastapi_raw",
+            "fastapi_tls",
             "zmq_echo_ipc",
             "zmq_echo_tcp_curve",
+            "zmq_echo_tcp",
             "unix_echo",
             "memcpy",
         ]
@@ -74,6 +77,21 @@ def table(res: dict[str, Any]) -> str:
                 if "thread_policy_s" in row
             )
         )
+        for peer, what in (("fastapi_raw", "bare HTTP, no TLS"), ("fastapi_tls", "HTTPS")):
+            vs = [
+                f"{name} {row[f'vault_tcp_curve_over_{peer}']:.3f}"
+                for name, row in lat.items()
+                if f"vault_tcp_curve_over_{peer}" in row
+            ]
+            if vs:
+                L.append(f"   vault_tcp_curve / {peer} ({what}): " + ", ".join(vs))
+        cc = [
+            f"{name} {row['curve_cost_s'] * 1e3:.3f}"
+            for name, row in lat.items()
+            if "curve_cost_s" in row
+        ]
+        if cc:
+            L.append("   CURVE's cost (zmq_echo_tcp_curve - zmq_echo_tcp, ms): " + ", ".join(cc))
         notes = {row.get("tcp_note") for row in lat.values() if row.get("tcp_note")}
         for n in notes:
             L.append(f"   tcp worker: {n}")

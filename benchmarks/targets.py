@@ -86,6 +86,30 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
                 acc.get("unavailable", "not measured"),
             )
         )
+    for name in ("mobilenet_v2", "resnet50"):
+        row = (res.get("latency") or {}).get(name) or {}
+        r = row.get("vault_tcp_curve_over_fastapi_raw")
+        out.append(
+            _t(
+                f"remote call {name} vault_tcp_curve / bare FastAPI (raw bytes, no TLS)",
+                None if r is None else f"{r:.3f}",
+                "< 1",
+                None if r is None else r < 1,
+                ""
+                if r is not None
+                else (row.get("unavailable") or {}).get("fastapi", "not measured"),
+            )
+        )
+        r = row.get("vault_tcp_curve_over_fastapi_tls")
+        if r is not None:
+            out.append(
+                _t(
+                    f"remote call {name} vault_tcp_curve / FastAPI over HTTPS (like for like)",
+                    f"{r:.3f}",
+                    "< 1",
+                    r < 1,
+                )  # fmt: skip
+            )
     tp0 = res.get("throughput") or {}
     for tp, n in [(tp0, 2), (tp0, 4), (tp0, 8), (tp0.get("mlp") or {}, 8)]:
         r = (tp.get("vault_over_in_process") or {}).get(n)
