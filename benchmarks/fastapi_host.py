@@ -179,9 +179,10 @@ def main() -> int:  # pragma: no cover - the child
 
     path, port = sys.argv[1], int(sys.argv[2])
     tls = {"ssl_certfile": sys.argv[3], "ssl_keyfile": sys.argv[4]} if len(sys.argv) > 4 else {}
-    uvicorn.run(
-        _app(path), host="127.0.0.1", port=port, log_level="warning", access_log=False, **tls
-    )
+    # keep-alive for as long as the section runs: its blocks alternate with
+    # other rows' for minutes, and a reconnect must never land inside a timed call
+    uvicorn.run(_app(path), host="127.0.0.1", port=port, log_level="warning",
+                access_log=False, timeout_keep_alive=3600, **tls)  # fmt: skip
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,54 @@ def test_worker_pipes_hand_secrets_over_pipes_and_leak_no_fd() -> None:
     failing.secret("--device-key-fd", b"k")
     failing.failed()  # a spawn that failed: every fd of the launch is closed
     assert _open_fds() == before
+
+
+# --- a pre-started worker's assignment ------------------------------------------------------
+
+
+def _standby(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, int, socket.socket]:
+    status_r, status_w = os.pipe()
+    life_r, life_w = os.pipe()
+    ours, theirs = socket.socketpair()
+    args = ["--standby-fd", str(theirs.fileno()), "--endpoint", f"ipc://{tmp_path}/w.sock",
+            "--status-fd", str(status_w), "--lifeline-fd", str(life_r)]  # fmt: skip
+    proc = spawn_worker(args, pass_fds=[status_w, life_r, theirs.fileno()], cwd=str(tmp_path))
+    for fd in (status_w, life_r):
+        os.close(fd)
+    theirs.close()
+    return proc, status_r, life_w, ours
+
+
+def test_an_assignment_cannot_change_a_pre_started_workers_options(tmp_path: Path) -> None:
+    """Only the package, the caller and its licence are assignable: a field
+    that names anything else (hardening off) is refused on the ready line."""
+    from vault.core.daemonwire import send_message
+
+    proc, status_r, life_w, sock = _standby(tmp_path)
+    pkg = tmp_path / "any.vault"
+    pkg.write_bytes(b"x")
+    fd = os.open(pkg, os.O_RDONLY)
+    try:
+        send_message(sock, {"op": "assign", "package_fd": 0, "no_seccomp": True}, [fd])
+        assert sock.recv(1) == b"T"
+        with pytest.raises(ProtocolError, match="no_seccomp"):
+            read_ready_line(status_r, timeout=60, proc=proc)
+        assert proc.wait(timeout=30) == 3
+    finally:
+        os.close(fd)
+        os.close(status_r)
+        os.close(life_w)
+        sock.close()
+        stop_process(proc, 5)
+
+
+def test_a_pre_started_worker_leaves_when_its_launcher_does(tmp_path: Path) -> None:
+    """The lifeline reaching EOF before any assignment: the worker exits, 0."""
+    proc, status_r, life_w, sock = _standby(tmp_path)
+    try:
+        os.close(life_w)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(status_r)
+        sock.close()
+        stop_process(proc, 5)

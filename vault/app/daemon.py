@@ -227,14 +227,19 @@ class Daemon:
             raise ConfigError("shm_size needs a memfd and at most 16 GiB")
         shm_fd = fds[1] if shm_size else None
         cuda = "CUDAExecutionProvider" in (providers or []) or str(device).startswith("cuda")
-        if not cuda:
-            while (standby := self._take_standby()) is not None:
-                try:
-                    return self._assign(conn, standby, package_fd, shm_fd, shm_size, lic, proof,
-                                        client_key, providers)  # fmt: skip
-                except _StandbyGone:
-                    continue
-        return self._spawn(conn, package_fd, shm_fd, shm_size, lic, proof, client_key, args)
+        try:
+            if not cuda:
+                while (standby := self._take_standby()) is not None:
+                    try:
+                        return self._assign(conn, standby, package_fd, shm_fd, shm_size, lic,
+                                            proof, client_key, providers)  # fmt: skip
+                    except _StandbyGone:
+                        continue
+            return self._spawn(conn, package_fd, shm_fd, shm_size, lic, proof, client_key, args)
+        finally:
+            # the next standby worker starts once this open is answered: its
+            # imports would otherwise take cores from this open's own start-up
+            self._refill()
 
     # -- pre-started workers ----------------------------------------------------------
 
@@ -284,7 +289,6 @@ class Daemon:
     def _take_standby(self) -> _Standby | None:
         with self._lock:
             standby = self._standby.pop(0) if self._standby else None
-        self._refill()
         if standby is not None and standby.worker.proc.poll() is not None:
             standby.discard()  # died waiting (killed, out of memory): try the next
             return self._take_standby()
