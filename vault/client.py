@@ -102,9 +102,11 @@ class _LocalWorker:
         worker_args: Sequence[str] = (),
         python: str | None = None,
         shm_bytes: int = DEFAULT_SHM_BYTES,
+        prepack: bool = True,
     ) -> None:
         self.package = os.path.abspath(package)
         self.licence = licence
+        self.prepack = prepack
         self.providers = providers
         self.device = device
         self.start_timeout = start_timeout
@@ -135,6 +137,8 @@ class _LocalWorker:
             args += ["--providers", ",".join(self.providers)]
         if self.device:
             args += ["--device", self.device]
+        if not self.prepack:
+            args += ["--no-prepack"]
         if self.arena is not None:  # a restart: the new worker gets a new arena
             self.arena.close(unmap=False)
             self.arena = None
@@ -210,9 +214,11 @@ class _DaemonWorker:
         device: str | None,
         start_timeout: float,
         shm_bytes: int = DEFAULT_SHM_BYTES,
+        prepack: bool = True,
     ) -> None:
         self.package = os.path.abspath(package)
         self.licence = licence
+        self.prepack = prepack
         self.socket_path = socket_path
         self.providers = providers
         self.device = device
@@ -285,6 +291,8 @@ class _DaemonWorker:
             msg["providers"] = list(self.providers)
         if self.device:
             msg["device"] = self.device
+        if not self.prepack:
+            msg["prepack"] = False
         fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fds = [fd] if self.arena is None else [fd, self.arena.fd]
@@ -710,6 +718,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
     worker_args: Sequence[str] = (),
     shm_bytes: int = DEFAULT_SHM_BYTES,
     daemon: str | os.PathLike[str] | None = None,
+    prepack: bool = True,
 ) -> Model:
     """Open the package at ``path`` with a worker and return its Model.
 
@@ -720,6 +729,9 @@ def open(  # noqa: A001 - the public contract is vault.open()
     ``worker_args`` (tier 0 only) are passed to the worker; through the daemon
     its hardening is the daemon's configuration and such a request is refused.
     ``shm_bytes`` sizes the shared memory used for large tensors (0: frames only).
+    ``prepack=False`` keeps the decrypted weights the worker's only copy
+    (onnxruntime makes no packed copy of MatMul/Conv weights): about half the
+    peak memory of a MatMul-heavy model, for slower MatMuls (docs/worker.md).
     (``vault.open`` also opens a ``vault split`` directory as a hybrid: see
     :func:`vault.open`.)"""
     lic_arg = licence if licence is not None else license
@@ -747,6 +759,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
             device=device,
             start_timeout=start_timeout,
             shm_bytes=shm_bytes,
+            prepack=prepack,
         )
     elif lic.same_user:
         w = _LocalWorker(
@@ -757,6 +770,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
             start_timeout=start_timeout,
             worker_args=worker_args,
             shm_bytes=shm_bytes,
+            prepack=prepack,
         )
     else:
         raise ConfigError(

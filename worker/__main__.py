@@ -155,7 +155,7 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
 # What an assignment may set: the package, the caller and its licence. The
 # hardening is done by then and nothing in an assignment can change it.
 _ASSIGNABLE_FDS = ("package_fd", "licence_fd", "proof_fd", "shm_fd")
-_ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "intra_op_threads"}
+_ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "no_prepack"}
 
 
 def _preload() -> None:
@@ -206,7 +206,7 @@ def _await_assignment(args: argparse.Namespace, wake_fd: int) -> bool:
         index = msg.pop(name, None)
         if index is not None:
             setattr(args, name, fds[index])
-    for name in ("shm_size", "allow_key", "providers", "intra_op_threads"):
+    for name in ("shm_size", "allow_key", "providers", "no_prepack"):
         if name in msg:
             setattr(args, name, msg[name])
     if args.package_fd is None:

@@ -166,6 +166,7 @@ class Service:
             "pid": os.getpid(),
             "model_id": self.info.get("model_id"),
             "provider": self.pipeline.provider,
+            "prepack": self.pipeline.prepack,
             "serving": not self.pipeline.closed,
             "hardening": self.hardening,
             # read back from the kernel in this handler thread: proves the

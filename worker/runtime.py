@@ -339,6 +339,8 @@ class Pipeline:
             )
         first = self._stages[0][0]
         self.provider: str = first.get_providers()[0]
+        # onnxruntime's packed weight copies: on unless {"prepack": 0} (worker --no-prepack)
+        self.prepack = bool((options or {}).get("prepack", True))
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         if inputs is None or outputs is None:
             sig_in, sig_out = signature_of(first)

@@ -661,3 +661,42 @@ def test_an_open_survives_a_pre_started_worker_that_died_waiting(tier1: Tier1) -
         assert m.pid not in waiting
         assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
     assert _waiting(tier1, exclude=waiting), "a new one is started behind it"
+
+
+def test_an_oversized_licence_is_refused_and_strands_no_worker(tier1: Tier1) -> None:
+    """A caller's licence with a 200 KB holder would not fit the pipe a
+    pre-started worker's licence goes on: refused at once (not a hung daemon
+    thread and a stranded worker), and the next open is served as before."""
+    import dataclasses
+
+    import vault
+    from vault.core.errors import ConfigError
+
+    lic = tier1.keyserver.issue("t1", holder="oversized")
+    big = dataclasses.replace(lic, holder="x" * 200_000)
+    before = _waiting(tier1)
+    with pytest.raises(ConfigError, match="too large"):
+        vault.open(tier1.package, licence=big, daemon=tier1.socket)
+    assert before <= _waiting(tier1), "the pre-started workers are still there, unassigned"
+    with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as m:
+        assert m.pid in before
+        assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+
+
+def test_prepack_false_reaches_a_pre_started_worker(tier1: Tier1) -> None:
+    """``vault.open(..., prepack=False)``: a session option, the caller's to
+    choose (the decrypted weights stay the only copy); hardening is untouched."""
+    import vault
+
+    lic = tier1.keyserver.issue("t1", holder="lean")
+    x = {"x": np.ones((1, 8), np.float32)}
+    waiting = _waiting(tier1)
+    with vault.open(tier1.package, licence=lic, daemon=tier1.socket, prepack=False) as lean:
+        assert lean.pid in waiting
+        health = lean.health()
+        assert health["prepack"] is False
+        assert "kernel: Seccomp: 2" in health["hardening"]["seccomp"]["detail"]
+        got = lean.compute(x)["logits"]
+        with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as default:
+            assert default.health()["prepack"] is True
+            np.testing.assert_allclose(default.compute(x)["logits"], got, rtol=1e-5)

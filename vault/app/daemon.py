@@ -70,10 +70,15 @@ __all__ = ["DaemonConfig", "check_install", "run_daemon"]
 TIER = 1
 DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
 DEFAULT_WORKER_USER = "vault-worker"
-_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "shm_size", "providers", "device"}
+_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "shm_size", "providers", "device",
+                "prepack"}  # fmt: skip
 _PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider"}
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,2})?")
 _MAX_SHM = 1 << 34
+# a licence's public part and a proof are a few hundred bytes; the caps keep
+# each well inside one pipe buffer (64 KiB), which a pre-started worker's
+# assignment fills before the worker holds the other end
+_MAX_LICENCE, _MAX_PROOF = 32 << 10, 8 << 10
 
 
 @dataclass
@@ -122,6 +127,38 @@ class _Worker:
             pass
         stop_process(self.proc, 5)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _OpenRequest:
+    """A caller's ``open``, checked: what either start-up path hands a worker."""
+
+    package_fd: int
+    shm_fd: int | None
+    shm_size: int
+    licence: Licence
+    proof: LicenceProof
+    client_key: str
+    providers: list[str] | None
+    device: str | None
+    prepack: bool
+
+    @property
+    def cuda(self) -> bool:
+        return "CUDAExecutionProvider" in (self.providers or []) or str(self.device).startswith(
+            "cuda"
+        )
+
+    def worker_args(self) -> list[str]:
+        """The request's options as worker flags (a cold spawn)."""
+        args: list[str] = []
+        if self.providers is not None:
+            args += ["--providers", ",".join(self.providers)]
+        if self.device is not None:
+            args += ["--device", self.device]
+        if not self.prepack:
+            args += ["--no-prepack"]  # a session option, not hardening: the caller's choice
+        return args
 
 
 @dataclass(eq=False)
@@ -204,42 +241,38 @@ class Daemon:
             raise ConfigError("the package descriptor is not a regular file")
         lic = Licence.from_json(msg.get("licence"), source="caller's licence").public_copy()
         proof = LicenceProof.from_wire(msg.get("proof"))
+        if len(lic.dumps()) > _MAX_LICENCE or len(json.dumps(proof.to_wire())) > _MAX_PROOF:
+            raise ConfigError("the licence or proof is too large")
         if proof.licence_id != lic.licence_id or proof.device_id != self.device.device_id:
             raise PermissionDeniedError("the licence proof is not for this licence and device")
         client_key = msg.get("client_key")
         if not isinstance(client_key, str) or len(client_key) != 40:
             raise ConfigError("client_key must be a Z85 CURVE public key")
-        args: list[str] = []
         providers = msg.get("providers")
         if providers is not None:
             if not isinstance(providers, list) or not set(providers) <= _PROVIDERS:
                 raise ConfigError(f"providers must be among {sorted(_PROVIDERS)}")
-            args += ["--providers", ",".join(providers)]
         device = msg.get("device")
         if device is not None:
             if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
                 raise ConfigError("device must be cpu or cuda[:N]")
-            args += ["--device", device]
+        prepack = msg.get("prepack", True)
+        if not isinstance(prepack, bool):
+            raise ConfigError("prepack must be true or false")
         shm_size = msg.get("shm_size") or 0
         if isinstance(shm_size, bool) or not isinstance(shm_size, int):
             raise ConfigError("shm_size must be an integer")
         if not 0 <= shm_size <= _MAX_SHM or (shm_size and len(fds) < 2):
             raise ConfigError("shm_size needs a memfd and at most 16 GiB")
-        shm_fd = fds[1] if shm_size else None
-        cuda = "CUDAExecutionProvider" in (providers or []) or str(device).startswith("cuda")
-        try:
-            if not cuda:
-                while (standby := self._take_standby()) is not None:
-                    try:
-                        return self._assign(conn, standby, package_fd, shm_fd, shm_size, lic,
-                                            proof, client_key, providers)  # fmt: skip
-                    except _StandbyGone:
-                        continue
-            return self._spawn(conn, package_fd, shm_fd, shm_size, lic, proof, client_key, args)
-        finally:
-            # the next standby worker starts once this open is answered: its
-            # imports would otherwise take cores from this open's own start-up
-            self._refill()
+        req = _OpenRequest(package_fd, fds[1] if shm_size else None, shm_size, lic, proof,
+                           client_key, providers, device, prepack)  # fmt: skip
+        if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
+            while (standby := self._take_standby()) is not None:
+                try:
+                    return self._assign(conn, standby, req)
+                except _StandbyGone:
+                    continue
+        return self._spawn(conn, req)
 
     # -- pre-started workers ----------------------------------------------------------
 
@@ -256,25 +289,14 @@ class Daemon:
 
     def _start_standby(self) -> _Standby:
         """Spawn one worker that hardens, imports and waits for its assignment."""
-        cfg = self.config
         wid, wdir = self._new_worker_dir()
         pipes = launch.WorkerPipes()
         pipes.secret("--device-key-fd", self.device.dumps())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = ["--standby-fd", str(theirs.fileno()), "--endpoint", f"ipc://{wdir}/w.sock",
                 "--tier", str(TIER), *pipes.args]  # fmt: skip
-        root = os.geteuid() == 0
         try:
-            proc = launch.spawn_worker(
-                args,
-                pass_fds=[theirs.fileno(), *pipes.pass_fds],
-                cwd=wdir,
-                python=cfg.python,
-                sys_path=cfg.sys_path,
-                uid=cfg.worker_uid if root else None,
-                gid=cfg.worker_gid if root else None,
-                umask=0o000,
-            )
+            proc = self._launch(args, [theirs.fileno(), *pipes.pass_fds], wdir)
         except BaseException:
             pipes.failed()
             ours.close()
@@ -302,59 +324,55 @@ class Daemon:
             self._refilling = True
 
         def fill() -> None:
-            try:
-                while not self._stop.is_set():
-                    with self._lock:
-                        if len(self._standby) >= self.config.standby:
-                            return
-                    try:
-                        standby = self._start_standby()
-                    except (OSError, VaultError) as exc:
-                        self.log(f"cannot pre-start a worker: {exc}")
+            while True:
+                with self._lock:  # the check and the reset at once: no open slips between
+                    if self._stop.is_set() or len(self._standby) >= self.config.standby:
+                        self._refilling = False
                         return
+                try:
+                    standby = self._start_standby()
+                except Exception as exc:  # noqa: BLE001 - logged; the next open spawns cold
+                    self.log(f"cannot pre-start a worker: {type(exc).__name__}: {exc}")
                     with self._lock:
-                        kept = not self._stop.is_set()
-                        if kept:
-                            self._standby.append(standby)
-                    if not kept:
-                        standby.discard()
-            finally:
+                        self._refilling = False
+                    return
                 with self._lock:
-                    self._refilling = False
+                    kept = not self._stop.is_set()
+                    if kept:
+                        self._standby.append(standby)
+                if not kept:
+                    standby.discard()
 
         threading.Thread(target=fill, name="vault-standby", daemon=True).start()
 
-    def _assign(
-        self,
-        conn: _Connection,
-        standby: _Standby,
-        package_fd: int,
-        shm_fd: int | None,
-        shm_size: int,
-        lic: Licence,
-        proof: LicenceProof,
-        client_key: str,
-        providers: list[str] | None,
-    ) -> dict[str, Any]:
+    def _assign(self, conn: _Connection, standby: _Standby, req: _OpenRequest) -> dict[str, Any]:
         """Hand a standby worker its package, licence and caller; wait for ready."""
         cfg = self.config
         secrets: list[int] = []
         try:
-            for data in (lic.dumps(), json.dumps(proof.to_wire()).encode()):
+            for data in (req.licence.dumps(), json.dumps(req.proof.to_wire()).encode()):
                 r, w = os.pipe()
                 secrets.append(r)
                 try:
-                    os.write(w, data)  # small: fits the pipe buffer
+                    # the reader gets its end only with the message below: a write
+                    # that would block is refused, never waited on (_open caps both)
+                    os.set_blocking(w, False)
+                    if os.write(w, data) != len(data):
+                        raise BlockingIOError
+                except BlockingIOError:
+                    raise ConfigError("the licence or proof is too large") from None
                 finally:
                     os.close(w)
-            fds = [package_fd, *secrets]
+            fds = [req.package_fd, *secrets]
             msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1,
-                                   "proof_fd": 2, "allow_key": [client_key]}  # fmt: skip
-            if shm_fd is not None:
-                msg.update(shm_fd=len(fds), shm_size=shm_size)
-                fds.append(shm_fd)
-            if providers is not None:
-                msg["providers"] = ",".join(providers)
+                                   "proof_fd": 2, "allow_key": [req.client_key]}  # fmt: skip
+            if req.shm_fd is not None:
+                msg.update(shm_fd=len(fds), shm_size=req.shm_size)
+                fds.append(req.shm_fd)
+            if req.providers is not None:
+                msg["providers"] = ",".join(req.providers)
+            if not req.prepack:
+                msg["no_prepack"] = True
             try:
                 send_message(standby.sock, msg, fds)
                 # its "taken" byte: a worker that died waiting (killed, out of
@@ -363,8 +381,10 @@ class Daemon:
                 if standby.sock.recv(1) != b"T":
                     raise ConnectionError("the pre-started worker closed its socket")
             except OSError as exc:
-                standby.discard()
                 raise _StandbyGone() from exc
+        except BaseException:
+            standby.discard()  # whatever failed, this worker is nobody's: stopped, not leaked
+            raise
         finally:
             for fd in secrets:
                 os.close(fd)
@@ -378,7 +398,7 @@ class Daemon:
             raise
         finally:
             os.close(standby.status_r)
-        return self._admit(conn, worker, ready, lic)
+        return self._admit(conn, worker, ready, req.licence)
 
     def _admit(
         self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence
@@ -395,44 +415,22 @@ class Daemon:
             "ready": {k: v for k, v in ready.items() if k != "ready"},
         }
 
-    def _spawn(
-        self,
-        conn: _Connection,
-        package_fd: int,
-        shm_fd: int | None,
-        shm_size: int,
-        lic: Licence,
-        proof: LicenceProof,
-        client_key: str,
-        extra_args: list[str],
-    ) -> dict[str, Any]:
-        cfg = self.config
+    def _spawn(self, conn: _Connection, req: _OpenRequest) -> dict[str, Any]:
+        """A cold start: spawn a worker for this request; wait for ready."""
         wid, wdir = self._new_worker_dir()
-        endpoint = f"ipc://{wdir}/w.sock"
         pipes = launch.WorkerPipes()
-        pipes.secret("--licence-fd", lic.dumps())
-        pipes.secret("--proof-fd", json.dumps(proof.to_wire()).encode())
+        pipes.secret("--licence-fd", req.licence.dumps())
+        pipes.secret("--proof-fd", json.dumps(req.proof.to_wire()).encode())
         pipes.secret("--device-key-fd", self.device.dumps())
         # "--allow-key=KEY": a Z85 key may start with "-"
-        args = ["--package-fd", str(package_fd), "--endpoint", endpoint,
-                f"--allow-key={client_key}", "--tier", str(TIER), *pipes.args]  # fmt: skip
-        pass_fds = [package_fd]
-        if shm_fd is not None:
-            args += ["--shm-fd", str(shm_fd), "--shm-size", str(shm_size)]
-            pass_fds.append(shm_fd)
-        args += extra_args
-        root = os.geteuid() == 0
+        args = ["--package-fd", str(req.package_fd), "--endpoint", f"ipc://{wdir}/w.sock",
+                f"--allow-key={req.client_key}", "--tier", str(TIER), *pipes.args]  # fmt: skip
+        pass_fds = [req.package_fd]
+        if req.shm_fd is not None:
+            args += ["--shm-fd", str(req.shm_fd), "--shm-size", str(req.shm_size)]
+            pass_fds.append(req.shm_fd)
         try:
-            proc = launch.spawn_worker(
-                args,
-                pass_fds=[*pass_fds, *pipes.pass_fds],
-                cwd=wdir,
-                python=cfg.python,
-                sys_path=cfg.sys_path,
-                uid=cfg.worker_uid if root else None,
-                gid=cfg.worker_gid if root else None,
-                umask=0o000,  # the socket file is connectable; the worker's CURVE key decides
-            )
+            proc = self._launch([*args, *req.worker_args()], [*pass_fds, *pipes.pass_fds], wdir)
         except BaseException:
             pipes.failed()
             shutil.rmtree(wdir, ignore_errors=True)
@@ -441,13 +439,29 @@ class Daemon:
         assert pipes.lifeline_w is not None
         worker = _Worker(wid, proc, pipes.lifeline_w, wdir)
         try:
-            ready = launch.read_ready_line(pipes.status_r, timeout=cfg.start_timeout, proc=proc)
+            ready = launch.read_ready_line(pipes.status_r, timeout=self.config.start_timeout,
+                                           proc=proc)  # fmt: skip
         except BaseException:
             worker.stop()
             raise
         finally:
             pipes.close_status()
-        return self._admit(conn, worker, ready, lic)
+        return self._admit(conn, worker, ready, req.licence)
+
+    def _launch(self, args: list[str], pass_fds: list[int], wdir: str) -> subprocess.Popen[bytes]:
+        """``python -I -B -m worker ARGS`` as the workers' uid, from the daemon's install."""
+        cfg = self.config
+        root = os.geteuid() == 0
+        return launch.spawn_worker(
+            args,
+            pass_fds=pass_fds,
+            cwd=wdir,
+            python=cfg.python,
+            sys_path=cfg.sys_path,
+            uid=cfg.worker_uid if root else None,
+            gid=cfg.worker_gid if root else None,
+            umask=0o000,  # the socket file is connectable; the worker's CURVE key decides
+        )
 
     def _close(self, conn: _Connection, msg: dict[str, Any]) -> dict[str, Any]:
         wid = msg.get("worker")
@@ -528,6 +542,10 @@ class Daemon:
                     send_message(sock, {"ok": False, "error": exc.to_wire()})
                     return  # the stream may be out of step: drop the connection
                 send_message(sock, self.handle(conn, msg, fds))
+                if msg.get("op") == "open":
+                    # the next standby worker starts once this open is answered:
+                    # its imports would otherwise take cores from the open itself
+                    self._refill()
         except OSError:
             pass
         finally:

@@ -15,8 +15,8 @@ Requests (``op``), each answered by ``{"ok": true, ...}`` or
 - ``open``: fds ``[package, shm?]``; ``licence`` (the public part),
   ``proof`` (the caller's signature, :class:`~vault.core.licence.LicenceProof`),
   ``client_key`` (the caller's CURVE public key for this worker), ``shm_size``,
-  ``providers``, ``device``; answered with the worker's id, pid, endpoint and
-  CURVE server key
+  ``providers``, ``device``, ``prepack`` (false: no packed weight copies);
+  answered with the worker's id, pid, endpoint and CURVE server key
 - ``close``: ``worker`` (only one this connection opened)
 - ``health``: the daemon's tier, device, worker uid, this caller's workers
 

@@ -114,3 +114,32 @@ def test_secret_buffer_is_a_private_zeroed_mapping_that_release_unmaps() -> None
     _crypto.release_buffer(buf)
     assert buf.closed
     assert isinstance(_crypto.secret_buffer(1000), bytearray)  # small: no mapping
+
+
+@pytest.mark.parametrize("tail", [1, 7, 14, 15, 16])
+def test_a_short_final_chunk_decrypts_into_an_exact_buffer(tail: int) -> None:
+    size = 4096 * 9 + tail
+    key, prefix, aad, ct, plain = _sealed(size, 4096)
+    for threads in (1, 2, 3):
+        out = bytearray(size)  # exactly the plaintext: no spare bytes at the end
+        _crypto.stream_decrypt_into(
+            key, prefix, aad, ct, out, plaintext_size=size, chunk_size=4096, threads=threads
+        )
+        assert bytes(out) == plain
+
+
+def test_any_failure_in_a_decrypt_thread_wipes_everything_and_raises() -> None:
+    size = 4096 * 40
+    key, prefix, aad, ct, _ = _sealed(size, 4096)
+    out = bytearray(b"\xaa" * size)
+
+    def consumed(lo: int, hi: int) -> None:
+        if lo > 0:  # the second thread's first report
+            raise MemoryError("simulated")
+
+    with pytest.raises(MemoryError):
+        _crypto.stream_decrypt_into(
+            key, prefix, aad, ct, out, plaintext_size=size, chunk_size=4096, threads=2,
+            consumed=consumed,
+        )  # fmt: skip
+    assert out == bytearray(size)
