@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -602,7 +603,7 @@ def test_health_reports_tier_one_read_back_from_the_kernel(tier1: Tier1) -> None
 
 def _waiting(t: Tier1, exclude: set[int] | None = None, timeout: float = 60) -> set[int]:
     """Pids of the daemon's pre-started workers (the workers' uid, started with
-    ``--standby-fd``), once at least one is up."""
+    ``--standby-fd``, hardened), once at least one is up."""
     deadline = time.monotonic() + timeout
     while True:
         found = set()
@@ -615,7 +616,10 @@ def _waiting(t: Tier1, exclude: set[int] | None = None, timeout: float = 60) -> 
                 cmd = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"--standby-fd" in cmd:
+            # counted once hardened: a standby is another uid from its first
+            # instruction, and seccomp and no_new_privs follow within ms
+            status = Path(f"/proc/{name}/status").read_text() if b"--standby-fd" in cmd else ""
+            if "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status:
                 found.add(int(name))
         if found or time.monotonic() > deadline:
             return found
@@ -700,3 +704,103 @@ def test_prepack_false_reaches_a_pre_started_worker(tier1: Tier1) -> None:
         with vault.open(tier1.package, licence=lic, daemon=tier1.socket) as default:
             assert default.health()["prepack"] is True
             np.testing.assert_allclose(default.compute(x)["logits"], got, rtol=1e-5)
+
+
+RAW = r"""
+import json, socket, sys
+from vault.core.daemonwire import send_message, recv_message
+def ask(msg, fds=()):
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+    try:
+        send_message(s, msg, fds); rep, _ = recv_message(s)
+        return rep.get("error", {}).get("code") if not rep.get("ok") else "ok"
+    except (ConnectionError, OSError) as e:
+        return f"dropped: {e}"
+    finally:
+        s.close()
+def raw(body):  # a hand-framed message: bytes the JSON encoder would never make
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+    try:
+        s.sendall(len(body).to_bytes(4, "big") + body); rep, _ = recv_message(s)
+        return rep.get("error", {}).get("code")
+    except (ConnectionError, OSError) as e:
+        return f"dropped: {e}"
+    finally:
+        s.close()
+lic = json.load(open(sys.argv[2]))
+pkg = open(sys.argv[3], "rb")
+out = {
+    "providers_not_strings": ask({"op": "open", "providers": [["CPUExecutionProvider"]],
+                                  "licence": lic, "proof": {}, "client_key": "x" * 40}, [pkg.fileno()]),
+    "licence_extra_not_a_map": ask({"op": "open", "licence": {**lic, "extra": "ab"},
+                                    "proof": {}, "client_key": "x" * 40}, [pkg.fileno()]),
+    "nested_deep": raw(b"[" * 50000 + b"]" * 50000),
+    "hello_after": ask({"op": "hello"}),
+}
+# a flood of idle connections from this uid: the ones past the cap get a refusal
+held, refused = [], 0
+for _ in range(int(sys.argv[4]) + 5):
+    c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1]); c.settimeout(0.3)
+    try:
+        rep, _ = recv_message(c)  # only a refused connection is answered unasked
+        refused += rep.get("error", {}).get("code") == "config"
+        c.close()
+    except (TimeoutError, socket.timeout):
+        held.append(c)
+out["held"], out["refused"] = len(held), refused
+out["hello_while_flooded"] = ask({"op": "hello"})
+for c in held:
+    c.close()
+import time; time.sleep(0.5)
+out["hello_after_flood"] = ask({"op": "hello"})
+print(json.dumps(out))
+"""
+
+
+def test_odd_requests_get_typed_answers_and_a_flood_is_capped(tier1: Tier1) -> None:
+    """As nobody: requests the daemon's checks never foresaw (a provider that
+    is a list, a licence whose extra is a string, JSON nested 50,000 deep) are
+    answered with a typed error, and the daemon goes on; a flood of idle
+    connections from one uid past its cap (64) gets a typed refusal instead of
+    running the daemon out of descriptors, and everyone is served afterwards."""
+    lic = _licence(tier1, "odd")
+    res = _as_nobody_py(RAW, tier1.socket, lic, tier1.package, "64", timeout=120)
+    assert res["providers_not_strings"] == "config", res
+    assert res["licence_extra_not_a_map"] == "config", res
+    assert res["nested_deep"] == "protocol", res
+    assert res["hello_after"] == "ok", res
+    assert res["held"] == 64 and res["refused"] == 5, res
+    assert res["hello_while_flooded"] == "config", res  # its own uid is at the cap
+    assert res["hello_after_flood"] == "ok", res
+    import vault  # another caller (root) was never refused
+
+    with vault.open(tier1.package, licence=tier1.keyserver.issue("t1", holder="after"),
+                    daemon=tier1.socket) as m:  # fmt: skip
+        assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+
+
+def test_a_caller_hanging_up_mid_open_does_not_drain_the_pool(tier1: Tier1) -> None:
+    """An ``open`` whose caller hangs up before the answer still takes a
+    pre-started worker; the daemon starts the next one all the same."""
+    from vault.core.daemonwire import recv_message, send_message
+    from vault.core.licence import Licence
+    from vault.core.package import Package
+
+    lic = tier1.keyserver.issue("t1", holder="hangup")
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(tier1.socket)
+    send_message(s, {"op": "hello"})
+    hello, _ = recv_message(s)
+    with Package.load(tier1.package) as pkg:
+        proof = lic.prove(device_id=hello["device_id"], model_id=pkg.model_id,
+                          key_id=pkg.key_id, package_digest=pkg.digest)  # fmt: skip
+    assert isinstance(lic, Licence)
+    waiting = _waiting(tier1)
+    with open(tier1.package, "rb") as fh:
+        send_message(s, {"op": "open", "licence": lic.public_copy().to_json(),
+                         "proof": proof.to_wire(), "client_key": "x" * 40}, [fh.fileno()])  # fmt: skip
+    s.close()  # gone before the answer
+    deadline = time.monotonic() + 60
+    while _waiting(tier1) & waiting and time.monotonic() < deadline:
+        time.sleep(0.1)  # the one it took leaves the pool...
+    assert _waiting(tier1, exclude=waiting), "...and a new one is started behind it"

@@ -95,6 +95,8 @@ def _daemon(args: argparse.Namespace) -> int:
         runtime_dir=os.path.abspath(args.runtime_dir) if args.runtime_dir else "",
         start_timeout=args.start_timeout,
         standby=args.standby,
+        max_connections=args.max_connections,
+        max_connections_per_uid=args.max_connections_per_uid,
     )
     return run_daemon(cfg)
 
@@ -147,4 +149,8 @@ def register(sub: Any) -> None:
     p.add_argument("--standby", type=int, default=1, metavar="N",
                    help="workers kept pre-started (hardened, onnxruntime imported) so an "
                         "open skips spawn and imports; 0: none (default 1)")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="callers connected at once, in all (default 512)")  # fmt: skip
+    p.add_argument("--max-connections-per-uid", type=int, default=64,
+                   help="callers connected at once from one uid (default 64)")  # fmt: skip
     p.set_defaults(func=_daemon)

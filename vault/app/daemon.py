@@ -21,6 +21,10 @@ callers cannot read, and listens on a local Unix socket
   connection that opened it: a caller reaches only its own workers.
 
 A worker lives as long as the connection that opened it (or until ``close``).
+Connections are capped per uid (``--max-connections-per-uid``, 64) and in all
+(``--max-connections``, 512): each holds a descriptor and a thread, and a
+flood past them gets a typed refusal rather than running the daemon out of
+descriptors; an ``accept`` that fails for want of them backs off and goes on.
 
 Pre-started workers (``--standby N``, default 1): the daemon keeps N workers
 already spawned under the worker uid, hardened and with onnxruntime imported,
@@ -41,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -94,6 +99,8 @@ class DaemonConfig:
     max_workers: int = 16  # per connection
     worker_user: str = ""
     standby: int = 1  # workers kept pre-started; 0: every open spawns
+    max_connections: int = 512  # in all (each holds a descriptor and a thread)
+    max_connections_per_uid: int = 64
 
 
 def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
@@ -189,6 +196,26 @@ class _Connection:
     workers: dict[str, _Worker] = field(default_factory=dict)
 
 
+def _readable(fd: int) -> bool:
+    """Open for reading, and not an ``O_PATH`` handle (which stat accepts)."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    o_path = getattr(os, "O_PATH", 0)
+    return not (o_path and flags & o_path) and flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
+
+
+def _memfd(fd: int) -> bool:
+    """A memfd (the only kind of file ``F_GET_SEALS`` answers for)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_GET_SEALS", 1034))
+    except OSError:
+        return False
+    return True
+
+
 def _peer(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -237,8 +264,8 @@ class Daemon:
         if not fds:
             raise ProtocolError("open needs the package's file descriptor")
         package_fd = fds[0]
-        if not stat.S_ISREG(os.fstat(package_fd).st_mode):
-            raise ConfigError("the package descriptor is not a regular file")
+        if not stat.S_ISREG(os.fstat(package_fd).st_mode) or not _readable(package_fd):
+            raise ConfigError("the package descriptor is not a regular file open for reading")
         lic = Licence.from_json(msg.get("licence"), source="caller's licence").public_copy()
         proof = LicenceProof.from_wire(msg.get("proof"))
         if len(lic.dumps()) > _MAX_LICENCE or len(json.dumps(proof.to_wire())) > _MAX_PROOF:
@@ -250,7 +277,11 @@ class Daemon:
             raise ConfigError("client_key must be a Z85 CURVE public key")
         providers = msg.get("providers")
         if providers is not None:
-            if not isinstance(providers, list) or not set(providers) <= _PROVIDERS:
+            if (
+                not isinstance(providers, list)
+                or not all(isinstance(x, str) for x in providers)
+                or not set(providers) <= _PROVIDERS
+            ):
                 raise ConfigError(f"providers must be among {sorted(_PROVIDERS)}")
         device = msg.get("device")
         if device is not None:
@@ -262,7 +293,7 @@ class Daemon:
         shm_size = msg.get("shm_size") or 0
         if isinstance(shm_size, bool) or not isinstance(shm_size, int):
             raise ConfigError("shm_size must be an integer")
-        if not 0 <= shm_size <= _MAX_SHM or (shm_size and len(fds) < 2):
+        if not 0 <= shm_size <= _MAX_SHM or (shm_size and (len(fds) < 2 or not _memfd(fds[1]))):
             raise ConfigError("shm_size needs a memfd and at most 16 GiB")
         req = _OpenRequest(package_fd, fds[1] if shm_size else None, shm_size, lic, proof,
                            client_key, providers, device, prepack)  # fmt: skip
@@ -499,6 +530,10 @@ class Daemon:
             if op == "open":
                 self.log(f"open refused for uid {conn.uid}: {exc.code}: {exc.message}")
             return {"ok": False, "id": rid, "error": exc.to_wire()}
+        except Exception as exc:  # noqa: BLE001 - a bug or odd input: answered, never fatal
+            self.log(f"{op!r} from uid {conn.uid} failed: {type(exc).__name__}: {exc}")
+            err = ProtocolError(f"the daemon could not handle this {op!r} request")
+            return {"ok": False, "id": rid, "error": err.to_wire()}
         finally:
             for fd in fds:  # the worker got its own copies
                 try:
@@ -509,17 +544,9 @@ class Daemon:
 
     # -- connections --------------------------------------------------------------
 
-    def _serve_connection(self, sock: socket.socket) -> None:
+    def _serve_connection(self, sock: socket.socket, conn: _Connection) -> None:
         try:
-            pid, uid, _gid = _peer(sock)
-        except OSError:
-            sock.close()
-            return
-        conn = _Connection(uid, pid)
-        with self._lock:
-            self._conns.add(conn)
-        try:
-            if uid == self.config.worker_uid:
+            if conn.uid == self.config.worker_uid:
                 # a caller of the workers' own uid could ptrace them: tier 1 void.
                 # Its first request is read (and ignored) before the refusal, so
                 # the refusal is what it sees, not a broken pipe on its send.
@@ -541,11 +568,14 @@ class Daemon:
                 except ProtocolError as exc:
                     send_message(sock, {"ok": False, "error": exc.to_wire()})
                     return  # the stream may be out of step: drop the connection
-                send_message(sock, self.handle(conn, msg, fds))
-                if msg.get("op") == "open":
-                    # the next standby worker starts once this open is answered:
-                    # its imports would otherwise take cores from the open itself
-                    self._refill()
+                try:
+                    send_message(sock, self.handle(conn, msg, fds))
+                finally:
+                    if msg.get("op") == "open":
+                        # the next standby worker starts once this open is answered
+                        # (its imports would otherwise take cores from the open), or
+                        # once its caller has hung up: the pool never stays drained
+                        self._refill()
         except OSError:
             pass
         finally:
@@ -556,6 +586,33 @@ class Daemon:
                 self._conns.discard(conn)
             sock.close()
 
+    def _admit_connection(self, sock: socket.socket) -> _Connection | None:
+        """At most ``max_connections`` at once, ``max_connections_per_uid`` of one
+        uid: beyond, the caller gets one typed refusal and the socket closes
+        (each connection holds a descriptor and a thread of the daemon's)."""
+        try:
+            pid, uid, _gid = _peer(sock)
+        except OSError:
+            sock.close()
+            return None
+        cfg = self.config
+        with self._lock:  # counted and registered at once: a flood cannot overshoot
+            total = len(self._conns)
+            mine = sum(1 for c in self._conns if c.uid == uid)
+            if total < cfg.max_connections and mine < cfg.max_connections_per_uid:
+                conn = _Connection(uid, pid)
+                self._conns.add(conn)
+                return conn
+        try:
+            sock.settimeout(1.0)
+            send_message(sock, {"ok": False, "error": ConfigError(
+                "the vault daemon has too many connections (of this user, or in all): "
+                "close some and retry").to_wire()})  # fmt: skip
+        except OSError:
+            pass
+        sock.close()
+        return None
+
     def serve(self, listener: socket.socket) -> None:
         self._refill()
         listener.settimeout(0.2)
@@ -565,13 +622,28 @@ class Daemon:
                 sock, _ = listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     break
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors or memory (a flood of connections): back
+                    # off and go on serving the callers already connected
+                    self.log(f"accept: {exc.strerror}; backing off")
+                    self._stop.wait(0.1)
+                    continue
                 raise
+            conn = self._admit_connection(sock)
+            if conn is None:
+                continue
             sock.settimeout(None)
-            t = threading.Thread(target=self._serve_connection, args=(sock,), daemon=True)
-            t.start()
+            t = threading.Thread(target=self._serve_connection, args=(sock, conn), daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep serving
+                with self._lock:
+                    self._conns.discard(conn)
+                sock.close()
+                continue
             threads = [x for x in threads if x.is_alive()] + [t]
         with self._lock:
             conns = list(self._conns)

@@ -96,8 +96,10 @@ def recv_message(
         body = _recv_exact(sock, size)
         try:
             msg = json.loads(body)
-        except ValueError as exc:
-            raise ProtocolError("malformed daemon message") from exc
+        except (ValueError, RecursionError) as exc:  # nested past Python's limit included
+            raise ProtocolError("malformed daemon message") from (
+                None if isinstance(exc, RecursionError) else exc
+            )
         if not isinstance(msg, dict):
             raise ProtocolError("malformed daemon message")
     except BaseException:

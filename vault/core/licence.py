@@ -204,8 +204,10 @@ class Licence:
                 devices=tuple(str(d) for d in data.get("devices") or ()),
                 proof_key=str(data.get("proof_key") or ""),
             )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{source}: malformed licence file (missing {exc})") from exc
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ConfigError(
+                f"{source}: malformed licence file ({type(exc).__name__}: {exc})"
+            ) from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | Licence) -> Licence:
