@@ -15,6 +15,15 @@ def _t(name: str, value: Any, target: str, ok: bool | None, note: str = "") -> d
     }
 
 
+def _ratio(
+    name: str, r: float | None, goal: str, ok: Any, why_missing: str = "not measured"
+) -> dict[str, Any]:
+    """A row for a ratio that may not have been measured (``ok(r)`` decides)."""
+    if r is None:
+        return _t(name, None, goal, None, why_missing)
+    return _t(name, f"{r:.3f}", goal, bool(ok(r)))
+
+
 def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     lat = res.get("latency") or {}
@@ -88,38 +97,32 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
     for name in ("mobilenet_v2", "resnet50"):
         row = (res.get("latency") or {}).get(name) or {}
-        r = row.get("vault_tcp_curve_over_fastapi_raw")
         out.append(
-            _t(
+            _ratio(
                 f"remote call {name} vault_tcp_curve / bare FastAPI (raw bytes, no TLS)",
-                None if r is None else f"{r:.3f}",
+                row.get("vault_tcp_curve_over_fastapi_raw"),
                 "< 1",
-                None if r is None else r < 1,
-                ""
-                if r is not None
-                else (row.get("unavailable") or {}).get("fastapi", "not measured"),
+                lambda r: r < 1,
+                (row.get("unavailable") or {}).get("fastapi", "not measured"),
             )
         )
-        r = row.get("vault_tcp_curve_over_fastapi_tls")
-        if r is not None:
+        if row.get("vault_tcp_curve_over_fastapi_tls") is not None:
             out.append(
-                _t(
+                _ratio(
                     f"remote call {name} vault_tcp_curve / FastAPI over HTTPS (like for like)",
-                    f"{r:.3f}",
+                    row["vault_tcp_curve_over_fastapi_tls"],
                     "< 1",
-                    r < 1,
-                )  # fmt: skip
+                    lambda r: r < 1,
+                )
             )
     tp0 = res.get("throughput") or {}
     for tp, n in [(tp0, 2), (tp0, 4), (tp0, 8), (tp0.get("mlp") or {}, 8)]:
-        r = (tp.get("vault_over_in_process") or {}).get(n)
         out.append(
-            _t(
+            _ratio(
                 f"throughput {n} callers vault / in-process ({tp.get('model', '-')})",
-                None if r is None else f"{r:.3f}",
+                (tp.get("vault_over_in_process") or {}).get(n),
                 ">= 0.9",
-                None if r is None else r >= 0.9,
-                "" if r is not None else "not measured",
+                lambda r: r >= 0.9,
             )
         )
     cold = res.get("coldstart") or {}
