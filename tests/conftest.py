@@ -56,6 +56,30 @@ from vault.core.licence import Licence
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def served_endpoint(
+    proc: subprocess.Popen[bytes], timeout: float = 30.0
+) -> tuple[str | None, bytes]:
+    """The ``endpoint: ...`` line ``vault worker serve`` prints on stdout, and
+    what it printed up to there (None if it exits or ``timeout`` passes first)."""
+    import select
+    import time
+
+    assert proc.stdout is not None
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if r:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.decode().splitlines():
+                if line.startswith("endpoint: "):
+                    return line.split(": ", 1)[1].strip(), buf
+    return None, buf
+
+
 class KeyServerProcess:
     def __init__(self, directory: Path, *, lease_ttl: float = 2.0) -> None:
         self.dir = directory

@@ -28,12 +28,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from vault.core.errors import ConfigError
+from vault.core.protowire import fields as _fields
+from vault.core.protowire import spans as _spans
+from vault.core.protowire import varint as _varint
 
 __all__ = ["external_initializers", "add_to_options", "zero_copy_graph"]
 
@@ -49,71 +52,6 @@ _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 # all or nothing: one initializer left to that route makes onnxruntime read
 # the whole file. (Sealing externalises only large tensors.)
 _MIN_BYTES = 128
-
-
-def _varint(b: memoryview, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if i >= len(b):
-            raise ValueError("truncated varint")
-        c = b[i]
-        i += 1
-        result |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return result, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(b: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value): an int, or a memoryview for length-delimited."""
-    i, n = 0, len(b)
-    while i < n:
-        key, i = _varint(b, i)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            v, i = _varint(b, i)
-            yield num, wt, v
-        elif wt == 2:
-            ln, i = _varint(b, i)
-            if i + ln > n:
-                raise ValueError("truncated field")
-            yield num, wt, b[i : i + ln]
-            i += ln
-        elif wt == 1:
-            i += 8
-        elif wt == 5:
-            i += 4
-        else:
-            raise ValueError(f"wire type {wt}")
-
-
-def _spans(b: memoryview) -> Iterator[tuple[int, int, Any, memoryview]]:
-    """Like :func:`_fields`, plus each field's raw bytes (key included)."""
-    i, n = 0, len(b)
-    while i < n:
-        start = i
-        key, i = _varint(b, i)
-        num, wt = key >> 3, key & 7
-        v: Any = None
-        if wt == 0:
-            v, i = _varint(b, i)
-        elif wt == 2:
-            ln, i = _varint(b, i)
-            if i + ln > n:
-                raise ValueError("truncated field")
-            v = b[i : i + ln]
-            i += ln
-        elif wt == 1:
-            i += 8
-        elif wt == 5:
-            i += 4
-        else:
-            raise ValueError(f"wire type {wt}")
-        if i > n:
-            raise ValueError("truncated field")
-        yield num, wt, v, b[start:i]
 
 
 def _enc_varint(v: int) -> bytes:

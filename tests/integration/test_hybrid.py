@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import select
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ import numpy as np
 import pytest
 
 import vault
-from tests.conftest import KeyServerProcess
+from tests.conftest import KeyServerProcess, served_endpoint
 from tests.models import classifier_pipeline, reference_pipeline
 from vault.core.crypto import PublisherKey
 from vault.core.keyclient import KeyServerClient
@@ -36,19 +33,7 @@ def serve_tail(tail: Path, licence: Path, allow: Path, tmp: Path) -> tuple[Any, 
          "--bind", "tcp://127.0.0.1:0", "--allow", str(allow), "--server-key-out", str(key_out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    endpoint = None
-    buf = b""
-    deadline = time.monotonic() + 30
-    while endpoint is None and time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if r:
-            chunk = os.read(proc.stdout.fileno(), 4096)  # type: ignore[union-attr]
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.decode().splitlines():
-                if line.startswith("endpoint: "):
-                    endpoint = line.split(": ", 1)[1].strip()
+    endpoint, buf = served_endpoint(proc)
     if endpoint is None:
         stop_process(proc, 5)
         raise AssertionError(f"tail worker did not start: {buf.decode()}")

@@ -25,13 +25,21 @@ pytestmark = [
 ]
 
 
-def test_model_past_2gb_is_sealed_and_runs(tmp_path: Path) -> None:
-    n_tensors, rows, cols = 5, 16384, 8192  # 5 x 512 MiB = 2.5 GiB of float32 weights
-    src = tmp_path / "src"
+N_TENSORS, ROWS, COLS = 5, 16384, 8192  # 5 x 512 MiB = 2.5 GiB of float32 weights
+
+
+def _big_model(src: Path, *, head: bool) -> Path:
+    """y = x' + sum(max(w_i)) over 2.5 GiB of w_i, saved with external data;
+    x' = x, or with ``head`` x' = h = x + 1 (a node a split can cut after)."""
     src.mkdir()
     inits, nodes, outs = [], [], []
-    for i in range(n_tensors):
-        w = np.full((rows, cols), 0.25 * (i + 1), np.float32)
+    into = "x"
+    if head:
+        inits.append(numpy_helper.from_array(np.ones(1, np.float32), "one"))
+        nodes.append(helper.make_node("Add", ["x", "one"], ["h"], name="head_add"))
+        into = "h"
+    for i in range(N_TENSORS):
+        w = np.full((ROWS, COLS), 0.25 * (i + 1), np.float32)
         w[-1, -1] = 100.0 + i  # the very last bytes of each tensor must arrive intact
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         del w
@@ -39,7 +47,7 @@ def test_model_past_2gb_is_sealed_and_runs(tmp_path: Path) -> None:
         nodes.append(helper.make_node("ReduceMax", [f"w{i}"], [f"s{i}"], keepdims=0))
         outs.append(f"s{i}")
     nodes.append(helper.make_node("Sum", outs, ["total"]))
-    nodes.append(helper.make_node("Add", ["x", "total"], ["y"]))
+    nodes.append(helper.make_node("Add", [into, "total"], ["y"]))
     graph = helper.make_graph(
         nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits,
@@ -47,7 +55,12 @@ def test_model_past_2gb_is_sealed_and_runs(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, src / "big.onnx", save_as_external_data=True, location="big.bin",
               all_tensors_to_one_file=True)  # fmt: skip
-    del model, graph, inits
+    return src / "big.onnx"
+
+
+def test_model_past_2gb_is_sealed_and_runs(tmp_path: Path) -> None:
+    n_tensors = N_TENSORS
+    src = _big_model(tmp_path / "src", head=False).parent
     s = seal_for_test(tmp_path, str(src / "big.onnx"), name="big")  # type: ignore[arg-type]
     with open_sealed(s, timeout=300) as m:
         y = m.compute({"x": np.zeros(1, np.float32)})["y"]
@@ -62,28 +75,8 @@ def test_model_past_2gb_splits_without_the_tail_weights_in_the_clear(tmp_path: P
     from vault.core.crypto import PublisherKey
     from vault.hybrid.publish import split
 
-    n_tensors, rows, cols = 5, 16384, 8192
-    src = tmp_path / "src"
-    src.mkdir()
-    inits, nodes, outs = [numpy_helper.from_array(np.ones(1, np.float32), "one")], [], []
-    nodes.append(helper.make_node("Add", ["x", "one"], ["h"], name="head_add"))
-    for i in range(n_tensors):
-        w = np.full((rows, cols), 0.25 * (i + 1), np.float32)
-        w[-1, -1] = 100.0 + i
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        del w
-        nodes.append(helper.make_node("ReduceMax", [f"w{i}"], [f"s{i}"], keepdims=0))
-        outs.append(f"s{i}")
-    nodes.append(helper.make_node("Sum", outs, ["total"]))
-    nodes.append(helper.make_node("Add", ["h", "total"], ["y"]))
-    graph = helper.make_graph(
-        nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, src / "big.onnx", save_as_external_data=True, location="big.bin",
-              all_tensors_to_one_file=True)  # fmt: skip
-    del model, graph, inits
+    n_tensors = N_TENSORS
+    src = _big_model(tmp_path / "src", head=True).parent
     pk = PublisherKey.generate()
     pk.save(tmp_path / "publisher.key", tmp_path / "publisher.pub")
     keys: dict[str, bytes] = {}

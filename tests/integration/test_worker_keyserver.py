@@ -3,8 +3,6 @@ period, and the remote (tcp + CURVE + allow-list) worker service."""
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 
 import vault
+from tests.conftest import served_endpoint
 from tests.models import mlp
 from vault.core.crypto import PublisherKey
 from vault.core.process import stop_process
@@ -77,19 +76,7 @@ def test_remote_worker_over_curve_with_allow_list(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        endpoint = None
-        deadline = time.monotonic() + 30
-        buf = b""
-        while endpoint is None and time.monotonic() < deadline:
-            r, _, _ = select.select([proc.stdout], [], [], 0.5)
-            if r:
-                chunk = os.read(proc.stdout.fileno(), 4096)  # type: ignore[union-attr]
-                if not chunk:
-                    break
-                buf += chunk
-                for line in buf.decode().splitlines():
-                    if line.startswith("endpoint: "):
-                        endpoint = line.split(": ", 1)[1].strip()
+        endpoint, buf = served_endpoint(proc)
         assert endpoint, (
             buf.decode() + proc.stderr.read().decode()[-500:] if proc.poll() is not None else buf
         )

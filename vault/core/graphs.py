@@ -30,11 +30,13 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UnsafeModelError
+from .protowire import WireError
+from .protowire import fields as _fields
 
 __all__ = ["ALLOWED_DOMAINS", "MAX_DEPTH", "GraphSignature", "check_graph", "onnx_type_name"]
 
@@ -66,54 +68,7 @@ class GraphSignature:
     outputs: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Malformed(Exception):
-    pass
-
-
-# --- protobuf wire format -------------------------------------------------------------
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise _Malformed
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value): an int for varints and fixed
-    widths, a memoryview for length-delimited fields."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        num, wt = key >> 3, key & 7
-        if num == 0:
-            raise _Malformed
-        if wt == 0:
-            val, pos = _varint(buf, pos)
-            yield num, wt, val
-        elif wt == 2:
-            n, pos = _varint(buf, pos)
-            if pos + n > end:
-                raise _Malformed
-            yield num, wt, buf[pos : pos + n]
-            pos += n
-        elif wt == 1:
-            pos += 8
-            yield num, wt, 0
-        elif wt == 5:
-            pos += 4
-            yield num, wt, 0
-        else:  # groups (3, 4) are not used by onnx.proto
-            raise _Malformed
-        if pos > end:
-            raise _Malformed
+_Malformed = WireError  # the check's one failure: not well-formed protobuf
 
 
 def _text(v: Any) -> str:

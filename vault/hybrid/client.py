@@ -90,16 +90,12 @@ class _Head:
             raise IntegrityError(f"{path}: the head does not match split.json")
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        # no spin-waiting pools: they steal the cores the tail's I/O threads need
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
+        from .profile import session_options  # the profile measured the head this way
+
         try:
-            self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                data, session_options(threads), providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise IntegrityError(f"{path}: not a loadable head model") from exc
         self.out_names = [o.name for o in self.session.get_outputs()]

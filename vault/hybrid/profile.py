@@ -59,18 +59,27 @@ def example_inputs(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> 
     return feeds
 
 
-def _session(model_bytes: bytes, threads: int | None, prefix: str | None) -> Any:
+def session_options(threads: int | None) -> Any:
+    """SessionOptions for a head run in the caller's process, and for its
+    profile: as the worker runs (worker/runtime.py), no spin-waiting thread
+    pools (on a busy machine they made a 2-thread profile three times slower
+    than the real worker, and they steal the cores the tail's I/O needs)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # as the worker runs (worker/runtime.py): no spin-waiting thread pools, which on
-    # a busy machine made a 2-thread profile three times slower than the real worker
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    return so
+
+
+def _session(model_bytes: bytes, threads: int | None, prefix: str | None) -> Any:
+    import onnxruntime as ort
+
+    so = session_options(threads)
     if prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = prefix
