@@ -57,6 +57,7 @@ from .core.errors import (
     ConfigError,
     PermissionDeniedError,
     ServiceUnavailableError,
+    UnknownLicenceError,
     VaultError,
     WorkerCrashedError,
     WorkerTimeoutError,
@@ -361,8 +362,8 @@ class _Remote:
 
     def channel(self, ctx: zmq.Context[Any], max_message: int) -> Channel:
         if len(self.addresses) == 1:
-            return ZmqChannel(ctx, self.addresses[0], configure=self.configure,
-                              max_message=max_message)  # fmt: skip
+            return _WatchedChannel(ctx, self.addresses[0], configure=self.configure,
+                                   max_message=max_message, send_timeout_ms=5000)  # fmt: skip
         return _FailoverChannel([_WatchedChannel(ctx, a, configure=self.configure,
                                                  max_message=max_message)
                                  for a in self.addresses])  # fmt: skip
@@ -374,9 +375,18 @@ class _Remote:
 
 
 class _WatchedChannel(ZmqChannel):
-    """One replica of a service: a call waiting on a connection that drops
-    (the host or its service died) ends at once with WorkerCrashedError,
-    instead of at its timeout, so it can go to another replica."""
+    """One service (or one replica of it), watched through a ZeroMQ socket
+    monitor, so that a call never waits for its timeout on a service that is
+    not there: a connection that drops (the host or its service died) ends the
+    waiting call at once, and a send that finds no connection says why,
+    within ``send_timeout_ms``:
+
+    - nothing listens at the address: :class:`ServiceUnavailableError`;
+    - the CURVE handshake failed (the server key is not the service's):
+      :class:`ConfigError`;
+    - the service refused this caller's key (ZAP: not on its allow-list, or
+      not a live call licence): :class:`UnknownLicenceError`.
+    """
 
     def __init__(
         self,
@@ -385,6 +395,7 @@ class _WatchedChannel(ZmqChannel):
         *,
         configure: Callable[[zmq.Socket[Any]], None],
         max_message: int,
+        send_timeout_ms: int = 1000,
     ) -> None:
         self._mon = threading.local()
         self._monitors: list[zmq.Socket[Any]] = []
@@ -396,26 +407,62 @@ class _WatchedChannel(ZmqChannel):
             # queued for a dead one would wait for its return): the send
             # fails instead, and the call goes to another replica
             sock.immediate = True
-            sock.sndtimeo = 1000
-            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            sock.sndtimeo = send_timeout_ms
+            mon = sock.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            )  # fmt: skip
             with self._mon_lock:
                 self._monitors.append(mon)
             self._mon.sock = mon
+            self._mon.lost = False
+            self._mon.refused = None
 
         super().__init__(ctx, endpoint, alive=self._connected, configure=setup,
                          max_message=max_message)  # fmt: skip
 
-    def _lost(self) -> bool:
+    def _events(self) -> None:
         mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
-        lost = False
         while mon is not None and mon.poll(0):
             from zmq.utils.monitor import recv_monitor_message
 
-            lost |= recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED
+            ev = recv_monitor_message(mon)["event"]
+            if ev == zmq.EVENT_DISCONNECTED:
+                self._mon.lost = True
+            elif ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._mon.refused = None
+            elif ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._mon.refused = "auth"
+            else:
+                self._mon.refused = "handshake"
+
+    def _lost(self) -> bool:
+        self._events()
+        lost = bool(getattr(self._mon, "lost", False))
+        self._mon.lost = False
         return lost
 
     def _connected(self) -> bool:
         return not self._lost()
+
+    def _gone(self, why: str) -> VaultError:
+        self._events()
+        refused = getattr(self._mon, "refused", None)
+        if refused == "auth":
+            return UnknownLicenceError(
+                f"the service at {self.endpoint} refused this caller's key: it is not on the "
+                "service's allow-list, or not a call licence the key server knows"
+            )
+        if refused == "handshake":
+            return ConfigError(
+                f"the CURVE handshake with {self.endpoint} failed: the server key given is not "
+                "this service's (get its current key from the vendor)"
+            )
+        return ServiceUnavailableError(
+            f"the service at {self.endpoint} is not reachable ({why.split(';')[0]}): it stopped, "
+            "or nothing listens there"
+        )
 
     def request(
         self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float

@@ -8,10 +8,12 @@ costs what the calls cost. ``test_service_cli.py`` runs the real command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -140,8 +142,25 @@ def test_models_are_routed_by_id_and_agree_with_onnxruntime(service: Running) ->
 
 
 def test_a_stranger_key_is_not_served(service: Running) -> None:
-    with pytest.raises(vault.WorkerTimeoutError):  # CURVE handshake refused by the ZAP check
-        service.connect("a", licence=caller_licence("mallory"), timeout=1.0)
+    # the ZAP check refuses the handshake; the client says so, not a timeout
+    with pytest.raises(vault.UnknownLicenceError, match="refused this caller's key"):
+        service.connect("a", licence=caller_licence("mallory"), timeout=30.0)
+
+
+def test_a_wrong_server_key_or_no_service_fails_fast_as_what_it_is(service: Running) -> None:
+    wrong, _ = zmq.curve_keypair()
+    t0 = time.monotonic()
+    with pytest.raises(vault.ConfigError, match="server key given is not this service's"):
+        vault.connect(service.endpoint, licence=service.alice, server_key=wrong.decode(),
+                      model="a", timeout=30.0)  # fmt: skip
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(vault.ServiceUnavailableError, match="not reachable"):
+        vault.connect(f"tcp://127.0.0.1:{free}", licence=service.alice,
+                      server_key=service.server_key, model="a", timeout=30.0)  # fmt: skip
+    # each within the send timeout (5 s), long before the calls' own 30 s
+    assert time.monotonic() - t0 < 25.0
 
 
 def test_batching_joins_callers_and_splits_results_exactly(service: Running) -> None:
@@ -187,30 +206,50 @@ def test_a_model_whose_first_dim_is_fixed_is_not_batched(service: Running) -> No
     assert service.metric("vault_batch_size_sum", model="fixed") == 2 * 12
 
 
+@contextlib.contextmanager
+def held(instances: list[Any]) -> Iterator[None]:
+    """The workers stopped (SIGSTOP) until the block ends: a call sent to one
+    stays in flight for as long as a test needs, on any machine's speed."""
+    pids = [i.pid for i in instances]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
 def test_a_crashed_worker_fails_its_call_fast_and_is_restarted(service: Running) -> None:
     m_state = service.svc.models["slow"]
     restarts = service.metric("vault_worker_restarts_total", model="slow")
     ok_before = service.metric("vault_requests_total", model="slow", outcome="success")
-    big = np.ones((4096, 512), np.float32)  # ~1.5 s of compute on one thread
+    x = np.ones((8, 512), np.float32)
     with service.connect("slow", timeout=60) as m, ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(m.compute, {"x": big})
-        deadline = time.monotonic() + 10
-        busy = []
-        while not busy and time.monotonic() < deadline:
-            busy = [i for i in m_state.instances if i.inflight]
-            time.sleep(0.01)
-        assert busy, "the call never reached a worker"
-        t0 = time.monotonic()
-        os.kill(busy[0].pid, signal.SIGKILL)
-        with pytest.raises(vault.WorkerCrashedError):
-            fut.result(timeout=30)
-        assert time.monotonic() - t0 < 5.0  # fails fast, not at the 60 s timeout
+        with held(list(m_state.instances)):
+            fut = pool.submit(m.compute, {"x": x})
+            wait_for(
+                lambda: any(i.inflight for i in m_state.instances), "the call reaches a worker"
+            )
+            busy = [i for i in m_state.instances if i.inflight][0]
+            os.kill(busy.pid, signal.SIGKILL)
+            # answered while the other worker is still stopped: the service saw the
+            # death itself (its pidfd), it did not wait for the call's 60 s timeout
+            with pytest.raises(vault.WorkerCrashedError):
+                fut.result(timeout=30)
         # the other worker serves the next call at once
         assert m.compute({"x": np.ones((1, 512), np.float32)})["y"].shape == (1, 512)
-        deadline = time.monotonic() + 30
-        while len(m_state.instances) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert len(m_state.instances) == 2  # restarted
+        wait_for(lambda: len(m_state.instances) == 2, "the crashed worker is restarted")
     assert service.metric("vault_worker_restarts_total", model="slow") == restarts + 1
     # the crashed call counted once, as a failure; only the completed call as a success
     assert service.metric("vault_requests_total", model="slow", code="worker_crashed") >= 1
@@ -218,23 +257,28 @@ def test_a_crashed_worker_fails_its_call_fast_and_is_restarted(service: Running)
 
 
 def test_a_timed_out_call_frees_its_slot(service: Running) -> None:
-    big = np.ones((4096, 512), np.float32)
+    m_state = service.svc.models["slow"]
+    x = np.ones((8, 512), np.float32)
     with service.connect("slow", timeout=60) as m, ThreadPoolExecutor(2) as pool:
-        # both workers busy with long calls; a third call waits in the queue
-        longs = [pool.submit(m.compute, {"x": big}) for _ in range(2)]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(
-            i.inflight for i in service.svc.models["slow"].instances
-        ):
-            time.sleep(0.01)
-        t0 = time.monotonic()
-        with pytest.raises(vault.WorkerTimeoutError):
-            m.compute({"x": np.ones((1, 512), np.float32)}, timeout=0.3)
-        assert time.monotonic() - t0 < 5.0  # not held until a worker frees up
-        assert all(f.result(timeout=60)["y"].shape == (4096, 512) for f in longs)
-    assert service.metric("vault_requests_total", model="slow", code="timeout") >= 1
+        with held(list(m_state.instances)):
+            # both workers hold a call (one in flight each); a third call waits
+            # in the queue and times out there, while both are still stopped
+            longs = []
+            for n in (1, 2):  # one at a time: two queued together would be one batch
+                longs.append(pool.submit(m.compute, {"x": x}))
+                wait_for(lambda n=n: sum(i.inflight for i in m_state.instances) == n,
+                         f"{n} worker(s) are busy")  # fmt: skip
+            timeouts = service.metric("vault_requests_total", model="slow", code="timeout")
+            with pytest.raises(vault.WorkerTimeoutError):
+                m.compute({"x": np.ones((1, 512), np.float32)}, timeout=0.3)
+            # the service itself gives the queued call up (its deadline came from
+            # the caller), still with both workers stopped
+            wait_for(lambda: service.metric("vault_requests_total", model="slow",
+                                            code="timeout") == timeouts + 1,
+                     "the service answers the queued call's timeout")  # fmt: skip
+        assert all(f.result(timeout=60)["y"].shape == (8, 512) for f in longs)
     # the abandoned call never reached a worker and left no slot behind
-    assert all(i.inflight == 0 for i in service.svc.models["slow"].instances)
+    assert all(i.inflight == 0 for i in m_state.instances)
     assert service.metric("vault_inflight", model="slow") == 0
 
 
@@ -271,20 +315,26 @@ def test_probes_metrics_and_logs(service: Running) -> None:
 def test_drain_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
     run = start_service(tmp_path, {"slow": slow_matmul()}, instances=1, drain_timeout=30)
     try:
-        big = np.ones((2048, 512), np.float32)
+        m_state = run.svc.models["slow"]
+        big = np.ones((2048, 512), np.float32)  # a 4 MiB answer: it must leave before the exit
         with run.connect("slow", timeout=60) as m, ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(m.compute, {"x": big})
-            time.sleep(0.2)
-            run.svc.request_stop()
-            deadline = time.monotonic() + 5
-            while run.http("/readyz")[0] == 200 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert run.http("/readyz")[0] == 503
-            with pytest.raises(vault.ServiceUnavailableError):
+            with held(list(m_state.instances)):
+                fut = pool.submit(m.compute, {"x": big})
+                wait_for(lambda: any(i.inflight for i in m_state.instances),
+                         "the call reaches the worker")  # fmt: skip
+                run.svc.request_stop()
+                wait_for(lambda: run.http("/readyz")[0] == 503, "readiness turns 503")
+                with pytest.raises(vault.ServiceUnavailableError):
+                    m.compute({"x": np.ones((1, 512), np.float32)})
+            y = fut.result(timeout=60)["y"]  # finished, not dropped
+            np.testing.assert_allclose(y, reference_pipeline([slow_matmul()], {"x": big})["y"],
+                                       rtol=1e-4, atol=1e-4)  # fmt: skip
+            run.thread.join(30)
+            assert not run.thread.is_alive()
+            # a stopped service drops the connection: the next call fails as
+            # such, not as a 60 s timeout on a request nobody reads
+            with pytest.raises((vault.WorkerCrashedError, vault.ServiceUnavailableError)):
                 m.compute({"x": np.ones((1, 512), np.float32)})
-            assert fut.result(timeout=60)["y"].shape == (2048, 512)  # finished, not dropped
-        run.thread.join(30)
-        assert not run.thread.is_alive()
     finally:
         run.stop()
     events = [json.loads(x)["event"] for x in run.log_path.read_text().splitlines()]

@@ -145,7 +145,7 @@ def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> N
             f.compute({"x": X})
     # a runtime licence is not a call licence: its key is not let in at all
     runtime = service.keyserver.issue("m", holder="mallory")
-    with pytest.raises(vault.WorkerTimeoutError):
+    with pytest.raises(vault.UnknownLicenceError, match="refused this caller's key"):
         service.connect(runtime, timeout=1.0)
 
 

@@ -90,7 +90,7 @@ def test_remote_worker_over_curve_with_allow_list(
             assert set(health) <= {"model_id", "serving", "tier", "provider"}, health
         # a caller whose key is not on the allow-list gets no service
         stranger = keyserver.issue("ks-model", holder="mallory")
-        with pytest.raises(vault.WorkerTimeoutError):
+        with pytest.raises(vault.UnknownLicenceError, match="refused this caller's key"):
             vault.connect(endpoint, licence=stranger, server_key=server_key, timeout=1.5)
     finally:
         stop_process(proc, 10)

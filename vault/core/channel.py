@@ -36,7 +36,7 @@ from typing import Any
 
 import zmq
 
-from .errors import ConfigError, WorkerCrashedError, WorkerTimeoutError
+from .errors import ConfigError, VaultError, WorkerCrashedError, WorkerTimeoutError
 from .protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -52,6 +52,8 @@ Reply = tuple[dict[str, Any], list[Any]]
 
 # how often a waiting call checks that a local worker still lives
 _POLL_SLICE_MS = 100
+# how long a call whose peer went away still waits for an answer already on its way
+_LAST_REPLY_MS = 50
 # frames smaller than this are copied when sent (see ``ZmqChannel._socket``);
 # a local worker's larger tensors travel in shared memory above this size
 COPY_BELOW = SHM_MIN_BYTES
@@ -159,7 +161,7 @@ class ZmqChannel(Channel):
             sock.send_multipart([pack_header(msg), *frames], copy=False)
         except zmq.ZMQError as exc:
             self._discard(sock)
-            raise WorkerCrashedError(f"cannot send to the worker: {exc.strerror}") from None
+            raise self._gone(f"cannot send: {exc.strerror}") from None
         deadline = time.monotonic() + timeout
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -176,7 +178,7 @@ class ZmqChannel(Channel):
                     reply = None
                 except zmq.ZMQError as exc:
                     self._discard(sock)
-                    raise WorkerCrashedError(f"the channel failed: {exc.strerror}") from None
+                    raise self._gone(f"the channel failed: {exc.strerror}") from None
             if reply is not None:
                 hdr = unpack_header(reply[0])
                 if hdr.get("id") != rid:
@@ -184,11 +186,32 @@ class ZmqChannel(Channel):
                 raise_for_reply(hdr)
                 return hdr, list(reply[1:])
             if self._alive is not None and not self._alive():
+                # an answer sent before the peer went away still answers this
+                # call (it can be queued behind the drop's notice)
+                last = self._last_reply(sock, rid)
+                if last is not None:
+                    raise_for_reply(last[0])
+                    return last
                 self._discard(sock)
-                raise WorkerCrashedError("the worker process died; the next call starts a new one")
+                raise self._gone("the worker process died; the next call starts a new one")
             if left_ms <= 0:
                 self._discard(sock)
                 raise WorkerTimeoutError(f"no answer from the worker within {timeout:g}s")
+
+    def _last_reply(self, sock: zmq.Socket[Any], rid: int) -> Reply | None:
+        sock.rcvtimeo = self._tls.rcvtimeo = _LAST_REPLY_MS
+        while True:
+            try:
+                reply = sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                return None
+            hdr = unpack_header(reply[0])
+            if hdr.get("id") == rid:
+                return hdr, list(reply[1:])
+
+    def _gone(self, why: str) -> VaultError:
+        """The error for a peer that is no longer there (a local worker died)."""
+        return WorkerCrashedError(why)
 
     def close(self) -> None:
         with self._lock:
