@@ -65,6 +65,7 @@ from .core.errors import (
 )
 from .core.launch import WorkerPipes, read_ready_line, spawn_worker
 from .core.licence import Licence
+from .core.localwire import LocalChannel, listen_socket
 from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
@@ -122,9 +123,11 @@ class _LocalWorker:
         self.ready: dict[str, Any] = {}
         self.shm_bytes = shm_bytes
         self.arena: ShmArena | None = None
+        self.local_path: str | None = None  # the direct local channel's socket
 
     def start(self) -> str:
-        endpoint = f"ipc://{self.dir}/w{next(self._count)}.sock"
+        n = next(self._count)
+        endpoint = f"ipc://{self.dir}/w{n}.sock"
         pipes = WorkerPipes()
         args = [self.package, "--endpoint", endpoint]
         pass_fds: list[int] = []
@@ -151,6 +154,11 @@ class _LocalWorker:
         if self.arena is not None:
             args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
+        # the direct local channel: our listening socket, in our 0700 directory;
+        # the worker only accepts on it (vault/core/localwire.py)
+        listener, local_path = listen_socket(self.dir, f"c{n}.sock")
+        args += ["--listen-fd", str(listener.fileno())]
+        pass_fds.append(listener.fileno())
         args += [*pipes.args, *self.worker_args]
         try:
             self.proc = spawn_worker(
@@ -159,6 +167,9 @@ class _LocalWorker:
         except BaseException:
             pipes.failed()
             raise
+        finally:
+            # only the worker holds it now: once it dies, a connect is refused at once
+            listener.close()
         pipes.spawned()
         self._lifeline = pipes.lifeline_w
         try:
@@ -168,6 +179,7 @@ class _LocalWorker:
             raise
         finally:
             pipes.close_status()
+        self.local_path = local_path if self.ready.get("local") else None
         return str(self.ready.get("endpoint") or endpoint)
 
     def alive(self) -> bool:
@@ -591,13 +603,19 @@ class Model:
             self._channel.close()
         if self._localw is not None:
             self._endpoint = self._localw.start()
-            self._channel = ZmqChannel(
-                self._ctx,
-                self._endpoint,
-                alive=self._localw.alive,
-                configure=self._localw.configure,
-                max_message=self._max_message,
-            )
+            local_path = getattr(self._localw, "local_path", None)
+            if local_path is not None:
+                self._channel = LocalChannel(
+                    local_path, alive=self._localw.alive, max_message=self._max_message
+                )
+            else:
+                self._channel = ZmqChannel(
+                    self._ctx,
+                    self._endpoint,
+                    alive=self._localw.alive,
+                    configure=self._localw.configure,
+                    max_message=self._max_message,
+                )
         else:
             assert self._remote is not None
             self._endpoint = self._remote.address

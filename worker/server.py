@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
@@ -23,10 +24,11 @@ from typing import Any
 
 import zmq
 
-from vault.core.errors import ConfigError
-from vault.core.protocol import SHM_MIN_BYTES
+from vault.core.errors import ConfigError, ProtocolError
+from vault.core.localwire import Closed, RecordReader, send_record
+from vault.core.protocol import SHM_MIN_BYTES, error_reply, pack_header
 
-__all__ = ["Server", "load_allowed_keys"]
+__all__ = ["LocalServer", "Server", "load_allowed_keys"]
 
 Handler = Callable[[list[Any]], list[Any]]
 
@@ -100,6 +102,7 @@ class Server:
         curve_public: bytes | None = None,
         allowed: Iterable[bytes] | None = None,
         inline_below: float = 0.002,
+        local: LocalServer | None = None,
     ) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
@@ -136,6 +139,7 @@ class Server:
         self._tls = threading.local()
         self._ewma = 0.0
         self.bound_endpoint = endpoint
+        self.local = local
 
     def bind(self) -> str:
         self.front.bind(self.endpoint)
@@ -219,10 +223,14 @@ class Server:
         """Start the router thread; returns at once."""
         self._loop_thread = threading.Thread(target=self._loop, name="vault-router", daemon=True)
         self._loop_thread.start()
+        if self.local is not None:
+            self.local.start()
 
     def stop(self) -> None:
         """Stop the router thread (the front socket closes with it) and the authenticator."""
         self._stop.set()
+        if self.local is not None:
+            self.local.stop()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=5)
         if self._pool is not None:
@@ -230,3 +238,93 @@ class Server:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+class LocalServer:
+    """The direct local front (``vault/core/localwire.py``): the caller's
+    listening socket, inherited; one thread per connection, which reads a
+    request, runs it and writes the answer itself. No hand-off: a caller's
+    thread and its worker thread take turns, and several callers' computes
+    run at once (onnxruntime's ``run`` drops the GIL), as several threads
+    sharing one session do in-process.
+
+    A record that is malformed or over ``max_message`` gets a typed error
+    answer and its connection is closed (its stream can no longer be read in
+    step); past ``max_connections`` a new connection is closed at once."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        handler: Handler,
+        max_message: int = 1 << 30,
+        max_connections: int = 256,
+    ) -> None:
+        self.listener = listener
+        self.handler = handler
+        self.max_message = max_message
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._accept, name="vault-local", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                if self._stopped:
+                    return
+                time.sleep(0.05)  # out of descriptors: back off, keep serving
+                continue
+            with self._lock:
+                if self._stopped or len(self._conns) >= self.max_connections:
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="vault-conn",
+                                 daemon=True).start()  # fmt: skip
+            except RuntimeError:  # no thread to be had: refuse this one only
+                self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = RecordReader(conn, max_message=self.max_message, owned=False)
+        handler = self.handler
+        try:
+            while True:
+                try:
+                    frames = reader.read()
+                except ProtocolError as exc:
+                    send_record(conn, [pack_header(error_reply(None, exc))])
+                    return
+                send_record(conn, handler(frames))
+        except (Closed, OSError):
+            return
+        finally:
+            self._drop(conn)
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            conns, self._conns = set(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -284,6 +284,15 @@ class Startup:
                     raise ConfigError(f"{args.server_secret}: holds no secret key")
             else:
                 server_public, server_secret = zmq.curve_keypair()
+        local = None
+        if args.listen_fd is not None:
+            from vault.core.localwire import check_listener
+
+            from .server import LocalServer
+
+            local = LocalServer(
+                check_listener(args.listen_fd), handler=service.handle, max_message=args.max_message
+            )
         server = Server(
             ctx,
             args.endpoint,
@@ -293,6 +302,7 @@ class Startup:
             curve_secret=server_secret,
             curve_public=server_public,
             allowed=allowed,
+            local=local,
         )
         bound = server.bind()
         server.start()
@@ -305,6 +315,7 @@ class Startup:
             "provider": pipeline.provider,
             "model_id": pkg.model_id,
             "allowed_clients": len(allowed) if allowed is not None else None,
+            "local": local is not None,  # the direct local channel is served
             "timings_ms": self.timings,
         }
         return (server, keeper, ctx), ready

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 import vault
 from tests.models import classifier_pipeline, reference_pipeline
+from tests.raw import Raw, raw_local, raw_zmq
 from tests.sealed import Sealed, open_sealed, seal_for_test
 from vault.client import Model
 from vault.core.protocol import PROTOCOL_VERSION, pack_header
@@ -82,8 +84,11 @@ def test_internal_tensor_is_refused_like_an_unknown_name(model: Model) -> None:
     assert str(internal.value).replace("logits", "?") == str(unknown.value).replace("zzzzzz", "?")
 
 
-def test_malformed_messages_get_typed_errors(model: Model) -> None:
-    sock = model._channel._socket()  # the raw socket: send frames the client would never build
+@pytest.mark.parametrize("front", [raw_zmq, raw_local], ids=["zmq", "local"])
+def test_malformed_messages_get_typed_errors(
+    model: Model, front: Callable[[Model], contextlib.AbstractContextManager[Raw]]
+) -> None:
+    """Both fronts of a local worker (ZeroMQ and the direct local channel)."""
     cases = [
         [b"\xc1garbage"],
         [pack_header({"v": PROTOCOL_VERSION + 7, "op": "info", "id": 1})],
@@ -98,13 +103,11 @@ def test_malformed_messages_get_typed_errors(model: Model) -> None:
     from vault.core.protocol import unpack_header
 
     codes = []
-    for frames in cases:
-        sock.send_multipart(frames)
-        assert sock.poll(5000)
-        reply = sock.recv_multipart()
-        header = unpack_header(reply[0])
-        assert header["ok"] is False
-        codes.append(header["error"]["code"])
+    with front(model) as call:  # the raw transport: send frames the client would never build
+        for frames in cases:
+            header = unpack_header(call(frames)[0])
+            assert header["ok"] is False
+            codes.append(header["error"]["code"])
     assert codes == [
         "protocol",
         "unsupported_version",
