@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .core import standby
 from .core.channel import Channel, ZmqChannel, check_endpoint
 from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR, recv_message, send_message
 from .core.errors import (
@@ -125,7 +126,89 @@ class _LocalWorker:
         self.arena: ShmArena | None = None
         self.local_path: str | None = None  # the direct local channel's socket
 
+    def _new_arena(self) -> None:
+        if self.arena is not None:  # a restart: the new worker gets a new arena
+            self.arena.close(unmap=False)
+            self.arena = None
+        if self.shm_bytes > 0:
+            try:
+                self.arena = ShmArena(self.shm_bytes, slots=SHM_SLOTS)
+            except OSError:
+                self.arena = None  # no memfd here: every tensor travels as frames
+
+    @property
+    def _standby_key(self) -> standby.Key | None:
+        """Which pre-started worker fits this open; None: spawn cold (the
+        unsafe key and its publisher file are known only now; CUDA's
+        hardening differs)."""
+        if self.unsafe_key is not None or self.publisher or self.licence is None:
+            return None
+        if self.device or "CUDAExecutionProvider" in (self.providers or []):
+            return None
+        return (self.python, tuple(self.worker_args))
+
     def start(self) -> str:
+        self._new_arena()
+        key = self._standby_key
+        waiting = standby.POOL.take(key) if key is not None else None
+        endpoint = None
+        if waiting is not None:
+            try:
+                endpoint = self._assign(waiting)
+            except standby.StandbyGone:
+                endpoint = None  # it died waiting: spawn cold
+        if endpoint is None:
+            endpoint = self._spawn()
+        if key is not None:
+            standby.POOL.refill(key)  # the next open's worker, now that this one is answered
+        return endpoint
+
+    def _assign(self, w: standby.Standby) -> str:
+        """Hand a pre-started worker this open: the package, the licence, the
+        arena and our listening socket, by descriptor (vault/core/standby.py)."""
+        assert self.licence is not None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = w.dir  # ours now, 0700, with its endpoint in it
+        listener, local_path = listen_socket(self.dir, "c0.sock")
+        lic_r, lic_w = os.pipe()
+        pkg_fd = -1
+        try:
+            data = self.licence.dumps()
+            os.set_blocking(lic_w, False)
+            if os.write(lic_w, data) != len(data):  # a licence is a few KiB: it fits the pipe
+                raise ConfigError("the licence is too large")
+            os.close(lic_w)
+            lic_w = -1
+            pkg_fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
+            fds = [pkg_fd, lic_r, listener.fileno()]
+            msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1,
+                                   "listen_fd": 2}  # fmt: skip
+            if self.arena is not None:
+                msg.update(shm_fd=len(fds), shm_size=self.arena.size)
+                fds.append(self.arena.fd)
+            if self.providers:
+                msg["providers"] = ",".join(self.providers)
+            if not self.prepack:
+                msg["no_prepack"] = True
+            self.proc, self._lifeline = w.proc, w.lifeline_w
+            w.lifeline_w = None  # the lifeline is this worker's now
+            try:
+                self.ready = w.assign(msg, fds, timeout=self.start_timeout)
+            except standby.StandbyGone:
+                self.proc, self._lifeline = None, None
+                raise
+            except BaseException:
+                self.kill()
+                raise
+        finally:
+            for fd in (lic_w, lic_r, pkg_fd):
+                if fd >= 0:
+                    os.close(fd)
+            listener.close()  # only the worker holds it now
+        self.local_path = local_path if self.ready.get("local") else None
+        return str(self.ready.get("endpoint") or w.endpoint)
+
+    def _spawn(self) -> str:
         n = next(self._count)
         endpoint = f"ipc://{self.dir}/w{n}.sock"
         pipes = WorkerPipes()
@@ -143,14 +226,6 @@ class _LocalWorker:
             args += ["--device", self.device]
         if not self.prepack:
             args += ["--no-prepack"]
-        if self.arena is not None:  # a restart: the new worker gets a new arena
-            self.arena.close(unmap=False)
-            self.arena = None
-        if self.shm_bytes > 0:
-            try:
-                self.arena = ShmArena(self.shm_bytes, slots=SHM_SLOTS)
-            except OSError:
-                self.arena = None  # no memfd here: every tensor travels as frames
         if self.arena is not None:
             args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
@@ -539,6 +614,7 @@ def _close_all() -> None:
             m.close()
         except Exception:  # pragma: no cover - best effort at exit
             pass
+    standby.POOL.close()
 
 
 def _has_large(inputs: Mapping[str, Any]) -> bool:

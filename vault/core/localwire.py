@@ -42,7 +42,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .channel import Channel
-from .errors import ConfigError, ProtocolError, VaultError, WorkerCrashedError, WorkerTimeoutError
+from .errors import (
+    ConfigError,
+    ProtocolError,
+    VaultError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+    from_wire,
+)
 from .protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -282,7 +289,16 @@ class LocalChannel(Channel):
             s.settimeout(timeout)
             self._tls.timeout = timeout
         try:
-            send_record(s, [pack_header(msg), *frames])
+            try:
+                send_record(s, [pack_header(msg), *frames])
+            except (BrokenPipeError, ConnectionResetError):
+                # the worker refused the record (over its size limit) and
+                # said why before it closed: that answer is ours to read
+                refusal = self._refusal(reader)
+                if refusal is not None:
+                    self._discard(s)
+                    raise refusal from None
+                raise
             reply = reader.read()
         except TimeoutError:
             self._discard(s)
@@ -304,6 +320,17 @@ class LocalChannel(Channel):
             raise ProtocolError("the worker answered another call")
         raise_for_reply(hdr)
         return hdr, reply[1:]
+
+    @staticmethod
+    def _refusal(reader: RecordReader) -> VaultError | None:
+        try:
+            reader.sock.settimeout(_EOF_GRACE_S)
+            hdr = unpack_header(reader.read()[0])
+        except (Closed, OSError, VaultError):
+            return None
+        if hdr.get("ok") or hdr.get("id") is not None:
+            return None
+        return from_wire(hdr.get("error"))
 
     def close(self) -> None:
         with self._lock:
