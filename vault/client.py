@@ -51,12 +51,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .core import standby
+from .core import sealed, standby
 from .core.channel import Channel, ZmqChannel, check_endpoint
 from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR, recv_message, send_message
 from .core.errors import (
     ConfigError,
+    IntegrityError,
     PermissionDeniedError,
+    ProtocolError,
     ServiceUnavailableError,
     UnknownLicenceError,
     VaultError,
@@ -70,9 +72,13 @@ from .core.localwire import LocalChannel, listen_socket
 from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
+    PROTOCOL_VERSION,
     SHM_MIN_BYTES,
     decode_tensors,
     encode_tensors,
+    pack_header,
+    raise_for_reply,
+    unpack_header,
 )
 from .core.shm import ShmArena
 
@@ -448,11 +454,13 @@ class _Remote:
         self.model = model
 
     def channel(self, ctx: zmq.Context[Any], max_message: int) -> Channel:
+        keys = (self.licence.client_public_key.encode(), self.server_key.encode())
         if len(self.addresses) == 1:
             return _WatchedChannel(ctx, self.addresses[0], configure=self.configure,
-                                   max_message=max_message, send_timeout_ms=5000)  # fmt: skip
+                                   max_message=max_message, send_timeout_ms=5000,
+                                   sealed_keys=keys)  # fmt: skip
         return _FailoverChannel([_WatchedChannel(ctx, a, configure=self.configure,
-                                                 max_message=max_message)
+                                                 max_message=max_message, sealed_keys=keys)
                                  for a in self.addresses])  # fmt: skip
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
@@ -483,7 +491,15 @@ class _WatchedChannel(ZmqChannel):
         configure: Callable[[zmq.Socket[Any]], None],
         max_message: int,
         send_timeout_ms: int = 1000,
+        sealed_keys: tuple[bytes, bytes] | None = None,
     ) -> None:
+        # computes travel sealed (AES-256-GCM on a second connection, keys
+        # agreed over this CURVE one: vault/core/sealed.py) when the service
+        # offers it; ``sealed_keys`` = (our CURVE public key, the server's)
+        self._sealed_keys = sealed_keys if sealed_enabled() else None
+        self._sealed = threading.local()
+        self._sealed_socks: list[zmq.Socket[Any]] = []
+        self._sealed_lock = threading.Lock()
         self._mon = threading.local()
         self._monitors: list[zmq.Socket[Any]] = []
         self._mon_lock = threading.Lock()
@@ -555,7 +571,94 @@ class _WatchedChannel(ZmqChannel):
         self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float
     ) -> tuple[dict[str, Any], list[Any]]:
         self._lost()  # a drop before this call says nothing about it
+        if self._sealed_keys is not None and header.get("op") == "compute":
+            for _attempt in range(2):
+                state = self._sealed_session(timeout)
+                if state is None:
+                    break  # the service offers no sealed calls: CURVE it is
+                try:
+                    return self._sealed_request(state, header, frames, timeout)
+                except _UnknownSession:
+                    self._drop_sealed()  # the service forgot it (restart, eviction): once more
+            else:
+                raise IntegrityError("the service did not recognise a fresh sealed session")
         return super().request(header, frames, timeout=timeout)
+
+    # -- sealed calls --------------------------------------------------------------
+
+    def _sealed_session(self, timeout: float) -> _SealedState | None:
+        """This thread's session with the service: made over CURVE on first use."""
+        state: _SealedState | None = getattr(self._sealed, "state", None)
+        if state is not None or getattr(self._sealed, "refused", False):
+            return state
+        assert self._sealed_keys is not None
+        rand = os.urandom(sealed.RAND_BYTES)
+        try:
+            hdr, _ = super().request({"op": "session", "rand": rand}, timeout=timeout)
+        except (ProtocolError, ConfigError):  # a service that offers none ("unknown op")
+            self._sealed.refused = True
+            return None
+        sid, srand, port = hdr.get("sid"), hdr.get("rand"), hdr.get("port")
+        if not isinstance(sid, bytes) or not isinstance(srand, bytes) or not isinstance(port, int):
+            raise ProtocolError("malformed sealed session answer")
+        c2s, s2c = sealed.derive_keys(rand, srand, sid, *self._sealed_keys)
+        host = self.endpoint[len("tcp://") :].rpartition(":")[0]
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = self._max_message
+        sock.copy_threshold = sealed.CHUNK + 4096  # chunks are copied: no gc-thread wake-ups
+        sock.connect(f"tcp://{host}:{port}")
+        with self._sealed_lock:
+            self._sealed_socks.append(sock)
+        state = _SealedState(sock, sealed.Sealer(c2s, sid), sealed.Opener(s2c, sid))
+        self._sealed.state = state
+        return state
+
+    def _drop_sealed(self) -> None:
+        state: _SealedState | None = getattr(self._sealed, "state", None)
+        self._sealed.state = None
+        if state is not None:
+            with self._sealed_lock:
+                if state.sock in self._sealed_socks:
+                    self._sealed_socks.remove(state.sock)
+            state.sock.close(linger=0)
+
+    def _sealed_request(
+        self, state: _SealedState, header: Mapping[str, Any], frames: Sequence[Any], timeout: float
+    ) -> tuple[dict[str, Any], list[Any]]:
+        rid = next(self._ids)
+        msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
+        sock = state.sock
+        try:
+            sock.send_multipart(state.sealer.seal([pack_header(msg), *frames]), copy=False)
+            sock.rcvtimeo = max(1, int(timeout * 1000))
+            reply = sock.recv_multipart(copy=False)
+        except zmq.Again:
+            self._drop_sealed()  # a late answer must never meet the next call
+            raise WorkerTimeoutError(f"no answer from the service within {timeout:g}s") from None
+        except zmq.ZMQError as exc:
+            self._drop_sealed()
+            raise self._gone(f"the sealed channel failed: {exc.strerror}") from None
+        if reply and reply[0].bytes == sealed.ERROR_TAG:
+            # not sealed: whatever it claims, it can only ever be an error
+            try:
+                plain = unpack_header(reply[1]) if len(reply) == 2 else {}
+            except VaultError:
+                plain = {}
+            if plain.get("session") == "unknown":
+                raise _UnknownSession()
+            err = plain.get("error")
+            why = err.get("message") if isinstance(err, dict) else None
+            raise IntegrityError(
+                f"the service could not authenticate this call ({str(why or 'no reason')[:200]})"
+            )
+        out = state.opener.open(reply)  # IntegrityError: tampered, replayed, reordered, cut
+        hdr = unpack_header(out[0])
+        if hdr.get("id") != rid:
+            self._drop_sealed()
+            raise ProtocolError("the service answered another call")
+        raise_for_reply(hdr)
+        return hdr, out[1:]
 
     def close(self) -> None:
         super().close()
@@ -563,6 +666,28 @@ class _WatchedChannel(ZmqChannel):
             mons, self._monitors = self._monitors, []
         for m in mons:
             m.close(linger=0)
+        with self._sealed_lock:
+            socks, self._sealed_socks = self._sealed_socks, []
+        for s in socks:
+            s.close(linger=0)
+
+
+class _UnknownSession(Exception):
+    """The service answered (plainly) that it knows no such sealed session."""
+
+
+class _SealedState:
+    """One thread's sealed session: its socket and the two directions."""
+
+    __slots__ = ("sock", "sealer", "opener")
+
+    def __init__(self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener) -> None:
+        self.sock, self.sealer, self.opener = sock, sealer, opener
+
+
+def sealed_enabled() -> bool:
+    """Whether remote computes go sealed (``VAULT_SEALED=0`` keeps them on CURVE)."""
+    return os.environ.get("VAULT_SEALED", "1") != "0"
 
 
 class _FailoverChannel(Channel):

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import threading
@@ -24,9 +25,12 @@ from typing import Any
 
 import zmq
 
-from vault.core.errors import ConfigError, ProtocolError
+from vault.core.errors import ConfigError, IntegrityError, ProtocolError, VaultError
 from vault.core.localwire import Closed, RecordReader, send_record
-from vault.core.protocol import SHM_MIN_BYTES, error_reply, pack_header
+from vault.core.protocol import SHM_MIN_BYTES, error_reply, ok_reply, pack_header, unpack_header
+from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
+
+_BULK_ROUTE = b"\xffB"  # a sealed request's route (a ROUTER's own identities start with 0)
 
 __all__ = ["LocalServer", "Server", "load_allowed_keys"]
 
@@ -133,6 +137,21 @@ class Server:
             self.front.curve_secretkey = curve_secret
             self.front.curve_publickey = curve_public
             self.front.zap_domain = b"vault"
+        # remote callers' calls under AES-256-GCM on a second connection, keyed
+        # over this CURVE one (vault/core/sealed.py); a local (ipc) worker has none
+        self.sessions: SessionTable | None = None
+        self.bulk: zmq.Socket[Any] | None = None
+        self.bulk_port: int | None = None
+        self._routes: dict[bytes, tuple[Any, ServerSession]] = {}
+        self._route_ids = itertools.count(1)
+        if endpoint.startswith("tcp://") and curve_public is not None:
+            self.sessions = SessionTable(curve_public)
+            self.bulk = ctx.socket(zmq.ROUTER)
+            self.bulk.setsockopt(zmq.LINGER, 0)
+            self.bulk.setsockopt(zmq.MAXMSGSIZE, CHUNK + 4096)  # sealed chunks only
+            self.bulk.setsockopt(zmq.SNDHWM, hwm)
+            self.bulk.setsockopt(zmq.RCVHWM, hwm)
+            self.bulk.copy_threshold = CHUNK + 4096
         self._stop = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._pool: Any = None
@@ -144,7 +163,66 @@ class Server:
     def bind(self) -> str:
         self.front.bind(self.endpoint)
         self.bound_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.bulk is not None:
+            host = self.bound_endpoint[len("tcp://") :].rpartition(":")[0]
+            self.bulk.bind(f"tcp://{host}:0")
+            self.bulk_port = int(self.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
         return self.bound_endpoint
+
+    # -- sealed calls (remote callers) -------------------------------------------
+
+    def _session_request(self, msg: list[Any]) -> bool:
+        """Answer a ``{"op": "session"}`` on the CURVE front here (it needs the
+        caller's authenticated key, which only the frame carries). False: not one."""
+        if self.sessions is None or len(msg) != 2 or b"\xa7session" not in msg[1].bytes:
+            return False
+        try:
+            header = unpack_header(msg[1])
+        except VaultError:
+            return False  # the handler answers it
+        if header.get("op") != "session":
+            return False
+        rid = header.get("id") if isinstance(header.get("id"), int) else None
+        try:
+            key = msg[1].get("User-Id")
+            if not key:
+                raise ProtocolError("sealed sessions need a CURVE caller")
+            body = ok_reply(rid, **self.sessions.create(str(key), header.get("rand")),
+                            port=self.bulk_port)  # fmt: skip
+        except VaultError as exc:
+            body = error_reply(rid, exc)
+        self.front.send_multipart([msg[0], pack_header(body)])
+        return True
+
+    def _open_sealed(self, msg: list[Any]) -> list[Any] | None:
+        """A sealed request from the bulk socket as ``[route, header, frames...]``
+        (``route`` names the caller and its session), or None when it was
+        answered with a plain error (unknown session, failed authentication)."""
+        assert self.sessions is not None and self.bulk is not None
+        ident = msg[0]
+        sess = self.sessions.get(session_id(msg[1].bytes)) if len(msg) > 1 else None
+        if sess is None:
+            self.bulk.send_multipart(
+                [ident, *plain_error(ProtocolError("unknown sealed session"), unknown_session=True)]
+            )
+            return None
+        try:
+            frames = sess.opener.open(msg[1:])
+        except IntegrityError as exc:
+            self.bulk.send_multipart([ident, *plain_error(exc)])
+            return None
+        route = _BULK_ROUTE + next(self._route_ids).to_bytes(8, "little")
+        self._routes[route] = (ident, sess)
+        return [route, *frames]
+
+    def _send(self, route: Any, reply: list[Any]) -> None:
+        """Answer a request on the socket it came from (sealed for a sealed one)."""
+        if isinstance(route, bytes):  # only a sealed request's route is bytes
+            ident, sess = self._routes.pop(route)
+            assert self.bulk is not None
+            self.bulk.send_multipart([ident, *sess.sealer.seal(reply)], copy=False)
+        else:
+            self.front.send_multipart([route, *reply], copy=False)
 
     def _pooled(self, msg: list[Any]) -> None:
         push = getattr(self._tls, "push", None)
@@ -159,7 +237,10 @@ class Server:
         reply = self.handler(msg[1:])
         dt = time.perf_counter() - t0
         try:
-            push.send_multipart([msg[0], struct.pack("d", dt), *reply], copy=False)
+            # which socket answers: a sealed request's route is bytes of ours, a
+            # front caller's its ROUTER identity (which a caller may choose)
+            kind = b"B" if isinstance(msg[0], bytes) else b"F"
+            push.send_multipart([kind, msg[0], struct.pack("d", dt), *reply], copy=False)
         except zmq.ContextTerminated:  # pragma: no cover - shutting down
             pass
 
@@ -174,12 +255,15 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
+        bulk = self.bulk
+        if bulk is not None:
+            poller.register(bulk, zmq.POLLIN)
         front = self.front
         inflight = 0
         front.rcvtimeo = 200  # wake up to notice stop()
         try:
             while not self._stop.is_set():
-                if inflight == 0:
+                if inflight == 0 and bulk is None:
                     # Nothing pooled is pending: wait on the front socket alone.
                     # A plain receive is cheaper than a Poller over two sockets,
                     # and this is the path every small call takes.
@@ -193,14 +277,23 @@ class Server:
                     if sock is results:
                         msg = results.recv_multipart(copy=False)
                         inflight -= 1
-                        self._note(struct.unpack("d", msg[1].bytes)[0])
-                        front.send_multipart([msg[0], *msg[2:]], copy=False)
+                        self._note(struct.unpack("d", msg[2].bytes)[0])
+                        self._send(msg[1].bytes if msg[0].bytes == b"B" else msg[1], msg[3:])
+                        continue
+                    if sock is bulk:
+                        opened = self._open_sealed(bulk.recv_multipart(copy=False))
+                        if opened is not None:
+                            inflight += self._dispatch(opened, inline=inflight == 0)
                         continue
                     msg = front.recv_multipart(copy=False)
+                    if self._session_request(msg):
+                        continue
                     inflight += self._dispatch(msg, inline=inflight == 0)
         finally:
             results.close(linger=0)
             front.close(linger=0)
+            if bulk is not None:
+                bulk.close(linger=0)
 
     def _dispatch(self, msg: list[Any], *, inline: bool) -> int:
         """Answer ``msg`` here when allowed and calls have been fast; else hand
@@ -209,7 +302,7 @@ class Server:
             t0 = time.perf_counter()
             reply = self.handler(msg[1:])
             self._note(time.perf_counter() - t0)
-            self.front.send_multipart([msg[0], *reply], copy=False)
+            self._send(msg[0], reply)
             return 0
         self._pool.submit(self._pooled, msg)
         return 1
