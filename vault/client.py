@@ -580,6 +580,12 @@ class _WatchedChannel(ZmqChannel):
                     return self._sealed_request(state, header, frames, timeout)
                 except _UnknownSession:
                     self._drop_sealed()  # the service forgot it (restart, eviction): once more
+                except _NoSealedRoute:
+                    # its port cannot be reached from here (a firewall that lets
+                    # only the service's port through): this thread stays on CURVE
+                    self._drop_sealed()
+                    self._sealed.refused = True
+                    break
             else:
                 raise IntegrityError("the service did not recognise a fresh sealed session")
         return super().request(header, frames, timeout=timeout)
@@ -607,6 +613,10 @@ class _WatchedChannel(ZmqChannel):
         sock.linger = 0
         sock.maxmsgsize = self._max_message
         sock.copy_threshold = sealed.CHUNK + 4096  # chunks are copied: no gc-thread wake-ups
+        # nothing queued for a connection that cannot be made: the first send
+        # fails within the send timeout instead, and the call goes over CURVE
+        sock.immediate = True
+        sock.sndtimeo = _SEALED_CONNECT_MS
         sock.connect(f"tcp://{host}:{port}")
         with self._sealed_lock:
             self._sealed_socks.append(sock)
@@ -631,6 +641,9 @@ class _WatchedChannel(ZmqChannel):
         sock = state.sock
         try:
             sock.send_multipart(state.sealer.seal([pack_header(msg), *frames]), copy=False)
+        except zmq.Again:
+            raise _NoSealedRoute() from None  # nothing was sent
+        try:
             sock.rcvtimeo = max(1, int(timeout * 1000))
             reply = sock.recv_multipart(copy=False)
         except zmq.Again:
@@ -670,6 +683,13 @@ class _WatchedChannel(ZmqChannel):
             socks, self._sealed_socks = self._sealed_socks, []
         for s in socks:
             s.close(linger=0)
+
+
+_SEALED_CONNECT_MS = 5000  # how long a first sealed call waits for its connection
+
+
+class _NoSealedRoute(Exception):
+    """The sealed port could not be reached: nothing was sent."""
 
 
 class _UnknownSession(Exception):

@@ -18,6 +18,7 @@ import pytest
 import vault
 from tests.conftest import KeyServerProcess
 from tests.models import mlp
+from vault.client import Model
 from vault.core import standby
 from vault.core.crypto import PublisherKey
 from vault.sealing import seal
@@ -54,6 +55,12 @@ def two_packages(
     return {m: _package(keyserver_m, d, m) for m in ("sb-a", "sb-b")}
 
 
+def _open(path: str, lic: Any, **kw: Any) -> Model:
+    m = vault.open(path, licence=lic, **kw)
+    assert isinstance(m, Model)
+    return m
+
+
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as fh:
         return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
@@ -87,7 +94,7 @@ def test_a_later_open_takes_a_pre_started_worker_that_held_nothing_before(
     two_packages: dict[str, tuple[str, Any]],
 ) -> None:
     (path_a, lic_a), (path_b, lic_b) = two_packages["sb-a"], two_packages["sb-b"]
-    with vault.open(path_a, licence=lic_a) as a:
+    with _open(path_a, lic_a) as a:
         assert a.compute({"x": X})["logits"].shape == (2, 5)
         w = _hardened_standby()
         pid = w.proc.pid
@@ -97,17 +104,18 @@ def test_a_later_open_takes_a_pre_started_worker_that_held_nothing_before(
             cmdline = fh.read().split(b"\0")
         assert not any(arg.endswith(b".vault") or b"licence" in arg for arg in cmdline)
         assert not any(link.endswith(".vault") for link in _fds(pid))
-        with vault.open(path_b, licence=lic_b) as b:
+        with _open(path_b, lic_b) as b:
             assert b.pid == pid  # it existed before this open
             assert b._localw is not None and b._localw.ready.get("standby") is True
             assert b.model_id == "sb-b"
-            np.testing.assert_allclose(b.compute({"x": X})["logits"], a.compute({"x": X})["logits"],
-                                       rtol=0, atol=0)  # fmt: skip  (same architecture, same seed)
+            np.testing.assert_allclose(
+                b.compute({"x": X})["logits"], a.compute({"x": X})["logits"], rtol=0, atol=0
+            )  # fmt: skip  (same architecture, same seed)
             behind = _hardened_standby()  # and the next one waits behind it
             assert behind.proc.pid not in (pid, a.pid)
         # closed: that worker is gone (stopped and reaped), never handed to anyone again
         assert not os.path.exists(f"/proc/{pid}")
-        with vault.open(path_b, licence=lic_b) as again:
+        with _open(path_b, lic_b) as again:
             assert again.pid not in (pid, a.pid)
             assert again.compute({"x": X})["logits"].shape == (2, 5)
 
@@ -116,11 +124,11 @@ def test_an_open_survives_a_pre_started_worker_that_died_waiting(
     two_packages: dict[str, tuple[str, Any]],
 ) -> None:
     path, lic = two_packages["sb-a"]
-    with vault.open(path, licence=lic):
+    with _open(path, lic):
         w = _hardened_standby()
     os.kill(w.proc.pid, signal.SIGKILL)
     w.proc.wait()
-    with vault.open(path, licence=lic) as m:
+    with _open(path, lic) as m:
         assert m.pid != w.proc.pid
         assert m._localw is not None and not m._localw.ready.get("standby")
         assert m.compute({"x": X})["logits"].shape == (2, 5)
@@ -130,9 +138,9 @@ def test_a_pre_started_worker_serves_only_opens_with_its_own_arguments(
     two_packages: dict[str, tuple[str, Any]],
 ) -> None:
     path, lic = two_packages["sb-a"]
-    with vault.open(path, licence=lic):
+    with _open(path, lic):
         w = _hardened_standby()
-    with vault.open(path, licence=lic, worker_args=["--threads", "3"]) as m:
+    with _open(path, lic, worker_args=["--threads", "3"]) as m:
         assert m.pid != w.proc.pid  # hardening options are fixed at spawn: not this one
         assert m._localw is not None and not m._localw.ready.get("standby")
     deadline = time.monotonic() + 30
