@@ -54,7 +54,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.ciphers.modes import GCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import IntegrityError
@@ -81,6 +84,7 @@ MAX_FRAMES = (1 << 16) + 1
 _INFO = b"vault sealed frames v1"
 _PREFIX = struct.Struct(">4s16sQI")  # tag, session id, message number, frame count
 _MAX_SEQ = (1 << 64) - 1
+_TAG = 16
 
 
 def derive_keys(
@@ -103,6 +107,11 @@ def session_id(prefix: Any) -> bytes | None:
     return bytes(p[4:20])
 
 
+def _bytes_view(f: Any) -> memoryview:
+    v = memoryview(f)
+    return v if v.format == "B" and v.ndim == 1 else v.cast("B")
+
+
 def _nonce(seq: int, index: int) -> bytes:
     return seq.to_bytes(8, "big") + index.to_bytes(4, "big")
 
@@ -120,8 +129,7 @@ class Sealer:
         if self.seq >= _MAX_SEQ:
             raise IntegrityError("this session has sealed all the messages it may")
         self.seq += 1
-        views = [memoryview(f).cast("B") if memoryview(f).ndim != 1 else memoryview(f)
-                 for f in frames]  # fmt: skip
+        views = [_bytes_view(f) for f in frames]
         counts = [max(1, -(-v.nbytes // CHUNK)) for v in views]
         prefix = _PREFIX.pack(SEALED_TAG, self.sid, self.seq, len(views)) + struct.pack(
             f">{len(counts)}I", *counts
@@ -138,14 +146,22 @@ class Sealer:
 
 class Opener:
     """One direction's receiving side: authenticates, decrypts, refuses
-    replays and reordering."""
+    replays and reordering.
 
-    def __init__(self, key: bytes, sid: bytes) -> None:
-        self._aead = AESGCM(key)
+    ``reuse``: the plaintext goes into one buffer kept by this opener and
+    overwritten by the next message (a server, done with a request before its
+    caller can send the next; a fresh buffer every time would cost the page
+    faults of fresh memory on every call). Otherwise each message gets a
+    buffer of its own (a caller, whose results outlive the call)."""
+
+    def __init__(self, key: bytes, sid: bytes, *, reuse: bool = False) -> None:
+        self._key = key
         self.sid = sid
         self.last = 0
+        self._reuse = reuse
+        self._buf = bytearray(0)
 
-    def open(self, msg: Sequence[Any]) -> list[Any]:
+    def open(self, msg: Sequence[Any]) -> list[memoryview]:
         """The plaintext frames of a sealed message ``[prefix, chunk...]``, or
         :class:`IntegrityError` (then nothing of it is used)."""
         if not msg:
@@ -159,23 +175,41 @@ class Opener:
         if not 0 < nframes <= MAX_FRAMES or len(prefix) != _PREFIX.size + 4 * nframes:
             raise IntegrityError("malformed sealed message")
         counts = struct.unpack_from(f">{nframes}I", prefix, _PREFIX.size)
-        chunks = msg[1:]
+        chunks = [memoryview(c) for c in msg[1:]]
         if sum(counts) != len(chunks):
             raise IntegrityError("a sealed message lost or gained chunks")
         if seq <= self.last:
             raise IntegrityError("a sealed message was replayed or arrived out of order")
-        dec = self._aead.decrypt
-        frames: list[Any] = []
-        idx = 0
+        if any(c.nbytes < _TAG or c.nbytes > CHUNK + _TAG for c in chunks):
+            raise IntegrityError("malformed sealed chunk")
+        total = sum(c.nbytes - _TAG for c in chunks)
+        # cryptography's update_into wants 15 spare bytes past what it writes
+        need = total + _TAG
+        if self._reuse and len(self._buf) >= need:
+            buf = self._buf
+        else:
+            buf = bytearray(need)
+            if self._reuse:
+                self._buf = buf  # views of the old one, if any, keep it alive
+        out = memoryview(buf)
+        frames: list[memoryview] = []
+        pos = idx = 0
         try:
             for n in counts:
-                if n == 1:
-                    frames.append(dec(_nonce(seq, idx), memoryview(chunks[idx]), prefix))
-                else:
-                    frames.append(b"".join(dec(_nonce(seq, idx + k), memoryview(chunks[idx + k]),
-                                               prefix) for k in range(n)))  # fmt: skip
+                start = pos
+                for k in range(n):
+                    c = chunks[idx + k]
+                    d = Cipher(AES(self._key), GCM(_nonce(seq, idx + k), bytes(c[-_TAG:])))
+                    dec = d.decryptor()
+                    dec.authenticate_additional_data(prefix)
+                    m = c.nbytes - _TAG
+                    dec.update_into(c[:-_TAG], out[pos : pos + m + _TAG])
+                    dec.finalize()
+                    pos += m
+                frames.append(out[start:pos])
                 idx += n
         except InvalidTag:
+            out[:pos] = bytes(pos)  # nothing of a forgery stays readable
             raise IntegrityError("a sealed message failed authentication") from None
         self.last = seq  # only now: a forgery cannot move the mark
         return frames
@@ -189,7 +223,7 @@ class ServerSession:
     def __init__(self, sid: bytes, client_key: str, c2s: bytes, s2c: bytes) -> None:
         self.sid = sid
         self.client_key = client_key  # the CURVE key (Z85) that made it: what calls are admitted as
-        self.opener = Opener(c2s, sid)
+        self.opener = Opener(c2s, sid, reuse=True)
         self.sealer = Sealer(s2c, sid)
 
 
