@@ -183,7 +183,10 @@ def _serve(
             if s is d:
                 ident = msg[0].bytes
                 if ident not in sealed_peers:
-                    sealed_peers[ident] = (Opener(c2s, _SEALED_SID, reuse=True), Sealer(s2c, _SEALED_SID))
+                    sealed_peers[ident] = (
+                        Opener(c2s, _SEALED_SID, reuse=True),
+                        Sealer(s2c, _SEALED_SID),
+                    )
                 opener, sealer = sealed_peers[ident]
                 hdr = opener.open(msg[1:])[0]
                 n, m = _HDR.unpack(hdr)

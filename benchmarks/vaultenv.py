@@ -139,19 +139,53 @@ class VaultEnv:
 
     # -- workers ----------------------------------------------------------------------
 
-    def open_local(self, package: Path, licence: Path, **kw: Any) -> Any:
+    def open_local(
+        self, package: Path, licence: Path, *, local_channel: bool = True, **kw: Any
+    ) -> Any:
+        """``vault.open``; ``local_channel=False``: its calls over ZeroMQ, as
+        before the direct local channel (``VAULT_LOCAL_CHANNEL=0``)."""
         import vault
 
-        m = vault.open(package, licence=licence, **kw)
+        old = os.environ.get("VAULT_LOCAL_CHANNEL")
+        if not local_channel:
+            os.environ["VAULT_LOCAL_CHANNEL"] = "0"
+        try:
+            m = vault.open(package, licence=licence, **kw)
+        finally:
+            if old is None:
+                os.environ.pop("VAULT_LOCAL_CHANNEL", None)
+            else:
+                os.environ["VAULT_LOCAL_CHANNEL"] = old
         self._models.append(m)
         return m
 
-    def serve_tcp(self, package: Path, licence: Path, *, threads: int | None = None) -> Any:
+    def serve_tcp(
+        self, package: Path, licence: Path, *, threads: int | None = None,
+        curve_only_too: bool = False,
+    ) -> Any:  # fmt: skip
         """Start ``python -m worker`` on tcp://127.0.0.1 with CURVE and an
-        allow-list holding the licence's client key; return ``vault.connect`` to it."""
+        allow-list holding the licence's client key; return ``vault.connect`` to
+        it (calls sealed, keys over CURVE: the default). ``curve_only_too``:
+        also a second caller of the same worker whose calls stay on CURVE
+        (``VAULT_SEALED=0``, the path before sealed calls), as a pair."""
         m = self._serve_tcp(package, licence, threads, probe=True)
         self.tcp_note = "stock worker"
-        return m
+        if not curve_only_too:
+            return m
+        import vault
+
+        old = os.environ.get("VAULT_SEALED")
+        os.environ["VAULT_SEALED"] = "0"
+        try:
+            c = vault.connect(m._endpoint, licence=licence, server_key=m._remote.server_key)  # noqa: SLF001
+        finally:
+            if old is None:
+                del os.environ["VAULT_SEALED"]
+            else:
+                os.environ["VAULT_SEALED"] = old
+        c.timeout = 120
+        self._models.append(c)
+        return m, c
 
     def _serve_tcp(self, package: Path, licence: Path, threads: int | None, probe: bool) -> Any:
         import vault

@@ -147,7 +147,9 @@ class _LocalWorker:
         """Which pre-started worker fits this open; None: spawn cold (the
         unsafe key and its publisher file are known only now; CUDA's
         hardening differs)."""
-        if self.unsafe_key is not None or self.publisher or self.licence is None:
+        if not standby.enabled() or self.unsafe_key is not None or self.publisher:
+            return None
+        if self.licence is None:
             return None
         if self.device or "CUDAExecutionProvider" in (self.providers or []):
             return None
@@ -175,7 +177,9 @@ class _LocalWorker:
         assert self.licence is not None
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = w.dir  # ours now, 0700, with its endpoint in it
-        listener, local_path = listen_socket(self.dir, "c0.sock")
+        listener, local_path = (None, None)
+        if local_channel_enabled():
+            listener, local_path = listen_socket(self.dir, "c0.sock")
         lic_r, lic_w = os.pipe()
         pkg_fd = -1
         try:
@@ -186,9 +190,11 @@ class _LocalWorker:
             os.close(lic_w)
             lic_w = -1
             pkg_fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
-            fds = [pkg_fd, lic_r, listener.fileno()]
-            msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1,
-                                   "listen_fd": 2}  # fmt: skip
+            fds = [pkg_fd, lic_r]
+            msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1}
+            if listener is not None:
+                msg["listen_fd"] = len(fds)
+                fds.append(listener.fileno())
             if self.arena is not None:
                 msg.update(shm_fd=len(fds), shm_size=self.arena.size)
                 fds.append(self.arena.fd)
@@ -210,7 +216,8 @@ class _LocalWorker:
             for fd in (lic_w, lic_r, pkg_fd):
                 if fd >= 0:
                     os.close(fd)
-            listener.close()  # only the worker holds it now
+            if listener is not None:
+                listener.close()  # only the worker holds it now
         self.local_path = local_path if self.ready.get("local") else None
         return str(self.ready.get("endpoint") or w.endpoint)
 
@@ -237,9 +244,11 @@ class _LocalWorker:
             pass_fds.append(self.arena.fd)
         # the direct local channel: our listening socket, in our 0700 directory;
         # the worker only accepts on it (vault/core/localwire.py)
-        listener, local_path = listen_socket(self.dir, f"c{n}.sock")
-        args += ["--listen-fd", str(listener.fileno())]
-        pass_fds.append(listener.fileno())
+        listener, local_path = (None, None)
+        if local_channel_enabled():
+            listener, local_path = listen_socket(self.dir, f"c{n}.sock")
+            args += ["--listen-fd", str(listener.fileno())]
+            pass_fds.append(listener.fileno())
         args += [*pipes.args, *self.worker_args]
         try:
             self.proc = spawn_worker(
@@ -250,7 +259,8 @@ class _LocalWorker:
             raise
         finally:
             # only the worker holds it now: once it dies, a connect is refused at once
-            listener.close()
+            if listener is not None:
+                listener.close()
         pipes.spawned()
         self._lifeline = pipes.lifeline_w
         try:
@@ -703,6 +713,12 @@ class _SealedState:
 
     def __init__(self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener) -> None:
         self.sock, self.sealer, self.opener = sock, sealer, opener
+
+
+def local_channel_enabled() -> bool:
+    """Whether a local worker is reached over the direct local channel
+    (``VAULT_LOCAL_CHANNEL=0`` keeps its calls on ZeroMQ, as before)."""
+    return os.environ.get("VAULT_LOCAL_CHANNEL", "1") != "0"
 
 
 def sealed_enabled() -> bool:
