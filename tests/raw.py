@@ -44,6 +44,7 @@ def raw_local(model: Model) -> Iterator[Raw]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(5)
     sock.connect(model._channel.path)
+    sock.sendall(model._channel._token)  # who we are: the caller's token
     reader = RecordReader(sock, max_message=1 << 20, owned=True)
 
     def call(frames: list[bytes]) -> list[bytes]:

@@ -68,7 +68,7 @@ from .core.errors import (
 )
 from .core.launch import WorkerPipes, read_ready_line, spawn_worker
 from .core.licence import Licence
-from .core.localwire import LocalChannel, listen_socket
+from .core.localwire import TOKEN_BYTES, LocalChannel, listen_socket
 from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
@@ -131,6 +131,7 @@ class _LocalWorker:
         self.shm_bytes = shm_bytes
         self.arena: ShmArena | None = None
         self.local_path: str | None = None  # the direct local channel's socket
+        self.local_token = os.urandom(TOKEN_BYTES)  # what each of its connections sends first
 
     def _new_arena(self) -> None:
         if self.arena is not None:  # a restart: the new worker gets a new arena
@@ -180,21 +181,16 @@ class _LocalWorker:
         listener, local_path = (None, None)
         if local_channel_enabled():
             listener, local_path = listen_socket(self.dir, "c0.sock")
-        lic_r, lic_w = os.pipe()
+        pipes: list[int] = []
         pkg_fd = -1
         try:
-            data = self.licence.dumps()
-            os.set_blocking(lic_w, False)
-            if os.write(lic_w, data) != len(data):  # a licence is a few KiB: it fits the pipe
-                raise ConfigError("the licence is too large")
-            os.close(lic_w)
-            lic_w = -1
+            lic_r = _filled_pipe(self.licence.dumps(), pipes)
             pkg_fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
             fds = [pkg_fd, lic_r]
             msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1}
             if listener is not None:
-                msg["listen_fd"] = len(fds)
-                fds.append(listener.fileno())
+                msg.update(listen_fd=len(fds), listen_token_fd=len(fds) + 1)
+                fds += [listener.fileno(), _filled_pipe(self.local_token, pipes)]
             if self.arena is not None:
                 msg.update(shm_fd=len(fds), shm_size=self.arena.size)
                 fds.append(self.arena.fd)
@@ -208,12 +204,13 @@ class _LocalWorker:
                 self.ready = w.assign(msg, fds, timeout=self.start_timeout)
             except standby.StandbyGone:
                 self.proc, self._lifeline = None, None
+                self.dir = tempfile.mkdtemp(prefix="vault-")  # its directory went with it
                 raise
             except BaseException:
                 self.kill()
                 raise
         finally:
-            for fd in (lic_w, lic_r, pkg_fd):
+            for fd in (*pipes, pkg_fd):
                 if fd >= 0:
                     os.close(fd)
             if listener is not None:
@@ -249,6 +246,7 @@ class _LocalWorker:
             listener, local_path = listen_socket(self.dir, f"c{n}.sock")
             args += ["--listen-fd", str(listener.fileno())]
             pass_fds.append(listener.fileno())
+            pipes.secret("--listen-token-fd", self.local_token)
         args += [*pipes.args, *self.worker_args]
         try:
             self.proc = spawn_worker(
@@ -336,6 +334,12 @@ class _DaemonWorker:
         self.server_key = ""
         public, secret = zmq.curve_keypair()
         self._client_public, self._client_secret = public, secret
+        # the direct local channel: our listening socket in our own 0700
+        # directory, its descriptor and token handed to the worker in the open
+        self.dir: str | None = None
+        self.local_path: str | None = None
+        self.local_token = os.urandom(TOKEN_BYTES)
+        self._count = itertools.count()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -397,16 +401,27 @@ class _DaemonWorker:
             msg["device"] = self.device
         if not self.prepack:
             msg["prepack"] = False
+        listener, local_path = (None, None)
+        if local_channel_enabled():
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="vault-")  # mode 0700
+            listener, local_path = listen_socket(self.dir, f"c{next(self._count)}.sock")
+            msg["listen_token"] = self.local_token.hex()
         fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fds = [fd] if self.arena is None else [fd, self.arena.fd]
+            if listener is not None:
+                fds.append(listener.fileno())  # the last one
             reply = self._call(msg, fds)
         finally:
             os.close(fd)
+            if listener is not None:
+                listener.close()  # only the worker holds it now
         self.wid = str(reply["worker"])
         self.worker_pid = int(reply["pid"])
         self.server_key = str(reply["server_key"])
         self.ready = dict(reply.get("ready") or {})
+        self.local_path = local_path if self.ready.get("local") else None
         return str(reply["endpoint"])
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
@@ -446,6 +461,9 @@ class _DaemonWorker:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 class _Remote:
@@ -715,6 +733,23 @@ class _SealedState:
         self.sock, self.sealer, self.opener = sock, sealer, opener
 
 
+def _filled_pipe(data: bytes, opened: list[int]) -> int:
+    """A pipe holding ``data`` (a secret, a few KiB at most: it fits the pipe
+    buffer), its write end closed; its read end, for an assignment. Both ends
+    go into ``opened`` for the caller to close."""
+    r, w = os.pipe()
+    opened.append(r)
+    try:
+        os.set_blocking(w, False)
+        if os.write(w, data) != len(data):
+            raise ConfigError("a secret too large for its pipe")
+    except BlockingIOError:
+        raise ConfigError("a secret too large for its pipe") from None
+    finally:
+        os.close(w)
+    return r
+
+
 def local_channel_enabled() -> bool:
     """Whether a local worker is reached over the direct local channel
     (``VAULT_LOCAL_CHANNEL=0`` keeps its calls on ZeroMQ, as before)."""
@@ -840,11 +875,11 @@ class Model:
             self._channel.close()
         if self._localw is not None:
             self._endpoint = self._localw.start()
-            local_path = getattr(self._localw, "local_path", None)
+            local_path = self._localw.local_path
             if local_path is not None:
-                self._channel = LocalChannel(
-                    local_path, alive=self._localw.alive, max_message=self._max_message
-                )
+                self._channel = LocalChannel(local_path, token=self._localw.local_token,
+                                             alive=self._localw.alive,
+                                             max_message=self._max_message)  # fmt: skip
             else:
                 self._channel = ZmqChannel(
                     self._ctx,

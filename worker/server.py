@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import socket
 import struct
@@ -26,10 +27,11 @@ from typing import Any
 import zmq
 
 from vault.core.errors import ConfigError, IntegrityError, ProtocolError, VaultError
-from vault.core.localwire import Closed, RecordReader, send_record
+from vault.core.localwire import TOKEN_BYTES, Closed, RecordReader, send_record
 from vault.core.protocol import SHM_MIN_BYTES, error_reply, ok_reply, pack_header, unpack_header
 from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
 
+_TOKEN_WAIT_S = 5.0  # how long a new local connection may take to say who it is
 _BULK_ROUTE = b"\xffB"  # a sealed request's route (a ROUTER's own identities start with 0)
 
 __all__ = ["LocalServer", "Server", "load_allowed_keys"]
@@ -349,11 +351,15 @@ class LocalServer:
         self,
         listener: socket.socket,
         *,
+        token: bytes,
         handler: Handler,
         max_message: int = 1 << 30,
         max_connections: int = 256,
     ) -> None:
+        if len(token) != TOKEN_BYTES:
+            raise ConfigError("the local channel needs a 32-byte token")
         self.listener = listener
+        self._token = bytes(token)
         self.handler = handler
         self.max_message = max_message
         self.max_connections = max_connections
@@ -395,6 +401,18 @@ class LocalServer:
         reader = RecordReader(conn, max_message=self.max_message, owned=False)
         handler = self.handler
         try:
+            # who it is, first: a connection without the caller's token gets
+            # no answer at all, and a silent one is dropped after a while
+            conn.settimeout(_TOKEN_WAIT_S)
+            got = b""
+            while len(got) < TOKEN_BYTES:
+                chunk = conn.recv(TOKEN_BYTES - len(got))
+                if not chunk:
+                    return
+                got += chunk
+            if not hmac.compare_digest(got, self._token):
+                return
+            conn.settimeout(None)
             while True:
                 try:
                     frames = reader.read()

@@ -286,13 +286,15 @@ class Startup:
                 server_public, server_secret = zmq.curve_keypair()
         local = None
         if args.listen_fd is not None:
-            from vault.core.localwire import check_listener
+            from vault.core.localwire import TOKEN_BYTES, check_listener
 
             from .server import LocalServer
 
-            local = LocalServer(
-                check_listener(args.listen_fd), handler=service.handle, max_message=args.max_message
-            )
+            if args.listen_token_fd is None:
+                raise ConfigError("--listen-fd needs --listen-token-fd")
+            token = bytes(read_fd(args.listen_token_fd, TOKEN_BYTES))
+            local = LocalServer(check_listener(args.listen_fd), token=token,
+                                handler=service.handle, max_message=args.max_message)  # fmt: skip
         server = Server(
             ctx,
             args.endpoint,

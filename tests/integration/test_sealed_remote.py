@@ -7,12 +7,9 @@ unprotected changes what the server receives, and nobody notices."""
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +23,7 @@ from tests.conftest import KeyServerProcess
 from tests.models import mlp, reference_pipeline
 from vault.core import sealed
 from vault.core.crypto import PublisherKey
+from vault.core.launch import read_ready_line, spawn_worker
 from vault.core.protocol import encode_tensors, pack_header, unpack_header
 from vault.sealing import seal
 
@@ -112,21 +110,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         allow = d / "allow"
         allow.mkdir()
         (allow / "alice.key").write_text(lic.client_public_key + "\n")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", str(res.path), "--licence", str(d / "alice.licence"),
-             "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline())
-        assert ready["ready"], ready
+        status_r, status_w = os.pipe()
+        try:
+            proc = spawn_worker([str(res.path), "--licence", str(d / "alice.licence"),
+                                 "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
+                                 "--status-fd", str(status_w)], pass_fds=[status_w], cwd=str(d))  # fmt: skip
+        finally:
+            os.close(status_w)
+        try:
+            ready = read_ready_line(status_r, timeout=120, proc=proc)
+        finally:
+            os.close(status_r)
         yield {"ready": ready, "licence": lic, "dir": d}
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
         ks.kill()
 
 

@@ -76,7 +76,7 @@ TIER = 1
 DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
 DEFAULT_WORKER_USER = "vault-worker"
 _OPEN_FIELDS = {"op", "licence", "proof", "client_key", "shm_size", "providers", "device",
-                "prepack"}  # fmt: skip
+                "prepack", "listen_token"}  # fmt: skip
 _PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider"}
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,2})?")
 _MAX_SHM = 1 << 34
@@ -149,6 +149,8 @@ class _OpenRequest:
     providers: list[str] | None
     device: str | None
     prepack: bool
+    listen_fd: int | None = None  # the caller's listening socket (the direct local channel)
+    listen_token: bytes = b""
 
     @property
     def cuda(self) -> bool:
@@ -203,6 +205,24 @@ def _readable(fd: int) -> bool:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     o_path = getattr(os, "O_PATH", 0)
     return not (o_path and flags & o_path) and flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
+
+
+def _listening_unix_socket(fd: int) -> bool:
+    """A listening Unix stream socket (what a caller's direct channel hands a worker)."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return (
+            s.family == socket.AF_UNIX
+            and s.type == socket.SOCK_STREAM
+            and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        )
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _memfd(fd: int) -> bool:
@@ -295,8 +315,20 @@ class Daemon:
             raise ConfigError("shm_size must be an integer")
         if not 0 <= shm_size <= _MAX_SHM or (shm_size and (len(fds) < 2 or not _memfd(fds[1]))):
             raise ConfigError("shm_size needs a memfd and at most 16 GiB")
+        listen_fd, token = None, b""
+        if msg.get("listen_token") is not None:
+            # the caller's listening socket is the last descriptor; its token
+            # is what each connection to it must send first (localwire.py)
+            raw = msg["listen_token"]
+            if not isinstance(raw, str) or not re.fullmatch(r"[0-9a-f]{64}", raw):
+                raise ConfigError("listen_token must be 32 bytes in hex")
+            if len(fds) != (3 if shm_size else 2) or not _listening_unix_socket(fds[-1]):
+                raise ConfigError(
+                    "listen_token needs a listening Unix socket as the last descriptor"
+                )
+            listen_fd, token = fds[-1], bytes.fromhex(raw)
         req = _OpenRequest(package_fd, fds[1] if shm_size else None, shm_size, lic, proof,
-                           client_key, providers, device, prepack)  # fmt: skip
+                           client_key, providers, device, prepack, listen_fd, token)  # fmt: skip
         if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
             while (standby := self._take_standby()) is not None:
                 try:
@@ -381,7 +413,10 @@ class Daemon:
         cfg = self.config
         secrets: list[int] = []
         try:
-            for data in (req.licence.dumps(), json.dumps(req.proof.to_wire()).encode()):
+            datas = [req.licence.dumps(), json.dumps(req.proof.to_wire()).encode()]
+            if req.listen_fd is not None:
+                datas.append(req.listen_token)
+            for data in datas:
                 r, w = os.pipe()
                 secrets.append(r)
                 try:
@@ -400,6 +435,9 @@ class Daemon:
             if req.shm_fd is not None:
                 msg.update(shm_fd=len(fds), shm_size=req.shm_size)
                 fds.append(req.shm_fd)
+            if req.listen_fd is not None:
+                msg.update(listen_fd=len(fds), listen_token_fd=len(fds) + 1)
+                fds += [req.listen_fd, secrets[2]]
             if req.providers is not None:
                 msg["providers"] = ",".join(req.providers)
             if not req.prepack:
@@ -460,6 +498,11 @@ class Daemon:
         if req.shm_fd is not None:
             args += ["--shm-fd", str(req.shm_fd), "--shm-size", str(req.shm_size)]
             pass_fds.append(req.shm_fd)
+        if req.listen_fd is not None:
+            args += ["--listen-fd", str(req.listen_fd)]
+            pass_fds.append(req.listen_fd)
+            pipes.secret("--listen-token-fd", req.listen_token)
+            args += pipes.args[-2:]
         try:
             proc = self._launch([*args, *req.worker_args()], [*pass_fds, *pipes.pass_fds], wdir)
         except BaseException:

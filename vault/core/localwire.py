@@ -12,21 +12,26 @@ Who may connect: the **caller** binds a listening socket in its own private
 0700 directory and hands the listening descriptor to the worker (inherited at
 spawn, or ``SCM_RIGHTS`` through the local daemon); the worker only
 ``accept``\\ s. So only processes that can reach the caller's directory (its
-own uid, and root) can ever connect: the same boundary as the caller's CURVE
-key on the ZeroMQ path, which lives in that uid's memory. The worker needs
+own uid, and root) can ever connect, and each connection must first send the
+32-byte token the caller gave the worker on a pipe (:data:`TOKEN_BYTES`): a
+process of the same uid that holds no token gets no answer, as on the
+ZeroMQ path, where the caller's CURVE key plays that part. The worker needs
 no file system access for it at all.
 
-A message is a *record*: ``<I I Q`` (magic, frame count, payload bytes),
-one ``<Q`` length per frame, then the frames back to back; the frames are
-the ZeroMQ path's (a msgpack header, then one frame per tensor), so the
-worker's handler is the same function for both.
+A message is a *record*: ``<I I Q`` (magic, frame count, payload bytes on
+the wire), one ``<Q`` length per frame, then the frames, the head and each
+frame padded with zeros to a multiple of 64 bytes (so every tensor a
+receiver reads in place starts aligned); the frames are the ZeroMQ path's
+(a msgpack header, then one frame per tensor), so the worker's handler is
+the same function for both.
 
 Example::
 
     listener, path = listen_socket(private_dir)       # caller
-    ... spawn the worker with listener.fileno() ...
+    token = os.urandom(TOKEN_BYTES)
+    ... spawn the worker with listener.fileno(), the token on a pipe ...
     listener.close()
-    ch = LocalChannel(path, alive=proc_is_alive)
+    ch = LocalChannel(path, token=token, alive=proc_is_alive)
     header, frames = ch.request({"op": "info"}, timeout=5.0)
 """
 
@@ -59,6 +64,7 @@ from .protocol import (
 )
 
 __all__ = [
+    "TOKEN_BYTES",
     "Closed",
     "LocalChannel",
     "RecordReader",
@@ -73,7 +79,10 @@ _LEN = struct.Struct("<Q")
 MAX_FRAMES = (1 << 16) + 1  # a header names at most 65,536 tensors (protocol.MAX_HEADER)
 _IOV_MAX = 512  # frames per sendmsg (Linux allows 1024)
 _SCRATCH = 1 << 16  # a small message arrives in one recv into this
+ALIGN = 64  # every frame starts on such a boundary (a cache line; what numpy and MLAS like)
+_ZEROS = bytes(ALIGN)
 _EOF_GRACE_S = 1.0  # how long a closed connection waits to see whether the worker died
+TOKEN_BYTES = 32  # what a connection sends first: the caller's secret for this worker
 
 
 def listen_socket(directory: str, name: str = "c.sock") -> tuple[socket.socket, str]:
@@ -108,13 +117,33 @@ def check_listener(fd: int) -> socket.socket:
     return s
 
 
+def _pad(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _aligned(n: int) -> memoryview:
+    """``n`` fresh bytes whose first one sits on an ``ALIGN`` boundary."""
+    import ctypes
+
+    raw = bytearray(n + ALIGN)
+    off = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % ALIGN
+    return memoryview(raw)[off : off + n]
+
+
 def send_record(sock: socket.socket, frames: Sequence[Any]) -> None:
-    """Send ``frames`` as one record (no copy of the frames: one ``sendmsg``)."""
+    """Send ``frames`` as one record (no copy of the frames: one ``sendmsg``).
+    The head and every frame are padded to ``ALIGN`` bytes on the wire, so a
+    receiver's tensors start aligned (onnxruntime reads them in place)."""
     views = [f if isinstance(f, memoryview) else memoryview(f) for f in frames]
     views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views]
     lens = [v.nbytes for v in views]
-    head = _HEAD.pack(MAGIC, len(views), sum(lens)) + struct.pack(f"<{len(lens)}Q", *lens)
-    bufs: list[Any] = [head, *views]
+    head = _HEAD.pack(MAGIC, len(views), sum(_pad(n) for n in lens))
+    head += struct.pack(f"<{len(lens)}Q", *lens)
+    bufs: list[Any] = [head + _ZEROS[: _pad(len(head)) - len(head)]]
+    for v, n in zip(views, lens):
+        bufs.append(v)
+        if n % ALIGN:
+            bufs.append(_ZEROS[: ALIGN - n % ALIGN])
     while bufs:
         batch = bufs[:_IOV_MAX]
         sent = sock.sendmsg(batch)
@@ -139,22 +168,22 @@ class RecordReader:
     ``owned``: every returned frame is a view into a fresh buffer of its own
     record (a caller's results outlive the next call); otherwise small records
     are views into a scratch buffer reused by the next :meth:`read` (a worker,
-    which is done with a request before it reads the next)."""
+    which is done with a request before it reads the next). Either way each
+    frame starts on an ``ALIGN``-byte boundary."""
 
     def __init__(self, sock: socket.socket, *, max_message: int, owned: bool) -> None:
         self.sock = sock
         self.max_message = max_message
         self.owned = owned
-        self._buf = bytearray(_SCRATCH)
-        self._view = memoryview(self._buf)
+        self._view = _aligned(_SCRATCH)  # everything on the wire is ALIGN-sized: stays aligned
         self._start = 0  # first unread byte in the scratch buffer
         self._end = 0  # end of the bytes received into it
 
     def _fill(self, need: int) -> None:
         """Until ``need`` bytes past ``_start`` are in the scratch buffer."""
-        if self._start + need > len(self._buf):  # move what is left to the front
+        if self._start + need > len(self._view):  # move what is left to the front
             n = self._end - self._start
-            self._buf[:n] = self._buf[self._start : self._end]
+            self._view[:n] = self._view[self._start : self._end]
             self._start, self._end = 0, n
         while self._end - self._start < need:
             got = self.sock.recv_into(self._view[self._end :])
@@ -167,42 +196,43 @@ class RecordReader:
         record that is malformed or over the size limit (the connection is
         then unusable: the caller closes it)."""
         self._fill(_HEAD.size)
-        magic, count, total = _HEAD.unpack_from(self._buf, self._start)
+        magic, count, total = _HEAD.unpack_from(self._view, self._start)
         if magic != MAGIC:
             raise ProtocolError("not a vault record")
         if count < 1 or count > MAX_FRAMES:
             raise ProtocolError(f"a record holds 1 to {MAX_FRAMES} frames, not {count}")
-        if total > self.max_message:
+        if total > self.max_message + ALIGN * count:
             raise ProtocolError(f"record of {total} bytes exceeds the limit of {self.max_message}")
-        head = _HEAD.size + _LEN.size * count
-        if head <= len(self._buf):
+        head = _pad(_HEAD.size + _LEN.size * count)
+        if head <= len(self._view):
             self._fill(head)
-            lens = struct.unpack_from(f"<{count}Q", self._buf, self._start + _HEAD.size)
+            lens = struct.unpack_from(f"<{count}Q", self._view, self._start + _HEAD.size)
             self._start += head
         else:  # very many frames: their lengths straight from the socket
             self._start += _HEAD.size
-            raw = self._take(_LEN.size * count, owned=True)
-            lens = struct.unpack(f"<{count}Q", raw)
-        if sum(lens) != total:
+            raw = self._take(head - _HEAD.size, owned=True)
+            lens = struct.unpack_from(f"<{count}Q", raw)
+        if sum(_pad(n) for n in lens) != total:
             raise ProtocolError("a record's frame lengths do not add up to its size")
+        if sum(lens) > self.max_message:
+            raise ProtocolError(f"record exceeds the limit of {self.max_message} bytes")
         body = self._take(total, owned=self.owned)
         out: list[Any] = []
         pos = 0
         for n in lens:
             out.append(body[pos : pos + n])
-            pos += n
+            pos += _pad(n)
         return out
 
     def _take(self, n: int, *, owned: bool) -> memoryview:
         """The next ``n`` bytes of the stream, as a view."""
         have = self._end - self._start
-        if not owned and n <= len(self._buf):
+        if not owned and n <= len(self._view):
             self._fill(n)
             v = self._view[self._start : self._start + n]
             self._start += n
             return v
-        out = bytearray(n)
-        ov = memoryview(out)
+        ov = _aligned(n)
         k = min(have, n)
         ov[:k] = self._view[self._start : self._start + k]
         self._start += k
@@ -228,10 +258,14 @@ class LocalChannel(Channel):
         self,
         path: str,
         *,
+        token: bytes,
         alive: Callable[[], bool] | None = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
+        if len(token) != TOKEN_BYTES:
+            raise ConfigError("the local channel's token is 32 bytes")
         self.path = path
+        self._token = bytes(token)
         self._alive = alive
         self._max_message = max_message
         self._lock = threading.Lock()
@@ -250,6 +284,7 @@ class LocalChannel(Channel):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(self.path)
+                s.sendall(self._token)  # first: who we are
             except OSError as exc:
                 s.close()
                 raise self._gone(f"cannot connect ({exc.strerror})") from None

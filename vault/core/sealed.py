@@ -112,6 +112,15 @@ def _bytes_view(f: Any) -> memoryview:
     return v if v.format == "B" and v.ndim == 1 else v.cast("B")
 
 
+def _aligned(n: int) -> memoryview:
+    """``n`` fresh bytes starting on a 64-byte boundary."""
+    import ctypes
+
+    raw = bytearray(n + 64)
+    off = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % 64
+    return memoryview(raw)[off : off + n]
+
+
 def _nonce(seq: int, index: int) -> bytes:
     return seq.to_bytes(8, "big") + index.to_bytes(4, "big")
 
@@ -159,7 +168,7 @@ class Opener:
         self.sid = sid
         self.last = 0
         self._reuse = reuse
-        self._buf = bytearray(0)
+        self._buf = memoryview(bytearray(0))
 
     def open(self, msg: Sequence[Any]) -> list[memoryview]:
         """The plaintext frames of a sealed message ``[prefix, chunk...]``, or
@@ -182,20 +191,25 @@ class Opener:
             raise IntegrityError("a sealed message was replayed or arrived out of order")
         if any(c.nbytes < _TAG or c.nbytes > CHUNK + _TAG for c in chunks):
             raise IntegrityError("malformed sealed chunk")
-        total = sum(c.nbytes - _TAG for c in chunks)
-        # cryptography's update_into wants 15 spare bytes past what it writes
-        need = total + _TAG
+        # each frame starts on a 64-byte boundary (onnxruntime reads tensors
+        # in place); cryptography's update_into wants 15 spare bytes past
+        # what it writes
+        need = _TAG
+        idx = 0
+        for n in counts:
+            need += -(-sum(c.nbytes - _TAG for c in chunks[idx : idx + n]) // 64) * 64
+            idx += n
         if self._reuse and len(self._buf) >= need:
-            buf = self._buf
+            out = self._buf
         else:
-            buf = bytearray(need)
+            out = _aligned(need)
             if self._reuse:
-                self._buf = buf  # views of the old one, if any, keep it alive
-        out = memoryview(buf)
+                self._buf = out  # views of the old one, if any, keep it alive
         frames: list[memoryview] = []
         pos = idx = 0
         try:
             for n in counts:
+                pos = -(-pos // 64) * 64
                 start = pos
                 for k in range(n):
                     c = chunks[idx + k]

@@ -120,6 +120,33 @@ def test_malformed_messages_get_typed_errors(
     assert model.compute({"image": _image(1)})["probs"].shape == (1, 5)
 
 
+def test_the_local_channel_answers_only_connections_with_the_callers_token(
+    model: Model,
+) -> None:
+    """A process that can reach the caller's socket (its own uid) but holds no
+    token gets no answer; the same request with the token is answered (control)."""
+    import socket
+
+    from vault.core.localwire import Closed, LocalChannel, RecordReader, send_record
+
+    assert isinstance(model._channel, LocalChannel)
+    request = [pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 1})]
+    answers = {}
+    for who, token in (("stranger", os.urandom(32)), ("caller", model._channel._token)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(model._channel.path)
+            s.sendall(token)
+            try:
+                send_record(s, request)
+                answers[who] = RecordReader(s, max_message=1 << 20, owned=True).read()
+            except (Closed, OSError):
+                answers[who] = None
+    assert answers["stranger"] is None
+    assert answers["caller"] is not None
+    assert model.compute({"image": _image(1)})["probs"].shape == (1, 5)
+
+
 def test_many_threads_at_once(model: Model) -> None:
     errors: list[BaseException] = []
     x = _image(3)
