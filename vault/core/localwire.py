@@ -232,7 +232,9 @@ class RecordReader:
             v = self._view[self._start : self._start + n]
             self._start += n
             return v
-        ov = _aligned(n)
+        # a worker's large request: aligned for onnxruntime; a caller's own
+        # copy of an answer: malloc's 16-byte alignment serves every dtype
+        ov = _aligned(n) if not owned else memoryview(bytearray(n))
         k = min(have, n)
         ov[:k] = self._view[self._start : self._start + k]
         self._start += k
