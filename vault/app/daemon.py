@@ -97,6 +97,7 @@ from ..core.errors import (
     PermissionDeniedError,
     ProtocolError,
     VaultError,
+    WorkerTimeoutError,
     WrongKeyServerError,
 )
 from ..core.licence import Licence, LicenceProof
@@ -227,6 +228,15 @@ class _Worker:
             pass
         stop_process(self.proc, 5)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _end_start(worker: _Worker, exc: BaseException) -> None:
+    """A start that failed: a worker past its start timeout is killed at once
+    (SIGKILL: it had its time); any other is stopped (lifeline, SIGTERM, which
+    a starting worker honours, then SIGKILL)."""
+    if isinstance(exc, WorkerTimeoutError) and worker.proc.poll() is None:
+        worker.proc.kill()
+    worker.stop()
 
 
 @dataclass(frozen=True)
@@ -614,10 +624,16 @@ class Daemon:
             try:
                 send_message(standby.sock, msg, fds)
                 # its "taken" byte: a worker that died waiting (killed, out of
-                # memory) closes the socket instead, and the next one is tried
-                standby.sock.settimeout(cfg.start_timeout)
+                # memory) closes the socket instead, and the next one is tried;
+                # one that neither takes it nor dies is past its start timeout
+                standby.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 if standby.sock.recv(1) != b"T":
                     raise ConnectionError("the pre-started worker closed its socket")
+            except TimeoutError:
+                standby.worker.proc.kill()
+                raise WorkerTimeoutError(
+                    f"worker not ready after {cfg.start_timeout:g}s"
+                ) from None
             except OSError as exc:
                 raise _StandbyGone() from exc
         except BaseException:
@@ -631,8 +647,8 @@ class Daemon:
         try:
             ready = launch.read_ready_line(standby.status_r, proc=worker.proc,
                                            timeout=max(0.0, deadline - time.monotonic()))  # fmt: skip
-        except BaseException:
-            worker.stop()  # past its start timeout included: SIGTERM, then SIGKILL
+        except BaseException as exc:
+            _end_start(worker, exc)
             raise
         finally:
             os.close(standby.status_r)
@@ -682,8 +698,8 @@ class Daemon:
         try:
             ready = launch.read_ready_line(pipes.status_r, timeout=self.config.start_timeout,
                                            proc=proc)  # fmt: skip
-        except BaseException:
-            worker.stop()  # past its start timeout included: SIGTERM, then SIGKILL
+        except BaseException as exc:
+            _end_start(worker, exc)
             raise
         finally:
             pipes.close_status()
