@@ -157,8 +157,8 @@ def test_chunk_hashing_memory_does_not_grow_with_the_chunk_count(tmp_path: Path)
     # (no memory of its own): what grows is only what the hashing keeps
     step = MIN_CHUNK_SIZE + _crypto.TAG_SIZE
     path = tmp_path / "ct"
-    with open(path, "wb") as fh:
-        fh.truncate(step * 100_000)
+    with open(path, "wb") as out:
+        out.truncate(step * 100_000)
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as ct:
         view = memoryview(ct)
         digest = b""
