@@ -24,6 +24,11 @@ Steps, in order (why each one):
   onnxruntime bug or a missed path in a model cannot read the operator's files;
 - seccomp: ``ptrace``, ``process_vm_readv/writev`` and ``execve`` fail with EPERM.
 
+Apart from these, :func:`limit_memory` lowers ``RLIMIT_DATA`` (a worker's
+private memory) to what its package's declared plaintext needs, before the
+payload is read (the daemon's value first thing, or the worker's own from the
+header): a package that claims gigabytes costs a MemoryError, not the machine.
+
 Example::
 
     report = harden(home="/tmp/vault-x/home", endpoint_dir="/tmp/vault-x")

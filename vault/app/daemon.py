@@ -36,9 +36,9 @@ live and starting, per uid and in all (``--max-workers``,
 ``--max-workers-per-uid``, ``--max-starting``, ``--max-starting-per-uid``:
 :class:`~vault.core.errors.CapacityError`); each runs under a memory limit
 (``RLIMIT_DATA``) sized from the package's declared plaintext
-(:func:`vault.core.package.memory_limit`), and one that is not ready within
-``--start-timeout`` is stopped (SIGTERM, which a starting worker honours, then
-SIGKILL).
+(:func:`vault.core.package.memory_limit`; the worker sets the daemon's value
+first thing, before it reads the package), and one that is not ready within
+``--start-timeout`` is killed.
 
 The socket's directory and every directory above it must be writable by no
 one but root or the daemon's own user (a sticky directory such as ``/tmp``
