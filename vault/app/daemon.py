@@ -631,9 +631,7 @@ class Daemon:
                     raise ConnectionError("the pre-started worker closed its socket")
             except TimeoutError:
                 standby.worker.proc.kill()
-                raise WorkerTimeoutError(
-                    f"worker not ready after {cfg.start_timeout:g}s"
-                ) from None
+                raise WorkerTimeoutError(f"worker not ready after {cfg.start_timeout:g}s") from None
             except OSError as exc:
                 raise _StandbyGone() from exc
         except BaseException:
