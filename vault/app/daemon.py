@@ -296,6 +296,14 @@ class _StandbyGone(Exception):
 
 
 @dataclass(eq=False)
+class _Slot:
+    """One open's place among the starting workers of its uid, until admitted."""
+
+    uid: int
+    starting: bool = True
+
+
+@dataclass(eq=False)
 class _Connection:
     uid: int
     pid: int
@@ -424,28 +432,30 @@ class Daemon:
                 )
             self._starting[conn.uid] = start_uid + 1
 
-    def _release_start(self, conn: _Connection) -> None:
-        with self._lock:
-            left = self._starting.get(conn.uid, 0) - 1
-            if left > 0:
-                self._starting[conn.uid] = left
-            else:
-                self._starting.pop(conn.uid, None)
+    def _release_start_locked(self, uid: int) -> None:
+        left = self._starting.get(uid, 0) - 1
+        if left > 0:
+            self._starting[uid] = left
+        else:
+            self._starting.pop(uid, None)
 
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         req = self._check_open(msg, fds)
         self._reserve_start(conn)
+        slot = _Slot(conn.uid)
         try:
             self._authorize(req)  # nothing runs before the licence is shown
             if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
                 while (standby := self._take_standby()) is not None:
                     try:
-                        return self._assign(conn, standby, req)
+                        return self._assign(conn, standby, req, slot)
                     except _StandbyGone:
                         continue
-            return self._spawn(conn, req)
+            return self._spawn(conn, req, slot)
         finally:
-            self._release_start(conn)
+            with self._lock:
+                if slot.starting:  # not admitted: the start failed or was refused
+                    self._release_start_locked(slot.uid)
 
     def _check_open(self, msg: dict[str, Any], fds: list[int]) -> _OpenRequest:
         """Every field of an ``open`` and the package's header, checked; a
@@ -589,7 +599,9 @@ class Daemon:
 
         threading.Thread(target=fill, name="vault-standby", daemon=True).start()
 
-    def _assign(self, conn: _Connection, standby: _Standby, req: _OpenRequest) -> dict[str, Any]:
+    def _assign(
+        self, conn: _Connection, standby: _Standby, req: _OpenRequest, slot: _Slot
+    ) -> dict[str, Any]:
         """Hand a standby worker its package, licence and caller; wait for ready
         (it sets its memory limit from the assignment before it reads the package)."""
         cfg = self.config
@@ -650,13 +662,16 @@ class Daemon:
             raise
         finally:
             os.close(standby.status_r)
-        return self._admit(conn, worker, ready, req.licence)
+        return self._admit(conn, worker, ready, req.licence, slot)
 
     def _admit(
-        self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence
-    ) -> dict[str, Any]:
-        with self._lock:
+        self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence,
+        slot: _Slot,
+    ) -> dict[str, Any]:  # fmt: skip
+        with self._lock:  # from starting to live at once: never counted twice, nor not at all
             conn.workers[worker.wid] = worker
+            self._release_start_locked(slot.uid)
+            slot.starting = False
         self.log(f"worker {worker.wid} (pid {worker.proc.pid}) for uid {conn.uid} pid {conn.pid}: "
                  f"model {ready.get('model_id')}, licence {lic.licence_id}"
                  f"{' (pre-started)' if ready.get('standby') else ''}")  # fmt: skip
@@ -668,7 +683,7 @@ class Daemon:
             "ready": {k: v for k, v in ready.items() if k != "ready"},
         }
 
-    def _spawn(self, conn: _Connection, req: _OpenRequest) -> dict[str, Any]:
+    def _spawn(self, conn: _Connection, req: _OpenRequest, slot: _Slot) -> dict[str, Any]:
         """A cold start: spawn a worker for this request; wait for ready."""
         wid, wdir = self._new_worker_dir()
         pipes = launch.WorkerPipes()
@@ -701,7 +716,7 @@ class Daemon:
             raise
         finally:
             pipes.close_status()
-        return self._admit(conn, worker, ready, req.licence)
+        return self._admit(conn, worker, ready, req.licence, slot)
 
     def _launch(self, args: list[str], pass_fds: list[int], wdir: str) -> subprocess.Popen[bytes]:
         """``python -I -B -m worker ARGS`` as the workers' uid, from the daemon's install."""
