@@ -615,6 +615,7 @@ def test_a_package_that_claims_gigabytes_costs_no_worker_and_no_memory(trust: Tr
     os.chown(work, NOBODY.pw_uid, NOBODY.pw_gid)
     src = f"{_readable_source()}:{_site_packages()}"
     direct = _as_nobody_py(DIRECT, files["sparse"], trust.publisher_pub, str(work), src)
+    print(f"a worker handed the sparse package directly: {direct}")
     assert direct["worker"] == "format", direct
     assert direct["peak_kb"] < 400 << 10, direct  # an interpreter, numpy and zmq; not 7 GB
     # control: the genuine package through the same daemon starts a worker, and
