@@ -697,12 +697,18 @@ class _WatchedChannel(ZmqChannel):
             sock.send_multipart(state.sealer.seal([pack_header(msg), *frames]), copy=False)
         except zmq.Again:
             raise _NoSealedRoute() from None  # nothing was sent
+        deadline = time.monotonic() + timeout
         try:
-            sock.rcvtimeo = max(1, int(timeout * 1000))
+            while not sock.poll(
+                max(1, min(_POLL_SLICE_MS, int((deadline - time.monotonic()) * 1000)))
+            ):
+                if not self._connected():  # the service went away (its CURVE connection did)
+                    self._drop_sealed()
+                    raise self._gone("the connection dropped")
+                if time.monotonic() >= deadline:
+                    self._drop_sealed()  # a late answer must never meet the next call
+                    raise WorkerTimeoutError(f"no answer from the service within {timeout:g}s")
             reply = sock.recv_multipart(copy=False)
-        except zmq.Again:
-            self._drop_sealed()  # a late answer must never meet the next call
-            raise WorkerTimeoutError(f"no answer from the service within {timeout:g}s") from None
         except zmq.ZMQError as exc:
             self._drop_sealed()
             raise self._gone(f"the sealed channel failed: {exc.strerror}") from None
@@ -740,6 +746,7 @@ class _WatchedChannel(ZmqChannel):
 
 
 _SEALED_CONNECT_MS = 5000  # how long a first sealed call waits for its connection
+_POLL_SLICE_MS = 100  # how often a waiting sealed call checks that its service is there
 
 
 class _NoSealedRoute(Exception):

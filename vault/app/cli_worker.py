@@ -83,6 +83,11 @@ def register(sub: Any) -> None:
     s.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve /metrics, /healthz and /readyz over HTTP on this port")  # fmt: skip
     s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST")
+    s.add_argument("--sealed-port", type=int, default=0, metavar="P",
+                   help="tcp:// only: the port of the second socket remote computes travel "
+                   "sealed on (AES-256-GCM, keys agreed over CURVE; docs/transport.md), on "
+                   "the --bind host; 0 (default): any free port; -1: none (calls stay on "
+                   "CURVE)")  # fmt: skip
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S")
     s.add_argument("--request-timeout", type=float, default=60.0, metavar="S")
     s.add_argument("--threads", type=int, default=None)
@@ -230,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        sealed_port=None if args.sealed_port < 0 else args.sealed_port,
         curve=curve,
         policy=policy,
         launch=launch,
@@ -250,6 +256,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"allowed clients: {len(getattr(policy, 'by_key', {}))} (from {args.allow})")
     if ready.get("metrics_port") is not None:
         print(f"metrics: http://{args.metrics_host}:{ready['metrics_port']}/metrics")
+    if ready.get("sealed_port") is not None:
+        print(f"sealed calls: port {ready['sealed_port']}")
     if args.server_key_out:
         print(f"server key written to {args.server_key_out}")
     sys.stdout.flush()

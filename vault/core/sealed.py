@@ -234,10 +234,12 @@ class ServerSession:
 
     __slots__ = ("sid", "client_key", "opener", "sealer")
 
-    def __init__(self, sid: bytes, client_key: str, c2s: bytes, s2c: bytes) -> None:
+    def __init__(
+        self, sid: bytes, client_key: str, c2s: bytes, s2c: bytes, *, reuse: bool = True
+    ) -> None:
         self.sid = sid
         self.client_key = client_key  # the CURVE key (Z85) that made it: what calls are admitted as
-        self.opener = Opener(c2s, sid, reuse=True)
+        self.opener = Opener(c2s, sid, reuse=reuse)
         self.sealer = Sealer(s2c, sid)
 
 
@@ -247,9 +249,15 @@ class SessionTable:
     used going first (a caller whose session went gets a plain "unknown
     session" answer and makes a new one)."""
 
-    def __init__(self, server_public: bytes, *, per_client: int = 64, total: int = 4096) -> None:
+    def __init__(
+        self, server_public: bytes, *, per_client: int = 64, total: int = 4096, reuse: bool = True
+    ) -> None:
+        """``reuse``: open each session's messages into one buffer (a server
+        done with a request before its caller sends the next); False for a
+        server that may hold a request's frames longer (queued, batched)."""
         from collections import OrderedDict
 
+        self.reuse = reuse
         self.server_public = server_public
         self.per_client = per_client
         self.total = total
@@ -269,7 +277,7 @@ class SessionTable:
             del self._by_sid[old.sid]
         while len(self._by_sid) >= self.total:
             self._by_sid.popitem(last=False)
-        self._by_sid[sid] = ServerSession(sid, client_key, c2s, s2c)
+        self._by_sid[sid] = ServerSession(sid, client_key, c2s, s2c, reuse=self.reuse)
         return {"sid": sid, "rand": rand}
 
     def get(self, sid: bytes | None) -> ServerSession | None:
