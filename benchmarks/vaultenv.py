@@ -229,6 +229,7 @@ class VaultEnv:
             raise Unavailable(f"no CURVE handshake ({type(exc).__name__}: {exc})") from None
         m.timeout = 120
         m._bench_pid = msg.get("pid")  # noqa: SLF001 - for VmHWM
+        m._bench_sealed_port = msg.get("sealed_port")  # noqa: SLF001 - for an emulated link
         self._models.append(m)
         return m
 

@@ -348,6 +348,7 @@ class Startup:
             "model_id": pkg.model_id,
             "allowed_clients": len(allowed) if allowed is not None else None,
             "local": local is not None,  # the direct local channel is served
+            "sealed_port": server.bulk_port,  # remote callers' sealed calls (None: none)
             "timings_ms": self.timings,
         }
         return (server, keeper, ctx), ready
