@@ -43,6 +43,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -247,6 +248,16 @@ class RecordReader:
         return ov
 
 
+class _Conn:
+    """One calling thread's connection, its reader and its socket timeout."""
+
+    __slots__ = ("sock", "reader", "timeout", "__weakref__")
+
+    def __init__(self, sock: socket.socket, reader: RecordReader) -> None:
+        self.sock, self.reader = sock, reader
+        self.timeout: float | None = None
+
+
 class LocalChannel(Channel):
     """The caller's side: one connection per calling thread to ``path``.
 
@@ -272,36 +283,43 @@ class LocalChannel(Channel):
         self._max_message = max_message
         self._lock = threading.Lock()
         self._tls = threading.local()
-        self._conns: list[socket.socket] = []
+        self._conns: set[socket.socket] = set()
         self._ids = itertools.count(1)
         self._closed = False
 
-    def _conn(self) -> tuple[socket.socket, RecordReader]:
-        got: tuple[socket.socket, RecordReader] | None = getattr(self._tls, "conn", None)
+    def _conn(self) -> _Conn:
+        got: _Conn | None = getattr(self._tls, "conn", None)
         if got is not None:
             return got
+        if self._closed:
+            raise ConfigError("the channel is closed")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.path)
+            s.sendall(self._token)  # first: who we are
+        except OSError as exc:
+            s.close()
+            raise self._gone(f"cannot connect ({exc.strerror})") from None
         with self._lock:
             if self._closed:
-                raise ConfigError("the channel is closed")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(self.path)
-                s.sendall(self._token)  # first: who we are
-            except OSError as exc:
                 s.close()
-                raise self._gone(f"cannot connect ({exc.strerror})") from None
-            self._conns.append(s)
-        got = (s, RecordReader(s, max_message=self._max_message, owned=True))
+                raise ConfigError("the channel is closed")
+            self._conns.add(s)
+        got = _Conn(s, RecordReader(s, max_message=self._max_message, owned=True))
+        # a thread's connection ends with the thread (its thread-local goes):
+        # callers that make a thread per call must not pile up connections
+        weakref.finalize(got, self._forget, s)
         self._tls.conn = got
-        self._tls.timeout = None
         return got
 
-    def _discard(self, s: socket.socket) -> None:
+    def _forget(self, s: socket.socket) -> None:
         with self._lock:
-            if s in self._conns:
-                self._conns.remove(s)
+            self._conns.discard(s)
         s.close()
+
+    def _discard(self, s: socket.socket) -> None:
         self._tls.conn = None
+        self._forget(s)
 
     def _gone(self, why: str) -> VaultError:
         if self._alive is not None:
@@ -317,14 +335,15 @@ class LocalChannel(Channel):
     def request(
         self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float
     ) -> tuple[dict[str, Any], list[Any]]:
-        s, reader = self._conn()
+        conn = self._conn()
+        s, reader = conn.sock, conn.reader
         rid = next(self._ids)
         msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
         if sum(memoryview(f).nbytes for f in frames) > self._max_message:
             raise ProtocolError(f"request exceeds the limit of {self._max_message} bytes")
-        if timeout != self._tls.timeout:  # a syscall only when it changes
+        if timeout != conn.timeout:  # a syscall only when it changes
             s.settimeout(timeout)
-            self._tls.timeout = timeout
+            conn.timeout = timeout
         try:
             try:
                 send_record(s, [pack_header(msg), *frames])
@@ -372,6 +391,6 @@ class LocalChannel(Channel):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            conns, self._conns = self._conns, []
+            conns, self._conns = self._conns, set()
         for s in conns:
             s.close()

@@ -147,6 +147,35 @@ def test_the_local_channel_answers_only_connections_with_the_callers_token(
     assert model.compute({"image": _image(1)})["probs"].shape == (1, 5)
 
 
+def test_a_thread_per_call_does_not_pile_up_connections(model: Model) -> None:
+    """A caller that makes a new thread for every call (a thread-per-request
+    server) gets an answer every time: each thread's connection to the
+    worker ends with the thread, so the worker's 256-connection cap is never
+    reached."""
+    import gc
+
+    from vault.core.localwire import LocalChannel
+
+    assert isinstance(model._channel, LocalChannel)
+    x = _image(1)
+    want = model.compute({"image": x})["probs"]
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            np.testing.assert_array_equal(model.compute({"image": x})["probs"], want)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert below
+            errors.append(exc)
+
+    for _ in range(300):
+        t = threading.Thread(target=one)
+        t.start()
+        t.join()
+    gc.collect()
+    assert errors == []
+    assert len(model._channel._conns) <= 2  # this thread's, and at most one not yet collected
+
+
 def test_many_threads_at_once(model: Model) -> None:
     errors: list[BaseException] = []
     x = _image(3)
