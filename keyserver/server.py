@@ -163,6 +163,8 @@ def serve(
     # of a PostgreSQL store share one directory of keys, so no lock there.
     with exclusive_lock(paths.root) if database is None else _no_lock():
         st: Store = open_store(database or paths.db)
+        with st.transaction():  # a database made before the table existed gets it
+            st.ensure_metering_ids()
         checkpointer: _Checkpointer | None = None
         if isinstance(st, SqliteStore):
             st.disable_autocheckpoint()  # see _Checkpointer

@@ -388,9 +388,13 @@ class KeyService:
     # --- leases and metering (rules in keyserver.metering) -------------------------
 
     def _meter(self, lic: LicenceRecord, *, used: int, reserved: int,
-               bucket: tuple[float, float] | None = None) -> LicenceRecord:  # fmt: skip
+               bucket: tuple[float, float] | None = None,
+               refund_tokens: int = 0) -> LicenceRecord:  # fmt: skip
         """Store the licence's new counters (and call bucket: tokens at a
-        time; None keeps it); returns the record as it now is."""
+        time; None keeps it; ``refund_tokens`` unserved calls of a budget go
+        back to it); returns the record as it now is."""
+        if bucket is None and refund_tokens:
+            bucket = metering.refund(lic, refund_tokens, lease_ttl=self.lease_ttl)
         tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
         if (used, reserved, tokens, at) == (lic.used_calls, lic.reserved_calls, lic.rate_tokens,
                                             lic.rate_at):  # fmt: skip
@@ -427,6 +431,9 @@ class KeyService:
             "hard_end": expires + lic.grace,
             "call_budget": budget.budget,
             "retry_after": budget.retry_after,
+            # the rate enforced per call by the worker holding the lease
+            "rate": lic.rate_limit,
+            "burst": metering.call_burst(lic.rate_limit),
         }
 
     def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
@@ -512,7 +519,8 @@ class KeyService:
             # Only the rate can do this (QuotaLeft passed): a grant counts against it.
             assert lic.rate_limit is not None
             rl = RateLimitedError(
-                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
+                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s",
+                retry_after=budget.retry_after,
             )
             raise self._deny_as(actor, "release", rl, now, **ids)
         lease_id = os.urandom(12).hex()
@@ -695,7 +703,8 @@ class KeyService:
                device_id: str | None = None) -> dict[str, Any]:  # fmt: skip
         lic, row, used, reserved, calls = self._report(caller, h, now, "renew", device_id)
         lease_id = row.lease_id
-        settled = self._meter(lic, used=used, reserved=reserved)
+        unused = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
+        settled = self._meter(lic, used=used, reserved=reserved, refund_tokens=unused)
         try:
             self.renew_policy.check(Context("renew", settled, now, row.model_id))
             if row.ended:
@@ -723,7 +732,7 @@ class KeyService:
         of its reservation is refunded to the quota."""
         lic, row, used, reserved, calls = self._report(caller, h, now, "close", device_id)
         refunded = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
-        self._meter(lic, used=used, reserved=reserved)
+        self._meter(lic, used=used, reserved=reserved, refund_tokens=refunded)
         self.store.end_lease(row.lease_id, calls=calls)
         if not row.ended:
             audit.append(

@@ -243,6 +243,9 @@ class Startup:
             "digest": pkg.digest,
             "inputs": pipeline.inputs,
             "outputs": pipeline.outputs,
+            # the publisher's signed declaration (vault seal --batchable): the
+            # only thing that lets a service join calls of different callers
+            "batchable": pkg.batchable,
         }
         pkg.close()
         shm = None

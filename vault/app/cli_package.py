@@ -50,6 +50,14 @@ def register(sub: Any) -> None:
         help="a model tensor the hybrid may cut at (repeatable)",
     )
     p.add_argument("--key-out", help="without a key server: write the package key here (0600)")
+    p.add_argument(
+        "--batchable",
+        action="store_true",
+        help="declare dim 0 of every input and output a batch of independent rows, so a "
+        "worker service may join different callers' calls into one batch; checked here by "
+        "running the pipeline on random rows together and apart (refused if any output row "
+        "depends on another row)",
+    )
     p.set_defaults(func=_seal)
 
     p = sub.add_parser(
@@ -141,6 +149,7 @@ def _seal(args: argparse.Namespace) -> int:
         io_map=_parse_maps(args.map),
         split_points=args.split_point,
         progress=_Progress("sealing"),
+        batchable=args.batchable,
     )
     try:
         if licence is not None:
@@ -169,6 +178,8 @@ def _seal(args: argparse.Namespace) -> int:
     print(f"sealed {result.model_id} -> {result.path} ({size:,} bytes)")
     print(f"  key id   {result.key_id}")
     print(f"  digest   {result.digest}")
+    if args.batchable:
+        print("  batchable: declared, and checked on random rows together and apart")
     print(f"  {where}")
     return 0
 
@@ -188,6 +199,12 @@ def format_manifest(m: dict[str, Any]) -> str:
         f"stages        {' -> '.join(m['stages'])}"
         + (" (composed into one graph)" if m.get("composed") and len(m["stages"]) > 1 else ""),
         f"payload       {m['payload']['plaintext_size']:,} bytes, {m['payload']['cipher']}",
+        "batchable     "
+        + (
+            "yes (declared by the publisher: dim 0 is a batch of independent rows)"
+            if m.get("batchable") is True
+            else "no (a service never joins different callers' calls)"
+        ),
         "inputs",
     ]
     for t in m["inputs"]:

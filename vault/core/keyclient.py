@@ -316,12 +316,22 @@ class KeyServerClient:
         return bool(reply.get("created"))
 
     def call_decisions(
-        self, *, model_id: str, keys: list[str], usage: list[dict[str, Any]]
+        self,
+        *,
+        model_id: str | None,
+        keys: list[str],
+        usage: list[dict[str, Any]],
+        grants: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """(as an enrolled device: a worker service) What each caller key may
-        do with ``model_id`` for one lease, reporting ``usage`` (calls served
-        under each licence's last reserve); see ``keyserver/calls.py``."""
-        reply, _ = self._request("call_decisions", model_id=model_id, keys=keys, usage=usage)
+        do with ``model_id`` for one lease, reporting ``usage`` (calls served,
+        reserves given back; each report with its own id, so one sent again
+        counts once); ``grants`` names each key's grant (its reserve, given
+        back later by that id). See ``keyserver/calls.py``."""
+        fields: dict[str, Any] = {"grants": grants} if grants else {}
+        reply, _ = self._request(
+            "call_decisions", model_id=model_id, keys=keys, usage=usage, **fields
+        )
         return {"ttl": reply.get("ttl"), "decisions": reply.get("decisions") or {}}
 
     def issue(
