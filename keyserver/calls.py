@@ -206,10 +206,10 @@ def call_decisions(
                 if budget.budget == 0 and budget.retry_after is None:
                     err = QuotaExhaustedError(f"licence {lic.licence_id} has no calls left")
         if err is not None:
-            audit.append(
-                store, ts=now, event="denied", actor=actor,
-                licence_id=lic.licence_id if lic is not None and lic.kind == "call" else None,
-                model_id=model_id, detail={"op": "call_decisions", "reason": err.code},
+            svc._audit_refusal(  # identical refusals coalesced (keyserver.limits)
+                "denied", actor,
+                lic.licence_id if lic is not None and lic.kind == "call" else None,
+                model_id, {"op": "call_decisions", "reason": err.code}, now,
             )  # fmt: skip
             decisions[key] = {"ok": False, "error": err.to_wire()}
             continue

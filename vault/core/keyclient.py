@@ -59,7 +59,9 @@ class Lease:
     how many calls may be served before the next renewal (None: unlimited);
     the key server reserved them from the quota. A budget of 0 with
     ``retry_after`` means the licence's rate limit allows no call for that
-    many seconds."""
+    many seconds. ``rate`` and ``burst`` are the licence's rate limit as
+    the worker enforces it per call (None: no limit): at most ``burst`` calls
+    at once, then ``rate`` per second."""
 
     lease_id: str
     ttl: float
@@ -67,6 +69,8 @@ class Lease:
     hard_end: float
     call_budget: int | None
     retry_after: float | None = None
+    rate: float | None = None
+    burst: float | None = None
 
     @classmethod
     def _from_wire(cls, data: Any, sent_at: float) -> Lease:
@@ -75,6 +79,7 @@ class Lease:
             grace = float(data.get("grace") or 0.0)
             budget = data.get("call_budget")
             retry = data.get("retry_after")
+            rate, burst = data.get("rate"), data.get("burst")
             return cls(
                 lease_id=str(data["lease_id"]),
                 ttl=ttl,
@@ -82,6 +87,8 @@ class Lease:
                 hard_end=sent_at + ttl + grace,
                 call_budget=None if budget is None else int(budget),
                 retry_after=None if retry is None else float(retry),
+                rate=None if rate is None else float(rate),
+                burst=None if burst is None else float(burst),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError("key server sent a malformed lease") from exc
