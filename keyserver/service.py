@@ -38,6 +38,7 @@ from vault.core.errors import (
     ProtocolError,
     RateLimitedError,
     UnknownLicenceError,
+    UnknownModelError,
     VaultError,
 )
 from vault.core.licence import Licence
@@ -910,6 +911,16 @@ class KeyService:
         grace = _num(h, "grace", optional=True, default=0.0)
         if rate_limit is not None and rate_limit <= 0:
             raise ProtocolError("field 'rate_limit' must be positive")
+        require_key = h.get("require_key", False)
+        if not isinstance(require_key, bool):
+            raise ProtocolError("field 'require_key' must be a boolean")
+        if require_key and not self._known_model(model_id):
+            known = self.store.model_ids(limit=20)
+            raise UnknownModelError(
+                f"the key server has no key for model {model_id!r} (registered: "
+                f"{', '.join(known) if known else 'none'}); seal and register it first, "
+                "or issue it anyway with --force"
+            )
         kind, same_user, devices = self._issue_kind(h)
         public, secret = zmq.curve_keypair()
         proof_key = _crypto.PublisherKey.generate()
@@ -944,8 +955,19 @@ class KeyService:
             same_user=same_user,
             devices=tuple(devices),
             proof_key=base64.b64encode(proof_key.export_private_raw()).decode(),
+            expires_at=expires_at,
+            max_calls=max_calls,
+            rate_limit=rate_limit,
+            grace=grace,
         )
         return {"licence": lic.to_json()}
+
+    def _known_model(self, model_id: str) -> bool:
+        """A key is registered for it; or it is a hybrid's plain head
+        (``ID.head``, ``ID.head.cK``) whose sealed tail (``ID.tail...``) is."""
+        if self.store.has_model(model_id):
+            return True
+        return ".head" in model_id and self.store.has_model(model_id.replace(".head", ".tail", 1))
 
     def _issue_kind(self, h: Mapping[str, Any]) -> tuple[str, bool, list[str]]:
         kind = h.get("kind", "runtime")

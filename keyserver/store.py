@@ -364,6 +364,14 @@ class Store:
         rows = self._q("SELECT model_id, key_id, package_digest, wrapped FROM keys").fetchall()
         return [KeyRow(str(r[0]), str(r[1]), str(r[2]), bytes(r[3])) for r in rows]
 
+    def model_ids(self, *, limit: int = 1000) -> list[str]:
+        """The model ids that have a registered key (sorted, at most ``limit``)."""
+        rows = self._q("SELECT DISTINCT model_id FROM keys ORDER BY model_id LIMIT ?", (limit,))
+        return [str(r[0]) for r in rows.fetchall()]
+
+    def has_model(self, model_id: str) -> bool:
+        return self._one("SELECT 1 FROM keys WHERE model_id = ? LIMIT 1", (model_id,)) is not None
+
     def insert_key(self, row: KeyRow, *, registered_at: float) -> None:
         self._q(
             "INSERT INTO keys (model_id, key_id, package_digest, wrapped, registered_at)"

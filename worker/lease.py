@@ -6,7 +6,11 @@ before it runs out (or as soon as the budget is spent), reporting the calls
 served since the last renewal, and reports the last ones when the worker
 stops (``close``), so the unused budget goes back to the quota. A budget of
 0 with ``retry_after`` (the licence's rate limit) refuses calls with
-``RateLimitedError`` until then, without asking the key server again.
+``RateLimitedError`` until then, without asking the key server again. The
+lease's ``rate`` and ``burst`` are enforced per call (a token bucket): at
+most ``burst`` calls at once, then ``rate`` per second, each refusal with its
+``retry_after``; so a budget sized for a whole lease is served at the
+licence's rate, never in one burst.
 A licence denial (revoked, expired, quota) ends it at once: the worker
 drops its sessions and every later compute gets that same licence error.
 An unreachable key server is tolerated until the lease's ``hard_end``;
@@ -79,6 +83,8 @@ class LeaseKeeper:
         self._last_problem: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tokens: float | None = None  # the per-call bucket (None: full)
+        self._tokens_at = 0.0
 
     # -- serving side ------------------------------------------------------------
 
@@ -93,6 +99,7 @@ class LeaseKeeper:
         if hard_end is not None and self._clock() >= float(hard_end):
             self._end(self._expired_error())
             raise self._error  # type: ignore[misc]
+        self._pace()
         if self._take():
             return
         # The lease's call budget is spent: renew now, in the caller's thread,
@@ -102,7 +109,8 @@ class LeaseKeeper:
             if self._take():
                 return
             if self._clock() < self._retry_at:
-                raise RateLimitedError("the licence's rate limit allows no call yet")
+                raise RateLimitedError("the licence's rate limit allows no call yet",
+                                       retry_after=self._retry_at - self._clock())  # fmt: skip
             self._renew_once()
             if self._error is not None:
                 raise self._error
@@ -111,8 +119,31 @@ class LeaseKeeper:
             retry = _get(self._lease, "retry_after")
             if retry is not None:
                 self._retry_at = self._clock() + float(retry)
-                raise RateLimitedError("the licence's rate limit allows no call yet")
+                raise RateLimitedError("the licence's rate limit allows no call yet",
+                                       retry_after=float(retry))  # fmt: skip
             raise QuotaExhaustedError("lease call budget spent")
+
+    def _pace(self) -> None:
+        """The licence's rate, per call: a token bucket of ``burst`` calls
+        filling at ``rate`` (from the lease); RateLimitedError with
+        ``retry_after`` when empty. A refused call takes nothing."""
+        rate = _get(self._lease, "rate")
+        if rate is None or float(rate) <= 0:
+            return
+        rate = float(rate)
+        burst = max(1.0, float(_get(self._lease, "burst") or rate))
+        with self._lock:
+            now = self._clock()
+            tokens = burst if self._tokens is None else self._tokens
+            tokens = min(burst, tokens + max(0.0, now - self._tokens_at) * rate)
+            self._tokens_at = now
+            if tokens < 1.0:
+                self._tokens = tokens
+                raise RateLimitedError(
+                    f"the licence allows {rate:g} calls/s (bursts of {burst:g})",
+                    retry_after=(1.0 - tokens) / rate,
+                )
+            self._tokens = tokens - 1.0
 
     def _take(self) -> bool:
         """Count one call against the lease's budget if it has one left

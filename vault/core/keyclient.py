@@ -353,12 +353,15 @@ class KeyServerClient:
         kind: str = "runtime",
         same_user: bool = False,
         devices: tuple[str, ...] | list[str] = (),
+        require_key: bool = False,
     ) -> Licence:
         """(admin) Issue a licence; ``expires`` is seconds from now (None: never),
-        ``rate_limit`` key requests per second, ``grace`` offline seconds.
+        ``rate_limit`` calls per second, ``grace`` offline seconds.
         ``kind`` is ``runtime`` or ``call``; ``devices`` the only enrolled
         devices it may be used on; ``same_user`` allows tier 0 (the holder's
-        own user runs the worker, and can therefore extract the model)."""
+        own user runs the worker, and can therefore extract the model).
+        ``require_key``: refused (``UnknownModelError``) unless a key is
+        registered for ``model_id`` (what ``vault licence issue`` asks)."""
         reply, _ = self._request(
             "issue",
             model_id=model_id,
@@ -370,6 +373,7 @@ class KeyServerClient:
             kind=kind,
             same_user=bool(same_user),
             devices=list(devices),
+            **({"require_key": True} if require_key else {}),
         )
         return Licence.from_json(reply.get("licence"), source="key server reply")
 

@@ -168,3 +168,31 @@ def test_a_prompt_start_does_not_renew_at_once() -> None:
     k.start()
     k._stop.set()  # noqa: SLF001
     assert renewed == []
+
+
+@dataclass
+class RatedLease(FakeLease):
+    rate: float | None = 2.0
+    burst: float | None = 2.0
+
+
+def test_a_whole_lease_budget_is_served_at_the_licences_rate() -> None:
+    # issue 18, item 6: --rate 2/s with a 60 s lease (budget 120) served 126
+    # calls in 3 s: the lease's rate and burst are enforced per call
+    from vault.core.errors import RateLimitedError
+
+    clock = Clock()
+    keeper = LeaseKeeper(RatedLease(call_budget=120, hard_end=1e9), renew=None,
+                         on_end=lambda: None, clock=clock)  # fmt: skip
+    served, waits = 0, []
+    for step in range(300):  # a caller hammering for 3 s (every 10 ms)
+        clock.t = step * 0.01
+        try:
+            keeper.check()
+            served += 1
+        except RateLimitedError as exc:
+            assert exc.retry_after is not None
+            waits.append(exc.retry_after)
+    assert served == 2 + 5  # the burst, then one every 0.5 s (at 0.5, 1.0, ... 2.5)
+    assert 0 < min(waits) and max(waits) <= 0.5
+    assert keeper._calls_unreported == served  # refused calls took nothing of the budget
