@@ -57,7 +57,7 @@ from .policy import (
     default_renew_policy,
 )
 from .rowauth import RowAuth
-from .store import KeyRow, LeaseRow, Store
+from .store import KeyRow, LeaseRow, MeteringId, Store
 
 __all__ = ["DEFAULT_LEASE_TTL", "KeyService", "RequestLimits", "Request"]
 
@@ -803,6 +803,16 @@ class KeyService:
         (licence, lease, used, reserved-without-this-lease, calls)."""
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
+        report_id = h.get("report_id")
+        if report_id is not None:
+            if not isinstance(report_id, str) or not 8 <= len(report_id) <= 64:
+                raise ProtocolError("field 'report_id' must be a string of 8-64 characters")
+            if self.store.metering_id(report_id) is not None:
+                calls = 0  # sent again after its answer was lost: counted already
+            else:
+                self.store.insert_metering_id(
+                    MeteringId(report_id, "report", caller.licence_id), at=now
+                )
         # a lease granted to a device is renewed and closed by that device only
         lease = (
             self.store.lease(lease_id, caller.licence_id)

@@ -296,16 +296,20 @@ class KeyServerClient:
             raise ProtocolError("key server released a key of the wrong size")
         return Release(key, lease)
 
-    def renew(self, *, lease_id: str, calls: int) -> Lease:
+    def renew(self, *, lease_id: str, calls: int, report_id: str | None = None) -> Lease:
         """Report ``calls`` served since the last report and extend the lease;
-        a revoked/expired/exhausted licence raises its typed error instead."""
-        reply, sent_at = self._request("renew", lease_id=lease_id, calls=int(calls))
+        a revoked/expired/exhausted licence raises its typed error instead.
+        ``report_id``: the report's id, so one sent again after its answer
+        was lost counts once."""
+        extra = {"report_id": report_id} if report_id is not None else {}
+        reply, sent_at = self._request("renew", lease_id=lease_id, calls=int(calls), **extra)
         return Lease._from_wire(reply.get("lease"), sent_at)
 
-    def close_lease(self, *, lease_id: str, calls: int) -> int:
+    def close_lease(self, *, lease_id: str, calls: int, report_id: str | None = None) -> int:
         """Report the last ``calls`` and end the lease; the unused part of its
         reserved budget goes back to the quota. Returns the calls refunded."""
-        reply, _ = self._request("close", lease_id=lease_id, calls=int(calls))
+        extra = {"report_id": report_id} if report_id is not None else {}
+        reply, _ = self._request("close", lease_id=lease_id, calls=int(calls), **extra)
         return int(reply.get("refunded_calls") or 0)
 
     def register_key(
