@@ -221,6 +221,9 @@ def held(instances: list[Any]) -> Iterator[None]:
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        # kill() returns before the stop takes hold: on a loaded machine a
+        # worker answered a call sent right after it; wait until every thread is stopped
+        wait_for(lambda: all(_stopped(pid) for pid in pids), "the workers are stopped")
         yield
     finally:
         for pid in pids:
@@ -228,6 +231,19 @@ def held(instances: list[Any]) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T in /proc), or it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                states.append(fh.read().rsplit(b")", 1)[1].split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return all(st in (b"T", b"t", b"Z", b"X") for st in states)
 
 
 def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:

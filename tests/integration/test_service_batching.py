@@ -104,7 +104,12 @@ def _meet_in_one_queue(b: Batching, model: str, victim_x: np.ndarray[Any, Any],
             ThreadPoolExecutor(3) as pool:  # fmt: skip
         with held(list(m_state.instances)):
             blocker = pool.submit(first.compute, {next(iter(victim.inputs)): victim_x})
-            wait_for(lambda: any(i.inflight for i in m_state.instances), "the worker is busy")
+            _wait(
+                service,
+                model,
+                lambda: any(i.inflight for i in m_state.instances),
+                "the worker is busy",
+            )
             v = pool.submit(victim.compute, {next(iter(victim.inputs)): victim_x})
             # the victim's call first in the queue, then the attacker's (whose
             # rows come after the victim's in a joined batch: along an LSTM's
@@ -116,6 +121,18 @@ def _meet_in_one_queue(b: Batching, model: str, victim_x: np.ndarray[Any, Any],
                      "both calls wait in the model's queue")  # fmt: skip
         blocker.result(timeout=60)
         return v.result(timeout=60), a.result(timeout=60)
+
+
+def _wait(service: Running, model: str, cond: Any, what: str) -> None:
+    try:
+        wait_for(cond, what)
+    except AssertionError:
+        m = service.svc.models[model]
+        state = [(i.pid, i.inflight, i.alive()) for i in m.instances]
+        log = [ln for ln in service.log_path.read_text().splitlines() if model in ln][-20:]
+        raise AssertionError(
+            f"{what}: instances {state}, queue {len(m.queue)}, starting {m.starting}, log {log}"
+        ) from None
 
 
 def test_undeclared_models_never_join_two_callers_rows(service: Batching) -> None:
