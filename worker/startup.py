@@ -235,6 +235,9 @@ class Startup:
             plain.release()
             raise
         plain.wipe_graphs()  # parsed into the sessions: only the weights stay
+        from .hardening import lift_memory_limit
+
+        lift_memory_limit()  # the start-up limit bounded the package's claims; see there
 
     def _renew(self, lease_id: str, calls: int) -> Any:
         from vault.core.keyclient import KeyServerClient
