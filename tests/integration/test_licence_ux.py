@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +30,25 @@ X = np.ones((1, 8), np.float32)
 
 
 def _vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vault", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    """``vault ARGS`` run in this process (the same entry point as the
+    command, without an interpreter start each time), in ``cwd``."""
+    import contextlib
+    import io
+
+    from vault.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as exc:  # --help, or a usage error
+                rc = int(exc.code or 0)
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ shown by ``vault inspect`` (issue 17, item 1)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,25 @@ def _vi(name: str, t: int, shape: list[Any] | None) -> Any:
 
 
 def vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vault", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    """``vault ARGS`` run in this process (the same entry point as the
+    command, without an interpreter start each time), in ``cwd``."""
+    import contextlib
+    import io
+
+    from vault.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as exc:  # --help, or a usage error
+                rc = int(exc.code or 0)
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 def test_vault_seal_batchable_checks_declares_and_inspect_shows_it(tmp_path: Path) -> None:
