@@ -119,6 +119,25 @@ def table(res: dict[str, Any]) -> str:
                 f"transport + thread hand-offs {bd['transport_and_handoffs_s'] * 1e6:.0f} us "
                 f"(raw zmq echo {r['zmq_echo_ipc']:.0f} us)"
             )
+    real = res.get("transformers") or {}
+    if real.get("unavailable"):
+        L.append(f"\n   real architectures: unavailable: {real['unavailable']}")
+    elif real.get("models"):
+        L.append("\n   real architectures exported from transformers, ms: median (p99)")
+        for name, row in real["models"].items():
+            rows = row.get("rows") or {}
+            cells = "  ".join(
+                f"{k} {rows[k]['median_s'] * 1e3:.3f} ({rows[k]['p99_s'] * 1e3:.2f})"
+                for k in ("in_process", "vault_ipc")
+                if k in rows
+            )
+            ratio = row.get("vault_ipc_over_in_process")
+            why = f"  unavailable: {row['unavailable']}" if row.get("unavailable") else ""
+            L.append(
+                f"   {name:<12}{cells}"
+                + (f"  vault/inproc {ratio:.3f}" if ratio is not None else "")
+                + why
+            )
     tp0 = res.get("throughput") or {}
     for tp in (tp0, tp0.get("mlp") or {}):
         if "calls_per_s" not in tp:
@@ -294,13 +313,14 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     ax = axes[0][0]
     modes = [
         "in_process",
-        "in_process_default",
         "vault_ipc",
+        "vault_ipc_zmq",
+        "vault_tcp",
         "vault_tcp_curve",
+        "fastapi_tls",
+        "grpc_tls",
         "zmq_echo_ipc",
-        "zmq_echo_tcp_curve",
         "unix_echo",
-        "memcpy",
     ]
     if lat and not lat.get("unavailable_all"):
         names = list(lat)
@@ -330,18 +350,19 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     if cold:
         sizes = list(cold)
         for i, k in enumerate(
-            ["plain_load", "plain_fresh_process", "vault_open", "vault_open_daemon"]
-        ):
+            ["plain_load", "plain_fresh_process", "vault_open", "vault_open_first",
+             "vault_open_daemon"]
+        ):  # fmt: skip
             ax.bar(
-                [j + i * 0.2 for j in range(len(sizes))],
+                [j + i * 0.16 for j in range(len(sizes))],
                 [
                     cold[s]["rows"][k]["median_s"] * 1e3 if k in cold[s]["rows"] else 0
                     for s in sizes
                 ],
-                0.2,
+                0.16,
                 label=k,
             )
-        ax.set_xticks([j + 0.3 for j in range(len(sizes))], sizes)
+        ax.set_xticks([j + 0.32 for j in range(len(sizes))], sizes)
         ax.set_ylabel("ms")
         ax.set_title("3. cold start")
         ax.legend(fontsize=8)
