@@ -18,6 +18,9 @@ import os
 import sys
 from typing import Any
 
+from vault.core.argtypes import positive_float
+from vault.core.logs import add_log_options
+
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 
 __all__ = ["add_arguments", "cmd_audit", "cmd_init", "cmd_rotate", "cmd_serve"]
@@ -41,16 +44,20 @@ def cmd_serve(
     advertise: str | None = None,
     database: str | None = None,
     anchor: str | None = None,
+    log_format: str = "json",
+    log_level: str = "info",
 ) -> int:
     import json
 
     from vault.core.errors import VaultError
+    from vault.core.logs import Log
 
     from .server import serve
 
+    log = Log(sys.stderr, component="keyserver", fmt=log_format, level=log_level)
     try:
         serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database,
-              anchor=anchor)  # fmt: skip
+              anchor=anchor, log=log)  # fmt: skip
     except VaultError as exc:
         # a launcher waiting for the ready line hears why there is none
         # (one that already read it may have closed the pipe)
@@ -148,16 +155,20 @@ def add_arguments(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")
     p.add_argument("--bind", default=DEFAULT_ADDRESS)
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
+    p.add_argument(
+        "--lease-ttl", type=positive_float, default=60.0, metavar="S", help="lease TTL (s)"
+    )
     p.add_argument("--advertise", default=None, help="address written into issued licences")
     _database_option(p)
     p.add_argument("--anchor", default=None, metavar="PATH",
                    help="append signed audit checkpoints to PATH (outside the database)")  # fmt: skip
+    add_log_options(p)
     p.set_defaults(
         ks_command="serve",
         func=lambda a: cmd_serve(
             a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
-            database=a.database, anchor=a.anchor,
+            database=a.database, anchor=a.anchor, log_format=a.log_format,
+            log_level=a.log_level,
         ),
     )  # fmt: skip
 

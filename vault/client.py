@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import builtins
 import functools
 import itertools
 import os
@@ -52,9 +51,11 @@ import numpy as np
 import zmq
 
 from .core.channel import Channel, ZmqChannel, check_endpoint
+from .core.curvekeys import read_public_key
 from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR, recv_message, send_message
 from .core.errors import (
     ConfigError,
+    InputError,
     PermissionDeniedError,
     ServiceUnavailableError,
     UnknownLicenceError,
@@ -517,6 +518,19 @@ class _FailoverChannel(Channel):
 
 # --- the model ----------------------------------------------------------------------------
 
+
+def check_feeds_mapping(inputs: Any, signature: Mapping[str, Any]) -> None:
+    """A compute call takes a dict of input name -> array; a bare array (or a
+    list) gets an :class:`InputError` that shows the call to make."""
+    if isinstance(inputs, Mapping):
+        return
+    first = next(iter(signature), "x")
+    raise InputError(
+        f"compute takes a dict of input name -> array, e.g. compute({{{first!r}: arr}}), "
+        f"not a {type(inputs).__name__} (inputs: {', '.join(signature) or 'none'})"
+    )
+
+
 _LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
 
 
@@ -648,7 +662,10 @@ class Model:
         *,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Run the pipeline; returns the chosen (default: all) outputs by name."""
+        """Run the pipeline; returns the chosen (default: all) outputs by name.
+        ``inputs`` is a dict of input name -> array (``model.inputs`` lists
+        them); anything else is an :class:`InputError` saying so."""
+        check_feeds_mapping(inputs, self.inputs)
         arena = self._localw.arena if self._localw is not None else None
         slot = arena.acquire() if arena is not None and _has_large(inputs) else None
         region = arena.region(slot) if arena is not None and slot is not None else None
@@ -878,8 +895,9 @@ def connect(
 ) -> Model:
     """Use a remote worker service (``vault worker serve``) over tcp:// with CURVE.
 
-    ``server_key`` is the service's Z85 CURVE public key, or a file holding it
-    (``vault worker serve`` prints it and writes it next to its allow-list).
+    ``server_key`` is the service's Z85 CURVE public key, a file holding it
+    (``vault worker serve --server-key-out worker.pub``), or the service's
+    certificate from ``vault worker keygen`` (``worker.key``).
     ``model`` names the model when the service serves several (its model id).
     ``address`` may name several replicas of one service (a list, or
     ``"tcp://a:7701,tcp://b:7701"``, same server key): calls take turns, and
@@ -895,12 +913,7 @@ def connect(
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")
-    key = os.fspath(server_key)
-    if len(key) != 40 and os.path.exists(key):
-        with builtins.open(key, encoding="ascii") as fh:
-            key = fh.read().strip()
-    if len(key) != 40:
-        raise ConfigError("server_key must be the worker's 40-character Z85 CURVE public key")
+    key = read_public_key(server_key)
     return Model(remote=_Remote(addresses, Licence.load(lic), key, model), timeout=timeout)
 
 
