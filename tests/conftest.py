@@ -56,11 +56,14 @@ from vault.core.licence import Licence
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def served_endpoint(
-    proc: subprocess.Popen[bytes], timeout: float = 30.0
-) -> tuple[str | None, bytes]:
-    """The ``endpoint: ...`` line ``vault worker serve`` prints on stdout, and
-    what it printed up to there (None if it exits or ``timeout`` passes first)."""
+def served_ready(
+    proc: subprocess.Popen[bytes], timeout: float = 60.0
+) -> tuple[dict[str, Any] | None, bytes]:
+    """The one JSON ready line ``vault worker serve`` prints on stdout once its
+    initial load has finished (``{"ready": true, "endpoint", "server_key",
+    "models", ...}``), and what it printed up to there (None if it exits or
+    ``timeout`` passes first)."""
+    import json
     import select
     import time
 
@@ -70,14 +73,25 @@ def served_endpoint(
     while time.monotonic() < deadline:
         r, _, _ = select.select([proc.stdout], [], [], 0.5)
         if r:
-            chunk = os.read(proc.stdout.fileno(), 4096)
+            chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 break
             buf += chunk
             for line in buf.decode().splitlines():
-                if line.startswith("endpoint: "):
-                    return line.split(": ", 1)[1].strip(), buf
+                if line.startswith("{") and line.endswith("}"):
+                    msg = json.loads(line)
+                    if msg.get("ready") is True:
+                        return msg, buf
     return None, buf
+
+
+def served_endpoint(
+    proc: subprocess.Popen[bytes], timeout: float = 60.0
+) -> tuple[str | None, bytes]:
+    """The endpoint in ``vault worker serve``'s ready line, and what it printed
+    up to there (None if it exits or ``timeout`` passes first)."""
+    ready, buf = served_ready(proc, timeout)
+    return (str(ready["endpoint"]) if ready else None), buf
 
 
 class KeyServerProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 import zmq
 
 import vault
+from tests.conftest import served_ready
 from tests.models import mlp
 from tests.sealed import seal_for_test
 from vault.core.crypto import PublisherKey
@@ -36,34 +36,21 @@ def _serve(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # fmt: skip
 
 
-def _wait_for_lines(proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, str]:
-    """The service's ``key: value`` ready lines, up to ``endpoint:``/``server key:``."""
-    assert proc.stdout is not None
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if r:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buf += chunk
-            if b"server key:" in buf and buf.endswith(b"\n"):
-                break
-        elif proc.poll() is not None:
-            break
-    text = buf.decode()
-    assert "endpoint:" in text, text + (
-        proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
-    )  # type: ignore[union-attr]  # noqa: E501
-    return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+def _wait_for_lines(proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, Any]:
+    """The service's JSON ready line (its initial load has finished)."""
+    ready, buf = served_ready(proc, timeout)
+    assert ready is not None, buf.decode() + (
+        proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""  # type: ignore[union-attr]
+    )
+    return ready
 
 
 @pytest.fixture
 def fake_licence(tmp_path: Path) -> Path:
     pub, sec = zmq.curve_keypair()
     path = tmp_path / "svc.licence"
-    Licence("x", "svc", "tcp://127.0.0.1:9", pub.decode(), pub.decode(), sec.decode()).save(path)
+    Licence("x", "svc", "tcp://127.0.0.1:9", pub.decode(), pub.decode(), sec.decode(),
+            model_id="*", same_user=True).save(path)  # fmt: skip
     return path
 
 
@@ -144,8 +131,8 @@ def test_a_repository_is_rescanned_on_sighup(repository: dict[str, Any], tmp_pat
                    "--allow", str(r["clients"]), "--instances", "1", "--metrics-port", "0",
                    "--device", str(r["device"])])  # fmt: skip
     try:
-        lines = _wait_for_lines(proc)
-        endpoint, key = lines["endpoint"], lines["server key"]
+        ready = _wait_for_lines(proc)
+        endpoint, key = ready["endpoint"], ready["server_key"]
         x = np.ones((2, 8), np.float32)
 
         def connect(model: str) -> vault.Model:
@@ -165,7 +152,7 @@ def test_a_repository_is_rescanned_on_sighup(repository: dict[str, Any], tmp_pat
                 with connect("m2") as m:
                     assert m.compute({"x": x})["logits"].shape == (2, 5)
                 break
-            except vault.UnknownModelError:
+            except (vault.UnknownModelError, vault.ServiceUnavailableError):  # not yet / loading
                 assert time.monotonic() < deadline, "m2 never came up"
                 time.sleep(0.2)
         with pytest.raises(vault.UnknownModelError):

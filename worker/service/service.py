@@ -226,6 +226,7 @@ class WorkerService:
         self._next_poll = 0.0
         self._parked: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
         self._initial_done = False
+        self._signals: tuple[int, dict[signal.Signals, Any]] | None = None
         # what the probes read from other threads: replaced whole, never mutated
         self._status: dict[str, tuple[str, tuple[str, str] | None]] = {}
         cfg.policy.bind(lambda key, model: self._post("decided", key, model))
@@ -289,7 +290,7 @@ class WorkerService:
                 self._launch(m, i)
         self._publish()
         try:
-            while any(not m.settled for m in self.models.values()):
+            while not self.draining and any(not m.settled for m in self.models.values()):
                 r, _, _ = select.select([self._wake_r], [], [], 0.5)
                 if r:
                     self._wake()
@@ -454,19 +455,36 @@ class WorkerService:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def handle_signals(self) -> None:
+        """From now on SIGTERM and SIGINT start a drain and SIGHUP rescans, by
+        waking the loop (main thread only). Called before :meth:`start`, a
+        signal during the initial load is not lost (``vault worker serve``
+        does), nor one just after the ready line; :meth:`run` calls it
+        itself if nobody did."""
+        if self._signals is not None:
+            return
+        old = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        handlers = {sig: signal.signal(sig, _wake_only)
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}  # fmt: skip
+        self._signals = (old, handlers)
+
+    def _restore_signals(self) -> None:
+        if self._signals is None:
+            return
+        old, handlers = self._signals
+        self._signals = None
+        signal.set_wakeup_fd(old)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
     def run(self) -> int:
         """Serve until a drain completes; returns the exit code (0)."""
-        old_wakeup = None
-        in_main = threading.current_thread() is threading.main_thread()
-        if in_main:
-            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, _wake_only)
+        if threading.current_thread() is threading.main_thread():
+            self.handle_signals()
         try:
             self._loop()
         finally:
-            if in_main:
-                signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
+            self._restore_signals()
             self.close()
         return 0
 
