@@ -88,6 +88,8 @@ _MAX_SCAN = 256  # queue entries looked at when forming one batch
 _CLOSE_LINGER_MS = 5000  # how long the last replies may take to leave at close
 _FLUSH_S = 0.5  # the front stays open this long after the last answer (see _flush_front)
 _FLUSH_MAX_S = 10.0
+_LOAD_RETRY_FIRST_S = 1.0  # a model that cannot load is tried again after 1, 2, 4 ... 60 s
+_LOAD_RETRY_CAP_S = 60.0
 VERSION = "1"  # one version per model id: the package the repository holds now
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 
@@ -161,7 +163,6 @@ class _Model:
         # serves, the model-level retry, and whether the first attempt is over
         self.reason: tuple[str, str] | None = None
         self.retry_at: float | None = None
-        self.load_backoff = Backoff(first=1.0, cap=60.0, reset_after=float("inf"))
         self.attempts = 0
         self.settled = False
         self.batch_timer: float | None = None
@@ -569,7 +570,6 @@ class WorkerService:
                 if m.reason is not None:
                     self.log("model_ready", model=m.model_id, attempts=m.attempts + 1)
                 m.reason, m.retry_at, m.attempts = None, None, 0
-                m.load_backoff.failures = 0
                 m.settled = True
                 self._fill(m)
             self._gauge(m)
@@ -596,7 +596,7 @@ class WorkerService:
         m.settled = True
         m.restart_at.clear()  # the model-level retry starts one worker, then the rest
         m.attempts += 1
-        delay = max(m.load_backoff.next_delay(0.0), m.load_backoff.first)
+        delay = min(_LOAD_RETRY_CAP_S, _LOAD_RETRY_FIRST_S * 2 ** (m.attempts - 1))
         m.retry_at = time.monotonic() + delay
         self.log("model_unavailable", level="error", model=m.model_id, code=code, message=message,
                  attempt=m.attempts, retry_in_s=round(delay, 3))  # fmt: skip
