@@ -382,7 +382,8 @@ class _WatchedChannel(ZmqChannel):
     waiting call at once, and a send that finds no connection says why,
     within ``send_timeout_ms``:
 
-    - nothing listens at the address: :class:`ServiceUnavailableError`;
+    - nothing listens at the address (a connection refused, or none made
+      within the send timeout): :class:`ServiceUnavailableError`;
     - the CURVE handshake failed (the server key is not the service's):
       :class:`ConfigError`;
     - the service refused this caller's key (ZAP: not on its allow-list, or
@@ -398,6 +399,7 @@ class _WatchedChannel(ZmqChannel):
         max_message: int,
         send_timeout_ms: int = 1000,
     ) -> None:
+        self._send_timeout_ms = send_timeout_ms
         self._mon = threading.local()
         self._monitors: list[zmq.Socket[Any]] = []
         self._mon_lock = threading.Lock()
@@ -408,9 +410,9 @@ class _WatchedChannel(ZmqChannel):
             # queued for a dead one would wait for its return): the send
             # fails instead, and the call goes to another replica
             sock.immediate = True
-            sock.sndtimeo = send_timeout_ms
             mon = sock.get_monitor_socket(
-                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+                | zmq.EVENT_CONNECTED
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             )  # fmt: skip
@@ -433,10 +435,41 @@ class _WatchedChannel(ZmqChannel):
                 self._mon.lost = True
             elif ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._mon.refused = None
+            elif ev == zmq.EVENT_CONNECTED:  # something listens; its handshake says the rest
+                if self._mon.refused == "unreachable":
+                    self._mon.refused = None
+            elif ev == zmq.EVENT_CONNECT_RETRIED:
+                # a retry after a refused connection means nothing listens; after a
+                # failed handshake, that failure is the reason
+                if self._mon.refused is None:
+                    self._mon.refused = "unreachable"
             elif ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._mon.refused = "auth"
             else:
                 self._mon.refused = "handshake"
+
+    def _send(self, sock: zmq.Socket[Any], parts: list[Any]) -> None:
+        """Send once a connection is up, watching the monitor meanwhile: a
+        handshake the service refuses (a wrong server key, a caller's key it
+        does not know) ends the wait at once; no connection within the send
+        timeout means nothing listens (``zmq.Again``: see :meth:`_gone`)."""
+        deadline = time.monotonic() + self._send_timeout_ms / 1000
+        mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
+        while True:
+            try:
+                sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                self._mon.lost = False  # what happened before the send is not this call's
+                return
+            except zmq.Again:
+                pass
+            self._events()
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if getattr(self._mon, "refused", None) is not None or left_ms <= 0:
+                raise zmq.Again()
+            if mon is not None:
+                mon.poll(min(left_ms, 50))
+            else:  # pragma: no cover - every socket of this channel has a monitor
+                time.sleep(0.01)
 
     def _lost(self) -> bool:
         self._events()
