@@ -328,6 +328,7 @@ def _client_key(args: argparse.Namespace) -> int:
     from ..core.licence import Licence
 
     lic = Licence.load(args.licence)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # clients/ on first use
     with open(args.output, "w", encoding="ascii") as fh:
         fh.write(lic.client_public_key + "\n")
     print(f"client public key of {lic.holder} ({lic.licence_id}) -> {args.output}")
