@@ -50,6 +50,7 @@ class NsHost:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self._netns = ""
+        self._children: list[subprocess.Popen[Any]] = []
 
     def __enter__(self) -> NsHost:
         # the anchor process: it holds the namespaces until close()
@@ -104,7 +105,9 @@ class NsHost:
         return subprocess.run(self.command(args, kw.pop("cwd", None)), **kw)
 
     def popen(self, args: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.command(args, kw.pop("cwd", None)), **kw)
+        proc = subprocess.Popen(self.command(args, kw.pop("cwd", None)), **kw)
+        self._children.append(proc)  # reaped in close()
+        return proc
 
     def pids(self) -> Iterator[int]:
         """Every process in this host's network namespace (the anchor excepted)."""
@@ -134,6 +137,13 @@ class NsHost:
                     time.sleep(0.05)
                 if not left:
                     break
+        for child in self._children:  # nsenter processes whose commands were just killed
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self._children.clear()
         self.proc.kill()
         self.proc.wait()
         self.proc = None
