@@ -24,7 +24,8 @@ Fixtures (names are stable; other test packages rely on them):
     ``client(licence) -> KeyServerClient`` (talking as that device),
     ``register(model_id, key_id, key, package_digest)``, ``stop()``
     (SIGTERM, returns the exit code), ``kill()`` (SIGKILL), ``start()``
-    (same port), ``restart()``, ``output() -> bytes`` (stdout+stderr so far).
+    (same port), ``restart()``, ``output() -> bytes`` (its log so far),
+    ``events(event, **fields)`` (its JSON log records of that event).
     Always killed at teardown, even when the test fails.
 
 Example::
@@ -174,6 +175,20 @@ class KeyServerProcess:
 
     def output(self) -> bytes:
         return self.log_path.read_bytes() if self.log_path.exists() else b""
+
+    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The server's log records (one JSON object a line, vault.core.logs)
+        of ``event`` whose fields include ``fields``."""
+        import json
+
+        out = []
+        for line in self.output().decode(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            rec = json.loads(line)
+            if rec.get("event") == event and all(rec.get(k) == v for k, v in fields.items()):
+                out.append(rec)
+        return out
 
     # --- conveniences ------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import sqlite3
@@ -44,7 +45,7 @@ def test_state_survives_a_clean_restart(keyserver):
     with keyserver.client(lic) as ks:
         ks.renew(lease_id=rel.lease.lease_id, calls=4)
     assert keyserver.stop() == 0  # SIGTERM: a clean exit
-    assert b"keyserver stopped" in keyserver.output()
+    assert keyserver.events("stopped")
     keyserver.start()
     assert _release(keyserver, other).key == key
     with keyserver.client(lic) as ks:  # the lease, its reservation and the usage survived
@@ -205,4 +206,4 @@ def test_ctrl_c_stops_cleanly(keyserver):
 
     keyserver.proc.send_signal(signal.SIGINT)
     assert keyserver.proc.wait(10) == 0
-    assert keyserver.output().rstrip().endswith(b"keyserver stopped")
+    assert json.loads(keyserver.output().splitlines()[-1])["event"] == "stopped"

@@ -96,7 +96,7 @@ def test_key_server_on_postgresql_meters_authenticates_and_anchors(tmp_path, pg_
                                                "secret_key": evil_sec.decode()}})  # fmt: skip
         with KeyServerClient(forged, timeout=5) as c, pytest.raises(UnknownLicenceError):
             c.issue(MODEL, holder="x")
-        assert b"REFUSED licence row lic-evil" in ks.output()
+        assert ks.events("row_refused", table="licences", licence="lic-evil")
     finally:
         assert ks.stop() == 0
     out = _vault("keyserver", "audit", str(d), "--database", pg_url, "--verify",

@@ -286,12 +286,22 @@ class WorkerService:
         self._configure_front()
         for model_id, path, stamp in sources:
             self.models[model_id] = _Model(model_id, path, stamp)
-        for m in self.models.values():
-            for i in range(self.cfg.instances):
-                self._launch(m, i)
         self._publish()
         try:
+            if self.cfg.metrics_port is not None:
+                # probes answer during the initial load: live, not yet ready
+                try:
+                    self._http = HttpEndpoints(self.metrics, self, host=self.cfg.metrics_host,
+                                               port=self.cfg.metrics_port)  # fmt: skip
+                except OSError as exc:
+                    raise ConfigError(f"cannot serve metrics on {self.cfg.metrics_host}:"
+                                      f"{self.cfg.metrics_port}: {exc.strerror}") from None  # fmt: skip
+                self._http.start()
+            for m in self.models.values():
+                for i in range(self.cfg.instances):
+                    self._launch(m, i)
             while not self.draining and any(not m.settled for m in self.models.values()):
+                self._heartbeat = time.monotonic()
                 r, _, _ = select.select([self._wake_r], [], [], 0.5)
                 if r:
                     self._wake()
@@ -303,10 +313,6 @@ class WorkerService:
             self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
             self._poller.register(self.front, zmq.POLLIN)
             self._poller.register(self._wake_r, zmq.POLLIN)
-            if self.cfg.metrics_port is not None:
-                self._http = HttpEndpoints(self.metrics, self, host=self.cfg.metrics_host,
-                                           port=self.cfg.metrics_port)  # fmt: skip
-                self._http.start()
         except BaseException:
             self.close()
             raise
