@@ -139,8 +139,6 @@ def _scope(h: Mapping[str, Any]) -> str:
         raise ProtocolError(exc.message) from None
 
 
-
-
 def _device_only(caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
     raise PermissionDeniedError(
         "only an enrolled device (a worker service) asks for call decisions"

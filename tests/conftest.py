@@ -25,7 +25,8 @@ Fixtures (names are stable; other test packages rely on them):
     ``register(model_id, key_id, key, package_digest)``, ``stop()``
     (SIGTERM, returns the exit code), ``kill()`` (SIGKILL), ``start()``
     (same port), ``restart()``, ``output() -> bytes`` (its log so far),
-    ``events(event, **fields)`` (its JSON log records of that event).
+    ``events(event, **fields)`` (its JSON log records of that event),
+    ``audit(licence_id=None)`` (its audit records).
     Always killed at teardown, even when the test fails.
 
 Example::
@@ -175,6 +176,18 @@ class KeyServerProcess:
 
     def output(self) -> bytes:
         return self.log_path.read_bytes() if self.log_path.exists() else b""
+
+    def audit(self, licence_id: str | None = None) -> list[Any]:
+        """The audit records (``keyserver.audit.AuditRecord``: ``event``,
+        ``ts``, ``licence_id``, ``detail``...) of this SQLite key server, of
+        ``licence_id`` when given, in order."""
+        from keyserver import audit, store
+
+        st = store.SqliteStore.open(self.dir / "keyserver.db")
+        try:
+            return [r for r in audit.records(st) if licence_id in (None, r.licence_id)]
+        finally:
+            st.close()
 
     def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         """The server's log records (one JSON object a line, vault.core.logs)

@@ -50,7 +50,16 @@ from typing import Any
 
 from tests.nshost import NsHost
 
-__all__ = ["ROOT", "Block", "Flow", "block", "doc_blocks", "doc_files", "logical_commands", "matching"]
+__all__ = [
+    "ROOT",
+    "Block",
+    "Flow",
+    "block",
+    "doc_blocks",
+    "doc_files",
+    "logical_commands",
+    "matching",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
@@ -115,7 +124,7 @@ def doc_blocks() -> list[Block]:
             body: list[str] = []
             while j < len(lines) and not lines[j].strip().startswith("```"):
                 line = lines[j]
-                body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+                body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
                 j += 1
             text = "\n".join(body) + "\n"
             if _is_command_block(lang, text):

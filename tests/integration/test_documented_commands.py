@@ -54,9 +54,11 @@ from tests.models import blocks_model, mlp, postprocess, preprocess
 from tests.nshost import NsHost, require_nshost
 
 COVERAGE: dict[tuple[str, str], str] = {
-    ("README.md", "pip install -e '.[test]' && vault demo"):
-        "exempt: .ci/run makes a fresh venv and runs this install itself; `vault demo` is "
-        "test_worker_cli::test_vault_demo_runs_and_leaves_nothing_behind",
+    (
+        "README.md",
+        "pip install -e '.[test]' && vault demo",
+    ): "exempt: .ci/run makes a fresh venv and runs this install itself; `vault demo` is "
+    "test_worker_cli::test_vault_demo_runs_and_leaves_nothing_behind",
     ("README.md", "python -m pytest -q"): "exempt: the suite itself (.ci/run runs it)",
     ("README.md", "vault --version"): "test:test_readme_synopsis_matches_the_parser",
     ("README.md", 'vault.open("model.vault", licence="alice.licence") as model'): "flow:tier1",
@@ -67,11 +69,15 @@ COVERAGE: dict[tuple[str, str], str] = {
     ("README.md", "curl -s localhost:9100/metrics"): "flow:readme",
     ("README.md", "vault split model.onnx --protect-from block3_out"): "flow:readme",
     ("README.md", "hybrid.compute_many(batch)"): "flow:readme",
-    ("README.md", "pip install -e '.[bench]'"):
-        "exempt: the benchmarks (minutes; performance is measured there, not in tests)",
+    (
+        "README.md",
+        "pip install -e '.[bench]'",
+    ): "exempt: the benchmarks (minutes; performance is measured there, not in tests)",
     ("docs/benchmarks.md", "python -m benchmarks"): "exempt: the benchmarks themselves",
-    ("docs/architecture.md", "vault seal (vault.app.cli_package)"):
-        "exempt: a diagram of the modules, not a command",
+    (
+        "docs/architecture.md",
+        "vault seal (vault.app.cli_package)",
+    ): "exempt: a diagram of the modules, not a command",
     ("docs/service.md", "vault worker keygen keys"): "flow:service",
     ("docs/service.md", "import vault"): "flow:service",
     ("docs/hybrid.md", "vault profile model.onnx"): "flow:hybrid",
@@ -80,15 +86,21 @@ COVERAGE: dict[tuple[str, str], str] = {
     ("deploy/README.md", "python3 -m venv /opt/vault/venv"): "flow:tier1",
     ("deploy/README.md", "useradd --system"): "flow:tier1",
     ("deploy/README.md", "vault device init /var/lib/vault/device"): "flow:tier1",
-    ("deploy/README.md", "cp deploy/vault-daemon.service"):
-        "flow:tier1 (systemctl emulated: the flow starts the unit's ExecStart as systemd would)",
+    (
+        "deploy/README.md",
+        "cp deploy/vault-daemon.service",
+    ): "flow:tier1 (systemctl emulated: the flow starts the unit's ExecStart as systemd would)",
     ("deploy/README.md", 'vault.open("model.vault", licence="alice.licence") as m'): "flow:tier1",
-    ("deploy/README.md", "vault keyserver init ks --database"):
-        "test:test_k8s_containers (run as written against PostgreSQL at that address)",
-    ("deploy/README.md", "docker build"):
-        "exempt: docker and a cluster (kubectl) are not on the test machine; "
-        "test_k8s_containers lays out these Secrets' files as the pods mount them and runs "
-        "each container's command; test_deploy checks the Dockerfile",
+    (
+        "deploy/README.md",
+        "vault keyserver init ks --database",
+    ): "test:test_k8s_containers (run as written against PostgreSQL at that address)",
+    (
+        "deploy/README.md",
+        "docker build",
+    ): "exempt: docker and a cluster (kubectl) are not on the test machine; "
+    "test_k8s_containers lays out these Secrets' files as the pods mount them and runs "
+    "each container's command; test_deploy checks the Dockerfile",
 }
 
 
@@ -364,7 +376,9 @@ def test_flow_tier1(host: NsHost, tmp_path: Path) -> None:
     flow.run("vault seal clf.onnx --pre pre.onnx --post post.onnx --model-id clf "
              "--licence ks/admin.licence -o model.vault")  # fmt: skip
     flow.run("vault licence issue clf --to alice --licence ks/admin.licence -o alice.licence")
-    r = flow.python(block("deploy/README.md", 'vault.open("model.vault", licence="alice.licence") as m'))
+    r = flow.python(
+        block("deploy/README.md", 'vault.open("model.vault", licence="alice.licence") as m')
+    )
     assert r.stdout.strip() == "1", r.stdout  # tier 1: the daemon's worker
     flow.python(
         block("README.md", 'vault.open("model.vault", licence="alice.licence") as model'),

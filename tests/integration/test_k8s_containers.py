@@ -101,7 +101,7 @@ def _secret_files(spec: dict[str, str], cwd: Path) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for key, src in spec.items():
         if src.startswith("literal:"):
-            files[key] = src[len("literal:"):].encode()
+            files[key] = src[len("literal:") :].encode()
         elif src.endswith("/"):  # a directory: one key per file
             for f in sorted((cwd / src).iterdir()):
                 files[f.name] = f.read_bytes()
@@ -208,10 +208,12 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
                 assert status == 200, probe_name
             status, body = _http(host, ports["metrics"], "/v2/models/digits-old/ready")
             assert status == 400 and json.loads(body)["reason"]["code"] == "keyserver"
-            call = ("import vault, numpy as np\n"
-                    f"m = vault.connect('tcp://127.0.0.1:{ports['zmq']}', licence='alice.licence',"
-                    " server_key='keys/worker.key', model='digits-mlp')\n"
-                    "print(m.compute({'x': np.ones((2, 64), np.float32)})['logits'].shape)\n")
+            call = (
+                "import vault, numpy as np\n"
+                f"m = vault.connect('tcp://127.0.0.1:{ports['zmq']}', licence='alice.licence',"
+                " server_key='keys/worker.key', model='digits-mlp')\n"
+                "print(m.compute({'x': np.ones((2, 64), np.float32)})['logits'].shape)\n"
+            )
             r = host.run([sys.executable, "-c", call], cwd=tmp_path, text=True)
             assert r.returncode == 0 and r.stdout.strip() == "(2, 10)", r.stderr[-3000:]
             # this replica's own anchor has the checkpoints of what it released

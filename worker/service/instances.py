@@ -45,11 +45,12 @@ class LaunchSpec:
     """How the service starts its workers (the same for every model).
 
     ``licence`` is the service's own runtime licence (one per model, or one
-    whose model scope covers several or all: ``vault licence issue --all-models``) and ``device`` the enrolled device the service runs as: each
-    worker asks the key server for its package key as that device, with the
-    licence's proof. ``unsafe_test_keys`` (package
-    path -> raw key, with ``publisher``) bypasses the key server and exists
-    for tests only, as :func:`vault.client.open_with_unsafe_test_key` does.
+    whose model scope covers several or all: ``vault licence issue
+    --all-models``) and ``device`` the enrolled device the service runs as:
+    each worker asks the key server for its package key as that device, with
+    the licence's proof. ``unsafe_test_keys`` (package path -> raw key, with
+    ``publisher``) bypasses the key server and exists for tests only, as
+    :func:`vault.client.open_with_unsafe_test_key` does.
     """
 
     licence: Licence | Sequence[Licence] | None = None
