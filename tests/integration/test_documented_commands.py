@@ -91,9 +91,10 @@ COVERAGE: dict[tuple[str, str], str] = {
         "cp deploy/vault-daemon.service",
     ): "flow:tier1 (systemctl emulated: the flow starts the unit's ExecStart as systemd would)",
     ("deploy/README.md", 'vault.open("model.vault", licence="alice.licence") as m'): "flow:tier1",
+    ("deploy/README.md", "vault device keyserver /var/lib/vault/device"): "flow:tier1",
     (
         "deploy/README.md",
-        "vault keyserver init ks --database",
+        "vault keyserver init ks --address tcp://vault-keyserver",
     ): "test:test_k8s_containers (run as written against PostgreSQL at that address)",
     (
         "deploy/README.md",

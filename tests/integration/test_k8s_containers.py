@@ -7,7 +7,7 @@ Secrets. Here, in a private host (tests/nshost.py: its own network, the
 manifests' paths, the cluster's DNS names in its /etc/hosts):
 
 - PostgreSQL listens at the documented ``postgres.vault.svc:5432``; the
-  documented ``vault keyserver init ks --database ...`` runs as written;
+  documented ``VAULT_DATABASE_URL=... vault keyserver init ks`` runs as written;
 - each Secret's files are laid out as the kubelet mounts them (a read-only
   mount; the files behind ``..data`` links, mode 0440 as ``defaultMode:
   0400`` with an ``fsGroup`` gives), the ConfigMap likewise, the models claim
@@ -158,7 +158,7 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
         flow = Flow(host, tmp_path)
         with postgres_server(port=5432, wrap=lambda cmd: host.command(cmd, "/")):
             # the vendor's one-time steps, as written (key server init, `vault worker keygen`)
-            flow.shell(block("deploy/README.md", "vault keyserver init ks --database"))
+            flow.shell(block("deploy/README.md", "vault keyserver init ks --address"))
             ks = _workload("StatefulSet", "vault-keyserver")["spec"]["template"]["spec"]
             _mounts(host, ks, created, tmp_path)
             (kc,) = ks["containers"]

@@ -270,7 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         svc = WorkerService(cfg, log=log)
-        svc.handle_signals()  # a SIGTERM during the initial load, or right after it, drains
+        svc.catch_signals()  # a SIGTERM during the initial load, or right after it, drains
         ready = svc.start()
         key = ready.get("server_key") or ""
         if args.server_key_out:

@@ -219,6 +219,9 @@ class WorkerService:
         self._stopped = False
         self._heartbeat = time.monotonic()
         self._last_answer = 0.0
+        self._signals_caught = False
+        self._old_wakeup: int | None = None
+        self._old_handlers: dict[int, Any] = {}
         self._auth: Any = None
         self._http: HttpEndpoints | None = None
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -227,7 +230,6 @@ class WorkerService:
         self._next_poll = 0.0
         self._parked: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
         self._initial_done = False
-        self._signals: tuple[int, dict[signal.Signals, Any]] | None = None
         # what the probes read from other threads: replaced whole, never mutated
         self._status: dict[str, tuple[str, tuple[str, str] | None]] = {}
         cfg.policy.bind(lambda key, model: self._post("decided", key, model))
@@ -462,36 +464,33 @@ class WorkerService:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def handle_signals(self) -> None:
-        """From now on SIGTERM and SIGINT start a drain and SIGHUP rescans, by
-        waking the loop (main thread only). Called before :meth:`start`, a
-        signal during the initial load is not lost (``vault worker serve``
-        does), nor one just after the ready line; :meth:`run` calls it
-        itself if nobody did."""
-        if self._signals is not None:
+    def catch_signals(self) -> None:
+        """From now on SIGTERM/SIGINT start a drain and SIGHUP a rescan, even
+        before :meth:`run` (main thread only; undone by :meth:`close`). Call it
+        before printing a ready line: a signal that arrives between the line and
+        the loop then still drains instead of killing the process."""
+        if self._signals_caught or threading.current_thread() is not threading.main_thread():
             return
-        old = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        handlers = {sig: signal.signal(sig, _wake_only)
-                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}  # fmt: skip
-        self._signals = (old, handlers)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, _wake_only)
+        self._signals_caught = True
 
-    def _restore_signals(self) -> None:
-        if self._signals is None:
+    def _release_signals(self) -> None:
+        if not self._signals_caught:
             return
-        old, handlers = self._signals
-        self._signals = None
-        signal.set_wakeup_fd(old)
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        self._signals_caught = False
+        signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
 
     def run(self) -> int:
         """Serve until a drain completes; returns the exit code (0)."""
-        if threading.current_thread() is threading.main_thread():
-            self.handle_signals()
+        self.catch_signals()
         try:
             self._loop()
         finally:
-            self._restore_signals()
             self.close()
         return 0
 
@@ -1148,6 +1147,7 @@ class WorkerService:
             self._auth.stop()
             self._auth = None
         self.ctx.term()
+        self._release_signals()
         with self._wake_lock:
             os.close(self._wake_r)
             os.close(self._wake_w)
