@@ -166,7 +166,7 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
                                             tmp_path)[e["valueFrom"]["secretKeyRef"]["key"]]
                    .decode() for e in kc["env"]}  # fmt: skip
             host.run(["mkdir", "-p", "/var/lib/vault/anchor"], check=True)  # its own claim
-            flow.background(shlex.join(["vault", *_expand(kc["args"], env)]),
+            flow.background(shlex.join(["vault", *_expand(kc["args"], env)]), env=env,
                             where="keyserver.yaml")  # fmt: skip
             port = kc["ports"][0]["containerPort"]
             probe = host.run([sys.executable, "-c", "import socket; "
