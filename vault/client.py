@@ -481,6 +481,7 @@ class _WatchedChannel(ZmqChannel):
         timeout means nothing listens (``zmq.Again``: see :meth:`_gone`)."""
         deadline = time.monotonic() + self._send_timeout_ms / 1000
         mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
+        first = True
         while True:
             try:
                 sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
@@ -489,6 +490,9 @@ class _WatchedChannel(ZmqChannel):
             except zmq.Again:
                 pass
             self._events()
+            if first:  # a refusal seen before this call (a service since restarted, a key
+                self._mon.refused = None  # since allowed) says nothing: the next attempt does
+                first = False
             left_ms = int((deadline - time.monotonic()) * 1000)
             if getattr(self._mon, "refused", None) is not None or left_ms <= 0:
                 raise zmq.Again()
