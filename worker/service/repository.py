@@ -21,6 +21,7 @@ from typing import Any
 
 from vault.core.errors import ConfigError, FormatError, VaultError
 from vault.core.files import open_regular
+from vault.core.logs import reason
 from vault.core.package import read_header
 
 __all__ = ["Repository"]
