@@ -572,7 +572,7 @@ class WorkerService:
                 threading.Thread(target=inst.stop, daemon=True).start()
             else:
                 self._attach(m, inst)
-                if m.reason is not None:
+                if m.attempts:  # it was logged unavailable: say that it serves now
                     self.log("model_ready", model=m.model_id, attempts=m.attempts + 1)
                 m.reason, m.retry_at, m.attempts = None, None, 0
                 m.settled = True
