@@ -230,7 +230,9 @@ def _serve(args: argparse.Namespace) -> int:
         ks_client = KeyServerClient(licences[0], device=device)
         ks = ks_client
         policy = CallLicencePolicy(
-            lambda model, keys, usage: ks.call_decisions(model_id=model, keys=keys, usage=usage)  # type: ignore[arg-type]
+            lambda model, keys, usage, grants: ks.call_decisions(
+                model_id=model, keys=keys, usage=usage, grants=grants
+            )
         )
     curve = None
     if args.bind.startswith("tcp://"):

@@ -153,6 +153,7 @@ class _Model:
         self.info: dict[str, Any] | None = None
         self._signature: dict[str, Any] | None = None
         self.batchable = False
+        self.batching_why = "no worker has started yet"
         self.instances: list[Instance] = []
         self.starting: set[int] = set()
         self.backoff: dict[int, Backoff] = {}
@@ -339,8 +340,8 @@ class WorkerService:
         return self._http.port if self._http is not None else None
 
     def _describe(self, m: _Model) -> dict[str, Any]:
-        out = {"state": m.state, "instances": len(m.instances),
-               "batching": m.batchable and self.cfg.max_batch > 1,
+        out = {"state": m.state, "instances": len(m.instances), "batching": m.batchable,
+               "batching_reason": m.batching_why,
                "provider": (m.info or {}).get("provider")}  # fmt: skip
         if m.reason is not None and not m.instances:
             out["reason"] = {"code": m.reason[0], "message": m.reason[1]}
@@ -361,7 +362,9 @@ class WorkerService:
         m.instances.append(inst)
         if m.info is None:
             m.info = inst.info
-            m.batchable = batching.batchable(inst.info)
+            m.batchable, m.batching_why = batching.decide(inst.info, max_batch=self.cfg.max_batch)
+            self.log("model_batching", model=m.model_id, batching=m.batchable,
+                     reason=m.batching_why)  # fmt: skip
         self._gauge(m)
         self.log("worker_ready", model=m.model_id, index=inst.index, pid=inst.pid)
 
