@@ -198,13 +198,16 @@ class Flow:
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
         emulate: Mapping[str, Callable[[], None]] | None = None,
+        first: int | None = None,
     ) -> list[subprocess.CompletedProcess[str] | dict[str, Any]]:
         """Run every command of ``b``; a long-running one in the background
         (returns its ready line), ``emulate``: command prefix -> what the flow
-        does instead (only for what this machine cannot run)."""
+        does instead (only for what this machine cannot run). ``first``: only
+        the block's first N commands, for a flow that needs another page's
+        set-up (the page's own flow runs the whole block)."""
         assert b.is_shell, b.where
         results: list[subprocess.CompletedProcess[str] | dict[str, Any]] = []
-        for cmd in logical_commands(b.text):
+        for cmd in logical_commands(b.text)[:first]:
             stripped = cmd.strip()
             if emulate and any(stripped.startswith(p) for p in emulate):
                 prefix = next(p for p in emulate if stripped.startswith(p))

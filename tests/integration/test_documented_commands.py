@@ -309,7 +309,7 @@ def test_flow_hybrid(host: NsHost, tmp_path: Path) -> None:
     _vendor_models(tmp_path)
     _save(preprocess(8), tmp_path / "pre.onnx")
     _save(postprocess(5), tmp_path / "post.onnx")
-    flow.shell(block("README.md", "vault keyserver init ks"))
+    flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
     flow.shell(block("docs/hybrid.md", "vault profile model.onnx"))
     flow.python(
         block("docs/hybrid.md", "import vault"),
@@ -345,7 +345,7 @@ def test_flow_tier1(host: NsHost, tmp_path: Path) -> None:
     _save(preprocess(8), checkout / "pre.onnx")
     _save(postprocess(5), checkout / "post.onnx")
     _save(mlp(8, 16, 5, seed=7), checkout / "clf.onnx")
-    flow.shell(block("README.md", "vault keyserver init ks"))
+    flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
     flow.run("cp ks/admin.licence admin.licence")  # the vendor's admin, on this machine
     offline = {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}  # no index: build here
     # the vendor's build machine: this environment's python3 (setuptools>=77, the

@@ -155,8 +155,13 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         staged.mkdir()
         repo.mkdir()
         for i, name in enumerate(("good-a", "good-b", "broken", "extra", "late")):
-            res = seal(mlp(seed=i), model_id=name, signing_key=pk, output=staged / f"{name}.vault",
-                       batchable=True)  # the publisher declares rows independent (checked)
+            res = seal(
+                mlp(seed=i),
+                model_id=name,
+                signing_key=pk,
+                output=staged / f"{name}.vault",
+                batchable=True,
+            )  # the publisher declares rows independent (checked)
             ks.register(res.model_id, res.key_id, res.key, res.digest)
         data = bytearray((staged / "broken.vault").read_bytes())
         data[-100] ^= 1  # damaged after sealing: its manifest reads, its payload does not
