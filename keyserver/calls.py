@@ -43,6 +43,7 @@ from vault.core.errors import (
     VaultError,
     WrongModelError,
 )
+from vault.core.modelscope import covers
 
 from . import audit, metering
 from .policy import DeviceRecord, LicenceRecord
@@ -63,7 +64,7 @@ def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> Vau
         return LicenceRevokedError(f"licence {lic.licence_id} was revoked")
     if lic.expires_at is not None and now >= lic.expires_at:
         return LicenceExpiredError(f"licence {lic.licence_id} has expired")
-    if model_id is not None and lic.model_id is not None and lic.model_id != model_id:
+    if model_id is not None and lic.model_id is not None and not covers(lic.model_id, model_id):
         return WrongModelError(f"licence {lic.licence_id} is not for model {model_id!r}")
     if lic.max_calls is not None and lic.debited_calls >= lic.max_calls:
         return QuotaExhaustedError(f"licence {lic.licence_id} has used its {lic.max_calls} calls")

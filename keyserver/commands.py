@@ -24,6 +24,9 @@ import os
 import sys
 from typing import Any
 
+from vault.core.argtypes import positive_float
+from vault.core.logs import add_log_options
+
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 DATABASE_ENV = "VAULT_DATABASE_URL"
 
@@ -56,19 +59,23 @@ def cmd_serve(
     advertise: str | None = None,
     database: str | None = None,
     anchor: str | None = None,
+    log_format: str = "json",
+    log_level: str = "info",
     limits: Any = None,
     coalesce: float | None = None,
 ) -> int:
     import json
 
     from vault.core.errors import VaultError
+    from vault.core.logs import Log
 
     from .server import serve
     from .service import DEFAULT_COALESCE
 
+    log = Log(sys.stderr, component="keyserver", fmt=log_format, level=log_level)
     try:
         serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database,
-              anchor=anchor, limits=limits,
+              anchor=anchor, log=log, limits=limits,
               coalesce=DEFAULT_COALESCE if coalesce is None else coalesce)  # fmt: skip
     except VaultError as exc:
         # a launcher waiting for the ready line hears why there is none
@@ -229,11 +236,14 @@ def add_arguments(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")
     p.add_argument("--bind", default=DEFAULT_ADDRESS)
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
+    p.add_argument(
+        "--lease-ttl", type=positive_float, default=60.0, metavar="S", help="lease TTL (s)"
+    )
     p.add_argument("--advertise", default=None, help="address written into issued licences")
     _database_option(p)
     p.add_argument("--anchor", default=None, metavar="PATH",
                    help="append signed audit checkpoints to PATH (outside the database)")  # fmt: skip
+    add_log_options(p)
     p.add_argument("--request-limit", type=_limit, default="20/s:100", metavar="R/s[:BURST]",
                    help="requests per licence holder's key, checked before any policy "
                         "(default 20/s:100; 'off': none); refusals carry retry_after")  # fmt: skip
@@ -251,6 +261,7 @@ def add_arguments(sub: Any) -> None:
         func=lambda a: cmd_serve(
             a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
             database=database_url(a), anchor=a.anchor, limits=_limits(a), coalesce=a.coalesce,
+            log_format=a.log_format, log_level=a.log_level,
         ),
     )  # fmt: skip
 

@@ -12,7 +12,8 @@ Example::
     {"ready": true, "address": "tcp://127.0.0.1:41234", "pid": 4242, ...}
 
 That ready line (JSON, read by :func:`vault.core.launch.read_ready_line`)
-is all the server writes on stdout; its log lines go to stderr.
+is all the server writes on stdout; its log lines go to stderr
+(:class:`vault.core.logs.Log`: JSON by default, ``--log-format text``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import zmq
 from zmq.utils import z85
 
 from vault.core.errors import ProtocolError, VaultError
+from vault.core.logs import Log
 from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
 from . import audit
@@ -147,6 +149,7 @@ def serve(
     database: str | None = None,
     anchor: str | os.PathLike[str] | None = None,
     out: Any = None,
+    log: Log | None = None,
     limits: RequestLimits | None = None,
     coalesce: float = DEFAULT_COALESCE,
 ) -> None:
@@ -158,8 +161,10 @@ def serve(
     URL (several replicas may serve one database); by default the SQLite
     file ``DIR/keyserver.db``, one server per directory. ``anchor`` is the
     file that receives the signed audit checkpoints (:mod:`keyserver.anchor`).
+    ``log`` gets the server's events (default: JSON lines on stderr).
     """
     out = out or sys.stdout
+    log = log or Log(sys.stderr, component="keyserver")
     paths = Paths(os.fspath(root))
     # A SQLite file has one writer: the directory lock says so early. Replicas
     # of a PostgreSQL store share one directory of keys, so no lock there.
@@ -211,6 +216,7 @@ def serve(
                 release_policy=release_policy,
                 renew_policy=renew_policy,
                 checkpoint=writer,
+                log=log,
                 limits=limits,
                 coalesce=coalesce,
             )
@@ -227,6 +233,14 @@ def serve(
                 "server_key": public.decode(),
                 "database": st.kind,
             }
+            log(
+                "started",
+                endpoint=endpoint,
+                advertised=advertise or endpoint,
+                database=st.kind,
+                lease_ttl=lease_ttl,
+                anchor=os.fspath(anchor) if anchor else None,
+            )
             print(json.dumps(ready, sort_keys=True), file=out, flush=True)
             try:
                 _loop(router, zap, service, stop)
@@ -250,7 +264,7 @@ def serve(
             st.close()
             if writer is not None:
                 writer.close()
-        print("keyserver stopped", file=sys.stderr, flush=True)
+        log("stopped")
 
 
 @contextlib.contextmanager

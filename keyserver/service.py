@@ -32,6 +32,7 @@ import zmq
 from vault.core import crypto as _crypto
 from vault.core.errors import (
     AuditError,
+    ConfigError,
     KeyServerError,
     LicenceError,
     PermissionDeniedError,
@@ -42,6 +43,8 @@ from vault.core.errors import (
     VaultError,
 )
 from vault.core.licence import Licence
+from vault.core.logs import Log
+from vault.core.modelscope import MAX_SCOPE, make_scope, scope_items
 from vault.core.protocol import error_reply, ok_reply
 
 from . import audit, metering
@@ -141,8 +144,16 @@ def _int(h: Mapping[str, Any], name: str, *, optional: bool) -> Any:
     return v
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _scope(h: Mapping[str, Any]) -> str:
+    """The ``model_id`` of an ``issue``: a model scope (one id, several,
+    ``prefix*``, ``*``), canonical; a malformed one is a ProtocolError."""
+    v = h.get("model_id")
+    if not isinstance(v, str) or not v or len(v) > MAX_SCOPE:
+        raise ProtocolError("field 'model_id' must be a model id, a list of them or a pattern")
+    try:
+        return make_scope([v])
+    except ConfigError as exc:
+        raise ProtocolError(exc.message) from None
 
 
 def _device_only(caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -170,7 +181,7 @@ class KeyService:
         clock: Callable[[], float] = time.time,
         release_policy: Policy | None = None,
         renew_policy: Policy | None = None,
-        log: Callable[[str], None] = _stderr,
+        log: Callable[..., None] | None = None,
         checkpoint: Callable[[int, bytes, float], None] | None = None,
         limits: RequestLimits | None = None,
         coalesce: float = DEFAULT_COALESCE,
@@ -201,7 +212,8 @@ class KeyService:
         self.clock = clock
         self.release_policy = release_policy or default_release_policy()
         self.renew_policy = renew_policy or default_renew_policy()
-        self.log = log
+        # structured events (vault.core.logs.Log): log(event, level=..., **fields)
+        self.log: Callable[..., None] = log or Log(sys.stderr, component="keyserver")
         self._nonces: set[bytes] = set()
         self._nonce_expiry: deque[tuple[float, bytes]] = deque()
         self._ops: dict[str, Callable[[LicenceRecord, Mapping[str, Any], float], dict[str, Any]]]
@@ -234,7 +246,8 @@ class KeyService:
         if dev is None or dev.revoked_at is not None:
             return False
         if not self.rows.device_authentic(dev):  # written into the database by someone else
-            self.log(f"keyserver: REFUSED device row {dev.device_id}: its tag does not match")
+            self.log("row_refused", level="error", table="devices", device=dev.device_id,
+                     reason="its tag does not match: not written by this key server")  # fmt: skip
             return False
         self._note_identity(client_public_key, "device")
         return True
@@ -254,7 +267,8 @@ class KeyService:
         try:
             self.store.begin()
         except self.store.errors as exc:
-            self.log(f"keyserver: cannot open a transaction ({type(exc).__name__}); refusing batch")
+            self.log("batch_refused", level="error", error=type(exc).__name__,
+                     reason="cannot open a transaction")  # fmt: skip
             return [self._audit_failed(r) for r in requests]
         self._batch_broken = False
         self.coalescer.begin()
@@ -272,7 +286,8 @@ class KeyService:
                 head = audit.head(self.store)  # the head this batch leaves
             self.store.commit()
         except failures as exc:
-            self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
+            self.log("commit_failed", level="error", error=type(exc).__name__,
+                     reason="nothing released")  # fmt: skip
             self.coalescer.rollback()
             if self.store.in_transaction:
                 try:
@@ -293,9 +308,8 @@ class KeyService:
                 self.checkpoint(head[0], head[1], now)
                 self._checkpointed = head
             except Exception as exc:  # noqa: BLE001 - any failure: release nothing
-                self.log(
-                    f"keyserver: audit checkpoint failed ({type(exc).__name__}); nothing released"
-                )
+                self.log("checkpoint_failed", level="error", error=type(exc).__name__,
+                         reason="nothing released")  # fmt: skip
                 return [
                     rep if self._is_ping(req) else self._audit_failed(req)
                     for req, rep in zip(requests, replies)
@@ -417,7 +431,8 @@ class KeyService:
             self._rollback_savepoint()
             return error_reply(rid, exc)
         except self.store.errors as exc:
-            self.log(f"keyserver: {op} failed to write ({type(exc).__name__}); fail closed")
+            self.log("write_failed", level="error", op=str(op), error=type(exc).__name__,
+                     reason="fail closed")  # fmt: skip
             self._rollback_savepoint()
             return error_reply(
                 rid, AuditError("audit record could not be written; nothing released")
@@ -428,7 +443,8 @@ class KeyService:
                 tb = tb.tb_next
             where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
             # type and place only: an exception's text could quote request bytes
-            self.log(f"keyserver: internal error in {op}: {type(exc).__name__} at {where}")
+            self.log("internal_error", level="error", op=str(op), error=type(exc).__name__,
+                     where=where)  # fmt: skip
             self._rollback_savepoint()
             return error_reply(rid, KeyServerError("internal key server error"))
 
@@ -490,10 +506,9 @@ class KeyService:
         return None
 
     def _report_row(self, rec: LicenceRecord, now: float) -> None:
-        self.log(
-            f"keyserver: REFUSED licence row {rec.licence_id} ({rec.role}, holder {rec.holder!r}):"
-            " its tag does not match; it was not written by this key server"
-        )
+        self.log("row_refused", level="error", table="licences", licence=rec.licence_id,
+                 role=rec.role, holder=rec.holder,
+                 reason="its tag does not match: not written by this key server")  # fmt: skip
         audit.append(
             self.store, ts=now, event="row_refused", licence_id=rec.licence_id,
             detail={"table": "licences", "role": rec.role, "holder": rec.holder,
@@ -510,7 +525,7 @@ class KeyService:
             {"op": op, "reason": error.code, "message": error.message, **detail}, now,
         )  # fmt: skip
         if op not in ("release", "renew"):
-            self.log(f"keyserver: denied {op} for {caller.licence_id}: {error.code}")
+            self.log("denied", level="warning", op=op, actor=caller.licence_id, code=error.code)
         return _Denied(error)
 
     def _require_admin(self, caller: LicenceRecord, op: str, now: float) -> None:
@@ -697,7 +712,8 @@ class KeyService:
         database by anyone else is refused as if absent, and reported."""
         if rec is None or self.rows.device_authentic(rec):
             return rec
-        self.log(f"keyserver: REFUSED device row {rec.device_id}: its tag does not match")
+        self.log("row_refused", level="error", table="devices", device=rec.device_id,
+                 reason="its tag does not match: not written by this key server")  # fmt: skip
         audit.append(
             self.store, ts=now, event="row_refused",
             detail={"table": "devices", "device_id": rec.device_id,
@@ -715,7 +731,7 @@ class KeyService:
             {"op": op, "reason": error.code, "message": error.message, **detail}, now,
         )  # fmt: skip
         if op not in ("release", "renew", "close", "authorize"):
-            self.log(f"keyserver: denied {op} for {actor}: {error.code}")
+            self.log("denied", level="warning", op=op, actor=actor, code=error.code)
         return _Denied(error)
 
     def _device_op(
@@ -964,12 +980,12 @@ class KeyService:
             self.store, ts=now, event="key_registered", actor=caller.licence_id,
             model_id=model_id, detail={"key_id": key_id, "package_digest": digest},
         )  # fmt: skip
-        self.log(f"keyserver: registered key {key_id} for model {model_id}")
+        self.log("key_registered", key_id=key_id, model=model_id)
         return {"created": True}
 
     def _issue(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "issue", now)
-        model_id = _str(h, "model_id")
+        model_id = _scope(h)
         holder = _str(h, "holder")
         expires = _num(h, "expires", optional=True)
         max_calls = _int(h, "max_calls", optional=True)
@@ -980,10 +996,14 @@ class KeyService:
         require_key = h.get("require_key", False)
         if not isinstance(require_key, bool):
             raise ProtocolError("field 'require_key' must be a boolean")
-        if require_key and not self._known_model(model_id):
+        # each id the scope names must be known; a pattern ("digits-*", "*") covers
+        # the models registered now and later, so it needs none yet
+        unknown = [m for m in scope_items(model_id) if not m.endswith("*")
+                   and not self._known_model(m)] if require_key else []  # fmt: skip
+        if unknown:
             known = self.store.model_ids(limit=20)
             raise UnknownModelError(
-                f"the key server has no key for model {model_id!r} (registered: "
+                f"the key server has no key for model {unknown[0]!r} (registered: "
                 f"{', '.join(known) if known else 'none'}); seal and register it first, "
                 "or issue it anyway with --force"
             )
@@ -1006,7 +1026,7 @@ class KeyService:
                     "rate_limit": rate_limit, "grace": grace, "kind": kind,
                     "same_user": same_user, "devices": devices},
         )  # fmt: skip
-        self.log(f"keyserver: issued {licence_id} to {holder} for {model_id}")
+        self.log("issued", licence=licence_id, holder=holder, models=model_id, kind=kind)
         lic = Licence(
             licence_id=licence_id,
             holder=holder,
@@ -1074,7 +1094,7 @@ class KeyService:
             self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
         )  # fmt: skip
-        self.log(f"keyserver: revoked {licence_id}")
+        self.log("revoked", licence=licence_id)
         return {"licence_id": licence_id, "revoked_at": now, "already": False}
 
     def _list(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -1133,7 +1153,7 @@ class KeyService:
             self.store, ts=now, event="device_enrolled", actor=caller.licence_id,
             detail={"device_id": device_id, "name": name, "public_key": public_key},
         )  # fmt: skip
-        self.log(f"keyserver: enrolled device {device_id} ({name})")
+        self.log("device_enrolled", device=device_id, name=name)
         return {"device_id": device_id, "created": True}
 
     def _revoke_device(
@@ -1152,7 +1172,7 @@ class KeyService:
             self.store, ts=now, event="device_revoked", actor=caller.licence_id,
             detail={"device_id": device_id},
         )  # fmt: skip
-        self.log(f"keyserver: revoked device {device_id}")
+        self.log("device_revoked", device=device_id)
         return {"device_id": device_id, "revoked_at": now, "already": False}
 
     def _list_devices(

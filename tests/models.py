@@ -140,6 +140,32 @@ def slow_matmul(
     return _model(helper.make_graph(nodes, "slow", [x], [y], [w_init]))
 
 
+def blocks_model(
+    n_features: int = 8, hidden: int = 16, n_classes: int = 5, *, seed: int = 0
+) -> onnx.ModelProto:
+    """``x`` [N, F] -> ``logits`` [N, C] through three blocks (MatMul, Relu)
+    whose outputs are ``block1_out``..``block3_out``: the tensor names the
+    hybrid's documentation cuts at (``--protect-from block3_out``)."""
+    rng = np.random.default_rng(seed)
+    dims = [n_features, hidden, hidden, hidden]
+    inits, nodes = [], []
+    prev = "x"
+    for i in range(3):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"block{i + 1}_w"))
+        nodes.append(helper.make_node("MatMul", [prev, f"block{i + 1}_w"], [f"block{i + 1}_mm"],
+                                      name=f"block{i + 1}_matmul"))  # fmt: skip
+        nodes.append(helper.make_node("Relu", [f"block{i + 1}_mm"], [f"block{i + 1}_out"],
+                                      name=f"block{i + 1}_relu"))  # fmt: skip
+        prev = f"block{i + 1}_out"
+    w = (rng.standard_normal((hidden, n_classes)) / np.sqrt(hidden)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, "head_w"))
+    nodes.append(helper.make_node("MatMul", ["block3_out", "head_w"], ["logits"], name="head"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])
+    return _model(helper.make_graph(nodes, "blocks", [x], [y], inits))
+
+
 def batch_centred(n_features: int = 4) -> onnx.ModelProto:
     """``x`` [N, F] -> ``y = x - mean(x over dim 0)`` [N, F]: its signature
     looks batchable, but every output row depends on every input row (what

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import builtins
 import functools
 import itertools
 import os
@@ -53,6 +52,7 @@ import zmq
 
 from .core import sealed, standby
 from .core.channel import Channel, ZmqChannel, check_endpoint
+from .core.curvekeys import read_public_key
 from .core.daemonwire import (
     DAEMON_USER_VAR,
     DEFAULT_SOCKET,
@@ -64,6 +64,7 @@ from .core.daemonwire import (
 )
 from .core.errors import (
     ConfigError,
+    InputError,
     IntegrityError,
     PermissionDeniedError,
     ProtocolError,
@@ -530,7 +531,8 @@ class _WatchedChannel(ZmqChannel):
     waiting call at once, and a send that finds no connection says why,
     within ``send_timeout_ms``:
 
-    - nothing listens at the address: :class:`ServiceUnavailableError`;
+    - nothing listens at the address (a connection refused, or none made
+      within the send timeout): :class:`ServiceUnavailableError`;
     - the CURVE handshake failed (the server key is not the service's):
       :class:`ConfigError`;
     - the service refused this caller's key (ZAP: not on its allow-list, or
@@ -554,6 +556,7 @@ class _WatchedChannel(ZmqChannel):
         self._sealed = threading.local()
         self._sealed_socks: list[zmq.Socket[Any]] = []
         self._sealed_lock = threading.Lock()
+        self._send_timeout_ms = send_timeout_ms
         self._mon = threading.local()
         self._monitors: list[zmq.Socket[Any]] = []
         self._mon_lock = threading.Lock()
@@ -564,9 +567,9 @@ class _WatchedChannel(ZmqChannel):
             # queued for a dead one would wait for its return): the send
             # fails instead, and the call goes to another replica
             sock.immediate = True
-            sock.sndtimeo = send_timeout_ms
             mon = sock.get_monitor_socket(
-                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+                | zmq.EVENT_CONNECTED
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             )  # fmt: skip
@@ -589,10 +592,45 @@ class _WatchedChannel(ZmqChannel):
                 self._mon.lost = True
             elif ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._mon.refused = None
+            elif ev == zmq.EVENT_CONNECTED:  # something listens; its handshake says the rest
+                if self._mon.refused == "unreachable":
+                    self._mon.refused = None
+            elif ev == zmq.EVENT_CONNECT_RETRIED:
+                # a retry after a refused connection means nothing listens; after a
+                # failed handshake, that failure is the reason
+                if self._mon.refused is None:
+                    self._mon.refused = "unreachable"
             elif ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._mon.refused = "auth"
             else:
                 self._mon.refused = "handshake"
+
+    def _send(self, sock: zmq.Socket[Any], parts: list[Any]) -> None:
+        """Send once a connection is up, watching the monitor meanwhile: a
+        handshake the service refuses (a wrong server key, a caller's key it
+        does not know) ends the wait at once; no connection within the send
+        timeout means nothing listens (``zmq.Again``: see :meth:`_gone`)."""
+        deadline = time.monotonic() + self._send_timeout_ms / 1000
+        mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
+        first = True
+        while True:
+            try:
+                sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                self._mon.lost = False  # what happened before the send is not this call's
+                return
+            except zmq.Again:
+                pass
+            self._events()
+            if first:  # a refusal seen before this call (a service since restarted, a key
+                self._mon.refused = None  # since allowed) says nothing: the next attempt does
+                first = False
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if getattr(self._mon, "refused", None) is not None or left_ms <= 0:
+                raise zmq.Again()
+            if mon is not None:
+                mon.poll(min(left_ms, 50))
+            else:  # pragma: no cover - every socket of this channel has a monitor
+                time.sleep(0.01)
 
     def _lost(self) -> bool:
         self._events()
@@ -833,6 +871,19 @@ class _FailoverChannel(Channel):
 
 # --- the model ----------------------------------------------------------------------------
 
+
+def check_feeds_mapping(inputs: Any, signature: Mapping[str, Any]) -> None:
+    """A compute call takes a dict of input name -> array; a bare array (or a
+    list) gets an :class:`InputError` that shows the call to make."""
+    if isinstance(inputs, Mapping):
+        return
+    first = next(iter(signature), "x")
+    raise InputError(
+        f"compute takes a dict of input name -> array, e.g. compute({{{first!r}: arr}}), "
+        f"not a {type(inputs).__name__} (inputs: {', '.join(signature) or 'none'})"
+    )
+
+
 _LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
 
 
@@ -971,7 +1022,10 @@ class Model:
         *,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Run the pipeline; returns the chosen (default: all) outputs by name."""
+        """Run the pipeline; returns the chosen (default: all) outputs by name.
+        ``inputs`` is a dict of input name -> array (``model.inputs`` lists
+        them); anything else is an :class:`InputError` saying so."""
+        check_feeds_mapping(inputs, self.inputs)
         arena = self._localw.arena if self._localw is not None else None
         slot = arena.acquire() if arena is not None and _has_large(inputs) else None
         region = arena.region(slot) if arena is not None and slot is not None else None
@@ -1201,8 +1255,9 @@ def connect(
 ) -> Model:
     """Use a remote worker service (``vault worker serve``) over tcp:// with CURVE.
 
-    ``server_key`` is the service's Z85 CURVE public key, or a file holding it
-    (``vault worker serve`` prints it and writes it next to its allow-list).
+    ``server_key`` is the service's Z85 CURVE public key, a file holding it
+    (``vault worker serve --server-key-out worker.pub``), or the service's
+    certificate from ``vault worker keygen`` (``worker.key``).
     ``model`` names the model when the service serves several (its model id).
     ``address`` may name several replicas of one service (a list, or
     ``"tcp://a:7701,tcp://b:7701"``, same server key): calls take turns, and
@@ -1218,12 +1273,7 @@ def connect(
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")
-    key = os.fspath(server_key)
-    if len(key) != 40 and os.path.exists(key):
-        with builtins.open(key, encoding="ascii") as fh:
-            key = fh.read().strip()
-    if len(key) != 40:
-        raise ConfigError("server_key must be the worker's 40-character Z85 CURVE public key")
+    key = read_public_key(server_key)
     return Model(remote=_Remote(addresses, Licence.load(lic), key, model), timeout=timeout)
 
 

@@ -15,7 +15,9 @@ What sealing does, in order:
 3. Wire the stages: pre outputs feed model inputs and model outputs feed post
    inputs by name (or by an explicit ``io_map``); an element-type mismatch
    is refused, a shape disagreement is a warning naming both ends (declared
-   shapes are advisory, as in onnxruntime).
+   shapes are advisory, as in onnxruntime). The pipeline returns the last
+   stage's outputs: an output of one stage that the next does not read is
+   dropped, and a warning names it (``vault seal --post`` prints it).
 4. Move every weight larger than 1 KiB out of the graph into an in-memory
    "file" (onnxruntime later takes it from memory with
    ``add_external_initializers_from_files_in_memory``), so graphs stay small
@@ -340,6 +342,15 @@ def _wire(
                 f"{sorted(ins)}; pass an explicit mapping (--map OUT=IN)"
             )
     fed = {i for _, i in pairs}
+    read = {o for o, _ in pairs}
+    dropped = [n for n in outs if n not in read]
+    if dropped and warnings is not None:
+        # the sealed pipeline's outputs are the last stage's: these leave nothing
+        warnings.append(
+            f"{up_name} outputs {dropped} are not read by {down_name}: the sealed pipeline "
+            f"does not return them (its outputs are {down_name}'s); to keep one, pass it "
+            f"through {down_name} (an Identity node to an output)"
+        )
     missing = [n for n in ins if n not in fed]
     if missing:
         raise SealError(

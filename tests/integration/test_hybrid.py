@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 import vault
 from tests.conftest import KeyServerProcess, served_endpoint
@@ -152,9 +154,29 @@ def test_hybrid_equals_in_process_onnxruntime_for_every_shipped_cut(deployed: An
             assert list(m.compute({"image": x}, outputs=["probs"])) == ["probs"]
             with pytest.raises(vault.InputError):
                 m.compute({"pixels": x})
-            with pytest.raises(vault.InputError):
+            # a wrong dtype at the head: the vault's words, not onnxruntime's
+            with pytest.raises(vault.InputError, match="is float32; the model takes uint8") as e:
                 m.compute({"image": x.astype(np.float32)})
+            assert "ONNXRuntime" not in str(e.value) and "INVALID_ARGUMENT" not in str(e.value)
+            with pytest.raises(vault.InputError, match="takes a dict of input name"):
+                m.compute(x)  # type: ignore[arg-type]
             assert m.compute({"image": x})["probs"].shape == (4, 5)  # still serving
+
+
+def test_a_wrong_server_key_or_a_stopped_tail_is_said_at_once(deployed: Any) -> None:
+    """The hybrid's server connection reports what is wrong, typed, long
+    before a call's timeout (120 s here: a WorkerTimeoutError would mean it waited)."""
+    out, alice, dep, _ = deployed
+    wrong, _ = zmq.curve_keypair()
+    with pytest.raises(vault.ConfigError, match="server key given is not this service's"):
+        vault.open(out, licence=alice, server=dep.server, timeout=120,
+                   server_key={k: wrong.decode() for k in dep.keys})  # fmt: skip
+    with socket.socket() as s:  # a port nothing listens on: a tail that stopped
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(vault.ServiceUnavailableError, match="not reachable"):
+        vault.open(out, licence=alice, server={k: f"tcp://127.0.0.1:{free}" for k in dep.server},
+                   server_key=dep.keys, timeout=120)  # fmt: skip
 
 
 def test_pipelined_calls_return_each_calls_own_result(deployed: Any) -> None:

@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 import vault
+from tests.integration.test_worker_keyserver import revoked_calls, within_one_lease
 from tests.models import mlp
 from vault.core.crypto import PublisherKey
 from vault.core.keyclient import KeyServerClient
@@ -135,14 +136,11 @@ def test_revocation_stops_a_caller_within_one_lease(service: Svc) -> None:
         c.compute({"x": X})
         with service.keyserver.admin() as ks:
             ks.revoke(carol.licence_id)
-        t0 = time.monotonic()
-        with pytest.raises(vault.LicenceRevokedError):
-            while time.monotonic() - t0 < 3 * service.keyserver.lease_ttl:
-                c.compute({"x": X})
-                time.sleep(0.02)
-        # a decision is never used past one lease; the refusal then takes one
-        # key-server round trip (slack for a loaded machine)
-        assert time.monotonic() - t0 <= service.keyserver.lease_ttl + 1.5
+        # a decision is never used past one lease: no call is served after the
+        # lease of the last decision made before the revocation
+        served = revoked_calls(c, {"x": X})
+        assert within_one_lease(service.keyserver, carol.licence_id, served,
+                                grants=("call_lease",))  # fmt: skip
 
 
 def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
@@ -150,24 +148,27 @@ def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
     ok = limited = 0
     with service.connect(dan) as d:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 1.0:
+        while limited < 5:  # until the caller has been refused a few times
             try:
                 d.compute({"x": X})
                 ok += 1
             except vault.RateLimitedError:
                 limited += 1
-    assert limited > 0
-    assert ok <= 2 + 2 + 1  # a burst of 2, then 2/s
+            # a burst of 2, then 2/s, over the time it took (a slow machine serves fewer)
+            assert ok <= 2 + 2 * (time.monotonic() - t0) + 1, ok
 
 
 def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> None:
     erin = service.caller(holder="erin", model="other")
     with service.connect(erin) as e, pytest.raises(vault.WrongModelError):
         e.compute({"x": X})
-    frank = service.caller(holder="frank", expires=1.0)
+    frank = service.caller(holder="frank", expires=3.0)
     with service.connect(frank) as f:
         f.compute({"x": X})
-        time.sleep(1.1)
+        with service.keyserver.admin() as ks:
+            expires_at = next(r["expires_at"] for r in ks.list() if r["holder"] == "frank")
+        while time.time() <= expires_at:  # the key server's clock: this machine's
+            time.sleep(0.05)
         with pytest.raises(vault.LicenceExpiredError):
             f.compute({"x": X})
     # a runtime licence is not a call licence: its key is not let in at all

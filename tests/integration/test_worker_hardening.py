@@ -214,7 +214,10 @@ def test_same_user_cannot_read_memory_or_ptrace_the_worker(
         _as_nobody([SYSTEM_PYTHON, "-c", "import time; time.sleep(30)"]), env=_nobody_env()
     )
     try:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60  # the victim runs python (not setpriv any more)
+        while b"time.sleep(30)" not in Path(f"/proc/{victim.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the control process never started"
+            time.sleep(0.01)
         control = _attack(victim.pid)
         assert control["mem"] == "read" and control["ptrace"] == "attached", control
     finally:

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+from ..core.argtypes import positive_int
 from ..core.errors import ConfigError, VaultError
 
 __all__ = ["register"]
@@ -29,8 +30,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="the profile (JSON)")
-    p.add_argument("--repeats", type=int, default=10, help="runs; each node's median is kept")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--repeats", type=positive_int, default=10, help="runs; each node's median is kept"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="onnxruntime intra-op threads"
+    )
     p.set_defaults(func=_profile)
 
     s = sub.add_parser(

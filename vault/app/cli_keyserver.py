@@ -19,6 +19,7 @@ import datetime as _dt
 import re
 from typing import Any
 
+from ..core.argtypes import non_negative_float, non_negative_int, positive_float
 from ..core.errors import ConfigError
 
 __all__ = ["parse_duration", "parse_rate", "register"]
@@ -57,10 +58,15 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _issue(args: argparse.Namespace) -> int:
+    from ..core.modelscope import ALL, describe, make_scope
+
+    if args.all_models and args.model_id:
+        raise ConfigError("give model ids or --all-models, not both")
+    scope = make_scope([ALL] if args.all_models else args.model_id)
     expires = None if args.expires is None else parse_duration(args.expires)
     with _client(args) as ks:
         lic = ks.issue(
-            args.model_id,
+            scope,
             holder=args.to,
             expires=expires,
             max_calls=args.max_calls,
@@ -74,8 +80,8 @@ def _issue(args: argparse.Namespace) -> int:
     out = args.output or f"{args.to}.licence"
     lic.save(out)
     print(
-        f"issued {lic.kind} licence {lic.licence_id} to {lic.holder} for model {lic.model_id} "
-        f"-> {out}"
+        f"issued {lic.kind} licence {lic.licence_id} to {lic.holder} for "
+        f"{describe(lic.model_id)} -> {out}"
     )
     if lic.rate_limit is not None:
         print(f"  rate: {describe_rate(lic.rate_limit)}")
@@ -181,24 +187,31 @@ def register(sub: Any) -> None:
     def admin_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--licence", "--license", dest="licence", required=True,
                        help="the admin licence file")  # fmt: skip
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+        p.add_argument(
+            "--timeout", type=positive_float, default=10.0, help="seconds to wait for the server"
+        )
 
     p = lic_sub.add_parser(
-        "issue", help="issue a licence for a model",
-        description="Issue a licence for a model whose key is registered with the key server. "
+        "issue", help="issue a licence for a model (or several)",
+        description="Issue a licence for models whose keys are registered with the key server "
+        "(one id, several, a prefix ending in '*', or --all-models). "
         "--rate R/s: " + RATE_HELP + ".",
     )  # fmt: skip
-    p.add_argument("model_id", help="a model id the key server has a key for (vault seal "
-                                    "registered it); see --force")  # fmt: skip
+    p.add_argument("model_id", nargs="*", metavar="MODEL_ID",
+                   help="the model(s) it covers: ids the key server has a key for (vault seal "
+                        "registered them; see --force), or a prefix ending in '*' (quote it)")  # fmt: skip
+    p.add_argument("--all-models", action="store_true",
+                   help="every model of this key server (its publisher's), now or registered "
+                        "later: e.g. a service serving a whole --repository")  # fmt: skip
     p.add_argument("--to", required=True, help="holder name")
     p.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
-    p.add_argument("--max-calls", type=int, default=None, help="call quota")
+    p.add_argument("--max-calls", type=non_negative_int, default=None, help="call quota")
     p.add_argument("--rate", "--rate-limit", dest="rate_limit", type=parse_rate, default=None,
                    metavar="R/s", help=RATE_HELP)  # fmt: skip
     p.add_argument("--force", action="store_true",
-                   help="issue it even though the key server has no key for MODEL_ID yet "
+                   help="issue it even though the key server has no key for a MODEL_ID yet "
                         "(by default a model id with no registered key is refused: a typo)")  # fmt: skip
-    p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
+    p.add_argument("--grace", type=non_negative_float, default=0.0, help="offline grace period (s)")
     p.add_argument("--kind", choices=("runtime", "call"), default="runtime",
                    help="runtime: use the model through an enrolled device (default); "
                         "call: call a vendor-hosted service, gives no key")  # fmt: skip

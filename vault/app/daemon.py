@@ -101,6 +101,7 @@ from ..core.errors import (
     WrongKeyServerError,
 )
 from ..core.licence import Licence, LicenceProof
+from ..core.logs import Log, reason
 from ..core.package import Header, memory_limit, read_header
 from ..core.process import stop_process
 
@@ -363,10 +364,11 @@ def _z85_key(value: Any) -> str:
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, device: Device, *, log: IO[str] | None = None) -> None:
+    def __init__(self, config: DaemonConfig, device: Device, *, log: Log | None = None) -> None:
         self.config = config
         self.device = device
-        self.log_stream = log or sys.stderr
+        # structured events (vault.core.logs.Log): log(event, level=..., **fields)
+        self.log = log or Log(sys.stderr, component="daemon")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
@@ -374,9 +376,6 @@ class Daemon:
         self._standby: list[_Standby] = []
         self._refilling = False
         self._starting: dict[int, int] = {}  # uid -> workers starting for it now
-
-    def log(self, line: str) -> None:
-        print(f"vault-daemon: {line}", file=self.log_stream, flush=True)
 
     # -- requests -----------------------------------------------------------------
 
@@ -618,7 +617,8 @@ class Daemon:
                 try:
                     standby = self._start_standby()
                 except Exception as exc:  # noqa: BLE001 - logged; the next open spawns cold
-                    self.log(f"cannot pre-start a worker: {type(exc).__name__}: {exc}")
+                    code, message = reason(exc)
+                    self.log("standby_failed", level="error", code=code, message=message)
                     with self._lock:
                         self._refilling = False
                     return
@@ -710,9 +710,9 @@ class Daemon:
             conn.workers[worker.wid] = worker
             self._release_start_locked(slot.uid)
             slot.starting = False
-        self.log(f"worker {worker.wid} (pid {worker.proc.pid}) for uid {conn.uid} pid {conn.pid}: "
-                 f"model {ready.get('model_id')}, licence {lic.licence_id}"
-                 f"{' (pre-started)' if ready.get('standby') else ''}")  # fmt: skip
+        self.log("worker_started", worker=worker.wid, pid=worker.proc.pid, uid=conn.uid,
+                 caller_pid=conn.pid, model=ready.get("model_id"), licence=lic.licence_id,
+                 standby=bool(ready.get("standby")))  # fmt: skip
         return {
             "worker": worker.wid,
             "pid": worker.proc.pid,
@@ -811,10 +811,13 @@ class Daemon:
                 raise ProtocolError(f"unknown op {op!r}")
         except VaultError as exc:
             if op == "open":
-                self.log(f"open refused for uid {conn.uid}: {exc.code}: {exc.message}")
+                code, message = reason(exc)
+                self.log("open_refused", level="warning", uid=conn.uid, code=code,
+                         message=message)  # fmt: skip
             return {"ok": False, "id": rid, "error": exc.to_wire()}
         except Exception as exc:  # noqa: BLE001 - a bug or odd input: answered, never fatal
-            self.log(f"{op!r} from uid {conn.uid} failed: {type(exc).__name__}: {exc}")
+            self.log("request_failed", level="error", op=str(op), uid=conn.uid,
+                     error=type(exc).__name__)  # fmt: skip
             err = ProtocolError(f"the daemon could not handle this {op!r} request")
             return {"ok": False, "id": rid, "error": err.to_wire()}
         finally:
@@ -912,7 +915,7 @@ class Daemon:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # out of descriptors or memory (a flood of connections): back
                     # off and go on serving the callers already connected
-                    self.log(f"accept: {exc.strerror}; backing off")
+                    self.log("accept_backoff", level="warning", error=exc.strerror)
                     self._stop.wait(0.1)
                     continue
                 raise
@@ -986,9 +989,11 @@ def resolve_worker_user(name: str | None) -> tuple[int, int, str]:
     return pw.pw_uid, pw.pw_gid, pw.pw_name
 
 
-def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
-    """Run until SIGTERM or Ctrl-C; prints one JSON ready line on ``out``."""
+def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | None = None) -> int:
+    """Run until SIGTERM or Ctrl-C; prints one JSON ready line on ``out``,
+    its events on ``log`` (default: JSON lines on stderr)."""
     out = out or sys.stdout
+    log = log or Log(sys.stderr, component="daemon")
     device = Device.load(config.device_dir)
     check_install(config.python, config.sys_path)
     base = os.path.dirname(os.path.abspath(config.socket_path))
@@ -1001,9 +1006,11 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
         check_private_dir(config.runtime_dir, what="runtime directory")
     os.chmod(config.runtime_dir, 0o711)
     listener = _bind(config.socket_path)
-    daemon = Daemon(config, device)
+    daemon = Daemon(config, device, log=log)
     old = {s: signal.signal(s, lambda *_: daemon.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        log("started", socket=config.socket_path, device=device.device_id,
+            worker_uid=config.worker_uid, standby=config.standby)  # fmt: skip
         print(json.dumps({"ready": True, "socket": config.socket_path, "tier": TIER,
                           "device_id": device.device_id, "worker_uid": config.worker_uid,
                           "keyserver": device.keyserver_address,
@@ -1019,4 +1026,5 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
             shutil.rmtree(config.runtime_dir, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
+        log("stopped")
     return 0

@@ -38,6 +38,7 @@ from typing import Any
 from . import crypto as _crypto
 from .errors import ConfigError
 from .files import read_regular, write_private_file
+from .modelscope import covers
 
 __all__ = ["KINDS", "Licence", "LicenceProof", "write_private_file"]
 
@@ -110,7 +111,7 @@ class Licence:
     client_public_key: str  # Z85 CURVE public key of the holder
     client_secret_key: str  # Z85 CURVE secret key of the holder
     publisher_key: str = ""  # base64 raw Ed25519 public key of the publisher
-    model_id: str | None = None  # None for an admin licence
+    model_id: str | None = None  # its model scope (vault.core.modelscope); None for an admin
     role: str = "caller"  # "caller" or "admin"
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = ""  # "runtime", "call" or "admin" ("" : from the role)
@@ -135,6 +136,11 @@ class Licence:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def covers(self, model_id: str) -> bool:
+        """Whether this licence may be used with ``model_id`` (its model scope:
+        one id, several, ``prefix*`` or ``*``; see :mod:`vault.core.modelscope`)."""
+        return covers(self.model_id, model_id)
 
     @property
     def proof_public_key(self) -> str:
