@@ -28,18 +28,11 @@ def table(res: dict[str, Any]) -> str:
             "in_process = worker's options (spinning off), in_process_default = onnxruntime's"
         )
         groups = [
-            [
-                "in_process",
-                "in_process_default",
-                "vault_ipc",
-                "zmq_echo_ipc",
-                "unix_echo",
-                "memcpy",
-            ],
+            ["in_process", "in_process_default", "vault_ipc", "vault_ipc_zmq", "zmq_echo_ipc"],
             ["unix_echo", "memcpy", "vault_tcp", "vault_tcp_curve", "fastapi_raw"],
             ["fastapi_tls", "grpc_tls"],
             ["zmq_echo_tcp", "zmq_echo_tcp_sealed", "zmq_echo_tcp_curve", "tcp_echo", "tls_echo"],
-        ]  # local; remote (vault: sealed, CURVE alone; peers); the remote floors
+        ]  # local (direct channel, ZeroMQ); remote (sealed, CURVE alone; peers); remote floors
         for modes in groups:
             L.append(f"{'model':<14}" + "".join(f"{x:>20}" for x in modes))
             for name, row in lat.items():
