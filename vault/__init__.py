@@ -39,6 +39,9 @@ from .core.errors import (
     RateLimitedError,
     SealError,
     ServiceUnavailableError,
+    TokenError,
+    TokenExpiredError,
+    TokenSpentError,
     UnknownLicenceError,
     UnknownModelError,
     UnsafeModelError,
@@ -55,6 +58,7 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .core.crypto import PublisherKey
     from .core.licence import Licence
     from .core.package import Package, inspect
+    from .core.token import mint_token
     from .hybrid.client import HybridModel
     from .sealing import SealResult, seal
 
@@ -69,6 +73,7 @@ _LAZY = {
     "inspect": "core.package",
     "Licence": "core.licence",
     "PublisherKey": "core.crypto",
+    "mint_token": "core.token",
 }
 
 __all__ = [
@@ -95,6 +100,9 @@ __all__ = [
     "SealError",
     "SealResult",
     "ServiceUnavailableError",
+    "TokenError",
+    "TokenExpiredError",
+    "TokenSpentError",
     "UnknownLicenceError",
     "UnknownModelError",
     "UnsafeModelError",
@@ -107,6 +115,7 @@ __all__ = [
     "__version__",
     "connect",
     "inspect",
+    "mint_token",
     "open",
     "seal",
 ]
