@@ -32,6 +32,7 @@ SECTIONS = {
     "keyserver": "keyserver_bench",
     "hybrid": "hybrid",
     "service": "service_bench",
+    "oip": "oip_bench",
 }
 
 
