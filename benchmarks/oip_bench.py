@@ -205,8 +205,9 @@ def _callers(s: _Server, x: np.ndarray[Any, Any], proto: str) -> Callable[[], An
                 tls.inp = th.InferInput("x", list(x.shape), "FP32")
                 tls.inp.set_data_from_numpy(x, binary_data=True)
                 tls.out = [th.InferRequestedOutput("logits", binary_data=True)]
-            return c.infer(s.model, [tls.inp], outputs=tls.out, headers=s.headers,
-                           request_id="1").as_numpy("logits")  # fmt: skip
+            # tritonclient.http adds its own headers to the dict it is given: a copy
+            return c.infer(s.model, [tls.inp], outputs=tls.out, request_id="1",
+                           headers=dict(s.headers) if s.headers else None).as_numpy("logits")  # fmt: skip
 
         return rest
     import tritonclient.grpc as tg

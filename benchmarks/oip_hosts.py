@@ -78,22 +78,28 @@ def triton_main(model: str, http: str, grpc: str, instances: str, max_batch: str
 
     def make() -> Any:
         sess = _session(model)
+        if mb > 1:  # Triton's dynamic batcher joins calls; @batch hands over the batch
 
-        @batch  # type: ignore[untyped-decorator]
-        def infer(x: Any) -> dict[str, Any]:
-            return {"logits": sess.run(None, {"x": x})[0]}
+            @batch  # type: ignore[untyped-decorator]
+            def batched(x: Any) -> dict[str, Any]:
+                return {"logits": sess.run(None, {"x": x})[0]}
 
-        return infer
+            return batched
+
+        def each(requests: Any) -> list[dict[str, Any]]:  # no batcher: one request at a time
+            return [{"logits": sess.run(None, {"x": r["x"]})[0]} for r in requests]
+
+        return each
 
     d_in = int(_session(model).get_inputs()[0].shape[1])
-    config = ModelConfig(max_batch_size=max(mb, 1),
-                         batcher=DynamicBatcher(max_queue_delay_microseconds=0),
-                         batching=mb > 1)  # fmt: skip
+    config = ModelConfig(batching=mb > 1, max_batch_size=max(mb, 1),
+                         batcher=DynamicBatcher(max_queue_delay_microseconds=0))  # fmt: skip
+    dims_in, dims_out = ((d_in,), (-1,)) if mb > 1 else ((-1, d_in), (-1, -1))
     with Triton(config=TritonConfig(http_port=int(http), grpc_port=int(grpc),
                                     metrics_port=0, allow_metrics=False)) as t:  # fmt: skip
         t.bind(model_name="m", infer_func=[make() for _ in range(n)],
-               inputs=[Tensor(name="x", dtype=np.float32, shape=(d_in,))],
-               outputs=[Tensor(name="logits", dtype=np.float32, shape=(-1,))],
+               inputs=[Tensor(name="x", dtype=np.float32, shape=dims_in)],
+               outputs=[Tensor(name="logits", dtype=np.float32, shape=dims_out)],
                config=config, strict=False)  # fmt: skip
         print("ready", flush=True)
         t.serve()
@@ -101,35 +107,22 @@ def triton_main(model: str, http: str, grpc: str, instances: str, max_batch: str
 
 
 def kserve_main(model: str, http: str, grpc: str, instances: str) -> int:
-    import kserve
-    from kserve import InferRequest, InferResponse, Model, ModelServer
-    from kserve.utils.utils import get_predict_input, get_predict_response
+    import logging
 
-    class Onnx(Model):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__("m")
-            self.sess: Any = None
+    from kserve import ModelServer
 
-        def load(self) -> bool:
-            self.sess = _session(model)
-            self.ready = True
-            return True
+    from .kserve_host import OnnxModel
 
-        async def predict(self, payload: InferRequest, headers: Any = None,
-                          response_headers: Any = None) -> InferResponse:  # fmt: skip
-            x = get_predict_input(payload)
-            out = self.sess.run(None, {"x": x})[0]
-            return get_predict_response(payload, out, self.name)  # type: ignore[no-any-return]
-
-    m = Onnx()
+    m = OnnxModel("m", model)
     m.load()
-    del kserve
     print("ready", flush=True)
+    logging.disable(logging.INFO)  # no access or latency log line per call
     ModelServer(http_port=int(http), grpc_port=int(grpc), workers=int(instances),
-                enable_docs_url=False).start([m])  # fmt: skip
+                enable_docs_url=False, enable_latency_logging=False,
+                event_loop="uvloop").start([m])  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    kind, args = sys.argv[1], sys.argv[2:]
-    sys.exit({"vault": vault_main, "triton": triton_main, "kserve": kserve_main}[kind](*args))
+    mains: dict[str, Any] = {"vault": vault_main, "triton": triton_main, "kserve": kserve_main}
+    sys.exit(mains[sys.argv[1]](*sys.argv[2:]))

@@ -721,3 +721,43 @@ def test_plaintext_off_loopback_is_refused_at_start(plane: Plane) -> None:
     assert out.returncode != 0
     assert b"in the clear" in out.stderr and b"--dangerously-serve-plaintext" in out.stderr
     assert not (plane.dir / "never.sock").exists()  # refused before anything was bound
+
+
+# --- docs/protocol.md's examples, exactly as written ---------------------------------------
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    examples = text.split("## Examples", 1)[1].split("\n## ", 1)[0]
+    return [b.split("```", 1)[0] for b in examples.split(f"```{lang}\n")[1:]]
+
+
+def test_the_documented_examples_run_as_written(plane: Plane) -> None:
+    require(shutil.which("curl") is not None, "curl (apt-get install curl)")
+    work = plane.dir / "docs"
+    work.mkdir(exist_ok=True)
+    plane.licences["alice"].save(work / "shop.licence")
+    shutil.copy(plane.ca, work / "ca.pem")
+    (work / "request.json").write_text(json.dumps(
+        {"inputs": [{"name": "image", "shape": [2, 8], "datatype": "UINT8", "data": IMAGE.tolist()}]}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VAULT_HTTP": plane.http_url,
+           "VAULT_GRPC": plane.grpc_url,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    (bash,) = _doc_blocks("bash")
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", bash], cwd=work, env=env,
+                         capture_output=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()
+    text, answers, dec = out.stdout.decode(), [], json.JSONDecoder()
+    at = text.find("{")
+    while at >= 0:  # curl prints each JSON answer without a newline after it
+        obj, end = dec.raw_decode(text, at)
+        answers.append(obj)
+        at = text.find("{", end)
+    assert {o["name"] for o in answers[-2]["outputs"]} == {"probs", "top_values", "top_indices"}
+    assert answers[-1]["inputs"][0]["name"] == "image"
+    (py,) = _doc_blocks("python")
+    out = subprocess.run([sys.executable, "-c", py], cwd=work, env=env, capture_output=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()
+    ref = plane.clf_reference(np.arange(16, dtype=np.uint8).reshape(2, 8))
+    assert str(ref["top_indices"]) in out.stdout.decode()

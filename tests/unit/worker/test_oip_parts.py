@@ -22,7 +22,7 @@ OIP = Path(__file__).resolve().parents[3] / "worker" / "service" / "oip"
 
 
 def _fields(desc: Any) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for f in desc.fields:
         out[f.name] = (f.number, f.type, f.is_repeated)
         if f.message_type is not None and not f.message_type.GetOptions().map_entry:
