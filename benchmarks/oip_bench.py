@@ -42,7 +42,7 @@ import numpy as np
 
 from . import models as M
 from .harness import Unavailable
-from .service_bench import _free_port, _load
+from .service_bench import _free_port
 
 if TYPE_CHECKING:
     from .context import Context
@@ -164,7 +164,9 @@ def _kserve(onnx_path: Path, *, instances: int) -> _Server:
     py = os.environ.get("VAULT_BENCH_KSERVE", sys.executable)
     ok = subprocess.run([py, "-c", "import kserve"], capture_output=True).returncode == 0
     if not ok:
-        raise Unavailable("kserve is not installed (pip install -e '.[test]', or VAULT_BENCH_KSERVE)")
+        raise Unavailable(
+            "kserve is not installed (pip install -e '.[test]', or VAULT_BENCH_KSERVE)"
+        )
     http, grpc = _free_port(), _free_port()
     proc = subprocess.Popen([py, "-m", "benchmarks.oip_hosts", "kserve", str(onnx_path), str(http),
                              str(grpc), str(instances)], stdout=subprocess.PIPE,
@@ -180,7 +182,9 @@ def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/m/ready", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/v2/models/m/ready", timeout=2
+            ) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -201,7 +205,7 @@ def _callers(s: _Server, x: np.ndarray[Any, Any], proto: str) -> Callable[[], An
         def rest() -> Any:
             c = getattr(tls, "c", None)
             if c is None:
-                c = tls.c = th.InferenceServerClient(f"127.0.0.1:{s.http}", network_timeout=60)
+                c = tls.c = th.InferenceServerClient(f"127.0.0.1:{s.http}", network_timeout=10)
                 tls.inp = th.InferInput("x", list(x.shape), "FP32")
                 tls.inp.set_data_from_numpy(x, binary_data=True)
                 tls.out = [th.InferRequestedOutput("logits", binary_data=True)]
@@ -216,11 +220,63 @@ def _callers(s: _Server, x: np.ndarray[Any, Any], proto: str) -> Callable[[], An
         c = getattr(tls, "c", None)
         if c is None:
             c = tls.c = tg.InferenceServerClient(f"127.0.0.1:{s.grpc}")
+            tls.kw = {"client_timeout": 10.0}
             tls.inp = tg.InferInput("x", list(x.shape), "FP32")
             tls.inp.set_data_from_numpy(x)
-        return c.infer(s.model, [tls.inp], headers=s.headers, request_id="1").as_numpy("logits")
+        return c.infer(s.model, [tls.inp], headers=s.headers, request_id="1", **tls.kw).as_numpy(
+            "logits"
+        )
 
     return grpc
+
+
+def _load(fn: Callable[[], Any], n: int, window: float) -> dict[str, Any]:
+    """``n`` threads call ``fn`` for ``window`` seconds after a warm-up; a
+    failed call (warm-up included) is counted, never a hang of the run."""
+    import statistics
+
+    lat: list[list[float]] = [[] for _ in range(n)]
+    errors = [0] * n
+    go = threading.Barrier(n + 1, timeout=600)
+    stop_at = [1e18]
+
+    def worker(i: int) -> None:
+        for _ in range(3):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - counted
+                errors[i] += 1
+        go.wait()
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at[0]:
+                return
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - counted, the row says how many
+                errors[i] += 1
+                continue
+            lat[i].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    go.wait()
+    t_start = time.perf_counter()
+    stop_at[0] = t_start + window
+    for t in threads:
+        t.join(window + 120)
+    elapsed = time.perf_counter() - t_start
+    all_lat = sorted(x for per in lat for x in per)
+    if not all_lat:
+        return {"calls_per_s": 0.0, "errors": sum(errors)}
+    return {
+        "calls_per_s": len(all_lat) / elapsed,
+        "p50_ms": statistics.median(all_lat) * 1e3,
+        "p99_ms": all_lat[min(len(all_lat) - 1, int(0.99 * len(all_lat)))] * 1e3,
+        "calls": len(all_lat),
+        "errors": sum(errors),
+    }
 
 
 def run(work: Path, *, window: float, log: Callable[[str], None],
@@ -235,10 +291,20 @@ def run(work: Path, *, window: float, log: Callable[[str], None],
     for batching, mb in (("off", 1), ("on", 32)):
         servers: dict[str, _Server] = {}
         try:
+
+            def start_triton(mb: int = mb) -> _Server:
+                return _triton(onnx_path, max_batch=mb, instances=instances)
+
+            def start_vault(mb: int = mb) -> _Server:
+                return _vault(work, m, max_batch=mb, instances=instances)
+
+            def start_kserve() -> _Server:
+                return _kserve(onnx_path, instances=instances)
+
             starters: list[tuple[str, Callable[[], _Server]]] = [
-                ("triton", lambda: _triton(onnx_path, max_batch=mb, instances=instances)),
-                ("vault", lambda: _vault(work, m, max_batch=mb, instances=instances)),
-                ("kserve", lambda: _kserve(onnx_path, instances=instances)),
+                ("triton", start_triton),
+                ("vault", start_vault),
+                ("kserve", start_kserve),
             ]  # pytriton first: its proxy has a 1 s handshake (ENVIRONMENT notes)
             for name, start in starters:
                 try:
@@ -352,6 +418,12 @@ if __name__ == "__main__":
     ap.add_argument("--plot", default=None, help="also draw the plot here (PNG)")
     ap.add_argument("--load-note", default="", help="what else ran on the machine (for the plot)")
     a = ap.parse_args()
+    import signal
+
+    def _term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # run the finally blocks: stop every server
+
+    signal.signal(signal.SIGTERM, _term)
     with tempfile.TemporaryDirectory(prefix="vault-oipbench-") as d:
         res = run(Path(d), window=a.window, log=lambda s: print(s, file=sys.stderr, flush=True),
                   callers=tuple(int(c) for c in a.callers.split(",")))  # fmt: skip

@@ -49,7 +49,10 @@ def vault_main(cfg_path: str) -> int:
              "retry_after": None, "rate": None, "expires_at": None, "proof_key": cfg["proof_key"]}  # fmt: skip
 
     def ask(model: Any, keys_: list[str], usage: Any) -> dict[str, Any]:
-        return {"ttl": 3600.0, "decisions": {k: dict(grant) for k in keys_ if k == cfg["client_public"]}}
+        return {
+            "ttl": 3600.0,
+            "decisions": {k: dict(grant) for k in keys_ if k == cfg["client_public"]},
+        }
 
     svc = WorkerService(
         ServiceConfig(

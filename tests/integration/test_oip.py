@@ -451,6 +451,12 @@ def test_refusal_undeclared_output_and_malformed_tensor(plane: Plane) -> None:
     e = _http_refusal(plane, tok, image=np.zeros((2, 3), np.uint8))  # declared [N, 8]
     assert e.status() == "400" and "[bad_input]" in e.message()
     _serving(plane)
+    # logged as a ZeroMQ call is: one JSON line, the licence and the code, no tensor, no node
+    alice = plane.licences["alice"].licence_id
+    calls = [json.loads(line) for line in (plane.dir / "service.log").read_text().splitlines()
+             if '"event":"call"' in line]  # fmt: skip
+    assert any(c["licence"] == alice and c["code"] == "bad_input" for c in calls)
+    assert "secret_relu" not in (plane.dir / "service.log").read_text()
 
 
 def test_token_budget_and_licence_quota(plane: Plane) -> None:
