@@ -69,6 +69,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
+
+
 def _wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float = 180) -> bytes:
     assert proc.stdout is not None
     import select
@@ -79,6 +84,9 @@ def _wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float = 180) 
         if r:
             line = proc.stdout.readline()
             if line:
+                # keep reading what it prints after: a server blocked on a full pipe
+                # (KServe's workers log every call to stdout) would stall mid-run
+                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
                 return line
         if proc.poll() is not None:
             break
@@ -237,6 +245,7 @@ def _load(fn: Callable[[], Any], n: int, window: float) -> dict[str, Any]:
 
     lat: list[list[float]] = [[] for _ in range(n)]
     errors = [0] * n
+    first: list[str] = []
     go = threading.Barrier(n + 1, timeout=600)
     stop_at = [1e18]
 
@@ -244,8 +253,9 @@ def _load(fn: Callable[[], Any], n: int, window: float) -> dict[str, Any]:
         for _ in range(3):
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - counted
+            except Exception as exc:  # noqa: BLE001 - counted
                 errors[i] += 1
+                first.append(f"{type(exc).__name__}: {exc}"[:300])
         go.wait()
         while True:
             t0 = time.perf_counter()
@@ -253,8 +263,9 @@ def _load(fn: Callable[[], Any], n: int, window: float) -> dict[str, Any]:
                 return
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - counted, the row says how many
+            except Exception as exc:  # noqa: BLE001 - counted, the row says how many
                 errors[i] += 1
+                first.append(f"{type(exc).__name__}: {exc}"[:300])
                 continue
             lat[i].append(time.perf_counter() - t0)
 
@@ -268,19 +279,22 @@ def _load(fn: Callable[[], Any], n: int, window: float) -> dict[str, Any]:
         t.join(window + 120)
     elapsed = time.perf_counter() - t_start
     all_lat = sorted(x for per in lat for x in per)
+    err = {"errors": sum(errors), **({"first_error": first[0]} if first else {})}
     if not all_lat:
-        return {"calls_per_s": 0.0, "errors": sum(errors)}
+        return {"calls_per_s": 0.0, **err}
     return {
+        **err,
         "calls_per_s": len(all_lat) / elapsed,
         "p50_ms": statistics.median(all_lat) * 1e3,
         "p99_ms": all_lat[min(len(all_lat) - 1, int(0.99 * len(all_lat)))] * 1e3,
         "calls": len(all_lat),
-        "errors": sum(errors),
     }
 
 
 def run(work: Path, *, window: float, log: Callable[[str], None],
-        callers: tuple[int, ...] = CALLERS) -> dict[str, Any]:  # fmt: skip
+        callers: tuple[int, ...] = CALLERS,
+        systems_wanted: tuple[str, ...] = ("triton", "vault", "kserve"),
+        batchings: tuple[str, ...] = ("off", "on")) -> dict[str, Any]:  # fmt: skip
     instances = max(1, os.cpu_count() or 2)
     m = M.mlp(d_in=64, hidden=256, classes=10)
     onnx_path = work / "oip-mlp.onnx"
@@ -289,6 +303,8 @@ def run(work: Path, *, window: float, log: Callable[[str], None],
     rows: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
     for batching, mb in (("off", 1), ("on", 32)):
+        if batching not in batchings:
+            continue
         servers: dict[str, _Server] = {}
         try:
 
@@ -307,6 +323,8 @@ def run(work: Path, *, window: float, log: Callable[[str], None],
                 ("kserve", start_kserve),
             ]  # pytriton first: its proxy has a 1 s handshake (ENVIRONMENT notes)
             for name, start in starters:
+                if name not in systems_wanted:
+                    continue
                 try:
                     servers[name] = start()
                 except Unavailable as exc:
@@ -328,7 +346,8 @@ def run(work: Path, *, window: float, log: Callable[[str], None],
                     rows.append({"system": label, "batching": batching, "callers": n, **r})
                     log(f"oip {label:12s} batching {batching:3s} {n:2d} callers: "
                         f"{r['calls_per_s']:8.0f}/s p50 {r.get('p50_ms', 0):7.3f} ms "
-                        f"p99 {r.get('p99_ms', 0):7.3f} ms errors {r['errors']}")  # fmt: skip
+                        f"p99 {r.get('p99_ms', 0):7.3f} ms errors {r['errors']} "
+                        f"{r.get('first_error', '')}")  # fmt: skip
         finally:
             for s in servers.values():
                 s.close()
@@ -414,6 +433,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(prog="python -m benchmarks.oip_bench")
     ap.add_argument("--window", type=float, default=3.0)
     ap.add_argument("--callers", default="1,8,32")
+    ap.add_argument("--systems", default="triton,vault,kserve")
+    ap.add_argument("--batching", default="off,on")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--plot", default=None, help="also draw the plot here (PNG)")
     ap.add_argument("--load-note", default="", help="what else ran on the machine (for the plot)")
@@ -426,7 +447,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _term)
     with tempfile.TemporaryDirectory(prefix="vault-oipbench-") as d:
         res = run(Path(d), window=a.window, log=lambda s: print(s, file=sys.stderr, flush=True),
-                  callers=tuple(int(c) for c in a.callers.split(",")))  # fmt: skip
+                  callers=tuple(int(c) for c in a.callers.split(",")),
+                  systems_wanted=tuple(a.systems.split(",")),
+                  batchings=tuple(a.batching.split(",")))  # fmt: skip
     res["load_note"] = a.load_note
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

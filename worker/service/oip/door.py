@@ -216,12 +216,16 @@ class DataPlane:
 
         self.service.submit(EdgeCall(model, token, tensors, frames, outputs, reply, timeout))
         header, out = await fut
-        if not header.get("ok"):
-            raise from_wire(header.get("error"))
-        descs = header.get("tensors")
-        if not isinstance(descs, list) or len(descs) != len(out):
-            raise WorkerCrashedError("the worker's answer was malformed")
-        return descs, [f.buffer if hasattr(f, "buffer") else f for f in out]
+        return _result(header, out)
+
+
+def _result(header: dict[str, Any], out: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    if not header.get("ok"):
+        raise from_wire(header.get("error"))
+    descs = header.get("tensors")
+    if not isinstance(descs, list) or len(descs) != len(out):
+        raise WorkerCrashedError("the worker's answer was malformed")
+    return descs, [f.buffer if hasattr(f, "buffer") else f for f in out]
 
 
 def _settle(fut: asyncio.Future[Any], header: dict[str, Any], out: Sequence[Any]) -> None:
