@@ -121,6 +121,8 @@ class Plane:
     clf_stages: list[Any]
     types_model: Any
     licences: dict[str, Licence] = field(default_factory=dict)
+    endpoint: str = ""
+    server_key: str = ""
 
     @property
     def http_url(self) -> str:
@@ -212,6 +214,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         cmd = [sys.executable, "-m", "vault", "worker", "serve", str(clf.path), str(types.path),
                *svc_licences, "--device", str(d / "device"), "--call-licences",
                "--bind", "tcp://127.0.0.1:0", "--instances", "1", "--metrics-port", "0",
+               "--max-batch", "8",
                "--http", "0", "--grpc", "0", "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
         log = open(d / "service.log", "wb")  # noqa: SIM115 - the child holds it
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
@@ -226,6 +229,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         metrics_port = int(lines["metrics"].rsplit(":", 1)[1].split("/")[0])
         p = Plane(d, ks, proc, http_port, grpc_port, metrics_port, ca, [pre, model, post],
                   types_model)  # fmt: skip
+        p.endpoint, p.server_key = lines["endpoint"], lines["server key"]
         p.issue("clf", "alice")
         p.issue("types", "alice-types")
         p.issue("clf", "bob")
@@ -360,6 +364,63 @@ def test_tritonclient_grpc_pipeline(plane: Plane) -> None:
                                   plane.clf_reference(IMAGE)["top_indices"])  # fmt: skip
     assert res.as_numpy("probs") is None  # only what was asked
     client.close()
+
+
+def test_calls_from_every_door_are_batched_together_and_split_exactly(plane: Plane) -> None:
+    """REST, gRPC and ZeroMQ callers queue on one model: the loop joins their
+    rows into one batch (--max-batch 8) and each gets its own rows back."""
+    import threading
+
+    import vault
+
+    zmq_model = vault.connect(plane.endpoint, licence=plane.licences["alice"],
+                              server_key=plane.server_key, model="clf")  # fmt: skip
+    token = plane.token("alice", "clf")
+    wrong: list[str] = []
+
+    def one(i: int) -> None:
+        img = (np.arange(16, dtype=np.uint8).reshape(2, 8) * (i + 1)) % 251
+        want = plane.clf_reference(img)["probs"]
+        if i % 3 == 0:
+            client, headers = plane.http(token)
+            x = tritonhttp.InferInput("image", [2, 8], "UINT8")
+            x.set_data_from_numpy(img, binary_data=True)
+            got = client.infer("clf", [x], headers=headers).as_numpy("probs")
+            client.close()
+        elif i % 3 == 1:
+            g = plane.grpc()
+            y = tritongrpc.InferInput("image", [2, 8], "UINT8")
+            y.set_data_from_numpy(img)
+            got = g.infer("clf", [y], headers={"authorization": f"Bearer {token}"}).as_numpy(
+                "probs"
+            )
+            g.close()
+        else:
+            got = zmq_model.compute({"image": img})["probs"]
+        if not np.allclose(got, want, rtol=1e-5):
+            wrong.append(f"caller {i}")
+
+    def batched() -> float:
+        rows = [ln for ln in plane.metrics().splitlines()
+                if ln.startswith('vault_batch_size_bucket{le="2.0",model="clf"}')
+                or ln.startswith('vault_batch_size_count{model="clf"}')]  # fmt: skip
+        counts = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in rows}
+        return counts["vault_batch_size_count"] - counts["vault_batch_size_bucket"]
+
+    before = batched()
+    try:
+        for _ in range(50):  # until the loop has joined calls (a state, not a time)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if batched() > before:
+                break
+    finally:
+        zmq_model.close()
+    assert not wrong, wrong
+    assert batched() > before  # some worker call carried more than one caller's 2 rows
 
 
 # --- refusals, as each client sees them ----------------------------------------------------
