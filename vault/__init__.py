@@ -22,6 +22,7 @@ from typing import Any as _Any
 
 from .core.errors import (
     AuditError,
+    CapacityError,
     ComputeError,
     ConfigError,
     DigestMismatchError,
@@ -46,10 +47,12 @@ from .core.errors import (
     UnknownModelError,
     UnsafeModelError,
     UnsupportedVersionError,
+    UntrustedDaemonError,
     VaultError,
     WorkerCrashedError,
     WorkerError,
     WorkerTimeoutError,
+    WrongKeyServerError,
     WrongModelError,
 )
 
@@ -78,6 +81,7 @@ _LAZY = {
 
 __all__ = [
     "AuditError",
+    "CapacityError",
     "ComputeError",
     "ConfigError",
     "DigestMismatchError",
@@ -107,10 +111,12 @@ __all__ = [
     "UnknownModelError",
     "UnsafeModelError",
     "UnsupportedVersionError",
+    "UntrustedDaemonError",
     "VaultError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerTimeoutError",
+    "WrongKeyServerError",
     "WrongModelError",
     "__version__",
     "connect",
