@@ -554,6 +554,37 @@ def test_token_budget_and_licence_quota(plane: Plane) -> None:
     _serving(plane)
 
 
+def test_rate_limit_is_429_with_retry_after(plane: Plane) -> None:
+    import http.client
+
+    lic = plane.issue("clf", "frank", rate_limit=1.0)
+    body = json.dumps({"inputs": [{"name": "image", "shape": [2, 8], "datatype": "UINT8",
+                                   "data": IMAGE.reshape(-1).tolist()}]})  # fmt: skip
+    headers = {"Authorization": f"Bearer {mint_token(lic, models=['clf'])}",
+               "Content-Type": "application/json"}  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    conn = http.client.HTTPSConnection("localhost", plane.http_port, context=ctx, timeout=60)
+    ok = 0
+    try:
+        for _ in range(500):  # one connection, back to back: the bucket empties (a state)
+            conn.request("POST", "/v2/models/clf/infer", body, headers)
+            r = conn.getresponse()
+            data = r.read()
+            if r.status == 200:
+                ok += 1
+                continue
+            assert r.status == 429, data
+            assert json.loads(data)["code"] == "rate_limited"
+            assert r.getheader("Retry-After") == "1"
+            break
+        else:
+            pytest.fail("500 calls at once were never limited to 1/s")
+    finally:
+        conn.close()
+    assert ok >= 1  # the first calls of the burst were served
+    _serving(plane)
+
+
 def test_refusal_revoked_licence_within_one_lease(plane: Plane) -> None:
     lic = plane.issue("clf", "erin")
     tok = mint_token(lic, models=["clf"])
