@@ -165,6 +165,7 @@ def _triton(onnx_path: Path, *, max_batch: int, instances: int) -> _Server:
                             stderr=subprocess.DEVNULL, env=_env({"LD_LIBRARY_PATH": ld}),
                             start_new_session=True)  # fmt: skip
     _wait_ready(proc, "pytriton")
+    _wait_http(http, proc, "pytriton")  # "ready" comes before tritonserver listens
     return _Server(proc, http, grpc, "m")
 
 
@@ -180,11 +181,11 @@ def _kserve(onnx_path: Path, *, instances: int) -> _Server:
                              str(grpc), str(instances)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)  # fmt: skip
     _wait_ready(proc, "kserve")
-    _wait_http(http, proc)
+    _wait_http(http, proc, "kserve")
     return _Server(proc, http, grpc, "m")
 
 
-def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def _wait_http(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 120) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -199,7 +200,14 @@ def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -
             pass
         time.sleep(0.2)
     _stop(proc)
-    raise Unavailable("kserve did not become ready")
+    raise Unavailable(f"{what} did not become ready")
+
+
+def _reference(onnx_path: Path, x: np.ndarray[Any, Any]) -> Any:
+    """What plain onnxruntime answers (every system must answer the same)."""
+    from .oip_hosts import _session
+
+    return _session(str(onnx_path)).run(None, {"x": x})[0]
 
 
 def _callers(s: _Server, x: np.ndarray[Any, Any], proto: str) -> Callable[[], Any]:
@@ -331,14 +339,20 @@ def run(work: Path, *, window: float, log: Callable[[str], None],
                     unavailable[name] = str(exc)
                     log(f"oip {name}: {exc}")
             systems: dict[str, Callable[[], Any]] = {}
+            want = _reference(onnx_path, x)
             for name, s in servers.items():
                 for proto in ("rest", "grpc", *(("zmq",) if name == "vault" else ())):
                     fn = _callers(s, x, proto)
-                    want = s.zmq.compute({"x": x})["logits"] if s.zmq else None
-                    got = fn()
-                    if want is not None:
-                        np.testing.assert_allclose(np.asarray(got if proto != "zmq" else got["logits"]),
-                                                   want, rtol=1e-5)  # fmt: skip
+                    try:  # every system answers this very input alike, or is left out
+                        got = fn()
+                        got = got["logits"] if proto == "zmq" else got
+                        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+                    except Exception as exc:  # noqa: BLE001 - said in the results
+                        unavailable[f"{name}-{proto} ({batching})"] = (
+                            f"{type(exc).__name__}: {exc}"[:300]
+                        )
+                        log(f"oip {name}-{proto}: left out: {exc}")
+                        continue
                     systems[f"{name}-{proto}"] = fn
             for n in callers:
                 for label, fn in systems.items():
