@@ -583,7 +583,10 @@ class WorkerService:
     def _reply(self, ident: Any, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         self._last_answer = time.monotonic()
         if isinstance(ident, EdgeCall):
-            ident.reply(header, frames)
+            try:
+                ident.reply(header, frames)
+            except Exception as exc:  # a door's callback must never stop the loop
+                self.log("edge_reply_failed", level="error", error=type(exc).__name__)
             return
         try:
             self.front.send_multipart([ident, pack_header(header), *frames], copy=False)

@@ -131,3 +131,28 @@ def test_plaintext_is_refused_off_loopback_unless_dangerously_allowed() -> None:
         OipServer.check(
             OipConfig(host="0.0.0.0", http_port=0, tls=("/nonexistent", "/nonexistent"))
         )
+
+
+def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None:
+    import asyncio
+
+    from worker.service.oip.door import DataPlane
+
+    class Service:  # only what the door reads before it posts a call
+        submitted: list[Any] = []
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 2]}],
+                    "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]},
+                                {"name": "z", "dtype": "sequence<map<int64,float32>>", "shape": []}]}  # fmt: skip
+
+        def submit(self, call: Any) -> None:
+            self.submitted.append(call)
+
+    svc = Service()
+    plane = DataPlane(svc)  # type: ignore[arg-type]
+    assert [t["name"] for t in plane.model_metadata("m", None)["outputs"]] == ["y"]
+    assert plane.default_outputs("m") == ["y"]
+    with pytest.raises(InputError, match="cannot carry"):
+        asyncio.run(plane.infer("m", None, None, [], [], ["z"]))  # type: ignore[arg-type]
+    assert svc.submitted == []  # never posted: nothing ran, nothing billed

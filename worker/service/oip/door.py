@@ -192,6 +192,17 @@ class DataPlane:
             return None
         return [t["name"] for t in tensor_meta(info.get("outputs") or [])]
 
+    def _check_outputs(self, model: str, outputs: list[str]) -> None:
+        """A declared output the protocol cannot carry (a sequence, a map) is
+        refused before the call runs, so no call is billed and then not
+        delivered; an unknown name is the worker's to refuse (not billed)."""
+        info = self.service.model_info(model) or {}
+        carried = {t["name"] for t in tensor_meta(info.get("outputs") or [])}
+        for spec in info.get("outputs") or []:
+            if spec.get("name") in outputs and spec["name"] not in carried:
+                raise InputError(f"output {spec['name']!r} is a {spec.get('dtype')}, which the "
+                                 "Open Inference Protocol cannot carry")  # fmt: skip
+
     async def infer(
         self,
         model: str,
@@ -208,11 +219,16 @@ class DataPlane:
             raise UnknownModelError(f"model {model!r} has no version {version!r} (only 1)")
         if outputs is None:
             outputs = self.default_outputs(model)
+        else:
+            self._check_outputs(model, outputs)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[dict[str, Any], Sequence[Any]]] = loop.create_future()
 
         def reply(header: dict[str, Any], out: Sequence[Any]) -> None:  # the loop's thread
-            loop.call_soon_threadsafe(_settle, fut, header, out)
+            try:
+                loop.call_soon_threadsafe(_settle, fut, header, out)
+            except RuntimeError:  # this door's loop has closed: nobody waits any more
+                pass
 
         self.service.submit(EdgeCall(model, token, tensors, frames, outputs, reply, timeout))
         header, out = await fut
