@@ -48,7 +48,7 @@ def vault_main(cfg_path: str) -> int:
     grant = {"ok": True, "licence_id": cfg["licence_id"], "holder": "bench", "budget": 10**9,
              "retry_after": None, "rate": None, "expires_at": None, "proof_key": cfg["proof_key"]}  # fmt: skip
 
-    def ask(model: Any, keys_: list[str], usage: Any) -> dict[str, Any]:
+    def ask(model: Any, keys_: list[str], usage: Any, grants: Any = None) -> dict[str, Any]:
         return {
             "ttl": 3600.0,
             "decisions": {k: dict(grant) for k in keys_ if k == cfg["client_public"]},

@@ -251,8 +251,13 @@ def split(
     profile_repeats: int = 5,
     log: Callable[[str], None] = lambda _msg: None,
     now: _dt.datetime | None = None,
+    batchable: bool = False,
 ) -> SplitResult:
-    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``)."""
+    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``).
+
+    ``batchable``: each tail is sealed with the declaration (checked on the
+    tail itself, as :func:`vault.seal` checks it) so the service may join
+    callers' tail calls; the head runs for one caller and is never batched."""
     if bool(at) == (link is not None):
         raise ConfigError(
             "name the cut (at=[[TENSOR, ...]]) or ask the planner (link=...), not both"
@@ -320,7 +325,7 @@ def split(
                 seal_head=seal_head, encoding=encoding, calibration=calibration or [],
                 reference=reference, max_error=max_error, min_agreement=min_agreement,
                 cost=_cost(g, cut, client_nodes, server_nodes, dict.fromkeys(cut.crossing, encoding)),
-                register=register, big=big, log=log,
+                register=register, big=big, log=log, batchable=batchable,
             )
         )  # fmt: skip
     desc: dict[str, Any] = {
@@ -378,6 +383,7 @@ def _write_cut(
     register: Callable[[_sealing.SealResult], None] | None,
     big: bool,
     log: Callable[[str], None],
+    batchable: bool = False,
 ) -> dict[str, Any]:
     name = f"c{k}"
     wire = {} if big else _calibrate(g, cut, encoding, calibration)
@@ -434,7 +440,8 @@ def _write_cut(
         entry.update(head=f"head-{name}.onnx", head_sha256=_sha256_file(path))
     tail_id = f"{model_id}.tail" + ("" if k == 0 else f".{name}")
     res = _sealing.seal(tail, model_id=tail_id, signing_key=signing_key,
-                        output=os.path.join(out, f"tail-{name}.vault"))  # fmt: skip
+                        output=os.path.join(out, f"tail-{name}.vault"),
+                        batchable=batchable)  # fmt: skip
     _hand_over(res, register)
     entry.update(tail=f"tail-{name}.vault", tail_model_id=tail_id, tail_digest=res.digest)
     entry["cost"] = {**cost.to_json(), "cut": name}
