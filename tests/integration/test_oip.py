@@ -198,7 +198,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         pk = PublisherKey.load(ks.publisher_key_path)
         pre, model, post = classifier_pipeline()
         clf = seal(model, pre=pre, post=post, model_id="clf", signing_key=pk,
-                   output=d / "clf.vault")  # fmt: skip
+                   output=d / "clf.vault", batchable=True)  # fmt: skip
         types_model = all_types()
         types = seal(types_model, model_id="types", signing_key=pk, output=d / "types.vault")
         for r in (clf, types):
