@@ -108,6 +108,21 @@ def register(sub: Any) -> None:
                    help="onnxruntime threads per worker (default 2)")  # fmt: skip
     s.add_argument("--user", default=None, help="workers drop to this user (when started as root)")
     add_log_options(s)
+    o = s.add_argument_group(
+        "Open Inference Protocol v2 (KServe/Triton REST and gRPC; callers send bearer tokens "
+        "minted from call licences: needs --call-licences)"
+    )
+    o.add_argument("--http", type=port, default=None, metavar="PORT",
+                   help="serve the protocol's REST endpoints (/v2/...) on this port")  # fmt: skip
+    o.add_argument("--grpc", type=port, default=None, metavar="PORT",
+                   help="serve inference.GRPCInferenceService on this port")  # fmt: skip
+    o.add_argument("--oip-host", default="127.0.0.1", metavar="HOST",
+                   help="address both bind to (default 127.0.0.1)")  # fmt: skip
+    o.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM) for both")
+    o.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for both")
+    o.add_argument("--dangerously-serve-plaintext", action="store_true",
+                   help="serve without TLS on a non-loopback --oip-host: bearer tokens cross the "
+                        "network in the clear (only behind a proxy that terminates TLS)")  # fmt: skip
     s.set_defaults(func=_serve)
     k = wsub.add_parser(
         "keygen",
@@ -244,6 +259,29 @@ def _serve(args: argparse.Namespace) -> int:
             policy = AllowListPolicy.from_dir(args.allow)
             log("callers_allowed", count=len(getattr(policy, "by_key", {})), directory=args.allow)
         curve = _server_keys(args, log)
+    oip = None
+    if args.http is not None or args.grpc is not None:
+        if not args.call_licences:
+            raise ConfigError(
+                "--http/--grpc admit callers by bearer tokens minted from call licences: "
+                "add --call-licences"
+            )
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        from worker.service.oip import OipConfig
+
+        oip = OipConfig(
+            host=args.oip_host, http_port=args.http, grpc_port=args.grpc,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+            dangerously_allow_plaintext=args.dangerously_serve_plaintext,
+        )  # fmt: skip
+        from worker.service.oip import OipServer
+
+        OipServer.check(oip)  # refuse a plaintext bind before any worker starts
+    elif args.tls_cert or args.tls_key or args.dangerously_serve_plaintext:
+        raise ConfigError(
+            "--tls-cert, --tls-key and --dangerously-serve-plaintext go with --http/--grpc"
+        )
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
     launch = LaunchSpec(
@@ -269,6 +307,7 @@ def _serve(args: argparse.Namespace) -> int:
         policy=policy,
         launch=launch,
         reload_licences=lambda: [Licence.load(p) for p in args.licence],
+        oip=oip,
     )
     try:
         svc = WorkerService(cfg, log=log)
@@ -281,7 +320,8 @@ def _serve(args: argparse.Namespace) -> int:
             log("server_key_written", path=args.server_key_out)
         ready_line({"endpoint": ready["endpoint"], "server_key": key or None,
                     "metrics_port": ready.get("metrics_port"), "models": ready["models"],
-                    "pid": os.getpid()})  # fmt: skip
+                    "http_port": ready.get("http_port"), "grpc_port": ready.get("grpc_port"),
+                    "tls": bool(args.tls_cert), "pid": os.getpid()})  # fmt: skip
         return svc.run()
     finally:
         if ks_client is not None:
