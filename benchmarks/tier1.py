@@ -41,7 +41,7 @@ def run(*, quick: bool, log: Any = print) -> dict[str, Any]:
     from keyserver.layout import init_dir
     from vault.app.demo import _start_daemon, _tier1_setup
     from vault.core.crypto import PublisherKey
-    from vault.core.device import init_device
+    from vault.core.device import init_device, record_keyserver
     from vault.core.keyclient import KeyServerClient
     from vault.core.licence import Licence
     from vault.core.process import stop_process
@@ -69,6 +69,8 @@ def run(*, quick: bool, log: Any = print) -> dict[str, Any]:
                 c.register_key(model_id=r.model_id, key_id=r.key_id, key=r.key,
                                package_digest=r.digest)  # fmt: skip
             c.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+            record_keyserver(tmp / "device", address=address,
+                             public_key=admin.keyserver_public_key)  # fmt: skip
             tier0 = c.issue(res.model_id, holder="t0", same_user=True)
             tier1 = c.issue(res.model_id, holder="t1")
             big0 = c.issue(res_big.model_id, holder="b0", same_user=True)

@@ -121,7 +121,7 @@ class VaultEnv:
         if self._daemon_sock:
             return self._daemon_sock
         from vault.app.demo import _start_daemon, _tier1_setup
-        from vault.core.device import init_device
+        from vault.core.device import init_device, record_keyserver
         from vault.core.keyclient import KeyServerClient
         from vault.core.licence import Licence
 
@@ -130,8 +130,11 @@ class VaultEnv:
             raise Unavailable(why)
         os.chmod(self.dir, 0o711)  # the workers' uid reaches its socket directory below
         dev = init_device(self.dir / "device")
-        with KeyServerClient(Licence.load(self.admin_path)) as ks:
+        admin = Licence.load(self.admin_path)
+        with KeyServerClient(admin) as ks:
             ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+        record_keyserver(self.dir / "device", address=admin.keyserver_address,
+                         public_key=admin.keyserver_public_key)  # fmt: skip
         proc, sock = _start_daemon(str(self.dir), str(self.dir / "device"), setup)
         self._procs.append(proc)
         self._daemon_sock = sock

@@ -5,6 +5,12 @@ Each command returns an exit code and prints plainly; typed errors propagate
 to the caller's CLI, which prints one line. Only ``argparse`` is imported at
 module level, so building the ``vault`` parser stays cheap.
 
+The PostgreSQL URL (which may hold a password) comes from
+``$VAULT_DATABASE_URL`` or ``--database-file FILE``: the environment and a
+0600 file are the process owner's alone, while every local user reads every
+process's command line (``/proc/PID/cmdline``). ``--database URL`` still
+works, with a warning when the URL holds a password.
+
 Example::
 
     cmd_audit("ks", verify_chain=True)
@@ -19,8 +25,17 @@ import sys
 from typing import Any
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
+DATABASE_ENV = "VAULT_DATABASE_URL"
 
-__all__ = ["add_arguments", "cmd_audit", "cmd_init", "cmd_rotate", "cmd_serve"]
+__all__ = [
+    "DATABASE_ENV",
+    "add_arguments",
+    "cmd_audit",
+    "cmd_init",
+    "cmd_rotate",
+    "cmd_serve",
+    "database_url",
+]
 
 
 def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS, database: str | None = None) -> int:
@@ -125,12 +140,54 @@ def cmd_rotate(root: str, *, database: str | None = None) -> int:
 
 
 def _database_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--database-file",
+        default=None,
+        metavar="FILE",
+        help="a file (0600) holding the postgresql://... URL of a store shared by replicas "
+        f"(or set ${DATABASE_ENV}; default: DIR/keyserver.db, SQLite)",
+    )
+    g.add_argument(
         "--database",
         default=None,
         metavar="URL",
-        help="postgresql://... store shared by replicas (default: DIR/keyserver.db, SQLite)",
+        help="the postgresql://... URL on the command line: every local user can read it "
+        f"in /proc; prefer ${DATABASE_ENV} or --database-file when it holds a password",
     )
+
+
+def database_url(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
+    """The store's URL: ``--database-file``, ``--database``, else
+    ``$VAULT_DATABASE_URL``, else None (SQLite in DIR). A password on the
+    command line is warned about (it is in ``/proc/PID/cmdline``)."""
+    from urllib.parse import urlsplit
+
+    from vault.core.errors import ConfigError
+    from vault.core.files import read_regular
+
+    env = os.environ if environ is None else environ
+    if getattr(args, "database_file", None):
+        url = read_regular(args.database_file, limit=64 << 10, what="database URL file")
+        text = url.decode("utf-8", "replace").strip()
+        if not text:
+            raise ConfigError(f"{args.database_file}: empty, not a database URL")
+        return text
+    if getattr(args, "database", None):
+        try:
+            password = urlsplit(args.database).password
+        except ValueError:
+            password = None
+        if password:
+            print(
+                "keyserver: WARNING: --database holds a password, which every local user can "
+                f"read in /proc/{os.getpid()}/cmdline: pass the URL in ${DATABASE_ENV} or "
+                "with --database-file instead",
+                file=sys.stderr,
+                flush=True,
+            )
+        return str(args.database)
+    return env.get(DATABASE_ENV) or None
 
 
 def add_arguments(sub: Any) -> None:
@@ -142,7 +199,7 @@ def add_arguments(sub: Any) -> None:
     _database_option(p)
     p.set_defaults(
         ks_command="init",
-        func=lambda a: cmd_init(a.dir, address=a.address, database=a.database),
+        func=lambda a: cmd_init(a.dir, address=a.address, database=database_url(a)),
     )
 
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
@@ -157,7 +214,7 @@ def add_arguments(sub: Any) -> None:
         ks_command="serve",
         func=lambda a: cmd_serve(
             a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
-            database=a.database, anchor=a.anchor,
+            database=database_url(a), anchor=a.anchor,
         ),
     )  # fmt: skip
 
@@ -172,7 +229,7 @@ def add_arguments(sub: Any) -> None:
         ks_command="audit",
         func=lambda a: cmd_audit(
             a.dir, verify_chain=a.verify or a.anchor is not None, quiet=a.quiet,
-            database=a.database, anchor=a.anchor,
+            database=database_url(a), anchor=a.anchor,
         ),
     )  # fmt: skip
 
@@ -180,7 +237,7 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("dir")
     _database_option(p)
     p.set_defaults(
-        ks_command="rotate-master", func=lambda a: cmd_rotate(a.dir, database=a.database)
+        ks_command="rotate-master", func=lambda a: cmd_rotate(a.dir, database=database_url(a))
     )
 
 

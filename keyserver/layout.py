@@ -157,11 +157,33 @@ def init_dir(
     created here (the replicas' shared store); by default ``DIR/keyserver.db``.
     Refuses a directory or database that already holds a key server (no
     silent overwrite of a master key).
+
+    ``DIR`` is made private whatever existed before: mode 0700 (an existing
+    0755 directory included), owned by whoever runs ``init`` (a directory of
+    another user is refused: its owner could read or swap what is written
+    there), and every file written in it is 0600 (the database holds holder
+    names, quotas, usage, devices and the audit; SQLite gives its ``-wal``
+    and ``-shm`` files the database's own mode).
     """
     paths = Paths(os.fspath(root))
     os.makedirs(paths.root, mode=0o700, exist_ok=True)
+    st = os.stat(paths.root)
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{paths.root} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}): "
+            "a key server directory must be its own user's"
+        )
+    os.chmod(paths.root, 0o700)
     if os.path.exists(paths.db) or (database is not None and os.path.exists(paths.master)):
         raise ConfigError(f"{paths.root} already holds a key server; refusing to overwrite it")
+    old_umask = os.umask(0o077)  # every file made below is 0600 from its first byte
+    try:
+        return _init_files(paths, address=address, database=database)
+    finally:
+        os.umask(old_umask)
+
+
+def _init_files(paths: Paths, *, address: str, database: str | None) -> dict[str, str]:
     master = _crypto.generate_key()
     server_public, server_secret = zmq.curve_keypair()
     admin_public, admin_secret = zmq.curve_keypair()
@@ -180,6 +202,7 @@ def init_dir(
         )
         with open(paths.server_public, "w") as fh:
             fh.write(server_public.decode() + "\n")
+        os.chmod(paths.server_public, 0o600)
         publisher.save(paths.publisher_key, paths.publisher_pub)
         _crypto.PublisherKey.generate().save(paths.audit_key, paths.audit_pub)
         admin = Licence(
@@ -232,6 +255,7 @@ def init_dir(
         finally:
             st.close()
         if database is None:
+            os.chmod(tmp_db, 0o600)
             os.replace(tmp_db, paths.db)
         _fsync_dir(paths.root)
     finally:

@@ -134,6 +134,12 @@ def _device_only(caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dic
     )
 
 
+def _authorize_device_only(
+    caller: LicenceRecord, h: Mapping[str, Any], now: float
+) -> dict[str, Any]:
+    raise PermissionDeniedError("only an enrolled device (a local daemon) asks for authorisation")
+
+
 class KeyService:
     def __init__(
         self,
@@ -180,6 +186,7 @@ class KeyService:
             "revoke_device": self._revoke_device,
             "list_devices": self._list_devices,
             "call_decisions": _device_only,  # answered in _device_op (keyserver/calls.py)
+            "authorize": _authorize_device_only,  # answered in _device_op
         }
 
     # --- admission (ZAP) -------------------------------------------------------
@@ -461,22 +468,27 @@ class KeyService:
         return self._release_key(caller, req, now, device_id="", actor=caller.licence_id)
 
     @staticmethod
-    def _release_fields(h: Mapping[str, Any]) -> dict[str, Any]:
+    def _release_fields(h: Mapping[str, Any], *, ephemeral: bool = True) -> dict[str, Any]:
         suite = h.get("suite", "x25519")
         if suite not in _crypto.HPKE_SUITES:
             raise ProtocolError(f"unknown HPKE suite {suite!r}")
+        client_key = h.get("client_key", "")
+        if not isinstance(client_key, str) or len(client_key) not in (0, 40):
+            raise ProtocolError("field 'client_key' must be a Z85 CURVE public key")
         return {
             "model_id": _str(h, "model_id"),
             "key_id": _str(h, "key_id"),
             "digest": _str(h, "package_digest"),
             "licence_id": _str(h, "licence_id"),
             "suite": suite,
-            "ephemeral": _bytes(h, "ephemeral_key", max_len=4096),
+            "client_key": client_key,
+            "ephemeral": _bytes(h, "ephemeral_key", max_len=4096) if ephemeral else b"",
         }
 
     def _check_kind(
-        self, lic: LicenceRecord, now: float, ids: dict[str, Any], *, actor: str
-    ) -> None:
+        self, lic: LicenceRecord, now: float, ids: dict[str, Any], *, actor: str,
+        op: str = "release",
+    ) -> None:  # fmt: skip
         if lic.kind == "runtime" and not lic.is_admin:
             return
         why = (
@@ -484,7 +496,7 @@ class KeyService:
             if lic.kind == "call"
             else f"an {lic.kind} licence gives no key"
         )
-        raise self._deny_as(actor, "release", PermissionDeniedError(why), now,
+        raise self._deny_as(actor, op, PermissionDeniedError(why), now,
                             licence_id=lic.licence_id, **ids)  # fmt: skip
 
     def _release_key(
@@ -570,7 +582,7 @@ class KeyService:
             licence_id=detail.pop("licence_id", None), model_id=detail.pop("model_id", None),
             detail={"op": op, "reason": error.code, "message": error.message, **detail},
         )  # fmt: skip
-        if op not in ("release", "renew", "close"):
+        if op not in ("release", "renew", "close", "authorize"):
             self.log(f"keyserver: denied {op} for {actor}: {error.code}")
         return _Denied(error)
 
@@ -594,37 +606,77 @@ class KeyService:
             from .calls import call_decisions
 
             return call_decisions(self, device, h, now)
-        if op != "release":
+        if op not in ("release", "authorize"):
             err = PermissionDeniedError(
                 f"a device may only ask for keys and renew or close its leases, not {op}"
             )
             raise self._deny_as(actor, op, err, now)
-        req = self._release_fields(h)
+        req = self._release_fields(h, ephemeral=op == "release")
         ids = {"model_id": req["model_id"], "key_id": req["key_id"]}
         if h.get("device_id") not in (None, device.device_id):
             err = PermissionDeniedError("device id does not match the connecting device")
-            raise self._deny_as(actor, "release", err, now, **ids)
+            raise self._deny_as(actor, op, err, now, **ids)
         lic = self._licence(req["licence_id"], now)
         if lic is None or not self._proof_verifies(lic, device, req, h):
-            # one answer for an unknown licence and for a proof that fails:
-            # the reply does not tell which licence ids exist (the audit does)
-            raise self._deny_as(actor, "release", UnknownLicenceError(NOT_YOURS), now,
+            # one answer for an unknown licence and for a proof that fails
+            # (another holder's, another device's, another caller key's): the
+            # reply does not tell which licence ids exist (the audit does)
+            raise self._deny_as(actor, op, UnknownLicenceError(NOT_YOURS), now,
                                 asked_for=req["licence_id"], proof="bad", **ids)  # fmt: skip
-        self._check_kind(lic, now, ids, actor=actor)
+        self._check_kind(lic, now, ids, actor=actor, op=op)
         if lic.devices and device.device_id not in lic.devices:
             err = PermissionDeniedError(
                 f"licence {lic.licence_id} is not valid on device {device.device_id}"
             )
-            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
-        self._check_proof_fresh(lic, h, now, actor=actor, ids=ids)
+            raise self._deny_as(actor, op, err, now, licence_id=lic.licence_id, **ids)
+        self._check_proof_fresh(lic, h, now, actor=actor, ids=ids, op=op)
+        if op == "authorize":
+            return self._authorize(lic, req, now, device_id=device.device_id, actor=actor)
         return self._release_key(lic, req, now, device_id=device.device_id, actor=actor)
+
+    def _authorize(
+        self, lic: LicenceRecord, req: dict[str, Any], now: float, *, device_id: str, actor: str
+    ) -> dict[str, Any]:
+        """The daemon's question before it starts or assigns a worker: would a
+        release of this key be granted now? Every rule a release applies
+        (revocation, expiry, model, digest, quota, the rate bucket holding a
+        call), with nothing released and nothing debited; audited either way."""
+        model_id, key_id, digest = req["model_id"], req["key_id"], req["digest"]
+        ids = {"model_id": model_id, "key_id": key_id, "licence_id": lic.licence_id}
+        row = self.store.key(model_id, key_id)
+        key = None if row is None else KeyRecord(model_id, key_id, row.package_digest)
+        lic = self._lapse(lic, now)
+        try:
+            self.release_policy.check(Context("release", lic, now, model_id, digest, key))
+        except LicenceError as exc:
+            raise self._deny_as(actor, "authorize", exc, now, **ids) from None
+        if row is None:
+            err: VaultError = KeyServerError(
+                f"no key {key_id!r} is registered for model {model_id!r}"
+            )
+            raise self._deny_as(actor, "authorize", err, now, **ids)
+        budget = metering.size_budget(lic, now=now, lease_ttl=self.lease_ttl)
+        if budget.budget == 0:  # QuotaLeft passed: only the rate can say no
+            assert lic.rate_limit is not None
+            err = RateLimitedError(
+                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
+            )
+            raise self._deny_as(actor, "authorize", err, now, **ids)
+        audit.append(
+            self.store, ts=now, event="authorized", actor=actor, licence_id=lic.licence_id,
+            model_id=model_id,
+            detail={"key_id": key_id, "package_digest": digest, "device_id": device_id},
+        )  # fmt: skip
+        return {"authorized": True, "licence_id": lic.licence_id, "expires_at": lic.expires_at}
 
     @staticmethod
     def _proof_verifies(
         lic: LicenceRecord, device: DeviceRecord, req: dict[str, Any], h: Mapping[str, Any]
     ) -> bool:
         """The caller's signature with the licence's proof key over this very
-        request: licence, device, model, key, package, a nonce and a time."""
+        request: licence, device, model, key, package, a nonce, a time, and
+        the CURVE key of the caller the worker will answer (a relay that puts
+        its own key there holds no proof for it)."""
         sig, nonce, ts = h.get("proof"), h.get("proof_nonce"), h.get("proof_ts")
         if (
             not lic.proof_public_key
@@ -639,6 +691,7 @@ class KeyService:
         msg = _crypto.licence_proof_message(
             licence_id=lic.licence_id, device_id=device.device_id, model_id=req["model_id"],
             key_id=req["key_id"], package_digest=req["digest"], nonce=nonce, ts=float(ts),
+            client_key=req["client_key"],
         )  # fmt: skip
         try:
             _crypto.verify_signature(base64.b64decode(lic.proof_public_key), sig, msg)
@@ -648,20 +701,23 @@ class KeyService:
 
     def _check_proof_fresh(
         self, lic: LicenceRecord, h: Mapping[str, Any], now: float, *, actor: str,
-        ids: dict[str, Any],
+        ids: dict[str, Any], op: str = "release",
     ) -> None:  # fmt: skip
-        """A valid proof is good once, within the clock-skew window."""
+        """A valid proof is good once for each step of one open, within the
+        clock-skew window: one authorisation (the daemon's, before any worker)
+        and one release (the worker's)."""
         ts, nonce = float(h["proof_ts"]), bytes(h["proof_nonce"])
         err: VaultError | None = None
         if abs(now - ts) > MAX_SKEW:
             err = PermissionDeniedError("licence proof is stale (clock skew?)")
         else:
             try:
-                self._remember_nonce(b"proof:" + nonce, ts, now)
+                prefix = b"proof:" if op == "release" else b"authorize:"
+                self._remember_nonce(prefix + nonce, ts, now)
             except ProtocolError:
                 err = PermissionDeniedError("licence proof was used before")
         if err is not None:
-            raise self._deny_as(actor, "release", err, now, licence_id=lic.licence_id, **ids)
+            raise self._deny_as(actor, op, err, now, licence_id=lic.licence_id, **ids)
 
     def _report(self, caller: LicenceRecord, h: Mapping[str, Any], now: float, op: str,
                 device_id: str | None = None

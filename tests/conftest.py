@@ -48,7 +48,7 @@ from typing import Any
 
 import pytest
 
-from vault.core.device import Device, init_device
+from vault.core.device import Device, init_device, record_keyserver
 from vault.core.keyclient import KeyServerClient
 from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
@@ -171,11 +171,15 @@ class KeyServerProcess:
             return ks.issue(model_id, holder=holder, **limits)
 
     def enroll(self, directory: Path) -> Device:
-        """Make a device in ``directory`` and enroll it."""
+        """Make a device in ``directory``, enroll it and fix its key server
+        (this one), as ``vault device enroll DIR`` does."""
         dev = init_device(directory)
         with self.admin() as ks:
             ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
-        return dev
+            lic = ks.licence
+        record_keyserver(directory, address=lic.keyserver_address,
+                         public_key=lic.keyserver_public_key)  # fmt: skip
+        return Device.load(directory)
 
     def device(self) -> Device:
         """This server's test device (made and enrolled on first use)."""

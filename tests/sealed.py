@@ -111,3 +111,53 @@ def seal_unchecked(
     plaintext = build_plaintext([("pipeline", model.SerializeToString())], list(files or []))
     write_package(out, manifest, plaintext, key, pk.sign, chunk_size=1 << 16)
     return Sealed(out, bytes(key), pub, manifest)
+
+
+def forge_package(
+    out: str | os.PathLike[str],
+    genuine: str | os.PathLike[str],
+    *,
+    chunk_size: int,
+    chunks: int,
+    layout: str = "sparse",
+) -> str:
+    """A package file built by hand from a genuine one's manifest (its model
+    id, key id and real publisher fingerprint), claiming ``chunks`` chunks of
+    ``chunk_size`` bytes, with a signature of zeros. ``layout``: ``sparse``
+    (the size is claimed and the file truncated to it: a few KiB on disk),
+    ``dense`` (every byte written, random), or ``short`` (the header alone:
+    claims the file cannot hold)."""
+    import struct
+
+    from vault.core import crypto as _crypto
+    from vault.core.package import FORMAT_VERSION, HEADER, MAGIC, SIG_SIZE, canonical_json
+    from vault.core.package import inspect as _inspect
+
+    manifest = _inspect(genuine)
+    plaintext = chunk_size * chunks
+    manifest["payload"] = {
+        **manifest["payload"],
+        "chunk_size": chunk_size,
+        "plaintext_size": plaintext,
+        "ciphertext_size": _crypto.ciphertext_size(plaintext, chunk_size),
+    }
+    body = canonical_json(manifest)
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body)) + body
+    total = len(head) + manifest["payload"]["ciphertext_size"] + SIG_SIZE
+    p = os.fspath(out)
+    with open(p, "wb") as fh:
+        fh.write(head)
+        if layout == "sparse":
+            fh.truncate(total - SIG_SIZE)
+            fh.seek(total - SIG_SIZE)
+            fh.write(b"\0" * SIG_SIZE)
+        elif layout == "dense":
+            left = total - len(head)
+            while left:
+                n = min(left, 1 << 20)
+                fh.write(os.urandom(n))
+                left -= n
+        else:
+            assert layout == "short", layout
+    assert struct.unpack(">I", head[12:16])[0] == len(body)
+    return p

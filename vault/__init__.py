@@ -22,6 +22,7 @@ from typing import Any as _Any
 
 from .core.errors import (
     AuditError,
+    CapacityError,
     ComputeError,
     ConfigError,
     DigestMismatchError,
@@ -43,10 +44,12 @@ from .core.errors import (
     UnknownModelError,
     UnsafeModelError,
     UnsupportedVersionError,
+    UntrustedDaemonError,
     VaultError,
     WorkerCrashedError,
     WorkerError,
     WorkerTimeoutError,
+    WrongKeyServerError,
     WrongModelError,
 )
 
@@ -73,6 +76,7 @@ _LAZY = {
 
 __all__ = [
     "AuditError",
+    "CapacityError",
     "ComputeError",
     "ConfigError",
     "DigestMismatchError",
@@ -99,10 +103,12 @@ __all__ = [
     "UnknownModelError",
     "UnsafeModelError",
     "UnsupportedVersionError",
+    "UntrustedDaemonError",
     "VaultError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerTimeoutError",
+    "WrongKeyServerError",
     "WrongModelError",
     "__version__",
     "connect",

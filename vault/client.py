@@ -52,12 +52,21 @@ import numpy as np
 import zmq
 
 from .core.channel import Channel, ZmqChannel, check_endpoint
-from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR, recv_message, send_message
+from .core.daemonwire import (
+    DAEMON_USER_VAR,
+    DEFAULT_SOCKET,
+    ENV_VAR,
+    peer_credentials,
+    recv_message,
+    send_message,
+    trusted_daemon_uids,
+)
 from .core.errors import (
     ConfigError,
     PermissionDeniedError,
     ServiceUnavailableError,
     UnknownLicenceError,
+    UntrustedDaemonError,
     VaultError,
     WorkerCrashedError,
     WorkerTimeoutError,
@@ -202,7 +211,10 @@ class _DaemonWorker:
     ties the worker to it (a caller that goes away takes its workers with
     it). The package travels as an open descriptor and so does the
     shared-memory arena; the licence's secrets stay here: the daemon gets the
-    licence's public part and a proof signed for its device.
+    licence's public part and a proof signed for its device and for this
+    Model's CURVE key (the only key its worker answers). Before anything is
+    sent, the socket's listener must be root or ``$VAULT_DAEMON_USER``
+    (``SO_PEERCRED``): a relay in the daemon's place is refused.
     """
 
     def __init__(
@@ -243,11 +255,22 @@ class _DaemonWorker:
                 s.settimeout(self.start_timeout + 5)
                 try:
                     s.connect(self.socket_path)
+                    _pid, uid, _gid = peer_credentials(s)
+                    trusted = trusted_daemon_uids()
                 except OSError as exc:
                     s.close()
                     raise ConfigError(
                         f"cannot reach the vault daemon at {self.socket_path} ({exc.strerror})"
                     ) from None
+                except VaultError:
+                    s.close()
+                    raise
+                if uid not in trusted:
+                    s.close()
+                    raise UntrustedDaemonError(
+                        f"{self.socket_path} is served by uid {uid}, which is neither root nor "
+                        f"the daemon's user (${DAEMON_USER_VAR}): not sending it a licence"
+                    )
                 self._sock = s
             try:
                 send_message(self._sock, msg, fds)
@@ -267,9 +290,11 @@ class _DaemonWorker:
             self.hello = self._call({"op": "hello"})
         pkg = Package.load(self.package)
         try:
+            digest = pkg.digest
             proof = self.licence.prove(
                 device_id=str(self.hello.get("device_id")), model_id=pkg.model_id,
-                key_id=pkg.key_id, package_digest=pkg.digest,
+                key_id=pkg.key_id, package_digest=digest,
+                client_key=self._client_public.decode(),
             )  # fmt: skip
         finally:
             pkg.close()
@@ -286,6 +311,7 @@ class _DaemonWorker:
             "licence": self.licence.public_copy().to_json(),
             "proof": proof.to_wire(),
             "client_key": self._client_public.decode(),
+            "package_digest": digest,
             "shm_size": self.arena.size if self.arena is not None else 0,
         }
         if self.providers:

@@ -105,6 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a pre-started worker: harden, import onnxruntime, then wait on this inherited "
         "Unix socket for its package, licence and caller (the local daemon's assignment)",
     )
+    p.add_argument(
+        "--memory-limit",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="RLIMIT_DATA for this worker, set before anything else (default: from the "
+        "package's declared plaintext size, vault.core.package.memory_limit)",
+    )
     p.add_argument("--no-mlock", action="store_true")
     p.add_argument("--no-landlock", action="store_true")
     p.add_argument("--no-seccomp", action="store_true")
@@ -155,7 +163,8 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
 # What an assignment may set: the package, the caller and its licence. The
 # hardening is done by then and nothing in an assignment can change it.
 _ASSIGNABLE_FDS = ("package_fd", "licence_fd", "proof_fd", "shm_fd")
-_ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "no_prepack"}
+_ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "no_prepack",
+               "memory_limit"}  # fmt: skip
 
 
 def _preload() -> None:
@@ -206,9 +215,11 @@ def _await_assignment(args: argparse.Namespace, wake_fd: int) -> bool:
         index = msg.pop(name, None)
         if index is not None:
             setattr(args, name, fds[index])
-    for name in ("shm_size", "allow_key", "providers", "no_prepack"):
+    for name in ("shm_size", "allow_key", "providers", "no_prepack", "memory_limit"):
         if name in msg:
             setattr(args, name, msg[name])
+    if args.memory_limit is not None:
+        hardening.limit_memory(args.memory_limit)  # before the package is read
     if args.package_fd is None:
         raise ProtocolError("an assignment without a package")
     return True
@@ -232,6 +243,8 @@ def _wait_readable(fd: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = _Parent(args.status_fd)
+    if args.memory_limit is not None:
+        hardening.limit_memory(args.memory_limit)
     try:
         rep = hardening.harden(
             home=args.home,
@@ -285,9 +298,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from vault.core.errors import VaultError
 
+    # From here a signal or the lifeline's EOF is watched by a thread: during
+    # start-up it ends the process at once (the daemon's start timeout, a
+    # caller gone: a start-up that hashes or decrypts for long must not make
+    # them wait, nor ignore SIGTERM); once serving, it starts a clean stop.
+    lock = threading.Lock()
+    serving = [False]
+    stop = threading.Event()
+
+    def on_wake() -> None:
+        _wait_readable(wake_r)
+        with lock:
+            if not serving[0]:
+                os._exit(128 + signal.SIGTERM)
+        stop.set()
+
     try:
         if args.standby_fd is not None and not _await_assignment(args, wake_r):
             os._exit(0)
+        threading.Thread(target=on_wake, name="vault-stop", daemon=True).start()
         (server, keeper, ctx), ready = _start(args, rep)
         if args.standby_fd is not None:
             ready["standby"] = True  # hardened and imported before its package came
@@ -306,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"vault-worker: startup failed: {type(exc).__name__}", file=sys.stderr)
         return 3
+    with lock:
+        serving[0] = True
     parent.send(ready)
-    _wait_readable(wake_r)
+    stop.wait()
     keeper.stop()
     # the proxy closes the front socket (an ipc:// socket file goes with it);
     # bounded, because nothing here is worth a slow exit

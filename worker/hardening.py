@@ -24,6 +24,11 @@ Steps, in order (why each one):
   onnxruntime bug or a missed path in a model cannot read the operator's files;
 - seccomp: ``ptrace``, ``process_vm_readv/writev`` and ``execve`` fail with EPERM.
 
+Apart from these, :func:`limit_memory` lowers ``RLIMIT_DATA`` (a worker's
+private memory) to what its package's declared plaintext needs, before the
+payload is read (the daemon's value first thing, or the worker's own from the
+header): a package that claims gigabytes costs a MemoryError, not the machine.
+
 Example::
 
     report = harden(home="/tmp/vault-x/home", endpoint_dir="/tmp/vault-x")
@@ -324,6 +329,18 @@ def _kernel_status() -> dict[str, str]:
     return out
 
 
+def limit_memory(limit: int) -> None:
+    """Lower ``RLIMIT_DATA`` to ``limit`` bytes (never raise it): what the
+    worker's private memory (heap, anonymous mappings, thread stacks) may
+    reach. A start-up that would pass it gets a MemoryError, reported as a
+    failed start, instead of the machine's memory."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError("memory_limit must be a positive number of bytes")
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    new = min([limit, *(x for x in (soft, hard) if x != resource.RLIM_INFINITY)])
+    resource.setrlimit(resource.RLIMIT_DATA, (new, new))
+
+
 def read_back(report: Report) -> None:
     """Replace what each step *meant* to set with what the kernel says is set:
     ``PR_GET_DUMPABLE``, ``/proc/self/status`` (``NoNewPrivs``, ``Seccomp``),
@@ -423,6 +440,8 @@ def verify() -> dict[str, Any]:
         "dumpable": _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0),
         "no_new_privs": _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
         "rlimit_core": list(resource.getrlimit(resource.RLIMIT_CORE)),
+        # -1: unlimited (a CUDA worker); else the bytes of private memory allowed
+        "rlimit_data": list(resource.getrlimit(resource.RLIMIT_DATA)),
         "seccomp_mode": status.get("Seccomp"),
         "locked_memory": status.get("VmLck"),
         "uid": os.getuid(),

@@ -6,7 +6,9 @@ line, ``Model.startup_ms`` on the caller's side):
 1. ``imports``      numpy, zmq and the foundation; onnxruntime is imported in a
                     thread meanwhile (the slowest import, ~75 ms)
 2. ``verify``       the licence (from an inherited fd or a file), the
-                    publisher key, the package's signature: before any key is
+                    publisher key, the package's header (every size it claims
+                    checked against the file; the worker's memory limit set
+                    from them), the package's signature: before any key is
                     asked for
 3. ``key_release``  the package key from the key server (HPKE-sealed to a
                     fresh ephemeral key), or, for tests only, from a pipe
@@ -31,6 +33,12 @@ import time
 from typing import Any
 
 __all__ = ["Startup", "read_fd"]
+
+
+def _wants_cuda(args: argparse.Namespace) -> bool:
+    device = (getattr(args, "device", None) or "").lower()
+    providers = getattr(args, "providers", None) or ""
+    return device.startswith("cuda") or device == "gpu" or "CUDA" in providers
 
 
 def read_fd(fd: int, limit: int) -> bytearray:
@@ -115,11 +123,11 @@ class Startup:
         elif args.licence:
             self.licence = Licence.load(args.licence)
         if args.publisher:
-            try:
-                with open(args.publisher, "rb") as fh:
-                    self.publisher = crypto.load_public_key(fh.read())
-            except OSError as exc:
-                raise ConfigError(f"publisher key {args.publisher}: {exc.strerror}") from None
+            from vault.core.files import read_regular
+
+            self.publisher = crypto.load_public_key(
+                read_regular(args.publisher, limit=64 << 10, what="publisher key")
+            )
         elif self.licence is not None and self.licence.publisher_key:
             self.publisher = crypto.load_public_key(self.licence.publisher_key)
         else:
@@ -128,7 +136,24 @@ class Startup:
             self.package = Package.from_fd(args.package_fd)
         else:
             self.package = Package.load(args.package)
+        self.limit_memory()
         self.package.verify(self.publisher)  # before any key is asked for
+
+    def limit_memory(self) -> None:
+        """``RLIMIT_DATA`` from the package's declared plaintext size (see
+        ``vault.core.package.memory_limit``), lowered only, before the payload
+        is hashed or decrypted: a package whose claims would take more gets a
+        MemoryError (a failed start), not the machine's memory. A worker given
+        ``--memory-limit`` (the local daemon's, on its command line or in its
+        assignment) set that one first thing. Not for CUDA, whose driver maps
+        device memory into the process."""
+        from vault.core.package import memory_limit
+
+        from .hardening import limit_memory
+
+        if self.args.memory_limit is not None or _wants_cuda(self.args):
+            return
+        limit_memory(memory_limit(int(self.package.manifest["payload"]["plaintext_size"])))
 
     def release_key(self) -> None:
         from vault.core import crypto
@@ -152,6 +177,10 @@ class Startup:
             self.device = Device.loads(bytes(read_fd(args.device_key_fd, 1 << 16)), source="fd")
         if args.proof_fd is not None:
             proof = LicenceProof.from_wire(json.loads(bytes(read_fd(args.proof_fd, 1 << 16))))
+        # the one caller this worker answers: the caller's proof names its key
+        allow = list(args.allow_key or ())
+        if proof is not None and len(allow) != 1:
+            raise ConfigError("a caller's proof binds exactly one --allow-key")
         with KeyServerClient(self.licence, device=self.device) as ks:
             rel = ks.release(
                 model_id=pkg.model_id,
@@ -159,6 +188,7 @@ class Startup:
                 package_digest=pkg.digest,
                 suite=args.suite,
                 proof=proof,
+                client_key=allow[0] if allow else "",
             )
         self.key, self.lease = rel.key, rel.lease
 

@@ -42,3 +42,82 @@ def test_init_prints_the_server_key(tmp_path):
     assert r.returncode == 0, r.stderr
     pub = (tmp_path / "k2" / "server.pub").read_text().strip()
     assert pub in r.stdout and "admin.licence" in r.stdout
+
+
+READ = r"""
+import json, os, sys
+out = {}
+for path in sys.argv[1:]:
+    try:
+        if os.path.isdir(path):
+            out[path] = "listed %d" % len(os.listdir(path))
+        else:
+            out[path] = "read admin" if b"admin" in open(path, "rb").read() else "read"
+    except OSError as e:
+        out[path] = "denied errno %d" % e.errno
+print(json.dumps(out))
+"""
+
+
+def _as_nobody_read(*paths: str) -> dict[str, str]:
+    import json
+    import pwd
+
+    nb = pwd.getpwnam("nobody")
+    out = subprocess.run(
+        ["setpriv", f"--reuid={nb.pw_uid}", f"--regid={nb.pw_gid}", "--clear-groups",
+         "/usr/bin/python3", "-I", "-c", READ, *paths],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_init_makes_the_directory_and_every_file_private_whatever_existed() -> None:
+    """Issue 17, item 6: ``init`` into a directory that already exists (0755)
+    left it 0755 and the database 0644 (holder names, quotas, usage, devices,
+    the audit), readable by every local user. Now the directory is 0700 and
+    every file 0600: nobody can list it or read the database no more.
+    Control: the same database bytes where its modes allow, nobody reads."""
+    import os
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.prereq import require
+
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+            "root and setpriv, to read as nobody")  # fmt: skip
+    base = Path(tempfile.mkdtemp(prefix="vault-ksinit-"))
+    try:
+        os.chmod(base, 0o755)  # nobody may pass through: only the modes below decide
+        ks = base / "ks"
+        ks.mkdir(mode=0o755)
+        os.chmod(ks, 0o755)
+        r = _vault("keyserver", "init", str(ks))
+        assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(ks.stat().st_mode) == 0o700
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ks.iterdir()}
+        assert "keyserver.db" in modes and set(modes.values()) == {0o600}, modes
+        db = str(ks / "keyserver.db")
+        seen = _as_nobody_read(str(ks), db)
+        assert seen == {str(ks): "denied errno 13", db: "denied errno 13"}, seen
+        # control: the same bytes, with the modes init used to leave
+        open_dir = base / "open"
+        open_dir.mkdir(mode=0o755)
+        os.chmod(open_dir, 0o755)
+        copy = open_dir / "keyserver.db"
+        shutil.copy(db, copy)
+        os.chmod(copy, 0o644)
+        assert _as_nobody_read(str(copy))[str(copy)] == "read admin"
+        # a directory that belongs to another user is refused, not taken over
+        theirs = base / "theirs"
+        theirs.mkdir()
+        nb = pwd.getpwnam("nobody")
+        os.chown(theirs, nb.pw_uid, nb.pw_gid)
+        r = _vault("keyserver", "init", str(theirs))
+        assert r.returncode == 2 and "belongs to uid" in r.stderr, r.stderr
+        assert not (theirs / "keyserver.db").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

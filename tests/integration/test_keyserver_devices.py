@@ -164,7 +164,11 @@ def test_device_files_and_the_cli(keyserver, tmp_path):
     run = [sys.executable, "-m", "vault"]
     out = subprocess.run([*run, "device", "init", str(d)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    dev = Device.load(d)
+    # no key server yet: a daemon on it would not start (nor would one on a
+    # directory made before enrolment fixed the key server): it says what to run
+    with pytest.raises(ConfigError, match=r"no key server recorded.*vault device enroll"):
+        Device.load(d)
+    dev = Device.load(d, require_keyserver=False)
     assert (d.stat().st_mode & 0o777, (d / "device.key").stat().st_mode & 0o777) == (0o700, 0o600)
     assert dev.secret_key not in repr(dev) and dev.secret_key not in (d / "device.pub").read_text()
     again = subprocess.run([*run, "device", "init", str(d)], capture_output=True, text=True)
@@ -173,6 +177,10 @@ def test_device_files_and_the_cli(keyserver, tmp_path):
     out = subprocess.run([*run, "device", "enroll", str(d), "--licence", admin],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and f"device {dev.device_id} enrolled" in out.stdout, out.stderr
+    # enrolment fixed the device's key server: the admin licence's, not a caller's
+    fixed = Device.load(d)
+    assert (fixed.keyserver_address, fixed.keyserver_public_key) == (
+        keyserver.address, keyserver.ready["server_key"])  # fmt: skip
     out = subprocess.run(
         [*run, "device", "list", "--licence", admin], capture_output=True, text=True
     )
@@ -184,6 +192,14 @@ def test_device_files_and_the_cli(keyserver, tmp_path):
     out = subprocess.run([*run, "device", "enroll", str(copy), "--licence", admin],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and f"device {other.device_id} enrolled" in out.stdout, out.stderr
+    assert "vault device keyserver" in out.stdout
+    # ...and the device's owner fixes the key server from a licence of that vendor
+    runtime = tmp_path / "alice.licence"
+    keyserver.issue(MODEL).save(runtime)
+    out = subprocess.run([*run, "device", "keyserver", str(tmp_path / "other"), "--licence",
+                          str(runtime)], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "recorded" in out.stdout, out.stderr
+    assert Device.load(tmp_path / "other").keyserver_address == keyserver.address
     out = subprocess.run([*run, "device", "revoke", dev.device_id, "--licence", admin],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "revoked" in out.stdout
@@ -265,6 +281,8 @@ def test_a_device_row_written_into_the_database_is_refused(keyserver, model_key,
     own: its row has no valid tag, so it gets no handshake and no key."""
     lic = keyserver.issue(MODEL)
     forged = init_device(tmp_path / "forged")
+    forged.keyserver_address, forged.keyserver_public_key = (
+        keyserver.address, keyserver.ready["server_key"])  # fmt: skip
     conn = sqlite3.connect(keyserver.dir / "keyserver.db")
     try:
         conn.execute(

@@ -229,3 +229,89 @@ def test_the_advisory_lock_serialises_appends_across_replicas(tmp_path, pg_url):
     finally:
         st.close()
     assert [lid for _, lid in events[-2:]] == ["a", "b"]
+
+
+READ_PROC = r"""
+import json, sys
+pid, secret = sys.argv[1], sys.argv[2].encode()
+out = {}
+for name in ("cmdline", "environ"):
+    try:
+        data = open(f"/proc/{pid}/{name}", "rb").read()
+        out[name] = "password" if secret in data else "no password"
+    except OSError as e:
+        out[name] = "denied errno %d" % e.errno
+print(json.dumps(out))
+"""
+
+
+def _nobody_reads(pid: int, secret: str) -> dict[str, str]:
+    import json
+    import pwd
+
+    nb = pwd.getpwnam("nobody")
+    out = subprocess.run(
+        ["setpriv", f"--reuid={nb.pw_uid}", f"--regid={nb.pw_gid}", "--clear-groups",
+         "/usr/bin/python3", "-I", "-c", READ_PROC, str(pid), secret],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_the_database_password_is_not_in_the_command_line(tmp_path, pg_url):
+    """Issue 17, item 6: ``serve --database postgresql://ks:PASSWORD@...`` put
+    the password in /proc/PID/cmdline, which every local user reads. From
+    $VAULT_DATABASE_URL (or --database-file) it is in no argument, and the
+    environment is the owner's alone: nobody reads it in either. Control:
+    the same URL on the command line, nobody reads the password (and the
+    server warns)."""
+    from vault.core.launch import read_ready_line
+
+    secret = "pw-" + uuid.uuid4().hex  # trust authentication: PostgreSQL ignores it
+    url = pg_url.replace("postgresql://vault@", f"postgresql://vault:{secret}@")
+    d = tmp_path / "ks"
+    url_file = tmp_path / "database-url"  # --database-file: a 0600 file holds the URL
+    url_file.write_text(url + "\n")
+    os.chmod(url_file, 0o600)
+    out = _vault("keyserver", "init", str(d), "--database-file", str(url_file))
+    assert out.returncode == 0 and "postgresql" in out.stdout, out.stderr
+    base = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base.pop("VAULT_DATABASE_URL", None)
+    procs = []
+    try:
+        for how in ("env", "file", "argument"):
+            cmd = [sys.executable, "-m", "vault", "keyserver", "serve", str(d),
+                   "--bind", "tcp://127.0.0.1:0"]  # fmt: skip
+            env = dict(base)
+            if how == "env":
+                env["VAULT_DATABASE_URL"] = url
+            elif how == "file":
+                cmd += ["--database-file", str(url_file)]
+            else:
+                cmd += ["--database", url]
+            log = open(tmp_path / f"{how}.log", "wb")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+            log.close()
+            procs.append(proc)
+            assert proc.stdout is not None
+            ready = read_ready_line(proc.stdout, timeout=30, proc=proc, what="key server")
+            assert ready["database"] == "postgresql"
+            seen = _nobody_reads(proc.pid, secret)
+            if how != "argument":
+                assert seen["cmdline"] == "no password", (how, seen)
+                assert seen["environ"] == "denied errno 13", (how, seen)
+            else:  # control: on the command line, every local user reads it
+                assert seen["cmdline"] == "password", seen
+                assert b"WARNING: --database holds a password" in (tmp_path / "argument.log"
+                                                                   ).read_bytes()  # fmt: skip
+        out = _vault("keyserver", "audit", str(d), "--database-file", str(url_file), "--verify",
+                     "--quiet")  # fmt: skip
+        assert out.returncode == 0 and "audit chain OK" in out.stdout, out.stderr
+        assert "WARNING" not in out.stderr
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()

@@ -30,6 +30,7 @@ import zmq.auth
 from tests.models import mlp, reference_pipeline
 from tests.prereq import require
 from vault.core.crypto import PublisherKey
+from vault.core.device import record_keyserver
 from vault.core.launch import read_ready_line
 from vault.core.licence import Licence
 from vault.sealing import seal
@@ -181,6 +182,10 @@ def test_killing_a_worker_host_mid_load_loses_no_call(
     devices = {h: tmp_path / f"device-{h}" for h in ("w1", "w2")}
     for d in devices.values():
         keyserver.enroll(d)
+        # the key server each host dials is the one fixed at enrolment: here the
+        # address it has in its namespace (as `vault device enroll DIR` with this
+        # admin licence records it)
+        record_keyserver(d, address=ks_addr, public_key=keyserver.ready["server_key"])
     zmq.auth.create_certificates(str(tmp_path), "service")  # one key for both replicas
     xs = np.random.default_rng(5).standard_normal((N_CALLS, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", xs)

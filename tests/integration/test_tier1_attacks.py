@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 from tests.conftest import KeyServerProcess
 from tests.integration.test_worker_hardening import (
@@ -800,14 +801,18 @@ def test_a_caller_hanging_up_mid_open_does_not_drain_the_pool(tier1: Tier1) -> N
     s.connect(tier1.socket)
     send_message(s, {"op": "hello"})
     hello, _ = recv_message(s)
+    client_key = zmq.curve_keypair()[0].decode()
     with Package.load(tier1.package) as pkg:
+        digest = pkg.digest
         proof = lic.prove(device_id=hello["device_id"], model_id=pkg.model_id,
-                          key_id=pkg.key_id, package_digest=pkg.digest)  # fmt: skip
+                          key_id=pkg.key_id, package_digest=digest,
+                          client_key=client_key)  # fmt: skip
     assert isinstance(lic, Licence)
     waiting = _waiting(tier1)
     with open(tier1.package, "rb") as fh:
         send_message(s, {"op": "open", "licence": lic.public_copy().to_json(),
-                         "proof": proof.to_wire(), "client_key": "x" * 40}, [fh.fileno()])  # fmt: skip
+                         "proof": proof.to_wire(), "client_key": client_key,
+                         "package_digest": digest}, [fh.fileno()])  # fmt: skip
     s.close()  # gone before the answer
     deadline = time.monotonic() + 60
     while _waiting(tier1) & waiting and time.monotonic() < deadline:

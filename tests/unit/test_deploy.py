@@ -88,9 +88,13 @@ def test_worker_probes_and_scraping_use_the_service_endpoints() -> None:
 
 
 def test_keyserver_takes_its_secrets_from_secrets() -> None:
+    from keyserver.commands import DATABASE_ENV
+
     (c,) = _one("Deployment", "vault-keyserver")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
-    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "vault-keyserver-db"
+    assert env[DATABASE_ENV]["valueFrom"]["secretKeyRef"]["name"] == "vault-keyserver-db"
+    # the URL (its password) never in the arguments, which every user on the node reads
+    assert not any("$(" in a or "postgresql" in a or a == "--database" for a in c["args"])
     vols = _one("Deployment", "vault-keyserver")["spec"]["template"]["spec"]["volumes"]
     assert any(v.get("secret", {}).get("secretName") == "vault-keyserver-dir" for v in vols)
 

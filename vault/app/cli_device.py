@@ -4,7 +4,8 @@ Example::
 
     # as root (or the daemon's service user), once per machine
     $ vault device init /var/lib/vault/device
-    $ vault device enroll /var/lib/vault/device --licence admin.licence
+    $ vault device enroll /var/lib/vault/device --licence admin.licence   # fixes its key server
+    $ vault device keyserver /var/lib/vault/device --licence alice.licence  # (enrolled elsewhere)
     $ vault device list --licence admin.licence
     $ vault device revoke dev-3f9c0a1b2c4d5e6f --licence admin.licence
     $ vault daemon --device /var/lib/vault/device --worker-user vault-worker
@@ -37,11 +38,12 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from ..core.device import Device, device_id_for
+    from ..core.device import Device, device_id_for, record_keyserver
 
     # DIR (on the device) or a copy of its device.pub (on the admin's machine):
     # enrolment needs the public key only; the key server checks id and key agree
-    if os.path.isdir(args.dir):
+    on_device = os.path.isdir(args.dir)
+    if on_device:
         pub = Device.load_public(args.dir)
     else:
         pub = Device.load_public(os.path.dirname(args.dir) or ".", name=os.path.basename(args.dir))
@@ -51,8 +53,28 @@ def _enroll(args: argparse.Namespace) -> int:
         created = ks.enroll_device(
             device_id=pub["device_id"], public_key=pub["public_key"], name=args.name or ""
         )
+        address, server_key = ks.licence.keyserver_address, ks.licence.keyserver_public_key
     note = "enrolled" if created else "was already enrolled"
     print(f"device {pub['device_id']} {note}")
+    if on_device:  # the key server the device will talk to, fixed here (never a caller's)
+        record_keyserver(args.dir, address=address, public_key=server_key)
+        print(f"key server {address} recorded in {args.dir}")
+    else:
+        print(f"on the device, record this key server: vault device keyserver DIR "
+              f"--licence FILE.licence (any licence of {address})")  # fmt: skip
+    return 0
+
+
+def _keyserver(args: argparse.Namespace) -> int:
+    """The key server a device talks to, from a licence its vendor gave (for a
+    device the vendor enrolled from a copy of its ``device.pub``)."""
+    from ..core.device import Device, record_keyserver
+    from ..core.licence import Licence
+
+    lic = Licence.load(args.licence)
+    Device.load(args.dir, require_keyserver=False)  # a device directory, readable by us
+    record_keyserver(args.dir, address=lic.keyserver_address, public_key=lic.keyserver_public_key)
+    print(f"key server {lic.keyserver_address} recorded in {args.dir}")
     return 0
 
 
@@ -97,8 +119,30 @@ def _daemon(args: argparse.Namespace) -> int:
         standby=args.standby,
         max_connections=args.max_connections,
         max_connections_per_uid=args.max_connections_per_uid,
+        max_workers=args.max_workers,
+        max_workers_per_uid=args.max_workers_per_uid,
+        max_starting=args.max_starting,
+        max_starting_per_uid=args.max_starting_per_uid,
+        worker_memory_headroom=args.worker_memory_headroom,
     )
+    for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     return run_daemon(cfg)
+
+
+def _size(text: str) -> int:
+    """``1073741824``, ``512M``, ``2G``: bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or 512M, 2G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -126,6 +170,14 @@ def register(sub: Any) -> None:
     p.add_argument("--name", default=None, help="a label for the device list")
     admin_opts(p)
     p.set_defaults(func=_enroll)
+    p = dsub.add_parser(
+        "keyserver",
+        help="fix the key server of the device in DIR: the one a licence of its vendor names",
+    )
+    p.add_argument("dir")
+    p.add_argument("--licence", "--license", dest="licence", required=True,
+                   help="any licence issued by the key server (its address and key are used)")  # fmt: skip
+    p.set_defaults(func=_keyserver)
     p = dsub.add_parser("list", help="list enrolled devices (admin)")
     admin_opts(p)
     p.set_defaults(func=_list)
@@ -153,4 +205,15 @@ def register(sub: Any) -> None:
                    help="callers connected at once, in all (default 512)")  # fmt: skip
     p.add_argument("--max-connections-per-uid", type=int, default=64,
                    help="callers connected at once from one uid (default 64)")  # fmt: skip
+    p.add_argument("--max-workers", type=int, default=64,
+                   help="callers' workers live or starting, in all (default 64)")  # fmt: skip
+    p.add_argument("--max-workers-per-uid", type=int, default=8,
+                   help="workers one uid may hold, live or starting (default 8)")  # fmt: skip
+    p.add_argument("--max-starting", type=int, default=8,
+                   help="workers starting at once, in all (default 8)")  # fmt: skip
+    p.add_argument("--max-starting-per-uid", type=int, default=2,
+                   help="workers starting at once for one uid (default 2)")  # fmt: skip
+    p.add_argument("--worker-memory-headroom", type=_size, default=None, metavar="SIZE",
+                   help="each worker's memory limit (RLIMIT_DATA) is 4x its package's "
+                        "plaintext plus this (default 1G + 64M per CPU)")  # fmt: skip
     p.set_defaults(func=_daemon)

@@ -203,14 +203,18 @@ def format_manifest(m: dict[str, Any]) -> str:
 def _licence_summary(path: str, as_json: bool) -> bool:
     """``vault inspect NAME.licence``: what a licence allows, without its secrets.
     Returns False when ``path`` is not a licence file."""
+    from ..core.files import open_regular
     from ..core.licence import Licence
 
     try:
-        with open(path, "rb") as fh:
-            if fh.read(1) != b"{":
-                return False
-    except OSError:
-        return False
+        fd = open_regular(path, what="file")
+    except VaultError:
+        return False  # not a regular file: the package reader says what it is
+    try:
+        if os.pread(fd, 1, 0) != b"{":
+            return False
+    finally:
+        os.close(fd)
     lic = Licence.load(path)
     pub = lic.public_copy().to_json()
     for secret in ("client", "proof_key"):
@@ -243,13 +247,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from ..core.files import read_regular
     from ..core.package import Package
 
-    try:
-        with open(args.publisher, "rb") as fh:
-            pub = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{args.publisher}: {exc.strerror}") from exc
+    pub = read_regular(args.publisher, limit=64 << 10, what="publisher key")
     with Package.load(args.package) as pkg:
         pkg.verify(pub)
         print(f"OK: {args.package} is signed by {pkg.publisher_fingerprint}")

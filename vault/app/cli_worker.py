@@ -235,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
         launch=launch,
     )
     svc = WorkerService(cfg, log=JsonLog(sys.stderr, level=args.log_level))
+    svc.catch_signals()  # a SIGTERM during start-up or right after the ready lines drains
     ready = svc.start()
     key = ready.get("server_key") or ""
     if args.server_key_out:

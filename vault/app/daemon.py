@@ -16,9 +16,34 @@ callers cannot read, and listens on a local Unix socket
   option is refused);
 - from the package descriptor the caller passed (``SCM_RIGHTS``): the daemon
   never opens a path for a caller;
-- releasing the key as the enrolled device, with the caller's licence proof;
+- releasing the key as the enrolled device, with the caller's licence proof,
+  from the key server the device was enrolled with (never one a caller's
+  licence names: such a licence is refused before any worker);
 - listening on ``ipc://`` with CURVE, accepting only the client key of the
-  connection that opened it: a caller reaches only its own workers.
+  connection that opened it (the key the caller's proof binds): a caller
+  reaches only its own workers.
+
+**Nothing runs before a licence is shown.** Before a worker is started or a
+pre-started one assigned, the daemon reads the package's header from the
+caller's descriptor (bounded reads: every size it claims checked against the
+file, a sparse file refused) and asks its key server, as the device, whether
+the caller's licence and proof would get this package's key now
+(``authorize``: the licence genuine, in force, for this model, this device
+and this caller's CURVE key, with quota and rate left; nothing released,
+nothing debited, audited). A stranger with a forged licence or proof gets the
+key server's typed refusal and costs no worker process. Workers are capped
+live and starting, per uid and in all (``--max-workers``,
+``--max-workers-per-uid``, ``--max-starting``, ``--max-starting-per-uid``:
+:class:`~vault.core.errors.CapacityError`); each runs under a memory limit
+(``RLIMIT_DATA``) sized from the package's declared plaintext
+(:func:`vault.core.package.memory_limit`; the worker sets the daemon's value
+first thing, before it reads the package), and one that is not ready within
+``--start-timeout`` is killed.
+
+The socket's directory and every directory above it must be writable by no
+one but root or the daemon's own user (a sticky directory such as ``/tmp``
+may sit above one the daemon owns), and the directory is the daemon's own:
+otherwise another user could move the socket aside and listen in its place.
 
 A worker lives as long as the connection that opened it (or until ``close``).
 Connections are capped per uid (``--max-connections-per-uid``, 64) and in all
@@ -54,29 +79,39 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..core import launch
-from ..core.daemonwire import DEFAULT_SOCKET, recv_message, send_message
+from ..core.daemonwire import DEFAULT_SOCKET, peer_credentials, recv_message, send_message
 from ..core.device import Device
-from ..core.errors import ConfigError, PermissionDeniedError, ProtocolError, VaultError
+from ..core.errors import (
+    CapacityError,
+    ConfigError,
+    PermissionDeniedError,
+    ProtocolError,
+    VaultError,
+    WorkerTimeoutError,
+    WrongKeyServerError,
+)
 from ..core.licence import Licence, LicenceProof
+from ..core.package import Header, memory_limit, read_header
 from ..core.process import stop_process
 
-__all__ = ["DaemonConfig", "check_install", "run_daemon"]
+__all__ = ["DaemonConfig", "check_install", "check_private_dir", "run_daemon"]
 
 TIER = 1
 DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
 DEFAULT_WORKER_USER = "vault-worker"
-_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "shm_size", "providers", "device",
-                "prepack"}  # fmt: skip
+_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "package_digest", "shm_size",
+                "providers", "device", "prepack"}  # fmt: skip
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider"}
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,2})?")
 _MAX_SHM = 1 << 34
@@ -96,11 +131,17 @@ class DaemonConfig:
     sys_path: tuple[str, ...] = ()
     runtime_dir: str = ""
     start_timeout: float = 60.0
-    max_workers: int = 16  # per connection
     worker_user: str = ""
     standby: int = 1  # workers kept pre-started; 0: every open spawns
     max_connections: int = 512  # in all (each holds a descriptor and a thread)
     max_connections_per_uid: int = 64
+    # workers of callers, live or starting (pre-started ones are the daemon's own)
+    max_workers: int = 64  # in all
+    max_workers_per_uid: int = 8
+    max_starting: int = 8  # starting at once, in all (key release, decrypt, sessions)
+    max_starting_per_uid: int = 2
+    worker_memory_headroom: int | None = None  # None: vault.core.package's default
+    keyserver_timeout: float = 10.0  # the pre-authorisation round trip
 
 
 def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
@@ -120,6 +161,59 @@ def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
             )
 
 
+def check_private_dir(directory: str, *, what: str = "socket directory") -> None:
+    """``directory`` must be the daemon's own (owned by its effective uid) and
+    writable by no one else, and every directory above it owned by root or
+    the daemon's user and writable by no one else, unless sticky (``/tmp``:
+    another user may add names there but not move or remove the daemon's).
+    Both the path as given and its resolved form are checked. Otherwise
+    another user could move the daemon's socket aside and listen in its
+    place, relaying callers' opens (:class:`ConfigError`, naming the path)."""
+    me = os.geteuid()
+    start = os.path.abspath(directory)
+    for path in dict.fromkeys((start, os.path.realpath(start))):
+        node = path
+        while True:
+            try:
+                st = os.lstat(node)
+            except OSError as exc:
+                raise ConfigError(f"{node}: cannot check the {what} ({exc.strerror})") from None
+            link = stat.S_ISLNK(st.st_mode)  # its mode means nothing: its owner and parent do
+            writable = not link and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if node == path and not link:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise ConfigError(f"{node}: the {what} is not a directory")
+                if st.st_uid != me:
+                    raise ConfigError(
+                        f"{node}: the {what} belongs to uid {st.st_uid}; the daemon (uid {me}) "
+                        "uses only a directory of its own (another user could replace the "
+                        "socket in it)"
+                    )
+                if writable:
+                    raise ConfigError(
+                        f"{node}: the {what} is writable by group or others "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o}): another user could move the "
+                        "socket aside and listen in its place; use a directory only root or "
+                        "the daemon's user can write (e.g. /run/vault)"
+                    )
+            else:
+                if st.st_uid not in (0, me):
+                    raise ConfigError(
+                        f"{node}: above the {what}, owned by uid {st.st_uid} (neither root nor "
+                        "the daemon's user): its owner could replace the directories below it"
+                    )
+                if writable and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+                    raise ConfigError(
+                        f"{node}: above the {what}, writable by group or others and not sticky "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o}): another user could rename the "
+                        "directories below it and put their own socket in place"
+                    )
+            parent = os.path.dirname(node)
+            if parent == node:
+                break
+            node = parent
+
+
 @dataclass
 class _Worker:
     wid: str
@@ -136,6 +230,15 @@ class _Worker:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _end_start(worker: _Worker, exc: BaseException) -> None:
+    """A start that failed: a worker past its start timeout is killed at once
+    (SIGKILL: it had its time); any other is stopped (lifeline, SIGTERM, which
+    a starting worker honours, then SIGKILL)."""
+    if isinstance(exc, WorkerTimeoutError) and worker.proc.poll() is None:
+        worker.proc.kill()
+    worker.stop()
+
+
 @dataclass(frozen=True)
 class _OpenRequest:
     """A caller's ``open``, checked: what either start-up path hands a worker."""
@@ -149,6 +252,9 @@ class _OpenRequest:
     providers: list[str] | None
     device: str | None
     prepack: bool
+    package: Header  # the header and manifest, read from package_fd and checked
+    digest: str  # the package digest the caller's proof signs
+    memory: int | None  # the worker's RLIMIT_DATA (None: CUDA, not limited)
 
     @property
     def cuda(self) -> bool:
@@ -190,6 +296,14 @@ class _StandbyGone(Exception):
 
 
 @dataclass(eq=False)
+class _Slot:
+    """One open's place among the starting workers of its uid, until admitted."""
+
+    uid: int
+    starting: bool = True
+
+
+@dataclass(eq=False)
 class _Connection:
     uid: int
     pid: int
@@ -216,10 +330,16 @@ def _memfd(fd: int) -> bool:
     return True
 
 
-def _peer(sock: socket.socket) -> tuple[int, int, int]:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+def _z85_key(value: Any) -> str:
+    from zmq.utils import z85
+
+    if isinstance(value, str) and len(value) == 40:
+        try:
+            if len(z85.decode(value.encode("ascii"))) == 32:
+                return value
+        except (ValueError, KeyError, UnicodeEncodeError):
+            pass
+    raise ConfigError("client_key must be a Z85 CURVE public key")
 
 
 class Daemon:
@@ -233,6 +353,7 @@ class Daemon:
         self._count = 0
         self._standby: list[_Standby] = []
         self._refilling = False
+        self._starting: dict[int, int] = {}  # uid -> workers starting for it now
 
     def log(self, line: str) -> None:
         print(f"vault-daemon: {line}", file=self.log_stream, flush=True)
@@ -243,24 +364,108 @@ class Daemon:
         return {"device_id": self.device.device_id, "tier": TIER, "caller_uid": conn.uid}
 
     def _health(self, conn: _Connection) -> dict[str, Any]:
+        cfg = self.config
+        with self._lock:
+            workers = sorted(conn.workers)
+            live_uid, live_all, start_uid, start_all = self._counts(conn.uid)
         return {
             "tier": TIER,
             "device_id": self.device.device_id,
-            "worker_uid": self.config.worker_uid,
+            "worker_uid": cfg.worker_uid,
             "caller_uid": conn.uid,
-            "workers": sorted(conn.workers),
+            "workers": workers,
+            "live": {"uid": live_uid, "all": live_all},
+            "starting": {"uid": start_uid, "all": start_all},
+            "caps": {
+                "max_workers": cfg.max_workers,
+                "max_workers_per_uid": cfg.max_workers_per_uid,
+                "max_starting": cfg.max_starting,
+                "max_starting_per_uid": cfg.max_starting_per_uid,
+            },  # fmt: skip
+            "keyserver": self.device.keyserver_address,
             "hardening": "fixed by the daemon; callers cannot change it",
         }
 
+    # -- caps -------------------------------------------------------------------------
+
+    def _counts(self, uid: int) -> tuple[int, int, int, int]:
+        """(live of uid, live in all, starting of uid, starting in all); under the lock."""
+        live_uid = sum(len(c.workers) for c in self._conns if c.uid == uid)
+        live_all = sum(len(c.workers) for c in self._conns)
+        return live_uid, live_all, self._starting.get(uid, 0), sum(self._starting.values())
+
+    def _reap(self) -> None:
+        """Forget callers' workers that died (their callers have not closed them
+        yet), so a crash does not hold a slot."""
+        dead: list[_Worker] = []
+        with self._lock:
+            for conn in self._conns:
+                for wid, w in list(conn.workers.items()):
+                    if w.proc.poll() is not None:
+                        dead.append(conn.workers.pop(wid))
+        for w in dead:
+            w.stop()
+
+    def _reserve_start(self, conn: _Connection) -> None:
+        """Count one more worker starting for ``conn``'s uid, or refuse
+        (:class:`CapacityError`) if a cap on starting or on live-plus-starting
+        workers, of this uid or in all, would be passed."""
+        cfg = self.config
+        self._reap()
+        with self._lock:
+            live_uid, live_all, start_uid, start_all = self._counts(conn.uid)
+            if start_uid >= cfg.max_starting_per_uid or start_all >= cfg.max_starting:
+                mine = start_uid >= cfg.max_starting_per_uid
+                raise CapacityError(
+                    f"{'this user has' if mine else 'the daemon has'} "
+                    f"{start_uid if mine else start_all} worker(s) starting, the most allowed "
+                    f"(--max-starting{'-per-uid' if mine else ''}): retry when they are up"
+                )
+            if (live_uid + start_uid >= cfg.max_workers_per_uid
+                    or live_all + start_all >= cfg.max_workers):  # fmt: skip
+                mine = live_uid + start_uid >= cfg.max_workers_per_uid
+                cap = cfg.max_workers_per_uid if mine else cfg.max_workers
+                raise CapacityError(
+                    f"{'this user holds' if mine else 'the daemon runs'} {cap} worker(s), the "
+                    f"most allowed (--max-workers{'-per-uid' if mine else ''}): close a model "
+                    "first"
+                )
+            self._starting[conn.uid] = start_uid + 1
+
+    def _release_start_locked(self, uid: int) -> None:
+        left = self._starting.get(uid, 0) - 1
+        if left > 0:
+            self._starting[uid] = left
+        else:
+            self._starting.pop(uid, None)
+
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        req = self._check_open(msg, fds)
+        self._reserve_start(conn)
+        slot = _Slot(conn.uid)
+        try:
+            self._authorize(req)  # nothing runs before the licence is shown
+            if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
+                while (standby := self._take_standby()) is not None:
+                    try:
+                        return self._assign(conn, standby, req, slot)
+                    except _StandbyGone:
+                        continue
+            return self._spawn(conn, req, slot)
+        finally:
+            with self._lock:
+                if slot.starting:  # not admitted: the start failed or was refused
+                    self._release_start_locked(slot.uid)
+
+    def _check_open(self, msg: dict[str, Any], fds: list[int]) -> _OpenRequest:
+        """Every field of an ``open`` and the package's header, checked; a
+        typed error for anything else, before any worker or key server."""
         extra = set(msg) - _OPEN_FIELDS
         if extra:
             raise ConfigError(
                 f"unknown field(s) {', '.join(sorted(extra))}: the worker's hardening and "
                 "options are the daemon's configuration, not the caller's"
             )
-        if len(conn.workers) >= self.config.max_workers:
-            raise ConfigError(f"at most {self.config.max_workers} workers per connection")
         if not fds:
             raise ProtocolError("open needs the package's file descriptor")
         package_fd = fds[0]
@@ -272,9 +477,6 @@ class Daemon:
             raise ConfigError("the licence or proof is too large")
         if proof.licence_id != lic.licence_id or proof.device_id != self.device.device_id:
             raise PermissionDeniedError("the licence proof is not for this licence and device")
-        client_key = msg.get("client_key")
-        if not isinstance(client_key, str) or len(client_key) != 40:
-            raise ConfigError("client_key must be a Z85 CURVE public key")
         providers = msg.get("providers")
         if providers is not None:
             if (
@@ -295,15 +497,36 @@ class Daemon:
             raise ConfigError("shm_size must be an integer")
         if not 0 <= shm_size <= _MAX_SHM or (shm_size and (len(fds) < 2 or not _memfd(fds[1]))):
             raise ConfigError("shm_size needs a memfd and at most 16 GiB")
-        req = _OpenRequest(package_fd, fds[1] if shm_size else None, shm_size, lic, proof,
-                           client_key, providers, device, prepack)  # fmt: skip
-        if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
-            while (standby := self._take_standby()) is not None:
-                try:
-                    return self._assign(conn, standby, req)
-                except _StandbyGone:
-                    continue
-        return self._spawn(conn, req)
+        if lic.keyserver_public_key != self.device.keyserver_public_key:
+            raise WrongKeyServerError(
+                f"licence {lic.licence_id} names another key server than the one this device "
+                f"was enrolled with ({self.device.keyserver_address}): it cannot be used here"
+            )
+        client_key = _z85_key(msg.get("client_key"))
+        digest = msg.get("package_digest")
+        if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+            raise ConfigError("package_digest must be sha256:<64 hex digits>")
+        # bounded reads of the header: a package whose claims the file cannot
+        # hold (a sparse file, 30 million 1-byte chunks) is refused here
+        header = read_header(package_fd, source="the package")
+        cuda = "CUDAExecutionProvider" in (providers or []) or str(device).startswith("cuda")
+        memory = None if cuda else memory_limit(header.plaintext_size,
+                                                headroom=self.config.worker_memory_headroom)  # fmt: skip
+        return _OpenRequest(package_fd, fds[1] if shm_size else None, shm_size, lic, proof,
+                            client_key, providers, device, prepack, header, digest,
+                            memory)  # fmt: skip
+
+    def _authorize(self, req: _OpenRequest) -> None:
+        """Ask the key server, as the device, whether this caller's licence and
+        proof would get this package's key now: its typed refusal, if any,
+        is the caller's answer, and no worker starts."""
+        from ..core.keyclient import KeyServerClient
+
+        with KeyServerClient(req.licence, device=self.device,
+                             timeout=self.config.keyserver_timeout) as ks:  # fmt: skip
+            ks.authorize(model_id=req.package.model_id, key_id=req.package.key_id,
+                         package_digest=req.digest, proof=req.proof,
+                         client_key=req.client_key)  # fmt: skip
 
     # -- pre-started workers ----------------------------------------------------------
 
@@ -376,9 +599,13 @@ class Daemon:
 
         threading.Thread(target=fill, name="vault-standby", daemon=True).start()
 
-    def _assign(self, conn: _Connection, standby: _Standby, req: _OpenRequest) -> dict[str, Any]:
-        """Hand a standby worker its package, licence and caller; wait for ready."""
+    def _assign(
+        self, conn: _Connection, standby: _Standby, req: _OpenRequest, slot: _Slot
+    ) -> dict[str, Any]:
+        """Hand a standby worker its package, licence and caller; wait for ready
+        (it sets its memory limit from the assignment before it reads the package)."""
         cfg = self.config
+        deadline = time.monotonic() + cfg.start_timeout
         secrets: list[int] = []
         try:
             for data in (req.licence.dumps(), json.dumps(req.proof.to_wire()).encode()):
@@ -404,13 +631,19 @@ class Daemon:
                 msg["providers"] = ",".join(req.providers)
             if not req.prepack:
                 msg["no_prepack"] = True
+            if req.memory is not None:
+                msg["memory_limit"] = req.memory
             try:
                 send_message(standby.sock, msg, fds)
                 # its "taken" byte: a worker that died waiting (killed, out of
-                # memory) closes the socket instead, and the next one is tried
-                standby.sock.settimeout(cfg.start_timeout)
+                # memory) closes the socket instead, and the next one is tried;
+                # one that neither takes it nor dies is past its start timeout
+                standby.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 if standby.sock.recv(1) != b"T":
                     raise ConnectionError("the pre-started worker closed its socket")
+            except TimeoutError:
+                standby.worker.proc.kill()
+                raise WorkerTimeoutError(f"worker not ready after {cfg.start_timeout:g}s") from None
             except OSError as exc:
                 raise _StandbyGone() from exc
         except BaseException:
@@ -422,19 +655,23 @@ class Daemon:
         standby.sock.close()
         worker = standby.worker
         try:
-            ready = launch.read_ready_line(standby.status_r, timeout=cfg.start_timeout,
-                                           proc=worker.proc)  # fmt: skip
-        except BaseException:
-            worker.stop()
+            ready = launch.read_ready_line(standby.status_r, proc=worker.proc,
+                                           timeout=max(0.0, deadline - time.monotonic()))  # fmt: skip
+        except BaseException as exc:
+            _end_start(worker, exc)
             raise
         finally:
             os.close(standby.status_r)
-        return self._admit(conn, worker, ready, req.licence)
+        return self._admit(conn, worker, ready, req.licence, slot)
 
     def _admit(
-        self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence
-    ) -> dict[str, Any]:
-        conn.workers[worker.wid] = worker
+        self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence,
+        slot: _Slot,
+    ) -> dict[str, Any]:  # fmt: skip
+        with self._lock:  # from starting to live at once: never counted twice, nor not at all
+            conn.workers[worker.wid] = worker
+            self._release_start_locked(slot.uid)
+            slot.starting = False
         self.log(f"worker {worker.wid} (pid {worker.proc.pid}) for uid {conn.uid} pid {conn.pid}: "
                  f"model {ready.get('model_id')}, licence {lic.licence_id}"
                  f"{' (pre-started)' if ready.get('standby') else ''}")  # fmt: skip
@@ -446,7 +683,7 @@ class Daemon:
             "ready": {k: v for k, v in ready.items() if k != "ready"},
         }
 
-    def _spawn(self, conn: _Connection, req: _OpenRequest) -> dict[str, Any]:
+    def _spawn(self, conn: _Connection, req: _OpenRequest, slot: _Slot) -> dict[str, Any]:
         """A cold start: spawn a worker for this request; wait for ready."""
         wid, wdir = self._new_worker_dir()
         pipes = launch.WorkerPipes()
@@ -460,6 +697,8 @@ class Daemon:
         if req.shm_fd is not None:
             args += ["--shm-fd", str(req.shm_fd), "--shm-size", str(req.shm_size)]
             pass_fds.append(req.shm_fd)
+        if req.memory is not None:  # the worker's first act, before it reads anything
+            args += ["--memory-limit", str(req.memory)]
         try:
             proc = self._launch([*args, *req.worker_args()], [*pass_fds, *pipes.pass_fds], wdir)
         except BaseException:
@@ -472,12 +711,12 @@ class Daemon:
         try:
             ready = launch.read_ready_line(pipes.status_r, timeout=self.config.start_timeout,
                                            proc=proc)  # fmt: skip
-        except BaseException:
-            worker.stop()
+        except BaseException as exc:
+            _end_start(worker, exc)
             raise
         finally:
             pipes.close_status()
-        return self._admit(conn, worker, ready, req.licence)
+        return self._admit(conn, worker, ready, req.licence, slot)
 
     def _launch(self, args: list[str], pass_fds: list[int], wdir: str) -> subprocess.Popen[bytes]:
         """``python -I -B -m worker ARGS`` as the workers' uid, from the daemon's install."""
@@ -496,7 +735,8 @@ class Daemon:
 
     def _close(self, conn: _Connection, msg: dict[str, Any]) -> dict[str, Any]:
         wid = msg.get("worker")
-        worker = conn.workers.pop(wid, None) if isinstance(wid, str) else None
+        with self._lock:
+            worker = conn.workers.pop(wid, None) if isinstance(wid, str) else None
         if worker is None:
             # the same answer for another caller's worker and for none at all
             raise PermissionDeniedError("no such worker on this connection")
@@ -579,11 +819,12 @@ class Daemon:
         except OSError:
             pass
         finally:
-            for worker in list(conn.workers.values()):
-                worker.stop()
-            conn.workers.clear()
             with self._lock:
+                workers = list(conn.workers.values())
+                conn.workers.clear()
                 self._conns.discard(conn)
+            for worker in workers:
+                worker.stop()
             sock.close()
 
     def _admit_connection(self, sock: socket.socket) -> _Connection | None:
@@ -591,7 +832,7 @@ class Daemon:
         uid: beyond, the caller gets one typed refusal and the socket closes
         (each connection holds a descriptor and a thread of the daemon's)."""
         try:
-            pid, uid, _gid = _peer(sock)
+            pid, uid, _gid = peer_credentials(sock)
         except OSError:
             sock.close()
             return None
@@ -707,11 +948,14 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     device = Device.load(config.device_dir)
     check_install(config.python, config.sys_path)
+    base = os.path.dirname(os.path.abspath(config.socket_path))
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    check_private_dir(base)  # nobody else may move the socket aside and listen in its place
     own_runtime = not config.runtime_dir
     if own_runtime:
-        base = os.path.dirname(config.socket_path) or "."
-        os.makedirs(base, mode=0o755, exist_ok=True)
         config.runtime_dir = tempfile.mkdtemp(prefix="workers-", dir=base)
+    else:
+        check_private_dir(config.runtime_dir, what="runtime directory")
     os.chmod(config.runtime_dir, 0o711)
     listener = _bind(config.socket_path)
     daemon = Daemon(config, device)
@@ -719,6 +963,7 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
     try:
         print(json.dumps({"ready": True, "socket": config.socket_path, "tier": TIER,
                           "device_id": device.device_id, "worker_uid": config.worker_uid,
+                          "keyserver": device.keyserver_address,
                           "pid": os.getpid()}), file=out, flush=True)  # fmt: skip
         daemon.serve(listener)
     finally:

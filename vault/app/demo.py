@@ -243,10 +243,12 @@ def run_demo(lease_ttl: float = 1.0) -> int:
                 setup, why_not = _tier1_setup()
                 sock = None
                 if setup is not None:
-                    from ..core.device import init_device
+                    from ..core.device import init_device, record_keyserver
 
                     dev = init_device(os.path.join(tmp, "device"))
                     ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+                    record_keyserver(os.path.join(tmp, "device"), address=address,
+                                     public_key=admin.keyserver_public_key)  # fmt: skip
                     print(f"    device {dev.device_id} enrolled")
                     daemon, sock = _start_daemon(tmp, os.path.join(tmp, "device"), setup)
                     print(f"    daemon on {sock}; workers run as {setup['user']!r} "

@@ -530,12 +530,18 @@ def licence_proof_message(
     package_digest: str,
     nonce: bytes,
     ts: float,
+    client_key: str = "",
 ) -> bytes:
     """What a licence holder signs to prove, at this moment, that it holds the
     licence's secret key: the request it authorises, for one device, with a
-    fresh nonce and time (the key server refuses a replay)."""
-    parts = (licence_id, device_id, model_id, key_id, package_digest, nonce.hex(), repr(float(ts)))
-    return b"vault-licence-proof/v1\x00" + b"\x00".join(p.encode() for p in parts)
+    fresh nonce and time (the key server refuses a replay), and the CURVE
+    public key (Z85) of the caller the worker will answer: a relay that puts
+    its own key in the open gets a proof that does not verify. ``client_key``
+    is "" only where no caller is answered over CURVE (a worker service's own
+    workers, whose sockets are private to it)."""
+    parts = (licence_id, device_id, model_id, key_id, package_digest, nonce.hex(),
+             repr(float(ts)), client_key)  # fmt: skip
+    return b"vault-licence-proof/v2\x00" + b"\x00".join(p.encode() for p in parts)
 
 
 # --- master-key wrapping ------------------------------------------------------

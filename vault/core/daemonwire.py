@@ -13,12 +13,21 @@ Requests (``op``), each answered by ``{"ok": true, ...}`` or
 
 - ``hello``: the daemon's device id and tier, and the uid it sees for the caller
 - ``open``: fds ``[package, shm?]``; ``licence`` (the public part),
-  ``proof`` (the caller's signature, :class:`~vault.core.licence.LicenceProof`),
-  ``client_key`` (the caller's CURVE public key for this worker), ``shm_size``,
-  ``providers``, ``device``, ``prepack`` (false: no packed weight copies);
-  answered with the worker's id, pid, endpoint and CURVE server key
+  ``proof`` (the caller's signature, :class:`~vault.core.licence.LicenceProof`,
+  over the request and ``client_key``), ``client_key`` (the caller's CURVE
+  public key for this worker), ``package_digest`` (the digest the proof
+  signs), ``shm_size``, ``providers``, ``device``, ``prepack`` (false: no
+  packed weight copies); answered with the worker's id, pid, endpoint and
+  CURVE server key
 - ``close``: ``worker`` (only one this connection opened)
-- ``health``: the daemon's tier, device, worker uid, this caller's workers
+- ``health``: the daemon's tier, device, worker uid, this caller's workers,
+  the workers live and starting (this caller's uid, and in all) and the caps
+
+Who listens: a caller checks, with ``SO_PEERCRED``, that the socket's
+listener is root or the configured daemon user (:func:`trusted_daemon_uids`:
+``$VAULT_DAEMON_USER``, a name or a uid, for a daemon run as a service user)
+before it sends anything: a relay listening in the daemon's place is refused
+(:class:`~vault.core.errors.UntrustedDaemonError`).
 
 Example::
 
@@ -30,27 +39,59 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 
 __all__ = [
+    "DAEMON_USER_VAR",
     "DEFAULT_SOCKET",
     "ENV_VAR",
     "MAX_FDS",
     "MAX_MESSAGE",
+    "peer_credentials",
     "recv_message",
     "send_message",
+    "trusted_daemon_uids",
 ]
 
 DEFAULT_SOCKET = "/run/vault/daemon.sock"
 ENV_VAR = "VAULT_DAEMON"
+DAEMON_USER_VAR = "VAULT_DAEMON_USER"  # the daemon's user, where it is not root
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
 _LEN = struct.Struct(">I")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a Unix socket
+    (``SO_PEERCRED``: for a connected client, the creds of whoever called
+    ``listen`` on the other side), from the kernel, not from the peer."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def trusted_daemon_uids(environ: dict[str, str] | None = None) -> set[int]:
+    """The uids a caller accepts as its daemon: root, and the user named by
+    ``$VAULT_DAEMON_USER`` (a name or a number) for a daemon run as a
+    dedicated service user."""
+    env = os.environ if environ is None else environ
+    out = {0}
+    name = env.get(DAEMON_USER_VAR, "").strip()
+    if name:
+        if name.isdigit():
+            out.add(int(name))
+        else:
+            try:
+                out.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                raise ConfigError(f"${DAEMON_USER_VAR}={name!r}: no such user") from None
+    return out
 
 
 def send_message(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:

@@ -21,6 +21,7 @@ prints one line; anything else is a bug and shows its traceback.
     │   ├── RateLimitedError         rate_limited
     │   ├── WrongModelError          wrong_model
     │   ├── DigestMismatchError      digest_mismatch
+    │   ├── WrongKeyServerError      wrong_keyserver  (a licence of another key server than the device's)
     │   └── PermissionDeniedError    permission_denied
     ├── KeyServerError               keyserver
     │   └── KeyServerUnavailableError keyserver_unavailable
@@ -29,10 +30,12 @@ prints one line; anything else is a bug and shows its traceback.
     ├── ProtocolError                protocol         (malformed frame, wrong version, too big)
     ├── ComputeError                 compute          (inference failed; text sanitised)
     ├── ConfigError                  config           (refused option, missing provider)
-    │   └── UnknownModelError        unknown_model    (a service serves no such model)
+    │   ├── UnknownModelError        unknown_model    (a service serves no such model)
+    │   └── UntrustedDaemonError     untrusted_daemon (the daemon socket is served by another user)
     └── WorkerError                  worker
         ├── WorkerCrashedError       worker_crashed
         ├── WorkerTimeoutError       timeout
+        ├── CapacityError            capacity         (too many workers: of this user, or in all)
         └── ServiceUnavailableError  unavailable      (a service draining or stopping)
 
 Example::
@@ -49,6 +52,7 @@ from typing import Any
 
 __all__ = [
     "AuditError",
+    "CapacityError",
     "ComputeError",
     "ConfigError",
     "DigestMismatchError",
@@ -70,10 +74,12 @@ __all__ = [
     "UnknownModelError",
     "UnsafeModelError",
     "UnsupportedVersionError",
+    "UntrustedDaemonError",
     "VaultError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerTimeoutError",
+    "WrongKeyServerError",
     "WrongModelError",
     "from_wire",
 ]
@@ -174,6 +180,14 @@ class DigestMismatchError(LicenceError):
     default_message = "package digest does not match the registered package"
 
 
+class WrongKeyServerError(LicenceError):
+    """A licence issued by another key server than the one the device was
+    enrolled with: a device talks to its own key server only."""
+
+    code = "wrong_keyserver"
+    default_message = "the licence is not from this device's key server"
+
+
 class PermissionDeniedError(LicenceError):
     code = "permission_denied"
     default_message = "operation needs an admin licence"
@@ -219,6 +233,14 @@ class UnknownModelError(ConfigError):
     default_message = "no such model is served here"
 
 
+class UntrustedDaemonError(ConfigError):
+    """The process listening on the daemon's socket is neither root nor the
+    configured daemon user (``$VAULT_DAEMON_USER``): a relay, not the daemon."""
+
+    code = "untrusted_daemon"
+    default_message = "the daemon socket is not served by the vault daemon"
+
+
 class WorkerError(VaultError):
     code = "worker"
     default_message = "worker error"
@@ -232,6 +254,14 @@ class WorkerCrashedError(WorkerError):
 class WorkerTimeoutError(WorkerError):
     code = "timeout"
     default_message = "worker did not answer in time"
+
+
+class CapacityError(WorkerError):
+    """No worker now: the daemon's cap on live or starting workers (of this
+    caller's user, or in all) is reached. Close a model, or retry later."""
+
+    code = "capacity"
+    default_message = "too many workers"
 
 
 class ServiceUnavailableError(WorkerError):

@@ -5,7 +5,11 @@ and, for admin work, the client's key pair, so the connection itself proves
 who is asking. A key release is made *as a device* (``device=``: the
 connection uses the device's key pair, which only the trusted runtime can
 read) and carries the caller's proof of the licence (a signature with the
-licence's proof key, made by the caller's side and passed through).
+licence's proof key, made by the caller's side and passed through). As a
+device, the client dials the key server the device was enrolled with
+(:attr:`Device.keyserver_address`), never the one a licence names: a licence
+naming another key server is a :class:`~vault.core.errors.WrongKeyServerError`
+before anything is sent.
 Each request carries a fresh random nonce and a timestamp (the server refuses
 replays) and an id; replies are matched by id. On a timeout the socket is
 thrown away (``linger=0``), so a late request is never delivered later.
@@ -17,7 +21,10 @@ each thread its own client.
 Example::
 
     with KeyServerClient(licence, device=Device.load("/var/lib/vault/device")) as ks:
-        rel = ks.release(model_id="resnet", key_id="k1", package_digest=digest, proof=proof)
+        ks.authorize(model_id="resnet", key_id="k1", package_digest=digest, proof=proof,
+                     client_key=z85)          # yes or a typed no: no key, nothing debited
+        rel = ks.release(model_id="resnet", key_id="k1", package_digest=digest, proof=proof,
+                         client_key=z85)
         try:
             decrypt_with(rel.key)
         finally:
@@ -40,7 +47,13 @@ import zmq
 
 from . import crypto as _crypto
 from .device import Device
-from .errors import ConfigError, KeyServerUnavailableError, ProtocolError, VaultError
+from .errors import (
+    ConfigError,
+    KeyServerUnavailableError,
+    ProtocolError,
+    VaultError,
+    WrongKeyServerError,
+)
 from .licence import Licence, LicenceProof
 from .protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 
@@ -118,7 +131,10 @@ class KeyServerClient:
     :class:`~vault.core.errors.KeyServerUnavailableError`. Denials come back as the
     server's typed error (``LicenceRevokedError``, ``QuotaExhaustedError``...).
     ``address`` overrides the licence's key-server address. ``device``: talk
-    as that enrolled device (its CURVE key pair) instead of as the licence.
+    as that enrolled device (its CURVE key pair) instead of as the licence,
+    to the device's own key server (address and key fixed at enrolment); a
+    licence whose key server key is another raises
+    :class:`~vault.core.errors.WrongKeyServerError`.
     """
 
     def __init__(
@@ -132,7 +148,21 @@ class KeyServerClient:
     ) -> None:
         self.licence = Licence.load(licence)
         self.device = device
+        self.server_key = self.licence.keyserver_public_key
         self.address = address or self.licence.keyserver_address
+        if device is not None:
+            if not device.keyserver_address or not device.keyserver_public_key:
+                raise ConfigError(
+                    f"device {device.device_id} has no key server recorded: enroll it "
+                    "(`vault device enroll DIR --licence admin.licence`)"
+                )
+            if self.licence.keyserver_public_key != device.keyserver_public_key:
+                raise WrongKeyServerError(
+                    f"licence {self.licence.licence_id} was issued by another key server than "
+                    f"the one device {device.device_id} was enrolled with"
+                )
+            self.server_key = device.keyserver_public_key
+            self.address = address or device.keyserver_address
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
@@ -150,7 +180,7 @@ class KeyServerClient:
             try:
                 s.linger = 0
                 s.maxmsgsize = _MAX_REPLY
-                s.curve_serverkey = self.licence.keyserver_public_key.encode()
+                s.curve_serverkey = self.server_key.encode()
                 if self.device is not None:
                     s.curve_publickey = self.device.public_key.encode()
                     s.curve_secretkey = self.device.secret_key.encode()
@@ -237,6 +267,53 @@ class KeyServerClient:
         reply, _ = self._request("ping")
         return float(reply.get("time", 0.0))
 
+    def _proof_fields(
+        self, *, model_id: str, key_id: str, package_digest: str, client_key: str,
+        proof: LicenceProof | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        device_id = self.device.device_id if self.device is not None else ""
+        if proof is None and self.licence.proof_key:
+            proof = self.licence.prove(
+                device_id=device_id, model_id=model_id, key_id=key_id,
+                package_digest=package_digest, client_key=client_key,
+            )  # fmt: skip
+        fields: dict[str, Any] = {
+            "model_id": model_id,
+            "key_id": key_id,
+            "package_digest": package_digest,
+            "licence_id": self.licence.licence_id,
+            "device_id": device_id,
+        }
+        if client_key:
+            fields["client_key"] = client_key
+        if proof is not None:
+            fields.update(proof_nonce=proof.nonce, proof_ts=proof.ts, proof=proof.signature)
+        return fields
+
+    def authorize(
+        self,
+        *,
+        model_id: str,
+        key_id: str,
+        package_digest: str,
+        proof: LicenceProof | None = None,
+        client_key: str = "",
+    ) -> dict[str, Any]:
+        """(as an enrolled device) Whether a release of this package's key
+        would be granted to the holder whose ``proof`` this is, for the
+        caller answered at ``client_key``: the licence, the proof, the device
+        binding, expiry, quota, rate and revocation, checked and audited by
+        the key server, which releases no key and debits nothing. A refusal
+        is raised as its typed error. The daemon asks this before it starts
+        or assigns any worker."""
+        fields = self._proof_fields(model_id=model_id, key_id=key_id,
+                                    package_digest=package_digest, client_key=client_key,
+                                    proof=proof)  # fmt: skip
+        reply, _ = self._request("authorize", **fields)
+        if reply.get("authorized") is not True:
+            raise ProtocolError("key server sent a malformed authorisation")
+        return {k: reply.get(k) for k in ("licence_id", "expires_at")}
+
     def release(
         self,
         *,
@@ -245,36 +322,21 @@ class KeyServerClient:
         package_digest: str,
         suite: str = "x25519",
         proof: LicenceProof | None = None,
+        client_key: str = "",
     ) -> Release:
         """Ask for a package key under this licence. ``proof`` is the caller's
         signature over this request (made here from the licence's proof key
-        when the licence holds one). The key comes sealed (HPKE) to a fresh
+        when the licence holds one), bound to ``client_key``, the CURVE key
+        the worker will answer. The key comes sealed (HPKE) to a fresh
         ephemeral key made here, bound to model id, package digest, licence id
         and device id; any tampering is an IntegrityError."""
         device_id = self.device.device_id if self.device is not None else ""
-        if proof is None and self.licence.proof_key:
-            proof = self.licence.prove(
-                device_id=device_id, model_id=model_id, key_id=key_id,
-                package_digest=package_digest,
-            )  # fmt: skip
-        fields: dict[str, Any] = {}
-        if proof is not None:
-            fields = {
-                "proof_nonce": proof.nonce,
-                "proof_ts": proof.ts,
-                "proof": proof.signature,
-            }
+        fields = self._proof_fields(model_id=model_id, key_id=key_id,
+                                    package_digest=package_digest, client_key=client_key,
+                                    proof=proof)  # fmt: skip
         eph = _crypto.EphemeralKey(suite)
         reply, sent_at = self._request(
-            "release",
-            model_id=model_id,
-            key_id=key_id,
-            package_digest=package_digest,
-            licence_id=self.licence.licence_id,
-            device_id=device_id,
-            suite=suite,
-            ephemeral_key=eph.public_bytes,
-            **fields,
+            "release", suite=suite, ephemeral_key=eph.public_bytes, **fields
         )
         sealed = reply.get("sealed_key")
         if not isinstance(sealed, bytes):

@@ -21,7 +21,8 @@ Example::
 
     lic = Licence.load("alice.licence")
     lic.keyserver_address      # "tcp://127.0.0.1:7700"
-    proof = lic.prove(device_id="dev-1a2b", model_id="m", key_id="k", package_digest="sha256:..")
+    proof = lic.prove(device_id="dev-1a2b", model_id="m", key_id="k", package_digest="sha256:..",
+                      client_key=curve_public_z85)
     lic.save("copy.licence")   # mode 0600
 """
 
@@ -36,11 +37,12 @@ from typing import Any
 
 from . import crypto as _crypto
 from .errors import ConfigError
-from .files import write_private_file
+from .files import read_regular, write_private_file
 
 __all__ = ["KINDS", "Licence", "LicenceProof", "write_private_file"]
 
 LICENCE_FORMAT = "vault-licence/1"
+MAX_LICENCE_FILE = 1 << 20  # a licence is a few KiB; a bounded read of anything named
 KINDS = ("runtime", "call", "admin")
 
 
@@ -124,9 +126,12 @@ class Licence:
         model_id: str,
         key_id: str,
         package_digest: str,
+        client_key: str = "",
         now: float | None = None,
     ) -> LicenceProof:
-        """Sign a key request for ``device_id`` with the licence's proof key."""
+        """Sign a key request for ``device_id`` with the licence's proof key,
+        bound to ``client_key``: the CURVE public key (Z85) the worker will
+        answer (the daemon's worker answers that key only)."""
         if not self.proof_key:
             raise ConfigError(
                 f"licence {self.licence_id} has no proof key (issued by an older key server?)"
@@ -135,14 +140,15 @@ class Licence:
         ts = time.time() if now is None else now
         msg = _crypto.licence_proof_message(
             licence_id=self.licence_id, device_id=device_id, model_id=model_id, key_id=key_id,
-            package_digest=package_digest, nonce=nonce, ts=ts,
+            package_digest=package_digest, nonce=nonce, ts=ts, client_key=client_key,
         )  # fmt: skip
         key = _crypto.PublisherKey.from_private_raw(base64.b64decode(self.proof_key))
         return LicenceProof(self.licence_id, device_id, nonce, ts, key.sign(msg))
 
     def public_copy(self) -> Licence:
         """The licence without its secrets (no CURVE secret, no proof key): what
-        a caller hands the daemon so a worker can find the key server."""
+        a caller hands the daemon (which checks it names the device's own key
+        server, and takes the publisher key from it)."""
         return Licence(
             licence_id=self.licence_id, holder=self.holder,
             keyserver_address=self.keyserver_address,
@@ -214,13 +220,13 @@ class Licence:
         if isinstance(path, Licence):
             return path
         p = os.fspath(path)
+        if not os.path.lexists(p):
+            raise ConfigError(f"{p}: licence file not found")
+        raw = read_regular(p, limit=MAX_LICENCE_FILE, what="licence file")
         try:
-            with open(p, "rb") as fh:
-                data = json.loads(fh.read())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{p}: licence file not found") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{p}: not a vault licence file") from exc
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise ConfigError(f"{p}: not a vault licence file") from None
         return cls.from_json(data, source=p)
 
     def __repr__(self) -> str:

@@ -17,11 +17,23 @@ ciphertext chunks: the chunk hashes run on every core (hashlib drops the GIL),
 so verifying a 500 MB package costs a fraction of a second, and it binds every
 ciphertext byte as a flat hash would.
 
-Failure rules: a file that does not start with the magic is a
+Failure rules: a path that is not a regular file (a FIFO, ``/dev/zero``, a
+directory), a file with holes (a sparse file: ciphertext never has any) or a
+file that does not start with the magic is a
 :class:`~vault.core.errors.FormatError`; a newer version is an
 :class:`~vault.core.errors.UnsupportedVersionError`; anything after that (damaged
-manifest, wrong length, bad signature, wrong key, reordered or truncated
-chunks) is one opaque :class:`~vault.core.errors.IntegrityError`.
+manifest, a chunk size outside ``[MIN_CHUNK_SIZE, MAX_CHUNK_SIZE]``, sizes that
+disagree with each other or with the file's, bad signature, wrong key,
+reordered or truncated chunks) is one opaque
+:class:`~vault.core.errors.IntegrityError`.
+
+What reading a package may cost is bounded by the file before anything is
+allocated: the header and manifest (at most 1 MiB) are read with bounded
+reads (:func:`read_header`, what ``vault inspect`` and the daemon use), every
+size the manifest claims is checked against the file's own size and the chunk
+bounds, and the chunk hashes are folded into one running hash, so memory does
+not grow with the chunk count (a 4 KiB sparse file claiming 30 million 1-byte
+chunks once made a worker allocate 7 GB).
 
 Decrypted payload (lives only in the worker's memory)::
 
@@ -44,26 +56,36 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import mmap
 import os
+import stat
 import struct
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from . import crypto as _crypto
-from .errors import FormatError, IntegrityError, UnsupportedVersionError
+from .errors import ConfigError, FormatError, IntegrityError, UnsupportedVersionError
+from .files import open_regular
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "Header",
     "Package",
     "Plaintext",
     "canonical_json",
     "inspect",
+    "memory_limit",
     "package_digest",
+    "read_header",
     "signed_message",
     "write_package",
 ]
@@ -75,6 +97,22 @@ SIG_SIZE = 64
 SIG_CONTEXT = b"vault-package-signature/v1\x00"
 MAX_MANIFEST = 1 << 20
 ALIGN = 64
+# Chunk bounds, checked before anything is allocated: a chunk of at least
+# 1 KiB keeps the per-chunk work (a hash, a cipher context) small against the
+# bytes it covers; 64 MiB bounds the scratch a chunk may need. `vault seal`
+# writes 1 MiB chunks.
+MIN_CHUNK_SIZE = 1 << 10
+MAX_CHUNK_SIZE = 64 << 20
+MAX_CHUNKS = 1 << 32  # the STREAM nonce's counter
+# A worker's memory limit (RLIMIT_DATA) from the package's declared plaintext
+# size: the decrypted buffer, onnxruntime's own copies (pre-packed and folded
+# weights, graph protobufs) and request buffers within PLAINTEXT_FACTOR x the
+# plaintext, plus the headroom (interpreter, onnxruntime, thread stacks and
+# malloc arenas: 165 MB of VmData measured for a small model's worker with 8
+# threads on 2 cores).
+PLAINTEXT_FACTOR = 4
+HEADROOM_BASE = 1 << 30
+HEADROOM_PER_CPU = 64 << 20
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -95,32 +133,45 @@ def chunk_hashes_digest(
     consumed: Callable[[int, int], None] | None = None,
 ) -> bytes:
     """D: SHA-256 over the per-chunk SHA-256s of the ciphertext (each chunk is
-    ``chunk_size + 16`` bytes with its tag). Runs in parallel threads;
-    ``consumed(lo, hi)`` is told of each ~16 MiB byte range once hashed."""
+    ``chunk_size + 16`` bytes with its tag). Slices of ~16 MiB are hashed in
+    parallel threads (hashlib drops the GIL) and folded, in order, into one
+    running hash with a few slices in flight: memory stays flat whatever the
+    chunk count. ``consumed(lo, hi)`` is told of byte ranges as they are
+    hashed (a few MiB at a time)."""
     view = memoryview(ciphertext).cast("B")
     step = chunk_size + _crypto.TAG_SIZE
-    # group chunks into ~16 MiB slices so thread overhead stays negligible
+    total = len(view)
+    n = len(range(0, max(total, 1), step))  # an empty payload still hashes one chunk
     per_job = max(1, (16 << 20) // step)
-    starts = list(range(0, max(len(view), 1), step))
 
-    def job(i: int) -> list[bytes]:
-        out = []
-        for n, s in enumerate(starts[i : i + per_job]):
-            out.append(_crypto.sha256(view[s : s + step]))
-            if consumed is not None and n % 4 == 3:  # a few MiB resident at a time
-                consumed(s - 3 * step, min(len(view), s + step))
+    def job(first: int) -> bytes:
+        last = min(n, first + per_job)
+        out = bytearray()
+        for i in range(first, last):
+            s = i * step
+            out += _crypto.sha256(view[s : s + step])
+            if consumed is not None and (i - first) % 4 == 3:  # a few MiB resident at a time
+                consumed(s - 3 * step, min(total, s + step))
         if consumed is not None:
-            consumed(starts[i], min(len(view), starts[i] + per_job * step))
-        return out
+            consumed(first * step, min(total, last * step))
+        return bytes(out)
 
-    jobs = range(0, len(starts), per_job)
+    outer = hashlib.sha256()
+    jobs = range(0, n, per_job)
     workers = threads or min(4, os.cpu_count() or 1)
     if len(jobs) <= 1 or workers <= 1:
-        parts = [h for i in jobs for h in job(i)]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            parts = [h for hs in pool.map(job, jobs) for h in hs]
-    return _crypto.sha256(b"".join(parts))
+        for first in jobs:
+            outer.update(job(first))
+        return outer.digest()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        todo = iter(jobs)
+        pending = deque(pool.submit(job, first) for first in itertools.islice(todo, 2 * workers))
+        while pending:
+            outer.update(pending.popleft().result())
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(job, nxt))
+    return outer.digest()
 
 
 def signed_message(header: bytes, manifest: bytes, chunk_digest: bytes) -> bytes:
@@ -150,6 +201,8 @@ def write_package(
     returns the package digest. The only writer of the format; :class:`Package`
     is its only reader.
     """
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
     prefix = _crypto.random_bytes(_crypto.NONCE_PREFIX_SIZE)
     manifest["payload"] = {
         "cipher": "AES-256-GCM-STREAM/1",
@@ -342,11 +395,112 @@ def _validate_manifest(m: Any) -> None:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Header:
+    """A package's header and public manifest, checked against the file's size
+    (what :func:`read_header` returns and :class:`Package` maps behind)."""
+
     header: bytes
     manifest_bytes: bytes
+    manifest: dict[str, Any]
     payload_start: int
     payload_end: int
+    file_size: int
+
+    @property
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    @property
+    def key_id(self) -> str:
+        return str(self.manifest["key_id"])
+
+    @property
+    def plaintext_size(self) -> int:
+        return int(self.manifest["payload"]["plaintext_size"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.manifest["payload"]["chunk_size"])
+
+
+def _parse_header(head: Any, file_size: int, source: str) -> Header:
+    """The header and manifest at the start of ``head`` (at least the header
+    and manifest bytes of a file of ``file_size`` bytes), every size checked
+    before anything is allocated."""
+    v = memoryview(head).cast("B")
+    if len(v) < HEADER.size or bytes(v[:8]) != MAGIC:
+        raise FormatError(f"{source}: not a vault package (bad magic)")
+    _magic, version, reserved, mlen = HEADER.unpack_from(v, 0)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"{source}: package format version {version} is not supported "
+            f"(this vault reads version {FORMAT_VERSION}); upgrade vault"
+        )
+    if reserved != 0 or mlen > MAX_MANIFEST or HEADER.size + mlen > min(len(v), file_size):
+        raise IntegrityError()
+    header = bytes(v[: HEADER.size])
+    manifest_bytes = bytes(v[HEADER.size : HEADER.size + mlen])
+    try:
+        manifest = json.loads(manifest_bytes)
+        if canonical_json(manifest) != manifest_bytes:
+            raise ValueError("manifest is not canonical")
+        _validate_manifest(manifest)
+        payload = manifest["payload"]
+        ct_size = int(payload["ciphertext_size"])
+        pt_size = int(payload["plaintext_size"])
+        chunk = int(payload["chunk_size"])
+        prefix = bytes.fromhex(payload["nonce_prefix"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        # a deeply nested manifest included: one opaque error, no traceback
+        raise IntegrityError() from None
+    start = HEADER.size + mlen
+    end = start + ct_size
+    if (
+        not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE
+        or pt_size < 0
+        or len(prefix) != _crypto.NONCE_PREFIX_SIZE
+        or end + SIG_SIZE != file_size  # truncated, extended, or a claim the file cannot hold
+        or _crypto.chunk_count(pt_size, chunk) > MAX_CHUNKS
+        or _crypto.ciphertext_size(pt_size, chunk) != ct_size
+    ):
+        raise IntegrityError()
+    return Header(header, manifest_bytes, manifest, start, end, file_size)
+
+
+def _check_dense(fd: int, size: int, source: str) -> None:
+    """A package is ciphertext, which has no holes: a sparse file (its size
+    claimed, its bytes never written) is refused before any byte is hashed."""
+    try:
+        hole = os.lseek(fd, 0, getattr(os, "SEEK_HOLE", 4))
+    except OSError:  # a file system that cannot say: the other bounds still hold
+        return
+    if hole < size:
+        raise FormatError(f"{source}: a sparse file (a hole at byte {hole}), not a vault package")
+
+
+def read_header(fd: int, *, source: str = "<fd>") -> Header:
+    """The header and manifest of the package open on ``fd`` (a regular file),
+    with bounded reads (at most ``16 + MAX_MANIFEST`` bytes, nothing mapped):
+    what ``vault inspect`` shows and what the local daemon checks before it
+    starts a worker. The descriptor stays open; its offset is not used."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{source}: not a regular file, not a vault package")
+    _check_dense(fd, st.st_size, source)
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) == HEADER.size and head[:8] == MAGIC:
+        (mlen,) = struct.unpack_from(">I", head, 12)
+        head += os.pread(fd, min(mlen, MAX_MANIFEST), HEADER.size)
+    return _parse_header(head, st.st_size, source)
+
+
+def memory_limit(plaintext_size: int, *, headroom: int | None = None) -> int:
+    """The memory (``RLIMIT_DATA``, bytes) a worker of a package whose
+    plaintext is ``plaintext_size`` bytes gets: ``PLAINTEXT_FACTOR`` times the
+    plaintext plus ``headroom`` (default: 1 GiB + 64 MiB per CPU)."""
+    if headroom is None:
+        headroom = HEADROOM_BASE + HEADROOM_PER_CPU * (os.cpu_count() or 1)
+    return headroom + PLAINTEXT_FACTOR * max(0, plaintext_size)
 
 
 class Package:
@@ -358,7 +512,12 @@ class Package:
         self._view = (
             memoryview(data).cast("B") if not isinstance(data, mmap.mmap) else memoryview(data)
         )
-        self._layout = self._parse()
+        try:
+            self._layout = _parse_header(self._view, len(self._view), source)
+        except BaseException:
+            self.close()
+            raise
+        self.manifest: dict[str, Any] = self._layout.manifest
         self._unlock()  # before any ciphertext page faults in
         self._digest: str | None = None
         self._chunk_digest: bytes | None = None
@@ -367,18 +526,15 @@ class Package:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Package:
+        """Map the package at ``path``: a regular file only (a FIFO, a device or
+        a directory is a :class:`~vault.core.errors.FormatError`, at once), and
+        one without holes."""
         p = os.fspath(path)
+        fd = open_regular(p, what="vault package", error=FormatError)
         try:
-            with open(p, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size < HEADER.size:
-                    data: Any = fh.read()
-                else:
-                    data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError as exc:
-            raise FormatError(f"{p}: no such file") from exc
-        except IsADirectoryError as exc:
-            raise FormatError(f"{p}: is a directory, not a vault package") from exc
+            data = cls._map(fd, p)
+        finally:
+            os.close(fd)
         return cls(data, source=p)
 
     @classmethod
@@ -387,60 +543,28 @@ class Package:
         received from its caller: the caller's right to read the file is what
         opened it), then close the descriptor."""
         try:
-            size = os.fstat(fd).st_size
-            if size < HEADER.size:
-                data: Any = os.read(fd, HEADER.size)
-            else:
-                data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FormatError("package descriptor is not a regular file")
+            data = cls._map(fd, "<fd>")
         except (OSError, ValueError) as exc:
             raise FormatError("package descriptor is not a readable file") from exc
         finally:
             os.close(fd)
         return cls(data, source="<fd>")
 
+    @staticmethod
+    def _map(fd: int, source: str) -> Any:
+        size = os.fstat(fd).st_size
+        if size < HEADER.size:
+            return os.pread(fd, HEADER.size, 0)
+        _check_dense(fd, size, source)
+        if os.pread(fd, len(MAGIC), 0) != MAGIC:  # a text file is not mapped
+            raise FormatError(f"{source}: not a vault package (bad magic)")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
     @classmethod
     def from_bytes(cls, data: bytes | bytearray) -> Package:
         return cls(bytes(data))
-
-    def _parse(self) -> _Layout:
-        v = self._view
-        if len(v) < HEADER.size or bytes(v[:8]) != MAGIC:
-            raise FormatError(f"{self.source}: not a vault package (bad magic)")
-        magic, version, reserved, mlen = HEADER.unpack_from(v, 0)
-        if version != FORMAT_VERSION:
-            raise UnsupportedVersionError(
-                f"{self.source}: package format version {version} is not supported "
-                f"(this vault reads version {FORMAT_VERSION}); upgrade vault"
-            )
-        if reserved != 0 or mlen > MAX_MANIFEST or HEADER.size + mlen > len(v):
-            raise IntegrityError()
-        header = bytes(v[: HEADER.size])
-        manifest_bytes = bytes(v[HEADER.size : HEADER.size + mlen])
-        try:
-            manifest = json.loads(manifest_bytes)
-            if canonical_json(manifest) != manifest_bytes:
-                raise ValueError("manifest is not canonical")
-            _validate_manifest(manifest)
-            payload = manifest["payload"]
-            ct_size = int(payload["ciphertext_size"])
-            pt_size = int(payload["plaintext_size"])
-            chunk = int(payload["chunk_size"])
-            prefix = bytes.fromhex(payload["nonce_prefix"])
-        except (ValueError, KeyError, TypeError, RecursionError):
-            # a deeply nested manifest included: one opaque error, no traceback
-            raise IntegrityError() from None
-        if (
-            chunk <= 0
-            or len(prefix) != _crypto.NONCE_PREFIX_SIZE
-            or _crypto.ciphertext_size(pt_size, chunk) != ct_size
-        ):
-            raise IntegrityError()
-        start = HEADER.size + mlen
-        end = start + ct_size
-        if end + SIG_SIZE != len(v):  # truncated or extended
-            raise IntegrityError()
-        self.manifest: dict[str, Any] = manifest
-        return _Layout(header, manifest_bytes, start, end)
 
     # -- public facts ----------------------------------------------------------
 
@@ -587,6 +711,11 @@ class Package:
 
 
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The public manifest of a package; needs no key."""
-    with Package.load(path) as pkg:
-        return dict(pkg.manifest)
+    """The public manifest of a package; needs no key. Bounded reads of the
+    header and manifest only (the payload is neither read nor mapped)."""
+    p = os.fspath(path)
+    fd = open_regular(p, what="vault package", error=FormatError)
+    try:
+        return dict(read_header(fd, source=p).manifest)
+    finally:
+        os.close(fd)

@@ -1,9 +1,11 @@
 """A model repository: every ``*.vault`` in one directory, rescanned on demand.
 
 A scan reads each package's public manifest (no key, no decryption) for its
-model id; a file's ``(inode, size, mtime)`` stamp tells a replaced package
-from an unchanged one. A package that cannot be read is logged and left
-out; the rest are served.
+model id, with bounded reads of regular files only (a FIFO, ``/dev/zero``, a
+directory or a sparse file named ``*.vault`` is a typed error, logged and
+left out, never a hang or a MemoryError); a file's ``(inode, size, mtime)``
+stamp tells a replaced package from an unchanged one. A package that cannot
+be read is logged and left out; the rest are served.
 
 Example::
 
@@ -17,8 +19,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vault.core.errors import ConfigError, VaultError
-from vault.core.package import Package
+from vault.core.errors import ConfigError, FormatError, VaultError
+from vault.core.files import open_regular
+from vault.core.package import read_header
 
 __all__ = ["Repository"]
 
@@ -33,12 +36,14 @@ class Repository:
     def describe(path: str) -> tuple[str, str, Any]:
         """``(model_id, absolute path, stamp)`` of one package; typed errors."""
         path = os.path.abspath(path)
+        fd = open_regular(path, what="vault package", error=FormatError)
         try:
-            st = os.stat(path)
+            st = os.fstat(fd)
+            model_id = read_header(fd, source=path).model_id
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the package ({exc.strerror})") from exc
-        with Package.load(path) as pkg:
-            model_id = pkg.model_id
+        finally:
+            os.close(fd)
         return model_id, path, (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def scan(self, log: Any) -> list[tuple[str, str, Any]]:

@@ -178,6 +178,9 @@ class WorkerService:
         self._stopped = False
         self._heartbeat = time.monotonic()
         self._last_answer = 0.0
+        self._signals_caught = False
+        self._old_wakeup: int | None = None
+        self._old_handlers: dict[int, Any] = {}
         self._auth: Any = None
         self._http: HttpEndpoints | None = None
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -348,19 +351,33 @@ class WorkerService:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def catch_signals(self) -> None:
+        """From now on SIGTERM/SIGINT start a drain and SIGHUP a rescan, even
+        before :meth:`run` (main thread only; undone by :meth:`close`). Call it
+        before printing a ready line: a signal that arrives between the line and
+        the loop then still drains instead of killing the process."""
+        if self._signals_caught or threading.current_thread() is not threading.main_thread():
+            return
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, _wake_only)
+        self._signals_caught = True
+
+    def _release_signals(self) -> None:
+        if not self._signals_caught:
+            return
+        self._signals_caught = False
+        signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
     def run(self) -> int:
         """Serve until a drain completes; returns the exit code (0)."""
-        old_wakeup = None
-        in_main = threading.current_thread() is threading.main_thread()
-        if in_main:
-            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, _wake_only)
+        self.catch_signals()
         try:
             self._loop()
         finally:
-            if in_main:
-                signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
             self.close()
         return 0
 
@@ -944,6 +961,7 @@ class WorkerService:
             self._auth.stop()
             self._auth = None
         self.ctx.term()
+        self._release_signals()
         with self._wake_lock:
             os.close(self._wake_r)
             os.close(self._wake_w)

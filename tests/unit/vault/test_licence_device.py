@@ -13,7 +13,7 @@ import zmq
 
 from vault.core import crypto as _crypto
 from vault.core.daemonwire import MAX_MESSAGE, recv_message, send_message
-from vault.core.device import Device, device_id_for, init_device
+from vault.core.device import Device, device_id_for, init_device, record_keyserver
 from vault.core.errors import ConfigError, IntegrityError, ProtocolError
 from vault.core.licence import Licence, LicenceProof
 
@@ -42,9 +42,21 @@ def test_a_proof_verifies_only_for_its_request() -> None:
 
     _crypto.verify_signature(public, proof.signature, msg())
     for over in ({"device_id": "dev-2"}, {"licence_id": "lic-2"}, {"package_digest": "e"},
-                 {"nonce": b"x" * 16}, {"ts": proof.ts + 1}):  # fmt: skip
+                 {"nonce": b"x" * 16}, {"ts": proof.ts + 1},
+                 {"client_key": "K" * 40}):  # fmt: skip
         with pytest.raises(IntegrityError):
             _crypto.verify_signature(public, proof.signature, msg(**over))
+    # bound to the CURVE key of the caller the worker will answer: a relay's own
+    # key in its place does not verify
+    mine, relay = zmq.curve_keypair()[0].decode(), zmq.curve_keypair()[0].decode()
+    bound = lic.prove(device_id="dev-1", client_key=mine, **ctx)
+    fields = {"licence_id": "lic-1", "device_id": "dev-1", **ctx, "nonce": bound.nonce,
+              "ts": bound.ts}  # fmt: skip
+    _crypto.verify_signature(public, bound.signature,
+                             _crypto.licence_proof_message(**fields, client_key=mine))  # type: ignore[arg-type]  # fmt: skip
+    with pytest.raises(IntegrityError):
+        _crypto.verify_signature(public, bound.signature,
+                                 _crypto.licence_proof_message(**fields, client_key=relay))  # type: ignore[arg-type]  # fmt: skip
 
 
 def test_the_public_copy_holds_no_secret_and_kinds_are_checked() -> None:
@@ -67,7 +79,21 @@ def test_the_public_copy_holds_no_secret_and_kinds_are_checked() -> None:
 def test_device_files(tmp_path) -> None:
     dev = init_device(tmp_path / "d")
     assert dev.device_id == device_id_for(dev.public_key)
-    assert Device.load(tmp_path / "d").secret_key == dev.secret_key
+    # a device directory without its key server (as every one made before the
+    # key server was fixed at enrolment) is refused with what to run
+    with pytest.raises(ConfigError, match=r"no key server recorded.*vault device enroll"):
+        Device.load(tmp_path / "d")
+    server = zmq.curve_keypair()[0].decode()
+    record_keyserver(tmp_path / "d", address="tcp://127.0.0.1:7700", public_key=server)
+    loaded = Device.load(tmp_path / "d")
+    assert loaded.secret_key == dev.secret_key
+    assert (loaded.keyserver_address, loaded.keyserver_public_key) == (
+        "tcp://127.0.0.1:7700", server)  # fmt: skip
+    # what a worker is handed on its pipe carries the key server with the keys
+    again = Device.loads(loaded.dumps())
+    assert again.keyserver_public_key == server
+    with pytest.raises(ConfigError, match="key server address"):
+        record_keyserver(tmp_path / "d", address="http://x", public_key=server)
     assert Device.load_public(tmp_path / "d") == {"device_id": dev.device_id,
                                                   "public_key": dev.public_key}  # fmt: skip
     assert dev.secret_key not in repr(dev)
