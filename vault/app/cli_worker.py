@@ -89,6 +89,21 @@ def register(sub: Any) -> None:
     s.add_argument("--user", default=None, help="workers drop to this user (when started as root)")
     s.add_argument("--log-level", choices=("info", "debug"), default="info",
                    help="debug also logs every successful call")  # fmt: skip
+    o = s.add_argument_group(
+        "Open Inference Protocol v2 (KServe/Triton REST and gRPC; callers send bearer tokens "
+        "minted from call licences: needs --call-licences)"
+    )
+    o.add_argument("--http", type=int, default=None, metavar="PORT",
+                   help="serve the protocol's REST endpoints (/v2/...) on this port")  # fmt: skip
+    o.add_argument("--grpc", type=int, default=None, metavar="PORT",
+                   help="serve inference.GRPCInferenceService on this port")  # fmt: skip
+    o.add_argument("--oip-host", default="127.0.0.1", metavar="HOST",
+                   help="address both bind to (default 127.0.0.1)")  # fmt: skip
+    o.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM) for both")
+    o.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for both")
+    o.add_argument("--dangerously-serve-plaintext", action="store_true",
+                   help="serve without TLS on a non-loopback --oip-host: bearer tokens cross the "
+                        "network in the clear (only behind a proxy that terminates TLS)")  # fmt: skip
     s.set_defaults(func=_serve)
     k = wsub.add_parser("keygen", help="make a stable CURVE key pair for a worker")
     k.add_argument("dir")
@@ -209,6 +224,29 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             policy = AllowListPolicy.from_dir(args.allow)
         curve = _server_keys(args.server_secret)
+    oip = None
+    if args.http is not None or args.grpc is not None:
+        if not args.call_licences:
+            raise ConfigError(
+                "--http/--grpc admit callers by bearer tokens minted from call licences: "
+                "add --call-licences"
+            )
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        from worker.service.oip import OipConfig
+
+        oip = OipConfig(
+            host=args.oip_host, http_port=args.http, grpc_port=args.grpc,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+            dangerously_allow_plaintext=args.dangerously_serve_plaintext,
+        )  # fmt: skip
+        from worker.service.oip import OipServer
+
+        OipServer.check(oip)  # refuse a plaintext bind before any worker starts
+    elif args.tls_cert or args.tls_key or args.dangerously_serve_plaintext:
+        raise ConfigError(
+            "--tls-cert, --tls-key and --dangerously-serve-plaintext go with --http/--grpc"
+        )
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
     launch = LaunchSpec(
@@ -233,6 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
         curve=curve,
         policy=policy,
         launch=launch,
+        oip=oip,
     )
     svc = WorkerService(cfg, log=JsonLog(sys.stderr, level=args.log_level))
     svc.catch_signals()  # a SIGTERM during start-up or right after the ready lines drains
@@ -250,6 +289,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"allowed clients: {len(getattr(policy, 'by_key', {}))} (from {args.allow})")
     if ready.get("metrics_port") is not None:
         print(f"metrics: http://{args.metrics_host}:{ready['metrics_port']}/metrics")
+    scheme = "https" if args.tls_cert else "http"
+    if ready.get("http_port") is not None:
+        print(f"open inference protocol (REST): {scheme}://{args.oip_host}:{ready['http_port']}/v2")
+    if ready.get("grpc_port") is not None:
+        print(f"open inference protocol (gRPC): {args.oip_host}:{ready['grpc_port']}"
+              f"{' (TLS)' if args.tls_cert else ''}")  # fmt: skip
     if args.server_key_out:
         print(f"server key written to {args.server_key_out}")
     sys.stdout.flush()
