@@ -11,7 +11,7 @@
  *     const out = await tail.infer("clf.tail", [{ name: "h2__f16", type: "float16", dims: [1, 64], data }]);
  */
 
-import { UnavailableError, VaultError, errorFor } from "./errors.js";
+import { ConfigError, UnavailableError, VaultError, errorFor } from "./errors.js";
 
 /** A tensor's element type, as onnxruntime-web names it. */
 export type DType =
@@ -109,7 +109,16 @@ function fromJsonData(name: string, type: DType, dims: readonly number[], data: 
   return { name, type, dims, data: ctor.from(flat as number[]) };
 }
 
-export type TokenSource = string | (() => string | Promise<string>);
+/**
+ * Where the bearer token comes from: one token (for every tail it names), a
+ * map from tail model id to token, or a function the vendor's page supplies
+ * (called before each call with the tail's model id; fetch and cache a token
+ * from your backend there).
+ */
+export type TokenSource =
+  | string
+  | Readonly<Record<string, string>>
+  | ((model: string) => string | Promise<string>);
 
 interface OutputHead {
   name: string;
@@ -133,8 +142,10 @@ export class OipClient {
     this.base = server.replace(/\/+$/, "");
   }
 
-  private async bearer(): Promise<string> {
-    const t = typeof this.token === "function" ? await this.token() : this.token;
+  private async bearer(model: string): Promise<string> {
+    const src = this.token;
+    const t = typeof src === "function" ? await src(model) : typeof src === "string" ? src : src[model];
+    if (!t) throw new ConfigError(`no token for model '${model}'`, "config");
     return `Bearer ${t}`;
   }
 
@@ -184,7 +195,7 @@ export class OipClient {
     const r = await this.send(`${this.base}/v2/models/${encodeURIComponent(model)}/infer`, {
       method: "POST",
       headers: {
-        "Authorization": await this.bearer(),
+        "Authorization": await this.bearer(model),
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": String(json.byteLength),
       },
