@@ -93,26 +93,6 @@ class Stack:
         return page
 
 
-def _serve(d: Path, ks: KeyServerProcess, tails: list[str], licences: list[str],
-           origin: str) -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
-    cmd = [sys.executable, "-m", "vault", "worker", "serve", *tails]
-    for lic in licences:
-        cmd += ["--licence", lic]
-    cmd += ["--device", str(d / "device"), "--call-licences", "--bind", "tcp://127.0.0.1:0",
-            "--instances", "1", "--http", "0", "--http-cors-origin", origin]  # fmt: skip
-    out, log = d / "service.out", d / "service.log"
-    with open(out, "wb") as o, open(log, "wb") as e:
-        proc = subprocess.Popen(
-            cmd, stdout=o, stderr=e, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
-    while proc.poll() is None:  # wait for the state: its REST line
-        for line in out.read_text().splitlines():
-            if line.startswith("open inference protocol (REST): "):
-                return proc, line.split(": ", 1)[1].strip().removesuffix("/v2")
-        time.sleep(0.1)
-    raise AssertionError(log.read_text()[-3000:])
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require(os.path.exists(CHROMIUM), "Debian's chromium (apt-get install chromium)")
@@ -122,6 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from playwright.sync_api import sync_playwright
 
     from keyserver import init_dir
+    from vault.app.demo_web import serve_http
     from vault.app.webpage import PageServer
 
     d = tmp_path_factory.mktemp("web")
@@ -163,9 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 tails.append(str(d / f"{name}.split" / c["tail"]))
         page_server = PageServer(web_root=WEB, config={},
                                  splits={f"{n}.split": d / f"{n}.split" for n in splits})  # fmt: skip
-        (d / "blank.html").write_text(_BLANK)
-        page_server.files["/blank.html"] = d / "blank.html"
-        proc, rest = _serve(d, ks, tails, svc, page_server.url.rstrip("/"))
+        proc, rest = serve_http(str(d), tails, svc, str(d / "device"), page_server.url.rstrip("/"))
         page_server.start()
         pw = sync_playwright().start()
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -186,11 +165,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 proc.wait()
         ks.kill()
 
-
-_BLANK = """<!doctype html><meta charset="utf-8"><title>test</title>
-<script type="importmap">{"imports": {"onnxruntime-web": "/_vault/ort/ort.min.mjs"}}</script>
-<script type="module">import * as vault from "/_vault/web/index.js"; window.vault = vault;</script>
-"""
 
 # in the page: open the split, compute on one image, give back the outputs (or the error)
 _COMPUTE = """async ({split, server, tokens, image, dims, cut, calls}) => {
@@ -412,4 +386,34 @@ def test_vault_demo_web_serves_a_page_that_classifies(tmp_path: Path, stack: Sta
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0
+        assert proc.stdout is not None
+        rest = proc.stdout.read().decode()
+        proc.stdout.close()
+    assert proc.returncode == 0, rest
+    assert "stopping" in rest
+
+
+def test_consecutive_calls_pipeline_and_each_gets_its_own_result(stack: Stack) -> None:
+    """computeMany: heads in turn, tails in flight together (window 2); each call
+    answers for its own image, in order."""
+    images = np.random.default_rng(11).integers(0, 256, (3, 1, 3, 24, 20), dtype=np.uint8)
+    page = stack.page()
+    got = page.evaluate(
+        """async ({split, server, tokens, images, dims}) => {
+          while (!window.vault) await new Promise((r) => setTimeout(r, 20));
+          const m = await window.vault.open(split, {server, token: tokens, cut: "c1",
+              wasmPaths: "/_vault/ort/", executionProviders: ["wasm"], pingEveryMs: 0});
+          const outs = await m.computeMany(images.map((im) =>
+              ({image: {type: "uint8", data: Uint8Array.from(im), dims}})));
+          const calls = m.stats.calls;
+          await m.close();
+          return {calls, probs: outs.map((o) => Array.from(o.probs.data))};
+        }""",
+        {"split": "/models/f32.split/", "server": stack.rest, "tokens": stack.tokens("f32"),
+         "images": [im.reshape(-1).tolist() for im in images], "dims": list(images.shape[1:])},
+    )  # fmt: skip
+    page.context.close()
+    assert got["calls"] == 3
+    for im, probs in zip(images, got["probs"]):
+        want = reference_pipeline(stack.stages, {"image": im})["probs"].reshape(-1)
+        np.testing.assert_allclose(probs, want, atol=1e-5)

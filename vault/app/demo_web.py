@@ -33,12 +33,12 @@ from typing import Any
 from ..core.errors import VaultError
 from ..core.process import stop_process
 
-__all__ = ["run_web_demo"]
+__all__ = ["run_web_demo", "serve_http"]
 
 TOKEN_SECONDS = 600
 
 
-def _serve_tails(
+def serve_http(
     tmp: str, tails: list[str], licences: list[str], device: str, origin: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``vault worker serve`` for the tails; returns it and its REST base URL (read
@@ -130,7 +130,7 @@ def run_web_demo(*, port: int = 0, seconds: float | None = None, lease_ttl: floa
                               tokens=tokens, port=port)  # fmt: skip
             origin = page.url.rstrip("/")
             tails = [os.path.join(out, c["tail"]) for c in cuts]
-            service, rest = _serve_tails(tmp, tails, svc, os.path.join(tmp, "device"), origin)
+            service, rest = serve_http(tmp, tails, svc, os.path.join(tmp, "device"), origin)
             page.config["server"] = rest
             page.start()
             print(f"worker service (Open Inference Protocol REST) on {rest}, CORS for {origin}")
