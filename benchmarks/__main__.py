@@ -33,6 +33,7 @@ SECTIONS = {
     "hybrid": "hybrid",
     "service": "service_bench",
     "oip": "oip_bench",
+    "web": "web",
 }
 
 

@@ -46,7 +46,8 @@ def register(sub: Any) -> None:
     s.add_argument("-o", "--output", required=True, help="the split directory")
     how = s.add_mutually_exclusive_group()  # neither: list the cuts this model has
     how.add_argument("--at", action="append", metavar="TENSOR[,TENSOR...]",
-                     help="cut at these tensors (one cut; repeat to ship several)")  # fmt: skip
+                     help="cut at these tensors (one cut; repeat to ship several; "
+                          "'(inputs)': also ship the all-server cut)")  # fmt: skip
     how.add_argument("--auto", action="store_true", help="let the planner choose")
     s.add_argument("--rtt", type=float, help="link round-trip time, ms (--auto)")
     s.add_argument("--bandwidth", type=float, help="link bandwidth, Mbit/s (--auto)")

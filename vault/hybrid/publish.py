@@ -53,6 +53,7 @@ __all__ = ["SPLIT_FORMAT", "SplitResult", "split", "split_graphs"]
 
 SPLIT_FORMAT = "vault-split/1"
 ENCODINGS = ("float32", "float16", "int8")
+ALL_SERVER = "(inputs)"  # --at (inputs): the all-server cut
 _ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -409,7 +410,14 @@ def split(
         by_name = {c.name: c for c in options}
         chosen = [by_name[r.cut] for r in rows[: 1 + max(0, alternatives)]]
     else:
-        chosen = [g.cut([resolve(t) for t in tensors], policy=policy) for tensors in at]
+        # "(inputs)", the name the planner's table gives it: ship the all-server cut
+        # too (no head, the tail is the whole model), for clients that re-plan
+        chosen = [
+            g.all_server()
+            if list(tensors) == [ALL_SERVER]
+            else g.cut([resolve(t) for t in tensors], policy=policy)
+            for tensors in at
+        ]
 
     if calibration is None and not big:
         calibration = [example_inputs(merged, seed=s) for s in range(8)]
