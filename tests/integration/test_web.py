@@ -18,12 +18,16 @@ moves to the narrow cut when the link slows. One browser for the module.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
@@ -67,6 +72,7 @@ class Stack:
     shop: dict[str, Licence]  # tail model id -> the shop's call licence
     stages: list[Any]
     browser: Any
+    ks: KeyServerProcess
     requests: list[Any] = field(default_factory=list)
     _shared: Any = None
     responses: list[Any] = field(default_factory=list)
@@ -157,7 +163,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pw = sync_playwright().start()
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield Stack(d, page_server.url, rest, page_server, splits, shop, [pre, net, post],
-                    browser)  # fmt: skip
+                    browser, ks)  # fmt: skip
         browser.close()
     finally:
         if pw is not None:
@@ -425,3 +431,76 @@ def test_consecutive_calls_pipeline_and_each_gets_its_own_result(stack: Stack) -
     for im, probs in zip(images, got["probs"]):
         want = reference_pipeline(stack.stages, {"image": im})["probs"].reshape(-1)
         np.testing.assert_allclose(probs, want, atol=1e-5)
+
+
+def _documented_block() -> str:
+    text = (ROOT / "docs" / "web.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    return next(b for b in blocks if "vault split model.onnx" in b)
+
+
+def test_the_documented_commands_split_mint_and_serve_with_cors(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """docs/web.md's commands, run exactly as written by bash in a folder with the key
+    server's admin licence, the model and an enrolled device: the service they start
+    answers the page's origin's preflight (and not another origin's: the control) and
+    a call with the minted token."""
+    (tmp_path / "ks").mkdir()
+    for f in ("admin.licence", "publisher.key"):
+        shutil.copy(stack.ks.dir / f, tmp_path / "ks" / f)
+    onnx.save(stack.stages[1], tmp_path / "model.onnx")
+    stack.ks.enroll(tmp_path / "device")
+    origin = "http://127.0.0.1:8080"
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(["bash", "-e", "-c", _documented_block()], cwd=tmp_path,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "VAULT_HTTP_PORT": "0",
+                                     "PAGE_ORIGIN": origin})  # fmt: skip
+    try:
+        rest = None
+        while rest is None and proc.poll() is None:
+            for line in out.read_text().splitlines():
+                if line.startswith("open inference protocol (REST): "):
+                    rest = line.split(": ", 1)[1].strip().removesuffix("/v2")
+            time.sleep(0.1)
+        assert rest, out.read_text()[-3000:]
+
+        def preflight(who: str) -> dict[str, str]:
+            req = urllib.request.Request(f"{rest}/v2/models/clf.tail/infer", method="OPTIONS",
+                                         headers={"Origin": who,
+                                                  "Access-Control-Request-Method": "POST",
+                                                  "Access-Control-Request-Headers":
+                                                  "authorization,inference-header-content-length"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return {k.lower(): v for k, v in r.headers.items()}
+            except urllib.error.HTTPError as e:
+                return {k.lower(): v for k, v in e.headers.items()}
+
+        ok = preflight(origin)
+        assert ok.get("access-control-allow-origin") == origin, ok
+        assert "authorization" in ok.get("access-control-allow-headers", "").lower()
+        assert "access-control-allow-origin" not in preflight("http://evil.example")
+        # a call with the token the commands minted, from the page's origin
+        token = (tmp_path / "visitor-c0.token").read_text().strip()
+        desc = json.loads((tmp_path / "clf.split" / "split.json").read_text())
+        assert [c["all_server"] for c in desc["cuts"]] == [False, True]
+        x = np.ones((1, 16), np.float32)  # the pooled features: what crosses at f
+        body = json.dumps({"inputs": [{"name": "f", "datatype": "FP32", "shape": [1, 16],
+                                       "data": x.reshape(-1).tolist()}]}).encode()  # fmt: skip
+        req = urllib.request.Request(f"{rest}/v2/models/clf.tail/infer", data=body, headers={
+            "Authorization": f"Bearer {token}", "Origin": origin,
+            "Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+        assert [o["name"] for o in answer["outputs"]] == ["logits"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -550,3 +550,16 @@ def test_a_failed_split_writes_nothing_and_keeps_an_earlier_one(tmp_path: Path) 
         split(mlp(), model_id="m", signing_key=pk, output_dir=other, at=[["h2"]],
               split_points=["h2"], register=_Keys())  # fmt: skip
     assert os.listdir(other) == ["notes.txt"]
+
+
+def test_the_all_server_cut_can_be_shipped_beside_the_others(tmp_path: Path) -> None:
+    """--at '(inputs)' (the planner table's name for it): no head, the tail is the
+    whole model, for clients that re-plan between sending a cut and the input."""
+    desc, keys, _ = _split(tmp_path, mlp(), at=[["h2"], ["(inputs)"]], split_points=["h2"])
+    c0, c1 = desc["cuts"]
+    assert not c0["all_server"] and c1["all_server"] and c1["head"] is None
+    assert [x["name"] for x in c1["crossing"]] == ["x"]
+    tail = Sealed(str(tmp_path / "m.split" / c1["tail"]), keys.keys[c1["tail_model_id"]],
+                  str(tmp_path / "publisher.pub"), {})  # fmt: skip
+    with open_sealed(tail) as t:
+        np.testing.assert_allclose(t.compute(X)["logits"], _run(mlp(), X)["logits"], rtol=1e-6)
