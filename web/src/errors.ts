@@ -7,7 +7,7 @@
  *     ├── ConfigError          (config)           a bad split URL, option or split.json
  *     ├── IntegrityError       (integrity)        a head that does not match split.json
  *     ├── InputError           (bad_input)        unknown / missing input, wrong dtype
- *     ├── LicenceError         (licence, licence_*, wrong_model, permission_denied)
+ *     ├── LicenceError         (licence, licence_*, wrong_model, wrong_keyserver, permission_denied)
  *     │   ├── TokenError       (token_invalid)    missing, malformed, forged: one opaque error
  *     │   │   └── TokenExpiredError (token_expired)
  *     │   ├── QuotaExhaustedError (quota_exhausted)  the licence's quota
@@ -64,6 +64,7 @@ const BY_CODE: Record<string, ErrorClass> = {
   licence_revoked: LicenceError,
   licence_expired: LicenceError,
   permission_denied: LicenceError,
+  wrong_keyserver: LicenceError,
   wrong_model: LicenceError,
   token_invalid: TokenError,
   token_expired: TokenExpiredError,
