@@ -19,7 +19,8 @@ The planner: a fresh unpinned ``vault.open`` per link measures each head in
 the page and the RTT through the link, assumes the link's nominal bandwidth
 (as the Python benchmark's planner is given it), and picks a cut; its row is
 the measured time of that cut, against the best measured cut (the oracle).
-Then it runs calls and may move (``after calls``).
+Then it runs calls and may move (``after calls``). Pipelining: at the best
+hybrid cut, K calls through ``computeMany`` against K sequential calls.
 
 Example::
 
@@ -70,6 +71,18 @@ _CALL = """async ({row}) => {
   await window.rows[row].compute({[window.input.name]: {type: "float32",
       data: window.input.data, dims: window.input.dims}});
   return performance.now() - t0;
+}"""
+
+_PIPE = """async ({row, n}) => {
+  const m = window.rows[row];
+  const x = {[window.input.name]: {type: "float32", data: window.input.data, dims: window.input.dims}};
+  let t0 = performance.now();
+  for (let i = 0; i < n; i++) await m.compute(x);
+  const seq = performance.now() - t0;
+  t0 = performance.now();
+  await m.computeMany(Array(n).fill(x));
+  const pipe = performance.now() - t0;
+  return {calls: n, sequential_ms: seq, pipelined_ms: pipe, gain: seq / pipe};
 }"""
 
 _PLAN = """async ({split, server, tokens, mbit, calls}) => {
@@ -215,6 +228,10 @@ def _run(ctx: Context, env: Any, web: Path, sync_playwright: Any) -> dict[str, A
                 "best_hybrid_cut": label[best_hybrid] if best_hybrid else None,
                 "best_hybrid_ms": hybrid.get(best_hybrid) if best_hybrid else None,
             }
+            if best_hybrid is not None and best_hybrid in meas:
+                # consecutive calls at the best hybrid cut: head i+1 while tail i is away
+                row["pipelining"] = page.evaluate(_PIPE, {"row": best_hybrid,
+                                                          "n": 4 if quick else 8})  # fmt: skip
             if row["planner_ms"] and row["oracle_ms"]:
                 row["planner_over_oracle"] = row["planner_ms"] / row["oracle_ms"]
             if row["best_hybrid_ms"] and row["all_server_ms"]:
