@@ -130,7 +130,8 @@ class PageServer:
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for a loop that never started otherwise
+            self.httpd.shutdown()
         self.httpd.server_close()
 
     def __enter__(self) -> PageServer:
