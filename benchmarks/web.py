@@ -122,7 +122,7 @@ def _run(ctx: Context, env: Any, web: Path, sync_playwright: Any) -> dict[str, A
     from vault.app.demo_web import serve_http
     from vault.app.webpage import PageServer
     from vault.core.crypto import PublisherKey
-    from vault.core.device import init_device
+    from vault.core.device import init_device, record_keyserver
     from vault.core.keyclient import KeyServerClient
     from vault.core.licence import Licence
     from vault.core.token import mint_token
@@ -158,6 +158,8 @@ def _run(ctx: Context, env: Any, web: Path, sync_playwright: Any) -> dict[str, A
                     server_costs=server_prof, register=register, calibration=[feeds])  # fmt: skip
         dev = init_device(work / "device")
         ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+        record_keyserver(work / "device", address=admin.keyserver_address,
+                         public_key=admin.keyserver_public_key)  # fmt: skip
         cuts = res.description["cuts"]
         ids = [c["tail_model_id"] for c in cuts]
         svc, shop = [], {}

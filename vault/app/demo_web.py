@@ -68,7 +68,7 @@ def serve_http(
 
 def run_web_demo(*, port: int = 0, seconds: float | None = None, lease_ttl: float = 5.0) -> int:
     from ..core.crypto import PublisherKey
-    from ..core.device import init_device
+    from ..core.device import init_device, record_keyserver
     from ..core.keyclient import KeyServerClient
     from ..core.licence import Licence
     from ..core.token import mint_token
@@ -106,6 +106,8 @@ def run_web_demo(*, port: int = 0, seconds: float | None = None, lease_ttl: floa
                 cuts = result.description["cuts"]
                 dev = init_device(os.path.join(tmp, "device"))
                 ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+                record_keyserver(os.path.join(tmp, "device"), address=admin.keyserver_address,
+                                 public_key=admin.keyserver_public_key)  # fmt: skip
                 svc, shop = [], {}
                 for c in cuts:
                     path = os.path.join(tmp, f"service-{c['name']}.licence")
