@@ -41,7 +41,7 @@ export interface OpenOptions {
   patience?: number;
   /** Tail calls in flight at once (default 2): the head of call i+1 runs while the tail of call i is on the wire. */
   window?: number;
-  /** Runs per head to measure it in this browser at open (default 3; 0: take split.json's costs). */
+  /** Runs per head to measure it in this browser at open (default 5, the median kept; 0: take split.json's costs). */
   profileRuns?: number;
   /** The link to assume before calls have measured it (default: split.json's planned_for, else 100 Mbit/s). */
   assumeMbit?: number;
@@ -339,7 +339,7 @@ export async function open(splitUrl: string, options: OpenOptions): Promise<Spli
     throw new ConfigError(`no cut '${options.cut}' in ${where} (have ${desc.cuts.map((c) => c.name).join(", ")})`, "config");
   }
   const cuts = new Map<string, CutState>();
-  const runs = options.profileRuns ?? 3;
+  const runs = options.profileRuns ?? 5;
   for (const spec of wanted) {
     const cost: CutCost = {
       cut: spec.name,
