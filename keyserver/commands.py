@@ -56,16 +56,20 @@ def cmd_serve(
     advertise: str | None = None,
     database: str | None = None,
     anchor: str | None = None,
+    limits: Any = None,
+    coalesce: float | None = None,
 ) -> int:
     import json
 
     from vault.core.errors import VaultError
 
     from .server import serve
+    from .service import DEFAULT_COALESCE
 
     try:
         serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database,
-              anchor=anchor)  # fmt: skip
+              anchor=anchor, limits=limits,
+              coalesce=DEFAULT_COALESCE if coalesce is None else coalesce)  # fmt: skip
     except VaultError as exc:
         # a launcher waiting for the ready line hears why there is none
         # (one that already read it may have closed the pipe)
@@ -139,6 +143,26 @@ def cmd_rotate(root: str, *, database: str | None = None) -> int:
     return 0
 
 
+def _limit(text: str) -> Any:
+    """argparse type of the request limits (``R/s[:BURST]`` or ``off``)."""
+    from .limits import parse_limit
+
+    try:
+        return parse_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limits(a: argparse.Namespace) -> Any:
+    from .service import RequestLimits
+
+    def given(v: Any) -> Any:  # argparse leaves a string default unconverted
+        return _limit(v) if isinstance(v, str) else v
+
+    return RequestLimits(identity=given(a.request_limit), device=given(a.device_request_limit),
+                         licence=given(a.licence_request_limit))  # fmt: skip
+
+
 def _database_option(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -210,11 +234,23 @@ def add_arguments(sub: Any) -> None:
     _database_option(p)
     p.add_argument("--anchor", default=None, metavar="PATH",
                    help="append signed audit checkpoints to PATH (outside the database)")  # fmt: skip
+    p.add_argument("--request-limit", type=_limit, default="20/s:100", metavar="R/s[:BURST]",
+                   help="requests per licence holder's key, checked before any policy "
+                        "(default 20/s:100; 'off': none); refusals carry retry_after")  # fmt: skip
+    p.add_argument("--device-request-limit", type=_limit, default="1000/s:2000",
+                   metavar="R/s[:BURST]",
+                   help="requests per enrolled device's key (default 1000/s:2000; 'off')")  # fmt: skip
+    p.add_argument("--licence-request-limit", type=_limit, default="50/s:200",
+                   metavar="R/s[:BURST]",
+                   help="key requests devices make for one licence (default 50/s:200; 'off')")  # fmt: skip
+    p.add_argument("--coalesce", type=float, default=None, metavar="S",
+                   help="identical refusals within S seconds: one audit record at once and one "
+                        "with their count when S ends (default 60; 0: a record each)")  # fmt: skip
     p.set_defaults(
         ks_command="serve",
         func=lambda a: cmd_serve(
             a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
-            database=database_url(a), anchor=a.anchor,
+            database=database_url(a), anchor=a.anchor, limits=_limits(a), coalesce=a.coalesce,
         ),
     )  # fmt: skip
 

@@ -39,7 +39,7 @@ from . import audit
 from .anchor import AnchorWriter
 from .layout import Paths, exclusive_lock, load_audit_key, load_master, load_server_keys
 from .policy import Policy
-from .service import DEFAULT_LEASE_TTL, KeyService, Request
+from .service import DEFAULT_COALESCE, DEFAULT_LEASE_TTL, KeyService, Request, RequestLimits
 from .store import SqliteStore, Store, open_store
 
 __all__ = ["MAX_HEADER", "MAX_MESSAGE", "REQUEST_HEADER_LIMIT", "serve"]
@@ -147,6 +147,8 @@ def serve(
     database: str | None = None,
     anchor: str | os.PathLike[str] | None = None,
     out: Any = None,
+    limits: RequestLimits | None = None,
+    coalesce: float = DEFAULT_COALESCE,
 ) -> None:
     """Run the key server until SIGTERM or Ctrl-C.
 
@@ -163,6 +165,8 @@ def serve(
     # of a PostgreSQL store share one directory of keys, so no lock there.
     with exclusive_lock(paths.root) if database is None else _no_lock():
         st: Store = open_store(database or paths.db)
+        with st.transaction():  # a database made before the table existed gets it
+            st.ensure_metering_ids()
         checkpointer: _Checkpointer | None = None
         if isinstance(st, SqliteStore):
             st.disable_autocheckpoint()  # see _Checkpointer
@@ -207,6 +211,8 @@ def serve(
                 release_policy=release_policy,
                 renew_policy=renew_policy,
                 checkpoint=writer,
+                limits=limits,
+                coalesce=coalesce,
             )
             if writer is not None:  # everything so far, rotations included
                 seq, head = audit.head(st)
@@ -222,7 +228,14 @@ def serve(
                 "database": st.kind,
             }
             print(json.dumps(ready, sort_keys=True), file=out, flush=True)
-            _loop(router, zap, service, stop)
+            try:
+                _loop(router, zap, service, stop)
+            finally:
+                try:  # refusals counted and not yet written get their record
+                    service.flush_refusals()
+                except Exception as exc:  # noqa: BLE001 - stopping anyway: say so
+                    print(f"keyserver: could not write the last refusal counts "
+                          f"({type(exc).__name__})", file=sys.stderr, flush=True)  # fmt: skip
         finally:
             if checkpointer is not None and checkpointer.is_alive():
                 checkpointer.stop()
@@ -263,6 +276,7 @@ def _loop(router: zmq.Socket[Any], zap: zmq.Socket[Any], service: KeyService, st
                 except zmq.ZMQError:
                     pass  # REP socket state is reset by the next recv
         if router not in events:
+            service.tick()  # intervals of counted refusals that ended get their record
             continue
         envelopes: list[list[bytes]] = []
         batch: list[Request] = []

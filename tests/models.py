@@ -180,3 +180,49 @@ def all_types() -> onnx.ModelProto:
             nodes.append(helper.make_node("Add", [f"in_{t}", f"in_{t}"], [f"out_{t}"]))
     outputs.append(helper.make_tensor_value_info("is_hello", TensorProto.BOOL, ["N", 2]))
     return _model(helper.make_graph(nodes, "all_types", inputs, outputs, inits), opset=19)
+
+
+def batch_centred(n_features: int = 4) -> onnx.ModelProto:
+    """``x`` [N, F] -> ``y = x - mean(x over dim 0)`` [N, F]: its signature
+    looks batchable, but every output row depends on every input row (what
+    any model that normalises over the batch does)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_features])
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1, name="batch_mean"),
+        helper.make_node("Sub", ["x", "mean"], ["y"], name="centre"),
+    ]
+    return _model(helper.make_graph(nodes, "centred", [x], [y]))
+
+
+def lstm_sequence_first(input_size: int = 3, hidden: int = 5, *, seed: int = 0) -> onnx.ModelProto:
+    """An LSTM exported sequence-first, as ``torch.nn.LSTM`` does by default:
+    ``x`` [S, B, I] -> ``y`` [S, 1, B, H]. Dim 0 is time: the output at step
+    ``t`` depends on every earlier step, so rows along dim 0 are not independent."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((1, 4 * hidden, input_size)) * 0.5).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", "B", input_size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", 1, "B", hidden])
+    inits = [numpy_helper.from_array(w, "lstm_W"), numpy_helper.from_array(r, "lstm_R"),
+             numpy_helper.from_array(b, "lstm_B")]  # fmt: skip
+    node = helper.make_node("LSTM", ["x", "lstm_W", "lstm_R", "lstm_B"], ["y"],
+                            hidden_size=hidden, name="lstm")  # fmt: skip
+    return _model(helper.make_graph([node], "lstm", [x], [y], inits))
+
+
+def sklearn_shaped_regressor(n_features: int = 4, *, seed: int = 0) -> onnx.ModelProto:
+    """Shaped as skl2onnx exports a linear regressor: ``float_input`` [?, F]
+    -> ``variable`` [?, 1], dim 0 left unnamed (no ``dim_param``)."""
+    rng = np.random.default_rng(seed)
+    coef = rng.standard_normal((n_features, 1)).astype(np.float32)
+    x = helper.make_tensor_value_info("float_input", TensorProto.FLOAT, [None, n_features])
+    y = helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 1])
+    bias = numpy_helper.from_array(np.array([0.25], np.float32), "intercept")
+    nodes = [
+        helper.make_node("MatMul", ["float_input", "coef"], ["mm"], name="LinearRegressor"),
+        helper.make_node("Add", ["mm", "intercept"], ["variable"], name="Add"),
+    ]
+    return _model(helper.make_graph(nodes, "skl2onnx", [x], [y],
+                                    [numpy_helper.from_array(coef, "coef"), bias]))  # fmt: skip

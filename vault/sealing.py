@@ -52,6 +52,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .core import crypto as _crypto
+from .core.batchcheck import check_rows
 from .core.errors import SealError, UnsafeModelError, VaultError
 from .core.graphs import ALLOWED_DOMAINS, check_graph
 from .core.package import FORMAT_VERSION, build_plaintext, write_package
@@ -560,11 +561,20 @@ def seal(
     compose: bool = True,
     progress: Callable[[int, int], None] | None = None,
     now: _dt.datetime | None = None,
+    batchable: bool = False,
 ) -> SealResult:
     """Seal a pipeline into ``output``; returns the package key in memory.
 
     ``io_map`` may hold ``{"pre": {pre_out: model_in}, "post": {model_out: post_in}}``
     when names differ between stages.
+
+    ``batchable=True`` declares, in the signed manifest, that dim 0 of every
+    input and output is a batch of independent rows, so a worker service may
+    join calls of different callers into one batch. It is checked here by
+    running the pipeline on random rows together and apart
+    (:func:`vault.core.batchcheck.check_rows`); a pipeline whose output rows
+    depend on other rows is refused with a :class:`SealError` naming the
+    output and the row. Without it, calls are never joined.
     """
     if not _MODEL_ID.match(model_id):
         raise SealError(f"model id {model_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'")
@@ -622,6 +632,15 @@ def seal(
         check_graph(data, sizes, where=name)  # exactly what the worker checks at load
 
     first, last = stages[0][1], stages[-1][1]
+    inputs = [_describe(vi) for vi in _public_inputs(first)]
+    outputs = [_describe(vi) for vi in last.graph.output]
+    if batchable:
+        try:  # the graphs exactly as the worker will load them
+            check_rows(graphs, dict(files), inputs=inputs, outputs=outputs)
+        except BaseException:
+            for _, blob in files:
+                _crypto.zeroize(blob)
+            raise
     manifest: dict[str, Any] = {
         "format": f"vault-package/{FORMAT_VERSION}",
         "model_id": model_id,
@@ -633,9 +652,10 @@ def seal(
         .replace("+00:00", "Z"),
         "stages": [n for n, _ in stages],
         "composed": composed,
-        "inputs": [_describe(vi) for vi in _public_inputs(first)],
-        "outputs": [_describe(vi) for vi in last.graph.output],
+        "inputs": inputs,
+        "outputs": outputs,
         "split_points": splits,
+        "batchable": bool(batchable),
     }
 
     plaintext = build_plaintext(graphs, files)

@@ -329,16 +329,34 @@ def _kernel_status() -> dict[str, str]:
     return out
 
 
+_startup_memory_limit: int | None = None  # what limit_memory set, as health reports it
+
+
 def limit_memory(limit: int) -> None:
-    """Lower ``RLIMIT_DATA`` to ``limit`` bytes (never raise it): what the
-    worker's private memory (heap, anonymous mappings, thread stacks) may
-    reach. A start-up that would pass it gets a MemoryError, reported as a
-    failed start, instead of the machine's memory."""
+    """Lower the soft ``RLIMIT_DATA`` to ``limit`` bytes (never raise it): what
+    the worker's private memory (heap, anonymous mappings, thread stacks) may
+    reach while it starts. A start-up that would pass it (a package whose
+    claims take more than it declares) gets a MemoryError, reported as a failed
+    start, instead of the machine's memory. The hard limit is left as it is, so
+    that :func:`lift_memory_limit` can give a started worker its compute
+    memory back."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise ValueError("memory_limit must be a positive number of bytes")
+    global _startup_memory_limit
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     new = min([limit, *(x for x in (soft, hard) if x != resource.RLIM_INFINITY)])
-    resource.setrlimit(resource.RLIMIT_DATA, (new, new))
+    resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
+    _startup_memory_limit = new
+
+
+def lift_memory_limit() -> None:
+    """After the sessions are built from a package whose signature held: the
+    soft ``RLIMIT_DATA`` back to the hard limit (what the worker was started
+    with). The start-up limit is there for what a package *claims*; the
+    publisher's own model then computes with the memory plain onnxruntime would
+    have (requests are bounded by the channel's message limit)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
 
 
 def read_back(report: Report) -> None:
@@ -442,6 +460,8 @@ def verify() -> dict[str, Any]:
         "rlimit_core": list(resource.getrlimit(resource.RLIMIT_CORE)),
         # -1: unlimited (a CUDA worker); else the bytes of private memory allowed
         "rlimit_data": list(resource.getrlimit(resource.RLIMIT_DATA)),
+        # the soft RLIMIT_DATA the worker started under (None: not limited, a CUDA worker)
+        "startup_memory_limit": _startup_memory_limit,
         "seccomp_mode": status.get("Seccomp"),
         "locked_memory": status.get("VmLck"),
         "uid": os.getuid(),

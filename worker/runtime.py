@@ -417,7 +417,11 @@ class Pipeline:
         if not isinstance(descs, list):
             return  # the decoder reports the malformed header
         for d in descs:
-            if not isinstance(d, dict) or d.get("name") not in self._in:
+            # a malformed descriptor (a name that is not a string, ...) is the
+            # decoder's to report, as a ProtocolError
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                continue
+            if d["name"] not in self._in:
                 continue
             dtype, shape = self._in[d["name"]]
             have = d.get("shape")

@@ -235,20 +235,23 @@ class Startup:
             plain.release()
             raise
         plain.wipe_graphs()  # parsed into the sessions: only the weights stay
+        from .hardening import lift_memory_limit
 
-    def _renew(self, lease_id: str, calls: int) -> Any:
+        lift_memory_limit()  # the start-up limit bounded the package's claims; see there
+
+    def _renew(self, lease_id: str, calls: int, report_id: str | None = None) -> Any:
         from vault.core.keyclient import KeyServerClient
 
         assert self.licence is not None
         with KeyServerClient(self.licence, device=self.device) as ks:
-            return ks.renew(lease_id=lease_id, calls=calls)
+            return ks.renew(lease_id=lease_id, calls=calls, report_id=report_id)
 
-    def _close_lease(self, lease_id: str, calls: int) -> Any:
+    def _close_lease(self, lease_id: str, calls: int, report_id: str | None = None) -> Any:
         from vault.core.keyclient import KeyServerClient
 
         assert self.licence is not None
         with KeyServerClient(self.licence, device=self.device, timeout=2.0) as ks:  # no lingering
-            return ks.close_lease(lease_id=lease_id, calls=calls)
+            return ks.close_lease(lease_id=lease_id, calls=calls, report_id=report_id)
 
     def serve(self) -> tuple[Any, dict[str, Any]]:
         """Lease keeper, request service, bound endpoint; returns the ready line."""
@@ -267,12 +270,16 @@ class Startup:
             on_end=pipeline.close,
             unsafe_no_lease=args.unsafe_test_key_fd is not None,
             close=self._close_lease if self.lease is not None else None,
+            report_ids=True,  # a report whose answer was lost is sent again, counted once
         )
         info = {
             "model_id": pkg.model_id,
             "digest": pkg.digest,
             "inputs": pipeline.inputs,
             "outputs": pipeline.outputs,
+            # the publisher's signed declaration (vault seal --batchable): the
+            # only thing that lets a service join calls of different callers
+            "batchable": pkg.batchable,
         }
         pkg.close()
         shm = None

@@ -159,3 +159,30 @@ def test_a_dead_workers_reserve_stays_spent(keyserver, package):
         vault.open(package, licence=lic)
     row = _row(keyserver, lic.licence_id)
     assert (row["used_calls"], row["reserved_calls"]) == (5, 0)  # settled as used
+
+
+def test_a_report_sent_again_counts_once(keyserver, package):
+    # a renewal whose answer was lost is sent again as it was (same report
+    # id, same calls): the key server counts its calls once (issue 17, item 7)
+    from vault.core.package import Package
+
+    with Package.load(package) as pkg:
+        args = {"model_id": "metered", "key_id": pkg.key_id, "package_digest": pkg.digest}
+    lic = keyserver.issue("metered", max_calls=100)
+    with keyserver.client(lic) as ks:
+        rel = ks.release(**args)
+        for _ in range(2):  # the first answer "lost": the same report again
+            ks.renew(lease_id=rel.lease.lease_id, calls=7, report_id="r-" + "a" * 22)
+        ks.renew(lease_id=rel.lease.lease_id, calls=3, report_id="r-" + "b" * 22)
+        ks.close_lease(lease_id=rel.lease.lease_id, calls=1, report_id="r-" + "c" * 22)
+        ks.close_lease(lease_id=rel.lease.lease_id, calls=1, report_id="r-" + "c" * 22)
+    row = _row(keyserver, lic.licence_id)
+    assert (row["used_calls"], row["reserved_calls"]) == (11, 0)
+    # control: without ids, a report sent again is counted again
+    lic2 = keyserver.issue("metered", max_calls=100)
+    with keyserver.client(lic2) as ks:
+        rel = ks.release(**args)
+        for _ in range(2):
+            ks.renew(lease_id=rel.lease.lease_id, calls=7)
+        ks.close_lease(lease_id=rel.lease.lease_id, calls=0)
+    assert _row(keyserver, lic2.licence_id)["used_calls"] == 14

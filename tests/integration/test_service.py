@@ -85,8 +85,11 @@ class Running:
         assert not self.thread.is_alive()
 
 
-def start_service(tmp: Path, models: dict[str, Any], **cfg: Any) -> Running:
-    sealed = {name: seal_for_test(tmp, m, name=name) for name, m in models.items()}
+def start_service(tmp: Path, models: dict[str, Any], *, batchable: tuple[str, ...] = (),
+                  **cfg: Any) -> Running:  # fmt: skip
+    """``batchable``: the models sealed with the publisher's declaration."""
+    sealed = {name: seal_for_test(tmp, m, name=name, batchable=name in batchable)
+              for name, m in models.items()}  # fmt: skip
     alice = caller_licence("alice")
     spub, ssec = zmq.curve_keypair()
     keys = {s.path: s.key for s in sealed.values()}
@@ -116,7 +119,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     models = {"a": mlp(seed=0), "b": mlp(seed=1), "slow": slow_matmul(),
               "fixed": slow_matmul(depth=1, fixed_batch=2)}  # fmt: skip
     run = start_service(tmp, models, instances=2, max_batch=16, max_queue_delay_us=2000,
-                        instance_inflight=1)  # fmt: skip
+                        instance_inflight=1, batchable=("slow",))  # fmt: skip
     try:
         yield run
     finally:
@@ -196,9 +199,13 @@ def test_a_callers_own_batch_is_never_split(service: Running) -> None:
     assert service.metric("vault_batch_size_bucket", model="slow", le="32.0") == small
 
 
-def test_a_model_whose_first_dim_is_fixed_is_not_batched(service: Running) -> None:
+def test_a_model_not_declared_batchable_is_not_batched(service: Running) -> None:
+    # "fixed" was sealed without the declaration ("a" and "b" too, though
+    # their signature is ["N", 8] -> ["N", 5]): calls are never joined
     assert service.svc.models["fixed"].batchable is False
+    assert service.svc.models["a"].batchable is False
     assert service.svc.models["slow"].batchable is True
+    assert "not declared batchable" in service.svc.models["a"].batching_why
     x = np.ones((2, 512), np.float32)
     with service.connect("fixed") as m, ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda _: m.compute({"x": x})["y"], range(12)))
@@ -214,6 +221,9 @@ def held(instances: list[Any]) -> Iterator[None]:
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        # kill() returns before the stop takes hold: on a loaded machine a
+        # worker answered a call sent right after it; wait until every thread is stopped
+        wait_for(lambda: all(_stopped(pid) for pid in pids), "the workers are stopped")
         yield
     finally:
         for pid in pids:
@@ -221,6 +231,19 @@ def held(instances: list[Any]) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T in /proc), or it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                states.append(fh.read().rsplit(b")", 1)[1].split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return all(st in (b"T", b"t", b"Z", b"X") for st in states)
 
 
 def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:

@@ -60,6 +60,9 @@ def register(sub: Any) -> None:
     s.add_argument("--protect-from", action="append", default=[], metavar="TENSOR",
                    help="everything downstream of TENSOR stays on the server (repeatable)")  # fmt: skip
     s.add_argument("--seal-head", action="store_true", help="seal the head for a local worker")
+    s.add_argument("--batchable", action="store_true",
+                   help="seal each tail declared batchable (as vault seal --batchable, checked "
+                        "on the tail): the service may join callers' tail calls")  # fmt: skip
     s.add_argument("--encoding", choices=("float32", "float16", "int8"), default="float32",
                    help="wire encoding of float cut tensors (checked on calibration inputs)")  # fmt: skip
     s.add_argument("--max-error", type=float, default=0.05,
@@ -154,7 +157,7 @@ def _split(args: argparse.Namespace) -> int:
             client_costs=load_profile(args.client_costs) if args.client_costs else None,
             server_costs=load_profile(args.server_costs) if args.server_costs else None,
             alternatives=args.alternatives, register=register, server_key=args.server_key,
-            log=lambda msg: print(msg, file=sys.stderr),
+            log=lambda msg: print(msg, file=sys.stderr), batchable=args.batchable,
         )  # fmt: skip
     except VaultError:
         raise

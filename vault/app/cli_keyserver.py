@@ -69,6 +69,7 @@ def _issue(args: argparse.Namespace) -> int:
             kind=args.kind,
             same_user=args.same_user,
             devices=args.device,
+            require_key=not args.force,
         )
     out = args.output or f"{args.to}.licence"
     lic.save(out)
@@ -76,6 +77,8 @@ def _issue(args: argparse.Namespace) -> int:
         f"issued {lic.kind} licence {lic.licence_id} to {lic.holder} for model {lic.model_id} "
         f"-> {out}"
     )
+    if lic.rate_limit is not None:
+        print(f"  rate: {describe_rate(lic.rate_limit)}")
     if lic.same_user:
         print(f"warning: {SAME_USER_WARNING}")
     return 0
@@ -96,6 +99,41 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+RATE_HELP = (
+    "calls per second, e.g. 2/s or 120/m. Enforced per call by the worker or service "
+    "serving the holder: at most max(1, R) calls at once (one second's worth), then one "
+    "every 1/R s; a refused call gets rate_limited with retry_after (seconds). Each lease "
+    "(60 s by default) reserves up to R x TTL calls from the licence's bucket at the key "
+    "server and gives back what it did not serve, so several workers on one licence "
+    "together serve at most R x (T + TTL) calls in any T seconds"
+)
+
+
+def describe_rate(rate: float) -> str:
+    """``2/s: bursts of 2, then one every 0.5 s``."""
+    burst = max(1.0, rate)
+    return f"{rate:g}/s: bursts of {burst:g}, then one call every {1 / rate:.3g} s"
+
+
+def licence_state(row: dict[str, Any], now: float) -> str:
+    """revoked, expired, exhausted (quota used, or all of it reserved by open
+    leases) or active: what `vault licence list` says."""
+    if row.get("revoked"):
+        return "revoked"
+    exp = row.get("expires_at")
+    if exp is not None and now >= float(exp):
+        return "expired"
+    quota = row.get("max_calls")
+    if quota is not None:
+        used = int(row.get("used_calls") or 0)
+        held = int(row.get("reserved_calls") or 0)
+        if used >= quota:
+            return "exhausted"
+        if used + held >= quota:
+            return f"exhausted ({held} held by open leases)"
+    return "active"
+
+
 def _revoke(args: argparse.Namespace) -> int:
     with _client(args) as ks:
         res = ks.revoke(args.licence_id)
@@ -111,8 +149,11 @@ def _fmt_time(ts: Any) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
+    import time
+
     with _client(args) as ks:
         rows = ks.list()
+    now = time.time()
     # CALLS: used (reported, or reserved by a worker that died) + reserved by
     # open leases, out of the quota: the quota is spent by both.
     print(f"{'LICENCE':<22} {'HOLDER':<16} {'ROLE':<7} {'KIND':<10} {'MODEL':<16} "
@@ -123,7 +164,7 @@ def _list(args: argparse.Namespace) -> int:
         held = int(r.get("reserved_calls") or 0)
         calls = f"{r['used_calls']}{f'+{held}' if held else ''}/{quota}"
         rate = "-" if r.get("rate_limit") is None else f"{r['rate_limit']:g}"
-        state = "revoked" if r.get("revoked") else "active"
+        state = licence_state(r, now)
         kind = str(r.get("kind") or "runtime") + ("*" if r.get("same_user") else "")
         same_user = same_user or bool(r.get("same_user"))
         devices = r.get("devices") or []
@@ -157,13 +198,21 @@ def register(sub: Any) -> None:
                        help="the admin licence file")  # fmt: skip
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
 
-    p = lic_sub.add_parser("issue", help="issue a licence for a model")
-    p.add_argument("model_id")
+    p = lic_sub.add_parser(
+        "issue", help="issue a licence for a model",
+        description="Issue a licence for a model whose key is registered with the key server. "
+        "--rate R/s: " + RATE_HELP + ".",
+    )  # fmt: skip
+    p.add_argument("model_id", help="a model id the key server has a key for (vault seal "
+                                    "registered it); see --force")  # fmt: skip
     p.add_argument("--to", required=True, help="holder name")
     p.add_argument("--expires", default=None, help="lifetime, e.g. 30d, 12h (default: never)")
     p.add_argument("--max-calls", type=int, default=None, help="call quota")
     p.add_argument("--rate", "--rate-limit", dest="rate_limit", type=parse_rate, default=None,
-                   metavar="R/s", help="calls per second (e.g. 5/s); sizes every lease's budget")  # fmt: skip
+                   metavar="R/s", help=RATE_HELP)  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="issue it even though the key server has no key for MODEL_ID yet "
+                        "(by default a model id with no registered key is refused: a typo)")  # fmt: skip
     p.add_argument("--grace", type=float, default=0.0, help="offline grace period (s)")
     p.add_argument("--kind", choices=("runtime", "call"), default="runtime",
                    help="runtime: use the model through an enrolled device (default); "

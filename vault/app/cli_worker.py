@@ -221,7 +221,9 @@ def _serve(args: argparse.Namespace) -> int:
         ks_client = KeyServerClient(licences[0], device=device)
         ks = ks_client
         policy = CallLicencePolicy(
-            lambda model, keys, usage: ks.call_decisions(model_id=model, keys=keys, usage=usage)  # type: ignore[arg-type]
+            lambda model, keys, usage, grants: ks.call_decisions(
+                model_id=model, keys=keys, usage=usage, grants=grants
+            )
         )
     if args.bind.startswith("tcp://"):
         if not args.call_licences:
@@ -292,7 +294,7 @@ def _serve(args: argparse.Namespace) -> int:
             fh.write(key + "\n")
     for model_id, m in ready["models"].items():
         print(f"worker ready: model {model_id} on {m['provider']} ({m['instances']} workers, "
-              f"batching {'on' if m['batching'] else 'off'})")  # fmt: skip
+              f"batching {'on' if m['batching'] else 'off'}: {m['batching_reason']})")  # fmt: skip
     print(f"endpoint: {ready['endpoint']}")
     print(f"server key: {key}")
     if args.allow:

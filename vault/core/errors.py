@@ -172,8 +172,24 @@ class QuotaExhaustedError(LicenceError):
 
 
 class RateLimitedError(LicenceError):
+    """Too many calls or requests for now. ``retry_after`` (seconds, or None
+    when unknown) says when one more will be let through; it crosses the
+    wire as a field of the error, and the message says it too."""
+
     code = "rate_limited"
     default_message = "licence rate limit exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        if retry_after is not None and message is not None and "retry after" not in message:
+            message = f"{message}; retry after {retry_after:.3g} s"
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
 
 
 class WrongModelError(LicenceError):
@@ -311,4 +327,10 @@ def from_wire(payload: Any) -> VaultError:
     code = payload.get("code")
     message = payload.get("message")
     cls = _BY_CODE.get(code if isinstance(code, str) else "", VaultError)
-    return cls(str(message) if message is not None else None)
+    text = str(message) if message is not None else None
+    if cls is RateLimitedError:
+        retry = payload.get("retry_after")
+        if isinstance(retry, (int, float)) and not isinstance(retry, bool) and 0 <= retry < 1e9:
+            return RateLimitedError(text, retry_after=float(retry))
+        return RateLimitedError(text)
+    return cls(text)

@@ -353,8 +353,13 @@ def split(
     profile_repeats: int = 5,
     log: Callable[[str], None] = lambda _msg: None,
     now: _dt.datetime | None = None,
+    batchable: bool = False,
 ) -> SplitResult:
-    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``)."""
+    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``).
+
+    ``batchable``: each tail is sealed with the declaration (checked on the
+    tail itself, as :func:`vault.seal` checks it) so the service may join
+    callers' tail calls; the head runs for one caller and is never batched."""
     if bool(at) and link is not None:
         raise ConfigError(
             "name the cut (at=[[TENSOR, ...]]) or ask the planner (link=...), not both"
@@ -434,7 +439,7 @@ def split(
             policy=policy, seal_head=seal_head, encoding=encoding, calibration=calibration or [],
             reference=reference, max_error=max_error, min_agreement=min_agreement,
             client_nodes=client_nodes, server_nodes=server_nodes, register=register, big=big,
-            log=log, link=link, server_key=server_key, now=now,
+            log=log, link=link, server_key=server_key, now=now, batchable=batchable,
         )  # fmt: skip
     return SplitResult(out, desc, table)
 
@@ -462,6 +467,7 @@ def _write_split(
     link: Link | None,
     server_key: str | None,
     now: _dt.datetime | None,
+    batchable: bool,
 ) -> dict[str, Any]:
     merged = g.model
     entries = []
@@ -472,7 +478,7 @@ def _write_split(
                 seal_head=seal_head, encoding=encoding, calibration=calibration,
                 reference=reference, max_error=max_error, min_agreement=min_agreement,
                 cost=_cost(g, cut, client_nodes, server_nodes, dict.fromkeys(cut.crossing, encoding)),
-                register=register, big=big, log=log,
+                register=register, big=big, log=log, batchable=batchable,
             )
         )  # fmt: skip
     desc: dict[str, Any] = {
@@ -576,6 +582,7 @@ def _write_cut(
     register: Callable[[_sealing.SealResult], None] | None,
     big: bool,
     log: Callable[[str], None],
+    batchable: bool = False,
 ) -> dict[str, Any]:
     name = f"c{k}"
     wire = {} if big else _calibrate(g, cut, encoding, calibration)
@@ -630,7 +637,8 @@ def _write_cut(
         entry.update(head=f"head-{name}.onnx", head_sha256=_sha256_file(path))
     tail_id = f"{model_id}.tail" + ("" if k == 0 else f".{name}")
     res = _sealing.seal(tail, model_id=tail_id, signing_key=signing_key,
-                        output=os.path.join(out, f"tail-{name}.vault"))  # fmt: skip
+                        output=os.path.join(out, f"tail-{name}.vault"),
+                        batchable=batchable)  # fmt: skip
     _hand_over(res, register)
     entry.update(tail=f"tail-{name}.vault", tail_model_id=tail_id, tail_digest=res.digest)
     entry["cost"] = {**cost.to_json(), "cut": name}

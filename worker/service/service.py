@@ -156,6 +156,7 @@ class _Model:
         self.stamp = stamp
         self.info: dict[str, Any] | None = None
         self.batchable = False
+        self.batching_why = "no worker has started yet"
         self.instances: list[Instance] = []
         self.starting: set[int] = set()
         self.backoff: dict[int, Backoff] = {}
@@ -333,7 +334,8 @@ class WorkerService:
         return self._oip.grpc_port if self._oip is not None else None
 
     def _describe(self, m: _Model) -> dict[str, Any]:
-        return {"instances": len(m.instances), "batching": m.batchable and self.cfg.max_batch > 1,
+        return {"instances": len(m.instances), "batching": m.batchable,
+                "batching_reason": m.batching_why,
                 "provider": (m.info or {}).get("provider")}  # fmt: skip
 
     def _attach(self, m: _Model, inst: Instance) -> None:
@@ -351,7 +353,9 @@ class WorkerService:
         m.instances.append(inst)
         if m.info is None:
             m.info = inst.info
-            m.batchable = batching.batchable(inst.info)
+            m.batchable, m.batching_why = batching.decide(inst.info, max_batch=self.cfg.max_batch)
+            self.log("model_batching", model=m.model_id, batching=m.batchable,
+                     reason=m.batching_why)  # fmt: skip
         self._gauge(m)
         self.log("worker_ready", model=m.model_id, index=inst.index, pid=inst.pid)
 
