@@ -48,7 +48,7 @@ def vault_main(cfg_path: str) -> int:
     grant = {"ok": True, "licence_id": cfg["licence_id"], "holder": "bench", "budget": 10**9,
              "retry_after": None, "rate": None, "expires_at": None, "proof_key": cfg["proof_key"]}  # fmt: skip
 
-    def ask(model: Any, keys_: list[str], usage: Any) -> dict[str, Any]:
+    def ask(model: Any, keys_: list[str], usage: Any, grants: Any = None) -> dict[str, Any]:
         return {
             "ttl": 3600.0,
             "decisions": {k: dict(grant) for k in keys_ if k == cfg["client_public"]},
@@ -98,8 +98,13 @@ def triton_main(model: str, http: str, grpc: str, instances: str, max_batch: str
     config = ModelConfig(batching=mb > 1, max_batch_size=max(mb, 1),
                          batcher=DynamicBatcher(max_queue_delay_microseconds=0))  # fmt: skip
     dims_in, dims_out = ((d_in,), (-1,)) if mb > 1 else ((-1, d_in), (-1, -1))
+    import os
+
+    # pytriton makes the workspace itself (it must not exist): in the run's directory
+    ws = os.path.join(os.path.dirname(os.path.abspath(model)), f"pytriton-{os.getpid()}")
     with Triton(config=TritonConfig(http_port=int(http), grpc_port=int(grpc),
-                                    metrics_port=0, allow_metrics=False)) as t:  # fmt: skip
+                                    metrics_port=0, allow_metrics=False),
+                workspace=ws) as t:  # fmt: skip
         t.bind(model_name="m", infer_func=[make() for _ in range(n)],
                inputs=[Tensor(name="x", dtype=np.float32, shape=dims_in)],
                outputs=[Tensor(name="logits", dtype=np.float32, shape=dims_out)],

@@ -596,13 +596,15 @@ def test_refusal_revoked_licence_within_one_lease(plane: Plane) -> None:
     with plane.ks.admin() as ks:
         ks.revoke(lic.licence_id)
     # the service uses a decision for at most one lease: wait for the state, not a time
-    while True:
+    for _ in range(2400):  # bounded: a service that never stops the caller fails here
         try:
             client.infer("clf", [inp], headers=headers)
         except InferenceServerException as exc:
             assert exc.status() == "403" and "[licence_revoked]" in exc.message(), exc
             break
         time.sleep(0.05)
+    else:
+        pytest.fail("the revoked licence's token was still served")
     assert _grpc_refusal(plane, tok).status() == "StatusCode.PERMISSION_DENIED"
     client.close()
     _serving(plane)

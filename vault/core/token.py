@@ -144,8 +144,8 @@ def mint_token(
         "lic": lic.licence_id,
         "key": lic.client_public_key,
         "models": sorted(set(names)),
-        "iat": round(t, 3),
-        "exp": round(t + expires, 3),
+        "iat": t,
+        "exp": t + expires,
         "jti": _b64e(os.urandom(16)),
     }
     if max_calls is not None:

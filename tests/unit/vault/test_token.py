@@ -76,7 +76,8 @@ def test_expiry_and_lifetime() -> None:
     a = _licence()
     now = time.time()
     tok = parse_token(mint_token(a, models=["m"], expires=10, now=now))
-    tok.check_time(now + 9)
+    assert tok.expires_at == now + 10
+    tok.check_time(now + 9.999)
     with pytest.raises(TokenExpiredError):
         tok.check_time(now + 10)
     with pytest.raises(TokenError):  # issued in the future (beyond clock skew)

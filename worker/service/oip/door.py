@@ -16,7 +16,7 @@ licence_unknown
 licence_revoked, licence_expired,      403     PERMISSION_DENIED
 wrong_model, permission_denied, ...
 quota_exhausted, token_spent,          429     RESOURCE_EXHAUSTED
-rate_limited (with Retry-After)
+rate_limited (with Retry-After, seconds rounded up)
 bad_input, protocol                    400     INVALID_ARGUMENT
 unknown_model                          404     NOT_FOUND
 unavailable, worker_crashed,           503     UNAVAILABLE
@@ -124,10 +124,12 @@ def grpc_status(exc: VaultError) -> grpc.StatusCode:
 
 
 def retry_after(exc: VaultError) -> int | None:
-    """Seconds a refused caller should wait (the rate limit's refill), or None."""
-    if isinstance(exc, RateLimitedError):
-        return 1
-    return None
+    """Whole seconds a refused caller should wait (the rate limit's refill,
+    rounded up, at least 1), or None."""
+    if not isinstance(exc, RateLimitedError):
+        return None
+    wait = getattr(exc, "retry_after", None)
+    return max(1, math.ceil(wait)) if isinstance(wait, (int, float)) and wait > 0 else 1
 
 
 def error_text(exc: VaultError) -> str:
