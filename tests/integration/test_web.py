@@ -459,11 +459,11 @@ def test_the_documented_commands_split_mint_and_serve_with_cors(
                                 env={**os.environ, "VAULT_HTTP_PORT": "0",
                                      "PAGE_ORIGIN": origin})  # fmt: skip
     try:
+        from vault.app.demo_web import rest_url
+
         rest = None
-        while rest is None and proc.poll() is None:
-            for line in out.read_text().splitlines():
-                if line.startswith("open inference protocol (REST): "):
-                    rest = line.split(": ", 1)[1].strip().removesuffix("/v2")
+        while rest is None and proc.poll() is None:  # the state: its REST door is up
+            rest = rest_url(out.read_text())
             time.sleep(0.1)
         assert rest, out.read_text()[-3000:]
 

@@ -33,9 +33,28 @@ from typing import Any
 from ..core.errors import VaultError
 from ..core.process import stop_process
 
-__all__ = ["run_web_demo", "serve_http"]
+__all__ = ["rest_url", "run_web_demo", "serve_http"]
 
 TOKEN_SECONDS = 600
+
+
+def rest_url(stdout: str) -> str | None:
+    """The REST door's base URL from what ``vault worker serve --http`` printed:
+    its ``open inference protocol (REST): URL/v2`` line, or a JSON ready line
+    that carries ``http_port`` (plain HTTP on loopback), once either is there."""
+    import json
+
+    for line in stdout.splitlines():
+        if line.startswith("open inference protocol (REST): "):
+            return line.split(": ", 1)[1].strip().removesuffix("/v2")
+        if line.startswith("{"):
+            try:
+                ready = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ready, dict) and ready.get("http_port"):
+                return f"http://127.0.0.1:{int(ready['http_port'])}"
+    return None
 
 
 def serve_http(
@@ -56,9 +75,9 @@ def serve_http(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         with open(out_path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("open inference protocol (REST): "):
-                    return proc, line.split(": ", 1)[1].strip().removesuffix("/v2")
+            url = rest_url(fh.read())
+        if url is not None:
+            return proc, url
         time.sleep(0.1)
     stop_process(proc, 5)
     with open(log_path, "rb") as fh:
