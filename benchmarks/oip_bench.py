@@ -118,7 +118,9 @@ def _vault(work: Path, m: Any, *, max_batch: int, instances: int) -> _Server:
 
     pk = PublisherKey.generate()
     pk.save(work / "publisher.key", work / "publisher.pub")
-    res = seal(m, model_id="m", signing_key=pk, output=work / f"m{max_batch}.vault")
+    # declared batchable (and checked) so the service may join callers' rows
+    res = seal(m, model_id="m", signing_key=pk, output=work / f"m{max_batch}.vault",
+               batchable=max_batch > 1)  # fmt: skip
     spub, ssec = zmq.curve_keypair()
     cpub, csec = zmq.curve_keypair()
     proof = PublisherKey.generate()

@@ -173,7 +173,7 @@ def all_types() -> onnx.ModelProto:
             nodes.append(helper.make_node("Not", [f"in_{t}"], [f"out_{t}"]))
         elif et == TensorProto.STRING:
             nodes.append(helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]))
-            hello = helper.make_tensor("hello", TensorProto.STRING, [], [b"hello"])
+            hello = numpy_helper.from_array(np.array("hello", dtype=object), "hello")
             inits.append(hello)
             nodes.append(helper.make_node("Equal", [f"in_{t}", "hello"], ["is_hello"]))
         else:

@@ -197,9 +197,8 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         ks.start()
         pk = PublisherKey.load(ks.publisher_key_path)
         pre, model, post = classifier_pipeline()
-        # batchable: main's service joins calls only of a package declared so at seal
-        clf = seal(model, pre=pre, post=post, model_id="clf", signing_key=pk, batchable=True,
-                   output=d / "clf.vault")  # fmt: skip
+        clf = seal(model, pre=pre, post=post, model_id="clf", signing_key=pk,
+                   output=d / "clf.vault", batchable=True)  # fmt: skip
         types_model = all_types()
         types = seal(types_model, model_id="types", signing_key=pk, output=d / "types.vault")
         for r in (clf, types):
