@@ -33,6 +33,7 @@ SECTIONS = {
     "hybrid": "hybrid",
     "service": "service_bench",
     "oip": "oip_bench",
+    "web": "web",
 }
 
 
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
         oip_plot(res["oip"], out / "oip.png")
         print("\nOpen Inference Protocol (section oip):\n" + oip_table(res["oip"]))
+    if isinstance(res.get("web"), dict) and res["web"].get("rows"):
+        from .web import table as web_table
+
+        print("\n" + "\n".join(web_table(res["web"])))
     print(report.table(res))
     print(
         f"\nwrote {out / 'results.json'}"

@@ -93,6 +93,12 @@ COVERAGE: dict[tuple[str, str], str] = {
     "test_oip::test_the_documented_examples_run_as_written)",
     ("docs/protocol.md", "import tritonclient.grpc as grpcclient"): "flow:protocol (and "
     "test_oip::test_the_documented_examples_run_as_written)",
+    ("README.md", "vault demo --web       # a page whose head runs"): "test:test_web::"
+    "test_vault_demo_web_serves_a_page_that_classifies (the command as written, in a browser)",
+    ("docs/web.md", "vault demo --web"): "test:test_web::"
+    "test_vault_demo_web_serves_a_page_that_classifies",
+    ("docs/web.md", "vault split model.onnx --split-point f"): "test:test_web::"
+    "test_the_documented_commands_split_mint_and_serve_with_cors (bash runs the block as written)",
     ("docs/hybrid.md", "vault profile model.onnx"): "flow:hybrid",
     ("docs/hybrid.md", "import vault"): "flow:hybrid",
     ("deploy/README.md", "python3 -m pip wheel"): "flow:tier1",

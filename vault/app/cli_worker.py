@@ -118,6 +118,9 @@ def register(sub: Any) -> None:
                    help="serve inference.GRPCInferenceService on this port")  # fmt: skip
     o.add_argument("--oip-host", default="127.0.0.1", metavar="HOST",
                    help="address both bind to (default 127.0.0.1)")  # fmt: skip
+    o.add_argument("--http-cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page's origin (https://shop.example) whose scripts may call the "
+                        "REST endpoints (repeatable; * for any page; default none)")  # fmt: skip
     o.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM) for both")
     o.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for both")
     o.add_argument("--dangerously-serve-plaintext", action="store_true",
@@ -137,6 +140,10 @@ def register(sub: Any) -> None:
     c.set_defaults(func=_client_key)
 
     d = sub.add_parser("demo", help="the whole flow on a small model, in a temp dir")
+    d.add_argument("--web", action="store_true",
+                   help="serve a page whose head runs in your browser, the protected tail on "
+                        "a local worker service; prints the URL")  # fmt: skip
+    d.add_argument("--port", type=int, default=0, help="the page's port with --web (default: free)")
     d.set_defaults(func=_demo)
 
 
@@ -269,18 +276,21 @@ def _serve(args: argparse.Namespace) -> int:
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         from worker.service.oip import OipConfig
+        from worker.service.oip.cors import check_origin
 
         oip = OipConfig(
             host=args.oip_host, http_port=args.http, grpc_port=args.grpc,
             tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
             dangerously_allow_plaintext=args.dangerously_serve_plaintext,
+            cors_origins=tuple(check_origin(o) for o in args.http_cors_origin),
         )  # fmt: skip
         from worker.service.oip import OipServer
 
         OipServer.check(oip)  # refuse a plaintext bind before any worker starts
-    elif args.tls_cert or args.tls_key or args.dangerously_serve_plaintext:
+    elif args.tls_cert or args.tls_key or args.dangerously_serve_plaintext or args.http_cors_origin:
         raise ConfigError(
-            "--tls-cert, --tls-key and --dangerously-serve-plaintext go with --http/--grpc"
+            "--tls-cert, --tls-key, --http-cors-origin and --dangerously-serve-plaintext go "
+            "with --http/--grpc"
         )
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
@@ -382,6 +392,11 @@ def _client_key(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.web:
+        from .demo_web import run_web_demo
+
+        return run_web_demo(port=args.port)
 
     try:
         return run_demo()

@@ -42,6 +42,7 @@ class OipConfig:
     tls: tuple[str, str] | None = None  # (certificate chain PEM, private key PEM)
     dangerously_allow_plaintext: bool = False
     max_message: int = 1 << 30
+    cors_origins: tuple[str, ...] = ()  # web pages that may call the REST door (cors.py)
 
 
 def is_loopback(host: str) -> bool:
@@ -127,8 +128,13 @@ class OipServer:
         sock.setblocking(False)
         self.http_port = int(sock.getsockname()[1])
         tls = self.cfg.tls
+        app: Any = RestApp(self.plane, max_body=self.cfg.max_message)
+        if self.cfg.cors_origins:
+            from .cors import with_cors
+
+            app = with_cors(app, self.cfg.cors_origins)
         config = uvicorn.Config(
-            RestApp(self.plane, max_body=self.cfg.max_message), lifespan="off",
+            app, lifespan="off",
             log_level="warning", access_log=False, http="httptools", ws="none",
             ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
             timeout_graceful_shutdown=5, server_header=False, date_header=False,
