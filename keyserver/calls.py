@@ -18,8 +18,9 @@ runtime licence get the same answer.
 Request ``{"model_id", "keys": [Z85...], "usage": [{"licence_id", "used",
 "reserved"}...]}`` (without ``model_id``: a probe, whether each key holds a
 live call licence at all, reserving nothing: the service's ZAP check); reply ``{"ttl", "decisions": {key: {"ok": true,
-"licence_id", "holder", "budget", "rate", "expires_at"} | {"ok": false,
-"error": {...}}}}``.
+"licence_id", "holder", "budget", "rate", "expires_at", "proof_key"} | {"ok": false,
+"error": {...}[, "licence_id", "proof_key"]}}}`` (``proof_key``: the licence's
+Ed25519 public key, which verifies the bearer tokens its holder mints).
 
 Example (the service's side, through :class:`vault.core.keyclient.KeyServerClient`)::
 
@@ -213,6 +214,10 @@ def call_decisions(
                 model_id, {"op": "call_decisions", "reason": err.code}, now,
             )  # fmt: skip
             decisions[key] = {"ok": False, "error": err.to_wire()}
+            if lic is not None and lic.kind == "call" and err.code != "licence_unknown":
+                # the service checks a bearer token's signature before it says why
+                # the licence is refused, so a forger learns nothing of its state
+                decisions[key].update(licence_id=lic.licence_id, proof_key=lic.proof_public_key)
             continue
         assert lic is not None
         if budget is None:  # a probe: is this a live call licence at all
@@ -236,6 +241,7 @@ def call_decisions(
             "rate": lic.rate_limit,
             "burst": metering.call_burst(lic.rate_limit),
             "expires_at": lic.expires_at,
+            "proof_key": lic.proof_public_key,  # verifies the licence's bearer tokens
             "grant_id": gid,
         }
     return {"ttl": svc.lease_ttl, "decisions": decisions}

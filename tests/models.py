@@ -166,6 +166,48 @@ def blocks_model(
     return _model(helper.make_graph(nodes, "blocks", [x], [y], inits))
 
 
+# Open Inference Protocol datatype -> ONNX element type, for all_types()
+OIP_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def all_types() -> onnx.ModelProto:
+    """One input ``in_T`` [N, 2] and one output ``out_T`` [N, 2] per datatype T
+    of the Open Inference Protocol (``OIP_TYPES``): each output is its input
+    transformed in a way the type allows (numbers doubled, booleans negated,
+    strings passed through), plus ``is_hello`` (bool [N, 2]: which strings
+    equal ``"hello"``)."""
+    inputs, outputs, nodes, inits = [], [], [], []
+    for name, et in OIP_TYPES.items():
+        t = name.lower()
+        inputs.append(helper.make_tensor_value_info(f"in_{t}", et, ["N", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{t}", et, ["N", 2]))
+        if et == TensorProto.BOOL:
+            nodes.append(helper.make_node("Not", [f"in_{t}"], [f"out_{t}"]))
+        elif et == TensorProto.STRING:
+            nodes.append(helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]))
+            hello = numpy_helper.from_array(np.array("hello", dtype=object), "hello")
+            inits.append(hello)
+            nodes.append(helper.make_node("Equal", [f"in_{t}", "hello"], ["is_hello"]))
+        else:
+            nodes.append(helper.make_node("Add", [f"in_{t}", f"in_{t}"], [f"out_{t}"]))
+    outputs.append(helper.make_tensor_value_info("is_hello", TensorProto.BOOL, ["N", 2]))
+    return _model(helper.make_graph(nodes, "all_types", inputs, outputs, inits), opset=19)
+
+
 def batch_centred(n_features: int = 4) -> onnx.ModelProto:
     """``x`` [N, F] -> ``y = x - mean(x over dim 0)`` [N, F]: its signature
     looks batchable, but every output row depends on every input row (what

@@ -163,16 +163,30 @@ def _check_stage(model: onnx.ModelProto, stage: str) -> None:
     # its large weights: they were read from the model's folder already
     light = _without_weights(model) if _has_large_weights(model) else model
     check_graph(light.SerializeToString(), where=stage)
+    check_well_formed(model, stage, light=light)
+
+
+def check_well_formed(
+    model: onnx.ModelProto, where: str, *, light: onnx.ModelProto | None = None
+) -> None:
+    """The one well-formedness policy for what is sealed or split: ``onnx.checker``
+    (without strict shape inference), and where it objects, onnxruntime decides.
+
+    The checker is stricter than onnxruntime in ways exporters hit: an IR 3 model
+    whose initializers are not graph inputs; a model of a newer IR version than
+    the installed onnx knows (``ir_version 14 is higher than the checker's (13)``);
+    a graph output whose inferred type has no shape. A model onnxruntime loads
+    runs in the worker exactly as it does there, so onnxruntime has the last word.
+    ``light``: the model with its large weights moved out (for one past 2 GiB,
+    which only the checker sees). Raises :class:`SealError` naming ``where``."""
     try:
         if not _too_big(model):
             onnx.checker.check_model(model)
         else:  # too big to serialise: check the graph with its weights moved out
-            onnx.checker.check_model(light)
-    except onnx.checker.ValidationError as exc:
-        # the checker is stricter than onnxruntime (an IR 3 model whose
-        # initializers are not graph inputs, ...): onnxruntime decides
+            onnx.checker.check_model(light if light is not None else _without_weights(model))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         if _too_big(model) or not _onnxruntime_loads(model):
-            raise SealError(f"{stage}: ONNX check failed: {_first_line(exc)}") from exc
+            raise SealError(f"{where}: ONNX check failed: {_first_line(exc)}") from exc
 
 
 def _has_large_weights(model: onnx.ModelProto) -> bool:
@@ -608,14 +622,10 @@ def seal(
         try:
             merged = _compose(stages, links)
             if not _too_big(merged):
-                try:
-                    onnx.checker.check_model(merged)
-                except onnx.checker.ValidationError:
-                    if not _onnxruntime_loads(merged):
-                        raise
+                check_well_formed(merged, "pipeline")
             parts = [("pipeline", merged)]
             composed = True
-        except (ValueError, onnx.checker.ValidationError) as exc:
+        except (ValueError, SealError) as exc:
             parts = stages  # e.g. conflicting opsets: the worker chains them
             warnings.append(
                 f"the stages could not be composed into one graph ({_first_line(exc)}); "

@@ -38,6 +38,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 
@@ -50,7 +51,14 @@ from tests.docflows import (
     require_same_python,
     unit_exec_start,
 )
-from tests.models import blocks_model, mlp, postprocess, preprocess
+from tests.models import (
+    blocks_model,
+    classifier_pipeline,
+    mlp,
+    postprocess,
+    preprocess,
+    reference_pipeline,
+)
 from tests.nshost import NsHost, require_nshost
 
 COVERAGE: dict[tuple[str, str], str] = {
@@ -80,6 +88,17 @@ COVERAGE: dict[tuple[str, str], str] = {
     ): "exempt: a diagram of the modules, not a command",
     ("docs/service.md", "vault worker keygen keys"): "flow:service",
     ("docs/service.md", "import vault"): "flow:service",
+    ("docs/protocol.md", "--http 8000 --grpc 8001 --oip-host 0.0.0.0"): "flow:protocol",
+    ("docs/protocol.md", "curl -sS --fail-with-body --cacert ca.pem"): "flow:protocol (and "
+    "test_oip::test_the_documented_examples_run_as_written)",
+    ("docs/protocol.md", "import tritonclient.grpc as grpcclient"): "flow:protocol (and "
+    "test_oip::test_the_documented_examples_run_as_written)",
+    ("README.md", "vault demo --web       # a page whose head runs"): "test:test_web::"
+    "test_vault_demo_web_serves_a_page_that_classifies (the command as written, in a browser)",
+    ("docs/web.md", "vault demo --web"): "test:test_web::"
+    "test_vault_demo_web_serves_a_page_that_classifies",
+    ("docs/web.md", "vault split model.onnx --split-point f"): "test:test_web::"
+    "test_the_documented_commands_split_mint_and_serve_with_cors (bash runs the block as written)",
     ("docs/hybrid.md", "vault profile model.onnx"): "flow:hybrid",
     ("docs/hybrid.md", "import vault"): "flow:hybrid",
     ("deploy/README.md", "python3 -m pip wheel"): "flow:tier1",
@@ -299,6 +318,95 @@ def test_flow_service(host: NsHost, tmp_path: Path) -> None:
     listing = flow.run("vault licence list --licence ks/admin.licence").stdout
     carol = next(line for line in listing.splitlines() if " carol " in line)
     assert re.search(r"\b\d+(\+\d+)?/1000\b", carol), carol
+
+
+# --- docs/protocol.md: the Open Inference Protocol doors over TLS, a token, curl, tritonclient --
+
+
+def _tls_files(d: Path) -> None:
+    """ca.pem, and server.pem/server.key for localhost signed by it (what a
+    vendor's own PKI hands the service)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vendor CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    pem = serialization.Encoding.PEM
+    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (d / "server.pem").write_bytes(cert.public_bytes(pem))
+    (d / "server.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+
+
+def test_flow_protocol(host: NsHost, tmp_path: Path) -> None:
+    flow = Flow(host, tmp_path)
+    pre, model, post = classifier_pipeline()
+    _save(pre, tmp_path / "pre.onnx")
+    _save(model, tmp_path / "clf.onnx")
+    _save(post, tmp_path / "post.onnx")
+    _tls_files(tmp_path)
+    image = np.arange(16, dtype=np.uint8).reshape(2, 8)
+    (tmp_path / "request.json").write_text(
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [2, 8],
+                        "datatype": "UINT8",
+                        "data": image.ravel().tolist(),
+                    }
+                ]
+            }
+        )
+    )
+    flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
+    # what the page takes as given: the model sealed, the service's device and
+    # licence, a customer's call licence
+    for cmd in (
+        "vault seal clf.onnx --pre pre.onnx --post post.onnx --model-id clf --batchable "
+        "--licence ks/admin.licence -o clf.vault",
+        "vault device init device",
+        "vault device enroll device --licence ks/admin.licence",
+        "vault licence issue clf --to service --licence ks/admin.licence -o service.licence",
+        "vault licence issue clf --to shop --kind call --licence ks/admin.licence -o shop.licence",
+    ):
+        flow.run(cmd)
+    (ready,) = flow.shell(block("docs/protocol.md", "--http 8000 --grpc 8001 --oip-host 0.0.0.0"))
+    assert isinstance(ready, dict) and ready["models"]["clf"]["state"] == "READY", ready
+    assert (ready["http_port"], ready["grpc_port"], ready["tls"]) == (8000, 8001, True), ready
+    env = {"VAULT_HTTP": "localhost:8000", "VAULT_GRPC": "localhost:8001"}
+    runs = flow.shell(block("docs/protocol.md", "curl -sS --fail-with-body --cacert ca.pem"),
+                      env=env)  # fmt: skip
+    answers = [json.loads(r.stdout) for r in runs[1:]]  # type: ignore[union-attr]
+    want = reference_pipeline([pre, model, post], {"image": image})
+    got = {o["name"]: o["data"] for o in answers[0]["outputs"]}
+    assert got["top_indices"] == want["top_indices"].ravel().tolist()
+    assert answers[1]["inputs"][0]["name"] == "image"  # the metadata, with no token
+    r = flow.python(block("docs/protocol.md", "import tritonclient.grpc as grpcclient"),
+                    prelude=f"import os\nos.environ.update({env!r})\n")  # fmt: skip
+    assert str(want["top_indices"]) in r.stdout, r.stdout
+    print(*(f"{t:6.2f}s {c}" for t, c in flow.timings), sep="\n")
 
 
 # --- docs/hybrid.md: profile, split with pre/post, serve the tail, open the split -------------

@@ -49,9 +49,10 @@ def register(sub: Any) -> None:
                    help="admin licence: the keys are registered with its key server")  # fmt: skip
     s.add_argument("--signing-key", help="Ed25519 key (default: publisher.key beside the licence)")
     s.add_argument("-o", "--output", required=True, help="the split directory")
-    how = s.add_mutually_exclusive_group(required=True)
+    how = s.add_mutually_exclusive_group()  # neither: list the cuts this model has
     how.add_argument("--at", action="append", metavar="TENSOR[,TENSOR...]",
-                     help="cut at these tensors (one cut; repeat to ship several)")  # fmt: skip
+                     help="cut at these tensors (one cut; repeat to ship several; "
+                          "'(inputs)': also ship the all-server cut)")  # fmt: skip
     how.add_argument("--auto", action="store_true", help="let the planner choose")
     s.add_argument("--rtt", type=float, help="link round-trip time, ms (--auto)")
     s.add_argument("--bandwidth", type=float, help="link bandwidth, Mbit/s (--auto)")
@@ -117,6 +118,17 @@ def _split(args: argparse.Namespace) -> int:
     from ..hybrid.publish import split, write_key_file
     from .cli_package import publisher_credentials
 
+    if not args.auto and not args.at:
+        # no cut named: list what there is to choose from, write nothing
+        from ..hybrid.publish import cut_options
+
+        opts = cut_options(args.model, pre=args.pre, post=args.post,
+                           split_points=args.split_point, protect_from=args.protect_from)  # fmt: skip
+        print(opts.table())
+        raise ConfigError(
+            "no cut named: cut at one of the tensors above (--at TENSOR, allowed by "
+            "--split-point TENSOR or --protect-from TENSOR), or let the planner choose (--auto)"
+        )
     licence, signing = publisher_credentials(args, "splitting")
     link = None
     if args.auto:

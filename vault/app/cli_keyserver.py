@@ -90,6 +90,21 @@ def _issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    from ..core.files import write_private_file
+    from ..core.token import mint_token
+
+    text = mint_token(args.licence_file, models=args.model, expires=parse_duration(args.expires),
+                      max_calls=args.max_calls)  # fmt: skip
+    if args.output == "-":
+        print(text)
+        return 0
+    write_private_file(args.output, (text + "\n").encode())
+    budget = f", {args.max_calls} calls" if args.max_calls else ""
+    print(f"token for {', '.join(args.model)} (expires in {args.expires}{budget}) -> {args.output}")
+    return 0
+
+
 RATE_HELP = (
     "calls per second, e.g. 2/s or 120/m. Enforced per call by the worker or service "
     "serving the holder: at most max(1, R) calls at once (one second's worth), then one "
@@ -223,6 +238,18 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", default=None, help="licence file to write (NAME.licence)")
     admin_opts(p)
     p.set_defaults(func=_issue)
+    p = lic_sub.add_parser(
+        "token", help="mint a short-lived bearer token from a call licence (no key server needed)"
+    )
+    p.add_argument("licence_file", metavar="NAME.licence", help="the call licence")
+    p.add_argument("--model", action="append", required=True, metavar="ID",
+                   help="a model the token may call (repeatable)")  # fmt: skip
+    p.add_argument("--expires", default="10m", help="lifetime, at most 1d (default: 10m)")
+    p.add_argument("--max-calls", type=int, default=None, metavar="N",
+                   help="the token's own call budget (besides the licence's quota)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="TOKEN",
+                   help="file to write (mode 0600), or - for stdout")  # fmt: skip
+    p.set_defaults(func=_token)
     p = lic_sub.add_parser("revoke", help="revoke a licence")
     p.add_argument("licence_id")
     admin_opts(p)

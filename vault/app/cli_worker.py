@@ -113,6 +113,24 @@ def register(sub: Any) -> None:
                    help="onnxruntime threads per worker (default 2)")  # fmt: skip
     s.add_argument("--user", default=None, help="workers drop to this user (when started as root)")
     add_log_options(s)
+    o = s.add_argument_group(
+        "Open Inference Protocol v2 (KServe/Triton REST and gRPC; callers send bearer tokens "
+        "minted from call licences: needs --call-licences)"
+    )
+    o.add_argument("--http", type=port, default=None, metavar="PORT",
+                   help="serve the protocol's REST endpoints (/v2/...) on this port")  # fmt: skip
+    o.add_argument("--grpc", type=port, default=None, metavar="PORT",
+                   help="serve inference.GRPCInferenceService on this port")  # fmt: skip
+    o.add_argument("--oip-host", default="127.0.0.1", metavar="HOST",
+                   help="address both bind to (default 127.0.0.1)")  # fmt: skip
+    o.add_argument("--http-cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page's origin (https://shop.example) whose scripts may call the "
+                        "REST endpoints (repeatable; * for any page; default none)")  # fmt: skip
+    o.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM) for both")
+    o.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for both")
+    o.add_argument("--dangerously-serve-plaintext", action="store_true",
+                   help="serve without TLS on a non-loopback --oip-host: bearer tokens cross the "
+                        "network in the clear (only behind a proxy that terminates TLS)")  # fmt: skip
     s.set_defaults(func=_serve)
     k = wsub.add_parser(
         "keygen",
@@ -127,6 +145,10 @@ def register(sub: Any) -> None:
     c.set_defaults(func=_client_key)
 
     d = sub.add_parser("demo", help="the whole flow on a small model, in a temp dir")
+    d.add_argument("--web", action="store_true",
+                   help="serve a page whose head runs in your browser, the protected tail on "
+                        "a local worker service; prints the URL")  # fmt: skip
+    d.add_argument("--port", type=int, default=0, help="the page's port with --web (default: free)")
     d.set_defaults(func=_demo)
 
 
@@ -249,6 +271,32 @@ def _serve(args: argparse.Namespace) -> int:
             policy = AllowListPolicy.from_dir(args.allow)
             log("callers_allowed", count=len(getattr(policy, "by_key", {})), directory=args.allow)
         curve = _server_keys(args, log)
+    oip = None
+    if args.http is not None or args.grpc is not None:
+        if not args.call_licences:
+            raise ConfigError(
+                "--http/--grpc admit callers by bearer tokens minted from call licences: "
+                "add --call-licences"
+            )
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        from worker.service.oip import OipConfig
+        from worker.service.oip.cors import check_origin
+
+        oip = OipConfig(
+            host=args.oip_host, http_port=args.http, grpc_port=args.grpc,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+            dangerously_allow_plaintext=args.dangerously_serve_plaintext,
+            cors_origins=tuple(check_origin(o) for o in args.http_cors_origin),
+        )  # fmt: skip
+        from worker.service.oip import OipServer
+
+        OipServer.check(oip)  # refuse a plaintext bind before any worker starts
+    elif args.tls_cert or args.tls_key or args.dangerously_serve_plaintext or args.http_cors_origin:
+        raise ConfigError(
+            "--tls-cert, --tls-key, --http-cors-origin and --dangerously-serve-plaintext go "
+            "with --http/--grpc"
+        )
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
     launch = LaunchSpec(
@@ -275,6 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
         policy=policy,
         launch=launch,
         reload_licences=lambda: [Licence.load(p) for p in args.licence],
+        oip=oip,
     )
     try:
         svc = WorkerService(cfg, log=log)
@@ -288,7 +337,8 @@ def _serve(args: argparse.Namespace) -> int:
         ready_line({"endpoint": ready["endpoint"], "server_key": key or None,
                     "metrics_port": ready.get("metrics_port"), "models": ready["models"],
                     "sealed_port": ready.get("sealed_port"),
-                    "pid": os.getpid()})  # fmt: skip
+                    "http_port": ready.get("http_port"), "grpc_port": ready.get("grpc_port"),
+                    "tls": bool(args.tls_cert), "pid": os.getpid()})  # fmt: skip
         return svc.run()
     finally:
         if ks_client is not None:
@@ -349,6 +399,11 @@ def _client_key(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.web:
+        from .demo_web import run_web_demo
+
+        return run_web_demo(port=args.port)
 
     try:
         return run_demo()

@@ -18,11 +18,14 @@ prints one line; anything else is a bug and shows its traceback.
     │   ├── LicenceRevokedError      licence_revoked
     │   ├── LicenceExpiredError      licence_expired
     │   ├── QuotaExhaustedError      quota_exhausted
+    │   │   └── TokenSpentError      token_spent      (a bearer token's own call budget)
     │   ├── RateLimitedError         rate_limited
     │   ├── WrongModelError          wrong_model
     │   ├── DigestMismatchError      digest_mismatch
     │   ├── WrongKeyServerError      wrong_keyserver  (a licence of another key server than the device's)
-    │   └── PermissionDeniedError    permission_denied
+    │   ├── PermissionDeniedError    permission_denied
+    │   └── TokenError               token_invalid    (a bearer token: missing, malformed, forged; opaque)
+    │       └── TokenExpiredError    token_expired
     ├── KeyServerError               keyserver
     │   └── KeyServerUnavailableError keyserver_unavailable
     ├── AuditError                   audit            (audit record not written: fail closed)
@@ -70,6 +73,9 @@ __all__ = [
     "RateLimitedError",
     "SealError",
     "ServiceUnavailableError",
+    "TokenError",
+    "TokenExpiredError",
+    "TokenSpentError",
     "UnknownLicenceError",
     "UnknownModelError",
     "UnsafeModelError",
@@ -207,6 +213,25 @@ class WrongKeyServerError(LicenceError):
 class PermissionDeniedError(LicenceError):
     code = "permission_denied"
     default_message = "operation needs an admin licence"
+
+
+class TokenError(LicenceError):
+    """A bearer token (see :mod:`vault.core.token`) that is missing, malformed,
+    not signed by the licence it names, or not for that licence: one opaque
+    error, so a forger learns nothing about which check failed."""
+
+    code = "token_invalid"
+    default_message = "no valid bearer token"
+
+
+class TokenExpiredError(TokenError):
+    code = "token_expired"
+    default_message = "the bearer token has expired"
+
+
+class TokenSpentError(QuotaExhaustedError):
+    code = "token_spent"
+    default_message = "the bearer token's call budget is spent"
 
 
 class KeyServerError(VaultError):

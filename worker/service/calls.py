@@ -41,9 +41,13 @@ from vault.core.errors import (
     LicenceExpiredError,
     PermissionDeniedError,
     RateLimitedError,
+    TokenError,
+    TokenSpentError,
     VaultError,
+    WrongModelError,
     from_wire,
 )
+from vault.core.token import Token
 
 __all__ = [
     "Admission",
@@ -62,6 +66,7 @@ class Admission:
     licence: str
     caller_key: str | None = None
     decision: Any = field(default=None, compare=False)
+    token_id: str | None = None  # the bearer token it came with (the OIP doors)
 
 
 class AdmissionPending(Exception):
@@ -75,7 +80,9 @@ class CallPolicy(Protocol):
 
     def callback(self, domain: str, key: bytes) -> bool: ...
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission: ...
+    def admit(
+        self, caller_key: str | None, model_id: str, token: Token | None = None
+    ) -> Admission: ...
 
     def record(self, admission: Admission, *, ok: bool) -> None: ...
 
@@ -106,8 +113,10 @@ class OpenPolicy(_Usage):
         del domain, key
         return False  # never used on tcp://: a CURVE service needs a real policy
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+    def admit(self, caller_key: str | None, model_id: str, token: Token | None = None) -> Admission:
         del model_id
+        if token is not None:
+            raise TokenError("this service takes no bearer tokens (it has no call licences)")
         return Admission("local", caller_key)
 
 
@@ -150,8 +159,10 @@ class AllowListPolicy(_Usage):
         del domain  # pyzmq passes the client key Z85-encoded
         return key.decode("ascii", "replace") in self.by_key
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+    def admit(self, caller_key: str | None, model_id: str, token: Token | None = None) -> Admission:
         del model_id
+        if token is not None:
+            raise TokenError("this service takes no bearer tokens (it has no call licences)")
         name = self.by_key.get(caller_key or "")
         if name is None:
             raise PermissionDeniedError("this caller is not on the service's allow-list")
@@ -178,6 +189,7 @@ class _Decision:
     rate: float | None = None
     burst: float | None = None
     expires_at: float | None = None
+    proof_key: str | None = None  # the licence's Ed25519 public key: verifies its tokens
     grant_id: str | None = None  # the key server's reserve for this lease, by its id
     admitted: int = 0  # calls let in under this grant (served and in flight)
     last_used: float = 0.0
@@ -246,6 +258,10 @@ class CallLicencePolicy(_Usage):
         self._giveback: list[tuple[str | None, int, str | None]] = []  # (licence, reserved, grant)
         self._outbox: dict[str, dict[str, Any]] = {}  # report id -> report, until answered
         self._buckets: dict[str, _Bucket] = {}
+        # bearer tokens: signatures already verified (signature -> proof key),
+        # and calls admitted per token id (with its expiry, to forget it after)
+        self._verified: dict[bytes, str] = {}
+        self._token_calls: dict[str, list[float]] = {}
         self.unanswered = 0  # requests to the key server that got no answer
         self._ask_lock = threading.Lock()  # one key-server request at a time
         self._stop = threading.Event()
@@ -278,7 +294,9 @@ class CallLicencePolicy(_Usage):
 
     # -- per call ----------------------------------------------------------------
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+    def admit(self, caller_key: str | None, model_id: str, token: Token | None = None) -> Admission:
+        if token is not None:
+            caller_key = token.licence_key
         if caller_key is None:
             raise PermissionDeniedError("a call licence is needed (connect over CURVE)")
         now = self._clock()
@@ -292,6 +310,8 @@ class CallLicencePolicy(_Usage):
                     self._fetch_async(caller_key, model_id)
                 raise AdmissionPending()
             d.last_used = now
+            if token is not None:
+                self._check_token(token, d, model_id)
             if not d.ok:
                 raise from_wire(d.error)
             if d.expires_at is not None and self._wall() >= d.expires_at:
@@ -307,6 +327,13 @@ class CallLicencePolicy(_Usage):
                     d.refreshing = True
                     self._fetch_async(caller_key, model_id)
                 raise AdmissionPending()
+            spent = None
+            if token is not None and token.max_calls is not None:
+                spent = self._token_calls.setdefault(token.token_id, [0, token.expires_at])
+                if spent[0] >= token.max_calls:
+                    raise TokenSpentError(
+                        f"bearer token {token.token_id}: its {token.max_calls} calls are spent"
+                    )
             if d.rate is not None:
                 burst = d.burst if d.burst is not None else max(1.0, d.rate)
                 bucket = self._buckets.get(d.licence)
@@ -320,7 +347,27 @@ class CallLicencePolicy(_Usage):
                         retry_after=wait,
                     )
             d.admitted += 1
-            return Admission(d.licence, caller_key, d)
+            if spent is not None:
+                spent[0] += 1
+            return Admission(d.licence, caller_key, d, token.token_id if token else None)
+
+    def _check_token(self, token: Token, d: _Decision, model_id: str) -> None:
+        """A bearer token's signature, expiry and scope (under ``self._lock``).
+        The signature comes first: a forged token learns nothing about the
+        licence it names, not even whether it is revoked."""
+        if not d.proof_key:
+            err = from_wire(d.error) if not d.ok else TokenError()
+            if isinstance(err, KeyServerError):
+                raise err  # the key server is away: say so, fail closed
+            raise TokenError()
+        if self._verified.get(token.signature) != d.proof_key or d.licence != token.licence_id:
+            token.verify(d.proof_key, licence_id=d.licence)
+            if len(self._verified) >= 65536:
+                self._verified.clear()
+            self._verified[token.signature] = d.proof_key
+        token.check_time(self._wall())
+        if not token.allows(model_id):
+            raise WrongModelError(f"this bearer token is not for model {model_id!r}")
 
     def record(self, admission: Admission, *, ok: bool) -> None:
         super().record(admission, ok=ok)
@@ -330,6 +377,9 @@ class CallLicencePolicy(_Usage):
                 self._unreported[admission.licence] += 1
             elif isinstance(d, _Decision):
                 d.admitted -= 1  # a failed call is not billed: its slot is free again
+                spent = self._token_calls.get(admission.token_id or "")
+                if spent is not None:
+                    spent[0] -= 1
 
     def usage(self) -> dict[str, int]:
         """Calls served per licence since this service started."""
@@ -424,7 +474,8 @@ class CallLicencePolicy(_Usage):
                       licence=str(raw.get("licence_id") or ""), budget=raw.get("budget"),
                       retry_after=raw.get("retry_after"), rate=raw.get("rate"),
                       burst=raw.get("burst"), expires_at=raw.get("expires_at"), last_used=now,
-                      grant_id=gid if ok else None, retired=not ok)  # fmt: skip
+                      grant_id=gid if ok else None, retired=not ok,
+                      proof_key=raw.get("proof_key") or None)  # fmt: skip
         with self._lock:
             self._decisions[(key, model_id)] = d
         self._notify(key, model_id)
@@ -440,6 +491,9 @@ class CallLicencePolicy(_Usage):
             due: list[tuple[str, str]] = []
             idle: list[_Decision] = []
             with self._lock:
+                wall = self._wall()
+                for jti in [j for j, (_, exp) in self._token_calls.items() if exp <= wall]:
+                    del self._token_calls[jti]  # expired tokens are refused anyway
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
                         continue

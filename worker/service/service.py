@@ -75,6 +75,7 @@ from vault.core.protocol import (
     unpack_header,
 )
 from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
+from vault.core.token import Token
 
 from . import batching
 from .calls import Admission, AdmissionPending, CallPolicy, OpenPolicy
@@ -83,7 +84,7 @@ from .logs import JsonLog, reason
 from .metrics import HttpEndpoints, Metrics
 from .repository import Repository
 
-__all__ = ["ServiceConfig", "WorkerService"]
+__all__ = ["EdgeCall", "ServiceConfig", "WorkerService"]
 
 _HOUSEKEEPING_S = 0.02
 _MAX_SCAN = 256  # queue entries looked at when forming one batch
@@ -118,6 +119,25 @@ class ServiceConfig:
     # re-read the service's licences on a rescan (SIGHUP): a licence replaced
     # on disk is used by the next attempt of every model that is unavailable
     reload_licences: Callable[[], Any] | None = None
+    oip: Any = None  # an oip.OipConfig: serve the Open Inference Protocol too
+
+
+@dataclass(eq=False)
+class EdgeCall:
+    """A call from a door other than the ZeroMQ front (the Open Inference
+    Protocol's REST and gRPC servers): posted into the loop with
+    :meth:`WorkerService.submit`, admitted, queued, batched and metered there
+    exactly as a ZeroMQ caller's, and answered by calling ``reply(header,
+    frames)`` once, from the loop's thread (so ``reply`` must only hand the
+    answer over, e.g. with ``loop.call_soon_threadsafe``)."""
+
+    model: str
+    token: Token | None
+    tensors: list[dict[str, Any]]
+    frames: list[Any]
+    outputs: list[str] | None
+    reply: Any  # Callable[[dict[str, Any], Sequence[Any]], None]
+    timeout: float | None = None
 
 
 @dataclass(eq=False)
@@ -228,6 +248,8 @@ class WorkerService:
         self._old_handlers: dict[int, Any] = {}
         self._auth: Any = None
         self._http: HttpEndpoints | None = None
+        self._oip: Any = None
+        self._edge_closed = False
         self.front = self.ctx.socket(zmq.ROUTER)
         self.sessions: SessionTable | None = None
         self.bulk: zmq.Socket[Any] | None = None
@@ -239,7 +261,7 @@ class WorkerService:
         self._initial_done = False
         # what the probes read from other threads: replaced whole, never mutated
         self._status: dict[str, tuple[str, tuple[str, str] | None]] = {}
-        cfg.policy.bind(lambda key, model: self._post("decided", key, model))
+        cfg.policy.bind(self._decided)
 
     # -- start ----------------------------------------------------------------------
 
@@ -341,6 +363,15 @@ class WorkerService:
                 self.bulk_port = int(last.rpartition(":")[2])
                 self._poller.register(self.bulk, zmq.POLLIN)
             self._poller.register(self._wake_r, zmq.POLLIN)
+            if self.cfg.oip is not None:
+                from .oip import OipServer
+
+                self._oip = OipServer(self, self.cfg.oip)
+                try:
+                    self._oip.start()
+                except BaseException:
+                    self._oip = None
+                    raise
         except BaseException:
             self.close()
             raise
@@ -352,9 +383,12 @@ class WorkerService:
                  endpoint=self.endpoint, models=len(states), models_ready=states.count(READY),
                  models_unavailable=len(states) - states.count(READY),
                  instances=self.cfg.instances, max_batch=self.cfg.max_batch,
-                 metrics_port=self.metrics_port)  # fmt: skip
+                 metrics_port=self.metrics_port, http_port=self.http_port,
+                 grpc_port=self.grpc_port)  # fmt: skip
         return {
             "endpoint": self.endpoint,
+            "http_port": self.http_port,
+            "grpc_port": self.grpc_port,
             "server_key": self.cfg.curve[0].decode() if self.cfg.curve else None,
             "models": {k: self._describe(m) for k, m in self.models.items()},
             "metrics_port": self.metrics_port,
@@ -364,6 +398,16 @@ class WorkerService:
     @property
     def metrics_port(self) -> int | None:
         return self._http.port if self._http is not None else None
+
+    @property
+    def http_port(self) -> int | None:
+        """The Open Inference Protocol's REST port, once started."""
+        return self._oip.http_port if self._oip is not None else None
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The Open Inference Protocol's gRPC port, once started."""
+        return self._oip.grpc_port if self._oip is not None else None
 
     def _describe(self, m: _Model) -> dict[str, Any]:
         out = {"state": m.state, "instances": len(m.instances), "batching": m.batchable,
@@ -469,9 +513,19 @@ class WorkerService:
                 "inputs": [_oip_tensor(t) for t in sig["inputs"]],
                 "outputs": [_oip_tensor(t) for t in sig["outputs"]]}  # fmt: skip
 
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        """The public signature of a served model (thread-safe), or None."""
+        m = self.models.get(model)
+        if m is None or m.removing or m.info is None:
+            return None
+        return dict(m.info)
+
+    def model_ids(self) -> list[str]:
+        return sorted(k for k, m in list(self.models.items()) if not m.removing)
+
     # -- control from other threads ------------------------------------------------------
 
-    def _post(self, *event: Any) -> None:
+    def _post(self, *event: Any) -> bool:
         with self._wake_lock:  # never write to the fd number after close() reused it
             closed = self._wake_w < 0
             if not closed:
@@ -482,6 +536,17 @@ class WorkerService:
                     pass
         if closed and event[0] == "started":  # finished starting after the service stopped
             event[3].stop()
+        return not closed
+
+    def submit(self, call: EdgeCall) -> None:
+        """Post a call from another door into the loop (thread-safe). It is
+        always answered through ``call.reply``, also when the service has
+        stopped (``ServiceUnavailableError``)."""
+        if self._edge_closed or not self._post("edge", call):
+            call.reply(error_reply(None, ServiceUnavailableError("the service has stopped")), ())
+
+    def _decided(self, key: str, model_id: str) -> None:
+        self._post("decided", key, model_id)
 
     def request_stop(self) -> None:
         """Start a drain (thread-safe; what SIGTERM does)."""
@@ -596,6 +661,8 @@ class WorkerService:
             self._rescan()
         elif kind == "decided":
             self._unpark(ev[1], ev[2])
+        elif kind == "edge":
+            self._edge(ev[1])
         elif kind == "started":
             _, m, index, inst = ev
             m.starting.discard(index)
@@ -695,6 +762,12 @@ class WorkerService:
 
     def _reply(self, ident: Any, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         self._last_answer = time.monotonic()
+        if isinstance(ident, EdgeCall):
+            try:
+                ident.reply(header, frames)
+            except Exception as exc:  # a door's callback must never stop the loop
+                self.log("edge_reply_failed", level="error", error=type(exc).__name__)
+            return
         try:
             if isinstance(ident, _SealedRoute):
                 assert self.bulk is not None
@@ -747,6 +820,23 @@ class WorkerService:
         except VaultError as exc:
             self._reply(ident, error_reply(rid, exc))
 
+    def _edge(self, call: EdgeCall) -> None:
+        """A call from the REST or gRPC door: the same admission, queue and
+        answer as :meth:`_request`'s ``compute`` (``ident`` is the call itself)."""
+        try:
+            if not isinstance(call.model, str) or not call.model:
+                raise UnknownModelError("name a model")
+            header: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": "compute", "id": 0,
+                                      "tensors": call.tensors}  # fmt: skip
+            if call.outputs is not None:
+                header["outputs"] = call.outputs
+            if call.timeout is not None:
+                header["timeout"] = call.timeout
+            m = self._model_for(call.model)
+            self._admit_compute(call, None, header, call.frames, m, None, token=call.token)
+        except VaultError as exc:
+            self._reply(call, error_reply(None, exc))
+
     def _model_for(self, name: Any) -> _Model:
         if name is None:
             if len(self.models) == 1:
@@ -768,7 +858,7 @@ class WorkerService:
 
     def _admit_compute(
         self, ident: Any, rid: Any, header: dict[str, Any], frames: list[Any], m: _Model,
-        caller_key: str | None, arrived: float | None = None,
+        caller_key: str | None, arrived: float | None = None, token: Token | None = None,
     ) -> None:  # fmt: skip
         now = time.monotonic()
         if self.draining:
@@ -781,12 +871,13 @@ class WorkerService:
             timeout = min(timeout, float(asked))
         deadline = now + timeout if arrived is None else arrived + timeout
         try:
-            admission = self.cfg.policy.admit(caller_key, m.model_id)
+            admission = self.cfg.policy.admit(caller_key, m.model_id, token)
         except AdmissionPending:
             # the caller's licence decision is being fetched: park the call
             parked = (ident, rid, header, frames, m.model_id, caller_key,
-                      now if arrived is None else arrived, deadline)  # fmt: skip
-            self._parked.setdefault((caller_key or "", m.model_id), []).append(parked)
+                      now if arrived is None else arrived, deadline, token)  # fmt: skip
+            key = token.licence_key if token is not None else caller_key
+            self._parked.setdefault((key or "", m.model_id), []).append(parked)
             return
         except VaultError as exc:
             self.metrics.answered(m.model_id, "refused", exc.code)
@@ -808,14 +899,13 @@ class WorkerService:
         self.metrics.per_model(m.model_id)[3].inc()
 
     def _unpark(self, key: str, model_id: str) -> None:
-        for ident, rid, header, frames, mid, caller_key, arrived, deadline in self._parked.pop(
-            (key, model_id), []
-        ):
+        for parked in self._parked.pop((key, model_id), []):
+            ident, rid, header, frames, mid, caller_key, arrived, deadline, token = parked
             try:
                 if time.monotonic() >= deadline:
                     raise WorkerTimeoutError("no licence decision for this call in time")
                 m = self._model_for(mid)
-                self._admit_compute(ident, rid, header, frames, m, caller_key, arrived)
+                self._admit_compute(ident, rid, header, frames, m, caller_key, arrived, token)
             except VaultError as exc:
                 self._reply(ident, error_reply(rid, exc))
 
@@ -1207,6 +1297,10 @@ class WorkerService:
         if self._stopped:
             return
         self._stopped = True
+        self._edge_closed = True  # from now on submit() answers at once
+        self._events_at_close()  # edge calls posted after the drain: answered
+        if self._oip is not None:
+            self._oip.stop()
         stoppers = []
         for m in self._all_models():
             for inst in list(m.instances):
@@ -1229,14 +1323,19 @@ class WorkerService:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_w = -1
-        while True:  # a worker that became ready while we stopped
+        self._events_at_close()
+        self.log("service_stopped")
+
+    def _events_at_close(self) -> None:
+        while True:  # a worker that became ready while we stopped; a call from a door
             try:
                 ev = self._events.get_nowait()
             except queue.Empty:
                 break
             if ev[0] == "started":
                 ev[3].stop()
-        self.log("service_stopped")
+            elif ev[0] == "edge":
+                ev[1].reply(error_reply(None, ServiceUnavailableError("the service stopped")), ())
 
     # -- ops answered by the service itself ---------------------------------------------------
 
