@@ -45,6 +45,7 @@ class VaultEnv:
         self._models: list[Any] = []
         self.tcp_note = ""
         self._daemon_sock: str | None = None
+        self._lifelines: list[int] = []
         try:
             import vault.client  # noqa: F401
             from keyserver import init_dir
@@ -201,14 +202,20 @@ class VaultEnv:
         from vault.core.launch import read_ready_line, spawn_worker
 
         status_r, status_w = os.pipe()
+        # a lifeline: the worker leaves when this process does, however it ends
+        # (a killed benchmark must leave no worker behind)
+        life_r, life_w = os.pipe()
+        self._lifelines.append(life_w)
         args = [str(package), "--endpoint", "tcp://127.0.0.1:*", "--licence", str(licence),
-                "--allow", str(allow), "--status-fd", str(status_w)]  # fmt: skip
+                "--allow", str(allow), "--status-fd", str(status_w),
+                "--lifeline-fd", str(life_r)]  # fmt: skip
         if threads:
             args += ["--threads", str(threads)]
         try:
-            proc = spawn_worker(args, pass_fds=[status_w], cwd=str(self.dir))
+            proc = spawn_worker(args, pass_fds=[status_w, life_r], cwd=str(self.dir))
         finally:
             os.close(status_w)
+            os.close(life_r)
         self._procs.append(proc)
         try:
             msg = read_ready_line(status_r, timeout=120, proc=proc)
@@ -244,6 +251,9 @@ class VaultEnv:
             if p.poll() is None:
                 stop_process(p, 5)
         self._procs.clear()
+        for fd in self._lifelines:
+            os.close(fd)
+        self._lifelines.clear()
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
