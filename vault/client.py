@@ -664,14 +664,19 @@ class _WatchedChannel(ZmqChannel):
     ) -> tuple[dict[str, Any], list[Any]]:
         self._lost()  # a drop before this call says nothing about it
         if self._sealed_keys is not None and header.get("op") == "compute":
+            prev: tuple[bytes, int] | None = None
             for _attempt in range(2):
-                state = self._sealed_session(timeout)
+                state = self._sealed_session(timeout, prev)
                 if state is None:
                     break  # the service offers no sealed calls: CURVE it is
                 try:
                     return self._sealed_request(state, header, frames, timeout)
-                except _UnknownSession:
-                    self._drop_sealed()  # the service forgot it (restart, eviction): once more
+                except _UnknownSession as gone:
+                    # the service forgot it (restart, eviction), or a party on the
+                    # wire says so: the next session's request asks, over CURVE,
+                    # whether this call was accepted before it is sent again
+                    prev = (gone.sid, gone.seq)
+                    self._drop_sealed()
                 except _NoSealedRoute:
                     # its port cannot be reached from here (a firewall that lets
                     # only the service's port through): this thread stays on CURVE
@@ -684,36 +689,53 @@ class _WatchedChannel(ZmqChannel):
 
     # -- sealed calls --------------------------------------------------------------
 
-    def _sealed_session(self, timeout: float) -> _SealedState | None:
-        """This thread's session with the service: made over CURVE on first use."""
+    def _sealed_session(
+        self, timeout: float, prev: tuple[bytes, int] | None = None
+    ) -> _SealedState | None:
+        """This thread's session with the service: made over CURVE on first use.
+        ``prev``: the session and message number of a call whose answer was a
+        plain "unknown session"; the service ends that session and says
+        whether it accepted the call, which is then sent again only if not."""
         state: _SealedState | None = getattr(self._sealed, "state", None)
         if state is not None or getattr(self._sealed, "refused", False):
             return state
         assert self._sealed_keys is not None
         rand = os.urandom(sealed.RAND_BYTES)
+        ask: dict[str, Any] = {"op": "session", "rand": rand}
+        if prev is not None:
+            ask.update(prev=prev[0], prev_seq=prev[1])
         try:
-            hdr, _ = super().request({"op": "session", "rand": rand}, timeout=timeout)
+            hdr, _ = super().request(ask, timeout=timeout)
         except (ProtocolError, ConfigError):  # a service that offers none ("unknown op")
             self._sealed.refused = True
             return None
         sid, srand, port = hdr.get("sid"), hdr.get("rand"), hdr.get("port")
         if not isinstance(sid, bytes) or not isinstance(srand, bytes) or not isinstance(port, int):
             raise ProtocolError("malformed sealed session answer")
-        c2s, s2c = sealed.derive_keys(rand, srand, sid, *self._sealed_keys)
+        c2s, s2c, password = sealed.derive_session(rand, srand, sid, *self._sealed_keys)
         host = self.endpoint[len("tcp://") :].rpartition(":")[0]
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = self._max_message
         sock.copy_threshold = sealed.CHUNK + 4096  # chunks are copied: no gc-thread wake-ups
-        # nothing queued for a connection that cannot be made: the first send
-        # fails within the send timeout instead, and the call goes over CURVE
+        # nothing queued for a connection that is not up: a send waits for the
+        # handshake (see _sealed_send), and one that cannot be made goes over CURVE
         sock.immediate = True
-        sock.sndtimeo = _SEALED_CONNECT_MS
+        sock.plain_username = sid.hex().encode()  # the sealed port admits a session's holder only
+        sock.plain_password = password.encode()
+        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.connect(f"tcp://{host}:{port}")
         with self._sealed_lock:
-            self._sealed_socks.append(sock)
-        state = _SealedState(sock, sealed.Sealer(c2s, sid), sealed.Opener(s2c, sid))
+            self._sealed_socks += [sock, mon]
+        state = _SealedState(sock, sealed.Sealer(c2s, sid), sealed.Opener(s2c, sid), mon)
         self._sealed.state = state
+        if prev is not None and hdr.get("prev") == "accepted":
+            # the service ran that call: its answer was replaced on the way by a
+            # plain refusal nobody can authenticate; it is not sent twice
+            raise IntegrityError(
+                "the service ran this call but its answer did not arrive intact "
+                "(replaced on the way); it was not sent again"
+            )
         return state
 
     def _drop_sealed(self) -> None:
@@ -721,9 +743,37 @@ class _WatchedChannel(ZmqChannel):
         self._sealed.state = None
         if state is not None:
             with self._sealed_lock:
-                if state.sock in self._sealed_socks:
-                    self._sealed_socks.remove(state.sock)
+                for s in (state.sock, state.mon):
+                    if s in self._sealed_socks:
+                        self._sealed_socks.remove(s)
+            state.sock.disable_monitor()
+            state.mon.close(linger=0)
             state.sock.close(linger=0)
+
+    @staticmethod
+    def _sealed_send(state: _SealedState, parts: list[Any]) -> None:
+        """Send a sealed message once the sealed connection is up. A handshake
+        the sealed port refuses means it knows no such session (a restart):
+        :class:`_UnknownSession` (nothing was sent); no connection within
+        ``_SEALED_CONNECT_MS``: :class:`_NoSealedRoute`."""
+        sock = state.sock
+        try:
+            sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        deadline = time.monotonic() + _SEALED_CONNECT_MS / 1000
+        while True:
+            if state.mon.poll(min(50, max(1, int((deadline - time.monotonic()) * 1000)))):
+                state.mon.recv_multipart()  # the only event it reports: refused at the handshake
+                raise _UnknownSession(state.sealer.sid, state.sealer.seq)
+            try:
+                sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            if time.monotonic() >= deadline:
+                raise _NoSealedRoute()
 
     def _sealed_request(
         self, state: _SealedState, header: Mapping[str, Any], frames: Sequence[Any], timeout: float
@@ -731,10 +781,7 @@ class _WatchedChannel(ZmqChannel):
         rid = next(self._ids)
         msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
         sock = state.sock
-        try:
-            sock.send_multipart(state.sealer.seal([pack_header(msg), *frames]), copy=False)
-        except zmq.Again:
-            raise _NoSealedRoute() from None  # nothing was sent
+        self._sealed_send(state, state.sealer.seal([pack_header(msg), *frames]))
         deadline = time.monotonic() + timeout
         try:
             while not sock.poll(
@@ -757,7 +804,7 @@ class _WatchedChannel(ZmqChannel):
             except VaultError:
                 plain = {}
             if plain.get("session") == "unknown":
-                raise _UnknownSession()
+                raise _UnknownSession(state.sealer.sid, state.sealer.seq)
             err = plain.get("error")
             why = err.get("message") if isinstance(err, dict) else None
             raise IntegrityError(
@@ -792,16 +839,26 @@ class _NoSealedRoute(Exception):
 
 
 class _UnknownSession(Exception):
-    """The service answered (plainly) that it knows no such sealed session."""
+    """The service answered (plainly, so maybe not the service) that it knows
+    no such sealed session, or its sealed port refused the session at the
+    handshake; ``sid`` and ``seq``: the message that got no sealed answer."""
+
+    def __init__(self, sid: bytes, seq: int) -> None:
+        super().__init__("unknown sealed session")
+        self.sid, self.seq = sid, seq
 
 
 class _SealedState:
-    """One thread's sealed session: its socket and the two directions."""
+    """One thread's sealed session: its socket, the two directions, and the
+    socket's monitor (a refused handshake)."""
 
-    __slots__ = ("sock", "sealer", "opener")
+    __slots__ = ("sock", "sealer", "opener", "mon")
 
-    def __init__(self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener) -> None:
-        self.sock, self.sealer, self.opener = sock, sealer, opener
+    def __init__(
+        self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener,
+        mon: zmq.Socket[Any],
+    ) -> None:  # fmt: skip
+        self.sock, self.sealer, self.opener, self.mon = sock, sealer, opener, mon
 
 
 def _filled_pipe(data: bytes, opened: list[int]) -> int:

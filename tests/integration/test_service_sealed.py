@@ -55,9 +55,14 @@ def test_service_calls_travel_sealed_and_a_replay_is_refused_uncounted(service: 
         assert front.poll(10_000)
         hdr = unpack_header(front.recv_multipart()[0])
         assert hdr["ok"] is True and hdr["port"] == port
-        c2s, s2c = sealed.derive_keys(rand, hdr["rand"], hdr["sid"], lic.client_public_key.encode(),
-                                      service.server_key.encode())  # fmt: skip
+        c2s, s2c, password = sealed.derive_session(rand, hdr["rand"], hdr["sid"],
+                                                   lic.client_public_key.encode(),
+                                                   service.server_key.encode())  # fmt: skip
         sealer, opener = sealed.Sealer(c2s, hdr["sid"]), sealed.Opener(s2c, hdr["sid"])
+        bulk.plain_username = (
+            hdr["sid"].hex().encode()
+        )  # the sealed port admits the session's holder
+        bulk.plain_password = password.encode()
         bulk.connect(service.endpoint.rpartition(":")[0] + f":{port}")
         descs, frames = encode_tensors({"x": X[:4]})
         wire = sealer.seal([pack_header({"v": 1, "op": "compute", "id": 7, "model": "m",

@@ -74,9 +74,10 @@ from vault.core.protocol import (
     pack_header,
     unpack_header,
 )
-from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
+from vault.core.sealed import ServerSession, SessionTable, plain_error, session_id
 from vault.core.token import Token
 
+from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
 from .calls import Admission, AdmissionPending, CallPolicy, OpenPolicy
 from .instances import Backoff, Instance, LaunchSpec, start_instance
@@ -274,9 +275,7 @@ class WorkerService:
         if self.cfg.bind.startswith("tcp://"):
             if self.cfg.curve is None:
                 raise ConfigError("a tcp:// service needs CURVE keys and an allow-list")
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth = sealed_authenticator(self.ctx)  # CURVE here, PLAIN on the sealed port
             self._auth.start()
             self._auth.configure_curve_callback(
                 domain="vault", credentials_provider=self.cfg.policy
@@ -292,10 +291,9 @@ class WorkerService:
             # frames may wait in a queue or a batch: a fresh buffer per message
             assert self.cfg.curve is not None
             self.sessions = SessionTable(self.cfg.curve[0], reuse=False)
-            b = self.bulk = self.ctx.socket(zmq.ROUTER)
-            b.linger = 0
-            b.maxmsgsize = CHUNK + 4096  # sealed chunks only
-            b.sndhwm = b.rcvhwm = 10000
+            assert self._auth is not None
+            self._auth.sessions = self.sessions  # only a live session's holder connects
+            self.bulk = sealed_socket(self.ctx, hwm=10000)
 
     def _initial_sources(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
@@ -754,6 +752,10 @@ class WorkerService:
                 bulk.send_multipart([msg[0], *err])
                 continue
             try:
+                if connection_session(msg[1]) != sess.sid:  # a connection carries its own only
+                    raise IntegrityError(
+                        "a sealed message of another session than its connection's"
+                    )
                 frames = sess.opener.open(msg[1:])
             except IntegrityError as exc:  # refused before anything of it is used
                 bulk.send_multipart([msg[0], *plain_error(exc)])
@@ -784,7 +786,8 @@ class WorkerService:
         key = _user_id(frame)
         if self.sessions is None or self.bulk_port is None or key is None:
             raise ProtocolError("unknown op 'session': this service offers no sealed calls")
-        fields = self.sessions.create(key, header.get("rand"))
+        fields = self.sessions.create(key, header.get("rand"), prev=header.get("prev"),
+                                      prev_seq=header.get("prev_seq"))  # fmt: skip
         self._reply(ident, ok_reply(rid, **fields, port=self.bulk_port))
 
     def _request(self, msg: list[Any], *, caller_key: str | None = None) -> None:
