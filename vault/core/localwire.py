@@ -182,7 +182,12 @@ class RecordReader:
 
     def _fill(self, need: int) -> None:
         """Until ``need`` bytes past ``_start`` are in the scratch buffer."""
-        if self._start + need > len(self._view):  # move what is left to the front
+        if self._start == self._end:
+            # all read: start over at the front (after a large record read past
+            # the scratch, ``_end`` is wherever the socket's reads stopped, and
+            # the next record's frames would start unaligned)
+            self._start = self._end = 0
+        elif self._start + need > len(self._view):  # move what is left to the front
             n = self._end - self._start
             self._view[:n] = self._view[self._start : self._end]
             self._start, self._end = 0, n
