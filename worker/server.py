@@ -27,7 +27,14 @@ from typing import Any
 import zmq
 
 from vault.core.errors import ConfigError, IntegrityError, ProtocolError, VaultError
-from vault.core.localwire import TOKEN_BYTES, Closed, RecordReader, send_record
+from vault.core.localwire import (
+    MAX_FRAMES,
+    TOKEN_BYTES,
+    ByteBudget,
+    Closed,
+    RecordReader,
+    send_record,
+)
 from vault.core.protocol import SHM_MIN_BYTES, error_reply, ok_reply, pack_header, unpack_header
 from vault.core.sealed import (
     CHUNK,
@@ -409,7 +416,10 @@ class LocalServer:
 
     A record that is malformed or over ``max_message`` gets a typed error
     answer and its connection is closed (its stream can no longer be read in
-    step); past ``max_connections`` a new connection is closed at once."""
+    step); past ``max_connections`` a new connection is closed at once. The
+    records being received or served hold at most ``max_message`` (plus
+    frame padding) of buffers in all (:class:`ByteBudget`): what a record's
+    head claims is allocated only when the budget allows it."""
 
     def __init__(
         self,
@@ -427,6 +437,7 @@ class LocalServer:
         self.handler = handler
         self.max_message = max_message
         self.max_connections = max_connections
+        self.budget = ByteBudget(max_message + 72 * MAX_FRAMES)  # a largest record fits, padded
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._stopped = False
@@ -462,7 +473,7 @@ class LocalServer:
         conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
-        reader = RecordReader(conn, max_message=self.max_message, owned=False)
+        reader = RecordReader(conn, max_message=self.max_message, owned=False, budget=self.budget)
         handler = self.handler
         try:
             # who it is, first: a connection without the caller's token gets
@@ -483,14 +494,20 @@ class LocalServer:
                 except ProtocolError as exc:
                     send_record(conn, [pack_header(error_reply(None, exc))])
                     return
-                send_record(conn, handler(frames))
+                try:
+                    send_record(conn, handler(frames))
+                finally:
+                    del frames
+                    reader.release()
         except (Closed, OSError):
             return
         finally:
+            reader.release()
             self._drop(conn)
 
     def stop(self) -> None:
         self._stopped = True
+        self.budget.stop()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         except OSError:

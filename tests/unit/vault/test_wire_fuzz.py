@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -194,3 +195,54 @@ def test_records_round_trip_every_frame_aligned(
                     assert addr % localwire.ALIGN == 0
     with pytest.raises(localwire.Closed):
         reader.read()
+
+
+def test_records_in_flight_claim_at_most_the_budget() -> None:
+    """Two connections whose records together claim more than the budget: the
+    second is read only once the first one's frames are released (and a
+    stopped budget wakes a reader that waits)."""
+    budget = localwire.ByteBudget(3 << 20)
+    pairs = [socket.socketpair() for _ in range(3)]
+    readers = [localwire.RecordReader(b, max_message=4 << 20, owned=False, budget=budget)
+               for _, b in pairs]  # fmt: skip
+
+    def send(a: socket.socket) -> None:
+        try:
+            localwire.send_record(a, [os.urandom(2 << 20)])
+        except OSError:
+            pass  # the third one is never read
+
+    senders = [threading.Thread(target=send, args=(a,)) for a, _ in pairs]
+    for t in senders:
+        t.start()
+    first = readers[0].read()
+    assert budget.held >= 2 << 20
+    second: list[Any] = []
+    t = threading.Thread(target=lambda: second.extend(readers[1].read()))
+    t.start()
+    while not budget._cond._waiters:  # type: ignore[attr-defined]  # a state: it waits for its claim
+        time.sleep(0.005)
+    assert not second  # 2 + 2 MiB would pass the budget
+    del first
+    readers[0].release()
+    t.join(30)
+    assert len(second) == 1 and second[0].nbytes == 2 << 20
+    third: list[BaseException] = []
+
+    def read_third() -> None:
+        try:
+            readers[2].read()
+        except localwire.Closed as exc:
+            third.append(exc)
+
+    t = threading.Thread(target=read_third)
+    t.start()
+    budget.stop()  # the worker stops: a reader waiting for its claim ends
+    t.join(30)
+    assert third and not t.is_alive()
+    for _, b in pairs:
+        b.close()  # the third sender's write fails: it ends
+    for t in senders:
+        t.join(30)
+    for a, _ in pairs:
+        a.close()
