@@ -142,6 +142,7 @@ class _LocalWorker:
         self.arena: ShmArena | None = None
         self.local_path: str | None = None  # the direct local channel's socket
         self.local_token = os.urandom(TOKEN_BYTES)  # what each of its connections sends first
+        self._owner = os.getpid()  # a forked child never stops our worker nor removes our directory
 
     def _new_arena(self) -> None:
         if self.arena is not None:  # a restart: the new worker gets a new arena
@@ -295,7 +296,7 @@ class _LocalWorker:
         if self._lifeline is not None:
             os.close(self._lifeline)  # EOF on the lifeline: the worker stops by itself
             self._lifeline = None
-        if proc is not None:
+        if proc is not None and os.getpid() == self._owner:
             stop_process(proc, 5)
 
     def close(self) -> None:
@@ -303,7 +304,8 @@ class _LocalWorker:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.getpid() == self._owner:  # in a forked child: the parent's, still in use
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class _DaemonWorker:
@@ -355,8 +357,18 @@ class _DaemonWorker:
         self._count = itertools.count()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._owner = os.getpid()  # whose daemon connection ``_sock`` is
 
     def _call(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
+        if os.getpid() != self._owner:
+            # a forked child: the daemon connection is the parent's (the two
+            # would read each other's answers), and so are the workers on it
+            self._lock = threading.Lock()
+            if self._sock is not None:
+                self._sock.close()  # our copy only: the parent's connection goes on
+                self._sock = None
+            self.wid, self.dir = None, None
+            self._owner = os.getpid()
         with self._lock:
             if self._sock is None:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -473,7 +485,7 @@ class _DaemonWorker:
 
     def kill(self) -> None:
         wid, self.wid = self.wid, None
-        if wid is not None:
+        if wid is not None and os.getpid() == self._owner:
             try:
                 self._call({"op": "close", "worker": wid})
             except (ConfigError, PermissionDeniedError, WorkerCrashedError):
@@ -488,7 +500,7 @@ class _DaemonWorker:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
-        if self.dir is not None:
+        if self.dir is not None and os.getpid() == self._owner:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
@@ -942,6 +954,19 @@ def check_feeds_mapping(inputs: Any, signature: Mapping[str, Any]) -> None:
 
 
 _LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # what the parent opened stays the parent's: the child's exit must not
+    # close its models (they removed the parent's worker directory: its next
+    # calls could not connect), and the parent's pre-started worker is not
+    # the child's to take or stop (its directory went with it: the parent's
+    # next open failed with FileNotFoundError)
+    _LIVE.clear()
+    standby.POOL.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -325,14 +325,34 @@ class RecordReader:
         return ov
 
 
-class _Conn:
-    """One calling thread's connection, its reader and its socket timeout."""
+_FORKS = [0]  # how many forks this process is down from the one that imported this
+_CHANNELS: weakref.WeakSet[LocalChannel] = weakref.WeakSet()
 
-    __slots__ = ("sock", "reader", "timeout", "__weakref__")
+
+def _after_fork_in_child() -> None:
+    # a forked child shares its parent's connections (the same sockets): were
+    # it to use them, parent and child would read each other's answers (they
+    # did: a call's answer went to the other process 22 times in 40 forks,
+    # silently, both numbering their calls alike). The child makes its own.
+    _FORKS[0] += 1
+    for ch in list(_CHANNELS):
+        ch._lock = threading.Lock()  # a lock held by a parent's thread is never released here
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Conn:
+    """One calling thread's connection, its reader and its socket timeout;
+    ``fork``: the process generation that made it (a child never uses its
+    parent's)."""
+
+    __slots__ = ("sock", "reader", "timeout", "fork", "__weakref__")
 
     def __init__(self, sock: socket.socket, reader: RecordReader) -> None:
         self.sock, self.reader = sock, reader
         self.timeout: float | None = None
+        self.fork = _FORKS[0]
 
 
 class LocalChannel(Channel):
@@ -363,11 +383,16 @@ class LocalChannel(Channel):
         self._conns: set[socket.socket] = set()
         self._ids = itertools.count(1)
         self._closed = False
+        _CHANNELS.add(self)
 
     def _conn(self) -> _Conn:
         got: _Conn | None = getattr(self._tls, "conn", None)
         if got is not None:
-            return got
+            if got.fork == _FORKS[0]:
+                return got
+            # the parent's connection, inherited by fork: this process leaves
+            # it to the parent (closing our copy of the descriptor ends nothing)
+            self._tls.conn = None
         if self._closed:
             raise ConfigError("the channel is closed")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
