@@ -407,9 +407,9 @@ def test_another_callers_connection_cannot_carry_this_callers_session(
 ) -> None:
     """Bob, a caller with a licence of his own, holds a request Alice sealed
     (he is on her path) and sends it on his own, authenticated, sealed
-    connection before hers arrives: refused, it never runs, and Alice's
-    request still runs on hers (the control: the same bytes are a valid
-    message of her session)."""
+    connection before hers arrives: refused, it never runs (nor does a
+    compute he sends there unsealed), and Alice's request still runs on hers
+    (the control: the same bytes are a valid message of her session)."""
     ctx = zmq.Context()
     alice, bob = _RawCaller(ctx, served, "alice"), _RawCaller(ctx, served, "bob")
     try:
@@ -418,6 +418,12 @@ def test_another_callers_connection_cannot_carry_this_callers_session(
         answer = bob.send(wire)
         assert answer["plain"] and answer["error"]["code"] == "integrity", answer
         assert "another session" in answer["error"]["message"]
+        assert _calls(served) == calls
+        # nor does a compute sent unsealed on his authenticated connection run
+        descs, frames = encode_tensors({"x": X[:2]})
+        plain = bob.send([pack_header({"v": 1, "op": "compute", "id": 9, "tensors": descs}),
+                          *[bytes(f) for f in frames]])  # fmt: skip
+        assert plain["plain"] and plain["ok"] is False, plain
         assert _calls(served) == calls
         assert alice.send(wire)["ok"] is True  # control: on her own connection it runs
         assert _calls(served) == calls + 1

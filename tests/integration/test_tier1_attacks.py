@@ -494,7 +494,7 @@ import numpy as np
 import vault
 m = vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3])
 w = m._localw
-print(json.dumps({"worker": w.wid, "endpoint": m._endpoint, "server_key": w.server_key,
+print(json.dumps({"worker": w.wid, "pid": m.pid, "endpoint": m._endpoint, "server_key": w.server_key,
                   "client_public": w._client_public.decode(), "client_secret": w._client_secret.decode(),
                   "local_path": w.local_path, "local_token": w.local_token.hex(),
                   "channel": type(m._channel).__name__,
@@ -708,6 +708,82 @@ def test_a_callers_claims_cost_its_worker_only_what_it_sends(tier1: Tier1) -> No
     finally:
         stop_process(caller, 5)
         for f in (caller.stdin, caller.stdout, caller.stderr):
+            if f is not None:
+                f.close()
+
+
+STRANGER_LOCAL = r"""
+import errno, json, os, socket, sys
+info = json.loads(sys.argv[1]); owner_pid, worker_pid = int(sys.argv[2]), int(sys.argv[3]); out = {}
+
+def attempt(fn):
+    try:
+        fn()
+        return "reached"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def connect(path):
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        c.connect(path)
+    finally:
+        c.close()
+
+out["socket_path"] = attempt(lambda: connect(info["local_path"]))
+out["owner_fds"] = attempt(lambda: os.listdir(f"/proc/{owner_pid}/fd"))
+out["worker_fds"] = attempt(lambda: os.listdir(f"/proc/{worker_pid}/fd"))
+out["owner_environ"] = attempt(lambda: open(f"/proc/{owner_pid}/environ", "rb").read())
+# the listening socket has no name outside the owner's directory: no abstract
+# twin to connect to
+out["abstract"] = attempt(lambda: connect("\0" + info["local_path"]))
+print(json.dumps(out))
+"""
+
+
+def test_another_local_user_cannot_reach_a_callers_local_channel(
+    tier1: Tier1, worker_user: pwd.struct_passwd
+) -> None:
+    """A local user who is neither the caller nor root (here the workers' own
+    uid, the one that comes closest) tries every way to the caller's direct
+    channel: its socket in the caller's 0700 directory, the descriptors of
+    the caller and of the worker under /proc, the caller's environment, an
+    abstract socket of the same name. Each is refused; control: the caller's
+    own uid reaches the socket (and needs the token to be answered:
+    test_a_caller_reaches_only_the_workers_it_opened)."""
+    lic = _licence(tier1, "local-owner")
+    owner = subprocess.Popen(
+        _as_nobody([SYSTEM_PYTHON, "-B", "-c", OWNER, tier1.package, lic, tier1.socket]),
+        env=_nobody_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd="/",
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdin is not None
+        line = owner.stdout.readline()
+        assert line, owner.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        info = json.loads(line)
+        wpid = int(info["pid"])
+        assert os.stat(f"/proc/{wpid}").st_uid == worker_user.pw_uid
+        as_other = ["setpriv", f"--reuid={worker_user.pw_uid}", f"--regid={worker_user.pw_gid}",
+                    "--clear-groups", SYSTEM_PYTHON, "-B", "-c", STRANGER_LOCAL, json.dumps(info),
+                    str(owner.pid), str(wpid)]  # fmt: skip
+        out = subprocess.run(as_other, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                             timeout=60, cwd="/")  # fmt: skip
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        got = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        assert got["socket_path"] == "EACCES", got
+        assert got["owner_fds"] == "EACCES" and got["owner_environ"] == "EACCES", got
+        assert got["worker_fds"] == "EACCES", got  # its own uid, but the worker is not dumpable
+        assert got["abstract"] == "ECONNREFUSED", got
+        control = _as_nobody_py(STRANGER_LOCAL, json.dumps(info), str(owner.pid), str(wpid))
+        assert control["socket_path"] == "reached", control
+        owner.stdin.write(b"go\n")
+        owner.stdin.flush()
+        assert json.loads(owner.stdout.readline())["still"] is True
+        assert owner.wait(30) == 0
+    finally:
+        stop_process(owner, 5)
+        for f in (owner.stdin, owner.stdout, owner.stderr):
             if f is not None:
                 f.close()
 
