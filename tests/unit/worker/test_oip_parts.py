@@ -146,6 +146,11 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
                     "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]},
                                 {"name": "z", "dtype": "sequence<map<int64,float32>>", "shape": []}]}  # fmt: skip
 
+        model_signature = model_info  # the manifest's: the same signature
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
         def submit(self, call: Any) -> None:
             self.submitted.append(call)
 
@@ -156,3 +161,63 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
     with pytest.raises(InputError, match="cannot carry"):
         asyncio.run(plane.infer("m", None, None, [], [], ["z"]))  # type: ignore[arg-type]
     assert svc.submitted == []  # never posted: nothing ran, nothing billed
+
+
+def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
+    # bodies a stranger can send with any well-formed token (its signature is
+    # checked only in the service): each is a 400 with the vault's code, never
+    # an exception out of the ASGI app (uvicorn's 500 and a traceback a line)
+    import asyncio
+    import base64
+    import json
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        submitted: list[Any] = []
+
+        def submit(self, call: Any) -> None:
+            self.submitted.append(call)
+            call.reply({"ok": False, "error": {"code": "compute", "message": "ran"}}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    lic = Licence(licence_id="lic-a", holder="shop", keyserver_address="tcp://127.0.0.1:1",
+                  keyserver_public_key="k" * 40, client_public_key="a" * 40,
+                  client_secret_key="s" * 40, kind="call",
+                  proof_key=base64.b64encode(PublisherKey.generate().export_private_raw()).decode())  # fmt: skip
+    token = mint_token(lic, models=["m"]).encode()
+    svc = Service()
+    app = RestApp(DataPlane(svc), max_body=1 << 20)  # type: ignore[arg-type]
+
+    def post(body: bytes) -> tuple[int, dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return msgs.pop(0)
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    x = {"name": "x", "datatype": "FP32", "shape": [1]}
+    for body in (b"[" * 100_000,  # deeper than json's decoder goes
+                 json.dumps({"inputs": [{**x, "data": None}]}).encode()
+                 .replace(b"null", b"[" * 5000 + b"1" + b"]" * 5000),
+                 b"\xff\xfe", b"[]", json.dumps({"inputs": [{**x, "data": ["a"]}]}).encode()):  # fmt: skip
+        status, answer = post(body)
+        assert (status, answer["code"]) == (400, "bad_input"), (body[:40], answer)
+    assert svc.submitted == []
+    # the control: a well-formed request is posted into the service
+    assert post(json.dumps({"inputs": [{**x, "data": [1.0]}]}).encode())[1]["code"] == "compute"
+    assert len(svc.submitted) == 1

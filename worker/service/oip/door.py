@@ -86,6 +86,10 @@ class Plane(Protocol):
 
     def model_ready(self, model: str, version: str | None = None) -> bool: ...
 
+    def model_state(self, model: str) -> tuple[str, tuple[str, str] | None] | None: ...
+
+    def model_signature(self, model: str) -> dict[str, Any] | None: ...
+
     def model_info(self, model: str) -> dict[str, Any] | None: ...
 
 
@@ -172,12 +176,26 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": _version(), "extensions": list(EXTENSIONS)}
 
-    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
-        info = self.service.model_info(model)
-        if info is None or version not in (None, "", "1"):
+    def _served(self, model: str, version: str | None) -> None:
+        """UnknownModelError unless ``model`` (and ``version``) is served here,
+        ready or not (a model that cannot load is served, and not ready)."""
+        if self.service.model_state(model) is None or version not in (None, "", "1"):
             raise UnknownModelError(
                 f"no model {model!r} (version {version or 'any'}) is served here"
             )
+
+    def model_ready(self, model: str, version: str | None) -> bool:
+        """Whether a model served here takes calls now; UnknownModelError for
+        one that is not served (the same rule as the metrics port's probes)."""
+        self._served(model, version)
+        return self.service.model_ready(model, version)
+
+    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        """The public signature, from the manifest while no worker has started."""
+        self._served(model, version)
+        info = self.service.model_signature(model)
+        if info is None:  # removed meanwhile
+            raise UnknownModelError(f"no model {model!r} is served here")
         return {
             "name": model,
             "versions": ["1"],

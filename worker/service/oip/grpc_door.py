@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from vault.core.errors import InputError, UnknownModelError, VaultError
+from vault.core.errors import InputError, VaultError
 
 from . import inference_pb2 as _pb
 from . import tensors as T
@@ -80,10 +80,12 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.plane.service.ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        svc = self.plane.service
-        if svc.model_info(request.name) is None:
-            await _abort(context, UnknownModelError(f"no model {request.name!r} is served here"))
-        return pb.ModelReadyResponse(ready=svc.model_ready(request.name, request.version or None))
+        try:
+            ready = self.plane.model_ready(request.name, request.version or None)
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise  # abort raised already; for the type checker
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerMetadataResponse(**self.plane.server_metadata())

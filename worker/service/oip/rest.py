@@ -29,7 +29,7 @@ import json
 import re
 from typing import Any
 
-from vault.core.errors import InputError, ProtocolError, UnknownModelError, VaultError
+from vault.core.errors import InputError, ProtocolError, VaultError
 
 from . import tensors as T
 from .door import DataPlane, bearer, error_text, http_status, retry_after, timeout_of
@@ -96,9 +96,7 @@ class RestApp:
             await _json(send, 200, self.plane.model_metadata(model, version))
         elif action == "/ready":
             _only(method, "GET")
-            if svc.model_info(model) is None:
-                raise UnknownModelError(f"no model {model!r} is served here")
-            ok = svc.model_ready(model, version)
+            ok = self.plane.model_ready(model, version)
             await _json(send, 200 if ok else 503, {"name": model, "ready": ok})
         else:
             _only(method, "POST")
@@ -145,6 +143,8 @@ class RestApp:
             req = json.loads(head)
         except (ValueError, UnicodeDecodeError):
             raise InputError("the request is not JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the decoder goes: not a tensor
+            raise InputError("the request's JSON is nested too deeply") from None
         if not isinstance(req, dict):
             raise InputError("the request is a JSON object")
         descs, frames = _inputs(req.get("inputs"), binary)
