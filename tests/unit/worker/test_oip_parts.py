@@ -163,17 +163,28 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
     assert svc.submitted == []  # never posted: nothing ran, nothing billed
 
 
+def _stranger_token() -> bytes:
+    """A well-formed token of a licence nobody issued (a stranger's own key)."""
+    import base64
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token
+
+    lic = Licence(licence_id="lic-a", holder="shop", keyserver_address="tcp://127.0.0.1:1",
+                  keyserver_public_key="k" * 40, client_public_key="a" * 40,
+                  client_secret_key="s" * 40, kind="call",
+                  proof_key=base64.b64encode(PublisherKey.generate().export_private_raw()).decode())  # fmt: skip
+    return mint_token(lic, models=["m"]).encode()
+
+
 def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
     # bodies a stranger can send with any well-formed token (its signature is
     # checked only in the service): each is a 400 with the vault's code, never
     # an exception out of the ASGI app (uvicorn's 500 and a traceback a line)
     import asyncio
-    import base64
     import json
 
-    from vault.core.crypto import PublisherKey
-    from vault.core.licence import Licence
-    from vault.core.token import mint_token
     from worker.service.oip.door import DataPlane
     from worker.service.oip.rest import RestApp
 
@@ -187,11 +198,7 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
         def model_info(self, model: str) -> dict[str, Any]:
             return {"inputs": [], "outputs": []}
 
-    lic = Licence(licence_id="lic-a", holder="shop", keyserver_address="tcp://127.0.0.1:1",
-                  keyserver_public_key="k" * 40, client_public_key="a" * 40,
-                  client_secret_key="s" * 40, kind="call",
-                  proof_key=base64.b64encode(PublisherKey.generate().export_private_raw()).decode())  # fmt: skip
-    token = mint_token(lic, models=["m"]).encode()
+    token = _stranger_token()
     svc = Service()
     app = RestApp(DataPlane(svc), max_body=1 << 20)  # type: ignore[arg-type]
 
@@ -221,3 +228,48 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
     # the control: a well-formed request is posted into the service
     assert post(json.dumps({"inputs": [{**x, "data": [1.0]}]}).encode())[1]["code"] == "compute"
     assert len(svc.submitted) == 1
+
+
+def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
+    # JSON tensors take about 13 times their text in memory once decoded
+    # (measured: 30 MiB of floats, 390 MiB peak), before the token's signature
+    # is checked: the JSON part has its own limit (Triton's default, 64 MiB),
+    # refused from the headers, before a byte of the body is read. Binary data
+    # (no expansion) keeps the whole body's limit.
+    import asyncio
+
+    from worker.service.oip import rest
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    read: list[int] = []
+
+    def post(headers: list[tuple[bytes, bytes]], app: RestApp) -> tuple[int, str]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            read.append(1)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        token = _stranger_token()  # well-formed: parsed, not verified, in the door
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + token), *headers]}  # fmt: skip
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], sent[1]["body"].decode()
+
+    app = RestApp(DataPlane(None), max_body=1 << 30)  # type: ignore[arg-type]
+    limit = rest.MAX_JSON
+    assert limit == 64 << 20
+    for headers in ([(b"content-length", str(limit + 1).encode())],
+                    [(b"content-length", str(1 << 29).encode()),
+                     (b"inference-header-content-length", str(limit + 1).encode())]):  # fmt: skip
+        status, body = post(headers, app)
+        assert status == 400 and "binary" in body, body
+    assert read == []  # refused from the headers alone
+    # the control: binary data past the JSON limit, with a small JSON part, is read
+    post([(b"content-length", str(1 << 29).encode()),
+          (b"inference-header-content-length", b"2")], app)  # fmt: skip
+    assert read == [1]
