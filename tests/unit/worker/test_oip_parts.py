@@ -273,3 +273,28 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
     post([(b"content-length", str(1 << 29).encode()),
           (b"inference-header-content-length", b"2")], app)  # fmt: skip
     assert read == [1]
+
+
+def test_grpc_typed_contents_are_bounded_before_they_are_decoded() -> None:
+    # the gRPC door's twin of the JSON limit: typed contents past 64 MiB are
+    # refused from the message's size, before a Python object is made of them
+    from worker.service.oip import inference_pb2
+    from worker.service.oip.door import MAX_DECODED
+    from worker.service.oip.grpc_door import _inputs
+
+    pb: Any = inference_pb2
+    chunk = b"a" * (1 << 20)
+    n = MAX_DECODED // len(chunk) + 1  # one MiB past the limit
+    big = pb.ModelInferRequest(model_name="m")
+    big.inputs.add(name="x", datatype="BYTES", shape=[n]).contents.bytes_contents.extend(
+        [chunk] * n
+    )
+    with pytest.raises(InputError, match="raw_input_contents"):
+        _inputs(big)
+    # the control: one element fewer is under the limit, and taken
+    ok = pb.ModelInferRequest(model_name="m")
+    ok.inputs.add(name="x", datatype="BYTES", shape=[n - 2]).contents.bytes_contents.extend(
+        [chunk] * (n - 2)
+    )
+    (desc,), _ = _inputs(ok)
+    assert desc["shape"] == [n - 2]

@@ -26,7 +26,15 @@ from vault.core.errors import InputError, VaultError
 
 from . import inference_pb2 as _pb
 from . import tensors as T
-from .door import DataPlane, bearer, error_text, grpc_status, retry_after, timeout_of
+from .door import (
+    MAX_DECODED,
+    DataPlane,
+    bearer,
+    error_text,
+    grpc_status,
+    retry_after,
+    timeout_of,
+)
 
 __all__ = ["InferenceServicer"]
 
@@ -131,6 +139,10 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    typed = sum(t.contents.ByteSize() for t in request.inputs)
+    if typed > MAX_DECODED:  # a protobuf size, before a Python object is made of it
+        raise InputError(f"typed contents of {typed} bytes exceed the limit of {MAX_DECODED}: "
+                         "send tensors as raw_input_contents")  # fmt: skip
     descs, frames = [], []
     for i, t in enumerate(request.inputs):
         shape = list(t.shape)

@@ -32,16 +32,19 @@ from typing import Any
 from vault.core.errors import InputError, ProtocolError, VaultError
 
 from . import tensors as T
-from .door import DataPlane, bearer, error_text, http_status, retry_after, timeout_of
+from .door import (
+    MAX_DECODED,
+    DataPlane,
+    bearer,
+    error_text,
+    http_status,
+    retry_after,
+    timeout_of,
+)
 
 __all__ = ["RestApp"]
 
-# The JSON part of a request (the whole body, or the part before the binary
-# data): JSON tensors take about 13 times their text once decoded (measured:
-# 30 MiB of floats, 390 MiB at peak), and that happens before the token's
-# signature is checked, so its limit is Triton's default input size, far under
-# the body's; larger tensors travel as binary data (no expansion).
-MAX_JSON = 64 << 20
+MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 
