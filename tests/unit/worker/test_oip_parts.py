@@ -298,3 +298,56 @@ def test_grpc_typed_contents_are_bounded_before_they_are_decoded() -> None:
     )
     (desc,), _ = _inputs(ok)
     assert desc["shape"] == [n - 2]
+
+
+def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
+    # tritonclient's infer(timeout=...) sends parameters["timeout"] in
+    # microseconds (its docstring: "The timeout value for the request, in
+    # microseconds"): 250000 is a quarter of a second, on both doors
+    import asyncio
+    import json
+
+    from worker.service.oip import inference_pb2
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.grpc_door import InferenceServicer
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        calls: list[Any] = []
+
+        def submit(self, call: Any) -> None:
+            self.calls.append(call)
+            call.reply({"ok": True, "tensors": []}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    svc = Service()
+    plane = DataPlane(svc)  # type: ignore[arg-type]
+    token = _stranger_token()
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                       "parameters": {"timeout": 250000}}).encode()  # fmt: skip
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return msgs.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+    asyncio.run(RestApp(plane, max_body=1 << 20)(scope, receive, send))
+    assert sent[0]["status"] == 200, sent
+
+    class Context:
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token.decode())]
+
+    pb: Any = inference_pb2
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    req.parameters["timeout"].int64_param = 250000
+    asyncio.run(InferenceServicer(plane).ModelInfer(req, Context()))
+    assert [c.timeout for c in svc.calls] == [0.25, 0.25]

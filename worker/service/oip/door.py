@@ -279,9 +279,13 @@ def _settle(fut: asyncio.Future[Any], header: dict[str, Any], out: Sequence[Any]
 
 
 def timeout_of(value: Any) -> float | None:
-    """A client's own timeout, in seconds, if it sent a sane one."""
+    """A client's own timeout (the request's ``timeout`` parameter, in
+    microseconds as Triton and tritonclient define it), in seconds, if it
+    sent a sane one."""
+    if isinstance(value, bool):
+        return None
     try:
-        t = float(value)
+        t = float(value) / 1e6
     except (TypeError, ValueError):
         return None
     return t if math.isfinite(t) and t > 0 else None
