@@ -275,7 +275,7 @@ class CallLicencePolicy(_Usage):
         # under another payload is another token, checked afresh)
         self._verified: dict[bytes, str] = {}
         self._fetching: set[tuple[str, str]] = set()  # first decisions being fetched
-        self._token_calls: dict[str, list[float]] = {}
+        self._token_calls: dict[tuple[str, str], list[float]] = {}  # (licence, token id)
         self.unanswered = 0  # requests to the key server that got no answer
         self._ask_lock = threading.Lock()  # one key-server request at a time
         self._stop = threading.Event()
@@ -344,7 +344,10 @@ class CallLicencePolicy(_Usage):
                 raise AdmissionPending()
             spent = None
             if token is not None and token.max_calls is not None:
-                spent = self._token_calls.setdefault(token.token_id, [0, token.expires_at])
+                # counted per licence and id: the id is the minter's choice, so
+                # one holder's tokens never spend another holder's
+                spent = self._token_calls.setdefault((d.licence, token.token_id),
+                                                     [0, token.expires_at])  # fmt: skip
                 if spent[0] >= token.max_calls:
                     raise TokenSpentError(
                         f"bearer token {token.token_id}: its {token.max_calls} calls are spent"
@@ -410,7 +413,11 @@ class CallLicencePolicy(_Usage):
                 self._unreported[admission.licence] += 1
             elif isinstance(d, _Decision):
                 d.admitted -= 1  # a failed call is not billed: its slot is free again
-                spent = self._token_calls.get(admission.token_id or "")
+                spent = (
+                    self._token_calls.get((admission.licence, admission.token_id))
+                    if admission.token_id is not None
+                    else None
+                )
                 if spent is not None:
                     spent[0] -= 1
 

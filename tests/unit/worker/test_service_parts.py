@@ -421,3 +421,66 @@ def test_strangers_cannot_make_the_service_ask_without_bound() -> None:
         ks.gate.set()
     finally:
         p.close()
+
+
+def test_one_licences_tokens_never_spend_another_licences_token_budget() -> None:
+    # A token's budget is counted by its id, which the minter chooses: a call
+    # licence holder minting with the id of another holder's token (seen in an
+    # error message, a log line) must not spend that token's calls.
+    import base64
+    import json
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.errors import TokenSpentError
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token, parse_token
+
+    def licence(lid: str, key: str) -> Licence:
+        proof = PublisherKey.generate()
+        return Licence(licence_id=lid, holder=lid, keyserver_address="tcp://127.0.0.1:1",
+                       keyserver_public_key="k" * 40, client_public_key=key,
+                       client_secret_key="s" * 40, kind="call",
+                       proof_key=base64.b64encode(proof.export_private_raw()).decode())  # fmt: skip
+
+    a, b = licence("lic-a", "A" * 40), licence("lic-b", "B" * 40)
+    by_key = {lic.client_public_key: lic for lic in (a, b)}
+
+    def ask(model: str | None, keys: list[str], usage: list[dict[str, Any]],
+            grants: dict[str, str]) -> Any:  # fmt: skip
+        return {"ttl": 10.0, "decisions": {
+            k: {"ok": True, "licence_id": by_key[k].licence_id, "budget": None, "rate": None,
+                "expires_at": None, "proof_key": by_key[k].proof_public_key} for k in keys}}  # fmt: skip
+
+    clock = Clock()
+    p = CallLicencePolicy(ask, clock=clock, wall=clock, refresh_every=3600)
+    decided = threading.Event()
+    p.bind(lambda key, model: decided.set())
+
+    def with_id(lic: Licence, jti: str) -> str:  # minted by lic's holder, with a chosen id
+        text = mint_token(lic, models=["m"], max_calls=1, now=clock.t)
+        prefix, payload, _ = text.split(".")
+        body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        body["jti"] = jti
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        key = PublisherKey.from_private_raw(base64.b64decode(lic.proof_key or ""))
+        enc = base64.urlsafe_b64encode
+        sig = enc(key.sign(b"vault-token/1\x00", raw)).decode().rstrip("=")
+        return f"{prefix}.{enc(raw).decode().rstrip('=')}.{sig}"
+
+    def admit(text: str) -> Any:
+        tok = parse_token(text)
+        try:
+            return p.admit(None, "m", tok)
+        except AdmissionPending:
+            assert decided.wait(5)
+            decided.clear()
+            return p.admit(None, "m", tok)
+
+    try:
+        victim = with_id(b, "same-id")
+        p.record(admit(with_id(a, "same-id")), ok=True)  # the other holder's call
+        p.record(admit(victim), ok=True)  # the victim's one call is still there
+        with pytest.raises(TokenSpentError):  # the control: and then it is spent
+            admit(victim)
+    finally:
+        p.close()
