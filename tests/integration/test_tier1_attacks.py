@@ -489,12 +489,15 @@ def test_a_caller_cannot_switch_hardening_off(tier1: Tier1) -> None:
 # --- 6. another caller's worker ---------------------------------------------------------
 
 OWNER = r"""
-import json, sys
+import json, os, sys
 import numpy as np
 import vault
 m = vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3])
 w = m._localw
-print(json.dumps({"worker": w.wid, "endpoint": m._endpoint, "server_key": w.server_key,
+# the worker's socket is reached through the owner's O_PATH descriptor: another
+# process of the owner's uid can use it through /proc/PID/fd (what we test here)
+endpoint = m._endpoint.replace("/proc/self/", f"/proc/{os.getpid()}/")
+print(json.dumps({"worker": w.wid, "endpoint": endpoint, "server_key": w.server_key,
                   "client_public": w._client_public.decode(), "client_secret": w._client_secret.decode(),
                   "tier": m.tier, "daemon_tier": w.daemon_health()["tier"]}), flush=True)
 sys.stdin.readline()  # hold the worker until told

@@ -478,7 +478,7 @@ def test_a_worker_past_its_start_timeout_is_killed_and_sigterm_ends_a_start(
 
         t = threading.Thread(target=opener)
         t.start()
-        _wait_starting(sock, 1)
+        _wait_assigned(starting)  # its assignment waits in its socket: it has a start to end
         os.kill(starting, signal.SIGTERM)  # pending while it is stopped...
         os.kill(starting, signal.SIGCONT)  # ...and acted on at once when it goes on
         t.join(60)
@@ -500,6 +500,31 @@ def test_a_worker_past_its_start_timeout_is_killed_and_sigterm_ends_a_start(
         os.kill(held, signal.SIGCONT)
         t.join(60)
         assert result == {"pid": held, "out": (1, 5)}, result
+
+
+def _wait_assigned(pid: int) -> None:
+    """Until the daemon's assignment waits, unread, in the socket of the
+    pre-started worker ``pid`` (stopped): its bytes queued (FIONREAD on a
+    copy of the worker's descriptor, taken with pidfd_getfd as root)."""
+    import ctypes
+    import fcntl
+    import struct
+    import termios
+
+    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    target = int(cmd[cmd.index(b"--standby-fd") + 1])
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    fd = libc.syscall(438, pidfd, target, 0)  # pidfd_getfd
+    os.close(pidfd)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        deadline = time.monotonic() + 60
+        while struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] == 0:
+            assert time.monotonic() < deadline, "no assignment came"
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -710,11 +735,11 @@ conn, _ = lst.accept(); conn.settimeout(60)
 d = socket.socket(socket.AF_UNIX); d.connect(real)
 out = {"received": []}
 
-def compute(rep):
+def compute(rep, fd):
     ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.linger = 0
     s.curve_serverkey = rep["server_key"].encode()
     s.curve_publickey = keys["public"].encode(); s.curve_secretkey = keys["secret"].encode()
-    s.connect(rep["endpoint"])
+    s.connect(f"ipc:///proc/self/fd/{fd}")  # the socket's descriptor came with the reply
     x = np.ones((1, 8), np.float32)
     s.send_multipart([pack_header({"v": PROTOCOL_VERSION, "op": "compute", "id": 1,
                       "tensors": [{"name": "x", "dtype": "float32", "shape": [1, 8]}]}), x.tobytes()])
@@ -733,12 +758,12 @@ try:
         fwd = {**msg, "client_key": keys["public"]}
         if keys.get("proof"):
             fwd["proof"] = keys["proof"]
-        send_message(d, fwd, fds); rep, _ = recv_message(d)
+        send_message(d, fwd, fds); rep, got = recv_message(d)
         for fd in fds:
             os.close(fd)
         out["daemon"] = "opened" if rep.get("ok") else rep["error"]["code"]
         if rep.get("ok"):
-            out["relay"] = compute(rep)
+            out["relay"] = compute(rep, got[0])
         send_message(conn, {"ok": False, "id": msg.get("id"),
                             "error": {"code": "worker_crashed", "message": "relayed"}})
         break

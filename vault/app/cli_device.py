@@ -123,11 +123,16 @@ def _daemon(args: argparse.Namespace) -> int:
         max_workers_per_uid=args.max_workers_per_uid,
         max_starting=args.max_starting,
         max_starting_per_uid=args.max_starting_per_uid,
+        refusal_burst=args.refusal_burst,
+        refusal_interval=args.refusal_interval,
         worker_memory_headroom=args.worker_memory_headroom,
     )
-    for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid"):
+    for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid",
+                 "refusal_burst"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.refusal_interval > 0:
+        raise ConfigError("--refusal-interval must be a positive number of seconds")
     return run_daemon(cfg)
 
 
@@ -212,7 +217,14 @@ def register(sub: Any) -> None:
     p.add_argument("--max-starting", type=int, default=8,
                    help="workers starting at once, in all (default 8)")  # fmt: skip
     p.add_argument("--max-starting-per-uid", type=int, default=2,
-                   help="workers starting at once for one uid (default 2)")  # fmt: skip
+                   help="workers starting, or opens awaiting the key server's answer, at "
+                        "once for one uid (default 2)")  # fmt: skip
+    p.add_argument("--refusal-burst", type=int, default=10, metavar="N",
+                   help="opens of one uid the key server may refuse in a burst; past them the "
+                        "daemon refuses that uid itself, one more every --refusal-interval "
+                        "(default 10)")  # fmt: skip
+    p.add_argument("--refusal-interval", type=float, default=6.0, metavar="SECONDS",
+                   help="one more refusal per this many seconds (default 6)")  # fmt: skip
     p.add_argument("--worker-memory-headroom", type=_size, default=None, metavar="SIZE",
                    help="each worker's memory limit (RLIMIT_DATA) is 4x its package's "
                         "plaintext plus this (default 1G + 64M per CPU)")  # fmt: skip

@@ -94,9 +94,12 @@ from ..core.device import Device
 from ..core.errors import (
     CapacityError,
     ConfigError,
+    KeyServerUnavailableError,
     PermissionDeniedError,
     ProtocolError,
+    RateLimitedError,
     VaultError,
+    WorkerCrashedError,
     WorkerTimeoutError,
     WrongKeyServerError,
 )
@@ -138,8 +141,17 @@ class DaemonConfig:
     # workers of callers, live or starting (pre-started ones are the daemon's own)
     max_workers: int = 64  # in all
     max_workers_per_uid: int = 8
-    max_starting: int = 8  # starting at once, in all (key release, decrypt, sessions)
+    max_starting: int = 8  # authorised and starting at once, in all (release, decrypt, sessions)
+    # opens of one uid in progress at once: waiting for the key server's
+    # answer or starting (an open the key server has not answered for holds
+    # no place among the starts in all: a stranger cannot take others' places)
     max_starting_per_uid: int = 2
+    # opens of one uid the key server may refuse: a burst, then one more each
+    # interval; past it, refused here without asking the key server (a
+    # stranger cannot spend the device's standing with the key server, nor
+    # grow its audit and the daemon's log without bound)
+    refusal_burst: int = 10
+    refusal_interval: float = 6.0
     worker_memory_headroom: int | None = None  # None: vault.core.package's default
     keyserver_timeout: float = 10.0  # the pre-authorisation round trip
 
@@ -297,10 +309,24 @@ class _StandbyGone(Exception):
 
 @dataclass(eq=False)
 class _Slot:
-    """One open's place among the starting workers of its uid, until admitted."""
+    """One open's place, until its worker is admitted: first among its uid's
+    opens awaiting the key server (``authorizing``), then, once the key
+    server said yes, among the starts in all (``starting``), then ``live``."""
 
     uid: int
-    starting: bool = True
+    stage: str = "authorizing"
+
+
+class _Throttled(RateLimitedError):
+    """An open refused by the daemon itself: its uid's refusals are spent."""
+
+
+@dataclass
+class _Bucket:
+    """One uid's refusals left (a token bucket: ``burst``, one more each interval)."""
+
+    tokens: float
+    stamp: float
 
 
 @dataclass(eq=False)
@@ -308,6 +334,28 @@ class _Connection:
     uid: int
     pid: int
     workers: dict[str, _Worker] = field(default_factory=dict)
+
+
+_REPLY_FDS = "_fds"  # descriptors that go with a reply (popped before it is sent)
+
+
+def _socket_path_fd(path: str) -> int:
+    """An ``O_PATH`` descriptor of the Unix socket at ``path`` (never a link
+    in its place): a process holding it connects through
+    ``/proc/self/fd/N`` without the right to reach ``path`` by name."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ENOTSOCK, "not a socket")
+    return fd
+
+
+def _decrement(counts: dict[int, int], uid: int) -> None:
+    left = counts.get(uid, 0) - 1
+    if left > 0:
+        counts[uid] = left
+    else:
+        counts.pop(uid, None)
 
 
 def _readable(fd: int) -> bool:
@@ -353,10 +401,16 @@ class Daemon:
         self._count = 0
         self._standby: list[_Standby] = []
         self._refilling = False
-        self._starting: dict[int, int] = {}  # uid -> workers starting for it now
+        self._starting: dict[int, int] = {}  # uid -> authorised workers starting for it now
+        self._authorizing: dict[int, int] = {}  # uid -> opens awaiting the key server's answer
+        self._refusals: dict[int, _Bucket] = {}  # uid -> refusals the key server may still give
+        self._quiet: dict[int, int] = {}  # uid -> refusals not logged (a flood's log is bounded)
+        self._log_budget: dict[int, _Bucket] = {}
 
     def log(self, line: str) -> None:
-        print(f"vault-daemon: {line}", file=self.log_stream, flush=True)
+        # one write per line: lines of threads logging at once never interleave
+        self.log_stream.write(f"vault-daemon: {line}\n")
+        self.log_stream.flush()
 
     # -- requests -----------------------------------------------------------------
 
@@ -368,6 +422,7 @@ class Daemon:
         with self._lock:
             workers = sorted(conn.workers)
             live_uid, live_all, start_uid, start_all = self._counts(conn.uid)
+            auth_uid = self._authorizing.get(conn.uid, 0)
         return {
             "tier": TIER,
             "device_id": self.device.device_id,
@@ -376,6 +431,7 @@ class Daemon:
             "workers": workers,
             "live": {"uid": live_uid, "all": live_all},
             "starting": {"uid": start_uid, "all": start_all},
+            "authorizing": {"uid": auth_uid},
             "caps": {
                 "max_workers": cfg.max_workers,
                 "max_workers_per_uid": cfg.max_workers_per_uid,
@@ -406,45 +462,114 @@ class Daemon:
         for w in dead:
             w.stop()
 
-    def _reserve_start(self, conn: _Connection) -> None:
-        """Count one more worker starting for ``conn``'s uid, or refuse
-        (:class:`CapacityError`) if a cap on starting or on live-plus-starting
-        workers, of this uid or in all, would be passed."""
+    def _bucket(self, table: dict[int, _Bucket], uid: int, burst: int, interval: float) -> _Bucket:
+        """``uid``'s bucket in ``table``, refilled to now; under the lock."""
+        now = time.monotonic()
+        b = table.setdefault(uid, _Bucket(float(burst), now))
+        b.tokens = min(float(burst), b.tokens + (now - b.stamp) / interval)
+        b.stamp = now
+        return b
+
+    def _reserve_open(self, conn: _Connection) -> _Slot:
+        """One more open in progress for ``conn``'s uid, awaiting the key
+        server, or a typed refusal: its refusals spent (:class:`RateLimitedError`,
+        nothing asked of the key server), its opens in progress or its live
+        workers at their caps, or the daemon's live workers at theirs
+        (:class:`CapacityError`). The uid takes no place among the starts in
+        all until the key server has said yes (:meth:`_admit_start`)."""
         cfg = self.config
         self._reap()
         with self._lock:
-            live_uid, live_all, start_uid, start_all = self._counts(conn.uid)
-            if start_uid >= cfg.max_starting_per_uid or start_all >= cfg.max_starting:
-                mine = start_uid >= cfg.max_starting_per_uid
+            uid = conn.uid
+            self._check_refusals_locked(uid)
+            live_uid, live_all, start_uid, start_all = self._counts(uid)
+            busy = start_uid + self._authorizing.get(uid, 0)
+            if busy >= cfg.max_starting_per_uid:
                 raise CapacityError(
-                    f"{'this user has' if mine else 'the daemon has'} "
-                    f"{start_uid if mine else start_all} worker(s) starting, the most allowed "
-                    f"(--max-starting{'-per-uid' if mine else ''}): retry when they are up"
+                    f"this user has {busy} worker(s) starting or awaiting the key server, the "
+                    "most allowed (--max-starting-per-uid): retry when they are up"
                 )
-            if (live_uid + start_uid >= cfg.max_workers_per_uid
-                    or live_all + start_all >= cfg.max_workers):  # fmt: skip
-                mine = live_uid + start_uid >= cfg.max_workers_per_uid
-                cap = cfg.max_workers_per_uid if mine else cfg.max_workers
+            if live_uid + busy >= cfg.max_workers_per_uid:
                 raise CapacityError(
-                    f"{'this user holds' if mine else 'the daemon runs'} {cap} worker(s), the "
-                    f"most allowed (--max-workers{'-per-uid' if mine else ''}): close a model "
-                    "first"
+                    f"this user holds {cfg.max_workers_per_uid} worker(s), the most allowed "
+                    "(--max-workers-per-uid): close a model first"
                 )
-            self._starting[conn.uid] = start_uid + 1
+            if live_all + start_all >= cfg.max_workers:
+                raise CapacityError(
+                    f"the daemon runs {cfg.max_workers} worker(s), the most allowed "
+                    "(--max-workers): close a model first"
+                )
+            self._authorizing[uid] = self._authorizing.get(uid, 0) + 1
+        return _Slot(uid)
 
-    def _release_start_locked(self, uid: int) -> None:
-        left = self._starting.get(uid, 0) - 1
-        if left > 0:
-            self._starting[uid] = left
-        else:
-            self._starting.pop(uid, None)
+    def _check_refusals_locked(self, uid: int) -> None:
+        """Refuse (:class:`RateLimitedError`) an open of a uid whose refusals
+        are spent, before anything else is done for it; under the lock."""
+        cfg = self.config
+        bucket = self._bucket(self._refusals, uid, cfg.refusal_burst, cfg.refusal_interval)
+        if bucket.tokens < 1:
+            wait = (1 - bucket.tokens) * cfg.refusal_interval
+            raise _Throttled(
+                f"the key server refused {cfg.refusal_burst} or more opens of this user "
+                f"lately: the daemon asks it again in {wait:.0f}s"
+            )
+
+    def _admit_start(self, slot: _Slot) -> None:
+        """The key server said yes: from awaiting it to a place among the
+        starts in all, or a typed refusal (:class:`CapacityError`)."""
+        cfg = self.config
+        with self._lock:
+            _lu, live_all, _su, start_all = self._counts(slot.uid)
+            if start_all >= cfg.max_starting:
+                raise CapacityError(
+                    f"the daemon has {start_all} worker(s) starting, the most allowed "
+                    "(--max-starting): retry when they are up"
+                )
+            if live_all + start_all >= cfg.max_workers:
+                raise CapacityError(
+                    f"the daemon runs {cfg.max_workers} worker(s), the most allowed "
+                    "(--max-workers): close a model first"
+                )
+            _decrement(self._authorizing, slot.uid)
+            self._starting[slot.uid] = self._starting.get(slot.uid, 0) + 1
+            slot.stage = "starting"
+
+    def _refused(self, uid: int) -> None:
+        """The key server refused an open of ``uid``: one refusal spent."""
+        cfg = self.config
+        with self._lock:
+            self._bucket(self._refusals, uid, cfg.refusal_burst, cfg.refusal_interval).tokens -= 1
+
+    def _log_refusal(self, uid: int, exc: VaultError) -> None:
+        """Log a refused open, at most 20 lines per uid and then one every
+        3 s, each saying how many were left out since: a flood of refusals
+        cannot flood the daemon's log (nor make a journal drop others' lines)."""
+        with self._lock:
+            if (
+                isinstance(exc, _Throttled)
+                or self._bucket(self._log_budget, uid, 20, 3.0).tokens < 1
+            ):
+                self._quiet[uid] = self._quiet.get(uid, 0) + 1
+                return
+            self._log_budget[uid].tokens -= 1
+            skipped = self._quiet.pop(uid, 0)
+        more = f" ({skipped} more refusals for this uid not logged)" if skipped else ""
+        self.log(f"open refused for uid {uid}: {exc.code}: {exc.message}{more}")
 
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        with self._lock:  # a uid past its refusals costs nothing more: not even a header read
+            self._check_refusals_locked(conn.uid)
         req = self._check_open(msg, fds)
-        self._reserve_start(conn)
-        slot = _Slot(conn.uid)
+        slot = self._reserve_open(conn)
         try:
-            self._authorize(req)  # nothing runs before the licence is shown
+            try:
+                self._authorize(req)  # nothing runs before the licence is shown
+            except KeyServerUnavailableError:
+                raise  # no answer is not a refusal of this caller's
+            except VaultError:
+                self._refused(conn.uid)
+                raise
+            self._admit_start(slot)
             if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
                 while (standby := self._take_standby()) is not None:
                     try:
@@ -454,8 +579,10 @@ class Daemon:
             return self._spawn(conn, req, slot)
         finally:
             with self._lock:
-                if slot.starting:  # not admitted: the start failed or was refused
-                    self._release_start_locked(slot.uid)
+                if slot.stage == "authorizing":  # refused, or no answer
+                    _decrement(self._authorizing, slot.uid)
+                elif slot.stage == "starting":  # not admitted: the start failed
+                    _decrement(self._starting, slot.uid)
 
     def _check_open(self, msg: dict[str, Any], fds: list[int]) -> _OpenRequest:
         """Every field of an ``open`` and the package's header, checked; a
@@ -536,7 +663,10 @@ class Daemon:
             self._count += 1
             wid = f"w{self._count}-{os.urandom(4).hex()}"
         wdir = tempfile.mkdtemp(prefix=f"{wid}-", dir=cfg.runtime_dir)
-        os.chmod(wdir, 0o711)  # callers may reach the socket by name; CURVE decides who talks
+        # the workers' uid and root only: no other user reaches the worker's
+        # socket by its name (it is in every worker's command line), so none
+        # can flood it with connections; its caller gets a descriptor (_admit)
+        os.chmod(wdir, 0o700)
         if os.geteuid() == 0:
             os.chown(wdir, cfg.worker_uid, cfg.worker_gid)
         return wid, wdir
@@ -668,10 +798,15 @@ class Daemon:
         self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence,
         slot: _Slot,
     ) -> dict[str, Any]:  # fmt: skip
+        try:
+            endpoint_fd = _socket_path_fd(os.path.join(worker.directory, "w.sock"))
+        except OSError as exc:
+            worker.stop()
+            raise WorkerCrashedError(f"the worker's socket is not there ({exc.strerror})") from None
         with self._lock:  # from starting to live at once: never counted twice, nor not at all
             conn.workers[worker.wid] = worker
-            self._release_start_locked(slot.uid)
-            slot.starting = False
+            _decrement(self._starting, slot.uid)
+            slot.stage = "live"
         self.log(f"worker {worker.wid} (pid {worker.proc.pid}) for uid {conn.uid} pid {conn.pid}: "
                  f"model {ready.get('model_id')}, licence {lic.licence_id}"
                  f"{' (pre-started)' if ready.get('standby') else ''}")  # fmt: skip
@@ -681,6 +816,9 @@ class Daemon:
             "endpoint": ready.get("endpoint"),
             "server_key": ready.get("server_key"),
             "ready": {k: v for k, v in ready.items() if k != "ready"},
+            # the socket's directory is closed to the caller: it connects through
+            # this O_PATH descriptor (ipc:///proc/self/fd/N), sent with the reply
+            _REPLY_FDS: [endpoint_fd],
         }
 
     def _spawn(self, conn: _Connection, req: _OpenRequest, slot: _Slot) -> dict[str, Any]:
@@ -768,7 +906,7 @@ class Daemon:
                 raise ProtocolError(f"unknown op {op!r}")
         except VaultError as exc:
             if op == "open":
-                self.log(f"open refused for uid {conn.uid}: {exc.code}: {exc.message}")
+                self._log_refusal(conn.uid, exc)
             return {"ok": False, "id": rid, "error": exc.to_wire()}
         except Exception as exc:  # noqa: BLE001 - a bug or odd input: answered, never fatal
             self.log(f"{op!r} from uid {conn.uid} failed: {type(exc).__name__}: {exc}")
@@ -808,9 +946,13 @@ class Daemon:
                 except ProtocolError as exc:
                     send_message(sock, {"ok": False, "error": exc.to_wire()})
                     return  # the stream may be out of step: drop the connection
+                reply = self.handle(conn, msg, fds)
+                out_fds: list[int] = reply.pop(_REPLY_FDS, [])
                 try:
-                    send_message(sock, self.handle(conn, msg, fds))
+                    send_message(sock, reply, out_fds)
                 finally:
+                    for fd in out_fds:
+                        os.close(fd)
                     if msg.get("op") == "open":
                         # the next standby worker starts once this open is answered
                         # (its imports would otherwise take cores from the open), or
