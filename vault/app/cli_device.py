@@ -125,14 +125,16 @@ def _daemon(args: argparse.Namespace) -> int:
         max_starting_per_uid=args.max_starting_per_uid,
         refusal_burst=args.refusal_burst,
         refusal_interval=args.refusal_interval,
+        keyserver_timeout=args.keyserver_timeout,
         worker_memory_headroom=args.worker_memory_headroom,
     )
     for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid",
                  "refusal_burst"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if not cfg.refusal_interval > 0:
-        raise ConfigError("--refusal-interval must be a positive number of seconds")
+    for name in ("refusal_interval", "keyserver_timeout"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     return run_daemon(cfg)
 
 
@@ -225,6 +227,9 @@ def register(sub: Any) -> None:
                         "(default 10)")  # fmt: skip
     p.add_argument("--refusal-interval", type=float, default=6.0, metavar="SECONDS",
                    help="one more refusal per this many seconds (default 6)")  # fmt: skip
+    p.add_argument("--keyserver-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long an open waits for the key server's answer before it is "
+                        "refused as keyserver_unavailable (default 10)")  # fmt: skip
     p.add_argument("--worker-memory-headroom", type=_size, default=None, metavar="SIZE",
                    help="each worker's memory limit (RLIMIT_DATA) is 4x its package's "
                         "plaintext plus this (default 1G + 64M per CPU)")  # fmt: skip
