@@ -119,6 +119,7 @@ def _daemon(args: argparse.Namespace) -> int:
         standby=args.standby,
         max_connections=args.max_connections,
         max_connections_per_uid=args.max_connections_per_uid,
+        max_idle_connections_per_uid=args.max_idle_connections_per_uid,
         max_workers=args.max_workers,
         max_workers_per_uid=args.max_workers_per_uid,
         max_starting=args.max_starting,
@@ -129,7 +130,7 @@ def _daemon(args: argparse.Namespace) -> int:
         worker_memory_headroom=args.worker_memory_headroom,
     )
     for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid",
-                 "refusal_burst"):  # fmt: skip
+                 "refusal_burst", "max_idle_connections_per_uid"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("refusal_interval", "keyserver_timeout"):
@@ -212,6 +213,8 @@ def register(sub: Any) -> None:
                    help="callers connected at once, in all (default 512)")  # fmt: skip
     p.add_argument("--max-connections-per-uid", type=int, default=64,
                    help="callers connected at once from one uid (default 64)")  # fmt: skip
+    p.add_argument("--max-idle-connections-per-uid", type=int, default=8,
+                   help="of those, connections holding no model (default 8)")  # fmt: skip
     p.add_argument("--max-workers", type=int, default=64,
                    help="callers' workers live or starting, in all (default 64)")  # fmt: skip
     p.add_argument("--max-workers-per-uid", type=int, default=8,

@@ -138,6 +138,9 @@ class DaemonConfig:
     standby: int = 1  # workers kept pre-started; 0: every open spawns
     max_connections: int = 512  # in all (each holds a descriptor and a thread)
     max_connections_per_uid: int = 64
+    # of those, connections holding no worker (a stranger's: it can open
+    # none): the connections in all take many uids to fill, not a few
+    max_idle_connections_per_uid: int = 8
     # workers of callers, live or starting (pre-started ones are the daemon's own)
     max_workers: int = 64  # in all
     max_workers_per_uid: int = 8
@@ -971,8 +974,10 @@ class Daemon:
 
     def _admit_connection(self, sock: socket.socket) -> _Connection | None:
         """At most ``max_connections`` at once, ``max_connections_per_uid`` of one
-        uid: beyond, the caller gets one typed refusal and the socket closes
-        (each connection holds a descriptor and a thread of the daemon's)."""
+        uid, of which at most ``max_idle_connections_per_uid`` hold no worker:
+        beyond, the caller gets one typed refusal and the socket closes (each
+        connection holds a descriptor and a thread of the daemon's; a stranger
+        holds no worker, so a few strangers' uids cannot fill the daemon)."""
         try:
             pid, uid, _gid = peer_credentials(sock)
         except OSError:
@@ -981,16 +986,18 @@ class Daemon:
         cfg = self.config
         with self._lock:  # counted and registered at once: a flood cannot overshoot
             total = len(self._conns)
-            mine = sum(1 for c in self._conns if c.uid == uid)
-            if total < cfg.max_connections and mine < cfg.max_connections_per_uid:
+            mine = [c for c in self._conns if c.uid == uid]
+            idle = sum(1 for c in mine if not c.workers)
+            if (total < cfg.max_connections and len(mine) < cfg.max_connections_per_uid
+                    and idle < cfg.max_idle_connections_per_uid):  # fmt: skip
                 conn = _Connection(uid, pid)
                 self._conns.add(conn)
                 return conn
         try:
             sock.settimeout(1.0)
             send_message(sock, {"ok": False, "error": ConfigError(
-                "the vault daemon has too many connections (of this user, or in all): "
-                "close some and retry").to_wire()})  # fmt: skip
+                "the vault daemon has too many connections (of this user, of this user's "
+                "holding no model, or in all): close some and retry").to_wire()})  # fmt: skip
         except OSError:
             pass
         sock.close()
