@@ -20,8 +20,12 @@ callers cannot read, and listens on a local Unix socket
   from the key server the device was enrolled with (never one a caller's
   licence names: such a licence is refused before any worker);
 - listening on ``ipc://`` with CURVE, accepting only the client key of the
-  connection that opened it (the key the caller's proof binds): a caller
-  reaches only its own workers.
+  connection that opened it (the key the caller's proof binds), in a
+  directory only the workers' uid may enter (0700): its caller connects
+  through an ``O_PATH`` descriptor of the socket sent with the ``open`` reply
+  (``ipc:///proc/self/fd/N``), and no other user can connect at all (the
+  socket's name is in every worker's command line; a flood of connections
+  once killed a worker at its descriptor limit).
 
 **Nothing runs before a licence is shown.** Before a worker is started or a
 pre-started one assigned, the daemon reads the package's header from the
@@ -31,7 +35,13 @@ the caller's licence and proof would get this package's key now
 (``authorize``: the licence genuine, in force, for this model, this device
 and this caller's CURVE key, with quota and rate left; nothing released,
 nothing debited, audited). A stranger with a forged licence or proof gets the
-key server's typed refusal and costs no worker process. Workers are capped
+key server's typed refusal and costs no worker process; while it awaits the
+answer it holds no place among the starts in all (only one of its own uid's
+opens in progress), and once the key server has refused a uid
+``--refusal-burst`` times (then one more each ``--refusal-interval``) the
+daemon refuses that uid itself, reading nothing and asking nothing (a
+stranger cannot grow the key server's audit, made as the device, or the
+daemon's log). Workers are capped
 live and starting, per uid and in all (``--max-workers``,
 ``--max-workers-per-uid``, ``--max-starting``, ``--max-starting-per-uid``:
 :class:`~vault.core.errors.CapacityError`); each runs under a memory limit
@@ -46,7 +56,8 @@ may sit above one the daemon owns), and the directory is the daemon's own:
 otherwise another user could move the socket aside and listen in its place.
 
 A worker lives as long as the connection that opened it (or until ``close``).
-Connections are capped per uid (``--max-connections-per-uid``, 64) and in all
+Connections are capped per uid (``--max-connections-per-uid``, 64, of which
+``--max-idle-connections-per-uid``, 8, may hold no worker) and in all
 (``--max-connections``, 512): each holds a descriptor and a thread, and a
 flood past them gets a typed refusal rather than running the daemon out of
 descriptors; an ``accept`` that fails for want of them backs off and goes on.
