@@ -1046,5 +1046,6 @@ def test_a_strangers_pending_open_holds_no_start_and_its_refusals_are_bounded(
         assert len(asked) == 3, asked  # the budget's worth reached the key server
         with vault.open(trust.package, licence=lic, daemon=sock) as m:  # another uid: served
             assert m.compute(X)["logits"].shape == (1, 5)
-    logged = (trust.dir / "daemon-budget.sock.log").read_text().count("open refused for uid 65534")
-    assert logged <= 4, logged
+    log = (trust.dir / "daemon-budget.sock.log").read_text()
+    assert log.count("open refused for uid 65534") <= 4, log  # the key server's refusals
+    assert log.count("uid 65534: the key server refused its opens") == 1, log  # then one line

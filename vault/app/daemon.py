@@ -420,6 +420,7 @@ class Daemon:
         self._refusals: dict[int, _Bucket] = {}  # uid -> refusals the key server may still give
         self._quiet: dict[int, int] = {}  # uid -> refusals not logged (a flood's log is bounded)
         self._log_budget: dict[int, _Bucket] = {}
+        self._throttled: set[int] = set()  # uids whose opens the daemon refuses itself now
 
     def log(self, line: str) -> None:
         # one write per line: lines of threads logging at once never interleave
@@ -521,8 +522,14 @@ class Daemon:
         are spent, before anything else is done for it; under the lock."""
         cfg = self.config
         bucket = self._bucket(self._refusals, uid, cfg.refusal_burst, cfg.refusal_interval)
-        if bucket.tokens < 1:
+        if bucket.tokens >= 1:
+            self._throttled.discard(uid)
+        else:
             wait = (1 - bucket.tokens) * cfg.refusal_interval
+            if uid not in self._throttled:  # once per episode: the log stays bounded
+                self._throttled.add(uid)
+                self.log(f"uid {uid}: the key server refused its opens {cfg.refusal_burst} "
+                         "times or more lately; its opens are refused here for now")  # fmt: skip
             raise _Throttled(
                 f"the key server refused {cfg.refusal_burst} or more opens of this user "
                 f"lately: the daemon asks it again in {wait:.0f}s"
