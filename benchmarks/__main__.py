@@ -26,12 +26,15 @@ SECTIONS = {
     "accounting": "accounting",
     "latency": "latency",
     "breakdown": "breakdown",
+    "transformers": "real_models",
     "transfer": "transfer",
     "throughput": "throughput",
     "coldstart": "coldstart",
     "keyserver": "keyserver_bench",
     "hybrid": "hybrid",
     "service": "service_bench",
+    "oip": "oip_bench",
+    "web": "web",
 }
 
 
@@ -101,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         from .hybrid import plot as hybrid_plot
 
         hybrid_plot(res["hybrid"], out / "hybrid.png")
+    if isinstance(res.get("oip"), dict) and res["oip"].get("rows"):
+        from .oip_bench import plot as oip_plot
+        from .oip_bench import table as oip_table
+
+        oip_plot(res["oip"], out / "oip.png")
+        print("\nOpen Inference Protocol (section oip):\n" + oip_table(res["oip"]))
+    if isinstance(res.get("web"), dict) and res["web"].get("rows"):
+        from .web import table as web_table
+
+        print("\n" + "\n".join(web_table(res["web"])))
     print(report.table(res))
     print(
         f"\nwrote {out / 'results.json'}"

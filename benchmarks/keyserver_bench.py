@@ -227,7 +227,9 @@ def run(
             anchor_args = ["--anchor", os.path.join(tmp, f"audit{i}.anchor")] if anchor else []
             servers.append(subprocess.Popen(
                 [sys.executable, "-u", "-m", "keyserver", "serve", d, "--bind", "tcp://127.0.0.1:0",
-                 *extra, *anchor_args],
+                 *extra, *anchor_args,
+                 # capacity, not the per-key flood limit (20/s a key by default)
+                 "--request-limit", "off"],
                 stdout=subprocess.PIPE, stderr=log, env=env,
             ))  # fmt: skip
         proc = servers[0]

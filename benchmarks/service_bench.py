@@ -116,7 +116,9 @@ class _Vault:
 
         pk = PublisherKey.generate()
         pk.save(work / "publisher.key", work / "publisher.pub")
-        res = seal(onnx_model, model_id=name, signing_key=pk, output=work / f"{name}.vault")
+        # declared batchable (and checked) so the service may join callers' rows
+        res = seal(onnx_model, model_id=name, signing_key=pk, output=work / f"{name}.vault",
+                   batchable=max_batch > 1)  # fmt: skip
         spub, ssec = zmq.curve_keypair()
         cpub, csec = zmq.curve_keypair()
         cfg = {

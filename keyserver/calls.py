@@ -18,8 +18,9 @@ runtime licence get the same answer.
 Request ``{"model_id", "keys": [Z85...], "usage": [{"licence_id", "used",
 "reserved"}...]}`` (without ``model_id``: a probe, whether each key holds a
 live call licence at all, reserving nothing: the service's ZAP check); reply ``{"ttl", "decisions": {key: {"ok": true,
-"licence_id", "holder", "budget", "rate", "expires_at"} | {"ok": false,
-"error": {...}}}}``.
+"licence_id", "holder", "budget", "rate", "expires_at", "proof_key"} | {"ok": false,
+"error": {...}[, "licence_id", "proof_key"]}}}`` (``proof_key``: the licence's
+Ed25519 public key, which verifies the bearer tokens its holder mints).
 
 Example (the service's side, through :class:`vault.core.keyclient.KeyServerClient`)::
 
@@ -30,9 +31,11 @@ Example (the service's side, through :class:`vault.core.keyclient.KeyServerClien
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vault.core.errors import (
+    KeyServerError,
     LicenceExpiredError,
     LicenceRevokedError,
     ProtocolError,
@@ -41,9 +44,11 @@ from vault.core.errors import (
     VaultError,
     WrongModelError,
 )
+from vault.core.modelscope import covers
 
 from . import audit, metering
 from .policy import DeviceRecord, LicenceRecord
+from .store import MeteringId
 
 if TYPE_CHECKING:  # pragma: no cover
     from .service import KeyService
@@ -60,14 +65,35 @@ def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> Vau
         return LicenceRevokedError(f"licence {lic.licence_id} was revoked")
     if lic.expires_at is not None and now >= lic.expires_at:
         return LicenceExpiredError(f"licence {lic.licence_id} has expired")
-    if model_id is not None and lic.model_id is not None and lic.model_id != model_id:
+    if model_id is not None and lic.model_id is not None and not covers(lic.model_id, model_id):
         return WrongModelError(f"licence {lic.licence_id} is not for model {model_id!r}")
     if lic.max_calls is not None and lic.debited_calls >= lic.max_calls:
         return QuotaExhaustedError(f"licence {lic.licence_id} has used its {lic.max_calls} calls")
     return None
 
 
-def _usage(h: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+_ID_LEN = (8, 64)
+RETENTION = 7 * 86400.0  # how long report and grant ids are remembered (seconds)
+
+
+def _ident(v: Any, what: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _ID_LEN[0] <= len(v) <= _ID_LEN[1] or not v.isascii():
+        raise ProtocolError(f"{what} must be a string of {_ID_LEN[0]}-{_ID_LEN[1]} characters")
+    return v
+
+
+@dataclass(frozen=True)
+class _Report:
+    licence_id: str | None
+    used: int
+    reserved: int
+    report_id: str | None  # resent as is until acknowledged: counted once
+    grant_id: str | None  # the grant whose reserve this gives back (its budget, from here)
+
+
+def _usage(h: Mapping[str, Any]) -> list[_Report]:
     items = h.get("usage") or []
     if not isinstance(items, list) or len(items) > MAX_KEYS:
         raise ProtocolError("usage must be a list")
@@ -76,12 +102,70 @@ def _usage(h: Mapping[str, Any]) -> list[tuple[str, int, int]]:
         if not isinstance(it, dict):
             raise ProtocolError("usage entries are maps")
         lid, used, reserved = it.get("licence_id"), it.get("used"), it.get("reserved")
-        if (not isinstance(lid, str) or not isinstance(used, int) or isinstance(used, bool)
-                or used < 0 or not (reserved is None or (isinstance(reserved, int)
-                                                          and reserved >= 0))):  # fmt: skip
+        grant = _ident(it.get("grant_id"), "grant_id")
+        if (not (isinstance(lid, str) or (lid is None and grant is not None))
+                or not isinstance(used, int) or isinstance(used, bool)
+                or used < 0 or used > 1 << 48 or not (reserved is None or (
+                    isinstance(reserved, int) and not isinstance(reserved, bool)
+                    and 0 <= reserved <= 1 << 48))):  # fmt: skip
             raise ProtocolError("usage entries need licence_id, used >= 0 and reserved")
-        out.append((lid, used, reserved or 0))
+        out.append(_Report(lid, used, reserved or 0, _ident(it.get("id"), "usage id"), grant))
     return out
+
+
+def _grants(h: Mapping[str, Any]) -> dict[str, str]:
+    grants = h.get("grants") or {}
+    if not isinstance(grants, dict) or len(grants) > MAX_KEYS:
+        raise ProtocolError("grants must map caller keys to grant ids")
+    out: dict[str, str] = {}
+    for key, gid in grants.items():
+        ident = _ident(gid, "grant id")
+        if not isinstance(key, str) or ident is None:
+            raise ProtocolError("grants must map caller keys to grant ids")
+        out[key] = ident
+    return out
+
+
+def _settle_report(svc: KeyService, actor: str, model_id: Any, rep: _Report, now: float) -> None:
+    """Count one usage report (once: a report id already seen is skipped) and
+    give back the reserve it names: the grant's own budget, looked up here,
+    or (older services) the ``reserved`` count it carries."""
+    store = svc.store
+    if rep.report_id is not None:
+        if store.metering_id(rep.report_id) is not None:
+            return  # sent again after its answer was lost: already counted
+        store.insert_metering_id(MeteringId(rep.report_id, "report", rep.licence_id), at=now)
+    reserved: int | None = rep.reserved
+    lid = rep.licence_id
+    if rep.grant_id is not None:
+        grant = store.metering_id(rep.grant_id)
+        if grant is None:
+            # never granted (the request was lost), or not yet processed: a
+            # tombstone, so a late copy of that request grants nothing
+            store.insert_metering_id(MeteringId(rep.grant_id, "grant", lid, 0, True), at=now)
+            reserved = 0
+        elif grant.released or grant.kind != "grant":
+            reserved = 0
+        else:
+            store.release_metering_id(rep.grant_id)
+            reserved = grant.budget
+            lid = grant.licence_id
+    if lid is None:
+        return
+    lic = svc._licence(lid, now)
+    if lic is None or lic.kind != "call":
+        return
+    if not rep.used and not reserved:
+        return
+    # the calls served become used; the reservation is released (its unused
+    # part refunded); more calls than reserved are charged in full
+    u, r = metering.settle(lic, reserved=reserved, calls=rep.used)
+    svc._meter(lic, used=u, reserved=r, refund_tokens=max(0, (reserved or 0) - rep.used))
+    audit.append(
+        store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=model_id,
+        detail={"calls": rep.used, "reserved": reserved, "via": "service",
+                **({"grant_id": rep.grant_id} if rep.grant_id else {})},
+    )  # fmt: skip
 
 
 def call_decisions(
@@ -101,18 +185,10 @@ def call_decisions(
         raise ProtocolError(f"keys must be a list of at most {MAX_KEYS} Z85 keys")
     store = svc.store
     actor = device.device_id
-    for lid, used, reserved in _usage(h):
-        lic = svc._licence(lid, now)
-        if lic is None or lic.kind != "call":
-            continue
-        # the calls served become used; the reservation is released (its unused
-        # part refunded); more calls than reserved are charged in full
-        u, r = metering.settle(lic, reserved=reserved, calls=used)
-        svc._meter(lic, used=u, reserved=r)
-        audit.append(
-            store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=model_id,
-            detail={"calls": used, "reserved": reserved, "via": "service"},
-        )  # fmt: skip
+    grants = _grants(h)
+    for rep in _usage(h):
+        _settle_report(svc, actor, model_id, rep, now)
+    _prune(svc, now)
     decisions: dict[str, Any] = {}
     for key in dict.fromkeys(keys):
         lic = svc._authentic(store.licence_by_key(key), now)
@@ -120,26 +196,41 @@ def call_decisions(
         if lic is not None and lic.devices and device.device_id not in lic.devices and err is None:
             err = UnknownLicenceError("no call licence for this key")
         budget: metering.Budget | None = None
+        gid = grants.get(key)
         if err is None and not probe:
             assert lic is not None
-            lic, budget = svc._grant(lic, lic.reserved_calls, lic.used_calls, now)
-            if budget.budget == 0 and budget.retry_after is None:
-                err = QuotaExhaustedError(f"licence {lic.licence_id} has no calls left")
+            old = store.metering_id(gid) if gid is not None else None
+            if old is not None:
+                # a copy of a request already answered (or given up): never a second reserve
+                err = KeyServerError("this grant was already answered; ask with a new grant id")
+            else:
+                lic, budget = svc._grant(lic, lic.reserved_calls, lic.used_calls, now)
+                if budget.budget == 0 and budget.retry_after is None:
+                    err = QuotaExhaustedError(f"licence {lic.licence_id} has no calls left")
         if err is not None:
-            audit.append(
-                store, ts=now, event="denied", actor=actor,
-                licence_id=lic.licence_id if lic is not None and lic.kind == "call" else None,
-                model_id=model_id, detail={"op": "call_decisions", "reason": err.code},
+            svc._audit_refusal(  # identical refusals coalesced (keyserver.limits)
+                "denied", actor,
+                lic.licence_id if lic is not None and lic.kind == "call" else None,
+                model_id, {"op": "call_decisions", "reason": err.code}, now,
             )  # fmt: skip
             decisions[key] = {"ok": False, "error": err.to_wire()}
+            if lic is not None and lic.kind == "call" and err.code != "licence_unknown":
+                # the service checks a bearer token's signature before it says why
+                # the licence is refused, so a forger learns nothing of its state
+                decisions[key].update(licence_id=lic.licence_id, proof_key=lic.proof_public_key)
             continue
         assert lic is not None
         if budget is None:  # a probe: is this a live call licence at all
             decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder}
             continue
+        if gid is not None:
+            store.insert_metering_id(
+                MeteringId(gid, "grant", lic.licence_id, budget.budget), at=now
+            )
         audit.append(
             store, ts=now, event="call_lease", actor=actor, licence_id=lic.licence_id,
-            model_id=model_id, detail={"budget": budget.budget, "ttl": svc.lease_ttl},
+            model_id=model_id, detail={"budget": budget.budget, "ttl": svc.lease_ttl,
+                                       **({"grant_id": gid} if gid else {})},
         )  # fmt: skip
         decisions[key] = {
             "ok": True,
@@ -148,6 +239,18 @@ def call_decisions(
             "budget": budget.budget,
             "retry_after": budget.retry_after,
             "rate": lic.rate_limit,
+            "burst": metering.call_burst(lic.rate_limit),
             "expires_at": lic.expires_at,
+            "proof_key": lic.proof_public_key,  # verifies the licence's bearer tokens
+            "grant_id": gid,
         }
     return {"ttl": svc.lease_ttl, "decisions": decisions}
+
+
+def _prune(svc: KeyService, now: float) -> None:
+    """Forget report and grant ids older than :data:`RETENTION` (at most hourly)."""
+    last = getattr(svc, "_metering_pruned", 0.0)
+    if now - last < 3600.0:
+        return
+    svc._metering_pruned = now  # type: ignore[attr-defined]
+    svc.store.prune_metering_ids(now - RETENTION)

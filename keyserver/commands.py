@@ -24,6 +24,9 @@ import os
 import sys
 from typing import Any
 
+from vault.core.argtypes import positive_float
+from vault.core.logs import add_log_options
+
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
 DATABASE_ENV = "VAULT_DATABASE_URL"
 
@@ -56,16 +59,24 @@ def cmd_serve(
     advertise: str | None = None,
     database: str | None = None,
     anchor: str | None = None,
+    log_format: str = "json",
+    log_level: str = "info",
+    limits: Any = None,
+    coalesce: float | None = None,
 ) -> int:
     import json
 
     from vault.core.errors import VaultError
+    from vault.core.logs import Log
 
     from .server import serve
+    from .service import DEFAULT_COALESCE
 
+    log = Log(sys.stderr, component="keyserver", fmt=log_format, level=log_level)
     try:
         serve(root, bind=bind, lease_ttl=lease_ttl, advertise=advertise, database=database,
-              anchor=anchor)  # fmt: skip
+              anchor=anchor, log=log, limits=limits,
+              coalesce=DEFAULT_COALESCE if coalesce is None else coalesce)  # fmt: skip
     except VaultError as exc:
         # a launcher waiting for the ready line hears why there is none
         # (one that already read it may have closed the pipe)
@@ -139,6 +150,26 @@ def cmd_rotate(root: str, *, database: str | None = None) -> int:
     return 0
 
 
+def _limit(text: str) -> Any:
+    """argparse type of the request limits (``R/s[:BURST]`` or ``off``)."""
+    from .limits import parse_limit
+
+    try:
+        return parse_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limits(a: argparse.Namespace) -> Any:
+    from .service import RequestLimits
+
+    def given(v: Any) -> Any:  # argparse leaves a string default unconverted
+        return _limit(v) if isinstance(v, str) else v
+
+    return RequestLimits(identity=given(a.request_limit), device=given(a.device_request_limit),
+                         licence=given(a.licence_request_limit))  # fmt: skip
+
+
 def _database_option(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -205,16 +236,32 @@ def add_arguments(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")
     p.add_argument("--bind", default=DEFAULT_ADDRESS)
-    p.add_argument("--lease-ttl", type=float, default=60.0, metavar="S", help="lease TTL (s)")
+    p.add_argument(
+        "--lease-ttl", type=positive_float, default=60.0, metavar="S", help="lease TTL (s)"
+    )
     p.add_argument("--advertise", default=None, help="address written into issued licences")
     _database_option(p)
     p.add_argument("--anchor", default=None, metavar="PATH",
                    help="append signed audit checkpoints to PATH (outside the database)")  # fmt: skip
+    add_log_options(p)
+    p.add_argument("--request-limit", type=_limit, default="20/s:100", metavar="R/s[:BURST]",
+                   help="requests per licence holder's key, checked before any policy "
+                        "(default 20/s:100; 'off': none); refusals carry retry_after")  # fmt: skip
+    p.add_argument("--device-request-limit", type=_limit, default="1000/s:2000",
+                   metavar="R/s[:BURST]",
+                   help="requests per enrolled device's key (default 1000/s:2000; 'off')")  # fmt: skip
+    p.add_argument("--licence-request-limit", type=_limit, default="50/s:200",
+                   metavar="R/s[:BURST]",
+                   help="key requests devices make for one licence (default 50/s:200; 'off')")  # fmt: skip
+    p.add_argument("--coalesce", type=float, default=None, metavar="S",
+                   help="identical refusals within S seconds: one audit record at once and one "
+                        "with their count when S ends (default 60; 0: a record each)")  # fmt: skip
     p.set_defaults(
         ks_command="serve",
         func=lambda a: cmd_serve(
             a.dir, bind=a.bind, lease_ttl=a.lease_ttl, advertise=a.advertise,
-            database=database_url(a), anchor=a.anchor,
+            database=database_url(a), anchor=a.anchor, limits=_limits(a), coalesce=a.coalesce,
+            log_format=a.log_format, log_level=a.log_level,
         ),
     )  # fmt: skip
 

@@ -135,7 +135,14 @@ def exclusive_lock(root: str | os.PathLike[str]) -> Iterator[None]:
     """Hold ``DIR/keyserver.lock``: one server per directory, and no
     rotation under a running server (which holds the old master in memory)."""
     path = Paths(os.fspath(root)).lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # a read-only directory (a mounted Secret) or not ours
+        raise ConfigError(
+            f"{path}: cannot take the key server's lock ({exc.strerror}); a directory the "
+            "server cannot write (replicas' shared files) needs a PostgreSQL store: "
+            "$VAULT_DATABASE_URL or --database-file"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

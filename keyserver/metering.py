@@ -14,10 +14,18 @@ Pure functions over a :class:`~keyserver.policy.LicenceRecord` and the time;
   bucket of call tokens, kept with the licence in the database (so replicas
   share it), fills at ``rate_limit`` up to ``rate_limit x lease_ttl`` (at
   least one call); every grant and every renewal draws its whole budget from
-  it, and unused calls are not returned to it. A grant that finds less than
-  one call is refused (``RateLimitedError``); a renewal then gets a budget of
+  it, and the part a lease did not serve goes back to it when the lease
+  reports (a renewal, a close, a service's usage report; never for a lease
+  that lapsed). A grant that finds less than one call is refused
+  (``RateLimitedError`` with ``retry_after``); a renewal then gets a budget of
   0 and ``retry_after`` seconds. Over any T seconds a licence serves at most
-  ``rate_limit x (T + lease_ttl)`` calls, however often it asks.
+  ``rate_limit x (T + lease_ttl)`` calls in all, however often it asks.
+- **Per call, the rate itself.** The lease (and a service's call grant)
+  carries ``rate`` and ``burst`` (:func:`call_burst`: one second of calls, at
+  least one): the worker or service holding it lets at most ``burst`` calls
+  through at once and then one every ``1 / rate`` seconds, refusing the rest
+  with ``retry_after``. So a holder calling as fast as it can is served at the
+  licence's rate, not a whole lease's budget at once.
 
 Example::
 
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 
 from .policy import LicenceRecord
 
-__all__ = ["Budget", "bucket_capacity", "refill", "size_budget", "settle"]
+__all__ = ["Budget", "bucket_capacity", "call_burst", "refill", "refund", "size_budget", "settle"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,24 @@ class Budget:
 
 def bucket_capacity(rate: float, lease_ttl: float) -> float:
     return max(1.0, rate * lease_ttl)
+
+
+def call_burst(rate: float | None) -> float | None:
+    """Calls a worker or service lets through at once under ``rate`` (one
+    second's worth, at least one); None without a rate limit."""
+    if rate is None or rate <= 0:
+        return None
+    return max(1.0, float(rate))
+
+
+def refund(lic: LicenceRecord, calls: int, *, lease_ttl: float) -> tuple[float, float] | None:
+    """The call bucket (tokens, at) once ``calls`` unserved calls of a lease's
+    budget go back to it (capped at its capacity); None: nothing changes."""
+    rate = lic.rate_limit
+    if calls <= 0 or rate is None or rate <= 0 or lic.rate_tokens is None or lic.rate_at is None:
+        return None  # no rate limit, or a bucket never drawn from (still full)
+    cap = bucket_capacity(rate, lease_ttl)
+    return min(cap, lic.rate_tokens + calls), lic.rate_at
 
 
 def refill(lic: LicenceRecord, *, now: float, lease_ttl: float) -> float | None:

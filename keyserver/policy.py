@@ -34,6 +34,7 @@ from vault.core.errors import (
     QuotaExhaustedError,
     WrongModelError,
 )
+from vault.core.modelscope import covers
 
 __all__ = [
     "AllOf",
@@ -154,8 +155,11 @@ class NotExpired:
 
 
 class BoundToModel:
+    """The licence's model scope covers the model (one id, several, a
+    ``prefix*`` pattern or ``*``: :mod:`vault.core.modelscope`)."""
+
     def check(self, ctx: Context) -> None:
-        if ctx.licence.model_id != ctx.model_id:
+        if not covers(ctx.licence.model_id, ctx.model_id):
             raise WrongModelError(
                 f"licence {ctx.licence.licence_id} is not for model {ctx.model_id!r}"
             )

@@ -12,7 +12,8 @@ Example::
     {"ready": true, "address": "tcp://127.0.0.1:41234", "pid": 4242, ...}
 
 That ready line (JSON, read by :func:`vault.core.launch.read_ready_line`)
-is all the server writes on stdout; its log lines go to stderr.
+is all the server writes on stdout; its log lines go to stderr
+(:class:`vault.core.logs.Log`: JSON by default, ``--log-format text``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ import zmq
 from zmq.utils import z85
 
 from vault.core.errors import ProtocolError, VaultError
+from vault.core.logs import Log
 from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
 from . import audit
 from .anchor import AnchorWriter
 from .layout import Paths, exclusive_lock, load_audit_key, load_master, load_server_keys
 from .policy import Policy
-from .service import DEFAULT_LEASE_TTL, KeyService, Request
+from .service import DEFAULT_COALESCE, DEFAULT_LEASE_TTL, KeyService, Request, RequestLimits
 from .store import SqliteStore, Store, open_store
 
 __all__ = ["MAX_HEADER", "MAX_MESSAGE", "REQUEST_HEADER_LIMIT", "serve"]
@@ -147,6 +149,9 @@ def serve(
     database: str | None = None,
     anchor: str | os.PathLike[str] | None = None,
     out: Any = None,
+    log: Log | None = None,
+    limits: RequestLimits | None = None,
+    coalesce: float = DEFAULT_COALESCE,
 ) -> None:
     """Run the key server until SIGTERM or Ctrl-C.
 
@@ -156,13 +161,17 @@ def serve(
     URL (several replicas may serve one database); by default the SQLite
     file ``DIR/keyserver.db``, one server per directory. ``anchor`` is the
     file that receives the signed audit checkpoints (:mod:`keyserver.anchor`).
+    ``log`` gets the server's events (default: JSON lines on stderr).
     """
     out = out or sys.stdout
+    log = log or Log(sys.stderr, component="keyserver")
     paths = Paths(os.fspath(root))
     # A SQLite file has one writer: the directory lock says so early. Replicas
     # of a PostgreSQL store share one directory of keys, so no lock there.
     with exclusive_lock(paths.root) if database is None else _no_lock():
         st: Store = open_store(database or paths.db)
+        with st.transaction():  # a database made before the table existed gets it
+            st.ensure_metering_ids()
         checkpointer: _Checkpointer | None = None
         if isinstance(st, SqliteStore):
             st.disable_autocheckpoint()  # see _Checkpointer
@@ -207,6 +216,9 @@ def serve(
                 release_policy=release_policy,
                 renew_policy=renew_policy,
                 checkpoint=writer,
+                log=log,
+                limits=limits,
+                coalesce=coalesce,
             )
             if writer is not None:  # everything so far, rotations included
                 seq, head = audit.head(st)
@@ -221,8 +233,23 @@ def serve(
                 "server_key": public.decode(),
                 "database": st.kind,
             }
+            log(
+                "started",
+                endpoint=endpoint,
+                advertised=advertise or endpoint,
+                database=st.kind,
+                lease_ttl=lease_ttl,
+                anchor=os.fspath(anchor) if anchor else None,
+            )
             print(json.dumps(ready, sort_keys=True), file=out, flush=True)
-            _loop(router, zap, service, stop)
+            try:
+                _loop(router, zap, service, stop)
+            finally:
+                try:  # refusals counted and not yet written get their record
+                    service.flush_refusals()
+                except Exception as exc:  # noqa: BLE001 - stopping anyway: say so
+                    print(f"keyserver: could not write the last refusal counts "
+                          f"({type(exc).__name__})", file=sys.stderr, flush=True)  # fmt: skip
         finally:
             if checkpointer is not None and checkpointer.is_alive():
                 checkpointer.stop()
@@ -237,7 +264,7 @@ def serve(
             st.close()
             if writer is not None:
                 writer.close()
-        print("keyserver stopped", file=sys.stderr, flush=True)
+        log("stopped")
 
 
 @contextlib.contextmanager
@@ -263,6 +290,7 @@ def _loop(router: zmq.Socket[Any], zap: zmq.Socket[Any], service: KeyService, st
                 except zmq.ZMQError:
                     pass  # REP socket state is reset by the next recv
         if router not in events:
+            service.tick()  # intervals of counted refusals that ended get their record
             continue
         envelopes: list[list[bytes]] = []
         batch: list[Request] = []

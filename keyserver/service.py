@@ -32,19 +32,24 @@ import zmq
 from vault.core import crypto as _crypto
 from vault.core.errors import (
     AuditError,
+    ConfigError,
     KeyServerError,
     LicenceError,
     PermissionDeniedError,
     ProtocolError,
     RateLimitedError,
     UnknownLicenceError,
+    UnknownModelError,
     VaultError,
 )
 from vault.core.licence import Licence
+from vault.core.logs import Log
+from vault.core.modelscope import MAX_SCOPE, make_scope, scope_items
 from vault.core.protocol import error_reply, ok_reply
 
 from . import audit, metering
 from .layout import new_licence_id
+from .limits import Buckets, Coalescer, Limit, Refusal
 from .policy import (
     Context,
     DeviceRecord,
@@ -55,14 +60,29 @@ from .policy import (
     default_renew_policy,
 )
 from .rowauth import RowAuth
-from .store import KeyRow, LeaseRow, Store
+from .store import KeyRow, LeaseRow, MeteringId, Store
 
-__all__ = ["DEFAULT_LEASE_TTL", "KeyService", "Request"]
+__all__ = ["DEFAULT_LEASE_TTL", "KeyService", "RequestLimits", "Request"]
 
 DEFAULT_LEASE_TTL = 60.0
+DEFAULT_COALESCE = 60.0  # seconds: identical refusals within it make two audit records at most
 NOT_YOURS = "no such licence for this client key"
 MAX_SKEW = 60.0  # seconds a request's timestamp may differ from the server clock
 _MAX_STR = 512
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Requests per CURVE identity (a licence holder's key, an enrolled
+    device's key) and per licence (what devices ask on its behalf), checked
+    before any policy runs; None: no limit. The defaults leave every normal
+    use far below them (a worker asks once per open and once per half
+    lease) and slow a flood to a trickle."""
+
+    identity: Limit | None = Limit(20.0, 100.0)
+    device: Limit | None = Limit(1000.0, 2000.0)
+    licence: Limit | None = Limit(50.0, 200.0)
+    max_entries: int = 65536
 
 
 @dataclass(frozen=True)
@@ -124,8 +144,16 @@ def _int(h: Mapping[str, Any], name: str, *, optional: bool) -> Any:
     return v
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _scope(h: Mapping[str, Any]) -> str:
+    """The ``model_id`` of an ``issue``: a model scope (one id, several,
+    ``prefix*``, ``*``), canonical; a malformed one is a ProtocolError."""
+    v = h.get("model_id")
+    if not isinstance(v, str) or not v or len(v) > MAX_SCOPE:
+        raise ProtocolError("field 'model_id' must be a model id, a list of them or a pattern")
+    try:
+        return make_scope([v])
+    except ConfigError as exc:
+        raise ProtocolError(exc.message) from None
 
 
 def _device_only(caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -153,11 +181,25 @@ class KeyService:
         clock: Callable[[], float] = time.time,
         release_policy: Policy | None = None,
         renew_policy: Policy | None = None,
-        log: Callable[[str], None] = _stderr,
+        log: Callable[..., None] | None = None,
         checkpoint: Callable[[int, bytes, float], None] | None = None,
+        limits: RequestLimits | None = None,
+        coalesce: float = DEFAULT_COALESCE,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
+        self.limits = limits or RequestLimits()
+        lim = self.limits
+        self._by_identity = {
+            kind: Buckets(limit, max_entries=lim.max_entries)
+            for kind, limit in (("licence", lim.identity), ("device", lim.device))
+            if limit is not None
+        }
+        self._by_licence = (
+            Buckets(lim.licence, max_entries=lim.max_entries) if lim.licence is not None else None
+        )
+        self._identity_kind: dict[str, str] = {}  # from ZAP: which keys are devices
+        self.coalescer = Coalescer(coalesce)
         self.store = store
         self._master = master
         self.rows = RowAuth(master)
@@ -170,7 +212,8 @@ class KeyService:
         self.clock = clock
         self.release_policy = release_policy or default_release_policy()
         self.renew_policy = renew_policy or default_renew_policy()
-        self.log = log
+        # structured events (vault.core.logs.Log): log(event, level=..., **fields)
+        self.log: Callable[..., None] = log or Log(sys.stderr, component="keyserver")
         self._nonces: set[bytes] = set()
         self._nonce_expiry: deque[tuple[float, bytes]] = deque()
         self._ops: dict[str, Callable[[LicenceRecord, Mapping[str, Any], float], dict[str, Any]]]
@@ -197,14 +240,25 @@ class KeyService:
         a second ago connects). Revoked holders are admitted so they hear the
         typed 'revoked' denial instead of silence; a revoked device is not."""
         if self.store.has_client_key(client_public_key):
+            self._note_identity(client_public_key, "licence")
             return True
         dev = self.store.device_by_key(client_public_key)
         if dev is None or dev.revoked_at is not None:
             return False
         if not self.rows.device_authentic(dev):  # written into the database by someone else
-            self.log(f"keyserver: REFUSED device row {dev.device_id}: its tag does not match")
+            self.log("row_refused", level="error", table="devices", device=dev.device_id,
+                     reason="its tag does not match: not written by this key server")  # fmt: skip
             return False
+        self._note_identity(client_public_key, "device")
         return True
+
+    def _note_identity(self, key: str, kind: str) -> None:
+        """Which request limit a connected key gets (bounded: the oldest go)."""
+        kinds = self._identity_kind
+        kinds.pop(key, None)
+        kinds[key] = kind
+        while len(kinds) > self.limits.max_entries:
+            del kinds[next(iter(kinds))]
 
     # --- batches ---------------------------------------------------------------
 
@@ -213,9 +267,15 @@ class KeyService:
         try:
             self.store.begin()
         except self.store.errors as exc:
-            self.log(f"keyserver: cannot open a transaction ({type(exc).__name__}); refusing batch")
+            self.log("batch_refused", level="error", error=type(exc).__name__,
+                     reason="cannot open a transaction")  # fmt: skip
             return [self._audit_failed(r) for r in requests]
         self._batch_broken = False
+        self.coalescer.begin()
+        try:
+            self._write_repeats(self.coalescer.due(now), now)
+        except self.store.errors:
+            self._batch_broken = True
         replies = [self._one(r, now) for r in requests]
         failures: tuple[type[BaseException], ...] = (_LostTransaction, *self.store.errors)
         head: tuple[int, bytes] | None = None
@@ -226,7 +286,9 @@ class KeyService:
                 head = audit.head(self.store)  # the head this batch leaves
             self.store.commit()
         except failures as exc:
-            self.log(f"keyserver: commit failed ({type(exc).__name__}); nothing released")
+            self.log("commit_failed", level="error", error=type(exc).__name__,
+                     reason="nothing released")  # fmt: skip
+            self.coalescer.rollback()
             if self.store.in_transaction:
                 try:
                     self.store.rollback()
@@ -236,6 +298,7 @@ class KeyService:
                 rep if self._is_ping(req) else self._audit_failed(req)
                 for req, rep in zip(requests, replies)
             ]
+        self.coalescer.commit()
         if head is not None and head != self._checkpointed:
             # The head leaves the database (signed, to the anchor) before any
             # reply does: a record that let a key out is covered by a
@@ -245,9 +308,8 @@ class KeyService:
                 self.checkpoint(head[0], head[1], now)
                 self._checkpointed = head
             except Exception as exc:  # noqa: BLE001 - any failure: release nothing
-                self.log(
-                    f"keyserver: audit checkpoint failed ({type(exc).__name__}); nothing released"
-                )
+                self.log("checkpoint_failed", level="error", error=type(exc).__name__,
+                         reason="nothing released")  # fmt: skip
                 return [
                     rep if self._is_ping(req) else self._audit_failed(req)
                     for req, rep in zip(requests, replies)
@@ -263,6 +325,83 @@ class KeyService:
         rid = req.header.get("id") if req.header is not None else None
         return error_reply(rid, AuditError("audit record could not be written; nothing released"))
 
+    # --- floods: request limits, coalesced refusals (keyserver.limits) ----------
+
+    def tick(self, now: float | None = None) -> None:
+        """Write the records of refusal intervals that ended (the server's
+        loop calls this when idle; a batch does it too)."""
+        if self.coalescer.has_due(self.clock() if now is None else now):
+            self.process_batch([])
+
+    def flush_refusals(self) -> None:
+        """At stop: every refusal counted and not yet written gets its record."""
+        if not self.coalescer.pending():
+            return
+        now = self.clock()
+        self.store.begin()
+        self.coalescer.begin()
+        try:
+            self._write_repeats(self.coalescer.due(now, every=True), now)
+            head = audit.head(self.store) if self.checkpoint is not None else None
+            self.store.commit()
+        except BaseException:
+            self.coalescer.rollback()
+            if self.store.in_transaction:
+                self.store.rollback()
+            raise
+        self.coalescer.commit()
+        if head is not None and self.checkpoint is not None and head != self._checkpointed:
+            self.checkpoint(head[0], head[1], now)
+            self._checkpointed = head
+
+    def _write_repeats(self, records: list[dict[str, Any]], now: float) -> None:
+        for rec in records:
+            audit.append(self.store, ts=now, **rec)
+
+    def _audit_refusal(self, event: str, actor: str | None, licence_id: str | None,
+                       model_id: str | None, detail: dict[str, Any], now: float) -> None:  # fmt: skip
+        """Audit a refusal: at once if it is the first of its kind in its
+        interval, else counted for one record at the interval's end."""
+        write, pushed = self.coalescer.refusal(
+            Refusal(event, actor, licence_id, model_id, detail), now
+        )
+        self._write_repeats(pushed, now)
+        if write:
+            audit.append(self.store, ts=now, event=event, actor=actor, licence_id=licence_id,
+                         model_id=model_id, detail=detail)  # fmt: skip
+
+    def _limit_identity(self, identity: str | None, op: str, now: float) -> None:
+        """The requester's own bucket, before anything else is looked at."""
+        if identity is None:
+            return
+        kind = self._identity_kind.get(identity, "licence")
+        buckets = self._by_identity.get(kind)
+        if buckets is None:
+            return
+        wait = buckets.take(identity, now)
+        if wait is not None:
+            err = RateLimitedError(
+                f"too many requests from this {'device' if kind == 'device' else 'client key'}",
+                retry_after=wait,
+            )
+            self._audit_refusal("denied", None, None, None,
+                                {"op": op, "reason": err.code, "message": err.message,
+                                 "limit": "identity", "identity": identity}, now)  # fmt: skip
+            raise _Denied(err)
+
+    def _limit_licence(self, licence_id: str, actor: str, op: str, now: float) -> None:
+        """The licence's bucket, for what devices ask on its behalf."""
+        if self._by_licence is None:
+            return
+        wait = self._by_licence.take(licence_id, now)
+        if wait is not None:
+            err = RateLimitedError(f"too many requests for licence {licence_id}",
+                                   retry_after=wait)  # fmt: skip
+            self._audit_refusal("denied", actor, licence_id, None,
+                                {"op": op, "reason": err.code, "message": err.message,
+                                 "limit": "licence"}, now)  # fmt: skip
+            raise _Denied(err)
+
     def _one(self, req: Request, now: float) -> dict[str, Any]:
         rid = req.header.get("id") if req.header is not None else None
         if req.error is not None or req.header is None:
@@ -276,6 +415,7 @@ class KeyService:
             return error_reply(rid, ProtocolError(f"unknown op {op!r}"))
         self.store.savepoint()
         try:
+            self._limit_identity(req.identity, str(op), now)  # before any policy runs
             self._check_fresh(h, now)
             device = self._device(req.identity, now)
             if device is not None:
@@ -291,7 +431,8 @@ class KeyService:
             self._rollback_savepoint()
             return error_reply(rid, exc)
         except self.store.errors as exc:
-            self.log(f"keyserver: {op} failed to write ({type(exc).__name__}); fail closed")
+            self.log("write_failed", level="error", op=str(op), error=type(exc).__name__,
+                     reason="fail closed")  # fmt: skip
             self._rollback_savepoint()
             return error_reply(
                 rid, AuditError("audit record could not be written; nothing released")
@@ -302,7 +443,8 @@ class KeyService:
                 tb = tb.tb_next
             where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
             # type and place only: an exception's text could quote request bytes
-            self.log(f"keyserver: internal error in {op}: {type(exc).__name__} at {where}")
+            self.log("internal_error", level="error", op=str(op), error=type(exc).__name__,
+                     where=where)  # fmt: skip
             self._rollback_savepoint()
             return error_reply(rid, KeyServerError("internal key server error"))
 
@@ -364,10 +506,9 @@ class KeyService:
         return None
 
     def _report_row(self, rec: LicenceRecord, now: float) -> None:
-        self.log(
-            f"keyserver: REFUSED licence row {rec.licence_id} ({rec.role}, holder {rec.holder!r}):"
-            " its tag does not match; it was not written by this key server"
-        )
+        self.log("row_refused", level="error", table="licences", licence=rec.licence_id,
+                 role=rec.role, holder=rec.holder,
+                 reason="its tag does not match: not written by this key server")  # fmt: skip
         audit.append(
             self.store, ts=now, event="row_refused", licence_id=rec.licence_id,
             detail={"table": "licences", "role": rec.role, "holder": rec.holder,
@@ -378,14 +519,13 @@ class KeyService:
     def _deny(
         self, caller: LicenceRecord, op: str, error: VaultError, now: float, **detail: Any
     ) -> _Denied:
-        audit.append(
-            self.store, ts=now, event="denied", actor=caller.licence_id,
-            licence_id=detail.pop("licence_id", caller.licence_id),
-            model_id=detail.pop("model_id", None),
-            detail={"op": op, "reason": error.code, "message": error.message, **detail},
+        self._audit_refusal(
+            "denied", caller.licence_id, detail.pop("licence_id", caller.licence_id),
+            detail.pop("model_id", None),
+            {"op": op, "reason": error.code, "message": error.message, **detail}, now,
         )  # fmt: skip
         if op not in ("release", "renew"):
-            self.log(f"keyserver: denied {op} for {caller.licence_id}: {error.code}")
+            self.log("denied", level="warning", op=op, actor=caller.licence_id, code=error.code)
         return _Denied(error)
 
     def _require_admin(self, caller: LicenceRecord, op: str, now: float) -> None:
@@ -395,9 +535,13 @@ class KeyService:
     # --- leases and metering (rules in keyserver.metering) -------------------------
 
     def _meter(self, lic: LicenceRecord, *, used: int, reserved: int,
-               bucket: tuple[float, float] | None = None) -> LicenceRecord:  # fmt: skip
+               bucket: tuple[float, float] | None = None,
+               refund_tokens: int = 0) -> LicenceRecord:  # fmt: skip
         """Store the licence's new counters (and call bucket: tokens at a
-        time; None keeps it); returns the record as it now is."""
+        time; None keeps it; ``refund_tokens`` unserved calls of a budget go
+        back to it); returns the record as it now is."""
+        if bucket is None and refund_tokens:
+            bucket = metering.refund(lic, refund_tokens, lease_ttl=self.lease_ttl)
         tokens, at = bucket if bucket is not None else (lic.rate_tokens, lic.rate_at)
         if (used, reserved, tokens, at) == (lic.used_calls, lic.reserved_calls, lic.rate_tokens,
                                             lic.rate_at):  # fmt: skip
@@ -434,6 +578,9 @@ class KeyService:
             "hard_end": expires + lic.grace,
             "call_budget": budget.budget,
             "retry_after": budget.retry_after,
+            # the rate enforced per call by the worker holding the lease
+            "rate": lic.rate_limit,
+            "burst": metering.call_burst(lic.rate_limit),
         }
 
     def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
@@ -524,7 +671,8 @@ class KeyService:
             # Only the rate can do this (QuotaLeft passed): a grant counts against it.
             assert lic.rate_limit is not None
             rl = RateLimitedError(
-                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s"
+                f"licence {lic.licence_id} is limited to {lic.rate_limit:g} calls/s",
+                retry_after=budget.retry_after,
             )
             raise self._deny_as(actor, "release", rl, now, **ids)
         lease_id = os.urandom(12).hex()
@@ -564,7 +712,8 @@ class KeyService:
         database by anyone else is refused as if absent, and reported."""
         if rec is None or self.rows.device_authentic(rec):
             return rec
-        self.log(f"keyserver: REFUSED device row {rec.device_id}: its tag does not match")
+        self.log("row_refused", level="error", table="devices", device=rec.device_id,
+                 reason="its tag does not match: not written by this key server")  # fmt: skip
         audit.append(
             self.store, ts=now, event="row_refused",
             detail={"table": "devices", "device_id": rec.device_id,
@@ -577,13 +726,12 @@ class KeyService:
         self, actor: str, op: str, error: VaultError, now: float, **detail: Any
     ) -> _Denied:
         """Audit a denial whose actor may be a device, then refuse."""
-        audit.append(
-            self.store, ts=now, event="denied", actor=actor,
-            licence_id=detail.pop("licence_id", None), model_id=detail.pop("model_id", None),
-            detail={"op": op, "reason": error.code, "message": error.message, **detail},
+        self._audit_refusal(
+            "denied", actor, detail.pop("licence_id", None), detail.pop("model_id", None),
+            {"op": op, "reason": error.code, "message": error.message, **detail}, now,
         )  # fmt: skip
         if op not in ("release", "renew", "close", "authorize"):
-            self.log(f"keyserver: denied {op} for {actor}: {error.code}")
+            self.log("denied", level="warning", op=op, actor=actor, code=error.code)
         return _Denied(error)
 
     def _device_op(
@@ -623,6 +771,7 @@ class KeyService:
             # reply does not tell which licence ids exist (the audit does)
             raise self._deny_as(actor, op, UnknownLicenceError(NOT_YOURS), now,
                                 asked_for=req["licence_id"], proof="bad", **ids)  # fmt: skip
+        self._limit_licence(lic.licence_id, actor, op, now)  # its holder signed this one
         self._check_kind(lic, now, ids, actor=actor, op=op)
         if lic.devices and device.device_id not in lic.devices:
             err = PermissionDeniedError(
@@ -726,6 +875,16 @@ class KeyService:
         (licence, lease, used, reserved-without-this-lease, calls)."""
         lease_id = _str(h, "lease_id")
         calls = _int(h, "calls", optional=True) or 0
+        report_id = h.get("report_id")
+        if report_id is not None:
+            if not isinstance(report_id, str) or not 8 <= len(report_id) <= 64:
+                raise ProtocolError("field 'report_id' must be a string of 8-64 characters")
+            if self.store.metering_id(report_id) is not None:
+                calls = 0  # sent again after its answer was lost: counted already
+            else:
+                self.store.insert_metering_id(
+                    MeteringId(report_id, "report", caller.licence_id), at=now
+                )
         # a lease granted to a device is renewed and closed by that device only
         lease = (
             self.store.lease(lease_id, caller.licence_id)
@@ -751,7 +910,8 @@ class KeyService:
                device_id: str | None = None) -> dict[str, Any]:  # fmt: skip
         lic, row, used, reserved, calls = self._report(caller, h, now, "renew", device_id)
         lease_id = row.lease_id
-        settled = self._meter(lic, used=used, reserved=reserved)
+        unused = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
+        settled = self._meter(lic, used=used, reserved=reserved, refund_tokens=unused)
         try:
             self.renew_policy.check(Context("renew", settled, now, row.model_id))
             if row.ended:
@@ -779,7 +939,7 @@ class KeyService:
         of its reservation is refunded to the quota."""
         lic, row, used, reserved, calls = self._report(caller, h, now, "close", device_id)
         refunded = 0 if row.ended or row.call_budget is None else max(0, row.call_budget - calls)
-        self._meter(lic, used=used, reserved=reserved)
+        self._meter(lic, used=used, reserved=reserved, refund_tokens=refunded)
         self.store.end_lease(row.lease_id, calls=calls)
         if not row.ended:
             audit.append(
@@ -820,12 +980,12 @@ class KeyService:
             self.store, ts=now, event="key_registered", actor=caller.licence_id,
             model_id=model_id, detail={"key_id": key_id, "package_digest": digest},
         )  # fmt: skip
-        self.log(f"keyserver: registered key {key_id} for model {model_id}")
+        self.log("key_registered", key_id=key_id, model=model_id)
         return {"created": True}
 
     def _issue(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "issue", now)
-        model_id = _str(h, "model_id")
+        model_id = _scope(h)
         holder = _str(h, "holder")
         expires = _num(h, "expires", optional=True)
         max_calls = _int(h, "max_calls", optional=True)
@@ -833,6 +993,20 @@ class KeyService:
         grace = _num(h, "grace", optional=True, default=0.0)
         if rate_limit is not None and rate_limit <= 0:
             raise ProtocolError("field 'rate_limit' must be positive")
+        require_key = h.get("require_key", False)
+        if not isinstance(require_key, bool):
+            raise ProtocolError("field 'require_key' must be a boolean")
+        # each id the scope names must be known; a pattern ("digits-*", "*") covers
+        # the models registered now and later, so it needs none yet
+        unknown = [m for m in scope_items(model_id) if not m.endswith("*")
+                   and not self._known_model(m)] if require_key else []  # fmt: skip
+        if unknown:
+            known = self.store.model_ids(limit=20)
+            raise UnknownModelError(
+                f"the key server has no key for model {unknown[0]!r} (registered: "
+                f"{', '.join(known) if known else 'none'}); seal and register it first, "
+                "or issue it anyway with --force"
+            )
         kind, same_user, devices = self._issue_kind(h)
         public, secret = zmq.curve_keypair()
         proof_key = _crypto.PublisherKey.generate()
@@ -852,7 +1026,7 @@ class KeyService:
                     "rate_limit": rate_limit, "grace": grace, "kind": kind,
                     "same_user": same_user, "devices": devices},
         )  # fmt: skip
-        self.log(f"keyserver: issued {licence_id} to {holder} for {model_id}")
+        self.log("issued", licence=licence_id, holder=holder, models=model_id, kind=kind)
         lic = Licence(
             licence_id=licence_id,
             holder=holder,
@@ -867,8 +1041,19 @@ class KeyService:
             same_user=same_user,
             devices=tuple(devices),
             proof_key=base64.b64encode(proof_key.export_private_raw()).decode(),
+            expires_at=expires_at,
+            max_calls=max_calls,
+            rate_limit=rate_limit,
+            grace=grace,
         )
         return {"licence": lic.to_json()}
+
+    def _known_model(self, model_id: str) -> bool:
+        """A key is registered for it; or it is a hybrid's plain head
+        (``ID.head``, ``ID.head.cK``) whose sealed tail (``ID.tail...``) is."""
+        if self.store.has_model(model_id):
+            return True
+        return ".head" in model_id and self.store.has_model(model_id.replace(".head", ".tail", 1))
 
     def _issue_kind(self, h: Mapping[str, Any]) -> tuple[str, bool, list[str]]:
         kind = h.get("kind", "runtime")
@@ -909,7 +1094,7 @@ class KeyService:
             self.store, ts=now, event="revoked", actor=caller.licence_id, licence_id=licence_id,
             model_id=target.model_id, detail={"holder": target.holder},
         )  # fmt: skip
-        self.log(f"keyserver: revoked {licence_id}")
+        self.log("revoked", licence=licence_id)
         return {"licence_id": licence_id, "revoked_at": now, "already": False}
 
     def _list(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -968,7 +1153,7 @@ class KeyService:
             self.store, ts=now, event="device_enrolled", actor=caller.licence_id,
             detail={"device_id": device_id, "name": name, "public_key": public_key},
         )  # fmt: skip
-        self.log(f"keyserver: enrolled device {device_id} ({name})")
+        self.log("device_enrolled", device=device_id, name=name)
         return {"device_id": device_id, "created": True}
 
     def _revoke_device(
@@ -987,7 +1172,7 @@ class KeyService:
             self.store, ts=now, event="device_revoked", actor=caller.licence_id,
             detail={"device_id": device_id},
         )  # fmt: skip
-        self.log(f"keyserver: revoked device {device_id}")
+        self.log("device_revoked", device=device_id)
         return {"device_id": device_id, "revoked_at": now, "already": False}
 
     def _list_devices(

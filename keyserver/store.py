@@ -45,6 +45,8 @@ __all__ = [
     "AuditRow",
     "KeyRow",
     "LeaseRow",
+    "METERING_SCHEMA",
+    "MeteringId",
     "SqliteStore",
     "Store",
     "connect",
@@ -128,6 +130,22 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 """
 
+# Ids a worker service chooses for its usage reports and call grants, so a
+# request whose answer was lost can be sent again without counting anything
+# twice (keyserver/calls.py). Created by `serve` too, for databases made by
+# an earlier version (same statement on both engines).
+METERING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metering_ids (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    licence_id TEXT,
+    budget BIGINT,
+    released INTEGER NOT NULL DEFAULT 0,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metering_ids_at ON metering_ids (at);
+"""
+
 LICENCE_COLS = (
     "licence_id, holder, role, model_id, client_public_key, issued_at, expires_at,"
     " max_calls, rate_limit, grace, revoked_at, used_calls, reserved_calls, rate_tokens, rate_at,"
@@ -162,6 +180,18 @@ class LeaseRow:
     ended: bool
     calls: int = 0
     device_id: str | None = None  # the device it was granted to (None: tier 0)
+
+
+@dataclass(frozen=True)
+class MeteringId:
+    """A usage report already counted, or a call grant (its reserve, and
+    whether it was given back): what makes a re-sent report count once."""
+
+    ident: str
+    kind: str  # "report" or "grant"
+    licence_id: str | None
+    budget: int | None = None
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,6 +364,14 @@ class Store:
         rows = self._q("SELECT model_id, key_id, package_digest, wrapped FROM keys").fetchall()
         return [KeyRow(str(r[0]), str(r[1]), str(r[2]), bytes(r[3])) for r in rows]
 
+    def model_ids(self, *, limit: int = 1000) -> list[str]:
+        """The model ids that have a registered key (sorted, at most ``limit``)."""
+        rows = self._q("SELECT DISTINCT model_id FROM keys ORDER BY model_id LIMIT ?", (limit,))
+        return [str(r[0]) for r in rows.fetchall()]
+
+    def has_model(self, model_id: str) -> bool:
+        return self._one("SELECT 1 FROM keys WHERE model_id = ? LIMIT 1", (model_id,)) is not None
+
     def insert_key(self, row: KeyRow, *, registered_at: float) -> None:
         self._q(
             "INSERT INTO keys (model_id, key_id, package_digest, wrapped, registered_at)"
@@ -440,6 +478,37 @@ class Store:
 
     def count_leases(self) -> int:
         return int(self._one("SELECT count(*) FROM leases")[0])
+
+    # --- metering ids (idempotent usage reports and call grants) -----------------------
+
+    def ensure_metering_ids(self) -> None:
+        """The table, in a database made before it existed (idempotent)."""
+        for stmt in METERING_SCHEMA.split(";"):
+            if stmt.strip():
+                self._execute(stmt)
+
+    def metering_id(self, ident: str) -> MeteringId | None:
+        r = self._one(
+            "SELECT id, kind, licence_id, budget, released FROM metering_ids WHERE id = ?",
+            (ident,),
+        )
+        if r is None:
+            return None
+        return MeteringId(str(r[0]), str(r[1]), r[2], None if r[3] is None else int(r[3]),
+                          bool(r[4]))  # fmt: skip
+
+    def insert_metering_id(self, row: MeteringId, *, at: float) -> None:
+        self._q(
+            "INSERT INTO metering_ids (id, kind, licence_id, budget, released, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (row.ident, row.kind, row.licence_id, row.budget, int(row.released), at),
+        )
+
+    def release_metering_id(self, ident: str) -> None:
+        self._q("UPDATE metering_ids SET released = 1 WHERE id = ?", (ident,))
+
+    def prune_metering_ids(self, before: float) -> None:
+        self._q("DELETE FROM metering_ids WHERE at < ?", (before,))
 
     # --- audit ---------------------------------------------------------------------------------
 
@@ -553,7 +622,7 @@ def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Co
     # After a checkpoint lets the WAL restart, cut the file back to 16 MiB.
     conn.execute("PRAGMA journal_size_limit=16777216")
     if create:
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + METERING_SCHEMA)
         set_meta(conn, "schema_version", SCHEMA_VERSION)
     return conn
 

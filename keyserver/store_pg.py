@@ -146,6 +146,7 @@ class PostgresStore(Store):
         if create:
             with st.transaction():
                 conn.execute(_SCHEMA)
+                st.ensure_metering_ids()
                 st.set_meta("schema_version", SCHEMA_VERSION)
         elif st._one("SELECT to_regclass('public.audit')")[0] is None:
             conn.close()

@@ -24,7 +24,9 @@ Fixtures (names are stable; other test packages rely on them):
     ``client(licence) -> KeyServerClient`` (talking as that device),
     ``register(model_id, key_id, key, package_digest)``, ``stop()``
     (SIGTERM, returns the exit code), ``kill()`` (SIGKILL), ``start()``
-    (same port), ``restart()``, ``output() -> bytes`` (stdout+stderr so far).
+    (same port), ``restart()``, ``output() -> bytes`` (its log so far),
+    ``events(event, **fields)`` (its JSON log records of that event),
+    ``audit(licence_id=None)`` (its audit records).
     Always killed at teardown, even when the test fails.
 
 Example::
@@ -56,11 +58,14 @@ from vault.core.licence import Licence
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def served_endpoint(
-    proc: subprocess.Popen[bytes], timeout: float = 30.0
-) -> tuple[str | None, bytes]:
-    """The ``endpoint: ...`` line ``vault worker serve`` prints on stdout, and
-    what it printed up to there (None if it exits or ``timeout`` passes first)."""
+def served_ready(
+    proc: subprocess.Popen[bytes], timeout: float = 60.0
+) -> tuple[dict[str, Any] | None, bytes]:
+    """The one JSON ready line ``vault worker serve`` prints on stdout once its
+    initial load has finished (``{"ready": true, "endpoint", "server_key",
+    "models", ...}``), and what it printed up to there (None if it exits or
+    ``timeout`` passes first)."""
+    import json
     import select
     import time
 
@@ -70,14 +75,25 @@ def served_endpoint(
     while time.monotonic() < deadline:
         r, _, _ = select.select([proc.stdout], [], [], 0.5)
         if r:
-            chunk = os.read(proc.stdout.fileno(), 4096)
+            chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 break
             buf += chunk
             for line in buf.decode().splitlines():
-                if line.startswith("endpoint: "):
-                    return line.split(": ", 1)[1].strip(), buf
+                if line.startswith("{") and line.endswith("}"):
+                    msg = json.loads(line)
+                    if msg.get("ready") is True:
+                        return msg, buf
     return None, buf
+
+
+def served_endpoint(
+    proc: subprocess.Popen[bytes], timeout: float = 60.0
+) -> tuple[str | None, bytes]:
+    """The endpoint in ``vault worker serve``'s ready line, and what it printed
+    up to there (None if it exits or ``timeout`` passes first)."""
+    ready, buf = served_ready(proc, timeout)
+    return (str(ready["endpoint"]) if ready else None), buf
 
 
 class KeyServerProcess:
@@ -160,6 +176,32 @@ class KeyServerProcess:
 
     def output(self) -> bytes:
         return self.log_path.read_bytes() if self.log_path.exists() else b""
+
+    def audit(self, licence_id: str | None = None) -> list[Any]:
+        """The audit records (``keyserver.audit.AuditRecord``: ``event``,
+        ``ts``, ``licence_id``, ``detail``...) of this SQLite key server, of
+        ``licence_id`` when given, in order."""
+        from keyserver import audit, store
+
+        st = store.SqliteStore.open(self.dir / "keyserver.db")
+        try:
+            return [r for r in audit.records(st) if licence_id in (None, r.licence_id)]
+        finally:
+            st.close()
+
+    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The server's log records (one JSON object a line, vault.core.logs)
+        of ``event`` whose fields include ``fields``."""
+        import json
+
+        out = []
+        for line in self.output().decode(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            rec = json.loads(line)
+            if rec.get("event") == event and all(rec.get(k) == v for k, v in fields.items()):
+                out.append(rec)
+        return out
 
     # --- conveniences ------------------------------------------------------------
 

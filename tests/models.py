@@ -138,3 +138,117 @@ def slow_matmul(
         prev = out
     w_init = numpy_helper.from_array(w, "secret_w")
     return _model(helper.make_graph(nodes, "slow", [x], [y], [w_init]))
+
+
+def blocks_model(
+    n_features: int = 8, hidden: int = 16, n_classes: int = 5, *, seed: int = 0
+) -> onnx.ModelProto:
+    """``x`` [N, F] -> ``logits`` [N, C] through three blocks (MatMul, Relu)
+    whose outputs are ``block1_out``..``block3_out``: the tensor names the
+    hybrid's documentation cuts at (``--protect-from block3_out``)."""
+    rng = np.random.default_rng(seed)
+    dims = [n_features, hidden, hidden, hidden]
+    inits, nodes = [], []
+    prev = "x"
+    for i in range(3):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"block{i + 1}_w"))
+        nodes.append(helper.make_node("MatMul", [prev, f"block{i + 1}_w"], [f"block{i + 1}_mm"],
+                                      name=f"block{i + 1}_matmul"))  # fmt: skip
+        nodes.append(helper.make_node("Relu", [f"block{i + 1}_mm"], [f"block{i + 1}_out"],
+                                      name=f"block{i + 1}_relu"))  # fmt: skip
+        prev = f"block{i + 1}_out"
+    w = (rng.standard_normal((hidden, n_classes)) / np.sqrt(hidden)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, "head_w"))
+    nodes.append(helper.make_node("MatMul", ["block3_out", "head_w"], ["logits"], name="head"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])
+    return _model(helper.make_graph(nodes, "blocks", [x], [y], inits))
+
+
+# Open Inference Protocol datatype -> ONNX element type, for all_types()
+OIP_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def all_types() -> onnx.ModelProto:
+    """One input ``in_T`` [N, 2] and one output ``out_T`` [N, 2] per datatype T
+    of the Open Inference Protocol (``OIP_TYPES``): each output is its input
+    transformed in a way the type allows (numbers doubled, booleans negated,
+    strings passed through), plus ``is_hello`` (bool [N, 2]: which strings
+    equal ``"hello"``)."""
+    inputs, outputs, nodes, inits = [], [], [], []
+    for name, et in OIP_TYPES.items():
+        t = name.lower()
+        inputs.append(helper.make_tensor_value_info(f"in_{t}", et, ["N", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{t}", et, ["N", 2]))
+        if et == TensorProto.BOOL:
+            nodes.append(helper.make_node("Not", [f"in_{t}"], [f"out_{t}"]))
+        elif et == TensorProto.STRING:
+            nodes.append(helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]))
+            hello = numpy_helper.from_array(np.array("hello", dtype=object), "hello")
+            inits.append(hello)
+            nodes.append(helper.make_node("Equal", [f"in_{t}", "hello"], ["is_hello"]))
+        else:
+            nodes.append(helper.make_node("Add", [f"in_{t}", f"in_{t}"], [f"out_{t}"]))
+    outputs.append(helper.make_tensor_value_info("is_hello", TensorProto.BOOL, ["N", 2]))
+    return _model(helper.make_graph(nodes, "all_types", inputs, outputs, inits), opset=19)
+
+
+def batch_centred(n_features: int = 4) -> onnx.ModelProto:
+    """``x`` [N, F] -> ``y = x - mean(x over dim 0)`` [N, F]: its signature
+    looks batchable, but every output row depends on every input row (what
+    any model that normalises over the batch does)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_features])
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1, name="batch_mean"),
+        helper.make_node("Sub", ["x", "mean"], ["y"], name="centre"),
+    ]
+    return _model(helper.make_graph(nodes, "centred", [x], [y]))
+
+
+def lstm_sequence_first(input_size: int = 3, hidden: int = 5, *, seed: int = 0) -> onnx.ModelProto:
+    """An LSTM exported sequence-first, as ``torch.nn.LSTM`` does by default:
+    ``x`` [S, B, I] -> ``y`` [S, 1, B, H]. Dim 0 is time: the output at step
+    ``t`` depends on every earlier step, so rows along dim 0 are not independent."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((1, 4 * hidden, input_size)) * 0.5).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", "B", input_size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", 1, "B", hidden])
+    inits = [numpy_helper.from_array(w, "lstm_W"), numpy_helper.from_array(r, "lstm_R"),
+             numpy_helper.from_array(b, "lstm_B")]  # fmt: skip
+    node = helper.make_node("LSTM", ["x", "lstm_W", "lstm_R", "lstm_B"], ["y"],
+                            hidden_size=hidden, name="lstm")  # fmt: skip
+    return _model(helper.make_graph([node], "lstm", [x], [y], inits))
+
+
+def sklearn_shaped_regressor(n_features: int = 4, *, seed: int = 0) -> onnx.ModelProto:
+    """Shaped as skl2onnx exports a linear regressor: ``float_input`` [?, F]
+    -> ``variable`` [?, 1], dim 0 left unnamed (no ``dim_param``)."""
+    rng = np.random.default_rng(seed)
+    coef = rng.standard_normal((n_features, 1)).astype(np.float32)
+    x = helper.make_tensor_value_info("float_input", TensorProto.FLOAT, [None, n_features])
+    y = helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 1])
+    bias = numpy_helper.from_array(np.array([0.25], np.float32), "intercept")
+    nodes = [
+        helper.make_node("MatMul", ["float_input", "coef"], ["mm"], name="LinearRegressor"),
+        helper.make_node("Add", ["mm", "intercept"], ["variable"], name="Add"),
+    ]
+    return _model(helper.make_graph(nodes, "skl2onnx", [x], [y],
+                                    [numpy_helper.from_array(coef, "coef"), bias]))  # fmt: skip

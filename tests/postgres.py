@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.prereq import require
@@ -53,9 +53,11 @@ def _as_user(cmd: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", *cmd]
 
 
-def _run(cmd: list[str], timeout: float = 120) -> None:
+def _run(cmd: list[str], timeout: float = 120,
+         wrap: Callable[[list[str]], list[str]] | None = None) -> None:  # fmt: skip
+    full = _as_user(cmd)
     res = subprocess.run(
-        _as_user(cmd), capture_output=True, text=True, timeout=timeout, cwd="/",
+        wrap(full) if wrap else full, capture_output=True, text=True, timeout=timeout, cwd="/",
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
     )  # fmt: skip
     if res.returncode != 0:
@@ -63,7 +65,11 @@ def _run(cmd: list[str], timeout: float = 120) -> None:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
+def postgres_server(
+    *, port: int | None = None, wrap: Callable[[list[str]], list[str]] | None = None
+) -> Iterator[str]:
+    """``port``: listen there (default: a free one); ``wrap``: run the server's
+    commands through it (e.g. into a test host's namespaces, tests/nshost.py)."""
     bindir = find_bindir()
     require(bindir is not None, "PostgreSQL server binaries (apt-get install postgresql)")
     assert bindir is not None
@@ -80,22 +86,20 @@ def postgres_server() -> Iterator[str]:
         os.chmod(base, 0o700)
         _run([f"{bindir}/initdb", "-D", str(data), "-U", "vault", "-A", "trust", "-E", "UTF8",
               "--locale=C", "--no-sync", "--no-instructions"])  # fmt: skip
-        port = _free_port()
+        port = port or _free_port()
         opts = (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=50"
                 " -c shared_buffers=16MB")  # fmt: skip
         _run([f"{bindir}/pg_ctl", "-D", str(data), "-o", opts, "-l", str(base / "server.log"),
-              "-w", "-t", "60", "start"])  # fmt: skip
+              "-w", "-t", "60", "start"], wrap=wrap)  # fmt: skip
         started = True
-        import psycopg
-
-        with psycopg.connect(f"postgresql://vault@127.0.0.1:{port}/postgres", autocommit=True) as c:
-            c.execute("CREATE DATABASE vault")
+        _run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "vault", "vault"],
+             wrap=wrap)  # fmt: skip
         yield f"postgresql://vault@127.0.0.1:{port}/vault"
     finally:
         if started:
             try:
                 _run([f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", "30",
-                      "stop"])  # fmt: skip
+                      "stop"], wrap=wrap)  # fmt: skip
             except (RuntimeError, subprocess.TimeoutExpired):
                 _kill_postmaster(data)
         shutil.rmtree(base, ignore_errors=True)

@@ -40,6 +40,9 @@ from .core.errors import (
     RateLimitedError,
     SealError,
     ServiceUnavailableError,
+    TokenError,
+    TokenExpiredError,
+    TokenSpentError,
     UnknownLicenceError,
     UnknownModelError,
     UnsafeModelError,
@@ -58,6 +61,7 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .core.crypto import PublisherKey
     from .core.licence import Licence
     from .core.package import Package, inspect
+    from .core.token import mint_token
     from .hybrid.client import HybridModel
     from .sealing import SealResult, seal
 
@@ -72,6 +76,7 @@ _LAZY = {
     "inspect": "core.package",
     "Licence": "core.licence",
     "PublisherKey": "core.crypto",
+    "mint_token": "core.token",
 }
 
 __all__ = [
@@ -99,6 +104,9 @@ __all__ = [
     "SealError",
     "SealResult",
     "ServiceUnavailableError",
+    "TokenError",
+    "TokenExpiredError",
+    "TokenSpentError",
     "UnknownLicenceError",
     "UnknownModelError",
     "UnsafeModelError",
@@ -113,6 +121,7 @@ __all__ = [
     "__version__",
     "connect",
     "inspect",
+    "mint_token",
     "open",
     "seal",
 ]

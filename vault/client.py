@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import builtins
 import functools
 import itertools
 import os
@@ -52,7 +51,9 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .core import sealed, standby
 from .core.channel import Channel, ZmqChannel, check_endpoint
+from .core.curvekeys import read_public_key
 from .core.daemonwire import (
     DAEMON_USER_VAR,
     DEFAULT_SOCKET,
@@ -64,6 +65,8 @@ from .core.daemonwire import (
 )
 from .core.errors import (
     ConfigError,
+    InputError,
+    IntegrityError,
     PermissionDeniedError,
     ProtocolError,
     ServiceUnavailableError,
@@ -76,12 +79,17 @@ from .core.errors import (
 )
 from .core.launch import WorkerPipes, read_ready_line, spawn_worker
 from .core.licence import Licence
+from .core.localwire import TOKEN_BYTES, LocalChannel, listen_socket
 from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
+    PROTOCOL_VERSION,
     SHM_MIN_BYTES,
     decode_tensors,
     encode_tensors,
+    pack_header,
+    raise_for_reply,
+    unpack_header,
 )
 from .core.shm import ShmArena
 
@@ -133,9 +141,97 @@ class _LocalWorker:
         self.ready: dict[str, Any] = {}
         self.shm_bytes = shm_bytes
         self.arena: ShmArena | None = None
+        self.local_path: str | None = None  # the direct local channel's socket
+        self.local_token = os.urandom(TOKEN_BYTES)  # what each of its connections sends first
+
+    def _new_arena(self) -> None:
+        if self.arena is not None:  # a restart: the new worker gets a new arena
+            self.arena.close(unmap=False)
+            self.arena = None
+        if self.shm_bytes > 0:
+            try:
+                self.arena = ShmArena(self.shm_bytes, slots=SHM_SLOTS)
+            except OSError:
+                self.arena = None  # no memfd here: every tensor travels as frames
+
+    @property
+    def _standby_key(self) -> standby.Key | None:
+        """Which pre-started worker fits this open; None: spawn cold (the
+        unsafe key and its publisher file are known only now; CUDA's
+        hardening differs)."""
+        if not standby.enabled() or self.unsafe_key is not None or self.publisher:
+            return None
+        if self.licence is None:
+            return None
+        if self.device or "CUDAExecutionProvider" in (self.providers or []):
+            return None
+        return (self.python, tuple(self.worker_args))
 
     def start(self) -> str:
-        endpoint = f"ipc://{self.dir}/w{next(self._count)}.sock"
+        self._new_arena()
+        key = self._standby_key
+        waiting = standby.POOL.take(key) if key is not None else None
+        endpoint = None
+        if waiting is not None:
+            try:
+                endpoint = self._assign(waiting)
+            except standby.StandbyGone:
+                endpoint = None  # it died waiting: spawn cold
+        if endpoint is None:
+            endpoint = self._spawn()
+        if key is not None:
+            standby.POOL.refill(key)  # the next open's worker, now that this one is answered
+        return endpoint
+
+    def _assign(self, w: standby.Standby) -> str:
+        """Hand a pre-started worker this open: the package, the licence, the
+        arena and our listening socket, by descriptor (vault/core/standby.py)."""
+        assert self.licence is not None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = w.dir  # ours now, 0700, with its endpoint in it
+        listener, local_path = (None, None)
+        if local_channel_enabled():
+            listener, local_path = listen_socket(self.dir, "c0.sock")
+        pipes: list[int] = []
+        pkg_fd = -1
+        try:
+            lic_r = _filled_pipe(self.licence.dumps(), pipes)
+            pkg_fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
+            fds = [pkg_fd, lic_r]
+            msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1}
+            if listener is not None:
+                msg.update(listen_fd=len(fds), listen_token_fd=len(fds) + 1)
+                fds += [listener.fileno(), _filled_pipe(self.local_token, pipes)]
+            if self.arena is not None:
+                msg.update(shm_fd=len(fds), shm_size=self.arena.size)
+                fds.append(self.arena.fd)
+            if self.providers:
+                msg["providers"] = ",".join(self.providers)
+            if not self.prepack:
+                msg["no_prepack"] = True
+            self.proc, self._lifeline = w.proc, w.lifeline_w
+            w.lifeline_w = None  # the lifeline is this worker's now
+            try:
+                self.ready = w.assign(msg, fds, timeout=self.start_timeout)
+            except standby.StandbyGone:
+                self.proc, self._lifeline = None, None
+                self.dir = tempfile.mkdtemp(prefix="vault-")  # its directory went with it
+                raise
+            except BaseException:
+                self.kill()
+                raise
+        finally:
+            for fd in (*pipes, pkg_fd):
+                if fd >= 0:
+                    os.close(fd)
+            if listener is not None:
+                listener.close()  # only the worker holds it now
+        self.local_path = local_path if self.ready.get("local") else None
+        return str(self.ready.get("endpoint") or w.endpoint)
+
+    def _spawn(self) -> str:
+        n = next(self._count)
+        endpoint = f"ipc://{self.dir}/w{n}.sock"
         pipes = WorkerPipes()
         args = [self.package, "--endpoint", endpoint]
         pass_fds: list[int] = []
@@ -151,17 +247,17 @@ class _LocalWorker:
             args += ["--device", self.device]
         if not self.prepack:
             args += ["--no-prepack"]
-        if self.arena is not None:  # a restart: the new worker gets a new arena
-            self.arena.close(unmap=False)
-            self.arena = None
-        if self.shm_bytes > 0:
-            try:
-                self.arena = ShmArena(self.shm_bytes, slots=SHM_SLOTS)
-            except OSError:
-                self.arena = None  # no memfd here: every tensor travels as frames
         if self.arena is not None:
             args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
+        # the direct local channel: our listening socket, in our 0700 directory;
+        # the worker only accepts on it (vault/core/localwire.py)
+        listener, local_path = (None, None)
+        if local_channel_enabled():
+            listener, local_path = listen_socket(self.dir, f"c{n}.sock")
+            args += ["--listen-fd", str(listener.fileno())]
+            pass_fds.append(listener.fileno())
+            pipes.secret("--listen-token-fd", self.local_token)
         args += [*pipes.args, *self.worker_args]
         try:
             self.proc = spawn_worker(
@@ -170,6 +266,10 @@ class _LocalWorker:
         except BaseException:
             pipes.failed()
             raise
+        finally:
+            # only the worker holds it now: once it dies, a connect is refused at once
+            if listener is not None:
+                listener.close()
         pipes.spawned()
         self._lifeline = pipes.lifeline_w
         try:
@@ -179,6 +279,7 @@ class _LocalWorker:
             raise
         finally:
             pipes.close_status()
+        self.local_path = local_path if self.ready.get("local") else None
         return str(self.ready.get("endpoint") or endpoint)
 
     def alive(self) -> bool:
@@ -247,6 +348,12 @@ class _DaemonWorker:
         self.server_key = ""
         public, secret = zmq.curve_keypair()
         self._client_public, self._client_secret = public, secret
+        # the direct local channel: our listening socket in our own 0700
+        # directory, its descriptor and token handed to the worker in the open
+        self.dir: str | None = None
+        self.local_path: str | None = None
+        self.local_token = os.urandom(TOKEN_BYTES)
+        self._count = itertools.count()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._endpoint_fd: int | None = None  # O_PATH: the worker's socket, for this process only
@@ -328,16 +435,26 @@ class _DaemonWorker:
         if not self.prepack:
             msg["prepack"] = False
         self._drop_endpoint()  # the previous worker's: its channel is closed by now
+        listener, local_path = (None, None)
+        if local_channel_enabled():
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="vault-")  # mode 0700
+            listener, local_path = listen_socket(self.dir, f"c{next(self._count)}.sock")
+            msg["listen_token"] = self.local_token.hex()
         fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fds = [fd] if self.arena is None else [fd, self.arena.fd]
+            if listener is not None:
+                fds.append(listener.fileno())  # the last one
             reply, got = self._call(msg, fds, max_fds=1)
         finally:
             os.close(fd)
-        # The worker's socket sits in a directory only the workers' uid and
-        # root can enter (no other user can reach it, or flood it): the daemon
-        # sends an O_PATH descriptor of it, and this process connects through
-        # its own /proc/self/fd entry.
+            if listener is not None:
+                listener.close()  # only the worker holds it now
+        # The worker's ZeroMQ socket sits in a directory only the workers' uid
+        # and root can enter (no other user can reach it, or flood it): the
+        # daemon sends an O_PATH descriptor of it, and this process connects
+        # through its own /proc/self/fd entry.
         if len(got) != 1 or not stat.S_ISSOCK(os.fstat(got[0]).st_mode):
             for extra in got:
                 os.close(extra)
@@ -347,6 +464,7 @@ class _DaemonWorker:
         self.worker_pid = int(reply["pid"])
         self.server_key = str(reply["server_key"])
         self.ready = dict(reply.get("ready") or {})
+        self.local_path = local_path if self.ready.get("local") else None
         return f"ipc:///proc/self/fd/{self._endpoint_fd}"
 
     def _drop_endpoint(self) -> None:
@@ -393,6 +511,9 @@ class _DaemonWorker:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 class _Remote:
@@ -411,11 +532,13 @@ class _Remote:
         self.model = model
 
     def channel(self, ctx: zmq.Context[Any], max_message: int) -> Channel:
+        keys = (self.licence.client_public_key.encode(), self.server_key.encode())
         if len(self.addresses) == 1:
             return _WatchedChannel(ctx, self.addresses[0], configure=self.configure,
-                                   max_message=max_message, send_timeout_ms=5000)  # fmt: skip
+                                   max_message=max_message, send_timeout_ms=5000,
+                                   sealed_keys=keys)  # fmt: skip
         return _FailoverChannel([_WatchedChannel(ctx, a, configure=self.configure,
-                                                 max_message=max_message)
+                                                 max_message=max_message, sealed_keys=keys)
                                  for a in self.addresses])  # fmt: skip
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
@@ -431,7 +554,8 @@ class _WatchedChannel(ZmqChannel):
     waiting call at once, and a send that finds no connection says why,
     within ``send_timeout_ms``:
 
-    - nothing listens at the address: :class:`ServiceUnavailableError`;
+    - nothing listens at the address (a connection refused, or none made
+      within the send timeout): :class:`ServiceUnavailableError`;
     - the CURVE handshake failed (the server key is not the service's):
       :class:`ConfigError`;
     - the service refused this caller's key (ZAP: not on its allow-list, or
@@ -446,7 +570,16 @@ class _WatchedChannel(ZmqChannel):
         configure: Callable[[zmq.Socket[Any]], None],
         max_message: int,
         send_timeout_ms: int = 1000,
+        sealed_keys: tuple[bytes, bytes] | None = None,
     ) -> None:
+        # computes travel sealed (AES-256-GCM on a second connection, keys
+        # agreed over this CURVE one: vault/core/sealed.py) when the service
+        # offers it; ``sealed_keys`` = (our CURVE public key, the server's)
+        self._sealed_keys = sealed_keys if sealed_enabled() else None
+        self._sealed = threading.local()
+        self._sealed_socks: list[zmq.Socket[Any]] = []
+        self._sealed_lock = threading.Lock()
+        self._send_timeout_ms = send_timeout_ms
         self._mon = threading.local()
         self._monitors: list[zmq.Socket[Any]] = []
         self._mon_lock = threading.Lock()
@@ -457,9 +590,9 @@ class _WatchedChannel(ZmqChannel):
             # queued for a dead one would wait for its return): the send
             # fails instead, and the call goes to another replica
             sock.immediate = True
-            sock.sndtimeo = send_timeout_ms
             mon = sock.get_monitor_socket(
-                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
+                | zmq.EVENT_CONNECTED
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             )  # fmt: skip
@@ -482,10 +615,45 @@ class _WatchedChannel(ZmqChannel):
                 self._mon.lost = True
             elif ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._mon.refused = None
+            elif ev == zmq.EVENT_CONNECTED:  # something listens; its handshake says the rest
+                if self._mon.refused == "unreachable":
+                    self._mon.refused = None
+            elif ev == zmq.EVENT_CONNECT_RETRIED:
+                # a retry after a refused connection means nothing listens; after a
+                # failed handshake, that failure is the reason
+                if self._mon.refused is None:
+                    self._mon.refused = "unreachable"
             elif ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._mon.refused = "auth"
             else:
                 self._mon.refused = "handshake"
+
+    def _send(self, sock: zmq.Socket[Any], parts: list[Any]) -> None:
+        """Send once a connection is up, watching the monitor meanwhile: a
+        handshake the service refuses (a wrong server key, a caller's key it
+        does not know) ends the wait at once; no connection within the send
+        timeout means nothing listens (``zmq.Again``: see :meth:`_gone`)."""
+        deadline = time.monotonic() + self._send_timeout_ms / 1000
+        mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
+        first = True
+        while True:
+            try:
+                sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                self._mon.lost = False  # what happened before the send is not this call's
+                return
+            except zmq.Again:
+                pass
+            self._events()
+            if first:  # a refusal seen before this call (a service since restarted, a key
+                self._mon.refused = None  # since allowed) says nothing: the next attempt does
+                first = False
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if getattr(self._mon, "refused", None) is not None or left_ms <= 0:
+                raise zmq.Again()
+            if mon is not None:
+                mon.poll(min(left_ms, 50))
+            else:  # pragma: no cover - every socket of this channel has a monitor
+                time.sleep(0.01)
 
     def _lost(self) -> bool:
         self._events()
@@ -518,7 +686,113 @@ class _WatchedChannel(ZmqChannel):
         self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float
     ) -> tuple[dict[str, Any], list[Any]]:
         self._lost()  # a drop before this call says nothing about it
+        if self._sealed_keys is not None and header.get("op") == "compute":
+            for _attempt in range(2):
+                state = self._sealed_session(timeout)
+                if state is None:
+                    break  # the service offers no sealed calls: CURVE it is
+                try:
+                    return self._sealed_request(state, header, frames, timeout)
+                except _UnknownSession:
+                    self._drop_sealed()  # the service forgot it (restart, eviction): once more
+                except _NoSealedRoute:
+                    # its port cannot be reached from here (a firewall that lets
+                    # only the service's port through): this thread stays on CURVE
+                    self._drop_sealed()
+                    self._sealed.refused = True
+                    break
+            else:
+                raise IntegrityError("the service did not recognise a fresh sealed session")
         return super().request(header, frames, timeout=timeout)
+
+    # -- sealed calls --------------------------------------------------------------
+
+    def _sealed_session(self, timeout: float) -> _SealedState | None:
+        """This thread's session with the service: made over CURVE on first use."""
+        state: _SealedState | None = getattr(self._sealed, "state", None)
+        if state is not None or getattr(self._sealed, "refused", False):
+            return state
+        assert self._sealed_keys is not None
+        rand = os.urandom(sealed.RAND_BYTES)
+        try:
+            hdr, _ = super().request({"op": "session", "rand": rand}, timeout=timeout)
+        except (ProtocolError, ConfigError):  # a service that offers none ("unknown op")
+            self._sealed.refused = True
+            return None
+        sid, srand, port = hdr.get("sid"), hdr.get("rand"), hdr.get("port")
+        if not isinstance(sid, bytes) or not isinstance(srand, bytes) or not isinstance(port, int):
+            raise ProtocolError("malformed sealed session answer")
+        c2s, s2c = sealed.derive_keys(rand, srand, sid, *self._sealed_keys)
+        host = self.endpoint[len("tcp://") :].rpartition(":")[0]
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = self._max_message
+        sock.copy_threshold = sealed.CHUNK + 4096  # chunks are copied: no gc-thread wake-ups
+        # nothing queued for a connection that cannot be made: the first send
+        # fails within the send timeout instead, and the call goes over CURVE
+        sock.immediate = True
+        sock.sndtimeo = _SEALED_CONNECT_MS
+        sock.connect(f"tcp://{host}:{port}")
+        with self._sealed_lock:
+            self._sealed_socks.append(sock)
+        state = _SealedState(sock, sealed.Sealer(c2s, sid), sealed.Opener(s2c, sid))
+        self._sealed.state = state
+        return state
+
+    def _drop_sealed(self) -> None:
+        state: _SealedState | None = getattr(self._sealed, "state", None)
+        self._sealed.state = None
+        if state is not None:
+            with self._sealed_lock:
+                if state.sock in self._sealed_socks:
+                    self._sealed_socks.remove(state.sock)
+            state.sock.close(linger=0)
+
+    def _sealed_request(
+        self, state: _SealedState, header: Mapping[str, Any], frames: Sequence[Any], timeout: float
+    ) -> tuple[dict[str, Any], list[Any]]:
+        rid = next(self._ids)
+        msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
+        sock = state.sock
+        try:
+            sock.send_multipart(state.sealer.seal([pack_header(msg), *frames]), copy=False)
+        except zmq.Again:
+            raise _NoSealedRoute() from None  # nothing was sent
+        deadline = time.monotonic() + timeout
+        try:
+            while not sock.poll(
+                max(1, min(_POLL_SLICE_MS, int((deadline - time.monotonic()) * 1000)))
+            ):
+                if not self._connected():  # the service went away (its CURVE connection did)
+                    self._drop_sealed()
+                    raise self._gone("the connection dropped")
+                if time.monotonic() >= deadline:
+                    self._drop_sealed()  # a late answer must never meet the next call
+                    raise WorkerTimeoutError(f"no answer from the service within {timeout:g}s")
+            reply = sock.recv_multipart(copy=False)
+        except zmq.ZMQError as exc:
+            self._drop_sealed()
+            raise self._gone(f"the sealed channel failed: {exc.strerror}") from None
+        if reply and reply[0].bytes == sealed.ERROR_TAG:
+            # not sealed: whatever it claims, it can only ever be an error
+            try:
+                plain = unpack_header(reply[1]) if len(reply) == 2 else {}
+            except VaultError:
+                plain = {}
+            if plain.get("session") == "unknown":
+                raise _UnknownSession()
+            err = plain.get("error")
+            why = err.get("message") if isinstance(err, dict) else None
+            raise IntegrityError(
+                f"the service could not authenticate this call ({str(why or 'no reason')[:200]})"
+            )
+        out = state.opener.open(reply)  # IntegrityError: tampered, replayed, reordered, cut
+        hdr = unpack_header(out[0])
+        if hdr.get("id") != rid:
+            self._drop_sealed()
+            raise ProtocolError("the service answered another call")
+        raise_for_reply(hdr)
+        return hdr, out[1:]
 
     def close(self) -> None:
         super().close()
@@ -526,6 +800,59 @@ class _WatchedChannel(ZmqChannel):
             mons, self._monitors = self._monitors, []
         for m in mons:
             m.close(linger=0)
+        with self._sealed_lock:
+            socks, self._sealed_socks = self._sealed_socks, []
+        for s in socks:
+            s.close(linger=0)
+
+
+_SEALED_CONNECT_MS = 5000  # how long a first sealed call waits for its connection
+_POLL_SLICE_MS = 100  # how often a waiting sealed call checks that its service is there
+
+
+class _NoSealedRoute(Exception):
+    """The sealed port could not be reached: nothing was sent."""
+
+
+class _UnknownSession(Exception):
+    """The service answered (plainly) that it knows no such sealed session."""
+
+
+class _SealedState:
+    """One thread's sealed session: its socket and the two directions."""
+
+    __slots__ = ("sock", "sealer", "opener")
+
+    def __init__(self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener) -> None:
+        self.sock, self.sealer, self.opener = sock, sealer, opener
+
+
+def _filled_pipe(data: bytes, opened: list[int]) -> int:
+    """A pipe holding ``data`` (a secret, a few KiB at most: it fits the pipe
+    buffer), its write end closed; its read end, for an assignment. Both ends
+    go into ``opened`` for the caller to close."""
+    r, w = os.pipe()
+    opened.append(r)
+    try:
+        os.set_blocking(w, False)
+        if os.write(w, data) != len(data):
+            raise ConfigError("a secret too large for its pipe")
+    except BlockingIOError:
+        raise ConfigError("a secret too large for its pipe") from None
+    finally:
+        os.close(w)
+    return r
+
+
+def local_channel_enabled() -> bool:
+    """Whether a local worker is reached over the direct local channel
+    (``VAULT_LOCAL_CHANNEL=0`` keeps its calls on ZeroMQ, as before)."""
+    return os.environ.get("VAULT_LOCAL_CHANNEL", "1") != "0"
+
+
+def sealed_enabled() -> bool:
+    """Whether remote computes go sealed (``VAULT_SEALED=0`` keeps them on CURVE)."""
+    return os.environ.get("VAULT_SEALED", "1") != "0"
 
 
 class _FailoverChannel(Channel):
@@ -567,6 +894,19 @@ class _FailoverChannel(Channel):
 
 # --- the model ----------------------------------------------------------------------------
 
+
+def check_feeds_mapping(inputs: Any, signature: Mapping[str, Any]) -> None:
+    """A compute call takes a dict of input name -> array; a bare array (or a
+    list) gets an :class:`InputError` that shows the call to make."""
+    if isinstance(inputs, Mapping):
+        return
+    first = next(iter(signature), "x")
+    raise InputError(
+        f"compute takes a dict of input name -> array, e.g. compute({{{first!r}: arr}}), "
+        f"not a {type(inputs).__name__} (inputs: {', '.join(signature) or 'none'})"
+    )
+
+
 _LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
 
 
@@ -577,6 +917,7 @@ def _close_all() -> None:
             m.close()
         except Exception:  # pragma: no cover - best effort at exit
             pass
+    standby.POOL.close()
 
 
 def _has_large(inputs: Mapping[str, Any]) -> bool:
@@ -641,13 +982,19 @@ class Model:
             self._channel.close()
         if self._localw is not None:
             self._endpoint = self._localw.start()
-            self._channel = ZmqChannel(
-                self._ctx,
-                self._endpoint,
-                alive=self._localw.alive,
-                configure=self._localw.configure,
-                max_message=self._max_message,
-            )
+            local_path = self._localw.local_path
+            if local_path is not None:
+                self._channel = LocalChannel(local_path, token=self._localw.local_token,
+                                             alive=self._localw.alive,
+                                             max_message=self._max_message)  # fmt: skip
+            else:
+                self._channel = ZmqChannel(
+                    self._ctx,
+                    self._endpoint,
+                    alive=self._localw.alive,
+                    configure=self._localw.configure,
+                    max_message=self._max_message,
+                )
         else:
             assert self._remote is not None
             self._endpoint = self._remote.address
@@ -698,7 +1045,10 @@ class Model:
         *,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Run the pipeline; returns the chosen (default: all) outputs by name."""
+        """Run the pipeline; returns the chosen (default: all) outputs by name.
+        ``inputs`` is a dict of input name -> array (``model.inputs`` lists
+        them); anything else is an :class:`InputError` saying so."""
+        check_feeds_mapping(inputs, self.inputs)
         arena = self._localw.arena if self._localw is not None else None
         slot = arena.acquire() if arena is not None and _has_large(inputs) else None
         region = arena.region(slot) if arena is not None and slot is not None else None
@@ -928,8 +1278,9 @@ def connect(
 ) -> Model:
     """Use a remote worker service (``vault worker serve``) over tcp:// with CURVE.
 
-    ``server_key`` is the service's Z85 CURVE public key, or a file holding it
-    (``vault worker serve`` prints it and writes it next to its allow-list).
+    ``server_key`` is the service's Z85 CURVE public key, a file holding it
+    (``vault worker serve --server-key-out worker.pub``), or the service's
+    certificate from ``vault worker keygen`` (``worker.key``).
     ``model`` names the model when the service serves several (its model id).
     ``address`` may name several replicas of one service (a list, or
     ``"tcp://a:7701,tcp://b:7701"``, same server key): calls take turns, and
@@ -945,12 +1296,7 @@ def connect(
     lic = licence if licence is not None else license
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")
-    key = os.fspath(server_key)
-    if len(key) != 40 and os.path.exists(key):
-        with builtins.open(key, encoding="ascii") as fh:
-            key = fh.read().strip()
-    if len(key) != 40:
-        raise ConfigError("server_key must be the worker's 40-character Z85 CURVE public key")
+    key = read_public_key(server_key)
     return Model(remote=_Remote(addresses, Licence.load(lic), key, model), timeout=timeout)
 
 

@@ -15,7 +15,9 @@ What sealing does, in order:
 3. Wire the stages: pre outputs feed model inputs and model outputs feed post
    inputs by name (or by an explicit ``io_map``); an element-type mismatch
    is refused, a shape disagreement is a warning naming both ends (declared
-   shapes are advisory, as in onnxruntime).
+   shapes are advisory, as in onnxruntime). The pipeline returns the last
+   stage's outputs: an output of one stage that the next does not read is
+   dropped, and a warning names it (``vault seal --post`` prints it).
 4. Move every weight larger than 1 KiB out of the graph into an in-memory
    "file" (onnxruntime later takes it from memory with
    ``add_external_initializers_from_files_in_memory``), so graphs stay small
@@ -52,6 +54,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .core import crypto as _crypto
+from .core.batchcheck import check_rows
 from .core.errors import SealError, UnsafeModelError, VaultError
 from .core.graphs import ALLOWED_DOMAINS, check_graph
 from .core.package import FORMAT_VERSION, build_plaintext, write_package
@@ -160,16 +163,30 @@ def _check_stage(model: onnx.ModelProto, stage: str) -> None:
     # its large weights: they were read from the model's folder already
     light = _without_weights(model) if _has_large_weights(model) else model
     check_graph(light.SerializeToString(), where=stage)
+    check_well_formed(model, stage, light=light)
+
+
+def check_well_formed(
+    model: onnx.ModelProto, where: str, *, light: onnx.ModelProto | None = None
+) -> None:
+    """The one well-formedness policy for what is sealed or split: ``onnx.checker``
+    (without strict shape inference), and where it objects, onnxruntime decides.
+
+    The checker is stricter than onnxruntime in ways exporters hit: an IR 3 model
+    whose initializers are not graph inputs; a model of a newer IR version than
+    the installed onnx knows (``ir_version 14 is higher than the checker's (13)``);
+    a graph output whose inferred type has no shape. A model onnxruntime loads
+    runs in the worker exactly as it does there, so onnxruntime has the last word.
+    ``light``: the model with its large weights moved out (for one past 2 GiB,
+    which only the checker sees). Raises :class:`SealError` naming ``where``."""
     try:
         if not _too_big(model):
             onnx.checker.check_model(model)
         else:  # too big to serialise: check the graph with its weights moved out
-            onnx.checker.check_model(light)
-    except onnx.checker.ValidationError as exc:
-        # the checker is stricter than onnxruntime (an IR 3 model whose
-        # initializers are not graph inputs, ...): onnxruntime decides
+            onnx.checker.check_model(light if light is not None else _without_weights(model))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         if _too_big(model) or not _onnxruntime_loads(model):
-            raise SealError(f"{stage}: ONNX check failed: {_first_line(exc)}") from exc
+            raise SealError(f"{where}: ONNX check failed: {_first_line(exc)}") from exc
 
 
 def _has_large_weights(model: onnx.ModelProto) -> bool:
@@ -339,6 +356,15 @@ def _wire(
                 f"{sorted(ins)}; pass an explicit mapping (--map OUT=IN)"
             )
     fed = {i for _, i in pairs}
+    read = {o for o, _ in pairs}
+    dropped = [n for n in outs if n not in read]
+    if dropped and warnings is not None:
+        # the sealed pipeline's outputs are the last stage's: these leave nothing
+        warnings.append(
+            f"{up_name} outputs {dropped} are not read by {down_name}: the sealed pipeline "
+            f"does not return them (its outputs are {down_name}'s); to keep one, pass it "
+            f"through {down_name} (an Identity node to an output)"
+        )
     missing = [n for n in ins if n not in fed]
     if missing:
         raise SealError(
@@ -546,11 +572,20 @@ def seal(
     compose: bool = True,
     progress: Callable[[int, int], None] | None = None,
     now: _dt.datetime | None = None,
+    batchable: bool = False,
 ) -> SealResult:
     """Seal a pipeline into ``output``; returns the package key in memory.
 
     ``io_map`` may hold ``{"pre": {pre_out: model_in}, "post": {model_out: post_in}}``
     when names differ between stages.
+
+    ``batchable=True`` declares, in the signed manifest, that dim 0 of every
+    input and output is a batch of independent rows, so a worker service may
+    join calls of different callers into one batch. It is checked here by
+    running the pipeline on random rows together and apart
+    (:func:`vault.core.batchcheck.check_rows`); a pipeline whose output rows
+    depend on other rows is refused with a :class:`SealError` naming the
+    output and the row. Without it, calls are never joined.
     """
     if not _MODEL_ID.match(model_id):
         raise SealError(f"model id {model_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'")
@@ -587,14 +622,10 @@ def seal(
         try:
             merged = _compose(stages, links)
             if not _too_big(merged):
-                try:
-                    onnx.checker.check_model(merged)
-                except onnx.checker.ValidationError:
-                    if not _onnxruntime_loads(merged):
-                        raise
+                check_well_formed(merged, "pipeline")
             parts = [("pipeline", merged)]
             composed = True
-        except (ValueError, onnx.checker.ValidationError) as exc:
+        except (ValueError, SealError) as exc:
             parts = stages  # e.g. conflicting opsets: the worker chains them
             warnings.append(
                 f"the stages could not be composed into one graph ({_first_line(exc)}); "
@@ -612,6 +643,15 @@ def seal(
         check_graph(data, sizes, where=name)  # exactly what the worker checks at load
 
     first, last = stages[0][1], stages[-1][1]
+    inputs = [_describe(vi) for vi in _public_inputs(first)]
+    outputs = [_describe(vi) for vi in last.graph.output]
+    if batchable:
+        try:  # the graphs exactly as the worker will load them
+            check_rows(graphs, dict(files), inputs=inputs, outputs=outputs)
+        except BaseException:
+            for _, blob in files:
+                _crypto.zeroize(blob)
+            raise
     manifest: dict[str, Any] = {
         "format": f"vault-package/{FORMAT_VERSION}",
         "model_id": model_id,
@@ -623,9 +663,10 @@ def seal(
         .replace("+00:00", "Z"),
         "stages": [n for n, _ in stages],
         "composed": composed,
-        "inputs": [_describe(vi) for vi in _public_inputs(first)],
-        "outputs": [_describe(vi) for vi in last.graph.output],
+        "inputs": inputs,
+        "outputs": outputs,
         "split_points": splits,
+        "batchable": bool(batchable),
     }
 
     plaintext = build_plaintext(graphs, files)

@@ -6,7 +6,11 @@ before it runs out (or as soon as the budget is spent), reporting the calls
 served since the last renewal, and reports the last ones when the worker
 stops (``close``), so the unused budget goes back to the quota. A budget of
 0 with ``retry_after`` (the licence's rate limit) refuses calls with
-``RateLimitedError`` until then, without asking the key server again.
+``RateLimitedError`` until then, without asking the key server again. The
+lease's ``rate`` and ``burst`` are enforced per call (a token bucket): at
+most ``burst`` calls at once, then ``rate`` per second, each refusal with its
+``retry_after``; so a budget sized for a whole lease is served at the
+licence's rate, never in one burst.
 A licence denial (revoked, expired, quota) ends it at once: the worker
 drops its sessions and every later compute gets that same licence error.
 An unreachable key server is tolerated until the lease's ``hard_end``;
@@ -27,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -61,8 +66,13 @@ class LeaseKeeper:
         clock: Callable[[], float] = time.time,
         unsafe_no_lease: bool = False,
         close: Callable[[str, int], Any] | None = None,
+        report_ids: bool = False,
     ) -> None:
         self._lease = lease
+        # with report ids, renew and close are called (lease_id, calls, report_id):
+        # a report whose answer was lost is sent again as it was, and counted once
+        self._report_ids = report_ids
+        self._pending: tuple[str, int] | None = None
         self._renew = renew
         self._close = close
         self._renew_lock = threading.Lock()  # one synchronous renewal at a time
@@ -79,6 +89,8 @@ class LeaseKeeper:
         self._last_problem: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tokens: float | None = None  # the per-call bucket (None: full)
+        self._tokens_at = 0.0
 
     # -- serving side ------------------------------------------------------------
 
@@ -93,6 +105,7 @@ class LeaseKeeper:
         if hard_end is not None and self._clock() >= float(hard_end):
             self._end(self._expired_error())
             raise self._error  # type: ignore[misc]
+        self._pace()
         if self._take():
             return
         # The lease's call budget is spent: renew now, in the caller's thread,
@@ -102,7 +115,8 @@ class LeaseKeeper:
             if self._take():
                 return
             if self._clock() < self._retry_at:
-                raise RateLimitedError("the licence's rate limit allows no call yet")
+                raise RateLimitedError("the licence's rate limit allows no call yet",
+                                       retry_after=self._retry_at - self._clock())  # fmt: skip
             self._renew_once()
             if self._error is not None:
                 raise self._error
@@ -111,8 +125,31 @@ class LeaseKeeper:
             retry = _get(self._lease, "retry_after")
             if retry is not None:
                 self._retry_at = self._clock() + float(retry)
-                raise RateLimitedError("the licence's rate limit allows no call yet")
+                raise RateLimitedError("the licence's rate limit allows no call yet",
+                                       retry_after=float(retry))  # fmt: skip
             raise QuotaExhaustedError("lease call budget spent")
+
+    def _pace(self) -> None:
+        """The licence's rate, per call: a token bucket of ``burst`` calls
+        filling at ``rate`` (from the lease); RateLimitedError with
+        ``retry_after`` when empty. A refused call takes nothing."""
+        rate = _get(self._lease, "rate")
+        if rate is None or float(rate) <= 0:
+            return
+        rate = float(rate)
+        burst = max(1.0, float(_get(self._lease, "burst") or rate))
+        with self._lock:
+            now = self._clock()
+            tokens = burst if self._tokens is None else self._tokens
+            tokens = min(burst, tokens + max(0.0, now - self._tokens_at) * rate)
+            self._tokens_at = now
+            if tokens < 1.0:
+                self._tokens = tokens
+                raise RateLimitedError(
+                    f"the licence allows {rate:g} calls/s (bursts of {burst:g})",
+                    retry_after=(1.0 - tokens) / rate,
+                )
+            self._tokens = tokens - 1.0
 
     def _take(self) -> bool:
         """Count one call against the lease's budget if it has one left
@@ -170,30 +207,52 @@ class LeaseKeeper:
             )
         return LicenceExpiredError("the lease ended and was not renewed")
 
+    def _next_report(self) -> tuple[str, int]:
+        """The report to send: the one whose answer was lost, as it was, or
+        the calls not yet reported under a new id (lock held)."""
+        if self._pending is None:
+            self._pending = (os.urandom(12).hex(), self._calls_unreported)
+            self._calls_unreported = 0
+        return self._pending
+
+    def _send(self, fn: Callable[..., Any], lease_id: str, report: tuple[str, int]) -> Any:
+        if self._report_ids:
+            return fn(lease_id, report[1], report[0])
+        return fn(lease_id, report[1])
+
+    def _unanswered(self) -> None:
+        """No answer: with report ids, the same report goes again next time;
+        without, its calls go back to the count (lock held)."""
+        if not self._report_ids and self._pending is not None:
+            self._calls_unreported += self._pending[1]
+            self._pending = None
+
     def _renew_once(self) -> None:
         if self._renew is None or self._error is not None:
             return
         with self._lock:
-            calls = self._calls_unreported
-            self._calls_unreported = 0
+            report = self._next_report()
             taken = self._calls_in_lease
         try:
-            lease = self._renew(str(_get(self._lease, "lease_id")), calls)
+            lease = self._send(self._renew, str(_get(self._lease, "lease_id")), report)
         except LicenceError as exc:
+            with self._lock:  # answered (a refusal): the calls were counted
+                self._pending = None
             self._end(exc)
             return
         except (KeyServerError, OSError) as exc:
             # Unreachable: keep serving until hard_end, keep the count to report.
             with self._lock:
-                self._calls_unreported += calls
+                self._unanswered()
             self._last_problem = f"{getattr(exc, 'code', 'error')}: {exc}"
             return
         except VaultError as exc:
             with self._lock:
-                self._calls_unreported += calls
+                self._unanswered()
             self._last_problem = f"{exc.code}: {exc}"
             return
         with self._lock:
+            self._pending = None
             self._lease = lease
             # calls let through during the round trip count against the new budget
             self._calls_in_lease -= taken
@@ -250,9 +309,21 @@ class LeaseKeeper:
         if self._unsafe or self._close is None or self._lease is None:
             return
         with self._lock:
-            calls, self._calls_unreported = self._calls_unreported, 0
             lease_id = str(_get(self._lease, "lease_id"))
+            waiting = self._pending is not None and self._error is None
+        if waiting and self._renew is not None:  # a report whose answer was lost goes first
+            with self._renew_lock:
+                self._renew_once()
+        with self._lock:
+            if self._pending is not None:
+                # unanswered twice: its calls go with the last ones, under the
+                # close's own id (counted twice only if the lost one did arrive)
+                self._calls_unreported += self._pending[1]
+                self._pending = None
+            report = self._next_report()
         try:
-            self._close(lease_id, calls)
+            self._send(self._close, lease_id, report)
+            with self._lock:
+                self._pending = None
         except (VaultError, OSError) as exc:
             self._last_problem = f"close: {getattr(exc, 'code', 'error')}"

@@ -239,19 +239,19 @@ class Startup:
 
         lift_memory_limit()  # the start-up limit bounded the package's claims; see there
 
-    def _renew(self, lease_id: str, calls: int) -> Any:
+    def _renew(self, lease_id: str, calls: int, report_id: str | None = None) -> Any:
         from vault.core.keyclient import KeyServerClient
 
         assert self.licence is not None
         with KeyServerClient(self.licence, device=self.device) as ks:
-            return ks.renew(lease_id=lease_id, calls=calls)
+            return ks.renew(lease_id=lease_id, calls=calls, report_id=report_id)
 
-    def _close_lease(self, lease_id: str, calls: int) -> Any:
+    def _close_lease(self, lease_id: str, calls: int, report_id: str | None = None) -> Any:
         from vault.core.keyclient import KeyServerClient
 
         assert self.licence is not None
         with KeyServerClient(self.licence, device=self.device, timeout=2.0) as ks:  # no lingering
-            return ks.close_lease(lease_id=lease_id, calls=calls)
+            return ks.close_lease(lease_id=lease_id, calls=calls, report_id=report_id)
 
     def serve(self) -> tuple[Any, dict[str, Any]]:
         """Lease keeper, request service, bound endpoint; returns the ready line."""
@@ -270,12 +270,16 @@ class Startup:
             on_end=pipeline.close,
             unsafe_no_lease=args.unsafe_test_key_fd is not None,
             close=self._close_lease if self.lease is not None else None,
+            report_ids=True,  # a report whose answer was lost is sent again, counted once
         )
         info = {
             "model_id": pkg.model_id,
             "digest": pkg.digest,
             "inputs": pipeline.inputs,
             "outputs": pipeline.outputs,
+            # the publisher's signed declaration (vault seal --batchable): the
+            # only thing that lets a service join calls of different callers
+            "batchable": pkg.batchable,
         }
         pkg.close()
         shm = None
@@ -317,6 +321,17 @@ class Startup:
                     raise ConfigError(f"{args.server_secret}: holds no secret key")
             else:
                 server_public, server_secret = zmq.curve_keypair()
+        local = None
+        if args.listen_fd is not None:
+            from vault.core.localwire import TOKEN_BYTES, check_listener
+
+            from .server import LocalServer
+
+            if args.listen_token_fd is None:
+                raise ConfigError("--listen-fd needs --listen-token-fd")
+            token = bytes(read_fd(args.listen_token_fd, TOKEN_BYTES))
+            local = LocalServer(check_listener(args.listen_fd), token=token,
+                                handler=service.handle, max_message=args.max_message)  # fmt: skip
         server = Server(
             ctx,
             args.endpoint,
@@ -326,6 +341,7 @@ class Startup:
             curve_secret=server_secret,
             curve_public=server_public,
             allowed=allowed,
+            local=local,
         )
         bound = server.bind()
         server.start()
@@ -338,6 +354,8 @@ class Startup:
             "provider": pipeline.provider,
             "model_id": pkg.model_id,
             "allowed_clients": len(allowed) if allowed is not None else None,
+            "local": local is not None,  # the direct local channel is served
+            "sealed_port": server.bulk_port,  # remote callers' sealed calls (None: none)
             "timings_ms": self.timings,
         }
         return (server, keeper, ctx), ready

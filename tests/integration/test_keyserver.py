@@ -149,8 +149,12 @@ def test_rate_limit_slows_key_request_sweeps(keyserver, model_key):
         assert rel.key == model_key and rel.lease.call_budget == 4  # the whole bucket
         with pytest.raises(RateLimitedError):
             ks.release(**args)  # nothing left
-        # a renewal draws from the same bucket: budget 0, and when to come back
+        # a renewal gives the calls its lease did not serve back to the bucket
+        # (3 of 4) and draws its own budget from it
         lease = ks.renew(lease_id=rel.lease.lease_id, calls=1)
+        assert lease.call_budget == 3 and lease.rate == 2 and lease.burst == 2
+        # all served: budget 0, and when to come back
+        lease = ks.renew(lease_id=rel.lease.lease_id, calls=3)
         assert lease.call_budget == 0 and 0 < lease.retry_after <= 0.5
 
 

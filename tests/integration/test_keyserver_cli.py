@@ -18,6 +18,7 @@ def _vault(*args: str) -> subprocess.CompletedProcess[str]:
 def test_issue_list_revoke_from_the_command_line(keyserver, tmp_path):
     out_file = tmp_path / "bob.licence"
     admin = str(keyserver.admin_licence)
+    keyserver.register("resnet", "k1", bytes(32), "sha256:" + "00" * 32)
     r = _vault("licence", "issue", "resnet", "--to", "bob", "--expires", "30d",
                "--max-calls", "5", "--licence", admin, "-o", str(out_file))  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -104,25 +104,28 @@ def test_four_concurrent_leases_share_a_10_call_quota(keyserver, package):
     assert row["used_calls"] + row["reserved_calls"] <= 10
 
 
-def test_one_call_per_second_for_5_seconds(keyserver, package):
+def test_one_call_per_second(keyserver, package):
+    """A caller hammering a 1/s licence until it has been served 5 calls: at
+    no point has it been served more than the rate allows over the time it
+    measured (the bound holds whatever the machine's speed: a slow machine
+    serves fewer, never more)."""
     lic = keyserver.issue("metered", rate_limit=1.0, same_user=True)  # tier 0
     capacity = max(1.0, 1.0 * keyserver.lease_ttl)  # one lease's worth of calls
     served = refused = 0
     with vault.open(package, licence=lic) as model:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 5.0:
+        while served < 5:  # past the first lease's budget: refills are what serve the rest
             try:
                 model.compute({"x": X})
                 served += 1
             except vault.RateLimitedError:
                 refused += 1
                 time.sleep(0.005)
-        elapsed = time.monotonic() - t0
+            elapsed = time.monotonic() - t0
+            assert served <= 1.0 * elapsed + capacity + 1, (served, refused, elapsed)
         assert model.health()["lease"]["state"] != "ended"  # rate-limited, not revoked
     counts = {"served": served, "refused": refused, "elapsed": elapsed}
-    assert served <= 1.0 * elapsed + capacity + 1, counts
-    assert served >= 3, counts  # it does serve, at about the rate
-    assert refused > 10 * served, counts  # the caller hammered it
+    assert refused > served, counts  # the caller hammered it
     # the refusals cost the key server nothing: renewals stay at the lease's
     # pace (one in the background per half TTL; when the budget is spent, one
     # that finds the bucket empty and one after its retry_after: about 3/s)
@@ -159,3 +162,30 @@ def test_a_dead_workers_reserve_stays_spent(keyserver, package):
         vault.open(package, licence=lic)
     row = _row(keyserver, lic.licence_id)
     assert (row["used_calls"], row["reserved_calls"]) == (5, 0)  # settled as used
+
+
+def test_a_report_sent_again_counts_once(keyserver, package):
+    # a renewal whose answer was lost is sent again as it was (same report
+    # id, same calls): the key server counts its calls once (issue 17, item 7)
+    from vault.core.package import Package
+
+    with Package.load(package) as pkg:
+        args = {"model_id": "metered", "key_id": pkg.key_id, "package_digest": pkg.digest}
+    lic = keyserver.issue("metered", max_calls=100)
+    with keyserver.client(lic) as ks:
+        rel = ks.release(**args)
+        for _ in range(2):  # the first answer "lost": the same report again
+            ks.renew(lease_id=rel.lease.lease_id, calls=7, report_id="r-" + "a" * 22)
+        ks.renew(lease_id=rel.lease.lease_id, calls=3, report_id="r-" + "b" * 22)
+        ks.close_lease(lease_id=rel.lease.lease_id, calls=1, report_id="r-" + "c" * 22)
+        ks.close_lease(lease_id=rel.lease.lease_id, calls=1, report_id="r-" + "c" * 22)
+    row = _row(keyserver, lic.licence_id)
+    assert (row["used_calls"], row["reserved_calls"]) == (11, 0)
+    # control: without ids, a report sent again is counted again
+    lic2 = keyserver.issue("metered", max_calls=100)
+    with keyserver.client(lic2) as ks:
+        rel = ks.release(**args)
+        for _ in range(2):
+            ks.renew(lease_id=rel.lease.lease_id, calls=7)
+        ks.close_lease(lease_id=rel.lease.lease_id, calls=0)
+    assert _row(keyserver, lic2.licence_id)["used_calls"] == 14

@@ -74,7 +74,7 @@ def test_seal_registers_issue_and_run(keyserver: Any, tmp_path: Path) -> None:
 
     # a licence for another model cannot open this one
     r = _vault("licence", "issue", "other-model", "--to", "dave", "--same-user", "--licence",
-               admin, "-o", "dave.licence", cwd=tmp_path)  # fmt: skip
+               admin, "-o", "dave.licence", "--force", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = _vault("run", "clf.vault", "--licence", "dave.licence", "--input", "image=image.npy",
                "--no-save", cwd=tmp_path)  # fmt: skip

@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -31,6 +33,7 @@ import zmq
 import vault
 from tests.models import mlp, reference_pipeline, slow_matmul
 from tests.sealed import Sealed, seal_for_test
+from vault.core.curvekeys import load_secret_certificate
 from vault.core.licence import Licence
 from worker.service import AllowListPolicy, JsonLog, LaunchSpec, ServiceConfig, WorkerService
 
@@ -54,6 +57,7 @@ class Running:
     log_path: Path
     sealed: dict[str, Sealed]
     log_stream: Any
+    keys_dir: Path
 
     def connect(self, model: str | None, *, licence: Licence | None = None,
                 timeout: float = 20.0) -> vault.Model:  # fmt: skip
@@ -85,11 +89,24 @@ class Running:
         assert not self.thread.is_alive()
 
 
-def start_service(tmp: Path, models: dict[str, Any], **cfg: Any) -> Running:
-    sealed = {name: seal_for_test(tmp, m, name=name) for name, m in models.items()}
+def start_service(tmp: Path, models: dict[str, Any], *, batchable: tuple[str, ...] = (),
+                  keygen: bool = False, wrong_keys: bool = False, **cfg: Any) -> Running:  # fmt: skip
+    """The service on ``models``, in this process. ``batchable``: the models
+    sealed with the publisher's declaration; ``keygen``: its CURVE keys from
+    `vault worker keygen` (the real command); ``wrong_keys``: every worker
+    gets a wrong package key (no model can load)."""
+    sealed = {name: seal_for_test(tmp, m, name=name, batchable=name in batchable)
+              for name, m in models.items()}  # fmt: skip
     alice = caller_licence("alice")
-    spub, ssec = zmq.curve_keypair()
-    keys = {s.path: s.key for s in sealed.values()}
+    keys_dir = tmp / "keys"
+    if keygen:
+        out = subprocess.run([sys.executable, "-m", "vault", "worker", "keygen", str(keys_dir)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        assert "server key:" in out.stdout
+        spub, ssec = load_secret_certificate(keys_dir / "worker.key_secret")
+    else:
+        spub, ssec = zmq.curve_keypair()
+    keys = {s.path: bytes(32) if wrong_keys else s.key for s in sealed.values()}
     any_sealed = next(iter(sealed.values()))
     log_path = tmp / "service.log"
     log_stream = open(log_path, "w")  # noqa: SIM115 - closed by the fixture's finaliser
@@ -107,7 +124,7 @@ def start_service(tmp: Path, models: dict[str, Any], **cfg: Any) -> Running:
     t = threading.Thread(target=svc.run, name="service-loop", daemon=True)
     t.start()
     return Running(svc, t, ready["endpoint"], ready["server_key"], ready["metrics_port"], alice,
-                   log_path, sealed, log_stream)  # fmt: skip
+                   log_path, sealed, log_stream, keys_dir)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +133,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     models = {"a": mlp(seed=0), "b": mlp(seed=1), "slow": slow_matmul(),
               "fixed": slow_matmul(depth=1, fixed_batch=2)}  # fmt: skip
     run = start_service(tmp, models, instances=2, max_batch=16, max_queue_delay_us=2000,
-                        instance_inflight=1)  # fmt: skip
+                        instance_inflight=1, batchable=("slow",), keygen=True)  # fmt: skip
     try:
         yield run
     finally:
@@ -147,20 +164,80 @@ def test_a_stranger_key_is_not_served(service: Running) -> None:
         service.connect("a", licence=caller_licence("mallory"), timeout=30.0)
 
 
+def _free_endpoint() -> str:
+    with socket.socket() as s:  # a port nothing listens on: a service that stopped
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def test_a_wrong_server_key_or_no_service_fails_fast_as_what_it_is(service: Running) -> None:
+    """Each is said as what it is, within the send timeout (5 s): the calls'
+    own timeout is 600 s, so a WorkerTimeoutError would mean it waited."""
     wrong, _ = zmq.curve_keypair()
-    t0 = time.monotonic()
     with pytest.raises(vault.ConfigError, match="server key given is not this service's"):
         vault.connect(service.endpoint, licence=service.alice, server_key=wrong.decode(),
-                      model="a", timeout=30.0)  # fmt: skip
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+                      model="a", timeout=600)  # fmt: skip
     with pytest.raises(vault.ServiceUnavailableError, match="not reachable"):
-        vault.connect(f"tcp://127.0.0.1:{free}", licence=service.alice,
-                      server_key=service.server_key, model="a", timeout=30.0)  # fmt: skip
-    # each within the send timeout (5 s), long before the calls' own 30 s
-    assert time.monotonic() - t0 < 25.0
+        vault.connect(_free_endpoint(), licence=service.alice, server_key=service.server_key,
+                      model="a", timeout=600)  # fmt: skip
+
+
+def test_replicas_fail_over_and_say_what_is_wrong(service: Running) -> None:
+    """Several addresses of one service: a stopped replica is skipped; none
+    left is ServiceUnavailableError; a wrong key is a ConfigError at once."""
+    dead = _free_endpoint()
+    with vault.connect([dead, service.endpoint], licence=service.alice,
+                       server_key=service.server_key, model="a", timeout=600) as m:  # fmt: skip
+        for _ in range(4):  # turns: every other call starts at the dead replica
+            assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+    with pytest.raises(vault.ServiceUnavailableError, match="not reachable"):
+        vault.connect([dead, _free_endpoint()], licence=service.alice,
+                      server_key=service.server_key, model="a", timeout=600)  # fmt: skip
+    wrong, _ = zmq.curve_keypair()
+    with pytest.raises(vault.ConfigError, match="server key given is not this service's"):
+        vault.connect([service.endpoint, service.endpoint], licence=service.alice,
+                      server_key=wrong.decode(), model="a", timeout=600)  # fmt: skip
+
+
+def test_keygen_files_are_what_connect_takes(service: Running) -> None:
+    """The module's service runs with `vault worker keygen`'s secret
+    certificate; its public certificate, the Z85 text and a one-line file all
+    name the service's key."""
+    public_cert = service.keys_dir / "worker.key"
+    assert os.stat(service.keys_dir / "worker.key_secret").st_mode & 0o777 == 0o600
+    one_line = service.keys_dir / "worker.pub"
+    one_line.write_text(service.server_key + "\n")
+    for key in (str(public_cert), public_cert, service.server_key, str(one_line)):
+        with vault.connect(service.endpoint, licence=service.alice, server_key=key,
+                           model="a") as m:  # fmt: skip
+            assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+    with pytest.raises(vault.ConfigError, match="not a server key"):
+        vault.connect(service.endpoint, licence=service.alice, server_key=__file__, model="a")
+
+
+def test_when_no_model_can_load_the_service_stays_up_unready(tmp_path: Path) -> None:
+    """Every model fails (here: a wrong package key): start() returns, the
+    service is live but not ready, each model unavailable with its reason,
+    and it keeps trying them; a call is refused as unavailable."""
+    run = start_service(tmp_path, {"m": mlp()}, instances=1, wrong_keys=True)
+    try:
+        assert run.svc.live() and not run.svc.ready()
+        assert run.svc.model_state("m") == ("UNAVAILABLE",
+                                            ("integrity", "package failed to authenticate or "
+                                                          "decrypt"))  # fmt: skip
+        assert run.http("/v2/health/live")[0] == 200
+        assert run.http("/v2/health/ready")[0] == 400 and run.http("/readyz")[0] == 503
+        assert run.http("/v2/models/m/ready")[0] == 400
+        with pytest.raises(vault.ServiceUnavailableError):
+            run.connect("m")
+        assert run.svc.models_status() == [{"name": "m", "version": "1", "state": "UNAVAILABLE",
+                                            "reason": "integrity: package failed to "
+                                                      "authenticate or decrypt"}]  # fmt: skip
+        meta = run.svc.model_metadata("m")  # the public signature, known without a key
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
+        wait_for(lambda: '"attempt":2' in run.log_path.read_text(), "a second attempt")
+    finally:
+        run.stop()
 
 
 def test_batching_joins_callers_and_splits_results_exactly(service: Running) -> None:
@@ -196,9 +273,13 @@ def test_a_callers_own_batch_is_never_split(service: Running) -> None:
     assert service.metric("vault_batch_size_bucket", model="slow", le="32.0") == small
 
 
-def test_a_model_whose_first_dim_is_fixed_is_not_batched(service: Running) -> None:
+def test_a_model_not_declared_batchable_is_not_batched(service: Running) -> None:
+    # "fixed" was sealed without the declaration ("a" and "b" too, though
+    # their signature is ["N", 8] -> ["N", 5]): calls are never joined
     assert service.svc.models["fixed"].batchable is False
+    assert service.svc.models["a"].batchable is False
     assert service.svc.models["slow"].batchable is True
+    assert "not declared batchable" in service.svc.models["a"].batching_why
     x = np.ones((2, 512), np.float32)
     with service.connect("fixed") as m, ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda _: m.compute({"x": x})["y"], range(12)))
@@ -214,6 +295,9 @@ def held(instances: list[Any]) -> Iterator[None]:
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        # kill() returns before the stop takes hold: on a loaded machine a
+        # worker answered a call sent right after it; wait until every thread is stopped
+        wait_for(lambda: all(_stopped(pid) for pid in pids), "the workers are stopped")
         yield
     finally:
         for pid in pids:
@@ -221,6 +305,19 @@ def held(instances: list[Any]) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T in /proc), or it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                states.append(fh.read().rsplit(b")", 1)[1].split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return all(st in (b"T", b"t", b"Z", b"X") for st in states)
 
 
 def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:

@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 import vault
+from tests.integration.test_worker_keyserver import revoked_calls, within_one_lease
 from tests.models import mlp
 from vault.core.crypto import PublisherKey
 from vault.core.keyclient import KeyServerClient
@@ -31,6 +32,29 @@ from worker.service.calls import CallLicencePolicy
 X = np.ones((1, 8), np.float32)
 
 
+class FaultyKeyServer:
+    """In front of the real key server's ``call_decisions``: ``fail_next``
+    makes the next request that asks for a decision fail, either before it
+    is sent (``"request"``) or after the key server answered it, the answer
+    lost on the way back (``"answer"``): what a dropped connection does."""
+
+    def __init__(self, ask: Any) -> None:
+        self.ask = ask
+        self.fail_next: str | None = None
+        self.faults = 0
+
+    def __call__(self, model: Any, keys: Any, usage: Any, grants: Any) -> Any:
+        fault = self.fail_next if model is not None and keys else None
+        if fault == "request":
+            self.fail_next, self.faults = None, self.faults + 1
+            raise vault.KeyServerUnavailableError("injected: the request was lost")
+        out = self.ask(model, keys, usage, grants)
+        if fault == "answer":
+            self.fail_next, self.faults = None, self.faults + 1
+            raise vault.KeyServerUnavailableError("injected: the answer was lost")
+        return out
+
+
 class Svc:
     def __init__(self, keyserver: Any, tmp: Path) -> None:
         pk = PublisherKey.load(keyserver.publisher_key_path)
@@ -40,10 +64,11 @@ class Svc:
         self.device = keyserver.enroll(tmp / "device")
         self.licence = keyserver.issue("m", holder="service")  # runtime: the workers' key
         self.ks = KeyServerClient(self.licence, device=self.device)
-        self.policy = CallLicencePolicy(
-            lambda model, keys, usage: self.ks.call_decisions(model_id=model, keys=keys,
-                                                              usage=usage)  # type: ignore[arg-type]
+        self.faulty = FaultyKeyServer(
+            lambda model, keys, usage, grants: self.ks.call_decisions(
+                model_id=model, keys=keys, usage=usage, grants=grants)
         )  # fmt: skip
+        self.policy = CallLicencePolicy(self.faulty)
         spub, ssec = zmq.curve_keypair()
         self.server_key = spub.decode()
         self.log = open(tmp / "service.log", "w")  # noqa: SIM115 - closed in stop()
@@ -65,9 +90,12 @@ class Svc:
                              timeout=timeout)  # fmt: skip
 
     def used(self, lic: Licence) -> int:
+        return int(self.row(lic)["used_calls"])
+
+    def row(self, lic: Licence) -> dict[str, Any]:
         with self.keyserver.admin() as ks:
             rows = {r["licence_id"]: r for r in ks.list()}
-        return int(rows[lic.licence_id]["used_calls"])
+        return rows[lic.licence_id]  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         self.svc.request_stop()
@@ -108,14 +136,11 @@ def test_revocation_stops_a_caller_within_one_lease(service: Svc) -> None:
         c.compute({"x": X})
         with service.keyserver.admin() as ks:
             ks.revoke(carol.licence_id)
-        t0 = time.monotonic()
-        with pytest.raises(vault.LicenceRevokedError):
-            while time.monotonic() - t0 < 3 * service.keyserver.lease_ttl:
-                c.compute({"x": X})
-                time.sleep(0.02)
-        # a decision is never used past one lease; the refusal then takes one
-        # key-server round trip (slack for a loaded machine)
-        assert time.monotonic() - t0 <= service.keyserver.lease_ttl + 1.5
+        # a decision is never used past one lease: no call is served after the
+        # lease of the last decision made before the revocation
+        served = revoked_calls(c, {"x": X})
+        assert within_one_lease(service.keyserver, carol.licence_id, served,
+                                grants=("call_lease",))  # fmt: skip
 
 
 def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
@@ -123,24 +148,27 @@ def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
     ok = limited = 0
     with service.connect(dan) as d:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 1.0:
+        while limited < 5:  # until the caller has been refused a few times
             try:
                 d.compute({"x": X})
                 ok += 1
             except vault.RateLimitedError:
                 limited += 1
-    assert limited > 0
-    assert ok <= 2 + 2 + 1  # a burst of 2, then 2/s
+            # a burst of 2, then 2/s, over the time it took (a slow machine serves fewer)
+            assert ok <= 2 + 2 * (time.monotonic() - t0) + 1, ok
 
 
 def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> None:
     erin = service.caller(holder="erin", model="other")
     with service.connect(erin) as e, pytest.raises(vault.WrongModelError):
         e.compute({"x": X})
-    frank = service.caller(holder="frank", expires=1.0)
+    frank = service.caller(holder="frank", expires=3.0)
     with service.connect(frank) as f:
         f.compute({"x": X})
-        time.sleep(1.1)
+        with service.keyserver.admin() as ks:
+            expires_at = next(r["expires_at"] for r in ks.list() if r["holder"] == "frank")
+        while time.time() <= expires_at:  # the key server's clock: this machine's
+            time.sleep(0.05)
         with pytest.raises(vault.LicenceExpiredError):
             f.compute({"x": X})
     # a runtime licence is not a call licence: its key is not let in at all
@@ -162,3 +190,52 @@ def test_metrics_count_calls_per_licence(service: Svc) -> None:
         f'vault_requests_total{{code="ok",licence="{gina.licence_id}",model="m",outcome="success"}}'
     )
     assert f"{line} 3.0" in text
+
+
+def _wait(cond: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def _served(m: vault.Model, n: int) -> None:
+    """``n`` calls served; calls refused meanwhile (a renewal that failed
+    leaves a short-lived refusal) are not served, and are not billed."""
+    done = 0
+    for _ in range(10_000):
+        try:
+            m.compute({"x": X})
+            done += 1
+        except vault.KeyServerUnavailableError:
+            time.sleep(0.01)
+        if done == n:
+            return
+    raise AssertionError(f"only {done} of {n} calls were served")
+
+
+def test_a_failed_renewal_loses_no_call_and_refunds_the_rest(service: Svc) -> None:
+    # issue 17, item 7: a call licence of 20 calls, 7 served around two
+    # failed renewals (one whose answer was lost after the key server counted
+    # it, one never sent): after the service stops, 7 used and 13 available
+    hana = service.caller(holder="hana", max_calls=20)
+    with service.connect(hana) as h:
+        _served(h, 4)
+        service.faulty.fail_next = "answer"
+        _wait(lambda: service.faulty.faults == 1, "a renewal's answer is lost")
+        _served(h, 2)
+        service.faulty.fail_next = "request"
+        _wait(lambda: service.faulty.faults == 2, "a renewal is lost before the key server")
+        _served(h, 1)
+    service.stop()  # reports the rest, gives every reserve back
+    row = service.row(hana)
+    assert (row["used_calls"], row["reserved_calls"]) == (7, 0)
+    assert row["max_calls"] - row["used_calls"] - row["reserved_calls"] == 13
+    assert service.policy.pending_reports() == 0
+    from keyserver import audit, open_store
+
+    st = open_store(service.keyserver.dir / "keyserver.db")
+    try:
+        assert audit.verify(st) == []
+    finally:
+        st.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 import zmq
 
 import vault
+from tests.conftest import served_ready
 from tests.models import mlp
 from tests.sealed import seal_for_test
 from vault.core.crypto import PublisherKey
@@ -36,40 +36,29 @@ def _serve(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # fmt: skip
 
 
-def _wait_for_lines(proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, str]:
-    """The service's ``key: value`` ready lines, up to ``endpoint:``/``server key:``."""
-    assert proc.stdout is not None
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if r:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buf += chunk
-            if b"server key:" in buf and buf.endswith(b"\n"):
-                break
-        elif proc.poll() is not None:
-            break
-    text = buf.decode()
-    assert "endpoint:" in text, text + (
-        proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
-    )  # type: ignore[union-attr]  # noqa: E501
-    return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+def _wait_for_lines(proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, Any]:
+    """The service's JSON ready line (its initial load has finished)."""
+    ready, buf = served_ready(proc, timeout)
+    assert ready is not None, buf.decode() + (
+        proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""  # type: ignore[union-attr]
+    )
+    return ready
 
 
 @pytest.fixture
 def fake_licence(tmp_path: Path) -> Path:
     pub, sec = zmq.curve_keypair()
     path = tmp_path / "svc.licence"
-    Licence("x", "svc", "tcp://127.0.0.1:9", pub.decode(), pub.decode(), sec.decode()).save(path)
+    Licence("x", "svc", "tcp://127.0.0.1:9", pub.decode(), pub.decode(), sec.decode(),
+            model_id="*", same_user=True).save(path)  # fmt: skip
     return path
 
 
 def test_the_service_stops_cleanly_every_time(tmp_path: Path, fake_licence: Path) -> None:
-    """50 SIGTERMs at random moments after start: each stop exits 0 at once
-    (the hang this replaces took a lock inside the signal handler)."""
+    """24 SIGTERMs at random moments after start: each stop exits 0 at once
+    (the hang this replaces took a lock inside the signal handler, about one
+    stop in five: 24 stops miss it with a probability of 0.8**24, 0.5 %; 50
+    took a minute at load 10)."""
     repo = tmp_path / "repo"
     repo.mkdir()
 
@@ -89,7 +78,7 @@ def test_the_service_stops_cleanly_every_time(tmp_path: Path, fake_licence: Path
 
     # four at a time: the suite's budget, and more signal races per second
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(start_and_stop, range(50)))
+        list(pool.map(start_and_stop, range(24)))
 
 
 def test_a_worker_stops_on_sigterm_every_time(tmp_path: Path) -> None:
@@ -144,8 +133,8 @@ def test_a_repository_is_rescanned_on_sighup(repository: dict[str, Any], tmp_pat
                    "--allow", str(r["clients"]), "--instances", "1", "--metrics-port", "0",
                    "--device", str(r["device"])])  # fmt: skip
     try:
-        lines = _wait_for_lines(proc)
-        endpoint, key = lines["endpoint"], lines["server key"]
+        ready = _wait_for_lines(proc)
+        endpoint, key = ready["endpoint"], ready["server_key"]
         x = np.ones((2, 8), np.float32)
 
         def connect(model: str) -> vault.Model:
@@ -165,7 +154,7 @@ def test_a_repository_is_rescanned_on_sighup(repository: dict[str, Any], tmp_pat
                 with connect("m2") as m:
                     assert m.compute({"x": x})["logits"].shape == (2, 5)
                 break
-            except vault.UnknownModelError:
+            except (vault.UnknownModelError, vault.ServiceUnavailableError):  # not yet / loading
                 assert time.monotonic() < deadline, "m2 never came up"
                 time.sleep(0.2)
         with pytest.raises(vault.UnknownModelError):

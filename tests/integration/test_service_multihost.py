@@ -215,8 +215,9 @@ def test_killing_a_worker_host_mid_load_loses_no_call(
             endpoints.append(ep)
         for w in procs[1:]:
             assert w.stdout is not None
-            while b"server key:" not in (line := w.stdout.readline()):
+            while not (line := w.stdout.readline()).startswith(b"{"):  # the JSON ready line
                 assert line, "a worker host did not start"
+            assert json.loads(line)["ready"] is True
         server_key = zmq.auth.load_certificate(str(tmp_path / "service.key"))[0].decode()
         (tmp_path / "client.py").write_text(CLIENT)
         client = net.popen("cl", [str(tmp_path / "client.py"), ",".join(endpoints), server_key,

@@ -499,6 +499,8 @@ w = m._localw
 endpoint = m._endpoint.replace("/proc/self/", f"/proc/{os.getpid()}/")
 print(json.dumps({"worker": w.wid, "endpoint": endpoint, "server_key": w.server_key,
                   "client_public": w._client_public.decode(), "client_secret": w._client_secret.decode(),
+                  "local_path": w.local_path, "local_token": w.local_token.hex(),
+                  "channel": type(m._channel).__name__,
                   "tier": m.tier, "daemon_tier": w.daemon_health()["tier"]}), flush=True)
 sys.stdin.readline()  # hold the worker until told
 print(json.dumps({"still": m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)}))
@@ -531,6 +533,23 @@ p.send(pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 1}))
 out["no_curve"] = "answered" if p.poll(1500) else "no answer"; p.close(); plain.term()
 # control: the owner's key (which only the owner holds) is answered
 out["owners_key"] = ask(info["client_public"].encode(), info["client_secret"].encode())
+# the direct local channel: the owner's socket, in the owner's directory, which
+# this process (the same uid) can reach; without the owner's token, no answer
+from vault.core.localwire import Closed, RecordReader, send_record
+
+def local(token):
+    c = socket.socket(socket.AF_UNIX); c.settimeout(10)
+    try:
+        c.connect(info["local_path"]); c.sendall(token)
+        send_record(c, [pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 1})])
+        got = unpack_header(RecordReader(c, max_message=1 << 20, owned=True).read()[0]).get("ok")
+    except (Closed, OSError):
+        got = None
+    c.close()
+    return "answered" if got else "no answer"
+
+out["local_no_token"] = local(bytes(32))
+out["local_owners_token"] = local(bytes.fromhex(info["local_token"]))  # control
 print(json.dumps(out))
 """
 
@@ -553,6 +572,13 @@ def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
         assert res["close"] == "refused permission_denied", res
         assert res["own_key"] == "no answer" and res["no_curve"] == "no answer", res
         assert res["owners_key"] == "answered", res  # control: CURVE is what kept them out
+        # the owner's calls travel the direct local channel, whose socket the
+        # intruder reaches (same uid) but cannot use without the owner's token
+        assert info["channel"] == "LocalChannel", info
+        assert res["local_no_token"] == "no answer", res
+        assert res["local_owners_token"] == "answered", (
+            res
+        )  # control: the token is what kept it out
         owner.stdin.write(b"go\n")
         owner.stdin.flush()
         assert json.loads(owner.stdout.readline())["still"] is True  # untouched by the intruder

@@ -5,6 +5,7 @@ strict), hardened as the threat model says, and consistent with the real CLI
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ def test_an_invalid_manifest_is_caught() -> None:  # the check above can fail
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("name", ["vault-worker", "vault-keyserver"])
-def test_deployments_are_hardened(name: str) -> None:
-    spec = _one("Deployment", name)["spec"]["template"]["spec"]
+WORKLOADS = [("Deployment", "vault-worker"), ("StatefulSet", "vault-keyserver")]
+
+
+@pytest.mark.parametrize(("kind", "name"), WORKLOADS)
+def test_workloads_are_hardened(kind: str, name: str) -> None:
+    spec = _one(kind, name)["spec"]["template"]["spec"]
     pod = spec["securityContext"]
     assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
     assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -74,13 +78,20 @@ def test_worker_probes_and_scraping_use_the_service_endpoints() -> None:
     args = build_parser().parse_args(c["args"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["metrics"] == args.metrics_port and args.metrics_host == "0.0.0.0"
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # the Open Inference Protocol's health: ready once the initial load is done and a
+    # model serves (one bad package never takes a replica out of the Service)
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "metrics"}
     ann = tpl["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true"
     assert int(ann["prometheus.io/port"]) == args.metrics_port
     assert ann["prometheus.io/path"] == "/metrics"
     assert ports["zmq"] == int(args.bind.rsplit(":", 1)[1])
+    # sealed calls' socket: a fixed port the Service exposes (a chosen-by-the-
+    # system one would be unreachable, and every caller would stay on CURVE)
+    assert args.sealed_port > 0 and ports["sealed"] == args.sealed_port
+    svc = _one("Service", "vault-worker")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["sealed"] == args.sealed_port
     # the drain finishes before Kubernetes sends SIGKILL
     assert args.drain_timeout < tpl["spec"]["terminationGracePeriodSeconds"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
@@ -90,19 +101,87 @@ def test_worker_probes_and_scraping_use_the_service_endpoints() -> None:
 def test_keyserver_takes_its_secrets_from_secrets() -> None:
     from keyserver.commands import DATABASE_ENV
 
-    (c,) = _one("Deployment", "vault-keyserver")["spec"]["template"]["spec"]["containers"]
+    ks = _one("StatefulSet", "vault-keyserver")
+    (c,) = ks["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
     assert env[DATABASE_ENV]["valueFrom"]["secretKeyRef"]["name"] == "vault-keyserver-db"
     # the URL (its password) never in the arguments, which every user on the node reads
     assert not any("$(" in a or "postgresql" in a or a == "--database" for a in c["args"])
-    vols = _one("Deployment", "vault-keyserver")["spec"]["template"]["spec"]["volumes"]
+    vols = ks["spec"]["template"]["spec"]["volumes"]
     assert any(v.get("secret", {}).get("secretName") == "vault-keyserver-dir" for v in vols)
 
 
-def test_disruption_budgets_select_the_deployments() -> None:
-    for name in ("vault-worker", "vault-keyserver"):
+def test_each_keyserver_replica_has_its_own_anchor() -> None:
+    """docs/keyserver.md: one anchor per replica. The anchor file is on a
+    volume from the StatefulSet's volumeClaimTemplates (one claim per pod),
+    never a volume the replicas share."""
+    ks = _one("StatefulSet", "vault-keyserver")
+    assert ks["spec"]["replicas"] >= 2
+    (c,) = ks["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    where = [p for p in mounts if args.anchor.startswith(p.rstrip("/") + "/")]
+    assert len(where) == 1, (args.anchor, mounts)
+    templates = {t["metadata"]["name"]: t for t in ks["spec"]["volumeClaimTemplates"]}
+    assert mounts[where[0]] in templates
+    assert templates[mounts[where[0]]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    shared = {v["name"] for v in ks["spec"]["template"]["spec"]["volumes"]}
+    assert mounts[where[0]] not in shared
+
+
+def test_every_claim_a_pod_mounts_is_defined() -> None:
+    claims = {d["metadata"]["name"] for d in _docs() if d["kind"] == "PersistentVolumeClaim"}
+    for kind, name in WORKLOADS:
+        w = _one(kind, name)
+        templates = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+        for v in w["spec"]["template"]["spec"]["volumes"]:
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, (name, v)
+        mounted = {m["name"] for c in w["spec"]["template"]["spec"]["containers"]
+                   for m in c["volumeMounts"]}  # fmt: skip
+        declared = {v["name"] for v in w["spec"]["template"]["spec"]["volumes"]} | templates
+        assert mounted <= declared, (name, mounted - declared)
+
+
+def _created(kind: str) -> dict[str, list[str]]:
+    """``kubectl create secret|configmap`` in deploy/README.md: name -> sources."""
+    text = (ROOT / "deploy" / "README.md").read_text().replace("\\\n", " ")
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if "kubectl" not in words or "create" not in words:
+            continue
+        at = words.index("create")
+        if words[at + 1] != kind:
+            continue
+        name = words[at + 3] if kind == "secret" else words[at + 2]
+        out[name] = [w.split("=", 1)[1] for w in words if w.startswith("--from-")]
+    return out
+
+
+def test_every_secret_and_config_map_a_pod_reads_is_made_by_the_documented_commands() -> None:
+    secrets, maps = _created("secret"), _created("configmap")
+    for kind, name in WORKLOADS:
+        w = _one(kind, name)["spec"]["template"]["spec"]
+        for v in w["volumes"]:
+            if "secret" in v:
+                assert v["secret"]["secretName"] in secrets, v
+            if "configMap" in v:
+                assert v["configMap"]["name"] in maps, v
+        for c in w["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert any(src.startswith(ref["key"] + "=") for src in secrets[ref["name"]])
+    # the key server's directory: every file `keyserver serve --anchor` reads
+    files = {os.path.basename(src) for src in secrets["vault-keyserver-dir"]}
+    assert {"master.key", "server.secret", "audit.key"} <= files
+
+
+def test_disruption_budgets_select_the_workloads() -> None:
+    for kind, name in WORKLOADS:
         pdb = _one("PodDisruptionBudget", name)
-        labels = _one("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        labels = _one(kind, name)["spec"]["template"]["metadata"]["labels"]
         sel = pdb["spec"]["selector"]["matchLabels"]
         assert sel.items() <= labels.items()
         assert pdb["spec"]["minAvailable"] >= 1

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vault",
         description="Seal, license and run protected ONNX models.",
     )
+    parser.add_argument("--version", action="version", version=f"vault {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from . import cli_device, cli_hybrid, cli_keyserver, cli_package, cli_worker
 
@@ -41,17 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        rc = args.func(args)
-    except VaultError as exc:
-        print(f"vault: {exc.diagnostics()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return int(rc or 0)
+        return version("vault-sandbox")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            rc = args.func(args)
+        except VaultError as exc:
+            print(f"vault: {exc.diagnostics()}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return int(rc or 0)
+    except BrokenPipeError:
+        # the reader went away (`vault ... | head`): stop quietly, as a command
+        # killed by SIGPIPE would; nothing more is written to the closed pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
+from ..core.argtypes import non_negative_int, positive_float, positive_int
 from ..core.errors import ConfigError
+from ..core.logs import add_log_options
 
 __all__ = ["register"]
 
@@ -136,7 +139,10 @@ def _daemon(args: argparse.Namespace) -> int:
     for name in ("refusal_interval", "keyserver_timeout"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    return run_daemon(cfg)
+    from ..core.logs import Log
+
+    return run_daemon(cfg, log=Log(sys.stderr, component="daemon", fmt=args.log_format,
+                                   level=args.log_level))  # fmt: skip
 
 
 def _size(text: str) -> int:
@@ -154,8 +160,6 @@ def _size(text: str) -> int:
 
 
 def register(sub: Any) -> None:
-    import sys
-
     from ..core.daemonwire import DEFAULT_SOCKET
     from .daemon import DEFAULT_DEVICE_DIR
 
@@ -165,7 +169,9 @@ def register(sub: Any) -> None:
     def admin_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--licence", "--license", dest="licence", required=True,
                        help="the admin licence file")  # fmt: skip
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+        p.add_argument(
+            "--timeout", type=positive_float, default=10.0, help="seconds to wait for the server"
+        )
 
     p = dsub.add_parser("init", help="create a device key pair in DIR (0700, key 0600)")
     p.add_argument("dir")
@@ -205,13 +211,13 @@ def register(sub: Any) -> None:
                    help="directories the workers import from, when the install is not on "
                         "the interpreter's own path (root-owned; repeatable)")  # fmt: skip
     p.add_argument("--runtime-dir", default=None, help="where worker sockets go")
-    p.add_argument("--start-timeout", type=float, default=60.0)
-    p.add_argument("--standby", type=int, default=1, metavar="N",
+    p.add_argument("--start-timeout", type=positive_float, default=60.0)
+    p.add_argument("--standby", type=non_negative_int, default=1, metavar="N",
                    help="workers kept pre-started (hardened, onnxruntime imported) so an "
                         "open skips spawn and imports; 0: none (default 1)")  # fmt: skip
-    p.add_argument("--max-connections", type=int, default=512,
+    p.add_argument("--max-connections", type=positive_int, default=512,
                    help="callers connected at once, in all (default 512)")  # fmt: skip
-    p.add_argument("--max-connections-per-uid", type=int, default=64,
+    p.add_argument("--max-connections-per-uid", type=positive_int, default=64,
                    help="callers connected at once from one uid (default 64)")  # fmt: skip
     p.add_argument("--max-idle-connections-per-uid", type=int, default=8,
                    help="of those, connections holding no model (default 8)")  # fmt: skip
@@ -236,4 +242,5 @@ def register(sub: Any) -> None:
     p.add_argument("--worker-memory-headroom", type=_size, default=None, metavar="SIZE",
                    help="each worker's memory limit (RLIMIT_DATA) is 4x its package's "
                         "plaintext plus this (default 1G + 64M per CPU)")  # fmt: skip
+    add_log_options(p)
     p.set_defaults(func=_daemon)

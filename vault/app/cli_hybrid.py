@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+from ..core.argtypes import positive_int
 from ..core.errors import ConfigError, VaultError
 
 __all__ = ["register"]
@@ -29,8 +30,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="the profile (JSON)")
-    p.add_argument("--repeats", type=int, default=10, help="runs; each node's median is kept")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--repeats", type=positive_int, default=10, help="runs; each node's median is kept"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="onnxruntime intra-op threads"
+    )
     p.set_defaults(func=_profile)
 
     s = sub.add_parser(
@@ -44,9 +49,10 @@ def register(sub: Any) -> None:
                    help="admin licence: the keys are registered with its key server")  # fmt: skip
     s.add_argument("--signing-key", help="Ed25519 key (default: publisher.key beside the licence)")
     s.add_argument("-o", "--output", required=True, help="the split directory")
-    how = s.add_mutually_exclusive_group(required=True)
+    how = s.add_mutually_exclusive_group()  # neither: list the cuts this model has
     how.add_argument("--at", action="append", metavar="TENSOR[,TENSOR...]",
-                     help="cut at these tensors (one cut; repeat to ship several)")  # fmt: skip
+                     help="cut at these tensors (one cut; repeat to ship several; "
+                          "'(inputs)': also ship the all-server cut)")  # fmt: skip
     how.add_argument("--auto", action="store_true", help="let the planner choose")
     s.add_argument("--rtt", type=float, help="link round-trip time, ms (--auto)")
     s.add_argument("--bandwidth", type=float, help="link bandwidth, Mbit/s (--auto)")
@@ -59,6 +65,9 @@ def register(sub: Any) -> None:
     s.add_argument("--protect-from", action="append", default=[], metavar="TENSOR",
                    help="everything downstream of TENSOR stays on the server (repeatable)")  # fmt: skip
     s.add_argument("--seal-head", action="store_true", help="seal the head for a local worker")
+    s.add_argument("--batchable", action="store_true",
+                   help="seal each tail declared batchable (as vault seal --batchable, checked "
+                        "on the tail): the service may join callers' tail calls")  # fmt: skip
     s.add_argument("--encoding", choices=("float32", "float16", "int8"), default="float32",
                    help="wire encoding of float cut tensors (checked on calibration inputs)")  # fmt: skip
     s.add_argument("--max-error", type=float, default=0.05,
@@ -109,6 +118,17 @@ def _split(args: argparse.Namespace) -> int:
     from ..hybrid.publish import split, write_key_file
     from .cli_package import publisher_credentials
 
+    if not args.auto and not args.at:
+        # no cut named: list what there is to choose from, write nothing
+        from ..hybrid.publish import cut_options
+
+        opts = cut_options(args.model, pre=args.pre, post=args.post,
+                           split_points=args.split_point, protect_from=args.protect_from)  # fmt: skip
+        print(opts.table())
+        raise ConfigError(
+            "no cut named: cut at one of the tensors above (--at TENSOR, allowed by "
+            "--split-point TENSOR or --protect-from TENSOR), or let the planner choose (--auto)"
+        )
     licence, signing = publisher_credentials(args, "splitting")
     link = None
     if args.auto:
@@ -142,7 +162,7 @@ def _split(args: argparse.Namespace) -> int:
             client_costs=load_profile(args.client_costs) if args.client_costs else None,
             server_costs=load_profile(args.server_costs) if args.server_costs else None,
             alternatives=args.alternatives, register=register, server_key=args.server_key,
-            log=lambda msg: print(msg, file=sys.stderr),
+            log=lambda msg: print(msg, file=sys.stderr), batchable=args.batchable,
         )  # fmt: skip
     except VaultError:
         raise

@@ -50,6 +50,14 @@ def register(sub: Any) -> None:
         help="a model tensor the hybrid may cut at (repeatable)",
     )
     p.add_argument("--key-out", help="without a key server: write the package key here (0600)")
+    p.add_argument(
+        "--batchable",
+        action="store_true",
+        help="declare dim 0 of every input and output a batch of independent rows, so a "
+        "worker service may join different callers' calls into one batch; checked here by "
+        "running the pipeline on random rows together and apart (refused if any output row "
+        "depends on another row)",
+    )
     p.set_defaults(func=_seal)
 
     p = sub.add_parser(
@@ -141,6 +149,7 @@ def _seal(args: argparse.Namespace) -> int:
         io_map=_parse_maps(args.map),
         split_points=args.split_point,
         progress=_Progress("sealing"),
+        batchable=args.batchable,
     )
     try:
         if licence is not None:
@@ -169,6 +178,8 @@ def _seal(args: argparse.Namespace) -> int:
     print(f"sealed {result.model_id} -> {result.path} ({size:,} bytes)")
     print(f"  key id   {result.key_id}")
     print(f"  digest   {result.digest}")
+    if args.batchable:
+        print("  batchable: declared, and checked on random rows together and apart")
     print(f"  {where}")
     return 0
 
@@ -188,6 +199,12 @@ def format_manifest(m: dict[str, Any]) -> str:
         f"stages        {' -> '.join(m['stages'])}"
         + (" (composed into one graph)" if m.get("composed") and len(m["stages"]) > 1 else ""),
         f"payload       {m['payload']['plaintext_size']:,} bytes, {m['payload']['cipher']}",
+        "batchable     "
+        + (
+            "yes (declared by the publisher: dim 0 is a batch of independent rows)"
+            if m.get("batchable") is True
+            else "no (a service never joins different callers' calls)"
+        ),
         "inputs",
     ]
     for t in m["inputs"]:
@@ -198,6 +215,42 @@ def format_manifest(m: dict[str, Any]) -> str:
     if m.get("split_points"):
         lines.append("split points  " + ", ".join(m["split_points"]))
     return "\n".join(lines)
+
+
+def licence_lines(lic: Any, now: float) -> list[str]:
+    """What a licence allows, as the key server issued it (its record decides:
+    usage, and a revocation, are in `vault licence list`)."""
+    from .cli_keyserver import describe_rate
+
+    def when(ts: float) -> str:
+        import datetime as _dt
+
+        at = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        left = ts - now
+        span = abs(left)
+        human = (f"{span / 86400:.1f} days" if span >= 86400 else f"{span / 3600:.1f} h"
+                 if span >= 3600 else f"{span / 60:.0f} min")  # fmt: skip
+        return f"{at} ({'in ' + human if left > 0 else 'EXPIRED ' + human + ' ago'})"
+
+    models = [lic.model_id] if lic.model_id else []
+    lines = [
+        f"kind:       {lic.kind}"
+        + {"runtime": " (use through an enrolled device: vault daemon or a service)",
+           "call": " (call a vendor-hosted service; gives no key)",
+           "admin": " (issue, revoke, list; register keys; enroll devices)"}.get(lic.kind, ""),
+        f"models:     {', '.join(models) if models else 'any (admin)'}",
+        f"expires:    {when(lic.expires_at) if lic.expires_at is not None else 'never'}",
+        f"quota:      {f'{lic.max_calls:,} calls' if lic.max_calls is not None else 'unlimited'}",
+        f"rate:       {describe_rate(lic.rate_limit) if lic.rate_limit else 'unlimited'}",
+        f"grace:      {f'{lic.grace:g} s offline' if lic.grace else 'none (the key server must answer)'}",
+        f"devices:    {', '.join(lic.devices) if lic.devices else 'any enrolled device'}",
+        f"key server: {lic.keyserver_address}",
+    ]  # fmt: skip
+    if lic.kind != "admin" and not lic.limits():  # a file from a key server before limits
+        lines[2:6] = ["limits:     not in this file (an older key server): vault licence list"]
+    elif lic.kind == "admin":
+        del lines[2:6]
+    return lines
 
 
 def _licence_summary(path: str, as_json: bool) -> bool:
@@ -223,9 +276,8 @@ def _licence_summary(path: str, as_json: bool) -> bool:
         print(json.dumps(pub, indent=2, sort_keys=True))
         return True
     print(f"licence {lic.licence_id} ({lic.kind}) held by {lic.holder}")
-    print(f"  model:      {lic.model_id or '-'}")
-    print(f"  key server: {lic.keyserver_address}")
-    print(f"  devices:    {', '.join(lic.devices) if lic.devices else 'any enrolled device'}")
+    for line in licence_lines(lic, time.time()):
+        print(f"  {line}")
     if lic.same_user:
         from .cli_keyserver import SAME_USER_WARNING
 

@@ -14,12 +14,14 @@ How the two ends of a remote worker learn each other's keys (CURVE):
   ``vault worker client-key NAME.licence -o CLIENTS_DIR/NAME.key`` writes it
   (one Z85 line, no secret), and the operator drops that file into the
   worker's ``--allow`` directory. A zmq certificate file works too.
-- the **worker's** public key is printed when it starts (``server key: ...``)
-  and written to ``--server-key-out``; hand that file to clients, who pass it
-  as ``vault.connect(..., server_key="worker.pub")``. Without
-  ``--server-secret`` the key is fresh at each start; for a stable key make
-  one with ``vault worker keygen DIR`` and pass ``--server-secret
-  DIR/worker.key_secret``.
+- the **service's** public key is in its ready line (``"server_key"``, the
+  one JSON line on stdout) and written to ``--server-key-out``; hand that
+  file to clients, who pass it as ``vault.connect(..., server_key="worker.pub")``.
+  The key is stable: without ``--server-secret`` the service keeps its pair
+  in the ``--device`` directory (else the ``--repository``), made on first
+  start; ``vault worker keygen DIR`` makes one to give as ``--server-secret
+  DIR/worker.key_secret`` (replicas share it), and its ``DIR/worker.key`` is
+  accepted by ``vault.connect(server_key=...)`` as it is.
 """
 
 from __future__ import annotations
@@ -30,13 +32,22 @@ import re
 import sys
 from typing import Any
 
+from ..core.argtypes import non_negative_float, non_negative_int, port, positive_float, positive_int
 from ..core.errors import ConfigError, VaultError
+from ..core.logs import add_log_options
 
 __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("run", help="compute once with a sealed model (spawns a local worker)")
+    p = sub.add_parser(
+        "run",
+        help="compute once with a sealed model, through the local daemon's worker (tier 1)",
+        description="Compute once with a sealed model: the local daemon (`vault daemon`, "
+        "$VAULT_DAEMON or /run/vault/daemon.sock) starts a hardened worker under its own uid "
+        "for this licence; a --same-user licence without a daemon runs the worker as you "
+        "(tier 0). Each output is printed and saved as DIR/<output>.npy.",
+    )
     p.add_argument("package")
     p.add_argument("--licence", "--license", dest="licence", required=True)
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy")
@@ -45,7 +56,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--output-dir", default=".", help="where NAME.npy files go (default: .)")
     p.add_argument("--no-save", action="store_true", help="print only, write no .npy")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, metavar="DIR",
+                   help="an enrolled device of your own to release the key as, without "
+                        "the daemon (advanced)")  # fmt: skip
     p.add_argument("--daemon", default=None, metavar="SOCKET",
                    help="the local daemon's socket (default: $VAULT_DAEMON, "
                         "/run/vault/daemon.sock)")  # fmt: skip
@@ -59,10 +72,11 @@ def register(sub: Any) -> None:
     s.add_argument("packages", nargs="*", metavar="PKG", help="*.vault packages to serve")
     s.add_argument("--repository", metavar="DIR",
                    help="serve every *.vault in DIR; rescanned on SIGHUP and --poll-interval")  # fmt: skip
-    s.add_argument("--poll-interval", type=float, default=None, metavar="S")
+    s.add_argument("--poll-interval", type=positive_float, default=None, metavar="S")
     s.add_argument("--licence", "--license", dest="licence", required=True, action="append",
-                   help="the service's own licence (repeat: one per model); its workers ask "
-                        "the key server for package keys with it")  # fmt: skip
+                   help="the service's own runtime licence: one covering every model it "
+                        "serves (`vault licence issue --all-models`, or several ids), or "
+                        "repeat it, one per model; re-read on SIGHUP")  # fmt: skip
     s.add_argument("--bind", default="tcp://127.0.0.1:7701")
     s.add_argument("--allow", metavar="CLIENTS_DIR",
                    help="directory of client public keys (*.key / *.pub); needed for tcp://")  # fmt: skip
@@ -71,26 +85,58 @@ def register(sub: Any) -> None:
                    help="check each caller's call licence at the key server (needs --device); "
                         "instead of --allow")  # fmt: skip
     s.add_argument("--server-key-out", metavar="FILE", help="write the service's public key here")
-    s.add_argument("--server-secret", metavar="CERT", help="zmq secret certificate (stable key)")
+    s.add_argument("--server-secret", metavar="CERT",
+                   help="the service's CURVE secret certificate (`vault worker keygen DIR`: "
+                        "DIR/worker.key_secret); default: kept in the --device directory "
+                        "(else the --repository), made on first start")  # fmt: skip
     s.add_argument("--device", default=None, metavar="DIR",
-                   help="the enrolled device this service runs as (`vault device init`)")  # fmt: skip
-    s.add_argument("--instances", type=int, default=None, metavar="N",
+                   help="the enrolled device this service runs as: `vault device init DIR`, "
+                        "then `vault device enroll DIR --licence admin.licence`")  # fmt: skip
+    s.add_argument("--instances", type=positive_int, default=None, metavar="N",
                    help="worker processes per model (default: half the cores, at least 1)")  # fmt: skip
-    s.add_argument("--max-batch", type=int, default=1, metavar="N",
+    s.add_argument("--max-batch", type=positive_int, default=1, metavar="N",
                    help="rows per batched call; 1 turns batching off (default)")  # fmt: skip
-    s.add_argument("--max-queue-delay-us", type=int, default=0, metavar="US",
+    s.add_argument("--max-queue-delay-us", type=non_negative_int, default=0, metavar="US",
                    help="how long a call may wait for others to fill a batch")  # fmt: skip
-    s.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                   help="serve /metrics, /healthz and /readyz over HTTP on this port")  # fmt: skip
+    s.add_argument("--metrics-port", type=port, default=None, metavar="P",
+                   help="serve /metrics, /healthz, /readyz, /v2/health/{live,ready} and "
+                        "/v2/models/M/ready over HTTP on this port")  # fmt: skip
     s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST")
-    s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S")
-    s.add_argument("--request-timeout", type=float, default=60.0, metavar="S")
-    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--sealed-port", type=int, default=0, metavar="P",
+                   help="tcp:// only: the port of the second socket remote computes travel "
+                   "sealed on (AES-256-GCM, keys agreed over CURVE; docs/transport.md), on "
+                   "the --bind host; 0 (default): any free port; -1: none (calls stay on "
+                   "CURVE)")  # fmt: skip
+    s.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S")
+    s.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="S")
+    s.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="onnxruntime threads per worker (default 2)")  # fmt: skip
     s.add_argument("--user", default=None, help="workers drop to this user (when started as root)")
-    s.add_argument("--log-level", choices=("info", "debug"), default="info",
-                   help="debug also logs every successful call")  # fmt: skip
+    add_log_options(s)
+    o = s.add_argument_group(
+        "Open Inference Protocol v2 (KServe/Triton REST and gRPC; callers send bearer tokens "
+        "minted from call licences: needs --call-licences)"
+    )
+    o.add_argument("--http", type=port, default=None, metavar="PORT",
+                   help="serve the protocol's REST endpoints (/v2/...) on this port")  # fmt: skip
+    o.add_argument("--grpc", type=port, default=None, metavar="PORT",
+                   help="serve inference.GRPCInferenceService on this port")  # fmt: skip
+    o.add_argument("--oip-host", default="127.0.0.1", metavar="HOST",
+                   help="address both bind to (default 127.0.0.1)")  # fmt: skip
+    o.add_argument("--http-cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page's origin (https://shop.example) whose scripts may call the "
+                        "REST endpoints (repeatable; * for any page; default none)")  # fmt: skip
+    o.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM) for both")
+    o.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for both")
+    o.add_argument("--dangerously-serve-plaintext", action="store_true",
+                   help="serve without TLS on a non-loopback --oip-host: bearer tokens cross the "
+                        "network in the clear (only behind a proxy that terminates TLS)")  # fmt: skip
     s.set_defaults(func=_serve)
-    k = wsub.add_parser("keygen", help="make a stable CURVE key pair for a worker")
+    k = wsub.add_parser(
+        "keygen",
+        help="make a stable CURVE key pair for a service: DIR/worker.key (give it to callers: "
+        "vault.connect(server_key=...)) and DIR/worker.key_secret (--server-secret)",
+    )
     k.add_argument("dir")
     k.set_defaults(func=_keygen)
     c = wsub.add_parser("client-key", help="write a licence's public client key for an allow-list")
@@ -99,6 +145,10 @@ def register(sub: Any) -> None:
     c.set_defaults(func=_client_key)
 
     d = sub.add_parser("demo", help="the whole flow on a small model, in a temp dir")
+    d.add_argument("--web", action="store_true",
+                   help="serve a page whose head runs in your browser, the protected tail on "
+                        "a local worker service; prints the URL")  # fmt: skip
+    d.add_argument("--port", type=int, default=0, help="the page's port with --web (default: free)")
     d.set_defaults(func=_demo)
 
 
@@ -181,13 +231,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..core.device import Device
     from ..core.licence import Licence
+    from ..core.logs import ready_line
 
+    log = JsonLog(sys.stderr, level=args.log_level, fmt=args.log_format)
     if not args.packages and not args.repository:
         raise ConfigError("give packages to serve, or --repository DIR")
-    curve = None
     policy: Any = OpenPolicy()
     licences = [Licence.load(p) for p in args.licence]
     device = Device.load(args.device) if args.device else None
+    if device is None and not all(lic.same_user for lic in licences):
+        raise ConfigError(
+            "vault worker serve runs as an enrolled device: give --device DIR (make it with "
+            "`vault device init DIR`, have the vendor's admin run `vault device enroll DIR "
+            "--licence admin.licence`); without one only a --same-user licence (tier 0, for "
+            "development) can release keys"
+        )
     ks_client = None
     if args.call_licences:
         if device is None:
@@ -199,8 +257,11 @@ def _serve(args: argparse.Namespace) -> int:
         ks_client = KeyServerClient(licences[0], device=device)
         ks = ks_client
         policy = CallLicencePolicy(
-            lambda model, keys, usage: ks.call_decisions(model_id=model, keys=keys, usage=usage)  # type: ignore[arg-type]
+            lambda model, keys, usage, grants: ks.call_decisions(
+                model_id=model, keys=keys, usage=usage, grants=grants
+            )
         )
+    curve = None
     if args.bind.startswith("tcp://"):
         if not args.call_licences:
             if not args.allow or not os.path.isdir(args.allow):
@@ -208,7 +269,34 @@ def _serve(args: argparse.Namespace) -> int:
                     "a tcp:// service needs --allow CLIENTS_DIR (a directory) or --call-licences"
                 )
             policy = AllowListPolicy.from_dir(args.allow)
-        curve = _server_keys(args.server_secret)
+            log("callers_allowed", count=len(getattr(policy, "by_key", {})), directory=args.allow)
+        curve = _server_keys(args, log)
+    oip = None
+    if args.http is not None or args.grpc is not None:
+        if not args.call_licences:
+            raise ConfigError(
+                "--http/--grpc admit callers by bearer tokens minted from call licences: "
+                "add --call-licences"
+            )
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        from worker.service.oip import OipConfig
+        from worker.service.oip.cors import check_origin
+
+        oip = OipConfig(
+            host=args.oip_host, http_port=args.http, grpc_port=args.grpc,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+            dangerously_allow_plaintext=args.dangerously_serve_plaintext,
+            cors_origins=tuple(check_origin(o) for o in args.http_cors_origin),
+        )  # fmt: skip
+        from worker.service.oip import OipServer
+
+        OipServer.check(oip)  # refuse a plaintext bind before any worker starts
+    elif args.tls_cert or args.tls_key or args.dangerously_serve_plaintext or args.http_cors_origin:
+        raise ConfigError(
+            "--tls-cert, --tls-key, --http-cors-origin and --dangerously-serve-plaintext go "
+            "with --http/--grpc"
+        )
     cores = os.cpu_count() or 2
     instances = args.instances or max(1, cores // 2)
     launch = LaunchSpec(
@@ -230,60 +318,68 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        sealed_port=None if args.sealed_port < 0 else args.sealed_port,
         curve=curve,
         policy=policy,
         launch=launch,
+        reload_licences=lambda: [Licence.load(p) for p in args.licence],
+        oip=oip,
     )
-    svc = WorkerService(cfg, log=JsonLog(sys.stderr, level=args.log_level))
-    svc.catch_signals()  # a SIGTERM during start-up or right after the ready lines drains
-    ready = svc.start()
-    key = ready.get("server_key") or ""
-    if args.server_key_out:
-        with open(args.server_key_out, "w", encoding="ascii") as fh:
-            fh.write(key + "\n")
-    for model_id, m in ready["models"].items():
-        print(f"worker ready: model {model_id} on {m['provider']} ({m['instances']} workers, "
-              f"batching {'on' if m['batching'] else 'off'})")  # fmt: skip
-    print(f"endpoint: {ready['endpoint']}")
-    print(f"server key: {key}")
-    if args.allow:
-        print(f"allowed clients: {len(getattr(policy, 'by_key', {}))} (from {args.allow})")
-    if ready.get("metrics_port") is not None:
-        print(f"metrics: http://{args.metrics_host}:{ready['metrics_port']}/metrics")
-    if args.server_key_out:
-        print(f"server key written to {args.server_key_out}")
-    sys.stdout.flush()
     try:
+        svc = WorkerService(cfg, log=log)
+        svc.catch_signals()  # a SIGTERM during the initial load, or right after it, drains
+        ready = svc.start()
+        key = ready.get("server_key") or ""
+        if args.server_key_out:
+            with open(args.server_key_out, "w", encoding="ascii") as fh:
+                fh.write(key + "\n")
+            log("server_key_written", path=args.server_key_out)
+        ready_line({"endpoint": ready["endpoint"], "server_key": key or None,
+                    "metrics_port": ready.get("metrics_port"), "models": ready["models"],
+                    "sealed_port": ready.get("sealed_port"),
+                    "http_port": ready.get("http_port"), "grpc_port": ready.get("grpc_port"),
+                    "tls": bool(args.tls_cert), "pid": os.getpid()})  # fmt: skip
         return svc.run()
     finally:
         if ks_client is not None:
             ks_client.close()
 
 
-def _server_keys(secret_cert: str | None) -> tuple[bytes, bytes]:
+def _server_keys(args: argparse.Namespace, log: Any) -> tuple[bytes, bytes]:
+    """The service's CURVE key pair: ``--server-secret``, else the one kept in
+    the device directory (else the repository), made there on first start, so
+    a restart keeps the key its callers hold. Only a service with neither
+    (packages and a --same-user licence: development) gets a fresh key."""
     import zmq
-    import zmq.auth
 
-    if not secret_cert:
+    from ..core.curvekeys import load_secret_certificate, stable_server_keys
+
+    if args.server_secret:
+        return load_secret_certificate(args.server_secret)
+    home = args.device or args.repository
+    if not home:
+        log("server_key_ephemeral", level="warning",
+            hint="give --server-secret (vault worker keygen DIR) for a key that survives a "
+                 "restart")  # fmt: skip
         return zmq.curve_keypair()
-    try:
-        public, secret = zmq.auth.load_certificate(secret_cert)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{secret_cert}: not a zmq certificate ({exc})") from exc
-    if not secret:
-        raise ConfigError(f"{secret_cert}: holds no secret key")
+    public, secret, created = stable_server_keys(home)
+    log("server_key_created" if created else "server_key_loaded",
+        path=os.path.join(home, "worker.key_secret"))  # fmt: skip
     return public, secret
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    import zmq.auth
+    from ..core.curvekeys import PUBLIC_NAME, SECRET_NAME, write_certificates
 
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(args.dir, "worker")
-    os.chmod(secret, 0o600)
-    print(
-        f"worker public key: {public}\nworker secret key: {secret} (keep private; --server-secret)"
-    )
+    if os.path.exists(os.path.join(args.dir, SECRET_NAME)):
+        raise ConfigError(f"{args.dir} already holds {SECRET_NAME}; refusing to overwrite it")
+    public, _ = write_certificates(args.dir)
+    pub = os.path.join(args.dir, PUBLIC_NAME)
+    sec = os.path.join(args.dir, SECRET_NAME)
+    print(f"server key: {public.decode()}")
+    print(f"  {pub}: the public key; callers pass it as vault.connect(server_key={pub!r})")
+    print(f"  {sec}: the secret (0600); the service takes it as --server-secret {sec}")
     return 0
 
 
@@ -291,6 +387,7 @@ def _client_key(args: argparse.Namespace) -> int:
     from ..core.licence import Licence
 
     lic = Licence.load(args.licence)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # clients/ on first use
     with open(args.output, "w", encoding="ascii") as fh:
         fh.write(lic.client_public_key + "\n")
     print(f"client public key of {lic.holder} ({lic.licence_id}) -> {args.output}")
@@ -302,6 +399,11 @@ def _client_key(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.web:
+        from .demo_web import run_web_demo
+
+        return run_web_demo(port=args.port)
 
     try:
         return run_demo()

@@ -115,6 +115,7 @@ from ..core.errors import (
     WrongKeyServerError,
 )
 from ..core.licence import Licence, LicenceProof
+from ..core.logs import Log, reason
 from ..core.package import Header, memory_limit, read_header
 from ..core.process import stop_process
 
@@ -123,7 +124,7 @@ __all__ = ["DaemonConfig", "check_install", "check_private_dir", "run_daemon"]
 TIER = 1
 DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
 DEFAULT_WORKER_USER = "vault-worker"
-_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "package_digest", "shm_size",
+_OPEN_FIELDS = {"op", "licence", "proof", "client_key", "package_digest", "shm_size", "listen_token",
                 "providers", "device", "prepack"}  # fmt: skip
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider"}
@@ -281,6 +282,8 @@ class _OpenRequest:
     package: Header  # the header and manifest, read from package_fd and checked
     digest: str  # the package digest the caller's proof signs
     memory: int | None  # the worker's RLIMIT_DATA (None: CUDA, not limited)
+    listen_fd: int | None = None  # the caller's listening socket (the direct local channel)
+    listen_token: bytes = b""
 
     @property
     def cuda(self) -> bool:
@@ -381,6 +384,24 @@ def _readable(fd: int) -> bool:
     return not (o_path and flags & o_path) and flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
 
 
+def _listening_unix_socket(fd: int) -> bool:
+    """A listening Unix stream socket (what a caller's direct channel hands a worker)."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return (
+            s.family == socket.AF_UNIX
+            and s.type == socket.SOCK_STREAM
+            and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        )
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def _memfd(fd: int) -> bool:
     """A memfd (the only kind of file ``F_GET_SEALS`` answers for)."""
     import fcntl
@@ -405,10 +426,11 @@ def _z85_key(value: Any) -> str:
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, device: Device, *, log: IO[str] | None = None) -> None:
+    def __init__(self, config: DaemonConfig, device: Device, *, log: Log | None = None) -> None:
         self.config = config
         self.device = device
-        self.log_stream = log or sys.stderr
+        # structured events (vault.core.logs.Log): log(event, level=..., **fields)
+        self.log = log or Log(sys.stderr, component="daemon")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
@@ -421,11 +443,6 @@ class Daemon:
         self._quiet: dict[int, int] = {}  # uid -> refusals not logged (a flood's log is bounded)
         self._log_budget: dict[int, _Bucket] = {}
         self._throttled: set[int] = set()  # uids whose opens the daemon refuses itself now
-
-    def log(self, line: str) -> None:
-        # one write per line: lines of threads logging at once never interleave
-        self.log_stream.write(f"vault-daemon: {line}\n")
-        self.log_stream.flush()
 
     # -- requests -----------------------------------------------------------------
 
@@ -528,8 +545,9 @@ class Daemon:
             wait = (1 - bucket.tokens) * cfg.refusal_interval
             if uid not in self._throttled:  # once per episode: the log stays bounded
                 self._throttled.add(uid)
-                self.log(f"uid {uid}: the key server refused its opens {cfg.refusal_burst} "
-                         "times or more lately; its opens are refused here for now")  # fmt: skip
+                self.log(
+                    "open_refusals_spent", level="warning", uid=uid, burst=cfg.refusal_burst
+                )  # the uid's opens are refused here for now
             raise _Throttled(
                 f"the key server refused {cfg.refusal_burst} or more opens of this user "
                 f"lately: the daemon asks it again in {wait:.0f}s"
@@ -574,8 +592,9 @@ class Daemon:
                 return
             self._log_budget[uid].tokens -= 1
             skipped = self._quiet.pop(uid, 0)
-        more = f" ({skipped} more refusals for this uid not logged)" if skipped else ""
-        self.log(f"open refused for uid {uid}: {exc.code}: {exc.message}{more}")
+        code, message = reason(exc)
+        more = {"not_logged": skipped} if skipped else {}  # refusals left out since the last line
+        self.log("open_refused", level="warning", uid=uid, code=code, message=message, **more)
 
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         with self._lock:  # a uid past its refusals costs nothing more: not even a header read
@@ -660,9 +679,21 @@ class Daemon:
         cuda = "CUDAExecutionProvider" in (providers or []) or str(device).startswith("cuda")
         memory = None if cuda else memory_limit(header.plaintext_size,
                                                 headroom=self.config.worker_memory_headroom)  # fmt: skip
+        listen_fd, token = None, b""
+        if msg.get("listen_token") is not None:
+            # the caller's listening socket is the last descriptor; its token
+            # is what each connection to it must send first (localwire.py)
+            raw = msg["listen_token"]
+            if not isinstance(raw, str) or not re.fullmatch(r"[0-9a-f]{64}", raw):
+                raise ConfigError("listen_token must be 32 bytes in hex")
+            if len(fds) != (3 if shm_size else 2) or not _listening_unix_socket(fds[-1]):
+                raise ConfigError(
+                    "listen_token needs a listening Unix socket as the last descriptor"
+                )
+            listen_fd, token = fds[-1], bytes.fromhex(raw)
         return _OpenRequest(package_fd, fds[1] if shm_size else None, shm_size, lic, proof,
                             client_key, providers, device, prepack, header, digest,
-                            memory)  # fmt: skip
+                            memory, listen_fd, token)  # fmt: skip
 
     def _authorize(self, req: _OpenRequest) -> None:
         """Ask the key server, as the device, whether this caller's licence and
@@ -737,7 +768,8 @@ class Daemon:
                 try:
                     standby = self._start_standby()
                 except Exception as exc:  # noqa: BLE001 - logged; the next open spawns cold
-                    self.log(f"cannot pre-start a worker: {type(exc).__name__}: {exc}")
+                    code, message = reason(exc)
+                    self.log("standby_failed", level="error", code=code, message=message)
                     with self._lock:
                         self._refilling = False
                     return
@@ -759,7 +791,10 @@ class Daemon:
         deadline = time.monotonic() + cfg.start_timeout
         secrets: list[int] = []
         try:
-            for data in (req.licence.dumps(), json.dumps(req.proof.to_wire()).encode()):
+            datas = [req.licence.dumps(), json.dumps(req.proof.to_wire()).encode()]
+            if req.listen_fd is not None:
+                datas.append(req.listen_token)
+            for data in datas:
                 r, w = os.pipe()
                 secrets.append(r)
                 try:
@@ -778,6 +813,9 @@ class Daemon:
             if req.shm_fd is not None:
                 msg.update(shm_fd=len(fds), shm_size=req.shm_size)
                 fds.append(req.shm_fd)
+            if req.listen_fd is not None:
+                msg.update(listen_fd=len(fds), listen_token_fd=len(fds) + 1)
+                fds += [req.listen_fd, secrets[2]]
             if req.providers is not None:
                 msg["providers"] = ",".join(req.providers)
             if not req.prepack:
@@ -828,9 +866,9 @@ class Daemon:
             conn.workers[worker.wid] = worker
             _decrement(self._starting, slot.uid)
             slot.stage = "live"
-        self.log(f"worker {worker.wid} (pid {worker.proc.pid}) for uid {conn.uid} pid {conn.pid}: "
-                 f"model {ready.get('model_id')}, licence {lic.licence_id}"
-                 f"{' (pre-started)' if ready.get('standby') else ''}")  # fmt: skip
+        self.log("worker_started", worker=worker.wid, pid=worker.proc.pid, uid=conn.uid,
+                 caller_pid=conn.pid, model=ready.get("model_id"), licence=lic.licence_id,
+                 standby=bool(ready.get("standby")))  # fmt: skip
         return {
             "worker": worker.wid,
             "pid": worker.proc.pid,
@@ -858,6 +896,11 @@ class Daemon:
             pass_fds.append(req.shm_fd)
         if req.memory is not None:  # the worker's first act, before it reads anything
             args += ["--memory-limit", str(req.memory)]
+        if req.listen_fd is not None:
+            args += ["--listen-fd", str(req.listen_fd)]
+            pass_fds.append(req.listen_fd)
+            pipes.secret("--listen-token-fd", req.listen_token)
+            args += pipes.args[-2:]
         try:
             proc = self._launch([*args, *req.worker_args()], [*pass_fds, *pipes.pass_fds], wdir)
         except BaseException:
@@ -930,7 +973,8 @@ class Daemon:
                 self._log_refusal(conn.uid, exc)
             return {"ok": False, "id": rid, "error": exc.to_wire()}
         except Exception as exc:  # noqa: BLE001 - a bug or odd input: answered, never fatal
-            self.log(f"{op!r} from uid {conn.uid} failed: {type(exc).__name__}: {exc}")
+            self.log("request_failed", level="error", op=str(op), uid=conn.uid,
+                     error=type(exc).__name__)  # fmt: skip
             err = ProtocolError(f"the daemon could not handle this {op!r} request")
             return {"ok": False, "id": rid, "error": err.to_wire()}
         finally:
@@ -1036,7 +1080,7 @@ class Daemon:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # out of descriptors or memory (a flood of connections): back
                     # off and go on serving the callers already connected
-                    self.log(f"accept: {exc.strerror}; backing off")
+                    self.log("accept_backoff", level="warning", error=exc.strerror)
                     self._stop.wait(0.1)
                     continue
                 raise
@@ -1110,9 +1154,11 @@ def resolve_worker_user(name: str | None) -> tuple[int, int, str]:
     return pw.pw_uid, pw.pw_gid, pw.pw_name
 
 
-def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
-    """Run until SIGTERM or Ctrl-C; prints one JSON ready line on ``out``."""
+def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | None = None) -> int:
+    """Run until SIGTERM or Ctrl-C; prints one JSON ready line on ``out``,
+    its events on ``log`` (default: JSON lines on stderr)."""
     out = out or sys.stdout
+    log = log or Log(sys.stderr, component="daemon")
     device = Device.load(config.device_dir)
     check_install(config.python, config.sys_path)
     base = os.path.dirname(os.path.abspath(config.socket_path))
@@ -1125,9 +1171,11 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
         check_private_dir(config.runtime_dir, what="runtime directory")
     os.chmod(config.runtime_dir, 0o711)
     listener = _bind(config.socket_path)
-    daemon = Daemon(config, device)
+    daemon = Daemon(config, device, log=log)
     old = {s: signal.signal(s, lambda *_: daemon.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        log("started", socket=config.socket_path, device=device.device_id,
+            worker_uid=config.worker_uid, standby=config.standby)  # fmt: skip
         print(json.dumps({"ready": True, "socket": config.socket_path, "tier": TIER,
                           "device_id": device.device_id, "worker_uid": config.worker_uid,
                           "keyserver": device.keyserver_address,
@@ -1143,4 +1191,5 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None) -> int:
             shutil.rmtree(config.runtime_dir, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
+        log("stopped")
     return 0

@@ -158,7 +158,7 @@ class ZmqChannel(Channel):
         rid = next(self._ids)
         msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
         try:
-            sock.send_multipart([pack_header(msg), *frames], copy=False)
+            self._send(sock, [pack_header(msg), *frames])
         except zmq.ZMQError as exc:
             self._discard(sock)
             raise self._gone(f"cannot send: {exc.strerror}") from None
@@ -197,6 +197,10 @@ class ZmqChannel(Channel):
             if left_ms <= 0:
                 self._discard(sock)
                 raise WorkerTimeoutError(f"no answer from the worker within {timeout:g}s")
+
+    def _send(self, sock: zmq.Socket[Any], parts: list[Any]) -> None:
+        """Send one request (a subclass may watch the connection meanwhile)."""
+        sock.send_multipart(parts, copy=False)
 
     def _last_reply(self, sock: zmq.Socket[Any], rid: int) -> Reply | None:
         sock.rcvtimeo = self._tls.rcvtimeo = _LAST_REPLY_MS

@@ -18,11 +18,14 @@ prints one line; anything else is a bug and shows its traceback.
     │   ├── LicenceRevokedError      licence_revoked
     │   ├── LicenceExpiredError      licence_expired
     │   ├── QuotaExhaustedError      quota_exhausted
+    │   │   └── TokenSpentError      token_spent      (a bearer token's own call budget)
     │   ├── RateLimitedError         rate_limited
     │   ├── WrongModelError          wrong_model
     │   ├── DigestMismatchError      digest_mismatch
     │   ├── WrongKeyServerError      wrong_keyserver  (a licence of another key server than the device's)
-    │   └── PermissionDeniedError    permission_denied
+    │   ├── PermissionDeniedError    permission_denied
+    │   └── TokenError               token_invalid    (a bearer token: missing, malformed, forged; opaque)
+    │       └── TokenExpiredError    token_expired
     ├── KeyServerError               keyserver
     │   └── KeyServerUnavailableError keyserver_unavailable
     ├── AuditError                   audit            (audit record not written: fail closed)
@@ -70,6 +73,9 @@ __all__ = [
     "RateLimitedError",
     "SealError",
     "ServiceUnavailableError",
+    "TokenError",
+    "TokenExpiredError",
+    "TokenSpentError",
     "UnknownLicenceError",
     "UnknownModelError",
     "UnsafeModelError",
@@ -166,8 +172,24 @@ class QuotaExhaustedError(LicenceError):
 
 
 class RateLimitedError(LicenceError):
+    """Too many calls or requests for now. ``retry_after`` (seconds, or None
+    when unknown) says when one more will be let through; it crosses the
+    wire as a field of the error, and the message says it too."""
+
     code = "rate_limited"
     default_message = "licence rate limit exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        if retry_after is not None and message is not None and "retry after" not in message:
+            message = f"{message}; retry after {retry_after:.3g} s"
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
 
 
 class WrongModelError(LicenceError):
@@ -191,6 +213,25 @@ class WrongKeyServerError(LicenceError):
 class PermissionDeniedError(LicenceError):
     code = "permission_denied"
     default_message = "operation needs an admin licence"
+
+
+class TokenError(LicenceError):
+    """A bearer token (see :mod:`vault.core.token`) that is missing, malformed,
+    not signed by the licence it names, or not for that licence: one opaque
+    error, so a forger learns nothing about which check failed."""
+
+    code = "token_invalid"
+    default_message = "no valid bearer token"
+
+
+class TokenExpiredError(TokenError):
+    code = "token_expired"
+    default_message = "the bearer token has expired"
+
+
+class TokenSpentError(QuotaExhaustedError):
+    code = "token_spent"
+    default_message = "the bearer token's call budget is spent"
 
 
 class KeyServerError(VaultError):
@@ -286,4 +327,10 @@ def from_wire(payload: Any) -> VaultError:
     code = payload.get("code")
     message = payload.get("message")
     cls = _BY_CODE.get(code if isinstance(code, str) else "", VaultError)
-    return cls(str(message) if message is not None else None)
+    text = str(message) if message is not None else None
+    if cls is RateLimitedError:
+        retry = payload.get("retry_after")
+        if isinstance(retry, (int, float)) and not isinstance(retry, bool) and 0 <= retry < 1e9:
+            return RateLimitedError(text, retry_after=float(retry))
+        return RateLimitedError(text)
+    return cls(text)

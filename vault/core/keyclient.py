@@ -72,7 +72,9 @@ class Lease:
     how many calls may be served before the next renewal (None: unlimited);
     the key server reserved them from the quota. A budget of 0 with
     ``retry_after`` means the licence's rate limit allows no call for that
-    many seconds."""
+    many seconds. ``rate`` and ``burst`` are the licence's rate limit as
+    the worker enforces it per call (None: no limit): at most ``burst`` calls
+    at once, then ``rate`` per second."""
 
     lease_id: str
     ttl: float
@@ -80,6 +82,8 @@ class Lease:
     hard_end: float
     call_budget: int | None
     retry_after: float | None = None
+    rate: float | None = None
+    burst: float | None = None
 
     @classmethod
     def _from_wire(cls, data: Any, sent_at: float) -> Lease:
@@ -88,6 +92,7 @@ class Lease:
             grace = float(data.get("grace") or 0.0)
             budget = data.get("call_budget")
             retry = data.get("retry_after")
+            rate, burst = data.get("rate"), data.get("burst")
             return cls(
                 lease_id=str(data["lease_id"]),
                 ttl=ttl,
@@ -95,6 +100,8 @@ class Lease:
                 hard_end=sent_at + ttl + grace,
                 call_budget=None if budget is None else int(budget),
                 retry_after=None if retry is None else float(retry),
+                rate=None if rate is None else float(rate),
+                burst=None if burst is None else float(burst),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError("key server sent a malformed lease") from exc
@@ -351,16 +358,20 @@ class KeyServerClient:
             raise ProtocolError("key server released a key of the wrong size")
         return Release(key, lease)
 
-    def renew(self, *, lease_id: str, calls: int) -> Lease:
+    def renew(self, *, lease_id: str, calls: int, report_id: str | None = None) -> Lease:
         """Report ``calls`` served since the last report and extend the lease;
-        a revoked/expired/exhausted licence raises its typed error instead."""
-        reply, sent_at = self._request("renew", lease_id=lease_id, calls=int(calls))
+        a revoked/expired/exhausted licence raises its typed error instead.
+        ``report_id``: the report's id, so one sent again after its answer
+        was lost counts once."""
+        extra = {"report_id": report_id} if report_id is not None else {}
+        reply, sent_at = self._request("renew", lease_id=lease_id, calls=int(calls), **extra)
         return Lease._from_wire(reply.get("lease"), sent_at)
 
-    def close_lease(self, *, lease_id: str, calls: int) -> int:
+    def close_lease(self, *, lease_id: str, calls: int, report_id: str | None = None) -> int:
         """Report the last ``calls`` and end the lease; the unused part of its
         reserved budget goes back to the quota. Returns the calls refunded."""
-        reply, _ = self._request("close", lease_id=lease_id, calls=int(calls))
+        extra = {"report_id": report_id} if report_id is not None else {}
+        reply, _ = self._request("close", lease_id=lease_id, calls=int(calls), **extra)
         return int(reply.get("refunded_calls") or 0)
 
     def register_key(
@@ -378,12 +389,22 @@ class KeyServerClient:
         return bool(reply.get("created"))
 
     def call_decisions(
-        self, *, model_id: str, keys: list[str], usage: list[dict[str, Any]]
+        self,
+        *,
+        model_id: str | None,
+        keys: list[str],
+        usage: list[dict[str, Any]],
+        grants: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """(as an enrolled device: a worker service) What each caller key may
-        do with ``model_id`` for one lease, reporting ``usage`` (calls served
-        under each licence's last reserve); see ``keyserver/calls.py``."""
-        reply, _ = self._request("call_decisions", model_id=model_id, keys=keys, usage=usage)
+        do with ``model_id`` for one lease, reporting ``usage`` (calls served,
+        reserves given back; each report with its own id, so one sent again
+        counts once); ``grants`` names each key's grant (its reserve, given
+        back later by that id). See ``keyserver/calls.py``."""
+        fields: dict[str, Any] = {"grants": grants} if grants else {}
+        reply, _ = self._request(
+            "call_decisions", model_id=model_id, keys=keys, usage=usage, **fields
+        )
         return {"ttl": reply.get("ttl"), "decisions": reply.get("decisions") or {}}
 
     def issue(
@@ -398,12 +419,15 @@ class KeyServerClient:
         kind: str = "runtime",
         same_user: bool = False,
         devices: tuple[str, ...] | list[str] = (),
+        require_key: bool = False,
     ) -> Licence:
         """(admin) Issue a licence; ``expires`` is seconds from now (None: never),
-        ``rate_limit`` key requests per second, ``grace`` offline seconds.
+        ``rate_limit`` calls per second, ``grace`` offline seconds.
         ``kind`` is ``runtime`` or ``call``; ``devices`` the only enrolled
         devices it may be used on; ``same_user`` allows tier 0 (the holder's
-        own user runs the worker, and can therefore extract the model)."""
+        own user runs the worker, and can therefore extract the model).
+        ``require_key``: refused (``UnknownModelError``) unless a key is
+        registered for ``model_id`` (what ``vault licence issue`` asks)."""
         reply, _ = self._request(
             "issue",
             model_id=model_id,
@@ -415,6 +439,7 @@ class KeyServerClient:
             kind=kind,
             same_user=bool(same_user),
             devices=list(devices),
+            **({"require_key": True} if require_key else {}),
         )
         return Licence.from_json(reply.get("licence"), source="key server reply")
 

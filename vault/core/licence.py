@@ -38,6 +38,7 @@ from typing import Any
 from . import crypto as _crypto
 from .errors import ConfigError
 from .files import read_regular, write_private_file
+from .modelscope import covers
 
 __all__ = ["KINDS", "Licence", "LicenceProof", "write_private_file"]
 
@@ -81,6 +82,24 @@ class LicenceProof:
             raise ConfigError("malformed licence proof") from exc
 
 
+def _limits(data: Any) -> dict[str, Any]:
+    """The ``limits`` of a licence file, each with its type (absent: none)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TypeError("limits must be a map")
+    out: dict[str, Any] = {}
+    for name, kind in (("expires_at", float), ("max_calls", int), ("rate_limit", float),
+                       ("grace", float)):  # fmt: skip
+        v = data.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"limits.{name} must be a number")
+        out[name] = kind(v)
+    return out
+
+
 @dataclass(repr=False)
 class Licence:
     """A parsed licence file. ``client_secret`` never appears in ``repr``."""
@@ -92,13 +111,20 @@ class Licence:
     client_public_key: str  # Z85 CURVE public key of the holder
     client_secret_key: str  # Z85 CURVE secret key of the holder
     publisher_key: str = ""  # base64 raw Ed25519 public key of the publisher
-    model_id: str | None = None  # None for an admin licence
+    model_id: str | None = None  # its model scope (vault.core.modelscope); None for an admin
     role: str = "caller"  # "caller" or "admin"
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = ""  # "runtime", "call" or "admin" ("" : from the role)
     same_user: bool = False  # tier 0 allowed: the holder's user can extract the model
     devices: tuple[str, ...] = ()  # the only devices it works on (empty: any enrolled)
     proof_key: str = ""  # base64 raw Ed25519 seed: signs proofs of possession (secret)
+    # the limits it was issued with, for the holder to read (the key server's
+    # record decides; `vault licence list` shows usage): epoch seconds, calls,
+    # calls per second, offline seconds
+    expires_at: float | None = None
+    max_calls: int | None = None
+    rate_limit: float | None = None
+    grace: float | None = None
 
     def __post_init__(self) -> None:
         if not self.kind:
@@ -110,6 +136,11 @@ class Licence:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def covers(self, model_id: str) -> bool:
+        """Whether this licence may be used with ``model_id`` (its model scope:
+        one id, several, ``prefix*`` or ``*``; see :mod:`vault.core.modelscope`)."""
+        return covers(self.model_id, model_id)
 
     @property
     def proof_public_key(self) -> str:
@@ -156,6 +187,8 @@ class Licence:
             client_public_key=self.client_public_key, client_secret_key="",
             publisher_key=self.publisher_key, model_id=self.model_id, role=self.role,
             kind=self.kind, same_user=self.same_user, devices=self.devices,
+            expires_at=self.expires_at, max_calls=self.max_calls, rate_limit=self.rate_limit,
+            grace=self.grace,
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -178,8 +211,15 @@ class Licence:
             "same_user": self.same_user,
             "devices": list(self.devices),
             "proof_key": self.proof_key,
+            **({"limits": self.limits()} if self.limits() else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
+
+    def limits(self) -> dict[str, Any]:
+        """The limits it was issued with (only those it has)."""
+        out = {"expires_at": self.expires_at, "max_calls": self.max_calls,
+               "rate_limit": self.rate_limit, "grace": self.grace}  # fmt: skip
+        return {k: v for k, v in out.items() if v is not None}
 
     def dumps(self) -> bytes:
         return (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode()
@@ -209,6 +249,7 @@ class Licence:
                 same_user=bool(data.get("same_user", False)),
                 devices=tuple(str(d) for d in data.get("devices") or ()),
                 proof_key=str(data.get("proof_key") or ""),
+                **_limits(data.get("limits")),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ConfigError(

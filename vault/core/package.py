@@ -386,6 +386,8 @@ def _validate_manifest(m: Any) -> None:
             t.get("shape"), (list, type(None))
         ):
             raise ValueError("tensor")
+    if not isinstance(m.get("batchable", False), bool):
+        raise ValueError("batchable")
     p = m.get("payload")
     if not isinstance(p, dict) or not isinstance(p.get("nonce_prefix"), str):
         raise ValueError("payload")
@@ -583,6 +585,12 @@ class Package:
     @property
     def outputs(self) -> list[dict[str, Any]]:
         return list(self.manifest["outputs"])
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the publisher declared dim 0 a batch of independent rows
+        (``vault seal --batchable``; absent in older packages: False)."""
+        return self.manifest.get("batchable") is True
 
     @property
     def publisher_fingerprint(self) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ..client import Model, connect
+from ..client import Model, check_feeds_mapping, connect
 from ..client import open as open_package
 from ..core.errors import ComputeError, ConfigError, InputError, IntegrityError
 from ..core.licence import Licence
@@ -59,6 +59,31 @@ _CONNECT_ROUTES = "model" in inspect.signature(connect).parameters
 
 def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
     return {str(d["name"]): (str(d["dtype"]), tuple(d.get("shape") or ())) for d in items or []}
+
+
+def _check_tensor(name: str, value: Any, dtype: str, shape: tuple[Any, ...]) -> None:
+    """One input against its declared dtype and shape (a dimension that is a
+    name or None varies; an int must match)."""
+    try:
+        want = np.dtype(dtype)
+    except (TypeError, ValueError):
+        want = None  # "string", or a sequence or map type: the worker checks those
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if dtype == "string":
+        if arr.dtype.kind not in "OUS":
+            raise InputError(f"input {name!r} is {arr.dtype.name}; the model takes strings")
+    elif want is not None and arr.dtype != want:
+        raise InputError(
+            f"input {name!r} is {arr.dtype.name}; the model takes {want.name} "
+            f"(convert it: arr.astype(np.{want.name}))"
+        )
+    if want is None and dtype != "string":
+        return
+    if shape and arr.ndim != len(shape):
+        raise InputError(f"input {name!r} has rank {arr.ndim}; the model takes {list(shape)}")
+    for i, (got, d) in enumerate(zip(arr.shape, shape)):
+        if isinstance(d, int) and not isinstance(d, bool) and d >= 0 and got != d:
+            raise InputError(f"input {name!r}: dimension {i} is {got}; the model takes {d}")
 
 
 def _per_tail(value: Any, tail_id: str, what: str) -> Any:
@@ -105,10 +130,13 @@ class _Head:
             return self.model.compute(inputs)
         try:
             outs = self.session.run(None, dict(inputs))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types; its text stays out
             text = str(exc)
             if "INVALID_ARGUMENT" in text or "input" in text.lower():
-                raise InputError(f"bad input for the head: {text.splitlines()[0][:200]}") from None
+                raise InputError(
+                    "the head refused this input (check it against model.inputs: names, dtypes, "
+                    "shapes)"
+                ) from None
             raise ComputeError("the head failed to run") from None
         return dict(zip(self.out_names, outs))
 
@@ -240,12 +268,18 @@ class HybridModel:
         self._last_ping = time.monotonic()
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Names, dtypes and ranks against the public signature, before the
+        head runs: a wrong input is an :class:`InputError` in the vault's
+        words, the same whichever side of the cut would have met it."""
+        check_feeds_mapping(inputs, self.inputs)
         unknown = [k for k in inputs if k not in self.inputs]
         if unknown:
             raise InputError(f"unknown input {unknown[0]!r} (inputs: {sorted(self.inputs)})")
         missing = [k for k in self.inputs if k not in inputs]
         if missing:
             raise InputError(f"missing input {missing[0]!r}")
+        for name, value in inputs.items():
+            _check_tensor(name, value, *self.inputs[name])
 
     def _run_head(self, c: _Cut, inputs: Mapping[str, Any]) -> dict[str, Any]:
         self._check_inputs(inputs)

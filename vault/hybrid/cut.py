@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,50 @@ def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     return []
 
 
+def _complete(t: onnx.TypeProto | None) -> bool:
+    """A tensor type with its element type and a shape (dims may be symbolic)."""
+    if t is None:
+        return False
+    if not t.HasField("tensor_type"):
+        return t.WhichOneof("value") is not None  # sequences, maps: as good as they get
+    return bool(t.tensor_type.elem_type) and t.tensor_type.HasField("shape")
+
+
+def _merge_types(types: dict[str, onnx.TypeProto], graph: onnx.GraphProto) -> None:
+    """Add the graph's value types to ``types`` where they say more than what is there."""
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        if not vi.HasField("type") or vi.type.WhichOneof("value") is None:
+            continue
+        have = types.get(vi.name)
+        if have is None or (not _complete(have) and _complete(vi.type)):
+            types[vi.name] = vi.type
+        elif (
+            have.HasField("tensor_type")
+            and not have.tensor_type.elem_type
+            and vi.type.HasField("tensor_type")
+            and vi.type.tensor_type.elem_type
+        ):
+            types[vi.name] = vi.type
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference (it knows onnxruntime's own ops and
+    merges symbolic dims), or None where it is missing or gives up."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # needs sympy; onnx's inference alone then
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = SymbolicShapeInference.infer_shapes(
+                model, auto_merge=True, guess_output_rank=True
+            )
+    except Exception:  # noqa: BLE001 - it raises on what it does not know
+        return None
+    return out if isinstance(out, onnx.ModelProto) else None
+
+
 class CutGraph:
     """An index over a model's top-level graph for cutting (see module docstring)."""
 
@@ -145,23 +190,49 @@ class CutGraph:
     # -- types ------------------------------------------------------------------------
 
     def _infer_types(self) -> dict[str, onnx.TypeProto]:
+        """Every top-level tensor's type: what the model declares, then onnx's
+        shape inference, then onnxruntime's symbolic inference for what onnx's
+        leaves unknown (exporters rarely write value_info for intermediates;
+        onnx's inference stops at ops it has no function for, and refuses a
+        model of a newer IR version than its own)."""
         from ..sealing import _too_big, _without_weights
 
         m = self.model
-        light = _without_weights(m) if _too_big(m) else m
+        light = onnx.ModelProto()
+        light.CopyFrom(_without_weights(m) if _too_big(m) else m)
+        # the IR version says nothing about types: one this onnx knows lets it infer
+        light.ir_version = min(light.ir_version, onnx.IR_VERSION)
+        types: dict[str, onnx.TypeProto] = {}
+        sources: list[onnx.ModelProto] = [light]
         try:
-            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-        except Exception:  # noqa: BLE001 - types then come from what the model declares
-            inferred = light
-        g = inferred.graph
-        return {vi.name: vi.type for vi in [*g.value_info, *g.input, *g.output]}
+            sources.append(onnx.shape_inference.infer_shapes(light, strict_mode=False))
+        except Exception:  # noqa: BLE001 - onnxruntime's inference below may still know
+            pass
+        for src in sources:
+            _merge_types(types, src.graph)
+        wanted = [o for i, n in enumerate(self.nodes) if self.dynamic[i] for o in n.output if o]
+        if any(not _complete(types.get(o)) for o in wanted):
+            symbolic = _symbolic_inference(light)
+            if symbolic is not None:
+                _merge_types(types, symbolic.graph)
+        return types
+
+    def typed(self, name: str) -> bool:
+        """Whether ``name`` is a tensor of a known element type (a cut tensor must be)."""
+        t = self._types.get(name)
+        return t is not None and t.HasField("tensor_type") and bool(t.tensor_type.elem_type)
 
     def value_info(self, name: str, new_name: str | None = None) -> onnx.ValueInfoProto:
         t = self._types.get(name)
-        if t is None or not t.HasField("tensor_type") or not t.tensor_type.elem_type:
+        if t is None or not self.typed(name):
+            what = (
+                f"is a {t.WhichOneof('value')}, not a tensor"
+                if t is not None and t.WhichOneof("value") not in (None, "tensor_type")
+                else "has a type neither onnx's nor onnxruntime's shape inference can infer"
+            )
             raise SealError(
-                f"tensor {name!r}: its type cannot be inferred; a cut tensor needs a known "
-                "element type (add value_info for it)"
+                f"tensor {name!r} {what}; a cut tensor needs a known tensor element type "
+                "(cut elsewhere, or add value_info for it)"
             )
         vi = onnx.ValueInfoProto()
         vi.name = new_name or name
@@ -343,8 +414,11 @@ class CutGraph:
             f"the cut would put protected node {node_key(node, bad[0])!r} on the caller's side"
         )
 
-    def candidates(self, policy: Policy) -> list[Cut]:
-        """Every single-tensor cut the policy allows (deduplicated by head), in graph order."""
+    def candidates(self, policy: Policy, *, skipped: list[str] | None = None) -> list[Cut]:
+        """Every single-tensor cut the policy allows (deduplicated by head), in graph
+        order. A cut whose crossing tensors are not all typed tensors cannot be
+        shipped (the wire and the head's outputs need a dtype): it is left out, and
+        its tensor named in ``skipped`` when a list is given."""
         names = (
             [t for t in policy.split_points]
             if policy.split_points
@@ -357,6 +431,10 @@ class CutGraph:
             try:
                 c = self.cut([t], policy=policy)
             except SealError:
+                continue
+            if not all(self.typed(x) for x in c.crossing):
+                if skipped is not None:
+                    skipped.append(t)
                 continue
             key = tuple(c.head_nodes)
             if key not in seen:

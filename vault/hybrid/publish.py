@@ -53,6 +53,7 @@ __all__ = ["SPLIT_FORMAT", "SplitResult", "split", "split_graphs"]
 
 SPLIT_FORMAT = "vault-split/1"
 ENCODINGS = ("float32", "float16", "int8")
+ALL_SERVER = "(inputs)"  # --at (inputs): the all-server cut
 _ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -114,10 +115,103 @@ def split_graphs(
     return g.head_model(cut), g.tail_model(cut), cut
 
 
+# Lists every cut a model has, for a vendor who has not named one yet: every
+# single tensor is allowed here (a protected region naming no tensor).
+_EVERY_CUT = Policy(protect_from=frozenset({"\0(every cut: listing only)"}))
+
+
+@dataclass
+class CutOptions:
+    """The cuts :func:`split` could make: ``cuts`` (valid under ``policy``, or under
+    no restriction when the vendor declared none: ``policy_declared`` False) and
+    ``skipped``, the tensors that would separate the model but whose type no
+    shape inference knows."""
+
+    graph: CutGraph
+    cuts: list[Cut]
+    skipped: list[str]
+    policy_declared: bool
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.cuts]
+
+    def table(self) -> str:
+        g = self.graph
+        head = "cuts this model allows" if self.policy_declared else (
+            "cuts this model has (declare which may leave the server: --split-point T "
+            "or --protect-from T)"
+        )  # fmt: skip
+        lines = [f"{head}:", f"  {'tensor':<32} {'dtype':<8} {'shape':<20} "
+                 f"{'bytes/row':>9} {'head nodes':>10}  crossing"]  # fmt: skip
+        for c in self.cuts:
+            t = c.tensors[0]
+            d = _sealing._describe(g.value_info(t))
+            up = sum(_nbytes(g, x) for x in c.crossing)
+            extra = ", ".join(x for x in c.crossing if x != t)
+            lines.append(
+                f"  {t:<32} {d['dtype']:<8} {str(d['shape']):<20} {up:>9} "
+                f"{len(c.head_nodes):>10}  {t + (' + ' + extra if extra else '')}"
+            )
+        if not self.cuts:
+            lines.append("  (none)")
+        if self.skipped:
+            lines.append(
+                f"  not listed: {', '.join(self.skipped)} (no tensor type known; a cut "
+                "there needs value_info)"
+            )
+        return "\n".join(lines)
+
+
+def _options(g: CutGraph, policy: Policy) -> CutOptions:
+    skipped: list[str] = []
+    declared = policy.allows_anything
+    cuts = g.candidates(policy if declared else _EVERY_CUT, skipped=skipped)
+    return CutOptions(g, cuts, skipped, declared)
+
+
+def cut_options(
+    model: _sealing.ModelLike,
+    *,
+    split_points: Iterable[str] = (),
+    protect_from: Iterable[str] = (),
+    pre: _sealing.ModelLike | None = None,
+    post: _sealing.ModelLike | None = None,
+    io_map: Mapping[str, Mapping[str, str]] | None = None,
+) -> CutOptions:
+    """Every single-tensor cut of the (composed) pipeline, under the vendor's policy
+    when one is given (what ``vault split`` without ``--at``/``--auto`` prints)."""
+    merged, stages = _load_pipeline(model, pre, post, io_map)
+    g = CutGraph(merged)
+    return _options(g, _policy(g, stages, split_points, protect_from))
+
+
+def _policy(
+    g: CutGraph, stages: list[str], split_points: Iterable[str], protect_from: Iterable[str]
+) -> Policy:
+    resolve = _resolver(g, stages)
+    policy = Policy(
+        split_points=frozenset(resolve(t) for t in split_points),
+        protect_from=frozenset(resolve(t) for t in protect_from),
+    )
+    for t in (*policy.split_points, *policy.protect_from):
+        if not g.known_tensor(t):
+            raise SealError(f"policy names {t!r}, which is not a tensor of the top-level graph")
+    return policy
+
+
+def _short_list(names: Sequence[str], limit: int = 12) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
+
+
 # --- costs ---------------------------------------------------------------------------------------
 
 
 def _nbytes(g: CutGraph, name: str, itemsize: int | None = None) -> int:
+    """Bytes of one row of ``name`` (symbolic dims count as 1); 0 for what has no
+    tensor type (a ZipMap's sequence of maps): the same for every cut."""
+    if not g.typed(name):
+        return 0
     vi = g.value_info(name)
     tt = vi.type.tensor_type
     n = 1
@@ -189,7 +283,7 @@ def _compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, 
     agree: list[float] = []
     for r, o in zip(ref, got):
         for k, v in r.items():
-            a, b = np.asarray(v), np.asarray(o[k])
+            a, b = _numeric(v), _numeric(o[k])
             if a.dtype.kind in "fc" and a.size:
                 with np.errstate(invalid="ignore", over="ignore"):
                     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
@@ -202,6 +296,14 @@ def _compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, 
             elif not np.array_equal(a, b):
                 err = max(err, float("inf") if a.dtype.kind not in "iub" else 1.0)
     return {"max_abs_error": err, "top1_agreement": min(agree) if agree else None}
+
+
+def _numeric(v: Any) -> Any:
+    """An output as an array: a ZipMap's sequence of {class: score} maps becomes
+    rows of scores (class order), so an encoding's error on them is measured."""
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return np.asarray([[x[c] for c in sorted(x)] for x in v], dtype=np.float64)
+    return np.asarray(v)
 
 
 def _calibrate(
@@ -251,9 +353,14 @@ def split(
     profile_repeats: int = 5,
     log: Callable[[str], None] = lambda _msg: None,
     now: _dt.datetime | None = None,
+    batchable: bool = False,
 ) -> SplitResult:
-    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``)."""
-    if bool(at) == (link is not None):
+    """Cut ``model`` at each cut in ``at`` (or the planner's choice for ``link``).
+
+    ``batchable``: each tail is sealed with the declaration (checked on the
+    tail itself, as :func:`vault.seal` checks it) so the service may join
+    callers' tail calls; the head runs for one caller and is never batched."""
+    if bool(at) and link is not None:
         raise ConfigError(
             "name the cut (at=[[TENSOR, ...]]) or ask the planner (link=...), not both"
         )
@@ -264,13 +371,20 @@ def split(
     merged, stages = _load_pipeline(model, pre, post, io_map)
     g = CutGraph(merged)
     resolve = _resolver(g, stages)
-    policy = Policy(
-        split_points=frozenset(resolve(t) for t in split_points),
-        protect_from=frozenset(resolve(t) for t in protect_from),
-    )
-    for t in (*policy.split_points, *policy.protect_from):
-        if not g.known_tensor(t):
-            raise SealError(f"policy names {t!r}, which is not a tensor of the top-level graph")
+    policy = _policy(g, stages, split_points, protect_from)
+    if not at and link is None:
+        opts = _options(g, policy)
+        raise ConfigError(
+            "name the cut (--at TENSOR) or ask the planner (--auto); the cuts this model "
+            f"{'allows' if opts.policy_declared else 'has'}: {_short_list(opts.names())}"
+        )
+    if not policy.allows_anything:
+        opts = _options(g, policy)
+        raise SealError(
+            "the vendor allows nothing to leave the server: declare the tensors a cut may "
+            "be made at (--split-point TENSOR) or a protected region (--protect-from TENSOR); "
+            f"the cuts this model has: {_short_list(opts.names())}"
+        )
     big = _sealing._too_big(merged)
     if big and encoding != "float32":
         raise SealError("a model past 2 GiB cannot be checked for a wire encoding; use float32")
@@ -289,9 +403,10 @@ def split(
 
     table = None
     if link is not None:
-        if not policy.allows_anything:
-            g.cut(["-"], policy=policy)  # raises: nothing may leave
-        cuts = g.candidates(policy)
+        skipped: list[str] = []
+        cuts = g.candidates(policy, skipped=skipped)
+        if skipped:
+            log(f"left out of the plan (no tensor type known): {_short_list(skipped)}")
         options = [g.all_server(), *cuts]
         enc = {t: encoding for c in cuts for t in c.crossing}
         costs = {c.name: _cost(g, c, client_nodes, server_nodes, enc) for c in options}
@@ -300,7 +415,14 @@ def split(
         by_name = {c.name: c for c in options}
         chosen = [by_name[r.cut] for r in rows[: 1 + max(0, alternatives)]]
     else:
-        chosen = [g.cut([resolve(t) for t in tensors], policy=policy) for tensors in at]
+        # "(inputs)", the name the planner's table gives it: ship the all-server cut
+        # too (no head, the tail is the whole model), for clients that re-plan
+        chosen = [
+            g.all_server()
+            if list(tensors) == [ALL_SERVER]
+            else g.cut([resolve(t) for t in tensors], policy=policy)
+            for tensors in at
+        ]
 
     if calibration is None and not big:
         calibration = [example_inputs(merged, seed=s) for s in range(8)]
@@ -311,16 +433,52 @@ def split(
         reference = [dict(zip(names, whole.run(None, dict(f)))) for f in calibration or []]
 
     out = os.fspath(output_dir)
-    os.makedirs(out, exist_ok=True)
+    with _StagedDirectory(out) as stage:
+        desc = _write_split(
+            g, chosen, stage.path, model_id=model_id, signing_key=signing_key, stages=stages,
+            policy=policy, seal_head=seal_head, encoding=encoding, calibration=calibration or [],
+            reference=reference, max_error=max_error, min_agreement=min_agreement,
+            client_nodes=client_nodes, server_nodes=server_nodes, register=register, big=big,
+            log=log, link=link, server_key=server_key, now=now, batchable=batchable,
+        )  # fmt: skip
+    return SplitResult(out, desc, table)
+
+
+def _write_split(
+    g: CutGraph,
+    chosen: Sequence[Cut],
+    out: str,
+    *,
+    model_id: str,
+    signing_key: _crypto.PublisherKey,
+    stages: list[str],
+    policy: Policy,
+    seal_head: bool,
+    encoding: str,
+    calibration: Sequence[Mapping[str, Any]],
+    reference: list[dict[str, Any]],
+    max_error: float,
+    min_agreement: float,
+    client_nodes: Mapping[str, float],
+    server_nodes: Mapping[str, float],
+    register: Callable[[_sealing.SealResult], None] | None,
+    big: bool,
+    log: Callable[[str], None],
+    link: Link | None,
+    server_key: str | None,
+    now: _dt.datetime | None,
+    batchable: bool,
+) -> dict[str, Any]:
+    merged = g.model
     entries = []
     for k, cut in enumerate(chosen):
         entries.append(
             _write_cut(
                 g, cut, k, out=out, model_id=model_id, signing_key=signing_key,
-                seal_head=seal_head, encoding=encoding, calibration=calibration or [],
+                seal_head=seal_head, encoding=encoding, calibration=calibration,
                 reference=reference, max_error=max_error, min_agreement=min_agreement,
                 cost=_cost(g, cut, client_nodes, server_nodes, dict.fromkeys(cut.crossing, encoding)),
-                register=register, big=big, log=log,
+                register=register, big=big, log=log, batchable=batchable,
             )
         )  # fmt: skip
     desc: dict[str, Any] = {
@@ -345,11 +503,57 @@ def split(
     if server_key:
         desc["server_key"] = server_key
     data = (json.dumps(desc, indent=2, sort_keys=True) + "\n").encode()
-    tmp = os.path.join(out, f".split.json.{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with open(os.path.join(out, "split.json"), "wb") as fh:
         fh.write(data)
-    os.replace(tmp, os.path.join(out, "split.json"))
-    return SplitResult(out, desc, table)
+    return desc
+
+
+class _StagedDirectory:
+    """The split is written into a fresh directory beside ``target`` and renamed
+    into place only when every file is written: a failure leaves nothing behind
+    (no half split, no empty directory). An existing ``target`` must be empty or
+    hold an earlier split (replaced whole); anything else is refused untouched."""
+
+    def __init__(self, target: str) -> None:
+        self.target = os.path.abspath(target)
+        if os.path.lexists(self.target):
+            if not os.path.isdir(self.target) or os.path.islink(self.target):
+                raise ConfigError(f"{target}: exists and is not a directory")
+            entries = os.listdir(self.target)
+            if entries and "split.json" not in entries:
+                raise ConfigError(
+                    f"{target}: a non-empty directory that holds no split; choose a new path"
+                )
+        parent = os.path.dirname(self.target)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"{target}: its folder {parent} does not exist")
+        import tempfile
+
+        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.", dir=parent)
+        os.chmod(self.path, 0o755)  # what os.makedirs made before: the split is public
+
+    def __enter__(self) -> _StagedDirectory:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        old = None
+        if os.path.lexists(self.target):
+            old = self.path + ".old"
+            os.rename(self.target, old)
+        try:
+            os.rename(self.path, self.target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.target)
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256_file(path: str) -> str:
@@ -378,16 +582,15 @@ def _write_cut(
     register: Callable[[_sealing.SealResult], None] | None,
     big: bool,
     log: Callable[[str], None],
+    batchable: bool = False,
 ) -> dict[str, Any]:
     name = f"c{k}"
     wire = {} if big else _calibrate(g, cut, encoding, calibration)
     head = None if cut.all_server else g.head_model(cut, wire)
     tail = g.tail_model(cut, wire)
     if head is not None and not big:
-        try:
-            onnx.checker.check_model(head, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise SealError(f"cut {cut.name}: the head is not a valid model: {exc}") from exc
+        # the head is checked as vault seal checks what it seals (one policy)
+        _sealing.check_well_formed(head, f"cut {cut.name}: the head")
     accuracy: dict[str, Any] = {"checked": False, "why": "model past 2 GiB"}
     if not big:
         hs = _session(head) if head is not None else None
@@ -434,7 +637,8 @@ def _write_cut(
         entry.update(head=f"head-{name}.onnx", head_sha256=_sha256_file(path))
     tail_id = f"{model_id}.tail" + ("" if k == 0 else f".{name}")
     res = _sealing.seal(tail, model_id=tail_id, signing_key=signing_key,
-                        output=os.path.join(out, f"tail-{name}.vault"))  # fmt: skip
+                        output=os.path.join(out, f"tail-{name}.vault"),
+                        batchable=batchable)  # fmt: skip
     _hand_over(res, register)
     entry.update(tail=f"tail-{name}.vault", tail_model_id=tail_id, tail_digest=res.digest)
     entry["cost"] = {**cost.to_json(), "cut": name}

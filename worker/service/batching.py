@@ -1,20 +1,24 @@
 """Dynamic batching: which models may be batched, and joining and splitting calls.
 
-A model is batchable only when the first dimension of every input and every
-output is one and the same symbolic dimension (``["N", 8]`` in, ``["N", 5]``
-out): then row ``i`` of every output depends on row ``i`` of the inputs
-alone, as far as the signature says, and a batch of callers' rows can be
-split back exactly. Calls are joined only when they agree on everything but
-that first dimension (the same input names, dtypes and trailing dims, the
-same requested outputs); a caller's own batch is always kept whole, in one
-call to the worker.
+A model is batched only when its publisher declared it (``vault seal
+--batchable``: ``"batchable": true`` in the signed manifest, which the worker
+reports in its ``info`` after checking the signature). ``vault seal`` checked
+that declaration by running the pipeline on random rows together and apart
+(:mod:`vault.core.batchcheck`). Nothing is ever inferred from the signature:
+``["N", 8] -> ["N", 8]`` says nothing about whether row ``i`` of the output
+depends on row ``j`` of the input (``y = x - mean(x)`` has that signature,
+and so has an LSTM exported sequence-first), and joining such calls would let
+one caller see and change another's results. Calls are joined only when they
+agree on everything but that first dimension (the same input names, dtypes
+and trailing dims, the same requested outputs); a caller's own batch is
+always kept whole, in one call to the worker.
 
 Example::
 
-    if batchable(info):
-        key = compat_key(feeds, outputs)            # calls with equal keys may share a batch
-        joined = join([feeds_a, feeds_b])           # np.concatenate along axis 0
-        parts = split(result, [rows_a, rows_b])     # None if an output disagrees
+    on, why = batching.decide(info, max_batch=32)   # (False, "not declared batchable ...")
+    key = compat_key(feeds, outputs)            # calls with equal keys may share a batch
+    joined = join([feeds_a, feeds_b])           # np.concatenate along axis 0
+    parts = split(result, [rows_a, rows_b])     # None if an output disagrees
 """
 
 from __future__ import annotations
@@ -24,26 +28,40 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["batchable", "compat_key", "join", "rows_of", "split"]
+__all__ = ["batchable", "compat_key", "decide", "join", "rows_of", "split"]
 
 Arrays = Mapping[str, np.ndarray[Any, Any]]
 
 
 def batchable(info: Mapping[str, Any]) -> bool:
-    """True when dim 0 of every input and output is the same symbolic dim."""
-    dims = set()
-    items = [*(info.get("inputs") or []), *(info.get("outputs") or [])]
-    if not items:
+    """True only when the package's publisher declared it batchable (the
+    worker's ``info`` carries the signed manifest's ``batchable``), and the
+    signature has tensors to join: never inferred from the shapes alone."""
+    if info.get("batchable") is not True:
         return False
+    items = [*(info.get("inputs") or []), *(info.get("outputs") or [])]
     for item in items:
         shape = item.get("shape") if isinstance(item, dict) else None
-        if not isinstance(shape, list) or not shape:
+        dtype = item.get("dtype") if isinstance(item, dict) else None
+        if not isinstance(dtype, str) or "<" in dtype:
+            return False  # a sequence or map: rows cannot be split back
+        if shape is not None and (not isinstance(shape, list) or not shape):
             return False
-        d0 = shape[0]
-        if not isinstance(d0, str) or not d0 or d0 == "?":
-            return False  # fixed or unnamed: nothing says it is the batch
-        dims.add(d0)
-    return len(dims) == 1
+    return bool(items)
+
+
+def decide(info: Mapping[str, Any] | None, *, max_batch: int) -> tuple[bool, str]:
+    """Whether calls of this model are joined, and why (for the start-up log
+    and ``start()``'s answer)."""
+    if max_batch <= 1:
+        return False, "--max-batch 1"
+    if info is None:
+        return False, "no worker has started yet"
+    if info.get("batchable") is not True:
+        return False, "not declared batchable by its publisher (vault seal --batchable)"
+    if not batchable(info):
+        return False, "declared batchable, but an input or output is not a tensor with a dim 0"
+    return True, f"declared batchable by its publisher; up to {max_batch} rows a batch"
 
 
 def rows_of(feeds: Arrays) -> int | None:

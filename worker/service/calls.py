@@ -41,9 +41,13 @@ from vault.core.errors import (
     LicenceExpiredError,
     PermissionDeniedError,
     RateLimitedError,
+    TokenError,
+    TokenSpentError,
     VaultError,
+    WrongModelError,
     from_wire,
 )
+from vault.core.token import Token
 
 __all__ = [
     "Admission",
@@ -62,6 +66,7 @@ class Admission:
     licence: str
     caller_key: str | None = None
     decision: Any = field(default=None, compare=False)
+    token_id: str | None = None  # the bearer token it came with (the OIP doors)
 
 
 class AdmissionPending(Exception):
@@ -75,7 +80,9 @@ class CallPolicy(Protocol):
 
     def callback(self, domain: str, key: bytes) -> bool: ...
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission: ...
+    def admit(
+        self, caller_key: str | None, model_id: str, token: Token | None = None
+    ) -> Admission: ...
 
     def record(self, admission: Admission, *, ok: bool) -> None: ...
 
@@ -106,8 +113,10 @@ class OpenPolicy(_Usage):
         del domain, key
         return False  # never used on tcp://: a CURVE service needs a real policy
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+    def admit(self, caller_key: str | None, model_id: str, token: Token | None = None) -> Admission:
         del model_id
+        if token is not None:
+            raise TokenError("this service takes no bearer tokens (it has no call licences)")
         return Admission("local", caller_key)
 
 
@@ -150,8 +159,10 @@ class AllowListPolicy(_Usage):
         del domain  # pyzmq passes the client key Z85-encoded
         return key.decode("ascii", "replace") in self.by_key
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+    def admit(self, caller_key: str | None, model_id: str, token: Token | None = None) -> Admission:
         del model_id
+        if token is not None:
+            raise TokenError("this service takes no bearer tokens (it has no call licences)")
         name = self.by_key.get(caller_key or "")
         if name is None:
             raise PermissionDeniedError("this caller is not on the service's allow-list")
@@ -160,7 +171,8 @@ class AllowListPolicy(_Usage):
 
 # --- call licences, decided by the key server ----------------------------------------
 
-Ask = Callable[[str | None, list[str], list[dict[str, Any]]], dict[str, Any]]
+# ask(model_id, keys, usage, grants): the key server's call_decisions op
+Ask = Callable[[str | None, list[str], list[dict[str, Any]], dict[str, str]], dict[str, Any]]
 
 
 @dataclass(eq=False)
@@ -175,34 +187,56 @@ class _Decision:
     budget: int | None = None
     retry_after: float | None = None  # budget 0 because of the rate: ask again after this
     rate: float | None = None
+    burst: float | None = None
     expires_at: float | None = None
+    proof_key: str | None = None  # the licence's Ed25519 public key: verifies its tokens
+    grant_id: str | None = None  # the key server's reserve for this lease, by its id
     admitted: int = 0  # calls let in under this grant (served and in flight)
     last_used: float = 0.0
     refreshing: bool = False
+    retired: bool = False  # its reserve was given back (replaced, idle, closing)
 
 
 class _Bucket:
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
-        self.capacity = max(1.0, rate)
+        self.capacity = max(1.0, burst)
         self.tokens = self.capacity
         self.at = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float) -> float | None:
+        """None when a call may go now (and takes its token), else the
+        seconds until one may."""
         self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
         self.at = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
-            return True
-        return False
+            return None
+        return (1.0 - self.tokens) / self.rate
+
+
+def _new_id() -> str:
+    return os.urandom(12).hex()
 
 
 class CallLicencePolicy(_Usage):
     """Decisions from the key server, cached for at most one lease.
 
-    ``ask(model_id, keys, usage)`` is the key server's ``call_decisions`` op
-    (:meth:`vault.core.keyclient.KeyServerClient.call_decisions`); the clocks
-    are parameters so tests need no waiting.
+    ``ask(model_id, keys, usage, grants)`` is the key server's
+    ``call_decisions`` op (:meth:`vault.core.keyclient.KeyServerClient.call_decisions`);
+    the clocks are parameters so tests need no waiting.
+
+    Metering (nothing lost, nothing counted twice): every call served is
+    counted under its licence until a usage report carries it; a grant's
+    reserve is given back, by the grant's id, when its decision is replaced,
+    left idle or the service stops, whatever the licence's decision is by
+    then (a failed renewal, a refusal, a revocation). Reports are formed
+    once, each with its own id, and sent with *every* request to the key
+    server (a decision, a ZAP probe, the idle hand-back, the close) until
+    one is answered; the key server counts an id once, so a report whose
+    answer was lost is sent again safely. A grant whose answer was lost is
+    given back by its id at the next contact (the key server refunds it if
+    it made it, and refuses a late copy of the request otherwise).
     """
 
     def __init__(
@@ -220,9 +254,15 @@ class CallLicencePolicy(_Usage):
         self._notify: Callable[[str, str], None] = lambda key, model: None
         self._decisions: dict[tuple[str, str], _Decision] = {}
         self._probes: dict[str, tuple[bool, float]] = {}
-        self._unreported: Counter[str] = Counter()
-        self._reserved: dict[str, int] = {}  # licence -> reserve not yet reported
+        self._unreported: Counter[str] = Counter()  # licence -> calls served, not yet in a report
+        self._giveback: list[tuple[str | None, int, str | None]] = []  # (licence, reserved, grant)
+        self._outbox: dict[str, dict[str, Any]] = {}  # report id -> report, until answered
         self._buckets: dict[str, _Bucket] = {}
+        # bearer tokens: signatures already verified (signature -> proof key),
+        # and calls admitted per token id (with its expiry, to forget it after)
+        self._verified: dict[bytes, str] = {}
+        self._token_calls: dict[str, list[float]] = {}
+        self.unanswered = 0  # requests to the key server that got no answer
         self._ask_lock = threading.Lock()  # one key-server request at a time
         self._stop = threading.Event()
         self._every = refresh_every
@@ -243,7 +283,7 @@ class CallLicencePolicy(_Usage):
         if hit is not None and now - hit[1] < 5.0:
             return hit[0]
         try:
-            out = self._call(None, [z], [])
+            out = self._call(None, [z])
         except VaultError:
             return False  # key server away: nobody new gets in (fail closed)
         d = (out.get("decisions") or {}).get(z) or {}
@@ -254,7 +294,9 @@ class CallLicencePolicy(_Usage):
 
     # -- per call ----------------------------------------------------------------
 
-    def admit(self, caller_key: str | None, model_id: str) -> Admission:
+    def admit(self, caller_key: str | None, model_id: str, token: Token | None = None) -> Admission:
+        if token is not None:
+            caller_key = token.licence_key
         if caller_key is None:
             raise PermissionDeniedError("a call licence is needed (connect over CURVE)")
         now = self._clock()
@@ -268,26 +310,64 @@ class CallLicencePolicy(_Usage):
                     self._fetch_async(caller_key, model_id)
                 raise AdmissionPending()
             d.last_used = now
+            if token is not None:
+                self._check_token(token, d, model_id)
             if not d.ok:
                 raise from_wire(d.error)
             if d.expires_at is not None and self._wall() >= d.expires_at:
                 raise LicenceExpiredError(f"licence {d.licence} has expired")
             if d.budget is not None and d.admitted >= d.budget:
                 if d.retry_after is not None and now < d.fetched + d.retry_after:
-                    raise RateLimitedError(f"licence {d.licence}: call rate exceeded")
+                    raise RateLimitedError(
+                        f"licence {d.licence}: call rate exceeded",
+                        retry_after=d.fetched + d.retry_after - now,
+                    )
                 # this lease's reserve is spent: ask for the next one (or the refusal)
                 if not d.refreshing:
                     d.refreshing = True
                     self._fetch_async(caller_key, model_id)
                 raise AdmissionPending()
+            spent = None
+            if token is not None and token.max_calls is not None:
+                spent = self._token_calls.setdefault(token.token_id, [0, token.expires_at])
+                if spent[0] >= token.max_calls:
+                    raise TokenSpentError(
+                        f"bearer token {token.token_id}: its {token.max_calls} calls are spent"
+                    )
             if d.rate is not None:
+                burst = d.burst if d.burst is not None else max(1.0, d.rate)
                 bucket = self._buckets.get(d.licence)
-                if bucket is None or bucket.rate != d.rate:
-                    bucket = self._buckets[d.licence] = _Bucket(d.rate, now)
-                if not bucket.take(now):
-                    raise RateLimitedError(f"licence {d.licence}: more than {d.rate:g} calls/s")
+                if bucket is None or bucket.rate != d.rate or bucket.capacity != max(1.0, burst):
+                    bucket = self._buckets[d.licence] = _Bucket(d.rate, burst, now)
+                wait = bucket.take(now)
+                if wait is not None:
+                    raise RateLimitedError(
+                        f"licence {d.licence}: more than {d.rate:g} calls/s "
+                        f"(bursts of {bucket.capacity:g})",
+                        retry_after=wait,
+                    )
             d.admitted += 1
-            return Admission(d.licence, caller_key, d)
+            if spent is not None:
+                spent[0] += 1
+            return Admission(d.licence, caller_key, d, token.token_id if token else None)
+
+    def _check_token(self, token: Token, d: _Decision, model_id: str) -> None:
+        """A bearer token's signature, expiry and scope (under ``self._lock``).
+        The signature comes first: a forged token learns nothing about the
+        licence it names, not even whether it is revoked."""
+        if not d.proof_key:
+            err = from_wire(d.error) if not d.ok else TokenError()
+            if isinstance(err, KeyServerError):
+                raise err  # the key server is away: say so, fail closed
+            raise TokenError()
+        if self._verified.get(token.signature) != d.proof_key or d.licence != token.licence_id:
+            token.verify(d.proof_key, licence_id=d.licence)
+            if len(self._verified) >= 65536:
+                self._verified.clear()
+            self._verified[token.signature] = d.proof_key
+        token.check_time(self._wall())
+        if not token.allows(model_id):
+            raise WrongModelError(f"this bearer token is not for model {model_id!r}")
 
     def record(self, admission: Admission, *, ok: bool) -> None:
         super().record(admission, ok=ok)
@@ -297,63 +377,107 @@ class CallLicencePolicy(_Usage):
                 self._unreported[admission.licence] += 1
             elif isinstance(d, _Decision):
                 d.admitted -= 1  # a failed call is not billed: its slot is free again
+                spent = self._token_calls.get(admission.token_id or "")
+                if spent is not None:
+                    spent[0] -= 1
 
     def usage(self) -> dict[str, int]:
         """Calls served per licence since this service started."""
         with self._lock:
             return dict(self.calls)
 
+    def pending_reports(self) -> int:
+        """Usage reports formed and not yet acknowledged by the key server."""
+        with self._lock:
+            return (
+                len(self._outbox)
+                + len(self._giveback)
+                + sum(1 for n in self._unreported.values() if n)
+            )
+
     # -- talking to the key server ---------------------------------------------------
 
-    def _call(self, model_id: str | None, keys: list[str], usage: list[dict[str, Any]]) -> Any:
-        with self._ask_lock:
-            return self._ask(model_id, keys, usage)
+    def _retire(self, d: _Decision) -> None:
+        """Give the decision's reserve back at the next contact (once; lock held)."""
+        if d.retired:
+            return
+        d.retired = True
+        if d.ok and d.grant_id is not None:
+            self._giveback.append((d.licence, int(d.budget or 0), d.grant_id))
 
-    def _usage_report(self, licences: set[str]) -> list[dict[str, Any]]:
-        with self._lock:
-            out = []
-            for lic in licences:
-                used = self._unreported.pop(lic, 0)
-                reserved = self._reserved.pop(lic, 0)
-                if used or reserved:
-                    out.append({"licence_id": lic, "used": used, "reserved": reserved})
+    def _form_reports(self) -> list[dict[str, Any]]:
+        """Everything not yet reported becomes reports with ids (lock held);
+        returns every report not yet answered, old ones unchanged."""
+        used = self._unreported
+        self._unreported = Counter()
+        for lic, reserved, grant in self._giveback:
+            rid = _new_id()
+            n = used.pop(lic, 0) if lic is not None else 0
+            self._outbox[rid] = {"id": rid, "licence_id": lic, "used": n, "reserved": reserved,
+                                 "grant_id": grant}  # fmt: skip
+        self._giveback = []
+        for lic, n in used.items():
+            if n:
+                rid = _new_id()
+                self._outbox[rid] = {"id": rid, "licence_id": lic, "used": n, "reserved": 0}
+        return list(self._outbox.values())
+
+    def _call(self, model_id: str | None, keys: list[str],
+              grants: dict[str, str] | None = None) -> Any:  # fmt: skip
+        """One request to the key server, carrying every pending report; the
+        reports are done with once it is answered (whatever it decides)."""
+        with self._ask_lock:
+            with self._lock:
+                usage = self._form_reports()
+            try:
+                out = self._ask(model_id, keys, usage, dict(grants or {}))
+            except VaultError:
+                self.unanswered += 1
+                raise
+            except Exception as exc:  # a transport failure: the reports stay pending
+                self.unanswered += 1
+                raise KeyServerUnavailableError(
+                    f"key server request failed ({type(exc).__name__})"
+                ) from None
+            with self._lock:
+                for rep in usage:
+                    self._outbox.pop(rep["id"], None)
             return out
 
     def _fetch(self, key: str, model_id: str) -> None:
         with self._lock:
             old = self._decisions.get((key, model_id))
-        licences = {old.licence} if old is not None and old.ok else set()
-        usage = self._usage_report(licences)
+            if old is not None:
+                self._retire(old)  # its reserve goes back in this very request
+        gid = _new_id()
         now = self._clock()
         try:
-            out = self._call(model_id, [key], usage)
+            out = self._call(model_id, [key], {key: gid})
             raw = (out.get("decisions") or {}).get(key)
             ttl = float(out.get("ttl") or 10.0)
             if not isinstance(raw, dict):
                 raise KeyServerError("the key server gave no decision for this caller")
         except VaultError as exc:
             with self._lock:
-                for u in usage:  # not reported: report again next time
-                    self._unreported[u["licence_id"]] += u["used"]
-                    self._reserved[u["licence_id"]] = (
-                        self._reserved.get(u["licence_id"], 0) + u["reserved"]
-                    )
+                # maybe granted, answer lost: given back by its id at the next contact
+                self._giveback.append((None, 0, gid))
                 # a short-lived refusal, so the next call tries again
                 self._decisions[(key, model_id)] = _Decision(
                     key, model_id, now, min(1.0, (old.ttl if old else 1.0)), False,
                     error=(exc if isinstance(exc, KeyServerError)
-                           else KeyServerUnavailableError(str(exc))).to_wire(),
+                           else KeyServerUnavailableError(str(exc))).to_wire(), retired=True,
                 )  # fmt: skip
             self._notify(key, model_id)
             return
-        d = _Decision(key, model_id, now, ttl, bool(raw.get("ok")), error=raw.get("error"),
+        ok = bool(raw.get("ok"))
+        d = _Decision(key, model_id, now, ttl, ok, error=raw.get("error"),
                       licence=str(raw.get("licence_id") or ""), budget=raw.get("budget"),
-                      retry_after=raw.get("retry_after"),
-                      rate=raw.get("rate"), expires_at=raw.get("expires_at"), last_used=now)  # fmt: skip
+                      retry_after=raw.get("retry_after"), rate=raw.get("rate"),
+                      burst=raw.get("burst"), expires_at=raw.get("expires_at"), last_used=now,
+                      grant_id=gid if ok else None, retired=not ok,
+                      proof_key=raw.get("proof_key") or None)  # fmt: skip
         with self._lock:
             self._decisions[(key, model_id)] = d
-            if d.ok and d.budget:
-                self._reserved[d.licence] = self._reserved.get(d.licence, 0) + int(d.budget)
         self._notify(key, model_id)
 
     def _fetch_async(self, key: str, model_id: str) -> None:
@@ -361,44 +485,47 @@ class CallLicencePolicy(_Usage):
 
     def _refresher(self) -> None:
         """Renew decisions from half-way through their lease while they are
-        used; report and forget those left unused for a whole lease."""
+        used; give back and forget those left unused for a whole lease."""
         while not self._stop.wait(self._every):
             now = self._clock()
             due: list[tuple[str, str]] = []
             idle: list[_Decision] = []
             with self._lock:
+                wall = self._wall()
+                for jti in [j for j, (_, exp) in self._token_calls.items() if exp <= wall]:
+                    del self._token_calls[jti]  # expired tokens are refused anyway
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
                         continue
                     if now - d.last_used >= d.ttl:
                         idle.append(self._decisions.pop(k))
+                        self._retire(idle[-1])
                     elif now >= d.fetched + d.ttl / 2:
                         d.refreshing = True
                         due.append(k)
+                pending = bool(self._outbox or self._giveback)
             for key, model_id in due:
                 self._fetch(key, model_id)
-            for d in idle:
-                if d.ok:  # give the unused reserve back
-                    usage = self._usage_report({d.licence})
-                    if usage:
-                        try:
-                            self._call(d.model_id, [], usage)
-                        except VaultError:
-                            pass
+            if idle or pending:  # reports (and given-back reserves) go out now
+                try:
+                    self._call(idle[0].model_id if idle else None, [])
+                except VaultError:
+                    pass  # they stay pending: the next contact carries them
 
-    def close(self) -> None:
-        """Report what was served and give back unused reserves (best effort)."""
+    def close(self, *, attempts: int = 3) -> None:
+        """Report what was served and give back every reserve, whatever each
+        licence's decision is now; tried ``attempts`` times."""
         self._stop.set()
         self._thread.join(2)
         with self._lock:
-            by_model: dict[str, set[str]] = {}
             for d in self._decisions.values():
-                if d.ok:
-                    by_model.setdefault(d.model_id, set()).add(d.licence)
-        for model_id, lics in by_model.items():
-            usage = self._usage_report(lics)
-            if usage:
-                try:
-                    self._call(model_id, [], usage)
-                except VaultError:
-                    pass
+                self._retire(d)
+        for _ in range(attempts):
+            with self._lock:
+                if not (self._outbox or self._giveback or any(self._unreported.values())):
+                    return
+            try:
+                self._call(None, [])
+                return
+            except VaultError:
+                continue

@@ -31,9 +31,10 @@ from typing import Any
 import zmq
 
 from vault.core.device import Device
-from vault.core.errors import ProtocolError, WorkerTimeoutError
+from vault.core.errors import ProtocolError, WorkerTimeoutError, WrongModelError
 from vault.core.launch import WorkerPipes, read_ready_line, spawn_worker
 from vault.core.licence import Licence
+from vault.core.modelscope import describe
 from vault.core.protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 
 __all__ = ["Backoff", "Instance", "LaunchSpec", "start_instance"]
@@ -44,11 +45,12 @@ class LaunchSpec:
     """How the service starts its workers (the same for every model).
 
     ``licence`` is the service's own runtime licence (one per model, or one
-    for all) and ``device`` the enrolled device the service runs as: each
-    worker asks the key server for its package key as that device, with the
-    licence's proof. ``unsafe_test_keys`` (package
-    path -> raw key, with ``publisher``) bypasses the key server and exists
-    for tests only, as :func:`vault.client.open_with_unsafe_test_key` does.
+    whose model scope covers several or all: ``vault licence issue
+    --all-models``) and ``device`` the enrolled device the service runs as:
+    each worker asks the key server for its package key as that device, with
+    the licence's proof. ``unsafe_test_keys`` (package path -> raw key, with
+    ``publisher``) bypasses the key server and exists for tests only, as
+    :func:`vault.client.open_with_unsafe_test_key` does.
     """
 
     licence: Licence | Sequence[Licence] | None = None
@@ -64,16 +66,25 @@ class LaunchSpec:
     unsafe_test_keys: Mapping[str, bytes] = field(default_factory=dict)
 
     def licence_for(self, model_id: str) -> Licence | None:
-        """The licence a worker of ``model_id`` asks for its key with: the one
-        bound to that model, else one bound to none, else the only one."""
+        """The licence a worker of ``model_id`` asks for its key with: one for
+        exactly that model first, else the first whose model scope covers it
+        (several ids, ``prefix*``, ``*``: :mod:`vault.core.modelscope`).
+        :class:`WrongModelError` when licences were given and none covers it;
+        None when none was given."""
         lics = [self.licence] if isinstance(self.licence, Licence) else list(self.licence or ())
+        if not lics:
+            return None
         for lic in lics:
             if lic.model_id == model_id:
                 return lic
         for lic in lics:
-            if lic.model_id is None:
+            if lic.covers(model_id):
                 return lic
-        return lics[0] if len(lics) == 1 else None
+        given = "; ".join(f"{lic.licence_id}: {describe(lic.model_id)}" for lic in lics)
+        raise WrongModelError(
+            f"no licence of this service covers model {model_id!r} ({given}); issue one that "
+            "does (vault licence issue ID... or --all-models) and send SIGHUP"
+        )
 
 
 class Instance:
@@ -158,16 +169,17 @@ def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:
 
 def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int) -> Instance:
     """Start one worker for ``package`` and wait until it serves (blocking)."""
+    key = spec.unsafe_test_keys.get(os.path.abspath(package))
+    lic = spec.licence_for(model_id) if key is None else None  # refuses before any spawn
     directory = tempfile.mkdtemp(prefix="vault-svc-")  # 0700
     endpoint = f"ipc://{directory}/w.sock"
     pipes = WorkerPipes()
     args = [os.path.abspath(package), "--endpoint", endpoint, "--threads", str(spec.threads)]
     if spec.intra_op_threads:
         args += ["--intra-op-threads", str(spec.intra_op_threads)]
-    key = spec.unsafe_test_keys.get(os.path.abspath(package))
     if key is not None:
         pipes.secret("--unsafe-test-key-fd", bytes(key))
-    elif (lic := spec.licence_for(model_id)) is not None:
+    elif lic is not None:
         pipes.secret("--licence-fd", lic.dumps())
     if spec.device is not None:
         pipes.secret("--device-key-fd", spec.device.dumps())

@@ -1,31 +1,37 @@
 """The service's Prometheus metrics and its HTTP endpoints.
 
 ``/metrics`` (Prometheus text format, from ``prometheus_client``),
-``/healthz`` (200 while the service loop turns) and ``/readyz`` (200 when not
-draining and every model has a ready worker; 503 otherwise). Metric names
+``/healthz`` and ``/v2/health/live`` (the service loop turns), ``/readyz`` and
+``/v2/health/ready`` (:meth:`WorkerService.ready`: the initial load has
+finished, a model is ready, not draining), ``/v2/models/{m}/ready`` and
+``/v2/models/{m}/versions/{v}/ready`` (that model takes calls). Metric names
 follow Triton's in spirit, per model and per licence:
 
 - ``vault_requests_total{model,licence,outcome,code}``: calls answered
   (``outcome`` is ``success`` or ``failure``; ``code`` the error code or ``ok``)
 - ``vault_queue_seconds{model}``: time from arrival to dispatch to a worker
 - ``vault_compute_seconds{model}``: time from dispatch to the worker's answer
-- ``vault_batch_size{model}``: rows per call sent to a worker
+- ``vault_batch_size{model}``: rows per worker call that succeeded (a call
+  the worker refused, a bad input, computed no rows and is not counted)
 - ``vault_instances{model,state}``: worker processes by state
-- ``vault_worker_restarts_total{model}``, ``vault_inflight{model}``
+- ``vault_worker_restarts_total{model}``, ``vault_inflight{model}``,
+  ``vault_model_ready{model}`` (1 or 0)
 
 Example::
 
     metrics = Metrics()
-    http = HttpEndpoints(metrics, state, host="127.0.0.1", port=0).start()
+    http = HttpEndpoints(metrics, service, host="127.0.0.1", port=0).start()
     http.port      # the bound port; http.stop() ends it
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
-from collections.abc import Callable
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -58,7 +64,7 @@ class Metrics:
             ["model"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "vault_batch_size", "Rows per call sent to a worker", ["model"],
+            "vault_batch_size", "Rows per worker call that succeeded", ["model"],
             buckets=_BATCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.instances = Gauge(
@@ -69,6 +75,10 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.inflight = Gauge("vault_inflight", "Calls queued or running", ["model"], registry=r)
+        self.model_ready = Gauge(
+            "vault_model_ready", "1 while the model has a ready worker, else 0", ["model"],
+            registry=r,
+        )  # fmt: skip
         self._answered: dict[tuple[str, str, str], Any] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
 
@@ -96,15 +106,31 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class DataPlane(Protocol):
+    """What the HTTP endpoints ask the service (``WorkerService``)."""
+
+    def live(self) -> bool: ...
+    def ready(self) -> bool: ...
+    def model_ready(self, model: str, version: str | None = None) -> bool: ...
+    def model_state(self, model: str) -> tuple[str, tuple[str, str] | None] | None: ...
+
+
+_MODEL_READY = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/ready")
+
+
 class HttpEndpoints:
-    """A small threaded HTTP server for probes and scraping."""
+    """A small threaded HTTP server for probes and scraping.
+
+    ``/healthz`` and ``/readyz`` answer 200 or 503 (plain text, as before);
+    the Open Inference Protocol's health endpoints answer 200 for true and
+    4xx for false, as its specification and Triton do (400 not ready, 404 a
+    model or version not served here), with a small JSON body."""
 
     def __init__(
         self,
         metrics: Metrics,
+        plane: DataPlane,
         *,
-        healthy: Callable[[], bool],
-        ready: Callable[[], bool],
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -112,17 +138,43 @@ class HttpEndpoints:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = self.path.split("?", 1)[0]
+                path = urllib.parse.unquote(self.path.split("?", 1)[0])
+                plane = owner.plane
                 if path == "/metrics":
                     self._send(200, owner.metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    ok = owner.healthy()
+                    ok = plane.live()
                     self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
                 elif path == "/readyz":
-                    ok = owner.ready()
+                    ok = plane.ready()
                     self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                elif path == "/v2/health/live":
+                    ok = plane.live()
+                    self._json(200 if ok else 400, {"live": ok})
+                elif path == "/v2/health/ready":
+                    ok = plane.ready()
+                    self._json(200 if ok else 400, {"ready": ok})
+                elif m := _MODEL_READY.fullmatch(path):
+                    self._model_ready(m.group(1), m.group(2))
                 else:
                     self._send(404, b"not found\n")
+
+            def _model_ready(self, model: str, version: str | None) -> None:
+                plane = owner.plane
+                state = plane.model_state(model)
+                if state is None or version not in (None, "", "1"):
+                    self._json(404, {"error": f"no model {model!r} (version {version or '1'}) "
+                                              "is served here"})  # fmt: skip
+                    return
+                ok = plane.model_ready(model, version)
+                body: dict[str, Any] = {"name": model, "version": "1", "ready": ok,
+                                        "state": state[0]}  # fmt: skip
+                if state[1] is not None:
+                    body["reason"] = {"code": state[1][0], "message": state[1][1]}
+                self._json(200 if ok else 400, body)
+
+            def _json(self, status: int, body: dict[str, Any]) -> None:
+                self._send(status, json.dumps(body).encode() + b"\n", "application/json")
 
             def _send(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
                 self.send_response(status)
@@ -135,8 +187,7 @@ class HttpEndpoints:
                 pass  # probes every few seconds would drown the JSON log
 
         self.metrics = metrics
-        self.healthy = healthy
-        self.ready = ready
+        self.plane = plane
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])

@@ -21,6 +21,7 @@ from typing import Any
 
 from vault.core.errors import ConfigError, FormatError, VaultError
 from vault.core.files import open_regular
+from vault.core.logs import reason
 from vault.core.package import read_header
 
 __all__ = ["Repository"]
@@ -31,6 +32,14 @@ class Repository:
         if not os.path.isdir(directory):
             raise ConfigError(f"--repository {directory}: not a directory")
         self.directory = os.path.abspath(directory)
+        # files skipped, by name -> their stamp: one log line per file and version,
+        # not one per rescan (--poll-interval 30 would repeat it forever)
+        self._skipped: dict[str, Any] = {}
+
+    def _skip(self, log: Any, name: str, stamp: Any, code: str, message: str) -> None:
+        if self._skipped.get(name) != stamp:
+            self._skipped[name] = stamp
+            log("package_skipped", level="error", file=name, code=code, message=message)
 
     @staticmethod
     def describe(path: str) -> tuple[str, str, Any]:
@@ -49,17 +58,29 @@ class Repository:
     def scan(self, log: Any) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
         seen: set[str] = set()
-        for name in sorted(os.listdir(self.directory)):
+        names = sorted(os.listdir(self.directory))
+        for name in names:
             if not name.endswith(".vault") or name.startswith("."):
                 continue
+            path = os.path.join(self.directory, name)
             try:
-                model_id, path, stamp = self.describe(os.path.join(self.directory, name))
+                st = os.stat(path)
+                stamp: Any = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue  # removed while we looked
+            try:
+                model_id, path, stamp = self.describe(path)
             except VaultError as exc:
-                log("package_skipped", level="error", file=name, code=exc.code)
+                code, message = reason(exc)
+                self._skip(log, name, stamp, code, message)
                 continue
             if model_id in seen:
-                log("package_skipped", level="error", file=name, code="duplicate_model_id")
+                self._skip(log, name, stamp, "duplicate_model_id",
+                           f"another package in the repository has model id {model_id!r}")  # fmt: skip
                 continue
+            self._skipped.pop(name, None)
             seen.add(model_id)
             out.append((model_id, path, stamp))
+        for gone in set(self._skipped) - set(names):
+            del self._skipped[gone]
         return out

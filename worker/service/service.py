@@ -15,6 +15,13 @@ id, split back, and answered to the caller with the caller's own id.
 - A call past its timeout is answered :class:`WorkerTimeoutError` and its
   slot freed; a worker still busy with only abandoned calls a full timeout
   later is killed and restarted.
+- Each model loads on its own: one that cannot (no licence covers it, a
+  damaged package, a key refused) is *unavailable* on its own, its reason
+  logged once per attempt (``model_unavailable``: code and sanitised
+  message), retried with backoff (1 s doubling to 60 s), while the others
+  serve. Readiness follows Triton's and KServe's data plane: :meth:`live`,
+  :meth:`ready` (the initial load has finished, at least one model is ready,
+  not draining), :meth:`model_ready`, :meth:`model_metadata`.
 - Signals only wake the loop (``signal.set_wakeup_fd``); SIGTERM starts a
   drain: readiness goes false, new calls are refused with
   :class:`ServiceUnavailableError`, the calls already admitted finish within
@@ -27,7 +34,7 @@ Example::
                         launch=LaunchSpec(licence=lic), curve=(public, secret),
                         policy=AllowListPolicy.from_dir("clients/"))
     svc = WorkerService(cfg)
-    ready = svc.start()          # every model has a ready worker
+    ready = svc.start()          # the initial load has finished (see ready())
     svc.run()                    # until SIGTERM (or svc.request_stop())
 """
 
@@ -36,11 +43,12 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import select
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +57,7 @@ import zmq
 
 from vault.core.errors import (
     ConfigError,
+    IntegrityError,
     ProtocolError,
     ServiceUnavailableError,
     UnknownModelError,
@@ -65,21 +74,27 @@ from vault.core.protocol import (
     pack_header,
     unpack_header,
 )
+from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
+from vault.core.token import Token
 
 from . import batching
 from .calls import Admission, AdmissionPending, CallPolicy, OpenPolicy
 from .instances import Backoff, Instance, LaunchSpec, start_instance
-from .logs import JsonLog
+from .logs import JsonLog, reason
 from .metrics import HttpEndpoints, Metrics
 from .repository import Repository
 
-__all__ = ["ServiceConfig", "WorkerService"]
+__all__ = ["EdgeCall", "ServiceConfig", "WorkerService"]
 
 _HOUSEKEEPING_S = 0.02
 _MAX_SCAN = 256  # queue entries looked at when forming one batch
 _CLOSE_LINGER_MS = 5000  # how long the last replies may take to leave at close
 _FLUSH_S = 0.5  # the front stays open this long after the last answer (see _flush_front)
 _FLUSH_MAX_S = 10.0
+_LOAD_RETRY_FIRST_S = 1.0  # a model that cannot load is tried again after 1, 2, 4 ... 60 s
+_LOAD_RETRY_CAP_S = 60.0
+VERSION = "1"  # one version per model id: the package the repository holds now
+READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 
 
 @dataclass
@@ -98,8 +113,31 @@ class ServiceConfig:
     metrics_port: int | None = None
     max_message: int = 1 << 30
     curve: tuple[bytes, bytes] | None = None  # (public, secret) for tcp://
+    sealed_port: int | None = 0  # sealed calls' socket, on the bind host (0: any; None: none)
     policy: CallPolicy = field(default_factory=OpenPolicy)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    # re-read the service's licences on a rescan (SIGHUP): a licence replaced
+    # on disk is used by the next attempt of every model that is unavailable
+    reload_licences: Callable[[], Any] | None = None
+    oip: Any = None  # an oip.OipConfig: serve the Open Inference Protocol too
+
+
+@dataclass(eq=False)
+class EdgeCall:
+    """A call from a door other than the ZeroMQ front (the Open Inference
+    Protocol's REST and gRPC servers): posted into the loop with
+    :meth:`WorkerService.submit`, admitted, queued, batched and metered there
+    exactly as a ZeroMQ caller's, and answered by calling ``reply(header,
+    frames)`` once, from the loop's thread (so ``reply`` must only hand the
+    answer over, e.g. with ``loop.call_soon_threadsafe``)."""
+
+    model: str
+    token: Token | None
+    tensors: list[dict[str, Any]]
+    frames: list[Any]
+    outputs: list[str] | None
+    reply: Any  # Callable[[dict[str, Any], Sequence[Any]], None]
+    timeout: float | None = None
 
 
 @dataclass(eq=False)
@@ -127,6 +165,7 @@ class _Dispatch:
     sent: float
     joined: bool
     stuck_at: float
+    rows: int = 0
 
 
 class _Model:
@@ -135,18 +174,44 @@ class _Model:
         self.path = path
         self.stamp = stamp
         self.info: dict[str, Any] | None = None
+        self._signature: dict[str, Any] | None = None
         self.batchable = False
+        self.batching_why = "no worker has started yet"
         self.instances: list[Instance] = []
         self.starting: set[int] = set()
         self.backoff: dict[int, Backoff] = {}
         self.restart_at: dict[int, float] = {}
         self.queue: deque[_Call] = deque()
         self.removing = False
+        # loading on its own: the last failure (code, message) while no worker
+        # serves, the model-level retry, and whether the first attempt is over
+        self.reason: tuple[str, str] | None = None
+        self.retry_at: float | None = None
+        self.attempts = 0
+        self.settled = False
         self.batch_timer: float | None = None
         self.calls = 0
         self.errors = 0
         self.batches = 0
         self.latencies: deque[float] = deque(maxlen=4096)
+
+    def signature(self) -> dict[str, Any]:
+        """``{"inputs", "outputs"}`` from the package's public manifest (no key
+        needed), cached; the worker's own ``info`` once one has started."""
+        if self.info is not None:
+            return {"inputs": self.info["inputs"], "outputs": self.info["outputs"]}
+        if self._signature is None:
+            from vault.core.package import inspect
+
+            man = inspect(self.path)
+            self._signature = {"inputs": man["inputs"], "outputs": man["outputs"]}
+        return self._signature
+
+    @property
+    def state(self) -> str:
+        if self.instances:
+            return READY
+        return UNAVAILABLE if self.reason is not None else LOADING
 
     def busy(self, dispatches: dict[int, _Dispatch]) -> bool:
         return bool(self.queue) or any(d.inst.model_id == self.model_id and d.inst in
@@ -183,12 +248,20 @@ class WorkerService:
         self._old_handlers: dict[int, Any] = {}
         self._auth: Any = None
         self._http: HttpEndpoints | None = None
+        self._oip: Any = None
+        self._edge_closed = False
         self.front = self.ctx.socket(zmq.ROUTER)
+        self.sessions: SessionTable | None = None
+        self.bulk: zmq.Socket[Any] | None = None
+        self.bulk_port: int | None = None
         self.endpoint = cfg.bind
         self.repo = Repository(cfg.repository) if cfg.repository else None
         self._next_poll = 0.0
         self._parked: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-        cfg.policy.bind(lambda key, model: self._post("decided", key, model))
+        self._initial_done = False
+        # what the probes read from other threads: replaced whole, never mutated
+        self._status: dict[str, tuple[str, tuple[str, str] | None]] = {}
+        cfg.policy.bind(self._decided)
 
     # -- start ----------------------------------------------------------------------
 
@@ -213,13 +286,30 @@ class WorkerService:
             f.curve_secretkey = secret
             f.curve_publickey = public
             f.zap_domain = b"vault"
+        if self.cfg.bind.startswith("tcp://") and self.cfg.sealed_port is not None:
+            # sealed calls: AES-256-GCM on a second socket, keys agreed over
+            # this CURVE one (vault/core/sealed.py, docs/transport.md); a call's
+            # frames may wait in a queue or a batch: a fresh buffer per message
+            assert self.cfg.curve is not None
+            self.sessions = SessionTable(self.cfg.curve[0], reuse=False)
+            b = self.bulk = self.ctx.socket(zmq.ROUTER)
+            b.linger = 0
+            b.maxmsgsize = CHUNK + 4096  # sealed chunks only
+            b.sndhwm = b.rcvhwm = 10000
 
     def _initial_sources(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
         if self.repo is not None:
             out.extend(self.repo.scan(self.log))
         for p in self.cfg.packages:
-            out.append(Repository.describe(p))
+            if not os.path.exists(p):
+                raise ConfigError(f"{p}: no such package")
+            try:
+                out.append(Repository.describe(p))
+            except VaultError as exc:  # unreadable: logged, the others are served
+                code, message = reason(exc)
+                self.log("package_skipped", level="error", file=os.path.basename(p), code=code,
+                         message=message)  # fmt: skip
         seen: dict[str, str] = {}
         for model_id, path, _ in out:
             if model_id in seen and seen[model_id] != path:
@@ -228,68 +318,104 @@ class WorkerService:
         return out
 
     def start(self) -> dict[str, Any]:
-        """Bind, start every model's pool and the HTTP endpoints; returns when
-        each model has all its workers (a model that cannot start at all raises
-        its typed error: a wrong licence, a bad package)."""
+        """Start every model's pool, wait for the initial load (each model
+        ready, or failed once and retrying on its own), then bind and start
+        the HTTP endpoints. One model that cannot load never fails the
+        service; a configuration error (a bad bind, missing CURVE keys)
+        raises."""
         sources = self._initial_sources()
         self._configure_front()
         for model_id, path, stamp in sources:
             self.models[model_id] = _Model(model_id, path, stamp)
-        results: dict[tuple[str, int], Any] = {}
-
-        def boot(m: _Model, i: int) -> None:
+        self._publish()
+        try:
+            if self.cfg.metrics_port is not None:
+                # probes answer during the initial load: live, not yet ready
+                try:
+                    self._http = HttpEndpoints(self.metrics, self, host=self.cfg.metrics_host,
+                                               port=self.cfg.metrics_port)  # fmt: skip
+                except OSError as exc:
+                    raise ConfigError(f"cannot serve metrics on {self.cfg.metrics_host}:"
+                                      f"{self.cfg.metrics_port}: {exc.strerror}") from None  # fmt: skip
+                self._http.start()
+            for m in self.models.values():
+                for i in range(self.cfg.instances):
+                    self._launch(m, i)
+            while not self.draining and any(not m.settled for m in self.models.values()):
+                self._heartbeat = time.monotonic()
+                r, _, _ = select.select([self._wake_r], [], [], 0.5)
+                if r:
+                    self._wake()
+            self._initial_done = True
             try:
-                results[(m.model_id, i)] = start_instance(
-                    self.cfg.launch, m.path, model_id=m.model_id, index=i
-                )
-            except BaseException as exc:  # reported below, in this thread
-                results[(m.model_id, i)] = exc
+                self.front.bind(self.cfg.bind)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind {self.cfg.bind}: {exc}") from None
+            self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._poller.register(self.front, zmq.POLLIN)
+            if self.bulk is not None:
+                host = self.endpoint[len("tcp://") :].rpartition(":")[0]
+                try:
+                    self.bulk.bind(f"tcp://{host}:{self.cfg.sealed_port or 0}")
+                except zmq.ZMQError as exc:
+                    raise ConfigError(f"cannot bind the sealed port: {exc}") from None
+                last = self.bulk.getsockopt_string(zmq.LAST_ENDPOINT)
+                self.bulk_port = int(last.rpartition(":")[2])
+                self._poller.register(self.bulk, zmq.POLLIN)
+            self._poller.register(self._wake_r, zmq.POLLIN)
+            if self.cfg.oip is not None:
+                from .oip import OipServer
 
-        threads = [threading.Thread(target=boot, args=(m, i), daemon=True)
-                   for m in self.models.values() for i in range(self.cfg.instances)]  # fmt: skip
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        failure: BaseException | None = None
-        for (model_id, i), res in sorted(results.items(), key=lambda kv: kv[0]):
-            m = self.models[model_id]
-            if isinstance(res, Instance):
-                self._attach(m, res)
-            else:
-                failure = failure or res
-                self.log("worker_failed", level="error", model=model_id, index=i,
-                         code=getattr(res, "code", type(res).__name__))  # fmt: skip
-        if failure is not None:
+                self._oip = OipServer(self, self.cfg.oip)
+                try:
+                    self._oip.start()
+                except BaseException:
+                    self._oip = None
+                    raise
+        except BaseException:
             self.close()
-            raise failure
-        self.front.bind(self.cfg.bind)
-        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._poller.register(self.front, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
-        if self.cfg.metrics_port is not None:
-            self._http = HttpEndpoints(self.metrics, healthy=self.healthy, ready=self.ready,
-                                       host=self.cfg.metrics_host, port=self.cfg.metrics_port)  # fmt: skip
-            self._http.start()
+            raise
         if self.repo is not None and self.cfg.poll_interval:
             self._next_poll = time.monotonic() + self.cfg.poll_interval
-        self.log("service_ready", endpoint=self.endpoint, models=len(self.models),
+        states = [m.state for m in self.models.values()]
+        self._publish()
+        self.log("service_ready", level="info" if READY in states or not states else "error",
+                 endpoint=self.endpoint, models=len(states), models_ready=states.count(READY),
+                 models_unavailable=len(states) - states.count(READY),
                  instances=self.cfg.instances, max_batch=self.cfg.max_batch,
-                 metrics_port=self.metrics_port)  # fmt: skip
+                 metrics_port=self.metrics_port, http_port=self.http_port,
+                 grpc_port=self.grpc_port)  # fmt: skip
         return {
             "endpoint": self.endpoint,
+            "http_port": self.http_port,
+            "grpc_port": self.grpc_port,
             "server_key": self.cfg.curve[0].decode() if self.cfg.curve else None,
             "models": {k: self._describe(m) for k, m in self.models.items()},
             "metrics_port": self.metrics_port,
+            "sealed_port": self.bulk_port,
         }
 
     @property
     def metrics_port(self) -> int | None:
         return self._http.port if self._http is not None else None
 
+    @property
+    def http_port(self) -> int | None:
+        """The Open Inference Protocol's REST port, once started."""
+        return self._oip.http_port if self._oip is not None else None
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The Open Inference Protocol's gRPC port, once started."""
+        return self._oip.grpc_port if self._oip is not None else None
+
     def _describe(self, m: _Model) -> dict[str, Any]:
-        return {"instances": len(m.instances), "batching": m.batchable and self.cfg.max_batch > 1,
-                "provider": (m.info or {}).get("provider")}  # fmt: skip
+        out = {"state": m.state, "instances": len(m.instances), "batching": m.batchable,
+               "batching_reason": m.batching_why,
+               "provider": (m.info or {}).get("provider")}  # fmt: skip
+        if m.reason is not None and not m.instances:
+            out["reason"] = {"code": m.reason[0], "message": m.reason[1]}
+        return out
 
     def _attach(self, m: _Model, inst: Instance) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -306,30 +432,100 @@ class WorkerService:
         m.instances.append(inst)
         if m.info is None:
             m.info = inst.info
-            m.batchable = batching.batchable(inst.info)
+            m.batchable, m.batching_why = batching.decide(inst.info, max_batch=self.cfg.max_batch)
+            self.log("model_batching", model=m.model_id, batching=m.batchable,
+                     reason=m.batching_why)  # fmt: skip
         self._gauge(m)
         self.log("worker_ready", model=m.model_id, index=inst.index, pid=inst.pid)
 
     def _gauge(self, m: _Model) -> None:
         self.metrics.instances.labels(m.model_id, "ready").set(len(m.instances))
         self.metrics.instances.labels(m.model_id, "starting").set(len(m.starting))
+        if self.models.get(m.model_id) is m:
+            self.metrics.model_ready.labels(m.model_id).set(1 if m.instances else 0)
+        self._publish()
 
-    # -- probes -----------------------------------------------------------------------
+    def _publish(self) -> None:
+        """The models' states as the probes see them (one reference swap, so a
+        reader on another thread sees one whole picture)."""
+        self._status = {k: (m.state, m.reason if not m.instances else None)
+                        for k, m in self.models.items() if not m.removing}  # fmt: skip
 
-    def healthy(self) -> bool:
+    # -- the data plane's health, as Triton and KServe define it ----------------------
+
+    def live(self) -> bool:
+        """The service is up and its loop turns (``/v2/health/live``)."""
         return not self._stopped and time.monotonic() - self._heartbeat < 10.0
 
+    healthy = live  # /healthz
+
     def ready(self) -> bool:
+        """The service takes calls (``/v2/health/ready``, ``/readyz``): the
+        initial load has finished (every model found at start is ready or has
+        failed once), at least one model is ready, and it is not draining.
+        Whatever some models did: one that cannot load is unavailable on its
+        own (:meth:`model_ready`) and never takes the others out of a load
+        balancer (OpenVINO Model Server's rule, plus "something to serve")."""
         return (
-            self.healthy()
+            self.live()
+            and self._initial_done
             and not self.draining
-            and bool(self.models)
-            and all(m.instances for m in self.models.values())
+            and any(state == READY for state, _ in self._status.values())
         )
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        """Model ``model`` takes calls here (``/v2/models/{model}/ready``): it
+        is served, one of its workers is ready, and the service is not
+        draining. Each model has one version, ``"1"`` (the package the
+        repository holds now); any other ``version`` is not ready."""
+        if version not in (None, "", VERSION):
+            return False
+        st = self._status.get(model)
+        return st is not None and st[0] == READY and not self.draining and self.live()
+
+    def model_state(self, model: str) -> tuple[str, tuple[str, str] | None] | None:
+        """``(READY | LOADING | UNAVAILABLE, (code, message) or None)``, or
+        None for a model this service does not serve."""
+        return self._status.get(model)
+
+    def models_status(self) -> list[dict[str, Any]]:
+        """Every model with its version, state and (when not ready) reason:
+        the repository index of Triton's model-repository extension."""
+        out = []
+        for name, (state, why) in sorted(self._status.items()):
+            row: dict[str, Any] = {"name": name, "version": VERSION, "state": state}
+            if why is not None:
+                row["reason"] = f"{why[0]}: {why[1]}"
+            out.append(row)
+        return out
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """The model's public signature in the Open Inference Protocol's terms
+        (``name``, ``versions``, ``platform``, ``inputs``/``outputs`` with
+        ``datatype`` and ``shape``, -1 for a dimension that varies), read from
+        the package's public manifest: known even while the model cannot load.
+        :class:`UnknownModelError` for a model (or version) not served here."""
+        m = self.models.get(model)
+        if m is None or m.removing or version not in (None, "", VERSION):
+            raise UnknownModelError(f"no model {model!r} is served here")
+        sig = m.signature()
+        return {"name": model, "versions": [VERSION], "platform": "onnxruntime_onnx",
+                "inputs": [_oip_tensor(t) for t in sig["inputs"]],
+                "outputs": [_oip_tensor(t) for t in sig["outputs"]]}  # fmt: skip
+
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        """The public signature of a served model (thread-safe), or None."""
+        m = self.models.get(model)
+        if m is None or m.removing or m.info is None:
+            return None
+        return dict(m.info)
+
+    def model_ids(self) -> list[str]:
+        return sorted(k for k, m in list(self.models.items()) if not m.removing)
 
     # -- control from other threads ------------------------------------------------------
 
-    def _post(self, *event: Any) -> None:
+    def _post(self, *event: Any) -> bool:
         with self._wake_lock:  # never write to the fd number after close() reused it
             closed = self._wake_w < 0
             if not closed:
@@ -340,6 +536,17 @@ class WorkerService:
                     pass
         if closed and event[0] == "started":  # finished starting after the service stopped
             event[3].stop()
+        return not closed
+
+    def submit(self, call: EdgeCall) -> None:
+        """Post a call from another door into the loop (thread-safe). It is
+        always answered through ``call.reply``, also when the service has
+        stopped (``ServiceUnavailableError``)."""
+        if self._edge_closed or not self._post("edge", call):
+            call.reply(error_reply(None, ServiceUnavailableError("the service has stopped")), ())
+
+    def _decided(self, key: str, model_id: str) -> None:
+        self._post("decided", key, model_id)
 
     def request_stop(self) -> None:
         """Start a drain (thread-safe; what SIGTERM does)."""
@@ -393,6 +600,8 @@ class WorkerService:
                     self._wake()
                 elif key is self.front:
                     self._from_callers()
+                elif key is self.bulk:
+                    self._from_sealed()
                 elif isinstance(key, int):
                     inst = self._by_pidfd.get(key)
                     if inst is not None:
@@ -452,6 +661,8 @@ class WorkerService:
             self._rescan()
         elif kind == "decided":
             self._unpark(ev[1], ev[2])
+        elif kind == "edge":
+            self._edge(ev[1])
         elif kind == "started":
             _, m, index, inst = ev
             m.starting.discard(index)
@@ -459,16 +670,50 @@ class WorkerService:
                 threading.Thread(target=inst.stop, daemon=True).start()
             else:
                 self._attach(m, inst)
+                if m.attempts:  # it was logged unavailable: say that it serves now
+                    self.log("model_ready", model=m.model_id, attempts=m.attempts + 1)
+                m.reason, m.retry_at, m.attempts = None, None, 0
+                m.settled = True
+                self._fill(m)
             self._gauge(m)
         elif kind == "start_failed":
             _, m, index, exc = ev
             m.starting.discard(index)
-            code = getattr(exc, "code", type(exc).__name__)
-            self.log("worker_failed", level="error", model=m.model_id, index=index, code=code)
             if not self.draining and not m.removing:
-                delay = m.backoff.setdefault(index, Backoff()).next_delay(0.0)
-                m.restart_at[index] = time.monotonic() + max(delay, 0.5)
+                self._start_failed(m, index, exc)
             self._gauge(m)
+
+    def _start_failed(self, m: _Model, index: int, exc: BaseException) -> None:
+        code, message = reason(exc)
+        if m.instances:
+            # the model serves; one more worker of it failed to start: that slot
+            # is retried on its own
+            self.log("worker_failed", level="error", model=m.model_id, index=index, code=code,
+                     message=message)  # fmt: skip
+            delay = m.backoff.setdefault(index, Backoff()).next_delay(0.0)
+            m.restart_at[index] = time.monotonic() + max(delay, 0.5)
+            return
+        m.reason = (code, message)
+        if m.starting:
+            return  # the other workers of this attempt report too: one line per attempt
+        m.settled = True
+        m.restart_at.clear()  # the model-level retry starts one worker, then the rest
+        m.attempts += 1
+        delay = min(_LOAD_RETRY_CAP_S, _LOAD_RETRY_FIRST_S * 2 ** (m.attempts - 1))
+        m.retry_at = time.monotonic() + delay
+        self.log("model_unavailable", level="error", model=m.model_id, code=code, message=message,
+                 attempt=m.attempts, retry_in_s=round(delay, 3))  # fmt: skip
+        for c in m.queue:  # nobody can answer them here now
+            self._fail(c, ServiceUnavailableError(
+                f"model {m.model_id!r} is not available on this service"))  # fmt: skip
+        m.queue.clear()
+
+    def _fill(self, m: _Model) -> None:
+        """Start the workers a model lacks (after its first one is ready)."""
+        running = {i.index for i in m.instances} | m.starting | set(m.restart_at)
+        for i in range(self.cfg.instances):
+            if i not in running:
+                self._launch(m, i)
 
     def _launch(self, m: _Model, index: int) -> None:
         m.starting.add(index)
@@ -494,14 +739,55 @@ class WorkerService:
                 return
             self._request(front.recv_multipart(copy=False))
 
+    def _from_sealed(self) -> None:
+        """Sealed calls from the second socket: opened, then served as any call,
+        admitted as the CURVE key that made their session; answered sealed."""
+        bulk = self.bulk
+        assert bulk is not None and self.sessions is not None
+        for _ in range(1024):
+            if bulk.closed or not _readable(bulk):
+                return
+            msg = bulk.recv_multipart(copy=False)
+            sess = self.sessions.get(session_id(msg[1].bytes)) if len(msg) > 1 else None
+            if sess is None:
+                err = plain_error(ProtocolError("unknown sealed session"), unknown_session=True)
+                bulk.send_multipart([msg[0], *err])
+                continue
+            try:
+                frames = sess.opener.open(msg[1:])
+            except IntegrityError as exc:  # refused before anything of it is used
+                bulk.send_multipart([msg[0], *plain_error(exc)])
+                continue
+            self._request([_SealedRoute(msg[0], sess), *frames], caller_key=sess.client_key)
+
     def _reply(self, ident: Any, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         self._last_answer = time.monotonic()
+        if isinstance(ident, EdgeCall):
+            try:
+                ident.reply(header, frames)
+            except Exception as exc:  # a door's callback must never stop the loop
+                self.log("edge_reply_failed", level="error", error=type(exc).__name__)
+            return
         try:
-            self.front.send_multipart([ident, pack_header(header), *frames], copy=False)
+            if isinstance(ident, _SealedRoute):
+                assert self.bulk is not None
+                sealed_msg = ident.session.sealer.seal([pack_header(header), *frames])
+                self.bulk.send_multipart([ident.ident, *sealed_msg], copy=False)
+            else:
+                self.front.send_multipart([ident, pack_header(header), *frames], copy=False)
         except zmq.ZMQError:  # the caller is gone
             pass
 
-    def _request(self, msg: list[Any]) -> None:
+    def _session(self, ident: Any, rid: Any, header: dict[str, Any], frame: Any) -> None:
+        """``{"op": "session"}`` on the CURVE front: a sealed session for the
+        caller's authenticated key (the frame carries it)."""
+        key = _user_id(frame)
+        if self.sessions is None or self.bulk_port is None or key is None:
+            raise ProtocolError("unknown op 'session': this service offers no sealed calls")
+        fields = self.sessions.create(key, header.get("rand"))
+        self._reply(ident, ok_reply(rid, **fields, port=self.bulk_port))
+
+    def _request(self, msg: list[Any], *, caller_key: str | None = None) -> None:
         ident = msg[0]
         rid: Any = None
         try:
@@ -512,9 +798,13 @@ class WorkerService:
             if not isinstance(rid, (int, str)) or isinstance(rid, bool):
                 rid = None
             op = header.get("op")
+            if op == "session" and not isinstance(ident, _SealedRoute) and len(msg) == 2:
+                self._session(ident, rid, header, msg[1])
+                return
             m = self._model_for(header.get("model"))
             if op == "compute":
-                self._admit_compute(ident, rid, header, msg[2:], m, _user_id(msg[1]))
+                key = caller_key if isinstance(ident, _SealedRoute) else _user_id(msg[1])
+                self._admit_compute(ident, rid, header, msg[2:], m, key)
                 return
             if len(msg) != 2:
                 raise ProtocolError(f"op {op!r} takes no tensor frames")
@@ -530,6 +820,23 @@ class WorkerService:
         except VaultError as exc:
             self._reply(ident, error_reply(rid, exc))
 
+    def _edge(self, call: EdgeCall) -> None:
+        """A call from the REST or gRPC door: the same admission, queue and
+        answer as :meth:`_request`'s ``compute`` (``ident`` is the call itself)."""
+        try:
+            if not isinstance(call.model, str) or not call.model:
+                raise UnknownModelError("name a model")
+            header: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": "compute", "id": 0,
+                                      "tensors": call.tensors}  # fmt: skip
+            if call.outputs is not None:
+                header["outputs"] = call.outputs
+            if call.timeout is not None:
+                header["timeout"] = call.timeout
+            m = self._model_for(call.model)
+            self._admit_compute(call, None, header, call.frames, m, None, token=call.token)
+        except VaultError as exc:
+            self._reply(call, error_reply(None, exc))
+
     def _model_for(self, name: Any) -> _Model:
         if name is None:
             if len(self.models) == 1:
@@ -538,13 +845,20 @@ class WorkerService:
                 f"this service serves {len(self.models)} models: name one (model=...)"
             )
         m = self.models.get(name) if isinstance(name, str) else None
-        if m is None or m.removing or m.info is None:
+        if m is None or m.removing:
             raise UnknownModelError(f"no model {name!r} is served here")
+        if m.info is None or (not m.instances and m.reason is not None):
+            # the caller learns that it cannot run here now, not why (the reason
+            # is the vendor's business: its log and /v2/models/{m}/ready)
+            raise ServiceUnavailableError(
+                f"model {name!r} is not available on this service now (loading, or it could "
+                "not load); try again later or another replica"
+            )
         return m
 
     def _admit_compute(
         self, ident: Any, rid: Any, header: dict[str, Any], frames: list[Any], m: _Model,
-        caller_key: str | None, arrived: float | None = None,
+        caller_key: str | None, arrived: float | None = None, token: Token | None = None,
     ) -> None:  # fmt: skip
         now = time.monotonic()
         if self.draining:
@@ -557,12 +871,13 @@ class WorkerService:
             timeout = min(timeout, float(asked))
         deadline = now + timeout if arrived is None else arrived + timeout
         try:
-            admission = self.cfg.policy.admit(caller_key, m.model_id)
+            admission = self.cfg.policy.admit(caller_key, m.model_id, token)
         except AdmissionPending:
             # the caller's licence decision is being fetched: park the call
             parked = (ident, rid, header, frames, m.model_id, caller_key,
-                      now if arrived is None else arrived, deadline)  # fmt: skip
-            self._parked.setdefault((caller_key or "", m.model_id), []).append(parked)
+                      now if arrived is None else arrived, deadline, token)  # fmt: skip
+            key = token.licence_key if token is not None else caller_key
+            self._parked.setdefault((key or "", m.model_id), []).append(parked)
             return
         except VaultError as exc:
             self.metrics.answered(m.model_id, "refused", exc.code)
@@ -584,14 +899,13 @@ class WorkerService:
         self.metrics.per_model(m.model_id)[3].inc()
 
     def _unpark(self, key: str, model_id: str) -> None:
-        for ident, rid, header, frames, mid, caller_key, arrived, deadline in self._parked.pop(
-            (key, model_id), []
-        ):
+        for parked in self._parked.pop((key, model_id), []):
+            ident, rid, header, frames, mid, caller_key, arrived, deadline, token = parked
             try:
                 if time.monotonic() >= deadline:
                     raise WorkerTimeoutError("no licence decision for this call in time")
                 m = self._model_for(mid)
-                self._admit_compute(ident, rid, header, frames, m, caller_key, arrived)
+                self._admit_compute(ident, rid, header, frames, m, caller_key, arrived, token)
             except VaultError as exc:
                 self._reply(ident, error_reply(rid, exc))
 
@@ -680,12 +994,11 @@ class WorkerService:
         inst.sock.send_multipart([pack_header(hdr), *frames], copy=False)
         inst.inflight += 1
         rows = sum(c.rows or _header_rows(c.header) for c in calls)
-        queue_h, _, batch_h, _ = self.metrics.per_model(m.model_id)
-        batch_h.observe(rows)
+        queue_h = self.metrics.per_model(m.model_id)[0]
         for c in calls:
             queue_h.observe(now - c.arrived)
         stuck = max(c.deadline for c in calls) + self.cfg.request_timeout
-        self.dispatches[did] = _Dispatch(did, inst, calls, now, joined, stuck)
+        self.dispatches[did] = _Dispatch(did, inst, calls, now, joined, stuck, rows)
         if joined:
             m.batches += 1
 
@@ -709,7 +1022,10 @@ class WorkerService:
             now = time.monotonic()
             m = self._model_of(inst)
             if m is not None:
-                self.metrics.per_model(m.model_id)[1].observe(now - d.sent)
+                per = self.metrics.per_model(m.model_id)
+                per[1].observe(now - d.sent)
+                if hdr.get("ok"):  # rows a worker computed; a refused call computed none
+                    per[2].observe(d.rows)
             self._answered(d, hdr, frames[1:], m)
 
     def _answered(self, d: _Dispatch, hdr: dict[str, Any], frames: list[Any],
@@ -829,6 +1145,10 @@ class WorkerService:
                 if now >= when and not self.draining and not m.removing:
                     del m.restart_at[index]
                     self._launch(m, index)
+            if m.retry_at is not None and now >= m.retry_at and not self.draining \
+                    and not m.removing and not m.starting:  # fmt: skip
+                m.retry_at = None
+                self._launch(m, 0)  # one worker tries; once it is ready, _fill starts the rest
         for d in list(self.dispatches.values()):
             for c in d.calls:
                 if not c.done and c.deadline <= now:
@@ -848,7 +1168,10 @@ class WorkerService:
     # -- repository ------------------------------------------------------------------------
 
     def _rescan(self) -> None:
-        if self.repo is None or self.draining:
+        if self.draining:
+            return
+        self._reload_licences()
+        if self.repo is None:
             return
         found = {model_id: (path, stamp) for model_id, path, stamp in self.repo.scan(self.log)}
         for model_id, m in list(self.models.items()):
@@ -865,6 +1188,29 @@ class WorkerService:
                 self.log("model_added", model=model_id)
                 for i in range(self.cfg.instances):
                     self._launch(m, i)
+        self._publish()
+
+    def _reload_licences(self) -> None:
+        """Read the service's licence files again; if they changed, every
+        model that is unavailable tries again now (an operator who replaced a
+        licence does not wait for the backoff)."""
+        if self.cfg.reload_licences is None:
+            return
+        try:
+            new = self.cfg.reload_licences()
+        except VaultError as exc:
+            code, message = reason(exc)
+            self.log("licences_not_reloaded", level="error", code=code, message=message)
+            return
+        old = self.cfg.launch.licence
+        if _licence_bytes(new) == _licence_bytes(old):
+            return
+        self.cfg.launch.licence = new
+        self.log("licences_reloaded", licences=len(list(new)) if isinstance(new, list) else 1)
+        now = time.monotonic()
+        for m in self.models.values():
+            if m.retry_at is not None:
+                m.retry_at = now
 
     def _retire(self, m: _Model) -> None:
         self.retiring.remove(m)
@@ -919,8 +1265,15 @@ class WorkerService:
                 self.front.poll(20)
             self._refuse_waiting()
             self.front.close(linger=_CLOSE_LINGER_MS)
+            if self.bulk is not None:
+                self.bulk.close(linger=_CLOSE_LINGER_MS)
 
     def _refuse_waiting(self) -> None:
+        if self.bulk is not None and not self.bulk.closed:
+            self._from_sealed()  # draining: their computes are refused, sealed
+        self._refuse_waiting_front()
+
+    def _refuse_waiting_front(self) -> None:
         """Answer every request already received by the front socket but not
         yet read: a drain that ends must not leave a caller waiting for its
         timeout on a request the service never looked at."""
@@ -944,6 +1297,10 @@ class WorkerService:
         if self._stopped:
             return
         self._stopped = True
+        self._edge_closed = True  # from now on submit() answers at once
+        self._events_at_close()  # edge calls posted after the drain: answered
+        if self._oip is not None:
+            self._oip.stop()
         stoppers = []
         for m in self._all_models():
             for inst in list(m.instances):
@@ -966,14 +1323,19 @@ class WorkerService:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_w = -1
-        while True:  # a worker that became ready while we stopped
+        self._events_at_close()
+        self.log("service_stopped")
+
+    def _events_at_close(self) -> None:
+        while True:  # a worker that became ready while we stopped; a call from a door
             try:
                 ev = self._events.get_nowait()
             except queue.Empty:
                 break
             if ev[0] == "started":
                 ev[3].stop()
-        self.log("service_stopped")
+            elif ev[0] == "edge":
+                ev[1].reply(error_reply(None, ServiceUnavailableError("the service stopped")), ())
 
     # -- ops answered by the service itself ---------------------------------------------------
 
@@ -991,6 +1353,38 @@ class WorkerService:
         return {"calls": m.calls, "errors": m.errors, "batches": m.batches,
                 "instances": len(m.instances),
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)}}  # fmt: skip
+
+
+class _SealedRoute:
+    """Where a sealed call's answer goes: the caller's identity on the sealed
+    socket and its session (whose key seals the answer)."""
+
+    __slots__ = ("ident", "session")
+
+    def __init__(self, ident: Any, session: ServerSession) -> None:
+        self.ident, self.session = ident, session
+
+
+def _licence_bytes(lics: Any) -> list[bytes]:
+    items = lics if isinstance(lics, (list, tuple)) else [lics] if lics is not None else []
+    return [lic.dumps() for lic in items]
+
+
+_OIP_DTYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
+    "uint64": "UINT64", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64", "bfloat16": "BF16",
+    "string": "BYTES", "str": "BYTES", "object": "BYTES",
+}  # fmt: skip
+
+
+def _oip_tensor(t: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's tensor in the Open Inference Protocol's metadata terms."""
+    dtype = str(t.get("dtype"))
+    shape = t.get("shape")
+    dims = [-1] if shape is None else [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+    return {"name": t.get("name"), "datatype": _OIP_DTYPES.get(dtype, dtype.upper()),
+            "shape": dims}  # fmt: skip
 
 
 def _readable(sock: zmq.Socket[Any]) -> bool:

@@ -37,7 +37,7 @@ def test_both_spellings_parse(group):
     args = build_parser().parse_args(
         [group, "issue", "m", "--to", "bob", "--max-calls", "3", "--licence", "a.licence"]
     )
-    assert args.model_id == "m" and args.to == "bob" and args.max_calls == 3
+    assert args.model_id == ["m"] and args.to == "bob" and args.max_calls == 3
 
 
 def test_keyserver_commands_parse():

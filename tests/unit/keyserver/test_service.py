@@ -31,7 +31,7 @@ def svc(tmp_path):
     clock = Clock()
     s = KeyService(
         st, layout.load_master(d, st), server_public_key="S" * 40, publisher_key="",
-        address="tcp://x:1", lease_ttl=5.0, clock=clock, log=lambda line: None,
+        address="tcp://x:1", lease_ttl=5.0, clock=clock, log=lambda event, **fields: None,
     )  # fmt: skip
     s.admin = Licence.load(d / "admin.licence").client_public_key  # type: ignore[attr-defined]
     s.test_clock = clock  # type: ignore[attr-defined]

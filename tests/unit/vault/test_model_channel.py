@@ -109,12 +109,12 @@ def test_malformed_endpoints_are_config_errors(bad: str) -> None:
 def test_connect_to_a_malformed_endpoint_fails_at_once(tmp_path: Any) -> None:
     import vault
 
-    t0 = time.monotonic()
-    with pytest.raises(ConfigError):
+    # the address is refused before anything else is looked at (the licence file
+    # does not even exist): no connection is ever tried
+    with pytest.raises(ConfigError, match="not an endpoint"):
         vault.connect(
             "not-an-endpoint", licence=str(tmp_path / "none.licence"), server_key="x" * 40
         )
-    assert time.monotonic() - t0 < 2
 
 
 def test_zmq_channel_refusal_closes_its_socket() -> None:

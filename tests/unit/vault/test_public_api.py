@@ -52,3 +52,11 @@ def test_unknown_name_is_an_attribute_error() -> None:
         assert "no_such_thing" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("vault.no_such_thing resolved")
+
+
+def test_bearer_tokens_are_public() -> None:
+    # a vendor's web backend mints tokens for its end users with the public API alone
+    assert "mint_token" in vault.__all__
+    assert vault.mint_token.__module__ == "vault.core.token"
+    assert issubclass(vault.TokenExpiredError, vault.TokenError)
+    assert issubclass(vault.TokenSpentError, vault.QuotaExhaustedError)

@@ -3,8 +3,12 @@ the vendor's policy holds, wire encodings are checked, nothing leaks."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.models import classifier_pipeline, mlp, reference_pipeline
 from tests.sealed import Sealed, open_sealed
 from vault.core.crypto import PublisherKey
-from vault.core.errors import SealError
+from vault.core.errors import ConfigError, SealError
 from vault.hybrid.cut import CutGraph, Policy
 from vault.hybrid.plan import CutCost, Link, Replanner, format_table, plan
 from vault.hybrid.profile import profile_model
@@ -358,3 +362,204 @@ def test_planner_may_choose_all_server_and_the_tail_is_then_the_whole_model(tmp_
                   str(tmp_path / "publisher.pub"), {})  # fmt: skip
     with open_sealed(tail) as t:
         np.testing.assert_allclose(t.compute(X)["logits"], _run(m, X)["logits"], rtol=1e-6)
+
+
+# --- what exporters produce (issue 18, item 5) ---------------------------------------------------
+
+
+@functools.cache
+def _skl2onnx_mlp() -> bytes:
+    """A standard scikit-learn MLP classifier converted by skl2onnx with its default
+    options: no value_info for any intermediate, a ZipMap output (a sequence of
+    maps), ai.onnx.ml ops after the softmax."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    with warnings.catch_warnings():  # 20 iterations: not converged, on purpose (speed)
+        warnings.simplefilter("ignore")
+        clf = MLPClassifier(hidden_layer_sizes=(32, 16), max_iter=20, random_state=0).fit(x, y)
+        m = to_onnx(clf, x[:1].astype(np.float32))
+    assert not m.graph.value_info  # what the exporter writes: no intermediate types
+    return bytes(m.SerializeToString())
+
+
+def _digits(n: int) -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    return {"X": load_digits().data[:n].astype(np.float32)}
+
+
+def test_a_standard_skl2onnx_mlp_splits_with_the_planner(tmp_path: Path) -> None:
+    """The exporter's graph as it comes: the planner's candidates get their types
+    from shape inference, the ZipMap output (not a tensor) does not stop it, and
+    head then sealed tail give the whole model's outputs."""
+    m = onnx.load_from_string(_skl2onnx_mlp())
+    desc, keys, _ = _split(tmp_path, m, link=Link(rtt_ms=20, mbit=100),
+                           protect_from=["add_result2"], encoding="float16")  # fmt: skip
+    cut = desc["cuts"][0]
+    assert cut["at"] == ["mul_result2"] and cut["crossing"][0]["encoding"] == "float16"
+    assert cut["accuracy"]["top1_agreement"] == 1.0  # measured on the ZipMap's scores too
+    x = _digits(5)
+    mid = _run(onnx.load(tmp_path / "m.split" / cut["head"]), x)
+    tail = Sealed(str(tmp_path / "m.split" / cut["tail"]), keys.keys["m.tail"],
+                  str(tmp_path / "publisher.pub"), {})  # fmt: skip
+    with open_sealed(tail) as t:
+        got = t.compute(mid)
+    want = _run(m, x)
+    np.testing.assert_array_equal(got["output_label"], want["output_label"])
+    for g, w in zip(got["output_probability"], want["output_probability"]):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose(list(g.values()), list(w.values()), atol=1e-3)
+
+
+def test_no_cut_named_lists_the_cuts_and_writes_nothing(tmp_path: Path) -> None:
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(_skl2onnx_mlp())
+    pk = PublisherKey.generate()
+    pk.save(tmp_path / "publisher.key", tmp_path / "publisher.pub")
+    out = tmp_path / "m.split"
+    # the API: a typed error naming the cuts
+    with pytest.raises(ConfigError, match="the cuts this model has: cast_input, mul_result,"):
+        split(str(model), model_id="m", signing_key=pk, output_dir=out, register=_Keys())
+    # no policy declared: refused, naming what could be declared
+    with pytest.raises(SealError, match="allows nothing to leave.*cuts this model has: cast_in"):
+        split(str(model), model_id="m", signing_key=pk, output_dir=out, register=_Keys(),
+              link=Link(20, 100))  # fmt: skip
+    # the CLI: the table of cuts on stdout, a one-line error, exit 2
+    r = subprocess.run(
+        [sys.executable, "-m", "vault", "split", str(model), "--model-id", "m",
+         "--signing-key", str(tmp_path / "publisher.key"), "--key-out", str(tmp_path / "keys"),
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert rows["mul_result2"][1:3] == ["float32", "['unk__0',"]  # dtype and shape, inferred
+    assert "output_probability" not in rows  # not a tensor: no cut there
+    assert "no cut named" in r.stderr and "Traceback" not in r.stderr
+    assert set(os.listdir(tmp_path)) == {"mlp.onnx", "publisher.key", "publisher.pub"}
+
+
+def _with_sequence() -> onnx.ModelProto:
+    """x -> h -> SplitToSequence -> s (a sequence, no tensor type) -> c -> y."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("SplitToSequence", ["h"], ["s"], axis=1, name="split"),
+        helper.make_node("ConcatFromSequence", ["s"], ["c"], axis=1, name="concat"),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [_vi("x", ["N", 8])], [_vi("y", ["N", 6])], [_w("w", (8, 6), 7)])
+
+
+def test_untyped_candidates_are_skipped_not_fatal(tmp_path: Path) -> None:
+    g = CutGraph(_with_sequence())
+    skipped: list[str] = []
+    assert [c.name for c in g.candidates(ANY, skipped=skipped)] == ["h", "c"]
+    assert skipped == ["s"]
+    logs: list[str] = []
+    desc, _, _ = _split(tmp_path, _with_sequence(), link=Link(20, 100),
+                        protect_from=["y"], alternatives=5, log=logs.append)  # fmt: skip
+    assert {c["at"][0] for c in desc["cuts"] if not c["all_server"]} == {"h", "c"}
+    assert any("left out of the plan (no tensor type known): s" in m for m in logs)
+    # asked for by name: a clear refusal, not a crash
+    (tmp_path / "x").mkdir()
+    with pytest.raises(SealError, match="tensor 's' is a sequence_type, not a tensor"):
+        _split(tmp_path / "x", _with_sequence(), at=[["s"]], protect_from=["y"])
+
+
+def test_types_are_inferred_for_a_model_newer_than_this_onnx() -> None:
+    """An exporter with a newer onnx writes a newer IR version; onnx's inference
+    refuses such a model, but the IR version says nothing about types."""
+    m = mlp()
+    m.ir_version = onnx.IR_VERSION + 1
+    g = CutGraph(m)
+    assert all(g.typed(t) for t in ("h1", "h2", "h3"))
+    assert g.value_info("h2").type.tensor_type.shape.dim[1].dim_value == 64
+
+
+def _shapeless_cut() -> onnx.ModelProto:
+    """r = Reshape(x W, s) with the shape s an input: r's type is known, its shape not."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Reshape", ["h", "s"], ["r"], name="reshape"),
+        helper.make_node("Relu", ["r"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [_vi("x", ["N", 8]), _vi("s", ["K"], TensorProto.INT64)],
+                  [_vi("y", ["A", "B"])], [_w("w", (8, 6), 8)])  # fmt: skip
+
+
+def test_a_head_the_checker_objects_to_is_judged_as_seal_judges_it(tmp_path: Path) -> None:
+    """One policy for seal and split: the checker, and where it objects (here: the
+    head's output has a type but no shape, 'Field shape of type is required'),
+    onnxruntime decides. A model onnxruntime refuses is refused by both."""
+    from vault.sealing import check_well_formed, seal
+
+    g = CutGraph(_shapeless_cut())
+    head = g.head_model(g.cut(["r"], policy=ANY))
+    with pytest.raises(onnx.checker.ValidationError, match="Field 'shape' of 'type'"):
+        onnx.checker.check_model(head)  # the checker alone would refuse it
+    check_well_formed(head, "head")  # onnxruntime loads it: accepted
+    feeds = {"x": X["x"], "s": np.array([6, 3], np.int64)}  # random shapes would not fit
+    desc, keys, pk = _split(tmp_path, _shapeless_cut(), at=[["r"]], protect_from=["y"],
+                            calibration=[feeds], server_costs={"nodes": {}})  # fmt: skip
+    mid = _run(onnx.load(tmp_path / "m.split" / desc["cuts"][0]["head"]), feeds)
+    tail = Sealed(str(tmp_path / "m.split" / desc["cuts"][0]["tail"]), keys.keys["m.tail"],
+                  str(tmp_path / "publisher.pub"), {})  # fmt: skip
+    with open_sealed(tail) as t:
+        np.testing.assert_allclose(t.compute(mid)["y"], _run(_shapeless_cut(), feeds)["y"])
+    seal(head, model_id="h", signing_key=pk, output=str(tmp_path / "h.vault"))  # seal agrees
+    # control: a head onnxruntime cannot load is refused by both, as a SealError
+    bad = onnx.ModelProto()
+    bad.CopyFrom(head)
+    bad.graph.node[0].op_type = "MatMulWithNoSuchOp"
+    with pytest.raises(SealError, match="head: ONNX check failed"):
+        check_well_formed(bad, "head")
+    with pytest.raises(SealError, match="ONNX check failed"):
+        seal(bad, model_id="h", signing_key=pk, output=str(tmp_path / "bad.vault"))
+
+
+def test_a_failed_split_writes_nothing_and_keeps_an_earlier_one(tmp_path: Path) -> None:
+    out = tmp_path / "m.split"
+    # fails after the head and a tail were written (the accuracy check): nothing left
+    with pytest.raises(SealError, match="refused, use float32"):
+        _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8", max_error=1e-9)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.split")]
+    # an earlier split at the path: a failure leaves it whole, a success replaces it
+    desc, _, _ = _split(tmp_path, mlp(), at=[["h1"]], split_points=["h1", "h2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def refuse(res: Any) -> None:
+        raise ConfigError("the key server said no")
+
+    pk = PublisherKey.load(tmp_path / "publisher.key")
+    with pytest.raises(ConfigError, match="said no"):
+        split(mlp(), model_id="m", signing_key=pk, output_dir=out, at=[["h2"]],
+              split_points=["h2"], register=refuse)  # fmt: skip
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    desc2, _, _ = _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"])
+    assert json.loads((out / "split.json").read_text())["cuts"][0]["at"] == ["h2"]
+    assert desc2["cuts"][0]["at"] == ["h2"] and desc["cuts"][0]["at"] == ["h1"]
+    # a non-empty directory that holds no split is not overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no split"):
+        split(mlp(), model_id="m", signing_key=pk, output_dir=other, at=[["h2"]],
+              split_points=["h2"], register=_Keys())  # fmt: skip
+    assert os.listdir(other) == ["notes.txt"]
+
+
+def test_the_all_server_cut_can_be_shipped_beside_the_others(tmp_path: Path) -> None:
+    """--at '(inputs)' (the planner table's name for it): no head, the tail is the
+    whole model, for clients that re-plan between sending a cut and the input."""
+    desc, keys, _ = _split(tmp_path, mlp(), at=[["h2"], ["(inputs)"]], split_points=["h2"])
+    c0, c1 = desc["cuts"]
+    assert not c0["all_server"] and c1["all_server"] and c1["head"] is None
+    assert [x["name"] for x in c1["crossing"]] == ["x"]
+    tail = Sealed(str(tmp_path / "m.split" / c1["tail"]), keys.keys[c1["tail_model_id"]],
+                  str(tmp_path / "publisher.pub"), {})  # fmt: skip
+    with open_sealed(tail) as t:
+        np.testing.assert_allclose(t.compute(X)["logits"], _run(mlp(), X)["logits"], rtol=1e-6)

@@ -168,3 +168,56 @@ def test_a_prompt_start_does_not_renew_at_once() -> None:
     k.start()
     k._stop.set()  # noqa: SLF001
     assert renewed == []
+
+
+@dataclass
+class RatedLease(FakeLease):
+    rate: float | None = 2.0
+    burst: float | None = 2.0
+
+
+def test_a_whole_lease_budget_is_served_at_the_licences_rate() -> None:
+    # issue 18, item 6: --rate 2/s with a 60 s lease (budget 120) served 126
+    # calls in 3 s: the lease's rate and burst are enforced per call
+    from vault.core.errors import RateLimitedError
+
+    clock = Clock()
+    keeper = LeaseKeeper(RatedLease(call_budget=120, hard_end=1e9), renew=None,
+                         on_end=lambda: None, clock=clock)  # fmt: skip
+    served, waits = 0, []
+    for step in range(300):  # a caller hammering for 3 s (every 10 ms)
+        clock.t = step * 0.01
+        try:
+            keeper.check()
+            served += 1
+        except RateLimitedError as exc:
+            assert exc.retry_after is not None
+            waits.append(exc.retry_after)
+    assert served == 2 + 5  # the burst, then one every 0.5 s (at 0.5, 1.0, ... 2.5)
+    assert 0 < min(waits) and max(waits) <= 0.5
+    assert keeper._calls_unreported == served  # refused calls took nothing of the budget
+
+
+def test_a_report_whose_answer_was_lost_is_sent_again_as_it_was() -> None:
+    clock = Clock()
+    sent: list[tuple[str, int, str]] = []
+    lose = [True]
+
+    def renew(lease_id: str, calls: int, report_id: str) -> FakeLease:
+        sent.append((lease_id, calls, report_id))
+        if lose[0]:
+            lose[0] = False
+            raise KeyServerUnavailableError("the answer was lost")
+        return FakeLease("L1", expires_at=clock.t + 10, hard_end=clock.t + 20)
+
+    closed: list[tuple[str, int, str]] = []
+    keeper = LeaseKeeper(FakeLease(), renew=renew, on_end=lambda: None, clock=clock,
+                         close=lambda i, c, r: closed.append((i, c, r)), report_ids=True)  # fmt: skip
+    for _ in range(3):
+        keeper.check()
+    keeper._renew_once()  # lost
+    keeper.check()  # a call after the loss: in the next report, not this one
+    keeper._renew_once()  # the same report again
+    assert [c for _, c, _ in sent] == [3, 3] and sent[0][2] == sent[1][2]
+    keeper.stop()
+    assert closed[0][1] == 1 and closed[0][2] != sent[0][2]

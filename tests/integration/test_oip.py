@@ -1,0 +1,849 @@
+"""The Open Inference Protocol v2 at `vault worker serve`'s edge, through the
+clients people already have: tritonclient (HTTP and gRPC), KServe's
+InferenceRESTClient / InferenceGRPCClient, curl, and a gRPC client generated
+from the protocol's proto file in the test.
+
+One real service for the module (module-scoped: starting workers is the
+slow part): a real key server, two sealed models (a pre/model/post
+classifier pipeline and a model with a tensor of every protocol datatype),
+real hardened workers, call licences, bearer tokens minted from them, TLS on
+both doors with a certificate authority made here. Every answer is compared
+with plain in-process onnxruntime; every refusal is checked as each client
+sees it, and after each one the service still serves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from tests.conftest import ROOT, KeyServerProcess, served_ready
+from tests.models import OIP_TYPES, all_types, classifier_pipeline, reference_pipeline
+from tests.prereq import require
+from vault.core.crypto import PublisherKey
+from vault.core.licence import Licence
+from vault.core.token import mint_token
+from vault.sealing import seal
+
+tritonhttp = pytest.importorskip("tritonclient.http")
+tritongrpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+IMAGE = np.arange(16, dtype=np.uint8).reshape(2, 8) * 15
+
+
+def _types_feeds(rows: int = 2) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    base = np.arange(rows * 2).reshape(rows, 2)
+    for name, et in OIP_TYPES.items():
+        key = f"in_{name.lower()}"
+        if name == "BYTES":
+            words = ["hello", "wörld", "hello", "", "x" * 40, "hello"]
+            feeds[key] = np.array(words[: rows * 2], dtype=object).reshape(rows, 2)
+        elif name == "BOOL":
+            feeds[key] = base % 2 == 0
+        else:
+            feeds[key] = (base + 1).astype(helper.tensor_dtype_to_np_dtype(et))
+    feeds["in_int64"] = np.array([[2**40, -7], [3, -(2**50)]], np.int64)[:rows]
+    return feeds
+
+
+def _cert_authority(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for localhost / 127.0.0.1 signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vault test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    paths = (d / "ca.pem", d / "server.pem", d / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    os.chmod(paths[2], 0o600)
+    return paths
+
+
+@dataclass
+class Plane:
+    dir: Path
+    ks: KeyServerProcess
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    ca: Path
+    clf_stages: list[Any]
+    types_model: Any
+    licences: dict[str, Licence] = field(default_factory=dict)
+    endpoint: str = ""
+    server_key: str = ""
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def token(self, who: str, model: str, **kw: Any) -> str:
+        return mint_token(self.licences[who], models=[model], **kw)
+
+    def issue(self, model: str, holder: str, **limits: Any) -> Licence:
+        lic = self.ks.issue(model, holder=holder, kind="call", **limits)
+        self.licences[holder] = lic
+        return lic
+
+    def http(self, token: str | None = None) -> Any:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        client = tritonhttp.InferenceServerClient(
+            self.http_url, ssl=True, ssl_context_factory=lambda *a, **k: ctx
+        )
+        return client, headers
+
+    def grpc(self) -> Any:
+        return tritongrpc.InferenceServerClient(self.grpc_url, ssl=True,
+                                                root_certificates=str(self.ca))  # fmt: skip
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            return r.read().decode()  # type: ignore[no-any-return]
+
+    def clf_reference(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return reference_pipeline(self.clf_stages, {"image": image})
+
+    def types_reference(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s = ort.InferenceSession(self.types_model.SerializeToString(),
+                                 providers=["CPUExecutionProvider"])  # fmt: skip
+        outs = s.run(None, feeds)
+        return {o.name: v for o, v in zip(s.get_outputs(), outs)}
+
+
+def _read_ports(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
+    """The service's JSON ready line (tests/conftest.served_ready)."""
+    ready, buf = served_ready(proc, timeout)
+    assert ready is not None and ready.get("grpc_port"), buf.decode()
+    return ready
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    from keyserver import init_dir
+
+    d = tmp_path_factory.mktemp("oip")
+    init_dir(d / "ks", address="tcp://127.0.0.1:7700")
+    ks = KeyServerProcess(d / "ks", lease_ttl=2.0)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        ks.start()
+        pk = PublisherKey.load(ks.publisher_key_path)
+        pre, model, post = classifier_pipeline()
+        clf = seal(model, pre=pre, post=post, model_id="clf", signing_key=pk,
+                   output=d / "clf.vault", batchable=True)  # fmt: skip
+        types_model = all_types()
+        types = seal(types_model, model_id="types", signing_key=pk, output=d / "types.vault")
+        for r in (clf, types):
+            ks.register(r.model_id, r.key_id, r.key, r.digest)
+        device = ks.enroll(d / "device")
+        del device
+        svc_licences = []
+        for m in ("clf", "types"):
+            path = d / f"service-{m}.licence"
+            ks.issue(m, holder=f"service-{m}").save(path)
+            svc_licences += ["--licence", str(path)]
+        ca, cert, key = _cert_authority(d)
+        cmd = [sys.executable, "-m", "vault", "worker", "serve", str(clf.path), str(types.path),
+               *svc_licences, "--device", str(d / "device"), "--call-licences",
+               "--bind", "tcp://127.0.0.1:0", "--instances", "1", "--metrics-port", "0",
+               "--max-batch", "8",
+               "--http", "0", "--grpc", "0", "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
+        log = open(d / "service.log", "wb")  # noqa: SIM115 - the child holds it
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        log.close()
+        try:
+            lines = _read_ports(proc)
+        except AssertionError:
+            raise AssertionError((d / "service.log").read_text()[-4000:]) from None
+        http_port, grpc_port = int(lines["http_port"]), int(lines["grpc_port"])
+        metrics_port = int(lines["metrics_port"])
+        p = Plane(d, ks, proc, http_port, grpc_port, metrics_port, ca, [pre, model, post],
+                  types_model)  # fmt: skip
+        p.endpoint, p.server_key = lines["endpoint"], lines["server_key"]
+        p.issue("clf", "alice")
+        p.issue("types", "alice-types")
+        p.issue("clf", "bob")
+        yield p
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
+        ks.kill()
+
+
+def _serving(plane: Plane) -> None:
+    """The control after a refusal: a good call still gets the right answer."""
+    client, headers = plane.http(plane.token("alice", "clf"))
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE, binary_data=True)
+    res = client.infer("clf", [inp], headers=headers)
+    np.testing.assert_allclose(
+        res.as_numpy("probs"), plane.clf_reference(IMAGE)["probs"], rtol=1e-5
+    )
+    client.close()
+
+
+# --- tritonclient -------------------------------------------------------------------------
+
+
+def test_tritonclient_http_metadata_and_readiness(plane: Plane) -> None:
+    client, _ = plane.http()
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("clf")
+    assert client.is_model_ready("types", "1")
+    meta = client.get_server_metadata()
+    assert meta["name"] == "vault" and "binary_tensor_data" in meta["extensions"]
+    md = client.get_model_metadata("clf")
+    assert md["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 8]}]
+    assert {o["name"]: o["datatype"] for o in md["outputs"]} == {
+        "probs": "FP32", "top_values": "FP32", "top_indices": "INT64"}  # fmt: skip
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("nope")
+    assert (
+        err.value.status() == "404" or "404" in str(err.value) or "unknown_model" in str(err.value)
+    )
+    client.close()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_http_pipeline_equals_onnxruntime(plane: Plane, binary: bool) -> None:
+    client, headers = plane.http(plane.token("alice", "clf"))
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE, binary_data=binary)
+    outs = [tritonhttp.InferRequestedOutput(n, binary_data=binary)
+            for n in ("probs", "top_values", "top_indices")]  # fmt: skip
+    res = client.infer("clf", [inp], outputs=outs, headers=headers)
+    ref = plane.clf_reference(IMAGE)
+    np.testing.assert_allclose(res.as_numpy("probs"), ref["probs"], rtol=1e-5)
+    np.testing.assert_allclose(res.as_numpy("top_values"), ref["top_values"], rtol=1e-5)
+    assert res.as_numpy("top_indices").dtype == np.int64
+    np.testing.assert_array_equal(res.as_numpy("top_indices"), ref["top_indices"])
+    client.close()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_http_every_datatype(plane: Plane, binary: bool) -> None:
+    client, headers = plane.http(plane.token("alice-types", "types"))
+    feeds = _types_feeds()
+    inputs = []
+    for name in OIP_TYPES:
+        arr = feeds[f"in_{name.lower()}"]
+        inp = tritonhttp.InferInput(f"in_{name.lower()}", list(arr.shape), name)
+        inp.set_data_from_numpy(arr, binary_data=binary or name == "FP16")
+        inputs.append(inp)
+    res = client.infer("types", inputs, headers=headers,
+                       outputs=[tritonhttp.InferRequestedOutput(f"out_{n.lower()}", binary_data=binary)
+                                for n in OIP_TYPES] + [tritonhttp.InferRequestedOutput("is_hello")])  # fmt: skip
+    ref = plane.types_reference(feeds)
+    for name in OIP_TYPES:
+        got = res.as_numpy(f"out_{name.lower()}")
+        want = ref[f"out_{name.lower()}"]
+        if name == "BYTES":
+            assert [x.decode() if isinstance(x, bytes) else x for x in got.reshape(-1)] == list(
+                want.reshape(-1)
+            )
+        else:
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    np.testing.assert_array_equal(res.as_numpy("is_hello"), ref["is_hello"])
+    client.close()
+
+
+def test_tritonclient_grpc_metadata_and_every_datatype(plane: Plane) -> None:
+    client = plane.grpc()
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("types")
+    md = client.get_model_metadata("types", as_json=True)
+    assert {t["name"]: t["datatype"] for t in md["inputs"]} == {
+        f"in_{n.lower()}": n for n in OIP_TYPES}  # fmt: skip
+    feeds = _types_feeds()
+    inputs = []
+    for name in OIP_TYPES:
+        arr = feeds[f"in_{name.lower()}"]
+        inp = tritongrpc.InferInput(f"in_{name.lower()}", list(arr.shape), name)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    token = plane.token("alice-types", "types")
+    res = client.infer("types", inputs, headers={"authorization": f"Bearer {token}"})
+    ref = plane.types_reference(feeds)
+    for name in OIP_TYPES:
+        got, want = res.as_numpy(f"out_{name.lower()}"), ref[f"out_{name.lower()}"]
+        if name == "BYTES":
+            assert [x.decode() for x in got.reshape(-1)] == list(want.reshape(-1))
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    client.close()
+
+
+def test_tritonclient_grpc_pipeline(plane: Plane) -> None:
+    client = plane.grpc()
+    inp = tritongrpc.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    token = plane.token("alice", "clf")
+    res = client.infer("clf", [inp], headers={"authorization": f"Bearer {token}"},
+                       outputs=[tritongrpc.InferRequestedOutput("top_indices")])  # fmt: skip
+    np.testing.assert_array_equal(res.as_numpy("top_indices"),
+                                  plane.clf_reference(IMAGE)["top_indices"])  # fmt: skip
+    assert res.as_numpy("probs") is None  # only what was asked
+    client.close()
+
+
+def test_calls_from_every_door_are_batched_together_and_split_exactly(plane: Plane) -> None:
+    """REST, gRPC and ZeroMQ callers queue on one model: the loop joins their
+    rows into one batch (--max-batch 8) and each gets its own rows back."""
+    import threading
+
+    import vault
+
+    zmq_model = vault.connect(plane.endpoint, licence=plane.licences["alice"],
+                              server_key=plane.server_key, model="clf")  # fmt: skip
+    token = plane.token("alice", "clf")
+    wrong: list[str] = []
+
+    def one(i: int) -> None:
+        img = (np.arange(16, dtype=np.uint8).reshape(2, 8) * (i + 1)) % 251
+        want = plane.clf_reference(img)["probs"]
+        if i % 3 == 0:
+            client, headers = plane.http(token)
+            x = tritonhttp.InferInput("image", [2, 8], "UINT8")
+            x.set_data_from_numpy(img, binary_data=True)
+            got = client.infer("clf", [x], headers=headers).as_numpy("probs")
+            client.close()
+        elif i % 3 == 1:
+            g = plane.grpc()
+            y = tritongrpc.InferInput("image", [2, 8], "UINT8")
+            y.set_data_from_numpy(img)
+            got = g.infer("clf", [y], headers={"authorization": f"Bearer {token}"}).as_numpy(
+                "probs"
+            )
+            g.close()
+        else:
+            got = zmq_model.compute({"image": img})["probs"]
+        if not np.allclose(got, want, rtol=1e-5):
+            wrong.append(f"caller {i}")
+
+    def batched() -> float:
+        rows = [ln for ln in plane.metrics().splitlines()
+                if ln.startswith('vault_batch_size_bucket{le="2.0",model="clf"}')
+                or ln.startswith('vault_batch_size_count{model="clf"}')]  # fmt: skip
+        counts = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in rows}
+        return counts["vault_batch_size_count"] - counts["vault_batch_size_bucket"]
+
+    before = batched()
+    try:
+        for _ in range(50):  # until the loop has joined calls (a state, not a time)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if batched() > before:
+                break
+    finally:
+        zmq_model.close()
+    assert not wrong, wrong
+    assert batched() > before  # some worker call carried more than one caller's 2 rows
+
+
+# --- refusals, as each client sees them ----------------------------------------------------
+
+
+def _http_refusal(plane: Plane, token: str | None, model: str = "clf",
+                  output: str | None = None, image: np.ndarray = IMAGE) -> InferenceServerException:  # fmt: skip
+    client, headers = plane.http(token)
+    inp = tritonhttp.InferInput("image", list(image.shape), "UINT8")
+    inp.set_data_from_numpy(image)
+    outs = [tritonhttp.InferRequestedOutput(output)] if output else None
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, [inp], outputs=outs, headers=headers)
+    client.close()
+    return err.value
+
+
+def _grpc_refusal(plane: Plane, token: str | None, model: str = "clf",
+                  output: str | None = None) -> InferenceServerException:  # fmt: skip
+    client = plane.grpc()
+    inp = tritongrpc.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    outs = [tritongrpc.InferRequestedOutput(output)] if output else None
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, [inp], outputs=outs, headers=headers)
+    client.close()
+    return err.value
+
+
+def test_refusals_no_token_bad_token_another_licence(plane: Plane) -> None:
+    # no token, a malformed one
+    for tok in (None, "vault1.garbage.garbage"):
+        e = _http_refusal(plane, tok)
+        assert e.status() == "401" and "[token_invalid]" in e.message(), e
+        g = _grpc_refusal(plane, tok)
+        assert g.status() == "StatusCode.UNAUTHENTICATED" and "[token_invalid]" in g.message()
+    # a token that names bob's licence but is signed with alice's key (forged)
+    alice, bob = plane.licences["alice"], plane.licences["bob"]
+    forged = Licence.from_json({**alice.to_json(), "licence_id": bob.licence_id,
+                                "client": {"public_key": bob.client_public_key,
+                                           "secret_key": alice.client_secret_key}})  # fmt: skip
+    bad = mint_token(forged, models=["clf"])
+    assert _http_refusal(plane, bad).status() == "401"
+    assert _grpc_refusal(plane, bad).status() == "StatusCode.UNAUTHENTICATED"
+    # the control: bob's own token, minted with bob's key, works
+    client, headers = plane.http(plane.token("bob", "clf"))
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    assert client.infer("clf", [inp], headers=headers).as_numpy("probs").shape == (2, 5)
+    client.close()
+    # a token of alice's clf licence for the other model: 403 wrong model
+    alice_tok_for_types = mint_token(alice, models=["clf"])
+    e = _http_refusal(plane, alice_tok_for_types, model="types")
+    assert e.status() in ("400", "403"), e  # inputs differ: either refusal is fine
+    _serving(plane)
+
+
+def test_refusal_wrong_model_and_unknown_model(plane: Plane) -> None:
+    lic = plane.issue("types", "carol")  # a licence for `types` only
+    tok = mint_token(lic, models=["types"])
+    e = _http_refusal(plane, tok, model="clf")  # token not for clf
+    assert e.status() == "403" and "[wrong_model]" in e.message()
+    g = _grpc_refusal(plane, tok, model="clf")
+    assert g.status() == "StatusCode.PERMISSION_DENIED"
+    e = _http_refusal(plane, plane.token("alice", "clf"), model="nope")
+    assert e.status() == "404" and "[unknown_model]" in e.message()
+    assert (
+        _grpc_refusal(plane, plane.token("alice", "clf"), model="nope").status()
+        == "StatusCode.NOT_FOUND"
+    )
+    _serving(plane)
+
+
+def test_refusal_expired_token(plane: Plane) -> None:
+    old = mint_token(plane.licences["alice"], models=["clf"], expires=60, now=time.time() - 120)
+    e = _http_refusal(plane, old)
+    assert e.status() == "401" and "[token_expired]" in e.message()
+    assert _grpc_refusal(plane, old).status() == "StatusCode.UNAUTHENTICATED"
+    _serving(plane)
+
+
+def test_refusal_undeclared_output_and_malformed_tensor(plane: Plane) -> None:
+    tok = plane.token("alice", "clf")
+    e = _http_refusal(plane, tok, output="secret_relu")  # an internal tensor of the model
+    assert e.status() == "400" and "[bad_input]" in e.message()
+    g = _grpc_refusal(plane, tok, output="h2")
+    assert g.status() == "StatusCode.INVALID_ARGUMENT" and "[bad_input]" in g.message()
+    e = _http_refusal(plane, tok, image=np.zeros((2, 3), np.uint8))  # declared [N, 8]
+    assert e.status() == "400" and "[bad_input]" in e.message()
+    _serving(plane)
+    # logged as a ZeroMQ call is: one JSON line, the licence and the code, no tensor, no node
+    alice = plane.licences["alice"].licence_id
+    calls = [json.loads(line) for line in (plane.dir / "service.log").read_text().splitlines()
+             if '"event":"call"' in line]  # fmt: skip
+    assert any(c["licence"] == alice and c["code"] == "bad_input" for c in calls)
+    assert "secret_relu" not in (plane.dir / "service.log").read_text()
+
+
+def test_token_budget_and_licence_quota(plane: Plane) -> None:
+    tok = plane.token("alice", "clf", max_calls=2)
+    client, headers = plane.http(tok)
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    client.infer("clf", [inp], headers=headers)  # REST: 1
+    g = plane.grpc()
+    ginp = tritongrpc.InferInput("image", list(IMAGE.shape), "UINT8")
+    ginp.set_data_from_numpy(IMAGE)
+    g.infer("clf", [ginp], headers={"authorization": f"Bearer {tok}"})  # gRPC: 2, same budget
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("clf", [inp], headers=headers)
+    assert err.value.status() == "429" and "[token_spent]" in err.value.message()
+    with pytest.raises(InferenceServerException) as gerr:
+        g.infer("clf", [ginp], headers={"authorization": f"Bearer {tok}"})
+    assert gerr.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    client.close()
+    g.close()
+    # the licence's own quota, across tokens
+    lic = plane.issue("clf", "dave", max_calls=3)
+    for _ in range(3):
+        client, headers = plane.http(mint_token(lic, models=["clf"]))
+        client.infer("clf", [inp], headers=headers)
+        client.close()
+    e = _http_refusal(plane, mint_token(lic, models=["clf"]))
+    assert e.status() == "429" and "[quota_exhausted]" in e.message()
+    # metered under the licence, per licence, as a ZeroMQ caller
+    text = plane.metrics()
+    line = [ln for ln in text.splitlines() if ln.startswith("vault_requests_total")
+            and f'licence="{lic.licence_id}"' in ln and 'outcome="success"' in ln]  # fmt: skip
+    assert line and float(line[0].rsplit(" ", 1)[1]) == 3.0, line
+    _serving(plane)
+
+
+def test_rate_limit_is_429_with_retry_after(plane: Plane) -> None:
+    import http.client
+
+    lic = plane.issue("clf", "frank", rate_limit=1.0)
+    body = json.dumps({"inputs": [{"name": "image", "shape": [2, 8], "datatype": "UINT8",
+                                   "data": IMAGE.reshape(-1).tolist()}]})  # fmt: skip
+    headers = {"Authorization": f"Bearer {mint_token(lic, models=['clf'])}",
+               "Content-Type": "application/json"}  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    conn = http.client.HTTPSConnection("localhost", plane.http_port, context=ctx, timeout=60)
+    ok = 0
+    try:
+        for _ in range(500):  # one connection, back to back: the bucket empties (a state)
+            conn.request("POST", "/v2/models/clf/infer", body, headers)
+            r = conn.getresponse()
+            data = r.read()
+            if r.status == 200:
+                ok += 1
+                continue
+            assert r.status == 429, data
+            assert json.loads(data)["code"] == "rate_limited"
+            assert r.getheader("Retry-After") == "1"
+            break
+        else:
+            pytest.fail("500 calls at once were never limited to 1/s")
+    finally:
+        conn.close()
+    assert ok >= 1  # the first calls of the burst were served
+    _serving(plane)
+
+
+def test_refusal_revoked_licence_within_one_lease(plane: Plane) -> None:
+    lic = plane.issue("clf", "erin")
+    tok = mint_token(lic, models=["clf"])
+    client, headers = plane.http(tok)
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    client.infer("clf", [inp], headers=headers)
+    with plane.ks.admin() as ks:
+        ks.revoke(lic.licence_id)
+    # the service uses a decision for at most one lease: wait for the state, not a time
+    for _ in range(2400):  # bounded: a service that never stops the caller fails here
+        try:
+            client.infer("clf", [inp], headers=headers)
+        except InferenceServerException as exc:
+            assert exc.status() == "403" and "[licence_revoked]" in exc.message(), exc
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the revoked licence's token was still served")
+    assert _grpc_refusal(plane, tok).status() == "StatusCode.PERMISSION_DENIED"
+    client.close()
+    _serving(plane)
+
+
+# --- curl ----------------------------------------------------------------------------------
+
+
+def _curl(plane: Plane, *args: str) -> tuple[int, bytes, dict[str, str]]:
+    require(shutil.which("curl") is not None, "curl (apt-get install curl)")
+    out = subprocess.run(["curl", "-sS", "--cacert", str(plane.ca), "-D", "-", *args],
+                         capture_output=True, check=True, timeout=60)  # fmt: skip
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+    return status, body, headers
+
+
+def test_curl_json_and_binary(plane: Plane) -> None:
+    base = f"https://localhost:{plane.http_port}"
+    status, body, _ = _curl(plane, f"{base}/v2/health/ready")
+    assert status == 200 and json.loads(body) == {"ready": True}
+    tok = plane.token("alice", "clf")
+    req = {"inputs": [{"name": "image", "shape": [2, 8], "datatype": "UINT8",
+                       "data": IMAGE.tolist()}]}  # fmt: skip
+    status, body, _ = _curl(plane, "-H", f"Authorization: Bearer {tok}", "-H",
+                            "Content-Type: application/json", "-d", json.dumps(req),
+                            f"{base}/v2/models/clf/infer")  # fmt: skip
+    assert status == 200, body
+    outs = {o["name"]: o for o in json.loads(body)["outputs"]}
+    ref = plane.clf_reference(IMAGE)
+    np.testing.assert_allclose(
+        np.array(outs["probs"]["data"]).reshape(2, 5), ref["probs"], rtol=1e-5
+    )
+    # binary: the JSON header, then the raw bytes; the answer binary too
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [2, 8],
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": IMAGE.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body_file = plane.dir / "binary-request"
+    body_file.write_bytes(head + IMAGE.tobytes())
+    status, body, headers = _curl(
+        plane, "-H", f"Authorization: Bearer {tok}", "-H", f"Inference-Header-Content-Length: {len(head)}",
+        "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{body_file}",
+        f"{base}/v2/models/clf/versions/1/infer")  # fmt: skip
+    assert status == 200, body
+    n = int(headers["inference-header-content-length"])
+    meta = json.loads(body[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 40
+    np.testing.assert_allclose(
+        np.frombuffer(body[n:], np.float32).reshape(2, 5), ref["probs"], rtol=1e-5
+    )
+    # refusals as curl sees them: status and the vault's code in the body
+    status, body, headers = _curl(plane, "-d", json.dumps(req), f"{base}/v2/models/clf/infer")
+    assert status == 401 and json.loads(body)["code"] == "token_invalid"
+    bad = {"inputs": [{"name": "image", "shape": [2, 8], "datatype": "UINT8", "data": [1, 2, 3]}]}
+    status, body, _ = _curl(plane, "-H", f"Authorization: Bearer {tok}", "-d", json.dumps(bad),
+                            f"{base}/v2/models/clf/infer")  # fmt: skip
+    assert status == 400 and json.loads(body)["code"] == "bad_input"
+    _serving(plane)
+
+
+# --- KServe's clients, and stubs generated from the proto (other processes: each of
+# tritonclient, kserve and generated code registers inference.* protobuf names) ----------
+
+
+def _run_client(plane: Plane, script: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
+                         capture_output=True, timeout=120, cwd=plane.dir)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+KSERVE = """
+import asyncio, json, sys, numpy as np
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+http, grpc_url, ca, token, bad = sys.argv[1:6]
+image = np.arange(16, dtype=np.uint8).reshape(2, 8) * 15
+
+async def main():
+    out = {}
+    rest = InferenceRESTClient(RESTConfig(protocol="v2", verify=ca))
+    inp = InferInput("image", [2, 8], "UINT8")
+    inp.set_data_from_numpy(image, binary_data=False)
+    req = InferRequest(model_name="clf", infer_inputs=[inp], request_id="r1")
+    res = await rest.infer(http, req, model_name="clf", headers={"Authorization": "Bearer " + token})
+    out["rest_probs"] = res.outputs[0].as_numpy().tolist() if res.outputs[0].name == "probs" else \
+        [o for o in res.outputs if o.name == "probs"][0].as_numpy().tolist()
+    out["rest_ready"] = await rest.is_server_ready(http)
+    try:
+        await rest.infer(http, req, model_name="clf", headers={"Authorization": "Bearer " + bad})
+        out["rest_refused"] = None
+    except Exception as exc:
+        out["rest_refused"] = type(exc).__name__ + ": " + str(exc)
+    await rest.close()
+    g = InferenceGRPCClient(grpc_url, use_ssl=True, root_certificates=ca)
+    ginp = InferInput("image", [2, 8], "UINT8")
+    ginp.set_data_from_numpy(image)
+    greq = InferRequest(model_name="clf", infer_inputs=[ginp], request_id="g1")
+    gres = await g.infer(greq, headers=(("authorization", "Bearer " + token),))
+    out["grpc_probs"] = [o for o in gres.outputs if o.name == "probs"][0].as_numpy().tolist()
+    try:
+        await g.infer(greq, headers=(("authorization", "Bearer " + bad),))
+        out["grpc_refused"] = None
+    except Exception as exc:
+        out["grpc_refused"] = str(getattr(exc, "code", lambda: "")()) + " " + str(exc)
+    await g.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_kserve_clients(plane: Plane) -> None:
+    import importlib.util
+
+    # not imported here: kserve and tritonclient.grpc cannot share a process
+    require(importlib.util.find_spec("kserve") is not None, "kserve (pip install -e '.[test]')")
+    out = _run_client(plane, KSERVE, f"https://localhost:{plane.http_port}", plane.grpc_url,
+                      str(plane.ca), plane.token("alice", "clf"), "vault1.x.y")  # fmt: skip
+    ref = plane.clf_reference(IMAGE)["probs"]
+    np.testing.assert_allclose(np.array(out["rest_probs"]), ref, rtol=1e-5)
+    np.testing.assert_allclose(np.array(out["grpc_probs"]), ref, rtol=1e-5)
+    assert out["rest_ready"] is True
+    assert "401" in out["rest_refused"] and "token_invalid" in out["rest_refused"]
+    assert "UNAUTHENTICATED" in out["grpc_refused"]
+
+
+STUBS = """
+import json, sys, numpy as np, grpc
+sys.path.insert(0, sys.argv[1])
+import inference_pb2 as pb, inference_pb2_grpc as pbg
+target, ca, token = sys.argv[2:5]
+creds = grpc.ssl_channel_credentials(open(ca, "rb").read())
+out = {}
+with grpc.secure_channel(target, creds) as ch:
+    stub = pbg.GRPCInferenceServiceStub(ch)
+    out["live"] = stub.ServerLive(pb.ServerLiveRequest()).live
+    out["ready"] = stub.ModelReady(pb.ModelReadyRequest(name="clf")).ready
+    md = stub.ModelMetadata(pb.ModelMetadataRequest(name="clf"))
+    out["inputs"] = [(t.name, t.datatype, list(t.shape)) for t in md.inputs]
+    image = np.arange(16, dtype=np.uint8).reshape(2, 8) * 15
+    req = pb.ModelInferRequest(model_name="clf")
+    t = req.inputs.add(name="image", datatype="UINT8", shape=[2, 8])
+    t.contents.uint_contents.extend(image.reshape(-1).tolist())   # typed contents, not raw
+    req.outputs.add(name="top_indices")
+    res = stub.ModelInfer(req, metadata=[("authorization", "Bearer " + token)])
+    o = res.outputs[0]
+    out["top"] = [o.name, o.datatype, list(o.shape),
+                  np.frombuffer(res.raw_output_contents[0], np.int64).tolist()]
+    try:
+        stub.ModelInfer(req)
+    except grpc.RpcError as exc:
+        out["refused"] = [str(exc.code()), exc.details(), dict(exc.trailing_metadata())]
+print(json.dumps(out))
+"""
+
+
+def test_generated_grpc_stubs(plane: Plane) -> None:
+    protoc = pytest.importorskip("grpc_tools.protoc")
+
+    gen = plane.dir / "stubs"
+    gen.mkdir(exist_ok=True)
+    proto_dir = ROOT / "worker" / "service" / "oip"
+    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={gen}", f"--grpc_python_out={gen}",
+                      str(proto_dir / "inference.proto")])  # fmt: skip
+    assert rc == 0
+    out = _run_client(plane, STUBS, str(gen), plane.grpc_url, str(plane.ca),
+                      plane.token("alice", "clf"))  # fmt: skip
+    assert out["live"] and out["ready"]
+    assert out["inputs"] == [["image", "UINT8", [-1, 8]]]
+    ref = plane.clf_reference(IMAGE)["top_indices"]
+    assert out["top"] == ["top_indices", "INT64", [2, 3], ref.reshape(-1).tolist()]
+    code, details, trailing = out["refused"]
+    assert code == "StatusCode.UNAUTHENTICATED" and details.startswith("[token_invalid]")
+    assert trailing["vault-error-code"] == "token_invalid"
+
+
+# --- TLS and plain text ---------------------------------------------------------------------
+
+
+def test_tls_is_required_by_clients_and_plaintext_is_refused(plane: Plane) -> None:
+    # a client that does not trust the certificate authority is refused by TLS
+    ctx = ssl.create_default_context()
+    with pytest.raises(urllib.error.URLError) as err:
+        urllib.request.urlopen(f"https://localhost:{plane.http_port}/v2/health/live", context=ctx)
+    assert isinstance(err.value.reason, ssl.SSLCertVerificationError)
+    # the door speaks only TLS: plain HTTP gets no answer
+    with pytest.raises(Exception):  # noqa: B017 - a reset or a bad status line
+        urllib.request.urlopen(f"http://127.0.0.1:{plane.http_port}/v2/health/live", timeout=10)
+    # the control: trusting the CA, it answers
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    with urllib.request.urlopen(
+        f"https://localhost:{plane.http_port}/v2/health/live", context=ctx
+    ) as r:
+        assert json.loads(r.read()) == {"live": True}
+
+
+def test_plaintext_off_loopback_is_refused_at_start(plane: Plane) -> None:
+    args = [sys.executable, "-m", "vault", "worker", "serve", str(plane.dir / "clf.vault"),
+            "--licence", str(plane.dir / "service-clf.licence"), "--device", str(plane.dir / "device"),
+            "--call-licences", "--bind", "ipc://" + str(plane.dir / "never.sock"), "--http", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([*args, "--oip-host", "0.0.0.0"], capture_output=True, timeout=60, env=env)
+    assert out.returncode != 0
+    assert b"in the clear" in out.stderr and b"--dangerously-serve-plaintext" in out.stderr
+    assert not (plane.dir / "never.sock").exists()  # refused before anything was bound
+
+
+# --- docs/protocol.md's examples, exactly as written ---------------------------------------
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    examples = text.split("## Examples", 1)[1].split("\n## ", 1)[0]
+    return [b.split("```", 1)[0] for b in examples.split(f"```{lang}\n")[1:]]
+
+
+def test_the_documented_examples_run_as_written(plane: Plane) -> None:
+    require(shutil.which("curl") is not None, "curl (apt-get install curl)")
+    work = plane.dir / "docs"
+    work.mkdir(exist_ok=True)
+    plane.licences["alice"].save(work / "shop.licence")
+    shutil.copy(plane.ca, work / "ca.pem")
+    (work / "request.json").write_text(json.dumps(
+        {"inputs": [{"name": "image", "shape": [2, 8], "datatype": "UINT8", "data": IMAGE.tolist()}]}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VAULT_HTTP": plane.http_url,
+           "VAULT_GRPC": plane.grpc_url,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    (bash,) = _doc_blocks("bash")
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", bash], cwd=work, env=env,
+                         capture_output=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()
+    text, answers, dec = out.stdout.decode(), [], json.JSONDecoder()
+    at = text.find("{")
+    while at >= 0:  # curl prints each JSON answer without a newline after it
+        obj, end = dec.raw_decode(text, at)
+        answers.append(obj)
+        at = text.find("{", end)
+    assert {o["name"] for o in answers[-2]["outputs"]} == {"probs", "top_values", "top_indices"}
+    assert answers[-1]["inputs"][0]["name"] == "image"
+    (py,) = _doc_blocks("python")
+    out = subprocess.run([sys.executable, "-c", py], cwd=work, env=env, capture_output=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()
+    ref = plane.clf_reference(np.arange(16, dtype=np.uint8).reshape(2, 8))
+    assert str(ref["top_indices"]) in out.stdout.decode()

@@ -1,0 +1,96 @@
+"""Bearer tokens minted from a call licence: what verifies and what does not."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+import vault
+from vault.core.crypto import PublisherKey
+from vault.core.errors import ConfigError, TokenError, TokenExpiredError
+from vault.core.licence import Licence
+from vault.core.token import MAX_LIFETIME, mint_token, parse_token
+
+
+def _licence(lid: str = "lic-a", *, kind: str = "call", model: str | None = "m") -> Licence:
+    proof = PublisherKey.generate()
+    return Licence(licence_id=lid, holder="shop", keyserver_address="tcp://127.0.0.1:1",
+                   keyserver_public_key="k" * 40, client_public_key=(lid[-1] * 40),
+                   client_secret_key="s" * 40, model_id=model, kind=kind,
+                   proof_key=base64.b64encode(proof.export_private_raw()).decode())  # fmt: skip
+
+
+def test_a_token_verifies_against_its_licence_proof_key_only() -> None:
+    a, b = _licence("lic-a"), _licence("lic-b")
+    tok = parse_token(vault.mint_token(a, models=["m"], expires=60, max_calls=5))
+    assert (tok.licence_id, tok.licence_key, tok.models, tok.max_calls) == (
+        "lic-a",
+        a.client_public_key,
+        ("m",),
+        5,
+    )
+    tok.verify(a.proof_public_key, licence_id="lic-a")
+    with pytest.raises(TokenError):  # another licence's key: the control above passes
+        tok.verify(b.proof_public_key)
+    with pytest.raises(TokenError):  # right key, but the service's decision is another licence's
+        tok.verify(a.proof_public_key, licence_id="lic-b")
+    assert "vault1." not in repr(tok)  # the text is a credential: never in a repr
+
+
+def test_a_changed_payload_is_refused() -> None:
+    a = _licence()
+    text = mint_token(a, models=["m"], expires=60, max_calls=1)
+    prefix, payload, sig = text.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    body["max_calls"] = 1000  # more calls than minted
+    forged = base64.urlsafe_b64encode(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    )
+    tok = parse_token(f"{prefix}.{forged.decode().rstrip('=')}.{sig}")
+    with pytest.raises(TokenError):
+        tok.verify(a.proof_public_key)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "vault1",
+        "vault1.a.b",
+        "vault2.e30.AAAA",
+        "x" * 5000,
+        "vault1." + base64.urlsafe_b64encode(b"[]").decode() + "." + "A" * 86,
+    ],
+)
+def test_malformed_tokens_are_one_opaque_error(text: object) -> None:
+    with pytest.raises(TokenError) as err:
+        parse_token(text)
+    assert type(err.value) is TokenError
+
+
+def test_expiry_and_lifetime() -> None:
+    a = _licence()
+    now = time.time()
+    tok = parse_token(mint_token(a, models=["m"], expires=10, now=now))
+    assert tok.expires_at == now + 10
+    tok.check_time(now + 9.999)
+    with pytest.raises(TokenExpiredError):
+        tok.check_time(now + 10)
+    with pytest.raises(TokenError):  # issued in the future (beyond clock skew)
+        tok.check_time(now - 3600)
+    with pytest.raises(ConfigError):
+        mint_token(a, models=["m"], expires=MAX_LIFETIME + 1)
+
+
+def test_only_a_call_licence_for_its_own_model_mints() -> None:
+    with pytest.raises(ConfigError):
+        mint_token(_licence(kind="runtime"), models=["m"])
+    with pytest.raises(ConfigError):
+        mint_token(_licence(model="m"), models=["other"])
+    with pytest.raises(ConfigError):
+        mint_token(_licence(), models=["m"], max_calls=0)
+    assert parse_token(mint_token(_licence(model=None), models=["x", "y"])).models == ("x", "y")

@@ -1,0 +1,260 @@
+"""What the REST and gRPC doors share: the data plane they open onto, and
+one mapping from the vault's typed errors to the protocol's status codes.
+
+A door converts the protocol's request into the vault's tensor frames,
+parses the bearer token, and posts an :class:`~worker.service.service.EdgeCall`
+into the service's loop (:meth:`DataPlane.infer`); the loop routes, admits
+(licence, quota, rate, revocation, the token's own budget), batches, meters,
+logs and answers it exactly as a ZeroMQ call, and the door converts the
+answer back. Nothing about a call's policy is decided in a door.
+
+=====================================  ======  ===================
+vault error (code)                     HTTP    gRPC
+=====================================  ======  ===================
+token_invalid, token_expired,          401     UNAUTHENTICATED
+licence_unknown
+licence_revoked, licence_expired,      403     PERMISSION_DENIED
+wrong_model, permission_denied, ...
+quota_exhausted, token_spent,          429     RESOURCE_EXHAUSTED
+rate_limited (with Retry-After, seconds rounded up)
+bad_input, protocol                    400     INVALID_ARGUMENT
+unknown_model                          404     NOT_FOUND
+unavailable, worker_crashed,           503     UNAVAILABLE
+keyserver, keyserver_unavailable
+timeout                                504     DEADLINE_EXCEEDED
+compute and anything else              500     INTERNAL
+=====================================  ======  ===================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grpc
+
+from vault.core.errors import (
+    ConfigError,
+    InputError,
+    KeyServerError,
+    LicenceError,
+    ProtocolError,
+    QuotaExhaustedError,
+    RateLimitedError,
+    ServiceUnavailableError,
+    TokenError,
+    UnknownLicenceError,
+    UnknownModelError,
+    VaultError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+    from_wire,
+)
+from vault.core.protocol import SUPPORTED_DTYPES
+from vault.core.token import Token, parse_token
+
+from ..service import EdgeCall
+from .tensors import VAULT_TO_OIP
+
+__all__ = ["DataPlane", "Plane", "grpc_status", "http_status", "retry_after"]
+
+SERVER_NAME = "vault"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vault-sandbox")
+    except PackageNotFoundError:  # pragma: no cover - a source tree not installed
+        return "0"
+
+
+EXTENSIONS = ["binary_tensor_data"]
+
+
+class Plane(Protocol):
+    """The service as a door sees it (:class:`~worker.service.WorkerService`)."""
+
+    def submit(self, call: EdgeCall) -> None: ...
+
+    def live(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    def model_ready(self, model: str, version: str | None = None) -> bool: ...
+
+    def model_info(self, model: str) -> dict[str, Any] | None: ...
+
+
+def http_status(exc: VaultError) -> int:
+    if isinstance(exc, (TokenError, UnknownLicenceError)):
+        return 401
+    if isinstance(exc, (QuotaExhaustedError, RateLimitedError)):
+        return 429
+    if isinstance(exc, LicenceError):
+        return 403
+    if isinstance(exc, UnknownModelError):
+        return 404
+    if isinstance(exc, (InputError, ProtocolError, ConfigError)):
+        return 400
+    if isinstance(exc, (ServiceUnavailableError, WorkerCrashedError, KeyServerError)):
+        return 503
+    if isinstance(exc, WorkerTimeoutError):
+        return 504
+    return 500
+
+
+_GRPC = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    500: grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_status(exc: VaultError) -> grpc.StatusCode:
+    return _GRPC[http_status(exc)]
+
+
+def retry_after(exc: VaultError) -> int | None:
+    """Whole seconds a refused caller should wait (the rate limit's refill,
+    rounded up, at least 1), or None."""
+    if not isinstance(exc, RateLimitedError):
+        return None
+    wait = getattr(exc, "retry_after", None)
+    return max(1, math.ceil(wait)) if isinstance(wait, (int, float)) and wait > 0 else 1
+
+
+def error_text(exc: VaultError) -> str:
+    """The message a client shows: the vault's code first, then its text."""
+    return f"[{exc.code}] {exc.message}"
+
+
+def bearer(value: str | None) -> Token:
+    """The token of an ``Authorization: Bearer ...`` value (TokenError if none)."""
+    if not value:
+        raise TokenError("no bearer token: send Authorization: Bearer TOKEN")
+    scheme, _, text = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not text.strip():
+        raise TokenError("no bearer token: send Authorization: Bearer TOKEN")
+    return parse_token(text.strip())
+
+
+def _meta_shape(shape: Any) -> list[int]:
+    return [d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else -1
+            for d in (shape or [])]  # fmt: skip
+
+
+def tensor_meta(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The declared tensors the protocol can carry, as model metadata lists them."""
+    out = []
+    for s in specs:
+        dt = str(s.get("dtype"))
+        if dt in SUPPORTED_DTYPES and dt in VAULT_TO_OIP:
+            out.append({"name": s["name"], "datatype": VAULT_TO_OIP[dt],
+                        "shape": _meta_shape(s.get("shape"))})  # fmt: skip
+    return out
+
+
+class DataPlane:
+    """One door's handle on the service (see the module docstring)."""
+
+    def __init__(self, service: Plane) -> None:
+        self.service = service
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": _version(), "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        info = self.service.model_info(model)
+        if info is None or version not in (None, "", "1"):
+            raise UnknownModelError(
+                f"no model {model!r} (version {version or 'any'}) is served here"
+            )
+        return {
+            "name": model,
+            "versions": ["1"],
+            "platform": "vault",
+            "inputs": tensor_meta(info.get("inputs") or []),
+            "outputs": tensor_meta(info.get("outputs") or []),
+        }
+
+    def default_outputs(self, model: str) -> list[str] | None:
+        """Every declared output the protocol can carry (a sequence or map
+        output is left out: the protocol has no way to send it)."""
+        info = self.service.model_info(model)
+        if info is None:
+            return None
+        return [t["name"] for t in tensor_meta(info.get("outputs") or [])]
+
+    def _check_outputs(self, model: str, outputs: list[str]) -> None:
+        """A declared output the protocol cannot carry (a sequence, a map) is
+        refused before the call runs, so no call is billed and then not
+        delivered; an unknown name is the worker's to refuse (not billed)."""
+        info = self.service.model_info(model) or {}
+        carried = {t["name"] for t in tensor_meta(info.get("outputs") or [])}
+        for spec in info.get("outputs") or []:
+            if spec.get("name") in outputs and spec["name"] not in carried:
+                raise InputError(f"output {spec['name']!r} is a {spec.get('dtype')}, which the "
+                                 "Open Inference Protocol cannot carry")  # fmt: skip
+
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        token: Token,
+        tensors: list[dict[str, Any]],
+        frames: list[Any],
+        outputs: list[str] | None,
+        timeout: float | None = None,
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Post one call into the loop and wait for its answer: the output
+        descriptors and frames, or the typed error the loop answered."""
+        if version not in (None, "", "1"):
+            raise UnknownModelError(f"model {model!r} has no version {version!r} (only 1)")
+        if outputs is None:
+            outputs = self.default_outputs(model)
+        else:
+            self._check_outputs(model, outputs)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[dict[str, Any], Sequence[Any]]] = loop.create_future()
+
+        def reply(header: dict[str, Any], out: Sequence[Any]) -> None:  # the loop's thread
+            try:
+                loop.call_soon_threadsafe(_settle, fut, header, out)
+            except RuntimeError:  # this door's loop has closed: nobody waits any more
+                pass
+
+        self.service.submit(EdgeCall(model, token, tensors, frames, outputs, reply, timeout))
+        header, out = await fut
+        return _result(header, out)
+
+
+def _result(header: dict[str, Any], out: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    if not header.get("ok"):
+        raise from_wire(header.get("error"))
+    descs = header.get("tensors")
+    if not isinstance(descs, list) or len(descs) != len(out):
+        raise WorkerCrashedError("the worker's answer was malformed")
+    return descs, [f.buffer if hasattr(f, "buffer") else f for f in out]
+
+
+def _settle(fut: asyncio.Future[Any], header: dict[str, Any], out: Sequence[Any]) -> None:
+    if not fut.done():
+        fut.set_result((header, out))
+
+
+def timeout_of(value: Any) -> float | None:
+    """A client's own timeout, in seconds, if it sent a sane one."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        return None
+    return t if math.isfinite(t) and t > 0 else None

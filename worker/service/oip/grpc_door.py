@@ -1,0 +1,148 @@
+"""The Open Inference Protocol's gRPC door: ``inference.GRPCInferenceService``
+(the messages of :file:`inference.proto`), on a ``grpc.aio`` server (see
+:mod:`.server`).
+
+Each RPC converts protobuf to the data plane's types and back; ``ModelInfer``
+takes typed ``contents`` or ``raw_input_contents`` and answers with
+``raw_output_contents`` (as Triton does). The bearer token travels as the
+``authorization`` metadata (``Bearer TOKEN``). A refusal is the status of
+:func:`.door.grpc_status` with ``[code] message`` as details and the vault's
+code in the trailing metadata ``vault-error-code`` (and ``retry-after`` when
+the rate limit refused it).
+
+Example::
+
+    servicer = InferenceServicer(DataPlane(service))
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from vault.core.errors import InputError, UnknownModelError, VaultError
+
+from . import inference_pb2 as _pb
+from . import tensors as T
+from .door import DataPlane, bearer, error_text, grpc_status, retry_after, timeout_of
+
+__all__ = ["InferenceServicer"]
+
+pb: Any = _pb  # generated code: untyped
+
+# InferTensorContents field that holds each datatype's typed elements
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "FP16": "fp32_contents",  # not in the protocol's table; taken as fp32 values
+    "BYTES": "bytes_contents",
+}
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: VaultError) -> None:
+    meta: list[tuple[str, str]] = [("vault-error-code", exc.code)]
+    wait = retry_after(exc)
+    if wait is not None:
+        meta.append(("retry-after", str(wait)))
+    context.set_trailing_metadata(tuple(meta))
+    await context.abort(grpc_status(exc), error_text(exc))
+
+
+def _token(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    value = None
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization":
+            value = v if isinstance(v, str) else bytes(v).decode("latin-1")
+    return bearer(value)
+
+
+class InferenceServicer:
+    """See the module docstring."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.ServerLiveResponse(live=self.plane.service.live())
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.plane.service.ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        svc = self.plane.service
+        if svc.model_info(request.name) is None:
+            await _abort(context, UnknownModelError(f"no model {request.name!r} is served here"))
+        return pb.ModelReadyResponse(ready=svc.model_ready(request.name, request.version or None))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.ServerMetadataResponse(**self.plane.server_metadata())
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            md = self.plane.model_metadata(request.name, request.version or None)
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise  # abort raised already; for the type checker
+        return pb.ModelMetadataResponse(
+            name=md["name"], versions=md["versions"], platform=md["platform"],
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in md["inputs"]],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in md["outputs"]],
+        )  # fmt: skip
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            token = _token(context)
+            descs, frames = _inputs(request)
+            outputs = [o.name for o in request.outputs] or None
+            p = request.parameters.get("timeout")
+            timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
+            out_descs, out_frames = await self.plane.infer(
+                request.model_name, request.model_version or None, token, descs, frames,
+                outputs, timeout,
+            )  # fmt: skip
+            reply = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
+                                          id=request.id)  # fmt: skip
+            for d, f in zip(out_descs, out_frames):
+                name, dt, shape, raw = T.to_raw(d, f)
+                reply.outputs.add(name=name, datatype=dt, shape=shape)
+                reply.raw_output_contents.append(bytes(raw))
+            return reply
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise
+
+
+def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    if not request.inputs:
+        raise InputError("the request needs inputs")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    descs, frames = [], []
+    for i, t in enumerate(request.inputs):
+        shape = list(t.shape)
+        if raw:
+            if t.HasField("contents"):
+                raise InputError(f"{t.name!r}: both contents and raw_input_contents")
+            d, f = T.from_raw(t.name, t.datatype, shape, raw[i])
+        elif t.datatype == "BYTES":
+            d, f = T.from_bytes_list(t.name, t.datatype, shape, list(t.contents.bytes_contents))
+        else:
+            field = _CONTENTS.get(t.datatype)
+            if field is None:
+                raise InputError(f"{t.name!r}: datatype {t.datatype!r} needs raw_input_contents")
+            d, f = T.from_json(t.name, t.datatype, shape, list(getattr(t.contents, field)))
+        descs.append(d)
+        frames.append(f)
+    return descs, frames

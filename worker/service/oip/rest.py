@@ -1,0 +1,247 @@
+"""The Open Inference Protocol's REST door: an ASGI application (served by
+uvicorn, see :mod:`.server`).
+
+=======  ==============================================  ===========================
+method   path                                            answer
+=======  ==============================================  ===========================
+GET      ``/v2/health/live``, ``/v2/health/ready``       200, or 503 when not
+GET      ``/v2``                                         server metadata
+GET      ``/v2/models/M[/versions/V]``                   model metadata
+GET      ``/v2/models/M[/versions/V]/ready``             200, or 503 when not ready
+POST     ``/v2/models/M[/versions/V]/infer``             outputs (needs a token)
+=======  ==============================================  ===========================
+
+Infer takes the JSON tensor encoding and the binary tensor data extension
+(``Inference-Header-Content-Length``, ``binary_data_size``), and answers in
+binary for the outputs asked so (``parameters.binary_data_output``, or an
+output's ``binary_data``). An error is ``{"error": "[code] message", "code":
+code}`` with the status of :func:`.door.http_status`.
+
+Example::
+
+    app = RestApp(DataPlane(service), max_body=1 << 30)
+    # uvicorn.Config(app, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from vault.core.errors import InputError, ProtocolError, UnknownModelError, VaultError
+
+from . import tensors as T
+from .door import DataPlane, bearer, error_text, http_status, retry_after, timeout_of
+
+__all__ = ["RestApp"]
+
+_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+_JSON = [(b"content-type", b"application/json")]
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RestApp:
+    """See the module docstring."""
+
+    def __init__(self, plane: DataPlane, *, max_body: int) -> None:
+        self.plane = plane
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except VaultError as exc:
+            await self._error(send, exc)
+        except _HttpError as exc:
+            await _send(send, exc.status, _JSON, json.dumps({"error": str(exc)}).encode())
+
+    async def _error(self, send: Any, exc: VaultError) -> None:
+        status = http_status(exc)
+        headers = list(_JSON)
+        wait = retry_after(exc)
+        if wait is not None:
+            headers.append((b"retry-after", str(wait).encode()))
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="vault"'))
+        body = json.dumps({"error": error_text(exc), "code": exc.code}).encode()
+        await _send(send, status, headers, body)
+
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        method, path = scope["method"], scope["path"]
+        svc = self.plane.service
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            _only(method, "GET")
+            key = "live" if path.endswith("live") else "ready"
+            ok = svc.live() if key == "live" else svc.ready()
+            await _json(send, 200 if ok else 503, {key: ok})
+            return
+        if path in ("/v2", "/v2/"):
+            _only(method, "GET")
+            await _json(send, 200, self.plane.server_metadata())
+            return
+        m = _MODEL.match(path)
+        if m is None:
+            raise _HttpError(404, f"no such endpoint: {path}")
+        model, version, action = m.group(1), m.group(2), m.group(3)
+        if action is None:
+            _only(method, "GET")
+            await _json(send, 200, self.plane.model_metadata(model, version))
+        elif action == "/ready":
+            _only(method, "GET")
+            if svc.model_info(model) is None:
+                raise UnknownModelError(f"no model {model!r} is served here")
+            ok = svc.model_ready(model, version)
+            await _json(send, 200 if ok else 503, {"name": model, "ready": ok})
+        else:
+            _only(method, "POST")
+            await self._infer(scope, receive, send, model, version)
+
+    async def _body(self, scope: dict[str, Any], receive: Any) -> bytes:
+        for k, v in scope["headers"]:
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_body:
+                raise ProtocolError(
+                    f"a request of {int(v)} bytes exceeds the limit of {self.max_body}"
+                )
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ProtocolError("the client went away")
+            part = msg.get("body", b"")
+            size += len(part)
+            if size > self.max_body:
+                raise ProtocolError(f"a request exceeds the limit of {self.max_body} bytes")
+            chunks.append(part)
+            if not msg.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _infer(self, scope: dict[str, Any], receive: Any, send: Any, model: str,
+                     version: str | None) -> None:  # fmt: skip
+        auth: str | None = None
+        header_len: int | None = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+            elif k == b"inference-header-content-length":
+                try:
+                    header_len = int(v)
+                except ValueError:
+                    raise InputError("Inference-Header-Content-Length is not a number") from None
+        token = bearer(auth)  # before the body is read: no token, no work
+        body = await self._body(scope, receive)
+        if header_len is not None and not 0 <= header_len <= len(body):
+            raise InputError("Inference-Header-Content-Length is past the end of the body")
+        head = body if header_len is None else body[:header_len]
+        binary = memoryview(body)[len(head) :] if header_len is not None else memoryview(b"")
+        try:
+            req = json.loads(head)
+        except (ValueError, UnicodeDecodeError):
+            raise InputError("the request is not JSON") from None
+        if not isinstance(req, dict):
+            raise InputError("the request is a JSON object")
+        descs, frames = _inputs(req.get("inputs"), binary)
+        outputs, binary_out = _outputs(req)
+        params = _dict(req.get("parameters"))
+        out_descs, out_frames = await self.plane.infer(
+            model, version, token, descs, frames, outputs, timeout_of(params.get("timeout"))
+        )
+        await self._answer(send, model, req.get("id"), out_descs, out_frames, binary_out)
+
+    async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
+                      frames: list[Any], binary_out: Any) -> None:  # fmt: skip
+        outs: list[dict[str, Any]] = []
+        blobs: list[Any] = []
+        for d, f in zip(descs, frames):
+            name = str(d.get("name"))
+            if binary_out(name):
+                _, dt, shape, raw = T.to_raw(d, f)
+                blobs.append(raw)
+                outs.append({"name": name, "datatype": dt, "shape": shape,
+                             "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
+            else:
+                _, dt, shape, data = T.to_json_data(d, f)
+                outs.append({"name": name, "datatype": dt, "shape": shape, "data": data})
+        reply: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outs}
+        if isinstance(rid, str) and rid:
+            reply["id"] = rid
+        head = json.dumps(reply, separators=(",", ":")).encode()
+        if not blobs:
+            await _send(send, 200, _JSON, head)
+            return
+        headers = [(b"content-type", b"application/octet-stream"),
+                   (b"inference-header-content-length", str(len(head)).encode())]  # fmt: skip
+        await _send(send, 200, headers, b"".join([head, *blobs]))
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _only(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise _HttpError(405, f"use {allowed} here")
+
+
+def _inputs(items: Any, binary: memoryview) -> tuple[list[dict[str, Any]], list[Any]]:
+    if not isinstance(items, list) or not items:
+        raise InputError("the request needs a list of inputs")
+    descs, frames, at = [], [], 0
+    for it in items:
+        if not isinstance(it, dict) or not isinstance(it.get("name"), str):
+            raise InputError("each input is an object with a name")
+        name, dt, shape = it["name"], it.get("datatype"), it.get("shape")
+        params = _dict(it.get("parameters"))
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InputError(f"{name!r}: binary_data_size is a byte count")
+            if at + size > len(binary):
+                raise InputError(f"{name!r}: binary data runs past the end of the body")
+            d, f = T.from_raw(name, dt, shape, binary[at : at + size])
+            at += size
+        elif "data" in it:
+            d, f = T.from_json(name, dt, shape, it["data"])
+        else:
+            raise InputError(f"{name!r}: give data, or binary_data_size with binary data")
+        descs.append(d)
+        frames.append(f)
+    if at != len(binary):
+        raise InputError(f"{len(binary) - at} bytes of binary data belong to no input")
+    return descs, frames
+
+
+def _outputs(req: dict[str, Any]) -> tuple[list[str] | None, Any]:
+    params = _dict(req.get("parameters"))
+    all_binary = params.get("binary_data_output") is True
+    items = req.get("outputs")
+    if items is None:
+        return None, lambda name: all_binary
+    if not isinstance(items, list):
+        raise InputError("outputs is a list")
+    names: list[str] = []
+    binary: dict[str, bool] = {}
+    for it in items:
+        if not isinstance(it, dict) or not isinstance(it.get("name"), str):
+            raise InputError("each requested output is an object with a name")
+        p = _dict(it.get("parameters"))
+        names.append(it["name"])
+        binary[it["name"]] = bool(p.get("binary_data", all_binary))
+    return names, lambda name: binary.get(name, all_binary)
+
+
+async def _json(send: Any, status: int, body: Any) -> None:
+    await _send(send, status, _JSON, json.dumps(body, separators=(",", ":")).encode())
+
+
+async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,247 @@
+"""Serve the Open Inference Protocol beside the ZeroMQ front: the REST door
+on uvicorn and the gRPC door on ``grpc.aio``, each in its own thread and
+event loop, both onto the service's one data plane.
+
+TLS: ``tls=(cert_file, key_file)`` serves both doors over TLS. Without it,
+the doors bind only to a loopback address; any other address is refused at
+start (:class:`~vault.core.errors.ConfigError`) unless
+``dangerously_allow_plaintext=True`` (the CLI's
+``--dangerously-serve-plaintext``): a bearer token sent in the clear is a
+token given away.
+
+Example::
+
+    edge = OipServer(service, OipConfig(host="0.0.0.0", http_port=8000, grpc_port=8001,
+                                        tls=("cert.pem", "key.pem")))
+    edge.start()          # binds; the ports are edge.http_port, edge.grpc_port
+    edge.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from vault.core.errors import ConfigError
+
+from .door import DataPlane, Plane
+
+__all__ = ["OipConfig", "OipServer", "is_loopback"]
+
+
+@dataclass
+class OipConfig:
+    host: str = "127.0.0.1"
+    http_port: int | None = None
+    grpc_port: int | None = None
+    tls: tuple[str, str] | None = None  # (certificate chain PEM, private key PEM)
+    dangerously_allow_plaintext: bool = False
+    max_message: int = 1 << 30
+    cors_origins: tuple[str, ...] = ()  # web pages that may call the REST door (cors.py)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+
+
+class OipServer:
+    """See the module docstring."""
+
+    def __init__(self, service: Plane, cfg: OipConfig) -> None:
+        self.check(cfg)
+        self.cfg = cfg
+        self.plane = DataPlane(service)
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._threads: list[threading.Thread] = []
+        self._uvicorn: Any = None
+        self._grpc: Any = None
+        self._grpc_loop: asyncio.AbstractEventLoop | None = None
+        self._grpc_done: asyncio.Event | None = None
+
+    @staticmethod
+    def check(cfg: OipConfig) -> None:
+        """Refuse a configuration that would serve tokens in the clear (or
+        names unreadable TLS files), before anything starts."""
+        if cfg.http_port is None and cfg.grpc_port is None:
+            raise ConfigError("give --http PORT, --grpc PORT or both")
+        if cfg.tls is None and not is_loopback(cfg.host) and not cfg.dangerously_allow_plaintext:
+            raise ConfigError(
+                f"the Open Inference Protocol on {cfg.host} would carry bearer tokens in the "
+                "clear: give --tls-cert and --tls-key, bind a loopback address, or (behind a "
+                "proxy that terminates TLS) --dangerously-serve-plaintext"
+            )
+        if cfg.tls is not None:
+            for path in cfg.tls:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            if self.cfg.http_port is not None:
+                self._start_http()
+            if self.cfg.grpc_port is not None:
+                self._start_grpc()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        from .rest import RestApp
+
+        host = self.cfg.host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(self.cfg.http_port or 0)))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"--http {host}:{self.cfg.http_port}: {exc.strerror}") from exc
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.http_port = int(sock.getsockname()[1])
+        tls = self.cfg.tls
+        app: Any = RestApp(self.plane, max_body=self.cfg.max_message)
+        if self.cfg.cors_origins:
+            from .cors import with_cors
+
+            app = with_cors(app, self.cfg.cors_origins)
+        config = uvicorn.Config(
+            app, lifespan="off",
+            log_level="warning", access_log=False, http="httptools", ws="none",
+            ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+            timeout_graceful_shutdown=5, server_header=False, date_header=False,
+        )  # fmt: skip
+        try:
+            config.load()  # the TLS files are read here: a bad one fails the start
+        except Exception as exc:
+            sock.close()
+            raise ConfigError(f"the REST door cannot start ({type(exc).__name__}: {exc})") from exc
+        server = uvicorn.Server(config)
+        self._uvicorn = server
+        started: Future[None] = Future()
+
+        def run() -> None:
+            loop = _new_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve_http(server, sock, started))
+            finally:
+                sock.close()
+                loop.close()
+
+        t = threading.Thread(target=run, name="vault-oip-http", daemon=True)
+        t.start()
+        self._threads.append(t)
+        started.result(timeout=30)
+
+    async def _serve_http(self, server: Any, sock: socket.socket, started: Future[None]) -> None:
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.005)
+        if not started.done():
+            started.set_result(None)
+        await task
+
+    def _start_grpc(self) -> None:
+        started: Future[int] = Future()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()  # grpc.aio keeps to the standard loop
+            asyncio.set_event_loop(loop)
+            self._grpc_loop = loop
+            try:
+                loop.run_until_complete(self._serve_grpc(started))
+            except BaseException as exc:
+                if not started.done():
+                    started.set_exception(exc)
+            finally:
+                loop.close()
+
+        t = threading.Thread(target=run, name="vault-oip-grpc", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self.grpc_port = started.result(timeout=30)
+
+    async def _serve_grpc(self, started: Future[int]) -> None:
+        import grpc
+
+        from . import inference_pb2_grpc as _pb_grpc
+        from .grpc_door import InferenceServicer
+
+        limit = min(self.cfg.max_message, (1 << 31) - 1)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # never share the port with another server
+        ])  # fmt: skip
+        add: Any = _pb_grpc.add_GRPCInferenceServiceServicer_to_server
+        add(InferenceServicer(self.plane), server)
+        host = self.cfg.host
+        addr = (
+            f"[{host.strip('[]')}]:{self.cfg.grpc_port}"
+            if ":" in host
+            else f"{host}:{self.cfg.grpc_port}"
+        )
+        try:
+            if self.cfg.tls is not None:
+                with open(self.cfg.tls[0], "rb") as fh:
+                    cert = fh.read()
+                with open(self.cfg.tls[1], "rb") as fh:
+                    key = fh.read()
+                port = server.add_secure_port(addr, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                port = server.add_insecure_port(addr)
+        except Exception as exc:  # grpc raises RuntimeError for a port it cannot bind
+            raise ConfigError(f"--grpc {addr}: cannot bind ({exc})") from exc
+        if not port:
+            raise ConfigError(f"--grpc {addr}: cannot bind")
+        await server.start()
+        self._grpc = server
+        self._grpc_done = asyncio.Event()
+        started.set_result(port)
+        await self._grpc_done.wait()
+        await server.stop(grace=5)
+
+    # -- stop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop both doors (calls already answered are sent first; idempotent)."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        loop, done = self._grpc_loop, self._grpc_done
+        if loop is not None and done is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(done.set)
+            except RuntimeError:  # the loop already closed
+                pass
+        for t in self._threads:
+            t.join(15)
+        self._threads.clear()

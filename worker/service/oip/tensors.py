@@ -1,0 +1,240 @@
+"""Tensors between the Open Inference Protocol and the vault's frames.
+
+The protocol's datatypes map one to one onto the dtypes the vault carries;
+numeric tensors cross without conversion (the protocol's binary layout, raw
+little-endian row-major elements, is the vault's frame layout), strings
+(``BYTES``) are UTF-8 text in the vault (onnxruntime's string tensors), and
+the JSON encodings (flat row-major ``data``, or nested lists) are read with
+numpy. Every inconsistency (a count that does not match the shape, a value
+of the wrong kind, a binary size that does not add up) is an
+:class:`~vault.core.errors.InputError`, as over ZeroMQ; the worker then checks
+names, datatypes and shapes against the model's declared signature.
+
+Example::
+
+    desc, frame = from_json("x", "FP32", [2, 2], [1, 2, 3, 4])
+    desc, frame = from_raw("x", "FP32", [2, 2], raw_bytes)
+    name, datatype, shape, raw = to_raw(out_desc, out_frame)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from vault.core.errors import InputError
+from vault.core.protocol import MAX_RANK, dtype_from_name
+
+__all__ = [
+    "DATATYPES",
+    "from_bytes_list",
+    "from_json",
+    "from_raw",
+    "oip_shape",
+    "raw_size",
+    "to_bytes_list",
+    "to_json_data",
+    "to_raw",
+]
+
+# Open Inference Protocol datatype -> the vault's dtype name
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BF16": "bfloat16",
+    "BYTES": "string",
+}
+VAULT_TO_OIP = {v: k for k, v in DATATYPES.items()}
+_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf", "V": "iuf"}  # numpy kinds JSON data may have
+
+
+def _vault_dtype(datatype: Any) -> str:
+    vd = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    if vd is None:
+        raise InputError(f"unknown datatype {datatype!r}; datatypes are {sorted(DATATYPES)}")
+    return vd
+
+
+def oip_shape(shape: Any) -> list[int]:
+    """A request's shape: a list of at most 32 non-negative ints."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
+        raise InputError("a tensor's shape is a list of at most 32 dimensions")
+    out = []
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 1 << 40:
+            raise InputError(f"bad dimension {d!r} in a tensor's shape")
+        out.append(int(d))
+    return out
+
+
+def _count(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _desc(name: str, vd: str, shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "dtype": vd, "shape": shape}
+
+
+def _strings(name: str, items: Sequence[Any]) -> bytes:
+    out = []
+    for x in items:
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            try:
+                out.append(bytes(x).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InputError(f"{name!r}: a BYTES element is not UTF-8 text") from None
+        elif isinstance(x, str):
+            out.append(x)
+        else:
+            raise InputError(f"{name!r}: BYTES elements are strings")
+    return msgpack.packb(out, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str, Any], Any]:
+    """A tensor from the JSON encoding: ``data`` flat row-major, or nested."""
+    vd = _vault_dtype(datatype)
+    dims = oip_shape(shape)
+    n = _count(dims)
+    if vd == "string":
+        flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+        if flat is None or flat.size != n:
+            raise InputError(f"{name!r}: data does not hold the {n} elements of shape {dims}")
+        return _desc(name, vd, dims), _strings(name, flat.tolist())
+    if datatype == "BF16":
+        raise InputError(f"{name!r}: BF16 travels only as binary data")
+    if not isinstance(data, list):
+        raise InputError(f"{name!r}: data must be a list of {datatype} values")
+    try:
+        arr = np.asarray(data)
+    except ValueError:
+        raise InputError(f"{name!r}: data is ragged") from None
+    dt = dtype_from_name(vd)
+    if arr.size != n:
+        raise InputError(f"{name!r}: data holds {arr.size} elements, shape {dims} needs {n}")
+    if n and arr.dtype.kind not in _KINDS.get(dt.kind, ""):
+        raise InputError(f"{name!r}: data holds values that are not {datatype}")
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            out = arr.astype(dt.newbyteorder("<"), casting="unsafe")
+        if dt.kind in "iu" and not np.array_equal(out, arr):
+            raise InputError(f"{name!r}: a value does not fit {datatype}")
+    except (OverflowError, FloatingPointError, ValueError):
+        raise InputError(f"{name!r}: a value does not fit {datatype}") from None
+    return _desc(name, vd, dims), np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
+
+
+def raw_size(datatype: Any, shape: Sequence[int]) -> int | None:
+    """Bytes a binary tensor of this type and shape takes (None for BYTES)."""
+    vd = _vault_dtype(datatype)
+    return None if vd == "string" else _count(shape) * dtype_from_name(vd).itemsize
+
+
+def from_raw(name: str, datatype: Any, shape: Any, raw: Any) -> tuple[dict[str, Any], Any]:
+    """A tensor from its binary encoding (the binary extension, or gRPC's
+    ``raw_input_contents``): numeric data as is, BYTES length-prefixed."""
+    vd = _vault_dtype(datatype)
+    dims = oip_shape(shape)
+    n = _count(dims)
+    buf = memoryview(raw).cast("B")
+    if vd == "string":
+        return _desc(name, vd, dims), _strings(name, _split_bytes(name, buf, n))
+    need = n * dtype_from_name(vd).itemsize
+    if buf.nbytes != need:
+        raise InputError(
+            f"{name!r}: {buf.nbytes} bytes of data, shape {dims} of {datatype} needs {need}"
+        )
+    return _desc(name, vd, dims), buf
+
+
+def _split_bytes(name: str, buf: memoryview, n: int) -> list[bytes]:
+    out, at, end = [], 0, buf.nbytes
+    for _ in range(n):
+        if at + 4 > end:
+            raise InputError(f"{name!r}: BYTES data ends before its {n} elements")
+        (size,) = struct.unpack_from("<I", buf, at)
+        at += 4
+        if at + size > end:
+            raise InputError(f"{name!r}: a BYTES element runs past the data")
+        out.append(bytes(buf[at : at + size]))
+        at += size
+    if at != end:
+        raise InputError(f"{name!r}: BYTES data has {end - at} bytes past its {n} elements")
+    return out
+
+
+def from_bytes_list(
+    name: str, datatype: Any, shape: Any, items: Sequence[bytes]
+) -> tuple[dict[str, Any], Any]:
+    """A BYTES tensor from gRPC's ``bytes_contents``."""
+    vd = _vault_dtype(datatype)
+    dims = oip_shape(shape)
+    if vd != "string" or len(items) != _count(dims):
+        raise InputError(
+            f"{name!r}: bytes_contents does not match datatype {datatype} and shape {dims}"
+        )
+    return _desc(name, vd, dims), _strings(name, items)
+
+
+# --- outputs ------------------------------------------------------------------------
+
+
+def _out_strings(frame: Any, count: int) -> list[str]:
+    items = msgpack.unpackb(bytes(frame), raw=False)
+    if not isinstance(items, list) or len(items) != count:
+        raise InputError("the worker's string output does not match its shape")
+    return [str(x) for x in items]
+
+
+def _parse_out(desc: Any) -> tuple[str, str, list[int]]:
+    name, vd, shape = desc.get("name"), desc.get("dtype"), desc.get("shape")
+    if vd not in VAULT_TO_OIP:
+        raise InputError(
+            f"output {name!r} is a {vd}, which the Open Inference Protocol cannot carry"
+        )
+    return str(name), str(vd), [int(d) for d in shape]
+
+
+def to_raw(desc: dict[str, Any], frame: Any) -> tuple[str, str, list[int], bytes | memoryview]:
+    """(name, datatype, shape, binary data) of one output."""
+    name, vd, shape = _parse_out(desc)
+    if vd == "string":
+        parts = []
+        for s in _out_strings(frame, _count(shape)):
+            b = s.encode("utf-8")
+            parts += [struct.pack("<I", len(b)), b]
+        return name, "BYTES", shape, b"".join(parts)
+    return name, VAULT_TO_OIP[vd], shape, memoryview(frame).cast("B")
+
+
+def to_bytes_list(desc: dict[str, Any], frame: Any) -> list[bytes]:
+    _, vd, shape = _parse_out(desc)
+    return [s.encode("utf-8") for s in _out_strings(frame, _count(shape))]
+
+
+def to_json_data(desc: dict[str, Any], frame: Any) -> tuple[str, str, list[int], list[Any]]:
+    """(name, datatype, shape, flat row-major data) of one output, for JSON."""
+    name, vd, shape = _parse_out(desc)
+    if vd == "string":
+        return name, "BYTES", shape, _out_strings(frame, _count(shape))
+    if vd == "bfloat16":
+        arr = np.frombuffer(frame, dtype=dtype_from_name(vd)).astype(np.float32)
+    else:
+        arr = np.frombuffer(frame, dtype=dtype_from_name(vd).newbyteorder("<"))
+    return name, VAULT_TO_OIP[vd], shape, arr.tolist()
