@@ -548,8 +548,8 @@ class CallLicencePolicy(_Usage):
             idle: list[_Decision] = []
             with self._lock:
                 wall = self._wall()
-                for jti in [j for j, (_, exp) in self._token_calls.items() if exp <= wall]:
-                    del self._token_calls[jti]  # expired tokens are refused anyway
+                for tk in [k for k, (_, exp) in self._token_calls.items() if exp <= wall]:
+                    del self._token_calls[tk]  # expired tokens are refused anyway
                 for z in [z for z, (_, at) in self._probes.items() if now - at >= _PROBE_TTL]:
                     del self._probes[z]  # never reused: one per key a stranger tried
                 for k, d in list(self._decisions.items()):
