@@ -26,6 +26,7 @@ SECTIONS = {
     "accounting": "accounting",
     "latency": "latency",
     "breakdown": "breakdown",
+    "transformers": "real_models",
     "transfer": "transfer",
     "throughput": "throughput",
     "coldstart": "coldstart",

@@ -157,7 +157,8 @@ def _one_model(
         srv = env.serve_tcp(pkg, lic)
         started.append((srv, env._procs[-1]))  # noqa: SLF001
         host, port = srv._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
-        proxies["all-server"] = LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1])
+        proxies["all-server"] = LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1],
+                                          sealed_port=srv._bench_sealed_port)  # noqa: SLF001  # fmt: skip
         whole = vault.connect(proxies["all-server"].address, licence=lic,
                               server_key=srv._remote.server_key, timeout=120)  # noqa: SLF001  # fmt: skip
         models_open.append(whole)
@@ -175,7 +176,8 @@ def _one_model(
             tail = env._serve_tcp(out / c["tail"], srv_path, None, probe=False)  # noqa: SLF001
             started.append((tail, env._procs[-1]))  # noqa: SLF001
             host, port = tail._endpoint.removeprefix("tcp://").rsplit(":", 1)  # noqa: SLF001
-            proxies[c["name"]] = LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1])
+            proxies[c["name"]] = LinkProxy(host, int(port), rtt_ms=LINKS[0][0], mbit=LINKS[0][1],
+                                           sealed_port=tail._bench_sealed_port)  # noqa: SLF001  # fmt: skip
             hm = HybridModel(out, caller_path, server=proxies[c["name"]].address,
                              server_key=tail._remote.server_key, cut=c["name"],  # noqa: SLF001
                              replan=False, head_threads=1, timeout=120)  # fmt: skip

@@ -81,20 +81,30 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
                     max(abs(got[k] - r).max() for k, r in zip(got, ref))
                 )
                 fns["vault_ipc"] = lambda m=vm, f=feeds: m.compute(f)
+                # the same worker reached over ZeroMQ, as before the direct channel
+                vz = env.open_local(pkg, lic, local_channel=False)
+                vz.compute(feeds)
+                fns["vault_ipc_zmq"] = lambda m=vz, f=feeds: m.compute(f)
                 try:
-                    rm = env.serve_tcp(pkg, lic)
+                    # the remote path as callers get it (calls sealed with
+                    # AES-256-GCM, keys over CURVE), and CURVE alone, as before
+                    rm, rm_curve = env.serve_tcp(pkg, lic, curve_only_too=True)
                     rm.compute(feeds)
-                    fns["vault_tcp_curve"] = lambda m=rm, f=feeds: m.compute(f)
+                    rm_curve.compute(feeds)
+                    fns["vault_tcp"] = lambda m=rm, f=feeds: m.compute(f)
+                    fns["vault_tcp_curve"] = lambda m=rm_curve, f=feeds: m.compute(f)
                     row["tcp_note"] = env.tcp_note
                 except Exception as exc:  # noqa: BLE001
-                    row["unavailable"]["vault_tcp_curve"] = f"{type(exc).__name__}: {exc}"
+                    row["unavailable"]["vault_tcp"] = f"{type(exc).__name__}: {exc}"
+                    row["unavailable"]["vault_tcp_curve"] = row["unavailable"]["vault_tcp"]
             except Exception as exc:  # noqa: BLE001
                 row["unavailable"]["vault_ipc"] = f"{type(exc).__name__}: {exc}"
+                row["unavailable"]["vault_tcp"] = "no vault package"
                 row["unavailable"]["vault_tcp_curve"] = "no vault package"
         else:
-            row["unavailable"]["vault_ipc"] = row["unavailable"]["vault_tcp_curve"] = (
-                "vault environment unavailable"
-            )
+            row["unavailable"]["vault_ipc"] = "vault environment unavailable"
+            row["unavailable"]["vault_tcp"] = "vault environment unavailable"
+            row["unavailable"]["vault_tcp_curve"] = "vault environment unavailable"
         peer_closes: list[Callable[[], None]] = []
         if name != "big_tensor":
             # the bare HTTP peer: FastAPI + uvicorn, raw bytes, no TLS, same model
@@ -110,11 +120,21 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
                     peer_closes.append(close)
             except Exception as exc:  # noqa: BLE001 - the rows are context, not a gate
                 row["unavailable"]["fastapi"] = f"{type(exc).__name__}: {exc}"
+            try:  # gRPC over TLS: the transport of the Open Inference Protocol's gRPC
+                from . import grpc_host
+
+                fns["grpc_tls"], close = grpc_host.start(fh.name, feeds)
+                peer_closes.append(close)
+            except Exception as exc:  # noqa: BLE001
+                row["unavailable"]["grpc_tls"] = f"{type(exc).__name__}: {exc}"
             finally:
                 os.unlink(fh.name)  # the peers have loaded it
         fns["zmq_echo_ipc"] = echo.zmq_ipc_fn(n_in, n_out)
         fns["zmq_echo_tcp_curve"] = echo.zmq_tcp_curve_fn(n_in, n_out)
         fns["zmq_echo_tcp"] = echo.zmq_tcp_fn(n_in, n_out)
+        fns["zmq_echo_tcp_sealed"] = echo.zmq_tcp_sealed_fn(n_in, n_out)
+        fns["tcp_echo"] = echo.tcp_fn(n_in, n_out)
+        fns["tls_echo"] = echo.tls_fn(n_in, n_out)
         fns["unix_echo"] = echo.unix_fn(n_in, n_out)
         fns["memcpy"] = memcpy_fn(n_in, n_out)
         log(
@@ -134,13 +154,17 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
             close()
         row["rows"] = res
         med = {k: v["median_s"] for k, v in res.items()}
-        for peer in ("fastapi_raw", "fastapi_tls"):
-            if peer in med and "vault_tcp_curve" in med:
-                row[f"vault_tcp_curve_over_{peer}"] = med["vault_tcp_curve"] / med[peer]
-        if "zmq_echo_tcp" in med:
-            row["curve_cost_s"] = med["zmq_echo_tcp_curve"] - med["zmq_echo_tcp"]
+        for peer in ("fastapi_raw", "fastapi_tls", "grpc_tls"):
+            for mode in ("vault_tcp", "vault_tcp_curve"):
+                if peer in med and mode in med:
+                    row[f"{mode}_over_{peer}"] = med[mode] / med[peer]
+        # what each way of encrypting the same bytes costs over its own transport
+        row["curve_cost_s"] = med["zmq_echo_tcp_curve"] - med["zmq_echo_tcp"]
+        row["sealed_cost_s"] = med["zmq_echo_tcp_sealed"] - med["zmq_echo_tcp"]
+        row["tls_cost_s"] = med["tls_echo"] - med["tcp_echo"]
         for mode, echo_name in (
             ("vault_ipc", "zmq_echo_ipc"),
+            ("vault_tcp", "zmq_echo_tcp_sealed"),
             ("vault_tcp_curve", "zmq_echo_tcp_curve"),
         ):
             if mode in med:

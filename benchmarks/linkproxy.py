@@ -30,38 +30,55 @@ _CHUNK = 16384
 
 
 class LinkProxy:
-    def __init__(self, host: str, port: int, *, rtt_ms: float, mbit: float) -> None:
+    """``sealed_port``: the server's second socket (sealed calls, which a
+    caller reaches at the port the server names, on the host it called):
+    then the proxy listens on another loopback address, ``127.0.0.2``, at
+    an OS-chosen port for the front and at that very port for the sealed
+    socket, and both go through the same emulated link."""
+
+    def __init__(
+        self, host: str, port: int, *, rtt_ms: float, mbit: float, sealed_port: int | None = None
+    ) -> None:
         self.upstream = (host, port)
         self.rtt_ms = rtt_ms
         self.mbit = mbit
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
+        self.bind_host = "127.0.0.2" if sealed_port else "127.0.0.1"
         self._closed = threading.Event()
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        t = threading.Thread(target=self._accept, name="linkproxy-accept", daemon=True)
+        self._listeners: list[socket.socket] = []
+        self.port = self._listen(0, (host, port))
+        if sealed_port:
+            self._listen(sealed_port, (host, sealed_port))
+
+    def _listen(self, port: int, upstream: tuple[str, int]) -> int:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.bind_host, port))
+        listener.listen(16)
+        self._listeners.append(listener)
+        t = threading.Thread(target=self._accept, args=(listener, upstream),
+                             name="linkproxy-accept", daemon=True)  # fmt: skip
         t.start()
         self._threads.append(t)
+        return int(listener.getsockname()[1])
 
     @property
     def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
+        return f"tcp://{self.bind_host}:{self.port}"
 
     def set(self, *, rtt_ms: float, mbit: float) -> None:
         self.rtt_ms, self.mbit = rtt_ms, mbit
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, upstream: tuple[str, int]) -> None:
         while not self._closed.is_set():
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             try:
-                server = socket.create_connection(self.upstream)
+                server = socket.create_connection(upstream)
             except OSError:
                 client.close()
                 continue
@@ -115,7 +132,8 @@ class LinkProxy:
 
     def close(self) -> None:
         self._closed.set()
-        self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         with self._lock:
             socks, self._socks = self._socks, []
         for s in socks:

@@ -27,34 +27,28 @@ def table(res: dict[str, Any]) -> str:
             "\n1. per-call latency, ms: median (p99); same run, alternating blocks; "
             "in_process = worker's options (spinning off), in_process_default = onnxruntime's"
         )
-        modes = [
-            "in_process",
-            "in_process_default",
-            "vault_ipc",
-            "vault_tcp_curve",
-            "fastapi_raw",
-            "fastapi_tls",
-            "zmq_echo_ipc",
-            "zmq_echo_tcp_curve",
-            "zmq_echo_tcp",
-            "unix_echo",
-            "memcpy",
-        ]
-        L.append(f"{'model':<14}" + "".join(f"{x:>20}" for x in modes))
-        for name, row in lat.items():
-            cells = []
-            for x in modes:
-                r = row["rows"].get(x)
-                cells.append(
-                    f"{r['median_s'] * 1e3:9.3f} ({r['p99_s'] * 1e3:7.2f})"
-                    if r
-                    else f"{'unavailable':>20}"
-                )
-            L.append(f"{name:<14}" + "".join(f"{c:>20}" for c in cells))
+        groups = [
+            ["in_process", "in_process_default", "vault_ipc", "vault_ipc_zmq", "zmq_echo_ipc"],
+            ["unix_echo", "memcpy", "vault_tcp", "vault_tcp_curve", "fastapi_raw"],
+            ["fastapi_tls", "grpc_tls"],
+            ["zmq_echo_tcp", "zmq_echo_tcp_sealed", "zmq_echo_tcp_curve", "tcp_echo", "tls_echo"],
+        ]  # local (direct channel, ZeroMQ); remote (sealed, CURVE alone; peers); remote floors
+        for modes in groups:
+            L.append(f"{'model':<14}" + "".join(f"{x:>20}" for x in modes))
+            for name, row in lat.items():
+                cells = []
+                for x in modes:
+                    r = row["rows"].get(x)
+                    cells.append(
+                        f"{r['median_s'] * 1e3:9.3f} ({r['p99_s'] * 1e3:7.2f})"
+                        if r
+                        else f"{'unavailable':>20}"
+                    )
+                L.append(f"{name:<14}" + "".join(f"{c:>20}" for c in cells))
         L.append(
             f"{'model':<14}{'batch':>6}{'in MB':>8}{'out MB':>8}{'ipc ovh ms':>12}{'ovh/echo':>10}"
             f"{'ipc/inproc':>11}{'tcp ovh ms':>12}{'ovh/echo':>10}{'tcp/inproc':>11}"
-        )
+        )  # tcp: the remote path as callers get it (sealed), against the sealed echo
         for name, row in lat.items():
 
             def g(k: str, fmt: str, scale: float = 1, row: dict[str, Any] = row) -> str:
@@ -64,8 +58,8 @@ def table(res: dict[str, Any]) -> str:
             L.append(
                 f"{name:<14}{row['batch']:>6}{row['in_bytes'] / 1e6:>8.2f}{row['out_bytes'] / 1e6:>8.2f}"
                 f"{g('vault_ipc_overhead_s', '.3f', 1e3):>12}{g('vault_ipc_overhead_over_echo', '.2f'):>10}"
-                f"{g('vault_ipc_over_in_process', '.3f'):>11}{g('vault_tcp_curve_overhead_s', '.3f', 1e3):>12}"
-                f"{g('vault_tcp_curve_overhead_over_echo', '.2f'):>10}{g('vault_tcp_curve_over_in_process', '.3f'):>11}"
+                f"{g('vault_ipc_over_in_process', '.3f'):>11}{g('vault_tcp_overhead_s', '.3f', 1e3):>12}"
+                f"{g('vault_tcp_overhead_over_echo', '.2f'):>10}{g('vault_tcp_over_in_process', '.3f'):>11}"
             )
         L.append(
             "   thread policy (in_process - in_process_default, ms) / vault_ipc over the "
@@ -77,21 +71,27 @@ def table(res: dict[str, Any]) -> str:
                 if "thread_policy_s" in row
             )
         )
-        for peer, what in (("fastapi_raw", "bare HTTP, no TLS"), ("fastapi_tls", "HTTPS")):
-            vs = [
-                f"{name} {row[f'vault_tcp_curve_over_{peer}']:.3f}"
-                for name, row in lat.items()
-                if f"vault_tcp_curve_over_{peer}" in row
-            ]
-            if vs:
-                L.append(f"   vault_tcp_curve / {peer} ({what}): " + ", ".join(vs))
-        cc = [
-            f"{name} {row['curve_cost_s'] * 1e3:.3f}"
-            for name, row in lat.items()
-            if "curve_cost_s" in row
-        ]
-        if cc:
-            L.append("   CURVE's cost (zmq_echo_tcp_curve - zmq_echo_tcp, ms): " + ", ".join(cc))
+        for mode in ("vault_tcp", "vault_tcp_curve"):
+            for peer, what in (
+                ("fastapi_raw", "bare HTTP, no TLS"),
+                ("fastapi_tls", "HTTPS"),
+                ("grpc_tls", "gRPC over TLS"),
+            ):
+                vs = [
+                    f"{name} {row[f'{mode}_over_{peer}']:.3f}"
+                    for name, row in lat.items()
+                    if f"{mode}_over_{peer}" in row
+                ]
+                if vs:
+                    L.append(f"   {mode} / {peer} ({what}): " + ", ".join(vs))
+        for key, what in (
+            ("sealed_cost_s", "sealed frames' cost (zmq_echo_tcp_sealed - zmq_echo_tcp)"),
+            ("curve_cost_s", "CURVE's cost (zmq_echo_tcp_curve - zmq_echo_tcp)"),
+            ("tls_cost_s", "TLS's cost (tls_echo - tcp_echo)"),
+        ):
+            cc = [f"{name} {row[key] * 1e3:.3f}" for name, row in lat.items() if key in row]
+            if cc:
+                L.append(f"   {what}, ms: " + ", ".join(cc))
         notes = {row.get("tcp_note") for row in lat.values() if row.get("tcp_note")}
         for n in notes:
             L.append(f"   tcp worker: {n}")
@@ -111,6 +111,25 @@ def table(res: dict[str, Any]) -> str:
                 f"client Python {bd['client_python_s'] * 1e6:.0f} us, "
                 f"transport + thread hand-offs {bd['transport_and_handoffs_s'] * 1e6:.0f} us "
                 f"(raw zmq echo {r['zmq_echo_ipc']:.0f} us)"
+            )
+    real = res.get("transformers") or {}
+    if real.get("unavailable"):
+        L.append(f"\n   real architectures: unavailable: {real['unavailable']}")
+    elif real.get("models"):
+        L.append("\n   real architectures exported from transformers, ms: median (p99)")
+        for name, row in real["models"].items():
+            rows = row.get("rows") or {}
+            cells = "  ".join(
+                f"{k} {rows[k]['median_s'] * 1e3:.3f} ({rows[k]['p99_s'] * 1e3:.2f})"
+                for k in ("in_process", "vault_ipc")
+                if k in rows
+            )
+            ratio = row.get("vault_ipc_over_in_process")
+            why = f"  unavailable: {row['unavailable']}" if row.get("unavailable") else ""
+            L.append(
+                f"   {name:<12}{cells}"
+                + (f"  vault/inproc {ratio:.3f}" if ratio is not None else "")
+                + why
             )
     tp0 = res.get("throughput") or {}
     for tp in (tp0, tp0.get("mlp") or {}):
@@ -164,6 +183,21 @@ def table(res: dict[str, Any]) -> str:
                     else f"{'-':>9}{'-':>7}{'-':>7}"
                 )
             )
+            fp = row.get("first_parts")
+            if "vault_open_first" in r and fp:
+                L.append(
+                    f"{'':<8}tier 0, first open in a process (spawns): "
+                    f"{r['vault_open_first']['median_s'] * 1e3:.0f} ms, "
+                    f"+{row['first_minus_plain_s'] * 1e3:.0f} over plain; verify "
+                    f"{fp['load_verify_s'] * 1e3:.0f}, release {fp['key_release_s'] * 1e3:.0f}, "
+                    f"decrypt {fp['decrypt_s'] * 1e3:.0f}, session {fp['session_s'] * 1e3:.0f}, "
+                    f"spawn+imports {fp['spawn_imports_hardening_s'] * 1e3:.0f} ms"
+                )
+            used = row.get("standby_used")
+            if used:
+                L.append(
+                    f"{'':<8}vault_open: {sum(used)} of {len(used)} opens took a pre-started worker"
+                )
             dp = row.get("daemon_parts")
             if dp:
                 L.append(
@@ -272,13 +306,14 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     ax = axes[0][0]
     modes = [
         "in_process",
-        "in_process_default",
         "vault_ipc",
+        "vault_ipc_zmq",
+        "vault_tcp",
         "vault_tcp_curve",
+        "fastapi_tls",
+        "grpc_tls",
         "zmq_echo_ipc",
-        "zmq_echo_tcp_curve",
         "unix_echo",
-        "memcpy",
     ]
     if lat and not lat.get("unavailable_all"):
         names = list(lat)
@@ -308,18 +343,19 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     if cold:
         sizes = list(cold)
         for i, k in enumerate(
-            ["plain_load", "plain_fresh_process", "vault_open", "vault_open_daemon"]
-        ):
+            ["plain_load", "plain_fresh_process", "vault_open", "vault_open_first",
+             "vault_open_daemon"]
+        ):  # fmt: skip
             ax.bar(
-                [j + i * 0.2 for j in range(len(sizes))],
+                [j + i * 0.16 for j in range(len(sizes))],
                 [
                     cold[s]["rows"][k]["median_s"] * 1e3 if k in cold[s]["rows"] else 0
                     for s in sizes
                 ],
-                0.2,
+                0.16,
                 label=k,
             )
-        ax.set_xticks([j + 0.3 for j in range(len(sizes))], sizes)
+        ax.set_xticks([j + 0.32 for j in range(len(sizes))], sizes)
         ax.set_ylabel("ms")
         ax.set_title("3. cold start")
         ax.legend(fontsize=8)

@@ -5,7 +5,9 @@ In-process: N threads share one ``InferenceSession`` (``run`` drops the GIL),
 configured like the worker's (``in_process``, spinning off) and with
 onnxruntime's defaults (``in_process_default``, spinning on).
 Vault: N threads share one ``vault.open`` Model (each thread gets its own
-socket; the worker serves with its default handler threads). Each point
+connection, served by a worker thread of its own); beside it the same
+worker with one onnxruntime thread per run (``vault_ipc_intra1``) and over
+ZeroMQ as before the direct local channel (``vault_ipc_zmq``). Each point
 counts completed calls in a fixed window after a warm-up; the sides
 alternate window by window (blocks, never call by call, with a pause before
 each window so a spinning pool goes idle), over several rounds, and the
@@ -74,10 +76,16 @@ def run(
             pkg, lic = env.seal(model, f"tp-{model_name}")
             vm = env.open_local(pkg, lic)
             fns["vault_ipc"] = lambda: vm.compute(feeds)
-            # the same worker with as many handler threads as the most callers
-            # (the default is max(2, min(8, cores)) = 2 here): shows the cap's cost
-            vm8 = env.open_local(pkg, lic, worker_args=["--threads", "8"])
-            fns["vault_ipc_threads8"] = lambda: vm8.compute(feeds)
+            # the concurrency models measured against the default (one worker
+            # thread per calling thread, each running its calls itself, one
+            # session, onnxruntime's intra-op pool on every core):
+            # each run on one core (several runs side by side instead) ...
+            vm1 = env.open_local(pkg, lic, worker_args=["--intra-op-threads", "1"])
+            fns["vault_ipc_intra1"] = lambda: vm1.compute(feeds)
+            # ... and the ZeroMQ path as before: a router thread, inline small
+            # calls, a pool of --threads for the others
+            vmz = env.open_local(pkg, lic, local_channel=False)
+            fns["vault_ipc_zmq"] = lambda: vmz.compute(feeds)
         except Exception as exc:  # noqa: BLE001
             out["unavailable"]["vault_ipc"] = f"{type(exc).__name__}: {exc}"
     else:

@@ -45,6 +45,7 @@ class VaultEnv:
         self._models: list[Any] = []
         self.tcp_note = ""
         self._daemon_sock: str | None = None
+        self._lifelines: list[int] = []
         try:
             import vault.client  # noqa: F401
             from keyserver import init_dir
@@ -142,19 +143,53 @@ class VaultEnv:
 
     # -- workers ----------------------------------------------------------------------
 
-    def open_local(self, package: Path, licence: Path, **kw: Any) -> Any:
+    def open_local(
+        self, package: Path, licence: Path, *, local_channel: bool = True, **kw: Any
+    ) -> Any:
+        """``vault.open``; ``local_channel=False``: its calls over ZeroMQ, as
+        before the direct local channel (``VAULT_LOCAL_CHANNEL=0``)."""
         import vault
 
-        m = vault.open(package, licence=licence, **kw)
+        old = os.environ.get("VAULT_LOCAL_CHANNEL")
+        if not local_channel:
+            os.environ["VAULT_LOCAL_CHANNEL"] = "0"
+        try:
+            m = vault.open(package, licence=licence, **kw)
+        finally:
+            if old is None:
+                os.environ.pop("VAULT_LOCAL_CHANNEL", None)
+            else:
+                os.environ["VAULT_LOCAL_CHANNEL"] = old
         self._models.append(m)
         return m
 
-    def serve_tcp(self, package: Path, licence: Path, *, threads: int | None = None) -> Any:
+    def serve_tcp(
+        self, package: Path, licence: Path, *, threads: int | None = None,
+        curve_only_too: bool = False,
+    ) -> Any:  # fmt: skip
         """Start ``python -m worker`` on tcp://127.0.0.1 with CURVE and an
-        allow-list holding the licence's client key; return ``vault.connect`` to it."""
+        allow-list holding the licence's client key; return ``vault.connect`` to
+        it (calls sealed, keys over CURVE: the default). ``curve_only_too``:
+        also a second caller of the same worker whose calls stay on CURVE
+        (``VAULT_SEALED=0``, the path before sealed calls), as a pair."""
         m = self._serve_tcp(package, licence, threads, probe=True)
         self.tcp_note = "stock worker"
-        return m
+        if not curve_only_too:
+            return m
+        import vault
+
+        old = os.environ.get("VAULT_SEALED")
+        os.environ["VAULT_SEALED"] = "0"
+        try:
+            c = vault.connect(m._endpoint, licence=licence, server_key=m._remote.server_key)  # noqa: SLF001
+        finally:
+            if old is None:
+                del os.environ["VAULT_SEALED"]
+            else:
+                os.environ["VAULT_SEALED"] = old
+        c.timeout = 120
+        self._models.append(c)
+        return m, c
 
     def _serve_tcp(self, package: Path, licence: Path, threads: int | None, probe: bool) -> Any:
         import vault
@@ -167,14 +202,20 @@ class VaultEnv:
         from vault.core.launch import read_ready_line, spawn_worker
 
         status_r, status_w = os.pipe()
+        # a lifeline: the worker leaves when this process does, however it ends
+        # (a killed benchmark must leave no worker behind)
+        life_r, life_w = os.pipe()
+        self._lifelines.append(life_w)
         args = [str(package), "--endpoint", "tcp://127.0.0.1:*", "--licence", str(licence),
-                "--allow", str(allow), "--status-fd", str(status_w)]  # fmt: skip
+                "--allow", str(allow), "--status-fd", str(status_w),
+                "--lifeline-fd", str(life_r)]  # fmt: skip
         if threads:
             args += ["--threads", str(threads)]
         try:
-            proc = spawn_worker(args, pass_fds=[status_w], cwd=str(self.dir))
+            proc = spawn_worker(args, pass_fds=[status_w, life_r], cwd=str(self.dir))
         finally:
             os.close(status_w)
+            os.close(life_r)
         self._procs.append(proc)
         try:
             msg = read_ready_line(status_r, timeout=120, proc=proc)
@@ -195,6 +236,7 @@ class VaultEnv:
             raise Unavailable(f"no CURVE handshake ({type(exc).__name__}: {exc})") from None
         m.timeout = 120
         m._bench_pid = msg.get("pid")  # noqa: SLF001 - for VmHWM
+        m._bench_sealed_port = msg.get("sealed_port")  # noqa: SLF001 - for an emulated link
         self._models.append(m)
         return m
 
@@ -209,6 +251,9 @@ class VaultEnv:
             if p.poll() is None:
                 stop_process(p, 5)
         self._procs.clear()
+        for fd in self._lifelines:
+            os.close(fd)
+        self._lifelines.clear()
         log = getattr(self, "log", None)
         if log is not None:
             log.close()

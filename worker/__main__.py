@@ -93,6 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-message", type=int, default=1 << 30)
     p.add_argument("--shm-fd", type=int, help="inherited memfd shared with a local caller")
+    p.add_argument(
+        "--listen-fd",
+        type=int,
+        help="the local caller's listening Unix socket (inherited): serve the direct "
+        "local channel on the connections it accepts (vault/core/localwire.py)",
+    )
+    p.add_argument(
+        "--listen-token-fd",
+        type=int,
+        help="the 32-byte token each --listen-fd connection must send first (on this pipe)",
+    )
     p.add_argument("--shm-size", type=int, default=0, help="size of the --shm-fd arena")
     p.add_argument("--suite", default="x25519", help="HPKE suite for key release")
     p.add_argument("--user", help="drop to this user when started as root")
@@ -162,7 +173,9 @@ def _start(args: argparse.Namespace, report: dict[str, Any]) -> tuple[Any, dict[
 
 # What an assignment may set: the package, the caller and its licence. The
 # hardening is done by then and nothing in an assignment can change it.
-_ASSIGNABLE_FDS = ("package_fd", "licence_fd", "proof_fd", "shm_fd")
+_ASSIGNABLE_FDS = (
+    "package_fd", "licence_fd", "proof_fd", "shm_fd", "listen_fd", "listen_token_fd",
+)  # fmt: skip
 _ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "no_prepack",
                "memory_limit"}  # fmt: skip
 

@@ -353,6 +353,9 @@ class Pipeline:
         self._in = {s["name"]: (str(s["dtype"]), list(s.get("shape") or [])) for s in self.inputs}
         self._np_dtypes = {n: _np_dtype(d) for n, (d, _) in self._in.items()}
         self.input_types = {n: d for n, (d, _) in self._in.items()}
+        self._required = frozenset(
+            n for n, (d, _) in self._in.items() if not d.startswith("optional<")
+        )
         self.output_types = {str(s["name"]): str(s["dtype"]) for s in self.outputs}
         self._out_names = [str(s["name"]) for s in self.outputs]
         self._out_set = frozenset(self._out_names)
@@ -440,14 +443,23 @@ class Pipeline:
 
     # -- run ------------------------------------------------------------------
 
-    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        feeds: Mapping[str, Any],
+        outputs: Sequence[str] | None = None,
+        *,
+        checked: bool = False,
+    ) -> dict[str, Any]:
+        """``checked``: the caller has already checked names, dtypes and
+        dimensions against this signature (the worker's request handler does,
+        from the header, before decoding): only missing inputs are left."""
         with self._lock:
             stages = self._stages
             if stages is None:
                 raise ComputeError("the pipeline was unloaded")
             self._in_flight += 1
         try:
-            return self._run(stages, feeds, outputs)
+            return self._run(stages, feeds, outputs, checked)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -460,8 +472,13 @@ class Pipeline:
         stages: list[tuple[Any, list[str], list[str]]],
         feeds: Mapping[str, Any],
         outputs: Sequence[str] | None,
+        checked: bool = False,
     ) -> dict[str, Any]:
-        self.check_inputs(feeds)
+        if not checked:
+            self.check_inputs(feeds)
+        elif not self._required.issubset(feeds):
+            missing = sorted(self._required.difference(feeds))
+            raise InputError(f"missing input {missing[0]!r}")
         want = self.check_outputs(outputs)
         failed = ""
         try:

@@ -15,6 +15,9 @@ Example::
 
 from __future__ import annotations
 
+import hmac
+import itertools
+import socket
 import struct
 import threading
 import time
@@ -23,10 +26,15 @@ from typing import Any
 
 import zmq
 
-from vault.core.errors import ConfigError
-from vault.core.protocol import SHM_MIN_BYTES
+from vault.core.errors import ConfigError, IntegrityError, ProtocolError, VaultError
+from vault.core.localwire import TOKEN_BYTES, Closed, RecordReader, send_record
+from vault.core.protocol import SHM_MIN_BYTES, error_reply, ok_reply, pack_header, unpack_header
+from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
 
-__all__ = ["Server", "load_allowed_keys"]
+_TOKEN_WAIT_S = 5.0  # how long a new local connection may take to say who it is
+_BULK_ROUTE = b"\xffB"  # a sealed request's route (a ROUTER's own identities start with 0)
+
+__all__ = ["LocalServer", "Server", "load_allowed_keys"]
 
 Handler = Callable[[list[Any]], list[Any]]
 
@@ -100,6 +108,7 @@ class Server:
         curve_public: bytes | None = None,
         allowed: Iterable[bytes] | None = None,
         inline_below: float = 0.002,
+        local: LocalServer | None = None,
     ) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
@@ -130,17 +139,92 @@ class Server:
             self.front.curve_secretkey = curve_secret
             self.front.curve_publickey = curve_public
             self.front.zap_domain = b"vault"
+        # remote callers' calls under AES-256-GCM on a second connection, keyed
+        # over this CURVE one (vault/core/sealed.py); a local (ipc) worker has none
+        self.sessions: SessionTable | None = None
+        self.bulk: zmq.Socket[Any] | None = None
+        self.bulk_port: int | None = None
+        self._routes: dict[bytes, tuple[Any, ServerSession]] = {}
+        self._route_ids = itertools.count(1)
+        if endpoint.startswith("tcp://") and curve_public is not None:
+            self.sessions = SessionTable(curve_public)
+            self.bulk = ctx.socket(zmq.ROUTER)
+            self.bulk.setsockopt(zmq.LINGER, 0)
+            self.bulk.setsockopt(zmq.MAXMSGSIZE, CHUNK + 4096)  # sealed chunks only
+            self.bulk.setsockopt(zmq.SNDHWM, hwm)
+            self.bulk.setsockopt(zmq.RCVHWM, hwm)
+            self.bulk.copy_threshold = CHUNK + 4096
         self._stop = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._pool: Any = None
         self._tls = threading.local()
         self._ewma = 0.0
         self.bound_endpoint = endpoint
+        self.local = local
 
     def bind(self) -> str:
         self.front.bind(self.endpoint)
         self.bound_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.bulk is not None:
+            host = self.bound_endpoint[len("tcp://") :].rpartition(":")[0]
+            self.bulk.bind(f"tcp://{host}:0")
+            self.bulk_port = int(self.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
         return self.bound_endpoint
+
+    # -- sealed calls (remote callers) -------------------------------------------
+
+    def _session_request(self, msg: list[Any]) -> bool:
+        """Answer a ``{"op": "session"}`` on the CURVE front here (it needs the
+        caller's authenticated key, which only the frame carries). False: not one."""
+        if self.sessions is None or len(msg) != 2 or b"\xa7session" not in msg[1].bytes:
+            return False
+        try:
+            header = unpack_header(msg[1])
+        except VaultError:
+            return False  # the handler answers it
+        if header.get("op") != "session":
+            return False
+        rid = header.get("id") if isinstance(header.get("id"), int) else None
+        try:
+            key = msg[1].get("User-Id")
+            if not key:
+                raise ProtocolError("sealed sessions need a CURVE caller")
+            body = ok_reply(rid, **self.sessions.create(str(key), header.get("rand")),
+                            port=self.bulk_port)  # fmt: skip
+        except VaultError as exc:
+            body = error_reply(rid, exc)
+        self.front.send_multipart([msg[0], pack_header(body)])
+        return True
+
+    def _open_sealed(self, msg: list[Any]) -> list[Any] | None:
+        """A sealed request from the bulk socket as ``[route, header, frames...]``
+        (``route`` names the caller and its session), or None when it was
+        answered with a plain error (unknown session, failed authentication)."""
+        assert self.sessions is not None and self.bulk is not None
+        ident = msg[0]
+        sess = self.sessions.get(session_id(msg[1].bytes)) if len(msg) > 1 else None
+        if sess is None:
+            self.bulk.send_multipart(
+                [ident, *plain_error(ProtocolError("unknown sealed session"), unknown_session=True)]
+            )
+            return None
+        try:
+            frames = sess.opener.open(msg[1:])
+        except IntegrityError as exc:
+            self.bulk.send_multipart([ident, *plain_error(exc)])
+            return None
+        route = _BULK_ROUTE + next(self._route_ids).to_bytes(8, "little")
+        self._routes[route] = (ident, sess)
+        return [route, *frames]
+
+    def _send(self, route: Any, reply: list[Any]) -> None:
+        """Answer a request on the socket it came from (sealed for a sealed one)."""
+        if isinstance(route, bytes):  # only a sealed request's route is bytes
+            ident, sess = self._routes.pop(route)
+            assert self.bulk is not None
+            self.bulk.send_multipart([ident, *sess.sealer.seal(reply)], copy=False)
+        else:
+            self.front.send_multipart([route, *reply], copy=False)
 
     def _pooled(self, msg: list[Any]) -> None:
         push = getattr(self._tls, "push", None)
@@ -155,7 +239,10 @@ class Server:
         reply = self.handler(msg[1:])
         dt = time.perf_counter() - t0
         try:
-            push.send_multipart([msg[0], struct.pack("d", dt), *reply], copy=False)
+            # which socket answers: a sealed request's route is bytes of ours, a
+            # front caller's its ROUTER identity (which a caller may choose)
+            kind = b"B" if isinstance(msg[0], bytes) else b"F"
+            push.send_multipart([kind, msg[0], struct.pack("d", dt), *reply], copy=False)
         except zmq.ContextTerminated:  # pragma: no cover - shutting down
             pass
 
@@ -170,12 +257,15 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
+        bulk = self.bulk
+        if bulk is not None:
+            poller.register(bulk, zmq.POLLIN)
         front = self.front
         inflight = 0
         front.rcvtimeo = 200  # wake up to notice stop()
         try:
             while not self._stop.is_set():
-                if inflight == 0:
+                if inflight == 0 and bulk is None:
                     # Nothing pooled is pending: wait on the front socket alone.
                     # A plain receive is cheaper than a Poller over two sockets,
                     # and this is the path every small call takes.
@@ -189,14 +279,23 @@ class Server:
                     if sock is results:
                         msg = results.recv_multipart(copy=False)
                         inflight -= 1
-                        self._note(struct.unpack("d", msg[1].bytes)[0])
-                        front.send_multipart([msg[0], *msg[2:]], copy=False)
+                        self._note(struct.unpack("d", msg[2].bytes)[0])
+                        self._send(msg[1].bytes if msg[0].bytes == b"B" else msg[1], msg[3:])
+                        continue
+                    if sock is bulk:
+                        opened = self._open_sealed(bulk.recv_multipart(copy=False))
+                        if opened is not None:
+                            inflight += self._dispatch(opened, inline=inflight == 0)
                         continue
                     msg = front.recv_multipart(copy=False)
+                    if self._session_request(msg):
+                        continue
                     inflight += self._dispatch(msg, inline=inflight == 0)
         finally:
             results.close(linger=0)
             front.close(linger=0)
+            if bulk is not None:
+                bulk.close(linger=0)
 
     def _dispatch(self, msg: list[Any], *, inline: bool) -> int:
         """Answer ``msg`` here when allowed and calls have been fast; else hand
@@ -205,7 +304,7 @@ class Server:
             t0 = time.perf_counter()
             reply = self.handler(msg[1:])
             self._note(time.perf_counter() - t0)
-            self.front.send_multipart([msg[0], *reply], copy=False)
+            self._send(msg[0], reply)
             return 0
         self._pool.submit(self._pooled, msg)
         return 1
@@ -219,10 +318,14 @@ class Server:
         """Start the router thread; returns at once."""
         self._loop_thread = threading.Thread(target=self._loop, name="vault-router", daemon=True)
         self._loop_thread.start()
+        if self.local is not None:
+            self.local.start()
 
     def stop(self) -> None:
         """Stop the router thread (the front socket closes with it) and the authenticator."""
         self._stop.set()
+        if self.local is not None:
+            self.local.stop()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=5)
         if self._pool is not None:
@@ -230,3 +333,109 @@ class Server:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+class LocalServer:
+    """The direct local front (``vault/core/localwire.py``): the caller's
+    listening socket, inherited; one thread per connection, which reads a
+    request, runs it and writes the answer itself. No hand-off: a caller's
+    thread and its worker thread take turns, and several callers' computes
+    run at once (onnxruntime's ``run`` drops the GIL), as several threads
+    sharing one session do in-process.
+
+    A record that is malformed or over ``max_message`` gets a typed error
+    answer and its connection is closed (its stream can no longer be read in
+    step); past ``max_connections`` a new connection is closed at once."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        token: bytes,
+        handler: Handler,
+        max_message: int = 1 << 30,
+        max_connections: int = 256,
+    ) -> None:
+        if len(token) != TOKEN_BYTES:
+            raise ConfigError("the local channel needs a 32-byte token")
+        self.listener = listener
+        self._token = bytes(token)
+        self.handler = handler
+        self.max_message = max_message
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._accept, name="vault-local", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                if self._stopped:
+                    return
+                time.sleep(0.05)  # out of descriptors: back off, keep serving
+                continue
+            with self._lock:
+                if self._stopped or len(self._conns) >= self.max_connections:
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="vault-conn",
+                                 daemon=True).start()  # fmt: skip
+            except RuntimeError:  # no thread to be had: refuse this one only
+                self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = RecordReader(conn, max_message=self.max_message, owned=False)
+        handler = self.handler
+        try:
+            # who it is, first: a connection without the caller's token gets
+            # no answer at all, and a silent one is dropped after a while
+            conn.settimeout(_TOKEN_WAIT_S)
+            got = b""
+            while len(got) < TOKEN_BYTES:
+                chunk = conn.recv(TOKEN_BYTES - len(got))
+                if not chunk:
+                    return
+                got += chunk
+            if not hmac.compare_digest(got, self._token):
+                return
+            conn.settimeout(None)
+            while True:
+                try:
+                    frames = reader.read()
+                except ProtocolError as exc:
+                    send_record(conn, [pack_header(error_reply(None, exc))])
+                    return
+                send_record(conn, handler(frames))
+        except (Closed, OSError):
+            return
+        finally:
+            self._drop(conn)
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            conns, self._conns = set(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

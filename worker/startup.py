@@ -321,6 +321,17 @@ class Startup:
                     raise ConfigError(f"{args.server_secret}: holds no secret key")
             else:
                 server_public, server_secret = zmq.curve_keypair()
+        local = None
+        if args.listen_fd is not None:
+            from vault.core.localwire import TOKEN_BYTES, check_listener
+
+            from .server import LocalServer
+
+            if args.listen_token_fd is None:
+                raise ConfigError("--listen-fd needs --listen-token-fd")
+            token = bytes(read_fd(args.listen_token_fd, TOKEN_BYTES))
+            local = LocalServer(check_listener(args.listen_fd), token=token,
+                                handler=service.handle, max_message=args.max_message)  # fmt: skip
         server = Server(
             ctx,
             args.endpoint,
@@ -330,6 +341,7 @@ class Startup:
             curve_secret=server_secret,
             curve_public=server_public,
             allowed=allowed,
+            local=local,
         )
         bound = server.bind()
         server.start()
@@ -342,6 +354,8 @@ class Startup:
             "provider": pipeline.provider,
             "model_id": pkg.model_id,
             "allowed_clients": len(allowed) if allowed is not None else None,
+            "local": local is not None,  # the direct local channel is served
+            "sealed_port": server.bulk_port,  # remote callers' sealed calls (None: none)
             "timings_ms": self.timings,
         }
         return (server, keeper, ctx), ready

@@ -27,12 +27,24 @@ from vault.hybrid.client import HybridModel
 from vault.hybrid.publish import split
 
 
-def serve_tail(tail: Path, licence: Path, allow: Path, tmp: Path) -> tuple[Any, str, str]:
-    """``vault worker serve TAIL`` on a free port; returns (proc, endpoint, server key)."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_tail(
+    tail: Path, licence: Path, allow: Path, tmp: Path, sealed_port: int = 0
+) -> tuple[Any, str, str]:
+    """``vault worker serve TAIL`` on a free port; returns (proc, endpoint, server key).
+    ``sealed_port``: its sealed calls' port (for an emulated link to cover it too)."""
     key_out = tmp / f"{tail.stem}.pub"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vault", "worker", "serve", str(tail), "--licence", str(licence),
-         "--bind", "tcp://127.0.0.1:0", "--allow", str(allow), "--server-key-out", str(key_out)],
+         "--bind", "tcp://127.0.0.1:0", "--allow", str(allow), "--server-key-out", str(key_out),
+         "--sealed-port", str(sealed_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     endpoint, buf = served_endpoint(proc)
@@ -48,6 +60,7 @@ class Deployment:
         self.server: dict[str, str] = {}
         self.keys: dict[str, str] = {}
         self.key_ids: dict[str, str] = {}
+        self.sealed: dict[str, int] = {}  # each tail's sealed calls' port
         self.alice = Path()
 
     def close(self) -> None:
@@ -98,9 +111,11 @@ def deploy(ks: KeyServerProcess, tmp: Path, model_id: str, dep: Deployment, **kw
         )  # the vendor's own server, no device here
         srv_path = tmp / f"{model_id}-server-{c['name']}.licence"
         srv.save(srv_path)
-        proc, endpoint, key = serve_tail(out / c["tail"], srv_path, allow, tmp)
+        sealed = _free_port()
+        proc, endpoint, key = serve_tail(out / c["tail"], srv_path, allow, tmp, sealed)
         dep.procs.append(proc)
         dep.server[c["tail_model_id"]] = endpoint
+        dep.sealed[c["tail_model_id"]] = sealed
         dep.keys[c["tail_model_id"]] = key
     return out
 
@@ -303,7 +318,8 @@ def test_client_moves_to_the_cheaper_cut_when_the_link_slows(
         server = {}
         for tail, address in dep.server.items():
             host, port = address.removeprefix("tcp://").rsplit(":", 1)
-            proxies.append(LinkProxy(host, int(port), rtt_ms=2, mbit=1000))
+            proxies.append(LinkProxy(host, int(port), rtt_ms=2, mbit=1000,
+                                     sealed_port=dep.sealed[tail]))  # fmt: skip
             server[tail] = proxies[-1].address
         x = {"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}
         want = _run_whole(wide, x)

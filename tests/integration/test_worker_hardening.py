@@ -330,7 +330,9 @@ def test_worker_writes_nothing_even_with_a_writable_home(tmp_path: Path) -> None
             m.compute({"x": np.ones((3, 8), np.float32)})
         wdir = Path(m._localw.dir)  # type: ignore[union-attr]
         assert m.health()["kernel"]["home"] == str(home)
-        assert sorted(p.name for p in wdir.iterdir()) == ["w0.sock"]  # only its socket
+        # only its socket (w0), beside the caller's own listening socket (c0,
+        # which the client made there for the direct local channel)
+        assert sorted(p.name for p in wdir.iterdir()) == ["c0.sock", "w0.sock"]
     assert list(home.rglob("*")) == []  # no ~/.cache/Microsoft/... store
     assert _tree(tmp_path) == before
 

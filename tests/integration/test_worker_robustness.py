@@ -280,7 +280,7 @@ def test_a_remote_caller_learns_no_host_details_from_health(tmp_path: Path) -> N
     os.write(key_w, s.key)
     os.close(key_w)
     proc = spawn_worker(
-        [s.path, "--endpoint", "tcp://127.0.0.1:0", "--allow-key", client_public.decode(),
+        [s.path, "--endpoint", "tcp://127.0.0.1:0", f"--allow-key={client_public.decode()}",
          "--publisher", s.publisher_pub, "--unsafe-test-key-fd", str(key_r),
          "--status-fd", str(status_w)],
         pass_fds=[status_w, key_r],

@@ -87,6 +87,11 @@ def test_worker_probes_and_scraping_use_the_service_endpoints() -> None:
     assert int(ann["prometheus.io/port"]) == args.metrics_port
     assert ann["prometheus.io/path"] == "/metrics"
     assert ports["zmq"] == int(args.bind.rsplit(":", 1)[1])
+    # sealed calls' socket: a fixed port the Service exposes (a chosen-by-the-
+    # system one would be unreachable, and every caller would stay on CURVE)
+    assert args.sealed_port > 0 and ports["sealed"] == args.sealed_port
+    svc = _one("Service", "vault-worker")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["sealed"] == args.sealed_port
     # the drain finishes before Kubernetes sends SIGKILL
     assert args.drain_timeout < tpl["spec"]["terminationGracePeriodSeconds"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}

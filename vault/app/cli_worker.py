@@ -102,6 +102,11 @@ def register(sub: Any) -> None:
                    help="serve /metrics, /healthz, /readyz, /v2/health/{live,ready} and "
                         "/v2/models/M/ready over HTTP on this port")  # fmt: skip
     s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST")
+    s.add_argument("--sealed-port", type=int, default=0, metavar="P",
+                   help="tcp:// only: the port of the second socket remote computes travel "
+                   "sealed on (AES-256-GCM, keys agreed over CURVE; docs/transport.md), on "
+                   "the --bind host; 0 (default): any free port; -1: none (calls stay on "
+                   "CURVE)")  # fmt: skip
     s.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S")
     s.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="S")
     s.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -313,6 +318,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        sealed_port=None if args.sealed_port < 0 else args.sealed_port,
         curve=curve,
         policy=policy,
         launch=launch,
@@ -330,6 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
             log("server_key_written", path=args.server_key_out)
         ready_line({"endpoint": ready["endpoint"], "server_key": key or None,
                     "metrics_port": ready.get("metrics_port"), "models": ready["models"],
+                    "sealed_port": ready.get("sealed_port"),
                     "http_port": ready.get("http_port"), "grpc_port": ready.get("grpc_port"),
                     "tls": bool(args.tls_cert), "pid": os.getpid()})  # fmt: skip
         return svc.run()

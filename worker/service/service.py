@@ -21,7 +21,7 @@ id, split back, and answered to the caller with the caller's own id.
   message), retried with backoff (1 s doubling to 60 s), while the others
   serve. Readiness follows Triton's and KServe's data plane: :meth:`live`,
   :meth:`ready` (the initial load has finished, at least one model is ready,
-  not draining), :meth:`model_ready`, :meth:`model_metadata`.
+  not draining), :meth:`model_ready`, :meth:`model_signature`.
 - Signals only wake the loop (``signal.set_wakeup_fd``); SIGTERM starts a
   drain: readiness goes false, new calls are refused with
   :class:`ServiceUnavailableError`, the calls already admitted finish within
@@ -57,6 +57,7 @@ import zmq
 
 from vault.core.errors import (
     ConfigError,
+    IntegrityError,
     ProtocolError,
     ServiceUnavailableError,
     UnknownModelError,
@@ -73,6 +74,7 @@ from vault.core.protocol import (
     pack_header,
     unpack_header,
 )
+from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
 from vault.core.token import Token
 
 from . import batching
@@ -111,6 +113,7 @@ class ServiceConfig:
     metrics_port: int | None = None
     max_message: int = 1 << 30
     curve: tuple[bytes, bytes] | None = None  # (public, secret) for tcp://
+    sealed_port: int | None = 0  # sealed calls' socket, on the bind host (0: any; None: none)
     policy: CallPolicy = field(default_factory=OpenPolicy)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
     # re-read the service's licences on a rescan (SIGHUP): a licence replaced
@@ -248,6 +251,9 @@ class WorkerService:
         self._oip: Any = None
         self._edge_closed = False
         self.front = self.ctx.socket(zmq.ROUTER)
+        self.sessions: SessionTable | None = None
+        self.bulk: zmq.Socket[Any] | None = None
+        self.bulk_port: int | None = None
         self.endpoint = cfg.bind
         self.repo = Repository(cfg.repository) if cfg.repository else None
         self._next_poll = 0.0
@@ -280,6 +286,16 @@ class WorkerService:
             f.curve_secretkey = secret
             f.curve_publickey = public
             f.zap_domain = b"vault"
+        if self.cfg.bind.startswith("tcp://") and self.cfg.sealed_port is not None:
+            # sealed calls: AES-256-GCM on a second socket, keys agreed over
+            # this CURVE one (vault/core/sealed.py, docs/transport.md); a call's
+            # frames may wait in a queue or a batch: a fresh buffer per message
+            assert self.cfg.curve is not None
+            self.sessions = SessionTable(self.cfg.curve[0], reuse=False)
+            b = self.bulk = self.ctx.socket(zmq.ROUTER)
+            b.linger = 0
+            b.maxmsgsize = CHUNK + 4096  # sealed chunks only
+            b.sndhwm = b.rcvhwm = 10000
 
     def _initial_sources(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
@@ -337,6 +353,15 @@ class WorkerService:
                 raise ConfigError(f"cannot bind {self.cfg.bind}: {exc}") from None
             self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
             self._poller.register(self.front, zmq.POLLIN)
+            if self.bulk is not None:
+                host = self.endpoint[len("tcp://") :].rpartition(":")[0]
+                try:
+                    self.bulk.bind(f"tcp://{host}:{self.cfg.sealed_port or 0}")
+                except zmq.ZMQError as exc:
+                    raise ConfigError(f"cannot bind the sealed port: {exc}") from None
+                last = self.bulk.getsockopt_string(zmq.LAST_ENDPOINT)
+                self.bulk_port = int(last.rpartition(":")[2])
+                self._poller.register(self.bulk, zmq.POLLIN)
             self._poller.register(self._wake_r, zmq.POLLIN)
             if self.cfg.oip is not None:
                 from .oip import OipServer
@@ -367,6 +392,7 @@ class WorkerService:
             "server_key": self.cfg.curve[0].decode() if self.cfg.curve else None,
             "models": {k: self._describe(m) for k, m in self.models.items()},
             "metrics_port": self.metrics_port,
+            "sealed_port": self.bulk_port,
         }
 
     @property
@@ -473,19 +499,16 @@ class WorkerService:
             out.append(row)
         return out
 
-    def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        """The model's public signature in the Open Inference Protocol's terms
-        (``name``, ``versions``, ``platform``, ``inputs``/``outputs`` with
-        ``datatype`` and ``shape``, -1 for a dimension that varies), read from
-        the package's public manifest: known even while the model cannot load.
-        :class:`UnknownModelError` for a model (or version) not served here."""
+    def model_signature(self, model: str) -> dict[str, Any] | None:
+        """``{"inputs", "outputs"}`` of a model served here, from its worker
+        once one has started, else from the package's public manifest (known
+        even while the model cannot load: no key needed); None for a model
+        this service does not serve. The doors turn it into the protocol's
+        model metadata."""
         m = self.models.get(model)
-        if m is None or m.removing or version not in (None, "", VERSION):
-            raise UnknownModelError(f"no model {model!r} is served here")
-        sig = m.signature()
-        return {"name": model, "versions": [VERSION], "platform": "onnxruntime_onnx",
-                "inputs": [_oip_tensor(t) for t in sig["inputs"]],
-                "outputs": [_oip_tensor(t) for t in sig["outputs"]]}  # fmt: skip
+        if m is None or m.removing:
+            return None
+        return m.signature()
 
     def model_info(self, model: str) -> dict[str, Any] | None:
         """The public signature of a served model (thread-safe), or None."""
@@ -574,6 +597,8 @@ class WorkerService:
                     self._wake()
                 elif key is self.front:
                     self._from_callers()
+                elif key is self.bulk:
+                    self._from_sealed()
                 elif isinstance(key, int):
                     inst = self._by_pidfd.get(key)
                     if inst is not None:
@@ -711,6 +736,27 @@ class WorkerService:
                 return
             self._request(front.recv_multipart(copy=False))
 
+    def _from_sealed(self) -> None:
+        """Sealed calls from the second socket: opened, then served as any call,
+        admitted as the CURVE key that made their session; answered sealed."""
+        bulk = self.bulk
+        assert bulk is not None and self.sessions is not None
+        for _ in range(1024):
+            if bulk.closed or not _readable(bulk):
+                return
+            msg = bulk.recv_multipart(copy=False)
+            sess = self.sessions.get(session_id(msg[1].bytes)) if len(msg) > 1 else None
+            if sess is None:
+                err = plain_error(ProtocolError("unknown sealed session"), unknown_session=True)
+                bulk.send_multipart([msg[0], *err])
+                continue
+            try:
+                frames = sess.opener.open(msg[1:])
+            except IntegrityError as exc:  # refused before anything of it is used
+                bulk.send_multipart([msg[0], *plain_error(exc)])
+                continue
+            self._request([_SealedRoute(msg[0], sess), *frames], caller_key=sess.client_key)
+
     def _reply(self, ident: Any, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         self._last_answer = time.monotonic()
         if isinstance(ident, EdgeCall):
@@ -720,11 +766,25 @@ class WorkerService:
                 self.log("edge_reply_failed", level="error", error=type(exc).__name__)
             return
         try:
-            self.front.send_multipart([ident, pack_header(header), *frames], copy=False)
+            if isinstance(ident, _SealedRoute):
+                assert self.bulk is not None
+                sealed_msg = ident.session.sealer.seal([pack_header(header), *frames])
+                self.bulk.send_multipart([ident.ident, *sealed_msg], copy=False)
+            else:
+                self.front.send_multipart([ident, pack_header(header), *frames], copy=False)
         except zmq.ZMQError:  # the caller is gone
             pass
 
-    def _request(self, msg: list[Any]) -> None:
+    def _session(self, ident: Any, rid: Any, header: dict[str, Any], frame: Any) -> None:
+        """``{"op": "session"}`` on the CURVE front: a sealed session for the
+        caller's authenticated key (the frame carries it)."""
+        key = _user_id(frame)
+        if self.sessions is None or self.bulk_port is None or key is None:
+            raise ProtocolError("unknown op 'session': this service offers no sealed calls")
+        fields = self.sessions.create(key, header.get("rand"))
+        self._reply(ident, ok_reply(rid, **fields, port=self.bulk_port))
+
+    def _request(self, msg: list[Any], *, caller_key: str | None = None) -> None:
         ident = msg[0]
         rid: Any = None
         try:
@@ -735,9 +795,13 @@ class WorkerService:
             if not isinstance(rid, (int, str)) or isinstance(rid, bool):
                 rid = None
             op = header.get("op")
+            if op == "session" and not isinstance(ident, _SealedRoute) and len(msg) == 2:
+                self._session(ident, rid, header, msg[1])
+                return
             m = self._model_for(header.get("model"))
             if op == "compute":
-                self._admit_compute(ident, rid, header, msg[2:], m, _user_id(msg[1]))
+                key = caller_key if isinstance(ident, _SealedRoute) else _user_id(msg[1])
+                self._admit_compute(ident, rid, header, msg[2:], m, key)
                 return
             if len(msg) != 2:
                 raise ProtocolError(f"op {op!r} takes no tensor frames")
@@ -1198,8 +1262,15 @@ class WorkerService:
                 self.front.poll(20)
             self._refuse_waiting()
             self.front.close(linger=_CLOSE_LINGER_MS)
+            if self.bulk is not None:
+                self.bulk.close(linger=_CLOSE_LINGER_MS)
 
     def _refuse_waiting(self) -> None:
+        if self.bulk is not None and not self.bulk.closed:
+            self._from_sealed()  # draining: their computes are refused, sealed
+        self._refuse_waiting_front()
+
+    def _refuse_waiting_front(self) -> None:
         """Answer every request already received by the front socket but not
         yet read: a drain that ends must not leave a caller waiting for its
         timeout on a request the service never looked at."""
@@ -1281,26 +1352,19 @@ class WorkerService:
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)}}  # fmt: skip
 
 
+class _SealedRoute:
+    """Where a sealed call's answer goes: the caller's identity on the sealed
+    socket and its session (whose key seals the answer)."""
+
+    __slots__ = ("ident", "session")
+
+    def __init__(self, ident: Any, session: ServerSession) -> None:
+        self.ident, self.session = ident, session
+
+
 def _licence_bytes(lics: Any) -> list[bytes]:
     items = lics if isinstance(lics, (list, tuple)) else [lics] if lics is not None else []
     return [lic.dumps() for lic in items]
-
-
-_OIP_DTYPES = {
-    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
-    "uint64": "UINT64", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "float32": "FP32", "float64": "FP64", "bfloat16": "BF16",
-    "string": "BYTES", "str": "BYTES", "object": "BYTES",
-}  # fmt: skip
-
-
-def _oip_tensor(t: dict[str, Any]) -> dict[str, Any]:
-    """A manifest's tensor in the Open Inference Protocol's metadata terms."""
-    dtype = str(t.get("dtype"))
-    shape = t.get("shape")
-    dims = [-1] if shape is None else [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-    return {"name": t.get("name"), "datatype": _OIP_DTYPES.get(dtype, dtype.upper()),
-            "shape": dims}  # fmt: skip
 
 
 def _readable(sock: zmq.Socket[Any]) -> bool:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 import vault
 from tests.models import classifier_pipeline, reference_pipeline
+from tests.raw import Raw, raw_local, raw_zmq
 from tests.sealed import Sealed, open_sealed, seal_for_test
 from vault.client import Model
 from vault.core.protocol import PROTOCOL_VERSION, pack_header
@@ -82,8 +84,11 @@ def test_internal_tensor_is_refused_like_an_unknown_name(model: Model) -> None:
     assert str(internal.value).replace("logits", "?") == str(unknown.value).replace("zzzzzz", "?")
 
 
-def test_malformed_messages_get_typed_errors(model: Model) -> None:
-    sock = model._channel._socket()  # the raw socket: send frames the client would never build
+@pytest.mark.parametrize("front", [raw_zmq, raw_local], ids=["zmq", "local"])
+def test_malformed_messages_get_typed_errors(
+    model: Model, front: Callable[[Model], contextlib.AbstractContextManager[Raw]]
+) -> None:
+    """Both fronts of a local worker (ZeroMQ and the direct local channel)."""
     cases = [
         [b"\xc1garbage"],
         [pack_header({"v": PROTOCOL_VERSION + 7, "op": "info", "id": 1})],
@@ -98,13 +103,11 @@ def test_malformed_messages_get_typed_errors(model: Model) -> None:
     from vault.core.protocol import unpack_header
 
     codes = []
-    for frames in cases:
-        sock.send_multipart(frames)
-        assert sock.poll(5000)
-        reply = sock.recv_multipart()
-        header = unpack_header(reply[0])
-        assert header["ok"] is False
-        codes.append(header["error"]["code"])
+    with front(model) as call:  # the raw transport: send frames the client would never build
+        for frames in cases:
+            header = unpack_header(call(frames)[0])
+            assert header["ok"] is False
+            codes.append(header["error"]["code"])
     assert codes == [
         "protocol",
         "unsupported_version",
@@ -115,6 +118,62 @@ def test_malformed_messages_get_typed_errors(model: Model) -> None:
         "protocol",
     ]
     assert model.compute({"image": _image(1)})["probs"].shape == (1, 5)
+
+
+def test_the_local_channel_answers_only_connections_with_the_callers_token(
+    model: Model,
+) -> None:
+    """A process that can reach the caller's socket (its own uid) but holds no
+    token gets no answer; the same request with the token is answered (control)."""
+    import socket
+
+    from vault.core.localwire import Closed, LocalChannel, RecordReader, send_record
+
+    assert isinstance(model._channel, LocalChannel)
+    request = [pack_header({"v": PROTOCOL_VERSION, "op": "info", "id": 1})]
+    answers = {}
+    for who, token in (("stranger", os.urandom(32)), ("caller", model._channel._token)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(model._channel.path)
+            s.sendall(token)
+            try:
+                send_record(s, request)
+                answers[who] = RecordReader(s, max_message=1 << 20, owned=True).read()
+            except (Closed, OSError):
+                answers[who] = None
+    assert answers["stranger"] is None
+    assert answers["caller"] is not None
+    assert model.compute({"image": _image(1)})["probs"].shape == (1, 5)
+
+
+def test_a_thread_per_call_does_not_pile_up_connections(model: Model) -> None:
+    """A caller that makes a new thread for every call (a thread-per-request
+    server) gets an answer every time: each thread's connection to the
+    worker ends with the thread, so the worker's 256-connection cap is never
+    reached."""
+    import gc
+
+    from vault.core.localwire import LocalChannel
+
+    assert isinstance(model._channel, LocalChannel)
+    x = _image(1)
+    want = model.compute({"image": x})["probs"]
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            np.testing.assert_array_equal(model.compute({"image": x})["probs"], want)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert below
+            errors.append(exc)
+
+    for _ in range(300):
+        t = threading.Thread(target=one)
+        t.start()
+        t.join()
+    gc.collect()
+    assert errors == []
+    assert len(model._channel._conns) <= 2  # this thread's, and at most one not yet collected
 
 
 def test_many_threads_at_once(model: Model) -> None:

@@ -4,8 +4,9 @@ frames when slots run out or tensors do not fit."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from tests.raw import Raw, raw_local, raw_zmq
 from tests.sealed import Sealed, open_sealed, seal_for_test
 from vault.client import Model
 from vault.core.protocol import PROTOCOL_VERSION, encode_tensors, pack_header, unpack_header
@@ -109,10 +111,12 @@ def test_many_threads_more_than_slots(model: Model) -> None:
     assert errors == []
 
 
-def test_out_of_bounds_shared_tensors_are_refused(model: Model) -> None:
+@pytest.mark.parametrize("front", [raw_zmq, raw_local], ids=["zmq", "local"])
+def test_out_of_bounds_shared_tensors_are_refused(
+    model: Model, front: Callable[[Model], contextlib.AbstractContextManager[Raw]]
+) -> None:
     arena = model._localw.arena  # type: ignore[union-attr]
     assert arena is not None
-    sock = model._channel._socket()  # the raw socket: send frames the client would never build
     small_desc, small_frames = encode_tensors({"small": np.ones(2, np.float32)})
     big = {"name": "big", "dtype": "float32", "shape": [1, 3, 8, 8]}
     n = 3 * 8 * 8 * 4
@@ -125,13 +129,12 @@ def test_out_of_bounds_shared_tensors_are_refused(model: Model) -> None:
         ({**big, "shm": [0, n - 4]}, region),  # size does not match the shape
         ({**big, "shm": "everywhere"}, region),
     ]
-    for i, (desc, reg) in enumerate(cases):
-        header = {"v": PROTOCOL_VERSION, "op": "compute", "id": 100 + i,
-                  "tensors": [desc, *small_desc], "shm": reg}  # fmt: skip
-        sock.send_multipart([pack_header(header), *small_frames])
-        assert sock.poll(5000)
-        reply = unpack_header(sock.recv_multipart()[0])
-        assert reply["ok"] is False and reply["error"]["code"] == "protocol", reply
+    with front(model) as call:  # the raw transport: frames the client would never build
+        for i, (desc, reg) in enumerate(cases):
+            header = {"v": PROTOCOL_VERSION, "op": "compute", "id": 100 + i,
+                      "tensors": [desc, *small_desc], "shm": reg}  # fmt: skip
+            reply = unpack_header(call([pack_header(header), *[bytes(f) for f in small_frames]])[0])
+            assert reply["ok"] is False and reply["error"]["code"] == "protocol", reply
     feeds = _feeds(64, 64)
     np.testing.assert_array_equal(model.compute(feeds)["out_big"], _reference(feeds)["out_big"])
 
