@@ -71,7 +71,12 @@ class AnchorWriter:
     def __init__(self, path: str | os.PathLike[str], key: _crypto.PublisherKey) -> None:
         self.path = os.fspath(path)
         self._key = key
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # made 0600: each line's time and position tell when, and how often, the
+        # key server decided something (another local user reading them learns
+        # the callers' activity); an operator may open an existing file to a
+        # log shipper, whose mode is left as it is
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, 0o600)
 
     def __call__(self, seq: int, head: bytes, ts: float) -> None:
         sig = self._key.sign(_message(seq, head, ts))

@@ -38,6 +38,7 @@ import itertools
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -357,9 +358,12 @@ class _DaemonWorker:
         self._count = itertools.count()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._endpoint_fd: int | None = None  # O_PATH: the worker's socket, for this process only
         self._owner = os.getpid()  # whose daemon connection ``_sock`` is
 
-    def _call(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
+    def _call(
+        self, msg: dict[str, Any], fds: Sequence[int] = (), *, max_fds: int = 0
+    ) -> tuple[dict[str, Any], list[int]]:
         if os.getpid() != self._owner:
             # a forked child: the daemon connection is the parent's (the two
             # would read each other's answers), and so are the workers on it
@@ -394,20 +398,22 @@ class _DaemonWorker:
                 self._sock = s
             try:
                 send_message(self._sock, msg, fds)
-                reply, extra = recv_message(self._sock, max_fds=0)
+                reply, extra = recv_message(self._sock, max_fds=max_fds)
             except (OSError, ConnectionError) as exc:
                 self._sock.close()
                 self._sock = None
                 raise WorkerCrashedError(f"lost the vault daemon ({exc})") from None
         if not reply.get("ok"):
+            for fd in extra:
+                os.close(fd)
             raise from_wire(reply.get("error"))
-        return reply
+        return reply, extra
 
     def start(self) -> str:
         from .core.package import Package
 
         if not self.hello:
-            self.hello = self._call({"op": "hello"})
+            self.hello = self._call({"op": "hello"})[0]
         pkg = Package.load(self.package)
         try:
             digest = pkg.digest
@@ -440,6 +446,7 @@ class _DaemonWorker:
             msg["device"] = self.device
         if not self.prepack:
             msg["prepack"] = False
+        self._drop_endpoint()  # the previous worker's: its channel is closed by now
         listener, local_path = (None, None)
         if local_channel_enabled():
             if self.dir is None:
@@ -451,17 +458,31 @@ class _DaemonWorker:
             fds = [fd] if self.arena is None else [fd, self.arena.fd]
             if listener is not None:
                 fds.append(listener.fileno())  # the last one
-            reply = self._call(msg, fds)
+            reply, got = self._call(msg, fds, max_fds=1)
         finally:
             os.close(fd)
             if listener is not None:
                 listener.close()  # only the worker holds it now
+        # The worker's ZeroMQ socket sits in a directory only the workers' uid
+        # and root can enter (no other user can reach it, or flood it): the
+        # daemon sends an O_PATH descriptor of it, and this process connects
+        # through its own /proc/self/fd entry.
+        if len(got) != 1 or not stat.S_ISSOCK(os.fstat(got[0]).st_mode):
+            for extra in got:
+                os.close(extra)
+            raise ProtocolError("the vault daemon sent no socket for the worker")
+        self._endpoint_fd = got[0]
         self.wid = str(reply["worker"])
         self.worker_pid = int(reply["pid"])
         self.server_key = str(reply["server_key"])
         self.ready = dict(reply.get("ready") or {})
         self.local_path = local_path if self.ready.get("local") else None
-        return str(reply["endpoint"])
+        return f"ipc:///proc/self/fd/{self._endpoint_fd}"
+
+    def _drop_endpoint(self) -> None:
+        fd, self._endpoint_fd = self._endpoint_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_serverkey = self.server_key.encode()
@@ -472,7 +493,7 @@ class _DaemonWorker:
         if self.wid is None:
             return False
         try:
-            return bool(self._call({"op": "status", "worker": self.wid}).get("alive"))
+            return bool(self._call({"op": "status", "worker": self.wid})[0].get("alive"))
         except (PermissionDeniedError, WorkerCrashedError):
             return False
 
@@ -481,7 +502,8 @@ class _DaemonWorker:
         return self.worker_pid if self.wid is not None else None
 
     def daemon_health(self) -> dict[str, Any]:
-        return {k: v for k, v in self._call({"op": "health"}).items() if k not in ("ok", "id")}
+        reply = self._call({"op": "health"})[0]
+        return {k: v for k, v in reply.items() if k not in ("ok", "id")}
 
     def kill(self) -> None:
         wid, self.wid = self.wid, None
@@ -497,6 +519,7 @@ class _DaemonWorker:
             if self._sock is not None:
                 self._sock.close()  # the daemon stops anything left of ours
                 self._sock = None
+        self._drop_endpoint()
         if self.arena is not None:
             self.arena.close()
             self.arena = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -205,6 +206,17 @@ def test_insider_rows_are_refused_and_a_rewritten_log_fails_against_the_anchor(i
                                      f"open({str(anchor)!r}, 'a').write('x')"]),
                          capture_output=True, text=True, cwd="/", timeout=30)  # fmt: skip
     assert res.returncode != 0 and "Permission denied" in res.stderr
+    # nor read it (its lines time every batch of decisions): the key server made it
+    # 0600 in a directory anyone may enter; control: a 0644 copy there is read
+    copy = anchor.parent / "copy.anchor"
+    shutil.copy(anchor, copy)
+    os.chmod(copy, 0o644)
+    for path, readable in ((anchor, False), (copy, True)):
+        res = subprocess.run(_as_nobody([SYSTEM_PYTHON, "-I", "-c",
+                                         f"print(len(open({str(path)!r}).read()))"]),
+                             capture_output=True, text=True, cwd="/", timeout=30)  # fmt: skip
+        assert (res.returncode == 0) is readable, (path, res.stderr)
+    assert stat.S_IMODE(anchor.stat().st_mode) == 0o600
 
 
 def test_master_rotation_keeps_rows_authentic_and_forged_rows_refused(insider_setup):

@@ -540,6 +540,31 @@ def test_token_budget_and_licence_quota(plane: Plane) -> None:
     _serving(plane)
 
 
+def test_a_spent_token_rewritten_under_its_signature_is_refused(plane: Plane) -> None:
+    # an end user spends a 1-call token, then sends its payload rewritten (no
+    # budget, a day's life) under the signature the service already verified
+    import base64
+
+    text = plane.token("alice", "clf", max_calls=1, expires=60)
+    client, headers = plane.http(text)
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    client.infer("clf", [inp], headers=headers)
+    client.close()
+    e = _http_refusal(plane, text)  # the control: the budget holds for the token as minted
+    assert e.status() == "429" and "[token_spent]" in e.message(), e
+    prefix, payload, sig = text.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    del body["max_calls"]
+    body.update(jti="another-id", exp=body["iat"] + 86400)
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    forged = f"{prefix}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}.{sig}"
+    e = _http_refusal(plane, forged)
+    assert e.status() == "401" and "[token_invalid]" in e.message(), e
+    assert _grpc_refusal(plane, forged).status() == "StatusCode.UNAUTHENTICATED"
+    _serving(plane)
+
+
 def test_rate_limit_is_429_with_retry_after(plane: Plane) -> None:
     import http.client
 

@@ -219,7 +219,10 @@ def test_when_no_model_can_load_the_service_stays_up_unready(tmp_path: Path) -> 
     """Every model fails (here: a wrong package key): start() returns, the
     service is live but not ready, each model unavailable with its reason,
     and it keeps trying them; a call is refused as unavailable."""
-    run = start_service(tmp_path, {"m": mlp()}, instances=1, wrong_keys=True)
+    from worker.service.oip import OipConfig
+
+    run = start_service(tmp_path, {"m": mlp()}, instances=1, wrong_keys=True,
+                        oip=OipConfig(http_port=0, grpc_port=0))  # fmt: skip
     try:
         assert run.svc.live() and not run.svc.ready()
         assert run.svc.model_state("m") == ("UNAVAILABLE",
@@ -233,8 +236,29 @@ def test_when_no_model_can_load_the_service_stays_up_unready(tmp_path: Path) -> 
         assert run.svc.models_status() == [{"name": "m", "version": "1", "state": "UNAVAILABLE",
                                             "reason": "integrity: package failed to "
                                                       "authenticate or decrypt"}]  # fmt: skip
-        meta = run.svc.model_metadata("m")  # the public signature, known without a key
+        # the Open Inference Protocol's doors say the same as the probes: the
+        # model is served here, not ready (REST 503, gRPC ready false, never
+        # 404 "no such model"), and its metadata is the manifest's (no key needed)
+        rest = f"http://127.0.0.1:{run.svc.http_port}/v2/models/m"
+        for url, status in ((rest + "/ready", 503), (rest, 200), (rest + "/versions/1", 200),
+                            (rest + "/versions/2/ready", 404), (rest + "x/ready", 404)):  # fmt: skip
+            try:
+                with urllib.request.urlopen(url) as r:
+                    got, body = r.status, json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                got, body = exc.code, json.loads(exc.read())
+            assert got == status, (url, got, body)
+        with urllib.request.urlopen(rest) as r:
+            meta = json.loads(r.read())
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
+        import tritonclient.grpc as tritongrpc
+
+        g = tritongrpc.InferenceServerClient(f"127.0.0.1:{run.svc.grpc_port}")
+        try:
+            assert g.is_model_ready("m") is False and g.is_server_ready() is False
+            assert g.get_model_metadata("m", as_json=True)["inputs"][0]["name"] == "x"
+        finally:
+            g.close()
         wait_for(lambda: '"attempt":2' in run.log_path.read_text(), "a second attempt")
     finally:
         run.stop()

@@ -478,7 +478,7 @@ def test_a_worker_past_its_start_timeout_is_killed_and_sigterm_ends_a_start(
 
         t = threading.Thread(target=opener)
         t.start()
-        _wait_starting(sock, 1)
+        _wait_assigned(starting)  # its assignment waits in its socket: it has a start to end
         os.kill(starting, signal.SIGTERM)  # pending while it is stopped...
         os.kill(starting, signal.SIGCONT)  # ...and acted on at once when it goes on
         t.join(60)
@@ -500,6 +500,31 @@ def test_a_worker_past_its_start_timeout_is_killed_and_sigterm_ends_a_start(
         os.kill(held, signal.SIGCONT)
         t.join(60)
         assert result == {"pid": held, "out": (1, 5)}, result
+
+
+def _wait_assigned(pid: int) -> None:
+    """Until the daemon's assignment waits, unread, in the socket of the
+    pre-started worker ``pid`` (stopped): its bytes queued (FIONREAD on a
+    copy of the worker's descriptor, taken with pidfd_getfd as root)."""
+    import ctypes
+    import fcntl
+    import struct
+    import termios
+
+    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    target = int(cmd[cmd.index(b"--standby-fd") + 1])
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    fd = libc.syscall(438, pidfd, target, 0)  # pidfd_getfd
+    os.close(pidfd)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        deadline = time.monotonic() + 60
+        while struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] == 0:
+            assert time.monotonic() < deadline, "no assignment came"
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -696,6 +721,39 @@ def test_the_daemon_refuses_a_socket_directory_others_can_write(trust: Trust) ->
         listener.close()
 
 
+def test_the_daemon_refuses_an_interpreter_its_workers_cannot_run(trust: Trust) -> None:
+    """deploy/README.md's venv made from root's own ``python3`` (pyenv under
+    ``/root``, mode 0700) passes the install check (root's, writable by no one
+    else), but no worker of the workers' uid can start from it: the daemon
+    said ready and failed every open with ``PermissionError``. Now ``vault
+    daemon`` refuses to start, naming the directory. Control: the spawn it
+    would have made fails as that user; through a directory the workers' user
+    may search, the same interpreter passes the check."""
+    from vault.app.daemon import check_worker_can_run
+
+    home = trust.dir / "home"  # like /root
+    home.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(home, 0o700)
+    py = home / "python3"
+    if not py.is_symlink():
+        py.symlink_to(SYSTEM_PYTHON)  # a venv's interpreter is such a link
+    sock = trust.dir / "refused.sock"
+    cmd = _daemon_cmd(trust, str(sock))
+    cmd[cmd.index("--python") + 1] = str(py)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "error[config]" in out.stderr and f"cannot run {py}" in out.stderr, out.stderr
+    assert f"it may not search {home} (mode 0700, uid 0)" in out.stderr, out.stderr
+    assert not sock.exists()
+    worker = dict(user=trust.worker.pw_uid, group=trust.worker.pw_gid, extra_groups=[])
+    with pytest.raises(PermissionError):  # control: the worker the daemon would have spawned
+        subprocess.run([str(py), "-I", "-c", "pass"], check=True, **worker)  # type: ignore[call-overload]
+    os.chmod(home, 0o755)
+    check_worker_can_run(str(py), (_readable_source(), _site_packages()),
+                         uid=trust.worker.pw_uid, gid=trust.worker.pw_gid,
+                         user=trust.worker.pw_name)  # fmt: skip
+
+
 RELAY = r"""
 import json, os, socket, sys
 import numpy as np
@@ -710,11 +768,11 @@ conn, _ = lst.accept(); conn.settimeout(60)
 d = socket.socket(socket.AF_UNIX); d.connect(real)
 out = {"received": []}
 
-def compute(rep):
+def compute(rep, fd):
     ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.linger = 0
     s.curve_serverkey = rep["server_key"].encode()
     s.curve_publickey = keys["public"].encode(); s.curve_secretkey = keys["secret"].encode()
-    s.connect(rep["endpoint"])
+    s.connect(f"ipc:///proc/self/fd/{fd}")  # the socket's descriptor came with the reply
     x = np.ones((1, 8), np.float32)
     s.send_multipart([pack_header({"v": PROTOCOL_VERSION, "op": "compute", "id": 1,
                       "tensors": [{"name": "x", "dtype": "float32", "shape": [1, 8]}]}), x.tobytes()])
@@ -733,12 +791,12 @@ try:
         fwd = {**msg, "client_key": keys["public"]}
         if keys.get("proof"):
             fwd["proof"] = keys["proof"]
-        send_message(d, fwd, fds); rep, _ = recv_message(d)
+        send_message(d, fwd, fds); rep, got = recv_message(d)
         for fd in fds:
             os.close(fd)
         out["daemon"] = "opened" if rep.get("ok") else rep["error"]["code"]
         if rep.get("ok"):
-            out["relay"] = compute(rep)
+            out["relay"] = compute(rep, got[0])
         send_message(conn, {"ok": False, "id": msg.get("id"),
                             "error": {"code": "worker_crashed", "message": "relayed"}})
         break
@@ -814,3 +872,216 @@ def test_a_relay_on_the_socket_gains_nothing(trust: Trust) -> None:
         del os.environ["VAULT_DAEMON_USER"]
         _end(relay)
     assert res["daemon"] == "opened" and res["relay"] == "computed", res
+
+
+# --- a worker's socket: no other user reaches it, or floods it -------------------------------
+
+FLOOD = r"""
+import json, os, socket, sys
+import vault
+victim_pid, victim_caller, victim_fd, pkg, lic, sock, n = sys.argv[1:8]
+n = int(n)
+# the victim's worker socket, by the name its command line shows every user
+cmd = open(f"/proc/{victim_pid}/cmdline", "rb").read().split(b"\0")
+path = cmd[cmd.index(b"--endpoint") + 1].decode().removeprefix("ipc://")
+
+def flood(target):
+    held, refused = [], {}
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(target); held.append(s)
+        except OSError as e:
+            refused[e.strerror] = refused.get(e.strerror, 0) + 1; s.close()
+    return held, refused
+
+_, out_name = flood(path)
+_, out_fd = flood(f"/proc/{victim_caller}/fd/{victim_fd}")  # the caller's own descriptor
+# control: the same flood at nobody's own worker, through the descriptor it was given
+m = vault.open(pkg, licence=lic, daemon=sock)
+held, out_own = flood(f"/proc/self/fd/{m._localw._endpoint_fd}")
+print(json.dumps({"by_name": out_name, "by_callers_fd": out_fd, "own": len(held),
+                  "own_refused": out_own, "own_pid": m.pid}), flush=True)
+sys.stdin.readline()
+m.close()
+"""
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_another_user_cannot_reach_or_flood_a_callers_worker(trust: Trust) -> None:
+    """Every worker's command line names its socket. nobody connected 20,000
+    sockets to a root caller's worker and held them: the worker died at its
+    descriptor limit and the caller's next call started (and paid for) a
+    new one. Now the socket's directory is the workers' uid's alone and the
+    caller connects through a descriptor: nobody's connects fail (EACCES),
+    by the name and through the caller's /proc entry, and the worker's
+    descriptors do not grow. Control: the same flood at nobody's own worker,
+    through the descriptor it was given, holds a descriptor of the worker's
+    per connection."""
+    import vault
+
+    n = 200
+    lic = trust.keyserver.issue("t1", holder="flood-victim")
+    with vault.open(trust.package, licence=lic, daemon=trust.socket) as m:
+        assert m.compute(X)["logits"].shape == (1, 5)
+        victim, before = m.pid, _fds(m.pid)
+        assert victim is not None
+        attacker = _nobody_proc(FLOOD, str(victim), str(os.getpid()),
+                                str(m._localw._endpoint_fd), trust.package,  # type: ignore[union-attr]
+                                _licence(trust, "flooder"), trust.socket, str(n))  # fmt: skip
+        try:
+            res = _line(attacker)
+            assert res["by_name"] == {"Permission denied": n}, res
+            assert res["by_callers_fd"] == {"Permission denied": n}, res
+            assert _fds(victim) == before  # not one connection reached it
+            assert m.compute(X)["logits"].shape == (1, 5) and m.pid == victim
+            # control: the flood reaches a worker it may reach, which holds them all
+            assert res["own"] == n and not res["own_refused"], res
+            deadline = time.monotonic() + 60  # accepted by its I/O thread as it gets to them
+            while _fds(res["own_pid"]) < n:
+                assert time.monotonic() < deadline, _fds(res["own_pid"])
+                time.sleep(0.02)
+            _go(attacker)
+            assert attacker.wait(30) == 0
+        finally:
+            _end(attacker)
+
+
+# --- a stranger's open awaiting the key server holds no start, and its refusals are bounded ---
+
+PENDING = r"""
+import base64, json, os, socket, sys
+import zmq
+from vault.core.crypto import PublisherKey, load_public_key
+from vault.core.daemonwire import send_message, recv_message
+from vault.core.licence import Licence
+pkg, pub_path, server_key, sock, digest = sys.argv[1:6]
+publisher = base64.b64encode(load_public_key(open(pub_path, "rb").read())).decode()
+ids = []
+
+def connect():
+    s = socket.socket(socket.AF_UNIX); s.connect(sock); return s
+
+def ask(s, msg):
+    send_message(s, msg); return recv_message(s)[0]
+
+def send_open(s):
+    # a forged licence and proof: keys of its own, the key server's public key
+    pub, sec = zmq.curve_keypair()
+    lic = Licence(licence_id="lic-" + os.urandom(8).hex(), holder="stranger",
+                  keyserver_address="tcp://127.0.0.1:1", keyserver_public_key=server_key,
+                  client_public_key=pub.decode(), client_secret_key=sec.decode(),
+                  publisher_key=publisher, model_id="t1",
+                  proof_key=base64.b64encode(PublisherKey.generate().export_private_raw()).decode())
+    ids.append(lic.licence_id)
+    key = zmq.curve_keypair()[0].decode()
+    device = ask(s, {"op": "hello"})["device_id"]
+    proof = lic.prove(device_id=device, model_id="t1", key_id="k", package_digest=digest,
+                      client_key=key)
+    fd = os.open(pkg, os.O_RDONLY)
+    send_message(s, {"op": "open", "licence": lic.public_copy().to_json(),
+                     "proof": proof.to_wire(), "client_key": key, "package_digest": digest}, [fd])
+    os.close(fd)
+
+def answer(s):
+    rep = recv_message(s)[0]
+    return "opened" if rep.get("ok") else rep["error"]["code"]
+
+s = connect(); send_open(s)  # the key server does not answer yet
+h = connect()
+while True:  # the open is in progress: awaiting the key server, or (before) counted as a start
+    health = ask(h, {"op": "health"})
+    if health["authorizing"]["uid"] + health["starting"]["uid"] >= 1:
+        break
+print(json.dumps(health["starting"]), flush=True)
+sys.stdin.readline()
+first = answer(s)
+burst = []
+for _ in range(8):
+    send_open(s); burst.append(answer(s))
+print(json.dumps({"first": first, "burst": burst, "ids": ids}), flush=True)
+"""
+
+
+def test_a_strangers_pending_open_holds_no_start_and_its_refusals_are_bounded(
+    trust: Trust,
+) -> None:
+    """A daemon with one start in all. Control: a start held up (its
+    pre-started worker stopped) takes that place and another caller's open
+    is refused (capacity). The attack: the key server stopped, nobody's
+    forged open waits for its answer; it holds no start (``starting``: 0 in
+    all), so a licensed caller's open proceeds to its own authorisation and
+    opens once the key server answers; nobody gets licence_unknown. Then
+    nobody's burst of forged opens: the key server is asked (and audits)
+    only its budget's worth (3), the rest are refused by the daemon itself
+    (rate_limited), and its log holds a bounded number of lines. Before, a
+    stranger's 2,830 forged opens in 10 s were 2,830 denied rows (WAL
+    10 MB) and 2,830 log lines, and held two starts throughout."""
+    import vault
+    from vault.core.errors import CapacityError
+
+    sock = str(trust.dir / "budget.sock")
+    lic = trust.keyserver.issue("t1", holder="budget-victim")
+    ks = trust.keyserver.proc
+    assert ks is not None
+    with _daemon(trust, sock, "--max-starting", "1", "--refusal-burst", "3",
+                 "--refusal-interval", "3600", "--keyserver-timeout", "300") as daemon:  # fmt: skip
+        held = _standby(trust, daemon.pid)
+        os.kill(held, signal.SIGSTOP)
+        got: dict[str, Any] = {}
+
+        def opener(key: str) -> None:
+            try:
+                with vault.open(trust.package, licence=lic, daemon=sock) as m:
+                    got[key] = m.compute(X)["logits"].shape
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion
+                got[key] = repr(exc)
+
+        t = threading.Thread(target=opener, args=("held",))
+        t.start()
+        try:
+            _wait_starting(sock, 1)
+            with pytest.raises(CapacityError, match="the daemon has 1 worker"):
+                vault.open(trust.package, licence=lic, daemon=sock)
+        finally:
+            os.kill(held, signal.SIGCONT)
+            t.join(60)
+        assert got["held"] == (1, 5), got
+        # the attack: nobody's open waits for a key server that does not answer
+        stranger = _nobody_proc(PENDING, trust.package, trust.publisher_pub,
+                                trust.keyserver.ready["server_key"], sock, trust.digest)  # fmt: skip
+        try:
+            os.kill(ks.pid, signal.SIGSTOP)
+            try:
+                assert _line(stranger) == {"uid": 0, "all": 0}  # awaiting, holding no start
+                t = threading.Thread(target=opener, args=("victim",))
+                t.start()
+                deadline = time.monotonic() + 60
+                while _daemon_health(sock)["authorizing"]["uid"] < 1:  # root's open waits too...
+                    assert time.monotonic() < deadline and t.is_alive(), got
+                    time.sleep(0.02)
+            finally:
+                os.kill(ks.pid, signal.SIGCONT)
+            t.join(60)
+            assert got["victim"] == (1, 5), got  # ...and was never refused for nobody's
+            _go(stranger)
+            res = _line(stranger)
+            assert stranger.wait(30) == 0
+        finally:
+            _end(stranger)
+        assert res["first"] == "licence_unknown", res
+        assert res["burst"] == ["licence_unknown"] * 2 + ["rate_limited"] * 6, res
+        asked = [d for e, _lid, d in _audit(trust)
+                 if e == "denied" and d.get("asked_for") in res["ids"]]  # fmt: skip
+        assert len(asked) == 3, asked  # the budget's worth reached the key server
+        with vault.open(trust.package, licence=lic, daemon=sock) as m:  # another uid: served
+            assert m.compute(X)["logits"].shape == (1, 5)
+    events = [
+        json.loads(line) for line in (trust.dir / "daemon-budget.sock.log").read_text().splitlines()
+    ]
+    mine = [e["event"] for e in events if e.get("uid") == NOBODY.pw_uid]
+    assert mine.count("open_refused") <= 4, mine  # the key server's refusals...
+    assert mine.count("open_refusals_spent") == 1, mine  # ...then one line for all the rest

@@ -122,15 +122,23 @@ def _daemon(args: argparse.Namespace) -> int:
         standby=args.standby,
         max_connections=args.max_connections,
         max_connections_per_uid=args.max_connections_per_uid,
+        max_idle_connections_per_uid=args.max_idle_connections_per_uid,
         max_workers=args.max_workers,
         max_workers_per_uid=args.max_workers_per_uid,
         max_starting=args.max_starting,
         max_starting_per_uid=args.max_starting_per_uid,
+        refusal_burst=args.refusal_burst,
+        refusal_interval=args.refusal_interval,
+        keyserver_timeout=args.keyserver_timeout,
         worker_memory_headroom=args.worker_memory_headroom,
     )
-    for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid"):
+    for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid",
+                 "refusal_burst", "max_idle_connections_per_uid"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("refusal_interval", "keyserver_timeout"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     from ..core.logs import Log
 
     return run_daemon(cfg, log=Log(sys.stderr, component="daemon", fmt=args.log_format,
@@ -211,6 +219,8 @@ def register(sub: Any) -> None:
                    help="callers connected at once, in all (default 512)")  # fmt: skip
     p.add_argument("--max-connections-per-uid", type=positive_int, default=64,
                    help="callers connected at once from one uid (default 64)")  # fmt: skip
+    p.add_argument("--max-idle-connections-per-uid", type=int, default=8,
+                   help="of those, connections holding no model (default 8)")  # fmt: skip
     p.add_argument("--max-workers", type=int, default=64,
                    help="callers' workers live or starting, in all (default 64)")  # fmt: skip
     p.add_argument("--max-workers-per-uid", type=int, default=8,
@@ -218,7 +228,17 @@ def register(sub: Any) -> None:
     p.add_argument("--max-starting", type=int, default=8,
                    help="workers starting at once, in all (default 8)")  # fmt: skip
     p.add_argument("--max-starting-per-uid", type=int, default=2,
-                   help="workers starting at once for one uid (default 2)")  # fmt: skip
+                   help="workers starting, or opens awaiting the key server's answer, at "
+                        "once for one uid (default 2)")  # fmt: skip
+    p.add_argument("--refusal-burst", type=int, default=10, metavar="N",
+                   help="opens of one uid the key server may refuse in a burst; past them the "
+                        "daemon refuses that uid itself, one more every --refusal-interval "
+                        "(default 10)")  # fmt: skip
+    p.add_argument("--refusal-interval", type=float, default=6.0, metavar="SECONDS",
+                   help="one more refusal per this many seconds (default 6)")  # fmt: skip
+    p.add_argument("--keyserver-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long an open waits for the key server's answer before it is "
+                        "refused as keyserver_unavailable (default 10)")  # fmt: skip
     p.add_argument("--worker-memory-headroom", type=_size, default=None, metavar="SIZE",
                    help="each worker's memory limit (RLIMIT_DATA) is 4x its package's "
                         "plaintext plus this (default 1G + 64M per CPU)")  # fmt: skip

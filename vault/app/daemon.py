@@ -20,8 +20,12 @@ callers cannot read, and listens on a local Unix socket
   from the key server the device was enrolled with (never one a caller's
   licence names: such a licence is refused before any worker);
 - listening on ``ipc://`` with CURVE, accepting only the client key of the
-  connection that opened it (the key the caller's proof binds): a caller
-  reaches only its own workers.
+  connection that opened it (the key the caller's proof binds), in a
+  directory only the workers' uid may enter (0700): its caller connects
+  through an ``O_PATH`` descriptor of the socket sent with the ``open`` reply
+  (``ipc:///proc/self/fd/N``), and no other user can connect at all (the
+  socket's name is in every worker's command line; a flood of connections
+  once killed a worker at its descriptor limit).
 
 **Nothing runs before a licence is shown.** Before a worker is started or a
 pre-started one assigned, the daemon reads the package's header from the
@@ -31,7 +35,13 @@ the caller's licence and proof would get this package's key now
 (``authorize``: the licence genuine, in force, for this model, this device
 and this caller's CURVE key, with quota and rate left; nothing released,
 nothing debited, audited). A stranger with a forged licence or proof gets the
-key server's typed refusal and costs no worker process. Workers are capped
+key server's typed refusal and costs no worker process; while it awaits the
+answer it holds no place among the starts in all (only one of its own uid's
+opens in progress), and once the key server has refused a uid
+``--refusal-burst`` times (then one more each ``--refusal-interval``) the
+daemon refuses that uid itself, reading nothing and asking nothing (a
+stranger cannot grow the key server's audit, made as the device, or the
+daemon's log). Workers are capped
 live and starting, per uid and in all (``--max-workers``,
 ``--max-workers-per-uid``, ``--max-starting``, ``--max-starting-per-uid``:
 :class:`~vault.core.errors.CapacityError`); each runs under a memory limit
@@ -46,7 +56,8 @@ may sit above one the daemon owns), and the directory is the daemon's own:
 otherwise another user could move the socket aside and listen in its place.
 
 A worker lives as long as the connection that opened it (or until ``close``).
-Connections are capped per uid (``--max-connections-per-uid``, 64) and in all
+Connections are capped per uid (``--max-connections-per-uid``, 64, of which
+``--max-idle-connections-per-uid``, 8, may hold no worker) and in all
 (``--max-connections``, 512): each holds a descriptor and a thread, and a
 flood past them gets a typed refusal rather than running the daemon out of
 descriptors; an ``accept`` that fails for want of them backs off and goes on.
@@ -94,9 +105,12 @@ from ..core.device import Device
 from ..core.errors import (
     CapacityError,
     ConfigError,
+    KeyServerUnavailableError,
     PermissionDeniedError,
     ProtocolError,
+    RateLimitedError,
     VaultError,
+    WorkerCrashedError,
     WorkerTimeoutError,
     WrongKeyServerError,
 )
@@ -105,7 +119,14 @@ from ..core.logs import Log, reason
 from ..core.package import Header, memory_limit, read_header
 from ..core.process import stop_process
 
-__all__ = ["DaemonConfig", "check_install", "check_private_dir", "run_daemon"]
+__all__ = [
+    "DaemonConfig",
+    "blocked_for",
+    "check_install",
+    "check_private_dir",
+    "check_worker_can_run",
+    "run_daemon",
+]
 
 TIER = 1
 DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
@@ -136,11 +157,23 @@ class DaemonConfig:
     standby: int = 1  # workers kept pre-started; 0: every open spawns
     max_connections: int = 512  # in all (each holds a descriptor and a thread)
     max_connections_per_uid: int = 64
+    # of those, connections holding no worker (a stranger's: it can open
+    # none): the connections in all take many uids to fill, not a few
+    max_idle_connections_per_uid: int = 8
     # workers of callers, live or starting (pre-started ones are the daemon's own)
     max_workers: int = 64  # in all
     max_workers_per_uid: int = 8
-    max_starting: int = 8  # starting at once, in all (key release, decrypt, sessions)
+    max_starting: int = 8  # authorised and starting at once, in all (release, decrypt, sessions)
+    # opens of one uid in progress at once: waiting for the key server's
+    # answer or starting (an open the key server has not answered for holds
+    # no place among the starts in all: a stranger cannot take others' places)
     max_starting_per_uid: int = 2
+    # opens of one uid the key server may refuse: a burst, then one more each
+    # interval; past it, refused here without asking the key server (a
+    # stranger cannot spend the device's standing with the key server, nor
+    # grow its audit and the daemon's log without bound)
+    refusal_burst: int = 10
+    refusal_interval: float = 6.0
     worker_memory_headroom: int | None = None  # None: vault.core.package's default
     keyserver_timeout: float = 10.0  # the pre-authorisation round trip
 
@@ -160,6 +193,85 @@ def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
                 f"{path}: the worker's install must be owned by root (or the daemon's user) "
                 "and writable by no one else"
             )
+
+
+def blocked_for(path: str, uid: int, gid: int, *, read: bool) -> str | None:
+    """Why user ``uid`` (primary group ``gid``, no other groups: a worker's)
+    cannot reach ``path``, or None: the first directory on the way it may not
+    search, or ``path`` itself it may not execute (``read``: a directory it
+    may not list). By the mode bits (root's ACLs are not looked at)."""
+
+    def allowed(st: os.stat_result, bits: int) -> bool:
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        return (st.st_mode >> shift) & bits == bits
+
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        node = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(node)
+        except OSError as exc:
+            return f"{node}: {exc.strerror}"
+        last = i == len(parts)
+        need, what = (5, "list") if last and read else (1, "search")
+        if last and not stat.S_ISDIR(st.st_mode):
+            need, what = (4, "read") if read else (1, "execute")
+        if not allowed(st, need):
+            return (
+                f"it may not {what} {node} (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})"
+            )
+    return None
+
+
+_PROBE = (
+    "import sys, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
+    "import worker; missing = [m for m in ('numpy', 'onnxruntime', 'zmq', 'cryptography', "
+    "'msgpack') if u.find_spec(m) is None]; "
+    "sys.exit('cannot import ' + ', '.join(missing)) if missing else None"
+)
+
+
+def check_worker_can_run(
+    python: str, sys_path: Sequence[str], *, uid: int, gid: int, user: str
+) -> None:
+    """The workers' user must be able to run the interpreter and import the
+    install (:class:`ConfigError` naming what it cannot reach otherwise). A
+    venv made from an interpreter under a private home (``/root/.pyenv``,
+    conda in ``/root``) passes :func:`check_install` but no worker of another
+    uid could ever start from it: the daemon would say ready and fail every
+    open. Checked by running the interpreter as that user, as a worker is run."""
+    as_other = os.geteuid() == 0 and uid != 0
+    try:
+        done = subprocess.run(
+            [python, "-I", "-B", "-c", _PROBE, ":".join(sys_path)],
+            user=uid if as_other else None, group=gid if as_other else None,
+            extra_groups=[] if as_other else None, env=launch.worker_env(), cwd="/",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            timeout=60,
+        )  # fmt: skip
+        why = None if done.returncode == 0 else (
+            done.stderr.decode(errors="replace").strip().splitlines() or ["exit status"]
+        )[-1][:300]  # fmt: skip
+    except subprocess.TimeoutExpired:
+        why = "it did not finish within 60 s"
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    if why is None:
+        return
+    if as_other:
+        for path, read in ((python, False), (os.path.realpath(python), False),
+                           *((p, True) for p in sys_path)):  # fmt: skip
+            blocked = blocked_for(path, uid, gid, read=read)
+            if blocked:
+                why = f"{why}; {blocked}"
+                break
+    raise ConfigError(
+        f"the workers' user {user!r} cannot run {python} with this install ({why}): the "
+        "interpreter, its standard library and the install must be readable by that user "
+        "(a venv made from an interpreter under a private home, such as /root/.pyenv, is not); "
+        "make the venv from the system's (/usr/bin/python3 -m venv, deploy/README.md) or "
+        "pass --python and --worker-path"
+    )
 
 
 def check_private_dir(directory: str, *, what: str = "socket directory") -> None:
@@ -300,10 +412,24 @@ class _StandbyGone(Exception):
 
 @dataclass(eq=False)
 class _Slot:
-    """One open's place among the starting workers of its uid, until admitted."""
+    """One open's place, until its worker is admitted: first among its uid's
+    opens awaiting the key server (``authorizing``), then, once the key
+    server said yes, among the starts in all (``starting``), then ``live``."""
 
     uid: int
-    starting: bool = True
+    stage: str = "authorizing"
+
+
+class _Throttled(RateLimitedError):
+    """An open refused by the daemon itself: its uid's refusals are spent."""
+
+
+@dataclass
+class _Bucket:
+    """One uid's refusals left (a token bucket: ``burst``, one more each interval)."""
+
+    tokens: float
+    stamp: float
 
 
 @dataclass(eq=False)
@@ -311,6 +437,28 @@ class _Connection:
     uid: int
     pid: int
     workers: dict[str, _Worker] = field(default_factory=dict)
+
+
+_REPLY_FDS = "_fds"  # descriptors that go with a reply (popped before it is sent)
+
+
+def _socket_path_fd(path: str) -> int:
+    """An ``O_PATH`` descriptor of the Unix socket at ``path`` (never a link
+    in its place): a process holding it connects through
+    ``/proc/self/fd/N`` without the right to reach ``path`` by name."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ENOTSOCK, "not a socket")
+    return fd
+
+
+def _decrement(counts: dict[int, int], uid: int) -> None:
+    left = counts.get(uid, 0) - 1
+    if left > 0:
+        counts[uid] = left
+    else:
+        counts.pop(uid, None)
 
 
 def _readable(fd: int) -> bool:
@@ -375,7 +523,12 @@ class Daemon:
         self._count = 0
         self._standby: list[_Standby] = []
         self._refilling = False
-        self._starting: dict[int, int] = {}  # uid -> workers starting for it now
+        self._starting: dict[int, int] = {}  # uid -> authorised workers starting for it now
+        self._authorizing: dict[int, int] = {}  # uid -> opens awaiting the key server's answer
+        self._refusals: dict[int, _Bucket] = {}  # uid -> refusals the key server may still give
+        self._quiet: dict[int, int] = {}  # uid -> refusals not logged (a flood's log is bounded)
+        self._log_budget: dict[int, _Bucket] = {}
+        self._throttled: set[int] = set()  # uids whose opens the daemon refuses itself now
 
     # -- requests -----------------------------------------------------------------
 
@@ -387,6 +540,7 @@ class Daemon:
         with self._lock:
             workers = sorted(conn.workers)
             live_uid, live_all, start_uid, start_all = self._counts(conn.uid)
+            auth_uid = self._authorizing.get(conn.uid, 0)
         return {
             "tier": TIER,
             "device_id": self.device.device_id,
@@ -395,6 +549,7 @@ class Daemon:
             "workers": workers,
             "live": {"uid": live_uid, "all": live_all},
             "starting": {"uid": start_uid, "all": start_all},
+            "authorizing": {"uid": auth_uid},
             "caps": {
                 "max_workers": cfg.max_workers,
                 "max_workers_per_uid": cfg.max_workers_per_uid,
@@ -425,45 +580,122 @@ class Daemon:
         for w in dead:
             w.stop()
 
-    def _reserve_start(self, conn: _Connection) -> None:
-        """Count one more worker starting for ``conn``'s uid, or refuse
-        (:class:`CapacityError`) if a cap on starting or on live-plus-starting
-        workers, of this uid or in all, would be passed."""
+    def _bucket(self, table: dict[int, _Bucket], uid: int, burst: int, interval: float) -> _Bucket:
+        """``uid``'s bucket in ``table``, refilled to now; under the lock."""
+        now = time.monotonic()
+        b = table.setdefault(uid, _Bucket(float(burst), now))
+        b.tokens = min(float(burst), b.tokens + (now - b.stamp) / interval)
+        b.stamp = now
+        return b
+
+    def _reserve_open(self, conn: _Connection) -> _Slot:
+        """One more open in progress for ``conn``'s uid, awaiting the key
+        server, or a typed refusal: its refusals spent (:class:`RateLimitedError`,
+        nothing asked of the key server), its opens in progress or its live
+        workers at their caps, or the daemon's live workers at theirs
+        (:class:`CapacityError`). The uid takes no place among the starts in
+        all until the key server has said yes (:meth:`_admit_start`)."""
         cfg = self.config
         self._reap()
         with self._lock:
-            live_uid, live_all, start_uid, start_all = self._counts(conn.uid)
-            if start_uid >= cfg.max_starting_per_uid or start_all >= cfg.max_starting:
-                mine = start_uid >= cfg.max_starting_per_uid
+            uid = conn.uid
+            self._check_refusals_locked(uid)
+            live_uid, live_all, start_uid, start_all = self._counts(uid)
+            busy = start_uid + self._authorizing.get(uid, 0)
+            if busy >= cfg.max_starting_per_uid:
                 raise CapacityError(
-                    f"{'this user has' if mine else 'the daemon has'} "
-                    f"{start_uid if mine else start_all} worker(s) starting, the most allowed "
-                    f"(--max-starting{'-per-uid' if mine else ''}): retry when they are up"
+                    f"this user has {busy} worker(s) starting or awaiting the key server, the "
+                    "most allowed (--max-starting-per-uid): retry when they are up"
                 )
-            if (live_uid + start_uid >= cfg.max_workers_per_uid
-                    or live_all + start_all >= cfg.max_workers):  # fmt: skip
-                mine = live_uid + start_uid >= cfg.max_workers_per_uid
-                cap = cfg.max_workers_per_uid if mine else cfg.max_workers
+            if live_uid + busy >= cfg.max_workers_per_uid:
                 raise CapacityError(
-                    f"{'this user holds' if mine else 'the daemon runs'} {cap} worker(s), the "
-                    f"most allowed (--max-workers{'-per-uid' if mine else ''}): close a model "
-                    "first"
+                    f"this user holds {cfg.max_workers_per_uid} worker(s), the most allowed "
+                    "(--max-workers-per-uid): close a model first"
                 )
-            self._starting[conn.uid] = start_uid + 1
+            if live_all + start_all >= cfg.max_workers:
+                raise CapacityError(
+                    f"the daemon runs {cfg.max_workers} worker(s), the most allowed "
+                    "(--max-workers): close a model first"
+                )
+            self._authorizing[uid] = self._authorizing.get(uid, 0) + 1
+        return _Slot(uid)
 
-    def _release_start_locked(self, uid: int) -> None:
-        left = self._starting.get(uid, 0) - 1
-        if left > 0:
-            self._starting[uid] = left
+    def _check_refusals_locked(self, uid: int) -> None:
+        """Refuse (:class:`RateLimitedError`) an open of a uid whose refusals
+        are spent, before anything else is done for it; under the lock."""
+        cfg = self.config
+        bucket = self._bucket(self._refusals, uid, cfg.refusal_burst, cfg.refusal_interval)
+        if bucket.tokens >= 1:
+            self._throttled.discard(uid)
         else:
-            self._starting.pop(uid, None)
+            wait = (1 - bucket.tokens) * cfg.refusal_interval
+            if uid not in self._throttled:  # once per episode: the log stays bounded
+                self._throttled.add(uid)
+                self.log(
+                    "open_refusals_spent", level="warning", uid=uid, burst=cfg.refusal_burst
+                )  # the uid's opens are refused here for now
+            raise _Throttled(
+                f"the key server refused {cfg.refusal_burst} or more opens of this user "
+                f"lately: the daemon asks it again in {wait:.0f}s"
+            )
+
+    def _admit_start(self, slot: _Slot) -> None:
+        """The key server said yes: from awaiting it to a place among the
+        starts in all, or a typed refusal (:class:`CapacityError`)."""
+        cfg = self.config
+        with self._lock:
+            _lu, live_all, _su, start_all = self._counts(slot.uid)
+            if start_all >= cfg.max_starting:
+                raise CapacityError(
+                    f"the daemon has {start_all} worker(s) starting, the most allowed "
+                    "(--max-starting): retry when they are up"
+                )
+            if live_all + start_all >= cfg.max_workers:
+                raise CapacityError(
+                    f"the daemon runs {cfg.max_workers} worker(s), the most allowed "
+                    "(--max-workers): close a model first"
+                )
+            _decrement(self._authorizing, slot.uid)
+            self._starting[slot.uid] = self._starting.get(slot.uid, 0) + 1
+            slot.stage = "starting"
+
+    def _refused(self, uid: int) -> None:
+        """The key server refused an open of ``uid``: one refusal spent."""
+        cfg = self.config
+        with self._lock:
+            self._bucket(self._refusals, uid, cfg.refusal_burst, cfg.refusal_interval).tokens -= 1
+
+    def _log_refusal(self, uid: int, exc: VaultError) -> None:
+        """Log a refused open, at most 20 lines per uid and then one every
+        3 s, each saying how many were left out since: a flood of refusals
+        cannot flood the daemon's log (nor make a journal drop others' lines)."""
+        with self._lock:
+            if (
+                isinstance(exc, _Throttled)
+                or self._bucket(self._log_budget, uid, 20, 3.0).tokens < 1
+            ):
+                self._quiet[uid] = self._quiet.get(uid, 0) + 1
+                return
+            self._log_budget[uid].tokens -= 1
+            skipped = self._quiet.pop(uid, 0)
+        code, message = reason(exc)
+        more = {"not_logged": skipped} if skipped else {}  # refusals left out since the last line
+        self.log("open_refused", level="warning", uid=uid, code=code, message=message, **more)
 
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        with self._lock:  # a uid past its refusals costs nothing more: not even a header read
+            self._check_refusals_locked(conn.uid)
         req = self._check_open(msg, fds)
-        self._reserve_start(conn)
-        slot = _Slot(conn.uid)
+        slot = self._reserve_open(conn)
         try:
-            self._authorize(req)  # nothing runs before the licence is shown
+            try:
+                self._authorize(req)  # nothing runs before the licence is shown
+            except KeyServerUnavailableError:
+                raise  # no answer is not a refusal of this caller's
+            except VaultError:
+                self._refused(conn.uid)
+                raise
+            self._admit_start(slot)
             if not req.cuda:  # CUDA's hardening reads driver files: a pre-started worker has not
                 while (standby := self._take_standby()) is not None:
                     try:
@@ -473,8 +705,10 @@ class Daemon:
             return self._spawn(conn, req, slot)
         finally:
             with self._lock:
-                if slot.starting:  # not admitted: the start failed or was refused
-                    self._release_start_locked(slot.uid)
+                if slot.stage == "authorizing":  # refused, or no answer
+                    _decrement(self._authorizing, slot.uid)
+                elif slot.stage == "starting":  # not admitted: the start failed
+                    _decrement(self._starting, slot.uid)
 
     def _check_open(self, msg: dict[str, Any], fds: list[int]) -> _OpenRequest:
         """Every field of an ``open`` and the package's header, checked; a
@@ -567,7 +801,10 @@ class Daemon:
             self._count += 1
             wid = f"w{self._count}-{os.urandom(4).hex()}"
         wdir = tempfile.mkdtemp(prefix=f"{wid}-", dir=cfg.runtime_dir)
-        os.chmod(wdir, 0o711)  # callers may reach the socket by name; CURVE decides who talks
+        # the workers' uid and root only: no other user reaches the worker's
+        # socket by its name (it is in every worker's command line), so none
+        # can flood it with connections; its caller gets a descriptor (_admit)
+        os.chmod(wdir, 0o700)
         if os.geteuid() == 0:
             os.chown(wdir, cfg.worker_uid, cfg.worker_gid)
         return wid, wdir
@@ -706,10 +943,15 @@ class Daemon:
         self, conn: _Connection, worker: _Worker, ready: dict[str, Any], lic: Licence,
         slot: _Slot,
     ) -> dict[str, Any]:  # fmt: skip
+        try:
+            endpoint_fd = _socket_path_fd(os.path.join(worker.directory, "w.sock"))
+        except OSError as exc:
+            worker.stop()
+            raise WorkerCrashedError(f"the worker's socket is not there ({exc.strerror})") from None
         with self._lock:  # from starting to live at once: never counted twice, nor not at all
             conn.workers[worker.wid] = worker
-            self._release_start_locked(slot.uid)
-            slot.starting = False
+            _decrement(self._starting, slot.uid)
+            slot.stage = "live"
         self.log("worker_started", worker=worker.wid, pid=worker.proc.pid, uid=conn.uid,
                  caller_pid=conn.pid, model=ready.get("model_id"), licence=lic.licence_id,
                  standby=bool(ready.get("standby")))  # fmt: skip
@@ -719,6 +961,9 @@ class Daemon:
             "endpoint": ready.get("endpoint"),
             "server_key": ready.get("server_key"),
             "ready": {k: v for k, v in ready.items() if k != "ready"},
+            # the socket's directory is closed to the caller: it connects through
+            # this O_PATH descriptor (ipc:///proc/self/fd/N), sent with the reply
+            _REPLY_FDS: [endpoint_fd],
         }
 
     def _spawn(self, conn: _Connection, req: _OpenRequest, slot: _Slot) -> dict[str, Any]:
@@ -811,9 +1056,7 @@ class Daemon:
                 raise ProtocolError(f"unknown op {op!r}")
         except VaultError as exc:
             if op == "open":
-                code, message = reason(exc)
-                self.log("open_refused", level="warning", uid=conn.uid, code=code,
-                         message=message)  # fmt: skip
+                self._log_refusal(conn.uid, exc)
             return {"ok": False, "id": rid, "error": exc.to_wire()}
         except Exception as exc:  # noqa: BLE001 - a bug or odd input: answered, never fatal
             self.log("request_failed", level="error", op=str(op), uid=conn.uid,
@@ -854,9 +1097,13 @@ class Daemon:
                 except ProtocolError as exc:
                     send_message(sock, {"ok": False, "error": exc.to_wire()})
                     return  # the stream may be out of step: drop the connection
+                reply = self.handle(conn, msg, fds)
+                out_fds: list[int] = reply.pop(_REPLY_FDS, [])
                 try:
-                    send_message(sock, self.handle(conn, msg, fds))
+                    send_message(sock, reply, out_fds)
                 finally:
+                    for fd in out_fds:
+                        os.close(fd)
                     if msg.get("op") == "open":
                         # the next standby worker starts once this open is answered
                         # (its imports would otherwise take cores from the open), or
@@ -875,8 +1122,10 @@ class Daemon:
 
     def _admit_connection(self, sock: socket.socket) -> _Connection | None:
         """At most ``max_connections`` at once, ``max_connections_per_uid`` of one
-        uid: beyond, the caller gets one typed refusal and the socket closes
-        (each connection holds a descriptor and a thread of the daemon's)."""
+        uid, of which at most ``max_idle_connections_per_uid`` hold no worker:
+        beyond, the caller gets one typed refusal and the socket closes (each
+        connection holds a descriptor and a thread of the daemon's; a stranger
+        holds no worker, so a few strangers' uids cannot fill the daemon)."""
         try:
             pid, uid, _gid = peer_credentials(sock)
         except OSError:
@@ -885,16 +1134,18 @@ class Daemon:
         cfg = self.config
         with self._lock:  # counted and registered at once: a flood cannot overshoot
             total = len(self._conns)
-            mine = sum(1 for c in self._conns if c.uid == uid)
-            if total < cfg.max_connections and mine < cfg.max_connections_per_uid:
+            mine = [c for c in self._conns if c.uid == uid]
+            idle = sum(1 for c in mine if not c.workers)
+            if (total < cfg.max_connections and len(mine) < cfg.max_connections_per_uid
+                    and idle < cfg.max_idle_connections_per_uid):  # fmt: skip
                 conn = _Connection(uid, pid)
                 self._conns.add(conn)
                 return conn
         try:
             sock.settimeout(1.0)
             send_message(sock, {"ok": False, "error": ConfigError(
-                "the vault daemon has too many connections (of this user, or in all): "
-                "close some and retry").to_wire()})  # fmt: skip
+                "the vault daemon has too many connections (of this user, of this user's "
+                "holding no model, or in all): close some and retry").to_wire()})  # fmt: skip
         except OSError:
             pass
         sock.close()
@@ -996,6 +1247,13 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     log = log or Log(sys.stderr, component="daemon")
     device = Device.load(config.device_dir)
     check_install(config.python, config.sys_path)
+    check_worker_can_run(
+        config.python,
+        config.sys_path,
+        uid=config.worker_uid,
+        gid=config.worker_gid,
+        user=config.worker_user or str(config.worker_uid),
+    )
     base = os.path.dirname(os.path.abspath(config.socket_path))
     os.makedirs(base, mode=0o755, exist_ok=True)
     check_private_dir(base)  # nobody else may move the socket aside and listen in its place

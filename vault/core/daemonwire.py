@@ -18,10 +18,13 @@ Requests (``op``), each answered by ``{"ok": true, ...}`` or
   public key for this worker), ``package_digest`` (the digest the proof
   signs), ``shm_size``, ``providers``, ``device``, ``prepack`` (false: no
   packed weight copies); answered with the worker's id, pid, endpoint and
-  CURVE server key
+  CURVE server key, and one descriptor: an ``O_PATH`` handle of the worker's
+  socket, whose directory only the workers' uid may enter (the caller
+  connects to ``ipc:///proc/self/fd/N``; no other user can connect)
 - ``close``: ``worker`` (only one this connection opened)
 - ``health``: the daemon's tier, device, worker uid, this caller's workers,
-  the workers live and starting (this caller's uid, and in all) and the caps
+  the workers live and starting (this caller's uid, and in all), this
+  caller's opens awaiting the key server (``authorizing``) and the caps
 
 Who listens: a caller checks, with ``SO_PEERCRED``, that the socket's
 listener is root or the configured daemon user (:func:`trusted_daemon_uids`:

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from vault.core.errors import (
     LicenceExpiredError,
     PermissionDeniedError,
     RateLimitedError,
+    ServiceUnavailableError,
     TokenError,
     TokenSpentError,
     VaultError,
@@ -219,6 +221,15 @@ def _new_id() -> str:
     return os.urandom(12).hex()
 
 
+# First decisions being fetched at once (one thread and one key-server request
+# each). Every new caller key costs one, and a bearer token may name any key
+# it likes before its signature can be checked (the proof key comes with the
+# decision): past this bound a new caller is refused, typed, rather than a
+# flood of made-up keys costing a thread and a request each.
+MAX_PENDING_DECISIONS = 256
+_PROBE_TTL = 5.0  # how long a ZAP probe's answer is reused
+
+
 class CallLicencePolicy(_Usage):
     """Decisions from the key server, cached for at most one lease.
 
@@ -260,8 +271,11 @@ class CallLicencePolicy(_Usage):
         self._buckets: dict[str, _Bucket] = {}
         # bearer tokens: signatures already verified (signature -> proof key),
         # and calls admitted per token id (with its expiry, to forget it after)
+        # (keyed by the digest of the whole signed message: the same signature
+        # under another payload is another token, checked afresh)
         self._verified: dict[bytes, str] = {}
-        self._token_calls: dict[str, list[float]] = {}
+        self._fetching: set[tuple[str, str]] = set()  # first decisions being fetched
+        self._token_calls: dict[tuple[str, str], list[float]] = {}  # (licence, token id)
         self.unanswered = 0  # requests to the key server that got no answer
         self._ask_lock = threading.Lock()  # one key-server request at a time
         self._stop = threading.Event()
@@ -280,7 +294,7 @@ class CallLicencePolicy(_Usage):
         now = self._clock()
         with self._lock:
             hit = self._probes.get(z)
-        if hit is not None and now - hit[1] < 5.0:
+        if hit is not None and now - hit[1] < _PROBE_TTL:
             return hit[0]
         try:
             out = self._call(None, [z])
@@ -304,9 +318,10 @@ class CallLicencePolicy(_Usage):
             d = self._decisions.get((caller_key, model_id))
             if d is None or now >= d.fetched + d.ttl:
                 # none yet, or older than one lease: never used past that
-                if d is None or not d.refreshing:
-                    if d is not None:
-                        d.refreshing = True
+                if d is None:
+                    self._first_fetch(caller_key, model_id)
+                elif not d.refreshing:
+                    d.refreshing = True
                     self._fetch_async(caller_key, model_id)
                 raise AdmissionPending()
             d.last_used = now
@@ -329,7 +344,10 @@ class CallLicencePolicy(_Usage):
                 raise AdmissionPending()
             spent = None
             if token is not None and token.max_calls is not None:
-                spent = self._token_calls.setdefault(token.token_id, [0, token.expires_at])
+                # counted per licence and id: the id is the minter's choice, so
+                # one holder's tokens never spend another holder's
+                spent = self._token_calls.setdefault((d.licence, token.token_id),
+                                                     [0, token.expires_at])  # fmt: skip
                 if spent[0] >= token.max_calls:
                     raise TokenSpentError(
                         f"bearer token {token.token_id}: its {token.max_calls} calls are spent"
@@ -351,6 +369,20 @@ class CallLicencePolicy(_Usage):
                 spent[0] += 1
             return Admission(d.licence, caller_key, d, token.token_id if token else None)
 
+    def _first_fetch(self, key: str, model_id: str) -> None:
+        """Fetch the first decision for a pair once, however many of its calls
+        arrive before it (each fetch reserves a grant: two at once would leave
+        one never given back); bounded (lock held)."""
+        pair = (key, model_id)
+        if pair in self._fetching:
+            return
+        if len(self._fetching) >= MAX_PENDING_DECISIONS:
+            raise ServiceUnavailableError(
+                "too many callers are waiting for a licence decision; try again shortly"
+            )
+        self._fetching.add(pair)
+        self._fetch_async(key, model_id)
+
     def _check_token(self, token: Token, d: _Decision, model_id: str) -> None:
         """A bearer token's signature, expiry and scope (under ``self._lock``).
         The signature comes first: a forged token learns nothing about the
@@ -360,11 +392,15 @@ class CallLicencePolicy(_Usage):
             if isinstance(err, KeyServerError):
                 raise err  # the key server is away: say so, fail closed
             raise TokenError()
-        if self._verified.get(token.signature) != d.proof_key or d.licence != token.licence_id:
+        # the cache is keyed by the whole signed message: a payload rewritten
+        # under a signature verified before (no budget, a later expiry, other
+        # models) is another message, verified afresh, and refused
+        signed = hashlib.sha256(token.payload + token.signature).digest()
+        if self._verified.get(signed) != d.proof_key or d.licence != token.licence_id:
             token.verify(d.proof_key, licence_id=d.licence)
             if len(self._verified) >= 65536:
                 self._verified.clear()
-            self._verified[token.signature] = d.proof_key
+            self._verified[signed] = d.proof_key
         token.check_time(self._wall())
         if not token.allows(model_id):
             raise WrongModelError(f"this bearer token is not for model {model_id!r}")
@@ -377,7 +413,11 @@ class CallLicencePolicy(_Usage):
                 self._unreported[admission.licence] += 1
             elif isinstance(d, _Decision):
                 d.admitted -= 1  # a failed call is not billed: its slot is free again
-                spent = self._token_calls.get(admission.token_id or "")
+                spent = (
+                    self._token_calls.get((admission.licence, admission.token_id))
+                    if admission.token_id is not None
+                    else None
+                )
                 if spent is not None:
                     spent[0] -= 1
 
@@ -461,6 +501,7 @@ class CallLicencePolicy(_Usage):
             with self._lock:
                 # maybe granted, answer lost: given back by its id at the next contact
                 self._giveback.append((None, 0, gid))
+                self._retire_replaced(key, model_id, old)
                 # a short-lived refusal, so the next call tries again
                 self._decisions[(key, model_id)] = _Decision(
                     key, model_id, now, min(1.0, (old.ttl if old else 1.0)), False,
@@ -477,11 +518,26 @@ class CallLicencePolicy(_Usage):
                       grant_id=gid if ok else None, retired=not ok,
                       proof_key=raw.get("proof_key") or None)  # fmt: skip
         with self._lock:
+            self._retire_replaced(key, model_id, old)
             self._decisions[(key, model_id)] = d
         self._notify(key, model_id)
 
+    def _retire_replaced(self, key: str, model_id: str, old: _Decision | None) -> None:
+        """A decision stored meanwhile by another fetch is replaced now: its
+        reserve goes back too, never left reserved for good (lock held)."""
+        cur = self._decisions.get((key, model_id))
+        if cur is not None and cur is not old:
+            self._retire(cur)
+
     def _fetch_async(self, key: str, model_id: str) -> None:
-        threading.Thread(target=self._fetch, args=(key, model_id), daemon=True).start()
+        def run() -> None:
+            try:
+                self._fetch(key, model_id)
+            finally:  # whatever happened, the next call of the pair may ask again
+                with self._lock:
+                    self._fetching.discard((key, model_id))
+
+        threading.Thread(target=run, name="vault-decision", daemon=True).start()
 
     def _refresher(self) -> None:
         """Renew decisions from half-way through their lease while they are
@@ -492,8 +548,10 @@ class CallLicencePolicy(_Usage):
             idle: list[_Decision] = []
             with self._lock:
                 wall = self._wall()
-                for jti in [j for j, (_, exp) in self._token_calls.items() if exp <= wall]:
-                    del self._token_calls[jti]  # expired tokens are refused anyway
+                for tk in [k for k, (_, exp) in self._token_calls.items() if exp <= wall]:
+                    del self._token_calls[tk]  # expired tokens are refused anyway
+                for z in [z for z, (_, at) in self._probes.items() if now - at >= _PROBE_TTL]:
+                    del self._probes[z]  # never reused: one per key a stranger tried
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
                         continue

@@ -21,7 +21,7 @@ id, split back, and answered to the caller with the caller's own id.
   message), retried with backoff (1 s doubling to 60 s), while the others
   serve. Readiness follows Triton's and KServe's data plane: :meth:`live`,
   :meth:`ready` (the initial load has finished, at least one model is ready,
-  not draining), :meth:`model_ready`, :meth:`model_metadata`.
+  not draining), :meth:`model_ready`, :meth:`model_signature`.
 - Signals only wake the loop (``signal.set_wakeup_fd``); SIGTERM starts a
   drain: readiness goes false, new calls are refused with
   :class:`ServiceUnavailableError`, the calls already admitted finish within
@@ -497,19 +497,16 @@ class WorkerService:
             out.append(row)
         return out
 
-    def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        """The model's public signature in the Open Inference Protocol's terms
-        (``name``, ``versions``, ``platform``, ``inputs``/``outputs`` with
-        ``datatype`` and ``shape``, -1 for a dimension that varies), read from
-        the package's public manifest: known even while the model cannot load.
-        :class:`UnknownModelError` for a model (or version) not served here."""
+    def model_signature(self, model: str) -> dict[str, Any] | None:
+        """``{"inputs", "outputs"}`` of a model served here, from its worker
+        once one has started, else from the package's public manifest (known
+        even while the model cannot load: no key needed); None for a model
+        this service does not serve. The doors turn it into the protocol's
+        model metadata."""
         m = self.models.get(model)
-        if m is None or m.removing or version not in (None, "", VERSION):
-            raise UnknownModelError(f"no model {model!r} is served here")
-        sig = m.signature()
-        return {"name": model, "versions": [VERSION], "platform": "onnxruntime_onnx",
-                "inputs": [_oip_tensor(t) for t in sig["inputs"]],
-                "outputs": [_oip_tensor(t) for t in sig["outputs"]]}  # fmt: skip
+        if m is None or m.removing:
+            return None
+        return m.signature()
 
     def model_info(self, model: str) -> dict[str, Any] | None:
         """The public signature of a served model (thread-safe), or None."""
@@ -1371,23 +1368,6 @@ class _SealedRoute:
 def _licence_bytes(lics: Any) -> list[bytes]:
     items = lics if isinstance(lics, (list, tuple)) else [lics] if lics is not None else []
     return [lic.dumps() for lic in items]
-
-
-_OIP_DTYPES = {
-    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
-    "uint64": "UINT64", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "float32": "FP32", "float64": "FP64", "bfloat16": "BF16",
-    "string": "BYTES", "str": "BYTES", "object": "BYTES",
-}  # fmt: skip
-
-
-def _oip_tensor(t: dict[str, Any]) -> dict[str, Any]:
-    """A manifest's tensor in the Open Inference Protocol's metadata terms."""
-    dtype = str(t.get("dtype"))
-    shape = t.get("shape")
-    dims = [-1] if shape is None else [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-    return {"name": t.get("name"), "datatype": _OIP_DTYPES.get(dtype, dtype.upper()),
-            "shape": dims}  # fmt: skip
 
 
 def _readable(sock: zmq.Socket[Any]) -> bool:

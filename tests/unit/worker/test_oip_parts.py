@@ -146,6 +146,11 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
                     "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]},
                                 {"name": "z", "dtype": "sequence<map<int64,float32>>", "shape": []}]}  # fmt: skip
 
+        model_signature = model_info  # the manifest's: the same signature
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
         def submit(self, call: Any) -> None:
             self.submitted.append(call)
 
@@ -156,3 +161,193 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
     with pytest.raises(InputError, match="cannot carry"):
         asyncio.run(plane.infer("m", None, None, [], [], ["z"]))  # type: ignore[arg-type]
     assert svc.submitted == []  # never posted: nothing ran, nothing billed
+
+
+def _stranger_token() -> bytes:
+    """A well-formed token of a licence nobody issued (a stranger's own key)."""
+    import base64
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token
+
+    lic = Licence(licence_id="lic-a", holder="shop", keyserver_address="tcp://127.0.0.1:1",
+                  keyserver_public_key="k" * 40, client_public_key="a" * 40,
+                  client_secret_key="s" * 40, kind="call",
+                  proof_key=base64.b64encode(PublisherKey.generate().export_private_raw()).decode())  # fmt: skip
+    return mint_token(lic, models=["m"]).encode()
+
+
+def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
+    # bodies a stranger can send with any well-formed token (its signature is
+    # checked only in the service): each is a 400 with the vault's code, never
+    # an exception out of the ASGI app (uvicorn's 500 and a traceback a line)
+    import asyncio
+    import json
+
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        submitted: list[Any] = []
+
+        def submit(self, call: Any) -> None:
+            self.submitted.append(call)
+            call.reply({"ok": False, "error": {"code": "compute", "message": "ran"}}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    token = _stranger_token()
+    svc = Service()
+    app = RestApp(DataPlane(svc), max_body=1 << 20)  # type: ignore[arg-type]
+
+    def post(body: bytes) -> tuple[int, dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return msgs.pop(0)
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    x = {"name": "x", "datatype": "FP32", "shape": [1]}
+    for body in (b"[" * 100_000,  # deeper than json's decoder goes
+                 json.dumps({"inputs": [{**x, "data": None}]}).encode()
+                 .replace(b"null", b"[" * 5000 + b"1" + b"]" * 5000),
+                 b"\xff\xfe", b"[]", json.dumps({"inputs": [{**x, "data": ["a"]}]}).encode()):  # fmt: skip
+        status, answer = post(body)
+        assert (status, answer["code"]) == (400, "bad_input"), (body[:40], answer)
+    assert svc.submitted == []
+    # the control: a well-formed request is posted into the service
+    assert post(json.dumps({"inputs": [{**x, "data": [1.0]}]}).encode())[1]["code"] == "compute"
+    assert len(svc.submitted) == 1
+
+
+def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
+    # JSON tensors take about 13 times their text in memory once decoded
+    # (measured: 30 MiB of floats, 390 MiB peak), before the token's signature
+    # is checked: the JSON part has its own limit (Triton's default, 64 MiB),
+    # refused from the headers, before a byte of the body is read. Binary data
+    # (no expansion) keeps the whole body's limit.
+    import asyncio
+
+    from worker.service.oip import rest
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    read: list[int] = []
+
+    def post(headers: list[tuple[bytes, bytes]], app: RestApp) -> tuple[int, str]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            read.append(1)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        token = _stranger_token()  # well-formed: parsed, not verified, in the door
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + token), *headers]}  # fmt: skip
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], sent[1]["body"].decode()
+
+    app = RestApp(DataPlane(None), max_body=1 << 30)  # type: ignore[arg-type]
+    limit = rest.MAX_JSON
+    assert limit == 64 << 20
+    for headers in ([(b"content-length", str(limit + 1).encode())],
+                    [(b"content-length", str(1 << 29).encode()),
+                     (b"inference-header-content-length", str(limit + 1).encode())]):  # fmt: skip
+        status, body = post(headers, app)
+        assert status == 400 and "binary" in body, body
+    assert read == []  # refused from the headers alone
+    # the control: binary data past the JSON limit, with a small JSON part, is read
+    post([(b"content-length", str(1 << 29).encode()),
+          (b"inference-header-content-length", b"2")], app)  # fmt: skip
+    assert read == [1]
+
+
+def test_grpc_typed_contents_are_bounded_before_they_are_decoded() -> None:
+    # the gRPC door's twin of the JSON limit: typed contents past 64 MiB are
+    # refused from the message's size, before a Python object is made of them
+    from worker.service.oip import inference_pb2
+    from worker.service.oip.door import MAX_DECODED
+    from worker.service.oip.grpc_door import _inputs
+
+    pb: Any = inference_pb2
+    chunk = b"a" * (1 << 20)
+    n = MAX_DECODED // len(chunk) + 1  # one MiB past the limit
+    big = pb.ModelInferRequest(model_name="m")
+    big.inputs.add(name="x", datatype="BYTES", shape=[n]).contents.bytes_contents.extend(
+        [chunk] * n
+    )
+    with pytest.raises(InputError, match="raw_input_contents"):
+        _inputs(big)
+    # the control: one element fewer is under the limit, and taken
+    ok = pb.ModelInferRequest(model_name="m")
+    ok.inputs.add(name="x", datatype="BYTES", shape=[n - 2]).contents.bytes_contents.extend(
+        [chunk] * (n - 2)
+    )
+    (desc,), _ = _inputs(ok)
+    assert desc["shape"] == [n - 2]
+
+
+def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
+    # tritonclient's infer(timeout=...) sends parameters["timeout"] in
+    # microseconds (its docstring: "The timeout value for the request, in
+    # microseconds"): 250000 is a quarter of a second, on both doors
+    import asyncio
+    import json
+
+    from worker.service.oip import inference_pb2
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.grpc_door import InferenceServicer
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        calls: list[Any] = []
+
+        def submit(self, call: Any) -> None:
+            self.calls.append(call)
+            call.reply({"ok": True, "tensors": []}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    svc = Service()
+    plane = DataPlane(svc)  # type: ignore[arg-type]
+    token = _stranger_token()
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                       "parameters": {"timeout": 250000}}).encode()  # fmt: skip
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return msgs.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+    asyncio.run(RestApp(plane, max_body=1 << 20)(scope, receive, send))
+    assert sent[0]["status"] == 200, sent
+
+    class Context:
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token.decode())]
+
+    pb: Any = inference_pb2
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    req.parameters["timeout"].int64_param = 250000
+    asyncio.run(InferenceServicer(plane).ModelInfer(req, Context()))
+    assert [c.timeout for c in svc.calls] == [0.25, 0.25]

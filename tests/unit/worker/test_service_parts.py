@@ -272,3 +272,215 @@ def test_usage_is_reported_after_a_revocation_too() -> None:
         assert ks.used == 2 and ks.reserved == 0
     finally:
         p.close()
+
+
+# --- bearer tokens and first decisions (review findings) ---------------------------------
+
+
+def _token_licence(model: str | None = None) -> Any:
+    import base64
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.licence import Licence
+
+    proof = PublisherKey.generate()
+    return Licence(licence_id="lic-a", holder="shop", keyserver_address="tcp://127.0.0.1:1",
+                   keyserver_public_key="k" * 40, client_public_key="T" * 40,
+                   client_secret_key="s" * 40, model_id=model, kind="call",
+                   proof_key=base64.b64encode(proof.export_private_raw()).decode())  # fmt: skip
+
+
+class TokenKeyServer(FakeKeyServer):
+    """The fake key server, answering with the licence's proof key as the
+    real one does (so the service can verify the licence's tokens)."""
+
+    def __init__(self, proof_public_key: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.proof_public_key = proof_public_key
+
+    def __call__(self, model: str | None, keys: list[str], usage: list[dict[str, Any]],
+                 grants: dict[str, str]) -> Any:  # fmt: skip
+        out = super().__call__(model, keys, usage, grants)
+        for d in out["decisions"].values():
+            d["proof_key"] = self.proof_public_key
+        return out
+
+
+def _rewritten(text: str, **changes: Any) -> str:
+    """The token's payload changed, its signature kept as it was."""
+    import base64
+    import json
+
+    prefix, payload, sig = text.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for k, v in changes.items():
+        if v is None:
+            body.pop(k, None)
+        else:
+            body[k] = v
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return f"{prefix}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}.{sig}"
+
+
+def test_a_token_verified_once_cannot_be_rewritten_under_its_signature() -> None:
+    # An end user holds a 1-call, 1-minute token for model m. Once the service
+    # has verified its signature, a payload rewritten under that same signature
+    # (no budget, a day's life, other models) must fail as any forgery does.
+    from vault.core.errors import TokenError, TokenSpentError
+    from vault.core.token import mint_token, parse_token
+
+    lic = _token_licence()
+    ks, clock = TokenKeyServer(lic.proof_public_key), Clock()
+    p, decided = _policy(ks, clock)
+    try:
+        text = mint_token(lic, models=["m"], expires=60, max_calls=1, now=clock.t)
+        tok = parse_token(text)
+        try:
+            p.admit(None, "m", tok)
+        except AdmissionPending:
+            assert decided.wait(5)
+        p.record(p.admit(None, "m", tok), ok=True)
+        # the control: the genuine token's budget holds
+        with pytest.raises(TokenSpentError):
+            p.admit(None, "m", tok)
+        unlimited = _rewritten(text, max_calls=None, jti="fresh-id")
+        with pytest.raises(TokenError):
+            p.admit(None, "m", parse_token(unlimited))
+        clock.t += 3600  # the genuine token has long expired
+        decided.clear()
+        revived = _rewritten(text, iat=clock.t, exp=clock.t + 86400, models=["m", "n"])
+        for model in ("m", "n"):
+            try:
+                p.admit(None, model, parse_token(revived))
+            except AdmissionPending:
+                assert decided.wait(5)
+                decided.clear()
+            with pytest.raises(TokenError):
+                p.admit(None, model, parse_token(revived))
+    finally:
+        p.close()
+
+
+class SlowKeyServer(FakeKeyServer):
+    """Answers only when released, so several calls arrive before a decision."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, model: str | None, keys: list[str], usage: list[dict[str, Any]],
+                 grants: dict[str, str]) -> Any:  # fmt: skip
+        self.entered.release()
+        assert self.gate.wait(10)
+        return super().__call__(model, keys, usage, grants)
+
+
+def test_calls_that_arrive_before_the_first_decision_ask_for_it_once() -> None:
+    # A licence of 20 calls. Eight calls of one caller arrive before the key
+    # server has answered the first: one grant must be asked for, not eight
+    # (each reserving from the quota, all but one never given back: the
+    # licence would read exhausted with nothing served).
+    ks, clock = SlowKeyServer(quota=20), Clock()
+    p, decided = _policy(ks, clock)
+    try:
+        for _ in range(8):
+            with pytest.raises(AdmissionPending):
+                p.admit("K" * 40, "m")
+        assert ks.entered.acquire(timeout=5)  # the first request is at the key server
+        ks.gate.set()
+        assert decided.wait(5)
+        for _ in range(5):
+            p.record(p.admit("K" * 40, "m"), ok=True)
+    finally:
+        p.close()
+    assert ks.asks == 2  # the decision, and the close's report
+    assert len(ks.grants) == 1
+    assert ks.used == 5 and ks.reserved == 0  # every reserve given back, nothing lost
+
+
+def test_strangers_cannot_make_the_service_ask_without_bound() -> None:
+    # every new caller key costs a key-server request: a flood of made-up keys
+    # (a token names any key it likes) is refused past a bound, with a typed
+    # error, instead of one thread and one request each
+    from vault.core.errors import ServiceUnavailableError
+    from worker.service import calls
+
+    ks, clock = SlowKeyServer(), Clock()
+    p, _ = _policy(ks, clock)
+    try:
+        refused = 0
+        for i in range(calls.MAX_PENDING_DECISIONS + 50):
+            try:
+                p.admit(f"{i:040d}", "m")
+            except AdmissionPending:
+                pass
+            except ServiceUnavailableError:
+                refused += 1
+        assert refused == 50
+        ks.gate.set()
+    finally:
+        p.close()
+
+
+def test_one_licences_tokens_never_spend_another_licences_token_budget() -> None:
+    # A token's budget is counted by its id, which the minter chooses: a call
+    # licence holder minting with the id of another holder's token (seen in an
+    # error message, a log line) must not spend that token's calls.
+    import base64
+    import json
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.errors import TokenSpentError
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token, parse_token
+
+    def licence(lid: str, key: str) -> Licence:
+        proof = PublisherKey.generate()
+        return Licence(licence_id=lid, holder=lid, keyserver_address="tcp://127.0.0.1:1",
+                       keyserver_public_key="k" * 40, client_public_key=key,
+                       client_secret_key="s" * 40, kind="call",
+                       proof_key=base64.b64encode(proof.export_private_raw()).decode())  # fmt: skip
+
+    a, b = licence("lic-a", "A" * 40), licence("lic-b", "B" * 40)
+    by_key = {lic.client_public_key: lic for lic in (a, b)}
+
+    def ask(model: str | None, keys: list[str], usage: list[dict[str, Any]],
+            grants: dict[str, str]) -> Any:  # fmt: skip
+        return {"ttl": 10.0, "decisions": {
+            k: {"ok": True, "licence_id": by_key[k].licence_id, "budget": None, "rate": None,
+                "expires_at": None, "proof_key": by_key[k].proof_public_key} for k in keys}}  # fmt: skip
+
+    clock = Clock()
+    p = CallLicencePolicy(ask, clock=clock, wall=clock, refresh_every=3600)
+    decided = threading.Event()
+    p.bind(lambda key, model: decided.set())
+
+    def with_id(lic: Licence, jti: str) -> str:  # minted by lic's holder, with a chosen id
+        text = mint_token(lic, models=["m"], max_calls=1, now=clock.t)
+        prefix, payload, _ = text.split(".")
+        body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        body["jti"] = jti
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        key = PublisherKey.from_private_raw(base64.b64decode(lic.proof_key or ""))
+        enc = base64.urlsafe_b64encode
+        sig = enc(key.sign(b"vault-token/1\x00", raw)).decode().rstrip("=")
+        return f"{prefix}.{enc(raw).decode().rstrip('=')}.{sig}"
+
+    def admit(text: str) -> Any:
+        tok = parse_token(text)
+        try:
+            return p.admit(None, "m", tok)
+        except AdmissionPending:
+            assert decided.wait(5)
+            decided.clear()
+            return p.admit(None, "m", tok)
+
+    try:
+        victim = with_id(b, "same-id")
+        p.record(admit(with_id(a, "same-id")), ok=True)  # the other holder's call
+        p.record(admit(victim), ok=True)  # the victim's one call is still there
+        with pytest.raises(TokenSpentError):  # the control: and then it is spent
+            admit(victim)
+    finally:
+        p.close()

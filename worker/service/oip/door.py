@@ -74,6 +74,15 @@ def _version() -> str:
 
 EXTENSIONS = ["binary_tensor_data"]
 
+# Tensors in a form that takes Python objects to decode (REST's JSON, gRPC's
+# typed ``contents``) grow about 12-13 times once decoded (measured: 30 MiB of
+# floats, 370-390 MiB at peak, either door), and a door decodes a request
+# before its token's signature can be checked (the proof key comes with the
+# service's decision). So that part of a request has its own limit, Triton's
+# default input size; binary tensors (REST's extension, gRPC's
+# ``raw_input_contents``) cross without expansion and keep the whole limit.
+MAX_DECODED = 64 << 20
+
 
 class Plane(Protocol):
     """The service as a door sees it (:class:`~worker.service.WorkerService`)."""
@@ -85,6 +94,10 @@ class Plane(Protocol):
     def ready(self) -> bool: ...
 
     def model_ready(self, model: str, version: str | None = None) -> bool: ...
+
+    def model_state(self, model: str) -> tuple[str, tuple[str, str] | None] | None: ...
+
+    def model_signature(self, model: str) -> dict[str, Any] | None: ...
 
     def model_info(self, model: str) -> dict[str, Any] | None: ...
 
@@ -172,12 +185,26 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": _version(), "extensions": list(EXTENSIONS)}
 
-    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
-        info = self.service.model_info(model)
-        if info is None or version not in (None, "", "1"):
+    def _served(self, model: str, version: str | None) -> None:
+        """UnknownModelError unless ``model`` (and ``version``) is served here,
+        ready or not (a model that cannot load is served, and not ready)."""
+        if self.service.model_state(model) is None or version not in (None, "", "1"):
             raise UnknownModelError(
                 f"no model {model!r} (version {version or 'any'}) is served here"
             )
+
+    def model_ready(self, model: str, version: str | None) -> bool:
+        """Whether a model served here takes calls now; UnknownModelError for
+        one that is not served (the same rule as the metrics port's probes)."""
+        self._served(model, version)
+        return self.service.model_ready(model, version)
+
+    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        """The public signature, from the manifest while no worker has started."""
+        self._served(model, version)
+        info = self.service.model_signature(model)
+        if info is None:  # removed meanwhile
+            raise UnknownModelError(f"no model {model!r} is served here")
         return {
             "name": model,
             "versions": ["1"],
@@ -252,9 +279,13 @@ def _settle(fut: asyncio.Future[Any], header: dict[str, Any], out: Sequence[Any]
 
 
 def timeout_of(value: Any) -> float | None:
-    """A client's own timeout, in seconds, if it sent a sane one."""
+    """A client's own timeout (the request's ``timeout`` parameter, in
+    microseconds as Triton and tritonclient define it), in seconds, if it
+    sent a sane one."""
+    if isinstance(value, bool):
+        return None
     try:
-        t = float(value)
+        t = float(value) / 1e6
     except (TypeError, ValueError):
         return None
     return t if math.isfinite(t) and t > 0 else None

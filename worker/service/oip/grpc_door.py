@@ -22,11 +22,19 @@ from typing import Any
 
 import grpc
 
-from vault.core.errors import InputError, UnknownModelError, VaultError
+from vault.core.errors import InputError, VaultError
 
 from . import inference_pb2 as _pb
 from . import tensors as T
-from .door import DataPlane, bearer, error_text, grpc_status, retry_after, timeout_of
+from .door import (
+    MAX_DECODED,
+    DataPlane,
+    bearer,
+    error_text,
+    grpc_status,
+    retry_after,
+    timeout_of,
+)
 
 __all__ = ["InferenceServicer"]
 
@@ -80,10 +88,12 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.plane.service.ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        svc = self.plane.service
-        if svc.model_info(request.name) is None:
-            await _abort(context, UnknownModelError(f"no model {request.name!r} is served here"))
-        return pb.ModelReadyResponse(ready=svc.model_ready(request.name, request.version or None))
+        try:
+            ready = self.plane.model_ready(request.name, request.version or None)
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise  # abort raised already; for the type checker
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerMetadataResponse(**self.plane.server_metadata())
@@ -129,6 +139,10 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    typed = sum(t.contents.ByteSize() for t in request.inputs)
+    if typed > MAX_DECODED:  # a protobuf size, before a Python object is made of it
+        raise InputError(f"typed contents of {typed} bytes exceed the limit of {MAX_DECODED}: "
+                         "send tensors as raw_input_contents")  # fmt: skip
     descs, frames = [], []
     for i, t in enumerate(request.inputs):
         shape = list(t.shape)

@@ -29,13 +29,22 @@ import json
 import re
 from typing import Any
 
-from vault.core.errors import InputError, ProtocolError, UnknownModelError, VaultError
+from vault.core.errors import InputError, ProtocolError, VaultError
 
 from . import tensors as T
-from .door import DataPlane, bearer, error_text, http_status, retry_after, timeout_of
+from .door import (
+    MAX_DECODED,
+    DataPlane,
+    bearer,
+    error_text,
+    http_status,
+    retry_after,
+    timeout_of,
+)
 
 __all__ = ["RestApp"]
 
+MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 
@@ -96,20 +105,27 @@ class RestApp:
             await _json(send, 200, self.plane.model_metadata(model, version))
         elif action == "/ready":
             _only(method, "GET")
-            if svc.model_info(model) is None:
-                raise UnknownModelError(f"no model {model!r} is served here")
-            ok = svc.model_ready(model, version)
+            ok = self.plane.model_ready(model, version)
             await _json(send, 200 if ok else 503, {"name": model, "ready": ok})
         else:
             _only(method, "POST")
             await self._infer(scope, receive, send, model, version)
 
-    async def _body(self, scope: dict[str, Any], receive: Any) -> bytes:
+    async def _body(self, scope: dict[str, Any], receive: Any, json_part: int | None) -> bytes:
+        """The body, refused from its headers when they say it is too large:
+        the whole (``max_body``) or its JSON part (``MAX_JSON``; the whole
+        body when ``json_part``, the binary extension's header length, is None)."""
+        limit = self.max_body if json_part is not None else min(self.max_body, MAX_JSON)
+        if json_part is not None and json_part > MAX_JSON:
+            raise ProtocolError(f"the JSON part of a request ({json_part} bytes) exceeds the "
+                                f"limit of {MAX_JSON}: send tensors as binary data")  # fmt: skip
         for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > self.max_body:
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
                 raise ProtocolError(
-                    f"a request of {int(v)} bytes exceeds the limit of {self.max_body}"
-                )
+                    f"a request of {int(v)} bytes exceeds the limit of {limit}"
+                    + ("" if json_part is not None else
+                       " for JSON: send tensors as binary data (Inference-Header-Content-Length)")
+                )  # fmt: skip
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -117,8 +133,8 @@ class RestApp:
                 raise ProtocolError("the client went away")
             part = msg.get("body", b"")
             size += len(part)
-            if size > self.max_body:
-                raise ProtocolError(f"a request exceeds the limit of {self.max_body} bytes")
+            if size > limit:
+                raise ProtocolError(f"a request exceeds the limit of {limit} bytes")
             chunks.append(part)
             if not msg.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -136,7 +152,7 @@ class RestApp:
                 except ValueError:
                     raise InputError("Inference-Header-Content-Length is not a number") from None
         token = bearer(auth)  # before the body is read: no token, no work
-        body = await self._body(scope, receive)
+        body = await self._body(scope, receive, header_len)
         if header_len is not None and not 0 <= header_len <= len(body):
             raise InputError("Inference-Header-Content-Length is past the end of the body")
         head = body if header_len is None else body[:header_len]
@@ -145,6 +161,8 @@ class RestApp:
             req = json.loads(head)
         except (ValueError, UnicodeDecodeError):
             raise InputError("the request is not JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the decoder goes: not a tensor
+            raise InputError("the request's JSON is nested too deeply") from None
         if not isinstance(req, dict):
             raise InputError("the request is a JSON object")
         descs, frames = _inputs(req.get("inputs"), binary)
