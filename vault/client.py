@@ -758,7 +758,9 @@ class _WatchedChannel(ZmqChannel):
         sock.immediate = True
         sock.plain_username = sid.hex().encode()  # the sealed port admits a session's holder only
         sock.plain_password = password.encode()
-        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        mon = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         sock.connect(f"tcp://{host}:{port}")
         with self._sealed_lock:
             self._sealed_socks += [sock, mon]
@@ -797,11 +799,16 @@ class _WatchedChannel(ZmqChannel):
             return
         except zmq.Again:
             pass
+        from zmq.utils.monitor import recv_monitor_message
+
         deadline = time.monotonic() + _SEALED_CONNECT_MS / 1000
         while True:
-            if state.mon.poll(min(50, max(1, int((deadline - time.monotonic()) * 1000)))):
-                state.mon.recv_multipart()  # the only event it reports: refused at the handshake
-                raise _UnknownSession(state.sealer.sid, state.sealer.seq)
+            # woken by the handshake's outcome, not by a clock: a first call
+            # pays the connection, nothing more
+            while state.mon.poll(min(50, max(1, int((deadline - time.monotonic()) * 1000)))):
+                if recv_monitor_message(state.mon)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise _UnknownSession(state.sealer.sid, state.sealer.seq)
+                break  # a handshake succeeded: send
             try:
                 sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
                 return
