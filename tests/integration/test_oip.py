@@ -37,7 +37,7 @@ import pytest
 from onnx import helper
 
 from tests.conftest import ROOT, KeyServerProcess, served_ready
-from tests.models import OIP_TYPES, all_types, classifier_pipeline, reference_pipeline
+from tests.models import OIP_TYPES, all_types, classifier_pipeline, mlp, reference_pipeline
 from tests.prereq import require
 from vault.core.crypto import PublisherKey
 from vault.core.licence import Licence
@@ -188,7 +188,9 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
                    output=d / "clf.vault", batchable=True)  # fmt: skip
         types_model = all_types()
         types = seal(types_model, model_id="types", signing_key=pk, output=d / "types.vault")
-        for r in (clf, types):
+        # served and never ready: no licence of the service covers it
+        spare = seal(mlp(seed=1), model_id="spare", signing_key=pk, output=d / "spare.vault")
+        for r in (clf, types, spare):
             ks.register(r.model_id, r.key_id, r.key, r.digest)
         device = ks.enroll(d / "device")
         del device
@@ -199,6 +201,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
             svc_licences += ["--licence", str(path)]
         ca, cert, key = _cert_authority(d)
         cmd = [sys.executable, "-m", "vault", "worker", "serve", str(clf.path), str(types.path),
+               str(spare.path),
                *svc_licences, "--device", str(d / "device"), "--call-licences",
                "--bind", "tcp://127.0.0.1:0", "--instances", "1", "--metrics-port", "0",
                "--max-batch", "8",
@@ -407,6 +410,34 @@ def test_calls_from_every_door_are_batched_together_and_split_exactly(plane: Pla
         zmq_model.close()
     assert not wrong, wrong
     assert batched() > before  # some worker call carried more than one caller's 2 rows
+
+
+def test_not_ready_is_400_on_both_http_ports(plane: Plane) -> None:
+    # one answer for "not ready", Triton's: 400 on the REST door and on the
+    # metrics port alike (a model served here that cannot load: 'spare')
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+
+    def get(url: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    for path, want in (("/v2/models/spare/ready", 400), ("/v2/models/spare/versions/1/ready", 400),
+                       ("/v2/models/clf/ready", 200), ("/v2/models/nope/ready", 404),
+                       ("/v2/health/ready", 200)):  # fmt: skip
+        door = get(f"https://localhost:{plane.http_port}{path}")
+        probe = get(f"http://127.0.0.1:{plane.metrics_port}{path}")
+        assert door[0] == probe[0] == want, (path, door, probe)
+    assert get(f"https://localhost:{plane.http_port}/v2/models/spare/ready")[1] == {
+        "name": "spare", "ready": False}  # fmt: skip
+    client, _ = plane.http()
+    assert client.is_model_ready("clf") and not client.is_model_ready("spare")
+    client.close()
+    g = plane.grpc()
+    assert g.is_model_ready("clf") and not g.is_model_ready("spare")
+    g.close()
 
 
 # --- refusals, as each client sees them ----------------------------------------------------

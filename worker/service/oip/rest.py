@@ -4,10 +4,10 @@ uvicorn, see :mod:`.server`).
 =======  ==============================================  ===========================
 method   path                                            answer
 =======  ==============================================  ===========================
-GET      ``/v2/health/live``, ``/v2/health/ready``       200, or 503 when not
+GET      ``/v2/health/live``, ``/v2/health/ready``       200, or 400 when not
 GET      ``/v2``                                         server metadata
 GET      ``/v2/models/M[/versions/V]``                   model metadata
-GET      ``/v2/models/M[/versions/V]/ready``             200, or 503 when not ready
+GET      ``/v2/models/M[/versions/V]/ready``             200, or 400 when not ready
 POST     ``/v2/models/M[/versions/V]/infer``             outputs (needs a token)
 =======  ==============================================  ===========================
 
@@ -44,6 +44,10 @@ from .door import (
 
 __all__ = ["RestApp"]
 
+# "not live" / "not ready": the protocol's health APIs answer 200 for true and
+# 4xx for false, and Triton's HTTP endpoints answer 400 (the metrics port's
+# probes answer the same: worker/service/metrics.py)
+NOT_READY = 400
 MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -90,7 +94,7 @@ class RestApp:
             _only(method, "GET")
             key = "live" if path.endswith("live") else "ready"
             ok = svc.live() if key == "live" else svc.ready()
-            await _json(send, 200 if ok else 503, {key: ok})
+            await _json(send, 200 if ok else NOT_READY, {key: ok})
             return
         if path in ("/v2", "/v2/"):
             _only(method, "GET")
@@ -106,7 +110,7 @@ class RestApp:
         elif action == "/ready":
             _only(method, "GET")
             ok = self.plane.model_ready(model, version)
-            await _json(send, 200 if ok else 503, {"name": model, "ready": ok})
+            await _json(send, 200 if ok else NOT_READY, {"name": model, "ready": ok})
         else:
             _only(method, "POST")
             await self._infer(scope, receive, send, model, version)
