@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vault.core.errors import ConfigError
+from vault.core.files import check_secret_file
 
 from .door import DataPlane, Plane
 
@@ -91,12 +92,13 @@ class OipServer:
                 "proxy that terminates TLS) --dangerously-serve-plaintext"
             )
         if cfg.tls is not None:
-            for path in cfg.tls:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as exc:
-                    raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+            try:
+                with open(cfg.tls[0], "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{cfg.tls[0]}: cannot read ({exc.strerror})") from exc
+            # the private key is a secret: this user's, 0600, in a directory of its own
+            check_secret_file(cfg.tls[1], what="TLS private key")
 
     # -- start ---------------------------------------------------------------------
 
