@@ -46,6 +46,7 @@ __all__ = [
     "KeyRow",
     "LeaseRow",
     "METERING_SCHEMA",
+    "PROOF_SCHEMA",
     "MeteringId",
     "SqliteStore",
     "Store",
@@ -144,6 +145,19 @@ CREATE TABLE IF NOT EXISTS metering_ids (
     at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metering_ids_at ON metering_ids (at);
+"""
+
+# Proofs of possession already used (keyserver.service: one row per proof and
+# step, a digest of the step, the licence and the proof's nonce), kept until
+# the proof is stale anyway (its time + the clock-skew window): in the
+# database, so a proof is good once across every replica and every restart.
+# Created by `serve` too, for databases made by an earlier version.
+PROOF_SCHEMA = """
+CREATE TABLE IF NOT EXISTS used_proofs (
+    id TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS used_proofs_expiry ON used_proofs (expires_at);
 """
 
 LICENCE_COLS = (
@@ -482,8 +496,9 @@ class Store:
     # --- metering ids (idempotent usage reports and call grants) -----------------------
 
     def ensure_metering_ids(self) -> None:
-        """The table, in a database made before it existed (idempotent)."""
-        for stmt in METERING_SCHEMA.split(";"):
+        """The metering ids' and used proofs' tables, in a database made
+        before they existed (idempotent)."""
+        for stmt in (METERING_SCHEMA + PROOF_SCHEMA).split(";"):
             if stmt.strip():
                 self._execute(stmt)
 
@@ -509,6 +524,24 @@ class Store:
 
     def prune_metering_ids(self, before: float) -> None:
         self._q("DELETE FROM metering_ids WHERE at < ?", (before,))
+
+    # --- used proofs (a proof of possession is good once) --------------------------------
+
+    def use_proof(self, ident: str, *, expires_at: float, now: float) -> bool:
+        """Record the proof ``ident`` as used until ``expires_at``; False if it
+        was used before (and that use has not expired). Atomic on both
+        engines: of two transactions inserting one id, one inserts, the other
+        finds it (PostgreSQL: the replicas' writers are serialised, and the
+        primary key decides in any case)."""
+        self._q("DELETE FROM used_proofs WHERE expires_at < ?", (now,))
+        cur = self._q(
+            "INSERT INTO used_proofs (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+            (ident, expires_at),
+        )
+        return bool(cur.rowcount == 1)
+
+    def count_used_proofs(self) -> int:
+        return int(self._one("SELECT count(*) FROM used_proofs")[0])
 
     # --- audit ---------------------------------------------------------------------------------
 
@@ -622,7 +655,7 @@ def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Co
     # After a checkpoint lets the WAL restart, cut the file back to 16 MiB.
     conn.execute("PRAGMA journal_size_limit=16777216")
     if create:
-        conn.executescript(_SCHEMA + METERING_SCHEMA)
+        conn.executescript(_SCHEMA + METERING_SCHEMA + PROOF_SCHEMA)
         set_meta(conn, "schema_version", SCHEMA_VERSION)
     return conn
 

@@ -137,3 +137,28 @@ def test_rate_limit_refills_with_the_services_clock(svc):
     svc.test_clock.now += 0.6
     again = _release(svc, ident, licence_id)
     assert again["ok"] and again["lease"]["call_budget"] == 1, again  # type: ignore[index]
+
+
+def test_used_proofs_are_kept_until_stale_then_forgotten(tmp_path):
+    """The store's record of used proofs: a second use is refused while the
+    proof could still pass the clock-skew check; rows past it are deleted."""
+    d = tmp_path / "ks"
+    init_dir(d)
+    st = store.SqliteStore.open(d / "keyserver.db")
+    try:
+        with st.transaction():
+            assert st.use_proof("p1", expires_at=100.0, now=0.0)
+            assert not st.use_proof("p1", expires_at=100.0, now=50.0)  # used before
+            assert st.use_proof("p2", expires_at=160.0, now=60.0)
+        with st.transaction():  # past p1's window: its row goes, p2's stays
+            assert st.use_proof("p3", expires_at=220.0, now=120.0)
+            assert st.count_used_proofs() == 2
+            assert not st.use_proof("p2", expires_at=160.0, now=120.0)
+        # a use inside a transaction that rolls back never happened
+        with pytest.raises(RuntimeError), st.transaction():
+            assert st.use_proof("p4", expires_at=300.0, now=200.0)
+            raise RuntimeError("the batch failed")
+        with st.transaction():
+            assert st.use_proof("p4", expires_at=300.0, now=200.0)
+    finally:
+        st.close()
