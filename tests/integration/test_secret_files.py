@@ -152,8 +152,9 @@ def _outcomes(ks: Path, d: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.usefixtures("nobody_python")
 def test_secrets_another_user_planted_or_could_swap_are_refused(
-    nobody_python: None, genuine: tuple[Path, dict[str, bytes]]
+    genuine: tuple[Path, dict[str, bytes]],
 ) -> None:
     ks, data = genuine
     base = Path(tempfile.mkdtemp(prefix="vault-plant-"))
@@ -213,8 +214,9 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.usefixtures("nobody_python")
 def test_nobodys_own_licence_is_used_only_from_its_own_private_file(
-    nobody_python: None, genuine: tuple[Path, dict[str, bytes]]
+    genuine: tuple[Path, dict[str, bytes]],
 ) -> None:
     """The same rule for an unprivileged holder: its licence, 0600 in its own
     directory, is used; 0644, or in a directory root left open to all, not."""
@@ -248,8 +250,9 @@ def test_nobodys_own_licence_is_used_only_from_its_own_private_file(
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.usefixtures("nobody_python")
 def test_the_service_refuses_a_planted_server_secret_at_start(
-    nobody_python: None, genuine: tuple[Path, dict[str, bytes]], tmp_path: Path
+    genuine: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     """The CLI as an operator meets it: `vault worker serve --server-secret`
     with a key nobody planted exits with the fix, before anything is bound."""
