@@ -586,12 +586,13 @@ class KeyService:
             "burst": metering.call_burst(lic.rate_limit),
         }
 
-    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
+    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float, *,
+               cap: Callable[[int | None], int] | None = None,
                ) -> tuple[LicenceRecord, metering.Budget]:  # fmt: skip
         """Size a budget from the licence as settled (``used``/``reserved``)
         and reserve it; returns the licence as stored and the budget."""
         settled = dataclasses.replace(lic, used_calls=used, reserved_calls=reserved)
-        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl)
+        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl, cap=cap)
         bucket = None if b.tokens is None else (b.tokens, now)
         return self._meter(settled, used=used, reserved=reserved + (b.budget or 0),
                            bucket=bucket), b  # fmt: skip
@@ -1106,6 +1107,9 @@ class KeyService:
 
     def _list(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "list", now)
+        from .calls import lapse_grants
+
+        lapse_grants(self, now)  # what the list shows is reserved now
         out = []
         for rec in self.store.licences():
             authentic = self._authentic(rec, now) is not None

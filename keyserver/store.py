@@ -145,6 +145,8 @@ CREATE TABLE IF NOT EXISTS metering_ids (
     at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metering_ids_at ON metering_ids (at);
+CREATE INDEX IF NOT EXISTS metering_open_grants ON metering_ids (at)
+    WHERE kind = 'grant' AND released = 0;
 """
 
 # Proofs of possession already used (keyserver.service: one row per proof and
@@ -523,7 +525,20 @@ class Store:
         self._q("UPDATE metering_ids SET released = 1 WHERE id = ?", (ident,))
 
     def prune_metering_ids(self, before: float) -> None:
-        self._q("DELETE FROM metering_ids WHERE at < ?", (before,))
+        """Forget ids older than ``before``; a grant never given back is
+        lapsed (:func:`keyserver.calls.lapse_grants`) long before that."""
+        self._q("DELETE FROM metering_ids WHERE at < ? AND NOT (kind = 'grant' AND released = 0)",
+                (before,))  # fmt: skip
+
+    def open_grants_before(self, before: float, *, limit: int = 1024) -> list[MeteringId]:
+        """Call grants made before ``before`` and not yet given back, oldest first."""
+        rows = self._q(
+            "SELECT id, kind, licence_id, budget, released FROM metering_ids"
+            " WHERE kind = 'grant' AND released = 0 AND at < ? ORDER BY at LIMIT ?",
+            (before, limit),
+        ).fetchall()
+        return [MeteringId(str(r[0]), str(r[1]), r[2], None if r[3] is None else int(r[3]),
+                           bool(r[4])) for r in rows]  # fmt: skip
 
     # --- used proofs (a proof of possession is good once) --------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -162,3 +163,77 @@ def test_used_proofs_are_kept_until_stale_then_forgotten(tmp_path):
             assert st.use_proof("p4", expires_at=300.0, now=200.0)
     finally:
         st.close()
+
+
+def _service_and_caller(svc: KeyService, *, max_calls: int) -> tuple[str, str, str]:
+    """An enrolled device (a worker service) and a call licence: (device key,
+    caller key, licence id)."""
+    import zmq
+
+    from vault.core.device import device_id_for
+
+    dev = zmq.curve_keypair()[0].decode()
+    [r1, r2] = svc.process_batch([
+        req(svc.admin, "enroll_device", device_id=device_id_for(dev), public_key=dev),
+        req(svc.admin, "issue", model_id="m", holder="c", kind="call", max_calls=max_calls),
+    ])  # fmt: skip
+    assert r1["ok"] and r2["ok"], (r1, r2)
+    return dev, r2["licence"]["client"]["public_key"], r2["licence"]["licence_id"]
+
+
+def _row(svc: KeyService, licence_id: str) -> tuple[int, int]:
+    [rep] = svc.process_batch([req(svc.admin, "list")])
+    (row,) = [r for r in rep["licences"] if r["licence_id"] == licence_id]
+    return row["used_calls"], row["reserved_calls"]
+
+
+def test_a_call_grant_is_capped_and_lapses_and_a_late_report_counts_once(svc):
+    dev, caller, lid = _service_and_caller(svc, max_calls=40)
+    ask = lambda gid, **kw: svc.process_batch(
+        [  # noqa: E731
+            req(dev, "call_decisions", model_id="m", keys=[caller], grants={caller: gid}, **kw)
+        ]
+    )[0]
+    # a quarter of the quota left, not all of it: a second service gets its own
+    first = ask("grant-one-0001")
+    assert first["ok"] and first["decisions"][caller]["budget"] == 10
+    second = ask("grant-two-0001")
+    assert second["decisions"][caller]["budget"] == 8  # a quarter of the 30 left, rounded up
+    assert _row(svc, lid) == (0, 18)
+    # the first service reports and gives its grant back; the second dies
+    svc.process_batch([req(dev, "call_decisions", keys=[], usage=[
+        {"id": "report-one-01", "licence_id": lid, "used": 4, "reserved": 10,
+         "grant_id": "grant-one-0001"}])])  # fmt: skip
+    assert _row(svc, lid) == (4, 8)
+    # one lease on, the dead service's grant still holds its reserve ...
+    svc.test_clock.now += 5.0
+    assert _row(svc, lid) == (4, 8)
+    # ... two leases on it has lapsed: the reserve is back, audited
+    svc.test_clock.now += 5.1
+    assert _row(svc, lid) == (4, 0)
+    lapsed = [r for r in audit_rows(svc) if r.event == "grant_lapsed"]
+    assert [(json.loads(r.detail)["grant_id"], json.loads(r.detail)["returned_calls"])
+            for r in lapsed] == [
+        ("grant-two-0001", 8)]  # fmt: skip
+    # it was only cut off: its report comes late, counted once, nothing given back twice
+    late = {"id": "report-two-01", "licence_id": lid, "used": 3, "reserved": 8,
+            "grant_id": "grant-two-0001"}  # fmt: skip
+    for _ in range(2):  # the second copy: its answer was lost
+        svc.process_batch([req(dev, "call_decisions", keys=[], usage=[late])])
+        assert _row(svc, lid) == (7, 0)
+    # and the whole rest of the quota can be granted again
+    total = 0
+    for i in range(20):
+        rep = ask(f"grant-more-{i:04d}")
+        d = rep["decisions"][caller]
+        if not d["ok"]:
+            assert d["error"]["code"] == "quota_exhausted"
+            break
+        total += d["budget"]
+    assert total == 40 - 7
+
+
+def audit_rows(svc: KeyService) -> list:
+    from keyserver import audit
+
+    return list(audit.records(svc.store))
