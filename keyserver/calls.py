@@ -28,7 +28,9 @@ which is what the cap bounds.
 
 Request ``{"model_id", "keys": [Z85...], "usage": [{"licence_id", "used",
 "reserved"}...]}`` (without ``model_id``: a probe, whether each key holds a
-live call licence at all, reserving nothing: the service's ZAP check); reply ``{"ttl", "decisions": {key: {"ok": true,
+live call licence at all, reserving nothing: the service's ZAP check, and
+its doors' vetting of a bearer token, with ``proof_key`` and
+``expires_at``); reply ``{"ttl", "decisions": {key: {"ok": true,
 "licence_id", "holder", "budget", "rate", "expires_at", "proof_key"} | {"ok": false,
 "error": {...}[, "licence_id", "proof_key"]}}}`` (``proof_key``: the licence's
 Ed25519 public key, which verifies the bearer tokens its holder mints).
@@ -238,7 +240,10 @@ def call_decisions(
             continue
         assert lic is not None
         if budget is None:  # a probe: is this a live call licence at all
-            decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder}
+            # (with the proof key: a door checks a bearer token's signature
+            # on it before it reads the request the token came with)
+            decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder,
+                              "proof_key": lic.proof_public_key, "expires_at": lic.expires_at}  # fmt: skip
             continue
         if gid is not None:
             store.insert_metering_id(

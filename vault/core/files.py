@@ -137,7 +137,7 @@ def _check_secret_stat(p: str, st: os.stat_result, what: str) -> None:
     if mode & loose:
         raise ConfigError(
             f"{p}: the {what} is open to other users (mode {mode:04o}): `chmod 600 {p}`"
-            + (" (or 640, root's and group-readable at most)" if st.st_uid == 0 else "")
+            + (" (root's may be 0640: group-readable, no more)" if st.st_uid == 0 else "")
         )
 
 

@@ -179,9 +179,9 @@ def _stranger_token() -> bytes:
 
 
 def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
-    # bodies a stranger can send with any well-formed token (its signature is
-    # checked only in the service): each is a 400 with the vault's code, never
-    # an exception out of the ASGI app (uvicorn's 500 and a traceback a line)
+    # bodies a caller whose token held can send: each is a 400 with the
+    # vault's code, never an exception out of the ASGI app (uvicorn's 500 and
+    # a traceback a line), and no call reaches the service
     import asyncio
     import json
 
@@ -192,11 +192,17 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
         submitted: list[Any] = []
 
         def submit(self, call: Any) -> None:
+            if call.vet:  # the token holds: the door may read the body
+                call.reply({"ok": True}, ())
+                return
             self.submitted.append(call)
             call.reply({"ok": False, "error": {"code": "compute", "message": "ran"}}, ())
 
         def model_info(self, model: str) -> dict[str, Any]:
             return {"inputs": [], "outputs": []}
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
 
     token = _stranger_token()
     svc = Service()
@@ -260,7 +266,21 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], sent[1]["body"].decode()
 
-    app = RestApp(DataPlane(None), max_body=1 << 30)  # type: ignore[arg-type]
+    class Service:
+        vetted = 0
+
+        def submit(self, call: Any) -> None:  # vets only: the calls themselves fail
+            self.vetted += call.vet
+            call.reply({"ok": call.vet, "error": {"code": "compute", "message": "x"}}, ())
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    svc = Service()
+    app = RestApp(DataPlane(svc), max_body=1 << 30)  # type: ignore[arg-type]
     limit = rest.MAX_JSON
     assert limit == 64 << 20
     for headers in ([(b"content-length", str(limit + 1).encode())],
@@ -268,7 +288,7 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
                      (b"inference-header-content-length", str(limit + 1).encode())]):  # fmt: skip
         status, body = post(headers, app)
         assert status == 400 and "binary" in body, body
-    assert read == []  # refused from the headers alone
+    assert read == [] and svc.vetted == 0  # refused from the headers alone
     # the control: binary data past the JSON limit, with a small JSON part, is read
     post([(b"content-length", str(1 << 29).encode()),
           (b"inference-header-content-length", b"2")], app)  # fmt: skip
@@ -322,6 +342,9 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
         def model_info(self, model: str) -> dict[str, Any]:
             return {"inputs": [], "outputs": []}
 
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
     svc = Service()
     plane = DataPlane(svc)  # type: ignore[arg-type]
     token = _stranger_token()
@@ -341,13 +364,19 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     asyncio.run(RestApp(plane, max_body=1 << 20)(scope, receive, send))
     assert sent[0]["status"] == 200, sent
 
-    class Context:
-        def invocation_metadata(self) -> list[tuple[str, str]]:
-            return [("authorization", "Bearer " + token.decode())]
-
     pb: Any = inference_pb2
     req = pb.ModelInferRequest(model_name="m")
     req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     req.parameters["timeout"].int64_param = 250000
-    asyncio.run(InferenceServicer(plane).ModelInfer(req, Context()))
-    assert [c.timeout for c in svc.calls] == [0.25, 0.25]
+
+    class Context:
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token.decode())]
+
+        async def read(self) -> bytes:
+            return bytes(req.SerializeToString())
+
+    asyncio.run(InferenceServicer(plane).ModelInfer(None, Context()))
+    # each door had the token vetted (nothing read yet), then posted the call
+    assert [(c.vet, c.timeout) for c in svc.calls] == [(True, None), (False, 0.25),
+                                                        (True, None), (False, 0.25)]  # fmt: skip
