@@ -380,3 +380,140 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     # each door had the token vetted (nothing read yet), then posted the call
     assert [(c.vet, c.timeout) for c in svc.calls] == [(True, None), (False, 0.25),
                                                         (True, None), (False, 0.25)]  # fmt: skip
+
+
+class _HeldService:
+    """A service whose vetting never answers until told: requests pile up in
+    a door as they would behind a slow key server."""
+
+    def __init__(self) -> None:
+        self.vets: list[Any] = []
+
+    def submit(self, call: Any) -> None:
+        if call.vet:
+            self.vets.append(call)
+        else:
+            call.reply({"ok": False, "error": {"code": "compute", "message": "x"}}, ())
+
+    def model_state(self, model: str) -> tuple[str, None]:
+        return ("READY", None)
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return {"inputs": [], "outputs": []}
+
+
+def test_a_door_holds_a_bounded_number_of_requests_and_refuses_the_rest_typed() -> None:
+    # REST and gRPC alike: past max_inflight requests held (here waiting for
+    # their token to be vetted), the next is refused at once, 503 /
+    # UNAVAILABLE with the vault's code and Retry-After, and nothing of it is
+    # read; once the held ones are answered, the door takes requests again
+    import asyncio
+    import json
+
+    import grpc
+
+    from worker.service.oip.door import DataPlane, Gate
+    from worker.service.oip.grpc_door import InferenceServicer
+    from worker.service.oip.rest import RestApp
+
+    svc = _HeldService()
+    plane = DataPlane(svc)  # type: ignore[arg-type]
+    app = RestApp(plane, max_body=1 << 20, max_inflight=2)
+    token = _stranger_token()
+    read: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        read.append(1)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def post() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+        await app(scope, receive, send)
+        return sent
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        status: Any = None
+        trailing: Any = None
+
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token.decode())]
+
+        def set_trailing_metadata(self, md: Any) -> None:
+            self.trailing = dict(md)
+
+        async def abort(self, code: Any, details: str) -> None:
+            self.status = (code, details)
+            raise Aborted()
+
+        async def read(self) -> bytes:
+            read.append(1)
+            return b""
+
+    async def main() -> None:
+        held = [asyncio.ensure_future(post()) for _ in range(2)]
+        while len(svc.vets) < 2:  # both wait on their vetting now
+            await asyncio.sleep(0)
+        sent = await post()
+        head = dict(sent[0]["headers"])
+        assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["code"] == "unavailable"
+        assert head[b"retry-after"] == b"1" and head[b"connection"] == b"close"
+        for call in svc.vets:  # the key server answers: refused (a stranger's token)
+            call.reply({"ok": False, "error": {"code": "token_invalid", "message": "no"}}, ())
+        assert [s[0]["status"] for s in await asyncio.gather(*held)] == [401, 401]
+        again = asyncio.ensure_future(post())  # the door takes requests again
+        while len(svc.vets) < 3:
+            await asyncio.sleep(0)
+        svc.vets[2].reply({"ok": False, "error": {"code": "token_invalid", "message": "no"}}, ())
+        assert (await again)[0]["status"] == 401
+        # gRPC: the same bound
+        servicer = InferenceServicer(plane, gate=Gate(1))
+        first = asyncio.ensure_future(servicer.ModelInfer(None, Context()))
+        while len(svc.vets) < 4:
+            await asyncio.sleep(0)
+        ctx = Context()
+        try:
+            await servicer.ModelInfer(None, ctx)
+        except Aborted:
+            pass
+        assert ctx.status[0] == grpc.StatusCode.UNAVAILABLE and "[unavailable]" in ctx.status[1]
+        assert ctx.trailing == {"vault-error-code": "unavailable", "retry-after": "1"}
+        first.cancel()
+
+    asyncio.run(main())
+    assert read == []  # not one request was read: each waited on its token, or was refused
+
+
+def test_a_vetted_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed() -> None:
+    import asyncio
+
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service(_HeldService):
+        def submit(self, call: Any) -> None:
+            call.reply({"ok": True}, ())  # the token holds
+
+    app = RestApp(DataPlane(Service()), max_body=1 << 20, body_timeout=0.05)  # type: ignore[arg-type]
+    never = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()  # the client sent its headers and stopped
+        raise AssertionError("unreachable")
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "headers": [(b"authorization", b"Bearer " + _stranger_token())]}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]

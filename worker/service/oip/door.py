@@ -81,9 +81,8 @@ EXTENSIONS = ["binary_tensor_data"]
 
 # Tensors in a form that takes Python objects to decode (REST's JSON, gRPC's
 # typed ``contents``) grow about 12-13 times once decoded (measured: 30 MiB of
-# floats, 370-390 MiB at peak, either door), and a door decodes a request
-# before its token's signature can be checked (the proof key comes with the
-# service's decision). So that part of a request has its own limit, Triton's
+# floats, 370-390 MiB at peak, either door), which a vetted token's holder
+# may still ask of the service. So that part of a request has its own limit, Triton's
 # default input size; binary tensors (REST's extension, gRPC's
 # ``raw_input_contents``) cross without expansion and keep the whole limit.
 MAX_DECODED = 64 << 20
