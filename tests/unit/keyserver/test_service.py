@@ -189,11 +189,12 @@ def _row(svc: KeyService, licence_id: str) -> tuple[int, int]:
 
 def test_a_call_grant_is_capped_and_lapses_and_a_late_report_counts_once(svc):
     dev, caller, lid = _service_and_caller(svc, max_calls=40)
-    ask = lambda gid, **kw: svc.process_batch(
-        [  # noqa: E731
-            req(dev, "call_decisions", model_id="m", keys=[caller], grants={caller: gid}, **kw)
-        ]
-    )[0]
+
+    def ask(gid: str) -> dict:
+        return svc.process_batch(
+            [req(dev, "call_decisions", model_id="m", keys=[caller], grants={caller: gid})]
+        )[0]
+
     # a quarter of the quota left, not all of it: a second service gets its own
     first = ask("grant-one-0001")
     assert first["ok"] and first["decisions"][caller]["budget"] == 10
