@@ -54,7 +54,7 @@ def cmd_init(root: str, *, address: str = DEFAULT_ADDRESS, database: str | None 
 def cmd_serve(
     root: str,
     *,
-    bind: str,
+    bind: str | None,
     lease_ttl: float,
     advertise: str | None = None,
     database: str | None = None,
@@ -235,7 +235,9 @@ def add_arguments(sub: Any) -> None:
 
     p = sub.add_parser("serve", help="run the key server until SIGTERM / Ctrl-C")
     p.add_argument("dir")
-    p.add_argument("--bind", default=DEFAULT_ADDRESS)
+    p.add_argument("--bind", default=None, metavar="ENDPOINT",
+                   help="where to listen (default: the port of the address given to init "
+                        "--address, tcp://127.0.0.1:7700 unless told otherwise)")  # fmt: skip
     p.add_argument(
         "--lease-ttl", type=positive_float, default=60.0, metavar="S", help="lease TTL (s)"
     )

@@ -137,10 +137,30 @@ class _Stop:
         self.requested = True
 
 
+def _port(address: str) -> str:
+    return address.rsplit(":", 1)[-1]
+
+
+def default_bind(recorded: str | None) -> str:
+    """Where a key server listens when not told: the port of the address
+    recorded at ``init``, on that host when it is a loopback address (what
+    ``init --address tcp://127.0.0.1:7701`` means on one machine), else on
+    127.0.0.1 (a name such as ``tcp://vault-keyserver:7700`` is for other
+    hosts, which a server reaches only with an explicit ``--bind``)."""
+    if not recorded or not recorded.startswith("tcp://"):
+        return "tcp://127.0.0.1:7700"
+    host, _, port = recorded[len("tcp://") :].rpartition(":")
+    if not port.isdigit():
+        return "tcp://127.0.0.1:7700"
+    if host == "localhost" or host.startswith("127.") or host in ("[::1]", "::1"):
+        return recorded
+    return f"tcp://127.0.0.1:{port}"
+
+
 def serve(
     root: str | os.PathLike[str],
     *,
-    bind: str = "tcp://127.0.0.1:7700",
+    bind: str | None = None,
     lease_ttl: float = DEFAULT_LEASE_TTL,
     advertise: str | None = None,
     clock: Callable[[], float] = time.time,
@@ -155,6 +175,9 @@ def serve(
 ) -> None:
     """Run the key server until SIGTERM or Ctrl-C.
 
+    ``bind`` is where it listens; by default the port of the address recorded
+    at ``init`` (``init --address``), on that address when it is a loopback
+    one, else on 127.0.0.1 (a server for other hosts binds explicitly).
     ``advertise`` is the address written into licences it issues; by default
     the address recorded at ``init``, or the real bound endpoint when
     ``bind`` asks for a random port (``:0``). ``database`` is a PostgreSQL
@@ -196,6 +219,9 @@ def serve(
             router.sndhwm = 10_000
             router.rcvhwm = 10_000
             router.router_mandatory = False  # a vanished client's reply is dropped, not an error
+            recorded = st.get_meta("address")
+            if bind is None:
+                bind = default_bind(recorded)
             try:
                 router.bind(bind)
             except zmq.ZMQError as exc:
@@ -204,7 +230,12 @@ def serve(
                 raise ConfigError(f"cannot bind {bind}: {exc}") from exc
             endpoint = router.get_string(zmq.LAST_ENDPOINT)
             if advertise is None:
-                advertise = endpoint if bind.endswith(":0") else st.get_meta("address")
+                advertise = endpoint if bind.endswith(":0") else recorded
+                if recorded and not bind.endswith(":0") and _port(recorded) != _port(endpoint):
+                    log("address_mismatch", level="warning", listening=endpoint,
+                        licences_name=recorded,
+                        hint="licences and devices will dial the address recorded at init; give "
+                             "--advertise, or bind its port")  # fmt: skip
             service = KeyService(
                 st,
                 master,

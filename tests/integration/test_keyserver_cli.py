@@ -122,3 +122,57 @@ def test_init_makes_the_directory_and_every_file_private_whatever_existed() -> N
         assert not (theirs / "keyserver.db").exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_listens_where_init_said_and_warns_when_told_otherwise(tmp_path):
+    """`init --address` alone moves the key server (a newcomer with port 7700
+    taken gave the port to init only, and every command then timed out): serve
+    listens on the recorded port; a --bind elsewhere is logged as a mismatch."""
+    import json
+    import os
+
+    from tests.conftest import ROOT
+    from vault.core.launch import read_ready_line
+    from vault.core.process import stop_process
+
+    port = _free_port()
+    r = _vault("keyserver", "init", str(tmp_path / "ks"), "--address", f"tcp://127.0.0.1:{port}")
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def serve(*extra: str) -> tuple[dict[str, object], str]:
+        log = tmp_path / f"ks{len(extra)}.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "vault", "keyserver", "serve",
+                                     str(tmp_path / "ks"), *extra], stdout=subprocess.PIPE,
+                                    stderr=err, env=env)  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                ready = read_ready_line(proc.stdout, timeout=30, proc=proc, what="key server")
+                if not extra:  # the admin licence reaches it as written
+                    listing = _vault("licence", "list", "--licence",
+                                     str(tmp_path / "ks" / "admin.licence"))  # fmt: skip
+                    assert listing.returncode == 0, listing.stderr
+            finally:
+                stop_process(proc, 10)
+                assert proc.stdout is not None
+                proc.stdout.close()
+        return ready, log.read_text()
+
+    ready, log = serve()
+    assert str(ready["address"]).endswith(f":{port}"), ready
+    assert "address_mismatch" not in log
+    other = _free_port()
+    ready, log = serve("--bind", f"tcp://127.0.0.1:{other}")  # the control: told otherwise
+    assert str(ready["address"]).endswith(f":{other}"), ready
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    (warn,) = [e for e in events if e["event"] == "address_mismatch"]
+    assert warn["licences_name"] == f"tcp://127.0.0.1:{port}", warn

@@ -721,6 +721,39 @@ def test_the_daemon_refuses_a_socket_directory_others_can_write(trust: Trust) ->
         listener.close()
 
 
+def test_the_daemon_refuses_an_interpreter_its_workers_cannot_run(trust: Trust) -> None:
+    """deploy/README.md's venv made from root's own ``python3`` (pyenv under
+    ``/root``, mode 0700) passes the install check (root's, writable by no one
+    else), but no worker of the workers' uid can start from it: the daemon
+    said ready and failed every open with ``PermissionError``. Now ``vault
+    daemon`` refuses to start, naming the directory. Control: the spawn it
+    would have made fails as that user; through a directory the workers' user
+    may search, the same interpreter passes the check."""
+    from vault.app.daemon import check_worker_can_run
+
+    home = trust.dir / "home"  # like /root
+    home.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(home, 0o700)
+    py = home / "python3"
+    if not py.is_symlink():
+        py.symlink_to(SYSTEM_PYTHON)  # a venv's interpreter is such a link
+    sock = trust.dir / "refused.sock"
+    cmd = _daemon_cmd(trust, str(sock))
+    cmd[cmd.index("--python") + 1] = str(py)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "error[config]" in out.stderr and f"cannot run {py}" in out.stderr, out.stderr
+    assert f"it may not search {home} (mode 0700, uid 0)" in out.stderr, out.stderr
+    assert not sock.exists()
+    worker = dict(user=trust.worker.pw_uid, group=trust.worker.pw_gid, extra_groups=[])
+    with pytest.raises(PermissionError):  # control: the worker the daemon would have spawned
+        subprocess.run([str(py), "-I", "-c", "pass"], check=True, **worker)  # type: ignore[call-overload]
+    os.chmod(home, 0o755)
+    check_worker_can_run(str(py), (_readable_source(), _site_packages()),
+                         uid=trust.worker.pw_uid, gid=trust.worker.pw_gid,
+                         user=trust.worker.pw_name)  # fmt: skip
+
+
 RELAY = r"""
 import json, os, socket, sys
 import numpy as np

@@ -119,7 +119,14 @@ from ..core.logs import Log, reason
 from ..core.package import Header, memory_limit, read_header
 from ..core.process import stop_process
 
-__all__ = ["DaemonConfig", "check_install", "check_private_dir", "run_daemon"]
+__all__ = [
+    "DaemonConfig",
+    "blocked_for",
+    "check_install",
+    "check_private_dir",
+    "check_worker_can_run",
+    "run_daemon",
+]
 
 TIER = 1
 DEFAULT_DEVICE_DIR = "/var/lib/vault/device"
@@ -186,6 +193,85 @@ def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
                 f"{path}: the worker's install must be owned by root (or the daemon's user) "
                 "and writable by no one else"
             )
+
+
+def blocked_for(path: str, uid: int, gid: int, *, read: bool) -> str | None:
+    """Why user ``uid`` (primary group ``gid``, no other groups: a worker's)
+    cannot reach ``path``, or None: the first directory on the way it may not
+    search, or ``path`` itself it may not execute (``read``: a directory it
+    may not list). By the mode bits (root's ACLs are not looked at)."""
+
+    def allowed(st: os.stat_result, bits: int) -> bool:
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        return (st.st_mode >> shift) & bits == bits
+
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        node = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(node)
+        except OSError as exc:
+            return f"{node}: {exc.strerror}"
+        last = i == len(parts)
+        need, what = (5, "list") if last and read else (1, "search")
+        if last and not stat.S_ISDIR(st.st_mode):
+            need, what = (4, "read") if read else (1, "execute")
+        if not allowed(st, need):
+            return (
+                f"it may not {what} {node} (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})"
+            )
+    return None
+
+
+_PROBE = (
+    "import sys, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
+    "import worker; missing = [m for m in ('numpy', 'onnxruntime', 'zmq', 'cryptography', "
+    "'msgpack') if u.find_spec(m) is None]; "
+    "sys.exit('cannot import ' + ', '.join(missing)) if missing else None"
+)
+
+
+def check_worker_can_run(
+    python: str, sys_path: Sequence[str], *, uid: int, gid: int, user: str
+) -> None:
+    """The workers' user must be able to run the interpreter and import the
+    install (:class:`ConfigError` naming what it cannot reach otherwise). A
+    venv made from an interpreter under a private home (``/root/.pyenv``,
+    conda in ``/root``) passes :func:`check_install` but no worker of another
+    uid could ever start from it: the daemon would say ready and fail every
+    open. Checked by running the interpreter as that user, as a worker is run."""
+    as_other = os.geteuid() == 0 and uid != 0
+    try:
+        done = subprocess.run(
+            [python, "-I", "-B", "-c", _PROBE, ":".join(sys_path)],
+            user=uid if as_other else None, group=gid if as_other else None,
+            extra_groups=[] if as_other else None, env=launch.worker_env(), cwd="/",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            timeout=60,
+        )  # fmt: skip
+        why = None if done.returncode == 0 else (
+            done.stderr.decode(errors="replace").strip().splitlines() or ["exit status"]
+        )[-1][:300]  # fmt: skip
+    except subprocess.TimeoutExpired:
+        why = "it did not finish within 60 s"
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    if why is None:
+        return
+    if as_other:
+        for path, read in ((python, False), (os.path.realpath(python), False),
+                           *((p, True) for p in sys_path)):  # fmt: skip
+            blocked = blocked_for(path, uid, gid, read=read)
+            if blocked:
+                why = f"{why}; {blocked}"
+                break
+    raise ConfigError(
+        f"the workers' user {user!r} cannot run {python} with this install ({why}): the "
+        "interpreter, its standard library and the install must be readable by that user "
+        "(a venv made from an interpreter under a private home, such as /root/.pyenv, is not); "
+        "make the venv from the system's (/usr/bin/python3 -m venv, deploy/README.md) or "
+        "pass --python and --worker-path"
+    )
 
 
 def check_private_dir(directory: str, *, what: str = "socket directory") -> None:
@@ -1161,6 +1247,13 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     log = log or Log(sys.stderr, component="daemon")
     device = Device.load(config.device_dir)
     check_install(config.python, config.sys_path)
+    check_worker_can_run(
+        config.python,
+        config.sys_path,
+        uid=config.worker_uid,
+        gid=config.worker_gid,
+        user=config.worker_user or str(config.worker_uid),
+    )
     base = os.path.dirname(os.path.abspath(config.socket_path))
     os.makedirs(base, mode=0o755, exist_ok=True)
     check_private_dir(base)  # nobody else may move the socket aside and listen in its place

@@ -151,11 +151,16 @@ def _tier1_setup() -> tuple[dict[str, Any] | None, str]:
             sys_path.append(where)
     probe = ("import sys; sys.path[:0] = sys.argv[1].split(':'); "
              "import numpy, onnxruntime, zmq, worker.startup, vault.core.package")  # fmt: skip
-    from .daemon import check_install
+    from .daemon import blocked_for, check_install
 
+    why: list[str] = []
     for python in dict.fromkeys((os.path.realpath(sys.executable), "/usr/bin/python3")):
         if not os.path.exists(python):
             continue
+        for path, read in ((python, False), *((p, True) for p in sys_path)):
+            blocked = blocked_for(path, pw.pw_uid, pw.pw_gid, read=read)
+            if blocked:
+                why.append(blocked)
         try:
             check_install(python, sys_path)
             ok = subprocess.run(
@@ -167,7 +172,8 @@ def _tier1_setup() -> tuple[dict[str, Any] | None, str]:
             ok = False
         if ok:
             return {"user": pw.pw_name, "python": python, "sys_path": sys_path}, ""
-    return None, f"no interpreter and install here that user {pw.pw_name!r} can run"
+    hint = f" ({'; '.join(dict.fromkeys(why))})" if why else ""
+    return None, f"no interpreter and install here that user {pw.pw_name!r} can run{hint}"
 
 
 def _start_daemon(

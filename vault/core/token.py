@@ -42,6 +42,7 @@ from typing import Any
 from . import crypto as _crypto
 from .errors import ConfigError, IntegrityError, TokenError, TokenExpiredError
 from .licence import Licence
+from .modelscope import describe
 
 __all__ = ["MAX_LIFETIME", "PREFIX", "Token", "mint_token", "parse_token"]
 
@@ -132,8 +133,13 @@ def mint_token(
     names = [models] if isinstance(models, str) else list(models)
     if not names or len(names) > MAX_MODELS or not all(isinstance(m, str) and m for m in names):
         raise ConfigError(f"a token names 1 to {MAX_MODELS} model ids")
-    if lic.model_id is not None and any(m != lic.model_id for m in names):
-        raise ConfigError(f"licence {lic.licence_id} is for model {lic.model_id!r} only")
+    # the licence's model scope: one id, several (``a,b``), ``prefix*`` or ``*``
+    outside = sorted({m for m in names if lic.model_id is not None and not lic.covers(m)})
+    if outside:
+        raise ConfigError(
+            f"licence {lic.licence_id} is for {describe(lic.model_id)}, "
+            f"not {', '.join(repr(m) for m in outside)}"
+        )
     if not (0 < expires <= MAX_LIFETIME):
         raise ConfigError(f"a token expires within (0, {MAX_LIFETIME:.0f}] seconds")
     if max_calls is not None and (isinstance(max_calls, bool) or max_calls < 1):

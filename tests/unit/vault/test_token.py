@@ -94,3 +94,23 @@ def test_only_a_call_licence_for_its_own_model_mints() -> None:
     with pytest.raises(ConfigError):
         mint_token(_licence(), models=["m"], max_calls=0)
     assert parse_token(mint_token(_licence(model=None), models=["x", "y"])).models == ("x", "y")
+
+
+def test_a_licence_for_several_models_or_a_prefix_mints_for_each_it_covers() -> None:
+    # `vault licence issue digits-mlp digits-rf --kind call` (the README's alice) and
+    # `clf.tail*`: a token for any one of them, or several, was refused before
+    # (the scope "digits-mlp,digits-rf" was compared as one model id)
+    two = _licence(model="digits-mlp,digits-rf")
+    assert parse_token(mint_token(two, models=["digits-rf"])).models == ("digits-rf",)
+    assert parse_token(mint_token(two, models="digits-mlp")).models == ("digits-mlp",)
+    both = parse_token(mint_token(two, models=["digits-rf", "digits-mlp"]))
+    assert both.models == ("digits-mlp", "digits-rf")
+    with pytest.raises(ConfigError, match="'digits-knn'"):  # the control: one it does not cover
+        mint_token(two, models=["digits-mlp", "digits-knn"])
+    with pytest.raises(ConfigError):  # the scope's text is no model id
+        mint_token(two, models=["digits-mlp,digits-rf"])
+    prefix = _licence(model="clf.tail*")
+    assert parse_token(mint_token(prefix, models=["clf.tail.c1"])).models == ("clf.tail.c1",)
+    with pytest.raises(ConfigError):
+        mint_token(prefix, models=["clf.head"])
+    assert parse_token(mint_token(_licence(model="*"), models=["any"])).models == ("any",)
