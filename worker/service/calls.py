@@ -291,6 +291,9 @@ class CallLicencePolicy(_Usage):
         self._wall = wall
         self._notify: Callable[[str, str], None] = lambda key, model: None
         self._decisions: dict[tuple[str, str], _Decision] = {}
+        # the latest decision fetched for each key, whatever its model: a door
+        # vetting a token before it knows the model (gRPC) uses it while fresh
+        self._latest: dict[str, _Decision] = {}
         self._probes: dict[str, _Probe] = {}
         self._unreported: Counter[str] = Counter()  # licence -> calls served, not yet in a report
         self._giveback: list[tuple[str | None, int, str | None]] = []  # (licence, reserved, grant)
@@ -356,7 +359,8 @@ class CallLicencePolicy(_Usage):
         key = token.licence_key
         now = self._clock()
         with self._lock:
-            d = self._decisions.get((key, model_id)) if model_id is not None else None
+            d = (self._decisions.get((key, model_id)) if model_id is not None
+                 else self._latest.get(key))  # fmt: skip
             if d is None or now >= d.fetched + d.ttl:
                 probe = self._probes.get(key)
                 if probe is None or now - probe.at >= _PROBE_TTL:
@@ -617,6 +621,7 @@ class CallLicencePolicy(_Usage):
         with self._lock:
             self._retire_replaced(key, model_id, old)
             self._decisions[(key, model_id)] = d
+            self._latest[key] = d
         self._notify(key, model_id)
 
     def _retire_replaced(self, key: str, model_id: str, old: _Decision | None) -> None:
@@ -655,6 +660,8 @@ class CallLicencePolicy(_Usage):
                     if now - d.last_used >= d.ttl:
                         idle.append(self._decisions.pop(k))
                         self._retire(idle[-1])
+                        if self._latest.get(k[0]) is d:
+                            del self._latest[k[0]]
                     elif now >= d.fetched + d.ttl / 2:
                         d.refreshing = True
                         due.append(k)
