@@ -21,6 +21,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -156,6 +157,7 @@ def main() -> None:
         print(json.dumps(out, indent=1))
     finally:
         server.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
