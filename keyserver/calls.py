@@ -85,6 +85,12 @@ def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> Vau
     if model_id is not None and lic.model_id is not None and not covers(lic.model_id, model_id):
         return WrongModelError(f"licence {lic.licence_id} is not for model {model_id!r}")
     if lic.max_calls is not None and lic.debited_calls >= lic.max_calls:
+        if lic.reserved_calls:  # some are only held by grants: they come back
+            return QuotaExhaustedError(
+                f"licence {lic.licence_id} has no call left to grant: {lic.used_calls} used and "
+                f"{lic.reserved_calls} held by services' open grants, of {lic.max_calls}; held "
+                "calls come back as the services report or their grants lapse"
+            )
         return QuotaExhaustedError(f"licence {lic.licence_id} has used its {lic.max_calls} calls")
     return None
 

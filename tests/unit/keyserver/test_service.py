@@ -165,7 +165,9 @@ def test_used_proofs_are_kept_until_stale_then_forgotten(tmp_path):
         st.close()
 
 
-def _service_and_caller(svc: KeyService, *, max_calls: int) -> tuple[str, str, str]:
+def _service_and_caller(
+    svc: KeyService, *, max_calls: int, model_id: str = "m"
+) -> tuple[str, str, str]:
     """An enrolled device (a worker service) and a call licence: (device key,
     caller key, licence id)."""
     import zmq
@@ -175,7 +177,7 @@ def _service_and_caller(svc: KeyService, *, max_calls: int) -> tuple[str, str, s
     dev = zmq.curve_keypair()[0].decode()
     [r1, r2] = svc.process_batch([
         req(svc.admin, "enroll_device", device_id=device_id_for(dev), public_key=dev),
-        req(svc.admin, "issue", model_id="m", holder="c", kind="call", max_calls=max_calls),
+        req(svc.admin, "issue", model_id=model_id, holder="c", kind="call", max_calls=max_calls),
     ])  # fmt: skip
     assert r1["ok"] and r2["ok"], (r1, r2)
     return dev, r2["licence"]["client"]["public_key"], r2["licence"]["licence_id"]
@@ -185,6 +187,30 @@ def _row(svc: KeyService, licence_id: str) -> tuple[int, int]:
     [rep] = svc.process_batch([req(svc.admin, "list")])
     (row,) = [r for r in rep["licences"] if r["licence_id"] == licence_id]
     return row["used_calls"], row["reserved_calls"]
+
+
+def test_a_call_licence_for_two_models_serves_both_and_says_what_holds_its_calls(svc):
+    """A newcomer's two-model call licence answered 200, 429, 200, 429: the first
+    model's grant reserved the whole quota, and the second was told the licence
+    "has used its 1000 calls" after 5 calls. Grants now take a share, and a
+    refusal says which calls are used and which are only held."""
+    dev, caller, lid = _service_and_caller(svc, max_calls=1000, model_id="mlp,rf")
+
+    def ask(model: str) -> dict:
+        return svc.process_batch([req(dev, "call_decisions", model_id=model, keys=[caller])])[0][
+            "decisions"
+        ][caller]
+
+    a, b = ask("mlp"), ask("rf")
+    assert a["ok"] and b["ok"], (a, b)
+    assert a["budget"] + b["budget"] < 1000
+    # a licence of 2 calls: two grants hold both, and a third model call is told so
+    dev2, caller2, lid2 = _service_and_caller(svc, max_calls=2, model_id="x,y,z")
+    got = [svc.process_batch([req(dev2, "call_decisions", model_id=m, keys=[caller2])])[0]
+           ["decisions"][caller2] for m in ("x", "y", "z")]  # fmt: skip
+    assert got[0]["ok"] and got[1]["ok"], got
+    assert got[2]["error"]["code"] == "quota_exhausted", got
+    assert "0 used" in got[2]["error"]["message"] and "2 held" in got[2]["error"]["message"]
 
 
 def test_a_call_grant_is_capped_and_lapses_and_a_late_report_counts_once(svc):
