@@ -9,15 +9,28 @@ licence) or a grant with a call budget. Budgets follow the key server's
 metering rules (:mod:`keyserver.metering`, the same as for a worker's lease):
 reserved from the quota when granted, the unused part refunded when the
 service reports what it served (at its next ask), so no number of services
-or leases can serve more calls than the quota; a service that dies leaves
-its reserve spent (fail closed); budgets are drawn from the licence's call
-bucket (the rate limit), and the service also enforces the rate per call. Every grant,
-refusal and usage report is audited; an unknown key and somebody else's
-runtime licence get the same answer.
+or leases can serve more calls than the quota; budgets are drawn from the
+licence's call bucket (the rate limit), and the service also enforces the
+rate per call. Every grant, refusal and usage report is audited; an unknown
+key and somebody else's runtime licence get the same answer.
+
+A grant is capped (:func:`keyserver.metering.call_grant_cap`: at most 1,000
+calls and a quarter of the quota left; with a rate limit, at most the
+bucket, rate x lease) and **lapses** :data:`LAPSE_LEASES` leases after it
+was made if the service never gave it back (a replica killed, or cut off
+from the key server): its reserve returns to the quota, audited
+(``grant_lapsed``). The service uses a decision for at most one lease from
+before it asked, so by then it serves nothing more under it; a report that
+arrives later (a partitioned service) is still counted, once (by its id),
+and gives nothing back a second time. What a dead service served and never
+reported is not counted: at most one grant's worth per service and grant,
+which is what the cap bounds.
 
 Request ``{"model_id", "keys": [Z85...], "usage": [{"licence_id", "used",
 "reserved"}...]}`` (without ``model_id``: a probe, whether each key holds a
-live call licence at all, reserving nothing: the service's ZAP check); reply ``{"ttl", "decisions": {key: {"ok": true,
+live call licence at all, reserving nothing: the service's ZAP check, and
+its doors' vetting of a bearer token, with ``proof_key`` and
+``expires_at``); reply ``{"ttl", "decisions": {key: {"ok": true,
 "licence_id", "holder", "budget", "rate", "expires_at", "proof_key"} | {"ok": false,
 "error": {...}[, "licence_id", "proof_key"]}}}`` (``proof_key``: the licence's
 Ed25519 public key, which verifies the bearer tokens its holder mints).
@@ -53,9 +66,13 @@ from .store import MeteringId
 if TYPE_CHECKING:  # pragma: no cover
     from .service import KeyService
 
-__all__ = ["MAX_KEYS", "call_decisions"]
+__all__ = ["LAPSE_LEASES", "MAX_KEYS", "call_decisions", "lapse_grants"]
 
 MAX_KEYS = 1024
+# A grant not given back lapses this many leases after it was made: one lease
+# of use (the service's decision ends within one lease of its request) and
+# one for the calls still in flight then and the report on its way.
+LAPSE_LEASES = 2.0
 
 
 def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> VaultError | None:
@@ -68,6 +85,12 @@ def _refusal(lic: LicenceRecord | None, model_id: str | None, now: float) -> Vau
     if model_id is not None and lic.model_id is not None and not covers(lic.model_id, model_id):
         return WrongModelError(f"licence {lic.licence_id} is not for model {model_id!r}")
     if lic.max_calls is not None and lic.debited_calls >= lic.max_calls:
+        if lic.reserved_calls:  # some are only held by grants: they come back
+            return QuotaExhaustedError(
+                f"licence {lic.licence_id} has no call left to grant: {lic.used_calls} used and "
+                f"{lic.reserved_calls} held by services' open grants, of {lic.max_calls}; held "
+                "calls come back as the services report or their grants lapse"
+            )
         return QuotaExhaustedError(f"licence {lic.licence_id} has used its {lic.max_calls} calls")
     return None
 
@@ -188,6 +211,7 @@ def call_decisions(
     grants = _grants(h)
     for rep in _usage(h):
         _settle_report(svc, actor, model_id, rep, now)
+    lapse_grants(svc, now)
     _prune(svc, now)
     decisions: dict[str, Any] = {}
     for key in dict.fromkeys(keys):
@@ -204,7 +228,8 @@ def call_decisions(
                 # a copy of a request already answered (or given up): never a second reserve
                 err = KeyServerError("this grant was already answered; ask with a new grant id")
             else:
-                lic, budget = svc._grant(lic, lic.reserved_calls, lic.used_calls, now)
+                lic, budget = svc._grant(lic, lic.reserved_calls, lic.used_calls, now,
+                                         cap=metering.call_grant_cap)  # fmt: skip
                 if budget.budget == 0 and budget.retry_after is None:
                     err = QuotaExhaustedError(f"licence {lic.licence_id} has no calls left")
         if err is not None:
@@ -221,7 +246,10 @@ def call_decisions(
             continue
         assert lic is not None
         if budget is None:  # a probe: is this a live call licence at all
-            decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder}
+            # (with the proof key: a door checks a bearer token's signature
+            # on it before it reads the request the token came with)
+            decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder,
+                              "proof_key": lic.proof_public_key, "expires_at": lic.expires_at}  # fmt: skip
             continue
         if gid is not None:
             store.insert_metering_id(
@@ -245,6 +273,27 @@ def call_decisions(
             "grant_id": gid,
         }
     return {"ttl": svc.lease_ttl, "decisions": decisions}
+
+
+def lapse_grants(svc: KeyService, now: float) -> int:
+    """Give back the reserve of every call grant made :data:`LAPSE_LEASES`
+    leases ago or more and never given back (see the module docstring);
+    returns how many lapsed. A report for one later counts its calls, once."""
+    store = svc.store
+    lapsed = store.open_grants_before(now - LAPSE_LEASES * svc.lease_ttl)
+    for grant in lapsed:
+        store.release_metering_id(grant.ident)
+        lic = svc._licence(grant.licence_id, now) if grant.licence_id else None
+        returned = 0
+        if lic is not None and lic.kind == "call" and grant.budget:
+            used, reserved = metering.settle(lic, reserved=grant.budget, calls=0)
+            svc._meter(lic, used=used, reserved=reserved)
+            returned = grant.budget
+        audit.append(
+            store, ts=now, event="grant_lapsed", actor=None, licence_id=grant.licence_id,
+            model_id=None, detail={"grant_id": grant.ident, "returned_calls": returned},
+        )  # fmt: skip
+    return len(lapsed)
 
 
 def _prune(svc: KeyService, now: float) -> None:

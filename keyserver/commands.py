@@ -195,11 +195,11 @@ def database_url(args: argparse.Namespace, environ: dict[str, str] | None = None
     from urllib.parse import urlsplit
 
     from vault.core.errors import ConfigError
-    from vault.core.files import read_regular
+    from vault.core.files import read_secret_file
 
     env = os.environ if environ is None else environ
     if getattr(args, "database_file", None):
-        url = read_regular(args.database_file, limit=64 << 10, what="database URL file")
+        url = read_secret_file(args.database_file, limit=64 << 10, what="database URL file")
         text = url.decode("utf-8", "replace").strip()
         if not text:
             raise ConfigError(f"{args.database_file}: empty, not a database URL")

@@ -38,6 +38,7 @@ import zmq
 
 from vault.core import crypto as _crypto
 from vault.core.errors import ConfigError, IntegrityError, KeyServerError
+from vault.core.files import read_secret_file
 from vault.core.licence import Licence, write_private_file
 
 from . import audit
@@ -292,14 +293,13 @@ def load_audit_key(root: str | os.PathLike[str]) -> _crypto.PublisherKey:
 
 def load_server_keys(root: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """(public, secret) Z85 CURVE keys of the server."""
-    with open(Paths(os.fspath(root)).server_secret, "rb") as fh:
-        data = json.loads(fh.read())
+    path = Paths(os.fspath(root)).server_secret
+    data = json.loads(read_secret_file(path, limit=64 << 10, what="server's secret CURVE key"))
     return data["public"].encode(), data["secret"].encode()
 
 
 def _read_master(path: str) -> bytearray:
-    with open(path, "rb") as fh:
-        data = bytearray(fh.read())
+    data = bytearray(read_secret_file(path, limit=4096, what="master key"))
     if len(data) != _crypto.KEY_SIZE:
         raise ConfigError(f"{path}: not a master key file")
     return data

@@ -36,11 +36,22 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .policy import LicenceRecord
 
-__all__ = ["Budget", "bucket_capacity", "call_burst", "refill", "refund", "size_budget", "settle"]
+__all__ = [
+    "CALL_GRANT_MAX",
+    "Budget",
+    "bucket_capacity",
+    "call_burst",
+    "call_grant_cap",
+    "refill",
+    "refund",
+    "settle",
+    "size_budget",
+]
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,23 @@ def refill(lic: LicenceRecord, *, now: float, lease_ttl: float) -> float | None:
     return min(cap, lic.rate_tokens + max(0.0, now - lic.rate_at) * rate)
 
 
-def size_budget(lic: LicenceRecord, *, now: float, lease_ttl: float) -> Budget:
+def size_budget(
+    lic: LicenceRecord,
+    *,
+    now: float,
+    lease_ttl: float,
+    cap: Callable[[int | None], int] | None = None,
+) -> Budget:
     """The budget of a lease granted or renewed at ``now``: the quota left
-    (after every open reservation) and the whole calls in the bucket."""
+    (after every open reservation) and the whole calls in the bucket; and
+    ``cap(quota_left)`` when given (a service's call grant: :func:`call_grant_cap`)."""
     caps: list[int] = []
+    left = None
     if lic.max_calls is not None:
-        caps.append(max(0, lic.max_calls - lic.debited_calls))
+        left = max(0, lic.max_calls - lic.debited_calls)
+        caps.append(left)
+    if cap is not None:
+        caps.append(cap(left))
     tokens = refill(lic, now=now, lease_ttl=lease_ttl)
     if tokens is not None:
         caps.append(math.floor(tokens + 1e-9))
@@ -97,8 +119,22 @@ def size_budget(lic: LicenceRecord, *, now: float, lease_ttl: float) -> Budget:
     if tokens is not None and tokens + 1e-9 < 1.0:
         assert lic.rate_limit is not None
         retry = (1.0 - tokens) / lic.rate_limit
-    left = None if tokens is None else tokens - (budget or 0)
-    return Budget(budget, left, retry)
+    rest = None if tokens is None else tokens - (budget or 0)
+    return Budget(budget, rest, retry)
+
+
+CALL_GRANT_MAX = 1000  # calls one service grant reserves at most
+CALL_GRANT_SHARE = 4  # ... and at most a quarter of the quota left
+
+
+def call_grant_cap(quota_left: int | None) -> int:
+    """The most calls one call grant (a worker service's lease) reserves:
+    :data:`CALL_GRANT_MAX`, and a quarter of the quota left (at least one
+    call), so a service that dies holding one locks little of the quota and
+    only until the grant lapses, and replicas share a small quota."""
+    if quota_left is None:
+        return CALL_GRANT_MAX
+    return min(CALL_GRANT_MAX, max(1, math.ceil(quota_left / CALL_GRANT_SHARE)))
 
 
 def settle(lic: LicenceRecord, *, reserved: int | None, calls: int) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -465,7 +466,9 @@ class KeyService:
         is bounded by the request rate. Kept in memory, not the DB: a restart
         forgets them, which is safe because an application-level replay needs
         the CURVE session (the holder's secret key) in the first place; this
-        check stops a buggy or malicious *holder* re-sending a request."""
+        check stops a buggy or malicious *holder* re-sending a request. A
+        licence proof, which travels through a daemon and a worker, is
+        different: its use is kept in the database (:meth:`_check_proof_fresh`)."""
         nonce = h.get("nonce")
         if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
             raise ProtocolError("request needs a random 'nonce' (8-64 bytes)")
@@ -583,12 +586,13 @@ class KeyService:
             "burst": metering.call_burst(lic.rate_limit),
         }
 
-    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float
+    def _grant(self, lic: LicenceRecord, reserved: int, used: int, now: float, *,
+               cap: Callable[[int | None], int] | None = None,
                ) -> tuple[LicenceRecord, metering.Budget]:  # fmt: skip
         """Size a budget from the licence as settled (``used``/``reserved``)
         and reserve it; returns the licence as stored and the budget."""
         settled = dataclasses.replace(lic, used_calls=used, reserved_calls=reserved)
-        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl)
+        b = metering.size_budget(settled, now=now, lease_ttl=self.lease_ttl, cap=cap)
         bucket = None if b.tokens is None else (b.tokens, now)
         return self._meter(settled, used=used, reserved=reserved + (b.budget or 0),
                            bucket=bucket), b  # fmt: skip
@@ -854,16 +858,20 @@ class KeyService:
     ) -> None:  # fmt: skip
         """A valid proof is good once for each step of one open, within the
         clock-skew window: one authorisation (the daemon's, before any worker)
-        and one release (the worker's)."""
+        and one release (the worker's). Its use is recorded in the database
+        (until it is stale anyway), so it is good once across every replica
+        of a PostgreSQL store and across restarts, not once per process; a
+        proof that verified is spent once the step is granted or refused
+        (the use commits with the grant or with the refusal's audit record)."""
         ts, nonce = float(h["proof_ts"]), bytes(h["proof_nonce"])
         err: VaultError | None = None
         if abs(now - ts) > MAX_SKEW:
             err = PermissionDeniedError("licence proof is stale (clock skew?)")
         else:
-            try:
-                prefix = b"proof:" if op == "release" else b"authorize:"
-                self._remember_nonce(prefix + nonce, ts, now)
-            except ProtocolError:
+            step = b"release" if op == "release" else b"authorize"
+            ident = hashlib.sha256(b"\0".join([b"vault-proof-use/v1", step,
+                                                lic.licence_id.encode(), nonce])).hexdigest()  # fmt: skip
+            if not self.store.use_proof(ident, expires_at=max(now, ts) + MAX_SKEW, now=now):
                 err = PermissionDeniedError("licence proof was used before")
         if err is not None:
             raise self._deny_as(actor, op, err, now, licence_id=lic.licence_id, **ids)
@@ -1099,6 +1107,9 @@ class KeyService:
 
     def _list(self, caller: LicenceRecord, h: Mapping[str, Any], now: float) -> dict[str, Any]:
         self._require_admin(caller, "list", now)
+        from .calls import lapse_grants
+
+        lapse_grants(self, now)  # what the list shows is reserved now
         out = []
         for rec in self.store.licences():
             authentic = self._authentic(rec, now) is not None

@@ -46,6 +46,7 @@ __all__ = [
     "KeyRow",
     "LeaseRow",
     "METERING_SCHEMA",
+    "PROOF_SCHEMA",
     "MeteringId",
     "SqliteStore",
     "Store",
@@ -144,6 +145,21 @@ CREATE TABLE IF NOT EXISTS metering_ids (
     at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metering_ids_at ON metering_ids (at);
+CREATE INDEX IF NOT EXISTS metering_open_grants ON metering_ids (at)
+    WHERE kind = 'grant' AND released = 0;
+"""
+
+# Proofs of possession already used (keyserver.service: one row per proof and
+# step, a digest of the step, the licence and the proof's nonce), kept until
+# the proof is stale anyway (its time + the clock-skew window): in the
+# database, so a proof is good once across every replica and every restart.
+# Created by `serve` too, for databases made by an earlier version.
+PROOF_SCHEMA = """
+CREATE TABLE IF NOT EXISTS used_proofs (
+    id TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS used_proofs_expiry ON used_proofs (expires_at);
 """
 
 LICENCE_COLS = (
@@ -482,8 +498,9 @@ class Store:
     # --- metering ids (idempotent usage reports and call grants) -----------------------
 
     def ensure_metering_ids(self) -> None:
-        """The table, in a database made before it existed (idempotent)."""
-        for stmt in METERING_SCHEMA.split(";"):
+        """The metering ids' and used proofs' tables, in a database made
+        before they existed (idempotent)."""
+        for stmt in (METERING_SCHEMA + PROOF_SCHEMA).split(";"):
             if stmt.strip():
                 self._execute(stmt)
 
@@ -508,7 +525,38 @@ class Store:
         self._q("UPDATE metering_ids SET released = 1 WHERE id = ?", (ident,))
 
     def prune_metering_ids(self, before: float) -> None:
-        self._q("DELETE FROM metering_ids WHERE at < ?", (before,))
+        """Forget ids older than ``before``; a grant never given back is
+        lapsed (:func:`keyserver.calls.lapse_grants`) long before that."""
+        self._q("DELETE FROM metering_ids WHERE at < ? AND NOT (kind = 'grant' AND released = 0)",
+                (before,))  # fmt: skip
+
+    def open_grants_before(self, before: float, *, limit: int = 1024) -> list[MeteringId]:
+        """Call grants made before ``before`` and not yet given back, oldest first."""
+        rows = self._q(
+            "SELECT id, kind, licence_id, budget, released FROM metering_ids"
+            " WHERE kind = 'grant' AND released = 0 AND at < ? ORDER BY at LIMIT ?",
+            (before, limit),
+        ).fetchall()
+        return [MeteringId(str(r[0]), str(r[1]), r[2], None if r[3] is None else int(r[3]),
+                           bool(r[4])) for r in rows]  # fmt: skip
+
+    # --- used proofs (a proof of possession is good once) --------------------------------
+
+    def use_proof(self, ident: str, *, expires_at: float, now: float) -> bool:
+        """Record the proof ``ident`` as used until ``expires_at``; False if it
+        was used before (and that use has not expired). Atomic on both
+        engines: of two transactions inserting one id, one inserts, the other
+        finds it (PostgreSQL: the replicas' writers are serialised, and the
+        primary key decides in any case)."""
+        self._q("DELETE FROM used_proofs WHERE expires_at < ?", (now,))
+        cur = self._q(
+            "INSERT INTO used_proofs (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+            (ident, expires_at),
+        )
+        return bool(cur.rowcount == 1)
+
+    def count_used_proofs(self) -> int:
+        return int(self._one("SELECT count(*) FROM used_proofs")[0])
 
     # --- audit ---------------------------------------------------------------------------------
 
@@ -622,7 +670,7 @@ def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Co
     # After a checkpoint lets the WAL restart, cut the file back to 16 MiB.
     conn.execute("PRAGMA journal_size_limit=16777216")
     if create:
-        conn.executescript(_SCHEMA + METERING_SCHEMA)
+        conn.executescript(_SCHEMA + METERING_SCHEMA + PROOF_SCHEMA)
         set_meta(conn, "schema_version", SCHEMA_VERSION)
     return conn
 

@@ -314,11 +314,9 @@ class Startup:
                 )
             allowed = load_allowed_keys(args.allow)
             if args.server_secret:
-                import zmq.auth
+                from vault.core.curvekeys import load_secret_certificate
 
-                server_public, server_secret = zmq.auth.load_certificate(args.server_secret)
-                if not server_secret:
-                    raise ConfigError(f"{args.server_secret}: holds no secret key")
+                server_public, server_secret = load_secret_certificate(args.server_secret)
             else:
                 server_public, server_secret = zmq.curve_keypair()
         local = None

@@ -356,6 +356,7 @@ def _tls_files(d: Path) -> None:
     (d / "server.pem").write_bytes(cert.public_bytes(pem))
     (d / "server.key").write_bytes(key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    (d / "server.key").chmod(0o600)  # a private key, as a PKI hands it over
 
 
 def test_flow_protocol(host: NsHost, tmp_path: Path) -> None:

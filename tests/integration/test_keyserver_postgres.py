@@ -21,7 +21,12 @@ import zmq
 from tests.conftest import ROOT, KeyServerProcess
 from tests.postgres import postgres_server
 from vault.core import crypto as _crypto
-from vault.core.errors import KeyServerUnavailableError, UnknownLicenceError, VaultError
+from vault.core.errors import (
+    KeyServerUnavailableError,
+    PermissionDeniedError,
+    UnknownLicenceError,
+    VaultError,
+)
 from vault.core.keyclient import KeyServerClient
 from vault.core.licence import Licence
 
@@ -192,6 +197,65 @@ def test_two_replicas_under_load_and_a_kill_9(tmp_path, pg_url):
     audited = {json.loads(r[0])["lease_id"] for r in rows}
     handed_out = {lease for _, lease, _ in got}
     assert handed_out <= audited and handed_out <= leases
+
+
+def test_a_licence_proof_is_good_once_across_replicas_and_restarts(tmp_path, pg_url):
+    """A holder's proof (what a daemon passes to its worker) replayed at the
+    other replica, and at a restarted one: refused, the use is in the database."""
+    from keyserver import init_dir
+
+    d = tmp_path / "ks"
+    init_dir(d, address="tcp://127.0.0.1:7700", database=pg_url)
+    args = {"model_id": MODEL, "key_id": KEY_ID, "package_digest": DIGEST}
+    replicas: dict[str, KeyServerProcess] = {}
+    try:
+        for name in ("a", "b"):
+            replicas[name] = _replica(d, pg_url, tmp_path / f"{name}.anchor", name)
+        a, b = replicas["a"], replicas["b"]
+        key = _crypto.generate_key()
+        a.register(MODEL, KEY_ID, key, DIGEST)
+        dev = a.enroll(tmp_path / "device")
+        lic = a.issue(MODEL)
+
+        def release(replica: KeyServerProcess, proof: object) -> bytes:
+            with KeyServerClient(lic, device=dev, address=replica.address, timeout=10) as c:
+                return bytes(c.release(**args, proof=proof).key)
+
+        used = {}
+        for step in ("release", "authorize"):
+            proof = used[step] = lic.prove(device_id=dev.device_id, **args)
+            with KeyServerClient(lic, device=dev, address=a.address, timeout=10) as c:
+                if step == "release":
+                    assert bytes(c.release(**args, proof=proof).key) == key
+                else:
+                    assert c.authorize(**args, proof=proof)["licence_id"] == lic.licence_id
+            with KeyServerClient(lic, device=dev, address=b.address, timeout=10) as c:
+                with pytest.raises(PermissionDeniedError, match="used before"):
+                    if step == "release":
+                        c.release(**args, proof=proof)
+                    else:
+                        c.authorize(**args, proof=proof)
+        # both replicas restarted (within the proof's clock-skew window): still spent
+        replicas["a"].restart()
+        replicas["b"].restart()
+        for replica in (a, b):
+            with pytest.raises(PermissionDeniedError, match="used before"):
+                release(replica, used["release"])
+        # the control: where the second replica does not know of the first use
+        # (each process remembering its own proofs, as before: here the shared
+        # record is wiped between the two), the replay gets the key again
+        proof = lic.prove(device_id=dev.device_id, **args)
+        assert release(a, proof) == key
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.execute("DELETE FROM used_proofs").rowcount >= 3
+        assert release(b, proof) == key
+        # the refusals are audited as such
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute("SELECT detail FROM audit WHERE event = 'denied'").fetchall()
+        assert sum("used before" in r[0] for r in rows) >= 2, rows
+    finally:
+        for r in replicas.values():
+            r.kill()
 
 
 def _wait_until_blocked(pg_url: str, pid: int) -> None:

@@ -37,7 +37,7 @@ import pytest
 from onnx import helper
 
 from tests.conftest import ROOT, KeyServerProcess, served_ready
-from tests.models import OIP_TYPES, all_types, classifier_pipeline, reference_pipeline
+from tests.models import OIP_TYPES, all_types, classifier_pipeline, mlp, reference_pipeline
 from tests.prereq import require
 from vault.core.crypto import PublisherKey
 from vault.core.licence import Licence
@@ -188,7 +188,9 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
                    output=d / "clf.vault", batchable=True)  # fmt: skip
         types_model = all_types()
         types = seal(types_model, model_id="types", signing_key=pk, output=d / "types.vault")
-        for r in (clf, types):
+        # served and never ready: no licence of the service covers it
+        spare = seal(mlp(seed=1), model_id="spare", signing_key=pk, output=d / "spare.vault")
+        for r in (clf, types, spare):
             ks.register(r.model_id, r.key_id, r.key, r.digest)
         device = ks.enroll(d / "device")
         del device
@@ -199,6 +201,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
             svc_licences += ["--licence", str(path)]
         ca, cert, key = _cert_authority(d)
         cmd = [sys.executable, "-m", "vault", "worker", "serve", str(clf.path), str(types.path),
+               str(spare.path),
                *svc_licences, "--device", str(d / "device"), "--call-licences",
                "--bind", "tcp://127.0.0.1:0", "--instances", "1", "--metrics-port", "0",
                "--max-batch", "8",
@@ -409,6 +412,34 @@ def test_calls_from_every_door_are_batched_together_and_split_exactly(plane: Pla
     assert batched() > before  # some worker call carried more than one caller's 2 rows
 
 
+def test_not_ready_is_400_on_both_http_ports(plane: Plane) -> None:
+    # one answer for "not ready", Triton's: 400 on the REST door and on the
+    # metrics port alike (a model served here that cannot load: 'spare')
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+
+    def get(url: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    for path, want in (("/v2/models/spare/ready", 400), ("/v2/models/spare/versions/1/ready", 400),
+                       ("/v2/models/clf/ready", 200), ("/v2/models/nope/ready", 404),
+                       ("/v2/health/ready", 200)):  # fmt: skip
+        door = get(f"https://localhost:{plane.http_port}{path}")
+        probe = get(f"http://127.0.0.1:{plane.metrics_port}{path}")
+        assert door[0] == probe[0] == want, (path, door, probe)
+    assert get(f"https://localhost:{plane.http_port}/v2/models/spare/ready")[1] == {
+        "name": "spare", "ready": False}  # fmt: skip
+    client, _ = plane.http()
+    assert client.is_model_ready("clf") and not client.is_model_ready("spare")
+    client.close()
+    g = plane.grpc()
+    assert g.is_model_ready("clf") and not g.is_model_ready("spare")
+    g.close()
+
+
 # --- refusals, as each client sees them ----------------------------------------------------
 
 
@@ -617,6 +648,136 @@ def test_refusal_revoked_licence_within_one_lease(plane: Plane) -> None:
         pytest.fail("the revoked licence's token was still served")
     assert _grpc_refusal(plane, tok).status() == "StatusCode.PERMISSION_DENIED"
     client.close()
+    _serving(plane)
+
+
+# --- strangers' large requests: vetted before they are read -------------------------------
+
+
+def _reset_peak(pid: int) -> int:
+    """Start the process's peak RSS again from its RSS now; returns that RSS."""
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
+        fh.write("5")
+    return _vm(pid, "VmRSS")
+
+
+def _vm(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
+    raise AssertionError(field)
+
+
+def _stranger_token(plane: Plane, *, real_key: bool) -> str:
+    """A well-formed token minted with keys of the stranger's own: a licence
+    nobody issued, or bob's real licence id and key signed by the stranger."""
+    import base64
+
+    import zmq
+
+    from vault.core.crypto import PublisherKey
+
+    bob = plane.licences["bob"]
+    pub, sec = zmq.curve_keypair()
+    lic = Licence.from_json({
+        **bob.to_json(),
+        "licence_id": bob.licence_id if real_key else "lic-nobody-issued",
+        "client": {"public_key": bob.client_public_key if real_key else pub.decode(),
+                   "secret_key": sec.decode()},
+        "proof_key": base64.b64encode(PublisherKey.generate().export_private_raw()).decode(),
+    })  # fmt: skip
+    return mint_token(lic, models=["clf"])
+
+
+def _rest_post(plane: Plane, token: str, body: bytes, declared: int) -> tuple[str, bytes]:
+    """POST a binary request whose image declares ``declared`` bytes; sends
+    all of ``body`` unless the door closes first; returns the status line and
+    the response's head."""
+    import socket
+
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1, 8], "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": declared}}]}).encode()  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    with socket.create_connection(("127.0.0.1", plane.http_port), timeout=120) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as s:  # fmt: skip
+        s.sendall(b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Authorization: Bearer " + token.encode() + b"\r\n"
+                  b"Inference-Header-Content-Length: " + str(len(head)).encode() + b"\r\n"
+                  b"Content-Length: " + str(len(head) + len(body)).encode() + b"\r\n\r\n"
+                  + head)  # fmt: skip
+        try:
+            s.sendall(body)
+        except OSError:  # refused and closed before its body was read
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode(), answer.split(b"\r\n\r\n", 1)[0].lower()
+
+
+def _grpc_raw(plane: Plane, token: str, raw: bytes) -> str:
+    import grpc
+
+    creds = grpc.ssl_channel_credentials(plane.ca.read_bytes())
+    opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    with grpc.secure_channel(plane.grpc_url, creds, options=opts) as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                              request_serializer=None, response_deserializer=None)  # fmt: skip
+        try:
+            call(raw, metadata=[("authorization", f"Bearer {token}")], timeout=120)
+            return "OK"
+        except grpc.RpcError as exc:
+            return f"{exc.code().name} {exc.details()}"
+
+
+def test_a_strangers_large_requests_are_refused_before_they_are_read(plane: Plane) -> None:
+    """Strangers' tokens (a licence nobody issued; bob's id and key signed by
+    the stranger) on requests of 64 MiB each, four at once on each door: all
+    refused, and the service's peak memory barely moves (before: each body
+    or message was read whole first, 1,010 MiB for eight on REST and 1,812
+    MiB on gRPC, docs/threat-model.md). The control: the licence holder's
+    request of the same size is read (then refused: its tensor is 8 bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.service.oip import inference_pb2
+
+    size = 64 << 20
+    body = os.urandom(size)
+    pb: Any = inference_pb2
+    req = pb.ModelInferRequest(model_name="clf")
+    req.inputs.add(name="image", datatype="UINT8", shape=[1, 8])
+    req.raw_input_contents.append(body)
+    raw = req.SerializeToString()
+    pid = plane.proc.pid
+    strangers = [_stranger_token(plane, real_key=False), _stranger_token(plane, real_key=True)]
+    for tok in strangers:  # the key server's answers are at hand: the flood measures the doors
+        assert _rest_post(plane, tok, b"", 0)[0] == "HTTP/1.1 401 Unauthorized"
+    growth = {}
+    with ThreadPoolExecutor(4) as pool:
+        before = _reset_peak(pid)
+        rest = list(pool.map(lambda t: _rest_post(plane, t, body, size), strangers * 2))
+        growth["rest"] = _vm(pid, "VmHWM") - before
+        before = _reset_peak(pid)
+        grpc_ = list(pool.map(lambda t: _grpc_raw(plane, t, raw), strangers * 2))
+        growth["grpc"] = _vm(pid, "VmHWM") - before
+    assert all(st == "HTTP/1.1 401 Unauthorized" and b"connection: close" in head
+               for st, head in rest), rest  # fmt: skip
+    assert all(g.startswith("UNAUTHENTICATED [token_invalid]") for g in grpc_), grpc_
+    # REST reads nothing of a refused body; gRPC holds at most its flow-control
+    # window per connection (measured: 1.5-4 MiB), never a whole message
+    assert growth["rest"] < 8 << 20 and growth["grpc"] < 32 << 20, growth
+    # the control: the licence holder's requests are read whole, and refused after
+    alice = plane.token("alice", "clf")
+    before = _reset_peak(pid)
+    status, _ = _rest_post(plane, alice, body, size)
+    assert status == "HTTP/1.1 400 Bad Request" and _vm(pid, "VmHWM") - before >= size
+    before = _reset_peak(pid)
+    assert _grpc_raw(plane, alice, raw).startswith("INVALID_ARGUMENT [bad_input]")
+    assert _vm(pid, "VmHWM") - before >= size
     _serving(plane)
 
 

@@ -237,10 +237,11 @@ def test_when_no_model_can_load_the_service_stays_up_unready(tmp_path: Path) -> 
                                             "reason": "integrity: package failed to "
                                                       "authenticate or decrypt"}]  # fmt: skip
         # the Open Inference Protocol's doors say the same as the probes: the
-        # model is served here, not ready (REST 503, gRPC ready false, never
-        # 404 "no such model"), and its metadata is the manifest's (no key needed)
+        # model is served here, not ready (REST 400 as on the metrics port, gRPC
+        # ready false, never 404 "no such model"), and its metadata is the
+        # manifest's (no key needed)
         rest = f"http://127.0.0.1:{run.svc.http_port}/v2/models/m"
-        for url, status in ((rest + "/ready", 503), (rest, 200), (rest + "/versions/1", 200),
+        for url, status in ((rest + "/ready", 400), (rest, 200), (rest + "/versions/1", 200),
                             (rest + "/versions/2/ready", 404), (rest + "x/ready", 404)):  # fmt: skip
             try:
                 with urllib.request.urlopen(url) as r:

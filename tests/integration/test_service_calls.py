@@ -9,6 +9,7 @@ most one lease (the fixture's lease is 2 s).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -239,3 +240,103 @@ def test_a_failed_renewal_loses_no_call_and_refunds_the_rest(service: Svc) -> No
         assert audit.verify(st) == []
     finally:
         st.close()
+
+
+def _serve(keyserver: Any, tmp: Path, package: Path, name: str) -> tuple[Any, dict[str, Any]]:
+    """`vault worker serve` as a vendor runs it, in its own process group (a
+    SIGKILL of the group is a replica's machine dying: the service and its
+    workers at once)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import served_ready
+
+    log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vault", "worker", "serve", str(package), "--licence",
+         str(tmp / "service.licence"), "--device", str(tmp / "device"), "--call-licences",
+         "--bind", "tcp://127.0.0.1:0", "--instances", "1"],
+        stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    log.close()
+    ready, buf = served_ready(proc, timeout=120)
+    assert ready is not None, buf.decode() + (tmp / f"{name}.log").read_text()[-3000:]
+    return proc, ready
+
+
+def test_a_killed_service_replicas_grant_lapses_and_every_call_counts_once(
+    keyserver: Any, tmp_path: Path
+) -> None:
+    """A replica SIGKILLed mid-load held a grant of its caller's quota (before:
+    the whole quota, for good: `0+N/N`). After the lease the reserve is back,
+    what it reported is counted once, and a second replica serves exactly the
+    rest of the quota."""
+    import os
+    import signal
+
+    pk = PublisherKey.load(keyserver.publisher_key_path)
+    res = seal(mlp(), model_id="m", signing_key=pk, output=tmp_path / "m.vault")
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    keyserver.enroll(tmp_path / "device")
+    keyserver.issue("m", holder="service").save(tmp_path / "service.licence")
+    quota = 40
+    lic = keyserver.issue("m", kind="call", holder="shop", max_calls=quota)  # no rate limit
+
+    def row() -> tuple[int, int]:
+        with keyserver.admin() as ks:  # the list lapses what is due first
+            (r,) = [r for r in ks.list() if r["licence_id"] == lic.licence_id]
+        return int(r["used_calls"]), int(r["reserved_calls"])
+
+    first, ready = _serve(keyserver, tmp_path, res.path, "first")
+    served_first = 0
+    try:
+        with vault.connect(ready["endpoint"], licence=lic, server_key=ready["server_key"],
+                           model="m", timeout=10) as m:  # fmt: skip
+            while served_first < 12:  # past its first grant: reported and given back once
+                m.compute({"x": X})
+                served_first += 1
+            assert row()[1] > 0  # it holds a grant now
+            os.killpg(first.pid, signal.SIGKILL)  # mid-load: its service and workers
+            with pytest.raises(vault.VaultError):
+                for _ in range(100):
+                    m.compute({"x": X})
+                    served_first += 1
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        assert first.stdout is not None
+        first.stdout.close()
+    deadline = time.monotonic() + 120  # a state, polled within the admin's request limit
+    while row()[1] != 0:
+        assert time.monotonic() < deadline, "the dead replica's grant never lapsed"
+        time.sleep(0.25)
+    used = row()[0]
+    records = keyserver.audit(lic.licence_id)
+    reported = sum(json.loads(r.detail)["calls"] for r in records if r.event == "usage")
+    lapsed = [json.loads(r.detail) for r in records if r.event == "grant_lapsed"]
+    assert lapsed and all(d["returned_calls"] > 0 for d in lapsed)  # the lapse gave it back
+    assert used == reported  # each report counted once
+    # what it served and never reported is lost, at most one grant's worth
+    assert used <= served_first <= used + quota // 4
+    second, ready = _serve(keyserver, tmp_path, res.path, "second")
+    served_second = 0
+    try:
+        with vault.connect(ready["endpoint"], licence=lic, server_key=ready["server_key"],
+                           model="m", timeout=10) as m:  # fmt: skip
+            with pytest.raises(vault.QuotaExhaustedError):
+                for _ in range(quota + 1):
+                    m.compute({"x": X})
+                    served_second += 1
+        second.send_signal(signal.SIGTERM)  # a clean stop reports and gives back the rest
+        assert second.wait(60) == 0
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+            second.wait()
+        assert second.stdout is not None
+        second.stdout.close()
+    assert served_second == quota - used  # the whole rest of the quota, each call once
+    assert row() == (quota, 0)

@@ -186,7 +186,8 @@ def test_killing_a_worker_host_mid_load_loses_no_call(
         # address it has in its namespace (as `vault device enroll DIR` with this
         # admin licence records it)
         record_keyserver(d, address=ks_addr, public_key=keyserver.ready["server_key"])
-    zmq.auth.create_certificates(str(tmp_path), "service")  # one key for both replicas
+    _, secret = zmq.auth.create_certificates(str(tmp_path), "service")  # both replicas'
+    os.chmod(secret, 0o600)  # pyzmq leaves it to the umask; the service takes it 0600 only
     xs = np.random.default_rng(5).standard_normal((N_CALLS, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", xs)
     np.save(tmp_path / "y.npy", reference_pipeline([mlp()], {"x": xs})["logits"])

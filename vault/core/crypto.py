@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigError, IntegrityError
-from .files import write_private_file
+from .files import read_secret_file, write_private_file
 
 KEY_SIZE = 32
 TAG_SIZE = 16
@@ -341,8 +341,7 @@ class PublisherKey:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PublisherKey:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = read_secret_file(path, limit=64 << 10, what="private signing key")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except ValueError as exc:

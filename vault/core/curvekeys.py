@@ -28,7 +28,7 @@ import zmq.auth
 import zmq.utils.z85
 
 from .errors import ConfigError
-from .files import write_private_file
+from .files import check_secret_file, write_private_file
 
 __all__ = [
     "PUBLIC_NAME",
@@ -81,6 +81,7 @@ def load_secret_certificate(path: str | os.PathLike[str]) -> tuple[bytes, bytes]
     """``(public, secret)`` from a secret certificate; :class:`ConfigError`
     naming the file if it is missing, unreadable or holds no secret."""
     p = os.fspath(path)
+    check_secret_file(p, what="secret CURVE key")
     try:
         public, secret = zmq.auth.load_certificate(p)
     except (OSError, ValueError) as exc:

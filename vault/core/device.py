@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .files import write_private_file
+from .files import read_secret_file, write_private_file
 
 __all__ = ["DEVICE_FORMAT", "Device", "device_id_for", "init_device", "record_keyserver"]
 
@@ -104,13 +104,11 @@ class Device:
         enrolment (no ``keyserver.json``) is refused with what to run."""
         d = os.fspath(directory)
         path = os.path.join(d, KEY_FILE)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no device key (run `vault device init`)") from exc
-        except PermissionError as exc:
-            raise ConfigError(f"{path}: permission denied (the device key is not yours)") from exc
+        if not os.path.lexists(path):
+            raise ConfigError(f"{path}: no device key (run `vault device init`)")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{path}: permission denied (the device key is not yours)")
+        data = read_secret_file(path, limit=1 << 16, what="device key")
         dev = cls.loads(data, source=path)
         if dev.keyserver_address:  # a key file must not bring its own key server
             raise ConfigError(f"{path}: malformed device key")

@@ -1,5 +1,6 @@
 """Files the vault reads and writes: secret files mode 0600 from the first
-byte, and reads of regular files only, bounded.
+byte, secret files read only when no other user can have read or planted
+them, and reads of regular files only, bounded.
 
 A path a user (or a repository directory) names may be anything: a FIFO that
 blocks an ``open`` for ever, ``/dev/zero`` that a ``read()`` never finishes,
@@ -8,10 +9,27 @@ only (a FIFO is never opened for reading: checked before, and ``O_NONBLOCK``
 in case it is swapped in between) and :func:`read_regular` reads at most a
 stated size, each with a typed error naming the path.
 
+A secret (a licence, a device key, a server's CURVE or master key, a
+signing key, a TLS key, a database URL with its password) is read with
+:func:`read_secret_file` (or checked with :func:`check_secret_file` where a
+library opens it by name): a :class:`ConfigError` naming the fix unless
+
+- the file is this user's and neither group nor others may read or write it
+  (``chmod 600``), or root's and at most group-readable (``0640``: a
+  Kubernetes Secret mounted with ``defaultMode: 0400`` and an ``fsGroup``;
+  PostgreSQL's rule for a root-owned key);
+- its directory (the one named, and the one it resolves to) is this user's
+  or root's, and no other user may write it (unless sticky, as ``/tmp``:
+  there nobody else may replace a file they do not own).
+
+So a secret another user planted (even for root to read), or one another
+user could have read or swapped, is never used. Public files (``*.pub``,
+``worker.key``) are read as any file.
+
 Example::
 
     write_private_file("alice.licence", data)
-    data = read_regular("alice.licence", limit=1 << 20, what="licence file")
+    data = read_secret_file("alice.licence", limit=1 << 20, what="licence file")
 """
 
 from __future__ import annotations
@@ -21,7 +39,13 @@ import stat
 
 from .errors import ConfigError, VaultError
 
-__all__ = ["open_regular", "read_regular", "write_private_file"]
+__all__ = [
+    "check_secret_file",
+    "open_regular",
+    "read_regular",
+    "read_secret_file",
+    "write_private_file",
+]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -71,17 +95,99 @@ def read_regular(
     try:
         if os.fstat(fd).st_size > limit:
             raise error(f"{os.fspath(path)}: larger than {limit} bytes, not a {what}")
-        chunks: list[bytes] = []
-        got = 0
-        while got <= limit:
-            chunk = os.read(fd, limit + 1 - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if got > limit:  # grew while we read
-            raise error(f"{os.fspath(path)}: larger than {limit} bytes, not a {what}")
-        return b"".join(chunks)
+        return _read_fd(fd, os.fspath(path), limit, what, error)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, p: str, limit: int, what: str, error: type[VaultError]) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got <= limit:
+        chunk = os.read(fd, limit + 1 - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    if got > limit:  # grew while we read
+        raise error(f"{p}: larger than {limit} bytes, not a {what}")
+    return b"".join(chunks)
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def _check_secret_stat(p: str, st: os.stat_result, what: str) -> None:
+    me = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (me, 0):
+        raise ConfigError(
+            f"{p}: the {what} belongs to {_owner(st.st_uid)}, not to this user ({_owner(me)}) "
+            "or root: another user made it or can change it, so it is not used; copy it into "
+            f"a file of your own (`install -m 600 {p} NEW`) and use that"
+        )
+    # root's may be group-readable (a Kubernetes Secret with an fsGroup), no more
+    loose = 0o026 if st.st_uid == 0 else 0o066
+    if mode & loose:
+        raise ConfigError(
+            f"{p}: the {what} is open to other users (mode {mode:04o}): `chmod 600 {p}`"
+            + (" (root's may be 0640: group-readable, no more)" if st.st_uid == 0 else "")
+        )
+
+
+def _check_secret_dir(p: str, directory: str, what: str) -> None:
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot check its directory {directory} ({exc.strerror})") from None
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise ConfigError(
+            f"{p}: its directory {directory} belongs to {_owner(st.st_uid)}, who can replace "
+            f"the {what}: keep it in a directory of your own (`mkdir -m 700 DIR`)"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"{p}: its directory {directory} is writable by other users, who can replace the "
+            f"{what}: `chmod go-w {directory}`, or keep it in a directory of your own"
+        )
+
+
+def _check_secret_dirs(p: str, what: str) -> None:
+    named = os.path.dirname(os.path.abspath(p))
+    real = os.path.dirname(os.path.realpath(p))
+    for d in dict.fromkeys((named, real)):
+        _check_secret_dir(p, d, what)
+
+
+def check_secret_file(path: str | os.PathLike[str], *, what: str) -> None:
+    """:class:`ConfigError` unless ``path`` is a regular file that may hold a
+    secret (see the module docstring), for a library that opens it by name."""
+    fd = open_regular(path, what=what)
+    try:
+        _check_secret_stat(os.fspath(path), os.fstat(fd), what)
+    finally:
+        os.close(fd)
+    _check_secret_dirs(os.fspath(path), what)
+
+
+def read_secret_file(path: str | os.PathLike[str], *, limit: int, what: str) -> bytes:
+    """:func:`read_regular` for a secret: the checks of the module docstring
+    on the very file read (its descriptor) and on its directories."""
+    p = os.fspath(path)
+    fd = open_regular(p, what=what)
+    try:
+        _check_secret_stat(p, os.fstat(fd), what)
+        _check_secret_dirs(p, what)
+        if os.fstat(fd).st_size > limit:
+            raise ConfigError(f"{p}: larger than {limit} bytes, not a {what}")
+        return _read_fd(fd, p, limit, what, ConfigError)
     finally:
         os.close(fd)
 

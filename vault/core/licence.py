@@ -37,7 +37,7 @@ from typing import Any
 
 from . import crypto as _crypto
 from .errors import ConfigError
-from .files import read_regular, write_private_file
+from .files import read_secret_file, write_private_file
 from .modelscope import covers
 
 __all__ = ["KINDS", "Licence", "LicenceProof", "write_private_file"]
@@ -263,7 +263,7 @@ class Licence:
         p = os.fspath(path)
         if not os.path.lexists(p):
             raise ConfigError(f"{p}: licence file not found")
-        raw = read_regular(p, limit=MAX_LICENCE_FILE, what="licence file")
+        raw = read_secret_file(p, limit=MAX_LICENCE_FILE, what="licence file")
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError

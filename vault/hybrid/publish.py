@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -508,11 +509,28 @@ def _write_split(
     return desc
 
 
+# the names a split writes (split.json and, per cut cK, its head and tail)
+_SPLIT_FILE = re.compile(r"(split\.json|head-c\d+\.(onnx|onnx\.data|vault)|tail-c\d+\.vault)")
+
+
+def _not_split_files(directory: str) -> list[str]:
+    """Entries of ``directory`` that no split writes: anything but a regular
+    file named as a split names its files (a link or a folder of that name included)."""
+    others = []
+    for entry in sorted(os.listdir(directory)):
+        st = os.lstat(os.path.join(directory, entry))
+        if not (_SPLIT_FILE.fullmatch(entry) and stat.S_ISREG(st.st_mode)):
+            others.append(entry)
+    return others
+
+
 class _StagedDirectory:
     """The split is written into a fresh directory beside ``target`` and renamed
     into place only when every file is written: a failure leaves nothing behind
     (no half split, no empty directory). An existing ``target`` must be empty or
-    hold an earlier split (replaced whole); anything else is refused untouched."""
+    hold an earlier split and nothing else: that split's files are replaced;
+    a directory holding anything a split did not write is refused untouched,
+    with those entries named (checked again as it is swapped)."""
 
     def __init__(self, target: str) -> None:
         self.target = os.path.abspath(target)
@@ -524,6 +542,7 @@ class _StagedDirectory:
                 raise ConfigError(
                     f"{target}: a non-empty directory that holds no split; choose a new path"
                 )
+            self._refuse_others(self.target, target)
         parent = os.path.dirname(self.target)
         if not os.path.isdir(parent):
             raise ConfigError(f"{target}: its folder {parent} does not exist")
@@ -531,6 +550,15 @@ class _StagedDirectory:
 
         self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.", dir=parent)
         os.chmod(self.path, 0o755)  # what os.makedirs made before: the split is public
+
+    @staticmethod
+    def _refuse_others(directory: str, shown: str) -> None:
+        others = _not_split_files(directory)
+        if others:
+            raise ConfigError(
+                f"{shown}: holds an earlier split and {_short_list(others)}, which no split "
+                "wrote; a split replaces only its own files: move those away or choose a new path"
+            )
 
     def __enter__(self) -> _StagedDirectory:
         return self
@@ -546,14 +574,22 @@ class _StagedDirectory:
             old = self.path + ".old"
             os.rename(self.target, old)
         try:
+            if old is not None:  # something added since the check stays where it was
+                self._refuse_others(old, self.target)
             os.rename(self.path, self.target)
         except BaseException:
             if old is not None:
                 os.rename(old, self.target)
             shutil.rmtree(self.path, ignore_errors=True)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None:  # only the earlier split's own files are deleted
+            for entry in os.listdir(old):
+                if _SPLIT_FILE.fullmatch(entry):
+                    os.unlink(os.path.join(old, entry))
+            try:
+                os.rmdir(old)
+            except OSError:  # written into during the swap: kept, beside the split
+                pass
 
 
 def _sha256_file(path: str) -> str:

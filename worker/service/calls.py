@@ -1,10 +1,12 @@
 """Who may call the service, and under which licence: the call policy.
 
-A policy is asked three things: by the ZAP handler, whether a CURVE client
-key may connect at all (:meth:`CallPolicy.callback`); for each call, which
-licence it runs under, or the typed licence error that refuses it
-(:meth:`CallPolicy.admit`); and, when it is answered, to count it
-(:meth:`CallPolicy.record`).
+A policy is asked four things: by the ZAP handler, whether a CURVE client
+key may connect at all (:meth:`CallPolicy.callback`); by the Open Inference
+Protocol's doors, before a request's body is read, whether its bearer token
+is genuine and its licence in force (:meth:`CallPolicy.vet`: nothing
+reserved, nothing counted); for each call, which licence it runs under, or
+the typed licence error that refuses it (:meth:`CallPolicy.admit`); and,
+when it is answered, to count it (:meth:`CallPolicy.record`).
 
 - :class:`OpenPolicy`: every caller, one label ``local``: for an ``ipc://``
   service that only processes of this host reach.
@@ -86,6 +88,8 @@ class CallPolicy(Protocol):
         self, caller_key: str | None, model_id: str, token: Token | None = None
     ) -> Admission: ...
 
+    def vet(self, token: Token, model_id: str | None) -> None: ...
+
     def record(self, admission: Admission, *, ok: bool) -> None: ...
 
     def close(self) -> None: ...
@@ -120,6 +124,10 @@ class OpenPolicy(_Usage):
         if token is not None:
             raise TokenError("this service takes no bearer tokens (it has no call licences)")
         return Admission("local", caller_key)
+
+    def vet(self, token: Token, model_id: str | None) -> None:
+        del token, model_id
+        raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
 
 class AllowListPolicy(_Usage):
@@ -169,6 +177,10 @@ class AllowListPolicy(_Usage):
         if name is None:
             raise PermissionDeniedError("this caller is not on the service's allow-list")
         return Admission(name, caller_key)
+
+    def vet(self, token: Token, model_id: str | None) -> None:
+        del token, model_id
+        raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
 
 # --- call licences, decided by the key server ----------------------------------------
@@ -227,7 +239,22 @@ def _new_id() -> str:
 # decision): past this bound a new caller is refused, typed, rather than a
 # flood of made-up keys costing a thread and a request each.
 MAX_PENDING_DECISIONS = 256
-_PROBE_TTL = 5.0  # how long a ZAP probe's answer is reused
+_PROBE_TTL = 5.0  # how long a probe's answer (ZAP, a door's vetting) is reused
+VET = ""  # the model part of the pair a door's vetting waits on (no model yet)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """The key server's answer to "is this a live call licence at all"
+    (no model, nothing reserved): for ZAP, and for a door's vetting of a
+    bearer token before it reads the request."""
+
+    ok: bool
+    at: float
+    licence: str = ""
+    proof_key: str | None = None
+    error: dict[str, Any] | None = None
+    expires_at: float | None = None
 
 
 class CallLicencePolicy(_Usage):
@@ -264,7 +291,10 @@ class CallLicencePolicy(_Usage):
         self._wall = wall
         self._notify: Callable[[str, str], None] = lambda key, model: None
         self._decisions: dict[tuple[str, str], _Decision] = {}
-        self._probes: dict[str, tuple[bool, float]] = {}
+        # the latest decision fetched for each key, whatever its model: a door
+        # vetting a token before it knows the model (gRPC) uses it while fresh
+        self._latest: dict[str, _Decision] = {}
+        self._probes: dict[str, _Probe] = {}
         self._unreported: Counter[str] = Counter()  # licence -> calls served, not yet in a report
         self._giveback: list[tuple[str | None, int, str | None]] = []  # (licence, reserved, grant)
         self._outbox: dict[str, dict[str, Any]] = {}  # report id -> report, until answered
@@ -294,17 +324,88 @@ class CallLicencePolicy(_Usage):
         now = self._clock()
         with self._lock:
             hit = self._probes.get(z)
-        if hit is not None and now - hit[1] < _PROBE_TTL:
-            return hit[0]
+        if hit is not None and now - hit.at < _PROBE_TTL:
+            return hit.ok
         try:
-            out = self._call(None, [z])
+            probe = self._probe(z, now)
         except VaultError:
             return False  # key server away: nobody new gets in (fail closed)
-        d = (out.get("decisions") or {}).get(z) or {}
-        ok = bool(d.get("ok"))
+        return probe.ok
+
+    def _probe(self, key: str, now: float) -> _Probe:
+        """Ask the key server whether ``key`` holds a live call licence (no
+        model, nothing reserved) and keep the answer for :data:`_PROBE_TTL`."""
+        out = self._call(None, [key])
+        d = (out.get("decisions") or {}).get(key) or {}
+        probe = _Probe(bool(d.get("ok")), now, licence=str(d.get("licence_id") or ""),
+                       proof_key=d.get("proof_key") or None, error=d.get("error"),
+                       expires_at=d.get("expires_at"))  # fmt: skip
         with self._lock:
-            self._probes[z] = (ok, now)
-        return ok
+            self._probes[key] = probe
+        return probe
+
+    # -- a door's vetting: the token genuine and its licence in force, before the body --
+
+    def vet(self, token: Token, model_id: str | None) -> None:
+        """Before a door reads a request's body (or decodes its message): the
+        token's signature (with the licence's proof key, from the key
+        server), its expiry and scope, and the licence in force (not
+        revoked, expired or spent), from the caller's decision for the
+        model if one is at hand, else from a probe (no model, nothing
+        reserved, answered for :data:`_PROBE_TTL`). Nothing is admitted or
+        counted: the call itself is admitted by :meth:`admit` once read.
+        :class:`AdmissionPending` while the probe is being fetched (the
+        callback then names ``(key, VET)``); a typed error to refuse."""
+        key = token.licence_key
+        now = self._clock()
+        with self._lock:
+            d = (self._decisions.get((key, model_id)) if model_id is not None
+                 else self._latest.get(key))  # fmt: skip
+            if d is None or now >= d.fetched + d.ttl:
+                probe = self._probes.get(key)
+                if probe is None or now - probe.at >= _PROBE_TTL:
+                    self._probe_async(key)
+                    raise AdmissionPending()
+                d = _Decision(key, "", probe.at, _PROBE_TTL, probe.ok, error=probe.error,
+                              licence=probe.licence, expires_at=probe.expires_at,
+                              proof_key=probe.proof_key, retired=True)  # fmt: skip
+            self._check_token(token, d, model_id)
+            if not d.ok:
+                raise from_wire(d.error)
+            if d.expires_at is not None and self._wall() >= d.expires_at:
+                raise LicenceExpiredError(f"licence {d.licence} has expired")
+            if token.max_calls is not None:
+                spent = self._token_calls.get((d.licence, token.token_id))
+                if spent is not None and spent[0] >= token.max_calls:
+                    raise TokenSpentError(
+                        f"bearer token {token.token_id}: its {token.max_calls} calls are spent"
+                    )
+
+    def _probe_async(self, key: str) -> None:
+        """Fetch a probe for ``key`` once however many requests wait on it;
+        bounded with the first decisions (lock held)."""
+        pair = (key, VET)
+        if pair in self._fetching:
+            return
+        if len(self._fetching) >= MAX_PENDING_DECISIONS:
+            raise ServiceUnavailableError(
+                "too many callers are waiting for a licence decision; try again shortly"
+            )
+        self._fetching.add(pair)
+
+        def run() -> None:
+            try:
+                self._probe(key, self._clock())
+            except VaultError as exc:
+                with self._lock:  # refused for a moment: the next request asks again
+                    self._probes[key] = _Probe(False, self._clock() - _PROBE_TTL + 1.0,
+                                               error=exc.to_wire())  # fmt: skip
+            finally:
+                with self._lock:
+                    self._fetching.discard(pair)
+                self._notify(key, VET)
+
+        threading.Thread(target=run, name="vault-probe", daemon=True).start()
 
     # -- per call ----------------------------------------------------------------
 
@@ -383,7 +484,7 @@ class CallLicencePolicy(_Usage):
         self._fetching.add(pair)
         self._fetch_async(key, model_id)
 
-    def _check_token(self, token: Token, d: _Decision, model_id: str) -> None:
+    def _check_token(self, token: Token, d: _Decision, model_id: str | None) -> None:
         """A bearer token's signature, expiry and scope (under ``self._lock``).
         The signature comes first: a forged token learns nothing about the
         licence it names, not even whether it is revoked."""
@@ -402,7 +503,7 @@ class CallLicencePolicy(_Usage):
                 self._verified.clear()
             self._verified[signed] = d.proof_key
         token.check_time(self._wall())
-        if not token.allows(model_id):
+        if model_id is not None and not token.allows(model_id):
             raise WrongModelError(f"this bearer token is not for model {model_id!r}")
 
     def record(self, admission: Admission, *, ok: bool) -> None:
@@ -520,6 +621,7 @@ class CallLicencePolicy(_Usage):
         with self._lock:
             self._retire_replaced(key, model_id, old)
             self._decisions[(key, model_id)] = d
+            self._latest[key] = d
         self._notify(key, model_id)
 
     def _retire_replaced(self, key: str, model_id: str, old: _Decision | None) -> None:
@@ -550,7 +652,7 @@ class CallLicencePolicy(_Usage):
                 wall = self._wall()
                 for tk in [k for k, (_, exp) in self._token_calls.items() if exp <= wall]:
                     del self._token_calls[tk]  # expired tokens are refused anyway
-                for z in [z for z, (_, at) in self._probes.items() if now - at >= _PROBE_TTL]:
+                for z in [z for z, p in self._probes.items() if now - p.at >= _PROBE_TTL]:
                     del self._probes[z]  # never reused: one per key a stranger tried
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
@@ -558,6 +660,8 @@ class CallLicencePolicy(_Usage):
                     if now - d.last_used >= d.ttl:
                         idle.append(self._decisions.pop(k))
                         self._retire(idle[-1])
+                        if self._latest.get(k[0]) is d:
+                            del self._latest[k[0]]
                     elif now >= d.fetched + d.ttl / 2:
                         d.refreshing = True
                         due.append(k)

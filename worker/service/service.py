@@ -60,6 +60,7 @@ from vault.core.errors import (
     IntegrityError,
     ProtocolError,
     ServiceUnavailableError,
+    TokenError,
     UnknownModelError,
     VaultError,
     WorkerCrashedError,
@@ -79,7 +80,7 @@ from vault.core.token import Token
 
 from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
-from .calls import Admission, AdmissionPending, CallPolicy, OpenPolicy
+from .calls import VET, Admission, AdmissionPending, CallPolicy, OpenPolicy
 from .instances import Backoff, Instance, LaunchSpec, start_instance
 from .logs import JsonLog, reason
 from .metrics import HttpEndpoints, Metrics
@@ -132,13 +133,17 @@ class EdgeCall:
     frames)`` once, from the loop's thread (so ``reply`` must only hand the
     answer over, e.g. with ``loop.call_soon_threadsafe``)."""
 
-    model: str
+    model: str | None
     token: Token | None
     tensors: list[dict[str, Any]]
     frames: list[Any]
     outputs: list[str] | None
     reply: Any  # Callable[[dict[str, Any], Sequence[Any]], None]
     timeout: float | None = None
+    # only vet the token (before the door reads the request): answered ok
+    # once it is genuine and its licence in force, nothing admitted
+    # (CallPolicy.vet); ``model`` None when the door does not know it yet
+    vet: bool = False
 
 
 @dataclass(eq=False)
@@ -823,6 +828,9 @@ class WorkerService:
     def _edge(self, call: EdgeCall) -> None:
         """A call from the REST or gRPC door: the same admission, queue and
         answer as :meth:`_request`'s ``compute`` (``ident`` is the call itself)."""
+        if call.vet:
+            self._vet(call)
+            return
         try:
             if not isinstance(call.model, str) or not call.model:
                 raise UnknownModelError("name a model")
@@ -836,6 +844,31 @@ class WorkerService:
             self._admit_compute(call, None, header, call.frames, m, None, token=call.token)
         except VaultError as exc:
             self._reply(call, error_reply(None, exc))
+
+    def _vet(self, call: EdgeCall, arrived: float | None = None) -> None:
+        """A door's question before it reads a request: is the token genuine
+        and its licence in force (and the model, when named, served here)?
+        Parked, as a call is, while the licence's probe is fetched."""
+        now = time.monotonic()
+        try:
+            if self.draining:
+                raise ServiceUnavailableError("the service is draining; use another endpoint")
+            if call.token is None:
+                raise TokenError()
+            if call.model is not None:
+                self._model_for(call.model)
+            self.cfg.policy.vet(call.token, call.model)
+        except AdmissionPending:
+            assert call.token is not None
+            start = now if arrived is None else arrived
+            timeout = min(self.cfg.request_timeout, call.timeout or self.cfg.request_timeout)
+            parked = (call, None, None, None, None, None, start, start + timeout, call.token)
+            self._parked.setdefault((call.token.licence_key, VET), []).append(parked)
+            return
+        except VaultError as exc:
+            self._reply(call, error_reply(None, exc))
+            return
+        self._reply(call, ok_reply(None))
 
     def _model_for(self, name: Any) -> _Model:
         if name is None:
@@ -904,6 +937,9 @@ class WorkerService:
             try:
                 if time.monotonic() >= deadline:
                     raise WorkerTimeoutError("no licence decision for this call in time")
+                if header is None:  # a door's vetting
+                    self._vet(ident, arrived)
+                    continue
                 m = self._model_for(mid)
                 self._admit_compute(ident, rid, header, frames, m, caller_key, arrived, token)
             except VaultError as exc:

@@ -75,6 +75,7 @@ def test_rotation_and_its_crash_windows(tmp_path):
 
     # crash after writing master.key.new, before the DB commit: stale file removed
     (d / "master.key.new").write_bytes(os.urandom(32))
+    (d / "master.key.new").chmod(0o600)
     assert _unwrap(d) == key and not (d / "master.key.new").exists()
 
     # crash after the DB commit, before the rename: the rename is completed
@@ -83,6 +84,7 @@ def test_rotation_and_its_crash_windows(tmp_path):
     after = (d / "master.key").read_bytes()
     os.replace(d / "master.key", d / "master.key.new")
     (d / "master.key").write_bytes(before)
+    (d / "master.key").chmod(0o600)
     assert _unwrap(d) == key
     assert (d / "master.key").read_bytes() == after and not (d / "master.key.new").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -137,3 +138,129 @@ def test_rate_limit_refills_with_the_services_clock(svc):
     svc.test_clock.now += 0.6
     again = _release(svc, ident, licence_id)
     assert again["ok"] and again["lease"]["call_budget"] == 1, again  # type: ignore[index]
+
+
+def test_used_proofs_are_kept_until_stale_then_forgotten(tmp_path):
+    """The store's record of used proofs: a second use is refused while the
+    proof could still pass the clock-skew check; rows past it are deleted."""
+    d = tmp_path / "ks"
+    init_dir(d)
+    st = store.SqliteStore.open(d / "keyserver.db")
+    try:
+        with st.transaction():
+            assert st.use_proof("p1", expires_at=100.0, now=0.0)
+            assert not st.use_proof("p1", expires_at=100.0, now=50.0)  # used before
+            assert st.use_proof("p2", expires_at=160.0, now=60.0)
+        with st.transaction():  # past p1's window: its row goes, p2's stays
+            assert st.use_proof("p3", expires_at=220.0, now=120.0)
+            assert st.count_used_proofs() == 2
+            assert not st.use_proof("p2", expires_at=160.0, now=120.0)
+        # a use inside a transaction that rolls back never happened
+        with pytest.raises(RuntimeError), st.transaction():
+            assert st.use_proof("p4", expires_at=300.0, now=200.0)
+            raise RuntimeError("the batch failed")
+        with st.transaction():
+            assert st.use_proof("p4", expires_at=300.0, now=200.0)
+    finally:
+        st.close()
+
+
+def _service_and_caller(
+    svc: KeyService, *, max_calls: int, model_id: str = "m"
+) -> tuple[str, str, str]:
+    """An enrolled device (a worker service) and a call licence: (device key,
+    caller key, licence id)."""
+    import zmq
+
+    from vault.core.device import device_id_for
+
+    dev = zmq.curve_keypair()[0].decode()
+    [r1, r2] = svc.process_batch([
+        req(svc.admin, "enroll_device", device_id=device_id_for(dev), public_key=dev),
+        req(svc.admin, "issue", model_id=model_id, holder="c", kind="call", max_calls=max_calls),
+    ])  # fmt: skip
+    assert r1["ok"] and r2["ok"], (r1, r2)
+    return dev, r2["licence"]["client"]["public_key"], r2["licence"]["licence_id"]
+
+
+def _row(svc: KeyService, licence_id: str) -> tuple[int, int]:
+    [rep] = svc.process_batch([req(svc.admin, "list")])
+    (row,) = [r for r in rep["licences"] if r["licence_id"] == licence_id]
+    return row["used_calls"], row["reserved_calls"]
+
+
+def test_a_call_licence_for_two_models_serves_both_and_says_what_holds_its_calls(svc):
+    """A newcomer's two-model call licence answered 200, 429, 200, 429: the first
+    model's grant reserved the whole quota, and the second was told the licence
+    "has used its 1000 calls" after 5 calls. Grants now take a share, and a
+    refusal says which calls are used and which are only held."""
+    dev, caller, lid = _service_and_caller(svc, max_calls=1000, model_id="mlp,rf")
+
+    def ask(model: str) -> dict:
+        return svc.process_batch([req(dev, "call_decisions", model_id=model, keys=[caller])])[0][
+            "decisions"
+        ][caller]
+
+    a, b = ask("mlp"), ask("rf")
+    assert a["ok"] and b["ok"], (a, b)
+    assert a["budget"] + b["budget"] < 1000
+    # a licence of 2 calls: two grants hold both, and a third model call is told so
+    dev2, caller2, lid2 = _service_and_caller(svc, max_calls=2, model_id="x,y,z")
+    got = [svc.process_batch([req(dev2, "call_decisions", model_id=m, keys=[caller2])])[0]
+           ["decisions"][caller2] for m in ("x", "y", "z")]  # fmt: skip
+    assert got[0]["ok"] and got[1]["ok"], got
+    assert got[2]["error"]["code"] == "quota_exhausted", got
+    assert "0 used" in got[2]["error"]["message"] and "2 held" in got[2]["error"]["message"]
+
+
+def test_a_call_grant_is_capped_and_lapses_and_a_late_report_counts_once(svc):
+    dev, caller, lid = _service_and_caller(svc, max_calls=40)
+
+    def ask(gid: str) -> dict:
+        return svc.process_batch(
+            [req(dev, "call_decisions", model_id="m", keys=[caller], grants={caller: gid})]
+        )[0]
+
+    # a quarter of the quota left, not all of it: a second service gets its own
+    first = ask("grant-one-0001")
+    assert first["ok"] and first["decisions"][caller]["budget"] == 10
+    second = ask("grant-two-0001")
+    assert second["decisions"][caller]["budget"] == 8  # a quarter of the 30 left, rounded up
+    assert _row(svc, lid) == (0, 18)
+    # the first service reports and gives its grant back; the second dies
+    svc.process_batch([req(dev, "call_decisions", keys=[], usage=[
+        {"id": "report-one-01", "licence_id": lid, "used": 4, "reserved": 10,
+         "grant_id": "grant-one-0001"}])])  # fmt: skip
+    assert _row(svc, lid) == (4, 8)
+    # one lease on, the dead service's grant still holds its reserve ...
+    svc.test_clock.now += 5.0
+    assert _row(svc, lid) == (4, 8)
+    # ... two leases on it has lapsed: the reserve is back, audited
+    svc.test_clock.now += 5.1
+    assert _row(svc, lid) == (4, 0)
+    lapsed = [r for r in audit_rows(svc) if r.event == "grant_lapsed"]
+    assert [(json.loads(r.detail)["grant_id"], json.loads(r.detail)["returned_calls"])
+            for r in lapsed] == [
+        ("grant-two-0001", 8)]  # fmt: skip
+    # it was only cut off: its report comes late, counted once, nothing given back twice
+    late = {"id": "report-two-01", "licence_id": lid, "used": 3, "reserved": 8,
+            "grant_id": "grant-two-0001"}  # fmt: skip
+    for _ in range(2):  # the second copy: its answer was lost
+        svc.process_batch([req(dev, "call_decisions", keys=[], usage=[late])])
+        assert _row(svc, lid) == (7, 0)
+    # and the whole rest of the quota can be granted again
+    total = 0
+    for i in range(20):
+        rep = ask(f"grant-more-{i:04d}")
+        d = rep["decisions"][caller]
+        if not d["ok"]:
+            assert d["error"]["code"] == "quota_exhausted"
+            break
+        total += d["budget"]
+    assert total == 40 - 7
+
+
+def audit_rows(svc: KeyService) -> list:
+    from keyserver import audit
+
+    return list(audit.records(svc.store))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -550,6 +551,48 @@ def test_a_failed_split_writes_nothing_and_keeps_an_earlier_one(tmp_path: Path) 
         split(mlp(), model_id="m", signing_key=pk, output_dir=other, at=[["h2"]],
               split_points=["h2"], register=_Keys())  # fmt: skip
     assert os.listdir(other) == ["notes.txt"]
+
+
+def test_a_split_over_an_earlier_one_replaces_only_its_own_files(tmp_path: Path) -> None:
+    out = tmp_path / "m.split"
+    _split(tmp_path, mlp(), at=[["h1"], ["h2"]], split_points=["h1", "h2"])
+    assert sorted(os.listdir(out)) == ["head-c0.onnx", "head-c1.onnx", "split.json",
+                                       "tail-c0.vault", "tail-c1.vault"]  # fmt: skip
+    # the control: a directory that holds only an earlier split's files is
+    # replaced by the new split (c1 of the old one is gone, not left stale)
+    _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"])
+    assert sorted(os.listdir(out)) == ["head-c0.onnx", "split.json", "tail-c0.vault"]
+    assert json.loads((out / "split.json").read_text())["cuts"][0]["at"] == ["h2"]
+    # the vendor keeps other things there: the split is refused, naming them,
+    # and nothing in the directory is touched
+    (out / "README.txt").write_text("the vendor's notes")
+    (out / "keys").mkdir()
+    (out / "keys" / "m.tail.key").write_text("secret")
+    (out / "tail-c9.vault").mkdir()  # a split's name, but not a file a split wrote
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(
+        ConfigError, match=r"README\.txt, keys, tail-c9\.vault, which no split wrote"
+    ):
+        _split(tmp_path, mlp(), at=[["h1"]], split_points=["h1"])
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and (out / "tail-c9.vault").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.split")]
+    # a file written into the directory while the split runs (after the first
+    # check) is found as the split is swapped in: refused, the file kept
+    shutil.rmtree(out / "keys")
+    (out / "tail-c9.vault").rmdir()
+    (out / "README.txt").unlink()
+    pk = PublisherKey.load(tmp_path / "publisher.key")
+
+    def meanwhile(res: Any) -> None:
+        (out / "late.txt").write_text("written during the split")
+
+    with pytest.raises(ConfigError, match="late.txt, which no split wrote"):
+        split(mlp(), model_id="m", signing_key=pk, output_dir=out, at=[["h1"]],
+              split_points=["h1"], register=meanwhile)  # fmt: skip
+    assert (out / "late.txt").read_text() == "written during the split"
+    assert json.loads((out / "split.json").read_text())["cuts"][0]["at"] == ["h2"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.split")]
 
 
 def test_the_all_server_cut_can_be_shipped_beside_the_others(tmp_path: Path) -> None:

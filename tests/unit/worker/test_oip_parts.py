@@ -179,9 +179,9 @@ def _stranger_token() -> bytes:
 
 
 def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
-    # bodies a stranger can send with any well-formed token (its signature is
-    # checked only in the service): each is a 400 with the vault's code, never
-    # an exception out of the ASGI app (uvicorn's 500 and a traceback a line)
+    # bodies a caller whose token held can send: each is a 400 with the
+    # vault's code, never an exception out of the ASGI app (uvicorn's 500 and
+    # a traceback a line), and no call reaches the service
     import asyncio
     import json
 
@@ -192,11 +192,17 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
         submitted: list[Any] = []
 
         def submit(self, call: Any) -> None:
+            if call.vet:  # the token holds: the door may read the body
+                call.reply({"ok": True}, ())
+                return
             self.submitted.append(call)
             call.reply({"ok": False, "error": {"code": "compute", "message": "ran"}}, ())
 
         def model_info(self, model: str) -> dict[str, Any]:
             return {"inputs": [], "outputs": []}
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
 
     token = _stranger_token()
     svc = Service()
@@ -260,7 +266,21 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], sent[1]["body"].decode()
 
-    app = RestApp(DataPlane(None), max_body=1 << 30)  # type: ignore[arg-type]
+    class Service:
+        vetted = 0
+
+        def submit(self, call: Any) -> None:  # vets only: the calls themselves fail
+            self.vetted += call.vet
+            call.reply({"ok": call.vet, "error": {"code": "compute", "message": "x"}}, ())
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    svc = Service()
+    app = RestApp(DataPlane(svc), max_body=1 << 30)  # type: ignore[arg-type]
     limit = rest.MAX_JSON
     assert limit == 64 << 20
     for headers in ([(b"content-length", str(limit + 1).encode())],
@@ -268,7 +288,7 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
                      (b"inference-header-content-length", str(limit + 1).encode())]):  # fmt: skip
         status, body = post(headers, app)
         assert status == 400 and "binary" in body, body
-    assert read == []  # refused from the headers alone
+    assert read == [] and svc.vetted == 0  # refused from the headers alone
     # the control: binary data past the JSON limit, with a small JSON part, is read
     post([(b"content-length", str(1 << 29).encode()),
           (b"inference-header-content-length", b"2")], app)  # fmt: skip
@@ -322,6 +342,9 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
         def model_info(self, model: str) -> dict[str, Any]:
             return {"inputs": [], "outputs": []}
 
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
     svc = Service()
     plane = DataPlane(svc)  # type: ignore[arg-type]
     token = _stranger_token()
@@ -341,13 +364,156 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     asyncio.run(RestApp(plane, max_body=1 << 20)(scope, receive, send))
     assert sent[0]["status"] == 200, sent
 
-    class Context:
-        def invocation_metadata(self) -> list[tuple[str, str]]:
-            return [("authorization", "Bearer " + token.decode())]
-
     pb: Any = inference_pb2
     req = pb.ModelInferRequest(model_name="m")
     req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     req.parameters["timeout"].int64_param = 250000
-    asyncio.run(InferenceServicer(plane).ModelInfer(req, Context()))
-    assert [c.timeout for c in svc.calls] == [0.25, 0.25]
+
+    class Context:
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token.decode())]
+
+        async def read(self) -> bytes:
+            return bytes(req.SerializeToString())
+
+    asyncio.run(InferenceServicer(plane).ModelInfer(None, Context()))
+    # each door had the token vetted (nothing read yet), then posted the call
+    assert [(c.vet, c.timeout) for c in svc.calls] == [(True, None), (False, 0.25),
+                                                        (True, None), (False, 0.25)]  # fmt: skip
+
+
+class _HeldService:
+    """A service whose vetting never answers until told: requests pile up in
+    a door as they would behind a slow key server."""
+
+    def __init__(self) -> None:
+        self.vets: list[Any] = []
+
+    def submit(self, call: Any) -> None:
+        if call.vet:
+            self.vets.append(call)
+        else:
+            call.reply({"ok": False, "error": {"code": "compute", "message": "x"}}, ())
+
+    def model_state(self, model: str) -> tuple[str, None]:
+        return ("READY", None)
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return {"inputs": [], "outputs": []}
+
+
+def test_a_door_holds_a_bounded_number_of_requests_and_refuses_the_rest_typed() -> None:
+    # REST and gRPC alike: past max_inflight requests held (here waiting for
+    # their token to be vetted), the next is refused at once, 503 /
+    # UNAVAILABLE with the vault's code and Retry-After, and nothing of it is
+    # read; once the held ones are answered, the door takes requests again
+    import asyncio
+    import json
+
+    import grpc
+
+    from worker.service.oip.door import DataPlane, Gate
+    from worker.service.oip.grpc_door import InferenceServicer
+    from worker.service.oip.rest import RestApp
+
+    svc = _HeldService()
+    plane = DataPlane(svc)  # type: ignore[arg-type]
+    app = RestApp(plane, max_body=1 << 20, max_inflight=2)
+    token = _stranger_token()
+    read: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        read.append(1)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def post() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+        await app(scope, receive, send)
+        return sent
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        status: Any = None
+        trailing: Any = None
+
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token.decode())]
+
+        def set_trailing_metadata(self, md: Any) -> None:
+            self.trailing = dict(md)
+
+        async def abort(self, code: Any, details: str) -> None:
+            self.status = (code, details)
+            raise Aborted()
+
+        async def read(self) -> bytes:
+            read.append(1)
+            return b""
+
+    async def main() -> None:
+        held = [asyncio.ensure_future(post()) for _ in range(2)]
+        while len(svc.vets) < 2:  # both wait on their vetting now
+            await asyncio.sleep(0)
+        sent = await post()
+        head = dict(sent[0]["headers"])
+        assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["code"] == "unavailable"
+        assert head[b"retry-after"] == b"1" and head[b"connection"] == b"close"
+        for call in svc.vets:  # the key server answers: refused (a stranger's token)
+            call.reply({"ok": False, "error": {"code": "token_invalid", "message": "no"}}, ())
+        assert [s[0]["status"] for s in await asyncio.gather(*held)] == [401, 401]
+        again = asyncio.ensure_future(post())  # the door takes requests again
+        while len(svc.vets) < 3:
+            await asyncio.sleep(0)
+        svc.vets[2].reply({"ok": False, "error": {"code": "token_invalid", "message": "no"}}, ())
+        assert (await again)[0]["status"] == 401
+        # gRPC: the same bound
+        servicer = InferenceServicer(plane, gate=Gate(1))
+        first = asyncio.ensure_future(servicer.ModelInfer(None, Context()))
+        while len(svc.vets) < 4:
+            await asyncio.sleep(0)
+        ctx = Context()
+        try:
+            await servicer.ModelInfer(None, ctx)
+        except Aborted:
+            pass
+        assert ctx.status[0] == grpc.StatusCode.UNAVAILABLE and "[unavailable]" in ctx.status[1]
+        assert ctx.trailing == {"vault-error-code": "unavailable", "retry-after": "1"}
+        first.cancel()
+
+    asyncio.run(main())
+    assert read == []  # not one request was read: each waited on its token, or was refused
+
+
+def test_a_vetted_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed() -> None:
+    import asyncio
+
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service(_HeldService):
+        def submit(self, call: Any) -> None:
+            call.reply({"ok": True}, ())  # the token holds
+
+    app = RestApp(DataPlane(Service()), max_body=1 << 20, body_timeout=0.05)  # type: ignore[arg-type]
+    never = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()  # the client sent its headers and stopped
+        raise AssertionError("unreachable")
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "headers": [(b"authorization", b"Bearer " + _stranger_token())]}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]

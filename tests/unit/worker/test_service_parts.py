@@ -484,3 +484,87 @@ def test_one_licences_tokens_never_spend_another_licences_token_budget() -> None
             admit(victim)
     finally:
         p.close()
+
+
+class ProbeKeyServer(TokenKeyServer):
+    """Answers probes (no model: "is this a live call licence") as the real
+    key server does: the licence and its proof key for the one licence it
+    knows, nothing for a key it does not; reserves nothing."""
+
+    def __init__(self, proof_public_key: str, known: str, **kw: Any) -> None:
+        super().__init__(proof_public_key, **kw)
+        self.known = known
+        self.probes = 0
+
+    def __call__(self, model: str | None, keys: list[str], usage: list[dict[str, Any]],
+                 grants: dict[str, str]) -> Any:  # fmt: skip
+        if model is not None:
+            return super().__call__(model, keys, usage, grants)
+        self.probes += 1
+        if self.down:
+            raise KeyServerUnavailableError("down")
+        return {"ttl": 10.0, "decisions": {
+            k: {"ok": not self.revoked, "licence_id": "lic-a", "holder": "shop",
+                "proof_key": self.proof_public_key, "expires_at": None,
+                **({"error": LicenceRevokedError("revoked").to_wire()} if self.revoked else {})}
+            for k in keys if k == self.known}}  # fmt: skip
+
+
+def test_a_door_vets_a_token_before_the_request_is_read_and_reserves_nothing() -> None:
+    """CallPolicy.vet, what a door asks before it reads a body: a stranger's
+    token (a made-up licence; the real licence's key signed by the stranger)
+    is refused once the probe is in, the holder's passes, nothing is reserved
+    or counted, and a revoked licence is refused before its body is read."""
+    from vault.core.errors import TokenError
+    from vault.core.token import mint_token, parse_token
+    from worker.service.calls import VET
+
+    lic = _token_licence()
+    ks, clock = ProbeKeyServer(lic.proof_public_key, lic.client_public_key), Clock()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)
+    told: list[tuple[str, str]] = []
+    decided = threading.Event()
+
+    def notify(key: str, model: str) -> None:
+        told.append((key, model))
+        decided.set()
+
+    p.bind(notify)
+
+    def vet(token: Any, model: str | None = "m") -> None:
+        try:
+            p.vet(token, model)
+        except AdmissionPending:  # the probe is fetched: the door waits for it, once
+            assert decided.wait(5)
+            decided.clear()
+            p.vet(token, model)
+
+    try:
+        from vault.core.licence import Licence
+
+        genuine = parse_token(mint_token(lic, models=["m"], now=clock.t))
+        stranger = _token_licence()  # the real licence's id and key, the stranger's proof key
+        forged = parse_token(mint_token(stranger, models=["m"], now=clock.t))
+        nobodys = Licence.from_json({**stranger.to_json(), "licence_id": "lic-nobody",
+                                     "client": {"public_key": "U" * 40, "secret_key": "s" * 40}})  # fmt: skip
+        made_up = parse_token(mint_token(nobodys, models=["m"], now=clock.t))
+        for token in (forged, made_up):
+            with pytest.raises(TokenError):
+                vet(token)
+        assert told == [(lic.client_public_key, VET), ("U" * 40, VET)]
+        vet(genuine)  # the control: the holder's token passes (the probe is reused)
+        vet(genuine, None)  # a door that does not know the model yet (gRPC)
+        assert ks.probes == 2 and ks.reserved == 0 and not ks.reports
+        assert p.usage() == {} and p.pending_reports() == 0
+        # a licence revoked: refused at the vetting, once the probe is stale
+        ks.revoked = True
+        clock.t += 5.1
+        with pytest.raises(LicenceRevokedError):
+            vet(genuine)
+        # the key server away: refused typed, fail closed
+        ks.revoked, ks.down = False, True
+        clock.t += 5.1
+        with pytest.raises(KeyServerUnavailableError):
+            vet(genuine)
+    finally:
+        p.close()

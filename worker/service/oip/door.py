@@ -1,12 +1,17 @@
 """What the REST and gRPC doors share: the data plane they open onto, and
 one mapping from the vault's typed errors to the protocol's status codes.
 
-A door converts the protocol's request into the vault's tensor frames,
-parses the bearer token, and posts an :class:`~worker.service.service.EdgeCall`
-into the service's loop (:meth:`DataPlane.infer`); the loop routes, admits
-(licence, quota, rate, revocation, the token's own budget), batches, meters,
-logs and answers it exactly as a ZeroMQ call, and the door converts the
-answer back. Nothing about a call's policy is decided in a door.
+A door parses the bearer token and has it vetted by the service before it
+reads the request's body or decodes its message (:meth:`DataPlane.vet`: the
+token's signature against the licence's proof key, its expiry and scope, the
+licence in force: a stranger's request costs no body in memory); then it
+converts the request into the vault's tensor frames and posts an
+:class:`~worker.service.service.EdgeCall` into the service's loop
+(:meth:`DataPlane.infer`); the loop routes, admits (licence, quota, rate,
+revocation, the token's own budget), batches, meters, logs and answers it
+exactly as a ZeroMQ call, and the door converts the answer back. Nothing
+about a call's policy is decided in a door. Each door bounds the requests it
+holds at once (:class:`Gate`: a typed 503 / ``UNAVAILABLE`` past it).
 
 =====================================  ======  ===================
 vault error (code)                     HTTP    gRPC
@@ -58,7 +63,7 @@ from vault.core.token import Token, parse_token
 from ..service import EdgeCall
 from .tensors import VAULT_TO_OIP
 
-__all__ = ["DataPlane", "Plane", "grpc_status", "http_status", "retry_after"]
+__all__ = ["DataPlane", "Gate", "Plane", "grpc_status", "http_status", "retry_after"]
 
 SERVER_NAME = "vault"
 
@@ -76,9 +81,8 @@ EXTENSIONS = ["binary_tensor_data"]
 
 # Tensors in a form that takes Python objects to decode (REST's JSON, gRPC's
 # typed ``contents``) grow about 12-13 times once decoded (measured: 30 MiB of
-# floats, 370-390 MiB at peak, either door), and a door decodes a request
-# before its token's signature can be checked (the proof key comes with the
-# service's decision). So that part of a request has its own limit, Triton's
+# floats, 370-390 MiB at peak, either door), which a vetted token's holder
+# may still ask of the service. So that part of a request has its own limit, Triton's
 # default input size; binary tensors (REST's extension, gRPC's
 # ``raw_input_contents``) cross without expansion and keep the whole limit.
 MAX_DECODED = 64 << 20
@@ -138,7 +142,9 @@ def grpc_status(exc: VaultError) -> grpc.StatusCode:
 
 def retry_after(exc: VaultError) -> int | None:
     """Whole seconds a refused caller should wait (the rate limit's refill,
-    rounded up, at least 1), or None."""
+    rounded up, at least 1; 1 for a service or door that is full or away), or None."""
+    if isinstance(exc, ServiceUnavailableError):
+        return 1
     if not isinstance(exc, RateLimitedError):
         return None
     wait = getattr(exc, "retry_after", None)
@@ -232,6 +238,27 @@ class DataPlane:
                 raise InputError(f"output {spec['name']!r} is a {spec.get('dtype')}, which the "
                                  "Open Inference Protocol cannot carry")  # fmt: skip
 
+    async def vet(self, model: str | None, version: str | None, token: Token,
+                  timeout: float | None = None) -> None:  # fmt: skip
+        """The token genuine and its licence in force (and ``model``, when
+        given, served here), or the typed error: asked before the door reads
+        the request; nothing admitted or counted (``EdgeCall.vet``)."""
+        if model is not None:
+            self._served(model, version)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[dict[str, Any], Sequence[Any]]] = loop.create_future()
+
+        def reply(header: dict[str, Any], out: Sequence[Any]) -> None:  # the loop's thread
+            try:
+                loop.call_soon_threadsafe(_settle, fut, header, out)
+            except RuntimeError:  # this door's loop has closed: nobody waits any more
+                pass
+
+        self.service.submit(EdgeCall(model, token, [], [], None, reply, timeout, vet=True))
+        header, _ = await fut
+        if not header.get("ok"):
+            raise from_wire(header.get("error"))
+
     async def infer(
         self,
         model: str,
@@ -262,6 +289,29 @@ class DataPlane:
         self.service.submit(EdgeCall(model, token, tensors, frames, outputs, reply, timeout))
         header, out = await fut
         return _result(header, out)
+
+
+class Gate:
+    """At most ``limit`` requests held at once by one door (vetting, reading,
+    waiting for the service); past it a typed refusal, at once, before
+    anything of the request is read: ``ServiceUnavailableError`` (503 /
+    ``UNAVAILABLE``, with ``Retry-After: 1``). Used from the door's own event
+    loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.held = 0
+
+    def __enter__(self) -> Gate:
+        if self.held >= self.limit:
+            raise ServiceUnavailableError(
+                f"this door holds {self.limit} requests already; try again shortly"
+            )
+        self.held += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.held -= 1
 
 
 def _result(header: dict[str, Any], out: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:

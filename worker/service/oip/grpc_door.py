@@ -10,25 +10,39 @@ takes typed ``contents`` or ``raw_input_contents`` and answers with
 code in the trailing metadata ``vault-error-code`` (and ``retry-after`` when
 the rate limit refused it).
 
+``ModelInfer`` is registered (:func:`register`) as a stream-unary method
+whose request stays raw bytes: on the wire a unary call is the same (one
+message, then the end of the stream), but gRPC core receives a streaming
+method's message only when the handler reads it. So the handler vets the
+token from the metadata first (:meth:`.door.DataPlane.vet`), then reads the
+message (within ``body_timeout``), then decodes it: a stranger's request
+costs neither the message in memory (up to the 1 GiB limit) nor its
+decoding. The server bounds the RPCs it runs at once (``server.py``:
+``maximum_concurrent_rpcs``, ``RESOURCE_EXHAUSTED`` past it) and each door
+the inference requests it holds (:class:`.door.Gate`, ``UNAVAILABLE``).
+
 Example::
 
-    servicer = InferenceServicer(DataPlane(service))
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    servicer = InferenceServicer(DataPlane(service), gate=Gate(64), body_timeout=30.0)
+    register(servicer, server)
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from vault.core.errors import InputError, VaultError
+from vault.core.errors import InputError, ProtocolError, VaultError
 
 from . import inference_pb2 as _pb
 from . import tensors as T
 from .door import (
     MAX_DECODED,
     DataPlane,
+    Gate,
     bearer,
     error_text,
     grpc_status,
@@ -36,7 +50,7 @@ from .door import (
     timeout_of,
 )
 
-__all__ = ["InferenceServicer"]
+__all__ = ["InferenceServicer", "register"]
 
 pb: Any = _pb  # generated code: untyped
 
@@ -78,8 +92,11 @@ def _token(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
 class InferenceServicer:
     """See the module docstring."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, *, gate: Gate | None = None,
+                 body_timeout: float = 30.0) -> None:  # fmt: skip
         self.plane = plane
+        self.gate = gate or Gate(64)
+        self.body_timeout = body_timeout
 
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=self.plane.service.live())
@@ -110,9 +127,31 @@ class InferenceServicer:
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in md["outputs"]],
         )  # fmt: skip
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def ModelInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
+        """Vet the token, then read the message, then decode it (:func:`register`)."""
         try:
-            token = _token(context)
+            with self.gate:
+                token = _token(context)
+                await self.plane.vet(None, None, token)  # the model is in the message
+                try:
+                    raw = await asyncio.wait_for(context.read(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    raise ProtocolError(f"the request message did not arrive within "
+                                        f"{self.body_timeout:g} s") from None  # fmt: skip
+                if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
+                    raise ProtocolError("ModelInfer needs one ModelInferRequest message")
+                try:
+                    request = pb.ModelInferRequest.FromString(raw)
+                except DecodeError:
+                    raise ProtocolError("the request is not a ModelInferRequest") from None
+                del raw
+                return await self._infer(request, token, context)
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def _infer(self, request: Any, token: Any, context: Any) -> Any:
+        try:
             descs, frames = _inputs(request)
             outputs = [o.name for o in request.outputs] or None
             p = request.parameters.get("timeout")
@@ -160,3 +199,26 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
         descs.append(d)
         frames.append(f)
     return descs, frames
+
+
+def register(servicer: InferenceServicer, server: Any) -> None:
+    """Add ``inference.GRPCInferenceService`` to a ``grpc.aio`` server: the
+    generated handlers, but ``ModelInfer`` stream-unary on raw bytes (see the
+    module docstring; a unary client sees no difference)."""
+    names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata")
+    handlers: dict[str, Any] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(pb, f"{name}Request").FromString,
+            response_serializer=getattr(pb, f"{name}Response").SerializeToString,
+        )
+        for name in names
+    }
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=None,  # bytes, decoded by the handler once the token holds
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    service = "inference.GRPCInferenceService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

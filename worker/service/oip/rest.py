@@ -4,10 +4,10 @@ uvicorn, see :mod:`.server`).
 =======  ==============================================  ===========================
 method   path                                            answer
 =======  ==============================================  ===========================
-GET      ``/v2/health/live``, ``/v2/health/ready``       200, or 503 when not
+GET      ``/v2/health/live``, ``/v2/health/ready``       200, or 400 when not
 GET      ``/v2``                                         server metadata
 GET      ``/v2/models/M[/versions/V]``                   model metadata
-GET      ``/v2/models/M[/versions/V]/ready``             200, or 503 when not ready
+GET      ``/v2/models/M[/versions/V]/ready``             200, or 400 when not ready
 POST     ``/v2/models/M[/versions/V]/infer``             outputs (needs a token)
 =======  ==============================================  ===========================
 
@@ -17,14 +17,25 @@ binary for the outputs asked so (``parameters.binary_data_output``, or an
 output's ``binary_data``). An error is ``{"error": "[code] message", "code":
 code}`` with the status of :func:`.door.http_status`.
 
+An infer request is taken in this order: its headers (the token parsed, the
+sizes they declare checked), the token vetted by the service
+(:meth:`.door.DataPlane.vet`: signature, expiry, scope, the licence in
+force), and only then its body, which must arrive within ``body_timeout``
+(408 otherwise). uvicorn reads no more than 64 KiB of a body the app has not
+asked for, so a refused request costs no body in memory; its refusal closes
+the connection (``Connection: close``) so nothing more of it is read. At
+most ``max_inflight`` infer requests are held at once (503 ``unavailable``
+past it, with ``Retry-After: 1``).
+
 Example::
 
-    app = RestApp(DataPlane(service), max_body=1 << 30)
+    app = RestApp(DataPlane(service), max_body=1 << 30, max_inflight=64, body_timeout=30.0)
     # uvicorn.Config(app, ...)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -35,6 +46,7 @@ from . import tensors as T
 from .door import (
     MAX_DECODED,
     DataPlane,
+    Gate,
     bearer,
     error_text,
     http_status,
@@ -44,6 +56,10 @@ from .door import (
 
 __all__ = ["RestApp"]
 
+# "not live" / "not ready": the protocol's health APIs answer 200 for true and
+# 4xx for false, and Triton's HTTP endpoints answer 400 (the metrics port's
+# probes answer the same: worker/service/metrics.py)
+NOT_READY = 400
 MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -58,23 +74,30 @@ class _HttpError(Exception):
 class RestApp:
     """See the module docstring."""
 
-    def __init__(self, plane: DataPlane, *, max_body: int) -> None:
+    def __init__(self, plane: DataPlane, *, max_body: int, max_inflight: int = 64,
+                 body_timeout: float = 30.0) -> None:  # fmt: skip
         self.plane = plane
         self.max_body = max_body
+        self.gate = Gate(max_inflight)
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        state = {"body_unread": scope.get("method") == "POST"}
         try:
-            await self._route(scope, receive, send)
+            await self._route(scope, receive, send, state)
         except VaultError as exc:
-            await self._error(send, exc)
+            await self._error(send, exc, close=state["body_unread"])
         except _HttpError as exc:
-            await _send(send, exc.status, _JSON, json.dumps({"error": str(exc)}).encode())
+            headers = list(_JSON) + ([(b"connection", b"close")] if state["body_unread"] else [])
+            await _send(send, exc.status, headers, json.dumps({"error": str(exc)}).encode())
 
-    async def _error(self, send: Any, exc: VaultError) -> None:
+    async def _error(self, send: Any, exc: VaultError, *, close: bool = False) -> None:
         status = http_status(exc)
         headers = list(_JSON)
+        if close:  # refused before its body was read: read none of it
+            headers.append((b"connection", b"close"))
         wait = retry_after(exc)
         if wait is not None:
             headers.append((b"retry-after", str(wait).encode()))
@@ -83,14 +106,15 @@ class RestApp:
         body = json.dumps({"error": error_text(exc), "code": exc.code}).encode()
         await _send(send, status, headers, body)
 
-    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any,
+                     state: dict[str, bool]) -> None:  # fmt: skip
         method, path = scope["method"], scope["path"]
         svc = self.plane.service
         if path in ("/v2/health/live", "/v2/health/ready"):
             _only(method, "GET")
             key = "live" if path.endswith("live") else "ready"
             ok = svc.live() if key == "live" else svc.ready()
-            await _json(send, 200 if ok else 503, {key: ok})
+            await _json(send, 200 if ok else NOT_READY, {key: ok})
             return
         if path in ("/v2", "/v2/"):
             _only(method, "GET")
@@ -106,15 +130,17 @@ class RestApp:
         elif action == "/ready":
             _only(method, "GET")
             ok = self.plane.model_ready(model, version)
-            await _json(send, 200 if ok else 503, {"name": model, "ready": ok})
+            await _json(send, 200 if ok else NOT_READY, {"name": model, "ready": ok})
         else:
             _only(method, "POST")
-            await self._infer(scope, receive, send, model, version)
+            with self.gate:
+                await self._infer(scope, receive, send, model, version, state)
 
-    async def _body(self, scope: dict[str, Any], receive: Any, json_part: int | None) -> bytes:
-        """The body, refused from its headers when they say it is too large:
-        the whole (``max_body``) or its JSON part (``MAX_JSON``; the whole
-        body when ``json_part``, the binary extension's header length, is None)."""
+    def _limit(self, scope: dict[str, Any], json_part: int | None) -> int:
+        """The body's limit, checked against what its headers declare (before
+        anything else): the whole (``max_body``) or its JSON part
+        (``MAX_JSON``; the whole body when ``json_part``, the binary
+        extension's header length, is None)."""
         limit = self.max_body if json_part is not None else min(self.max_body, MAX_JSON)
         if json_part is not None and json_part > MAX_JSON:
             raise ProtocolError(f"the JSON part of a request ({json_part} bytes) exceeds the "
@@ -126,6 +152,17 @@ class RestApp:
                     + ("" if json_part is not None else
                        " for JSON: send tensors as binary data (Inference-Header-Content-Length)")
                 )  # fmt: skip
+        return limit
+
+    async def _body(self, receive: Any, limit: int) -> bytes:
+        """The body, at most ``limit`` bytes, all of it within ``body_timeout``."""
+        try:
+            return await asyncio.wait_for(self._read(receive, limit), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise _HttpError(408, f"the request body did not arrive within "
+                                  f"{self.body_timeout:g} s") from None  # fmt: skip
+
+    async def _read(self, receive: Any, limit: int) -> bytes:
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -140,7 +177,7 @@ class RestApp:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _infer(self, scope: dict[str, Any], receive: Any, send: Any, model: str,
-                     version: str | None) -> None:  # fmt: skip
+                     version: str | None, state: dict[str, bool]) -> None:  # fmt: skip
         auth: str | None = None
         header_len: int | None = None
         for k, v in scope["headers"]:
@@ -152,7 +189,10 @@ class RestApp:
                 except ValueError:
                     raise InputError("Inference-Header-Content-Length is not a number") from None
         token = bearer(auth)  # before the body is read: no token, no work
-        body = await self._body(scope, receive, header_len)
+        limit = self._limit(scope, header_len)
+        await self.plane.vet(model, version, token)  # genuine and in force, or refused
+        body = await self._body(receive, limit)
+        state["body_unread"] = False
         if header_len is not None and not 0 <= header_len <= len(body):
             raise InputError("Inference-Header-Content-Length is past the end of the body")
         head = body if header_len is None else body[:header_len]

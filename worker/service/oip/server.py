@@ -9,6 +9,14 @@ start (:class:`~vault.core.errors.ConfigError`) unless
 ``--dangerously-serve-plaintext``): a bearer token sent in the clear is a
 token given away.
 
+Bounds (what a stranger can make the doors hold): each door holds at most
+``max_inflight`` inference requests at once (vetting, reading, computing; a
+typed 503 / ``UNAVAILABLE`` past it), reads a request's body or message only
+once its token is vetted and within ``body_timeout``; uvicorn takes at most
+``max_connections`` connections and tasks (its own 503 past it) and closes
+idle keep-alive connections after 5 s; the gRPC server runs at most
+``max_connections`` RPCs at once (``RESOURCE_EXHAUSTED`` past it).
+
 Example::
 
     edge = OipServer(service, OipConfig(host="0.0.0.0", http_port=8000, grpc_port=8001,
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vault.core.errors import ConfigError
+from vault.core.files import check_secret_file
 
 from .door import DataPlane, Plane
 
@@ -43,6 +52,9 @@ class OipConfig:
     dangerously_allow_plaintext: bool = False
     max_message: int = 1 << 30
     cors_origins: tuple[str, ...] = ()  # web pages that may call the REST door (cors.py)
+    max_inflight: int = 64  # inference requests each door holds at once
+    max_connections: int = 512  # uvicorn's connections and tasks; gRPC's RPCs at once
+    body_timeout: float = 30.0  # seconds for a vetted request's body (or message) to arrive
 
 
 def is_loopback(host: str) -> bool:
@@ -91,12 +103,13 @@ class OipServer:
                 "proxy that terminates TLS) --dangerously-serve-plaintext"
             )
         if cfg.tls is not None:
-            for path in cfg.tls:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as exc:
-                    raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+            try:
+                with open(cfg.tls[0], "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{cfg.tls[0]}: cannot read ({exc.strerror})") from exc
+            # the private key is a secret: this user's, 0600, in a directory of its own
+            check_secret_file(cfg.tls[1], what="TLS private key")
 
     # -- start ---------------------------------------------------------------------
 
@@ -128,7 +141,9 @@ class OipServer:
         sock.setblocking(False)
         self.http_port = int(sock.getsockname()[1])
         tls = self.cfg.tls
-        app: Any = RestApp(self.plane, max_body=self.cfg.max_message)
+        app: Any = RestApp(self.plane, max_body=self.cfg.max_message,
+                           max_inflight=self.cfg.max_inflight,
+                           body_timeout=self.cfg.body_timeout)  # fmt: skip
         if self.cfg.cors_origins:
             from .cors import with_cors
 
@@ -138,6 +153,7 @@ class OipServer:
             log_level="warning", access_log=False, http="httptools", ws="none",
             ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
             timeout_graceful_shutdown=5, server_header=False, date_header=False,
+            limit_concurrency=self.cfg.max_connections, timeout_keep_alive=5,
         )  # fmt: skip
         try:
             config.load()  # the TLS files are read here: a bad one fails the start
@@ -193,17 +209,20 @@ class OipServer:
     async def _serve_grpc(self, started: Future[int]) -> None:
         import grpc
 
-        from . import inference_pb2_grpc as _pb_grpc
-        from .grpc_door import InferenceServicer
+        from .door import Gate
+        from .grpc_door import InferenceServicer, register
 
         limit = min(self.cfg.max_message, (1 << 31) - 1)
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),  # never share the port with another server
-        ])  # fmt: skip
-        add: Any = _pb_grpc.add_GRPCInferenceServiceServicer_to_server
-        add(InferenceServicer(self.plane), server)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # never share the port with another server
+            ],
+            maximum_concurrent_rpcs=self.cfg.max_connections,
+        )
+        register(InferenceServicer(self.plane, gate=Gate(self.cfg.max_inflight),
+                                   body_timeout=self.cfg.body_timeout), server)  # fmt: skip
         host = self.cfg.host
         addr = (
             f"[{host.strip('[]')}]:{self.cfg.grpc_port}"
