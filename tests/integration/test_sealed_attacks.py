@@ -11,6 +11,7 @@ and its calls are slow enough to be computed off the router thread."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -252,6 +253,11 @@ def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served
             prefix = sealed._PREFIX.pack(sealed.SEALED_TAG, sid, seq + 1, 1) + (1).to_bytes(
                 4, "big"
             )
+            # The worker is stopped while both are written, so that it finds
+            # the forgery right behind the request however loaded this
+            # machine is (it then reads it while the call is computed).
+            os.kill(served["pid"], signal.SIGSTOP)
+            resume.start()
             return [m, [prefix, os.urandom(sealed.CHUNK + 16)]]  # the forgery, right behind it
         return [m]
 
@@ -262,6 +268,7 @@ def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served
         return [m]
 
     armed = threading.Event()
+    resume = threading.Timer(0.3, os.kill, (served["pid"], signal.SIGCONT))
     try:
         on_path = _OnPath(served, up=up, down=down)
         m = on_path.model
@@ -279,6 +286,8 @@ def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served
         assert "served" in refusals[0]["error"]["message"], refusals
         np.testing.assert_allclose(m.compute({"x": X})["y"], served["ref"], rtol=1e-4, atol=1e-4)
     finally:
+        resume.cancel()
+        os.kill(served["pid"], signal.SIGCONT)
         if on_path is not None:
             on_path.close()
 
