@@ -1101,7 +1101,8 @@ class WorkerService:
         if c.done:
             return
         c.done = True
-        self._reply(c.ident, hdr, frames)
+        # Accounted before the answer goes: a caller that has its answer and
+        # then reads /metrics or its stats finds the call there.
         code = "ok" if hdr.get("ok") else str((hdr.get("error") or {}).get("code", "error"))
         dt = time.monotonic() - c.arrived
         self.metrics.answered(c.model, c.admission.licence, code)
@@ -1112,6 +1113,7 @@ class WorkerService:
             m.calls += 1
             m.errors += code != "ok"
             m.latencies.append(dt)
+        self._reply(c.ident, hdr, frames)
         self.log("call", level="debug" if code == "ok" else "info", model=c.model,
                  licence=c.admission.licence, code=code, ms=round(dt * 1e3, 3))  # fmt: skip
 
