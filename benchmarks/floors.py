@@ -191,6 +191,7 @@ def _serve(
                 hdr = opener.open(msg[1:])[0]
                 n, m = _HDR.unpack(hdr)
                 s.send_multipart([msg[0], *sealer.seal([hdr, reply(m)])])
+                opener.release()  # answered: its buffer may take the next message
                 continue
             n, m = _HDR.unpack(msg[1].bytes)
             s.send_multipart([msg[0], msg[1], reply(m)], copy=False)

@@ -143,6 +143,7 @@ class _LocalWorker:
         self.arena: ShmArena | None = None
         self.local_path: str | None = None  # the direct local channel's socket
         self.local_token = os.urandom(TOKEN_BYTES)  # what each of its connections sends first
+        self._owner = os.getpid()  # a forked child never stops our worker nor removes our directory
 
     def _new_arena(self) -> None:
         if self.arena is not None:  # a restart: the new worker gets a new arena
@@ -296,7 +297,7 @@ class _LocalWorker:
         if self._lifeline is not None:
             os.close(self._lifeline)  # EOF on the lifeline: the worker stops by itself
             self._lifeline = None
-        if proc is not None:
+        if proc is not None and os.getpid() == self._owner:
             stop_process(proc, 5)
 
     def close(self) -> None:
@@ -304,7 +305,8 @@ class _LocalWorker:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.getpid() == self._owner:  # in a forked child: the parent's, still in use
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class _DaemonWorker:
@@ -357,10 +359,20 @@ class _DaemonWorker:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._endpoint_fd: int | None = None  # O_PATH: the worker's socket, for this process only
+        self._owner = os.getpid()  # whose daemon connection ``_sock`` is
 
     def _call(
         self, msg: dict[str, Any], fds: Sequence[int] = (), *, max_fds: int = 0
     ) -> tuple[dict[str, Any], list[int]]:
+        if os.getpid() != self._owner:
+            # a forked child: the daemon connection is the parent's (the two
+            # would read each other's answers), and so are the workers on it
+            self._lock = threading.Lock()
+            if self._sock is not None:
+                self._sock.close()  # our copy only: the parent's connection goes on
+                self._sock = None
+            self.wid, self.dir = None, None
+            self._owner = os.getpid()
         with self._lock:
             if self._sock is None:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -495,7 +507,7 @@ class _DaemonWorker:
 
     def kill(self) -> None:
         wid, self.wid = self.wid, None
-        if wid is not None:
+        if wid is not None and os.getpid() == self._owner:
             try:
                 self._call({"op": "close", "worker": wid})
             except (ConfigError, PermissionDeniedError, WorkerCrashedError):
@@ -511,7 +523,7 @@ class _DaemonWorker:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
-        if self.dir is not None:
+        if self.dir is not None and os.getpid() == self._owner:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
@@ -687,14 +699,19 @@ class _WatchedChannel(ZmqChannel):
     ) -> tuple[dict[str, Any], list[Any]]:
         self._lost()  # a drop before this call says nothing about it
         if self._sealed_keys is not None and header.get("op") == "compute":
+            prev: tuple[bytes, int] | None = None
             for _attempt in range(2):
-                state = self._sealed_session(timeout)
+                state = self._sealed_session(timeout, prev)
                 if state is None:
                     break  # the service offers no sealed calls: CURVE it is
                 try:
                     return self._sealed_request(state, header, frames, timeout)
-                except _UnknownSession:
-                    self._drop_sealed()  # the service forgot it (restart, eviction): once more
+                except _UnknownSession as gone:
+                    # the service forgot it (restart, eviction), or a party on the
+                    # wire says so: the next session's request asks, over CURVE,
+                    # whether this call was accepted before it is sent again
+                    prev = (gone.sid, gone.seq)
+                    self._drop_sealed()
                 except _NoSealedRoute:
                     # its port cannot be reached from here (a firewall that lets
                     # only the service's port through): this thread stays on CURVE
@@ -707,36 +724,55 @@ class _WatchedChannel(ZmqChannel):
 
     # -- sealed calls --------------------------------------------------------------
 
-    def _sealed_session(self, timeout: float) -> _SealedState | None:
-        """This thread's session with the service: made over CURVE on first use."""
+    def _sealed_session(
+        self, timeout: float, prev: tuple[bytes, int] | None = None
+    ) -> _SealedState | None:
+        """This thread's session with the service: made over CURVE on first use.
+        ``prev``: the session and message number of a call whose answer was a
+        plain "unknown session"; the service ends that session and says
+        whether it accepted the call, which is then sent again only if not."""
         state: _SealedState | None = getattr(self._sealed, "state", None)
         if state is not None or getattr(self._sealed, "refused", False):
             return state
         assert self._sealed_keys is not None
         rand = os.urandom(sealed.RAND_BYTES)
+        ask: dict[str, Any] = {"op": "session", "rand": rand}
+        if prev is not None:
+            ask.update(prev=prev[0], prev_seq=prev[1])
         try:
-            hdr, _ = super().request({"op": "session", "rand": rand}, timeout=timeout)
+            hdr, _ = super().request(ask, timeout=timeout)
         except (ProtocolError, ConfigError):  # a service that offers none ("unknown op")
             self._sealed.refused = True
             return None
         sid, srand, port = hdr.get("sid"), hdr.get("rand"), hdr.get("port")
         if not isinstance(sid, bytes) or not isinstance(srand, bytes) or not isinstance(port, int):
             raise ProtocolError("malformed sealed session answer")
-        c2s, s2c = sealed.derive_keys(rand, srand, sid, *self._sealed_keys)
+        c2s, s2c, password = sealed.derive_session(rand, srand, sid, *self._sealed_keys)
         host = self.endpoint[len("tcp://") :].rpartition(":")[0]
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = self._max_message
         sock.copy_threshold = sealed.CHUNK + 4096  # chunks are copied: no gc-thread wake-ups
-        # nothing queued for a connection that cannot be made: the first send
-        # fails within the send timeout instead, and the call goes over CURVE
+        # nothing queued for a connection that is not up: a send waits for the
+        # handshake (see _sealed_send), and one that cannot be made goes over CURVE
         sock.immediate = True
-        sock.sndtimeo = _SEALED_CONNECT_MS
+        sock.plain_username = sid.hex().encode()  # the sealed port admits a session's holder only
+        sock.plain_password = password.encode()
+        mon = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         sock.connect(f"tcp://{host}:{port}")
         with self._sealed_lock:
-            self._sealed_socks.append(sock)
-        state = _SealedState(sock, sealed.Sealer(c2s, sid), sealed.Opener(s2c, sid))
+            self._sealed_socks += [sock, mon]
+        state = _SealedState(sock, sealed.Sealer(c2s, sid), sealed.Opener(s2c, sid), mon)
         self._sealed.state = state
+        if prev is not None and hdr.get("prev") == "accepted":
+            # the service ran that call: its answer was replaced on the way by a
+            # plain refusal nobody can authenticate; it is not sent twice
+            raise IntegrityError(
+                "the service ran this call but its answer did not arrive intact "
+                "(replaced on the way); it was not sent again"
+            )
         return state
 
     def _drop_sealed(self) -> None:
@@ -744,9 +780,42 @@ class _WatchedChannel(ZmqChannel):
         self._sealed.state = None
         if state is not None:
             with self._sealed_lock:
-                if state.sock in self._sealed_socks:
-                    self._sealed_socks.remove(state.sock)
+                for s in (state.sock, state.mon):
+                    if s in self._sealed_socks:
+                        self._sealed_socks.remove(s)
+            state.sock.disable_monitor()
+            state.mon.close(linger=0)
             state.sock.close(linger=0)
+
+    @staticmethod
+    def _sealed_send(state: _SealedState, parts: list[Any]) -> None:
+        """Send a sealed message once the sealed connection is up. A handshake
+        the sealed port refuses means it knows no such session (a restart):
+        :class:`_UnknownSession` (nothing was sent); no connection within
+        ``_SEALED_CONNECT_MS``: :class:`_NoSealedRoute`."""
+        sock = state.sock
+        try:
+            sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        from zmq.utils.monitor import recv_monitor_message
+
+        deadline = time.monotonic() + _SEALED_CONNECT_MS / 1000
+        while True:
+            # woken by the handshake's outcome, not by a clock: a first call
+            # pays the connection, nothing more
+            while state.mon.poll(min(50, max(1, int((deadline - time.monotonic()) * 1000)))):
+                if recv_monitor_message(state.mon)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise _UnknownSession(state.sealer.sid, state.sealer.seq)
+                break  # a handshake succeeded: send
+            try:
+                sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            if time.monotonic() >= deadline:
+                raise _NoSealedRoute()
 
     def _sealed_request(
         self, state: _SealedState, header: Mapping[str, Any], frames: Sequence[Any], timeout: float
@@ -754,10 +823,7 @@ class _WatchedChannel(ZmqChannel):
         rid = next(self._ids)
         msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
         sock = state.sock
-        try:
-            sock.send_multipart(state.sealer.seal([pack_header(msg), *frames]), copy=False)
-        except zmq.Again:
-            raise _NoSealedRoute() from None  # nothing was sent
+        self._sealed_send(state, state.sealer.seal([pack_header(msg), *frames]))
         deadline = time.monotonic() + timeout
         try:
             while not sock.poll(
@@ -780,7 +846,7 @@ class _WatchedChannel(ZmqChannel):
             except VaultError:
                 plain = {}
             if plain.get("session") == "unknown":
-                raise _UnknownSession()
+                raise _UnknownSession(state.sealer.sid, state.sealer.seq)
             err = plain.get("error")
             why = err.get("message") if isinstance(err, dict) else None
             raise IntegrityError(
@@ -815,16 +881,26 @@ class _NoSealedRoute(Exception):
 
 
 class _UnknownSession(Exception):
-    """The service answered (plainly) that it knows no such sealed session."""
+    """The service answered (plainly, so maybe not the service) that it knows
+    no such sealed session, or its sealed port refused the session at the
+    handshake; ``sid`` and ``seq``: the message that got no sealed answer."""
+
+    def __init__(self, sid: bytes, seq: int) -> None:
+        super().__init__("unknown sealed session")
+        self.sid, self.seq = sid, seq
 
 
 class _SealedState:
-    """One thread's sealed session: its socket and the two directions."""
+    """One thread's sealed session: its socket, the two directions, and the
+    socket's monitor (a refused handshake)."""
 
-    __slots__ = ("sock", "sealer", "opener")
+    __slots__ = ("sock", "sealer", "opener", "mon")
 
-    def __init__(self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener) -> None:
-        self.sock, self.sealer, self.opener = sock, sealer, opener
+    def __init__(
+        self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener,
+        mon: zmq.Socket[Any],
+    ) -> None:  # fmt: skip
+        self.sock, self.sealer, self.opener, self.mon = sock, sealer, opener, mon
 
 
 def _filled_pipe(data: bytes, opened: list[int]) -> int:
@@ -908,6 +984,19 @@ def check_feeds_mapping(inputs: Any, signature: Mapping[str, Any]) -> None:
 
 
 _LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # what the parent opened stays the parent's: the child's exit must not
+    # close its models (they removed the parent's worker directory: its next
+    # calls could not connect), and the parent's pre-started worker is not
+    # the child's to take or stop (its directory went with it: the parent's
+    # next open failed with FileNotFoundError)
+    _LIVE.clear()
+    standby.POOL.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -27,14 +27,35 @@ from typing import Any
 import zmq
 
 from vault.core.errors import ConfigError, IntegrityError, ProtocolError, VaultError
-from vault.core.localwire import TOKEN_BYTES, Closed, RecordReader, send_record
+from vault.core.localwire import (
+    MAX_FRAMES,
+    TOKEN_BYTES,
+    ByteBudget,
+    Closed,
+    RecordReader,
+    send_record,
+)
 from vault.core.protocol import SHM_MIN_BYTES, error_reply, ok_reply, pack_header, unpack_header
-from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
+from vault.core.sealed import (
+    CHUNK,
+    ZAP_DOMAIN,
+    ServerSession,
+    SessionTable,
+    plain_error,
+    session_id,
+)
 
 _TOKEN_WAIT_S = 5.0  # how long a new local connection may take to say who it is
 _BULK_ROUTE = b"\xffB"  # a sealed request's route (a ROUTER's own identities start with 0)
 
-__all__ = ["LocalServer", "Server", "load_allowed_keys"]
+__all__ = [
+    "LocalServer",
+    "Server",
+    "connection_session",
+    "load_allowed_keys",
+    "sealed_authenticator",
+    "sealed_socket",
+]
 
 Handler = Callable[[list[Any]], list[Any]]
 
@@ -80,6 +101,56 @@ class _AllowList:
     def callback(self, domain: str, key: bytes) -> bool:
         del domain
         return key in self.keys
+
+
+def sealed_authenticator(ctx: zmq.Context[Any], sessions: SessionTable | None = None) -> Any:
+    """pyzmq's ZAP thread (``ThreadAuthenticator``, not started), which also
+    answers for the sealed port: a PLAIN connection there is admitted only
+    under a live session's id and password (``sessions.admits``), so a
+    stranger is refused at the handshake, before libzmq reads a single
+    message of it (a sealed port without this buffered whatever a stranger
+    sent: 300 MB of one unfinished message took a worker from 83 to 383 MB).
+    Set ``.sessions`` once the table exists. (zmq.auth.thread is imported
+    here: it pulls in asyncio, which an ipc:// worker never needs.)"""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    class SealedAuthenticator(ThreadAuthenticator):
+        def _authenticate_plain(
+            self, domain: str, username: str, password: str
+        ) -> tuple[bool, bytes]:
+            if domain != ZAP_DOMAIN:
+                return False, b"PLAIN is for sealed sessions only"
+            table: SessionTable | None = getattr(self, "sessions", None)
+            if table is not None and table.admits(username, password):
+                return True, b"OK"
+            return False, b"unknown sealed session"
+
+    auth = SealedAuthenticator(ctx)
+    auth.sessions = sessions  # type: ignore[attr-defined]
+    return auth
+
+
+def sealed_socket(ctx: zmq.Context[Any], *, hwm: int) -> zmq.Socket[Any]:
+    """The sealed port's ROUTER: PLAIN under the sessions' ZAP check, sealed
+    chunks only (each frame at most one chunk)."""
+    b: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
+    b.setsockopt(zmq.LINGER, 0)
+    b.setsockopt(zmq.MAXMSGSIZE, CHUNK + 4096)  # sealed chunks only
+    b.setsockopt(zmq.SNDHWM, hwm)
+    b.setsockopt(zmq.RCVHWM, hwm)
+    b.plain_server = True
+    b.zap_domain = ZAP_DOMAIN.encode()
+    b.copy_threshold = CHUNK + 4096
+    return b
+
+
+def connection_session(frame: Any) -> bytes | None:
+    """The session id a sealed-port connection authenticated as (its PLAIN
+    user name, as the ZAP handler admitted it)."""
+    try:
+        return bytes.fromhex(frame.get("User-Id"))
+    except (zmq.ZMQError, AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 class Server:
@@ -128,9 +199,7 @@ class Server:
         if endpoint.startswith("tcp://") or allowed is not None:
             if curve_secret is None or curve_public is None or allowed is None:
                 raise ConfigError("a tcp:// worker needs CURVE keys and an allow-list")
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._auth = ThreadAuthenticator(ctx)
+            self._auth = sealed_authenticator(ctx)
             self._auth.start()
             self._auth.configure_curve_callback(
                 domain="vault", credentials_provider=_AllowList(allowed)
@@ -148,12 +217,8 @@ class Server:
         self._route_ids = itertools.count(1)
         if endpoint.startswith("tcp://") and curve_public is not None:
             self.sessions = SessionTable(curve_public)
-            self.bulk = ctx.socket(zmq.ROUTER)
-            self.bulk.setsockopt(zmq.LINGER, 0)
-            self.bulk.setsockopt(zmq.MAXMSGSIZE, CHUNK + 4096)  # sealed chunks only
-            self.bulk.setsockopt(zmq.SNDHWM, hwm)
-            self.bulk.setsockopt(zmq.RCVHWM, hwm)
-            self.bulk.copy_threshold = CHUNK + 4096
+            self._auth.sessions = self.sessions  # the ZAP check of the sealed port
+            self.bulk = sealed_socket(ctx, hwm=hwm)
         self._stop = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._pool: Any = None
@@ -189,8 +254,9 @@ class Server:
             key = msg[1].get("User-Id")
             if not key:
                 raise ProtocolError("sealed sessions need a CURVE caller")
-            body = ok_reply(rid, **self.sessions.create(str(key), header.get("rand")),
-                            port=self.bulk_port)  # fmt: skip
+            fields = self.sessions.create(str(key), header.get("rand"), prev=header.get("prev"),
+                                          prev_seq=header.get("prev_seq"))  # fmt: skip
+            body = ok_reply(rid, **fields, port=self.bulk_port)
         except VaultError as exc:
             body = error_reply(rid, exc)
         self.front.send_multipart([msg[0], pack_header(body)])
@@ -209,6 +275,8 @@ class Server:
             )
             return None
         try:
+            if connection_session(msg[1]) != sess.sid:  # a connection carries its own session only
+                raise IntegrityError("a sealed message of another session than its connection's")
             frames = sess.opener.open(msg[1:])
         except IntegrityError as exc:
             self.bulk.send_multipart([ident, *plain_error(exc)])
@@ -222,7 +290,10 @@ class Server:
         if isinstance(route, bytes):  # only a sealed request's route is bytes
             ident, sess = self._routes.pop(route)
             assert self.bulk is not None
-            self.bulk.send_multipart([ident, *sess.sealer.seal(reply)], copy=False)
+            try:
+                self.bulk.send_multipart([ident, *sess.sealer.seal(reply)], copy=False)
+            finally:
+                sess.opener.release()  # its request's frames are done with: the buffer is free
         else:
             self.front.send_multipart([route, *reply], copy=False)
 
@@ -345,7 +416,10 @@ class LocalServer:
 
     A record that is malformed or over ``max_message`` gets a typed error
     answer and its connection is closed (its stream can no longer be read in
-    step); past ``max_connections`` a new connection is closed at once."""
+    step); past ``max_connections`` a new connection is closed at once. The
+    records being received or served hold at most ``max_message`` (plus
+    frame padding) of buffers in all (:class:`ByteBudget`): what a record's
+    head claims is allocated only when the budget allows it."""
 
     def __init__(
         self,
@@ -363,6 +437,7 @@ class LocalServer:
         self.handler = handler
         self.max_message = max_message
         self.max_connections = max_connections
+        self.budget = ByteBudget(max_message + 72 * MAX_FRAMES)  # a largest record fits, padded
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._stopped = False
@@ -398,7 +473,7 @@ class LocalServer:
         conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
-        reader = RecordReader(conn, max_message=self.max_message, owned=False)
+        reader = RecordReader(conn, max_message=self.max_message, owned=False, budget=self.budget)
         handler = self.handler
         try:
             # who it is, first: a connection without the caller's token gets
@@ -419,14 +494,20 @@ class LocalServer:
                 except ProtocolError as exc:
                     send_record(conn, [pack_header(error_reply(None, exc))])
                     return
-                send_record(conn, handler(frames))
+                try:
+                    send_record(conn, handler(frames))
+                finally:
+                    del frames
+                    reader.release()
         except (Closed, OSError):
             return
         finally:
+            reader.release()
             self._drop(conn)
 
     def stop(self) -> None:
         self._stopped = True
+        self.budget.stop()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         except OSError:

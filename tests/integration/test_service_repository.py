@@ -303,14 +303,22 @@ def test_the_server_key_survives_a_restart(svc: Service) -> None:
     m = svc.connect("good-a", timeout=120)
     try:
         assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+        before = m._channel._sealed.state  # type: ignore[union-attr]
+        assert before is not None  # the call went sealed
         assert svc.stop() == 0  # a drain: exit 0
         port = svc.ready["endpoint"].rsplit(":", 1)[1]
         svc.args[svc.args.index("tcp://127.0.0.1:0")] = f"tcp://127.0.0.1:{port}"
         svc.args[svc.args.index("--instances") + 1] = "1"  # a faster second start
+        svc.args += ["--sealed-port", str(svc.ready["sealed_port"])]  # the same sealed port too
         ready = svc.start()
         assert ready["server_key"] == key
         assert svc.events("server_key_loaded")
-        # the connection made before the restart reconnects with the key it holds
+        # the connection made before the restart reconnects with the key it holds,
+        # and its sealed calls go on under a new session (the restarted service
+        # knows none of the old ones: its sealed port refuses the old session at
+        # the handshake, and a new one is made; nothing ran twice)
         assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)
+        after = m._channel._sealed.state  # type: ignore[union-attr]
+        assert after is not None and after.sealer.sid != before.sealer.sid
     finally:
         m.close()

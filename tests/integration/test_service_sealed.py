@@ -55,9 +55,14 @@ def test_service_calls_travel_sealed_and_a_replay_is_refused_uncounted(service: 
         assert front.poll(10_000)
         hdr = unpack_header(front.recv_multipart()[0])
         assert hdr["ok"] is True and hdr["port"] == port
-        c2s, s2c = sealed.derive_keys(rand, hdr["rand"], hdr["sid"], lic.client_public_key.encode(),
-                                      service.server_key.encode())  # fmt: skip
+        c2s, s2c, password = sealed.derive_session(rand, hdr["rand"], hdr["sid"],
+                                                   lic.client_public_key.encode(),
+                                                   service.server_key.encode())  # fmt: skip
         sealer, opener = sealed.Sealer(c2s, hdr["sid"]), sealed.Opener(s2c, hdr["sid"])
+        bulk.plain_username = (
+            hdr["sid"].hex().encode()
+        )  # the sealed port admits the session's holder
+        bulk.plain_password = password.encode()
         bulk.connect(service.endpoint.rpartition(":")[0] + f":{port}")
         descs, frames = encode_tensors({"x": X[:4]})
         wire = sealer.seal([pack_header({"v": 1, "op": "compute", "id": 7, "model": "m",
@@ -71,6 +76,17 @@ def test_service_calls_travel_sealed_and_a_replay_is_refused_uncounted(service: 
         assert ok["ok"] is True and ok["id"] == 7
         assert answers[1][0] == sealed.ERROR_TAG  # refused, plainly: nothing ran
         assert unpack_header(answers[1][1])["error"]["code"] == "integrity"
+        # a caller whose answer was replaced by a plain "unknown session" asks,
+        # before sending the call again, what became of it: accepted (so it is
+        # not sent twice), and the old session ends with the question
+        front.send_multipart([pack_header({"v": 1, "op": "session", "id": 2, "rand": os.urandom(32),
+                                           "prev": hdr["sid"], "prev_seq": 1})])  # fmt: skip
+        assert front.poll(10_000)
+        assert unpack_header(front.recv_multipart()[0])["prev"] == "accepted"
+        bulk.send_multipart(wire)
+        assert bulk.poll(10_000)
+        gone = bulk.recv_multipart()
+        assert gone[0] == sealed.ERROR_TAG and unpack_header(gone[1]).get("session") == "unknown"
     finally:
         front.close()
         bulk.close()

@@ -147,3 +147,133 @@ def test_a_pre_started_worker_serves_only_opens_with_its_own_arguments(
     while w.alive():  # the one that did not fit is stopped, not kept
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+FORKED = r"""
+import json, os, sys, time
+import numpy as np
+import vault
+from vault.core import localwire, standby
+
+path, lic, control = sys.argv[1], sys.argv[2], sys.argv[3] == "control"
+a, b = np.full((2, 8), 1.0, np.float32), np.full((2, 8), -3.0, np.float32)
+ra, rb = (np.array(r, np.float32) for r in json.loads(sys.argv[4]))  # no onnxruntime here:
+# its thread pools make a forked child hang in exit()
+# a call that waits for an answer fails, not hangs (in the control, the
+# child's read may take both answers off the connection: the parent's is lost)
+m = vault.open(path, licence=lic, timeout=5 if control else 30)
+m.compute({"x": a})  # this thread's connection exists before the fork
+deadline = time.monotonic() + 60
+while (standby.POOL.waiting() is None or not os.path.isdir(standby.POOL.waiting().dir)) \
+        and time.monotonic() < deadline:
+    time.sleep(0.02)
+waiting = standby.POOL.waiting()
+parent_conn = os.fstat(m._channel._tls.conn.sock.fileno()).st_ino
+out = {}
+sent_r, sent_w = os.pipe()  # parent -> child: my request is on the wire
+read_r, read_w = os.pipe()  # child -> parent: I have read an answer
+res_r, res_w = os.pipe()  # child -> parent: its results
+if control:
+    # the protection bypassed, and one interleaving of two processes on one
+    # connection made certain: the parent sends, the child sends and reads,
+    # then the parent reads
+    read = localwire.RecordReader.read
+    def read_after_child(self):
+        if os.getpid() == parent:
+            os.write(sent_w, b"x")
+            os.read(read_r, 1)
+        return read(self)
+    localwire.RecordReader.read = read_after_child
+parent = os.getpid()
+pid = os.fork()
+if pid == 0:
+    if control:
+        m._channel._tls.conn.fork = localwire._FORKS[0]  # as if it were the child's own
+        os.read(sent_r, 1)
+    got = m.compute({"x": b})["logits"]
+    child = {"right": bool(np.allclose(got, rb, rtol=1e-4)),
+             "got_parents": bool(np.allclose(got, ra, rtol=1e-4)),
+             "conn": os.fstat(m._channel._tls.conn.sock.fileno()).st_ino}
+    os.write(res_w, json.dumps(child).encode())
+    if control:
+        os.write(read_w, b"x")
+        os._exit(0)
+    sys.exit(0)  # a normal exit: atexit runs in the child
+try:
+    got = m.compute({"x": a})["logits"]
+    out["parent_right"] = bool(np.allclose(got, ra, rtol=1e-4))
+except vault.WorkerTimeoutError:
+    if not control:
+        raise
+    out["parent_right"] = False  # its answer went to the child, with the child's
+os.waitpid(pid, 0)
+out["child"] = json.loads(os.read(res_r, 4096))
+out["parent_conn"] = parent_conn
+if not control:
+    import threading
+    res = {}
+    t = threading.Thread(target=lambda: res.setdefault("y", m.compute({"x": a})["logits"]))
+    t.start(); t.join()
+    out["new_thread_right"] = bool(np.allclose(res["y"], ra, rtol=1e-4))
+    out["standby_dir_kept"] = os.path.isdir(waiting.dir)
+    m2 = vault.open(path, licence=lic)
+    out["next_open_took_it"] = m2.pid == waiting.proc.pid
+    out["next_open_right"] = bool(np.allclose(m2.compute({"x": a})["logits"], ra, rtol=1e-4))
+    m2.close()
+m.close()
+print(json.dumps(out))
+"""
+
+
+def _forked(path: str, lic: vault.Licence, tmp: Path, mode: str) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    from tests.models import reference_pipeline
+
+    lic.save(tmp / f"{mode}.licence")
+    refs = [reference_pipeline([mlp()], {"x": np.full((2, 8), v, np.float32)})["logits"].tolist()
+            for v in (1.0, -3.0)]  # fmt: skip
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", FORKED, path, str(tmp / f"{mode}.licence"), mode,
+                          json.dumps(refs)], capture_output=True, timeout=180, env=env, cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+
+
+def test_a_forked_child_uses_connections_of_its_own_and_leaves_the_parents_alone(
+    two_packages: dict[str, tuple[str, vault.Licence]], tmp_path: Path
+) -> None:
+    """A process that opened a model forks (multiprocessing's default on
+    Linux, pre-fork servers); parent and child compute, and the child exits.
+    Before: both used the connection the parent's thread had made, and each
+    could read the other's answer as its own, silently (in 40 forks, 22 calls
+    of each side returned the other side's result); the child's exit closed
+    the parent's models (their directory removed: the parent's new threads
+    could not connect) and discarded the parent's pre-started worker (the
+    parent's next open failed with FileNotFoundError). Now the child opens
+    its own connection, and what the parent opened stays the parent's."""
+    path, lic = two_packages["sb-a"]
+    got = _forked(path, lic, tmp_path, "protected")
+    assert got["child"]["conn"] != got["parent_conn"]  # a connection of its own
+    assert got["parent_right"] and got["child"]["right"], got
+    assert got["new_thread_right"], got  # the parent's directory is still there
+    assert got["standby_dir_kept"] and got["next_open_took_it"] and got["next_open_right"], got
+
+
+def test_control_parent_and_child_on_one_connection_read_each_others_answers(
+    two_packages: dict[str, tuple[str, vault.Licence]], tmp_path: Path
+) -> None:
+    """The control: the child made to use the parent's connection (the
+    generation check bypassed) and one interleaving made certain (the parent
+    sends first, the child reads first): each gets the other's answer, and
+    neither can tell (their calls carry the same number). Where both answers
+    were on the connection when the child read, the child's read takes both
+    and the parent's call never gets one."""
+    path, lic = two_packages["sb-a"]
+    got = _forked(path, lic, tmp_path, "control")
+    assert got["child"]["conn"] == got["parent_conn"]
+    assert got["child"]["got_parents"] and not got["child"]["right"], got
+    assert not got["parent_right"], got

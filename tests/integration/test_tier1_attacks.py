@@ -497,7 +497,7 @@ w = m._localw
 # the worker's socket is reached through the owner's O_PATH descriptor: another
 # process of the owner's uid can use it through /proc/PID/fd (what we test here)
 endpoint = m._endpoint.replace("/proc/self/", f"/proc/{os.getpid()}/")
-print(json.dumps({"worker": w.wid, "endpoint": endpoint, "server_key": w.server_key,
+print(json.dumps({"worker": w.wid, "pid": m.pid, "endpoint": endpoint, "server_key": w.server_key,
                   "client_public": w._client_public.decode(), "client_secret": w._client_secret.decode(),
                   "local_path": w.local_path, "local_token": w.local_token.hex(),
                   "channel": type(m._channel).__name__,
@@ -582,6 +582,207 @@ def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
         owner.stdin.write(b"go\n")
         owner.stdin.flush()
         assert json.loads(owner.stdout.readline())["still"] is True  # untouched by the intruder
+        assert owner.wait(30) == 0
+    finally:
+        stop_process(owner, 5)
+        for f in (owner.stdin, owner.stdout, owner.stderr):
+            if f is not None:
+                f.close()
+
+
+CLAIMS = r"""
+import json, socket, struct, sys
+import numpy as np
+import vault
+from vault.core import localwire
+m = vault.open(sys.argv[1], licence=sys.argv[2], daemon=sys.argv[3])
+m.compute({"x": np.ones((1, 8), np.float32)})
+w = m._localw
+conns = []
+
+def claim(size, send):
+    c = socket.socket(socket.AF_UNIX); c.connect(w.local_path); c.sendall(w.local_token)
+    c.sendall(struct.pack("<IIQ", localwire.MAGIC, 1, size) + struct.pack("<Q", size) + bytes(40))
+    c.sendall(bytes(send))
+    conns.append(c)
+
+print(json.dumps({"pid": m.pid, "channel": type(m._channel).__name__}), flush=True)
+sys.stdin.readline()
+for _ in range(8):  # the attack: heads alone, each claiming 64 MiB
+    claim(64 << 20, 0)
+print("claimed", flush=True)
+sys.stdin.readline()
+for _ in range(4):  # the control: what is really sent is held (all but the last byte)
+    claim(32 << 20, (32 << 20) - 1)
+print("sent", flush=True)
+sys.stdin.readline()
+for c in conns:
+    c.close()
+print(json.dumps({"still": m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)}))
+m.close()
+"""
+
+
+_RECVFROM = {"x86_64": 45, "aarch64": 207}
+
+
+def _pending_reads(pid: int, *, at_least: int, body_from: int = 1 << 18) -> list[int]:
+    """The lengths the threads of ``pid`` that sleep in ``recvfrom`` asked for,
+    once at least ``at_least`` of them ask for ``body_from`` bytes or more (a
+    record's body, not a head or the scratch)."""
+    import platform
+
+    nr = _RECVFROM[platform.machine()]
+    deadline = time.monotonic() + 60
+    while True:
+        lens = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            except OSError:
+                continue
+            if fields and fields[0] == str(nr) and int(fields[3], 16) >= body_from:
+                lens.append(int(fields[3], 16))
+        if len(lens) >= at_least or time.monotonic() > deadline:
+            assert len(lens) >= at_least, lens
+            return lens
+        time.sleep(0.02)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_callers_claims_cost_its_worker_only_what_it_sends(tier1: Tier1) -> None:
+    """A caller (nobody) holds its worker's token and talks to the worker's
+    parser directly. Before, a 64-byte head claiming a 64 MiB record made the
+    worker (another uid) allocate and zero 64 MiB before any of it came: 12
+    such heads took a worker from 81 to 850 MB, 256 connections could claim
+    256 GiB. Now memory follows the bytes that arrive, and what records in
+    flight may claim in all is one largest record: 8 heads claiming 512 MiB
+    cost under 24 MB. Control: bytes that are really sent are held (4 x 32 MiB
+    sent, all but one byte each: the worker's RSS grows by them), so the
+    measurement would have seen the claims."""
+    lic = _licence(tier1, "claims")
+    caller = subprocess.Popen(
+        _as_nobody([SYSTEM_PYTHON, "-B", "-c", CLAIMS, tier1.package, lic, tier1.socket]),
+        env=_nobody_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd="/",
+    )  # fmt: skip
+    try:
+        assert caller.stdout is not None and caller.stdin is not None
+
+        def step(expect: str | None = None) -> str:
+            caller.stdin.write(b"go\n")  # type: ignore[union-attr]
+            caller.stdin.flush()  # type: ignore[union-attr]
+            line = caller.stdout.readline().decode()  # type: ignore[union-attr]
+            assert line, caller.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            if expect is not None:
+                assert line.strip() == expect, line
+            return line
+
+        line = caller.stdout.readline()
+        assert line, caller.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        info = json.loads(line)
+        assert info["channel"] == "LocalChannel", info
+        pid = info["pid"]
+        assert os.stat(f"/proc/{pid}").st_uid == tier1.worker.pw_uid  # another uid's worker
+        before = _rss_mb(pid)
+        step("claimed")
+        # a state, not a wait: each of the 8 connections' worker threads has
+        # read its head and sleeps in recv(2) for the body, asking for what
+        # its buffer holds (read from /proc: root's view of the other uid)
+        pending = _pending_reads(pid, at_least=8)
+        assert max(pending) <= 1 << 20, pending  # buffers of 1 MiB, not of the 64 MiB claimed
+        claimed = _rss_mb(pid) - before
+        assert claimed < 24, f"heads claiming 512 MiB cost the worker {claimed:.0f} MB"
+        step("sent")
+        grew = 0.0
+        while (
+            grew < 96
+        ):  # the control: 128 MiB really sent is held (a state, bounded by the timeout)
+            grew = _rss_mb(pid) - before
+            time.sleep(0.05)
+        assert json.loads(step())["still"] is True
+        assert caller.wait(30) == 0
+    finally:
+        stop_process(caller, 5)
+        for f in (caller.stdin, caller.stdout, caller.stderr):
+            if f is not None:
+                f.close()
+
+
+STRANGER_LOCAL = r"""
+import errno, json, os, socket, sys
+info = json.loads(sys.argv[1]); owner_pid, worker_pid = int(sys.argv[2]), int(sys.argv[3]); out = {}
+
+def attempt(fn):
+    try:
+        fn()
+        return "reached"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def connect(path):
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        c.connect(path)
+    finally:
+        c.close()
+
+out["socket_path"] = attempt(lambda: connect(info["local_path"]))
+out["owner_fds"] = attempt(lambda: os.listdir(f"/proc/{owner_pid}/fd"))
+out["worker_fds"] = attempt(lambda: os.listdir(f"/proc/{worker_pid}/fd"))
+out["owner_environ"] = attempt(lambda: open(f"/proc/{owner_pid}/environ", "rb").read())
+# the listening socket has no name outside the owner's directory: no abstract
+# twin to connect to
+out["abstract"] = attempt(lambda: connect("\0" + info["local_path"]))
+print(json.dumps(out))
+"""
+
+
+def test_another_local_user_cannot_reach_a_callers_local_channel(
+    tier1: Tier1, worker_user: pwd.struct_passwd
+) -> None:
+    """A local user who is neither the caller nor root (here the workers' own
+    uid, the one that comes closest) tries every way to the caller's direct
+    channel: its socket in the caller's 0700 directory, the descriptors of
+    the caller and of the worker under /proc, the caller's environment, an
+    abstract socket of the same name. Each is refused; control: the caller's
+    own uid reaches the socket (and needs the token to be answered:
+    test_a_caller_reaches_only_the_workers_it_opened)."""
+    lic = _licence(tier1, "local-owner")
+    owner = subprocess.Popen(
+        _as_nobody([SYSTEM_PYTHON, "-B", "-c", OWNER, tier1.package, lic, tier1.socket]),
+        env=_nobody_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd="/",
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdin is not None
+        line = owner.stdout.readline()
+        assert line, owner.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        info = json.loads(line)
+        wpid = int(info["pid"])
+        assert os.stat(f"/proc/{wpid}").st_uid == worker_user.pw_uid
+        as_other = ["setpriv", f"--reuid={worker_user.pw_uid}", f"--regid={worker_user.pw_gid}",
+                    "--clear-groups", SYSTEM_PYTHON, "-B", "-c", STRANGER_LOCAL, json.dumps(info),
+                    str(owner.pid), str(wpid)]  # fmt: skip
+        out = subprocess.run(as_other, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                             timeout=60, cwd="/")  # fmt: skip
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        got = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        assert got["socket_path"] == "EACCES", got
+        assert got["owner_fds"] == "EACCES" and got["owner_environ"] == "EACCES", got
+        assert got["worker_fds"] == "EACCES", got  # its own uid, but the worker is not dumpable
+        assert got["abstract"] == "ECONNREFUSED", got
+        control = _as_nobody_py(STRANGER_LOCAL, json.dumps(info), str(owner.pid), str(wpid))
+        assert control["socket_path"] == "reached", control
+        owner.stdin.write(b"go\n")
+        owner.stdin.flush()
+        assert json.loads(owner.stdout.readline())["still"] is True
         assert owner.wait(30) == 0
     finally:
         stop_process(owner, 5)

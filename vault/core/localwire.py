@@ -66,6 +66,7 @@ from .protocol import (
 
 __all__ = [
     "TOKEN_BYTES",
+    "ByteBudget",
     "Closed",
     "LocalChannel",
     "RecordReader",
@@ -80,6 +81,7 @@ _LEN = struct.Struct("<Q")
 MAX_FRAMES = (1 << 16) + 1  # a header names at most 65,536 tensors (protocol.MAX_HEADER)
 _IOV_MAX = 512  # frames per sendmsg (Linux allows 1024)
 _SCRATCH = 1 << 16  # a small message arrives in one recv into this
+_GROW_FIRST = 1 << 20  # a larger one's buffer starts at this and doubles as its bytes arrive
 ALIGN = 64  # every frame starts on such a boundary (a cache line; what numpy and MLAS like)
 _ZEROS = bytes(ALIGN)
 _EOF_GRACE_S = 1.0  # how long a closed connection waits to see whether the worker died
@@ -163,6 +165,45 @@ class Closed(Exception):
     """The peer closed the connection (at a record boundary or inside one)."""
 
 
+class ByteBudget:
+    """Bytes that a worker's connections may hold in records being received
+    or served, in all: what a record's head claims is taken from it before
+    the record is read, and given back once its answer went, so the records
+    in flight never hold more than one largest record's worth, however many
+    connections claim. (Without it, and without growing buffers as bytes
+    arrive, 12 connections that each sent a 64-byte head claiming 64 MiB
+    took a worker from 81 to 850 MB.) A claim larger than the whole budget
+    waits until nothing else is held. ``stop()`` wakes those waiting (they
+    get ``Closed``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self.held and self.held + n > self.limit:
+                if self._stopped:
+                    raise Closed()
+                self._cond.wait(0.5)
+            if self._stopped:
+                raise Closed()
+            self.held += n
+
+    def give(self, n: int) -> None:
+        if n:
+            with self._cond:
+                self.held -= n
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
 class RecordReader:
     """Reads records from one connection.
 
@@ -170,19 +211,33 @@ class RecordReader:
     record (a caller's results outlive the next call); otherwise small records
     are views into a scratch buffer reused by the next :meth:`read` (a worker,
     which is done with a request before it reads the next). Either way each
-    frame starts on an ``ALIGN``-byte boundary."""
+    frame starts on an ``ALIGN``-byte boundary.
 
-    def __init__(self, sock: socket.socket, *, max_message: int, owned: bool) -> None:
+    ``budget`` (a worker's, shared by its connections): every buffer beyond
+    the scratch is taken from it before it is allocated; :meth:`release`
+    gives a record's back once the caller is done with its frames."""
+
+    def __init__(
+        self, sock: socket.socket, *, max_message: int, owned: bool,
+        budget: ByteBudget | None = None,
+    ) -> None:  # fmt: skip
         self.sock = sock
         self.max_message = max_message
         self.owned = owned
+        self.budget = budget
+        self._held = 0  # bytes of this reader's records taken from the budget
         self._view = _aligned(_SCRATCH)  # everything on the wire is ALIGN-sized: stays aligned
         self._start = 0  # first unread byte in the scratch buffer
         self._end = 0  # end of the bytes received into it
 
     def _fill(self, need: int) -> None:
         """Until ``need`` bytes past ``_start`` are in the scratch buffer."""
-        if self._start + need > len(self._view):  # move what is left to the front
+        if self._start == self._end:
+            # all read: start over at the front (after a large record read past
+            # the scratch, ``_end`` is wherever the socket's reads stopped, and
+            # the next record's frames would start unaligned)
+            self._start = self._end = 0
+        elif self._start + need > len(self._view):  # move what is left to the front
             n = self._end - self._start
             self._view[:n] = self._view[self._start : self._end]
             self._start, self._end = 0, n
@@ -205,6 +260,14 @@ class RecordReader:
         if total > self.max_message + ALIGN * count:
             raise ProtocolError(f"record of {total} bytes exceeds the limit of {self.max_message}")
         head = _pad(_HEAD.size + _LEN.size * count)
+        claim = (0 if head <= len(self._view) else head) + (
+            total if self.owned or total > len(self._view) else 0
+        )
+        if claim and self.budget is not None:
+            # what the record may come to cost, taken whole before anything is
+            # held (waiting while holding part could deadlock two readers)
+            self.budget.take(claim)
+            self._held += claim
         if head <= len(self._view):
             self._fill(head)
             lens = struct.unpack_from(f"<{count}Q", self._view, self._start + _HEAD.size)
@@ -225,8 +288,16 @@ class RecordReader:
             pos += _pad(n)
         return out
 
+    def release(self) -> None:
+        """The frames of the records read so far are no longer used."""
+        if self.budget is not None:
+            self.budget.give(self._held)
+        self._held = 0
+
     def _take(self, n: int, *, owned: bool) -> memoryview:
-        """The next ``n`` bytes of the stream, as a view."""
+        """The next ``n`` bytes of the stream, as a view. Memory is committed
+        as bytes arrive (doubling from ``_GROW_FIRST``), not as a head claims:
+        a connection that claims 1 GiB and sends nothing costs 1 MiB."""
         have = self._end - self._start
         if not owned and n <= len(self._view):
             self._fill(n)
@@ -235,27 +306,53 @@ class RecordReader:
             return v
         # a worker's large request: aligned for onnxruntime; a caller's own
         # copy of an answer: malloc's 16-byte alignment serves every dtype
-        ov = _aligned(n) if not owned else memoryview(bytearray(n))
         k = min(have, n)
+        cap = min(n, max(_GROW_FIRST, k))
+        ov = _aligned(cap) if not owned else memoryview(bytearray(cap))
         ov[:k] = self._view[self._start : self._start + k]
         self._start += k
         got = k
         while got < n:
-            r = self.sock.recv_into(ov[got:], n - got)
+            if got == cap:  # full, and more is coming: a buffer twice the size
+                cap = min(n, cap * 2)
+                grown = _aligned(cap) if not owned else memoryview(bytearray(cap))
+                grown[:got] = ov[:got]
+                ov = grown
+            r = self.sock.recv_into(ov[got:cap], cap - got)
             if not r:
                 raise Closed()
             got += r
         return ov
 
 
-class _Conn:
-    """One calling thread's connection, its reader and its socket timeout."""
+_FORKS = [0]  # how many forks this process is down from the one that imported this
+_CHANNELS: weakref.WeakSet[LocalChannel] = weakref.WeakSet()
 
-    __slots__ = ("sock", "reader", "timeout", "__weakref__")
+
+def _after_fork_in_child() -> None:
+    # a forked child shares its parent's connections (the same sockets): were
+    # it to use them, parent and child would read each other's answers (they
+    # did: a call's answer went to the other process 22 times in 40 forks,
+    # silently, both numbering their calls alike). The child makes its own.
+    _FORKS[0] += 1
+    for ch in list(_CHANNELS):
+        ch._lock = threading.Lock()  # a lock held by a parent's thread is never released here
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Conn:
+    """One calling thread's connection, its reader and its socket timeout;
+    ``fork``: the process generation that made it (a child never uses its
+    parent's)."""
+
+    __slots__ = ("sock", "reader", "timeout", "fork", "__weakref__")
 
     def __init__(self, sock: socket.socket, reader: RecordReader) -> None:
         self.sock, self.reader = sock, reader
         self.timeout: float | None = None
+        self.fork = _FORKS[0]
 
 
 class LocalChannel(Channel):
@@ -286,11 +383,16 @@ class LocalChannel(Channel):
         self._conns: set[socket.socket] = set()
         self._ids = itertools.count(1)
         self._closed = False
+        _CHANNELS.add(self)
 
     def _conn(self) -> _Conn:
         got: _Conn | None = getattr(self._tls, "conn", None)
         if got is not None:
-            return got
+            if got.fork == _FORKS[0]:
+                return got
+            # the parent's connection, inherited by fork: this process leaves
+            # it to the parent (closing our copy of the descriptor ends nothing)
+            self._tls.conn = None
         if self._closed:
             raise ConfigError("the channel is closed")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -31,7 +31,20 @@ and this module only fixes how they are composed:
   if its number is above the last one it accepted on that session, and
   moves the mark only once every chunk has verified (a forgery cannot burn
   numbers). One calling thread has one session and one connection, so its
-  messages arrive in order.
+  messages arrive in order, one at a time: a server that opens into a reused
+  buffer refuses, unopened, any message of a session whose previous one it
+  is still serving (the buffer is lent until the answer is sent).
+* **Only a session's holder gets a connection.** The same HKDF gives a third
+  secret, the session's *password*: the sealed port speaks ZeroMQ's PLAIN
+  mechanism, and its ZAP handler admits a connection only under a live
+  session's id and password (:meth:`SessionTable.admits`), so a stranger's
+  bytes are refused at the handshake, before libzmq buffers any message.
+* **A lost answer is never paid for twice.** A plain "unknown session"
+  answer cannot be authenticated; before a caller sends a call again under a
+  new session, it asks over CURVE what became of the old one
+  (:meth:`SessionTable.create` with ``prev``): the server ends that session
+  (a copy held back on the wire can no longer be accepted) and says whether
+  it accepted the call. Only a call it never accepted is sent again.
 
 Any failure is an :class:`~vault.core.errors.IntegrityError` and nothing of
 the message is used. A receiver answers what it cannot authenticate with a
@@ -41,14 +54,17 @@ it), never make it succeed with other data.
 
 Example::
 
-    c2s, s2c = derive_keys(c_rand, s_rand, sid, client_pub, server_pub)
+    c2s, s2c, password = derive_session(c_rand, s_rand, sid, client_pub, server_pub)
     wire = Sealer(c2s, sid).seal([header, frame])     # caller
     header, frame = Opener(c2s, sid).open(wire)       # server
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,11 +82,15 @@ __all__ = [
     "CHUNK",
     "ERROR_TAG",
     "Opener",
+    "RETAIN_BYTES",
+    "Retained",
     "SEALED_TAG",
     "Sealer",
     "ServerSession",
     "SessionTable",
+    "ZAP_DOMAIN",
     "derive_keys",
+    "derive_session",
     "plain_error",
     "session_id",
 ]
@@ -85,18 +105,30 @@ _INFO = b"vault sealed frames v1"
 _PREFIX = struct.Struct(">4s16sQI")  # tag, session id, message number, frame count
 _MAX_SEQ = (1 << 64) - 1
 _TAG = 16
+RETAIN_BYTES = 256 << 20  # reused buffers a server keeps across all its sessions, at most
+ZAP_DOMAIN = "vault-sealed"  # the sealed port's ZAP domain (PLAIN: session id, password)
+
+
+def derive_session(
+    client_rand: bytes, server_rand: bytes, sid: bytes, client_public: bytes, server_public: bytes
+) -> tuple[bytes, bytes, str]:
+    """The caller-to-server key, the server-to-caller key, and the password
+    (hex) that admits a connection to the sealed port under this session."""
+    if len(client_rand) != RAND_BYTES or len(server_rand) != RAND_BYTES or len(sid) != SID_BYTES:
+        raise IntegrityError("malformed session key material")
+    okm = HKDF(
+        algorithm=hashes.SHA256(), length=96, salt=sid, info=_INFO + client_public + server_public
+    ).derive(client_rand + server_rand)
+    return okm[:32], okm[32:64], okm[64:].hex()
 
 
 def derive_keys(
     client_rand: bytes, server_rand: bytes, sid: bytes, client_public: bytes, server_public: bytes
 ) -> tuple[bytes, bytes]:
     """The (caller-to-server, server-to-caller) keys of one session."""
-    if len(client_rand) != RAND_BYTES or len(server_rand) != RAND_BYTES or len(sid) != SID_BYTES:
-        raise IntegrityError("malformed session key material")
-    okm = HKDF(
-        algorithm=hashes.SHA256(), length=64, salt=sid, info=_INFO + client_public + server_public
-    ).derive(client_rand + server_rand)
-    return okm[:32], okm[32:]
+    c2s, s2c, _password = derive_session(client_rand, server_rand, sid, client_public,
+                                         server_public)  # fmt: skip
+    return c2s, s2c
 
 
 def session_id(prefix: Any) -> bytes | None:
@@ -160,14 +192,33 @@ class Opener:
     ``reuse``: the plaintext goes into one buffer kept by this opener and
     overwritten by the next message (a server, done with a request before its
     caller can send the next; a fresh buffer every time would cost the page
-    faults of fresh memory on every call). Otherwise each message gets a
-    buffer of its own (a caller, whose results outlive the call)."""
+    faults of fresh memory on every call). The buffer is *lent* from a
+    successful :meth:`open` until :meth:`release`: a message that arrives
+    meanwhile is refused before anything is written (a forgery naming this
+    session, decrypted into the same buffer, used to overwrite the inputs of
+    the call being computed). ``retained`` (shared by a server's sessions)
+    bounds the bytes kept for reuse. Otherwise each message gets a buffer of
+    its own (a caller, whose results outlive the call)."""
 
-    def __init__(self, key: bytes, sid: bytes, *, reuse: bool = False) -> None:
+    def __init__(
+        self, key: bytes, sid: bytes, *, reuse: bool = False, retained: Retained | None = None
+    ) -> None:
         self._key = key
         self.sid = sid
         self.last = 0
         self._reuse = reuse
+        self._retained = retained
+        self._lent = False
+        self._buf = memoryview(bytearray(0))
+
+    def release(self) -> None:
+        """The frames of the last message are no longer used (its answer went)."""
+        self._lent = False
+
+    def forget(self) -> None:
+        """This opener's session ended: give its kept buffer's bytes back."""
+        if self._retained is not None:
+            self._retained.give(len(self._buf))
         self._buf = memoryview(bytearray(0))
 
     def open(self, msg: Sequence[Any]) -> list[memoryview]:
@@ -175,6 +226,8 @@ class Opener:
         :class:`IntegrityError` (then nothing of it is used)."""
         if not msg:
             raise IntegrityError("empty sealed message")
+        if self._lent:
+            raise IntegrityError("a sealed message arrived while the session's last one is served")
         prefix = bytes(memoryview(msg[0]))
         if len(prefix) < _PREFIX.size:
             raise IntegrityError("malformed sealed message")
@@ -199,14 +252,10 @@ class Opener:
         for n in counts:
             need += -(-sum(c.nbytes - _TAG for c in chunks[idx : idx + n]) // 64) * 64
             idx += n
-        if self._reuse and len(self._buf) >= need:
-            out = self._buf
-        else:
-            out = _aligned(need)
-            if self._reuse:
-                self._buf = out  # views of the old one, if any, keep it alive
+        fresh = not (self._reuse and len(self._buf) >= need)
+        out = _aligned(need) if fresh else self._buf
         frames: list[memoryview] = []
-        pos = idx = 0
+        pos = idx = written = 0
         try:
             for n in counts:
                 pos = -(-pos // 64) * 64
@@ -217,29 +266,54 @@ class Opener:
                     dec = d.decryptor()
                     dec.authenticate_additional_data(prefix)
                     m = c.nbytes - _TAG
+                    written = pos + m
                     dec.update_into(c[:-_TAG], out[pos : pos + m + _TAG])
                     dec.finalize()
                     pos += m
                 frames.append(out[start:pos])
                 idx += n
         except InvalidTag:
-            out[:pos] = bytes(pos)  # nothing of a forgery stays readable
+            out[:written] = bytes(written)  # nothing of a forgery stays readable
             raise IntegrityError("a sealed message failed authentication") from None
         self.last = seq  # only now: a forgery cannot move the mark
+        if self._reuse:
+            self._lent = True
+            if fresh and (self._retained is None or self._retained.take(need - len(self._buf))):
+                self._buf = out  # kept for the next message (views of the old one keep it alive)
         return frames
+
+
+class Retained:
+    """Bytes of reused buffers a server keeps across its sessions, bounded:
+    a caller with many sessions cannot make it keep one large buffer each."""
+
+    def __init__(self, limit: int = RETAIN_BYTES) -> None:
+        self.limit = limit
+        self.bytes = 0
+
+    def take(self, n: int) -> bool:
+        if self.bytes + n > self.limit:
+            return False
+        self.bytes += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.bytes -= n
 
 
 class ServerSession:
     """A server's state for one caller thread's session."""
 
-    __slots__ = ("sid", "client_key", "opener", "sealer")
+    __slots__ = ("sid", "client_key", "password", "opener", "sealer")
 
     def __init__(
-        self, sid: bytes, client_key: str, c2s: bytes, s2c: bytes, *, reuse: bool = True
-    ) -> None:
+        self, sid: bytes, client_key: str, c2s: bytes, s2c: bytes, *, password: str = "",
+        reuse: bool = True, retained: Retained | None = None,
+    ) -> None:  # fmt: skip
         self.sid = sid
         self.client_key = client_key  # the CURVE key (Z85) that made it: what calls are admitted as
-        self.opener = Opener(c2s, sid, reuse=reuse)
+        self.password = password  # what admits a connection to the sealed port under it
+        self.opener = Opener(c2s, sid, reuse=reuse, retained=retained)
         self.sealer = Sealer(s2c, sid)
 
 
@@ -247,44 +321,111 @@ class SessionTable:
     """A server's sessions, made over its CURVE front. Bounded: at most
     ``per_client`` per CURVE key and ``total`` in all, the least recently
     used going first (a caller whose session went gets a plain "unknown
-    session" answer and makes a new one)."""
+    session" answer and makes a new one). A session that went is remembered
+    (its caller and last accepted message number, ``total`` of them) so that
+    a caller asking what became of it gets a true answer.
+
+    :meth:`admits` is called from the ZAP handler's thread; everything else
+    from the server's loop."""
 
     def __init__(
-        self, server_public: bytes, *, per_client: int = 64, total: int = 4096, reuse: bool = True
-    ) -> None:
+        self, server_public: bytes, *, per_client: int = 64, total: int = 4096, reuse: bool = True,
+        retain_bytes: int = RETAIN_BYTES,
+    ) -> None:  # fmt: skip
         """``reuse``: open each session's messages into one buffer (a server
-        done with a request before its caller sends the next); False for a
-        server that may hold a request's frames longer (queued, batched)."""
-        from collections import OrderedDict
-
+        done with a request before its caller sends the next; it calls
+        ``opener.release()`` once the answer went); False for a server that
+        may hold a request's frames longer (queued, batched)."""
         self.reuse = reuse
         self.server_public = server_public
         self.per_client = per_client
         self.total = total
+        self.retained = Retained(retain_bytes)
+        self._lock = threading.Lock()
         self._by_sid: OrderedDict[bytes, ServerSession] = OrderedDict()
+        self._by_key: dict[str, OrderedDict[bytes, None]] = {}
+        self._gone: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
 
-    def create(self, client_key: str, client_rand: Any) -> dict[str, Any]:
+    def create(
+        self, client_key: str, client_rand: Any, *, prev: Any = None, prev_seq: Any = None
+    ) -> dict[str, Any]:
         """A new session for ``client_key`` (authenticated by CURVE); the
-        fields of the answer (``sid``, ``rand``)."""
+        fields of the answer (``sid``, ``rand``). With ``prev`` (a session id
+        of this caller) and ``prev_seq`` (the number of a message sent on it
+        that got no authenticated answer), that session ends here and the
+        answer's ``prev`` says whether its message was ``"accepted"``,
+        ``"not_accepted"``, or the session is ``"unknown"`` (a restart)."""
         import os
 
         if not isinstance(client_rand, bytes) or len(client_rand) != RAND_BYTES:
             raise IntegrityError("a session request needs 32 random bytes")
+        verdict = None
+        if prev is not None:
+            if (not isinstance(prev, bytes) or len(prev) != SID_BYTES or not isinstance(prev_seq, int)
+                    or isinstance(prev_seq, bool)):  # fmt: skip
+                raise IntegrityError("prev needs a 16-byte session id and a message number")
+            verdict = self._abandon(client_key, prev, prev_seq)
         sid, rand = os.urandom(SID_BYTES), os.urandom(RAND_BYTES)
-        c2s, s2c = derive_keys(client_rand, rand, sid, client_key.encode(), self.server_public)
-        mine = [s for s in self._by_sid.values() if s.client_key == client_key]
-        for old in mine[: max(0, len(mine) - self.per_client + 1)]:
-            del self._by_sid[old.sid]
+        c2s, s2c, password = derive_session(client_rand, rand, sid, client_key.encode(),
+                                            self.server_public)  # fmt: skip
+        mine = self._by_key.setdefault(client_key, OrderedDict())
+        while len(mine) >= self.per_client:
+            self._remove(next(iter(mine)))
         while len(self._by_sid) >= self.total:
-            self._by_sid.popitem(last=False)
-        self._by_sid[sid] = ServerSession(sid, client_key, c2s, s2c, reuse=self.reuse)
-        return {"sid": sid, "rand": rand}
+            self._remove(next(iter(self._by_sid)))
+        sess = ServerSession(sid, client_key, c2s, s2c, password=password, reuse=self.reuse,
+                             retained=self.retained)  # fmt: skip
+        with self._lock:
+            self._by_sid[sid] = sess
+        self._by_key.setdefault(client_key, OrderedDict())[sid] = None
+        fields: dict[str, Any] = {"sid": sid, "rand": rand}
+        if verdict is not None:
+            fields["prev"] = verdict
+        return fields
+
+    def _abandon(self, client_key: str, sid: bytes, seq: int) -> str:
+        sess = self._by_sid.get(sid)
+        if sess is not None and sess.client_key == client_key:
+            self._remove(sid)  # a copy of that message held back on the wire now finds no session
+            return "accepted" if sess.opener.last >= seq else "not_accepted"
+        gone = self._gone.get(sid)
+        if gone is not None and gone[0] == client_key:
+            return "accepted" if gone[1] >= seq else "not_accepted"
+        return "unknown"  # never ours, or forgotten (a restart)
+
+    def _remove(self, sid: bytes) -> None:
+        with self._lock:
+            sess = self._by_sid.pop(sid)
+        mine = self._by_key.get(sess.client_key)
+        if mine is not None:
+            mine.pop(sid, None)
+            if not mine:
+                del self._by_key[sess.client_key]
+        sess.opener.forget()
+        self._gone[sid] = (sess.client_key, sess.opener.last)
+        while len(self._gone) > self.total:
+            self._gone.popitem(last=False)
 
     def get(self, sid: bytes | None) -> ServerSession | None:
         s = self._by_sid.get(sid) if sid is not None else None
         if s is not None:
-            self._by_sid.move_to_end(sid)  # type: ignore[arg-type]
+            with self._lock:
+                self._by_sid.move_to_end(s.sid)
+            mine = self._by_key.get(s.client_key)
+            if mine is not None:
+                mine.move_to_end(s.sid)
         return s
+
+    def admits(self, username: str, password: str) -> bool:
+        """The ZAP handler's question (PLAIN on the sealed port): is this a
+        live session's id (hex) and password? (Any thread.)"""
+        try:
+            sid = bytes.fromhex(username)
+        except ValueError:
+            return False
+        with self._lock:
+            sess = self._by_sid.get(sid)
+        return sess is not None and hmac.compare_digest(sess.password.encode(), password.encode())
 
     def __len__(self) -> int:
         return len(self._by_sid)

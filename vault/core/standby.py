@@ -185,6 +185,20 @@ class StandbyPool:
         if w is not None:
             w.discard()
 
+    def after_fork(self) -> None:
+        """In a forked child: the waiting worker is the parent's (the child
+        closes only its copies of that worker's descriptors; the process and
+        its directory are left alone), and a start under way was the
+        parent's thread's."""
+        self._lock = threading.Lock()
+        w, self._waiting, self._starting = self._waiting, None, False
+        if w is not None:
+            w.sock.close()
+            w._close_status()
+            if w.lifeline_w is not None:
+                os.close(w.lifeline_w)
+                w.lifeline_w = None
+
     def waiting(self) -> Standby | None:
         """The worker waiting now, if any (for tests and benchmarks)."""
         with self._lock:

@@ -75,9 +75,10 @@ from vault.core.protocol import (
     pack_header,
     unpack_header,
 )
-from vault.core.sealed import CHUNK, ServerSession, SessionTable, plain_error, session_id
+from vault.core.sealed import ServerSession, SessionTable, plain_error, session_id
 from vault.core.token import Token
 
+from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
 from .calls import VET, Admission, AdmissionPending, CallPolicy, OpenPolicy
 from .instances import Backoff, Instance, LaunchSpec, start_instance
@@ -279,9 +280,7 @@ class WorkerService:
         if self.cfg.bind.startswith("tcp://"):
             if self.cfg.curve is None:
                 raise ConfigError("a tcp:// service needs CURVE keys and an allow-list")
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth = sealed_authenticator(self.ctx)  # CURVE here, PLAIN on the sealed port
             self._auth.start()
             self._auth.configure_curve_callback(
                 domain="vault", credentials_provider=self.cfg.policy
@@ -297,10 +296,9 @@ class WorkerService:
             # frames may wait in a queue or a batch: a fresh buffer per message
             assert self.cfg.curve is not None
             self.sessions = SessionTable(self.cfg.curve[0], reuse=False)
-            b = self.bulk = self.ctx.socket(zmq.ROUTER)
-            b.linger = 0
-            b.maxmsgsize = CHUNK + 4096  # sealed chunks only
-            b.sndhwm = b.rcvhwm = 10000
+            assert self._auth is not None
+            self._auth.sessions = self.sessions  # only a live session's holder connects
+            self.bulk = sealed_socket(self.ctx, hwm=10000)
 
     def _initial_sources(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
@@ -756,6 +754,10 @@ class WorkerService:
                 bulk.send_multipart([msg[0], *err])
                 continue
             try:
+                if connection_session(msg[1]) != sess.sid:  # a connection carries its own only
+                    raise IntegrityError(
+                        "a sealed message of another session than its connection's"
+                    )
                 frames = sess.opener.open(msg[1:])
             except IntegrityError as exc:  # refused before anything of it is used
                 bulk.send_multipart([msg[0], *plain_error(exc)])
@@ -786,7 +788,8 @@ class WorkerService:
         key = _user_id(frame)
         if self.sessions is None or self.bulk_port is None or key is None:
             raise ProtocolError("unknown op 'session': this service offers no sealed calls")
-        fields = self.sessions.create(key, header.get("rand"))
+        fields = self.sessions.create(key, header.get("rand"), prev=header.get("prev"),
+                                      prev_seq=header.get("prev_seq"))  # fmt: skip
         self._reply(ident, ok_reply(rid, **fields, port=self.bulk_port))
 
     def _request(self, msg: list[Any], *, caller_key: str | None = None) -> None:
@@ -1098,7 +1101,8 @@ class WorkerService:
         if c.done:
             return
         c.done = True
-        self._reply(c.ident, hdr, frames)
+        # Accounted before the answer goes: a caller that has its answer and
+        # then reads /metrics or its stats finds the call there.
         code = "ok" if hdr.get("ok") else str((hdr.get("error") or {}).get("code", "error"))
         dt = time.monotonic() - c.arrived
         self.metrics.answered(c.model, c.admission.licence, code)
@@ -1109,6 +1113,7 @@ class WorkerService:
             m.calls += 1
             m.errors += code != "ok"
             m.latencies.append(dt)
+        self._reply(c.ident, hdr, frames)
         self.log("call", level="debug" if code == "ok" else "info", model=c.model,
                  licence=c.admission.licence, code=code, ms=round(dt * 1e3, 3))  # fmt: skip
 

@@ -98,3 +98,134 @@ def test_the_session_table_is_bounded_per_caller() -> None:
     assert len(table) == 3
     with pytest.raises(IntegrityError):
         table.create("alice" + "x" * 35, b"short")
+
+
+def _session(table: sealed.SessionTable, key: str) -> tuple[bytes, sealed.Sealer, str]:
+    """A session made as a caller makes it: its id, the caller's sealer, its password."""
+    rand = os.urandom(32)
+    fields = table.create(key, rand)
+    c2s, _s2c, password = sealed.derive_session(rand, fields["rand"], fields["sid"], key.encode(),
+                                                table.server_public)  # fmt: skip
+    return fields["sid"], sealed.Sealer(c2s, fields["sid"]), password
+
+
+def _forgery(sid: bytes, seq: int) -> list[bytes]:
+    """What a party on the wire can send in a session's name: its id and next
+    number (both travel in clear), any chunk."""
+    prefix = sealed._PREFIX.pack(sealed.SEALED_TAG, sid, seq, 1) + (1).to_bytes(4, "big")
+    return [prefix, os.urandom(4096 + 16)]
+
+
+def test_a_lent_buffer_refuses_a_forgery_until_its_answer_went() -> None:
+    """A server's reused buffer holds the call being computed: a forgery that
+    arrives meanwhile is refused before a byte is written."""
+    table = sealed.SessionTable(b"S" * 40)
+    sid, sealer, _ = _session(table, "alice" + "x" * 35)
+    opener = table.get(sid).opener  # type: ignore[union-attr]
+    frames = opener.open(sealer.seal([b"header", b"\x01" * 8192]))
+    held = [bytes(f) for f in frames]
+    with pytest.raises(IntegrityError, match="served"):
+        opener.open(_forgery(sid, sealer.seq + 1))
+    assert [bytes(f) for f in frames] == held  # the call's inputs are as the caller sent them
+    opener.release()
+    assert opener.open(sealer.seal([b"next"])) == [b"next"]
+
+
+def test_control_a_forgery_opened_into_a_buffer_still_in_use_overwrites_it() -> None:
+    """The control: the same forgery once the buffer is handed back while the
+    frames are still used (what the server did while a call was computed)
+    writes over them, although it fails authentication."""
+    table = sealed.SessionTable(b"S" * 40)
+    sid, sealer, _ = _session(table, "alice" + "x" * 35)
+    opener = table.get(sid).opener  # type: ignore[union-attr]
+    frames = opener.open(sealer.seal([b"header", b"\x01" * 8192]))
+    held = [bytes(f) for f in frames]
+    opener.release()
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        opener.open(_forgery(sid, sealer.seq + 1))
+    assert [bytes(f) for f in frames] != held
+
+
+def test_a_forgery_keeps_no_larger_buffer_and_leaves_nothing_readable() -> None:
+    table = sealed.SessionTable(b"S" * 40)
+    sid, sealer, _ = _session(table, "alice" + "x" * 35)
+    opener = table.get(sid).opener  # type: ignore[union-attr]
+    opener.open(sealer.seal([b"h", b"\x02" * 1000]))
+    opener.release()
+    kept = table.retained.bytes
+    big = sealed._PREFIX.pack(sealed.SEALED_TAG, sid, sealer.seq + 1, 1) + (8).to_bytes(4, "big")
+    with pytest.raises(IntegrityError):
+        opener.open([big, *[os.urandom(sealed.CHUNK + 16) for _ in range(8)]])
+    assert table.retained.bytes == kept  # a forgery cannot make a session keep 2 MiB
+    opener.open(sealer.seal([b"h", b"\x02" * 8000]))
+    opener.release()
+    before = bytes(opener._buf)
+    with pytest.raises(IntegrityError):
+        opener.open(_forgery(sid, sealer.seq + 1))  # one chunk of 4,096 bytes, into the kept buffer
+    after = bytes(opener._buf)
+    assert after[:4096] == bytes(4096)  # what its failed chunk decrypted to is wiped
+    assert after[4096:] == before[4096:]
+
+
+def test_buffers_kept_for_reuse_are_bounded_across_sessions() -> None:
+    """One caller with many sessions, one large message each: a server keeps at
+    most ``retain_bytes`` of buffers, not one large buffer per session
+    (control: without a bound, every session keeps its own)."""
+    for limit, kept_at_most in ((3 << 20, 3 << 20), (1 << 40, None)):
+        table = sealed.SessionTable(b"S" * 40, retain_bytes=limit)
+        for _ in range(8):
+            sid, sealer, _ = _session(table, "alice" + "x" * 35)
+            opener = table.get(sid).opener  # type: ignore[union-attr]
+            opener.open(sealer.seal([b"h", bytes(1 << 20)]))
+            opener.release()
+        if kept_at_most is not None:
+            assert table.retained.bytes <= kept_at_most
+        else:
+            assert table.retained.bytes >= 8 << 20  # the control: 1 MiB kept per session
+        kept = sum(len(sess.opener._buf) for sess in table._by_sid.values())
+        assert kept == table.retained.bytes
+
+
+def test_a_session_is_admitted_with_its_own_password_only() -> None:
+    table = sealed.SessionTable(b"S" * 40, per_client=1)
+    sid, _, password = _session(table, "alice" + "x" * 35)
+    other, _, other_password = _session(table, "bob" + "x" * 37)
+    assert table.admits(sid.hex(), password)
+    assert not table.admits(sid.hex(), other_password)  # another session's password
+    assert not table.admits(other.hex()[:-2] + "00", other_password)
+    assert not table.admits("not hex", password)
+    _session(table, "alice" + "x" * 35)  # alice's first session goes (one per caller here)
+    assert not table.admits(sid.hex(), password)  # a session that went admits nobody
+
+
+def test_asking_about_a_lost_answer_ends_the_session_and_tells_the_truth() -> None:
+    """What a caller asks before sending a call again: whether the old session
+    accepted it. The old session ends with the question, so a copy held back
+    on the wire can no longer be accepted. Only the caller's own sessions
+    are answered about (another's is "unknown", and goes on)."""
+    alice, bob = "alice" + "x" * 35, "bob" + "x" * 37
+    table = sealed.SessionTable(b"S" * 40)
+    sid, sealer, _ = _session(table, alice)
+    opener = table.get(sid).opener  # type: ignore[union-attr]
+    opener.open(sealer.seal([b"ran"]))
+    opener.release()
+    held = sealer.seal([b"held back"])
+    assert table.create(bob, os.urandom(32), prev=sid, prev_seq=1)["prev"] == "unknown"
+    assert table.get(sid) is not None  # bob cannot end alice's session
+    assert table.create(alice, os.urandom(32), prev=sid, prev_seq=2)["prev"] == "not_accepted"
+    assert table.get(sealed.session_id(held[0])) is None  # ended: the held-back copy finds none
+    assert table.create(alice, os.urandom(32), prev=sid, prev_seq=1)["prev"] == "accepted"
+    assert table.create(alice, os.urandom(32), prev=os.urandom(16), prev_seq=1)["prev"] == "unknown"
+    with pytest.raises(IntegrityError):
+        table.create(alice, os.urandom(32), prev=b"short", prev_seq=1)
+
+
+def test_one_callers_sessions_go_before_anyone_elses() -> None:
+    """A caller that makes session after session evicts only its own (and each
+    one costs the same whatever the table holds: sessions are indexed by caller)."""
+    table = sealed.SessionTable(b"S" * 40, per_client=4, total=1000)
+    others = [_session(table, f"{i:040d}")[0] for i in range(50)]
+    for _ in range(200):
+        _session(table, "mallory" + "x" * 33)
+    assert all(table.get(s) is not None for s in others)
+    assert len(table) == 54

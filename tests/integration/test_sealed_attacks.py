@@ -1,0 +1,442 @@
+"""Sealed remote calls (vault/core/sealed.py) attacked from the network: a
+stranger on the sealed port, a party on the wire that reads, drops and adds
+whole ZeroMQ messages (tests/zmtp.py: the frames of the sealed connection
+are plain ZMTP), and a second caller with a licence of its own. Each attack
+has its control: the same technique where the protection is absent.
+
+The worker serves ``y = x + f(x)`` with a slow ``f`` (a chain of MatMuls):
+its input is read again at the end of the call, as a residual network's is,
+and its calls are slow enough to be computed off the router thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import zmq
+from onnx import TensorProto, helper, numpy_helper
+
+import vault
+from tests.conftest import KeyServerProcess
+from tests.zmtp import Message, ZmtpProxy, stranger, unit
+from vault.core import sealed
+from vault.core.crypto import PublisherKey
+from vault.core.launch import read_ready_line, spawn_worker
+from vault.core.protocol import encode_tensors, pack_header, unpack_header
+from vault.sealing import seal
+
+W = 256
+
+
+def residual(depth: int = 24) -> onnx.ModelProto:
+    """``y = x + f(x)``, ``f`` a chain of ``depth`` MatMuls: ``x`` is read at
+    the start and again at the end of the call."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((W, W)) / np.sqrt(W)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", W])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", W])
+    nodes, prev = [], "x"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Add", ["x", prev], ["y"]))
+    graph = helper.make_graph(nodes, "residual", [x], [y], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+X = np.random.default_rng(5).standard_normal((512, W)).astype(np.float32)  # 512 KiB: 2 chunks
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(residual().SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"x": x})[0])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from keyserver import init_dir
+
+    d = tmp_path_factory.mktemp("sealed-attacks")
+    init_dir(d / "ks", address="tcp://127.0.0.1:7700")
+    ks = KeyServerProcess(d / "ks", lease_ttl=30.0)
+    ks.start()
+    proc = None
+    try:
+        res = seal(residual(), model_id="residual",
+                   signing_key=PublisherKey.load(ks.publisher_key_path), output=d / "m.vault")  # fmt: skip
+        ks.register(res.model_id, res.key_id, res.key, res.digest)
+        lics = {}
+        allow = d / "allow"
+        allow.mkdir()
+        for who in ("alice", "bob"):
+            lics[who] = ks.issue(res.model_id, holder=who, same_user=True)
+            lics[who].save(d / f"{who}.licence")
+            (allow / f"{who}.key").write_text(lics[who].client_public_key + "\n")
+        status_r, status_w = os.pipe()
+        try:
+            proc = spawn_worker([str(res.path), "--licence", str(d / "alice.licence"),
+                                 "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
+                                 "--status-fd", str(status_w)], pass_fds=[status_w], cwd=str(d))  # fmt: skip
+        finally:
+            os.close(status_w)
+        try:
+            ready = read_ready_line(status_r, timeout=120, proc=proc)
+        finally:
+            os.close(status_r)
+        yield {"ready": ready, "licences": lics, "pid": proc.pid, "ref": reference(X)}
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        ks.kill()
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
+
+
+def _connect(served: dict[str, Any], who: str = "alice", host: str = "127.0.0.1",
+             port: int | None = None) -> vault.Model:  # fmt: skip
+    ready = served["ready"]
+    return vault.connect(f"tcp://{host}:{port or _port(ready['endpoint'])}",
+                         licence=served["licences"][who], server_key=ready["server_key"])  # fmt: skip
+
+
+def _calls(served: dict[str, Any]) -> int:
+    with _connect(served) as m:
+        return int(m.stats()["calls"])
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class _OnPath:
+    """A caller whose CURVE and sealed connections both pass proxies on
+    127.0.0.2 (the sealed one at the worker's own sealed port, where the
+    caller looks for it); the sealed one is a :class:`ZmtpProxy`."""
+
+    def __init__(self, served: dict[str, Any], *, up: Any = None, down: Any = None) -> None:
+        from tests.integration.test_sealed_remote import FlipProxy
+
+        ready = served["ready"]
+        self.bulk = ZmtpProxy(("127.0.0.2", ready["sealed_port"]),
+                              ("127.0.0.1", ready["sealed_port"]), up=up, down=down)  # fmt: skip
+        self.front = FlipProxy(("127.0.0.2", 0), ("127.0.0.1", _port(ready["endpoint"])))
+        self.model = _connect(served, host="127.0.0.2", port=self.front.port)
+
+    def close(self) -> None:
+        self.model.close()
+        self.front.close()
+        self.bulk.close()
+
+
+def test_a_stranger_is_refused_at_the_handshake_and_costs_no_memory(
+    served: dict[str, Any],
+) -> None:
+    """A stranger's message used to be read whole before anything was checked:
+    300 MB of one unfinished message took the worker from 83 to 383 MB. Now
+    the sealed port admits a connection only under a live session's id and
+    password (ZeroMQ PLAIN, checked by the ZAP handler): the stranger is cut
+    off at the handshake and the worker holds none of it."""
+    pid, port = served["pid"], served["ready"]["sealed_port"]
+    calls, before = _calls(served), _rss_mb(served["pid"])
+    s = stranger(("127.0.0.1", port))
+    pushed = 0
+    chunk = unit(os.urandom(sealed.CHUNK), more=True)
+    try:
+        for _ in range(256):  # 64 MiB, never the last frame
+            s.sendall(chunk)
+            pushed += len(chunk)
+    except OSError:
+        pass  # the worker closed the connection
+    s.settimeout(30)
+    try:
+        while s.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    s.close()
+    assert pushed < 32 << 20, "the stranger's message was read"
+    assert _rss_mb(pid) - before < 16
+    # a PLAIN stranger naming a live session (its id travels in clear) without its password
+    with _connect(served) as m:
+        m.compute({"x": X[:2]})
+        sid = m._channel._sealed.state.sealer.sid  # type: ignore[union-attr]
+        ctx = zmq.Context()
+        d = ctx.socket(zmq.DEALER)
+        d.linger = 0
+        d.plain_username, d.plain_password = sid.hex().encode(), os.urandom(32).hex().encode()
+        mon = d.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        try:
+            d.connect(f"tcp://127.0.0.1:{port}")
+            assert mon.poll(30_000), "a wrong password passed the handshake"
+        finally:
+            d.disable_monitor()
+            mon.close()
+            d.close()
+            ctx.term()
+        np.testing.assert_allclose(m.compute({"x": X})["y"], served["ref"], rtol=1e-4, atol=1e-4)
+    assert _calls(served) == calls + 2  # only the caller's own two calls ran
+
+
+CONTROL_ROUTER = r"""
+import sys, zmq
+ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.linger = 0
+r.maxmsgsize = int(sys.argv[1])  # per frame, as the sealed port had it
+print(r.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_control_an_unauthenticated_router_buffers_a_strangers_message() -> None:
+    """The control: a ROUTER as the sealed port was (no mechanism, each frame
+    capped at one chunk) keeps every byte of the stranger's unfinished
+    message, before its owner could look at any of it."""
+    proc = subprocess.Popen([sys.executable, "-c", CONTROL_ROUTER, str(sealed.CHUNK + 4096)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        before = _rss_mb(proc.pid)
+        s = stranger(("127.0.0.1", port))
+        chunk = unit(os.urandom(sealed.CHUNK), more=True)
+        for _ in range(256):  # 64 MiB, never the last frame
+            s.sendall(chunk)
+        grew = 0.0
+        while grew < 48:  # a state, not a duration: the test's own timeout bounds it
+            grew = _rss_mb(proc.pid) - before
+            time.sleep(0.05)
+        s.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served(
+    served: dict[str, Any],
+) -> None:
+    """A party on the wire reads the session id and message number off the
+    sealed connection and adds, right after the caller's request, a message
+    of its own naming that session. The worker used to decrypt it into the
+    session's one buffer, where the call being computed reads its input, and
+    the caller got a genuine, sealed answer computed on other data (NaN).
+    Now a session's buffer is lent until its answer goes: the forgery is
+    refused before anything is written, and the answer is the true one.
+    (Control: tests/unit/vault/test_sealed.py, the same forgery writing into
+    frames still in use once the buffer is handed back early.)"""
+    refusals: list[dict[str, Any]] = []
+    on_path: _OnPath | None = None
+
+    def up(m: Message) -> list[Message]:
+        if len(m) > 1 and m[0][:4] == sealed.SEALED_TAG and armed.is_set():
+            armed.clear()
+            _tag, sid, seq, _n = sealed._PREFIX.unpack_from(m[0])
+            prefix = sealed._PREFIX.pack(sealed.SEALED_TAG, sid, seq + 1, 1) + (1).to_bytes(
+                4, "big"
+            )
+            # The worker is stopped while both are written, so that it finds
+            # the forgery right behind the request however loaded this
+            # machine is (it then reads it while the call is computed).
+            os.kill(served["pid"], signal.SIGSTOP)
+            resume.start()
+            return [m, [prefix, os.urandom(sealed.CHUNK + 16)]]  # the forgery, right behind it
+        return [m]
+
+    def down(m: Message) -> list[Message]:
+        if m[0] == sealed.ERROR_TAG:
+            refusals.append(unpack_header(m[1]))
+            return []  # the attacker hides its failure from the caller
+        return [m]
+
+    armed = threading.Event()
+    resume = threading.Timer(0.3, os.kill, (served["pid"], signal.SIGCONT))
+    try:
+        on_path = _OnPath(served, up=up, down=down)
+        m = on_path.model
+        for _ in range(2):  # slow calls: from now on computed off the router thread
+            m.compute({"x": X})
+        assert m._channel._sealed.state is not None  # type: ignore[union-attr]
+        armed.set()
+        got = m.compute({"x": X})["y"]
+        assert not armed.is_set(), "the forgery was never sent"
+        np.testing.assert_allclose(got, served["ref"], rtol=1e-4, atol=1e-4)
+        deadline = time.monotonic() + 30
+        while not refusals and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert refusals and refusals[0]["error"]["code"] == "integrity", refusals
+        assert "served" in refusals[0]["error"]["message"], refusals
+        np.testing.assert_allclose(m.compute({"x": X})["y"], served["ref"], rtol=1e-4, atol=1e-4)
+    finally:
+        resume.cancel()
+        os.kill(served["pid"], signal.SIGCONT)
+        if on_path is not None:
+            on_path.close()
+
+
+def test_a_replaced_answer_is_not_paid_for_twice(served: dict[str, Any]) -> None:
+    """A party on the wire lets a request through, drops its sealed answer and
+    puts a plain "unknown session" in its place. The caller used to believe
+    it, make a new session and send the call again: one compute, run and
+    counted twice. Now the new session's request asks, over CURVE, what
+    became of the old one: the worker ended it and says the call was
+    accepted, and the caller raises instead of sending it again."""
+    swallow = threading.Event()
+    on_path: _OnPath | None = None
+
+    def down(m: Message) -> list[Message]:
+        if swallow.is_set() and m[0][:4] == sealed.SEALED_TAG:
+            swallow.clear()
+            return [sealed.plain_error(vault.ProtocolError("x"), unknown_session=True)]
+        return [m]
+
+    try:
+        on_path = _OnPath(served, down=down)
+        m = on_path.model
+        m.compute({"x": X[:2]})
+        calls = _calls(served)
+        swallow.set()
+        with pytest.raises(vault.IntegrityError, match="not sent again"):
+            m.compute({"x": X[:2]})
+        assert _calls(served) == calls + 1  # run once, never twice
+        np.testing.assert_allclose(m.compute({"x": X})["y"], served["ref"], rtol=1e-4, atol=1e-4)
+        assert _calls(served) == calls + 2
+    finally:
+        if on_path is not None:
+            on_path.close()
+
+
+class _RawCaller:
+    """The sealed protocol by hand: a session over CURVE, its connection."""
+
+    def __init__(self, ctx: zmq.Context[Any], served: dict[str, Any], who: str = "alice") -> None:
+        ready, lic = served["ready"], served["licences"][who]
+        self.front = ctx.socket(zmq.DEALER)
+        self.front.linger = 0
+        self.front.curve_serverkey = ready["server_key"].encode()
+        self.front.curve_publickey = lic.client_public_key.encode()
+        self.front.curve_secretkey = lic.client_secret_key.encode()
+        self.front.connect(ready["endpoint"])
+        self.lic, self.ready, self.ctx = lic, ready, ctx
+        self.bulk: zmq.Socket[Any] | None = None
+        self.session()
+        self._id = 100
+
+    def session(self, **prev: Any) -> dict[str, Any]:
+        rand = os.urandom(32)
+        self.front.send_multipart([pack_header({"v": 1, "op": "session", "id": 1, "rand": rand,
+                                                **prev})])  # fmt: skip
+        assert self.front.poll(30_000)
+        hdr = unpack_header(self.front.recv_multipart()[0])
+        c2s, s2c, password = sealed.derive_session(rand, hdr["rand"], hdr["sid"],
+                                                   self.lic.client_public_key.encode(),
+                                                   self.ready["server_key"].encode())  # fmt: skip
+        self.sealer = sealed.Sealer(c2s, hdr["sid"])
+        self.opener = sealed.Opener(s2c, hdr["sid"])
+        if self.bulk is not None:
+            self.bulk.close()
+        self.bulk = self.ctx.socket(zmq.DEALER)
+        self.bulk.linger = 0
+        self.bulk.plain_username = hdr["sid"].hex().encode()
+        self.bulk.plain_password = password.encode()
+        self.bulk.connect(f"tcp://127.0.0.1:{hdr['port']}")
+        return hdr
+
+    def request(self, x: np.ndarray) -> list[Any]:
+        self._id += 1
+        descs, frames = encode_tensors({"x": x})
+        header = {"v": 1, "op": "compute", "id": self._id, "tensors": descs}
+        return self.sealer.seal([pack_header(header), *[bytes(f) for f in frames]])
+
+    def send(self, wire: list[Any]) -> dict[str, Any]:
+        assert self.bulk is not None
+        self.bulk.send_multipart(wire)
+        assert self.bulk.poll(30_000)
+        reply = self.bulk.recv_multipart()
+        if reply[0] == sealed.ERROR_TAG:
+            return {"plain": True, **unpack_header(reply[1])}
+        return unpack_header(self.opener.open(reply)[0])
+
+    def close(self) -> None:
+        self.front.close()
+        if self.bulk is not None:
+            self.bulk.close()
+
+
+def test_control_a_caller_that_believes_the_refusal_pays_twice(served: dict[str, Any]) -> None:
+    """The control: the same replaced answer, to a caller that sends the call
+    again under a new session without asking (as the client did): the worker
+    runs it twice. And the old session, ended by the question, takes nothing
+    more: a copy of the request held back on the wire finds no session."""
+    ctx = zmq.Context()
+    raw = _RawCaller(ctx, served)
+    try:
+        wire = raw.request(X[:2])
+        calls = _calls(served)
+        assert raw.send(wire)["ok"] is True  # its answer is what the party on the wire drops
+        old_sid, old_seq = raw.sealer.sid, raw.sealer.seq
+        raw.session()  # believing "unknown session": a new one, and the call again
+        assert raw.send(raw.request(X[:2]))["ok"] is True
+        assert _calls(served) == calls + 2  # one call of the caller's, paid twice
+        # what the client does instead: ask first (and the answer ends the old session)
+        held = raw.sealer.seal([b"h"])  # a message of the current session, held back
+        sid_now, seq_now = raw.sealer.sid, raw.sealer.seq
+        hdr = raw.session(prev=old_sid, prev_seq=old_seq)
+        assert hdr["prev"] == "accepted"  # the old session's call had run
+        hdr = raw.session(prev=sid_now, prev_seq=seq_now)
+        assert hdr["prev"] == "not_accepted"  # the held-back message never ran ...
+        answer = raw.send(held)  # ... and now never will: its session has ended
+        assert answer["plain"] and answer.get("session") == "unknown"
+        assert _calls(served) == calls + 2
+    finally:
+        raw.close()
+        ctx.term()
+
+
+def test_another_callers_connection_cannot_carry_this_callers_session(
+    served: dict[str, Any],
+) -> None:
+    """Bob, a caller with a licence of his own, holds a request Alice sealed
+    (he is on her path) and sends it on his own, authenticated, sealed
+    connection before hers arrives: refused, it never runs (nor does a
+    compute he sends there unsealed), and Alice's request still runs on hers
+    (the control: the same bytes are a valid message of her session)."""
+    ctx = zmq.Context()
+    alice, bob = _RawCaller(ctx, served, "alice"), _RawCaller(ctx, served, "bob")
+    try:
+        calls = _calls(served)
+        wire = alice.request(X[:2])
+        answer = bob.send(wire)
+        assert answer["plain"] and answer["error"]["code"] == "integrity", answer
+        assert "another session" in answer["error"]["message"]
+        assert _calls(served) == calls
+        # nor does a compute sent unsealed on his authenticated connection run
+        descs, frames = encode_tensors({"x": X[:2]})
+        plain = bob.send([pack_header({"v": 1, "op": "compute", "id": 9, "tensors": descs}),
+                          *[bytes(f) for f in frames]])  # fmt: skip
+        assert plain["plain"] and plain["ok"] is False, plain
+        assert _calls(served) == calls
+        assert alice.send(wire)["ok"] is True  # control: on her own connection it runs
+        assert _calls(served) == calls + 1
+    finally:
+        alice.close()
+        bob.close()
+        ctx.term()
