@@ -177,7 +177,10 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
     created = _created()
     service = _workload("Service", "vault-worker")["metadata"]["name"]
     dns = f"{service}.vault.svc"  # the Service's name in the documented namespace
-    with NsHost(tmp_path, hosts=["postgres.vault.svc", "vault-keyserver.vault.svc", dns]) as host:
+    # ... at an address of the host that is not loopback (a cluster IP's stand-in):
+    # doors bound to loopback only would not answer there
+    with NsHost(tmp_path, hosts=["postgres.vault.svc", "vault-keyserver.vault.svc"],
+                addresses={dns: "10.96.0.10"}) as host:  # fmt: skip
         flow = Flow(host, tmp_path)
         with postgres_server(port=5432, wrap=lambda cmd: host.command(cmd, "/")):
             # the vendor's one-time steps, as written (key server init, `vault worker keygen`)
