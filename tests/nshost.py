@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,15 @@ def require_nshost() -> None:
 
 
 class NsHost:
-    def __init__(self, workdir: Path, *, hosts: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: Path, *, hosts: Sequence[str] = (),
+                 addresses: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """``hosts``: names of 127.0.0.1; ``addresses``: name -> an IPv4 address
+        of this host that is not loopback (on ``lo``, like a Service's cluster IP),
+        so that a server bound to loopback only is not reachable by that name."""
         require_nshost()
         self.workdir = workdir
         self.hosts = list(hosts)
+        self.addresses = dict(addresses or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self._netns = ""
@@ -87,11 +92,13 @@ class NsHost:
         if hosts.is_symlink():
             hosts.unlink()
         names = " ".join(["localhost", *self.hosts])
-        hosts.write_text(f"127.0.0.1 {names}\n::1 localhost\n")
+        extra = "".join(f"{ip} {name}\n" for name, ip in self.addresses.items())
+        hosts.write_text(f"127.0.0.1 {names}\n::1 localhost\n{extra}")
         mounts = [f"mount --bind {etc} /etc"]
         for path in PRIVATE_TMPFS:
             mounts.append(f"mount -t tmpfs -o mode=0755 tmpfs {path}")
-        script = " && ".join(["ip link set lo up", *mounts])
+        addrs = [f"ip addr add {ip}/32 dev lo" for ip in sorted(set(self.addresses.values()))]
+        script = " && ".join(["ip link set lo up", *addrs, *mounts])
         self.run(["sh", "-c", script], check=True)
 
     def command(self, args: Sequence[str], cwd: str | os.PathLike[str] | None = None) -> list[str]:

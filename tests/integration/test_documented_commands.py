@@ -117,6 +117,16 @@ COVERAGE: dict[tuple[str, str], str] = {
     ): "test:test_k8s_containers (run as written against PostgreSQL at that address)",
     (
         "deploy/README.md",
+        "openssl req -x509 -newkey ec",
+    ): "test:test_k8s_containers (run as written; the worker container serves REST and gRPC "
+    "with the certificate and key as the `vault-worker-tls` Secret mounts them)",
+    (
+        "deploy/README.md",
+        "vault licence token alice.licence",
+    ): "test:test_k8s_containers (run as written against the worker container's command, "
+    "at the Service's DNS name over TLS)",
+    (
+        "deploy/README.md",
         "docker build",
     ): "exempt: docker and a cluster (kubectl) are not on the test machine; "
     "test_k8s_containers lays out these Secrets' files as the pods mount them and runs "

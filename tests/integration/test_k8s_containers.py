@@ -17,7 +17,14 @@ manifests' paths, the cluster's DNS names in its /etc/hosts):
   its anchor (the replica's own volume) receives checkpoints;
 - the worker service's container command serves the repository (with one
   package it cannot load), its probes answer on the manifest's paths, and a
-  caller's call goes through.
+  caller's call goes through over ZeroMQ; its Open Inference Protocol doors
+  serve over TLS with the certificate deploy/README.md's ``openssl`` command
+  made (the ``kubectl create secret tls`` Secret's ``tls.crt``/``tls.key``),
+  verified against that certificate at the Service's DNS name
+  (``vault-worker.vault.svc``): the documented ``curl`` with a token minted
+  by ``vault licence token`` answers what onnxruntime computes, a call without
+  a token is refused with 401, and tritonclient's gRPC client gets the same
+  answer (and ``UNAUTHENTICATED`` without a token).
 
 What is not reproduced: the image build (Dockerfile: tests/unit/test_deploy.py)
 and the uid (the commands run as root here, against read-only mounts).
@@ -57,8 +64,14 @@ def _workload(kind: str, name: str) -> dict[str, Any]:
     return w
 
 
+# ``kubectl create secret tls NAME --cert=PATH --key=PATH``: the Secret's keys
+TLS_KEYS = {"--cert": "tls.crt", "--key": "tls.key"}
+
+
 def _created() -> dict[str, dict[str, str]]:
-    """deploy/README.md's ``kubectl create secret|configmap``: name -> {key: source}."""
+    """deploy/README.md's ``kubectl create secret|configmap``: name -> {key: source}
+    (``secret generic``'s ``--from-file``/``--from-literal``, ``secret tls``'s
+    ``--cert``/``--key``, in their ``--opt=value`` or ``--opt value`` forms)."""
     out: dict[str, dict[str, str]] = {}
     b = block("deploy/README.md", "docker build")
     for cmd in b.text.replace("\\\n", " ").splitlines():
@@ -69,6 +82,12 @@ def _created() -> dict[str, dict[str, str]]:
         kind = words[at + 1]
         name = words[at + 3] if kind == "secret" else words[at + 2]
         items: dict[str, str] = {}
+        if kind == "secret" and words[at + 2] == "tls":
+            for i, w in enumerate(words):
+                opt, eq, value = w.partition("=")
+                if opt in TLS_KEYS:
+                    items[TLS_KEYS[opt]] = value if eq else words[i + 1]
+            assert set(items) == set(TLS_KEYS.values()), cmd  # kubectl needs both
         for w in words:
             if w.startswith("--from-file="):
                 src = w.split("=", 1)[1]
@@ -151,10 +170,17 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
     bindir = find_bindir()
     require(bindir is not None, "PostgreSQL server binaries (apt-get install postgresql)")
     require(shutil.which("setpriv") is not None, "setpriv, to run PostgreSQL unprivileged")
+    require(shutil.which("openssl") is not None, "openssl, deploy/README.md's TLS certificate")
+    require(shutil.which("curl") is not None, "curl, the customer's documented call")
     from tests.postgres import postgres_server
 
     created = _created()
-    with NsHost(tmp_path, hosts=["postgres.vault.svc", "vault-keyserver.vault.svc"]) as host:
+    service = _workload("Service", "vault-worker")["metadata"]["name"]
+    dns = f"{service}.vault.svc"  # the Service's name in the documented namespace
+    # ... at an address of the host that is not loopback (a cluster IP's stand-in):
+    # doors bound to loopback only would not answer there
+    with NsHost(tmp_path, hosts=["postgres.vault.svc", "vault-keyserver.vault.svc"],
+                addresses={dns: "10.96.0.10"}) as host:  # fmt: skip
         flow = Flow(host, tmp_path)
         with postgres_server(port=5432, wrap=lambda cmd: host.command(cmd, "/")):
             # the vendor's one-time steps, as written (key server init, `vault worker keygen`)
@@ -187,8 +213,10 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
                      "--licence ks/admin.licence && vault licence issue --all-models --to "
                      "service --licence ks/admin.licence -o service.licence && vault licence "
                      "issue digits-mlp --to alice --kind call --licence ks/admin.licence "
-                     "-o alice.licence && vault worker client-key alice.licence "
-                     "-o clients/alice.key")  # fmt: skip
+                     "-o alice.licence")  # fmt: skip
+            # the protocol's certificate, as written; the Secret is `create secret tls`'s
+            flow.shell(block("deploy/README.md", "openssl req -x509"))
+            assert created["vault-worker-tls"] == {"tls.crt": "tls.crt", "tls.key": "tls.key"}
 
             dep = _workload("Deployment", "vault-worker")["spec"]["template"]["spec"]
             _mounts(host, dep, created, tmp_path)
@@ -216,6 +244,7 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
             )
             r = host.run([sys.executable, "-c", call], cwd=tmp_path, text=True)
             assert r.returncode == 0 and r.stdout.strip() == "(2, 10)", r.stderr[-3000:]
+            _protocol_doors(host, flow, tmp_path, dns, ports)
             # this replica's own anchor has the checkpoints of what it released
             anchor = host.run(["cat", "/var/lib/vault/anchor/checkpoints"], text=True, check=True)
             assert anchor.stdout.count("\n") >= 1
@@ -223,3 +252,73 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
             log = [json.loads(x) for x in Path(ready["_stderr"]).read_text().splitlines()]
             assert any(r["event"] == "model_unavailable" and r["model"] == "digits-old"
                        for r in log)  # fmt: skip
+
+
+GRPC_CALL = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+url, ca, token = sys.argv[1:]
+c = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=ca)
+x = grpcclient.InferInput("x", [2, 64], "FP32")
+x.set_data_from_numpy(np.ones((2, 64), np.float32))
+out = {"ready": c.is_model_ready("digits-mlp")}
+res = c.infer("digits-mlp", [x], headers={"authorization": f"Bearer {token}"})
+out["logits"] = res.as_numpy("logits").tolist()
+try:
+    c.infer("digits-mlp", [x])
+except InferenceServerException as exc:
+    out["refused"] = [exc.status(), exc.message()]
+print(json.dumps(out))
+"""
+
+
+def _protocol_doors(host: NsHost, flow: Flow, d: Path, dns: str, ports: dict[str, int]) -> None:
+    """The REST and gRPC doors at the Service's DNS name, over TLS verified
+    against the made certificate: the documented token and curl, a call
+    without a token, tritonclient's gRPC client."""
+    import numpy as np
+
+    from tests.models import reference_pipeline
+
+    x = np.ones((2, 64), np.float32)
+    want = reference_pipeline([mlp(64, 16, 10, seed=1)], {"x": x})["logits"]
+    (d / "request.json").write_text(json.dumps(
+        {"inputs": [{"name": "x", "shape": [2, 64], "datatype": "FP32",
+                     "data": x.ravel().tolist()}]}))  # fmt: skip
+    # the vendor mints, the customer calls with curl: as written
+    runs = flow.shell(block("deploy/README.md", "vault licence token alice.licence"))
+    answer = json.loads(runs[-1].stdout)  # type: ignore[union-attr]
+    (out,) = answer["outputs"]
+    assert out["name"] == "logits" and out["shape"] == [2, 10]
+    np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(2, 10), want,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    url = f"https://{dns}:{ports['http']}/v2/models/digits-mlp/infer"
+    # without a token: 401, the body never read
+    r = host.run(["curl", "-sS", "--cacert", "tls.crt", "-D", "-", "-H",
+                  "Content-Type: application/json", "-d", "@request.json", url],
+                 cwd=d, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    head, _, body = r.stdout.partition("\n\n")  # text mode: CRLFs read as newlines
+    assert head.split()[1] == "401", r.stdout
+    assert "www-authenticate: bearer" in head.lower()
+    assert json.loads(body)["code"] == "token_invalid", r.stdout
+    # TLS really is verified: without the made certificate as CA, or at a name
+    # it does not hold, curl refuses (60: CURLE_PEER_FAILED_VERIFICATION)
+    for args in (["https://{dns}:{port}/v2/health/live"],
+                 ["--cacert", "tls.crt", "https://localhost:{port}/v2/health/live"]):  # fmt: skip
+        r = host.run(["curl", "-sS", *(a.format(dns=dns, port=ports["http"]) for a in args)],
+                     cwd=d, text=True)  # fmt: skip
+        assert r.returncode == 60, (args, r.returncode, r.stderr)
+    # gRPC at the same name, the same certificate
+    token = (d / "alice.token").read_text().strip()
+    r = host.run([sys.executable, "-c", GRPC_CALL, f"{dns}:{ports['grpc']}", "tls.crt", token],
+                 cwd=d, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    assert got["ready"] is True
+    np.testing.assert_allclose(np.array(got["logits"], np.float32), want, rtol=1e-5, atol=1e-6)
+    assert got["refused"][0] == "StatusCode.UNAUTHENTICATED", got
+    assert got["refused"][1].startswith("[token_invalid]"), got

@@ -143,8 +143,9 @@ def test_every_claim_a_pod_mounts_is_defined() -> None:
         assert mounted <= declared, (name, mounted - declared)
 
 
-def _created(kind: str) -> dict[str, list[str]]:
-    """``kubectl create secret|configmap`` in deploy/README.md: name -> sources."""
+def _created(kind: str, secret_type: str | None = None) -> dict[str, list[str]]:
+    """``kubectl create secret|configmap`` in deploy/README.md: name -> sources
+    (``secret_type``: only ``create secret generic|tls``)."""
     text = (ROOT / "deploy" / "README.md").read_text().replace("\\\n", " ")
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -152,10 +153,11 @@ def _created(kind: str) -> dict[str, list[str]]:
         if "kubectl" not in words or "create" not in words:
             continue
         at = words.index("create")
-        if words[at + 1] != kind:
+        if words[at + 1] != kind or (secret_type and words[at + 2] != secret_type):
             continue
         name = words[at + 3] if kind == "secret" else words[at + 2]
-        out[name] = [w.split("=", 1)[1] for w in words if w.startswith("--from-")]
+        out[name] = [w.split("=", 1)[1] for w in words
+                     if w.startswith(("--from-", "--cert=", "--key="))]  # fmt: skip
     return out
 
 
@@ -176,6 +178,33 @@ def test_every_secret_and_config_map_a_pod_reads_is_made_by_the_documented_comma
     # the key server's directory: every file `keyserver serve --anchor` reads
     files = {os.path.basename(src) for src in secrets["vault-keyserver-dir"]}
     assert {"master.key", "server.secret", "audit.key"} <= files
+
+
+def test_worker_serves_the_open_inference_protocol_over_tls_with_call_licences() -> None:
+    """REST and gRPC on named ports the Service exposes, bound to every
+    address of the pod, so over TLS (the service refuses plain text off
+    loopback) with the `kubectl create secret tls` Secret's files; callers
+    admitted by call licences (tokens are minted from them)."""
+    dep = _one("Deployment", "vault-worker")["spec"]["template"]["spec"]
+    (c,) = dep["containers"]
+    args = build_parser().parse_args(c["args"])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert (ports["http"], ports["grpc"]) == (args.http, args.grpc) == (8000, 8001)
+    assert args.oip_host == "0.0.0.0" and not args.dangerously_serve_plaintext
+    assert args.call_licences and args.device and args.allow is None
+    svc = {p["name"]: p for p in _one("Service", "vault-worker")["spec"]["ports"]}
+    for name in ("http", "grpc"):
+        assert svc[name]["port"] == ports[name] and svc[name]["targetPort"] == name
+    # the certificate and key: the files `kubectl create secret tls` makes, mounted
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in dep["volumes"]}
+    for path, key in ((args.tls_cert, "tls.crt"), (args.tls_key, "tls.key")):
+        mount, file = os.path.split(path)
+        assert file == key and mounts[mount]["readOnly"] is True, path
+        secret = vols[mounts[mount]["name"]]["secret"]
+        assert secret["defaultMode"] == 0o400
+        # made by `kubectl create secret tls NAME --cert=... --key=...`
+        assert len(_created("secret", "tls")[secret["secretName"]]) == 2
 
 
 def test_disruption_budgets_select_the_workloads() -> None:
