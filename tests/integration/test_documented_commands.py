@@ -173,7 +173,7 @@ def test_readme_synopsis_matches_the_parser() -> None:
 
     syn = block("README.md", "vault --version")
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    sub: Any = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     current: Any = None
     checked = 0
     group: Any = None
@@ -182,7 +182,7 @@ def test_readme_synopsis_matches_the_parser() -> None:
         for n, seg in enumerate(raw.split("#", 1)[0].split("|")):
             words = seg.split()
             if n == 0 and words[:1] == ["vault"] and len(words) > 1 and words[1][0] != "-":
-                group = sub.choices[words[1]]  # type: ignore[attr-defined]
+                group = sub.choices[words[1]]
                 current, words = group, words[2:]
             if group is None:
                 continue
