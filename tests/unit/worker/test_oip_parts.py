@@ -151,6 +151,9 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
         def model_state(self, model: str) -> tuple[str, None]:
             return ("READY", None)
 
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:
             self.submitted.append(call)
 
@@ -190,6 +193,9 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
 
     class Service:
         submitted: list[Any] = []
+
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
 
         def submit(self, call: Any) -> None:
             if call.vet:  # the token holds: the door may read the body
@@ -269,6 +275,9 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
     class Service:
         vetted = 0
 
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:  # vets only: the calls themselves fail
             self.vetted += call.vet
             call.reply({"ok": call.vet, "error": {"code": "compute", "message": "x"}}, ())
@@ -335,6 +344,9 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     class Service:
         calls: list[Any] = []
 
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:
             self.calls.append(call)
             call.reply({"ok": True, "tensors": []}, ())
@@ -388,6 +400,9 @@ class _HeldService:
 
     def __init__(self) -> None:
         self.vets: list[Any] = []
+
+    def vet_now(self, token: Any, model: Any) -> bool:
+        return False  # nothing known fresh here: the door asks the loop (submit)
 
     def submit(self, call: Any) -> None:
         if call.vet:
@@ -499,6 +514,9 @@ def test_a_vetted_body_that_does_not_arrive_in_time_is_408_and_the_connection_cl
     from worker.service.oip.rest import RestApp
 
     class Service(_HeldService):
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:
             call.reply({"ok": True}, ())  # the token holds
 

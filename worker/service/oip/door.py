@@ -93,6 +93,8 @@ class Plane(Protocol):
 
     def submit(self, call: EdgeCall) -> None: ...
 
+    def vet_now(self, token: Token, model: str | None) -> bool: ...
+
     def live(self) -> bool: ...
 
     def ready(self) -> bool: ...
@@ -245,6 +247,11 @@ class DataPlane:
         the request; nothing admitted or counted (``EdgeCall.vet``)."""
         if model is not None:
             self._served(model, version)
+        # decided here from what the policy knows fresh (the common case: a
+        # caller's second request within a lease); else one trip through the
+        # service's loop, which fetches the licence's probe and parks
+        if self.service.vet_now(token, model):
+            return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[dict[str, Any], Sequence[Any]]] = loop.create_future()
 
