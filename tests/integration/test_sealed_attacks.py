@@ -26,13 +26,10 @@ import zmq
 from onnx import TensorProto, helper, numpy_helper
 
 import vault
-from tests.conftest import KeyServerProcess
+from tests.tcpworker import tcp_worker
 from tests.zmtp import Message, ZmtpProxy, stranger, unit
 from vault.core import sealed
-from vault.core.crypto import PublisherKey
-from vault.core.launch import read_ready_line, spawn_worker
 from vault.core.protocol import encode_tensors, pack_header, unpack_header
-from vault.sealing import seal
 
 W = 256
 
@@ -65,41 +62,9 @@ def reference(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from keyserver import init_dir
-
     d = tmp_path_factory.mktemp("sealed-attacks")
-    init_dir(d / "ks", address="tcp://127.0.0.1:7700")
-    ks = KeyServerProcess(d / "ks", lease_ttl=30.0)
-    ks.start()
-    proc = None
-    try:
-        res = seal(residual(), model_id="residual",
-                   signing_key=PublisherKey.load(ks.publisher_key_path), output=d / "m.vault")  # fmt: skip
-        ks.register(res.model_id, res.key_id, res.key, res.digest)
-        lics = {}
-        allow = d / "allow"
-        allow.mkdir()
-        for who in ("alice", "bob"):
-            lics[who] = ks.issue(res.model_id, holder=who, same_user=True)
-            lics[who].save(d / f"{who}.licence")
-            (allow / f"{who}.key").write_text(lics[who].client_public_key + "\n")
-        status_r, status_w = os.pipe()
-        try:
-            proc = spawn_worker([str(res.path), "--licence", str(d / "alice.licence"),
-                                 "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
-                                 "--status-fd", str(status_w)], pass_fds=[status_w], cwd=str(d))  # fmt: skip
-        finally:
-            os.close(status_w)
-        try:
-            ready = read_ready_line(status_r, timeout=120, proc=proc)
-        finally:
-            os.close(status_r)
-        yield {"ready": ready, "licences": lics, "pid": proc.pid, "ref": reference(X)}
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        ks.kill()
+    with tcp_worker(d, residual(), "residual", holders=("alice", "bob")) as w:
+        yield {**w, "ref": reference(X)}
 
 
 def _port(endpoint: str) -> int:

@@ -19,13 +19,10 @@ import pytest
 import zmq
 
 import vault
-from tests.conftest import KeyServerProcess
 from tests.models import mlp, reference_pipeline
+from tests.tcpworker import tcp_worker
 from vault.core import sealed
-from vault.core.crypto import PublisherKey
-from vault.core.launch import read_ready_line, spawn_worker
 from vault.core.protocol import encode_tensors, pack_header, unpack_header
-from vault.sealing import seal
 
 X = np.random.default_rng(3).standard_normal((30_000, 8)).astype(np.float32)  # 960 KB: 4 chunks
 SKIP = 100_000  # bytes of a stream let through before the flip: past every header, in a chunk
@@ -94,39 +91,8 @@ class FlipProxy:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from keyserver import init_dir
-
-    d = tmp_path_factory.mktemp("sealed")
-    init_dir(d / "ks", address="tcp://127.0.0.1:7700")
-    ks = KeyServerProcess(d / "ks", lease_ttl=30.0)
-    ks.start()
-    proc = None
-    try:
-        res = seal(mlp(), model_id="sealed-remote",
-                   signing_key=PublisherKey.load(ks.publisher_key_path), output=d / "m.vault")  # fmt: skip
-        ks.register(res.model_id, res.key_id, res.key, res.digest)
-        lic = ks.issue(res.model_id, holder="alice", same_user=True)
-        lic.save(d / "alice.licence")
-        allow = d / "allow"
-        allow.mkdir()
-        (allow / "alice.key").write_text(lic.client_public_key + "\n")
-        status_r, status_w = os.pipe()
-        try:
-            proc = spawn_worker([str(res.path), "--licence", str(d / "alice.licence"),
-                                 "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
-                                 "--status-fd", str(status_w)], pass_fds=[status_w], cwd=str(d))  # fmt: skip
-        finally:
-            os.close(status_w)
-        try:
-            ready = read_ready_line(status_r, timeout=120, proc=proc)
-        finally:
-            os.close(status_r)
-        yield {"ready": ready, "licence": lic, "dir": d}
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        ks.kill()
+    with tcp_worker(tmp_path_factory.mktemp("sealed"), mlp(), "sealed-remote") as w:
+        yield {**w, "licence": w["licences"]["alice"]}
 
 
 def _port(endpoint: str) -> int:

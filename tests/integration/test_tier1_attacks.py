@@ -10,6 +10,7 @@ which must succeed, so each refusal means something.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -554,8 +555,10 @@ print(json.dumps(out))
 """
 
 
-def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
-    lic = _licence(tier1, "alice")
+@contextlib.contextmanager
+def _owner(tier1: Tier1, lic: str) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """The OWNER script as nobody: a caller that opened the model through the
+    daemon, with its first line (what it opened) read; stopped at the end."""
     owner = subprocess.Popen(
         _as_nobody([SYSTEM_PYTHON, "-B", "-c", OWNER, tier1.package, lic, tier1.socket]),
         env=_nobody_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -565,7 +568,18 @@ def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
         assert owner.stdout is not None and owner.stdin is not None
         line = owner.stdout.readline()
         assert line, owner.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-        info = json.loads(line)
+        yield owner, json.loads(line)
+    finally:
+        stop_process(owner, 5)
+        for f in (owner.stdin, owner.stdout, owner.stderr):
+            if f is not None:
+                f.close()
+
+
+def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
+    lic = _licence(tier1, "alice")
+    with _owner(tier1, lic) as (owner, info):
+        assert owner.stdout is not None and owner.stdin is not None
         assert info["tier"] == 1 and info["daemon_tier"] == 1
         res = _as_nobody_py(INTRUDER, json.dumps(info), tier1.socket)
         assert res["status"] == "refused permission_denied", res
@@ -583,11 +597,6 @@ def test_a_caller_reaches_only_the_workers_it_opened(tier1: Tier1) -> None:
         owner.stdin.flush()
         assert json.loads(owner.stdout.readline())["still"] is True  # untouched by the intruder
         assert owner.wait(30) == 0
-    finally:
-        stop_process(owner, 5)
-        for f in (owner.stdin, owner.stdout, owner.stderr):
-            if f is not None:
-                f.close()
 
 
 CLAIMS = r"""
@@ -755,16 +764,8 @@ def test_another_local_user_cannot_reach_a_callers_local_channel(
     own uid reaches the socket (and needs the token to be answered:
     test_a_caller_reaches_only_the_workers_it_opened)."""
     lic = _licence(tier1, "local-owner")
-    owner = subprocess.Popen(
-        _as_nobody([SYSTEM_PYTHON, "-B", "-c", OWNER, tier1.package, lic, tier1.socket]),
-        env=_nobody_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        cwd="/",
-    )  # fmt: skip
-    try:
+    with _owner(tier1, lic) as (owner, info):
         assert owner.stdout is not None and owner.stdin is not None
-        line = owner.stdout.readline()
-        assert line, owner.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-        info = json.loads(line)
         wpid = int(info["pid"])
         assert os.stat(f"/proc/{wpid}").st_uid == worker_user.pw_uid
         as_other = ["setpriv", f"--reuid={worker_user.pw_uid}", f"--regid={worker_user.pw_gid}",
@@ -784,11 +785,6 @@ def test_another_local_user_cannot_reach_a_callers_local_channel(
         owner.stdin.flush()
         assert json.loads(owner.stdout.readline())["still"] is True
         assert owner.wait(30) == 0
-    finally:
-        stop_process(owner, 5)
-        for f in (owner.stdin, owner.stdout, owner.stderr):
-            if f is not None:
-                f.close()
 
 
 def test_a_caller_of_the_workers_uid_is_turned_away(tier1: Tier1) -> None:
