@@ -88,7 +88,7 @@ class CallPolicy(Protocol):
         self, caller_key: str | None, model_id: str, token: Token | None = None
     ) -> Admission: ...
 
-    def vet(self, token: Token, model_id: str | None) -> None: ...
+    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None: ...
 
     def record(self, admission: Admission, *, ok: bool) -> None: ...
 
@@ -125,8 +125,8 @@ class OpenPolicy(_Usage):
             raise TokenError("this service takes no bearer tokens (it has no call licences)")
         return Admission("local", caller_key)
 
-    def vet(self, token: Token, model_id: str | None) -> None:
-        del token, model_id
+    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None:
+        del token, model_id, fetch
         raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
 
@@ -178,8 +178,8 @@ class AllowListPolicy(_Usage):
             raise PermissionDeniedError("this caller is not on the service's allow-list")
         return Admission(name, caller_key)
 
-    def vet(self, token: Token, model_id: str | None) -> None:
-        del token, model_id
+    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None:
+        del token, model_id, fetch
         raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
 
@@ -346,7 +346,7 @@ class CallLicencePolicy(_Usage):
 
     # -- a door's vetting: the token genuine and its licence in force, before the body --
 
-    def vet(self, token: Token, model_id: str | None) -> None:
+    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None:
         """Before a door reads a request's body (or decodes its message): the
         token's signature (with the licence's proof key, from the key
         server), its expiry and scope, and the licence in force (not
@@ -355,7 +355,16 @@ class CallLicencePolicy(_Usage):
         reserved, answered for :data:`_PROBE_TTL`). Nothing is admitted or
         counted: the call itself is admitted by :meth:`admit` once read.
         :class:`AdmissionPending` while the probe is being fetched (the
-        callback then names ``(key, VET)``); a typed error to refuse."""
+        callback then names ``(key, VET)``); a typed error to refuse.
+
+        Thread-safe (everything under ``self._lock``): a door calls it from
+        its own thread with ``fetch=False`` first, which decides from what is
+        cached (the same decisions and probes, the same ages, so a
+        revocation is seen exactly as soon) and raises
+        :class:`AdmissionPending` without fetching anything when nothing
+        fresh is at hand; the door then asks the service's loop, which
+        fetches and parks (:meth:`WorkerService.vet_now`). Nothing is cached
+        for a token here that a genuine signature did not put there."""
         key = token.licence_key
         now = self._clock()
         with self._lock:
@@ -364,7 +373,8 @@ class CallLicencePolicy(_Usage):
             if d is None or now >= d.fetched + d.ttl:
                 probe = self._probes.get(key)
                 if probe is None or now - probe.at >= _PROBE_TTL:
-                    self._probe_async(key)
+                    if fetch:
+                        self._probe_async(key)
                     raise AdmissionPending()
                 d = _Decision(key, "", probe.at, _PROBE_TTL, probe.ok, error=probe.error,
                               licence=probe.licence, expires_at=probe.expires_at,

@@ -851,13 +851,9 @@ class WorkerService:
         Parked, as a call is, while the licence's probe is fetched."""
         now = time.monotonic()
         try:
-            if self.draining:
-                raise ServiceUnavailableError("the service is draining; use another endpoint")
             if call.token is None:
                 raise TokenError()
-            if call.model is not None:
-                self._model_for(call.model)
-            self.cfg.policy.vet(call.token, call.model)
+            self._vet_checks(call.token, call.model, fetch=True)
         except AdmissionPending:
             assert call.token is not None
             start = now if arrived is None else arrived
@@ -869,6 +865,29 @@ class WorkerService:
             self._reply(call, error_reply(None, exc))
             return
         self._reply(call, ok_reply(None))
+
+    def _vet_checks(self, token: Token, model: str | None, *, fetch: bool) -> None:
+        """What vetting asks, from any thread: the service not draining, the
+        model (when named) served and available, the token genuine and its
+        licence in force (CallPolicy.vet, which locks what it reads)."""
+        if self.draining:
+            raise ServiceUnavailableError("the service is draining; use another endpoint")
+        if model is not None:
+            self._model_for(model)
+        self.cfg.policy.vet(token, model, fetch=fetch)
+
+    def vet_now(self, token: Token, model: str | None) -> bool:
+        """A door's vetting without a trip through the loop (thread-safe):
+        True when the token holds on what the policy knows fresh now (the
+        licence's decision or probe, within their ages: a revocation is seen
+        exactly as soon as by the loop), a typed error to refuse, False when
+        nothing fresh is at hand and the door must post ``EdgeCall(vet=True)``,
+        which fetches and parks. Nothing is admitted, counted or cached."""
+        try:
+            self._vet_checks(token, model, fetch=False)
+        except AdmissionPending:
+            return False
+        return True
 
     def _model_for(self, name: Any) -> _Model:
         if name is None:

@@ -151,6 +151,9 @@ def test_outputs_the_protocol_cannot_carry_are_refused_before_the_call() -> None
         def model_state(self, model: str) -> tuple[str, None]:
             return ("READY", None)
 
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:
             self.submitted.append(call)
 
@@ -190,6 +193,9 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
 
     class Service:
         submitted: list[Any] = []
+
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
 
         def submit(self, call: Any) -> None:
             if call.vet:  # the token holds: the door may read the body
@@ -269,6 +275,9 @@ def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
     class Service:
         vetted = 0
 
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:  # vets only: the calls themselves fail
             self.vetted += call.vet
             call.reply({"ok": call.vet, "error": {"code": "compute", "message": "x"}}, ())
@@ -335,6 +344,9 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     class Service:
         calls: list[Any] = []
 
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:
             self.calls.append(call)
             call.reply({"ok": True, "tensors": []}, ())
@@ -388,6 +400,9 @@ class _HeldService:
 
     def __init__(self) -> None:
         self.vets: list[Any] = []
+
+    def vet_now(self, token: Any, model: Any) -> bool:
+        return False  # nothing known fresh here: the door asks the loop (submit)
 
     def submit(self, call: Any) -> None:
         if call.vet:
@@ -499,6 +514,9 @@ def test_a_vetted_body_that_does_not_arrive_in_time_is_408_and_the_connection_cl
     from worker.service.oip.rest import RestApp
 
     class Service(_HeldService):
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False  # nothing known fresh here: the door asks the loop (submit)
+
         def submit(self, call: Any) -> None:
             call.reply({"ok": True}, ())  # the token holds
 
@@ -517,3 +535,61 @@ def test_a_vetted_body_that_does_not_arrive_in_time_is_408_and_the_connection_cl
              "headers": [(b"authorization", b"Bearer " + _stranger_token())]}  # fmt: skip
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+
+
+def test_a_door_asks_the_loop_only_when_its_own_vetting_has_no_answer() -> None:
+    # the door vets a token in its own thread (WorkerService.vet_now) and posts
+    # EdgeCall(vet=True) into the service's loop only when that has no answer:
+    # a token that holds costs no trip; one refused there is refused with the
+    # same status as through the loop, its body unread and nothing posted; the
+    # control: with no answer at hand the loop is asked, and its answer holds
+    import asyncio
+
+    from vault.core.errors import LicenceRevokedError
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        def __init__(self, answer: Any) -> None:
+            self.answer, self.calls = answer, []  # type: ignore[var-annotated]
+
+        def vet_now(self, token: Any, model: Any) -> bool:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return bool(self.answer)
+
+        def submit(self, call: Any) -> None:
+            self.calls.append(call.vet)
+            if call.vet:
+                call.reply({"ok": False, "error": LicenceRevokedError("revoked").to_wire()}, ())
+            else:
+                call.reply({"ok": True, "tensors": []}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
+    def post(svc: Service) -> tuple[int, int]:
+        body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}'
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return msgs.pop(0)
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + _stranger_token())]}  # fmt: skip
+        asyncio.run(RestApp(DataPlane(svc), max_body=1 << 20)(scope, receive, send))  # type: ignore[arg-type]
+        return sent[0]["status"], len(msgs)  # the status, and the body's messages left unread
+
+    held = Service(True)
+    assert post(held) == (200, 0) and held.calls == [False]  # no vetting trip: the call only
+    refused = Service(LicenceRevokedError("licence lic-a is revoked"))
+    assert post(refused) == (403, 1) and refused.calls == []
+    unknown = Service(False)  # the control: the loop is asked, and refuses
+    assert post(unknown) == (403, 1) and unknown.calls == [True]

@@ -568,3 +568,67 @@ def test_a_door_vets_a_token_before_the_request_is_read_and_reserves_nothing() -
             vet(genuine)
     finally:
         p.close()
+
+
+def test_a_door_vets_in_its_own_thread_only_from_what_is_fresh() -> None:
+    """CallPolicy.vet(fetch=False), what a door asks in its own thread before
+    it posts a vetting into the service's loop: it answers from the same
+    cached probe or decision within the same age (the holder passes, a forged
+    token is refused), never from a stale one (a revoked licence is refused
+    within one lease, as through the loop), and fetches and caches nothing
+    for a token whose answer is not at hand: a hundred strangers' made-up
+    licences cost no probe and grow nothing (the control: the loop's vetting,
+    fetch=True, fetches a probe for the same token)."""
+    from vault.core.errors import TokenError
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token, parse_token
+
+    lic = _token_licence()
+    ks, clock = ProbeKeyServer(lic.proof_public_key, lic.client_public_key), Clock()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)
+    decided = threading.Event()
+    p.bind(lambda key, model: decided.set())
+
+    def fetched() -> None:  # the loop's vetting: fetches the probe, answered after
+        with pytest.raises(AdmissionPending):
+            p.vet(genuine, "m")
+        assert decided.wait(5)
+        decided.clear()
+
+    try:
+        genuine = parse_token(mint_token(lic, models=["m"], now=clock.t))
+        for model in ("m", None):  # nothing known yet: no answer here, nothing fetched
+            with pytest.raises(AdmissionPending):
+                p.vet(genuine, model, fetch=False)
+        assert ks.probes == 0
+        fetched()
+        assert ks.probes == 1
+        p.vet(genuine, "m", fetch=False)  # decided in the door's thread now
+        p.vet(genuine, None, fetch=False)  # gRPC: the model not known yet
+        forged = parse_token(mint_token(_token_licence(), models=["m"], now=clock.t))
+        with pytest.raises(TokenError):  # the real licence's key signed by a stranger
+            p.vet(forged, "m", fetch=False)
+        stranger = _token_licence()
+        verified, probes = len(p._verified), len(p._probes)
+        for i in range(100):
+            made_up = Licence.from_json({**stranger.to_json(), "licence_id": f"lic-{i}",
+                                         "client": {"public_key": f"U{i:039d}",
+                                                    "secret_key": "s" * 40}})  # fmt: skip
+            with pytest.raises(AdmissionPending):
+                p.vet(parse_token(mint_token(made_up, models=["m"], now=clock.t)), "m",
+                      fetch=False)  # fmt: skip
+        assert ks.probes == 1 and (len(p._verified), len(p._probes)) == (verified, probes)
+        assert ks.reserved == 0 and p.usage() == {} and p.pending_reports() == 0
+        # revoked at the key server: the probe in hand is used for its age (as
+        # the loop uses it), then never again; the next one refuses, here too
+        ks.revoked = True
+        p.vet(genuine, "m", fetch=False)
+        clock.t += 5.1
+        with pytest.raises(AdmissionPending):
+            p.vet(genuine, "m", fetch=False)
+        assert ks.probes == 1
+        fetched()
+        with pytest.raises(LicenceRevokedError):
+            p.vet(genuine, "m", fetch=False)
+    finally:
+        p.close()

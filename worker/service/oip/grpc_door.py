@@ -48,6 +48,7 @@ from .door import (
     grpc_status,
     retry_after,
     timeout_of,
+    within,
 )
 
 __all__ = ["InferenceServicer", "register"]
@@ -134,7 +135,7 @@ class InferenceServicer:
                 token = _token(context)
                 await self.plane.vet(None, None, token)  # the model is in the message
                 try:
-                    raw = await asyncio.wait_for(context.read(), self.body_timeout)
+                    raw = await within(context.read(), self.body_timeout)
                 except asyncio.TimeoutError:
                     raise ProtocolError(f"the request message did not arrive within "
                                         f"{self.body_timeout:g} s") from None  # fmt: skip

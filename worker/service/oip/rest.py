@@ -52,6 +52,7 @@ from .door import (
     http_status,
     retry_after,
     timeout_of,
+    within,
 )
 
 __all__ = ["RestApp"]
@@ -157,7 +158,7 @@ class RestApp:
     async def _body(self, receive: Any, limit: int) -> bytes:
         """The body, at most ``limit`` bytes, all of it within ``body_timeout``."""
         try:
-            return await asyncio.wait_for(self._read(receive, limit), self.body_timeout)
+            return await within(self._read(receive, limit), self.body_timeout)
         except asyncio.TimeoutError:
             raise _HttpError(408, f"the request body did not arrive within "
                                   f"{self.body_timeout:g} s") from None  # fmt: skip
