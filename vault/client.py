@@ -700,6 +700,7 @@ class _WatchedChannel(ZmqChannel):
         self._lost()  # a drop before this call says nothing about it
         if self._sealed_keys is not None and header.get("op") == "compute":
             prev: tuple[bytes, int] | None = None
+            last_sent = True
             for _attempt in range(2):
                 state = self._sealed_session(timeout, prev)
                 if state is None:
@@ -712,6 +713,7 @@ class _WatchedChannel(ZmqChannel):
                     # whether this call was accepted before it is sent again
                     prev = (gone.sid, gone.seq)
                     self._drop_sealed()
+                    last_sent = gone.sent
                 except _NoSealedRoute:
                     # its port cannot be reached from here (a firewall that lets
                     # only the service's port through): this thread stays on CURVE
@@ -719,7 +721,15 @@ class _WatchedChannel(ZmqChannel):
                     self._sealed.refused = True
                     break
             else:
-                raise IntegrityError("the service did not recognise a fresh sealed session")
+                if last_sent:
+                    raise IntegrityError("the service did not recognise a fresh sealed session")
+                # Two fresh sessions, each refused by the sealed port at its
+                # handshake: that port reaches another server than the one that
+                # made them (replicas behind one address, each connection
+                # balanced on its own). Nothing of this call was sent there, and
+                # the session answer said the first attempt was not accepted:
+                # it goes over CURVE, as this thread's calls will from now on.
+                self._sealed.refused = True
         return super().request(header, frames, timeout=timeout)
 
     # -- sealed calls --------------------------------------------------------------
@@ -807,7 +817,7 @@ class _WatchedChannel(ZmqChannel):
             # pays the connection, nothing more
             while state.mon.poll(min(50, max(1, int((deadline - time.monotonic()) * 1000)))):
                 if recv_monitor_message(state.mon)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    raise _UnknownSession(state.sealer.sid, state.sealer.seq)
+                    raise _UnknownSession(state.sealer.sid, state.sealer.seq, sent=False)
                 break  # a handshake succeeded: send
             try:
                 sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
@@ -883,11 +893,12 @@ class _NoSealedRoute(Exception):
 class _UnknownSession(Exception):
     """The service answered (plainly, so maybe not the service) that it knows
     no such sealed session, or its sealed port refused the session at the
-    handshake; ``sid`` and ``seq``: the message that got no sealed answer."""
+    handshake (``sent`` False: nothing of the call left this caller);
+    ``sid`` and ``seq``: the message that got no sealed answer."""
 
-    def __init__(self, sid: bytes, seq: int) -> None:
+    def __init__(self, sid: bytes, seq: int, *, sent: bool = True) -> None:
         super().__init__("unknown sealed session")
-        self.sid, self.seq = sid, seq
+        self.sid, self.seq, self.sent = sid, seq, sent
 
 
 class _SealedState:

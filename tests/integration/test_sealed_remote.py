@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -291,3 +292,40 @@ def test_a_sealed_port_that_cannot_be_reached_leaves_the_calls_on_curve(
             assert m._channel._sealed.refused is True  # type: ignore[union-attr]
     finally:
         front.close()
+
+
+def test_replicas_behind_one_address_calls_go_over_curve_when_the_sealed_port_reaches_another(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two replicas behind one address, each connection balanced on its own
+    (a Kubernetes Service): the caller's CURVE connection reaches replica A,
+    which makes its sealed session, while the sealed connection reaches
+    replica B, which knows no such session and refuses it at the handshake.
+    Nothing of the call is sent to B; after a second fresh session meets the
+    same fate, the call goes over CURVE to A, right, counted once, and this
+    thread stays on CURVE. (Control: a call that did leave the caller and got
+    a plain 'unknown session' answer is never sent again blindly:
+    test_sealed_attacks' replaced answer.)"""
+    ready = served["ready"]
+    with tcp_worker(tmp_path, mlp(), "replica-b") as b:
+        # the caller dials 127.0.0.2: its CURVE connection to A, and the
+        # sealed port A names, on 127.0.0.2, to B's sealed port
+        front = FlipProxy(("127.0.0.2", 0), ("127.0.0.1", _port(ready["endpoint"])))
+        other = FlipProxy(
+            ("127.0.0.2", ready["sealed_port"]), ("127.0.0.1", b["ready"]["sealed_port"])
+        )
+        m = vault.connect(f"tcp://127.0.0.2:{front.port}", licence=served["licence"],
+                          server_key=ready["server_key"])  # fmt: skip
+        direct = vault.connect(ready["endpoint"], licence=served["licence"],
+                               server_key=ready["server_key"])  # fmt: skip
+        try:
+            before = _calls(direct)
+            for _ in range(3):
+                np.testing.assert_allclose(m.compute({"x": X})["logits"], _reference(X), rtol=1e-5)
+            assert _calls(direct) == before + 3  # each once, on A
+            assert m._channel._sealed.refused  # type: ignore[union-attr]
+        finally:
+            m.close()
+            direct.close()
+            front.close()
+            other.close()
