@@ -457,7 +457,9 @@ def test_the_documented_commands_split_mint_and_serve_with_cors(
         proc = subprocess.Popen(["bash", "-e", "-c", _documented_block()], cwd=tmp_path,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "VAULT_HTTP_PORT": "0",
-                                     "PAGE_ORIGIN": origin})  # fmt: skip
+                                     "PAGE_ORIGIN": origin,  # `vault` as the venv has it
+                                     "PATH": os.path.dirname(sys.executable) + os.pathsep
+                                     + os.environ.get("PATH", "")})  # fmt: skip
     try:
         from vault.app.demo_web import rest_url
 
@@ -498,9 +500,11 @@ def test_the_documented_commands_split_mint_and_serve_with_cors(
             assert r.headers["Access-Control-Allow-Origin"] == origin
         assert [o["name"] for o in answer["outputs"]] == ["logits"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        try:  # the commands may have ended already (a failure above says why)
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
