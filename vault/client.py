@@ -397,7 +397,12 @@ class _DaemonWorker:
                     )
                 self._sock = s
             try:
-                send_message(self._sock, msg, fds)
+                try:
+                    send_message(self._sock, msg, fds)
+                except (BrokenPipeError, ConnectionResetError):
+                    # a connection the daemon refuses (its uid at a cap) is
+                    # answered unasked and closed: read why, if it is there
+                    pass
                 reply, extra = recv_message(self._sock, max_fds=max_fds)
             except (OSError, ConnectionError) as exc:
                 self._sock.close()
