@@ -100,7 +100,9 @@ class ZmtpProxy:
     """A TCP relay from ``listen`` to ``target`` that hands each message to
     ``up`` (caller to server) or ``down`` (server to caller); what a hook
     returns is sent on in its place (``[m]``: unchanged, ``[]``: dropped).
-    ``inject_up``/``inject_down`` add a message to the newest connection."""
+    ``inject_up``/``inject_down`` add a message to the newest connection;
+    ``written(direction)``, when set, is called once a hook's messages are
+    all written on."""
 
     def __init__(
         self, listen: tuple[str, int], target: tuple[str, int], *,
@@ -108,6 +110,7 @@ class ZmtpProxy:
     ) -> None:  # fmt: skip
         self.target = target
         self.up, self.down = up, down
+        self.written: Callable[[str], None] | None = None
         self.sock = socket.create_server(listen)
         self.port = self.sock.getsockname()[1]
         self._stop = False
@@ -157,6 +160,8 @@ class ZmtpProxy:
                         for m in hook(item) if hook is not None else [item]:
                             with self._lock:
                                 other.sendall(message(m))
+                        if self.written is not None:
+                            self.written(direction)
         except OSError:
             return
         finally:

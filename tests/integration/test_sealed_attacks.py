@@ -184,7 +184,9 @@ def test_control_an_unauthenticated_router_buffers_a_strangers_message() -> None
         for _ in range(256):  # 64 MiB, never the last frame
             s.sendall(chunk)
         grew = 0.0
-        while grew < 48:  # a state, not a duration: the test's own timeout bounds it
+        deadline = time.monotonic() + 120  # a state; the bound only stops a hang
+        while grew < 48:
+            assert time.monotonic() < deadline, f"the router held only {grew:.0f} MB"
             grew = _rss_mb(proc.pid) - before
             time.sleep(0.05)
         s.close()
@@ -218,11 +220,14 @@ def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served
             prefix = sealed._PREFIX.pack(sealed.SEALED_TAG, sid, seq + 1, 1) + (1).to_bytes(
                 4, "big"
             )
-            # The worker is stopped while both are written, so that it finds
-            # the forgery right behind the request however loaded this
-            # machine is (it then reads it while the call is computed).
+            # The worker is stopped until both are written (``written``
+            # below), so that it finds the forgery right behind the request
+            # however loaded this machine is, and reads it while the call is
+            # computed. The guard only resumes a worker whose socket buffers
+            # filled before both were written (a send that could not finish).
             os.kill(served["pid"], signal.SIGSTOP)
-            resume.start()
+            stopped.set()
+            guard.start()
             return [m, [prefix, os.urandom(sealed.CHUNK + 16)]]  # the forgery, right behind it
         return [m]
 
@@ -232,10 +237,16 @@ def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served
             return []  # the attacker hides its failure from the caller
         return [m]
 
-    armed = threading.Event()
-    resume = threading.Timer(0.3, os.kill, (served["pid"], signal.SIGCONT))
+    def written(direction: str) -> None:
+        if direction == "up" and stopped.is_set():
+            stopped.clear()
+            os.kill(served["pid"], signal.SIGCONT)
+
+    armed, stopped = threading.Event(), threading.Event()
+    guard = threading.Timer(10.0, os.kill, (served["pid"], signal.SIGCONT))
     try:
         on_path = _OnPath(served, up=up, down=down)
+        on_path.bulk.written = written
         m = on_path.model
         for _ in range(2):  # slow calls: from now on computed off the router thread
             m.compute({"x": X})
@@ -251,7 +262,7 @@ def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served
         assert "served" in refusals[0]["error"]["message"], refusals
         np.testing.assert_allclose(m.compute({"x": X})["y"], served["ref"], rtol=1e-4, atol=1e-4)
     finally:
-        resume.cancel()
+        guard.cancel()
         os.kill(served["pid"], signal.SIGCONT)
         if on_path is not None:
             on_path.close()

@@ -710,9 +710,9 @@ def test_a_callers_claims_cost_its_worker_only_what_it_sends(tier1: Tier1) -> No
         assert claimed < 24, f"heads claiming 512 MiB cost the worker {claimed:.0f} MB"
         step("sent")
         grew = 0.0
-        while (
-            grew < 96
-        ):  # the control: 128 MiB really sent is held (a state, bounded by the timeout)
+        deadline = time.monotonic() + 120  # the control: 128 MiB really sent is held
+        while grew < 96:
+            assert time.monotonic() < deadline, f"the worker held only {grew:.0f} MB"
             grew = _rss_mb(pid) - before
             time.sleep(0.05)
         assert json.loads(step())["still"] is True

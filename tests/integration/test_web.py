@@ -473,7 +473,9 @@ def test_the_documented_commands_split_mint_and_serve_with_cors(
         from vault.app.demo_web import rest_url
 
         rest = None
-        while rest is None and proc.poll() is None:  # the state: its REST door is up
+        deadline = time.monotonic() + 180  # the state: its REST door is up
+        while rest is None and proc.poll() is None:
+            assert time.monotonic() < deadline, out.read_text()[-3000:]
             rest = rest_url(out.read_text())
             time.sleep(0.1)
         assert rest, out.read_text()[-3000:]

@@ -220,7 +220,9 @@ def test_records_in_flight_claim_at_most_the_budget() -> None:
     second: list[Any] = []
     t = threading.Thread(target=lambda: second.extend(readers[1].read()))
     t.start()
-    while not budget._cond._waiters:  # type: ignore[attr-defined]  # a state: it waits for its claim
+    deadline = time.monotonic() + 60  # a state: it waits for its claim
+    while not budget._cond._waiters:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the second reader never waited for its claim"
         time.sleep(0.005)
     assert not second  # 2 + 2 MiB would pass the budget
     del first
