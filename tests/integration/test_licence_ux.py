@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,34 +20,13 @@ import numpy as np
 import pytest
 
 import vault
+from tests.cli import vault_in_process as _vault
 from tests.conftest import KeyServerProcess
 from tests.models import mlp
 from vault.core.crypto import PublisherKey
 from vault.sealing import seal
 
 X = np.ones((1, 8), np.float32)
-
-
-def _vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``vault ARGS`` run in this process (the same entry point as the
-    command, without an interpreter start each time), in ``cwd``."""
-    import contextlib
-    import io
-
-    from vault.app.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(list(args))
-            except SystemExit as exc:  # --help, or a usage error
-                rc = int(exc.code or 0)
-    finally:
-        os.chdir(old)
-    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ shown by ``vault inspect`` (issue 17, item 1)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.cli import vault_in_process as vault
 from tests.models import (
     batch_centred,
     classifier_pipeline,
@@ -39,28 +38,6 @@ def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any],
 
 def _vi(name: str, t: int, shape: list[Any] | None) -> Any:
     return helper.make_tensor_value_info(name, t, shape)
-
-
-def vault(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``vault ARGS`` run in this process (the same entry point as the
-    command, without an interpreter start each time), in ``cwd``."""
-    import contextlib
-    import io
-
-    from vault.app.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(list(args))
-            except SystemExit as exc:  # --help, or a usage error
-                rc = int(exc.code or 0)
-    finally:
-        os.chdir(old)
-    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 def test_vault_seal_batchable_checks_declares_and_inspect_shows_it(tmp_path: Path) -> None:
