@@ -284,22 +284,7 @@ class EchoServer:
 
             ctx = ssl.create_default_context(cafile=self.cert)
             c = ctx.wrap_socket(c, server_hostname="127.0.0.1")
-        self._closers.append(c.close)
-        payload = np.random.default_rng(0).standard_normal(max(1, n_in // 4)).astype(np.float32)
-        hdr = _HDR.pack(payload.nbytes, n_out)
-        buf = bytearray(max(1, n_out))
-        view = memoryview(buf)
-
-        def call() -> Any:
-            c.sendall(hdr)
-            c.sendall(payload)
-            got = 0
-            while got < n_out:
-                got += c.recv_into(view[got:n_out])
-            return buf
-
-        call()
-        return call
+        return self._echo_call(c, n_in, n_out)
 
     def tcp_fn(self, n_in: int, n_out: int) -> Callable[[], Any]:
         """A plain TCP stream echo (Python sockets): the baseline of ``tls_fn``."""
@@ -313,6 +298,11 @@ class EchoServer:
     def unix_fn(self, n_in: int, n_out: int) -> Callable[[], Any]:
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         c.connect(self.unix_path)
+        return self._echo_call(c, n_in, n_out)
+
+    def _echo_call(self, c: Any, n_in: int, n_out: int) -> Callable[[], Any]:
+        """One echo call on the connected stream ``c`` (closed with the rest):
+        ``n_in`` bytes out, ``n_out`` back; warmed once."""
         self._closers.append(c.close)
         payload = np.random.default_rng(0).standard_normal(max(1, n_in // 4)).astype(np.float32)
         hdr = _HDR.pack(payload.nbytes, n_out)
