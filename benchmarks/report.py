@@ -264,6 +264,14 @@ def table(res: dict[str, Any]) -> str:
                 f"{mem['worker_no_prepack_compute_ms']:.2f} ms vs {mem['worker_compute_ms']:.2f} ms "
                 f"with prepacking ({mem['worker_no_prepack_compute_ms'] / mem['worker_compute_ms']:.2f}x)"
             )
+        if mem.get("worker_eager_weights_vmhwm_bytes"):
+            L.append(
+                f"   worker --eager-weights (the control: every weight decrypted up front "
+                f"and kept beside the packed copies): peak "
+                f"{mem['worker_eager_weights_vmhwm_bytes'] / 2**20:.0f} MiB "
+                f"({mem['worker_eager_weights_over_plain']:.2f}x), resident "
+                f"{(mem.get('worker_eager_weights_vmrss_bytes') or 0) / 2**20:.0f} MiB"
+            )
         steps = mem.get("worker_steps_replayed") or {}
         if steps and "unavailable" not in steps:
             L.append(

@@ -87,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no prepacked weight copies: the decrypted weights are the only copy "
         "(lower peak memory; MatMul/Conv run slower)",
     )
+    p.add_argument(
+        "--eager-weights",
+        action="store_true",
+        help="decrypt every weight before the sessions are built and keep it "
+        "(default: weights are decrypted as onnxruntime reads them, and those it "
+        "packs are given back after the build)",
+    )
     p.add_argument("--allow", help="directory of client CURVE public keys (tcp:// only)")
     p.add_argument(
         "--server-secret", help="zmq certificate file with the worker's CURVE secret key"

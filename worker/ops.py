@@ -168,6 +168,7 @@ class Service:
             "model_id": self.info.get("model_id"),
             "provider": self.pipeline.provider,
             "prepack": self.pipeline.prepack,
+            "weights": self.pipeline.weights(),
             "serving": not self.pipeline.closed,
             "hardening": self.hardening,
             # read back from the kernel in this handler thread: proves the

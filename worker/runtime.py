@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vault.core.errors import ComputeError, ConfigError, InputError
+from vault.core.errors import ComputeError, ConfigError, InputError, IntegrityError
 from vault.core.graphs import check_graph
 from vault.core.protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name, is_tensor_type
 
@@ -369,6 +369,12 @@ class Pipeline:
     def closed(self) -> bool:
         return self._stages is None
 
+    def weights(self) -> dict[str, Any] | None:
+        """What lazy weights did (``vault.core.lazyplain``: blocks the build
+        read and gave back, faults, refills); None when decrypted up front."""
+        stats = getattr(self._owner, "stats", None)
+        return stats() if stats is not None else None
+
     def close(self) -> None:
         """Drop the sessions (the weights go with them); in-flight runs finish,
         then the owner's buffer is wiped and freed."""
@@ -459,7 +465,11 @@ class Pipeline:
                 raise ComputeError("the pipeline was unloaded")
             self._in_flight += 1
         try:
-            return self._run(stages, feeds, outputs, checked)
+            result = self._run(stages, feeds, outputs, checked)
+            failed = getattr(self._owner, "failed", None)
+            if failed:  # lazy weights that could not be decrypted again read as zeros
+                raise IntegrityError(failed)
+            return result
         finally:
             with self._lock:
                 self._in_flight -= 1

@@ -195,8 +195,12 @@ class Startup:
     def decrypt(self) -> None:
         from vault.core import crypto
 
+        # lazy weights (vault.core.lazyplain): what onnxruntime packs is given
+        # back after the build. Not for CUDA, whose copies to the device have
+        # not been tried behind a fault handler.
+        lazy = not (self.args.eager_weights or _wants_cuda(self.args))
         try:
-            self.plain = self.package.decrypt(self.key)
+            self.plain = self.package.decrypt(self.key, lazy=lazy)
         finally:
             crypto.zeroize(self.key)
             self.key = None
@@ -235,6 +239,16 @@ class Startup:
             plain.release()
             raise
         plain.wipe_graphs()  # parsed into the sessions: only the weights stay
+        settle = getattr(plain, "settle", None)
+        if settle is not None:  # lazy weights: give back what the build packed
+            try:
+                settle()
+            except BaseException:
+                self.pipeline.close()
+                raise
+            # the weights' decryption ran inside the build (on faults) and in
+            # settle: timed apart, so "session" stays onnxruntime's own
+            self.timings["weights_decrypt"] = plain.stats()["decrypt_ms"]
         from .hardening import lift_memory_limit
 
         lift_memory_limit()  # the start-up limit bounded the package's claims; see there
@@ -355,5 +369,6 @@ class Startup:
             "local": local is not None,  # the direct local channel is served
             "sealed_port": server.bulk_port,  # remote callers' sealed calls (None: none)
             "timings_ms": self.timings,
+            "weights": pipeline.weights(),  # lazy weights: what the build gave back
         }
         return (server, keeper, ctx), ready

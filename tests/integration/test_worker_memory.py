@@ -44,7 +44,11 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def test_no_prepack_leaves_the_decrypted_weights_the_only_copy(tmp_path: Path) -> None:
+def test_no_weight_is_held_twice_with_prepacking_or_without(tmp_path: Path) -> None:
+    """By default onnxruntime packs the MatMul weights and the worker gives
+    its decrypted originals back (lazy weights); ``--no-prepack`` keeps the
+    originals as the only copy. The control, ``--eager-weights``, shows the
+    second copy that lazy weights remove."""
     weights = LAYERS * D * D * 4
     x = {"x": np.random.default_rng(0).standard_normal((4, D)).astype(np.float32)}
     small = seal_for_test(tmp_path, mlp(), name="small")
@@ -52,16 +56,28 @@ def test_no_prepack_leaves_the_decrypted_weights_the_only_copy(tmp_path: Path) -
         m.compute({"x": np.ones((1, 8), np.float32)})
         base = _status(m.pid)  # type: ignore[arg-type]
     s = seal_for_test(tmp_path, _chain(), name="chain")
-    mem, outs = {}, {}
-    for label, args in (("prepack", []), ("no_prepack", ["--no-prepack"])):
+    mem, outs, lazy = {}, {}, {}
+    variants = (("lazy", []), ("eager", ["--eager-weights"]), ("no_prepack", ["--no-prepack"]))
+    for label, args in variants:
         with open_sealed(s, worker_args=args) as m:
             outs[label] = m.compute(x)["y"]
             mem[label] = _status(m.pid)  # type: ignore[arg-type]
-    np.testing.assert_allclose(outs["prepack"], outs["no_prepack"], rtol=1e-4, atol=1e-4)
-    # with prepacking onnxruntime keeps its own packed copy beside the decrypted buffer
-    assert mem["prepack"]["VmRSS"] - mem["no_prepack"]["VmRSS"] > 0.7 * weights, (mem, base)
-    # without it, the peak is the weights once: the ciphertext's pages left the
-    # resident set while it was hashed and decrypted, so they never add to it
-    extra = mem["no_prepack"]["VmHWM"] - base["VmHWM"]
-    print(f"peak beyond a tiny model's worker: {extra / weights:.2f}x the weights")
-    assert extra < 1.3 * weights, (extra / weights, mem, base)
+            lazy[label] = m.health()["weights"]
+    # the same packed kernels over the same weights: the same bits
+    np.testing.assert_array_equal(outs["lazy"], outs["eager"])
+    np.testing.assert_allclose(outs["lazy"], outs["no_prepack"], rtol=1e-4, atol=1e-4)
+    # the build read every block (onnxruntime packed it) and gave each back;
+    # no call needed one again
+    st = lazy["lazy"]
+    assert st["read_in_build"] == st["blocks"] and st["refills"] == 0, st
+    assert lazy["eager"] is None and lazy["no_prepack"] is not None
+    # control: decrypted up front, the originals stay beside the packed copies
+    assert mem["eager"]["VmRSS"] - mem["lazy"]["VmRSS"] > 0.7 * weights, (mem, base)
+    # the peak is the weights once, with prepacking (lazy) and without: the
+    # ciphertext's pages leave the resident set as they are read
+    for label in ("lazy", "no_prepack"):
+        extra = mem[label]["VmHWM"] - base["VmHWM"]
+        print(f"{label}: peak beyond a tiny model's worker: {extra / weights:.2f}x the weights")
+        assert extra < 1.3 * weights, (label, extra / weights, mem, base)
+    extra = mem["eager"]["VmHWM"] - base["VmHWM"]
+    assert extra > 1.7 * weights, (extra / weights, mem, base)

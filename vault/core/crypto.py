@@ -63,6 +63,7 @@ __all__ = [
     "KEY_SIZE",
     "PublisherKey",
     "ciphertext_size",
+    "decrypt_chunk",
     "derive_key",
     "fingerprint",
     "generate_key",
@@ -228,6 +229,31 @@ def _decrypt_threads(n_chunks: int) -> int:
     return max(1, min(cores, 8, n_chunks // 8))
 
 
+def decrypt_chunk(
+    key: bytes, prefix: bytes, aad: bytes, index: int, n_chunks: int, piece: Any, out: Any
+) -> int:
+    """Decrypt STREAM chunk ``index`` of ``n_chunks``: ``piece`` is its
+    ciphertext and tag, ``out`` takes the plaintext and must have 15 spare
+    bytes past it (``update_into``'s rule). IntegrityError when it does not
+    authenticate; ``out`` then holds unauthenticated bytes the caller wipes.
+    Returns the plaintext length."""
+    size = len(piece) - TAG_SIZE
+    if size < 0:
+        raise IntegrityError()
+    dec = Cipher(
+        algorithms.AES(key),
+        modes.GCM(_nonce(prefix, index, index == n_chunks - 1), bytes(piece[size:])),
+    ).decryptor()
+    dec.authenticate_additional_data(aad)
+    if size:
+        dec.update_into(piece[:size], out)
+    try:
+        dec.finalize()
+    except InvalidTag as exc:
+        raise IntegrityError() from exc
+    return size
+
+
 def stream_decrypt_into(
     key: bytes | bytearray,
     prefix: bytes,
@@ -277,22 +303,15 @@ def stream_decrypt_into(
                 pos_out = i * chunk_size
                 pos_in = i * (chunk_size + TAG_SIZE)
                 size = min(chunk_size, plain_size - pos_out)
-                body = ct[pos_in : pos_in + size]
-                tag = bytes(ct[pos_in + size : pos_in + size + TAG_SIZE])
-                dec = Cipher(
-                    algorithms.AES(k), modes.GCM(_nonce(prefix, i, i == n - 1), tag)
-                ).decryptor()
-                dec.authenticate_additional_data(aad)
-                if size:
-                    if pos_out + size + 15 <= len(dst) and (i < last - 1 or last == n):
-                        dec.update_into(body, dst[pos_out : pos_out + size + 15])
-                    else:  # the buffer's end, or a run's last chunk (the spare bytes are
-                        # the next run's, written by another thread): a scratch buffer
-                        scratch = bytearray(size + 15)
-                        dec.update_into(body, scratch)
-                        dst[pos_out : pos_out + size] = memoryview(scratch)[:size]
-                        zeroize(scratch)
-                dec.finalize()
+                piece = ct[pos_in : pos_in + size + TAG_SIZE]
+                if pos_out + size + 15 <= len(dst) and (i < last - 1 or last == n):
+                    decrypt_chunk(k, prefix, aad, i, n, piece, dst[pos_out : pos_out + size + 15])
+                else:  # the buffer's end, or a run's last chunk (the spare bytes are
+                    # the next run's, written by another thread): a scratch buffer
+                    scratch = bytearray(size + 15)
+                    decrypt_chunk(k, prefix, aad, i, n, piece, scratch)
+                    dst[pos_out : pos_out + size] = memoryview(scratch)[:size]
+                    zeroize(scratch)
             if consumed is not None:
                 consumed(done * step, min(last * step, len(ct)))
         except BaseException as exc:  # a bad tag, or anything else: never a silent gap

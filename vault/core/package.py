@@ -255,9 +255,9 @@ def _align(n: int) -> int:
 class Plaintext:
     """The decrypted payload: one buffer, views into it, and ``wipe()``."""
 
-    def __init__(self, buf: Any, index: dict[str, Any]) -> None:
+    def __init__(self, buf: Any, index: dict[str, Any], *, size: int | None = None) -> None:
         self._buf = buf
-        self._size = len(buf)
+        self._size = len(buf) if size is None else size
         self._view = memoryview(buf)
         self.index = index
         self.graphs: list[memoryview] = [
@@ -508,9 +508,10 @@ def memory_limit(plaintext_size: int, *, headroom: int | None = None) -> int:
 class Package:
     """A sealed package read from disk (memory-mapped, read-only)."""
 
-    def __init__(self, data: Any, *, source: str = "<memory>") -> None:
+    def __init__(self, data: Any, *, source: str = "<memory>", fd: int | None = None) -> None:
         self.source = source
         self._data = data
+        self._fd = fd  # a descriptor of the mapped file (ours), for lazy weights
         self._view = (
             memoryview(data).cast("B") if not isinstance(data, mmap.mmap) else memoryview(data)
         )
@@ -535,9 +536,10 @@ class Package:
         fd = open_regular(p, what="vault package", error=FormatError)
         try:
             data = cls._map(fd, p)
+            own = os.dup(fd) if isinstance(data, mmap.mmap) else None
         finally:
             os.close(fd)
-        return cls(data, source=p)
+        return cls(data, source=p, fd=own)
 
     @classmethod
     def from_fd(cls, fd: int) -> Package:
@@ -548,11 +550,12 @@ class Package:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise FormatError("package descriptor is not a regular file")
             data = cls._map(fd, "<fd>")
+            own = os.dup(fd) if isinstance(data, mmap.mmap) else None
         except (OSError, ValueError) as exc:
             raise FormatError("package descriptor is not a readable file") from exc
         finally:
             os.close(fd)
-        return cls(data, source="<fd>")
+        return cls(data, source="<fd>", fd=own)
 
     @staticmethod
     def _map(fd: int, source: str) -> Any:
@@ -629,10 +632,29 @@ class Package:
             raise IntegrityError()
         _crypto.verify_signature(raw, self.signature, self._signed_message())
 
-    def decrypt(self, key: bytes | bytearray) -> Plaintext:
-        """Decrypt the payload into one fresh buffer (the only plaintext copy)."""
+    def decrypt(self, key: bytes | bytearray, *, lazy: bool = False) -> Plaintext:
+        """Decrypt the payload into one fresh buffer (the only plaintext copy).
+
+        ``lazy``: where this system allows it, the weights are decrypted when
+        first read and can be given back once onnxruntime has packed them
+        (:mod:`vault.core.lazyplain`); elsewhere, and for small payloads, the
+        whole payload is decrypted now, as without it."""
         p = self.manifest["payload"]
         size = int(p["plaintext_size"])
+        if lazy and self._fd is not None:
+            from .lazyplain import decrypt_lazily
+
+            plain = decrypt_lazily(
+                os.dup(self._fd),
+                self._layout.payload_start,
+                key,
+                bytes.fromhex(p["nonce_prefix"]),
+                payload_aad(self._layout.header, self._layout.manifest_bytes),
+                plaintext_size=size,
+                chunk_size=int(p["chunk_size"]),
+            )
+            if plain is not None:
+                return plain
         buf = _crypto.secret_buffer(size)
         _crypto.stream_decrypt_into(
             key,
@@ -701,6 +723,9 @@ class Package:
             pass
 
     def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
         try:
             self._view.release()
             if isinstance(self._data, mmap.mmap):

@@ -1,0 +1,190 @@
+"""Lazy weights (vault/core/lazyplain.py): decrypted on first read, given
+back, decrypted again when read again, and failing closed.
+
+Read from this process only through ``ctypes.memmove``, which drops the GIL
+as onnxruntime does: the fault handler is a Python thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.prereq import require
+from vault.core import lazyplain
+from vault.core.crypto import PublisherKey, generate_key
+from vault.core.errors import IntegrityError
+from vault.core.package import Package, build_plaintext, payload_aad, write_package
+
+MiB = 1 << 20
+ROWS = 2048  # one file of ROWS x 1024 float32: 8 MiB, 4 blocks
+
+
+def _package(tmp_path: Path, *, chunk: int = MiB) -> tuple[str, bytearray, bytes]:
+    rng = np.random.default_rng(11)
+    weights = rng.standard_normal((ROWS, 1024)).astype(np.float32)
+    graph = b"\x08\x07" * 1000  # the graphs are read as bytes only here
+    plaintext = build_plaintext([("pipeline", graph)], [("w.bin", bytearray(weights.tobytes()))])
+    key = generate_key()
+    pk = PublisherKey.generate()
+    path = str(tmp_path / "lazy.vault")
+    manifest = {
+        "format": "vault-package/1", "model_id": "lazy", "key_id": "k-lazy",
+        "publisher": {"alg": "ed25519", "fingerprint": pk.fingerprint},
+        "created": "2026-01-01T00:00:00Z", "stages": ["model"], "composed": True,
+        "inputs": [], "outputs": [], "split_points": [],
+    }  # fmt: skip
+    reference = bytearray(plaintext)  # write_package wipes what it sealed
+    write_package(path, manifest, plaintext, key, pk.sign, chunk_size=chunk)
+    return path, reference, bytes(key)
+
+
+def _open(path: str, key: bytes, **kw: int) -> lazyplain.LazyPlaintext | None:
+    pkg = Package.load(path)
+    try:
+        p = pkg.manifest["payload"]
+        return lazyplain.decrypt_lazily(
+            os.dup(pkg._fd),  # type: ignore[arg-type]  # noqa: SLF001
+            pkg._layout.payload_start,  # noqa: SLF001
+            key,
+            bytes.fromhex(p["nonce_prefix"]),
+            payload_aad(pkg._layout.header, pkg._layout.manifest_bytes),  # noqa: SLF001
+            plaintext_size=int(p["plaintext_size"]),
+            chunk_size=int(p["chunk_size"]),
+            min_bytes=kw.get("min_bytes", 0),
+        )
+    finally:
+        pkg.close()
+
+
+def _read(view: memoryview, lo: int, n: int) -> bytes:
+    """Copy ``n`` bytes out with the GIL released (as onnxruntime reads)."""
+    out = ctypes.create_string_buffer(n)
+    src = ctypes.addressof(ctypes.c_char.from_buffer(view)) + lo
+    ctypes.memmove(out, src, n)
+    return out.raw
+
+
+@pytest.fixture
+def lazy(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if not lazyplain.supported():
+        pytest.skip("no userfaultfd on this kernel: lazy weights fall back to eager")
+    path, plaintext, key = _package(tmp_path)
+    plain = _open(path, key)
+    assert plain is not None
+    yield plain, plaintext, path, key
+    plain.release()
+
+
+def test_weights_decrypt_on_first_read_and_match_the_eager_plaintext(lazy) -> None:  # type: ignore[no-untyped-def]
+    plain, plaintext, _, _ = lazy
+    f = plain.index["files"][0]
+    view = plain.files["w.bin"]
+    assert plain.stats()["faults"] == 0  # nothing of the weights decrypted yet
+    # graphs are decrypted up front (Python reads them)
+    g = plain.index["graphs"][0]
+    assert bytes(plain.graphs[0]) == bytes(plaintext[g["offset"] : g["offset"] + g["length"]])
+    got = _read(view, 0, f["length"])
+    assert got == bytes(plaintext[f["offset"] : f["offset"] + f["length"]])
+    st = plain.stats()
+    assert st["faults"] >= st["blocks"] - 1 and st["refills"] == 0, st
+
+
+def test_blocks_given_back_are_decrypted_again_when_read_again(lazy) -> None:  # type: ignore[no-untyped-def]
+    plain, plaintext, _, _ = lazy
+    f = plain.index["files"][0]
+    view = plain.files["w.bin"]
+    first = _read(view, 0, f["length"])  # the "build" reads every block
+    plain.settle()  # ...and gives every one back
+    assert plain.stats()["resident_blocks"] == 0
+    mid = f["length"] // 2
+    again = _read(view, mid, 4096)  # a session reads one page again
+    assert again == first[mid : mid + 4096]
+    st = plain.stats()
+    assert st["refills"] >= 1 and st["resident_blocks"] >= 1, st
+
+
+def test_blocks_the_build_never_read_are_decrypted_by_settle(lazy) -> None:  # type: ignore[no-untyped-def]
+    plain, plaintext, _, _ = lazy
+    plain.settle()
+    st = plain.stats()
+    assert st["read_in_build"] == 0 and st["resident_blocks"] == st["blocks"], st
+    f = plain.index["files"][0]
+    faults = st["faults"]
+    assert _read(plain.files["w.bin"], 0, f["length"]) == bytes(
+        plaintext[f["offset"] : f["offset"] + f["length"]]
+    )
+    assert plain.stats()["faults"] == faults  # a call after settle needs no fault
+
+
+def test_a_build_that_reads_more_than_the_budget_keeps_only_the_budget(lazy) -> None:  # type: ignore[no-untyped-def]
+    plain, _, _, _ = lazy
+    plain._budget = 2 * plain._block  # noqa: SLF001
+    f = plain.index["files"][0]
+    for lo in range(0, f["length"], 64 << 10):  # front to back, as a packer reads
+        _read(plain.files["w.bin"], lo, min(64 << 10, f["length"] - lo))
+    st = plain.stats()
+    assert st["resident_blocks"] <= 2 and st["refills"] == 0, st
+
+
+def test_a_package_changed_after_open_fails_closed(lazy) -> None:  # type: ignore[no-untyped-def]
+    plain, _, path, _ = lazy
+    pkg = Package.load(path)
+    start = pkg._layout.payload_start  # noqa: SLF001
+    pkg.close()
+    with open(path, "r+b") as fh:  # the ciphertext rewritten in place, same size
+        fh.seek(start + (4 << 20))
+        fh.write(b"\0" * (2 << 20))
+    f = plain.index["files"][0]
+    _read(plain.files["w.bin"], 0, f["length"])  # no thread hangs: zeros are given
+    assert plain.failed and "changed" in plain.failed
+    with pytest.raises(IntegrityError):
+        plain.settle()
+
+
+def test_a_wrong_key_is_an_integrity_error_at_once(tmp_path: Path) -> None:
+    if not lazyplain.supported():
+        pytest.skip("no userfaultfd on this kernel")
+    path, _, _ = _package(tmp_path)
+    with pytest.raises(IntegrityError):
+        _open(path, bytes(32))
+
+
+def test_small_or_odd_payloads_are_decrypted_up_front(tmp_path: Path) -> None:
+    path, _, key = _package(tmp_path, chunk=3000)  # not a whole number of pages
+    assert _open(path, key) is None
+    path, _, key = _package(tmp_path)
+    assert _open(path, key, min_bytes=64 << 20) is None  # below the size that pays
+
+
+def test_wipe_decrypts_nothing_and_leaves_zeros(lazy) -> None:  # type: ignore[no-untyped-def]
+    plain, _, _, _ = lazy
+    f = plain.index["files"][0]
+    view = plain.files["w.bin"]
+    _read(view, 0, 4096)
+    faults = plain.stats()["faults"]
+    plain.wipe()
+    assert plain.stats()["faults"] == faults
+    assert _read(view, 0, f["length"]) == bytes(f["length"])
+
+
+def test_an_unprivileged_user_gets_a_userfaultfd() -> None:
+    """UFFD_USER_MODE_ONLY needs no privilege (vm.unprivileged_userfaultfd
+    stays 0): the daemon's and the service's workers are not root."""
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv")
+    code = "from vault.core import lazyplain; print(lazyplain.supported())"
+    root = str(Path(__file__).resolve().parents[3])
+    r = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+         code],
+        capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(lazyplain.supported())
