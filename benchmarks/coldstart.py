@@ -170,7 +170,9 @@ def _worker_parts(ms: dict[str, float], weights: int) -> dict[str, float]:
     if not ms or "decrypt" not in ms:
         return {}
     # lazy weights (vault/core/lazyplain.py) are decrypted inside the session
-    # build, on onnxruntime's first reads: the worker times that apart
+    # build, on onnxruntime's first reads (and read ahead on a second thread,
+    # overlapping the build): the worker reports that time apart, summed over
+    # its threads, so this split of the build is approximate
     lazy_s = ms.get("weights_decrypt", 0.0) / 1e3
     decrypt_s = ms["decrypt"] / 1e3 + lazy_s
     return {

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.models import mlp
 from tests.sealed import open_sealed, seal_for_test
+from vault.core.lazyplain import BUILD_BUDGET
 
 D, LAYERS = 1024, 16  # 16 MatMul weights of 4 MiB: 64 MiB
 
@@ -74,10 +75,11 @@ def test_no_weight_is_held_twice_with_prepacking_or_without(tmp_path: Path) -> N
     # control: decrypted up front, the originals stay beside the packed copies
     assert mem["eager"]["VmRSS"] - mem["lazy"]["VmRSS"] > 0.7 * weights, (mem, base)
     # the peak is the weights once, with prepacking (lazy) and without: the
-    # ciphertext's pages leave the resident set as they are read
-    for label in ("lazy", "no_prepack"):
+    # ciphertext's pages leave the resident set as they are read; lazy weights
+    # add the blocks a build keeps in hand (a fixed 16 MiB: 0.25x of this model)
+    for label, allowed in (("lazy", 1.15 * weights + BUILD_BUDGET), ("no_prepack", 1.3 * weights)):
         extra = mem[label]["VmHWM"] - base["VmHWM"]
         print(f"{label}: peak beyond a tiny model's worker: {extra / weights:.2f}x the weights")
-        assert extra < 1.3 * weights, (label, extra / weights, mem, base)
+        assert extra < allowed, (label, extra / weights, mem, base)
     extra = mem["eager"]["VmHWM"] - base["VmHWM"]
     assert extra > 1.7 * weights, (extra / weights, mem, base)

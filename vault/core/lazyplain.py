@@ -47,6 +47,7 @@ import errno
 import mmap
 import os
 import platform
+import queue
 import select
 import struct
 import sys
@@ -62,8 +63,9 @@ __all__ = ["LazyPlaintext", "decrypt_lazily", "supported"]
 
 PAGE = mmap.PAGESIZE
 BLOCK_BYTES = 2 << 20  # what one fault decrypts (whole chunks, at least one)
-BUILD_BUDGET = 8 << 20  # blocks kept resident while sessions are built (grows on re-reads)
+BUILD_BUDGET = 16 << 20  # blocks kept resident while sessions are built (grows on re-reads)
 LAZY_MIN_BYTES = 16 << 20  # below this the whole plaintext is decrypted up front
+READ_AHEAD = 2  # blocks decrypted on a second thread after a fault during the build
 
 _SYSCALL = {"x86_64": 323, "aarch64": 282}
 _UFFD_USER_MODE_ONLY = 1
@@ -174,9 +176,11 @@ class LazyPlaintext(Plaintext):
         self._blocks = -(-self._span // block)
         self._src = source
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._resident: dict[int, int] = {}  # block -> fill order
+        self._filling: set[int] = set()  # claimed by a thread that is decrypting it
         self._filled: set[int] = set()  # every block decrypted at least once
-        self._read_in_build: set[int] = set()
+        self._built: set[int] = set()  # blocks filled while the sessions were built
         self._order = 0
         self._budget = BUILD_BUDGET
         self._building = True
@@ -186,10 +190,14 @@ class LazyPlaintext(Plaintext):
         self._decrypt_s = 0.0  # decrypting and copying blocks in, all told
         self._decrypted = 0
         self.failed: str | None = None
-        self._scratch = bytearray(block + 16)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._serve, name="vault-weights", daemon=True)
-        self._thread.start()
+        self._ahead: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name="vault-weights", daemon=True),
+            threading.Thread(target=self._read_ahead, name="vault-weights-ahead", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
 
     # -- the fault handler --------------------------------------------------------
 
@@ -197,6 +205,7 @@ class LazyPlaintext(Plaintext):
         poll = select.poll()
         poll.register(self._uffd, select.POLLIN)
         poll.register(self._stop_r, select.POLLIN)
+        bufs = self._src.buffers(self._block)
         while True:
             events = dict(poll.poll())
             if self._stop_r in events:
@@ -211,24 +220,39 @@ class LazyPlaintext(Plaintext):
                 if data[off] != _EVENT_PAGEFAULT:
                     continue
                 (addr,) = struct.unpack_from("<Q", data, off + 16)
-                self._on_fault(addr)
+                self._on_fault(addr, bufs)
 
-    def _on_fault(self, addr: int) -> None:
+    def _on_fault(self, addr: int, bufs: tuple[bytearray, bytearray]) -> None:
         b = (addr - self._base - self._lazy_from) // self._block
         if not 0 <= b < self._blocks:  # not ours: cannot happen for a registered range
             return
         with self._lock:
             self.faults += 1
-            if b in self._resident:  # filled meanwhile (another thread's fault, or prefill)
+            if b in self._filling:  # the thread filling it wakes the faulting one
+                return
+            if b in self._resident:  # filled meanwhile (by another thread)
                 self._wake(b)
                 return
-            again = b in self._filled
-            self._fill(b, self._scratch)
+            self._filling.add(b)
+            ahead = []
             if self._building:
-                if again and self._budget < 1 << 62:
-                    self._budget *= 2  # the build reads back what it let go: keep more
-                self._read_in_build.add(b)
-                self._trim()
+                # onnxruntime packs a weight front to back: the next blocks are
+                # decrypted on the other thread while it packs this one
+                for nb in range(b + 1, min(b + 1 + READ_AHEAD, self._blocks)):
+                    if nb not in self._filled and nb not in self._filling:
+                        self._filling.add(nb)
+                        ahead.append(nb)
+        for nb in ahead:
+            self._ahead.put(nb)
+        self._fill(b, bufs, fault=True)
+
+    def _read_ahead(self) -> None:
+        bufs = self._src.buffers(self._block)
+        while True:
+            b = self._ahead.get()
+            if b is None:
+                return
+            self._fill(b, bufs, fault=False)
 
     def _range(self, b: int) -> tuple[int, int]:
         lo = self._lazy_from + b * self._block
@@ -238,15 +262,18 @@ class LazyPlaintext(Plaintext):
         lo, n = self._range(b)
         _lib().ioctl(self._uffd, _UFFDIO_WAKE, ctypes.byref(_Range(self._base + lo, n)))
 
-    def _fill(self, b: int, scratch: bytearray) -> None:
-        """Decrypt block ``b`` and copy it in (lock held). Never raises: a
-        block that cannot be decrypted becomes zero pages and ``failed``."""
+    def _fill(self, b: int, bufs: tuple[bytearray, bytearray], *, fault: bool) -> None:
+        """Decrypt block ``b`` (claimed: in ``_filling`` until its pages are
+        in) and copy it in, without the lock. Never raises: a block that
+        cannot be decrypted becomes zero pages and ``failed``."""
+        scratch, ct = bufs
         lo, n = self._range(b)
-        if b in self._filled:
-            self.refills += 1
         t0 = time.perf_counter()
         try:
-            self._src.decrypt(lo, n, scratch)
+            try:
+                self._src.decrypt(lo, n, scratch, ct)
+            finally:
+                self._account(b, n, t0, fault)
             copy = _Copy(self._base + lo, ctypes.addressof(ctypes.c_char.from_buffer(scratch)), n)
             if _lib().ioctl(self._uffd, _UFFDIO_COPY, ctypes.byref(copy)) != 0:
                 err = ctypes.get_errno()
@@ -257,24 +284,44 @@ class LazyPlaintext(Plaintext):
             self._poison(b, exc)
         finally:
             _crypto.zeroize(scratch)
-        self._decrypt_s += time.perf_counter() - t0
-        self._decrypted += n
-        self._order += 1
-        self._resident[b] = self._order
-        self._filled.add(b)
+            with self._lock:
+                self._filling.discard(b)
+                if self._building:
+                    self._trim()
+                self._changed.notify_all()
+
+    def _account(self, b: int, n: int, t0: float, fault: bool) -> None:
+        """Block ``b`` is about to be in: count it, and during the build keep
+        only the budget's worth of blocks (never one still being copied in)."""
+        with self._lock:
+            self._decrypt_s += time.perf_counter() - t0
+            self._decrypted += n
+            again = b in self._filled
+            if again:
+                self.refills += 1
+            self._filled.add(b)
+            self._order += 1
+            self._resident[b] = self._order
+            if self._building:
+                if again and fault and self._budget < 1 << 62:
+                    self._budget *= 2  # the build reads back what it let go: keep more
+                self._built.add(b)
+                self._trim()
 
     def _poison(self, b: int, exc: BaseException) -> None:
-        if self.failed is None:
-            self.failed = (
-                "the package's weights could not be decrypted again "
-                f"({type(exc).__name__}: the file changed or shrank after it was opened)"
-            )
+        with self._lock:
+            if self.failed is None:
+                self.failed = (
+                    "the package's weights could not be decrypted again "
+                    f"({type(exc).__name__}: the file changed or shrank after it was opened)"
+                )
         lo, n = self._range(b)
         zero = _Zero(_Range(self._base + lo, n), 0, 0)
         if _lib().ioctl(self._uffd, _UFFDIO_ZEROPAGE, ctypes.byref(zero)) != 0:
             self._wake(b)
 
     def _drop(self, b: int) -> None:
+        """Give block ``b``'s pages back (lock held)."""
         lo, n = self._range(b)
         lib = _lib()
         if lib.madvise(self._base + lo, n, self._dont_need) != 0:
@@ -289,7 +336,10 @@ class LazyPlaintext(Plaintext):
 
     def _trim(self) -> None:
         while len(self._resident) * self._block > self._budget:
-            oldest = min(self._resident, key=self._resident.__getitem__)
+            done = [b for b in self._resident if b not in self._filling]
+            if not done:
+                return
+            oldest = min(done, key=self._resident.__getitem__)
             self._drop(oldest)
             if oldest in self._resident:
                 return
@@ -297,22 +347,32 @@ class LazyPlaintext(Plaintext):
     # -- after the build ------------------------------------------------------------
 
     def settle(self) -> None:
-        """The sessions are built: give back every block the build read (what
-        onnxruntime packed or copied; one it reads again is decrypted again,
-        once) and decrypt every block it did not read. IntegrityError when a
-        block could not be decrypted."""
-        with self._lock:
+        """The sessions are built: give back every block filled during the
+        build (what onnxruntime packed or copied, and what was read ahead of
+        it; one a session reads again is decrypted again, once) and decrypt,
+        on two threads, every block the build did not touch. IntegrityError
+        when a block could not be decrypted."""
+        with self._changed:
             self._building = False
+            self._changed.wait_for(lambda: not self._filling, timeout=60)
             for b in list(self._resident):
-                self._drop(b)
-        scratch = bytearray(self._block + 16)
-        try:
-            for b in range(self._blocks):
+                if b in self._built:
+                    self._drop(b)
+        todo = iter(range(self._blocks))
+
+        def prefill() -> None:
+            bufs = self._src.buffers(self._block)
+            for b in todo:  # a shared iterator: each block goes to one thread
                 with self._lock:
-                    if b not in self._filled and b not in self._resident:
-                        self._fill(b, scratch)
-        finally:
-            _crypto.zeroize(scratch)
+                    if b in self._filled or b in self._filling:
+                        continue
+                    self._filling.add(b)
+                self._fill(b, bufs, fault=False)
+
+        helper = threading.Thread(target=prefill, name="vault-weights-prefill", daemon=True)
+        helper.start()
+        prefill()
+        helper.join()
         if self.failed:
             raise IntegrityError(self.failed)
 
@@ -322,7 +382,7 @@ class LazyPlaintext(Plaintext):
             return {
                 "lazy_bytes": self._span,
                 "blocks": self._blocks,
-                "read_in_build": len(self._read_in_build),
+                "read_in_build": len(self._built),
                 "resident_blocks": len(self._resident),
                 "faults": self.faults,
                 "refills": self.refills,
@@ -341,8 +401,10 @@ class LazyPlaintext(Plaintext):
             os.write(self._stop_w, b"x")
         except OSError:
             pass
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5)
+        self._ahead.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
         with self._lock:
             _lib().ioctl(
                 self._uffd,
@@ -388,9 +450,13 @@ class _Source:
         self.size = size
         self.chunk = chunk
         self.n = _crypto.chunk_count(size, chunk)
-        self._ct = bytearray(chunk + _crypto.TAG_SIZE)
 
-    def decrypt(self, lo: int, n: int, out: bytearray) -> None:
+    def buffers(self, block: int) -> tuple[bytearray, bytearray]:
+        """One thread's buffers: a block's plaintext (with ``update_into``'s
+        spare bytes) and one chunk's ciphertext."""
+        return bytearray(block + 16), bytearray(self.chunk + _crypto.TAG_SIZE)
+
+    def decrypt(self, lo: int, n: int, out: bytearray, ct: bytearray) -> None:
         """Plaintext ``[lo, lo + n)`` into ``out`` (whole chunks: ``lo`` is a
         chunk boundary); what lies past the plaintext's end is zeros."""
         view = memoryview(out)
@@ -399,7 +465,7 @@ class _Source:
         while pos < end:
             i = pos // self.chunk
             size = min(self.chunk, self.size - pos)
-            piece = memoryview(self._ct)[: size + _crypto.TAG_SIZE]
+            piece = memoryview(ct)[: size + _crypto.TAG_SIZE]
             at = self.payload_start + i * (self.chunk + _crypto.TAG_SIZE)
             if os.preadv(self.fd, [piece], at) != len(piece):
                 raise OSError(errno.EIO, "short read")
@@ -478,11 +544,11 @@ def decrypt_lazily(
 
 def _decrypt_upto(src: _Source, buf: mmap.mmap, done: int, upto: int) -> int:
     """Decrypt whole chunks into ``buf`` from ``done`` until ``upto`` is covered."""
-    scratch = bytearray(src.chunk + 16)
+    scratch, ct = src.buffers(src.chunk)
     try:
         while done < min(upto, src.size):
             n = min(src.chunk, src.size - done)
-            src.decrypt(done, n, scratch)
+            src.decrypt(done, n, scratch, ct)
             buf[done : done + n] = memoryview(scratch)[:n]
             done += n
     finally:
