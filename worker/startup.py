@@ -12,7 +12,11 @@ line, ``Model.startup_ms`` on the caller's side):
                     asked for
 3. ``key_release``  the package key from the key server (HPKE-sealed to a
                     fresh ephemeral key), or, for tests only, from a pipe
-4. ``decrypt``      one pass into one buffer; the key is overwritten at once
+4. ``decrypt``      one pass into one buffer, the key overwritten at once; or,
+                    with lazy weights (``vault.core.lazyplain``), the index
+                    and graphs only, the weights decrypted as onnxruntime
+                    reads them (timed as ``weights_decrypt``) with the key
+                    kept until the sessions end
 5. ``import_wait``  the onnxruntime import started in step 1
 6. ``session``      onnxruntime sessions from bytes, using the weights in
                     the plaintext buffer in place (no copy); the pipeline
