@@ -120,8 +120,23 @@ def check_listener(fd: int) -> socket.socket:
     return s
 
 
+_MASK = ALIGN - 1
+_LENS: dict[int, struct.Struct] = {}
+
+
 def _pad(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+    return (n + _MASK) & ~_MASK
+
+
+def _lens(count: int) -> struct.Struct:
+    """The ``<Q`` lengths of ``count`` frames (cached: a call's records have
+    the same few frame counts)."""
+    st = _LENS.get(count)
+    if st is None:
+        st = struct.Struct(f"<{count}Q")
+        if len(_LENS) < 64:
+            _LENS[count] = st
+    return st
 
 
 def _aligned(n: int) -> memoryview:
@@ -137,28 +152,43 @@ def send_record(sock: socket.socket, frames: Sequence[Any]) -> None:
     """Send ``frames`` as one record (no copy of the frames: one ``sendmsg``).
     The head and every frame are padded to ``ALIGN`` bytes on the wire, so a
     receiver's tensors start aligned (onnxruntime reads them in place)."""
-    views = [f if isinstance(f, memoryview) else memoryview(f) for f in frames]
-    views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views]
-    lens = [v.nbytes for v in views]
-    head = _HEAD.pack(MAGIC, len(views), sum(_pad(n) for n in lens))
-    head += struct.pack(f"<{len(lens)}Q", *lens)
-    bufs: list[Any] = [head + _ZEROS[: _pad(len(head)) - len(head)]]
-    for v, n in zip(views, lens):
+    bufs: list[Any] = [b""]
+    lens: list[int] = []
+    body = 0
+    for f in frames:
+        v = f if type(f) is memoryview else memoryview(f)
+        if v.ndim != 1 or v.format != "B":
+            v = v.cast("B")
+        n = v.nbytes
+        lens.append(n)
         bufs.append(v)
-        if n % ALIGN:
-            bufs.append(_ZEROS[: ALIGN - n % ALIGN])
-    while bufs:
+        if n & _MASK:
+            bufs.append(_ZEROS[: ALIGN - (n & _MASK)])
+            n += ALIGN - (n & _MASK)
+        body += n
+    head = _HEAD.pack(MAGIC, len(lens), body) + _lens(len(lens)).pack(*lens)
+    if len(head) & _MASK:
+        head += _ZEROS[: ALIGN - (len(head) & _MASK)]
+    bufs[0] = head
+    sent = sock.sendmsg(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX])
+    if sent != len(head) + body:  # a large record, a full socket buffer: the rest
+        _send_rest(sock, bufs, sent)
+
+
+def _send_rest(sock: socket.socket, bufs: list[Any], sent: int) -> None:
+    """Go on after a ``sendmsg`` of ``bufs[:_IOV_MAX]`` that sent ``sent`` bytes."""
+    while True:
         batch = bufs[:_IOV_MAX]
-        sent = sock.sendmsg(batch)
-        # a partial send (a large record, a full socket buffer): go on after it
         i = 0
         while i < len(batch) and sent >= memoryview(batch[i]).nbytes:
             sent -= memoryview(batch[i]).nbytes
             i += 1
-        rest = bufs[i:]
-        if sent and rest:
-            rest[0] = memoryview(rest[0])[sent:]
-        bufs = rest
+        bufs = bufs[i:]
+        if sent and bufs:
+            bufs[0] = memoryview(bufs[0])[sent:]
+        if not bufs:
+            return
+        sent = sock.sendmsg(bufs[:_IOV_MAX])
 
 
 class Closed(Exception):
@@ -270,13 +300,13 @@ class RecordReader:
             self._held += claim
         if head <= len(self._view):
             self._fill(head)
-            lens = struct.unpack_from(f"<{count}Q", self._view, self._start + _HEAD.size)
+            lens = _lens(count).unpack_from(self._view, self._start + _HEAD.size)
             self._start += head
         else:  # very many frames: their lengths straight from the socket
             self._start += _HEAD.size
             raw = self._take(head - _HEAD.size, owned=True)
             lens = struct.unpack_from(f"<{count}Q", raw)
-        if sum(_pad(n) for n in lens) != total:
+        if sum([(n + _MASK) & ~_MASK for n in lens]) != total:
             raise ProtocolError("a record's frame lengths do not add up to its size")
         if sum(lens) > self.max_message:
             raise ProtocolError(f"record exceeds the limit of {self.max_message} bytes")
@@ -285,7 +315,7 @@ class RecordReader:
         pos = 0
         for n in lens:
             out.append(body[pos : pos + n])
-            pos += _pad(n)
+            pos += (n + _MASK) & ~_MASK
         return out
 
     def release(self) -> None:
