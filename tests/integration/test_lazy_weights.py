@@ -16,6 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.prereq import require
 from tests.sealed import open_sealed, seal_for_test
 from vault.core import lazyplain
 from vault.core.errors import IntegrityError
@@ -23,9 +24,10 @@ from vault.core.package import Package
 
 D, LAYERS = 1024, 8  # 8 weights of 4 MiB: 32 MiB
 
-pytestmark = pytest.mark.skipif(
-    not lazyplain.supported(), reason="no userfaultfd on this kernel: weights decrypt up front"
-)
+
+@pytest.fixture(autouse=True)
+def _userfaultfd() -> None:
+    require(lazyplain.supported(), "a kernel with userfaultfd for user-mode faults (Linux 5.11+)")
 
 
 def _packed_and_gathered() -> onnx.ModelProto:
@@ -101,23 +103,107 @@ def test_weights_the_build_never_reads_are_decrypted_before_the_first_call(
     np.testing.assert_array_equal(got, want)
 
 
-def test_a_package_rewritten_under_a_running_worker_gives_a_typed_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("payload", ["garbage", "another package's chunks"])
+def test_a_package_rewritten_under_a_running_worker_gives_a_typed_error(
+    tmp_path: Path, payload: str
+) -> None:
     """The lazy worker reads the package file again for a block given back;
-    a file rewritten since it was opened does not authenticate, and the call
-    that needed the block is refused (and every call after it). Control: a
-    worker that decrypted everything up front never reads the file again."""
+    a file rewritten since it was opened does not authenticate, whether with
+    garbage or with another package's valid chunks of the same size (the
+    same model sealed again: another key, another nonce prefix), and the
+    call that needed the block is refused (and every call after it).
+    Control: a worker that decrypted everything up front never reads the
+    file again."""
     s = seal_for_test(tmp_path, _packed_and_gathered(), name="tied")
+    (tmp_path / "again").mkdir()
+    other = seal_for_test(tmp_path / "again", _packed_and_gathered(), name="tied")
     pkg = Package.load(s.path)
     start, end = pkg._layout.payload_start, pkg._layout.payload_end  # noqa: SLF001
     pkg.close()
     with open_sealed(s, worker_args=["--eager-weights"]) as eager, open_sealed(s) as lazy:
         want = eager.compute(FEEDS)["y"]
+        if payload == "garbage":
+            new = b"\xa5" * (end - start)
+        else:
+            o = Package.load(other.path)
+            new = bytes(o.ciphertext)
+            o.close()
+            assert len(new) == end - start and new != Path(s.path).read_bytes()[start:end]
         with open(s.path, "r+b") as fh:  # the whole ciphertext, same size, other bytes
             fh.seek(start)
-            fh.write(b"\xa5" * (end - start))
+            fh.write(new)
         with pytest.raises(IntegrityError, match="changed"):
             lazy.compute(FEEDS)
         with pytest.raises(IntegrityError):
             lazy.compute(FEEDS)  # not a one-off: the weights are gone for good
         assert lazy.health()["weights"]["failed"]  # and the worker still answers
         np.testing.assert_array_equal(eager.compute(FEEDS)["y"], want)
+
+
+D2 = 2048  # one 16 MiB weight
+
+
+def _packed_and_returned(op: str) -> onnx.ModelProto:
+    """W is packed by a MatMul (so the build gives its blocks back) and also
+    returned as an output, through an aliasing kernel (Reshape, Identity)."""
+    w = np.random.default_rng(1).standard_normal((D2, D2)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    inits = [numpy_helper.from_array(w, "w")]
+    if op == "Reshape":
+        nodes.append(helper.make_node("Reshape", ["w", "shape"], ["z"]))
+        inits.append(numpy_helper.from_array(np.array([D2 * D2], np.int64), "shape"))
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [D2 * D2])
+    else:
+        nodes.append(helper.make_node("Identity", ["w"], ["z"]))
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [D2, D2])
+    g = helper.make_graph(
+        nodes, "returned",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, D2]), z],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv_add() -> onnx.ModelProto:
+    """Conv then Add: onnxruntime folds these weights from the graph, so the
+    in-place route fails and the copying (files-in-memory) route builds it."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((512, 512, 3, 3)).astype(np.float32)  # 9 MiB
+    w2 = rng.standard_normal((512, 512, 3, 3)).astype(np.float32)
+    b = rng.standard_normal((1, 512, 1, 1)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Add", ["c", "b"], ["c2"]),
+         helper.make_node("Conv", ["c2", "w2"], ["y"], pads=[1, 1, 1, 1])],
+        "convadd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512, 4, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _packed_and_returned("Reshape"), lambda: _packed_and_returned("Identity"), _conv_add],
+    ids=["packed-and-returned-by-reshape", "packed-and-returned-by-identity", "copying-route"],
+)
+def test_other_shapes_of_model_give_the_eager_workers_bits(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    """An output that is a given-back weight (read by onnxruntime's output
+    copy, with the GIL released), and the copying route. Found holding by
+    review; kept so they keep holding."""
+    s = seal_for_test(tmp_path, make(), name="m")
+    feeds = {
+        i.name: np.ones([d.dim_value for d in i.type.tensor_type.shape.dim], np.float32)
+        for i in make().graph.input
+    }
+    with open_sealed(s, worker_args=["--eager-weights"]) as m:
+        want = m.compute(feeds)
+    with open_sealed(s) as m:
+        assert m.health()["weights"] is not None  # lazily decrypted
+        got = m.compute(feeds)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])

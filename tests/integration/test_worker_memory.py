@@ -13,7 +13,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.models import mlp
+from tests.prereq import require
 from tests.sealed import open_sealed, seal_for_test
+from vault.core import lazyplain
 from vault.core.lazyplain import BUILD_BUDGET
 
 D, LAYERS = 1024, 16  # 16 MatMul weights of 4 MiB: 64 MiB
@@ -50,6 +52,7 @@ def test_no_weight_is_held_twice_with_prepacking_or_without(tmp_path: Path) -> N
     its decrypted originals back (lazy weights); ``--no-prepack`` keeps the
     originals as the only copy. The control, ``--eager-weights``, shows the
     second copy that lazy weights remove."""
+    require(lazyplain.supported(), "a kernel with userfaultfd for user-mode faults (Linux 5.11+)")
     weights = LAYERS * D * D * 4
     x = {"x": np.random.default_rng(0).standard_normal((4, D)).astype(np.float32)}
     small = seal_for_test(tmp_path, mlp(), name="small")

@@ -230,7 +230,7 @@ def _decrypt_threads(n_chunks: int) -> int:
 
 
 def decrypt_chunk(
-    key: bytes, prefix: bytes, aad: bytes, index: int, n_chunks: int, piece: Any, out: Any
+    key: Any, prefix: bytes, aad: bytes, index: int, n_chunks: int, piece: Any, out: Any
 ) -> int:
     """Decrypt STREAM chunk ``index`` of ``n_chunks``: ``piece`` is its
     ciphertext and tag, ``out`` takes the plaintext and must have 15 spare

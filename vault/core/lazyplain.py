@@ -88,6 +88,7 @@ _MSG_SIZE = 32
 _MADV_DONTNEED = 4
 _MADV_DONTNEED_LOCKED = 24  # Linux 5.18: also drops pages an mlockall locked
 _MADV_DONTFORK = 10
+_MADV_NOHUGEPAGE = 15
 _MADV_DONTDUMP = 16
 
 
@@ -128,8 +129,18 @@ def _lib() -> Any:
         lib.syscall.restype = ctypes.c_long
         lib.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
         lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         _libc = lib
     return _libc
+
+
+def _present(addr: int, n: int) -> bool:
+    """Whether any page of ``[addr, addr + n)`` is in memory (``mincore``)."""
+    pages = -(-n // PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    if _lib().mincore(ctypes.c_void_p(addr), ctypes.c_size_t(n), vec) != 0:
+        return True  # cannot tell: assume the worst
+    return any(v & 1 for v in vec)
 
 
 def _open_uffd() -> int | None:
@@ -230,10 +241,10 @@ class LazyPlaintext(Plaintext):
             self.faults += 1
             if b in self._filling:  # the thread filling it wakes the faulting one
                 return
-            if b in self._resident:  # filled meanwhile (by another thread)
-                self._wake(b)
+            if b in self._resident and _present(addr & ~(PAGE - 1), PAGE):
+                self._wake(b)  # filled by another thread after this fault was raised
                 return
-            self._filling.add(b)
+            self._filling.add(b)  # (a resident block missing a page is completed)
             ahead = []
             if self._building:
                 # onnxruntime packs a weight front to back: the next blocks are
@@ -274,12 +285,8 @@ class LazyPlaintext(Plaintext):
                 self._src.decrypt(lo, n, scratch, ct)
             finally:
                 self._account(b, n, t0, fault)
-            copy = _Copy(self._base + lo, ctypes.addressof(ctypes.c_char.from_buffer(scratch)), n)
-            if _lib().ioctl(self._uffd, _UFFDIO_COPY, ctypes.byref(copy)) != 0:
-                err = ctypes.get_errno()
-                if err != errno.EEXIST:
-                    raise OSError(err, os.strerror(err))
-                self._wake(b)
+            src = ctypes.addressof(ctypes.c_char.from_buffer(scratch))
+            self._copy_in(self._base + lo, src, n)
         except BaseException as exc:  # noqa: BLE001 - a hung onnxruntime thread is worse
             self._poison(b, exc)
         finally:
@@ -289,6 +296,37 @@ class LazyPlaintext(Plaintext):
                 if self._building:
                     self._trim()
                 self._changed.notify_all()
+
+    def _copy_in(self, dst: int, src: int | None, n: int) -> None:
+        """Every missing page of ``[dst, dst + n)`` filled from ``src`` (zero
+        pages when None), waking whoever waits on them. A page already there
+        (``EEXIST``) is stepped over, one page at a time, so a range that is
+        partly present is completed, never only woken (a woken reader of a
+        still-missing page would fault again, for ever)."""
+        lib = _lib()
+        off = 0
+        stepped = False
+        while off < n:
+            if src is None:
+                req: Any = _Zero(_Range(dst + off, n - off), 0, 0)
+                rc = lib.ioctl(self._uffd, _UFFDIO_ZEROPAGE, ctypes.byref(req))
+                done = req.zeropage
+            else:
+                req = _Copy(dst + off, src + off, n - off, 0, 0)
+                rc = lib.ioctl(self._uffd, _UFFDIO_COPY, ctypes.byref(req))
+                done = req.copy
+            if rc == 0:
+                break
+            err = ctypes.get_errno()
+            stepped = True
+            if done > 0:  # a partial copy (EAGAIN): go on after it
+                off += done
+            elif err == errno.EEXIST:  # this page is in: the next one
+                off += PAGE
+            elif err != errno.EAGAIN:
+                raise OSError(err, os.strerror(err))
+        if stepped:  # the copies woke what they filled; wake the pages stepped over too
+            lib.ioctl(self._uffd, _UFFDIO_WAKE, ctypes.byref(_Range(dst, n)))
 
     def _account(self, b: int, n: int, t0: float, fault: bool) -> None:
         """Block ``b`` is about to be in: count it, and during the build keep
@@ -316,8 +354,9 @@ class LazyPlaintext(Plaintext):
                     f"({type(exc).__name__}: the file changed or shrank after it was opened)"
                 )
         lo, n = self._range(b)
-        zero = _Zero(_Range(self._base + lo, n), 0, 0)
-        if _lib().ioctl(self._uffd, _UFFDIO_ZEROPAGE, ctypes.byref(zero)) != 0:
+        try:
+            self._copy_in(self._base + lo, None, n)
+        except OSError:  # nothing more to do: the readers are woken and fault again
             self._wake(b)
 
     def _drop(self, b: int) -> None:
@@ -354,7 +393,7 @@ class LazyPlaintext(Plaintext):
         when a block could not be decrypted."""
         with self._changed:
             self._building = False
-            self._changed.wait_for(lambda: not self._filling, timeout=60)
+            self._changed.wait_for(lambda: not self._filling)  # a pread always returns
             for b in list(self._resident):
                 if b in self._built:
                     self._drop(b)
@@ -402,9 +441,9 @@ class LazyPlaintext(Plaintext):
         except OSError:
             pass
         self._ahead.put(None)
-        for t in self._threads:
+        for t in self._threads:  # a fill in flight ends (a pread always returns)
             if t is not threading.current_thread():
-                t.join(timeout=5)
+                t.join()
         with self._lock:
             _lib().ioctl(
                 self._uffd,
@@ -470,7 +509,7 @@ class _Source:
             if os.preadv(self.fd, [piece], at) != len(piece):
                 raise OSError(errno.EIO, "short read")
             _crypto.decrypt_chunk(
-                bytes(self.key), self.prefix, self.aad, i, self.n, piece,
+                self.key, self.prefix, self.aad, i, self.n, piece,
                 view[pos - lo : pos - lo + size + 15],
             )  # fmt: skip
             pos += size
@@ -506,7 +545,10 @@ def decrypt_lazily(
     buf = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     keep = False
     try:
-        for advice in (_MADV_DONTDUMP, _MADV_DONTFORK):
+        # 4 KiB pages only: under THP "always" the up-front part's last write
+        # fault could map a huge page reaching into the lazy range, whose
+        # pages would then be present zeros that never fault
+        for advice in (_MADV_NOHUGEPAGE, _MADV_DONTDUMP, _MADV_DONTFORK):
             buf.madvise(advice)
         # the index and the graphs are read by Python (which holds the GIL the
         # fault handler needs): those chunks are decrypted up front
@@ -525,6 +567,11 @@ def decrypt_lazily(
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         reg = _Register(_Range(base + lazy_from, span - lazy_from), _MODE_MISSING, 0)
         if _lib().ioctl(uffd, _UFFDIO_REGISTER, ctypes.byref(reg)) != 0:
+            return None
+        if _present(base + lazy_from, span - lazy_from):
+            # pages that are there already would never fault (an mlockall
+            # without MCL_ONFAULT fills every new mapping at once; a huge
+            # page): decrypted up front instead
             return None
         del base
         plain = LazyPlaintext(

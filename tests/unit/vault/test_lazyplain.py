@@ -80,10 +80,12 @@ def _quiet(plain: lazyplain.LazyPlaintext) -> dict[str, object]:
     return plain.stats()
 
 
+UFFD = "a kernel with userfaultfd for user-mode faults (Linux 5.11+, not blocked by seccomp)"
+
+
 @pytest.fixture
 def lazy(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if not lazyplain.supported():
-        pytest.skip("no userfaultfd on this kernel: lazy weights fall back to eager")
+    require(lazyplain.supported(), UFFD)
     path, plaintext, key = _package(tmp_path)
     plain = _open(path, key)
     assert plain is not None
@@ -162,8 +164,7 @@ def test_a_package_changed_after_open_fails_closed(lazy) -> None:  # type: ignor
 
 
 def test_a_wrong_key_is_an_integrity_error_at_once(tmp_path: Path) -> None:
-    if not lazyplain.supported():
-        pytest.skip("no userfaultfd on this kernel")
+    require(lazyplain.supported(), UFFD)
     path, _, _ = _package(tmp_path)
     with pytest.raises(IntegrityError):
         _open(path, bytes(32))
@@ -176,21 +177,28 @@ def test_small_or_odd_payloads_are_decrypted_up_front(tmp_path: Path) -> None:
     assert _open(path, key, min_bytes=64 << 20) is None  # below the size that pays
 
 
-def test_wipe_decrypts_nothing_and_leaves_zeros(lazy) -> None:  # type: ignore[no-untyped-def]
-    plain, _, _, _ = lazy
+def test_wipe_overwrites_what_is_in_and_decrypts_nothing(
+    lazy, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    plain, plaintext, _, _ = lazy
     f = plain.index["files"][0]
     view = plain.files["w.bin"]
-    _read(view, 0, 4096)
+    page = _read(view, 0, 4096)  # this block is in
+    assert page == bytes(plaintext[f["offset"] : f["offset"] + 4096]) and any(page)
     faults = plain.stats()["faults"]
+    # the wipe's last step gives every page back, which reads as zeros
+    # whether or not it was overwritten: leave it out to see the overwrite
+    monkeypatch.setattr(lazyplain, "_MADV_DONTNEED", -1)
     plain.wipe()
-    assert plain.stats()["faults"] == faults
-    assert _read(view, 0, f["length"]) == bytes(f["length"])
+    assert plain.stats()["faults"] == faults  # nothing decrypted to be wiped
+    assert _read(view, 0, 4096) == bytes(4096)  # the block that was in: overwritten
 
 
 def test_an_unprivileged_user_gets_a_userfaultfd() -> None:
     """UFFD_USER_MODE_ONLY needs no privilege (vm.unprivileged_userfaultfd
     stays 0): the daemon's and the service's workers are not root."""
     require(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv")
+    require(lazyplain.supported(), UFFD)
     code = "from vault.core import lazyplain; print(lazyplain.supported())"
     root = str(Path(__file__).resolve().parents[3])
     r = subprocess.run(
@@ -199,4 +207,72 @@ def test_an_unprivileged_user_gets_a_userfaultfd() -> None:
         capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": root},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(lazyplain.supported())
+    assert r.stdout.strip() == "True"
+
+
+def _child(tmp_path: Path, body: str) -> str:
+    """Run ``body`` in a fresh interpreter (a process-wide setting: huge
+    pages, mlockall) with this module's helpers; its stdout."""
+    import textwrap
+
+    root = str(Path(__file__).resolve().parents[3])
+    code = (
+        f"import sys; sys.path.insert(0, {root!r})\n"
+        "from pathlib import Path\n"
+        "from tests.unit.vault.test_lazyplain import _open, _package, _read\n"
+        f"path, ref, key = _package(Path({str(tmp_path)!r}))\n" + textwrap.dedent(body)
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    return r.stdout
+
+
+def test_huge_pages_never_serve_zeros_nor_spin(tmp_path: Path) -> None:
+    """Transparent huge pages set to "always" (a common distribution
+    default; here every mapping of the module is advised MADV_HUGEPAGE): a
+    huge page from the up-front part's writes reaching into the lazy range
+    would leave present zeros that never fault, and blocks that copy in only
+    partly. Found by review: the read hung, faulting a million times."""
+    require(lazyplain.supported(), UFFD)
+    out = _child(
+        tmp_path,
+        """
+        import mmap as _mmap, threading, types
+        from vault.core import lazyplain
+        def thp_mmap(*a, **kw):
+            buf = _mmap.mmap(*a, **kw)
+            buf.madvise(_mmap.MADV_HUGEPAGE)
+            return buf
+        shim = types.SimpleNamespace(**{k: getattr(_mmap, k) for k in dir(_mmap) if k.isupper()})
+        shim.mmap = thp_mmap
+        lazyplain.mmap = shim
+        plain = _open(path, key)
+        f = plain.index["files"][0]
+        got = []
+        t = threading.Thread(target=lambda: got.append(_read(plain.files["w.bin"], 0, f["length"])),
+                             daemon=True)
+        t.start(); t.join(60)
+        want = bytes(ref[f["offset"] : f["offset"] + f["length"]])
+        print("HUNG" if not got else "MATCH" if got[0] == want else "WRONG", plain.failed)
+        """,
+    )
+    assert "MATCH None" in out, out
+
+
+def test_a_mapping_filled_at_creation_is_decrypted_up_front(tmp_path: Path) -> None:
+    """``mlockall`` without ``MCL_ONFAULT`` (the worker's fallback where the
+    kernel refuses it) fills every new mapping at once: its pages are there
+    as zeros and would never fault. Lazy weights step aside (None: the
+    caller decrypts everything up front) rather than serve them."""
+    require(lazyplain.supported(), UFFD)
+    require(os.geteuid() == 0, "root (mlockall of a whole process without a memlock limit)")
+    out = _child(
+        tmp_path,
+        """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mlockall(1 | 2) == 0, ctypes.get_errno()  # MCL_CURRENT | MCL_FUTURE
+        print("LAZY" if _open(path, key) is not None else "EAGER")
+        """,
+    )
+    assert "EAGER" in out, out
