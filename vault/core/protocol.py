@@ -262,8 +262,14 @@ def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
         arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    flat: Any = arr.reshape(-1).view(np.uint8)
-    return desc, memoryview(flat) if arr.size else b""
+    if not arr.size:
+        return desc, b""
+    buf: Any = arr
+    try:  # one object, not three (a quarter of the time, per tensor of a call)
+        return desc, memoryview(buf).cast("B")
+    except (ValueError, TypeError, NotImplementedError):  # bfloat16, float8: no buffer format
+        flat: Any = arr.reshape(-1).view(np.uint8)
+        return desc, memoryview(flat)
 
 
 def _as_tensor(name: str, value: Any, dtype: str) -> np.ndarray[Any, Any]:
@@ -322,15 +328,17 @@ def encode_value(name: str, value: Any, vtype: str) -> tuple[dict[str, Any], lis
     return desc, [kf, vf]
 
 
+_MAX_DIM = 1 << 40
+
+
 def _check_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
         raise ProtocolError("tensor shape must be a list of at most 32 dims")
-    out = []
-    for d in shape:
-        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 1 << 40:
+    out = tuple(shape)
+    for d in out:
+        if type(d) is not int or d < 0 or d > _MAX_DIM:  # not a bool, not a float
             raise ProtocolError(f"bad dimension {d!r} in tensor shape")
-        out.append(d)
-    return tuple(out)
+    return out
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -360,8 +368,9 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
             f"tensor {name!r}: frame has {len(buf)} bytes, shape {list(shape)} of {dt.name} "
             f"needs {expected}"
         )
-    arr = np.frombuffer(buf, dtype=dt, count=count) if count else np.empty(0, dtype=dt)
-    return name, arr.reshape(shape)
+    if not count:
+        return name, np.empty(shape, dtype=dt)
+    return name, np.ndarray(shape, dt, buf)  # a view of the frame, as frombuffer's
 
 
 def _decode_strings(name: str, buf: Any, count: int) -> np.ndarray[Any, Any]:
