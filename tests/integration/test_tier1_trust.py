@@ -1085,3 +1085,53 @@ def test_a_strangers_pending_open_holds_no_start_and_its_refusals_are_bounded(
     mine = [e["event"] for e in events if e.get("uid") == NOBODY.pw_uid]
     assert mine.count("open_refused") <= 4, mine  # the key server's refusals...
     assert mine.count("open_refusals_spent") == 1, mine  # ...then one line for all the rest
+
+
+_OPEN_AND_COMPUTE = r"""
+import json, sys
+import numpy as np
+import vault
+pkg, lic, sock = sys.argv[1:4]
+m = vault.open(pkg, licence=lic, daemon=sock)
+y = m.compute({"x": np.ones((1, 1024), np.float32)})["y"]
+h = m.health()
+print(json.dumps({"tier": m.tier, "user": h["hardening"]["user"]["status"],
+                  "weights": h["weights"], "y": y.tolist()}), flush=True)
+m.close()
+"""
+
+
+def test_a_daemon_worker_under_its_own_uid_decrypts_its_weights_lazily(trust: Trust) -> None:
+    """The default path (``vault.open`` through the daemon: the worker under
+    the workers' uid, hardened, opened by a caller who is ``nobody``) gives
+    back what onnxruntime packed (vault/core/lazyplain.py): userfaultfd's
+    user-mode faults need no privilege, and the package descriptor the
+    caller passed is read again under Landlock."""
+    import onnxruntime as ort
+
+    from tests.integration.test_worker_memory import _chain
+    from tests.prereq import require
+    from vault.core import lazyplain
+
+    require(lazyplain.supported(), "a kernel with userfaultfd for user-mode faults (Linux 5.11+)")
+    model = _chain()  # 64 MiB of MatMul weights
+    pk = PublisherKey.load(trust.keyserver.publisher_key_path)
+    res = seal(model, model_id="t1lazy", signing_key=pk, output=trust.dir / "pkg" / "lazy.vault")
+    os.chmod(res.path, 0o644)
+    trust.keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    lic = trust.keyserver.issue("t1lazy", holder="lazy")
+    lic_path = _nobody_file(trust.runtime / "lazy.licence", lic.dumps())
+    proc = _nobody_proc(_OPEN_AND_COMPUTE, str(res.path), lic_path, trust.socket)
+    try:
+        out = _line(proc)
+    finally:
+        _end(proc)
+    assert out["tier"] == 1 and out["user"] == "on", out
+    w = out["weights"]
+    assert w is not None and not w["failed"], w
+    assert w["read_in_build"] == w["blocks"] and w["resident_blocks"] == 0, w  # all given back
+    assert w["refills"] == 0, w
+    want = ort.InferenceSession(model.SerializeToString()).run(
+        None, {"x": np.ones((1, 1024), np.float32)}
+    )[0]
+    np.testing.assert_allclose(np.asarray(out["y"], np.float32), want, rtol=1e-5, atol=1e-5)
