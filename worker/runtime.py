@@ -352,6 +352,13 @@ class Pipeline:
         self.outputs = [dict(s) for s in outputs]
         self._in = {s["name"]: (str(s["dtype"]), list(s.get("shape") or [])) for s in self.inputs}
         self._np_dtypes = {n: _np_dtype(d) for n, (d, _) in self._in.items()}
+        # per tensor input: its dtype, rank (None: any) and the dims fixed to a
+        # size, so a call's header is checked without re-reading the signature
+        self._dims = {
+            n: (d, len(shp) if shp else None,
+                tuple((i, w) for i, w in enumerate(shp) if isinstance(w, int) and w >= 0))
+            for n, (d, shp) in self._in.items() if is_tensor_type(d)
+        }  # fmt: skip
         self.input_types = {n: d for n, (d, _) in self._in.items()}
         self._required = frozenset(
             n for n, (d, _) in self._in.items() if not d.startswith("optional<")
@@ -425,18 +432,28 @@ class Pipeline:
         refused at once when the header says ``[30000000]``)."""
         if not isinstance(descs, list):
             return  # the decoder reports the malformed header
+        rules = self._dims
         for d in descs:
             # a malformed descriptor (a name that is not a string, ...) is the
             # decoder's to report, as a ProtocolError
-            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            if not isinstance(d, dict):
                 continue
-            if d["name"] not in self._in:
+            name = d.get("name")
+            if not isinstance(name, str):
                 continue
-            dtype, shape = self._in[d["name"]]
+            rule = rules.get(name)
+            if rule is None:  # not an input, or not a tensor: the decoder's
+                continue
             have = d.get("shape")
             # another dtype, or an unknown one, is the decoder's to report
-            if d.get("dtype") == dtype and is_tensor_type(dtype) and isinstance(have, list):
-                _check_dims(d["name"], shape, have)
+            if d.get("dtype") != rule[0] or not isinstance(have, list):
+                continue
+            rank, fixed = rule[1], rule[2]
+            if rank is not None and len(have) != rank:
+                _check_dims(name, self._in[name][1], have)  # raises, with the words
+            for i, want in fixed:
+                if i < len(have) and have[i] != want:
+                    _check_dims(name, self._in[name][1], have)
 
     def check_outputs(self, names: Sequence[str] | None) -> list[str]:
         if names is None:
