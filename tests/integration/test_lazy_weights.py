@@ -9,6 +9,7 @@ from which the worker decrypts lazily.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,21 @@ def test_other_shapes_of_model_give_the_eager_workers_bits(tmp_path: Path, make)
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_package_moved_over_a_running_workers_file_changes_nothing(tmp_path: Path) -> None:
+    """What docs/service.md tells an operator to do: move the new package
+    into place (a new inode). The running lazy worker reads the file it
+    opened, which is unchanged, so a block it gave back is decrypted again
+    as before (the rewrite in place, above, is the control)."""
+    s = seal_for_test(tmp_path, _packed_and_gathered(), name="tied")
+    (tmp_path / "again").mkdir()
+    other = seal_for_test(tmp_path / "again", _packed_and_gathered(), name="tied")
+    with open_sealed(s, worker_args=["--eager-weights"]) as eager:
+        want = eager.compute(FEEDS)["y"]
+    with open_sealed(s) as lazy:
+        os.replace(other.path, s.path)
+        got = lazy.compute(FEEDS)["y"]  # the Gathers' blocks are decrypted again
+        st = lazy.health()["weights"]
+    assert st["refills"] > 0 and not st["failed"], st
+    np.testing.assert_array_equal(got, want)
