@@ -84,12 +84,12 @@ from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
-    SHM_MIN_BYTES,
     decode_tensors,
     encode_tensors,
     pack_header,
     raise_for_reply,
     unpack_header,
+    wants_shared_memory,
 )
 from .core.shm import ShmArena
 
@@ -97,7 +97,8 @@ __all__ = ["Model", "connect", "open", "open_with_unsafe_test_key"]
 
 DEFAULT_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
-# Shared memory with a local worker, for tensors of 256 KiB or more: four
+# Shared memory with a local worker, for tensors of 256 KiB or more (or calls
+# whose tensors together reach protocol.SHM_GROUP_BYTES): four
 # slots of 16 MiB (inputs and the outputs that fit share one slot per call).
 DEFAULT_SHM_BYTES = 64 << 20
 SHM_SLOTS = 4
@@ -1025,13 +1026,6 @@ def _close_all() -> None:
     standby.POOL.close()
 
 
-def _has_large(inputs: Mapping[str, Any]) -> bool:
-    return any(
-        isinstance(v, np.ndarray) and v.dtype.kind not in "OUS" and v.nbytes >= SHM_MIN_BYTES
-        for v in inputs.values()
-    )
-
-
 def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
     return {str(d["name"]): (str(d["dtype"]), tuple(d.get("shape") or ())) for d in items or []}
 
@@ -1155,7 +1149,7 @@ class Model:
         them); anything else is an :class:`InputError` saying so."""
         check_feeds_mapping(inputs, self.inputs)
         arena = self._localw.arena if self._localw is not None else None
-        slot = arena.acquire() if arena is not None and _has_large(inputs) else None
+        slot = arena.acquire() if arena is not None and wants_shared_memory(inputs) else None
         region = arena.region(slot) if arena is not None and slot is not None else None
         reusable = True
         try:

@@ -107,8 +107,8 @@ def test_oversized_request_is_refused_and_the_worker_goes_on(
     import vault
 
     with pytest.raises(vault.ProtocolError, match="exceeds"):
-        # five frames, each under the per-frame transport limit and under the
-        # shared-memory threshold (so they travel as frames), together over the
-        # request limit
-        model.compute({f"t{i}": np.zeros((7_900, 8), np.float32) for i in range(5)})
+        # five frames, each under the per-frame transport limit, together over
+        # the request limit; strings, which always travel as frames (numeric
+        # tensors this large together would go through shared memory)
+        model.compute({f"t{i}": np.array(["a" * 250_000], dtype=object) for i in range(5)})
     assert model.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape == (1, 5)

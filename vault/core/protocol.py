@@ -31,6 +31,8 @@ __all__ = [
     "MAX_HEADER",
     "SharedRegion",
     "PROTOCOL_VERSION",
+    "SHM_GROUP_BYTES",
+    "SHM_GROUP_MIN",
     "SHM_MIN_BYTES",
     "SUPPORTED_DTYPES",
     "decode_tensor",
@@ -41,6 +43,7 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "encode_tensors",
+    "wants_shared_memory",
     "error_reply",
     "ok_reply",
     "pack_header",
@@ -56,6 +59,13 @@ MAX_HEADER = 1 << 20
 MAX_RANK = 32
 MAX_NESTING = 8  # sequence<map<...>> and the like; deeper is refused unread
 SHM_MIN_BYTES = 256 << 10  # below this a frame is as cheap as a copy into shared memory
+# ...unless the message's tensors add up to more than a local socket's send
+# buffer (about 208 KiB by default): such a record leaves the caller in
+# several sends, each waiting for the worker to read the last (a GPT-2 call
+# with its past, 18 tensors of 24 KiB, took two sends per call). Then every
+# tensor of SHM_GROUP_MIN or more goes through shared memory instead.
+SHM_GROUP_BYTES = 128 << 10
+SHM_GROUP_MIN = 4 << 10
 # What decoding a request may cost in memory: each string element becomes a
 # Python str, an object pointer and, inside onnxruntime, a std::string (about
 # 96 bytes together, however short the string is on the wire), and the total
@@ -457,6 +467,25 @@ class SharedRegion:
         self.cursor = min(self.end, (to + 63) // 64 * 64)
 
 
+def _numeric_bytes(arrays: Mapping[str, Any]) -> tuple[int, int]:
+    """The largest numeric tensor's size, and all of theirs together."""
+    big = total = 0
+    for v in arrays.values():
+        if isinstance(v, np.ndarray) and v.dtype.kind not in "OUS":
+            n = v.nbytes
+            total += n
+            if n > big:
+                big = n
+    return big, total
+
+
+def wants_shared_memory(arrays: Mapping[str, Any]) -> bool:
+    """Whether a local call with these tensors should go through shared
+    memory: one of them is large, or together they are."""
+    big, total = _numeric_bytes(arrays)
+    return big >= SHM_MIN_BYTES or total >= SHM_GROUP_BYTES
+
+
 def encode_tensors(
     arrays: Mapping[str, Any],
     region: SharedRegion | None = None,
@@ -466,8 +495,13 @@ def encode_tensors(
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Descriptors and frames for ``arrays``. With a ``region``, numeric
     tensors of ``min_bytes`` or more that fit are copied into it and named by
-    ``"shm": [offset, nbytes]`` instead of travelling as a frame. ``types``
-    (name -> value type) says which values are sequences, maps or optionals."""
+    ``"shm": [offset, nbytes]`` instead of travelling as a frame (every one of
+    ``SHM_GROUP_MIN`` or more when together they reach ``SHM_GROUP_BYTES``).
+    ``types`` (name -> value type) says which values are sequences, maps or
+    optionals."""
+    if region is not None and min_bytes > SHM_GROUP_MIN:
+        if _numeric_bytes(arrays)[1] >= SHM_GROUP_BYTES:
+            min_bytes = SHM_GROUP_MIN
     descs: list[dict[str, Any]] = []
     frames: list[Any] = []
     for name, value in arrays.items():

@@ -85,3 +85,28 @@ def test_one_header_limit_for_worker_and_key_server() -> None:
         protocol.unpack_header(b"\x00" * 100, limit=50)
     with pytest.raises(ProtocolError, match="too large"):  # a limit cannot raise the ceiling
         protocol.unpack_header(b"\x00" * (protocol.MAX_HEADER + 1), limit=protocol.MAX_HEADER * 2)
+
+
+def test_many_medium_tensors_go_through_shared_memory_together() -> None:
+    """A call whose tensors together outgrow a local socket's send buffer
+    (a GPT-2 step with its past: 18 tensors of 24 KiB) goes through the
+    caller's shared-memory slot, though no one tensor is large; fewer, or
+    tiny ones, stay frames; each comes back as it went."""
+    from vault.core.protocol import SHM_GROUP_BYTES, SharedRegion, wants_shared_memory
+
+    past = {f"past.{i}": np.random.rand(1, 12, 8, 64).astype(np.float32) for i in range(18)}
+    assert sum(a.nbytes for a in past.values()) >= SHM_GROUP_BYTES
+    assert wants_shared_memory(past)
+    few = dict(list(past.items())[:2])
+    assert not wants_shared_memory(few)
+    tiny = {f"t{i}": np.ones(8, np.float32) for i in range(64)}
+    for arrays, in_shm in ((past, 18), (few, 0)):
+        region = SharedRegion(bytearray(4 << 20), 0, 4 << 20)
+        descs, frames = encode_tensors(arrays, region)
+        assert sum("shm" in d for d in descs) == in_shm
+        assert len(frames) == len(arrays) - in_shm
+        back = decode_tensors(descs, frames, SharedRegion(region.buf, 0, 4 << 20), copy=True)
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(back[k], v)
+    descs, frames = encode_tensors({**past, **tiny}, SharedRegion(bytearray(4 << 20), 0, 4 << 20))
+    assert all("shm" not in d for d in descs if d["name"].startswith("t"))  # under 4 KiB: frames
