@@ -181,11 +181,31 @@ def _stranger_token() -> bytes:
     return mint_token(lic, models=["m"]).encode()
 
 
+def _rest_infer(app: Any, body: bytes, token: bytes) -> tuple[list[dict[str, Any]], int]:
+    """POST ``body`` to ``/v2/models/m/infer`` through the REST door's ASGI
+    app with a bearer ``token``: the messages it sent, and how many of the
+    body's messages it left unread."""
+    import asyncio
+
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return msgs.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    return sent, len(msgs)
+
+
 def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
     # bodies a caller whose token held can send: each is a 400 with the
     # vault's code, never an exception out of the ASGI app (uvicorn's 500 and
     # a traceback a line), and no call reaches the service
-    import asyncio
     import json
 
     from worker.service.oip.door import DataPlane
@@ -215,18 +235,7 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
     app = RestApp(DataPlane(svc), max_body=1 << 20)  # type: ignore[arg-type]
 
     def post(body: bytes) -> tuple[int, dict[str, Any]]:
-        sent: list[dict[str, Any]] = []
-        msgs = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> dict[str, Any]:
-            return msgs.pop(0)
-
-        async def send(m: dict[str, Any]) -> None:
-            sent.append(m)
-
-        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
-                 "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
-        asyncio.run(app(scope, receive, send))
+        sent, _ = _rest_infer(app, body, token)
         return sent[0]["status"], json.loads(sent[1]["body"])
 
     x = {"name": "x", "datatype": "FP32", "shape": [1]}
@@ -362,18 +371,7 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     token = _stranger_token()
     body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
                        "parameters": {"timeout": 250000}}).encode()  # fmt: skip
-    msgs = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[Any] = []
-
-    async def receive() -> dict[str, Any]:
-        return msgs.pop(0)
-
-    async def send(m: dict[str, Any]) -> None:
-        sent.append(m)
-
-    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
-             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
-    asyncio.run(RestApp(plane, max_body=1 << 20)(scope, receive, send))
+    sent, _ = _rest_infer(RestApp(plane, max_body=1 << 20), body, token)
     assert sent[0]["status"] == 200, sent
 
     pb: Any = inference_pb2
@@ -543,7 +541,6 @@ def test_a_door_asks_the_loop_only_when_its_own_vetting_has_no_answer() -> None:
     # a token that holds costs no trip; one refused there is refused with the
     # same status as through the loop, its body unread and nothing posted; the
     # control: with no answer at hand the loop is asked, and its answer holds
-    import asyncio
 
     from vault.core.errors import LicenceRevokedError
     from worker.service.oip.door import DataPlane
@@ -573,19 +570,9 @@ def test_a_door_asks_the_loop_only_when_its_own_vetting_has_no_answer() -> None:
 
     def post(svc: Service) -> tuple[int, int]:
         body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}'
-        msgs = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[Any] = []
-
-        async def receive() -> dict[str, Any]:
-            return msgs.pop(0)
-
-        async def send(m: dict[str, Any]) -> None:
-            sent.append(m)
-
-        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
-                 "headers": [(b"authorization", b"Bearer " + _stranger_token())]}  # fmt: skip
-        asyncio.run(RestApp(DataPlane(svc), max_body=1 << 20)(scope, receive, send))  # type: ignore[arg-type]
-        return sent[0]["status"], len(msgs)  # the status, and the body's messages left unread
+        app = RestApp(DataPlane(svc), max_body=1 << 20)  # type: ignore[arg-type]
+        sent, unread = _rest_infer(app, body, _stranger_token())
+        return sent[0]["status"], unread  # the status, and the body's messages left unread
 
     held = Service(True)
     assert post(held) == (200, 0) and held.calls == [False]  # no vetting trip: the call only
