@@ -106,6 +106,7 @@ _PREFIX = struct.Struct(">4s16sQI")  # tag, session id, message number, frame co
 _MAX_SEQ = (1 << 64) - 1
 _TAG = 16
 RETAIN_BYTES = 256 << 20  # reused buffers a server keeps across all its sessions, at most
+_DECRYPT_INTO = hasattr(AESGCM, "decrypt_into")  # not in every cryptography we accept
 ZAP_DOMAIN = "vault-sealed"  # the sealed port's ZAP domain (PLAIN: session id, password)
 
 
@@ -204,6 +205,10 @@ class Opener:
         self, key: bytes, sid: bytes, *, reuse: bool = False, retained: Retained | None = None
     ) -> None:
         self._key = key
+        # one-call decrypt straight into our buffer (cryptography's
+        # AESGCM.decrypt_into, where this version has it): a Cipher object
+        # per chunk cost 8.8 us against 1.0 us for a 200-byte header
+        self._into = AESGCM(key).decrypt_into if _DECRYPT_INTO else None
         self.sid = sid
         self.last = 0
         self._reuse = reuse
@@ -245,7 +250,7 @@ class Opener:
         if any(c.nbytes < _TAG or c.nbytes > CHUNK + _TAG for c in chunks):
             raise IntegrityError("malformed sealed chunk")
         # each frame starts on a 64-byte boundary (onnxruntime reads tensors
-        # in place); cryptography's update_into wants 15 spare bytes past
+        # in place); the fallback's update_into wants 15 spare bytes past
         # what it writes
         need = _TAG
         idx = 0
@@ -256,19 +261,23 @@ class Opener:
         out = _aligned(need) if fresh else self._buf
         frames: list[memoryview] = []
         pos = idx = written = 0
+        into = self._into
         try:
             for n in counts:
                 pos = -(-pos // 64) * 64
                 start = pos
                 for k in range(n):
                     c = chunks[idx + k]
-                    d = Cipher(AES(self._key), GCM(_nonce(seq, idx + k), bytes(c[-_TAG:])))
-                    dec = d.decryptor()
-                    dec.authenticate_additional_data(prefix)
                     m = c.nbytes - _TAG
                     written = pos + m
-                    dec.update_into(c[:-_TAG], out[pos : pos + m + _TAG])
-                    dec.finalize()
+                    if into is not None:  # writes nothing unless the tag holds
+                        into(_nonce(seq, idx + k), c, prefix, out[pos : pos + m])
+                    else:
+                        d = Cipher(AES(self._key), GCM(_nonce(seq, idx + k), bytes(c[-_TAG:])))
+                        dec = d.decryptor()
+                        dec.authenticate_additional_data(prefix)
+                        dec.update_into(c[:-_TAG], out[pos : pos + m + _TAG])
+                        dec.finalize()
                     pos += m
                 frames.append(out[start:pos])
                 idx += n
