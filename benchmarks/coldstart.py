@@ -48,17 +48,20 @@ from . import models as M
 from .harness import Timed, interleave, summary, vm_hwm
 
 _PLAIN_CHILD = """
-import sys, time, numpy as np
+import resource, sys, time, numpy as np
 t = time.perf_counter()
 import onnxruntime as ort
+r0 = resource.getrusage(resource.RUSAGE_SELF)
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 t_load = time.perf_counter() - t
+r1 = resource.getrusage(resource.RUSAGE_SELF)
 if sys.argv[2] == "compute":
     x = np.zeros([d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape], np.float32)
     s.run(None, {s.get_inputs()[0].name: x})
 st = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
       if l.startswith(("VmHWM:", "VmRSS:"))}
-print(t_load, st["VmHWM"], st["VmRSS"])
+print(t_load, st["VmHWM"], st["VmRSS"], r1.ru_minflt - r0.ru_minflt,
+      r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime)
 """
 
 
@@ -119,7 +122,9 @@ def _mem_parts(pkg: Path, lic: Path) -> dict[str, Any]:
 STANDBY_WAIT_S = 1.5
 
 
-def _plain_child(path: Path, compute: bool) -> tuple[float, int, int]:
+def _plain_child(path: Path, compute: bool) -> tuple[float, int, int, dict[str, float]]:
+    """A fresh Python loading ``path``: wall time, VmHWM, VmRSS, and the
+    load's own minor faults and CPU (user, sys) from its rusage."""
     t = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", _PLAIN_CHILD, str(path), "compute" if compute else "load"],
@@ -127,7 +132,38 @@ def _plain_child(path: Path, compute: bool) -> tuple[float, int, int]:
         text=True,
         check=True,
     ).stdout.split()
-    return time.perf_counter() - t, int(out[1]), int(out[2])
+    ru = {"minor_faults": float(out[3]), "cpu_user_s": float(out[4]), "cpu_sys_s": float(out[5])}
+    return time.perf_counter() - t, int(out[1]), int(out[2]), ru
+
+
+class _Rusage:
+    """Minor faults and CPU (user, sys) of this process across calls (a plain
+    load in the benchmark's own, long-lived process)."""
+
+    def __init__(self) -> None:
+        self.samples: list[dict[str, float]] = []
+
+    def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        import resource
+
+        def timed() -> Any:
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            res = fn()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            self.samples.append({
+                "minor_faults": float(r1.ru_minflt - r0.ru_minflt),
+                "cpu_user_s": r1.ru_utime - r0.ru_utime,
+                "cpu_sys_s": r1.ru_stime - r0.ru_stime,
+            })  # fmt: skip
+            return res
+
+        return timed
+
+
+def _median_rusage(samples: list[dict[str, float]]) -> dict[str, float]:
+    if not samples:
+        return {}
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
 def _parts(pkg_path: Path, lic_path: Path) -> dict[str, float]:
@@ -211,9 +247,10 @@ def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dic
             "weights_bytes": M.weight_bytes(model),
             "file_bytes": path.stat().st_size,
         }
+        plain_ru = _Rusage()
         fns: dict[str, Callable[[], Any]] = {
-            "plain_load": lambda p=path: ort.InferenceSession(
-                str(p), providers=["CPUExecutionProvider"]
+            "plain_load": plain_ru.wrap(
+                lambda p=path: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
             ),
         }
         pkg = lic = None
@@ -276,9 +313,23 @@ def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dic
         rounds = 3 if (quick or mb >= 500) else 5
         log(f"  cold start {mb} MB: {rounds} interleaved rounds")
         res = interleave(fns, rounds=rounds, warmup=1)
-        fresh = [_plain_child(path, compute=False)[0] for _ in range(2 if quick else 3)]
-        res["plain_fresh_process"] = summary(fresh)
+        fresh = [_plain_child(path, compute=False) for _ in range(2 if quick else 3)]
+        res["plain_fresh_process"] = summary([f[0] for f in fresh])
         row["rows"] = res
+        # where a fresh process's time goes: the same CPU in user space, and
+        # the kernel's first touch of new memory in sys (a VM pays it dearly)
+        row["rusage"] = {
+            "plain_load": _median_rusage(plain_ru.samples),
+            "plain_fresh_process": _median_rusage([f[3] for f in fresh]),
+            "vault_open_worker": _median_rusage([
+                {"cpu_user_s": t["cpu_user"] / 1e3, "cpu_sys_s": t["cpu_sys"] / 1e3}
+                for t in worker_timings.get(mb, []) if "cpu_sys" in t
+            ]),  # fmt: skip
+            "vault_open_daemon_worker": _median_rusage([
+                {"cpu_user_s": t["cpu_user"] / 1e3, "cpu_sys_s": t["cpu_sys"] / 1e3}
+                for t in daemon_timings.get(mb, []) if "cpu_sys" in t
+            ]),  # fmt: skip
+        }
         if "vault_open" in res:
             v, p = res["vault_open"]["median_s"], res["plain_load"]["median_s"]
             row["vault_minus_plain_s"] = v - p
@@ -344,7 +395,7 @@ def vm_rss(pid: int) -> int | None:
 
 
 def _memory(env: Any, path: Path, pkg: Path | None, lic: Path | None, mb: int) -> dict[str, Any]:
-    _, plain_hwm, plain_rss = _plain_child(path, compute=True)
+    _, plain_hwm, plain_rss, _ru = _plain_child(path, compute=True)
     mem: dict[str, Any] = {
         "size_mb": mb,
         "plain_onnxruntime_vmhwm_bytes": plain_hwm,

@@ -198,6 +198,16 @@ def table(res: dict[str, Any]) -> str:
                 L.append(
                     f"{'':<8}vault_open: {sum(used)} of {len(used)} opens took a pre-started worker"
                 )
+            ru = {k: v for k, v in (row.get("rusage") or {}).items() if v}
+            if ru:  # where a fresh process's extra time goes: sys CPU (first touch of memory)
+                L.append(
+                    f"{'':<8}CPU user/sys ms (faults): "
+                    + "; ".join(
+                        f"{k} {v['cpu_user_s'] * 1e3:.0f}/{v['cpu_sys_s'] * 1e3:.0f}"
+                        + (f" ({v['minor_faults']:.0f})" if "minor_faults" in v else "")
+                        for k, v in ru.items()
+                    )
+                )
             dp = row.get("daemon_parts")
             if dp:
                 L.append(

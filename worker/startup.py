@@ -23,6 +23,12 @@ line, ``Model.startup_ms`` on the caller's side):
                     owns the buffer and overwrites it when the sessions end
 7. the lease keeper, the request service, the bound endpoint, the ready line
 
+Beside the steps, ``cpu_user`` and ``cpu_sys``: the CPU the whole process
+(every thread) spent over steps 1-6. On a VM a fresh process's first touch
+of memory shows up as ``cpu_sys`` (the kernel zeroing new pages): it is
+what separates an open from the same load in a process that has memory at
+hand (docs/benchmarks.md, cold start).
+
 Hardening is already in place when this runs (the import thread inherits
 seccomp, Landlock and no_new_privs).
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import threading
 import time
 from typing import Any
@@ -65,6 +72,7 @@ class Startup:
         self.report = report
         self.timings: dict[str, float] = {}
         self._t0 = time.perf_counter()
+        self._ru0 = resource.getrusage(resource.RUSAGE_SELF)
         self._runtime_ready = threading.Event()
         self._runtime_failed: list[BaseException] = []
         self.licence: Any = None
@@ -94,6 +102,9 @@ class Startup:
         self._mark("import_wait")
         self.build_sessions()
         self._mark("session")
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.timings["cpu_user"] = round((ru.ru_utime - self._ru0.ru_utime) * 1e3, 2)
+        self.timings["cpu_sys"] = round((ru.ru_stime - self._ru0.ru_stime) * 1e3, 2)
         return self.serve()
 
     # -- steps ------------------------------------------------------------------

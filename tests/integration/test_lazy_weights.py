@@ -76,7 +76,9 @@ def test_a_weight_packed_and_read_at_every_call_is_decrypted_again_once(tmp_path
     s = seal_for_test(tmp_path, _packed_and_gathered(), name="tied")
     with open_sealed(s, worker_args=["--eager-weights"]) as m:
         want = m.compute(FEEDS)["y"]
+        eager_ms = m.startup_ms
     with open_sealed(s) as m:
+        lazy_ms = m.startup_ms
         st = m.health()["weights"]
         assert st["read_in_build"] == st["blocks"] and st["resident_blocks"] == 0, st
         first = m.compute(FEEDS)["y"]
@@ -87,6 +89,11 @@ def test_a_weight_packed_and_read_at_every_call_is_decrypted_again_once(tmp_path
         assert m.health()["weights"]["faults"] == st["faults"]
     np.testing.assert_array_equal(first, want)
     np.testing.assert_array_equal(again, want)
+    # each open says what it cost in CPU (every thread, user and kernel), and
+    # only the lazy one decrypted weights inside its session build
+    for ms in (eager_ms, lazy_ms):
+        assert ms["cpu_user"] > 0 and ms["cpu_sys"] >= 0, ms
+    assert lazy_ms["weights_decrypt"] > 0 and "weights_decrypt" not in eager_ms
 
 
 def test_weights_the_build_never_reads_are_decrypted_before_the_first_call(
