@@ -625,7 +625,9 @@ class _WatchedChannel(ZmqChannel):
 
     def _events(self) -> None:
         mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
-        while mon is not None and mon.poll(0):
+        # one getsockopt, not Socket.poll(0): poll builds a Poller, and this
+        # runs before every call
+        while mon is not None and mon.get(_EVENTS) & _POLLIN:
             from zmq.utils.monitor import recv_monitor_message
 
             ev = recv_monitor_message(mon)["event"]
@@ -842,16 +844,23 @@ class _WatchedChannel(ZmqChannel):
         self._sealed_send(state, state.sealer.seal([pack_header(msg), *frames]))
         deadline = time.monotonic() + timeout
         try:
-            while not sock.poll(
-                max(1, min(_POLL_SLICE_MS, int((deadline - time.monotonic()) * 1000)))
-            ):
+            while True:
+                # a receive timeout, not Socket.poll() (a Poller per call): the
+                # socket keeps its last slice, so this is a setsockopt per change
+                slice_ms = max(1, min(_POLL_SLICE_MS, int((deadline - time.monotonic()) * 1000)))
+                if slice_ms != state.rcvtimeo:
+                    sock.rcvtimeo = state.rcvtimeo = slice_ms
+                try:
+                    reply = sock.recv_multipart(copy=False)
+                    break
+                except zmq.Again:
+                    pass
                 if not self._connected():  # the service went away (its CURVE connection did)
                     self._drop_sealed()
                     raise self._gone("the connection dropped")
                 if time.monotonic() >= deadline:
                     self._drop_sealed()  # a late answer must never meet the next call
                     raise WorkerTimeoutError(f"no answer from the service within {timeout:g}s")
-            reply = sock.recv_multipart(copy=False)
         except zmq.ZMQError as exc:
             self._drop_sealed()
             raise self._gone(f"the sealed channel failed: {exc.strerror}") from None
@@ -888,6 +897,7 @@ class _WatchedChannel(ZmqChannel):
             s.close(linger=0)
 
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: no enum arithmetic per call
 _SEALED_CONNECT_MS = 5000  # how long a first sealed call waits for its connection
 _POLL_SLICE_MS = 100  # how often a waiting sealed call checks that its service is there
 
@@ -911,13 +921,14 @@ class _SealedState:
     """One thread's sealed session: its socket, the two directions, and the
     socket's monitor (a refused handshake)."""
 
-    __slots__ = ("sock", "sealer", "opener", "mon")
+    __slots__ = ("sock", "sealer", "opener", "mon", "rcvtimeo")
 
     def __init__(
         self, sock: zmq.Socket[Any], sealer: sealed.Sealer, opener: sealed.Opener,
         mon: zmq.Socket[Any],
     ) -> None:  # fmt: skip
         self.sock, self.sealer, self.opener, self.mon = sock, sealer, opener, mon
+        self.rcvtimeo = -1  # the socket's receive timeout as last set (-1: libzmq's default)
 
 
 def _filled_pipe(data: bytes, opened: list[int]) -> int:
