@@ -219,3 +219,49 @@ def test_a_pre_started_worker_leaves_when_its_launcher_does(tmp_path: Path) -> N
         os.close(status_r)
         sock.close()
         stop_process(proc, 5)
+
+
+def _tree_of_worker_modules(dst: Path) -> list[Path]:
+    """This project's worker-side packages (their modules only) copied to ``dst``."""
+    import shutil
+
+    copied = []
+    for parts in (("vault",), ("vault", "core"), ("worker",)):
+        (dst.joinpath(*parts)).mkdir(parents=True, exist_ok=True)
+        for src in ROOT.joinpath(*parts).glob("*.py"):
+            copied.append(Path(shutil.copy2(src, dst.joinpath(*parts, src.name))))
+    return copied
+
+
+def test_the_launcher_writes_the_workers_bytecode_once_and_honours_dont_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker runs with -B under Landlock and cannot write bytecode: from an
+    install without it (an editable one) each start compiled every module.
+    The launcher writes what is missing, as pip does for a wheel; never where
+    the user said not to write bytecode."""
+    import importlib.util
+
+    from vault.core import launch
+
+    modules = _tree_of_worker_modules(tmp_path / "src")
+    assert len(modules) > 20
+    monkeypatch.setattr(launch, "_BYTECODE_DONE", set())
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    launch.write_worker_bytecode([str(tmp_path / "src")])
+    assert not any(Path(importlib.util.cache_from_source(str(m))).exists() for m in modules)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    launch.write_worker_bytecode([str(tmp_path / "src")])
+    cached = [Path(importlib.util.cache_from_source(str(m))) for m in modules]
+    assert all(c.exists() for c in cached), [c for c in cached if not c.exists()]
+    # once per process and root: a second launch does not look again
+    stamp = {c: c.stat().st_mtime_ns for c in cached}
+    modules[0].write_text(modules[0].read_text() + "\n")
+    launch.write_worker_bytecode([str(tmp_path / "src")])
+    assert {c: c.stat().st_mtime_ns for c in cached} == stamp
+    # a worker started from that tree still runs
+    out = subprocess.run(
+        [*worker_command(["--help"], sys_path=[str(tmp_path / "src")])],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.returncode == 0 and "--max-message" in out.stdout, out.stderr[-500:]

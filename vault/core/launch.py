@@ -6,7 +6,9 @@ environment here, so the rules hold everywhere at once:
 
 * the interpreter runs with ``-I`` (isolated: no ``PYTHON*`` variables, no
   script directory or user site on ``sys.path``) and ``-B`` (no bytecode
-  written);
+  written); the launcher writes the bytecode of the worker's modules where
+  it is missing (:func:`write_worker_bytecode`), so a worker never compiles
+  them;
 * the environment is a fixed, minimal one (:func:`worker_env`): nothing of the
   caller's environment reaches the worker;
 * the worker says it is ready (or why it is not) as one JSON line on a status
@@ -29,6 +31,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
@@ -43,6 +46,7 @@ __all__ = [
     "spawn_worker",
     "worker_command",
     "worker_env",
+    "write_worker_bytecode",
 ]
 
 MAX_READY_LINE = 1 << 20
@@ -129,6 +133,8 @@ def spawn_worker(
     """
     if os.environ.get("VAULT_DEBUG_WORKER") == "1":
         stderr = None
+    if python is None or os.path.realpath(python) == os.path.realpath(sys.executable):
+        write_worker_bytecode(sys_path)
     return subprocess.Popen(
         worker_command(args, python=python, prefix=prefix, sys_path=sys_path),
         pass_fds=list(pass_fds),
@@ -143,6 +149,54 @@ def spawn_worker(
         extra_groups=[] if uid is not None else None,
         umask=umask,
     )
+
+
+_BYTECODE_DONE: set[tuple[str, ...]] = set()
+_BYTECODE_LOCK = threading.Lock()
+# what a worker imports of this project (its modules, not the service's or the CLI's)
+_WORKER_PACKAGES = (("vault",), ("vault", "core"), ("worker",))
+
+
+def write_worker_bytecode(sys_path: Sequence[str] = ()) -> None:
+    """Write the bytecode of the modules a worker imports where it is missing
+    or stale, once per process and import root, as ``pip install`` does for a
+    wheel. A worker runs with ``-B`` and under Landlock (no file writes), so
+    from an install without bytecode (an editable one: the README's) every
+    worker start compiled them from source: 114-166 ms for this project's
+    modules against 63-70 ms with bytecode, measured here. Honours
+    ``sys.dont_write_bytecode`` (``PYTHONDONTWRITEBYTECODE``, ``-B``); an
+    install this process cannot write (a system one, which has its bytecode
+    from pip) is left as it is, silently."""
+    roots = tuple(sys_path)
+    if sys.dont_write_bytecode:
+        return
+    with _BYTECODE_LOCK:
+        if roots in _BYTECODE_DONE:
+            return
+        _BYTECODE_DONE.add(roots)
+        _compile_worker_modules(roots)
+
+
+def _compile_worker_modules(roots: tuple[str, ...]) -> None:
+    import compileall
+    import importlib.util
+
+    dirs: list[str] = []
+    for parts in _WORKER_PACKAGES:
+        if roots:
+            dirs += [os.path.join(r, *parts) for r in roots]
+            continue
+        try:
+            spec = importlib.util.find_spec(".".join(parts))
+        except (ImportError, ValueError):
+            continue
+        dirs += list(spec.submodule_search_locations or []) if spec else []
+    for d in dirs:
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            try:  # compiles only what is missing or older than its source
+                compileall.compile_dir(d, maxlevels=0, quiet=2, workers=1)
+            except OSError:
+                pass
 
 
 class WorkerPipes:
