@@ -265,3 +265,69 @@ def test_the_launcher_writes_the_workers_bytecode_once_and_honours_dont_write(
         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert out.returncode == 0 and "--max-message" in out.stdout, out.stderr[-500:]
+
+
+def test_spawning_a_worker_writes_its_bytecode_first_for_the_same_interpreter_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vault.core import launch
+
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(launch, "write_worker_bytecode", lambda roots=(): seen.append(tuple(roots)))
+    proc = spawn_worker(["--help"], sys_path=[str(ROOT)])
+    assert proc.wait(timeout=60) == 0
+    assert seen == [(str(ROOT),)]
+    other = tmp_path / "python3"  # another interpreter: its bytecode is not ours to write
+    other.symlink_to("/bin/true")
+    spawn_worker(["--help"], python=str(other)).wait(timeout=60)
+    assert seen == [(str(ROOT),)]
+
+
+def test_bytecode_goes_only_where_nobody_else_can_write_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytecode is code the workers run: a __pycache__ others could write
+    would let them swap it. Under umask 0 the launcher's stays 0755; a
+    package directory others may write gets none."""
+    import importlib.util
+
+    from vault.core import launch
+
+    modules = _tree_of_worker_modules(tmp_path / "src")
+    open_dir = tmp_path / "src" / "worker"
+    open_dir.chmod(0o777)  # the control: a package directory anyone may write
+    monkeypatch.setattr(launch, "_BYTECODE_DONE", set())
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    old = os.umask(0)
+    try:
+        launch.write_worker_bytecode([str(tmp_path / "src")])
+    finally:
+        os.umask(old)
+    for m in modules:
+        cached = Path(importlib.util.cache_from_source(str(m)))
+        if m.parent == open_dir:
+            assert not cached.exists() and not (open_dir / "__pycache__").exists()
+            continue
+        assert cached.exists(), m
+        mode = cached.parent.stat().st_mode & 0o777
+        assert mode == 0o755, oct(mode)
+        assert not cached.stat().st_mode & 0o022, oct(cached.stat().st_mode)
+
+
+def test_root_writes_no_bytecode_into_another_users_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A root launcher (the daemon, a demo run as root) leaves a user's
+    checkout alone: no root-owned __pycache__ the user could not remove."""
+    from tests.prereq import require
+
+    require(os.geteuid() == 0, "root, to give the tree to another user")
+    from vault.core import launch
+
+    modules = _tree_of_worker_modules(tmp_path / "src")
+    for d in {m.parent for m in modules}:
+        os.chown(d, 65534, 65534)
+    monkeypatch.setattr(launch, "_BYTECODE_DONE", set())
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    launch.write_worker_bytecode([str(tmp_path / "src")])
+    assert not any((m.parent / "__pycache__").exists() for m in modules)

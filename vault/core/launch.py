@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import stat
 import subprocess
 import sys
 import threading
@@ -159,22 +160,36 @@ _WORKER_PACKAGES = (("vault",), ("vault", "core"), ("worker",))
 
 def write_worker_bytecode(sys_path: Sequence[str] = ()) -> None:
     """Write the bytecode of the modules a worker imports where it is missing
-    or stale, once per process and import root, as ``pip install`` does for a
-    wheel. A worker runs with ``-B`` and under Landlock (no file writes), so
-    from an install without bytecode (an editable one: the README's) every
-    worker start compiled them from source: 114-166 ms for this project's
-    modules against 63-70 ms with bytecode, measured here. Honours
-    ``sys.dont_write_bytecode`` (``PYTHONDONTWRITEBYTECODE``, ``-B``); an
-    install this process cannot write (a system one, which has its bytecode
-    from pip) is left as it is, silently."""
+    or older than its source, at this process's first spawn from an import
+    root, as ``pip install`` does for a wheel. A worker runs with ``-B`` and
+    under Landlock (no file writes), so from an install without bytecode (an
+    editable one: the README's) every worker start compiled them from source:
+    114-166 ms for this project's modules against 63-70 ms with bytecode,
+    measured here. Honours ``sys.dont_write_bytecode``
+    (``PYTHONDONTWRITEBYTECODE``, ``-B``). Writes only into a package
+    directory this process's user owns and nobody else may write, into a
+    ``__pycache__`` it owns with mode 0755 whatever the umask: bytecode is
+    code the workers run, so a directory others could write would let them
+    swap it (a root daemon under umask 0 once left them world-writable). An
+    install it may not write (a system one, which has its bytecode from pip,
+    or a user's checkout seen by root) is left as it is, silently."""
     roots = tuple(sys_path)
-    if sys.dont_write_bytecode:
+    if sys.dont_write_bytecode or sys.pycache_prefix or roots in _BYTECODE_DONE:
         return
-    with _BYTECODE_LOCK:
+    with _BYTECODE_LOCK:  # held only to claim the root: a fork never inherits it held long
         if roots in _BYTECODE_DONE:
             return
         _BYTECODE_DONE.add(roots)
-        _compile_worker_modules(roots)
+    _compile_worker_modules(roots)
+
+
+def _private_dir(path: str, euid: int) -> bool:
+    """Whether ``path`` is a directory of ``euid`` that nobody else may write."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == euid and not st.st_mode & 0o022
 
 
 def _compile_worker_modules(roots: tuple[str, ...]) -> None:
@@ -191,12 +206,24 @@ def _compile_worker_modules(roots: tuple[str, ...]) -> None:
         except (ImportError, ValueError):
             continue
         dirs += list(spec.submodule_search_locations or []) if spec else []
+    euid = os.geteuid()
     for d in dirs:
-        if os.path.isdir(d) and os.access(d, os.W_OK):
-            try:  # compiles only what is missing or older than its source
-                compileall.compile_dir(d, maxlevels=0, quiet=2, workers=1)
-            except OSError:
-                pass
+        if not _private_dir(d, euid):
+            continue
+        cache = os.path.join(d, "__pycache__")
+        try:
+            os.mkdir(cache, 0o755)
+            os.chmod(cache, 0o755)  # the umask's bits off, and readable by the workers' user
+        except FileExistsError:
+            pass
+        except OSError:
+            continue
+        if not _private_dir(cache, euid):
+            continue
+        try:  # compiles only what is missing or older than its source
+            compileall.compile_dir(d, maxlevels=0, quiet=2, workers=1, optimize=0)
+        except OSError:
+            pass
 
 
 class WorkerPipes:

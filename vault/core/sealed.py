@@ -242,6 +242,11 @@ class Opener:
         if not 0 < nframes <= MAX_FRAMES or len(prefix) != _PREFIX.size + 4 * nframes:
             raise IntegrityError("malformed sealed message")
         counts = struct.unpack_from(f">{nframes}I", prefix, _PREFIX.size)
+        if 0 in counts:
+            # every frame is sealed as one chunk at least (an empty one as its
+            # tag alone): a frame of none would leave the prefix, and so the
+            # message number, unauthenticated
+            raise IntegrityError("malformed sealed message")
         chunks = [memoryview(c) for c in msg[1:]]
         if sum(counts) != len(chunks):
             raise IntegrityError("a sealed message lost or gained chunks")

@@ -242,3 +242,36 @@ def test_one_callers_sessions_go_before_anyone_elses() -> None:
         _session(table, "mallory" + "x" * 33)
     assert all(table.get(s) is not None for s in others)
     assert len(table) == 54
+
+
+def test_a_message_of_no_chunks_is_refused_and_moves_no_mark() -> None:
+    """A prefix whose frames claim no chunk would authenticate nothing: a
+    stranger on the wire could set the replay mark to the last number and
+    end the session for good."""
+    s, o = _pair()
+    forged = [sealed._PREFIX.pack(sealed.SEALED_TAG, s.sid, (1 << 64) - 1, 1) + bytes(4)]
+    with pytest.raises(IntegrityError, match="malformed"):
+        o.open(forged)
+    two = sealed._PREFIX.pack(sealed.SEALED_TAG, s.sid, 7, 2) + (0).to_bytes(4, "big") * 2
+    with pytest.raises(IntegrityError, match="malformed"):
+        o.open([two])
+    assert o.last == 0
+    assert o.open(s.seal([b"genuine", b""])) == [b"genuine", b""]  # the session goes on
+
+
+def test_a_later_chunk_tampered_leaves_none_of_the_message_readable() -> None:
+    """Genuine first chunks, a tampered last one, opened into a kept buffer:
+    what the genuine chunks decrypted to is wiped with the rest."""
+    table = sealed.SessionTable(b"S" * 40)
+    sid, sealer, _ = _session(table, "carol" + "x" * 35)
+    opener = table.get(sid).opener  # type: ignore[union-attr]
+    opener.open(sealer.seal([b"h", b"\x03" * (3 * sealed.CHUNK)]))
+    opener.release()
+    secret = os.urandom(3 * sealed.CHUNK)
+    wire = [bytearray(w) for w in sealer.seal([b"h", secret])]
+    wire[-1][5] ^= 0x01  # the third chunk of the tensor frame
+    with pytest.raises(IntegrityError):
+        opener.open(wire)
+    kept = bytes(opener._buf)
+    assert secret[: sealed.CHUNK // 2] not in kept and secret[-4096:] not in kept
+    assert kept[: 3 * sealed.CHUNK + 64].count(0) >= 3 * sealed.CHUNK  # wiped, not left over
