@@ -166,6 +166,18 @@ def _median_rusage(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
+def _worker_rusage(timings: list[dict[str, float]]) -> dict[str, float]:
+    """The workers' own CPU over their opens (their ready lines' ``cpu_user``
+    and ``cpu_sys``), as medians in seconds."""
+    return _median_rusage(
+        [
+            {"cpu_user_s": t["cpu_user"] / 1e3, "cpu_sys_s": t["cpu_sys"] / 1e3}
+            for t in timings
+            if "cpu_sys" in t
+        ]
+    )
+
+
 def _parts(pkg_path: Path, lic_path: Path) -> dict[str, float]:
     """Replay the worker's steps here, timing each."""
     from vault.core import crypto as _crypto
@@ -321,14 +333,8 @@ def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dic
         row["rusage"] = {
             "plain_load": _median_rusage(plain_ru.samples),
             "plain_fresh_process": _median_rusage([f[3] for f in fresh]),
-            "vault_open_worker": _median_rusage([
-                {"cpu_user_s": t["cpu_user"] / 1e3, "cpu_sys_s": t["cpu_sys"] / 1e3}
-                for t in worker_timings.get(mb, []) if "cpu_sys" in t
-            ]),  # fmt: skip
-            "vault_open_daemon_worker": _median_rusage([
-                {"cpu_user_s": t["cpu_user"] / 1e3, "cpu_sys_s": t["cpu_sys"] / 1e3}
-                for t in daemon_timings.get(mb, []) if "cpu_sys" in t
-            ]),  # fmt: skip
+            "vault_open_worker": _worker_rusage(worker_timings.get(mb, [])),
+            "vault_open_daemon_worker": _worker_rusage(daemon_timings.get(mb, [])),
         }
         if "vault_open" in res:
             v, p = res["vault_open"]["median_s"], res["plain_load"]["median_s"]
