@@ -11,18 +11,6 @@ from vault.core import sealed
 from vault.core.errors import IntegrityError
 
 
-@pytest.fixture(autouse=True, params=["decrypt_into", "cipher"])
-def decrypt_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every rule holds on both ways of decrypting a chunk: cryptography's
-    AESGCM.decrypt_into where the installed version has it, and the Cipher
-    object per chunk that older versions (>= 46, as pyproject accepts) use."""
-    if request.param == "cipher":
-        monkeypatch.setattr(sealed, "_DECRYPT_INTO", False)
-    elif not sealed._DECRYPT_INTO:
-        pytest.skip("this cryptography has no AESGCM.decrypt_into")
-    return str(request.param)
-
-
 def _pair(sid: bytes = b"s" * 16) -> tuple[sealed.Sealer, sealed.Opener]:
     c2s, s2c = sealed.derive_keys(os.urandom(32), os.urandom(32), sid, b"C" * 40, b"S" * 40)
     assert c2s != s2c  # one key per direction
@@ -33,9 +21,8 @@ def _frames(n: int = 3 * sealed.CHUNK + 5) -> list[bytes]:
     return [b"header", os.urandom(n), b"", os.urandom(7)]
 
 
-def test_a_message_round_trips_in_chunks(decrypt_path: str) -> None:
+def test_a_message_round_trips_in_chunks() -> None:
     s, o = _pair()
-    assert (o._into is not None) == (decrypt_path == "decrypt_into")  # the path under test
     frames = _frames()
     wire = s.seal(frames)
     assert len(wire) == 1 + 1 + 4 + 1 + 1  # prefix, header, 4 chunks, empty frame, small frame
