@@ -88,8 +88,8 @@ from .core.protocol import (
     encode_tensors,
     pack_header,
     raise_for_reply,
+    shm_threshold,
     unpack_header,
-    wants_shared_memory,
 )
 from .core.shm import ShmArena
 
@@ -627,7 +627,7 @@ class _WatchedChannel(ZmqChannel):
         mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
         # one getsockopt, not Socket.poll(0): poll builds a Poller, and this
         # runs before every call
-        while mon is not None and mon.get(_EVENTS) & _POLLIN:
+        while mon is not None and int(mon.get(_EVENTS)) & _POLLIN:
             from zmq.utils.monitor import recv_monitor_message
 
             ev = recv_monitor_message(mon)["event"]
@@ -1160,11 +1160,14 @@ class Model:
         them); anything else is an :class:`InputError` saying so."""
         check_feeds_mapping(inputs, self.inputs)
         arena = self._localw.arena if self._localw is not None else None
-        slot = arena.acquire() if arena is not None and wants_shared_memory(inputs) else None
+        shm_from = shm_threshold(inputs) if arena is not None else None
+        slot = arena.acquire() if arena is not None and shm_from is not None else None
         region = arena.region(slot) if arena is not None and slot is not None else None
         reusable = True
         try:
-            descs, frames = encode_tensors(inputs, region, types=self._input_types)
+            descs, frames = encode_tensors(
+                inputs, region, min_bytes=shm_from, types=self._input_types
+            )
             header: dict[str, Any] = {"op": "compute", "tensors": descs}
             if region is not None:
                 header["shm"] = region.to_wire()

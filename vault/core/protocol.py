@@ -43,7 +43,7 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "encode_tensors",
-    "wants_shared_memory",
+    "shm_threshold",
     "error_reply",
     "ok_reply",
     "pack_header",
@@ -479,29 +479,32 @@ def _numeric_bytes(arrays: Mapping[str, Any]) -> tuple[int, int]:
     return big, total
 
 
-def wants_shared_memory(arrays: Mapping[str, Any]) -> bool:
-    """Whether a local call with these tensors should go through shared
-    memory: one of them is large, or together they are."""
+def shm_threshold(arrays: Mapping[str, Any]) -> int | None:
+    """The size from which these tensors of a local call go through shared
+    memory (``SHM_GROUP_MIN`` when together they reach ``SHM_GROUP_BYTES``,
+    else ``SHM_MIN_BYTES``), or None when none of them would."""
     big, total = _numeric_bytes(arrays)
-    return big >= SHM_MIN_BYTES or total >= SHM_GROUP_BYTES
+    if total >= SHM_GROUP_BYTES:
+        return SHM_GROUP_MIN
+    return SHM_MIN_BYTES if big >= SHM_MIN_BYTES else None
 
 
 def encode_tensors(
     arrays: Mapping[str, Any],
     region: SharedRegion | None = None,
     *,
-    min_bytes: int = SHM_MIN_BYTES,
+    min_bytes: int | None = None,
     types: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Descriptors and frames for ``arrays``. With a ``region``, numeric
     tensors of ``min_bytes`` or more that fit are copied into it and named by
-    ``"shm": [offset, nbytes]`` instead of travelling as a frame (every one of
-    ``SHM_GROUP_MIN`` or more when together they reach ``SHM_GROUP_BYTES``).
-    ``types`` (name -> value type) says which values are sequences, maps or
-    optionals."""
-    if region is not None and min_bytes > SHM_GROUP_MIN:
-        if _numeric_bytes(arrays)[1] >= SHM_GROUP_BYTES:
-            min_bytes = SHM_GROUP_MIN
+    ``"shm": [offset, nbytes]`` instead of travelling as a frame (by default
+    :func:`shm_threshold`'s size; a caller that already asked it passes its
+    answer). ``types`` (name -> value type) says which values are sequences,
+    maps or optionals."""
+    limit = 0
+    if region is not None:
+        limit = min_bytes if min_bytes is not None else shm_threshold(arrays) or SHM_MIN_BYTES
     descs: list[dict[str, Any]] = []
     frames: list[Any] = []
     for name, value in arrays.items():
@@ -513,7 +516,7 @@ def encode_tensors(
             continue
         d, f = encode_tensor(name, value)
         loc = None
-        if region is not None and d["dtype"] != "string" and memoryview(f).nbytes >= min_bytes:
+        if region is not None and d["dtype"] != "string" and memoryview(f).nbytes >= limit:
             loc = region.place(f)
         if loc is None:
             frames.append(f)

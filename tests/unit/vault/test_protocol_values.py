@@ -92,13 +92,13 @@ def test_many_medium_tensors_go_through_shared_memory_together() -> None:
     (a GPT-2 step with its past: 18 tensors of 24 KiB) goes through the
     caller's shared-memory slot, though no one tensor is large; fewer, or
     tiny ones, stay frames; each comes back as it went."""
-    from vault.core.protocol import SHM_GROUP_BYTES, SharedRegion, wants_shared_memory
+    from vault.core.protocol import SHM_GROUP_BYTES, SharedRegion, shm_threshold
 
     past = {f"past.{i}": np.random.rand(1, 12, 8, 64).astype(np.float32) for i in range(18)}
     assert sum(a.nbytes for a in past.values()) >= SHM_GROUP_BYTES
-    assert wants_shared_memory(past)
+    assert shm_threshold(past) is not None
     few = dict(list(past.items())[:2])
-    assert not wants_shared_memory(few)
+    assert shm_threshold(few) is None
     tiny = {f"t{i}": np.ones(8, np.float32) for i in range(64)}
     for arrays, in_shm in ((past, 18), (few, 0)):
         region = SharedRegion(bytearray(4 << 20), 0, 4 << 20)
