@@ -225,8 +225,10 @@ def _tree_of_worker_modules(dst: Path) -> list[Path]:
     """This project's worker-side packages (their modules only) copied to ``dst``."""
     import shutil
 
+    from vault.core.launch import _WORKER_PACKAGES
+
     copied = []
-    for parts in (("vault",), ("vault", "core"), ("worker",)):
+    for parts in _WORKER_PACKAGES:
         (dst.joinpath(*parts)).mkdir(parents=True, exist_ok=True)
         for src in ROOT.joinpath(*parts).glob("*.py"):
             copied.append(Path(shutil.copy2(src, dst.joinpath(*parts, src.name))))
