@@ -18,7 +18,11 @@ own code, the weights do not change the time) and exported to ONNX with
 
 Per model, in alternating blocks (as section 1): ``in_process`` (the
 worker's session options) against ``vault_ipc`` (``vault.open``: a local
-worker, the direct local channel); whole call = vault / in-process.
+worker, the direct local channel); whole call = vault / in-process. The
+worker's own median per call (``Model.stats``: its handler, from decoding
+the request to encoding the answer) splits the gap into the worker's side
+(worker - in-process) and the crossing with the caller's codec (vault -
+worker).
 
 Needs ``torch`` and ``transformers`` (``pip install torch==2.13.0
 transformers``); without them the section says so and is skipped, loudly:
@@ -269,6 +273,12 @@ def run(quick: bool, env: Any, log: Callable[[str], None]) -> dict[str, Any]:
             v, p = res["vault_ipc"]["median_s"], res["in_process"]["median_s"]
             row["vault_ipc_over_in_process"] = v / p
             row["vault_ipc_overhead_s"] = v - p
+            # where the gap lies: the worker's own median time per call (its
+            # handler: decode, checks, onnxruntime, encode; Model.stats) splits
+            # it into the worker's side and the crossing plus the caller's codec
+            lat = (vm.stats().get("latency_ms") or {}).get("p50")
+            if lat is not None:
+                row["worker_compute_p50_s"] = lat / 1e3
         out["models"][name] = row
     return out
 

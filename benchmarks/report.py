@@ -126,9 +126,16 @@ def table(res: dict[str, Any]) -> str:
             )
             ratio = row.get("vault_ipc_over_in_process")
             why = f"  unavailable: {row['unavailable']}" if row.get("unavailable") else ""
+            split = ""
+            w = row.get("worker_compute_p50_s")
+            if w is not None and "vault_ipc" in rows and "in_process" in rows:
+                v, p = rows["vault_ipc"]["median_s"], rows["in_process"]["median_s"]
+                split = (f"  [worker {w * 1e3:.3f}: its side {(w - p) * 1e3:+.3f}, "
+                         f"crossing + caller {(v - w) * 1e3:+.3f}]")  # fmt: skip
             L.append(
                 f"   {name:<12}{cells}"
                 + (f"  vault/inproc {ratio:.3f}" if ratio is not None else "")
+                + split
                 + why
             )
     tp0 = res.get("throughput") or {}
