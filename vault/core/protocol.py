@@ -358,6 +358,23 @@ def _count(shape: tuple[int, ...]) -> int:
     return count
 
 
+def _numeric(desc: dict[str, Any], buf: Any) -> np.ndarray[Any, Any]:
+    """A numeric tensor over ``buf`` (no copy), for a descriptor whose name and
+    dtype are already checked: its shape against the bytes."""
+    dt = dtype_from_name(desc.get("dtype"))
+    shape = _check_shape(desc.get("shape"))
+    count = _count(shape)
+    expected = count * dt.itemsize
+    if len(buf) != expected:
+        raise ProtocolError(
+            f"tensor {desc.get('name')!r}: frame has {len(buf)} bytes, shape {list(shape)} of "
+            f"{dt.name} needs {expected}"
+        )
+    if not count:
+        return np.empty(shape, dtype=dt)
+    return np.ndarray(shape, dt, buf)  # a view of the frame, as frombuffer's
+
+
 def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
     """Rebuild one tensor from its descriptor and frame, without a copy for
     numeric types. Every inconsistency is a ProtocolError."""
@@ -366,21 +383,11 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
     name = desc.get("name")
     if not isinstance(name, str):
         raise ProtocolError("tensor descriptor needs a string name")
-    dt = dtype_from_name(desc.get("dtype"))
-    shape = _check_shape(desc.get("shape"))
     buf = frame.buffer if hasattr(frame, "buffer") else frame
-    count = _count(shape)
     if desc.get("dtype") == "string":
-        return name, _decode_strings(name, buf, count).reshape(shape)
-    expected = count * dt.itemsize
-    if len(buf) != expected:
-        raise ProtocolError(
-            f"tensor {name!r}: frame has {len(buf)} bytes, shape {list(shape)} of {dt.name} "
-            f"needs {expected}"
-        )
-    if not count:
-        return name, np.empty(shape, dtype=dt)
-    return name, np.ndarray(shape, dt, buf)  # a view of the frame, as frombuffer's
+        shape = _check_shape(desc.get("shape"))
+        return name, _decode_strings(name, buf, _count(shape)).reshape(shape)
+    return name, _numeric(desc, buf)
 
 
 def _decode_strings(name: str, buf: Any, count: int) -> np.ndarray[Any, Any]:
@@ -419,10 +426,11 @@ class SharedRegion:
     ``cursor`` on; ``cursor`` moves past what is placed or read, so a worker
     writes its outputs after the inputs it read."""
 
-    __slots__ = ("buf", "start", "end", "cursor")
+    __slots__ = ("buf", "start", "end", "cursor", "_mv")
 
     def __init__(self, buf: Any, start: int, end: int) -> None:
         self.buf, self.start, self.end, self.cursor = buf, start, end, start
+        self._mv: memoryview | None = None  # one view of the arena per call, made on first use
 
     @classmethod
     def from_wire(cls, buf: Any, region: Any) -> SharedRegion:
@@ -439,32 +447,42 @@ class SharedRegion:
     def to_wire(self) -> dict[str, int]:
         return {"offset": self.start, "size": self.end - self.start}
 
+    def _view(self) -> memoryview:
+        mv = self._mv
+        if mv is None:
+            mv = self._mv = memoryview(self.buf).cast("B")
+        return mv
+
     def place(self, frame: Any) -> list[int] | None:
         """Copy ``frame`` in at the cursor if it fits; its ``[offset, nbytes]``."""
-        n = memoryview(frame).nbytes
-        if self.cursor + n > self.end:
+        src = frame if type(frame) is memoryview else memoryview(frame)
+        if src.ndim != 1 or src.format != "B":
+            src = src.cast("B")
+        n = src.nbytes
+        at = self.cursor
+        if at + n > self.end:
             return None
-        np.frombuffer(self.buf, np.uint8, n, self.cursor)[:] = np.frombuffer(frame, np.uint8)
-        loc = [self.cursor, n]
-        self._advance(self.cursor + n)
-        return loc
+        self._view()[at : at + n] = src
+        self.cursor = min(self.end, (at + n + 63) // 64 * 64)
+        return [at, n]
 
     def view(self, loc: Any) -> memoryview:
         """The bytes a ``"shm": [offset, nbytes]`` descriptor names, bounds-checked."""
+        # type() is int: a bool (an int subclass) is no offset
+        if type(loc) is not list or len(loc) != 2:
+            raise ProtocolError("shm tensor lies outside its region")
+        off, n = loc
         if (
-            not isinstance(loc, list)
-            or len(loc) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in loc)
-            or loc[0] < self.start
-            or loc[1] < 0
-            or loc[0] + loc[1] > self.end
+            type(off) is not int
+            or type(n) is not int
+            or off < self.start
+            or n < 0
+            or off + n > self.end
         ):
             raise ProtocolError("shm tensor lies outside its region")
-        self._advance(max(self.cursor, loc[0] + loc[1]))
-        return memoryview(self.buf)[loc[0] : loc[0] + loc[1]]
-
-    def _advance(self, to: int) -> None:
-        self.cursor = min(self.end, (to + 63) // 64 * 64)
+        if off + n >= self.cursor:
+            self.cursor = min(self.end, (off + n + 63) // 64 * 64)
+        return self._view()[off : off + n]
 
 
 def _numeric_bytes(arrays: Mapping[str, Any]) -> tuple[int, int]:
@@ -654,9 +672,23 @@ def decode_tensors(
                 f"about {cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
             )
     it = iter(frames)
-    if numeric_only and region is None and not copy:
-        return {d["name"]: decode_tensor(d, next(it))[1] for d in descs}
-    return {d["name"]: _decode_value(d, it, region, copy) for d in descs}
+    if not numeric_only:
+        return {d["name"]: _decode_value(d, it, region, copy) for d in descs}
+    # the common case, every value a numeric tensor (names and dtypes checked above)
+    out: dict[str, Any] = {}
+    for d in descs:
+        if "shm" in d:
+            assert region is not None  # checked above
+            view = region.view(d["shm"])
+            # a caller gets an owned, writable copy (its slot is about to be reused)
+            out[d["name"]] = _numeric(d, bytearray(view) if copy else view)
+            continue
+        frame = next(it)
+        buf = frame.buffer if hasattr(frame, "buffer") else frame
+        if copy and memoryview(buf).readonly:  # a caller's result is always writable
+            buf = bytearray(buf)
+        out[d["name"]] = _numeric(d, buf)
+    return out
 
 
 def _frame_len(f: Any) -> int:

@@ -110,3 +110,51 @@ def test_many_medium_tensors_go_through_shared_memory_together() -> None:
             np.testing.assert_array_equal(back[k], v)
     descs, frames = encode_tensors({**past, **tiny}, SharedRegion(bytearray(4 << 20), 0, 4 << 20))
     assert all("shm" not in d for d in descs if d["name"].startswith("t"))  # under 4 KiB: frames
+
+
+def test_a_shared_region_checks_every_place_it_is_told_and_keeps_outputs_aligned() -> None:
+    """The worker reads tensors at offsets the caller's header names: only
+    whole, non-negative, in-slot ranges given as two plain ints are read; a
+    read or a placement moves the cursor to the next 64-byte boundary past
+    it (where the worker's outputs then go); what does not fit is not placed."""
+    from vault.core.protocol import SharedRegion
+
+    buf = bytearray(8192)
+    region = SharedRegion(buf, 1024, 4096)
+    for loc in ([True, 8], [1024, True], [1024.0, 8], [1024, -1], [1000, 8], [4000, 97],
+                (1024, 8), [1024], [1024, 8, 0], "1024", None):  # fmt: skip
+        with pytest.raises(ProtocolError, match="outside its region"):
+            region.view(loc)
+        assert region.cursor == 1024
+    at_zero = SharedRegion(buf, 0, 4096)
+    for loc in ([False, 8], [0, True]):  # a bool is no offset, though it is an int
+        with pytest.raises(ProtocolError, match="outside its region"):
+            at_zero.view(loc)
+    assert region.view([1024, 8]).nbytes == 8 and region.cursor == 1088
+    assert region.view([4000, 96]).nbytes == 96 and region.cursor == 4096  # to the end
+    assert region.view([1024, 4]).nbytes == 4 and region.cursor == 4096  # behind: stays
+    out = SharedRegion(buf, 1024, 4096)
+    assert out.place(np.arange(10, dtype=np.uint8)) == [1024, 10] and out.cursor == 1088
+    assert bytes(buf[1024:1034]) == bytes(range(10))
+    assert out.place(memoryview(np.ones(3, np.float64))) == [1088, 24] and out.cursor == 1152
+    assert out.place(bytes(4096)) is None and out.cursor == 1152  # too big: not placed
+
+
+def test_a_callers_results_from_shared_memory_are_its_own() -> None:
+    """Results decoded for a caller (``copy=True``) are writable copies: the
+    slot they came through is reused by the next call, and writing into a
+    result changes neither the slot nor another result."""
+    from vault.core.protocol import SharedRegion
+
+    arrays = {f"o{i}": np.full((64, 64), i, np.float32) for i in range(3)}
+    buf = bytearray(1 << 20)
+    descs, frames = encode_tensors(arrays, SharedRegion(buf, 0, 1 << 20), min_bytes=1)
+    assert all("shm" in d for d in descs) and frames == []
+    back = decode_tensors(descs, frames, SharedRegion(buf, 0, 1 << 20), copy=True)
+    buf[:] = bytes(len(buf))  # the next call overwrites the slot
+    for i in range(3):
+        assert back[f"o{i}"].flags.writeable
+        np.testing.assert_array_equal(back[f"o{i}"], arrays[f"o{i}"])
+    back["o0"][:] = 7
+    np.testing.assert_array_equal(back["o1"], arrays["o1"])
+    assert not any(buf)
