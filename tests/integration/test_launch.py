@@ -225,10 +225,10 @@ def _tree_of_worker_modules(dst: Path) -> list[Path]:
     """This project's worker-side packages (their modules only) copied to ``dst``."""
     import shutil
 
-    from vault.core.launch import _WORKER_PACKAGES
+    from vault.core.launch import WORKER_PACKAGES
 
     copied = []
-    for parts in _WORKER_PACKAGES:
+    for parts in WORKER_PACKAGES:
         (dst.joinpath(*parts)).mkdir(parents=True, exist_ok=True)
         for src in ROOT.joinpath(*parts).glob("*.py"):
             copied.append(Path(shutil.copy2(src, dst.joinpath(*parts, src.name))))
@@ -333,3 +333,147 @@ def test_root_writes_no_bytecode_into_another_users_tree(
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     launch.write_worker_bytecode([str(tmp_path / "src")])
     assert not any((m.parent / "__pycache__").exists() for m in modules)
+
+
+def _as_nobody_sh(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c", script],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_a_bytecode_cache_others_could_write_is_repaired_and_anothers_refused() -> None:
+    """A root Python under umask 0 leaves each __pycache__ it creates 0777:
+    another user could then plant bytecode (an unchecked-hash .pyc is loaded
+    without a look at its source) that every worker from that install runs.
+    The repair makes the cache 0755 and removes every entry that is not a
+    regular file of root's, writable by it alone, with one link; a cache of
+    another user's is refused, not touched."""
+    import shutil
+    import stat
+    import tempfile
+
+    from tests.prereq import require
+    from vault.core.launch import secure_pycache
+
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv")
+    base = Path(tempfile.mkdtemp(prefix="vault-cache-"))
+    try:
+        base.chmod(0o755)
+        pkg = base / "pkg"
+        pkg.mkdir(mode=0o755)
+        cache = pkg / "__pycache__"
+        cache.mkdir()
+        cache.chmod(0o777)  # what a Python under umask 0 leaves
+        good = cache / "mod.cpython-311.pyc"
+        good.write_bytes(b"root's own bytecode")
+        good.chmod(0o644)
+        # the control: anyone may plant bytecode in such a cache
+        planted = _as_nobody_sh(f"echo evil > {cache}/package.cpython-311.pyc")
+        assert planted.returncode == 0, planted.stderr
+        assert (cache / "package.cpython-311.pyc").stat().st_uid == 65534
+        (cache / "open.pyc").write_bytes(b"x")
+        (cache / "open.pyc").chmod(0o666)  # root's, but anyone may rewrite it
+        elsewhere = base / "elsewhere.pyc"
+        elsewhere.write_bytes(b"y")
+        os.link(elsewhere, cache / "linked.pyc")  # another name for a file outside
+        (cache / "ln.pyc").symlink_to(elsewhere)
+        (cache / "sub").mkdir()
+        assert secure_pycache(str(pkg), {0}) is None
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+        assert sorted(p.name for p in cache.iterdir()) == ["mod.cpython-311.pyc"]
+        assert good.read_bytes() == b"root's own bytecode" and elsewhere.exists()
+        again = _as_nobody_sh(f"echo evil > {cache}/package.cpython-311.pyc")
+        assert again.returncode != 0 and not (cache / "package.cpython-311.pyc").exists()
+        # a cache of another user's: not ours to repair, refused as it is
+        os.chown(cache, 65534, 65534)
+        cache.chmod(0o777)
+        why = secure_pycache(str(pkg), {0})
+        assert why is not None and "belongs to uid 65534" in why
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o777
+        assert secure_pycache(str(base / "absent"), {0}) is None  # no cache: nothing to do
+    finally:
+        shutil.rmtree(base)
+
+
+def test_code_directories_must_be_the_owners_all_the_way_up() -> None:
+    """Whoever may write a directory the workers import from, or any
+    directory above it, can swap the code: each must belong to root (or the
+    daemon's user) and be writable by nobody else; a sticky one above (/tmp)
+    is fine, a sticky one holding the code is not."""
+    import shutil
+    import tempfile
+
+    from tests.prereq import require
+    from vault.core.launch import code_dir_problem
+
+    require(os.geteuid() == 0, "root, to give a directory to another user")
+    base = Path(tempfile.mkdtemp(prefix="vault-code-"))
+    try:
+        base.chmod(0o755)
+        mid = base / "mid"
+        code = mid / "pkg"
+        code.mkdir(parents=True)
+        mid.chmod(0o755)
+        code.chmod(0o755)
+        assert code_dir_problem(str(code), {0}) is None  # below /tmp (sticky): fine
+        os.chown(mid, 65534, 65534)  # its owner could move pkg aside and put its own
+        assert f"{mid} belongs to uid 65534" in (code_dir_problem(str(code), {0}) or "")
+        assert code_dir_problem(str(code), {0, 65534}) is None
+        os.chown(mid, 0, 0)
+        mid.chmod(0o777)
+        assert f"{mid} is writable by others" in (code_dir_problem(str(code), {0}) or "")
+        mid.chmod(0o1777)  # sticky above: others may add names, not move pkg
+        assert code_dir_problem(str(code), {0}) is None
+        code.chmod(0o1777)  # sticky where the code is: others may add modules
+        assert f"{code} is writable by others" in (code_dir_problem(str(code), {0}) or "")
+        code.chmod(0o755)
+        link = base / "link"
+        link.symlink_to(code)
+        assert code_dir_problem(str(link), {0}) is None
+        os.lchown(link, 65534, 65534)  # another user's link is refused as anything of theirs
+        assert "belongs to uid 65534" in (code_dir_problem(str(link), {0}) or "")
+    finally:
+        shutil.rmtree(base)
+
+
+def test_the_daemon_repairs_the_caches_an_import_under_umask_0_left_open() -> None:
+    """The attack, end to end up to the worker's read: a root Python started
+    under umask 0 importing this project makes its caches 0777, and another
+    user swaps a module's bytecode (the control). The daemon's start check
+    (:func:`check_worker_code`, on the directories the workers import from)
+    repairs them: the swapped bytecode is gone and no other can be put."""
+    import shutil
+    import stat
+    import tempfile
+
+    from tests.prereq import require
+    from vault.app.daemon import check_worker_code
+
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None, "root and setpriv")
+    base = Path(tempfile.mkdtemp(prefix="vault-umask0-"))
+    try:
+        base.chmod(0o755)
+        for pkg in ("vault", "worker"):
+            shutil.copytree(ROOT / pkg, base / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(
+            [sys.executable, "-c", "import os, sys; os.umask(0); sys.path.insert(0, sys.argv[1]); "
+             "import vault.core.package, worker.ops", str(base)],
+            check=True, timeout=120, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+        )  # fmt: skip
+        dirs = [base / "vault", base / "vault" / "core", base / "worker"]
+        caches = [d / "__pycache__" for d in dirs]
+        assert [stat.S_IMODE(c.stat().st_mode) for c in caches] == [0o777] * 3
+        target = caches[1] / f"package.{sys.implementation.cache_tag}.pyc"
+        assert target.stat().st_uid == 0
+        swap = f"echo evil > {caches[1]}/.x && mv {caches[1]}/.x {target}"
+        planted = _as_nobody_sh(swap)
+        assert planted.returncode == 0 and target.stat().st_uid == 65534, planted.stderr
+        check_worker_code([str(d) for d in dirs])
+        assert [stat.S_IMODE(c.stat().st_mode) for c in caches] == [0o755] * 3
+        assert not target.exists()
+        assert all(f.stat().st_uid == 0 for c in caches for f in c.iterdir())
+        again = _as_nobody_sh(swap)
+        assert again.returncode != 0 and not target.exists()
+    finally:
+        shutil.rmtree(base)

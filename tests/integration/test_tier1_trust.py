@@ -730,6 +730,7 @@ def test_the_daemon_refuses_an_interpreter_its_workers_cannot_run(trust: Trust) 
     would have made fails as that user; through a directory the workers' user
     may search, the same interpreter passes the check."""
     from vault.app.daemon import check_worker_can_run
+    from vault.core import launch
 
     home = trust.dir / "home"  # like /root
     home.mkdir(mode=0o700, exist_ok=True)
@@ -749,9 +750,11 @@ def test_the_daemon_refuses_an_interpreter_its_workers_cannot_run(trust: Trust) 
     with pytest.raises(PermissionError):  # control: the worker the daemon would have spawned
         subprocess.run([str(py), "-I", "-c", "pass"], check=True, **worker)  # type: ignore[call-overload]
     os.chmod(home, 0o755)
-    check_worker_can_run(str(py), (_readable_source(), _site_packages()),
-                         uid=trust.worker.pw_uid, gid=trust.worker.pw_gid,
-                         user=trust.worker.pw_name)  # fmt: skip
+    dirs = check_worker_can_run(str(py), (_readable_source(), _site_packages()),
+                                uid=trust.worker.pw_uid, gid=trust.worker.pw_gid,
+                                user=trust.worker.pw_name)  # fmt: skip
+    src = _readable_source()  # where the workers import this project from, as they found it
+    assert sorted(dirs) == sorted(os.path.join(src, *p) for p in launch.WORKER_PACKAGES), dirs
 
 
 RELAY = r"""

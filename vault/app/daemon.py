@@ -180,18 +180,53 @@ class DaemonConfig:
 
 def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
     """The worker's interpreter and code must be owned by root or by the
-    daemon's user and writable by nobody else: otherwise whoever can write
-    them runs code inside every worker."""
+    daemon's user and writable by nobody else, and so must every directory
+    above them (unless sticky): otherwise whoever can write them runs code
+    inside every worker. Checked here: the interpreter (the file it resolves
+    to, the directory it is named in, a venv's ``pyvenv.cfg``) and each
+    ``--worker-path``; the package directories the workers import from, and
+    their bytecode caches, by :func:`check_worker_code` once the interpreter
+    has said where they are."""
     owners = {0, os.geteuid()}
-    for path in (os.path.realpath(python), *sys_path):
+    real = os.path.realpath(python)
+    checks = [(real, os.path.dirname(real)), (python, os.path.dirname(os.path.abspath(python)))]
+    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(python))), "pyvenv.cfg")
+    if os.path.lexists(cfg):  # a venv's: it names the interpreter's home (its standard library)
+        checks.append((cfg, os.path.dirname(cfg)))
+    checks += [(p, p) for p in sys_path]
+    for path, directory in checks:
         try:
             st = os.stat(path)
         except OSError as exc:
             raise ConfigError(f"{path}: worker install not found ({exc.strerror})") from None
+        why = None
         if st.st_uid not in owners or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            why = f"{path} belongs to uid {st.st_uid} (mode {stat.S_IMODE(st.st_mode):04o})"
+        why = why or launch.code_dir_problem(directory, owners)
+        if why:
             raise ConfigError(
                 f"{path}: the worker's install must be owned by root (or the daemon's user) "
-                "and writable by no one else"
+                f"and writable by no one else, as must every directory above it ({why})"
+            )
+
+
+def check_worker_code(package_dirs: Sequence[str]) -> None:
+    """The directories the workers import this project's packages from (as
+    their interpreter resolved them, :func:`check_worker_can_run`): each, and
+    every directory above it, owned by root or the daemon's user and writable
+    by nobody else; and each bytecode cache in them holding only what those
+    could have written. A cache of the daemon's own that others could write
+    (a daemon started under umask 0 makes its imports' caches 0777) is
+    repaired (:func:`vault.core.launch.secure_pycache`); any other is a
+    :class:`ConfigError` naming it."""
+    owners = {0, os.geteuid()}
+    for d in dict.fromkeys(package_dirs):
+        why = launch.code_dir_problem(d, owners)
+        if why:
+            raise ConfigError(
+                f"the workers' code could be changed by another user ({why}): the install "
+                "must be owned by root (or the daemon's user) and writable by no one else, "
+                "its __pycache__ directories included (deploy/README.md, step 1)"
             )
 
 
@@ -224,30 +259,33 @@ def blocked_for(path: str, uid: int, gid: int, *, read: bool) -> str | None:
 
 
 _PROBE = (
-    "import sys, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
-    "import worker; missing = [m for m in ('numpy', 'onnxruntime', 'zmq', 'cryptography', "
-    "'msgpack') if u.find_spec(m) is None]; "
-    "sys.exit('cannot import ' + ', '.join(missing)) if missing else None"
+    "import sys, json, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') "
+    "if p]; import worker; missing = [m for m in ('numpy', 'onnxruntime', 'zmq', "
+    "'cryptography', 'msgpack') if u.find_spec(m) is None]; "
+    "sys.exit('cannot import ' + ', '.join(missing)) if missing else None; "
+    "print(json.dumps({'vault': list(u.find_spec('vault').submodule_search_locations or []), "
+    "'worker': list(worker.__path__)}))"
 )
 
 
 def check_worker_can_run(
     python: str, sys_path: Sequence[str], *, uid: int, gid: int, user: str
-) -> None:
+) -> list[str]:
     """The workers' user must be able to run the interpreter and import the
     install (:class:`ConfigError` naming what it cannot reach otherwise). A
     venv made from an interpreter under a private home (``/root/.pyenv``,
     conda in ``/root``) passes :func:`check_install` but no worker of another
     uid could ever start from it: the daemon would say ready and fail every
-    open. Checked by running the interpreter as that user, as a worker is run."""
+    open. Checked by running the interpreter as that user, as a worker is run.
+    Returns the directories the workers import this project's packages from
+    (``vault``, ``vault/core``, ``worker``), as that interpreter found them."""
     as_other = os.geteuid() == 0 and uid != 0
     try:
         done = subprocess.run(
             [python, "-I", "-B", "-c", _PROBE, ":".join(sys_path)],
             user=uid if as_other else None, group=gid if as_other else None,
             extra_groups=[] if as_other else None, env=launch.worker_env(), cwd="/",
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            timeout=60,
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
         )  # fmt: skip
         why = None if done.returncode == 0 else (
             done.stderr.decode(errors="replace").strip().splitlines() or ["exit status"]
@@ -257,7 +295,16 @@ def check_worker_can_run(
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
     if why is None:
-        return
+        try:
+            where = json.loads(done.stdout.decode().strip().splitlines()[-1])
+            dirs = [os.path.join(d, *parts[1:]) for parts in launch.WORKER_PACKAGES
+                    for d in where[parts[0]]]  # fmt: skip
+        except (ValueError, IndexError, KeyError, TypeError):
+            raise ConfigError(
+                f"{python}: could not tell where the workers' packages are "
+                "(the interpreter's answer was not understood)"
+            ) from None
+        return [d for d in dirs if os.path.isdir(d)]
     if as_other:
         for path, read in ((python, False), (os.path.realpath(python), False),
                            *((p, True) for p in sys_path)):  # fmt: skip
@@ -1246,13 +1293,23 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     out = out or sys.stdout
     log = log or Log(sys.stderr, component="daemon")
     device = Device.load(config.device_dir)
+    # whatever this daemon creates from here on (its later imports' bytecode
+    # caches among it) is writable by no one else, whatever umask it started under
+    os.umask(os.umask(0o022) | 0o022)
+    # and what it made before that (the caches of its own imports, 0777 under
+    # umask 0) is repaired, with the workers' code below
+    own = [p for name, mod in list(sys.modules.items()) if name.partition(".")[0] == "vault"
+           for p in getattr(mod, "__path__", None) or ()]  # fmt: skip
     check_install(config.python, config.sys_path)
-    check_worker_can_run(
-        config.python,
-        config.sys_path,
-        uid=config.worker_uid,
-        gid=config.worker_gid,
-        user=config.worker_user or str(config.worker_uid),
+    check_worker_code(
+        own
+        + check_worker_can_run(
+            config.python,
+            config.sys_path,
+            uid=config.worker_uid,
+            gid=config.worker_gid,
+            user=config.worker_user or str(config.worker_uid),
+        )
     )
     base = os.path.dirname(os.path.abspath(config.socket_path))
     os.makedirs(base, mode=0o755, exist_ok=True)

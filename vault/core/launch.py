@@ -41,9 +41,12 @@ from .errors import ProtocolError, VaultError, WorkerCrashedError, WorkerTimeout
 
 __all__ = [
     "MAX_READY_LINE",
+    "WORKER_PACKAGES",
     "WorkerPipes",
     "WORKER_ENV",
+    "code_dir_problem",
     "read_ready_line",
+    "secure_pycache",
     "spawn_worker",
     "worker_command",
     "worker_env",
@@ -155,7 +158,82 @@ def spawn_worker(
 _BYTECODE_DONE: set[tuple[str, ...]] = set()
 _BYTECODE_LOCK = threading.Lock()
 # what a worker imports of this project (its modules, not the service's or the CLI's)
-_WORKER_PACKAGES = (("vault",), ("vault", "core"), ("worker",))
+WORKER_PACKAGES = (("vault",), ("vault", "core"), ("worker",))
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def code_dir_problem(path: str, owners: set[int] | frozenset[int]) -> str | None:
+    """Why another user could change the code a process loads from the
+    directory ``path``, or None: ``path`` and every directory above it must
+    belong to one of ``owners`` and be writable by nobody else (a directory
+    above it may be if sticky, as ``/tmp``: others may add names there but not
+    move ``path`` aside). The path as given and its resolved form are both
+    walked; a link's own mode means nothing, its owner does."""
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        node = start
+        while True:
+            try:
+                st = os.lstat(node)
+            except OSError as exc:
+                return f"{node}: {exc.strerror}"
+            if st.st_uid not in owners:
+                return f"{node} belongs to uid {st.st_uid}"
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & _OTHERS_WRITE:
+                if node == start or not st.st_mode & stat.S_ISVTX:
+                    return f"{node} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+            parent = os.path.dirname(node)
+            if parent == node:
+                break
+            node = parent
+    return None
+
+
+def secure_pycache(package_dir: str, owners: set[int] | frozenset[int]) -> str | None:
+    """Make ``package_dir/__pycache__`` hold only bytecode nobody outside
+    ``owners`` could have put there or could change, or say why it cannot
+    (None: it is so, or there is none). Bytecode is code: a worker loads it
+    without looking at the source when it is written as an unchecked hash, so
+    a cache others can write lets them run code in every worker. A Python
+    under umask 0 makes its caches world-writable (0777) as it imports, before
+    any of our code runs; so a cache of this process's own is repaired here:
+    mode 0755 first (nobody else can add a name from then on), then every
+    entry that is not a regular file of an owner's, writable by it alone,
+    with one link, is removed. ``package_dir`` itself must already pass
+    :func:`code_dir_problem` (nobody else can swap the cache as a whole)."""
+    cache = os.path.join(package_dir, "__pycache__")
+    try:
+        st = os.lstat(cache)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{cache}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{cache} is not a directory"
+    if st.st_uid not in owners:
+        return f"{cache} belongs to uid {st.st_uid}"
+    ours = st.st_uid == os.geteuid()
+    try:
+        if st.st_mode & _OTHERS_WRITE:
+            if not ours:
+                return f"{cache} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+            os.chmod(cache, 0o755)
+        with os.scandir(cache) as entries:
+            for e in entries:
+                es = e.stat(follow_symlinks=False)
+                if (stat.S_ISREG(es.st_mode) and es.st_uid in owners
+                        and not es.st_mode & _OTHERS_WRITE and es.st_nlink == 1):  # fmt: skip
+                    continue
+                if not ours:
+                    return f"{e.path}: bytecode another user could have written"
+                if stat.S_ISDIR(es.st_mode):
+                    import shutil
+
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+    except OSError as exc:
+        return f"{cache}: {exc.strerror}"
+    return None
 
 
 def write_worker_bytecode(sys_path: Sequence[str] = ()) -> None:
@@ -170,9 +248,11 @@ def write_worker_bytecode(sys_path: Sequence[str] = ()) -> None:
     directory this process's user owns and nobody else may write, into a
     ``__pycache__`` it owns with mode 0755 whatever the umask: bytecode is
     code the workers run, so a directory others could write would let them
-    swap it (a root daemon under umask 0 once left them world-writable). An
-    install it may not write (a system one, which has its bytecode from pip,
-    or a user's checkout seen by root) is left as it is, silently."""
+    swap it (a root daemon under umask 0 once left them world-writable); a
+    cache of its own others could write is repaired first
+    (:func:`secure_pycache`). An install it may not write (a system one,
+    which has its bytecode from pip, or a user's checkout seen by root) is
+    left as it is, silently."""
     roots = tuple(sys_path)
     if sys.dont_write_bytecode or sys.pycache_prefix or roots in _BYTECODE_DONE:
         return
@@ -197,7 +277,7 @@ def _compile_worker_modules(roots: tuple[str, ...]) -> None:
     import importlib.util
 
     dirs: list[str] = []
-    for parts in _WORKER_PACKAGES:
+    for parts in WORKER_PACKAGES:
         if roots:
             dirs += [os.path.join(r, *parts) for r in roots]
             continue
@@ -218,7 +298,7 @@ def _compile_worker_modules(roots: tuple[str, ...]) -> None:
             pass
         except OSError:
             continue
-        if not _private_dir(cache, euid):
+        if secure_pycache(d, {0, euid}) is not None:  # repairs a cache of ours others could write
             continue
         try:  # compiles only what is missing or older than its source
             compileall.compile_dir(d, maxlevels=0, quiet=2, workers=1, optimize=0)
