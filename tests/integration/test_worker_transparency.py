@@ -491,3 +491,35 @@ def test_real_models_from_the_installed_wheels(tmp_path: Path, name: str) -> Non
                 assert gd == pytest.approx(wd, rel=1e-5)
         else:
             np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_where_a_tensor_arrives_in_memory_does_not_change_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's ReduceSum over float32 gives other last bits when its
+    input starts at an address that is not a multiple of 4, and a ZeroMQ
+    frame can start anywhere. Through both local paths (ZeroMQ frames, the
+    direct channel) and with tensors the caller made misaligned itself, the
+    answers are the bytes plain onnxruntime gives for the caller's arrays."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["A", "B", "C"])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 1, 1])
+    mean = helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, 1, 1])
+    m = _model([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=1),
+                helper.make_node("ReduceMean", ["x"], ["m"], keepdims=1)], [x], [s, mean],
+               opset=18)  # fmt: skip
+    sealed = seal_for_test(tmp_path, m, name="reduce")
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    feeds = [rng.standard_normal((k, 2, 3)).astype(np.float32) for k in range(1, 81)]
+    raw = np.empty(feeds[-1].nbytes + 8, np.uint8)
+    odd = raw[1 : 1 + feeds[10].nbytes].view(np.float32).reshape(feeds[10].shape)
+    odd[...] = feeds[10]  # a caller's own array at an odd address
+    assert not odd.flags.aligned
+    for channel in ("0", "1"):  # ZeroMQ frames, then the direct local channel
+        monkeypatch.setenv("VAULT_LOCAL_CHANNEL", channel)
+        with open_sealed(sealed) as model:
+            for arr in [*feeds, odd]:
+                want = sess.run(None, {"x": np.ascontiguousarray(arr)})
+                got = model.compute({"x": arr})
+                assert got["s"].tobytes() == want[0].tobytes(), (channel, arr.shape)
+                assert got["m"].tobytes() == want[1].tobytes(), (channel, arr.shape)

@@ -358,9 +358,11 @@ def _count(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _numeric(desc: dict[str, Any], buf: Any) -> np.ndarray[Any, Any]:
+def _numeric(desc: dict[str, Any], buf: Any, align: bool = False) -> np.ndarray[Any, Any]:
     """A numeric tensor over ``buf`` (no copy), for a descriptor whose name and
-    dtype are already checked: its shape against the bytes."""
+    dtype are already checked: its shape against the bytes. ``align``: the
+    bytes may start anywhere (a ZeroMQ frame's): a tensor not on a 16-byte
+    boundary is copied to one."""
     dt = dtype_from_name(desc.get("dtype"))
     shape = _check_shape(desc.get("shape"))
     count = _count(shape)
@@ -372,7 +374,16 @@ def _numeric(desc: dict[str, Any], buf: Any) -> np.ndarray[Any, Any]:
         )
     if not count:
         return np.empty(shape, dtype=dt)
-    return np.ndarray(shape, dt, buf)  # a view of the frame, as frombuffer's
+    arr = np.ndarray(shape, dt, buf)  # a view of the frame, as frombuffer's
+    if align and arr.__array_interface__["data"][0] & 15:
+        # onnxruntime's answer depends on where its input sits: a ReduceSum
+        # over float32 gives other last bits unless the data starts on a
+        # 16-byte boundary, as every numpy array a caller makes does. libzmq
+        # puts a large frame 8 bytes off one, a small one anywhere in its
+        # receive buffer. (Records of the local channel, shared memory and
+        # sealed frames are laid out on 64-byte boundaries by the sender.)
+        arr = arr.copy()
+    return arr
 
 
 def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
@@ -383,11 +394,12 @@ def decode_tensor(desc: Any, frame: Any) -> tuple[str, np.ndarray[Any, Any]]:
     name = desc.get("name")
     if not isinstance(name, str):
         raise ProtocolError("tensor descriptor needs a string name")
-    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    zmq_frame = hasattr(frame, "buffer")
+    buf = frame.buffer if zmq_frame else frame
     if desc.get("dtype") == "string":
         shape = _check_shape(desc.get("shape"))
         return name, _decode_strings(name, buf, _count(shape)).reshape(shape)
-    return name, _numeric(desc, buf)
+    return name, _numeric(desc, buf, zmq_frame)
 
 
 def _decode_strings(name: str, buf: Any, count: int) -> np.ndarray[Any, Any]:
@@ -684,10 +696,11 @@ def decode_tensors(
             out[d["name"]] = _numeric(d, bytearray(view) if copy else view)
             continue
         frame = next(it)
-        buf = frame.buffer if hasattr(frame, "buffer") else frame
+        zmq_frame = hasattr(frame, "buffer")
+        buf = frame.buffer if zmq_frame else frame
         if copy and memoryview(buf).readonly:  # a caller's result is always writable
-            buf = bytearray(buf)
-        out[d["name"]] = _numeric(d, buf)
+            buf, zmq_frame = bytearray(buf), False
+        out[d["name"]] = _numeric(d, buf, zmq_frame)
     return out
 
 
