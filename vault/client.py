@@ -1014,6 +1014,33 @@ def check_feeds_mapping(inputs: Any, signature: Mapping[str, Any]) -> None:
 _LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
 
 
+class _ZmqParts:
+    """A Model's context and current channel, apart from the Model: what
+    :func:`_release_zmq` closes when a Model is dropped without ``close()``."""
+
+    __slots__ = ("ctx", "channel")
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.ctx = ctx
+        self.channel: Channel | None = None
+
+
+def _release_zmq(parts: _ZmqParts) -> None:
+    """A dropped Model's sockets, then its context. Left to the garbage
+    collector, pyzmq's own finaliser hung the process: in a reference cycle
+    the sockets' weak references are cleared before the context's ``__del__``
+    runs, which then cannot close them and waits for them for ever in
+    ``term()``. This runs first (``weakref.finalize`` keeps the parts alive)."""
+    channel, parts.channel = parts.channel, None
+    if channel is not None:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - best effort: nobody is left to tell
+            pass
+    if not parts.ctx.closed:
+        parts.ctx.destroy(linger=0)
+
+
 def _after_fork_in_child() -> None:
     # what the parent opened stays the parent's: the child's exit must not
     # close its models (they removed the parent's worker directory: its next
@@ -1070,9 +1097,12 @@ class Model:
         self._dead = False
         self._closed = False
         _LIVE.add(self)
+        self._release: weakref.finalize[Any, Any] | None = None
         try:
             if not self._fixed_channel:
                 self._ctx = zmq.Context()
+                self._zmq = _ZmqParts(self._ctx)
+                self._release = weakref.finalize(self, _release_zmq, self._zmq)
                 self._start()
             info = self._request({"op": "info"})[0]
         except BaseException:
@@ -1109,6 +1139,7 @@ class Model:
             assert self._remote is not None
             self._endpoint = self._remote.address
             self._channel = self._remote.channel(self._ctx, self._max_message)
+        self._zmq.channel = self._channel
         self._generation += 1
         self._dead = False
 
@@ -1225,8 +1256,14 @@ class Model:
     @property
     def tier(self) -> int | None:
         """The protection tier the worker reports (0 same user, 1 local daemon,
-        2 vendor-hosted), as read from its health; None if it does not say."""
-        status = self.health().get("hardening", {}).get("tier", {}).get("status")
+        2 vendor-hosted), as read from its health; None if it does not say.
+        (A remote worker or service says it at the top of its health, a local
+        worker also in its hardening report.)"""
+        health = self.health()
+        top = health.get("tier")
+        if isinstance(top, int) and not isinstance(top, bool):
+            return top
+        status = health.get("hardening", {}).get("tier", {}).get("status")
         return int(status) if isinstance(status, str) and status.isdigit() else None
 
     def close(self) -> None:
@@ -1241,6 +1278,8 @@ class Model:
             self._localw.close()
         if self._ctx is not None:
             self._ctx.term()
+        if self._release is not None:
+            self._release.detach()
         _LIVE.discard(self)
 
     def __enter__(self) -> Model:

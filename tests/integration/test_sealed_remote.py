@@ -329,3 +329,45 @@ def test_replicas_behind_one_address_calls_go_over_curve_when_the_sealed_port_re
             direct.close()
             front.close()
             other.close()
+
+
+DROPPED = r"""
+import gc, sys
+import numpy as np
+import vault
+endpoint, licence, key = sys.argv[1:4]
+
+def use():
+    remote = vault.connect(endpoint, licence=licence, server_key=key)  # never closed
+    remote.compute({"x": np.ones((1, 8), np.float32)})
+    return remote.inputs
+
+print(use())
+remote = vault.connect(endpoint, licence=licence, server_key=key)
+remote = vault.connect(endpoint, licence=licence, server_key=key)  # the first one dropped
+print(remote.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape)
+print("tier", remote.tier)  # the README's "same interface": vendor-hosted is tier 2
+gc.collect()
+print("done")
+"""
+
+
+def test_a_remote_model_dropped_without_close_does_not_hang_the_process_and_says_tier_2(
+    served: dict[str, Any],
+) -> None:
+    """docs/service.md's snippet replaces one ``vault.connect`` by another;
+    the first, left to the garbage collector, hung the process for ever in
+    pyzmq's context finaliser (its sockets' weak references were cleared
+    first). A dropped Model's sockets and context are closed before that."""
+    import subprocess
+    import sys
+
+    ready = served["ready"]
+    out = subprocess.run(
+        [sys.executable, "-c", DROPPED, ready["endpoint"], str(served["dir"] / "alice.licence"),
+         ready["server_key"]],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "done" and "(1, 5)" in out.stdout, out.stdout
+    assert "tier 2" in out.stdout, out.stdout
