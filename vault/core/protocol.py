@@ -266,7 +266,11 @@ def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
     kind = dtype_name(arr.dtype)
     desc = {"name": name, "dtype": kind, "shape": list(arr.shape)}
     if kind == "string":
-        items = [x.decode() if isinstance(x, bytes) else str(x) for x in arr.reshape(-1).tolist()]
+        try:
+            items = [x.decode() if isinstance(x, bytes) else str(x)
+                     for x in arr.reshape(-1).tolist()]  # fmt: skip
+        except UnicodeDecodeError:
+            raise InputError(f"{name!r}: a bytes element is not UTF-8 text") from None
         return desc, msgpack.packb(items, use_bin_type=True)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)

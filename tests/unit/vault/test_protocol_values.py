@@ -158,3 +158,13 @@ def test_a_callers_results_from_shared_memory_are_its_own() -> None:
     back["o0"][:] = 7
     np.testing.assert_array_equal(back["o1"], arrays["o1"])
     assert not any(buf)
+
+
+def test_a_string_tensor_of_bytes_that_are_not_text_is_an_input_error() -> None:
+    """String tensors travel as UTF-8 text: a bytes element that is not
+    (``b"\\xff"``) is the caller's InputError naming the input, not a
+    UnicodeDecodeError from deep inside the client; text bytes are taken."""
+    with pytest.raises(InputError, match="'s': a bytes element is not UTF-8"):
+        encode_tensors({"s": np.array([b"ok", b"\xff"], dtype=object)})
+    descs, frames = encode_tensors({"s": np.array([b"ab", "c"], dtype=object)})
+    assert decode_tensors(descs, frames)["s"].tolist() == ["ab", "c"]

@@ -100,12 +100,28 @@ def test_every_datatype_round_trips(datatype: str) -> None:
     ("FP32", [-1], [1.0]),                      # bad shape
     ("COMPLEX", [1], [1.0]),                    # no such datatype
     ("FP32", [2], [[1.0], [2.0, 3.0]]),         # ragged
+    ("UINT64", [2], [1, 2**64]),                # does not fit, past uint64
+    ("UINT64", [2], [-1, 2**63]),               # does not fit, below 0
+    ("INT64", [2], [1, 2**63]),                 # does not fit int64
+    ("UINT64", [2], [1.5, 2**63]),              # not integers, among large ones
 ])  # fmt: skip
 def test_malformed_json_tensors_are_input_errors(
     datatype: str, shape: list[int], data: Any
 ) -> None:
     with pytest.raises(InputError):
         T.from_json("t", datatype, shape, data)
+
+
+def test_json_integers_past_int64_are_taken_exactly() -> None:
+    """numpy reads ``[1, 2**63]`` as float64 (and ``2**64 - 1`` beside a small
+    one loses its last bits so): UINT64 data past int64 is taken as the exact
+    integers JSON gave."""
+    big = [1, 2**63, 2**64 - 1, 9007199254740993]  # the last: not a float64
+    d, f = T.from_json("u", "UINT64", [2, 2], [big[:2], big[2:]])
+    _, back = decode_tensor(d, f)
+    assert back.dtype == np.uint64 and back.reshape(-1).tolist() == big
+    d, f = T.from_json("i", "INT64", [2], [-(2**63), 2**63 - 1])
+    assert decode_tensor(d, f)[1].tolist() == [-(2**63), 2**63 - 1]
 
 
 def test_malformed_binary_tensors_are_input_errors() -> None:
@@ -580,3 +596,17 @@ def test_a_door_asks_the_loop_only_when_its_own_vetting_has_no_answer() -> None:
     assert post(refused) == (403, 1) and refused.calls == []
     unknown = Service(False)  # the control: the loop is asked, and refuses
     assert post(unknown) == (403, 1) and unknown.calls == [True]
+
+
+def test_a_request_for_a_model_without_inputs_holds_none() -> None:
+    """A model may take no inputs (vault.open and vault.connect run one): an
+    empty list of inputs is a request, REST and gRPC alike; a missing list
+    still is not, and a model with inputs then says which one is missing."""
+    from worker.service.oip import grpc_door, rest
+
+    assert rest._inputs([], memoryview(b"")) == ([], [])
+    with pytest.raises(InputError, match="list of inputs"):
+        rest._inputs(None, memoryview(b""))
+    with pytest.raises(InputError, match="belong to no input"):
+        rest._inputs([], memoryview(b"\0" * 4))
+    assert grpc_door._inputs(ours.ModelInferRequest(model_name="m")) == ([], [])

@@ -174,8 +174,6 @@ class InferenceServicer:
 
 
 def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-    if not request.inputs:
-        raise InputError("the request needs inputs")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")

@@ -250,7 +250,7 @@ def _only(method: str, allowed: str) -> None:
 
 
 def _inputs(items: Any, binary: memoryview) -> tuple[list[dict[str, Any]], list[Any]]:
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, list):  # empty for a model without inputs
         raise InputError("the request needs a list of inputs")
     descs, frames, at = [], [], 0
     for it in items:

@@ -128,6 +128,10 @@ def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str
     dt = dtype_from_name(vd)
     if arr.size != n:
         raise InputError(f"{name!r}: data holds {arr.size} elements, shape {dims} needs {n}")
+    if n and dt.kind in "iu" and arr.dtype.kind in "fO":
+        # JSON integers past int64 ([1, 2**63] is float64 to numpy, [2**64] an
+        # object array): taken as the exact integers JSON gave, or refused
+        return _desc(name, vd, dims), _exact_integers(name, datatype, data, dt)
     if n and arr.dtype.kind not in _KINDS.get(dt.kind, ""):
         raise InputError(f"{name!r}: data holds values that are not {datatype}")
     try:
@@ -138,6 +142,16 @@ def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str
     except (OverflowError, FloatingPointError, ValueError):
         raise InputError(f"{name!r}: a value does not fit {datatype}") from None
     return _desc(name, vd, dims), np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
+
+
+def _exact_integers(name: str, datatype: Any, data: Any, dt: np.dtype[Any]) -> Any:
+    items = np.asarray(data, dtype=object).reshape(-1).tolist()
+    if not all(type(x) is int for x in items):  # not a bool, not a float
+        raise InputError(f"{name!r}: data holds values that are not {datatype}")
+    info = np.iinfo(dt)
+    if not all(info.min <= x <= info.max for x in items):
+        raise InputError(f"{name!r}: a value does not fit {datatype}")
+    return np.array(items, dtype=dt.newbyteorder("<")).view(np.uint8).data
 
 
 def raw_size(datatype: Any, shape: Sequence[int]) -> int | None:
