@@ -18,6 +18,8 @@ RUN pip install . && rm -rf /src \
 
 USER 10001:10001
 WORKDIR /
-EXPOSE 7700 7701 9100
+# the key server (7700); the service: ZeroMQ (7701), sealed calls (7702), metrics (9100),
+# the Open Inference Protocol over HTTP (8000) and gRPC (8001)
+EXPOSE 7700 7701 7702 8000 8001 9100
 ENTRYPOINT ["vault"]
 CMD ["--help"]

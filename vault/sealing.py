@@ -601,6 +601,19 @@ def seal(
     for name, m in stages:
         _check_stage(m, name)
     warnings: list[str] = []
+    first = stages[0]
+    overridable = sorted({t.name for t in first[1].graph.initializer}
+                         & {vi.name for vi in first[1].graph.input})  # fmt: skip
+    if overridable:
+        named = ", ".join(map(repr, overridable[:5]))
+        if len(overridable) > 5:
+            named += f" and {len(overridable) - 5} more"
+        warnings.append(
+            f"graph input(s) {named} of the {first[0]} stage "
+            "have initializers: callers cannot feed them (fed weights could expose the rest "
+            "of the model); the initializers are used. Make an input without an "
+            "initializer to take it from callers"
+        )
     links: list[list[tuple[str, str]]] = []
     for (un, um), (dn, dm) in zip(stages, stages[1:]):
         links.append(_wire(um, dm, un, dn, io_map.get(un if un != "model" else dn), warnings))

@@ -74,6 +74,29 @@ def test_shape_disagreement_warns_naming_both_ends(
     assert "model input 'x' declares ['N', 8]" in r.warnings[0]
 
 
+def test_an_overridable_weight_is_no_public_input_and_sealing_says_so(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
+    """A graph input with an initializer is a weight plain onnxruntime lets a
+    caller replace; fed weights could turn later layers into a window on
+    earlier ones, so the package keeps it (its initializer is used) and the
+    seal says so, naming it, instead of dropping it silently."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    init = numpy_helper.from_array(np.array([10, 20], np.float32), "b")
+    model = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"])],
+                                                "ov", [x, b], [y], [init]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 8
+    r = seal(model, model_id="ov", signing_key=publisher, output=tmp_path / "ov.vault")
+    assert [i["name"] for i in Package.load(r.path).inputs] == ["x"]
+    assert len(r.warnings) == 1 and "'b' of the model stage have initializers" in r.warnings[0]
+    assert not seal(
+        mlp(), model_id="m", signing_key=publisher, output=tmp_path / "m.vault"
+    ).warnings
+
+
 def test_custom_domain_is_refused(tmp_path: Path, publisher: _crypto.PublisherKey) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
