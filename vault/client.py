@@ -690,7 +690,9 @@ class _WatchedChannel(ZmqChannel):
         if refused == "auth":
             return UnknownLicenceError(
                 f"the service at {self.endpoint} refused this caller's key: it is not on the "
-                "service's allow-list, or not a call licence the key server knows"
+                "service's allow-list, or not a call licence the key server knows (or, for a "
+                "moment, this address has tried more unknown keys than the service asks the "
+                "key server about: retry)"
             )
         if refused == "handshake":
             return ConfigError(

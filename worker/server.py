@@ -112,9 +112,36 @@ def sealed_authenticator(ctx: zmq.Context[Any], sessions: SessionTable | None = 
     sent: 300 MB of one unfinished message took a worker from 83 to 383 MB).
     Set ``.sessions`` once the table exists. (zmq.auth.thread is imported
     here: it pulls in asyncio, which an ipc:// worker never needs.)"""
+    import inspect
+
     from zmq.auth.thread import ThreadAuthenticator
 
     class SealedAuthenticator(ThreadAuthenticator):
+        zap_address = ""
+
+        if inspect.iscoroutinefunction(ThreadAuthenticator._authenticate_curve):
+            # pyzmq's ZAP handler, which tells a CURVE credentials provider only
+            # the key: one with ``admit_from`` (the service's call licences)
+            # also learns the peer's address, to budget the key-server
+            # requests a stranger's fresh keys would cost (one ZAP thread:
+            # handshakes are answered one at a time)
+            async def handle_zap_message(self, msg: list[bytes]) -> None:
+                self.zap_address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""
+                await super().handle_zap_message(msg)
+
+            async def _authenticate_curve(
+                self, domain: str, client_key: bytes
+            ) -> tuple[bool, bytes]:
+                provider = self.credentials_providers.get(domain or "*")
+                admit = getattr(provider, "admit_from", None)
+                if admit is None:
+                    return await super()._authenticate_curve(domain, client_key)
+                from zmq.utils import z85
+
+                if admit(self.zap_address, z85.encode(client_key)):
+                    return True, b"OK"
+                return False, b"Unknown key"
+
         def _authenticate_plain(
             self, domain: str, username: str, password: str
         ) -> tuple[bool, bytes]:

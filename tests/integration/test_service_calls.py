@@ -340,3 +340,48 @@ def test_a_killed_service_replicas_grant_lapses_and_every_call_counts_once(
         second.stdout.close()
     assert served_second == quota - used  # the whole rest of the quota, each call once
     assert row() == (quota, 0)
+
+
+def test_a_strangers_handshakes_cost_the_key_server_a_bounded_number_of_requests(
+    service: Svc,
+) -> None:
+    """A stranger who has the service's public key (every caller has it)
+    opens CURVE connections with a fresh key each: each handshake was a
+    key-server request on the one ZAP thread. Per address, past a burst and
+    a rate, they are refused unasked; a licensed caller still gets in and
+    computes, and the stranger never reaches a worker."""
+    from worker.service.calls import PROBE_BURST, PROBE_RATE
+
+    asked: list[int] = []
+    ask = service.faulty.ask
+
+    def counting(model: Any, keys: Any, usage: Any, grants: Any) -> Any:
+        if model is None:
+            asked.append(len(keys))
+        return ask(model, keys, usage, grants)
+
+    service.faulty.ask = counting
+    ctx = zmq.Context()
+    socks = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(120):
+            pub, sec = zmq.curve_keypair()
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.curve_serverkey = service.server_key.encode()
+            s.curve_publickey, s.curve_secretkey = pub, sec
+            s.connect(service.endpoint)
+            socks.append(s)
+        time.sleep(2.0)
+        probes = sum(asked)
+        budget = PROBE_BURST + PROBE_RATE * (time.monotonic() - t0) + 2
+        assert 0 < probes <= budget, (probes, budget)
+        assert service.policy.probes_refused > 0
+        dave = service.caller(holder="dave")
+        with service.connect(dave) as d:  # the same address, once its budget has refilled
+            assert d.compute({"x": X})["logits"].shape == (1, 5)
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()

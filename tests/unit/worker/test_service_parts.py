@@ -3,6 +3,7 @@ call-licence cache with a fake key server and clocks (no waiting)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -630,5 +631,46 @@ def test_a_door_vets_in_its_own_thread_only_from_what_is_fresh() -> None:
         fetched()
         with pytest.raises(LicenceRevokedError):
             p.vet(genuine, "m", fetch=False)
+    finally:
+        p.close()
+
+
+def test_a_strangers_fresh_keys_cost_the_key_server_a_bounded_number_of_requests() -> None:
+    """Each CURVE handshake with a key the service has no answer for costs a
+    key-server request on the one ZAP thread; a stranger mints a key per
+    handshake. Per peer address, past a burst and a rate, unknown keys are
+    refused without asking; another address, a known key and the same
+    address a while later are not held back (the control: the same flood
+    through ZAP without the address, ``callback``, asks for every key)."""
+    from worker.service.calls import PROBE_BURST, PROBE_RATE
+
+    class Probes:  # the key server's answer to a probe: licensed keys are L... and M...
+        asks = 0
+
+        def __call__(self, model: Any, keys: list[str], usage: Any, grants: Any) -> Any:
+            self.asks += 1
+            ok = {"ok": True, "licence_id": "lic-a", "expires_at": None}
+            no = {"ok": False, "error": LicenceRevokedError("unknown").to_wire()}
+            return {"ttl": 10.0, "decisions": {k: ok if k[0] in "LM" else no for k in keys}}
+
+    ks, clock = Probes(), Clock()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)
+    try:
+        keys = [os.urandom(20).hex().encode() for _ in range(300)]
+        assert not any(p.admit_from("10.0.0.9", k) for k in keys)
+        assert ks.asks == PROBE_BURST and p.probes_refused == 300 - PROBE_BURST
+        # a licensed caller's key, from elsewhere: asked, admitted
+        assert p.admit_from("10.0.0.7", b"L" * 40) is True and ks.asks == PROBE_BURST + 1
+        assert p.admit_from("10.0.0.9", b"L" * 40) is True  # a fresh answer: no token spent
+        assert ks.asks == PROBE_BURST + 1
+        assert p.admit_from("10.0.0.9", b"M" * 40) is False  # the flooder's address: spent
+        clock.t += 1.0  # PROBE_RATE tokens back a second
+        assert p.admit_from("10.0.0.9", b"M" * 40) is True
+        assert ks.asks == PROBE_BURST + 2
+        before = ks.asks
+        for _ in range(100):  # the control: no address, no budget
+            p.callback("vault", os.urandom(20).hex().encode())
+        assert ks.asks == before + 100
+        assert PROBE_RATE >= 1
     finally:
         p.close()
