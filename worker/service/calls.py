@@ -344,6 +344,25 @@ class CallLicencePolicy(_Usage):
             return False  # key server away: nobody new gets in (fail closed)
         return probe.ok
 
+    @staticmethod
+    def _budget_key(address: str) -> str:
+        """The budget a peer address draws on: its own for IPv4, its /64 for
+        IPv6 (one host holds a whole /64), and one for all of loopback
+        (127.0.0.0/8: a local stranger may bind any of its 16 million)."""
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback:
+            return "loopback"
+        if isinstance(ip, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ip)
+
     def admit_from(self, address: str, key: bytes) -> bool:
         """ZAP with the peer's address (``sealed_authenticator`` passes it):
         a key with a fresh answer is answered from it; an unknown one costs
@@ -351,6 +370,7 @@ class CallLicencePolicy(_Usage):
         :data:`PROBE_RATE` a second), and past it is refused unasked."""
         z = key.decode("ascii", "replace")
         now = self._clock()
+        address = self._budget_key(address)
         with self._lock:
             hit = self._probes.get(z)
             if hit is not None and now - hit.at < _PROBE_TTL:

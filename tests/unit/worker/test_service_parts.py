@@ -668,6 +668,13 @@ def test_a_strangers_fresh_keys_cost_the_key_server_a_bounded_number_of_requests
         assert p.admit_from("10.0.0.9", b"M" * 40) is True
         assert ks.asks == PROBE_BURST + 2
         before = ks.asks
+        # one budget for all of loopback, and for an IPv6 /64: addresses a
+        # stranger on one host can take as many of as it likes
+        for a, b in (("127.0.0.1", "127.8.9.10"), ("2001:db8::1", "2001:db8::ffff:1"),
+                     ("::1", "127.0.0.2"), ("::ffff:10.0.0.9", "10.0.0.9")):  # fmt: skip
+            assert p._budget_key(a) == p._budget_key(b), (a, b)
+        assert p._budget_key("10.0.0.9") != p._budget_key("10.0.0.10")
+        assert p._budget_key("2001:db8::1") != p._budget_key("2001:db8:0:1::1")
         for _ in range(100):  # the control: no address, no budget
             p.callback("vault", os.urandom(20).hex().encode())
         assert ks.asks == before + 100
