@@ -221,7 +221,7 @@ def check_worker_code(package_dirs: Sequence[str]) -> None:
     :class:`ConfigError` naming it."""
     owners = {0, os.geteuid()}
     for d in dict.fromkeys(package_dirs):
-        why = launch.code_dir_problem(d, owners)
+        why = launch.code_dir_problem(d, owners) or launch.secure_pycache(d, owners)
         if why:
             raise ConfigError(
                 f"the workers' code could be changed by another user ({why}): the install "
