@@ -345,10 +345,11 @@ def _as_nobody_sh(script: str) -> subprocess.CompletedProcess[str]:
 def test_a_bytecode_cache_others_could_write_is_repaired_and_anothers_refused() -> None:
     """A root Python under umask 0 leaves each __pycache__ it creates 0777:
     another user could then plant bytecode (an unchecked-hash .pyc is loaded
-    without a look at its source) that every worker from that install runs.
-    The repair makes the cache 0755 and removes every entry that is not a
-    regular file of root's, writable by it alone, with one link; a cache of
-    another user's is refused, not touched."""
+    without a look at its source), or rename one of root's files over
+    another, and every worker from that install runs it. Such a cache is
+    made 0755 and emptied (it is rebuilt); in a cache others could not
+    write, only what is not a regular file of root's, writable by it alone,
+    with one link, is removed; a cache of another user's is refused."""
     import shutil
     import stat
     import tempfile
@@ -365,13 +366,24 @@ def test_a_bytecode_cache_others_could_write_is_repaired_and_anothers_refused() 
         cache = pkg / "__pycache__"
         cache.mkdir()
         cache.chmod(0o777)  # what a Python under umask 0 leaves
-        good = cache / "mod.cpython-311.pyc"
-        good.write_bytes(b"root's own bytecode")
-        good.chmod(0o644)
-        # the control: anyone may plant bytecode in such a cache
-        planted = _as_nobody_sh(f"echo evil > {cache}/package.cpython-311.pyc")
+        for name in ("a.cpython-311.pyc", "b.cpython-311.pyc"):
+            (cache / name).write_bytes(name.encode())
+            (cache / name).chmod(0o644)
+        # the control: anyone may plant bytecode in such a cache, or shuffle root's
+        planted = _as_nobody_sh(f"echo evil > {cache}/package.cpython-311.pyc && "
+                                f"mv {cache}/a.cpython-311.pyc {cache}/b.cpython-311.pyc")  # fmt: skip
         assert planted.returncode == 0, planted.stderr
         assert (cache / "package.cpython-311.pyc").stat().st_uid == 65534
+        assert (cache / "b.cpython-311.pyc").read_bytes() == b"a.cpython-311.pyc"  # root's, moved
+        assert secure_pycache(str(pkg), {0}) is None
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o755 and list(cache.iterdir()) == []
+        again = _as_nobody_sh(f"echo evil > {cache}/package.cpython-311.pyc")
+        assert again.returncode != 0 and not (cache / "package.cpython-311.pyc").exists()
+        # a cache nobody else could write: what is not root's own, alone, goes
+        good = cache / "mod.cpython-311.pyc"
+        good.write_bytes(b"root's own bytecode")
+        (cache / "theirs.pyc").write_bytes(b"x")
+        os.chown(cache / "theirs.pyc", 65534, 65534)
         (cache / "open.pyc").write_bytes(b"x")
         (cache / "open.pyc").chmod(0o666)  # root's, but anyone may rewrite it
         elsewhere = base / "elsewhere.pyc"
@@ -380,11 +392,8 @@ def test_a_bytecode_cache_others_could_write_is_repaired_and_anothers_refused() 
         (cache / "ln.pyc").symlink_to(elsewhere)
         (cache / "sub").mkdir()
         assert secure_pycache(str(pkg), {0}) is None
-        assert stat.S_IMODE(cache.stat().st_mode) == 0o755
         assert sorted(p.name for p in cache.iterdir()) == ["mod.cpython-311.pyc"]
         assert good.read_bytes() == b"root's own bytecode" and elsewhere.exists()
-        again = _as_nobody_sh(f"echo evil > {cache}/package.cpython-311.pyc")
-        assert again.returncode != 0 and not (cache / "package.cpython-311.pyc").exists()
         # a cache of another user's: not ours to repair, refused as it is
         os.chown(cache, 65534, 65534)
         cache.chmod(0o777)
@@ -427,6 +436,11 @@ def test_code_directories_must_be_the_owners_all_the_way_up() -> None:
         assert code_dir_problem(str(code), {0}) is None
         code.chmod(0o1777)  # sticky where the code is: others may add modules
         assert f"{code} is writable by others" in (code_dir_problem(str(code), {0}) or "")
+        code.chmod(0o775)  # writable by its group: root's group counts as root
+        assert code_dir_problem(str(code), {0}, groups={0}) is None
+        os.chown(code, 0, 65534)
+        assert "is writable by others" in (code_dir_problem(str(code), {0}, groups={0}) or "")
+        os.chown(code, 0, 0)
         code.chmod(0o755)
         link = base / "link"
         link.symlink_to(code)
@@ -475,5 +489,51 @@ def test_the_daemon_repairs_the_caches_an_import_under_umask_0_left_open() -> No
         assert all(f.stat().st_uid == 0 for c in caches for f in c.iterdir())
         again = _as_nobody_sh(swap)
         assert again.returncode != 0 and not target.exists()
+    finally:
+        shutil.rmtree(base)
+
+
+def test_the_daemons_checks_run_none_of_the_workers_code_and_look_at_every_module(
+    tmp_path: Path,
+) -> None:
+    """The probe that asks the workers' interpreter where their packages are
+    finds them without importing them (an import ran a cache's planted
+    bytecode as the workers' uid before any check); a module file another
+    user may write is refused like a directory."""
+    import shutil
+    import tempfile
+
+    from tests.prereq import require
+    from vault.app.daemon import check_worker_can_run, check_worker_code
+    from vault.core.launch import WORKER_PACKAGES
+
+    require(os.geteuid() == 0, "root, for a root-owned copy of the install")
+    base = Path(tempfile.mkdtemp(prefix="vault-probe-"))
+    try:
+        base.chmod(0o755)
+        for pkg in ("vault", "worker"):
+            shutil.copytree(ROOT / pkg, base / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        init = base / "worker" / "__init__.py"
+        init.write_text("raise SystemExit('the worker package was imported')\n")
+        control = subprocess.run(
+            [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(base)!r}); "
+             "import worker"], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "the worker package was imported" in control.stderr  # an import would run it
+        site = [p for p in sys.path if p.endswith("site-packages")]
+        dirs = check_worker_can_run(sys.executable, [str(base), *site], uid=0, gid=0, user="root")
+        assert sorted(dirs) == sorted(str(base.joinpath(*p)) for p in WORKER_PACKAGES)
+        check_worker_code(dirs)
+        (base / "vault" / "core" / "package.py").chmod(0o666)
+        with pytest.raises(ConfigError, match="package.py belongs to uid 0 .mode 0666"):
+            check_worker_code(dirs)
+        # any directory on the workers' import path (a venv's site-packages, a
+        # .pth's addition) another user owns is refused as the package's own
+        theirs = base / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(ConfigError, match=f"the workers import from {theirs}"):
+            check_worker_can_run(sys.executable, [str(base), str(theirs), *site], uid=0, gid=0,
+                                 user="root")  # fmt: skip
     finally:
         shutil.rmtree(base)

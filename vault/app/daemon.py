@@ -210,6 +210,25 @@ def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
             )
 
 
+def _module_problem(package_dir: str, owners: set[int]) -> str | None:
+    """A module file in ``package_dir`` another user owns or may write (or a
+    link: its target could be anything), or None."""
+    try:
+        with os.scandir(package_dir) as entries:
+            for e in entries:
+                if not e.name.endswith((".py", ".so", ".pyd", ".pth")):
+                    continue
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    return f"{e.path} is a link"
+                if st.st_uid not in owners or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    return (f"{e.path} belongs to uid {st.st_uid} "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o})")  # fmt: skip
+    except OSError as exc:
+        return f"{package_dir}: {exc.strerror}"
+    return None
+
+
 def check_worker_code(package_dirs: Sequence[str]) -> None:
     """The directories the workers import this project's packages from (as
     their interpreter resolved them, :func:`check_worker_can_run`): each, and
@@ -221,7 +240,8 @@ def check_worker_code(package_dirs: Sequence[str]) -> None:
     :class:`ConfigError` naming it."""
     owners = {0, os.geteuid()}
     for d in dict.fromkeys(package_dirs):
-        why = launch.code_dir_problem(d, owners) or launch.secure_pycache(d, owners)
+        why = (launch.code_dir_problem(d, owners) or _module_problem(d, owners)
+               or launch.secure_pycache(d, owners))  # fmt: skip
         if why:
             raise ConfigError(
                 f"the workers' code could be changed by another user ({why}): the install "
@@ -258,14 +278,32 @@ def blocked_for(path: str, uid: int, gid: int, *, read: bool) -> str | None:
     return None
 
 
+# Finds, never imports, this project's packages: nothing of theirs runs before
+# check_worker_code has looked at their directories and bytecode caches (an
+# import here ran a cache's planted bytecode as the workers' uid).
 _PROBE = (
     "import sys, json, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') "
-    "if p]; import worker; missing = [m for m in ('numpy', 'onnxruntime', 'zmq', "
+    "if p]; missing = [m for m in ('vault', 'worker', 'numpy', 'onnxruntime', 'zmq', "
     "'cryptography', 'msgpack') if u.find_spec(m) is None]; "
     "sys.exit('cannot import ' + ', '.join(missing)) if missing else None; "
-    "print(json.dumps({'vault': list(u.find_spec('vault').submodule_search_locations or []), "
-    "'worker': list(worker.__path__)}))"
+    "print(json.dumps({**{m: list(u.find_spec(m).submodule_search_locations or []) "
+    "for m in ('vault', 'worker')}, 'path': sys.path}))"
 )
+
+
+def _trusted_groups() -> set[int]:
+    """Groups whose write access to an import directory is root's own: root,
+    and Debian's ``staff`` (``/usr/local/lib/python3.X/dist-packages`` is
+    root:staff 2775 there; its members may already put programs first on
+    every user's PATH, /usr/local/bin)."""
+    import grp
+
+    groups = {0}
+    try:
+        groups.add(grp.getgrnam("staff").gr_gid)
+    except KeyError:
+        pass
+    return groups
 
 
 def check_worker_can_run(
@@ -299,11 +337,25 @@ def check_worker_can_run(
             where = json.loads(done.stdout.decode().strip().splitlines()[-1])
             dirs = [os.path.join(d, *parts[1:]) for parts in launch.WORKER_PACKAGES
                     for d in where[parts[0]]]  # fmt: skip
+            imports = [p for p in where["path"] if isinstance(p, str) and p]
         except (ValueError, IndexError, KeyError, TypeError):
             raise ConfigError(
                 f"{python}: could not tell where the workers' packages are "
                 "(the interpreter's answer was not understood)"
             ) from None
+        # every directory the workers import from (the standard library, the
+        # site-packages with numpy and onnxruntime, .pth files' additions):
+        # none another user may change, down to the directory itself
+        owners = {0, os.geteuid()}
+        for p in imports:
+            if os.path.isdir(p):
+                problem = launch.code_dir_problem(p, owners, groups=_trusted_groups())
+                if problem:
+                    raise ConfigError(
+                        f"the workers import from {p}, which another user could change "
+                        f"({problem}): the install must be owned by root (or the daemon's "
+                        "user) and writable by no one else (deploy/README.md, step 1)"
+                    )
         return [d for d in dirs if os.path.isdir(d)]
     if as_other:
         for path, read in ((python, False), (os.path.realpath(python), False),
@@ -1299,7 +1351,7 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     # and what it made before that (the caches of its own imports, 0777 under
     # umask 0) is repaired, with the workers' code below
     own = [p for name, mod in list(sys.modules.items()) if name.partition(".")[0] == "vault"
-           for p in getattr(mod, "__path__", None) or ()]  # fmt: skip
+           for p in getattr(mod, "__path__", None) or () if os.path.isdir(p)]  # fmt: skip
     check_install(config.python, config.sys_path)
     check_worker_code(
         own

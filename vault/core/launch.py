@@ -162,13 +162,16 @@ WORKER_PACKAGES = (("vault",), ("vault", "core"), ("worker",))
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
-def code_dir_problem(path: str, owners: set[int] | frozenset[int]) -> str | None:
+def code_dir_problem(
+    path: str, owners: set[int] | frozenset[int], *, groups: set[int] | frozenset[int] = frozenset()
+) -> str | None:
     """Why another user could change the code a process loads from the
     directory ``path``, or None: ``path`` and every directory above it must
     belong to one of ``owners`` and be writable by nobody else (a directory
     above it may be if sticky, as ``/tmp``: others may add names there but not
-    move ``path`` aside). The path as given and its resolved form are both
-    walked; a link's own mode means nothing, its owner does."""
+    move ``path`` aside), or writable by its group when that group is one of
+    ``groups`` (and nobody else). The path as given and its resolved form
+    are both walked; a link's own mode means nothing, its owner does."""
     for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
         node = start
         while True:
@@ -178,7 +181,8 @@ def code_dir_problem(path: str, owners: set[int] | frozenset[int]) -> str | None
                 return f"{node}: {exc.strerror}"
             if st.st_uid not in owners:
                 return f"{node} belongs to uid {st.st_uid}"
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & _OTHERS_WRITE:
+            writable = st.st_mode & (_OTHERS_WRITE if st.st_gid not in groups else stat.S_IWOTH)
+            if not stat.S_ISLNK(st.st_mode) and writable:
                 if node == start or not st.st_mode & stat.S_ISVTX:
                     return f"{node} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
             parent = os.path.dirname(node)
@@ -196,9 +200,11 @@ def secure_pycache(package_dir: str, owners: set[int] | frozenset[int]) -> str |
     a cache others can write lets them run code in every worker. A Python
     under umask 0 makes its caches world-writable (0777) as it imports, before
     any of our code runs; so a cache of this process's own is repaired here:
-    mode 0755 first (nobody else can add a name from then on), then every
-    entry that is not a regular file of an owner's, writable by it alone,
-    with one link, is removed. ``package_dir`` itself must already pass
+    mode 0755 first (nobody else can add a name from then on), then emptied
+    (a file of ours there may have been renamed over another: nothing in it
+    is trusted). In a cache others could not write, every entry that is not
+    a regular file of an owner's, writable by it alone, with one link, is
+    removed. ``package_dir`` itself must already pass
     :func:`code_dir_problem` (nobody else can swap the cache as a whole)."""
     cache = os.path.join(package_dir, "__pycache__")
     try:
@@ -212,16 +218,20 @@ def secure_pycache(package_dir: str, owners: set[int] | frozenset[int]) -> str |
     if st.st_uid not in owners:
         return f"{cache} belongs to uid {st.st_uid}"
     ours = st.st_uid == os.geteuid()
+    opened = bool(st.st_mode & _OTHERS_WRITE)
     try:
-        if st.st_mode & _OTHERS_WRITE:
+        if opened:
             if not ours:
                 return f"{cache} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
             os.chmod(cache, 0o755)
         with os.scandir(cache) as entries:
             for e in entries:
                 es = e.stat(follow_symlinks=False)
-                if (stat.S_ISREG(es.st_mode) and es.st_uid in owners
-                        and not es.st_mode & _OTHERS_WRITE and es.st_nlink == 1):  # fmt: skip
+                # a cache others could write: nothing in it is trusted (a file of
+                # ours may have been renamed over another), it is rebuilt
+                if not opened and (stat.S_ISREG(es.st_mode) and es.st_uid in owners
+                                   and not es.st_mode & _OTHERS_WRITE
+                                   and es.st_nlink == 1):  # fmt: skip
                     continue
                 if not ours:
                     return f"{e.path}: bytecode another user could have written"

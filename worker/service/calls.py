@@ -250,6 +250,11 @@ _PROBE_TTL = 5.0  # how long a probe's answer (ZAP, a door's vetting) is reused
 PROBE_BURST = 32
 PROBE_RATE = 8.0  # per second, per address
 _MAX_PROBE_ADDRESSES = 1 << 16
+# keys the key server has called live call licences: they are still asked
+# about at each handshake, but spend no address's budget for this long, so a
+# flood from a licensed caller's address (a NAT, loopback) does not lock it out
+_KNOWN_GOOD_S = 3600.0
+_MAX_KNOWN_GOOD = 1 << 16
 VET = ""  # the model part of the pair a door's vetting waits on (no model yet)
 
 
@@ -306,6 +311,8 @@ class CallLicencePolicy(_Usage):
         self._latest: dict[str, _Decision] = {}
         self._probes: dict[str, _Probe] = {}
         self._probe_budgets: dict[str, _Bucket] = {}  # peer address -> unknown-key probes
+        self._known_good: dict[str, float] = {}  # key -> when the key server last said live
+        self._pruned_at = 0.0
         self.probes_refused = 0  # handshakes refused past their address's budget
         self._unreported: Counter[str] = Counter()  # licence -> calls served, not yet in a report
         self._giveback: list[tuple[str | None, int, str | None]] = []  # (licence, reserved, grant)
@@ -365,8 +372,9 @@ class CallLicencePolicy(_Usage):
 
     def admit_from(self, address: str, key: bytes) -> bool:
         """ZAP with the peer's address (``sealed_authenticator`` passes it):
-        a key with a fresh answer is answered from it; an unknown one costs
-        a token of its address's budget (:data:`PROBE_BURST`, then
+        a key with a fresh answer is answered from it; a key the key server
+        called live within the hour is asked about on no budget; any other
+        costs a token of its address's budget (:data:`PROBE_BURST`, then
         :data:`PROBE_RATE` a second), and past it is refused unasked."""
         z = key.decode("ascii", "replace")
         now = self._clock()
@@ -375,16 +383,24 @@ class CallLicencePolicy(_Usage):
             hit = self._probes.get(z)
             if hit is not None and now - hit.at < _PROBE_TTL:
                 return hit.ok
-            budget = self._probe_budgets.get(address)
-            if budget is None:
-                if len(self._probe_budgets) >= _MAX_PROBE_ADDRESSES:
+            seen = self._known_good.get(z)
+            if seen is not None and now - seen < _KNOWN_GOOD_S:
+                budget = None  # a licensed caller's key: asked, but on no budget
+            else:
+                budget = self._probe_budget(address, now)
+                if budget is None or budget.take(now) is not None:
                     self.probes_refused += 1
-                    return False  # more addresses at once than kept: fail closed
-                budget = self._probe_budgets[address] = _Bucket(PROBE_RATE, PROBE_BURST, now)
-            if budget.take(now) is not None:
-                self.probes_refused += 1
-                return False
+                    return False
         return self.callback("vault", key)
+
+    def _probe_budget(self, address: str, now: float) -> _Bucket | None:
+        """The address's budget (lock held); None past the addresses kept."""
+        budget = self._probe_budgets.get(address)
+        if budget is None:
+            if len(self._probe_budgets) >= _MAX_PROBE_ADDRESSES:
+                return None  # more addresses at once than kept: fail closed
+            budget = self._probe_budgets[address] = _Bucket(PROBE_RATE, PROBE_BURST, now)
+        return budget
 
     def _probe(self, key: str, now: float) -> _Probe:
         """Ask the key server whether ``key`` holds a live call licence (no
@@ -396,6 +412,8 @@ class CallLicencePolicy(_Usage):
                        expires_at=d.get("expires_at"))  # fmt: skip
         with self._lock:
             self._probes[key] = probe
+            if probe.ok and (key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD):
+                self._known_good[key] = now
         return probe
 
     # -- a door's vetting: the token genuine and its licence in force, before the body --
@@ -686,6 +704,8 @@ class CallLicencePolicy(_Usage):
             self._retire_replaced(key, model_id, old)
             self._decisions[(key, model_id)] = d
             self._latest[key] = d
+            if ok and (key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD):
+                self._known_good[key] = now
         self._notify(key, model_id)
 
     def _retire_replaced(self, key: str, model_id: str, old: _Decision | None) -> None:
@@ -718,10 +738,14 @@ class CallLicencePolicy(_Usage):
                     del self._token_calls[tk]  # expired tokens are refused anyway
                 for z in [z for z, p in self._probes.items() if now - p.at >= _PROBE_TTL]:
                     del self._probes[z]  # never reused: one per key a stranger tried
-                full = [a for a, b in self._probe_budgets.items()
-                        if b.tokens + (now - b.at) * b.rate >= b.capacity]  # fmt: skip
-                for a in full:
-                    del self._probe_budgets[a]  # an idle address starts afresh anyway
+                if now - self._pruned_at >= 1.0:  # the tables can be large: once a second
+                    self._pruned_at = now
+                    full = [a for a, b in self._probe_budgets.items()
+                            if b.tokens + (now - b.at) * b.rate >= b.capacity]  # fmt: skip
+                    for a in full:
+                        del self._probe_budgets[a]  # an idle address starts afresh anyway
+                    for z in [z for z, t in self._known_good.items() if now - t >= _KNOWN_GOOD_S]:
+                        del self._known_good[z]
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
                         continue

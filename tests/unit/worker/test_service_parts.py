@@ -667,6 +667,15 @@ def test_a_strangers_fresh_keys_cost_the_key_server_a_bounded_number_of_requests
         clock.t += 1.0  # PROBE_RATE tokens back a second
         assert p.admit_from("10.0.0.9", b"M" * 40) is True
         assert ks.asks == PROBE_BURST + 2
+        # a licensed caller behind the flooder's address (a NAT), back after its
+        # answer went stale while the flood goes on: asked again, on no budget
+        clock.t += 10.0
+        for _ in range(3):
+            for k in [os.urandom(20).hex().encode() for _ in range(40)]:
+                p.admit_from("10.0.0.9", k)
+            assert p.admit_from("10.0.0.9", b"L" * 40) is True
+            clock.t += 6.0
+        assert p.admit_from("10.0.0.9", b"N" * 40) is False  # a new key there still waits
         before = ks.asks
         # one budget for all of loopback, and for an IPv6 /64: addresses a
         # stranger on one host can take as many of as it likes
