@@ -167,6 +167,55 @@ def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:
         sock.close(linger=0)
 
 
+STALE_AFTER_S = 60.0
+
+
+def sweep_stale_dirs(base: str | None = None, *, older_than: float = STALE_AFTER_S) -> int:
+    """Remove the instance directories a service of this uid left behind when
+    it was killed (SIGKILL leaves no chance to clean): a ``vault-svc-*``
+    directory of ours, mode 0700, older than ``older_than`` seconds, holding
+    only its ``w.sock`` that nobody listens on any more. A live service's
+    socket answers, a starting one's directory is young: both are left.
+    Returns how many were removed."""
+    import socket
+    import stat
+
+    base = base or tempfile.gettempdir()
+    me, now, removed = os.geteuid(), time.time(), 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    for e in entries:
+        if not e.name.startswith("vault-svc-"):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+            if (not stat.S_ISDIR(st.st_mode) or st.st_uid != me
+                    or stat.S_IMODE(st.st_mode) != 0o700 or now - st.st_mtime < older_than):  # fmt: skip
+                continue
+            if os.listdir(e.path) != ["w.sock"]:
+                continue
+            sock_path = os.path.join(e.path, "w.sock")
+            sst = os.lstat(sock_path)
+            if not stat.S_ISSOCK(sst.st_mode) or sst.st_uid != me:
+                continue
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(1.0)
+                probe.connect(sock_path)
+                continue  # somebody listens: a live instance
+            except ConnectionRefusedError:
+                pass
+            finally:
+                probe.close()
+            shutil.rmtree(e.path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int) -> Instance:
     """Start one worker for ``package`` and wait until it serves (blocking)."""
     key = spec.unsafe_test_keys.get(os.path.abspath(package))

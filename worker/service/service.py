@@ -81,7 +81,7 @@ from vault.core.token import Token
 from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
 from .calls import VET, Admission, AdmissionPending, CallPolicy, OpenPolicy
-from .instances import Backoff, Instance, LaunchSpec, start_instance
+from .instances import Backoff, Instance, LaunchSpec, start_instance, sweep_stale_dirs
 from .logs import JsonLog, reason
 from .metrics import HttpEndpoints, Metrics
 from .repository import Repository
@@ -326,6 +326,12 @@ class WorkerService:
         the HTTP endpoints. One model that cannot load never fails the
         service; a configuration error (a bad bind, missing CURVE keys)
         raises."""
+        try:  # what a killed predecessor of this uid left in the temp directory
+            swept = sweep_stale_dirs()
+        except Exception:  # noqa: BLE001 - tidying must never stop a start
+            swept = 0
+        if swept:
+            self.log("stale_instance_dirs_removed", level="info", count=swept)
         sources = self._initial_sources()
         self._configure_front()
         for model_id, path, stamp in sources:

@@ -690,3 +690,50 @@ def test_a_strangers_fresh_keys_cost_the_key_server_a_bounded_number_of_requests
         assert PROBE_RATE >= 1
     finally:
         p.close()
+
+
+def test_a_killed_services_instance_directories_are_swept_and_nothing_else(tmp_path: Any) -> None:
+    """A service killed with SIGKILL leaves each instance's private directory
+    and its dead socket behind; the next service of the same uid removes
+    them. Left alone: a socket somebody listens on, a directory too young to
+    be sure of, one holding anything else, one not 0700, one of another name."""
+    import socket
+    import time
+    from pathlib import Path
+
+    from worker.service.instances import sweep_stale_dirs
+
+    base = Path(tmp_path)
+    old = time.time() - 3600
+
+    def instance(name: str, *, listen: bool = False, extra: bool = False, mode: int = 0o700,
+                 age: float = old) -> tuple[Path, socket.socket]:  # fmt: skip
+        d = base / name
+        d.mkdir()
+        d.chmod(mode)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(d / "w.sock"))
+        if listen:
+            s.listen(1)
+        if extra:
+            (d / "other").write_text("x")
+        os.utime(d, (age, age))
+        return d, s
+
+    dead, s1 = instance("vault-svc-dead")
+    s1.close()  # its process is gone: the file stays, nobody answers
+    live, s2 = instance("vault-svc-live", listen=True)
+    young, s3 = instance("vault-svc-young", age=time.time())
+    s3.close()
+    mixed, s4 = instance("vault-svc-mixed", extra=True)
+    s4.close()
+    opened, s5 = instance("vault-svc-open", mode=0o755)
+    s5.close()
+    other, s6 = instance("vault-other")
+    s6.close()
+    try:
+        assert sweep_stale_dirs(str(base)) == 1
+        assert not dead.exists()
+        assert all(d.exists() for d in (live, young, mixed, opened, other))
+    finally:
+        s2.close()
