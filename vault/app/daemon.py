@@ -291,21 +291,6 @@ _PROBE = (
 )
 
 
-def _trusted_groups() -> set[int]:
-    """Groups whose write access to an import directory is root's own: root,
-    and Debian's ``staff`` (``/usr/local/lib/python3.X/dist-packages`` is
-    root:staff 2775 there; its members may already put programs first on
-    every user's PATH, /usr/local/bin)."""
-    import grp
-
-    groups = {0}
-    try:
-        groups.add(grp.getgrnam("staff").gr_gid)
-    except KeyError:
-        pass
-    return groups
-
-
 def check_worker_can_run(
     python: str, sys_path: Sequence[str], *, uid: int, gid: int, user: str
 ) -> list[str]:
@@ -349,7 +334,7 @@ def check_worker_can_run(
         owners = {0, os.geteuid()}
         for p in imports:
             if os.path.isdir(p):
-                problem = launch.code_dir_problem(p, owners, groups=_trusted_groups())
+                problem = launch.code_dir_problem(p, owners)
                 if problem:
                     raise ConfigError(
                         f"the workers import from {p}, which another user could change "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import stat
 import subprocess
 import sys
@@ -45,6 +46,7 @@ __all__ = [
     "WorkerPipes",
     "WORKER_ENV",
     "code_dir_problem",
+    "trusted_groups",
     "read_ready_line",
     "secure_pycache",
     "spawn_worker",
@@ -162,16 +164,34 @@ WORKER_PACKAGES = (("vault",), ("vault", "core"), ("worker",))
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
+def trusted_groups() -> set[int]:
+    """Groups whose write access to a code directory is root's own: root's,
+    and Debian's ``staff`` (``/usr/local/lib/python3.X/dist-packages`` is
+    root:staff 2775 there; its members may already put programs first on
+    every user's PATH, /usr/local/bin)."""
+    import grp
+
+    groups = {0}
+    try:
+        groups.add(grp.getgrnam("staff").gr_gid)
+    except KeyError:
+        pass
+    return groups
+
+
 def code_dir_problem(
-    path: str, owners: set[int] | frozenset[int], *, groups: set[int] | frozenset[int] = frozenset()
+    path: str, owners: set[int] | frozenset[int], *, groups: set[int] | frozenset[int] | None = None
 ) -> str | None:
     """Why another user could change the code a process loads from the
     directory ``path``, or None: ``path`` and every directory above it must
     belong to one of ``owners`` and be writable by nobody else (a directory
     above it may be if sticky, as ``/tmp``: others may add names there but not
     move ``path`` aside), or writable by its group when that group is one of
-    ``groups`` (and nobody else). The path as given and its resolved form
-    are both walked; a link's own mode means nothing, its owner does."""
+    ``groups`` (by default :func:`trusted_groups`; nobody else). The path as
+    given and its resolved form are both walked; a link's own mode means
+    nothing, its owner does."""
+    if groups is None:
+        groups = trusted_groups()
     for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
         node = start
         while True:
@@ -236,8 +256,6 @@ def secure_pycache(package_dir: str, owners: set[int] | frozenset[int]) -> str |
                 if not ours:
                     return f"{e.path}: bytecode another user could have written"
                 if stat.S_ISDIR(es.st_mode):
-                    import shutil
-
                     shutil.rmtree(e.path)
                 else:
                     os.unlink(e.path)

@@ -597,6 +597,12 @@ def _plan(desc: Any, want: ValueType | None, depth: int) -> tuple[int, int]:
     return 2, kn + vn + 2 * int(desc["keys"]["shape"][0])
 
 
+def _writable(frame: Any) -> Any:
+    """A caller's result is always writable: a read-only frame's bytes, copied."""
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    return bytearray(buf) if memoryview(buf).readonly else frame
+
+
 def _decode_value(
     desc: dict[str, Any], frames: Any, region: SharedRegion | None, copy: bool
 ) -> Any:
@@ -611,9 +617,7 @@ def _decode_value(
             return decode_tensor(desc, bytearray(view) if copy else view)[1]
         frame = next(frames)
         if copy and t[1] != "string":
-            buf = frame.buffer if hasattr(frame, "buffer") else frame
-            if memoryview(buf).readonly:  # a caller's result is always writable
-                frame = bytearray(buf)
+            frame = _writable(frame)
         return decode_tensor(desc, frame)[1]
     if t[0] == "optional":
         v = desc.get("value")
@@ -700,11 +704,10 @@ def decode_tensors(
             out[d["name"]] = _numeric(d, bytearray(view) if copy else view)
             continue
         frame = next(it)
+        if copy:
+            frame = _writable(frame)
         zmq_frame = hasattr(frame, "buffer")
-        buf = frame.buffer if zmq_frame else frame
-        if copy and memoryview(buf).readonly:  # a caller's result is always writable
-            buf, zmq_frame = bytearray(buf), False
-        out[d["name"]] = _numeric(d, buf, zmq_frame)
+        out[d["name"]] = _numeric(d, frame.buffer if zmq_frame else frame, zmq_frame)
     return out
 
 

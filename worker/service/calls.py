@@ -384,9 +384,7 @@ class CallLicencePolicy(_Usage):
             if hit is not None and now - hit.at < _PROBE_TTL:
                 return hit.ok
             seen = self._known_good.get(z)
-            if seen is not None and now - seen < _KNOWN_GOOD_S:
-                budget = None  # a licensed caller's key: asked, but on no budget
-            else:
+            if seen is None or now - seen >= _KNOWN_GOOD_S:  # a licensed caller's: no budget
                 budget = self._probe_budget(address, now)
                 if budget is None or budget.take(now) is not None:
                     self.probes_refused += 1
@@ -402,6 +400,11 @@ class CallLicencePolicy(_Usage):
             budget = self._probe_budgets[address] = _Bucket(PROBE_RATE, PROBE_BURST, now)
         return budget
 
+    def _known_live(self, key: str, now: float) -> None:
+        """The key server called ``key`` a live call licence (lock held)."""
+        if key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD:
+            self._known_good[key] = now
+
     def _probe(self, key: str, now: float) -> _Probe:
         """Ask the key server whether ``key`` holds a live call licence (no
         model, nothing reserved) and keep the answer for :data:`_PROBE_TTL`."""
@@ -412,8 +415,8 @@ class CallLicencePolicy(_Usage):
                        expires_at=d.get("expires_at"))  # fmt: skip
         with self._lock:
             self._probes[key] = probe
-            if probe.ok and (key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD):
-                self._known_good[key] = now
+            if probe.ok:
+                self._known_live(key, now)
         return probe
 
     # -- a door's vetting: the token genuine and its licence in force, before the body --
@@ -704,8 +707,8 @@ class CallLicencePolicy(_Usage):
             self._retire_replaced(key, model_id, old)
             self._decisions[(key, model_id)] = d
             self._latest[key] = d
-            if ok and (key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD):
-                self._known_good[key] = now
+            if ok:
+                self._known_live(key, now)
         self._notify(key, model_id)
 
     def _retire_replaced(self, key: str, model_id: str, old: _Decision | None) -> None:

@@ -168,6 +168,7 @@ def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:
 
 
 STALE_AFTER_S = 60.0
+_DIR_PREFIX = "vault-svc-"  # an instance's private directory in the temp directory
 
 
 def sweep_stale_dirs(base: str | None = None, *, older_than: float = STALE_AFTER_S) -> int:
@@ -187,7 +188,7 @@ def sweep_stale_dirs(base: str | None = None, *, older_than: float = STALE_AFTER
     except OSError:
         return 0
     for e in entries:
-        if not e.name.startswith("vault-svc-"):
+        if not e.name.startswith(_DIR_PREFIX):
             continue
         try:
             st = e.stat(follow_symlinks=False)
@@ -220,7 +221,7 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
     """Start one worker for ``package`` and wait until it serves (blocking)."""
     key = spec.unsafe_test_keys.get(os.path.abspath(package))
     lic = spec.licence_for(model_id) if key is None else None  # refuses before any spawn
-    directory = tempfile.mkdtemp(prefix="vault-svc-")  # 0700
+    directory = tempfile.mkdtemp(prefix=_DIR_PREFIX)  # 0700
     endpoint = f"ipc://{directory}/w.sock"
     pipes = WorkerPipes()
     args = [os.path.abspath(package), "--endpoint", endpoint, "--threads", str(spec.threads)]
