@@ -4,7 +4,11 @@ For each model, in one interleaved run: in-process ``InferenceSession.run``;
 ``vault.open`` (local worker over ipc); ``vault.connect`` (tcp + CURVE);
 raw pyzmq echo over ipc, over tcp+CURVE and over plain tcp (their
 difference is CURVE's cost), a raw Unix-socket echo, each of the same request
-and reply bytes; a plain memory copy of those bytes; and, for the models, a
+and reply bytes; a plain memory copy of those bytes; the same model in plain
+onnxruntime in another process behind the least protocol there is
+(``raw_server`` over the socket, ``raw_shm`` through shared memory:
+``raw_server.py``), so vault / raw is what the vault's own code adds and raw /
+in-process what any process boundary costs; and, for the models, a
 bare FastAPI + uvicorn endpoint serving the same model with raw bytes and no
 TLS (``fastapi_host.py``: the peer the remote path is held against).
 Overhead = vault - in-process (medians); the target compares it with the
@@ -32,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import models as M
+from . import raw_server
 from .floors import EchoServer, memcpy_fn
 from .harness import interleave, ort_session
 
@@ -106,6 +111,12 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
             row["unavailable"]["vault_tcp"] = "vault environment unavailable"
             row["unavailable"]["vault_tcp_curve"] = "vault environment unavailable"
         peer_closes: list[Callable[[], None]] = []
+        try:  # plain onnxruntime in another process: the process boundary's own floor
+            for key, shm in (("raw_server", False), ("raw_shm", True)):
+                fns[key], close = raw_server.start(mbytes, feeds, ref, shm=shm)
+                peer_closes.append(close)
+        except Exception as exc:  # noqa: BLE001 - a floor row, not a gate
+            row["unavailable"]["raw_server"] = f"{type(exc).__name__}: {exc}"
         if name != "big_tensor":
             # the bare HTTP peer: FastAPI + uvicorn, raw bytes, no TLS, same model
             import tempfile
@@ -173,6 +184,12 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
                 row[f"{mode}_overhead_over_echo"] = ov / med[echo_name]
                 row[f"{mode}_over_in_process"] = med[mode] / med["in_process"]
                 row[f"{mode}_over_in_process_default"] = med[mode] / med["in_process_default"]
+        raw = [med[k] for k in ("raw_server", "raw_shm") if k in med]
+        if raw:
+            # the process boundary's floor, and what the vault adds above it
+            row["raw_floor_over_in_process"] = min(raw) / med["in_process"]
+            if "vault_ipc" in med:
+                row["vault_ipc_over_raw_floor"] = med["vault_ipc"] / min(raw)
         # what the worker's thread policy (spinning off) costs in-process
         row["thread_policy_s"] = med["in_process"] - med["in_process_default"]
         out[name] = row

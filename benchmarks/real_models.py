@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from . import raw_server
 from .harness import Unavailable, interleave, ort_session
 
 __all__ = ["MODELS", "build", "section"]
@@ -249,6 +250,13 @@ def run(quick: bool, env: Any, log: Callable[[str], None]) -> dict[str, Any]:
         row["out_bytes"] = int(sum(a.nbytes for a in ref))
         row["weights_bytes"] = len(onnx_bytes)
         fns: dict[str, Callable[[], Any]] = {"in_process": lambda s=sess, f=feeds: s.run(None, f)}
+        closes: list[Callable[[], None]] = []
+        try:  # the same model in plain onnxruntime in another process (raw_server.py)
+            for key, shm in (("raw_server", False), ("raw_shm", True)):
+                fns[key], close = raw_server.start(onnx_bytes, feeds, ref, shm=shm)
+                closes.append(close)
+        except Exception as exc:  # noqa: BLE001 - a floor row, not a gate
+            row["raw_unavailable"] = f"{type(exc).__name__}: {exc}"
         if env is None:
             row["unavailable"] = "vault environment unavailable"
         else:
@@ -268,7 +276,14 @@ def run(quick: bool, env: Any, log: Callable[[str], None]) -> dict[str, Any]:
         log(f"  {name}: {t0 * 1e3:.2f} ms in-process, blocks of {block}")
         res = interleave(fns, rounds=max(3, calls // block), per_round=block, warmup=3,
                          budget_s=8 if quick else 40, gap_s=0.02)  # fmt: skip
+        for close in closes:
+            close()
         row["rows"] = res
+        raw = [res[k]["median_s"] for k in ("raw_server", "raw_shm") if k in res]
+        if raw:
+            row["raw_floor_over_in_process"] = min(raw) / res["in_process"]["median_s"]
+            if "vault_ipc" in res:
+                row["vault_ipc_over_raw_floor"] = res["vault_ipc"]["median_s"] / min(raw)
         if "vault_ipc" in res:
             v, p = res["vault_ipc"]["median_s"], res["in_process"]["median_s"]
             row["vault_ipc_over_in_process"] = v / p

@@ -30,7 +30,7 @@ def table(res: dict[str, Any]) -> str:
         groups = [
             ["in_process", "in_process_default", "vault_ipc", "vault_ipc_zmq", "zmq_echo_ipc"],
             ["unix_echo", "memcpy", "vault_tcp", "vault_tcp_curve", "fastapi_raw"],
-            ["fastapi_tls", "grpc_tls"],
+            ["fastapi_tls", "grpc_tls", "raw_server", "raw_shm"],
             ["zmq_echo_tcp", "zmq_echo_tcp_sealed", "zmq_echo_tcp_curve", "tcp_echo", "tls_echo"],
         ]  # local (direct channel, ZeroMQ); remote (sealed, CURVE alone; peers); remote floors
         for modes in groups:
@@ -71,6 +71,16 @@ def table(res: dict[str, Any]) -> str:
                 if "thread_policy_s" in row
             )
         )
+        floors = [
+            f"{name} {row['raw_floor_over_in_process']:.3f} / {row['vault_ipc_over_raw_floor']:.3f}"
+            for name, row in lat.items()
+            if "vault_ipc_over_raw_floor" in row
+        ]
+        if floors:
+            L.append(
+                "   process boundary (best of raw_server, raw_shm / in_process) / what the vault "
+                "adds (vault_ipc / that raw): " + ", ".join(floors)
+            )
         for mode in ("vault_tcp", "vault_tcp_curve"):
             for peer, what in (
                 ("fastapi_raw", "bare HTTP, no TLS"),
@@ -121,7 +131,7 @@ def table(res: dict[str, Any]) -> str:
             rows = row.get("rows") or {}
             cells = "  ".join(
                 f"{k} {rows[k]['median_s'] * 1e3:.3f} ({rows[k]['p99_s'] * 1e3:.2f})"
-                for k in ("in_process", "vault_ipc")
+                for k in ("in_process", "raw_shm", "vault_ipc")
                 if k in rows
             )
             ratio = row.get("vault_ipc_over_in_process")
@@ -136,6 +146,12 @@ def table(res: dict[str, Any]) -> str:
                 f"   {name:<12}{cells}"
                 + (f"  vault/inproc {ratio:.3f}" if ratio is not None else "")
                 + split
+                + (
+                    f"  [process boundary {row['raw_floor_over_in_process']:.3f}, "
+                    f"vault/raw {row['vault_ipc_over_raw_floor']:.3f}]"
+                    if "vault_ipc_over_raw_floor" in row
+                    else ""
+                )
                 + why
             )
     tp0 = res.get("throughput") or {}
@@ -157,6 +173,15 @@ def table(res: dict[str, Any]) -> str:
                 f"{n:<10}"
                 + "".join(f"{tp['calls_per_s'][k][n]:>14.1f}" for k in tp["calls_per_s"])
                 + f"{'-' if ratio is None else format(ratio, '.3f'):>14}"
+            )
+        if tp.get("vault_over_raw"):
+            L.append(
+                "   process boundary (raw_server / in_process) / what the vault adds "
+                "(vault_ipc / raw_server): "
+                + ", ".join(
+                    f"{n} callers {tp['raw_over_in_process'][n]:.3f} / {tp['vault_over_raw'][n]:.3f}"
+                    for n in tp["vault_over_raw"]
+                )
             )
         for k, why in tp.get("unavailable", {}).items():
             L.append(f"   {k}: unavailable: {why}")

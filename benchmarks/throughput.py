@@ -7,7 +7,10 @@ onnxruntime's defaults (``in_process_default``, spinning on).
 Vault: N threads share one ``vault.open`` Model (each thread gets its own
 connection, served by a worker thread of its own); beside it the same
 worker with one onnxruntime thread per run (``vault_ipc_intra1``) and over
-ZeroMQ as before the direct local channel (``vault_ipc_zmq``). Each point
+ZeroMQ as before the direct local channel (``vault_ipc_zmq``); and the same
+model in plain onnxruntime in another process, a thread per connection,
+behind the least protocol there is (``raw_server``, ``raw_server.py``: the
+process boundary's own floor). Each point
 counts completed calls in a fixed window after a warm-up; the sides
 alternate window by window (blocks, never call by call, with a pause before
 each window so a spinning pool goes idle), over several rounds, and the
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import models as M
+from . import raw_server
 from .harness import ort_session
 
 CALLERS = (1, 2, 4, 8)
@@ -71,6 +75,13 @@ def run(
         "in_process_default": lambda: sess_default.run(None, feeds),
     }
     out: dict[str, Any] = {"model": model_name, "batch": 1, "unavailable": {}}
+    close_raw = None
+    try:  # plain onnxruntime in another process, a connection per calling thread
+        fns["raw_server"], close_raw = raw_server.per_thread(
+            model.SerializeToString(), feeds, sess.run(None, feeds)
+        )
+    except Exception as exc:  # noqa: BLE001 - a floor column, not a gate
+        out["unavailable"]["raw_server"] = f"{type(exc).__name__}: {exc}"
     if env is not None:
         try:
             pkg, lic = env.seal(model, f"tp-{model_name}")
@@ -99,6 +110,8 @@ def run(
             for k in order:
                 time.sleep(0.02)  # the previous window's pools go idle first
                 points[k][n].append(_rate(fns[k], n, window))
+    if close_raw is not None:
+        close_raw()
     log(
         f"  throughput {model_name}: {rounds} rounds x {len(CALLERS)} caller counts, {window}s windows"
     )
@@ -113,6 +126,15 @@ def run(
             n: out["calls_per_s"]["vault_ipc"][n] / out["calls_per_s"]["in_process"][n]
             for n in CALLERS
         }
+        if "raw_server" in fns:
+            out["raw_over_in_process"] = {
+                n: out["calls_per_s"]["raw_server"][n] / out["calls_per_s"]["in_process"][n]
+                for n in CALLERS
+            }
+            out["vault_over_raw"] = {
+                n: out["calls_per_s"]["vault_ipc"][n] / out["calls_per_s"]["raw_server"][n]
+                for n in CALLERS
+            }
         out["vault_over_in_process_default"] = {
             n: out["calls_per_s"]["vault_ipc"][n] / out["calls_per_s"]["in_process_default"][n]
             for n in CALLERS

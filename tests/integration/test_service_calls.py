@@ -258,7 +258,9 @@ def _serve(keyserver: Any, tmp: Path, package: Path, name: str) -> tuple[Any, di
          str(tmp / "service.licence"), "--device", str(tmp / "device"), "--call-licences",
          "--bind", "tcp://127.0.0.1:0", "--instances", "1"],
         stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        # a temp directory of the test's own: what a killed service leaves there is the test's
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+             "TMPDIR": str(tmp / "tmp")},
     )  # fmt: skip
     log.close()
     ready, buf = served_ready(proc, timeout=120)
@@ -272,7 +274,8 @@ def test_a_killed_service_replicas_grant_lapses_and_every_call_counts_once(
     """A replica SIGKILLed mid-load held a grant of its caller's quota (before:
     the whole quota, for good: `0+N/N`). After the lease the reserve is back,
     what it reported is counted once, and a second replica serves exactly the
-    rest of the quota."""
+    rest of the quota. The next service start removes the instance directory
+    the killed one left."""
     import os
     import signal
 
@@ -283,6 +286,7 @@ def test_a_killed_service_replicas_grant_lapses_and_every_call_counts_once(
     keyserver.issue("m", holder="service").save(tmp_path / "service.licence")
     quota = 40
     lic = keyserver.issue("m", kind="call", holder="shop", max_calls=quota)  # no rate limit
+    (tmp_path / "tmp").mkdir(mode=0o700)
 
     def row() -> tuple[int, int]:
         with keyserver.admin() as ks:  # the list lapses what is due first
@@ -321,7 +325,13 @@ def test_a_killed_service_replicas_grant_lapses_and_every_call_counts_once(
     assert used == reported  # each report counted once
     # what it served and never reported is lost, at most one grant's worth
     assert used <= served_first <= used + quota // 4
+    left = list((tmp_path / "tmp").glob("vault-svc-*"))
+    assert left, "the SIGKILLed service left no instance directory to sweep"
+    for d in left:  # as found a while later
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
     second, ready = _serve(keyserver, tmp_path, res.path, "second")
+    assert not [d for d in left if d.exists()]
+    assert '"stale_instance_dirs_removed"' in (tmp_path / "second.log").read_text()
     served_second = 0
     try:
         with vault.connect(ready["endpoint"], licence=lic, server_key=ready["server_key"],
