@@ -264,7 +264,7 @@ def secure_pycache(package_dir: str, owners: set[int] | frozenset[int]) -> str |
     return None
 
 
-def write_worker_bytecode(sys_path: Sequence[str] = ()) -> None:
+def write_worker_bytecode(sys_path: Sequence[str] = (), *, force: bool = False) -> None:
     """Write the bytecode of the modules a worker imports where it is missing
     or older than its source, at this process's first spawn from an import
     root, as ``pip install`` does for a wheel. A worker runs with ``-B`` and
@@ -280,9 +280,13 @@ def write_worker_bytecode(sys_path: Sequence[str] = ()) -> None:
     cache of its own others could write is repaired first
     (:func:`secure_pycache`). An install it may not write (a system one,
     which has its bytecode from pip, or a user's checkout seen by root) is
-    left as it is, silently."""
+    left as it is, silently. ``force``: even under ``sys.dont_write_bytecode``
+    (the benchmarks: they time a worker's start as an installed package has
+    it, whatever the machine sets)."""
     roots = tuple(sys_path)
-    if sys.dont_write_bytecode or sys.pycache_prefix or roots in _BYTECODE_DONE:
+    if (sys.dont_write_bytecode and not force) or sys.pycache_prefix:
+        return
+    if roots in _BYTECODE_DONE:
         return
     with _BYTECODE_LOCK:  # held only to claim the root: a fork never inherits it held long
         if roots in _BYTECODE_DONE:
