@@ -31,7 +31,8 @@ Request ``{"model_id", "keys": [Z85...], "usage": [{"licence_id", "used",
 live call licence at all, reserving nothing: the service's ZAP check, and
 its doors' vetting of a bearer token, with ``proof_key`` and
 ``expires_at``); reply ``{"ttl", "decisions": {key: {"ok": true,
-"licence_id", "holder", "budget", "rate", "expires_at", "proof_key"} | {"ok": false,
+"licence_id", "holder", "budget", "rate", "expires_at", "proof_key"[, "model_id"
+(a probe's: the models the licence covers, null for all)]} | {"ok": false,
 "error": {...}[, "licence_id", "proof_key"]}}}`` (``proof_key``: the licence's
 Ed25519 public key, which verifies the bearer tokens its holder mints).
 
@@ -248,8 +249,11 @@ def call_decisions(
         if budget is None:  # a probe: is this a live call licence at all
             # (with the proof key: a door checks a bearer token's signature
             # on it before it reads the request the token came with)
+            # (and the models it covers: a service shows a model's signature,
+            # health and statistics only to callers whose licence covers it)
             decisions[key] = {"ok": True, "licence_id": lic.licence_id, "holder": lic.holder,
-                              "proof_key": lic.proof_public_key, "expires_at": lic.expires_at}  # fmt: skip
+                              "proof_key": lic.proof_public_key, "expires_at": lic.expires_at,
+                              "model_id": lic.model_id}  # fmt: skip
             continue
         if gid is not None:
             store.insert_metering_id(

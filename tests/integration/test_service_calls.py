@@ -161,8 +161,8 @@ def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
 
 def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> None:
     erin = service.caller(holder="erin", model="other")
-    with service.connect(erin) as e, pytest.raises(vault.WrongModelError):
-        e.compute({"x": X})
+    with pytest.raises(vault.WrongModelError):  # at the open: the model's signature is not hers
+        service.connect(erin)
     frank = service.caller(holder="frank", expires=3.0)
     with service.connect(frank) as f:
         f.compute({"x": X})
@@ -409,3 +409,39 @@ def test_a_strangers_handshakes_cost_the_key_server_a_bounded_number_of_requests
         for s in socks:
             s.close()
         ctx.term()
+
+
+def test_a_caller_sees_nothing_of_a_model_its_licence_does_not_cover(service: Svc) -> None:
+    """A model's signature, health and statistics (ops ``info``, ``health``,
+    ``stats``) answer only callers whose licence covers it, as a compute
+    does: its statistics are the other callers' activity. Before, carol,
+    licensed for another model only, read how many calls alice made and
+    their latencies. Control: alice, whose licence covers it, reads them."""
+    alice = service.caller(holder="alice")
+    carol = service.caller(model="other", holder="carol")  # a live call licence, another model
+    with service.connect(alice) as a:
+        for _ in range(3):
+            a.compute({"x": X})
+        assert int(a.stats()["calls"]) >= 3
+        assert a.health() and a.info["inputs"]
+    with pytest.raises(vault.WrongModelError):
+        service.connect(carol)  # its handshake is let in; what it asks about the model is not
+    got = []
+    ctx = zmq.Context()
+    try:  # the ops themselves, without the client library's open
+        s = ctx.socket(zmq.DEALER)
+        s.curve_serverkey = service.server_key.encode()
+        s.curve_publickey = carol.client_public_key.encode()
+        s.curve_secretkey = carol.client_secret_key.encode()
+        s.connect(service.endpoint)
+        from vault.core.protocol import PROTOCOL_VERSION, pack_header, unpack_header
+
+        for i, op in enumerate(("stats", "info", "health")):
+            s.send(pack_header({"v": PROTOCOL_VERSION, "id": i, "op": op, "model": "m"}))
+            assert s.poll(20_000), f"no answer to {op}"
+            got.append(unpack_header(s.recv()))
+        s.close(0)
+    finally:
+        ctx.term()
+    assert [h.get("error", {}).get("code") for h in got] == ["wrong_model"] * 3, got
+    assert not any("calls" in h or "inputs" in h for h in got)

@@ -51,6 +51,7 @@ from vault.core.errors import (
     WrongModelError,
     from_wire,
 )
+from vault.core.modelscope import covers
 from vault.core.token import Token
 
 __all__ = [
@@ -90,6 +91,8 @@ class CallPolicy(Protocol):
 
     def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None: ...
 
+    def sees(self, caller_key: str | None, model_id: str) -> None: ...
+
     def record(self, admission: Admission, *, ok: bool) -> None: ...
 
     def close(self) -> None: ...
@@ -103,6 +106,12 @@ class _Usage:
 
     def bind(self, notify: Callable[[str, str], None]) -> None:
         del notify  # decisions are local: nothing is ever pending
+
+    def sees(self, caller_key: str | None, model_id: str) -> None:
+        """Whether this caller may see ``model_id``'s signature, health and
+        statistics (ops ``info``, ``health``, ``stats``); raises if not. Here
+        every caller the policy lets in may call every model: yes."""
+        del caller_key, model_id
 
     def record(self, admission: Admission, *, ok: bool) -> None:
         with self._lock:
@@ -254,6 +263,7 @@ _MAX_PROBE_ADDRESSES = 1 << 16
 # about at each handshake, but spend no address's budget for this long, so a
 # flood from a licensed caller's address (a NAT, loopback) does not lock it out
 _KNOWN_GOOD_S = 3600.0
+_NO_SCOPE: Any = object()  # _known_live without a scope: the one recorded stays
 _MAX_KNOWN_GOOD = 1 << 16
 VET = ""  # the model part of the pair a door's vetting waits on (no model yet)
 
@@ -312,6 +322,9 @@ class CallLicencePolicy(_Usage):
         self._probes: dict[str, _Probe] = {}
         self._probe_budgets: dict[str, _Bucket] = {}  # peer address -> unknown-key probes
         self._known_good: dict[str, float] = {}  # key -> when the key server last said live
+        # key -> the models its licence covers (the key server's pattern, None: all),
+        # for as long as the key is known good
+        self._scopes: dict[str, str | None] = {}
         self._pruned_at = 0.0
         self.probes_refused = 0  # handshakes refused past their address's budget
         self._unreported: Counter[str] = Counter()  # licence -> calls served, not yet in a report
@@ -400,10 +413,29 @@ class CallLicencePolicy(_Usage):
             budget = self._probe_budgets[address] = _Bucket(PROBE_RATE, PROBE_BURST, now)
         return budget
 
-    def _known_live(self, key: str, now: float) -> None:
-        """The key server called ``key`` a live call licence (lock held)."""
+    def _known_live(self, key: str, now: float, scope: Any = _NO_SCOPE) -> None:
+        """The key server called ``key`` a live call licence covering the
+        models ``scope`` names (lock held)."""
         if key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD:
             self._known_good[key] = now
+            if scope is not _NO_SCOPE:
+                self._scopes[key] = scope
+
+    def sees(self, caller_key: str | None, model_id: str) -> None:
+        """A caller sees a model's signature, health and statistics only where
+        its licence covers the model, as for a compute: its statistics are
+        other callers' activity. What the licence covers is what the key
+        server said at the caller's handshake (a licence's models never
+        change); a caller it has not answered about within the hour is told
+        to connect again."""
+        with self._lock:
+            if caller_key is None or caller_key not in self._scopes:
+                raise PermissionDeniedError(
+                    "this connection's licence is not known here any more: connect again"
+                )
+            scope = self._scopes[caller_key]
+        if scope is not None and not covers(scope, model_id):
+            raise WrongModelError(f"this caller's licence is not for model {model_id!r}")
 
     def _probe(self, key: str, now: float) -> _Probe:
         """Ask the key server whether ``key`` holds a live call licence (no
@@ -413,10 +445,12 @@ class CallLicencePolicy(_Usage):
         probe = _Probe(bool(d.get("ok")), now, licence=str(d.get("licence_id") or ""),
                        proof_key=d.get("proof_key") or None, error=d.get("error"),
                        expires_at=d.get("expires_at"))  # fmt: skip
+        scope = d.get("model_id") if isinstance(d.get("model_id"), (str, type(None))) else ""
         with self._lock:
             self._probes[key] = probe
             if probe.ok:
-                self._known_live(key, now)
+                # a key server that does not say (older than this service): no model
+                self._known_live(key, now, scope if "model_id" in d else "")
         return probe
 
     # -- a door's vetting: the token genuine and its licence in force, before the body --
@@ -749,6 +783,7 @@ class CallLicencePolicy(_Usage):
                         del self._probe_budgets[a]  # an idle address starts afresh anyway
                     for z in [z for z, t in self._known_good.items() if now - t >= _KNOWN_GOOD_S]:
                         del self._known_good[z]
+                        self._scopes.pop(z, None)
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
                         continue

@@ -819,6 +819,10 @@ class WorkerService:
                 return
             if len(msg) != 2:
                 raise ProtocolError(f"op {op!r} takes no tensor frames")
+            if op in ("info", "health", "stats"):
+                # what a model is and how it is used is for the callers it serves
+                key = caller_key if isinstance(ident, _SealedRoute) else _user_id(msg[1])
+                self.cfg.policy.sees(key, m.model_id)
             if op == "info":
                 assert m.info is not None
                 self._reply(ident, ok_reply(rid, **m.info))
