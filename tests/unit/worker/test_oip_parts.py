@@ -604,9 +604,28 @@ def test_a_request_for_a_model_without_inputs_holds_none() -> None:
     still is not, and a model with inputs then says which one is missing."""
     from worker.service.oip import grpc_door, rest
 
-    assert rest._inputs([], memoryview(b"")) == ([], [])
+    assert rest._inputs([], memoryview(b""), 0) == ([], [])
     with pytest.raises(InputError, match="list of inputs"):
-        rest._inputs(None, memoryview(b""))
+        rest._inputs(None, memoryview(b""), 0)
     with pytest.raises(InputError, match="belong to no input"):
-        rest._inputs([], memoryview(b"\0" * 4))
+        rest._inputs([], memoryview(b"\0" * 4), 4)
     assert grpc_door._inputs(ours.ModelInferRequest(model_name="m")) == ([], [])
+
+
+def test_bytes_elements_are_counted_against_the_memory_rule_before_any_is_decoded() -> None:
+    """The worker's rule (decoding at most 8x the request, or 64 MiB) on the
+    declared BYTES element count: four million elements in 16 MiB are
+    refused; as many in a request of 64 MiB pass, as do a few thousand in a
+    small one, and numeric inputs never count."""
+    from worker.service.oip import tensors as T
+
+    n = 4 << 20
+    with pytest.raises(InputError, match="4194304 BYTES elements"):
+        T.check_strings([("s", "BYTES", [n])], 4 * n)
+    with pytest.raises(InputError, match="BYTES elements"):  # split over two inputs: the same
+        T.check_strings([("a", "BYTES", [n // 2]), ("b", "BYTES", [2, n // 4])], 4 * n)
+    T.check_strings([("s", "BYTES", [n])], 64 * n)  # 15 bytes and more an element
+    T.check_strings([("s", "BYTES", [4096])], 4 * 4096)  # under the 64 MiB floor
+    T.check_strings([("x", "FP32", [n, 64])], 16)  # numeric: a view, nothing to bound
+    with pytest.raises(InputError, match="'s'"):
+        T.check_strings([("s", "BYTES", [-1])], 16)

@@ -181,6 +181,8 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     if typed > MAX_DECODED:  # a protobuf size, before a Python object is made of it
         raise InputError(f"typed contents of {typed} bytes exceed the limit of {MAX_DECODED}: "
                          "send tensors as raw_input_contents")  # fmt: skip
+    T.check_strings([(t.name, t.datatype, list(t.shape)) for t in request.inputs],
+                    sum(len(r) for r in raw) + typed)  # fmt: skip
     descs, frames = [], []
     for i, t in enumerate(request.inputs):
         shape = list(t.shape)

@@ -206,7 +206,7 @@ class RestApp:
             raise InputError("the request's JSON is nested too deeply") from None
         if not isinstance(req, dict):
             raise InputError("the request is a JSON object")
-        descs, frames = _inputs(req.get("inputs"), binary)
+        descs, frames = _inputs(req.get("inputs"), binary, len(body))
         outputs, binary_out = _outputs(req)
         params = _dict(req.get("parameters"))
         out_descs, out_frames = await self.plane.infer(
@@ -249,9 +249,13 @@ def _only(method: str, allowed: str) -> None:
         raise _HttpError(405, f"use {allowed} here")
 
 
-def _inputs(items: Any, binary: memoryview) -> tuple[list[dict[str, Any]], list[Any]]:
+def _inputs(items: Any, binary: memoryview, wire: int) -> tuple[list[dict[str, Any]], list[Any]]:
     if not isinstance(items, list):  # empty for a model without inputs
         raise InputError("the request needs a list of inputs")
+    T.check_strings(
+        [(it.get("name"), it.get("datatype"), it.get("shape")) for it in items
+         if isinstance(it, dict)], wire,
+    )  # fmt: skip
     descs, frames, at = [], [], 0
     for it in items:
         if not isinstance(it, dict) or not isinstance(it.get("name"), str):

@@ -27,7 +27,13 @@ import msgpack
 import numpy as np
 
 from vault.core.errors import InputError
-from vault.core.protocol import MAX_RANK, dtype_from_name
+from vault.core.protocol import (
+    MAX_RANK,
+    MEMORY_FACTOR,
+    MEMORY_FLOOR,
+    STRING_ELEMENT_COST,
+    dtype_from_name,
+)
 
 __all__ = [
     "DATATYPES",
@@ -86,6 +92,28 @@ def _count(shape: Sequence[int]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def check_strings(inputs: Sequence[tuple[Any, Any, Any]], wire: int) -> None:
+    """The worker's memory rule for strings (``vault.core.protocol``:
+    decoding may cost at most ``MEMORY_FACTOR`` times the request, or
+    ``MEMORY_FLOOR``), applied to a request's ``(name, datatype, shape)``
+    inputs at the door, before one BYTES element is split or decoded: each
+    element becomes Python objects there, several times its bytes (a 64 MiB
+    body of empty BYTES elements took a service from 75 to 1,050 MB)."""
+    strings = 0
+    for name, datatype, shape in inputs:
+        if datatype == "BYTES":
+            try:
+                strings += _count(oip_shape(shape))
+            except InputError as exc:
+                raise InputError(f"{name!r}: {exc}") from None
+    cost = wire + strings * STRING_ELEMENT_COST
+    if strings and cost > max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
+        raise InputError(
+            f"request refused: decoding its {strings} BYTES elements would take about "
+            f"{cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
+        )
 
 
 def _desc(name: str, vd: str, shape: list[int]) -> dict[str, Any]:
