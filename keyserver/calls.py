@@ -52,6 +52,7 @@ from vault.core.errors import (
     KeyServerError,
     LicenceExpiredError,
     LicenceRevokedError,
+    PermissionDeniedError,
     ProtocolError,
     QuotaExhaustedError,
     UnknownLicenceError,
@@ -195,7 +196,17 @@ def _settle_report(svc: KeyService, actor: str, model_id: Any, rep: _Report, now
 def call_decisions(
     svc: KeyService, device: DeviceRecord, h: Mapping[str, Any], now: float
 ) -> dict[str, Any]:
-    """The ``call_decisions`` op, asked by an enrolled device (the service)."""
+    """The ``call_decisions`` op, asked by a device the vendor enrolled as a
+    worker service (``vault device enroll --service``). Any other enrolled
+    device (a customer's daemon) is refused before anything is read: a
+    decision reserves from a caller's quota, and a usage report spends it, so
+    a device that could ask would spend any caller's whose key it learned (a
+    bearer token names it) and read its holder."""
+    if not svc.is_service_device(device.device_id):
+        raise PermissionDeniedError(
+            f"device {device.device_id} is not enrolled as a worker service: only a service "
+            "asks for call decisions (vault device enroll DIR --licence admin.licence --service)"
+        )
     model_id = h.get("model_id")
     keys = h.get("keys") or []
     probe = model_id is None  # only "does this key hold a live call licence" (the ZAP check)

@@ -1149,11 +1149,20 @@ class KeyService:
         name = _str(h, "name", optional=True) or device_id
         if len(public_key) != 40 or device_id_for(public_key) != device_id:
             raise ProtocolError("device id and public key do not belong together")
+        service = h.get("service", False)
+        if not isinstance(service, bool):
+            raise ProtocolError("service is true or false")
         old = self._device_row(self.store.device(device_id), now)
         if old is not None:
             if old.revoked_at is not None:
                 raise PermissionDeniedError(f"device {device_id} was revoked; make a new one")
-            return {"device_id": device_id, "created": False}
+            if old.public_key != public_key:
+                raise ProtocolError("device id and public key do not belong together")
+            if service and not self.is_service_device(device_id):
+                self._designate_service(caller, device_id, now)  # an enrolled device made a service
+                return {"device_id": device_id, "created": False, "service": True}
+            return {"device_id": device_id, "created": False,
+                    "service": self.is_service_device(device_id)}  # fmt: skip
         if self.store.has_client_key(public_key):
             raise ProtocolError("that key already belongs to a licence")
         self.store.insert_device(
@@ -1162,10 +1171,38 @@ class KeyService:
         )  # fmt: skip
         audit.append(
             self.store, ts=now, event="device_enrolled", actor=caller.licence_id,
-            detail={"device_id": device_id, "name": name, "public_key": public_key},
+            detail={"device_id": device_id, "name": name, "public_key": public_key,
+                    "service": service},
         )  # fmt: skip
-        self.log("device_enrolled", device=device_id, name=name)
-        return {"device_id": device_id, "created": True}
+        self.log("device_enrolled", device=device_id, name=name, service=service)
+        if service:
+            self._designate_service(caller, device_id, now)
+        return {"device_id": device_id, "created": True, "service": service}
+
+    def _designate_service(self, caller: LicenceRecord, device_id: str, now: float) -> None:
+        """Name an enrolled device one of the vendor's worker services: only
+        those ask for call decisions and report calls served under call
+        licences (a customer's daemon is a device too)."""
+        self.store.insert_service_device(
+            device_id, self.rows.tag("service_devices", [device_id]).hex()
+        )
+        audit.append(
+            self.store, ts=now, event="device_service", actor=caller.licence_id,
+            detail={"device_id": device_id},
+        )  # fmt: skip
+
+    def is_service_device(self, device_id: str) -> bool:
+        """Whether the vendor enrolled ``device_id`` as a worker service (its
+        row present and its tag good: a row written into the database by
+        hand is not one)."""
+        tag = self.store.service_device_tag(device_id)
+        if tag is None:
+            return False
+        try:
+            mac = bytes.fromhex(tag)
+        except ValueError:
+            return False
+        return self.rows.ok("service_devices", [device_id], mac)
 
     def _revoke_device(
         self, caller: LicenceRecord, h: Mapping[str, Any], now: float

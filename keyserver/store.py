@@ -46,6 +46,7 @@ __all__ = [
     "KeyRow",
     "LeaseRow",
     "METERING_SCHEMA",
+    "SERVICE_SCHEMA",
     "PROOF_SCHEMA",
     "MeteringId",
     "SqliteStore",
@@ -160,6 +161,19 @@ CREATE TABLE IF NOT EXISTS used_proofs (
     expires_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS used_proofs_expiry ON used_proofs (expires_at);
+"""
+
+# Devices the vendor enrolled as its worker services (``vault device enroll
+# --service``): only these ask for call decisions and report calls served
+# under call licences (keyserver/calls.py); a customer's daemon is a device
+# too and must never spend a caller's quota. A row of its own (tagged like a
+# device's, keyserver.rowauth), so a device row made before it keeps its tag.
+# Created by `serve` too, for databases made by an earlier version.
+SERVICE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS service_devices (
+    device_id TEXT PRIMARY KEY,
+    mac TEXT NOT NULL
+);
 """
 
 LICENCE_COLS = (
@@ -455,6 +469,14 @@ class Store:
         self._q("UPDATE devices SET revoked_at = ?, mac = ? WHERE device_id = ?",
                 (rec.revoked_at, rec.mac, rec.device_id))  # fmt: skip
 
+    def service_device_tag(self, device_id: str) -> str | None:
+        """The tag of the row that names ``device_id`` a service, or None."""
+        r = self._one("SELECT mac FROM service_devices WHERE device_id = ?", (device_id,))
+        return None if r is None else str(r[0])
+
+    def insert_service_device(self, device_id: str, tag: str) -> None:
+        self._q("INSERT INTO service_devices (device_id, mac) VALUES (?, ?)", (device_id, tag))
+
     def end_device_leases(self, device_id: str) -> None:
         """End every lease granted to a (revoked) device; what they reserved
         stays spent: fail closed, as for a worker that died."""
@@ -500,7 +522,7 @@ class Store:
     def ensure_metering_ids(self) -> None:
         """The metering ids' and used proofs' tables, in a database made
         before they existed (idempotent)."""
-        for stmt in (METERING_SCHEMA + PROOF_SCHEMA).split(";"):
+        for stmt in (METERING_SCHEMA + PROOF_SCHEMA + SERVICE_SCHEMA).split(";"):
             if stmt.strip():
                 self._execute(stmt)
 
@@ -670,7 +692,7 @@ def connect(path: str | os.PathLike[str], *, create: bool = False) -> sqlite3.Co
     # After a checkpoint lets the WAL restart, cut the file back to 16 MiB.
     conn.execute("PRAGMA journal_size_limit=16777216")
     if create:
-        conn.executescript(_SCHEMA + METERING_SCHEMA + PROOF_SCHEMA)
+        conn.executescript(_SCHEMA + METERING_SCHEMA + PROOF_SCHEMA + SERVICE_SCHEMA)
         set_meta(conn, "schema_version", SCHEMA_VERSION)
     return conn
 

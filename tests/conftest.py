@@ -212,12 +212,13 @@ class KeyServerProcess:
         with self.admin() as ks:
             return ks.issue(model_id, holder=holder, **limits)
 
-    def enroll(self, directory: Path) -> Device:
+    def enroll(self, directory: Path, *, service: bool = True) -> Device:
         """Make a device in ``directory``, enroll it and fix its key server
-        (this one), as ``vault device enroll DIR`` does."""
+        (this one), as ``vault device enroll DIR [--service]`` does (by default
+        as a worker service's: most tests' devices run one)."""
         dev = init_device(directory)
         with self.admin() as ks:
-            ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+            ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key, service=service)
             lic = ks.licence
         record_keyserver(directory, address=lic.keyserver_address,
                          public_key=lic.keyserver_public_key)  # fmt: skip

@@ -398,7 +398,7 @@ def test_flow_protocol(host: NsHost, tmp_path: Path) -> None:
         "vault seal clf.onnx --pre pre.onnx --post post.onnx --model-id clf --batchable "
         "--licence ks/admin.licence -o clf.vault",
         "vault device init device",
-        "vault device enroll device --licence ks/admin.licence",
+        "vault device enroll device --licence ks/admin.licence --service",
         "vault licence issue clf --to service --licence ks/admin.licence -o service.licence",
         "vault licence issue clf --to shop --kind call --licence ks/admin.licence -o shop.licence",
     ):

@@ -210,7 +210,7 @@ def test_the_containers_commands_run_against_a_real_key_server_and_packages(
                      "digits-old --key-out old.key --signing-key ks/publisher.key "
                      "-o models/digits-old.vault")  # fmt: skip
             flow.run("vault device init svc-device && vault device enroll svc-device "
-                     "--licence ks/admin.licence && vault licence issue --all-models --to "
+                     "--licence ks/admin.licence --service && vault licence issue --all-models --to "
                      "service --licence ks/admin.licence -o service.licence && vault licence "
                      "issue digits-mlp --to alice --kind call --licence ks/admin.licence "
                      "-o alice.licence")  # fmt: skip

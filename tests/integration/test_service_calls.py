@@ -445,3 +445,29 @@ def test_a_caller_sees_nothing_of_a_model_its_licence_does_not_cover(service: Sv
         ctx.term()
     assert [h.get("error", {}).get("code") for h in got] == ["wrong_model"] * 3, got
     assert not any("calls" in h or "inputs" in h for h in got)
+
+
+def test_only_a_device_enrolled_as_a_service_asks_for_or_spends_a_callers_calls(
+    service: Svc, tmp_path: Path
+) -> None:
+    """A customer's daemon is an enrolled device too. Before, any enrolled
+    device could ask for call decisions: a probe of erin's key (which her
+    bearer tokens name) gave her licence id and holder, and a usage report
+    of a million calls spent her whole quota. Now only a device the vendor
+    enrolled with ``--service`` asks: the daemon's device is refused before
+    anything is read, and erin's quota is untouched. Control: the same probe
+    and report from the service's own device are answered and counted."""
+    erin = service.caller(holder="erin", max_calls=100)
+    runtime = service.keyserver.issue("m", holder="customer")  # the customer's own licence
+    daemon = service.keyserver.enroll(tmp_path / "customer-device", service=False)
+    with KeyServerClient(runtime, device=daemon) as ks:
+        with pytest.raises(vault.PermissionDeniedError, match="not enrolled as a worker service"):
+            ks.call_decisions(model_id=None, keys=[erin.client_public_key], usage=[])
+        with pytest.raises(vault.PermissionDeniedError, match="not enrolled as a worker service"):
+            ks.call_decisions(model_id="m", keys=[erin.client_public_key],
+                              usage=[{"licence_id": erin.licence_id, "used": 1_000_000}])  # fmt: skip
+    assert service.used(erin) == 0 and int(service.row(erin)["reserved_calls"]) == 0
+    out = service.ks.call_decisions(model_id=None, keys=[erin.client_public_key],
+                                    usage=[{"licence_id": erin.licence_id, "used": 7}])  # fmt: skip
+    assert out["decisions"][erin.client_public_key]["licence_id"] == erin.licence_id
+    assert service.used(erin) == 7

@@ -170,7 +170,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             shutil.copy(staged / f"{name}.vault", repo / f"{name}.vault")
         # the service's one licence for three of the repository's models (not 'extra')
         cli("device", "init", str(root / "device"))
-        cli("device", "enroll", str(root / "device"), "--licence", admin)
+        cli("device", "enroll", str(root / "device"), "--licence", admin, "--service")
         cli("licence", "issue", "good-a", "good-b", "broken", "--to", "server",
             "--licence", admin, "-o", str(root / "server.licence"))  # fmt: skip
         cli("licence", "issue", "good-a", "good-b", "extra", "late", "--to", "alice", "--kind",

@@ -5,6 +5,7 @@ Example::
     # as root (or the daemon's service user), once per machine
     $ vault device init /var/lib/vault/device
     $ vault device enroll /var/lib/vault/device --licence admin.licence   # fixes its key server
+    $ vault device enroll /srv/vault/device --licence admin.licence --service   # a worker service's
     $ vault device keyserver /var/lib/vault/device --licence alice.licence  # (enrolled elsewhere)
     $ vault device list --licence admin.licence
     $ vault device revoke dev-3f9c0a1b2c4d5e6f --licence admin.licence
@@ -54,10 +55,13 @@ def _enroll(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.dir}: device id and public key do not belong together")
     with _client(args) as ks:
         created = ks.enroll_device(
-            device_id=pub["device_id"], public_key=pub["public_key"], name=args.name or ""
-        )
+            device_id=pub["device_id"], public_key=pub["public_key"], name=args.name or "",
+            service=args.service,
+        )  # fmt: skip
         address, server_key = ks.licence.keyserver_address, ks.licence.keyserver_public_key
     note = "enrolled" if created else "was already enrolled"
+    if args.service:
+        note += " as a worker service"
     print(f"device {pub['device_id']} {note}")
     if on_device:  # the key server the device will talk to, fixed here (never a caller's)
         record_keyserver(args.dir, address=address, public_key=server_key)
@@ -182,6 +186,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("dir")
     p.add_argument("--name", default=None, help="a label for the device list")
+    p.add_argument("--service", action="store_true",
+                   help="a device of one of your worker services (vault worker serve): the only "
+                   "devices that may ask for callers' call decisions (a customer's daemon must not)")  # fmt: skip
     admin_opts(p)
     p.set_defaults(func=_enroll)
     p = dsub.add_parser(

@@ -124,7 +124,8 @@ def run_web_demo(*, port: int = 0, seconds: float | None = None, lease_ttl: floa
                                signing_key=PublisherKey.load(os.path.join(root, "publisher.key")))  # fmt: skip
                 cuts = result.description["cuts"]
                 dev = init_device(os.path.join(tmp, "device"))
-                ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+                ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key,
+                                 service=True)  # fmt: skip
                 record_keyserver(os.path.join(tmp, "device"), address=admin.keyserver_address,
                                  public_key=admin.keyserver_public_key)  # fmt: skip
                 svc, shop = [], {}

@@ -443,11 +443,18 @@ class KeyServerClient:
         )
         return Licence.from_json(reply.get("licence"), source="key server reply")
 
-    def enroll_device(self, *, device_id: str, public_key: str, name: str = "") -> bool:
-        """(admin) Enroll a device by its CURVE public key; False if it already was."""
+    def enroll_device(
+        self, *, device_id: str, public_key: str, name: str = "", service: bool = False
+    ) -> bool:
+        """(admin) Enroll a device by its CURVE public key; False if it already
+        was. ``service``: the device is one of the vendor's worker services
+        (``vault worker serve``), the only devices that ask for call decisions
+        and report calls served under call licences; an enrolled device is
+        made one by enrolling it again with it."""
         reply, _ = self._request(
-            "enroll_device", device_id=device_id, public_key=public_key, name=name or device_id
-        )
+            "enroll_device", device_id=device_id, public_key=public_key, name=name or device_id,
+            **({"service": True} if service else {}),
+        )  # fmt: skip
         return bool(reply.get("created"))
 
     def revoke_device(self, device_id: str) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def _service_and_caller(
 
     dev = zmq.curve_keypair()[0].decode()
     [r1, r2] = svc.process_batch([
-        req(svc.admin, "enroll_device", device_id=device_id_for(dev), public_key=dev),
+        req(svc.admin, "enroll_device", device_id=device_id_for(dev), public_key=dev, service=True),
         req(svc.admin, "issue", model_id=model_id, holder="c", kind="call", max_calls=max_calls),
     ])  # fmt: skip
     assert r1["ok"] and r2["ok"], (r1, r2)
