@@ -353,7 +353,8 @@ def _wire(
         if not pairs:
             raise SealError(
                 f"{up_name} outputs {sorted(outs)} share no name with {down_name} inputs "
-                f"{sorted(ins)}; pass an explicit mapping (--map OUT=IN)"
+                f"{sorted(ins)}; pass an explicit mapping "
+                f"(--map {up_name if up_name != 'model' else down_name}:OUT=IN)"
             )
     fed = {i for _, i in pairs}
     read = {o for o, _ in pairs}

@@ -95,3 +95,39 @@ def test_vault_demo_runs_and_leaves_nothing_behind() -> None:
         assert "released" in out.stdout and "dev-" in out.stdout  # released to the device
     else:
         assert "falling back to tier 0" in out.stdout, out.stdout
+
+
+def test_vault_run_saves_string_outputs_as_text(keyserver: Any, tmp_path: Path) -> None:
+    """A string output is an object array, which `.npy` refuses without
+    pickle: `vault run` ended in a traceback after a header-only file, and the
+    outputs after it were never written. It is saved as a text array now,
+    and every output after it too."""
+    from onnx import TensorProto, helper
+
+    m = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Cast", ["ids"], ["names"], to=TensorProto.STRING),
+             helper.make_node("Add", ["ids", "ids"], ["twice"])],
+            "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+            [helper.make_tensor_value_info("names", TensorProto.STRING, [2, 3]),
+             helper.make_tensor_value_info("twice", TensorProto.INT64, [2, 3])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    m.ir_version = 8
+    res = seal(m, model_id="strs", signing_key=PublisherKey.load(keyserver.publisher_key_path),
+               output=tmp_path / "s.vault")  # fmt: skip
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    keyserver.issue(res.model_id, same_user=True).save(tmp_path / "alice.licence")  # tier 0
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    np.save(tmp_path / "ids.npy", ids)
+    out = subprocess.run(
+        [sys.executable, "-m", "vault", "run", str(tmp_path / "s.vault"), "--licence",
+         str(tmp_path / "alice.licence"), "--input", f"ids={tmp_path / 'ids.npy'}",
+         "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    names = np.load(tmp_path / "out" / "names.npy", allow_pickle=False)
+    assert names.tolist() == [[str(i) for i in row] for row in ids.tolist()]
+    assert np.array_equal(np.load(tmp_path / "out" / "twice.npy"), ids * 2)

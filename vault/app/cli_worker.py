@@ -192,6 +192,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{name}: {arr.dtype} {list(arr.shape)}  {_summary(arr)}".rstrip())
         if not args.no_save:
             dest = os.path.join(args.output_dir, _file_name(name, used) + ".npy")
+            if arr.dtype == object:  # a string tensor: saved as text (.npy holds no objects)
+                arr = arr.astype(str)
             np.save(dest, arr, allow_pickle=False)
             print(f"  -> {dest}")
     return 0

@@ -168,7 +168,9 @@ def _close(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], scale: float) -> tu
     """Whether two rows agree, and by how much they differ. Floats within a
     tolerance suited to reductions whose order depends on the batch size (a
     GEMM blocks differently for 1 row and for 7): relative 1e-4 and absolute
-    1e-5 of the output's magnitude (float16: 1e-2 and 1e-3); anything else exactly."""
+    1e-5 of the output's magnitude (float16: 1e-2 and 1e-3); anything else exactly.
+    A row of a 1-D output is a scalar (of a string output: a str), made an array."""
+    a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return False, float("inf")
     if a.dtype.kind in "fc":

@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -194,8 +195,21 @@ def read_secret_file(path: str | os.PathLike[str], *, limit: int, what: str) -> 
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600, atomically (temp file, fsync,
-    rename), so a reader never sees a partial key and no other user ever can."""
+    rename), so a reader never sees a partial key and no other user ever can.
+    A path that is not a file (``/dev/stdout``, a pipe, a terminal) is written
+    to as it is: renaming over it replaced root's ``/dev/stdout`` link with a
+    file holding the secret."""
     path = os.fspath(path)
+    try:
+        st = os.stat(path)  # where a link leads: /dev/stdout -> /proc/self/fd/1
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        with open(path, "wb") as out:
+            out.write(data)
+        return
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:

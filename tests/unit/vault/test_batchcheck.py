@@ -110,6 +110,23 @@ def test_inputs_of_every_sampled_dtype_and_symbolic_trailing_dims(tmp_path: Path
     assert s.manifest["batchable"] is True
 
 
+def test_a_one_dimensional_string_output_is_checked_row_by_row(tmp_path: Path) -> None:
+    """A row of a 1-D string output is a str, not an array: the check took
+    its shape and `vault seal --batchable` ended in a traceback (Cast int64
+    -> string over [N]). Control: a string output whose rows depend on each
+    other is still refused, by name."""
+    one = _model([helper.make_node("Cast", ["ids"], ["names"], to=TensorProto.STRING)],
+                 [_vi("ids", TensorProto.INT64, ["N"])], [_vi("names", TensorProto.STRING, ["N"])])  # fmt: skip
+    assert seal_for_test(tmp_path, one, name="one", batchable=True).manifest["batchable"] is True
+    mixed = _model([helper.make_node("ReduceSum", ["ids"], ["s"], keepdims=1),
+                    helper.make_node("Add", ["ids", "s"], ["t"]),
+                    helper.make_node("Cast", ["t"], ["names"], to=TensorProto.STRING)],
+                   [_vi("ids", TensorProto.INT64, ["N"])],
+                   [_vi("names", TensorProto.STRING, ["N"])])  # fmt: skip
+    with pytest.raises(SealError, match=r"output 'names' row \d+ depends on other rows"):
+        seal_for_test(tmp_path, mixed, name="mixed", batchable=True)
+
+
 def test_declarations_that_cannot_hold_or_be_checked_are_refused(tmp_path: Path) -> None:
     f = TensorProto.FLOAT
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 import zmq
@@ -129,3 +130,35 @@ def test_daemon_messages_carry_descriptors_and_refuse_garbage(tmp_path) -> None:
     finally:
         os.close(fd)
         b.close()
+
+
+def test_a_private_file_written_to_a_device_or_pipe_leaves_it_one(tmp_path: Path) -> None:
+    """`-o /dev/stdout` (a link to the process's descriptor) was renamed over:
+    run as root, it replaced the system's /dev/stdout link with a 0600 file
+    holding the token. A path that is not a file is written to as it is; a
+    file is still replaced atomically with mode 0600 (the control)."""
+    import stat as st_
+    import threading
+
+    from vault.core.files import write_private_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout"
+    link.symlink_to(fifo)  # as /dev/stdout -> /proc/self/fd/1
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_private_file(link, b"token")
+    reader.join(10)
+    assert got == [b"token"]
+    assert link.is_symlink() and st_.S_ISFIFO(os.stat(fifo).st_mode)
+    write_private_file("/dev/null", b"x")
+    assert st_.S_ISCHR(os.stat("/dev/null").st_mode)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"old")
+    plain.chmod(0o644)
+    write_private_file(plain, b"new")
+    assert plain.read_bytes() == b"new" and st_.S_IMODE(plain.stat().st_mode) == 0o600
+    with pytest.raises(IsADirectoryError):
+        write_private_file(tmp_path, b"x")

@@ -252,3 +252,26 @@ def test_models_too_big_to_serialise_are_checked_without_their_weights(
     broken.graph.node[0].input[1] = "no_such_tensor"
     with pytest.raises(SealError, match="model: "):
         seal(broken, model_id="m", signing_key=publisher, output=tmp_path / "b.vault")
+
+
+def test_stages_whose_names_do_not_meet_are_told_the_map_syntax_that_works(tmp_path: Path) -> None:
+    """The refusal said `--map OUT=IN`; the CLI takes `--map pre:OUT=IN` (or
+    `post:`). It names the stage now, and that mapping seals."""
+
+    def ident(i: str, o: str) -> onnx.ModelProto:
+        g = helper.make_graph([helper.make_node("Identity", [i], [o])], "g",
+                              [helper.make_tensor_value_info(i, TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1])])  # fmt: skip
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    key = _crypto.PublisherKey.generate()
+    with pytest.raises(SealError, match=r"--map pre:OUT=IN"):
+        seal(ident("x", "y"), pre=ident("raw", "pixels"), model_id="m", signing_key=key,
+             output=tmp_path / "a.vault")  # fmt: skip
+    with pytest.raises(SealError, match=r"--map post:OUT=IN"):
+        seal(ident("x", "y"), post=ident("scores", "label"), model_id="m", signing_key=key,
+             output=tmp_path / "b.vault")  # fmt: skip
+    seal(ident("x", "y"), pre=ident("raw", "pixels"), io_map={"pre": {"pixels": "x"}},
+         model_id="m", signing_key=key, output=tmp_path / "c.vault")  # fmt: skip
