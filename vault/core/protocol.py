@@ -271,7 +271,10 @@ def encode_tensor(name: str, value: Any) -> tuple[dict[str, Any], Any]:
                      for x in arr.reshape(-1).tolist()]  # fmt: skip
         except UnicodeDecodeError:
             raise InputError(f"{name!r}: a bytes element is not UTF-8 text") from None
-        return desc, msgpack.packb(items, use_bin_type=True)
+        try:
+            return desc, msgpack.packb(items, use_bin_type=True)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): no UTF-8 for it
+            raise InputError(f"{name!r}: a string element is not valid Unicode text") from None
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":

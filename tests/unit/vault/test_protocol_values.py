@@ -168,3 +168,6 @@ def test_a_string_tensor_of_bytes_that_are_not_text_is_an_input_error() -> None:
         encode_tensors({"s": np.array([b"ok", b"\xff"], dtype=object)})
     descs, frames = encode_tensors({"s": np.array([b"ab", "c"], dtype=object)})
     assert decode_tensors(descs, frames)["s"].tolist() == ["ab", "c"]
+    # a lone surrogate (valid in a Python str, in JSON's "\ud800") has no UTF-8
+    with pytest.raises(InputError, match="'s': a string element is not valid Unicode"):
+        encode_tensors({"s": np.array(["ok", "\ud800"], dtype=object)})

@@ -133,6 +133,8 @@ def test_malformed_binary_tensors_are_input_errors() -> None:
         T.from_raw("t", "BYTES", [1], b"\x01\0\0\0ab")
     with pytest.raises(InputError):  # not UTF-8
         T.from_raw("t", "BYTES", [1], b"\x01\0\0\0\xff")
+    with pytest.raises(InputError, match="not valid Unicode"):  # JSON's lone surrogate
+        T.from_json("t", "BYTES", [2], ["ok", "\ud800"])
 
 
 def test_plaintext_is_refused_off_loopback_unless_dangerously_allowed() -> None:

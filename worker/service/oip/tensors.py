@@ -132,7 +132,10 @@ def _strings(name: str, items: Sequence[Any]) -> bytes:
             out.append(x)
         else:
             raise InputError(f"{name!r}: BYTES elements are strings")
-    return msgpack.packb(out, use_bin_type=True)  # type: ignore[no-any-return]
+    try:
+        return msgpack.packb(out, use_bin_type=True)  # type: ignore[no-any-return]
+    except UnicodeEncodeError:  # JSON's "\ud800", a lone surrogate: no UTF-8 for it
+        raise InputError(f"{name!r}: a BYTES element is not valid Unicode text") from None
 
 
 def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str, Any], Any]:
