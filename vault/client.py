@@ -708,6 +708,12 @@ class _WatchedChannel(ZmqChannel):
         self, header: Mapping[str, Any], frames: Sequence[Any] = (), *, timeout: float
     ) -> tuple[dict[str, Any], list[Any]]:
         self._lost()  # a drop before this call says nothing about it
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self._max_message:
+            # refused here, as a local worker's channel does: past the service's
+            # message limit it drops the connection unanswered (the call waited out
+            # its timeout)
+            raise ProtocolError(f"request of {size} bytes exceeds the limit of {self._max_message}")
         if self._sealed_keys is not None and header.get("op") == "compute":
             prev: tuple[bytes, int] | None = None
             last_sent = True

@@ -129,3 +129,27 @@ def test_zmq_channel_refusal_closes_its_socket() -> None:
     threading.Thread(target=lambda: (ctx.term(), done.set()), daemon=True).start()
     assert done.wait(5), "a socket was left open: the context cannot terminate"
     assert pack_header({"op": "x"})  # the codec is the same one the channel uses
+
+
+def test_a_remote_request_past_the_message_limit_is_refused_before_it_is_sent() -> None:
+    """Past the service's message limit, the service drops the connection
+    unanswered: a 1.2 GiB input waited out the call's whole timeout. The
+    remote channel refuses it at once, as a local worker's channel does
+    (here with a limit of 1 KiB, against an endpoint nothing listens on)."""
+    import time
+
+    import zmq
+
+    from vault.client import _WatchedChannel
+    from vault.core.errors import ProtocolError
+
+    ctx = zmq.Context()
+    ch = _WatchedChannel(ctx, "tcp://127.0.0.1:9", configure=lambda s: None, max_message=1024)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ProtocolError, match="request of 2048 bytes exceeds the limit of 1024"):
+            ch.request({"op": "compute", "tensors": []}, [bytes(2048)], timeout=30)
+        assert time.monotonic() - t0 < 5
+    finally:
+        ch.close()
+        ctx.term()
