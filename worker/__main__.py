@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--status-fd", type=int, default=1, help="where the ready/error line goes")
     p.add_argument("--lifeline-fd", type=int, help="exit when this inherited pipe reaches EOF")
+    p.add_argument("--exit-when-lease-ends", action="store_true",
+                   help="exit (status 75) once the key lease ends, for a supervisor to start a "
+                   "worker that asks for a new one (the service's workers)")  # fmt: skip
     p.add_argument("--providers", help="comma-separated onnxruntime providers")
     p.add_argument("--device", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=max(2, min(8, os.cpu_count() or 2)))

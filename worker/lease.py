@@ -67,8 +67,12 @@ class LeaseKeeper:
         unsafe_no_lease: bool = False,
         close: Callable[[str, int], Any] | None = None,
         report_ids: bool = False,
+        on_ended: Callable[[VaultError], None] | None = None,
     ) -> None:
         self._lease = lease
+        # after on_end, once, with the error that ended the lease (a service's
+        # worker exits: its supervisor starts one that asks for a new lease)
+        self._on_ended = on_ended
         # with report ids, renew and close are called (lease_id, calls, report_id):
         # a report whose answer was lost is sent again as it was, and counted once
         self._report_ids = report_ids
@@ -199,6 +203,8 @@ class LeaseKeeper:
             self._on_end()
         except Exception:  # pragma: no cover - dropping sessions must not kill serving
             pass
+        if self._on_ended is not None:
+            self._on_ended(err)
 
     def _expired_error(self) -> VaultError:
         if self._last_problem:

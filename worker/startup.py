@@ -300,6 +300,7 @@ class Startup:
             unsafe_no_lease=args.unsafe_test_key_fd is not None,
             close=self._close_lease if self.lease is not None else None,
             report_ids=True,  # a report whose answer was lost is sent again, counted once
+            on_ended=_exit_soon if args.exit_when_lease_ends else None,
         )
         info = {
             "model_id": pkg.model_id,
@@ -387,3 +388,18 @@ class Startup:
             "weights": pipeline.weights(),  # lazy weights: what the build gave back
         }
         return (server, keeper, ctx), ready
+
+
+EXIT_LEASE_ENDED = 75  # the worker's status when --exit-when-lease-ends took it down
+
+
+def _exit_soon(err: Any) -> None:
+    """``--exit-when-lease-ends`` (a service's workers): the key is dropped
+    already; leave a moment for the refusals in flight to go out, then exit,
+    so the supervisor starts a worker that asks for a new lease (a key server
+    back after an outage longer than the lease: the old worker would refuse
+    every call for good)."""
+    import threading
+
+    del err
+    threading.Timer(0.5, os._exit, (EXIT_LEASE_ENDED,)).start()

@@ -471,3 +471,63 @@ def test_only_a_device_enrolled_as_a_service_asks_for_or_spends_a_callers_calls(
                                     usage=[{"licence_id": erin.licence_id, "used": 7}])  # fmt: skip
     assert out["decisions"][erin.client_public_key]["licence_id"] == erin.licence_id
     assert service.used(erin) == 7
+
+
+def test_a_key_server_away_longer_than_a_lease_does_not_end_the_service(
+    keyserver: Any, tmp_path: Path
+) -> None:
+    """The workers' key lease ends when the key server stays away past it,
+    and a worker then drops its key. Before, the service kept those workers:
+    every call was refused ("the lease ended while the key server was
+    unreachable") until the service was restarted, long after the key server
+    was back, while readiness said ready. Now a worker whose lease ended
+    exits, the model reads not ready while none can get a key, and the
+    service serves again on its own once the key server is back."""
+    from worker.service import AllowListPolicy
+
+    pk = PublisherKey.load(keyserver.publisher_key_path)
+    res = seal(mlp(), model_id="m", signing_key=pk, output=tmp_path / "m.vault")
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    device = keyserver.enroll(tmp_path / "device")
+    licence = keyserver.issue("m", holder="service")
+    alice = keyserver.issue("m", holder="alice", kind="call")  # its key on the allow-list
+    spub, ssec = zmq.curve_keypair()
+    log = open(tmp_path / "service.log", "w")  # noqa: SIM115 - closed below
+    cfg = ServiceConfig(
+        bind="tcp://127.0.0.1:0", packages=[str(res.path)], curve=(spub, ssec),
+        policy=AllowListPolicy({"alice": alice.client_public_key}), metrics_port=0,
+        launch=LaunchSpec(licence=licence, device=device),
+    )  # fmt: skip
+    svc = WorkerService(cfg, log=JsonLog(log))
+    endpoint = svc.start()["endpoint"]
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        with vault.connect(endpoint, licence=alice, server_key=spub.decode(), model="m",
+                           timeout=10) as m:  # fmt: skip
+            m.compute({"x": X})
+            keyserver.stop()
+            deadline = time.monotonic() + 60
+            while svc.model_ready("m"):  # the lease (2 s, and its grace) runs out
+                assert time.monotonic() < deadline, "the model stayed ready without a key"
+                time.sleep(0.1)
+            with pytest.raises(vault.VaultError):
+                m.compute({"x": X})
+            keyserver.start()
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    got = m.compute({"x": X})
+                    break
+                except vault.VaultError:
+                    assert time.monotonic() < deadline, "the service never served again"
+                    time.sleep(0.25)
+            assert got["logits"].shape == (1, 5)
+            assert svc.model_ready("m")
+    finally:
+        if keyserver.proc is None or keyserver.proc.poll() is not None:
+            keyserver.start()
+        svc.request_stop()
+        thread.join(30)
+        log.close()
+    assert '"worker_died"' in (tmp_path / "service.log").read_text()

@@ -111,6 +111,7 @@ class Instance:
         self.started = time.monotonic()
         self.sock: zmq.Socket[Any] | None = None  # owned by the service loop
         self.inflight = 0
+        self.lease_ended = False  # it said its key lease ended: being taken down, sent nothing more
         self.pidfd: int | None = None
         try:
             self.pidfd = os.pidfd_open(proc.pid)
@@ -231,6 +232,9 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
         pipes.secret("--unsafe-test-key-fd", bytes(key))
     elif lic is not None:
         pipes.secret("--licence-fd", lic.dumps())
+        # a worker whose lease ended (the key server away past it) exits, and the
+        # crash path starts one that asks for a new lease once the server is back
+        args += ["--exit-when-lease-ends"]
     if spec.device is not None:
         pipes.secret("--device-key-fd", spec.device.dumps())
         args += ["--tier", "2"]

@@ -146,6 +146,12 @@ class EdgeCall:
     vet: bool = False
 
 
+# what a worker answers when its own key lease has ended: it serves nothing more
+# (its callers' call licences are the service's to check, never a worker's)
+_LEASE_ENDED = frozenset({"key_server_unavailable", "licence_expired", "licence_revoked",
+                          "licence_unknown"})  # fmt: skip
+
+
 @dataclass(eq=False)
 class _Call:
     ident: Any
@@ -161,6 +167,7 @@ class _Call:
     key: Any = None
     solo: bool = False
     done: bool = False
+    lease_retried: bool = False  # sent again once after a worker whose lease had ended refused it
 
 
 @dataclass(eq=False)
@@ -215,7 +222,7 @@ class _Model:
 
     @property
     def state(self) -> str:
-        if self.instances:
+        if any(not i.lease_ended for i in self.instances):
             return READY
         return UNAVAILABLE if self.reason is not None else LOADING
 
@@ -997,8 +1004,10 @@ class WorkerService:
     def _pick(self, m: _Model) -> Instance | None:
         best: Instance | None = None
         for inst in m.instances:
-            if inst.inflight < self.cfg.instance_inflight and (
-                best is None or inst.inflight < best.inflight
+            if (
+                not inst.lease_ended
+                and inst.inflight < self.cfg.instance_inflight
+                and (best is None or inst.inflight < best.inflight)
             ):
                 best = inst
         return best
@@ -1086,12 +1095,39 @@ class WorkerService:
             inst.inflight -= 1
             now = time.monotonic()
             m = self._model_of(inst)
+            code = None if hdr.get("ok") else (hdr.get("error") or {}).get("code")
+            if code in _LEASE_ENDED and m is not None:
+                self._lease_ended(inst, m, d, hdr)
+                continue
             if m is not None:
                 per = self.metrics.per_model(m.model_id)
                 per[1].observe(now - d.sent)
                 if hdr.get("ok"):  # rows a worker computed; a refused call computed none
                     per[2].observe(d.rows)
             self._answered(d, hdr, frames[1:], m)
+
+    def _lease_ended(self, inst: Instance, m: _Model, d: _Dispatch, hdr: dict[str, Any]) -> None:
+        """A worker refused a call because its own key lease ended (the key
+        server was away past the lease, or the service's licence ended): it
+        has dropped its key and will never serve again. Before, it stayed,
+        refusing every call until the service was restarted, while readiness
+        said ready. It is taken down, so the crash path restarts it (with its
+        backoff; a worker that cannot get its key leaves the model
+        unavailable, with the reason, and is retried), and the calls it
+        refused, which it never ran, go back to the queue once."""
+        for c in reversed(d.calls):
+            if c.done:
+                continue
+            if c.lease_retried:
+                self._finish(c, {**hdr, "id": c.rid}, [])
+            else:
+                c.lease_retried = True
+                m.queue.appendleft(c)
+        if inst.alive() and not inst.lease_ended:
+            inst.lease_ended = True
+            self.log("worker_lease_ended", level="error", model=m.model_id, index=inst.index,
+                     pid=inst.pid, code=(hdr.get("error") or {}).get("code"))  # fmt: skip
+            inst.kill()
 
     def _answered(self, d: _Dispatch, hdr: dict[str, Any], frames: list[Any],
                   m: _Model | None) -> None:  # fmt: skip
