@@ -781,6 +781,69 @@ def test_a_strangers_large_requests_are_refused_before_they_are_read(plane: Plan
     _serving(plane)
 
 
+def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> None:
+    """A stranger with no token opened 600 connections and sent 17 bytes of
+    a request line on each: uvicorn waited for the rest without a deadline,
+    its connection limit (512) was reached, and every other caller was
+    answered 503 for as long as the stranger kept them. Now one address holds
+    at most 64 connections (the rest are closed as they are made) and a
+    request's head must arrive within 10 s: a caller on another address is
+    served during the attack, and the stranger's connections are closed by
+    the door. (The control, alice's own request before the attack, is 200.)"""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    alice = plane.token("alice", "clf")
+    image = np.zeros((1, 8), np.uint8)
+
+    def served() -> str:
+        head = json.dumps({"inputs": [{"name": "image", "shape": [1, 8], "datatype": "UINT8",
+                                       "data": image.reshape(-1).tolist()}]}).encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", plane.http_port), timeout=60) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as s:  # fmt: skip
+            s.sendall(
+                b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
+                b"Authorization: Bearer " + alice.encode() + b"\r\n"
+                b"Content-Length: " + str(len(head)).encode() + b"\r\n\r\n" + head
+            )
+            return s.recv(64).split(b"\r\n", 1)[0].decode()
+
+    assert served() == "HTTP/1.1 200 OK"
+    held: list[Any] = []
+    try:
+        for _ in range(600):  # from another address: 127.0.0.2
+            raw = socket.socket()
+            raw.settimeout(30)
+            raw.bind(("127.0.0.2", 0))
+            raw.connect(("127.0.0.1", plane.http_port))
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(b"POST /v2/models/")  # and nothing more
+            held.append(s)
+        assert served() == "HTTP/1.1 200 OK"  # before: 503 Service Unavailable
+        open_ = []
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                if s.recv(1) != b"":
+                    open_.append(s)
+            except TimeoutError:
+                open_.append(s)  # still open: one of the address's 64
+            except (ssl.SSLError, OSError):
+                pass
+        assert 0 < len(open_) <= 64, len(open_)
+        deadline = time.monotonic() + 30
+        for s in open_:  # the head's deadline (10 s) closes the rest
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                assert s.recv(1) == b""
+            except (ssl.SSLError, ConnectionResetError):
+                pass
+    finally:
+        for s in held:
+            s.close()
+    _serving(plane)
+
+
 def test_a_request_of_tiny_bytes_elements_is_refused_before_they_are_decoded(plane: Plane) -> None:
     """BYTES elements become Python objects at the door, several times their
     bytes: a licensed caller's 16 MiB body of four million empty elements

@@ -631,3 +631,14 @@ def test_bytes_elements_are_counted_against_the_memory_rule_before_any_is_decode
     T.check_strings([("x", "FP32", [n, 64])], 16)  # numeric: a view, nothing to bound
     with pytest.raises(InputError, match="'s'"):
         T.check_strings([("s", "BYTES", [-1])], 16)
+
+
+def test_connections_are_counted_per_address_and_ipv6_per_64() -> None:
+    from worker.service.oip.httpconn import address_key
+
+    assert address_key("203.0.113.7") == "203.0.113.7"
+    assert address_key("127.0.0.2") != address_key("127.0.0.1")
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"  # IPv4-mapped
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
+    assert address_key("[2001:db8::1%eth0]") == "2001:db8::/64"

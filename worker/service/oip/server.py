@@ -13,8 +13,10 @@ Bounds (what a stranger can make the doors hold): each door holds at most
 ``max_inflight`` inference requests at once (vetting, reading, computing; a
 typed 503 / ``UNAVAILABLE`` past it), reads a request's body or message only
 once its token is vetted and within ``body_timeout``; uvicorn takes at most
-``max_connections`` connections and tasks (its own 503 past it) and closes
-idle keep-alive connections after 5 s; the gRPC server runs at most
+``max_connections`` connections and tasks (its own 503 past it), at most
+``max_connections_per_address`` of one peer address, closes a connection
+whose request head has not arrived within ``head_timeout`` (``httpconn.py``)
+and idle keep-alive connections after 5 s; the gRPC server runs at most
 ``max_connections`` RPCs at once (``RESOURCE_EXHAUSTED`` past it).
 
 Example::
@@ -55,6 +57,8 @@ class OipConfig:
     max_inflight: int = 64  # inference requests each door holds at once
     max_connections: int = 512  # uvicorn's connections and tasks; gRPC's RPCs at once
     body_timeout: float = 30.0  # seconds for a vetted request's body (or message) to arrive
+    head_timeout: float = 10.0  # seconds for each REST request's head (httpconn.py)
+    max_connections_per_address: int = 64  # REST connections one peer address holds at once
 
 
 def is_loopback(host: str) -> bool:
@@ -126,6 +130,7 @@ class OipServer:
     def _start_http(self) -> None:
         import uvicorn
 
+        from .httpconn import bounded_protocol
         from .rest import RestApp
 
         host = self.cfg.host.strip("[]")
@@ -150,7 +155,8 @@ class OipServer:
             app = with_cors(app, self.cfg.cors_origins)
         config = uvicorn.Config(
             app, lifespan="off",
-            log_level="warning", access_log=False, http="httptools", ws="none",
+            log_level="warning", access_log=False, ws="none",
+            http=bounded_protocol(self.cfg.head_timeout, self.cfg.max_connections_per_address),
             ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
             timeout_graceful_shutdown=5, server_header=False, date_header=False,
             limit_concurrency=self.cfg.max_connections, timeout_keep_alive=5,
