@@ -48,11 +48,11 @@ def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
     """An ``HttpToolsProtocol`` subclass for one server (its own counts)."""
     counts: Counter[str] = Counter()  # the server's one event loop: no lock
 
-    class Bounded(HttpToolsProtocol):  # type: ignore[misc]
+    class Bounded(HttpToolsProtocol):
         _vault_timer: Any = None
         _vault_peer: str | None = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             peer = transport.get_extra_info("peername")
             key = address_key(str(peer[0])) if peer else ""
