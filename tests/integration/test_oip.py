@@ -844,6 +844,58 @@ def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> N
     _serving(plane)
 
 
+def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
+    """A door holds 64 requests at once. Before, alice's 64 requests that
+    declared a body and never sent it held all of them, for the 30 s body
+    timeout, again and again: bob was answered 503. A licence now holds at
+    most a quarter (16) once its token is vetted: alice's 17th to 64th are
+    refused at once (503, `unavailable`, naming her licence's share) and bob
+    is served."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+
+    def start(token: str, length: int) -> Any:
+        raw = socket.create_connection(("127.0.0.1", plane.http_port), timeout=60)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(
+            b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n"
+            b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+        )
+        return s
+
+    def status(s: Any, timeout: float) -> str | None:
+        s.settimeout(timeout)
+        try:
+            return s.recv(256).split(b"\r\n", 1)[0].decode()
+        except TimeoutError:
+            return None  # still held, waiting for its body
+
+    alice = plane.token("alice", "clf")
+    held = [start(alice, 100_000) for _ in range(16)]
+    try:
+        assert [status(s, 0.3) for s in held[-2:]] == [None, None]  # held: no body yet
+        for _ in range(48):  # the rest of the door's 64: each refused at once
+            with start(alice, 100_000) as extra:
+                extra.settimeout(30)
+                answer = b""
+                while chunk := extra.recv(4096):  # the refusal closes the connection
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+            assert b"this licence holds 16 requests at this door" in answer
+        body = json.dumps({"inputs": [{"name": "image", "shape": [1, 8], "datatype": "UINT8",
+                                       "data": [0] * 8}]}).encode()  # fmt: skip
+        bob = start(plane.token("bob", "clf"), len(body))
+        held.append(bob)
+        bob.sendall(body)
+        assert status(bob, 60) == "HTTP/1.1 200 OK"
+    finally:
+        for s in held:
+            s.close()
+    _serving(plane)
+
+
 def test_a_request_of_tiny_bytes_elements_is_refused_before_they_are_decoded(plane: Plane) -> None:
     """BYTES elements become Python objects at the door, several times their
     bytes: a licensed caller's 16 MiB body of four million empty elements

@@ -192,6 +192,13 @@ class RestApp:
         token = bearer(auth)  # before the body is read: no token, no work
         limit = self._limit(scope, header_len)
         await self.plane.vet(model, version, token)  # genuine and in force, or refused
+        with self.gate.licence(token.licence_id):  # its share of the door, no more
+            await self._infer_vetted(receive, send, model, version, state, token, header_len,
+                                     limit)  # fmt: skip
+
+    async def _infer_vetted(self, receive: Any, send: Any, model: str, version: str | None,
+                            state: dict[str, bool], token: Any, header_len: int | None,
+                            limit: int) -> None:  # fmt: skip
         body = await self._body(receive, limit)
         state["body_unread"] = False
         if header_len is not None and not 0 <= header_len <= len(body):
