@@ -23,11 +23,14 @@ from collections import deque
 from typing import Any
 
 from vault.core.errors import ComputeError, ProtocolError, VaultError
+from vault.core.localwire import MAX_FRAMES
 from vault.core.protocol import (
+    MAX_HEADER,
     SharedRegion,
     decode_tensors,
     encode_tensors,
     error_reply,
+    is_tensor_type,
     ok_reply,
     pack_header,
     unpack_header,
@@ -139,11 +142,33 @@ class Service:
         self.lease.record_call()
         descs, out_frames = encode_tensors(result, region, types=self.pipeline.output_types)
         reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]
+        if (
+            len(out_frames) >= MAX_FRAMES
+            or len(reply[0]) > MAX_HEADER
+            or (self._nested_outputs() and _unreadable(reply[0]))
+        ):
+            # a sequence or map output of very many items (skl2onnx's ZipMap over
+            # 20,000 rows: a descriptor and two frames a row) is past what a
+            # receiver takes: said now, not left for the caller to time out on
+            raise ComputeError(
+                f"the answer does not fit the protocol: {len(out_frames)} frames and a "
+                f"{len(reply[0])}-byte header (at most {MAX_FRAMES - 1} and {MAX_HEADER}); "
+                "a sequence or map output this long cannot be returned: send fewer rows a call"
+            )
         dt = time.perf_counter() - t0
         with self._lock:
             self._calls += 1
             self._latencies.append(dt)
         return reply
+
+    def _nested_outputs(self) -> bool:
+        """Whether an output is a sequence, map or optional (whose items each
+        take a descriptor, so whose header can pass a receiver's limits)."""
+        nested = getattr(self, "_nested", None)
+        if nested is None:
+            types = getattr(self.pipeline, "output_types", {}) or {}
+            nested = self._nested = any(not is_tensor_type(t) for t in types.values())
+        return bool(nested)
 
     def _tier(self) -> int:
         if self.remote:
@@ -191,3 +216,13 @@ class Service:
             "uptime_s": time.time() - self._started,
             "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)},
         }
+
+
+def _unreadable(header: bytes) -> bool:
+    """Whether a receiver's header decoder refuses this header (its limits on
+    arrays and maps: only a header of sequences or maps can reach them)."""
+    try:
+        unpack_header(header)
+    except VaultError:
+        return True
+    return False

@@ -462,3 +462,49 @@ def test_drain_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) -> 
     events = [json.loads(x)["event"] for x in run.log_path.read_text().splitlines()]
     assert events.index("drain_started") < events.index("drain_finished")
     assert json.loads(run.log_path.read_text().splitlines()[-2])["unfinished"] == 0
+
+
+def test_a_sequence_output_too_long_for_the_protocol_is_a_prompt_typed_error(
+    tmp_path: Path,
+) -> None:
+    """skl2onnx's ZipMap over 20,000 rows: a descriptor and two frames a row,
+    a 3 MB header, past what a receiver takes (1 MiB). Before, the service
+    could not read its worker's answer: the caller waited out its timeout
+    (60 s), and the worker was killed as stuck. The worker now says so at
+    once (ComputeError naming the limits), locally and through the service,
+    and serves the next call; 2,000 rows pass, equal to onnxruntime."""
+    from onnx import TensorProto, helper
+
+    zipmap = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("ZipMap", ["probs"], ["scores"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1, 2])],
+            "z", [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+            [helper.make_value_info("scores", helper.make_sequence_type_proto(
+                helper.make_map_type_proto(TensorProto.INT64,
+                                           helper.make_tensor_type_proto(TensorProto.FLOAT, []))))],
+        ),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)],
+    )  # fmt: skip
+    zipmap.ir_version = 8
+    run = start_service(tmp_path, {"z": zipmap})
+    rng = np.random.default_rng(0)
+    try:
+        with run.connect("z", timeout=60.0) as m:
+            t0 = time.monotonic()
+            with pytest.raises(vault.ComputeError, match="does not fit the protocol"):
+                m.compute({"probs": rng.random((20_000, 3), dtype=np.float32)})
+            assert time.monotonic() - t0 < 30  # an answer, not a timeout
+            probs = rng.random((2_000, 3), dtype=np.float32)
+            got = m.compute({"probs": probs})["scores"]
+            want = reference_pipeline([zipmap], {"probs": probs})["scores"]
+            assert got == want
+        from tests.sealed import open_sealed
+
+        with open_sealed(run.sealed["z"]) as local:
+            with pytest.raises(vault.ComputeError, match="does not fit the protocol"):
+                local.compute({"probs": rng.random((20_000, 3), dtype=np.float32)})
+            assert local.compute({"probs": probs})["scores"] == want
+    finally:
+        run.stop()
+    assert '"worker_stuck"' not in run.log_path.read_text()
