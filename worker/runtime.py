@@ -266,6 +266,17 @@ def _from_ortvalue(v: Any) -> Any:
     return raw.view(dtype_from_name(name)).reshape(shape)
 
 
+def _as_ortvalue(v: Any) -> Any:
+    return v if isinstance(v, ort.OrtValue) else _to_ortvalue(v)
+
+
+def _special_between(stages: list[tuple[Any, list[str], list[str]]]) -> bool:
+    """Whether a stage of this chain takes or gives a tensor onnxruntime's
+    numpy bridge cannot carry (bfloat16, float8, int4)."""
+    types = [a.type for sess, _, _ in stages for a in (*sess.get_inputs(), *sess.get_outputs())]
+    return any(t.startswith("tensor(") and t[7:-1] in _ORT_SPECIAL for t in types)
+
+
 def _run_ortvalues(sess: Any, feeds: Mapping[str, Any], want: list[str]) -> dict[str, Any]:
     vals = sess.run_with_ort_values(
         want, {k: _to_ortvalue(v) for k, v in feeds.items()}, _RUN_OPTIONS
@@ -371,6 +382,7 @@ class Pipeline:
         self._ortvalues = any(
             str(s["dtype"]) in ORTVALUE_DTYPES for s in (*self.inputs, *self.outputs)
         )
+        self._special_chain: bool | None = None  # such a tensor between stages (_run_chain)
 
     @property
     def closed(self) -> bool:
@@ -527,6 +539,20 @@ class Pipeline:
         want: list[str],
     ) -> dict[str, np.ndarray[Any, Any]]:
         values: dict[str, Any] = dict(feeds)
+        special = self._special_chain
+        if special is None:  # once: the stages' signatures do not change
+            special = self._special_chain = _special_between(stages)
+        if self._device == "cpu" and special:
+            # a bfloat16, float8 or int4 tensor between two stages: onnxruntime's
+            # numpy bridge has none of them (each run failed, RuntimeError), so
+            # the stages hand each other OrtValues
+            for sess, ins, outs in stages:
+                res = sess.run_with_ort_values(
+                    outs, {n: _as_ortvalue(values[n]) for n in ins}, _RUN_OPTIONS
+                )
+                values.update(zip(outs, res))
+            return {n: _from_ortvalue(values[n]) if isinstance(values[n], ort.OrtValue)
+                    else values[n] for n in want}  # fmt: skip
         if self._device == "cpu":
             # On CPU every value already lives in host memory: plain run() is
             # the cheapest way to hand one stage's outputs to the next.

@@ -523,3 +523,35 @@ def test_where_a_tensor_arrives_in_memory_does_not_change_the_answer(
                 got = model.compute({"x": arr})
                 assert got["s"].tobytes() == want[0].tobytes(), (channel, arr.shape)
                 assert got["m"].tobytes() == want[1].tobytes(), (channel, arr.shape)
+
+
+def test_stages_kept_apart_hand_each_other_bfloat16(tmp_path: Path) -> None:
+    """Stages of different opsets are not composed: the worker runs them in
+    turn. A bfloat16 tensor between them failed every call (ComputeError:
+    onnxruntime's numpy bridge has no bfloat16); plain onnxruntime running
+    the same stages with OrtValues answers. They hand each other OrtValues
+    now, and the answer is plain onnxruntime's, bit for bit."""
+    v = helper.make_tensor_value_info
+
+    def stage(node: Any, i: Any, o: Any, opset: int) -> onnx.ModelProto:
+        m = helper.make_model(helper.make_graph([node], "g", [i], [o]),
+                              opset_imports=[helper.make_opsetid("", opset)])  # fmt: skip
+        m.ir_version = 9
+        return m
+
+    pre = stage(helper.make_node("Cast", ["x"], ["h"], to=TensorProto.BFLOAT16),
+                v("x", TensorProto.FLOAT, ["N"]), v("h", TensorProto.BFLOAT16, ["N"]), 17)  # fmt: skip
+    mod = stage(helper.make_node("Identity", ["h"], ["k"]),
+                v("h", TensorProto.BFLOAT16, ["N"]), v("k", TensorProto.BFLOAT16, ["N"]), 21)  # fmt: skip
+    post = stage(helper.make_node("Cast", ["k"], ["out"], to=TensorProto.FLOAT),
+                 v("k", TensorProto.BFLOAT16, ["N"]), v("out", TensorProto.FLOAT, ["N"]), 17)  # fmt: skip
+    x = np.array([1.5, -3.25, 100.1, 3e38], np.float32)
+    vals = {"x": ort.OrtValue.ortvalue_from_numpy(x)}
+    for m, (i, o) in zip((pre, mod, post), (("x", "h"), ("h", "k"), ("k", "out"))):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        vals[o] = sess.run_with_ort_values([o], {i: vals[i]})[0]
+    want = vals["out"].numpy()
+    s = seal_for_test(tmp_path, mod, name="chain", pre=pre, post=post)
+    with open_sealed(s) as model:
+        got = model.compute({"x": x})["out"]
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
