@@ -86,6 +86,7 @@ ALIGN = 64  # every frame starts on such a boundary (a cache line; what numpy an
 _ZEROS = bytes(ALIGN)
 _EOF_GRACE_S = 1.0  # how long a closed connection waits to see whether the worker died
 TOKEN_BYTES = 32  # what a connection sends first: the caller's secret for this worker
+MAX_ANSWER = 1 << 40  # what a caller reads of its own worker's answer
 
 
 def listen_socket(directory: str, name: str = "c.sock") -> tuple[socket.socket, str]:
@@ -437,7 +438,11 @@ class LocalChannel(Channel):
                 s.close()
                 raise ConfigError("the channel is closed")
             self._conns.add(s)
-        got = _Conn(s, RecordReader(s, max_message=self._max_message, owned=True))
+        # answers are not bounded by the request limit: an output onnxruntime
+        # made (an Expand to 1.2 GiB) was refused after it was computed, where
+        # the same Model over the service returned it; the reader still holds
+        # only what arrives, never what a head claims
+        got = _Conn(s, RecordReader(s, max_message=MAX_ANSWER, owned=True))
         # a thread's connection ends with the thread (its thread-local goes):
         # callers that make a thread per call must not pile up connections
         weakref.finalize(got, self._forget, s)

@@ -248,3 +248,39 @@ def test_records_in_flight_claim_at_most_the_budget() -> None:
         t.join(30)
     for a, _ in pairs:
         a.close()
+
+
+def test_a_callers_channel_reads_answers_past_its_request_limit(tmp_path: Any) -> None:
+    """The request limit bounds what a caller sends its worker, not what the
+    worker answers: an output onnxruntime made (an Expand to 1.2 GiB) was
+    refused after it was computed, where the service returned it. Here with
+    a request limit of 1 MiB: a 3 MiB answer is read whole, a 2 MiB request
+    is still refused before it is sent."""
+    from vault.core.protocol import pack_header, unpack_header
+
+    listener, path = localwire.listen_socket(str(tmp_path))
+    token = os.urandom(localwire.TOKEN_BYTES)
+    big = os.urandom(3 << 20)
+
+    def worker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            got = b""
+            while len(got) < len(token):
+                got += conn.recv(len(token) - len(got))
+            req = localwire.RecordReader(conn, max_message=1 << 20, owned=True).read()
+            rid = unpack_header(req[0])["id"]
+            localwire.send_record(conn, [pack_header({"v": 1, "id": rid, "ok": True}), big])
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    ch = localwire.LocalChannel(path, token=token, max_message=1 << 20)
+    try:
+        _, frames = ch.request({"op": "compute"}, [b"x"], timeout=30)
+        assert bytes(frames[0]) == big
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            ch.request({"op": "compute"}, [bytes(2 << 20)], timeout=30)
+    finally:
+        ch.close()
+        listener.close()
+        t.join(10)

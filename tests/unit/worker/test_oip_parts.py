@@ -642,3 +642,17 @@ def test_connections_are_counted_per_address_and_ipv6_per_64() -> None:
     assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
     assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
     assert address_key("[2001:db8::1%eth0]") == "2001:db8::/64"
+
+
+def test_an_empty_outputs_list_asks_for_every_output_as_grpc_does() -> None:
+    """REST `"outputs": []` answered with no outputs at all, gRPC's empty
+    list with every one; both mean "none named: all" now."""
+    from worker.service.oip.rest import _outputs
+
+    for req in ({}, {"outputs": []}):
+        names, binary = _outputs(req)
+        assert names is None and binary("y") is False
+    names, binary = _outputs({"outputs": [], "parameters": {"binary_data_output": True}})
+    assert names is None and binary("y") is True
+    names, _ = _outputs({"outputs": [{"name": "y"}]})
+    assert names == ["y"]

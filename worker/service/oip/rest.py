@@ -292,7 +292,7 @@ def _outputs(req: dict[str, Any]) -> tuple[list[str] | None, Any]:
     params = _dict(req.get("parameters"))
     all_binary = params.get("binary_data_output") is True
     items = req.get("outputs")
-    if items is None:
+    if items is None or items == []:  # none named: all of them (as gRPC's empty list)
         return None, lambda name: all_binary
     if not isinstance(items, list):
         raise InputError("outputs is a list")
