@@ -95,6 +95,26 @@ def _load_pipeline(
     return merged, [n for n, _ in stages]
 
 
+def _align_profile(
+    nodes: Mapping[str, float], g: CutGraph, stages: list[str], log: Callable[[str], None]
+) -> dict[str, float]:
+    """A client profile keyed as the graph being cut: one made of the model
+    alone (``vault profile model.onnx``) names its nodes without the stage
+    prefix the composed pipeline gives them (``mm1``, not ``model/mm1``);
+    before, every such node cost the client nothing and no warning said so."""
+    keys = [node_key(n, i) for i, n in enumerate(g.nodes)]
+    out = {k: float(nodes[k]) for k in keys if k in nodes}
+    if len(stages) > 1:
+        for k in keys:
+            stage, sep, rest = k.partition("/")
+            if k not in out and sep and stage == "model" and rest in nodes:
+                out[k] = float(nodes[rest])
+    if nodes and not out:
+        log("warning: the client profile names none of this graph's nodes (profile the same "
+            "model you split); the client's costs are taken as zero")  # fmt: skip
+    return out
+
+
 def _resolver(g: CutGraph, stages: list[str]) -> Callable[[str], str]:
     def resolve(name: str) -> str:
         if g.known_tensor(name) or len(stages) == 1:
@@ -401,6 +421,8 @@ def split(
     client_nodes = (client_costs or {}).get("nodes", server_nodes)
     if link is not None and client_costs is None:
         log("no client profile: assuming the caller's device is as fast as this one")
+    elif client_costs is not None:
+        client_nodes = _align_profile(client_nodes, g, stages, log)
 
     table = None
     if link is not None:

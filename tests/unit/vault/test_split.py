@@ -606,3 +606,28 @@ def test_the_all_server_cut_can_be_shipped_beside_the_others(tmp_path: Path) -> 
                   str(tmp_path / "publisher.pub"), {})  # fmt: skip
     with open_sealed(tail) as t:
         np.testing.assert_allclose(t.compute(X)["logits"], _run(mlp(), X)["logits"], rtol=1e-6)
+
+
+def test_a_client_profile_of_the_model_alone_counts_in_the_composed_pipeline() -> None:
+    """`vault profile model.onnx` names the model's nodes as in model.onnx;
+    split with --pre/--post composes the stages and names them `model/...`,
+    so every node cost the client nothing and nothing said so (every cut's
+    head 0.00 ms). The profile is aligned to the composed graph now, and a
+    profile that names none of its nodes is warned about."""
+    from vault.hybrid.cut import node_key
+    from vault.hybrid.publish import _align_profile
+
+    pre, model, post = classifier_pipeline()
+    merged, stages = _load_pipeline(model, pre, post, None)
+    g = CutGraph(merged)
+    alone = {n.name: 2.5 for n in model.graph.node}
+    logs: list[str] = []
+    got = _align_profile(alone, g, stages, logs.append)
+    keys = [node_key(n, i) for i, n in enumerate(g.nodes)]
+    assert {k: v for k, v in got.items()} == {f"model/{n}": 2.5 for n in alone}
+    assert all(k in keys for k in got) and logs == []
+    assert _align_profile({"elsewhere": 1.0}, g, stages, logs.append) == {}
+    assert logs and "names none of this graph's nodes" in logs[0]
+    # a profile of the composed graph itself is taken as it is
+    whole = {k: 1.0 for k in keys}
+    assert _align_profile(whole, g, stages, logs.append) == whole
