@@ -1037,6 +1037,7 @@ class Daemon:
             _decrement(self._starting, slot.uid)
             slot.stage = "live"
         self.log("worker_started", worker=worker.wid, pid=worker.proc.pid, uid=conn.uid,
+                 worker_uid=self.config.worker_uid if os.geteuid() == 0 else os.geteuid(),
                  caller_pid=conn.pid, model=ready.get("model_id"), licence=lic.licence_id,
                  standby=bool(ready.get("standby")))  # fmt: skip
         return {
