@@ -288,6 +288,59 @@ def test_tritonclient_http_pipeline_equals_onnxruntime(plane: Plane, binary: boo
     client.close()
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_http_compressed_requests(plane: Plane, algorithm: str) -> None:
+    """tritonclient's request_compression_algorithm (Content-Encoding: gzip
+    or deflate) was a 400 ("the request is not JSON"): the door never read
+    the header. A compressed body is decompressed now, to at most the limit
+    its plain size would have had: 100 MiB of zeros in 100 KiB of gzip is
+    refused without the door's memory growing by it; another encoding is
+    415."""
+    import gzip
+
+    client, headers = plane.http(plane.token("alice", "clf"))
+    for binary in (True, False):
+        inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+        inp.set_data_from_numpy(IMAGE, binary_data=binary)
+        res = client.infer("clf", [inp], headers=dict(headers),
+                           request_compression_algorithm=algorithm)  # fmt: skip
+        ref = plane.clf_reference(IMAGE)
+        np.testing.assert_array_equal(res.as_numpy("top_indices"), ref["top_indices"])
+        np.testing.assert_allclose(res.as_numpy("probs"), ref["probs"], rtol=1e-5)
+    client.close()
+    alice = plane.token("alice", "clf")
+    bomb = gzip.compress(b"[" + b" " * (100 << 20) + b"]", 9)
+    pid = plane.proc.pid
+    before = _reset_peak(pid)
+    status, code, _ = _post_raw(plane, alice, bomb, {"Content-Encoding": "gzip"})
+    assert status == 400 and code == "protocol", (status, code)
+    assert _vm(pid, "VmHWM") - before < 96 << 20
+    status, _, _ = _post_raw(plane, alice, b"{}", {"Content-Encoding": "br"})
+    assert status == 415
+    _serving(plane)
+
+
+def _post_raw(plane: Plane, token: str, body: bytes,
+              extra: dict[str, str]) -> tuple[int, str | None, bytes]:  # fmt: skip
+    import http.client
+
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", plane.http_port, context=ctx, timeout=120)
+    try:
+        conn.request("POST", "/v2/models/clf/infer", body=body,
+                     headers={"Authorization": f"Bearer {token}",
+                              "Content-Type": "application/json", **extra})  # fmt: skip
+        r = conn.getresponse()
+        data = r.read()
+    finally:
+        conn.close()
+    try:
+        code = json.loads(data).get("code")
+    except ValueError:
+        code = None
+    return r.status, code, data
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_http_every_datatype(plane: Plane, binary: bool) -> None:
     client, headers = plane.http(plane.token("alice-types", "types"))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vault.core.errors import ConfigError, InputError
+from vault.core.errors import ConfigError, InputError, ProtocolError
 from vault.core.protocol import decode_tensor
 from worker.service.oip import OipConfig, OipServer, is_loopback
 from worker.service.oip import inference_pb2 as ours
@@ -656,3 +656,22 @@ def test_an_empty_outputs_list_asks_for_every_output_as_grpc_does() -> None:
     assert names is None and binary("y") is True
     names, _ = _outputs({"outputs": [{"name": "y"}]})
     assert names == ["y"]
+
+
+def test_a_compressed_body_is_inflated_within_its_limit() -> None:
+    import gzip
+    import zlib
+
+    from worker.service.oip.rest import _inflate
+
+    body = b'{"inputs": []}' * 100
+    assert _inflate(gzip.compress(body), b"gzip", 1 << 20) == body
+    assert _inflate(zlib.compress(body), b"deflate", 1 << 20) == body  # zlib's format
+    raw = zlib.compressobj(wbits=-15)
+    assert _inflate(raw.compress(body) + raw.flush(), b"deflate", 1 << 20) == body
+    with pytest.raises(ProtocolError, match="once decompressed"):
+        _inflate(gzip.compress(bytes(10 << 20)), b"gzip", 1 << 20)
+    with pytest.raises(InputError, match="ends before"):
+        _inflate(gzip.compress(body)[:-12], b"gzip", 1 << 20)
+    with pytest.raises(InputError, match="not valid gzip"):
+        _inflate(b"not gzip at all", b"gzip", 1 << 20)

@@ -66,6 +66,45 @@ _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/
 _JSON = [(b"content-type", b"application/json")]
 
 
+# Content-Encoding of a request body (tritonclient's request_compression_algorithm):
+# zlib's window bits, None for none
+_ENCODINGS: dict[bytes, int | None] = {b"": None, b"identity": None, b"gzip": 16 + 15,
+                                       b"deflate": 15}  # fmt: skip
+
+
+def _inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """A compressed body, decompressed to at most ``limit`` bytes (the limit
+    its uncompressed size would have had), a megabyte at a time: a few
+    kilobytes of a compression bomb never become more than a request may be.
+    ``deflate``: zlib's format, or a raw deflate stream."""
+    import zlib
+
+    bits = _ENCODINGS[encoding]
+    assert bits is not None
+    name = encoding.decode()
+    for wbits in (bits, -15) if encoding == b"deflate" else (bits,):
+        d = zlib.decompressobj(wbits)
+        chunks: list[bytes] = []
+        total, data = 0, body
+        try:
+            while True:
+                part = d.decompress(data, 1 << 20)
+                total += len(part)
+                if total > limit:
+                    raise ProtocolError(
+                        f"a request exceeds the limit of {limit} bytes once decompressed"
+                    )
+                chunks.append(part)
+                data = d.unconsumed_tail
+                if d.eof:
+                    return b"".join(chunks)
+                if not data and not part:
+                    raise InputError(f"the {name} body ends before its compressed data")
+        except zlib.error:
+            continue  # deflate: perhaps the raw stream
+    raise InputError(f"the body is not valid {name} data")
+
+
 class _HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -181,9 +220,12 @@ class RestApp:
                      version: str | None, state: dict[str, bool]) -> None:  # fmt: skip
         auth: str | None = None
         header_len: int | None = None
+        encoding = b""
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth = v.decode("latin-1")
+            elif k == b"content-encoding":
+                encoding = v.strip().lower()
             elif k == b"inference-header-content-length":
                 try:
                     header_len = int(v)
@@ -192,15 +234,20 @@ class RestApp:
         token = bearer(auth)  # before the body is read: no token, no work
         limit = self._limit(scope, header_len)
         await self.plane.vet(model, version, token)  # genuine and in force, or refused
+        if encoding not in _ENCODINGS:
+            raise _HttpError(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not "
+                                  "supported: gzip, deflate or none")  # fmt: skip
         with self.gate.licence(token.licence_id):  # its share of the door, no more
             await self._infer_vetted(receive, send, model, version, state, token, header_len,
-                                     limit)  # fmt: skip
+                                     limit, encoding)  # fmt: skip
 
     async def _infer_vetted(self, receive: Any, send: Any, model: str, version: str | None,
                             state: dict[str, bool], token: Any, header_len: int | None,
-                            limit: int) -> None:  # fmt: skip
+                            limit: int, encoding: bytes = b"") -> None:  # fmt: skip
         body = await self._body(receive, limit)
         state["body_unread"] = False
+        if _ENCODINGS.get(encoding) is not None:
+            body = _inflate(body, encoding, limit)
         if header_len is not None and not 0 <= header_len <= len(body):
             raise InputError("Inference-Header-Content-Length is past the end of the body")
         head = body if header_len is None else body[:header_len]
