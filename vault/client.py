@@ -1218,7 +1218,7 @@ class Model:
                 reusable = False  # the worker may still write into this slot: never reuse it
                 raise
             # outputs in the slot are copied out: the next call reuses it
-            return decode_tensors(hdr.get("tensors"), out_frames, region, copy=True)
+            return decode_tensors(hdr.get("tensors"), out_frames, region, copy=True, bound=False)
         finally:
             if arena is not None and slot is not None and reusable:
                 arena.release(slot)

@@ -555,3 +555,24 @@ def test_stages_kept_apart_hand_each_other_bfloat16(tmp_path: Path) -> None:
     with open_sealed(s) as model:
         got = model.compute({"x": x})["out"]
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+def test_an_answer_of_a_million_short_strings_is_delivered(tmp_path: Path) -> None:
+    """Cast of a million int64 zeros to strings: plain onnxruntime answers;
+    the caller refused its own worker's answer by the rule that bounds what a
+    worker decodes of a request (96 bytes charged a string, 8x the bytes
+    received or 64 MiB), after the call had run and been counted. The rule
+    bounds requests; an answer is what the caller asked for."""
+    m = helper.make_model(
+        helper.make_graph([helper.make_node("Cast", ["i"], ["s"], to=TensorProto.STRING)], "g",
+                          [helper.make_tensor_value_info("i", TensorProto.INT64, ["N"])],
+                          [helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    m.ir_version = 8
+    feeds = {"i": np.zeros(1_000_000, np.int64)}
+    s = seal_for_test(tmp_path, m, name="strs")
+    with open_sealed(s) as model:
+        got = model.compute(feeds)["s"]
+    want = _plain(m, feeds)["s"]
+    assert got.shape == want.shape and got.tolist() == want.tolist()

@@ -641,6 +641,7 @@ def decode_tensors(
     *,
     copy: bool = False,
     expect: Mapping[str, str] | None = None,
+    bound: bool = True,
 ) -> dict[str, Any]:
     """Rebuild the values of a message (tensors, and sequences, maps and
     optionals of them). ``"shm"`` descriptors are read from ``region`` (as
@@ -650,7 +651,10 @@ def decode_tensors(
     Everything is checked from the header before any frame is decoded: names
     against ``expect`` (name -> declared value type; an unknown name or another
     type is an InputError), shapes against frame counts, and the memory that
-    decoding would cost (strings!) against the bytes that came in."""
+    decoding would cost (strings!) against the bytes that came in; a caller
+    reading its worker's answer passes ``bound=False``: what onnxruntime made
+    is what the caller asked for (a million one-letter strings were refused
+    after the call had run and been counted)."""
     if not isinstance(descs, list):
         raise ProtocolError("tensors must be a list")
     seen: set[str] = set()
@@ -686,7 +690,7 @@ def decode_tensors(
         need, strings = need + f, strings + n
     if need != len(frames):
         raise ProtocolError(f"header names {need} framed tensors but {len(frames)} frames came")
-    if not numeric_only:
+    if not numeric_only and bound:
         wire += sum(_frame_len(f) for f in frames)
         cost = wire + strings * STRING_ELEMENT_COST
         if cost > max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
