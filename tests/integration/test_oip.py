@@ -1262,3 +1262,34 @@ def test_the_documented_examples_run_as_written(plane: Plane) -> None:
     assert out.returncode == 0, out.stderr.decode()
     ref = plane.clf_reference(np.arange(16, dtype=np.uint8).reshape(2, 8))
     assert str(ref["top_indices"]) in out.stdout.decode()
+
+
+def test_extensions_not_served_and_stray_contents_are_refused_not_ignored(plane: Plane) -> None:
+    """tritonclient's classification extension (class_count) and a second,
+    mismatched gRPC contents field were silently ignored: an answer without
+    the classes asked for, a tensor taken from one field when another was
+    sent too. Both are typed refusals now; the plain requests still serve."""
+    from tritonclient.utils import InferenceServerException
+
+    client, headers = plane.http(plane.token("alice", "clf"))
+    inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE, binary_data=True)
+    with pytest.raises(InferenceServerException, match="classification"):
+        client.infer("clf", [inp], outputs=[tritonhttp.InferRequestedOutput("probs", class_count=3)],
+                     headers=headers)  # fmt: skip
+    res = client.infer("clf", [inp], outputs=[tritonhttp.InferRequestedOutput("probs")],
+                       headers=headers)  # fmt: skip
+    assert res.as_numpy("probs").shape[0] == IMAGE.shape[0]
+    client.close()
+    from worker.service.oip import inference_pb2
+
+    pb: Any = inference_pb2
+    req = pb.ModelInferRequest(model_name="clf")
+    t = req.inputs.add(name="image", datatype="UINT8", shape=list(IMAGE.shape))
+    t.contents.uint_contents.extend(IMAGE.reshape(-1).tolist())
+    t.contents.int_contents.extend([7] * IMAGE.size)
+    got = _grpc_raw(plane, plane.token("alice", "clf"), req.SerializeToString())
+    assert got.startswith("INVALID_ARGUMENT [bad_input]") and "int_contents" in got, got
+    del t.contents.int_contents[:]
+    assert _grpc_raw(plane, plane.token("alice", "clf"), req.SerializeToString()) == "OK"
+    _serving(plane)

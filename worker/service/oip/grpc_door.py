@@ -155,6 +155,8 @@ class InferenceServicer:
     async def _infer(self, request: Any, token: Any, context: Any) -> Any:
         try:
             descs, frames = _inputs(request)
+            for o in request.outputs:
+                T.refuse_extensions(o.name, o.parameters)
             outputs = [o.name for o in request.outputs] or None
             p = request.parameters.get("timeout")
             timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
@@ -186,6 +188,7 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
                     sum(len(r) for r in raw) + typed)  # fmt: skip
     descs, frames = [], []
     for i, t in enumerate(request.inputs):
+        T.refuse_extensions(t.name, t.parameters)
         shape = list(t.shape)
         if raw:
             if t.HasField("contents"):
@@ -197,6 +200,9 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
             field = _CONTENTS.get(t.datatype)
             if field is None:
                 raise InputError(f"{t.name!r}: datatype {t.datatype!r} needs raw_input_contents")
+            other = [f.name for f, _ in t.contents.ListFields() if f.name != field]
+            if other:  # a second contents field was ignored; it may be what was meant
+                raise InputError(f"{t.name!r}: {t.datatype} data goes in {field}, not {other[0]}")
             d, f = T.from_json(t.name, t.datatype, shape, list(getattr(t.contents, field)))
         descs.append(d)
         frames.append(f)

@@ -316,6 +316,7 @@ def _inputs(items: Any, binary: memoryview, wire: int) -> tuple[list[dict[str, A
             raise InputError("each input is an object with a name")
         name, dt, shape = it["name"], it.get("datatype"), it.get("shape")
         params = _dict(it.get("parameters"))
+        T.refuse_extensions(name, params)
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -349,6 +350,7 @@ def _outputs(req: dict[str, Any]) -> tuple[list[str] | None, Any]:
         if not isinstance(it, dict) or not isinstance(it.get("name"), str):
             raise InputError("each requested output is an object with a name")
         p = _dict(it.get("parameters"))
+        T.refuse_extensions(it["name"], p)
         names.append(it["name"])
         binary[it["name"]] = bool(p.get("binary_data", all_binary))
     return names, lambda name: binary.get(name, all_binary)

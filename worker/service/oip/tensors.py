@@ -94,6 +94,21 @@ def _count(shape: Sequence[int]) -> int:
     return n
 
 
+# Triton's extensions a request may name on a tensor, which this server does
+# not implement: said, never silently ignored (an answer without the
+# classification asked for, or a tensor left where a shared region was named)
+_EXTENSIONS = ("classification", "shared_memory_region", "shared_memory_byte_size",
+               "shared_memory_offset")  # fmt: skip
+
+
+def refuse_extensions(name: Any, params: Any) -> None:
+    """InputError if a tensor's ``parameters`` name an extension not served here."""
+    for key in _EXTENSIONS:
+        if key in params:
+            raise InputError(f"{name!r}: parameter {key!r} (a Triton extension) is not "
+                             "supported by this server")  # fmt: skip
+
+
 def check_strings(inputs: Sequence[tuple[Any, Any, Any]], wire: int) -> None:
     """The worker's memory rule for strings (``vault.core.protocol``:
     decoding may cost at most ``MEMORY_FACTOR`` times the request, or
