@@ -46,7 +46,8 @@ def vault_main(cfg_path: str) -> int:
     cfg = json.loads(open(cfg_path).read())
     keys = {p: bytes.fromhex(k) for p, k in cfg["keys"].items()}
     grant = {"ok": True, "licence_id": cfg["licence_id"], "holder": "bench", "budget": 10**9,
-             "retry_after": None, "rate": None, "expires_at": None, "proof_key": cfg["proof_key"]}  # fmt: skip
+             "retry_after": None, "rate": None, "expires_at": None, "proof_key": cfg["proof_key"],
+             "model_id": "m"}  # fmt: skip
 
     def ask(model: Any, keys_: list[str], usage: Any, grants: Any = None) -> dict[str, Any]:
         return {

@@ -157,7 +157,7 @@ def _run(ctx: Context, env: Any, web: Path, sync_playwright: Any) -> dict[str, A
                     at=[[p] for p in points] + [["(inputs)"]], split_points=points,
                     server_costs=server_prof, register=register, calibration=[feeds])  # fmt: skip
         dev = init_device(work / "device")
-        ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key)
+        ks.enroll_device(device_id=dev.device_id, public_key=dev.public_key, service=True)
         record_keyserver(work / "device", address=admin.keyserver_address,
                          public_key=admin.keyserver_public_key)  # fmt: skip
         cuts = res.description["cuts"]

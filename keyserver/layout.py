@@ -378,11 +378,24 @@ def rotate_master(root: str | os.PathLike[str], *, database: str | None = None) 
                         st.update_licence(new_rows.seal(lic))
                     else:
                         refused.append(lic.licence_id)
+                st.ensure_metering_ids()  # a database made before the service designations
                 for dev in st.devices():
                     if old_rows.device_authentic(dev):
                         st.update_device(new_rows.seal_device(dev))
                     else:
                         refused.append(dev.device_id)
+                    tag = st.service_device_tag(dev.device_id)  # its designation as a service
+                    if tag is None:
+                        continue
+                    try:
+                        good = old_rows.ok("service_devices", [dev.device_id], bytes.fromhex(tag))
+                    except ValueError:
+                        good = False
+                    if good:
+                        new_tag = new_rows.tag("service_devices", [dev.device_id]).hex()
+                        st.update_service_device(dev.device_id, new_tag)
+                    else:
+                        refused.append(f"service:{dev.device_id}")
                 old_rows.wipe()
                 new_rows.wipe()
                 st.set_meta("master_id", master_id(new))

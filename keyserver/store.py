@@ -477,6 +477,9 @@ class Store:
     def insert_service_device(self, device_id: str, tag: str) -> None:
         self._q("INSERT INTO service_devices (device_id, mac) VALUES (?, ?)", (device_id, tag))
 
+    def update_service_device(self, device_id: str, tag: str) -> None:
+        self._q("UPDATE service_devices SET mac = ? WHERE device_id = ?", (tag, device_id))
+
     def end_device_leases(self, device_id: str) -> None:
         """End every lease granted to a (revoked) device; what they reserved
         stays spent: fail closed, as for a worker that died."""

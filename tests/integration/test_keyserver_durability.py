@@ -166,6 +166,7 @@ def test_master_rotation_rewraps_and_old_master_is_useless(keyserver):
     keyserver.register(MODEL, KEY_ID, key, DIGEST)
     keyserver.register(MODEL, "k2", _crypto.generate_key(), DIGEST)
     lic = keyserver.issue(MODEL)
+    service = keyserver.device()  # enrolled as a worker service (its own tagged row)
     old_master = (keyserver.dir / "master.key").read_bytes()
     keyserver.stop()
     out = _vault("keyserver", "rotate-master", str(keyserver.dir))
@@ -185,6 +186,8 @@ def test_master_rotation_rewraps_and_old_master_is_useless(keyserver):
     assert _crypto.unwrap_key(new_master, wrapped, key_id=KEY_ID, model_id=MODEL) == key
     keyserver.start()
     assert _release(keyserver, lic).key == key
+    with KeyServerClient(lic, device=service) as ks:  # still a service: re-tagged too
+        assert ks.call_decisions(model_id=None, keys=[], usage=[])["decisions"] == {}
     keyserver.stop()
     (keyserver.dir / "master.key").write_bytes(old_master)  # a wrong master file
     keyserver.proc = None

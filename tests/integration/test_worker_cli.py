@@ -17,11 +17,16 @@ from vault.core.crypto import PublisherKey
 from vault.sealing import seal
 
 
-def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> None:
-    res = seal(mlp(), model_id="cli-model", signing_key=PublisherKey.load(keyserver.publisher_key_path),
-               output=tmp_path / "m.vault")  # fmt: skip
+def _sealed_for_alice(keyserver: Any, m: Any, model_id: str, out: Path) -> None:
+    """``m`` sealed to ``out``, registered, and alice's tier-0 licence beside it."""
+    res = seal(m, model_id=model_id, signing_key=PublisherKey.load(keyserver.publisher_key_path),
+               output=out)  # fmt: skip
     keyserver.register(res.model_id, res.key_id, res.key, res.digest)
-    keyserver.issue(res.model_id, same_user=True).save(tmp_path / "alice.licence")  # tier 0
+    keyserver.issue(res.model_id, same_user=True).save(out.parent / "alice.licence")  # tier 0
+
+
+def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> None:
+    _sealed_for_alice(keyserver, mlp(), "cli-model", tmp_path / "m.vault")
     np.save(tmp_path / "x.npy", np.ones((3, 8), np.float32))
     out = subprocess.run(
         [sys.executable, "-m", "vault", "run", str(tmp_path / "m.vault"), "--licence", str(tmp_path / "alice.licence"),
@@ -58,10 +63,7 @@ def test_vault_run_never_uses_an_output_name_as_a_path(keyserver: Any, tmp_path:
         opset_imports=[helper.make_opsetid("", 17)],
     )  # fmt: skip
     m.ir_version = 8
-    res = seal(m, model_id="escape", signing_key=PublisherKey.load(keyserver.publisher_key_path),
-               output=tmp_path / "e.vault")  # fmt: skip
-    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
-    keyserver.issue(res.model_id, same_user=True).save(tmp_path / "alice.licence")  # tier 0
+    _sealed_for_alice(keyserver, m, "escape", tmp_path / "e.vault")
     np.save(tmp_path / "x.npy", np.ones(2, np.float32))
     target = Path(escape.replace("../../../..", "")).with_suffix(".npy")
     try:
@@ -115,10 +117,7 @@ def test_vault_run_saves_string_outputs_as_text(keyserver: Any, tmp_path: Path) 
         opset_imports=[helper.make_opsetid("", 17)],
     )  # fmt: skip
     m.ir_version = 8
-    res = seal(m, model_id="strs", signing_key=PublisherKey.load(keyserver.publisher_key_path),
-               output=tmp_path / "s.vault")  # fmt: skip
-    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
-    keyserver.issue(res.model_id, same_user=True).save(tmp_path / "alice.licence")  # tier 0
+    _sealed_for_alice(keyserver, m, "strs", tmp_path / "s.vault")
     ids = np.arange(6, dtype=np.int64).reshape(2, 3)
     np.save(tmp_path / "ids.npy", ids)
     out = subprocess.run(

@@ -192,6 +192,22 @@ class AllowListPolicy(_Usage):
         raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
 
+def address_key(host: str) -> str:
+    """What one peer is counted as: its IPv4 address, or its IPv6 /64 (one
+    host holds a whole /64; an IPv4-mapped address as the IPv4 one)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 # --- call licences, decided by the key server ----------------------------------------
 
 # ask(model_id, keys, usage, grants): the key server's call_decisions op
@@ -366,22 +382,11 @@ class CallLicencePolicy(_Usage):
 
     @staticmethod
     def _budget_key(address: str) -> str:
-        """The budget a peer address draws on: its own for IPv4, its /64 for
-        IPv6 (one host holds a whole /64), and one for all of loopback
-        (127.0.0.0/8: a local stranger may bind any of its 16 million)."""
-        import ipaddress
-
-        try:
-            ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
-        except ValueError:
-            return address
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_loopback:
-            return "loopback"
-        if isinstance(ip, ipaddress.IPv6Address):
-            return str(ipaddress.IPv6Network((ip, 64), strict=False))
-        return str(ip)
+        """The budget a peer address draws on: :func:`address_key`'s, and one
+        for all of loopback (127.0.0.0/8: a local stranger may bind any of
+        its 16 million)."""
+        key = address_key(address)
+        return "loopback" if key == "::1" or key.startswith("127.") else key
 
     def admit_from(self, address: str, key: bytes) -> bool:
         """ZAP with the peer's address (``sealed_authenticator`` passes it):
@@ -449,8 +454,9 @@ class CallLicencePolicy(_Usage):
         with self._lock:
             self._probes[key] = probe
             if probe.ok:
-                # a key server that does not say (older than this service): no model
-                self._known_live(key, now, scope if "model_id" in d else "")
+                # a key server that does not say (older than this service): as
+                # before, every model (refusing would refuse every caller's open)
+                self._known_live(key, now, scope if "model_id" in d else None)
         return probe
 
     # -- a door's vetting: the token genuine and its licence in force, before the body --

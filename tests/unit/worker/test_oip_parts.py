@@ -634,7 +634,7 @@ def test_bytes_elements_are_counted_against_the_memory_rule_before_any_is_decode
 
 
 def test_connections_are_counted_per_address_and_ipv6_per_64() -> None:
-    from worker.service.oip.httpconn import address_key
+    from worker.service.calls import address_key
 
     assert address_key("203.0.113.7") == "203.0.113.7"
     assert address_key("127.0.0.2") != address_key("127.0.0.1")

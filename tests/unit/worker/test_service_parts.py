@@ -737,3 +737,39 @@ def test_a_killed_services_instance_directories_are_swept_and_nothing_else(tmp_p
         assert all(d.exists() for d in (live, young, mixed, opened, other))
     finally:
         s2.close()
+
+
+def test_what_a_caller_sees_follows_the_models_its_licence_covers() -> None:
+    """``sees`` (ops info, health, stats): the models the key server said the
+    licence covers at the handshake; a key it never answered about is told
+    to connect again; a key server that does not say (older than the
+    service) leaves every model visible, as before, rather than refusing
+    every caller's open."""
+    from vault.core.errors import PermissionDeniedError, WrongModelError
+
+    scopes = {"A" * 40: "m", "B" * 40: None, "C" * 40: "absent"}
+
+    def ask(model: str | None, keys: list[str], usage: list[dict[str, Any]],
+            grants: dict[str, str]) -> Any:  # fmt: skip
+        out = {}
+        for k in keys:
+            d = {"ok": True, "licence_id": f"lic-{k[0]}", "expires_at": None, "proof_key": None}
+            if scopes[k] != "absent":
+                d["model_id"] = scopes[k]
+            out[k] = d
+        return {"ttl": 10.0, "decisions": out}
+
+    clock = Clock()
+    p = CallLicencePolicy(ask, clock=clock, wall=clock, refresh_every=3600)
+    try:
+        for k in scopes:
+            assert p.callback("vault", k.encode())
+        p.sees("A" * 40, "m")
+        with pytest.raises(WrongModelError):
+            p.sees("A" * 40, "other")
+        p.sees("B" * 40, "other")  # a licence for every model
+        p.sees("C" * 40, "other")  # an older key server: as before
+        with pytest.raises(PermissionDeniedError, match="connect again"):
+            p.sees("D" * 40, "m")
+    finally:
+        p.close()

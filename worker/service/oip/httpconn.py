@@ -21,27 +21,14 @@ Example::
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["address_key", "bounded_protocol"]
+from ..calls import address_key
 
-
-def address_key(host: str) -> str:
-    """The key a peer's connections are counted under: its IPv4 address,
-    or its IPv6 /64 (an IPv4-mapped one as the IPv4 address)."""
-    try:
-        ip = ipaddress.ip_address(host.strip("[]").partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+__all__ = ["bounded_protocol"]
 
 
 def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
