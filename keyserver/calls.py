@@ -203,10 +203,11 @@ def call_decisions(
     a device that could ask would spend any caller's whose key it learned (a
     bearer token names it) and read its holder."""
     if not svc.is_service_device(device.device_id):
-        raise PermissionDeniedError(
+        # audited like every device's denial: a daemon probing callers' keys leaves a trace
+        raise svc._deny_as(device.device_id, "call_decisions", PermissionDeniedError(
             f"device {device.device_id} is not enrolled as a worker service: only a service "
             "asks for call decisions (vault device enroll DIR --licence admin.licence --service)"
-        )
+        ), now)  # fmt: skip
     model_id = h.get("model_id")
     keys = h.get("keys") or []
     probe = model_id is None  # only "does this key hold a live call licence" (the ZAP check)

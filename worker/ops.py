@@ -139,7 +139,6 @@ class Service:
         self.lease.check()
         # names, dtypes and dimensions were checked above, from the header
         result = self.pipeline.run(feeds, outputs, checked=True)
-        self.lease.record_call()
         descs, out_frames = encode_tensors(result, region, types=self.pipeline.output_types)
         reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]
         if (
@@ -155,6 +154,7 @@ class Service:
                 f"{len(reply[0])}-byte header (at most {MAX_FRAMES - 1} and {MAX_HEADER}); "
                 "a sequence or map output this long cannot be returned: send fewer rows a call"
             )
+        self.lease.record_call()  # served: its answer goes
         dt = time.perf_counter() - t0
         with self._lock:
             self._calls += 1

@@ -408,6 +408,26 @@ def test_tritonclient_grpc_pipeline(plane: Plane) -> None:
     client.close()
 
 
+def test_a_compressed_grpc_message_is_refused_as_unbounded(plane: Plane) -> None:
+    """gRPC core decompressed a gzip message before the door saw it, so what
+    a request may cost was measured on its decompressed size: a megabyte of
+    gzip could be a gigabyte of BYTES elements. Compressed messages are
+    refused (UNIMPLEMENTED, by gRPC itself); the same call uncompressed
+    serves (REST takes compressed bodies, bounded: another test)."""
+    from tritonclient.utils import InferenceServerException
+
+    client = plane.grpc()
+    inp = tritongrpc.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    headers = {"authorization": f"Bearer {plane.token('alice', 'clf')}"}
+    with pytest.raises(InferenceServerException, match="(?i)unimplemented|compression"):
+        client.infer("clf", [inp], headers=headers, compression_algorithm="gzip")
+    res = client.infer("clf", [inp], headers=headers)
+    np.testing.assert_array_equal(res.as_numpy("top_indices"),
+                                  plane.clf_reference(IMAGE)["top_indices"])  # fmt: skip
+    client.close()
+
+
 def test_calls_from_every_door_are_batched_together_and_split_exactly(plane: Plane) -> None:
     """REST, gRPC and ZeroMQ callers queue on one model: the loop joins their
     rows into one batch (--max-batch 8) and each gets its own rows back."""

@@ -161,8 +161,8 @@ def test_rate_limit_is_enforced_per_call(service: Svc) -> None:
 
 def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> None:
     erin = service.caller(holder="erin", model="other")
-    with pytest.raises(vault.WrongModelError):  # at the open: the model's signature is not hers
-        service.connect(erin)
+    with service.connect(erin) as e, pytest.raises(vault.WrongModelError):
+        e.compute({"x": X})
     frank = service.caller(holder="frank", expires=3.0)
     with service.connect(frank) as f:
         f.compute({"x": X})
@@ -411,24 +411,28 @@ def test_a_strangers_handshakes_cost_the_key_server_a_bounded_number_of_requests
         ctx.term()
 
 
-def test_a_caller_sees_nothing_of_a_model_its_licence_does_not_cover(service: Svc) -> None:
-    """A model's signature, health and statistics (ops ``info``, ``health``,
-    ``stats``) answer only callers whose licence covers it, as a compute
-    does: its statistics are the other callers' activity. Before, carol,
-    licensed for another model only, read how many calls alice made and
-    their latencies. Control: alice, whose licence covers it, reads them."""
+def test_a_caller_reads_no_statistics_of_a_model_its_licence_does_not_cover(service: Svc) -> None:
+    """A model's statistics (op ``stats``: its calls and latencies) are its
+    callers' activity, answered only to callers whose licence covers the
+    model, as a compute is. Before, carol, licensed for another model only,
+    read how many calls alice made and their latencies. Its signature and
+    health stay public, as the Open Inference Protocol's metadata and
+    readiness are. Control: alice, whose licence covers it, reads them."""
     alice = service.caller(holder="alice")
     carol = service.caller(model="other", holder="carol")  # a live call licence, another model
     with service.connect(alice) as a:
         for _ in range(3):
             a.compute({"x": X})
         assert int(a.stats()["calls"]) >= 3
-        assert a.health() and a.info["inputs"]
-    with pytest.raises(vault.WrongModelError):
-        service.connect(carol)  # its handshake is let in; what it asks about the model is not
+    with service.connect(carol) as c:  # the signature: public
+        assert c.info["inputs"] and c.health()
+        with pytest.raises(vault.WrongModelError):
+            c.stats()
+        with pytest.raises(vault.WrongModelError):
+            c.compute({"x": X})
     got = []
     ctx = zmq.Context()
-    try:  # the ops themselves, without the client library's open
+    try:  # the op itself, without the client library
         s = ctx.socket(zmq.DEALER)
         s.curve_serverkey = service.server_key.encode()
         s.curve_publickey = carol.client_public_key.encode()
@@ -436,15 +440,13 @@ def test_a_caller_sees_nothing_of_a_model_its_licence_does_not_cover(service: Sv
         s.connect(service.endpoint)
         from vault.core.protocol import PROTOCOL_VERSION, pack_header, unpack_header
 
-        for i, op in enumerate(("stats", "info", "health")):
-            s.send(pack_header({"v": PROTOCOL_VERSION, "id": i, "op": op, "model": "m"}))
-            assert s.poll(20_000), f"no answer to {op}"
-            got.append(unpack_header(s.recv()))
+        s.send(pack_header({"v": PROTOCOL_VERSION, "id": 1, "op": "stats", "model": "m"}))
+        assert s.poll(20_000), "no answer to stats"
+        got.append(unpack_header(s.recv()))
         s.close(0)
     finally:
         ctx.term()
-    assert [h.get("error", {}).get("code") for h in got] == ["wrong_model"] * 3, got
-    assert not any("calls" in h or "inputs" in h for h in got)
+    assert got[0].get("error", {}).get("code") == "wrong_model" and "calls" not in got[0], got
 
 
 def test_only_a_device_enrolled_as_a_service_asks_for_or_spends_a_callers_calls(
@@ -467,6 +469,17 @@ def test_only_a_device_enrolled_as_a_service_asks_for_or_spends_a_callers_calls(
             ks.call_decisions(model_id="m", keys=[erin.client_public_key],
                               usage=[{"licence_id": erin.licence_id, "used": 1_000_000}])  # fmt: skip
     assert service.used(erin) == 0 and int(service.row(erin)["reserved_calls"]) == 0
+    assert any(
+        r.event == "denied" and "call_decisions" in r.detail for r in service.keyserver.audit(None)
+    )  # the refusal is in the audit
+    # what a customer's device is for still works: a key released to its own licence
+    from vault.core import crypto as _crypto
+
+    own = _crypto.generate_key()
+    service.keyserver.register("own", "k-own", own, "d-own")
+    mine = service.keyserver.issue("own", holder="customer")
+    with KeyServerClient(mine, device=daemon) as ks:
+        assert ks.release(model_id="own", key_id="k-own", package_digest="d-own").key == own
     out = service.ks.call_decisions(model_id=None, keys=[erin.client_public_key],
                                     usage=[{"licence_id": erin.licence_id, "used": 7}])  # fmt: skip
     assert out["decisions"][erin.client_public_key]["licence_id"] == erin.licence_id

@@ -91,7 +91,7 @@ def register(sub: Any) -> None:
                         "(else the --repository), made on first start")  # fmt: skip
     s.add_argument("--device", default=None, metavar="DIR",
                    help="the enrolled device this service runs as: `vault device init DIR`, "
-                        "then `vault device enroll DIR --licence admin.licence`")  # fmt: skip
+                        "then `vault device enroll DIR --licence admin.licence --service`")  # fmt: skip
     s.add_argument("--instances", type=positive_int, default=None, metavar="N",
                    help="worker processes per model (default: half the cores, at least 1)")  # fmt: skip
     s.add_argument("--max-batch", type=positive_int, default=1, metavar="N",
@@ -245,7 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             "vault worker serve runs as an enrolled device: give --device DIR (make it with "
             "`vault device init DIR`, have the vendor's admin run `vault device enroll DIR "
-            "--licence admin.licence`); without one only a --same-user licence (tier 0, for "
+            "--licence admin.licence --service`); without one only a --same-user licence (tier 0, for "
             "development) can release keys"
         )
     ks_client = None
@@ -258,6 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         ks_client = KeyServerClient(licences[0], device=device)
         ks = ks_client
+        _check_service_device(ks, device.device_id)
         policy = CallLicencePolicy(
             lambda model, keys, usage, grants: ks.call_decisions(
                 model_id=model, keys=keys, usage=usage, grants=grants
@@ -411,3 +412,22 @@ def _demo(args: argparse.Namespace) -> int:
         return run_demo()
     except VaultError:
         raise
+
+
+def _check_service_device(ks: Any, device_id: str) -> None:
+    """At start, before any caller: the key server answers this device's call
+    decisions. A device enrolled without ``--service`` (or before a key
+    server that asks for it) would be refused at every caller's handshake
+    while the service said it was ready."""
+    from ..core.errors import KeyServerUnavailableError, PermissionDeniedError
+
+    try:
+        ks.call_decisions(model_id=None, keys=[], usage=[])
+    except PermissionDeniedError as exc:
+        raise ConfigError(
+            f"--call-licences: the key server refuses this device's call decisions ({exc}); "
+            f"have the vendor's admin run `vault device enroll DIR --licence admin.licence "
+            f"--service` for device {device_id}"
+        ) from None
+    except KeyServerUnavailableError:
+        pass  # the key server away at start: callers wait for it, as they would later

@@ -207,9 +207,19 @@ def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        with open(path, "wb") as out:
-            out.write(data)
-        return
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)  # what was opened, not what was looked at
+            if not stat.S_ISREG(st.st_mode):
+                if st.st_uid not in (os.geteuid(), 0):
+                    # a pipe another user planted where the secret was to go
+                    raise ConfigError(f"{path}: {_kind(st.st_mode)} of another user: "
+                                      "not writing a secret to it")  # fmt: skip
+                with os.fdopen(fd, "wb", closefd=False) as out:
+                    out.write(data)
+                return
+        finally:
+            os.close(fd)
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:

@@ -49,6 +49,7 @@ from . import crypto as _crypto
 from .device import Device
 from .errors import (
     ConfigError,
+    KeyServerError,
     KeyServerUnavailableError,
     ProtocolError,
     VaultError,
@@ -455,6 +456,11 @@ class KeyServerClient:
             "enroll_device", device_id=device_id, public_key=public_key, name=name or device_id,
             **({"service": True} if service else {}),
         )  # fmt: skip
+        if service and reply.get("service") is not True:
+            raise KeyServerError(
+                "the key server did not record this device as a worker service (it is older "
+                "than --service): upgrade it, then enroll the device again with --service"
+            )
         return bool(reply.get("created"))
 
     def revoke_device(self, device_id: str) -> dict[str, Any]:

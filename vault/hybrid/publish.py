@@ -103,7 +103,12 @@ def _align_profile(
     prefix the composed pipeline gives them (``mm1``, not ``model/mm1``);
     before, every such node cost the client nothing and no warning said so."""
     keys = [node_key(n, i) for i, n in enumerate(g.nodes)]
-    out = {k: float(nodes[k]) for k in keys if k in nodes}
+    # an unnamed node's key is its index, which composing the stages moves:
+    # taken as it is only from a profile of this very graph (one stage, or a
+    # profile of the composed pipeline, whose names carry their stage)
+    composed = len(stages) == 1 or any("/" in k for k in nodes)
+    out = {k: float(nodes[k]) for k in keys
+           if k in nodes and (composed or not k.startswith("#"))}  # fmt: skip
     if len(stages) > 1:
         for k in keys:
             stage, sep, rest = k.partition("/")

@@ -108,9 +108,9 @@ class _Usage:
         del notify  # decisions are local: nothing is ever pending
 
     def sees(self, caller_key: str | None, model_id: str) -> None:
-        """Whether this caller may see ``model_id``'s signature, health and
-        statistics (ops ``info``, ``health``, ``stats``); raises if not. Here
-        every caller the policy lets in may call every model: yes."""
+        """Whether this caller may read ``model_id``'s statistics (op
+        ``stats``); raises if not. Here every caller the policy lets in may
+        call every model: yes."""
         del caller_key, model_id
 
     def record(self, admission: Admission, *, ok: bool) -> None:
@@ -423,22 +423,28 @@ class CallLicencePolicy(_Usage):
         models ``scope`` names (lock held)."""
         if key in self._known_good or len(self._known_good) < _MAX_KNOWN_GOOD:
             self._known_good[key] = now
-            if scope is not _NO_SCOPE:
-                self._scopes[key] = scope
+        if scope is not _NO_SCOPE:  # kept past the known-good table's bound: the newest win
+            self._scopes.pop(key, None)
+            if len(self._scopes) >= _MAX_KNOWN_GOOD:
+                del self._scopes[next(iter(self._scopes))]
+            self._scopes[key] = scope
 
     def sees(self, caller_key: str | None, model_id: str) -> None:
-        """A caller sees a model's signature, health and statistics only where
-        its licence covers the model, as for a compute: its statistics are
-        other callers' activity. What the licence covers is what the key
-        server said at the caller's handshake (a licence's models never
-        change); a caller it has not answered about within the hour is told
-        to connect again."""
+        """A caller reads a model's statistics only where its licence covers
+        the model, as for a compute: they are the other callers' activity.
+        What the licence covers is what the key server said at the caller's
+        handshake (a licence's models never change); for a caller it has not
+        answered about lately, it is asked again, and the caller told to
+        retry."""
         with self._lock:
-            if caller_key is None or caller_key not in self._scopes:
+            if caller_key is not None and caller_key in self._scopes:
+                scope = self._scopes[caller_key]
+            else:
+                if caller_key is not None:
+                    self._probe_async(caller_key)
                 raise PermissionDeniedError(
-                    "this connection's licence is not known here any more: connect again"
+                    "this connection's licence is being checked again: retry in a moment"
                 )
-            scope = self._scopes[caller_key]
         if scope is not None and not covers(scope, model_id):
             raise WrongModelError(f"this caller's licence is not for model {model_id!r}")
 
@@ -789,7 +795,6 @@ class CallLicencePolicy(_Usage):
                         del self._probe_budgets[a]  # an idle address starts afresh anyway
                     for z in [z for z, t in self._known_good.items() if now - t >= _KNOWN_GOOD_S]:
                         del self._known_good[z]
-                        self._scopes.pop(z, None)
                 for k, d in list(self._decisions.items()):
                     if d.refreshing:
                         continue

@@ -150,6 +150,7 @@ class EdgeCall:
 # (its callers' call licences are the service's to check, never a worker's)
 _LEASE_ENDED = frozenset({"key_server_unavailable", "licence_expired", "licence_revoked",
                           "licence_unknown"})  # fmt: skip
+_LEASE_EXIT_GRACE_S = 5.0  # how long such a worker has to exit by itself before it is killed
 
 
 @dataclass(eq=False)
@@ -826,8 +827,10 @@ class WorkerService:
                 return
             if len(msg) != 2:
                 raise ProtocolError(f"op {op!r} takes no tensor frames")
-            if op in ("info", "health", "stats"):
-                # what a model is and how it is used is for the callers it serves
+            if op == "stats":
+                # how a model is used (its callers' calls and latencies) is for
+                # the callers it serves; its signature and health are public
+                # (the Open Inference Protocol's metadata and readiness, no token)
                 key = caller_key if isinstance(ident, _SealedRoute) else _user_id(msg[1])
                 self.cfg.policy.sees(key, m.model_id)
             if op == "info":
@@ -1111,10 +1114,11 @@ class WorkerService:
         server was away past the lease, or the service's licence ended): it
         has dropped its key and will never serve again. Before, it stayed,
         refusing every call until the service was restarted, while readiness
-        said ready. It is taken down, so the crash path restarts it (with its
+        said ready. It is sent nothing more and exits by itself (killed if it
+        has not after a few seconds), so the crash path restarts it (with its
         backoff; a worker that cannot get its key leaves the model
-        unavailable, with the reason, and is retried), and the calls it
-        refused, which it never ran, go back to the queue once."""
+        unavailable, with the reason, and is retried); the calls it refused
+        or still held, which it never ran, go back to the queue once."""
         for c in reversed(d.calls):
             if c.done:
                 continue
@@ -1124,10 +1128,12 @@ class WorkerService:
                 c.lease_retried = True
                 m.queue.appendleft(c)
         if inst.alive() and not inst.lease_ended:
-            inst.lease_ended = True
+            inst.lease_ended = True  # sent nothing more; it exits by itself (status 75)
             self.log("worker_lease_ended", level="error", model=m.model_id, index=inst.index,
                      pid=inst.pid, code=(hdr.get("error") or {}).get("code"))  # fmt: skip
-            inst.kill()
+            timer = threading.Timer(_LEASE_EXIT_GRACE_S, inst.kill)  # one that does not
+            timer.daemon = True
+            timer.start()
 
     def _answered(self, d: _Dispatch, hdr: dict[str, Any], frames: list[Any],
                   m: _Model | None) -> None:  # fmt: skip
@@ -1202,6 +1208,12 @@ class WorkerService:
         for d in lost:
             del self.dispatches[d.did]
             for c in d.calls:
+                if inst.lease_ended and m is not None and not c.done and not c.lease_retried:
+                    # it exited because its lease ended, refusing what it had: never
+                    # run, so sent again once, as the calls it refused were
+                    c.lease_retried = True
+                    m.queue.appendleft(c)
+                    continue
                 self._fail(c, WorkerCrashedError(
                     "the worker running this call died; the call was not completed"))  # fmt: skip
         threading.Thread(target=inst.stop, daemon=True).start()

@@ -162,3 +162,15 @@ def test_a_private_file_written_to_a_device_or_pipe_leaves_it_one(tmp_path: Path
     assert plain.read_bytes() == b"new" and st_.S_IMODE(plain.stat().st_mode) == 0o600
     with pytest.raises(IsADirectoryError):
         write_private_file(tmp_path, b"x")
+    # a pipe another user planted where the secret was to go: refused, nothing written
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        os.mkfifo(theirs)
+        os.chown(theirs, 65534, 65534)
+        heard: list[bytes] = []
+        reader = threading.Thread(target=lambda: heard.append(theirs.read_bytes()))
+        reader.start()
+        with pytest.raises(ConfigError, match="of another user"):
+            write_private_file(theirs, b"token")
+        reader.join(10)
+        assert heard == [b""]

@@ -675,3 +675,37 @@ def test_a_compressed_body_is_inflated_within_its_limit() -> None:
         _inflate(gzip.compress(body)[:-12], b"gzip", 1 << 20)
     with pytest.raises(InputError, match="not valid gzip"):
         _inflate(b"not gzip at all", b"gzip", 1 << 20)
+
+
+def test_a_door_without_a_licence_share_is_held_by_one_licence() -> None:
+    """The gate's share: a licence holds at most a quarter of a door's slots
+    (16 of 64), the others' calls still get in. Control: without the share
+    (one licence may hold them all), one licence's 64 shut the door."""
+    from vault.core.errors import ServiceUnavailableError
+    from worker.service.oip.door import Gate
+
+    kept: list[Any] = []  # the held requests (a share is given back when its holder goes)
+
+    def fill(gate: Gate) -> int:
+        held = 0
+        for _ in range(gate.limit):
+            gate.__enter__()
+            cm = gate.licence("alice")
+            try:
+                cm.__enter__()
+                kept.append(cm)
+                held += 1
+            except ServiceUnavailableError:
+                gate.__exit__()
+        return held
+
+    gate = Gate(64)
+    assert fill(gate) == 16
+    gate.__enter__()  # bob gets a slot
+    with gate.licence("bob"):
+        pass
+    control = Gate(64)
+    control.per_licence = 64
+    assert fill(control) == 64
+    with pytest.raises(ServiceUnavailableError):
+        control.__enter__()  # bob is shut out

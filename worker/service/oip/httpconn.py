@@ -72,8 +72,9 @@ def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
+            pipelined = bool(self.pipeline)  # its next request's head arrived already
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if not pipelined and not self.transport.is_closing():
                 self._vault_arm()  # the next request's head, on this keep-alive connection
 
         def connection_lost(self, exc: Exception | None) -> None:

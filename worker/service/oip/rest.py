@@ -97,6 +97,8 @@ def _inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
                 chunks.append(part)
                 data = d.unconsumed_tail
                 if d.eof:
+                    if d.unused_data:  # a second gzip member, or junk after the stream
+                        raise InputError(f"the {name} body has data after its compressed stream")
                     return b"".join(chunks)
                 if not data and not part:
                     raise InputError(f"the {name} body ends before its compressed data")
@@ -246,8 +248,11 @@ class RestApp:
                             limit: int, encoding: bytes = b"") -> None:  # fmt: skip
         body = await self._body(receive, limit)
         state["body_unread"] = False
+        received = len(body)
         if _ENCODINGS.get(encoding) is not None:
-            body = _inflate(body, encoding, limit)
+            # at most MAX_JSON once decompressed (a gzip of 1 GiB of zeros is
+            # 1 MB), in a thread: zlib lets the event loop serve the others
+            body = await asyncio.to_thread(_inflate, body, encoding, min(limit, MAX_JSON))
         if header_len is not None and not 0 <= header_len <= len(body):
             raise InputError("Inference-Header-Content-Length is past the end of the body")
         head = body if header_len is None else body[:header_len]
@@ -260,7 +265,9 @@ class RestApp:
             raise InputError("the request's JSON is nested too deeply") from None
         if not isinstance(req, dict):
             raise InputError("the request is a JSON object")
-        descs, frames = _inputs(req.get("inputs"), binary, len(body))
+        # the memory rule on what the caller sent (compressed, if it was), not on
+        # what it asked the door to inflate
+        descs, frames = _inputs(req.get("inputs"), binary, received)
         outputs, binary_out = _outputs(req)
         params = _dict(req.get("parameters"))
         out_descs, out_frames = await self.plane.infer(

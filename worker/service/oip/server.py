@@ -224,6 +224,10 @@ class OipServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # never share the port with another server
+                # compressed messages refused (UNIMPLEMENTED): the size a message
+                # may take once decompressed is bounded by nothing the caller
+                # sent (a megabyte of gzip is a gigabyte of BYTES elements)
+                ("grpc.compression_enabled_algorithms_bitset", 1),
             ],
             maximum_concurrent_rpcs=self.cfg.max_connections,
         )
