@@ -311,9 +311,10 @@ class Gate:
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
         self.held = 0
-        # what one licence may hold of it once its token is vetted: a quarter.
-        # Before, one token holder's 64 requests that never sent their body
-        # held the whole door for its 30 s body timeout, again and again
+        # what one licence's requests may hold of it while their body arrives:
+        # a quarter. Before, one token holder's 64 requests that never sent
+        # their body held the whole door for its 30 s body timeout, again and
+        # again (requests computing are paid for, and bounded by the gate)
         self.per_licence = max(1, self.limit // 4)
         self.by_licence: dict[str, int] = {}
 

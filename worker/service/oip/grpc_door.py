@@ -134,20 +134,21 @@ class InferenceServicer:
             with self.gate:
                 token = _token(context)
                 await self.plane.vet(None, None, token)  # the model is in the message
-                with self.gate.licence(token.licence_id):  # its share of the door, no more
+                # its licence's share while the message arrives (as REST's body)
+                with self.gate.licence(token.licence_id):
                     try:
                         raw = await within(context.read(), self.body_timeout)
                     except asyncio.TimeoutError:
                         raise ProtocolError(f"the request message did not arrive within "
                                             f"{self.body_timeout:g} s") from None  # fmt: skip
-                    if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
-                        raise ProtocolError("ModelInfer needs one ModelInferRequest message")
-                    try:
-                        request = pb.ModelInferRequest.FromString(raw)
-                    except DecodeError:
-                        raise ProtocolError("the request is not a ModelInferRequest") from None
-                    del raw
-                    return await self._infer(request, token, context)
+                if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
+                    raise ProtocolError("ModelInfer needs one ModelInferRequest message")
+                try:
+                    request = pb.ModelInferRequest.FromString(raw)
+                except DecodeError:
+                    raise ProtocolError("the request is not a ModelInferRequest") from None
+                del raw
+                return await self._infer(request, token, context)
         except VaultError as exc:
             await _abort(context, exc)
             raise

@@ -239,15 +239,17 @@ class RestApp:
         if encoding not in _ENCODINGS:
             raise _HttpError(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not "
                                   "supported: gzip, deflate or none")  # fmt: skip
-        with self.gate.licence(token.licence_id):  # its share of the door, no more
-            await self._infer_vetted(receive, send, model, version, state, token, header_len,
-                                     limit, encoding)  # fmt: skip
-
-    async def _infer_vetted(self, receive: Any, send: Any, model: str, version: str | None,
-                            state: dict[str, bool], token: Any, header_len: int | None,
-                            limit: int, encoding: bytes = b"") -> None:  # fmt: skip
-        body = await self._body(receive, limit)
+        # while its body arrives a request holds a share of its licence's: one
+        # licence's requests that never send their body hold at most a quarter
+        # of the door (computing ones are paid for, and bounded by the gate)
+        with self.gate.licence(token.licence_id):
+            body = await self._body(receive, limit)
         state["body_unread"] = False
+        await self._infer_vetted(send, model, version, token, header_len, body, limit, encoding)
+
+    async def _infer_vetted(self, send: Any, model: str, version: str | None, token: Any,
+                            header_len: int | None, body: bytes, limit: int,
+                            encoding: bytes = b"") -> None:  # fmt: skip
         received = len(body)
         if _ENCODINGS.get(encoding) is not None:
             # at most MAX_JSON once decompressed (a gzip of 1 GiB of zeros is
