@@ -171,3 +171,94 @@ def test_a_timed_out_call_never_gives_its_slot_back(
         model.compute(_feeds(8, 8))  # small: no slot taken, none lost
     assert sorted(arena._free) == sorted(set(free_before) - {lost})
     arena.release(lost)  # hand it back by hand: the other tests share this model
+
+
+@pytest.mark.parametrize("front", [raw_zmq, raw_local], ids=["zmq", "local"])
+def test_a_repeated_request_is_checked_and_read_afresh(
+    model: Model, front: Callable[[Model], contextlib.AbstractContextManager[Raw]]
+) -> None:
+    """A worker thread keeps what it checked of the last request's
+    descriptors (vault.core.protocol.RepeatPlan): the next request with the
+    same ones still reads its own bytes, and one that differs in anything,
+    or whose frame does not match them, is checked in full and refused."""
+    arena = model._localw.arena  # type: ignore[union-attr]
+    assert arena is not None
+    slot = arena.acquire()
+    assert slot is not None
+    try:
+        region = arena.region(slot)
+
+        def request(feeds: dict[str, np.ndarray], rid: int, **change: object) -> list[bytes]:
+            region.cursor = region.start
+            descs, frames = encode_tensors(feeds, region, min_bytes=4096)
+            if change:
+                descs = [{**d, **change} if d["name"] == "small" else d for d in descs]
+            header = {"v": PROTOCOL_VERSION, "op": "compute", "id": rid, "tensors": descs,
+                      "shm": region.to_wire()}  # fmt: skip
+            return [pack_header(header), *[bytes(f) for f in frames]]
+
+        def answer(reply: list[bytes]) -> dict[str, np.ndarray]:
+            hdr = unpack_header(reply[0])
+            assert hdr["ok"] is True, hdr
+            from vault.core.protocol import decode_tensors
+
+            return decode_tensors(hdr["tensors"], reply[1:], region, copy=True, bound=False)
+
+        with front(model) as call:
+            for seed in range(4):  # the same descriptors each time, other bytes
+                feeds = _feeds(32, 32, seed)
+                got = answer(call(request(feeds, seed)))
+                want = _reference(feeds)
+                np.testing.assert_array_equal(got["out_big"], want["out_big"])
+                np.testing.assert_allclose(got["out_small"], want["out_small"], rtol=1e-6)
+            feeds = _feeds(32, 32, 9)
+            bad = request(feeds, 10)
+            bad[1] = bad[1][:4]  # "small"'s frame, shorter than its shape
+            refused = unpack_header(call(bad)[0])
+            assert refused["ok"] is False and refused["error"]["code"] == "protocol", refused
+            # a dimension the model fixes ([2]): refused from the header, as on a first call
+            three = {"small": np.ones(3, np.float32), "big": feeds["big"]}
+            refused = unpack_header(call(request(three, 11))[0])
+            assert refused["ok"] is False and refused["error"]["code"] == "bad_input", refused
+            refused = unpack_header(call(request(feeds, 12, dtype="float64"))[0])
+            assert refused["ok"] is False and refused["error"]["code"] == "bad_input", refused
+            got = answer(call(request(feeds, 13)))
+            np.testing.assert_array_equal(got["out_big"], _reference(feeds)["out_big"])
+    finally:
+        arena.release(slot)
+
+
+def _many_outputs(count: int, shape: list[int]) -> object:
+    ins = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, shape) for i in range(count)]
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, shape) for i in range(count)]
+    nodes = [helper.make_node("Neg", [f"x{i}"], [f"y{i}"]) for i in range(count)]
+    m = helper.make_model(
+        helper.make_graph(nodes, "many", ins, outs), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    m.ir_version = 8
+    return m
+
+
+def test_many_small_outputs_are_the_callers_own(tmp_path: Path) -> None:
+    """Small tensors that cross in shared memory together (a GPT-2 step's
+    past and present) come out of the slot in one copy per run of them: each
+    result is still right, writable, independent of the others and of the
+    next call, which reuses the slot."""
+    shape = [1, 12, 32, 16]  # 24 KiB each: 12 of them go through shared memory
+    s = seal_for_test(tmp_path, _many_outputs(12, shape), name="many")  # type: ignore[arg-type]
+    rng = np.random.default_rng(3)
+    with open_sealed(s, shm_bytes=16 << 20) as m:
+        calls = []
+        for _ in range(3):
+            feeds = {f"x{i}": rng.standard_normal(shape).astype(np.float32) for i in range(12)}
+            calls.append((feeds, m.compute(feeds)))
+        for feeds, got in calls:  # earlier answers are intact after later calls
+            assert sorted(got) == sorted(f"y{i}" for i in range(12))
+            for i in range(12):
+                np.testing.assert_array_equal(got[f"y{i}"], -feeds[f"x{i}"])
+        feeds, got = calls[-1]
+        assert all(a.flags.writeable for a in got.values())
+        got["y0"][...] = 7.0  # writing one result leaves the others as they were
+        np.testing.assert_array_equal(got["y1"], -feeds["x1"])
+        np.testing.assert_array_equal(got["y11"], -feeds["x11"])
+        assert (got["y0"] == 7.0).all()
