@@ -147,7 +147,7 @@ class Service:
             feeds = decode_tensors(descs, frames, region, expect=self.pipeline.input_types)
             self._plans.last = (
                 RepeatPlan(descs, region_wire, feeds, region.cursor if region else 0)
-                if isinstance(descs, list) and RepeatPlan.fits(descs, feeds)
+                if RepeatPlan.fits(descs, feeds)
                 else None
             )
         self.lease.check()

@@ -780,22 +780,30 @@ class RepeatPlan:
     Built only for numeric tensors that are not empty; anything else is
     decoded in full every time."""
 
-    __slots__ = ("descs", "region", "items", "frames", "cursor")
+    __slots__ = ("descs", "region", "items", "frames", "cursor", "copy", "runs")
 
-    def __init__(self, descs: list[dict[str, Any]], region_wire: Any,
-                 values: Mapping[str, Any], cursor: int) -> None:  # fmt: skip
-        self.descs, self.region, self.cursor = descs, region_wire, cursor
-        items: list[tuple[str, np.dtype[Any], tuple[int, ...], int, Any]] = []
+    def __init__(self, descs: Any, region_wire: Any,
+                 values: Mapping[str, Any], cursor: int = 0, *, copy: bool = False) -> None:  # fmt: skip
+        """``values``: what the full decode of ``descs`` gave. ``copy``: a
+        caller reading its worker's answers, which gets owned copies each
+        time (its slot is reused); a worker keeps the shared-memory views."""
+        self.descs, self.region, self.cursor, self.copy = descs, region_wire, cursor, copy
+        items: list[tuple[str, np.dtype[Any], tuple[int, ...], int, bool, Any]] = []
         for d in descs:
             arr = values[d["name"]]
-            shared = arr if "shm" in d else None
-            items.append((d["name"], arr.dtype, arr.shape, arr.nbytes, shared))
+            shared = "shm" in d
+            view = arr if shared and not copy else None
+            items.append((d["name"], arr.dtype, arr.shape, arr.nbytes, shared, view))
         self.items = items
-        self.frames = sum(1 for it in items if it[4] is None)
+        self.frames = sum(1 for it in items if not it[4])
+        # the locations were checked against the region by the full decode
+        self.runs = _runs([d["shm"] for d in descs if "shm" in d])
 
     @staticmethod
     def fits(descs: Any, values: Mapping[str, Any]) -> bool:
-        """Whether a decoded request may be planned: numeric tensors only, none empty."""
+        """Whether a decoded message may be planned: numeric tensors only, none empty."""
+        if not isinstance(descs, list):
+            return False
         for d in descs:
             if not is_tensor_type(d.get("dtype")) or d.get("dtype") == "string":
                 return False
@@ -804,17 +812,31 @@ class RepeatPlan:
                 return False
         return True
 
-    def decode(self, descs: Any, region_wire: Any, frames: Sequence[Any]) -> dict[str, Any] | None:
-        """The values of a request with the planned descriptors, or None (decode it in full)."""
+    def decode(
+        self,
+        descs: Any,
+        region_wire: Any,
+        frames: Sequence[Any],
+        region: SharedRegion | None = None,
+    ) -> dict[str, Any] | None:
+        """The values of a message with the planned descriptors, or None
+        (decode it in full). In copy mode ``region`` is the caller's slot."""
         if len(frames) != self.frames or region_wire != self.region or descs != self.descs:
             return None
+        owned = None
+        if self.copy and self.runs:
+            if region is None:
+                return None
+            owned = iter(_copies(region, self.runs))
         out: dict[str, Any] = {}
         it = iter(frames)
-        for name, dt, shape, nbytes, shared in self.items:
-            if shared is not None:
-                out[name] = shared
+        for name, dt, shape, nbytes, shared, view in self.items:
+            if shared:
+                out[name] = view if owned is None else np.ndarray(shape, dt, next(owned))
                 continue
             frame = next(it)
+            if self.copy:
+                frame = _writable(frame)
             zmq_frame = hasattr(frame, "buffer")
             buf = frame.buffer if zmq_frame else frame
             if len(buf) != nbytes:
@@ -828,31 +850,47 @@ class RepeatPlan:
 
 def _owned_copies(region: SharedRegion, locs: list[Any]) -> list[Any]:
     """Owned copies of the shared-memory tensors ``locs`` names (each checked
-    by :meth:`SharedRegion.view`), in order. A run of small tensors laid out
-    back to back (under :data:`SHM_MIN_BYTES` each: a call's many small
-    tensors, which go through shared memory together) comes out in one copy
-    that their arrays share: 19 outputs of 24 KiB each were 19 allocations
-    and copies, 60-75 us more a call than one (measured on a 2-core VM). A
-    tensor of its own size gets its own copy, so keeping one output never
-    keeps a large one alive (a run's block lives while any of its arrays do)."""
-    views = [region.view(loc) for loc in locs]
-    out: list[Any] = []
+    by :meth:`SharedRegion.view`), in order, copied run by run (:func:`_runs`)."""
+    for loc in locs:
+        region.view(loc)
+    return _copies(region, _runs(locs))
+
+
+def _runs(locs: list[Any]) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The checked ``[offset, nbytes]`` locations ``locs`` as runs to copy:
+    ``(start, stop, [(offset in the run, nbytes), ...])``. Small tensors
+    (under :data:`SHM_MIN_BYTES` each: a call's many small tensors, which go
+    through shared memory together) laid out back to back make one run, one
+    copy that their arrays share: 19 outputs of 24 KiB each were 19
+    allocations and copies, 60-75 us more a call than one (measured on a
+    2-core VM). A tensor of its own size is a run of its own, so keeping one
+    output never keeps a large one alive (a run's block lives while any of
+    its arrays do)."""
+    runs: list[tuple[int, int, list[tuple[int, int]]]] = []
     i, count = 0, len(locs)
     while i < count:
         off, n = locs[i]
-        j, stop = i + 1, off + n
+        parts, stop, i = [(0, n)], off + n, i + 1
         if n < SHM_MIN_BYTES:
-            while j < count:
-                o, m = locs[j]
+            while i < count:
+                o, m = locs[i]
                 if m >= SHM_MIN_BYTES or not stop <= o <= (stop + 63) // 64 * 64:
                     break
-                stop, j = o + m, j + 1
-        if j == i + 1:
-            out.append(bytearray(views[i]))
+                parts.append((o - off, m))
+                stop, i = o + m, i + 1
+        runs.append((off, stop, parts))
+    return runs
+
+
+def _copies(region: SharedRegion, runs: list[tuple[int, int, list[tuple[int, int]]]]) -> list[Any]:
+    mv = region._view()
+    out: list[Any] = []
+    for start, stop, parts in runs:
+        if len(parts) == 1:
+            out.append(bytearray(mv[start:stop]))
         else:
-            block = memoryview(bytearray(region._view()[off:stop]))
-            out.extend(block[o - off : o - off + m] for o, m in locs[i:j])
-        i = j
+            block = memoryview(bytearray(mv[start:stop]))
+            out.extend(block[o : o + m] for o, m in parts)
     return out
 
 
