@@ -86,6 +86,10 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
                     max(abs(got[k] - r).max() for k, r in zip(got, ref))
                 )
                 fns["vault_ipc"] = lambda m=vm, f=feeds: m.compute(f)
+                # the same without the local channel's short wait (docs/worker.md)
+                vn = env.open_local(pkg, lic, worker_args=["--spin-us", "0"])
+                vn.compute(feeds)
+                fns["vault_ipc_nowait"] = lambda m=vn, f=feeds: m.compute(f)
                 # the same worker reached over ZeroMQ, as before the direct channel
                 vz = env.open_local(pkg, lic, local_channel=False)
                 vz.compute(feeds)
@@ -190,6 +194,9 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
             row["raw_floor_over_in_process"] = min(raw) / med["in_process"]
             if "vault_ipc" in med:
                 row["vault_ipc_over_raw_floor"] = med["vault_ipc"] / min(raw)
+        if "vault_ipc" in med and "vault_ipc_nowait" in med:
+            # the local channel's short wait: with it / without it (same run, same blocks)
+            row["short_wait_ratio"] = med["vault_ipc"] / med["vault_ipc_nowait"]
         # what the worker's thread policy (spinning off) costs in-process
         row["thread_policy_s"] = med["in_process"] - med["in_process_default"]
         out[name] = row

@@ -30,7 +30,7 @@ def table(res: dict[str, Any]) -> str:
         groups = [
             ["in_process", "in_process_default", "vault_ipc", "vault_ipc_zmq", "zmq_echo_ipc"],
             ["unix_echo", "memcpy", "vault_tcp", "vault_tcp_curve", "fastapi_raw"],
-            ["fastapi_tls", "grpc_tls", "raw_server", "raw_shm"],
+            ["fastapi_tls", "grpc_tls", "raw_server", "raw_shm", "vault_ipc_nowait"],
             ["zmq_echo_tcp", "zmq_echo_tcp_sealed", "zmq_echo_tcp_curve", "tcp_echo", "tls_echo"],
         ]  # local (direct channel, ZeroMQ); remote (sealed, CURVE alone; peers); remote floors
         for modes in groups:
@@ -80,6 +80,16 @@ def table(res: dict[str, Any]) -> str:
             L.append(
                 "   process boundary (best of raw_server, raw_shm / in_process) / what the vault "
                 "adds (vault_ipc / that raw): " + ", ".join(floors)
+            )
+        waits = [
+            f"{name} {row['short_wait_ratio']:.3f}"
+            for name, row in lat.items()
+            if "short_wait_ratio" in row
+        ]
+        if waits:
+            L.append(
+                "   the local channel's short wait (vault_ipc / vault_ipc_nowait, "
+                "--spin-us 0): " + ", ".join(waits)
             )
         for mode in ("vault_tcp", "vault_tcp_curve"):
             for peer, what in (

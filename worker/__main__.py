@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--intra-op-threads", type=int, help="onnxruntime threads per compute (default: all cores)"
     )
     p.add_argument(
+        "--spin-us",
+        type=int,
+        help="the local channel: how long a connection's thread polls for its caller's "
+        "next request before it sleeps, when no other call is being served "
+        "(default: worker.server.DEFAULT_SPIN_US, 50; 0: never)",
+    )
+    p.add_argument(
         "--no-prepack",
         action="store_true",
         help="no prepacked weight copies: the decrypted weights are the only copy "

@@ -261,6 +261,11 @@ class RecordReader:
         self._start = 0  # first unread byte in the scratch buffer
         self._end = 0  # end of the bytes received into it
 
+    def drained(self) -> bool:
+        """Whether every byte received so far has been read (the next record
+        is still in the socket, or not sent yet)."""
+        return self._start == self._end
+
     def _fill(self, need: int) -> None:
         """Until ``need`` bytes past ``_start`` are in the scratch buffer."""
         if self._start == self._end:
