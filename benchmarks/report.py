@@ -81,16 +81,12 @@ def table(res: dict[str, Any]) -> str:
                 "   process boundary (best of raw_server, raw_shm / in_process) / what the vault "
                 "adds (vault_ipc / that raw): " + ", ".join(floors)
             )
-        waits = [
-            f"{name} {row['short_wait_ratio']:.3f}"
-            for name, row in lat.items()
-            if "short_wait_ratio" in row
-        ]
+        wait = "vault_ipc / vault_ipc_nowait, --spin-us 0"
+        waits = ", ".join(
+            f"{n} {r['short_wait_ratio']:.3f}" for n, r in lat.items() if "short_wait_ratio" in r
+        )
         if waits:
-            L.append(
-                "   the local channel's short wait (vault_ipc / vault_ipc_nowait, "
-                "--spin-us 0): " + ", ".join(waits)
-            )
+            L.append(f"   the local channel's short wait ({wait}): {waits}")
         for mode in ("vault_tcp", "vault_tcp_curve"):
             for peer, what in (
                 ("fastapi_raw", "bare HTTP, no TLS"),

@@ -4,6 +4,7 @@ calls back to back and has the worker to itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -69,16 +70,23 @@ class _Caller:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def _calling(path: str, token: bytes, count: int = 1) -> Iterator[list[_Caller]]:
+    callers = [_Caller(path, token) for _ in range(count)]
+    try:
+        yield callers
+    finally:
+        for c in callers:
+            c.close()
+
+
 def test_a_caller_calling_back_to_back_is_awaited(
     served: tuple[LocalServer, str, bytes], polls: list[bool]
 ) -> None:
     _, path, token = served
-    c = _Caller(path, token)
-    try:
+    with _calling(path, token) as (c,):
         for i in range(50):
             c.call(i)
-    finally:
-        c.close()
     assert polls, "no poll for a caller that calls again at once"
     assert any(polls), "every poll missed a request sent at once"
 
@@ -87,13 +95,10 @@ def test_a_caller_with_longer_gaps_costs_no_polling(
     served: tuple[LocalServer, str, bytes], polls: list[bool]
 ) -> None:
     _, path, token = served
-    c = _Caller(path, token)
-    try:
+    with _calling(path, token) as (c,):
         for i in range(6):
             c.call(i)
             time.sleep(0.03)  # 30 ms between calls, against a 1 ms wait
-    finally:
-        c.close()
     # (the first request, sent with the token, may be caught) the first wait
     # after an answer finds nothing; from then on the gaps are measured, not polled
     assert polls[-1] is False and polls.count(False) == 1 and len(polls) <= 2, polls
@@ -103,27 +108,20 @@ def test_no_polling_while_several_callers_share_the_worker(
     served: tuple[LocalServer, str, bytes], polls: list[bool]
 ) -> None:
     _, path, token = served
-    callers = [_Caller(path, token) for _ in range(3)]
-    try:
+    with _calling(path, token, 3) as callers:
         callers[0].call(0)
         callers[1].call(1)  # a second connection: the worker is shared from now on
         before = len(polls)
         for i in range(60):  # taking turns, each call within 10 ms of another's
             callers[i % 3].call(i)
         assert len(polls) == before, polls[before:]
-    finally:
-        for c in callers:
-            c.close()
 
 
 def test_spin_off_never_polls(polls: list[bool]) -> None:
     for _, path, token in _serve(0):
-        c = _Caller(path, token)
-        try:
+        with _calling(path, token) as (c,):
             for i in range(20):
                 c.call(i)
-        finally:
-            c.close()
     assert polls == []
 
 
