@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="the local channel: how long a connection's thread polls for its caller's "
         "next request before it sleeps, when no other call is being served "
-        "(default: worker.server.DEFAULT_SPIN_US, 50; 0: never)",
+        "(default: worker.server.DEFAULT_SPIN_US, 200; 0: never)",
     )
     p.add_argument(
         "--no-prepack",

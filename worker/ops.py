@@ -82,7 +82,13 @@ class Service:
         self._latencies: deque[float] = deque(maxlen=4096)
         self._started = time.time()
 
-    def handle(self, frames: list[Any]) -> list[Any]:
+    def handle(self, frames: list[Any], *, own_thread: bool = False) -> list[Any]:
+        """One request's reply frames. ``own_thread``: the calling thread serves
+        one caller's connection alone (the local channel), so it may keep a
+        :class:`RepeatPlan` of that caller's requests; a thread that serves
+        many callers (the ZeroMQ fronts, and so the service's tenants) keeps
+        none: whether a request took the plan would show in its timing whether
+        the request before it, another caller's, had the same shapes."""
         req_id = None
         try:
             if not frames:
@@ -91,7 +97,7 @@ class Service:
             req_id = _request_id(header)
             op = header.get("op")
             if op == "compute":
-                return self._compute(req_id, header, frames[1:])
+                return self._compute(req_id, header, frames[1:], own_thread)
             if len(frames) != 1:
                 raise ProtocolError(f"op {op!r} takes no tensor frames, got {len(frames) - 1}")
             if op == "info":
@@ -116,7 +122,13 @@ class Service:
             self._errors += 1
         return [pack_header(error_reply(req_id, exc))]
 
-    def _compute(self, req_id: Any, header: dict[str, Any], frames: list[Any]) -> list[Any]:
+    def handle_own(self, frames: list[Any]) -> list[Any]:
+        """:meth:`handle` for a thread that serves one caller's connection alone."""
+        return self.handle(frames, own_thread=True)
+
+    def _compute(
+        self, req_id: Any, header: dict[str, Any], frames: list[Any], own_thread: bool = False
+    ) -> list[Any]:
         t0 = time.perf_counter()
         total = sum(_frame_len(f) for f in frames)
         if total > self.max_request:
@@ -133,8 +145,8 @@ class Service:
                 raise ProtocolError("this worker has no shared memory (remote callers send frames)")
             region = SharedRegion.from_wire(self.shm, region_wire)
         descs = header.get("tensors")
-        # the same descriptors as this thread's last request: checked then
-        plan: RepeatPlan | None = getattr(self._plans, "last", None)
+        # the same descriptors as this caller's last request: checked then
+        plan: RepeatPlan | None = getattr(self._plans, "last", None) if own_thread else None
         feeds = plan.decode(descs, region_wire, frames) if plan is not None else None
         if plan is not None and feeds is not None:
             if region is not None:
@@ -145,11 +157,12 @@ class Service:
             # checked from the header before a single frame is decoded
             self.pipeline.check_declared_shapes(descs)
             feeds = decode_tensors(descs, frames, region, expect=self.pipeline.input_types)
-            self._plans.last = (
-                RepeatPlan(descs, region_wire, feeds, region.cursor if region else 0)
-                if RepeatPlan.fits(descs, feeds)
-                else None
-            )
+            if own_thread:
+                self._plans.last = (
+                    RepeatPlan(descs, region_wire, feeds, region.cursor if region else 0)
+                    if RepeatPlan.fits(descs, feeds, region_wire)
+                    else None
+                )
         self.lease.check()
         # names, dtypes and dimensions were checked above, from the header
         result = self.pipeline.run(feeds, outputs, checked=True)

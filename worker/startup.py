@@ -359,7 +359,7 @@ class Startup:
                 raise ConfigError("--listen-fd needs --listen-token-fd")
             token = bytes(read_fd(args.listen_token_fd, TOKEN_BYTES))
             local = LocalServer(check_listener(args.listen_fd), token=token,
-                                handler=service.handle, max_message=args.max_message,
+                                handler=service.handle_own, max_message=args.max_message,
                                 spin_us=args.spin_us)  # fmt: skip
         server = Server(
             ctx,

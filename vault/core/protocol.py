@@ -762,6 +762,10 @@ def decode_tensors(
     return out
 
 
+_PLAN_KEYS = frozenset(("name", "dtype", "shape", "shm"))
+_REGION_KEYS = frozenset(("offset", "size"))
+
+
 class RepeatPlan:
     """What :func:`decode_tensors` checked of a request, kept for the next one.
 
@@ -771,7 +775,9 @@ class RepeatPlan:
     checked ones (one C-level comparison), every check from the header holds
     again: only each frame's length is checked and its view made, and a
     shared-memory input is the same view over the same bytes, which the
-    caller has just rewritten. A worker thread keeps one: for 19 inputs of
+    caller has just rewritten. A worker's thread for one caller's connection
+    keeps one (never a thread that serves many callers: worker/ops.py says
+    why); the caller's threads keep one each for answers. For 19 inputs of
     24 KiB the worker's handler took 176 us around a 49 us run, 132 us with
     the plan (warm, in one process; docs/benchmarks.md has the calls).
     Values that compare equal decode alike (a dimension sent as ``1.0`` or
@@ -800,11 +806,18 @@ class RepeatPlan:
         self.runs = _runs([d["shm"] for d in descs if "shm" in d])
 
     @staticmethod
-    def fits(descs: Any, values: Mapping[str, Any]) -> bool:
-        """Whether a decoded message may be planned: numeric tensors only, none empty."""
+    def fits(descs: Any, values: Mapping[str, Any], region_wire: Any = None) -> bool:
+        """Whether a decoded message may be planned: numeric tensors only,
+        none empty, and nothing in the descriptors or the region but what the
+        protocol names (the decoder ignores other keys; a plan that kept them
+        would hold a sender's junk, up to a header's 1 MiB, after its call)."""
         if not isinstance(descs, list):
             return False
+        if region_wire is not None and region_wire.keys() - _REGION_KEYS:
+            return False
         for d in descs:
+            if d.keys() - _PLAN_KEYS or not isinstance(d.get("shape"), list):
+                return False
             if not is_tensor_type(d.get("dtype")) or d.get("dtype") == "string":
                 return False
             arr = values.get(d["name"])
