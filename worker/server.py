@@ -584,9 +584,10 @@ class LocalServer:
                     return
                 with self._lock:
                     self._serving += 1
-                    if self._last_conn != me:  # another connection had the last request
+                    if self._last_conn != me:
+                        if self._last_conn:  # another connection had the last request
+                            self._shared_at = time.perf_counter()
                         self._last_conn = me
-                        self._shared_at = time.perf_counter()
                 try:
                     send_record(conn, handler(frames))
                 finally:

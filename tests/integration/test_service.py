@@ -33,6 +33,7 @@ import zmq
 import vault
 from tests.models import mlp, reference_pipeline, slow_matmul
 from tests.sealed import Sealed, seal_for_test
+from tests.waiting import wait_for
 from vault.core.curvekeys import load_secret_certificate
 from vault.core.licence import Licence
 from worker.service import AllowListPolicy, JsonLog, LaunchSpec, ServiceConfig, WorkerService
@@ -343,13 +344,6 @@ def _stopped(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return all(st in (b"T", b"t", b"Z", b"X") for st in states)
-
-
-def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def test_a_crashed_worker_fails_its_call_fast_and_is_restarted(service: Running) -> None:

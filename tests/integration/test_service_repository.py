@@ -24,10 +24,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import pytest
 import vault
 from tests.conftest import KeyServerProcess, served_ready
 from tests.models import mlp, reference_pipeline
+from tests.waiting import wait_for
 from vault.core.crypto import PublisherKey
 from vault.core.process import stop_process
 from vault.sealing import seal
@@ -50,18 +50,6 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check:
         assert r.returncode == 0, (args, r.stdout, r.stderr)
     return r
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    """Poll until ``cond()`` is truthy (a state, not a duration: the bound is
-    only there so that a broken service fails the test instead of hanging it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 @dataclass
