@@ -84,7 +84,7 @@ from .core.process import stop_process
 from .core.protocol import (
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
-    RepeatPlan,
+    RepeatPlans,
     decode_tensors,
     encode_tensors,
     pack_header,
@@ -1105,7 +1105,7 @@ class Model:
         self._endpoint: str | None = None
         self._dead = False
         self._closed = False
-        self._plans = threading.local()  # each calling thread's RepeatPlan for answers
+        self._plans = RepeatPlans(copy=True)  # each calling thread's plan for answers
         _LIVE.add(self)
         self._release: weakref.finalize[Any, Any] | None = None
         try:
@@ -1222,18 +1222,10 @@ class Model:
             # outputs in the slot are copied out: the next call reuses it
             answer = hdr.get("tensors")
             key = (region.start, region.end) if region is not None else None
-            plan: RepeatPlan | None = getattr(self._plans, "last", None)
-            if plan is not None:
-                result = plan.decode(answer, key, out_frames, region)
-                if result is not None:
-                    return result
-            result = decode_tensors(answer, out_frames, region, copy=True, bound=False)
-            # this thread's next answer has the same descriptors, mostly
-            self._plans.last = (
-                RepeatPlan(answer, key, result, copy=True)
-                if RepeatPlan.fits(answer, result)
-                else None
-            )
+            result = self._plans.decode(answer, key, out_frames, region)
+            if result is None:
+                result = decode_tensors(answer, out_frames, region, copy=True, bound=False)
+                self._plans.learn(answer, key, result)
             return result
         finally:
             if arena is not None and slot is not None and reusable:

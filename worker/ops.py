@@ -26,7 +26,7 @@ from vault.core.errors import ComputeError, ProtocolError, VaultError
 from vault.core.localwire import MAX_FRAMES
 from vault.core.protocol import (
     MAX_HEADER,
-    RepeatPlan,
+    RepeatPlans,
     SharedRegion,
     decode_tensors,
     encode_tensors,
@@ -42,6 +42,13 @@ from .lease import LeaseKeeper
 from .runtime import Pipeline
 
 __all__ = ["Service"]
+
+
+# A serving thread keeps the descriptors of its caller's last request (to
+# build a plan when the next has the same) only from a header this small: it
+# holds them until that caller's next request (a request may pad its
+# descriptors with keys the decoder ignores, up to a header's 1 MiB).
+_REMEMBERED_HEADER = 64 << 10
 
 
 def _frame_len(f: Any) -> int:
@@ -76,7 +83,7 @@ class Service:
         # remote callers (tcp://) learn liveness and the tier, nothing about the host
         self.remote = remote
         self._lock = threading.Lock()
-        self._plans = threading.local()  # each serving thread's RepeatPlan
+        self._plans = RepeatPlans()  # each serving thread's plan
         self._calls = 0
         self._errors = 0
         self._latencies: deque[float] = deque(maxlen=4096)
@@ -97,7 +104,7 @@ class Service:
             req_id = _request_id(header)
             op = header.get("op")
             if op == "compute":
-                return self._compute(req_id, header, frames[1:], own_thread)
+                return self._compute(req_id, header, frames, own_thread)
             if len(frames) != 1:
                 raise ProtocolError(f"op {op!r} takes no tensor frames, got {len(frames) - 1}")
             if op == "info":
@@ -127,9 +134,10 @@ class Service:
         return self.handle(frames, own_thread=True)
 
     def _compute(
-        self, req_id: Any, header: dict[str, Any], frames: list[Any], own_thread: bool = False
+        self, req_id: Any, header: dict[str, Any], request: list[Any], own_thread: bool = False
     ) -> list[Any]:
         t0 = time.perf_counter()
+        frames = request[1:]
         total = sum(_frame_len(f) for f in frames)
         if total > self.max_request:
             raise ProtocolError(f"request of {total} bytes exceeds the limit of {self.max_request}")
@@ -145,12 +153,12 @@ class Service:
                 raise ProtocolError("this worker has no shared memory (remote callers send frames)")
             region = SharedRegion.from_wire(self.shm, region_wire)
         descs = header.get("tensors")
-        # the same descriptors as this caller's last request: checked then
-        plan: RepeatPlan | None = getattr(self._plans, "last", None) if own_thread else None
-        feeds = plan.decode(descs, region_wire, frames) if plan is not None else None
-        if plan is not None and feeds is not None:
+        plans = self._plans
+        # the same descriptors as this caller's last requests: checked then
+        feeds = plans.decode(descs, region_wire, frames) if own_thread else None
+        if feeds is not None:
             if region is not None:
-                region.cursor = plan.cursor  # outputs go after the inputs, as before
+                region.cursor = plans.cursor  # outputs go after the inputs, as before
         else:
             # inputs in the slot are read in place; outputs that fit go after them
             # names, dtypes, declared sizes and the memory decoding would cost are
@@ -158,11 +166,8 @@ class Service:
             self.pipeline.check_declared_shapes(descs)
             feeds = decode_tensors(descs, frames, region, expect=self.pipeline.input_types)
             if own_thread:
-                self._plans.last = (
-                    RepeatPlan(descs, region_wire, feeds, region.cursor if region else 0)
-                    if RepeatPlan.fits(descs, feeds, region_wire)
-                    else None
-                )
+                plans.learn(descs, region_wire, feeds, region.cursor if region else 0,
+                            remember=_frame_len(request[0]) <= _REMEMBERED_HEADER)  # fmt: skip
         self.lease.check()
         # names, dtypes and dimensions were checked above, from the header
         result = self.pipeline.run(feeds, outputs, checked=True)

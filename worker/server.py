@@ -436,14 +436,14 @@ class Server:
 # How long a connection's thread polls for the caller's next request before
 # it sleeps in the kernel (docs/worker.md, "The local channel's short wait").
 # Waking a thread that slept costs this VM tens of microseconds on each side
-# of a call (perf: the wake-up and the task switch were 27 % of a small
-# call's worker CPU); a caller that calls again at once is caught awake
+# of a call (by hand, perf: the wake-up and the task switch were 27 % of a
+# small call's worker CPU); a caller that calls again at once is caught awake
 # instead. Only while the caller's last request came that soon (a caller
 # with longer gaps costs no polling), and only while one connection has the
 # worker to itself (no request on another one for SOLE_S, none being served):
 # with several callers the poll takes the GIL and a core from their runs
-# (8 callers of a tiny model: 30 % fewer calls a second when every idle
-# connection polled).
+# (by hand, 8 callers of a tiny model: 30 % fewer calls a second when every
+# idle connection polled).
 DEFAULT_SPIN_US = 200
 MAX_SPIN_US = 10_000
 SOLE_S = 0.01
@@ -582,17 +582,19 @@ class LocalServer:
                 except ProtocolError as exc:
                     send_record(conn, [pack_header(error_reply(None, exc))])
                     return
-                with self._lock:
-                    self._serving += 1
-                    if self._last_conn != me:
-                        if self._last_conn:  # another connection had the last request
-                            self._shared_at = time.perf_counter()
-                        self._last_conn = me
+                if spin:  # what the short wait reads: who else is being served, and when
+                    with self._lock:
+                        self._serving += 1
+                        if self._last_conn != me:
+                            if self._last_conn:  # another connection had the last request
+                                self._shared_at = time.perf_counter()
+                            self._last_conn = me
                 try:
                     send_record(conn, handler(frames))
                 finally:
-                    with self._lock:
-                        self._serving -= 1
+                    if spin:
+                        with self._lock:
+                            self._serving -= 1
                     del frames
                     reader.release()
         except (Closed, OSError):

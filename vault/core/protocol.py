@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,12 +33,14 @@ __all__ = [
     "SharedRegion",
     "PROTOCOL_VERSION",
     "RepeatPlan",
+    "RepeatPlans",
     "SHM_GROUP_BYTES",
     "SHM_GROUP_MIN",
     "SHM_MIN_BYTES",
     "SUPPORTED_DTYPES",
     "decode_tensor",
     "decode_tensors",
+    "decoding_too_dear",
     "encode_value",
     "is_tensor_type",
     "parse_type",
@@ -372,14 +375,8 @@ def _numeric(desc: dict[str, Any], buf: Any, align: bool = False) -> np.ndarray[
     bytes may start anywhere (a ZeroMQ frame's): a tensor not on a 16-byte
     boundary is copied to one."""
     dt = dtype_from_name(desc.get("dtype"))
-    shape = desc.get("shape")
-    if type(shape) is not list or len(shape) > MAX_RANK:
-        shape = _check_shape(shape)  # a tuple passes; anything else raises
-    count = 1
-    for d in shape:  # _check_shape's rule and _count in one pass
-        if type(d) is not int or d < 0 or d > _MAX_DIM:
-            _check_shape(shape)  # raises, with the words
-        count *= d
+    shape = _check_shape(desc.get("shape"))
+    count = _count(shape)
     expected = count * dt.itemsize
     if len(buf) != expected:
         raise ProtocolError(
@@ -481,9 +478,10 @@ class SharedRegion:
 
     def place(self, frame: Any) -> list[int] | None:
         """Copy ``frame`` in at the cursor if it fits; its ``[offset, nbytes]``."""
-        src = frame if type(frame) is memoryview else memoryview(frame)
-        if src.ndim != 1 or src.format != "B":
-            src = src.cast("B")
+        return self.put(_as_bytes(frame))
+
+    def put(self, src: memoryview) -> list[int] | None:
+        """:meth:`place` for a 1-D byte view."""
         n = src.nbytes
         at = self.cursor
         if at + n > self.end:
@@ -547,11 +545,8 @@ def encode_tensors(
     answer). ``types`` (name -> value type) says which values are sequences,
     maps or optionals."""
     limit = 0
-    mv: memoryview | None = None
-    at = end = 0
     if region is not None:
         limit = min_bytes if min_bytes is not None else shm_threshold(arrays) or SHM_MIN_BYTES
-        mv, at, end = region._view(), region.cursor, region.end
     descs: list[dict[str, Any]] = []
     frames: list[Any] = []
     names = _NAME_CACHE
@@ -583,23 +578,22 @@ def encode_tensors(
             f: Any = src
         else:
             d, f = encode_tensor(name, value)
-        if mv is not None and d["dtype"] != "string":
+        if region is not None and d["dtype"] != "string":
             if src is None:
-                src = f if type(f) is memoryview else memoryview(f)
-                if src.ndim != 1 or src.format != "B":
-                    src = src.cast("B")
-            n = src.nbytes
-            if n >= limit and at + n <= end:
-                mv[at : at + n] = src
-                d["shm"] = [at, n]
-                at = min(end, (at + n + 63) // 64 * 64)
+                src = _as_bytes(f)
+            loc = region.put(src) if src.nbytes >= limit else None
+            if loc is not None:
+                d["shm"] = loc
                 descs.append(d)
                 continue
         frames.append(f)
         descs.append(d)
-    if region is not None:
-        region.cursor = at
     return descs, frames
+
+
+def _as_bytes(frame: Any) -> memoryview:
+    src = frame if type(frame) is memoryview else memoryview(frame)
+    return src if src.ndim == 1 and src.format == "B" else src.cast("B")
 
 
 def _plan(desc: Any, want: ValueType | None, depth: int) -> tuple[int, int]:
@@ -733,12 +727,10 @@ def decode_tensors(
         raise ProtocolError(f"header names {need} framed tensors but {len(frames)} frames came")
     if not numeric_only and bound:
         wire += sum(_frame_len(f) for f in frames)
-        cost = wire + strings * STRING_ELEMENT_COST
-        if cost > max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
-            raise ProtocolError(
-                f"request refused: decoding its {strings} strings and map entries would take "
-                f"about {cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
-            )
+        over = decoding_too_dear(wire, strings)
+        if over:
+            raise ProtocolError(f"request refused: decoding its {strings} strings and map "
+                                f"entries would take {over}")  # fmt: skip
     it = iter(frames)
     if not numeric_only:
         return {d["name"]: _decode_value(d, it, region, copy) for d in descs}
@@ -779,7 +771,7 @@ class RepeatPlan:
     keeps one (never a thread that serves many callers: worker/ops.py says
     why); the caller's threads keep one each for answers. For 19 inputs of
     24 KiB the worker's handler took 176 us around a 49 us run, 132 us with
-    the plan (warm, in one process; docs/benchmarks.md has the calls).
+    the plan (a hand measurement, warm, in one process; docs/benchmarks.md).
     Values that compare equal decode alike (a dimension sent as ``1.0`` or
     ``true`` after one sent as ``1`` is read as ``1``, the same bytes).
 
@@ -813,7 +805,7 @@ class RepeatPlan:
         would hold a sender's junk, up to a header's 1 MiB, after its call)."""
         if not isinstance(descs, list):
             return False
-        if region_wire is not None and region_wire.keys() - _REGION_KEYS:
+        if isinstance(region_wire, dict) and region_wire.keys() - _REGION_KEYS:
             return False
         for d in descs:
             if d.keys() - _PLAN_KEYS or not isinstance(d.get("shape"), list):
@@ -861,6 +853,47 @@ class RepeatPlan:
         return out
 
 
+class RepeatPlans(threading.local):
+    """One thread's :class:`RepeatPlan`, built only once the same descriptors
+    came twice in a row: a caller whose shapes change call to call (a growing
+    past, a varying batch) pays one comparison a call, not a plan built and
+    thrown away (by hand: 24 us for 19 tensors, on top of a 41 us decode).
+
+    ``remember`` (:meth:`learn`): whether a message's descriptors may be kept
+    until the next one (a worker keeps those of small headers only: what it
+    keeps of a sender's message it holds until that sender's next call)."""
+
+    def __init__(self, *, copy: bool = False) -> None:
+        self.copy = copy
+        self.plan: RepeatPlan | None = None
+        self.seen: tuple[Any, Any] | None = None
+
+    def decode(
+        self,
+        descs: Any,
+        region_wire: Any,
+        frames: Sequence[Any],
+        region: SharedRegion | None = None,
+    ) -> dict[str, Any] | None:
+        plan = self.plan
+        return None if plan is None else plan.decode(descs, region_wire, frames, region)
+
+    @property
+    def cursor(self) -> int:
+        return self.plan.cursor if self.plan is not None else 0
+
+    def learn(self, descs: Any, region_wire: Any, values: Mapping[str, Any], cursor: int = 0,
+              *, remember: bool = True) -> None:  # fmt: skip
+        """After a full decode of ``descs`` into ``values``."""
+        self.plan = None
+        if self.seen is not None and self.seen == (descs, region_wire):
+            self.seen = None
+            if RepeatPlan.fits(descs, values, region_wire):
+                self.plan = RepeatPlan(descs, region_wire, values, cursor, copy=self.copy)
+            return
+        self.seen = (descs, region_wire) if remember else None
+
+
 def _owned_copies(region: SharedRegion, locs: list[Any]) -> list[Any]:
     """Owned copies of the shared-memory tensors ``locs`` names (each checked
     by :meth:`SharedRegion.view`), in order, copied run by run (:func:`_runs`)."""
@@ -875,8 +908,8 @@ def _runs(locs: list[Any]) -> list[tuple[int, int, list[tuple[int, int]]]]:
     (under :data:`SHM_MIN_BYTES` each: a call's many small tensors, which go
     through shared memory together) laid out back to back make one run, one
     copy that their arrays share: 19 outputs of 24 KiB each were 19
-    allocations and copies, 60-75 us more a call than one (measured on a
-    2-core VM). A tensor of its own size is a run of its own, so keeping one
+    allocations and copies, 60-75 us more a call than one (a hand
+    measurement on a 2-core VM). A tensor of its own size is a run of its own, so keeping one
     output never keeps a large one alive (a run's block lives while any of
     its arrays do)."""
     runs: list[tuple[int, int, list[tuple[int, int]]]] = []
@@ -905,6 +938,17 @@ def _copies(region: SharedRegion, runs: list[tuple[int, int, list[tuple[int, int
             block = memoryview(bytearray(mv[start:stop]))
             out.extend(block[o : o + m] for o, m in parts)
     return out
+
+
+def decoding_too_dear(wire: int, strings: int) -> str:
+    """The memory rule for decoding (module constants): ``""`` when ``strings``
+    elements from ``wire`` bytes may be decoded, else what it would cost, in
+    words for the refusal. Shared by the worker's decoder and the Open
+    Inference Protocol doors, which apply it before they split a body."""
+    cost = wire + strings * STRING_ELEMENT_COST
+    if not strings or cost <= max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
+        return ""
+    return f"about {cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
 
 
 def _frame_len(f: Any) -> int:

@@ -55,25 +55,33 @@ def test_a_thread_of_many_callers_keeps_no_plan() -> None:
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
     for i in range(3):
         np.testing.assert_array_equal(_answer(svc.handle(_request(a, i))), -a)
-    assert getattr(svc._plans, "last", None) is None
-    np.testing.assert_array_equal(_answer(svc.handle_own(_request(a, 9))), -a)
-    assert svc._plans.last is not None  # one caller's connection: kept
+    assert svc._plans.plan is None and svc._plans.seen is None
+    for i in range(2):  # one caller's connection: kept once the same descriptors came twice
+        np.testing.assert_array_equal(_answer(svc.handle_own(_request(a, 9 + i))), -a)
+    assert svc._plans.plan is not None
 
 
 def test_a_plan_keeps_only_what_the_protocol_names() -> None:
-    """Keys the decoder ignores are answered, never kept: a plan that held
-    them would keep a sender's junk (up to a header's 1 MiB) after its call."""
+    """Keys the decoder ignores are answered, never planned: a plan that held
+    them would keep a sender's junk (up to a header's 1 MiB) after its call;
+    and the descriptors kept to compare with the next request's are kept only
+    from a small header."""
     svc = _service()
     a = np.ones((1, 4), np.float32)
     junk = [[] for _ in range(1000)]
-    np.testing.assert_array_equal(_answer(svc.handle_own(_request(a, 1, junk=junk))), -a)
-    assert svc._plans.last is None
-    np.testing.assert_array_equal(_answer(svc.handle_own(_request(a, 2))), -a)
-    assert svc._plans.last is not None
+    for i in range(2):
+        np.testing.assert_array_equal(_answer(svc.handle_own(_request(a, 1 + i, junk=junk))), -a)
+    assert svc._plans.plan is None
+    for i in range(2):
+        np.testing.assert_array_equal(_answer(svc.handle_own(_request(a, 3 + i))), -a)
+    assert svc._plans.plan is not None
     # the same descriptors with junk added no longer compare equal: checked in full
     b = np.full((1, 4), 3.0, np.float32)
-    np.testing.assert_array_equal(_answer(svc.handle_own(_request(b, 3, junk=junk))), -b)
-    assert svc._plans.last is None
+    np.testing.assert_array_equal(_answer(svc.handle_own(_request(b, 5, junk=junk))), -b)
+    assert svc._plans.plan is None
+    big = "x" * 100_000  # a header of about 100 KB: answered, not kept
+    np.testing.assert_array_equal(_answer(svc.handle_own(_request(b, 6, junk=big))), -b)
+    assert svc._plans.plan is None and svc._plans.seen is None
 
 
 def test_another_shape_after_a_plan_is_checked_and_answered() -> None:

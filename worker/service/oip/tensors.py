@@ -27,13 +27,7 @@ import msgpack
 import numpy as np
 
 from vault.core.errors import InputError
-from vault.core.protocol import (
-    MAX_RANK,
-    MEMORY_FACTOR,
-    MEMORY_FLOOR,
-    STRING_ELEMENT_COST,
-    dtype_from_name,
-)
+from vault.core.protocol import MAX_RANK, decoding_too_dear, dtype_from_name
 
 __all__ = [
     "DATATYPES",
@@ -123,11 +117,10 @@ def check_strings(inputs: Sequence[tuple[Any, Any, Any]], wire: int) -> None:
                 strings += _count(oip_shape(shape))
             except InputError as exc:
                 raise InputError(f"{name!r}: {exc}") from None
-    cost = wire + strings * STRING_ELEMENT_COST
-    if strings and cost > max(MEMORY_FACTOR * wire, MEMORY_FLOOR):
+    over = decoding_too_dear(wire, strings)
+    if over:
         raise InputError(
-            f"request refused: decoding its {strings} BYTES elements would take about "
-            f"{cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
+            f"request refused: decoding its {strings} BYTES elements would take {over}"
         )
 
 
