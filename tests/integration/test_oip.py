@@ -868,8 +868,8 @@ def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> N
     a request line on each: uvicorn waited for the rest without a deadline,
     its connection limit (512) was reached, and every other caller was
     answered 503 for as long as the stranger kept them. Now one address holds
-    at most 64 connections (the rest are closed as they are made) and a
-    request's head must arrive within 10 s: a caller on another address is
+    at most 64 connections (the rest are closed as they are made, before
+    their TLS handshake) and a request's head must arrive within 10 s: a caller on another address is
     served during the attack, and the stranger's connections are closed by
     the door. (The control, alice's own request before the attack, is 200.)"""
     import socket
@@ -892,15 +892,22 @@ def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> N
 
     assert served() == "HTTP/1.1 200 OK"
     held: list[Any] = []
+    refused = 0
     try:
         for _ in range(600):  # from another address: 127.0.0.2
             raw = socket.socket()
             raw.settimeout(30)
             raw.bind(("127.0.0.2", 0))
             raw.connect(("127.0.0.1", plane.http_port))
-            s = ctx.wrap_socket(raw, server_hostname="localhost")
-            s.sendall(b"POST /v2/models/")  # and nothing more
+            try:
+                s = ctx.wrap_socket(raw, server_hostname="localhost")
+                s.sendall(b"POST /v2/models/")  # and nothing more
+            except (ssl.SSLError, OSError):  # past the address's 64: closed at once
+                raw.close()
+                refused += 1
+                continue
             held.append(s)
+        assert refused >= 600 - 64, refused
         assert served() == "HTTP/1.1 200 OK"  # before: 503 Service Unavailable
         open_ = []
         for s in held:
@@ -920,6 +927,47 @@ def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> N
                 assert s.recv(1) == b""
             except (ssl.SSLError, ConnectionResetError):
                 pass
+    finally:
+        for s in held:
+            s.close()
+    _serving(plane)
+
+
+def test_a_stranger_who_never_shakes_hands_holds_no_more_nor_longer(plane: Plane) -> None:
+    """The same stranger, one step earlier: 200 TCP connections to the TLS
+    door that never send a ClientHello. asyncio tells the HTTP protocol of a
+    connection only once its handshake is done, and waits 60 s for one: all
+    200 stayed open for a minute, counted nowhere (enough of them run the
+    service out of file descriptors). Now a connection counts against its
+    address from the moment it is made and its handshake has the head's
+    deadline (10 s): at most 64 stay open, and not for long; a caller on
+    another address is served meanwhile."""
+    import socket
+
+    held: list[socket.socket] = []
+    try:
+        for _ in range(200):  # from another address: 127.0.0.2
+            raw = socket.socket()
+            raw.settimeout(30)
+            raw.bind(("127.0.0.2", 0))
+            raw.connect(("127.0.0.1", plane.http_port))
+            held.append(raw)
+        _serving(plane)  # alice, from 127.0.0.1, during the attack
+
+        def still_open(s: socket.socket, wait: float) -> bool:
+            s.settimeout(wait)
+            try:
+                return s.recv(1) != b""
+            except TimeoutError:
+                return True
+            except OSError:  # reset: aborted by the door
+                return False
+
+        open_ = [s for s in held if still_open(s, 0.2)]
+        assert 0 < len(open_) <= 64, len(open_)  # before: 200
+        deadline = time.monotonic() + 30  # the handshake's 10 s, and a loaded machine's slack
+        for s in open_:
+            assert not still_open(s, max(0.1, deadline - time.monotonic()))  # before: 60 s
     finally:
         for s in held:
             s.close()

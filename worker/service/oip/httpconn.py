@@ -14,13 +14,25 @@ address, or an IPv6 /64: one host holds a whole /64); past it a new one is
 closed as soon as it is made. What the head carries (a token) is checked by
 the door after that, as before.
 
+Over TLS both bounds start at the TCP connection, not at the end of the
+handshake (asyncio tells the HTTP protocol of a connection only once its
+handshake is done, and waits up to 60 s for one): :func:`gated_loop` makes
+an event loop whose TLS servers count a connection against its address as
+it is made and give its handshake ``head_timeout`` seconds. Before, a
+stranger could hold any number of connections that never sent a
+ClientHello, each for 60 s, uncounted: enough of them run the process out
+of file descriptors, and every door with it.
+
 Example::
 
-    config = uvicorn.Config(app, http=bounded_protocol(10.0, 64), ...)
+    http = bounded_protocol(10.0, 64)
+    config = uvicorn.Config(app, http=http, ssl_certfile=..., ...)
+    loop = gated_loop(uvloop.Loop, http)()   # the loop uvicorn serves on
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -28,7 +40,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..calls import address_key
 
-__all__ = ["bounded_protocol"]
+__all__ = ["bounded_protocol", "gated_loop"]
+
+
+def _peer_key(transport: Any) -> str:
+    peer = transport.get_extra_info("peername")
+    return address_key(str(peer[0])) if peer else ""
 
 
 def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
@@ -38,18 +55,34 @@ def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
     class Bounded(HttpToolsProtocol):
         _vault_timer: Any = None
         _vault_peer: str | None = None
+        _vault_counted: str | None = None  # counted by the TLS gate already
+        vault_head_timeout = head_timeout
+
+        @staticmethod
+        def vault_take(key: str) -> bool:
+            """Count one more connection of this address, if it has room."""
+            if counts[key] >= per_address:
+                return False
+            counts[key] += 1
+            return True
+
+        @staticmethod
+        def vault_give(key: str) -> None:
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            peer = transport.get_extra_info("peername")
-            key = address_key(str(peer[0])) if peer else ""
-            if counts[key] >= per_address:
-                # aborted, not closed: a TLS close waits up to 30 s for the
-                # peer's close_notify, the connection counted by uvicorn all along
-                self.connections.discard(self)
-                transport.abort()  # its connection_lost follows; it was never counted
-                return
-            counts[key] += 1
+            key = self._vault_counted
+            if key is None:
+                key = _peer_key(transport)
+                if not self.vault_take(key):
+                    # aborted, not closed: a TLS close waits up to 30 s for the
+                    # peer's close_notify, the connection counted by uvicorn all along
+                    self.connections.discard(self)
+                    transport.abort()  # its connection_lost follows; it was never counted
+                    return
             self._vault_peer = key
             self._vault_arm()
 
@@ -81,9 +114,95 @@ def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
             self._vault_cancel()
             key, self._vault_peer = self._vault_peer, None
             if key is not None:
-                counts[key] -= 1
-                if counts[key] <= 0:
-                    del counts[key]
+                self.vault_give(key)
             super().connection_lost(exc)
 
     return Bounded
+
+
+class _TlsGate(asyncio.Protocol):
+    """A new TLS connection's first protocol: it counts the connection
+    against its address (or aborts it past the address's share) and puts
+    the loop's own TLS layer in its place at once, with ``head_timeout``
+    for the handshake; the HTTP protocol keeps the count from the end of
+    the handshake, and a handshake that never ends gives it back."""
+
+    def __init__(self, loop: Any, factory: Any, ctx: Any, http: Any, tls: Any,
+                 gates: set[Any]) -> None:  # fmt: skip
+        self._loop = loop
+        self._factory = factory
+        self._ctx = ctx
+        self._http = http
+        self._tls = tls  # the loop's SSLProtocol class
+        self._gates = gates
+        self._transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        key = _peer_key(transport)
+        if not self._http.vault_take(key):
+            transport.abort()  # past the address's connections: closed as it is made
+            return
+        app = self._factory()
+        app._vault_counted = key  # the HTTP protocol releases it when it goes
+        done = self._loop.create_future()
+        tls = self._tls(self._loop, app, self._ctx, done, server_side=True,
+                        ssl_handshake_timeout=self._http.vault_head_timeout)  # fmt: skip
+        self._transport = transport
+        self._gates.add(self)
+
+        def ended(_: Any) -> None:
+            self._gates.discard(self)
+            if getattr(app, "_vault_peer", None) is None:  # no handshake: never handed over
+                self._http.vault_give(key)
+
+        done.add_done_callback(ended)
+        # in place before the loop starts reading: the ClientHello goes to TLS
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _tls_protocol(base: type[Any]) -> type[Any]:
+    """The TLS protocol class of ``base``'s own TLS servers."""
+    try:
+        import uvloop
+        import uvloop.loop
+
+        if issubclass(base, uvloop.Loop):
+            return getattr(uvloop.loop, "SSLProtocol")  # type: ignore[no-any-return]  # noqa: B009 - not in its stubs
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    from asyncio.sslproto import SSLProtocol
+
+    return SSLProtocol
+
+
+def gated_loop(base: type[Any], http: Any) -> type[Any]:
+    """An event loop class (``base``: uvloop's, or asyncio's selector loop)
+    whose TLS servers hand each new connection to a :class:`_TlsGate` for
+    ``http`` (a :func:`bounded_protocol` class) before its handshake;
+    :meth:`abort_handshakes` drops those still shaking hands."""
+    tls = _tls_protocol(base)
+
+    class Gated(base):  # type: ignore[misc]
+        _vault_gates: set[Any]
+
+        async def create_server(self, protocol_factory: Any, *args: Any, ssl: Any = None,
+                                **kw: Any) -> Any:  # fmt: skip
+            if ssl is None:
+                return await super().create_server(protocol_factory, *args, **kw)
+            gates = self._vault_gates = getattr(self, "_vault_gates", set())
+
+            def gate() -> _TlsGate:
+                return _TlsGate(self, protocol_factory, ssl, http, tls, gates)
+
+            return await super().create_server(gate, *args, **kw)
+
+        def abort_handshakes(self) -> None:
+            for g in list(getattr(self, "_vault_gates", ())):
+                g.abort()
+
+    return Gated

@@ -70,13 +70,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def _new_loop(http: Any = None) -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed; ``http`` (the REST door's
+    protocol class, over TLS): a loop that counts and times connections from
+    before their handshake (:func:`.httpconn.gated_loop`)."""
+    base: type[Any]
     try:
         import uvloop
 
-        return uvloop.new_event_loop()
+        base = uvloop.Loop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
+        base = asyncio.SelectorEventLoop
+    if http is None:
+        return base()
+    from .httpconn import gated_loop
+
+    return gated_loop(base, http)()  # type: ignore[no-any-return]
 
 
 class OipServer:
@@ -153,10 +162,11 @@ class OipServer:
             from .cors import with_cors
 
             app = with_cors(app, self.cfg.cors_origins)
+        http = bounded_protocol(self.cfg.head_timeout, self.cfg.max_connections_per_address)
         config = uvicorn.Config(
             app, lifespan="off",
             log_level="warning", access_log=False, ws="none",
-            http=bounded_protocol(self.cfg.head_timeout, self.cfg.max_connections_per_address),
+            http=http,
             ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
             timeout_graceful_shutdown=5, server_header=False, date_header=False,
             limit_concurrency=self.cfg.max_connections, timeout_keep_alive=5,
@@ -171,7 +181,7 @@ class OipServer:
         started: Future[None] = Future()
 
         def run() -> None:
-            loop = _new_loop()
+            loop = _new_loop(http if tls else None)
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self._serve_http(server, sock, started))
@@ -190,7 +200,12 @@ class OipServer:
             await asyncio.sleep(0.005)
         if not started.done():
             started.set_result(None)
-        await task
+        try:
+            await task
+        finally:
+            abort = getattr(asyncio.get_running_loop(), "abort_handshakes", None)
+            if abort is not None:
+                abort()  # connections still shaking hands go with the door
 
     def _start_grpc(self) -> None:
         started: Future[int] = Future()
