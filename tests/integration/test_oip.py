@@ -974,6 +974,31 @@ def test_a_stranger_who_never_shakes_hands_holds_no_more_nor_longer(plane: Plane
     _serving(plane)
 
 
+def test_a_silent_connection_to_the_grpc_door_goes_within_the_deadline(plane: Plane) -> None:
+    """gRPC's server gives a new connection's handshake (TLS, HTTP/2's
+    preface) 120 s by default: a stranger's silent connections were held for
+    two minutes. The door gives them the REST door's head deadline (10 s)."""
+    import socket
+
+    held = [socket.create_connection(("127.0.0.1", plane.grpc_port), timeout=30)
+            for _ in range(50)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30  # the 10 s, and a loaded machine's slack
+        for s in held:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while s.recv(4096):  # whatever the server says first, then its close
+                    pass
+            except TimeoutError:
+                raise AssertionError("a silent connection outlived the deadline") from None
+            except OSError:
+                pass  # reset: aborted by the door
+    finally:
+        for s in held:
+            s.close()
+    _serving(plane)
+
+
 def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
     """A door holds 64 requests at once. Before, alice's 64 requests that
     declared a body and never sent it held all of them, for the 30 s body

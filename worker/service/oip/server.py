@@ -243,6 +243,10 @@ class OipServer:
                 # may take once decompressed is bounded by nothing the caller
                 # sent (a megabyte of gzip is a gigabyte of BYTES elements)
                 ("grpc.compression_enabled_algorithms_bitset", 1),
+                # a connection's handshake (TLS, HTTP/2's preface) within the
+                # REST door's head deadline, not gRPC's default 120 s: a
+                # stranger's silent connections are not held for two minutes
+                ("grpc.server_handshake_timeout_ms", int(self.cfg.head_timeout * 1000)),
             ],
             maximum_concurrent_rpcs=self.cfg.max_connections,
         )
