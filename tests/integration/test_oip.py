@@ -863,6 +863,18 @@ def test_a_strangers_large_requests_are_refused_before_they_are_read(plane: Plan
     _serving(plane)
 
 
+def _stranger(port: int) -> Any:
+    """A TCP connection to the door from another address than the callers'
+    (127.0.0.2: the door counts connections per address)."""
+    import socket
+
+    raw = socket.socket()
+    raw.settimeout(30)
+    raw.bind(("127.0.0.2", 0))
+    raw.connect(("127.0.0.1", port))
+    return raw
+
+
 def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> None:
     """A stranger with no token opened 600 connections and sent 17 bytes of
     a request line on each: uvicorn waited for the rest without a deadline,
@@ -894,11 +906,8 @@ def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> N
     held: list[Any] = []
     refused = 0
     try:
-        for _ in range(600):  # from another address: 127.0.0.2
-            raw = socket.socket()
-            raw.settimeout(30)
-            raw.bind(("127.0.0.2", 0))
-            raw.connect(("127.0.0.1", plane.http_port))
+        for _ in range(600):
+            raw = _stranger(plane.http_port)
             try:
                 s = ctx.wrap_socket(raw, server_hostname="localhost")
                 s.sendall(b"POST /v2/models/")  # and nothing more
@@ -946,12 +955,8 @@ def test_a_stranger_who_never_shakes_hands_holds_no_more_nor_longer(plane: Plane
 
     held: list[socket.socket] = []
     try:
-        for _ in range(200):  # from another address: 127.0.0.2
-            raw = socket.socket()
-            raw.settimeout(30)
-            raw.bind(("127.0.0.2", 0))
-            raw.connect(("127.0.0.1", plane.http_port))
-            held.append(raw)
+        for _ in range(200):
+            held.append(_stranger(plane.http_port))
         _serving(plane)  # alice, from 127.0.0.1, during the attack
 
         def still_open(s: socket.socket, wait: float) -> bool:
