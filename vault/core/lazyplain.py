@@ -550,8 +550,16 @@ def decrypt_lazily(
     block = max(chunk_size, BLOCK_BYTES // chunk_size * chunk_size)
     src = _Source(fd, payload_start, key, prefix, aad, size, chunk_size)
     span = -(-size // PAGE) * PAGE
-    buf = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    bufs = src.buffers(chunk_size)
+    buf: mmap.mmap | None = None
+    try:
+        buf = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        bufs = src.buffers(chunk_size)  # one pair for every chunk decrypted up front
+    except BaseException:  # out of memory: nothing decrypted yet; the key copy and fds go
+        if buf is not None:
+            buf.close()
+        os.close(uffd)
+        src.close()
+        raise
     keep = False
     try:
         # 4 KiB pages only: under THP "always" the up-front part's last write

@@ -139,18 +139,24 @@ class _TlsGate(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         key = _peer_key(transport)
+        try:
+            app = self._factory()
+            done = self._loop.create_future()
+            tls = self._tls(self._loop, app, self._ctx, done, server_side=True,
+                            ssl_handshake_timeout=self._http.vault_head_timeout)  # fmt: skip
+        except Exception:  # noqa: BLE001 - nothing to serve it with: it goes, uncounted
+            transport.abort()
+            raise
         if not self._http.vault_take(key):
             transport.abort()  # past the address's connections: closed as it is made
             return
-        app = self._factory()
         app._vault_counted = key  # the HTTP protocol releases it when it goes
-        done = self._loop.create_future()
-        tls = self._tls(self._loop, app, self._ctx, done, server_side=True,
-                        ssl_handshake_timeout=self._http.vault_head_timeout)  # fmt: skip
         self._transport = transport
         self._gates.add(self)
 
-        def ended(_: Any) -> None:
+        def ended(fut: Any) -> None:
+            if not fut.cancelled():
+                fut.exception()  # a failed handshake is the stranger's, not an error to log
             self._gates.discard(self)
             if getattr(app, "_vault_peer", None) is None:  # no handshake: never handed over
                 self._http.vault_give(key)
