@@ -1222,7 +1222,8 @@ class Model:
             # outputs in the slot are copied out: the next call reuses it
             answer = hdr.get("tensors")
             key = (region.start, region.end) if region is not None else None
-            result = self._plans.decode(answer, key, out_frames, region)
+            plan = self._plans.plan
+            result = plan.decode(answer, key, out_frames, region) if plan is not None else None
             if result is None:
                 result = decode_tensors(answer, out_frames, region, copy=True, bound=False)
                 self._plans.learn(answer, key, result)

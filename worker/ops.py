@@ -154,11 +154,12 @@ class Service:
             region = SharedRegion.from_wire(self.shm, region_wire)
         descs = header.get("tensors")
         plans = self._plans
+        plan = plans.plan if own_thread else None
         # the same descriptors as this caller's last requests: checked then
-        feeds = plans.decode(descs, region_wire, frames) if own_thread else None
+        feeds = plan.decode(descs, region_wire, frames) if plan is not None else None
         if feeds is not None:
-            if region is not None:
-                region.cursor = plans.cursor  # outputs go after the inputs, as before
+            if region is not None and plan is not None:
+                region.cursor = plan.cursor  # outputs go after the inputs, as before
         else:
             # inputs in the slot are read in place; outputs that fit go after them
             # names, dtypes, declared sizes and the memory decoding would cost are

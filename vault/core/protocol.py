@@ -861,26 +861,13 @@ class RepeatPlans(threading.local):
 
     ``remember`` (:meth:`learn`): whether a message's descriptors may be kept
     until the next one (a worker keeps those of small headers only: what it
-    keeps of a sender's message it holds until that sender's next call)."""
+    keeps of a sender's message it holds until that sender's next call).
+    Callers read ``.plan`` (None until one is built) and decode with it."""
 
     def __init__(self, *, copy: bool = False) -> None:
         self.copy = copy
         self.plan: RepeatPlan | None = None
         self.seen: tuple[Any, Any] | None = None
-
-    def decode(
-        self,
-        descs: Any,
-        region_wire: Any,
-        frames: Sequence[Any],
-        region: SharedRegion | None = None,
-    ) -> dict[str, Any] | None:
-        plan = self.plan
-        return None if plan is None else plan.decode(descs, region_wire, frames, region)
-
-    @property
-    def cursor(self) -> int:
-        return self.plan.cursor if self.plan is not None else 0
 
     def learn(self, descs: Any, region_wire: Any, values: Mapping[str, Any], cursor: int = 0,
               *, remember: bool = True) -> None:  # fmt: skip

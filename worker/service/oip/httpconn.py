@@ -194,21 +194,22 @@ def gated_loop(base: type[Any], http: Any) -> type[Any]:
     tls = _tls_protocol(base)
 
     class Gated(base):  # type: ignore[misc]
-        _vault_gates: set[Any]
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self._vault_gates: set[_TlsGate] = set()  # connections shaking hands
 
         async def create_server(self, protocol_factory: Any, *args: Any, ssl: Any = None,
                                 **kw: Any) -> Any:  # fmt: skip
             if ssl is None:
                 return await super().create_server(protocol_factory, *args, **kw)
-            gates = self._vault_gates = getattr(self, "_vault_gates", set())
 
             def gate() -> _TlsGate:
-                return _TlsGate(self, protocol_factory, ssl, http, tls, gates)
+                return _TlsGate(self, protocol_factory, ssl, http, tls, self._vault_gates)
 
             return await super().create_server(gate, *args, **kw)
 
         def abort_handshakes(self) -> None:
-            for g in list(getattr(self, "_vault_gates", ())):
+            for g in list(self._vault_gates):
                 g.abort()
 
     return Gated
