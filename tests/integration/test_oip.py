@@ -272,6 +272,56 @@ def test_tritonclient_http_metadata_and_readiness(plane: Plane) -> None:
     client.close()
 
 
+def test_tritonclient_model_config_says_what_the_metadata_says(plane: Plane) -> None:
+    """Triton's model configuration (tritonclient's get_model_config, which
+    Triton's own example clients call before a request) on both doors: the
+    metadata's tensors in Triton's types, max_batch_size 0 so that dims are
+    the whole shape a request sends; a request built from it is served."""
+    client, _ = plane.http()
+    cfg = client.get_model_config("clf")
+    assert cfg == client.get_model_config("clf", "1")
+    assert cfg["name"] == "clf" and cfg["max_batch_size"] == 0
+    assert cfg["input"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": [-1, 8]}]
+    md = client.get_model_metadata("clf")
+    assert [(o["name"], o["data_type"], o["dims"]) for o in cfg["output"]] == [
+        (o["name"], "TYPE_" + o["datatype"], o["shape"]) for o in md["outputs"]]  # fmt: skip
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_config("nope")
+    assert err.value.status() == "404" or "unknown_model" in str(err.value)
+    # a request shaped from the configuration alone (free dimensions as 2)
+    spec = cfg["input"][0]
+    shape = [2 if d == -1 else d for d in spec["dims"]]
+    image = np.arange(int(np.prod(shape)), dtype=np.uint8).reshape(shape)
+    _, headers = plane.http(plane.token("alice", "clf"))
+    inp = tritonhttp.InferInput(spec["name"], shape, spec["data_type"][len("TYPE_") :])
+    inp.set_data_from_numpy(image, binary_data=True)
+    res = client.infer("clf", [inp], headers=headers)
+    np.testing.assert_allclose(res.as_numpy("probs"), plane.clf_reference(image)["probs"],
+                               rtol=1e-5)  # fmt: skip
+    # statistics would tell a stranger about the callers' calls: not served
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics("clf")
+    assert err.value.status() == "404"
+    client.close()
+
+    g = plane.grpc()
+    with pytest.raises(InferenceServerException) as err:
+        g.get_inference_statistics("clf")
+    assert err.value.status() == "StatusCode.UNIMPLEMENTED"
+    gcfg = g.get_model_config("types", as_json=True)["config"]
+    gmd = g.get_model_metadata("types", as_json=True)
+    want = {t["name"]: ("TYPE_STRING" if t["datatype"] == "BYTES" else "TYPE_" + t["datatype"],
+                        [int(d) for d in t.get("shape", [])]) for t in gmd["inputs"]}  # fmt: skip
+    got = {t["name"]: (t["data_type"], [int(d) for d in t.get("dims", [])])
+           for t in gcfg["input"]}  # fmt: skip
+    assert got == want and len(got) == len(OIP_TYPES)
+    assert gcfg.get("max_batch_size", 0) == 0 and gcfg["name"] == "types"
+    with pytest.raises(InferenceServerException) as err:
+        g.get_model_config("nope")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    g.close()
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_http_pipeline_equals_onnxruntime(plane: Plane, binary: bool) -> None:
     client, headers = plane.http(plane.token("alice", "clf"))

@@ -31,14 +31,22 @@ def _fields(desc: Any) -> dict[str, Any]:
 
 def test_messages_match_tritons_compiled_proto() -> None:
     triton = pytest.importorskip("tritonclient.grpc.service_pb2")
+    from tritonclient.grpc import model_config_pb2 as triton_config
+
     names = [n for n in ours.DESCRIPTOR.message_types_by_name]
-    assert len(names) == 14
+    assert len(names) == 19
+    configs = {"ModelConfig", "ModelInput", "ModelOutput"}  # model_config.proto's
     for name in names:
         mine = ours.DESCRIPTOR.message_types_by_name[name]
-        theirs = triton.DESCRIPTOR.message_types_by_name[name]
+        where = triton_config if name in configs else triton
+        theirs = where.DESCRIPTOR.message_types_by_name[name]
+        assert mine.full_name == theirs.full_name
         t = _fields(theirs)
         for field_name, spec in _fields(mine).items():
             assert t[field_name][:3] == spec[:3], (name, field_name)
+    # the same numbers for every datatype of the model configuration
+    theirs_dt = {v.name: v.number for v in triton_config.DataType.DESCRIPTOR.values}
+    assert {v.name: v.number for v in ours.DataType.DESCRIPTOR.values} == theirs_dt
     svc, tsvc = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"], None
     tsvc = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     for m in svc.methods:

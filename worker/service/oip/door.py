@@ -80,7 +80,11 @@ def _version() -> str:
         return "0"
 
 
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+
+# Triton's model configuration names a datatype TYPE_<the protocol's>, but for
+# BYTES (model_config.proto's DataType)
+_CONFIG_TYPE = {"BYTES": "TYPE_STRING"}
 
 # Tensors in a form that takes Python objects to decode (REST's JSON, gRPC's
 # typed ``contents``) grow about 12-13 times once decoded (measured: 30 MiB of
@@ -222,6 +226,27 @@ class DataPlane:
             "platform": "vault",
             "inputs": tensor_meta(info.get("inputs") or []),
             "outputs": tensor_meta(info.get("outputs") or []),
+        }
+
+    def model_config(self, model: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration (its ``model_configuration``
+        extension: tritonclient's ``get_model_config``), made from the model
+        metadata and saying nothing more: ``max_batch_size`` 0, so each
+        input's ``dims`` are its whole shape (``-1`` for a free dimension),
+        sent as they are. The service's own batching (``--max-batch``) is
+        not the caller's to do (docs/protocol.md)."""
+        md = self.model_metadata(model, version)
+
+        def io(t: dict[str, Any]) -> dict[str, Any]:
+            dt = _CONFIG_TYPE.get(t["datatype"], "TYPE_" + t["datatype"])
+            return {"name": t["name"], "data_type": dt, "dims": t["shape"]}
+
+        return {
+            "name": model,
+            "platform": md["platform"],
+            "max_batch_size": 0,
+            "input": [io(t) for t in md["inputs"]],
+            "output": [io(t) for t in md["outputs"]],
         }
 
     def default_outputs(self, model: str) -> list[str] | None:

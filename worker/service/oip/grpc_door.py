@@ -128,6 +128,24 @@ class InferenceServicer:
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in md["outputs"]],
         )  # fmt: skip
 
+    async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+        """Triton's ``model_configuration`` extension (:meth:`.door.DataPlane.model_config`)."""
+        try:
+            cfg = self.plane.model_config(request.name, request.version or None)
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise  # abort raised already; for the type checker
+
+        def io(kind: Any, t: dict[str, Any]) -> Any:
+            return kind(name=t["name"], data_type=pb.DataType.Value(t["data_type"]),
+                        dims=t["dims"])  # fmt: skip
+
+        return pb.ModelConfigResponse(config=pb.ModelConfig(
+            name=cfg["name"], platform=cfg["platform"], max_batch_size=cfg["max_batch_size"],
+            input=[io(pb.ModelInput, t) for t in cfg["input"]],
+            output=[io(pb.ModelOutput, t) for t in cfg["output"]],
+        ))  # fmt: skip
+
     async def ModelInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
         """Vet the token, then read the message, then decode it (:func:`register`)."""
         try:
@@ -214,7 +232,8 @@ def register(servicer: InferenceServicer, server: Any) -> None:
     """Add ``inference.GRPCInferenceService`` to a ``grpc.aio`` server: the
     generated handlers, but ``ModelInfer`` stream-unary on raw bytes (see the
     module docstring; a unary client sees no difference)."""
-    names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata")
+    names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+             "ModelConfig")  # fmt: skip
     handlers: dict[str, Any] = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),

@@ -8,6 +8,7 @@ GET      ``/v2/health/live``, ``/v2/health/ready``       200, or 400 when not
 GET      ``/v2``                                         server metadata
 GET      ``/v2/models/M[/versions/V]``                   model metadata
 GET      ``/v2/models/M[/versions/V]/ready``             200, or 400 when not ready
+GET      ``/v2/models/M[/versions/V]/config``            Triton's model configuration
 POST     ``/v2/models/M[/versions/V]/infer``             outputs (needs a token)
 =======  ==============================================  ===========================
 
@@ -62,7 +63,7 @@ __all__ = ["RestApp"]
 # probes answer the same: worker/service/metrics.py)
 NOT_READY = 400
 MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
-_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -169,6 +170,9 @@ class RestApp:
         if action is None:
             _only(method, "GET")
             await _json(send, 200, self.plane.model_metadata(model, version))
+        elif action == "/config":
+            _only(method, "GET")
+            await _json(send, 200, self.plane.model_config(model, version))
         elif action == "/ready":
             _only(method, "GET")
             ok = self.plane.model_ready(model, version)
