@@ -1121,6 +1121,55 @@ def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
     _serving(plane)
 
 
+def test_one_licence_holds_at_most_its_share_of_the_grpc_door(plane: Plane) -> None:
+    """The gRPC door's share, as REST's: alice's 16 ModelInfer calls whose
+    token is vetted and whose message never comes hold her licence's share;
+    her next call is refused at once (UNAVAILABLE, naming the share) and bob
+    is served meanwhile."""
+    import threading
+
+    import grpc
+
+    from worker.service.oip import inference_pb2
+
+    pb: Any = inference_pb2
+    alice, bob = plane.token("alice", "clf"), plane.token("bob", "clf")
+    good = pb.ModelInferRequest(model_name="clf")
+    good.inputs.add(name="image", datatype="UINT8", shape=[1, 8])
+    good.raw_input_contents.append(bytes(8))
+    bad = pb.ModelInferRequest(model_name="clf")  # refused after it is read, not billed
+    bad.inputs.add(name="image", datatype="UINT8", shape=[1, 8])
+    bad.raw_input_contents.append(bytes(7))
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's metadata goes, its message never
+        release.wait(60)
+        yield from ()
+
+    creds = grpc.ssl_channel_credentials(plane.ca.read_bytes())
+    with grpc.secure_channel(plane.grpc_url, creds) as ch:
+        infer = ch.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                request_serializer=None, response_deserializer=None)  # fmt: skip
+        held = [infer.future(never(), metadata=[("authorization", f"Bearer {alice}")])
+                for _ in range(16)]  # fmt: skip
+        try:
+            deadline, got = time.monotonic() + 30, ""
+            while time.monotonic() < deadline:  # until all 16 are vetted and held
+                got = _grpc_raw(plane, alice, bad.SerializeToString())
+                if got.startswith("UNAVAILABLE"):
+                    break
+                assert got.startswith("INVALID_ARGUMENT"), got
+                time.sleep(0.2)
+            assert got.startswith("UNAVAILABLE [unavailable] this licence holds 16"), got
+            assert _grpc_raw(plane, bob, good.SerializeToString()) == "OK"
+            assert not any(f.done() for f in held)  # still held, waiting for their message
+        finally:
+            release.set()
+            for f in held:
+                f.cancel()
+    _serving(plane)
+
+
 def test_a_request_of_tiny_bytes_elements_is_refused_before_they_are_decoded(plane: Plane) -> None:
     """BYTES elements become Python objects at the door, several times their
     bytes: a licensed caller's 16 MiB body of four million empty elements
