@@ -163,8 +163,9 @@ class HttpEndpoints:
                 plane = owner.plane
                 state = plane.model_state(model)
                 if state is None or version not in (None, "", "1"):
-                    self._json(404, {"error": f"no model {model!r} (version {version or '1'}) "
-                                              "is served here"})  # fmt: skip
+                    # the words and code of the protocol's doors (docs/protocol.md)
+                    text = f"no model {model!r} (version {version or 'any'}) is served here"
+                    self._json(404, {"error": f"[unknown_model] {text}", "code": "unknown_model"})
                     return
                 ok = plane.model_ready(model, version)
                 body: dict[str, Any] = {"name": model, "version": "1", "ready": ok,

@@ -277,6 +277,63 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
     assert len(svc.submitted) == 1
 
 
+def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:
+    """HTTP's own refusals carry a code as the vault's do (an unknown
+    endpoint answered {"error": "no such endpoint: ..."} alone); a JSON
+    request cut short by a stale Inference-Header-Content-Length (tritonclient
+    writes it into a caller's reused headers dict) says which header cut it."""
+    import asyncio
+    import json
+
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False
+
+        def submit(self, call: Any) -> None:
+            call.reply({"ok": True}, ())  # the token holds; nothing else is asked here
+
+        def model_state(self, model: str) -> tuple[str, None] | None:
+            return ("READY", None) if model == "m" else None
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+    app = RestApp(DataPlane(Service()), max_body=1 << 20)  # type: ignore[arg-type]
+
+    def call(method: str, path: str, headers: list[Any] = [], body: bytes = b"") -> Any:  # noqa: B006
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return msgs.pop(0)
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": headers}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
+
+    for path in ("/v2/models/m/stats", "/v2/repository/index", "/v2/systemsharedmemory/status"):
+        status, _, body = call("GET", path)
+        assert (status, body["code"]) == (404, "not_found"), body
+        assert body["error"] == f"[not_found] no such endpoint: {path}"
+    status, headers, body = call("POST", "/v2/models/m/config")
+    assert (status, body["code"], headers[b"allow"]) == (405, "method_not_allowed", b"GET")
+    status, _, body = call("GET", "/v2/models/nope/config")
+    assert (status, body["code"]) == (404, "unknown_model")
+
+    auth = (b"authorization", b"Bearer " + _stranger_token())
+    req = json.dumps({"inputs": []}).encode()
+    status, _, body = call("POST", "/v2/models/m/infer",
+                           [auth, (b"inference-header-content-length", b"5")], req)  # fmt: skip
+    assert (status, body["code"]) == (400, "bad_input")
+    assert "first 5 bytes" in body["error"] and "Inference-Header-Content-Length" in body["error"]
+
+
 def test_the_json_part_of_a_rest_request_is_bounded_before_it_is_read() -> None:
     # JSON tensors take about 13 times their text in memory once decoded
     # (measured: 30 MiB of floats, 390 MiB peak), before the token's signature

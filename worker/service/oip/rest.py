@@ -109,9 +109,17 @@ def _inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A refusal of HTTP's own (no such endpoint, method, encoding; a body
+    too slow), with a code as stable as the vault's (docs/protocol.md)."""
+
+    CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+             415: "unsupported_encoding"}  # fmt: skip
+
+    def __init__(self, status: int, message: str, *, allow: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = self.CODES[status]
+        self.allow = allow
 
 
 class RestApp:
@@ -134,7 +142,10 @@ class RestApp:
             await self._error(send, exc, close=state["body_unread"])
         except _HttpError as exc:
             headers = list(_JSON) + ([(b"connection", b"close")] if state["body_unread"] else [])
-            await _send(send, exc.status, headers, json.dumps({"error": str(exc)}).encode())
+            if exc.allow:
+                headers.append((b"allow", exc.allow.encode()))
+            body = {"error": f"[{exc.code}] {exc}", "code": exc.code}
+            await _send(send, exc.status, headers, json.dumps(body).encode())
 
     async def _error(self, send: Any, exc: VaultError, *, close: bool = False) -> None:
         status = http_status(exc)
@@ -266,7 +277,13 @@ class RestApp:
         try:
             req = json.loads(head)
         except (ValueError, UnicodeDecodeError):
-            raise InputError("the request is not JSON") from None
+            if header_len is None:
+                raise InputError("the request is not JSON") from None
+            # tritonclient writes this header into the caller's own headers
+            # dict: reused for a JSON request, it cuts the JSON short
+            raise InputError(f"the first {header_len} bytes of the body, as "
+                             "Inference-Header-Content-Length says, are not JSON (a request "
+                             "without binary data sends no such header)") from None  # fmt: skip
         except RecursionError:  # "[[[[..." deeper than the decoder goes: not a tensor
             raise InputError("the request's JSON is nested too deeply") from None
         if not isinstance(req, dict):
@@ -313,7 +330,7 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _only(method: str, allowed: str) -> None:
     if method != allowed:
-        raise _HttpError(405, f"use {allowed} here")
+        raise _HttpError(405, f"use {allowed} here", allow=allowed)
 
 
 def _inputs(items: Any, binary: memoryview, wire: int) -> tuple[list[dict[str, Any]], list[Any]]:
