@@ -177,7 +177,7 @@ def parse_token(text: Any) -> Token:
     payload, sig = _b64d(parts[1]), _b64d(parts[2])
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests past the stack
         raise TokenError() from None
     if not isinstance(body, dict) or body.get("v") != 1 or len(sig) != 64:
         raise TokenError()
