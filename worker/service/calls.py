@@ -254,6 +254,12 @@ class _Bucket:
         return (1.0 - self.tokens) / self.rate
 
 
+# refusals that hold for every model of a licence (the rest, wrong_model
+# above all, are about the one model asked for)
+_LICENCE_WIDE = frozenset(("licence_revoked", "licence_expired", "licence_unknown",
+                           "quota_exhausted"))  # fmt: skip
+
+
 def _new_id() -> str:
     return os.urandom(12).hex()
 
@@ -743,16 +749,26 @@ class CallLicencePolicy(_Usage):
             self._notify(key, model_id)
             return
         ok = bool(raw.get("ok"))
+        # a renewal is not a use: a decision nobody calls on goes idle a lease
+        # after its last call, and its reserve back (a renewal that counted as
+        # one renewed every decision ever fetched, refusals too, for good)
+        used = old.last_used if old is not None else now
         d = _Decision(key, model_id, now, ttl, ok, error=raw.get("error"),
                       licence=str(raw.get("licence_id") or ""), budget=raw.get("budget"),
                       retry_after=raw.get("retry_after"), rate=raw.get("rate"),
-                      burst=raw.get("burst"), expires_at=raw.get("expires_at"), last_used=now,
+                      burst=raw.get("burst"), expires_at=raw.get("expires_at"), last_used=used,
                       grant_id=gid if ok else None, retired=not ok,
                       proof_key=raw.get("proof_key") or None)  # fmt: skip
         with self._lock:
             self._retire_replaced(key, model_id, old)
             self._decisions[(key, model_id)] = d
-            self._latest[key] = d
+            # what a door vets a token by before it knows the model: only an
+            # answer about the licence itself (a refusal for one model, asked
+            # for by any of the licence's token holders, says nothing of the
+            # others: it refused every holder's gRPC calls to every model)
+            err = raw.get("error")
+            if ok or (isinstance(err, dict) and err.get("code") in _LICENCE_WIDE):
+                self._latest[key] = d
             if ok:
                 self._known_live(key, now)
         self._notify(key, model_id)

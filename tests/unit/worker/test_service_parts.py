@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -632,6 +633,99 @@ def test_a_door_vets_in_its_own_thread_only_from_what_is_fresh() -> None:
         fetched()
         with pytest.raises(LicenceRevokedError):
             p.vet(genuine, "m", fetch=False)
+    finally:
+        p.close()
+
+
+def test_a_refusal_for_one_model_is_not_the_licences_answer_for_the_others() -> None:
+    """Two holders of one licence's tokens: mallory's for m names model
+    "types", which the licence does not cover; the service fetches that
+    refusal. Before, it became the licence's latest decision, by which the
+    gRPC door vets tokens before it knows the model: alice's other end
+    users were refused (wrong_model) on every gRPC call, and since renewals
+    counted as uses, for good. Now the refusal stays with its model: a
+    token is still vetted by the licence's own standing."""
+    from vault.core.errors import WrongModelError
+    from vault.core.token import mint_token, parse_token
+
+    class Scoped(ProbeKeyServer):  # the licence covers m only
+        def __call__(self, model: Any, keys: list[str], usage: Any, grants: Any) -> Any:
+            if model == "types":
+                err = WrongModelError("licence lic-a is not for model 'types'").to_wire()
+                no = {"ok": False, "error": err, "licence_id": "lic-a",
+                      "proof_key": self.proof_public_key}  # as the key server refuses  # fmt: skip
+                return {"ttl": 10.0, "decisions": {k: no for k in keys}}
+            return super().__call__(model, keys, usage, grants)
+
+    lic = _token_licence()
+    ks, clock = Scoped(lic.proof_public_key, lic.client_public_key), Clock()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)
+    decided = threading.Event()
+    p.bind(lambda key, model: decided.set())
+
+    def waited(fn: Any) -> Any:
+        try:
+            return fn()
+        except AdmissionPending:
+            assert decided.wait(5)
+            decided.clear()
+            return fn()
+
+    try:
+        alice = parse_token(mint_token(lic, models=["m"], now=clock.t))
+        mallory = parse_token(mint_token(lic, models=["m"], now=clock.t))
+        p.record(waited(lambda: p.admit(None, "m", token=alice)), ok=True)
+        p.vet(alice, None, fetch=False)  # gRPC's vetting: passes
+        with pytest.raises(WrongModelError):
+            waited(lambda: p.admit(None, "types", token=mallory))
+        assert p._decisions[(lic.client_public_key, "types")].ok is False  # fetched
+        p.vet(alice, None, fetch=False)  # still passes: the refusal was for "types"
+        p.vet(mallory, None, fetch=False)  # and mallory's token for m too
+        with pytest.raises(WrongModelError):  # where the model is known, it refuses
+            p.vet(mallory, "types", fetch=False)
+    finally:
+        p.close()
+
+
+def test_a_decision_nobody_calls_on_goes_idle_and_its_reserve_back_though_renewed() -> None:
+    """A decision is renewed from half its lease while it is used and given
+    back once nobody has called on it for a lease. A renewal used to count
+    as a use: one call kept its decision (and a reserve of the licence's
+    quota) renewed, a key-server request every half lease, for good."""
+    ks, clock = FakeKeyServer(quota=100), Clock()
+    ks.budget = 5
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=0.01)
+    decided = threading.Event()
+    p.bind(lambda key, model: decided.set())
+
+    def settle() -> None:  # the refresher's ticks at this clock
+        time.sleep(0.3)
+
+    try:
+        p.record(_admit(p, decided), ok=True)  # one call at t0, then none
+        assert ks.reserved == 5
+        clock.t += 6.0  # past half the lease: renewed (it was used within the lease)
+        settle()
+        renewed = ks.asks
+        assert renewed == 2
+        clock.t += 5.0  # a lease since the one call: idle, given back
+        settle()
+        assert ("K" * 40, "m") not in p._decisions
+        assert ks.reserved == 0 and ks.used == 1
+        asks = ks.asks
+        for _ in range(4):  # and nothing more is asked for it
+            clock.t += 6.0
+            settle()
+        assert ks.asks == asks
+        # the control: a caller that keeps calling keeps its decision
+        decided.clear()  # set by the renewal above
+        p.record(_admit(p, decided), ok=True)
+        for _ in range(3):
+            clock.t += 6.0
+            settle()
+            decided.clear()
+            p.record(_admit(p, decided), ok=True)
+        assert ("K" * 40, "m") in p._decisions and p.usage() == {"lic-a": 5}
     finally:
         p.close()
 
