@@ -14,6 +14,7 @@ sees it, and after each one the service still serves.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -923,6 +924,102 @@ def _stranger(port: int) -> Any:
     raw.bind(("127.0.0.2", 0))
     raw.connect(("127.0.0.1", port))
     return raw
+
+
+@contextlib.contextmanager
+def _relay_from(source: str, port: int) -> Iterator[int]:
+    """A local port whose connections reach the door from ``source`` (a
+    gRPC client cannot choose its own source address): the bytes, TLS
+    included, pass through unchanged."""
+    import socket
+    import threading
+
+    lst = socket.create_server(("127.0.0.1", 0))
+    socks: list[socket.socket] = []
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = lst.accept()
+            except OSError:
+                return
+            up = socket.socket()
+            up.bind((source, 0))
+            up.connect(("127.0.0.1", port))
+            socks.extend((conn, up))
+            threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+            threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield lst.getsockname()[1]
+    finally:
+        lst.close()
+        for x in socks:
+            x.close()
+
+
+def test_a_stranger_cannot_hold_the_grpc_doors_calls(plane: Plane) -> None:
+    """The calls that need no token (health, metadata, configuration) were
+    registered unary: gRPC waited for each one's message before the door saw
+    it, without a deadline. A stranger opened 512 ModelConfig calls that
+    never sent one and held all of the server's 512 calls: every caller was
+    refused RESOURCE_EXHAUSTED for as long as it liked. Now one address
+    holds at most 64 calls at the door (the rest UNAVAILABLE at once), a
+    token-free call's message must arrive within 2 s, and callers on another
+    address are served throughout."""
+    import collections
+    import threading
+
+    import grpc
+
+    creds = grpc.ssl_channel_credentials(plane.ca.read_bytes())
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:  # the call's headers go, its message never
+        release.wait(60)
+        yield from ()
+
+    with _relay_from("127.0.0.2", plane.grpc_port) as port, \
+            grpc.secure_channel(f"localhost:{port}", creds) as ch:  # fmt: skip
+        config = ch.stream_unary("/inference.GRPCInferenceService/ModelConfig",
+                                 request_serializer=None, response_deserializer=None)  # fmt: skip
+        held = [config.future(never()) for _ in range(100)]
+        try:
+            client = plane.grpc()  # alice, from 127.0.0.1, meanwhile
+            t0 = time.monotonic()
+            assert client.get_model_config("clf", as_json=True)["config"]["name"] == "clf"
+            assert client.get_model_metadata("clf", as_json=True)["name"] == "clf"
+            assert time.monotonic() - t0 < 5
+            client.close()
+            _serving(plane)
+            codes: collections.Counter[str] = collections.Counter()
+            deadline = time.monotonic() + 40  # 10 s for an address's turn, 2 s to read
+            for f in held:
+                exc = f.exception(timeout=max(0.1, deadline - time.monotonic()))
+                assert exc is not None
+                codes[exc.code().name] += 1
+                if "holds 64 calls" in (exc.details() or ""):
+                    codes["per_address"] += 1
+            assert codes["per_address"] == 36, codes  # refused at once
+            assert codes["UNAVAILABLE"] + codes["INVALID_ARGUMENT"] == 100, codes
+        finally:
+            release.set()
+            for f in held:
+                f.cancel()
 
 
 def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> None:

@@ -466,6 +466,9 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
         def invocation_metadata(self) -> list[tuple[str, str]]:
             return [("authorization", "Bearer " + token.decode())]
 
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:50000"
+
         async def read(self) -> bytes:
             return bytes(req.SerializeToString())
 
@@ -473,6 +476,59 @@ def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     # each door had the token vetted (nothing read yet), then posted the call
     assert [(c.vet, c.timeout) for c in svc.calls] == [(True, None), (False, 0.25),
                                                         (True, None), (False, 0.25)]  # fmt: skip
+
+
+def test_token_free_grpc_messages_are_read_one_per_address_and_four_at_once() -> None:
+    """gRPC takes a message whole (up to the door's 1 GiB) before the door
+    can look at it, and the calls that need no token take any stranger's:
+    four 256 MiB ModelConfig messages took the service to 3.2 GB. Now the
+    door reads such messages one per peer address and at most four at once
+    (FREE_READS), each within FREE_READ_S, and answers them all."""
+    import asyncio
+    import collections
+
+    from worker.service.oip import grpc_door
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.grpc_door import FREE_READS, InferenceServicer
+
+    class Service:
+        def model_state(self, model: str) -> Any:
+            return ("READY", None)
+
+        def model_signature(self, model: str) -> dict[str, Any]:
+            return {"inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 4]}],
+                    "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 2]}]}  # fmt: skip
+
+    reading: collections.Counter[str] = collections.Counter()
+    most: collections.Counter[str] = collections.Counter()
+
+    class Context:
+        def __init__(self, address: str) -> None:
+            self.address = address
+
+        def peer(self) -> str:
+            return f"ipv4:{self.address}:50000"
+
+        async def read(self) -> bytes:
+            for k in (self.address, "door"):
+                reading[k] += 1
+                most[k] = max(most[k], reading[k])
+            await asyncio.sleep(0.05)  # a message arriving
+            for k in (self.address, "door"):
+                reading[k] -= 1
+            return grpc_door.pb.ModelConfigRequest(name="m").SerializeToString()
+
+    async def main() -> tuple[Any, list[Any]]:
+        servicer = InferenceServicer(DataPlane(Service()))  # type: ignore[arg-type]
+        calls = [Context("10.0.0.1") for _ in range(6)] + [Context(f"10.0.1.{i}") for i in range(8)]
+        got = await asyncio.gather(*(servicer.free("ModelConfig", None, c) for c in calls))
+        return servicer, got
+
+    servicer, answers = asyncio.run(main())
+    assert [a.config.name for a in answers] == ["m"] * 14
+    assert [list(i.dims) for i in answers[0].config.input] == [[-1, 4]]
+    assert most["10.0.0.1"] == 1 and most["door"] == FREE_READS == 4, most
+    assert servicer._reading_from == {} and servicer.peers.held == {}  # nothing kept after
 
 
 class _HeldService:
@@ -542,6 +598,9 @@ def test_a_door_holds_a_bounded_number_of_requests_and_refuses_the_rest_typed() 
 
         def invocation_metadata(self) -> list[tuple[str, str]]:
             return [("authorization", "Bearer " + token.decode())]
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:50000"
 
         def set_trailing_metadata(self, md: Any) -> None:
             self.trailing = dict(md)

@@ -30,13 +30,17 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from vault.core.errors import InputError, ProtocolError, VaultError
+from vault.core.errors import InputError, ProtocolError, ServiceUnavailableError, VaultError
 
+from ..calls import address_key
 from . import inference_pb2 as _pb
 from . import tensors as T
 from .door import (
@@ -54,6 +58,12 @@ from .door import (
 __all__ = ["InferenceServicer", "register"]
 
 pb: Any = _pb  # generated code: untyped
+
+# how long a token-free RPC's message (a model's name and version: a few
+# bytes, sent with the call) may take to arrive once the door reads it, and
+# how many such messages are read at once
+FREE_READ_S = 2.0
+FREE_READS = 4
 
 # InferTensorContents field that holds each datatype's typed elements
 _CONTENTS = {
@@ -82,6 +92,46 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: VaultError) -
     await context.abort(grpc_status(exc), error_text(exc))
 
 
+def peer_address(peer: str) -> str:
+    """What a gRPC peer (``ipv4:1.2.3.4:5678``, ``ipv6:%5B::1%5D:5678``) is
+    counted as: :func:`..calls.address_key` of its host, as the REST door
+    counts connections."""
+    kind, _, rest = urllib.parse.unquote(peer or "").partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address_key(rest.rpartition(":")[0])
+    return peer or ""
+
+
+class Peers:
+    """The RPCs each peer address holds at a door at once (at most
+    ``limit``; UNAVAILABLE past it): one address never holds the whole
+    server's ``maximum_concurrent_rpcs``. Used from the door's event loop
+    only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, context: Any) -> Iterator[None]:
+        key = peer_address(context.peer())
+        n = self.held.get(key, 0)
+        if n >= self.limit:
+            raise ServiceUnavailableError(
+                f"this address holds {self.limit} calls at this door already; "
+                "try again when one is answered"
+            )
+        self.held[key] = n + 1
+        try:
+            yield
+        finally:
+            left = self.held[key] - 1
+            if left:
+                self.held[key] = left
+            else:
+                del self.held[key]
+
+
 def _token(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     value = None
     for k, v in context.invocation_metadata() or ():
@@ -94,10 +144,72 @@ class InferenceServicer:
     """See the module docstring."""
 
     def __init__(self, plane: DataPlane, *, gate: Gate | None = None,
-                 body_timeout: float = 30.0) -> None:  # fmt: skip
+                 body_timeout: float = 30.0, head_timeout: float = 10.0,
+                 per_address: int = 64) -> None:  # fmt: skip
         self.plane = plane
         self.gate = gate or Gate(64)
         self.body_timeout = body_timeout
+        self.head_timeout = head_timeout
+        self.peers = Peers(per_address)
+        # the messages of the RPCs that need no token: gRPC takes a message
+        # whole (up to the door's 1 GiB) before anything can look at it, and a
+        # stranger may send one to any of these; so at most FREE_READS are
+        # read at once, one per peer address
+        self._reading = asyncio.Semaphore(FREE_READS)
+        self._reading_from: dict[str, list[Any]] = {}  # address -> [its lock, RPCs using it]
+
+    async def free(self, name: str, requests: Any, context: Any) -> Any:
+        """An RPC that needs no token (health, metadata, configuration),
+        registered on raw bytes (:func:`register`): counted against its peer
+        address; its message (the name and version it asks about; health
+        has none to read) read within :data:`FREE_READ_S` while it holds the
+        door's one reading slot, which it waits at most ``head_timeout``
+        for; then answered. A stranger's RPC that sends no message, or a
+        huge one, holds neither a server slot nor memory for long."""
+        try:
+            with self.peers.hold(context):
+                request = getattr(pb, f"{name}Request")()
+                if name not in ("ServerLive", "ServerReady"):  # empty requests: nothing to read
+                    request = await self._read_free(name, context)
+                return await getattr(self, name)(request, context)
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def _read_free(self, name: str, context: Any) -> Any:
+        address = peer_address(context.peer())
+        entry = self._reading_from.get(address)
+        if entry is None:
+            entry = self._reading_from[address] = [asyncio.Lock(), 0]
+        entry[1] += 1  # the RPCs using this address's lock (it goes with the last)
+        mine = entry[0]
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                # the address's own turn, then one of the door's: what a
+                # stranger's silent or huge messages hold up is, first of all,
+                # its own address's
+                try:
+                    await within(held.enter_async_context(mine), self.head_timeout)
+                    await within(self._reading.acquire(), self.head_timeout)
+                except asyncio.TimeoutError:
+                    raise ServiceUnavailableError("this door is reading other requests; "
+                                                  "try again in a moment") from None  # fmt: skip
+                held.callback(self._reading.release)
+                try:
+                    raw = await within(context.read(), FREE_READ_S)
+                except asyncio.TimeoutError:
+                    raise ProtocolError(f"the {name} message did not arrive within "
+                                        f"{FREE_READ_S:g} s") from None  # fmt: skip
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._reading_from[address]
+        if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
+            raise ProtocolError(f"{name} needs one {name}Request message")
+        try:
+            return getattr(pb, f"{name}Request").FromString(raw)
+        except DecodeError:
+            raise ProtocolError(f"the request is not a {name}Request") from None
 
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=self.plane.service.live())
@@ -149,7 +261,7 @@ class InferenceServicer:
     async def ModelInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
         """Vet the token, then read the message, then decode it (:func:`register`)."""
         try:
-            with self.gate:
+            with self.peers.hold(context), self.gate:
                 token = _token(context)
                 await self.plane.vet(None, None, token)  # the model is in the message
                 # its licence's share while the message arrives (as REST's body)
@@ -229,15 +341,27 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
 
 
 def register(servicer: InferenceServicer, server: Any) -> None:
-    """Add ``inference.GRPCInferenceService`` to a ``grpc.aio`` server: the
-    generated handlers, but ``ModelInfer`` stream-unary on raw bytes (see the
-    module docstring; a unary client sees no difference)."""
+    """Add ``inference.GRPCInferenceService`` to a ``grpc.aio`` server, every
+    method stream-unary on raw bytes (see the module docstring; a unary
+    client sees no difference): ``ModelInfer`` vets its token before it
+    reads its message, the others read theirs as :meth:`InferenceServicer.free`
+    says. (Registered unary, gRPC read each message whole before the
+    handler ran: a stranger's RPC that never sent it held one of the
+    server's RPCs for good, 512 of them shut the door, and four of 256 MiB
+    took the service to 3.2 GB.)"""
     names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
              "ModelConfig")  # fmt: skip
+
+    def free(name: str) -> Any:
+        async def handler(requests: Any, context: Any) -> Any:
+            return await servicer.free(name, requests, context)
+
+        return handler
+
     handlers: dict[str, Any] = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=getattr(pb, f"{name}Request").FromString,
+        name: grpc.stream_unary_rpc_method_handler(
+            free(name),
+            request_deserializer=None,  # bytes, read by the handler (InferenceServicer.free)
             response_serializer=getattr(pb, f"{name}Response").SerializeToString,
         )
         for name in names

@@ -251,7 +251,9 @@ class OipServer:
             maximum_concurrent_rpcs=self.cfg.max_connections,
         )
         register(InferenceServicer(self.plane, gate=Gate(self.cfg.max_inflight),
-                                   body_timeout=self.cfg.body_timeout), server)  # fmt: skip
+                                   body_timeout=self.cfg.body_timeout,
+                                   head_timeout=self.cfg.head_timeout,
+                                   per_address=self.cfg.max_connections_per_address), server)  # fmt: skip
         host = self.cfg.host
         addr = (
             f"[{host.strip('[]')}]:{self.cfg.grpc_port}"
