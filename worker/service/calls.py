@@ -89,7 +89,9 @@ class CallPolicy(Protocol):
         self, caller_key: str | None, model_id: str, token: Token | None = None
     ) -> Admission: ...
 
-    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None: ...
+    def vet(
+        self, token: Token, model_id: str | None, *, fetch: bool = True, address: str | None = None
+    ) -> None: ...
 
     def sees(self, caller_key: str | None, model_id: str) -> None: ...
 
@@ -134,7 +136,9 @@ class OpenPolicy(_Usage):
             raise TokenError("this service takes no bearer tokens (it has no call licences)")
         return Admission("local", caller_key)
 
-    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None:
+    def vet(
+        self, token: Token, model_id: str | None, *, fetch: bool = True, address: str | None = None
+    ) -> None:
         del token, model_id, fetch
         raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
@@ -187,7 +191,9 @@ class AllowListPolicy(_Usage):
             raise PermissionDeniedError("this caller is not on the service's allow-list")
         return Admission(name, caller_key)
 
-    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None:
+    def vet(
+        self, token: Token, model_id: str | None, *, fetch: bool = True, address: str | None = None
+    ) -> None:
         del token, model_id, fetch
         raise TokenError("this service takes no bearer tokens (it has no call licences)")
 
@@ -473,7 +479,9 @@ class CallLicencePolicy(_Usage):
 
     # -- a door's vetting: the token genuine and its licence in force, before the body --
 
-    def vet(self, token: Token, model_id: str | None, *, fetch: bool = True) -> None:
+    def vet(
+        self, token: Token, model_id: str | None, *, fetch: bool = True, address: str | None = None
+    ) -> None:
         """Before a door reads a request's body (or decodes its message): the
         token's signature (with the licence's proof key, from the key
         server), its expiry and scope, and the licence in force (not
@@ -501,6 +509,7 @@ class CallLicencePolicy(_Usage):
                 probe = self._probes.get(key)
                 if probe is None or now - probe.at >= _PROBE_TTL:
                     if fetch:
+                        self._vet_budget(key, address, now)
                         self._probe_async(key)
                     raise AdmissionPending()
                 d = _Decision(key, "", probe.at, _PROBE_TTL, probe.ok, error=probe.error,
@@ -517,6 +526,30 @@ class CallLicencePolicy(_Usage):
                     raise TokenSpentError(
                         f"bearer token {token.token_id}: its {token.max_calls} calls are spent"
                     )
+
+    def _vet_budget(self, key: str, address: str | None, now: float) -> None:
+        """A door's token naming a key with no answer at hand costs a
+        key-server request, and a stranger mints a licence key per request:
+        as at the ZeroMQ handshake (:meth:`admit_from`), a key the key server
+        called live within the hour is asked about on no budget, any other
+        draws on its peer address's (:data:`PROBE_BURST`, then
+        :data:`PROBE_RATE` a second) and past it is refused unasked (lock
+        held). (Before, one address's made-up licences cost 770 key-server
+        requests a second.)"""
+        if address is None:
+            return
+        seen = self._known_good.get(key)
+        if seen is not None and now - seen < _KNOWN_GOOD_S:
+            return
+        budget = self._probe_budget(self._budget_key(address), now)
+        wait = budget.take(now) if budget is not None else 1.0
+        if wait is not None:
+            self.probes_refused += 1
+            raise RateLimitedError(
+                "this address has asked about too many licences this service does not know; "
+                "try again shortly",
+                retry_after=wait,
+            )
 
     def _probe_async(self, key: str) -> None:
         """Fetch a probe for ``key`` once however many requests wait on it;

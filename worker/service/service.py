@@ -144,6 +144,9 @@ class EdgeCall:
     # once it is genuine and its licence in force, nothing admitted
     # (CallPolicy.vet); ``model`` None when the door does not know it yet
     vet: bool = False
+    # the caller's peer address: a vetting that would ask the key server about
+    # a licence it has no answer for draws on the address's budget
+    address: str | None = None
 
 
 # what a worker answers when its own key lease has ended: it serves nothing more
@@ -873,7 +876,7 @@ class WorkerService:
         try:
             if call.token is None:
                 raise TokenError()
-            self._vet_checks(call.token, call.model, fetch=True)
+            self._vet_checks(call.token, call.model, fetch=True, address=call.address)
         except AdmissionPending:
             assert call.token is not None
             start = now if arrived is None else arrived
@@ -886,7 +889,8 @@ class WorkerService:
             return
         self._reply(call, ok_reply(None))
 
-    def _vet_checks(self, token: Token, model: str | None, *, fetch: bool) -> None:
+    def _vet_checks(self, token: Token, model: str | None, *, fetch: bool,
+                    address: str | None = None) -> None:  # fmt: skip
         """What vetting asks, from any thread: the service not draining, the
         model (when named) served and available, the token genuine and its
         licence in force (CallPolicy.vet, which locks what it reads)."""
@@ -894,7 +898,7 @@ class WorkerService:
             raise ServiceUnavailableError("the service is draining; use another endpoint")
         if model is not None:
             self._model_for(model)
-        self.cfg.policy.vet(token, model, fetch=fetch)
+        self.cfg.policy.vet(token, model, fetch=fetch, address=address)
 
     def vet_now(self, token: Token, model: str | None) -> bool:
         """A door's vetting without a trip through the loop (thread-safe):

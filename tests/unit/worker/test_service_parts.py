@@ -637,6 +637,77 @@ def test_a_door_vets_in_its_own_thread_only_from_what_is_fresh() -> None:
         p.close()
 
 
+def test_a_doors_vetting_of_made_up_licences_costs_a_bounded_number_of_probes() -> None:
+    """A stranger's tokens naming a new made-up licence each cost the key
+    server a request at a door's vetting (770 a second from one address).
+    As at the ZeroMQ handshake, a key with no answer at hand draws on its
+    address's budget (PROBE_BURST, then PROBE_RATE a second), past it is
+    refused unasked (rate_limited); another address and a key the key
+    server called live lately are not held back. The control: the same
+    flood vetted without an address asks about every key."""
+    from vault.core.errors import RateLimitedError
+    from vault.core.licence import Licence
+    from vault.core.token import mint_token, parse_token
+    from worker.service.calls import PROBE_BURST
+
+    lic = _token_licence()
+    ks, clock = ProbeKeyServer(lic.proof_public_key, lic.client_public_key), Clock()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)
+    decided = threading.Event()
+    p.bind(lambda key, model: decided.set())
+    stranger = _token_licence()
+
+    def made_up(i: int) -> Any:
+        return parse_token(mint_token(Licence.from_json({
+            **stranger.to_json(), "licence_id": f"lic-{i}",
+            "client": {"public_key": f"U{i:039d}", "secret_key": "s" * 40}}),
+            models=["m"], now=clock.t))  # fmt: skip
+
+    def flood(first: int, address: str | None) -> tuple[int, int]:
+        pending = refused = 0
+        for i in range(first, first + 100):
+            try:
+                p.vet(made_up(i), "m", address=address)
+            except AdmissionPending:
+                pending += 1
+            except RateLimitedError:
+                refused += 1
+        return pending, refused
+
+    def probes_done(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while ks.probes < n or p._fetching:
+            assert time.monotonic() < deadline, (ks.probes, n)
+            time.sleep(0.01)
+
+    genuine = parse_token(mint_token(lic, models=["m"], now=clock.t))
+    try:
+        assert flood(0, "203.0.113.7") == (PROBE_BURST, 100 - PROBE_BURST)
+        probes_done(PROBE_BURST)
+        with pytest.raises(AdmissionPending):  # another address: asked about
+            p.vet(made_up(500), "m", address="198.51.100.1")
+        probes_done(PROBE_BURST + 1)
+        # the holder's licence, new to the service, from the flooded address:
+        # refused until the budget refills, like a stranger's...
+        with pytest.raises(RateLimitedError):
+            p.vet(genuine, "m", address="203.0.113.7")
+        decided.clear()
+        with pytest.raises(AdmissionPending):  # ... asked about from elsewhere: live
+            p.vet(genuine, "m", address="198.51.100.1")
+        assert decided.wait(5)
+        probes_done(PROBE_BURST + 2)
+        clock.t += 5.1  # the probe is stale: asked again, on no budget (known live)
+        assert flood(1000, "203.0.113.7")[0] > 0  # the refilled budget, spent again
+        with pytest.raises(AdmissionPending):
+            p.vet(genuine, "m", address="203.0.113.7")
+        # the control: without the address every made-up key is asked about
+        probes = ks.probes
+        assert flood(2000, None) == (100, 0)
+        probes_done(probes + 100)
+    finally:
+        p.close()
+
+
 def test_a_refusal_for_one_model_is_not_the_licences_answer_for_the_others() -> None:
     """Two holders of one licence's tokens: mallory's for m names model
     "types", which the licence does not cover; the service fetches that

@@ -269,7 +269,7 @@ class DataPlane:
                                  "Open Inference Protocol cannot carry")  # fmt: skip
 
     async def vet(self, model: str | None, version: str | None, token: Token,
-                  timeout: float | None = None) -> None:  # fmt: skip
+                  timeout: float | None = None, address: str | None = None) -> None:  # fmt: skip
         """The token genuine and its licence in force (and ``model``, when
         given, served here), or the typed error: asked before the door reads
         the request; nothing admitted or counted (``EdgeCall.vet``)."""
@@ -289,7 +289,8 @@ class DataPlane:
             except RuntimeError:  # this door's loop has closed: nobody waits any more
                 pass
 
-        self.service.submit(EdgeCall(model, token, [], [], None, reply, timeout, vet=True))
+        self.service.submit(EdgeCall(model, token, [], [], None, reply, timeout, vet=True,
+                                     address=address))  # fmt: skip
         header, _ = await fut
         if not header.get("ok"):
             raise from_wire(header.get("error"))

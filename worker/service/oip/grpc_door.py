@@ -263,7 +263,8 @@ class InferenceServicer:
         try:
             with self.peers.hold(context), self.gate:
                 token = _token(context)
-                await self.plane.vet(None, None, token)  # the model is in the message
+                # the model is in the message
+                await self.plane.vet(None, None, token, address=peer_address(context.peer()))
                 # its licence's share while the message arrives (as REST's body)
                 with self.gate.licence(token.licence_id):
                     try:

@@ -250,7 +250,10 @@ class RestApp:
                     raise InputError("Inference-Header-Content-Length is not a number") from None
         token = bearer(auth)  # before the body is read: no token, no work
         limit = self._limit(scope, header_len)
-        await self.plane.vet(model, version, token)  # genuine and in force, or refused
+        client = scope.get("client")
+        address = str(client[0]) if client else None
+        # genuine and in force, or refused
+        await self.plane.vet(model, version, token, address=address)
         if encoding not in _ENCODINGS:
             raise _HttpError(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not "
                                   "supported: gzip, deflate or none")  # fmt: skip
