@@ -450,6 +450,29 @@ def test_a_caller_reads_no_statistics_of_a_model_its_licence_does_not_cover(serv
     assert got[0].get("error", {}).get("code") == "wrong_model" and "calls" not in got[0], got
 
 
+def test_a_caller_reads_its_own_statistics_never_another_callers(service: Svc) -> None:
+    """Two callers of one model, each with its own licence: a caller's
+    ``stats`` are its own calls, errors and latencies. Before, they were the
+    model's: bob read alice's call count going up by hers (651 -> 658 around
+    her 7 calls), her errors and the batches her calls made."""
+    alice = service.caller(holder="alice-stats")
+    bob = service.caller(holder="bob-stats")
+    with service.connect(alice) as a, service.connect(bob) as b:
+        assert int(b.stats()["calls"]) == 0  # bob has made none
+        for _ in range(5):
+            a.compute({"x": X})
+        with pytest.raises(vault.InputError):
+            a.compute({"x": np.zeros((1, 3), np.float32)})  # an error of alice's
+        mine = b.stats()
+        assert (int(mine["calls"]), int(mine["errors"])) == (0, 0), mine
+        assert mine["latency_ms"]["window"] == 0
+        b.compute({"x": X})
+        assert int(b.stats()["calls"]) == 1
+        theirs = a.stats()  # the control: alice's own are there
+        assert (int(theirs["calls"]), int(theirs["errors"])) == (6, 1), theirs
+        assert theirs["latency_ms"]["window"] == 6
+
+
 def test_only_a_device_enrolled_as_a_service_asks_for_or_spends_a_callers_calls(
     service: Svc, tmp_path: Path
 ) -> None:

@@ -47,7 +47,7 @@ import select
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +211,20 @@ class _Model:
         self.errors = 0
         self.batches = 0
         self.latencies: deque[float] = deque(maxlen=4096)
+        # each caller's own (its key: a licence's, its bearer tokens' included),
+        # which is all its ``stats`` tells it (never the other callers' activity)
+        self.by_caller: dict[str, _CallerStats] = {}
+
+    def caller(self, key: str | None) -> _CallerStats:
+        k = key or ""
+        cs = self.by_caller.get(k)
+        if cs is None:
+            if len(self.by_caller) >= _MAX_CALLER_STATS:  # the longest unseen goes
+                del self.by_caller[next(iter(self.by_caller))]
+            cs = self.by_caller[k] = _CallerStats()
+        else:  # most recently seen last
+            self.by_caller[k] = self.by_caller.pop(k)
+        return cs
 
     def signature(self) -> dict[str, Any]:
         """``{"inputs", "outputs"}`` from the package's public manifest (no key
@@ -842,7 +856,7 @@ class WorkerService:
             elif op == "health":
                 self._reply(ident, ok_reply(rid, **self._health(m)))
             elif op == "stats":
-                self._reply(ident, ok_reply(rid, **self._stats(m)))
+                self._reply(ident, ok_reply(rid, **self._stats(m, key)))
             else:
                 raise ProtocolError(f"unknown op {op!r}; ops are compute, info, health, stats")
         except VaultError as exc:
@@ -1082,6 +1096,10 @@ class WorkerService:
         self.dispatches[did] = _Dispatch(did, inst, calls, now, joined, stuck, rows)
         if joined:
             m.batches += 1
+            mine = Counter(c.admission.caller_key or "" for c in calls)
+            for key, n in mine.items():
+                if n > 1:  # a caller's stats count the worker calls its own calls shared
+                    m.caller(key).batches += 1
 
     # -- workers ------------------------------------------------------------------------
 
@@ -1188,6 +1206,10 @@ class WorkerService:
             m.calls += 1
             m.errors += code != "ok"
             m.latencies.append(dt)
+            cs = m.caller(c.admission.caller_key)
+            cs.calls += 1
+            cs.errors += code != "ok"
+            cs.latencies.append(dt)
         self._reply(c.ident, hdr, frames)
         self.log("call", level="debug" if code == "ok" else "info", model=c.model,
                  licence=c.admission.licence, code=code, ms=round(dt * 1e3, 3))  # fmt: skip
@@ -1463,15 +1485,31 @@ class WorkerService:
         return {"serving": bool(m.instances) and not self.draining, "model_id": m.model_id,
                 "tier": 2, "provider": (m.info or {}).get("provider")}  # fmt: skip
 
-    def _stats(self, m: _Model) -> dict[str, Any]:
-        lat = sorted(m.latencies)
+    def _stats(self, m: _Model, key: str | None) -> dict[str, Any]:
+        """The asking caller's own calls, errors, shared worker calls and
+        latencies on ``m`` (its licence's), and the model's instances: how
+        others use the model is theirs (bob read alice's call count going up
+        by hers); the vendor sees everyone's on /metrics."""
+        cs = m.by_caller.get(key or "") or _CallerStats()
+        lat = sorted(cs.latencies)
 
         def q(p: float) -> float | None:
             return lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else None
 
-        return {"calls": m.calls, "errors": m.errors, "batches": m.batches,
+        return {"calls": cs.calls, "errors": cs.errors, "batches": cs.batches,
                 "instances": len(m.instances),
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)}}  # fmt: skip
+
+
+_MAX_CALLER_STATS = 4096  # callers whose statistics a model keeps (the longest unseen go)
+
+
+class _CallerStats:
+    __slots__ = ("calls", "errors", "batches", "latencies")
+
+    def __init__(self) -> None:
+        self.calls = self.errors = self.batches = 0
+        self.latencies: deque[float] = deque(maxlen=1024)
 
 
 class _SealedRoute:
