@@ -1218,6 +1218,54 @@ def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
     _serving(plane)
 
 
+def test_one_licence_holds_at_most_its_budget_of_request_bytes(plane: Plane) -> None:
+    """Licensed bob's four requests declaring 256 MiB bodies, all but a byte
+    sent, held 1 GiB of the service's memory for the 30 s body timeout (16
+    such requests per door were allowed). Now a licence's requests hold at
+    most the body limit (1 GiB) of request bytes at a door until they are
+    answered, declared bytes counted at once: his request past it is refused
+    before its body is read (503, naming the budget), and alice is served."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+
+    def start(token: str, length: int) -> Any:
+        raw = socket.create_connection(("127.0.0.1", plane.http_port), timeout=60)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(
+            b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n"
+            b"Inference-Header-Content-Length: 100\r\n"  # binary data: the 1 GiB limit
+            b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+        )
+        return s
+
+    def status(s: Any, timeout: float) -> str | None:
+        s.settimeout(timeout)
+        try:
+            return s.recv(256).split(b"\r\n", 1)[0].decode()
+        except TimeoutError:
+            return None  # still held, waiting for its body
+
+    bob = plane.token("bob", "clf")
+    held = [start(bob, 600 << 20)]  # declared, not sent: no memory taken yet
+    try:
+        assert status(held[0], 0.5) is None
+        with start(bob, 600 << 20) as past:  # 1,200 MiB would be held: refused
+            past.settimeout(30)
+            answer = b""
+            while chunk := past.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+        assert b"this licence's requests hold 600 MiB at this door already" in answer
+        with start(bob, 100 << 20) as within_budget:  # 700 MiB: room for it
+            assert status(within_budget, 0.5) is None
+        _serving(plane)  # alice, meanwhile
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_one_licence_holds_at_most_its_share_of_the_grpc_door(plane: Plane) -> None:
     """The gRPC door's share, as REST's: alice's 16 ModelInfer calls whose
     token is vetted and whose message never comes hold her licence's share;

@@ -528,7 +528,105 @@ def test_token_free_grpc_messages_are_read_one_per_address_and_four_at_once() ->
     assert [a.config.name for a in answers] == ["m"] * 14
     assert [list(i.dims) for i in answers[0].config.input] == [[-1, 4]]
     assert most["10.0.0.1"] == 1 and most["door"] == FREE_READS == 4, most
-    assert servicer._reading_from == {} and servicer.peers.held == {}  # nothing kept after
+    assert servicer._reading_from.keys == {} and servicer.peers.held == {}  # nothing kept after
+
+
+def test_a_licences_grpc_messages_are_read_two_at_once_and_held_within_its_byte_budget() -> None:
+    """gRPC's size of a message is known only once it is read whole, so a
+    licence's ModelInfer messages are read at most two at once, and none
+    starts while its requests being answered hold their budget of bytes
+    (UNAVAILABLE, naming it); another licence's are read meanwhile."""
+    import asyncio
+    import collections
+
+    from vault.core.token import mint_token
+    from worker.service.oip import grpc_door
+    from worker.service.oip.door import DataPlane, Gate
+    from worker.service.oip.grpc_door import InferenceServicer
+
+    answer = asyncio.Event()
+
+    class Plane(DataPlane):
+        async def vet(self, *a: Any, **k: Any) -> None:
+            return None  # genuine and in force
+
+        async def infer(self, *a: Any, **k: Any) -> Any:
+            await answer.wait()  # the calls are being computed
+            return [], []
+
+    reading: collections.Counter[str] = collections.Counter()
+    most: collections.Counter[str] = collections.Counter()
+    req = grpc_door.pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="UINT8", shape=[60]).contents.uint_contents.extend([1] * 60)
+    raw = req.SerializeToString()
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def __init__(self, token: str, who: str) -> None:
+            self.token, self.who, self.status = token, who, None
+
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + self.token)]
+
+        def peer(self) -> str:
+            return "ipv4:10.0.0.9:50000"
+
+        def set_trailing_metadata(self, md: Any) -> None:
+            pass
+
+        async def abort(self, code: Any, details: str) -> None:
+            self.status = (code.name, details)
+            raise Aborted()
+
+        async def read(self) -> bytes:
+            reading[self.who] += 1
+            most[self.who] = max(most[self.who], reading[self.who])
+            await asyncio.sleep(0.05)
+            reading[self.who] -= 1
+            return raw
+
+    lic_a, lic_b = _licence("lic-a"), _licence("lic-b")
+    a, b = mint_token(lic_a, models=["m"]), mint_token(lic_b, models=["m"])
+
+    async def call(servicer: Any, ctx: Context) -> Any:
+        try:
+            return await servicer.ModelInfer(None, ctx)
+        except Aborted:
+            return ctx.status
+
+    async def main() -> tuple[list[Any], list[Any], Any]:
+        gate = Gate(64, bytes_per_licence=3 * len(raw))  # three messages' worth
+        servicer = InferenceServicer(Plane(None), gate=gate)  # type: ignore[arg-type]
+        first = [asyncio.ensure_future(call(servicer, Context(a, "a"))) for _ in range(3)]
+        while gate.bytes_by_licence.get("lic-a", 0) < 3 * len(raw):
+            await asyncio.sleep(0.01)  # alice's three are read and being computed
+        refused = await call(servicer, Context(a, "a"))  # no room: refused unread
+        other = asyncio.ensure_future(call(servicer, Context(b, "b")))
+        while gate.bytes_by_licence.get("lic-b", 0) < len(raw):
+            await asyncio.sleep(0.01)
+        answer.set()
+        done = await asyncio.gather(*first, other)
+        return done, [refused], gate
+
+    done, refused, gate = asyncio.run(main())
+    assert refused[0][0] == "UNAVAILABLE" and "this licence's requests hold" in refused[0][1]
+    assert all(r.model_name == "m" for r in done), done
+    assert most["a"] == 2 and most["b"] == 1, most
+    assert gate.bytes_by_licence == {}  # all given back once answered
+
+
+def _licence(licence_id: str) -> Any:
+    import base64
+
+    from vault.core.crypto import PublisherKey
+    from vault.core.licence import Licence
+
+    return Licence(licence_id=licence_id, holder="shop", keyserver_address="tcp://127.0.0.1:1",
+                   keyserver_public_key="k" * 40, client_public_key="a" * 40,
+                   client_secret_key="s" * 40, kind="call",
+                   proof_key=base64.b64encode(PublisherKey.generate().export_private_raw()).decode())  # fmt: skip
 
 
 class _HeldService:

@@ -334,9 +334,15 @@ class Gate:
     ``UNAVAILABLE``, with ``Retry-After: 1``). Used from the door's own event
     loop only."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, bytes_per_licence: int = 1 << 30) -> None:
         self.limit = max(1, limit)
         self.held = 0
+        # the request bytes one licence's requests hold at the door until
+        # they are answered (what their bodies or messages take in memory);
+        # before, licensed bob's 16 requests declaring 256 MiB bodies each held
+        # 1 GiB of the service's memory for the 30 s body timeout, per door
+        self.bytes_per_licence = bytes_per_licence
+        self.bytes_by_licence: dict[str, int] = {}
         # what one licence's requests may hold of it while their body arrives:
         # a quarter. Before, one token holder's 64 requests that never sent
         # their body held the whole door for its 30 s body timeout, again and
@@ -373,6 +379,31 @@ class Gate:
                 self.by_licence[licence_id] = left
             else:
                 del self.by_licence[licence_id]
+
+    def take_bytes(self, licence_id: str, n: int) -> None:
+        """``n`` more request bytes held for ``licence_id`` (give them back
+        with :meth:`give_bytes`), or a typed refusal past its budget (``n``
+        0: whether any room is left)."""
+        have = self.bytes_by_licence.get(licence_id, 0)
+        if have + n > self.bytes_per_licence or (not n and have >= self.bytes_per_licence):
+            raise ServiceUnavailableError(
+                f"this licence's requests hold {have >> 20} MiB at this door already (at most "
+                f"{self.bytes_per_licence >> 20} MiB); try again when one is answered"
+            )
+        if n:
+            self.bytes_by_licence[licence_id] = have + n
+
+    def hold_bytes(self, licence_id: str, n: int) -> None:
+        """``n`` bytes already in memory (a message read whole), counted
+        against the licence's whatever its budget says."""
+        self.bytes_by_licence[licence_id] = self.bytes_by_licence.get(licence_id, 0) + n
+
+    def give_bytes(self, licence_id: str, n: int) -> None:
+        left = self.bytes_by_licence.get(licence_id, 0) - n
+        if left > 0:
+            self.bytes_by_licence[licence_id] = left
+        else:
+            self.bytes_by_licence.pop(licence_id, None)
 
 
 def _result(header: dict[str, Any], out: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:

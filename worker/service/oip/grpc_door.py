@@ -64,6 +64,7 @@ pb: Any = _pb  # generated code: untyped
 # how many such messages are read at once
 FREE_READ_S = 2.0
 FREE_READS = 4
+LICENCE_READS = 2  # one licence's ModelInfer messages read at once, at a door
 
 # InferTensorContents field that holds each datatype's typed elements
 _CONTENTS = {
@@ -132,6 +133,37 @@ class Peers:
                 del self.held[key]
 
 
+class Turns:
+    """At most ``n`` holders at once per key (a peer address, a licence),
+    waiting their turn in order; a key's semaphore goes with its last user.
+    Used from the door's event loop only."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.keys: dict[str, list[Any]] = {}  # key -> [its semaphore, users]
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str, timeout: float) -> Any:
+        entry = self.keys.get(key)
+        if entry is None:
+            entry = self.keys[key] = [asyncio.Semaphore(self.n), 0]
+        entry[1] += 1
+        try:
+            try:
+                await within(entry[0].acquire(), timeout)
+            except asyncio.TimeoutError:
+                raise ServiceUnavailableError("this door is reading other requests; "
+                                              "try again in a moment") from None  # fmt: skip
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self.keys[key]
+
+
 def _token(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     value = None
     for k, v in context.invocation_metadata() or ():
@@ -156,7 +188,10 @@ class InferenceServicer:
         # stranger may send one to any of these; so at most FREE_READS are
         # read at once, one per peer address
         self._reading = asyncio.Semaphore(FREE_READS)
-        self._reading_from: dict[str, list[Any]] = {}  # address -> [its lock, RPCs using it]
+        self._reading_from = Turns(1)  # one per peer address
+        # a licence's messages read at once (each up to 1 GiB, held until
+        # answered and counted against the licence's bytes at the door)
+        self._licence_reads = Turns(LICENCE_READS)
 
     async def free(self, name: str, requests: Any, context: Any) -> Any:
         """An RPC that needs no token (health, metadata, configuration),
@@ -177,33 +212,21 @@ class InferenceServicer:
             raise
 
     async def _read_free(self, name: str, context: Any) -> Any:
-        address = peer_address(context.peer())
-        entry = self._reading_from.get(address)
-        if entry is None:
-            entry = self._reading_from[address] = [asyncio.Lock(), 0]
-        entry[1] += 1  # the RPCs using this address's lock (it goes with the last)
-        mine = entry[0]
-        try:
-            async with contextlib.AsyncExitStack() as held:
-                # the address's own turn, then one of the door's: what a
-                # stranger's silent or huge messages hold up is, first of all,
-                # its own address's
-                try:
-                    await within(held.enter_async_context(mine), self.head_timeout)
-                    await within(self._reading.acquire(), self.head_timeout)
-                except asyncio.TimeoutError:
-                    raise ServiceUnavailableError("this door is reading other requests; "
-                                                  "try again in a moment") from None  # fmt: skip
-                held.callback(self._reading.release)
-                try:
-                    raw = await within(context.read(), FREE_READ_S)
-                except asyncio.TimeoutError:
-                    raise ProtocolError(f"the {name} message did not arrive within "
-                                        f"{FREE_READ_S:g} s") from None  # fmt: skip
-        finally:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._reading_from[address]
+        # the address's own turn, then one of the door's: what a stranger's
+        # silent or huge messages hold up is, first of all, its own address's
+        async with self._reading_from.turn(peer_address(context.peer()), self.head_timeout):
+            try:
+                await within(self._reading.acquire(), self.head_timeout)
+            except asyncio.TimeoutError:
+                raise ServiceUnavailableError("this door is reading other requests; "
+                                              "try again in a moment") from None  # fmt: skip
+            try:
+                raw = await within(context.read(), FREE_READ_S)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"the {name} message did not arrive within "
+                                    f"{FREE_READ_S:g} s") from None  # fmt: skip
+            finally:
+                self._reading.release()
         if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
             raise ProtocolError(f"{name} needs one {name}Request message")
         try:
@@ -265,21 +288,34 @@ class InferenceServicer:
                 token = _token(context)
                 # the model is in the message
                 await self.plane.vet(None, None, token, address=peer_address(context.peer()))
-                # its licence's share while the message arrives (as REST's body)
-                with self.gate.licence(token.licence_id):
-                    try:
-                        raw = await within(context.read(), self.body_timeout)
-                    except asyncio.TimeoutError:
-                        raise ProtocolError(f"the request message did not arrive within "
-                                            f"{self.body_timeout:g} s") from None  # fmt: skip
-                if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
-                    raise ProtocolError("ModelInfer needs one ModelInferRequest message")
+                lic, size = token.licence_id, 0
                 try:
-                    request = pb.ModelInferRequest.FromString(raw)
-                except DecodeError:
-                    raise ProtocolError("the request is not a ModelInferRequest") from None
-                del raw
-                return await self._infer(request, token, context)
+                    # its licence's share while the message arrives (as REST's
+                    # body), and a turn among its messages being read; none
+                    # starts while the licence's requests hold their bytes'
+                    # budget (the message's size is known only once it is in)
+                    with self.gate.licence(lic):
+                        async with self._licence_reads.turn(lic, self.body_timeout):
+                            self.gate.take_bytes(lic, 0)  # room left, or refused
+                            try:
+                                raw = await within(context.read(), self.body_timeout)
+                            except asyncio.TimeoutError:
+                                raise ProtocolError(
+                                    f"the request message did not arrive within "
+                                    f"{self.body_timeout:g} s") from None  # fmt: skip
+                            if isinstance(raw, bytes):
+                                size = len(raw)
+                                self.gate.hold_bytes(lic, size)
+                    if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
+                        raise ProtocolError("ModelInfer needs one ModelInferRequest message")
+                    try:
+                        request = pb.ModelInferRequest.FromString(raw)
+                    except DecodeError:
+                        raise ProtocolError("the request is not a ModelInferRequest") from None
+                    del raw
+                    return await self._infer(request, token, context)
+                finally:
+                    self.gate.give_bytes(lic, size)
         except VaultError as exc:
             await _abort(context, exc)
             raise

@@ -129,7 +129,7 @@ class RestApp:
                  body_timeout: float = 30.0) -> None:  # fmt: skip
         self.plane = plane
         self.max_body = max_body
-        self.gate = Gate(max_inflight)
+        self.gate = Gate(max_inflight, bytes_per_licence=max_body)
         self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -211,15 +211,17 @@ class RestApp:
                 )  # fmt: skip
         return limit
 
-    async def _body(self, receive: Any, limit: int) -> bytes:
-        """The body, at most ``limit`` bytes, all of it within ``body_timeout``."""
+    async def _body(self, receive: Any, limit: int, account: Any = None) -> bytes:
+        """The body, at most ``limit`` bytes, all of it within ``body_timeout``;
+        ``account`` ``(licence, [bytes held])``: bytes past those held are
+        taken from the licence's as they arrive."""
         try:
-            return await within(self._read(receive, limit), self.body_timeout)
+            return await within(self._read(receive, limit, account), self.body_timeout)
         except asyncio.TimeoutError:
             raise _HttpError(408, f"the request body did not arrive within "
                                   f"{self.body_timeout:g} s") from None  # fmt: skip
 
-    async def _read(self, receive: Any, limit: int) -> bytes:
+    async def _read(self, receive: Any, limit: int, account: Any = None) -> bytes:
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -229,6 +231,9 @@ class RestApp:
             size += len(part)
             if size > limit:
                 raise ProtocolError(f"a request exceeds the limit of {limit} bytes")
+            if account is not None and size > account[1][0]:
+                self.gate.take_bytes(account[0], size - account[1][0])
+                account[1][0] = size
             chunks.append(part)
             if not msg.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -259,11 +264,23 @@ class RestApp:
                                   "supported: gzip, deflate or none")  # fmt: skip
         # while its body arrives a request holds a share of its licence's: one
         # licence's requests that never send their body hold at most a quarter
-        # of the door (computing ones are paid for, and bounded by the gate)
-        with self.gate.licence(token.licence_id):
-            body = await self._body(receive, limit)
-        state["body_unread"] = False
-        await self._infer_vetted(send, model, version, token, header_len, body, limit, encoding)
+        # of the door (computing ones are paid for, and bounded by the gate);
+        # and until it is answered its body's bytes count against the
+        # licence's (declared ones at once, a chunked body's as they come)
+        lic = token.licence_id
+        held = [0]
+        try:
+            with self.gate.licence(lic):
+                declared = _content_length(scope)
+                if declared:
+                    self.gate.take_bytes(lic, declared)
+                    held[0] = declared
+                body = await self._body(receive, limit, (lic, held))
+            state["body_unread"] = False
+            await self._infer_vetted(send, model, version, token, header_len, body, limit,
+                                     encoding)  # fmt: skip
+        finally:
+            self.gate.give_bytes(lic, held[0])
 
     async def _infer_vetted(self, send: Any, model: str, version: str | None, token: Any,
                             header_len: int | None, body: bytes, limit: int,
@@ -329,6 +346,13 @@ class RestApp:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    for k, v in scope["headers"]:
+        if k == b"content-length" and v.isdigit():
+            return int(v)
+    return None
 
 
 def _only(method: str, allowed: str) -> None:

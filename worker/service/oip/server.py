@@ -250,7 +250,8 @@ class OipServer:
             ],
             maximum_concurrent_rpcs=self.cfg.max_connections,
         )
-        register(InferenceServicer(self.plane, gate=Gate(self.cfg.max_inflight),
+        register(InferenceServicer(self.plane,
+                                   gate=Gate(self.cfg.max_inflight, bytes_per_licence=limit),
                                    body_timeout=self.cfg.body_timeout,
                                    head_timeout=self.cfg.head_timeout,
                                    per_address=self.cfg.max_connections_per_address), server)  # fmt: skip
