@@ -88,6 +88,7 @@ __all__ = [
     "WrongKeyServerError",
     "WrongModelError",
     "from_wire",
+    "shown",
 ]
 
 
@@ -334,3 +335,11 @@ def from_wire(payload: Any) -> VaultError:
             return RateLimitedError(text, retry_after=float(retry))
         return RateLimitedError(text)
     return cls(text)
+
+
+def shown(name: Any, most: int = 120) -> str:
+    """A caller's name as a refusal repeats it: its repr, cut to ``most``
+    characters (a 100 KB model name made the gRPC door's error trailer too
+    large for the client to read)."""
+    text = repr(name)
+    return text if len(text) <= most else text[: most - 3] + "..."

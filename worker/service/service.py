@@ -65,6 +65,7 @@ from vault.core.errors import (
     VaultError,
     WorkerCrashedError,
     WorkerTimeoutError,
+    shown,
 )
 from vault.core.protocol import (
     PROTOCOL_VERSION,
@@ -936,12 +937,12 @@ class WorkerService:
             )
         m = self.models.get(name) if isinstance(name, str) else None
         if m is None or m.removing:
-            raise UnknownModelError(f"no model {name!r} is served here")
+            raise UnknownModelError(f"no model {shown(name)} is served here")
         if m.info is None or (not m.instances and m.reason is not None):
             # the caller learns that it cannot run here now, not why (the reason
             # is the vendor's business: its log and /v2/models/{m}/ready)
             raise ServiceUnavailableError(
-                f"model {name!r} is not available on this service now (loading, or it could "
+                f"model {shown(name)} is not available on this service now (loading, or it could "
                 "not load); try again later or another replica"
             )
         return m

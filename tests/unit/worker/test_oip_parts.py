@@ -301,9 +301,13 @@ def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:
         def model_info(self, model: str) -> dict[str, Any]:
             return {"inputs": [], "outputs": []}
 
+        def model_signature(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
     app = RestApp(DataPlane(Service()), max_body=1 << 20)  # type: ignore[arg-type]
 
-    def call(method: str, path: str, headers: list[Any] = [], body: bytes = b"") -> Any:  # noqa: B006
+    def call(method: str, path: str, headers: list[Any] = [], body: bytes = b"",  # noqa: B006
+             raw_path: bytes | None = None) -> Any:  # fmt: skip
         msgs = [{"type": "http.request", "body": body, "more_body": False}]
         sent: list[dict[str, Any]] = []
 
@@ -313,7 +317,8 @@ def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:
         async def send(m: dict[str, Any]) -> None:
             sent.append(m)
 
-        scope = {"type": "http", "method": method, "path": path, "headers": headers}
+        scope = {"type": "http", "method": method, "path": path, "headers": headers,
+                 "raw_path": raw_path or path.encode()}  # fmt: skip
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
 
@@ -325,6 +330,13 @@ def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:
     assert (status, body["code"], headers[b"allow"]) == (405, "method_not_allowed", b"GET")
     status, _, body = call("GET", "/v2/models/nope/config")
     assert (status, body["code"]) == (404, "unknown_model")
+    # a name of 100 KB is not echoed whole (gRPC's trailer could not carry it)
+    status, _, body = call("GET", "/v2/models/" + "n" * 100_000)
+    assert (status, body["code"]) == (404, "unknown_model") and len(body["error"]) < 400
+    # a slash sent as %2F is no path separator (uvicorn decodes the path)
+    status, _, body = call("GET", "/v2/models/m/config", raw_path=b"/v2/models/m%2Fconfig")
+    assert (status, body["code"]) == (404, "not_found")
+    assert call("GET", "/v2/models/m/config")[0] == 200  # the control, sent as a path
 
     auth = (b"authorization", b"Bearer " + _stranger_token())
     req = json.dumps({"inputs": []}).encode()

@@ -58,6 +58,7 @@ from vault.core.errors import (
     WorkerCrashedError,
     WorkerTimeoutError,
     from_wire,
+    shown,
 )
 from vault.core.protocol import SUPPORTED_DTYPES
 from vault.core.token import Token, parse_token
@@ -205,7 +206,7 @@ class DataPlane:
         ready or not (a model that cannot load is served, and not ready)."""
         if self.service.model_state(model) is None or version not in (None, "", "1"):
             raise UnknownModelError(
-                f"no model {model!r} (version {version or 'any'}) is served here"
+                f"no model {shown(model)} (version {shown(version or 'any')}) is served here"
             )
 
     def model_ready(self, model: str, version: str | None) -> bool:
@@ -308,7 +309,8 @@ class DataPlane:
         """Post one call into the loop and wait for its answer: the output
         descriptors and frames, or the typed error the loop answered."""
         if version not in (None, "", "1"):
-            raise UnknownModelError(f"model {model!r} has no version {version!r} (only 1)")
+            raise UnknownModelError(f"model {shown(model)} has no version {shown(version)} "
+                                    "(only 1)")  # fmt: skip
         if outputs is None:
             outputs = self.default_outputs(model)
         else:

@@ -175,8 +175,10 @@ class RestApp:
             await _json(send, 200, self.plane.server_metadata())
             return
         m = _MODEL.match(path)
-        if m is None:
-            raise _HttpError(404, f"no such endpoint: {path}")
+        # a slash sent as %2F is a model name's character, not the path's: not
+        # routed as one (it would pass a proxy's rules written on paths)
+        if m is None or b"%2f" in bytes(scope.get("raw_path") or b"").lower():
+            raise _HttpError(404, f"no such endpoint: {path[:200]}")
         model, version, action = m.group(1), m.group(2), m.group(3)
         if action is None:
             _only(method, "GET")
