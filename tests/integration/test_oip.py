@@ -1166,6 +1166,36 @@ def test_a_silent_connection_to_the_grpc_door_goes_within_the_deadline(plane: Pl
     _serving(plane)
 
 
+def _posted_head(plane: Plane, token: str, length: int, extra: bytes = b"") -> Any:
+    """A TLS connection to the REST door that has sent an infer request's
+    head, declaring a body of ``length`` bytes, and none of the body."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    raw = socket.create_connection(("127.0.0.1", plane.http_port), timeout=60)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    s.sendall(
+        b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
+        b"Authorization: Bearer "
+        + token.encode()
+        + b"\r\n"
+        + extra
+        + b"Content-Length: "
+        + str(length).encode()
+        + b"\r\n\r\n"
+    )
+    return s
+
+
+def _status_line(s: Any, timeout: float) -> str | None:
+    """The answer's status line, or None while the request is held (its body awaited)."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(256).split(b"\r\n", 1)[0].decode()  # type: ignore[no-any-return]
+    except TimeoutError:
+        return None
+
+
 def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
     """A door holds 64 requests at once. Before, alice's 64 requests that
     declared a body and never sent it held all of them, for the 30 s body
@@ -1173,27 +1203,11 @@ def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
     most a quarter (16) once its token is vetted: alice's 17th to 64th are
     refused at once (503, `unavailable`, naming her licence's share) and bob
     is served."""
-    import socket
-
-    ctx = ssl.create_default_context(cafile=str(plane.ca))
 
     def start(token: str, length: int) -> Any:
-        raw = socket.create_connection(("127.0.0.1", plane.http_port), timeout=60)
-        s = ctx.wrap_socket(raw, server_hostname="localhost")
-        s.sendall(
-            b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
-            b"Authorization: Bearer " + token.encode() + b"\r\n"
-            b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
-        )
-        return s
+        return _posted_head(plane, token, length)
 
-    def status(s: Any, timeout: float) -> str | None:
-        s.settimeout(timeout)
-        try:
-            return s.recv(256).split(b"\r\n", 1)[0].decode()
-        except TimeoutError:
-            return None  # still held, waiting for its body
-
+    status = _status_line
     alice = plane.token("alice", "clf")
     held = [start(alice, 100_000) for _ in range(16)]
     try:
@@ -1225,28 +1239,11 @@ def test_one_licence_holds_at_most_its_budget_of_request_bytes(plane: Plane) -> 
     most the body limit (1 GiB) of request bytes at a door until they are
     answered, declared bytes counted at once: his request past it is refused
     before its body is read (503, naming the budget), and alice is served."""
-    import socket
 
-    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    def start(token: str, length: int) -> Any:  # binary data: the 1 GiB limit
+        return _posted_head(plane, token, length, b"Inference-Header-Content-Length: 100\r\n")
 
-    def start(token: str, length: int) -> Any:
-        raw = socket.create_connection(("127.0.0.1", plane.http_port), timeout=60)
-        s = ctx.wrap_socket(raw, server_hostname="localhost")
-        s.sendall(
-            b"POST /v2/models/clf/infer HTTP/1.1\r\nHost: localhost\r\n"
-            b"Authorization: Bearer " + token.encode() + b"\r\n"
-            b"Inference-Header-Content-Length: 100\r\n"  # binary data: the 1 GiB limit
-            b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
-        )
-        return s
-
-    def status(s: Any, timeout: float) -> str | None:
-        s.settimeout(timeout)
-        try:
-            return s.recv(256).split(b"\r\n", 1)[0].decode()
-        except TimeoutError:
-            return None  # still held, waiting for its body
-
+    status = _status_line
     bob = plane.token("bob", "clf")
     held = [start(bob, 600 << 20)]  # declared, not sent: no memory taken yet
     try:

@@ -207,10 +207,10 @@ def _stranger_token() -> bytes:
     return mint_token(lic, models=["m"]).encode()
 
 
-def _rest_infer(app: Any, body: bytes, token: bytes) -> tuple[list[dict[str, Any]], int]:
-    """POST ``body`` to ``/v2/models/m/infer`` through the REST door's ASGI
-    app with a bearer ``token``: the messages it sent, and how many of the
-    body's messages it left unread."""
+def _asgi(app: Any, method: str, path: str, headers: list[Any], body: bytes = b"",
+          raw_path: bytes | None = None) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """One request through an ASGI app: the messages it sent, and how many
+    of the body's messages it left unread."""
     import asyncio
 
     msgs = [{"type": "http.request", "body": body, "more_body": False}]
@@ -222,10 +222,15 @@ def _rest_infer(app: Any, body: bytes, token: bytes) -> tuple[list[dict[str, Any
     async def send(m: dict[str, Any]) -> None:
         sent.append(m)
 
-    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
-             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+    scope = {"type": "http", "method": method, "path": path, "headers": headers,
+             "raw_path": raw_path or path.encode()}  # fmt: skip
     asyncio.run(app(scope, receive, send))
     return sent, len(msgs)
+
+
+def _rest_infer(app: Any, body: bytes, token: bytes) -> tuple[list[dict[str, Any]], int]:
+    """POST ``body`` to ``/v2/models/m/infer`` with a bearer ``token`` (:func:`_asgi`)."""
+    return _asgi(app, "POST", "/v2/models/m/infer", [(b"authorization", b"Bearer " + token)], body)
 
 
 def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service() -> None:
@@ -282,7 +287,6 @@ def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:
     endpoint answered {"error": "no such endpoint: ..."} alone); a JSON
     request cut short by a stale Inference-Header-Content-Length (tritonclient
     writes it into a caller's reused headers dict) says which header cut it."""
-    import asyncio
     import json
 
     from worker.service.oip.door import DataPlane
@@ -308,18 +312,7 @@ def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:
 
     def call(method: str, path: str, headers: list[Any] = [], body: bytes = b"",  # noqa: B006
              raw_path: bytes | None = None) -> Any:  # fmt: skip
-        msgs = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return msgs.pop(0)
-
-        async def send(m: dict[str, Any]) -> None:
-            sent.append(m)
-
-        scope = {"type": "http", "method": method, "path": path, "headers": headers,
-                 "raw_path": raw_path or path.encode()}  # fmt: skip
-        asyncio.run(app(scope, receive, send))
+        sent, _ = _asgi(app, method, path, headers, body, raw_path)
         return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
 
     for path in ("/v2/models/m/stats", "/v2/repository/index", "/v2/systemsharedmemory/status"):

@@ -329,6 +329,24 @@ class DataPlane:
         return _result(header, out)
 
 
+@contextlib.contextmanager
+def counted(counts: dict[str, int], key: str, limit: int, refusal: str) -> Iterator[None]:
+    """Hold one of ``key``'s ``limit`` in ``counts`` (its entry gone with its
+    last holder), or ``ServiceUnavailableError(refusal)``."""
+    n = counts.get(key, 0)
+    if n >= limit:
+        raise ServiceUnavailableError(refusal)
+    counts[key] = n + 1
+    try:
+        yield
+    finally:
+        left = counts[key] - 1
+        if left:
+            counts[key] = left
+        else:
+            del counts[key]
+
+
 class Gate:
     """At most ``limit`` requests held at once by one door (vetting, reading,
     waiting for the service); past it a typed refusal, at once, before
@@ -363,24 +381,11 @@ class Gate:
     def __exit__(self, *exc: object) -> None:
         self.held -= 1
 
-    @contextlib.contextmanager
-    def licence(self, licence_id: str) -> Iterator[None]:
+    def licence(self, licence_id: str) -> contextlib.AbstractContextManager[None]:
         """Hold one of ``licence_id``'s share (a vetted token's licence)."""
-        n = self.by_licence.get(licence_id, 0)
-        if n >= self.per_licence:
-            raise ServiceUnavailableError(
-                f"this licence holds {self.per_licence} requests at this door already; "
-                "try again when one is answered"
-            )
-        self.by_licence[licence_id] = n + 1
-        try:
-            yield
-        finally:
-            left = self.by_licence[licence_id] - 1
-            if left:
-                self.by_licence[licence_id] = left
-            else:
-                del self.by_licence[licence_id]
+        return counted(self.by_licence, licence_id, self.per_licence,
+                       f"this licence holds {self.per_licence} requests at this door already; "
+                       "try again when one is answered")  # fmt: skip
 
     def take_bytes(self, licence_id: str, n: int) -> None:
         """``n`` more request bytes held for ``licence_id`` (give them back

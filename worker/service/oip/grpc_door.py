@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -48,6 +47,7 @@ from .door import (
     DataPlane,
     Gate,
     bearer,
+    counted,
     error_text,
     grpc_status,
     retry_after,
@@ -113,24 +113,10 @@ class Peers:
         self.limit = limit
         self.held: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def hold(self, context: Any) -> Iterator[None]:
-        key = peer_address(context.peer())
-        n = self.held.get(key, 0)
-        if n >= self.limit:
-            raise ServiceUnavailableError(
-                f"this address holds {self.limit} calls at this door already; "
-                "try again when one is answered"
-            )
-        self.held[key] = n + 1
-        try:
-            yield
-        finally:
-            left = self.held[key] - 1
-            if left:
-                self.held[key] = left
-            else:
-                del self.held[key]
+    def hold(self, context: Any) -> contextlib.AbstractContextManager[None]:
+        return counted(self.held, peer_address(context.peer()), self.limit,
+                       f"this address holds {self.limit} calls at this door already; "
+                       "try again when one is answered")  # fmt: skip
 
 
 class Turns:
@@ -234,6 +220,9 @@ class InferenceServicer:
         except DecodeError:
             raise ProtocolError(f"the request is not a {name}Request") from None
 
+    # the token-free RPCs, called by :meth:`free` (which turns a VaultError
+    # into the call's status)
+
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=self.plane.service.live())
 
@@ -241,22 +230,14 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.plane.service.ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        try:
-            ready = self.plane.model_ready(request.name, request.version or None)
-        except VaultError as exc:
-            await _abort(context, exc)
-            raise  # abort raised already; for the type checker
+        ready = self.plane.model_ready(request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerMetadataResponse(**self.plane.server_metadata())
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        try:
-            md = self.plane.model_metadata(request.name, request.version or None)
-        except VaultError as exc:
-            await _abort(context, exc)
-            raise  # abort raised already; for the type checker
+        md = self.plane.model_metadata(request.name, request.version or None)
         return pb.ModelMetadataResponse(
             name=md["name"], versions=md["versions"], platform=md["platform"],
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in md["inputs"]],
@@ -265,11 +246,7 @@ class InferenceServicer:
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
         """Triton's ``model_configuration`` extension (:meth:`.door.DataPlane.model_config`)."""
-        try:
-            cfg = self.plane.model_config(request.name, request.version or None)
-        except VaultError as exc:
-            await _abort(context, exc)
-            raise  # abort raised already; for the type checker
+        cfg = self.plane.model_config(request.name, request.version or None)
 
         def io(kind: Any, t: dict[str, Any]) -> Any:
             return kind(name=t["name"], data_type=pb.DataType.Value(t["data_type"]),
