@@ -262,8 +262,9 @@ class _Bucket:
 
 # refusals that hold for every model of a licence (the rest, wrong_model
 # above all, are about the one model asked for)
-_LICENCE_WIDE = frozenset(("licence_revoked", "licence_expired", "licence_unknown",
-                           "quota_exhausted"))  # fmt: skip
+# (quota_exhausted is not: the key server says it too while the quota is
+# only held by open grants, this service's own for another model among them)
+_LICENCE_WIDE = frozenset(("licence_revoked", "licence_expired", "licence_unknown"))
 
 
 def _new_id() -> str:
@@ -509,7 +510,8 @@ class CallLicencePolicy(_Usage):
                 probe = self._probes.get(key)
                 if probe is None or now - probe.at >= _PROBE_TTL:
                     if fetch:
-                        self._vet_budget(key, address, now)
+                        if (key, VET) not in self._fetching:  # a probe starts: it costs one
+                            self._vet_budget(key, address, now)
                         self._probe_async(key)
                     raise AdmissionPending()
                 d = _Decision(key, "", probe.at, _PROBE_TTL, probe.ok, error=probe.error,
@@ -591,7 +593,9 @@ class CallLicencePolicy(_Usage):
                 # none yet, or older than one lease: never used past that
                 if d is None:
                     self._first_fetch(caller_key, model_id)
-                elif not d.refreshing:
+                else:
+                    d.last_used = now  # a call waits on its renewal: in use
+                if d is not None and not d.refreshing:
                     d.refreshing = True
                     self._fetch_async(caller_key, model_id)
                 raise AdmissionPending()
@@ -785,7 +789,9 @@ class CallLicencePolicy(_Usage):
         # a renewal is not a use: a decision nobody calls on goes idle a lease
         # after its last call, and its reserve back (a renewal that counted as
         # one renewed every decision ever fetched, refusals too, for good)
-        used = old.last_used if old is not None else now
+        with self._lock:
+            cur = self._decisions.get((key, model_id))
+            used = max([x.last_used for x in (old, cur) if x is not None] or [now])
         d = _Decision(key, model_id, now, ttl, ok, error=raw.get("error"),
                       licence=str(raw.get("licence_id") or ""), budget=raw.get("budget"),
                       retry_after=raw.get("retry_after"), rate=raw.get("rate"),

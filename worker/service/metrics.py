@@ -36,6 +36,8 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from vault.core.errors import shown
+
 __all__ = ["HttpEndpoints", "Metrics"]
 
 _LATENCY_BUCKETS = (
@@ -164,7 +166,8 @@ class HttpEndpoints:
                 state = plane.model_state(model)
                 if state is None or version not in (None, "", "1"):
                     # the words and code of the protocol's doors (docs/protocol.md)
-                    text = f"no model {model!r} (version {version or 'any'}) is served here"
+                    text = (f"no model {shown(model)} (version {shown(version or 'any')}) "
+                            "is served here")  # fmt: skip
                     self._json(404, {"error": f"[unknown_model] {text}", "code": "unknown_model"})
                     return
                 ok = plane.model_ready(model, version)

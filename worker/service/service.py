@@ -1502,7 +1502,7 @@ class WorkerService:
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "window": len(lat)}}  # fmt: skip
 
 
-_MAX_CALLER_STATS = 4096  # callers whose statistics a model keeps (the longest unseen go)
+_MAX_CALLER_STATS = 1024  # callers whose statistics a model keeps (the longest unseen go)
 
 
 class _CallerStats:
@@ -1510,7 +1510,7 @@ class _CallerStats:
 
     def __init__(self) -> None:
         self.calls = self.errors = self.batches = 0
-        self.latencies: deque[float] = deque(maxlen=1024)
+        self.latencies: deque[float] = deque(maxlen=256)
 
 
 class _SealedRoute:

@@ -498,11 +498,14 @@ class ProbeKeyServer(TokenKeyServer):
         super().__init__(proof_public_key, **kw)
         self.known = known
         self.probes = 0
+        self.hold: threading.Event | None = None  # set: probes wait for it
 
     def __call__(self, model: str | None, keys: list[str], usage: list[dict[str, Any]],
                  grants: dict[str, str]) -> Any:  # fmt: skip
         if model is not None:
             return super().__call__(model, keys, usage, grants)
+        if self.hold is not None:
+            self.hold.wait(5)
         self.probes += 1
         if self.down:
             raise KeyServerUnavailableError("down")
@@ -682,6 +685,18 @@ def test_a_doors_vetting_of_made_up_licences_costs_a_bounded_number_of_probes() 
 
     genuine = parse_token(mint_token(lic, models=["m"], now=clock.t))
     try:
+        # one licence new to the service, 40 requests at once from one
+        # address: one probe, one token of the budget, nobody refused
+        ks.hold = threading.Event()
+        for _ in range(40):
+            with pytest.raises(AdmissionPending):
+                p.vet(genuine, "m", address="192.0.2.1")
+        ks.hold.set()
+        probes_done(1)
+        assert p._probe_budgets[p._budget_key("192.0.2.1")].tokens == PROBE_BURST - 1
+        p._probes.clear()  # forgotten: the flood below starts from nothing known
+        p._known_good.clear()
+        ks.probes = 0
         assert flood(0, "203.0.113.7") == (PROBE_BURST, 100 - PROBE_BURST)
         probes_done(PROBE_BURST)
         with pytest.raises(AdmissionPending):  # another address: asked about
@@ -716,13 +731,15 @@ def test_a_refusal_for_one_model_is_not_the_licences_answer_for_the_others() -> 
     users were refused (wrong_model) on every gRPC call, and since renewals
     counted as uses, for good. Now the refusal stays with its model: a
     token is still vetted by the licence's own standing."""
-    from vault.core.errors import WrongModelError
+    from vault.core.errors import QuotaExhaustedError, WrongModelError
     from vault.core.token import mint_token, parse_token
 
-    class Scoped(ProbeKeyServer):  # the licence covers m only
+    class Scoped(ProbeKeyServer):  # the licence covers m only; its quota is held by grants
         def __call__(self, model: Any, keys: list[str], usage: Any, grants: Any) -> Any:
-            if model == "types":
-                err = WrongModelError("licence lic-a is not for model 'types'").to_wire()
+            if model in ("types", "full"):
+                err = (WrongModelError("licence lic-a is not for model 'types'") if model == "types"
+                       else QuotaExhaustedError("no call left to grant: held by open grants")
+                       ).to_wire()  # fmt: skip
                 no = {"ok": False, "error": err, "licence_id": "lic-a",
                       "proof_key": self.proof_public_key}  # as the key server refuses  # fmt: skip
                 return {"ttl": 10.0, "decisions": {k: no for k in keys}}
@@ -752,6 +769,12 @@ def test_a_refusal_for_one_model_is_not_the_licences_answer_for_the_others() -> 
         assert p._decisions[(lic.client_public_key, "types")].ok is False  # fetched
         p.vet(alice, None, fetch=False)  # still passes: the refusal was for "types"
         p.vet(mallory, None, fetch=False)  # and mallory's token for m too
+        # the key server's quota_exhausted while the quota is held by open
+        # grants (this service's own among them) is about that model's grant
+        every = parse_token(mint_token(lic, models=["full"], now=clock.t))
+        with pytest.raises(QuotaExhaustedError):
+            waited(lambda: p.admit(None, "full", token=every))
+        p.vet(alice, None, fetch=False)
         with pytest.raises(WrongModelError):  # where the model is known, it refuses
             p.vet(mallory, "types", fetch=False)
     finally:

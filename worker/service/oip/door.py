@@ -220,7 +220,7 @@ class DataPlane:
         self._served(model, version)
         info = self.service.model_signature(model)
         if info is None:  # removed meanwhile
-            raise UnknownModelError(f"no model {model!r} is served here")
+            raise UnknownModelError(f"no model {shown(model)} is served here")
         return {
             "name": model,
             "versions": ["1"],

@@ -268,12 +268,14 @@ class RestApp:
         # licence's requests that never send their body hold at most a quarter
         # of the door (computing ones are paid for, and bounded by the gate);
         # and until it is answered its body's bytes count against the
-        # licence's (declared ones at once, a chunked body's as they come)
+        # licence's: up to a quarter of them at once from the declared length
+        # (one token holder's single request never holds a licence's whole
+        # budget before it sends a byte), the rest as they come
         lic = token.licence_id
         held = [0]
         try:
             with self.gate.licence(lic):
-                declared = _content_length(scope)
+                declared = min(_content_length(scope) or 0, self.gate.bytes_per_licence // 4)
                 if declared:
                     self.gate.take_bytes(lic, declared)
                     held[0] = declared
