@@ -426,6 +426,58 @@ def test_grpc_typed_contents_are_bounded_before_they_are_decoded() -> None:
     assert desc["shape"] == [n - 2]
 
 
+def test_json_and_typed_values_are_counted_before_they_are_decoded(monkeypatch: Any) -> None:
+    """A value costs about a hundred bytes of Python objects while it is
+    decoded, whatever its text: a licensed caller's 16 MiB of JSON "0,"
+    values (16 KB gzipped) took the service up 1.4 GB. Both doors count a
+    request's JSON or typed values before decoding one (here with the limit
+    lowered to 1,000 for speed; the control: 1,000 values are taken)."""
+    import json
+
+    from worker.service.oip import grpc_door, inference_pb2, rest
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    monkeypatch.setattr(rest, "MAX_DECODED_VALUES", 1000)
+    monkeypatch.setattr(grpc_door, "MAX_DECODED_VALUES", 1000)
+
+    class Service:
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return True
+
+        def submit(self, call: Any) -> None:
+            call.reply({"ok": False, "error": {"code": "compute", "message": "ran"}}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [], "outputs": []}
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
+    app = RestApp(DataPlane(Service()), max_body=1 << 20)  # type: ignore[arg-type]
+
+    def post(n: int) -> dict[str, Any]:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [n],
+                                       "data": [0] * n}]}).encode()  # fmt: skip
+        sent, _ = _rest_infer(app, body, _stranger_token())
+        return json.loads(sent[1]["body"])  # type: ignore[no-any-return]
+
+    refused = post(1001)
+    assert refused["code"] == "bad_input" and "binary data" in refused["error"], refused
+    assert post(990)["code"] == "compute"  # decoded and posted to the service
+
+    pb: Any = inference_pb2
+    for n, taken in ((1001, False), (1000, True)):
+        req = pb.ModelInferRequest(model_name="m")
+        req.inputs.add(name="x", datatype="INT32", shape=[n]).contents.int_contents.extend([0] * n)
+        if taken:
+            (desc,), _ = grpc_door._inputs(req)
+            assert desc["shape"] == [n]
+        else:
+            with pytest.raises(InputError, match="raw_input_contents"):
+                grpc_door._inputs(req)
+
+
 def test_a_clients_timeout_is_read_in_the_protocols_unit_microseconds() -> None:
     # tritonclient's infer(timeout=...) sends parameters["timeout"] in
     # microseconds (its docstring: "The timeout value for the request, in

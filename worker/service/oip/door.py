@@ -94,6 +94,11 @@ _CONFIG_TYPE = {"BYTES": "TYPE_STRING"}
 # default input size; binary tensors (REST's extension, gRPC's
 # ``raw_input_contents``) cross without expansion and keep the whole limit.
 MAX_DECODED = 64 << 20
+# ... and the values in it: a value costs about a hundred bytes of Python
+# objects while it is decoded whatever its text (a licensed caller's 16 MiB
+# of JSON "0," values, 16 KB gzipped, took the service up 1.4 GB), so a
+# request's JSON or typed values are counted before they are decoded
+MAX_DECODED_VALUES = 4 << 20
 
 
 class Plane(Protocol):

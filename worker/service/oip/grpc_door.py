@@ -44,6 +44,7 @@ from . import inference_pb2 as _pb
 from . import tensors as T
 from .door import (
     MAX_DECODED,
+    MAX_DECODED_VALUES,
     DataPlane,
     Gate,
     bearer,
@@ -329,6 +330,11 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     if typed > MAX_DECODED:  # a protobuf size, before a Python object is made of it
         raise InputError(f"typed contents of {typed} bytes exceed the limit of {MAX_DECODED}: "
                          "send tensors as raw_input_contents")  # fmt: skip
+    values = sum(len(getattr(t.contents, f.name)) for t in request.inputs
+                 for f, _ in t.contents.ListFields())  # fmt: skip
+    if values > MAX_DECODED_VALUES:  # counted in protobuf's containers, none made yet
+        raise InputError(f"typed contents of {values} values exceed the limit of "
+                         f"{MAX_DECODED_VALUES}: send tensors as raw_input_contents")  # fmt: skip
     T.check_strings([(t.name, t.datatype, list(t.shape)) for t in request.inputs],
                     sum(len(r) for r in raw) + typed)  # fmt: skip
     descs, frames = [], []
