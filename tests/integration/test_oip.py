@@ -1232,6 +1232,48 @@ def test_one_licence_holds_at_most_its_share_of_a_door(plane: Plane) -> None:
     _serving(plane)
 
 
+def test_messages_the_grpc_door_has_not_asked_for_hold_no_memory(plane: Plane) -> None:
+    """gRPC buffers a stream's bytes up to its flow-control window before the
+    door reads the message, and grew that window by probing the bandwidth: a
+    stranger who held its address's reading turn with silent calls and sent
+    59 ModelConfig calls of 16 MiB behind them made the service hold 472 MiB
+    unread. The door no longer lets windows grow unasked: 20 such calls hold
+    a few MiB (3 MiB; with the probing, the control, 378 MiB)."""
+    import threading
+
+    import grpc
+
+    def rss() -> int:
+        with open(f"/proc/{plane.proc.pid}/status") as fh:
+            return next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) << 10
+
+    creds = grpc.ssl_channel_credentials(plane.ca.read_bytes())
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        release.wait(60)
+        yield from ()
+
+    message = b"\x0a" + b"\xff" * (16 << 20)  # junk the door would refuse, once read
+    opts = [("grpc.max_send_message_length", -1)]
+    with grpc.secure_channel(plane.grpc_url, creds, options=opts) as ch:
+        config = ch.stream_unary("/inference.GRPCInferenceService/ModelConfig",
+                                 request_serializer=None, response_deserializer=None)  # fmt: skip
+        before = rss()
+        silent = [config.future(never()) for _ in range(4)]  # the address's reading turn,
+        time.sleep(0.5)  # 2 s each, taken before the messages below come
+        queued = [config.future(iter([message])) for _ in range(20)]
+        try:
+            time.sleep(3)  # what the stranger's bytes could fill meanwhile (none read yet)
+            grown = rss() - before
+            assert grown < 48 << 20, f"{grown >> 20} MiB held for messages not read"
+        finally:
+            release.set()
+            for f in silent + queued:
+                f.cancel()
+    _serving(plane)
+
+
 def test_one_licence_holds_at_most_its_budget_of_request_bytes(plane: Plane) -> None:
     """Licensed bob's four requests declaring 256 MiB bodies, all but a byte
     sent, held 1 GiB of the service's memory for the 30 s body timeout (16
