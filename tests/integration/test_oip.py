@@ -1254,22 +1254,37 @@ def test_messages_the_grpc_door_has_not_asked_for_hold_no_memory(plane: Plane) -
         release.wait(60)
         yield from ()
 
+    from worker.service.oip import inference_pb2
+
+    pb: Any = inference_pb2
+    small = pb.ModelConfigRequest(name="clf").SerializeToString()
     message = b"\x0a" + b"\xff" * (16 << 20)  # junk the door would refuse, once read
     opts = [("grpc.max_send_message_length", -1)]
     with grpc.secure_channel(plane.grpc_url, creds, options=opts) as ch:
         config = ch.stream_unary("/inference.GRPCInferenceService/ModelConfig",
                                  request_serializer=None, response_deserializer=None)  # fmt: skip
         before = rss()
-        silent = [config.future(never()) for _ in range(4)]  # the address's reading turn,
-        time.sleep(0.5)  # 2 s each, taken before the messages below come
+        # silent calls take the address's reading turn, 2 s each (20 s in all);
+        # a small proper call left waiting shows that one holds it now
+        silent = [config.future(never()) for _ in range(10)]
+        probes, deadline = [], time.monotonic() + 60
+        while True:
+            probes.append(config.future(iter([small])))
+            try:
+                probes[-1].result(timeout=1.0)  # answered at once: no silent call in yet
+            except grpc.FutureTimeoutError:
+                break  # waiting for the turn a silent call holds
+            assert time.monotonic() < deadline, "no silent call ever took the reading turn"
         queued = [config.future(iter([message])) for _ in range(20)]
         try:
-            time.sleep(3)  # what the stranger's bytes could fill meanwhile (none read yet)
-            grown = rss() - before
+            grown, end = 0, time.monotonic() + 3  # what the stranger's bytes fill meanwhile
+            while time.monotonic() < end:
+                grown = max(grown, rss() - before)
+                time.sleep(0.05)  # the sampling interval
             assert grown < 48 << 20, f"{grown >> 20} MiB held for messages not read"
         finally:
             release.set()
-            for f in silent + queued:
+            for f in silent + probes + queued:
                 f.cancel()
     _serving(plane)
 

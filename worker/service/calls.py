@@ -409,18 +409,27 @@ class CallLicencePolicy(_Usage):
         :data:`PROBE_RATE` a second), and past it is refused unasked."""
         z = key.decode("ascii", "replace")
         now = self._clock()
-        address = self._budget_key(address)
         with self._lock:
             hit = self._probes.get(z)
             if hit is not None and now - hit.at < _PROBE_TTL:
                 return hit.ok
-            seen = self._known_good.get(z)
-            if seen is None or now - seen >= _KNOWN_GOOD_S:  # a licensed caller's: no budget
-                budget = self._probe_budget(address, now)
-                if budget is None or budget.take(now) is not None:
-                    self.probes_refused += 1
-                    return False
+            if self._spend_probe(z, address, now) is not None:
+                return False
         return self.callback("vault", key)
+
+    def _spend_probe(self, key: str, address: str, now: float) -> float | None:
+        """A key-server request about ``key`` from ``address`` (lock held):
+        None when it may go (a key called live within the hour costs
+        nothing; any other a token of its address's budget), else the
+        seconds until the address's budget has one again (counted refused)."""
+        seen = self._known_good.get(key)
+        if seen is not None and now - seen < _KNOWN_GOOD_S:  # a licensed caller's: no budget
+            return None
+        budget = self._probe_budget(self._budget_key(address), now)
+        wait = budget.take(now) if budget is not None else 1.0
+        if wait is not None:
+            self.probes_refused += 1
+        return wait
 
     def _probe_budget(self, address: str, now: float) -> _Bucket | None:
         """The address's budget (lock held); None past the addresses kept."""
@@ -540,13 +549,8 @@ class CallLicencePolicy(_Usage):
         requests a second.)"""
         if address is None:
             return
-        seen = self._known_good.get(key)
-        if seen is not None and now - seen < _KNOWN_GOOD_S:
-            return
-        budget = self._probe_budget(self._budget_key(address), now)
-        wait = budget.take(now) if budget is not None else 1.0
+        wait = self._spend_probe(key, address, now)
         if wait is not None:
-            self.probes_refused += 1
             raise RateLimitedError(
                 "this address has asked about too many licences this service does not know; "
                 "try again shortly",
@@ -830,45 +834,49 @@ class CallLicencePolicy(_Usage):
         threading.Thread(target=run, name="vault-decision", daemon=True).start()
 
     def _refresher(self) -> None:
-        """Renew decisions from half-way through their lease while they are
-        used; give back and forget those left unused for a whole lease."""
         while not self._stop.wait(self._every):
-            now = self._clock()
-            due: list[tuple[str, str]] = []
-            idle: list[_Decision] = []
-            with self._lock:
-                wall = self._wall()
-                for tk in [k for k, (_, exp) in self._token_calls.items() if exp <= wall]:
-                    del self._token_calls[tk]  # expired tokens are refused anyway
-                for z in [z for z, p in self._probes.items() if now - p.at >= _PROBE_TTL]:
-                    del self._probes[z]  # never reused: one per key a stranger tried
-                if now - self._pruned_at >= 1.0:  # the tables can be large: once a second
-                    self._pruned_at = now
-                    full = [a for a, b in self._probe_budgets.items()
-                            if b.tokens + (now - b.at) * b.rate >= b.capacity]  # fmt: skip
-                    for a in full:
-                        del self._probe_budgets[a]  # an idle address starts afresh anyway
-                    for z in [z for z, t in self._known_good.items() if now - t >= _KNOWN_GOOD_S]:
-                        del self._known_good[z]
-                for k, d in list(self._decisions.items()):
-                    if d.refreshing:
-                        continue
-                    if now - d.last_used >= d.ttl:
-                        idle.append(self._decisions.pop(k))
-                        self._retire(idle[-1])
-                        if self._latest.get(k[0]) is d:
-                            del self._latest[k[0]]
-                    elif now >= d.fetched + d.ttl / 2:
-                        d.refreshing = True
-                        due.append(k)
-                pending = bool(self._outbox or self._giveback)
-            for key, model_id in due:
-                self._fetch(key, model_id)
-            if idle or pending:  # reports (and given-back reserves) go out now
-                try:
-                    self._call(idle[0].model_id if idle else None, [])
-                except VaultError:
-                    pass  # they stay pending: the next contact carries them
+            self.refresh()
+
+    def refresh(self) -> None:
+        """One pass of the refresher thread (every ``refresh_every`` s): renew
+        decisions from half-way through their lease while they are used;
+        give back and forget those left unused for a whole lease."""
+        now = self._clock()
+        due: list[tuple[str, str]] = []
+        idle: list[_Decision] = []
+        with self._lock:
+            wall = self._wall()
+            for tk in [k for k, (_, exp) in self._token_calls.items() if exp <= wall]:
+                del self._token_calls[tk]  # expired tokens are refused anyway
+            for z in [z for z, p in self._probes.items() if now - p.at >= _PROBE_TTL]:
+                del self._probes[z]  # never reused: one per key a stranger tried
+            if now - self._pruned_at >= 1.0:  # the tables can be large: once a second
+                self._pruned_at = now
+                full = [a for a, b in self._probe_budgets.items()
+                        if b.tokens + (now - b.at) * b.rate >= b.capacity]  # fmt: skip
+                for a in full:
+                    del self._probe_budgets[a]  # an idle address starts afresh anyway
+                for z in [z for z, t in self._known_good.items() if now - t >= _KNOWN_GOOD_S]:
+                    del self._known_good[z]
+            for k, d in list(self._decisions.items()):
+                if d.refreshing:
+                    continue
+                if now - d.last_used >= d.ttl:
+                    idle.append(self._decisions.pop(k))
+                    self._retire(idle[-1])
+                    if self._latest.get(k[0]) is d:
+                        del self._latest[k[0]]
+                elif now >= d.fetched + d.ttl / 2:
+                    d.refreshing = True
+                    due.append(k)
+            pending = bool(self._outbox or self._giveback)
+        for key, model_id in due:
+            self._fetch(key, model_id)
+        if idle or pending:  # reports (and given-back reserves) go out now
+            try:
+                self._call(idle[0].model_id if idle else None, [])
+            except VaultError:
+                pass  # they stay pending: the next contact carries them
 
     def close(self, *, attempts: int = 3) -> None:
         """Report what was served and give back every reserve, whatever each

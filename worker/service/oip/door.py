@@ -394,16 +394,24 @@ class Gate:
 
     def take_bytes(self, licence_id: str, n: int) -> None:
         """``n`` more request bytes held for ``licence_id`` (give them back
-        with :meth:`give_bytes`), or a typed refusal past its budget (``n``
-        0: whether any room is left)."""
+        with :meth:`give_bytes`), or a typed refusal past its budget."""
         have = self.bytes_by_licence.get(licence_id, 0)
-        if have + n > self.bytes_per_licence or (not n and have >= self.bytes_per_licence):
-            raise ServiceUnavailableError(
-                f"this licence's requests hold {have >> 20} MiB at this door already (at most "
-                f"{self.bytes_per_licence >> 20} MiB); try again when one is answered"
-            )
-        if n:
-            self.bytes_by_licence[licence_id] = have + n
+        if have + n > self.bytes_per_licence:
+            raise self._full(have)
+        self.bytes_by_licence[licence_id] = have + n
+
+    def check_room(self, licence_id: str) -> None:
+        """The typed refusal unless the licence's budget has room left (before
+        a read whose size is known only once it is in: gRPC's)."""
+        have = self.bytes_by_licence.get(licence_id, 0)
+        if have >= self.bytes_per_licence:
+            raise self._full(have)
+
+    def _full(self, have: int) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            f"this licence's requests hold {have >> 20} MiB at this door already (at most "
+            f"{self.bytes_per_licence >> 20} MiB); try again when one is answered"
+        )
 
     def hold_bytes(self, licence_id: str, n: int) -> None:
         """``n`` bytes already in memory (a message read whole), counted

@@ -114,8 +114,8 @@ class Peers:
         self.limit = limit
         self.held: dict[str, int] = {}
 
-    def hold(self, context: Any) -> contextlib.AbstractContextManager[None]:
-        return counted(self.held, peer_address(context.peer()), self.limit,
+    def hold(self, address: str) -> contextlib.AbstractContextManager[None]:
+        return counted(self.held, address, self.limit,
                        f"this address holds {self.limit} calls at this door already; "
                        "try again when one is answered")  # fmt: skip
 
@@ -184,24 +184,25 @@ class InferenceServicer:
         """An RPC that needs no token (health, metadata, configuration),
         registered on raw bytes (:func:`register`): counted against its peer
         address; its message (the name and version it asks about; health
-        has none to read) read within :data:`FREE_READ_S` while it holds the
-        door's one reading slot, which it waits at most ``head_timeout``
-        for; then answered. A stranger's RPC that sends no message, or a
+        has none to read) read within :data:`FREE_READ_S` in its address's
+        turn and one of the door's :data:`FREE_READS` slots, each waited for
+        at most ``head_timeout``; then answered. A stranger's RPC that sends no message, or a
         huge one, holds neither a server slot nor memory for long."""
         try:
-            with self.peers.hold(context):
+            address = peer_address(context.peer())
+            with self.peers.hold(address):
                 request = getattr(pb, f"{name}Request")()
                 if name not in ("ServerLive", "ServerReady"):  # empty requests: nothing to read
-                    request = await self._read_free(name, context)
+                    request = await self._read_free(name, context, address)
                 return await getattr(self, name)(request, context)
         except VaultError as exc:
             await _abort(context, exc)
             raise
 
-    async def _read_free(self, name: str, context: Any) -> Any:
+    async def _read_free(self, name: str, context: Any, address: str) -> Any:
         # the address's own turn, then one of the door's: what a stranger's
         # silent or huge messages hold up is, first of all, its own address's
-        async with self._reading_from.turn(peer_address(context.peer()), self.head_timeout):
+        async with self._reading_from.turn(address, self.head_timeout):
             try:
                 await within(self._reading.acquire(), self.head_timeout)
             except asyncio.TimeoutError:
@@ -262,10 +263,11 @@ class InferenceServicer:
     async def ModelInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
         """Vet the token, then read the message, then decode it (:func:`register`)."""
         try:
-            with self.peers.hold(context), self.gate:
+            address = peer_address(context.peer())
+            with self.peers.hold(address), self.gate:
                 token = _token(context)
                 # the model is in the message
-                await self.plane.vet(None, None, token, address=peer_address(context.peer()))
+                await self.plane.vet(None, None, token, address=address)
                 lic, size = token.licence_id, 0
                 try:
                     # its licence's share while the message arrives (as REST's
@@ -274,7 +276,7 @@ class InferenceServicer:
                     # budget (the message's size is known only once it is in)
                     with self.gate.licence(lic):
                         async with self._licence_reads.turn(lic, self.body_timeout):
-                            self.gate.take_bytes(lic, 0)  # room left, or refused
+                            self.gate.check_room(lic)
                             try:
                                 raw = await within(context.read(), self.body_timeout)
                             except asyncio.TimeoutError:

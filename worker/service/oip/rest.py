@@ -205,10 +205,10 @@ class RestApp:
         if json_part is not None and json_part > MAX_JSON:
             raise ProtocolError(f"the JSON part of a request ({json_part} bytes) exceeds the "
                                 f"limit of {MAX_JSON}: send tensors as binary data")  # fmt: skip
-        for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > limit:
-                raise ProtocolError(
-                    f"a request of {int(v)} bytes exceeds the limit of {limit}"
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise ProtocolError(
+                    f"a request of {declared} bytes exceeds the limit of {limit}"
                     + ("" if json_part is not None else
                        " for JSON: send tensors as binary data (Inference-Header-Content-Length)")
                 )  # fmt: skip

@@ -251,7 +251,7 @@ class OipServer:
                 # the door has not asked for holds HTTP/2's initial window, not
                 # megabytes (20 unread 16 MiB messages: +180 MiB with it, +2
                 # without; a message being read still gets a window of its size:
-                # 256 MiB read in 0.55 s against 0.62-0.70 over loopback)
+                # 256 MiB read in 0.55 s against 0.62-0.70 over loopback, by hand)
                 ("grpc.http2.bdp_probe", 0),
             ],
             maximum_concurrent_rpcs=self.cfg.max_connections,
