@@ -620,6 +620,7 @@ class _WatchedChannel(ZmqChannel):
             self._mon.sock = mon
             self._mon.lost = False
             self._mon.refused = None
+            self._mon.listening = False  # a connection is up, its handshake maybe not yet
 
         super().__init__(ctx, endpoint, alive=self._connected, configure=setup,
                          max_message=max_message)  # fmt: skip
@@ -634,12 +635,15 @@ class _WatchedChannel(ZmqChannel):
             ev = recv_monitor_message(mon)["event"]
             if ev == zmq.EVENT_DISCONNECTED:
                 self._mon.lost = True
+                self._mon.listening = False
             elif ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._mon.refused = None
             elif ev == zmq.EVENT_CONNECTED:  # something listens; its handshake says the rest
+                self._mon.listening = True
                 if self._mon.refused == "unreachable":
                     self._mon.refused = None
             elif ev == zmq.EVENT_CONNECT_RETRIED:
+                self._mon.listening = False
                 # a retry after a refused connection means nothing listens; after a
                 # failed handshake, that failure is the reason
                 if self._mon.refused is None:
@@ -649,12 +653,16 @@ class _WatchedChannel(ZmqChannel):
             else:
                 self._mon.refused = "handshake"
 
-    def _send(self, sock: zmq.Socket[Any], parts: list[Any]) -> None:
+    def _send(self, sock: zmq.Socket[Any], parts: list[Any], timeout: float) -> None:
         """Send once a connection is up, watching the monitor meanwhile: a
         handshake the service refuses (a wrong server key, a caller's key it
         does not know) ends the wait at once; no connection within the send
-        timeout means nothing listens (``zmq.Again``: see :meth:`_gone`)."""
-        deadline = time.monotonic() + self._send_timeout_ms / 1000
+        timeout means nothing listens (``zmq.Again``: see :meth:`_gone`). A
+        connection made whose handshake is still under way (a service busy
+        answering other handshakes) is waited for up to the call's timeout:
+        something listens there, and its handshake will say the rest."""
+        start = time.monotonic()
+        deadline = start + self._send_timeout_ms / 1000
         mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
         first = True
         while True:
@@ -668,6 +676,8 @@ class _WatchedChannel(ZmqChannel):
             if first:  # a refusal seen before this call (a service since restarted, a key
                 self._mon.refused = None  # since allowed) says nothing: the next attempt does
                 first = False
+            if getattr(self._mon, "listening", False):
+                deadline = max(deadline, start + timeout)
             left_ms = int((deadline - time.monotonic()) * 1000)
             if getattr(self._mon, "refused", None) is not None or left_ms <= 0:
                 raise zmq.Again()
@@ -699,6 +709,12 @@ class _WatchedChannel(ZmqChannel):
             return ConfigError(
                 f"the CURVE handshake with {self.endpoint} failed: the server key given is not "
                 "this service's (get its current key from the vendor)"
+            )
+        if getattr(self._mon, "listening", False) and "cannot send" in why:
+            return ServiceUnavailableError(
+                f"the service at {self.endpoint} took the connection but did not finish its "
+                "handshake within the call's timeout: it is busy, or what listens there is not "
+                "a vault service"
             )
         return ServiceUnavailableError(
             f"the service at {self.endpoint} is not reachable ({why.split(';')[0]}): it stopped, "

@@ -158,7 +158,7 @@ class ZmqChannel(Channel):
         rid = next(self._ids)
         msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
         try:
-            self._send(sock, [pack_header(msg), *frames])
+            self._send(sock, [pack_header(msg), *frames], timeout)
         except zmq.ZMQError as exc:
             self._discard(sock)
             raise self._gone(f"cannot send: {exc.strerror}") from None
@@ -198,8 +198,9 @@ class ZmqChannel(Channel):
                 self._discard(sock)
                 raise WorkerTimeoutError(f"no answer from the worker within {timeout:g}s")
 
-    def _send(self, sock: zmq.Socket[Any], parts: list[Any]) -> None:
-        """Send one request (a subclass may watch the connection meanwhile)."""
+    def _send(self, sock: zmq.Socket[Any], parts: list[Any], timeout: float) -> None:
+        """Send one request (a subclass may watch the connection meanwhile, for
+        up to the call's ``timeout``)."""
         sock.send_multipart(parts, copy=False)
 
     def _last_reply(self, sock: zmq.Socket[Any], rid: int) -> Reply | None:
