@@ -459,6 +459,112 @@ def test_tritonclient_grpc_pipeline(plane: Plane) -> None:
     client.close()
 
 
+def test_tritonclient_grpc_streaming_is_answered_in_order_under_modelinfers_rules(
+    plane: Plane,
+) -> None:
+    """Triton's streaming inference (tritonclient's start_stream and
+    async_stream_infer), which the door answered UNIMPLEMENTED before: each
+    request answered in order, equal to onnxruntime; a request's own error
+    (a bad input, a model its token does not cover, its token's budget
+    spent) is that answer's error and the stream goes on; each message is
+    metered once. A stream with no token is refused before any message is
+    read; a licence opens at most two streams at a door (a third is
+    refused, and opens once one is closed)."""
+    import queue
+
+    from tritonclient.utils import InferenceServerException
+
+    lic = plane.issue("clf", "stream-carol")
+    tok = mint_token(lic, models=["clf"], max_calls=3)
+    answers: queue.Queue[Any] = queue.Queue()
+
+    def got(result: Any, error: Any) -> None:
+        answers.put((result, error))
+
+    def request(client: Any, rid: str, image: np.ndarray, model: str = "clf") -> None:
+        inp = tritongrpc.InferInput("image", list(image.shape), "UINT8")
+        inp.set_data_from_numpy(image)
+        client.async_stream_infer(model, [inp], request_id=rid)
+
+    images = [np.full((1 + i % 2, 8), i, dtype=np.uint8) for i in range(4)]
+    client = plane.grpc()
+    client.start_stream(callback=got, headers={"authorization": f"Bearer {tok}"})
+    try:
+        request(client, "r0", images[0])
+        bad = tritongrpc.InferInput("image", [1, 8], "FP32")  # the model takes UINT8
+        bad.set_data_from_numpy(np.zeros((1, 8), np.float32))
+        client.async_stream_infer("clf", [bad], request_id="bad")
+        request(client, "other", images[0], model="types")  # not the token's model
+        for i in range(1, 4):
+            request(client, f"r{i}", images[i])
+        seen = [answers.get(timeout=60) for _ in range(6)]
+    finally:
+        client.stop_stream()
+        client.close()
+    ok = [(r.get_response().id, r) for r, e in seen if e is None]
+    errors = [str(e) for r, e in seen if e is not None]
+    # in order; refused requests are not billed: the token's 3 calls are r0, r1, r2,
+    # and r3 is refused
+    assert [rid for rid, _ in ok] == ["r0", "r1", "r2"], (ok, errors)
+    for (_rid, r), image in zip(ok, images):
+        np.testing.assert_array_equal(r.as_numpy("top_indices"),
+                                      plane.clf_reference(image)["top_indices"])  # fmt: skip
+    assert len(errors) == 3, errors
+    assert errors[0].startswith("[bad_input] input 'image' must be uint8"), errors
+    assert errors[1].startswith("[wrong_model]"), errors
+    assert "[token_spent]" in errors[2], errors
+    text = plane.metrics()
+    served = [ln for ln in text.splitlines() if ln.startswith("vault_requests_total")
+              and f'licence="{lic.licence_id}"' in ln and 'outcome="success"' in ln]  # fmt: skip
+    assert served and float(served[0].rsplit(" ", 1)[1]) == 3.0, served
+
+    # no token: refused when the stream opens, nothing read
+    stranger = plane.grpc()
+    stranger.start_stream(callback=got)
+    try:
+        request(stranger, "s0", images[0])
+        result, error = answers.get(timeout=30)
+        assert result is None and "UNAUTHENTICATED" in str(error.status()), error
+    finally:
+        stranger.stop_stream()
+        stranger.close()
+
+    # at most two streams of one licence at a door
+    dave = plane.issue("clf", "stream-dave")
+    dtok = mint_token(dave, models=["clf"])
+    streams: list[Any] = []
+    try:
+        for i in range(3):
+            c = plane.grpc()
+            streams.append(c)
+            c.start_stream(callback=got, headers={"authorization": f"Bearer {dtok}"})
+            request(c, f"d{i}", images[0])
+            result, error = answers.get(timeout=60)
+            if i < 2:
+                assert error is None, error  # open, and answered
+            else:
+                assert isinstance(error, InferenceServerException), (result, error)
+                assert "UNAVAILABLE" in str(error.status()) and "2 streams" in str(error), error
+        streams[0].stop_stream()  # one closed: a new one opens
+        c = plane.grpc()
+        streams.append(c)
+        deadline = time.monotonic() + 30
+        while True:
+            c.start_stream(callback=got, headers={"authorization": f"Bearer {dtok}"})
+            request(c, "d3", images[0])
+            result, error = answers.get(timeout=60)
+            c.stop_stream()
+            if error is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # the closed stream's end reaches the door
+        assert error is None, error
+    finally:
+        for c in streams:
+            c.stop_stream()
+            c.close()
+    _serving(plane)
+
+
 def test_a_compressed_grpc_message_is_refused_as_unbounded(plane: Plane) -> None:
     """gRPC core decompressed a gzip message before the door saw it, so what
     a request may cost was measured on its decompressed size: a megabyte of

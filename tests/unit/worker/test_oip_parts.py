@@ -34,7 +34,7 @@ def test_messages_match_tritons_compiled_proto() -> None:
     from tritonclient.grpc import model_config_pb2 as triton_config
 
     names = [n for n in ours.DESCRIPTOR.message_types_by_name]
-    assert len(names) == 19
+    assert len(names) == 20
     configs = {"ModelConfig", "ModelInput", "ModelOutput"}  # model_config.proto's
     for name in names:
         mine = ours.DESCRIPTOR.message_types_by_name[name]
@@ -55,6 +55,11 @@ def test_messages_match_tritons_compiled_proto() -> None:
             tm.input_type.full_name,
             tm.output_type.full_name,
         )
+        # ModelStreamInfer streams both ways, as Triton's
+        assert (m.client_streaming, m.server_streaming) == (
+            tm.client_streaming,
+            tm.server_streaming,
+        ), m.name
 
 
 def test_generated_modules_are_current(tmp_path: Path) -> None:

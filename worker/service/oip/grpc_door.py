@@ -66,6 +66,10 @@ pb: Any = _pb  # generated code: untyped
 FREE_READ_S = 2.0
 FREE_READS = 4
 LICENCE_READS = 2  # one licence's ModelInfer messages read at once, at a door
+# one licence's ModelStreamInfer streams open at once, at a door (each reads
+# its messages one at a time, so at most this many more of the licence's
+# messages are read at once)
+LICENCE_STREAMS = 2
 
 # InferTensorContents field that holds each datatype's typed elements
 _CONTENTS = {
@@ -179,6 +183,7 @@ class InferenceServicer:
         # a licence's messages read at once (each up to 1 GiB, held until
         # answered and counted against the licence's bytes at the door)
         self._licence_reads = Turns(LICENCE_READS)
+        self._streams: dict[str, int] = {}  # licence -> its open ModelStreamInfer streams
 
     async def free(self, name: str, requests: Any, context: Any) -> Any:
         """An RPC that needs no token (health, metadata, configuration),
@@ -302,26 +307,101 @@ class InferenceServicer:
 
     async def _infer(self, request: Any, token: Any, context: Any) -> Any:
         try:
-            descs, frames = _inputs(request)
-            for o in request.outputs:
-                T.refuse_extensions(o.name, o.parameters)
-            outputs = [o.name for o in request.outputs] or None
-            p = request.parameters.get("timeout")
-            timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
-            out_descs, out_frames = await self.plane.infer(
-                request.model_name, request.model_version or None, token, descs, frames,
-                outputs, timeout,
-            )  # fmt: skip
-            reply = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
-                                          id=request.id)  # fmt: skip
-            for d, f in zip(out_descs, out_frames):
-                name, dt, shape, raw = T.to_raw(d, f)
-                reply.outputs.add(name=name, datatype=dt, shape=shape)
-                reply.raw_output_contents.append(bytes(raw))
-            return reply
+            return await self._answer(request, token)
         except VaultError as exc:
             await _abort(context, exc)
             raise
+
+    async def _answer(self, request: Any, token: Any) -> Any:
+        """The ModelInferResponse to one decoded request, or its typed error."""
+        descs, frames = _inputs(request)
+        for o in request.outputs:
+            T.refuse_extensions(o.name, o.parameters)
+        outputs = [o.name for o in request.outputs] or None
+        p = request.parameters.get("timeout")
+        timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
+        out_descs, out_frames = await self.plane.infer(
+            request.model_name, request.model_version or None, token, descs, frames,
+            outputs, timeout,
+        )  # fmt: skip
+        reply = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
+                                      id=request.id)  # fmt: skip
+        for d, f in zip(out_descs, out_frames):
+            name, dt, shape, raw = T.to_raw(d, f)
+            reply.outputs.add(name=name, datatype=dt, shape=shape)
+            reply.raw_output_contents.append(bytes(raw))
+        return reply
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> None:  # noqa: N802
+        """Triton's streaming inference (tritonclient's ``start_stream`` and
+        ``async_stream_infer``): each message a ModelInferRequest, each
+        answered in order by a ModelStreamInferResponse; a request's own
+        error (a bad input, its quota, another model's refusal) is that
+        answer's ``error_message`` and the stream goes on, as Triton's does.
+
+        The stream is held to ModelInfer's rules, message by message: the
+        token is vetted when the stream opens and again before each message
+        is read (a revoked licence or an expired token ends the stream with
+        its status before another message is read); each message waits at
+        most ``body_timeout`` to arrive (an idle stream is ended: open a new
+        one) and is read within the licence's byte budget at the door. A
+        stream holds one of the door's requests, one of its licence's share
+        and one of its peer address's calls for as long as it is open, and a
+        licence has at most :data:`LICENCE_STREAMS` open at a door. An answer
+        the caller does not take within ``body_timeout`` ends the stream."""
+        try:
+            address = peer_address(context.peer())
+            with self.peers.hold(address), self.gate:
+                token = _token(context)
+                await self.plane.vet(None, None, token, address=address)
+                lic = token.licence_id
+                with self.gate.licence(lic), counted(
+                    self._streams, lic, LICENCE_STREAMS,
+                    f"this licence has {LICENCE_STREAMS} streams open at this door already; "
+                    "send on one of them, or close one",
+                ):  # fmt: skip
+                    while True:
+                        await self.plane.vet(None, None, token, address=address)
+                        self.gate.check_room(lic)
+                        try:
+                            raw = await within(context.read(), self.body_timeout)
+                        except asyncio.TimeoutError:
+                            raise ProtocolError(
+                                f"no request on this stream for {self.body_timeout:g} s: it is "
+                                "ended (open a new one)") from None  # fmt: skip
+                        if not isinstance(raw, bytes):  # grpc.aio.EOF: the caller is done
+                            return
+                        size = len(raw)
+                        self.gate.hold_bytes(lic, size)
+                        try:
+                            answer = await self._stream_answer(raw, token)
+                        finally:
+                            self.gate.give_bytes(lic, size)
+                        del raw
+                        try:
+                            await within(context.write(answer), self.body_timeout)
+                        except asyncio.TimeoutError:
+                            raise ProtocolError(
+                                f"an answer on this stream was not taken within "
+                                f"{self.body_timeout:g} s: it is ended") from None  # fmt: skip
+        except VaultError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def _stream_answer(self, raw: bytes, token: Any) -> Any:
+        request = None
+        try:
+            try:
+                request = pb.ModelInferRequest.FromString(raw)
+            except DecodeError:
+                raise ProtocolError("the request is not a ModelInferRequest") from None
+            return pb.ModelStreamInferResponse(infer_response=await self._answer(request, token))
+        except VaultError as exc:
+            answer = pb.ModelStreamInferResponse(error_message=error_text(exc))
+            if request is not None:  # which request it answers
+                answer.infer_response.model_name = request.model_name
+                answer.infer_response.id = request.id
+            return answer
 
 
 def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -392,6 +472,11 @@ def register(servicer: InferenceServicer, server: Any) -> None:
         servicer.ModelInfer,
         request_deserializer=None,  # bytes, decoded by the handler once the token holds
         response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=None,  # bytes, decoded by the handler once the token holds
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     service = "inference.GRPCInferenceService"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
