@@ -253,6 +253,7 @@ class Server:
         self._ewma = 0.0
         self.bound_endpoint = endpoint
         self.local = local
+        self._peercap: Any = None
 
     def bind(self) -> str:
         self.front.bind(self.endpoint)
@@ -261,6 +262,16 @@ class Server:
             host = self.bound_endpoint[len("tcp://") :].rpartition(":")[0]
             self.bulk.bind(f"tcp://{host}:0")
             self.bulk_port = int(self.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
+        if self.bound_endpoint.startswith("tcp://"):
+            # as the service's ports (worker/peercap.py): handshakes bounded, a
+            # peer address's connections counted
+            from .peercap import PeerCap, raise_open_files
+
+            raise_open_files()
+            self._peercap = PeerCap()
+            self._peercap.watch(self.front, "front")
+            if self.bulk is not None:
+                self._peercap.watch(self.bulk, "sealed")
         return self.bound_endpoint
 
     # -- sealed calls (remote callers) -------------------------------------------
@@ -416,6 +427,8 @@ class Server:
         """Start the router thread; returns at once."""
         self._loop_thread = threading.Thread(target=self._loop, name="vault-router", daemon=True)
         self._loop_thread.start()
+        if self._peercap is not None:
+            self._peercap.start()
         if self.local is not None:
             self.local.start()
 
@@ -426,6 +439,8 @@ class Server:
             self.local.stop()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=5)
+        if self._peercap is not None:  # after the router thread closed the watched sockets
+            self._peercap.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._auth is not None:

@@ -198,6 +198,142 @@ def test_control_an_unauthenticated_router_buffers_a_strangers_message() -> None
                 f.close()
 
 
+def _silent_flood(port: int, n: int, *, source: str = "127.0.0.2",
+                  enough: Any = None) -> list[Any]:  # fmt: skip
+    """Up to ``n`` TCP connections to ``port`` from ``source`` that never send
+    a byte, made 50 at a time, each batch connected before the next (so the
+    port's accept queue, 100, never overflows), until ``enough()`` says so."""
+    import select
+    import socket
+
+    socks: list[Any] = []
+    while len(socks) < n and not (enough and enough()):
+        batch = []
+        for _ in range(min(50, n - len(socks))):
+            c = socket.socket()
+            c.bind((source, 0))
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            batch.append(c)
+        socks += batch
+        poll = select.poll()  # not select(): these descriptors pass 1,024
+        for c in batch:
+            poll.register(c, select.POLLOUT)
+        pending, deadline = {c.fileno() for c in batch}, time.monotonic() + 5
+        while pending and time.monotonic() < deadline:
+            for fd, _ in poll.poll(100):
+                pending.discard(fd)
+                poll.unregister(fd)
+    return socks
+
+
+def _cut(socks: list[Any]) -> int:
+    """How many of ``socks`` the other end has shut down or reset."""
+    import select
+
+    poll = select.poll()
+    for c in socks:
+        poll.register(c, select.POLLIN | select.POLLHUP | select.POLLERR)
+    ended = 0
+    for fd, _ in poll.poll(0):
+        c = next(x for x in socks if x.fileno() == fd)
+        try:
+            ended += c.recv(1) == b""
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # reset
+            ended += 1
+    return ended
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _nofile(pid: int, limit: int) -> None:
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True)
+
+
+def test_a_strangers_silent_connections_are_bounded_per_address(tmp_path: Any) -> None:
+    """A stranger with nothing opened plain TCP connections to the sealed port
+    and never sent a byte: libzmq kept each (a descriptor and a stream engine)
+    for its 30 s handshake timeout, uncounted; at an open-file limit of 4,096
+    licensed callers' calls failed or waited 7-15 s (stop 31's attack round).
+    Now one peer address holds at most 256 connections at a port (the rest
+    are shut down as soon as they are seen) and a handshake must finish
+    within 10 s (worker/peercap.py). Here the worker's limit is lowered to
+    1,024 descriptors and 127.0.0.2 opens 700 silent connections to the
+    sealed port and 500 to the CURVE front: all but 256 of each are shut
+    down, the worker holds at most 256 of each, and alice (127.0.0.1) is
+    served meanwhile, sealed. Control: the next test, a port without the
+    bound, under the same limit, holds them all and answers nobody."""
+    with tcp_worker(tmp_path, residual(), "residual") as w:  # its own: its limit is lowered
+        pid, ready = w["pid"], w["ready"]
+        base = _fds(pid)
+        _nofile(pid, 1024)
+        sealed_flood: list[Any] = []
+        front_flood: list[Any] = []
+        try:
+            sealed_flood = _silent_flood(ready["sealed_port"], 700)
+            front_flood = _silent_flood(_port(ready["endpoint"]), 500)
+            deadline = time.monotonic() + 60  # a state: every one seen and all past 256 cut
+            while _cut(sealed_flood) < 700 - 256 or _cut(front_flood) < 500 - 256:
+                assert time.monotonic() < deadline, (_cut(sealed_flood), _cut(front_flood))
+                time.sleep(0.1)
+            assert _fds(pid) - base <= 2 * 256 + 16, _fds(pid) - base
+            with _connect({**w}) as m:  # a caller from another address: served, sealed
+                np.testing.assert_allclose(m.compute({"x": X})["y"], reference(X), rtol=1e-4,
+                                           atol=1e-4)  # fmt: skip
+                assert m._channel._sealed.state is not None  # type: ignore[union-attr]
+        finally:
+            for c in sealed_flood + front_flood:
+                c.close()
+
+
+CONTROL_PORT = r"""
+import sys, zmq
+ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.linger = 0
+print(r.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+while True:
+    route, *msg = r.recv_multipart()
+    r.send_multipart([route, b"pong"])
+"""
+
+
+def test_control_a_port_without_the_bound_runs_out_of_descriptors() -> None:
+    """The control: a ZeroMQ port with libzmq's defaults (no per-address
+    bound, 30 s handshakes) under the same limit holds every silent
+    connection until it runs out of descriptors, shuts none down, and a
+    caller from another address gets no answer: its connection is never
+    accepted."""
+    proc = subprocess.Popen([sys.executable, "-c", CONTROL_PORT], stdout=subprocess.PIPE)
+    flood: list[Any] = []
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.linger = 0
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        _nofile(proc.pid, 1024)
+        flood = _silent_flood(port, 1200, enough=lambda: _fds(proc.pid) >= 1024)
+        assert _fds(proc.pid) >= 1024 and _cut(flood) == 0, (_fds(proc.pid), _cut(flood))
+        d.connect(f"tcp://127.0.0.1:{port}")
+        d.send(b"ping")
+        assert not d.poll(5000), "answered: the port did not run out"
+    finally:
+        d.close()
+        ctx.term()
+        for c in flood:
+            c.close()
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_a_forgery_on_the_callers_connection_never_touches_the_call_being_served(
     served: dict[str, Any],
 ) -> None:

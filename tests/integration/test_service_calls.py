@@ -353,6 +353,40 @@ def test_a_killed_service_replicas_grant_lapses_and_every_call_counts_once(
     assert row() == (quota, 0)
 
 
+def test_a_strangers_silent_connections_to_the_services_ports_are_bounded(service: Svc) -> None:
+    """The service's ports as a TCP worker's (worker/peercap.py; the attack and
+    its control: tests/integration/test_sealed_attacks.py): 400 silent
+    connections from 127.0.0.2 to each of the CURVE front and the sealed
+    port; all but 256 of each are shut down, the service counts 256 for
+    that address at each port, a caller from 127.0.0.1 is served meanwhile,
+    and once the stranger's connections close the count goes back to none."""
+    from tests.integration.test_sealed_attacks import _cut, _silent_flood
+
+    cap = service.svc._peercap
+    assert cap is not None and service.svc.bulk_port
+    front = int(service.endpoint.rpartition(":")[2])
+    flood: list[Any] = []
+    try:
+        sealed_flood = _silent_flood(service.svc.bulk_port, 400)
+        front_flood = _silent_flood(front, 400)
+        flood = sealed_flood + front_flood
+        deadline = time.monotonic() + 60
+        while _cut(sealed_flood) < 400 - 256 or _cut(front_flood) < 400 - 256:
+            assert time.monotonic() < deadline, (_cut(sealed_flood), _cut(front_flood))
+            time.sleep(0.1)
+        assert cap.held.get(("sealed", "127.0.0.2"), 0) <= 256
+        assert cap.held.get(("front", "127.0.0.2"), 0) <= 256
+        with service.connect(service.caller(holder="alice")) as a:
+            assert a.compute({"x": X})["logits"].shape == (1, 5)
+    finally:
+        for c in flood:
+            c.close()
+    deadline = time.monotonic() + 30
+    while ("sealed", "127.0.0.2") in cap.held or ("front", "127.0.0.2") in cap.held:
+        assert time.monotonic() < deadline, cap.held
+        time.sleep(0.05)
+
+
 def test_a_strangers_handshakes_cost_the_key_server_a_bounded_number_of_requests(
     service: Svc,
 ) -> None:

@@ -54,6 +54,8 @@ from vault.core.errors import (
 from vault.core.modelscope import covers
 from vault.core.token import Token
 
+from ..peercap import address_key
+
 __all__ = [
     "Admission",
     "AdmissionPending",
@@ -196,22 +198,6 @@ class AllowListPolicy(_Usage):
     ) -> None:
         del token, model_id, fetch
         raise TokenError("this service takes no bearer tokens (it has no call licences)")
-
-
-def address_key(host: str) -> str:
-    """What one peer is counted as: its IPv4 address, or its IPv6 /64 (one
-    host holds a whole /64; an IPv4-mapped address as the IPv4 one)."""
-    import ipaddress
-
-    try:
-        ip = ipaddress.ip_address(host.strip("[]").partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 # --- call licences, decided by the key server ----------------------------------------

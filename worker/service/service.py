@@ -79,6 +79,7 @@ from vault.core.protocol import (
 from vault.core.sealed import ServerSession, SessionTable, plain_error, session_id
 from vault.core.token import Token
 
+from ..peercap import PeerCap, raise_open_files
 from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
 from .calls import VET, Admission, AdmissionPending, CallPolicy, OpenPolicy
@@ -285,6 +286,7 @@ class WorkerService:
         self.front = self.ctx.socket(zmq.ROUTER)
         self.sessions: SessionTable | None = None
         self.bulk: zmq.Socket[Any] | None = None
+        self._peercap: PeerCap | None = None  # the TCP ports' per-address bounds
         self.bulk_port: int | None = None
         self.endpoint = cfg.bind
         self.repo = Repository(cfg.repository) if cfg.repository else None
@@ -398,6 +400,17 @@ class WorkerService:
                 self.bulk_port = int(last.rpartition(":")[2])
                 self._poller.register(self.bulk, zmq.POLLIN)
             self._poller.register(self._wake_r, zmq.POLLIN)
+            if self.endpoint.startswith("tcp://"):
+                # a descriptor per connection: the soft limit up to the hard
+                # one; a stranger's silent connections bounded per address
+                before, after = raise_open_files()
+                if after != before:
+                    self.log("open_files_raised", level="info", before=before, after=after)
+                self._peercap = PeerCap(log=self.log)
+                self._peercap.watch(self.front, "front")
+                if self.bulk is not None:
+                    self._peercap.watch(self.bulk, "sealed")
+                self._peercap.start()
             if self.cfg.oip is not None:
                 from .oip import OipServer
 
@@ -1453,6 +1466,8 @@ class WorkerService:
         self._flush_front(stoppers)
         for t in stoppers:
             t.join(10)
+        if self._peercap is not None:  # after the watched sockets closed (_flush_front)
+            self._peercap.close()
         if self._http is not None:
             self._http.stop()
         self.cfg.policy.close()  # reports usage, gives unused reserves back

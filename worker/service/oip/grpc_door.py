@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 
 from vault.core.errors import InputError, ProtocolError, ServiceUnavailableError, VaultError
 
-from ..calls import address_key
+from ...peercap import address_key
 from . import inference_pb2 as _pb
 from . import tensors as T
 from .door import (
