@@ -35,6 +35,7 @@ from zmq.utils import z85
 
 from vault.core.errors import ProtocolError, VaultError
 from vault.core.logs import Log
+from vault.core.peercap import PeerCap, raise_open_files
 from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
 from . import audit
@@ -56,6 +57,10 @@ REQUEST_HEADER_LIMIT = 64 * 1024
 MAX_BATCH = 256
 ZAP_DOMAIN = b"vault-keyserver"
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP RFC (27/ZAP)
+# connections one peer address holds at the key server's port: its callers
+# are every service, worker, device and tier-0 caller, many of them behind one
+# address (a NAT, a node's pods), each process one connection
+KEYSERVER_PER_ADDRESS = 1024
 
 
 def _zap_reply(zap: zmq.Socket[Any], service: KeyService) -> None:
@@ -207,6 +212,7 @@ def serve(
         old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         zap = ctx.socket(zmq.REP)
         router = ctx.socket(zmq.ROUTER)
+        cap: PeerCap | None = None
         try:
             zap.linger = 0
             zap.bind(_ZAP_ENDPOINT)  # before the ROUTER binds: no unauthenticated window
@@ -229,6 +235,17 @@ def serve(
 
                 raise ConfigError(f"cannot bind {bind}: {exc}") from exc
             endpoint = router.get_string(zmq.LAST_ENDPOINT)
+            if endpoint.startswith("tcp://"):
+                # a descriptor per connection: the soft limit up to the hard one;
+                # a stranger's silent connections bounded per address, handshakes
+                # within 10 s (vault/core/peercap.py): every worker's lease
+                # renewal comes here
+                before, after = raise_open_files()
+                if after != before:
+                    log("open_files_raised", before=before, after=after)
+                cap = PeerCap(per_address=KEYSERVER_PER_ADDRESS, log=log)
+                cap.watch(router, "keyserver")
+                cap.start()
             if advertise is None:
                 advertise = endpoint if bind.endswith(":0") else recorded
                 if recorded and not bind.endswith(":0") and _port(recorded) != _port(endpoint):
@@ -285,6 +302,8 @@ def serve(
             if checkpointer is not None and checkpointer.is_alive():
                 checkpointer.stop()
             router.close(0)
+            if cap is not None:  # after the watched socket
+                cap.close()
             zap.close(0)
             ctx.term()
             for s, h in old_handlers.items():

@@ -263,9 +263,9 @@ class Server:
             self.bulk.bind(f"tcp://{host}:0")
             self.bulk_port = int(self.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
         if self.bound_endpoint.startswith("tcp://"):
-            # as the service's ports (worker/peercap.py): handshakes bounded, a
+            # as the service's ports (vault/core/peercap.py): handshakes bounded, a
             # peer address's connections counted
-            from .peercap import PeerCap, raise_open_files
+            from vault.core.peercap import PeerCap, raise_open_files
 
             raise_open_files()
             self._peercap = PeerCap()

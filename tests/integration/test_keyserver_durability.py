@@ -210,3 +210,35 @@ def test_ctrl_c_stops_cleanly(keyserver):
     keyserver.proc.send_signal(signal.SIGINT)
     assert keyserver.proc.wait(10) == 0
     assert json.loads(keyserver.output().splitlines()[-1])["event"] == "stopped"
+
+
+def test_a_strangers_silent_connections_to_the_key_server_are_bounded(keyserver):
+    """Every worker's lease renewal comes to the key server's port: a
+    stranger's plain TCP connections that never send a byte were kept
+    uncounted for 30 s each, so enough of them ran it out of descriptors and
+    every renewal failed. Now one peer address holds at most 1,024
+    connections there and a handshake must end within 10 s
+    (vault/core/peercap.py; the control, a port with libzmq's defaults:
+    tests/integration/test_sealed_attacks.py). At a limit of 1,200
+    descriptors, 1,300 silent connections from 127.0.0.3: all past 1,024
+    shut down, and a licence holder's request (127.0.0.1) is answered."""
+    from keyserver.server import KEYSERVER_PER_ADDRESS
+    from tests.integration.test_sealed_attacks import _cut, _fds, _nofile, _silent_flood, _taken_by
+
+    lic = keyserver.issue(MODEL)
+    pid, port = keyserver.proc.pid, int(keyserver.address.rpartition(":")[2])
+    assert KEYSERVER_PER_ADDRESS == 1024
+    _nofile(pid, 1200)
+    flood = []
+    try:
+        flood = _silent_flood(port, 1300, accepted=_taken_by(pid))
+        # cut by the bound, not by the 10 s handshake timeout that ends them all
+        deadline = time.monotonic() + 8
+        while _cut(flood) < 1300 - 1024:
+            assert time.monotonic() < deadline, (_cut(flood), _fds(pid))
+            time.sleep(0.1)
+        with KeyServerClient(lic, timeout=10) as ks:
+            ks.ping()
+    finally:
+        for c in flood:
+            c.close()

@@ -52,9 +52,8 @@ from vault.core.errors import (
     from_wire,
 )
 from vault.core.modelscope import covers
+from vault.core.peercap import address_key
 from vault.core.token import Token
-
-from ..peercap import address_key
 
 __all__ = [
     "Admission",

@@ -67,6 +67,7 @@ from vault.core.errors import (
     WorkerTimeoutError,
     shown,
 )
+from vault.core.peercap import PeerCap, raise_open_files
 from vault.core.protocol import (
     PROTOCOL_VERSION,
     decode_tensors,
@@ -79,7 +80,6 @@ from vault.core.protocol import (
 from vault.core.sealed import ServerSession, SessionTable, plain_error, session_id
 from vault.core.token import Token
 
-from ..peercap import PeerCap, raise_open_files
 from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
 from .calls import VET, Admission, AdmissionPending, CallPolicy, OpenPolicy

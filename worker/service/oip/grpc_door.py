@@ -38,8 +38,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from vault.core.errors import InputError, ProtocolError, ServiceUnavailableError, VaultError
+from vault.core.peercap import address_key
 
-from ...peercap import address_key
 from . import inference_pb2 as _pb
 from . import tensors as T
 from .door import (

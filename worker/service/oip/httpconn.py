@@ -38,7 +38,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ...peercap import address_key
+from vault.core.peercap import address_key
 
 __all__ = ["bounded_protocol", "gated_loop"]
 
