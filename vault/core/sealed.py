@@ -318,13 +318,17 @@ class ServerSession:
         self.sealer = Sealer(s2c, sid)
 
 
+GONE_PER_CLIENT = 16  # sessions that went, remembered per caller (SessionTable)
+
+
 class SessionTable:
     """A server's sessions, made over its CURVE front. Bounded: at most
     ``per_client`` per CURVE key and ``total`` in all, the least recently
     used going first (a caller whose session went gets a plain "unknown
     session" answer and makes a new one). A session that went is remembered
-    (its caller and last accepted message number, ``total`` of them) so that
-    a caller asking what became of it gets a true answer.
+    (its last accepted message number, under its caller: the last
+    :data:`GONE_PER_CLIENT` of each caller's) so that a caller asking what
+    became of it gets a true answer, whatever other callers do.
 
     :meth:`admits` is called from the ZAP handler's thread; everything else
     from the server's loop."""
@@ -345,7 +349,13 @@ class SessionTable:
         self._lock = threading.Lock()
         self._by_sid: OrderedDict[bytes, ServerSession] = OrderedDict()
         self._by_key: dict[str, OrderedDict[bytes, None]] = {}
-        self._gone: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
+        # the sessions that went, per caller (at most GONE_PER_CLIENT each, the
+        # callers least recently touched going first past ``total``): one
+        # caller's churn forgets only its own. Before, one list of ``total``
+        # for all: a licensed caller's 20,000 sessions in a second flushed
+        # every other caller's, whose question "was my call accepted?" then
+        # got "unknown" and its call was sent, and paid for, again
+        self._gone: OrderedDict[str, OrderedDict[bytes, int]] = OrderedDict()
 
     def create(
         self, client_key: str, client_rand: Any, *, prev: Any = None, prev_seq: Any = None
@@ -389,10 +399,10 @@ class SessionTable:
         if sess is not None and sess.client_key == client_key:
             self._remove(sid)  # a copy of that message held back on the wire now finds no session
             return "accepted" if sess.opener.last >= seq else "not_accepted"
-        gone = self._gone.get(sid)
-        if gone is not None and gone[0] == client_key:
-            return "accepted" if gone[1] >= seq else "not_accepted"
-        return "unknown"  # never ours, or forgotten (a restart)
+        last = self._gone.get(client_key, {}).get(sid)
+        if last is not None:
+            return "accepted" if last >= seq else "not_accepted"
+        return "unknown"  # never ours, or forgotten (a restart, or this caller's own churn)
 
     def _remove(self, sid: bytes) -> None:
         with self._lock:
@@ -403,7 +413,14 @@ class SessionTable:
             if not mine:
                 del self._by_key[sess.client_key]
         sess.opener.forget()
-        self._gone[sid] = (sess.client_key, sess.opener.last)
+        gone = self._gone.get(sess.client_key)
+        if gone is None:
+            gone = self._gone[sess.client_key] = OrderedDict()
+        else:
+            self._gone.move_to_end(sess.client_key)
+        gone[sid] = sess.opener.last
+        while len(gone) > GONE_PER_CLIENT:
+            gone.popitem(last=False)
         while len(self._gone) > self.total:
             self._gone.popitem(last=False)
 

@@ -262,3 +262,31 @@ def test_a_later_chunk_tampered_leaves_none_of_the_message_readable() -> None:
     kept = bytes(opener._buf)
     assert secret[: sealed.CHUNK // 2] not in kept and secret[-4096:] not in kept
     assert kept[: 3 * sealed.CHUNK + 64].count(0) >= 3 * sealed.CHUNK  # wiped, not left over
+
+
+def test_another_callers_churn_does_not_forget_this_callers_sessions() -> None:
+    """A session that went is remembered so that its caller, asking whether
+    its last call was accepted, is told the truth (and a call the service
+    ran is not sent, and paid for, again). Those memories were one list for
+    all callers: mallory's 20,000 sessions (a second's work, stop 31's
+    attack round) flushed alice's, whose question then got "unknown" and
+    whose call would be sent again. Now each caller's are its own: alice is
+    still told "accepted" after mallory's churn. Control: alice's own churn
+    past 16 sessions that went does forget her oldest."""
+    alice, mallory = "alice" + "x" * 35, "mallory" + "x" * 33
+    table = sealed.SessionTable(b"S" * 40, per_client=1, total=64)
+    sid, sealer, _ = _session(table, alice)
+    opener = table.get(sid).opener  # type: ignore[union-attr]
+    opener.open(sealer.seal([b"call"]))  # accepted: message 1
+    opener.release()
+    table.create(alice, os.urandom(32))  # per_client 1: her first session goes
+    assert table.get(sid) is None
+    for _ in range(20_000):
+        table.create(mallory, os.urandom(32))
+    assert table.create(alice, os.urandom(32), prev=sid, prev_seq=sealer.seq)["prev"] == "accepted"
+    # control: her own churn, past what is kept of hers, forgets it
+    sid2, sealer2, _ = _session(table, alice)
+    for _ in range(sealed.GONE_PER_CLIENT + 1):
+        table.create(alice, os.urandom(32))
+    answer = table.create(alice, os.urandom(32), prev=sid2, prev_seq=sealer2.seq + 1)
+    assert answer["prev"] == "unknown"
