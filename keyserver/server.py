@@ -35,7 +35,7 @@ from zmq.utils import z85
 
 from vault.core.errors import ProtocolError, VaultError
 from vault.core.logs import Log
-from vault.core.peercap import PeerCap, raise_open_files
+from vault.core.peercap import PeerCap, prepare, raise_open_files
 from vault.core.protocol import MAX_HEADER, pack_header, unpack_header
 
 from . import audit
@@ -228,6 +228,7 @@ def serve(
             recorded = st.get_meta("address")
             if bind is None:
                 bind = default_bind(recorded)
+            prepare(router)  # handshakes bounded: before the bind (vault/core/peercap.py)
             try:
                 router.bind(bind)
             except zmq.ZMQError as exc:

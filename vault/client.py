@@ -557,13 +557,19 @@ class _Remote:
                                    max_message=max_message, send_timeout_ms=5000,
                                    sealed_keys=keys)  # fmt: skip
         return _FailoverChannel([_WatchedChannel(ctx, a, configure=self.configure,
-                                                 max_message=max_message, sealed_keys=keys)
+                                                 max_message=max_message, sealed_keys=keys,
+                                                 wait_handshake=False)
                                  for a in self.addresses])  # fmt: skip
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
         sock.curve_serverkey = self.server_key.encode()
         sock.curve_publickey = self.licence.client_public_key.encode()
         sock.curve_secretkey = self.licence.client_secret_key.encode()
+
+
+class _HandshakeFailed(ConfigError):
+    """A CURVE handshake that failed (a wrong server key, or a connection the
+    service cut): about the connection, not an answer of the service's."""
 
 
 class _WatchedChannel(ZmqChannel):
@@ -590,6 +596,7 @@ class _WatchedChannel(ZmqChannel):
         max_message: int,
         send_timeout_ms: int = 1000,
         sealed_keys: tuple[bytes, bytes] | None = None,
+        wait_handshake: bool = True,
     ) -> None:
         # computes travel sealed (AES-256-GCM on a second connection, keys
         # agreed over this CURVE one: vault/core/sealed.py) when the service
@@ -599,6 +606,9 @@ class _WatchedChannel(ZmqChannel):
         self._sealed_socks: list[zmq.Socket[Any]] = []
         self._sealed_lock = threading.Lock()
         self._send_timeout_ms = send_timeout_ms
+        # a connection up whose handshake is not done (a busy service) is waited
+        # for up to the call's timeout; not where other replicas could answer
+        self._wait_handshake = wait_handshake
         self._mon = threading.local()
         self._monitors: list[zmq.Socket[Any]] = []
         self._mon_lock = threading.Lock()
@@ -660,7 +670,8 @@ class _WatchedChannel(ZmqChannel):
         timeout means nothing listens (``zmq.Again``: see :meth:`_gone`). A
         connection made whose handshake is still under way (a service busy
         answering other handshakes) is waited for up to the call's timeout:
-        something listens there, and its handshake will say the rest."""
+        something listens there, and its handshake will say the rest (not
+        for a replica among others: the call goes to the next one)."""
         start = time.monotonic()
         deadline = start + self._send_timeout_ms / 1000
         mon: zmq.Socket[Any] | None = getattr(self._mon, "sock", None)
@@ -676,7 +687,7 @@ class _WatchedChannel(ZmqChannel):
             if first:  # a refusal seen before this call (a service since restarted, a key
                 self._mon.refused = None  # since allowed) says nothing: the next attempt does
                 first = False
-            if getattr(self._mon, "listening", False):
+            if self._wait_handshake and getattr(self._mon, "listening", False):
                 deadline = max(deadline, start + timeout)
             left_ms = int((deadline - time.monotonic()) * 1000)
             if getattr(self._mon, "refused", None) is not None or left_ms <= 0:
@@ -706,9 +717,11 @@ class _WatchedChannel(ZmqChannel):
                 "key server about: retry)"
             )
         if refused == "handshake":
-            return ConfigError(
+            return _HandshakeFailed(
                 f"the CURVE handshake with {self.endpoint} failed: the server key given is not "
-                "this service's (get its current key from the vendor)"
+                "this service's (get its current key from the vendor), or the service cut the "
+                "connection (too many from this address, or a handshake that took too long: "
+                "retry)"
             )
         if getattr(self._mon, "listening", False) and "cannot send" in why:
             return ServiceUnavailableError(
@@ -784,6 +797,8 @@ class _WatchedChannel(ZmqChannel):
             ask.update(prev=prev[0], prev_seq=prev[1])
         try:
             hdr, _ = super().request(ask, timeout=timeout)
+        except _HandshakeFailed:  # the connection, not the service's answer: not a "no"
+            raise
         except (ProtocolError, ConfigError):  # a service that offers none ("unknown op")
             self._sealed.refused = True
             return None

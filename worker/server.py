@@ -207,8 +207,10 @@ class Server:
         allowed: Iterable[bytes] | None = None,
         inline_below: float = 0.002,
         local: LocalServer | None = None,
+        log: Callable[..., None] | None = None,
     ) -> None:
         self.ctx = ctx
+        self._log = log
         self.endpoint = endpoint
         self.handler = handler
         self.threads = max(1, threads)
@@ -256,19 +258,27 @@ class Server:
         self._peercap: Any = None
 
     def bind(self) -> str:
+        tcp = self.endpoint.startswith("tcp://")
+        if tcp:
+            # as the service's ports (vault/core/peercap.py): handshakes bounded
+            # (set before the bind: the listener takes the options then), a
+            # peer address's connections counted
+            from vault.core.peercap import PeerCap, prepare, raise_open_files
+
+            prepare(self.front)
+            if self.bulk is not None:
+                prepare(self.bulk)
+            before, after = raise_open_files()
+            if after != before and self._log is not None:
+                self._log("open_files_raised", before=before, after=after)
         self.front.bind(self.endpoint)
         self.bound_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.bulk is not None:
             host = self.bound_endpoint[len("tcp://") :].rpartition(":")[0]
             self.bulk.bind(f"tcp://{host}:0")
             self.bulk_port = int(self.bulk.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
-        if self.bound_endpoint.startswith("tcp://"):
-            # as the service's ports (vault/core/peercap.py): handshakes bounded, a
-            # peer address's connections counted
-            from vault.core.peercap import PeerCap, raise_open_files
-
-            raise_open_files()
-            self._peercap = PeerCap()
+        if tcp:
+            self._peercap = PeerCap(log=self._log)
             self._peercap.watch(self.front, "front")
             if self.bulk is not None:
                 self._peercap.watch(self.bulk, "sealed")

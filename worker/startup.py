@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import threading
 import time
 from typing import Any
@@ -371,6 +372,7 @@ class Startup:
             curve_public=server_public,
             allowed=allowed,
             local=local,
+            log=_stderr_log,
         )
         bound = server.bind()
         server.start()
@@ -404,3 +406,10 @@ def _exit_soon(err: Any) -> None:
 
     del err
     threading.Timer(0.5, os._exit, (EXIT_LEASE_ENDED,)).start()
+
+
+def _stderr_log(event: str, **fields: Any) -> None:
+    """A worker's own events (its TCP ports' bounds: vault/core/peercap.py),
+    one JSON line on stderr."""
+    print(json.dumps({"event": event, "component": "vault-worker", **fields}, default=str),
+          file=sys.stderr, flush=True)  # fmt: skip

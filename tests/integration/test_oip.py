@@ -490,7 +490,10 @@ def test_tritonclient_grpc_streaming_is_answered_in_order_under_modelinfers_rule
     client = plane.grpc()
     client.start_stream(callback=got, headers={"authorization": f"Bearer {tok}"})
     try:
-        request(client, "r0", images[0])
+        inp0 = tritongrpc.InferInput("image", list(images[0].shape), "UINT8")
+        inp0.set_data_from_numpy(images[0])
+        # Triton's flag on a request's last answer, asked for: each request has one
+        client.async_stream_infer("clf", [inp0], request_id="r0", enable_empty_final_response=True)
         bad = tritongrpc.InferInput("image", [1, 8], "FP32")  # the model takes UINT8
         bad.set_data_from_numpy(np.zeros((1, 8), np.float32))
         client.async_stream_infer("clf", [bad], request_id="bad")
@@ -509,6 +512,9 @@ def test_tritonclient_grpc_streaming_is_answered_in_order_under_modelinfers_rule
     for (_rid, r), image in zip(ok, images):
         np.testing.assert_array_equal(r.as_numpy("top_indices"),
                                       plane.clf_reference(image)["top_indices"])  # fmt: skip
+    params = ok[0][1].get_response().parameters
+    assert params["triton_final_response"].bool_param is True
+    assert "triton_final_response" not in ok[1][1].get_response().parameters  # not asked for
     assert len(errors) == 3, errors
     assert errors[0].startswith("[bad_input] input 'image' must be uint8"), errors
     assert errors[1].startswith("[wrong_model]"), errors

@@ -157,12 +157,12 @@ class ZmqChannel(Channel):
         sock = self._socket()
         rid = next(self._ids)
         msg = {**header, "v": PROTOCOL_VERSION, "id": rid}
+        deadline = time.monotonic() + timeout  # the send's wait and the answer's, together
         try:
             self._send(sock, [pack_header(msg), *frames], timeout)
         except zmq.ZMQError as exc:
             self._discard(sock)
             raise self._gone(f"cannot send: {exc.strerror}") from None
-        deadline = time.monotonic() + timeout
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             reply = None

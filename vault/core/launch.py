@@ -420,6 +420,16 @@ def _parse(line: bytes, what: str) -> dict[str, Any]:
     return msg
 
 
+def _readable(fd: int, seconds: float) -> bool:
+    """Whether ``fd`` has something to read within ``seconds``: poll(2), not
+    select(2), which refuses descriptors past 1,023 (a service that holds
+    many connections, its open-file limit lifted, starts workers whose pipes
+    are numbered past it)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(max(0, int(seconds * 1000))))
+
+
 def read_ready_line(
     source: int | IO[bytes],
     *,
@@ -442,15 +452,14 @@ def read_ready_line(
         left = deadline - time.monotonic()
         if left <= 0:
             raise WorkerTimeoutError(f"{what} not ready after {timeout:g}s")
-        r, _, _ = select.select([fd], [], [], min(left, 0.2))
-        if r:
+        if _readable(fd, min(left, 0.2)):
             chunk = os.read(fd, 65536) if isinstance(source, int) else source.readline()
             if not chunk:
                 break
             buf += chunk
             if len(buf) > MAX_READY_LINE:
                 raise ProtocolError(f"{what} sent an oversized ready line")
-        elif proc is not None and proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+        elif proc is not None and proc.poll() is not None and not _readable(fd, 0):
             break
     if b"\n" not in buf:
         rc = None

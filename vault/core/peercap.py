@@ -1,5 +1,5 @@
 """Bounds on what a peer address holds at a ZeroMQ TCP port (the service's
-CURVE front and its sealed port, a TCP worker's).
+CURVE front and its sealed port, a TCP worker's, the key server's).
 
 libzmq accepts every TCP connection and keeps it, one file descriptor and a
 stream engine each, until its handshake ends; a connection that never sends
@@ -11,24 +11,30 @@ the attack round of stop 31). ZAP cannot help: it runs after the greeting.
 
 So, for each port watched here:
 
-- a handshake must finish within :data:`HANDSHAKE_S` (``ZMQ_HANDSHAKE_IVL``);
-- one peer address (:func:`address_key`: an IPv4 address, an
-  IPv6 /64) holds at most :data:`PER_ADDRESS` connections: past it, a new
-  connection is shut down as soon as it is seen (``shutdown(2)`` on a
-  duplicate of its descriptor: libzmq reads the end of the stream and closes
-  its own), so a stranger's flood costs the service a bounded number of
-  descriptors per address;
-- an accept that fails (``EMFILE``: out of descriptors) is logged, at most
-  once per :data:`LOG_EVERY_S`, with how many failed.
+- a handshake must finish within :data:`HANDSHAKE_S` (``ZMQ_HANDSHAKE_IVL``,
+  set by :func:`prepare` *before* the socket binds: libzmq copies a socket's
+  options into its listener at bind);
+- one peer address (:func:`address_key`: an IPv4 address, an IPv6 /64)
+  holds at most ``per_address`` connections (:data:`PER_ADDRESS` by
+  default): past it, a new connection is shut down as soon as it is seen
+  (``shutdown(2)`` on a duplicate of its descriptor: libzmq reads the end of
+  the stream and closes its own), so a stranger's flood costs the service a
+  bounded number of descriptors per address;
+- a process near its open-file limit says so in its log, at most once per
+  :data:`LOG_EVERY_S` (``open_files_low``).
 
 How: libzmq's socket monitor reports each accepted connection's descriptor
 (``EVENT_ACCEPTED``) and each end (``EVENT_DISCONNECTED``); one thread reads
-the monitors and keeps the count. The monitor's events wait in a pipe that
-holds 1,000 events: the thread never blocks on anything else, so libzmq's I/O
-thread never waits on it for long. A descriptor reported accepted that is
-already closed (the connection ended before its event was read) is not
-counted, and its end is ignored; one reused by a newer connection counts the
-newer one's address until its own events come, so the counts stay balanced.
+the monitors and keeps the count. libzmq's I/O thread writes those events
+into a pipe of 1,000 and waits when it is full, so the thread never stops
+reading: every error is caught, and only :meth:`PeerCap.close` ends it.
+
+A descriptor is a number libzmq may close and reuse before its event is
+read. So each event's descriptor is duplicated once, and that duplicate is
+looked at: counted and shut down only if it is a TCP connection to the
+watched port itself (a reused number that now names anything else, a
+caller's connection elsewhere or a pipe, is left alone); one reported
+accepted that is already closed is not counted, and its end is ignored.
 
 :func:`raise_open_files` lifts the process's soft open-file limit to its
 hard limit: a service holds a descriptor per connection, and 1,024 (a shell's
@@ -36,8 +42,10 @@ usual soft limit) is what a few hundred callers' threads already take.
 
 Example::
 
+    prepare(front)                     # before it binds
+    front.bind("tcp://0.0.0.0:7701")
     cap = PeerCap(log=print)
-    cap.watch(front, "front")          # after bind, from the socket's own thread
+    cap.watch(front, "front")          # from the socket's own thread
     cap.start()
     ...
     front.close(); cap.close()         # the watched sockets first
@@ -45,24 +53,33 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
 
-__all__ = ["HANDSHAKE_S", "PER_ADDRESS", "PeerCap", "address_key", "raise_open_files"]
+__all__ = [
+    "HANDSHAKE_S",
+    "PER_ADDRESS",
+    "PeerCap",
+    "address_key",
+    "prepare",
+    "raise_open_files",
+]
 
 HANDSHAKE_S = 10.0  # a connection's ZMTP handshake (greeting, CURVE/PLAIN, ZAP)
 PER_ADDRESS = 256  # connections one peer address holds at one port (a caller: one a thread)
 LOG_EVERY_S = 10.0
+LOW_FILES = 0.9  # of the soft open-file limit in use: said in the log
 
-_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
+_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 _HEAD = struct.Struct("=HI")  # a monitor event's first frame: event, value
 
 
@@ -80,6 +97,12 @@ def address_key(host: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def prepare(sock: zmq.Socket[Any], handshake_s: float = HANDSHAKE_S) -> None:
+    """Bound ``sock``'s handshakes; call before it binds (libzmq's listener
+    takes the socket's options at bind, and ignores later ones)."""
+    sock.handshake_ivl = int(handshake_s * 1000)
 
 
 def raise_open_files(ceiling: int = 1 << 20) -> tuple[int, int]:
@@ -103,19 +126,23 @@ class PeerCap:
                  log: Callable[..., None] | None = None) -> None:  # fmt: skip
         self.per_address = per_address
         self._log = log
-        self._monitors: list[tuple[zmq.Socket[Any], str]] = []
+        self._monitors: list[tuple[zmq.Socket[Any], str, int]] = []  # monitor, name, port
         self.held: dict[tuple[str, str], int] = {}  # (port name, address) -> connections
         self._fds: dict[tuple[str, int], str] = {}  # (port name, descriptor) -> address
         self.refused = 0  # connections shut down past an address's count
-        self.accept_failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def watch(self, sock: zmq.Socket[Any], name: str) -> None:
-        """Bound ``sock``'s handshakes and watch its connections (call from the
-        thread that uses ``sock``, before :meth:`start`)."""
-        sock.handshake_ivl = int(HANDSHAKE_S * 1000)
-        self._monitors.append((sock.get_monitor_socket(_EVENTS), name))
+        """Watch ``sock``'s connections (bound, with :func:`prepare` called
+        before; from the thread that uses ``sock``, before :meth:`start`)."""
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if not endpoint.startswith("tcp://"):
+            raise ValueError(f"{name}: only a bound tcp:// socket is watched, not {endpoint!r}")
+        if int(sock.getsockopt(zmq.HANDSHAKE_IVL)) > int(HANDSHAKE_S * 1000):
+            raise ValueError(f"{name}: call prepare() before the socket binds")
+        port = int(endpoint.rpartition(":")[2])
+        self._monitors.append((sock.get_monitor_socket(_EVENTS), name, port))
 
     def start(self) -> None:
         if self._monitors and self._thread is None:
@@ -126,10 +153,12 @@ class PeerCap:
         """Stop watching (close the watched sockets first: libzmq then sends
         no more events) and close the monitors."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        for mon, _ in self._monitors:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(5)
+            if thread.is_alive():  # never close a socket another thread still uses
+                return
+        for mon, _, _ in self._monitors:
             mon.close(linger=0)
         self._monitors = []
 
@@ -137,60 +166,60 @@ class PeerCap:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        for mon, _ in self._monitors:
+        for mon, _, _ in self._monitors:
             poller.register(mon, zmq.POLLIN)
-        names = {mon: name for mon, name in self._monitors}
-        last_log, failed_since = 0.0, 0
+        where = {mon: (name, port) for mon, name, port in self._monitors}
+        next_check = 0.0
         while not self._stop.is_set():
             try:
                 ready = poller.poll(200)
-            except zmq.ZMQError:
+            except zmq.ContextTerminated:
                 return
+            except Exception:  # noqa: BLE001 - only close() ends this loop
+                time.sleep(0.01)
+                continue
             for mon, _ in ready:
-                while True:
-                    try:
-                        frames = mon.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except zmq.ZMQError:
-                        return
-                    try:
-                        event, value = _HEAD.unpack(frames[0][: _HEAD.size])
-                    except (struct.error, IndexError):
-                        continue
-                    try:
-                        if event == zmq.EVENT_ACCEPT_FAILED:
-                            self.accept_failures += 1
-                            failed_since += 1
-                        else:
-                            self._note(names[mon], event, value)
-                    except Exception:  # noqa: BLE001 - the thread must keep draining
-                        pass
+                self._drain(mon, *where[mon])
             now = time.monotonic()
-            if failed_since and self._log is not None and now - last_log >= LOG_EVERY_S:
-                self._log("accept_failed", level="error", count=failed_since,
-                          message="connections could not be accepted (out of file descriptors?)")  # fmt: skip
-                last_log, failed_since = now, 0
+            if now >= next_check:
+                next_check = now + LOG_EVERY_S
+                self._check_files()
 
-    def _note(self, name: str, event: int, fd: int) -> None:
-        if event == zmq.EVENT_ACCEPTED:
-            address = _peer(fd)
-            if address is None:  # ended before its event was read
+    def _drain(self, mon: zmq.Socket[Any], name: str, port: int) -> None:
+        while True:
+            try:
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
                 return
+            except Exception:  # noqa: BLE001 - the next poll tries again
+                return
+            try:
+                event, fd = _HEAD.unpack(frames[0][: _HEAD.size])
+                self._note(name, port, event, fd)
+            except Exception:  # noqa: BLE001 - never stop reading events
+                pass
+
+    def _note(self, name: str, port: int, event: int, fd: int) -> None:
+        if event == zmq.EVENT_ACCEPTED:
             old = self._fds.pop((name, fd), None)
-            if old is not None:  # its end's event is lost to a reuse: counted once
+            if old is not None:  # the end of its previous holder's was not seen
                 self._drop(name, old)
-            key = (name, address)
-            n = self.held.get(key, 0) + 1
-            self.held[key] = n
-            self._fds[(name, fd)] = address
-            if n > self.per_address:
-                self.refused += 1
-                _shut(fd)
+            with _connection(fd, port) as conn:
+                if conn is None:  # ended before its event was read, or the number reused
+                    return
+                address = address_key(conn.getpeername()[0])
+                key = (name, address)
+                n = self.held.get(key, 0) + 1
+                self.held[key] = n
+                self._fds[(name, fd)] = address
+                if n > self.per_address:
+                    self.refused += 1
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
         elif event == zmq.EVENT_DISCONNECTED:
-            address = self._fds.pop((name, fd), None)
-            if address is not None:
-                self._drop(name, address)
+            gone = self._fds.pop((name, fd), "")
+            if gone:
+                self._drop(name, gone)
 
     def _drop(self, name: str, address: str) -> None:
         key = (name, address)
@@ -200,29 +229,41 @@ class PeerCap:
         else:
             self.held.pop(key, None)
 
-
-def _peer(fd: int) -> str | None:
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        host = s.getpeername()[0]
-    except OSError:
-        return None
-    finally:
-        s.close()
-    return address_key(host)
+    def _check_files(self) -> None:
+        if self._log is None:
+            return
+        try:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            used = len(os.listdir("/proc/self/fd"))
+            if soft != resource.RLIM_INFINITY and used >= LOW_FILES * soft:
+                self._log("open_files_low", level="error", open=used, limit=soft,
+                          message="near the open-file limit: connections may be refused")  # fmt: skip
+        except Exception:  # noqa: BLE001 - a log that fails must not stop the count
+            pass
 
 
-def _shut(fd: int) -> None:
+@contextlib.contextmanager
+def _connection(fd: int, port: int) -> Iterator[socket.socket | None]:
+    """One duplicate of ``fd``, if it is still a TCP connection to ``port``
+    (a number libzmq has since closed, or reused for anything else, gives
+    None); closed on the way out."""
     try:
-        s = socket.socket(fileno=os.dup(fd))
+        dup = os.dup(fd)
     except OSError:
+        yield None
         return
     try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already ended
-        pass
+        conn = socket.socket(fileno=dup)
+    except OSError:  # not a socket any more
+        os.close(dup)
+        yield None
+        return
+    try:
+        try:
+            ok = conn.type == socket.SOCK_STREAM and conn.getsockname()[1] == port
+            conn.getpeername()
+        except (OSError, IndexError, TypeError):
+            ok = False
+        yield conn if ok else None
     finally:
-        s.close()
+        conn.close()

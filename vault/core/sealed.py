@@ -399,7 +399,8 @@ class SessionTable:
         if sess is not None and sess.client_key == client_key:
             self._remove(sid)  # a copy of that message held back on the wire now finds no session
             return "accepted" if sess.opener.last >= seq else "not_accepted"
-        last = self._gone.get(client_key, {}).get(sid)
+        mine = self._gone.get(client_key)
+        last = mine.get(sid) if mine is not None else None
         if last is not None:
             return "accepted" if last >= seq else "not_accepted"
         return "unknown"  # never ours, or forgotten (a restart, or this caller's own churn)

@@ -67,7 +67,7 @@ from vault.core.errors import (
     WorkerTimeoutError,
     shown,
 )
-from vault.core.peercap import PeerCap, raise_open_files
+from vault.core.peercap import PeerCap, prepare, raise_open_files
 from vault.core.protocol import (
     PROTOCOL_VERSION,
     decode_tensors,
@@ -318,6 +318,7 @@ class WorkerService:
             f.curve_secretkey = secret
             f.curve_publickey = public
             f.zap_domain = b"vault"
+            prepare(f)  # handshakes bounded: before the bind (vault/core/peercap.py)
         if self.cfg.bind.startswith("tcp://") and self.cfg.sealed_port is not None:
             # sealed calls: AES-256-GCM on a second socket, keys agreed over
             # this CURVE one (vault/core/sealed.py, docs/transport.md); a call's
@@ -327,6 +328,7 @@ class WorkerService:
             assert self._auth is not None
             self._auth.sessions = self.sessions  # only a live session's holder connects
             self.bulk = sealed_socket(self.ctx, hwm=10000)
+            prepare(self.bulk)
 
     def _initial_sources(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
@@ -380,8 +382,9 @@ class WorkerService:
                     self._launch(m, i)
             while not self.draining and any(not m.settled for m in self.models.values()):
                 self._heartbeat = time.monotonic()
-                r, _, _ = select.select([self._wake_r], [], [], 0.5)
-                if r:
+                waker = select.poll()  # not select(): descriptors may pass 1,023
+                waker.register(self._wake_r, select.POLLIN)
+                if waker.poll(500):
                     self._wake()
             self._initial_done = True
             try:

@@ -100,7 +100,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: VaultError) -
 
 def peer_address(peer: str) -> str:
     """What a gRPC peer (``ipv4:1.2.3.4:5678``, ``ipv6:%5B::1%5D:5678``) is
-    counted as: :func:`..calls.address_key` of its host, as the REST door
+    counted as: :func:`vault.core.peercap.address_key` of its host, as the REST door
     counts connections."""
     kind, _, rest = urllib.parse.unquote(peer or "").partition(":")
     if kind in ("ipv4", "ipv6"):
@@ -337,18 +337,22 @@ class InferenceServicer:
         ``async_stream_infer``): each message a ModelInferRequest, each
         answered in order by a ModelStreamInferResponse; a request's own
         error (a bad input, its quota, another model's refusal) is that
-        answer's ``error_message`` and the stream goes on, as Triton's does.
+        answer's ``error_message`` and the stream goes on, as Triton's does
+        (and ``triton_final_response`` is set on an answer whose request asks
+        for ``triton_enable_empty_final_response``: each request has one).
 
         The stream is held to ModelInfer's rules, message by message: the
-        token is vetted when the stream opens and again before each message
-        is read (a revoked licence or an expired token ends the stream with
-        its status before another message is read); each message waits at
-        most ``body_timeout`` to arrive (an idle stream is ended: open a new
-        one) and is read within the licence's byte budget at the door. A
-        stream holds one of the door's requests, one of its licence's share
-        and one of its peer address's calls for as long as it is open, and a
-        licence has at most :data:`LICENCE_STREAMS` open at a door. An answer
-        the caller does not take within ``body_timeout`` ends the stream."""
+        token is vetted when the stream opens, before each further message
+        is read and again before it is decoded (a revoked licence or an
+        expired token ends the stream with its status); each message waits
+        at most ``body_timeout`` to arrive (an idle stream is ended: open a
+        new one), is read only while the licence's byte budget at the door
+        has room (waited for, up to ``body_timeout``) and counts against it
+        until answered. A stream holds one of the door's requests, one of its
+        licence's share and one of its peer address's calls for as long as
+        it is open, and a licence has at most :data:`LICENCE_STREAMS` open at
+        a door. An answer the caller does not take within ``body_timeout``
+        ends the stream."""
         try:
             address = peer_address(context.peer())
             with self.peers.hold(address), self.gate:
@@ -360,9 +364,12 @@ class InferenceServicer:
                     f"this licence has {LICENCE_STREAMS} streams open at this door already; "
                     "send on one of them, or close one",
                 ):  # fmt: skip
+                    first = True
                     while True:
-                        await self.plane.vet(None, None, token, address=address)
-                        self.gate.check_room(lic)
+                        if not first:  # the stream's opening vetted the first
+                            await self.plane.vet(None, None, token, address=address)
+                        first = False
+                        await self._room(lic)
                         try:
                             raw = await within(context.read(), self.body_timeout)
                         except asyncio.TimeoutError:
@@ -374,10 +381,16 @@ class InferenceServicer:
                         size = len(raw)
                         self.gate.hold_bytes(lic, size)
                         try:
-                            answer = await self._stream_answer(raw, token)
+                            # a revocation while the message was awaited: refused now
+                            await self.plane.vet(None, None, token, address=address)
+                            try:
+                                request = pb.ModelInferRequest.FromString(raw)
+                            except DecodeError:
+                                request = None
+                            del raw  # the message lives on in its decoded tensors only
+                            answer = await self._stream_answer(request, token)
                         finally:
                             self.gate.give_bytes(lic, size)
-                        del raw
                         try:
                             await within(context.write(answer), self.body_timeout)
                         except asyncio.TimeoutError:
@@ -388,20 +401,35 @@ class InferenceServicer:
             await _abort(context, exc)
             raise
 
-    async def _stream_answer(self, raw: bytes, token: Any) -> Any:
-        request = None
-        try:
+    async def _room(self, lic: str) -> None:
+        """Until the licence's byte budget at this door has room (its other
+        requests answered), at most ``body_timeout``: a stream waits for its
+        licence's other calls rather than ending."""
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        while True:
             try:
-                request = pb.ModelInferRequest.FromString(raw)
-            except DecodeError:
-                raise ProtocolError("the request is not a ModelInferRequest") from None
-            return pb.ModelStreamInferResponse(infer_response=await self._answer(request, token))
+                self.gate.check_room(lic)
+                return
+            except ServiceUnavailableError:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+    async def _stream_answer(self, request: Any, token: Any) -> Any:
+        try:
+            if request is None:
+                raise ProtocolError("the request is not a ModelInferRequest")
+            answer = pb.ModelStreamInferResponse(infer_response=await self._answer(request, token))
         except VaultError as exc:
             answer = pb.ModelStreamInferResponse(error_message=error_text(exc))
             if request is not None:  # which request it answers
                 answer.infer_response.model_name = request.model_name
                 answer.infer_response.id = request.id
-            return answer
+        if request is not None:
+            final = request.parameters.get("triton_enable_empty_final_response")
+            if final is not None and final.bool_param:
+                answer.infer_response.parameters["triton_final_response"].bool_param = True
+        return answer
 
 
 def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
