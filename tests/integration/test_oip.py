@@ -1438,11 +1438,57 @@ def test_one_licence_holds_at_most_its_budget_of_request_bytes(plane: Plane) -> 
             s.close()
 
 
+def test_a_burst_of_one_licences_grpc_calls_waits_its_turn_and_is_served(plane: Plane) -> None:
+    """The share bounds what a licence holds between its calls' vetting and
+    their messages; a licence's messages are read two at a time. Before, a
+    call past the share was refused at once: with 16 of alice's calls whose
+    message comes a second late (a slow sender), her other 8 calls, messages
+    ready, were refused UNAVAILABLE naming the share (the benchmark's 32
+    callers with one token saw it). Now they wait their turn, holding none
+    of the door's requests: all 24 served, each answer the model's."""
+    import grpc
+
+    from worker.service.oip import inference_pb2
+
+    pb: Any = inference_pb2
+    alice = plane.token("alice", "clf")
+    good = pb.ModelInferRequest(model_name="clf")
+    good.inputs.add(name="image", datatype="UINT8", shape=list(IMAGE.shape))
+    good.raw_input_contents.append(IMAGE.tobytes())
+    message = good.SerializeToString()
+    start = time.monotonic()
+
+    def late() -> Iterator[bytes]:  # a slow sender: its message a second after the call
+        time.sleep(max(0.0, start + 1.0 - time.monotonic()))
+        yield message
+
+    creds = grpc.ssl_channel_credentials(plane.ca.read_bytes())
+    meta = [("authorization", f"Bearer {alice}")]
+    with grpc.secure_channel(plane.grpc_url, creds) as ch:
+        infer = ch.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                request_serializer=None, response_deserializer=None)  # fmt: skip
+        calls = [infer.future(late(), metadata=meta, timeout=60) for _ in range(16)]
+        calls += [infer.future(iter([message]), metadata=meta, timeout=60) for _ in range(8)]
+        answers = []
+        for f in calls:
+            try:
+                answers.append(pb.ModelInferResponse.FromString(f.result()))
+            except grpc.RpcError as exc:
+                pytest.fail(f"a call of the burst was refused: {exc.code()} {exc.details()}")
+    want = plane.clf_reference(IMAGE)["top_indices"]
+    for a in answers:
+        k = [o.name for o in a.outputs].index("top_indices")
+        got = np.frombuffer(a.raw_output_contents[k], dtype=want.dtype).reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
+    _serving(plane)
+
+
 def test_one_licence_holds_at_most_its_share_of_the_grpc_door(plane: Plane) -> None:
     """The gRPC door's share, as REST's: alice's 16 ModelInfer calls whose
     token is vetted and whose message never comes hold her licence's share;
-    her next call is refused at once (UNAVAILABLE, naming the share) and bob
-    is served meanwhile."""
+    her next call waits for one (head_timeout, holding none of the door's
+    requests) and is refused (UNAVAILABLE, naming the share), and bob is
+    served meanwhile."""
     import threading
 
     import grpc

@@ -134,7 +134,7 @@ class Turns:
         self.keys: dict[str, list[Any]] = {}  # key -> [its semaphore, users]
 
     @contextlib.asynccontextmanager
-    async def turn(self, key: str, timeout: float) -> Any:
+    async def turn(self, key: str, timeout: float, refusal: str = "") -> Any:
         entry = self.keys.get(key)
         if entry is None:
             entry = self.keys[key] = [asyncio.Semaphore(self.n), 0]
@@ -143,7 +143,7 @@ class Turns:
             try:
                 await within(entry[0].acquire(), timeout)
             except asyncio.TimeoutError:
-                raise ServiceUnavailableError("this door is reading other requests; "
+                raise ServiceUnavailableError(refusal or "this door is reading other requests; "
                                               "try again in a moment") from None  # fmt: skip
             try:
                 yield
@@ -183,6 +183,10 @@ class InferenceServicer:
         # a licence's messages read at once (each up to 1 GiB, held until
         # answered and counted against the licence's bytes at the door)
         self._licence_reads = Turns(LICENCE_READS)
+        # a licence's ModelInfer calls between their vetting and their message
+        # read (a quarter of the door's requests): past it a call waits for
+        # one, holding none of the door's requests meanwhile
+        self._shares = Turns(self.gate.per_licence)
         self._streams: dict[str, int] = {}  # licence -> its open ModelStreamInfer streams
 
     async def free(self, name: str, requests: Any, context: Any) -> Any:
@@ -266,20 +270,35 @@ class InferenceServicer:
         ))  # fmt: skip
 
     async def ModelInfer(self, requests: Any, context: Any) -> Any:  # noqa: N802
-        """Vet the token, then read the message, then decode it (:func:`register`)."""
+        """Vet the token, then read the message, then decode it (:func:`register`).
+
+        Between its vetting and its message, a call holds one of its
+        licence's share (a quarter of the door's requests), waited for up to
+        ``head_timeout`` (past it: UNAVAILABLE, naming the share) without
+        holding one of the door's requests (its vetting holds one, and its
+        read and answer another, taken once it has its share; a door full by
+        then refuses it, UNAVAILABLE): one token holder's calls that
+        never send their message hold at most the share and never the door,
+        and a licence's burst of calls waits its turn instead of being
+        refused (before, 32 callers of one licence at once had some of their
+        calls refused while the licence's messages were read two at a time)."""
         try:
             address = peer_address(context.peer())
-            with self.peers.hold(address), self.gate:
+            with self.peers.hold(address):
                 token = _token(context)
-                # the model is in the message
-                await self.plane.vet(None, None, token, address=address)
-                lic, size = token.licence_id, 0
+                with self.gate:  # its vetting is one of the door's requests
+                    # the model is in the message
+                    await self.plane.vet(None, None, token, address=address)
+                lic, size, held = token.licence_id, 0, False
                 try:
-                    # its licence's share while the message arrives (as REST's
-                    # body), and a turn among its messages being read; none
-                    # starts while the licence's requests hold their bytes'
-                    # budget (the message's size is known only once it is in)
-                    with self.gate.licence(lic):
+                    share = (f"this licence holds {self.gate.per_licence} requests at this "
+                             "door already; try again when one is answered")  # fmt: skip
+                    async with self._shares.turn(lic, self.head_timeout, share):
+                        self.gate.__enter__()  # one of the door's, until the answer
+                        held = True
+                        # a turn among the licence's messages being read; none
+                        # starts while its requests hold their bytes' budget (the
+                        # message's size is known only once it is in)
                         async with self._licence_reads.turn(lic, self.body_timeout):
                             self.gate.check_room(lic)
                             try:
@@ -301,6 +320,8 @@ class InferenceServicer:
                     return await self._infer(request, token, context)
                 finally:
                     self.gate.give_bytes(lic, size)
+                    if held:
+                        self.gate.__exit__(None, None, None)
         except VaultError as exc:
             await _abort(context, exc)
             raise
