@@ -23,7 +23,8 @@ from vault.sealing import seal
 def tcp_worker(d: Path, model: onnx.ModelProto, model_id: str,
                holders: tuple[str, ...] = ("alice",)) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Yields ``{"ready": the worker's ready line, "licences": {holder:
-    Licence}, "pid": the worker's pid, "dir": d}``; stops both at the end."""
+    Licence}, "pid": the worker's pid, "dir": d, "log": its stderr's file}``;
+    stops both at the end."""
     from keyserver import init_dir
 
     init_dir(d / "ks", address="tcp://127.0.0.1:7700")
@@ -42,17 +43,20 @@ def tcp_worker(d: Path, model: onnx.ModelProto, model_id: str,
             lics[who].save(d / f"{who}.licence")
             (allow / f"{who}.key").write_text(lics[who].client_public_key + "\n")
         status_r, status_w = os.pipe()
+        log = d / "worker.log"
         try:
-            proc = spawn_worker([str(res.path), "--licence", str(d / f"{holders[0]}.licence"),
-                                 "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
-                                 "--status-fd", str(status_w)], pass_fds=[status_w], cwd=str(d))  # fmt: skip
+            with open(log, "wb") as err:
+                proc = spawn_worker([str(res.path), "--licence", str(d / f"{holders[0]}.licence"),
+                                     "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
+                                     "--status-fd", str(status_w)], pass_fds=[status_w],
+                                    cwd=str(d), stderr=err)  # fmt: skip
         finally:
             os.close(status_w)
         try:
             ready = read_ready_line(status_r, timeout=120, proc=proc)
         finally:
             os.close(status_r)
-        yield {"ready": ready, "licences": lics, "pid": proc.pid, "dir": d}
+        yield {"ready": ready, "licences": lics, "pid": proc.pid, "dir": d, "log": log}
     finally:
         if proc is not None:
             proc.kill()

@@ -20,8 +20,10 @@ So, for each port watched here:
   (``shutdown(2)`` on a duplicate of its descriptor: libzmq reads the end of
   the stream and closes its own), so a stranger's flood costs the service a
   bounded number of descriptors per address;
-- a process near its open-file limit says so in its log, at most once per
-  :data:`LOG_EVERY_S` (``open_files_low``).
+- the connections shut down are logged (``connections_cut``: the port, the
+  address, how many; the first at once, then at most once per
+  :data:`LOG_EVERY_S`), and a process near its open-file limit says so, at
+  most once per :data:`LOG_EVERY_S` (``open_files_low``).
 
 How: libzmq's socket monitor reports each accepted connection's descriptor
 (``EVENT_ACCEPTED``) and each end (``EVENT_DISCONNECTED``); one thread reads
@@ -130,6 +132,8 @@ class PeerCap:
         self.held: dict[tuple[str, str], int] = {}  # (port name, address) -> connections
         self._fds: dict[tuple[str, int], str] = {}  # (port name, descriptor) -> address
         self.refused = 0  # connections shut down past an address's count
+        self._cut: dict[tuple[str, str], int] = {}  # (port, address) -> shut down, not yet logged
+        self._cut_logged: dict[tuple[str, str], float] = {}  # when each was last logged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -181,6 +185,8 @@ class PeerCap:
             for mon, _ in ready:
                 self._drain(mon, *where[mon])
             now = time.monotonic()
+            if self._cut or self._cut_logged:
+                self._log_cut(now)
             if now >= next_check:
                 next_check = now + LOG_EVERY_S
                 self._check_files()
@@ -214,6 +220,7 @@ class PeerCap:
                 self._fds[(name, fd)] = address
                 if n > self.per_address:
                     self.refused += 1
+                    self._cut[key] = self._cut.get(key, 0) + 1
                     with contextlib.suppress(OSError):
                         conn.shutdown(socket.SHUT_RDWR)
         elif event == zmq.EVENT_DISCONNECTED:
@@ -228,6 +235,27 @@ class PeerCap:
             self.held[key] = n
         else:
             self.held.pop(key, None)
+
+    def _log_cut(self, now: float) -> None:
+        """Say which addresses had connections shut down past the bound: for
+        each port and address the first at once, then at most every
+        LOG_EVERY_S, counts summed."""
+        for key, last in list(self._cut_logged.items()):
+            if now - last >= LOG_EVERY_S and key not in self._cut:
+                del self._cut_logged[key]
+        for key in [
+            k for k in self._cut if now - self._cut_logged.get(k, float("-inf")) >= LOG_EVERY_S
+        ]:
+            count = self._cut.pop(key)
+            self._cut_logged[key] = now
+            if self._log is None:
+                continue
+            name, address = key
+            try:
+                self._log("connections_cut", level="warning", port=name, address=address,
+                          count=count, limit=self.per_address)  # fmt: skip
+            except Exception:  # noqa: BLE001 - a log that fails must not stop the count
+                pass
 
     def _check_files(self) -> None:
         if self._log is None:

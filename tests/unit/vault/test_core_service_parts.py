@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -87,3 +89,59 @@ def test_server_keys_are_kept_private_and_stable(tmp_path: Path) -> None:
     fresh, _ = write_certificates(other)  # vault worker keygen: a new pair each time
     assert len(fresh) == 40 and fresh != pub
     assert zmq.curve_public(sec) == pub  # the pair kept is a real pair
+
+
+def test_the_connection_bound_logs_what_it_cut_and_a_process_near_its_file_limit() -> None:
+    """vault/core/peercap.py says in its log what the per-address bound shut
+    down (``connections_cut``: the port, the address, how many; the first at
+    once) and when the process is near its open-file limit
+    (``open_files_low``). Here a bound of 2: 5 silent connections from
+    127.0.0.3, 3 cut and logged; then the soft limit lowered to just above
+    what is open, and the check logs it."""
+    import resource
+
+    import zmq
+
+    from tests.integration.test_sealed_attacks import _cut, _silent_flood
+    from vault.core.peercap import PeerCap, prepare
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    prepare(sock)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    cap = PeerCap(per_address=2, log=lambda event, **f: events.append((event, f)))
+    cap.watch(sock, "front")
+    cap.start()
+    flood: list[Any] = []
+    try:
+        flood = _silent_flood(port, 5)
+        deadline = time.monotonic() + 60
+        while sum(f["count"] for e, f in events if e == "connections_cut") < 3:
+            assert time.monotonic() < deadline, (events, _cut(flood))
+            time.sleep(0.05)  # the poll's interval
+        cut = [f for e, f in events if e == "connections_cut"]
+        assert {(f["port"], f["address"], f["limit"]) for f in cut} == {("front", "127.0.0.3", 2)}
+    finally:
+        for c in flood:
+            c.close()
+        sock.close()
+        cap.close()
+        ctx.term()
+    from vault.core.peercap import LOW_FILES
+
+    pipes = [os.pipe() for _ in range(10)]  # enough open that a limit can sit just above
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    near = int(used / LOW_FILES)  # above what is open, under a tenth more
+    resource.setrlimit(resource.RLIMIT_NOFILE, (near, hard))
+    try:
+        cap._check_files()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+    low = [f for e, f in events if e == "open_files_low"]
+    assert low and low[0]["limit"] == near and low[0]["open"] >= used - 1, low

@@ -993,3 +993,76 @@ def test_a_door_without_a_licence_share_is_held_by_one_licence() -> None:
     assert fill(control) == 64
     with pytest.raises(ServiceUnavailableError):
         control.__enter__()  # bob is shut out
+
+
+def test_an_idle_stream_and_one_whose_answers_are_not_taken_are_ended() -> None:
+    """A ModelStreamInfer stream holds a door's request, its licence's share
+    and its address's call while open: one that sends no request for
+    ``body_timeout`` is ended (INVALID_ARGUMENT, saying so), and so is one
+    whose caller does not take an answer. Here ``body_timeout`` is 0.05 s."""
+    import asyncio
+
+    import grpc
+
+    from worker.service.oip import inference_pb2
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.grpc_door import InferenceServicer
+
+    pb: Any = inference_pb2
+
+    class Service(_HeldService):
+        def submit(self, call: Any) -> None:
+            if call.vet:
+                call.reply({"ok": True}, ())  # the token holds
+            else:  # a compute: answered with no outputs
+                call.reply({"ok": True, "tensors": []}, ())
+
+    token = _stranger_token().decode()
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def __init__(self, messages: list[bytes], take: bool) -> None:
+            self.messages, self.take, self.status = messages, take, None
+
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer " + token)]
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:50000"
+
+        def set_trailing_metadata(self, md: Any) -> None:
+            pass
+
+        async def abort(self, code: Any, details: str) -> None:
+            self.status = (code, details)
+            raise Aborted()
+
+        async def read(self) -> bytes:
+            if self.messages:
+                return self.messages.pop(0)
+            await asyncio.Event().wait()  # a caller that sends nothing more
+            raise AssertionError("unreachable")
+
+        async def write(self, answer: Any) -> None:
+            if not self.take:
+                await asyncio.Event().wait()  # a caller that never reads its answers
+
+    async def run(ctx: Context) -> None:
+        servicer = InferenceServicer(DataPlane(Service()), body_timeout=0.05)  # type: ignore[arg-type]
+        try:
+            await servicer.ModelStreamInfer(None, ctx)
+        except Aborted:
+            pass
+        assert servicer.gate.held == 0 and not servicer._streams  # all given back
+
+    idle = Context([], take=True)
+    asyncio.run(run(idle))
+    assert idle.status is not None and idle.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no request on this stream for 0.05 s" in idle.status[1]
+    request = pb.ModelInferRequest(model_name="m").SerializeToString()
+    unread = Context([request], take=False)
+    asyncio.run(run(unread))
+    assert unread.status is not None and unread.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not taken within 0.05 s" in unread.status[1]
