@@ -262,6 +262,11 @@ def table(res: dict[str, Any]) -> str:
             f"   decrypt_bench {dec['size_bytes'] >> 20} MiB: decrypt {dec['decrypt_gbps']:.2f} GB/s, "
             f"signature hashing {dec['verify_hash_gbps']:.2f} GB/s, fresh memcpy {dec['memcpy_fresh_gbps']:.2f} GB/s"
         )
+        if "first_touch_gbps" in dec:
+            L.append(
+                f"      its parts: first touch of a fresh mapping alone {dec['first_touch_gbps']:.2f} GB/s, "
+                f"decrypt into touched memory {dec['decrypt_touched_gbps']:.2f} GB/s"
+            )
     ks = res.get("keyserver")
     L.append("\n4. key server (benchmarks/keyserver_bench.py)")
     if ks and "1" in ks:

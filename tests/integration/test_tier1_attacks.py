@@ -1067,3 +1067,31 @@ def test_a_caller_hanging_up_mid_open_does_not_drain_the_pool(tier1: Tier1) -> N
     while _waiting(tier1) & waiting and time.monotonic() < deadline:
         time.sleep(0.1)  # the one it took leaves the pool...
     assert _waiting(tier1, exclude=waiting), "...and a new one is started behind it"
+
+
+def test_a_package_resealed_in_place_opens_under_its_own_digest(tier1: Tier1) -> None:
+    """The client names a package to the daemon by its digest and remembers
+    the digests it computed (a later open reads no payload): a package sealed
+    anew at the same path, the same size, must be named anew, or its worker's
+    key release is refused for a proof that names the old one."""
+    import vault
+    from vault import client as _client
+    from vault.core.package import Package
+
+    pk = PublisherKey.load(tier1.keyserver.publisher_key_path)
+    path = Path(tempfile.mkdtemp(prefix="reseal-", dir=tier1.dir)) / "m.vault"
+    os.chmod(path.parent, 0o755)
+    lic = tier1.keyserver.issue("t1", holder="reseal")
+    x = {"x": np.ones((1, 8), np.float32)}
+    digests = []
+    for _ in range(2):
+        res = seal(mlp(), model_id="t1", signing_key=pk, output=path)
+        os.chmod(res.path, 0o644)
+        tier1.keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+        for _ in range(2):  # the second open of the same package reads its digest back
+            with vault.open(path, licence=lic, daemon=tier1.socket) as m:
+                assert m.compute(x)["logits"].shape == (1, 5)
+        digests.append(res.digest)
+        with Package.load(path) as pkg:
+            assert _client._DIGESTS[pkg.name_parts()] == res.digest
+    assert digests[0] != digests[1]

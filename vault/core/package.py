@@ -607,6 +607,13 @@ class Package:
     def signature(self) -> bytes:
         return bytes(self._view[self._layout.payload_end :])
 
+    def name_parts(self) -> tuple[bytes, bytes, bytes]:
+        """The header, manifest and signature: what, for a package whose
+        signature holds, determines its :attr:`digest` without reading the
+        payload (the signature covers the payload's chunk-hash digest, and
+        one Ed25519 signature holds for one message only)."""
+        return bytes(self._layout.header), bytes(self._layout.manifest_bytes), self.signature
+
     def _signed_message(self) -> bytes:
         if self._chunk_digest is None:
             self._chunk_digest = chunk_hashes_digest(
