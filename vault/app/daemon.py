@@ -978,8 +978,11 @@ class Daemon:
                 finally:
                     os.close(w)
             fds = [req.package_fd, *secrets]
+            # the digest the caller's proof binds: the worker asks for the key
+            # with it and checks the signature meanwhile (worker/startup.py)
             msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1,
-                                   "proof_fd": 2, "allow_key": [req.client_key]}  # fmt: skip
+                                   "proof_fd": 2, "allow_key": [req.client_key],
+                                   "package_digest": req.digest}  # fmt: skip
             if req.shm_fd is not None:
                 msg.update(shm_fd=len(fds), shm_size=req.shm_size)
                 fds.append(req.shm_fd)
@@ -1060,7 +1063,8 @@ class Daemon:
         pipes.secret("--device-key-fd", self.device.dumps())
         # "--allow-key=KEY": a Z85 key may start with "-"
         args = ["--package-fd", str(req.package_fd), "--endpoint", f"ipc://{wdir}/w.sock",
-                f"--allow-key={req.client_key}", "--tier", str(TIER), *pipes.args]  # fmt: skip
+                f"--allow-key={req.client_key}", "--tier", str(TIER),
+                "--package-digest", req.digest, *pipes.args]  # fmt: skip
         pass_fds = [req.package_fd]
         if req.shm_fd is not None:
             args += ["--shm-fd", str(req.shm_fd), "--shm-size", str(req.shm_size)]
