@@ -1142,3 +1142,105 @@ def test_a_daemon_worker_under_its_own_uid_decrypts_its_weights_lazily(trust: Tr
         None, {"x": np.ones((1, 1024), np.float32)}
     )[0]
     np.testing.assert_allclose(np.asarray(out["y"], np.float32), want, rtol=1e-5, atol=1e-5)
+
+
+# --- a user's subordinate uids count as that user ---
+
+HOLD_CONNECTIONS = r"""
+import json, socket, sys
+from vault.core.daemonwire import send_message, recv_message
+sock, n = sys.argv[1], int(sys.argv[2])
+held, out = [], {"admitted": 0, "refused": []}
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX); s.connect(sock)
+    try:
+        send_message(s, {"op": "hello"})
+    except OSError:
+        pass  # a refused connection is answered unasked, then closed: read why
+    try:
+        rep = recv_message(s)[0]
+    except OSError as e:
+        rep = {"ok": False, "error": {"message": type(e).__name__}}
+    if rep.get("ok"):
+        out["admitted"] += 1; held.append(s)
+    else:
+        out["refused"].append(rep["error"]["message"]); s.close()
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _hold_as(uid: int, sock: str, n: int) -> subprocess.Popen[bytes]:
+    """A process of ``uid`` (root starts it: what newuidmap gives a user for
+    its subordinate uids) that connects ``n`` times and holds what it got."""
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups",
+         SYSTEM_PYTHON, "-B", "-c", HOLD_CONNECTIONS, sock, str(n)], env=_nobody_env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+    )  # fmt: skip
+
+
+def test_a_users_subordinate_uids_count_as_that_user(trust: Trust) -> None:
+    """nobody owns subordinate uids (/etc/subuid's format, a file of the
+    test's own): connections from nobody and from eight of its subordinate
+    uids share nobody's idle cap (2 here), and another user (uid 3101, no
+    range) is still admitted. Control: with the range gone from the file
+    (read again when it changes), each subordinate uid gets 2 of its own."""
+    subuid = trust.dir / "subuid"
+    subuid.write_text(f"nobody:3200000:65536\n{trust.worker.pw_name}x:3300000:10\n")
+    sock = str(trust.dir / "subuid.sock")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with _daemon(trust, sock, "--subuid-file", str(subuid),
+                     "--max-idle-connections-per-uid", "2"):  # fmt: skip
+            uids = [NOBODY.pw_uid] + [3200000 + i for i in range(8)]
+            got = []
+            for uid in uids:
+                procs.append(_hold_as(uid, sock, 2))
+                got.append(_line(procs[-1]))
+            assert sum(g["admitted"] for g in got) == 2, got  # nobody's 2, in all
+            assert all("too many connections" in m for g in got for m in g["refused"]), got
+            procs.append(_hold_as(3101, sock, 2))
+            assert _line(procs[-1])["admitted"] == 2  # another user: its own 2
+            for p in procs:
+                _end(p)
+            procs.clear()
+
+            subuid.write_text("")  # the control: no range, each uid a user of its own
+            got = []
+            for uid in uids:
+                procs.append(_hold_as(uid, sock, 2))
+                got.append(_line(procs[-1]))
+            assert [g["admitted"] for g in got] == [2] * len(uids), got
+    finally:
+        for p in procs:
+            _end(p)
+
+
+def test_the_daemon_refuses_workers_whose_uid_a_user_could_take(trust: Trust) -> None:
+    """A workers' uid inside a user's subordinate range would let that user run
+    processes as it, and read every worker's weights: the daemon does not
+    start; a range that comes to hold it later stops its opens."""
+    subuid = trust.dir / "subuid-workers"
+    w = trust.worker.pw_uid
+    subuid.write_text(f"nobody:{w - 5}:10\n")
+    proc = subprocess.run(_daemon_cmd(trust, str(trust.dir / "sw.sock"), "--subuid-file",
+                                      str(subuid)), capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0
+    assert b"subordinate uid range" in proc.stderr, proc.stderr[-2000:]
+
+    subuid.write_text("")
+    sock = str(trust.dir / "sw2.sock")
+    with _daemon(trust, sock, "--subuid-file", str(subuid)):
+        p = _hold_as(NOBODY.pw_uid, sock, 1)
+        try:
+            assert _line(p)["admitted"] == 1  # the control: served while no range holds it
+        finally:
+            _end(p)
+        subuid.write_text(f"nobody:{w - 5}:10\n")
+        p = _hold_as(NOBODY.pw_uid, sock, 1)
+        try:
+            got = _line(p)
+            assert got["admitted"] == 0 and "subordinate uid range" in got["refused"][0], got
+        finally:
+            _end(p)

@@ -138,6 +138,7 @@ def _daemon(args: argparse.Namespace) -> int:
         refusal_interval=args.refusal_interval,
         keyserver_timeout=args.keyserver_timeout,
         worker_memory_headroom=args.worker_memory_headroom,
+        subuid_file=args.subuid_file,
     )
     for name in ("max_workers", "max_workers_per_uid", "max_starting", "max_starting_per_uid",
                  "refusal_burst", "max_idle_connections_per_uid"):  # fmt: skip
@@ -225,6 +226,9 @@ def register(sub: Any) -> None:
     p.add_argument("--standby", type=non_negative_int, default=1, metavar="N",
                    help="workers kept pre-started (hardened, onnxruntime imported) so an "
                         "open skips spawn and imports; 0: none (default 1)")  # fmt: skip
+    p.add_argument("--subuid-file", default="/etc/subuid", metavar="PATH",
+                   help="subordinate uid ranges (owner:start:count): a uid in a user's range "
+                        "counts as that user for every per-uid cap (default /etc/subuid)")  # fmt: skip
     p.add_argument("--max-connections", type=positive_int, default=512,
                    help="callers connected at once, in all (default 512)")  # fmt: skip
     p.add_argument("--max-connections-per-uid", type=positive_int, default=64,

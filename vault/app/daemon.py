@@ -81,6 +81,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
@@ -176,6 +177,87 @@ class DaemonConfig:
     refusal_interval: float = 6.0
     worker_memory_headroom: int | None = None  # None: vault.core.package's default
     keyserver_timeout: float = 10.0  # the pre-authorisation round trip
+    # who owns which subordinate uids (a user runs processes as those through
+    # newuidmap): every per-uid cap counts them as their owner's
+    subuid_file: str = "/etc/subuid"
+
+
+class SubordinateUids:
+    """The subordinate uid ranges of ``/etc/subuid`` (``owner:start:count``, the
+    owner a name or a uid), read again whenever the file changes.
+
+    Why: every per-uid cap keys on the caller's uid (``SO_PEERCRED``), and a
+    user with a subordinate range (what ``useradd`` gives every new user on
+    Debian and Ubuntu: 65,536 uids, for rootless containers) can run
+    processes as any of them with ``newuidmap``: one user as 64 uids held
+    every connection and every worker (the attack round). :meth:`owner`
+    names the user a uid counts as. A range whose owner is unknown counts as
+    a user of its own (its start)."""
+
+    _LIMIT = 4 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._key: tuple[int, int, int, int] | None = None
+        self._starts: list[int] = []
+        self._ranges: list[tuple[int, int, int]] = []  # (start, end, owner), by start
+
+    def owner(self, uid: int) -> int:
+        """The uid ``uid`` counts as: its range's owner, or itself."""
+        self._reload()
+        i = bisect.bisect_right(self._starts, uid) - 1
+        if i >= 0:
+            start, end, owner = self._ranges[i]
+            if uid < end:
+                return owner
+        return uid
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        self._reload()
+        return list(self._ranges)
+
+    def _reload(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._key, self._starts, self._ranges = None, [], []
+            return
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key == self._key:
+            return
+        try:
+            with open(self.path, "rb") as fh:
+                text = fh.read(self._LIMIT).decode("utf-8", "replace")
+        except OSError:
+            return  # keep what was read before
+        ranges: list[tuple[int, int, int]] = []
+        for line in text.splitlines():
+            parts = line.strip().split(":")
+            if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+                continue
+            start, count = int(parts[1]), int(parts[2])
+            if count <= 0:
+                continue
+            who = parts[0]
+            if who.isdigit():
+                owner = int(who)
+            else:
+                try:
+                    owner = pwd.getpwnam(who).pw_uid
+                except KeyError:
+                    owner = start
+            ranges.append((start, start + count, owner))
+        ranges.sort()
+        # overlapping ranges: the earlier one's owner keeps the overlap
+        merged: list[tuple[int, int, int]] = []
+        for start, end, owner in ranges:
+            if merged and start < merged[-1][1]:
+                start = merged[-1][1]
+                if start >= end:
+                    continue
+            merged.append((start, end, owner))
+        self._key, self._ranges = key, merged
+        self._starts = [r[0] for r in merged]
 
 
 def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
@@ -518,9 +600,10 @@ class _Bucket:
 
 @dataclass(eq=False)
 class _Connection:
-    uid: int
+    uid: int  # whom its caps count it as: its peer's uid, or that uid's owner (/etc/subuid)
     pid: int
     workers: dict[str, _Worker] = field(default_factory=dict)
+    peer_uid: int = -1  # the uid SO_PEERCRED gave
 
 
 _REPLY_FDS = "_fds"  # descriptors that go with a reply (popped before it is sent)
@@ -613,6 +696,7 @@ class Daemon:
         self._quiet: dict[int, int] = {}  # uid -> refusals not logged (a flood's log is bounded)
         self._log_budget: dict[int, _Bucket] = {}
         self._throttled: set[int] = set()  # uids whose opens the daemon refuses itself now
+        self._subuids = SubordinateUids(config.subuid_file)
 
     # -- requests -----------------------------------------------------------------
 
@@ -1164,7 +1248,7 @@ class Daemon:
 
     def _serve_connection(self, sock: socket.socket, conn: _Connection) -> None:
         try:
-            if conn.uid == self.config.worker_uid:
+            if self.config.worker_uid in (conn.uid, conn.peer_uid):
                 # a caller of the workers' own uid could ptrace them: tier 1 void.
                 # Its first request is read (and ignored) before the refusal, so
                 # the refusal is what it sees, not a broken pipe on its send.
@@ -1216,25 +1300,34 @@ class Daemon:
         connection holds a descriptor and a thread of the daemon's; a stranger
         holds no worker, so a few strangers' uids cannot fill the daemon)."""
         try:
-            pid, uid, _gid = peer_credentials(sock)
+            pid, peer, _gid = peer_credentials(sock)
         except OSError:
             sock.close()
             return None
         cfg = self.config
-        with self._lock:  # counted and registered at once: a flood cannot overshoot
-            total = len(self._conns)
-            mine = [c for c in self._conns if c.uid == uid]
-            idle = sum(1 for c in mine if not c.workers)
-            if (total < cfg.max_connections and len(mine) < cfg.max_connections_per_uid
-                    and idle < cfg.max_idle_connections_per_uid):  # fmt: skip
-                conn = _Connection(uid, pid)
-                self._conns.add(conn)
-                return conn
+        # a subordinate uid counts as the user it belongs to (SubordinateUids)
+        uid = self._subuids.owner(peer)
+        refusal = ConfigError(
+            "the vault daemon has too many connections (of this user, of this user's "
+            "holding no model, or in all): close some and retry")  # fmt: skip
+        if self._subuids.owner(cfg.worker_uid) != cfg.worker_uid:
+            # someone could run processes as the workers' uid, and read them
+            refusal = ConfigError(
+                f"the workers' uid {cfg.worker_uid} lies in a subordinate uid range of "
+                f"{cfg.subuid_file}: the daemon opens nothing until it is moved out")
+        else:
+            with self._lock:  # counted and registered at once: a flood cannot overshoot
+                total = len(self._conns)
+                mine = [c for c in self._conns if c.uid == uid]
+                idle = sum(1 for c in mine if not c.workers)
+                if (total < cfg.max_connections and len(mine) < cfg.max_connections_per_uid
+                        and idle < cfg.max_idle_connections_per_uid):  # fmt: skip
+                    conn = _Connection(uid, pid, peer_uid=peer)
+                    self._conns.add(conn)
+                    return conn
         try:
             sock.settimeout(1.0)
-            send_message(sock, {"ok": False, "error": ConfigError(
-                "the vault daemon has too many connections (of this user, of this user's "
-                "holding no model, or in all): close some and retry").to_wire()})  # fmt: skip
+            send_message(sock, {"ok": False, "error": refusal.to_wire()})
         except OSError:
             pass
         sock.close()
@@ -1342,6 +1435,13 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     # umask 0) is repaired, with the workers' code below
     own = [p for name, mod in list(sys.modules.items()) if name.partition(".")[0] == "vault"
            for p in getattr(mod, "__path__", None) or () if os.path.isdir(p)]  # fmt: skip
+    owner = SubordinateUids(config.subuid_file).owner(config.worker_uid)
+    if owner != config.worker_uid:
+        raise ConfigError(
+            f"the workers' uid {config.worker_uid} lies in a subordinate uid range of "
+            f"{config.subuid_file} (owner uid {owner}), whose owner could run processes as "
+            "it and read its workers: name a --worker-user outside every range"
+        )
     check_install(config.python, config.sys_path)
     check_worker_code(
         own
