@@ -1314,7 +1314,8 @@ class Daemon:
             # someone could run processes as the workers' uid, and read them
             refusal = ConfigError(
                 f"the workers' uid {cfg.worker_uid} lies in a subordinate uid range of "
-                f"{cfg.subuid_file}: the daemon opens nothing until it is moved out")
+                f"{cfg.subuid_file}: the daemon opens nothing until it is moved out"
+            )
         else:
             with self._lock:  # counted and registered at once: a flood cannot overshoot
                 total = len(self._conns)
