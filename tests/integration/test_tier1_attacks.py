@@ -966,8 +966,24 @@ out = {
     "licence_extra_not_a_map": ask({"op": "open", "licence": {**lic, "extra": "ab"},
                                     "proof": {}, "client_key": "x" * 40}, [pkg.fileno()]),
     "nested_deep": raw(b"[" * 50000 + b"]" * 50000),
+    # a request under the 1 MiB limit whose answer would echo past it
+    "hello_big_id": ask({"op": "hello", "id": "i" * 1_048_500}),
+    "open_big_field": ask({"op": "open", "f" * 1_048_500: 1}, [pkg.fileno()]),
+    "big_op": ask({"op": "o" * 1_048_500}),
     "hello_after": ask({"op": "hello"}),
 }
+# a regular file whose reads fail, with a licence and proof that hold
+import zmq
+from vault.core.licence import Licence
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); send_message(s, {"op": "hello"})
+device_id = recv_message(s)[0]["device_id"]; s.close()
+holder, key = Licence.from_json(lic), zmq.curve_keypair()[0].decode()
+proof = holder.prove(device_id=device_id, model_id="t1", key_id="k", client_key=key,
+                     package_digest="sha256:" + "0" * 64)
+mem = open("/proc/self/mem", "rb")
+out["proc_mem_package"] = ask({"op": "open", "licence": holder.public_copy().to_json(),
+                               "proof": proof.to_wire(), "client_key": key,
+                               "package_digest": "sha256:" + "0" * 64}, [mem.fileno()])
 # a flood of idle connections from this uid: the ones past the cap of those
 # holding no model get a refusal; its connections holding a model are not
 # counted against that cap (the control: two models, each on its connection)
@@ -1024,6 +1040,9 @@ def test_odd_requests_get_typed_answers_and_a_flood_is_capped(tier1: Tier1) -> N
     assert res["providers_not_strings"] == "config", res
     assert res["licence_extra_not_a_map"] == "config", res
     assert res["nested_deep"] == "protocol", res
+    assert res["hello_big_id"] == "ok", res  # answered, its id not echoed
+    assert res["open_big_field"] == "config" and res["big_op"] == "protocol", res
+    assert res["proc_mem_package"] == "format", res
     assert res["hello_after"] == "ok", res
     # 8 held at most (a connection of an earlier test may not be reaped yet)
     assert res["held"] <= 8 and res["refused"] >= 5 and res["held"] + res["refused"] == 13, res

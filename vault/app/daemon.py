@@ -106,6 +106,7 @@ from ..core.device import Device
 from ..core.errors import (
     CapacityError,
     ConfigError,
+    FormatError,
     KeyServerUnavailableError,
     PermissionDeniedError,
     ProtocolError,
@@ -620,6 +621,12 @@ def _socket_path_fd(path: str) -> int:
     return fd
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 64 characters: what a reply may echo of a request."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
 def _decrement(counts: dict[int, int], uid: int) -> None:
     left = counts.get(uid, 0) - 1
     if left > 0:
@@ -883,9 +890,10 @@ class Daemon:
         typed error for anything else, before any worker or key server."""
         extra = set(msg) - _OPEN_FIELDS
         if extra:
+            names = ", ".join(_short(x) for x in sorted(extra)[:5])
             raise ConfigError(
-                f"unknown field(s) {', '.join(sorted(extra))}: the worker's hardening and "
-                "options are the daemon's configuration, not the caller's"
+                f"unknown field(s) {names}{', ...' if len(extra) > 5 else ''}: the worker's "
+                "hardening and options are the daemon's configuration, not the caller's"
             )
         if not fds:
             raise ProtocolError("open needs the package's file descriptor")
@@ -929,7 +937,10 @@ class Daemon:
             raise ConfigError("package_digest must be sha256:<64 hex digits>")
         # bounded reads of the header: a package whose claims the file cannot
         # hold (a sparse file, 30 million 1-byte chunks) is refused here
-        header = read_header(package_fd, source="the package")
+        try:
+            header = read_header(package_fd, source="the package")
+        except OSError as exc:  # /proc/self/mem and the like: a regular file that reads fail
+            raise FormatError(f"the package could not be read ({exc.strerror})") from None
         cuda = "CUDAExecutionProvider" in (providers or []) or str(device).startswith("cuda")
         memory = None if cuda else memory_limit(header.plaintext_size,
                                                 headroom=self.config.worker_memory_headroom)  # fmt: skip
@@ -1214,6 +1225,8 @@ class Daemon:
     def handle(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = msg.get("op")
         rid = msg.get("id")
+        if not (type(rid) is int or (isinstance(rid, str) and len(rid) <= 128)):
+            rid = None  # echoed only when small: a reply never outgrows its request's limit
         try:
             if op == "open":
                 body = self._open(conn, msg, fds)
@@ -1226,7 +1239,7 @@ class Daemon:
             elif op == "status":
                 body = self._status(conn, msg)
             else:
-                raise ProtocolError(f"unknown op {op!r}")
+                raise ProtocolError(f"unknown op {_short(op)}")
         except VaultError as exc:
             if op == "open":
                 self._log_refusal(conn.uid, exc)
@@ -1234,7 +1247,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - a bug or odd input: answered, never fatal
             self.log("request_failed", level="error", op=str(op), uid=conn.uid,
                      error=type(exc).__name__)  # fmt: skip
-            err = ProtocolError(f"the daemon could not handle this {op!r} request")
+            err = ProtocolError(f"the daemon could not handle this {_short(op)} request")
             return {"ok": False, "id": rid, "error": err.to_wire()}
         finally:
             for fd in fds:  # the worker got its own copies
@@ -1273,7 +1286,12 @@ class Daemon:
                 reply = self.handle(conn, msg, fds)
                 out_fds: list[int] = reply.pop(_REPLY_FDS, [])
                 try:
-                    send_message(sock, reply, out_fds)
+                    try:
+                        send_message(sock, reply, out_fds)
+                    except ProtocolError:  # a reply past the message limit: said, small
+                        send_message(sock, {"ok": False, "error": ProtocolError(
+                            "the daemon's answer to this request is past the message "
+                            "limit").to_wire()})  # fmt: skip
                 finally:
                     for fd in out_fds:
                         os.close(fd)
