@@ -116,6 +116,7 @@ class _Report:
     reserved: int
     report_id: str | None  # resent as is until acknowledged: counted once
     grant_id: str | None  # the grant whose reserve this gives back (its budget, from here)
+    model_id: str | None = None  # the model the calls were made on (older services: unnamed)
 
 
 def _usage(h: Mapping[str, Any]) -> list[_Report]:
@@ -134,7 +135,11 @@ def _usage(h: Mapping[str, Any]) -> list[_Report]:
                     isinstance(reserved, int) and not isinstance(reserved, bool)
                     and 0 <= reserved <= 1 << 48))):  # fmt: skip
             raise ProtocolError("usage entries need licence_id, used >= 0 and reserved")
-        out.append(_Report(lid, used, reserved or 0, _ident(it.get("id"), "usage id"), grant))
+        model = it.get("model_id")
+        if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 256):
+            raise ProtocolError("a usage entry's model_id is a model id")
+        out.append(_Report(lid, used, reserved or 0, _ident(it.get("id"), "usage id"), grant,
+                           model))  # fmt: skip
     return out
 
 
@@ -151,10 +156,13 @@ def _grants(h: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _settle_report(svc: KeyService, actor: str, model_id: Any, rep: _Report, now: float) -> None:
+def _settle_report(svc: KeyService, actor: str, rep: _Report, now: float) -> None:
     """Count one usage report (once: a report id already seen is skipped) and
     give back the reserve it names: the grant's own budget, looked up here,
-    or (older services) the ``reserved`` count it carries."""
+    or (older services) the ``reserved`` count it carries. Audited under the
+    model the report names: a report rides whichever request the service
+    makes next, whose own model may be another caller's (it was audited so:
+    one licence's calls under a model it does not even hold)."""
     store = svc.store
     if rep.report_id is not None:
         if store.metering_id(rep.report_id) is not None:
@@ -187,7 +195,7 @@ def _settle_report(svc: KeyService, actor: str, model_id: Any, rep: _Report, now
     u, r = metering.settle(lic, reserved=reserved, calls=rep.used)
     svc._meter(lic, used=u, reserved=r, refund_tokens=max(0, (reserved or 0) - rep.used))
     audit.append(
-        store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=model_id,
+        store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=rep.model_id,
         detail={"calls": rep.used, "reserved": reserved, "via": "service",
                 **({"grant_id": rep.grant_id} if rep.grant_id else {})},
     )  # fmt: skip
@@ -223,7 +231,7 @@ def call_decisions(
     actor = device.device_id
     grants = _grants(h)
     for rep in _usage(h):
-        _settle_report(svc, actor, model_id, rep, now)
+        _settle_report(svc, actor, rep, now)
     lapse_grants(svc, now)
     _prune(svc, now)
     decisions: dict[str, Any] = {}

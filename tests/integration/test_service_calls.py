@@ -609,3 +609,57 @@ def test_a_key_server_away_longer_than_a_lease_does_not_end_the_service(
         thread.join(30)
         log.close()
     assert '"worker_died"' in (tmp_path / "service.log").read_text()
+
+
+def test_each_callers_usage_is_audited_under_the_model_it_was_used_on(
+    keyserver: Any, tmp_path: Path
+) -> None:
+    """Two models, two callers: bob's calls on m are reported in whatever
+    request the service makes next, here the one for alice's first call on
+    m2 (a model bob's licence does not hold). Each usage record names the
+    model its calls were made on, never the request's (the attack round:
+    bob's 5 calls were audited under m2)."""
+    pk = PublisherKey.load(keyserver.publisher_key_path)
+    pkgs = []
+    for name in ("m", "m2"):
+        res = seal(mlp(), model_id=name, signing_key=pk, output=tmp_path / f"{name}.vault")
+        keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+        pkgs.append(str(res.path))
+    device = keyserver.enroll(tmp_path / "device")
+    runtimes = [keyserver.issue(name, holder="service") for name in ("m", "m2")]
+    runtime = runtimes[0]
+    bob = keyserver.issue("m", kind="call", holder="bob")
+    alice = keyserver.issue("m2", kind="call", holder="alice")
+    spub, ssec = zmq.curve_keypair()
+    log = open(tmp_path / "service.log", "w")  # noqa: SIM115 - closed below
+    ks = KeyServerClient(runtime, device=device)
+    policy = CallLicencePolicy(
+        lambda model, keys, usage, grants: ks.call_decisions(
+            model_id=model, keys=keys, usage=usage, grants=grants)
+    )  # fmt: skip
+    cfg = ServiceConfig(bind="tcp://127.0.0.1:0", packages=pkgs, curve=(spub, ssec),
+                        policy=policy, metrics_port=0,
+                        launch=LaunchSpec(licence=runtimes, device=device))  # fmt: skip
+    svc = WorkerService(cfg, log=JsonLog(log))
+    endpoint = svc.start()["endpoint"]
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        with vault.connect(endpoint, licence=bob, server_key=spub.decode(), model="m",
+                           timeout=10) as b:  # fmt: skip
+            for _ in range(5):
+                b.compute({"x": X})
+        with vault.connect(endpoint, licence=alice, server_key=spub.decode(), model="m2",
+                           timeout=10) as a:  # fmt: skip
+            a.compute({"x": X})  # its decision's request carries bob's report
+    finally:
+        svc.request_stop()  # reports the rest
+        thread.join(30)
+        ks.close()
+        log.close()
+    for lic, model, calls in ((bob, "m", 5), (alice, "m2", 1)):
+        usage = [r for r in keyserver.audit(lic.licence_id) if r.event == "usage"]
+        assert usage and {r.model_id for r in usage} == {model}, [
+            (r.model_id, r.detail) for r in usage
+        ]
+        assert sum(json.loads(r.detail)["calls"] for r in usage) == calls

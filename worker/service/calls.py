@@ -341,8 +341,11 @@ class CallLicencePolicy(_Usage):
         self._scopes: dict[str, str | None] = {}
         self._pruned_at = 0.0
         self.probes_refused = 0  # handshakes refused past their address's budget
-        self._unreported: Counter[str] = Counter()  # licence -> calls served, not yet in a report
-        self._giveback: list[tuple[str | None, int, str | None]] = []  # (licence, reserved, grant)
+        # (licence, model) -> calls served, not yet in a report: each report names
+        # the model its calls were made on (the key server audits it so)
+        self._unreported: Counter[tuple[str, str | None]] = Counter()
+        # (licence, reserved, grant, model)
+        self._giveback: list[tuple[str | None, int, str | None, str | None]] = []
         self._outbox: dict[str, dict[str, Any]] = {}  # report id -> report, until answered
         self._buckets: dict[str, _Bucket] = {}
         # bearer tokens: signatures already verified (signature -> proof key),
@@ -674,7 +677,8 @@ class CallLicencePolicy(_Usage):
         d = admission.decision
         with self._lock:
             if ok:
-                self._unreported[admission.licence] += 1
+                model = d.model_id if isinstance(d, _Decision) else None
+                self._unreported[(admission.licence, model)] += 1
             elif isinstance(d, _Decision):
                 d.admitted -= 1  # a failed call is not billed: its slot is free again
                 spent = (
@@ -707,23 +711,24 @@ class CallLicencePolicy(_Usage):
             return
         d.retired = True
         if d.ok and d.grant_id is not None:
-            self._giveback.append((d.licence, int(d.budget or 0), d.grant_id))
+            self._giveback.append((d.licence, int(d.budget or 0), d.grant_id, d.model_id))
 
     def _form_reports(self) -> list[dict[str, Any]]:
         """Everything not yet reported becomes reports with ids (lock held);
         returns every report not yet answered, old ones unchanged."""
         used = self._unreported
         self._unreported = Counter()
-        for lic, reserved, grant in self._giveback:
+        for lic, reserved, grant, model in self._giveback:
             rid = _new_id()
-            n = used.pop(lic, 0) if lic is not None else 0
+            n = used.pop((lic, model), 0) if lic is not None else 0
             self._outbox[rid] = {"id": rid, "licence_id": lic, "used": n, "reserved": reserved,
-                                 "grant_id": grant}  # fmt: skip
+                                 "grant_id": grant, **({"model_id": model} if model else {})}  # fmt: skip
         self._giveback = []
-        for lic, n in used.items():
+        for (lic, model), n in used.items():
             if n:
                 rid = _new_id()
-                self._outbox[rid] = {"id": rid, "licence_id": lic, "used": n, "reserved": 0}
+                self._outbox[rid] = {"id": rid, "licence_id": lic, "used": n, "reserved": 0,
+                                     **({"model_id": model} if model else {})}  # fmt: skip
         return list(self._outbox.values())
 
     def _call(self, model_id: str | None, keys: list[str],
@@ -764,7 +769,7 @@ class CallLicencePolicy(_Usage):
         except VaultError as exc:
             with self._lock:
                 # maybe granted, answer lost: given back by its id at the next contact
-                self._giveback.append((None, 0, gid))
+                self._giveback.append((None, 0, gid, model_id))
                 self._retire_replaced(key, model_id, old)
                 # a short-lived refusal, so the next call tries again
                 self._decisions[(key, model_id)] = _Decision(
