@@ -1,0 +1,38 @@
+"""Which user a subordinate uid counts as (the daemon's per-user caps)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+from vault.app.daemon import SubordinateUids
+
+
+def test_a_subordinate_uid_counts_as_the_owner_of_its_range(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    f = tmp_path / "subuid"
+    f.write_text(
+        "# comment\n"
+        "nobody:100000:65536\n"
+        "4242:200000:10\n"  # a numeric owner
+        "no-such-user-x:300000:5\n"  # an owner with no passwd entry: a user of its own
+        "bad line\n"
+        "nobody:abc:5\n"
+        "nobody:400000:0\n"  # an empty range
+        "4243:100010:100\n"  # overlaps nobody's: the earlier range keeps the overlap
+    )
+    ids = SubordinateUids(str(f))
+    assert ids.owner(100000) == nobody and ids.owner(165535) == nobody
+    assert ids.owner(165536) == 165536  # past the range: itself
+    assert ids.owner(99999) == 99999
+    assert ids.owner(200009) == 4242 and ids.owner(200010) == 200010
+    assert ids.owner(300004) == 300000
+    assert ids.owner(400000) == 400000
+    assert ids.owner(100050) == nobody
+    assert ids.owner(0) == 0
+
+    f.write_text("nobody:500000:10\n")  # read again when it changes
+    assert ids.owner(100000) == 100000 and ids.owner(500001) == nobody
+    os.unlink(f)  # gone: no ranges
+    assert ids.owner(500001) == 500001
