@@ -339,13 +339,17 @@ _DIGESTS: dict[tuple[bytes, bytes, bytes], str] = {}
 _DIGESTS_KEPT = 16
 
 
-def _package_digest(pkg: Any) -> str:
+def _package_digest(pkg: Any) -> tuple[str, tuple[bytes, bytes, bytes], bool]:
+    """The package's digest, its name parts, and whether it was remembered.
+    Computed here, a digest is remembered only once an open succeeds with
+    it (:func:`_remember_digest`): the digest of a file whose signature this
+    process never checked (a package tampered with) must not outlive its
+    refused open."""
     key = pkg.name_parts()
     got = _DIGESTS.get(key)
-    if got is None:
-        got = pkg.digest
-        _remember_digest(key, got)
-    return got
+    if got is not None:
+        return got, key, True
+    return pkg.digest, key, False
 
 
 def _remember_digest(key: tuple[bytes, bytes, bytes], digest: str) -> None:
@@ -480,7 +484,7 @@ class _DaemonWorker:
             self.hello = self._call({"op": "hello"})[0]
         pkg = Package.load(self.package)
         try:
-            digest = _package_digest(pkg)
+            digest, name_parts, _ = _package_digest(pkg)
             proof = self.licence.prove(
                 device_id=str(self.hello.get("device_id")), model_id=pkg.model_id,
                 key_id=pkg.key_id, package_digest=digest,
@@ -540,6 +544,7 @@ class _DaemonWorker:
         self.worker_pid = int(reply["pid"])
         self.server_key = str(reply["server_key"])
         self.ready = dict(reply.get("ready") or {})
+        _remember_digest(name_parts, digest)  # its worker checked the signature and the digest
         self.local_path = local_path if self.ready.get("local") else None
         return f"ipc:///proc/self/fd/{self._endpoint_fd}"
 

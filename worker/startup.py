@@ -120,14 +120,18 @@ class Startup:
         self._mark("verify")
         self.release_key()
         self._mark("key_release")
-        self.decrypt()
-        self._mark("decrypt")
-        self.wait_runtime()
-        self._mark("import_wait")
-        self.build_sessions()
-        self._mark("session")
-        self.wait_verified()
-        self._mark("verify_wait")
+        try:
+            self.decrypt()
+            self._mark("decrypt")
+            self.wait_runtime()
+            self._mark("import_wait")
+            self.build_sessions()
+            self._mark("session")
+            self.wait_verified()
+            self._mark("verify_wait")
+        except BaseException:
+            self._give_back_lease()
+            raise
         from .hardening import lift_memory_limit
 
         # the start-up limit bounded the package's claims (see there): lifted
@@ -211,6 +215,21 @@ class Startup:
             self._verify_failed.append(exc)
         finally:
             self._verified.set()
+
+    def _give_back_lease(self) -> None:
+        """A start that failed after its key was released served nothing: its
+        lease is closed with no calls, so what it reserved of the licence's
+        quota goes back now (left to lapse, a lapsed lease's reserve counts as
+        used: a package tampered with after an open that named its digest
+        cost its licence the whole remaining quota, for good). Best effort:
+        the start's own error is what the caller gets."""
+        lease, self.lease = self.lease, None
+        if lease is None or self.licence is None:
+            return
+        try:
+            self._close_lease(lease.lease_id, 0)
+        except Exception:  # noqa: BLE001 - the lease lapses as before
+            pass
 
     def wait_verified(self) -> None:
         """The signature check, where it ran beside the decryption and the

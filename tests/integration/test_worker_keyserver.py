@@ -123,3 +123,49 @@ def test_remote_worker_over_curve_with_allow_list(
         stop_process(proc, 10)
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_a_package_refused_after_its_key_was_released_costs_its_licence_no_calls(
+    keyserver: Any, tmp_path: Path
+) -> None:
+    """A later open names the digest its process remembers, so its worker asks
+    for the key before the signature check, which then refuses a package
+    whose payload was changed (by whoever can write the file). That start
+    served nothing: its lease is closed with no calls, and what it reserved
+    of the quota goes back at once (left to lapse, a lapsed lease's reserve
+    counts as used: the attack round's tampered open cost its licence the 99
+    calls it had left, for good)."""
+    from vault import client as _client
+    from vault.core.package import SIG_SIZE
+
+    pk = PublisherKey.load(keyserver.publisher_key_path)
+    path = tmp_path / "m.vault"
+    res = seal(mlp(), model_id="q", signing_key=pk, output=path)
+    keyserver.register(res.model_id, res.key_id, res.key, res.digest)
+    lic = keyserver.issue("q", holder="alice", same_user=True, max_calls=100)
+    x = {"x": np.ones((1, 8), np.float32)}
+
+    def row() -> dict[str, Any]:
+        with keyserver.admin() as ks:
+            (r,) = [r for r in ks.list() if r["licence_id"] == lic.licence_id]
+        return dict(r)
+
+    with vault.open(path, licence=lic) as m:
+        m.compute(x)
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) - SIG_SIZE - 100] ^= 1  # a payload byte: header, manifest, signature kept
+    path.write_bytes(bytes(bad))
+    try:
+        with pytest.raises(vault.IntegrityError):
+            vault.open(path, licence=lic)  # named: the key was released first
+    finally:
+        path.write_bytes(good)
+    released = [r for r in keyserver.audit(lic.licence_id) if r.event == "released"]
+    assert len(released) == 2  # the refused start did get its key
+    r = row()
+    assert (r["used_calls"], r["reserved_calls"]) == (1, 0), r  # and gave its reserve back
+    with vault.open(path, licence=lic) as m:  # the genuine package, served at once
+        m.compute(x)
+    assert row()["used_calls"] == 2
+    _client._DIGESTS.clear()

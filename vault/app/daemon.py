@@ -91,6 +91,7 @@ import shutil
 import signal
 import socket
 import stat
+import string
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,25 @@ class DaemonConfig:
     subuid_file: str = "/etc/subuid"
 
 
+def _c_ulong(text: str) -> int | None:
+    """A number as shadow reads /etc/subuid's fields (``strtoul`` in base 0:
+    leading blanks, decimal, ``0x`` hex, ``0`` octal; all of the field, and
+    no sign), or None: the daemon must see the ranges ``newuidmap`` grants."""
+    t = text.lstrip(" \t\n\v\f\r")
+    if t.startswith("+"):
+        t = t[1:]
+    if not t or not t.isascii():
+        return None
+    try:
+        if t[:2].lower() == "0x":
+            return int(t[2:], 16) if t[2:] and all(c in string.hexdigits for c in t[2:]) else None
+        if not t.isdigit():
+            return None
+        return int(t, 8) if t.startswith("0") else int(t)
+    except ValueError:  # an octal field with an 8 or a 9
+        return None
+
+
 class SubordinateUids:
     """The subordinate uid ranges of ``/etc/subuid`` (``owner:start:count``, the
     owner a name or a uid), read again whenever the file changes.
@@ -205,13 +225,22 @@ class SubordinateUids:
 
     def owner(self, uid: int) -> int:
         """The uid ``uid`` counts as: its range's owner, or itself."""
-        self._reload()
+        found = self._find(uid)
+        return uid if found is None else found[2]
+
+    def in_range(self, uid: int) -> bool:
+        """Whether ``uid`` lies in any range (whoever owns it, known or not)."""
+        return self._find(uid) is not None
+
+    def _find(self, uid: int) -> tuple[int, int, int] | None:
+        try:
+            self._reload()
+        except Exception:  # noqa: BLE001 - whatever the file holds, the daemon goes on
+            pass
         i = bisect.bisect_right(self._starts, uid) - 1
-        if i >= 0:
-            start, end, owner = self._ranges[i]
-            if uid < end:
-                return owner
-        return uid
+        if i >= 0 and uid < self._ranges[i][1]:
+            return self._ranges[i]
+        return None
 
     def ranges(self) -> list[tuple[int, int, int]]:
         self._reload()
@@ -233,19 +262,19 @@ class SubordinateUids:
             return  # keep what was read before
         ranges: list[tuple[int, int, int]] = []
         for line in text.splitlines():
-            parts = line.strip().split(":")
-            if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            parts = line.split(":")
+            if len(parts) != 3:
                 continue
-            start, count = int(parts[1]), int(parts[2])
-            if count <= 0:
+            start, count = _c_ulong(parts[1]), _c_ulong(parts[2])
+            if start is None or count is None or count <= 0:
                 continue
             who = parts[0]
-            if who.isdigit():
+            if who.isascii() and who.isdigit():
                 owner = int(who)
             else:
                 try:
                     owner = pwd.getpwnam(who).pw_uid
-                except KeyError:
+                except (KeyError, ValueError):  # unknown, or not a name (a NUL in it)
                     owner = start
             ranges.append((start, start + count, owner))
         ranges.sort()
@@ -1328,7 +1357,7 @@ class Daemon:
         refusal = ConfigError(
             "the vault daemon has too many connections (of this user, of this user's "
             "holding no model, or in all): close some and retry")  # fmt: skip
-        if self._subuids.owner(cfg.worker_uid) != cfg.worker_uid:
+        if self._subuids.in_range(cfg.worker_uid):
             # someone could run processes as the workers' uid, and read them
             refusal = ConfigError(
                 f"the workers' uid {cfg.worker_uid} lies in a subordinate uid range of "
@@ -1454,12 +1483,11 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     # umask 0) is repaired, with the workers' code below
     own = [p for name, mod in list(sys.modules.items()) if name.partition(".")[0] == "vault"
            for p in getattr(mod, "__path__", None) or () if os.path.isdir(p)]  # fmt: skip
-    owner = SubordinateUids(config.subuid_file).owner(config.worker_uid)
-    if owner != config.worker_uid:
+    if SubordinateUids(config.subuid_file).in_range(config.worker_uid):
         raise ConfigError(
             f"the workers' uid {config.worker_uid} lies in a subordinate uid range of "
-            f"{config.subuid_file} (owner uid {owner}), whose owner could run processes as "
-            "it and read its workers: name a --worker-user outside every range"
+            f"{config.subuid_file}, whose owner could run processes as it and read its "
+            "workers: name a --worker-user outside every range"
         )
     check_install(config.python, config.sys_path)
     check_worker_code(

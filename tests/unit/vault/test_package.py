@@ -262,39 +262,47 @@ def test_a_clients_remembered_digest_names_only_the_package_it_was_computed_for(
     tmp_path: Path, publisher: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The client remembers a package's digest by its header, manifest and
-    signature (vault/client.py): a later open reads no payload, a package
-    sealed anew at the same path is hashed anew, and a payload changed under
-    the same signature gets the old name but is refused by its worker's
-    signature check, so the name never covers other bytes."""
+    signature (vault/client.py), once an open with it succeeded: a later open
+    reads no payload, a package sealed anew at the same path is hashed anew,
+    a digest computed for an open that then failed is not remembered, and a
+    payload changed under the same signature gets the old name but is
+    refused by its worker's signature check, so the name never covers other
+    bytes."""
     from vault import client as _client
     from vault.core import package as _package
 
     out = tmp_path / "m.vault"
     first = seal(mlp(), model_id="m", signing_key=publisher, output=out, chunk_size=1024)
     with Package.load(out) as pkg:
-        assert _client._package_digest(pkg) == first.digest
+        digest, key, remembered = _client._package_digest(pkg)
+    assert (digest, remembered) == (first.digest, False)
+    assert key not in _client._DIGESTS  # computed, not yet remembered: no open succeeded
+    _client._remember_digest(key, digest)  # what a successful open does
     real = _package.chunk_hashes_digest
 
     def no_hashing(*a: Any, **kw: Any) -> bytes:
         raise AssertionError("the payload was hashed again")
 
     monkeypatch.setattr(_package, "chunk_hashes_digest", no_hashing)
-    with Package.load(out) as pkg:
-        assert _client._package_digest(pkg) == first.digest  # remembered: nothing hashed
+    with Package.load(out) as pkg:  # remembered: nothing hashed
+        assert _client._package_digest(pkg)[::2] == (first.digest, True)
     with Package.load(out) as pkg, pytest.raises(AssertionError, match="hashed again"):
         _ = pkg.digest  # the control: a digest not remembered hashes the payload
     monkeypatch.setattr(_package, "chunk_hashes_digest", real)
 
     second = seal(mlp(), model_id="m", signing_key=publisher, output=out, chunk_size=1024)
     assert second.digest != first.digest
-    with Package.load(out) as pkg:
-        assert _client._package_digest(pkg) == second.digest  # sealed anew: named anew
+    with Package.load(out) as pkg:  # sealed anew: named anew
+        digest, key, remembered = _client._package_digest(pkg)
+    assert (digest, remembered) == (second.digest, False)
+    _client._remember_digest(key, digest)
 
     data = bytearray(out.read_bytes())
     data[len(data) - SIG_SIZE - 100] ^= 1  # one payload byte, header and signature kept
     out.write_bytes(bytes(data))
     with Package.load(out) as pkg:
-        assert _client._package_digest(pkg) == second.digest
+        assert _client._package_digest(pkg)[::2] == (second.digest, True)
         with pytest.raises(IntegrityError):
-            pkg.verify(publisher.public_pem())  # what its worker does before any key release
+            pkg.verify(publisher.public_pem())  # what its worker does before it serves
         assert pkg.digest != second.digest
+    del _client._DIGESTS[key]

@@ -32,6 +32,23 @@ def test_a_subordinate_uid_counts_as_the_owner_of_its_range(tmp_path: Path) -> N
     assert ids.owner(100050) == nobody
     assert ids.owner(0) == 0
 
+    # as shadow reads the fields (strtoul, base 0): what newuidmap grants
+    f.write_text(
+        "nobody:0x30d400:0x10\n"  # hex: 3200000, 16
+        "nobody: 014152000:010\n"  # a leading blank; octal: 3200000 + 64 ... overlap kept
+        "nobody:03300000:8\n"  # octal 03300000 = 884736
+        "nobody:3400000:6\u00b2\n"  # not a number to strtoul: skipped, nothing raised
+        "bad\x00name:3500000:5\n"  # not a name: a user of its own
+        "ghost-user:3600000:10\n"
+        "nobody:-5:10\n"
+    )
+    assert ids.owner(3200000) == nobody and ids.owner(3200015) == nobody
+    assert ids.owner(884736) == nobody and ids.owner(884744) == 884744
+    assert ids.owner(3400000) == 3400000
+    assert ids.owner(3500004) == 3500000
+    assert ids.in_range(3600000) and ids.owner(3600000) == 3600000  # its own start, yet in a range
+    assert not ids.in_range(3700000)
+
     f.write_text("nobody:500000:10\n")  # read again when it changes
     assert ids.owner(100000) == 100000 and ids.owner(500001) == nobody
     os.unlink(f)  # gone: no ranges
