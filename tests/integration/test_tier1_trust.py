@@ -729,6 +729,7 @@ def test_the_daemon_refuses_an_interpreter_its_workers_cannot_run(trust: Trust) 
     daemon`` refuses to start, naming the directory. Control: the spawn it
     would have made fails as that user; through a directory the workers' user
     may search, the same interpreter passes the check."""
+    import vault as vault_pkg
     from vault.app.daemon import check_worker_can_run
     from vault.core import launch
 
@@ -745,6 +746,9 @@ def test_the_daemon_refuses_an_interpreter_its_workers_cannot_run(trust: Trust) 
     assert out.returncode == 2, out.stderr
     assert "error[config]" in out.stderr and f"cannot run {py}" in out.stderr, out.stderr
     assert f"it may not search {home} (mode 0700, uid 0)" in out.stderr, out.stderr
+    # and it names what would do: its own Python's directories, as flags
+    assert "where this daemon's own Python finds them: " in out.stderr, out.stderr
+    assert f"--worker-path {Path(vault_pkg.__file__).parents[1]}" in out.stderr, out.stderr
     assert not sock.exists()
     worker = dict(user=trust.worker.pw_uid, group=trust.worker.pw_gid, extra_groups=[])
     with pytest.raises(PermissionError):  # control: the worker the daemon would have spawned

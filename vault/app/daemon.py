@@ -466,8 +466,36 @@ def check_worker_can_run(
         "interpreter, its standard library and the install must be readable by that user "
         "(a venv made from an interpreter under a private home, such as /root/.pyenv, is not); "
         "make the venv from the system's (/usr/bin/python3 -m venv, deploy/README.md) or "
-        "pass --python and --worker-path"
+        f"pass --python and --worker-path{_suggestion(python, sys_path)}"
     )
+
+
+_WORKER_IMPORTS = ("vault", "worker", "numpy", "onnxruntime", "zmq", "cryptography", "msgpack")
+
+
+def _suggestion(python: str, sys_path: Sequence[str]) -> str:
+    """Where this daemon's own interpreter finds what the workers import: the
+    ``--worker-path`` directories a newcomer had to work out from the source
+    (and the system's interpreter, where the one given is not it)."""
+    import importlib.util
+
+    roots: list[str] = []
+    for name in _WORKER_IMPORTS:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            root = os.path.dirname(os.path.abspath(loc))
+            if root not in roots and root not in sys_path:
+                roots.append(root)
+    if not roots:
+        return ""
+    flags = " ".join(f"--worker-path {r}" for r in roots)
+    system = "/usr/bin/python3"
+    py = f"--python {system} " if os.path.exists(system) and python != system else ""
+    return (f" (where this daemon's own Python finds them: {py}{flags}; each must be "
+            "readable by the workers' user and writable only by root)")  # fmt: skip
 
 
 def check_private_dir(directory: str, *, what: str = "socket directory") -> None:
