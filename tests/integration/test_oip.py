@@ -884,6 +884,10 @@ def test_refusal_revoked_licence_within_one_lease(plane: Plane) -> None:
         pytest.fail("the revoked licence's token was still served")
     assert _grpc_refusal(plane, tok).status() == "StatusCode.PERMISSION_DENIED"
     client.close()
+    # the doors' refusals are counted, as the ZeroMQ front's are
+    refused = [ln for ln in plane.metrics().splitlines() if ln.startswith("vault_requests_total")
+               and 'licence="refused"' in ln and 'code="licence_revoked"' in ln]  # fmt: skip
+    assert refused and sum(float(ln.rsplit(" ", 1)[1]) for ln in refused) >= 2, refused
     _serving(plane)
 
 

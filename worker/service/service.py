@@ -925,11 +925,19 @@ class WorkerService:
         """What vetting asks, from any thread: the service not draining, the
         model (when named) served and available, the token genuine and its
         licence in force (CallPolicy.vet, which locks what it reads)."""
-        if self.draining:
-            raise ServiceUnavailableError("the service is draining; use another endpoint")
-        if model is not None:
-            self._model_for(model)
-        self.cfg.policy.vet(token, model, fetch=fetch, address=address)
+        try:
+            if self.draining:
+                raise ServiceUnavailableError("the service is draining; use another endpoint")
+            if model is not None:
+                self._model_for(model)
+            self.cfg.policy.vet(token, model, fetch=fetch, address=address)
+        except VaultError as exc:
+            # counted as the ZeroMQ front's refusals are (a door's request refused
+            # before it was read was in no metric: a revoked caller's refusals
+            # showed nowhere); labelled by a model served here only
+            served = model if isinstance(model, str) and model in self.models else "-"
+            self.metrics.answered(served, "refused", exc.code)
+            raise
 
     def vet_now(self, token: Token, model: str | None) -> bool:
         """A door's vetting without a trip through the loop (thread-safe):
