@@ -18,11 +18,7 @@ The parts are the worker's own startup timings (``Model.startup_ms``, sent
 in its ready line), medians over the rounds: verify, key release, decrypt,
 session (including any wait for the onnxruntime import, which runs in a
 thread alongside verify/release/decrypt); spawn + interpreter + imports +
-hardening = total - parts. A later open (tier 0's and the daemon's rows)
-names the package's digest, which this process remembers from the open
-before: its worker asks for the key at once and checks the signature beside
-the build, so "verify" is then what the worker waited for that check; the
-first open in a process (``vault_open_first``) remembers none.
+hardening = total - parts.
 
 Peak memory: VmHWM of the worker after one compute versus VmHWM of a fresh
 process that loads the plain model with onnxruntime and computes once.
@@ -228,9 +224,7 @@ def _worker_parts(ms: dict[str, float], weights: int) -> dict[str, float]:
     lazy_s = ms.get("weights_decrypt", 0.0) / 1e3
     decrypt_s = ms["decrypt"] / 1e3 + lazy_s
     return {
-        # where the open named the digest, the signature is checked beside the
-        # build and only its wait stays on the path (worker/startup.py)
-        "load_verify_s": (ms.get("verify", 0.0) + ms.get("verify_wait", 0.0)) / 1e3,
+        "load_verify_s": ms.get("verify", 0.0) / 1e3,
         "key_release_s": ms.get("key_release", 0.0) / 1e3,
         "decrypt_s": decrypt_s,
         "session_s": (ms.get("session", 0.0) + ms.get("import_wait", 0.0)) / 1e3 - lazy_s,
@@ -290,12 +284,7 @@ def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dic
                     return Timed(dt)
 
                 def vopen_first(p: Path = pkg, lc: Path = lic, mb: int = mb) -> Timed:
-                    # the first open in a process: nothing pre-started, it spawns,
-                    # and no digest of the package is remembered (vault/client.py),
-                    # so the worker checks the signature before it asks for the key
-                    from vault import client as _client
-
-                    _client._DIGESTS.clear()  # noqa: SLF001
+                    # the first open in a process: nothing pre-started, it spawns
                     old = os.environ.get("VAULT_STANDBY")
                     os.environ["VAULT_STANDBY"] = "0"
                     try:

@@ -194,10 +194,15 @@ def _settle_report(svc: KeyService, actor: str, rep: _Report, now: float) -> Non
     # part refunded); more calls than reserved are charged in full
     u, r = metering.settle(lic, reserved=reserved, calls=rep.used)
     svc._meter(lic, used=u, reserved=r, refund_tokens=max(0, (reserved or 0) - rep.used))
+    # a model the licence does not hold is recorded as the service named it,
+    # and flagged: the calls are counted all the same (a report is never lost)
+    foreign = (rep.model_id is not None and lic.model_id is not None
+               and not covers(lic.model_id, rep.model_id))  # fmt: skip
     audit.append(
         store, ts=now, event="usage", actor=actor, licence_id=lid, model_id=rep.model_id,
         detail={"calls": rep.used, "reserved": reserved, "via": "service",
-                **({"grant_id": rep.grant_id} if rep.grant_id else {})},
+                **({"grant_id": rep.grant_id} if rep.grant_id else {}),
+                **({"model_not_in_licence": True} if foreign else {})},
     )  # fmt: skip
 
 

@@ -146,17 +146,6 @@ class _LocalWorker:
         self.local_path: str | None = None  # the direct local channel's socket
         self.local_token = os.urandom(TOKEN_BYTES)  # what each of its connections sends first
         self._owner = os.getpid()  # a forked child never stops our worker nor removes our directory
-        # the package's name parts, and the digest remembered for them: a
-        # worker told the digest asks for the key with it and checks the
-        # signature beside its decryption and session build (worker/startup.py)
-        self.name_parts: tuple[bytes, bytes, bytes] | None = None
-        self._claimed: str | None = None
-
-    def learn_digest(self, digest: Any) -> None:
-        """What the worker, having checked the signature, says the digest is
-        (its ``info``): remembered for this package's next open."""
-        if self.name_parts is not None and isinstance(digest, str):
-            _remember_digest(self.name_parts, digest)
 
     def _new_arena(self) -> None:
         if self.arena is not None:  # a restart: the new worker gets a new arena
@@ -183,7 +172,6 @@ class _LocalWorker:
 
     def start(self) -> str:
         self._new_arena()
-        self.name_parts, self._claimed = _remembered_digest(self.package)
         key = self._standby_key
         waiting = standby.POOL.take(key) if key is not None else None
         endpoint = None
@@ -224,8 +212,6 @@ class _LocalWorker:
                 msg["providers"] = ",".join(self.providers)
             if not self.prepack:
                 msg["no_prepack"] = True
-            if self._claimed is not None:
-                msg["package_digest"] = self._claimed
             self.proc, self._lifeline = w.proc, w.lifeline_w
             w.lifeline_w = None  # the lifeline is this worker's now
             try:
@@ -264,8 +250,6 @@ class _LocalWorker:
             args += ["--device", self.device]
         if not self.prepack:
             args += ["--no-prepack"]
-        if self._claimed is not None:
-            args += ["--package-digest", self._claimed]
         if self.arena is not None:
             args += ["--shm-fd", str(self.arena.fd), "--shm-size", str(self.arena.size)]
             pass_fds.append(self.arena.fd)
@@ -337,6 +321,7 @@ class _LocalWorker:
 # signature, so it is hashed anew.
 _DIGESTS: dict[tuple[bytes, bytes, bytes], str] = {}
 _DIGESTS_KEPT = 16
+_DIGESTS_LOCK = threading.Lock()  # opens on several threads remember at once
 
 
 def _package_digest(pkg: Any) -> tuple[str, tuple[bytes, bytes, bytes], bool]:
@@ -346,30 +331,18 @@ def _package_digest(pkg: Any) -> tuple[str, tuple[bytes, bytes, bytes], bool]:
     process never checked (a package tampered with) must not outlive its
     refused open."""
     key = pkg.name_parts()
-    got = _DIGESTS.get(key)
+    with _DIGESTS_LOCK:
+        got = _DIGESTS.get(key)
     if got is not None:
         return got, key, True
     return pkg.digest, key, False
 
 
 def _remember_digest(key: tuple[bytes, bytes, bytes], digest: str) -> None:
-    while len(_DIGESTS) >= _DIGESTS_KEPT:
-        _DIGESTS.pop(next(iter(_DIGESTS)), None)
-    _DIGESTS[key] = digest
-
-
-def _remembered_digest(path: str) -> tuple[tuple[bytes, bytes, bytes] | None, str | None]:
-    """A package file's name parts (header, manifest, signature: no payload
-    read) and the digest remembered for them, if any. A file that is no
-    package gives (None, None): its worker says what is wrong with it."""
-    from .core.package import Package
-
-    try:
-        with Package.load(path) as pkg:
-            key = pkg.name_parts()
-    except (VaultError, OSError):
-        return None, None
-    return key, _DIGESTS.get(key)
+    with _DIGESTS_LOCK:
+        while len(_DIGESTS) >= _DIGESTS_KEPT:
+            del _DIGESTS[next(iter(_DIGESTS))]
+        _DIGESTS[key] = digest
 
 
 class _DaemonWorker:
@@ -1211,8 +1184,6 @@ class Model:
         except BaseException:
             self.close()
             raise
-        if isinstance(self._localw, _LocalWorker):
-            self._localw.learn_digest(info.get("digest"))
         self.info = {k: v for k, v in info.items() if k not in ("v", "id", "ok")}
         self.inputs = _signature(info.get("inputs"))
         self._input_types = {n: t for n, (t, _) in self.inputs.items()}

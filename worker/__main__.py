@@ -123,13 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--shm-size", type=int, default=0, help="size of the --shm-fd arena")
     p.add_argument("--suite", default="x25519", help="HPKE suite for key release")
-    p.add_argument(
-        "--package-digest",
-        metavar="sha256:HEX",
-        help="the package's digest as the caller named it: the key is asked for with it "
-        "while the signature is checked beside the decryption and the session build, "
-        "and a package whose own digest differs is refused before it serves a call",
-    )
     p.add_argument("--user", help="drop to this user when started as root")
     p.add_argument(
         "--home", default=NO_HOME, help="HOME for the worker (default: one that cannot exist)"
@@ -201,7 +194,7 @@ _ASSIGNABLE_FDS = (
     "package_fd", "licence_fd", "proof_fd", "shm_fd", "listen_fd", "listen_token_fd",
 )  # fmt: skip
 _ASSIGNABLE = {*_ASSIGNABLE_FDS, "shm_size", "allow_key", "providers", "no_prepack",
-               "memory_limit", "package_digest"}  # fmt: skip
+               "memory_limit"}  # fmt: skip
 
 
 def _preload() -> None:
@@ -252,8 +245,7 @@ def _await_assignment(args: argparse.Namespace, wake_fd: int) -> bool:
         index = msg.pop(name, None)
         if index is not None:
             setattr(args, name, fds[index])
-    for name in ("shm_size", "allow_key", "providers", "no_prepack", "memory_limit",
-                 "package_digest"):  # fmt: skip
+    for name in ("shm_size", "allow_key", "providers", "no_prepack", "memory_limit"):
         if name in msg:
             setattr(args, name, msg[name])
     if args.memory_limit is not None:

@@ -9,15 +9,7 @@ line, ``Model.startup_ms`` on the caller's side):
                     publisher key, the package's header (every size it claims
                     checked against the file; the worker's memory limit set
                     from them), the package's signature: before any key is
-                    asked for. Where the caller named the package's digest
-                    (``--package-digest``: the daemon passes the one its
-                    caller's proof binds), the signature is checked in a
-                    thread instead, beside steps 3-6, and waited for at the
-                    end (``verify_wait``): the key is asked for with the
-                    named digest, which the key server checks against the
-                    registered one, and a package whose own digest or
-                    signature differs is refused, its plaintext wiped,
-                    before it serves anything
+                    asked for
 3. ``key_release``  the package key from the key server (HPKE-sealed to a
                     fresh ephemeral key), or, for tests only, from a pipe
 4. ``decrypt``      one pass into one buffer, the key overwritten at once; or,
@@ -46,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import sys
 import threading
@@ -54,17 +45,6 @@ import time
 from typing import Any
 
 __all__ = ["Startup", "read_fd"]
-
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def _beside_threads() -> int:
-    """How many threads hash the payload beside the session build."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores - 2))
 
 
 def _wants_cuda(args: argparse.Namespace) -> bool:
@@ -104,9 +84,6 @@ class Startup:
         self.plain: Any = None
         self.pipeline: Any = None
         self.device: Any = None
-        self._verified = threading.Event()
-        self._verify_failed: list[BaseException] = []
-        self._verify_thread: threading.Thread | None = None
 
     def _mark(self, name: str) -> None:
         now = time.perf_counter()
@@ -120,23 +97,12 @@ class Startup:
         self._mark("verify")
         self.release_key()
         self._mark("key_release")
-        try:
-            self.decrypt()
-            self._mark("decrypt")
-            self.wait_runtime()
-            self._mark("import_wait")
-            self.build_sessions()
-            self._mark("session")
-            self.wait_verified()
-            self._mark("verify_wait")
-        except BaseException:
-            self._give_back_lease()
-            raise
-        from .hardening import lift_memory_limit
-
-        # the start-up limit bounded the package's claims (see there): lifted
-        # once its sessions exist and its signature held
-        lift_memory_limit()
+        self.decrypt()
+        self._mark("decrypt")
+        self.wait_runtime()
+        self._mark("import_wait")
+        self.build_sessions()
+        self._mark("session")
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self.timings["cpu_user"] = round((ru.ru_utime - self._ru0.ru_utime) * 1e3, 2)
         self.timings["cpu_sys"] = round((ru.ru_stime - self._ru0.ru_stime) * 1e3, 2)
@@ -187,59 +153,7 @@ class Startup:
         else:
             self.package = Package.load(args.package)
         self.limit_memory()
-        claimed = args.package_digest
-        if claimed is None:
-            self.package.verify(self.publisher)  # before any key is asked for
-            self._verified.set()
-            return
-        # the caller named the digest: the key is asked for with it, and the
-        # signature (a hash of the whole payload) is checked meanwhile
-        if not isinstance(claimed, str) or not _DIGEST_RE.fullmatch(claimed):
-            raise ConfigError("--package-digest must be sha256:<64 hex digits>")
-        self.package.check_publisher(self.publisher)  # the cheap part, now
-        self._verify_thread = threading.Thread(
-            target=self._verify_beside, args=(claimed,), name="vault-verify", daemon=True
-        )
-        self._verify_thread.start()
-
-    def _verify_beside(self, claimed: str) -> None:
-        from vault.core.errors import IntegrityError
-
-        try:
-            # the build keeps one to two cores busy: the hash takes what is left
-            # (at 2 cores one thread: measured, two made the open slower)
-            self.package.verify(self.publisher, threads=_beside_threads())
-            if self.package.digest != claimed:
-                raise IntegrityError("the package is not the one its digest names")
-        except BaseException as exc:  # re-raised by wait_verified, after the wipe
-            self._verify_failed.append(exc)
-        finally:
-            self._verified.set()
-
-    def _give_back_lease(self) -> None:
-        """A start that failed after its key was released served nothing: its
-        lease is closed with no calls, so what it reserved of the licence's
-        quota goes back now (left to lapse, a lapsed lease's reserve counts as
-        used: a package tampered with after an open that named its digest
-        cost its licence the whole remaining quota, for good). Best effort:
-        the start's own error is what the caller gets."""
-        lease, self.lease = self.lease, None
-        if lease is None or self.licence is None:
-            return
-        try:
-            self._close_lease(lease.lease_id, 0)
-        except Exception:  # noqa: BLE001 - the lease lapses as before
-            pass
-
-    def wait_verified(self) -> None:
-        """The signature check, where it ran beside the decryption and the
-        build: a package whose signature or digest does not hold serves
-        nothing, and its plaintext is wiped now."""
-        self._verified.wait()
-        if self._verify_failed:
-            if self.pipeline is not None:
-                self.pipeline.close()  # overwrites the weights
-            raise self._verify_failed[0]
+        self.package.verify(self.publisher)  # before any key is asked for
 
     def limit_memory(self) -> None:
         """``RLIMIT_DATA`` from the package's declared plaintext size (see
@@ -287,7 +201,7 @@ class Startup:
             rel = ks.release(
                 model_id=pkg.model_id,
                 key_id=pkg.key_id,
-                package_digest=args.package_digest or pkg.digest,
+                package_digest=pkg.digest,
                 suite=args.suite,
                 proof=proof,
                 client_key=allow[0] if allow else "",
@@ -351,6 +265,9 @@ class Startup:
             # the weights' decryption ran inside the build (on faults) and in
             # settle: timed apart, so "session" stays onnxruntime's own
             self.timings["weights_decrypt"] = plain.stats()["decrypt_ms"]
+        from .hardening import lift_memory_limit
+
+        lift_memory_limit()  # the start-up limit bounded the package's claims; see there
 
     def _renew(self, lease_id: str, calls: int, report_id: str | None = None) -> Any:
         from vault.core.keyclient import KeyServerClient

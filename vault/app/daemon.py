@@ -184,6 +184,16 @@ class DaemonConfig:
     subuid_file: str = "/etc/subuid"
 
 
+def _subid_from_nss(path: str = "/etc/nsswitch.conf") -> bool:
+    """Whether nsswitch names a ``subid:`` source (newuidmap then ignores
+    /etc/subuid)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return any(line.split("#", 1)[0].strip().startswith("subid:") for line in fh)
+    except OSError:
+        return False
+
+
 def _c_ulong(text: str) -> int | None:
     """A number as shadow reads /etc/subuid's fields (``strtoul`` in base 0:
     leading blanks, decimal, ``0x`` hex, ``0`` octal; all of the field, and
@@ -205,7 +215,8 @@ def _c_ulong(text: str) -> int | None:
 
 class SubordinateUids:
     """The subordinate uid ranges of ``/etc/subuid`` (``owner:start:count``, the
-    owner a name or a uid), read again whenever the file changes.
+    owner a name or a uid), read as shadow's ``newuidmap`` reads them, again
+    whenever the file changes.
 
     Why: every per-uid cap keys on the caller's uid (``SO_PEERCRED``), and a
     user with a subordinate range (what ``useradd`` gives every new user on
@@ -213,15 +224,21 @@ class SubordinateUids:
     processes as any of them with ``newuidmap``: one user as 64 uids held
     every connection and every worker (the attack round). :meth:`owner`
     names the user a uid counts as. A range whose owner is unknown counts as
-    a user of its own (its start)."""
+    a user of its own (its start). Ranges of two owners that overlap (a
+    misconfiguration ``useradd`` never makes: either owner may use the
+    overlap) count the overlap as the owner of the range that starts first,
+    and are said in :attr:`problems` for the log."""
 
-    _LIMIT = 4 << 20
+    _LIMIT = 4 << 20  # a larger file is not read (the daemon says so)
+    _LINE = 1023  # shadow's line buffer: a longer line is no range to newuidmap
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._key: tuple[int, int, int, int] | None = None
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, owner), by start
+        self.problems: list[str] = []  # what the last read found wrong, for the log
+        self.error: str | None = None  # why the file could not be read, if it could not
 
     def owner(self, uid: int) -> int:
         """The uid ``uid`` counts as: its range's owner, or itself."""
@@ -234,7 +251,7 @@ class SubordinateUids:
 
     def _find(self, uid: int) -> tuple[int, int, int] | None:
         try:
-            self._reload()
+            self.reload()
         except Exception:  # noqa: BLE001 - whatever the file holds, the daemon goes on
             pass
         i = bisect.bisect_right(self._starts, uid) - 1
@@ -242,28 +259,37 @@ class SubordinateUids:
             return self._ranges[i]
         return None
 
-    def ranges(self) -> list[tuple[int, int, int]]:
-        self._reload()
-        return list(self._ranges)
-
-    def _reload(self) -> None:
+    def reload(self) -> bool:
+        """Read the file again if it changed; True when it was read now. A
+        file that cannot be read keeps what was read before (``error`` says
+        why); one that does not exist holds no ranges."""
         try:
             st = os.stat(self.path)
-        except OSError:
-            self._key, self._starts, self._ranges = None, [], []
-            return
+        except FileNotFoundError:
+            changed = self._key is not None or self._ranges
+            self._key, self._starts, self._ranges, self.error = None, [], [], None
+            return bool(changed)
+        except OSError as exc:
+            self.error = f"{self.path}: {exc.strerror}"
+            return False
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if key == self._key:
-            return
+            return False
         try:
+            if st.st_size > self._LIMIT:
+                raise OSError(0, f"larger than {self._LIMIT >> 20} MiB")
             with open(self.path, "rb") as fh:
-                text = fh.read(self._LIMIT).decode("utf-8", "replace")
-        except OSError:
-            return  # keep what was read before
+                text = fh.read(self._LIMIT + 1).decode("utf-8", "replace")
+        except OSError as exc:
+            self.error = f"{self.path}: {exc.strerror}"
+            return False
+        self.error = None
         ranges: list[tuple[int, int, int]] = []
-        for line in text.splitlines():
+        for line in text.split("\n"):  # shadow splits on newlines only
+            if len(line) >= self._LINE:
+                continue
             parts = line.split(":")
-            if len(parts) != 3:
+            if len(parts) < 3:  # shadow reads three fields and ignores any after them
                 continue
             start, count = _c_ulong(parts[1]), _c_ulong(parts[2])
             if start is None or count is None or count <= 0:
@@ -278,16 +304,23 @@ class SubordinateUids:
                     owner = start
             ranges.append((start, start + count, owner))
         ranges.sort()
-        # overlapping ranges: the earlier one's owner keeps the overlap
         merged: list[tuple[int, int, int]] = []
+        problems: list[str] = []
         for start, end, owner in ranges:
             if merged and start < merged[-1][1]:
+                if owner != merged[-1][2]:
+                    problems.append(
+                        f"uids {start}-{min(end, merged[-1][1]) - 1} are in ranges of uid "
+                        f"{merged[-1][2]} and uid {owner}: both may use them, and the daemon "
+                        f"counts them as uid {merged[-1][2]}'s"
+                    )
                 start = merged[-1][1]
                 if start >= end:
                     continue
             merged.append((start, end, owner))
-        self._key, self._ranges = key, merged
+        self._key, self._ranges, self.problems = key, merged, problems
         self._starts = [r[0] for r in merged]
+        return True
 
 
 def check_install(python: str, sys_path: Sequence[str] = ()) -> None:
@@ -761,6 +794,7 @@ class Daemon:
         self._log_budget: dict[int, _Bucket] = {}
         self._throttled: set[int] = set()  # uids whose opens the daemon refuses itself now
         self._subuids = SubordinateUids(config.subuid_file)
+        self._subuid_error: str | None = None
 
     # -- requests -----------------------------------------------------------------
 
@@ -914,7 +948,32 @@ class Daemon:
         more = {"not_logged": skipped} if skipped else {}  # refusals left out since the last line
         self.log("open_refused", level="warning", uid=uid, code=code, message=message, **more)
 
+    def _reload_subuids(self) -> None:
+        """Read the subordinate uid ranges again if they changed, and say once
+        what is wrong with them (overlaps of two owners, a file unreadable)."""
+        if self._subuids.reload():
+            for problem in self._subuids.problems:
+                self.log("subuid_ranges_overlap", level="warning", detail=problem)
+        error = self._subuids.error
+        if error != self._subuid_error:
+            self._subuid_error = error
+            if error:
+                self.log("subuid_unreadable", level="error", detail=error)
+
+    def _workers_uid_exposed(self) -> ConfigError | None:
+        """Whether a subordinate range has come to hold the workers' uid (its
+        owner could run processes as the workers, and read them)."""
+        if not self._subuids.in_range(self.config.worker_uid):
+            return None
+        return ConfigError(
+            f"the workers' uid {self.config.worker_uid} lies in a subordinate uid range of "
+            f"{self.config.subuid_file}: the daemon opens nothing until it is moved out"
+        )
+
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        exposed = self._workers_uid_exposed()  # a connection admitted before the range came
+        if exposed is not None:
+            raise exposed
         with self._lock:  # a uid past its refusals costs nothing more: not even a header read
             self._check_refusals_locked(conn.uid)
         req = self._check_open(msg, fds)
@@ -1130,11 +1189,8 @@ class Daemon:
                 finally:
                     os.close(w)
             fds = [req.package_fd, *secrets]
-            # the digest the caller's proof binds: the worker asks for the key
-            # with it and checks the signature meanwhile (worker/startup.py)
             msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1,
-                                   "proof_fd": 2, "allow_key": [req.client_key],
-                                   "package_digest": req.digest}  # fmt: skip
+                                   "proof_fd": 2, "allow_key": [req.client_key]}  # fmt: skip
             if req.shm_fd is not None:
                 msg.update(shm_fd=len(fds), shm_size=req.shm_size)
                 fds.append(req.shm_fd)
@@ -1215,8 +1271,7 @@ class Daemon:
         pipes.secret("--device-key-fd", self.device.dumps())
         # "--allow-key=KEY": a Z85 key may start with "-"
         args = ["--package-fd", str(req.package_fd), "--endpoint", f"ipc://{wdir}/w.sock",
-                f"--allow-key={req.client_key}", "--tier", str(TIER),
-                "--package-digest", req.digest, *pipes.args]  # fmt: skip
+                f"--allow-key={req.client_key}", "--tier", str(TIER), *pipes.args]  # fmt: skip
         pass_fds = [req.package_fd]
         if req.shm_fd is not None:
             args += ["--shm-fd", str(req.shm_fd), "--shm-size", str(req.shm_size)]
@@ -1381,16 +1436,14 @@ class Daemon:
             return None
         cfg = self.config
         # a subordinate uid counts as the user it belongs to (SubordinateUids)
+        self._reload_subuids()
         uid = self._subuids.owner(peer)
-        refusal = ConfigError(
+        refusal: VaultError = ConfigError(
             "the vault daemon has too many connections (of this user, of this user's "
             "holding no model, or in all): close some and retry")  # fmt: skip
-        if self._subuids.in_range(cfg.worker_uid):
-            # someone could run processes as the workers' uid, and read them
-            refusal = ConfigError(
-                f"the workers' uid {cfg.worker_uid} lies in a subordinate uid range of "
-                f"{cfg.subuid_file}: the daemon opens nothing until it is moved out"
-            )
+        exposed = self._workers_uid_exposed()
+        if exposed is not None:
+            refusal = exposed
         else:
             with self._lock:  # counted and registered at once: a flood cannot overshoot
                 total = len(self._conns)
@@ -1511,7 +1564,18 @@ def run_daemon(config: DaemonConfig, *, out: IO[str] | None = None, log: Log | N
     # umask 0) is repaired, with the workers' code below
     own = [p for name, mod in list(sys.modules.items()) if name.partition(".")[0] == "vault"
            for p in getattr(mod, "__path__", None) or () if os.path.isdir(p)]  # fmt: skip
-    if SubordinateUids(config.subuid_file).in_range(config.worker_uid):
+    subuids = SubordinateUids(config.subuid_file)
+    subuids.reload()
+    if subuids.error:
+        raise ConfigError(f"cannot read the subordinate uid ranges ({subuids.error}): "
+                          "the per-user caps need them (--subuid-file)")  # fmt: skip
+    for problem in subuids.problems:
+        log("subuid_ranges_overlap", level="warning", detail=problem)
+    if _subid_from_nss():
+        log("subuid_from_nss", level="warning", detail=(
+            "/etc/nsswitch.conf names a subid: source: newuidmap reads the ranges from it, "
+            f"not from {config.subuid_file}, and the daemon reads only the file"))  # fmt: skip
+    if subuids.in_range(config.worker_uid):
         raise ConfigError(
             f"the workers' uid {config.worker_uid} lies in a subordinate uid range of "
             f"{config.subuid_file}, whose owner could run processes as it and read its "

@@ -614,12 +614,11 @@ class Package:
         one Ed25519 signature holds for one message only)."""
         return bytes(self._layout.header), bytes(self._layout.manifest_bytes), self.signature
 
-    def _signed_message(self, threads: int | None = None) -> bytes:
+    def _signed_message(self) -> bytes:
         if self._chunk_digest is None:
             self._chunk_digest = chunk_hashes_digest(
                 self.ciphertext,
                 int(self.manifest["payload"]["chunk_size"]),
-                threads=threads,
                 consumed=self._drop_ciphertext,
             )
         return signed_message(self._layout.header, self._layout.manifest_bytes, self._chunk_digest)
@@ -633,19 +632,12 @@ class Package:
 
     # -- checks ----------------------------------------------------------------
 
-    def check_publisher(self, publisher_key: bytes | str) -> None:
-        """Whether ``publisher_key`` is the one the manifest names (the cheap
-        part of :meth:`verify`: no payload read). IntegrityError if not."""
+    def verify(self, publisher_key: bytes | str) -> None:
+        """Check the Ed25519 signature; needs no secret. IntegrityError if bad."""
         raw = _crypto.load_public_key(publisher_key)
         if _crypto.fingerprint(raw) != self.publisher_fingerprint:
             raise IntegrityError()
-
-    def verify(self, publisher_key: bytes | str, *, threads: int | None = None) -> None:
-        """Check the Ed25519 signature; needs no secret. IntegrityError if bad.
-        ``threads``: how many hash the payload (default: the cores, at most 4)."""
-        self.check_publisher(publisher_key)
-        raw = _crypto.load_public_key(publisher_key)
-        _crypto.verify_signature(raw, self.signature, self._signed_message(threads))
+        _crypto.verify_signature(raw, self.signature, self._signed_message())
 
     def decrypt(self, key: bytes | bytearray, *, lazy: bool = False) -> Plaintext:
         """Decrypt the payload into one fresh buffer (the only plaintext copy).

@@ -264,3 +264,19 @@ def audit_rows(svc: KeyService) -> list:
     from keyserver import audit
 
     return list(audit.records(svc.store))
+
+
+def test_a_usage_report_is_audited_under_the_model_it_names(svc):
+    """A report rides whatever request the service makes next: audited under
+    the model the report names (flagged when the licence does not hold it,
+    counted all the same), an older service's unnamed one under none, never
+    under the request's own model."""
+    dev, caller, lid = _service_and_caller(svc, max_calls=100, model_id="mlp,rf")
+    svc.process_batch([req(dev, "call_decisions", model_id="rf", keys=[caller], usage=[
+        {"id": "report-named-1", "licence_id": lid, "used": 3, "reserved": 0, "model_id": "mlp"},
+        {"id": "report-other-1", "licence_id": lid, "used": 2, "reserved": 0, "model_id": "xx"},
+        {"id": "report-plain-1", "licence_id": lid, "used": 1, "reserved": 0}])])  # fmt: skip
+    usage = [(r.model_id, json.loads(r.detail)) for r in audit_rows(svc) if r.event == "usage"]
+    assert [(m, d["calls"], d.get("model_not_in_licence")) for m, d in usage] == [
+        ("mlp", 3, None), ("xx", 2, True), (None, 1, None)]  # fmt: skip
+    assert _row(svc, lid)[0] == 6

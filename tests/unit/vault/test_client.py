@@ -9,13 +9,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import vault
-from tests.models import classifier_pipeline, mlp, reference_pipeline
+from tests.models import classifier_pipeline, reference_pipeline
 from tests.raw import Raw, raw_local, raw_zmq
 from tests.sealed import Sealed, open_sealed, seal_for_test
 from vault.client import Model
@@ -334,58 +333,3 @@ def test_model_left_open_is_cleaned_up_at_interpreter_exit(sealed: Sealed) -> No
             return
         time.sleep(0.05)
     pytest.fail("worker outlived its caller")
-
-
-def test_a_digest_the_caller_names_is_checked_before_the_worker_serves(tmp_path: Path) -> None:
-    """A later open names the package's remembered digest to its worker, which
-    asks for the key with it and checks the signature beside the decryption
-    and the session build (worker/startup.py): whatever the caller names, a
-    package whose own digest differs, or whose payload changed under the old
-    signature, serves no call."""
-    from vault import client as _client
-    from vault.core.errors import IntegrityError
-    from vault.core.package import SIG_SIZE, Package
-
-    s = seal_for_test(tmp_path, mlp(), name="named")
-    x = {"x": np.ones((1, 8), np.float32)}
-    with open_sealed(s) as m:
-        want = m.compute(x)["logits"]
-        assert "verify_wait" in m.startup_ms
-    with Package.load(s.path) as pkg:
-        parts, digest = pkg.name_parts(), pkg.digest
-    assert _client._DIGESTS[parts] == digest  # learnt from the worker's info
-    with open_sealed(s) as m:  # named: the signature checked beside the build
-        np.testing.assert_array_equal(m.compute(x)["logits"], want)
-
-    _client._DIGESTS[parts] = "sha256:" + "0" * 64  # a digest that is not this package's
-    try:
-        with pytest.raises(IntegrityError):
-            open_sealed(s)
-    finally:
-        _client._DIGESTS[parts] = digest
-
-    data = bytearray(Path(s.path).read_bytes())
-    data[len(data) - SIG_SIZE - 100] ^= 1  # a payload byte; header, manifest, signature kept
-    Path(s.path).write_bytes(bytes(data))
-    with Package.load(s.path) as pkg:
-        assert _client._DIGESTS.get(pkg.name_parts()) == digest  # named as the old one
-    with pytest.raises(IntegrityError):
-        open_sealed(s)
-    del _client._DIGESTS[parts]  # the control: unnamed, refused at its signature check
-    with pytest.raises(IntegrityError):
-        open_sealed(s)
-
-
-def test_a_malformed_named_digest_is_a_config_error(tmp_path: Path) -> None:
-    from vault import client as _client
-    from vault.core.package import Package
-
-    s = seal_for_test(tmp_path, mlp(), name="badname")
-    with Package.load(s.path) as pkg:
-        parts = pkg.name_parts()
-    _client._DIGESTS[parts] = "sha256:not-hex"
-    try:
-        with pytest.raises(vault.ConfigError, match="package-digest"):
-            open_sealed(s)
-    finally:
-        del _client._DIGESTS[parts]

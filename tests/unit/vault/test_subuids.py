@@ -49,7 +49,26 @@ def test_a_subordinate_uid_counts_as_the_owner_of_its_range(tmp_path: Path) -> N
     assert ids.in_range(3600000) and ids.owner(3600000) == 3600000  # its own start, yet in a range
     assert not ids.in_range(3700000)
 
+    # as shadow reads the lines: three fields and anything after them, newlines
+    # only, lines under 1,023 bytes
+    f.write_text(
+        "nobody:4000000:10:\n"
+        "nobody:4100000:10:a note\n"
+        "nobody:4200000:10\r\n"  # the count is '10\\r': no number to strtoul
+        "nobody:4300000:10" + " " * 1100 + "\n"
+    )
+    assert ids.owner(4000009) == nobody and ids.owner(4100009) == nobody
+    assert ids.owner(4200000) == 4200000 and ids.owner(4300000) == 4300000
+    assert ids.problems == []
+
+    f.write_text("nobody:5000000:100\n4242:5000050:100\n")  # two owners overlap
+    assert ids.owner(5000060) == nobody and ids.owner(5000120) == 4242
+    assert ids.problems and "5000050-5000099" in ids.problems[0], ids.problems
+
     f.write_text("nobody:500000:10\n")  # read again when it changes
     assert ids.owner(100000) == 100000 and ids.owner(500001) == nobody
     os.unlink(f)  # gone: no ranges
     assert ids.owner(500001) == 500001
+    f.mkdir()  # there, and unreadable: said, and the ranges read before are kept
+    ids.reload()
+    assert ids.error and str(f) in ids.error
