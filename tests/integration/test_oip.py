@@ -484,7 +484,12 @@ def test_tritonclient_grpc_streaming_is_answered_in_order_under_modelinfers_rule
     def request(client: Any, rid: str, image: np.ndarray, model: str = "clf") -> None:
         inp = tritongrpc.InferInput("image", list(image.shape), "UINT8")
         inp.set_data_from_numpy(image)
-        client.async_stream_infer(model, [inp], request_id=rid)
+        try:
+            client.async_stream_infer(model, [inp], request_id=rid)
+        except InferenceServerException:
+            # a stream the door refused as it opened may be closed already when
+            # the request is sent: its reason goes to the callback all the same
+            pass
 
     images = [np.full((1 + i % 2, 8), i, dtype=np.uint8) for i in range(4)]
     client = plane.grpc()
