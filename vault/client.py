@@ -324,8 +324,8 @@ _DIGESTS_KEPT = 16
 _DIGESTS_LOCK = threading.Lock()  # opens on several threads remember at once
 
 
-def _package_digest(pkg: Any) -> tuple[str, tuple[bytes, bytes, bytes], bool]:
-    """The package's digest, its name parts, and whether it was remembered.
+def _package_digest(pkg: Any) -> tuple[str, tuple[bytes, bytes, bytes]]:
+    """The package's digest (remembered, or computed) and its name parts.
     Computed here, a digest is remembered only once an open succeeds with
     it (:func:`_remember_digest`): the digest of a file whose signature this
     process never checked (a package tampered with) must not outlive its
@@ -333,9 +333,7 @@ def _package_digest(pkg: Any) -> tuple[str, tuple[bytes, bytes, bytes], bool]:
     key = pkg.name_parts()
     with _DIGESTS_LOCK:
         got = _DIGESTS.get(key)
-    if got is not None:
-        return got, key, True
-    return pkg.digest, key, False
+    return (got if got is not None else pkg.digest), key
 
 
 def _remember_digest(key: tuple[bytes, bytes, bytes], digest: str) -> None:
@@ -457,7 +455,7 @@ class _DaemonWorker:
             self.hello = self._call({"op": "hello"})[0]
         pkg = Package.load(self.package)
         try:
-            digest, name_parts, _ = _package_digest(pkg)
+            digest, name_parts = _package_digest(pkg)
             proof = self.licence.prove(
                 device_id=str(self.hello.get("device_id")), model_id=pkg.model_id,
                 key_id=pkg.key_id, package_digest=digest,

@@ -1451,10 +1451,12 @@ def test_a_burst_of_one_licences_grpc_calls_waits_its_turn_and_is_served(plane: 
     """The share bounds what a licence holds between its calls' vetting and
     their messages; a licence's messages are read two at a time. Before, a
     call past the share was refused at once: with 16 of alice's calls whose
-    message comes a second late (a slow sender), her other 8 calls, messages
-    ready, were refused UNAVAILABLE naming the share (the benchmark's 32
+    message comes only after her other 8 calls sent theirs (slow senders), those
+    8 were refused UNAVAILABLE naming the share (the benchmark's 32
     callers with one token saw it). Now they wait their turn, holding none
     of the door's requests: all 24 served, each answer the model's."""
+    import threading
+
     import grpc
 
     from worker.service.oip import inference_pb2
@@ -1465,11 +1467,16 @@ def test_a_burst_of_one_licences_grpc_calls_waits_its_turn_and_is_served(plane: 
     good.inputs.add(name="image", datatype="UINT8", shape=list(IMAGE.shape))
     good.raw_input_contents.append(IMAGE.tobytes())
     message = good.SerializeToString()
-    start = time.monotonic()
+    sent = threading.Semaphore(0)  # one release per ready call's message handed to gRPC
+    ready_out = threading.Event()
 
-    def late() -> Iterator[bytes]:  # a slow sender: its message a second after the call
-        time.sleep(max(0.0, start + 1.0 - time.monotonic()))
+    def late() -> Iterator[bytes]:  # a slow sender: its message once the ready ones went
+        ready_out.wait(60)
         yield message
+
+    def ready() -> Iterator[bytes]:
+        yield message
+        sent.release()  # gRPC asked for more: the message is on its way
 
     creds = grpc.ssl_channel_credentials(plane.ca.read_bytes())
     meta = [("authorization", f"Bearer {alice}")]
@@ -1477,7 +1484,10 @@ def test_a_burst_of_one_licences_grpc_calls_waits_its_turn_and_is_served(plane: 
         infer = ch.stream_unary("/inference.GRPCInferenceService/ModelInfer",
                                 request_serializer=None, response_deserializer=None)  # fmt: skip
         calls = [infer.future(late(), metadata=meta, timeout=60) for _ in range(16)]
-        calls += [infer.future(iter([message]), metadata=meta, timeout=60) for _ in range(8)]
+        calls += [infer.future(ready(), metadata=meta, timeout=60) for _ in range(8)]
+        for _ in range(8):
+            assert sent.acquire(timeout=60), "a ready call's message was never taken"
+        ready_out.set()
         answers = []
         for f in calls:
             try:

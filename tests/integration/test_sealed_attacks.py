@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vault
 from tests.tcpworker import tcp_worker
+from tests.waiting import wait_for
 from tests.zmtp import Message, ZmtpProxy, stranger, unit
 from vault.core import sealed
 from vault.core.protocol import encode_tensors, pack_header, unpack_header
@@ -263,9 +264,8 @@ def cut_logged(log: Any, port: str, address: str = "127.0.0.3", within: float = 
     per-address bound writes it, never the handshake timeout); their count."""
     import json
 
-    deadline = time.monotonic() + within
-    while True:
-        total = 0
+    def total() -> int:
+        n = 0
         for line in log().splitlines():
             try:
                 ev = json.loads(line)
@@ -273,11 +273,10 @@ def cut_logged(log: Any, port: str, address: str = "127.0.0.3", within: float = 
                 continue
             if (isinstance(ev, dict) and ev.get("event") == "connections_cut"
                     and ev.get("port") == port and ev.get("address") == address):  # fmt: skip
-                total += int(ev["count"])
-        if total:
-            return total
-        assert time.monotonic() < deadline, f"no connections_cut for {port} {address}"
-        time.sleep(0.1)  # the poll's interval
+                n += int(ev["count"])
+        return n
+
+    return wait_for(total, f"connections_cut is logged for {port} {address}", within)
 
 
 def _fds(pid: int) -> int:
@@ -314,10 +313,8 @@ def test_a_strangers_silent_connections_are_bounded_per_address(tmp_path: Any) -
             # and every one past 256 is cut (a state, with a generous deadline)
             logged = w["log"].read_text
             assert cut_logged(logged, "sealed") and cut_logged(logged, "front")
-            deadline = time.monotonic() + 60
-            while _cut(sealed_flood) < 700 - 256 or _cut(front_flood) < 500 - 256:
-                assert time.monotonic() < deadline, (_cut(sealed_flood), _cut(front_flood))
-                time.sleep(0.1)  # the poll's interval
+            wait_for(lambda: _cut(sealed_flood) >= 700 - 256 and _cut(front_flood) >= 500 - 256,
+                     "every connection past 256 is cut", 60)  # fmt: skip
             assert _fds(pid) - base <= 2 * 256 + 16, _fds(pid) - base
             with _connect({**w}) as m:  # a caller from another address: served, sealed
                 np.testing.assert_allclose(m.compute({"x": X})["y"], reference(X), rtol=1e-4,
@@ -349,10 +346,8 @@ def test_a_handshake_must_end_within_its_bound_set_before_the_bind() -> None:
         prepare(after, 0.3)
         silent = _silent_flood(p1, 1) + _silent_flood(p2, 1)
         socks += silent
-        deadline = time.monotonic() + 20  # the control's own bound is libzmq's 30 s
-        while not _cut(silent[:1]):
-            assert time.monotonic() < deadline, "the bound set before the bind was not applied"
-            time.sleep(0.05)
+        # within 20 s: the control's own bound is libzmq's 30 s
+        wait_for(lambda: _cut(silent[:1]), "the bound set before the bind closes it", 20)
         assert not _cut(silent[1:])  # control: still open
     finally:
         for s in socks:

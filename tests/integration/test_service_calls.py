@@ -9,6 +9,7 @@ most one lease (the fixture's lease is 2 s).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -373,18 +374,13 @@ def test_a_strangers_silent_connections_to_the_services_ports_are_bounded(servic
             socks = _silent_flood(port, n, accepted=lambda s, t=taken: t(s) - len(s))
             flood += socks
             # every one seen, all past 256 cut (a state, with a generous deadline)
-            deadline = time.monotonic() + 60
-            while _cut(socks) < n - 256:
-                assert time.monotonic() < deadline, _cut(socks)
-                time.sleep(0.1)  # the poll's interval
+            wait_for(lambda s=socks, n=n: _cut(s) >= n - 256, "every one past 256 is cut", 60)
         # by the bound, not the handshake timeout: its own count of what it cut
         assert cap.refused >= 2 * (400 - 256), cap.refused
         # a cut connection is counted until its end is seen: wait for the count
-        deadline = time.monotonic() + 60
-        while (cap.held.get(("sealed", "127.0.0.3"), 0) > 256
-               or cap.held.get(("front", "127.0.0.3"), 0) > 256):  # fmt: skip
-            assert time.monotonic() < deadline, cap.held
-            time.sleep(0.05)
+        wait_for(lambda: (cap.held.get(("sealed", "127.0.0.3"), 0) <= 256
+                          and cap.held.get(("front", "127.0.0.3"), 0) <= 256),
+                 "the bound's counts come down to 256", 60)  # fmt: skip
         with service.connect(service.caller(holder="alice")) as a:
             assert a.compute({"x": X})["logits"].shape == (1, 5)
     finally:
@@ -553,6 +549,22 @@ def test_only_a_device_enrolled_as_a_service_asks_for_or_spends_a_callers_calls(
     assert service.used(erin) == 7
 
 
+@contextlib.contextmanager
+def _running(cfg: ServiceConfig, log_path: Path) -> Iterator[tuple[WorkerService, str]]:
+    """A service of ``cfg`` on its own thread, logging to ``log_path``: the
+    service and its endpoint; stopped (its usage reported) on the way out."""
+    with open(log_path, "w") as log:
+        svc = WorkerService(cfg, log=JsonLog(log))
+        endpoint = svc.start()["endpoint"]
+        thread = threading.Thread(target=svc.run, daemon=True)
+        thread.start()
+        try:
+            yield svc, endpoint
+        finally:
+            svc.request_stop()
+            thread.join(30)
+
+
 def test_a_key_server_away_longer_than_a_lease_does_not_end_the_service(
     keyserver: Any, tmp_path: Path
 ) -> None:
@@ -572,19 +584,18 @@ def test_a_key_server_away_longer_than_a_lease_does_not_end_the_service(
     licence = keyserver.issue("m", holder="service")
     alice = keyserver.issue("m", holder="alice", kind="call")  # its key on the allow-list
     spub, ssec = zmq.curve_keypair()
-    log = open(tmp_path / "service.log", "w")  # noqa: SIM115 - closed below
     cfg = ServiceConfig(
         bind="tcp://127.0.0.1:0", packages=[str(res.path)], curve=(spub, ssec),
         policy=AllowListPolicy({"alice": alice.client_public_key}), metrics_port=0,
         launch=LaunchSpec(licence=licence, device=device),
     )  # fmt: skip
-    svc = WorkerService(cfg, log=JsonLog(log))
-    endpoint = svc.start()["endpoint"]
-    thread = threading.Thread(target=svc.run, daemon=True)
-    thread.start()
     try:
-        with vault.connect(endpoint, licence=alice, server_key=spub.decode(), model="m",
-                           timeout=10) as m:  # fmt: skip
+        with (
+            _running(cfg, tmp_path / "service.log") as (svc, endpoint),
+            vault.connect(
+                endpoint, licence=alice, server_key=spub.decode(), model="m", timeout=10
+            ) as m,
+        ):
             m.compute({"x": X})
             keyserver.stop()
             # the lease (2 s, and its grace) runs out
@@ -605,9 +616,6 @@ def test_a_key_server_away_longer_than_a_lease_does_not_end_the_service(
     finally:
         if keyserver.proc is None or keyserver.proc.poll() is not None:
             keyserver.start()
-        svc.request_stop()
-        thread.join(30)
-        log.close()
     assert '"worker_died"' in (tmp_path / "service.log").read_text()
 
 
@@ -631,7 +639,6 @@ def test_each_callers_usage_is_audited_under_the_model_it_was_used_on(
     bob = keyserver.issue("m", kind="call", holder="bob")
     alice = keyserver.issue("m2", kind="call", holder="alice")
     spub, ssec = zmq.curve_keypair()
-    log = open(tmp_path / "service.log", "w")  # noqa: SIM115 - closed below
     ks = KeyServerClient(runtime, device=device)
     policy = CallLicencePolicy(
         lambda model, keys, usage, grants: ks.call_decisions(
@@ -640,23 +647,17 @@ def test_each_callers_usage_is_audited_under_the_model_it_was_used_on(
     cfg = ServiceConfig(bind="tcp://127.0.0.1:0", packages=pkgs, curve=(spub, ssec),
                         policy=policy, metrics_port=0,
                         launch=LaunchSpec(licence=runtimes, device=device))  # fmt: skip
-    svc = WorkerService(cfg, log=JsonLog(log))
-    endpoint = svc.start()["endpoint"]
-    thread = threading.Thread(target=svc.run, daemon=True)
-    thread.start()
     try:
-        with vault.connect(endpoint, licence=bob, server_key=spub.decode(), model="m",
-                           timeout=10) as b:  # fmt: skip
-            for _ in range(5):
-                b.compute({"x": X})
-        with vault.connect(endpoint, licence=alice, server_key=spub.decode(), model="m2",
-                           timeout=10) as a:  # fmt: skip
-            a.compute({"x": X})  # its decision's request carries bob's report
+        with _running(cfg, tmp_path / "service.log") as (_, endpoint):  # stopped: reports the rest
+            with vault.connect(endpoint, licence=bob, server_key=spub.decode(), model="m",
+                               timeout=10) as b:  # fmt: skip
+                for _ in range(5):
+                    b.compute({"x": X})
+            with vault.connect(endpoint, licence=alice, server_key=spub.decode(), model="m2",
+                               timeout=10) as a:  # fmt: skip
+                a.compute({"x": X})  # its decision's request carries bob's report
     finally:
-        svc.request_stop()  # reports the rest
-        thread.join(30)
         ks.close()
-        log.close()
     for lic, model, calls in ((bob, "m", 5), (alice, "m2", 1)):
         usage = [r for r in keyserver.audit(lic.licence_id) if r.event == "usage"]
         assert usage and {r.model_id for r in usage} == {model}, [

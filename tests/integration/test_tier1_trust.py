@@ -49,6 +49,7 @@ from tests.integration.test_worker_hardening import (
 )
 from tests.models import mlp
 from tests.sealed import forge_package
+from tests.waiting import wait_for
 from vault.core.crypto import PublisherKey
 from vault.core.launch import read_ready_line
 from vault.core.package import memory_limit
@@ -1211,17 +1212,18 @@ def test_a_users_subordinate_uids_count_as_that_user(trust: Trust) -> None:
             procs.clear()
 
             subuid.write_text("")  # the control: no range, each uid a user of its own
+
             # nobody's connections of the first part count as nobody's until the
             # daemon has seen them close: wait for that, not for a time
-            deadline = time.monotonic() + 30
-            while True:
+            def nobody_admitted() -> dict[str, Any] | None:
                 procs.append(_hold_as(NOBODY.pw_uid, sock, 2))
                 first = _line(procs[-1])
-                if first["admitted"] == 2 or time.monotonic() > deadline:
-                    break
+                if first["admitted"] == 2:
+                    return first
                 _end(procs.pop())
-                time.sleep(0.1)
-            got = [first]
+                return None
+
+            got = [wait_for(nobody_admitted, "nobody's first connections are seen closed", 60)]
             for uid in uids[1:]:
                 procs.append(_hold_as(uid, sock, 2))
                 got.append(_line(procs[-1]))
@@ -1234,7 +1236,9 @@ def test_a_users_subordinate_uids_count_as_that_user(trust: Trust) -> None:
 def test_the_daemon_refuses_workers_whose_uid_a_user_could_take(trust: Trust) -> None:
     """A workers' uid inside a user's subordinate range would let that user run
     processes as it, and read every worker's weights: the daemon does not
-    start; a range that comes to hold it later stops its opens."""
+    start; a range that comes to hold it later stops its opens. Ranges it
+    cannot read stop its start too; two owners' overlapping ranges are
+    logged."""
     subuid = trust.dir / "subuid-workers"
     w = trust.worker.pw_uid
     subuid.write_text(f"nobody:{w - 5}:10\n")
@@ -1242,10 +1246,18 @@ def test_the_daemon_refuses_workers_whose_uid_a_user_could_take(trust: Trust) ->
                                       str(subuid)), capture_output=True, timeout=60)  # fmt: skip
     assert proc.returncode != 0
     assert b"subordinate uid range" in proc.stderr, proc.stderr[-2000:]
+    unreadable = trust.dir / "subuid-dir"  # ranges it cannot read: no per-user caps, no start
+    unreadable.mkdir(exist_ok=True)
+    proc = subprocess.run(_daemon_cmd(trust, str(trust.dir / "sw.sock"), "--subuid-file",
+                                      str(unreadable)), capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0
+    assert b"cannot read the subordinate uid ranges" in proc.stderr, proc.stderr[-2000:]
 
-    subuid.write_text("")
+    subuid.write_text("nobody:3400000:10\n4242:3400005:10\n")  # two owners overlap: said
     sock = str(trust.dir / "sw2.sock")
     with _daemon(trust, sock, "--subuid-file", str(subuid)):
+        log = (trust.dir / "daemon-sw2.sock.log").read_text()
+        assert '"subuid_ranges_overlap"' in log and "3400005-3400009" in log, log[-2000:]
         p = _hold_as(NOBODY.pw_uid, sock, 1)
         try:
             assert _line(p)["admitted"] == 1  # the control: served while no range holds it

@@ -250,10 +250,7 @@ class SubordinateUids:
         return self._find(uid) is not None
 
     def _find(self, uid: int) -> tuple[int, int, int] | None:
-        try:
-            self.reload()
-        except Exception:  # noqa: BLE001 - whatever the file holds, the daemon goes on
-            pass
+        """The range holding ``uid``, as last read (:meth:`reload` reads)."""
         i = bisect.bisect_right(self._starts, uid) - 1
         if i >= 0 and uid < self._ranges[i][1]:
             return self._ranges[i]
@@ -949,9 +946,14 @@ class Daemon:
         self.log("open_refused", level="warning", uid=uid, code=code, message=message, **more)
 
     def _reload_subuids(self) -> None:
-        """Read the subordinate uid ranges again if they changed, and say once
-        what is wrong with them (overlaps of two owners, a file unreadable)."""
-        if self._subuids.reload():
+        """Read the subordinate uid ranges again if they changed (one stat
+        when they did not), and say once what is wrong with them (overlaps of
+        two owners, a file unreadable)."""
+        try:
+            changed = self._subuids.reload()
+        except Exception:  # noqa: BLE001 - whatever the file holds, the daemon goes on
+            changed = False
+        if changed:
             for problem in self._subuids.problems:
                 self.log("subuid_ranges_overlap", level="warning", detail=problem)
         error = self._subuids.error
@@ -971,6 +973,7 @@ class Daemon:
         )
 
     def _open(self, conn: _Connection, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        self._reload_subuids()
         exposed = self._workers_uid_exposed()  # a connection admitted before the range came
         if exposed is not None:
             raise exposed

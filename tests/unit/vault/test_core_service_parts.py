@@ -6,13 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
+from tests.waiting import wait_for
 from vault.core.curvekeys import read_public_key, stable_server_keys, write_certificates
 from vault.core.errors import ComputeError, ConfigError, InputError, WrongModelError
 from vault.core.logs import Log, reason
@@ -102,7 +102,7 @@ def test_the_connection_bound_logs_what_it_cut_and_a_process_near_its_file_limit
 
     import zmq
 
-    from tests.integration.test_sealed_attacks import _cut, _silent_flood
+    from tests.integration.test_sealed_attacks import _silent_flood
     from vault.core.peercap import PeerCap, prepare
 
     events: list[tuple[str, dict[str, Any]]] = []
@@ -117,10 +117,8 @@ def test_the_connection_bound_logs_what_it_cut_and_a_process_near_its_file_limit
     flood: list[Any] = []
     try:
         flood = _silent_flood(port, 5)
-        deadline = time.monotonic() + 60
-        while sum(f["count"] for e, f in events if e == "connections_cut") < 3:
-            assert time.monotonic() < deadline, (events, _cut(flood))
-            time.sleep(0.05)  # the poll's interval
+        wait_for(lambda: sum(f["count"] for e, f in events if e == "connections_cut") >= 3,
+                 "three connections are cut and logged", 60)  # fmt: skip
         cut = [f for e, f in events if e == "connections_cut"]
         assert {(f["port"], f["address"], f["limit"]) for f in cut} == {("front", "127.0.0.3", 2)}
     finally:

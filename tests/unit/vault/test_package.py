@@ -274,8 +274,8 @@ def test_a_clients_remembered_digest_names_only_the_package_it_was_computed_for(
     out = tmp_path / "m.vault"
     first = seal(mlp(), model_id="m", signing_key=publisher, output=out, chunk_size=1024)
     with Package.load(out) as pkg:
-        digest, key, remembered = _client._package_digest(pkg)
-    assert (digest, remembered) == (first.digest, False)
+        digest, key = _client._package_digest(pkg)
+    assert digest == first.digest
     assert key not in _client._DIGESTS  # computed, not yet remembered: no open succeeded
     _client._remember_digest(key, digest)  # what a successful open does
     real = _package.chunk_hashes_digest
@@ -285,7 +285,8 @@ def test_a_clients_remembered_digest_names_only_the_package_it_was_computed_for(
 
     monkeypatch.setattr(_package, "chunk_hashes_digest", no_hashing)
     with Package.load(out) as pkg:  # remembered: nothing hashed
-        assert _client._package_digest(pkg)[::2] == (first.digest, True)
+        assert _client._package_digest(pkg)[0] == first.digest
+        assert _client._DIGESTS[pkg.name_parts()] == first.digest
     with Package.load(out) as pkg, pytest.raises(AssertionError, match="hashed again"):
         _ = pkg.digest  # the control: a digest not remembered hashes the payload
     monkeypatch.setattr(_package, "chunk_hashes_digest", real)
@@ -293,15 +294,16 @@ def test_a_clients_remembered_digest_names_only_the_package_it_was_computed_for(
     second = seal(mlp(), model_id="m", signing_key=publisher, output=out, chunk_size=1024)
     assert second.digest != first.digest
     with Package.load(out) as pkg:  # sealed anew: named anew
-        digest, key, remembered = _client._package_digest(pkg)
-    assert (digest, remembered) == (second.digest, False)
+        digest, key = _client._package_digest(pkg)
+    assert digest == second.digest and key not in _client._DIGESTS
     _client._remember_digest(key, digest)
 
     data = bytearray(out.read_bytes())
     data[len(data) - SIG_SIZE - 100] ^= 1  # one payload byte, header and signature kept
     out.write_bytes(bytes(data))
     with Package.load(out) as pkg:
-        assert _client._package_digest(pkg)[::2] == (second.digest, True)
+        assert _client._package_digest(pkg)[0] == second.digest
+        assert _client._DIGESTS[pkg.name_parts()] == second.digest
         with pytest.raises(IntegrityError):
             pkg.verify(publisher.public_pem())  # what its worker does before it serves
         assert pkg.digest != second.digest

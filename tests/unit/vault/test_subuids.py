@@ -23,6 +23,7 @@ def test_a_subordinate_uid_counts_as_the_owner_of_its_range(tmp_path: Path) -> N
         "4243:100010:100\n"  # overlaps nobody's: the earlier range keeps the overlap
     )
     ids = SubordinateUids(str(f))
+    ids.reload()
     assert ids.owner(100000) == nobody and ids.owner(165535) == nobody
     assert ids.owner(165536) == 165536  # past the range: itself
     assert ids.owner(99999) == 99999
@@ -42,6 +43,7 @@ def test_a_subordinate_uid_counts_as_the_owner_of_its_range(tmp_path: Path) -> N
         "ghost-user:3600000:10\n"
         "nobody:-5:10\n"
     )
+    ids.reload()
     assert ids.owner(3200000) == nobody and ids.owner(3200015) == nobody
     assert ids.owner(884736) == nobody and ids.owner(884744) == 884744
     assert ids.owner(3400000) == 3400000
@@ -57,17 +59,21 @@ def test_a_subordinate_uid_counts_as_the_owner_of_its_range(tmp_path: Path) -> N
         "nobody:4200000:10\r\n"  # the count is '10\\r': no number to strtoul
         "nobody:4300000:10" + " " * 1100 + "\n"
     )
+    ids.reload()
     assert ids.owner(4000009) == nobody and ids.owner(4100009) == nobody
     assert ids.owner(4200000) == 4200000 and ids.owner(4300000) == 4300000
     assert ids.problems == []
 
     f.write_text("nobody:5000000:100\n4242:5000050:100\n")  # two owners overlap
+    ids.reload()
     assert ids.owner(5000060) == nobody and ids.owner(5000120) == 4242
     assert ids.problems and "5000050-5000099" in ids.problems[0], ids.problems
 
     f.write_text("nobody:500000:10\n")  # read again when it changes
+    ids.reload()
     assert ids.owner(100000) == 100000 and ids.owner(500001) == nobody
     os.unlink(f)  # gone: no ranges
+    ids.reload()
     assert ids.owner(500001) == 500001
     f.mkdir()  # there, and unreadable: said, and the ranges read before are kept
     ids.reload()
