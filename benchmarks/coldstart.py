@@ -105,12 +105,8 @@ def _mem_parts(pkg: Path, lic: Path) -> dict[str, Any]:
         [sys.executable, "-c", _MEM_PARTS_CHILD, str(pkg), str(lic)],
         capture_output=True,
         text=True,
-        # the same malloc tunable the client gives a worker
-        env={
-            **os.environ,
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-        },
+        # no malloc tunable, as the client gives a worker none (stop 33)
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     if r.returncode:
         return {"unavailable": r.stderr[-300:]}

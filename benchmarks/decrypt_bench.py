@@ -42,8 +42,8 @@ def run(quick: bool = False, size_mb: int = 200, repeats: int | None = None) -> 
     ct = _crypto.stream_encrypt(key, prefix, b"aad", memoryview(plain))
     dec, dec1, ver, flat, cpy, touch, warm = [], [], [], [], [], [], []
     for _ in range(repeats):
-        # as the worker does it: a fresh huge-page mapping, its page faults
-        # timed, the chunks decrypted on every core
+        # as the worker does it: a fresh mapping (secret_buffer), its page
+        # faults timed, the chunks decrypted on every core
         t = time.perf_counter()
         out = _crypto.secret_buffer(size)
         _crypto.stream_decrypt_into(key, prefix, b"aad", ct, out, plaintext_size=size)

@@ -64,12 +64,13 @@ WORKER_ENV: Mapping[str, str] = {
     "PATH": "/usr/bin:/bin",
     "LANG": "C.UTF-8",
     "HOME": "/proc/self/vault-no-home",
-    # glibc >= 2.35: malloc asks for transparent huge pages on its large
-    # mmap'd chunks. A fresh worker faults in every byte of plaintext and of
-    # onnxruntime's weights; measured by hand here (a fresh process, a 100 MB
-    # model), 2 MiB pages took its session build from 165-190 ms to 102-144 ms
-    # (Model.startup_ms shows the phases). Older glibc ignores it.
-    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    # No malloc tunables: the worker's memory is paged as plain onnxruntime's
+    # is (the kernel's transparent-huge-page setting). Stop 33 removed
+    # glibc.malloc.hugetlb=1, measured on a VM with free page reporting
+    # (memory the guest frees goes back to the host, and a 2 MiB page drawn
+    # from it is dear): the 500 MB first open took 1,911 ms with it against
+    # 1,193 ms without, 100 MB 633 against 477 ms, 16 MB even (VAULT_STANDBY=0,
+    # six alternating rounds each, docs/benchmarks.md "Stop 33").
 }
 
 
