@@ -200,7 +200,7 @@ def secret_buffer(size: int) -> Any:
     ``mlockall``; even when the memory was just freed, 211 against 192 ms)."""
     import mmap
 
-    if size < (2 << 20):
+    if size < (2 << 20) or not hasattr(mmap, "MAP_ANONYMOUS"):  # small, or no POSIX mmap
         return bytearray(size)
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
