@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
                 res["errors"][name] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
+            finally:
+                ctx.end_section()
             if ctx.env_error:
                 res["vault_unavailable"] = ctx.env_error
             save()

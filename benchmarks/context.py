@@ -65,6 +65,12 @@ class Context:
             self._echo = EchoServer().__enter__()
         return self._echo
 
+    def end_section(self) -> None:
+        """What a section opened on the shared environment is closed before
+        the next one runs (:meth:`VaultEnv.end_section`)."""
+        if self._env is not None:
+            self._env.end_section()
+
     def close(self) -> None:
         if self._echo is not None:
             self._echo.__exit__(None, None, None)

@@ -301,11 +301,40 @@ def _load(fn: Callable[[], Any], n: int, window: float) -> dict[str, Any]:
     }
 
 
+def _leftovers() -> str:
+    """What this process carries into the section (the load generator's
+    callers are threads of it): its threads by name, its live children and
+    their CPU so far, and its garbage collector's tracked objects."""
+    import collections
+    import gc
+    import threading
+
+    names = collections.Counter(t.name.rstrip("0123456789-_") for t in threading.enumerate())
+    kids = []
+    me = str(os.getpid())
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[1] != me:
+                continue
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:60]
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            kids.append(f"{d} {cmd!r} cpu {cpu:.1f}s")
+        except (OSError, ValueError, IndexError):
+            continue
+    return (f"threads {sum(names.values())} {dict(names)}; children {len(kids)} {kids}; "
+            f"gc objects {len(gc.get_objects())}")  # fmt: skip
+
+
 def run(work: Path, *, window: float, log: Callable[[str], None],
         callers: tuple[int, ...] = CALLERS,
         systems_wanted: tuple[str, ...] = ("triton", "vault", "kserve"),
         batchings: tuple[str, ...] = ("off", "on")) -> dict[str, Any]:  # fmt: skip
     instances = max(1, os.cpu_count() or 2)
+    log(f"  oip: before the section, {_leftovers()}")
     m = M.mlp(d_in=64, hidden=256, classes=10)
     onnx_path = work / "oip-mlp.onnx"
     onnx_path.write_bytes(m.SerializeToString())

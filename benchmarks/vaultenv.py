@@ -43,6 +43,7 @@ class VaultEnv:
         self.ks_dir = self.dir / "ks"
         self._procs: list[subprocess.Popen[bytes]] = []
         self._models: list[Any] = []
+        self._workers: list[subprocess.Popen[bytes]] = []  # tcp workers (serve_tcp)
         self.tcp_note = ""
         self._daemon_sock: str | None = None
         self._lifelines: list[int] = []
@@ -217,6 +218,7 @@ class VaultEnv:
             os.close(status_w)
             os.close(life_r)
         self._procs.append(proc)
+        self._workers.append(proc)
         try:
             msg = read_ready_line(status_r, timeout=120, proc=proc)
         except Exception as exc:  # noqa: BLE001
@@ -239,6 +241,26 @@ class VaultEnv:
         m._bench_sealed_port = msg.get("sealed_port")  # noqa: SLF001 - for an emulated link
         self._models.append(m)
         return m
+
+    def end_section(self) -> None:
+        """Close the models and stop the tcp workers opened so far; the key
+        server and the daemon stay for the next section. Each section's
+        workers otherwise lived to the end of the run: 18 processes (the
+        latency section's workers and their pre-started spares) sat beside
+        the oip section, whose load generator the REST door's batching gain
+        at 32 callers then lost (docs/benchmarks.md, "Stop 33")."""
+        for m in self._models:
+            try:
+                m.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._models.clear()
+        for p in self._workers:
+            if p.poll() is None:
+                stop_process(p, 5)
+            if p in self._procs:
+                self._procs.remove(p)
+        self._workers.clear()
 
     def close(self) -> None:
         for m in self._models:
