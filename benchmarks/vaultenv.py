@@ -263,12 +263,7 @@ class VaultEnv:
         self._workers.clear()
 
     def close(self) -> None:
-        for m in self._models:
-            try:
-                m.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._models.clear()
+        self.end_section()  # the models and tcp workers first, then the rest
         for p in reversed(self._procs):
             if p.poll() is None:
                 stop_process(p, 5)
