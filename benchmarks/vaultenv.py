@@ -43,10 +43,10 @@ class VaultEnv:
         self.ks_dir = self.dir / "ks"
         self._procs: list[subprocess.Popen[bytes]] = []
         self._models: list[Any] = []
-        self._workers: list[subprocess.Popen[bytes]] = []  # tcp workers (serve_tcp)
+        # tcp workers (serve_tcp) and their lifelines' write ends
+        self._workers: list[tuple[subprocess.Popen[bytes], int]] = []
         self.tcp_note = ""
         self._daemon_sock: str | None = None
-        self._lifelines: list[int] = []
         try:
             import vault.client  # noqa: F401
             from keyserver import init_dir
@@ -206,7 +206,6 @@ class VaultEnv:
         # a lifeline: the worker leaves when this process does, however it ends
         # (a killed benchmark must leave no worker behind)
         life_r, life_w = os.pipe()
-        self._lifelines.append(life_w)
         args = [str(package), "--endpoint", "tcp://127.0.0.1:*", "--licence", str(licence),
                 "--allow", str(allow), "--status-fd", str(status_w),
                 "--lifeline-fd", str(life_r)]  # fmt: skip
@@ -214,11 +213,15 @@ class VaultEnv:
             args += ["--threads", str(threads)]
         try:
             proc = spawn_worker(args, pass_fds=[status_w, life_r], cwd=str(self.dir))
+        except BaseException:
+            os.close(status_r)
+            os.close(life_w)
+            raise
         finally:
             os.close(status_w)
             os.close(life_r)
         self._procs.append(proc)
-        self._workers.append(proc)
+        self._workers.append((proc, life_w))
         try:
             msg = read_ready_line(status_r, timeout=120, proc=proc)
         except Exception as exc:  # noqa: BLE001
@@ -245,21 +248,21 @@ class VaultEnv:
     def end_section(self) -> None:
         """Close the models and stop the tcp workers opened so far; the key
         server and the daemon stay for the next section. Each section's
-        workers otherwise lived to the end of the run: 18 processes (the
-        latency section's workers and their pre-started spares) sat beside
-        the oip section, whose load generator the REST door's batching gain
-        at 32 callers then lost (docs/benchmarks.md, "Stop 33")."""
+        workers otherwise lived to the end of the run: 17 idle ones (the
+        latency section's) sat beside the oip section, whose load generator
+        the REST door's batching gain at 32 callers then lost
+        (docs/benchmarks.md, "Stop 33")."""
         for m in self._models:
             try:
                 m.close()
             except Exception:  # noqa: BLE001
                 pass
         self._models.clear()
-        for p in self._workers:
+        for p, lifeline in self._workers:
             if p.poll() is None:
                 stop_process(p, 5)
-            if p in self._procs:
-                self._procs.remove(p)
+            os.close(lifeline)
+            self._procs.remove(p)
         self._workers.clear()
 
     def close(self) -> None:
@@ -268,9 +271,6 @@ class VaultEnv:
             if p.poll() is None:
                 stop_process(p, 5)
         self._procs.clear()
-        for fd in self._lifelines:
-            os.close(fd)
-        self._lifelines.clear()
         log = getattr(self, "log", None)
         if log is not None:
             log.close()

@@ -130,7 +130,6 @@ def _vm_flags(address: int) -> set[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_secret_buffer_stays_out_of_core_dumps_and_asks_for_no_huge_pages() -> None:
     # no MADV_HUGEPAGE (stop 33): on a VM with free page reporting a 2 MiB
     # page drawn from memory the host took back cost 4x what 4 KiB pages did
