@@ -102,7 +102,7 @@ def _touch(buf: Any) -> None:
     import threading
 
     arr = np.frombuffer(buf, np.uint8)
-    n = max(1, min(_crypto._decrypt_threads(len(arr) // _crypto.DEFAULT_CHUNK_SIZE), 8))
+    n = _crypto._decrypt_threads(len(arr))
     bounds = [len(arr) * j // n // 4096 * 4096 for j in range(n + 1)]
     bounds[-1] = len(arr)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,3 +173,87 @@ def test_any_failure_in_a_decrypt_thread_wipes_everything_and_raises() -> None:
             consumed=consumed,
         )  # fmt: skip
     assert out == bytearray(size)
+
+
+def _kernel_populates() -> bool:
+    import ctypes
+    import mmap
+
+    probe = mmap.mmap(-1, mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+        return libc.madvise(address, mmap.PAGESIZE, _crypto.MADV_POPULATE_WRITE) == 0
+    finally:
+        probe.close()
+
+
+def _resident(buf: Any) -> list[bool]:
+    """mincore(2): which pages of the mapping ``buf`` are in memory."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = -(-len(buf) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mincore(address, len(buf), vec) == 0, ctypes.get_errno()
+    return [bool(b & 1) for b in vec]
+
+
+def test_prefaulter_maps_pages_in_and_leaves_what_is_there() -> None:
+    import mmap
+
+    if not _kernel_populates():
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
+    page, mib = mmap.PAGESIZE, 1 << 20
+    buf = _crypto.secret_buffer(4 * mib)
+    control = _crypto.secret_buffer(4 * mib)
+    try:
+        buf[mib + 10 : mib + 13] = b"old"  # a page already written
+        populate = _crypto._prefaulter(buf)
+        assert populate is not None
+        populate(0, 2 * mib - 100)  # the end rounds up to its page
+        resident = _resident(buf)
+        assert all(resident[: 2 * mib // page]) and not any(resident[2 * mib // page :])
+        assert not any(_resident(control))  # no mapping in ahead: nothing there yet
+        assert buf[mib + 10 : mib + 13] == b"old" and buf[:mib] == bytes(mib)
+        assert _crypto._prefaulter(bytearray(16)) is None  # only for mappings
+    finally:
+        _crypto.release_buffer(buf)
+        _crypto.release_buffer(control)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decrypting_into_a_mapping_maps_each_chunk_in_and_keeps_every_byte(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chunks of 5000 bytes: the ranges two threads map in share pages, and
+    # mapping a page in must never undo what the other thread wrote there
+    size = (3 << 20) + 123
+    key, prefix, aad, ct, plain = _sealed(size, 5000)
+    ranges: list[tuple[int, int]] = []
+    real = _crypto._prefaulter
+
+    def recording(buf: Any) -> Any:
+        populate = real(buf)
+        assert populate is not None
+
+        def record(lo: int, hi: int) -> None:
+            ranges.append((lo, hi))
+            populate(lo, hi)
+
+        return record
+
+    monkeypatch.setattr(_crypto, "_prefaulter", recording)
+    out = _crypto.secret_buffer(size)
+    try:
+        _crypto.stream_decrypt_into(
+            key, prefix, aad, ct, out, plaintext_size=size, chunk_size=5000, threads=threads
+        )
+        assert bytes(out[:size]) == plain
+        assert sorted(ranges) == [(i, min(i + 5000, size)) for i in range(0, size, 5000)]
+    finally:
+        _crypto.release_buffer(out)
