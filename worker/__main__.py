@@ -204,9 +204,12 @@ def _preload() -> None:
     import onnxruntime  # noqa: F401
     import zmq  # noqa: F401
 
-    from vault.core import device, keyclient, licence, package, shm  # noqa: F401
+    from vault.core import device, keyclient, lazyplain, licence, package, shm  # noqa: F401
 
     from . import lease, ops, runtime, server, startup  # noqa: F401
+
+    if lazyplain.supported():  # the weights' decrypting buffers, paged in while we wait
+        lazyplain.keep_buffers()
 
 
 def _await_assignment(args: argparse.Namespace, wake_fd: int) -> bool:

@@ -265,6 +265,9 @@ class Startup:
             # the weights' decryption ran inside the build (on faults) and in
             # settle: timed apart, so "session" stays onnxruntime's own
             self.timings["weights_decrypt"] = plain.stats()["decrypt_ms"]
+        from vault.core.lazyplain import forget_buffers
+
+        forget_buffers()  # what a pre-started worker made ahead and no thread took
         from .hardening import lift_memory_limit
 
         lift_memory_limit()  # the start-up limit bounded the package's claims; see there

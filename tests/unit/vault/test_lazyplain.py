@@ -280,3 +280,69 @@ def test_a_mapping_filled_at_creation_is_decrypted_up_front(tmp_path: Path) -> N
         """,
     )
     assert "EAGER" in out, out
+
+
+def test_buffers_made_ahead_are_taken_by_the_open_and_hold_only_zeros_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a pre-started worker makes the decrypting buffers while it waits; an
+    # open takes them instead of faulting fresh ones in, and a pair handed on
+    # from one user to the next is wiped first
+    require(lazyplain.supported(), UFFD)
+    lazyplain.forget_buffers()
+    lazyplain.keep_buffers(2)
+    made = list(lazyplain._SPARE)  # noqa: SLF001
+    assert len(made) == 2
+    for scratch, ct in made:
+        assert len(scratch) == lazyplain.BLOCK_BYTES + 16 and len(ct) == MiB + 16
+        assert not any(scratch) and not any(ct)
+    handed_on: list[bool] = []
+    real_give_back = lazyplain._give_back  # noqa: SLF001
+
+    def give_back(pair: tuple[bytearray, bytearray]) -> None:
+        real_give_back(pair)
+        handed_on.append(not any(pair[0]))
+
+    monkeypatch.setattr(lazyplain, "_give_back", give_back)
+    path, plaintext, key = _package(tmp_path)
+    plain = _open(path, key)
+    assert plain is not None
+    try:
+        assert handed_on == [True]  # the up-front part's pair, wiped, back for a thread
+        f = plain.index["files"][0]
+        got = _read(plain.files["w.bin"], 0, f["length"])
+        assert got == bytes(plaintext[f["offset"] : f["offset"] + f["length"]])
+        _quiet(plain)
+        assert lazyplain._SPARE == []  # noqa: SLF001  # the fault handler and the read-ahead took them
+    finally:
+        plain.release()
+        lazyplain.forget_buffers()
+
+
+def test_settle_makes_buffers_only_for_blocks_the_build_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require(lazyplain.supported(), UFFD)
+    made: list[int] = []
+    real = lazyplain._Source.buffers  # noqa: SLF001
+
+    def buffers(self: object, block: int) -> tuple[bytearray, bytearray]:
+        made.append(block)
+        return real(self, block)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lazyplain._Source, "buffers", buffers)  # noqa: SLF001
+    path, plaintext, key = _package(tmp_path)
+    for read_all in (True, False):  # the control: a build that read nothing
+        plain = _open(path, key)
+        assert plain is not None
+        try:
+            if read_all:
+                f = plain.index["files"][0]
+                _read(plain.files["w.bin"], 0, f["length"])
+                _quiet(plain)
+            before = len(made)
+            plain.settle()
+            assert (len(made) == before) is read_all, (read_all, made)
+        finally:
+            plain.release()
+        lazyplain.forget_buffers()
