@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,29 @@ def summary(samples: list[float]) -> dict[str, Any]:
     }
 
 
+QUIET_PROBE_S = 0.002  # how long each check of the process's CPU lasts
+QUIET_CPU_S = 0.0005  # under this much CPU in a probe, the process is idle
+QUIET_MAX_S = 0.2  # never wait longer than this for it
+
+
+def quiet(gap_s: float) -> float:
+    """Sleep ``gap_s``, then on (up to :data:`QUIET_MAX_S`) while a thread of
+    this process still uses CPU; returns the seconds waited. An in-process
+    session with onnxruntime's default options keeps its pool spinning after
+    a run: measured on this project's VM after five MobileNetV2 b4 runs, 38.6
+    ms of CPU in the 50 and 100 ms that followed (stop 34). The latency
+    section's fixed 20 ms pause left the block after it (the vault's own row,
+    in the section's order) sharing the cores with that spin."""
+    t0 = time.perf_counter()
+    time.sleep(gap_s)
+    while time.perf_counter() - t0 < QUIET_MAX_S:
+        c0 = time.process_time()
+        time.sleep(QUIET_PROBE_S)
+        if time.process_time() - c0 < QUIET_CPU_S:
+            break
+    return time.perf_counter() - t0
+
+
 def interleave(
     fns: Mapping[str, Callable[[], Any]],
     *,
@@ -61,13 +85,20 @@ def interleave(
 ) -> dict[str, dict[str, Any]]:
     """Time each callable, alternating between them round by round.
 
-    Each round runs every callable ``per_round`` times in turn (the order
-    rotates each round so that no side always follows the other). ``warmup``
-    untimed calls of each come first. With ``budget_s`` the rounds stop early
-    once that much wall time is spent (at least 3 rounds run). Before each
-    block an untimed pause of ``gap_s`` lets the previous side's thread pools
-    (onnxruntime spins its workers after a run) go idle on this small machine,
-    so no side is timed while the other still burns a core.
+    Each round runs every callable ``per_round`` times in turn, in an order
+    that changes each round: with two sides they alternate who goes first;
+    with more, each round is a fresh permutation (seeded, so a run repeats),
+    so that no side follows the same neighbour round after round. (A
+    rotation did that: in the latency section the vault's own row followed
+    onnxruntime's default session every round, and the first calls of a
+    block after it ran 4-5 ms slower on MobileNetV2 b4, wherever that row
+    was put and however long the pause; stop 34.) ``warmup`` untimed calls
+    of each come first. With ``budget_s`` the rounds
+    stop early once that much wall time is spent (at least 3 rounds run).
+    Before each block an untimed pause (:func:`quiet`: at least ``gap_s``, and
+    on until this process has stopped using CPU) lets the previous side's
+    thread pools go idle on this small machine, so no side is timed while
+    the other still burns a core.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -76,13 +107,18 @@ def interleave(
     samples: dict[str, list[float]] = {n: [] for n in names}
     t_start = time.perf_counter()
     pc = time.perf_counter
+    shuffle = random.Random(len(names)).shuffle
     for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+        if len(names) <= 2:
+            order = names[r % len(names) :] + names[: r % len(names)]
+        else:
+            order = list(names)
+            shuffle(order)
         for n in order:
             f = fns[n]
             out = samples[n]
             if gap_s:
-                time.sleep(gap_s)
+                quiet(gap_s)
             for _ in range(per_round):
                 t = pc()
                 ret = f()

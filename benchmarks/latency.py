@@ -47,7 +47,8 @@ MODELS: dict[str, tuple[Callable[..., Any], int, int, int, int, int]] = {
     "resnet50": (M.resnet50, 1, 4, 12, 40, 4),
     "big_tensor": (lambda batch: M.big_tensor(), 1, 1, 40, 200, 10),
 }
-# pause before each block: long enough for a spinning pool to go idle
+# pause before each block (harness.quiet then waits on while this process
+# still uses CPU: an in-process default session spins after its runs)
 BLOCK_GAP_S = 0.02
 
 
