@@ -224,8 +224,9 @@ def release_buffer(buf: Any) -> None:
 # Decrypting threads: one per 64 MiB of plaintext, at most one per core (and
 # 8). Measured on this project's 2-vCPU VM (stop 34, fresh processes under
 # mlockall, medians of 5): into fresh memory a second thread cost more than it
-# saved up to 64 MB (16 MB: 12.3 against 10.4 ms; 64 MB: 42 against 38 ms)
-# and paid from there (500 MB: 148 against 217 ms, pages mapped in as below):
+# saved at 16 MB (12.3 against 10.4 ms), tied at 64 MB (pages mapped in as
+# below: 33.4 against 31.9 ms) and paid at 500 MB (148 against 217 ms), so
+# the second one starts at 128 MiB:
 # starting a thread and waking an idle core is dear here, and below ~60 ms of
 # work it is not won back.
 _THREAD_BYTES = 64 << 20

@@ -162,8 +162,8 @@ def _open_uffd() -> int | None:
 
 
 # Decrypting buffers made ahead (:func:`keep_buffers`), taken by
-# :meth:`_Source.buffers` when their sizes fit; a pair holds zeros whenever it
-# is in here.
+# :meth:`_Source.buffers` when their sizes fit; a pair's plaintext buffer
+# holds zeros whenever it is in here (its other one, ciphertext, is no secret).
 _SPARE: list[tuple[bytearray, bytearray]] = []
 _SPARE_LOCK = threading.Lock()
 
@@ -196,7 +196,7 @@ def forget_buffers() -> None:
 
 
 def _give_back(pair: tuple[bytearray, bytearray]) -> None:
-    _crypto.zeroize(pair[0])
+    """Put a pair whose plaintext buffer was wiped back for the next user."""
     with _SPARE_LOCK:
         _SPARE.append(pair)
 
@@ -446,22 +446,33 @@ class LazyPlaintext(Plaintext):
                 if b in self._built:
                     self._drop(b)
         todo = iter(range(self._blocks))
+        errors: list[BaseException] = []
 
         def prefill() -> None:
             bufs = None  # made at the first block left: often the build read them all
-            for b in todo:  # a shared iterator: each block goes to one thread
-                with self._lock:
-                    if b in self._filled or b in self._filling:
-                        continue
-                    self._filling.add(b)
-                if bufs is None:
-                    bufs = self._src.buffers(self._block)
-                self._fill(b, bufs, fault=False)
+            try:
+                for b in todo:  # a shared iterator: each block goes to one thread
+                    if bufs is None:
+                        with self._lock:
+                            if b in self._filled or b in self._filling:
+                                continue
+                        # made before the block is claimed: a failure here (memory)
+                        # leaves no block claimed that no thread will fill
+                        bufs = self._src.buffers(self._block)
+                    with self._lock:
+                        if b in self._filled or b in self._filling:
+                            continue
+                        self._filling.add(b)
+                    self._fill(b, bufs, fault=False)
+            except BaseException as exc:  # noqa: BLE001 - raised by settle, after both threads
+                errors.append(exc)
 
         helper = threading.Thread(target=prefill, name="vault-weights-prefill", daemon=True)
         helper.start()
         prefill()
         helper.join()
+        if errors:  # a block left unfilled is decrypted when first read, as in the build
+            raise errors[0]
         if self.failed:
             raise IntegrityError(self.failed)
 
@@ -629,8 +640,9 @@ def decrypt_lazily(
         if lazy_from >= span:
             return None
         _decrypt_upto(src, buf, head, lazy_from, bufs)
-        _give_back(bufs)  # wiped, for the fault handler or the read-ahead thread
+        _crypto.zeroize(bufs[0])  # the last chunk decrypted up front
         spent = None
+        _give_back(bufs)  # for the fault handler or the read-ahead thread
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         reg = _Register(_Range(base + lazy_from, span - lazy_from), _MODE_MISSING, 0)
         if _lib().ioctl(uffd, _UFFDIO_REGISTER, ctypes.byref(reg)) != 0:

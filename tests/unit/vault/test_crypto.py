@@ -211,6 +211,8 @@ def test_prefaulter_maps_pages_in_and_leaves_what_is_there() -> None:
     page, mib = mmap.PAGESIZE, 1 << 20
     buf = _crypto.secret_buffer(4 * mib)
     control = _crypto.secret_buffer(4 * mib)
+    for m in (buf, control):  # one write must fault in one 4 KiB page, never a 2 MiB one
+        m.madvise(mmap.MADV_NOHUGEPAGE)
     try:
         buf[mib + 10 : mib + 13] = b"old"  # a page already written
         populate = _crypto._prefaulter(buf)

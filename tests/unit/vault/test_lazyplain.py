@@ -304,6 +304,14 @@ def test_buffers_made_ahead_are_taken_by_the_open_and_hold_only_zeros_between(
         handed_on.append(not any(pair[0]))
 
     monkeypatch.setattr(lazyplain, "_give_back", give_back)
+    made_at_open: list[int] = []  # a block buffer made at the open instead of taken
+
+    def counting_bytearray(n: int) -> bytearray:
+        if n == lazyplain.BLOCK_BYTES + 16:
+            made_at_open.append(n)
+        return bytearray(n)
+
+    monkeypatch.setattr(lazyplain, "bytearray", counting_bytearray, raising=False)
     path, plaintext, key = _package(tmp_path)
     plain = _open(path, key)
     assert plain is not None
@@ -313,7 +321,9 @@ def test_buffers_made_ahead_are_taken_by_the_open_and_hold_only_zeros_between(
         got = _read(plain.files["w.bin"], 0, f["length"])
         assert got == bytes(plaintext[f["offset"] : f["offset"] + f["length"]])
         _quiet(plain)
-        assert lazyplain._SPARE == []  # noqa: SLF001  # the fault handler and the read-ahead took them
+        assert made_at_open == []  # the up-front part and the threads took the pairs made ahead
+        for scratch, _ in lazyplain._SPARE:  # noqa: SLF001  # one the read-ahead did not need
+            assert any(scratch is p[0] for p in made) and not any(scratch)
     finally:
         plain.release()
         lazyplain.forget_buffers()
@@ -346,3 +356,28 @@ def test_settle_makes_buffers_only_for_blocks_the_build_left(
         finally:
             plain.release()
         lazyplain.forget_buffers()
+
+
+def test_settle_that_cannot_make_its_buffers_leaves_every_block_readable(
+    lazy, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # out of memory while settle makes its buffers: no block may stay
+    # claimed by a thread that will never fill it (a later read would hang)
+    import threading
+
+    plain, plaintext, _, _ = lazy
+
+    def no_memory(self: object, block: int) -> tuple[bytearray, bytearray]:
+        raise MemoryError("simulated")
+
+    with monkeypatch.context() as m:
+        m.setattr(lazyplain._Source, "buffers", no_memory)  # noqa: SLF001
+        with pytest.raises(MemoryError):
+            plain.settle()
+    f = plain.index["files"][0]
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_read(plain.files["w.bin"], 0, f["length"])),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(30)
+    assert got == [bytes(plaintext[f["offset"] : f["offset"] + f["length"]])]
