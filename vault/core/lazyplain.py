@@ -276,10 +276,19 @@ class LazyPlaintext(Plaintext):
                     continue
                 (addr,) = struct.unpack_from("<Q", data, off + 16)
                 if bufs is None:
-                    bufs = self._src.buffers(self._block)
+                    bufs = self._make_buffers()
                 self._on_fault(addr, bufs)
 
-    def _on_fault(self, addr: int, bufs: tuple[bytearray, bytearray]) -> None:
+    def _make_buffers(self) -> tuple[bytearray, bytearray] | None:
+        """A thread's pair, or None where none can be had (out of memory):
+        :meth:`_fill` then tries once more for the block and, failing,
+        poisons it, so that this thread lives on and nothing waits for ever."""
+        try:
+            return self._src.buffers(self._block)
+        except MemoryError:
+            return None
+
+    def _on_fault(self, addr: int, bufs: tuple[bytearray, bytearray] | None) -> None:
         b = (addr - self._base - self._lazy_from) // self._block
         if not 0 <= b < self._blocks:  # not ours: cannot happen for a registered range
             return
@@ -310,7 +319,7 @@ class LazyPlaintext(Plaintext):
             if b is None:
                 return
             if bufs is None:
-                bufs = self._src.buffers(self._block)
+                bufs = self._make_buffers()
             self._fill(b, bufs, fault=False)
 
     def _range(self, b: int) -> tuple[int, int]:
@@ -321,14 +330,16 @@ class LazyPlaintext(Plaintext):
         lo, n = self._range(b)
         _lib().ioctl(self._uffd, _UFFDIO_WAKE, ctypes.byref(_Range(self._base + lo, n)))
 
-    def _fill(self, b: int, bufs: tuple[bytearray, bytearray], *, fault: bool) -> None:
+    def _fill(self, b: int, bufs: tuple[bytearray, bytearray] | None, *, fault: bool) -> None:
         """Decrypt block ``b`` (claimed: in ``_filling`` until its pages are
         in) and copy it in, without the lock. Never raises: a block that
-        cannot be decrypted becomes zero pages and ``failed``."""
-        scratch, ct = bufs
+        cannot be decrypted (nor buffers had for it) becomes zero pages and
+        ``failed``."""
         lo, n = self._range(b)
         t0 = time.perf_counter()
+        scratch: bytearray | None = None
         try:
+            scratch, ct = bufs if bufs is not None else self._src.buffers(self._block)
             try:
                 self._src.decrypt(lo, n, scratch, ct)
             finally:
@@ -338,7 +349,8 @@ class LazyPlaintext(Plaintext):
         except BaseException as exc:  # noqa: BLE001 - a hung onnxruntime thread is worse
             self._poison(b, exc)
         finally:
-            _crypto.zeroize(scratch)
+            if scratch is not None:
+                _crypto.zeroize(scratch)
             with self._lock:
                 self._filling.discard(b)
                 if self._building:
@@ -398,7 +410,9 @@ class LazyPlaintext(Plaintext):
         with self._lock:
             if self.failed is None:
                 self.failed = (
-                    "the package's weights could not be decrypted again "
+                    "the worker ran out of memory decrypting the package's weights"
+                    if isinstance(exc, MemoryError)
+                    else "the package's weights could not be decrypted again "
                     f"({type(exc).__name__}: the file changed or shrank after it was opened)"
                 )
         lo, n = self._range(b)

@@ -381,3 +381,30 @@ def test_settle_that_cannot_make_its_buffers_leaves_every_block_readable(
     reader.start()
     reader.join(30)
     assert got == [bytes(plaintext[f["offset"] : f["offset"] + f["length"]])]
+
+
+def test_a_fault_with_no_memory_for_buffers_fails_closed_and_hangs_nothing(
+    lazy, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # the fault handler and the read-ahead thread make their buffers at their
+    # first block: out of memory there, the block becomes zero pages and the
+    # weights failed (every call then refused), and both threads live on
+    import threading
+
+    plain, _, _, _ = lazy
+
+    def no_memory(self: object, block: int) -> tuple[bytearray, bytearray]:
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(lazyplain._Source, "buffers", no_memory)  # noqa: SLF001
+    f = plain.index["files"][0]
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_read(plain.files["w.bin"], 0, f["length"])),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(30)
+    assert len(got) == 1, "a read of the weights hung"
+    lazy_part = got[0][plain._lazy_from - f["offset"] :]  # noqa: SLF001  # (the rest was decrypted up front)
+    assert lazy_part and lazy_part == bytes(len(lazy_part))  # zero pages, never a guess
+    assert plain.failed is not None and "out of memory" in plain.failed
+    assert all(t.is_alive() for t in plain._threads)  # noqa: SLF001
