@@ -358,29 +358,36 @@ def test_settle_makes_buffers_only_for_blocks_the_build_left(
         lazyplain.forget_buffers()
 
 
-def test_settle_that_cannot_make_its_buffers_leaves_every_block_readable(
-    lazy, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    # out of memory while settle makes its buffers: no block may stay
-    # claimed by a thread that will never fill it (a later read would hang)
+def _no_memory(self: object, block: int) -> tuple[bytearray, bytearray]:
+    raise MemoryError("simulated")
+
+
+def _read_all_weights(plain: lazyplain.LazyPlaintext) -> bytes | None:
+    """The whole weights file read on another thread; None when the read
+    did not end within 30 s (a block claimed that no thread will fill)."""
     import threading
 
-    plain, plaintext, _, _ = lazy
-
-    def no_memory(self: object, block: int) -> tuple[bytearray, bytearray]:
-        raise MemoryError("simulated")
-
-    with monkeypatch.context() as m:
-        m.setattr(lazyplain._Source, "buffers", no_memory)  # noqa: SLF001
-        with pytest.raises(MemoryError):
-            plain.settle()
     f = plain.index["files"][0]
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(_read(plain.files["w.bin"], 0, f["length"])),
                               daemon=True)  # fmt: skip
     reader.start()
     reader.join(30)
-    assert got == [bytes(plaintext[f["offset"] : f["offset"] + f["length"]])]
+    return got[0] if got else None
+
+
+def test_settle_that_cannot_make_its_buffers_leaves_every_block_readable(
+    lazy, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # out of memory while settle makes its buffers: no block may stay
+    # claimed by a thread that will never fill it (a later read would hang)
+    plain, plaintext, _, _ = lazy
+    with monkeypatch.context() as m:
+        m.setattr(lazyplain._Source, "buffers", _no_memory)  # noqa: SLF001
+        with pytest.raises(MemoryError):
+            plain.settle()
+    f = plain.index["files"][0]
+    assert _read_all_weights(plain) == bytes(plaintext[f["offset"] : f["offset"] + f["length"]])
 
 
 def test_a_fault_with_no_memory_for_buffers_fails_closed_and_hangs_nothing(
@@ -389,22 +396,11 @@ def test_a_fault_with_no_memory_for_buffers_fails_closed_and_hangs_nothing(
     # the fault handler and the read-ahead thread make their buffers at their
     # first block: out of memory there, the block becomes zero pages and the
     # weights failed (every call then refused), and both threads live on
-    import threading
-
     plain, _, _, _ = lazy
-
-    def no_memory(self: object, block: int) -> tuple[bytearray, bytearray]:
-        raise MemoryError("simulated")
-
-    monkeypatch.setattr(lazyplain._Source, "buffers", no_memory)  # noqa: SLF001
-    f = plain.index["files"][0]
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(_read(plain.files["w.bin"], 0, f["length"])),
-                              daemon=True)  # fmt: skip
-    reader.start()
-    reader.join(30)
-    assert len(got) == 1, "a read of the weights hung"
-    lazy_part = got[0][plain._lazy_from - f["offset"] :]  # noqa: SLF001  # (the rest was decrypted up front)
+    monkeypatch.setattr(lazyplain._Source, "buffers", _no_memory)  # noqa: SLF001
+    got = _read_all_weights(plain)
+    assert got is not None, "a read of the weights hung"
+    lazy_part = got[plain._lazy_from - plain.index["files"][0]["offset"] :]  # noqa: SLF001
     assert lazy_part and lazy_part == bytes(len(lazy_part))  # zero pages, never a guess
     assert plain.failed is not None and "out of memory" in plain.failed
     assert all(t.is_alive() for t in plain._threads)  # noqa: SLF001
