@@ -61,9 +61,11 @@ def quiet(gap_s: float) -> float:
     this process still uses CPU; returns the seconds waited. An in-process
     session with onnxruntime's default options keeps its pool spinning after
     a run: measured on this project's VM after five MobileNetV2 b4 runs, 38.6
-    ms of CPU in the 50 and 100 ms that followed (stop 34). The latency
-    section's fixed 20 ms pause left the block after it (the vault's own row,
-    in the section's order) sharing the cores with that spin."""
+    ms of CPU (two threads) in the 50 ms that followed, and this pause
+    waited 22-26 ms after such a block against 22 ms after one with
+    spinning off (stop 34): a fixed 20 ms could leave a few ms of that spin
+    running into the next block. (It did not explain the slow first calls
+    of the row after that session; see :func:`interleave`.)"""
     t0 = time.perf_counter()
     time.sleep(gap_s)
     while time.perf_counter() - t0 < QUIET_MAX_S:
@@ -92,7 +94,7 @@ def interleave(
     rotation did that: in the latency section the vault's own row followed
     onnxruntime's default session every round, and the first calls of a
     block after it ran 4-5 ms slower on MobileNetV2 b4, wherever that row
-    was put and however long the pause; stop 34.) ``warmup`` untimed calls
+    was put, and still with the pause below; stop 34.) ``warmup`` untimed calls
     of each come first. With ``budget_s`` the rounds
     stop early once that much wall time is spent (at least 3 rounds run).
     Before each block an untimed pause (:func:`quiet`: at least ``gap_s``, and

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import functools
 import hashlib
 import hmac
 import os
@@ -241,6 +242,16 @@ def _decrypt_threads(plaintext_size: int) -> int:
     return max(1, min(cores, 8, plaintext_size // _THREAD_BYTES))
 
 
+@functools.cache
+def _madvise() -> Any:
+    """libc's ``madvise``, called without the GIL (ctypes drops it), so two
+    decrypting threads map their pages in at once."""
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _prefaulter(buf: Any) -> Callable[[int, int], None] | None:
     """For a :func:`secret_buffer` mapping: a function that maps the pages of
     ``buf[lo:hi]`` in with one ``madvise(MADV_POPULATE_WRITE)`` before the
@@ -253,25 +264,24 @@ def _prefaulter(buf: Any) -> Callable[[int, int], None] | None:
     5.14: EINVAL) it stops asking and the writes fault the pages in."""
     import mmap
 
-    if not isinstance(buf, mmap.mmap) or not hasattr(mmap, "MAP_ANONYMOUS"):
+    if not isinstance(buf, mmap.mmap):
         return None
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        madvise.restype = ctypes.c_int
+        madvise = _madvise()
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     except (OSError, AttributeError, TypeError, ValueError):
         return None
     page, size = mmap.PAGESIZE, len(buf)
-    refused: list[int] = []
+    refused = False
 
     def populate(lo: int, hi: int) -> None:
+        nonlocal refused
         if refused:
             return
         lo = lo // page * page
         hi = -(-min(hi, size) // page) * page  # the mapping runs to its page's end
         if hi > lo and madvise(base + lo, hi - lo, MADV_POPULATE_WRITE) != 0:
-            refused.append(ctypes.get_errno())
+            refused = True
 
     return populate
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.prereq import require
 from vault.core import crypto as _crypto
 from vault.core.errors import ConfigError, IntegrityError
 
@@ -176,15 +177,15 @@ def test_any_failure_in_a_decrypt_thread_wipes_everything_and_raises() -> None:
 
 
 def _kernel_populates() -> bool:
-    import ctypes
+    """Whether this kernel knows ``MADV_POPULATE_WRITE`` (Linux 5.14+)."""
     import mmap
 
     probe = mmap.mmap(-1, mmap.PAGESIZE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     try:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(probe))
-        return libc.madvise(address, mmap.PAGESIZE, _crypto.MADV_POPULATE_WRITE) == 0
+        probe.madvise(_crypto.MADV_POPULATE_WRITE)
+        return True
+    except OSError:  # EINVAL: an older kernel
+        return False
     finally:
         probe.close()
 
@@ -206,8 +207,7 @@ def _resident(buf: Any) -> list[bool]:
 def test_prefaulter_maps_pages_in_and_leaves_what_is_there() -> None:
     import mmap
 
-    if not _kernel_populates():
-        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
+    require(_kernel_populates(), "a kernel with MADV_POPULATE_WRITE (Linux 5.14+)")
     page, mib = mmap.PAGESIZE, 1 << 20
     buf = _crypto.secret_buffer(4 * mib)
     control = _crypto.secret_buffer(4 * mib)
