@@ -30,9 +30,10 @@ def _app(path: str) -> Any:  # pragma: no cover - runs in the child
     import onnxruntime as ort
     from fastapi import FastAPI, Request, Response
 
-    so = ort.SessionOptions()  # as the worker's: spinning off, every core
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    from vault.core.ortthreads import apply_spin_policy
+
+    so = ort.SessionOptions()  # as the worker's: every core, its spin policy
+    apply_spin_policy(so)
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     app = FastAPI()

@@ -33,9 +33,10 @@ def _serve(path: str, port: int, cert: str, key: str) -> None:  # pragma: no cov
     import grpc
     import onnxruntime as ort
 
-    so = ort.SessionOptions()  # as the worker's: spinning off, every core
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    from vault.core.ortthreads import apply_spin_policy
+
+    so = ort.SessionOptions()  # as the worker's: every core, its spin policy
+    apply_spin_policy(so)
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 

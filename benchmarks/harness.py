@@ -239,10 +239,11 @@ def ort_session(model: bytes | str, *, default_options: bool = False) -> Any:
     """The in-process baseline session, on the CPU.
 
     By default it gets exactly the worker's SessionOptions
-    (``worker.runtime.session_options()``: thread-pool spinning off, logs
-    quiet), so both sides run onnxruntime the same way and the difference is
-    the vault's. ``default_options=True`` gives onnxruntime's defaults
-    (spinning on), as a user's plain session would have.
+    (``worker.runtime.session_options()``: thread pools spinning within a
+    run and 50 us after it, logs quiet), so both sides run onnxruntime the
+    same way and the difference is the vault's. ``default_options=True``
+    gives onnxruntime's defaults (spinning on, unbounded), as a user's plain
+    session would have.
     """
     import onnxruntime as ort
 

@@ -15,8 +15,9 @@ Overhead = vault - in-process (medians); the target compares it with the
 raw pyzmq echo of the same transport.
 
 Two in-process rows: ``in_process`` uses the worker's own SessionOptions
-(spinning off), so vault - in_process is the channel's cost alone;
-``in_process_default`` uses onnxruntime's defaults (spinning on), as a
+(spinning bounded to 50 us after a run), so vault - in_process is the
+channel's cost alone; ``in_process_default`` uses onnxruntime's defaults
+(spinning unbounded), as a
 user's plain session would, so in_process - in_process_default is the cost
 of the worker's thread policy. Rows are timed in alternating BLOCKS of
 several back-to-back calls (not call by call), with a pause before each
@@ -198,7 +199,7 @@ def run(quick: bool, env: Any, echo: EchoServer, log: Callable[[str], None]) -> 
         if "vault_ipc" in med and "vault_ipc_nowait" in med:
             # the local channel's short wait: with it / without it (same run, same blocks)
             row["short_wait_ratio"] = med["vault_ipc"] / med["vault_ipc_nowait"]
-        # what the worker's thread policy (spinning off) costs in-process
+        # what the worker's thread policy (bounded spinning) costs in-process
         row["thread_policy_s"] = med["in_process"] - med["in_process_default"]
         out[name] = row
         del sess, sess_default

@@ -25,7 +25,7 @@ def table(res: dict[str, Any]) -> str:
     elif lat:
         L.append(
             "\n1. per-call latency, ms: median (p99); same run, alternating blocks; "
-            "in_process = worker's options (spinning off), in_process_default = onnxruntime's"
+            "in_process = worker's options (spinning bounded), in_process_default = onnxruntime's"
         )
         groups = [
             ["in_process", "in_process_default", "vault_ipc", "vault_ipc_zmq", "zmq_echo_ipc"],

@@ -2,8 +2,9 @@
 at batch 1 and the MLP (1024-2048-1024-10) at batch 1.
 
 In-process: N threads share one ``InferenceSession`` (``run`` drops the GIL),
-configured like the worker's (``in_process``, spinning off) and with
-onnxruntime's defaults (``in_process_default``, spinning on).
+configured like the worker's (``in_process``, spinning bounded to 50 us
+after a run) and with onnxruntime's defaults (``in_process_default``,
+spinning unbounded).
 Vault: N threads share one ``vault.open`` Model (each thread gets its own
 connection, served by a worker thread of its own); beside it the same
 worker with one onnxruntime thread per run (``vault_ipc_intra1``) and over

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from vault.core.errors import ComputeError, ConfigError, InputError, IntegrityError
 from vault.core.graphs import check_graph
+from vault.core.ortthreads import apply_spin_policy
 from vault.core.protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name, is_tensor_type
 
 from .initializers import add_to_options, zero_copy_graph
@@ -67,12 +68,13 @@ def session_options(options: Mapping[str, Any] | None = None) -> ort.SessionOpti
     so.log_verbosity_level = 0
     so.enable_profiling = False
     so.optimized_model_filepath = ""
-    # No spin-waiting in onnxruntime's thread pools: idle spinners steal the
-    # cores the zmq I/O threads need, which tripled the round trip of a small
-    # model on a 2-core machine. Opt back in with {"allow_spinning": 1}.
-    spin = "1" if (options or {}).get("allow_spinning") else "0"
-    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    # onnxruntime's pools spin only within a run and 50 us after it (where
+    # onnxruntime can bound a spin; else not at all): an unbounded idle
+    # spinner steals the cores the caller and the I/O need, and no spinning
+    # makes every parallel section wake its threads (vault/core/ortthreads.py).
+    # {"allow_spinning": 0} turns it off, {"allow_spinning": 1} unbounds it.
+    allow = (options or {}).get("allow_spinning")
+    apply_spin_policy(so, None if allow is None else bool(allow))
     # Prepacking copies MatMul/Conv weights into the kernels' layout. Over
     # weights the worker lends in place (the decrypted buffer) that copy is a
     # second one onnxruntime cannot free: {"prepack": 0} trades it for speed

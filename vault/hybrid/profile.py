@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import ConfigError
+from ..core.ortthreads import apply_spin_policy
 from .cut import node_key
 
 __all__ = ["PROFILE_FORMAT", "example_inputs", "load_profile", "profile_model"]
@@ -61,15 +62,15 @@ def example_inputs(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> 
 
 def session_options(threads: int | None) -> Any:
     """SessionOptions for a head run in the caller's process, and for its
-    profile: as the worker runs (worker/runtime.py), no spin-waiting thread
-    pools (on a busy machine they made a 2-thread profile three times slower
-    than the real worker, and they steal the cores the tail's I/O needs)."""
+    profile: the thread pools wait as the worker's do (spinning within a run,
+    never long after it: an unbounded idle spinner made a 2-thread profile
+    three times slower than the real worker on a busy machine, and steals
+    the cores the tail's I/O needs; :mod:`vault.core.ortthreads`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    apply_spin_policy(so)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

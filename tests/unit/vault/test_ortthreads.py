@@ -1,0 +1,83 @@
+"""onnxruntime's thread pools as the project's sessions set them: hot within a
+run, idle after it (vault/core/ortthreads.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vault.core.ortthreads import SPIN_BOUND_US, bounded_spin_supported, spin_entries
+from worker.runtime import session_options
+
+
+def _matmul_model() -> bytes:
+    """One MatMul big enough that onnxruntime splits it over its pool."""
+    w = numpy_helper.from_array(np.random.default_rng(0).random((512, 512), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 512])],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _cpu_after_a_run(so: ort.SessionOptions) -> float:
+    """CPU seconds this process spends in the 100 ms after a run (median of
+    three), its own thread asleep: what the session's pool burns idle."""
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(_matmul_model(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).random((256, 512), np.float32)
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    spent = []
+    for _ in range(3):
+        sess.run(None, {"x": x})
+        c0 = time.process_time()
+        time.sleep(0.1)
+        spent.append(time.process_time() - c0)
+    return statistics.median(spent)
+
+
+def test_a_worker_session_pool_goes_idle_after_a_run_where_a_default_one_spins() -> None:
+    ours = _cpu_after_a_run(session_options())
+    # control: onnxruntime's default session keeps its pool spinning after the run
+    default = _cpu_after_a_run(ort.SessionOptions())
+    assert default > 0.010, f"control: the default pool burned only {default * 1e3:.1f} ms idle"
+    assert ours < 0.005, f"the worker's pool burned {ours * 1e3:.1f} ms of CPU while idle"
+
+
+def test_the_policy_spins_within_a_run_only_where_onnxruntime_bounds_it() -> None:
+    bounded = dict(spin_entries(version="1.26.0"))
+    assert bounded["session.intra_op.allow_spinning"] == "1"
+    assert bounded["session.intra_op.spin_duration_us"] == str(SPIN_BOUND_US)
+    assert bounded["session.inter_op.spin_duration_us"] == str(SPIN_BOUND_US)
+    assert dict(spin_entries(version="2.0.1")) == bounded
+    # an onnxruntime that ignores the bound would spin without one: off there
+    for old in ("1.25.1", "1.18.0", "nightly"):
+        assert dict(spin_entries(version=old)) == {
+            "session.intra_op.allow_spinning": "0",
+            "session.inter_op.allow_spinning": "0",
+        }, old
+    assert bounded_spin_supported("1.26.0.dev20260101") and not bounded_spin_supported("0.9")
+    # the installed onnxruntime gets what its version says
+    so = session_options()
+    want = "1" if bounded_spin_supported() else "0"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == want
+
+
+@pytest.mark.parametrize(("allow", "flag"), [(0, "0"), (1, "1")])
+def test_allow_spinning_turns_it_off_or_unbounds_it(allow: int, flag: str) -> None:
+    entries = dict(spin_entries(bool(allow)))
+    assert entries == {
+        "session.intra_op.allow_spinning": flag,
+        "session.inter_op.allow_spinning": flag,
+    }
+    so = session_options({"allow_spinning": allow})
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == flag
