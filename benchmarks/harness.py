@@ -253,10 +253,11 @@ def ort_session(model: bytes | str, *, default_options: bool = False) -> Any:
             from worker.runtime import session_options
 
             so = session_options()
-        except Exception:  # noqa: BLE001 - worker absent: the same knob by hand
+        except Exception:  # noqa: BLE001 - worker absent: the same thread policy
+            from vault.core.ortthreads import apply_spin_policy
+
             so = ort.SessionOptions()
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+            apply_spin_policy(so)
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 

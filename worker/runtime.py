@@ -60,6 +60,21 @@ _RUN_OPTIONS = ort.RunOptions()
 _RUN_OPTIONS.log_severity_level = 4
 
 
+_FLAGS = {0: False, 1: True, "0": False, "1": True}
+
+
+def _flag(options: Mapping[str, Any] | None, key: str) -> bool | None:
+    """An on/off option: None when absent; 0, 1, False, True, "0" or "1"
+    (a config file's string included), else a ConfigError, never a guess
+    (``bool("0")`` is True)."""
+    value = (options or {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, str)) and value in _FLAGS:
+        return _FLAGS[value]
+    raise ConfigError(f"session option {key!r} must be 0 or 1, got {value!r}")
+
+
 def session_options(options: Mapping[str, Any] | None = None) -> ort.SessionOptions:
     """SessionOptions with every leaky knob off; ConfigError for a refused option."""
     so = ort.SessionOptions()
@@ -73,13 +88,13 @@ def session_options(options: Mapping[str, Any] | None = None) -> ort.SessionOpti
     # spinner steals the cores the caller and the I/O need, and no spinning
     # makes every parallel section wake its threads (vault/core/ortthreads.py).
     # {"allow_spinning": 0} turns it off, {"allow_spinning": 1} unbounds it.
-    allow = (options or {}).get("allow_spinning")
-    apply_spin_policy(so, None if allow is None else bool(allow))
+    allow = _flag(options, "allow_spinning")
+    apply_spin_policy(so, allow)
     # Prepacking copies MatMul/Conv weights into the kernels' layout. Over
     # weights the worker lends in place (the decrypted buffer) that copy is a
     # second one onnxruntime cannot free: {"prepack": 0} trades it for speed
     # (docs/benchmarks.md, section 6, has both figures).
-    if not (options or {}).get("prepack", True):
+    if _flag(options, "prepack") is False:
         so.add_session_config_entry("session.disable_prepacking", "1")
     for key, value in (options or {}).items():
         if key in ("allow_spinning", "prepack"):
@@ -353,7 +368,7 @@ class Pipeline:
         first = self._stages[0][0]
         self.provider: str = first.get_providers()[0]
         # onnxruntime's packed weight copies: on unless {"prepack": 0} (worker --no-prepack)
-        self.prepack = bool((options or {}).get("prepack", True))
+        self.prepack = _flag(options, "prepack") is not False
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         if inputs is None or outputs is None:
             sig_in, sig_out = signature_of(first)

@@ -4,17 +4,19 @@ builds (a worker's, and a hybrid head's in the caller's process).
 A pool thread that finishes its share of a parallel section either sleeps
 or spin-waits for the next one. onnxruntime's default spins without a bound
 that matters here: an idle pool burned about 40 ms of CPU after each run on
-this project's 2-core hosts (`tests/unit/vault/test_ortthreads.py` measures
-it), taking the cores that a worker's I/O and its caller need (it tripled a
-small model's round trip). Spinning off, every parallel section wakes its
-threads from sleep: a transformer's run has hundreds of them, and GPT-2 with
-past ran in 625 us instead of 374 us back to back in-process.
+this project's 2-core hosts (`tests/unit/worker/test_ortthreads.py`
+measures it), taking the cores that a worker's I/O and its caller need (it
+tripled a small model's round trip). Spinning off, every parallel section
+wakes its threads from sleep: GPT-2 with past ran in 625 us instead of
+374 us back to back in-process.
 
 Since onnxruntime 1.26 a spin can be bounded
 (``session.intra_op.spin_duration_us``): the threads stay hot from one
 parallel section of a run to the next and sleep :data:`SPIN_BOUND_US` after
 the run's last. Measured through a local worker (docs/benchmarks.md, "Stop
-35"): faster or equal for every model tried, the batch-1 MLP included. On an
+35"): up to 30 % faster a call on the transformers, 5-15 % on MobileNetV2,
+the batch-1 MLP within its noise (slower in two of six runs, by up to 10
+%); throughput within noise. On an
 older onnxruntime (which ignores the key, so its spin would be unbounded)
 the policy stays spinning off.
 

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vault.core.errors import ConfigError
 from vault.core.ortthreads import SPIN_BOUND_US, bounded_spin_supported, spin_entries
 from worker.runtime import session_options
 
@@ -29,7 +30,7 @@ def _matmul_model() -> bytes:
 
 
 def _cpu_after_a_run(so: ort.SessionOptions) -> float:
-    """CPU seconds this process spends in the 100 ms after a run (median of
+    """CPU seconds this process spends in the 200 ms after a run (median of
     three), its own thread asleep: what the session's pool burns idle."""
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(_matmul_model(), so, providers=["CPUExecutionProvider"])
@@ -40,17 +41,22 @@ def _cpu_after_a_run(so: ort.SessionOptions) -> float:
     for _ in range(3):
         sess.run(None, {"x": x})
         c0 = time.process_time()
-        time.sleep(0.1)
+        time.sleep(0.2)
         spent.append(time.process_time() - c0)
     return statistics.median(spent)
 
 
 def test_a_worker_session_pool_goes_idle_after_a_run_where_a_default_one_spins() -> None:
     ours = _cpu_after_a_run(session_options())
-    # control: onnxruntime's default session keeps its pool spinning after the run
+    # control: onnxruntime's default session keeps its pool spinning after the
+    # run (38-43 ms of CPU on a quiet 2-core host, 10-20 ms with 8 busy
+    # processes beside it; the bounded pool 0.06-1.4 ms either way)
     default = _cpu_after_a_run(ort.SessionOptions())
-    assert default > 0.010, f"control: the default pool burned only {default * 1e3:.1f} ms idle"
-    assert ours < 0.005, f"the worker's pool burned {ours * 1e3:.1f} ms of CPU while idle"
+    assert default > 0.005, f"control: the default pool burned only {default * 1e3:.1f} ms idle"
+    assert ours < min(0.005, default / 4), (
+        f"the worker's pool burned {ours * 1e3:.1f} ms of CPU while idle "
+        f"(onnxruntime's default: {default * 1e3:.1f} ms)"
+    )
 
 
 def test_the_policy_spins_within_a_run_only_where_onnxruntime_bounds_it() -> None:
@@ -81,3 +87,13 @@ def test_allow_spinning_turns_it_off_or_unbounds_it(allow: int, flag: str) -> No
     }
     so = session_options({"allow_spinning": allow})
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == flag
+
+
+def test_on_off_options_read_strings_as_a_config_file_gives_them() -> None:
+    off = session_options({"allow_spinning": "0"})
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    unpacked = session_options({"prepack": "0"})
+    assert unpacked.get_session_config_entry("session.disable_prepacking") == "1"
+    for bad in ("yes", 2, 0.0, "false"):
+        with pytest.raises(ConfigError, match="must be 0 or 1"):
+            session_options({"allow_spinning": bad})
