@@ -91,11 +91,13 @@ class Running:
 
 
 def start_service(tmp: Path, models: dict[str, Any], *, batchable: tuple[str, ...] = (),
-                  keygen: bool = False, wrong_keys: bool = False, **cfg: Any) -> Running:  # fmt: skip
+                  keygen: bool = False, wrong_keys: bool = False, user: str | None = None,
+                  **cfg: Any) -> Running:  # fmt: skip
     """The service on ``models``, in this process. ``batchable``: the models
     sealed with the publisher's declaration; ``keygen``: its CURVE keys from
     `vault worker keygen` (the real command); ``wrong_keys``: every worker
-    gets a wrong package key (no model can load)."""
+    gets a wrong package key (no model can load); ``user``: the workers'
+    ``--user``."""
     sealed = {name: seal_for_test(tmp, m, name=name, batchable=name in batchable)
               for name, m in models.items()}  # fmt: skip
     alice = caller_licence("alice")
@@ -117,7 +119,7 @@ def start_service(tmp: Path, models: dict[str, Any], *, batchable: tuple[str, ..
         curve=(spub, ssec),
         policy=AllowListPolicy({"alice": alice.client_public_key}),
         metrics_port=0,
-        launch=LaunchSpec(publisher=any_sealed.publisher_pub, unsafe_test_keys=keys),
+        launch=LaunchSpec(publisher=any_sealed.publisher_pub, unsafe_test_keys=keys, user=user),
         **cfg,
     )
     svc = WorkerService(config, log=JsonLog(log_stream, level="debug"))
@@ -137,6 +139,22 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
                         instance_inflight=1, batchable=("slow",), keygen=True)  # fmt: skip
     try:
         yield run
+    finally:
+        run.stop()
+
+
+def test_a_root_service_without_user_says_its_workers_run_as_root(
+    service: Running, tmp_path: Path
+) -> None:
+    logged = service.log_path.read_text()
+    if os.geteuid() != 0:  # workers of an ordinary user's service are that user's
+        assert '"workers_run_as_root"' not in logged
+        return
+    assert '"workers_run_as_root"' in logged and "--user NAME" in logged
+    # control: the same service told to drop its workers to a user says nothing of it
+    run = start_service(tmp_path, {"a": mlp(seed=0)}, user="nobody")
+    try:
+        assert '"workers_run_as_root"' not in run.log_path.read_text()
     finally:
         run.stop()
 

@@ -38,8 +38,9 @@ def _init(args: argparse.Namespace) -> int:
     dev = init_device(args.dir)
     print(f"device {dev.device_id} created in {args.dir} (key readable only by uid {os.getuid()})")
     print(
-        f"enroll it: vault device enroll {args.dir} --licence admin.licence "
-        "(add --service for a worker service's device)"
+        f"enroll it: vault device enroll {args.dir} --licence KS/admin.licence "
+        "(the admin licence `vault keyserver init KS` wrote; add --service for a worker "
+        "service's device)"
     )
     return 0
 

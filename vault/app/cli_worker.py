@@ -101,7 +101,9 @@ def register(sub: Any) -> None:
     s.add_argument("--metrics-port", type=port, default=None, metavar="P",
                    help="serve /metrics, /healthz, /readyz, /v2/health/{live,ready} and "
                         "/v2/models/M/ready over HTTP on this port")  # fmt: skip
-    s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST")
+    s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="the address the --metrics-port endpoints listen on (default "
+                   "127.0.0.1; 0.0.0.0 for a scraper on another host)")  # fmt: skip
     s.add_argument("--sealed-port", type=int, default=0, metavar="P",
                    help="tcp:// only: the port of the second socket remote computes travel "
                    "sealed on (AES-256-GCM, keys agreed over CURVE; docs/transport.md), on "

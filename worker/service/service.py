@@ -362,6 +362,11 @@ class WorkerService:
             swept = 0
         if swept:
             self.log("stale_instance_dirs_removed", level="info", count=swept)
+        if os.geteuid() == 0 and not self.cfg.launch.user:
+            # allowed (a container's root is often no root at all), but said
+            self.log("workers_run_as_root", level="warning",
+                     message="started as root without --user: every worker runs as root; "
+                             "--user NAME drops them to NAME (docs/service.md, Operations)")  # fmt: skip
         sources = self._initial_sources()
         self._configure_front()
         for model_id, path, stamp in sources:
