@@ -237,7 +237,13 @@ def test_nobodys_own_licence_is_used_only_from_its_own_private_file(
         shutil.copy(own / "admin.licence", loose)
         os.chown(loose, _nobody().pw_uid, _nobody().pw_gid)
         loose.chmod(0o644)
-        paths = [str(own / "admin.licence"), str(shared / "admin.licence"), str(loose)]
+        roots = base / "roots"  # root's directory, root's licence left readable by all
+        roots.mkdir(mode=0o755)
+        handed = roots / "handed.licence"
+        handed.write_bytes(data["admin.licence"])
+        handed.chmod(0o644)
+        paths = [str(own / "admin.licence"), str(shared / "admin.licence"), str(loose),
+                 str(handed)]  # fmt: skip
         r = subprocess.run(_as_nobody([SYSTEM_PYTHON, "-B", "-c", NOBODY_LOADS, *paths]),
                            env=_nobody_env(), capture_output=True, timeout=60, cwd="/")  # fmt: skip
         assert r.returncode == 0, r.stderr.decode()[-2000:]
@@ -246,6 +252,10 @@ def test_nobodys_own_licence_is_used_only_from_its_own_private_file(
         assert got[paths[0]] == f"used: {licence_id}"  # the control
         assert "writable by other users" in got[paths[1]], got
         assert "open to other users (mode 0644)" in got[paths[2]], got
+        assert "`chmod 600" in got[paths[2]], got  # its own file: it may fix it
+        # root's file: the fix is a copy of its own, never a chmod it may not do
+        assert "open to other users (mode 0644)" in got[paths[3]], got
+        assert "install -m 600" in got[paths[3]] and "chmod" not in got[paths[3]], got
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

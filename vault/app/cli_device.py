@@ -222,8 +222,13 @@ def register(sub: Any) -> None:
     p.add_argument("--worker-path", action="append", default=[], metavar="DIR",
                    help="directories the workers import from, when the install is not on "
                         "the interpreter's own path (root-owned; repeatable)")  # fmt: skip
-    p.add_argument("--runtime-dir", default=None, help="where worker sockets go")
-    p.add_argument("--start-timeout", type=positive_float, default=60.0)
+    p.add_argument("--runtime-dir", default=None, metavar="DIR",
+                   help="a private directory (root's, no other writer) the workers' socket "
+                        "directories go in (default: a fresh one beside --socket, removed "
+                        "when the daemon stops)")  # fmt: skip
+    p.add_argument("--start-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="seconds a worker has to be ready; one that is not is killed "
+                        "(default 60)")  # fmt: skip
     p.add_argument("--standby", type=non_negative_int, default=1, metavar="N",
                    help="workers kept pre-started (hardened, onnxruntime imported) so an "
                         "open skips spawn and imports; 0: none (default 1)")  # fmt: skip

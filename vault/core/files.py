@@ -136,6 +136,12 @@ def _check_secret_stat(p: str, st: os.stat_result, what: str) -> None:
     # root's may be group-readable (a Kubernetes Secret with an fsGroup), no more
     loose = 0o026 if st.st_uid == 0 else 0o066
     if mode & loose:
+        if st.st_uid != me:  # root's, read by another user, who cannot chmod it
+            raise ConfigError(
+                f"{p}: the {what} is open to other users (mode {mode:04o}) and is root's, not "
+                f"yours to change: copy it into a file of your own (`install -m 600 {p} NEW`) "
+                "and use that, or ask root to hand it over as yours (`install -o USER -m 600`)"
+            )
         raise ConfigError(
             f"{p}: the {what} is open to other users (mode {mode:04o}): `chmod 600 {p}`"
             + (" (root's may be 0640: group-readable, no more)" if st.st_uid == 0 else "")
