@@ -64,8 +64,8 @@ def _enroll(args: argparse.Namespace) -> int:
         )  # fmt: skip
         address, server_key = ks.licence.keyserver_address, ks.licence.keyserver_public_key
     note = "enrolled" if created else "was already enrolled"
-    if args.service:
-        note += " as a worker service"
+    if args.service:  # the key server recorded it as one, or the call raised
+        note += " as a worker service" if created else "; it is a worker service now"
     print(f"device {pub['device_id']} {note}")
     if on_device:  # the key server the device will talk to, fixed here (never a caller's)
         record_keyserver(args.dir, address=address, public_key=server_key)

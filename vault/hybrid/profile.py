@@ -88,6 +88,7 @@ def _session(model_bytes: bytes, threads: int | None, prefix: str | None) -> Any
 
 
 def _kernel_name(name: str, known: set[str]) -> str | None:
+    """The node a profiler event's kernel time is named after, if any."""
     base = name[: -len("_kernel_time")]
     for cand in (base, base.split("/", 1)[0], base.removesuffix("_nchwc")):
         if cand in known:
@@ -96,6 +97,40 @@ def _kernel_name(name: str, known: set[str]) -> str | None:
         if cand in known:
             return cand
     return None
+
+
+def _fused_tensor(name: str, producers: Mapping[str, str]) -> str | None:
+    """Where onnxruntime fused nodes into one kernel (a Conv with its Relu,
+    rewritten to the NCHWc layout), the kernel is named after the group's
+    output tensor (``block1_out_nchwc``), not after a node: that tensor."""
+    base = name[: -len("_kernel_time")]
+    for cand in (base, base.removesuffix("_nchwc")):
+        if cand in producers:
+            return cand
+    return None
+
+
+def _group_head(last: str, model: onnx.ModelProto, keys: list[str],
+                producers: Mapping[str, str], own: set[str]) -> str:  # fmt: skip
+    """The first node of the fused group that ends at node ``last``: back
+    through each predecessor that has no kernel of its own and feeds only
+    the node after it (Conv -> Relu: the Conv, whose cost it mostly is, so
+    a cut between the two prices the Conv in the head)."""
+    nodes = dict(zip(keys, model.graph.node))
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers[t] = consumers.get(t, 0) + 1
+    key, seen = last, {last}
+    while True:
+        fed = [producers[t] for t in nodes[key].input if t in producers]
+        if len(fed) != 1 or fed[0] in own or fed[0] in seen:
+            return key
+        outs = [o for o in nodes[fed[0]].output if o]
+        if any(consumers.get(o, 0) != 1 for o in outs):
+            return key
+        key = fed[0]
+        seen.add(key)
 
 
 def profile_model(
@@ -133,12 +168,27 @@ def profile_model(
         shutil.rmtree(tmp, ignore_errors=True)
     keys = [node_key(n, i) for i, n in enumerate(model.graph.node)]
     known = set(keys)
+    producers = {out: key for key, n in zip(keys, model.graph.node) for out in n.output if out}
+    kernels = [e for e in events
+               if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]  # fmt: skip
+    owner: dict[str, str | None] = {}  # a kernel's name -> the node its time is put on
+    fused: dict[str, str] = {}
+    for e in kernels:
+        name = str(e["name"])
+        if name not in owner:
+            owner[name] = _kernel_name(name, known)
+            tensor = _fused_tensor(name, producers) if owner[name] is None else None
+            if tensor is not None:
+                fused[name] = producers[tensor]
+    own = {k for k in owner.values() if k} | set(fused.values())
+    for name, last in fused.items():
+        owner[name] = _group_head(last, model, keys, producers, own - {last})
     runs: list[dict[str, float]] = []
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":
             runs.append({})
         elif e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and runs:
-            k = _kernel_name(str(e["name"]), known) or "(other)"
+            k = owner.get(str(e["name"])) or "(other)"
             runs[-1][k] = runs[-1].get(k, 0.0) + float(e.get("dur", 0)) / 1e3
     runs = runs[1:] if len(runs) > repeats else runs  # the warm-up run
     per_node = {k: statistics.median([r.get(k, 0.0) for r in runs]) for k in keys}
