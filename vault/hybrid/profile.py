@@ -110,27 +110,24 @@ def _fused_tensor(name: str, producers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _group_head(last: str, model: onnx.ModelProto, keys: list[str],
-                producers: Mapping[str, str], own: set[str]) -> str:  # fmt: skip
-    """The first node of the fused group that ends at node ``last``: back
-    through each predecessor that has no kernel of its own and feeds only
-    the node after it (Conv -> Relu: the Conv, whose cost it mostly is, so
-    a cut between the two prices the Conv in the head)."""
-    nodes = dict(zip(keys, model.graph.node))
-    consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for t in n.input:
-            consumers[t] = consumers.get(t, 0) + 1
+def _group_head(last: str, op: str, nodes: Mapping[str, onnx.NodeProto],
+                producers: Mapping[str, str], consumers: Mapping[str, int]) -> str:  # fmt: skip
+    """Where onnxruntime fused nodes into one kernel, the kernel is named
+    after the group's last node or output (a Conv and its Clip run as
+    ``clip6_nchwc``) and reports the op it runs (``Conv``): the node of that
+    op, found back from ``last`` through predecessors that each feed only the
+    next one; ``last`` itself when none is. So the Conv, whose cost it mostly
+    is, carries it, and a cut between the two prices it in the head."""
     key, seen = last, {last}
-    while True:
+    while nodes[key].op_type != op:
         fed = [producers[t] for t in nodes[key].input if t in producers]
-        if len(fed) != 1 or fed[0] in own or fed[0] in seen:
-            return key
-        outs = [o for o in nodes[fed[0]].output if o]
-        if any(consumers.get(o, 0) != 1 for o in outs):
-            return key
+        if len(fed) != 1 or fed[0] in seen:
+            return last
+        if any(consumers.get(o, 0) != 1 for o in nodes[fed[0]].output if o):
+            return last
         key = fed[0]
         seen.add(key)
+    return key
 
 
 def profile_model(
@@ -169,20 +166,24 @@ def profile_model(
     keys = [node_key(n, i) for i, n in enumerate(model.graph.node)]
     known = set(keys)
     producers = {out: key for key, n in zip(keys, model.graph.node) for out in n.output if out}
-    kernels = [e for e in events
-               if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]  # fmt: skip
+    nodes = dict(zip(keys, model.graph.node))
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers[t] = consumers.get(t, 0) + 1
     owner: dict[str, str | None] = {}  # a kernel's name -> the node its time is put on
-    fused: dict[str, str] = {}
-    for e in kernels:
-        name = str(e["name"])
-        if name not in owner:
-            owner[name] = _kernel_name(name, known)
-            tensor = _fused_tensor(name, producers) if owner[name] is None else None
-            if tensor is not None:
-                fused[name] = producers[tensor]
-    own = {k for k in owner.values() if k} | set(fused.values())
-    for name, last in fused.items():
-        owner[name] = _group_head(last, model, keys, producers, own - {last})
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") != "Node" or not name.endswith("_kernel_time") or name in owner:
+            continue
+        key = _kernel_name(name, known)
+        if key is None:
+            tensor = _fused_tensor(name, producers)
+            key = producers[tensor] if tensor is not None else None
+        op = (e.get("args") or {}).get("op_name")
+        if key is not None and isinstance(op, str):
+            key = _group_head(key, op, nodes, producers, consumers)
+        owner[name] = key
     runs: list[dict[str, float]] = []
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":

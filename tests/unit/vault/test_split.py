@@ -246,17 +246,20 @@ def test_profile_covers_every_node_and_adds_up_to_a_run() -> None:
     assert all(v >= 0 for v in prof["nodes"].values())
 
 
-def _conv_blocks(blocks: int = 4) -> onnx.ModelProto:
+def _conv_blocks(blocks: int = 4, *, named_as_outputs: bool = False) -> onnx.ModelProto:
     """Conv -> Relu blocks, then a small head: onnxruntime fuses each Conv
-    with its Relu (NCHWc) and names that kernel after the Relu's output."""
+    with its Relu (NCHWc) and names that kernel after the Relu's output
+    (``named_as_outputs``: each node named as its output, as some exporters
+    do, so the fused kernel's name is the Relu's)."""
     rng = np.random.default_rng(0)
     nodes, inits, prev, c_in = [], [], "x", 3
     for i in range(1, blocks + 1):
         w = (rng.standard_normal((16, c_in, 3, 3)) * 0.1).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}",
+        conv, relu = (f"c{i}", f"block{i}_out") if named_as_outputs else (f"conv{i}", f"relu{i}")
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=conv,
                                       pads=[1, 1, 1, 1]))  # fmt: skip
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"block{i}_out"], name=f"relu{i}"))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"block{i}_out"], name=relu))
         prev, c_in = f"block{i}_out", 16
     inits.append(numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "wf"))
     nodes += [helper.make_node("GlobalAveragePool", [prev], ["pool"], name="pool"),
@@ -272,14 +275,17 @@ def _conv_blocks(blocks: int = 4) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_profile_puts_a_fused_kernels_time_on_the_nodes_it_ran() -> None:
-    # the fused Conv+Relu kernels are named after tensors (block1_out_nchwc):
-    # their time belongs to the convs, not rescaled onto the head's nodes
-    m = _conv_blocks()
+@pytest.mark.parametrize("named_as_outputs", [False, True])
+def test_profile_puts_a_fused_kernels_time_on_the_nodes_it_ran(named_as_outputs: bool) -> None:
+    # the fused Conv+Relu kernels are named after the Relu's output tensor
+    # (block1_out_nchwc), which may also be the Relu's name: their time is
+    # the convs', not lost, nor rescaled onto the head's nodes or the Relus
+    m = _conv_blocks(named_as_outputs=named_as_outputs)
     prof = profile_model(m, repeats=3, threads=1)
     nodes = prof["nodes"]
-    assert all(nodes[f"conv{i}"] > 0 for i in range(1, 5)), nodes
-    convs = sum(nodes[f"conv{i}"] + nodes[f"relu{i}"] for i in range(1, 5))
+    conv, relu = ("c{}", "block{}_out") if named_as_outputs else ("conv{}", "relu{}")
+    assert all(nodes[conv.format(i)] > nodes[relu.format(i)] for i in range(1, 5)), nodes
+    convs = sum(nodes[conv.format(i)] + nodes[relu.format(i)] for i in range(1, 5))
     head = nodes["pool"] + nodes["flat"] + nodes["fc"]
     assert convs > 4 * head, nodes  # 4 convolutions over 64x64 against a 16x10 MatMul
     assert sum(nodes.values()) == pytest.approx(prof["run_ms"], rel=0.01, abs=1e-3)
