@@ -46,8 +46,11 @@ class FaultyKeyServer:
         self.ask = ask
         self.fail_next: str | None = None
         self.faults = 0
+        self.gone = False  # every request fails: the key server is unreachable
 
     def __call__(self, model: Any, keys: Any, usage: Any, grants: Any) -> Any:
+        if self.gone:
+            raise vault.KeyServerUnavailableError("injected: the key server is gone")
         fault = self.fail_next if model is not None and keys else None
         if fault == "request":
             self.fail_next, self.faults = None, self.faults + 1
@@ -115,6 +118,26 @@ def service(keyserver: Any, tmp_path: Path) -> Iterator[Svc]:
         yield s
     finally:
         s.stop()
+
+
+def test_a_service_stopping_without_its_key_server_says_what_it_could_not_report(
+    keyserver: Any, tmp_path: Path
+) -> None:
+    logs = {}
+    for gone in (True, False):  # False: the control, the key server still there
+        (tmp_path / str(gone)).mkdir()
+        s = Svc(keyserver, tmp_path / str(gone))
+        try:
+            lic = s.caller(max_calls=10)
+            with s.connect(lic) as m:
+                m.compute({"x": X})
+            s.faulty.gone = gone
+        finally:
+            s.stop()
+        logs[gone] = Path(s.log.name).read_text()
+    assert '"usage_unreported"' in logs[True], logs[True][-2000:]
+    assert '"usage_unreported"' not in logs[False]
+    assert '"service_stopped"' in logs[True] and '"service_stopped"' in logs[False]
 
 
 def test_quota_is_enforced_per_caller_and_usage_reported(service: Svc) -> None:

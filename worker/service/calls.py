@@ -262,6 +262,11 @@ def _new_id() -> str:
 # decision): past this bound a new caller is refused, typed, rather than a
 # flood of made-up keys costing a thread and a request each.
 MAX_PENDING_DECISIONS = 256
+# How long a stopping service keeps trying its last usage report: one key
+# server request's timeout (10 s) and a little. Three tries of a key server
+# that was gone made a SIGTERM take 32 s, past Kubernetes' default grace
+# period (30 s).
+CLOSE_BUDGET_S = 12.0
 _PROBE_TTL = 5.0  # how long a probe's answer (ZAP, a door's vetting) is reused
 # CURVE handshakes whose key the service has no fresh answer for, per peer
 # address: each costs a key-server request, made on the one ZAP thread every
@@ -868,20 +873,29 @@ class CallLicencePolicy(_Usage):
             except VaultError:
                 pass  # they stay pending: the next contact carries them
 
-    def close(self, *, attempts: int = 3) -> None:
+    def close(self, *, attempts: int = 3, budget_s: float = CLOSE_BUDGET_S) -> None:
         """Report what was served and give back every reserve, whatever each
-        licence's decision is now; tried ``attempts`` times."""
+        licence's decision is now; tried up to ``attempts`` times, a new try
+        only while it would end within ``budget_s`` of the first (judged by
+        the last try's length): a key server that is gone costs a stopping
+        service one request's timeout, not three. What is still unreported
+        after that is :meth:`pending_reports` (the service logs it); its
+        reserves come back when the grants lapse."""
         self._stop.set()
         self._thread.join(2)
         with self._lock:
             for d in self._decisions.values():
                 self._retire(d)
+        start = self._clock()
         for _ in range(attempts):
             with self._lock:
                 if not (self._outbox or self._giveback or any(self._unreported.values())):
                     return
+            tried = self._clock()
             try:
                 self._call(None, [])
                 return
             except VaultError:
-                continue
+                now = self._clock()
+                if now - start + (now - tried) > budget_s:
+                    return

@@ -170,6 +170,37 @@ def test_a_decision_is_never_used_past_one_lease() -> None:
         p.close()
 
 
+@pytest.mark.parametrize(("each_try_s", "tries"), [(10.0, 1), (0.1, 3)])
+def test_a_stopping_service_tries_its_last_report_within_a_budget(
+    each_try_s: float, tries: int
+) -> None:
+    """A key server gone when the service stops: the last report is tried
+    again only while that fits the close's budget (one slow timeout: one
+    try; quick refusals: all three), and what is left is said, not lost
+    silently."""
+    ks, clock = FakeKeyServer(), Clock()
+    p, decided = _policy(ks, clock)
+    p.record(_admit(p, decided), ok=True)
+    ks.down = True
+    asked = ks.asks
+
+    def slow(*args: Any) -> Any:
+        clock.t += each_try_s  # what the request's timeout costs
+        return ks(*args)
+
+    p._ask = slow  # noqa: SLF001 - the transport, as the key server's failure shows it
+    p.close()
+    assert ks.asks - asked == tries
+    assert p.pending_reports() > 0  # the call and the reserve, still owed
+    # control: a key server that answers takes the report at the first try
+    ks2, clock2 = FakeKeyServer(), Clock()
+    p2, decided2 = _policy(ks2, clock2)
+    p2.record(_admit(p2, decided2), ok=True)
+    asked = ks2.asks
+    p2.close()
+    assert ks2.asks - asked == 1 and p2.pending_reports() == 0 and ks2.used == 1
+
+
 def test_budget_is_reserved_per_lease_and_usage_reported() -> None:
     ks, clock = FakeKeyServer(), Clock()
     ks.budget = 2
