@@ -1231,7 +1231,8 @@ class KeyService:
             {"device_id": d.device_id, "public_key": d.public_key, "name": d.name,
              "enrolled_at": d.enrolled_at, "enrolled_by": d.enrolled_by,
              "revoked": d.revoked_at is not None, "revoked_at": d.revoked_at,
-             "authentic": self.rows.device_authentic(d)}
+             "authentic": self.rows.device_authentic(d),
+             "service": self.is_service_device(d.device_id)}
             for d in self.store.devices()
         ]  # fmt: skip
         return {"devices": out}

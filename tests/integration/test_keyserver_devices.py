@@ -200,6 +200,15 @@ def test_device_files_and_the_cli(keyserver, tmp_path):
                           str(runtime)], capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "recorded" in out.stdout, out.stderr
     assert Device.load(tmp_path / "other").keyserver_address == keyserver.address
+    # made a worker service's device by enrolling it again, and listed as one
+    out = subprocess.run([*run, "device", "enroll", str(copy), "--licence", admin, "--service"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "already enrolled; it is a worker service now" in out.stdout
+    out = subprocess.run(
+        [*run, "device", "list", "--licence", admin], capture_output=True, text=True
+    )
+    kinds = {line.split()[0]: line.split()[2] for line in out.stdout.splitlines()[1:]}
+    assert kinds[other.device_id] == "service" and kinds[dev.device_id] == "daemon", out.stdout
     out = subprocess.run([*run, "device", "revoke", dev.device_id, "--licence", admin],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "revoked" in out.stdout

@@ -94,10 +94,12 @@ def _list(args: argparse.Namespace) -> int:
 
     with _client(args) as ks:
         rows = ks.list_devices()
-    print(f"{'DEVICE':<22} {'NAME':<20} {'ENROLLED':<17} STATE")
+    # KIND: a worker service's device (asks for call decisions) or a daemon's
+    print(f"{'DEVICE':<22} {'NAME':<20} {'KIND':<8} {'ENROLLED':<17} STATE")
     for r in rows:
         state = "revoked" if r.get("revoked") else "active"
-        print(f"{r['device_id']:<22} {str(r.get('name') or '-'):<20} "
+        kind = "service" if r.get("service") else "daemon"
+        print(f"{r['device_id']:<22} {str(r.get('name') or '-'):<20} {kind:<8} "
               f"{_fmt_time(r.get('enrolled_at')):<17} {state}")  # fmt: skip
     return 0
 
