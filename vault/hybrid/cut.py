@@ -418,7 +418,12 @@ class CutGraph:
         """Every single-tensor cut the policy allows (deduplicated by head), in graph
         order. A cut whose crossing tensors are not all typed tensors cannot be
         shipped (the wire and the head's outputs need a dtype): it is left out, and
-        its tensor named in ``skipped`` when a list is given."""
+        its tensor named in ``skipped`` when a list is given. Identity nodes (what
+        composing a pipeline puts between its stages: ``raw`` -> ``pre/raw``) are
+        aliases, not work: two heads that differ only by them are one cut (the
+        first in graph order), and a head of nothing else is the all-server cut,
+        which the planner has anyway (before, ``--alternatives`` could ship such
+        a do-nothing head as a second choice)."""
         names = (
             [t for t in policy.split_points]
             if policy.split_points
@@ -436,8 +441,8 @@ class CutGraph:
                 if skipped is not None:
                     skipped.append(t)
                 continue
-            key = tuple(c.head_nodes)
-            if key not in seen:
+            key = tuple(i for i in c.head_nodes if self.nodes[i].op_type != "Identity")
+            if key and key not in seen:
                 seen.add(key)
                 out.append(c)
         return out

@@ -208,6 +208,24 @@ def test_candidates_respect_the_protected_region() -> None:
     assert by_name["b0"].crossing == ["b0", "a"]
 
 
+def test_a_composed_pipelines_identity_links_are_not_cuts_of_their_own() -> None:
+    # composing pre -> model puts Identity nodes between the stages (image ->
+    # pre/image, pre's output -> model's input): a cut there is the same data
+    # as the one before it, or the all-server cut itself
+    pre, model, post = classifier_pipeline()
+    merged, _ = _load_pipeline(model, pre, post, None)
+    g = CutGraph(merged)
+    identity = {o for n in merged.graph.node if n.op_type == "Identity" for o in n.output}
+    assert identity  # the control: the composed graph has such links
+    cands = g.candidates(ANY)
+    names = [c.name for c in cands]
+    assert not identity & set(names), names
+    heads = [tuple(i for i in c.head_nodes if merged.graph.node[i].op_type != "Identity")
+             for c in cands]  # fmt: skip
+    assert all(heads) and len(set(heads)) == len(heads), names  # no empty head, no repeat
+    assert "model/h2" in names  # the real cuts stay
+
+
 # --- the planner -------------------------------------------------------------------------------------
 
 
