@@ -87,26 +87,20 @@ def _session(model_bytes: bytes, threads: int | None, prefix: str | None) -> Any
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def _kernel_name(name: str, known: set[str]) -> str | None:
-    """The node a profiler event's kernel time is named after, if any."""
+def _kernel_node(name: str, known: set[str], producers: Mapping[str, str]) -> str | None:
+    """The node a profiler event's kernel is named after: a node's name, or,
+    where onnxruntime fused nodes into one kernel (a Conv with its Relu in
+    the NCHWc layout), the group's output tensor (``block1_out_nchwc``),
+    whose producer is then the node."""
     base = name[: -len("_kernel_time")]
-    for cand in (base, base.split("/", 1)[0], base.removesuffix("_nchwc")):
+    head = base.split("/", 1)[0]
+    cands = (base, head, base.removesuffix("_nchwc"), head.removesuffix("_nchwc"))
+    for cand in cands:
         if cand in known:
             return cand
-        cand = cand.removesuffix("_nchwc")
-        if cand in known:
-            return cand
-    return None
-
-
-def _fused_tensor(name: str, producers: Mapping[str, str]) -> str | None:
-    """Where onnxruntime fused nodes into one kernel (a Conv with its Relu,
-    rewritten to the NCHWc layout), the kernel is named after the group's
-    output tensor (``block1_out_nchwc``), not after a node: that tensor."""
-    base = name[: -len("_kernel_time")]
-    for cand in (base, base.removesuffix("_nchwc")):
+    for cand in cands:
         if cand in producers:
-            return cand
+            return producers[cand]
     return None
 
 
@@ -176,10 +170,7 @@ def profile_model(
         name = str(e.get("name", ""))
         if e.get("cat") != "Node" or not name.endswith("_kernel_time") or name in owner:
             continue
-        key = _kernel_name(name, known)
-        if key is None:
-            tensor = _fused_tensor(name, producers)
-            key = producers[tensor] if tensor is not None else None
+        key = _kernel_node(name, known, producers)
         op = (e.get("args") or {}).get("op_name")
         if key is not None and isinstance(op, str):
             key = _group_head(key, op, nodes, producers, consumers)

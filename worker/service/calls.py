@@ -100,6 +100,8 @@ class CallPolicy(Protocol):
 
     def close(self) -> None: ...
 
+    def pending_reports(self) -> int: ...
+
 
 class _Usage:
     def __init__(self) -> None:
@@ -122,6 +124,10 @@ class _Usage:
 
     def close(self) -> None:
         pass
+
+    def pending_reports(self) -> int:
+        """Usage reports owed to a key server: none (decisions are local)."""
+        return 0
 
 
 class OpenPolicy(_Usage):

@@ -1487,8 +1487,7 @@ class WorkerService:
         if self._http is not None:
             self._http.stop()
         self.cfg.policy.close()  # reports usage, gives unused reserves back
-        pending = getattr(self.cfg.policy, "pending_reports", None)
-        left = pending() if pending is not None else 0
+        left = self.cfg.policy.pending_reports()
         if left:  # the key server did not answer in time: say what it has not had
             self.log("usage_unreported", level="warning", reports=left,
                      message="the key server did not take the last usage reports; their "
