@@ -1210,6 +1210,43 @@ def test_a_stranger_holding_connections_open_shuts_nobody_out(plane: Plane) -> N
     _serving(plane)
 
 
+def test_a_strangers_endless_request_head_is_refused_at_64_kib(plane: Plane) -> None:
+    """A stranger with no token streamed header lines for the head's whole
+    deadline without ever ending the head: the door kept every line and a
+    service grew by gigabytes. Now past 64 KiB of head the door answers 431
+    and closes the connection; the service's memory stays where it was and
+    alice is served (the protocol's own control, uvicorn unbounded, is in
+    tests/unit/worker/test_oip_parts.py)."""
+    import psutil
+
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    proc = psutil.Process(plane.proc.pid)
+    before = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    line = b"X-Junk: " + b"a" * 8000 + b"\r\n"
+    with ctx.wrap_socket(_stranger(plane.http_port), server_hostname="localhost") as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n")
+        sent = 0
+        try:
+            for _ in range(1000):  # 8 MB, if nothing stopped it
+                s.sendall(line)
+                sent += len(line)
+        except OSError:
+            pass  # closed by the door
+        s.settimeout(30)
+        answer, ended = b"", False
+        try:
+            while chunk := s.recv(4096):
+                answer += chunk
+            ended = True
+        except (ssl.SSLError, ConnectionResetError):
+            ended = True
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), answer[:80]
+    assert ended  # and the connection closed by the door
+    after = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    assert after - before < 64 << 20, (before, after)
+    _serving(plane)
+
+
 def test_a_stranger_who_never_shakes_hands_holds_no_more_nor_longer(plane: Plane) -> None:
     """The same stranger, one step earlier: 200 TCP connections to the TLS
     door that never send a ClientHello. asyncio tells the HTTP protocol of a

@@ -1066,3 +1066,106 @@ def test_an_idle_stream_and_one_whose_answers_are_not_taken_are_ended() -> None:
     asyncio.run(run(unread))
     assert unread.status is not None and unread.status[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert "not taken within 0.05 s" in unread.status[1]
+
+
+class _Transport:
+    """What uvicorn's HTTP protocol writes to and closes (no socket)."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("192.0.2.9", 5555), "sockname": ("127.0.0.1", 80)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, *a: Any, **kw: Any) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_request_head_is_bounded_in_size_where_uvicorns_grows_without_end() -> None:
+    """A stranger with no token streamed 8 KB header lines for the head's
+    whole deadline without ending the head: uvicorn's protocol kept every
+    line (httptools sets no limit) and a service went from 78 MB to 5.5 GB.
+    The door's protocol answers 431 past 64 KiB and closes the connection,
+    holding nothing of it (control: uvicorn's own, fed the same bytes, holds
+    all 1.6 MB and stays open); a head under the bound, and a head sent in
+    one read with a large body, are not touched."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from worker.service.oip.httpconn import DEFAULT_MAX_HEAD, bounded_protocol
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    line = b"X-Junk: " + b"a" * 8000 + b"\r\n"
+
+    async def flood(cls: type[Any]) -> tuple[bool, bytes, int, int]:
+        config = uvicorn.Config(app, http="httptools", lifespan="off")
+        config.load()
+        proto = cls(config=config, server_state=ServerState(), app_state={})
+        t = _Transport()
+        proto.connection_made(t)
+        proto.data_received(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        sent = 0
+        while sent < 200 and not t.is_closing():
+            proto.data_received(line)
+            sent += 1
+        held = len(proto.url) + sum(len(n) + len(v) for n, v in proto.headers)
+        closed = t.is_closing()
+        proto.connection_lost(None)
+        return closed, t.out, sent, held
+
+    async def served(cls: type[Any], head_bytes: int, body: int) -> bytes:
+        config = uvicorn.Config(app, http="httptools", lifespan="off")
+        config.load()
+        proto = cls(config=config, server_state=ServerState(), app_state={})
+        t = _Transport()
+        proto.connection_made(t)
+        junk = b"X-Junk: " + b"a" * head_bytes + b"\r\n"
+        proto.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n" + junk
+                            + b"Content-Length: %d\r\n\r\n" % body + bytes(body))  # fmt: skip
+        for _ in range(100):  # the app's task answers on the loop
+            if t.out:
+                break
+            await asyncio.sleep(0.01)
+        proto.connection_lost(None)
+        return t.out
+
+    async def main() -> None:
+        closed, out, sent, held = await flood(HttpToolsProtocol)  # the control: no bound
+        assert not closed and sent == 200 and held > 1_500_000
+        closed, out, sent, held = await flood(bounded_protocol(10.0, 64))
+        assert closed and out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+        assert b"65536 bytes" in out
+        assert sent <= DEFAULT_MAX_HEAD // len(line) + 1 and held == 0
+        ok = bounded_protocol(10.0, 64)
+        assert (await served(ok, 60_000, 0)).startswith(b"HTTP/1.1 200")
+        assert (await served(ok, 100, 4 << 20)).startswith(b"HTTP/1.1 200")  # the body is not head
+        assert (await served(ok, 70_000, 0)).startswith(b"HTTP/1.1 431")
+
+    asyncio.run(main())

@@ -1,11 +1,19 @@
-"""uvicorn's HTTP protocol with the two bounds it lacks: a deadline for each
-request's head, and a cap on the connections of one peer address.
+"""uvicorn's HTTP protocol with the bounds it lacks: a deadline and a size
+for each request's head, and a cap on the connections of one peer address.
 
 Why. uvicorn waits for a request's headers without a deadline (its
 keep-alive timeout runs only between requests, and stops at the first byte),
 and its ``limit_concurrency`` counts every open connection: a stranger with
 no token that opened 600 connections and sent 17 bytes of a request line on
 each had every other caller answered 503, for as long as it kept them open.
+
+Nor does it bound a head's size: uvicorn keeps every header line httptools
+hands it, and httptools sets no limit, so one connection that streamed 8 KB
+header lines for the whole head deadline, never ending its head, took a
+service from 78 MB to 5.5 GB (two connections, 8 s; 64 are allowed per
+address). Here a head of more than ``max_head`` bytes (request line and
+headers) is answered 431 and its connection closed, before any of it reaches
+the door.
 
 Here a connection must deliver each request's head within ``head_timeout``
 seconds of being opened or of its previous answer, or it is closed; and one
@@ -48,12 +56,24 @@ def _peer_key(transport: Any) -> str:
     return address_key(str(peer[0])) if peer else ""
 
 
-def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
+# What a request's head may take: nginx's default is 4 buffers of 8 KiB for
+# the headers, h11's (uvicorn's other parser) 16 KiB; a token is a few
+# hundred bytes. Refused past it: 431, as RFC 6585 names it.
+DEFAULT_MAX_HEAD = 64 << 10
+_TOO_LARGE = b"the request's head (request line and headers) is larger than %d bytes"
+
+
+def bounded_protocol(
+    head_timeout: float, per_address: int, max_head: int = DEFAULT_MAX_HEAD
+) -> type[Any]:
     """An ``HttpToolsProtocol`` subclass for one server (its own counts)."""
     counts: Counter[str] = Counter()  # the server's one event loop: no lock
 
     class Bounded(HttpToolsProtocol):
         _vault_timer: Any = None
+        _vault_head = 0  # bytes received since the head now awaited began
+        _vault_parsed = 0  # bytes of this request's line and headers, as parsed
+        _vault_big = False
         _vault_peer: str | None = None
         _vault_counted: str | None = None  # counted by the TLS gate already
         vault_head_timeout = head_timeout
@@ -88,7 +108,57 @@ def bounded_protocol(head_timeout: float, per_address: int) -> type[Any]:
 
         def _vault_arm(self) -> None:
             self._vault_cancel()
+            self._vault_head = 0
             self._vault_timer = self.loop.call_later(head_timeout, self._vault_late)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # a head still awaited after this read: what httptools was fed of
+            # it is held (a header line is handed over only once it ends), so
+            # the bytes fed bound the memory; counted after parsing, as a read
+            # that ends a head carries body bytes too, which are not the head's
+            if self._vault_timer is None or self.transport.is_closing():
+                return  # no head awaited (a request in flight), or going already
+            self._vault_head += len(data)
+            if self._vault_head > max_head:
+                self._vault_refuse()
+
+        # a head that ends within one read is measured as httptools hands it over
+        def on_message_begin(self) -> None:
+            self._vault_parsed = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._vault_count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._vault_count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def _vault_count(self, n: int) -> None:
+            self._vault_parsed += n
+            if self._vault_parsed > max_head:
+                self._vault_big = True
+                raise ValueError("head too large")  # httptools stops; uvicorn answers 400
+
+        def send_400_response(self, msg: str) -> None:
+            if self._vault_big:
+                self._vault_refuse()
+            else:
+                super().send_400_response(msg)
+
+        def _vault_refuse(self) -> None:
+            self._vault_cancel()
+            body = _TOO_LARGE % max_head
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.transport.close()
+            self.headers = []  # what was kept of it goes now, not at the close
+            self.url = b""
 
         def _vault_cancel(self) -> None:
             if self._vault_timer is not None:
