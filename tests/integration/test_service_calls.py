@@ -24,7 +24,7 @@ import zmq
 
 import vault
 from tests.integration.test_worker_keyserver import revoked_calls, within_one_lease
-from tests.models import mlp
+from tests.models import mlp, slow_matmul
 from tests.waiting import wait_for
 from vault.core.crypto import PublisherKey
 from vault.core.keyclient import KeyServerClient
@@ -63,9 +63,10 @@ class FaultyKeyServer:
 
 
 class Svc:
-    def __init__(self, keyserver: Any, tmp: Path) -> None:
+    def __init__(self, keyserver: Any, tmp: Path, model: Any = None, **cfg: Any) -> None:
         pk = PublisherKey.load(keyserver.publisher_key_path)
-        res = seal(mlp(), model_id="m", signing_key=pk, output=tmp / "m.vault")
+        model = model if model is not None else mlp()
+        res = seal(model, model_id="m", signing_key=pk, output=tmp / "m.vault")
         keyserver.register(res.model_id, res.key_id, res.key, res.digest)
         self.keyserver = keyserver
         self.device = keyserver.enroll(tmp / "device")
@@ -79,12 +80,13 @@ class Svc:
         spub, ssec = zmq.curve_keypair()
         self.server_key = spub.decode()
         self.log = open(tmp / "service.log", "w")  # noqa: SIM115 - closed in stop()
-        cfg = ServiceConfig(
+        config = ServiceConfig(
             bind="tcp://127.0.0.1:0", packages=[str(res.path)], curve=(spub, ssec),
             policy=self.policy, metrics_port=0,
-            launch=LaunchSpec(licence=self.licence, device=self.device),
+            launch=LaunchSpec(licence=self.licence, device=self.device), **cfg,
         )  # fmt: skip
-        self.svc = WorkerService(cfg, log=JsonLog(self.log))
+        self.log_path = tmp / "service.log"
+        self.svc = WorkerService(config, log=JsonLog(self.log))
         self.endpoint = self.svc.start()["endpoint"]
         self.thread = threading.Thread(target=self.svc.run, daemon=True)
         self.thread.start()
@@ -155,6 +157,76 @@ def test_quota_is_enforced_per_caller_and_usage_reported(service: Svc) -> None:
     service.stop()  # reports usage and gives unused reserves back
     assert service.used(alice) == 5
     assert service.used(bob) == 3
+
+
+def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_call(
+    keyserver_dir: Path, tmp_path: Path
+) -> None:
+    """A caller sent 15 s of compute with a 0.3 s timeout: answered at once,
+    billed nothing, its worker busy all along; 41 such calls in 45 s. And a
+    full timeout past that deadline the service killed the busy worker with
+    another caller's call on it (answered `worker_crashed`). Now a call that
+    times out while running on a worker counts as a call, and a stuck
+    worker is sent nothing more and killed only once nobody waits for a call
+    on it. The worker is frozen here (SIGSTOP) so that the timing does not
+    depend on this machine's speed: alice's call times out on it; bob's,
+    sent a second later, is on it when it is found stuck; the worker then
+    resumes and bob is answered by it, not failed by its kill. Bob's call
+    counts, and so does alice's; a call of bob's that timed out behind
+    alice's would not (it may never have run)."""
+    import signal
+
+    from tests.conftest import KeyServerProcess
+
+    keyserver = KeyServerProcess(keyserver_dir, lease_ttl=60.0)  # the frozen worker keeps its key
+    keyserver.start()
+    try:
+        s = Svc(keyserver, tmp_path, model=slow_matmul(width=64, depth=2), request_timeout=3.0)
+    except BaseException:
+        keyserver.kill()
+        raise
+    try:
+        alice, bob = s.caller(holder="alice"), s.caller(holder="bob")
+        x = np.ones((1, 64), np.float32)
+        with s.connect(alice, timeout=30) as a, s.connect(bob, timeout=30) as b:
+            want = b.compute({"x": x})["y"]  # bob's first call: served, counted
+            a.compute({"x": x})
+            worker = s.svc.models["m"].instances[0]
+            os.kill(worker.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(vault.WorkerTimeoutError):
+                    a.compute({"x": x}, timeout=0.05)
+                # bob comes a second after alice gave up (the scenario, not a wait
+                # for a condition): his call's deadline is then past her worker's
+                # stuck time, so his call is on that worker when it is found stuck
+                time.sleep(1.0)
+                got: dict[str, Any] = {}
+
+                def call() -> None:
+                    try:
+                        got["y"] = b.compute({"x": x})["y"]
+                    except vault.VaultError as exc:
+                        got["error"] = exc
+
+                t = threading.Thread(target=call)
+                t.start()
+                wait_for(lambda: '"worker_stuck"' in s.log_path.read_text(), timeout=30,
+                         what="the frozen worker found stuck")  # fmt: skip
+                assert worker.alive()  # before: killed here, and bob's call with it
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+            t.join(30)
+            assert "error" not in got, got  # before: WorkerCrashedError
+            np.testing.assert_array_equal(got["y"], want)
+            assert b.compute({"x": x})["y"].shape == (1, 64)  # the same worker serves on
+        assert s.svc.models["m"].instances[0] is worker
+        assert '"worker_died"' not in s.log_path.read_text()
+        s.stop()
+        assert s.used(alice) == 2  # its served call, and the one abandoned while running
+        assert s.used(bob) == 3
+    finally:
+        s.stop()
+        keyserver.kill()
 
 
 def test_revocation_stops_a_caller_within_one_lease(service: Svc) -> None:

@@ -112,6 +112,9 @@ class Instance:
         self.sock: zmq.Socket[Any] | None = None  # owned by the service loop
         self.inflight = 0
         self.lease_ended = False  # it said its key lease ended: being taken down, sent nothing more
+        # busy with an abandoned call a full timeout past its deadline: sent nothing
+        # more, and killed once no call of anyone else is left on it
+        self.stuck = False
         self.pidfd: int | None = None
         try:
             self.pidfd = os.pidfd_open(proc.pid)

@@ -13,8 +13,10 @@ id, split back, and answered to the caller with the caller's own id.
   retried by the service (so never run or counted twice), and the worker is
   restarted with backoff.
 - A call past its timeout is answered :class:`WorkerTimeoutError` and its
-  slot freed; a worker still busy with only abandoned calls a full timeout
-  later is killed and restarted.
+  slot freed (counted against its licence if it had reached a worker, which
+  runs it to its end); a worker still busy with an abandoned call a full
+  timeout later is sent nothing more, and killed and restarted once no
+  other call on it is waited for.
 - Each model loads on its own: one that cannot (no licence covers it, a
   damaged package, a key refused) is *unavailable* on its own, its reason
   logged once per attempt (``model_unavailable``: code and sanitised
@@ -1057,6 +1059,7 @@ class WorkerService:
         for inst in m.instances:
             if (
                 not inst.lease_ended
+                and not inst.stuck
                 and inst.inflight < self.cfg.instance_inflight
                 and (best is None or inst.inflight < best.inflight)
             ):
@@ -1219,8 +1222,10 @@ class WorkerService:
                 descs, out = encode_tensors(parts[i])
                 self._finish(c, ok_reply(c.rid, tensors=descs), out)
 
-    def _finish(self, c: _Call, hdr: dict[str, Any], frames: Sequence[Any] = ()) -> None:
-        """Answer one caller (once) and account for it."""
+    def _finish(self, c: _Call, hdr: dict[str, Any], frames: Sequence[Any] = (), *,
+                counted: bool = False) -> None:  # fmt: skip
+        """Answer one caller (once) and account for it (a call answered ok
+        counts against its licence; a failed one only when ``counted``)."""
         if c.done:
             return
         c.done = True
@@ -1230,7 +1235,7 @@ class WorkerService:
         dt = time.monotonic() - c.arrived
         self.metrics.answered(c.model, c.admission.licence, code)
         self.metrics.per_model(c.model)[3].dec()
-        self.cfg.policy.record(c.admission, ok=code == "ok")
+        self.cfg.policy.record(c.admission, ok=code == "ok" or counted)
         m = self.models.get(c.model)
         if m is not None:
             m.calls += 1
@@ -1244,8 +1249,18 @@ class WorkerService:
         self.log("call", level="debug" if code == "ok" else "info", model=c.model,
                  licence=c.admission.licence, code=code, ms=round(dt * 1e3, 3))  # fmt: skip
 
-    def _fail(self, c: _Call, exc: VaultError) -> None:
-        self._finish(c, error_reply(c.rid, exc), ())
+    def _fail(self, c: _Call, exc: VaultError, *, counted: bool = False) -> None:
+        self._finish(c, error_reply(c.rid, exc), (), counted=counted)
+
+    def _was_running(self, d: _Dispatch) -> bool:
+        """Whether a dispatch past its calls' deadline was surely running: its
+        worker answered everything sent to it before. Such a call counts
+        against its licence though nobody waits for its answer any more (the
+        worker runs it to its end): a caller whose timeout was shorter than
+        its compute had the workers for free (15 s of compute with a 0.3 s
+        timeout, answered at once, billed nothing). One that may have waited
+        behind an earlier call, another caller's, is not counted."""
+        return not any(o.inst is d.inst and o.did < d.did for o in self.dispatches.values())
 
     def _model_of(self, inst: Instance) -> _Model | None:
         for m in self._all_models():
@@ -1320,15 +1335,32 @@ class WorkerService:
                     and not m.removing and not m.starting:  # fmt: skip
                 m.retry_at = None
                 self._launch(m, 0)  # one worker tries; once it is ready, _fill starts the rest
+        pending: dict[Instance, bool] = {}  # a worker's unanswered dispatches: any waited for?
         for d in list(self.dispatches.values()):
             for c in d.calls:
                 if not c.done and c.deadline <= now:
-                    self._fail(c, WorkerTimeoutError("no worker answered this call in time"))
-            if now >= d.stuck_at and d.inst.alive():
-                # only abandoned calls left on it and still busy: take it down,
-                # the crash path frees its slots and restarts it
+                    ran = self._was_running(d)
+                    self._fail(c, WorkerTimeoutError(
+                        "no worker answered this call in time" + (
+                            "; it was running on a worker, which runs it to its end, "
+                            "and counts as a call (give it a longer timeout)" if ran else "")
+                    ), counted=ran)  # fmt: skip
+            pending[d.inst] = pending.get(d.inst, False) or any(not c.done for c in d.calls)
+            if now >= d.stuck_at and d.inst.alive() and not d.inst.stuck:
+                # still busy a full timeout past its call's deadline: sent nothing more
+                d.inst.stuck = True
                 self.log("worker_stuck", level="error", model=d.inst.model_id, pid=d.inst.pid)
-                d.inst.kill()
+        for m in self._all_models():
+            for inst in m.instances:
+                if not inst.stuck:
+                    continue
+                if inst not in pending:
+                    inst.stuck = False  # it answered everything in the end: it serves again
+                elif not pending[inst] and inst.alive():
+                    # only abandoned calls left on it (another caller's call on the
+                    # same worker is answered first): the crash path frees its
+                    # slots and restarts it
+                    inst.kill()
         for m in list(self.retiring):
             if not m.busy(self.dispatches):
                 self._retire(m)
