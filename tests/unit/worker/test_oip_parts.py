@@ -1169,3 +1169,81 @@ def test_a_request_head_is_bounded_in_size_where_uvicorns_grows_without_end() ->
         assert (await served(ok, 70_000, 0)).startswith(b"HTTP/1.1 431")
 
     asyncio.run(main())
+
+
+def test_a_large_json_answer_is_refused_or_written_off_the_event_loop() -> None:
+    """A licensed caller asked for an 82 MB output as JSON (the default): the
+    door wrote 401 MB of JSON on its event loop, every tenant's REST calls
+    held for 11.6 s, the service 880 MB -> 2.2 GB. Now an answer of more
+    JSON values than a request may hold (4 Mi) is refused, saying to ask for
+    binary outputs, which still pass; a large one under it is written in a
+    thread: the loop ticks while it is written (control: written on the loop,
+    it cannot tick once)."""
+    import asyncio
+    import json
+
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import MAX_JSON_OUT_VALUES, RestApp, _encode_answer
+
+    app = RestApp(DataPlane(object()), max_body=1 << 20)  # type: ignore[arg-type]
+    big = np.arange(MAX_JSON_OUT_VALUES + 1, dtype=np.float32)
+    mid = np.arange(2_000_000, dtype=np.float32)
+
+    def desc(a: np.ndarray) -> dict[str, Any]:
+        return {"name": "y", "dtype": "float32", "shape": list(a.shape)}
+
+    async def answer(a: np.ndarray, binary: bool) -> tuple[list[Any], int]:
+        sent: list[Any] = []
+        ticks = 0
+        done = False
+
+        async def send(msg: Any) -> None:
+            sent.append(msg)
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        start = ticks
+        try:
+            await app._answer(send, "m", None, [desc(a)], [a.tobytes()], lambda _n: binary)
+        finally:
+            done = True
+            await t
+        return sent, ticks - start
+
+    async def main() -> None:
+        with pytest.raises(InputError, match="binary outputs") as err:
+            await answer(big, False)
+        assert "4194305 values" in str(err.value) and "served and counts" in str(err.value)
+        sent, _ = await answer(big, True)  # as binary data: no limit beyond the body's
+        assert sent[0]["status"] == 200 and len(sent[1]["body"]) > big.nbytes
+        sent, ticks = await answer(mid, False)
+        body = json.loads(sent[1]["body"])
+        assert body["outputs"][0]["data"] == mid.tolist()
+        assert ticks > 1, ticks  # the loop served others meanwhile
+
+        # the control: the same answer written on the loop lets nothing else run
+        ticks_inline = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks_inline
+            while not done:
+                await asyncio.sleep(0)
+                ticks_inline += 1
+
+        t = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        start = ticks_inline
+        _encode_answer("m", None, [desc(mid)], [mid.tobytes()], lambda _n: False)
+        during = ticks_inline - start
+        done = True
+        await t
+        assert during == 0
+
+    asyncio.run(main())

@@ -64,6 +64,13 @@ __all__ = ["RestApp"]
 # probes answer the same: worker/service/metrics.py)
 NOT_READY = 400
 MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
+# An answer's JSON outputs: the same count of values as a request's (a value
+# becomes about a hundred bytes of Python objects and text while it is
+# written: a licensed caller's 82 MB output asked for as JSON took a service
+# from 880 MB to 2.2 GB and held the event loop, every tenant's REST calls
+# with it, for 11.6 s). Past this many, written in a thread, one at a time.
+MAX_JSON_OUT_VALUES = MAX_DECODED_VALUES
+_JSON_OUT_INLINE = 1 << 16
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 
@@ -132,6 +139,7 @@ class RestApp:
         self.max_body = max_body
         self.gate = Gate(max_inflight, bytes_per_licence=max_body)
         self.body_timeout = body_timeout
+        self._json_out: asyncio.Semaphore | None = None  # made on the door's own loop
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -330,28 +338,59 @@ class RestApp:
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
                       frames: list[Any], binary_out: Any) -> None:  # fmt: skip
-        outs: list[dict[str, Any]] = []
-        blobs: list[Any] = []
-        for d, f in zip(descs, frames):
-            name = str(d.get("name"))
-            if binary_out(name):
-                _, dt, shape, raw = T.to_raw(d, f)
-                blobs.append(raw)
-                outs.append({"name": name, "datatype": dt, "shape": shape,
-                             "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
-            else:
-                _, dt, shape, data = T.to_json_data(d, f)
-                outs.append({"name": name, "datatype": dt, "shape": shape, "data": data})
-        reply: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outs}
-        if isinstance(rid, str) and rid:
-            reply["id"] = rid
-        head = json.dumps(reply, separators=(",", ":")).encode()
-        if not blobs:
-            await _send(send, 200, _JSON, head)
-            return
-        headers = [(b"content-type", b"application/octet-stream"),
-                   (b"inference-header-content-length", str(len(head)).encode())]  # fmt: skip
-        await _send(send, 200, headers, b"".join([head, *blobs]))
+        values = 0
+        for d in descs:
+            if not binary_out(str(d.get("name"))):
+                values += _values(d)
+        if values > MAX_JSON_OUT_VALUES:
+            raise InputError(
+                f"the answer holds {values} values to write as JSON, more than "
+                f"{MAX_JSON_OUT_VALUES}: ask for binary outputs (parameters.binary_data_output "
+                "true, or binary_data on each output); the call was served and counts"
+            )
+        if values <= _JSON_OUT_INLINE:
+            headers, body = _encode_answer(model, rid, descs, frames, binary_out)
+        else:  # off the event loop, one at a time: the other tenants' calls go on
+            if self._json_out is None:
+                self._json_out = asyncio.Semaphore(1)
+            async with self._json_out:
+                headers, body = await asyncio.to_thread(
+                    _encode_answer, model, rid, descs, frames, binary_out
+                )
+        await _send(send, 200, headers, body)
+
+
+def _values(desc: dict[str, Any]) -> int:
+    """How many values an output descriptor declares (0 for one it cannot carry)."""
+    n = 1
+    for d in desc.get("shape") or ():
+        n *= int(d) if isinstance(d, int) and d > 0 else 0
+    return n
+
+
+def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: list[Any],
+                   binary_out: Any) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
+    outs: list[dict[str, Any]] = []
+    blobs: list[Any] = []
+    for d, f in zip(descs, frames):
+        name = str(d.get("name"))
+        if binary_out(name):
+            _, dt, shape, raw = T.to_raw(d, f)
+            blobs.append(raw)
+            outs.append({"name": name, "datatype": dt, "shape": shape,
+                         "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
+        else:
+            _, dt, shape, data = T.to_json_data(d, f)
+            outs.append({"name": name, "datatype": dt, "shape": shape, "data": data})
+    reply: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outs}
+    if isinstance(rid, str) and rid:
+        reply["id"] = rid
+    head = json.dumps(reply, separators=(",", ":")).encode()
+    if not blobs:
+        return _JSON, head
+    headers = [(b"content-type", b"application/octet-stream"),
+               (b"inference-header-content-length", str(len(head)).encode())]  # fmt: skip
+    return headers, b"".join([head, *blobs])
 
 
 def _dict(value: Any) -> dict[str, Any]:
