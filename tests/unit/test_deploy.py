@@ -227,3 +227,31 @@ def test_dockerfile_builds_the_image_the_manifests_name() -> None:
     assert re.search(r'^ENTRYPOINT \["vault"\]', text, re.M)
     for pkg in ("vault", "worker", "keyserver"):
         assert re.search(rf"^COPY {pkg} \./{pkg}", text, re.M)
+
+
+def test_the_callers_service_does_not_reach_the_metrics_and_a_policy_keeps_it_in() -> None:
+    """/metrics lists every licence and its calls (other customers' activity):
+    it sat on the callers' Service beside 7701/8000/8001, with no policy, so
+    any caller reached it. Now the callers' Service carries only the callers'
+    ports and a NetworkPolicy on the worker pods admits :9100 only from
+    namespaces labelled as metrics readers, every callers' port from all."""
+    dep = _one("Deployment", "vault-worker")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    pod_ports = {p["name"] for p in c["ports"]}
+    svc = _one("Service", "vault-worker")
+    exposed = {p["targetPort"] for p in svc["spec"]["ports"]}
+    assert "metrics" in pod_ports and "metrics" not in exposed
+    assert exposed == pod_ports - {"metrics"}
+    pol = _one("NetworkPolicy", "vault-worker")["spec"]
+    assert (
+        pol["podSelector"]["matchLabels"].items()
+        <= dep["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert pol["policyTypes"] == ["Ingress"]
+    open_to_all = [r for r in pol["ingress"] if "from" not in r]
+    (caller_rule,) = open_to_all
+    assert {p["port"] for p in caller_rule["ports"]} == exposed
+    (metrics_rule,) = [r for r in pol["ingress"] if any(p["port"] == "metrics" for p in r["ports"])]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"vault.io/metrics-reader": "true"}}}
+    ]
