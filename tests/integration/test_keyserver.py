@@ -228,6 +228,56 @@ def _ping_header(**extra: Any) -> bytes:
     return pack_header({"v": PROTOCOL_VERSION, "op": "ping", "id": 1, **extra})
 
 
+def test_no_answer_from_the_key_server_says_what_is_wrong_with_its_address(keyserver) -> None:
+    """ZeroMQ tells a wrong address from a stopped or silent server in no way:
+    each was "no answer from key server ... within 10s". Now the error says
+    which: nothing listening on the port, a port that takes connections and
+    says nothing (another service, or a key server whose key is not the
+    licence's), a host name that does not resolve; the real key server still
+    answers (the control)."""
+    import socket
+    import threading
+
+    admin = Licence.load(keyserver.admin_licence)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # nothing listens once it is closed
+    with KeyServerClient(admin, timeout=0.5, address=f"tcp://127.0.0.1:{port}") as ks, \
+            pytest.raises(KeyServerUnavailableError, match="nothing listens on 127.0.0.1 port"):  # fmt: skip
+        ks.ping()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        addr = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        with KeyServerClient(admin, timeout=0.5, address=addr) as ks, \
+                pytest.raises(KeyServerUnavailableError, match="takes connections but did not"):  # fmt: skip
+            ks.ping()
+    finally:
+        stop.set()
+        silent.close()
+        for c in held:
+            c.close()
+    # a name no resolver knows (RFC 6761: .invalid never resolves; a resolver
+    # that cannot be reached says so too)
+    with KeyServerClient(admin, timeout=0.5, address="tcp://vault-keyserver.invalid:7700") as ks, \
+            pytest.raises(KeyServerUnavailableError, match="does not resolve here"):  # fmt: skip
+        ks.ping()
+    with KeyServerClient(admin, timeout=10) as ks:
+        ks.ping()
+
+
 def test_unknown_curve_key_and_null_client_are_refused_at_the_handshake(keyserver):
     admin = Licence.load(keyserver.admin_licence)
     public, secret = zmq.curve_keypair()

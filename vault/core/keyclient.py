@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -130,6 +132,39 @@ class Release:
 
     def __reduce__(self) -> Any:
         raise TypeError("Release holds a package key and cannot be pickled")
+
+
+def _why_silent(address: str) -> str:
+    """What a request that got no answer says about ``address`` (looked at
+    only then): a host name that does not resolve here, nothing listening,
+    or a server that took the connection and said nothing (a CURVE
+    handshake with the wrong server key fails silently). ZeroMQ tells none
+    of these apart: each was a bare "no answer within 10s"."""
+    m = re.fullmatch(r"tcp://\[?([^\]]+?)\]?:(\d+)", address)
+    if m is None:
+        return ""
+    host, port = m.group(1), int(m.group(2))
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return (
+            f": the host name {host!r} does not resolve here (the address comes from the "
+            "licence, or the device's keyserver.json: is it reachable from this machine?)"
+        )
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(addr)
+        except ConnectionRefusedError:
+            return f": nothing listens on {host} port {port} (is the key server running there?)"
+        except OSError:
+            return f": {host} port {port} takes no connection (a firewall, or the wrong address?)"
+    return (
+        f": {host} port {port} takes connections but did not answer in time (a busy key "
+        "server, another service on that port, or a key server whose public key is not "
+        "the one in the licence)"
+    )
 
 
 class KeyServerClient:
@@ -230,6 +265,7 @@ class KeyServerClient:
                     self._drop_socket()  # discard the queued request with the socket
                     raise KeyServerUnavailableError(
                         f"no answer from key server {self.address} within {self.timeout:g}s"
+                        + _why_silent(self.address)
                     )
                 frames = sock.recv_multipart()
                 if len(frames) != 1:
