@@ -255,3 +255,33 @@ def test_the_callers_service_does_not_reach_the_metrics_and_a_policy_keeps_it_in
     assert metrics_rule["from"] == [
         {"namespaceSelector": {"matchLabels": {"vault.io/metrics-reader": "true"}}}
     ]
+
+
+def test_the_key_server_is_up_and_reachable_before_the_service_files_are_made() -> None:
+    """A newcomer could not follow the Kubernetes steps in order: enrolling
+    the service's device and sealing need the key server, which the steps
+    applied last, at an in-cluster name the workstation cannot resolve. Now
+    the key server's manifest is applied first, its Service's port is
+    forwarded under the name the key server's licences carry, and the
+    worker's objects come after."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    init = re.search(r"vault keyserver init ks --address tcp://([^:\s]+):(\d+)", text)
+    forward = re.search(r"port-forward svc/(\S+) (\d+):(\d+)", text)
+    hosts = re.search(r'echo "127\.0\.0\.1 (\S+)" \| sudo tee -a /etc/hosts', text)
+    assert init and forward and hosts
+    assert hosts.group(1) == init.group(1)
+    assert forward.group(2) == init.group(2)
+    svc = _one("Service", forward.group(1))
+    assert int(forward.group(3)) in {p["port"] for p in svc["spec"]["ports"]}
+    assert init.group(1).split(".")[:2] == [forward.group(1), "vault"]  # its DNS name
+    order = [
+        text.index(s)
+        for s in (
+            "apply -f deploy/k8s/keyserver.yaml",
+            "port-forward svc/",
+            "vault device enroll svc-device",
+            "create secret generic vault-worker-device",
+            "apply -f deploy/k8s/worker-service.yaml",
+        )
+    ]
+    assert order == sorted(order)
