@@ -58,6 +58,7 @@ from .core.batchcheck import check_rows
 from .core.errors import SealError, UnsafeModelError, VaultError
 from .core.graphs import ALLOWED_DOMAINS, check_graph
 from .core.package import FORMAT_VERSION, build_plaintext, write_package
+from .core.protocol import is_tensor_type
 
 __all__ = ["SealResult", "seal", "ALLOWED_DOMAINS"]
 
@@ -659,6 +660,17 @@ def seal(
     first, last = stages[0][1], stages[-1][1]
     inputs = [_describe(vi) for vi in _public_inputs(first)]
     outputs = [_describe(vi) for vi in last.graph.output]
+    nested = [o for o in outputs if not is_tensor_type(o["dtype"])]
+    if nested:
+        named = ", ".join(f"{o['name']!r} ({o['dtype']})" for o in nested)
+        one = len(nested) == 1
+        warnings.append(
+            f"{'output' if one else 'outputs'} {named} {'is not a tensor' if one else 'are not tensors'}: "
+            f"vault.open and vault.connect return {'it' if one else 'them'}, but the Open "
+            f"Inference Protocol's REST and gRPC doors cannot carry {'it' if one else 'them'} "
+            "(left out of their metadata). skl2onnx's classifiers give their probabilities "
+            "as such a ZipMap unless converted with options={'zipmap': False}"
+        )
     if batchable:
         try:  # the graphs exactly as the worker will load them
             check_rows(graphs, dict(files), inputs=inputs, outputs=outputs)

@@ -275,3 +275,27 @@ def test_stages_whose_names_do_not_meet_are_told_the_map_syntax_that_works(tmp_p
              output=tmp_path / "b.vault")  # fmt: skip
     seal(ident("x", "y"), pre=ident("raw", "pixels"), io_map={"pre": {"pixels": "x"}},
          model_id="m", signing_key=key, output=tmp_path / "c.vault")  # fmt: skip
+
+
+def test_a_sequence_or_map_output_seals_with_a_warning_that_the_oip_doors_cannot_carry_it(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
+    """skl2onnx's classifiers give their probabilities as a ZipMap (a
+    sequence of maps) by default: sealed and served, it vanished from the
+    Open Inference Protocol's metadata with no word anywhere. The seal now
+    says so and how to get a tensor instead; a tensor-only model seals
+    without it (the control)."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 4), dtype=np.float32)
+    clf = LogisticRegression().fit(x, (x[:, 0] > 0.5).astype(int))
+    zipmap = to_onnx(clf, x[:1])
+    r = seal(zipmap, model_id="clf", signing_key=publisher, output=tmp_path / "z.vault")
+    (w,) = r.warnings
+    assert "output 'output_probability' (sequence<map<int64,float32>>) is not a tensor" in w
+    assert "cannot carry it" in w and "{'zipmap': False}" in w
+    plain = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}})
+    assert not seal(plain, model_id="clf", signing_key=publisher,
+                    output=tmp_path / "p.vault").warnings  # fmt: skip
