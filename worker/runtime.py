@@ -240,6 +240,19 @@ def _np_dtype(name: str) -> np.dtype[Any] | None:
     return None if dt == np.dtype(object) else dt
 
 
+def _special_raw(arr: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
+    """The bytes onnxruntime (and ONNX's raw_data) holds for a bfloat16,
+    float8 or 4-bit array: 4-bit values two to a byte, the first in the low
+    nibble."""
+    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
+    if name not in ("int4", "uint4"):
+        return raw  # type: ignore[no-any-return]
+    nib = (raw.reshape(-1) & 0x0F).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+    return np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
+
+
 def _to_ortvalue(arr: Any) -> Any:
     if not isinstance(arr, np.ndarray):
         raise InputError("sequence, map and optional values cannot be mixed with this dtype")
@@ -247,21 +260,23 @@ def _to_ortvalue(arr: Any) -> Any:
     code = _ONNX_CODE.get(name)
     if code is None:
         return ort.OrtValue.ortvalue_from_numpy(arr)
-    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
+    raw = _special_raw(arr, name)
     if name not in ("int4", "uint4"):
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, code)
-    # onnxruntime holds 4-bit values two to a byte, the first in the low nibble
-    nib = (raw.reshape(-1) & 0x0F).astype(np.uint8)
-    if nib.size % 2:
-        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
-    packed = np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
     v = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), code)
-    if packed.size:
-        ctypes.memmove(v.data_ptr(), packed.ctypes.data, packed.size)
+    if raw.size:
+        ctypes.memmove(v.data_ptr(), raw.ctypes.data, raw.size)
     return v
 
 
 def _from_ortvalue(v: Any) -> Any:
+    """An OrtValue as ``session.run`` would give it: None for an absent
+    optional, a list or dict for a sequence or map, numpy for a tensor (and
+    the ml_dtypes dtype for bfloat16, float8 and int4, which ``run`` lacks)."""
+    if not v.has_value():  # first: data_type() of an absent optional crashes onnxruntime
+        return None
+    if not v.is_tensor():  # a sequence or a map: onnxruntime's own conversion
+        return _passthrough(v.data_type()).run(["v"], {"v": v}, _RUN_OPTIONS)[0]
     t = v.data_type()
     name = _ORT_SPECIAL.get(t[7:-1]) if t.startswith("tensor(") else None
     if name is None:
@@ -283,22 +298,173 @@ def _from_ortvalue(v: Any) -> Any:
     return raw.view(dtype_from_name(name)).reshape(shape)
 
 
-def _as_ortvalue(v: Any) -> Any:
-    return v if isinstance(v, ort.OrtValue) else _to_ortvalue(v)
+# --- values onnxruntime's Python API makes no OrtValue of -------------------------
+#
+# run_with_ort_values (the only run that returns a bfloat16, float8 or int4
+# tensor) takes OrtValues only, and onnxruntime makes none from a string array
+# or a list ("only supported from non-string numpy arrays"); plain run takes
+# them, but fails on such an output. So for a run that must give one, the
+# other feeds become OrtValues through a small model of our own whose outputs
+# they are (constants, a SequenceConstruct), built per call without onnx (the
+# worker does not import it); and a sequence or map output becomes Python
+# through a model whose output is its input, run with plain run.
+
+_ELEM_CODE = {
+    "float": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7,
+    "string": 8, "bool": 9, "float16": 10, "double": 11, "uint32": 12, "uint64": 13,
+    "complex64": 14, "complex128": 15, **{n.replace("_", ""): c for n, c in _ONNX_CODE.items()},
+}  # fmt: skip
+_WIRE_CODE = {
+    **{wire: _ELEM_CODE[t[7:-1]] for t, wire in _ONNX_TO_NAME.items()},
+    **_ONNX_CODE,
+}  # wire dtype name -> ONNX element type
 
 
-def _special_between(stages: list[tuple[Any, list[str], list[str]]]) -> bool:
-    """Whether a stage of this chain takes or gives a tensor onnxruntime's
-    numpy bridge cannot carry (bfloat16, float8, int4)."""
-    types = [a.type for sess, _, _ in stages for a in (*sess.get_inputs(), *sess.get_outputs())]
-    return any(t.startswith("tensor(") and t[7:-1] in _ORT_SPECIAL for t in types)
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1  # a negative int64 as protobuf writes it
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
-def _run_ortvalues(sess: Any, feeds: Mapping[str, Any], want: list[str]) -> dict[str, Any]:
-    vals = sess.run_with_ort_values(
-        want, {k: _to_ortvalue(v) for k, v in feeds.items()}, _RUN_OPTIONS
-    )
-    return {n: _from_ortvalue(v) for n, v in zip(want, vals)}
+def _pb(field: int, value: int | bytes | str) -> bytes:
+    """One protobuf field: an int as a varint, bytes or text length-delimited."""
+    if isinstance(value, int):
+        return _pb_varint(field << 3) + _pb_varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def _type_proto(t: str) -> bytes:
+    """onnxruntime's type text (``seq(map(int64,tensor(float)))``) as a TypeProto."""
+    if t.startswith("tensor(") and t.endswith(")"):
+        return _pb(1, _pb(1, _ELEM_CODE[t[7:-1]]))
+    if t.startswith("seq(") and t.endswith(")"):
+        return _pb(4, _pb(1, _type_proto(t[4:-1])))
+    if t.startswith("optional(") and t.endswith(")"):
+        return _pb(9, _pb(1, _type_proto(t[9:-1])))
+    if t.startswith("map(") and t.endswith(")"):
+        key, _, value = t[4:-1].partition(",")
+        return _pb(5, _pb(1, _ELEM_CODE[key]) + _pb(2, _type_proto(value)))
+    raise ComputeError(f"unsupported value type {t}")
+
+
+def _tensor_proto(name: str, arr: Any) -> bytes:
+    if not isinstance(arr, np.ndarray):
+        raise InputError("a sequence's elements must be tensors")
+    out = b"".join(_pb(1, int(d)) for d in arr.shape) + _pb(8, name)
+    if arr.dtype.kind in "OUS":
+        # as onnxruntime's run takes a string array: str as UTF-8, anything else as str()
+        items = (e if isinstance(e, str) else str(e) for e in arr.reshape(-1).tolist())
+        return out + _pb(2, 8) + b"".join(_pb(6, e.encode()) for e in items)
+    wire = dtype_name(arr.dtype)
+    if wire in _ONNX_CODE:
+        raw = _special_raw(arr, wire).tobytes()
+    else:
+        raw = np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
+    return out + _pb(2, _WIRE_CODE[wire]) + _pb(9, raw)
+
+
+def _model_proto(nodes: bytes, inputs: bytes, outputs: bytes, inits: bytes) -> bytes:
+    graph = nodes + _pb(2, "v") + inits + inputs + outputs
+    # IR 10 and opset 21: int4 and float8 constants, SequenceConstruct, SequenceEmpty
+    return _pb(1, 10) + _pb(7, graph) + _pb(8, _pb(1, "") + _pb(2, 21))
+
+
+def _helper_session(model: bytes) -> Any:
+    so = session_options()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    finally:
+        _wipe_bytes(model)  # it holds the caller's values
+
+
+_PASSTHROUGH: dict[str, Any] = {}
+_PASSTHROUGH_LOCK = threading.Lock()
+
+
+def _passthrough(t: str) -> Any:
+    """A session whose output is its input, of type ``t`` (cached per type)."""
+    with _PASSTHROUGH_LOCK:
+        sess = _PASSTHROUGH.get(t)
+        if sess is None:
+            vi = _pb(1, "v") + _pb(2, _type_proto(t))
+            sess = _PASSTHROUGH[t] = _helper_session(
+                _model_proto(b"", _pb(11, vi), _pb(12, vi), b"")
+            )
+        return sess
+
+
+def _make_ortvalues(items: list[tuple[str, Any]]) -> tuple[list[Any], Any]:
+    """OrtValues of values onnxruntime's Python API has no constructor for
+    (string tensors, sequences), each given with its input's type text; and
+    the session that made them (kept until the run is over)."""
+    nodes, inits, outputs = [], [], []
+    for k, (t, value) in enumerate(items):
+        while t.startswith("optional("):  # an optional input takes its value itself
+            t = t[9:-1]
+        out = f"o{k}"
+        if t.startswith("tensor("):
+            inits.append(_pb(5, _tensor_proto(out, value)))
+        elif t.startswith("seq(tensor(") and isinstance(value, (list, tuple)):
+            names = [f"{out}_{j}" for j in range(len(value))]
+            inits += [_pb(5, _tensor_proto(n, e)) for n, e in zip(names, value)]
+            node = b"".join(_pb(1, n) for n in names) + _pb(2, out)
+            if names:
+                node += _pb(4, "SequenceConstruct")
+            else:
+                dtype = _pb(1, "dtype") + _pb(3, _ELEM_CODE[t[11:-2]]) + _pb(20, 2)
+                node += _pb(4, "SequenceEmpty") + _pb(5, dtype)
+            nodes.append(_pb(1, node))
+        else:  # a map, or a sequence of maps or sequences: no ONNX operator builds one
+            raise ComputeError(
+                f"a {t} value cannot be passed with a bfloat16, float8 or int4 output"
+            )
+        outputs.append(_pb(12, _pb(1, out) + _pb(2, _type_proto(t))))
+    sess = _helper_session(_model_proto(b"".join(nodes), b"", b"".join(outputs), b"".join(inits)))
+    return sess.run_with_ort_values([f"o{k}" for k in range(len(items))], {}, _RUN_OPTIONS), sess
+
+
+def _is_special(v: Any) -> bool:
+    return isinstance(v, np.ndarray) and dtype_name(v.dtype) in _ONNX_CODE
+
+
+def _run_stage(sess: Any, in_types: Mapping[str, str], special_out: frozenset[str],
+               feeds: Mapping[str, Any], want: list[str]) -> list[Any]:  # fmt: skip
+    """One session's run, with any value kind ``session.run`` takes.
+
+    ``run`` takes every kind, bfloat16, float8 and int4 tensors as OrtValues,
+    but gives none of those three: a run that must give one goes through
+    ``run_with_ort_values`` (OrtValues come back; :func:`_from_ortvalue`
+    reads them). An absent optional is left out of the feeds either way."""
+    if special_out.isdisjoint(want):
+        plain = {k: _to_ortvalue(v) if _is_special(v) else v
+                 for k, v in feeds.items() if v is not None}  # fmt: skip
+        return sess.run(want, plain, _RUN_OPTIONS)  # type: ignore[no-any-return]
+    vals: dict[str, Any] = {}
+    pending: list[tuple[str, str, Any]] = []
+    for k, v in feeds.items():
+        if v is None or isinstance(v, ort.OrtValue):
+            if v is not None:
+                vals[k] = v
+        elif isinstance(v, np.ndarray) and v.dtype.kind not in "OUS":
+            vals[k] = _to_ortvalue(v)
+        else:
+            pending.append((k, in_types[k], v))
+    made, keep = _make_ortvalues([(t, v) for _, t, v in pending]) if pending else ([], None)
+    vals.update(zip((k for k, _, _ in pending), made))
+    res = sess.run_with_ort_values(want, vals, _RUN_OPTIONS)
+    del keep
+    return res  # type: ignore[no-any-return]
 
 
 def _check_dims(name: str, declared: Sequence[Any], shape: Sequence[Any]) -> None:
@@ -399,7 +565,21 @@ class Pipeline:
         self._ortvalues = any(
             str(s["dtype"]) in ORTVALUE_DTYPES for s in (*self.inputs, *self.outputs)
         )
-        self._special_chain: bool | None = None  # such a tensor between stages (_run_chain)
+        # per stage: its inputs' type texts, and its outputs onnxruntime's
+        # session.run cannot give (bfloat16, float8, int4: _run_stage)
+        self._in_types = [
+            {a.name: a.type for a in sess.get_inputs()} for sess, _, _ in self._stages
+        ]
+        self._special_out = [
+            frozenset(a.name for a in sess.get_outputs()
+                      if a.type.startswith("tensor(") and a.type[7:-1] in _ORT_SPECIAL)
+            for sess, _, _ in self._stages
+        ]  # fmt: skip
+        # such a tensor anywhere in a chain of stages (_run_chain)
+        self._special_chain = self._ortvalues or any(
+            t.startswith("tensor(") and t[7:-1] in _ORT_SPECIAL
+            for types in self._in_types for t in types.values()
+        ) or any(self._special_out)  # fmt: skip
 
     @property
     def closed(self) -> bool:
@@ -539,7 +719,9 @@ class Pipeline:
         failed = ""
         try:
             if len(stages) == 1 and self._ortvalues:
-                return _run_ortvalues(stages[0][0], feeds, want)
+                res = _run_stage(stages[0][0], self._in_types[0], self._special_out[0], feeds, want)
+                return {n: _from_ortvalue(v) if isinstance(v, ort.OrtValue) else v
+                        for n, v in zip(want, res)}  # fmt: skip
             if len(stages) == 1:
                 res = stages[0][0].run(want, dict(feeds), _RUN_OPTIONS)
                 return dict(zip(want, res))
@@ -556,17 +738,14 @@ class Pipeline:
         want: list[str],
     ) -> dict[str, np.ndarray[Any, Any]]:
         values: dict[str, Any] = dict(feeds)
-        special = self._special_chain
-        if special is None:  # once: the stages' signatures do not change
-            special = self._special_chain = _special_between(stages)
-        if self._device == "cpu" and special:
-            # a bfloat16, float8 or int4 tensor between two stages: onnxruntime's
-            # numpy bridge has none of them (each run failed, RuntimeError), so
-            # the stages hand each other OrtValues
-            for sess, ins, outs in stages:
-                res = sess.run_with_ort_values(
-                    outs, {n: _as_ortvalue(values[n]) for n in ins}, _RUN_OPTIONS
-                )
+        if self._device == "cpu" and self._special_chain:
+            # a bfloat16, float8 or int4 tensor in a stage's signature: onnxruntime's
+            # numpy bridge has none of them (each run failed, RuntimeError), so a
+            # stage that gives one gives OrtValues, which the next stage takes
+            # as they are (strings, sequences and absent optionals included)
+            for i, (sess, ins, outs) in enumerate(stages):
+                stage_feeds = {n: values[n] for n in ins if n in values}
+                res = _run_stage(sess, self._in_types[i], self._special_out[i], stage_feeds, outs)
                 values.update(zip(outs, res))
             return {n: _from_ortvalue(values[n]) if isinstance(values[n], ort.OrtValue)
                     else values[n] for n in want}  # fmt: skip
@@ -574,7 +753,7 @@ class Pipeline:
             # On CPU every value already lives in host memory: plain run() is
             # the cheapest way to hand one stage's outputs to the next.
             for sess, ins, outs in stages:
-                res = sess.run(outs, {n: values[n] for n in ins}, _RUN_OPTIONS)
+                res = sess.run(outs, {n: values[n] for n in ins if n in values}, _RUN_OPTIONS)
                 values.update(zip(outs, res))
             return {n: values[n] for n in want}
         # On a GPU, IO binding keeps intermediates on the device between stages.
