@@ -377,3 +377,122 @@ def _run_whole(m: Any, feeds: dict) -> np.ndarray:
 
     s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     return s.run(None, feeds)[0]
+
+
+# --- what a tail returns and what crosses, beyond float tensors -------------------------------
+
+
+def _onnx_model(nodes: list, inputs: list, outputs: list, inits: tuple | list = ()) -> Any:
+    from onnx import helper
+
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21),
+                                            helper.make_opsetid("ai.onnx.ml", 3)])  # fmt: skip
+    m.ir_version = 10
+    return m
+
+
+def _seq_and_map_model() -> Any:
+    """x -> h = x W (cut) -> softmax p -> outputs: p, a sequence (SequenceConstruct) and
+    a ZipMap's sequence of {class: score} maps, as skl2onnx's classifiers give."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Softmax", ["h"], ["p"], axis=1, name="softmax"),
+        helper.make_node("SequenceConstruct", ["p", "h"], ["seq"], name="seq"),
+        helper.make_node("ZipMap", ["p"], ["probs"], domain="ai.onnx.ml", name="zipmap",
+                         classlabels_int64s=[0, 1, 2]),
+    ]  # fmt: skip
+    zip_t = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(T.INT64, helper.make_tensor_type_proto(T.FLOAT, []))
+    )
+    outs = [helper.make_tensor_value_info("p", T.FLOAT, ["N", 3]),
+            helper.make_tensor_sequence_value_info("seq", T.FLOAT, None),
+            helper.make_value_info("probs", zip_t)]  # fmt: skip
+    return _onnx_model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["N", 4])], outs,
+                       [numpy_helper.from_array(w, "w")])  # fmt: skip
+
+
+def _narrow_model() -> Any:
+    """x -> relu -> three cut tensors at once, bfloat16, float8 and int4 (Casts), each
+    widened back in the tail and summed: the head's outputs have no numpy type in
+    onnxruntime's bridge."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu")]
+    for t, code in (("b16", T.BFLOAT16), ("f8", T.FLOAT8E4M3FN), ("i4", T.INT4)):
+        nodes += [helper.make_node("Cast", ["a"], [t], to=code, name=f"to_{t}"),
+                  helper.make_node("Cast", [t], [f"{t}_f"], to=T.FLOAT, name=f"from_{t}")]  # fmt: skip
+    nodes += [helper.make_node("Sum", ["b16_f", "f8_f", "i4_f"], ["y"], name="sum")]
+    return _onnx_model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+                       [helper.make_tensor_value_info("y", T.FLOAT, ["N", 4])])  # fmt: skip
+
+
+def _string_model() -> Any:
+    """s (strings) -> LabelEncoder -> l (strings, the cut) -> LabelEncoder -> y (int64)."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("LabelEncoder", ["s"], ["l"], domain="ai.onnx.ml", name="norm",
+                         keys_strings=["A", "B"], values_strings=["a", "b"], default_string="z"),
+        helper.make_node("LabelEncoder", ["l"], ["y"], domain="ai.onnx.ml", name="enc",
+                         keys_strings=["a", "b"], values_int64s=[1, 2], default_int64=0),
+    ]  # fmt: skip
+    return _onnx_model(nodes, [helper.make_tensor_value_info("s", T.STRING, ["N"])],
+                       [helper.make_tensor_value_info("y", T.INT64, ["N"])])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "build, at, feeds",
+    [
+        (_seq_and_map_model, "h",
+         {"x": np.random.default_rng(6).standard_normal((3, 4)).astype(np.float32)}),
+        (_narrow_model, "b16,f8,i4",
+         {"x": np.random.default_rng(7).standard_normal((3, 4)).astype(np.float32) * 3}),
+        (_string_model, "l", {"s": np.array(["A", "B", "C"], dtype=object)}),
+    ],
+    ids=["sequence-and-zipmap-out", "bf16-float8-int4-cut", "string-cut"],
+)  # fmt: skip
+def test_the_hybrid_carries_any_output_kind_and_every_wire_dtype(
+    ks: KeyServerProcess, tmp_path: Path, build: Any, at: str, feeds: dict
+) -> None:
+    """A tail returning a sequence and a ZipMap's maps: before, the client's bandwidth
+    estimate took ``.nbytes`` of each output and the answer was lost to an
+    AttributeError. Cut tensors of bfloat16, float8 and int4: before, ``vault split``
+    failed on them, and the caller's in-process head could not hand them over (its
+    ``session.run`` has no numpy type for them). Strings cross too. Each equals the
+    whole model run in-process, call after call (the estimate runs on each)."""
+    import onnxruntime as ort
+
+    model = build()
+    dep = Deployment()
+    try:
+        out = deploy(ks, tmp_path, f"any-{build.__name__.strip('_')}".replace("_", "-"), dep,
+                     stages=(None, model, None), at=[at.split(",")],
+                     split_points=at.split(","))  # fmt: skip
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        with vault.open(out, licence=dep.alice, server=dep.server, server_key=dep.keys,
+                        replan=False) as m:  # fmt: skip
+            for _ in range(2):
+                got = m.compute(feeds)
+                assert set(got) == set(want)
+                for k, v in want.items():
+                    if isinstance(v, list):  # the sequence, the maps
+                        assert len(got[k]) == len(v)
+                        for g, w in zip(got[k], v):
+                            if isinstance(w, dict):
+                                assert g.keys() == w.keys()
+                                np.testing.assert_array_equal(list(g.values()), list(w.values()))
+                            else:
+                                np.testing.assert_array_equal(g, w)
+                    else:
+                        np.testing.assert_array_equal(got[k], v)
+            assert m.link_estimate() is not None  # the call was measured, not skipped
+    finally:
+        dep.close()

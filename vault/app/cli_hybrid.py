@@ -36,6 +36,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--threads", type=positive_int, default=None, help="onnxruntime intra-op threads"
     )
+    p.add_argument("--calibration", metavar="INPUTS.npz",
+                   help="example inputs (NAME -> [K, ...] arrays, as vault split takes); the "
+                        "first row is profiled (default: made-up, each symbolic dim 1)")  # fmt: skip
     p.set_defaults(func=_profile)
 
     s = sub.add_parser(
@@ -74,7 +77,10 @@ def register(sub: Any) -> None:
                    help="largest output error an encoding may cause (default 0.05)")  # fmt: skip
     s.add_argument("--min-agreement", type=float, default=0.99,
                    help="smallest top-1 agreement an encoding must keep (default 0.99)")  # fmt: skip
-    s.add_argument("--calibration", help=".npz of calibration inputs (NAME -> [K, ...] arrays)")
+    s.add_argument("--calibration", metavar="INPUTS.npz",
+                   help=".npz of calibration inputs (NAME -> [K, ...] arrays, one row each): "
+                        "the accuracy check runs them, the profile the first (default: made-up "
+                        "inputs, each symbolic dim 1)")  # fmt: skip
     s.add_argument("--server-key", help="the tail worker's CURVE public key, recorded for callers")
     s.add_argument("--key-out", help="without a key server: write the package keys here (0600)")
     s.set_defaults(func=_split)
@@ -90,7 +96,15 @@ def _profile(args: argparse.Namespace) -> int:
         model = onnx.load(args.model)
     except Exception as exc:  # noqa: BLE001 - onnx raises many kinds
         raise ConfigError(f"{args.model}: not an ONNX model ({exc.__class__.__name__})") from exc
-    prof = profile_model(model, repeats=args.repeats, threads=args.threads)
+    feeds = None
+    if args.calibration:
+        rows = _calibration(args.calibration)
+        if not rows:
+            raise ConfigError(f"{args.calibration}: holds no input")
+        feeds = rows[0]
+    hint = "give real example inputs: vault profile --calibration inputs.npz (NAME -> [K, ...])"
+    prof = profile_model(model, repeats=args.repeats, threads=args.threads, feeds=feeds,
+                         hint=hint)  # fmt: skip
     write_private_file(args.output, (json.dumps(prof, indent=1, sort_keys=True) + "\n").encode())
     top = sorted(prof["nodes"].items(), key=lambda kv: -kv[1])[:5]
     print(f"{len(prof['nodes'])} nodes, median run {prof['run_ms']:.2f} ms -> {args.output}")

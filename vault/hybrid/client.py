@@ -45,8 +45,17 @@ import numpy as np
 
 from ..client import Model, check_feeds_mapping, connect
 from ..client import open as open_package
-from ..core.errors import ComputeError, ConfigError, InputError, IntegrityError
+from ..core.errors import (
+    ComputeError,
+    ConfigError,
+    InputError,
+    IntegrityError,
+    ProtocolError,
+    VaultError,
+)
 from ..core.licence import Licence
+from ..core.ortvalues import run as ort_run
+from ..core.protocol import dtype_from_name, is_tensor_type
 from .plan import CutCost, Link, LinkEstimator, Replanner
 
 __all__ = ["HybridModel", "open_split"]
@@ -63,27 +72,60 @@ def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:
 
 def _check_tensor(name: str, value: Any, dtype: str, shape: tuple[Any, ...]) -> None:
     """One input against its declared dtype and shape (a dimension that is a
-    name or None varies; an int must match)."""
+    name or None varies; an int must match). A sequence, map or optional input
+    is the worker's to check (the head's onnxruntime, or the tail's): a list
+    of tensors of different shapes is no array."""
+    if not is_tensor_type(dtype):
+        return
     try:
-        want = np.dtype(dtype)
+        want = None if dtype == "string" else dtype_from_name(dtype)  # bfloat16: ml_dtypes
+    except (TypeError, ValueError, ProtocolError):
+        return  # a dtype this vault does not know: the worker checks it
+    try:
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     except (TypeError, ValueError):
-        want = None  # "string", or a sequence or map type: the worker checks those
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        raise InputError(f"input {name!r} is not an array (the model takes {dtype})") from None
     if dtype == "string":
         if arr.dtype.kind not in "OUS":
             raise InputError(f"input {name!r} is {arr.dtype.name}; the model takes strings")
-    elif want is not None and arr.dtype != want:
-        raise InputError(
-            f"input {name!r} is {arr.dtype.name}; the model takes {want.name} "
-            f"(convert it: arr.astype(np.{want.name}))"
+    elif arr.dtype != want:
+        assert want is not None
+        how = (
+            f"arr.astype(np.{want.name})"
+            if want.kind != "V"
+            else f"arr.astype(ml_dtypes.{want.name})"
         )
-    if want is None and dtype != "string":
-        return
+        raise InputError(
+            f"input {name!r} is {arr.dtype.name}; the model takes {want.name} (convert it: {how})"
+        )
     if shape and arr.ndim != len(shape):
         raise InputError(f"input {name!r} has rank {arr.ndim}; the model takes {list(shape)}")
     for i, (got, d) in enumerate(zip(arr.shape, shape)):
         if isinstance(d, int) and not isinstance(d, bool) and d >= 0 and got != d:
             raise InputError(f"input {name!r}: dimension {i} is {got}; the model takes {d}")
+
+
+def _wire_nbytes(value: Any) -> int:
+    """About the bytes ``value`` takes on the wire, whatever it is: an array (its
+    data; strings by their UTF-8 length), a sequence of them, a map (a ZipMap's
+    ``{class: score}``), a scalar, None (an absent optional). Before, the bandwidth
+    estimate took ``.nbytes`` of every output, and a tail returning a sequence or
+    a map lost its answer to an AttributeError."""
+    if value is None:
+        return 0
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OUS":
+            return sum(_wire_nbytes(x) for x in value.reshape(-1).tolist())
+        return int(value.nbytes)
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_wire_nbytes(k) + _wire_nbytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_wire_nbytes(x) for x in value)
+    return 8  # a number (a map's key or value)
 
 
 def _per_tail(value: Any, tail_id: str, what: str) -> Any:
@@ -129,7 +171,12 @@ class _Head:
         if self.model is not None:
             return self.model.compute(inputs)
         try:
-            outs = self.session.run(None, dict(inputs))
+            # bfloat16, float8 and int4 go through OrtValues (a cut tensor of those
+            # dtypes failed here, "No corresponding Numpy type"), as ml_dtypes arrays
+            # to the wire, which carries them
+            return ort_run(self.session, inputs, self.out_names)
+        except VaultError:
+            raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own types; its text stays out
             text = str(exc)
             if "INVALID_ARGUMENT" in text or "input" in text.lower():
@@ -138,7 +185,6 @@ class _Head:
                     "shapes)"
                 ) from None
             raise ComputeError("the head failed to run") from None
-        return dict(zip(self.out_names, outs))
 
     def close(self) -> None:
         if self.model is not None:
@@ -307,8 +353,8 @@ class HybridModel:
             with self._lock:
                 self._in_flight -= 1
         if alone and c.cost is not None:
-            nbytes = sum(np.asarray(v).nbytes for v in mid.values())
-            nbytes += sum(v.nbytes for v in out.values())
+            nbytes = sum(_wire_nbytes(v) for v in mid.values())
+            nbytes += sum(_wire_nbytes(v) for v in out.values())
             self.link.observe_call(wall_ms=wall, server_ms=c.cost.tail_ms, nbytes=nbytes)
         self._maybe_replan(c)
         return out

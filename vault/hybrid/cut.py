@@ -43,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..core.errors import SealError
+from ..core.graphs import onnx_type_name
 
 __all__ = ["Cut", "CutGraph", "Policy", "node_key"]
 
@@ -360,6 +361,14 @@ class CutGraph:
                 "cut tensor); drop it from the cut"
             )
         ordered = list(tensors) + [c for c in crossing if c not in tensors]
+        for t in ordered:
+            et = self._types[t].tensor_type.elem_type if self.typed(t) else 0
+            if et and onnx_type_name(et) is None:
+                raise SealError(
+                    f"cut tensor {t!r} is {TensorProto.DataType.Name(et).lower()}, which the "
+                    "wire between the caller and the tail cannot carry: cut where the tensor "
+                    "is another dtype (or Cast it in the model before the cut)"
+                )
         return Cut(
             tensors=list(tensors),
             crossing=ordered,

@@ -31,32 +31,59 @@ import onnx
 
 from ..core.errors import ConfigError
 from ..core.ortthreads import apply_spin_policy
+from ..core.ortvalues import run
 from .cut import node_key
 
-__all__ = ["PROFILE_FORMAT", "example_inputs", "load_profile", "profile_model"]
+__all__ = ["PROFILE_FORMAT", "REAL_INPUTS_HINT", "example_inputs", "load_profile", "profile_model"]
 
 PROFILE_FORMAT = "vault-profile/1"
 
 
+# how to give real example inputs, for a model made-up ones do not run
+REAL_INPUTS_HINT = (
+    "give real example inputs: calibration=[{name: array, ...}] in Python (vault split), "
+    "--calibration inputs.npz on the command line (NAME -> [K, ...] arrays, one row each)"
+)
+
+
 def example_inputs(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Random inputs for the model's graph inputs (symbolic dims -> ``batch``)."""
+    """Random inputs for the model's graph inputs (symbolic dims -> ``batch``): any
+    tensor dtype the wire carries (bfloat16, float8 and int4 through ml_dtypes;
+    strings as short numerals). A model whose inputs are sequences or maps, or
+    whose graph needs real shapes (a Reshape to a fixed size), needs real ones
+    (:data:`REAL_INPUTS_HINT`)."""
+    from ..core.graphs import onnx_type_name
+    from ..core.protocol import dtype_from_name
+
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
     feeds: dict[str, Any] = {}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
+        kind = vi.type.WhichOneof("value")
+        name = onnx_type_name(vi.type.tensor_type.elem_type) if kind == "tensor_type" else None
+        if name is None:
+            what = kind.removesuffix("_type") if kind and kind != "tensor_type" else (
+                onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
+            )  # fmt: skip
+            raise ConfigError(
+                f"input {vi.name!r}: cannot make example data of type {what}; {REAL_INPUTS_HINT}"
+            )
         tt = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        if dtype.kind == "f":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            feeds[vi.name] = rng.integers(0, 255 if dtype.kind == "u" else 16, shape).astype(dtype)
-        elif dtype.kind == "b":
+        dtype = dtype_from_name(name)
+        if name == "string":
+            feeds[vi.name] = rng.integers(0, 100, shape).astype(str).astype(object)
+        elif name in ("int4", "uint4"):
+            feeds[vi.name] = rng.integers(0, 8, shape).astype(dtype)
+        elif name.startswith(("float", "bfloat", "complex")):
+            feeds[vi.name] = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+        elif name == "bool":
             feeds[vi.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            raise ConfigError(f"input {vi.name!r}: cannot make example data of type {dtype}")
+        else:  # integers
+            high = 255 if name.startswith("uint") else 16
+            feeds[vi.name] = rng.integers(0, high, shape).astype(dtype)
     return feeds
 
 
@@ -84,7 +111,11 @@ def _session(model_bytes: bytes, threads: int | None, prefix: str | None) -> Any
     if prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = prefix
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, in the vault's words
+        why = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"onnxruntime cannot load the model to profile it: {why}") from exc
 
 
 def _kernel_node(name: str, known: set[str], producers: Mapping[str, str]) -> str | None:
@@ -130,28 +161,36 @@ def profile_model(
     repeats: int = 10,
     threads: int | None = None,
     feeds: Mapping[str, Any] | None = None,
+    hint: str = REAL_INPUTS_HINT,
 ) -> dict[str, Any]:
-    """Per-node median latencies (ms) of ``model`` on this CPU; see the module docstring."""
+    """Per-node median latencies (ms) of ``model`` on this CPU; see the module docstring.
+
+    ``feeds``: one input to run it on (default: :func:`example_inputs`, made up);
+    a model that does not run on them is a :class:`ConfigError` that says so,
+    ending with ``hint`` (how to give real ones)."""
     if repeats < 1:
         raise ConfigError("repeats must be at least 1")
     data = model.SerializeToString()
     inputs = dict(feeds) if feeds is not None else example_inputs(model)
     # whole runs, without the profiler's own overhead
     plain = _session(data, threads, None)
-    for _ in range(2):
-        plain.run(None, inputs)
+    try:
+        run(plain, inputs)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: said in the vault's words
+        raise _cannot_run(exc, made_up=feeds is None, hint=hint) from exc
+    run(plain, inputs)
     walls = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plain.run(None, inputs)
+        run(plain, inputs)
         walls.append((time.perf_counter() - t0) * 1e3)
     del plain
     tmp = tempfile.mkdtemp(prefix="vault-profile-")
     try:
         sess = _session(data, threads, os.path.join(tmp, "p"))
-        sess.run(None, inputs)  # warm-up: its events are dropped below
+        run(sess, inputs)  # warm-up: its events are dropped below
         for _ in range(repeats):
-            sess.run(None, inputs)
+            run(sess, inputs)
         path = sess.end_profiling()
         with open(path, encoding="utf-8") as fh:
             events = json.load(fh)
@@ -196,6 +235,19 @@ def profile_model(
         "kernel_ms": round(matched + other, 4),
         "nodes": {k: round(v * scale, 5) for k, v in per_node.items()},
     }
+
+
+def _cannot_run(exc: BaseException, *, made_up: bool, hint: str) -> ConfigError:
+    """The vault's words for a model that failed on the inputs it was profiled with."""
+    if isinstance(exc, ConfigError):
+        return exc
+    why = " ".join(str(exc).split())[:300]
+    if made_up:
+        return ConfigError(
+            "the model does not run on made-up inputs (each symbolic dimension 1, random "
+            f"values): {why}; it needs real example inputs: {hint}"
+        )
+    return ConfigError(f"the model does not run on the example input given: {why}")
 
 
 def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -44,11 +44,14 @@ import onnx
 
 from .. import sealing as _sealing
 from ..core import crypto as _crypto
-from ..core.errors import ConfigError, SealError
+from ..core.errors import ConfigError, SealError, VaultError
 from ..core.files import write_private_file
+from ..core.graphs import onnx_type_name
+from ..core.ortvalues import run as _ort_run
+from ..core.protocol import ORTVALUE_DTYPES
 from .cut import Cut, CutGraph, Policy, node_key, wire_name
 from .plan import CutCost, Link, format_table, plan
-from .profile import example_inputs, profile_model
+from .profile import REAL_INPUTS_HINT, example_inputs, profile_model
 
 __all__ = ["SPLIT_FORMAT", "SplitResult", "split", "split_graphs"]
 
@@ -278,12 +281,16 @@ def _cost(
 # --- accuracy of a wire encoding -----------------------------------------------------------------------
 
 
-def _session(m: onnx.ModelProto) -> Any:
+def _session(m: onnx.ModelProto, what: str = "the model") -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, in the vault's words
+        why = " ".join(str(exc).split())[:300]
+        raise SealError(f"onnxruntime cannot load {what}: {why}") from exc
 
 
 def _with_outputs(g: CutGraph, names: Iterable[str]) -> onnx.ModelProto:
@@ -295,13 +302,11 @@ def _with_outputs(g: CutGraph, names: Iterable[str]) -> onnx.ModelProto:
 
 
 def _run_split(head: Any, tail: Any, feeds: Mapping[str, Any]) -> dict[str, Any]:
-    if head is None:
-        mid = dict(feeds)
-    else:
-        mid = dict(zip([o.name for o in head.get_outputs()], head.run(None, dict(feeds))))
+    """Head then tail on one input, as the caller and the tail worker run them
+    (bfloat16, float8 and int4 cut tensors cross as ml_dtypes arrays)."""
+    mid = dict(feeds) if head is None else _ort_run(head, feeds)
     names = [i.name for i in tail.get_inputs()]
-    outs = tail.run(None, {n: mid[n] for n in names})
-    return dict(zip([o.name for o in tail.get_outputs()], outs))
+    return _ort_run(tail, {n: mid[n] for n in names})
 
 
 def _compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, Any]:
@@ -344,7 +349,7 @@ def _calibrate(
     sess = _session(_with_outputs(g, floats))
     peak = dict.fromkeys(floats, 0.0)
     for feeds in calibration:
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, dict(feeds))))
+        outs = _ort_run(sess, feeds, floats)
         for t in floats:
             peak[t] = max(peak[t], float(np.max(np.abs(outs[t]))) if outs[t].size else 0.0)
     return {t: {"encoding": "int8", "scale": (peak[t] / 127.0) or 1.0} for t in floats}
@@ -414,14 +419,27 @@ def split(
     big = _sealing._too_big(merged)
     if big and encoding != "float32":
         raise SealError("a model past 2 GiB cannot be checked for a wire encoding; use float32")
+    # the cuts named are checked before anything runs (a cut tensor the wire cannot
+    # carry is refused naming it, not met as onnxruntime's error in the profile)
+    # "(inputs)", the name the planner's table gives it: ship the all-server cut
+    # too (no head, the tail is the whole model), for clients that re-plan
+    named = [
+        g.all_server()
+        if list(tensors) == [ALL_SERVER]
+        else g.cut([resolve(t) for t in tensors], policy=policy)
+        for tensors in at
+    ]
 
     # costs: the server's from here (or a file), the client's from its own profile
     if big:
         server_nodes: Mapping[str, float] = (server_costs or {}).get("nodes", {})
     else:
         if server_costs is None:
+            # on the first calibration input when there is one: a model whose graph needs
+            # real shapes (an exporter's Reshape to the sequence length) fails on made-up ones
             log("profiling the model on this machine (the server side)")
-            server_costs = profile_model(merged, repeats=profile_repeats)
+            server_costs = profile_model(merged, repeats=profile_repeats,
+                                         feeds=calibration[0] if calibration else None)  # fmt: skip
         server_nodes = server_costs["nodes"]
     client_nodes = (client_costs or {}).get("nodes", server_nodes)
     if link is not None and client_costs is None:
@@ -443,22 +461,19 @@ def split(
         by_name = {c.name: c for c in options}
         chosen = [by_name[r.cut] for r in rows[: 1 + max(0, alternatives)]]
     else:
-        # "(inputs)", the name the planner's table gives it: ship the all-server cut
-        # too (no head, the tail is the whole model), for clients that re-plan
-        chosen = [
-            g.all_server()
-            if list(tensors) == [ALL_SERVER]
-            else g.cut([resolve(t) for t in tensors], policy=policy)
-            for tensors in at
-        ]
+        chosen = named
 
+    made_up = calibration is None
     if calibration is None and not big:
         calibration = [example_inputs(merged, seed=s) for s in range(8)]
     reference: list[dict[str, Any]] = []
     if not big:
         whole = _session(merged)
-        names = [o.name for o in whole.get_outputs()]
-        reference = [dict(zip(names, whole.run(None, dict(f)))) for f in calibration or []]
+        for k, f in enumerate(calibration or []):
+            try:
+                reference.append(_ort_run(whole, f))
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own types
+                raise _cannot_run(exc, k, made_up) from exc
 
     out = os.fspath(output_dir)
     with _StagedDirectory(out) as stage:
@@ -470,6 +485,19 @@ def split(
             log=log, link=link, server_key=server_key, now=now, batchable=batchable,
         )  # fmt: skip
     return SplitResult(out, desc, table)
+
+
+def _cannot_run(exc: BaseException, k: int, made_up: bool) -> ConfigError:
+    """The whole model failed on calibration input ``k``: in the vault's words."""
+    if isinstance(exc, ConfigError):
+        return exc
+    why = " ".join(str(exc).split())[:300]
+    if made_up:
+        return ConfigError(
+            "the model does not run on made-up inputs (each symbolic dimension 1, random "
+            f"values): {why}; it needs real example inputs: {REAL_INPUTS_HINT}"
+        )
+    return ConfigError(f"the model does not run on calibration input {k}: {why}")
 
 
 def _write_split(
@@ -651,13 +679,23 @@ def _write_cut(
     wire = {} if big else _calibrate(g, cut, encoding, calibration)
     head = None if cut.all_server else g.head_model(cut, wire)
     tail = g.tail_model(cut, wire)
+    if head is not None:
+        _check_head_can_hand_over(g, cut, head)
     if head is not None and not big:
         # the head is checked as vault seal checks what it seals (one policy)
         _sealing.check_well_formed(head, f"cut {cut.name}: the head")
     accuracy: dict[str, Any] = {"checked": False, "why": "model past 2 GiB"}
     if not big:
-        hs = _session(head) if head is not None else None
-        got = [_run_split(hs, _session(tail), f) for f in calibration]
+        hs = _session(head, f"cut {cut.name}: the head") if head is not None else None
+        ts = _session(tail, f"cut {cut.name}: the tail")
+        try:
+            got = [_run_split(hs, ts, f) for f in calibration]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types
+            why = exc if isinstance(exc, VaultError) else " ".join(str(exc).split())[:300]
+            raise SealError(
+                f"cut {cut.name}: head then tail fail on a calibration input the whole model "
+                f"runs: {why}"
+            ) from exc
         accuracy = {"checked": True, "inputs": len(calibration), **_compare(reference, got)}
         agree = accuracy["top1_agreement"]
         if encoding != "float32" and (
@@ -707,6 +745,28 @@ def _write_cut(
     entry["cost"] = {**cost.to_json(), "cut": name}
     entry["accuracy"] = accuracy
     return entry
+
+
+def _check_head_can_hand_over(g: CutGraph, cut: Cut, head: onnx.ModelProto) -> None:
+    """onnxruntime's Python API gives a bfloat16, float8 or int4 tensor only as an
+    OrtValue, from a run whose every input is an OrtValue, and makes none of a
+    string, sequence or map: a head with such an input cannot hand over such a
+    tensor (the caller's run would fail). Refused here, naming both."""
+    special = [(t, onnx_type_name(g.elem_type(t))) for t in cut.crossing]
+    special = [(t, d) for t, d in special if d in ORTVALUE_DTYPES]
+    plain = [
+        i.name for i in head.graph.input
+        if i.type.WhichOneof("value") != "tensor_type"
+        or i.type.tensor_type.elem_type == onnx.TensorProto.STRING
+    ]  # fmt: skip
+    if special and plain:
+        t, d = special[0]
+        raise SealError(
+            f"cut {cut.name}: cut tensor {t!r} is {d}, which onnxruntime hands over only as "
+            f"an OrtValue, and the head's input {plain[0]!r} (a string, sequence or map) "
+            "cannot be one, so the caller's head could not run: cut where the tensor is "
+            "another dtype (or Cast it to float32 in the model before the cut)"
+        )
 
 
 def _hand_over(

@@ -1,0 +1,132 @@
+"""onnxruntime values for the dtypes its numpy bridge lacks (bfloat16, float8, int4).
+
+``session.run`` fails on such a tensor, in either direction (``RuntimeError:
+No corresponding Numpy type for Tensor Type. bfloat16``); numpy holds them
+through ml_dtypes (what :mod:`vault.core.protocol` puts on the wire), and
+onnxruntime takes and gives them only as ``OrtValue``\\ s. :func:`run` is a
+``session.run`` that converts where needed: inputs of these dtypes go in as
+OrtValues (``run`` accepts them beside numpy arrays), outputs of these dtypes
+come back through ``run_with_ort_values``. Used by the caller's side of the
+hybrid (its head runs in-process) and by ``vault split`` (profile, accuracy
+check); onnxruntime is imported on first use.
+
+Example::
+
+    outs = run(session, {"x": arr_bf16})      # {"y": ml_dtypes.bfloat16 array, ...}
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import ComputeError, InputError
+from .protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name
+
+__all__ = ["SPECIAL_ONNX_CODES", "from_ortvalue", "is_special_type", "run", "to_ortvalue"]
+
+# the dtypes onnxruntime's numpy bridge lacks: their ONNX element types
+SPECIAL_ONNX_CODES = {
+    "bfloat16": 16, "float8_e4m3fn": 17, "float8_e4m3fnuz": 18, "float8_e5m2": 19,
+    "float8_e5m2fnuz": 20, "uint4": 21, "int4": 22,
+}  # fmt: skip
+# onnxruntime's names for them in a session's types ("tensor(float8e4m3fn)")
+_ORT_NAME = {n.replace("_", ""): n for n in SPECIAL_ONNX_CODES}
+
+
+def is_special_type(ort_type: str) -> bool:
+    """Whether an onnxruntime type string (``tensor(bfloat16)``) needs OrtValues."""
+    return ort_type.startswith("tensor(") and ort_type[7:-1] in _ORT_NAME
+
+
+def _special_array(v: Any) -> bool:
+    if not isinstance(v, np.ndarray) or v.dtype.kind in "biuOUS":  # the common ones, fast
+        return False  # (ml_dtypes' kinds vary: "V" for bfloat16, "f" for float8_e5m2)
+    try:
+        return dtype_name(v.dtype) in ORTVALUE_DTYPES
+    except Exception:  # noqa: BLE001 - a structured dtype: not ours to convert
+        return False
+
+
+def to_ortvalue(arr: Any) -> Any:
+    """A numpy array (ml_dtypes' bfloat16, float8, int4 included) as an OrtValue."""
+    import onnxruntime as ort
+
+    if not isinstance(arr, np.ndarray):
+        raise InputError("sequence, map and optional values cannot be mixed with this dtype")
+    name = dtype_name(arr.dtype)
+    code = SPECIAL_ONNX_CODES.get(name)
+    if code is None:
+        return ort.OrtValue.ortvalue_from_numpy(arr)
+    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
+    if name not in ("int4", "uint4"):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, code)
+    # onnxruntime holds 4-bit values two to a byte, the first in the low nibble
+    nib = (raw.reshape(-1) & 0x0F).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+    packed = np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
+    v = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), code)
+    if packed.size:
+        ctypes.memmove(v.data_ptr(), packed.ctypes.data, packed.size)
+    return v
+
+
+def from_ortvalue(v: Any) -> Any:
+    """An OrtValue tensor as a numpy array (ml_dtypes for bfloat16, float8, int4)."""
+    t = v.data_type()
+    name = _ORT_NAME.get(t[7:-1]) if t.startswith("tensor(") else None
+    if name is None:
+        return v.numpy()
+    shape = tuple(v.shape())
+    n = int(np.prod(shape, dtype=np.int64))
+    four_bit = name in ("int4", "uint4")
+    nbytes = (n + 1) // 2 if four_bit else n * (2 if name == "bfloat16" else 1)
+    raw = np.empty(nbytes, np.uint8)
+    if nbytes:
+        ctypes.memmove(raw.ctypes.data, v.data_ptr(), nbytes)
+    if four_bit:
+        nib = np.empty(nbytes * 2, np.uint8)
+        nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
+        vals = nib[:n].astype(np.int8)
+        if name == "int4":
+            vals = np.where(vals >= 8, vals - 16, vals).astype(np.int8)
+        return vals.astype(dtype_from_name(name)).reshape(shape)
+    return raw.view(dtype_from_name(name)).reshape(shape)
+
+
+def run(
+    session: Any, feeds: Mapping[str, Any], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``session.run`` by output name, for any dtype onnxruntime runs: arrays of
+    bfloat16, float8 or int4 go in as OrtValues, such outputs come back as
+    ml_dtypes arrays. Plain models take the plain path (no copy, no OrtValue).
+
+    Outputs of those dtypes come from ``run_with_ort_values``, which takes
+    OrtValues only: with a string or sequence input beside them (onnxruntime
+    makes no OrtValue of those) the call is refused, :class:`ComputeError`."""
+    want = list(names) if names is not None else [o.name for o in session.get_outputs()]
+    special = {o.name for o in session.get_outputs() if is_special_type(o.type)}
+    ins = {k: to_ortvalue(v) if _special_array(v) else v for k, v in feeds.items()}
+    wide = [n for n in want if n in special]
+    if not wide:
+        return dict(zip(want, session.run(want, ins)))
+    import onnxruntime as ort
+
+    try:
+        all_ov = {k: v if isinstance(v, ort.OrtValue) else to_ortvalue(v) for k, v in ins.items()}
+    except (InputError, RuntimeError) as exc:
+        raise ComputeError(
+            f"outputs {', '.join(wide)} are of a dtype onnxruntime gives only as OrtValues, "
+            "which it takes only with every input an OrtValue: a string, sequence or map "
+            "input cannot be one"
+        ) from exc
+    vals = dict(zip(want, session.run_with_ort_values(want, all_ov)))
+    got = {n: from_ortvalue(v) for n, v in vals.items() if v.is_tensor()}
+    rest = [n for n in want if n not in got]
+    if rest:  # a sequence or map has no numpy form as an OrtValue: those run plain
+        got.update(zip(rest, session.run(rest, ins)))
+    return {n: got[n] for n in want}
