@@ -29,9 +29,10 @@ import onnxruntime as ort
 from vault.core.errors import ComputeError, ConfigError, InputError, IntegrityError
 from vault.core.graphs import check_graph
 from vault.core.ortthreads import apply_spin_policy
+from vault.core.ortvalues import SPECIAL_ONNX_CODES, from_ortvalue, special_raw, to_ortvalue
 from vault.core.protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name, is_tensor_type
 
-from .initializers import add_to_options, zero_copy_graph
+from .initializers import _enc_varint, add_to_options, zero_copy_graph
 
 __all__ = ["Pipeline", "choose_providers", "session_options", "signature_of"]
 
@@ -224,10 +225,7 @@ def _ort_type_name(t: str) -> str:
 
 
 # dtypes onnxruntime's numpy bridge lacks: their ONNX codes, and onnxruntime's names
-_ONNX_CODE = {
-    "bfloat16": 16, "float8_e4m3fn": 17, "float8_e4m3fnuz": 18, "float8_e5m2": 19,
-    "float8_e5m2fnuz": 20, "uint4": 21, "int4": 22,
-}  # fmt: skip
+_ONNX_CODE = SPECIAL_ONNX_CODES
 _ORT_SPECIAL = {n.replace("_", ""): n for n in _ONNX_CODE}  # "float8e4m3fn" -> "float8_e4m3fn"
 
 
@@ -240,33 +238,8 @@ def _np_dtype(name: str) -> np.dtype[Any] | None:
     return None if dt == np.dtype(object) else dt
 
 
-def _special_raw(arr: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
-    """The bytes onnxruntime (and ONNX's raw_data) holds for a bfloat16,
-    float8 or 4-bit array: 4-bit values two to a byte, the first in the low
-    nibble."""
-    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
-    if name not in ("int4", "uint4"):
-        return raw  # type: ignore[no-any-return]
-    nib = (raw.reshape(-1) & 0x0F).astype(np.uint8)
-    if nib.size % 2:
-        nib = np.concatenate([nib, np.zeros(1, np.uint8)])
-    return np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
-
-
-def _to_ortvalue(arr: Any) -> Any:
-    if not isinstance(arr, np.ndarray):
-        raise InputError("sequence, map and optional values cannot be mixed with this dtype")
-    name = dtype_name(arr.dtype)
-    code = _ONNX_CODE.get(name)
-    if code is None:
-        return ort.OrtValue.ortvalue_from_numpy(arr)
-    raw = _special_raw(arr, name)
-    if name not in ("int4", "uint4"):
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, code)
-    v = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), code)
-    if raw.size:
-        ctypes.memmove(v.data_ptr(), raw.ctypes.data, raw.size)
-    return v
+_special_raw = special_raw
+_to_ortvalue = to_ortvalue  # (tests/backend_cases.py uses these names)
 
 
 def _from_ortvalue(v: Any) -> Any:
@@ -277,25 +250,7 @@ def _from_ortvalue(v: Any) -> Any:
         return None
     if not v.is_tensor():  # a sequence or a map: onnxruntime's own conversion
         return _passthrough(v.data_type()).run(["v"], {"v": v}, _RUN_OPTIONS)[0]
-    t = v.data_type()
-    name = _ORT_SPECIAL.get(t[7:-1]) if t.startswith("tensor(") else None
-    if name is None:
-        return v.numpy()
-    shape = tuple(v.shape())
-    n = int(np.prod(shape, dtype=np.int64))
-    four_bit = name in ("int4", "uint4")
-    nbytes = (n + 1) // 2 if four_bit else n * (2 if name == "bfloat16" else 1)
-    raw = np.empty(nbytes, np.uint8)
-    if nbytes:
-        ctypes.memmove(raw.ctypes.data, v.data_ptr(), nbytes)
-    if four_bit:
-        nib = np.empty(nbytes * 2, np.uint8)
-        nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
-        vals = nib[:n].astype(np.int8)
-        if name == "int4":
-            vals = np.where(vals >= 8, vals - 16, vals).astype(np.int8)
-        return vals.astype(dtype_from_name(name)).reshape(shape)
-    return raw.view(dtype_from_name(name)).reshape(shape)
+    return from_ortvalue(v)
 
 
 # --- values onnxruntime's Python API makes no OrtValue of -------------------------
@@ -321,16 +276,7 @@ _WIRE_CODE = {
 
 
 def _pb_varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1  # a negative int64 as protobuf writes it
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    return _enc_varint(n & ((1 << 64) - 1))  # a negative int64 as protobuf writes it
 
 
 def _pb(field: int, value: int | bytes | str) -> bytes:

@@ -26,7 +26,14 @@ import numpy as np
 from .errors import ComputeError, InputError
 from .protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name
 
-__all__ = ["SPECIAL_ONNX_CODES", "from_ortvalue", "is_special_type", "run", "to_ortvalue"]
+__all__ = [
+    "SPECIAL_ONNX_CODES",
+    "from_ortvalue",
+    "is_special_type",
+    "run",
+    "special_raw",
+    "to_ortvalue",
+]
 
 # the dtypes onnxruntime's numpy bridge lacks: their ONNX element types
 SPECIAL_ONNX_CODES = {
@@ -61,18 +68,26 @@ def to_ortvalue(arr: Any) -> Any:
     code = SPECIAL_ONNX_CODES.get(name)
     if code is None:
         return ort.OrtValue.ortvalue_from_numpy(arr)
-    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
+    raw = special_raw(arr, name)
     if name not in ("int4", "uint4"):
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, code)
-    # onnxruntime holds 4-bit values two to a byte, the first in the low nibble
+    v = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), code)
+    if raw.size:
+        ctypes.memmove(v.data_ptr(), raw.ctypes.data, raw.size)
+    return v
+
+
+def special_raw(arr: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
+    """The bytes onnxruntime (and ONNX's raw_data) holds for a bfloat16,
+    float8 or 4-bit array: 4-bit values two to a byte, the first in the low
+    nibble."""
+    raw: Any = np.ascontiguousarray(arr).view(np.uint16 if name == "bfloat16" else np.uint8)
+    if name not in ("int4", "uint4"):
+        return raw  # type: ignore[no-any-return]
     nib = (raw.reshape(-1) & 0x0F).astype(np.uint8)
     if nib.size % 2:
         nib = np.concatenate([nib, np.zeros(1, np.uint8)])
-    packed = np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
-    v = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), code)
-    if packed.size:
-        ctypes.memmove(v.data_ptr(), packed.ctypes.data, packed.size)
-    return v
+    return np.ascontiguousarray(nib[0::2] | (nib[1::2] << 4))
 
 
 def from_ortvalue(v: Any) -> Any:

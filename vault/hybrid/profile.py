@@ -177,7 +177,7 @@ def profile_model(
     try:
         run(plain, inputs)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: said in the vault's words
-        raise _cannot_run(exc, made_up=feeds is None, hint=hint) from exc
+        raise cannot_run(exc, made_up=feeds is None, hint=hint) from exc
     run(plain, inputs)
     walls = []
     for _ in range(repeats):
@@ -237,8 +237,11 @@ def profile_model(
     }
 
 
-def _cannot_run(exc: BaseException, *, made_up: bool, hint: str) -> ConfigError:
-    """The vault's words for a model that failed on the inputs it was profiled with."""
+def cannot_run(
+    exc: BaseException, *, made_up: bool, hint: str, given: str = "the example input given"
+) -> ConfigError:
+    """The vault's words for a model that failed on the inputs it was run
+    with: made-up ones (then how to give real ones), or ``given``."""
     if isinstance(exc, ConfigError):
         return exc
     why = " ".join(str(exc).split())[:300]
@@ -247,7 +250,7 @@ def _cannot_run(exc: BaseException, *, made_up: bool, hint: str) -> ConfigError:
             "the model does not run on made-up inputs (each symbolic dimension 1, random "
             f"values): {why}; it needs real example inputs: {hint}"
         )
-    return ConfigError(f"the model does not run on the example input given: {why}")
+    return ConfigError(f"the model does not run on {given}: {why}")
 
 
 def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:

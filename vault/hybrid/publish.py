@@ -51,7 +51,7 @@ from ..core.ortvalues import run as _ort_run
 from ..core.protocol import ORTVALUE_DTYPES
 from .cut import Cut, CutGraph, Policy, node_key, wire_name
 from .plan import CutCost, Link, format_table, plan
-from .profile import REAL_INPUTS_HINT, example_inputs, profile_model
+from .profile import REAL_INPUTS_HINT, cannot_run, example_inputs, profile_model
 
 __all__ = ["SPLIT_FORMAT", "SplitResult", "split", "split_graphs"]
 
@@ -473,7 +473,8 @@ def split(
             try:
                 reference.append(_ort_run(whole, f))
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own types
-                raise _cannot_run(exc, k, made_up) from exc
+                raise cannot_run(exc, made_up=made_up, hint=REAL_INPUTS_HINT,
+                                 given=f"calibration input {k}") from exc  # fmt: skip
 
     out = os.fspath(output_dir)
     with _StagedDirectory(out) as stage:
@@ -485,19 +486,6 @@ def split(
             log=log, link=link, server_key=server_key, now=now, batchable=batchable,
         )  # fmt: skip
     return SplitResult(out, desc, table)
-
-
-def _cannot_run(exc: BaseException, k: int, made_up: bool) -> ConfigError:
-    """The whole model failed on calibration input ``k``: in the vault's words."""
-    if isinstance(exc, ConfigError):
-        return exc
-    why = " ".join(str(exc).split())[:300]
-    if made_up:
-        return ConfigError(
-            "the model does not run on made-up inputs (each symbolic dimension 1, random "
-            f"values): {why}; it needs real example inputs: {REAL_INPUTS_HINT}"
-        )
-    return ConfigError(f"the model does not run on calibration input {k}: {why}")
 
 
 def _write_split(
