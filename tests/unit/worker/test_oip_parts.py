@@ -1241,3 +1241,44 @@ def test_a_large_json_answer_is_refused_or_written_off_the_event_loop() -> None:
         assert await ticking(on_the_loop()) == 0
 
     asyncio.run(main())
+
+
+def test_a_pipelined_requests_head_is_bounded_while_the_one_before_it_is_served() -> None:
+    """The head bound counted only while no request was in flight: a caller
+    whose first request was being served streamed the next request's head
+    as one header line that never ended, and httptools kept every byte of
+    it. It is counted from the moment that head begins."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from worker.service.oip.httpconn import bounded_protocol
+
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()  # the first request is still being served
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        config = uvicorn.Config(app, http="httptools", lifespan="off")
+        config.load()
+        proto = bounded_protocol(10.0, 64)(config=config, server_state=ServerState(),
+                                           app_state={})  # fmt: skip
+        t = _Transport()
+        proto.connection_made(t)
+        proto.data_received(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0)  # its task starts, and waits
+        proto.data_received(b"GET /v2/health/live HTTP/1.1\r\nX-Junk: ")
+        sent = 0
+        while sent < 400 and not t.is_closing():
+            proto.data_received(b"a" * 4096)  # one header value that never ends
+            sent += 1
+        closed = t.is_closing()
+        release.set()
+        proto.connection_lost(None)
+        assert closed and sent <= 20, sent  # 64 KiB and a read: refused
+
+    asyncio.run(main())

@@ -71,8 +71,10 @@ def bounded_protocol(
 
     class Bounded(HttpToolsProtocol):
         _vault_timer: Any = None
-        _vault_head = 0  # bytes received since the head now awaited began
+        _vault_head = 0  # bytes fed while this request's head was unfinished
         _vault_parsed = 0  # bytes of this request's line and headers, as parsed
+        _vault_in_head = False  # a request's head has begun and not ended
+        _vault_began = False  # ... and began in the read being parsed
         _vault_big = False
         _vault_peer: str | None = None
         _vault_counted: str | None = None  # counted by the TLS gate already
@@ -108,24 +110,27 @@ def bounded_protocol(
 
         def _vault_arm(self) -> None:
             self._vault_cancel()
-            self._vault_head = 0
             self._vault_timer = self.loop.call_later(head_timeout, self._vault_late)
 
         def data_received(self, data: bytes) -> None:
+            self._vault_began = False
             super().data_received(data)
-            # a head still awaited after this read: what httptools was fed of
-            # it is held (a header line is handed over only once it ends), so
-            # the bytes fed bound the memory; counted after parsing, as a read
-            # that ends a head carries body bytes too, which are not the head's
-            if self._vault_timer is None or self.transport.is_closing():
-                return  # no head awaited (a request in flight), or going already
+            # a head still unfinished after this read: what httptools was fed
+            # of it is held (a header line is handed over only once it ends),
+            # so the bytes fed bound the memory. Counted from the read after
+            # the one it began in (that one may end the request before it; at
+            # most one read uncounted), whether or not a request before it is
+            # still being served (a pipelined head is no less held)
+            if not self._vault_in_head or self._vault_began or self.transport.is_closing():
+                return
             self._vault_head += len(data)
             if self._vault_head > max_head:
                 self._vault_refuse()
 
         # a head that ends within one read is measured as httptools hands it over
         def on_message_begin(self) -> None:
-            self._vault_parsed = 0
+            self._vault_parsed = self._vault_head = 0
+            self._vault_in_head = self._vault_began = True
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
@@ -171,6 +176,7 @@ def bounded_protocol(
                 self.transport.abort()  # no whole head in time: the connection goes, now
 
         def on_headers_complete(self) -> None:
+            self._vault_in_head = False
             self._vault_cancel()
             super().on_headers_complete()
 
