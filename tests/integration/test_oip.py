@@ -1838,6 +1838,23 @@ def test_tls_is_required_by_clients_and_plaintext_is_refused(plane: Plane) -> No
         assert json.loads(r.read()) == {"live": True}
 
 
+def test_a_plaintext_grpc_client_leaves_the_log_all_json(plane: Plane) -> None:
+    """gRPC core logs a failed TLS handshake on stderr in its own format
+    (`I1207 ... ssl_transport_security.cc ... Handshake failed`); the
+    service's stderr stays one JSON event per line."""
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{plane.grpc_port}")
+    with pytest.raises(grpc.FutureTimeoutError):  # the door speaks only TLS
+        grpc.channel_ready_future(channel).result(timeout=3)
+    channel.close()
+    time.sleep(1)
+    lines = (plane.dir / "service.log").read_text().splitlines()
+    assert lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+
+
 def test_plaintext_off_loopback_is_refused_at_start(plane: Plane) -> None:
     args = [sys.executable, "-m", "vault", "worker", "serve", str(plane.dir / "clf.vault"),
             "--licence", str(plane.dir / "service-clf.licence"), "--device", str(plane.dir / "device"),

@@ -224,6 +224,12 @@ def _file_name(name: str, used: set[str]) -> str:
 def _serve(args: argparse.Namespace) -> int:
     """The service runs in this process (worker.service); its workers are
     hardened child processes started through vault.core.launch."""
+    # gRPC core writes its own lines on stderr (INFO: a client that does not
+    # speak TLS to a TLS door is "Handshake failed"), which would break the
+    # log's one JSON event per line. It reads GRPC_VERBOSITY once, when grpc
+    # is first imported (later is too late): keep its errors only, unless the
+    # operator asked for more.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from worker.service import (
         AllowListPolicy,
         JsonLog,
