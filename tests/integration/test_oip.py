@@ -716,6 +716,10 @@ def test_refusals_no_token_bad_token_another_licence(plane: Plane) -> None:
         assert e.status() == "401" and "[token_invalid]" in e.message(), e
         g = _grpc_refusal(plane, tok)
         assert g.status() == "StatusCode.UNAUTHENTICATED" and "[token_invalid]" in g.message()
+    # each door says how to send a token its way: gRPC metadata keys are lowercase
+    assert "Authorization: Bearer TOKEN" in _http_refusal(plane, None).message()
+    g = _grpc_refusal(plane, None).message()
+    assert "metadata authorization: Bearer TOKEN" in g and "Authorization" not in g, g
     # a token that names bob's licence but is signed with alice's key (forged)
     alice, bob = plane.licences["alice"], plane.licences["bob"]
     forged = Licence.from_json({**alice.to_json(), "licence_id": bob.licence_id,

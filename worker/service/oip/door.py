@@ -171,13 +171,20 @@ def error_text(exc: VaultError) -> str:
     return f"[{exc.code}] {exc.message}"
 
 
-def bearer(value: str | None) -> Token:
-    """The token of an ``Authorization: Bearer ...`` value (TokenError if none)."""
+REST_HOW = "send the header Authorization: Bearer TOKEN"
+# gRPC metadata keys are lowercase: a client sending "Authorization" is
+# refused by its own library ("Invalid metadata")
+GRPC_HOW = "send the metadata authorization: Bearer TOKEN (the key in lowercase)"
+
+
+def bearer(value: str | None, how: str = REST_HOW) -> Token:
+    """The token of an ``Authorization: Bearer ...`` value (TokenError if
+    none, saying ``how`` to send one: the door's own way)."""
     if not value:
-        raise TokenError("no bearer token: send Authorization: Bearer TOKEN")
+        raise TokenError(f"no bearer token: {how}")
     scheme, _, text = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not text.strip():
-        raise TokenError("no bearer token: send Authorization: Bearer TOKEN")
+        raise TokenError(f"no bearer token: {how}")
     return parse_token(text.strip())
 
 
