@@ -1739,6 +1739,13 @@ async def main():
     except Exception as exc:
         out["rest_refused"] = type(exc).__name__ + ": " + str(exc)
     await rest.close()
+    v1 = InferenceRESTClient(RESTConfig(verify=ca))  # KServe's default protocol: v1
+    try:
+        await v1.infer(http, req, model_name="clf", headers={"Authorization": "Bearer " + token})
+        out["v1_refused"] = None
+    except Exception as exc:
+        out["v1_refused"] = type(exc).__name__ + ": " + str(exc)
+    await v1.close()
     g = InferenceGRPCClient(grpc_url, use_ssl=True, root_certificates=ca)
     ginp = InferInput("image", [2, 8], "UINT8")
     ginp.set_data_from_numpy(image)
@@ -1770,6 +1777,9 @@ def test_kserve_clients(plane: Plane) -> None:
     assert out["rest_ready"] is True
     assert "401" in out["rest_refused"] and "token_invalid" in out["rest_refused"]
     assert "UNAUTHENTICATED" in out["grpc_refused"]
+    # a client left on KServe's default v1 protocol is told what to change
+    assert "404" in out["v1_refused"] and "only the Open Inference Protocol v2" in out["v1_refused"]
+    assert 'RESTConfig(protocol="v2")' in out["v1_refused"], out["v1_refused"]
 
 
 STUBS = """
