@@ -19,11 +19,14 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import shlex
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1262,7 +1265,6 @@ def test_a_stranger_who_never_shakes_hands_holds_no_more_nor_longer(plane: Plane
     another address is served meanwhile, and once they are gone the
     stranger's address has its connections back (nothing stays counted)."""
     import select
-    import socket
 
     def closed(socks: list[socket.socket], wait: float) -> set[socket.socket]:
         """The sockets the door has closed (readable: an EOF or a reset;
@@ -1918,6 +1920,34 @@ def test_the_documented_examples_run_as_written(plane: Plane) -> None:
     assert out.returncode == 0, out.stderr.decode()
     ref = plane.clf_reference(np.arange(16, dtype=np.uint8).reshape(2, 8))
     assert str(ref["top_indices"]) in out.stdout.decode()
+
+
+def test_the_documented_self_signed_certificate_makes_the_examples_ca_pem(tmp_path: Path) -> None:
+    """The openssl command of docs/protocol.md ("TLS and plain text"), then
+    its `cp`, as written, make the `ca.pem` the examples name, and a client
+    trusting it completes a TLS handshake with the service's pair (the page
+    used to make only server.pem: `curl: (77) error setting certificate file:
+    ca.pem`)."""
+    require(shutil.which("openssl") is not None, "openssl")
+    text = " ".join((ROOT / "docs" / "protocol.md").read_text().split())
+    openssl = "openssl req -x509" + text.split("`openssl req -x509", 1)[1].split("`", 1)[0]
+    copy = "cp server.pem ca.pem"
+    assert f"`{copy}`" in text
+    for cmd in (openssl, copy):
+        subprocess.run(shlex.split(cmd), cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    a, b = socket.socketpair()
+    with a, b:
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(server.wrap_socket(a, server_side=True)))
+        t.start()
+        with client.wrap_socket(b, server_hostname="localhost") as tls:
+            assert tls.version() is not None
+        t.join(10)
+        assert done
+        done[0].close()
 
 
 def test_extensions_not_served_and_stray_contents_are_refused_not_ignored(plane: Plane) -> None:
