@@ -306,6 +306,12 @@ def test_tritonclient_model_config_says_what_the_metadata_says(plane: Plane) -> 
     with pytest.raises(InferenceServerException) as err:
         client.get_inference_statistics("clf")
     assert err.value.status() == "404"
+    # every model's statistics (/v2/models/stats) too: HTTP's not_found, as
+    # documented, not a model named "stats" that is unknown
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics()
+    assert err.value.status() == "404" and "[not_found]" in err.value.message(), err.value
+    assert "statistics extension is not served" in err.value.message()
     client.close()
 
     g = plane.grpc()
@@ -753,6 +759,16 @@ def test_refusal_wrong_model_and_unknown_model(plane: Plane) -> None:
     assert g.status() == "StatusCode.PERMISSION_DENIED"
     e = _http_refusal(plane, plane.token("alice", "clf"), model="nope")
     assert e.status() == "404" and "[unknown_model]" in e.message()
+    # the metadata of a model not served: no "(version 'any')", and not the
+    # names served (it needs no token: they would be anyone's to read)
+    client, _ = plane.http(None)
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("nope")
+    assert err.value.message() == "[unknown_model] no model 'nope' is served here", err.value
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("clf", model_version="2")
+    assert err.value.message() == "[unknown_model] model 'clf' has no version '2' (only 1)"
+    client.close()
     assert (
         _grpc_refusal(plane, plane.token("alice", "clf"), model="nope").status()
         == "StatusCode.NOT_FOUND"

@@ -216,9 +216,14 @@ class DataPlane:
     def _served(self, model: str, version: str | None) -> None:
         """UnknownModelError unless ``model`` (and ``version``) is served here,
         ready or not (a model that cannot load is served, and not ready)."""
-        if self.service.model_state(model) is None or version not in (None, "", "1"):
+        if self.service.model_state(model) is None:
+            # not the names that are served: metadata needs no token, and the
+            # list would tell anyone every model here, other tenants' too (the
+            # repository extension, which lists them, is not served either)
+            raise UnknownModelError(f"no model {shown(model)} is served here")
+        if version not in (None, "", "1"):
             raise UnknownModelError(
-                f"no model {shown(model)} (version {shown(version or 'any')}) is served here"
+                f"model {shown(model)} has no version {shown(version)} (only 1)"
             )
 
     def model_ready(self, model: str, version: str | None) -> bool:

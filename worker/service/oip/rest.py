@@ -186,6 +186,11 @@ class RestApp:
                                       "InferenceRESTClient needs RESTConfig(protocol=\"v2\")")  # fmt: skip
             raise _HttpError(404, f"no such endpoint: {path[:200]}")
         model, version, action = m.group(1), m.group(2), m.group(3)
+        if (model == "stats" and version is None and action is None
+                and self.plane.service.model_state(model) is None):  # fmt: skip
+            # Triton's statistics extension (all models), not a model named stats
+            raise _HttpError(404, f"no such endpoint: {path[:200]} (Triton's statistics "
+                                  "extension is not served)")  # fmt: skip
         if action is None:
             _only(method, "GET")
             await _json(send, 200, self.plane.model_metadata(model, version))
