@@ -1420,7 +1420,8 @@ def open(  # noqa: A001 - the public contract is vault.open()
     lic = Licence.load(lic_arg)
     if lic.kind != "runtime":
         raise ConfigError(
-            f"licence {lic.licence_id} is a {lic.kind} licence: it gives no key "
+            f"licence {lic.licence_id} is {'an' if lic.kind[:1] in 'aeiou' else 'a'} "
+            f"{lic.kind} licence: it gives no key "
             "(a call licence is for vault.connect to a vendor's service)"
         )
     sock_path = _daemon_socket(daemon)

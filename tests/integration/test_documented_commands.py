@@ -44,6 +44,7 @@ import onnx
 import pytest
 
 from tests.docflows import (
+    ROOT,
     Flow,
     block,
     copy_checkout,
@@ -396,7 +397,8 @@ def test_flow_protocol(host: NsHost, tmp_path: Path) -> None:
     )
     flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
     # what the page takes as given: the model sealed, the service's device and
-    # licence, a customer's call licence
+    # licence, a customer's call licence; its prose names each command
+    prose = " ".join((ROOT / "docs" / "protocol.md").read_text().split())
     for cmd in (
         "vault seal clf.onnx --pre pre.onnx --post post.onnx --model-id clf --batchable "
         "--licence ks/admin.licence -o clf.vault",
@@ -405,6 +407,7 @@ def test_flow_protocol(host: NsHost, tmp_path: Path) -> None:
         "vault licence issue clf --to service --licence ks/admin.licence -o service.licence",
         "vault licence issue clf --to shop --kind call --licence ks/admin.licence -o shop.licence",
     ):
+        assert f"`{cmd}`" in prose, cmd
         flow.run(cmd)
     (ready,) = flow.shell(block("docs/protocol.md", "--http 8000 --grpc 8001 --oip-host 0.0.0.0"))
     assert isinstance(ready, dict) and ready["models"]["clf"]["state"] == "READY", ready

@@ -19,11 +19,14 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import shlex
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -303,6 +306,12 @@ def test_tritonclient_model_config_says_what_the_metadata_says(plane: Plane) -> 
     with pytest.raises(InferenceServerException) as err:
         client.get_inference_statistics("clf")
     assert err.value.status() == "404"
+    # every model's statistics (/v2/models/stats) too: HTTP's not_found, as
+    # documented, not a model named "stats" that is unknown
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics()
+    assert err.value.status() == "404" and "[not_found]" in err.value.message(), err.value
+    assert "statistics extension is not served" in err.value.message()
     client.close()
 
     g = plane.grpc()
@@ -716,6 +725,10 @@ def test_refusals_no_token_bad_token_another_licence(plane: Plane) -> None:
         assert e.status() == "401" and "[token_invalid]" in e.message(), e
         g = _grpc_refusal(plane, tok)
         assert g.status() == "StatusCode.UNAUTHENTICATED" and "[token_invalid]" in g.message()
+    # each door says how to send a token its way: gRPC metadata keys are lowercase
+    assert "Authorization: Bearer TOKEN" in _http_refusal(plane, None).message()
+    g = _grpc_refusal(plane, None).message()
+    assert "metadata authorization: Bearer TOKEN" in g and "Authorization" not in g, g
     # a token that names bob's licence but is signed with alice's key (forged)
     alice, bob = plane.licences["alice"], plane.licences["bob"]
     forged = Licence.from_json({**alice.to_json(), "licence_id": bob.licence_id,
@@ -746,6 +759,16 @@ def test_refusal_wrong_model_and_unknown_model(plane: Plane) -> None:
     assert g.status() == "StatusCode.PERMISSION_DENIED"
     e = _http_refusal(plane, plane.token("alice", "clf"), model="nope")
     assert e.status() == "404" and "[unknown_model]" in e.message()
+    # the metadata of a model not served: no "(version 'any')", and not the
+    # names served (it needs no token: they would be anyone's to read)
+    client, _ = plane.http(None)
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("nope")
+    assert err.value.message() == "[unknown_model] no model 'nope' is served here", err.value
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("clf", model_version="2")
+    assert err.value.message() == "[unknown_model] model 'clf' has no version '2' (only 1)"
+    client.close()
     assert (
         _grpc_refusal(plane, plane.token("alice", "clf"), model="nope").status()
         == "StatusCode.NOT_FOUND"
@@ -1258,7 +1281,6 @@ def test_a_stranger_who_never_shakes_hands_holds_no_more_nor_longer(plane: Plane
     another address is served meanwhile, and once they are gone the
     stranger's address has its connections back (nothing stays counted)."""
     import select
-    import socket
 
     def closed(socks: list[socket.socket], wait: float) -> set[socket.socket]:
         """The sockets the door has closed (readable: an EOF or a reset;
@@ -1735,6 +1757,13 @@ async def main():
     except Exception as exc:
         out["rest_refused"] = type(exc).__name__ + ": " + str(exc)
     await rest.close()
+    v1 = InferenceRESTClient(RESTConfig(verify=ca))  # KServe's default protocol: v1
+    try:
+        await v1.infer(http, req, model_name="clf", headers={"Authorization": "Bearer " + token})
+        out["v1_refused"] = None
+    except Exception as exc:
+        out["v1_refused"] = type(exc).__name__ + ": " + str(exc)
+    await v1.close()
     g = InferenceGRPCClient(grpc_url, use_ssl=True, root_certificates=ca)
     ginp = InferInput("image", [2, 8], "UINT8")
     ginp.set_data_from_numpy(image)
@@ -1766,6 +1795,9 @@ def test_kserve_clients(plane: Plane) -> None:
     assert out["rest_ready"] is True
     assert "401" in out["rest_refused"] and "token_invalid" in out["rest_refused"]
     assert "UNAUTHENTICATED" in out["grpc_refused"]
+    # a client left on KServe's default v1 protocol is told what to change
+    assert "404" in out["v1_refused"] and "only the Open Inference Protocol v2" in out["v1_refused"]
+    assert 'RESTConfig(protocol="v2")' in out["v1_refused"], out["v1_refused"]
 
 
 STUBS = """
@@ -1838,6 +1870,31 @@ def test_tls_is_required_by_clients_and_plaintext_is_refused(plane: Plane) -> No
         assert json.loads(r.read()) == {"live": True}
 
 
+def test_a_plaintext_grpc_client_leaves_the_log_all_json(plane: Plane) -> None:
+    """gRPC core logs a failed TLS handshake on stderr in its own format
+    (`I1207 ... ssl_transport_security.cc ... Handshake failed`); the
+    service's stderr stays one JSON event per line."""
+    import grpc
+
+    log = plane.dir / "service.log"
+    start = log.stat().st_size  # the lines this test causes
+    channel = grpc.insecure_channel(f"127.0.0.1:{plane.grpc_port}")
+    with pytest.raises(grpc.FutureTimeoutError):  # the door speaks only TLS
+        grpc.channel_ready_future(channel).result(timeout=3)
+    channel.close()
+    time.sleep(1)
+    _serving(plane)  # the control: the door still serves, and the log goes on
+    time.sleep(0.5)
+    with open(log, "rb") as fh:
+        fh.seek(start)
+        lines = fh.read().decode().splitlines()
+    for line in lines:
+        try:
+            assert isinstance(json.loads(line), dict), line
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+
+
 def test_plaintext_off_loopback_is_refused_at_start(plane: Plane) -> None:
     args = [sys.executable, "-m", "vault", "worker", "serve", str(plane.dir / "clf.vault"),
             "--licence", str(plane.dir / "service-clf.licence"), "--device", str(plane.dir / "device"),
@@ -1887,6 +1944,34 @@ def test_the_documented_examples_run_as_written(plane: Plane) -> None:
     assert out.returncode == 0, out.stderr.decode()
     ref = plane.clf_reference(np.arange(16, dtype=np.uint8).reshape(2, 8))
     assert str(ref["top_indices"]) in out.stdout.decode()
+
+
+def test_the_documented_self_signed_certificate_makes_the_examples_ca_pem(tmp_path: Path) -> None:
+    """The openssl command of docs/protocol.md ("TLS and plain text"), then
+    its `cp`, as written, make the `ca.pem` the examples name, and a client
+    trusting it completes a TLS handshake with the service's pair (the page
+    used to make only server.pem: `curl: (77) error setting certificate file:
+    ca.pem`)."""
+    require(shutil.which("openssl") is not None, "openssl")
+    text = " ".join((ROOT / "docs" / "protocol.md").read_text().split())
+    openssl = "openssl req -x509" + text.split("`openssl req -x509", 1)[1].split("`", 1)[0]
+    copy = "cp server.pem ca.pem"
+    assert f"`{copy}`" in text
+    for cmd in (openssl, copy):
+        subprocess.run(shlex.split(cmd), cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    a, b = socket.socketpair()
+    with a, b:
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(server.wrap_socket(a, server_side=True)))
+        t.start()
+        with client.wrap_socket(b, server_hostname="localhost") as tls:
+            assert tls.version() is not None
+        t.join(10)
+        assert done
+        done[0].close()
 
 
 def test_extensions_not_served_and_stray_contents_are_refused_not_ignored(plane: Plane) -> None:

@@ -229,6 +229,23 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
         keyserver.kill()
 
 
+def test_a_call_counts_under_the_callers_licence_and_the_services_own(service: Svc) -> None:
+    """What docs/service.md says of `used+reserved`: each call the workers
+    compute is counted once under the caller's call licence and once under
+    the service's runtime licence (the workers' key leases), so a
+    --max-calls on the service's licence caps the whole service."""
+    alice = service.caller(holder="alice", max_calls=10)
+    bob = service.caller(holder="bob", max_calls=10)
+    with service.connect(alice) as a, service.connect(bob) as b:
+        for _ in range(4):
+            a.compute({"x": X})
+        for _ in range(3):
+            b.compute({"x": X})
+    service.stop()  # the workers close their leases: their last calls reported
+    assert (service.used(alice), service.used(bob)) == (4, 3)
+    assert service.used(service.licence) == 7
+
+
 def test_revocation_stops_a_caller_within_one_lease(service: Svc) -> None:
     carol = service.caller(holder="carol")
     with service.connect(carol) as c:

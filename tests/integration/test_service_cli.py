@@ -54,6 +54,29 @@ def fake_licence(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kind", ["call", "admin"])
+def test_a_licence_that_never_gives_a_key_is_refused_at_start(tmp_path: Path, kind: str) -> None:
+    """A call or admin licence as the service's own --licence: refused before
+    anything starts, naming the file and the runtime licence to issue (it
+    used to print a ready line with every model UNAVAILABLE and retry
+    forever)."""
+    pub, sec = zmq.curve_keypair()
+    path = tmp_path / f"{kind}.licence"
+    Licence("x", "svc", "tcp://127.0.0.1:9", pub.decode(), pub.decode(), sec.decode(),
+            model_id=None if kind == "admin" else "*", same_user=True,
+            role="admin" if kind == "admin" else "caller", kind=kind).save(path)  # fmt: skip
+    repo = tmp_path / "models"
+    repo.mkdir()
+    out = subprocess.run([sys.executable, "-m", "vault", "worker", "serve", "--repository",
+                          str(repo), "--licence", str(path), "--bind", "ipc://" + str(tmp_path / "s")],
+                         capture_output=True, timeout=60)  # fmt: skip
+    err = out.stderr.decode()
+    assert out.returncode == 2, err
+    assert b"ready" not in out.stdout
+    assert str(path) in err and f"{kind} licence" in err and "runtime licence" in err, err
+    assert "vault licence issue --all-models --to service" in err, err
+
+
 def test_the_service_stops_cleanly_every_time(tmp_path: Path, fake_licence: Path) -> None:
     """24 SIGTERMs at random moments after start: each stop exits 0 at once
     (the hang this replaces took a lock inside the signal handler, about one

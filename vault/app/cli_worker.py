@@ -224,6 +224,12 @@ def _file_name(name: str, used: set[str]) -> str:
 def _serve(args: argparse.Namespace) -> int:
     """The service runs in this process (worker.service); its workers are
     hardened child processes started through vault.core.launch."""
+    # gRPC core writes its own lines on stderr (INFO: a client that does not
+    # speak TLS to a TLS door is "Handshake failed"), which would break the
+    # log's one JSON event per line. It reads GRPC_VERBOSITY once, when grpc
+    # is first imported (later is too late): keep its errors only, unless the
+    # operator asked for more.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from worker.service import (
         AllowListPolicy,
         JsonLog,
@@ -234,14 +240,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     from ..core.device import Device
-    from ..core.licence import Licence
     from ..core.logs import ready_line
 
     log = JsonLog(sys.stderr, level=args.log_level, fmt=args.log_format)
     if not args.packages and not args.repository:
         raise ConfigError("give packages to serve, or --repository DIR")
     policy: Any = OpenPolicy()
-    licences = [Licence.load(p) for p in args.licence]
+    licences = [_service_licence(p) for p in args.licence]
     device = Device.load(args.device) if args.device else None
     if device is None and not all(lic.same_user for lic in licences):
         raise ConfigError(
@@ -327,7 +332,7 @@ def _serve(args: argparse.Namespace) -> int:
         curve=curve,
         policy=policy,
         launch=launch,
-        reload_licences=lambda: [Licence.load(p) for p in args.licence],
+        reload_licences=lambda: [_service_licence(p) for p in args.licence],
         oip=oip,
     )
     try:
@@ -348,6 +353,34 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if ks_client is not None:
             ks_client.close()
+
+
+def _service_licence(path: str) -> Any:
+    """A licence the service can release keys with: a runtime licence. A call
+    licence (a caller's, checked by the service) or an admin licence never
+    gives a key, so a service started with one would report ready and retry
+    its models forever: refuse it at start, naming the file and the fix."""
+    from ..core.licence import Licence
+
+    lic = Licence.load(path)
+    if lic.kind != "runtime" or lic.is_admin:
+        kind = "admin" if lic.is_admin else lic.kind
+        raise ConfigError(
+            f"--licence {path} is {_article(kind)} {kind} licence ({lic.licence_id}), which "
+            "never gives a key: the service needs a runtime licence issued to it, e.g. "
+            "`vault licence issue --all-models --to service --licence admin.licence "
+            "-o service.licence`"
+            + (
+                " (a call licence is a caller's: the service checks it with --call-licences)"
+                if kind == "call"
+                else ""
+            )
+        )
+    return lic
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _server_keys(args: argparse.Namespace, log: Any) -> tuple[bytes, bytes]:

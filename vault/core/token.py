@@ -123,8 +123,11 @@ def mint_token(
     licence's proof key. The text is a credential: hand it to one end user."""
     lic = Licence.load(licence)
     if lic.kind != "call":
+        an = "an" if lic.kind[:1] in "aeiou" else "a"
         raise ConfigError(
-            f"licence {lic.licence_id} is a {lic.kind} licence: tokens need a call licence"
+            f"licence {lic.licence_id} is {an} {lic.kind} licence: tokens are minted from a call "
+            "licence (`vault licence issue MODEL --to NAME --kind call --licence admin.licence "
+            "-o NAME.licence`)"
         )
     if not lic.proof_key:
         raise ConfigError(
@@ -141,7 +144,9 @@ def mint_token(
             f"not {', '.join(repr(m) for m in outside)}"
         )
     if not (0 < expires <= MAX_LIFETIME):
-        raise ConfigError(f"a token expires within (0, {MAX_LIFETIME:.0f}] seconds")
+        raise ConfigError(
+            f"a token lives at most 1d ({MAX_LIFETIME:.0f} s), and more than 0 s: not {expires:g} s"
+        )
     if max_calls is not None and (isinstance(max_calls, bool) or max_calls < 1):
         raise ConfigError("max_calls must be a positive number of calls")
     t = time.time() if now is None else now

@@ -166,8 +166,8 @@ class HttpEndpoints:
                 state = plane.model_state(model)
                 if state is None or version not in (None, "", "1"):
                     # the words and code of the protocol's doors (docs/protocol.md)
-                    text = (f"no model {shown(model)} (version {shown(version or 'any')}) "
-                            "is served here")  # fmt: skip
+                    text = (f"no model {shown(model)} is served here" if state is None else
+                            f"model {shown(model)} has no version {shown(version)} (only 1)")  # fmt: skip
                     self._json(404, {"error": f"[unknown_model] {text}", "code": "unknown_model"})
                     return
                 ok = plane.model_ready(model, version)

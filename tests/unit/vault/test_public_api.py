@@ -60,3 +60,18 @@ def test_bearer_tokens_are_public() -> None:
     assert vault.mint_token.__module__ == "vault.core.token"
     assert issubclass(vault.TokenExpiredError, vault.TokenError)
     assert issubclass(vault.TokenSpentError, vault.QuotaExhaustedError)
+
+
+def test_the_readme_lists_exactly_all() -> None:
+    """README's Layout says `vault/` (top) is exactly `vault.__all__` and
+    names it: the names it lists, and the errors, are all of it (it once
+    lacked `mint_token`, `inspect` and `SealResult`)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if "exactly `vault.__all__`" in line]
+    listed = set(re.findall(r"`([A-Za-z_]\w*)`", row.split("exactly `vault.__all__`", 1)[1]))
+    errors_ = {n for n in vault.__all__ if n.endswith("Error")}
+    assert listed | errors_ == set(vault.__all__), sorted(set(vault.__all__) - listed - errors_)
+    assert not listed & errors_

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,24 @@ def test_a_licence_for_several_models_or_a_prefix_mints_for_each_it_covers() -> 
     with pytest.raises(ConfigError):
         mint_token(prefix, models=["clf.head"])
     assert parse_token(mint_token(_licence(model="*"), models=["any"])).models == ("any",)
+
+
+def test_refusals_to_mint_say_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `vault licence token` prints for the two common mistakes: an admin
+    licence ("is a admin licence", with no hint how to get a call licence)
+    and a lifetime over a day ("within (0, 86400] seconds")."""
+    from vault.app.cli import main
+
+    with pytest.raises(ConfigError) as err:
+        mint_token(_licence(kind="admin", model=None), models=["m"])
+    assert "is an admin licence" in str(err.value)
+    assert "--kind call" in str(err.value) and "vault licence issue" in str(err.value)
+    path = tmp_path / "shop.licence"
+    _licence().save(path)
+    assert main(["licence", "token", str(path), "--model", "m", "--expires", "2d",
+                 "-o", str(tmp_path / "t.token")]) == 2  # fmt: skip
+    err_text = capsys.readouterr().err
+    assert "at most 1d (86400 s)" in err_text and "172800" in err_text, err_text
+    assert not (tmp_path / "t.token").exists()

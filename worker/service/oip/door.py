@@ -171,13 +171,20 @@ def error_text(exc: VaultError) -> str:
     return f"[{exc.code}] {exc.message}"
 
 
-def bearer(value: str | None) -> Token:
-    """The token of an ``Authorization: Bearer ...`` value (TokenError if none)."""
+REST_HOW = "send the header Authorization: Bearer TOKEN"
+# gRPC metadata keys are lowercase: a client sending "Authorization" is
+# refused by its own library ("Invalid metadata")
+GRPC_HOW = "send the metadata authorization: Bearer TOKEN (the key in lowercase)"
+
+
+def bearer(value: str | None, how: str = REST_HOW) -> Token:
+    """The token of an ``Authorization: Bearer ...`` value (TokenError if
+    none, saying ``how`` to send one: the door's own way)."""
     if not value:
-        raise TokenError("no bearer token: send Authorization: Bearer TOKEN")
+        raise TokenError(f"no bearer token: {how}")
     scheme, _, text = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not text.strip():
-        raise TokenError("no bearer token: send Authorization: Bearer TOKEN")
+        raise TokenError(f"no bearer token: {how}")
     return parse_token(text.strip())
 
 
@@ -209,9 +216,14 @@ class DataPlane:
     def _served(self, model: str, version: str | None) -> None:
         """UnknownModelError unless ``model`` (and ``version``) is served here,
         ready or not (a model that cannot load is served, and not ready)."""
-        if self.service.model_state(model) is None or version not in (None, "", "1"):
+        if self.service.model_state(model) is None:
+            # not the names that are served: metadata needs no token, and the
+            # list would tell anyone every model here, other tenants' too (the
+            # repository extension, which lists them, is not served either)
+            raise UnknownModelError(f"no model {shown(model)} is served here")
+        if version not in (None, "", "1"):
             raise UnknownModelError(
-                f"no model {shown(model)} (version {shown(version or 'any')}) is served here"
+                f"model {shown(model)} has no version {shown(version)} (only 1)"
             )
 
     def model_ready(self, model: str, version: str | None) -> bool:

@@ -43,6 +43,7 @@ from vault.core.peercap import address_key
 from . import inference_pb2 as _pb
 from . import tensors as T
 from .door import (
+    GRPC_HOW,
     MAX_DECODED,
     MAX_DECODED_VALUES,
     DataPlane,
@@ -160,7 +161,7 @@ def _token(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     for k, v in context.invocation_metadata() or ():
         if k == "authorization":
             value = v if isinstance(v, str) else bytes(v).decode("latin-1")
-    return bearer(value)
+    return bearer(value, GRPC_HOW)
 
 
 class InferenceServicer:

@@ -187,8 +187,18 @@ class RestApp:
         # a slash sent as %2F is a model name's character, not the path's: not
         # routed as one (it would pass a proxy's rules written on paths)
         if m is None or b"%2f" in bytes(scope.get("raw_path") or b"").lower():
+            if path == "/v1" or path.startswith("/v1/"):
+                # KServe's InferenceRESTClient speaks v1 unless told otherwise
+                raise _HttpError(404, f"no such endpoint: {path[:200]}: this server speaks only "
+                                      "the Open Inference Protocol v2 (/v2/...); KServe's "
+                                      "InferenceRESTClient needs RESTConfig(protocol=\"v2\")")  # fmt: skip
             raise _HttpError(404, f"no such endpoint: {path[:200]}")
         model, version, action = m.group(1), m.group(2), m.group(3)
+        if (model == "stats" and version is None and action is None
+                and self.plane.service.model_state(model) is None):  # fmt: skip
+            # Triton's statistics extension (all models), not a model named stats
+            raise _HttpError(404, f"no such endpoint: {path[:200]} (Triton's statistics "
+                                  "extension is not served)")  # fmt: skip
         if action is None:
             _only(method, "GET")
             await _json(send, 200, self.plane.model_metadata(model, version))
