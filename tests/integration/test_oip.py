@@ -43,6 +43,7 @@ from onnx import helper
 from tests.conftest import ROOT, KeyServerProcess, served_ready
 from tests.models import OIP_TYPES, all_types, classifier_pipeline, mlp, reference_pipeline
 from tests.prereq import require
+from tests.waiting import wait_for
 from vault.core.crypto import PublisherKey
 from vault.core.licence import Licence
 from vault.core.token import mint_token
@@ -1893,6 +1894,37 @@ def test_a_plaintext_grpc_client_leaves_the_log_all_json(plane: Plane) -> None:
             assert isinstance(json.loads(line), dict), line
         except ValueError:
             raise AssertionError(f"not a JSON line: {line!r}") from None
+
+
+def test_a_request_uvicorn_cannot_parse_is_logged_as_json(plane: Plane) -> None:
+    """uvicorn wrote its own warning for a request it cannot parse
+    (`WARNING:  Invalid HTTP request received.`) on the service's stderr,
+    which is otherwise one JSON event per line, whenever a stranger sent
+    one. Its records now go through the service's log: an `http_door`
+    event, and no line that is not JSON."""
+    ctx = ssl.create_default_context(cafile=str(plane.ca))
+    log = plane.dir / "service.log"
+    start = log.stat().st_size  # the lines this test causes
+
+    def caused() -> list[str]:
+        with open(log, "rb") as fh:
+            fh.seek(start)
+            return fh.read().decode().splitlines()
+
+    with ctx.wrap_socket(_stranger(plane.http_port), server_hostname="localhost") as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(64).startswith(b"HTTP/1.1 400")
+    wait_for(lambda: any('"http_door"' in line for line in caused()), timeout=30,
+             what="uvicorn's warning in the service's log")  # fmt: skip
+    for line in caused():
+        try:
+            assert isinstance(json.loads(line), dict), line
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    (event,) = [json.loads(x) for x in caused() if '"http_door"' in x]
+    assert event["level"] == "warning" and "Invalid HTTP request" in event["message"]
+    _serving(plane)
 
 
 def test_plaintext_off_loopback_is_refused_at_start(plane: Plane) -> None:

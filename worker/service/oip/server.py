@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import threading
 from concurrent.futures import Future
@@ -88,6 +89,37 @@ def _new_loop(http: Any = None) -> asyncio.AbstractEventLoop:
     return gated_loop(base, http)()  # type: ignore[no-any-return]
 
 
+class _ToServiceLog(logging.Handler):
+    """uvicorn's own log records as the service's JSON events (``http_door``)."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(logging.WARNING)
+        self._vault_log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            # the text only: a caller's bytes never reach the log (uvicorn's
+            # messages name no request data at warning level and above)
+            self._vault_log("http_door", level=level, message=record.getMessage()[:300])
+        except Exception:  # noqa: BLE001 - logging never takes the door down
+            self.handleError(record)
+
+
+def _route_uvicorn_logs(log: Any) -> None:
+    """uvicorn's loggers write through the service's log (its stderr is one
+    JSON event per line; uvicorn's own handler wrote `WARNING:  Invalid HTTP
+    request received.` there, which a caller's bad request triggers), or
+    nowhere when there is none."""
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, _ToServiceLog):
+                lg.removeHandler(h)
+        lg.addHandler(_ToServiceLog(log) if log is not None else logging.NullHandler())
+        lg.propagate = False
+
+
 class OipServer:
     """See the module docstring."""
 
@@ -95,6 +127,7 @@ class OipServer:
         self.check(cfg)
         self.cfg = cfg
         self.plane = DataPlane(service)
+        self._log = getattr(service, "log", None)  # the service's JSON log, where it has one
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._threads: list[threading.Thread] = []
@@ -163,8 +196,9 @@ class OipServer:
 
             app = with_cors(app, self.cfg.cors_origins)
         http = bounded_protocol(self.cfg.head_timeout, self.cfg.max_connections_per_address)
+        _route_uvicorn_logs(self._log)
         config = uvicorn.Config(
-            app, lifespan="off",
+            app, lifespan="off", log_config=None,
             log_level="warning", access_log=False, ws="none",
             http=http,
             ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
