@@ -73,8 +73,11 @@ def _created() -> dict[str, dict[str, str]]:
     (``secret generic``'s ``--from-file``/``--from-literal``, ``secret tls``'s
     ``--cert``/``--key``, in their ``--opt=value`` or ``--opt value`` forms)."""
     out: dict[str, dict[str, str]] = {}
-    b = block("deploy/README.md", "docker build")
-    for cmd in b.text.replace("\\\n", " ").splitlines():
+    text = "\n".join(  # the key server's block, then the worker service's
+        block("deploy/README.md", first).text
+        for first in ("docker build", "create secret generic vault-worker-licence")
+    )
+    for cmd in text.replace("\\\n", " ").splitlines():
         words = shlex.split(cmd, comments=True)
         if "create" not in words:
             continue
