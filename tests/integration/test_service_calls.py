@@ -165,15 +165,16 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
     """A caller sent 15 s of compute with a 0.3 s timeout: answered at once,
     billed nothing, its worker busy all along; 41 such calls in 45 s. And a
     full timeout past that deadline the service killed the busy worker with
-    another caller's call on it (answered `worker_crashed`). Now a call that
-    times out while running on a worker counts as a call, and a stuck
-    worker is sent nothing more and killed only once nobody waits for a call
-    on it. The worker is frozen here (SIGSTOP) so that the timing does not
-    depend on this machine's speed: alice's call times out on it; bob's,
-    sent a second later, is on it when it is found stuck; the worker then
-    resumes and bob is answered by it, not failed by its kill. Bob's call
-    counts, and so does alice's; a call of bob's that timed out behind
-    alice's would not (it may never have run)."""
+    another caller's call on it (answered `worker_crashed`). Now a call
+    answered a timeout counts once its worker completes it (and not if the
+    worker never does), and a stuck worker is sent nothing more and killed
+    only once nobody waits for a call on it. The worker is frozen here
+    (SIGSTOP) so that the timing does not depend on this machine's speed:
+    two calls of alice's, side by side, time out on it; bob's, sent a second
+    later, is on it when it is found stuck; the worker then resumes and bob
+    is answered by it, not failed by its kill, and it completes alice's two.
+    Then the control: a call of alice's abandoned on a worker that is
+    killed before it completes it does not count."""
     import signal
 
     from tests.conftest import KeyServerProcess
@@ -181,21 +182,35 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
     keyserver = KeyServerProcess(keyserver_dir, lease_ttl=60.0)  # the frozen worker keeps its key
     keyserver.start()
     try:
-        s = Svc(keyserver, tmp_path, model=slow_matmul(width=64, depth=2), request_timeout=3.0)
+        s = Svc(keyserver, tmp_path, model=slow_matmul(width=64, depth=2), request_timeout=3.0,
+                instance_inflight=3)  # fmt: skip
     except BaseException:
         keyserver.kill()
         raise
     try:
         alice, bob = s.caller(holder="alice"), s.caller(holder="bob")
         x = np.ones((1, 64), np.float32)
-        with s.connect(alice, timeout=30) as a, s.connect(bob, timeout=30) as b:
+        with s.connect(alice, timeout=30) as a, s.connect(alice, timeout=30) as a2, \
+                s.connect(bob, timeout=30) as b:  # fmt: skip
             want = b.compute({"x": x})["y"]  # bob's first call: served, counted
             a.compute({"x": x})
             worker = s.svc.models["m"].instances[0]
             os.kill(worker.pid, signal.SIGSTOP)
             try:
-                with pytest.raises(vault.WorkerTimeoutError):
-                    a.compute({"x": x}, timeout=0.05)
+                gave_up = []
+
+                def abandon(m: vault.Model) -> None:
+                    try:
+                        m.compute({"x": x}, timeout=0.05)
+                    except vault.WorkerTimeoutError:
+                        gave_up.append(m)
+
+                side = [threading.Thread(target=abandon, args=(m,)) for m in (a, a2)]
+                for t in side:
+                    t.start()
+                for t in side:
+                    t.join(30)
+                assert len(gave_up) == 2
                 # bob comes a second after alice gave up (the scenario, not a wait
                 # for a condition): his call's deadline is then past her worker's
                 # stuck time, so his call is on that worker when it is found stuck
@@ -219,10 +234,18 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
             assert "error" not in got, got  # before: WorkerCrashedError
             np.testing.assert_array_equal(got["y"], want)
             assert b.compute({"x": x})["y"].shape == (1, 64)  # the same worker serves on
-        assert s.svc.models["m"].instances[0] is worker
-        assert '"worker_died"' not in s.log_path.read_text()
+            assert s.svc.models["m"].instances[0] is worker
+            assert '"worker_died"' not in s.log_path.read_text()
+            # the control: abandoned, and its worker killed before completing it
+            os.kill(worker.pid, signal.SIGSTOP)
+            with pytest.raises(vault.WorkerTimeoutError):
+                a.compute({"x": x}, timeout=0.05)
+            os.kill(worker.pid, signal.SIGKILL)
+            wait_for(lambda: '"worker_died"' in s.log_path.read_text(), timeout=30,
+                     what="the killed worker seen dead")  # fmt: skip
         s.stop()
-        assert s.used(alice) == 2  # its served call, and the one abandoned while running
+        # alice: one served, two abandoned and completed; not the one never completed
+        assert s.used(alice) == 3
         assert s.used(bob) == 3
     finally:
         s.stop()

@@ -13,8 +13,8 @@ id, split back, and answered to the caller with the caller's own id.
   retried by the service (so never run or counted twice), and the worker is
   restarted with backoff.
 - A call past its timeout is answered :class:`WorkerTimeoutError` and its
-  slot freed (counted against its licence if it had reached a worker, which
-  runs it to its end); a worker still busy with an abandoned call a full
+  slot freed (counted against its licence if a worker has it and completes
+  it: a worker runs a call to its end); a worker still busy with an abandoned call a full
   timeout later is sent nothing more, and killed and restarted once no
   other call on it is waited for.
 - Each model loads on its own: one that cannot (no licence covers it, a
@@ -176,6 +176,9 @@ class _Call:
     solo: bool = False
     done: bool = False
     lease_retried: bool = False  # sent again once after a worker whose lease had ended refused it
+    # answered (timed out) while its worker still runs it: counted once the
+    # worker's own answer says whether it ran (ok: counted; else not)
+    unsettled: bool = False
 
 
 @dataclass(eq=False)
@@ -1154,6 +1157,7 @@ class WorkerService:
             now = time.monotonic()
             m = self._model_of(inst)
             code = None if hdr.get("ok") else (hdr.get("error") or {}).get("code")
+            self._settle(d, ran=bool(hdr.get("ok")))
             if code in _LEASE_ENDED and m is not None:
                 self._lease_ended(inst, m, d, hdr)
                 continue
@@ -1222,10 +1226,10 @@ class WorkerService:
                 descs, out = encode_tensors(parts[i])
                 self._finish(c, ok_reply(c.rid, tensors=descs), out)
 
-    def _finish(self, c: _Call, hdr: dict[str, Any], frames: Sequence[Any] = (), *,
-                counted: bool = False) -> None:  # fmt: skip
+    def _finish(self, c: _Call, hdr: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         """Answer one caller (once) and account for it (a call answered ok
-        counts against its licence; a failed one only when ``counted``)."""
+        counts against its licence; one answered while its worker still runs
+        it is counted when the worker is done, :meth:`_settle`)."""
         if c.done:
             return
         c.done = True
@@ -1235,7 +1239,8 @@ class WorkerService:
         dt = time.monotonic() - c.arrived
         self.metrics.answered(c.model, c.admission.licence, code)
         self.metrics.per_model(c.model)[3].dec()
-        self.cfg.policy.record(c.admission, ok=code == "ok" or counted)
+        if not c.unsettled:
+            self.cfg.policy.record(c.admission, ok=code == "ok")
         m = self.models.get(c.model)
         if m is not None:
             m.calls += 1
@@ -1249,18 +1254,19 @@ class WorkerService:
         self.log("call", level="debug" if code == "ok" else "info", model=c.model,
                  licence=c.admission.licence, code=code, ms=round(dt * 1e3, 3))  # fmt: skip
 
-    def _fail(self, c: _Call, exc: VaultError, *, counted: bool = False) -> None:
-        self._finish(c, error_reply(c.rid, exc), (), counted=counted)
+    def _fail(self, c: _Call, exc: VaultError) -> None:
+        self._finish(c, error_reply(c.rid, exc), ())
 
-    def _was_running(self, d: _Dispatch) -> bool:
-        """Whether a dispatch past its calls' deadline was surely running: its
-        worker answered everything sent to it before. Such a call counts
-        against its licence though nobody waits for its answer any more (the
-        worker runs it to its end): a caller whose timeout was shorter than
-        its compute had the workers for free (15 s of compute with a 0.3 s
-        timeout, answered at once, billed nothing). One that may have waited
-        behind an earlier call, another caller's, is not counted."""
-        return not any(o.inst is d.inst and o.did < d.did for o in self.dispatches.values())
+    def _settle(self, d: _Dispatch, ran: bool) -> None:
+        """A dispatch is over (its worker answered, or died): the calls in it
+        that were answered a timeout meanwhile count if the worker ran them
+        (answered ok), and not if it did not (an error, a crash, a kill).
+        Before, such a call was never counted: 15 s of compute sent with a
+        0.3 s timeout was answered at once and free, 41 times in 45 s."""
+        for c in d.calls:
+            if c.unsettled:
+                c.unsettled = False
+                self.cfg.policy.record(c.admission, ok=ran)
 
     def _model_of(self, inst: Instance) -> _Model | None:
         for m in self._all_models():
@@ -1278,6 +1284,7 @@ class WorkerService:
         lost = [d for d in self.dispatches.values() if d.inst is inst]
         for d in lost:
             del self.dispatches[d.did]
+            self._settle(d, ran=False)  # never completed
             for c in d.calls:
                 if inst.lease_ended and m is not None and not c.done and not c.lease_retried:
                     # it exited because its lease ended, refusing what it had: never
@@ -1339,12 +1346,13 @@ class WorkerService:
         for d in list(self.dispatches.values()):
             for c in d.calls:
                 if not c.done and c.deadline <= now:
-                    ran = self._was_running(d)
+                    # its worker runs it to its end: counted if it does (_settle),
+                    # or a caller whose timeout is shorter than its compute would
+                    # have the service's workers for free
+                    c.unsettled = True
                     self._fail(c, WorkerTimeoutError(
-                        "no worker answered this call in time" + (
-                            "; it was running on a worker, which runs it to its end, "
-                            "and counts as a call (give it a longer timeout)" if ran else "")
-                    ), counted=ran)  # fmt: skip
+                        "no worker answered this call in time (a worker runs a call to its "
+                        "end: one it completes counts as a call; give a longer timeout)"))  # fmt: skip
             pending[d.inst] = pending.get(d.inst, False) or any(not c.done for c in d.calls)
             if now >= d.stuck_at and d.inst.alive() and not d.inst.stuck:
                 # still busy a full timeout past its call's deadline: sent nothing more
@@ -1445,6 +1453,7 @@ class WorkerService:
                 self._fail(c, ServiceUnavailableError("the service stopped before this call ran"))
             m.queue.clear()
         for d in list(self.dispatches.values()):
+            self._settle(d, ran=False)  # its worker is stopped before it completes
             for c in d.calls:
                 left += not c.done
                 self._fail(c, ServiceUnavailableError("the service stopped during this call"))
