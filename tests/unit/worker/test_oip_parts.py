@@ -1282,3 +1282,53 @@ def test_a_pipelined_requests_head_is_bounded_while_the_one_before_it_is_served(
         assert closed and sent <= 20, sent  # 64 KiB and a read: refused
 
     asyncio.run(main())
+
+
+def test_a_chunked_bodys_endless_trailer_is_bounded_where_uvicorns_grows() -> None:
+    """A chunked body's trailer is header lines again, which httptools holds
+    until each ends: after the head was counted, a stranger's GET (answered
+    at once) with a trailer line that never ended grew the door by 150 MB
+    from two connections and held its event loop for seconds. Reads that
+    carry no body byte now count; the connection is closed past 64 KiB of
+    them (control: uvicorn's own protocol keeps it all); a chunked body that
+    keeps coming is not touched."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from worker.service.oip.httpconn import bounded_protocol
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def feed(cls: type[Any], tail: bytes) -> tuple[bool, int]:
+        config = uvicorn.Config(app, http="httptools", lifespan="off")
+        config.load()
+        proto = cls(config=config, server_state=ServerState(), app_state={})
+        t = _Transport()
+        proto.connection_made(t)
+        proto.data_received(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n")  # fmt: skip
+        await asyncio.sleep(0.01)  # answered at once
+        proto.data_received(tail)
+        sent = 0
+        while sent < 300 and not t.is_closing():
+            proto.data_received(b"a" * 4096 if tail.endswith(b": ") else b"1000\r\n" +
+                                b"a" * 4096 + b"\r\n")  # fmt: skip
+            sent += 1
+        closed = t.is_closing()
+        proto.connection_lost(None)
+        return closed, sent
+
+    async def main() -> None:
+        trailer = b"0\r\nx-a: "  # the last chunk, then one trailer line that never ends
+        assert await feed(HttpToolsProtocol, trailer) == (False, 300)  # the control
+        closed, sent = await feed(bounded_protocol(10.0, 64), trailer)
+        assert closed and sent <= 17, sent
+        # 1.2 MB of chunks that keep coming: not a trailer, not closed
+        assert await feed(bounded_protocol(10.0, 64), b"") == (False, 300)
+
+    asyncio.run(main())

@@ -75,6 +75,9 @@ def bounded_protocol(
         _vault_parsed = 0  # bytes of this request's line and headers, as parsed
         _vault_in_head = False  # a request's head has begun and not ended
         _vault_began = False  # ... and began in the read being parsed
+        _vault_in_body = False  # its head ended and the message has not
+        _vault_fed_body = False  # the read being parsed carried body bytes
+        _vault_gap = 0  # bytes of reads in a row that carried none
         _vault_big = False
         _vault_peer: str | None = None
         _vault_counted: str | None = None  # counted by the TLS gate already
@@ -113,7 +116,7 @@ def bounded_protocol(
             self._vault_timer = self.loop.call_later(head_timeout, self._vault_late)
 
         def data_received(self, data: bytes) -> None:
-            self._vault_began = False
+            self._vault_began = self._vault_fed_body = False
             super().data_received(data)
             # a head still unfinished after this read: what httptools was fed
             # of it is held (a header line is handed over only once it ends),
@@ -121,11 +124,30 @@ def bounded_protocol(
             # the one it began in (that one may end the request before it; at
             # most one read uncounted), whether or not a request before it is
             # still being served (a pipelined head is no less held)
-            if not self._vault_in_head or self._vault_began or self.transport.is_closing():
+            if self.transport.is_closing():
+                return
+            if self._vault_in_body and not self._vault_in_head:
+                # a chunked body's trailer is header lines again, held the same
+                # way, after the head was counted (an endless trailer line grew a
+                # door by 150 MB from two connections, no token needed): reads
+                # that carry no body byte count, and a body byte starts again
+                self._vault_gap = 0 if self._vault_fed_body else self._vault_gap + len(data)
+                if self._vault_gap > max_head:
+                    self.transport.close()  # its answer may be out already: no other
+                return
+            if not self._vault_in_head or self._vault_began:
                 return
             self._vault_head += len(data)
             if self._vault_head > max_head:
                 self._vault_refuse()
+
+        def on_body(self, body: bytes) -> None:
+            self._vault_fed_body = True
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._vault_in_body = False
+            super().on_message_complete()
 
         # a head that ends within one read is measured as httptools hands it over
         def on_message_begin(self) -> None:
@@ -177,6 +199,7 @@ def bounded_protocol(
 
         def on_headers_complete(self) -> None:
             self._vault_in_head = False
+            self._vault_in_body, self._vault_gap = True, 0
             self._vault_cancel()
             super().on_headers_complete()
 
