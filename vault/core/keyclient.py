@@ -134,6 +134,9 @@ class Release:
         raise TypeError("Release holds a package key and cannot be pickled")
 
 
+_PROBE_S = 2.0  # what a failed request's diagnosis may add: a lookup, then a connection
+
+
 def _why_silent(address: str) -> str:
     """What a request that got no answer says about ``address`` (looked at
     only then): a host name that does not resolve here, nothing listening,
@@ -144,16 +147,29 @@ def _why_silent(address: str) -> str:
     if m is None:
         return ""
     host, port = m.group(1), int(m.group(2))
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+    # ZeroMQ dials IPv4 unless told otherwise: that address is the one to try;
+    # and a resolver that does not answer is not waited for past a bound
+    found: list[Any] = []
+
+    def resolve() -> None:
+        for family in (socket.AF_INET, socket.AF_UNSPEC):
+            try:
+                found.extend(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+                return
+            except (OSError, UnicodeError):
+                continue
+
+    looking = threading.Thread(target=resolve, name="vault-keyserver-why", daemon=True)
+    looking.start()
+    looking.join(_PROBE_S)
+    if not found:
         return (
             f": the host name {host!r} does not resolve here (the address comes from the "
             "licence, or the device's keyserver.json: is it reachable from this machine?)"
         )
-    family, kind, proto, _, addr = infos[0]
+    family, kind, proto, _, addr = found[0]
     with socket.socket(family, kind, proto) as probe:
-        probe.settimeout(2.0)
+        probe.settimeout(_PROBE_S)
         try:
             probe.connect(addr)
         except ConnectionRefusedError:
@@ -243,6 +259,7 @@ class KeyServerClient:
             self._sock = None
 
     def _request(self, op: str, **fields: Any) -> tuple[dict[str, Any], float]:
+        silent = False
         with self._lock:
             sock = self._socket()
             rid = next(self._ids)
@@ -263,10 +280,8 @@ class KeyServerClient:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                     self._drop_socket()  # discard the queued request with the socket
-                    raise KeyServerUnavailableError(
-                        f"no answer from key server {self.address} within {self.timeout:g}s"
-                        + _why_silent(self.address)
-                    )
+                    silent = True
+                    break
                 frames = sock.recv_multipart()
                 if len(frames) != 1:
                     continue
@@ -276,8 +291,14 @@ class KeyServerClient:
                     continue
                 if reply.get("id") == rid:
                     break  # anything else is a stale reply to an earlier request
-            raise_for_reply(reply)
-            return reply, sent_at
+            if not silent:
+                raise_for_reply(reply)
+                return reply, sent_at
+        # looked into with the lock released: another request need not wait for it
+        raise KeyServerUnavailableError(
+            f"no answer from key server {self.address} within {self.timeout:g}s"
+            + _why_silent(self.address)
+        )
 
     def close(self) -> None:
         with self._lock:
