@@ -1237,6 +1237,18 @@ def test_a_large_json_answer_is_refused_or_written_off_the_event_loop() -> None:
         body = json.loads(sent[1]["body"])
         assert body["outputs"][0]["data"] == mid.tolist()
         assert ticks > 1, ticks  # the loop served others meanwhile
+        # one 8 MB string: one value, as slow to write as many
+        from vault.core.protocol import encode_tensors
+
+        descs, frames = encode_tensors({"y": np.array(["é" * 4_000_000], object)})
+        sent: list[Any] = []
+
+        async def send(msg: Any) -> None:
+            sent.append(msg)
+
+        ticks = await ticking(app._answer(send, "m", None, descs, frames, lambda _n: False))
+        assert json.loads(sent[1]["body"])["outputs"][0]["data"] == ["é" * 4_000_000]
+        assert ticks > 1, ticks
         # the control: the same answer written on the loop lets nothing else run
         assert await ticking(on_the_loop()) == 0
 

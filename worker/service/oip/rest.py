@@ -71,6 +71,7 @@ MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
 # with it, for 11.6 s). Past this many, written in a thread, one at a time.
 MAX_JSON_OUT_VALUES = MAX_DECODED_VALUES
 _JSON_OUT_INLINE = 1 << 16
+_JSON_OUT_INLINE_BYTES = 1 << 20  # a few long strings are as slow to write as many values
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 
@@ -348,17 +349,18 @@ class RestApp:
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
                       frames: list[Any], binary_out: Any) -> None:  # fmt: skip
-        values = 0
-        for d in descs:
+        values = size = 0
+        for d, f in zip(descs, frames):
             if not binary_out(str(d.get("name"))):
                 values += _values(d)
+                size += len(f.buffer) if hasattr(f, "buffer") else len(f)
         if values > MAX_JSON_OUT_VALUES:
             raise InputError(
                 f"the answer holds {values} values to write as JSON, more than "
                 f"{MAX_JSON_OUT_VALUES}: ask for binary outputs (parameters.binary_data_output "
                 "true, or binary_data on each output); the call was served and counts"
             )
-        if values <= _JSON_OUT_INLINE:
+        if values <= _JSON_OUT_INLINE and size <= _JSON_OUT_INLINE_BYTES:
             headers, body = _encode_answer(model, rid, descs, frames, binary_out)
         else:  # off the event loop, one at a time: the other tenants' calls go on
             if self._json_out is None:
