@@ -272,8 +272,15 @@ def test_the_service_refuses_a_planted_server_secret_at_start(
         shared.chmod(0o777)
         _plant_as_nobody(shared, {"worker.key_secret": data["worker.key_secret"]})
         (tmp_path / "clients").mkdir()
+        # a runtime licence's file (the service refuses an admin one first); nothing
+        # is asked of a key server before the secret is refused
+        lic = json.loads((ks / "admin.licence").read_text())
+        service = tmp_path / "service.licence"
+        service.write_text(json.dumps({**lic, "kind": "runtime", "role": "user",
+                                       "holder": "service", "model_id": "*"}))  # fmt: skip
+        service.chmod(0o600)
         args = [sys.executable, "-m", "vault", "worker", "serve", str(tmp_path / "m.vault"),
-                "--licence", str(ks / "admin.licence"), "--device", str(ks.parent / "device"),
+                "--licence", str(service), "--device", str(ks.parent / "device"),
                 "--bind", "tcp://127.0.0.1:0", "--allow", str(tmp_path / "clients"),
                 "--server-secret"]  # fmt: skip
         r = subprocess.run([*args, str(shared / "worker.key_secret")], capture_output=True,
