@@ -173,8 +173,9 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
     two calls of alice's, side by side, time out on it; bob's, sent a second
     later, is on it when it is found stuck; the worker then resumes and bob
     is answered by it, not failed by its kill, and it completes alice's two.
-    Then the control: a call of alice's abandoned on a worker that is
-    killed before it completes it does not count."""
+    Then the control: a call of alice's abandoned on a worker that dies
+    before it completes it does not count; one on a worker the service kills
+    as stuck does (it ran past every deadline)."""
     import signal
 
     from tests.conftest import KeyServerProcess
@@ -243,10 +244,23 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
             os.kill(worker.pid, signal.SIGKILL)
             wait_for(lambda: '"worker_died"' in s.log_path.read_text(), timeout=30,
                      what="the killed worker seen dead")  # fmt: skip
+            # and one the service itself kills as stuck, past every deadline: the
+            # oldest call on it ran all along and counts (before: each such kill
+            # made an over-long call free)
+            new = wait_for(lambda: [i for i in s.svc.models["m"].instances if i is not worker],
+                           timeout=60, what="a worker in the killed one's place")[0]  # fmt: skip
+            os.kill(new.pid, signal.SIGSTOP)
+            with pytest.raises(vault.WorkerTimeoutError):
+                a.compute({"x": x}, timeout=0.05)
+            wait_for(lambda: s.log_path.read_text().count('"worker_died"') == 2, timeout=30,
+                     what="the stuck worker killed by the service")  # fmt: skip
+            assert s.log_path.read_text().count('"worker_stuck"') == 2
+            assert b.compute({"x": x})["y"].shape == (1, 64)  # and another takes its place
         s.stop()
-        # alice: one served, two abandoned and completed; not the one never completed
-        assert s.used(alice) == 3
-        assert s.used(bob) == 3
+        # alice: one served, two abandoned and completed, one run until its worker
+        # was killed as stuck; not the one whose worker died before completing it
+        assert s.used(alice) == 4
+        assert s.used(bob) == 4
     finally:
         s.stop()
         keyserver.kill()

@@ -1281,10 +1281,15 @@ class WorkerService:
         self._detach(inst)
         lived = time.monotonic() - inst.started
         rc = inst.proc.poll()
-        lost = [d for d in self.dispatches.values() if d.inst is inst]
-        for d in lost:
+        lost = sorted((d for d in self.dispatches.values() if d.inst is inst),
+                      key=lambda d: d.did)  # fmt: skip
+        for i, d in enumerate(lost):
             del self.dispatches[d.did]
-            self._settle(d, ran=False)  # never completed
+            # never completed; but a worker killed as stuck ran its oldest call
+            # (the worker takes them in order) past every deadline: that one
+            # counts, or each over-long call would be free (each such kill
+            # answered its call a timeout, and billed nothing, 64 times in 90 s)
+            self._settle(d, ran=inst.stuck and i == 0)
             for c in d.calls:
                 if inst.lease_ended and m is not None and not c.done and not c.lease_retried:
                     # it exited because its lease ended, refusing what it had: never
@@ -1301,7 +1306,11 @@ class WorkerService:
                  status=rc, calls_failed=sum(len(d.calls) for d in lost))  # fmt: skip
         if not self.draining and not m.removing:
             self.metrics.restarts.labels(m.model_id).inc()
-            delay = m.backoff.setdefault(inst.index, Backoff()).next_delay(lived)
+            # a worker killed as stuck was sound: restarted at once, its backoff
+            # left as it was (one caller's over-long calls, one a restart, held
+            # the model's only worker down 0.5, 1, 2 ... 16 s a time)
+            delay = 0.0 if inst.stuck else \
+                m.backoff.setdefault(inst.index, Backoff()).next_delay(lived)  # fmt: skip
             m.restart_at[inst.index] = time.monotonic() + delay
         self._gauge(m)
 
