@@ -258,7 +258,8 @@ def test_no_answer_from_the_key_server_says_what_is_wrong_with_its_address(keyse
             except OSError:
                 return
 
-    threading.Thread(target=accept, daemon=True).start()
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     try:
         addr = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
         with KeyServerClient(admin, timeout=0.5, address=addr) as ks, \
@@ -266,7 +267,9 @@ def test_no_answer_from_the_key_server_says_what_is_wrong_with_its_address(keyse
             ks.ping()
     finally:
         stop.set()
+        silent.shutdown(socket.SHUT_RDWR)  # wakes the accept
         silent.close()
+        acceptor.join(10)  # before the accepted ones are closed: none comes after
         for c in held:
             c.close()
     # a name no resolver knows (RFC 6761: .invalid never resolves; a resolver
