@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 from typing import Any
 
 from vault.core.errors import InputError, ProtocolError, VaultError
@@ -70,6 +71,10 @@ MAX_JSON = MAX_DECODED  # the JSON part of a request (see door.MAX_DECODED)
 # from 880 MB to 2.2 GB and held the event loop, every tenant's REST calls
 # with it, for 11.6 s). Past this many, written in a thread, one at a time.
 MAX_JSON_OUT_VALUES = MAX_DECODED_VALUES
+# ... and its text, bounded before it is written: a 250 MB string of control
+# characters became 1.5 GB of JSON (each escaped in six bytes) and took the
+# service from 0.2 to 4 GB
+MAX_JSON_OUT_BYTES = 128 << 20
 _JSON_OUT_INLINE = 1 << 16
 _JSON_OUT_INLINE_BYTES = 1 << 20  # a few long strings are as slow to write as many values
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
@@ -349,16 +354,23 @@ class RestApp:
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
                       frames: list[Any], binary_out: Any) -> None:  # fmt: skip
-        values = size = 0
+        values = size = text = 0
         for d, f in zip(descs, frames):
             if not binary_out(str(d.get("name"))):
+                n = len(f.buffer) if hasattr(f, "buffer") else len(f)
                 values += _values(d)
-                size += len(f.buffer) if hasattr(f, "buffer") else len(f)
-        if values > MAX_JSON_OUT_VALUES:
+                size += n
+                # the most its JSON text can take: a string byte escaped takes
+                # 6 (a control character as \u0001), a number 25 with its comma
+                text += 6 * n if d.get("dtype") == "string" else 25 * _values(d)
+        too_many = values > MAX_JSON_OUT_VALUES
+        if too_many or text > MAX_JSON_OUT_BYTES:
+            held = f"{values} values" if too_many else f"up to {text} bytes of JSON text"
+            limit = MAX_JSON_OUT_VALUES if too_many else MAX_JSON_OUT_BYTES
             raise InputError(
-                f"the answer holds {values} values to write as JSON, more than "
-                f"{MAX_JSON_OUT_VALUES}: ask for binary outputs (parameters.binary_data_output "
-                "true, or binary_data on each output); the call was served and counts"
+                f"the answer holds {held} to write as JSON, more than {limit}: ask for "
+                "binary outputs (parameters.binary_data_output true, or binary_data on each "
+                "output); the call was served and counts"
             )
         if values <= _JSON_OUT_INLINE and size <= _JSON_OUT_INLINE_BYTES:
             headers, body = _encode_answer(model, rid, descs, frames, binary_out)
@@ -384,6 +396,8 @@ def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: li
                    binary_out: Any) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
     outs: list[dict[str, Any]] = []
     blobs: list[Any] = []
+    texts: list[tuple[str, str]] = []
+    token = secrets.token_hex(8)
     for d, f in zip(descs, frames):
         name = str(d.get("name"))
         if binary_out(name):
@@ -391,13 +405,18 @@ def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: li
             blobs.append(raw)
             outs.append({"name": name, "datatype": dt, "shape": shape,
                          "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
-        else:
-            _, dt, shape, data = T.to_json_data(d, f)
-            outs.append({"name": name, "datatype": dt, "shape": shape, "data": data})
+        else:  # its data written in slices, then put in the place held for it
+            _, dt, shape, text = T.to_json_text(d, f)
+            mark = f"\x00vault-data-{token}-{len(texts)}\x00"
+            texts.append((json.dumps(mark), text))
+            outs.append({"name": name, "datatype": dt, "shape": shape, "data": mark})
     reply: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outs}
     if isinstance(rid, str) and rid:
         reply["id"] = rid
-    head = json.dumps(reply, separators=(",", ":")).encode()
+    skeleton = json.dumps(reply, separators=(",", ":"))
+    for mark, text in texts:  # a mark with a random token: no caller's text is one
+        skeleton = skeleton.replace(mark, text, 1)
+    head = skeleton.encode()
     if not blobs:
         return _JSON, head
     headers = [(b"content-type", b"application/octet-stream"),
