@@ -361,6 +361,24 @@ def _passthrough(t: str) -> Any:
 # them (measured: 20,000 one-element items 0.7 s, 65,536 11 s, 200,000
 # 148 s, against 0.03-0.1 s for plain onnxruntime, which this path cannot use)
 MAX_SEQUENCE_ITEMS = 4096
+# ... and strings: each is a protobuf field of that model, copied several
+# times on the way (a 56 MB request of 4 M short strings took a worker up
+# 929 MB, twice what the same strings cost a plain run)
+MAX_STRING_ITEMS = 1 << 18
+MAX_STRING_BYTES = 64 << 20
+
+
+def _strings_in(value: Any) -> tuple[int, int]:
+    """(how many strings, their bytes at most) in a tensor or a sequence of them."""
+    if isinstance(value, (list, tuple)):
+        parts = [_strings_in(v) for v in value]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OUS":
+        return value.size, sum(
+            len(x.encode("utf-8", "surrogatepass")) if isinstance(x, str) else len(x)
+            if isinstance(x, bytes) else 32 for x in value.flat
+        )  # fmt: skip
+    return 0, 0
 
 
 def _make_ortvalues(items: list[tuple[str, Any]]) -> tuple[list[Any], Any]:
@@ -373,6 +391,14 @@ def _make_ortvalues(items: list[tuple[str, Any]]) -> tuple[list[Any], Any]:
             f"the sequence inputs hold {n} items; beside a bfloat16, float8 or int4 output "
             f"a call takes at most {MAX_SEQUENCE_ITEMS} (each is made into an onnxruntime "
             "value one by one): send fewer items a call"
+        )
+    strings = [_strings_in(v) for _, v in items]
+    count, size = sum(c for c, _ in strings), sum(b for _, b in strings)
+    if count > MAX_STRING_ITEMS or size > MAX_STRING_BYTES:
+        raise InputError(
+            f"the string inputs hold {count} strings of {size} bytes; beside a bfloat16, "
+            f"float8 or int4 output a call takes at most {MAX_STRING_ITEMS} strings and "
+            f"{MAX_STRING_BYTES} bytes of them: send fewer a call"
         )
     nodes, inits, outputs = [], [], []
     for k, (t, value) in enumerate(items):
