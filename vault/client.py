@@ -954,6 +954,8 @@ class _WatchedChannel(ZmqChannel):
         hdr = unpack_header(out[0])
         if hdr.get("id") != rid:
             self._drop_sealed()
+            if hdr.get("id") is None:  # refused before its id was read (a header too large)
+                raise_for_reply(hdr)
             raise ProtocolError("the service answered another call")
         raise_for_reply(hdr)
         return hdr, out[1:]

@@ -813,3 +813,28 @@ def test_each_callers_usage_is_audited_under_the_model_it_was_used_on(
             (r.model_id, r.detail) for r in usage
         ]
         assert sum(json.loads(r.detail)["calls"] for r in usage) == calls
+
+
+def test_a_request_refused_before_its_id_is_read_says_why(keyserver: Any, tmp_path: Path) -> None:
+    """A call whose header passes the service's limit (a sequence of 40,000
+    items: a descriptor each) is refused before its id is read: the caller
+    was told "the service answered another call". It now gets the refusal,
+    and the next call is served."""
+    from onnx import TensorProto, helper
+
+    seq = helper.make_tensor_sequence_value_info("sq", TensorProto.FLOAT, None)
+    m = helper.make_model(
+        helper.make_graph([helper.make_node("SequenceLength", ["sq"], ["n"])], "g", [seq],
+                          [helper.make_tensor_value_info("n", TensorProto.INT64, [])]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    m.ir_version = 8
+    s = Svc(keyserver, tmp_path, model=m)
+    try:
+        with s.connect(s.caller(holder="alice")) as c:
+            item = np.ones(1, np.float32)
+            with pytest.raises(vault.ProtocolError, match="header frame too large"):
+                c.compute({"sq": [item] * 40_000})
+            assert int(c.compute({"sq": [item] * 10})["n"]) == 10
+    finally:
+        s.stop()
