@@ -63,10 +63,12 @@ class FaultyKeyServer:
 
 
 class Svc:
-    def __init__(self, keyserver: Any, tmp: Path, model: Any = None, **cfg: Any) -> None:
+    def __init__(self, keyserver: Any, tmp: Path, model: Any = None, *, batchable: bool = False,
+                 **cfg: Any) -> None:  # fmt: skip
         pk = PublisherKey.load(keyserver.publisher_key_path)
         model = model if model is not None else mlp()
-        res = seal(model, model_id="m", signing_key=pk, output=tmp / "m.vault")
+        res = seal(model, model_id="m", signing_key=pk, output=tmp / "m.vault",
+                   batchable=batchable)  # fmt: skip
         keyserver.register(res.model_id, res.key_id, res.key, res.digest)
         self.keyserver = keyserver
         self.device = keyserver.enroll(tmp / "device")
@@ -838,3 +840,63 @@ def test_a_request_refused_before_its_id_is_read_says_why(keyserver: Any, tmp_pa
             assert int(c.compute({"sq": [item] * 10})["n"]) == 10
     finally:
         s.stop()
+
+
+def test_a_joined_call_that_timed_out_never_counts(keyserver_dir: Path, tmp_path: Path) -> None:
+    """A victim's row joined into a batch with an attacker's 31 rows timed
+    out (the batch's time is all their rows), and when the batch's worker
+    was killed as stuck the victim was billed as its oldest call. A joined
+    call that timed out never counts now, whether its batch completes or its
+    worker is killed; the worker is frozen (SIGSTOP) while the two calls,
+    alice's and mal's, are joined and time out, then resumed: the batch
+    completes and neither is billed (the control, a call alone that timed
+    out and completed, counts: the test above)."""
+    import signal
+
+    from tests.conftest import KeyServerProcess
+
+    keyserver = KeyServerProcess(keyserver_dir, lease_ttl=60.0)  # the frozen worker keeps its key
+    keyserver.start()
+    try:
+        s = Svc(keyserver, tmp_path, batchable=True, request_timeout=30.0, max_batch=32,
+                max_queue_delay_us=300_000)  # fmt: skip
+    except BaseException:
+        keyserver.kill()
+        raise
+    try:
+        alice, mal = s.caller(holder="alice"), s.caller(holder="mal")
+        with s.connect(alice) as a, s.connect(mal) as m:
+            a.compute({"x": X})
+            m.compute({"x": X})
+            worker = s.svc.models["m"].instances[0]
+            batches, errors = s.svc.models["m"].batches, s.svc.models["m"].errors
+            os.kill(worker.pid, signal.SIGSTOP)
+            try:
+                gave_up = []
+
+                def abandon(c: vault.Model, rows: int) -> None:
+                    try:
+                        c.compute({"x": np.ones((rows, 8), np.float32)}, timeout=1.0)
+                    except vault.WorkerTimeoutError:
+                        gave_up.append(rows)
+
+                side = [threading.Thread(target=abandon, args=(m, 31)),
+                        threading.Thread(target=abandon, args=(a, 1))]  # fmt: skip
+                for t in side:
+                    t.start()
+                for t in side:
+                    t.join(30)
+                assert sorted(gave_up) == [1, 31]
+                assert s.svc.models["m"].batches == batches + 1  # the two, joined
+                wait_for(lambda: s.svc.models["m"].errors == errors + 2, timeout=30,
+                         what="the service's own timeouts of the two")  # fmt: skip
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+            wait_for(lambda: not s.svc.dispatches, timeout=30, what="the batch completed")
+            assert a.compute({"x": X})["logits"].shape == (1, 5)
+        s.stop()
+        assert s.used(alice) == 2  # the two served alone; not the joined one
+        assert s.used(mal) == 1
+    finally:
+        s.stop()
+        keyserver.kill()

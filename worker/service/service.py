@@ -1263,6 +1263,11 @@ class WorkerService:
         (answered ok), and not if it did not (an error, a crash, a kill).
         Before, such a call was never counted: 15 s of compute sent with a
         0.3 s timeout was answered at once and free, 41 times in 45 s."""
+        # a joined batch's time is all its callers' rows: one caller's rows may
+        # be what made another's call time out, so none of them counts (a
+        # victim's row, joined with an attacker's 31 and killed as stuck, was
+        # billed as the oldest call)
+        ran = ran and not d.joined
         for c in d.calls:
             if c.unsettled:
                 c.unsettled = False
