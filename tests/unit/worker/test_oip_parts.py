@@ -1185,7 +1185,7 @@ def test_a_large_json_answer_is_refused_or_written_off_the_event_loop() -> None:
     from worker.service.oip.door import DataPlane
     from worker.service.oip.rest import MAX_JSON_OUT_VALUES, RestApp, _encode_answer
 
-    app = RestApp(DataPlane(object()), max_body=1 << 20)  # type: ignore[arg-type]
+    app = RestApp(DataPlane(object()), max_body=1 << 30)  # type: ignore[arg-type]
     big = np.arange(MAX_JSON_OUT_VALUES + 1, dtype=np.float32)
     mid = np.arange(2_000_000, dtype=np.float32)
 
@@ -1400,3 +1400,72 @@ def test_a_json_answer_is_written_in_slices_that_let_other_threads_run() -> None
     assert wait_whole > took_whole / 2, (wait_whole, took_whole)
     assert sliced == whole
     assert json.loads(sliced)[:8][:7] == a[:7].tolist() and "NaN" in sliced[:200]
+
+
+def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
+    """One licence's large JSON answers once queued every other licence's
+    behind them (a victim waited 32 s) and held their text until read (40
+    answers nobody read: 3.4 GB). A licence now writes one at a time in a
+    queue of its own, two licences' at once: alice's answer, asked after
+    four of mal's, is not written after all of them (control: one queue for
+    all, it comes last). And an answer's bytes count against its licence's
+    share of the door until its client has read them: past it, refused."""
+    import asyncio
+
+    from vault.core.errors import ServiceUnavailableError
+    from vault.core.protocol import encode_tensors
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp, _encode_answer
+
+    a = np.arange(300_000, dtype=np.float32)
+    descs, frames = encode_tensors({"y": a})
+
+    async def order(app: Any) -> list[str]:
+        done: list[str] = []
+
+        async def one(who: str) -> None:
+            async def send(msg: Any) -> None:
+                pass
+
+            await app._answer(send, "m", None, descs, frames, lambda _n: False, licence=who)
+            done.append(who)
+
+        mals = [asyncio.ensure_future(one("mal")) for _ in range(4)]
+        await asyncio.sleep(0.01)  # all four of mal's asked first
+        await asyncio.gather(*mals, one("alice"))
+        return done
+
+    async def main() -> None:
+        done = await order(RestApp(DataPlane(object()), max_body=1 << 30))  # type: ignore[arg-type]
+        assert done.index("alice") <= 1, done
+        shared = [asyncio.Semaphore(1), 0]
+
+        class OneQueue(dict):  # type: ignore[type-arg]
+            def setdefault(self, key: Any, default: Any = None) -> Any:
+                return shared
+
+        one_queue = RestApp(DataPlane(object()), max_body=1 << 30)  # type: ignore[arg-type]
+        one_queue._json_out_by = OneQueue()
+        assert (await order(one_queue))[-1] == "alice"  # the control: one queue for all
+
+        # unread answers: each held until its client reads it, within the share
+        size = len(_encode_answer("m", None, descs, frames, lambda _n: False)[1])
+        small = RestApp(DataPlane(object()), max_body=size * 3 // 2)  # type: ignore[arg-type]
+        unread = asyncio.Event()
+
+        async def never_read(msg: Any) -> None:
+            if msg.get("type") == "http.response.body":
+                await unread.wait()
+
+        first = asyncio.ensure_future(small._answer(never_read, "m", None, descs, frames,
+                                                    lambda _n: False, licence="mal"))  # fmt: skip
+        while not small.gate.bytes_by_licence.get("mal"):
+            await asyncio.sleep(0.01)
+        with pytest.raises(ServiceUnavailableError):  # a second one does not fit
+            await small._answer(never_read, "m", None, descs, frames, lambda _n: False,
+                                licence="mal")  # fmt: skip
+        unread.set()
+        await first
+        assert not small.gate.bytes_by_licence  # all given back once read
+
+    asyncio.run(main())

@@ -77,6 +77,7 @@ MAX_JSON_OUT_VALUES = MAX_DECODED_VALUES
 MAX_JSON_OUT_BYTES = 128 << 20
 _JSON_OUT_INLINE = 1 << 16
 _JSON_OUT_INLINE_BYTES = 1 << 20  # a few long strings are as slow to write as many values
+_JSON_OUT_AT_ONCE = 2  # large JSON answers being written at once (each its licence's only one)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 
@@ -146,6 +147,7 @@ class RestApp:
         self.gate = Gate(max_inflight, bytes_per_licence=max_body)
         self.body_timeout = body_timeout
         self._json_out: asyncio.Semaphore | None = None  # made on the door's own loop
+        self._json_out_by: dict[str, list[Any]] = {}  # per licence: [its semaphore, users]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -350,10 +352,11 @@ class RestApp:
         out_descs, out_frames = await self.plane.infer(
             model, version, token, descs, frames, outputs, timeout_of(params.get("timeout"))
         )
-        await self._answer(send, model, req.get("id"), out_descs, out_frames, binary_out)
+        await self._answer(send, model, req.get("id"), out_descs, out_frames, binary_out,
+                           licence=token.licence_id)  # fmt: skip
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
-                      frames: list[Any], binary_out: Any) -> None:  # fmt: skip
+                      frames: list[Any], binary_out: Any, *, licence: str = "") -> None:  # fmt: skip
         values = size = text = 0
         for d, f in zip(descs, frames):
             if not binary_out(str(d.get("name"))):
@@ -374,14 +377,32 @@ class RestApp:
             )
         if values <= _JSON_OUT_INLINE and size <= _JSON_OUT_INLINE_BYTES:
             headers, body = _encode_answer(model, rid, descs, frames, binary_out)
-        else:  # off the event loop, one at a time: the other tenants' calls go on
-            if self._json_out is None:
-                self._json_out = asyncio.Semaphore(1)
-            async with self._json_out:
+            await _send(send, 200, headers, body)
+            return
+        # off the event loop, in slices; a licence's answers one at a time (its
+        # own queue: one licence's many answers once queued every other
+        # licence's behind them, 32 s), and two licences' at once
+        if self._json_out is None:
+            self._json_out = asyncio.Semaphore(_JSON_OUT_AT_ONCE)
+        entry = self._json_out_by.setdefault(licence, [asyncio.Semaphore(1), 0])
+        entry[1] += 1
+        try:
+            async with entry[0], self._json_out:
                 headers, body = await asyncio.to_thread(
                     _encode_answer, model, rid, descs, frames, binary_out
                 )
-        await _send(send, 200, headers, body)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                self._json_out_by.pop(licence, None)
+        # until the client has read it, a large JSON answer's bytes count
+        # against its licence's share of the door as a request's do (40 such
+        # answers nobody read held 3.4 GB): past it, refused as a request is
+        self.gate.take_bytes(licence, len(body))
+        try:
+            await _send(send, 200, headers, body)
+        finally:
+            self.gate.give_bytes(licence, len(body))
 
 
 def _values(desc: dict[str, Any]) -> int:
