@@ -161,6 +161,20 @@ def test_quota_is_enforced_per_caller_and_usage_reported(service: Svc) -> None:
     assert service.used(bob) == 3
 
 
+def _freeze(pid: int) -> None:
+    """SIGSTOP, and wait until the kernel has stopped it (a request sent a
+    moment after the signal was sometimes served before it took)."""
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+
+    def state() -> str:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+
+    wait_for(lambda: state() in ("T", "t"), timeout=10, what=f"worker {pid} stopped")
+
+
 def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_call(
     keyserver_dir: Path, tmp_path: Path
 ) -> None:
@@ -198,13 +212,13 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
             want = b.compute({"x": x})["y"]  # bob's first call: served, counted
             a.compute({"x": x})
             worker = s.svc.models["m"].instances[0]
-            os.kill(worker.pid, signal.SIGSTOP)
+            _freeze(worker.pid)
             try:
                 gave_up = []
 
                 def abandon(m: vault.Model) -> None:
                     try:
-                        m.compute({"x": x}, timeout=0.05)
+                        m.compute({"x": x}, timeout=0.5)
                     except vault.WorkerTimeoutError:
                         gave_up.append(m)
 
@@ -240,9 +254,9 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
             assert s.svc.models["m"].instances[0] is worker
             assert '"worker_died"' not in s.log_path.read_text()
             # the control: abandoned, and its worker killed before completing it
-            os.kill(worker.pid, signal.SIGSTOP)
+            _freeze(worker.pid)
             with pytest.raises(vault.WorkerTimeoutError):
-                a.compute({"x": x}, timeout=0.05)
+                a.compute({"x": x}, timeout=0.5)
             os.kill(worker.pid, signal.SIGKILL)
             wait_for(lambda: '"worker_died"' in s.log_path.read_text(), timeout=30,
                      what="the killed worker seen dead")  # fmt: skip
@@ -251,18 +265,32 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
             # made an over-long call free)
             new = wait_for(lambda: [i for i in s.svc.models["m"].instances if i is not worker],
                            timeout=60, what="a worker in the killed one's place")[0]  # fmt: skip
-            os.kill(new.pid, signal.SIGSTOP)
+            assert b.compute({"x": x})["y"].shape == (1, 64)  # one it serves, then it sticks
+            _freeze(new.pid)
             with pytest.raises(vault.WorkerTimeoutError):
-                a.compute({"x": x}, timeout=0.05)
+                a.compute({"x": x}, timeout=0.5)
+            wait_for(lambda: s.log_path.read_text().count('"worker_stuck"') == 2, timeout=30,
+                     what="the second worker found stuck")  # fmt: skip
+            # ended with SIGTERM (a SIGKILL lost every call it served since its
+            # last report): resumed, it reports its usage as it goes
+            os.kill(new.pid, signal.SIGCONT)
             wait_for(lambda: s.log_path.read_text().count('"worker_died"') == 2, timeout=30,
-                     what="the stuck worker killed by the service")  # fmt: skip
-            assert s.log_path.read_text().count('"worker_stuck"') == 2
+                     what="the stuck worker ended by the service")  # fmt: skip
+            died = [json.loads(line) for line in s.log_path.read_text().splitlines()
+                    if '"worker_died"' in line]  # fmt: skip
+            assert died[-1]["status"] == 0, died  # it left by itself: not killed
             assert b.compute({"x": x})["y"].shape == (1, 64)  # and another takes its place
         s.stop()
         # alice: one served, two abandoned and completed, one run until its worker
         # was killed as stuck; not the one whose worker died before completing it
         assert s.used(alice) == 4
-        assert s.used(bob) == 4
+        assert s.used(bob) == 5
+        # under the service's own licence, the computes its workers reported: the
+        # first worker's were lost with it (the test's SIGKILL, before any
+        # report); the stuck one's served call (and the abandoned one, when the
+        # resumed worker completed it before it went), and the last worker's.
+        # Killed as stuck with SIGKILL, the stuck one's were lost too: 1
+        assert s.used(s.licence) in (2, 3)
     finally:
         s.stop()
         keyserver.kill()
@@ -870,7 +898,7 @@ def test_a_joined_call_that_timed_out_never_counts(keyserver_dir: Path, tmp_path
             m.compute({"x": X})
             worker = s.svc.models["m"].instances[0]
             batches, errors = s.svc.models["m"].batches, s.svc.models["m"].errors
-            os.kill(worker.pid, signal.SIGSTOP)
+            _freeze(worker.pid)
             try:
                 gave_up = []
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ class LaunchSpec:
         )
 
 
+# how long a worker ended as stuck has to report its usage and go
+STUCK_GRACE_S = 5.0
+
+
 class Instance:
     """One running worker process of a model's pool."""
 
@@ -115,6 +120,7 @@ class Instance:
         # busy with an abandoned call a full timeout past its deadline: sent nothing
         # more, and killed once no call of anyone else is left on it
         self.stuck = False
+        self.ending = False  # sent SIGTERM as stuck (end())
         self.pidfd: int | None = None
         try:
             self.pidfd = os.pidfd_open(proc.pid)
@@ -146,9 +152,23 @@ class Instance:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill(self) -> None:
-        """SIGKILL at once (a worker stuck past its calls' timeouts)."""
+        """SIGKILL at once."""
         if self.proc.poll() is None:
             self.proc.kill()
+
+    def end(self, grace: float = STUCK_GRACE_S) -> None:
+        """Stop a worker stuck past its calls' timeouts: SIGTERM, which a
+        serving worker answers by reporting its usage and leaving at once, a
+        run in flight or not (a SIGKILL lost every call it had served since
+        its last report, and left its grant reserved); SIGKILL if it has not
+        gone within ``grace``. Once; the crash path sees it go."""
+        if self.ending or self.proc.poll() is not None:
+            return
+        self.ending = True
+        self.proc.send_signal(signal.SIGTERM)
+        timer = threading.Timer(grace, self.kill)
+        timer.daemon = True
+        timer.start()
 
 
 def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:

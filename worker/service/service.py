@@ -1380,9 +1380,9 @@ class WorkerService:
                     inst.stuck = False  # it answered everything in the end: it serves again
                 elif not pending[inst] and inst.alive():
                     # only abandoned calls left on it (another caller's call on the
-                    # same worker is answered first): the crash path frees its
-                    # slots and restarts it
-                    inst.kill()
+                    # same worker is answered first): ended (it reports its usage
+                    # first), and the crash path frees its slots and restarts it
+                    inst.end()
         for m in list(self.retiring):
             if not m.busy(self.dispatches):
                 self._retire(m)
