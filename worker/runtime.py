@@ -374,6 +374,8 @@ def _strings_in(value: Any) -> tuple[int, int]:
         parts = [_strings_in(v) for v in value]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
     if isinstance(value, np.ndarray) and value.dtype.kind in "OUS":
+        if value.size > MAX_STRING_ITEMS:  # refused on the count: no need to read them
+            return value.size, 0
         return value.size, sum(
             len(x.encode("utf-8", "surrogatepass")) if isinstance(x, str) else len(x)
             if isinstance(x, bytes) else 32 for x in value.flat

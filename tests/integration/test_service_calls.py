@@ -922,9 +922,29 @@ def test_a_joined_call_that_timed_out_never_counts(keyserver_dir: Path, tmp_path
                 os.kill(worker.pid, signal.SIGCONT)
             wait_for(lambda: not s.svc.dispatches, timeout=30, what="the batch completed")
             assert a.compute({"x": X})["logits"].shape == (1, 5)
+            # a batch of one licence's own calls counts as they would alone
+            with s.connect(mal) as m2:
+                m2.compute({"x": X})
+                batches, errors = s.svc.models["m"].batches, s.svc.models["m"].errors
+                _freeze(worker.pid)
+                try:
+                    gave_up.clear()
+                    side = [threading.Thread(target=abandon, args=(m, 31)),
+                            threading.Thread(target=abandon, args=(m2, 1))]  # fmt: skip
+                    for t in side:
+                        t.start()
+                    for t in side:
+                        t.join(30)
+                    assert sorted(gave_up) == [1, 31]
+                    assert s.svc.models["m"].batches == batches + 1
+                    wait_for(lambda: s.svc.models["m"].errors == errors + 2, timeout=30,
+                             what="the service's own timeouts of mal's two")  # fmt: skip
+                finally:
+                    os.kill(worker.pid, signal.SIGCONT)
+                wait_for(lambda: not s.svc.dispatches, timeout=30, what="mal's batch completed")
         s.stop()
         assert s.used(alice) == 2  # the two served alone; not the joined one
-        assert s.used(mal) == 1
+        assert s.used(mal) == 4  # two served alone, and its own batch's two
     finally:
         s.stop()
         keyserver.kill()

@@ -121,6 +121,7 @@ class Instance:
         # more, and killed once no call of anyone else is left on it
         self.stuck = False
         self.ending = False  # sent SIGTERM as stuck (end())
+        self._ender: threading.Timer | None = None
         self.pidfd: int | None = None
         try:
             self.pidfd = os.pidfd_open(proc.pid)
@@ -136,6 +137,8 @@ class Instance:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the lifeline (the worker exits on EOF), SIGTERM, then SIGKILL."""
+        if self._ender is not None:
+            self._ender.cancel()  # it goes here: no signal after its pid is reaped
         if self.lifeline is not None:
             os.close(self.lifeline)
             self.lifeline = None
@@ -166,9 +169,9 @@ class Instance:
             return
         self.ending = True
         self.proc.send_signal(signal.SIGTERM)
-        timer = threading.Timer(grace, self.kill)
-        timer.daemon = True
-        timer.start()
+        self._ender = threading.Timer(grace, self.kill)
+        self._ender.daemon = True
+        self._ender.start()
 
 
 def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:

@@ -1063,6 +1063,7 @@ class WorkerService:
             if (
                 not inst.lease_ended
                 and not inst.stuck
+                and not inst.ending
                 and inst.inflight < self.cfg.instance_inflight
                 and (best is None or inst.inflight < best.inflight)
             ):
@@ -1266,8 +1267,8 @@ class WorkerService:
         # a joined batch's time is all its callers' rows: one caller's rows may
         # be what made another's call time out, so none of them counts (a
         # victim's row, joined with an attacker's 31 and killed as stuck, was
-        # billed as the oldest call)
-        ran = ran and not d.joined
+        # billed as the oldest call), unless they are all one licence's
+        ran = ran and (not d.joined or len({c.admission.licence for c in d.calls}) == 1)
         for c in d.calls:
             if c.unsettled:
                 c.unsettled = False
@@ -1286,15 +1287,16 @@ class WorkerService:
         self._detach(inst)
         lived = time.monotonic() - inst.started
         rc = inst.proc.poll()
-        lost = sorted((d for d in self.dispatches.values() if d.inst is inst),
-                      key=lambda d: d.did)  # fmt: skip
-        for i, d in enumerate(lost):
+        lost = [d for d in self.dispatches.values() if d.inst is inst]
+        now = time.monotonic()
+        for d in lost:
             del self.dispatches[d.did]
-            # never completed; but a worker killed as stuck ran its oldest call
-            # (the worker takes them in order) past every deadline: that one
-            # counts, or each over-long call would be free (each such kill
-            # answered its call a timeout, and billed nothing, 64 times in 90 s)
-            self._settle(d, ran=inst.stuck and i == 0)
+            # never completed; but a call on a worker the service ended as stuck
+            # that ran a full timeout past its own deadline counts, or each
+            # over-long call would be free (each such kill answered its call a
+            # timeout, and billed nothing, 64 times in 90 s); a worker runs two
+            # side by side, so each is judged by its own time, not by order
+            self._settle(d, ran=inst.ending and now >= d.stuck_at)
             for c in d.calls:
                 if inst.lease_ended and m is not None and not c.done and not c.lease_retried:
                     # it exited because its lease ended, refusing what it had: never
@@ -1314,7 +1316,7 @@ class WorkerService:
             # a worker killed as stuck was sound: restarted at once, its backoff
             # left as it was (one caller's over-long calls, one a restart, held
             # the model's only worker down 0.5, 1, 2 ... 16 s a time)
-            delay = 0.0 if inst.stuck else \
+            delay = 0.0 if inst.ending else \
                 m.backoff.setdefault(inst.index, Backoff()).next_delay(lived)  # fmt: skip
             m.restart_at[inst.index] = time.monotonic() + delay
         self._gauge(m)
@@ -1376,6 +1378,8 @@ class WorkerService:
             for inst in m.instances:
                 if not inst.stuck:
                     continue
+                if inst.ending:
+                    continue  # going: the crash path takes it from here
                 if inst not in pending:
                     inst.stuck = False  # it answered everything in the end: it serves again
                 elif not pending[inst] and inst.alive():

@@ -397,8 +397,9 @@ class RestApp:
                 self._json_out_by.pop(licence, None)
         # until the client has read it, a large JSON answer's bytes count
         # against its licence's share of the door as a request's do (40 such
-        # answers nobody read held 3.4 GB): past it, refused as a request is
-        self.gate.take_bytes(licence, len(body))
+        # answers nobody read held 3.4 GB): counted, never refused (the call
+        # is served and counts), so the licence's next requests wait for room
+        self.gate.hold_bytes(licence, len(body))
         try:
             await _send(send, 200, headers, body)
         finally:
@@ -435,9 +436,11 @@ def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: li
     if isinstance(rid, str) and rid:
         reply["id"] = rid
     skeleton = json.dumps(reply, separators=(",", ":"))
+    parts = []
     for mark, text in texts:  # a mark with a random token: no caller's text is one
-        skeleton = skeleton.replace(mark, text, 1)
-    head = skeleton.encode()
+        before, skeleton = skeleton.split(mark, 1)
+        parts += [before, text]
+    head = "".join([*parts, skeleton]).encode()
     if not blobs:
         return _JSON, head
     headers = [(b"content-type", b"application/octet-stream"),
