@@ -161,6 +161,24 @@ def test_quota_is_enforced_per_caller_and_usage_reported(service: Svc) -> None:
     assert service.used(bob) == 3
 
 
+@contextlib.contextmanager
+def _long_lease_service(keyserver_dir: Path, tmp_path: Path, **kw: Any) -> Iterator[Svc]:
+    """A service on a key server of its own whose leases last a minute: a
+    worker frozen for seconds keeps its key. Both stopped on the way out."""
+    from tests.conftest import KeyServerProcess
+
+    keyserver = KeyServerProcess(keyserver_dir, lease_ttl=60.0)
+    keyserver.start()
+    try:
+        s = Svc(keyserver, tmp_path, **kw)
+        try:
+            yield s
+        finally:
+            s.stop()
+    finally:
+        keyserver.kill()
+
+
 def _freeze(pid: int) -> None:
     """SIGSTOP, and wait until the kernel has stopped it (a request sent a
     moment after the signal was sometimes served before it took)."""
@@ -194,17 +212,8 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
     as stuck does (it ran past every deadline)."""
     import signal
 
-    from tests.conftest import KeyServerProcess
-
-    keyserver = KeyServerProcess(keyserver_dir, lease_ttl=60.0)  # the frozen worker keeps its key
-    keyserver.start()
-    try:
-        s = Svc(keyserver, tmp_path, model=slow_matmul(width=64, depth=2), request_timeout=3.0,
-                instance_inflight=3)  # fmt: skip
-    except BaseException:
-        keyserver.kill()
-        raise
-    try:
+    with _long_lease_service(keyserver_dir, tmp_path, model=slow_matmul(width=64, depth=2),
+                             request_timeout=3.0, instance_inflight=3) as s:  # fmt: skip
         alice, bob = s.caller(holder="alice"), s.caller(holder="bob")
         x = np.ones((1, 64), np.float32)
         with s.connect(alice, timeout=30) as a, s.connect(alice, timeout=30) as a2, \
@@ -291,9 +300,6 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
         # resumed worker completed it before it went), and the last worker's.
         # Killed as stuck with SIGKILL, the stuck one's were lost too: 1
         assert s.used(s.licence) in (2, 3)
-    finally:
-        s.stop()
-        keyserver.kill()
 
 
 def test_a_call_counts_under_the_callers_licence_and_the_services_own(service: Svc) -> None:
@@ -881,26 +887,20 @@ def test_a_joined_call_that_timed_out_never_counts(keyserver_dir: Path, tmp_path
     out and completed, counts: the test above)."""
     import signal
 
-    from tests.conftest import KeyServerProcess
-
-    keyserver = KeyServerProcess(keyserver_dir, lease_ttl=60.0)  # the frozen worker keeps its key
-    keyserver.start()
-    try:
-        s = Svc(keyserver, tmp_path, batchable=True, request_timeout=30.0, max_batch=32,
-                max_queue_delay_us=300_000)  # fmt: skip
-    except BaseException:
-        keyserver.kill()
-        raise
-    try:
+    with _long_lease_service(keyserver_dir, tmp_path, batchable=True, request_timeout=30.0,
+                             max_batch=32, max_queue_delay_us=300_000) as s:  # fmt: skip
         alice, mal = s.caller(holder="alice"), s.caller(holder="mal")
         with s.connect(alice) as a, s.connect(mal) as m:
             a.compute({"x": X})
             m.compute({"x": X})
             worker = s.svc.models["m"].instances[0]
-            batches, errors = s.svc.models["m"].batches, s.svc.models["m"].errors
-            _freeze(worker.pid)
-            try:
-                gave_up = []
+
+            def joined_and_abandoned(first: vault.Model, second: vault.Model) -> None:
+                """31 rows of ``first``'s and 1 of ``second``'s, joined on the frozen
+                worker, both timed out by the service; then the worker resumes
+                and completes the batch."""
+                batches, errors = s.svc.models["m"].batches, s.svc.models["m"].errors
+                gave_up: list[int] = []
 
                 def abandon(c: vault.Model, rows: int) -> None:
                     try:
@@ -908,43 +908,28 @@ def test_a_joined_call_that_timed_out_never_counts(keyserver_dir: Path, tmp_path
                     except vault.WorkerTimeoutError:
                         gave_up.append(rows)
 
-                side = [threading.Thread(target=abandon, args=(m, 31)),
-                        threading.Thread(target=abandon, args=(a, 1))]  # fmt: skip
-                for t in side:
-                    t.start()
-                for t in side:
-                    t.join(30)
-                assert sorted(gave_up) == [1, 31]
-                assert s.svc.models["m"].batches == batches + 1  # the two, joined
-                wait_for(lambda: s.svc.models["m"].errors == errors + 2, timeout=30,
-                         what="the service's own timeouts of the two")  # fmt: skip
-            finally:
-                os.kill(worker.pid, signal.SIGCONT)
-            wait_for(lambda: not s.svc.dispatches, timeout=30, what="the batch completed")
-            assert a.compute({"x": X})["logits"].shape == (1, 5)
-            # a batch of one licence's own calls counts as they would alone
-            with s.connect(mal) as m2:
-                m2.compute({"x": X})
-                batches, errors = s.svc.models["m"].batches, s.svc.models["m"].errors
                 _freeze(worker.pid)
                 try:
-                    gave_up.clear()
-                    side = [threading.Thread(target=abandon, args=(m, 31)),
-                            threading.Thread(target=abandon, args=(m2, 1))]  # fmt: skip
+                    side = [threading.Thread(target=abandon, args=(first, 31)),
+                            threading.Thread(target=abandon, args=(second, 1))]  # fmt: skip
                     for t in side:
                         t.start()
                     for t in side:
                         t.join(30)
                     assert sorted(gave_up) == [1, 31]
-                    assert s.svc.models["m"].batches == batches + 1
+                    assert s.svc.models["m"].batches == batches + 1  # the two, joined
                     wait_for(lambda: s.svc.models["m"].errors == errors + 2, timeout=30,
-                             what="the service's own timeouts of mal's two")  # fmt: skip
+                             what="the service's own timeouts of the two")  # fmt: skip
                 finally:
                     os.kill(worker.pid, signal.SIGCONT)
-                wait_for(lambda: not s.svc.dispatches, timeout=30, what="mal's batch completed")
+                wait_for(lambda: not s.svc.dispatches, timeout=30, what="the batch completed")
+
+            joined_and_abandoned(m, a)  # mal's and alice's
+            assert a.compute({"x": X})["logits"].shape == (1, 5)
+            # a batch of one licence's own calls counts as they would alone
+            with s.connect(mal) as m2:
+                m2.compute({"x": X})
+                joined_and_abandoned(m, m2)
         s.stop()
         assert s.used(alice) == 2  # the two served alone; not the joined one
         assert s.used(mal) == 4  # two served alone, and its own batch's two
-    finally:
-        s.stop()
-        keyserver.kill()
