@@ -1874,8 +1874,9 @@ def test_tls_is_required_by_clients_and_plaintext_is_refused(plane: Plane) -> No
 
 def test_a_plaintext_grpc_client_leaves_the_log_all_json(plane: Plane) -> None:
     """gRPC core logs a failed TLS handshake on stderr in its own format
-    (`I1207 ... ssl_transport_security.cc ... Handshake failed`); the
-    service's stderr stays one JSON event per line."""
+    (`I1207 ... ssl_transport_security.cc ... Handshake failed`), and at
+    ERROR a caller's gzip-compressed message it refuses; the service's
+    stderr stays one JSON event per line."""
     import grpc
 
     log = plane.dir / "service.log"
@@ -1886,6 +1887,17 @@ def test_a_plaintext_grpc_client_leaves_the_log_all_json(plane: Plane) -> None:
         # door as it happens: no wait for a line is needed after it
         grpc.channel_ready_future(channel).result(timeout=3)
     channel.close()
+    # and a caller's gzip-compressed message, which gRPC core refuses itself
+    # (it wrote `E... Compression algorithm 'gzip' is disabled` at ERROR)
+    from tritonclient.utils import InferenceServerException
+
+    client = plane.grpc()
+    inp = tritongrpc.InferInput("image", list(IMAGE.shape), "UINT8")
+    inp.set_data_from_numpy(IMAGE)
+    with pytest.raises(InferenceServerException, match="(?i)unimplemented|compression"):
+        client.infer("clf", [inp], compression_algorithm="gzip",
+                     headers={"authorization": f"Bearer {plane.token('alice', 'clf')}"})  # fmt: skip
+    client.close()
     _serving(plane)  # the control: the door still serves, and the log goes on
     with open(log, "rb") as fh:
         fh.seek(start)

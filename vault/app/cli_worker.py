@@ -225,11 +225,14 @@ def _serve(args: argparse.Namespace) -> int:
     """The service runs in this process (worker.service); its workers are
     hardened child processes started through vault.core.launch."""
     # gRPC core writes its own lines on stderr (INFO: a client that does not
-    # speak TLS to a TLS door is "Handshake failed"), which would break the
-    # log's one JSON event per line. It reads GRPC_VERBOSITY once, when grpc
-    # is first imported (later is too late): keep its errors only, unless the
-    # operator asked for more.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # speak TLS to a TLS door is "Handshake failed"; ERROR: a client's
+    # gzip-compressed message refused), which any stranger or caller can
+    # trigger and which break the log's one JSON event per line. It reads
+    # GRPC_VERBOSITY once, when grpc is first imported (later is too late):
+    # none of them, unless the operator asks (what a caller's call did wrong
+    # reaches the caller as its status; the service's own failures are its
+    # JSON events)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from worker.service import (
         AllowListPolicy,
         JsonLog,
