@@ -237,10 +237,13 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
                 for t in side:
                     t.join(30)
                 assert len(gave_up) == 2
-                # bob comes a second after alice gave up (the scenario, not a wait
-                # for a condition): his call's deadline is then past her worker's
-                # stuck time, so his call is on that worker when it is found stuck
-                time.sleep(1.0)
+                # bob's call must still be waited for when her worker is found
+                # stuck (her deadline + the request timeout), so it goes once the
+                # service's own clock is 2 s past her calls' recorded deadline: his
+                # deadline is then 2 s past her worker's stuck time, whatever the load
+                hers = max(c.deadline for d in s.svc.dispatches.values() for c in d.calls)
+                wait_for(lambda: time.monotonic() >= hers + 2.0, timeout=30,
+                         what="the service's clock 2 s past alice's deadline")  # fmt: skip
                 got: dict[str, Any] = {}
 
                 def call() -> None:

@@ -1068,6 +1068,18 @@ def test_an_idle_stream_and_one_whose_answers_are_not_taken_are_ended() -> None:
     assert "not taken within 0.05 s" in unread.status[1]
 
 
+async def _until(cond: Any, what: str, timeout: float = 60.0) -> None:
+    """Let the loop run until ``cond()`` holds; an AssertionError naming
+    ``what`` past ``timeout`` (generous: a loaded machine is slow, not wrong)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.005)
+
+
 class _Transport:
     """What uvicorn's HTTP protocol writes to and closes (no socket)."""
 
@@ -1149,10 +1161,7 @@ def test_a_request_head_is_bounded_in_size_where_uvicorns_grows_without_end() ->
         junk = b"X-Junk: " + b"a" * head_bytes + b"\r\n"
         proto.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n" + junk
                             + b"Content-Length: %d\r\n\r\n" % body + bytes(body))  # fmt: skip
-        for _ in range(100):  # the app's task answers on the loop
-            if t.out:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: t.out, "the app's task answered")  # on the loop
         proto.connection_lost(None)
         return t.out
 
@@ -1332,7 +1341,7 @@ def test_a_chunked_bodys_endless_trailer_is_bounded_where_uvicorns_grows() -> No
         proto.connection_made(t)
         proto.data_received(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n")  # fmt: skip
-        await asyncio.sleep(0.01)  # answered at once
+        await _until(lambda: t.out, "the request answered")  # at once, its body unread
         proto.data_received(tail)
         sent = 0
         while sent < 300 and not t.is_closing():
@@ -1374,19 +1383,19 @@ def test_a_json_answer_is_written_in_slices_that_let_other_threads_run() -> None
 
     def longest_wait(per: int) -> tuple[float, float, str]:
         gaps: list[float] = []
-        stop = threading.Event()
+        stop, started = threading.Event(), threading.Event()
 
-        def other() -> None:
+        def other() -> None:  # wakes every 2 ms: how long it waited each time
             last = time.monotonic()
-            while not stop.is_set():
-                time.sleep(0.002)
+            while not stop.wait(0.002):
                 now = time.monotonic()
                 gaps.append(now - last)
                 last = now
+                started.set()
 
         t = threading.Thread(target=other)
         t.start()
-        time.sleep(0.05)
+        assert started.wait(30)
         t0 = time.monotonic()
         text = T.to_json_text(descs[0], frames[0], per=per)[3]
         took = time.monotonic() - t0
@@ -1423,16 +1432,19 @@ def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
 
     async def order(app: Any) -> list[str]:
         done: list[str] = []
+        asked: list[str] = []
 
         async def one(who: str) -> None:
             async def send(msg: Any) -> None:
                 pass
 
+            asked.append(who)
             await app._answer(send, "m", None, descs, frames, lambda _n: False, licence=who)
             done.append(who)
 
         mals = [asyncio.ensure_future(one("mal")) for _ in range(4)]
-        await asyncio.sleep(0.01)  # all four of mal's asked first
+        # each is queued in the same step that counts it asked
+        await _until(lambda: asked.count("mal") == 4, "all four of mal's asked first")
         await asyncio.gather(*mals, one("alice"))
         return done
 
@@ -1460,8 +1472,7 @@ def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
 
         first = asyncio.ensure_future(small._answer(never_read, "m", None, descs, frames,
                                                     lambda _n: False, licence="mal"))  # fmt: skip
-        while not small.gate.bytes_by_licence.get("mal"):
-            await asyncio.sleep(0.01)
+        await _until(lambda: small.gate.bytes_by_licence.get("mal"), "mal's answer held")
         # the licence's next request's body finds no room while it is unread (an
         # answer itself is never refused: its call is served and counts)
         with pytest.raises(ServiceUnavailableError):
