@@ -107,7 +107,8 @@ def run_plain(case: Case) -> dict[str, Any]:
     """onnxruntime alone, through OrtValues where numpy has no bridge."""
     import onnxruntime as ort
 
-    from worker.runtime import _from_ortvalue, _to_ortvalue
+    from vault.core.ortvalues import to_ortvalue as _to_ortvalue
+    from worker.runtime import _from_ortvalue
 
     so = ort.SessionOptions()
     so.log_severity_level = 4

@@ -35,10 +35,17 @@ from vault.core.errors import (
 )
 from vault.core.graphs import check_graph
 from vault.core.ortthreads import apply_spin_policy
-from vault.core.ortvalues import SPECIAL_ONNX_CODES, from_ortvalue, special_raw, to_ortvalue
+from vault.core.ortvalues import (
+    SPECIAL_ONNX_CODES,
+    from_ortvalue,
+    is_special_array,
+    is_special_type,
+    special_raw,
+    to_ortvalue,
+)
 from vault.core.protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name, is_tensor_type
 
-from .initializers import _enc_varint, add_to_options, zero_copy_graph
+from .initializers import _enc_varint, _ld, add_to_options, zero_copy_graph
 
 __all__ = ["Pipeline", "choose_providers", "session_options", "signature_of"]
 
@@ -244,10 +251,6 @@ def _np_dtype(name: str) -> np.dtype[Any] | None:
     return None if dt == np.dtype(object) else dt
 
 
-_special_raw = special_raw
-_to_ortvalue = to_ortvalue  # (tests/backend_cases.py uses these names)
-
-
 def _from_ortvalue(v: Any) -> Any:
     """An OrtValue as ``session.run`` would give it: None for an absent
     optional, a list or dict for a sequence or map, numpy for a tensor (and
@@ -289,8 +292,7 @@ def _pb(field: int, value: int | bytes | str) -> bytes:
     """One protobuf field: an int as a varint, bytes or text length-delimited."""
     if isinstance(value, int):
         return _pb_varint(field << 3) + _pb_varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+    return _ld(field, value.encode() if isinstance(value, str) else value)
 
 
 def _type_proto(t: str) -> bytes:
@@ -317,7 +319,7 @@ def _tensor_proto(name: str, arr: Any) -> bytes:
         return out + _pb(2, 8) + b"".join(_pb(6, e.encode()) for e in items)
     wire = dtype_name(arr.dtype)
     if wire in _ONNX_CODE:
-        raw = _special_raw(arr, wire).tobytes()
+        raw = special_raw(arr, wire).tobytes()
     else:
         raw = np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
     return out + _pb(2, _WIRE_CODE[wire]) + _pb(9, raw)
@@ -428,10 +430,6 @@ def _make_ortvalues(items: list[tuple[str, Any]]) -> tuple[list[Any], Any]:
     return sess.run_with_ort_values([f"o{k}" for k in range(len(items))], {}, _RUN_OPTIONS), sess
 
 
-def _is_special(v: Any) -> bool:
-    return isinstance(v, np.ndarray) and dtype_name(v.dtype) in _ONNX_CODE
-
-
 def _run_stage(sess: Any, in_types: Mapping[str, str], special_out: frozenset[str],
                feeds: Mapping[str, Any], want: list[str]) -> list[Any]:  # fmt: skip
     """One session's run, with any value kind ``session.run`` takes.
@@ -441,7 +439,7 @@ def _run_stage(sess: Any, in_types: Mapping[str, str], special_out: frozenset[st
     ``run_with_ort_values`` (OrtValues come back; :func:`_from_ortvalue`
     reads them). An absent optional is left out of the feeds either way."""
     if special_out.isdisjoint(want):
-        plain = {k: _to_ortvalue(v) if _is_special(v) else v
+        plain = {k: to_ortvalue(v) if is_special_array(v) else v
                  for k, v in feeds.items() if v is not None}  # fmt: skip
         return sess.run(want, plain, _RUN_OPTIONS)  # type: ignore[no-any-return]
     vals: dict[str, Any] = {}
@@ -451,7 +449,7 @@ def _run_stage(sess: Any, in_types: Mapping[str, str], special_out: frozenset[st
             if v is not None:
                 vals[k] = v
         elif isinstance(v, np.ndarray) and v.dtype.kind not in "OUS":
-            vals[k] = _to_ortvalue(v)
+            vals[k] = to_ortvalue(v)
         else:
             pending.append((k, in_types[k], v))
     made, keep = _make_ortvalues([(t, v) for _, t, v in pending]) if pending else ([], None)
@@ -565,13 +563,12 @@ class Pipeline:
             {a.name: a.type for a in sess.get_inputs()} for sess, _, _ in self._stages
         ]
         self._special_out = [
-            frozenset(a.name for a in sess.get_outputs()
-                      if a.type.startswith("tensor(") and a.type[7:-1] in _ORT_SPECIAL)
+            frozenset(a.name for a in sess.get_outputs() if is_special_type(a.type))
             for sess, _, _ in self._stages
         ]  # fmt: skip
         # such a tensor anywhere in a chain of stages (_run_chain)
         self._special_chain = self._ortvalues or any(
-            t.startswith("tensor(") and t[7:-1] in _ORT_SPECIAL
+            is_special_type(t)
             for types in self._in_types for t in types.values()
         ) or any(self._special_out)  # fmt: skip
 

@@ -593,7 +593,7 @@ def _ort_exact(m: onnx.ModelProto, feeds: dict[str, Any], names: list[str]) -> d
     of float32) and rebuilt in its ml_dtypes dtype."""
     import ml_dtypes
 
-    from worker.runtime import _to_ortvalue
+    from vault.core.ortvalues import to_ortvalue as _to_ortvalue
 
     m2 = onnx.ModelProto()
     m2.CopyFrom(m)

@@ -29,6 +29,7 @@ from .protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name
 __all__ = [
     "SPECIAL_ONNX_CODES",
     "from_ortvalue",
+    "is_special_array",
     "is_special_type",
     "run",
     "special_raw",
@@ -49,7 +50,8 @@ def is_special_type(ort_type: str) -> bool:
     return ort_type.startswith("tensor(") and ort_type[7:-1] in _ORT_NAME
 
 
-def _special_array(v: Any) -> bool:
+def is_special_array(v: Any) -> bool:
+    """Whether ``v`` is a numpy array of a dtype that needs an OrtValue."""
     if not isinstance(v, np.ndarray) or v.dtype.kind in "biuOUS":  # the common ones, fast
         return False  # (ml_dtypes' kinds vary: "V" for bfloat16, "f" for float8_e5m2)
     try:
@@ -125,7 +127,7 @@ def run(
     makes no OrtValue of those) the call is refused, :class:`ComputeError`."""
     want = list(names) if names is not None else [o.name for o in session.get_outputs()]
     special = {o.name for o in session.get_outputs() if is_special_type(o.type)}
-    ins = {k: to_ortvalue(v) if _special_array(v) else v for k, v in feeds.items()}
+    ins = {k: to_ortvalue(v) if is_special_array(v) else v for k, v in feeds.items()}
     wide = [n for n in want if n in special]
     if not wide:
         return dict(zip(want, session.run(want, ins)))

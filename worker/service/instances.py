@@ -169,9 +169,15 @@ class Instance:
             return
         self.ending = True
         self.proc.send_signal(signal.SIGTERM)
-        self._ender = threading.Timer(grace, self.kill)
-        self._ender.daemon = True
-        self._ender.start()
+        self.kill_after(grace)
+
+    def kill_after(self, grace: float) -> None:
+        """SIGKILL if it has not gone within ``grace`` (cancelled by :meth:`stop`,
+        so no signal goes after its pid is reaped)."""
+        if self._ender is None:
+            self._ender = threading.Timer(grace, self.kill)
+            self._ender.daemon = True
+            self._ender.start()
 
 
 def _ask_info(endpoint: str, timeout: float) -> dict[str, Any]:

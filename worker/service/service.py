@@ -1191,9 +1191,7 @@ class WorkerService:
             inst.lease_ended = True  # sent nothing more; it exits by itself (status 75)
             self.log("worker_lease_ended", level="error", model=m.model_id, index=inst.index,
                      pid=inst.pid, code=(hdr.get("error") or {}).get("code"))  # fmt: skip
-            timer = threading.Timer(_LEASE_EXIT_GRACE_S, inst.kill)  # one that does not
-            timer.daemon = True
-            timer.start()
+            inst.kill_after(_LEASE_EXIT_GRACE_S)  # one that does not
 
     def _answered(self, d: _Dispatch, hdr: dict[str, Any], frames: list[Any],
                   m: _Model | None) -> None:  # fmt: skip
@@ -1264,15 +1262,17 @@ class WorkerService:
         (answered ok), and not if it did not (an error, a crash, a kill).
         Before, such a call was never counted: 15 s of compute sent with a
         0.3 s timeout was answered at once and free, 41 times in 45 s."""
+        unsettled = [c for c in d.calls if c.unsettled]
+        if not unsettled:  # every answer passes here: nothing more to do for most
+            return
         # a joined batch's time is all its callers' rows: one caller's rows may
         # be what made another's call time out, so none of them counts (a
         # victim's row, joined with an attacker's 31 and killed as stuck, was
         # billed as the oldest call), unless they are all one licence's
         ran = ran and (not d.joined or len({c.admission.licence for c in d.calls}) == 1)
-        for c in d.calls:
-            if c.unsettled:
-                c.unsettled = False
-                self.cfg.policy.record(c.admission, ok=ran)
+        for c in unsettled:
+            c.unsettled = False
+            self.cfg.policy.record(c.admission, ok=ran)
 
     def _model_of(self, inst: Instance) -> _Model | None:
         for m in self._all_models():
