@@ -21,10 +21,11 @@ from vault.sealing import seal
 
 @contextmanager
 def tcp_worker(d: Path, model: onnx.ModelProto, model_id: str,
-               holders: tuple[str, ...] = ("alice",)) -> Iterator[dict[str, Any]]:  # fmt: skip
+               holders: tuple[str, ...] = ("alice",),
+               worker_args: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Yields ``{"ready": the worker's ready line, "licences": {holder:
     Licence}, "pid": the worker's pid, "dir": d, "log": its stderr's file}``;
-    stops both at the end."""
+    stops both at the end. ``worker_args``: more of the worker's options."""
     from keyserver import init_dir
 
     init_dir(d / "ks", address="tcp://127.0.0.1:7700")
@@ -48,7 +49,8 @@ def tcp_worker(d: Path, model: onnx.ModelProto, model_id: str,
             with open(log, "wb") as err:
                 proc = spawn_worker([str(res.path), "--licence", str(d / f"{holders[0]}.licence"),
                                      "--endpoint", "tcp://127.0.0.1:0", "--allow", str(allow),
-                                     "--status-fd", str(status_w)], pass_fds=[status_w],
+                                     "--status-fd", str(status_w), *worker_args],
+                                    pass_fds=[status_w],
                                     cwd=str(d), stderr=err)  # fmt: skip
         finally:
             os.close(status_w)

@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: worker.server.DEFAULT_SPIN_US, 200; 0: never)",
     )
     p.add_argument(
+        "--inline-max-ms",
+        type=float,
+        default=50.0,
+        help="the ZeroMQ front: calls under this long run on its own thread (no thread "
+        "hop) while callers come one at a time; 0: only calls under 2 ms do (docs/worker.md)",
+    )
+    p.add_argument(
         "--no-prepack",
         action="store_true",
         help="no prepacked weight copies: the decrypted weights are the only copy "
@@ -145,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-landlock", action="store_true")
     p.add_argument("--no-seccomp", action="store_true")
     args = p.parse_args(argv)
+    if not 0 <= args.inline_max_ms <= 60_000:
+        p.error("--inline-max-ms must be 0 to 60000")
     if args.standby_fd is not None:
         if args.package is not None or args.package_fd is not None:
             p.error("a --standby-fd worker gets its package from the assignment")

@@ -180,14 +180,21 @@ def connection_session(frame: Any) -> bytes | None:
         return None
 
 
+# How long, after a request waited for a longer call run on the router
+# thread, such calls go to the pool instead (see Server._alone).
+OVERLAP_HOLD_S = 1.0
+
+
 class Server:
     """ROUTER front end; cheap calls answered inline, slow ones on a thread pool.
 
     Why not a ``zmq.proxy`` to handler threads: every hop between threads costs
     a wake-up, and for a small model the hops cost more than the inference. So
     the router thread answers a request itself while nothing else is running
-    and calls have been fast (an EWMA under ``inline_below`` seconds);
-    otherwise it hands the request to a pool thread, which returns the reply
+    and calls have been fast (an EWMA under ``inline_below`` seconds), or
+    under ``inline_alone_below`` while no request has had to wait for one
+    (one caller at a time: :meth:`_alone`); otherwise it hands the request
+    to a pool thread, which returns the reply
     over an ``inproc://`` PUSH socket (ZeroMQ sockets are single-threaded, so
     only the router thread touches the front socket). onnxruntime's ``run``
     drops the GIL, so pooled computes of several callers run at once.
@@ -206,6 +213,7 @@ class Server:
         curve_public: bytes | None = None,
         allowed: Iterable[bytes] | None = None,
         inline_below: float = 0.002,
+        inline_alone_below: float = 0.05,
         local: LocalServer | None = None,
         log: Callable[..., None] | None = None,
     ) -> None:
@@ -215,6 +223,8 @@ class Server:
         self.handler = handler
         self.threads = max(1, threads)
         self.inline_below = inline_below
+        self.inline_alone_below = inline_alone_below
+        self._overlap_at = -OVERLAP_HOLD_S  # when a request last waited for an inline call
         self._results_addr = f"inproc://vault-results-{id(self)}"
         self._auth: Any = None
         self.front = ctx.socket(zmq.ROUTER)
@@ -417,16 +427,41 @@ class Server:
                 bulk.close(linger=0)
 
     def _dispatch(self, msg: list[Any], *, inline: bool) -> int:
-        """Answer ``msg`` here when allowed and calls have been fast; else hand
-        it to the pool. Returns how many pooled calls it added (0 or 1)."""
-        if inline and self._ewma < self.inline_below:
+        """Answer ``msg`` here when allowed and calls have been fast, or have
+        come from one caller at a time; else hand it to the pool. Returns how
+        many pooled calls it added (0 or 1)."""
+        if inline and (self._ewma < self.inline_below or self._alone()):
+            fast = self._ewma < self.inline_below
             t0 = time.perf_counter()
             reply = self.handler(msg[1:])
             self._note(time.perf_counter() - t0)
             self._send(msg[0], reply)
+            if not fast and self._waiting():
+                # a request came while a longer call ran here: callers overlap,
+                # so longer calls go to the pool again (side by side)
+                self._overlap_at = time.monotonic()
             return 0
         self._pool.submit(self._pooled, msg)
         return 1
+
+    def _alone(self) -> bool:
+        """Whether a call that is not fast may still run on this thread: it
+        takes under ``inline_alone_below`` and no request has come while such
+        a call ran here for ``OVERLAP_HOLD_S``. One caller calling back to
+        back never overlaps itself, and the pool's two thread hops cost it
+        0.2-0.6 ms a call (docs/worker.md); a second caller arriving meanwhile
+        waits for one such call at most, then calls go to the pool."""
+        return (
+            self._ewma < self.inline_alone_below
+            and time.monotonic() - self._overlap_at > OVERLAP_HOLD_S
+        )
+
+    def _waiting(self) -> bool:
+        """Whether a request is queued on a front socket (no receive)."""
+        for sock in (self.front, self.bulk):
+            if sock is not None and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                return True
+        return False
 
     def _note(self, dt: float) -> None:
         # a fast estimate: one slow call moves it a lot, so long computes

@@ -371,6 +371,7 @@ class Startup:
             handler=service.handle,
             threads=args.threads,
             max_message=args.max_message,
+            inline_alone_below=args.inline_max_ms / 1e3,
             curve_secret=server_secret,
             curve_public=server_public,
             allowed=allowed,
