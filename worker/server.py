@@ -180,8 +180,13 @@ def connection_session(frame: Any) -> bytes | None:
         return None
 
 
-# How long, after a request waited for a longer call run on the router
-# thread, such calls go to the pool instead (see Server._alone).
+def _frame_len(f: Any) -> int:
+    return len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes
+
+
+# How long, after another caller's request (or one that waited behind a
+# longer call run on the router thread), such calls go to the pool
+# instead (see Server._estimate).
 OVERLAP_HOLD_S = 1.0
 
 
@@ -191,10 +196,10 @@ class Server:
     Why not a ``zmq.proxy`` to handler threads: every hop between threads costs
     a wake-up, and for a small model the hops cost more than the inference. So
     the router thread answers a request itself while nothing else is running
-    and calls have been fast (an EWMA under ``inline_below`` seconds), or
-    under ``inline_alone_below`` while no request has had to wait for one
-    (one caller at a time: :meth:`_alone`); otherwise it hands the request
-    to a pool thread, which returns the reply
+    and it is estimated fast (the calls' EWMA, scaled by the request's bytes,
+    under ``inline_below`` seconds), or under ``inline_alone_below`` while
+    its caller has the worker to itself (:meth:`_estimate`); otherwise it
+    hands the request to a pool thread, which returns the reply
     over an ``inproc://`` PUSH socket (ZeroMQ sockets are single-threaded, so
     only the router thread touches the front socket). onnxruntime's ``run``
     drops the GIL, so pooled computes of several callers run at once.
@@ -224,7 +229,11 @@ class Server:
         self.threads = max(1, threads)
         self.inline_below = inline_below
         self.inline_alone_below = inline_alone_below
-        self._overlap_at = -OVERLAP_HOLD_S  # when a request last waited for an inline call
+        # who sent the last request; when another caller's last came (or one
+        # was found waiting behind a longer call run here); recent request sizes
+        self._last_caller: Any = None
+        self._other_at = -OVERLAP_HOLD_S
+        self._ewma_bytes = 0.0
         self._results_addr = f"inproc://vault-results-{id(self)}"
         self._auth: Any = None
         self.front = ctx.socket(zmq.ROUTER)
@@ -427,34 +436,59 @@ class Server:
                 bulk.close(linger=0)
 
     def _dispatch(self, msg: list[Any], *, inline: bool) -> int:
-        """Answer ``msg`` here when allowed and calls have been fast, or have
-        come from one caller at a time; else hand it to the pool. Returns how
-        many pooled calls it added (0 or 1)."""
-        if inline and (self._ewma < self.inline_below or self._alone()):
-            fast = self._ewma < self.inline_below
+        """Answer ``msg`` here when allowed and it is estimated fast, or when
+        one caller has the worker to itself (:meth:`_estimate`); else hand it
+        to the pool. Returns how many pooled calls it added (0 or 1)."""
+        est, alone = self._estimate(self._caller(msg), sum(_frame_len(f) for f in msg[1:]))
+        fast = est < self.inline_below
+        if inline and (fast or (alone and est < self.inline_alone_below)):
             t0 = time.perf_counter()
             reply = self.handler(msg[1:])
             self._note(time.perf_counter() - t0)
-            self._send(msg[0], reply)
             if not fast and self._waiting():
-                # a request came while a longer call ran here: callers overlap,
-                # so longer calls go to the pool again (side by side)
-                self._overlap_at = time.monotonic()
+                # a request came while a longer call ran here (asked before
+                # the answer goes: a caller's own next request cannot be
+                # queued yet): longer calls go to the pool again
+                self._other_at = time.monotonic()
+            self._send(msg[0], reply)
             return 0
         self._pool.submit(self._pooled, msg)
         return 1
 
-    def _alone(self) -> bool:
-        """Whether a call that is not fast may still run on this thread: it
-        takes under ``inline_alone_below`` and no request has come while such
-        a call ran here for ``OVERLAP_HOLD_S``. One caller calling back to
-        back never overlaps itself, and the pool's two thread hops cost it
-        0.2-0.6 ms a call (docs/worker.md); a second caller arriving meanwhile
-        waits for one such call at most, then calls go to the pool."""
-        return (
-            self._ewma < self.inline_alone_below
-            and time.monotonic() - self._overlap_at > OVERLAP_HOLD_S
-        )
+    def _caller(self, msg: list[Any]) -> Any:
+        """Who sent a request: the caller's CURVE key (a sealed call's
+        session was keyed to it; the front's frames carry it), or, on a
+        front without CURVE (a local ipc:// worker), the ROUTER identity
+        (one per connection)."""
+        route = msg[0]
+        if isinstance(route, bytes):  # only a sealed request's route is bytes
+            return str(self._routes[route][1].client_key)
+        if self._auth is not None and len(msg) > 1 and hasattr(msg[1], "get"):
+            key = msg[1].get("User-Id")
+            if key:
+                return str(key)
+        return route.bytes
+
+    def _estimate(self, who: Any, nbytes: int) -> tuple[float, bool]:
+        """This request's estimated time (the recent calls' average scaled by
+        its bytes against theirs: one far larger request is not taken for a
+        fast one), and whether its caller has the worker to itself: the same
+        caller as the requests before it, and no other caller's request for
+        ``OVERLAP_HOLD_S`` (nor one found waiting behind a longer call run
+        here). Such a caller's calls under ``inline_alone_below`` run here:
+        calling back to back it never overlaps itself, and the pool's two
+        thread hops cost it 0.2-0.6 ms a call (docs/worker.md); a caller that
+        arrives after another had the worker alone for a second waits for
+        one such call at most, then calls go to the pool."""
+        now = time.monotonic()
+        if who != self._last_caller:
+            if self._last_caller is not None:
+                self._other_at = now
+            self._last_caller = who
+        avg = self._ewma_bytes
+        self._ewma_bytes = 0.7 * avg + 0.3 * nbytes if avg else float(nbytes)
+        est = self._ewma * max(1.0, nbytes / avg) if avg else self._ewma
+        return est, now - self._other_at >= OVERLAP_HOLD_S
 
     def _waiting(self) -> bool:
         """Whether a request is queued on a front socket (no receive)."""

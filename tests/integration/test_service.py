@@ -520,3 +520,16 @@ def test_a_sequence_output_too_long_for_the_protocol_is_a_prompt_typed_error(
     finally:
         run.stop()
     assert '"worker_stuck"' not in run.log_path.read_text()
+
+
+def test_service_workers_never_run_longer_calls_on_their_router_thread(service: Running) -> None:
+    """The service's one connection to a worker carries every caller's calls,
+    so the worker cannot tell them apart: its longer calls must go to its pool
+    (``--inline-max-ms 0``), never run where another caller's would wait for
+    them (docs/worker.md)."""
+    for state in service.svc.models.values():
+        for inst in state.instances:
+            with open(f"/proc/{inst.pid}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+            at = args.index(b"--inline-max-ms")
+            assert args[at + 1] == b"0", args

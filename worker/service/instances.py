@@ -258,6 +258,10 @@ def start_instance(spec: LaunchSpec, package: str, *, model_id: str, index: int)
     endpoint = f"ipc://{directory}/w.sock"
     pipes = WorkerPipes()
     args = [os.path.abspath(package), "--endpoint", endpoint, "--threads", str(spec.threads)]
+    # the service's one connection carries every caller's calls: the worker
+    # cannot tell callers apart, so a longer call never runs on its router
+    # thread, where another caller's would wait for it (docs/worker.md)
+    args += ["--inline-max-ms", "0"]
     if spec.intra_op_threads:
         args += ["--intra-op-threads", str(spec.intra_op_threads)]
     if key is not None:

@@ -2,18 +2,21 @@
 on the router thread itself (no thread hop) or on the compute pool.
 
 A call that is not fast (over ``inline_below``) still runs on the router
-thread while one caller calls at a time: the pool's two hops would only add
-to its time. Once a request has had to wait for such a call, callers overlap,
-and such calls go to the pool, side by side, for ``OVERLAP_HOLD_S``.
+thread while one caller has the worker to itself: the pool's two hops would
+only add to its time. Another caller's request (one sent after it, or one
+found waiting behind such a call), or a request far larger than the recent
+ones, sends such calls to the pool, where callers run side by side and none
+waits for another's call.
 
 No test depends on this machine's speed: the handler records the thread it
-ran on, its calls take 20 ms (far over the 1 ms ``inline_below`` set here),
-and the overlapping request is sent only once the first call is known to be
-running (an event the handler sets)."""
+ran on, its calls take 20 ms (far over the 1 ms ``inline_below`` set here,
+far under the 1 s ``inline_alone_below``), and an overlapping request is
+sent only once the call it overlaps is known to be running."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -67,8 +70,9 @@ def _caller(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     return s
 
 
-def _call(s: zmq.Socket[Any], n: int) -> None:
-    s.send_multipart([pack_header({"v": 1, "id": n, "op": "compute"})])
+def _call(s: zmq.Socket[Any], n: int, pad: int = 0) -> None:
+    frames = [pack_header({"v": 1, "id": n, "op": "compute"})]
+    s.send_multipart(frames + ([b"\0" * pad] if pad else []))
     assert unpack_header(s.recv_multipart()[0])["id"] == n
 
 
@@ -92,27 +96,78 @@ def test_one_caller_runs_longer_calls_on_the_router_thread(alone_below: float) -
         assert all(t.startswith("vault-compute") for t in later), h.threads
 
 
+@pytest.mark.parametrize("hold", [3600.0, 0.0], ids=["hold", "control-no-hold"])
+def test_another_callers_call_goes_to_the_pool(
+    hold: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice has the worker to herself; bob calls after her, not during her
+    call: his call, and alice's next, go to the pool (neither waits for the
+    other's). Control: with no hold, bob's call would run on the router
+    thread, where alice's next request would wait for it."""
+    monkeypatch.setattr(server_mod, "OVERLAP_HOLD_S", hold)
+    h = _Handler()
+    with _server(h, inline_alone_below=1.0) as (ctx, endpoint, _):
+        alice, bob = _caller(ctx, endpoint), _caller(ctx, endpoint)
+        try:
+            _call(alice, 1)
+            _call(alice, 2)
+            _call(bob, 3)
+            _call(alice, 4)
+        finally:
+            alice.close(linger=0)
+            bob.close(linger=0)
+    assert h.threads[:2] == ["vault-router", "vault-router"], h.threads
+    if hold:
+        assert all(t.startswith("vault-compute") for t in h.threads[2:]), h.threads
+    else:
+        assert h.threads[2:] == ["vault-router", "vault-router"], h.threads
+
+
+@pytest.mark.parametrize("factor", [100, 1], ids=["far-larger", "control-same-size"])
+def test_a_far_larger_request_goes_to_the_pool(factor: int) -> None:
+    """One caller alone: a request 100 times the size of its recent ones is
+    estimated at 100 times their time (2 s, over the 1 s limit) and goes to
+    the pool, where a caller arriving meanwhile would not wait for it."""
+    h = _Handler()
+    with _server(h, inline_alone_below=1.0) as (ctx, endpoint, _):
+        s = _caller(ctx, endpoint)
+        try:
+            for n in range(3):
+                _call(s, n, pad=1000)
+            _call(s, 3, pad=1000 * factor)
+        finally:
+            s.close(linger=0)
+    assert h.threads[:3] == ["vault-router"] * 3, h.threads
+    if factor > 1:
+        assert h.threads[3].startswith("vault-compute"), h.threads
+    else:
+        assert h.threads[3] == "vault-router", h.threads
+
+
 def test_a_request_that_waited_sends_longer_calls_to_the_pool(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The same caller's second request, sent while its first runs on the
+    router thread (two requests in flight on one connection): found waiting
+    behind it, it and the calls after it go to the pool."""
     monkeypatch.setattr(server_mod, "OVERLAP_HOLD_S", 3600.0)
     h = _Handler()
     with _server(h, inline_alone_below=1.0) as (ctx, endpoint, srv):
-        a, b = _caller(ctx, endpoint), _caller(ctx, endpoint)
+        a = _caller(ctx, endpoint)
         try:
             _call(a, 1)  # inline, and the estimate is now 20 ms
             _call(a, 2)  # still inline: alone
             assert h.threads == ["vault-router", "vault-router"]
-            # a's third call runs on the router thread; b's request arrives
+            # the third call runs on the router thread; the fourth arrives
             # while it runs (sent once the handler has started, held until then)
             h.started.clear()
             h.release.clear()
             a.send_multipart([pack_header({"v": 1, "id": 3, "op": "compute"})])
             assert h.started.wait(30)
-            b.send_multipart([pack_header({"v": 1, "id": 4, "op": "compute"})])
-            # a's call ends only once b's request is queued at the front (the
-            # router thread is parked in the handler meanwhile: the socket is
-            # not in use while this thread asks it)
+            a.send_multipart([pack_header({"v": 1, "id": 4, "op": "compute"})])
+            # the call ends only once the fourth request is queued at the front
+            # (the router thread is parked in the handler meanwhile: the socket
+            # is not in use while this thread asks it)
             for _ in range(30_000):
                 if srv._waiting():
                     break
@@ -120,13 +175,32 @@ def test_a_request_that_waited_sends_longer_calls_to_the_pool(
             assert srv._waiting()
             h.release.set()
             assert unpack_header(a.recv_multipart()[0])["id"] == 3
-            assert unpack_header(b.recv_multipart()[0])["id"] == 4
+            assert unpack_header(a.recv_multipart()[0])["id"] == 4
             _call(a, 5)
         finally:
             h.release.set()
             a.close(linger=0)
-            b.close(linger=0)
-    assert h.threads[2] == "vault-router"  # a's call, during which b waited
-    # from then on the callers overlap: longer calls run on the pool
+    assert h.threads[2] == "vault-router"  # the call the fourth request waited for
     assert h.threads[3].startswith("vault-compute"), h.threads
     assert h.threads[4].startswith("vault-compute"), h.threads
+
+
+def test_a_sealed_calls_caller_is_its_session_key() -> None:
+    """Sealed calls name their caller by the CURVE key their session was
+    keyed to (every sealed request has a fresh route), so the same caller's
+    sealed computes and front requests (info, stats) count as one caller."""
+
+    class _Session:
+        def __init__(self, key: str) -> None:
+            self.client_key, self.sid = key, os.urandom(16)
+
+    h = _Handler()
+    with _server(h) as (_, _e, srv):
+        srv._routes[b"r1"] = (b"ident", _Session("alice-key"))
+        srv._routes[b"r2"] = (b"other-ident", _Session("alice-key"))
+        srv._routes[b"r3"] = (b"third-ident", _Session("bob-key"))
+        assert srv._caller([b"r1"]) == srv._caller([b"r2"]) == "alice-key"
+        assert srv._caller([b"r3"]) == "bob-key"
+        # a front without CURVE (ipc://): the connection's identity
+        assert srv._caller([zmq.Frame(b"peer"), zmq.Frame(b"{}")]) == b"peer"
+        srv._routes.clear()
