@@ -87,6 +87,7 @@ class Service:
         self._calls = 0
         self._errors = 0
         self._latencies: deque[float] = deque(maxlen=4096)
+        self._ran = threading.local()  # whether this thread's last call ran the pipeline
         self._started = time.time()
 
     def handle(self, frames: list[Any], *, own_thread: bool = False) -> list[Any]:
@@ -97,6 +98,7 @@ class Service:
         none: whether a request took the plan would show in its timing whether
         the request before it, another caller's, had the same shapes."""
         req_id = None
+        self._ran.flag = False
         try:
             if not frames:
                 raise ProtocolError("empty request")
@@ -128,6 +130,13 @@ class Service:
         with self._lock:
             self._errors += 1
         return [pack_header(error_reply(req_id, exc))]
+
+    def ran(self) -> bool:
+        """Whether this thread's last :meth:`handle` ran the pipeline (a
+        compute that passed every check, whether or not the run then failed):
+        the ZeroMQ front learns a call's time from these only, not from
+        requests answered at once (worker/server.py)."""
+        return bool(getattr(self._ran, "flag", False))
 
     def handle_own(self, frames: list[Any]) -> list[Any]:
         """:meth:`handle` for a thread that serves one caller's connection alone."""
@@ -171,6 +180,7 @@ class Service:
                             remember=_frame_len(request[0]) <= _REMEMBERED_HEADER)  # fmt: skip
         self.lease.check()
         # names, dtypes and dimensions were checked above, from the header
+        self._ran.flag = True  # what the front's estimate of a call's time learns from
         result = self.pipeline.run(feeds, outputs, checked=True)
         descs, out_frames = encode_tensors(result, region, types=self.pipeline.output_types)
         reply = [pack_header(ok_reply(req_id, tensors=descs)), *out_frames]

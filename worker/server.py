@@ -184,6 +184,14 @@ def _frame_len(f: Any) -> int:
     return len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes
 
 
+def _frames_len(msg: list[Any]) -> int:
+    """A request's bytes: its frames after the route."""
+    return sum(_frame_len(f) for f in msg[1:])
+
+
+_TOOK = struct.Struct("<dQ?")  # a pooled call's time, its request's bytes, whether it ran
+
+
 # How long, after another caller's request (or one that waited behind a
 # longer call run on the router thread), such calls go to the pool
 # instead (see Server._estimate).
@@ -219,6 +227,7 @@ class Server:
         allowed: Iterable[bytes] | None = None,
         inline_below: float = 0.002,
         inline_alone_below: float = 0.05,
+        ran: Callable[[], bool] | None = None,
         local: LocalServer | None = None,
         log: Callable[..., None] | None = None,
     ) -> None:
@@ -229,6 +238,9 @@ class Server:
         self.threads = max(1, threads)
         self.inline_below = inline_below
         self.inline_alone_below = inline_alone_below
+        # whether the handler's last call on this thread ran the pipeline (what
+        # the estimate learns from); without one, every call counts
+        self.ran: Callable[[], bool] = ran or (lambda: True)
         # who sent the last request; when another caller's last came (or one
         # was found waiting behind a longer call run here); recent request sizes
         self._last_caller: Any = None
@@ -376,11 +388,13 @@ class Server:
         t0 = time.perf_counter()
         reply = self.handler(msg[1:])
         dt = time.perf_counter() - t0
+        ran = self.ran()
         try:
             # which socket answers: a sealed request's route is bytes of ours, a
             # front caller's its ROUTER identity (which a caller may choose)
             kind = b"B" if isinstance(msg[0], bytes) else b"F"
-            push.send_multipart([kind, msg[0], struct.pack("d", dt), *reply], copy=False)
+            took = _TOOK.pack(dt, _frames_len(msg), ran)
+            push.send_multipart([kind, msg[0], took, *reply], copy=False)
         except zmq.ContextTerminated:  # pragma: no cover - shutting down
             pass
 
@@ -417,7 +431,9 @@ class Server:
                     if sock is results:
                         msg = results.recv_multipart(copy=False)
                         inflight -= 1
-                        self._note(struct.unpack("d", msg[2].bytes)[0])
+                        dt, nbytes, ran = _TOOK.unpack(msg[2].bytes)
+                        if ran:
+                            self._note(dt, nbytes)
                         self._send(msg[1].bytes if msg[0].bytes == b"B" else msg[1], msg[3:])
                         continue
                     if sock is bulk:
@@ -439,12 +455,14 @@ class Server:
         """Answer ``msg`` here when allowed and it is estimated fast, or when
         one caller has the worker to itself (:meth:`_estimate`); else hand it
         to the pool. Returns how many pooled calls it added (0 or 1)."""
-        est, alone = self._estimate(self._caller(msg), sum(_frame_len(f) for f in msg[1:]))
+        nbytes = _frames_len(msg)
+        est, alone = self._estimate(self._caller(msg), nbytes)
         fast = est < self.inline_below
         if inline and (fast or (alone and est < self.inline_alone_below)):
             t0 = time.perf_counter()
             reply = self.handler(msg[1:])
-            self._note(time.perf_counter() - t0)
+            if self.ran():
+                self._note(time.perf_counter() - t0, nbytes)
             if not fast and self._waiting():
                 # a request came while a longer call ran here (asked before
                 # the answer goes: a caller's own next request cannot be
@@ -464,20 +482,25 @@ class Server:
         if isinstance(route, bytes):  # only a sealed request's route is bytes
             return str(self._routes[route][1].client_key)
         if self._auth is not None and len(msg) > 1 and hasattr(msg[1], "get"):
-            key = msg[1].get("User-Id")
+            try:
+                key = msg[1].get("User-Id")
+            except (zmq.ZMQError, AttributeError, KeyError, TypeError, ValueError):  # none on it
+                key = None
             if key:
                 return str(key)
-        return route.bytes
+        return getattr(route, "bytes", route)
 
     def _estimate(self, who: Any, nbytes: int) -> tuple[float, bool]:
-        """This request's estimated time (the recent calls' average scaled by
-        its bytes against theirs: one far larger request is not taken for a
-        fast one), and whether its caller has the worker to itself: the same
+        """This request's estimated time (the recent computes' average time
+        scaled by its bytes against theirs: one far larger request is not
+        taken for a fast one; only requests whose pipeline ran are learned
+        from, so requests answered at once, an ``info`` or a refusal, cannot
+        pull the estimate down), and whether its caller has the worker to itself: the same
         caller as the requests before it, and no other caller's request for
         ``OVERLAP_HOLD_S`` (nor one found waiting behind a longer call run
         here). Such a caller's calls under ``inline_alone_below`` run here:
         calling back to back it never overlaps itself, and the pool's two
-        thread hops cost it 0.2-0.6 ms a call (docs/worker.md); a caller that
+        thread hops cost it 0.1-0.4 ms a call and more (docs/worker.md); a caller that
         arrives after another had the worker alone for a second waits for
         one such call at most, then calls go to the pool."""
         now = time.monotonic()
@@ -486,7 +509,6 @@ class Server:
                 self._other_at = now
             self._last_caller = who
         avg = self._ewma_bytes
-        self._ewma_bytes = 0.7 * avg + 0.3 * nbytes if avg else float(nbytes)
         est = self._ewma * max(1.0, nbytes / avg) if avg else self._ewma
         return est, now - self._other_at >= OVERLAP_HOLD_S
 
@@ -497,10 +519,12 @@ class Server:
                 return True
         return False
 
-    def _note(self, dt: float) -> None:
+    def _note(self, dt: float, nbytes: int) -> None:
         # a fast estimate: one slow call moves it a lot, so long computes
         # leave the router thread quickly; fast ones bring it back
         self._ewma = 0.7 * self._ewma + 0.3 * dt
+        avg = self._ewma_bytes
+        self._ewma_bytes = 0.7 * avg + 0.3 * nbytes if avg else float(max(1, nbytes))
 
     def start(self) -> None:
         """Start the router thread; returns at once."""

@@ -372,6 +372,7 @@ class Startup:
             threads=args.threads,
             max_message=args.max_message,
             inline_alone_below=args.inline_max_ms / 1e3,
+            ran=service.ran,
             curve_secret=server_secret,
             curve_public=server_public,
             allowed=allowed,
