@@ -95,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inline-max-ms",
         type=float,
         default=50.0,
-        help="the ZeroMQ front: calls under this long run on its own thread (no thread "
-        "hop) while callers come one at a time; 0: only calls under 2 ms do (docs/worker.md)",
+        help="the ZeroMQ front: calls estimated under this long run on its own thread (no "
+        "thread hop) while one caller has the worker to itself; 0: only calls under 2 ms "
+        "do (docs/worker.md)",
     )
     p.add_argument(
         "--no-prepack",

@@ -31,6 +31,7 @@ from vault.core.protocol import (
     decode_tensors,
     encode_tensors,
     error_reply,
+    frame_len,
     is_tensor_type,
     ok_reply,
     pack_header,
@@ -49,10 +50,6 @@ __all__ = ["Service"]
 # holds them until that caller's next request (a request may pad its
 # descriptors with keys the decoder ignores, up to a header's 1 MiB).
 _REMEMBERED_HEADER = 64 << 10
-
-
-def _frame_len(f: Any) -> int:
-    return len(f.buffer) if hasattr(f, "buffer") else len(f)
 
 
 def _request_id(header: dict[str, Any]) -> Any:
@@ -147,7 +144,7 @@ class Service:
     ) -> list[Any]:
         t0 = time.perf_counter()
         frames = request[1:]
-        total = sum(_frame_len(f) for f in frames)
+        total = sum(frame_len(f) for f in frames)
         if total > self.max_request:
             raise ProtocolError(f"request of {total} bytes exceeds the limit of {self.max_request}")
         outputs = header.get("outputs")
@@ -177,7 +174,7 @@ class Service:
             feeds = decode_tensors(descs, frames, region, expect=self.pipeline.input_types)
             if own_thread:
                 plans.learn(descs, region_wire, feeds, region.cursor if region else 0,
-                            remember=_frame_len(request[0]) <= _REMEMBERED_HEADER)  # fmt: skip
+                            remember=frame_len(request[0]) <= _REMEMBERED_HEADER)  # fmt: skip
         self.lease.check()
         # names, dtypes and dimensions were checked above, from the header
         self._ran.flag = True  # what the front's estimate of a call's time learns from

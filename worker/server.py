@@ -35,7 +35,14 @@ from vault.core.localwire import (
     RecordReader,
     send_record,
 )
-from vault.core.protocol import SHM_MIN_BYTES, error_reply, ok_reply, pack_header, unpack_header
+from vault.core.protocol import (
+    SHM_MIN_BYTES,
+    error_reply,
+    frame_len,
+    ok_reply,
+    pack_header,
+    unpack_header,
+)
 from vault.core.sealed import (
     CHUNK,
     ZAP_DOMAIN,
@@ -178,15 +185,6 @@ def connection_session(frame: Any) -> bytes | None:
         return bytes.fromhex(frame.get("User-Id"))
     except (zmq.ZMQError, AttributeError, KeyError, TypeError, ValueError):
         return None
-
-
-def _frame_len(f: Any) -> int:
-    return len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes
-
-
-def _frames_len(msg: list[Any]) -> int:
-    """A request's bytes: its frames after the route."""
-    return sum(_frame_len(f) for f in msg[1:])
 
 
 _TOOK = struct.Struct("<dQ?")  # a pooled call's time, its request's bytes, whether it ran
@@ -376,7 +374,7 @@ class Server:
         else:
             self.front.send_multipart([route, *reply], copy=False)
 
-    def _pooled(self, msg: list[Any]) -> None:
+    def _pooled(self, msg: list[Any], nbytes: int) -> None:
         push = getattr(self._tls, "push", None)
         if push is None:
             push = self.ctx.socket(zmq.PUSH)
@@ -393,7 +391,7 @@ class Server:
             # which socket answers: a sealed request's route is bytes of ours, a
             # front caller's its ROUTER identity (which a caller may choose)
             kind = b"B" if isinstance(msg[0], bytes) else b"F"
-            took = _TOOK.pack(dt, _frames_len(msg), ran)
+            took = _TOOK.pack(dt, nbytes, ran)
             push.send_multipart([kind, msg[0], took, *reply], copy=False)
         except zmq.ContextTerminated:  # pragma: no cover - shutting down
             pass
@@ -455,7 +453,7 @@ class Server:
         """Answer ``msg`` here when allowed and it is estimated fast, or when
         one caller has the worker to itself (:meth:`_estimate`); else hand it
         to the pool. Returns how many pooled calls it added (0 or 1)."""
-        nbytes = _frames_len(msg)
+        nbytes = sum(frame_len(f) for f in msg[1:])
         est, alone = self._estimate(self._caller(msg), nbytes)
         fast = est < self.inline_below
         if inline and (fast or (alone and est < self.inline_alone_below)):
@@ -470,7 +468,7 @@ class Server:
                 self._other_at = time.monotonic()
             self._send(msg[0], reply)
             return 0
-        self._pool.submit(self._pooled, msg)
+        self._pool.submit(self._pooled, msg, nbytes)
         return 1
 
     def _caller(self, msg: list[Any]) -> Any:
@@ -491,18 +489,21 @@ class Server:
         return getattr(route, "bytes", route)
 
     def _estimate(self, who: Any, nbytes: int) -> tuple[float, bool]:
-        """This request's estimated time (the recent computes' average time
-        scaled by its bytes against theirs: one far larger request is not
-        taken for a fast one; only requests whose pipeline ran are learned
-        from, so requests answered at once, an ``info`` or a refusal, cannot
-        pull the estimate down), and whether its caller has the worker to itself: the same
-        caller as the requests before it, and no other caller's request for
-        ``OVERLAP_HOLD_S`` (nor one found waiting behind a longer call run
-        here). Such a caller's calls under ``inline_alone_below`` run here:
-        calling back to back it never overlaps itself, and the pool's two
-        thread hops cost it 0.1-0.4 ms a call and more (docs/worker.md); a caller that
-        arrives after another had the worker alone for a second waits for
-        one such call at most, then calls go to the pool."""
+        """This request's estimated time, and whether its caller has the
+        worker to itself.
+
+        The estimate is the recent computes' average time scaled by this
+        request's bytes against theirs (one far larger request is not taken
+        for a fast one); :meth:`_note` learns only from requests whose
+        pipeline ran, so requests answered at once (an ``info``, a refusal)
+        cannot pull it down. A caller has the worker to itself when it sent
+        the requests before this one too and no other caller's request came
+        for ``OVERLAP_HOLD_S`` (nor one found waiting behind a longer call
+        run here). Such a caller's calls under ``inline_alone_below`` run
+        here: calling back to back it never overlaps itself, and the pool's
+        two thread hops cost it 0.1-0.4 ms a call and more (docs/worker.md);
+        a caller that arrives after another had the worker alone for a
+        second waits for one such call at most, then calls go to the pool."""
         now = time.monotonic()
         if who != self._last_caller:
             if self._last_caller is not None:

@@ -47,6 +47,7 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "encode_tensors",
+    "frame_len",
     "shm_threshold",
     "error_reply",
     "ok_reply",
@@ -726,7 +727,7 @@ def decode_tensors(
     if need != len(frames):
         raise ProtocolError(f"header names {need} framed tensors but {len(frames)} frames came")
     if not numeric_only and bound:
-        wire += sum(_frame_len(f) for f in frames)
+        wire += sum(frame_len(f) for f in frames)
         over = decoding_too_dear(wire, strings)
         if over:
             raise ProtocolError(f"request refused: decoding its {strings} strings and map "
@@ -938,5 +939,6 @@ def decoding_too_dear(wire: int, strings: int) -> str:
     return f"about {cost >> 20} MiB, more than {MEMORY_FACTOR}x its {wire >> 20} MiB"
 
 
-def _frame_len(f: Any) -> int:
+def frame_len(f: Any) -> int:
+    """A frame's bytes: a ZeroMQ frame's buffer, or any buffer's."""
     return len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes
