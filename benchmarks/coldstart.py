@@ -65,6 +65,35 @@ print(t_load, st["VmHWM"], st["VmRSS"], r1.ru_minflt - r0.ru_minflt,
 """
 
 
+# the first open in a fresh process, as a script does it: from before
+# ``import vault`` to a ready Model (the child's own clock, as _PLAIN_CHILD's
+# load is timed from before ``import onnxruntime``: the interpreter's own
+# start and exit are the same for both and left out)
+_VAULT_CHILD = """
+import sys, time
+t = time.perf_counter()
+import vault
+m = vault.open(sys.argv[1], licence=sys.argv[2])
+dt = time.perf_counter() - t
+print(dt, int(bool(m._localw.ready.get("standby"))))
+m.close()
+"""
+
+
+def _vault_child(pkg: Path, lic: Path, standby: bool) -> tuple[float, bool]:
+    """A fresh Python's first ``vault.open`` (``standby``: as shipped, its worker
+    started before the client's imports; else ``VAULT_STANDBY=0``, a cold spawn
+    after them, as every first open was before stop 38): its time, and
+    whether it took the worker started first."""
+    env = {k: v for k, v in os.environ.items() if k != "VAULT_DAEMON"}
+    env["VAULT_STANDBY"] = "1" if standby else "0"
+    out = subprocess.run(
+        [sys.executable, "-c", _VAULT_CHILD, str(pkg), str(lic)],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout.split()  # fmt: skip
+    return float(out[0]), out[1] == "1"
+
+
 _MEM_PARTS_CHILD = """
 import json, sys
 def rss():
@@ -128,7 +157,12 @@ def _plain_child(path: Path, compute: bool) -> tuple[float, int, int, dict[str, 
         text=True,
         check=True,
     ).stdout.split()
-    ru = {"minor_faults": float(out[3]), "cpu_user_s": float(out[4]), "cpu_sys_s": float(out[5])}
+    ru = {
+        "minor_faults": float(out[3]),
+        "cpu_user_s": float(out[4]),
+        "cpu_sys_s": float(out[5]),
+        "load_s": float(out[0]),  # its own clock: import onnxruntime + load
+    }
     return time.perf_counter() - t, int(out[1]), int(out[2]), ru
 
 
@@ -323,6 +357,25 @@ def run(quick: bool, env: Any, workdir: Path, log: Callable[[str], None]) -> dic
         res = interleave(fns, rounds=rounds, warmup=1)
         fresh = [_plain_child(path, compute=False) for _ in range(2 if quick else 3)]
         res["plain_fresh_process"] = summary([f[0] for f in fresh])
+        if pkg is not None and lic is not None and "unavailable" not in row:
+            # the first open of a fresh process against a fresh process's import
+            # and load, each on its own clock; the three alternate, order rotating
+            kinds = ("plain_fresh_import_load", "vault_fresh_first_open",
+                     "vault_fresh_first_open_cold")  # fmt: skip
+            got: dict[str, list[float]] = {k: [] for k in kinds}
+            early = []
+            for r in range(4 if quick else 6):
+                for k in kinds[r % 3 :] + kinds[: r % 3]:
+                    if k == "plain_fresh_import_load":
+                        got[k].append(float(_plain_child(path, compute=False)[3]["load_s"]))
+                    else:
+                        dt, took = _vault_child(pkg, lic, standby=k == "vault_fresh_first_open")
+                        got[k].append(dt)
+                        if k == "vault_fresh_first_open":
+                            early.append(took)
+            for k in kinds:
+                res[k] = summary(got[k])
+            row["fresh_first_open_took_early_worker"] = early
         row["rows"] = res
         # where a fresh process's time goes: the same CPU in user space, and
         # the kernel's first touch of new memory in sys (a VM pays it dearly)

@@ -180,6 +180,18 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
                 )  # fmt: skip
             )
     for size, row in (cold.get("rows") or {}).items():
+        rr = row.get("rows") or {}
+        if "vault_fresh_first_open" in rr and "plain_fresh_import_load" in rr:
+            d = rr["vault_fresh_first_open"]["median_s"] - rr["plain_fresh_import_load"]["median_s"]
+            out.append(
+                _t(
+                    f"cold start {size} a fresh process's first vault.open - its import onnxruntime + load",
+                    f"{d * 1e3:.0f} ms",
+                    "<= 400 ms",
+                    d <= 0.4,
+                )  # fmt: skip
+            )
+    for size, row in (cold.get("rows") or {}).items():
         d = row.get("daemon_minus_plain_s")
         if d is not None:
             out.append(

@@ -150,9 +150,45 @@ def open(  # noqa: A001 - the public contract is vault.open()
         return open_split(path, lic, server=server, **kwargs)
     if server is not None:
         raise ConfigError("server=... is for a split model directory (vault split)")
+    _prestart(licence if licence is not None else kwargs.get("license"), kwargs)
     from .client import open as _open_package
 
     return _open_package(path, licence, **kwargs)
+
+
+def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
+    """The first tier-0 open in a process starts its worker before the
+    client's own imports (numpy, pyzmq, asyncio: 120-200 ms here), so that
+    the worker's interpreter start, hardening and imports run beside them;
+    the open then hands that worker its package as it would any pre-started
+    one (``vault/core/standby.py``). Only where the open is sure to be tier 0
+    and fit such a worker: no daemon, a runtime licence issued same-user, no
+    CUDA, no custom interpreter; otherwise (and once the client is loaded,
+    whose own pre-started worker then serves) nothing happens here."""
+    import os as _os
+    import sys as _sys
+
+    if "vault.client" in _sys.modules or licence is None:
+        return
+    from .core import standby
+    from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR
+    from .core.licence import Licence as _Licence
+
+    if not standby.enabled() or kwargs.get("daemon") is not None or _os.environ.get(ENV_VAR):
+        return
+    if _os.path.exists(DEFAULT_SOCKET):
+        return  # the daemon's worker (tier 1)
+    providers = kwargs.get("providers") or ()
+    if kwargs.get("device") or "CUDAExecutionProvider" in providers:
+        return  # CUDA's hardening differs: it spawns cold
+    try:
+        lic = _Licence.load(licence)
+        worker_args = tuple(str(a) for a in kwargs.get("worker_args") or ())
+    except Exception:  # noqa: BLE001 - the open itself says what is wrong
+        return
+    if lic.kind != "runtime" or not lic.same_user:
+        return
+    standby.POOL.refill((_sys.executable, worker_args), wait=True)  # a spawn: a few ms
 
 
 def __getattr__(name: str) -> _Any:

@@ -277,3 +277,86 @@ def test_control_parent_and_child_on_one_connection_read_each_others_answers(
     assert got["child"]["conn"] == got["parent_conn"]
     assert got["child"]["got_parents"] and not got["child"]["right"], got
     assert not got["parent_right"], got
+
+
+FIRST_OPEN = r"""
+import json, sys
+
+spawned = []  # (what was started, whether the client library was loaded by then)
+
+
+def audit(event, args):
+    if event == "subprocess.Popen":
+        argv = [str(a) for a in (args[1] or ())]
+        spawned.append({"worker": "worker" in argv, "standby": "--standby-fd" in argv,
+                        "client_loaded": "vault.client" in sys.modules})
+
+
+sys.addaudithook(audit)
+import vault
+
+path, lic, first = sys.argv[1], sys.argv[2], sys.argv[3]
+if first == "client":
+    import vault.client  # loaded before the open: the client's own rules apply
+out = {}
+try:
+    m = vault.open(path, licence=lic)
+    out["standby"] = bool(m._localw.ready.get("standby"))
+    import numpy as np
+    out["right"] = m.compute({"x": np.ones((2, 8), np.float32)})["logits"].shape == (2, 5)
+    m.close()
+except vault.VaultError as exc:
+    out["error"] = type(exc).__name__
+out["spawned"] = spawned
+print(json.dumps(out))
+"""
+
+
+def _first_open(path: str, lic: vault.Licence, tmp: Path, first: str, **env_extra: str) -> Any:
+    import json
+    import subprocess
+    import sys
+
+    lic_path = tmp / f"first-{first}-{lic.licence_id}.licence"
+    lic.save(lic_path)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("VAULT_DAEMON", None)
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", FIRST_OPEN, path, str(lic_path), first],
+                         capture_output=True, timeout=180, env=env, cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def test_the_first_open_in_a_process_starts_its_worker_before_the_client_loads(
+    two_packages: dict[str, tuple[str, Any]], tmp_path: Path
+) -> None:
+    path, lic = two_packages["sb-a"]
+    got = _first_open(path, lic, tmp_path, "open")
+    assert got.get("right") and got["standby"] is True, got  # it took the worker started first
+    first = got["spawned"][0]
+    assert first == {"worker": True, "standby": True, "client_loaded": False}, got
+    # control: with the client loaded before the open, that open spawns cold, as before
+    ctl = _first_open(path, lic, tmp_path, "client")
+    assert ctl["right"] and ctl["standby"] is False, ctl
+    assert ctl["spawned"][0]["standby"] is False and ctl["spawned"][0]["client_loaded"], ctl
+    # and pre-starting off (VAULT_STANDBY=0): cold
+    off = _first_open(path, lic, tmp_path, "open", VAULT_STANDBY="0")
+    assert off["right"] and off["standby"] is False, off
+    assert [s["standby"] for s in off["spawned"]] == [False], off
+
+
+def test_an_open_that_cannot_be_tier_0_starts_no_worker_early(
+    keyserver_m: KeyServerProcess, two_packages: dict[str, tuple[str, Any]], tmp_path: Path
+) -> None:
+    path, _ = two_packages["sb-a"]
+    # a licence that is not --same-user needs the daemon: refused, and nothing started
+    other = keyserver_m.issue("sb-a", holder="bob")
+    got = _first_open(path, other, tmp_path, "open")
+    assert got.get("error") == "ConfigError" and got["spawned"] == [], got
+    # a daemon named: its workers, not ours (none there: the open fails, nothing started)
+    _, lic = two_packages["sb-a"]
+    gone = str(tmp_path / "no-daemon.sock")
+    got = _first_open(path, lic, tmp_path, "open", VAULT_DAEMON=gone)
+    assert "error" in got and got["spawned"] == [], got

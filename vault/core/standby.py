@@ -20,6 +20,10 @@ another combination is stopped. CUDA opens spawn cold (their hardening reads
 driver files), and so does the unsafe test-key path (its key and publisher
 file would have to be known at spawn). ``VAULT_STANDBY=0`` turns it off.
 
+The first tier-0 ``vault.open`` in a process starts one the same way before
+the client's own imports (``vault._prestart``), so that its start-up runs
+beside them, and then takes it.
+
 Example::
 
     w = POOL.take(key)                 # None: spawn cold
@@ -147,8 +151,10 @@ class StandbyPool:
         threading.Thread(target=w.discard, daemon=True).start()
         return None
 
-    def refill(self, key: Key) -> None:
-        """Start a worker for ``key`` in the background, unless one waits or starts."""
+    def refill(self, key: Key, *, wait: bool = False) -> None:
+        """Start a worker for ``key`` in the background, unless one waits or
+        starts; ``wait``: spawn it in this thread (the first open, before the
+        client's imports: ``vault.open``), its start-up still runs on its own."""
         if not enabled():
             return
         with self._lock:
@@ -175,7 +181,10 @@ class StandbyPool:
             if w is not None:  # closed meanwhile, or another one won
                 w.discard()
 
-        threading.Thread(target=start, name="vault-standby", daemon=True).start()
+        if wait:
+            start()
+        else:
+            threading.Thread(target=start, name="vault-standby", daemon=True).start()
 
     def close(self) -> None:
         """Stop the waiting worker (at exit); later refills do nothing."""
