@@ -158,13 +158,15 @@ def open(  # noqa: A001 - the public contract is vault.open()
 
 def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
     """The first tier-0 open in a process starts its worker before the
-    client's own imports (numpy, pyzmq, asyncio: 120-200 ms here), so that
-    the worker's interpreter start, hardening and imports run beside them;
-    the open then hands that worker its package as it would any pre-started
-    one (``vault/core/standby.py``). Only where the open is sure to be tier 0
+    client's own imports (numpy, pyzmq, ``cryptography``: 90-170 ms here),
+    so that the worker's interpreter start, hardening and imports run beside
+    them; the open then hands that worker its package as it would any
+    pre-started one (``vault/core/standby.py``), with the same key
+    (interpreter, ``worker_args``). Only where the open is sure to be tier 0
     and fit such a worker: no daemon, a runtime licence issued same-user, no
-    CUDA, no custom interpreter; otherwise (and once the client is loaded,
-    whose own pre-started worker then serves) nothing happens here."""
+    CUDA; otherwise (and once the client is loaded, whose own pre-started
+    worker then serves) nothing happens here, and nothing here fails an
+    open: the open itself says what is wrong."""
     import os as _os
     import sys as _sys
 
@@ -183,12 +185,12 @@ def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
         return  # CUDA's hardening differs: it spawns cold
     try:
         lic = _Licence.load(licence)
-        worker_args = tuple(str(a) for a in kwargs.get("worker_args") or ())
+        if lic.kind != "runtime" or not lic.same_user:
+            return
+        key = (_sys.executable, tuple(kwargs.get("worker_args") or ()))  # as the client's
+        standby.POOL.refill(key, wait=True)  # a spawn: a few ms
     except Exception:  # noqa: BLE001 - the open itself says what is wrong
         return
-    if lic.kind != "runtime" or not lic.same_user:
-        return
-    standby.POOL.refill((_sys.executable, worker_args), wait=True)  # a spawn: a few ms
 
 
 def __getattr__(name: str) -> _Any:

@@ -300,7 +300,8 @@ if first == "client":
     import vault.client  # loaded before the open: the client's own rules apply
 out = {}
 try:
-    m = vault.open(path, licence=lic)
+    args = ["--threads", "3"] if first == "args" else []  # its key: these arguments too
+    m = vault.open(path, licence=lic, worker_args=args)
     out["standby"] = bool(m._localw.ready.get("standby"))
     import numpy as np
     out["right"] = m.compute({"x": np.ones((2, 8), np.float32)})["logits"].shape == (2, 5)
@@ -337,6 +338,10 @@ def test_the_first_open_in_a_process_starts_its_worker_before_the_client_loads(
     assert got.get("right") and got["standby"] is True, got  # it took the worker started first
     first = got["spawned"][0]
     assert first == {"worker": True, "standby": True, "client_loaded": False}, got
+    # with worker_args: a worker started with them, and taken
+    args = _first_open(path, lic, tmp_path, "args")
+    assert args["right"] and args["standby"] is True, args
+    assert args["spawned"][0] == {"worker": True, "standby": True, "client_loaded": False}, args
     # control: with the client loaded before the open, that open spawns cold, as before
     ctl = _first_open(path, lic, tmp_path, "client")
     assert ctl["right"] and ctl["standby"] is False, ctl
