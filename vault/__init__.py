@@ -158,7 +158,8 @@ def open(  # noqa: A001 - the public contract is vault.open()
 
 def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
     """The first tier-0 open in a process starts its worker before the
-    client's own imports (numpy, pyzmq, ``cryptography``: 90-170 ms here),
+    client's own imports (numpy, pyzmq, ``cryptography``: 90-170 ms here,
+    once asyncio is left to ``compute_async``),
     so that the worker's interpreter start, hardening and imports run beside
     them; the open then hands that worker its package as it would any
     pre-started one (``vault/core/standby.py``), with the same key
@@ -172,18 +173,17 @@ def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
 
     if "vault.client" in _sys.modules or licence is None:
         return
-    from .core import standby
-    from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR
-    from .core.licence import Licence as _Licence
-
-    if not standby.enabled() or kwargs.get("daemon") is not None or _os.environ.get(ENV_VAR):
-        return
-    if _os.path.exists(DEFAULT_SOCKET):
-        return  # the daemon's worker (tier 1)
-    providers = kwargs.get("providers") or ()
-    if kwargs.get("device") or "CUDAExecutionProvider" in providers:
-        return  # CUDA's hardening differs: it spawns cold
     try:
+        from .core import standby
+        from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR
+        from .core.licence import Licence as _Licence
+
+        if not standby.enabled() or kwargs.get("daemon") is not None or _os.environ.get(ENV_VAR):
+            return
+        if _os.path.exists(DEFAULT_SOCKET):
+            return  # the daemon's worker (tier 1)
+        if kwargs.get("device") or "CUDAExecutionProvider" in (kwargs.get("providers") or ()):
+            return  # CUDA's hardening differs: it spawns cold
         lic = _Licence.load(licence)
         if lic.kind != "runtime" or not lic.same_user:
             return

@@ -64,6 +64,7 @@ from .core.daemonwire import (
 )
 from .core.errors import (
     ConfigError,
+    FormatError,
     InputError,
     IntegrityError,
     PermissionDeniedError,
@@ -76,6 +77,7 @@ from .core.errors import (
     WorkerTimeoutError,
     from_wire,
 )
+from .core.files import open_regular
 from .core.launch import WorkerPipes, read_ready_line, spawn_worker
 from .core.licence import Licence
 from .core.localwire import TOKEN_BYTES, LocalChannel, listen_socket
@@ -189,28 +191,45 @@ class _LocalWorker:
         """Hand a pre-started worker this open: the package, the licence, the
         arena and our listening socket, by descriptor (vault/core/standby.py)."""
         assert self.licence is not None
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir = w.dir  # ours now, 0700, with its endpoint in it
         listener, local_path = (None, None)
-        if local_channel_enabled():
-            listener, local_path = listen_socket(self.dir, "c0.sock")
         pipes: list[int] = []
         pkg_fd = -1
         try:
-            lic_r = _filled_pipe(self.licence.dumps(), pipes)
-            pkg_fd = os.open(self.package, os.O_RDONLY | os.O_CLOEXEC)
-            fds = [pkg_fd, lic_r]
-            msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1}
-            if listener is not None:
-                msg.update(listen_fd=len(fds), listen_token_fd=len(fds) + 1)
-                fds += [listener.fileno(), _filled_pipe(self.local_token, pipes)]
-            if self.arena is not None:
-                msg.update(shm_fd=len(fds), shm_size=self.arena.size)
-                fds.append(self.arena.fd)
-            if self.providers:
-                msg["providers"] = ",".join(self.providers)
-            if not self.prepack:
-                msg["no_prepack"] = True
+            # the package first, as a cold spawn's worker reads it: a missing
+            # file, a FIFO or a device is the same typed error, and the
+            # waiting worker is stopped, not left behind
+            pkg_fd = open_regular(self.package, what="vault package", error=FormatError)
+            if local_channel_enabled():
+                try:
+                    listener, local_path = listen_socket(w.dir, "c0.sock")
+                except OSError as exc:  # its directory is gone: spawn cold instead
+                    raise standby.StandbyGone() from exc
+        except BaseException:
+            if pkg_fd >= 0:
+                os.close(pkg_fd)
+            w.discard()
+            raise
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = w.dir  # ours now, 0700, with its endpoint in it
+        try:
+            try:
+                lic_r = _filled_pipe(self.licence.dumps(), pipes)
+                fds = [pkg_fd, lic_r]
+                msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1}
+                if listener is not None:
+                    msg.update(listen_fd=len(fds), listen_token_fd=len(fds) + 1)
+                    fds += [listener.fileno(), _filled_pipe(self.local_token, pipes)]
+                if self.arena is not None:
+                    msg.update(shm_fd=len(fds), shm_size=self.arena.size)
+                    fds.append(self.arena.fd)
+                if self.providers:
+                    msg["providers"] = ",".join(self.providers)
+                if not self.prepack:
+                    msg["no_prepack"] = True
+            except BaseException:
+                w.discard()  # not handed over: stopped, its directory removed
+                self.dir = tempfile.mkdtemp(prefix="vault-")
+                raise
             self.proc, self._lifeline = w.proc, w.lifeline_w
             w.lifeline_w = None  # the lifeline is this worker's now
             try:
@@ -1121,8 +1140,8 @@ def _after_fork_in_child() -> None:
     # calls could not connect), and the parent's pre-started worker is not
     # the child's to take or stop (its directory went with it: the parent's
     # next open failed with FileNotFoundError)
+    # (the pre-started worker's own hook is in vault/core/standby.py)
     _LIVE.clear()
-    standby.POOL.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -1135,7 +1154,8 @@ def _close_all() -> None:
             m.close()
         except Exception:  # pragma: no cover - best effort at exit
             pass
-    standby.POOL.close()
+    # the waiting worker is stopped by vault/core/standby.py's own exit hook
+    # (registered before this one: it runs after it)
 
 
 def _signature(items: Any) -> dict[str, tuple[str, tuple[Any, ...]]]:

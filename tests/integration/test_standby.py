@@ -290,6 +290,26 @@ def audit(event, args):
         argv = [str(a) for a in (args[1] or ())]
         spawned.append({"worker": "worker" in argv, "standby": "--standby-fd" in argv,
                         "client_loaded": "vault.client" in sys.modules})
+        argvs.append(argv)
+
+
+def children():
+    # our child processes still running (not zombies), from /proc
+    import os
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+argvs = []
 
 
 sys.addaudithook(audit)
@@ -299,6 +319,16 @@ path, lic, first = sys.argv[1], sys.argv[2], sys.argv[3]
 if first == "client":
     import vault.client  # loaded before the open: the client's own rules apply
 out = {}
+if first == "fork":
+    import os
+    vault._prestart(lic, {})  # the early worker exists; the client is not loaded yet
+    pid = os.fork()
+    if pid == 0:  # a child that loads the client and exits: the worker is not its own
+        import vault.client
+        sys.exit(0)
+    os.waitpid(pid, 0)
+if first == "missing":
+    path = path + ".gone"
 try:
     args = ["--threads", "3"] if first == "args" else []  # its key: these arguments too
     m = vault.open(path, licence=lic, worker_args=args)
@@ -309,6 +339,9 @@ try:
 except vault.VaultError as exc:
     out["error"] = type(exc).__name__
 out["spawned"] = spawned
+out["argv_names_package_or_licence"] = any(a in (sys.argv[1], lic) for v in argvs for a in v
+                                           if "--standby-fd" in v)  # fmt: skip
+out["children_left"] = len(children()) if "error" in out else None
 print(json.dumps(out))
 """
 
@@ -323,6 +356,7 @@ def _first_open(path: str, lic: vault.Licence, tmp: Path, first: str, **env_extr
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("VAULT_DAEMON", None)
+    env.pop("VAULT_STANDBY", None)
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", FIRST_OPEN, path, str(lic_path), first],
                          capture_output=True, timeout=180, env=env, cwd=root)  # fmt: skip
@@ -338,6 +372,7 @@ def test_the_first_open_in_a_process_starts_its_worker_before_the_client_loads(
     assert got.get("right") and got["standby"] is True, got  # it took the worker started first
     first = got["spawned"][0]
     assert first == {"worker": True, "standby": True, "client_loaded": False}, got
+    assert got["argv_names_package_or_licence"] is False, got  # it is given nothing yet
     # with worker_args: a worker started with them, and taken
     args = _first_open(path, lic, tmp_path, "args")
     assert args["right"] and args["standby"] is True, args
@@ -365,3 +400,22 @@ def test_an_open_that_cannot_be_tier_0_starts_no_worker_early(
     gone = str(tmp_path / "no-daemon.sock")
     got = _first_open(path, lic, tmp_path, "open", VAULT_DAEMON=gone)
     assert "error" in got and got["spawned"] == [], got
+
+
+def test_a_first_open_of_a_missing_package_says_so_and_stops_the_early_worker(
+    two_packages: dict[str, tuple[str, Any]], tmp_path: Path
+) -> None:
+    path, lic = two_packages["sb-a"]
+    got = _first_open(path, lic, tmp_path, "missing")
+    assert got.get("error") == "FormatError", got  # as a cold spawn's worker says it
+    assert got["spawned"][0]["standby"] is True, got  # the early worker was started ...
+    assert got["children_left"] == 0, got  # ... and stopped: nothing left running
+
+
+def test_a_fork_before_the_client_loads_leaves_the_parents_early_worker_alone(
+    two_packages: dict[str, tuple[str, Any]], tmp_path: Path
+) -> None:
+    path, lic = two_packages["sb-a"]
+    got = _first_open(path, lic, tmp_path, "fork")
+    # the child loaded the client and exited; the parent's open still takes its worker
+    assert got.get("right") and got["standby"] is True, got

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -66,6 +67,7 @@ class Standby:
 
     def __init__(self, *, python: str, worker_args: Sequence[str]) -> None:
         self.key: Key = (python, tuple(worker_args))
+        self._owner = os.getpid()  # a forked child never stops it nor removes its directory
         self.dir = tempfile.mkdtemp(prefix="vault-")  # 0700: its endpoint lives here
         self.endpoint = f"ipc://{self.dir}/w0.sock"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,12 +122,15 @@ class Standby:
             self.status_r = -1
 
     def discard(self) -> None:
-        """Stop it and remove its directory (it served nobody, or failed)."""
+        """Stop it and remove its directory (it served nobody, or failed); in
+        a forked child, only close the child's copies of our descriptors."""
         self.sock.close()
         self._close_status()
         if self.lifeline_w is not None:
             os.close(self.lifeline_w)  # EOF: it leaves by itself
             self.lifeline_w = None
+        if os.getpid() != self._owner:
+            return
         stop_process(self.proc, 5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -215,3 +220,9 @@ class StandbyPool:
 
 
 POOL = StandbyPool()
+# here, not in the client library: vault.open starts a worker before it
+# imports the client (vault._prestart), and a fork or an exit in between
+# must find the pool's rules in place (a child stopping the parent's
+# waiting worker removed its directory: the parent's next open failed)
+os.register_at_fork(after_in_child=POOL.after_fork)
+atexit.register(POOL.close)
