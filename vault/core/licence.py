@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import crypto as _crypto
 from .errors import ConfigError
 from .files import read_secret_file, write_private_file
 from .modelscope import covers
@@ -147,6 +146,8 @@ class Licence:
         """base64 raw Ed25519 public key of :attr:`proof_key` ("" if none)."""
         if not self.proof_key:
             return ""
+        from . import crypto as _crypto  # here: reading a licence needs no cryptography
+
         key = _crypto.PublisherKey.from_private_raw(base64.b64decode(self.proof_key))
         return base64.b64encode(key.public_raw).decode()
 
@@ -167,6 +168,8 @@ class Licence:
             raise ConfigError(
                 f"licence {self.licence_id} has no proof key (issued by an older key server?)"
             )
+        from . import crypto as _crypto  # here: reading a licence needs no cryptography
+
         nonce = os.urandom(16)
         ts = time.time() if now is None else now
         msg = _crypto.licence_proof_message(
