@@ -158,8 +158,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
 
 def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
     """The first tier-0 open in a process starts its worker before the
-    client's own imports (numpy, pyzmq, ``cryptography``: 90-170 ms here,
-    once asyncio is left to ``compute_async``),
+    client's own imports (numpy, pyzmq, ``cryptography``: 120-200 ms here),
     so that the worker's interpreter start, hardening and imports run beside
     them; the open then hands that worker its package as it would any
     pre-started one (``vault/core/standby.py``), with the same key
@@ -168,26 +167,22 @@ def _prestart(licence: _Any, kwargs: dict[str, _Any]) -> None:
     CUDA; otherwise (and once the client is loaded, whose own pre-started
     worker then serves) nothing happens here, and nothing here fails an
     open: the open itself says what is wrong."""
-    import os as _os
     import sys as _sys
 
     if "vault.client" in _sys.modules or licence is None:
         return
     try:
         from .core import standby
-        from .core.daemonwire import DEFAULT_SOCKET, ENV_VAR
+        from .core.daemonwire import daemon_socket
         from .core.licence import Licence as _Licence
 
-        if not standby.enabled() or kwargs.get("daemon") is not None or _os.environ.get(ENV_VAR):
-            return
-        if _os.path.exists(DEFAULT_SOCKET):
+        if daemon_socket(kwargs.get("daemon")) is not None:
             return  # the daemon's worker (tier 1)
-        if kwargs.get("device") or "CUDAExecutionProvider" in (kwargs.get("providers") or ()):
-            return  # CUDA's hardening differs: it spawns cold
-        lic = _Licence.load(licence)
-        if lic.kind != "runtime" or not lic.same_user:
+        key = standby.key_for(_sys.executable, kwargs.get("worker_args") or (),
+                              kwargs.get("device"), kwargs.get("providers"))  # fmt: skip
+        lic = _Licence.load(licence) if key is not None else None
+        if key is None or lic is None or lic.kind != "runtime" or not lic.same_user:
             return
-        key = (_sys.executable, tuple(kwargs.get("worker_args") or ()))  # as the client's
         standby.POOL.refill(key, wait=True)  # a spawn: a few ms
     except Exception:  # noqa: BLE001 - the open itself says what is wrong
         return

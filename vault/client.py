@@ -55,8 +55,8 @@ from .core.channel import Channel, ZmqChannel, check_endpoint
 from .core.curvekeys import read_public_key
 from .core.daemonwire import (
     DAEMON_USER_VAR,
-    DEFAULT_SOCKET,
     ENV_VAR,
+    daemon_socket,
     peer_credentials,
     recv_message,
     send_message,
@@ -163,13 +163,9 @@ class _LocalWorker:
         """Which pre-started worker fits this open; None: spawn cold (the
         unsafe key and its publisher file are known only now; CUDA's
         hardening differs)."""
-        if not standby.enabled() or self.unsafe_key is not None or self.publisher:
+        if self.unsafe_key is not None or self.publisher or self.licence is None:
             return None
-        if self.licence is None:
-            return None
-        if self.device or "CUDAExecutionProvider" in (self.providers or []):
-            return None
-        return (self.python, tuple(self.worker_args))
+        return standby.key_for(self.python, self.worker_args, self.device, self.providers)
 
     def start(self) -> str:
         self._new_arena()
@@ -195,24 +191,15 @@ class _LocalWorker:
         pipes: list[int] = []
         pkg_fd = -1
         try:
-            # the package first, as a cold spawn's worker reads it: a missing
-            # file, a FIFO or a device is the same typed error, and the
-            # waiting worker is stopped, not left behind
-            pkg_fd = open_regular(self.package, what="vault package", error=FormatError)
-            if local_channel_enabled():
-                try:
-                    listener, local_path = listen_socket(w.dir, "c0.sock")
-                except OSError as exc:  # its directory is gone: spawn cold instead
-                    raise standby.StandbyGone() from exc
-        except BaseException:
-            if pkg_fd >= 0:
-                os.close(pkg_fd)
-            w.discard()
-            raise
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir = w.dir  # ours now, 0700, with its endpoint in it
-        try:
             try:
+                # the package first, as a cold spawn's worker reads it: a
+                # missing file, a FIFO or a device is the same typed error
+                pkg_fd = open_regular(self.package, what="vault package", error=FormatError)
+                if local_channel_enabled():
+                    try:
+                        listener, local_path = listen_socket(w.dir, "c0.sock")
+                    except OSError as exc:  # its directory is gone: spawn cold instead
+                        raise standby.StandbyGone() from exc
                 lic_r = _filled_pipe(self.licence.dumps(), pipes)
                 fds = [pkg_fd, lic_r]
                 msg: dict[str, Any] = {"op": "assign", "package_fd": 0, "licence_fd": 1}
@@ -228,8 +215,9 @@ class _LocalWorker:
                     msg["no_prepack"] = True
             except BaseException:
                 w.discard()  # not handed over: stopped, its directory removed
-                self.dir = tempfile.mkdtemp(prefix="vault-")
                 raise
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = w.dir  # ours now, 0700, with its endpoint in it
             self.proc, self._lifeline = w.proc, w.lifeline_w
             w.lifeline_w = None  # the lifeline is this worker's now
             try:
@@ -1447,7 +1435,7 @@ def open(  # noqa: A001 - the public contract is vault.open()
             f"{lic.kind} licence: it gives no key "
             "(a call licence is for vault.connect to a vendor's service)"
         )
-    sock_path = _daemon_socket(daemon)
+    sock_path = daemon_socket(daemon)
     w: _LocalWorker | _DaemonWorker
     if sock_path is not None:
         if worker_args:
@@ -1483,17 +1471,6 @@ def open(  # noqa: A001 - the public contract is vault.open()
             "--same-user licence (tier 0: your user could then extract the model)"
         )
     return _model_of(w, timeout)
-
-
-def _daemon_socket(daemon: str | os.PathLike[str] | None) -> str | None:
-    """The daemon's socket: the argument, ``$VAULT_DAEMON``, or the default
-    path when something is there; None when no daemon is named or present."""
-    if daemon is not None:
-        return os.fspath(daemon)
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return env
-    return DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None
 
 
 def open_with_unsafe_test_key(

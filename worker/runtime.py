@@ -37,11 +37,11 @@ from vault.core.graphs import check_graph
 from vault.core.ortthreads import apply_spin_policy
 from vault.core.ortvalues import (
     SPECIAL_ONNX_CODES,
-    from_ortvalue,
     is_special_array,
     is_special_type,
     special_raw,
     to_ortvalue,
+    value_of,
 )
 from vault.core.protocol import ORTVALUE_DTYPES, dtype_from_name, dtype_name, is_tensor_type
 
@@ -252,14 +252,9 @@ def _np_dtype(name: str) -> np.dtype[Any] | None:
 
 
 def _from_ortvalue(v: Any) -> Any:
-    """An OrtValue as ``session.run`` would give it: None for an absent
-    optional, a list or dict for a sequence or map, numpy for a tensor (and
-    the ml_dtypes dtype for bfloat16, float8 and int4, which ``run`` lacks)."""
-    if not v.has_value():  # first: data_type() of an absent optional crashes onnxruntime
-        return None
-    if not v.is_tensor():  # a sequence or a map: onnxruntime's own conversion
-        return _passthrough(v.data_type()).run(["v"], {"v": v}, _RUN_OPTIONS)[0]
-    return from_ortvalue(v)
+    """An OrtValue as ``session.run`` would give it (``vault.core.ortvalues.value_of``),
+    sequences and maps through this module's own pass-through sessions."""
+    return value_of(v, _passthrough, _RUN_OPTIONS)
 
 
 # --- values onnxruntime's Python API makes no OrtValue of -------------------------

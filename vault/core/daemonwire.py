@@ -57,6 +57,7 @@ __all__ = [
     "MAX_FDS",
     "MAX_MESSAGE",
     "peer_credentials",
+    "daemon_socket",
     "recv_message",
     "send_message",
     "trusted_daemon_uids",
@@ -68,6 +69,18 @@ DAEMON_USER_VAR = "VAULT_DAEMON_USER"  # the daemon's user, where it is not root
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8  # an assignment: package, licence, proof, arena, listening socket, its token
 _LEN = struct.Struct(">I")
+
+
+def daemon_socket(daemon: str | os.PathLike[str] | None) -> str | None:
+    """The daemon's socket: the argument, ``$VAULT_DAEMON``, or the default
+    path when something is there; None when no daemon is named or present
+    (``vault.open`` is then tier 0, or refused)."""
+    if daemon is not None:
+        return os.fspath(daemon)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    return DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

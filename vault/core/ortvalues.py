@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "run",
     "special_raw",
     "to_ortvalue",
+    "value_of",
 ]
 
 # the dtypes onnxruntime's numpy bridge lacks: their ONNX element types
@@ -147,17 +148,24 @@ def run(
     # one run for every output: a second plain run for the sequences and maps
     # (as before) doubled the time a profile measured and drew random ops twice
     vals = session.run_with_ort_values(want, all_ov)
-    return {n: _value(v) for n, v in zip(want, vals)}
+    return {n: value_of(v) for n, v in zip(want, vals)}
 
 
-def _value(v: Any) -> Any:
+def value_of(
+    v: Any, passthrough: Callable[[str], Any] | None = None, run_options: Any = None
+) -> Any:
     """An OrtValue as ``session.run`` gives it: None for an absent optional,
-    a list or dict for a sequence or map, numpy (ml_dtypes) for a tensor."""
+    a list or dict for a sequence or map (onnxruntime's own conversion, by a
+    session whose output is its input: ``passthrough(type)``, run with
+    ``run_options``; by default one built with onnx, which the worker does
+    not import: it gives its own), numpy (ml_dtypes for bfloat16, float8,
+    int4) for a tensor."""
     if not v.has_value():  # first: data_type() of an absent optional crashes onnxruntime
         return None
     if v.is_tensor():
         return from_ortvalue(v)
-    return _passthrough(v.data_type()).run(["v"], {"v": v})[0]  # onnxruntime's own conversion
+    sess = (passthrough or _passthrough)(v.data_type())
+    return sess.run(["v"], {"v": v}, run_options)[0]
 
 
 _PASSTHROUGH: dict[str, Any] = {}
@@ -184,7 +192,8 @@ def _passthrough(t: str) -> Any:
     """A session whose output is its input, of onnxruntime's type ``t``
     (cached per type): ``run`` on it turns a sequence or map OrtValue into
     Python as ``session.run`` would. (The worker builds the same with a
-    hand-written protobuf: it does not import onnx.)"""
+    hand-written protobuf, ``worker.runtime._passthrough``: it does not
+    import onnx.)"""
     with _PASSTHROUGH_LOCK:
         sess = _PASSTHROUGH.get(t)
         if sess is None:

@@ -47,7 +47,7 @@ from .daemonwire import send_message
 from .launch import WorkerPipes, read_ready_line, spawn_worker
 from .process import stop_process
 
-__all__ = ["POOL", "Standby", "StandbyGone", "StandbyPool", "enabled"]
+__all__ = ["POOL", "Standby", "StandbyGone", "StandbyPool", "enabled", "key_for"]
 
 Key = tuple[str, tuple[str, ...]]
 
@@ -55,6 +55,16 @@ Key = tuple[str, tuple[str, ...]]
 def enabled() -> bool:
     """Whether the caller keeps a pre-started worker (``VAULT_STANDBY``, default on)."""
     return os.environ.get("VAULT_STANDBY", "1") != "0"
+
+
+def key_for(
+    python: str, worker_args: Sequence[str], device: str | None, providers: Sequence[str] | None
+) -> Key | None:
+    """The pre-started worker an open with these arguments fits; None: it
+    spawns cold (pre-starting off; CUDA, whose hardening reads driver files)."""
+    if not enabled() or device or "CUDAExecutionProvider" in (providers or ()):
+        return None
+    return (python, tuple(worker_args))
 
 
 class StandbyGone(Exception):
