@@ -264,10 +264,11 @@ def test_vault_open_without_a_daemon_says_what_to_do(
     keyserver, tmp_path: Path, monkeypatch
 ) -> None:
     import vault
-    import vault.client
+    from vault.core import daemonwire
 
     # the default socket path points nowhere here, whatever this machine runs
-    monkeypatch.setattr(vault.client, "DEFAULT_SOCKET", str(tmp_path / "default.sock"))
+    # (vault.core.daemonwire.daemon_socket reads it for the client and vault.open)
+    monkeypatch.setattr(daemonwire, "DEFAULT_SOCKET", str(tmp_path / "default.sock"))
 
     lic = keyserver.issue(MODEL)
     call = keyserver.issue(MODEL, holder="c", kind="call")
