@@ -212,8 +212,11 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
     as stuck does (it ran past every deadline)."""
     import signal
 
+    # replace_stuck=False: the stuck worker keeps its slot alone, as this test
+    # follows it through its kills (its replacement has a test of its own below)
     with _long_lease_service(keyserver_dir, tmp_path, model=slow_matmul(width=64, depth=2),
-                             request_timeout=3.0, instance_inflight=3) as s:  # fmt: skip
+                             request_timeout=3.0, instance_inflight=3,
+                             replace_stuck=False) as s:  # fmt: skip
         alice, bob = s.caller(holder="alice"), s.caller(holder="bob")
         x = np.ones((1, 64), np.float32)
         with s.connect(alice, timeout=30) as a, s.connect(alice, timeout=30) as a2, \
@@ -303,6 +306,84 @@ def test_an_abandoned_call_counts_and_its_stuck_worker_fails_no_other_callers_ca
         # resumed worker completed it before it went), and the last worker's.
         # Killed as stuck with SIGKILL, the stuck one's were lost too: 1
         assert s.used(s.licence) in (2, 3)
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["replaced", "control"])
+def test_a_stuck_workers_model_serves_other_callers_from_a_replacement(
+    keyserver_dir: Path, tmp_path: Path, replace: bool
+) -> None:
+    """A model's only worker found stuck was sent nothing more, and was ended
+    only once no call of anyone else was left on it: with bob's call on it,
+    carol, a third caller, was served by nobody until his call ended and the
+    worker was restarted. Now a replacement is started when the worker is
+    found stuck: carol is served while the stuck worker is still frozen
+    (SIGSTOP) with bob's call on it; resumed, it answers bob and is ended,
+    its replacement serving on. Control (``replace_stuck`` off, the behaviour
+    before): carol's call times out, nobody serving it. A call's timeout is
+    at most the service's (12 s here), and a worker is stuck 12 s past its
+    oldest call's deadline: bob's call goes just before that, so it is
+    still waited for while carol's is served."""
+    import signal
+
+    limit = 12.0
+    with _long_lease_service(keyserver_dir, tmp_path, model=slow_matmul(width=64, depth=2),
+                             request_timeout=limit, instance_inflight=3,
+                             replace_stuck=replace) as s:  # fmt: skip
+        alice, bob, carol = (s.caller(holder=h) for h in ("alice", "bob", "carol"))
+        x = np.ones((1, 64), np.float32)
+        with s.connect(alice, timeout=30) as a, s.connect(bob, timeout=30) as b, \
+                s.connect(carol, timeout=30) as c:  # fmt: skip
+            want = b.compute({"x": x})["y"]
+            worker = s.svc.models["m"].instances[0]
+            _freeze(worker.pid)
+            got: dict[str, Any] = {}
+
+            def bobs_call() -> None:
+                try:
+                    got["bob"] = b.compute({"x": x})["y"]
+                except vault.VaultError as exc:
+                    got["bob"] = exc
+
+            try:
+                with pytest.raises(vault.WorkerTimeoutError):
+                    a.compute({"x": x}, timeout=0.5)  # abandoned on the frozen worker
+                hers = max(c.deadline for d in list(s.svc.dispatches.values()) for c in d.calls)
+                # bob's call goes 2 s before her worker is found stuck (the
+                # service's clock): his deadline is 10 s past that moment
+                wait_for(lambda: time.monotonic() >= hers + limit - 2.0, timeout=60,
+                         what="the service's clock near the stuck time")  # fmt: skip
+                bob = threading.Thread(target=bobs_call)
+                bob.start()
+                wait_for(lambda: '"worker_stuck"' in s.log_path.read_text(), timeout=30,
+                         what="the frozen worker found stuck")  # fmt: skip
+                assert (
+                    sum(len(d.calls) for d in list(s.svc.dispatches.values()) if d.inst is worker)
+                    == 2
+                )  # fmt: skip - hers and bob's
+                if replace:
+                    np.testing.assert_array_equal(c.compute({"x": x})["y"], want)
+                    assert worker.alive()  # still frozen: carol's was served by another
+                    assert len(s.svc.models["m"].instances) == 2
+                else:
+                    with pytest.raises(vault.WorkerTimeoutError):
+                        c.compute({"x": x})  # before: nobody serves carol
+                    assert [i.pid for i in s.svc.models["m"].instances] == [worker.pid]
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+            bob.join(60)
+            # answered by the stuck worker, or a timeout: never failed by its end
+            assert isinstance(got["bob"], (np.ndarray, vault.WorkerTimeoutError)), got
+            if replace:
+                # resumed, it answers bob (if his call was still waited for);
+                # then idle, its place taken: ended, and it left by itself
+                wait_for(lambda: '"worker_died"' in s.log_path.read_text(), timeout=30,
+                         what="the replaced worker ended")  # fmt: skip
+                died = [json.loads(line) for line in s.log_path.read_text().splitlines()
+                        if '"worker_died"' in line]  # fmt: skip
+                assert died[0]["pid"] == worker.pid and died[0]["status"] == 0, died
+                assert len(s.svc.models["m"].instances) == 1  # no restart beside the replacement
+                assert s.svc.models["m"].instances[0].pid != worker.pid
+            np.testing.assert_array_equal(c.compute({"x": x})["y"], want)
 
 
 def test_a_call_counts_under_the_callers_licence_and_the_services_own(service: Svc) -> None:

@@ -111,6 +111,9 @@ def register(sub: Any) -> None:
                    "CURVE)")  # fmt: skip
     s.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S")
     s.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="S")
+    s.add_argument("--no-replace-stuck", action="store_true",
+                   help="a worker found stuck keeps its slot until it has gone (default: a "
+                   "replacement starts at once, the model holding one worker more meanwhile)")  # fmt: skip
     s.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads per worker (default 2)")  # fmt: skip
     s.add_argument("--user", default=None, help="workers drop to this user (when started as root)")
@@ -328,6 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=max(1, args.max_batch),
         max_queue_delay_us=max(0, args.max_queue_delay_us),
         request_timeout=args.request_timeout,
+        replace_stuck=not args.no_replace_stuck,
         drain_timeout=args.drain_timeout,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,

@@ -121,6 +121,8 @@ class Instance:
         # more, and killed once no call of anyone else is left on it
         self.stuck = False
         self.ending = False  # sent SIGTERM as stuck (end())
+        # found stuck and a replacement started in its place: ended once idle
+        self.replaced = False
         self._ender: threading.Timer | None = None
         self.pidfd: int | None = None
         try:

@@ -126,6 +126,12 @@ class ServiceConfig:
     # on disk is used by the next attempt of every model that is unavailable
     reload_licences: Callable[[], Any] | None = None
     oip: Any = None  # an oip.OipConfig: serve the Open Inference Protocol too
+    # a worker found stuck gets a replacement started at once, so its model
+    # serves the other callers while it finishes the calls still waited for
+    # (that model holds one worker more meanwhile); False: its slot is
+    # restarted only once it has gone, and the model serves nobody on that
+    # slot until then (another caller's call on it can take a full timeout)
+    replace_stuck: bool = True
 
 
 @dataclass(eq=False)
@@ -1311,7 +1317,8 @@ class WorkerService:
             return
         self.log("worker_died", level="error", model=m.model_id, index=inst.index, pid=inst.pid,
                  status=rc, calls_failed=sum(len(d.calls) for d in lost))  # fmt: skip
-        if not self.draining and not m.removing:
+        held = inst.index in m.starting or any(o.index == inst.index for o in m.instances)
+        if not self.draining and not m.removing and not held:
             self.metrics.restarts.labels(m.model_id).inc()
             # a worker killed as stuck was sound: restarted at once, its backoff
             # left as it was (one caller's over-long calls, one a restart, held
@@ -1320,6 +1327,29 @@ class WorkerService:
                 m.backoff.setdefault(inst.index, Backoff()).next_delay(lived)  # fmt: skip
             m.restart_at[inst.index] = time.monotonic() + delay
         self._gauge(m)
+
+    def _replace(self, inst: Instance) -> None:
+        """Start a worker in the place of one found stuck (``replace_stuck``):
+        the stuck one is sent nothing more, finishes the calls still waited
+        for on it, and is ended once none is left and its replacement serves
+        (housekeeping). Before, its model served nobody on that slot until it
+        went: another caller's call on it kept it up to a full timeout, and
+        its restart came after."""
+        m = self._model_of(inst)
+        if m is None or inst.replaced or not self.cfg.replace_stuck or self.draining \
+                or m.removing or inst.index in m.starting:  # fmt: skip
+            return
+        inst.replaced = True
+        self.metrics.restarts.labels(m.model_id).inc()
+        self.log("worker_replacing", level="warning", model=m.model_id, index=inst.index,
+                 pid=inst.pid)  # fmt: skip
+        self._launch(m, inst.index)
+
+    @staticmethod
+    def _successor(m: _Model, inst: Instance) -> bool:
+        """Whether a replacement of ``inst`` serves its slot now."""
+        return any(o is not inst and o.index == inst.index and not o.replaced and o.alive()
+                   for o in m.instances)  # fmt: skip
 
     def _detach(self, inst: Instance) -> None:
         if inst.sock is not None:
@@ -1374,14 +1404,21 @@ class WorkerService:
                 # still busy a full timeout past its call's deadline: sent nothing more
                 d.inst.stuck = True
                 self.log("worker_stuck", level="error", model=d.inst.model_id, pid=d.inst.pid)
+                self._replace(d.inst)
         for m in self._all_models():
             for inst in m.instances:
+                if inst.replaced and not inst.stuck and not inst.ending \
+                        and self._successor(m, inst):  # fmt: skip
+                    inst.stuck = True  # recovered, but its place is taken: drained, then ended
                 if not inst.stuck:
                     continue
                 if inst.ending:
                     continue  # going: the crash path takes it from here
                 if inst not in pending:
-                    inst.stuck = False  # it answered everything in the end: it serves again
+                    if inst.replaced and self._successor(m, inst):
+                        inst.end()  # nothing left on it, and its replacement serves
+                    else:
+                        inst.stuck = False  # it answered everything in the end: it serves again
                 elif not pending[inst] and inst.alive():
                     # only abandoned calls left on it (another caller's call on the
                     # same worker is answered first): ended (it reports its usage
