@@ -1411,6 +1411,82 @@ def test_a_json_answer_is_written_in_slices_that_let_other_threads_run() -> None
     assert json.loads(sliced)[:8][:7] == a[:7].tolist() and "NaN" in sliced[:200]
 
 
+@pytest.mark.parametrize("watched", [True, False], ids=["watched", "control"])
+def test_a_queued_json_answer_whose_client_left_is_not_written(
+    monkeypatch: pytest.MonkeyPatch, watched: bool
+) -> None:
+    """Four of mal's large JSON answers queue behind his first (a licence's
+    are encoded one at a time); the clients of the last three go away while
+    they wait. Each was still encoded and held in full for a connection
+    nobody read: now one whose client has gone by its turn is not encoded,
+    written or counted against the licence's share (its call was served and
+    counts). Control: a door that does not watch the connection (no
+    ``receive``) encodes all four."""
+    import asyncio
+    import threading
+
+    from vault.core.protocol import encode_tensors
+    from worker.service.oip import rest
+    from worker.service.oip.door import DataPlane
+
+    descs, frames = encode_tensors({"y": np.arange(300_000, dtype=np.float32)})
+    encoded: list[int] = []
+    first_held = threading.Event()
+    real = rest._encode_answer
+
+    def encode(*args: Any) -> Any:
+        encoded.append(1)
+        if len(encoded) == 1:
+            first_held.wait(30)  # the first answer holds mal's turn
+        return real(*args)
+
+    monkeypatch.setattr(rest, "_encode_answer", encode)
+
+    async def main() -> tuple[list[list[Any]], Any]:
+        app = rest.RestApp(DataPlane(object()), max_body=1 << 30)  # type: ignore[arg-type]
+        left = asyncio.Event()
+        sent: list[list[Any]] = [[] for _ in range(4)]
+        closed: list[int] = []
+
+        def client(i: int) -> tuple[Any, Any]:
+            async def send(msg: Any) -> None:
+                sent[i].append(msg)
+
+            async def receive() -> Any:
+                if i == 0:  # the first client stays
+                    await asyncio.Event().wait()
+                await left.wait()
+                closed.append(i)
+                return {"type": "http.disconnect"}
+
+            return send, (receive if watched else None)
+
+        tasks = []
+        for i in range(4):
+            send, receive = client(i)
+            tasks.append(asyncio.ensure_future(app._answer(
+                send, "m", None, descs, frames, lambda _n: False, licence="mal",
+                receive=receive)))  # fmt: skip
+            await _until(lambda: encoded, "the first answer being encoded")
+        await _until(lambda: app._json_out_by["mal"][1] == 4, "all four queued")
+        left.set()
+        if watched:
+            await _until(lambda: len(closed) == 3, "three clients gone")
+            for _ in range(3):
+                await asyncio.sleep(0)
+        first_held.set()
+        await asyncio.gather(*tasks)
+        return sent, app.gate.bytes_by_licence
+
+    sent, held = asyncio.run(main())
+    assert sent[0] and sent[0][0]["status"] == 200  # the client that stayed is answered
+    assert not held  # nothing left counted against mal's share
+    if watched:
+        assert len(encoded) == 1 and not any(sent[1:]), (len(encoded), sent[1:])
+    else:
+        assert len(encoded) == 4 and all(sent[1:])
+
+
 def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
     """One licence's large JSON answers once queued every other licence's
     behind them (a victim waited 32 s) and held their text until read (40

@@ -309,13 +309,13 @@ class RestApp:
                 body = await self._body(receive, limit, (lic, held))
             state["body_unread"] = False
             await self._infer_vetted(send, model, version, token, header_len, body, limit,
-                                     encoding)  # fmt: skip
+                                     encoding, receive=receive)  # fmt: skip
         finally:
             self.gate.give_bytes(lic, held[0])
 
     async def _infer_vetted(self, send: Any, model: str, version: str | None, token: Any,
                             header_len: int | None, body: bytes, limit: int,
-                            encoding: bytes = b"") -> None:  # fmt: skip
+                            encoding: bytes = b"", *, receive: Any = None) -> None:  # fmt: skip
         received = len(body)
         if _ENCODINGS.get(encoding) is not None:
             # at most MAX_JSON once decompressed (a gzip of 1 GiB of zeros is
@@ -353,10 +353,11 @@ class RestApp:
             model, version, token, descs, frames, outputs, timeout_of(params.get("timeout"))
         )
         await self._answer(send, model, req.get("id"), out_descs, out_frames, binary_out,
-                           licence=token.licence_id)  # fmt: skip
+                           licence=token.licence_id, receive=receive)  # fmt: skip
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
-                      frames: list[Any], binary_out: Any, *, licence: str = "") -> None:  # fmt: skip
+                      frames: list[Any], binary_out: Any, *, licence: str = "",
+                      receive: Any = None) -> None:  # fmt: skip
         values = size = text = 0
         for d, f in zip(descs, frames):
             if not binary_out(str(d.get("name"))):
@@ -381,29 +382,48 @@ class RestApp:
             return
         # off the event loop, in slices; a licence's answers one at a time (its
         # own queue: one licence's many answers once queued every other
-        # licence's behind them, 32 s), and two licences' at once
-        if self._json_out is None:
-            self._json_out = asyncio.Semaphore(_JSON_OUT_AT_ONCE)
-        entry = self._json_out_by.setdefault(licence, [asyncio.Semaphore(1), 0])
-        entry[1] += 1
+        # licence's behind them, 32 s), and two licences' at once. One whose
+        # client has gone by its turn is not written (before, each was encoded
+        # and held in full for a connection nobody read any more): its call
+        # was served and counts all the same
+        gone = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
         try:
-            async with entry[0], self._json_out:
-                headers, body = await asyncio.to_thread(
-                    _encode_answer, model, rid, descs, frames, binary_out
-                )
+            if self._json_out is None:
+                self._json_out = asyncio.Semaphore(_JSON_OUT_AT_ONCE)
+            entry = self._json_out_by.setdefault(licence, [asyncio.Semaphore(1), 0])
+            entry[1] += 1
+            try:
+                async with entry[0], self._json_out:
+                    if gone is not None and gone.done():
+                        return
+                    headers, body = await asyncio.to_thread(
+                        _encode_answer, model, rid, descs, frames, binary_out
+                    )
+            finally:
+                entry[1] -= 1
+                if not entry[1]:
+                    self._json_out_by.pop(licence, None)
+            if gone is not None and gone.done():
+                return
+            # until the client has read it, a large JSON answer's bytes count
+            # against its licence's share of the door as a request's do (40 such
+            # answers nobody read held 3.4 GB): counted, never refused (the call
+            # is served and counts), so the licence's next requests wait for room
+            self.gate.hold_bytes(licence, len(body))
+            try:
+                await _send(send, 200, headers, body)
+            finally:
+                self.gate.give_bytes(licence, len(body))
         finally:
-            entry[1] -= 1
-            if not entry[1]:
-                self._json_out_by.pop(licence, None)
-        # until the client has read it, a large JSON answer's bytes count
-        # against its licence's share of the door as a request's do (40 such
-        # answers nobody read held 3.4 GB): counted, never refused (the call
-        # is served and counts), so the licence's next requests wait for room
-        self.gate.hold_bytes(licence, len(body))
-        try:
-            await _send(send, 200, headers, body)
-        finally:
-            self.gate.give_bytes(licence, len(body))
+            if gone is not None:
+                gone.cancel()
+
+
+async def _disconnected(receive: Any) -> None:
+    """Returns once the client of a request whose body has been read goes
+    away (ASGI's ``http.disconnect``)."""
+    while (await receive()).get("type") != "http.disconnect":
+        await asyncio.sleep(0.01)  # no more body comes: anything else, look again
 
 
 def _values(desc: dict[str, Any]) -> int:
