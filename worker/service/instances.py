@@ -123,6 +123,7 @@ class Instance:
         self.ending = False  # sent SIGTERM as stuck (end())
         # found stuck and a replacement started in its place: ended once idle
         self.replaced = False
+        self.drained = False  # replaced, it recovered, and its replacement serves: being drained
         self._ender: threading.Timer | None = None
         self.pidfd: int | None = None
         try:

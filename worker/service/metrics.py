@@ -73,7 +73,9 @@ class Metrics:
             "vault_instances", "Worker processes by state", ["model", "state"], registry=r
         )
         self.restarts = Counter(
-            "vault_worker_restarts", "Worker processes restarted after a crash", ["model"],
+            "vault_worker_restarts",
+            "Worker processes restarted after a crash, or started in the place of one found stuck",
+            ["model"],
             registry=r,
         )  # fmt: skip
         self.inflight = Gauge("vault_inflight", "Calls queued or running", ["model"], registry=r)

@@ -1317,7 +1317,13 @@ class WorkerService:
             return
         self.log("worker_died", level="error", model=m.model_id, index=inst.index, pid=inst.pid,
                  status=rc, calls_failed=sum(len(d.calls) for d in lost))  # fmt: skip
-        held = inst.index in m.starting or any(o.index == inst.index for o in m.instances)
+        # a replacement serves or starts in its place, or a failed one's retry is
+        # due (with its backoff): nothing more to start
+        held = (
+            inst.index in m.starting
+            or inst.index in m.restart_at
+            or any(o.index == inst.index and not o.replaced for o in m.instances)
+        )
         if not self.draining and not m.removing and not held:
             self.metrics.restarts.labels(m.model_id).inc()
             # a worker killed as stuck was sound: restarted at once, its backoff
@@ -1348,8 +1354,11 @@ class WorkerService:
     @staticmethod
     def _successor(m: _Model, inst: Instance) -> bool:
         """Whether a replacement of ``inst`` serves its slot now."""
-        return any(o is not inst and o.index == inst.index and not o.replaced and o.alive()
-                   for o in m.instances)  # fmt: skip
+        return any(
+            o is not inst and o.index == inst.index and o.alive()
+            and not (o.replaced or o.stuck or o.ending or o.lease_ended)
+            for o in m.instances
+        )  # fmt: skip
 
     def _detach(self, inst: Instance) -> None:
         if inst.sock is not None:
@@ -1381,7 +1390,9 @@ class WorkerService:
                         keep.append(c)
                 m.queue = keep
             for index, when in list(m.restart_at.items()):
-                if now >= when and not self.draining and not m.removing:
+                if any(o.index == index and not o.replaced for o in m.instances):
+                    del m.restart_at[index]  # a worker serves that slot (a stuck one recovered)
+                elif now >= when and not self.draining and not m.removing:
                     del m.restart_at[index]
                     self._launch(m, index)
             if m.retry_at is not None and now >= m.retry_at and not self.draining \
@@ -1389,6 +1400,7 @@ class WorkerService:
                 m.retry_at = None
                 self._launch(m, 0)  # one worker tries; once it is ready, _fill starts the rest
         pending: dict[Instance, bool] = {}  # a worker's unanswered dispatches: any waited for?
+        fresh: set[Instance] = set()  # a dispatch on it not yet a full timeout past its deadline
         for d in list(self.dispatches.values()):
             for c in d.calls:
                 if not c.done and c.deadline <= now:
@@ -1400,6 +1412,8 @@ class WorkerService:
                         "no worker answered this call in time (a worker runs a call to its "
                         "end: one it completes counts as a call; give a longer timeout)"))  # fmt: skip
             pending[d.inst] = pending.get(d.inst, False) or any(not c.done for c in d.calls)
+            if now < d.stuck_at:
+                fresh.add(d.inst)
             if now >= d.stuck_at and d.inst.alive() and not d.inst.stuck:
                 # still busy a full timeout past its call's deadline: sent nothing more
                 d.inst.stuck = True
@@ -1409,7 +1423,9 @@ class WorkerService:
             for inst in m.instances:
                 if inst.replaced and not inst.stuck and not inst.ending \
                         and self._successor(m, inst):  # fmt: skip
-                    inst.stuck = True  # recovered, but its place is taken: drained, then ended
+                    # recovered, but its place is taken: sent nothing more, and
+                    # ended once what it holds is answered (or past its time)
+                    inst.stuck = inst.drained = True
                 if not inst.stuck:
                     continue
                 if inst.ending:
@@ -1418,11 +1434,18 @@ class WorkerService:
                     if inst.replaced and self._successor(m, inst):
                         inst.end()  # nothing left on it, and its replacement serves
                     else:
-                        inst.stuck = False  # it answered everything in the end: it serves again
-                elif not pending[inst] and inst.alive():
+                        inst.stuck = inst.drained = False  # it answered everything: it serves again
+                        if inst.replaced and inst.index not in m.starting:
+                            # its replacement never came (a failed start, or it went):
+                            # it keeps its slot, and may be replaced again
+                            inst.replaced = False
+                            m.restart_at.pop(inst.index, None)
+                elif not pending[inst] and inst.alive() and not (inst.drained and inst in fresh):
                     # only abandoned calls left on it (another caller's call on the
                     # same worker is answered first): ended (it reports its usage
-                    # first), and the crash path frees its slots and restarts it
+                    # first), and the crash path frees its slots and restarts it.
+                    # A drained one ends with its abandoned calls answered or run a
+                    # full timeout past their deadline (so counted), not before
                     inst.end()
         for m in list(self.retiring):
             if not m.busy(self.dispatches):
