@@ -383,9 +383,9 @@ class RestApp:
         # off the event loop, in slices; a licence's answers one at a time (its
         # own queue: one licence's many answers once queued every other
         # licence's behind them, 32 s), and two licences' at once. One whose
-        # client has gone by its turn is not written (before, each was encoded
-        # and held in full for a connection nobody read any more): its call
-        # was served and counts all the same
+        # client goes away while it waits is not written (before, each was
+        # encoded and held in full for a connection nobody read any more; it
+        # leaves the queue at once): its call was served and counts all the same
         gone = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
         try:
             if self._json_out is None:
@@ -393,12 +393,19 @@ class RestApp:
             entry = self._json_out_by.setdefault(licence, [asyncio.Semaphore(1), 0])
             entry[1] += 1
             try:
-                async with entry[0], self._json_out:
-                    if gone is not None and gone.done():
+                if not await _turn(entry[0], gone):
+                    return
+                try:
+                    if not await _turn(self._json_out, gone):
                         return
-                    headers, body = await asyncio.to_thread(
-                        _encode_answer, model, rid, descs, frames, binary_out
-                    )
+                    try:
+                        headers, body = await asyncio.to_thread(
+                            _encode_answer, model, rid, descs, frames, binary_out
+                        )
+                    finally:
+                        self._json_out.release()
+                finally:
+                    entry[0].release()
             finally:
                 entry[1] -= 1
                 if not entry[1]:
@@ -417,6 +424,27 @@ class RestApp:
         finally:
             if gone is not None:
                 gone.cancel()
+
+
+async def _turn(sem: asyncio.Semaphore, gone: Any) -> bool:
+    """Acquire ``sem`` (True), unless the client is ``gone`` first (False,
+    ``sem`` not held)."""
+    if gone is None:
+        await sem.acquire()
+        return True
+    if gone.done():
+        return False
+    get = asyncio.ensure_future(sem.acquire())
+    try:
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():
+            get.cancel()
+    if get.done() and not get.cancelled():
+        if not gone.done():
+            return True
+        sem.release()
+    return False
 
 
 async def _disconnected(receive: Any) -> None:
