@@ -263,6 +263,7 @@ def test_tritonclient_http_metadata_and_readiness(plane: Plane) -> None:
     assert client.is_server_ready()
     assert client.is_model_ready("clf")
     assert client.is_model_ready("types", "1")
+    assert not client.is_model_ready("nope") and not client.is_model_ready("types", "2")
     meta = client.get_server_metadata()
     assert meta["name"] == "vault" and "binary_tensor_data" in meta["extensions"]
     md = client.get_model_metadata("clf")
@@ -434,6 +435,9 @@ def test_tritonclient_grpc_metadata_and_every_datatype(plane: Plane) -> None:
     client = plane.grpc()
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("types")
+    # a model or version not served here is not ready, as over HTTP (it raised
+    # NOT_FOUND on this door, where tritonclient's HTTP client returns False)
+    assert not client.is_model_ready("nope") and not client.is_model_ready("types", "2")
     md = client.get_model_metadata("types", as_json=True)
     assert {t["name"]: t["datatype"] for t in md["inputs"]} == {
         f"in_{n.lower()}": n for n in OIP_TYPES}  # fmt: skip

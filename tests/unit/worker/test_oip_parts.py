@@ -117,6 +117,8 @@ def test_every_datatype_round_trips(datatype: str) -> None:
     ("UINT64", [2], [-1, 2**63]),               # does not fit, below 0
     ("INT64", [2], [1, 2**63]),                 # does not fit int64
     ("UINT64", [2], [1.5, 2**63]),              # not integers, among large ones
+    ("FP32", [2], [True, 2.5]),                 # a bool among numbers (numpy reads 1.0)
+    ("INT32", [2, 1], [[2], [False]]),          # the same, nested
 ])  # fmt: skip
 def test_malformed_json_tensors_are_input_errors(
     datatype: str, shape: list[int], data: Any
@@ -285,6 +287,84 @@ def test_a_malformed_rest_body_is_a_typed_refusal_and_never_reaches_the_service(
     # the control: a well-formed request is posted into the service
     assert post(json.dumps({"inputs": [{**x, "data": [1.0]}]}).encode())[1]["code"] == "compute"
     assert len(svc.submitted) == 1
+
+
+def test_rest_request_fields_of_the_wrong_kind_are_refused_not_guessed() -> None:
+    """Fields a client got wrong were taken some way and the call ran: an
+    ``id`` that is a number (run, and not echoed), ``parameters`` that is not
+    an object, a ``timeout`` that is not a number, ``binary_data: "no"``
+    (read as true), an output asked for twice, ``data`` beside
+    ``binary_data_size`` (the binary bytes won), a sequence's correlation on
+    a stateless model. Each is now a 400 ``bad_input`` naming the field, as
+    Triton refuses them, and no call reaches the service. Controls: the same
+    request without the fault runs, and ``sequence_id`` 0 (no sequence)
+    runs."""
+    import json
+
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    class Service:
+        def __init__(self) -> None:
+            self.submitted: list[Any] = []
+
+        def vet_now(self, token: Any, model: Any) -> bool:
+            return False
+
+        def submit(self, call: Any) -> None:
+            if call.vet:
+                call.reply({"ok": True}, ())
+                return
+            self.submitted.append(call)
+            call.reply({"ok": False, "error": {"code": "compute", "message": "ran"}}, ())
+
+        def model_info(self, model: str) -> dict[str, Any]:
+            return {"inputs": [{"name": "x", "dtype": "float32", "shape": [1]}],
+                    "outputs": [{"name": "y", "dtype": "float32", "shape": [1]}]}  # fmt: skip
+
+        def model_state(self, model: str) -> tuple[str, None]:
+            return ("READY", None)
+
+    svc = Service()
+    app = RestApp(DataPlane(svc), max_body=1 << 20)  # type: ignore[arg-type]
+    token = _stranger_token()
+    x = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}
+
+    def post(req: dict[str, Any], binary: bytes = b"") -> dict[str, Any]:
+        body = json.dumps(req).encode()
+        headers = [(b"authorization", b"Bearer " + token)]
+        if binary:
+            headers.append((b"inference-header-content-length", str(len(body)).encode()))
+        sent, _ = _asgi(app, "POST", "/v2/models/m/infer", headers, body + binary)
+        answer = json.loads(sent[1]["body"])
+        return {"status": sent[0]["status"], **answer}
+
+    y = {"name": "y"}
+    bad = {
+        "id": {"id": 42, "inputs": [x]},
+        "parameters": {"parameters": [1], "inputs": [x]},
+        "timeout": {"parameters": {"timeout": "abc"}, "inputs": [x]},
+        "negative timeout": {"parameters": {"timeout": -5}, "inputs": [x]},
+        "binary_data_output": {"parameters": {"binary_data_output": "yes"}, "inputs": [x]},
+        "binary_data": {"inputs": [x], "outputs": [{**y, "parameters": {"binary_data": "no"}}]},
+        "output twice": {"inputs": [x], "outputs": [y, y]},
+        "sequence_id": {"parameters": {"sequence_id": 7}, "inputs": [x]},
+        "sequence_start": {"parameters": {"sequence_start": True}, "inputs": [x]},
+        "input parameters": {"inputs": [{**x, "parameters": "p"}]},
+    }
+    for what, req in bad.items():
+        got = post(req)
+        assert (got["status"], got["code"]) == (400, "bad_input"), (what, got)
+    both = {**x, "parameters": {"binary_data_size": 4}}
+    got = post({"inputs": [both]}, np.float32(2.0).tobytes())
+    assert (got["status"], got["code"]) == (400, "bad_input") and "not both" in got["error"], got
+    assert svc.submitted == []
+    # controls: without the fault the call is posted into the service
+    for req in ({"id": "42", "inputs": [x]}, {"parameters": {"sequence_id": 0}, "inputs": [x]},
+                {"parameters": {"timeout": 5_000_000, "binary_data_output": True},
+                 "inputs": [x], "outputs": [{**y, "parameters": {"binary_data": False}}]}):  # fmt: skip
+        assert post(req)["code"] == "compute", req
+    assert len(svc.submitted) == 3
 
 
 def test_every_rest_refusal_has_a_code_and_a_cut_json_part_is_named() -> None:

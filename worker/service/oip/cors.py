@@ -52,7 +52,12 @@ def with_cors(app: Any, origins: Sequence[str]) -> Any:
         app,
         allow_origins=[check_origin(o) for o in origins],
         allow_methods=["GET", "POST"],
-        allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "Content-Encoding",
+            "Inference-Header-Content-Length",
+        ],
         expose_headers=["Inference-Header-Content-Length", "Retry-After"],
         allow_credentials=False,
         max_age=600,

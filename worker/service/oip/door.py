@@ -279,6 +279,11 @@ class DataPlane:
         """A declared output the protocol cannot carry (a sequence, a map) is
         refused before the call runs, so no call is billed and then not
         delivered; an unknown name is the worker's to refuse (not billed)."""
+        seen: set[str] = set()
+        for n in outputs:  # Triton refuses one asked twice: one answer each, in order
+            if n in seen:
+                raise InputError(f"output {n!r} is asked for twice")
+            seen.add(n)
         info = self.service.model_info(model) or {}
         carried = {t["name"] for t in tensor_meta(info.get("outputs") or [])}
         for spec in info.get("outputs") or []:

@@ -37,7 +37,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from vault.core.errors import InputError, ProtocolError, ServiceUnavailableError, VaultError
+from vault.core.errors import (
+    InputError,
+    ProtocolError,
+    ServiceUnavailableError,
+    UnknownModelError,
+    VaultError,
+)
 from vault.core.peercap import address_key
 
 from . import inference_pb2 as _pb
@@ -242,7 +248,13 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.plane.service.ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        ready = self.plane.model_ready(request.name, request.version or None)
+        # a model (or version) not served here is not ready: false, as Triton
+        # answers, not an error (tritonclient's is_model_ready raised on this door
+        # where its HTTP client returns False)
+        try:
+            ready = self.plane.model_ready(request.name, request.version or None)
+        except UnknownModelError:
+            ready = False
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -339,6 +351,7 @@ class InferenceServicer:
         descs, frames = _inputs(request)
         for o in request.outputs:
             T.refuse_extensions(o.name, o.parameters)
+        T.refuse_sequence(request.parameters, _param_value)
         outputs = [o.name for o in request.outputs] or None
         p = request.parameters.get("timeout")
         timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
@@ -452,6 +465,12 @@ class InferenceServicer:
             if final is not None and final.bool_param:
                 answer.infer_response.parameters["triton_final_response"].bool_param = True
         return answer
+
+
+def _param_value(p: Any) -> Any:
+    """The value an InferParameter holds (None when it holds none)."""
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
 
 
 def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:

@@ -343,16 +343,26 @@ class RestApp:
         except RecursionError:  # "[[[[..." deeper than the decoder goes: not a tensor
             raise InputError("the request's JSON is nested too deeply") from None
         if not isinstance(req, dict):
-            raise InputError("the request is a JSON object")
+            raise InputError("the request must be a JSON object")
+        rid = req.get("id")
+        if rid is not None and not isinstance(rid, str):  # Triton refuses it too
+            raise InputError("the request's id must be a string")
+        params = _params(req.get("parameters"), "the request's")
+        T.refuse_sequence(params)
+        timeout = params.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
+            raise InputError("parameter 'timeout' is a number of microseconds")
         # the memory rule on what the caller sent (compressed, if it was), not on
         # what it asked the door to inflate
-        descs, frames = _inputs(req.get("inputs"), binary, received)
-        outputs, binary_out = _outputs(req)
-        params = _dict(req.get("parameters"))
+        bools = b"true" in head or b"false" in head
+        descs, frames = _inputs(req.get("inputs"), binary, received, bools=bools)
+        outputs, binary_out = _outputs(req, params)
         out_descs, out_frames = await self.plane.infer(
-            model, version, token, descs, frames, outputs, timeout_of(params.get("timeout"))
+            model, version, token, descs, frames, outputs, timeout_of(timeout)
         )
-        await self._answer(send, model, req.get("id"), out_descs, out_frames, binary_out,
+        await self._answer(send, model, rid, out_descs, out_frames, binary_out,
                            licence=token.licence_id, receive=receive)  # fmt: skip
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
@@ -499,8 +509,20 @@ def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: li
     return headers, b"".join([head, *blobs])
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
+def _params(value: Any, whose: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent: empty); anything else is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{whose} parameters must be a JSON object")
+    return value
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, whose: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InputError(f"{whose} parameter {key!r} must be true or false")
+    return value
 
 
 def _content_length(scope: dict[str, Any]) -> int | None:
@@ -515,7 +537,9 @@ def _only(method: str, allowed: str) -> None:
         raise _HttpError(405, f"use {allowed} here", allow=allowed)
 
 
-def _inputs(items: Any, binary: memoryview, wire: int) -> tuple[list[dict[str, Any]], list[Any]]:
+def _inputs(
+    items: Any, binary: memoryview, wire: int, *, bools: bool = True
+) -> tuple[list[dict[str, Any]], list[Any]]:
     if not isinstance(items, list):  # empty for a model without inputs
         raise InputError("the request needs a list of inputs")
     T.check_strings(
@@ -527,18 +551,20 @@ def _inputs(items: Any, binary: memoryview, wire: int) -> tuple[list[dict[str, A
         if not isinstance(it, dict) or not isinstance(it.get("name"), str):
             raise InputError("each input is an object with a name")
         name, dt, shape = it["name"], it.get("datatype"), it.get("shape")
-        params = _dict(it.get("parameters"))
+        params = _params(it.get("parameters"), f"input {name!r}:")
         T.refuse_extensions(name, params)
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InputError(f"{name!r}: binary_data_size is a byte count")
+            if "data" in it:  # which one is the input? neither is guessed
+                raise InputError(f"{name!r}: give data or binary_data_size, not both")
             if at + size > len(binary):
                 raise InputError(f"{name!r}: binary data runs past the end of the body")
             d, f = T.from_raw(name, dt, shape, binary[at : at + size])
             at += size
         elif "data" in it:
-            d, f = T.from_json(name, dt, shape, it["data"])
+            d, f = T.from_json(name, dt, shape, it["data"], bools=bools)
         else:
             raise InputError(f"{name!r}: give data, or binary_data_size with binary data")
         descs.append(d)
@@ -548,9 +574,12 @@ def _inputs(items: Any, binary: memoryview, wire: int) -> tuple[list[dict[str, A
     return descs, frames
 
 
-def _outputs(req: dict[str, Any]) -> tuple[list[str] | None, Any]:
-    params = _dict(req.get("parameters"))
-    all_binary = params.get("binary_data_output") is True
+def _outputs(
+    req: dict[str, Any], params: dict[str, Any] | None = None
+) -> tuple[list[str] | None, Any]:
+    if params is None:
+        params = _params(req.get("parameters"), "the request's")
+    all_binary = _flag(params, "binary_data_output", False, "the request's")
     items = req.get("outputs")
     if items is None or items == []:  # none named: all of them (as gRPC's empty list)
         return None, lambda name: all_binary
@@ -561,10 +590,10 @@ def _outputs(req: dict[str, Any]) -> tuple[list[str] | None, Any]:
     for it in items:
         if not isinstance(it, dict) or not isinstance(it.get("name"), str):
             raise InputError("each requested output is an object with a name")
-        p = _dict(it.get("parameters"))
+        p = _params(it.get("parameters"), f"output {it['name']!r}:")
         T.refuse_extensions(it["name"], p)
         names.append(it["name"])
-        binary[it["name"]] = bool(p.get("binary_data", all_binary))
+        binary[it["name"]] = _flag(p, "binary_data", all_binary, f"output {it['name']!r}:")
     return names, lambda name: binary.get(name, all_binary)
 
 

@@ -97,6 +97,24 @@ _EXTENSIONS = ("classification", "shared_memory_region", "shared_memory_byte_siz
                "shared_memory_offset")  # fmt: skip
 
 
+# a request's own parameters for Triton's sequence batcher: a stateful model's
+# correlation; every model here is stateless, so a request that names one is
+# refused (as Triton refuses a correlation id for a model without a sequence
+# batcher), never run as if it were a new sequence's first step
+def refuse_sequence(params: Any, get: Any = None) -> None:
+    """InputError if a request's ``parameters`` ask for a sequence (a
+    non-zero ``sequence_id``, ``sequence_start`` or ``sequence_end`` true).
+    ``get(value)`` reads a parameter's value (gRPC's InferParameter)."""
+    for key in ("sequence_id", "sequence_start", "sequence_end"):
+        if key not in params:
+            continue
+        value = get(params[key]) if get is not None else params[key]
+        if value not in (0, "", False, None):
+            raise InputError(f"parameter {key!r} asks for a sequence (Triton's sequence "
+                             "batching), which this server does not have: its models are "
+                             "stateless; send each request on its own")  # fmt: skip
+
+
 def refuse_extensions(name: Any, params: Any) -> None:
     """InputError if a tensor's ``parameters`` name an extension not served here."""
     for key in _EXTENSIONS:
@@ -148,8 +166,12 @@ def _strings(name: str, items: Sequence[Any]) -> bytes:
         raise InputError(f"{name!r}: a BYTES element is not valid Unicode text") from None
 
 
-def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str, Any], Any]:
-    """A tensor from the JSON encoding: ``data`` flat row-major, or nested."""
+def from_json(
+    name: str, datatype: Any, shape: Any, data: Any, *, bools: bool = True
+) -> tuple[dict[str, Any], Any]:
+    """A tensor from the JSON encoding: ``data`` flat row-major, or nested.
+    ``bools``: whether the request's JSON may hold a ``true`` or ``false`` at
+    all (False: the door saw neither, and the per-value look is skipped)."""
     vd = _vault_dtype(datatype)
     dims = oip_shape(shape)
     n = _count(dims)
@@ -175,6 +197,10 @@ def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str
         return _desc(name, vd, dims), _exact_integers(name, datatype, data, dt)
     if n and arr.dtype.kind not in _KINDS.get(dt.kind, ""):
         raise InputError(f"{name!r}: data holds values that are not {datatype}")
+    if n and bools and dt.kind != "b" and arr.dtype.kind != "b" and _holds_bool(data):
+        # numpy reads [true, 2.5] as [1.0, 2.5]: a bool among numbers is refused,
+        # as a number among a BOOL input's values is
+        raise InputError(f"{name!r}: data holds values that are not {datatype}")
     try:
         with np.errstate(over="raise", invalid="raise"):
             out = arr.astype(dt.newbyteorder("<"), casting="unsafe")
@@ -183,6 +209,10 @@ def from_json(name: str, datatype: Any, shape: Any, data: Any) -> tuple[dict[str
     except (OverflowError, FloatingPointError, ValueError):
         raise InputError(f"{name!r}: a value does not fit {datatype}") from None
     return _desc(name, vd, dims), np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
+
+
+def _holds_bool(data: Any) -> bool:
+    return any(type(x) is bool for x in np.asarray(data, dtype=object).reshape(-1).tolist())
 
 
 def _exact_integers(name: str, datatype: Any, data: Any, dt: np.dtype[Any]) -> Any:
