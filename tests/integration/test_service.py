@@ -92,12 +92,12 @@ class Running:
 
 def start_service(tmp: Path, models: dict[str, Any], *, batchable: tuple[str, ...] = (),
                   keygen: bool = False, wrong_keys: bool = False, user: str | None = None,
-                  **cfg: Any) -> Running:  # fmt: skip
+                  python: str | None = None, **cfg: Any) -> Running:  # fmt: skip
     """The service on ``models``, in this process. ``batchable``: the models
     sealed with the publisher's declaration; ``keygen``: its CURVE keys from
     `vault worker keygen` (the real command); ``wrong_keys``: every worker
     gets a wrong package key (no model can load); ``user``: the workers'
-    ``--user``."""
+    ``--user``; ``python``: the workers' interpreter."""
     sealed = {name: seal_for_test(tmp, m, name=name, batchable=name in batchable)
               for name, m in models.items()}  # fmt: skip
     alice = caller_licence("alice")
@@ -119,11 +119,17 @@ def start_service(tmp: Path, models: dict[str, Any], *, batchable: tuple[str, ..
         curve=(spub, ssec),
         policy=AllowListPolicy({"alice": alice.client_public_key}),
         metrics_port=0,
-        launch=LaunchSpec(publisher=any_sealed.publisher_pub, unsafe_test_keys=keys, user=user),
+        launch=LaunchSpec(
+            publisher=any_sealed.publisher_pub, unsafe_test_keys=keys, user=user, python=python
+        ),  # fmt: skip
         **cfg,
     )
-    svc = WorkerService(config, log=JsonLog(log_stream, level="debug"))
-    ready = svc.start()
+    try:
+        svc = WorkerService(config, log=JsonLog(log_stream, level="debug"))
+        ready = svc.start()
+    except BaseException:
+        log_stream.close()
+        raise
     t = threading.Thread(target=svc.run, name="service-loop", daemon=True)
     t.start()
     return Running(svc, t, ready["endpoint"], ready["server_key"], ready["metrics_port"], alice,
@@ -151,10 +157,52 @@ def test_a_root_service_without_user_says_its_workers_run_as_root(
         assert '"workers_run_as_root"' not in logged
         return
     assert '"workers_run_as_root"' in logged and "--user NAME" in logged
-    # control: the same service told to drop its workers to a user says nothing of it
-    run = start_service(tmp_path, {"a": mlp(seed=0)}, user="nobody")
+    # control: the same service told to drop its workers to a user says nothing of
+    # it (root: a user that can run this interpreter wherever the suite runs)
+    run = start_service(tmp_path, {"a": mlp(seed=0)}, user="root")
     try:
         assert '"workers_run_as_root"' not in run.log_path.read_text()
+    finally:
+        run.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root drops its workers to another user")
+def test_a_workers_user_that_cannot_run_the_install_is_refused_at_start(tmp_path: Path) -> None:
+    """A root service told `--user nobody`, from a venv nobody can read (made
+    from an interpreter under /root, as a newcomer's was), started, and every
+    model read UNAVAILABLE with "worker failed to start (ModuleNotFoundError)"
+    (a worker imports as root, drops to the user, and its next import
+    failed). Now the start is refused, naming the user, the interpreter and
+    the fix. The interpreter here is reached through a directory only root
+    may enter, so nobody cannot run it on any machine. Control: the same
+    service with a workers' user that can run it (root) starts, and serves."""
+    import sysconfig
+
+    # this suite's own install, as a venv in a directory only root may enter
+    venv = tmp_path / "private"
+    venv.mkdir(mode=0o700)
+    (venv / "bin").mkdir()
+    python = venv / "bin" / "python3"
+    python.symlink_to(os.path.realpath(sys.executable))
+    (venv / "pyvenv.cfg").write_text(
+        f"home = {os.path.dirname(os.path.realpath(sys.executable))}\n"
+        "include-system-site-packages = true\n"
+    )
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    if purelib.is_relative_to(sys.prefix) and sys.prefix != sys.base_prefix:
+        site = venv / purelib.relative_to(sys.prefix)
+        site.parent.mkdir(parents=True)
+        site.symlink_to(purelib)
+    with pytest.raises(vault.ConfigError) as err:
+        start_service(tmp_path, {"a": mlp(seed=0)}, user="nobody", python=str(python))
+    words = str(err.value)
+    assert "'nobody' cannot run" in words and str(python) in words, words
+    assert "/usr/bin/python3 -m venv" in words and "Permission denied" in words, words
+    (tmp_path / "b").mkdir()
+    run = start_service(tmp_path / "b", {"a": mlp(seed=0)}, user="root", python=str(python))
+    try:
+        with run.connect("a") as m:
+            assert m.compute({"x": np.ones((1, 8), np.float32)})["logits"].shape[0] == 1
     finally:
         run.stop()
 

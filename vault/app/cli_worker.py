@@ -110,7 +110,9 @@ def register(sub: Any) -> None:
                    "the --bind host; 0 (default): any free port; -1: none (calls stay on "
                    "CURVE)")  # fmt: skip
     s.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S")
-    s.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="S")
+    s.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="the most a call waits (default 60); a worker still busy this long "
+                   "past an abandoned call's deadline is stuck")  # fmt: skip
     s.add_argument("--no-replace-stuck", action="store_true",
                    help="a worker found stuck keeps its slot until it has gone (default: a "
                    "replacement starts at once, the model holding one worker more meanwhile)")  # fmt: skip

@@ -117,6 +117,7 @@ from ..core.errors import (
     WorkerTimeoutError,
     WrongKeyServerError,
 )
+from ..core.launch import blocked_for
 from ..core.licence import Licence, LicenceProof
 from ..core.logs import Log, reason
 from ..core.package import Header, memory_limit, read_header
@@ -392,47 +393,6 @@ def check_worker_code(package_dirs: Sequence[str]) -> None:
             )
 
 
-def blocked_for(path: str, uid: int, gid: int, *, read: bool) -> str | None:
-    """Why user ``uid`` (primary group ``gid``, no other groups: a worker's)
-    cannot reach ``path``, or None: the first directory on the way it may not
-    search, or ``path`` itself it may not execute (``read``: a directory it
-    may not list). By the mode bits (root's ACLs are not looked at)."""
-
-    def allowed(st: os.stat_result, bits: int) -> bool:
-        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-        return (st.st_mode >> shift) & bits == bits
-
-    parts = os.path.abspath(path).split(os.sep)
-    for i in range(1, len(parts) + 1):
-        node = os.sep.join(parts[:i]) or os.sep
-        try:
-            st = os.stat(node)
-        except OSError as exc:
-            return f"{node}: {exc.strerror}"
-        last = i == len(parts)
-        need, what = (5, "list") if last and read else (1, "search")
-        if last and not stat.S_ISDIR(st.st_mode):
-            need, what = (4, "read") if read else (1, "execute")
-        if not allowed(st, need):
-            return (
-                f"it may not {what} {node} (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})"
-            )
-    return None
-
-
-# Finds, never imports, this project's packages: nothing of theirs runs before
-# check_worker_code has looked at their directories and bytecode caches (an
-# import here ran a cache's planted bytecode as the workers' uid).
-_PROBE = (
-    "import sys, json, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') "
-    "if p]; missing = [m for m in ('vault', 'worker', 'numpy', 'onnxruntime', 'zmq', "
-    "'cryptography', 'msgpack') if u.find_spec(m) is None]; "
-    "sys.exit('cannot import ' + ', '.join(missing)) if missing else None; "
-    "print(json.dumps({**{m: list(u.find_spec(m).submodule_search_locations or []) "
-    "for m in ('vault', 'worker')}, 'path': sys.path}))"
-)
-
-
 def check_worker_can_run(
     python: str, sys_path: Sequence[str], *, uid: int, gid: int, user: str
 ) -> list[str]:
@@ -444,28 +404,13 @@ def check_worker_can_run(
     open. Checked by running the interpreter as that user, as a worker is run.
     Returns the directories the workers import this project's packages from
     (``vault``, ``vault/core``, ``worker``), as that interpreter found them."""
-    as_other = os.geteuid() == 0 and uid != 0
-    try:
-        done = subprocess.run(
-            [python, "-I", "-B", "-c", _PROBE, ":".join(sys_path)],
-            user=uid if as_other else None, group=gid if as_other else None,
-            extra_groups=[] if as_other else None, env=launch.worker_env(), cwd="/",
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-        )  # fmt: skip
-        why = None if done.returncode == 0 else (
-            done.stderr.decode(errors="replace").strip().splitlines() or ["exit status"]
-        )[-1][:300]  # fmt: skip
-    except subprocess.TimeoutExpired:
-        why = "it did not finish within 60 s"
-    except OSError as exc:
-        why = exc.strerror or type(exc).__name__
-    if why is None:
+    where, why = launch.probe_install(python, sys_path, uid=uid, gid=gid)
+    if where is not None:
         try:
-            where = json.loads(done.stdout.decode().strip().splitlines()[-1])
             dirs = [os.path.join(d, *parts[1:]) for parts in launch.WORKER_PACKAGES
                     for d in where[parts[0]]]  # fmt: skip
             imports = [p for p in where["path"] if isinstance(p, str) and p]
-        except (ValueError, IndexError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise ConfigError(
                 f"{python}: could not tell where the workers' packages are "
                 "(the interpreter's answer was not understood)"
@@ -484,13 +429,6 @@ def check_worker_can_run(
                         "user) and writable by no one else (deploy/README.md, step 1)"
                     )
         return [d for d in dirs if os.path.isdir(d)]
-    if as_other:
-        for path, read in ((python, False), (os.path.realpath(python), False),
-                           *((p, True) for p in sys_path)):  # fmt: skip
-            blocked = blocked_for(path, uid, gid, read=read)
-            if blocked:
-                why = f"{why}; {blocked}"
-                break
     raise ConfigError(
         f"the workers' user {user!r} cannot run {python} with this install ({why}): the "
         "interpreter, its standard library and the install must be readable by that user "
@@ -500,9 +438,6 @@ def check_worker_can_run(
     )
 
 
-_WORKER_IMPORTS = ("vault", "worker", "numpy", "onnxruntime", "zmq", "cryptography", "msgpack")
-
-
 def _suggestion(python: str, sys_path: Sequence[str]) -> str:
     """Where this daemon's own interpreter finds what the workers import: the
     ``--worker-path`` directories a newcomer had to work out from the source
@@ -510,7 +445,7 @@ def _suggestion(python: str, sys_path: Sequence[str]) -> str:
     import importlib.util
 
     roots: list[str] = []
-    for name in _WORKER_IMPORTS:
+    for name in launch.WORKER_IMPORTS:
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):

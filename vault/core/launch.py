@@ -43,7 +43,10 @@ from .errors import ProtocolError, VaultError, WorkerCrashedError, WorkerTimeout
 __all__ = [
     "MAX_READY_LINE",
     "WORKER_PACKAGES",
+    "WORKER_IMPORTS",
     "WorkerPipes",
+    "blocked_for",
+    "probe_install",
     "WORKER_ENV",
     "code_dir_problem",
     "trusted_groups",
@@ -108,6 +111,90 @@ def worker_command(
         "sys.argv[0] = 'worker'; runpy.run_module('worker', run_name='__main__', alter_sys=True)"
     )
     return [*prefix, py, "-I", "-B", "-c", boot, ":".join(sys_path), *args]
+
+
+def blocked_for(path: str, uid: int, gid: int, *, read: bool) -> str | None:
+    """Why user ``uid`` (primary group ``gid``, no other groups: a worker's)
+    cannot reach ``path``, or None: the first directory on the way it may not
+    search, or ``path`` itself it may not execute (``read``: a directory it
+    may not list). By the mode bits (root's ACLs are not looked at)."""
+
+    def allowed(st: os.stat_result, bits: int) -> bool:
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        return (st.st_mode >> shift) & bits == bits
+
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        node = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(node)
+        except OSError as exc:
+            return f"{node}: {exc.strerror}"
+        last = i == len(parts)
+        need, what = (5, "list") if last and read else (1, "search")
+        if last and not stat.S_ISDIR(st.st_mode):
+            need, what = (4, "read") if read else (1, "execute")
+        if not allowed(st, need):
+            return (
+                f"it may not {what} {node} (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})"
+            )
+    return None
+
+
+# what a worker imports, found (never imported) by probe_install
+WORKER_IMPORTS = ("vault", "worker", "numpy", "onnxruntime", "zmq", "cryptography", "msgpack")
+
+# Finds, never imports, this project's packages: nothing of theirs runs before
+# the daemon's check_worker_code has looked at their directories and bytecode
+# caches (an import here ran a cache's planted bytecode as the workers' uid).
+_PROBE = (
+    "import sys, json, importlib.util as u; sys.path[:0] = [p for p in sys.argv[1].split(':') "
+    f"if p]; missing = [m for m in {WORKER_IMPORTS!r} if u.find_spec(m) is None]; "
+    "sys.exit('cannot import ' + ', '.join(missing)) if missing else None; "
+    "print(json.dumps({**{m: list(u.find_spec(m).submodule_search_locations or []) "
+    "for m in ('vault', 'worker')}, 'path': sys.path}))"
+)
+
+
+def probe_install(
+    python: str, sys_path: Sequence[str], *, uid: int, gid: int
+) -> tuple[dict[str, Any] | None, str]:
+    """Run ``python`` as user ``uid`` (primary group ``gid``, no other
+    groups, the workers' environment), as a worker of that user is run, and
+    find (never import) what a worker imports, ``sys_path`` first: where it
+    found this project's packages and its ``sys.path`` (``(where, "")``), or
+    why it could not (``(None, why)``: the interpreter's last error line, and
+    the first directory on the way that user may not search)."""
+    as_other = os.geteuid() == 0 and uid != os.geteuid()
+    try:
+        done = subprocess.run(
+            [python, "-I", "-B", "-c", _PROBE, ":".join(sys_path)],
+            user=uid if as_other else None, group=gid if as_other else None,
+            extra_groups=[] if as_other else None, env=worker_env(), cwd="/",
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )  # fmt: skip
+        why = "" if done.returncode == 0 else (
+            done.stderr.decode(errors="replace").strip().splitlines() or ["exit status"]
+        )[-1][:300]  # fmt: skip
+    except subprocess.TimeoutExpired:
+        why = "it did not finish within 60 s"
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    if not why:
+        try:
+            where = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            where = None
+        if isinstance(where, dict):
+            return where, ""
+        why = "the interpreter's answer was not understood"
+    if as_other:
+        for path, read in ((python, False), (os.path.realpath(python), False),
+                           *((p, True) for p in sys_path)):  # fmt: skip
+            blocked = blocked_for(path, uid, gid, read=read)
+            if blocked:
+                return None, f"{why}; {blocked}"
+    return None, why
 
 
 def spawn_worker(

@@ -32,13 +32,13 @@ from typing import Any
 import zmq
 
 from vault.core.device import Device
-from vault.core.errors import ProtocolError, WorkerTimeoutError, WrongModelError
-from vault.core.launch import WorkerPipes, read_ready_line, spawn_worker
+from vault.core.errors import ConfigError, ProtocolError, WorkerTimeoutError, WrongModelError
+from vault.core.launch import WorkerPipes, probe_install, read_ready_line, spawn_worker
 from vault.core.licence import Licence
 from vault.core.modelscope import describe
 from vault.core.protocol import PROTOCOL_VERSION, pack_header, raise_for_reply, unpack_header
 
-__all__ = ["Backoff", "Instance", "LaunchSpec", "start_instance"]
+__all__ = ["Backoff", "Instance", "LaunchSpec", "check_workers_user", "start_instance"]
 
 
 @dataclass
@@ -85,6 +85,35 @@ class LaunchSpec:
         raise WrongModelError(
             f"no licence of this service covers model {model_id!r} ({given}); issue one that "
             "does (vault licence issue ID... or --all-models) and send SIGHUP"
+        )
+
+
+def check_workers_user(spec: LaunchSpec) -> None:
+    """A root service's workers drop to ``spec.user``: that user must exist
+    and be able to run the workers' interpreter with this install
+    (:class:`ConfigError` naming what it cannot reach). Before, a venv made
+    from an interpreter under a private home (``/root/.pyenv``) started, and
+    every model was unavailable with "worker failed to start
+    (ModuleNotFoundError)": a worker imports as root, drops to the user, and
+    its next import failed."""
+    if not spec.user or os.geteuid() != 0:
+        return
+    import pwd
+    import sys
+
+    try:
+        pw = pwd.getpwnam(spec.user)
+    except KeyError:
+        raise ConfigError(f"--user {spec.user!r}: no such user on this machine") from None
+    python = spec.python or sys.executable
+    where, why = probe_install(python, (), uid=pw.pw_uid, gid=pw.pw_gid)
+    if where is None:
+        raise ConfigError(
+            f"the workers' user {spec.user!r} cannot run {python} with this install ({why}), "
+            "so no worker could start: the interpreter, its standard library and the install "
+            "must be readable by that user (a venv made from an interpreter under a private "
+            "home, such as /root/.pyenv, is not); make the venv from the system's interpreter "
+            "(/usr/bin/python3 -m venv, deploy/README.md) or leave --user out"
         )
 
 

@@ -85,7 +85,14 @@ from vault.core.token import Token
 from ..server import connection_session, sealed_authenticator, sealed_socket
 from . import batching
 from .calls import VET, Admission, AdmissionPending, CallPolicy, OpenPolicy
-from .instances import Backoff, Instance, LaunchSpec, start_instance, sweep_stale_dirs
+from .instances import (
+    Backoff,
+    Instance,
+    LaunchSpec,
+    check_workers_user,
+    start_instance,
+    sweep_stale_dirs,
+)
 from .logs import JsonLog, reason
 from .metrics import HttpEndpoints, Metrics
 from .repository import Repository
@@ -266,6 +273,7 @@ class WorkerService:
     """See the module docstring."""
 
     def __init__(self, cfg: ServiceConfig, *, log: JsonLog | None = None) -> None:
+        check_workers_user(cfg.launch)  # before anything is opened: a ConfigError leaks nothing
         if not cfg.packages and not cfg.repository:
             raise ConfigError("give packages to serve, or --repository DIR")
         self.cfg = cfg
