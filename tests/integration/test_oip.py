@@ -365,7 +365,8 @@ def test_tritonclient_http_compressed_requests(plane: Plane, algorithm: str) -> 
         inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
         inp.set_data_from_numpy(IMAGE, binary_data=binary)
         res = client.infer("clf", [inp], headers=dict(headers),
-                           request_compression_algorithm=algorithm)  # fmt: skip
+                           request_compression_algorithm=algorithm,
+                           response_compression_algorithm=algorithm)  # fmt: skip
         ref = plane.clf_reference(IMAGE)
         np.testing.assert_array_equal(res.as_numpy("top_indices"), ref["top_indices"])
         np.testing.assert_allclose(res.as_numpy("probs"), ref["probs"], rtol=1e-5)

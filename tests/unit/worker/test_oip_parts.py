@@ -1567,6 +1567,59 @@ def test_a_queued_json_answer_whose_client_left_is_not_written(
         assert len(encoded) == 4 and all(sent[1:])
 
 
+def test_an_answer_is_compressed_as_the_client_accepts() -> None:
+    """tritonclient's response_compression_algorithm (Accept-Encoding: gzip
+    or deflate) had no effect: no answer was ever compressed, where Triton
+    compresses them. Now an answer of 1 KiB or more is sent as the client
+    accepts, JSON or binary (a large one compressed off the event loop), its
+    Inference-Header-Content-Length the uncompressed JSON's; ``q=0`` refuses
+    an encoding; without Accept-Encoding the answer is plain (the control)."""
+    import asyncio
+    import gzip
+    import json
+    import zlib
+
+    from vault.core.protocol import encode_tensors
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp, _accepted
+
+    def scope(value: bytes) -> dict[str, Any]:
+        return {"headers": [(b"accept-encoding", value)]}
+
+    assert _accepted(scope(b"gzip")) == "gzip"
+    assert _accepted(scope(b"deflate, gzip;q=0")) == "deflate"
+    assert _accepted(scope(b"br")) is None and _accepted({"headers": []}) is None
+    a = np.arange(100_000, dtype=np.float32)
+    descs, frames = encode_tensors({"y": a})
+    app = RestApp(DataPlane(object()), max_body=1 << 30)  # type: ignore[arg-type]
+
+    def answer(binary: bool, accept: str | None) -> tuple[dict[bytes, bytes], bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        asyncio.run(app._answer(send, "m", "r1", descs, frames, lambda _n: binary,
+                                licence="alice", accept=accept))  # fmt: skip
+        return dict(sent[0]["headers"]), sent[1]["body"]
+
+    for binary in (False, True):
+        plain_headers, plain = answer(binary, None)
+        assert b"content-encoding" not in plain_headers
+        for accept, inflate in (("gzip", gzip.decompress), ("deflate", zlib.decompress)):
+            headers, body = answer(binary, accept)
+            assert headers[b"content-encoding"] == accept.encode()
+            assert len(body) < len(plain) // 2  # 400 KB of float32 counting up
+            assert inflate(body) == plain
+            assert headers.get(b"inference-header-content-length") == plain_headers.get(
+                b"inference-header-content-length")  # fmt: skip
+        if binary:
+            n = int(plain_headers[b"inference-header-content-length"])
+            np.testing.assert_array_equal(np.frombuffer(plain[n:], np.float32), a)
+        else:
+            assert json.loads(plain)["outputs"][0]["data"][:3] == [0.0, 1.0, 2.0]
+
+
 def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
     """One licence's large JSON answers once queued every other licence's
     behind them (a victim waited 32 s) and held their text until read (40

@@ -40,6 +40,7 @@ import asyncio
 import json
 import re
 import secrets
+import zlib
 from typing import Any
 
 from vault.core.errors import InputError, ProtocolError, VaultError
@@ -77,6 +78,11 @@ MAX_JSON_OUT_VALUES = MAX_DECODED_VALUES
 MAX_JSON_OUT_BYTES = 128 << 20
 _JSON_OUT_INLINE = 1 << 16
 _JSON_OUT_INLINE_BYTES = 1 << 20  # a few long strings are as slow to write as many values
+# answers compressed when the client accepts it (Accept-Encoding: gzip or
+# deflate, tritonclient's response_compression_algorithm), as Triton does:
+# from this size, at zlib's fastest level, in a thread past _COMPRESS_INLINE
+_COMPRESS_FROM = 1 << 10
+_COMPRESS_INLINE = 1 << 16
 _JSON_OUT_AT_ONCE = 2  # large JSON answers being written at once (each its licence's only one)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -309,13 +315,15 @@ class RestApp:
                 body = await self._body(receive, limit, (lic, held))
             state["body_unread"] = False
             await self._infer_vetted(send, model, version, token, header_len, body, limit,
-                                     encoding, receive=receive)  # fmt: skip
+                                     encoding, receive=receive,
+                                     accept=_accepted(scope))  # fmt: skip
         finally:
             self.gate.give_bytes(lic, held[0])
 
     async def _infer_vetted(self, send: Any, model: str, version: str | None, token: Any,
                             header_len: int | None, body: bytes, limit: int,
-                            encoding: bytes = b"", *, receive: Any = None) -> None:  # fmt: skip
+                            encoding: bytes = b"", *, receive: Any = None,
+                            accept: str | None = None) -> None:  # fmt: skip
         received = len(body)
         if _ENCODINGS.get(encoding) is not None:
             # at most MAX_JSON once decompressed (a gzip of 1 GiB of zeros is
@@ -363,11 +371,11 @@ class RestApp:
             model, version, token, descs, frames, outputs, timeout_of(timeout)
         )
         await self._answer(send, model, rid, out_descs, out_frames, binary_out,
-                           licence=token.licence_id, receive=receive)  # fmt: skip
+                           licence=token.licence_id, receive=receive, accept=accept)  # fmt: skip
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
                       frames: list[Any], binary_out: Any, *, licence: str = "",
-                      receive: Any = None) -> None:  # fmt: skip
+                      receive: Any = None, accept: str | None = None) -> None:  # fmt: skip
         values = size = text = 0
         for d, f in zip(descs, frames):
             if not binary_out(str(d.get("name"))):
@@ -387,7 +395,12 @@ class RestApp:
                 "output); the call was served and counts"
             )
         if values <= _JSON_OUT_INLINE and size <= _JSON_OUT_INLINE_BYTES:
-            headers, body = _encode_answer(model, rid, descs, frames, binary_out)
+            headers, body = _answer_body(model, rid, descs, frames, binary_out)
+            if accept and len(body) >= _COMPRESS_FROM:
+                if len(body) <= _COMPRESS_INLINE:
+                    headers, body = _compressed(headers, body, accept)
+                else:  # a large binary answer: off the event loop
+                    headers, body = await asyncio.to_thread(_compressed, headers, body, accept)
             await _send(send, 200, headers, body)
             return
         # off the event loop, in slices; a licence's answers one at a time (its
@@ -410,7 +423,7 @@ class RestApp:
                         return
                     try:
                         headers, body = await asyncio.to_thread(
-                            _encode_answer, model, rid, descs, frames, binary_out
+                            _encode_answer, model, rid, descs, frames, binary_out, accept
                         )
                     finally:
                         self._json_out.release()
@@ -475,8 +488,50 @@ def _values(desc: dict[str, Any]) -> int:
     return n
 
 
+def _accepted(scope: dict[str, Any]) -> str | None:
+    """The compression a request's ``Accept-Encoding`` takes for its answer:
+    "gzip", else "deflate", else None (absent, or refused with ``q=0``)."""
+    ok: set[str] = set()
+    for k, v in scope["headers"]:
+        if k != b"accept-encoding":
+            continue
+        for item in v.decode("latin-1").lower().split(","):
+            name, _, params = item.partition(";")
+            q = params.strip()
+            if q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"):
+                continue
+            ok.add(name.strip())
+    for name in ("gzip", "deflate"):
+        if name in ok:
+            return name
+    return None
+
+
+def _compressed(
+    headers: list[tuple[bytes, bytes]], body: bytes, accept: str
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """``body`` compressed as ``accept`` names ("deflate" is zlib's format, as
+    HTTP means it), with its Content-Encoding header (an
+    Inference-Header-Content-Length keeps the uncompressed JSON's length, as
+    Triton and tritonclient read it)."""
+    c = zlib.compressobj(1, zlib.DEFLATED, 31 if accept == "gzip" else 15)
+    out = c.compress(body) + c.flush()
+    return [*headers, (b"content-encoding", accept.encode())], out
+
+
 def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: list[Any],
-                   binary_out: Any) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
+                   binary_out: Any, accept: str | None = None,
+                   ) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
+    """The answer's headers and body (compressed as ``accept`` names, from
+    :data:`_COMPRESS_FROM` bytes)."""
+    headers, body = _answer_body(model, rid, descs, frames, binary_out)
+    if accept and len(body) >= _COMPRESS_FROM:
+        return _compressed(headers, body, accept)
+    return headers, body
+
+
+def _answer_body(model: str, rid: Any, descs: list[dict[str, Any]], frames: list[Any],
+                 binary_out: Any) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
     outs: list[dict[str, Any]] = []
     blobs: list[Any] = []
     texts: list[tuple[str, str]] = []
