@@ -108,6 +108,10 @@ _LOAD_RETRY_FIRST_S = 1.0  # a model that cannot load is tried again after 1, 2,
 _LOAD_RETRY_CAP_S = 60.0
 VERSION = "1"  # one version per model id: the package the repository holds now
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
+_NO_DECISION_IN_TIME = (
+    "this call's timeout passed while its licence was being checked with the key server "
+    "(a call waits at most its own timeout, and at most --request-timeout): nothing ran"
+)
 
 
 @dataclass
@@ -1042,7 +1046,7 @@ class WorkerService:
             ident, rid, header, frames, mid, caller_key, arrived, deadline, token = parked
             try:
                 if time.monotonic() >= deadline:
-                    raise WorkerTimeoutError("no licence decision for this call in time")
+                    raise WorkerTimeoutError(_NO_DECISION_IN_TIME)
                 if header is None:  # a door's vetting
                     self._vet(ident, arrived)
                     continue
@@ -1059,7 +1063,7 @@ class WorkerService:
                     err: VaultError = (
                         ServiceUnavailableError("the service stopped before this call ran")
                         if all_of_them
-                        else WorkerTimeoutError("no licence decision for this call in time")
+                        else WorkerTimeoutError(_NO_DECISION_IN_TIME)
                     )
                     self._reply(item[0], error_reply(item[1], err))
                 else:
