@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import secrets
@@ -396,15 +397,19 @@ class RestApp:
             )
         if values <= _JSON_OUT_INLINE and size <= _JSON_OUT_INLINE_BYTES:
             headers, body = _answer_body(model, rid, descs, frames, binary_out)
-            if accept and len(body) >= _COMPRESS_FROM:
-                if len(body) <= _COMPRESS_INLINE:
-                    headers, body = _compressed(headers, body, accept)
-                else:  # a large binary answer: off the event loop
-                    headers, body = await asyncio.to_thread(_compressed, headers, body, accept)
-            await _send(send, 200, headers, body)
-            return
-        # off the event loop, in slices; a licence's answers one at a time (its
-        # own queue: one licence's many answers once queued every other
+            if not accept or len(body) < _COMPRESS_FROM:
+                await _send(send, 200, headers, body)
+                return
+            if len(body) <= _COMPRESS_INLINE:
+                await _send(send, 200, *_compressed(headers, body, accept))
+                return
+            # a large binary answer to compress: queued as a large JSON one is
+            work: Any = functools.partial(_compressed, headers, body, accept)
+            del body
+        else:
+            work = functools.partial(_encode_answer, model, rid, descs, frames, binary_out, accept)
+        # off the event loop (JSON in slices); a licence's answers one at a time
+        # (its own queue: one licence's many answers once queued every other
         # licence's behind them, 32 s), and two licences' at once. One whose
         # client goes away while it waits is not written (before, each was
         # encoded and held in full for a connection nobody read any more; it
@@ -422,9 +427,7 @@ class RestApp:
                     if not await _turn(self._json_out, gone):
                         return
                     try:
-                        headers, body = await asyncio.to_thread(
-                            _encode_answer, model, rid, descs, frames, binary_out, accept
-                        )
+                        headers, body = await asyncio.to_thread(work)
                     finally:
                         self._json_out.release()
                 finally:
