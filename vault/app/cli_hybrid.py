@@ -80,7 +80,7 @@ def register(sub: Any) -> None:
     s.add_argument("--calibration", metavar="INPUTS.npz",
                    help=".npz of calibration inputs (NAME -> [K, ...] arrays, one row each): "
                         "the accuracy check runs them, the profile the first (default: made-up "
-                        "inputs, each symbolic dim 1)")  # fmt: skip
+                        "inputs, each symbolic dim 1; --encoding int8 needs real ones)")  # fmt: skip
     s.add_argument("--server-key", help="the tail worker's CURVE public key, recorded for callers")
     s.add_argument("--key-out", help="without a key server: write the package keys here (0600)")
     s.set_defaults(func=_split)
@@ -149,6 +149,9 @@ def _split(args: argparse.Namespace) -> int:
         if args.rtt is None or args.bandwidth is None:
             raise ConfigError("--auto needs --rtt MS and --bandwidth MBIT")
         link = Link(args.rtt, args.bandwidth)
+    elif args.rtt is not None or args.bandwidth is not None or args.alternatives:
+        raise ConfigError("--rtt, --bandwidth and --alternatives are for the planner: "
+                          "with --auto (not with --at)")  # fmt: skip
     at = [[t for t in item.split(",") if t] for item in args.at or []]
 
     ks: Any = None

@@ -336,21 +336,107 @@ def test_wire_encoding_is_checked_and_shrinks_the_cut(
     tmp_path: Path, encoding: str, wire_dtype: str, itemsize: int
 ) -> None:
     desc, keys, _ = _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding=encoding,
-                           max_error=0.5, min_agreement=0.9)  # fmt: skip
+                           max_error=2.0, min_agreement=0.9, calibration=_rows(64))  # fmt: skip
     cut = desc["cuts"][0]
     assert cut["crossing"][0]["encoding"] == encoding
     assert cut["cost"]["bytes_up"] == 64 * itemsize  # hidden 64 at batch 1
     acc = cut["accuracy"]
-    assert acc["checked"] and 0 < acc["max_abs_error"] <= 0.5 and acc["top1_agreement"] >= 0.9
+    assert acc["checked"] and 0 < acc["max_abs_error"] <= 2.0 and acc["top1_agreement"] >= 0.9
     head = onnx.load(tmp_path / "m.split" / cut["head"])
     assert helper.tensor_dtype_to_np_dtype(
         head.graph.output[0].type.tensor_type.elem_type
     ) == np.dtype(wire_dtype)
 
 
+def _rows(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` one-row calibration inputs for :func:`mlp` (as vault split's
+    ``--calibration`` cuts an .npz)."""
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    return [{"x": x[i : i + 1]} for i in range(n)]
+
+
+def test_int8_on_the_wire_needs_real_calibration_inputs(tmp_path: Path) -> None:
+    """int8's scale is the largest value the calibration inputs give: from 8
+    made-up inputs a split was accepted at an error of 0.0068 and was off by
+    0.48 on fresh inputs of the very distribution it had made up. Without
+    calibration inputs int8 is refused, saying what to give; float16 (no
+    scale) still runs its check on made-up ones, and split.json says so."""
+    with pytest.raises(ConfigError, match="int8 on the wire needs real calibration inputs"):
+        _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8")
+    desc, _, _ = _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="float16")
+    assert desc["cuts"][0]["accuracy"]["made_up_inputs"] is True
+    desc, _, _ = _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8",
+                        calibration=_rows(64), max_error=2.0, min_agreement=0.9)  # fmt: skip
+    assert desc["cuts"][0]["accuracy"]["made_up_inputs"] is False
+
+
+def test_top1_agreement_is_counted_over_every_calibration_row() -> None:
+    """vault split --calibration cuts an .npz into one-row inputs, and the
+    agreement was the worst input's: 200 rows with one flipped read 0.0 (and
+    int8 was refused at any --min-agreement), not 0.995."""
+    from vault.hybrid.publish import _compare
+
+    ref = [{"p": np.eye(3, dtype=np.float32)[[i % 3]]} for i in range(200)]
+    got = [dict(r) for r in ref]
+    got[7] = {"p": np.eye(3, dtype=np.float32)[[(7 + 1) % 3]]}
+    assert _compare(ref, got)["top1_agreement"] == pytest.approx(199 / 200)
+    # the control: every row agreeing
+    assert _compare(ref, ref)["top1_agreement"] == 1.0
+
+
+def test_a_graph_output_that_is_an_initializer_splits() -> None:
+    """A model whose output is an initializer (onnxruntime runs it) crashed the
+    cut with a bare KeyError; the constant is now produced in the tail."""
+    labels = numpy_helper.from_array(np.array([3, 1, 4], np.int64), "labels")
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                helper.make_node("Relu", ["h"], ["y"], name="relu")],
+               [_vi("x", ["N", 8])], [_vi("y", ["N", 6]), _vi("labels", [3], TensorProto.INT64)],
+               [_w("w", (8, 6), 1), labels])  # fmt: skip
+    merged, _ = _load_pipeline(m, None, None, None)
+    head, tail, _ = split_graphs(merged, ["h"], policy=Policy(split_points=frozenset({"h"})))
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})
+    mid = ort.InferenceSession(head.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(tail.SerializeToString()).run(["y", "labels"], {"h": mid[0]})
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert [o.name for o in m.graph.output] == ["y", "labels"]
+    assert [t.name for t in m.graph.initializer] == ["w", "labels"]  # the caller's model untouched
+
+
+def test_unnamed_nodes_are_profiled() -> None:
+    """onnx.helper leaves nodes unnamed by default: every such node profiled at
+    0 ms (onnxruntime's events name nodes), so the planner planned on bytes
+    alone. Now each is profiled under its ``#index`` key, and the model is
+    left as it was."""
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                helper.make_node("Relu", ["h"], ["y"])],
+               [_vi("x", [64, 256])], [_vi("y", [64, 256])], [_w("w", (256, 256), 2)])  # fmt: skip
+    prof = profile_model(m, repeats=3)
+    assert set(prof["nodes"]) == {"#0", "#1"}
+    assert prof["nodes"]["#0"] > 0 and sum(prof["nodes"].values()) > 0.5 * prof["run_ms"]
+    assert [n.name for n in m.graph.node] == ["", ""]
+
+
+def test_a_split_refuses_a_link_or_options_that_mean_nothing(tmp_path: Path) -> None:
+    """--bandwidth 0 or -10, --rtt -5 or nan, --alternatives -3 were accepted
+    (a table of inf and nan, an arbitrary choice); a tensor named twice in one
+    cut reached onnxruntime ("Duplicate definition-site")."""
+    for link in (Link(5, 0), Link(5, -10), Link(-5, 10), Link(float("nan"), 10),
+                 Link(5, float("inf"))):  # fmt: skip
+        with pytest.raises(ConfigError, match="finite"):
+            _split(tmp_path, mlp(), link=link, split_points=["h2"])
+    with pytest.raises(ConfigError, match="alternatives"):
+        _split(tmp_path, mlp(), link=Link(5, 10), split_points=["h2"], alternatives=-3)
+    with pytest.raises(ConfigError, match="named twice"):
+        _split(tmp_path, mlp(), at=[["h2", "h2"]], split_points=["h2"])
+    assert not (tmp_path / "m.split").exists()
+
+
 def test_wire_encoding_beyond_the_tolerance_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SealError, match="int8 on the wire is off by up to .* refused, use float32"):
-        _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8", max_error=1e-6)
+        _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8", max_error=1e-6,
+               calibration=_rows(8))  # fmt: skip
 
 
 def test_sealed_artifacts_compose_to_the_whole_pipeline(tmp_path: Path) -> None:
@@ -588,7 +674,8 @@ def test_a_failed_split_writes_nothing_and_keeps_an_earlier_one(tmp_path: Path) 
     out = tmp_path / "m.split"
     # fails after the head and a tail were written (the accuracy check): nothing left
     with pytest.raises(SealError, match="refused, use float32"):
-        _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8", max_error=1e-9)
+        _split(tmp_path, mlp(), at=[["h2"]], split_points=["h2"], encoding="int8", max_error=1e-9,
+               calibration=_rows(8))  # fmt: skip
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.split")]
     # an earlier split at the path: a failure leaves it whole, a success replaces it
