@@ -495,6 +495,39 @@ def _served(m: vault.Model, n: int) -> None:
     raise AssertionError(f"only {done} of {n} calls were served")
 
 
+def test_a_caller_never_reads_where_the_key_server_is(service: Svc) -> None:
+    """With the key server down, a caller's call was answered with the key
+    client's own words, "no answer from key server tcp://HOST:PORT ...": a
+    web page's script (through the REST door) read the vendor's back-end
+    address. The caller now reads that the service cannot reach its licence
+    server, typed as before (KeyServerUnavailableError), and nothing of where
+    it is; the words the service got (the control) held the address."""
+    said: list[str] = []
+
+    def down(*_a: Any) -> Any:
+        exc = vault.KeyServerUnavailableError(
+            "no answer from key server tcp://10.9.8.7:7700 within 10s: nothing listens"
+        )
+        said.append(str(exc))
+        raise exc
+
+    with service.connect(service.caller(holder="dora")) as m:
+        m.compute({"x": X})  # known to the service, its decision held for a lease
+        service.faulty.ask = down
+        deadline = time.monotonic() + 60
+        while True:  # served until its decision is due again, then refused
+            try:
+                m.compute({"x": X})
+            except vault.KeyServerUnavailableError as exc:
+                err = exc
+                break
+            assert time.monotonic() < deadline, "never asked the key server again"
+            time.sleep(0.05)
+    assert said and "10.9.8.7" in said[0]  # what the service was told
+    assert "10.9.8.7" not in str(err) and "7700" not in str(err), err
+    assert "licence server" in str(err)
+
+
 def test_a_failed_renewal_loses_no_call_and_refunds_the_rest(service: Svc) -> None:
     # issue 17, item 7: a call licence of 20 calls, 7 served around two
     # failed renewals (one whose answer was lost after the key server counted

@@ -149,7 +149,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             },
             # and the all-server cut: no head, the page sends its input
             "f16": {"at": [["p1"], ["(inputs)"]], "encoding": "float16"},
-            "q8": {"at": [["p1"]], "encoding": "int8", "max_error": 0.2},
+            # int8 needs real calibration inputs: images as the page sends
+            "q8": {
+                "at": [["p1"]],
+                "encoding": "int8",
+                "max_error": 0.2,
+                "calibration": [
+                    {
+                        "image": np.random.default_rng(100 + s).integers(
+                            0, 256, IMAGE.shape, np.uint8
+                        )
+                    }
+                    for s in range(16)
+                ],
+            },
         }.items():
             res = split(net, pre=pre, post=post, model_id=f"clf-{name}", signing_key=pk,
                         output_dir=d / f"{name}.split", split_points=["p1", "f"],
@@ -250,6 +263,25 @@ def test_the_page_computes_what_onnxruntime_computes(stack: Stack, name: str, cu
     # what crossed: the encoded cut tensor, not the image
     assert crossing["encoding"] == {"f32": "float32", "f16": "float16", "q8": "int8"}[name]
     assert res["info"]["stats"]["bytesUp"] < IMAGE.nbytes
+
+
+@pytest.mark.parametrize("cut", ["c0", "c1"])
+def test_an_input_whose_values_do_not_fill_its_dims_is_the_vaults_input_error(
+    stack: Stack, cut: str
+) -> None:
+    """100 values for dims that need 6,240 reached onnxruntime-web, whose own
+    Error ("Tensor's size(...) does not match data length(100)") the page got,
+    no VaultError; now the vault's InputError, before any head runs, on the
+    head-in-the-page cut and the all-server one alike (the full input, in the
+    tests above, computes)."""
+    res = stack.shared().evaluate(_COMPUTE, {
+        "split": "/models/f16.split/", "server": stack.rest, "tokens": stack.tokens("f16"),
+        "image": IMAGE.reshape(-1)[:100].tolist(), "dims": list(IMAGE.shape), "cut": cut,
+        "calls": 1,
+    })  # fmt: skip
+    err = res["out"][0]["error"]
+    assert err["name"] == "InputError" and err["code"] == "bad_input", err
+    assert "100 values" in err["message"] and str(IMAGE.size) in err["message"], err
 
 
 def _tail_secrets(stack: Stack) -> list[bytes]:

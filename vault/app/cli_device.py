@@ -50,6 +50,9 @@ def _enroll(args: argparse.Namespace) -> int:
 
     # DIR (on the device) or a copy of its device.pub (on the admin's machine):
     # enrolment needs the public key only; the key server checks id and key agree
+    if not os.path.exists(args.dir):
+        raise ConfigError(f"{args.dir}: no such device directory (nor a copy of its device.pub): "
+                          f"make the device first, vault device init {args.dir}")  # fmt: skip
     on_device = os.path.isdir(args.dir)
     if on_device:
         pub = Device.load_public(args.dir)

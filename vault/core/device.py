@@ -144,6 +144,10 @@ class Device:
             with open(path, "rb") as fh:
                 obj = json.loads(fh.read())
             return {"device_id": str(obj["device_id"]), "public_key": str(obj["public_key"])}
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{path}: no device's public key here (vault device init DIR makes a device)"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: cannot read the device's public key") from exc
 

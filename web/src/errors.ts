@@ -13,7 +13,8 @@
  *     │   ├── QuotaExhaustedError (quota_exhausted)  the licence's quota
  *     │   │   └── TokenSpentError (token_spent)    the token's own call budget
  *     │   └── RateLimitedError (rate_limited)      retryAfter: seconds
- *     ├── UnavailableError     (unavailable)      the service cannot be reached
+ *     ├── UnavailableError     (unavailable, timeout, request_timeout, keyserver*)
+ *     │                                           the service (or its licence server) cannot be reached
  *     └── ComputeError         (compute)          the head or the tail failed
  */
 
@@ -55,6 +56,12 @@ const BY_CODE: Record<string, ErrorClass> = {
   compute: ComputeError,
   unavailable: UnavailableError,
   timeout: UnavailableError,
+  request_timeout: UnavailableError,
+  keyserver: UnavailableError,
+  keyserver_unavailable: UnavailableError,
+  not_found: ConfigError,
+  method_not_allowed: ConfigError,
+  unsupported_encoding: ConfigError,
   worker: ComputeError,
   worker_crashed: ComputeError,
   unknown_model: ConfigError,
@@ -73,8 +80,9 @@ const BY_CODE: Record<string, ErrorClass> = {
   rate_limited: RateLimitedError,
 };
 
-/** The error class for a wire code (VaultError for a code this client does not know). */
+/** The error class for a wire code; a code this client does not know is
+ * classed by its HTTP status (5xx: UnavailableError), else VaultError. */
 export function errorFor(code: string, message: string, status?: number, retryAfter?: number): VaultError {
-  const cls = BY_CODE[code] ?? VaultError;
+  const cls = BY_CODE[code] ?? (status !== undefined && status >= 500 ? UnavailableError : VaultError);
   return new cls(message, code, status, retryAfter);
 }

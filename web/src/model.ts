@@ -209,6 +209,15 @@ export class SplitModel {
           shape.some((d, i) => typeof d === "number" && d !== dims[i]))) {
         throw new InputError(`input '${name}' has shape [${dims}], the model takes [${shape}]`, "bad_input");
       }
+      if (!(v instanceof ort.Tensor)) {
+        // said here, as the vault's InputError (onnxruntime-web's own Error named no input)
+        const want = dims.reduce((a, d) => a * d, 1);
+        const have = (v.data as { length?: number }).length;
+        if (!dims.every((d) => Number.isInteger(d) && d >= 0) || have !== want) {
+          throw new InputError(
+            `input '${name}' holds ${have} values, its dims [${dims}] need ${want}`, "bad_input");
+        }
+      }
       out[name] = v instanceof ort.Tensor ? v : new ort.Tensor(type as ort.Tensor.Type, v.data as ort.Tensor.DataType, dims);
     }
     return out;

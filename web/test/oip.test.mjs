@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { OipClient, fromBytes, toBytes } from "../dist/oip.js";
-import { QuotaExhaustedError, TokenExpiredError, TokenSpentError, UnavailableError } from "../dist/errors.js";
+import { ConfigError, QuotaExhaustedError, TokenExpiredError, TokenSpentError, UnavailableError } from "../dist/errors.js";
 
 const CASES = [
   ["float32", new Float32Array([1.5, -2, 3e38])],
@@ -73,4 +73,9 @@ test("errors are the vault's typed errors, with Retry-After", async () => {
   assert.ok(err instanceof QuotaExhaustedError && err.retryAfter === 3 && err.status === 429 && err.message === "no");
   const down = service(async () => { throw new TypeError("Failed to fetch"); });
   await assert.rejects(new OipClient("http://h", "t", down).infer("m", x), UnavailableError);
+  // the service up but its licence server not: a retryable UnavailableError
+  // (it was a bare VaultError), and so is a 5xx code this client does not know
+  await assert.rejects(new OipClient("http://h", "t", answer(503, "keyserver_unavailable")).infer("m", x), UnavailableError);
+  await assert.rejects(new OipClient("http://h", "t", answer(503, "some_new_code")).infer("m", x), UnavailableError);
+  await assert.rejects(new OipClient("http://h", "t", answer(404, "not_found")).infer("m", x), ConfigError);
 });

@@ -258,6 +258,18 @@ class _Bucket:
 _LICENCE_WIDE = frozenset(("licence_revoked", "licence_expired", "licence_unknown"))
 
 
+def _for_caller(exc: VaultError) -> VaultError:
+    """What a caller reads of a failed request to the key server: its own
+    refusal as it is, but of a key server the service cannot reach only that
+    (the key client's words name its address, which reached a web page's
+    script through the REST door), typed as before."""
+    if isinstance(exc, KeyServerUnavailableError):
+        return KeyServerUnavailableError(
+            "this service cannot reach its licence server right now: try again shortly"
+        )
+    return exc
+
+
 def _new_id() -> str:
     return os.urandom(12).hex()
 
@@ -574,7 +586,7 @@ class CallLicencePolicy(_Usage):
             except VaultError as exc:
                 with self._lock:  # refused for a moment: the next request asks again
                     self._probes[key] = _Probe(False, self._clock() - _PROBE_TTL + 1.0,
-                                               error=exc.to_wire())  # fmt: skip
+                                               error=_for_caller(exc).to_wire())  # fmt: skip
             finally:
                 with self._lock:
                     self._fetching.discard(pair)
@@ -785,8 +797,9 @@ class CallLicencePolicy(_Usage):
                 # a short-lived refusal, so the next call tries again
                 self._decisions[(key, model_id)] = _Decision(
                     key, model_id, now, min(1.0, (old.ttl if old else 1.0)), False,
-                    error=(exc if isinstance(exc, KeyServerError)
-                           else KeyServerUnavailableError(str(exc))).to_wire(), retired=True,
+                    error=_for_caller(exc if isinstance(exc, KeyServerError)
+                                      else KeyServerUnavailableError(str(exc))).to_wire(),
+                    retired=True,
                 )  # fmt: skip
             self._notify(key, model_id)
             return
