@@ -187,6 +187,9 @@ class CutGraph:
                 for n in self.reads[i]
             )
         self._types = self._infer_types()
+        # each tensor's shape in one run (observe_shapes): the sizes of dims
+        # inference left unknown, for what a row of it costs on the wire
+        self.observed: dict[str, tuple[int, ...]] = {}
 
     # -- types ------------------------------------------------------------------------
 

@@ -239,6 +239,8 @@ def cut_options(
     when one is given (what ``vault split`` without ``--at``/``--auto`` prints)."""
     merged, stages = _load_pipeline(model, pre, post, io_map)
     g = CutGraph(merged)
+    if not _sealing._too_big(merged):
+        _observe_shapes(g, None)
     return _options(g, _policy(g, stages, split_points, protect_from))
 
 
@@ -265,21 +267,55 @@ def _short_list(names: Sequence[str], limit: int = 12) -> str:
 
 
 def _nbytes(g: CutGraph, name: str, itemsize: int | None = None) -> int:
-    """Bytes of one row of ``name`` (symbolic dims count as 1); 0 for what has no
+    """Bytes of one row of ``name`` (the first dim counts as 1, as do other
+    symbolic ones no run observed: :func:`_observe_shapes`); 0 for what has no
     tensor type (a ZipMap's sequence of maps): the same for every cut."""
     if not g.typed(name):
         return 0
     vi = g.value_info(name)
     tt = vi.type.tensor_type
+    seen = g.observed.get(name)
     n = 1
-    for d in tt.shape.dim:
-        n *= d.dim_value if d.HasField("dim_value") else 1
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            n *= d.dim_value
+        elif i and seen is not None and len(seen) == len(tt.shape.dim):
+            n *= seen[i]  # an inner dim inference left unknown: as one run had it
     if itemsize is None:
         try:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
         except Exception:  # noqa: BLE001 - strings: counted as nothing
             itemsize = 0
     return n * itemsize
+
+
+def _observe_shapes(g: CutGraph, feeds: Mapping[str, Any] | None) -> None:
+    """Run the model once on ``feeds`` (default: made-up ones) and record the shape of each
+    tensor whose inner dims inference left unknown (skl2onnx's [N, ?]
+    scaled features read as 4 bytes a row where they were 4,000: the
+    planner shipped them on a 0.1 Mbit/s link). Nothing recorded if the run
+    fails: those dims count as 1, as before."""
+    names = []
+    for i, n in enumerate(g.nodes):
+        if not g.dynamic[i]:
+            continue
+        for o in n.output:
+            if o and g.typed(o):
+                dims = g.value_info(o).type.tensor_type.shape.dim
+                if any(not d.HasField("dim_value") for d in list(dims)[1:]):
+                    names.append(o)
+    if not names:
+        return
+    try:
+        if feeds is None:
+            feeds = example_inputs(g.model)
+        got = _ort_run(_session(_with_outputs(g, names)), feeds, names)
+    except Exception:  # noqa: BLE001 - a model that needs other inputs: nothing learnt
+        return
+    for name in names:
+        shape = getattr(got.get(name), "shape", None)
+        if shape is not None:
+            g.observed[name] = tuple(int(d) for d in shape)
 
 
 def _cost(
@@ -499,6 +535,8 @@ def split(
     elif client_costs is not None:
         client_nodes = _align_profile(client_nodes, g, stages, log)
 
+    if not big:  # what a row of each cut tensor weighs, where inference cannot say
+        _observe_shapes(g, calibration[0] if calibration else None)
     table = None
     if link is not None:
         skipped: list[str] = []

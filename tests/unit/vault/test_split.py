@@ -418,6 +418,37 @@ def test_unnamed_nodes_are_profiled() -> None:
     assert [n.name for n in m.graph.node] == ["", ""]
 
 
+def test_a_cut_tensor_whose_inner_dims_inference_leaves_unknown_is_weighed_as_it_runs(
+    tmp_path: Path,
+) -> None:
+    """skl2onnx's StandardScaler output reads [N, ?] to shape inference, and
+    the planner counted it as 4 bytes a row where it is 4,000: on a 0.1
+    Mbit/s link it shipped the scaled features rather than the
+    probabilities. Its inner dims are now taken from one run of the model
+    (the listing says 4,000, and the planner ships a cut of a few bytes)."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from vault.hybrid.publish import cut_options
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 1000)).astype(np.float32)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=50))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = to_onnx(clf.fit(x, rng.integers(0, 3, 200)), x[:1])
+    merged, _ = _load_pipeline(m, None, None, None)
+    scaled = CutGraph(merged).value_info("variable").type.tensor_type.shape.dim
+    assert not scaled[1].HasField("dim_value")  # what inference says: [N, ?]
+    line = next(x for x in cut_options(m).table().splitlines() if x.split()[:1] == ["variable"])
+    assert " 4000 " in line, line  # the listing's bytes/row
+    desc, _, _ = _split(tmp_path, m, link=Link(1, 0.1), protect_from=["probabilities"])
+    cut = desc["cuts"][0]
+    assert cut["at"] != ["variable"] and cut["cost"]["bytes_up"] < 100, cut  # a narrow cut
+
+
 def test_a_split_refuses_a_link_or_options_that_mean_nothing(tmp_path: Path) -> None:
     """--bandwidth 0 or -10, --rtt -5 or nan, --alternatives -3 were accepted
     (a table of inf and nan, an arbitrary choice); a tensor named twice in one
