@@ -263,6 +263,20 @@ class CutGraph:
     def known_tensor(self, name: str) -> bool:
         return name in self.producer or name in self.inputs
 
+    def fresh(self, name: str) -> str:
+        """``name``, or it with ``_`` added until no tensor, input or weight of
+        the model has it (a model tensor named ``r__f16`` collided with the
+        wire's own, and onnxruntime refused the head: "Duplicate definition")."""
+        while self.known_tensor(name) or name in self.inits:
+            name += "_"
+        return name
+
+    def wire_name(self, tensor: str, encoding: str) -> str:
+        """The name ``tensor`` crosses under in ``encoding`` (:func:`wire_name`,
+        made :meth:`fresh`)."""
+        w = wire_name(tensor, encoding)
+        return w if w == tensor else self.fresh(w)
+
     # -- cutting --------------------------------------------------------------------------
 
     def _path_str(self, names: Sequence[str]) -> str:
@@ -540,7 +554,7 @@ def _wire_nodes(
         if enc == "float32" or g.elem_type(t) != TensorProto.FLOAT:
             infos.append(g.value_info(t))
             continue
-        w = wire_name(t, enc)
+        w = g.wire_name(t, enc)
         src, dst = (t, w) if encode else (w, t)
         vi = g.value_info(t, w)
         if enc == "float16":
@@ -548,7 +562,7 @@ def _wire_nodes(
             nodes.append(helper.make_node("Cast", [src], [dst], to=to, name=f"{prefix}/{w}"))
             vi.type.tensor_type.elem_type = TensorProto.FLOAT16
         else:
-            s, z = f"{prefix}/{t}/scale", f"{prefix}/{t}/zero"
+            s, z = g.fresh(f"{prefix}/{t}/scale"), g.fresh(f"{prefix}/{t}/zero")
             inits.append(helper.make_tensor(s, TensorProto.FLOAT, [], [float(wire[t]["scale"])]))
             inits.append(helper.make_tensor(z, TensorProto.INT8, [], [0]))
             op = "QuantizeLinear" if encode else "DequantizeLinear"

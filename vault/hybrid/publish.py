@@ -50,7 +50,7 @@ from ..core.files import write_private_file
 from ..core.graphs import onnx_type_name
 from ..core.ortvalues import run as _ort_run
 from ..core.protocol import ORTVALUE_DTYPES
-from .cut import Cut, CutGraph, Policy, node_key, wire_name
+from .cut import Cut, CutGraph, Policy, node_key
 from .plan import CutCost, Link, format_table, plan
 from .profile import REAL_INPUTS_HINT, cannot_run, example_inputs, profile_model
 
@@ -809,7 +809,7 @@ def _write_cut(
         vi = g.value_info(t)
         w = wire.get(t, {})
         enc = w.get("encoding", "float32") if vi.type.tensor_type.elem_type == 1 else None
-        d = {**_sealing._describe(vi), "wire_name": wire_name(t, enc or "float32")}
+        d = {**_sealing._describe(vi), "wire_name": g.wire_name(t, enc or "float32")}
         d["encoding"] = enc or d["dtype"]
         if "scale" in w:
             d["scale"] = w["scale"]

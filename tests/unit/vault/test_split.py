@@ -449,6 +449,22 @@ def test_a_cut_tensor_whose_inner_dims_inference_leaves_unknown_is_weighed_as_it
     assert cut["at"] != ["variable"] and cut["cost"]["bytes_up"] < 100, cut  # a narrow cut
 
 
+def test_a_model_tensor_named_as_the_wire_would_name_its_own_does_not_collide(
+    tmp_path: Path,
+) -> None:
+    """A model tensor named ``h2__f16`` (what a float16 cut at ``h2`` crosses
+    as) made onnxruntime refuse the head ("Duplicate definition of name"):
+    the wire's names are now made fresh, and split.json says which."""
+    m = mlp()
+    for n in m.graph.node:  # h3 becomes h2__f16
+        n.input[:] = ["h2__f16" if i == "h3" else i for i in n.input]
+        n.output[:] = ["h2__f16" if o == "h3" else o for o in n.output]
+    desc, _, _ = _split(tmp_path, m, at=[["h2"]], split_points=["h2"], encoding="float16")
+    crossing = desc["cuts"][0]["crossing"][0]
+    assert crossing["wire_name"] == "h2__f16_" and crossing["encoding"] == "float16", crossing
+    assert desc["cuts"][0]["accuracy"]["max_abs_error"] < 0.05
+
+
 def test_a_split_refuses_a_link_or_options_that_mean_nothing(tmp_path: Path) -> None:
     """--bandwidth 0 or -10, --rtt -5 or nan, --alternatives -3 were accepted
     (a table of inf and nan, an arbitrary choice); a tensor named twice in one
