@@ -160,6 +160,9 @@ def test_hybrid_equals_in_process_onnxruntime_for_every_shipped_cut(deployed: An
             assert "ONNXRuntime" not in str(e.value) and "INVALID_ARGUMENT" not in str(e.value)
             with pytest.raises(vault.InputError, match="takes a dict of input name"):
                 m.compute(x)  # type: ignore[arg-type]
+            # a str where an array goes: said as a str (it read "is str160")
+            with pytest.raises(vault.InputError, match="'image' is str; the model takes a uint8"):
+                m.compute({"image": "a picture"})
             assert m.compute({"image": x})["probs"].shape == (4, 5)  # still serving
 
 

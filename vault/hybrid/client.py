@@ -88,6 +88,10 @@ def _check_tensor(name: str, value: Any, dtype: str, shape: tuple[Any, ...]) -> 
     if dtype == "string":
         if arr.dtype.kind not in "OUS":
             raise InputError(f"input {name!r} is {arr.dtype.name}; the model takes strings")
+    elif arr.dtype.kind in "OUS":  # a str, bytes or objects: not numbers at all
+        what = (type(value).__name__ if arr.ndim == 0
+                else "strings" if arr.dtype.kind in "US" else "Python objects")  # fmt: skip
+        raise InputError(f"input {name!r} is {what}; the model takes a {dtype} array")
     elif arr.dtype != want:
         assert want is not None
         how = (
