@@ -359,19 +359,31 @@ def test_tritonclient_http_compressed_requests(plane: Plane, algorithm: str) -> 
     refused without the door's memory growing by it; another encoding is
     415."""
     import gzip
+    import zlib
 
     client, headers = plane.http(plane.token("alice", "clf"))
+    # 64 rows: an answer past 1 KiB, so it comes back compressed as asked
+    # (tritonclient's response_compression_algorithm: Accept-Encoding)
+    image = np.tile(IMAGE, (32, 1))
     for binary in (True, False):
-        inp = tritonhttp.InferInput("image", list(IMAGE.shape), "UINT8")
-        inp.set_data_from_numpy(IMAGE, binary_data=binary)
+        inp = tritonhttp.InferInput("image", list(image.shape), "UINT8")
+        inp.set_data_from_numpy(image, binary_data=binary)
         res = client.infer("clf", [inp], headers=dict(headers),
                            request_compression_algorithm=algorithm,
                            response_compression_algorithm=algorithm)  # fmt: skip
-        ref = plane.clf_reference(IMAGE)
+        ref = plane.clf_reference(image)
         np.testing.assert_array_equal(res.as_numpy("top_indices"), ref["top_indices"])
         np.testing.assert_allclose(res.as_numpy("probs"), ref["probs"], rtol=1e-5)
     client.close()
     alice = plane.token("alice", "clf")
+    request = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8",
+                                      "shape": list(image.shape),
+                                      "data": image.reshape(-1).tolist()}]}).encode()  # fmt: skip
+    status, _, body = _post_raw(plane, alice, request, {"Accept-Encoding": algorithm})
+    inflate = gzip.decompress if algorithm == "gzip" else zlib.decompress
+    assert status == 200
+    answer = json.loads(inflate(body))  # compressed: plain JSON would not inflate
+    assert answer["outputs"][0]["shape"][0] == 64
     bomb = gzip.compress(b"[" + b" " * (100 << 20) + b"]", 9)
     pid = plane.proc.pid
     before = _reset_peak(pid)

@@ -99,12 +99,21 @@ def _load_pipeline(
     return _produce_constant_outputs(merged), [n for n, _ in stages]
 
 
+_INT8_NEEDS_CALIBRATION = (
+    "int8 on the wire needs real calibration inputs (calibration=..., vault split "
+    "--calibration INPUTS.npz; a few hundred rows): its scale is the largest value "
+    "they give, and made-up inputs neither bound real ones nor measure the error"
+)
+
+
 def _produce_constant_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """A graph output that is an initializer (onnxruntime runs such a model)
-    gets a node producing it: the initializer renamed, an ``Identity`` first
-    in the graph giving the output's name (its readers read that). Before, the
-    cut's walk back from the outputs found no producer: a bare KeyError.
-    ``model`` itself is left as it is (a copy is changed)."""
+    gets a node producing it: the initializer renamed (its readers, sub-graphs'
+    included, read it under the new name) and an ``Identity`` last in the
+    graph giving the output's name, so no other node's index moves (an
+    unnamed node's cost is keyed by it). Before, the cut's walk back from the
+    outputs found no producer: a bare KeyError. ``model`` itself is left as
+    it is (a copy is changed)."""
     inputs = {i.name for i in model.graph.input}
     names = {t.name for t in model.graph.initializer}
     if not any(o.name in names and o.name not in inputs for o in model.graph.output):
@@ -121,9 +130,27 @@ def _produce_constant_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
             new += "_"
         taken.add(new)
         inits[o.name].name = new
-        m.graph.node.insert(0, onnx.helper.make_node("Identity", [new], [o.name],
-                                                     name=f"{o.name}__const_out"))  # fmt: skip
+        _rename_reads(m.graph, o.name, new)
+        m.graph.node.append(onnx.helper.make_node("Identity", [new], [o.name],
+                                                  name=f"{o.name}__const_out"))  # fmt: skip
     return m
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every node of ``graph`` and of its sub-graphs reads ``new`` where it read
+    ``old`` (a sub-graph that defines ``old`` itself keeps its own)."""
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        for attr in node.attribute:
+            subs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subs:
+                own = (
+                    {i.name for i in sub.input}
+                    | {t.name for t in sub.initializer}
+                    | {o for n in sub.node for o in n.output}
+                )
+                if old not in own:
+                    _rename_reads(sub, old, new)
 
 
 def _align_profile(
@@ -279,7 +306,7 @@ def _nbytes(g: CutGraph, name: str, itemsize: int | None = None) -> int:
     for i, d in enumerate(tt.shape.dim):
         if d.HasField("dim_value"):
             n *= d.dim_value
-        elif i and seen is not None and len(seen) == len(tt.shape.dim):
+        elif i and seen is not None and len(seen) == len(tt.shape.dim) and seen[i] > 0:
             n *= seen[i]  # an inner dim inference left unknown: as one run had it
     if itemsize is None:
         try:
@@ -488,6 +515,8 @@ def split(
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,100}$", model_id):
         raise SealError(f"model id {model_id!r}: use 1-100 letters, digits, '.', '_', ':' or '-'")
     merged, stages = _load_pipeline(model, pre, post, io_map)
+    if calibration is None and encoding == "int8" and not _sealing._too_big(merged):
+        raise ConfigError(_INT8_NEEDS_CALIBRATION)
     g = CutGraph(merged)
     resolve = _resolver(g, stages)
     policy = _policy(g, stages, split_points, protect_from)
@@ -554,15 +583,11 @@ def split(
         chosen = named
 
     made_up = calibration is None
-    if made_up and encoding == "int8" and not big:
+    if made_up and encoding == "int8" and not big:  # (checked before any run, too)
         # its scale is the largest value the calibration inputs give: made-up
         # ones bound nothing real (a split accepted at 0.0068 was off by 0.48 on
         # fresh inputs of the very distribution it made up)
-        raise ConfigError(
-            "int8 on the wire needs real calibration inputs (calibration=..., vault split "
-            "--calibration INPUTS.npz; a few hundred rows): its scale is the largest value "
-            "they give, and made-up inputs neither bound real ones nor measure the error"
-        )
+        raise ConfigError(_INT8_NEEDS_CALIBRATION)
     if calibration is None and not big:
         calibration = [example_inputs(merged, seed=s) for s in range(8)]
         if encoding != "float32":

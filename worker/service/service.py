@@ -1438,6 +1438,12 @@ class WorkerService:
                     # recovered, but its place is taken: sent nothing more, and
                     # ended once what it holds is answered (or past its time)
                     inst.stuck = inst.drained = True
+                elif inst.replaced and not inst.stuck and inst.index not in m.starting \
+                        and not self._successor(m, inst):  # fmt: skip
+                    # recovered, and its replacement failed to start: it keeps its
+                    # slot (no retry beside it), and may be replaced again
+                    inst.replaced = False
+                    m.restart_at.pop(inst.index, None)
                 if not inst.stuck:
                     continue
                 if inst.ending:

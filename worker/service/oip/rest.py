@@ -365,7 +365,8 @@ class RestApp:
             raise InputError("parameter 'timeout' is a number of microseconds")
         # the memory rule on what the caller sent (compressed, if it was), not on
         # what it asked the door to inflate
-        bools = b"true" in head or b"false" in head
+        # (a JSON that is not UTF-8, which json.loads also reads: looked at too)
+        bools = b"true" in head or b"false" in head or json.detect_encoding(head) != "utf-8"
         descs, frames = _inputs(req.get("inputs"), binary, received, bools=bools)
         outputs, binary_out = _outputs(req, params)
         out_descs, out_frames = await self.plane.infer(
@@ -615,7 +616,8 @@ def _inputs(
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InputError(f"{name!r}: binary_data_size is a byte count")
-            if "data" in it:  # which one is the input? neither is guessed
+            if it.get("data") is not None:  # which one is the input? neither is guessed
+                # (KServe's client sends "data": null beside an empty tensor's size)
                 raise InputError(f"{name!r}: give data or binary_data_size, not both")
             if at + size > len(binary):
                 raise InputError(f"{name!r}: binary data runs past the end of the body")
