@@ -373,7 +373,7 @@ def test_a_stuck_workers_model_serves_other_callers_from_a_replacement(
                     assert worker.alive()
                 else:
                     with pytest.raises(vault.WorkerTimeoutError):
-                        c.compute({"x": x})  # before: nobody serves carol
+                        c.compute({"x": x}, timeout=6.0)  # before: nobody serves carol
                     assert [i.pid for i in s.svc.models["m"].instances] == [worker.pid]
             finally:
                 os.kill(worker.pid, signal.SIGCONT)
