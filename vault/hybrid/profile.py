@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -170,18 +171,34 @@ def profile_model(
     ending with ``hint`` (how to give real ones)."""
     if repeats < 1:
         raise ConfigError("repeats must be at least 1")
-    # an unnamed node (onnx.helper's default) is named as its cost is recorded
-    # (``#index``) in the session profiled: onnxruntime's events name nodes,
-    # and every unnamed one's time went to none (a whole model at 0 ms)
+    with _nodes_named(model):
+        return _profile(model, repeats, threads, feeds, hint)
+
+
+@contextlib.contextmanager
+def _nodes_named(model: onnx.ModelProto) -> Iterator[None]:
+    """Each unnamed node (onnx.helper's default) named as its cost is recorded
+    (``#index``) while profiled, and unnamed again after: onnxruntime's events
+    name nodes, and every unnamed one's time went to none (a model at 0 ms)."""
     unnamed = [n for n in model.graph.node if not n.name]
     for i, n in enumerate(model.graph.node):
         if not n.name:
             n.name = node_key(n, i)
     try:
-        data = model.SerializeToString()
+        yield
     finally:
         for n in unnamed:
             n.name = ""
+
+
+def _profile(
+    model: onnx.ModelProto,
+    repeats: int,
+    threads: int | None,
+    feeds: Mapping[str, Any] | None,
+    hint: str,
+) -> dict[str, Any]:
+    data = model.SerializeToString()
     inputs = dict(feeds) if feeds is not None else example_inputs(model)
     # whole runs, without the profiler's own overhead
     plain = _session(data, threads, None)
@@ -208,14 +225,7 @@ def profile_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     keys = [node_key(n, i) for i, n in enumerate(model.graph.node)]
-    for n, k in zip(model.graph.node, keys):
-        if not n.name:
-            n.name = k  # as in the session profiled, for the lookups below
-    try:
-        return _per_node(model, keys, events, walls, repeats, threads)
-    finally:
-        for n in unnamed:
-            n.name = ""
+    return _per_node(model, keys, events, walls, repeats, threads)
 
 
 def _per_node(

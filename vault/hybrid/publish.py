@@ -99,7 +99,7 @@ def _load_pipeline(
     return _produce_constant_outputs(merged), [n for n, _ in stages]
 
 
-_INT8_NEEDS_CALIBRATION = (
+_INT8_NEEDS_CALIBRATION = (  # said once, before any run
     "int8 on the wire needs real calibration inputs (calibration=..., vault split "
     "--calibration INPUTS.npz; a few hundred rows): its scale is the largest value "
     "they give, and made-up inputs neither bound real ones nor measure the error"
@@ -515,7 +515,11 @@ def split(
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,100}$", model_id):
         raise SealError(f"model id {model_id!r}: use 1-100 letters, digits, '.', '_', ':' or '-'")
     merged, stages = _load_pipeline(model, pre, post, io_map)
-    if calibration is None and encoding == "int8" and not _sealing._too_big(merged):
+    big = _sealing._too_big(merged)
+    if calibration is None and encoding == "int8" and not big:
+        # its scale is the largest value the calibration inputs give: made-up
+        # ones bound nothing real (a split accepted at 0.0068 was off by 0.48 on
+        # fresh inputs of the very distribution it made up)
         raise ConfigError(_INT8_NEEDS_CALIBRATION)
     g = CutGraph(merged)
     resolve = _resolver(g, stages)
@@ -533,7 +537,6 @@ def split(
             "be made at (--split-point TENSOR) or a protected region (--protect-from TENSOR); "
             f"the cuts this model has: {_short_list(opts.names())}"
         )
-    big = _sealing._too_big(merged)
     if big and encoding != "float32":
         raise SealError("a model past 2 GiB cannot be checked for a wire encoding; use float32")
     # the cuts named are checked before anything runs (a cut tensor the wire cannot
@@ -583,11 +586,6 @@ def split(
         chosen = named
 
     made_up = calibration is None
-    if made_up and encoding == "int8" and not big:  # (checked before any run, too)
-        # its scale is the largest value the calibration inputs give: made-up
-        # ones bound nothing real (a split accepted at 0.0068 was off by 0.48 on
-        # fresh inputs of the very distribution it made up)
-        raise ConfigError(_INT8_NEEDS_CALIBRATION)
     if calibration is None and not big:
         calibration = [example_inputs(merged, seed=s) for s in range(8)]
         if encoding != "float32":

@@ -1433,17 +1433,16 @@ class WorkerService:
                 self._replace(d.inst)
         for m in self._all_models():
             for inst in m.instances:
-                if inst.replaced and not inst.stuck and not inst.ending \
-                        and self._successor(m, inst):  # fmt: skip
-                    # recovered, but its place is taken: sent nothing more, and
-                    # ended once what it holds is answered (or past its time)
-                    inst.stuck = inst.drained = True
-                elif inst.replaced and not inst.stuck and inst.index not in m.starting \
-                        and not self._successor(m, inst):  # fmt: skip
-                    # recovered, and its replacement failed to start: it keeps its
-                    # slot (no retry beside it), and may be replaced again
-                    inst.replaced = False
-                    m.restart_at.pop(inst.index, None)
+                if inst.replaced and not inst.stuck and not inst.ending:  # it recovered
+                    if self._successor(m, inst):
+                        # its place is taken: sent nothing more, and ended once
+                        # what it holds is answered (or past its time)
+                        inst.stuck = inst.drained = True
+                    elif inst.index not in m.starting:
+                        # its replacement never came (a failed start, or it went): it
+                        # keeps its slot (a retry scheduled for it is dropped by the
+                        # restart loop), and may be replaced again
+                        inst.replaced = False
                 if not inst.stuck:
                     continue
                 if inst.ending:
@@ -1451,13 +1450,8 @@ class WorkerService:
                 if inst not in pending:
                     if inst.replaced and self._successor(m, inst):
                         inst.end()  # nothing left on it, and its replacement serves
-                    else:
-                        inst.stuck = inst.drained = False  # it answered everything: it serves again
-                        if inst.replaced and inst.index not in m.starting:
-                            # its replacement never came (a failed start, or it went):
-                            # it keeps its slot, and may be replaced again
-                            inst.replaced = False
-                            m.restart_at.pop(inst.index, None)
+                    else:  # it answered everything: it serves again (see above)
+                        inst.stuck = inst.drained = False
                 elif not pending[inst] and inst.alive() and not (inst.drained and inst in fresh):
                     # only abandoned calls left on it (another caller's call on the
                     # same worker is answered first): ended (it reports its usage

@@ -465,6 +465,35 @@ def test_a_model_tensor_named_as_the_wire_would_name_its_own_does_not_collide(
     assert desc["cuts"][0]["accuracy"]["max_abs_error"] < 0.05
 
 
+def test_an_input_only_the_tail_reads_crosses_once_the_head_reads_it() -> None:
+    """docs/hybrid.md: an input only the tail reads (a temperature after the
+    cut) leaves only the all-server cut; an Identity of it in the head makes
+    it a tensor the cut carries. Both shown: refused as it is, and with the
+    Identity, head then tail equal onnxruntime on the whole model."""
+
+    def model(identity: bool) -> onnx.ModelProto:
+        t = "t" if identity else "temperature"
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["r"], name="mm"),
+                 helper.make_node("Div", ["r", t], ["y"], name="div")]  # fmt: skip
+        if identity:
+            nodes.insert(1, helper.make_node("Identity", ["temperature"], ["t"], name="t_id"))
+        return _model(nodes, [_vi("x", ["N", 8]), _vi("temperature", [])], [_vi("y", ["N", 4])],
+                      [_w("w", (8, 4), 3)])  # fmt: skip
+
+    with pytest.raises(SealError, match="without crossing"):
+        split_graphs(model(False), ["r"], policy=Policy(split_points=frozenset({"r"})))
+    m = model(True)
+    head, tail, cut = split_graphs(m, ["r", "t"], policy=Policy(split_points=frozenset({"r", "t"})))
+    feeds = {"x": np.ones((2, 8), np.float32), "temperature": np.array(2.0, np.float32)}
+    want = ort.InferenceSession(m.SerializeToString()).run(None, feeds)[0]
+    mid = dict(zip([o.name for o in head.graph.output],
+                   ort.InferenceSession(head.SerializeToString()).run(None, feeds)))  # fmt: skip
+    got = ort.InferenceSession(tail.SerializeToString()).run(
+        None, {i.name: mid[i.name] for i in tail.graph.input})[0]  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    assert sorted(cut.crossing) == ["r", "t"]
+
+
 def test_a_split_refuses_a_link_or_options_that_mean_nothing(tmp_path: Path) -> None:
     """--bandwidth 0 or -10, --rtt -5 or nan, --alternatives -3 were accepted
     (a table of inf and nan, an arbitrary choice); a tensor named twice in one

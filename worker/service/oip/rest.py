@@ -366,7 +366,7 @@ class RestApp:
         # the memory rule on what the caller sent (compressed, if it was), not on
         # what it asked the door to inflate
         # (a JSON that is not UTF-8, which json.loads also reads: looked at too)
-        bools = b"true" in head or b"false" in head or json.detect_encoding(head) != "utf-8"
+        bools = b"true" in head or b"false" in head or b"\x00" in head[:4]
         descs, frames = _inputs(req.get("inputs"), binary, received, bools=bools)
         outputs, binary_out = _outputs(req, params)
         out_descs, out_frames = await self.plane.infer(
