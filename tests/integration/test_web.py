@@ -420,6 +420,8 @@ def test_vault_demo_web_serves_a_page_that_classifies(tmp_path: Path, stack: Sta
                 url = line.split()[1]
                 break
         assert url, "".join(lines)
+        crossing = [x for x in lines if x.startswith("split cut ")]
+        assert crossing and all("float32 [?, " in x for x in crossing), lines  # no unk__0
         ctx = stack.browser.new_context()
         page = ctx.new_page()
         page.goto(url)

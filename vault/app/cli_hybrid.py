@@ -20,6 +20,7 @@ from typing import Any
 
 from ..core.argtypes import positive_int
 from ..core.errors import ConfigError, VaultError
+from ..core.graphs import shape_text
 
 __all__ = ["register"]
 
@@ -189,7 +190,9 @@ def _split(args: argparse.Namespace) -> int:
     if result.table:
         print(result.table)
     for c in result.description["cuts"]:
-        cross = ", ".join(f"{x['name']} {x['encoding']} {x['shape']}" for x in c["crossing"])
+        cross = ", ".join(
+            f"{x['name']} {x['encoding']} {shape_text(x['shape'])}" for x in c["crossing"]
+        )
         print(f"cut {c['name']} at {','.join(c['at'])}: head {c['head'] or '(none: all on server)'}"
               f", tail {c['tail']} ({c['tail_model_id']})")  # fmt: skip
         print(f"  crossing: {cross}")

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from ..core.errors import ConfigError, VaultError
+from ..core.graphs import shape_text
 
 __all__ = ["register"]
 
@@ -184,12 +185,6 @@ def _seal(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_shape(shape: Any) -> str:
-    if shape is None:
-        return "(unknown rank)"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
 def format_manifest(m: dict[str, Any]) -> str:
     lines = [
         f"model id      {m['model_id']}",
@@ -208,10 +203,10 @@ def format_manifest(m: dict[str, Any]) -> str:
         "inputs",
     ]
     for t in m["inputs"]:
-        lines.append(f"  {t['name']:<24} {t['dtype']:<10} {_fmt_shape(t['shape'])}")
+        lines.append(f"  {t['name']:<24} {t['dtype']:<10} {shape_text(t['shape'])}")
     lines.append("outputs")
     for t in m["outputs"]:
-        lines.append(f"  {t['name']:<24} {t['dtype']:<10} {_fmt_shape(t['shape'])}")
+        lines.append(f"  {t['name']:<24} {t['dtype']:<10} {shape_text(t['shape'])}")
     if m.get("split_points"):
         lines.append("split points  " + ", ".join(m["split_points"]))
     return "\n".join(lines)

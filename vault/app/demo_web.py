@@ -88,6 +88,7 @@ def serve_http(
 def run_web_demo(*, port: int = 0, seconds: float | None = None, lease_ttl: float = 5.0) -> int:
     from ..core.crypto import PublisherKey
     from ..core.device import init_device, record_keyserver
+    from ..core.graphs import shape_text
     from ..core.keyclient import KeyServerClient
     from ..core.licence import Licence
     from ..core.token import mint_token
@@ -137,7 +138,7 @@ def run_web_demo(*, port: int = 0, seconds: float | None = None, lease_ttl: floa
                                                         kind="call")  # fmt: skip
             for c in cuts:
                 cross = ", ".join(
-                    f"{x['name']} {x['encoding']} {x['shape']}" for x in c["crossing"]
+                    f"{x['name']} {x['encoding']} {shape_text(x['shape'])}" for x in c["crossing"]
                 )
                 print(f"split cut {c['name']}: head {c['head']} in the page, tail "
                       f"{c['tail_model_id']} on the server; crossing: {cross}")  # fmt: skip

@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,3 +310,25 @@ def check_graph(
         raise UnsafeModelError(f"{where}: not a well-formed ONNX model") from None
     except RecursionError:
         raise UnsafeModelError(f"{where}: graphs nested too deeply") from None
+
+
+_INVENTED_DIM = re.compile(r"unk__\d+")  # onnx shape inference's names for dims it made up
+
+
+def known_dims(shape: list[Any] | None) -> list[Any] | None:
+    """A shape as the project records and shows it: onnx's shape inference
+    names a dim it could not relate to any input ``unk__0``, ``unk__1``...;
+    that name means nothing to a reader or a client, so such a dim becomes
+    unknown (None), like one inference left unnamed. A model's own dim names
+    (``batch``) stay."""
+    if shape is None:
+        return None
+    return [None if isinstance(d, str) and _INVENTED_DIM.fullmatch(d) else d for d in shape]
+
+
+def shape_text(shape: list[Any] | None) -> str:
+    """A shape for people: ``[?, 4]`` (``?`` an unknown dim), ``[batch, 4]``,
+    ``(unknown rank)``."""
+    if shape is None:
+        return "(unknown rank)"
+    return "[" + ", ".join("?" if d is None else str(d) for d in known_dims(shape) or []) + "]"

@@ -47,7 +47,7 @@ from .. import sealing as _sealing
 from ..core import crypto as _crypto
 from ..core.errors import ConfigError, SealError, VaultError
 from ..core.files import write_private_file
-from ..core.graphs import onnx_type_name
+from ..core.graphs import known_dims, onnx_type_name, shape_text
 from ..core.ortvalues import run as _ort_run
 from ..core.protocol import ORTVALUE_DTYPES
 from .cut import Cut, CutGraph, Policy, node_key
@@ -233,7 +233,7 @@ class CutOptions:
             up = sum(_nbytes(g, x) for x in c.crossing)
             extra = ", ".join(x for x in c.crossing if x != t)
             lines.append(
-                f"  {t:<32} {d['dtype']:<8} {str(d['shape']):<20} {up:>9} "
+                f"  {t:<32} {d['dtype']:<8} {shape_text(d['shape']):<20} {up:>9} "
                 f"{len(c.head_nodes):>10}  {t + (' + ' + extra if extra else '')}"
             )
         if not self.cuts:
@@ -833,6 +833,7 @@ def _write_cut(
         w = wire.get(t, {})
         enc = w.get("encoding", "float32") if vi.type.tensor_type.elem_type == 1 else None
         d = {**_sealing._describe(vi), "wire_name": g.wire_name(t, enc or "float32")}
+        d["shape"] = known_dims(d["shape"])
         d["encoding"] = enc or d["dtype"]
         if "scale" in w:
             d["scale"] = w["scale"]
