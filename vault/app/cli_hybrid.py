@@ -79,7 +79,8 @@ def register(sub: Any) -> None:
     s.add_argument("--min-agreement", type=float, default=0.99,
                    help="smallest top-1 agreement an encoding must keep (default 0.99)")  # fmt: skip
     s.add_argument("--calibration", metavar="INPUTS.npz",
-                   help=".npz of calibration inputs (NAME -> [K, ...] arrays, one row each): "
+                   help=".npz of calibration inputs (NAME -> [K, ...] arrays, one row each, or "
+                        "[K, *shape], K whole inputs, for a fixed batch): "
                         "the accuracy check runs them, the profile the first (default: made-up "
                         "inputs, each symbolic dim 1; --encoding int8 needs real ones)")  # fmt: skip
     s.add_argument("--server-key", help="the tail worker's CURVE public key, recorded for callers")
@@ -99,7 +100,7 @@ def _profile(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model}: not an ONNX model ({exc.__class__.__name__})") from exc
     feeds = None
     if args.calibration:
-        rows = _calibration(args.calibration)
+        rows = _calibration(args.calibration, args.model)
         if not rows:
             raise ConfigError(f"{args.calibration}: holds no input")
         feeds = rows[0]
@@ -114,15 +115,39 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(path: str) -> list[dict[str, Any]]:
+def _calibration(path: str, model: str, pre: str | None = None) -> list[dict[str, Any]]:
+    """The example inputs in ``path`` (an .npz, ``NAME -> [K, ...]``), one dict
+    per example. An array of the input's own rank gives K examples of one row
+    each (``a[i:i+1]``); an array of one rank more gives K whole inputs
+    (``a[i]``): how a model whose batch dim is fixed (``[4, 3, 224, 224]``)
+    gets its examples, as ``[K, 4, 3, 224, 224]``."""
     import numpy as np
+    import onnx
 
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read an .npz of inputs ({exc})") from exc
+    ranks: dict[str, int] = {}
+    first = pre or model
+    try:
+        graph = onnx.load(first, load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - onnx raises many kinds
+        raise ConfigError(f"{first}: not an ONNX model ({exc.__class__.__name__})") from exc
+    for vi in graph.input:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            ranks[vi.name] = len(tt.shape.dim)
+    whole = {k for k, a in arrays.items() if k in ranks and a.ndim == ranks[k] + 1}
+    if whole and len(whole) != len(arrays):
+        raise ConfigError(
+            f"{path}: give every input with a leading examples axis ([K, *its shape]: "
+            f"{sorted(whole)}) or none (one row each)"
+        )
     n = min(len(a) for a in arrays.values()) if arrays else 0
+    if whole:
+        return [{k: a[i] for k, a in arrays.items()} for i in range(n)]
     return [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(n)]
 
 
@@ -176,7 +201,8 @@ def _split(args: argparse.Namespace) -> int:
             split_points=args.split_point, protect_from=args.protect_from,
             seal_head=args.seal_head, encoding=args.encoding, max_error=args.max_error,
             min_agreement=args.min_agreement,
-            calibration=_calibration(args.calibration) if args.calibration else None,
+            calibration=(_calibration(args.calibration, args.model, args.pre)
+                         if args.calibration else None),
             client_costs=load_profile(args.client_costs) if args.client_costs else None,
             server_costs=load_profile(args.server_costs) if args.server_costs else None,
             alternatives=args.alternatives, register=register, server_key=args.server_key,

@@ -370,6 +370,35 @@ def test_int8_on_the_wire_needs_real_calibration_inputs(tmp_path: Path) -> None:
     assert desc["cuts"][0]["accuracy"]["made_up_inputs"] is False
 
 
+def test_calibration_npz_gives_rows_or_whole_inputs_for_a_fixed_batch(tmp_path: Path) -> None:
+    """The CLI's --calibration cut every array into one-row inputs, so a model
+    whose batch dim is fixed ([4, 8]) could not be given any: every row was
+    refused by onnxruntime. An array one rank above the input's is now K whole
+    inputs; one of the input's rank still gives K rows (the control)."""
+    from vault.app.cli_hybrid import _calibration
+
+    fixed = _model([helper.make_node("Relu", ["x"], ["y"], name="r")],
+                   [_vi("x", [4, 8])], [_vi("y", [4, 8])], [])  # fmt: skip
+    onnx.save(fixed, tmp_path / "fixed.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 4, 8)).astype(np.float32)
+    np.savez(tmp_path / "whole.npz", x=x)
+    got = _calibration(str(tmp_path / "whole.npz"), str(tmp_path / "fixed.onnx"))
+    assert len(got) == 3 and all(np.array_equal(g["x"], x[i]) for i, g in enumerate(got))
+    sess = ort.InferenceSession(fixed.SerializeToString())
+    assert [sess.run(None, g)[0].shape for g in got] == [(4, 8)] * 3  # each one runs
+    # the control: the input's own rank, one row each (what a dynamic batch takes)
+    np.savez(tmp_path / "rows.npz", x=x[0])
+    got = _calibration(str(tmp_path / "rows.npz"), str(tmp_path / "fixed.onnx"))
+    assert [g["x"].shape for g in got] == [(1, 8)] * 4
+    # inputs given both ways at once: refused, saying how
+    two = _model([helper.make_node("Add", ["x", "z"], ["y"], name="a")],
+                 [_vi("x", [4, 8]), _vi("z", [4, 8])], [_vi("y", [4, 8])], [])  # fmt: skip
+    onnx.save(two, tmp_path / "two.onnx")
+    np.savez(tmp_path / "mixed.npz", x=x, z=x[0])
+    with pytest.raises(ConfigError, match=r"leading examples axis .*\['x'\]"):
+        _calibration(str(tmp_path / "mixed.npz"), str(tmp_path / "two.onnx"))
+
+
 def test_top1_agreement_is_counted_over_every_calibration_row() -> None:
     """vault split --calibration cuts an .npz into one-row inputs, and the
     agreement was the worst input's: 200 rows with one flipped read 0.0 (and
