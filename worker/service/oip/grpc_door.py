@@ -35,6 +35,7 @@ import urllib.parse
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from vault.core.errors import (
@@ -94,9 +95,27 @@ _CONTENTS = {
     "FP16": "fp32_contents",  # not in the protocol's table; taken as fp32 values
     "BYTES": "bytes_contents",
 }
+# what each field's elements are, on the wire
+_NATURAL: dict[str, Any] = {
+    "bool_contents": np.dtype(bool),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: VaultError) -> None:
+    """End the RPC with ``exc`` as its status. The error is stripped of its
+    traceback and the errors it was raised from first: ``context.abort``
+    raises inside the handler's ``except`` block, and the traceback held the
+    frames that decoded the request, in a cycle through the error itself, so
+    a refused call's message and the Python values made of it lived until
+    the cycle collector happened to run (10 refused 16 MB calls left 1.4 GB
+    behind, 128 of them 19 GB)."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
     meta: list[tuple[str, str]] = [("vault-error-code", exc.code)]
     wait = retry_after(exc)
     if wait is not None:
@@ -325,12 +344,9 @@ class InferenceServicer:
                                 self.gate.hold_bytes(lic, size)
                     if not isinstance(raw, bytes):  # grpc.aio.EOF: a stream with no message
                         raise ProtocolError("ModelInfer needs one ModelInferRequest message")
-                    try:
-                        request = pb.ModelInferRequest.FromString(raw)
-                    except DecodeError:
-                        raise ProtocolError("the request is not a ModelInferRequest") from None
+                    message = [raw]  # handed on: no frame left here holds it (_infer)
                     del raw
-                    return await self._infer(request, token, context)
+                    return await self._infer(message, token, context)
                 finally:
                     self.gate.give_bytes(lic, size)
                     if held:
@@ -339,12 +355,25 @@ class InferenceServicer:
             await _abort(context, exc)
             raise
 
-    async def _infer(self, request: Any, token: Any, context: Any) -> Any:
+    async def _infer(self, message: list[bytes], token: Any, context: Any) -> Any:
+        """Decode and answer the one message in ``message`` (taken out of the
+        list, so that once it is answered or refused no frame on the way to
+        the refusal holds it: ``context.abort`` raises an error that gRPC
+        keeps in the call's state, whose traceback holds these frames and,
+        through their ``context``, itself; a refused 192 MiB message lived
+        on in that cycle until the cycle collector ran)."""
         try:
-            return await self._answer(request, token)
+            return await self._answer(self._decode(message.pop()), token)
         except VaultError as exc:
             await _abort(context, exc)
             raise
+
+    @staticmethod
+    def _decode(raw: bytes) -> Any:
+        try:
+            return pb.ModelInferRequest.FromString(raw)
+        except DecodeError:
+            raise ProtocolError("the request is not a ModelInferRequest") from None
 
     async def _answer(self, request: Any, token: Any) -> Any:
         """The ModelInferResponse to one decoded request, or its typed error."""
@@ -432,6 +461,10 @@ class InferenceServicer:
                             raise ProtocolError(
                                 f"an answer on this stream was not taken within "
                                 f"{self.body_timeout:g} s: it is ended") from None  # fmt: skip
+                        finally:
+                            # nothing of it stays in this frame, which a refusal's
+                            # traceback keeps (_infer)
+                            request = answer = None
         except VaultError as exc:
             await _abort(context, exc)
             raise
@@ -505,7 +538,8 @@ def _inputs(request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
             other = [f.name for f, _ in t.contents.ListFields() if f.name != field]
             if other:  # a second contents field was ignored; it may be what was meant
                 raise InputError(f"{t.name!r}: {t.datatype} data goes in {field}, not {other[0]}")
-            d, f = T.from_json(t.name, t.datatype, shape, list(getattr(t.contents, field)))
+            d, f = T.from_typed(t.name, t.datatype, shape, getattr(t.contents, field),
+                                _NATURAL[field])  # fmt: skip
         descs.append(d)
         frames.append(f)
     return descs, frames
