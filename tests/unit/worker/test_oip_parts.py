@@ -5,6 +5,7 @@ every datatype, and the plaintext rule."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -1164,6 +1165,19 @@ async def _until(cond: Any, what: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.005)
 
 
+def _joined(sent: list[dict[str, Any]]) -> bytes:
+    """An ASGI response's body, over all its messages (a large answer goes
+    out in slices, its last ``more_body`` false)."""
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert not bodies[-1].get("more_body") and all(m.get("more_body") for m in bodies[:-1])
+    return b"".join(bytes(m["body"]) for m in bodies)
+
+
+def _body(sent: list[dict[str, Any]]) -> int:
+    """How many bytes an ASGI response's body holds (:func:`_joined`)."""
+    return len(_joined(sent))
+
+
 class _Transport:
     """What uvicorn's HTTP protocol writes to and closes (no socket)."""
 
@@ -1325,9 +1339,9 @@ def test_a_large_json_answer_is_refused_or_written_off_the_event_loop() -> None:
             await answer(big, False)
         assert "4194305 values" in str(err.value) and "served and counts" in str(err.value)
         sent, _ = await answer(big, True)  # as binary data: no limit beyond the body's
-        assert sent[0]["status"] == 200 and len(sent[1]["body"]) > big.nbytes
+        assert sent[0]["status"] == 200 and _body(sent) > big.nbytes
         sent, ticks = await answer(mid, False)
-        body = json.loads(sent[1]["body"])
+        body = json.loads(_joined(sent))
         assert body["outputs"][0]["data"] == mid.tolist()
         assert ticks > 1, ticks  # the loop served others meanwhile
         from vault.core.protocol import encode_tensors
@@ -1343,12 +1357,13 @@ def test_a_large_json_answer_is_refused_or_written_off_the_event_loop() -> None:
             await ticking(app._answer(send, "m", None, descs, frames, lambda _n: False))
         assert "binary outputs" in str(err.value)
         await ticking(app._answer(send, "m", None, descs, frames, lambda _n: True))
-        assert sent[-2]["status"] == 200  # as binary data it goes
+        starts = [m for m in sent if m["type"] == "http.response.start"]
+        assert starts[-1]["status"] == 200  # as binary data it goes
         # one 8 MB string: one value, as slow to write as many
         descs, frames = encode_tensors({"y": np.array(["é" * 4_000_000], object)})
         sent.clear()
         ticks = await ticking(app._answer(send, "m", None, descs, frames, lambda _n: False))
-        assert json.loads(sent[1]["body"])["outputs"][0]["data"] == ["é" * 4_000_000]
+        assert json.loads(_joined(sent))["outputs"][0]["data"] == ["é" * 4_000_000]
         assert ticks > 1, ticks
         # the control: the same answer written on the loop lets nothing else run
         assert await ticking(on_the_loop()) == 0
@@ -1605,7 +1620,7 @@ def test_an_answer_is_compressed_as_the_client_accepts() -> None:
 
         asyncio.run(app._answer(send, "m", "r1", descs, frames, lambda _n: binary,
                                 licence="alice", accept=accept))  # fmt: skip
-        return dict(sent[0]["headers"]), sent[1]["body"]
+        return dict(sent[0]["headers"]), b"".join(bytes(m["body"]) for m in sent[1:])
 
     for binary in (False, True):
         plain_headers, plain = answer(binary, None)
@@ -1697,3 +1712,115 @@ def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
         assert not small.gate.bytes_by_licence  # all given back once read
 
     asyncio.run(main())
+
+
+class _BigAnswers:
+    """A service whose every call is answered with one 8 MiB float32 output."""
+
+    def __init__(self) -> None:
+        self.computed = 0
+
+    def vet_now(self, token: Any, model: Any) -> bool:
+        return True
+
+    def model_state(self, model: str) -> tuple[str, None]:
+        return ("READY", None)
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return {"inputs": [{"name": "x", "dtype": "float32", "shape": [1]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": [None]}]}  # fmt: skip
+
+    def submit(self, call: Any) -> None:
+        from vault.core.protocol import encode_tensors
+
+        self.computed += 1
+        descs, frames = encode_tensors({"y": np.ones(2 << 20, np.float32)})
+        call.reply({"ok": True, "tensors": descs}, frames)
+
+
+def test_unread_answers_count_against_their_licence_and_are_not_copied(monkeypatch: Any) -> None:
+    """A REST answer was not counted against anything while its client left
+    it unread, and it was held twice (the outputs, and a body joined from
+    them): eight calls of one token whose 524 MB answers nobody read held
+    9.3 GB. Now an answer counts against its licence's bytes at the door
+    until written, and room for the next is reserved before a call is
+    computed (as large as the licence's largest answer from the model): with
+    a 20 MiB budget, mal's third call finds no room while two 8 MiB answers
+    wait unread, and is refused before it is computed; alice's is served.
+    The control, with nothing counted: mal's calls are all computed. The
+    body goes out as the output's own buffer, in slices."""
+    import asyncio
+
+    from vault.core.token import mint_token
+    from worker.service.oip import rest
+    from worker.service.oip.door import DataPlane, Gate
+    from worker.service.oip.rest import RestApp
+
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+                       "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
+    tokens = {who: mint_token(_licence(f"lic-{who}"), models=["m"]).encode()
+              for who in ("mal", "alice")}  # fmt: skip
+    monkeypatch.setattr(rest, "_SEND_SLICE", 1 << 20)
+
+    async def call(app: Any, who: str, read: asyncio.Event | None) -> list[dict[str, Any]]:
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if msgs:
+                return msgs.pop(0)
+            await asyncio.Event().wait()  # the client neither sends nor leaves
+            raise AssertionError
+
+        async def send(m: dict[str, Any]) -> None:
+            if m["type"] == "http.response.body" and read is not None:
+                await read.wait()  # the client does not read its answer
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+                 "raw_path": b"/v2/models/m/infer",
+                 "headers": [(b"authorization", b"Bearer " + tokens[who])]}  # fmt: skip
+        await app(scope, receive, send)
+        return sent
+
+    async def attack(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        read = asyncio.Event()
+        held = [asyncio.ensure_future(call(app, "mal", read)) for _ in range(2)]
+        await _until(lambda: app.gate.bytes_by_licence.get("lic-mal", 0) >= 16 << 20,
+                     "mal's two answers held unread")  # fmt: skip
+        third = await call(app, "mal", None)
+        served = await call(app, "alice", None)
+        read.set()
+        await asyncio.gather(*held)
+        return third, served
+
+    def app_with(service: Any) -> Any:
+        return RestApp(DataPlane(service), max_body=20 << 20)
+
+    service = _BigAnswers()
+    app = app_with(service)
+    third, served = asyncio.run(attack(app))
+    assert third[0]["status"] == 503 and service.computed == 3, third  # refused, not computed
+    assert b"hold" in third[-1]["body"]
+    assert served[0]["status"] == 200
+    pieces = [m["body"] for m in served[1:]]
+    assert max(len(p) for p in pieces) <= 1 << 20 and sum(len(p) for p in pieces) > 8 << 20
+    assert not app.gate.bytes_by_licence  # every byte given back once written
+
+    # the control: answers not counted, nothing reserved
+    monkeypatch.setattr(Gate, "reserve_answer", lambda self, lic, model: 0)
+    monkeypatch.setattr(Gate, "answer_arrived", lambda self, *a: None)
+    monkeypatch.setattr(Gate, "give_answer", lambda self, *a: None)
+    service = _BigAnswers()
+
+    async def control() -> int:
+        app = app_with(service)
+        read = asyncio.Event()
+        held = [asyncio.ensure_future(call(app, "mal", read)) for _ in range(2)]
+        await _until(lambda: service.computed == 2, "mal's two calls computed")
+        third = await call(app, "mal", None)
+        read.set()
+        await asyncio.gather(*held)
+        return int(third[0]["status"])
+
+    assert asyncio.run(control()) == 200 and service.computed == 3

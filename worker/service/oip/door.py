@@ -369,6 +369,14 @@ def counted(counts: dict[str, int], key: str, limit: int, refusal: str) -> Itera
             del counts[key]
 
 
+_ANSWER_SIZES_KEPT = 4096  # (licence, model) answer sizes a door remembers
+
+
+def answer_bytes(frames: Sequence[Any]) -> int:
+    """The bytes an answer's output frames take."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
 class Gate:
     """At most ``limit`` requests held at once by one door (vetting, reading,
     waiting for the service); past it a typed refusal, at once, before
@@ -391,6 +399,9 @@ class Gate:
         # again (requests computing are paid for, and bounded by the gate)
         self.per_licence = max(1, self.limit // 4)
         self.by_licence: dict[str, int] = {}
+        # (licence, model) -> the largest answer it got here (reserve_answer)
+        self._answers: dict[tuple[str, str], int] = {}
+        self._answer_bytes: dict[str, int] = {}  # licence -> of its bytes, its answers'
 
     def __enter__(self) -> Gate:
         if self.held >= self.limit:
@@ -429,6 +440,51 @@ class Gate:
             f"this licence's requests hold {have >> 20} MiB at this door already (at most "
             f"{self.bytes_per_licence >> 20} MiB); try again when one is answered"
         )
+
+    def reserve_answer(self, licence_id: str, model: str) -> int:
+        """Before a call of ``licence_id``'s is computed: room for its answer,
+        refused (``ServiceUnavailableError``) when the licence's requests and
+        unread answers fill its budget (its requests' own bytes aside: they
+        were let in). As much is taken as the licence's
+        largest answer from ``model`` so far (at most a quarter of its budget;
+        0 for its first call): the answers its concurrent calls will hold are
+        counted before they exist. Before, answers were not counted at all:
+        eight calls of one token whose 524 MB answers nobody read held 9.3 GB.
+        Give it back with :meth:`answer_arrived`, or :meth:`give_answer` when
+        the call fails."""
+        n = min(self._answers.get((licence_id, model), 0), self.bytes_per_licence // 4)
+        have = self._answer_bytes.get(licence_id, 0)  # its requests' own bytes aside
+        if have + n > self.bytes_per_licence or have >= self.bytes_per_licence:
+            raise ServiceUnavailableError(
+                f"this licence's answers not yet read hold {have >> 20} MiB at this door (at "
+                f"most {self.bytes_per_licence >> 20} MiB); try again when one is read"
+            )
+        self.hold_bytes(licence_id, n)
+        self._answer_bytes[licence_id] = have + n
+        return n
+
+    def answer_arrived(self, licence_id: str, model: str, reserved: int, size: int) -> None:
+        """The answer of a call that reserved ``reserved`` is in memory:
+        ``size`` bytes, held against the licence's budget from now until it
+        is written (:meth:`give_answer`), whatever the budget says (the call
+        is served)."""
+        self.give_answer(licence_id, reserved)
+        self.hold_bytes(licence_id, size)
+        self._answer_bytes[licence_id] = self._answer_bytes.get(licence_id, 0) + size
+        key = (licence_id, model)
+        self._answers[key] = max(self._answers.pop(key, 0), size)
+        while len(self._answers) > _ANSWER_SIZES_KEPT:  # the oldest first
+            del self._answers[next(iter(self._answers))]
+
+    def give_answer(self, licence_id: str, n: int) -> None:
+        """An answer's ``n`` bytes (or its reservation's) given back: written,
+        or its call failed."""
+        self.give_bytes(licence_id, n)
+        left = self._answer_bytes.get(licence_id, 0) - n
+        if left > 0:
+            self._answer_bytes[licence_id] = left
+        else:
+            self._answer_bytes.pop(licence_id, None)
 
     def hold_bytes(self, licence_id: str, n: int) -> None:
         """``n`` bytes already in memory (a message read whole), counted

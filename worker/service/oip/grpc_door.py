@@ -55,6 +55,7 @@ from .door import (
     MAX_DECODED_VALUES,
     DataPlane,
     Gate,
+    answer_bytes,
     bearer,
     counted,
     error_text,
@@ -363,7 +364,7 @@ class InferenceServicer:
         through their ``context``, itself; a refused 192 MiB message lived
         on in that cycle until the cycle collector ran)."""
         try:
-            return await self._answer(self._decode(message.pop()), token)
+            return await self._answer(self._decode(message.pop()), token, context)
         except VaultError as exc:
             await _abort(context, exc)
             raise
@@ -375,8 +376,13 @@ class InferenceServicer:
         except DecodeError:
             raise ProtocolError("the request is not a ModelInferRequest") from None
 
-    async def _answer(self, request: Any, token: Any) -> Any:
-        """The ModelInferResponse to one decoded request, or its typed error."""
+    async def _answer(self, request: Any, token: Any, context: Any = None) -> Any:
+        """The ModelInferResponse to one decoded request, or its typed error.
+        Room for the answer is reserved against the licence's bytes at the
+        door before the call is computed (:meth:`.door.Gate.reserve_answer`),
+        and the answer counts there until the RPC ends (``context``: a unary
+        call's answer is written after this returns) or, on a stream, until
+        the reply is made."""
         descs, frames = _inputs(request)
         for o in request.outputs:
             T.refuse_extensions(o.name, o.parameters)
@@ -384,17 +390,32 @@ class InferenceServicer:
         outputs = [o.name for o in request.outputs] or None
         p = request.parameters.get("timeout")
         timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
-        out_descs, out_frames = await self.plane.infer(
-            request.model_name, request.model_version or None, token, descs, frames,
-            outputs, timeout,
-        )  # fmt: skip
-        reply = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
-                                      id=request.id)  # fmt: skip
-        for d, f in zip(out_descs, out_frames):
-            name, dt, shape, raw = T.to_raw(d, f)
-            reply.outputs.add(name=name, datatype=dt, shape=shape)
-            reply.raw_output_contents.append(bytes(raw))
-        return reply
+        lic, model = token.licence_id, request.model_name
+        reserved = self.gate.reserve_answer(lic, model)
+        try:
+            out_descs, out_frames = await self.plane.infer(
+                model, request.model_version or None, token, descs, frames, outputs, timeout,
+            )  # fmt: skip
+        except BaseException:
+            self.gate.give_answer(lic, reserved)
+            raise
+        size = answer_bytes(out_frames)
+        self.gate.answer_arrived(lic, model, reserved, size)
+        held = True
+        try:
+            reply = pb.ModelInferResponse(model_name=model, model_version="1", id=request.id)
+            for d, f in zip(out_descs, out_frames):
+                name, dt, shape, raw = T.to_raw(d, f)
+                reply.outputs.add(name=name, datatype=dt, shape=shape)
+                reply.raw_output_contents.append(bytes(raw))
+            done = getattr(context, "add_done_callback", None)
+            if done is not None:  # given back once the RPC has ended
+                done(lambda _: self.gate.give_answer(lic, size))
+                held = False
+            return reply
+        finally:
+            if held:
+                self.gate.give_answer(lic, size)
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> None:  # noqa: N802
         """Triton's streaming inference (tritonclient's ``start_stream`` and

@@ -52,6 +52,7 @@ from .door import (
     MAX_DECODED_VALUES,
     DataPlane,
     Gate,
+    answer_bytes,
     bearer,
     error_text,
     http_status,
@@ -84,6 +85,7 @@ _JSON_OUT_INLINE_BYTES = 1 << 20  # a few long strings are as slow to write as m
 # from this size, at zlib's fastest level, in a thread past _COMPRESS_INLINE
 _COMPRESS_FROM = 1 << 10
 _COMPRESS_INLINE = 1 << 16
+_SEND_SLICE = 4 << 20  # a large answer goes to the transport this much at a time
 _JSON_OUT_AT_ONCE = 2  # large JSON answers being written at once (each its licence's only one)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -369,11 +371,23 @@ class RestApp:
         bools = b"true" in head or b"false" in head or b"\x00" in head[:4]
         descs, frames = _inputs(req.get("inputs"), binary, received, bools=bools)
         outputs, binary_out = _outputs(req, params)
-        out_descs, out_frames = await self.plane.infer(
-            model, version, token, descs, frames, outputs, timeout_of(timeout)
-        )
-        await self._answer(send, model, rid, out_descs, out_frames, binary_out,
-                           licence=token.licence_id, receive=receive, accept=accept)  # fmt: skip
+        lic = token.licence_id
+        reserved = self.gate.reserve_answer(lic, model)
+        try:
+            out_descs, out_frames = await self.plane.infer(
+                model, version, token, descs, frames, outputs, timeout_of(timeout)
+            )
+        except BaseException:
+            self.gate.give_answer(lic, reserved)
+            raise
+        # until it is written, the answer counts against the licence's bytes
+        size = answer_bytes(out_frames)
+        self.gate.answer_arrived(lic, model, reserved, size)
+        try:
+            await self._answer(send, model, rid, out_descs, out_frames, binary_out,
+                               licence=lic, receive=receive, accept=accept)  # fmt: skip
+        finally:
+            self.gate.give_answer(lic, size)
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
                       frames: list[Any], binary_out: Any, *, licence: str = "",
@@ -397,16 +411,17 @@ class RestApp:
                 "output); the call was served and counts"
             )
         if values <= _JSON_OUT_INLINE and size <= _JSON_OUT_INLINE_BYTES:
-            headers, body = _answer_body(model, rid, descs, frames, binary_out)
-            if not accept or len(body) < _COMPRESS_FROM:
-                await _send(send, 200, headers, body)
+            headers, parts = _answer_body(model, rid, descs, frames, binary_out)
+            length = sum(len(p) for p in parts)
+            if not accept or length < _COMPRESS_FROM:
+                await _send(send, 200, headers, parts)
                 return
-            if len(body) <= _COMPRESS_INLINE:
-                await _send(send, 200, *_compressed(headers, body, accept))
+            if length <= _COMPRESS_INLINE:
+                await _send(send, 200, *_compressed(headers, parts, accept))
                 return
             # a large binary answer to compress: queued as a large JSON one is
-            work: Any = functools.partial(_compressed, headers, body, accept)
-            del body
+            work: Any = functools.partial(_compressed, headers, parts, accept)
+            del parts
         else:
             work = functools.partial(_encode_answer, model, rid, descs, frames, binary_out, accept)
         # off the event loop (JSON in slices); a licence's answers one at a time
@@ -512,15 +527,17 @@ def _accepted(scope: dict[str, Any]) -> str | None:
 
 
 def _compressed(
-    headers: list[tuple[bytes, bytes]], body: bytes, accept: str
+    headers: list[tuple[bytes, bytes]], parts: list[Any], accept: str
 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """``body`` compressed as ``accept`` names ("deflate" is zlib's format, as
-    HTTP means it), with its Content-Encoding header (an
+    """The body ``parts`` make, compressed as ``accept`` names ("deflate" is
+    zlib's format, as HTTP means it), with its Content-Encoding header (an
     Inference-Header-Content-Length keeps the uncompressed JSON's length, as
-    Triton and tritonclient read it)."""
+    Triton and tritonclient read it). The parts are compressed one after the
+    other, never joined."""
     c = zlib.compressobj(1, zlib.DEFLATED, 31 if accept == "gzip" else 15)
-    out = c.compress(body) + c.flush()
-    return [*headers, (b"content-encoding", accept.encode())], out
+    out = [c.compress(p) for p in parts]
+    out.append(c.flush())
+    return [*headers, (b"content-encoding", accept.encode())], b"".join(out)
 
 
 def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: list[Any],
@@ -528,14 +545,18 @@ def _encode_answer(model: str, rid: Any, descs: list[dict[str, Any]], frames: li
                    ) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
     """The answer's headers and body (compressed as ``accept`` names, from
     :data:`_COMPRESS_FROM` bytes)."""
-    headers, body = _answer_body(model, rid, descs, frames, binary_out)
-    if accept and len(body) >= _COMPRESS_FROM:
-        return _compressed(headers, body, accept)
-    return headers, body
+    headers, parts = _answer_body(model, rid, descs, frames, binary_out)
+    if accept and sum(len(p) for p in parts) >= _COMPRESS_FROM:
+        return _compressed(headers, parts, accept)
+    return headers, b"".join(parts) if len(parts) > 1 else parts[0]
 
 
 def _answer_body(model: str, rid: Any, descs: list[dict[str, Any]], frames: list[Any],
-                 binary_out: Any) -> tuple[list[tuple[bytes, bytes]], bytes]:  # fmt: skip
+                 binary_out: Any) -> tuple[list[tuple[bytes, bytes]], list[Any]]:  # fmt: skip
+    """The answer's headers and its body as parts: the JSON, then each binary
+    output as it is (the output's own buffer, not copied: an answer of 500 MB
+    once took 1 GB while it waited for its client, the outputs and the body
+    joined from them)."""
     outs: list[dict[str, Any]] = []
     blobs: list[Any] = []
     texts: list[tuple[str, str]] = []
@@ -562,10 +583,10 @@ def _answer_body(model: str, rid: Any, descs: list[dict[str, Any]], frames: list
         parts += [before, text]
     head = "".join([*parts, skeleton]).encode()
     if not blobs:
-        return _JSON, head
+        return _JSON, [head]
     headers = [(b"content-type", b"application/octet-stream"),
                (b"inference-header-content-length", str(len(head)).encode())]  # fmt: skip
-    return headers, b"".join([head, *blobs])
+    return headers, [head, *(b for b in blobs if len(b))]
 
 
 def _params(value: Any, whose: str) -> dict[str, Any]:
@@ -661,7 +682,23 @@ async def _json(send: Any, status: int, body: Any) -> None:
     await _send(send, status, _JSON, json.dumps(body, separators=(",", ":")).encode())
 
 
-async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]],
+                body: bytes | list[Any]) -> None:  # fmt: skip
+    """One response; a body given as parts goes out part by part, each sent
+    once the client has taken enough of the one before (uvicorn waits for
+    the transport to drain), in slices of :data:`_SEND_SLICE`: an unread
+    answer holds its outputs and little more."""
+    parts = [body] if isinstance(body, (bytes, bytearray)) else body
+    length = sum(len(p) for p in parts)
     await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
+                "headers": [*headers, (b"content-length", str(length).encode())]})  # fmt: skip
+    pieces: list[Any] = []
+    for p in parts:
+        if isinstance(p, bytes) and len(p) <= _SEND_SLICE:
+            pieces.append(p)
+        else:  # an output's own buffer, a slice at a time (uvicorn writes any buffer)
+            v = memoryview(p).cast("B")
+            pieces += [v[i : i + _SEND_SLICE] for i in range(0, max(len(v), 1), _SEND_SLICE)]
+    for i, piece in enumerate(pieces):
+        await send({"type": "http.response.body", "body": piece,
+                    "more_body": i < len(pieces) - 1})  # fmt: skip
