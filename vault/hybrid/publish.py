@@ -154,28 +154,51 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def _align_profile(
-    nodes: Mapping[str, float], g: CutGraph, stages: list[str], log: Callable[[str], None]
+    nodes: Mapping[str, float],
+    g: CutGraph,
+    stages: list[str],
+    log: Callable[[str], None],
+    what: str = "client",
 ) -> dict[str, float]:
-    """A client profile keyed as the graph being cut: one made of the model
-    alone (``vault profile model.onnx``) names its nodes without the stage
-    prefix the composed pipeline gives them (``mm1``, not ``model/mm1``);
-    before, every such node cost the client nothing and no warning said so."""
+    """A profile keyed as the graph being cut. One made of the model alone
+    (``vault profile model.onnx``) keys its nodes as in model.onnx: a named
+    node by its name, which the composed pipeline prefixes (``mm1`` is
+    ``model/mm1``), an unnamed one (onnx.helper's default) by its index
+    there (``#3``), which composing moves (the pre stage's nodes and the
+    wiring come first). The model's nodes keep their order in the composed
+    graph, so each is found back by its name or its rank among them. Before,
+    an unnamed node's index was taken as the composed graph's, or dropped:
+    a client profile of an unnamed model priced nothing ("names none of this
+    graph's nodes") and the planner chose as if the client were free.
+
+    A profile of the composed pipeline itself (``profile_model`` of it: its
+    keys name the wiring, ``in/...``) is taken as it is."""
     keys = [node_key(n, i) for i, n in enumerate(g.nodes)]
-    # an unnamed node's key is its index, which composing the stages moves:
-    # taken as it is only from a profile of this very graph (one stage, or a
-    # profile of the composed pipeline, whose names carry their stage)
-    composed = len(stages) == 1 or any("/" in k for k in nodes)
-    out = {k: float(nodes[k]) for k in keys
-           if k in nodes and (composed or not k.startswith("#"))}  # fmt: skip
-    if len(stages) > 1:
-        for k in keys:
-            stage, sep, rest = k.partition("/")
-            if k not in out and sep and stage == "model" and rest in nodes:
-                out[k] = float(nodes[rest])
+    if len(stages) == 1 or any(k.startswith(("in/", "link/")) for k in nodes):
+        out = {k: float(nodes[k]) for k in keys if k in nodes}
+    else:
+        out = {}
+        for rank, (i, n) in enumerate(
+            (i, n) for i, n in enumerate(g.nodes) if _in_stage(n, "model")
+        ):
+            alone = n.name[len("model/") :] if n.name else f"#{rank}"
+            if alone in nodes:
+                out[keys[i]] = float(nodes[alone])
     if nodes and not out:
-        log("warning: the client profile names none of this graph's nodes (profile the same "
-            "model you split); the client's costs are taken as zero")  # fmt: skip
+        log(f"warning: the {what} profile names none of this graph's nodes (profile the same "
+            f"model you split); the {what}'s costs are taken as zero")  # fmt: skip
     return out
+
+
+def _in_stage(node: onnx.NodeProto, stage: str) -> bool:
+    """Whether a node of the composed pipeline is one of ``stage``'s own: its
+    name carries the stage's prefix, or, unnamed, every output does (the
+    wiring's Identity nodes are named ``in/``, ``link/``, ``out/``)."""
+    p = f"{stage}/"
+    if node.name:
+        return node.name.startswith(p)
+    outs = [o for o in node.output if o]
+    return bool(outs) and all(o.startswith(p) for o in outs)
 
 
 def _resolver(g: CutGraph, stages: list[str]) -> Callable[[str], str]:
@@ -561,6 +584,8 @@ def split(
             server_costs = profile_model(merged, repeats=profile_repeats,
                                          feeds=calibration[0] if calibration else None)  # fmt: skip
         server_nodes = server_costs["nodes"]
+    if server_costs is not None and server_nodes:  # a file too may be of the model alone
+        server_nodes = _align_profile(server_nodes, g, stages, log, "server")
     client_nodes = (client_costs or {}).get("nodes", server_nodes)
     if link is not None and client_costs is None:
         log("no client profile: assuming the caller's device is as fast as this one")

@@ -891,6 +891,66 @@ def test_a_client_profile_of_the_model_alone_counts_in_the_composed_pipeline() -
     assert _align_profile(whole, g, stages, logs.append) == whole
 
 
+def _unnamed(m: onnx.ModelProto) -> onnx.ModelProto:
+    """``m`` with every node unnamed (onnx.helper's default, and many exporters')."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for n in out.graph.node:
+        n.name = ""
+    return out
+
+
+@pytest.mark.parametrize("stages", [("pre", "post"), ("pre",), ("post",), ()])
+def test_a_profile_of_an_unnamed_model_alone_plans_the_pipeline_as_a_named_one(
+    tmp_path: Path, stages: tuple[str, ...]
+) -> None:
+    """`vault profile model.onnx` keys an unnamed node by its index in
+    model.onnx (``#3``); composing pre/post in front moves every index, so the
+    profile named none of the pipeline's nodes (a warning, the client taken as
+    free) and the planner chose the last cut. Now the profiles of the model
+    alone (client and server, as files) price the same nodes whether the
+    model's nodes are named or not: the planner's table and choice agree."""
+    pre, named, post = classifier_pipeline()
+    bare = _unnamed(named)
+    # the caller's device is fast up to h2 and slow after: the cut at h2 wins
+    slow = {"secret_dense2", "secret_bias2"}
+    per_node = {n.name: (40.0 if n.name in slow else 0.01) for n in named.graph.node}
+    by_index = {f"#{i}": per_node[n.name] for i, n in enumerate(named.graph.node)}
+    server = {n.name: 1.0 for n in named.graph.node}
+
+    def plan_with(model: onnx.ModelProto, keyed: dict[str, float], srv: dict[str, float],
+                  tmp: Path) -> tuple[str, list[str]]:  # fmt: skip
+        logs: list[str] = []
+        tmp.mkdir()
+        res = split(
+            model, pre=_unnamed(pre) if "pre" in stages else None,
+            post=_unnamed(post) if "post" in stages else None, model_id="m",
+            signing_key=PublisherKey.generate(), output_dir=tmp / "m.split", register=_Keys(),
+            link=Link(rtt_ms=1, mbit=1000), split_points=["h1", "h2", "h3", "logits"],
+            client_costs={"format": "vault-profile/1", "nodes": keyed},
+            server_costs={"format": "vault-profile/1", "nodes": srv}, log=logs.append,
+        )  # fmt: skip
+        assert res.table is not None
+        return res.table, logs
+
+    want, logs_named = plan_with(named, per_node, server, tmp_path / "named")
+    got, logs_bare = plan_with(bare, by_index, {f"#{i}": 1.0 for i in range(5)},
+                               tmp_path / "bare")  # fmt: skip
+    chosen = [ln for ln in want.splitlines() if ln.startswith("*")]
+    assert chosen and chosen[0].split()[1].removeprefix("model/") == "h2", want
+    assert got == want
+    # named as torch.onnx names them ("/dense1/MatMul"): a '/' in a name is no stage
+    torch = onnx.ModelProto()
+    torch.CopyFrom(named)
+    for n in torch.graph.node:
+        n.name = f"/{n.name}/{n.op_type}"
+    t_cost = {f"/{k}/{n.op_type}": v for (k, v), n in zip(per_node.items(), named.graph.node)}
+    t_srv = {k: 1.0 for k in t_cost}
+    got_torch, logs_torch = plan_with(torch, t_cost, t_srv, tmp_path / "torch")
+    assert got_torch.splitlines()[2:] == want.splitlines()[2:]
+    assert not [m for m in logs_bare + logs_named + logs_torch if "names none" in m]
+
+
 # --- cut tensors of every dtype the wire carries; inputs made up or given ---------------------
 
 
