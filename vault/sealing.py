@@ -15,7 +15,12 @@ What sealing does, in order:
 3. Wire the stages: pre outputs feed model inputs and model outputs feed post
    inputs by name (or by an explicit ``io_map``); an element-type mismatch
    is refused, a shape disagreement is a warning naming both ends (declared
-   shapes are advisory, as in onnxruntime). The pipeline returns the last
+   shapes are advisory, as in onnxruntime: an exporter's wrong declaration
+   runs). Whether the pipeline can run at all is onnxruntime's to say: each
+   stored graph is loaded as the worker loads it before anything is
+   written (:func:`check_loads`), and one that does not load (a pre graph
+   computing ``[N, 32]`` for a model whose weights take ``[N, 64]``) is
+   refused with onnxruntime's reason and the disagreeing shapes. The pipeline returns the last
    stage's outputs: an output of one stage that the next does not read is
    dropped, and a warning names it (``vault seal --post`` prints it).
 4. Move every weight larger than 1 KiB out of the graph into an in-memory
@@ -208,6 +213,47 @@ def _onnxruntime_loads(model: onnx.ModelProto) -> bool:
     return True
 
 
+def check_loads(
+    graphs: Iterable[tuple[str, bytes]], files: Mapping[str, Any], seams: Iterable[str] = ()
+) -> None:
+    """Refuse a pipeline no worker could load: each stored graph is loaded by
+    onnxruntime as the worker loads it (weights from the in-memory files),
+    with its graph optimisations off (what fails there is the graph itself:
+    its types and shapes, as onnxruntime resolves them, an operator it does
+    not have). A pre graph that computes ``[N, 32]`` in front of a model
+    whose weights take ``[N, 64]`` sealed with a warning and failed every
+    load with ``the pipeline could not be loaded (Fail)``. Declared shapes
+    alone never refuse: onnxruntime has the last word (an exporter's wrong
+    declaration loads and runs). ``seams``: the stages' declared shapes that
+    disagree, named in the refusal. Raises :class:`SealError` with
+    onnxruntime's own reason (the publisher's own model: its text helps)."""
+    import onnxruntime as ort
+
+    names = list(files)
+    bufs = [np.frombuffer(files[n], np.uint8) for n in names]
+    for stage, data in graphs:
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        if names:
+            so.add_external_initializers_from_files_in_memory(names, bufs, [len(b) for b in bufs])
+        why = ""
+        try:
+            ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, in the vault's words
+            why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(exc))
+            why = " ".join(why.split())[:400]
+        if why:
+            where = "pipeline" if stage == "pipeline" else f"{stage} stage"
+            seam = "; ".join(seams)
+            raise SealError(
+                f"the {where} does not load in onnxruntime, so no worker could run it: {why}"
+                + (f" (the stages disagree: {seam})" if seam else "")
+            )
+
+
 def _too_big(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is past what protobuf can serialise (2 GiB). Counted
     from the weights, with a margin: ``ByteSize()`` is not reliable past 2 GiB."""
@@ -336,10 +382,12 @@ def _wire(
     down_name: str,
     io_map: Mapping[str, str] | None,
     warnings: list[str] | None = None,
+    seams: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """Pairs (upstream output, downstream input). Element types must agree;
     declared shapes are advisory (onnxruntime does not enforce an output's
-    declared shape either): a disagreement is a warning naming both ends."""
+    declared shape either): a disagreement is a warning naming both ends, and
+    is put in ``seams`` (``seal`` names it when the pipeline does not load)."""
     outs = {vi.name: vi for vi in up.graph.output}
     ins = {vi.name: vi for vi in _public_inputs(down)}
     if io_map:
@@ -379,11 +427,18 @@ def _wire(
                 f"{up_name} output {o!r} ({a['dtype']}, shape {a['shape']}) does not match "
                 f"{down_name} input {i!r} ({b['dtype']}, shape {b['shape']})"
             )
-        if not _shapes_compatible(a["shape"], b["shape"]) and warnings is not None:
-            warnings.append(
-                f"{up_name} output {o!r} declares shape {a['shape']} but {down_name} input "
-                f"{i!r} declares {b['shape']}; declared shapes are advisory, sealed as is"
-            )
+        if not _shapes_compatible(a["shape"], b["shape"]):
+            if warnings is not None:
+                warnings.append(
+                    f"{up_name} output {o!r} declares shape {a['shape']} but {down_name} "
+                    f"input {i!r} declares {b['shape']}; declared shapes are advisory, and "
+                    "onnxruntime loads the pipeline: sealed as is"
+                )
+            if seams is not None:
+                seams.append(
+                    f"{up_name} output {o!r} declares shape {a['shape']}, {down_name} input "
+                    f"{i!r} {b['shape']}"
+                )
     return pairs
 
 
@@ -617,8 +672,11 @@ def seal(
             "initializer to take it from callers"
         )
     links: list[list[tuple[str, str]]] = []
+    seams: list[str] = []
     for (un, um), (dn, dm) in zip(stages, stages[1:]):
-        links.append(_wire(um, dm, un, dn, io_map.get(un if un != "model" else dn), warnings))
+        links.append(
+            _wire(um, dm, un, dn, io_map.get(un if un != "model" else dn), warnings, seams)
+        )
 
     model_graph = dict(stages)["model"]
     known = {n for node in model_graph.graph.node for n in node.output} | {
@@ -671,13 +729,14 @@ def seal(
             "(left out of their metadata). skl2onnx's classifiers give their probabilities "
             "as such a ZipMap unless converted with options={'zipmap': False}"
         )
-    if batchable:
-        try:  # the graphs exactly as the worker will load them
+    try:  # the graphs exactly as the worker will load them
+        check_loads(graphs, dict(files), seams)
+        if batchable:
             check_rows(graphs, dict(files), inputs=inputs, outputs=outputs)
-        except BaseException:
-            for _, blob in files:
-                _crypto.zeroize(blob)
-            raise
+    except BaseException:
+        for _, blob in files:
+            _crypto.zeroize(blob)
+        raise
     manifest: dict[str, Any] = {
         "format": f"vault-package/{FORMAT_VERSION}",
         "model_id": model_id,

@@ -66,12 +66,37 @@ def test_shape_disagreement_warns_naming_both_ends(
     tmp_path: Path, publisher: _crypto.PublisherKey
 ) -> None:
     """Declared shapes are advisory (onnxruntime does not enforce an output's
-    declared shape): a disagreement between stages seals, with a warning."""
-    r = seal(mlp(n_features=8), pre=preprocess(n_features=4), model_id="m",
-             signing_key=publisher, output=tmp_path / "m.vault")  # fmt: skip
+    declared shape): a pre stage that declares [N, 4] but computes the [N, 8]
+    the model takes seals, with a warning, and runs."""
+    pre = preprocess(n_features=8)
+    pre.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4  # the exporter's slip
+    r = seal(mlp(n_features=8), pre=pre, model_id="m", signing_key=publisher,
+             output=tmp_path / "m.vault")  # fmt: skip
     assert len(r.warnings) == 1
     assert "pre output 'x' declares shape ['N', 4]" in r.warnings[0]
     assert "model input 'x' declares ['N', 8]" in r.warnings[0]
+    feeds = {"image": np.arange(16, dtype=np.uint8).reshape(2, 8)}
+    got = run_plaintext(Package.load(r.path), r.key, feeds)
+    want = reference_pipeline([preprocess(n_features=8), mlp(n_features=8)], feeds)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5)
+
+
+def test_a_pipeline_onnxruntime_cannot_load_is_refused_naming_the_shapes(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
+    """A pre stage computing [N, 4] in front of a model whose weights take
+    [N, 8] can never run: it sealed with a warning and every load failed
+    with "the pipeline could not be loaded (Fail)". Refused now, with
+    onnxruntime's reason and both declared shapes, and nothing written."""
+    out = tmp_path / "m.vault"
+    with pytest.raises(SealError) as info:
+        seal(mlp(n_features=8), pre=preprocess(n_features=4), model_id="m",
+             signing_key=publisher, output=out)  # fmt: skip
+    msg = str(info.value)
+    assert "the pipeline does not load in onnxruntime" in msg, msg
+    assert "ShapeInferenceError" in msg and "Incompatible dimensions" in msg, msg
+    assert "pre output 'x' declares shape ['N', 4], model input 'x' ['N', 8]" in msg
+    assert not out.exists()
 
 
 def test_an_overridable_weight_is_no_public_input_and_sealing_says_so(
