@@ -200,13 +200,44 @@ def _try_session(
     model = bytes(graph)
     try:
         return ort.InferenceSession(model, so, providers=providers)
-    except Exception as exc:  # onnxruntime's text names nodes: keep only the class
+    except Exception as exc:  # onnxruntime's text names nodes: only its kind is kept
         if failed is not None:
-            failed.append(type(exc).__name__)
+            failed.append(load_failure(exc))
         return None
     finally:
         _wipe_bytes(model)
         del model
+
+
+# what onnxruntime's load error says, in words that name no node, tensor or op
+_LOAD_KINDS = (
+    ("ShapeInferenceError", "tensor shapes in the graph disagree (onnxruntime's shape "
+                            "inference), as where one stage's output does not fit the next; "
+                            "vault seal refuses such a pipeline, naming the tensors"),
+    ("TypeInferenceError", "tensor types in the graph disagree (onnxruntime's type "
+                           "inference); vault seal refuses such a pipeline, naming them"),
+    ("NOT_IMPLEMENTED", "an operator is not implemented by this onnxruntime for its types"),
+    ("Unsupported model IR version", "the model needs a newer onnxruntime (its IR version)"),
+    ("is under development and support for this is limited",
+     "the model needs a newer onnxruntime (its opset)"),
+    ("INVALID_PROTOBUF", "the graph is not a valid ONNX model"),
+    ("INVALID_GRAPH", "the graph is not valid"),
+    ("Failed to allocate", "out of memory"),
+    ("bad_alloc", "out of memory"),
+)  # fmt: skip
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why onnxruntime could not build a session, for whoever asked: its
+    exception's class and, where its text says which kind of failure it is,
+    that kind in the vault's words (a fixed list: onnxruntime's text names
+    the model's nodes and ops, which a caller may not read). Before, only the
+    class: ``the pipeline could not be loaded (Fail)``, with no cause."""
+    text = str(exc)
+    kind = next((words for key, words in _LOAD_KINDS if key in text), None)
+    if kind is None:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {kind}"
 
 
 def signature_of(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from tests.models import classifier_pipeline, mlp, reference_pipeline
+from tests.models import classifier_pipeline, mlp, preprocess, reference_pipeline
 from vault.core.errors import ComputeError, ConfigError, InputError
 from worker.runtime import Pipeline, choose_providers, session_options
 
@@ -95,6 +95,26 @@ def test_onnxruntime_errors_are_sanitised() -> None:
     with pytest.raises(ComputeError) as exc:
         pipe.run({"x": np.zeros(5, np.float32)})
     assert "secret" not in str(exc.value)
+    assert exc.value.__cause__ is None and exc.value.__context__ is None
+
+
+def test_a_pipeline_that_cannot_load_says_why_naming_nothing_inside() -> None:
+    """A package sealed before seal checked that its pipeline loads (or built
+    by another tool): a pre stage computing [N, 4] in front of a model whose
+    weights take [N, 8]. The load failed with "could not be loaded (Fail)",
+    no cause; now the kind of failure is said, in words that name no node,
+    op or tensor of the model (onnxruntime's own text names them)."""
+    from vault.sealing import _compose, _wire
+
+    pre, model = preprocess(n_features=4), mlp(n_features=8)
+    for i, n in enumerate(model.graph.node):
+        n.name = f"secret_node_{i}"
+    merged = _compose([("pre", pre), ("model", model)], [_wire(pre, model, "pre", "model", None)])
+    with pytest.raises(ComputeError) as exc:
+        Pipeline([merged.SerializeToString()])
+    msg = str(exc.value)
+    assert "could not be loaded" in msg and "shapes in the graph disagree" in msg, msg
+    assert not any(w in msg for w in ("secret", "MatMul", "model/", "'x'")), msg
     assert exc.value.__cause__ is None and exc.value.__context__ is None
 
 
