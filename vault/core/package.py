@@ -633,10 +633,21 @@ class Package:
     # -- checks ----------------------------------------------------------------
 
     def verify(self, publisher_key: bytes | str) -> None:
-        """Check the Ed25519 signature; needs no secret. IntegrityError if bad."""
+        """Check the Ed25519 signature; needs no secret. IntegrityError if bad.
+
+        A package that names another publisher key than ``publisher_key`` says
+        so, with both fingerprints (public: ``vault inspect`` shows the
+        package's): sealed with one key server's publisher key and opened
+        under another's is a mix-up to fix, not an attack to keep opaque.
+        A package that names this key but fails its signature (tampered, or
+        forged) gets the one opaque IntegrityError."""
         raw = _crypto.load_public_key(publisher_key)
-        if _crypto.fingerprint(raw) != self.publisher_fingerprint:
-            raise IntegrityError()
+        given = _crypto.fingerprint(raw)
+        if given != self.publisher_fingerprint:
+            raise IntegrityError(
+                f"the package is not signed by this publisher key: it names publisher "
+                f"{self.publisher_fingerprint}, the key given is {given}"
+            )
         _crypto.verify_signature(raw, self.signature, self._signed_message())
 
     def decrypt(self, key: bytes | bytearray, *, lazy: bool = False) -> Plaintext:

@@ -84,6 +84,55 @@ def test_verify_ok_and_bad(workdir: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_verify_under_another_publisher_key_says_so(workdir: Path) -> None:
+    """A well-formed package checked under another publisher's key (ks2's
+    publisher.pub for a package ks's key signed): before, the same opaque
+    'package failed to authenticate or decrypt' as a tampered file; now it
+    says plainly which key signed it and which was given. A package that
+    names the key but whose signature fails stays the opaque error."""
+    _crypto.PublisherKey.generate().save(workdir / "ks2.key", workdir / "ks2.pub")
+    r = vault("verify", "clf.vault", "--publisher", "ks2.pub", cwd=workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    ours = _crypto.PublisherKey.load(workdir / "publisher.key").fingerprint
+    theirs = _crypto.PublisherKey.load(workdir / "ks2.key").fingerprint
+    assert "not signed by this publisher key" in r.stderr, r.stderr
+    assert ours in r.stderr and theirs in r.stderr
+    data = bytearray((workdir / "clf.vault").read_bytes())
+    data[-1] ^= 1  # the signature's last byte
+    (workdir / "tampered.vault").write_bytes(bytes(data))
+    r = vault("verify", "tampered.vault", "--publisher", "publisher.pub", cwd=workdir)
+    assert r.returncode == 2 and "package failed to authenticate or decrypt" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["seal", "split"])
+def test_a_signing_key_the_licences_key_server_does_not_trust_is_refused(
+    tmp_path: Path, command: str
+) -> None:
+    """`--licence ks2/admin.licence --signing-key ks/publisher.key` signed with
+    ks's key and registered the package key with ks2: no licence ks2 issues
+    could open it, and every open failed with a bare integrity error. Refused
+    now, before anything is written or any key server is asked (none runs
+    here), naming both keys; the matching key goes on to the key server."""
+    from keyserver import init_dir
+
+    _, model, _ = classifier_pipeline()
+    onnx.save(model, tmp_path / "model.onnx")
+    for d in ("ks", "ks2"):
+        init_dir(tmp_path / d, address="tcp://127.0.0.1:9")  # nothing listens
+    cut = ["--at", "h2", "--split-point", "h2"] if command == "split" else []
+    base = [command, "model.onnx", "--model-id", "m", "--licence", "ks2/admin.licence", *cut]
+    r = vault(*base, "--signing-key", "ks/publisher.key", "-o", "out", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is not the publisher key the key server of ks2/admin.licence trusts" in r.stderr
+    for d in ("ks", "ks2"):
+        fp = _crypto.PublisherKey.load(tmp_path / d / "publisher.key").fingerprint
+        assert fp in r.stderr
+    assert not (tmp_path / "out").exists()
+    # control: ks2's own key passes this check (and then meets the absent key server)
+    r = vault(*base, "--signing-key", "ks2/publisher.key", "-o", "out", cwd=tmp_path)
+    assert r.returncode != 0 and "is not the publisher key" not in r.stderr
+
+
 def test_errors_are_one_line(workdir: Path) -> None:
     (workdir / "junk.vault").write_bytes(b"junk" * 10)
     r = vault("inspect", "junk.vault", cwd=workdir)
