@@ -964,6 +964,15 @@ class KeyService:
         model_id = _str(h, "model_id")
         key_id = _str(h, "key_id")
         digest = _str(h, "package_digest")
+        signer = _str(h, "publisher", optional=True)  # absent from clients before it
+        if signer is not None and self.publisher_key:
+            ours = _crypto.fingerprint(base64.b64decode(self.publisher_key))
+            if signer != ours:
+                raise KeyServerError(
+                    f"model {model_id!r}: the package is signed by publisher key {signer}, "
+                    f"not by this key server's ({ours}): no licence it issues could open it; "
+                    "seal with this key server's publisher.key"
+                )
         key = bytearray(_bytes(h, "key", max_len=_crypto.KEY_SIZE))
         try:
             if len(key) != _crypto.KEY_SIZE:

@@ -210,6 +210,25 @@ def test_admin_operations_need_an_admin_licence(keyserver, model_key):
         )  # idempotent
 
 
+def test_a_key_for_a_package_signed_by_another_publisher_is_refused(keyserver):
+    """A package signed with another key server's publisher.key could never be
+    opened under this key server's licences (every worker checks the signature
+    against the publisher key they carry): registering its key is refused,
+    naming both fingerprints, and nothing is stored; this key server's own
+    publisher key is accepted."""
+    from vault.core.crypto import PublisherKey
+
+    other = PublisherKey.generate().fingerprint
+    ours = PublisherKey.load(keyserver.admin_licence.parent / "publisher.key").fingerprint
+    with keyserver.admin() as admin:
+        with pytest.raises(KeyServerError, match="signed by publisher key") as info:
+            admin.register_key(model_id="mixed", key_id="k-mixed", key=bytes(32),
+                               package_digest=DIGEST, publisher=other)  # fmt: skip
+        assert other in str(info.value) and ours in str(info.value)
+        assert admin.register_key(model_id="mixed", key_id="k-mixed", key=bytes(range(32)),
+                                  package_digest=DIGEST, publisher=ours) is True  # fmt: skip
+
+
 # --- the handshake ------------------------------------------------------------------
 
 

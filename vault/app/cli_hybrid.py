@@ -189,7 +189,8 @@ def _split(args: argparse.Namespace) -> int:
     def register(res: Any) -> None:
         if ks is not None:
             ks.register_key(model_id=res.model_id, key_id=res.key_id, key=res.key,
-                            package_digest=res.digest)  # fmt: skip
+                            package_digest=res.digest,
+                            publisher=res.manifest["publisher"]["fingerprint"])  # fmt: skip
         else:
             os.makedirs(args.key_out, mode=0o700, exist_ok=True)
             write_key_file(os.path.join(args.key_out, f"{res.model_id}.key"), res)

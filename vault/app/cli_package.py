@@ -131,7 +131,38 @@ def publisher_credentials(args: argparse.Namespace, what: str) -> tuple[Any, str
         signing = os.path.join(os.path.dirname(os.path.abspath(args.licence)), "publisher.key")
     if not os.path.exists(signing):
         raise ConfigError(f"signing key {signing} not found (pass --signing-key)")
+    if licence is not None:
+        check_signing_key(licence, str(signing), args.licence)
     return licence, str(signing)
+
+
+def check_signing_key(licence: Any, signing: str, licence_path: str) -> None:
+    """Refuse a signing key that is not the publisher key the licence's key
+    server trusts (``DIR/publisher.pub`` of ``vault keyserver init DIR``,
+    carried in every licence it issues): every worker checks a package's
+    signature against that key, so such a package could never be opened.
+    Before, ``--licence ks2/admin.licence --signing-key ks/publisher.key``
+    sealed, registered the key with ks2, and every open failed with a bare
+    'package failed to authenticate or decrypt'."""
+    import base64
+    import binascii
+
+    from ..core.crypto import PublisherKey, fingerprint
+
+    if not licence.publisher_key:
+        return  # a licence from a key server before publisher keys: nothing to compare
+    try:
+        trusted = fingerprint(base64.b64decode(licence.publisher_key, validate=True))
+    except (binascii.Error, ValueError):
+        return  # the key server checks it again at registration
+    mine = PublisherKey.load(signing).fingerprint
+    if mine != trusted:
+        raise ConfigError(
+            f"signing key {signing} ({mine}) is not the publisher key the key server of "
+            f"{licence_path} trusts ({trusted}): no licence it issues could open the package. "
+            "Sign with the publisher.key made beside that admin licence (vault keyserver init "
+            "DIR: DIR/publisher.key), or name that key server's admin licence"
+        )
 
 
 def _seal(args: argparse.Namespace) -> int:
@@ -163,6 +194,7 @@ def _seal(args: argparse.Namespace) -> int:
                         key_id=result.key_id,
                         key=result.key,
                         package_digest=result.digest,
+                        publisher=result.manifest["publisher"]["fingerprint"],
                     )
             except VaultError:
                 os.unlink(result.path)  # a package whose key is nowhere is useless

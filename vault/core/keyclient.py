@@ -433,16 +433,27 @@ class KeyServerClient:
         return int(reply.get("refunded_calls") or 0)
 
     def register_key(
-        self, *, model_id: str, key_id: str, key: bytes | bytearray, package_digest: str
+        self,
+        *,
+        model_id: str,
+        key_id: str,
+        key: bytes | bytearray,
+        package_digest: str,
+        publisher: str | None = None,
     ) -> bool:
         """(admin) Store a package key, wrapped under the master key. Returns
-        False when this exact key was already registered."""
+        False when this exact key was already registered. ``publisher``: the
+        fingerprint of the key the package is signed with (its manifest's);
+        the key server refuses a key for a package its own publisher key did
+        not sign (no licence it issues could open it)."""
+        extra = {"publisher": publisher} if publisher is not None else {}
         reply, _ = self._request(
             "register_key",
             model_id=model_id,
             key_id=key_id,
             key=bytes(key),
             package_digest=package_digest,
+            **extra,
         )
         return bool(reply.get("created"))
 
