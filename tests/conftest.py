@@ -62,9 +62,10 @@ def served_ready(
     proc: subprocess.Popen[bytes], timeout: float = 60.0
 ) -> tuple[dict[str, Any] | None, bytes]:
     """The one JSON ready line ``vault worker serve`` prints on stdout once its
-    initial load has finished (``{"ready": true, "endpoint", "server_key",
-    "models", ...}``), and what it printed up to there (None if it exits or
-    ``timeout`` passes first)."""
+    initial load has finished and it listens (``{"ready": true, "endpoint",
+    "server_key", "models", ...}``; ``"ready": false`` when no model can take
+    calls), and what it printed up to there (None if it exits or ``timeout``
+    passes first)."""
     import json
     import select
     import time
@@ -82,7 +83,7 @@ def served_ready(
             for line in buf.decode().splitlines():
                 if line.startswith("{") and line.endswith("}"):
                     msg = json.loads(line)
-                    if msg.get("ready") is True:
+                    if msg.get("ready") is True or "endpoint" in msg:
                         return msg, buf
     return None, buf
 

@@ -4,6 +4,7 @@ hang (the signal handlers only wake the loop)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +78,37 @@ def test_a_licence_that_never_gives_a_key_is_refused_at_start(tmp_path: Path, ki
     assert b"ready" not in out.stdout
     assert str(path) in err and f"{kind} licence" in err and "runtime licence" in err, err
     assert "vault licence issue --all-models --to service" in err, err
+
+
+def test_the_ready_line_says_not_ready_when_no_model_can_serve(tmp_path: Path) -> None:
+    """Every model unavailable (here: no licence of the service covers it; a
+    key server that is down does the same): the one JSON line still comes
+    once the service listens, with its ports, but says ``"ready": false``, as
+    /v2/health/ready does, and each model's state and reason say why (it
+    used to say ``"ready": true`` while the probe answered 400)."""
+    sealed = seal_for_test(tmp_path, mlp(), name="m")
+    pub, sec = zmq.curve_keypair()
+    lic = tmp_path / "svc.licence"
+    Licence("x", "svc", "tcp://127.0.0.1:9", pub.decode(), pub.decode(), sec.decode(),
+            model_id="other", same_user=True).save(lic)  # fmt: skip
+    proc = _serve([sealed.path, "--licence", str(lic), "--bind", f"ipc://{tmp_path}/s.sock",
+                   "--metrics-port", "0", "--instances", "1"])  # fmt: skip
+    try:
+        ready = _wait_for_lines(proc)
+        assert ready["ready"] is False, ready
+        assert ready["models"]["m"]["state"] == "UNAVAILABLE", ready
+        assert ready["models"]["m"]["reason"]["code"] == "wrong_model", ready
+        assert ready["endpoint"] and ready["metrics_port"], ready
+        url = f"http://127.0.0.1:{ready['metrics_port']}/v2/health/ready"
+        with pytest.raises(urllib.error.HTTPError) as probe:
+            urllib.request.urlopen(url, timeout=30)
+        assert probe.value.code == 400 and json.loads(probe.value.read()) == {"ready": False}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop_process(proc)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_the_service_stops_cleanly_every_time(tmp_path: Path, fake_licence: Path) -> None:

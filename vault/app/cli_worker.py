@@ -353,11 +353,16 @@ def _serve(args: argparse.Namespace) -> int:
             with open(args.server_key_out, "w", encoding="ascii") as fh:
                 fh.write(key + "\n")
             log("server_key_written", path=args.server_key_out)
+        # "ready" is what /v2/health/ready says now (a model takes calls): a
+        # service whose every model is unavailable (its key server away) is
+        # listening, with its ports here, but not ready, and each model's
+        # state and reason say why (it keeps trying; the probe turns 200 then)
         ready_line({"endpoint": ready["endpoint"], "server_key": key or None,
                     "metrics_port": ready.get("metrics_port"), "models": ready["models"],
                     "sealed_port": ready.get("sealed_port"),
                     "http_port": ready.get("http_port"), "grpc_port": ready.get("grpc_port"),
-                    "tls": bool(args.tls_cert), "pid": os.getpid()})  # fmt: skip
+                    "tls": bool(args.tls_cert), "pid": os.getpid()},
+                   ready=svc.ready())  # fmt: skip
         return svc.run()
     finally:
         if ks_client is not None:

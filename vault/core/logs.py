@@ -132,10 +132,12 @@ def _text(rec: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def ready_line(fields: dict[str, Any], out: IO[str] | None = None) -> None:
-    """The command's one documented line on stdout: ``{"ready": true, ...}``."""
+def ready_line(fields: dict[str, Any], out: IO[str] | None = None, *, ready: bool = True) -> None:
+    """The command's one documented line on stdout: ``{"ready": true, ...}``
+    (``ready``: false from a command that is up but cannot serve yet, e.g. a
+    worker service whose models are all unavailable; its fields say why)."""
     out = out if out is not None else sys.stdout
-    print(json.dumps({"ready": True, **fields}, sort_keys=True), file=out, flush=True)
+    print(json.dumps({"ready": ready, **fields}, sort_keys=True), file=out, flush=True)
 
 
 def add_log_options(p: argparse.ArgumentParser) -> None:
