@@ -28,7 +28,7 @@ import zmq.auth
 import zmq.utils.z85
 
 from .errors import ConfigError
-from .files import check_secret_file, write_private_file
+from .files import read_regular, read_secret_file, write_private_file
 
 __all__ = [
     "PUBLIC_NAME",
@@ -42,6 +42,7 @@ __all__ = [
 PUBLIC_NAME = "worker.key"
 SECRET_NAME = "worker.key_secret"
 _Z85_LEN = 40
+_CERT_LIMIT = 64 * 1024  # a certificate is a few hundred bytes
 
 
 def _cert_text(public: bytes, secret: bytes | None) -> bytes:
@@ -81,14 +82,39 @@ def load_secret_certificate(path: str | os.PathLike[str]) -> tuple[bytes, bytes]
     """``(public, secret)`` from a secret certificate; :class:`ConfigError`
     naming the file if it is missing, unreadable or holds no secret."""
     p = os.fspath(path)
-    check_secret_file(p, what="secret CURVE key")
-    try:
-        public, secret = zmq.auth.load_certificate(p)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p}: not a zmq secret certificate ({exc})") from exc
-    if not secret:
+    # what the file holds first: the public certificate given by mistake
+    # (keys/worker.key, 0644 as it should be) is named as such, not sent to
+    # chmod a file that holds no secret; then the checks of a secret (owner,
+    # mode, directories) on the very descriptor the key is read from
+    _secret_certificate(p, read_regular(p, limit=_CERT_LIMIT, what="secret CURVE key"))
+    return _secret_certificate(p, read_secret_file(p, limit=_CERT_LIMIT, what="secret CURVE key"))
+
+
+def _parse_certificate(data: bytes) -> tuple[bytes | None, bytes | None]:
+    """``(public, secret)`` of a zmq certificate's text (``zmq.auth``'s
+    format: ``public-key = "..."``, ``secret-key = "..."``), None where absent."""
+    public = secret = None
+    for raw in data.splitlines():
+        line = raw.strip()
+        if line.startswith(b"public-key") and b"=" in line:
+            public = line.split(b"=", 1)[1].strip(b" \t'\"")
+        elif line.startswith(b"secret-key") and b"=" in line:
+            secret = line.split(b"=", 1)[1].strip(b" \t'\"")
+    return public, secret
+
+
+def _secret_certificate(p: str, data: bytes) -> tuple[bytes, bytes]:
+    public, secret = _parse_certificate(data)
+    if not public:
         raise ConfigError(
-            f"{p}: holds no secret key (the secret certificate is the *.key_secret file)"
+            f"{p}: not a zmq secret certificate (`vault worker keygen DIR` writes one as "
+            "DIR/worker.key_secret)"
+        )
+    if not secret:
+        hint = f" ({p}_secret?)" if os.path.exists(p + "_secret") else ""
+        raise ConfigError(
+            f"{p}: holds no secret key: it is a public certificate, the one callers get; "
+            f"the service takes the secret one, the *.key_secret file{hint}"
         )
     return public, secret
 

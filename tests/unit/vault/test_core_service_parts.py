@@ -13,7 +13,12 @@ import pytest
 import zmq
 
 from tests.waiting import wait_for
-from vault.core.curvekeys import read_public_key, stable_server_keys, write_certificates
+from vault.core.curvekeys import (
+    load_secret_certificate,
+    read_public_key,
+    stable_server_keys,
+    write_certificates,
+)
 from vault.core.errors import ComputeError, ConfigError, InputError, WrongModelError
 from vault.core.logs import Log, reason
 from vault.core.modelscope import covers, describe, is_exact, make_scope
@@ -89,6 +94,22 @@ def test_server_keys_are_kept_private_and_stable(tmp_path: Path) -> None:
     fresh, _ = write_certificates(other)  # vault worker keygen: a new pair each time
     assert len(fresh) == 40 and fresh != pub
     assert zmq.curve_public(sec) == pub  # the pair kept is a real pair
+
+
+def test_the_public_key_given_as_server_secret_is_named_as_such(tmp_path: Path) -> None:
+    """``--server-secret keys/worker.key`` (the public certificate, 0644 as it
+    should be) says the file holds no secret key, naming the secret one;
+    before, it said to chmod 600 a file that holds no secret."""
+    pub, sec = write_certificates(tmp_path)
+    public = tmp_path / "worker.key"
+    assert os.stat(public).st_mode & 0o777 == 0o644
+    with pytest.raises(ConfigError, match="holds no secret key") as err:
+        load_secret_certificate(public)
+    assert "chmod" not in str(err.value) and "worker.key_secret" in str(err.value)
+    assert load_secret_certificate(tmp_path / "worker.key_secret") == (pub, sec)
+    os.chmod(tmp_path / "worker.key_secret", 0o644)  # a secret open to others: the fix
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_secret_certificate(tmp_path / "worker.key_secret")
 
 
 def test_the_connection_bound_logs_what_it_cut_and_a_process_near_its_file_limit() -> None:
