@@ -67,6 +67,8 @@ from .core.errors import (
     FormatError,
     InputError,
     IntegrityError,
+    KeyServerUnavailableError,
+    LicenceExpiredError,
     PermissionDeniedError,
     ProtocolError,
     ServiceUnavailableError,
@@ -623,7 +625,9 @@ class _WatchedChannel(ZmqChannel):
     - the CURVE handshake failed (the server key is not the service's):
       :class:`ConfigError`;
     - the service refused this caller's key (ZAP: not on its allow-list, or
-      not a live call licence): :class:`UnknownLicenceError`.
+      not a live call licence): :class:`UnknownLicenceError`;
+    - the service could not check it (ZAP status 500: its key server is
+      unavailable): :class:`KeyServerUnavailableError`.
     """
 
     def __init__(
@@ -681,7 +685,8 @@ class _WatchedChannel(ZmqChannel):
         while mon is not None and int(mon.get(_EVENTS)) & _POLLIN:
             from zmq.utils.monitor import recv_monitor_message
 
-            ev = recv_monitor_message(mon)["event"]
+            msg = recv_monitor_message(mon)
+            ev = msg["event"]
             if ev == zmq.EVENT_DISCONNECTED:
                 self._mon.lost = True
                 self._mon.listening = False
@@ -698,7 +703,9 @@ class _WatchedChannel(ZmqChannel):
                 if self._mon.refused is None:
                     self._mon.refused = "unreachable"
             elif ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._mon.refused = "auth"
+                # the ZAP status code, all the service tells: 400 refused, 500
+                # "could not check it" (its key server unavailable)
+                self._mon.refused = "unchecked" if int(msg["value"]) == 500 else "auth"
             else:
                 self._mon.refused = "handshake"
 
@@ -748,12 +755,20 @@ class _WatchedChannel(ZmqChannel):
     def _gone(self, why: str) -> VaultError:
         self._events()
         refused = getattr(self._mon, "refused", None)
+        if refused == "unchecked":
+            return KeyServerUnavailableError(
+                f"the service at {self.endpoint} could not check this caller's licence: its key "
+                "server is unavailable (nobody new gets in until it answers): retry later"
+            )
         if refused == "auth":
+            # the service says "refused" and nothing more, the same for each
+            # reason (a stranger learns nothing of a key); its log says which
             return UnknownLicenceError(
                 f"the service at {self.endpoint} refused this caller's key: it is not on the "
-                "service's allow-list, or not a call licence the key server knows (or, for a "
-                "moment, this address has tried more unknown keys than the service asks the "
-                "key server about: retry)"
+                "service's allow-list, or not a live call licence (unknown to its key server, "
+                "revoked, expired or spent; the service's log says which), or, for a moment, "
+                "this address has tried more unknown keys than the service asks the key server "
+                "about: retry"
             )
         if refused == "handshake":
             return _HandshakeFailed(
@@ -1531,7 +1546,20 @@ def connect(
     if lic is None:
         raise ConfigError("vault.connect needs licence=...")
     key = read_public_key(server_key)
-    return Model(remote=_Remote(addresses, Licence.load(lic), key, model), timeout=timeout)
+    loaded = Licence.load(lic)
+    if loaded.expires_at is not None and time.time() >= loaded.expires_at:
+        # its own record says so: refused before dialing, as a connection
+        # made before it expired is refused once it has (the service's ZAP
+        # answer cannot say why: "refused" is all a stranger may learn)
+        raise LicenceExpiredError(
+            f"licence {loaded.licence_id} has expired (at {_utc(loaded.expires_at)}): ask the "
+            "vendor for a new one"
+        )
+    return Model(remote=_Remote(addresses, loaded, key, model), timeout=timeout)
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
 
 
 if os.name != "posix":  # pragma: no cover

@@ -56,6 +56,7 @@ _TOKEN_WAIT_S = 5.0  # how long a new local connection may take to say who it is
 _BULK_ROUTE = b"\xffB"  # a sealed request's route (a ROUTER's own identities start with 0)
 
 __all__ = [
+    "ZAP_KEYSERVER_UNAVAILABLE",
     "LocalServer",
     "Server",
     "connection_session",
@@ -65,6 +66,11 @@ __all__ = [
 ]
 
 Handler = Callable[[list[Any]], list[Any]]
+
+# a CURVE credentials provider's reason for a key it could not check (its key
+# server unavailable): the ZAP handler answers it 500, not 400 (see
+# sealed_authenticator), so the caller hears "key server unavailable"
+ZAP_KEYSERVER_UNAVAILABLE = "keyserver_unavailable"
 
 
 def load_allowed_keys(directory: str) -> set[bytes]:
@@ -139,15 +145,37 @@ def sealed_authenticator(ctx: zmq.Context[Any], sessions: SessionTable | None = 
             async def _authenticate_curve(
                 self, domain: str, client_key: bytes
             ) -> tuple[bool, bytes]:
-                provider = self.credentials_providers.get(domain or "*")
-                admit = getattr(provider, "admit_from", None)
-                if admit is None:
-                    return await super()._authenticate_curve(domain, client_key)
                 from zmq.utils import z85
 
-                if admit(self.zap_address, z85.encode(client_key)):
-                    return True, b"OK"
-                return False, b"Unknown key"
+                provider = self.credentials_providers.get(domain or "*")
+                refusal = getattr(provider, "refusal_from", None)
+                if refusal is None:
+                    ok, text = await super()._authenticate_curve(domain, client_key)
+                    why = None if ok else "not_allowed"
+                else:
+                    why = refusal(self.zap_address, z85.encode(client_key))
+                    ok, text = why is None, (why or "OK").encode()
+                if why is not None and self.on_refused is not None:
+                    self.on_refused(why, self.zap_address)
+                return ok, text
+
+        # why a key was refused (reason, peer address), told to the service
+        # for its log and metric; set by it (None: nobody listens)
+        on_refused: Callable[[str, str], None] | None = None
+
+        def _send_zap_reply(
+            self, request_id: bytes, status_code: bytes, status_text: bytes,
+            user_id: str = "anonymous",
+        ) -> None:  # fmt: skip
+            # the client learns only the status code (libzmq sends it, not the
+            # text, in its ERROR command): 400 is "refused", the same for an
+            # unknown, revoked or expired licence, so a stranger learns nothing
+            # of a key; 500 (internal error) is "could not check it: the key
+            # server is unavailable", whatever the key (300, a temporary
+            # failure, is a silent disconnect the client never sees)
+            if status_code == b"400" and status_text == ZAP_KEYSERVER_UNAVAILABLE.encode():
+                status_code = b"500"
+            super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
         def _authenticate_plain(
             self, domain: str, username: str, password: str

@@ -454,10 +454,52 @@ def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> N
             time.sleep(0.05)
         with pytest.raises(vault.LicenceExpiredError):
             f.compute({"x": X})
+    # a new connection with it: the licence file's own expiry says so before
+    # dialing, as the open connection was told (it was UnknownLicenceError)
+    assert frank.expires_at is not None and frank.expires_at <= time.time()
+    with pytest.raises(vault.LicenceExpiredError, match="has expired"):
+        service.connect(frank)
     # a runtime licence is not a call licence: its key is not let in at all
     runtime = service.keyserver.issue("m", holder="mallory")
     with pytest.raises(vault.UnknownLicenceError, match="refused this caller's key"):
         service.connect(runtime, timeout=1.0)
+
+
+def refusals(service: Svc, reason: str) -> list[dict[str, Any]]:
+    """The service's ``caller_refused`` log lines for ``reason``, once its
+    metric has counted one (the ZAP thread logs it as it answers)."""
+    import urllib.request
+
+    def counted() -> bool:
+        url = f"http://127.0.0.1:{service.svc.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=30).read().decode()
+        return f'vault_handshakes_refused_total{{reason="{reason}"}}' in text
+
+    wait_for(counted, f"a handshake refused for {reason} is counted")
+    service.log.flush()
+    lines = [json.loads(x) for x in service.log_path.read_text().splitlines()]
+    return [r for r in lines if r["event"] == "caller_refused" and r["reason"] == reason]
+
+
+def test_a_refused_caller_hears_what_it_may_and_the_log_says_why(service: Svc) -> None:
+    """The ZAP answer carries a status code only: 400 for a key refused,
+    whatever the reason (a stranger learns nothing of a key), 500 when the
+    service could not ask its key server. So a revoked licence's holder gets
+    UnknownLicenceError and the service's log and metric say "revoked"; with
+    the key server away a new caller gets KeyServerUnavailableError (as
+    docs/service.md says; before, UnknownLicenceError "not on the
+    allow-list"), and the log says so."""
+    grace = service.caller(holder="grace")
+    with service.keyserver.admin() as ks:
+        ks.revoke(grace.licence_id)
+    with pytest.raises(vault.UnknownLicenceError, match="revoked"):
+        service.connect(grace, timeout=2.0)
+    (line,) = refusals(service, "licence_revoked")
+    assert line["level"] == "warning" and line["address"] == "127.0.0.1", line
+    service.faulty.gone = True
+    with pytest.raises(vault.KeyServerUnavailableError, match="key server is unavailable"):
+        service.connect(service.caller(holder="heidi"), timeout=5.0)
+    assert refusals(service, "keyserver_unavailable")
 
 
 def test_metrics_count_calls_per_licence(service: Svc) -> None:

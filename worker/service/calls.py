@@ -55,6 +55,8 @@ from vault.core.modelscope import covers
 from vault.core.peercap import address_key
 from vault.core.token import Token
 
+from ..server import ZAP_KEYSERVER_UNAVAILABLE
+
 __all__ = [
     "Admission",
     "AdmissionPending",
@@ -303,6 +305,10 @@ _KNOWN_GOOD_S = 3600.0
 _NO_SCOPE: Any = object()  # _known_live without a scope: the one recorded stays
 _MAX_KNOWN_GOOD = 1 << 16
 VET = ""  # the model part of the pair a door's vetting waits on (no model yet)
+# why a handshake was refused, beside the key server's error codes (ZAP)
+KEYSERVER_UNAVAILABLE = ZAP_KEYSERVER_UNAVAILABLE  # it could not be asked (ZAP: 500)
+PROBE_BUDGET_SPENT = "probe_budget"  # the peer address's unknown keys, past its budget
+NOT_ALLOWED = "not_allowed"  # not on the --allow list
 
 
 @dataclass(frozen=True)
@@ -392,17 +398,26 @@ class CallLicencePolicy(_Usage):
 
     def callback(self, domain: str, key: bytes) -> bool:
         del domain
+        return self._refusal(key) is None
+
+    def _refusal(self, key: bytes) -> str | None:
+        """None to admit ``key``'s handshake, else why not: the key server's
+        error code for it (``licence_unknown``, ``licence_revoked``,
+        ``licence_expired``, ...), or :data:`KEYSERVER_UNAVAILABLE` when it
+        could not be asked (nobody new gets in: fail closed)."""
         z = key.decode("ascii", "replace")
         now = self._clock()
         with self._lock:
             hit = self._probes.get(z)
-        if hit is not None and now - hit.at < _PROBE_TTL:
-            return hit.ok
-        try:
-            probe = self._probe(z, now)
-        except VaultError:
-            return False  # key server away: nobody new gets in (fail closed)
-        return probe.ok
+        if hit is None or now - hit.at >= _PROBE_TTL:
+            try:
+                hit = self._probe(z, now)
+            except VaultError:
+                return KEYSERVER_UNAVAILABLE
+        if hit.ok:
+            return None
+        code = (hit.error or {}).get("code")
+        return code if isinstance(code, str) and code else "licence_unknown"
 
     @staticmethod
     def _budget_key(address: str) -> str:
@@ -418,15 +433,20 @@ class CallLicencePolicy(_Usage):
         called live within the hour is asked about on no budget; any other
         costs a token of its address's budget (:data:`PROBE_BURST`, then
         :data:`PROBE_RATE` a second), and past it is refused unasked."""
+        return self.refusal_from(address, key) is None
+
+    def refusal_from(self, address: str, key: bytes) -> str | None:
+        """:meth:`admit_from`, saying why a key is refused (for the ZAP
+        handler's log, metric and status code): :meth:`_refusal`'s reasons,
+        and :data:`PROBE_BUDGET_SPENT` past the address's budget."""
         z = key.decode("ascii", "replace")
         now = self._clock()
         with self._lock:
             hit = self._probes.get(z)
-            if hit is not None and now - hit.at < _PROBE_TTL:
-                return hit.ok
-            if self._spend_probe(z, address, now) is not None:
-                return False
-        return self.callback("vault", key)
+            fresh = hit is not None and now - hit.at < _PROBE_TTL
+            if not fresh and self._spend_probe(z, address, now) is not None:
+                return PROBE_BUDGET_SPENT
+        return self._refusal(key)  # a fresh probe answers; else the key server is asked
 
     def _spend_probe(self, key: str, address: str, now: float) -> float | None:
         """A key-server request about ``key`` from ``address`` (lock held):

@@ -83,6 +83,14 @@ class Metrics:
             "vault_model_ready", "1 while the model has a ready worker, else 0", ["model"],
             registry=r,
         )  # fmt: skip
+        self.handshakes_refused = Counter(
+            "vault_handshakes_refused",
+            "CURVE handshakes the service refused, by reason: the key server's code for the "
+            "caller's key (licence_unknown, licence_revoked, licence_expired, ...), "
+            "keyserver_unavailable, probe_budget (the address's unknown keys past its budget), "
+            "not_allowed (not on --allow)",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self._answered: dict[tuple[str, str, str], Any] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
 

@@ -69,7 +69,7 @@ from vault.core.errors import (
     WorkerTimeoutError,
     shown,
 )
-from vault.core.peercap import PeerCap, prepare, raise_open_files
+from vault.core.peercap import PeerCap, address_key, prepare, raise_open_files
 from vault.core.protocol import (
     PROTOCOL_VERSION,
     decode_tensors,
@@ -107,6 +107,21 @@ _FLUSH_MAX_S = 10.0
 _LOAD_RETRY_FIRST_S = 1.0  # a model that cannot load is tried again after 1, 2, 4 ... 60 s
 _LOAD_RETRY_CAP_S = 60.0
 VERSION = "1"  # one version per model id: the package the repository holds now
+_REFUSAL_LOG_EVERY_S = 60.0  # caller_refused: once a minute per address and reason
+_REFUSAL_HINTS = {
+    "licence_unknown": "no call licence the key server knows has this key",
+    "licence_revoked": "the caller's call licence is revoked",
+    "licence_expired": "the caller's call licence has expired",
+    "quota_exhausted": "the caller's call licence has no calls left",
+    "permission_denied": "the key server refuses this service's question (its device)",
+    "keyserver_unavailable": "the key server could not be asked: nobody new gets in until "
+    "it answers (the caller is told KeyServerUnavailableError)",
+    "probe_budget": "this address tried more unknown keys than the service asks about",
+    "not_allowed": "the key is not in the --allow directory",
+}
+_REFUSAL_REASONS = frozenset(_REFUSAL_HINTS) | {
+    "wrong_model", "rate_limited", "licence", "wrong_keyserver", "keyserver",
+}  # fmt: skip
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 _NO_DECISION_IN_TIME = (
     "this call's timeout passed while its licence was being checked with the key server "
@@ -288,6 +303,8 @@ class WorkerService:
         self.retiring: list[_Model] = []
         self.dispatches: dict[int, _Dispatch] = {}
         self._ids = itertools.count(1)
+        self._refusals_logged: dict[tuple[str, str], float] = {}  # (address, reason) -> when
+        self._refusals_lock = threading.Lock()
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()  # for threads only; signals use set_wakeup_fd
@@ -336,6 +353,7 @@ class WorkerService:
             self._auth.configure_curve_callback(
                 domain="vault", credentials_provider=self.cfg.policy
             )
+            self._auth.on_refused = self._handshake_refused
             public, secret = self.cfg.curve
             f.curve_server = True
             f.curve_secretkey = secret
@@ -352,6 +370,27 @@ class WorkerService:
             self._auth.sessions = self.sessions  # only a live session's holder connects
             self.bulk = sealed_socket(self.ctx, hwm=10000)
             prepare(self.bulk)
+
+    def _handshake_refused(self, why: str, address: str) -> None:
+        """The ZAP handler refused a caller's key (its thread): counted by
+        reason in ``vault_handshakes_refused``, and logged
+        (``caller_refused``, with the reason and the peer's address) once a
+        minute per address and reason (a refused client's libzmq retries
+        every 100 ms; a stranger mints a key per handshake)."""
+        if why not in _REFUSAL_REASONS:
+            why = "other"  # a label from a fixed set, whatever a key server sends
+        self.metrics.handshakes_refused.labels(why).inc()
+        where = address_key(address) if address else ""
+        now = time.monotonic()
+        with self._refusals_lock:
+            last = self._refusals_logged.get((where, why))
+            if last is not None and now - last < _REFUSAL_LOG_EVERY_S:
+                return
+            if len(self._refusals_logged) >= 4096:
+                self._refusals_logged.clear()
+            self._refusals_logged[(where, why)] = now
+        self.log("caller_refused", level="warning", reason=why, address=where,
+                 hint=_REFUSAL_HINTS.get(why, ""))  # fmt: skip
 
     def _initial_sources(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []

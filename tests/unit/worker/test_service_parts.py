@@ -14,6 +14,7 @@ import pytest
 from tests.waiting import wait_for
 from vault.core.errors import (
     KeyServerUnavailableError,
+    LicenceExpiredError,
     LicenceRevokedError,
     RateLimitedError,
 )
@@ -275,6 +276,41 @@ def test_a_key_server_away_fails_closed() -> None:
         with pytest.raises(KeyServerUnavailableError):
             _admit(p, decided)
         assert p.callback("vault", b"K" * 40) is False  # nobody new gets in either
+    finally:
+        p.close()
+
+
+def test_a_refused_handshake_says_why_to_the_service() -> None:
+    """``refusal_from`` (the ZAP handler's question) gives the key server's
+    code for a refused key (for the service's log and metric: the caller
+    hears "refused" only), ``keyserver_unavailable`` when it cannot be asked
+    (answered 500: the caller hears that), ``probe_budget`` past the
+    address's budget; None admits."""
+    from worker.service.calls import KEYSERVER_UNAVAILABLE, PROBE_BUDGET_SPENT, PROBE_BURST
+
+    class Probes:
+        down = False
+
+        def __call__(self, model: Any, keys: list[str], usage: Any, grants: Any) -> Any:
+            if self.down:
+                raise KeyServerUnavailableError("down")
+            errors = {"R": LicenceRevokedError("revoked"), "E": LicenceExpiredError("expired")}
+            return {"ttl": 10.0, "decisions": {
+                k: {"ok": True, "licence_id": "lic-a"} if k[0] == "L"
+                else {"ok": False, "error": errors[k[0]].to_wire()} for k in keys}}  # fmt: skip
+
+    ks, clock = Probes(), Clock()
+    p = CallLicencePolicy(ks, clock=clock, wall=clock, refresh_every=3600)
+    try:
+        assert p.refusal_from("10.0.0.1", b"L" * 40) is None
+        assert p.refusal_from("10.0.0.1", b"R" * 40) == "licence_revoked"
+        assert p.refusal_from("10.0.0.1", b"E" * 40) == "licence_expired"
+        assert p.refusal_from("10.0.0.1", b"E" * 40) == "licence_expired"  # from the cache
+        ks.down = True
+        assert p.refusal_from("10.0.0.2", b"X" * 40) == KEYSERVER_UNAVAILABLE
+        for _ in range(PROBE_BURST):
+            p.refusal_from("10.0.0.3", os.urandom(20).hex().encode())
+        assert p.refusal_from("10.0.0.3", b"Y" * 40) == PROBE_BUDGET_SPENT
     finally:
         p.close()
 
