@@ -608,9 +608,32 @@ class _Remote:
         sock.curve_secretkey = self.licence.client_secret_key.encode()
 
 
-class _HandshakeFailed(ConfigError):
+def _handshake_failed(message: str) -> ConfigError:
     """A CURVE handshake that failed (a wrong server key, or a connection the
-    service cut): about the connection, not an answer of the service's."""
+    service cut): a :class:`ConfigError`, as documented, marked as about the
+    connection, not an answer of the service's (see :func:`_is_handshake`)."""
+    exc = ConfigError(message)
+    exc._vault_handshake = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _is_handshake(exc: BaseException) -> bool:
+    return bool(getattr(exc, "_vault_handshake", False))
+
+
+def _listens(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``tcp://HOST:PORT`` now
+    (a connection made and closed at once; True where it cannot be told)."""
+    import socket
+
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except (OSError, ValueError):
+        return True
 
 
 class _WatchedChannel(ZmqChannel):
@@ -771,7 +794,15 @@ class _WatchedChannel(ZmqChannel):
                 "about: retry"
             )
         if refused == "handshake":
-            return _HandshakeFailed(
+            # the service dropped the connection mid-handshake: a wrong server
+            # key looks the same, on the wire, as a service that stopped then
+            if self.endpoint.startswith("tcp://") and not _listens(self.endpoint):
+                return ServiceUnavailableError(
+                    f"the service at {self.endpoint} closed the connection during the CURVE "
+                    "handshake and no longer listens: it stopped (retry when it is back, or "
+                    "another replica)"
+                )
+            return _handshake_failed(
                 f"the CURVE handshake with {self.endpoint} failed: the server key given is not "
                 "this service's (get its current key from the vendor), or the service cut the "
                 "connection (too many from this address, or a handshake that took too long: "
@@ -851,9 +882,9 @@ class _WatchedChannel(ZmqChannel):
             ask.update(prev=prev[0], prev_seq=prev[1])
         try:
             hdr, _ = super().request(ask, timeout=timeout)
-        except _HandshakeFailed:  # the connection, not the service's answer: not a "no"
-            raise
-        except (ProtocolError, ConfigError):  # a service that offers none ("unknown op")
+        except (ProtocolError, ConfigError) as exc:  # a service that offers none ("unknown op")
+            if _is_handshake(exc):  # the connection, not the service's answer: not a "no"
+                raise
             self._sealed.refused = True
             return None
         sid, srand, port = hdr.get("sid"), hdr.get("rand"), hdr.get("port")
@@ -1529,7 +1560,10 @@ def connect(
 
     ``server_key`` is the service's Z85 CURVE public key, a file holding it
     (``vault worker serve --server-key-out worker.pub``), or the service's
-    certificate from ``vault worker keygen`` (``worker.key``).
+    public certificate from ``vault worker keygen`` (``worker.key``; its
+    ``worker.key_secret`` is refused: :class:`ConfigError`).
+    A licence whose own file says it has expired is refused before dialing
+    (:class:`LicenceExpiredError`).
     ``model`` names the model when the service serves several (its model id).
     ``address`` may name several replicas of one service (a list, or
     ``"tcp://a:7701,tcp://b:7701"``, same server key): calls take turns, and

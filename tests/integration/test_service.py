@@ -250,12 +250,36 @@ def test_a_wrong_server_key_or_no_service_fails_fast_as_what_it_is(service: Runn
     """Each is said as what it is, within the send timeout (5 s): the calls'
     own timeout is 600 s, so a WorkerTimeoutError would mean it waited."""
     wrong, _ = zmq.curve_keypair()
-    with pytest.raises(vault.ConfigError, match="server key given is not this service's"):
+    with pytest.raises(vault.ConfigError, match="server key given is not this service's") as e:
         vault.connect(service.endpoint, licence=service.alice, server_key=wrong.decode(),
                       model="a", timeout=600)  # fmt: skip
+    assert type(e.value) is vault.ConfigError  # the documented class (it was a private one)
     with pytest.raises(vault.ServiceUnavailableError, match="not reachable"):
         vault.connect(_free_endpoint(), licence=service.alice, server_key=service.server_key,
                       model="a", timeout=600)  # fmt: skip
+
+
+def test_a_service_that_stops_mid_handshake_is_said_to_have_stopped(service: Running) -> None:
+    """A service that takes the connection and then stops (SIGTERM while the
+    handshake waited on its key server): the connection drops mid-handshake,
+    as with a wrong server key, but nothing listens there any more, so the
+    caller hears ServiceUnavailableError "it stopped" (it was ConfigError
+    "the server key given is not this service's")."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+    def stop_mid_handshake() -> None:
+        conn, _ = listener.accept()
+        listener.close()  # the service is gone ...
+        conn.recv(64)  # ... while the caller's greeting was being answered
+        conn.close()
+
+    t = threading.Thread(target=stop_mid_handshake, daemon=True)
+    t.start()
+    with pytest.raises(vault.ServiceUnavailableError, match="during the CURVE handshake"):
+        vault.connect(endpoint, licence=service.alice, server_key=service.server_key,
+                      model="a", timeout=600)  # fmt: skip
+    t.join(30)
 
 
 def test_replicas_fail_over_and_say_what_is_wrong(service: Running) -> None:

@@ -9,8 +9,9 @@ stay valid.
 
 A caller names the service's public key (``vault.connect(server_key=...)``,
 the hybrid's ``server_key=``) as the 40-character Z85 text, a file holding
-that one line (``--server-key-out worker.pub``), or either certificate file
-(the public key is read from it; a secret certificate's secret is ignored).
+that one line (``--server-key-out worker.pub``), or the public certificate
+(``worker.key``); the secret certificate is refused there (a vendor who
+gives it where the public key goes might hand it out).
 
 Example::
 
@@ -140,7 +141,8 @@ def stable_server_keys(directory: str | os.PathLike[str]) -> tuple[bytes, bytes,
 
 def read_public_key(value: str | os.PathLike[str]) -> str:
     """The Z85 public key named by ``value``: the key itself, a file holding
-    it on one line, or a zmq certificate file (public or secret)."""
+    it on one line, or a public zmq certificate file (a secret one is
+    refused: :class:`ConfigError`)."""
     text = os.fspath(value)
     if len(text) == _Z85_LEN and not os.path.exists(text):
         return _checked(text, "server_key")
@@ -156,13 +158,21 @@ def read_public_key(value: str | os.PathLike[str]) -> str:
     stripped = data.strip()
     if len(stripped) == _Z85_LEN and b"\n" not in stripped:
         return _checked(stripped.decode("ascii", "replace"), text)
-    try:
-        public, _ = zmq.auth.load_certificate(text)
-    except (OSError, ValueError):
+    public, secret = _parse_certificate(data)
+    if not public:
         raise ConfigError(
             f"{text}: not a server key (one Z85 line, or a zmq certificate such as "
             "`vault worker keygen`'s worker.key)"
-        ) from None
+        )
+    if secret:
+        # the service's secret where its public key goes: it works, and it
+        # would be handed out as it is (whoever holds it can be the service)
+        pub = text[: -len("_secret")] if text.endswith("_secret") else "worker.key"
+        raise ConfigError(
+            f"{text} holds the service's SECRET key: give its public key instead ({pub}, "
+            "or the --server-key-out file); the secret one is for --server-secret only "
+            "and is never handed to callers"
+        )
     return _checked(public.decode("ascii", "replace"), text)
 
 

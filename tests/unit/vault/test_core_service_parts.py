@@ -75,9 +75,13 @@ def test_server_keys_are_kept_private_and_stable(tmp_path: Path) -> None:
     assert stable_server_keys(tmp_path) == (pub, sec, False)  # a restart: the same pair
     # every form a caller may hold names the same key
     (tmp_path / "worker.pub").write_text(pub.decode() + "\n")
-    for form in (pub.decode(), tmp_path / "worker.pub", tmp_path / "worker.key",
-                 str(tmp_path / "worker.key_secret")):  # fmt: skip
+    for form in (pub.decode(), tmp_path / "worker.pub", tmp_path / "worker.key"):
         assert read_public_key(form) == pub.decode()
+    # the secret certificate where the public key goes: refused, naming the
+    # public one (it used to work silently, and might be handed out so)
+    with pytest.raises(ConfigError, match="SECRET key") as secret:
+        read_public_key(str(tmp_path / "worker.key_secret"))
+    assert f"({tmp_path / 'worker.key'}," in str(secret.value)
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o555)
