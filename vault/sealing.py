@@ -214,7 +214,10 @@ def _onnxruntime_loads(model: onnx.ModelProto) -> bool:
 
 
 def check_loads(
-    graphs: Iterable[tuple[str, bytes]], files: Mapping[str, Any], seams: Iterable[str] = ()
+    graphs: Iterable[tuple[str, bytes]],
+    files: Mapping[str, Any],
+    seams: Iterable[str] = (),
+    warnings: list[str] | None = None,
 ) -> None:
     """Refuse a pipeline no worker could load: each stored graph is loaded by
     onnxruntime as the worker loads it (weights from the in-memory files),
@@ -226,7 +229,10 @@ def check_loads(
     alone never refuse: onnxruntime has the last word (an exporter's wrong
     declaration loads and runs). ``seams``: the stages' declared shapes that
     disagree, named in the refusal. Raises :class:`SealError` with
-    onnxruntime's own reason (the publisher's own model: its text helps)."""
+    onnxruntime's own reason (the publisher's own model: its text helps).
+    An operator this onnxruntime has no CPU kernel for is not refused but
+    put in ``warnings``: a GPU worker may have one (a model for CUDA sealed
+    on a laptop without it)."""
     import onnxruntime as ort
 
     names = list(files)
@@ -245,6 +251,11 @@ def check_loads(
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, in the vault's words
             why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(exc))
             why = " ".join(why.split())[:400]
+            if type(exc).__name__ == "NotImplemented":  # no kernel here; a GPU's may have it
+                if warnings is not None:
+                    warnings.append(f"the {stage} does not load on this CPU: {why}; only a "
+                                    "worker whose provider has that operator can run it")  # fmt: skip
+                continue
         if why:
             where = "pipeline" if stage == "pipeline" else f"{stage} stage"
             seam = "; ".join(seams)
@@ -730,7 +741,7 @@ def seal(
             "as such a ZipMap unless converted with options={'zipmap': False}"
         )
     try:  # the graphs exactly as the worker will load them
-        check_loads(graphs, dict(files), seams)
+        check_loads(graphs, dict(files), seams, warnings)
         if batchable:
             check_rows(graphs, dict(files), inputs=inputs, outputs=outputs)
     except BaseException:

@@ -99,6 +99,31 @@ def test_a_pipeline_onnxruntime_cannot_load_is_refused_naming_the_shapes(
     assert not out.exists()
 
 
+def test_an_operator_without_a_cpu_kernel_seals_with_a_warning(
+    tmp_path: Path, publisher: _crypto.PublisherKey
+) -> None:
+    """The load at seal time runs on the CPU: a bfloat16 Add (onnxruntime's
+    CPU has no kernel for it, its CUDA provider has) is not refused, since a
+    GPU worker may run it; the seal says a CPU worker cannot. The control: a
+    graph onnxruntime finds invalid (Det of int32) is refused."""
+
+    def one(op: str, dtype: int, inputs: list[str]) -> onnx.ModelProto:
+        x = helper.make_tensor_value_info("x", dtype, [2, 2])
+        y = helper.make_tensor_value_info("y", dtype, [2, 2] if op == "Add" else [])
+        return helper.make_model(helper.make_graph([helper.make_node(op, inputs, ["y"])], "g",
+                                                   [x], [y]),
+                                 opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+
+    res = seal(one("Add", TensorProto.BFLOAT16, ["x", "x"]), model_id="bf", signing_key=publisher,
+               output=tmp_path / "bf.vault")  # fmt: skip
+    assert (tmp_path / "bf.vault").exists()
+    assert any("does not load on this CPU" in w and "Add" in w for w in res.warnings), res.warnings
+    with pytest.raises(SealError, match="does not load in onnxruntime"):
+        seal(one("Det", TensorProto.INT32, ["x"]), model_id="det", signing_key=publisher,
+             output=tmp_path / "det.vault")  # fmt: skip
+    assert not (tmp_path / "det.vault").exists()
+
+
 def test_an_overridable_weight_is_no_public_input_and_sealing_says_so(
     tmp_path: Path, publisher: _crypto.PublisherKey
 ) -> None:
