@@ -1715,10 +1715,12 @@ def test_large_json_answers_queue_per_licence_and_count_until_read() -> None:
 
 
 class _BigAnswers:
-    """A service whose every call is answered with one 8 MiB float32 output."""
+    """A service whose every call is answered with one float32 output of
+    ``values`` (8 MiB by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, values: int = 2 << 20) -> None:
         self.computed = 0
+        self.values = values
 
     def vet_now(self, token: Any, model: Any) -> bool:
         return True
@@ -1734,7 +1736,7 @@ class _BigAnswers:
         from vault.core.protocol import encode_tensors
 
         self.computed += 1
-        descs, frames = encode_tensors({"y": np.ones(2 << 20, np.float32)})
+        descs, frames = encode_tensors({"y": np.ones(self.values, np.float32)})
         call.reply({"ok": True, "tensors": descs}, frames)
 
 
@@ -1824,3 +1826,73 @@ def test_unread_answers_count_against_their_licence_and_are_not_copied(monkeypat
         return int(third[0]["status"])
 
     assert asyncio.run(control()) == 200 and service.computed == 3
+
+
+def test_a_licences_large_json_requests_are_decoded_in_turn(monkeypatch: Any) -> None:
+    """Decoding JSON holds the GIL: one token's 64 requests of 8 KB that gzip
+    inflated to 4M values each were decoded side by side on the door's loop
+    and held alice's calls up to 8.9 s. A licence's large JSON parts now wait
+    their turn, one at a time, after what is ready on the loop: alice's
+    request, sent after mal's eight, is decoded after at most one of them.
+    The control, with no turns: after all eight."""
+    import asyncio
+
+    from vault.core.token import mint_token
+    from worker.service.oip import rest
+    from worker.service.oip.door import DataPlane
+    from worker.service.oip.rest import RestApp
+
+    def body(n: int) -> bytes:  # n values for an [1, 1] input: refused once decoded
+        return json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32",
+                                       "data": [0.5] * n}]}).encode()  # fmt: skip
+
+    tokens = {who: mint_token(_licence(f"lic-{who}"), models=["m"]).encode()
+              for who in ("mal", "alice")}  # fmt: skip
+    decoded: list[int] = []
+    real = rest._decoded
+
+    def counting(head: bytes, *a: Any) -> Any:
+        try:
+            return real(head, *a)
+        finally:
+            decoded.append(len(head))
+
+    monkeypatch.setattr(rest, "_decoded", counting)
+
+    async def run() -> int:
+        app = RestApp(DataPlane(_BigAnswers(1)), max_body=64 << 20)
+        order: list[str] = []
+
+        async def call(who: str, data: bytes) -> None:
+            await _asgi_async(app, tokens[who], data)
+            order.append(who)
+
+        big, small = body(100_000), body(1)
+        tasks = [asyncio.ensure_future(call("mal", big)) for _ in range(8)]
+        tasks.append(asyncio.ensure_future(call("alice", small)))
+        await asyncio.gather(*tasks)
+        return order.index("alice")
+
+    decoded.clear()
+    assert asyncio.run(run()) <= 1, decoded
+    monkeypatch.setattr(rest, "_DECODE_INLINE", 1 << 30)  # the control: no turns
+    assert asyncio.run(run()) == 8
+
+
+async def _asgi_async(app: Any, token: bytes, body: bytes) -> list[dict[str, Any]]:
+    """One POST to ``/v2/models/m/infer`` through an ASGI app, on the
+    running loop; the messages it sent."""
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return msgs.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "raw_path": b"/v2/models/m/infer",
+             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
+    await app(scope, receive, send)
+    return sent

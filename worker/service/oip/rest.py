@@ -37,11 +37,13 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
 import secrets
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from vault.core.errors import InputError, ProtocolError, VaultError
@@ -86,6 +88,7 @@ _JSON_OUT_INLINE_BYTES = 1 << 20  # a few long strings are as slow to write as m
 _COMPRESS_FROM = 1 << 10
 _COMPRESS_INLINE = 1 << 16
 _SEND_SLICE = 4 << 20  # a large answer goes to the transport this much at a time
+_DECODE_INLINE = 64 << 10  # a JSON part past this waits its licence's turn to be decoded
 _JSON_OUT_AT_ONCE = 2  # large JSON answers being written at once (each its licence's only one)
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/config|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -157,6 +160,26 @@ class RestApp:
         self.body_timeout = body_timeout
         self._json_out: asyncio.Semaphore | None = None  # made on the door's own loop
         self._json_out_by: dict[str, list[Any]] = {}  # per licence: [its semaphore, users]
+        self._decode_by: dict[str, list[Any]] = {}  # the same, for decoding large JSON
+
+    @contextlib.asynccontextmanager
+    async def _decoding(self, licence: str) -> AsyncIterator[None]:
+        """A licence's large JSON requests decoded one at a time, each after
+        what is ready on the loop has run. Decoding JSON holds the GIL (no
+        thread helps) for up to a few tenths of a second: one token's 64
+        requests of 8 KB that gzip inflated to 4M values each, decoded side
+        by side on the loop, held every other caller's answers up to 8.9 s.
+        Now another licence's request waits for at most one of them."""
+        entry = self._decode_by.setdefault(licence, [asyncio.Semaphore(1), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                await asyncio.sleep(0)  # what is ready runs before this decode takes the loop
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                self._decode_by.pop(licence, None)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -341,35 +364,10 @@ class RestApp:
         if values > MAX_DECODED_VALUES:
             raise InputError(f"the JSON part of the request holds about {values} values, more "
                              f"than {MAX_DECODED_VALUES}: send tensors as binary data")  # fmt: skip
-        try:
-            req = json.loads(head)
-        except (ValueError, UnicodeDecodeError):
-            if header_len is None:
-                raise InputError("the request is not JSON") from None
-            # tritonclient writes this header into the caller's own headers
-            # dict: reused for a JSON request, it cuts the JSON short
-            raise InputError(f"the first {header_len} bytes of the body, as "
-                             "Inference-Header-Content-Length says, are not JSON (a request "
-                             "without binary data sends no such header)") from None  # fmt: skip
-        except RecursionError:  # "[[[[..." deeper than the decoder goes: not a tensor
-            raise InputError("the request's JSON is nested too deeply") from None
-        if not isinstance(req, dict):
-            raise InputError("the request must be a JSON object")
-        rid = req.get("id")
-        if rid is not None and not isinstance(rid, str):  # Triton refuses it too
-            raise InputError("the request's id must be a string")
-        params = _params(req.get("parameters"), "the request's")
-        T.refuse_sequence(params)
-        timeout = params.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
-        ):
-            raise InputError("parameter 'timeout' is a number of microseconds")
-        # the memory rule on what the caller sent (compressed, if it was), not on
-        # what it asked the door to inflate
-        # (a JSON that is not UTF-8, which json.loads also reads: looked at too)
-        bools = b"true" in head or b"false" in head or b"\x00" in head[:4]
-        descs, frames = _inputs(req.get("inputs"), binary, received, bools=bools)
+        large = len(head) > _DECODE_INLINE
+        async with self._decoding(token.licence_id) if large else contextlib.nullcontext():
+            req, params, descs, frames = _decoded(head, header_len, binary, received)
+        rid, timeout = req.get("id"), params.get("timeout")
         outputs, binary_out = _outputs(req, params)
         lic = token.licence_id
         reserved = self.gate.reserve_answer(lic, model)
@@ -466,6 +464,42 @@ class RestApp:
         finally:
             if gone is not None:
                 gone.cancel()
+
+
+def _decoded(head: bytes, header_len: int | None, binary: memoryview, received: int
+             ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[Any]]:  # fmt: skip
+    """A request's JSON part decoded and checked: the request, its
+    parameters, its input descriptors and frames; or the typed refusal."""
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        if header_len is None:
+            raise InputError("the request is not JSON") from None
+        # tritonclient writes this header into the caller's own headers
+        # dict: reused for a JSON request, it cuts the JSON short
+        raise InputError(f"the first {header_len} bytes of the body, as "
+                         "Inference-Header-Content-Length says, are not JSON (a request "
+                         "without binary data sends no such header)") from None  # fmt: skip
+    except RecursionError:  # "[[[[..." deeper than the decoder goes: not a tensor
+        raise InputError("the request's JSON is nested too deeply") from None
+    if not isinstance(req, dict):
+        raise InputError("the request must be a JSON object")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):  # Triton refuses it too
+        raise InputError("the request's id must be a string")
+    params = _params(req.get("parameters"), "the request's")
+    T.refuse_sequence(params)
+    timeout = params.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+    ):
+        raise InputError("parameter 'timeout' is a number of microseconds")
+    # the memory rule on what the caller sent (compressed, if it was), not on
+    # what it asked the door to inflate
+    # (a JSON that is not UTF-8, which json.loads also reads: looked at too)
+    bools = b"true" in head or b"false" in head or b"\x00" in head[:4]
+    descs, frames = _inputs(req.get("inputs"), binary, received, bools=bools)
+    return req, params, descs, frames
 
 
 async def _turn(sem: asyncio.Semaphore, gone: Any) -> bool:
