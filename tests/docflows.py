@@ -199,15 +199,17 @@ class Flow:
         env: Mapping[str, str] | None = None,
         emulate: Mapping[str, Callable[[], None]] | None = None,
         first: int | None = None,
+        start: int = 0,
     ) -> list[subprocess.CompletedProcess[str] | dict[str, Any]]:
         """Run every command of ``b``; a long-running one in the background
         (returns its ready line), ``emulate``: command prefix -> what the flow
         does instead (only for what this machine cannot run). ``first``: only
-        the block's first N commands, for a flow that needs another page's
-        set-up (the page's own flow runs the whole block)."""
+        the block's first N commands (from the ``start``-th), for a flow that
+        needs another page's set-up (the page's own flow runs the whole
+        block)."""
         assert b.is_shell, b.where
         results: list[subprocess.CompletedProcess[str] | dict[str, Any]] = []
-        for cmd in logical_commands(b.text)[:first]:
+        for cmd in logical_commands(b.text)[start:first]:
             stripped = cmd.strip()
             if emulate and any(stripped.startswith(p) for p in emulate):
                 prefix = next(p for p in emulate if stripped.startswith(p))

@@ -221,10 +221,13 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     path.write_bytes(model.SerializeToString())
 
 
-def _vendor_models(d: Path) -> None:
-    _save(mlp(64, 32, 10, seed=1), d / "digits-mlp.onnx")
-    _save(mlp(64, 48, 10, seed=2), d / "digits-rf.onnx")
-    _save(mlp(64, 16, 10, seed=3), d / "digits-old.onnx")
+def _vendor_models(d: Path, *, digits: bool = True) -> None:
+    """What a reader brings; ``digits`` False where the flow itself writes
+    them (the README's first line: ``vault demo --models .``)."""
+    if digits:
+        _save(mlp(64, 32, 10, seed=1), d / "digits-mlp.onnx")
+        _save(mlp(64, 48, 10, seed=2), d / "digits-rf.onnx")
+        _save(mlp(64, 16, 10, seed=3), d / "digits-old.onnx")
     _save(blocks_model(), d / "model.onnx")
 
 
@@ -240,8 +243,10 @@ def host(tmp_path: Path) -> Any:
 
 def test_flow_readme(host: NsHost, tmp_path: Path) -> None:
     flow = Flow(host, tmp_path)
-    _vendor_models(tmp_path)
-    flow.shell(block("README.md", "vault keyserver init ks"))
+    _vendor_models(tmp_path, digits=False)
+    flow.shell(block("README.md", "vault demo --models ."))
+    assert {p.name for p in tmp_path.glob("digits-*.onnx")} == {
+        "digits-mlp.onnx", "digits-rf.onnx", "digits-old.onnx"}  # fmt: skip
     started = flow.shell(block("README.md", "vault device init svc-device"))
     ready = started[-1]
     assert isinstance(ready, dict)
@@ -261,9 +266,11 @@ def test_flow_readme(host: NsHost, tmp_path: Path) -> None:
     flow.python(
         block("README.md", "with ThreadPoolExecutor(8) as pool"),
         after="""
-            from tests.models import mlp, reference_pipeline
+            import onnx
+            from tests.models import reference_pipeline
+            plain = onnx.load("digits-mlp.onnx")  # as vault demo --models wrote it
             for x, r in zip(batches, results):
-                want = reference_pipeline([mlp(64, 32, 10, seed=1)], {"x": x})["logits"]
+                want = reference_pipeline([plain], {"x": x})["logits"]
                 np.testing.assert_allclose(r["logits"], want, rtol=1e-5, atol=1e-5)
         """,
     )
@@ -314,8 +321,10 @@ def _calls(host: NsHost) -> tuple[float, float]:
 
 def test_flow_service(host: NsHost, tmp_path: Path) -> None:
     flow = Flow(host, tmp_path)
-    _vendor_models(tmp_path)
-    flow.shell(block("README.md", "vault keyserver init ks"))
+    _vendor_models(tmp_path, digits=False)
+    flow.shell(block("README.md", "vault demo --models ."))
+    assert {p.name for p in tmp_path.glob("digits-*.onnx")} == {
+        "digits-mlp.onnx", "digits-rf.onnx", "digits-old.onnx"}  # fmt: skip
     started = flow.shell(block("docs/service.md", "vault worker keygen keys"))
     ready = started[-1]
     assert isinstance(ready, dict) and ready["models"]["digits-mlp"]["state"] == "READY"
@@ -395,7 +404,7 @@ def test_flow_protocol(host: NsHost, tmp_path: Path) -> None:
             }
         )
     )
-    flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
+    flow.shell(block("README.md", "vault keyserver init ks"), start=1, first=3)  # its key server
     # what the page takes as given: the model sealed, the service's device and
     # licence, a customer's call licence; its prose names each command
     prose = " ".join((ROOT / "docs" / "protocol.md").read_text().split())
@@ -434,7 +443,7 @@ def test_flow_hybrid(host: NsHost, tmp_path: Path) -> None:
     _vendor_models(tmp_path)
     _save(preprocess(8), tmp_path / "pre.onnx")
     _save(postprocess(5), tmp_path / "post.onnx")
-    flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
+    flow.shell(block("README.md", "vault keyserver init ks"), start=1, first=3)  # its key server
     flow.shell(block("docs/hybrid.md", "vault profile model.onnx"))
     flow.python(
         block("docs/hybrid.md", "import vault"),
@@ -470,7 +479,7 @@ def test_flow_tier1(host: NsHost, tmp_path: Path) -> None:
     _save(preprocess(8), checkout / "pre.onnx")
     _save(postprocess(5), checkout / "post.onnx")
     _save(mlp(8, 16, 5, seed=7), checkout / "clf.onnx")
-    flow.shell(block("README.md", "vault keyserver init ks"), first=2)  # its key server
+    flow.shell(block("README.md", "vault keyserver init ks"), start=1, first=3)  # its key server
     flow.run("cp ks/admin.licence admin.licence")  # the vendor's admin, on this machine
     offline = {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}  # no index: build here
     # the vendor's build machine: this environment's python3 (setuptools>=77, the

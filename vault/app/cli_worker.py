@@ -156,6 +156,10 @@ def register(sub: Any) -> None:
                    help="serve a page whose head runs in your browser, the protected tail on "
                         "a local worker service; prints the URL")  # fmt: skip
     d.add_argument("--port", type=int, default=0, help="the page's port with --web (default: free)")
+    d.add_argument("--models", metavar="DIR",
+                   help="write the README's example models into DIR instead (digits-mlp.onnx, "
+                        "digits-rf.onnx, digits-old.onnx: [N, 64] float32 -> [N, 10]); an "
+                        "existing file is never overwritten")  # fmt: skip
     d.set_defaults(func=_demo)
 
 
@@ -450,8 +454,12 @@ def _client_key(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, write_example_models
 
+    if args.models:
+        for path in write_example_models(args.models):
+            print(path)
+        return 0
     if args.web:
         from .demo_web import run_web_demo
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import LicenceError, VaultError
+from ..core.errors import ConfigError, LicenceError, VaultError
 from ..core.launch import read_ready_line
 from ..core.process import stop_process
 
@@ -99,6 +99,45 @@ def build_classifier(size: int = 16, classes: int = 10, seed: int = 0) -> tuple[
         "postprocess",
     )  # fmt: skip
     return pre, net, post
+
+
+EXAMPLE_MODELS = {"digits-mlp": (32, 1), "digits-rf": (48, 2), "digits-old": (16, 3)}
+
+
+def write_example_models(directory: str) -> list[str]:
+    """The README's example models, for a reader who has none: three
+    classifiers of 64 float32 features (``x: [N, 64]`` -> ``logits: [N, 10]``),
+    a hidden layer of 32, 48 and 16, random weights; built with
+    ``onnx.helper``. An existing file is refused (ConfigError), never
+    overwritten. Returns the paths written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    paths = [os.path.join(directory, f"{name}.onnx") for name in EXAMPLE_MODELS]
+    there = [p for p in paths if os.path.lexists(p)]
+    if there:
+        raise ConfigError(f"{there[0]} exists: not overwritten (choose another directory)")
+    os.makedirs(directory, exist_ok=True)
+    vi = helper.make_tensor_value_info
+    for path, (hidden, seed) in zip(paths, EXAMPLE_MODELS.values()):
+        rng = np.random.default_rng(seed)
+        inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), n)
+                 for n, shape in (("w1", (64, hidden)), ("b1", (hidden,)), ("w2", (hidden, 10)),
+                                  ("b2", (10,)))]  # fmt: skip
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+             helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["l0"]),
+             helper.make_node("Add", ["l0", "b2"], ["logits"])],
+            os.path.basename(path)[: -len(".onnx")],
+            [vi("x", TensorProto.FLOAT, ["N", 64])], [vi("logits", TensorProto.FLOAT, ["N", 10])],
+            inits,
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+        model.ir_version = 8
+        with open(path, "xb") as fh:
+            fh.write(model.SerializeToString())
+    return paths
 
 
 def _step(n: int, text: str) -> None:
