@@ -30,6 +30,9 @@ def test_issue_list_revoke_from_the_command_line(keyserver, tmp_path):
     assert r.returncode == 0 and lic.licence_id in r.stdout and "0/5" in r.stdout
     r = _vault("licence", "revoke", lic.licence_id, "--licence", admin)
     assert r.returncode == 0 and "revoked" in r.stdout
+    # the licence's file where its id goes (a new vendor's first try): its id is taken
+    r = _vault("licence", "revoke", str(out_file), "--licence", admin)
+    assert r.returncode == 0 and f"revoked licence {lic.licence_id} (was already" in r.stdout
     r = _vault("licence", "list", "--licence", admin)
     assert "revoked" in r.stdout
     r = _vault("licence", "revoke", lic.licence_id, "--licence", str(out_file))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import re
 from typing import Any
 
@@ -141,10 +142,15 @@ def licence_state(row: dict[str, Any], now: float) -> str:
 
 
 def _revoke(args: argparse.Namespace) -> int:
+    licence_id = args.licence_id
+    if os.path.isfile(licence_id):  # a licence file given where its id goes: its id
+        from ..core.licence import Licence
+
+        licence_id = Licence.load(licence_id).licence_id
     with _client(args) as ks:
-        res = ks.revoke(args.licence_id)
+        res = ks.revoke(licence_id)
     note = " (was already revoked)" if res.get("already") else ""
-    print(f"revoked licence {args.licence_id}{note}")
+    print(f"revoked licence {licence_id}{note}")
     return 0
 
 
@@ -251,7 +257,7 @@ def register(sub: Any) -> None:
                    help="file to write (mode 0600), or - for stdout")  # fmt: skip
     p.set_defaults(func=_token)
     p = lic_sub.add_parser("revoke", help="revoke a licence")
-    p.add_argument("licence_id")
+    p.add_argument("licence_id", help="the licence's id (vault licence list), or its file")
     admin_opts(p)
     p.set_defaults(func=_revoke)
     p = lic_sub.add_parser("list", help="list licences")
