@@ -43,6 +43,7 @@ def test_vault_run_prints_and_writes_outputs(keyserver: Any, tmp_path: Path) -> 
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.startswith("vault: error[bad_input]")
+    assert "missing input 'x' (float32 [N, 8]): give it as --input x=FILE.npy" in bad.stderr
 
 
 def test_vault_run_never_uses_an_output_name_as_a_path(keyserver: Any, tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ import sys
 from typing import Any
 
 from ..core.argtypes import non_negative_float, non_negative_int, port, positive_float, positive_int
-from ..core.errors import ConfigError, VaultError
+from ..core.errors import ConfigError, InputError, VaultError
+from ..core.graphs import shape_text
 from ..core.logs import add_log_options
 
 __all__ = ["register"]
@@ -192,6 +193,11 @@ def _run(args: argparse.Namespace) -> int:
     with vault_open(
         args.package, licence=args.licence, device=args.device, daemon=args.daemon
     ) as model:
+        missing = [n for n in model.inputs if n not in feeds]
+        if missing:  # said before the call, in the command's own words
+            dtype, shape = model.inputs[missing[0]]
+            raise InputError(f"missing input {missing[0]!r} ({dtype} {shape_text(shape)}): "
+                             f"give it as --input {missing[0]}=FILE.npy")  # fmt: skip
         out = model.compute(feeds, args.output)
     if not args.no_save:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -31,7 +31,7 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,7 +315,7 @@ def check_graph(
 _INVENTED_DIM = re.compile(r"unk__\d+")  # onnx shape inference's names for dims it made up
 
 
-def known_dims(shape: list[Any] | None) -> list[Any] | None:
+def known_dims(shape: Sequence[Any] | None) -> list[Any] | None:
     """A shape as the project records and shows it: onnx's shape inference
     names a dim it could not relate to any input ``unk__0``, ``unk__1``...;
     that name means nothing to a reader or a client, so such a dim becomes
@@ -326,7 +326,7 @@ def known_dims(shape: list[Any] | None) -> list[Any] | None:
     return [None if isinstance(d, str) and _INVENTED_DIM.fullmatch(d) else d for d in shape]
 
 
-def shape_text(shape: list[Any] | None) -> str:
+def shape_text(shape: Sequence[Any] | None) -> str:
     """A shape for people: ``[?, 4]`` (``?`` an unknown dim), ``[batch, 4]``,
     ``(unknown rank)``."""
     if shape is None:
