@@ -1796,18 +1796,29 @@ def test_unread_answers_count_against_their_licence_and_are_not_copied(monkeypat
         await asyncio.gather(*held)
         return third, served
 
-    def app_with(service: Any) -> Any:
-        return RestApp(DataPlane(service), max_body=20 << 20)
+    def app_with(service: Any, **kw: Any) -> Any:  # a door of two requests at once
+        return RestApp(DataPlane(service), max_body=20 << 20, max_inflight=2, **kw)
 
     service = _BigAnswers()
     app = app_with(service)
     third, served = asyncio.run(attack(app))
     assert third[0]["status"] == 503 and service.computed == 3, third  # refused, not computed
     assert b"hold" in third[-1]["body"]
+    # answers being written hold none of the door's two requests: alice is served
     assert served[0]["status"] == 200
     pieces = [m["body"] for m in served[1:]]
     assert max(len(p) for p in pieces) <= 1 << 20 and sum(len(p) for p in pieces) > 8 << 20
     assert not app.gate.bytes_by_licence  # every byte given back once written
+
+    # a client that takes nothing of its answer within the door's deadline is dropped
+    async def dropped() -> Any:
+        app = app_with(_BigAnswers(), body_timeout=0.2)
+        sent = await call(app, "mal", asyncio.Event())  # never read
+        return sent, app.gate
+
+    sent, gate = asyncio.run(dropped())
+    assert [m["type"] for m in sent] == ["http.response.start"]  # incomplete: dropped
+    assert not gate.bytes_by_licence and gate.held == 0
 
     # the control: answers not counted, nothing reserved
     monkeypatch.setattr(Gate, "reserve_answer", lambda self, lic, model: 0)

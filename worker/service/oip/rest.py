@@ -181,12 +181,18 @@ class RestApp:
             if not entry[1]:
                 self._decode_by.pop(licence, None)
 
+    def _free_slot(self, state: dict[str, bool]) -> None:
+        if state.pop("slot", False):
+            self.gate.__exit__(None, None, None)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         state = {"body_unread": scope.get("method") == "POST"}
         try:
             await self._route(scope, receive, send, state)
+        except _NotTaken:
+            return  # its response is incomplete: uvicorn drops the connection
         except VaultError as exc:
             await self._error(send, exc, close=state["body_unread"])
         except _HttpError as exc:
@@ -251,8 +257,15 @@ class RestApp:
             await _json(send, 200 if ok else NOT_READY, {"name": model, "ready": ok})
         else:
             _only(method, "POST")
-            with self.gate:
+            # one of the door's requests until its answer is in hand: writing
+            # it holds none (a client that reads slowly, or never, holds only
+            # its licence's bytes, and each slice within body_timeout)
+            self.gate.__enter__()
+            state["slot"] = True
+            try:
                 await self._infer(scope, receive, send, model, version, state)
+            finally:
+                self._free_slot(state)
 
     def _limit(self, scope: dict[str, Any], json_part: int | None) -> int:
         """The body's limit, checked against what its headers declare (before
@@ -341,15 +354,16 @@ class RestApp:
                 body = await self._body(receive, limit, (lic, held))
             state["body_unread"] = False
             await self._infer_vetted(send, model, version, token, header_len, body, limit,
-                                     encoding, receive=receive,
-                                     accept=_accepted(scope))  # fmt: skip
+                                     encoding, receive=receive, accept=_accepted(scope),
+                                     state=state)  # fmt: skip
         finally:
             self.gate.give_bytes(lic, held[0])
 
     async def _infer_vetted(self, send: Any, model: str, version: str | None, token: Any,
                             header_len: int | None, body: bytes, limit: int,
                             encoding: bytes = b"", *, receive: Any = None,
-                            accept: str | None = None) -> None:  # fmt: skip
+                            accept: str | None = None,
+                            state: dict[str, bool] | None = None) -> None:  # fmt: skip
         received = len(body)
         if _ENCODINGS.get(encoding) is not None:
             # at most MAX_JSON once decompressed (a gzip of 1 GiB of zeros is
@@ -381,6 +395,8 @@ class RestApp:
         # until it is written, the answer counts against the licence's bytes
         size = answer_bytes(out_frames)
         self.gate.answer_arrived(lic, model, reserved, size)
+        if state is not None:
+            self._free_slot(state)
         try:
             await self._answer(send, model, rid, out_descs, out_frames, binary_out,
                                licence=lic, receive=receive, accept=accept)  # fmt: skip
@@ -412,10 +428,11 @@ class RestApp:
             headers, parts = _answer_body(model, rid, descs, frames, binary_out)
             length = sum(len(p) for p in parts)
             if not accept or length < _COMPRESS_FROM:
-                await _send(send, 200, headers, parts)
+                await _send(send, 200, headers, parts, stall=self.body_timeout)
                 return
             if length <= _COMPRESS_INLINE:
-                await _send(send, 200, *_compressed(headers, parts, accept))
+                await _send(send, 200, *_compressed(headers, parts, accept),
+                            stall=self.body_timeout)  # fmt: skip
                 return
             # a large binary answer to compress: queued as a large JSON one is
             work: Any = functools.partial(_compressed, headers, parts, accept)
@@ -458,7 +475,7 @@ class RestApp:
             # is served and counts), so the licence's next requests wait for room
             self.gate.hold_bytes(licence, len(body))
             try:
-                await _send(send, 200, headers, body)
+                await _send(send, 200, headers, body, stall=self.body_timeout)
             finally:
                 self.gate.give_bytes(licence, len(body))
         finally:
@@ -716,12 +733,19 @@ async def _json(send: Any, status: int, body: Any) -> None:
     await _send(send, status, _JSON, json.dumps(body, separators=(",", ":")).encode())
 
 
+class _NotTaken(Exception):
+    """An answer's client took none of a slice within the door's deadline:
+    the connection is dropped (uvicorn closes one whose app returns before
+    the response is complete)."""
+
+
 async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]],
-                body: bytes | list[Any]) -> None:  # fmt: skip
+                body: bytes | list[Any], *, stall: float | None = None) -> None:  # fmt: skip
     """One response; a body given as parts goes out part by part, each sent
     once the client has taken enough of the one before (uvicorn waits for
     the transport to drain), in slices of :data:`_SEND_SLICE`: an unread
-    answer holds its outputs and little more."""
+    answer holds its outputs and little more. ``stall``: how long the client
+    may take nothing (:class:`_NotTaken` past it), as nginx's send_timeout."""
     parts = [body] if isinstance(body, (bytes, bytearray)) else body
     length = sum(len(p) for p in parts)
     await send({"type": "http.response.start", "status": status,
@@ -734,5 +758,11 @@ async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]],
             v = memoryview(p).cast("B")
             pieces += [v[i : i + _SEND_SLICE] for i in range(0, max(len(v), 1), _SEND_SLICE)]
     for i, piece in enumerate(pieces):
-        await send({"type": "http.response.body", "body": piece,
-                    "more_body": i < len(pieces) - 1})  # fmt: skip
+        msg = {"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1}
+        if stall is None:
+            await send(msg)
+            continue
+        try:
+            await within(send(msg), stall)
+        except asyncio.TimeoutError:
+            raise _NotTaken() from None
