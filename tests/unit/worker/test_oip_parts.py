@@ -1821,7 +1821,7 @@ def test_unread_answers_count_against_their_licence_and_are_not_copied(monkeypat
     assert not gate.bytes_by_licence and gate.held == 0
 
     # the control: answers not counted, nothing reserved
-    monkeypatch.setattr(Gate, "reserve_answer", lambda self, lic, model: 0)
+    monkeypatch.setattr(Gate, "reserve_answer", lambda self, *a: 0)
     monkeypatch.setattr(Gate, "answer_arrived", lambda self, *a: None)
     monkeypatch.setattr(Gate, "give_answer", lambda self, *a: None)
     service = _BigAnswers()
@@ -1907,3 +1907,33 @@ async def _asgi_async(app: Any, token: bytes, body: bytes) -> list[dict[str, Any
              "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
     await app(scope, receive, send)
     return sent
+
+
+def test_an_answers_reservation_scales_with_the_requests_rows_and_forgets() -> None:
+    """Room for a call's answer is reserved per row of its request: a
+    licence that learned its answer size on one row and then asks for many
+    reserves for many (capped at a quarter of its budget); one large answer
+    is halved at each smaller one after it, so it does not hold the licence
+    down for good; another licence's reservations are its own."""
+    from vault.core.errors import ServiceUnavailableError
+    from worker.service.oip.door import Gate
+
+    gate = Gate(64, bytes_per_licence=64 << 20)
+    assert gate.reserve_answer("a", "m", rows=1) == 0  # nothing learned yet
+    gate.answer_arrived("a", "m", 0, 1 << 20, rows=1)  # 1 MiB a row, unread
+    assert gate.reserve_answer("a", "m", rows=8) == 8 << 20
+    assert gate.reserve_answer("a", "m", rows=1000) == 16 << 20  # a quarter of 64 MiB
+    assert gate.reserve_answer("b", "m", rows=1000) == 0  # b learned nothing
+    for n in (8 << 20, 16 << 20):
+        gate.give_answer("a", n)
+    gate.give_answer("a", 1 << 20)  # the answer written
+    assert not gate.bytes_by_licence.get("a")
+    for _ in range(4):  # small answers after the large one: it fades
+        gate.answer_arrived("a", "m", gate.reserve_answer("a", "m"), 1 << 10)
+        gate.give_answer("a", 1 << 10)
+    assert gate.reserve_answer("a", "m", rows=1) == 64 << 10  # 1 MiB / 2**4
+    gate.give_answer("a", 64 << 10)
+    # unread answers filling the budget: the next call is refused before it runs
+    gate.answer_arrived("a", "m", 0, 64 << 20)
+    with pytest.raises(ServiceUnavailableError, match="answers not yet read hold 64 MiB"):
+        gate.reserve_answer("a", "m")

@@ -372,6 +372,14 @@ def counted(counts: dict[str, int], key: str, limit: int, refusal: str) -> Itera
 _ANSWER_SIZES_KEPT = 4096  # (licence, model) answer sizes a door remembers
 
 
+def rows_of(descs: Sequence[dict[str, Any]]) -> int:
+    """The rows of a request: its first input's first dimension (1 for a
+    scalar, or no input)."""
+    shape = descs[0].get("shape") if descs else None
+    first = shape[0] if shape else 1
+    return first if isinstance(first, int) and first > 0 else 1
+
+
 def answer_bytes(frames: Sequence[Any]) -> int:
     """The bytes an answer's output frames take."""
     return sum(memoryview(f).nbytes for f in frames)
@@ -441,18 +449,22 @@ class Gate:
             f"{self.bytes_per_licence >> 20} MiB); try again when one is answered"
         )
 
-    def reserve_answer(self, licence_id: str, model: str) -> int:
+    def reserve_answer(self, licence_id: str, model: str, rows: int = 1) -> int:
         """Before a call of ``licence_id``'s is computed: room for its answer,
         refused (``ServiceUnavailableError``) when the licence's requests and
         unread answers fill its budget (its requests' own bytes aside: they
         were let in). As much is taken as the licence's
         largest answer from ``model`` so far (at most a quarter of its budget;
         0 for its first call): the answers its concurrent calls will hold are
-        counted before they exist. Before, answers were not counted at all:
+        counted before they exist, per row of the request's first input
+        (``rows``: a licence that learned its size on one row and then asks
+        for a thousand reserves for a thousand). Before, answers were not
+        counted at all:
         eight calls of one token whose 524 MB answers nobody read held 9.3 GB.
         Give it back with :meth:`answer_arrived`, or :meth:`give_answer` when
         the call fails."""
-        n = min(self._answers.get((licence_id, model), 0), self.bytes_per_licence // 4)
+        n = min(self._answers.get((licence_id, model), 0) * max(1, rows),
+                self.bytes_per_licence // 4)  # fmt: skip
         have = self._answer_bytes.get(licence_id, 0)  # its requests' own bytes aside
         if have + n > self.bytes_per_licence or have >= self.bytes_per_licence:
             raise ServiceUnavailableError(
@@ -463,7 +475,9 @@ class Gate:
         self._answer_bytes[licence_id] = have + n
         return n
 
-    def answer_arrived(self, licence_id: str, model: str, reserved: int, size: int) -> None:
+    def answer_arrived(
+        self, licence_id: str, model: str, reserved: int, size: int, rows: int = 1
+    ) -> None:
         """The answer of a call that reserved ``reserved`` is in memory:
         ``size`` bytes, held against the licence's budget from now until it
         is written (:meth:`give_answer`), whatever the budget says (the call
@@ -472,7 +486,10 @@ class Gate:
         self.hold_bytes(licence_id, size)
         self._answer_bytes[licence_id] = self._answer_bytes.get(licence_id, 0) + size
         key = (licence_id, model)
-        self._answers[key] = max(self._answers.pop(key, 0), size)
+        # bytes per row: the largest seen, halved at each smaller one (one
+        # large answer long ago does not hold the licence down for good)
+        per_row, seen = -(-size // max(1, rows)), self._answers.pop(key, 0)
+        self._answers[key] = max(per_row, seen // 2)
         while len(self._answers) > _ANSWER_SIZES_KEPT:  # the oldest first
             del self._answers[next(iter(self._answers))]
 

@@ -61,6 +61,7 @@ from .door import (
     error_text,
     grpc_status,
     retry_after,
+    rows_of,
     timeout_of,
     within,
 )
@@ -391,7 +392,7 @@ class InferenceServicer:
         p = request.parameters.get("timeout")
         timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
         lic, model = token.licence_id, request.model_name
-        reserved = self.gate.reserve_answer(lic, model)
+        reserved = self.gate.reserve_answer(lic, model, rows_of(descs))
         try:
             out_descs, out_frames = await self.plane.infer(
                 model, request.model_version or None, token, descs, frames, outputs, timeout,
@@ -400,7 +401,7 @@ class InferenceServicer:
             self.gate.give_answer(lic, reserved)
             raise
         size = answer_bytes(out_frames)
-        self.gate.answer_arrived(lic, model, reserved, size)
+        self.gate.answer_arrived(lic, model, reserved, size, rows_of(descs))
         held = True
         try:
             reply = pb.ModelInferResponse(model_name=model, model_version="1", id=request.id)

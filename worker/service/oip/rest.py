@@ -59,6 +59,7 @@ from .door import (
     error_text,
     http_status,
     retry_after,
+    rows_of,
     timeout_of,
     within,
 )
@@ -384,7 +385,7 @@ class RestApp:
         rid, timeout = req.get("id"), params.get("timeout")
         outputs, binary_out = _outputs(req, params)
         lic = token.licence_id
-        reserved = self.gate.reserve_answer(lic, model)
+        reserved = self.gate.reserve_answer(lic, model, rows_of(descs))
         try:
             out_descs, out_frames = await self.plane.infer(
                 model, version, token, descs, frames, outputs, timeout_of(timeout)
@@ -394,7 +395,7 @@ class RestApp:
             raise
         # until it is written, the answer counts against the licence's bytes
         size = answer_bytes(out_frames)
-        self.gate.answer_arrived(lic, model, reserved, size)
+        self.gate.answer_arrived(lic, model, reserved, size, rows_of(descs))
         if state is not None:
             self._free_slot(state)
         try:
