@@ -596,10 +596,11 @@ class _Remote:
         if len(self.addresses) == 1:
             return _WatchedChannel(ctx, self.addresses[0], configure=self.configure,
                                    max_message=max_message, send_timeout_ms=5000,
-                                   sealed_keys=keys)  # fmt: skip
+                                   sealed_keys=keys, expires_at=self.licence.expires_at)  # fmt: skip
         return _FailoverChannel([_WatchedChannel(ctx, a, configure=self.configure,
                                                  max_message=max_message, sealed_keys=keys,
-                                                 wait_handshake=False)
+                                                 wait_handshake=False,
+                                                 expires_at=self.licence.expires_at)
                                  for a in self.addresses])  # fmt: skip
 
     def configure(self, sock: zmq.Socket[Any]) -> None:
@@ -663,7 +664,10 @@ class _WatchedChannel(ZmqChannel):
         send_timeout_ms: int = 1000,
         sealed_keys: tuple[bytes, bytes] | None = None,
         wait_handshake: bool = True,
+        expires_at: float | None = None,
     ) -> None:
+        # the caller's licence's own expiry: what a refusal means once it is past
+        self._expires_at = expires_at
         # computes travel sealed (AES-256-GCM on a second connection, keys
         # agreed over this CURVE one: vault/core/sealed.py) when the service
         # offers it; ``sealed_keys`` = (our CURVE public key, the server's)
@@ -785,7 +789,13 @@ class _WatchedChannel(ZmqChannel):
             )
         if refused == "auth":
             # the service says "refused" and nothing more, the same for each
-            # reason (a stranger learns nothing of a key); its log says which
+            # reason (a stranger learns nothing of a key); its log says which.
+            # A licence whose own record says it has expired: that is why
+            if self._expires_at is not None and time.time() >= self._expires_at:
+                return LicenceExpiredError(
+                    f"the service at {self.endpoint} refused this caller's key: its licence "
+                    f"expired at {_utc(self._expires_at)}: ask the vendor for a new one"
+                )
             return UnknownLicenceError(
                 f"the service at {self.endpoint} refused this caller's key: it is not on the "
                 "service's allow-list, or not a live call licence (unknown to its key server, "
@@ -1581,15 +1591,19 @@ def connect(
         raise ConfigError("vault.connect needs licence=...")
     key = read_public_key(server_key)
     loaded = Licence.load(lic)
-    if loaded.expires_at is not None and time.time() >= loaded.expires_at:
+    if loaded.expires_at is not None and time.time() >= loaded.expires_at + _CLOCK_SKEW_S:
         # its own record says so: refused before dialing, as a connection
         # made before it expired is refused once it has (the service's ZAP
-        # answer cannot say why: "refused" is all a stranger may learn)
+        # answer cannot say why: "refused" is all a stranger may learn); past
+        # a margin for this machine's clock, the service being the judge
         raise LicenceExpiredError(
             f"licence {loaded.licence_id} has expired (at {_utc(loaded.expires_at)}): ask the "
             "vendor for a new one"
         )
     return Model(remote=_Remote(addresses, loaded, key, model), timeout=timeout)
+
+
+_CLOCK_SKEW_S = 300.0  # how far ahead this machine's clock may run of the service's
 
 
 def _utc(t: float) -> str:

@@ -9,6 +9,8 @@ most one lease (the fixture's lease is 2 s).
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 import os
@@ -454,11 +456,17 @@ def test_wrong_model_expired_and_runtime_licences_are_refused(service: Svc) -> N
             time.sleep(0.05)
         with pytest.raises(vault.LicenceExpiredError):
             f.compute({"x": X})
-    # a new connection with it: the licence file's own expiry says so before
-    # dialing, as the open connection was told (it was UnknownLicenceError)
+    # a new connection with it hears it has expired, as the open one was told
+    # (it was UnknownLicenceError): from the service's refusal read beside the
+    # licence's own expiry, or from its first call (this machine's clock is
+    # not judge alone: a licence is refused before dialing only 5 min past it)
     assert frank.expires_at is not None and frank.expires_at <= time.time()
+    with pytest.raises(vault.LicenceExpiredError, match="expired"):
+        with service.connect(frank) as again:
+            again.compute({"x": X})
+    stale = dataclasses.replace(frank, expires_at=time.time() - 600)  # long past: not dialed
     with pytest.raises(vault.LicenceExpiredError, match="has expired"):
-        service.connect(frank)
+        service.connect(stale)
     # a runtime licence is not a call licence: its key is not let in at all
     runtime = service.keyserver.issue("m", holder="mallory")
     with pytest.raises(vault.UnknownLicenceError, match="refused this caller's key"):

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import math
 import sys
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -372,6 +372,44 @@ def counted(counts: dict[str, int], key: str, limit: int, refusal: str) -> Itera
 _ANSWER_SIZES_KEPT = 4096  # (licence, model) answer sizes a door remembers
 
 
+class AnswerRoom:
+    """One call's answer bytes at a door (:meth:`Gate.answer_room`)."""
+
+    def __init__(self, gate: Gate, licence_id: str, model: str, rows: int,
+                 learner: asyncio.Event | None = None) -> None:  # fmt: skip
+        self.gate, self.licence_id, self.model, self.rows = gate, licence_id, model, rows
+        self._learner = learner
+        self.reserved = 0
+        self.size: int | None = None
+        self._kept = False
+
+    def arrived(self, frames: Sequence[Any]) -> int:
+        """The answer is in: its bytes held instead of the reservation."""
+        self.size = answer_bytes(frames)
+        self.gate.answer_arrived(self.licence_id, self.model, self.reserved, self.size,
+                                 self.rows)  # fmt: skip
+        self._learn()
+        return self.size
+
+    def _learn(self) -> None:
+        if self._learner is not None:
+            self.gate._learned((self.licence_id, self.model), self._learner)
+            self._learner = None
+
+    def keep(self) -> int:
+        """The answer's bytes stay held past the room: the caller gives them
+        back (:meth:`Gate.give_answer`) once it is written."""
+        self._kept = True
+        return self.size or 0
+
+    def close(self) -> None:
+        self._learn()
+        if self.size is None:
+            self.gate.give_answer(self.licence_id, self.reserved)
+        elif not self._kept:
+            self.gate.give_answer(self.licence_id, self.size)
+
+
 def rows_of(descs: Sequence[dict[str, Any]]) -> int:
     """The rows of a request: its first input's first dimension (1 for a
     scalar, or no input)."""
@@ -410,6 +448,48 @@ class Gate:
         # (licence, model) -> the largest answer it got here (reserve_answer)
         self._answers: dict[tuple[str, str], int] = {}
         self._answer_bytes: dict[str, int] = {}  # licence -> of its bytes, its answers'
+        # (licence, model) -> set once the first call, computing, has its answer
+        self._learning: dict[tuple[str, str], asyncio.Event] = {}
+
+    @contextlib.asynccontextmanager
+    async def answer_room(
+        self, licence_id: str, model: str, rows: int, wait: float
+    ) -> AsyncIterator[AnswerRoom]:
+        """Room for one call's answer, around its computation (both doors):
+        :meth:`reserve_answer` before, :meth:`answer_arrived` when the
+        answer is in (``room.arrived(frames)``), and the answer's bytes given
+        back on leaving, unless ``room.keep()`` hands them to whoever writes
+        the answer later (gRPC's done callback: :meth:`give_answer`). A
+        licence's first call of a model, whose answer's size nothing tells
+        yet, is computed alone: its other calls of that model wait for its
+        answer, up to ``wait`` seconds (16 concurrent first calls of 524 MB
+        answers held 8.4 GB of one licence's 1 GiB)."""
+        key = (licence_id, model)
+        learner: asyncio.Event | None = None
+        while key not in self._answers:
+            pending = self._learning.get(key)
+            if pending is None:
+                learner = self._learning[key] = asyncio.Event()
+                break
+            try:
+                await within(pending.wait(), wait)
+            except asyncio.TimeoutError:
+                raise ServiceUnavailableError(
+                    "this licence's first call of this model is still being answered; try "
+                    "again when it is"
+                ) from None
+        room = AnswerRoom(self, licence_id, model, rows, learner)
+        try:
+            room.reserved = self.reserve_answer(licence_id, model, rows)
+            yield room
+        finally:
+            room.close()
+
+    def _learned(self, key: tuple[str, str], learner: asyncio.Event) -> None:
+        """The first call's answer is in (or it failed): the next may go."""
+        if self._learning.get(key) is learner:
+            del self._learning[key]
+        learner.set()
 
     def __enter__(self) -> Gate:
         if self.held >= self.limit:
@@ -458,13 +538,14 @@ class Gate:
         0 for its first call): the answers its concurrent calls will hold are
         counted before they exist, per row of the request's first input
         (``rows``: a licence that learned its size on one row and then asks
-        for a thousand reserves for a thousand). Before, answers were not
+        for a thousand reserves for a thousand, at most its whole budget: a
+        licence whose answers are half its budget has two computed at once).
+        Before, answers were not
         counted at all:
         eight calls of one token whose 524 MB answers nobody read held 9.3 GB.
         Give it back with :meth:`answer_arrived`, or :meth:`give_answer` when
         the call fails."""
-        n = min(self._answers.get((licence_id, model), 0) * max(1, rows),
-                self.bytes_per_licence // 4)  # fmt: skip
+        n = min(self._answers.get((licence_id, model), 0) * max(1, rows), self.bytes_per_licence)
         have = self._answer_bytes.get(licence_id, 0)  # its requests' own bytes aside
         if have + n > self.bytes_per_licence or have >= self.bytes_per_licence:
             raise ServiceUnavailableError(

@@ -55,7 +55,6 @@ from .door import (
     MAX_DECODED_VALUES,
     DataPlane,
     Gate,
-    answer_bytes,
     bearer,
     counted,
     error_text,
@@ -392,31 +391,21 @@ class InferenceServicer:
         p = request.parameters.get("timeout")
         timeout = timeout_of(p.double_param or p.int64_param) if p is not None else None
         lic, model = token.licence_id, request.model_name
-        reserved = self.gate.reserve_answer(lic, model, rows_of(descs))
-        try:
+        async with self.gate.answer_room(lic, model, rows_of(descs), self.body_timeout) as room:
             out_descs, out_frames = await self.plane.infer(
                 model, request.model_version or None, token, descs, frames, outputs, timeout,
             )  # fmt: skip
-        except BaseException:
-            self.gate.give_answer(lic, reserved)
-            raise
-        size = answer_bytes(out_frames)
-        self.gate.answer_arrived(lic, model, reserved, size, rows_of(descs))
-        held = True
-        try:
+            room.arrived(out_frames)
             reply = pb.ModelInferResponse(model_name=model, model_version="1", id=request.id)
             for d, f in zip(out_descs, out_frames):
                 name, dt, shape, raw = T.to_raw(d, f)
                 reply.outputs.add(name=name, datatype=dt, shape=shape)
                 reply.raw_output_contents.append(bytes(raw))
             done = getattr(context, "add_done_callback", None)
-            if done is not None:  # given back once the RPC has ended
+            if done is not None:  # a unary call's answer: given back once the RPC has ended
+                size = room.keep()
                 done(lambda _: self.gate.give_answer(lic, size))
-                held = False
             return reply
-        finally:
-            if held:
-                self.gate.give_answer(lic, size)
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> None:  # noqa: N802
         """Triton's streaming inference (tritonclient's ``start_stream`` and

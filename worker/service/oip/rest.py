@@ -54,7 +54,6 @@ from .door import (
     MAX_DECODED_VALUES,
     DataPlane,
     Gate,
-    answer_bytes,
     bearer,
     error_text,
     http_status,
@@ -385,24 +384,16 @@ class RestApp:
         rid, timeout = req.get("id"), params.get("timeout")
         outputs, binary_out = _outputs(req, params)
         lic = token.licence_id
-        reserved = self.gate.reserve_answer(lic, model, rows_of(descs))
-        try:
+        async with self.gate.answer_room(lic, model, rows_of(descs), self.body_timeout) as room:
             out_descs, out_frames = await self.plane.infer(
                 model, version, token, descs, frames, outputs, timeout_of(timeout)
             )
-        except BaseException:
-            self.gate.give_answer(lic, reserved)
-            raise
-        # until it is written, the answer counts against the licence's bytes
-        size = answer_bytes(out_frames)
-        self.gate.answer_arrived(lic, model, reserved, size, rows_of(descs))
-        if state is not None:
-            self._free_slot(state)
-        try:
+            # until it is written, the answer counts against the licence's bytes
+            room.arrived(out_frames)
+            if state is not None:
+                self._free_slot(state)
             await self._answer(send, model, rid, out_descs, out_frames, binary_out,
                                licence=lic, receive=receive, accept=accept)  # fmt: skip
-        finally:
-            self.gate.give_answer(lic, size)
 
     async def _answer(self, send: Any, model: str, rid: Any, descs: list[dict[str, Any]],
                       frames: list[Any], binary_out: Any, *, licence: str = "",
