@@ -9,9 +9,8 @@ most one lease (the fixture's lease is 2 s).
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import json
 import os
 import threading
