@@ -213,12 +213,17 @@ def _onnxruntime_loads(model: onnx.ModelProto) -> bool:
     return True
 
 
+# onnxruntime's words for a model newer than it (an IR version, an opset)
+_NEWER_THAN_HERE = re.compile(r"Unsupported model IR version|opset \d+ is under development|"
+                              r"only guaranteed to support .* opset", re.IGNORECASE)  # fmt: skip
+
+
 def check_loads(
     graphs: Iterable[tuple[str, bytes]],
     files: Mapping[str, Any],
     seams: Iterable[str] = (),
     warnings: list[str] | None = None,
-) -> None:
+) -> bool:
     """Refuse a pipeline no worker could load: each stored graph is loaded by
     onnxruntime as the worker loads it (weights from the in-memory files),
     with its graph optimisations off (what fails there is the graph itself:
@@ -232,11 +237,14 @@ def check_loads(
     onnxruntime's own reason (the publisher's own model: its text helps).
     An operator this onnxruntime has no CPU kernel for is not refused but
     put in ``warnings``: a GPU worker may have one (a model for CUDA sealed
-    on a laptop without it)."""
+    on a laptop without it); so is a model newer than this onnxruntime (its
+    IR version or an opset it does not know: a newer worker may load it).
+    Returns whether every graph loaded here."""
     import onnxruntime as ort
 
     names = list(files)
     bufs = [np.frombuffer(files[n], np.uint8) for n in names]
+    loaded = True
     for stage, data in graphs:
         so = ort.SessionOptions()
         so.log_severity_level = 4
@@ -255,6 +263,13 @@ def check_loads(
                 if warnings is not None:
                     warnings.append(f"the {stage} does not load on this CPU: {why}; only a "
                                     "worker whose provider has that operator can run it")  # fmt: skip
+                loaded = False
+                continue
+            if _NEWER_THAN_HERE.search(why):
+                if warnings is not None:
+                    warnings.append(f"the {stage} is newer than this onnxruntime "
+                                    f"({ort.__version__}): {why}; a worker needs one that loads it")  # fmt: skip
+                loaded = False
                 continue
         if why:
             where = "pipeline" if stage == "pipeline" else f"{stage} stage"
@@ -263,6 +278,7 @@ def check_loads(
                 f"the {where} does not load in onnxruntime, so no worker could run it: {why}"
                 + (f" (the stages disagree: {seam})" if seam else "")
             )
+    return loaded
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
@@ -741,7 +757,13 @@ def seal(
             "as such a ZipMap unless converted with options={'zipmap': False}"
         )
     try:  # the graphs exactly as the worker will load them
-        check_loads(graphs, dict(files), seams, warnings)
+        loads_here = check_loads(graphs, dict(files), seams, warnings)
+        if batchable and not loads_here:
+            raise SealError(
+                "--batchable is checked by running the pipeline on this machine's CPU, where it "
+                "does not load (see the warning): seal it here without --batchable, or with "
+                "--batchable where onnxruntime runs it"
+            )
         if batchable:
             check_rows(graphs, dict(files), inputs=inputs, outputs=outputs)
     except BaseException:

@@ -118,6 +118,10 @@ def test_an_operator_without_a_cpu_kernel_seals_with_a_warning(
                output=tmp_path / "bf.vault")  # fmt: skip
     assert (tmp_path / "bf.vault").exists()
     assert any("does not load on this CPU" in w and "Add" in w for w in res.warnings), res.warnings
+    # --batchable is a checked declaration: checked by running it here, which cannot be
+    with pytest.raises(SealError, match="--batchable is checked by running the pipeline"):
+        seal(one("Add", TensorProto.BFLOAT16, ["x", "x"]), model_id="bf", signing_key=publisher,
+             output=tmp_path / "bf2.vault", batchable=True)  # fmt: skip
     with pytest.raises(SealError, match="does not load in onnxruntime"):
         seal(one("Det", TensorProto.INT32, ["x"]), model_id="det", signing_key=publisher,
              output=tmp_path / "det.vault")  # fmt: skip

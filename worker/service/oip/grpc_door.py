@@ -457,7 +457,13 @@ class InferenceServicer:
                         self.gate.hold_bytes(lic, size)
                         try:
                             # a revocation while the message was awaited: refused now
-                            await self.plane.vet(None, None, token, address=address)
+                            # (the message left out of this frame first: a refusal's
+                            # traceback keeps it, see _infer)
+                            try:
+                                await self.plane.vet(None, None, token, address=address)
+                            except BaseException:
+                                raw = b""
+                                raise
                             try:
                                 request = pb.ModelInferRequest.FromString(raw)
                             except DecodeError:
