@@ -1858,7 +1858,7 @@ def test_a_licences_large_json_requests_are_decoded_in_turn(monkeypatch: Any) ->
                                        "data": [0.5] * n}]}).encode()  # fmt: skip
 
     tokens = {who: mint_token(_licence(f"lic-{who}"), models=["m"]).encode()
-              for who in ("mal", "alice")}  # fmt: skip
+              for who in ("mal", "alice", "m1", "m2", "m3", "m4")}  # fmt: skip
     decoded: list[int] = []
     real = rest._decoded
 
@@ -1870,7 +1870,7 @@ def test_a_licences_large_json_requests_are_decoded_in_turn(monkeypatch: Any) ->
 
     monkeypatch.setattr(rest, "_decoded", counting)
 
-    async def run() -> int:
+    async def run(mals: tuple[str, ...] = ("mal",)) -> int:
         app = RestApp(DataPlane(_BigAnswers(1)), max_body=64 << 20)
         order: list[str] = []
 
@@ -1879,13 +1879,14 @@ def test_a_licences_large_json_requests_are_decoded_in_turn(monkeypatch: Any) ->
             order.append(who)
 
         big, small = body(100_000), body(1)
-        tasks = [asyncio.ensure_future(call("mal", big)) for _ in range(8)]
+        tasks = [asyncio.ensure_future(call(mals[i % len(mals)], big)) for i in range(8)]
         tasks.append(asyncio.ensure_future(call("alice", small)))
         await asyncio.gather(*tasks)
         return order.index("alice")
 
     decoded.clear()
     assert asyncio.run(run()) <= 1, decoded
+    assert asyncio.run(run(("m1", "m2", "m3", "m4"))) <= 1  # four licences: the door's turn
     monkeypatch.setattr(rest, "_DECODE_INLINE", 1 << 30)  # the control: no turns
     assert asyncio.run(run()) == 8
 
