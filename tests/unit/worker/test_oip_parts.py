@@ -221,6 +221,12 @@ def _asgi(app: Any, method: str, path: str, headers: list[Any], body: bytes = b"
     of the body's messages it left unread."""
     import asyncio
 
+    return asyncio.run(_asgi_on_loop(app, method, path, headers, body, raw_path))
+
+
+async def _asgi_on_loop(app: Any, method: str, path: str, headers: list[Any], body: bytes = b"",
+                        raw_path: bytes | None = None) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """:func:`_asgi` on the running loop."""
     msgs = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -232,7 +238,7 @@ def _asgi(app: Any, method: str, path: str, headers: list[Any], body: bytes = b"
 
     scope = {"type": "http", "method": method, "path": path, "headers": headers,
              "raw_path": raw_path or path.encode()}  # fmt: skip
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     return sent, len(msgs)
 
 
@@ -1875,7 +1881,8 @@ def test_a_licences_large_json_requests_are_decoded_in_turn(monkeypatch: Any) ->
         order: list[str] = []
 
         async def call(who: str, data: bytes) -> None:
-            await _asgi_async(app, tokens[who], data)
+            await _asgi_on_loop(app, "POST", "/v2/models/m/infer",
+                                [(b"authorization", b"Bearer " + tokens[who])], data)  # fmt: skip
             order.append(who)
 
         big, small = body(100_000), body(1)
@@ -1889,25 +1896,6 @@ def test_a_licences_large_json_requests_are_decoded_in_turn(monkeypatch: Any) ->
     assert asyncio.run(run(("m1", "m2", "m3", "m4"))) <= 1  # four licences: the door's turn
     monkeypatch.setattr(rest, "_DECODE_INLINE", 1 << 30)  # the control: no turns
     assert asyncio.run(run()) == 8
-
-
-async def _asgi_async(app: Any, token: bytes, body: bytes) -> list[dict[str, Any]]:
-    """One POST to ``/v2/models/m/infer`` through an ASGI app, on the
-    running loop; the messages it sent."""
-    msgs = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return msgs.pop(0)
-
-    async def send(m: dict[str, Any]) -> None:
-        sent.append(m)
-
-    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
-             "raw_path": b"/v2/models/m/infer",
-             "headers": [(b"authorization", b"Bearer " + token)]}  # fmt: skip
-    await app(scope, receive, send)
-    return sent
 
 
 def test_an_answers_reservation_scales_with_the_requests_rows_and_forgets() -> None:

@@ -205,14 +205,7 @@ def from_json(
         # numpy reads [true, 2.5] as [1.0, 2.5]: a bool among numbers is refused,
         # as a number among a BOOL input's values is
         raise InputError(f"{name!r}: data holds values that are not {datatype}")
-    try:
-        with np.errstate(over="raise", invalid="raise"):
-            out = arr.astype(dt.newbyteorder("<"), casting="unsafe")
-        if dt.kind in "iu" and not np.array_equal(out, arr):
-            raise InputError(f"{name!r}: a value does not fit {datatype}")
-    except (OverflowError, FloatingPointError, ValueError):
-        raise InputError(f"{name!r}: a value does not fit {datatype}") from None
-    return _desc(name, vd, dims), np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
+    return _desc(name, vd, dims), _cast(name, datatype, arr, dt)
 
 
 def from_typed(
@@ -231,6 +224,12 @@ def from_typed(
         raise InputError(f"{name!r}: data holds {len(values)} elements, shape {dims} needs {n}")
     arr = np.fromiter(values, dtype=natural, count=n)
     dt = dtype_from_name(vd)
+    return _desc(name, vd, dims), _cast(name, datatype, arr, dt)
+
+
+def _cast(name: str, datatype: Any, arr: np.ndarray[Any, Any], dt: np.dtype[Any]) -> Any:
+    """``arr`` as little-endian ``dt``, flat bytes; a value that does not fit
+    (an integer out of range or changed, a float past float16) is refused."""
     try:
         with np.errstate(over="raise", invalid="raise"):
             out = arr.astype(dt.newbyteorder("<"), casting="unsafe")
@@ -238,7 +237,7 @@ def from_typed(
             raise InputError(f"{name!r}: a value does not fit {datatype}")
     except (OverflowError, FloatingPointError, ValueError):
         raise InputError(f"{name!r}: a value does not fit {datatype}") from None
-    return _desc(name, vd, dims), np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
+    return np.ascontiguousarray(out).reshape(-1).view(np.uint8).data
 
 
 def _holds_bool(data: Any) -> bool:
