@@ -107,7 +107,8 @@ _FLUSH_MAX_S = 10.0
 _LOAD_RETRY_FIRST_S = 1.0  # a model that cannot load is tried again after 1, 2, 4 ... 60 s
 _LOAD_RETRY_CAP_S = 60.0
 VERSION = "1"  # one version per model id: the package the repository holds now
-_REFUSAL_LOG_EVERY_S = 60.0  # caller_refused: once a minute per address and reason
+_REFUSAL_LOG_EVERY_S = 60.0  # caller_refused: once a minute per address and reason ...
+_REFUSAL_LOG_MAX = 60  # ... and at most this many a minute in all (addresses are many)
 _REFUSAL_HINTS = {
     "licence_unknown": "no call licence the key server knows has this key",
     "licence_revoked": "the caller's call licence is revoked",
@@ -304,6 +305,7 @@ class WorkerService:
         self.dispatches: dict[int, _Dispatch] = {}
         self._ids = itertools.count(1)
         self._refusals_logged: dict[tuple[str, str], float] = {}  # (address, reason) -> when
+        self._refusal_window: list[float] = [float("-inf"), 0, 0]  # minute start, logged, unlogged
         self._refusals_lock = threading.Lock()
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -382,13 +384,25 @@ class WorkerService:
         self.metrics.handshakes_refused.labels(why).inc()
         where = address_key(address) if address else ""
         now = time.monotonic()
+        suppressed = 0
         with self._refusals_lock:
             last = self._refusals_logged.get((where, why))
             if last is not None and now - last < _REFUSAL_LOG_EVERY_S:
                 return
-            if len(self._refusals_logged) >= 4096:
-                self._refusals_logged.clear()
+            if now - self._refusal_window[0] >= _REFUSAL_LOG_EVERY_S:  # a new minute
+                suppressed, self._refusal_window = int(self._refusal_window[2]), [now, 0, 0]
+            if self._refusal_window[1] >= _REFUSAL_LOG_MAX:  # many addresses: counted only
+                self._refusal_window[2] += 1
+                return
+            self._refusal_window[1] += 1
+            while len(self._refusals_logged) >= 4096:  # the oldest first
+                del self._refusals_logged[next(iter(self._refusals_logged))]
+            self._refusals_logged.pop((where, why), None)
             self._refusals_logged[(where, why)] = now
+        if suppressed:
+            self.log("caller_refused_unlogged", level="warning", count=suppressed,
+                     hint="refused handshakes from more addresses than are logged a minute "
+                          "(vault_handshakes_refused_total counts every one)")  # fmt: skip
         self.log("caller_refused", level="warning", reason=why, address=where,
                  hint=_REFUSAL_HINTS.get(why, ""))  # fmt: skip
 

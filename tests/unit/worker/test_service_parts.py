@@ -1037,3 +1037,33 @@ def test_what_a_caller_sees_follows_the_models_its_licence_covers() -> None:
             p.sees("D" * 40, "other")
     finally:
         p.close()
+
+
+def test_refused_handshakes_are_logged_within_a_cap_and_all_counted() -> None:
+    """A refused handshake is logged once a minute per address and reason,
+    and at most 60 a minute in all: a stranger cycling through addresses
+    (an IPv6 /64 each) had one line each. The rest are counted by the metric
+    and said in one line when the next minute starts."""
+    import threading
+    import types
+
+    from worker.service.service import WorkerService
+
+    lines: list[tuple[str, dict[str, Any]]] = []
+    counted: list[str] = []
+    labels = types.SimpleNamespace(inc=lambda: counted.append("x"))
+    svc = types.SimpleNamespace(
+        metrics=types.SimpleNamespace(handshakes_refused=types.SimpleNamespace(
+            labels=lambda why: labels)),
+        log=lambda event, **kw: lines.append((event, kw)),
+        _refusals_logged={}, _refusal_window=[float("-inf"), 0, 0],
+        _refusals_lock=threading.Lock(),
+    )  # fmt: skip
+    for i in range(200):
+        WorkerService._handshake_refused(svc, "licence_unknown", f"2001:db8:{i:x}::1")  # type: ignore[arg-type]
+    WorkerService._handshake_refused(svc, "licence_unknown", "2001:db8:0::1")  # type: ignore[arg-type]
+    assert len(counted) == 201 and [e for e, _ in lines] == ["caller_refused"] * 60
+    svc._refusal_window[0] -= 61  # the next minute
+    WorkerService._handshake_refused(svc, "licence_unknown", "2001:db8:ffff::1")  # type: ignore[arg-type]
+    assert lines[-2] == ("caller_refused_unlogged", {**lines[-2][1], "count": 140})
+    assert lines[-1][0] == "caller_refused"
