@@ -376,7 +376,8 @@ class InferenceServicer:
         except DecodeError:
             raise ProtocolError("the request is not a ModelInferRequest") from None
 
-    async def _answer(self, request: Any, token: Any, context: Any = None) -> Any:
+    async def _answer(self, request: Any, token: Any, context: Any = None,
+                      kept: list[int] | None = None) -> Any:  # fmt: skip
         """The ModelInferResponse to one decoded request, or its typed error.
         Room for the answer is reserved against the licence's bytes at the
         door before the call is computed (:meth:`.door.Gate.reserve_answer`),
@@ -405,6 +406,8 @@ class InferenceServicer:
             if done is not None:  # a unary call's answer: given back once the RPC has ended
                 size = room.keep()
                 done(lambda _: self.gate.give_answer(lic, size))
+            elif kept is not None:  # a stream's: given back once written (ModelStreamInfer)
+                kept.append(room.keep())
             return reply
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> None:  # noqa: N802
@@ -440,48 +443,55 @@ class InferenceServicer:
                     "send on one of them, or close one",
                 ):  # fmt: skip
                     first = True
-                    while True:
-                        if not first:  # the stream's opening vetted the first
-                            await self.plane.vet(None, None, token, address=address)
-                        first = False
-                        await self._room(lic)
-                        try:
-                            raw = await within(context.read(), self.body_timeout)
-                        except asyncio.TimeoutError:
-                            raise ProtocolError(
-                                f"no request on this stream for {self.body_timeout:g} s: it is "
-                                "ended (open a new one)") from None  # fmt: skip
-                        if not isinstance(raw, bytes):  # grpc.aio.EOF: the caller is done
-                            return
-                        size = len(raw)
-                        self.gate.hold_bytes(lic, size)
-                        try:
-                            # a revocation while the message was awaited: refused now
-                            # (the message left out of this frame first: a refusal's
-                            # traceback keeps it, see _infer)
-                            try:
+                    kept: list[int] = []  # the answer being written: its bytes, held
+                    try:
+                        while True:
+                            if not first:  # the stream's opening vetted the first
                                 await self.plane.vet(None, None, token, address=address)
-                            except BaseException:
-                                raw = b""
-                                raise
+                            first = False
+                            await self._room(lic)
                             try:
-                                request = pb.ModelInferRequest.FromString(raw)
-                            except DecodeError:
-                                request = None
-                            del raw  # the message lives on in its decoded tensors only
-                            answer = await self._stream_answer(request, token)
-                        finally:
-                            self.gate.give_bytes(lic, size)
-                        try:
-                            await within(context.write(answer), self.body_timeout)
-                        except asyncio.TimeoutError:
-                            raise ProtocolError(
-                                f"an answer on this stream was not taken within "
-                                f"{self.body_timeout:g} s: it is ended") from None  # fmt: skip
-                        finally:
-                            # nothing of it stays in this frame, which a refusal's
-                            # traceback keeps (_infer)
-                            request = answer = None
+                                raw = await within(context.read(), self.body_timeout)
+                            except asyncio.TimeoutError:
+                                raise ProtocolError(
+                                    f"no request on this stream for {self.body_timeout:g} s: it is "
+                                    "ended (open a new one)") from None  # fmt: skip
+                            if not isinstance(raw, bytes):  # grpc.aio.EOF: the caller is done
+                                return
+                            size = len(raw)
+                            self.gate.hold_bytes(lic, size)
+                            try:
+                                # a revocation while the message was awaited: refused now
+                                # (the message left out of this frame first: a refusal's
+                                # traceback keeps it, see _infer)
+                                try:
+                                    await self.plane.vet(None, None, token, address=address)
+                                except BaseException:
+                                    raw = b""
+                                    raise
+                                try:
+                                    request = pb.ModelInferRequest.FromString(raw)
+                                except DecodeError:
+                                    request = None
+                                del raw  # the message lives on in its decoded tensors only
+                                answer = await self._stream_answer(request, token, kept)
+                            finally:
+                                self.gate.give_bytes(lic, size)
+                            try:
+                                await within(context.write(answer), self.body_timeout)
+                            except asyncio.TimeoutError:
+                                raise ProtocolError(
+                                    f"an answer on this stream was not taken within "
+                                    f"{self.body_timeout:g} s: it is ended") from None  # fmt: skip
+                            finally:
+                                # nothing of it stays in this frame, which a refusal's
+                                # traceback keeps (_infer); its bytes counted until now
+                                request = answer = None
+                                while kept:
+                                    self.gate.give_answer(lic, kept.pop())
+                    finally:  # a call cancelled with its answer kept: given back too
+                        while kept:
+                            self.gate.give_answer(lic, kept.pop())
         except VaultError as exc:
             await _abort(context, exc)
             raise
@@ -500,11 +510,13 @@ class InferenceServicer:
                     raise
             await asyncio.sleep(0.05)
 
-    async def _stream_answer(self, request: Any, token: Any) -> Any:
+    async def _stream_answer(self, request: Any, token: Any, kept: list[int]) -> Any:
         try:
             if request is None:
                 raise ProtocolError("the request is not a ModelInferRequest")
-            answer = pb.ModelStreamInferResponse(infer_response=await self._answer(request, token))
+            answer = pb.ModelStreamInferResponse(
+                infer_response=await self._answer(request, token, kept=kept)
+            )
         except VaultError as exc:
             answer = pb.ModelStreamInferResponse(error_message=error_text(exc))
             if request is not None:  # which request it answers
