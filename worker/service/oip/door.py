@@ -549,8 +549,10 @@ class Gate:
         have = self._answer_bytes.get(licence_id, 0)  # its requests' own bytes aside
         if have + n > self.bytes_per_licence or have >= self.bytes_per_licence:
             raise ServiceUnavailableError(
-                f"this licence's answers not yet read hold {have >> 20} MiB at this door (at "
-                f"most {self.bytes_per_licence >> 20} MiB); try again when one is read"
+                f"this licence's answers, being computed or not yet read, hold {have >> 20} MiB "
+                f"at this door, and this call's would take about {n >> 20} MiB more (at most "
+                f"{self.bytes_per_licence >> 20} MiB); try again when one is read, or make "
+                "fewer such calls at once"
             )
         self.hold_bytes(licence_id, n)
         self._answer_bytes[licence_id] = have + n
