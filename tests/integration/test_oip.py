@@ -736,7 +736,19 @@ def _grpc_refusal(plane: Plane, token: str | None, model: str = "clf",
     return err.value
 
 
+def _door_errors(plane: Plane, door: str, code: str) -> float:
+    """``vault_door_errors_total{door, code}`` from the service's metrics."""
+    for line in plane.metrics().splitlines():
+        if line.startswith("vault_door_errors_total{") and f'door="{door}"' in line \
+                and f'code="{code}"' in line:  # fmt: skip
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_refusals_no_token_bad_token_another_licence(plane: Plane) -> None:
+    # refusals before any call was admitted are counted by the doors' metric
+    # (they are in no vault_requests_total: no call was admitted)
+    before = {d: _door_errors(plane, d, "token_invalid") for d in ("rest", "grpc")}
     # no token, a malformed one
     for tok in (None, "vault1.garbage.garbage"):
         e = _http_refusal(plane, tok)
@@ -747,6 +759,8 @@ def test_refusals_no_token_bad_token_another_licence(plane: Plane) -> None:
     assert "Authorization: Bearer TOKEN" in _http_refusal(plane, None).message()
     g = _grpc_refusal(plane, None).message()
     assert "metadata authorization: Bearer TOKEN" in g and "Authorization" not in g, g
+    assert {d: _door_errors(plane, d, "token_invalid") - before[d] for d in before} == {
+        "rest": 3, "grpc": 3}  # fmt: skip
     # a token that names bob's licence but is signed with alice's key (forged)
     alice, bob = plane.licences["alice"], plane.licences["bob"]
     forged = Licence.from_json({**alice.to_json(), "licence_id": bob.licence_id,

@@ -91,6 +91,14 @@ class Metrics:
             "not_allowed (not on --allow)",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.door_errors = Counter(
+            "vault_door_errors",
+            "Error answers the Open Inference Protocol doors sent, by door (rest, grpc) and "
+            "code (the vault's error code, or HTTP's own: not_found...): refusals before any call was "
+            "admitted (no token, no room, bad input...) are counted here only; errors the "
+            "service answered for an admitted call are in vault_requests_total too",
+            ["door", "code"], registry=r,
+        )  # fmt: skip
         self._answered: dict[tuple[str, str, str], Any] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
 

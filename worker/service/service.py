@@ -642,6 +642,10 @@ class WorkerService:
             return None
         return m.signature()
 
+    def door_error(self, door: str, code: str) -> None:
+        """An error answer a door sent (thread-safe): ``vault_door_errors``."""
+        self.metrics.door_errors.labels(door, code).inc()
+
     def model_info(self, model: str) -> dict[str, Any] | None:
         """The public signature of a served model (thread-safe), or None."""
         m = self.models.get(model)

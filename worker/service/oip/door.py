@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
@@ -69,6 +70,7 @@ from .tensors import VAULT_TO_OIP
 __all__ = ["DataPlane", "Gate", "Plane", "grpc_status", "http_status", "retry_after"]
 
 SERVER_NAME = "vault"
+_CODE = re.compile(r"[a-z_0-9]{1,40}")  # a metric label from the vault's own codes
 T_ = TypeVar("T_")
 
 
@@ -119,6 +121,8 @@ class Plane(Protocol):
     def model_signature(self, model: str) -> dict[str, Any] | None: ...
 
     def model_info(self, model: str) -> dict[str, Any] | None: ...
+
+    def door_error(self, door: str, code: str) -> None: ...
 
 
 def http_status(exc: VaultError) -> int:
@@ -209,6 +213,13 @@ class DataPlane:
 
     def __init__(self, service: Plane) -> None:
         self.service = service
+
+    def error_sent(self, door: str, code: str) -> None:
+        """Count an error answer of ``door`` (the service's metric; a stand-in
+        service without one counts nothing)."""
+        count = getattr(self.service, "door_error", None)
+        if count is not None:
+            count(door, code if _CODE.fullmatch(code) else "other")
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": _version(), "extensions": list(EXTENSIONS)}

@@ -232,6 +232,7 @@ class InferenceServicer:
                     request = await self._read_free(name, context, address)
                 return await getattr(self, name)(request, context)
         except VaultError as exc:
+            self.plane.error_sent("grpc", exc.code)
             await _abort(context, exc)
             raise
 
@@ -353,6 +354,7 @@ class InferenceServicer:
                     if held:
                         self.gate.__exit__(None, None, None)
         except VaultError as exc:
+            self.plane.error_sent("grpc", exc.code)
             await _abort(context, exc)
             raise
 
@@ -366,6 +368,7 @@ class InferenceServicer:
         try:
             return await self._answer(self._decode(message.pop()), token, context)
         except VaultError as exc:
+            self.plane.error_sent("grpc", exc.code)
             await _abort(context, exc)
             raise
 
@@ -493,6 +496,7 @@ class InferenceServicer:
                         while kept:
                             self.gate.give_answer(lic, kept.pop())
         except VaultError as exc:
+            self.plane.error_sent("grpc", exc.code)
             await _abort(context, exc)
             raise
 
@@ -518,6 +522,7 @@ class InferenceServicer:
                 infer_response=await self._answer(request, token, kept=kept)
             )
         except VaultError as exc:
+            self.plane.error_sent("grpc", exc.code)
             answer = pb.ModelStreamInferResponse(error_message=error_text(exc))
             if request is not None:  # which request it answers
                 answer.infer_response.model_name = request.model_name

@@ -206,6 +206,7 @@ class RestApp:
             if exc.allow:
                 headers.append((b"allow", exc.allow.encode()))
             body = {"error": f"[{exc.code}] {exc}", "code": exc.code}
+            self.plane.error_sent("rest", exc.code)
             await _send(send, exc.status, headers, json.dumps(body).encode())
 
     async def _error(self, send: Any, exc: VaultError, *, close: bool = False) -> None:
@@ -219,6 +220,7 @@ class RestApp:
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="vault"'))
         body = json.dumps({"error": error_text(exc), "code": exc.code}).encode()
+        self.plane.error_sent("rest", exc.code)
         await _send(send, status, headers, body)
 
     async def _route(self, scope: dict[str, Any], receive: Any, send: Any,
