@@ -1572,8 +1572,10 @@ def connect(
     (``vault worker serve --server-key-out worker.pub``), or the service's
     public certificate from ``vault worker keygen`` (``worker.key``; its
     ``worker.key_secret`` is refused: :class:`ConfigError`).
-    A licence whose own file says it has expired is refused before dialing
-    (:class:`LicenceExpiredError`).
+    A licence whose own file says it expired more than 5 minutes ago is
+    refused before dialing (:class:`LicenceExpiredError`; the margin is for
+    this machine's clock); one the service refuses after its own expiry
+    raises the same.
     ``model`` names the model when the service serves several (its model id).
     ``address`` may name several replicas of one service (a list, or
     ``"tcp://a:7701,tcp://b:7701"``, same server key): calls take turns, and

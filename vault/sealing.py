@@ -59,7 +59,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .core import crypto as _crypto
-from .core.batchcheck import check_rows
+from .core.batchcheck import check_rows, session_in_memory
 from .core.errors import SealError, UnsafeModelError, VaultError
 from .core.graphs import ALLOWED_DOMAINS, check_graph
 from .core.package import FORMAT_VERSION, build_plaintext, write_package
@@ -246,16 +246,9 @@ def check_loads(
     bufs = [np.frombuffer(files[n], np.uint8) for n in names]
     loaded = True
     for stage, data in graphs:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        if names:
-            so.add_external_initializers_from_files_in_memory(names, bufs, [len(b) for b in bufs])
         why = ""
         try:
-            ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            session_in_memory(data, names, bufs, optimise=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own types, in the vault's words
             why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(exc))
             why = " ".join(why.split())[:400]

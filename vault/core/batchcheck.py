@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import SealError
 
-__all__ = ["ROW_COUNTS", "check_rows"]
+__all__ = ["ROW_COUNTS", "check_rows", "session_in_memory"]
 
 ROW_COUNTS = (2, 3, 7)  # one fresh draw each; every row is also run alone
 _TRAILING_SIZES = (3, 2, 1, 4)  # tried in turn for symbolic trailing dims
@@ -122,27 +122,38 @@ def _draw(rng: np.random.Generator, inp: _Input, rows: int,
     return words[rng.integers(0, len(words), shape)]
 
 
+def session_in_memory(data: bytes, names: Sequence[str], bufs: Sequence[Any], *,
+                      optimise: bool = True) -> Any:  # fmt: skip
+    """An onnxruntime CPU session of one stored graph as the worker loads it:
+    its weights from the in-memory files (``names``, their buffers ``bufs``),
+    one thread (the same summation order every run); ``optimise`` False:
+    graph optimisations off (a load that only asks whether it loads).
+    onnxruntime's own exception when it does not."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    if not optimise:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if names:
+        so.add_external_initializers_from_files_in_memory(list(names), list(bufs),
+                                                          [len(b) for b in bufs])  # fmt: skip
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
 class _Runner:
     """The stored graphs as the worker loads them (weights from in-memory
     files), chained by name when they were not composed into one."""
 
     def __init__(self, graphs: Sequence[tuple[str, bytes]], files: Mapping[str, Any]) -> None:
-        import onnxruntime as ort
-
         self.stages: list[tuple[Any, list[str], list[str]]] = []
         names = list(files)
         bufs = [np.frombuffer(files[n], np.uint8) for n in names]
         for stage, data in graphs:
-            so = ort.SessionOptions()
-            so.log_severity_level = 4
-            so.intra_op_num_threads = 1  # one thread: the same summation order every run
-            so.inter_op_num_threads = 1
-            if names:
-                so.add_external_initializers_from_files_in_memory(
-                    names, bufs, [len(b) for b in bufs]
-                )
             try:
-                sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+                sess = session_in_memory(data, names, bufs)
             except Exception as exc:  # the publisher's own model: its text helps them
                 raise _refuse(f"the {stage} graph does not load in onnxruntime "
                               f"({_first_line(exc)})") from None  # fmt: skip
